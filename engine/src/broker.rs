@@ -1,0 +1,62 @@
+//! The embedded broker: librdkafka's mock cluster, a real Kafka-protocol broker on localhost
+//! ports, in-process, with nothing to install. It is for function, not throughput: it consumes
+//! at tens of thousands of messages per second, ignores TLS/SASL and does not support the
+//! CreateTopics admin API (topics are created through it here).
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::error::{Error, Result};
+
+/// An in-process Kafka-protocol broker. Dropping it shuts it down.
+pub struct EmbeddedBroker {
+    cluster: MockCluster<'static, DefaultProducerContext>,
+}
+
+impl EmbeddedBroker {
+    /// Starts a one-broker cluster on a free localhost port.
+    pub fn start() -> Result<Self> {
+        Ok(Self { cluster: MockCluster::new(1)? })
+    }
+
+    /// Its `bootstrap.servers`.
+    pub fn bootstrap_servers(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+
+    /// Creates `topic` with `partitions` partitions.
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        Ok(self.cluster.create_topic(topic, partitions, 1)?)
+    }
+
+    /// The mock cluster, for fault injection.
+    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
+        &self.cluster
+    }
+}
+
+/// Creates topics on an external Kafka through the admin API; existing topics are left alone.
+pub async fn create_topics(brokers: &str, topics: &[(String, i32)]) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&new, &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(Error::Config(format!("cannot create topic {topic}: {code}")));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! `urbanstream demo`: the whole pipeline on an embedded broker with a simulated city.
+//!
+//! It starts the broker (or uses `--brokers`), creates the city's topics, produces simulated
+//! traffic and air data, runs the pipeline, and reads the indicator topic back with an
+//! ordinary consumer, so the view shows what really came out of Kafka. On a terminal the view
+//! redraws every second; otherwise it prints a plain line every five seconds. A summary
+//! follows on exit.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use serde::Deserialize;
+
+use super::{DemoArgs, sim_producer, stop_on_signal};
+use crate::broker::{EmbeddedBroker, create_topics};
+use crate::error::{Error, Result};
+use crate::pipeline::{Pipeline, PipelineConfig, PipelineStats, Topics};
+use crate::reference::ReferenceData;
+use crate::simulate::{CitySimulator, HANOI_OFFSET_MS, ProducerStats, run_producer};
+
+/// A congestion indicator as read back from its topic.
+#[derive(Debug, Clone, Deserialize)]
+pub struct IndicatorRow {
+    /// Segment.
+    pub segment_id: String,
+    /// Window start, epoch ms.
+    pub window_start: i64,
+    /// Window end, epoch ms.
+    pub window_end: i64,
+    /// Vehicles in the window.
+    pub vehicles: i64,
+    /// Time-mean speed.
+    pub mean_speed_kmh: Option<f64>,
+    /// Motorbike share.
+    pub motorbike_share: Option<f64>,
+}
+
+#[derive(Default)]
+struct View {
+    latest: HashMap<String, IndicatorRow>,
+    received: u64,
+    last_window: i64,
+}
+
+/// `HH:MM:SS` in Hanoi time, with the date.
+pub fn hanoi_time(epoch_ms: i64) -> String {
+    if epoch_ms == i64::MIN || epoch_ms == 0 {
+        return "-".into();
+    }
+    let local = epoch_ms + HANOI_OFFSET_MS;
+    let days = local.div_euclid(86_400_000);
+    let ms = local.rem_euclid(86_400_000);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Runs the demo.
+pub async fn run(args: DemoArgs) -> Result<()> {
+    let topics = Topics::default();
+    let mut embedded = None;
+    let brokers = match &args.brokers {
+        Some(b) => {
+            let wanted: Vec<_> = topics.all().into_iter().map(|t| (t, args.partitions)).collect();
+            create_topics(b, &wanted).await?;
+            b.clone()
+        }
+        None => {
+            let broker = EmbeddedBroker::start()?;
+            for topic in topics.all() {
+                broker.create_topic(&topic, args.partitions)?;
+            }
+            let b = broker.bootstrap_servers();
+            embedded = Some(broker);
+            b
+        }
+    };
+    let reference = Arc::new(ReferenceData::embedded()?);
+    let names: HashMap<String, String> =
+        reference.segments.iter().map(|s| (s.segment_id.clone(), s.name.clone())).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signal(stop.clone());
+
+    // The simulated city.
+    let sim_stop = Arc::new(AtomicBool::new(false));
+    let sim_stats = Arc::new(ProducerStats::default());
+    let simulator = CitySimulator::new(args.sim.sim_config(), reference.clone());
+    let sim_task = tokio::spawn(run_producer(
+        simulator,
+        sim_producer(&brokers)?,
+        [topics.camera.clone(), topics.detectors.clone(), topics.air.clone()],
+        args.sim.speedup,
+        sim_stop.clone(),
+        sim_stats.clone(),
+    ));
+
+    // The pipeline.
+    let stats = Arc::new(PipelineStats::new());
+    let pipeline_stop = Arc::new(AtomicBool::new(false));
+    let pipeline = Pipeline::new(PipelineConfig::new(&brokers), stats.clone())?;
+    let pipeline_task = tokio::spawn(pipeline.run(pipeline_stop.clone()));
+
+    // An ordinary consumer of the indicator topic feeds the view.
+    let view = Arc::new(Mutex::new(View::default()));
+    let view_consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "urbanstream-demo-view")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    view_consumer.subscribe(&[&topics.congestion])?;
+    let received = Arc::new(AtomicU64::new(0));
+    let view_task = {
+        let view = view.clone();
+        let received = received.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok(message) = view_consumer.recv().await else { continue };
+                let Some(row) = message
+                    .payload()
+                    .and_then(|p| serde_json::from_slice::<IndicatorRow>(p).ok())
+                else {
+                    continue;
+                };
+                received.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut v) = view.lock() {
+                    v.received += 1;
+                    v.last_window = v.last_window.max(row.window_start);
+                    v.latest.insert(row.segment_id.clone(), row);
+                }
+            }
+        })
+    };
+
+    let started = Instant::now();
+    let terminal = std::io::stdout().is_terminal();
+    let every = if terminal { Duration::from_secs(1) } else { Duration::from_secs(5) };
+    let mut last_in = 0;
+    let mut last_at = Instant::now();
+    let mut failed = None;
+    while !stop.load(Ordering::Relaxed) {
+        if args.duration.is_some_and(|d| started.elapsed() >= d) {
+            break;
+        }
+        if pipeline_task.is_finished() {
+            failed = Some("the pipeline stopped");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100).min(every)).await;
+        if last_at.elapsed() < every {
+            continue;
+        }
+        let records = stats.records_in.load(Ordering::Relaxed);
+        let rate = (records - last_in) as f64 / last_at.elapsed().as_secs_f64();
+        last_in = records;
+        last_at = Instant::now();
+        let v = view.lock().map_err(|_| Error::Config("view lock poisoned".into()))?;
+        if terminal {
+            draw(&brokers, embedded.is_some(), &args, &stats, &sim_stats, &v, &names, rate, started);
+        } else {
+            println!(
+                "t={:>4}s in={:>7.0}/s events={} dlq={} late={} indicators_out={} received={} watermark={}",
+                started.elapsed().as_secs(),
+                rate,
+                records,
+                stats.dlq.load(Ordering::Relaxed),
+                stats.late.load(Ordering::Relaxed),
+                stats.indicators_out.load(Ordering::Relaxed),
+                v.received,
+                hanoi_time(stats.watermark_ms.load(Ordering::Relaxed)),
+            );
+        }
+    }
+
+    sim_stop.store(true, Ordering::Relaxed);
+    let _ = sim_task.await;
+    pipeline_stop.store(true, Ordering::Relaxed);
+    let pipeline_result = pipeline_task.await;
+    // Give the view consumer a moment to read the last published windows.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    view_task.abort();
+    drop(embedded);
+
+    let indicators = stats.indicators_out.load(Ordering::Relaxed);
+    println!();
+    println!("urbanstream demo summary ({:.0} s)", started.elapsed().as_secs_f64());
+    println!("  records produced          {:>10}", sim_stats.produced.load(Ordering::Relaxed));
+    println!("  records in                {:>10}", stats.records_in.load(Ordering::Relaxed));
+    println!("    camera events           {:>10}", stats.camera_events.load(Ordering::Relaxed));
+    println!("    detector readings       {:>10}", stats.detector_readings.load(Ordering::Relaxed));
+    println!("    air readings            {:>10}", stats.air_readings.load(Ordering::Relaxed));
+    println!("  indicators out            {:>10}", indicators);
+    println!("  indicators read back      {:>10}", received.load(Ordering::Relaxed));
+    println!("  DLQ records               {:>10}", stats.dlq.load(Ordering::Relaxed));
+    println!("  late events               {:>10}", stats.late.load(Ordering::Relaxed));
+    println!("  final watermark           {:>10}", hanoi_time(stats.watermark_ms.load(Ordering::Relaxed)));
+
+    match pipeline_result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(e) => return Err(Error::Config(format!("pipeline task failed: {e}"))),
+    }
+    if let Some(why) = failed {
+        return Err(Error::Config(why.into()));
+    }
+    if indicators == 0 {
+        return Err(Error::Config(
+            "no indicators were produced: run longer, or check the broker".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn draw(
+    brokers: &str,
+    embedded: bool,
+    args: &DemoArgs,
+    stats: &PipelineStats,
+    sim: &ProducerStats,
+    view: &View,
+    names: &HashMap<String, String>,
+    rate: f64,
+    started: Instant,
+) {
+    let mut out = String::new();
+    let w = stats.watermark_ms.load(Ordering::Relaxed);
+    let sim_now = sim.sim_time_ms.load(Ordering::Relaxed);
+    out.push_str("\x1b[2J\x1b[H");
+    out.push_str(&format!(
+        "urbanstream demo · {} broker {brokers} · simulated Hanoi at {}× · {:.0} s · Ctrl-C to stop\n\n",
+        if embedded { "embedded" } else { "external" },
+        args.sim.speedup,
+        started.elapsed().as_secs_f64()
+    ));
+    out.push_str(&format!(
+        "input     {rate:>9.0} records/s   total {:>9}   camera {:>9}   detectors {:>6}   air {:>6}\n",
+        stats.records_in.load(Ordering::Relaxed),
+        stats.camera_events.load(Ordering::Relaxed),
+        stats.detector_readings.load(Ordering::Relaxed),
+        stats.air_readings.load(Ordering::Relaxed),
+    ));
+    out.push_str(&format!(
+        "output    indicators {:>7}   read back {:>7}   DLQ {:>6}   late {:>6}\n",
+        stats.indicators_out.load(Ordering::Relaxed),
+        view.received,
+        stats.dlq.load(Ordering::Relaxed),
+        stats.late.load(Ordering::Relaxed),
+    ));
+    out.push_str(&format!(
+        "time      simulated {}   watermark {}   open groups {}\n\n",
+        hanoi_time(sim_now),
+        hanoi_time(w),
+        stats.state_groups.load(Ordering::Relaxed),
+    ));
+    let mut rows: Vec<&IndicatorRow> =
+        view.latest.values().filter(|r| r.window_start == view.last_window).collect();
+    rows.sort_by(|a, b| b.vehicles.cmp(&a.vehicles).then(a.segment_id.cmp(&b.segment_id)));
+    out.push_str(&format!(
+        "busiest segments, minute {} – {} (from city.indicators.congestion)\n",
+        hanoi_time(view.last_window),
+        &hanoi_time(view.last_window + 60_000)[11..]
+    ));
+    out.push_str(&format!("  {:<52} {:>8} {:>10} {:>10}\n", "segment", "veh/min", "mean km/h", "motorbike"));
+    for row in rows.iter().take(10) {
+        let name = names.get(&row.segment_id).map(String::as_str).unwrap_or(&row.segment_id);
+        out.push_str(&format!(
+            "  {:<52} {:>8} {:>10} {:>9}%\n",
+            truncate(name, 52),
+            row.vehicles,
+            row.mean_speed_kmh.map_or("-".into(), |v| format!("{v:.1}")),
+            row.motorbike_share.map_or("-".into(), |v| format!("{:.0}", v * 100.0)),
+        ));
+    }
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(out.as_bytes());
+    let _ = stdout.flush();
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n { s.to_string() } else { s.chars().take(n - 1).collect::<String>() + "…" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hanoi_time_formats_local_time() {
+        // 2026-01-01 06:00 in Hanoi is 2025-12-31 23:00 UTC.
+        assert_eq!(hanoi_time(1_767_222_000_000), "2026-01-01 06:00:00");
+        assert_eq!(hanoi_time(i64::MIN), "-");
+    }
+}

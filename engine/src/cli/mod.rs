@@ -1,0 +1,260 @@
+//! Cli: the `urbanstream` command line.
+//!
+//! `urbanstream` with no arguments runs [`demo`]: an embedded broker, the simulated city, the
+//! pipeline and a live terminal view. `simulate` produces simulated city data into any Kafka;
+//! `broker` runs the embedded broker on its own.
+
+pub mod demo;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::FutureProducer;
+
+use crate::broker::{EmbeddedBroker, create_topics};
+use crate::error::{Error, Result};
+use crate::pipeline::Topics;
+use crate::reference::ReferenceData;
+use crate::simulate::{CitySimulator, ProducerStats, SimConfig, run_producer};
+
+/// urbanstream: a stream processing engine for a city's sensor and camera feeds.
+///
+/// Run with no arguments to see the whole pipeline work on an embedded Kafka broker with a
+/// simulated Hanoi.
+#[derive(Debug, Parser)]
+#[command(name = "urbanstream", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter (tracing syntax), e.g. `info` or `urbanstream=debug`.
+    #[arg(long, global = true, env = "URBANSTREAM_LOG")]
+    pub log: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+    /// What to run (default: demo).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole pipeline on an embedded broker with a simulated city and a live view.
+    ///
+    /// Example: `urbanstream demo --duration 20s`
+    Demo(DemoArgs),
+    /// Produce simulated city traffic, detector and air data into a Kafka cluster.
+    ///
+    /// Example: `urbanstream simulate --brokers localhost:9092 --rate 5000 --speedup 60`
+    Simulate(SimulateArgs),
+    /// Run the embedded Kafka-protocol broker in this process and print its address.
+    ///
+    /// Example: `urbanstream broker --partitions 4`
+    Broker(BrokerArgs),
+}
+
+/// Options shared by everything that simulates the city.
+#[derive(Debug, Clone, Args)]
+pub struct SimArgs {
+    /// Mean camera detections per wall-clock second (follows the daily traffic profile).
+    #[arg(long, default_value_t = 2000.0)]
+    pub rate: f64,
+    /// Simulated seconds per wall-clock second.
+    #[arg(long, default_value_t = 60.0)]
+    pub speedup: f64,
+    /// Random seed; the same seed gives the same events.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Share of malformed records.
+    #[arg(long, default_value_t = 0.002)]
+    pub malformed_share: f64,
+    /// Share of late camera events (1.5 to 5 minutes behind).
+    #[arg(long, default_value_t = 0.002)]
+    pub late_share: f64,
+    /// Share of out-of-order camera events (up to 4 s behind).
+    #[arg(long, default_value_t = 0.05)]
+    pub out_of_order_share: f64,
+}
+
+impl SimArgs {
+    /// The simulator settings; the simulated clock starts at 06:30 Hanoi time on the previous
+    /// day, so the morning rush hour comes within the first minutes at the default speed-up.
+    pub fn sim_config(&self) -> SimConfig {
+        let day = 86_400_000;
+        let now = crate::pipeline::epoch_ms() + crate::simulate::HANOI_OFFSET_MS;
+        let local_midnight = now.div_euclid(day) * day - day;
+        SimConfig {
+            seed: self.seed,
+            detections_per_sim_second: self.rate / self.speedup.max(0.001),
+            start_ms: local_midnight + 6 * 3_600_000 + 30 * 60_000
+                - crate::simulate::HANOI_OFFSET_MS,
+            malformed_share: self.malformed_share,
+            late_share: self.late_share,
+            out_of_order_share: self.out_of_order_share,
+            ..SimConfig::default()
+        }
+    }
+}
+
+/// Options of `demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Stop after this long (e.g. `20s`, `5m`); default: until Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Use this Kafka instead of the embedded broker (`host:port[,host:port]`).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Partitions per topic when creating topics.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// Simulation settings.
+    #[command(flatten)]
+    pub sim: SimArgs,
+}
+
+/// Options of `simulate`.
+#[derive(Debug, Clone, Args)]
+pub struct SimulateArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long)]
+    pub brokers: String,
+    /// Stop after this long; default: until Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Create the input topics first (with this many partitions) if they do not exist.
+    #[arg(long)]
+    pub create_topics: Option<i32>,
+    /// Simulation settings.
+    #[command(flatten)]
+    pub sim: SimArgs,
+}
+
+/// Options of `broker`.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// Partitions of each of the city's topics, created at start.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command.unwrap_or(Command::Demo(DemoArgs {
+        duration: None,
+        brokers: None,
+        partitions: 4,
+        sim: SimArgs {
+            rate: 2000.0,
+            speedup: 60.0,
+            seed: 42,
+            malformed_share: 0.002,
+            late_share: 0.002,
+            out_of_order_share: 0.05,
+        },
+    })) {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Simulate(args) => simulate(args).await,
+        Command::Broker(args) => broker(args).await,
+    }
+}
+
+/// A producer for simulated data.
+pub fn sim_producer(brokers: &str) -> Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .create()?)
+}
+
+/// Sets `stop` on Ctrl-C or SIGTERM.
+pub fn stop_on_signal(stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            } else {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        stop.store(true, Ordering::Relaxed);
+    });
+}
+
+async fn simulate(args: SimulateArgs) -> Result<()> {
+    let topics = Topics::default();
+    if let Some(partitions) = args.create_topics {
+        let wanted: Vec<_> = topics.inputs().into_iter().map(|t| (t, partitions)).collect();
+        create_topics(&args.brokers, &wanted).await?;
+    }
+    let reference = Arc::new(ReferenceData::embedded()?);
+    let simulator = CitySimulator::new(args.sim.sim_config(), reference);
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signal(stop.clone());
+    if let Some(d) = args.duration {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    let stats = Arc::new(ProducerStats::default());
+    let producer = sim_producer(&args.brokers)?;
+    let task = tokio::spawn(run_producer(
+        simulator,
+        producer,
+        [topics.camera, topics.detectors, topics.air],
+        args.sim.speedup,
+        stop.clone(),
+        stats.clone(),
+    ));
+    let mut last = 0;
+    while !task.is_finished() {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let produced = stats.produced.load(Ordering::Relaxed);
+        tracing::info!(
+            produced,
+            rate = (produced - last) / 5,
+            sim_time = %demo::hanoi_time(stats.sim_time_ms.load(Ordering::Relaxed)),
+            "simulating"
+        );
+        last = produced;
+    }
+    task.await.map_err(|e| Error::Config(format!("simulator task failed: {e}")))??;
+    println!("produced {} records", stats.produced.load(Ordering::Relaxed));
+    Ok(())
+}
+
+async fn broker(args: BrokerArgs) -> Result<()> {
+    let broker = EmbeddedBroker::start()?;
+    for topic in Topics::default().all() {
+        broker.create_topic(&topic, args.partitions)?;
+    }
+    println!("{}", broker.bootstrap_servers());
+    eprintln!(
+        "embedded broker listening on {} ({} partitions per city topic); Ctrl-C to stop",
+        broker.bootstrap_servers(),
+        args.partitions
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    Ok(())
+}

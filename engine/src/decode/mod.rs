@@ -1,0 +1,321 @@
+//! Decode: Kafka record bytes into Arrow `RecordBatch`es.
+//!
+//! [`JsonDecoder`] turns a [`RawBatch`] (the records of one topic, in one contiguous buffer)
+//! into a [`Decoded`] batch with the topic's Arrow schema (see [`crate::schema`]), using
+//! arrow-json's streaming decoder: no per-row JSON value trees.
+//!
+//! A bad record never spoils its batch:
+//! - **Fast path.** Every record is fed to one decoder; after each record the decoder must hold
+//!   exactly one more complete row (so a truncated record, an empty payload or two objects in
+//!   one payload are caught at their own record, and bytes of one record can never leak into
+//!   the next). A record that fails that check is rejected and the decoder is rebuilt from the
+//!   good records since the last flush. Records are flushed in chunks.
+//! - **Slow path.** Errors only a flush can see (a wrong type, bad UTF-8) fail their chunk;
+//!   that chunk is decoded again record by record to find the culprits.
+//! - **Validation** runs vectorised on the decoded batch: required fields present, enum
+//!   symbols known; Avro defaults are filled in.
+//!
+//! Rejected records are returned with the reason; the pipeline sends them to the DLQ with
+//! their provenance and original bytes.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray, UInt32Array};
+use datafusion::arrow::compute::kernels::zip::zip;
+use datafusion::arrow::compute::{concat_batches, filter_record_batch, is_not_null, take};
+use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::json::ReaderBuilder;
+use datafusion::arrow::json::reader::Decoder;
+
+use crate::error::Result;
+use crate::schema::TopicSchema;
+use crate::source::RawBatch;
+
+/// Records flushed together on the fast path. A type error costs at most one chunk's worth of
+/// record-by-record decoding.
+const CHUNK: usize = 1024;
+
+/// Why a record was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectStage {
+    /// Not a JSON object of the topic's schema (syntax, types, encoding).
+    Decode,
+    /// Well-formed, but breaks a rule of the schema (missing required field, unknown symbol).
+    Validate,
+}
+
+impl RejectStage {
+    /// The name used in DLQ records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectStage::Decode => "decode",
+            RejectStage::Validate => "validate",
+        }
+    }
+}
+
+/// A rejected record: its index in the [`RawBatch`] and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    /// Index of the record in its raw batch.
+    pub index: u32,
+    /// Where it failed.
+    pub stage: RejectStage,
+    /// Why, in words that name the field when there is one.
+    pub error: String,
+}
+
+/// The outcome of decoding one raw batch.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// The good records, in input order, with the topic's output schema.
+    pub batch: RecordBatch,
+    /// For each row of `batch`, the index of its record in the raw batch.
+    pub rows: Vec<u32>,
+    /// The rejected records.
+    pub rejects: Vec<Reject>,
+}
+
+/// Decodes JSON records of one topic schema into Arrow.
+#[derive(Debug, Clone)]
+pub struct JsonDecoder {
+    schema: Arc<TopicSchema>,
+    /// All fields nullable: required fields are checked after decoding, so that a missing
+    /// field is a cheap validation reject with a clear message instead of a failed flush.
+    wire_schema: SchemaRef,
+    output_schema: SchemaRef,
+}
+
+impl JsonDecoder {
+    /// A decoder for the records of `schema`.
+    pub fn new(schema: Arc<TopicSchema>) -> Self {
+        let wire_fields: Vec<_> = schema
+            .arrow
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect();
+        Self {
+            wire_schema: Arc::new(Schema::new(wire_fields)),
+            output_schema: schema.output_schema(),
+            schema,
+        }
+    }
+
+    /// The schema of decoded batches.
+    pub fn output_schema(&self) -> SchemaRef {
+        self.output_schema.clone()
+    }
+
+    /// Decodes every record of `raw`; bad records are rejected one by one.
+    pub fn decode(&self, raw: &RawBatch) -> Result<Decoded> {
+        let mut parts = Vec::new();
+        let mut rows = Vec::with_capacity(raw.len());
+        let mut rejects = Vec::new();
+        let mut start = 0;
+        while start < raw.len() {
+            let end = (start + CHUNK).min(raw.len());
+            self.decode_chunk(raw, start..end, &mut parts, &mut rows, &mut rejects)?;
+            start = end;
+        }
+        let batch = match parts.len() {
+            0 => RecordBatch::new_empty(self.wire_schema.clone()),
+            1 => parts.pop().unwrap_or_else(|| RecordBatch::new_empty(self.wire_schema.clone())),
+            _ => concat_batches(&self.wire_schema, &parts)?,
+        };
+        let mut decoded = self.validate(batch, rows, rejects)?;
+        decoded.rejects.sort_by_key(|r| r.index);
+        Ok(decoded)
+    }
+
+    fn new_decoder(&self, capacity: usize) -> Result<Decoder> {
+        Ok(ReaderBuilder::new(self.wire_schema.clone())
+            .with_batch_size(capacity.max(1))
+            .build_decoder()?)
+    }
+
+    /// Feeds records `range` to a decoder, rejecting any record that is not exactly one
+    /// complete JSON value, then flushes. If the flush fails, falls back to one record at a
+    /// time for this chunk.
+    fn decode_chunk(
+        &self,
+        raw: &RawBatch,
+        range: std::ops::Range<usize>,
+        parts: &mut Vec<RecordBatch>,
+        rows: &mut Vec<u32>,
+        rejects: &mut Vec<Reject>,
+    ) -> Result<()> {
+        let mut decoder = self.new_decoder(range.len())?;
+        let mut good: Vec<u32> = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            let value = raw.value(i);
+            match feed_one(&mut decoder, value, good.len()) {
+                Ok(()) => good.push(i as u32),
+                Err(error) => {
+                    rejects.push(Reject { index: i as u32, stage: RejectStage::Decode, error });
+                    // The decoder may hold part of the bad record: rebuild it from the good
+                    // records of this chunk (each is re-fed at most once per bad record).
+                    decoder = self.new_decoder(range.len())?;
+                    for (k, &g) in good.iter().enumerate() {
+                        if let Err(error) = feed_one(&mut decoder, raw.value(g as usize), k) {
+                            return Err(ArrowError::JsonError(format!(
+                                "record {g} decoded once but not twice: {error}"
+                            ))
+                            .into());
+                        }
+                    }
+                }
+            }
+        }
+        match decoder.flush() {
+            Ok(Some(batch)) if batch.num_rows() == good.len() => {
+                parts.push(batch);
+                rows.extend_from_slice(&good);
+            }
+            Ok(None) if good.is_empty() => {}
+            // A flush error (wrong type, bad UTF-8) does not say which record: find out.
+            _ => {
+                for g in good {
+                    let mut one = self.new_decoder(1)?;
+                    let outcome = feed_one(&mut one, raw.value(g as usize), 0)
+                        .and_then(|()| one.flush().map_err(|e| json_message(&e)));
+                    match outcome {
+                        Ok(Some(batch)) if batch.num_rows() == 1 => {
+                            parts.push(batch);
+                            rows.push(g);
+                        }
+                        Ok(_) => rejects.push(Reject {
+                            index: g,
+                            stage: RejectStage::Decode,
+                            error: "expected one JSON object".into(),
+                        }),
+                        Err(error) => {
+                            rejects.push(Reject { index: g, stage: RejectStage::Decode, error })
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks required fields and enum symbols, fills defaults, and gives the batch its
+    /// output schema.
+    fn validate(
+        &self,
+        batch: RecordBatch,
+        rows: Vec<u32>,
+        mut rejects: Vec<Reject>,
+    ) -> Result<Decoded> {
+        let n = batch.num_rows();
+        let mut reason: Vec<Option<String>> = vec![None; n];
+        let mut any_bad = false;
+        for (c, field) in self.schema.arrow.fields().iter().enumerate() {
+            let column = batch.column(c);
+            if self.schema.required[c] && column.null_count() > 0 {
+                for (r, slot) in reason.iter_mut().enumerate() {
+                    if slot.is_none() && column.is_null(r) {
+                        *slot = Some(format!("missing required field {}", field.name()));
+                        any_bad = true;
+                    }
+                }
+            }
+            if let Some(symbols) = &self.schema.enum_symbols[c] {
+                let Some(values) = column.as_any().downcast_ref::<StringArray>() else {
+                    continue;
+                };
+                for (r, slot) in reason.iter_mut().enumerate() {
+                    if slot.is_some() || values.is_null(r) {
+                        continue;
+                    }
+                    let v = values.value(r);
+                    if !symbols.iter().any(|s| s == v) {
+                        *slot = Some(format!(
+                            "field {}: unknown symbol {v:?} (expected one of {})",
+                            field.name(),
+                            symbols.join(", ")
+                        ));
+                        any_bad = true;
+                    }
+                }
+            }
+        }
+        let (batch, rows) = if any_bad {
+            let keep: BooleanArray = reason.iter().map(|r| Some(r.is_none())).collect();
+            let mut kept_rows = Vec::with_capacity(n);
+            for (r, why) in reason.into_iter().enumerate() {
+                match why {
+                    None => kept_rows.push(rows[r]),
+                    Some(error) => rejects.push(Reject {
+                        index: rows[r],
+                        stage: RejectStage::Validate,
+                        error,
+                    }),
+                }
+            }
+            (filter_record_batch(&batch, &keep)?, kept_rows)
+        } else {
+            (batch, rows)
+        };
+        let columns = batch
+            .columns()
+            .iter()
+            .zip(&self.schema.defaults)
+            .map(|(column, default)| fill_default(column, default.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        let batch = RecordBatch::try_new(self.output_schema.clone(), columns)?;
+        Ok(Decoded { batch, rows, rejects })
+    }
+}
+
+/// Feeds one record; it must add exactly one complete row to the decoder.
+fn feed_one(decoder: &mut Decoder, value: &[u8], rows_before: usize) -> Result<(), String> {
+    let consumed = decoder.decode(value).map_err(|e| json_message(&e))?;
+    if consumed != value.len() {
+        return Err("more than one JSON value in the record".into());
+    }
+    if decoder.has_partial_record() {
+        return Err("truncated JSON: the record ends inside a value".into());
+    }
+    match decoder.len() - rows_before {
+        1 => Ok(()),
+        0 => Err("empty record: no JSON object".into()),
+        _ => Err("more than one JSON value in the record".into()),
+    }
+}
+
+fn json_message(e: &ArrowError) -> String {
+    match e {
+        ArrowError::JsonError(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn fill_default(
+    column: &ArrayRef,
+    default: Option<&datafusion::scalar::ScalarValue>,
+) -> Result<ArrayRef> {
+    match default {
+        Some(value) if column.null_count() > 0 => {
+            let present = is_not_null(column)?;
+            let fallback = value.to_scalar()?;
+            Ok(zip(&present, column, &fallback)?)
+        }
+        _ => Ok(column.clone()),
+    }
+}
+
+/// Rows of `batch` at `indices`, as a new batch.
+pub fn take_rows(batch: &RecordBatch, indices: &[u32]) -> Result<RecordBatch> {
+    let indices = UInt32Array::from(indices.to_vec());
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| take(c.as_ref(), &indices, None))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
+}
+
+#[cfg(test)]
+mod tests;

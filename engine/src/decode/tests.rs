@@ -1,0 +1,162 @@
+use datafusion::arrow::array::{AsArray, Float64Array, TimestampMillisecondArray};
+use datafusion::arrow::datatypes::Float64Type;
+
+use super::*;
+use crate::schema::SchemaRegistry;
+
+fn camera_decoder() -> JsonDecoder {
+    let registry = SchemaRegistry::embedded().expect("schemas");
+    JsonDecoder::new(registry.get("camera_event").expect("camera schema"))
+}
+
+fn raw(values: &[&[u8]]) -> RawBatch {
+    let mut b = RawBatch::new("city.camera.events");
+    for (i, v) in values.iter().enumerate() {
+        b.push(0, i as i64, Some(b"seg"), Some(v));
+    }
+    b
+}
+
+const GOOD: &[u8] = br#"{"camera_id":"cam-0001","segment_id":"kim_ma_w","event_time":1767222000000,"kind":"detection","vehicle_class":"motorbike","speed_kmh":31.5,"lane":1,"direction":"inbound","confidence":0.93}"#;
+const GOOD2: &[u8] = br#"{"camera_id":"cam-0002","segment_id":"kim_ma_w","event_time":1767222001000,"vehicle_class":"car","speed_kmh":40,"confidence":0.9}"#;
+
+fn reject_of(values: &[&[u8]]) -> Reject {
+    let d = camera_decoder().decode(&raw(values)).expect("decode");
+    assert_eq!(d.rejects.len(), 1, "{:?}", d.rejects);
+    d.rejects[0].clone()
+}
+
+#[test]
+fn valid_records_decode_with_defaults() {
+    let d = camera_decoder().decode(&raw(&[GOOD, GOOD2])).expect("decode");
+    assert!(d.rejects.is_empty(), "{:?}", d.rejects);
+    assert_eq!(d.batch.num_rows(), 2);
+    assert_eq!(d.rows, vec![0, 1]);
+    let kind = d.batch.column_by_name("kind").expect("kind").as_string::<i32>();
+    // GOOD2 has no kind: the Avro default fills it.
+    assert_eq!(kind.value(1), "detection");
+    let speed = d.batch.column_by_name("speed_kmh").expect("speed");
+    let speed = speed.as_any().downcast_ref::<Float64Array>().expect("f64");
+    assert_eq!(speed.value(1), 40.0);
+    let t = d.batch.column_by_name("event_time").expect("time");
+    let t = t.as_any().downcast_ref::<TimestampMillisecondArray>().expect("ts");
+    assert_eq!(t.value(0), 1_767_222_000_000);
+    assert!(!d.batch.schema().field_with_name("kind").expect("kind").is_nullable());
+}
+
+#[test]
+fn missing_required_field_is_named() {
+    let r = reject_of(&[GOOD, br#"{"segment_id":"s","event_time":1,"confidence":0.5}"#]);
+    assert_eq!(r.index, 1);
+    assert_eq!(r.stage, RejectStage::Validate);
+    assert_eq!(r.error, "missing required field camera_id");
+}
+
+#[test]
+fn explicit_null_in_required_field_is_rejected() {
+    let r = reject_of(&[br#"{"camera_id":null,"segment_id":"s","event_time":1,"confidence":0.5}"#]);
+    assert_eq!(r.error, "missing required field camera_id");
+}
+
+#[test]
+fn wrong_type_is_rejected_alone() {
+    let bad = br#"{"camera_id":"c","segment_id":"s","event_time":1,"confidence":0.5,"speed_kmh":"fast"}"#;
+    let d = camera_decoder().decode(&raw(&[GOOD, bad, GOOD2])).expect("decode");
+    assert_eq!(d.rows, vec![0, 2]);
+    assert_eq!(d.rejects.len(), 1);
+    assert_eq!(d.rejects[0].index, 1);
+    assert_eq!(d.rejects[0].stage, RejectStage::Decode);
+    assert!(d.rejects[0].error.contains("fast"), "{}", d.rejects[0].error);
+    let speeds = d.batch.column_by_name("speed_kmh").expect("speed").as_primitive::<Float64Type>();
+    assert_eq!(speeds.values().to_vec(), vec![31.5, 40.0]);
+}
+
+#[test]
+fn truncated_json_is_rejected_and_does_not_swallow_the_next_record() {
+    let d = camera_decoder().decode(&raw(&[&GOOD[..40], GOOD2])).expect("decode");
+    assert_eq!(d.rows, vec![1]);
+    assert_eq!(d.rejects[0].index, 0);
+    assert!(d.rejects[0].error.contains("truncated"), "{}", d.rejects[0].error);
+}
+
+#[test]
+fn empty_payload_is_rejected() {
+    let r = reject_of(&[GOOD, b""]);
+    assert_eq!(r.index, 1);
+    assert!(r.error.contains("empty"), "{}", r.error);
+}
+
+#[test]
+fn non_utf8_bytes_are_rejected() {
+    let mut bad = GOOD.to_vec();
+    bad[16] = 0xff; // inside the camera_id string
+    let d = camera_decoder().decode(&raw(&[GOOD, &bad, GOOD2])).expect("decode");
+    assert_eq!(d.rows, vec![0, 2]);
+    assert_eq!(d.rejects.len(), 1);
+    assert!(d.rejects[0].error.contains("UTF-8"), "{}", d.rejects[0].error);
+    let r = reject_of(&[&[0xff, 0xfe, b'{', 0x80, b'}']]);
+    assert_eq!(r.stage, RejectStage::Decode);
+}
+
+#[test]
+fn unknown_enum_symbol_is_rejected() {
+    let bad = br#"{"camera_id":"c","segment_id":"s","event_time":1,"confidence":0.5,"vehicle_class":"hovercraft"}"#;
+    let r = reject_of(&[bad, GOOD]);
+    assert_eq!(r.index, 0);
+    assert_eq!(r.stage, RejectStage::Validate);
+    assert!(r.error.starts_with("field vehicle_class: unknown symbol \"hovercraft\""), "{}", r.error);
+}
+
+#[test]
+fn two_objects_in_one_record_are_rejected() {
+    let two = [GOOD, GOOD2].concat();
+    let r = reject_of(&[&two, GOOD]);
+    assert_eq!(r.index, 0);
+    assert!(r.error.contains("more than one"), "{}", r.error);
+}
+
+#[test]
+fn non_object_is_rejected() {
+    for bad in [&b"[1,2,3]"[..], b"42", b"\"text\"", b"{]"] {
+        let d = camera_decoder().decode(&raw(&[bad, GOOD])).expect("decode");
+        assert_eq!(d.rows, vec![1], "{:?}", String::from_utf8_lossy(bad));
+        assert_eq!(d.rejects.len(), 1);
+    }
+}
+
+#[test]
+fn timestamps_as_rfc3339_strings_are_accepted() {
+    let v = br#"{"camera_id":"c","segment_id":"s","event_time":"2026-01-01T00:00:00Z","confidence":1}"#;
+    let d = camera_decoder().decode(&raw(&[v])).expect("decode");
+    assert!(d.rejects.is_empty(), "{:?}", d.rejects);
+    let t = d.batch.column_by_name("event_time").expect("time");
+    let t = t.as_any().downcast_ref::<TimestampMillisecondArray>().expect("ts");
+    assert_eq!(t.value(0), 1_767_225_600_000);
+}
+
+#[test]
+fn large_mixed_batch_keeps_every_good_record_in_order() {
+    let bad: [&[u8]; 4] = [b"{", br#"{"camera_id":1}"#, b"", br#"{"camera_id":"c","segment_id":"s","event_time":1,"confidence":"x"}"#];
+    let mut values: Vec<&[u8]> = Vec::new();
+    let mut expected_good = Vec::new();
+    for i in 0..5000 {
+        if i % 10 == 3 {
+            values.push(bad[i / 10 % 4]);
+        } else {
+            expected_good.push(i as u32);
+            values.push(if i % 2 == 0 { GOOD } else { GOOD2 });
+        }
+    }
+    let d = camera_decoder().decode(&raw(&values)).expect("decode");
+    assert_eq!(d.rows, expected_good);
+    assert_eq!(d.batch.num_rows(), expected_good.len());
+    assert_eq!(d.rejects.len(), 500);
+    assert!(d.rejects.iter().all(|r| r.index % 10 == 3));
+}
+
+#[test]
+fn empty_batch_decodes_to_empty() {
+    let d = camera_decoder().decode(&raw(&[])).expect("decode");
+    assert_eq!(d.batch.num_rows(), 0);
+    assert!(d.rejects.is_empty());
+}

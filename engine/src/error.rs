@@ -1,0 +1,67 @@
+//! The engine's error type.
+//!
+//! Each variant says where an error came from; [`Error::is_transient`] says whether retrying
+//! the same operation later can succeed (a broker that is down) or not (a bad schema file).
+
+use datafusion::arrow::error::ArrowError;
+use datafusion::error::DataFusionError;
+use rdkafka::error::KafkaError;
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A schema file in `schemas/` is missing, malformed, or uses an Avro type the engine does
+    /// not map to Arrow. Permanent until the file is fixed.
+    #[error("schema {name}: {message}")]
+    Schema {
+        /// The schema's file or topic name.
+        name: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A reference data file in `schemas/reference/` could not be read. Permanent.
+    #[error("reference data {file}: {message}")]
+    Reference {
+        /// The file.
+        file: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Invalid configuration or command-line value. Permanent.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Kafka client error (broker unreachable, request failed, ...). Often transient.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// DataFusion planning or execution error.
+    #[error("datafusion: {0}")]
+    DataFusion(#[from] DataFusionError),
+    /// Arrow error while building, casting or encoding batches.
+    #[error("arrow: {0}")]
+    Arrow(#[from] ArrowError),
+    /// I/O error.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// Whether the same operation may succeed if retried later.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Kafka(e) => !matches!(
+                e.rdkafka_error_code(),
+                Some(rdkafka::types::RDKafkaErrorCode::InvalidConfig)
+                    | Some(rdkafka::types::RDKafkaErrorCode::Fatal)
+            ),
+            Error::Io(_) => true,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn schema(name: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Schema { name: name.into(), message: message.into() }
+    }
+}
+
+/// Result with the engine's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,40 @@
+//! urbanstream: a stream processing engine for a city's sensor and camera feeds.
+//!
+//! It consumes the city's Kafka topics, decodes records into Apache Arrow batches, runs
+//! continuous queries on Apache DataFusion, and publishes indicators back to Kafka:
+//!
+//! ```text
+//! Kafka topics ─► source ─► decode ─► time ─► plan/operators ─► state ─► sink ─► Kafka topics
+//!  (rdkafka)     (consumer  (bytes →  (event    (DataFusion SQL,  (window   (producer,
+//!                group,      Arrow     time,     UDF/UDAF from     state)    DLQ, late
+//!                offsets)    batches)  water-    operators/)                 output)
+//!                                      marks)
+//! ```
+//!
+//! - [`source::KafkaSource`] reads [`source::RawBatch`]es, one per topic, from a consumer group.
+//! - [`decode::JsonDecoder`] turns them into `RecordBatch`es with the topic's schema from
+//!   [`schema`] (Avro files in `schemas/topics/`), and isolates bad records for the DLQ.
+//! - [`time::WatermarkTracker`] follows event time per partition.
+//! - [`plan::CongestionQuery`] aggregates each batch with DataFusion and merges the partials
+//!   into [`state::WindowState`]; windows close when the watermark passes their end.
+//! - [`sink::KafkaSink`] publishes indicator, DLQ and late records.
+//! - [`pipeline::Pipeline`] runs the loop and commits offsets once outputs are acknowledged.
+//! - [`simulate::CitySimulator`] produces a simulated Hanoi; [`broker::EmbeddedBroker`] is
+//!   an in-process Kafka-protocol broker; [`cli`] is the `urbanstream` command.
+
+pub mod source;
+pub mod decode;
+pub mod time;
+pub mod plan;
+pub mod state;
+pub mod sink;
+
+pub mod broker;
+pub mod cli;
+pub mod error;
+pub mod pipeline;
+pub mod reference;
+pub mod schema;
+pub mod simulate;
+
+pub use error::{Error, Result};

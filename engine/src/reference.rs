@@ -1,0 +1,224 @@
+//! Reference data from `schemas/reference/`: wards, road segments, cameras, detectors, air
+//! sensors and PCU factors.
+//!
+//! The CSV files are compiled into the binary. The simulator places its traffic and sensors
+//! with them, and the SQL layer exposes them as lookup tables.
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+
+/// One of the city's wards (phường).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Ward {
+    /// Stable id (ASCII slug of the name).
+    pub ward_id: String,
+    /// Vietnamese name.
+    pub name: String,
+    /// Centroid latitude.
+    pub lat: f64,
+    /// Centroid longitude.
+    pub lon: f64,
+}
+
+/// Functional class of a road segment; it decides which level-of-service method applies.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RoadClass {
+    /// Urban street: level of service by travel speed.
+    UrbanStreet,
+    /// Expressway or elevated ring road: level of service by density; no motorbikes.
+    Expressway,
+}
+
+/// A directed stretch of road between two junctions.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Segment {
+    /// Stable id.
+    pub segment_id: String,
+    /// Display name.
+    pub name: String,
+    /// Road or corridor it belongs to.
+    pub road: String,
+    /// Ward it lies in.
+    pub ward_id: String,
+    /// Lanes (both directions).
+    pub lanes: u32,
+    /// Free-flow speed, km/h.
+    pub free_flow_kmh: f64,
+    /// Capacity in passenger-car units per hour.
+    pub capacity_pcu_h: f64,
+    /// Functional class.
+    pub road_class: RoadClass,
+    /// Length in metres.
+    pub length_m: f64,
+    /// WKT `LINESTRING` in longitude/latitude.
+    pub geometry: String,
+}
+
+/// An AI traffic camera watching a segment.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Camera {
+    /// Stable id.
+    pub camera_id: String,
+    /// Segment it watches.
+    pub segment_id: String,
+    /// Latitude.
+    pub lat: f64,
+    /// Longitude.
+    pub lon: f64,
+    /// Direction of travel it faces.
+    pub direction: String,
+}
+
+/// A loop or radar detector on a segment.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Detector {
+    /// Stable id.
+    pub detector_id: String,
+    /// Segment it sits on.
+    pub segment_id: String,
+    /// `loop` or `radar`.
+    pub kind: String,
+    /// Latitude.
+    pub lat: f64,
+    /// Longitude.
+    pub lon: f64,
+    /// Seconds between readings.
+    pub interval_s: u32,
+}
+
+/// An air-quality station or low-cost sensor.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Sensor {
+    /// Stable id.
+    pub sensor_id: String,
+    /// Ward it stands in.
+    pub ward_id: String,
+    /// `station` (reference monitor) or `low_cost`.
+    pub kind: String,
+    /// Latitude.
+    pub lat: f64,
+    /// Longitude.
+    pub lon: f64,
+    /// Seconds between readings.
+    pub interval_s: u32,
+}
+
+/// Passenger-car-unit factor of a vehicle class.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct PcuFactor {
+    /// Vehicle class.
+    pub vehicle_class: String,
+    /// Passenger-car units per vehicle.
+    pub pcu: f64,
+    /// Where the factor comes from.
+    pub description: String,
+}
+
+/// The reference CSV files compiled into the binary: (file name, contents).
+pub const EMBEDDED: &[(&str, &str)] = &[
+    ("wards.csv", include_str!("../../schemas/reference/wards.csv")),
+    ("segments.csv", include_str!("../../schemas/reference/segments.csv")),
+    ("cameras.csv", include_str!("../../schemas/reference/cameras.csv")),
+    ("detectors.csv", include_str!("../../schemas/reference/detectors.csv")),
+    ("sensors.csv", include_str!("../../schemas/reference/sensors.csv")),
+    ("pcu_factors.csv", include_str!("../../schemas/reference/pcu_factors.csv")),
+];
+
+/// All reference data.
+#[derive(Debug, Clone)]
+pub struct ReferenceData {
+    /// Wards.
+    pub wards: Vec<Ward>,
+    /// Road segments.
+    pub segments: Vec<Segment>,
+    /// Cameras.
+    pub cameras: Vec<Camera>,
+    /// Detectors.
+    pub detectors: Vec<Detector>,
+    /// Air sensors.
+    pub sensors: Vec<Sensor>,
+    /// PCU factors.
+    pub pcu_factors: Vec<PcuFactor>,
+}
+
+impl ReferenceData {
+    /// The reference data compiled into the binary, with its cross-references checked.
+    pub fn embedded() -> Result<Self> {
+        let data = Self {
+            wards: parse("wards.csv")?,
+            segments: parse("segments.csv")?,
+            cameras: parse("cameras.csv")?,
+            detectors: parse("detectors.csv")?,
+            sensors: parse("sensors.csv")?,
+            pcu_factors: parse("pcu_factors.csv")?,
+        };
+        data.check()?;
+        Ok(data)
+    }
+
+    /// The CSV text of an embedded file.
+    pub fn embedded_csv(file: &str) -> Option<&'static str> {
+        EMBEDDED.iter().find(|(name, _)| *name == file).map(|(_, text)| *text)
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |file: &str, message: String| Error::Reference { file: file.into(), message };
+        let has_ward = |id: &str| self.wards.iter().any(|w| w.ward_id == id);
+        let has_segment = |id: &str| self.segments.iter().any(|s| s.segment_id == id);
+        for s in &self.segments {
+            if !has_ward(&s.ward_id) {
+                return Err(bad("segments.csv", format!("{}: unknown ward {}", s.segment_id, s.ward_id)));
+            }
+        }
+        for c in &self.cameras {
+            if !has_segment(&c.segment_id) {
+                return Err(bad("cameras.csv", format!("{}: unknown segment {}", c.camera_id, c.segment_id)));
+            }
+        }
+        for d in &self.detectors {
+            if !has_segment(&d.segment_id) {
+                return Err(bad("detectors.csv", format!("{}: unknown segment {}", d.detector_id, d.segment_id)));
+            }
+        }
+        for s in &self.sensors {
+            if !has_ward(&s.ward_id) {
+                return Err(bad("sensors.csv", format!("{}: unknown ward {}", s.sensor_id, s.ward_id)));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse<T: DeserializeOwned>(file: &str) -> Result<Vec<T>> {
+    let text = ReferenceData::embedded_csv(file)
+        .ok_or_else(|| Error::Reference { file: file.into(), message: "not embedded".into() })?;
+    csv::Reader::from_reader(text.as_bytes())
+        .deserialize()
+        .collect::<Result<Vec<T>, _>>()
+        .map_err(|e| Error::Reference { file: file.into(), message: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_reference_data_is_consistent() {
+        let data = ReferenceData::embedded().expect("reference data");
+        assert_eq!(data.wards.len(), 51, "the 51 urban wards since 1 July 2025");
+        // The corridors named as congestion hot spots are all covered.
+        for road in ["Trường Chinh", "Nguyễn Trãi", "Ring Road 2", "Thái Hà – Chùa Bộc",
+            "Phạm Văn Đồng", "Xuân Thủy", "Kim Mã", "Minh Khai", "Nguyễn Xiển",
+            "Pháp Vân – Cầu Giẽ", "Ring Road 3 elevated", "Phạm Văn Bạch", "Hoàng Quốc Việt"]
+        {
+            assert!(data.segments.iter().any(|s| s.road == road), "no segment on {road}");
+        }
+        assert!(data.segments.iter().all(|s| data.cameras.iter().any(|c| c.segment_id == s.segment_id)));
+        assert!(data.wards.iter().all(|w| data.sensors.iter().any(|s| s.ward_id == w.ward_id)));
+        let motorbike = data.pcu_factors.iter().find(|p| p.vehicle_class == "motorbike");
+        assert_eq!(motorbike.map(|p| p.pcu), Some(0.3));
+    }
+}

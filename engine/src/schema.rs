@@ -1,0 +1,231 @@
+//! Topic schemas: Avro `.avsc` files in `schemas/topics/` are the single source of truth.
+//!
+//! At start-up each file is parsed and validated with `apache-avro`, and its Arrow schema is
+//! derived from it: the decoder reads JSON into that Arrow schema, validation checks enum
+//! symbols and fills defaults from it, and the sinks encode output rows in its field order.
+//! The files are compiled into the binary, so the engine runs from any directory; a
+//! `--schemas DIR` option (or [`SchemaRegistry::load_dir`]) reads them from disk instead.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use apache_avro::Schema as AvroSchema;
+use apache_avro::schema::{RecordField, RecordSchema};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::scalar::ScalarValue;
+
+use crate::error::{Error, Result};
+
+/// The schema files compiled into the binary: (name, contents).
+pub const EMBEDDED: &[(&str, &str)] = &[
+    ("camera_event", include_str!("../../schemas/topics/camera_event.avsc")),
+    ("detector_reading", include_str!("../../schemas/topics/detector_reading.avsc")),
+    ("air_reading", include_str!("../../schemas/topics/air_reading.avsc")),
+    ("congestion_indicator", include_str!("../../schemas/topics/congestion_indicator.avsc")),
+    ("air_indicator", include_str!("../../schemas/topics/air_indicator.avsc")),
+    ("alert", include_str!("../../schemas/topics/alert.avsc")),
+    ("dlq_record", include_str!("../../schemas/topics/dlq_record.avsc")),
+    ("late_record", include_str!("../../schemas/topics/late_record.avsc")),
+];
+
+/// One topic schema: the Avro original and what the engine derives from it.
+#[derive(Debug, Clone)]
+pub struct TopicSchema {
+    /// Schema name (the file stem, e.g. `camera_event`).
+    pub name: String,
+    /// Arrow schema derived from the Avro record. Timestamps are
+    /// `Timestamp(Millisecond, None)` holding UTC instants.
+    pub arrow: SchemaRef,
+    /// Per Arrow field: the allowed symbols if the Avro type is an enum.
+    pub enum_symbols: Vec<Option<Arc<[String]>>>,
+    /// Per Arrow field: the Avro default, if it has a non-null one. A record without the field
+    /// gets this value.
+    pub defaults: Vec<Option<ScalarValue>>,
+    /// Per Arrow field: whether the record must carry a non-null value (non-union type without
+    /// a default).
+    pub required: Vec<bool>,
+}
+
+impl TopicSchema {
+    /// Parses an Avro record schema and derives its Arrow form.
+    pub fn from_avsc(name: &str, avsc: &str) -> Result<Self> {
+        let avro = AvroSchema::parse_str(avsc).map_err(|e| Error::schema(name, e.to_string()))?;
+        let AvroSchema::Record(RecordSchema { fields, .. }) = &avro else {
+            return Err(Error::schema(name, "the top-level type must be a record"));
+        };
+        let mut arrow_fields = Vec::with_capacity(fields.len());
+        let mut enum_symbols = Vec::with_capacity(fields.len());
+        let mut defaults = Vec::with_capacity(fields.len());
+        let mut required = Vec::with_capacity(fields.len());
+        for field in fields {
+            let (data_type, nullable, symbols) = arrow_type(name, field, &field.schema)?;
+            let default = field_default(name, field, &data_type)?;
+            required.push(!nullable && default.is_none());
+            // Fields with a default are nullable on the wire and filled after decoding.
+            arrow_fields.push(Field::new(&field.name, data_type, nullable || default.is_some()));
+            enum_symbols.push(symbols);
+            defaults.push(default);
+        }
+        Ok(Self {
+            name: name.to_string(),
+            arrow: Arc::new(Schema::new(arrow_fields)),
+            enum_symbols,
+            defaults,
+            required,
+        })
+    }
+
+    /// The Arrow schema of decoded batches: like [`TopicSchema::arrow`], but fields with a
+    /// default are non-null once the defaults are filled in.
+    pub fn output_schema(&self) -> SchemaRef {
+        let fields: Vec<Field> = self
+            .arrow
+            .fields()
+            .iter()
+            .zip(&self.defaults)
+            .zip(&self.required)
+            .map(|((f, d), r)| f.as_ref().clone().with_nullable(!(*r || d.is_some())))
+            .collect();
+        Arc::new(Schema::new(fields))
+    }
+}
+
+fn arrow_type(
+    name: &str,
+    field: &RecordField,
+    schema: &AvroSchema,
+) -> Result<(DataType, bool, Option<Arc<[String]>>)> {
+    let unsupported = |what: &str| {
+        Err(Error::schema(name, format!("field {}: unsupported Avro type {what}", field.name)))
+    };
+    Ok(match schema {
+        AvroSchema::Boolean => (DataType::Boolean, false, None),
+        AvroSchema::Int => (DataType::Int32, false, None),
+        AvroSchema::Long => (DataType::Int64, false, None),
+        AvroSchema::Float => (DataType::Float32, false, None),
+        AvroSchema::Double => (DataType::Float64, false, None),
+        AvroSchema::String | AvroSchema::Uuid => (DataType::Utf8, false, None),
+        AvroSchema::Bytes => (DataType::Binary, false, None),
+        AvroSchema::TimestampMillis => {
+            (DataType::Timestamp(TimeUnit::Millisecond, None), false, None)
+        }
+        AvroSchema::TimestampMicros => {
+            (DataType::Timestamp(TimeUnit::Microsecond, None), false, None)
+        }
+        AvroSchema::Date => (DataType::Date32, false, None),
+        AvroSchema::Enum(e) => (DataType::Utf8, false, Some(e.symbols.clone().into())),
+        AvroSchema::Union(u) => {
+            let variants = u.variants();
+            let non_null: Vec<&AvroSchema> =
+                variants.iter().filter(|v| !matches!(v, AvroSchema::Null)).collect();
+            if non_null.len() != 1 || variants.len() > 2 {
+                return unsupported("union (only [\"null\", T] is supported)");
+            }
+            let (t, _, symbols) = arrow_type(name, field, non_null[0])?;
+            (t, true, symbols)
+        }
+        other => return unsupported(&format!("{other:?}")),
+    })
+}
+
+fn field_default(name: &str, field: &RecordField, t: &DataType) -> Result<Option<ScalarValue>> {
+    let Some(value) = &field.default else { return Ok(None) };
+    let bad = || Error::schema(name, format!("field {}: default {value} is not a {t}", field.name));
+    Ok(match (value, t) {
+        (serde_json::Value::Null, _) => None,
+        (serde_json::Value::String(s), DataType::Utf8) => Some(ScalarValue::Utf8(Some(s.clone()))),
+        (serde_json::Value::Bool(b), DataType::Boolean) => Some(ScalarValue::Boolean(Some(*b))),
+        (serde_json::Value::Number(n), DataType::Int32) => {
+            let v = n.as_i64().and_then(|v| i32::try_from(v).ok()).ok_or_else(bad)?;
+            Some(ScalarValue::Int32(Some(v)))
+        }
+        (serde_json::Value::Number(n), DataType::Int64) => {
+            Some(ScalarValue::Int64(Some(n.as_i64().ok_or_else(bad)?)))
+        }
+        (serde_json::Value::Number(n), DataType::Float64) => {
+            Some(ScalarValue::Float64(Some(n.as_f64().ok_or_else(bad)?)))
+        }
+        _ => return Err(bad()),
+    })
+}
+
+/// All topic schemas, by name.
+#[derive(Debug, Clone)]
+pub struct SchemaRegistry {
+    schemas: HashMap<String, Arc<TopicSchema>>,
+}
+
+impl SchemaRegistry {
+    /// The schemas compiled into the binary.
+    pub fn embedded() -> Result<Self> {
+        let mut schemas = HashMap::new();
+        for (name, avsc) in EMBEDDED {
+            schemas.insert(name.to_string(), Arc::new(TopicSchema::from_avsc(name, avsc)?));
+        }
+        Ok(Self { schemas })
+    }
+
+    /// Every `*.avsc` file of a directory; the file stem is the schema's name.
+    pub fn load_dir(dir: &Path) -> Result<Self> {
+        let mut schemas = HashMap::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("avsc") {
+                continue;
+            }
+            let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            let text = std::fs::read_to_string(&path)?;
+            schemas.insert(name.clone(), Arc::new(TopicSchema::from_avsc(&name, &text)?));
+        }
+        Ok(Self { schemas })
+    }
+
+    /// The schema called `name`.
+    pub fn get(&self, name: &str) -> Result<Arc<TopicSchema>> {
+        self.schemas
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::schema(name, "no such schema in schemas/topics"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_schemas_parse_and_derive_arrow() {
+        let registry = SchemaRegistry::embedded().expect("embedded schemas parse");
+        let camera = registry.get("camera_event").expect("camera schema");
+        let schema = camera.output_schema();
+        let event_time = schema.field_with_name("event_time").expect("event_time");
+        assert_eq!(event_time.data_type(), &DataType::Timestamp(TimeUnit::Millisecond, None));
+        assert!(!event_time.is_nullable());
+        let kind = schema.index_of("kind").expect("kind");
+        assert_eq!(camera.defaults[kind], Some(ScalarValue::Utf8(Some("detection".into()))));
+        assert!(!schema.field(kind).is_nullable());
+        let class = schema.index_of("vehicle_class").expect("vehicle_class");
+        assert!(schema.field(class).is_nullable());
+        let symbols = camera.enum_symbols[class].as_ref().expect("enum");
+        assert!(symbols.iter().any(|s| s == "motorbike"));
+    }
+
+    #[test]
+    fn directory_matches_embedded() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/topics");
+        let from_disk = SchemaRegistry::load_dir(&dir).expect("schemas dir");
+        let embedded = SchemaRegistry::embedded().expect("embedded");
+        for (name, _) in EMBEDDED {
+            assert_eq!(from_disk.get(name).unwrap().arrow, embedded.get(name).unwrap().arrow);
+        }
+    }
+
+    #[test]
+    fn unsupported_types_are_named() {
+        let avsc = r#"{"type":"record","name":"R","fields":[{"name":"m","type":{"type":"map","values":"int"}}]}"#;
+        let err = TopicSchema::from_avsc("r", avsc).unwrap_err().to_string();
+        assert!(err.contains("field m"), "{err}");
+        assert!(TopicSchema::from_avsc("r", "{not json").is_err());
+    }
+}

@@ -1,0 +1,361 @@
+//! Sink: output rows into Kafka topics.
+//!
+//! [`encode_json_rows`] turns a batch into one JSON object per row, in the field order and
+//! types of the output topic's schema (see [`conform`]); timestamps are written as epoch
+//! milliseconds, as in the input topics. [`KafkaSink`] publishes them with an idempotent
+//! producer, keyed by a column, and returns a [`Pending`] set of deliveries: the pipeline
+//! awaits it before committing the input offsets the outputs depend on. DLQ and late records
+//! go out the same way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray, new_null_array};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::json::writer::{LineDelimited, WriterBuilder};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use serde::Serialize;
+
+use crate::decode::Reject;
+use crate::error::{Error, Result};
+use crate::schema::TopicSchema;
+use crate::source::RawBatch;
+
+/// Casts and reorders `batch` to the output topic's schema, matching columns by name. Missing
+/// nullable fields become null; a missing required field or an extra column is an error that
+/// names it.
+pub fn conform(batch: &RecordBatch, schema: &TopicSchema) -> Result<RecordBatch> {
+    let target = schema.output_schema();
+    let input = batch.schema();
+    for field in input.fields() {
+        if target.field_with_name(field.name()).is_err() {
+            return Err(Error::schema(
+                &schema.name,
+                format!("column {} is not a field of the output topic", field.name()),
+            ));
+        }
+    }
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
+    for field in target.fields() {
+        match input.index_of(field.name()) {
+            Ok(i) => columns.push(cast(batch.column(i), field.data_type())?),
+            Err(_) if field.is_nullable() => {
+                columns.push(new_null_array(field.data_type(), batch.num_rows()))
+            }
+            Err(_) => {
+                return Err(Error::schema(
+                    &schema.name,
+                    format!("the query does not produce required field {}", field.name()),
+                ));
+            }
+        }
+    }
+    Ok(RecordBatch::try_new(target, columns)?)
+}
+
+/// Encodes each row as a JSON object (nulls written out, timestamps as epoch ms). Returns the
+/// bytes and the end offset of each row in them.
+pub fn encode_json_rows(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<usize>)> {
+    // Timestamps go out as epoch milliseconds, like the inputs.
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        if let DataType::Timestamp(..) = field.data_type() {
+            let ms = cast(column, &DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Millisecond, None))?;
+            columns.push(cast(&ms, &DataType::Int64)?);
+            fields.push(Field::new(field.name(), DataType::Int64, field.is_nullable()));
+        } else {
+            columns.push(column.clone());
+            fields.push(field.as_ref().clone());
+        }
+    }
+    let plain = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+    let mut writer =
+        WriterBuilder::new().with_explicit_nulls(true).build::<_, LineDelimited>(Vec::new());
+    writer.write(&plain)?;
+    writer.finish()?;
+    let bytes = writer.into_inner();
+    // JSON strings escape newlines, so each '\n' ends exactly one row.
+    let ends: Vec<usize> =
+        bytes.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i).collect();
+    Ok((bytes, ends))
+}
+
+/// A DLQ record (schema `schemas/topics/dlq_record.avsc`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, serde::Deserialize)]
+pub struct DlqRecord {
+    /// Topic the record was read from.
+    pub topic: String,
+    /// Partition it was read from.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Original key, base64.
+    pub key: Option<String>,
+    /// Why it was rejected.
+    pub error: String,
+    /// `decode` or `validate`.
+    pub stage: String,
+    /// Original value bytes, base64.
+    pub payload: String,
+    /// When it was rejected, epoch ms.
+    pub received_at: i64,
+}
+
+impl DlqRecord {
+    /// The DLQ record of a rejected record of `raw`.
+    pub fn new(raw: &RawBatch, reject: &Reject, received_at: i64) -> Self {
+        let i = reject.index as usize;
+        Self {
+            topic: raw.topic.to_string(),
+            partition: raw.partitions[i],
+            offset: raw.offsets[i],
+            key: raw.key(i).map(|k| BASE64.encode(k)),
+            error: reject.error.clone(),
+            stage: reject.stage.as_str().to_string(),
+            payload: BASE64.encode(raw.value(i)),
+            received_at,
+        }
+    }
+}
+
+/// A late record (schema `schemas/topics/late_record.avsc`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, serde::Deserialize)]
+pub struct LateRecord {
+    /// Query that could not use it.
+    pub query: String,
+    /// Topic the record was read from.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// The event's time, epoch ms.
+    pub event_time: i64,
+    /// The query watermark when it arrived, epoch ms.
+    pub watermark: i64,
+    /// `beyond_allowed_lateness` or `future_timestamp`.
+    pub reason: String,
+    /// Original value bytes, base64.
+    pub payload: String,
+}
+
+/// Settings of the Kafka sink.
+#[derive(Debug, Clone)]
+pub struct KafkaSinkConfig {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// How long the producer waits to fill a batch.
+    pub linger: Duration,
+    /// Extra librdkafka properties.
+    pub properties: Vec<(String, String)>,
+}
+
+impl KafkaSinkConfig {
+    /// Defaults for `brokers`: 5 ms linger.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self { brokers: brokers.into(), linger: Duration::from_millis(5), properties: Vec::new() }
+    }
+}
+
+/// Deliveries not yet acknowledged by the broker.
+#[derive(Default)]
+pub struct Pending {
+    deliveries: Vec<DeliveryFuture>,
+}
+
+impl Pending {
+    /// Number of outstanding deliveries.
+    pub fn len(&self) -> usize {
+        self.deliveries.len()
+    }
+
+    /// Whether nothing is outstanding.
+    pub fn is_empty(&self) -> bool {
+        self.deliveries.is_empty()
+    }
+
+    /// Waits for every delivery; fails on the first that the broker refused.
+    pub async fn acknowledged(self) -> Result<usize> {
+        let n = self.deliveries.len();
+        for delivery in self.deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(e.into()),
+                Err(_) => return Err(KafkaError::Canceled.into()),
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// An idempotent producer for indicator, DLQ and late topics.
+pub struct KafkaSink {
+    producer: FutureProducer,
+}
+
+impl KafkaSink {
+    /// Creates the producer.
+    pub fn new(config: &KafkaSinkConfig) -> Result<Self> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", config.linger.as_millis().to_string())
+            .set("message.timeout.ms", "300000");
+        for (k, v) in &config.properties {
+            client.set(k, v);
+        }
+        Ok(Self { producer: client.create()? })
+    }
+
+    /// Publishes each row of `batch` (already conformed to the topic's schema) as JSON, keyed
+    /// by the string column `key_column`.
+    pub async fn send_rows(
+        &self,
+        topic: &str,
+        batch: &RecordBatch,
+        key_column: &str,
+        pending: &mut Pending,
+    ) -> Result<()> {
+        let keys = batch
+            .column_by_name(key_column)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .ok_or_else(|| Error::Config(format!("key column {key_column} is not a string")))?;
+        let (bytes, ends) = encode_json_rows(batch)?;
+        let mut start = 0;
+        for (r, end) in ends.into_iter().enumerate() {
+            let key = (!keys.is_null(r)).then(|| keys.value(r).as_bytes());
+            self.send(topic, key, &bytes[start..end], pending).await?;
+            start = end + 1;
+        }
+        Ok(())
+    }
+
+    /// Publishes serialisable records (DLQ, late) as JSON.
+    pub async fn send_json<T: Serialize>(
+        &self,
+        topic: &str,
+        records: &[(Option<Vec<u8>>, T)],
+        pending: &mut Pending,
+    ) -> Result<()> {
+        for (key, record) in records {
+            let payload = serde_json::to_vec(record)
+                .map_err(|e| Error::Config(format!("cannot encode record: {e}")))?;
+            self.send(topic, key.as_deref(), &payload, pending).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        pending: &mut Pending,
+    ) -> Result<()> {
+        loop {
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
+            if let Some(key) = key {
+                record = record.key(key);
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.deliveries.push(delivery);
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // The local queue is full: let deliveries drain, then try again.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits until every queued record is delivered or `timeout` passes.
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        self.producer.flush(timeout)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::SchemaRegistry;
+
+    fn avsc_fields(name: &str) -> Vec<String> {
+        let registry = SchemaRegistry::embedded().expect("schemas");
+        let schema = registry.get(name).expect(name);
+        schema.arrow.fields().iter().map(|f| f.name().clone()).collect()
+    }
+
+    #[test]
+    fn dlq_and_late_records_follow_their_schemas() {
+        let mut raw = RawBatch::new("city.camera.events");
+        raw.push(2, 41, Some(b"seg"), Some(&[0xff, 0xfe]));
+        let reject = Reject { index: 0, stage: crate::decode::RejectStage::Decode, error: "bad".into() };
+        let dlq = serde_json::to_value(DlqRecord::new(&raw, &reject, 7)).expect("json");
+        let keys: Vec<String> = dlq.as_object().expect("object").keys().cloned().collect();
+        let mut expected = avsc_fields("dlq_record");
+        let mut got = keys.clone();
+        expected.sort();
+        got.sort();
+        assert_eq!(got, expected);
+        assert_eq!(dlq["payload"], "//4=");
+        assert_eq!(dlq["key"], "c2Vn");
+
+        let late = LateRecord {
+            query: "q".into(),
+            topic: "t".into(),
+            partition: 0,
+            offset: 1,
+            event_time: 2,
+            watermark: 3,
+            reason: "beyond_allowed_lateness".into(),
+            payload: String::new(),
+        };
+        let late = serde_json::to_value(late).expect("json");
+        let mut got: Vec<String> = late.as_object().expect("object").keys().cloned().collect();
+        let mut expected = avsc_fields("late_record");
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn conform_orders_casts_and_names_problems() {
+        use datafusion::arrow::array::{Int64Array, TimestampMillisecondArray};
+        let registry = SchemaRegistry::embedded().expect("schemas");
+        let schema = registry.get("congestion_indicator").expect("schema");
+        let batch = RecordBatch::try_from_iter(vec![
+            ("vehicles", Arc::new(Int64Array::from(vec![3])) as ArrayRef),
+            ("segment_id", Arc::new(StringArray::from(vec!["kim_ma_w"])) as ArrayRef),
+            ("window_start", Arc::new(TimestampMillisecondArray::from(vec![60_000])) as ArrayRef),
+            ("window_end", Arc::new(TimestampMillisecondArray::from(vec![120_000])) as ArrayRef),
+            ("revision", Arc::new(Int64Array::from(vec![0])) as ArrayRef),
+        ])
+        .expect("batch");
+        let out = conform(&batch, &schema).expect("conform");
+        let (bytes, ends) = encode_json_rows(&out).expect("encode");
+        assert_eq!(ends.len(), 1);
+        assert_eq!(
+            std::str::from_utf8(&bytes[..ends[0]]).expect("utf8"),
+            r#"{"segment_id":"kim_ma_w","window_start":60000,"window_end":120000,"vehicles":3,"mean_speed_kmh":null,"motorbike_share":null,"revision":0}"#
+        );
+        let extra = RecordBatch::try_from_iter(vec![(
+            "speed",
+            Arc::new(Int64Array::from(vec![1])) as ArrayRef,
+        )])
+        .expect("batch");
+        let err = conform(&extra, &schema).unwrap_err().to_string();
+        assert!(err.contains("column speed"), "{err}");
+    }
+}

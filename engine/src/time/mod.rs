@@ -1,0 +1,110 @@
+//! Time: event-time watermarks.
+//!
+//! [`WatermarkTracker`] keeps, per input partition, the largest event time seen; the
+//! partition's watermark is that minus the allowed out-of-orderness. The query watermark is the
+//! minimum over partitions that are not idle: a partition that has had no record for the idle
+//! timeout (processing time) stops holding the watermark back. The watermark never goes
+//! backwards.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Event-time watermark over the partitions of a query's input.
+#[derive(Debug, Clone)]
+pub struct WatermarkTracker {
+    delay_ms: i64,
+    idle_timeout: Duration,
+    partitions: HashMap<i32, PartitionTime>,
+    watermark: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PartitionTime {
+    max_event_ms: i64,
+    last_seen: Instant,
+}
+
+impl WatermarkTracker {
+    /// A tracker allowing `delay` of out-of-orderness, with partitions idle after
+    /// `idle_timeout` without records.
+    pub fn new(delay: Duration, idle_timeout: Duration) -> Self {
+        Self {
+            delay_ms: delay.as_millis() as i64,
+            idle_timeout,
+            partitions: HashMap::new(),
+            watermark: None,
+        }
+    }
+
+    /// Records that `partition` has seen events up to `max_event_ms` at processing time `now`.
+    pub fn observe(&mut self, partition: i32, max_event_ms: i64, now: Instant) {
+        let entry = self
+            .partitions
+            .entry(partition)
+            .or_insert(PartitionTime { max_event_ms, last_seen: now });
+        entry.max_event_ms = entry.max_event_ms.max(max_event_ms);
+        entry.last_seen = now;
+    }
+
+    /// Recomputes the watermark at processing time `now` and returns it (`None` until some
+    /// partition has data). Idle partitions are left out; if all are idle the watermark holds.
+    pub fn advance(&mut self, now: Instant) -> Option<i64> {
+        let active = self
+            .partitions
+            .values()
+            .filter(|p| now.saturating_duration_since(p.last_seen) < self.idle_timeout)
+            .map(|p| p.max_event_ms.saturating_sub(self.delay_ms))
+            .min();
+        if let Some(candidate) = active {
+            self.watermark = Some(self.watermark.map_or(candidate, |w| w.max(candidate)));
+        }
+        self.watermark
+    }
+
+    /// The current watermark, as of the last [`WatermarkTracker::advance`].
+    pub fn current(&self) -> Option<i64> {
+        self.watermark
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimum_over_partitions_minus_delay() {
+        let now = Instant::now();
+        let mut w = WatermarkTracker::new(Duration::from_secs(5), Duration::from_secs(60));
+        assert_eq!(w.advance(now), None);
+        w.observe(0, 100_000, now);
+        w.observe(1, 50_000, now);
+        assert_eq!(w.advance(now), Some(45_000));
+        w.observe(1, 200_000, now);
+        assert_eq!(w.advance(now), Some(95_000));
+    }
+
+    #[test]
+    fn never_goes_backwards() {
+        let now = Instant::now();
+        let mut w = WatermarkTracker::new(Duration::ZERO, Duration::from_secs(60));
+        w.observe(0, 100_000, now);
+        assert_eq!(w.advance(now), Some(100_000));
+        // A new partition far behind does not pull the watermark back.
+        w.observe(1, 10_000, now);
+        assert_eq!(w.advance(now), Some(100_000));
+    }
+
+    #[test]
+    fn idle_partition_stops_holding_back() {
+        let t0 = Instant::now();
+        let mut w = WatermarkTracker::new(Duration::ZERO, Duration::from_secs(10));
+        w.observe(0, 100_000, t0);
+        w.observe(1, 20_000, t0);
+        assert_eq!(w.advance(t0), Some(20_000));
+        let later = t0 + Duration::from_secs(11);
+        w.observe(0, 150_000, later);
+        assert_eq!(w.advance(later), Some(150_000));
+        // Everything idle: the watermark holds.
+        assert_eq!(w.advance(later + Duration::from_secs(60)), Some(150_000));
+    }
+}

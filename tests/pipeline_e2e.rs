@@ -1,0 +1,134 @@
+//! The whole path through the embedded broker: hand-written camera events (in order, out of
+//! order, an incident, malformed ones, a late one) are produced to two partitions; the
+//! pipeline runs; the indicator, DLQ and late topics are read back and compared exactly.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use urbanstream::pipeline::{Pipeline, PipelineConfig, PipelineStats, Topics};
+use urbanstream_tests::{TestCluster, read_json, read_more};
+
+/// 2026-01-01 06:00 Hanoi, on a minute boundary.
+const T0: i64 = 1_767_222_000_000;
+
+fn detection(segment: &str, t: i64, class: &str, speed: Option<f64>) -> Vec<u8> {
+    let mut v = json!({
+        "camera_id": "cam-0001", "segment_id": segment, "event_time": t,
+        "kind": "detection", "vehicle_class": class, "confidence": 0.9
+    });
+    if let Some(s) = speed {
+        v["speed_kmh"] = json!(s);
+    }
+    serde_json::to_vec(&v).expect("json")
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_events_to_indicators_dlq_and_late() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(2)?;
+    let topics = Topics::default();
+    let cam = topics.camera.as_str();
+    let (a, b) = ("kim_ma_w", "xuan_thuy");
+
+    // Phase 1. Partition 0 carries segment a, partition 1 segment b.
+    let truncated = &detection(a, T0 + 3_000, "car", Some(1.0))[..40];
+    let hovercraft = br#"{"camera_id":"cam-0003","segment_id":"xuan_thuy","event_time":1767222003000,"vehicle_class":"hovercraft","confidence":0.9}"#;
+    let p0: Vec<Vec<u8>> = vec![
+        detection(a, T0 + 1_000, "motorbike", Some(30.0)),
+        detection(a, T0 + 10_000, "car", Some(50.0)),
+        detection(a, T0 + 5_000, "motorbike", Some(20.0)), // out of order, within the delay
+        serde_json::to_vec(&json!({"camera_id": "cam-0001", "segment_id": a,
+            "event_time": T0 + 30_000, "kind": "collision", "severity": 3, "confidence": 0.8}))?,
+        detection(a, T0 + 61_000, "motorbike", Some(10.0)),
+        truncated.to_vec(),
+        detection(a, T0 + 125_000, "car", Some(40.0)), // advances partition 0
+    ];
+    let p1: Vec<Vec<u8>> = vec![
+        detection(b, T0 + 2_000, "bus", Some(25.0)),
+        detection(b, T0 + 59_999, "motorbike", None),
+        detection(b, T0 + 62_000, "car", Some(44.0)),
+        hovercraft.to_vec(),
+        Vec::new(),
+        detection(b, T0 + 126_000, "car", Some(42.0)), // advances partition 1
+    ];
+    for v in &p0 {
+        cluster.produce(cam, 0, a, v).await?;
+    }
+    for v in &p1 {
+        cluster.produce(cam, 1, b, v).await?;
+    }
+
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "e2e".into();
+    let pipeline = Pipeline::new(config, stats.clone())?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+
+    // Watermark = min(T0+125 s, T0+126 s) − 5 s = T0+120 s: the first two minutes close.
+    let indicators = cluster.consumer(&topics.congestion)?;
+    let mut rows = read_json(&indicators, 4, Duration::from_secs(60)).await?;
+    rows.sort_by_key(|(_, v)| (v["window_start"].as_i64(), v["segment_id"].as_str().map(String::from)));
+    let expected = vec![
+        (a, json!({"segment_id": a, "window_start": T0, "window_end": T0 + 60_000, "vehicles": 3,
+            "mean_speed_kmh": 100.0 / 3.0, "motorbike_share": 2.0 / 3.0, "revision": 0})),
+        (b, json!({"segment_id": b, "window_start": T0, "window_end": T0 + 60_000, "vehicles": 2,
+            "mean_speed_kmh": 25.0, "motorbike_share": 0.5, "revision": 0})),
+        (a, json!({"segment_id": a, "window_start": T0 + 60_000, "window_end": T0 + 120_000,
+            "vehicles": 1, "mean_speed_kmh": 10.0, "motorbike_share": 1.0, "revision": 0})),
+        (b, json!({"segment_id": b, "window_start": T0 + 60_000, "window_end": T0 + 120_000,
+            "vehicles": 1, "mean_speed_kmh": 44.0, "motorbike_share": 0.0, "revision": 0})),
+    ];
+    let expected: Vec<(Option<String>, serde_json::Value)> =
+        expected.into_iter().map(|(k, v)| (Some(k.to_string()), v)).collect();
+    assert_eq!(rows, expected);
+
+    let dlq = cluster.consumer(&topics.dlq)?;
+    let mut dead = read_json(&dlq, 3, Duration::from_secs(30)).await?;
+    dead.sort_by_key(|(_, v)| (v["partition"].as_i64(), v["offset"].as_i64()));
+    let strip = |mut v: serde_json::Value| {
+        assert!(v["received_at"].as_i64().is_some_and(|t| t > T0));
+        v.as_object_mut().expect("object").remove("received_at");
+        v
+    };
+    let dead: Vec<_> = dead.into_iter().map(|(k, v)| (k, strip(v))).collect();
+    assert_eq!(dead, vec![
+        (Some(a.to_string()), json!({"topic": cam, "partition": 0, "offset": 5, "key": b64(a.as_bytes()),
+            "error": "truncated JSON: the record ends inside a value", "stage": "decode",
+            "payload": b64(truncated)})),
+        (Some(b.to_string()), json!({"topic": cam, "partition": 1, "offset": 3, "key": b64(b.as_bytes()),
+            "error": "field vehicle_class: unknown symbol \"hovercraft\" (expected one of motorbike, car, bus, truck, bicycle, other)",
+            "stage": "validate", "payload": b64(hovercraft)})),
+        (Some(b.to_string()), json!({"topic": cam, "partition": 1, "offset": 4, "key": b64(b.as_bytes()),
+            "error": "empty record: no JSON object", "stage": "decode", "payload": ""})),
+    ]);
+
+    // Phase 2: an event for the closed first minute is late; nothing is dropped silently.
+    let late_event = detection(a, T0 + 50_000, "motorbike", Some(12.0));
+    let (_, late_offset) = cluster.produce(cam, 0, a, &late_event).await?;
+    assert_eq!(late_offset, 7);
+    let late = cluster.consumer(&topics.late)?;
+    let late_rows = read_json(&late, 1, Duration::from_secs(30)).await?;
+    assert_eq!(late_rows, vec![(Some(a.to_string()), json!({
+        "query": "congestion_minute", "topic": cam, "partition": 0, "offset": 7,
+        "event_time": T0 + 50_000, "watermark": T0 + 120_000,
+        "reason": "beyond_allowed_lateness", "payload": b64(&late_event)}))]);
+
+    // The late event changed no published window, and the window it would have joined is not
+    // re-opened.
+    assert!(read_more(&indicators, Duration::from_secs(2)).await.is_empty());
+
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    assert_eq!(stats.indicators_out.load(Ordering::Relaxed), 4);
+    assert_eq!(stats.dlq.load(Ordering::Relaxed), 3);
+    assert_eq!(stats.late.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.camera_events.load(Ordering::Relaxed), 11);
+    Ok(())
+}
