@@ -31,7 +31,11 @@ impl TestCluster {
             .set("bootstrap.servers", &brokers)
             .set("linger.ms", "0")
             .create()?;
-        Ok(Self { broker, brokers, producer })
+        Ok(Self {
+            broker,
+            brokers,
+            producer,
+        })
     }
 
     /// Produces one record to an explicit partition and waits for its acknowledgement.
@@ -42,7 +46,10 @@ impl TestCluster {
         key: &str,
         value: &[u8],
     ) -> anyhow::Result<(i32, i64)> {
-        let record = FutureRecord::to(topic).partition(partition).key(key).payload(value);
+        let record = FutureRecord::to(topic)
+            .partition(partition)
+            .key(key)
+            .payload(value);
         let delivery = self
             .producer
             .send(record, Duration::from_secs(10))
@@ -76,9 +83,13 @@ pub async fn read_json(
         if left.is_zero() {
             anyhow::bail!("timed out after {} of {n} records: {out:?}", out.len());
         }
-        let Ok(message) = tokio::time::timeout(left, consumer.recv()).await else { continue };
+        let Ok(message) = tokio::time::timeout(left, consumer.recv()).await else {
+            continue;
+        };
         let message = message?;
-        let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        let key = message
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned());
         let value = serde_json::from_slice(message.payload().unwrap_or_default())?;
         out.push((key, value));
     }

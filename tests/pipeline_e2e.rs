@@ -74,19 +74,38 @@ async fn camera_events_to_indicators_dlq_and_late() -> anyhow::Result<()> {
     // Watermark = min(T0+125 s, T0+126 s) − 5 s = T0+120 s: the first two minutes close.
     let indicators = cluster.consumer(&topics.congestion)?;
     let mut rows = read_json(&indicators, 4, Duration::from_secs(60)).await?;
-    rows.sort_by_key(|(_, v)| (v["window_start"].as_i64(), v["segment_id"].as_str().map(String::from)));
+    rows.sort_by_key(|(_, v)| {
+        (
+            v["window_start"].as_i64(),
+            v["segment_id"].as_str().map(String::from),
+        )
+    });
     let expected = vec![
-        (a, json!({"segment_id": a, "window_start": T0, "window_end": T0 + 60_000, "vehicles": 3,
-            "mean_speed_kmh": 100.0 / 3.0, "motorbike_share": 2.0 / 3.0, "revision": 0})),
-        (b, json!({"segment_id": b, "window_start": T0, "window_end": T0 + 60_000, "vehicles": 2,
-            "mean_speed_kmh": 25.0, "motorbike_share": 0.5, "revision": 0})),
-        (a, json!({"segment_id": a, "window_start": T0 + 60_000, "window_end": T0 + 120_000,
-            "vehicles": 1, "mean_speed_kmh": 10.0, "motorbike_share": 1.0, "revision": 0})),
-        (b, json!({"segment_id": b, "window_start": T0 + 60_000, "window_end": T0 + 120_000,
-            "vehicles": 1, "mean_speed_kmh": 44.0, "motorbike_share": 0.0, "revision": 0})),
+        (
+            a,
+            json!({"segment_id": a, "window_start": T0, "window_end": T0 + 60_000, "vehicles": 3,
+            "mean_speed_kmh": 100.0 / 3.0, "motorbike_share": 2.0 / 3.0, "revision": 0}),
+        ),
+        (
+            b,
+            json!({"segment_id": b, "window_start": T0, "window_end": T0 + 60_000, "vehicles": 2,
+            "mean_speed_kmh": 25.0, "motorbike_share": 0.5, "revision": 0}),
+        ),
+        (
+            a,
+            json!({"segment_id": a, "window_start": T0 + 60_000, "window_end": T0 + 120_000,
+            "vehicles": 1, "mean_speed_kmh": 10.0, "motorbike_share": 1.0, "revision": 0}),
+        ),
+        (
+            b,
+            json!({"segment_id": b, "window_start": T0 + 60_000, "window_end": T0 + 120_000,
+            "vehicles": 1, "mean_speed_kmh": 44.0, "motorbike_share": 0.0, "revision": 0}),
+        ),
     ];
-    let expected: Vec<(Option<String>, serde_json::Value)> =
-        expected.into_iter().map(|(k, v)| (Some(k.to_string()), v)).collect();
+    let expected: Vec<(Option<String>, serde_json::Value)> = expected
+        .into_iter()
+        .map(|(k, v)| (Some(k.to_string()), v))
+        .collect();
     assert_eq!(rows, expected);
 
     let dlq = cluster.consumer(&topics.dlq)?;
@@ -98,16 +117,28 @@ async fn camera_events_to_indicators_dlq_and_late() -> anyhow::Result<()> {
         v
     };
     let dead: Vec<_> = dead.into_iter().map(|(k, v)| (k, strip(v))).collect();
-    assert_eq!(dead, vec![
-        (Some(a.to_string()), json!({"topic": cam, "partition": 0, "offset": 5, "key": b64(a.as_bytes()),
+    assert_eq!(
+        dead,
+        vec![
+            (
+                Some(a.to_string()),
+                json!({"topic": cam, "partition": 0, "offset": 5, "key": b64(a.as_bytes()),
             "error": "truncated JSON: the record ends inside a value", "stage": "decode",
-            "payload": b64(truncated)})),
-        (Some(b.to_string()), json!({"topic": cam, "partition": 1, "offset": 3, "key": b64(b.as_bytes()),
+            "payload": b64(truncated)})
+            ),
+            (
+                Some(b.to_string()),
+                json!({"topic": cam, "partition": 1, "offset": 3, "key": b64(b.as_bytes()),
             "error": "field vehicle_class: unknown symbol \"hovercraft\" (expected one of motorbike, car, bus, truck, bicycle, other)",
-            "stage": "validate", "payload": b64(hovercraft)})),
-        (Some(b.to_string()), json!({"topic": cam, "partition": 1, "offset": 4, "key": b64(b.as_bytes()),
-            "error": "empty record: no JSON object", "stage": "decode", "payload": ""})),
-    ]);
+            "stage": "validate", "payload": b64(hovercraft)})
+            ),
+            (
+                Some(b.to_string()),
+                json!({"topic": cam, "partition": 1, "offset": 4, "key": b64(b.as_bytes()),
+            "error": "empty record: no JSON object", "stage": "decode", "payload": ""})
+            ),
+        ]
+    );
 
     // Phase 2: an event for the closed first minute is late; nothing is dropped silently.
     let late_event = detection(a, T0 + 50_000, "motorbike", Some(12.0));
@@ -115,14 +146,24 @@ async fn camera_events_to_indicators_dlq_and_late() -> anyhow::Result<()> {
     assert_eq!(late_offset, 7);
     let late = cluster.consumer(&topics.late)?;
     let late_rows = read_json(&late, 1, Duration::from_secs(30)).await?;
-    assert_eq!(late_rows, vec![(Some(a.to_string()), json!({
+    assert_eq!(
+        late_rows,
+        vec![(
+            Some(a.to_string()),
+            json!({
         "query": "congestion_minute", "topic": cam, "partition": 0, "offset": 7,
         "event_time": T0 + 50_000, "watermark": T0 + 120_000,
-        "reason": "beyond_allowed_lateness", "payload": b64(&late_event)}))]);
+        "reason": "beyond_allowed_lateness", "payload": b64(&late_event)})
+        )]
+    );
 
     // The late event changed no published window, and the window it would have joined is not
     // re-opened.
-    assert!(read_more(&indicators, Duration::from_secs(2)).await.is_empty());
+    assert!(
+        read_more(&indicators, Duration::from_secs(2))
+            .await
+            .is_empty()
+    );
 
     stop.store(true, Ordering::Relaxed);
     task.await??;

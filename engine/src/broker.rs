@@ -22,7 +22,9 @@ pub struct EmbeddedBroker {
 impl EmbeddedBroker {
     /// Starts a one-broker cluster on a free localhost port.
     pub fn start() -> Result<Self> {
-        Ok(Self { cluster: MockCluster::new(1)? })
+        Ok(Self {
+            cluster: MockCluster::new(1)?,
+        })
     }
 
     /// Its `bootstrap.servers`.
@@ -43,8 +45,9 @@ impl EmbeddedBroker {
 
 /// Creates topics on an external Kafka through the admin API; existing topics are left alone.
 pub async fn create_topics(brokers: &str, topics: &[(String, i32)]) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
@@ -54,7 +57,9 @@ pub async fn create_topics(brokers: &str, topics: &[(String, i32)]) -> Result<()
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(Error::Config(format!("cannot create topic {topic}: {code}")));
+                return Err(Error::Config(format!(
+                    "cannot create topic {topic}: {code}"
+                )));
             }
         }
     }

@@ -59,7 +59,10 @@ impl Error {
     }
 
     pub(crate) fn schema(name: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Schema { name: name.into(), message: message.into() }
+        Error::Schema {
+            name: name.into(),
+            message: message.into(),
+        }
     }
 }
 

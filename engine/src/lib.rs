@@ -22,12 +22,12 @@
 //! - [`simulate::CitySimulator`] produces a simulated Hanoi; [`broker::EmbeddedBroker`] is
 //!   an in-process Kafka-protocol broker; [`cli`] is the `urbanstream` command.
 
-pub mod source;
 pub mod decode;
-pub mod time;
 pub mod plan;
-pub mod state;
 pub mod sink;
+pub mod source;
+pub mod state;
+pub mod time;
 
 pub mod broker;
 pub mod cli;

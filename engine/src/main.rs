@@ -13,7 +13,9 @@ async fn main() -> anyhow::Result<()> {
         _ => "info",
     };
     let filter = EnvFilter::try_new(cli.log.as_deref().unwrap_or(default))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Plain => builder.init(),
         LogFormat::Json => builder.json().init(),

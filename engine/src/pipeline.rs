@@ -62,7 +62,11 @@ impl Default for Topics {
 impl Topics {
     /// The input topics.
     pub fn inputs(&self) -> Vec<String> {
-        vec![self.camera.clone(), self.detectors.clone(), self.air.clone()]
+        vec![
+            self.camera.clone(),
+            self.detectors.clone(),
+            self.air.clone(),
+        ]
     }
 
     /// Every topic, inputs first.
@@ -166,10 +170,18 @@ impl Pipeline {
     pub fn new(config: PipelineConfig, stats: Arc<PipelineStats>) -> Result<Self> {
         let schemas = SchemaRegistry::embedded()?;
         let mut decoders = HashMap::new();
-        decoders.insert(config.topics.camera.clone(), JsonDecoder::new(schemas.get("camera_event")?));
-        decoders
-            .insert(config.topics.detectors.clone(), JsonDecoder::new(schemas.get("detector_reading")?));
-        decoders.insert(config.topics.air.clone(), JsonDecoder::new(schemas.get("air_reading")?));
+        decoders.insert(
+            config.topics.camera.clone(),
+            JsonDecoder::new(schemas.get("camera_event")?),
+        );
+        decoders.insert(
+            config.topics.detectors.clone(),
+            JsonDecoder::new(schemas.get("detector_reading")?),
+        );
+        decoders.insert(
+            config.topics.air.clone(),
+            JsonDecoder::new(schemas.get("air_reading")?),
+        );
         let mut source_config = KafkaSourceConfig::new(&config.brokers, config.topics.inputs());
         source_config.group_id = config.group_id.clone();
         source_config.max_batch_rows = config.max_batch_rows;
@@ -220,17 +232,28 @@ impl Pipeline {
         let mut indicator_count = 0;
         let topics = self.config.topics.clone();
         for raw in &batches {
-            self.stats.records_in.fetch_add(raw.len() as u64, Ordering::Relaxed);
-            let Some(decoder) = self.decoders.get(raw.topic.as_ref()) else { continue };
+            self.stats
+                .records_in
+                .fetch_add(raw.len() as u64, Ordering::Relaxed);
+            let Some(decoder) = self.decoders.get(raw.topic.as_ref()) else {
+                continue;
+            };
             let decoded = decoder.decode(raw)?;
             if !decoded.rejects.is_empty() {
                 let records: Vec<_> = decoded
                     .rejects
                     .iter()
-                    .map(|r| (raw.key(r.index as usize).map(<[u8]>::to_vec), DlqRecord::new(raw, r, received_at)))
+                    .map(|r| {
+                        (
+                            raw.key(r.index as usize).map(<[u8]>::to_vec),
+                            DlqRecord::new(raw, r, received_at),
+                        )
+                    })
                     .collect();
                 dlq_count += records.len();
-                self.sink.send_json(&topics.dlq, &records, &mut pending).await?;
+                self.sink
+                    .send_json(&topics.dlq, &records, &mut pending)
+                    .await?;
             }
             let counter = if *raw.topic == *topics.camera {
                 &self.stats.camera_events
@@ -262,16 +285,23 @@ impl Pipeline {
                         })
                         .collect();
                     late_count += records.len();
-                    self.sink.send_json(&topics.late, &records, &mut pending).await?;
+                    self.sink
+                        .send_json(&topics.late, &records, &mut pending)
+                        .await?;
                 }
                 if let Some(rows) = output.rows {
                     indicator_count += rows.num_rows();
                     let rows = conform(&rows, &self.congestion_schema)?;
-                    self.sink.send_rows(&topics.congestion, &rows, "segment_id", &mut pending).await?;
+                    self.sink
+                        .send_rows(&topics.congestion, &rows, "segment_id", &mut pending)
+                        .await?;
                 }
             }
             for (p, o) in raw.partitions.iter().zip(&raw.offsets) {
-                let next = self.next_offsets.entry((raw.topic.clone(), *p)).or_insert(o + 1);
+                let next = self
+                    .next_offsets
+                    .entry((raw.topic.clone(), *p))
+                    .or_insert(o + 1);
                 *next = (*next).max(o + 1);
             }
         }
@@ -280,21 +310,37 @@ impl Pipeline {
             if let Some(rows) = self.query.tick(now)? {
                 indicator_count += rows.num_rows();
                 let rows = conform(&rows, &self.congestion_schema)?;
-                self.sink.send_rows(&topics.congestion, &rows, "segment_id", &mut pending).await?;
+                self.sink
+                    .send_rows(&topics.congestion, &rows, "segment_id", &mut pending)
+                    .await?;
             }
         }
         let outputs = pending.len();
         pending.acknowledged().await?;
-        self.stats.dlq.fetch_add(dlq_count as u64, Ordering::Relaxed);
-        self.stats.late.fetch_add(late_count as u64, Ordering::Relaxed);
-        self.stats.indicators_out.fetch_add(indicator_count as u64, Ordering::Relaxed);
+        self.stats
+            .dlq
+            .fetch_add(dlq_count as u64, Ordering::Relaxed);
+        self.stats
+            .late
+            .fetch_add(late_count as u64, Ordering::Relaxed);
+        self.stats
+            .indicators_out
+            .fetch_add(indicator_count as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         if let Some(w) = self.query.watermark() {
             self.stats.watermark_ms.store(w, Ordering::Relaxed);
         }
-        self.stats.state_groups.store(self.query.state().group_count() as u64, Ordering::Relaxed);
+        self.stats
+            .state_groups
+            .store(self.query.state().group_count() as u64, Ordering::Relaxed);
         if outputs > 0 {
-            debug!(outputs, dlq = dlq_count, late = late_count, indicators = indicator_count, "batch published");
+            debug!(
+                outputs,
+                dlq = dlq_count,
+                late = late_count,
+                indicators = indicator_count,
+                "batch published"
+            );
         }
         self.commit()
     }
@@ -306,10 +352,10 @@ impl Pipeline {
         let mut changed = HashMap::new();
         for ((topic, partition), next) in &self.next_offsets {
             let mut offset = *next;
-            if **topic == *self.config.topics.camera {
-                if let Some(min) = held.get(partition) {
-                    offset = offset.min(*min);
-                }
+            if **topic == *self.config.topics.camera
+                && let Some(min) = held.get(partition)
+            {
+                offset = offset.min(*min);
             }
             let key = (topic.clone(), *partition);
             if self.committed.get(&key) != Some(&offset) {
@@ -324,5 +370,8 @@ impl Pipeline {
 
 /// Wall-clock time, epoch ms.
 pub fn epoch_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }

@@ -119,12 +119,30 @@ pub struct PcuFactor {
 
 /// The reference CSV files compiled into the binary: (file name, contents).
 pub const EMBEDDED: &[(&str, &str)] = &[
-    ("wards.csv", include_str!("../../schemas/reference/wards.csv")),
-    ("segments.csv", include_str!("../../schemas/reference/segments.csv")),
-    ("cameras.csv", include_str!("../../schemas/reference/cameras.csv")),
-    ("detectors.csv", include_str!("../../schemas/reference/detectors.csv")),
-    ("sensors.csv", include_str!("../../schemas/reference/sensors.csv")),
-    ("pcu_factors.csv", include_str!("../../schemas/reference/pcu_factors.csv")),
+    (
+        "wards.csv",
+        include_str!("../../schemas/reference/wards.csv"),
+    ),
+    (
+        "segments.csv",
+        include_str!("../../schemas/reference/segments.csv"),
+    ),
+    (
+        "cameras.csv",
+        include_str!("../../schemas/reference/cameras.csv"),
+    ),
+    (
+        "detectors.csv",
+        include_str!("../../schemas/reference/detectors.csv"),
+    ),
+    (
+        "sensors.csv",
+        include_str!("../../schemas/reference/sensors.csv"),
+    ),
+    (
+        "pcu_factors.csv",
+        include_str!("../../schemas/reference/pcu_factors.csv"),
+    ),
 ];
 
 /// All reference data.
@@ -161,31 +179,49 @@ impl ReferenceData {
 
     /// The CSV text of an embedded file.
     pub fn embedded_csv(file: &str) -> Option<&'static str> {
-        EMBEDDED.iter().find(|(name, _)| *name == file).map(|(_, text)| *text)
+        EMBEDDED
+            .iter()
+            .find(|(name, _)| *name == file)
+            .map(|(_, text)| *text)
     }
 
     fn check(&self) -> Result<()> {
-        let bad = |file: &str, message: String| Error::Reference { file: file.into(), message };
+        let bad = |file: &str, message: String| Error::Reference {
+            file: file.into(),
+            message,
+        };
         let has_ward = |id: &str| self.wards.iter().any(|w| w.ward_id == id);
         let has_segment = |id: &str| self.segments.iter().any(|s| s.segment_id == id);
         for s in &self.segments {
             if !has_ward(&s.ward_id) {
-                return Err(bad("segments.csv", format!("{}: unknown ward {}", s.segment_id, s.ward_id)));
+                return Err(bad(
+                    "segments.csv",
+                    format!("{}: unknown ward {}", s.segment_id, s.ward_id),
+                ));
             }
         }
         for c in &self.cameras {
             if !has_segment(&c.segment_id) {
-                return Err(bad("cameras.csv", format!("{}: unknown segment {}", c.camera_id, c.segment_id)));
+                return Err(bad(
+                    "cameras.csv",
+                    format!("{}: unknown segment {}", c.camera_id, c.segment_id),
+                ));
             }
         }
         for d in &self.detectors {
             if !has_segment(&d.segment_id) {
-                return Err(bad("detectors.csv", format!("{}: unknown segment {}", d.detector_id, d.segment_id)));
+                return Err(bad(
+                    "detectors.csv",
+                    format!("{}: unknown segment {}", d.detector_id, d.segment_id),
+                ));
             }
         }
         for s in &self.sensors {
             if !has_ward(&s.ward_id) {
-                return Err(bad("sensors.csv", format!("{}: unknown ward {}", s.sensor_id, s.ward_id)));
+                return Err(bad(
+                    "sensors.csv",
+                    format!("{}: unknown ward {}", s.sensor_id, s.ward_id),
+                ));
             }
         }
         Ok(())
@@ -193,12 +229,17 @@ impl ReferenceData {
 }
 
 fn parse<T: DeserializeOwned>(file: &str) -> Result<Vec<T>> {
-    let text = ReferenceData::embedded_csv(file)
-        .ok_or_else(|| Error::Reference { file: file.into(), message: "not embedded".into() })?;
+    let text = ReferenceData::embedded_csv(file).ok_or_else(|| Error::Reference {
+        file: file.into(),
+        message: "not embedded".into(),
+    })?;
     csv::Reader::from_reader(text.as_bytes())
         .deserialize()
         .collect::<Result<Vec<T>, _>>()
-        .map_err(|e| Error::Reference { file: file.into(), message: e.to_string() })
+        .map_err(|e| Error::Reference {
+            file: file.into(),
+            message: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -210,15 +251,40 @@ mod tests {
         let data = ReferenceData::embedded().expect("reference data");
         assert_eq!(data.wards.len(), 51, "the 51 urban wards since 1 July 2025");
         // The corridors named as congestion hot spots are all covered.
-        for road in ["Trường Chinh", "Nguyễn Trãi", "Ring Road 2", "Thái Hà – Chùa Bộc",
-            "Phạm Văn Đồng", "Xuân Thủy", "Kim Mã", "Minh Khai", "Nguyễn Xiển",
-            "Pháp Vân – Cầu Giẽ", "Ring Road 3 elevated", "Phạm Văn Bạch", "Hoàng Quốc Việt"]
-        {
-            assert!(data.segments.iter().any(|s| s.road == road), "no segment on {road}");
+        for road in [
+            "Trường Chinh",
+            "Nguyễn Trãi",
+            "Ring Road 2",
+            "Thái Hà – Chùa Bộc",
+            "Phạm Văn Đồng",
+            "Xuân Thủy",
+            "Kim Mã",
+            "Minh Khai",
+            "Nguyễn Xiển",
+            "Pháp Vân – Cầu Giẽ",
+            "Ring Road 3 elevated",
+            "Phạm Văn Bạch",
+            "Hoàng Quốc Việt",
+        ] {
+            assert!(
+                data.segments.iter().any(|s| s.road == road),
+                "no segment on {road}"
+            );
         }
-        assert!(data.segments.iter().all(|s| data.cameras.iter().any(|c| c.segment_id == s.segment_id)));
-        assert!(data.wards.iter().all(|w| data.sensors.iter().any(|s| s.ward_id == w.ward_id)));
-        let motorbike = data.pcu_factors.iter().find(|p| p.vehicle_class == "motorbike");
+        assert!(
+            data.segments
+                .iter()
+                .all(|s| data.cameras.iter().any(|c| c.segment_id == s.segment_id))
+        );
+        assert!(
+            data.wards
+                .iter()
+                .all(|w| data.sensors.iter().any(|s| s.ward_id == w.ward_id))
+        );
+        let motorbike = data
+            .pcu_factors
+            .iter()
+            .find(|p| p.vehicle_class == "motorbike");
         assert_eq!(motorbike.map(|p| p.pcu), Some(0.3));
     }
 }

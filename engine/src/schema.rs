@@ -19,14 +19,35 @@ use crate::error::{Error, Result};
 
 /// The schema files compiled into the binary: (name, contents).
 pub const EMBEDDED: &[(&str, &str)] = &[
-    ("camera_event", include_str!("../../schemas/topics/camera_event.avsc")),
-    ("detector_reading", include_str!("../../schemas/topics/detector_reading.avsc")),
-    ("air_reading", include_str!("../../schemas/topics/air_reading.avsc")),
-    ("congestion_indicator", include_str!("../../schemas/topics/congestion_indicator.avsc")),
-    ("air_indicator", include_str!("../../schemas/topics/air_indicator.avsc")),
+    (
+        "camera_event",
+        include_str!("../../schemas/topics/camera_event.avsc"),
+    ),
+    (
+        "detector_reading",
+        include_str!("../../schemas/topics/detector_reading.avsc"),
+    ),
+    (
+        "air_reading",
+        include_str!("../../schemas/topics/air_reading.avsc"),
+    ),
+    (
+        "congestion_indicator",
+        include_str!("../../schemas/topics/congestion_indicator.avsc"),
+    ),
+    (
+        "air_indicator",
+        include_str!("../../schemas/topics/air_indicator.avsc"),
+    ),
     ("alert", include_str!("../../schemas/topics/alert.avsc")),
-    ("dlq_record", include_str!("../../schemas/topics/dlq_record.avsc")),
-    ("late_record", include_str!("../../schemas/topics/late_record.avsc")),
+    (
+        "dlq_record",
+        include_str!("../../schemas/topics/dlq_record.avsc"),
+    ),
+    (
+        "late_record",
+        include_str!("../../schemas/topics/late_record.avsc"),
+    ),
 ];
 
 /// One topic schema: the Avro original and what the engine derives from it.
@@ -63,7 +84,11 @@ impl TopicSchema {
             let default = field_default(name, field, &data_type)?;
             required.push(!nullable && default.is_none());
             // Fields with a default are nullable on the wire and filled after decoding.
-            arrow_fields.push(Field::new(&field.name, data_type, nullable || default.is_some()));
+            arrow_fields.push(Field::new(
+                &field.name,
+                data_type,
+                nullable || default.is_some(),
+            ));
             enum_symbols.push(symbols);
             defaults.push(default);
         }
@@ -74,6 +99,19 @@ impl TopicSchema {
             defaults,
             required,
         })
+    }
+
+    /// A schema declared in SQL (a column list): no enums, no defaults; non-nullable columns
+    /// are required.
+    pub fn from_arrow(name: &str, arrow: SchemaRef) -> Self {
+        let n = arrow.fields().len();
+        Self {
+            name: name.to_string(),
+            enum_symbols: vec![None; n],
+            defaults: vec![None; n],
+            required: arrow.fields().iter().map(|f| !f.is_nullable()).collect(),
+            arrow,
+        }
     }
 
     /// The Arrow schema of decoded batches: like [`TopicSchema::arrow`], but fields with a
@@ -91,13 +129,15 @@ impl TopicSchema {
     }
 }
 
-fn arrow_type(
-    name: &str,
-    field: &RecordField,
-    schema: &AvroSchema,
-) -> Result<(DataType, bool, Option<Arc<[String]>>)> {
+/// An Avro type's Arrow type, whether it is nullable, and its enum symbols if any.
+type ArrowTypeOf = (DataType, bool, Option<Arc<[String]>>);
+
+fn arrow_type(name: &str, field: &RecordField, schema: &AvroSchema) -> Result<ArrowTypeOf> {
     let unsupported = |what: &str| {
-        Err(Error::schema(name, format!("field {}: unsupported Avro type {what}", field.name)))
+        Err(Error::schema(
+            name,
+            format!("field {}: unsupported Avro type {what}", field.name),
+        ))
     };
     Ok(match schema {
         AvroSchema::Boolean => (DataType::Boolean, false, None),
@@ -107,18 +147,24 @@ fn arrow_type(
         AvroSchema::Double => (DataType::Float64, false, None),
         AvroSchema::String | AvroSchema::Uuid => (DataType::Utf8, false, None),
         AvroSchema::Bytes => (DataType::Binary, false, None),
-        AvroSchema::TimestampMillis => {
-            (DataType::Timestamp(TimeUnit::Millisecond, None), false, None)
-        }
-        AvroSchema::TimestampMicros => {
-            (DataType::Timestamp(TimeUnit::Microsecond, None), false, None)
-        }
+        AvroSchema::TimestampMillis => (
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+            None,
+        ),
+        AvroSchema::TimestampMicros => (
+            DataType::Timestamp(TimeUnit::Microsecond, None),
+            false,
+            None,
+        ),
         AvroSchema::Date => (DataType::Date32, false, None),
         AvroSchema::Enum(e) => (DataType::Utf8, false, Some(e.symbols.clone().into())),
         AvroSchema::Union(u) => {
             let variants = u.variants();
-            let non_null: Vec<&AvroSchema> =
-                variants.iter().filter(|v| !matches!(v, AvroSchema::Null)).collect();
+            let non_null: Vec<&AvroSchema> = variants
+                .iter()
+                .filter(|v| !matches!(v, AvroSchema::Null))
+                .collect();
             if non_null.len() != 1 || variants.len() > 2 {
                 return unsupported("union (only [\"null\", T] is supported)");
             }
@@ -130,14 +176,24 @@ fn arrow_type(
 }
 
 fn field_default(name: &str, field: &RecordField, t: &DataType) -> Result<Option<ScalarValue>> {
-    let Some(value) = &field.default else { return Ok(None) };
-    let bad = || Error::schema(name, format!("field {}: default {value} is not a {t}", field.name));
+    let Some(value) = &field.default else {
+        return Ok(None);
+    };
+    let bad = || {
+        Error::schema(
+            name,
+            format!("field {}: default {value} is not a {t}", field.name),
+        )
+    };
     Ok(match (value, t) {
         (serde_json::Value::Null, _) => None,
         (serde_json::Value::String(s), DataType::Utf8) => Some(ScalarValue::Utf8(Some(s.clone()))),
         (serde_json::Value::Bool(b), DataType::Boolean) => Some(ScalarValue::Boolean(Some(*b))),
         (serde_json::Value::Number(n), DataType::Int32) => {
-            let v = n.as_i64().and_then(|v| i32::try_from(v).ok()).ok_or_else(bad)?;
+            let v = n
+                .as_i64()
+                .and_then(|v| i32::try_from(v).ok())
+                .ok_or_else(bad)?;
             Some(ScalarValue::Int32(Some(v)))
         }
         (serde_json::Value::Number(n), DataType::Int64) => {
@@ -161,7 +217,10 @@ impl SchemaRegistry {
     pub fn embedded() -> Result<Self> {
         let mut schemas = HashMap::new();
         for (name, avsc) in EMBEDDED {
-            schemas.insert(name.to_string(), Arc::new(TopicSchema::from_avsc(name, avsc)?));
+            schemas.insert(
+                name.to_string(),
+                Arc::new(TopicSchema::from_avsc(name, avsc)?),
+            );
         }
         Ok(Self { schemas })
     }
@@ -174,9 +233,16 @@ impl SchemaRegistry {
             if path.extension().and_then(|e| e.to_str()) != Some("avsc") {
                 continue;
             }
-            let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+            let name = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
             let text = std::fs::read_to_string(&path)?;
-            schemas.insert(name.clone(), Arc::new(TopicSchema::from_avsc(&name, &text)?));
+            schemas.insert(
+                name.clone(),
+                Arc::new(TopicSchema::from_avsc(&name, &text)?),
+            );
         }
         Ok(Self { schemas })
     }
@@ -200,10 +266,16 @@ mod tests {
         let camera = registry.get("camera_event").expect("camera schema");
         let schema = camera.output_schema();
         let event_time = schema.field_with_name("event_time").expect("event_time");
-        assert_eq!(event_time.data_type(), &DataType::Timestamp(TimeUnit::Millisecond, None));
+        assert_eq!(
+            event_time.data_type(),
+            &DataType::Timestamp(TimeUnit::Millisecond, None)
+        );
         assert!(!event_time.is_nullable());
         let kind = schema.index_of("kind").expect("kind");
-        assert_eq!(camera.defaults[kind], Some(ScalarValue::Utf8(Some("detection".into()))));
+        assert_eq!(
+            camera.defaults[kind],
+            Some(ScalarValue::Utf8(Some("detection".into())))
+        );
         assert!(!schema.field(kind).is_nullable());
         let class = schema.index_of("vehicle_class").expect("vehicle_class");
         assert!(schema.field(class).is_nullable());
@@ -217,7 +289,10 @@ mod tests {
         let from_disk = SchemaRegistry::load_dir(&dir).expect("schemas dir");
         let embedded = SchemaRegistry::embedded().expect("embedded");
         for (name, _) in EMBEDDED {
-            assert_eq!(from_disk.get(name).unwrap().arrow, embedded.get(name).unwrap().arrow);
+            assert_eq!(
+                from_disk.get(name).unwrap().arrow,
+                embedded.get(name).unwrap().arrow
+            );
         }
     }
 

@@ -84,7 +84,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let mut embedded = None;
     let brokers = match &args.brokers {
         Some(b) => {
-            let wanted: Vec<_> = topics.all().into_iter().map(|t| (t, args.partitions)).collect();
+            let wanted: Vec<_> = topics
+                .all()
+                .into_iter()
+                .map(|t| (t, args.partitions))
+                .collect();
             create_topics(b, &wanted).await?;
             b.clone()
         }
@@ -99,8 +103,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     };
     let reference = Arc::new(ReferenceData::embedded()?);
-    let names: HashMap<String, String> =
-        reference.segments.iter().map(|s| (s.segment_id.clone(), s.name.clone())).collect();
+    let names: HashMap<String, String> = reference
+        .segments
+        .iter()
+        .map(|s| (s.segment_id.clone(), s.name.clone()))
+        .collect();
 
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signal(stop.clone());
@@ -112,7 +119,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let sim_task = tokio::spawn(run_producer(
         simulator,
         sim_producer(&brokers)?,
-        [topics.camera.clone(), topics.detectors.clone(), topics.air.clone()],
+        [
+            topics.camera.clone(),
+            topics.detectors.clone(),
+            topics.air.clone(),
+        ],
         args.sim.speedup,
         sim_stop.clone(),
         sim_stats.clone(),
@@ -133,12 +144,18 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .create()?;
     view_consumer.subscribe(&[&topics.congestion])?;
     let received = Arc::new(AtomicU64::new(0));
+    let view_stop = Arc::new(AtomicBool::new(false));
     let view_task = {
         let view = view.clone();
         let received = received.clone();
+        let view_stop = view_stop.clone();
         tokio::spawn(async move {
-            loop {
-                let Ok(message) = view_consumer.recv().await else { continue };
+            // Stops cooperatively so that the consumer closes while the broker is still up.
+            while !view_stop.load(Ordering::Relaxed) {
+                let next = tokio::time::timeout(Duration::from_millis(200), view_consumer.recv());
+                let Ok(Ok(message)) = next.await else {
+                    continue;
+                };
                 let Some(row) = message
                     .payload()
                     .and_then(|p| serde_json::from_slice::<IndicatorRow>(p).ok())
@@ -157,7 +174,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     let started = Instant::now();
     let terminal = std::io::stdout().is_terminal();
-    let every = if terminal { Duration::from_secs(1) } else { Duration::from_secs(5) };
+    let every = if terminal {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(5)
+    };
     let mut last_in = 0;
     let mut last_at = Instant::now();
     let mut failed = None;
@@ -177,9 +198,21 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let rate = (records - last_in) as f64 / last_at.elapsed().as_secs_f64();
         last_in = records;
         last_at = Instant::now();
-        let v = view.lock().map_err(|_| Error::Config("view lock poisoned".into()))?;
+        let v = view
+            .lock()
+            .map_err(|_| Error::Config("view lock poisoned".into()))?;
         if terminal {
-            draw(&brokers, embedded.is_some(), &args, &stats, &sim_stats, &v, &names, rate, started);
+            draw(
+                &brokers,
+                embedded.is_some(),
+                &args,
+                &stats,
+                &sim_stats,
+                &v,
+                &names,
+                rate,
+                started,
+            );
         } else {
             println!(
                 "t={:>4}s in={:>7.0}/s events={} dlq={} late={} indicators_out={} received={} watermark={}",
@@ -199,24 +232,56 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let _ = sim_task.await;
     pipeline_stop.store(true, Ordering::Relaxed);
     let pipeline_result = pipeline_task.await;
-    // Give the view consumer a moment to read the last published windows.
+    // Give the view consumer a moment to read the last published windows, then close every
+    // client before the embedded broker goes away.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    view_task.abort();
+    view_stop.store(true, Ordering::Relaxed);
+    let _ = view_task.await;
     drop(embedded);
 
     let indicators = stats.indicators_out.load(Ordering::Relaxed);
     println!();
-    println!("urbanstream demo summary ({:.0} s)", started.elapsed().as_secs_f64());
-    println!("  records produced          {:>10}", sim_stats.produced.load(Ordering::Relaxed));
-    println!("  records in                {:>10}", stats.records_in.load(Ordering::Relaxed));
-    println!("    camera events           {:>10}", stats.camera_events.load(Ordering::Relaxed));
-    println!("    detector readings       {:>10}", stats.detector_readings.load(Ordering::Relaxed));
-    println!("    air readings            {:>10}", stats.air_readings.load(Ordering::Relaxed));
+    println!(
+        "urbanstream demo summary ({:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "  records produced          {:>10}",
+        sim_stats.produced.load(Ordering::Relaxed)
+    );
+    println!(
+        "  records in                {:>10}",
+        stats.records_in.load(Ordering::Relaxed)
+    );
+    println!(
+        "    camera events           {:>10}",
+        stats.camera_events.load(Ordering::Relaxed)
+    );
+    println!(
+        "    detector readings       {:>10}",
+        stats.detector_readings.load(Ordering::Relaxed)
+    );
+    println!(
+        "    air readings            {:>10}",
+        stats.air_readings.load(Ordering::Relaxed)
+    );
     println!("  indicators out            {:>10}", indicators);
-    println!("  indicators read back      {:>10}", received.load(Ordering::Relaxed));
-    println!("  DLQ records               {:>10}", stats.dlq.load(Ordering::Relaxed));
-    println!("  late events               {:>10}", stats.late.load(Ordering::Relaxed));
-    println!("  final watermark           {:>10}", hanoi_time(stats.watermark_ms.load(Ordering::Relaxed)));
+    println!(
+        "  indicators read back      {:>10}",
+        received.load(Ordering::Relaxed)
+    );
+    println!(
+        "  DLQ records               {:>10}",
+        stats.dlq.load(Ordering::Relaxed)
+    );
+    println!(
+        "  late events               {:>10}",
+        stats.late.load(Ordering::Relaxed)
+    );
+    println!(
+        "  final watermark           {:>10}",
+        hanoi_time(stats.watermark_ms.load(Ordering::Relaxed))
+    );
 
     match pipeline_result {
         Ok(Ok(())) => {}
@@ -276,23 +341,37 @@ fn draw(
         hanoi_time(w),
         stats.state_groups.load(Ordering::Relaxed),
     ));
-    let mut rows: Vec<&IndicatorRow> =
-        view.latest.values().filter(|r| r.window_start == view.last_window).collect();
-    rows.sort_by(|a, b| b.vehicles.cmp(&a.vehicles).then(a.segment_id.cmp(&b.segment_id)));
+    let mut rows: Vec<&IndicatorRow> = view
+        .latest
+        .values()
+        .filter(|r| r.window_start == view.last_window)
+        .collect();
+    rows.sort_by(|a, b| {
+        b.vehicles
+            .cmp(&a.vehicles)
+            .then(a.segment_id.cmp(&b.segment_id))
+    });
     out.push_str(&format!(
         "busiest segments, minute {} – {} (from city.indicators.congestion)\n",
         hanoi_time(view.last_window),
         &hanoi_time(view.last_window + 60_000)[11..]
     ));
-    out.push_str(&format!("  {:<52} {:>8} {:>10} {:>10}\n", "segment", "veh/min", "mean km/h", "motorbike"));
+    out.push_str(&format!(
+        "  {:<52} {:>8} {:>10} {:>10}\n",
+        "segment", "veh/min", "mean km/h", "motorbike"
+    ));
     for row in rows.iter().take(10) {
-        let name = names.get(&row.segment_id).map(String::as_str).unwrap_or(&row.segment_id);
+        let name = names
+            .get(&row.segment_id)
+            .map(String::as_str)
+            .unwrap_or(&row.segment_id);
         out.push_str(&format!(
             "  {:<52} {:>8} {:>10} {:>9}%\n",
             truncate(name, 52),
             row.vehicles,
             row.mean_speed_kmh.map_or("-".into(), |v| format!("{v:.1}")),
-            row.motorbike_share.map_or("-".into(), |v| format!("{:.0}", v * 100.0)),
+            row.motorbike_share
+                .map_or("-".into(), |v| format!("{:.0}", v * 100.0)),
         ));
     }
     let mut stdout = std::io::stdout().lock();
@@ -301,7 +380,11 @@ fn draw(
 }
 
 fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n { s.to_string() } else { s.chars().take(n - 1).collect::<String>() + "…" }
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n - 1).collect::<String>() + "…"
+    }
 }
 
 #[cfg(test)]

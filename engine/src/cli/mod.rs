@@ -203,7 +203,11 @@ pub fn stop_on_signal(stop: Arc<AtomicBool>) {
 async fn simulate(args: SimulateArgs) -> Result<()> {
     let topics = Topics::default();
     if let Some(partitions) = args.create_topics {
-        let wanted: Vec<_> = topics.inputs().into_iter().map(|t| (t, partitions)).collect();
+        let wanted: Vec<_> = topics
+            .inputs()
+            .into_iter()
+            .map(|t| (t, partitions))
+            .collect();
         create_topics(&args.brokers, &wanted).await?;
     }
     let reference = Arc::new(ReferenceData::embedded()?);
@@ -239,8 +243,12 @@ async fn simulate(args: SimulateArgs) -> Result<()> {
         );
         last = produced;
     }
-    task.await.map_err(|e| Error::Config(format!("simulator task failed: {e}")))??;
-    println!("produced {} records", stats.produced.load(Ordering::Relaxed));
+    task.await
+        .map_err(|e| Error::Config(format!("simulator task failed: {e}")))??;
+    println!(
+        "produced {} records",
+        stats.produced.load(Ordering::Relaxed)
+    );
     Ok(())
 }
 

@@ -20,7 +20,9 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray, UInt32Array};
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanArray, RecordBatch, StringArray, UInt32Array,
+};
 use datafusion::arrow::compute::kernels::zip::zip;
 use datafusion::arrow::compute::{concat_batches, filter_record_batch, is_not_null, take};
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
@@ -121,7 +123,9 @@ impl JsonDecoder {
         }
         let batch = match parts.len() {
             0 => RecordBatch::new_empty(self.wire_schema.clone()),
-            1 => parts.pop().unwrap_or_else(|| RecordBatch::new_empty(self.wire_schema.clone())),
+            1 => parts
+                .pop()
+                .unwrap_or_else(|| RecordBatch::new_empty(self.wire_schema.clone())),
             _ => concat_batches(&self.wire_schema, &parts)?,
         };
         let mut decoded = self.validate(batch, rows, rejects)?;
@@ -153,7 +157,11 @@ impl JsonDecoder {
             match feed_one(&mut decoder, value, good.len()) {
                 Ok(()) => good.push(i as u32),
                 Err(error) => {
-                    rejects.push(Reject { index: i as u32, stage: RejectStage::Decode, error });
+                    rejects.push(Reject {
+                        index: i as u32,
+                        stage: RejectStage::Decode,
+                        error,
+                    });
                     // The decoder may hold part of the bad record: rebuild it from the good
                     // records of this chunk (each is re-fed at most once per bad record).
                     decoder = self.new_decoder(range.len())?;
@@ -190,9 +198,11 @@ impl JsonDecoder {
                             stage: RejectStage::Decode,
                             error: "expected one JSON object".into(),
                         }),
-                        Err(error) => {
-                            rejects.push(Reject { index: g, stage: RejectStage::Decode, error })
-                        }
+                        Err(error) => rejects.push(Reject {
+                            index: g,
+                            stage: RejectStage::Decode,
+                            error,
+                        }),
                     }
                 }
             }
@@ -265,7 +275,11 @@ impl JsonDecoder {
             .map(|(column, default)| fill_default(column, default.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         let batch = RecordBatch::try_new(self.output_schema.clone(), columns)?;
-        Ok(Decoded { batch, rows, rejects })
+        Ok(Decoded {
+            batch,
+            rows,
+            rejects,
+        })
     }
 }
 

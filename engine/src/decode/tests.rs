@@ -28,25 +28,43 @@ fn reject_of(values: &[&[u8]]) -> Reject {
 
 #[test]
 fn valid_records_decode_with_defaults() {
-    let d = camera_decoder().decode(&raw(&[GOOD, GOOD2])).expect("decode");
+    let d = camera_decoder()
+        .decode(&raw(&[GOOD, GOOD2]))
+        .expect("decode");
     assert!(d.rejects.is_empty(), "{:?}", d.rejects);
     assert_eq!(d.batch.num_rows(), 2);
     assert_eq!(d.rows, vec![0, 1]);
-    let kind = d.batch.column_by_name("kind").expect("kind").as_string::<i32>();
+    let kind = d
+        .batch
+        .column_by_name("kind")
+        .expect("kind")
+        .as_string::<i32>();
     // GOOD2 has no kind: the Avro default fills it.
     assert_eq!(kind.value(1), "detection");
     let speed = d.batch.column_by_name("speed_kmh").expect("speed");
     let speed = speed.as_any().downcast_ref::<Float64Array>().expect("f64");
     assert_eq!(speed.value(1), 40.0);
     let t = d.batch.column_by_name("event_time").expect("time");
-    let t = t.as_any().downcast_ref::<TimestampMillisecondArray>().expect("ts");
+    let t = t
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .expect("ts");
     assert_eq!(t.value(0), 1_767_222_000_000);
-    assert!(!d.batch.schema().field_with_name("kind").expect("kind").is_nullable());
+    assert!(
+        !d.batch
+            .schema()
+            .field_with_name("kind")
+            .expect("kind")
+            .is_nullable()
+    );
 }
 
 #[test]
 fn missing_required_field_is_named() {
-    let r = reject_of(&[GOOD, br#"{"segment_id":"s","event_time":1,"confidence":0.5}"#]);
+    let r = reject_of(&[
+        GOOD,
+        br#"{"segment_id":"s","event_time":1,"confidence":0.5}"#,
+    ]);
     assert_eq!(r.index, 1);
     assert_eq!(r.stage, RejectStage::Validate);
     assert_eq!(r.error, "missing required field camera_id");
@@ -60,23 +78,40 @@ fn explicit_null_in_required_field_is_rejected() {
 
 #[test]
 fn wrong_type_is_rejected_alone() {
-    let bad = br#"{"camera_id":"c","segment_id":"s","event_time":1,"confidence":0.5,"speed_kmh":"fast"}"#;
-    let d = camera_decoder().decode(&raw(&[GOOD, bad, GOOD2])).expect("decode");
+    let bad =
+        br#"{"camera_id":"c","segment_id":"s","event_time":1,"confidence":0.5,"speed_kmh":"fast"}"#;
+    let d = camera_decoder()
+        .decode(&raw(&[GOOD, bad, GOOD2]))
+        .expect("decode");
     assert_eq!(d.rows, vec![0, 2]);
     assert_eq!(d.rejects.len(), 1);
     assert_eq!(d.rejects[0].index, 1);
     assert_eq!(d.rejects[0].stage, RejectStage::Decode);
-    assert!(d.rejects[0].error.contains("fast"), "{}", d.rejects[0].error);
-    let speeds = d.batch.column_by_name("speed_kmh").expect("speed").as_primitive::<Float64Type>();
+    assert!(
+        d.rejects[0].error.contains("fast"),
+        "{}",
+        d.rejects[0].error
+    );
+    let speeds = d
+        .batch
+        .column_by_name("speed_kmh")
+        .expect("speed")
+        .as_primitive::<Float64Type>();
     assert_eq!(speeds.values().to_vec(), vec![31.5, 40.0]);
 }
 
 #[test]
 fn truncated_json_is_rejected_and_does_not_swallow_the_next_record() {
-    let d = camera_decoder().decode(&raw(&[&GOOD[..40], GOOD2])).expect("decode");
+    let d = camera_decoder()
+        .decode(&raw(&[&GOOD[..40], GOOD2]))
+        .expect("decode");
     assert_eq!(d.rows, vec![1]);
     assert_eq!(d.rejects[0].index, 0);
-    assert!(d.rejects[0].error.contains("truncated"), "{}", d.rejects[0].error);
+    assert!(
+        d.rejects[0].error.contains("truncated"),
+        "{}",
+        d.rejects[0].error
+    );
 }
 
 #[test]
@@ -90,10 +125,16 @@ fn empty_payload_is_rejected() {
 fn non_utf8_bytes_are_rejected() {
     let mut bad = GOOD.to_vec();
     bad[16] = 0xff; // inside the camera_id string
-    let d = camera_decoder().decode(&raw(&[GOOD, &bad, GOOD2])).expect("decode");
+    let d = camera_decoder()
+        .decode(&raw(&[GOOD, &bad, GOOD2]))
+        .expect("decode");
     assert_eq!(d.rows, vec![0, 2]);
     assert_eq!(d.rejects.len(), 1);
-    assert!(d.rejects[0].error.contains("UTF-8"), "{}", d.rejects[0].error);
+    assert!(
+        d.rejects[0].error.contains("UTF-8"),
+        "{}",
+        d.rejects[0].error
+    );
     let r = reject_of(&[&[0xff, 0xfe, b'{', 0x80, b'}']]);
     assert_eq!(r.stage, RejectStage::Decode);
 }
@@ -104,7 +145,12 @@ fn unknown_enum_symbol_is_rejected() {
     let r = reject_of(&[bad, GOOD]);
     assert_eq!(r.index, 0);
     assert_eq!(r.stage, RejectStage::Validate);
-    assert!(r.error.starts_with("field vehicle_class: unknown symbol \"hovercraft\""), "{}", r.error);
+    assert!(
+        r.error
+            .starts_with("field vehicle_class: unknown symbol \"hovercraft\""),
+        "{}",
+        r.error
+    );
 }
 
 #[test]
@@ -126,17 +172,26 @@ fn non_object_is_rejected() {
 
 #[test]
 fn timestamps_as_rfc3339_strings_are_accepted() {
-    let v = br#"{"camera_id":"c","segment_id":"s","event_time":"2026-01-01T00:00:00Z","confidence":1}"#;
+    let v =
+        br#"{"camera_id":"c","segment_id":"s","event_time":"2026-01-01T00:00:00Z","confidence":1}"#;
     let d = camera_decoder().decode(&raw(&[v])).expect("decode");
     assert!(d.rejects.is_empty(), "{:?}", d.rejects);
     let t = d.batch.column_by_name("event_time").expect("time");
-    let t = t.as_any().downcast_ref::<TimestampMillisecondArray>().expect("ts");
+    let t = t
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .expect("ts");
     assert_eq!(t.value(0), 1_767_225_600_000);
 }
 
 #[test]
 fn large_mixed_batch_keeps_every_good_record_in_order() {
-    let bad: [&[u8]; 4] = [b"{", br#"{"camera_id":1}"#, b"", br#"{"camera_id":"c","segment_id":"s","event_time":1,"confidence":"x"}"#];
+    let bad: [&[u8]; 4] = [
+        b"{",
+        br#"{"camera_id":1}"#,
+        b"",
+        br#"{"camera_id":"c","segment_id":"s","event_time":1,"confidence":"x"}"#,
+    ];
     let mut values: Vec<&[u8]> = Vec::new();
     let mut expected_good = Vec::new();
     for i in 0..5000 {

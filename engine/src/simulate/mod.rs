@@ -192,15 +192,29 @@ impl CitySimulator {
     pub fn new(config: SimConfig, reference: Arc<ReferenceData>) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let hot_roads = [
-            "Trường Chinh", "Nguyễn Trãi", "Ring Road 2", "Thái Hà – Chùa Bộc", "Phạm Văn Đồng",
-            "Xuân Thủy", "Kim Mã", "Minh Khai", "Nguyễn Xiển", "Pháp Vân – Cầu Giẽ",
-            "Ring Road 3 elevated", "Phạm Văn Bạch", "Hoàng Quốc Việt",
+            "Trường Chinh",
+            "Nguyễn Trãi",
+            "Ring Road 2",
+            "Thái Hà – Chùa Bộc",
+            "Phạm Văn Đồng",
+            "Xuân Thủy",
+            "Kim Mã",
+            "Minh Khai",
+            "Nguyễn Xiển",
+            "Pháp Vân – Cầu Giẽ",
+            "Ring Road 3 elevated",
+            "Phạm Văn Bạch",
+            "Hoàng Quốc Việt",
         ];
         let hotspot = reference
             .segments
             .iter()
             .map(|s| {
-                let base = if hot_roads.contains(&s.road.as_str()) { 1.2 } else { 0.9 };
+                let base = if hot_roads.contains(&s.road.as_str()) {
+                    1.2
+                } else {
+                    0.9
+                };
                 base + rng.random_range(0.0..0.15)
             })
             .collect();
@@ -273,12 +287,21 @@ impl CitySimulator {
             self.haze_factor = 1.0;
         }
         // Poisson arrivals, one draw per simulated second.
-        if self.rng.random_bool((self.config.incidents_per_hour / 3600.0).clamp(0.0, 1.0)) {
+        if self
+            .rng
+            .random_bool((self.config.incidents_per_hour / 3600.0).clamp(0.0, 1.0))
+        {
             let segment = self.rng.random_range(0..self.reference.segments.len());
             let minutes = self.rng.random_range(15..40);
-            self.incidents.push(Incident { segment, until_ms: t0 + minutes * 60_000 });
+            self.incidents.push(Incident {
+                segment,
+                until_ms: t0 + minutes * 60_000,
+            });
         }
-        if self.rng.random_bool((self.config.sensor_faults_per_hour / 3600.0).clamp(0.0, 1.0)) {
+        if self
+            .rng
+            .random_bool((self.config.sensor_faults_per_hour / 3600.0).clamp(0.0, 1.0))
+        {
             let sensor = self.rng.random_range(0..self.reference.sensors.len());
             let minutes = self.rng.random_range(20..90);
             let kind = if self.rng.random_bool(0.5) {
@@ -286,7 +309,13 @@ impl CitySimulator {
             } else {
                 FaultKind::Missing
             };
-            self.faults.insert(sensor, SensorFault { kind, until_ms: t0 + minutes * 60_000 });
+            self.faults.insert(
+                sensor,
+                SensorFault {
+                    kind,
+                    until_ms: t0 + minutes * 60_000,
+                },
+            );
         }
         if self.haze_factor == 1.0 && self.rng.random_bool(1.0 / (36.0 * 3600.0)) {
             self.haze_factor = self.rng.random_range(2.2..4.0);
@@ -313,7 +342,9 @@ impl CitySimulator {
         for seg in 0..segments {
             let lambda = per_segment * profile * self.hotspot[seg];
             let count = if lambda > 0.0 {
-                Poisson::new(lambda).map(|p| p.sample(&mut self.rng) as usize).unwrap_or(0)
+                Poisson::new(lambda)
+                    .map(|p| p.sample(&mut self.rng) as usize)
+                    .unwrap_or(0)
             } else {
                 0
             };
@@ -328,7 +359,9 @@ impl CitySimulator {
                 let at = t0 + self.rng.random_range(0..1000);
                 let cam = &self.reference.cameras[cams[self.rng.random_range(0..cams.len())]];
                 let (class, _, speed_factor) = pick_class(classes, self.rng.random());
-                let noise = Normal::new(1.0, 0.15).map(|n| n.sample(&mut self.rng)).unwrap_or(1.0);
+                let noise = Normal::new(1.0, 0.15)
+                    .map(|n| n.sample(&mut self.rng))
+                    .unwrap_or(1.0);
                 let mut v = (speed * speed_factor * noise).max(1.0);
                 if class == "bicycle" {
                     v = v.min(18.0);
@@ -346,12 +379,16 @@ impl CitySimulator {
                     severity: None,
                 })
                 .unwrap_or_default();
-                events.push((at, seg, SimRecord {
-                    topic: SimTopic::Camera,
-                    key: segment.segment_id.clone(),
-                    payload,
-                    event_time: at,
-                }));
+                events.push((
+                    at,
+                    seg,
+                    SimRecord {
+                        topic: SimTopic::Camera,
+                        key: segment.segment_id.clone(),
+                        payload,
+                        event_time: at,
+                    },
+                ));
             }
             // A camera on a segment with an incident reports it once a minute.
             if incident && t0.rem_euclid(60_000) == 0 {
@@ -371,12 +408,16 @@ impl CitySimulator {
                     severity: Some(self.rng.random_range(2..=4)),
                 })
                 .unwrap_or_default();
-                events.push((t0, seg, SimRecord {
-                    topic: SimTopic::Camera,
-                    key: segment.segment_id.clone(),
-                    payload,
-                    event_time: t0,
-                }));
+                events.push((
+                    t0,
+                    seg,
+                    SimRecord {
+                        topic: SimTopic::Camera,
+                        key: segment.segment_id.clone(),
+                        payload,
+                        event_time: t0,
+                    },
+                ));
             }
         }
         events.sort_by_key(|(at, seg, _)| (*at, *seg));
@@ -388,8 +429,11 @@ impl CitySimulator {
         let profile = traffic_profile(hour);
         for d in 0..self.reference.detectors.len() {
             let det = &self.reference.detectors[d];
-            let Some(seg) =
-                self.reference.segments.iter().position(|s| s.segment_id == det.segment_id)
+            let Some(seg) = self
+                .reference
+                .segments
+                .iter()
+                .position(|s| s.segment_id == det.segment_id)
             else {
                 continue;
             };
@@ -405,13 +449,17 @@ impl CitySimulator {
             for (k, (_, share, _)) in classes.iter().enumerate() {
                 let lambda = vehicles * share * if incident { 0.4 } else { 1.0 };
                 if lambda > 0.0 {
-                    volume[k] =
-                        Poisson::new(lambda).map(|p| p.sample(&mut self.rng) as u32).unwrap_or(0);
+                    volume[k] = Poisson::new(lambda)
+                        .map(|p| p.sample(&mut self.rng) as u32)
+                        .unwrap_or(0);
                 }
             }
             let density = (profile * self.hotspot[seg]).min(1.6);
-            let occupancy = if incident { 70.0 } else { 4.0 + 38.0 * density.powf(1.6) }
-                + self.rng.random_range(-2.0..2.0);
+            let occupancy = if incident {
+                70.0
+            } else {
+                4.0 + 38.0 * density.powf(1.6)
+            } + self.rng.random_range(-2.0..2.0);
             let _ = segments;
             let payload = serde_json::to_vec(&DetectorJson {
                 detector_id: &det.detector_id,
@@ -444,10 +492,18 @@ impl CitySimulator {
         for s in 0..self.reference.sensors.len() {
             let sensor = &self.reference.sensors[s];
             let fault = self.faults.get(&s).copied();
-            if let Some(SensorFault { kind: FaultKind::Missing, .. }) = fault {
+            if let Some(SensorFault {
+                kind: FaultKind::Missing,
+                ..
+            }) = fault
+            {
                 continue;
             }
-            let base = self.ward_base_pm25.get(&sensor.ward_id).copied().unwrap_or(40.0);
+            let base = self
+                .ward_base_pm25
+                .get(&sensor.ward_id)
+                .copied()
+                .unwrap_or(40.0);
             let bias = if sensor.kind == "low_cost" { 1.1 } else { 1.0 };
             let noise = |rng: &mut ChaCha8Rng| rng.random_range(0.9..1.1);
             let mut pm25 = base * pm_cycle * bias * noise(&mut self.rng);
@@ -455,7 +511,11 @@ impl CitySimulator {
             if self.rng.random_bool(0.0005) {
                 pm25 *= 8.0;
             }
-            if let Some(SensorFault { kind: FaultKind::Stuck(v), .. }) = fault {
+            if let Some(SensorFault {
+                kind: FaultKind::Stuck(v),
+                ..
+            }) = fault
+            {
                 pm25 = v;
             }
             let r1 = |v: f64| (v * 10.0).round() / 10.0;
@@ -469,7 +529,8 @@ impl CitySimulator {
                 so2: (sensor.kind == "station").then(|| r1(12.0 * noise(&mut self.rng))),
                 co: (sensor.kind == "station")
                     .then(|| r1(700.0 + 1500.0 * traffic * noise(&mut self.rng))),
-                o3: (sensor.kind == "station").then(|| r1(20.0 + 90.0 * sun * noise(&mut self.rng))),
+                o3: (sensor.kind == "station")
+                    .then(|| r1(20.0 + 90.0 * sun * noise(&mut self.rng))),
                 temperature_c: r1(18.0 + 8.0 * sun + self.rng.random_range(-0.5..0.5)),
                 humidity_pct: r1(80.0 - 20.0 * sun + self.rng.random_range(-2.0..2.0)),
             })
@@ -511,12 +572,16 @@ impl CitySimulator {
         let text = String::from_utf8_lossy(payload);
         match self.rng.random_range(0..7) {
             0 => payload[..payload.len() / 2].to_vec(),
-            1 => text.replacen("\"event_time\":", "\"event_time\":\"yesterday\",\"x\":", 1).into_bytes(),
-            2 => text.replacen("\"camera_id\"", "\"camera\"", 1)
+            1 => text
+                .replacen("\"event_time\":", "\"event_time\":\"yesterday\",\"x\":", 1)
+                .into_bytes(),
+            2 => text
+                .replacen("\"camera_id\"", "\"camera\"", 1)
                 .replacen("\"sensor_id\"", "\"sensor\"", 1)
                 .replacen("\"detector_id\"", "\"detector\"", 1)
                 .into_bytes(),
-            3 => text.replacen("\"motorbike\"", "\"hovercraft\"", 1)
+            3 => text
+                .replacen("\"motorbike\"", "\"hovercraft\"", 1)
                 .replacen("\"ward_id\":\"", "\"ward_id\":7,\"w\":\"", 1)
                 .replacen("\"interval_s\":", "\"interval_s\":\"sixty\",\"i\":", 1)
                 .into_bytes(),
@@ -540,7 +605,11 @@ fn pick_class(classes: &[(&'static str, f64, f64); 6], u: f64) -> (&'static str,
 
 fn replace_event_time(payload: &[u8], old: i64, new: i64) -> Vec<u8> {
     String::from_utf8_lossy(payload)
-        .replacen(&format!("\"event_time\":{old}"), &format!("\"event_time\":{new}"), 1)
+        .replacen(
+            &format!("\"event_time\":{old}"),
+            &format!("\"event_time\":{new}"),
+            1,
+        )
         .into_bytes()
 }
 
@@ -552,7 +621,11 @@ pub fn hanoi_hour(epoch_ms: i64) -> f64 {
 /// Relative traffic demand by hour of day: morning and evening peaks near 1.0, night near 0.05.
 pub fn traffic_profile(hour: f64) -> f64 {
     let bump = |center: f64, width: f64| (-((hour - center) / width).powi(2)).exp();
-    let day = if (5.5..23.0).contains(&hour) { 0.45 } else { 0.05 };
+    let day = if (5.5..23.0).contains(&hour) {
+        0.45
+    } else {
+        0.05
+    };
     (day + 0.55 * bump(7.8, 1.1) + 0.6 * bump(17.8, 1.3)).min(1.0)
 }
 
@@ -595,22 +668,29 @@ pub async fn run_producer(
                 SimTopic::Air => &topics[2],
             };
             loop {
-                let r = FutureRecord::to(topic).key(&record.key).payload(&record.payload);
+                let r = FutureRecord::to(topic)
+                    .key(&record.key)
+                    .payload(&record.payload);
                 match producer.send_result(r) {
                     Ok(delivery) => {
                         in_flight.push(delivery);
                         break;
                     }
-                    Err((rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ), _)) => tokio::time::sleep(Duration::from_millis(2)).await,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        _,
+                    )) => tokio::time::sleep(Duration::from_millis(2)).await,
                     Err((e, _)) => return Err(e.into()),
                 }
             }
         }
-        stats.sim_time_ms.store(simulator.sim_time_ms(), Ordering::Relaxed);
+        stats
+            .sim_time_ms
+            .store(simulator.sim_time_ms(), Ordering::Relaxed);
         ticks += 1;
-        if in_flight.len() > 10_000 || ticks % 16 == 0 {
+        if in_flight.len() > 10_000 || ticks.is_multiple_of(16) {
             for delivery in in_flight.drain(..) {
                 if let Ok(Ok(_)) = delivery.await {
                     stats.produced.fetch_add(1, Ordering::Relaxed);

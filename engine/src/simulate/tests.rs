@@ -5,7 +5,10 @@ use crate::source::RawBatch;
 
 fn run(seed: u64, seconds: usize) -> Vec<SimRecord> {
     let reference = Arc::new(ReferenceData::embedded().expect("reference"));
-    let config = SimConfig { seed, ..SimConfig::default() };
+    let config = SimConfig {
+        seed,
+        ..SimConfig::default()
+    };
     let mut sim = CitySimulator::new(config, reference);
     (0..seconds).flat_map(|_| sim.next_tick()).collect()
 }
@@ -33,10 +36,16 @@ fn produces_all_three_topics_decodable_with_few_rejects() {
             raw.push(0, i as i64, Some(r.key.as_bytes()), Some(&r.payload));
         }
         assert!(!raw.is_empty(), "no {schema} records");
-        let decoded = JsonDecoder::new(registry.get(schema).expect(schema)).decode(&raw).expect("decode");
+        let decoded = JsonDecoder::new(registry.get(schema).expect(schema))
+            .decode(&raw)
+            .expect("decode");
         // Malformed records are a small share (0.2 % by default) and are rejected; the rest
         // decode.
-        assert!(decoded.rejects.len() * 100 <= raw.len(), "{schema}: {:?}", &decoded.rejects[..3.min(decoded.rejects.len())]);
+        assert!(
+            decoded.rejects.len() * 100 <= raw.len(),
+            "{schema}: {:?}",
+            &decoded.rejects[..3.min(decoded.rejects.len())]
+        );
         assert_eq!(decoded.batch.num_rows() + decoded.rejects.len(), raw.len());
     }
 }
@@ -44,15 +53,25 @@ fn produces_all_three_topics_decodable_with_few_rejects() {
 #[test]
 fn malformed_records_appear_at_the_configured_share() {
     let reference = Arc::new(ReferenceData::embedded().expect("reference"));
-    let config = SimConfig { seed: 3, malformed_share: 0.05, ..SimConfig::default() };
+    let config = SimConfig {
+        seed: 3,
+        malformed_share: 0.05,
+        ..SimConfig::default()
+    };
     let mut sim = CitySimulator::new(config, reference);
     let records: Vec<_> = (0..120).flat_map(|_| sim.next_tick()).collect();
     let registry = SchemaRegistry::embedded().expect("schemas");
     let mut raw = RawBatch::new("camera");
-    for (i, r) in records.iter().filter(|r| r.topic == SimTopic::Camera).enumerate() {
+    for (i, r) in records
+        .iter()
+        .filter(|r| r.topic == SimTopic::Camera)
+        .enumerate()
+    {
         raw.push(0, i as i64, None, Some(&r.payload));
     }
-    let decoded = JsonDecoder::new(registry.get("camera_event").expect("schema")).decode(&raw).expect("decode");
+    let decoded = JsonDecoder::new(registry.get("camera_event").expect("schema"))
+        .decode(&raw)
+        .expect("decode");
     let share = decoded.rejects.len() as f64 / raw.len() as f64;
     // Not every corruption is fatal (e.g. renaming a field absent from the record), so the
     // rejected share is a little below the injected share.
@@ -71,7 +90,10 @@ fn rush_hour_is_slower_and_busier_than_night() {
 #[test]
 fn motorbikes_dominate_urban_detections() {
     let records = run(5, 120);
-    let camera: Vec<_> = records.iter().filter(|r| r.topic == SimTopic::Camera).collect();
+    let camera: Vec<_> = records
+        .iter()
+        .filter(|r| r.topic == SimTopic::Camera)
+        .collect();
     let moto = camera
         .iter()
         .filter(|r| r.payload.windows(11).any(|w| w == b"\"motorbike\""))

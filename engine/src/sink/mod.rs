@@ -66,23 +66,35 @@ pub fn encode_json_rows(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<usize>)> {
     let mut columns = Vec::with_capacity(batch.num_columns());
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
         if let DataType::Timestamp(..) = field.data_type() {
-            let ms = cast(column, &DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Millisecond, None))?;
+            let ms = cast(
+                column,
+                &DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Millisecond, None),
+            )?;
             columns.push(cast(&ms, &DataType::Int64)?);
-            fields.push(Field::new(field.name(), DataType::Int64, field.is_nullable()));
+            fields.push(Field::new(
+                field.name(),
+                DataType::Int64,
+                field.is_nullable(),
+            ));
         } else {
             columns.push(column.clone());
             fields.push(field.as_ref().clone());
         }
     }
     let plain = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
-    let mut writer =
-        WriterBuilder::new().with_explicit_nulls(true).build::<_, LineDelimited>(Vec::new());
+    let mut writer = WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, LineDelimited>(Vec::new());
     writer.write(&plain)?;
     writer.finish()?;
     let bytes = writer.into_inner();
     // JSON strings escape newlines, so each '\n' ends exactly one row.
-    let ends: Vec<usize> =
-        bytes.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i).collect();
+    let ends: Vec<usize> = bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .map(|(i, _)| i)
+        .collect();
     Ok((bytes, ends))
 }
 
@@ -159,7 +171,11 @@ pub struct KafkaSinkConfig {
 impl KafkaSinkConfig {
     /// Defaults for `brokers`: 5 ms linger.
     pub fn new(brokers: impl Into<String>) -> Self {
-        Self { brokers: brokers.into(), linger: Duration::from_millis(5), properties: Vec::new() }
+        Self {
+            brokers: brokers.into(),
+            linger: Duration::from_millis(5),
+            properties: Vec::new(),
+        }
     }
 }
 
@@ -212,7 +228,9 @@ impl KafkaSink {
         for (k, v) in &config.properties {
             client.set(k, v);
         }
-        Ok(Self { producer: client.create()? })
+        Ok(Self {
+            producer: client.create()?,
+        })
     }
 
     /// Publishes each row of `batch` (already conformed to the topic's schema) as JSON, keyed
@@ -294,14 +312,23 @@ mod tests {
     fn avsc_fields(name: &str) -> Vec<String> {
         let registry = SchemaRegistry::embedded().expect("schemas");
         let schema = registry.get(name).expect(name);
-        schema.arrow.fields().iter().map(|f| f.name().clone()).collect()
+        schema
+            .arrow
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect()
     }
 
     #[test]
     fn dlq_and_late_records_follow_their_schemas() {
         let mut raw = RawBatch::new("city.camera.events");
         raw.push(2, 41, Some(b"seg"), Some(&[0xff, 0xfe]));
-        let reject = Reject { index: 0, stage: crate::decode::RejectStage::Decode, error: "bad".into() };
+        let reject = Reject {
+            index: 0,
+            stage: crate::decode::RejectStage::Decode,
+            error: "bad".into(),
+        };
         let dlq = serde_json::to_value(DlqRecord::new(&raw, &reject, 7)).expect("json");
         let keys: Vec<String> = dlq.as_object().expect("object").keys().cloned().collect();
         let mut expected = avsc_fields("dlq_record");
@@ -337,9 +364,18 @@ mod tests {
         let schema = registry.get("congestion_indicator").expect("schema");
         let batch = RecordBatch::try_from_iter(vec![
             ("vehicles", Arc::new(Int64Array::from(vec![3])) as ArrayRef),
-            ("segment_id", Arc::new(StringArray::from(vec!["kim_ma_w"])) as ArrayRef),
-            ("window_start", Arc::new(TimestampMillisecondArray::from(vec![60_000])) as ArrayRef),
-            ("window_end", Arc::new(TimestampMillisecondArray::from(vec![120_000])) as ArrayRef),
+            (
+                "segment_id",
+                Arc::new(StringArray::from(vec!["kim_ma_w"])) as ArrayRef,
+            ),
+            (
+                "window_start",
+                Arc::new(TimestampMillisecondArray::from(vec![60_000])) as ArrayRef,
+            ),
+            (
+                "window_end",
+                Arc::new(TimestampMillisecondArray::from(vec![120_000])) as ArrayRef,
+            ),
             ("revision", Arc::new(Int64Array::from(vec![0])) as ArrayRef),
         ])
         .expect("batch");

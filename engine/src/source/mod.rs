@@ -37,7 +37,10 @@ pub struct RawBatch {
 impl RawBatch {
     /// An empty batch for `topic`.
     pub fn new(topic: impl Into<Arc<str>>) -> Self {
-        Self { topic: topic.into(), ..Self::default() }
+        Self {
+            topic: topic.into(),
+            ..Self::default()
+        }
     }
 
     /// Appends one record. A missing value (tombstone) is stored as empty bytes.
@@ -185,9 +188,16 @@ fn push<M: Message>(batches: &mut HashMap<String, RawBatch>, message: &M) {
     let topic = message.topic();
     let batch = match batches.get_mut(topic) {
         Some(b) => b,
-        None => batches.entry(topic.to_string()).or_insert_with(|| RawBatch::new(topic)),
+        None => batches
+            .entry(topic.to_string())
+            .or_insert_with(|| RawBatch::new(topic)),
     };
-    batch.push(message.partition(), message.offset(), message.key(), message.payload());
+    batch.push(
+        message.partition(),
+        message.offset(),
+        message.key(),
+        message.payload(),
+    );
 }
 
 #[cfg(test)]

@@ -54,7 +54,9 @@ impl WindowState {
     /// Removes and returns, in start order, every window that starts before `before`.
     pub fn close_before(&mut self, before: i64) -> Vec<(i64, WindowEntry)> {
         let open = self.windows.split_off(&before);
-        std::mem::replace(&mut self.windows, open).into_iter().collect()
+        std::mem::replace(&mut self.windows, open)
+            .into_iter()
+            .collect()
     }
 
     /// Smallest offset per partition still needed by an open window.
@@ -88,7 +90,9 @@ mod tests {
         let mut s = WindowState::default();
         s.window_mut(0).min_offsets.insert(0, 5);
         s.window_mut(60_000).min_offsets.insert(0, 9);
-        s.window_mut(60_000).groups.insert("a".into(), SegmentPartial::default());
+        s.window_mut(60_000)
+            .groups
+            .insert("a".into(), SegmentPartial::default());
         assert_eq!(s.min_offsets().get(&0), Some(&5));
         let closed = s.close_before(60_000);
         assert_eq!(closed.len(), 1);

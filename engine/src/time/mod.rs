@@ -38,10 +38,10 @@ impl WatermarkTracker {
 
     /// Records that `partition` has seen events up to `max_event_ms` at processing time `now`.
     pub fn observe(&mut self, partition: i32, max_event_ms: i64, now: Instant) {
-        let entry = self
-            .partitions
-            .entry(partition)
-            .or_insert(PartitionTime { max_event_ms, last_seen: now });
+        let entry = self.partitions.entry(partition).or_insert(PartitionTime {
+            max_event_ms,
+            last_seen: now,
+        });
         entry.max_event_ms = entry.max_event_ms.max(max_event_ms);
         entry.last_seen = now;
     }

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what building and testing urbanstream needs beyond a Rust toolchain: a C compiler
+# and make for the bundled librdkafka (rdkafka-sys builds it from source), and rustfmt/clippy.
+# Safe to run repeatedly; does nothing when everything is there.
+set -euo pipefail
+
+need=()
+command -v cc >/dev/null 2>&1 || need+=(gcc)
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+if [ ${#need[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo_cmd=""
+    [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    $sudo_cmd apt-get install -y -qq "${need[@]}"
+  else
+    echo "setup: please install: ${need[*]}" >&2
+    exit 1
+  fi
+fi
+if command -v rustup >/dev/null 2>&1; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
