@@ -31,6 +31,7 @@ pub mod time;
 
 pub mod broker;
 pub mod cli;
+pub mod deterministic;
 pub mod error;
 pub mod pipeline;
 pub mod reference;

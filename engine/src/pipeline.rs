@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -224,8 +224,8 @@ impl Pipeline {
 
     /// Processes one set of batches: decode, query, publish, wait for acknowledgements, commit.
     pub async fn step(&mut self, batches: Vec<RawBatch>) -> Result<()> {
-        let now = Instant::now();
         let received_at = epoch_ms();
+        let now = received_at;
         let mut pending = Pending::default();
         let mut dlq_count = 0;
         let mut late_count = 0;

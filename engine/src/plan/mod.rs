@@ -7,8 +7,13 @@
 //! the watermark passes its end, and then freed. Events for a window already emitted are
 //! diverted as late, never dropped.
 
+pub mod feed;
+pub mod rewrite;
+pub mod stream;
+pub mod table;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use datafusion::arrow::array::{
     Array, ArrayRef, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
@@ -50,7 +55,10 @@ pub struct EventTimeConfig {
 
 impl Default for EventTimeConfig {
     fn default() -> Self {
-        Self { watermark_delay: Duration::from_secs(5), idle_timeout: Duration::from_secs(60) }
+        Self {
+            watermark_delay: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+        }
     }
 }
 
@@ -133,7 +141,7 @@ impl CongestionQuery {
         &mut self,
         raw: &RawBatch,
         decoded: &Decoded,
-        now: Instant,
+        now: i64,
     ) -> Result<QueryOutput> {
         let batch = &decoded.batch;
         let times = event_times(batch)?;
@@ -143,7 +151,11 @@ impl CongestionQuery {
         for (r, &t) in times.values().iter().enumerate() {
             let index = decoded.rows[r];
             if t < self.closed_before {
-                late.push(LateEvent { index, event_time: t, watermark });
+                late.push(LateEvent {
+                    index,
+                    event_time: t,
+                    watermark,
+                });
                 continue;
             }
             on_time.push(r as u32);
@@ -170,7 +182,7 @@ impl CongestionQuery {
     }
 
     /// Advances the watermark for idle partitions and emits what it closes.
-    pub fn tick(&mut self, now: Instant) -> Result<Option<RecordBatch>> {
+    pub fn tick(&mut self, now: i64) -> Result<Option<RecordBatch>> {
         self.close(now)
     }
 
@@ -179,7 +191,10 @@ impl CongestionQuery {
         let partials = self.ctx.sql(PARTIAL_SQL).await?.collect().await;
         self.ctx.deregister_table("batch")?;
         for part in partials? {
-            let starts = cast(part.column(0), &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+            let starts = cast(
+                part.column(0),
+                &DataType::Timestamp(TimeUnit::Millisecond, None),
+            )?;
             let starts = starts
                 .as_any()
                 .downcast_ref::<TimestampMillisecondArray>()
@@ -196,7 +211,11 @@ impl CongestionQuery {
             for r in 0..part.num_rows() {
                 let partial = SegmentPartial {
                     vehicles: vehicles.value(r),
-                    speed_sum: if speed_sum.is_null(r) { 0.0 } else { speed_sum.value(r) },
+                    speed_sum: if speed_sum.is_null(r) {
+                        0.0
+                    } else {
+                        speed_sum.value(r)
+                    },
                     speed_n: speed_n.value(r),
                     motorbikes: motorbikes.value(r),
                 };
@@ -211,8 +230,10 @@ impl CongestionQuery {
         Ok(())
     }
 
-    fn close(&mut self, now: Instant) -> Result<Option<RecordBatch>> {
-        let Some(watermark) = self.watermark.advance(now) else { return Ok(None) };
+    fn close(&mut self, now: i64) -> Result<Option<RecordBatch>> {
+        let Some(watermark) = self.watermark.advance(now) else {
+            return Ok(None);
+        };
         // A window [s, s + W) is complete once the watermark reaches its end.
         let boundary = watermark.div_euclid(WINDOW_MS) * WINDOW_MS;
         if boundary <= self.closed_before {
@@ -250,7 +271,10 @@ impl CongestionQuery {
             Arc::new(Float64Array::from(share)),
             Arc::new(Int32Array::from(vec![0; n])),
         ];
-        Ok(Some(RecordBatch::try_new(self.output_schema.clone(), columns)?))
+        Ok(Some(RecordBatch::try_new(
+            self.output_schema.clone(),
+            columns,
+        )?))
     }
 }
 

@@ -58,6 +58,27 @@ pub fn conform(batch: &RecordBatch, schema: &TopicSchema) -> Result<RecordBatch>
     Ok(RecordBatch::try_new(target, columns)?)
 }
 
+/// Columns the engine adds to windowed results; a sink without such a field drops them.
+pub const ENGINE_COLUMNS: [&str; 2] = ["revision", "is_final"];
+
+/// [`conform`] for a stream query's results: the engine's own columns ([`ENGINE_COLUMNS`])
+/// are dropped when the sink has no field for them.
+pub fn conform_stream(batch: &RecordBatch, schema: &TopicSchema) -> Result<RecordBatch> {
+    let target = schema.output_schema();
+    let keep: Vec<usize> = batch
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| {
+            !(ENGINE_COLUMNS.contains(&f.name().as_str())
+                && target.field_with_name(f.name()).is_err())
+        })
+        .map(|(i, _)| i)
+        .collect();
+    conform(&batch.project(&keep)?, schema)
+}
+
 /// Encodes each row as a JSON object (nulls written out, timestamps as epoch ms). Returns the
 /// bytes and the end offset of each row in them.
 pub fn encode_json_rows(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<usize>)> {

@@ -5,6 +5,8 @@
 //! smallest offset among its events, so the pipeline knows which offsets are safe to commit
 //! (every event of an open window must be re-read after a restart).
 
+pub mod window;
+
 use std::collections::{BTreeMap, HashMap};
 
 /// Mergeable partial aggregates of one group of the congestion query.

@@ -4,16 +4,16 @@
 //! partition's watermark is that minus the allowed out-of-orderness. The query watermark is the
 //! minimum over partitions that are not idle: a partition that has had no record for the idle
 //! timeout (processing time) stops holding the watermark back. The watermark never goes
-//! backwards.
+//! backwards. Processing time is passed in explicitly (epoch ms), so a test can drive it.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Event-time watermark over the partitions of a query's input.
 #[derive(Debug, Clone)]
 pub struct WatermarkTracker {
     delay_ms: i64,
-    idle_timeout: Duration,
+    idle_ms: i64,
     partitions: HashMap<i32, PartitionTime>,
     watermark: Option<i64>,
 }
@@ -21,7 +21,7 @@ pub struct WatermarkTracker {
 #[derive(Debug, Clone, Copy)]
 struct PartitionTime {
     max_event_ms: i64,
-    last_seen: Instant,
+    last_seen_ms: i64,
 }
 
 impl WatermarkTracker {
@@ -30,29 +30,36 @@ impl WatermarkTracker {
     pub fn new(delay: Duration, idle_timeout: Duration) -> Self {
         Self {
             delay_ms: delay.as_millis() as i64,
-            idle_timeout,
+            idle_ms: idle_timeout.as_millis() as i64,
             partitions: HashMap::new(),
             watermark: None,
         }
     }
 
-    /// Records that `partition` has seen events up to `max_event_ms` at processing time `now`.
-    pub fn observe(&mut self, partition: i32, max_event_ms: i64, now: Instant) {
+    /// Records that `partition` has seen events up to `max_event_ms` at processing time
+    /// `now_ms`.
+    pub fn observe(&mut self, partition: i32, max_event_ms: i64, now_ms: i64) {
         let entry = self.partitions.entry(partition).or_insert(PartitionTime {
             max_event_ms,
-            last_seen: now,
+            last_seen_ms: now_ms,
         });
         entry.max_event_ms = entry.max_event_ms.max(max_event_ms);
-        entry.last_seen = now;
+        entry.last_seen_ms = now_ms;
     }
 
-    /// Recomputes the watermark at processing time `now` and returns it (`None` until some
+    /// Raises the watermark to at least `watermark` (an explicit advance, e.g. from a test or
+    /// a source that knows no older data will come).
+    pub fn force(&mut self, watermark: i64) {
+        self.watermark = Some(self.watermark.map_or(watermark, |w| w.max(watermark)));
+    }
+
+    /// Recomputes the watermark at processing time `now_ms` and returns it (`None` until some
     /// partition has data). Idle partitions are left out; if all are idle the watermark holds.
-    pub fn advance(&mut self, now: Instant) -> Option<i64> {
+    pub fn advance(&mut self, now_ms: i64) -> Option<i64> {
         let active = self
             .partitions
             .values()
-            .filter(|p| now.saturating_duration_since(p.last_seen) < self.idle_timeout)
+            .filter(|p| now_ms.saturating_sub(p.last_seen_ms) < self.idle_ms)
             .map(|p| p.max_event_ms.saturating_sub(self.delay_ms))
             .min();
         if let Some(candidate) = active {
@@ -73,7 +80,7 @@ mod tests {
 
     #[test]
     fn minimum_over_partitions_minus_delay() {
-        let now = Instant::now();
+        let now = 1_000_000;
         let mut w = WatermarkTracker::new(Duration::from_secs(5), Duration::from_secs(60));
         assert_eq!(w.advance(now), None);
         w.observe(0, 100_000, now);
@@ -85,7 +92,7 @@ mod tests {
 
     #[test]
     fn never_goes_backwards() {
-        let now = Instant::now();
+        let now = 1_000_000;
         let mut w = WatermarkTracker::new(Duration::ZERO, Duration::from_secs(60));
         w.observe(0, 100_000, now);
         assert_eq!(w.advance(now), Some(100_000));
@@ -96,15 +103,15 @@ mod tests {
 
     #[test]
     fn idle_partition_stops_holding_back() {
-        let t0 = Instant::now();
+        let t0 = 1_000_000;
         let mut w = WatermarkTracker::new(Duration::ZERO, Duration::from_secs(10));
         w.observe(0, 100_000, t0);
         w.observe(1, 20_000, t0);
         assert_eq!(w.advance(t0), Some(20_000));
-        let later = t0 + Duration::from_secs(11);
+        let later = t0 + 11_000;
         w.observe(0, 150_000, later);
         assert_eq!(w.advance(later), Some(150_000));
         // Everything idle: the watermark holds.
-        assert_eq!(w.advance(later + Duration::from_secs(60)), Some(150_000));
+        assert_eq!(w.advance(later + 60_000), Some(150_000));
     }
 }

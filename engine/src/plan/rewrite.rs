@@ -1,0 +1,185 @@
+//! SQL rewrite that makes `window_start` and `window_end` selectable.
+//!
+//! In a `SELECT` whose `GROUP BY` holds a window call `W` (`tumble(…)`, `hop(…)`,
+//! `session(…)` or `cumulate(…)`), the bare names `window_start` and `window_end` in the select
+//! list, `HAVING` and `ORDER BY` become `get_field(W, 'window_start')` and
+//! `get_field(W, 'window_end')`: expressions over a grouping expression, which DataFusion's
+//! own planner accepts. The engine later fills the window column itself. The rewrite works on
+//! sqlparser's syntax tree (DataFusion's parser, unmodified).
+
+use std::ops::ControlFlow;
+
+use datafusion::common::{DataFusionError, Result, plan_err};
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::{
+    Expr, GroupByExpr, Ident, OrderByKind, Query, SelectItem, SetExpr, VisitMut, VisitorMut,
+    visit_expressions_mut,
+};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+use urbanstream_operators::window::WINDOW_FUNCTIONS;
+
+/// Rewrites every query of `statement` in place.
+pub fn rewrite_windows(statement: &mut DFStatement) -> Result<()> {
+    let mut rewriter = Rewriter { error: None };
+    match statement {
+        DFStatement::Statement(s) => {
+            let _ = s.visit(&mut rewriter);
+        }
+        DFStatement::Explain(e) => return rewrite_windows(&mut e.statement),
+        _ => {}
+    }
+    match rewriter.error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+struct Rewriter {
+    error: Option<DataFusionError>,
+}
+
+impl VisitorMut for Rewriter {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<()> {
+        match rewrite_query(query) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                self.error = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    }
+}
+
+/// Whether `expr` is a call of a window function.
+pub fn is_window_call(expr: &Expr) -> bool {
+    match expr {
+        Expr::Function(f) => {
+            let name = f.name.to_string().to_ascii_lowercase();
+            WINDOW_FUNCTIONS.contains(&name.as_str())
+        }
+        Expr::Nested(e) => is_window_call(e),
+        _ => false,
+    }
+}
+
+fn rewrite_query(query: &mut Query) -> Result<()> {
+    let SetExpr::Select(select) = query.body.as_mut() else {
+        return Ok(());
+    };
+    let GroupByExpr::Expressions(exprs, _) = &select.group_by else {
+        return Ok(());
+    };
+    let windows: Vec<&Expr> = exprs.iter().filter(|e| is_window_call(e)).collect();
+    let window = match windows.as_slice() {
+        [] => return Ok(()),
+        [w] => w.to_string(),
+        _ => {
+            return plan_err!(
+                "a GROUP BY may hold only one window function, found {}",
+                windows.len()
+            );
+        }
+    };
+    let start = parse_expr(&format!("get_field({window}, 'window_start')"))?;
+    let end = parse_expr(&format!("get_field({window}, 'window_end')"))?;
+    let replace = |e: &mut Expr| {
+        let _ = visit_expressions_mut(e, |x| {
+            if let Expr::Identifier(id) = x {
+                if id.value.eq_ignore_ascii_case("window_start") {
+                    *x = start.clone();
+                } else if id.value.eq_ignore_ascii_case("window_end") {
+                    *x = end.clone();
+                }
+            }
+            ControlFlow::<()>::Continue(())
+        });
+    };
+    for item in select.projection.iter_mut() {
+        match item {
+            SelectItem::UnnamedExpr(Expr::Identifier(id))
+                if id.value.eq_ignore_ascii_case("window_start")
+                    || id.value.eq_ignore_ascii_case("window_end") =>
+            {
+                let alias = Ident::new(id.value.to_ascii_lowercase());
+                let mut expr = Expr::Identifier(id.clone());
+                replace(&mut expr);
+                *item = SelectItem::ExprWithAlias { expr, alias };
+            }
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => replace(e),
+            _ => {}
+        }
+    }
+    if let Some(having) = select.having.as_mut() {
+        replace(having);
+    }
+    if let Some(order_by) = query.order_by.as_mut()
+        && let OrderByKind::Expressions(items) = &mut order_by.kind
+    {
+        for item in items {
+            replace(&mut item.expr);
+        }
+    }
+    Ok(())
+}
+
+fn parse_expr(sql: &str) -> Result<Expr> {
+    Parser::new(&GenericDialect {})
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|e| DataFusionError::Plan(format!("cannot rewrite window reference: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::sql::parser::DFParser;
+
+    fn rewritten(sql: &str) -> String {
+        let mut statements = DFParser::parse_sql(sql).expect("parse");
+        let mut s = statements.pop_front().expect("statement");
+        rewrite_windows(&mut s).expect("rewrite");
+        s.to_string()
+    }
+
+    #[test]
+    fn window_columns_become_fields_of_the_window() {
+        let sql = rewritten(
+            "INSERT INTO out SELECT segment_id, window_start, window_end, count(*) FROM t \
+             GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id \
+             HAVING window_end > window_start ORDER BY window_start",
+        );
+        assert!(
+            sql.contains(
+                "get_field(tumble(event_time, INTERVAL '1 minute'), 'window_start') AS window_start"
+            ),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(
+                "HAVING get_field(tumble(event_time, INTERVAL '1 minute'), 'window_end') >"
+            ),
+            "{sql}"
+        );
+        assert!(sql.contains("ORDER BY get_field(tumble"), "{sql}");
+    }
+
+    #[test]
+    fn queries_without_windows_are_untouched() {
+        let sql = "SELECT window_start FROM t";
+        assert_eq!(rewritten(sql), sql);
+    }
+
+    #[test]
+    fn two_windows_are_refused() {
+        let mut statements = DFParser::parse_sql(
+            "SELECT count(*) FROM t GROUP BY tumble(a, INTERVAL '1 minute'), hop(a, INTERVAL '1 minute', INTERVAL '2 minutes')",
+        )
+        .expect("parse");
+        let mut s = statements.pop_front().expect("statement");
+        let e = rewrite_windows(&mut s).expect_err("two windows");
+        assert!(e.to_string().contains("only one window"), "{e}");
+    }
+}

@@ -1,0 +1,820 @@
+//! Stream queries: SQL planned once by DataFusion, run micro-batch by micro-batch.
+//!
+//! [`StreamContext`] is a DataFusion session with the stream tables, reference tables and
+//! urbanstream's functions. [`StreamContext::plan`] takes one SQL statement: DDL (`CREATE
+//! EXTERNAL TABLE … STORED AS KAFKA`, `CREATE VIEW`, `DROP …`, `SET urbanstream.…`) runs at
+//! once; `INSERT INTO sink SELECT …` (or a bare `SELECT`) becomes a [`StreamQuery`].
+//!
+//! Planning lets DataFusion plan the whole query with one partition, then splits its physical
+//! plan at the aggregation:
+//!
+//! ```text
+//!   upper  (projection, HAVING, ORDER BY)      runs on each window emission, over a FeedExec
+//!   ── AggregateExec ──                        replaced by the WindowOperator (panes of
+//!                                              GroupsAccumulator state, see state::window)
+//!   lower  (scan, filter, lookup joins, …)     runs on each micro-batch, over a FeedExec
+//! ```
+//!
+//! A query without aggregation is just the lower part. Queries that cannot run on an unbounded
+//! stream are refused at planning with a message that says what to write instead.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanArray, Int32Array, RecordBatch, TimestampMillisecondArray,
+};
+use datafusion::arrow::compute::{cast, filter_record_batch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::common::config::ConfigExtension;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Result, extensions_options, plan_datafusion_err, plan_err};
+use datafusion::datasource::MemTable;
+use datafusion::execution::TaskContext;
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_expr::ScalarFunctionExpr;
+use datafusion::physical_expr::expressions::{Column, Literal};
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_plan::{ExecutionPlan, collect};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::{DFParser, Statement as DFStatement};
+use datafusion::sql::sqlparser::ast::{Statement, TableObject};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use urbanstream_operators::window::{WINDOW_FUNCTIONS, WindowSpec, interval_ms};
+
+use super::feed::{Feed, FeedExec};
+use super::rewrite::rewrite_windows;
+use super::table::{KafkaTableFactory, StreamTable};
+use crate::state::window::{AggregateSpec, WindowOperator};
+use crate::time::WatermarkTracker;
+
+extensions_options! {
+    /// Settings of the next stream queries, set in SQL with `SET urbanstream.<name> = '<value>'`.
+    pub struct StreamSettings {
+        /// How long after a window's end late events still update it (re-emitted as a
+        /// revision), e.g. '30s'. Events later than that go to the late output.
+        pub allowed_lateness: String, default = "0s".to_string()
+        /// Processing-time interval at which windows not yet final emit partial results
+        /// (`is_final = false`), e.g. '10s'; empty for none.
+        pub early_fire: String, default = String::new()
+    }
+}
+
+impl ConfigExtension for StreamSettings {
+    const PREFIX: &'static str = "urbanstream";
+}
+
+/// Why an input row was diverted instead of processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DivertReason {
+    /// Every window it belongs to is past its end plus the allowed lateness.
+    BeyondAllowedLateness,
+    /// Stamped further into the future than the source's tolerance.
+    FutureTimestamp,
+}
+
+impl DivertReason {
+    /// The name used in late records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DivertReason::BeyondAllowedLateness => "beyond_allowed_lateness",
+            DivertReason::FutureTimestamp => "future_timestamp",
+        }
+    }
+}
+
+/// An input row a query did not process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diverted {
+    /// Row index in the batch given to [`StreamQuery::process`].
+    pub row: u32,
+    /// Its event time, epoch ms.
+    pub event_time: i64,
+    /// The query watermark when it arrived (`i64::MIN` before any).
+    pub watermark: i64,
+    /// Why.
+    pub reason: DivertReason,
+}
+
+/// What one step of a query produced.
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    /// Result rows, in [`StreamQuery::output_schema`].
+    pub rows: Vec<RecordBatch>,
+    /// Input rows diverted (late or future-stamped).
+    pub diverted: Vec<Diverted>,
+}
+
+/// A DataFusion session for stream queries.
+pub struct StreamContext {
+    ctx: SessionContext,
+}
+
+impl Default for StreamContext {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StreamContext {
+    /// A session with urbanstream's functions and the KAFKA table factory, planning with one
+    /// partition (parallelism comes from Kafka partitions, not from DataFusion).
+    pub fn new() -> Self {
+        let config = SessionConfig::new()
+            .with_target_partitions(1)
+            .with_repartition_aggregations(false)
+            .with_repartition_joins(false)
+            .with_option_extension(StreamSettings::default());
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_default_features()
+            .with_table_factory("KAFKA".into(), Arc::new(KafkaTableFactory))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        urbanstream_operators::register_all(&ctx);
+        Self { ctx }
+    }
+
+    /// The DataFusion session.
+    pub fn session(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// Registers a stream table under its name.
+    pub fn register_stream(&self, table: StreamTable) -> Result<()> {
+        let name = table.name.clone();
+        self.ctx.register_table(name.as_str(), Arc::new(table))?;
+        Ok(())
+    }
+
+    /// Registers CSV text (with a header row) as a reference table for lookup joins.
+    pub fn register_reference_csv(&self, name: &str, csv: &str) -> Result<()> {
+        use datafusion::arrow::csv::ReaderBuilder;
+        use datafusion::arrow::csv::reader::Format;
+        let format = Format::default().with_header(true);
+        let (schema, _) = format.infer_schema(csv.as_bytes(), None)?;
+        let schema = Arc::new(schema);
+        let reader = ReaderBuilder::new(schema.clone())
+            .with_format(format)
+            .build(csv.as_bytes())?;
+        let batches = reader.collect::<Result<Vec<_>, _>>()?;
+        self.ctx
+            .register_table(name, Arc::new(MemTable::try_new(schema, vec![batches])?))?;
+        Ok(())
+    }
+
+    /// The stream table called `name`, if it is one.
+    pub async fn stream_table(&self, name: &str) -> Result<Option<Arc<StreamTable>>> {
+        let Ok(provider) = self.ctx.table_provider(name).await else {
+            return Ok(None);
+        };
+        Ok(provider.downcast_ref::<StreamTable>().map(|t| {
+            Arc::new(StreamTable {
+                name: t.name.clone(),
+                topic_schema: t.topic_schema.clone(),
+                options: t.options.clone(),
+            })
+        }))
+    }
+
+    /// Splits SQL text into statements, with syntax errors naming their position.
+    pub fn parse(sql: &str) -> Result<Vec<DFStatement>> {
+        let sql = add_kafka_location(sql);
+        Ok(DFParser::parse_sql_with_dialect(&sql, &GenericDialect {})?
+            .into_iter()
+            .collect())
+    }
+
+    /// Plans one statement: DDL and `SET` run now (`Ok(None)`); a stream query is returned.
+    pub async fn plan(&self, mut statement: DFStatement) -> Result<Option<StreamQuery>> {
+        let sql = statement.to_string();
+        rewrite_windows(&mut statement)?;
+        // INSERT INTO a stream table: plan the SELECT; its columns meet the sink's by name.
+        if let DFStatement::Statement(s) = &statement
+            && let Statement::Insert(insert) = s.as_ref()
+        {
+            let TableObject::TableName(name) = &insert.table else {
+                return plan_err!("INSERT INTO a table function is not supported");
+            };
+            let sink_name = name.to_string();
+            let Some(sink) = self.stream_table(&sink_name).await? else {
+                return plan_err!(
+                    "INSERT INTO {sink_name}: not a stream table (declare it with CREATE EXTERNAL TABLE … STORED AS KAFKA)"
+                );
+            };
+            let Some(source) = &insert.source else {
+                return plan_err!("INSERT INTO {sink_name} needs a SELECT");
+            };
+            let select = DFStatement::Statement(Box::new(Statement::Query(source.clone())));
+            let plan = self.ctx.state().statement_to_plan(select).await?;
+            let mut query = self.plan_query(plan, sql).await?;
+            if !insert.columns.is_empty() {
+                query.rename_outputs(insert.columns.iter().map(|c| c.to_string()).collect())?;
+            }
+            query.check_sink(sink)?;
+            return Ok(Some(query));
+        }
+        let plan = self.ctx.state().statement_to_plan(statement).await?;
+        match plan {
+            LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) => {
+                self.ctx.execute_logical_plan(plan).await?.collect().await?;
+                Ok(None)
+            }
+            LogicalPlan::Dml(dml) => {
+                plan_err!(
+                    "{} on a stream is not supported; stream queries are INSERT INTO … SELECT",
+                    dml.op
+                )
+            }
+            LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => {
+                plan_err!("EXPLAIN is not supported for stream queries")
+            }
+            plan => Ok(Some(self.plan_query(plan, sql).await?)),
+        }
+    }
+
+    async fn plan_query(&self, plan: LogicalPlan, sql: String) -> Result<StreamQuery> {
+        refuse_unbounded(&plan)?;
+        let settings = self
+            .ctx
+            .state()
+            .config()
+            .options()
+            .extensions
+            .get::<StreamSettings>()
+            .cloned()
+            .unwrap_or_default();
+        let lateness = parse_setting("urbanstream.allowed_lateness", &settings.allowed_lateness)?
+            .unwrap_or_default();
+        let early_fire = parse_setting("urbanstream.early_fire", &settings.early_fire)?;
+        let physical = self.ctx.state().create_physical_plan(&plan).await?;
+
+        // The stream leaf.
+        let mut feeds: Vec<(String, Feed)> = Vec::new();
+        physical.apply(|node| {
+            if let Some(f) = node.downcast_ref::<FeedExec>() {
+                feeds.push((f.table().to_string(), f.feed().clone()));
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        let (source_name, feed) = match feeds.as_slice() {
+            [one] => one.clone(),
+            [] => return plan_err!("the query reads no stream table"),
+            _ => {
+                return plan_err!(
+                    "the query reads {} streams; a join or union of two streams needs a time bound, which is not supported: join a stream with a reference table instead",
+                    feeds.len()
+                );
+            }
+        };
+        let Some(source) = self.stream_table(&source_name).await? else {
+            return plan_err!("{source_name} is not a stream table");
+        };
+
+        // The aggregation, if any.
+        let mut aggregates: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+        physical.apply(|node| {
+            if node.downcast_ref::<AggregateExec>().is_some() {
+                aggregates.push(node.clone());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        let windowed = match aggregates.as_slice() {
+            [] => None,
+            [single] => Some((single.clone(), single.clone())),
+            [top, bottom] => Some((top.clone(), bottom.clone())),
+            _ => {
+                return plan_err!(
+                    "the query aggregates in more than one step (e.g. COUNT(DISTINCT …) or a nested aggregation), which stream queries do not support yet"
+                );
+            }
+        };
+        let task_ctx = Arc::new(TaskContext::from(&self.ctx.state()));
+        let time_column = source.options.event_time.clone();
+        let watermarks =
+            WatermarkTracker::new(source.options.watermark_delay, source.options.idle_timeout);
+        let Some((top, bottom)) = windowed else {
+            let output_schema = physical.schema();
+            return Ok(StreamQuery {
+                sql,
+                source,
+                sink: None,
+                feed,
+                lower: physical,
+                windowed: None,
+                task_ctx,
+                watermarks,
+                time_column,
+                early_fire_ms: None,
+                last_early_fire_ms: i64::MIN,
+                output_schema,
+                output_names: None,
+            });
+        };
+        let (Some(top_agg), Some(bottom_agg)) = (
+            top.downcast_ref::<AggregateExec>(),
+            bottom.downcast_ref::<AggregateExec>(),
+        ) else {
+            return plan_err!("internal: aggregation not found");
+        };
+        match (top_agg.mode(), bottom_agg.mode()) {
+            (AggregateMode::Single | AggregateMode::SinglePartitioned, _)
+                if Arc::ptr_eq(&top, &bottom) => {}
+            (AggregateMode::Final | AggregateMode::FinalPartitioned, AggregateMode::Partial) => {}
+            (a, b) => return plan_err!("unsupported aggregation plan ({a:?} over {b:?})"),
+        }
+        if bottom_agg.group_expr().has_grouping_set() {
+            return plan_err!("GROUPING SETS, CUBE and ROLLUP are not supported on streams");
+        }
+        let group_exprs = bottom_agg.group_expr().expr();
+        let mut window = None;
+        let mut groups = Vec::new();
+        for (i, (expr, _name)) in group_exprs.iter().enumerate() {
+            match expr.downcast_ref::<ScalarFunctionExpr>() {
+                Some(f) if WINDOW_FUNCTIONS.contains(&f.name()) => {
+                    window = Some((i, f.name().to_string(), f.args().to_vec()));
+                }
+                _ => groups.push(expr.clone()),
+            }
+        }
+        let Some((window_position, window_name, args)) = window else {
+            return plan_err!(
+                "an aggregation over an unbounded stream never finishes: add a window to GROUP BY, e.g. GROUP BY tumble({}, INTERVAL '1 minute'), …",
+                time_column.as_deref().unwrap_or("event_time")
+            );
+        };
+        let Some(time_name) = time_column.clone() else {
+            return plan_err!(
+                "{window_name}() needs an event-time column, but stream table {} declares none (OPTIONS ('event_time' '<column>'))",
+                source.name
+            );
+        };
+        let time = args[0].clone();
+        let column = time.downcast_ref::<Column>().or_else(|| {
+            time.children()
+                .first()
+                .and_then(|c| c.downcast_ref::<Column>())
+        });
+        match column {
+            Some(c) if c.name() == time_name => {}
+            _ => {
+                return plan_err!(
+                    "{window_name}() must be over the event-time column {time_name} of {}, got {time}",
+                    source.name
+                );
+            }
+        }
+        let intervals = args[1..]
+            .iter()
+            .map(|a| match a.downcast_ref::<Literal>() {
+                Some(l) => interval_ms(l.value()),
+                None => {
+                    plan_err!("{window_name}(): window sizes must be constant intervals, got {a}")
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let spec = WindowSpec::new(&window_name, &intervals)?;
+        if let WindowSpec::Session { .. } = spec {
+            return plan_err!(
+                "session() windows are not supported by the engine yet; use tumble, hop or cumulate"
+            );
+        }
+        let output_schema = top.schema();
+        let group_schema = Arc::new(Schema::new(
+            (0..group_exprs.len())
+                .filter(|i| *i != window_position)
+                .map(|i| output_schema.field(i).as_ref().clone())
+                .collect::<Vec<_>>(),
+        ));
+        let spec = AggregateSpec {
+            window: spec,
+            time,
+            groups,
+            window_position,
+            aggregates: bottom_agg.aggr_expr().to_vec(),
+            filters: bottom_agg.filter_expr().to_vec(),
+            output_schema: output_schema.clone(),
+            group_schema,
+        };
+        let lower = bottom_agg.input().clone();
+        let upper_feed = Feed::default();
+        let upper_leaf: Arc<dyn ExecutionPlan> = Arc::new(FeedExec::new(
+            "window_output",
+            upper_feed.clone(),
+            output_schema,
+            None,
+        )?);
+        let upper = physical
+            .transform_down(|node| {
+                if Arc::ptr_eq(&node, &top) {
+                    Ok(Transformed::yes(upper_leaf.clone()))
+                } else {
+                    Ok(Transformed::no(node))
+                }
+            })?
+            .data;
+        let mut fields: Vec<Field> = upper
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new("revision", DataType::Int32, false));
+        fields.push(Field::new("is_final", DataType::Boolean, false));
+        Ok(StreamQuery {
+            sql,
+            source,
+            sink: None,
+            feed,
+            lower,
+            windowed: Some(Windowed {
+                operator: WindowOperator::new(spec, lateness.as_millis() as i64)?,
+                upper,
+                upper_feed,
+            }),
+            task_ctx,
+            watermarks,
+            time_column,
+            early_fire_ms: early_fire.map(|d| d.as_millis() as i64),
+            last_early_fire_ms: i64::MIN,
+            output_schema: Arc::new(Schema::new(fields)),
+            output_names: None,
+        })
+    }
+}
+
+/// DataFusion's parser wants a `LOCATION` in `CREATE EXTERNAL TABLE`; a KAFKA table names its
+/// topic in `OPTIONS` instead, so an empty `LOCATION ''` is added after `STORED AS KAFKA` when
+/// the statement has none. Works on sqlparser's tokens, so comments and strings are safe.
+pub fn add_kafka_location(sql: &str) -> String {
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, sql).tokenize_with_location() else {
+        return sql.to_string();
+    };
+    // Byte offset of each line start, to turn (line, column) into an offset.
+    let mut line_starts = vec![0usize];
+    line_starts.extend(sql.match_indices('\n').map(|(i, _)| i + 1));
+    let offset = |line: u64, column: u64| -> Option<usize> {
+        let start = *line_starts.get((line as usize).checked_sub(1)?)?;
+        let text = &sql[start..];
+        let chars = (column as usize).checked_sub(1)?;
+        Some(
+            start
+                + text
+                    .char_indices()
+                    .nth(chars)
+                    .map_or(text.len(), |(i, _)| i),
+        )
+    };
+    let words: Vec<(String, u64, u64, u64, u64)> = tokens
+        .iter()
+        .filter_map(|t| match &t.token {
+            Token::Word(w) => Some((
+                w.value.to_ascii_uppercase(),
+                t.span.start.line,
+                t.span.start.column,
+                t.span.end.line,
+                t.span.end.column,
+            )),
+            Token::SemiColon => Some((";".into(), 0, 0, 0, 0)),
+            _ => None,
+        })
+        .collect();
+    let mut inserts = Vec::new();
+    let mut statement_has_location = false;
+    let mut kafka_end = None;
+    for (i, w) in words.iter().enumerate() {
+        match w.0.as_str() {
+            ";" => {
+                if let (Some(at), false) = (kafka_end, statement_has_location) {
+                    inserts.push(at);
+                }
+                statement_has_location = false;
+                kafka_end = None;
+            }
+            "LOCATION" => statement_has_location = true,
+            "KAFKA" if i >= 2 && words[i - 1].0 == "AS" && words[i - 2].0 == "STORED" => {
+                kafka_end = offset(w.3, w.4);
+            }
+            _ => {}
+        }
+    }
+    if let (Some(at), false) = (kafka_end, statement_has_location) {
+        inserts.push(at);
+    }
+    let mut out = sql.to_string();
+    for at in inserts.into_iter().rev() {
+        out.insert_str(at, " LOCATION ''");
+    }
+    out
+}
+
+fn parse_setting(name: &str, value: &str) -> Result<Option<Duration>> {
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    humantime::parse_duration(value.trim())
+        .map(Some)
+        .map_err(|e| {
+            plan_datafusion_err!("{name}: '{value}' is not a duration ({e}); write e.g. '30s'")
+        })
+}
+
+/// Refuses logical plans that cannot run on an unbounded stream, saying what to write instead.
+fn refuse_unbounded(plan: &LogicalPlan) -> Result<()> {
+    let has_aggregate = plan.exists(|p| Ok(matches!(p, LogicalPlan::Aggregate(_))))?;
+    let mut problem = None;
+    plan.apply(|p| {
+        problem = match p {
+            LogicalPlan::Sort(_) if !has_aggregate => Some(
+                "ORDER BY over a whole stream never finishes: drop it, or order within windows (GROUP BY tumble(…) … ORDER BY window_start)",
+            ),
+            LogicalPlan::Limit(_) => {
+                Some("LIMIT over a stream is not supported: a stream query runs continuously")
+            }
+            LogicalPlan::Window(_) => Some(
+                "window functions with OVER (…) are not supported on streams: aggregate with GROUP BY tumble/hop/cumulate instead",
+            ),
+            LogicalPlan::Distinct(_) if !has_aggregate => Some(
+                "SELECT DISTINCT over a stream never finishes: group by a window instead, e.g. GROUP BY tumble(event_time, INTERVAL '1 minute'), …",
+            ),
+            _ => None,
+        };
+        Ok(if problem.is_some() { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+    })?;
+    match problem {
+        Some(p) => plan_err!("{p}"),
+        None => Ok(()),
+    }
+}
+
+struct Windowed {
+    operator: WindowOperator,
+    upper: Arc<dyn ExecutionPlan>,
+    upper_feed: Feed,
+}
+
+/// A running stream query: its plan pieces, its window state and its watermark.
+pub struct StreamQuery {
+    sql: String,
+    source: Arc<StreamTable>,
+    sink: Option<Arc<StreamTable>>,
+    feed: Feed,
+    lower: Arc<dyn ExecutionPlan>,
+    windowed: Option<Windowed>,
+    task_ctx: Arc<TaskContext>,
+    watermarks: WatermarkTracker,
+    time_column: Option<String>,
+    early_fire_ms: Option<i64>,
+    last_early_fire_ms: i64,
+    output_schema: SchemaRef,
+    output_names: Option<Vec<String>>,
+}
+
+impl StreamQuery {
+    /// The SQL it was planned from.
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// The stream it reads.
+    pub fn source(&self) -> &Arc<StreamTable> {
+        &self.source
+    }
+
+    /// The stream it writes, for `INSERT INTO`.
+    pub fn sink(&self) -> Option<&Arc<StreamTable>> {
+        self.sink.as_ref()
+    }
+
+    /// Schema of its result rows (windowed queries end with `revision` and `is_final`).
+    pub fn output_schema(&self) -> SchemaRef {
+        self.output_schema.clone()
+    }
+
+    /// Whether it aggregates over windows.
+    pub fn is_windowed(&self) -> bool {
+        self.windowed.is_some()
+    }
+
+    /// The query watermark, once any event has been seen.
+    pub fn watermark(&self) -> Option<i64> {
+        self.watermarks.current()
+    }
+
+    /// (window, group) partials held in state.
+    pub fn state_groups(&self) -> usize {
+        self.windowed
+            .as_ref()
+            .map_or(0, |w| w.operator.group_count())
+    }
+
+    /// Bytes of aggregation state held.
+    pub fn state_bytes(&self) -> usize {
+        self.windowed
+            .as_ref()
+            .map_or(0, |w| w.operator.state_bytes())
+    }
+
+    /// Live windows.
+    pub fn open_windows(&self) -> usize {
+        self.windowed
+            .as_ref()
+            .map_or(0, |w| w.operator.window_count())
+    }
+
+    fn rename_outputs(&mut self, names: Vec<String>) -> Result<()> {
+        let user_columns =
+            self.output_schema.fields().len() - if self.is_windowed() { 2 } else { 0 };
+        if names.len() != user_columns {
+            return plan_err!(
+                "INSERT lists {} columns but the SELECT produces {user_columns}",
+                names.len()
+            );
+        }
+        let mut fields: Vec<Field> = self
+            .output_schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        for (f, n) in fields.iter_mut().zip(&names) {
+            *f = f.clone().with_name(n);
+        }
+        self.output_schema = Arc::new(Schema::new(fields));
+        self.output_names = Some(names);
+        Ok(())
+    }
+
+    fn check_sink(&mut self, sink: Arc<StreamTable>) -> Result<()> {
+        let empty = RecordBatch::new_empty(self.output_schema.clone());
+        crate::sink::conform_stream(&empty, &sink.topic_schema)
+            .map_err(|e| plan_datafusion_err!("the SELECT does not fit sink {}: {e}", sink.name))?;
+        self.sink = Some(sink);
+        Ok(())
+    }
+
+    /// Processes a decoded batch of the source (`partitions[i]` is row i's Kafka partition)
+    /// at processing time `now_ms`: diverts future-stamped and late rows, runs the stateless
+    /// part, updates window state, advances the watermark and returns what is due.
+    pub async fn process(
+        &mut self,
+        batch: &RecordBatch,
+        partitions: &[i32],
+        now_ms: i64,
+    ) -> Result<StepOutput> {
+        let mut out = StepOutput::default();
+        let batch = match self.time_column.clone() {
+            Some(time) => self.admit(batch, partitions, &time, now_ms, &mut out.diverted)?,
+            None => batch.clone(),
+        };
+        if batch.num_rows() > 0 {
+            self.feed.set(vec![batch]);
+            let lowered = collect(self.lower.clone(), self.task_ctx.clone()).await?;
+            match &mut self.windowed {
+                Some(w) => {
+                    for b in &lowered {
+                        w.operator.update(b)?;
+                    }
+                }
+                None => out
+                    .rows
+                    .extend(lowered.into_iter().filter(|b| b.num_rows() > 0)),
+            }
+        }
+        self.emit(now_ms, &mut out).await?;
+        Ok(out)
+    }
+
+    /// Advances processing time without input: idle partitions stop holding the watermark,
+    /// early fires come due.
+    pub async fn tick(&mut self, now_ms: i64) -> Result<StepOutput> {
+        let mut out = StepOutput::default();
+        self.emit(now_ms, &mut out).await?;
+        Ok(out)
+    }
+
+    /// Raises the watermark to `watermark` explicitly and emits what that closes.
+    pub async fn advance_watermark(&mut self, watermark: i64, now_ms: i64) -> Result<StepOutput> {
+        self.watermarks.force(watermark);
+        self.tick(now_ms).await
+    }
+
+    /// Splits off rows that must not be processed, and feeds the watermark with the rest.
+    fn admit(
+        &mut self,
+        batch: &RecordBatch,
+        partitions: &[i32],
+        time: &str,
+        now_ms: i64,
+        diverted: &mut Vec<Diverted>,
+    ) -> Result<RecordBatch> {
+        let column = batch
+            .column_by_name(time)
+            .ok_or_else(|| plan_datafusion_err!("event-time column {time} missing"))?;
+        let column = cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+        let Some(times) = column.as_any().downcast_ref::<TimestampMillisecondArray>() else {
+            return plan_err!("event-time column {time} is not a timestamp");
+        };
+        let future_limit =
+            now_ms.saturating_add(self.source.options.future_tolerance.as_millis() as i64);
+        let watermark = self.watermarks.current().unwrap_or(i64::MIN);
+        let mut keep = Vec::with_capacity(batch.num_rows());
+        let mut max_by_partition: HashMap<i32, i64> = HashMap::new();
+        for (r, t) in times.iter().enumerate() {
+            let Some(t) = t else {
+                // A null event time cannot be placed in time: it goes out as late.
+                diverted.push(Diverted {
+                    row: r as u32,
+                    event_time: i64::MIN,
+                    watermark,
+                    reason: DivertReason::BeyondAllowedLateness,
+                });
+                keep.push(false);
+                continue;
+            };
+            let reason = if t > future_limit {
+                Some(DivertReason::FutureTimestamp)
+            } else if self
+                .windowed
+                .as_ref()
+                .is_some_and(|w| w.operator.is_late(t))
+            {
+                Some(DivertReason::BeyondAllowedLateness)
+            } else {
+                None
+            };
+            match reason {
+                Some(reason) => {
+                    diverted.push(Diverted {
+                        row: r as u32,
+                        event_time: t,
+                        watermark,
+                        reason,
+                    });
+                    keep.push(false);
+                }
+                None => {
+                    let p = partitions.get(r).copied().unwrap_or(0);
+                    let m = max_by_partition.entry(p).or_insert(t);
+                    *m = (*m).max(t);
+                    keep.push(true);
+                }
+            }
+        }
+        for (p, t) in max_by_partition {
+            self.watermarks.observe(p, t, now_ms);
+        }
+        if diverted.is_empty() {
+            return Ok(batch.clone());
+        }
+        Ok(filter_record_batch(batch, &BooleanArray::from(keep))?)
+    }
+
+    async fn emit(&mut self, now_ms: i64, out: &mut StepOutput) -> Result<()> {
+        let Some(w) = &mut self.windowed else {
+            return Ok(());
+        };
+        let watermark = self.watermarks.advance(now_ms).unwrap_or(i64::MIN);
+        let early = match self.early_fire_ms {
+            Some(every) if now_ms.saturating_sub(self.last_early_fire_ms) >= every => {
+                self.last_early_fire_ms = now_ms;
+                true
+            }
+            _ => false,
+        };
+        for emission in w.operator.advance(watermark, early)? {
+            // Rows of one revision go through the upper plan together, so that each output
+            // row keeps its revision even when HAVING drops rows.
+            let mut by_revision: std::collections::BTreeMap<u32, Vec<bool>> = Default::default();
+            for (i, r) in emission.revisions.iter().enumerate() {
+                by_revision
+                    .entry(*r)
+                    .or_insert_with(|| vec![false; emission.revisions.len()])[i] = true;
+            }
+            for (revision, mask) in by_revision {
+                let rows = filter_record_batch(&emission.batch, &BooleanArray::from(mask))?;
+                w.upper_feed.set(vec![rows]);
+                for b in collect(w.upper.clone(), self.task_ctx.clone()).await? {
+                    if b.num_rows() == 0 {
+                        continue;
+                    }
+                    let n = b.num_rows();
+                    let mut columns: Vec<ArrayRef> = b.columns().to_vec();
+                    columns.push(Arc::new(Int32Array::from(vec![revision as i32; n])));
+                    columns.push(Arc::new(BooleanArray::from(vec![emission.is_final; n])));
+                    out.rows
+                        .push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Keeps only the array's rows at `mask` (helper for callers mapping diverted rows).
+pub fn rows_where(array: &dyn Array, mask: &BooleanArray) -> Result<ArrayRef> {
+    Ok(datafusion::arrow::compute::filter(array, mask)?)
+}

@@ -1,0 +1,303 @@
+//! Stream tables: Kafka topics as DataFusion tables.
+//!
+//! A [`StreamTable`] is a topic with a schema and stream options. It is a source when a query
+//! reads it and a sink when a query inserts into it. Tables come from `schemas/` at start-up
+//! ([`StreamTable::from_topic_schema`]) or from SQL through [`KafkaTableFactory`]:
+//!
+//! ```sql
+//! CREATE EXTERNAL TABLE camera_events (camera_id VARCHAR NOT NULL, segment_id VARCHAR NOT NULL,
+//!     event_time TIMESTAMP NOT NULL, speed_kmh DOUBLE)
+//! STORED AS KAFKA
+//! OPTIONS ('topic' 'city.camera.events', 'format' 'json', 'event_time' 'event_time',
+//!          'watermark_delay' '5s', 'idle_timeout' '1m');
+//! ```
+//!
+//! Scanning a stream table yields a [`FeedExec`] that the engine feeds micro-batch by
+//! micro-batch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
+use datafusion::common::{Result, plan_datafusion_err, plan_err};
+use datafusion::datasource::TableType;
+use datafusion::logical_expr::{CreateExternalTable, Expr};
+use datafusion::physical_plan::ExecutionPlan;
+
+use super::feed::{Feed, FeedExec};
+use crate::schema::TopicSchema;
+
+/// The options of a stream table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamOptions {
+    /// Kafka topic.
+    pub topic: String,
+    /// Record format; only `json` today.
+    pub format: String,
+    /// Event-time column (a timestamp), required to read the table in a windowed query.
+    pub event_time: Option<String>,
+    /// Allowed out-of-orderness: the watermark trails the largest event time by this much.
+    pub watermark_delay: Duration,
+    /// A partition silent for this long (processing time) stops holding the watermark back.
+    pub idle_timeout: Duration,
+    /// Events stamped further than this into the future (processing time) are diverted and
+    /// never advance the watermark.
+    pub future_tolerance: Duration,
+    /// Column whose value keys the records this table's sink produces.
+    pub key: Option<String>,
+}
+
+impl StreamOptions {
+    /// Defaults for `topic`: JSON, 5 s watermark delay, 1 min idle timeout, 10 min future
+    /// tolerance, no event time, no key.
+    pub fn new(topic: impl Into<String>) -> Self {
+        Self {
+            topic: topic.into(),
+            format: "json".into(),
+            event_time: None,
+            watermark_delay: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            future_tolerance: Duration::from_secs(600),
+            key: None,
+        }
+    }
+
+    /// The option names understood in `OPTIONS (...)`.
+    pub const NAMES: [&'static str; 7] = [
+        "topic",
+        "format",
+        "event_time",
+        "watermark_delay",
+        "idle_timeout",
+        "future_tolerance",
+        "key",
+    ];
+
+    /// Parses `OPTIONS (...)`; unknown names and bad values are errors that name them.
+    pub fn parse(options: &HashMap<String, String>) -> Result<Self> {
+        let get = |k: &str| {
+            options
+                .get(k)
+                .or_else(|| options.get(&format!("format.{k}")))
+        };
+        for key in options.keys() {
+            let bare = key.strip_prefix("format.").unwrap_or(key);
+            if !Self::NAMES.contains(&bare) {
+                return plan_err!(
+                    "unknown option '{key}' for a KAFKA table (known: {})",
+                    Self::NAMES.join(", ")
+                );
+            }
+        }
+        let Some(topic) = get("topic") else {
+            return plan_err!("a KAFKA table needs OPTIONS ('topic' '<name>')");
+        };
+        let mut out = Self::new(topic.clone());
+        if let Some(format) = get("format") {
+            if !format.eq_ignore_ascii_case("json") {
+                return plan_err!("format '{format}' is not supported (supported: json)");
+            }
+            out.format = "json".into();
+        }
+        out.event_time = get("event_time").cloned();
+        out.key = get("key").cloned();
+        let duration = |name: &str, value: &String| {
+            humantime::parse_duration(value).map_err(|e| {
+                plan_datafusion_err!(
+                    "option '{name}': '{value}' is not a duration ({e}); write e.g. '5s' or '1m'"
+                )
+            })
+        };
+        if let Some(v) = get("watermark_delay") {
+            out.watermark_delay = duration("watermark_delay", v)?;
+        }
+        if let Some(v) = get("idle_timeout") {
+            out.idle_timeout = duration("idle_timeout", v)?;
+        }
+        if let Some(v) = get("future_tolerance") {
+            out.future_tolerance = duration("future_tolerance", v)?;
+        }
+        Ok(out)
+    }
+}
+
+/// A Kafka topic as a table.
+#[derive(Debug)]
+pub struct StreamTable {
+    /// Table name in SQL.
+    pub name: String,
+    /// Decoding schema (Avro-derived, or from the column list).
+    pub topic_schema: Arc<TopicSchema>,
+    /// Stream options.
+    pub options: StreamOptions,
+}
+
+impl StreamTable {
+    /// A table over `options.topic` with `schema`; the event-time column, if any, must be a
+    /// timestamp of the schema, and the key column a column of it.
+    pub fn new(
+        name: impl Into<String>,
+        schema: Arc<TopicSchema>,
+        options: StreamOptions,
+    ) -> Result<Self> {
+        let name = name.into();
+        let arrow = schema.output_schema();
+        if let Some(col) = &options.event_time {
+            match arrow.field_with_name(col) {
+                Ok(f) if matches!(f.data_type(), DataType::Timestamp(..)) => {}
+                Ok(f) => {
+                    return plan_err!(
+                        "table {name}: event_time column '{col}' is {}, not a timestamp",
+                        f.data_type()
+                    );
+                }
+                Err(_) => {
+                    return plan_err!("table {name}: event_time column '{col}' does not exist");
+                }
+            }
+        }
+        if let Some(col) = &options.key
+            && arrow.field_with_name(col).is_err()
+        {
+            return plan_err!("table {name}: key column '{col}' does not exist");
+        }
+        Ok(Self {
+            name,
+            topic_schema: schema,
+            options,
+        })
+    }
+
+    /// A table from a topic schema of `schemas/` (event time `event_time` if it has one).
+    pub fn from_topic_schema(
+        name: impl Into<String>,
+        schema: Arc<TopicSchema>,
+        topic: impl Into<String>,
+        key: Option<&str>,
+    ) -> Result<Self> {
+        let mut options = StreamOptions::new(topic);
+        let has_time = schema
+            .arrow
+            .field_with_name("event_time")
+            .is_ok_and(|f| matches!(f.data_type(), DataType::Timestamp(TimeUnit::Millisecond, _)));
+        if has_time {
+            options.event_time = Some("event_time".into());
+        }
+        options.key = key.map(String::from);
+        Self::new(name, schema, options)
+    }
+}
+
+#[async_trait]
+impl TableProvider for StreamTable {
+    fn schema(&self) -> SchemaRef {
+        self.topic_schema.output_schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(FeedExec::new(
+            self.name.clone(),
+            Feed::default(),
+            self.schema(),
+            projection.cloned(),
+        )?))
+    }
+}
+
+/// Creates [`StreamTable`]s for `CREATE EXTERNAL TABLE … STORED AS KAFKA`.
+#[derive(Debug, Default)]
+pub struct KafkaTableFactory;
+
+#[async_trait]
+impl TableProviderFactory for KafkaTableFactory {
+    async fn create(
+        &self,
+        _state: &dyn Session,
+        cmd: &CreateExternalTable,
+    ) -> Result<Arc<dyn TableProvider>> {
+        // The topic comes from OPTIONS ('topic' …) or, equivalently, LOCATION '<topic>'.
+        let mut raw = cmd.options.clone();
+        let location = cmd.locations.iter().find(|l| !l.is_empty());
+        if let Some(location) = location {
+            match raw.get("topic") {
+                Some(topic) if topic != location => {
+                    return plan_err!(
+                        "LOCATION '{location}' and OPTIONS ('topic' '{topic}') disagree"
+                    );
+                }
+                _ => {
+                    raw.insert("topic".into(), location.clone());
+                }
+            }
+        }
+        let options = StreamOptions::parse(&raw)?;
+        let name = cmd.name.table().to_string();
+        let arrow = Arc::new(cmd.schema.as_arrow().clone());
+        // Timestamps are held in milliseconds, like the topics.
+        let fields: Vec<_> = arrow
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Timestamp(_, tz) => f
+                    .as_ref()
+                    .clone()
+                    .with_data_type(DataType::Timestamp(TimeUnit::Millisecond, tz.clone())),
+                _ => f.as_ref().clone(),
+            })
+            .collect();
+        let schema = Arc::new(TopicSchema::from_arrow(
+            &name,
+            Arc::new(datafusion::arrow::datatypes::Schema::new(fields)),
+        ));
+        Ok(Arc::new(StreamTable::new(name, schema, options)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn options_parse_with_defaults() {
+        let o = StreamOptions::parse(&opts(&[("topic", "t"), ("watermark_delay", "2s")]))
+            .expect("options");
+        assert_eq!(o.topic, "t");
+        assert_eq!(o.watermark_delay, Duration::from_secs(2));
+        assert_eq!(o.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn bad_options_are_named() {
+        let e = StreamOptions::parse(&opts(&[("topic", "t"), ("watermark", "2s")]))
+            .expect_err("unknown option");
+        assert!(e.to_string().contains("unknown option 'watermark'"), "{e}");
+        let e = StreamOptions::parse(&opts(&[("topic", "t"), ("idle_timeout", "soon")]))
+            .expect_err("bad duration");
+        assert!(e.to_string().contains("option 'idle_timeout'"), "{e}");
+        let e = StreamOptions::parse(&opts(&[("format", "json")])).expect_err("no topic");
+        assert!(e.to_string().contains("'topic'"), "{e}");
+        let e =
+            StreamOptions::parse(&opts(&[("topic", "t"), ("format", "avro")])).expect_err("format");
+        assert!(e.to_string().contains("not supported"), "{e}");
+    }
+}

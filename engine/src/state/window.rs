@@ -1,0 +1,569 @@
+//! The window operator: incremental aggregation of `tumble`, `hop` and `cumulate` windows.
+//!
+//! State is kept in **panes**, the largest time slices every window is a union of: a tumbling
+//! window is one pane; a hopping window of `size` every `slide` spans panes of
+//! `gcd(slide, size)`; a cumulating window spans panes of `step`. Each pane holds, for its
+//! groups, DataFusion's own aggregation state: a `GroupValues` interner for the group keys and
+//! one `GroupsAccumulator` per aggregate. Every micro-batch updates the panes its rows fall
+//! in (`update_batch`), so raw events are never kept. A window is evaluated by merging its
+//! panes' `state()` into fresh accumulators (`merge_batch`) and calling `evaluate`: the same
+//! partial/final split DataFusion uses for parallel aggregation, and the same state arrays a
+//! checkpoint writes.
+//!
+//! Emission: a window is emitted (revision 0, `is_final = true`) when the watermark reaches
+//! its end; with allowed lateness `L` it stays until the watermark reaches `end + L`, and each
+//! step in which late events changed some of its groups re-emits those groups with the next
+//! revision. With an early-fire interval, windows not yet final emit their changed groups with
+//! `is_final = false`. An event whose every window is past `end + L` is late: the caller
+//! diverts it (see [`WindowOperator::is_late`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanArray, RecordBatch, StructArray, TimestampMillisecondArray, UInt32Array,
+};
+use datafusion::arrow::compute::{cast, filter_record_batch, take};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::{Result, internal_err};
+use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
+use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
+use datafusion::physical_plan::aggregates::order::GroupOrdering;
+use urbanstream_operators::window::{WindowSpec, window_fields};
+
+/// The aggregation a windowed query performs, taken from DataFusion's physical plan.
+#[derive(Debug, Clone)]
+pub struct AggregateSpec {
+    /// The window and its parameters.
+    pub window: WindowSpec,
+    /// Expression giving each input row's event time.
+    pub time: Arc<dyn PhysicalExpr>,
+    /// Group expressions other than the window, over the aggregation's input.
+    pub groups: Vec<Arc<dyn PhysicalExpr>>,
+    /// Position of the window column among the aggregation's output group columns.
+    pub window_position: usize,
+    /// The aggregate functions.
+    pub aggregates: Vec<Arc<AggregateFunctionExpr>>,
+    /// Their `FILTER (WHERE …)` clauses.
+    pub filters: Vec<Option<Arc<dyn PhysicalExpr>>>,
+    /// Schema of the aggregation's output: group columns (with the window struct), then one
+    /// column per aggregate.
+    pub output_schema: SchemaRef,
+    /// Schema of the group columns other than the window.
+    pub group_schema: SchemaRef,
+}
+
+/// Rows a window emitted, with their revision and finality.
+#[derive(Debug, Clone)]
+pub struct Emission {
+    /// Rows in the aggregation's output schema.
+    pub batch: RecordBatch,
+    /// Revision of each row: 0 for the first emission of its (window, group).
+    pub revisions: Vec<u32>,
+    /// Whether the watermark had passed the window's end.
+    pub is_final: bool,
+}
+
+struct Pane {
+    groups: Box<dyn GroupValues>,
+    accumulators: Vec<Box<dyn GroupsAccumulator>>,
+    /// Step of the last update, per group.
+    updated: Vec<u64>,
+    /// Step of the last update of any group.
+    last_update: u64,
+}
+
+#[derive(Debug, Default)]
+struct WindowMeta {
+    /// Step of the last emission, if any.
+    emitted_at: Option<u64>,
+    final_fired: bool,
+    /// Emissions so far per group key (row-encoded).
+    revisions: HashMap<Box<[u8]>, u32>,
+}
+
+/// Incremental state of one windowed query.
+pub struct WindowOperator {
+    spec: AggregateSpec,
+    pane_ms: i64,
+    lateness_ms: i64,
+    panes: BTreeMap<i64, Pane>,
+    /// Live windows by (end, start).
+    windows: BTreeMap<(i64, i64), WindowMeta>,
+    /// Windows ending at or before this are gone; events only in them are late.
+    evicted_through: i64,
+    watermark: i64,
+    step: u64,
+    row_converter: RowConverter,
+}
+
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+impl WindowOperator {
+    /// An operator with empty state. `lateness_ms` is the allowed lateness.
+    pub fn new(spec: AggregateSpec, lateness_ms: i64) -> Result<Self> {
+        let pane_ms = match spec.window {
+            WindowSpec::Tumble { width } => width,
+            WindowSpec::Hop { slide, size } => gcd(slide, size),
+            WindowSpec::Cumulate { step, .. } => step,
+            WindowSpec::Session { .. } => {
+                return internal_err!("session windows are not pane-based");
+            }
+        };
+        let sort_fields = spec
+            .group_schema
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        Ok(Self {
+            row_converter: RowConverter::new(sort_fields)?,
+            spec,
+            pane_ms,
+            lateness_ms: lateness_ms.max(0),
+            panes: BTreeMap::new(),
+            windows: BTreeMap::new(),
+            evicted_through: i64::MIN,
+            watermark: i64::MIN,
+            step: 0,
+        })
+    }
+
+    /// The windows (start, end) that contain event time `t`.
+    pub fn windows_of(&self, t: i64) -> Vec<(i64, i64)> {
+        match self.spec.window {
+            WindowSpec::Tumble { width } => {
+                let s = t.div_euclid(width) * width;
+                vec![(s, s + width)]
+            }
+            WindowSpec::Hop { slide, size } => {
+                let last = t.div_euclid(slide) * slide;
+                let mut out = Vec::new();
+                let mut s = last;
+                while s > t - size {
+                    out.push((s, s + size));
+                    s -= slide;
+                }
+                out.reverse();
+                out
+            }
+            WindowSpec::Cumulate { step, max } => {
+                let period = t.div_euclid(max) * max;
+                let first_end = period + (t - period).div_euclid(step) * step + step;
+                (0..)
+                    .map(|k| first_end + k * step)
+                    .take_while(|end| *end <= period + max)
+                    .map(|end| (period, end))
+                    .collect()
+            }
+            WindowSpec::Session { .. } => Vec::new(),
+        }
+    }
+
+    /// Whether an event at `t` can no longer change any window (every window containing it
+    /// is past its end plus the allowed lateness).
+    pub fn is_late(&self, t: i64) -> bool {
+        let last_end = match self.spec.window {
+            WindowSpec::Tumble { width } => t.div_euclid(width) * width + width,
+            WindowSpec::Hop { slide, size } => t.div_euclid(slide) * slide + size,
+            WindowSpec::Cumulate { max, .. } => t.div_euclid(max) * max + max,
+            WindowSpec::Session { .. } => return false,
+        };
+        last_end <= self.evicted_through
+    }
+
+    /// The watermark the operator last advanced to.
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+
+    /// Adds the rows of `batch` (the aggregation's input). Rows must not be late.
+    pub fn update(&mut self, batch: &RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.step += 1;
+        let times = self
+            .spec
+            .time
+            .evaluate(batch)?
+            .into_array(batch.num_rows())?;
+        let times = cast(&times, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+        let Some(times) = times.as_any().downcast_ref::<TimestampMillisecondArray>() else {
+            return internal_err!("window time column is not a timestamp");
+        };
+        if times.null_count() > 0 {
+            return datafusion::common::exec_err!("the window's event-time column has nulls");
+        }
+        // Rows by pane; batches are mostly in time order, so this is a handful of panes.
+        let mut by_pane: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
+        for (i, t) in times.values().iter().enumerate() {
+            by_pane
+                .entry(t.div_euclid(self.pane_ms) * self.pane_ms)
+                .or_default()
+                .push(i as u32);
+        }
+        let group_values = self
+            .spec
+            .groups
+            .iter()
+            .map(|e| {
+                e.evaluate(batch)
+                    .and_then(|v| v.into_array(batch.num_rows()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let agg_args = self
+            .spec
+            .aggregates
+            .iter()
+            .map(|a| {
+                a.expressions()
+                    .iter()
+                    .map(|e| {
+                        e.evaluate(batch)
+                            .and_then(|v| v.into_array(batch.num_rows()))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let agg_filters = self
+            .spec
+            .filters
+            .iter()
+            .map(|f| match f {
+                Some(f) => f
+                    .evaluate(batch)
+                    .and_then(|v| v.into_array(batch.num_rows()))
+                    .map(Some),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let single_pane = by_pane.len() == 1;
+        for (pane_start, rows) in by_pane {
+            let indices = UInt32Array::from(rows);
+            let pick = |a: &ArrayRef| -> Result<ArrayRef> {
+                if single_pane {
+                    Ok(a.clone())
+                } else {
+                    Ok(take(a.as_ref(), &indices, None)?)
+                }
+            };
+            let keys = group_values.iter().map(pick).collect::<Result<Vec<_>>>()?;
+            if !self.panes.contains_key(&pane_start) {
+                let pane = self.new_pane()?;
+                self.panes.insert(pane_start, pane);
+                self.register_windows(pane_start);
+            }
+            let step = self.step;
+            let Some(pane) = self.panes.get_mut(&pane_start) else {
+                continue;
+            };
+            let mut group_ids = Vec::with_capacity(indices.len());
+            pane.groups.intern(&keys, &mut group_ids)?;
+            let total = pane.groups.len();
+            pane.updated.resize(total, 0);
+            for &g in &group_ids {
+                pane.updated[g] = step;
+            }
+            pane.last_update = step;
+            for (a, acc) in pane.accumulators.iter_mut().enumerate() {
+                let args = agg_args[a].iter().map(pick).collect::<Result<Vec<_>>>()?;
+                let filter = match &agg_filters[a] {
+                    Some(f) => Some(pick(f)?),
+                    None => None,
+                };
+                let filter = filter
+                    .as_ref()
+                    .and_then(|f| f.as_any().downcast_ref::<BooleanArray>());
+                acc.update_batch(&args, &group_ids, filter, total)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn new_pane(&self) -> Result<Pane> {
+        Ok(Pane {
+            groups: new_group_values(self.spec.group_schema.clone(), &GroupOrdering::None)?,
+            accumulators: self.new_accumulators()?,
+            updated: Vec::new(),
+            last_update: 0,
+        })
+    }
+
+    fn new_accumulators(&self) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
+        self.spec
+            .aggregates
+            .iter()
+            .map(|a| {
+                if a.groups_accumulator_supported() {
+                    a.create_groups_accumulator()
+                } else {
+                    let a = a.clone();
+                    Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+                        a.create_accumulator()
+                    })) as Box<dyn GroupsAccumulator>)
+                }
+            })
+            .collect()
+    }
+
+    /// Registers the live windows containing the pane starting at `pane_start`.
+    fn register_windows(&mut self, pane_start: i64) {
+        for (start, end) in self.windows_of(pane_start) {
+            if end > self.evicted_through {
+                self.windows.entry((end, start)).or_default();
+            }
+        }
+    }
+
+    /// Advances the watermark and returns what is due: final results of windows the
+    /// watermark has reached, revisions of windows changed by late events, and, when
+    /// `early_fire` is set, partial results of windows not yet final that changed since their
+    /// last emission. Then frees windows past their allowed lateness and panes no live window
+    /// needs.
+    pub fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>> {
+        self.watermark = self.watermark.max(watermark);
+        let mut out = Vec::new();
+        let keys: Vec<(i64, i64)> = self.windows.keys().copied().collect();
+        for (end, start) in keys {
+            let changed = self.changed_since(start, end);
+            let Some(meta) = self.windows.get(&(end, start)) else {
+                continue;
+            };
+            let (emit, is_final) = if !meta.final_fired && end <= self.watermark {
+                (true, true)
+            } else if meta.final_fired {
+                (changed, true)
+            } else {
+                (early_fire && changed, false)
+            };
+            if emit && let Some(e) = self.emit(start, end, is_final)? {
+                out.push(e);
+            }
+        }
+        self.evict();
+        Ok(out)
+    }
+
+    fn changed_since(&self, start: i64, end: i64) -> bool {
+        let Some(meta) = self.windows.get(&(end, start)) else {
+            return false;
+        };
+        let since = meta.emitted_at.unwrap_or(0);
+        self.panes
+            .range(start..end)
+            .any(|(_, p)| p.last_update > since)
+    }
+
+    /// Evaluates window [start, end): merges its panes and evaluates, keeping only the
+    /// groups changed since the window's last emission (all groups at its first emission).
+    fn emit(&mut self, start: i64, end: i64, is_final: bool) -> Result<Option<Emission>> {
+        // The first final emission carries every group; early fires and revisions carry the
+        // groups changed since the window's last emission.
+        let since = match self.windows.get(&(end, start)) {
+            Some(m) if m.final_fired || !is_final => m.emitted_at,
+            _ => None,
+        };
+        let mut groups = new_group_values(self.spec.group_schema.clone(), &GroupOrdering::None)?;
+        let mut accumulators = self.new_accumulators()?;
+        let mut last_update: Vec<u64> = Vec::new();
+        let mut window_ids = Vec::new();
+        for (_, pane) in self.panes.range_mut(start..end) {
+            let n = pane.groups.len();
+            if n == 0 {
+                continue;
+            }
+            // Read the pane's keys and states, then put them back as they were.
+            let keys = pane.groups.emit(EmitTo::All)?;
+            let mut same = Vec::with_capacity(n);
+            pane.groups.intern(&keys, &mut same)?;
+            if same.iter().enumerate().any(|(i, g)| *g != i) {
+                return internal_err!("pane groups changed order while being read");
+            }
+            groups.intern(&keys, &mut window_ids)?;
+            let total = groups.len();
+            last_update.resize(total, 0);
+            for (i, &w) in window_ids.iter().enumerate() {
+                last_update[w] = last_update[w].max(pane.updated[i]);
+            }
+            for (acc, window_acc) in pane.accumulators.iter_mut().zip(accumulators.iter_mut()) {
+                let state = acc.state(EmitTo::All)?;
+                acc.merge_batch(&state, &same, n)?;
+                window_acc.merge_batch(&state, &window_ids, total)?;
+            }
+        }
+        let n = groups.len();
+        if n == 0 {
+            if let Some(meta) = self.windows.get_mut(&(end, start)) {
+                meta.emitted_at = Some(self.step);
+                meta.final_fired |= is_final;
+            }
+            return Ok(None);
+        }
+        let keys = groups.emit(EmitTo::All)?;
+        let values = accumulators
+            .iter_mut()
+            .map(|a| a.evaluate(EmitTo::All))
+            .collect::<Result<Vec<_>>>()?;
+        let window = window_column(start, end, n)?;
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.spec.output_schema.fields().len());
+        let mut key_iter = keys.into_iter();
+        for position in 0..=self.spec.groups.len() {
+            if position == self.spec.window_position {
+                columns.push(window.clone());
+            } else if let Some(k) = key_iter.next() {
+                columns.push(k);
+            }
+        }
+        columns.extend(values);
+        let columns = columns
+            .iter()
+            .zip(self.spec.output_schema.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c.clone())
+                } else {
+                    Ok(cast(c, f.data_type())?)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut batch = RecordBatch::try_new(self.spec.output_schema.clone(), columns)?;
+        if let Some(since) = since {
+            let keep: BooleanArray = last_update.iter().map(|u| Some(*u > since)).collect();
+            batch = filter_record_batch(&batch, &keep)?;
+        }
+        let step = self.step;
+        if batch.num_rows() == 0 {
+            if let Some(meta) = self.windows.get_mut(&(end, start)) {
+                meta.emitted_at = Some(step);
+                meta.final_fired |= is_final;
+            }
+            return Ok(None);
+        }
+        let group_columns: Vec<ArrayRef> = (0..batch.num_columns())
+            .filter(|&i| i < self.spec.groups.len() + 1 && i != self.spec.window_position)
+            .map(|i| batch.column(i).clone())
+            .collect();
+        let rows = self.row_converter.convert_columns(&group_columns)?;
+        let Some(meta) = self.windows.get_mut(&(end, start)) else {
+            return internal_err!("emitting a window that is not live");
+        };
+        let mut revisions = Vec::with_capacity(batch.num_rows());
+        for row in rows.iter() {
+            let count = meta.revisions.entry(row.as_ref().into()).or_insert(0);
+            revisions.push(*count);
+            *count += 1;
+        }
+        meta.emitted_at = Some(step);
+        meta.final_fired |= is_final;
+        Ok(Some(Emission {
+            batch,
+            revisions,
+            is_final,
+        }))
+    }
+
+    fn evict(&mut self) {
+        let frontier = self.watermark.saturating_sub(self.lateness_ms);
+        let expired: Vec<(i64, i64)> = self
+            .windows
+            .iter()
+            .filter(|((end, _), meta)| *end <= frontier && meta.final_fired)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            self.windows.remove(&key);
+            self.evicted_through = self.evicted_through.max(key.0);
+        }
+        if frontier > self.evicted_through {
+            // Windows that never had data end here too.
+            self.evicted_through = self
+                .evicted_through
+                .max(frontier.div_euclid(self.pane_ms) * self.pane_ms);
+        }
+        let live: Vec<(i64, i64)> = self.windows.keys().map(|(e, s)| (*s, *e)).collect();
+        self.panes
+            .retain(|p, _| live.iter().any(|(s, e)| s <= p && p < e));
+    }
+
+    /// Live (window, group) partials held, summed over panes.
+    pub fn group_count(&self) -> usize {
+        self.panes.values().map(|p| p.groups.len()).sum()
+    }
+
+    /// Bytes held by pane state (group keys and accumulators).
+    pub fn state_bytes(&self) -> usize {
+        self.panes
+            .values()
+            .map(|p| {
+                p.groups.size()
+                    + p.accumulators.iter().map(|a| a.size()).sum::<usize>()
+                    + p.updated.capacity() * 8
+            })
+            .sum()
+    }
+
+    /// Live windows.
+    pub fn window_count(&self) -> usize {
+        self.windows.len()
+    }
+}
+
+fn window_column(start: i64, end: i64, n: usize) -> Result<ArrayRef> {
+    let starts: ArrayRef = Arc::new(TimestampMillisecondArray::from(vec![start; n]));
+    let ends: ArrayRef = Arc::new(TimestampMillisecondArray::from(vec![end; n]));
+    Ok(Arc::new(StructArray::try_new(
+        window_fields(),
+        vec![starts, ends],
+        None,
+    )?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(window: WindowSpec) -> WindowOperator {
+        use datafusion::arrow::datatypes::{Field, Schema};
+        let group_schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Utf8, true)]));
+        let spec = AggregateSpec {
+            window,
+            time: Arc::new(datafusion::physical_expr::expressions::Column::new("t", 0)),
+            groups: vec![],
+            window_position: 0,
+            aggregates: vec![],
+            filters: vec![],
+            output_schema: group_schema.clone(),
+            group_schema,
+        };
+        WindowOperator::new(spec, 0).expect("operator")
+    }
+
+    #[test]
+    fn windows_of_each_kind() {
+        let t = op(WindowSpec::Tumble { width: 60 });
+        assert_eq!(t.windows_of(61), vec![(60, 120)]);
+        assert_eq!(t.windows_of(-1), vec![(-60, 0)]);
+        let h = op(WindowSpec::Hop {
+            slide: 10,
+            size: 30,
+        });
+        assert_eq!(h.windows_of(25), vec![(0, 30), (10, 40), (20, 50)]);
+        assert_eq!(h.pane_ms, 10);
+        let h = op(WindowSpec::Hop {
+            slide: 20,
+            size: 30,
+        });
+        assert_eq!(h.windows_of(25), vec![(20, 50)]);
+        assert_eq!(h.windows_of(15), vec![(0, 30)]);
+        assert_eq!(h.pane_ms, 10);
+        let c = op(WindowSpec::Cumulate { step: 10, max: 30 });
+        assert_eq!(c.windows_of(15), vec![(0, 20), (0, 30)]);
+        assert_eq!(c.windows_of(31), vec![(30, 40), (30, 50), (30, 60)]);
+    }
+}

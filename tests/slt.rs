@@ -1,0 +1,110 @@
+//! Stream SQL tests: every `.slt` file under `tests/slt/` runs against the engine's
+//! deterministic mode (the same planner and operators as the service), following the pattern
+//! insert events → query the sink → advance the watermark → query again.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::Array;
+use datafusion::arrow::util::display::array_value_to_string;
+use datafusion::error::DataFusionError;
+use sqllogictest::{AsyncDB, DBOutput, DefaultColumnType, Runner};
+use urbanstream::deterministic::{DeterministicEngine, Outcome};
+
+struct Engine(DeterministicEngine);
+
+#[async_trait]
+impl AsyncDB for Engine {
+    type Error = DataFusionError;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, DataFusionError> {
+        match self.0.execute(sql).await? {
+            Outcome::Done => Ok(DBOutput::StatementComplete(0)),
+            Outcome::Rows(batches) => {
+                let columns = batches.first().map_or(0, |b| b.num_columns());
+                let mut rows = Vec::new();
+                for batch in &batches {
+                    for r in 0..batch.num_rows() {
+                        let row = batch
+                            .columns()
+                            .iter()
+                            .map(|c| {
+                                if c.is_null(r) {
+                                    Ok("NULL".to_string())
+                                } else {
+                                    array_value_to_string(c, r)
+                                        .map(|s| if s.is_empty() { "(empty)".into() } else { s })
+                                }
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        rows.push(row);
+                    }
+                }
+                Ok(DBOutput::Rows {
+                    types: vec![DefaultColumnType::Any; columns],
+                    rows,
+                })
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {}
+
+    fn engine_name(&self) -> &str {
+        "urbanstream-deterministic"
+    }
+
+    async fn sleep(dur: std::time::Duration) {
+        tokio::time::sleep(dur).await;
+    }
+}
+
+fn slt_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            slt_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "slt") {
+            out.push(path);
+        }
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("slt");
+    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let mut files = Vec::new();
+    slt_files(&root, &mut files);
+    files.sort();
+    let (mut passed, mut failed) = (0, 0);
+    for file in files {
+        let name = file
+            .strip_prefix(&root)
+            .unwrap_or(&file)
+            .display()
+            .to_string();
+        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
+        let mut runner = Runner::new(|| async { Ok(Engine(DeterministicEngine::new())) });
+        match runner.run_file_async(&file).await {
+            Ok(()) => {
+                println!("test slt::{name} ... ok");
+                passed += 1;
+            }
+            Err(e) => {
+                println!("test slt::{name} ... FAILED\n{e}");
+                failed += 1;
+            }
+        }
+    }
+    println!("\nslt: {passed} passed, {failed} failed");
+    if failed > 0 || passed == 0 {
+        std::process::exit(1);
+    }
+}
