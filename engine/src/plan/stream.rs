@@ -218,6 +218,23 @@ impl StreamContext {
         }
         let plan = self.ctx.state().statement_to_plan(statement).await?;
         match plan {
+            LogicalPlan::Statement(datafusion::logical_expr::Statement::SetVariable(set))
+                if set
+                    .variable
+                    .to_ascii_lowercase()
+                    .starts_with("urbanstream.") =>
+            {
+                // Checked now, not when the next query is planned.
+                parse_setting(&set.variable, &set.value)?;
+                self.ctx
+                    .execute_logical_plan(LogicalPlan::Statement(
+                        datafusion::logical_expr::Statement::SetVariable(set),
+                    ))
+                    .await?
+                    .collect()
+                    .await?;
+                Ok(None)
+            }
             LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) => {
                 self.ctx.execute_logical_plan(plan).await?.collect().await?;
                 Ok(None)
@@ -352,10 +369,16 @@ impl StreamContext {
             );
         };
         let time = args[0].clone();
+        // The event-time column itself, possibly cast to milliseconds; nothing computed.
         let column = time.downcast_ref::<Column>().or_else(|| {
-            time.children()
-                .first()
-                .and_then(|c| c.downcast_ref::<Column>())
+            let cast = time
+                .downcast_ref::<datafusion::physical_expr::expressions::CastExpr>()
+                .map(|c| c.expr())
+                .or_else(|| {
+                    time.downcast_ref::<datafusion::physical_expr::expressions::TryCastExpr>()
+                        .map(|c| c.expr())
+                });
+            cast.and_then(|e| e.downcast_ref::<Column>())
         });
         match column {
             Some(c) if c.name() == time_name => {}

@@ -87,7 +87,7 @@ impl StreamOptions {
             let bare = key.strip_prefix("format.").unwrap_or(key);
             if !Self::NAMES.contains(&bare) {
                 return plan_err!(
-                    "unknown option '{key}' for a KAFKA table (known: {})",
+                    "unknown option '{bare}' for a KAFKA table (known: {})",
                     Self::NAMES.join(", ")
                 );
             }

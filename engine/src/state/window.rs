@@ -24,7 +24,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, BooleanArray, RecordBatch, StructArray, TimestampMillisecondArray, UInt32Array,
 };
 use datafusion::arrow::compute::{cast, filter_record_batch, take};
-use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::{Result, internal_err};
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
@@ -98,6 +98,9 @@ pub struct WindowOperator {
     watermark: i64,
     step: u64,
     row_converter: RowConverter,
+    /// Schema the group keys are interned with: the group columns, or one constant column
+    /// when the window is the only grouping (DataFusion's interners need a column).
+    intern_schema: SchemaRef,
 }
 
 fn gcd(a: i64, b: i64) -> i64 {
@@ -115,13 +118,22 @@ impl WindowOperator {
                 return internal_err!("session windows are not pane-based");
             }
         };
-        let sort_fields = spec
-            .group_schema
+        let intern_schema = if spec.group_schema.fields().is_empty() {
+            Arc::new(Schema::new(vec![Field::new(
+                "__window_only",
+                DataType::Boolean,
+                false,
+            )]))
+        } else {
+            spec.group_schema.clone()
+        };
+        let sort_fields = intern_schema
             .fields()
             .iter()
             .map(|f| SortField::new(f.data_type().clone()))
             .collect();
         Ok(Self {
+            intern_schema,
             row_converter: RowConverter::new(sort_fields)?,
             spec,
             pane_ms,
@@ -208,15 +220,18 @@ impl WindowOperator {
                 .or_default()
                 .push(i as u32);
         }
-        let group_values = self
-            .spec
-            .groups
-            .iter()
-            .map(|e| {
-                e.evaluate(batch)
-                    .and_then(|v| v.into_array(batch.num_rows()))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let group_values = if self.spec.groups.is_empty() {
+            vec![Arc::new(BooleanArray::from(vec![true; batch.num_rows()])) as ArrayRef]
+        } else {
+            self.spec
+                .groups
+                .iter()
+                .map(|e| {
+                    e.evaluate(batch)
+                        .and_then(|v| v.into_array(batch.num_rows()))
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
         let agg_args = self
             .spec
             .aggregates
@@ -288,7 +303,7 @@ impl WindowOperator {
 
     fn new_pane(&self) -> Result<Pane> {
         Ok(Pane {
-            groups: new_group_values(self.spec.group_schema.clone(), &GroupOrdering::None)?,
+            groups: new_group_values(self.intern_schema.clone(), &GroupOrdering::None)?,
             accumulators: self.new_accumulators()?,
             updated: Vec::new(),
             last_update: 0,
@@ -369,7 +384,7 @@ impl WindowOperator {
             Some(m) if m.final_fired || !is_final => m.emitted_at,
             _ => None,
         };
-        let mut groups = new_group_values(self.spec.group_schema.clone(), &GroupOrdering::None)?;
+        let mut groups = new_group_values(self.intern_schema.clone(), &GroupOrdering::None)?;
         let mut accumulators = self.new_accumulators()?;
         let mut last_update: Vec<u64> = Vec::new();
         let mut window_ids = Vec::new();
@@ -406,6 +421,12 @@ impl WindowOperator {
             return Ok(None);
         }
         let keys = groups.emit(EmitTo::All)?;
+        // The constant key of a window-only grouping is not an output column.
+        let keys = if self.spec.groups.is_empty() {
+            Vec::new()
+        } else {
+            keys
+        };
         let values = accumulators
             .iter_mut()
             .map(|a| a.evaluate(EmitTo::All))
@@ -445,10 +466,14 @@ impl WindowOperator {
             }
             return Ok(None);
         }
-        let group_columns: Vec<ArrayRef> = (0..batch.num_columns())
-            .filter(|&i| i < self.spec.groups.len() + 1 && i != self.spec.window_position)
-            .map(|i| batch.column(i).clone())
-            .collect();
+        let group_columns: Vec<ArrayRef> = if self.spec.groups.is_empty() {
+            vec![Arc::new(BooleanArray::from(vec![true; batch.num_rows()])) as ArrayRef]
+        } else {
+            (0..batch.num_columns())
+                .filter(|&i| i < self.spec.groups.len() + 1 && i != self.spec.window_position)
+                .map(|i| batch.column(i).clone())
+                .collect()
+        };
         let rows = self.row_converter.convert_columns(&group_columns)?;
         let Some(meta) = self.windows.get_mut(&(end, start)) else {
             return internal_err!("emitting a window that is not live");
