@@ -68,7 +68,7 @@ async fn camera_events_to_indicators_dlq_and_late() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut config = PipelineConfig::new(&cluster.brokers);
     config.group_id = "e2e".into();
-    let pipeline = Pipeline::new(config, stats.clone())?;
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
     let task = tokio::spawn(pipeline.run(stop.clone()));
 
     // Watermark = min(T0+125 s, T0+126 s) − 5 s = T0+120 s: the first two minutes close.
@@ -84,22 +84,22 @@ async fn camera_events_to_indicators_dlq_and_late() -> anyhow::Result<()> {
         (
             a,
             json!({"segment_id": a, "window_start": T0, "window_end": T0 + 60_000, "vehicles": 3,
-            "mean_speed_kmh": 100.0 / 3.0, "motorbike_share": 2.0 / 3.0, "revision": 0}),
+            "mean_speed_kmh": 100.0 / 3.0, "motorbike_share": 2.0 / 3.0, "revision": 0, "is_final": true}),
         ),
         (
             b,
             json!({"segment_id": b, "window_start": T0, "window_end": T0 + 60_000, "vehicles": 2,
-            "mean_speed_kmh": 25.0, "motorbike_share": 0.5, "revision": 0}),
+            "mean_speed_kmh": 25.0, "motorbike_share": 0.5, "revision": 0, "is_final": true}),
         ),
         (
             a,
             json!({"segment_id": a, "window_start": T0 + 60_000, "window_end": T0 + 120_000,
-            "vehicles": 1, "mean_speed_kmh": 10.0, "motorbike_share": 1.0, "revision": 0}),
+            "vehicles": 1, "mean_speed_kmh": 10.0, "motorbike_share": 1.0, "revision": 0, "is_final": true}),
         ),
         (
             b,
             json!({"segment_id": b, "window_start": T0 + 60_000, "window_end": T0 + 120_000,
-            "vehicles": 1, "mean_speed_kmh": 44.0, "motorbike_share": 0.0, "revision": 0}),
+            "vehicles": 1, "mean_speed_kmh": 44.0, "motorbike_share": 0.0, "revision": 0, "is_final": true}),
         ),
     ];
     let expected: Vec<(Option<String>, serde_json::Value)> = expected

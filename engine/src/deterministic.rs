@@ -179,7 +179,7 @@ impl DeterministicEngine {
             for i in 0..self.queries.len() {
                 if self.queries[i].source().name == stream {
                     let out = self.queries[i]
-                        .process(&batch, &partitions, self.now_ms)
+                        .process(&batch, &partitions, None, self.now_ms)
                         .await?;
                     self.collect(i, out)?;
                 }

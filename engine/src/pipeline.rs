@@ -1,11 +1,11 @@
 //! The running pipeline: source → decode → time → plan → state → sink, and offset commits.
 //!
 //! [`Pipeline::run`] loops over micro-batches: decode each topic's records (bad ones to the
-//! DLQ), feed camera events to the congestion query, publish the windows it closes and the
-//! events it found late, wait until the broker has acknowledged all of that, and only then
-//! commit the input offsets. For the camera topic the committed offset never passes the oldest
-//! event still held in an open window, so a restart re-reads every event whose window has
-//! not been published yet (at-least-once).
+//! DLQ), feed them to the stream queries reading that topic (the queries of `queries/`,
+//! planned through the SQL layer), publish their results and the events they found late, wait
+//! until the broker has acknowledged all of that, and only then commit the input offsets. The
+//! committed offset never passes the oldest event a query still holds in an unevicted window,
+//! so a restart re-reads every event whose window has not been published yet (at-least-once).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,11 +16,15 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use tracing::{debug, info};
 
+use datafusion::arrow::array::RecordBatch;
+
 use crate::decode::JsonDecoder;
 use crate::error::Result;
-use crate::plan::{CongestionQuery, EventTimeConfig};
-use crate::schema::{SchemaRegistry, TopicSchema};
-use crate::sink::{DlqRecord, KafkaSink, KafkaSinkConfig, LateRecord, Pending, conform};
+use crate::plan::stream::StreamQuery;
+use crate::plan::table::StreamTable;
+use crate::plan::{city_context, default_queries};
+use crate::schema::SchemaRegistry;
+use crate::sink::{DlqRecord, KafkaSink, KafkaSinkConfig, LateRecord, Pending, conform_stream};
 use crate::source::{KafkaSource, KafkaSourceConfig, RawBatch};
 
 /// Topic names. All configurable; the defaults are the city's.
@@ -92,8 +96,6 @@ pub struct PipelineConfig {
     pub group_id: String,
     /// Topic names.
     pub topics: Topics,
-    /// Event-time settings of the congestion query.
-    pub event_time: EventTimeConfig,
     /// Source batch size in records.
     pub max_batch_rows: usize,
     /// Source linger.
@@ -109,7 +111,6 @@ impl PipelineConfig {
             brokers: brokers.into(),
             group_id: "urbanstream".into(),
             topics: Topics::default(),
-            event_time: EventTimeConfig::default(),
             max_batch_rows: 8192,
             linger: Duration::from_millis(20),
             properties: Vec::new(),
@@ -151,14 +152,19 @@ impl PipelineStats {
     }
 }
 
+/// A query running in the pipeline.
+struct Running {
+    name: String,
+    query: StreamQuery,
+}
+
 /// The pipeline with its Kafka clients and query state.
 pub struct Pipeline {
     config: PipelineConfig,
     source: KafkaSource,
     sink: KafkaSink,
     decoders: HashMap<String, JsonDecoder>,
-    congestion_schema: Arc<TopicSchema>,
-    query: CongestionQuery,
+    queries: Vec<Running>,
     stats: Arc<PipelineStats>,
     /// Next offset to read, per (topic, partition), of everything processed so far.
     next_offsets: HashMap<(Arc<str>, i32), i64>,
@@ -166,22 +172,35 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Connects to Kafka and prepares decoders and the query.
-    pub fn new(config: PipelineConfig, stats: Arc<PipelineStats>) -> Result<Self> {
+    /// Connects to Kafka, registers the city's tables and plans the default queries of
+    /// `queries/`.
+    pub async fn new(config: PipelineConfig, stats: Arc<PipelineStats>) -> Result<Self> {
         let schemas = SchemaRegistry::embedded()?;
+        let ctx = city_context(&config.topics, &schemas)?;
+        let queries = default_queries(&ctx)
+            .await?
+            .into_iter()
+            .map(|(name, query)| Running { name, query })
+            .collect();
+        Self::with_queries(config, stats, queries)
+    }
+
+    fn with_queries(
+        config: PipelineConfig,
+        stats: Arc<PipelineStats>,
+        queries: Vec<Running>,
+    ) -> Result<Self> {
+        let schemas = SchemaRegistry::embedded()?;
+        // Every input topic is decoded (and its bad records dead-lettered), read by a query
+        // or not.
         let mut decoders = HashMap::new();
-        decoders.insert(
-            config.topics.camera.clone(),
-            JsonDecoder::new(schemas.get("camera_event")?),
-        );
-        decoders.insert(
-            config.topics.detectors.clone(),
-            JsonDecoder::new(schemas.get("detector_reading")?),
-        );
-        decoders.insert(
-            config.topics.air.clone(),
-            JsonDecoder::new(schemas.get("air_reading")?),
-        );
+        for (topic, schema) in [
+            (&config.topics.camera, "camera_event"),
+            (&config.topics.detectors, "detector_reading"),
+            (&config.topics.air, "air_reading"),
+        ] {
+            decoders.insert(topic.clone(), JsonDecoder::new(schemas.get(schema)?));
+        }
         let mut source_config = KafkaSourceConfig::new(&config.brokers, config.topics.inputs());
         source_config.group_id = config.group_id.clone();
         source_config.max_batch_rows = config.max_batch_rows;
@@ -189,19 +208,11 @@ impl Pipeline {
         source_config.properties = config.properties.clone();
         let mut sink_config = KafkaSinkConfig::new(&config.brokers);
         sink_config.properties = config.properties.clone();
-        let query = CongestionQuery::new(config.event_time);
-        let congestion_schema = schemas.get("congestion_indicator")?;
-        // Refuse at start-up, not at the first window, if the query and its topic disagree.
-        conform(
-            &datafusion::arrow::array::RecordBatch::new_empty(query.output_schema()),
-            &congestion_schema,
-        )?;
         Ok(Self {
             source: KafkaSource::new(source_config)?,
             sink: KafkaSink::new(&sink_config)?,
             decoders,
-            congestion_schema,
-            query,
+            queries,
             stats,
             next_offsets: HashMap::new(),
             committed: HashMap::new(),
@@ -211,7 +222,12 @@ impl Pipeline {
 
     /// Runs until `stop` is set, then publishes what is pending, flushes and commits.
     pub async fn run(mut self, stop: Arc<AtomicBool>) -> Result<()> {
-        info!(brokers = %self.config.brokers, topics = ?self.config.topics.inputs(), "pipeline started");
+        info!(
+            brokers = %self.config.brokers,
+            topics = ?self.config.topics.inputs(),
+            queries = self.queries.len(),
+            "pipeline started"
+        );
         while !stop.load(Ordering::Relaxed) {
             let batches = self.source.next_batches(Duration::from_millis(200)).await?;
             self.step(batches).await?;
@@ -222,14 +238,15 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Processes one set of batches: decode, query, publish, wait for acknowledgements, commit.
+    /// Processes one set of batches: decode, run the queries, publish, wait for
+    /// acknowledgements, commit.
     pub async fn step(&mut self, batches: Vec<RawBatch>) -> Result<()> {
         let received_at = epoch_ms();
         let now = received_at;
         let mut pending = Pending::default();
         let mut dlq_count = 0;
         let mut late_count = 0;
-        let mut indicator_count = 0;
+        let mut rows_out = 0;
         let topics = self.config.topics.clone();
         for raw in &batches {
             self.stats
@@ -244,10 +261,8 @@ impl Pipeline {
                     .rejects
                     .iter()
                     .map(|r| {
-                        (
-                            raw.key(r.index as usize).map(<[u8]>::to_vec),
-                            DlqRecord::new(raw, r, received_at),
-                        )
+                        let key = raw.key(r.index as usize).map(<[u8]>::to_vec);
+                        (key, DlqRecord::new(raw, r, received_at))
                     })
                     .collect();
                 dlq_count += records.len();
@@ -263,22 +278,38 @@ impl Pipeline {
                 &self.stats.air_readings
             };
             counter.fetch_add(decoded.batch.num_rows() as u64, Ordering::Relaxed);
-            if *raw.topic == *topics.camera {
-                let output = self.query.process(raw, &decoded, now).await?;
-                if !output.late.is_empty() {
-                    let records: Vec<_> = output
-                        .late
+            let partitions: Vec<i32> = decoded
+                .rows
+                .iter()
+                .map(|&i| raw.partitions[i as usize])
+                .collect();
+            let offsets: Vec<i64> = decoded
+                .rows
+                .iter()
+                .map(|&i| raw.offsets[i as usize])
+                .collect();
+            for running in &mut self.queries {
+                if running.query.source().options.topic != *raw.topic {
+                    continue;
+                }
+                let out = running
+                    .query
+                    .process(&decoded.batch, &partitions, Some(&offsets), now)
+                    .await?;
+                if !out.diverted.is_empty() {
+                    let records: Vec<_> = out
+                        .diverted
                         .iter()
-                        .map(|l| {
-                            let i = l.index as usize;
+                        .map(|d| {
+                            let i = decoded.rows[d.row as usize] as usize;
                             let record = LateRecord {
-                                query: "congestion_minute".into(),
+                                query: running.name.clone(),
                                 topic: raw.topic.to_string(),
                                 partition: raw.partitions[i],
                                 offset: raw.offsets[i],
-                                event_time: l.event_time,
-                                watermark: l.watermark,
-                                reason: "beyond_allowed_lateness".into(),
+                                event_time: d.event_time,
+                                watermark: d.watermark.max(0),
+                                reason: d.reason.as_str().into(),
                                 payload: BASE64.encode(raw.value(i)),
                             };
                             (raw.key(i).map(<[u8]>::to_vec), record)
@@ -289,13 +320,13 @@ impl Pipeline {
                         .send_json(&topics.late, &records, &mut pending)
                         .await?;
                 }
-                if let Some(rows) = output.rows {
-                    indicator_count += rows.num_rows();
-                    let rows = conform(&rows, &self.congestion_schema)?;
-                    self.sink
-                        .send_rows(&topics.congestion, &rows, "segment_id", &mut pending)
-                        .await?;
-                }
+                rows_out += publish(
+                    &self.sink,
+                    running.query.sink().cloned(),
+                    out.rows,
+                    &mut pending,
+                )
+                .await?;
             }
             for (p, o) in raw.partitions.iter().zip(&raw.offsets) {
                 let next = self
@@ -306,13 +337,16 @@ impl Pipeline {
             }
         }
         if batches.is_empty() {
-            // No input: idle partitions may still let the watermark close windows.
-            if let Some(rows) = self.query.tick(now)? {
-                indicator_count += rows.num_rows();
-                let rows = conform(&rows, &self.congestion_schema)?;
-                self.sink
-                    .send_rows(&topics.congestion, &rows, "segment_id", &mut pending)
-                    .await?;
+            // No input: idle partitions and early fires may still make results due.
+            for running in &mut self.queries {
+                let out = running.query.tick(now).await?;
+                rows_out += publish(
+                    &self.sink,
+                    running.query.sink().cloned(),
+                    out.rows,
+                    &mut pending,
+                )
+                .await?;
             }
         }
         let outputs = pending.len();
@@ -325,37 +359,44 @@ impl Pipeline {
             .fetch_add(late_count as u64, Ordering::Relaxed);
         self.stats
             .indicators_out
-            .fetch_add(indicator_count as u64, Ordering::Relaxed);
+            .fetch_add(rows_out as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        if let Some(w) = self.query.watermark() {
+        if let Some(w) = self
+            .queries
+            .iter()
+            .filter_map(|r| r.query.watermark())
+            .min()
+        {
             self.stats.watermark_ms.store(w, Ordering::Relaxed);
         }
+        let groups: usize = self.queries.iter().map(|r| r.query.state_groups()).sum();
         self.stats
             .state_groups
-            .store(self.query.state().group_count() as u64, Ordering::Relaxed);
+            .store(groups as u64, Ordering::Relaxed);
         if outputs > 0 {
             debug!(
                 outputs,
                 dlq = dlq_count,
                 late = late_count,
-                indicators = indicator_count,
+                rows = rows_out,
                 "batch published"
             );
         }
         self.commit()
     }
 
-    /// Commits every offset whose outputs are acknowledged and whose events are in no open
-    /// window.
+    /// Commits every offset whose outputs are acknowledged and whose events no open window
+    /// of any query still needs.
     fn commit(&mut self) -> Result<()> {
-        let held = self.query.state().min_offsets();
         let mut changed = HashMap::new();
         for ((topic, partition), next) in &self.next_offsets {
             let mut offset = *next;
-            if **topic == *self.config.topics.camera
-                && let Some(min) = held.get(partition)
-            {
-                offset = offset.min(*min);
+            for running in &self.queries {
+                if running.query.source().options.topic == **topic
+                    && let Some(held) = running.query.held_offsets().get(partition)
+                {
+                    offset = offset.min(*held);
+                }
             }
             let key = (topic.clone(), *partition);
             if self.committed.get(&key) != Some(&offset) {
@@ -366,6 +407,29 @@ impl Pipeline {
         self.committed.extend(changed);
         Ok(())
     }
+}
+
+/// Publishes a query's result rows to its sink topic, keyed by the sink's key column.
+async fn publish(
+    sink: &KafkaSink,
+    table: Option<Arc<StreamTable>>,
+    rows: Vec<RecordBatch>,
+    pending: &mut Pending,
+) -> Result<usize> {
+    let Some(table) = table else { return Ok(0) };
+    let mut n = 0;
+    for batch in rows {
+        let batch = conform_stream(&batch, &table.topic_schema)?;
+        n += batch.num_rows();
+        sink.send_rows(
+            &table.options.topic,
+            &batch,
+            table.options.key.as_deref(),
+            pending,
+        )
+        .await?;
+    }
+    Ok(n)
 }
 
 /// Wall-clock time, epoch ms.

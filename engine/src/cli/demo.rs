@@ -132,7 +132,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     // The pipeline.
     let stats = Arc::new(PipelineStats::new());
     let pipeline_stop = Arc::new(AtomicBool::new(false));
-    let pipeline = Pipeline::new(PipelineConfig::new(&brokers), stats.clone())?;
+    let pipeline = Pipeline::new(PipelineConfig::new(&brokers), stats.clone()).await?;
     let pipeline_task = tokio::spawn(pipeline.run(pipeline_stop.clone()));
 
     // An ordinary consumer of the indicator topic feeds the view.

@@ -328,6 +328,7 @@ impl StreamContext {
                 last_early_fire_ms: i64::MIN,
                 output_schema,
                 output_names: None,
+                held: Default::default(),
             });
         };
         let (Some(top_agg), Some(bottom_agg)) = (
@@ -464,6 +465,7 @@ impl StreamContext {
             last_early_fire_ms: i64::MIN,
             output_schema: Arc::new(Schema::new(fields)),
             output_names: None,
+            held: Default::default(),
         })
     }
 }
@@ -594,6 +596,9 @@ pub struct StreamQuery {
     last_early_fire_ms: i64,
     output_schema: SchemaRef,
     output_names: Option<Vec<String>>,
+    /// Per end of the last window an admitted row belongs to: the smallest input offset per
+    /// partition. An offset is safe to commit once no unevicted window needs its row.
+    held: std::collections::BTreeMap<i64, HashMap<i32, i64>>,
 }
 
 impl StreamQuery {
@@ -641,6 +646,18 @@ impl StreamQuery {
             .map_or(0, |w| w.operator.state_bytes())
     }
 
+    /// Per partition, the oldest input offset a window not yet evicted still needs. Offsets
+    /// before it are safe to commit once this step's outputs are acknowledged.
+    pub fn held_offsets(&self) -> HashMap<i32, i64> {
+        let mut out: HashMap<i32, i64> = HashMap::new();
+        for partitions in self.held.values() {
+            for (&p, &o) in partitions {
+                out.entry(p).and_modify(|m| *m = (*m).min(o)).or_insert(o);
+            }
+        }
+        out
+    }
+
     /// Live windows.
     pub fn open_windows(&self) -> usize {
         self.windowed
@@ -682,15 +699,21 @@ impl StreamQuery {
     /// Processes a decoded batch of the source (`partitions[i]` is row i's Kafka partition)
     /// at processing time `now_ms`: diverts future-stamped and late rows, runs the stateless
     /// part, updates window state, advances the watermark and returns what is due.
+    ///
+    /// `offsets[i]`, when given, is row i's Kafka offset: the query then remembers, per
+    /// partition, the oldest offset a window still open needs ([`StreamQuery::held_offsets`]).
     pub async fn process(
         &mut self,
         batch: &RecordBatch,
         partitions: &[i32],
+        offsets: Option<&[i64]>,
         now_ms: i64,
     ) -> Result<StepOutput> {
         let mut out = StepOutput::default();
         let batch = match self.time_column.clone() {
-            Some(time) => self.admit(batch, partitions, &time, now_ms, &mut out.diverted)?,
+            Some(time) => {
+                self.admit(batch, partitions, offsets, &time, now_ms, &mut out.diverted)?
+            }
             None => batch.clone(),
         };
         if batch.num_rows() > 0 {
@@ -730,6 +753,7 @@ impl StreamQuery {
         &mut self,
         batch: &RecordBatch,
         partitions: &[i32],
+        offsets: Option<&[i64]>,
         time: &str,
         now_ms: i64,
         diverted: &mut Vec<Diverted>,
@@ -783,6 +807,13 @@ impl StreamQuery {
                     let p = partitions.get(r).copied().unwrap_or(0);
                     let m = max_by_partition.entry(p).or_insert(t);
                     *m = (*m).max(t);
+                    if let (Some(w), Some(offset)) =
+                        (&self.windowed, offsets.and_then(|o| o.get(r)))
+                    {
+                        let held = self.held.entry(w.operator.last_window_end(t)).or_default();
+                        let o = held.entry(p).or_insert(*offset);
+                        *o = (*o).min(*offset);
+                    }
                     keep.push(true);
                 }
             }
@@ -808,7 +839,10 @@ impl StreamQuery {
             }
             _ => false,
         };
-        for emission in w.operator.advance(watermark, early)? {
+        let emissions = w.operator.advance(watermark, early)?;
+        let evicted = w.operator.evicted_through();
+        self.held = self.held.split_off(&evicted.saturating_add(1));
+        for emission in emissions {
             // Rows of one revision go through the upper plan together, so that each output
             // row keeps its revision even when HAVING drops rows.
             let mut by_revision: std::collections::BTreeMap<u32, Vec<bool>> = Default::default();

@@ -26,9 +26,9 @@ use crate::error::{Error, Result};
 use crate::schema::TopicSchema;
 use crate::source::RawBatch;
 
-/// Casts and reorders `batch` to the output topic's schema, matching columns by name. Missing
-/// nullable fields become null; a missing required field or an extra column is an error that
-/// names it.
+/// Casts and reorders `batch` to the output topic's schema, matching columns by name. A
+/// missing field takes its Avro default, or null if it is nullable; a missing required field
+/// or an extra column is an error that names it.
 pub fn conform(batch: &RecordBatch, schema: &TopicSchema) -> Result<RecordBatch> {
     let target = schema.output_schema();
     let input = batch.schema();
@@ -41,9 +41,17 @@ pub fn conform(batch: &RecordBatch, schema: &TopicSchema) -> Result<RecordBatch>
         }
     }
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
-    for field in target.fields() {
+    for (f, field) in target.fields().iter().enumerate() {
         match input.index_of(field.name()) {
             Ok(i) => columns.push(cast(batch.column(i), field.data_type())?),
+            Err(_) if schema.defaults[f].is_some() => {
+                let default = schema.defaults[f]
+                    .as_ref()
+                    .map(|d| d.to_array_of_size(batch.num_rows()));
+                if let Some(default) = default {
+                    columns.push(cast(&default?, field.data_type())?);
+                }
+            }
             Err(_) if field.is_nullable() => {
                 columns.push(new_null_array(field.data_type(), batch.num_rows()))
             }
@@ -255,22 +263,32 @@ impl KafkaSink {
     }
 
     /// Publishes each row of `batch` (already conformed to the topic's schema) as JSON, keyed
-    /// by the string column `key_column`.
+    /// by the column `key_column` (its text form), or without key.
     pub async fn send_rows(
         &self,
         topic: &str,
         batch: &RecordBatch,
-        key_column: &str,
+        key_column: Option<&str>,
         pending: &mut Pending,
     ) -> Result<()> {
-        let keys = batch
-            .column_by_name(key_column)
-            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-            .ok_or_else(|| Error::Config(format!("key column {key_column} is not a string")))?;
+        let keys = match key_column {
+            Some(name) => {
+                let column = batch
+                    .column_by_name(name)
+                    .ok_or_else(|| Error::Config(format!("key column {name} is missing")))?;
+                Some(cast(column, &DataType::Utf8)?)
+            }
+            None => None,
+        };
+        let keys = keys
+            .as_ref()
+            .and_then(|k| k.as_any().downcast_ref::<StringArray>());
         let (bytes, ends) = encode_json_rows(batch)?;
         let mut start = 0;
         for (r, end) in ends.into_iter().enumerate() {
-            let key = (!keys.is_null(r)).then(|| keys.value(r).as_bytes());
+            let key = keys
+                .filter(|k| !k.is_null(r))
+                .map(|k| k.value(r).as_bytes());
             self.send(topic, key, &bytes[start..end], pending).await?;
             start = end + 1;
         }
@@ -405,7 +423,7 @@ mod tests {
         assert_eq!(ends.len(), 1);
         assert_eq!(
             std::str::from_utf8(&bytes[..ends[0]]).expect("utf8"),
-            r#"{"segment_id":"kim_ma_w","window_start":60000,"window_end":120000,"vehicles":3,"mean_speed_kmh":null,"motorbike_share":null,"revision":0}"#
+            r#"{"segment_id":"kim_ma_w","window_start":60000,"window_end":120000,"vehicles":3,"mean_speed_kmh":null,"motorbike_share":null,"revision":0,"is_final":true}"#
         );
         let extra = RecordBatch::try_from_iter(vec![(
             "speed",

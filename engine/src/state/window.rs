@@ -180,13 +180,23 @@ impl WindowOperator {
     /// Whether an event at `t` can no longer change any window (every window containing it
     /// is past its end plus the allowed lateness).
     pub fn is_late(&self, t: i64) -> bool {
-        let last_end = match self.spec.window {
+        self.last_window_end(t) <= self.evicted_through
+    }
+
+    /// End of the last window containing event time `t`: once the operator has evicted
+    /// through it, nothing at `t` can change any output.
+    pub fn last_window_end(&self, t: i64) -> i64 {
+        match self.spec.window {
             WindowSpec::Tumble { width } => t.div_euclid(width) * width + width,
             WindowSpec::Hop { slide, size } => t.div_euclid(slide) * slide + size,
             WindowSpec::Cumulate { max, .. } => t.div_euclid(max) * max + max,
-            WindowSpec::Session { .. } => return false,
-        };
-        last_end <= self.evicted_through
+            WindowSpec::Session { gap } => t.saturating_add(gap),
+        }
+    }
+
+    /// Windows ending at or before this have been evicted.
+    pub fn evicted_through(&self) -> i64 {
+        self.evicted_through
     }
 
     /// The watermark the operator last advanced to.
@@ -584,8 +594,9 @@ mod tests {
             slide: 20,
             size: 30,
         });
-        assert_eq!(h.windows_of(25), vec![(20, 50)]);
+        assert_eq!(h.windows_of(25), vec![(0, 30), (20, 50)]);
         assert_eq!(h.windows_of(15), vec![(0, 30)]);
+        assert_eq!(h.windows_of(35), vec![(20, 50)]);
         assert_eq!(h.pane_ms, 10);
         let c = op(WindowSpec::Cumulate { step: 10, max: 30 });
         assert_eq!(c.windows_of(15), vec![(0, 20), (0, 30)]);
