@@ -1,0 +1,289 @@
+//! Invariants of the streaming engine, in deterministic mode:
+//! - incremental results equal a batch DataFusion query over the same events, whatever the
+//!   arrival order (within the allowed lateness) and the micro-batch split;
+//! - window state is freed once windows close.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, TimeUnit};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use proptest::prelude::*;
+use urbanstream::deterministic::{DeterministicEngine, Outcome};
+
+/// 2026-01-01T06:00:00Z.
+const T0: i64 = 1_767_247_200_000;
+
+#[derive(Debug, Clone)]
+struct Event {
+    key: &'static str,
+    t: i64,
+    v: i64,
+}
+
+/// (key, window_start) → (count, sum, min, max).
+type Results = BTreeMap<(String, i64), (i64, i64, i64, i64)>;
+
+async fn setup(engine: &mut DeterministicEngine, group_by: &str) -> anyhow::Result<()> {
+    for sql in [
+        "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')",
+        "CREATE EXTERNAL TABLE out (k VARCHAR NOT NULL, window_start TIMESTAMP NOT NULL, \
+         n BIGINT NOT NULL, s BIGINT, lo BIGINT, hi BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'out')",
+        "SET urbanstream.allowed_lateness = '10m'",
+    ] {
+        engine.execute(sql).await?;
+    }
+    engine
+        .execute(&format!(
+            "INSERT INTO out SELECT k, window_start, count(*) AS n, sum(v) AS s, min(v) AS lo, \
+             max(v) AS hi FROM ev GROUP BY {group_by}, k"
+        ))
+        .await?;
+    Ok(())
+}
+
+fn values_sql(events: &[Event]) -> String {
+    let rows: Vec<String> = events
+        .iter()
+        .map(|e| format!("('{}', to_timestamp_millis({}), {})", e.key, e.t, e.v))
+        .collect();
+    format!("INSERT INTO ev VALUES {}", rows.join(", "))
+}
+
+fn column(batch: &RecordBatch, name: &str, data_type: &DataType) -> ArrayRef {
+    let c = batch
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("column {name}"));
+    cast(c, data_type).unwrap_or_else(|e| panic!("column {name}: {e}"))
+}
+
+/// Runs the engine over `arrivals` split into micro-batches at `cuts`, then closes every
+/// window; returns the last revision of each (key, window).
+async fn incremental(
+    group_by: &str,
+    arrivals: &[Event],
+    cuts: &[usize],
+) -> anyhow::Result<Results> {
+    let mut engine = DeterministicEngine::new();
+    setup(&mut engine, group_by).await?;
+    let mut start = 0;
+    for &cut in cuts.iter().chain(std::iter::once(&arrivals.len())) {
+        let cut = cut.clamp(start, arrivals.len());
+        if cut > start {
+            engine.execute(&values_sql(&arrivals[start..cut])).await?;
+        }
+        start = cut;
+    }
+    engine
+        .execute("ADVANCE WATERMARK ev TO '2026-01-02T00:00:00'")
+        .await?;
+    let Outcome::Rows(late) = engine.execute("SHOW LATE").await? else {
+        anyhow::bail!("rows")
+    };
+    assert_eq!(
+        late.iter().map(|b| b.num_rows()).sum::<usize>(),
+        0,
+        "nothing may be late"
+    );
+    let Outcome::Rows(rows) = engine
+        .execute("SELECT k, window_start, n, s, lo, hi, revision, is_final FROM out")
+        .await?
+    else {
+        anyhow::bail!("rows")
+    };
+    let mut latest: BTreeMap<(String, i64), (i32, (i64, i64, i64, i64))> = BTreeMap::new();
+    for b in &rows {
+        let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
+        let k = column(b, "k", &DataType::Utf8);
+        let k = k.as_any().downcast_ref::<StringArray>().expect("k");
+        let ws = column(b, "window_start", &ts);
+        let ws = ws
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .expect("ws");
+        let ints: Vec<ArrayRef> = ["n", "s", "lo", "hi"]
+            .iter()
+            .map(|c| column(b, c, &DataType::Int64))
+            .collect();
+        let ints: Vec<&Int64Array> = ints
+            .iter()
+            .map(|a| a.as_any().downcast_ref::<Int64Array>().expect("int"))
+            .collect();
+        let (n, s, lo, hi) = (ints[0], ints[1], ints[2], ints[3]);
+        let rev = column(b, "revision", &DataType::Int32);
+        let rev = rev.as_any().downcast_ref::<Int32Array>().expect("revision");
+        for r in 0..b.num_rows() {
+            let key = (k.value(r).to_string(), ws.value(r));
+            let value = (
+                rev.value(r),
+                (n.value(r), s.value(r), lo.value(r), hi.value(r)),
+            );
+            let entry = latest.entry(key).or_insert(value);
+            if value.0 >= entry.0 {
+                *entry = value;
+            }
+        }
+    }
+    Ok(latest.into_iter().map(|(k, (_, v))| (k, v)).collect())
+}
+
+/// The same aggregation as one batch DataFusion query; `window_starts` lists, as SQL, the
+/// window starts of an event (several for hopping windows).
+async fn batch(events: &[Event], window_starts: &str) -> anyhow::Result<Results> {
+    let ctx = SessionContext::new();
+    let keys: ArrayRef = Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.key)));
+    let times: ArrayRef = Arc::new(TimestampMillisecondArray::from_iter_values(
+        events.iter().map(|e| e.t),
+    ));
+    let values: ArrayRef = Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.v)));
+    let b = RecordBatch::try_from_iter(vec![("k", keys), ("t", times), ("v", values)])?;
+    ctx.register_table(
+        "ev",
+        Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
+    )?;
+    let sql = format!(
+        "SELECT k, ws, count(*) AS n, sum(v) AS s, min(v) AS lo, max(v) AS hi \
+         FROM (SELECT k, v, {window_starts} AS ws FROM ev {}) GROUP BY k, ws",
+        if window_starts.contains("o.n") {
+            "CROSS JOIN (VALUES (0), (1), (2)) AS o(n)"
+        } else {
+            ""
+        }
+    );
+    let mut out = Results::new();
+    for b in ctx.sql(&sql).await?.collect().await? {
+        let ws = cast(
+            b.column(1),
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )?;
+        let ws = ws
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .expect("ts");
+        let k = cast(b.column(0), &DataType::Utf8)?;
+        let k = k.as_any().downcast_ref::<StringArray>().expect("k");
+        let n = b
+            .column(2)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("n");
+        let s = b
+            .column(3)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("s");
+        let lo = b
+            .column(4)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("lo");
+        let hi = b
+            .column(5)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("hi");
+        for r in 0..b.num_rows() {
+            out.insert(
+                (k.value(r).to_string(), ws.value(r)),
+                (n.value(r), s.value(r), lo.value(r), hi.value(r)),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Events over ~20 minutes, arriving out of order by up to 4 minutes (within the 10-minute
+/// allowed lateness), with random micro-batch boundaries.
+fn scenario() -> impl Strategy<Value = (Vec<Event>, Vec<usize>)> {
+    let event = (0usize..4, 0i64..1_200_000, -50i64..50, 0i64..240_000);
+    (
+        prop::collection::vec(event, 1..120),
+        prop::collection::vec(0usize..120, 0..8),
+    )
+        .prop_map(|(raw, mut cuts)| {
+            // Arrival order is event time plus a random delay.
+            let mut events: Vec<(i64, Event)> = raw
+                .into_iter()
+                .map(|(k, t, v, delay)| {
+                    let key = ["a", "b", "c", "d"][k];
+                    (t + delay, Event { key, t: T0 + t, v })
+                })
+                .collect();
+            events.sort_by_key(|(arrival, _)| *arrival);
+            cuts.sort_unstable();
+            (events.into_iter().map(|(_, e)| e).collect(), cuts)
+        })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    #[test]
+    fn tumbling_windows_equal_batch_query((events, cuts) in scenario()) {
+        let rt = runtime();
+        let got = rt.block_on(incremental("tumble(t, INTERVAL '1 minute')", &events, &cuts)).expect("engine");
+        let want = rt.block_on(batch(&events, "date_bin(INTERVAL '1 minute', t)")).expect("batch");
+        prop_assert!(!want.is_empty());
+        prop_assert_eq!(got, want);
+    }
+
+    #[test]
+    fn hopping_windows_equal_batch_query((events, cuts) in scenario()) {
+        let rt = runtime();
+        let got = rt
+            .block_on(incremental("hop(t, INTERVAL '1 minute', INTERVAL '3 minutes')", &events, &cuts))
+            .expect("engine");
+        let want = rt
+            .block_on(batch(
+                &events,
+                "date_bin(INTERVAL '1 minute', t) - CASE o.n WHEN 0 THEN INTERVAL '0 minutes' \
+                 WHEN 1 THEN INTERVAL '1 minute' ELSE INTERVAL '2 minutes' END",
+            ))
+            .expect("batch");
+        prop_assert!(!want.is_empty());
+        prop_assert_eq!(got, want);
+    }
+}
+
+#[tokio::test]
+async fn state_is_freed_when_windows_close() -> anyhow::Result<()> {
+    let mut engine = DeterministicEngine::new();
+    setup(&mut engine, "tumble(t, INTERVAL '1 minute')").await?;
+    let events: Vec<Event> = (0..2000)
+        .map(|i| Event {
+            key: ["a", "b", "c", "d"][i % 4],
+            t: T0 + (i as i64) * 50,
+            v: i as i64,
+        })
+        .collect();
+    for chunk in events.chunks(250) {
+        engine.execute(&values_sql(chunk)).await?;
+    }
+    let (groups, bytes) = engine.state_size();
+    assert!(
+        groups > 0 && bytes > 0,
+        "state while windows are open: {groups} groups, {bytes} B"
+    );
+    // Past every window's end plus the 10-minute allowed lateness: everything is evicted.
+    engine
+        .execute("ADVANCE WATERMARK ev TO '2026-01-01T07:00:00'")
+        .await?;
+    assert_eq!(engine.state_size(), (0, 0));
+    assert_eq!(engine.queries()[0].open_windows(), 0);
+    assert!(engine.queries()[0].held_offsets().is_empty());
+    Ok(())
+}
