@@ -26,8 +26,11 @@ struct Event {
     v: i64,
 }
 
-/// (key, window_start) → (count, sum, min, max).
-type Results = BTreeMap<(String, i64), (i64, i64, i64, i64)>;
+/// (count, sum, min, max) of a window.
+type Aggregates = (i64, i64, i64, i64);
+
+/// (key, window_start) → aggregates.
+type Results = BTreeMap<(String, i64), Aggregates>;
 
 async fn setup(engine: &mut DeterministicEngine, group_by: &str) -> anyhow::Result<()> {
     for sql in [
@@ -98,7 +101,7 @@ async fn incremental(
     else {
         anyhow::bail!("rows")
     };
-    let mut latest: BTreeMap<(String, i64), (i32, (i64, i64, i64, i64))> = BTreeMap::new();
+    let mut latest: BTreeMap<(String, i64), (i32, Aggregates)> = BTreeMap::new();
     for b in &rows {
         let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
         let k = column(b, "k", &DataType::Utf8);
