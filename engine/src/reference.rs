@@ -117,6 +117,25 @@ pub struct PcuFactor {
     pub description: String,
 }
 
+/// Roads of the congestion hot spots named for Hanoi (Ngã Tư Sở, the Thái Hà–Chùa Bộc
+/// flyover, Phạm Văn Đồng, Xuân Thủy, Kim Mã, Minh Khai, Nguyễn Xiển–Nguyễn Trãi, the Pháp Vân
+/// interchange, Ring Road 3, Phạm Văn Bạch × Hoàng Quốc Việt), as `Segment::road` values.
+pub const HOTSPOT_ROADS: &[&str] = &[
+    "Trường Chinh",
+    "Nguyễn Trãi",
+    "Ring Road 2",
+    "Thái Hà – Chùa Bộc",
+    "Phạm Văn Đồng",
+    "Xuân Thủy",
+    "Kim Mã",
+    "Minh Khai",
+    "Nguyễn Xiển",
+    "Pháp Vân – Cầu Giẽ",
+    "Ring Road 3 elevated",
+    "Phạm Văn Bạch",
+    "Hoàng Quốc Việt",
+];
+
 /// The reference CSV files compiled into the binary: (file name, contents).
 pub const EMBEDDED: &[(&str, &str)] = &[
     (
@@ -251,23 +270,9 @@ mod tests {
         let data = ReferenceData::embedded().expect("reference data");
         assert_eq!(data.wards.len(), 51, "the 51 urban wards since 1 July 2025");
         // The corridors named as congestion hot spots are all covered.
-        for road in [
-            "Trường Chinh",
-            "Nguyễn Trãi",
-            "Ring Road 2",
-            "Thái Hà – Chùa Bộc",
-            "Phạm Văn Đồng",
-            "Xuân Thủy",
-            "Kim Mã",
-            "Minh Khai",
-            "Nguyễn Xiển",
-            "Pháp Vân – Cầu Giẽ",
-            "Ring Road 3 elevated",
-            "Phạm Văn Bạch",
-            "Hoàng Quốc Việt",
-        ] {
+        for road in HOTSPOT_ROADS {
             assert!(
-                data.segments.iter().any(|s| s.road == road),
+                data.segments.iter().any(|s| s.road == *road),
                 "no segment on {road}"
             );
         }

@@ -327,7 +327,6 @@ impl StreamContext {
                 early_fire_ms: None,
                 last_early_fire_ms: i64::MIN,
                 output_schema,
-                output_names: None,
                 held: Default::default(),
             });
         };
@@ -464,7 +463,6 @@ impl StreamContext {
             early_fire_ms: early_fire.map(|d| d.as_millis() as i64),
             last_early_fire_ms: i64::MIN,
             output_schema: Arc::new(Schema::new(fields)),
-            output_names: None,
             held: Default::default(),
         })
     }
@@ -595,7 +593,6 @@ pub struct StreamQuery {
     early_fire_ms: Option<i64>,
     last_early_fire_ms: i64,
     output_schema: SchemaRef,
-    output_names: Option<Vec<String>>,
     /// Per end of the last window an admitted row belongs to: the smallest input offset per
     /// partition. An offset is safe to commit once no unevicted window needs its row.
     held: std::collections::BTreeMap<i64, HashMap<i32, i64>>,
@@ -684,7 +681,6 @@ impl StreamQuery {
             *f = f.clone().with_name(n);
         }
         self.output_schema = Arc::new(Schema::new(fields));
-        self.output_names = Some(names);
         Ok(())
     }
 
@@ -869,9 +865,4 @@ impl StreamQuery {
         }
         Ok(())
     }
-}
-
-/// Keeps only the array's rows at `mask` (helper for callers mapping diverted rows).
-pub fn rows_where(array: &dyn Array, mask: &BooleanArray) -> Result<ArrayRef> {
-    Ok(datafusion::arrow::compute::filter(array, mask)?)
 }

@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Poisson};
 use serde::Serialize;
 
-use crate::reference::{ReferenceData, RoadClass};
+use crate::reference::{HOTSPOT_ROADS, ReferenceData, RoadClass};
 
 /// Hanoi is UTC+7 all year.
 pub const HANOI_OFFSET_MS: i64 = 7 * 3_600_000;
@@ -191,26 +191,11 @@ impl CitySimulator {
     /// A simulator over `reference` data.
     pub fn new(config: SimConfig, reference: Arc<ReferenceData>) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-        let hot_roads = [
-            "Trường Chinh",
-            "Nguyễn Trãi",
-            "Ring Road 2",
-            "Thái Hà – Chùa Bộc",
-            "Phạm Văn Đồng",
-            "Xuân Thủy",
-            "Kim Mã",
-            "Minh Khai",
-            "Nguyễn Xiển",
-            "Pháp Vân – Cầu Giẽ",
-            "Ring Road 3 elevated",
-            "Phạm Văn Bạch",
-            "Hoàng Quốc Việt",
-        ];
         let hotspot = reference
             .segments
             .iter()
             .map(|s| {
-                let base = if hot_roads.contains(&s.road.as_str()) {
+                let base = if HOTSPOT_ROADS.contains(&s.road.as_str()) {
                     1.2
                 } else {
                     0.9
