@@ -262,6 +262,76 @@ proptest! {
     }
 }
 
+/// Sessions as one batch query (gaps and islands): a new session starts where an event is
+/// more than the gap after the previous one of its key.
+async fn batch_sessions(events: &[Event]) -> anyhow::Result<Results> {
+    let ctx = SessionContext::new();
+    let keys: ArrayRef = Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.key)));
+    let times: ArrayRef = Arc::new(TimestampMillisecondArray::from_iter_values(
+        events.iter().map(|e| e.t),
+    ));
+    let values: ArrayRef = Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.v)));
+    let b = RecordBatch::try_from_iter(vec![("k", keys), ("t", times), ("v", values)])?;
+    ctx.register_table(
+        "ev",
+        Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
+    )?;
+    let sql = "SELECT k, min(t) AS ws, count(*) AS n, sum(v) AS s, min(v) AS lo, max(v) AS hi FROM (
+        SELECT k, t, v, sum(fresh) OVER (PARTITION BY k ORDER BY t, v ROWS UNBOUNDED PRECEDING) AS sid FROM (
+          SELECT k, t, v, CASE WHEN t - lag(t) OVER (PARTITION BY k ORDER BY t, v) <= INTERVAL '5 minutes'
+                               THEN 0 ELSE 1 END AS fresh FROM ev))
+        GROUP BY k, sid";
+    let mut out = Results::new();
+    for b in ctx.sql(sql).await?.collect().await? {
+        let ws = cast(
+            b.column(1),
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )?;
+        let ws = ws
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .expect("ts");
+        let k = cast(b.column(0), &DataType::Utf8)?;
+        let k = k.as_any().downcast_ref::<StringArray>().expect("k");
+        let ints: Vec<ArrayRef> = (2..6)
+            .map(|i| cast(b.column(i), &DataType::Int64))
+            .collect::<Result<_, _>>()?;
+        let ints: Vec<&Int64Array> = ints
+            .iter()
+            .map(|a| a.as_any().downcast_ref::<Int64Array>().expect("int"))
+            .collect();
+        for r in 0..b.num_rows() {
+            out.insert(
+                (k.value(r).to_string(), ws.value(r)),
+                (
+                    ints[0].value(r),
+                    ints[1].value(r),
+                    ints[2].value(r),
+                    ints[3].value(r),
+                ),
+            );
+        }
+    }
+    Ok(out)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// Arrival delays (≤ 4 min) stay below the gap (5 min), so an emitted session can grow
+    /// later but never change its start: the last revision per (key, start) is the session.
+    #[test]
+    fn session_windows_equal_batch_query((events, cuts) in scenario()) {
+        let rt = runtime();
+        let got = rt
+            .block_on(incremental("session(t, INTERVAL '5 minutes')", &events, &cuts))
+            .expect("engine");
+        let want = rt.block_on(batch_sessions(&events)).expect("batch");
+        prop_assert!(!want.is_empty());
+        prop_assert_eq!(got, want);
+    }
+}
+
 #[tokio::test]
 async fn state_is_freed_when_windows_close() -> anyhow::Result<()> {
     let mut engine = DeterministicEngine::new();

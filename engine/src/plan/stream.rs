@@ -47,6 +47,8 @@ use urbanstream_operators::window::{WINDOW_FUNCTIONS, WindowSpec, interval_ms};
 use super::feed::{Feed, FeedExec};
 use super::rewrite::rewrite_windows;
 use super::table::{KafkaTableFactory, StreamTable};
+use crate::state::WindowedAggregation;
+use crate::state::session::SessionOperator;
 use crate::state::window::{AggregateSpec, WindowOperator};
 use crate::time::WatermarkTracker;
 
@@ -399,11 +401,6 @@ impl StreamContext {
             })
             .collect::<Result<Vec<_>>>()?;
         let spec = WindowSpec::new(&window_name, &intervals)?;
-        if let WindowSpec::Session { .. } = spec {
-            return plan_err!(
-                "session() windows are not supported by the engine yet; use tumble, hop or cumulate"
-            );
-        }
         let output_schema = top.schema();
         let group_schema = Arc::new(Schema::new(
             (0..group_exprs.len())
@@ -453,7 +450,12 @@ impl StreamContext {
             feed,
             lower,
             windowed: Some(Windowed {
-                operator: WindowOperator::new(spec, lateness.as_millis() as i64)?,
+                operator: match spec.window {
+                    WindowSpec::Session { .. } => {
+                        Box::new(SessionOperator::new(spec, lateness.as_millis() as i64)?)
+                    }
+                    _ => Box::new(WindowOperator::new(spec, lateness.as_millis() as i64)?),
+                },
                 upper,
                 upper_feed,
             }),
@@ -574,7 +576,7 @@ fn refuse_unbounded(plan: &LogicalPlan) -> Result<()> {
 }
 
 struct Windowed {
-    operator: WindowOperator,
+    operator: Box<dyn WindowedAggregation>,
     upper: Arc<dyn ExecutionPlan>,
     upper_feed: Feed,
 }

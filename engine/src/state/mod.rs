@@ -1,6 +1,65 @@
 //! State: what stream queries keep between micro-batches.
 //!
-//! [`window::WindowOperator`] holds the incremental aggregation state of windowed queries:
-//! per pane, DataFusion group keys and accumulator state, never raw events.
+//! Windowed aggregation state never holds raw events, only DataFusion group keys and
+//! accumulator state:
+//! - [`window::WindowOperator`]: `tumble`, `hop` and `cumulate`, in panes shared by windows;
+//! - [`session::SessionOperator`]: `session`, per key.
+//!
+//! Both implement [`WindowedAggregation`], which the query runtime drives.
 
+pub mod session;
 pub mod window;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::common::Result;
+
+use window::Emission;
+
+/// Incremental windowed aggregation, as the query runtime drives it.
+pub trait WindowedAggregation: Send {
+    /// Adds the rows of `batch` (the aggregation's input). Rows must not be late.
+    fn update(&mut self, batch: &RecordBatch) -> Result<()>;
+    /// Advances the watermark and returns the emissions due (final results, revisions from
+    /// late events, and early partial results when `early_fire`); frees expired state.
+    fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>>;
+    /// Whether an event at `t` can no longer change any output.
+    fn is_late(&self, t: i64) -> bool;
+    /// The end of the last window an event at `t` may belong to (for offset tracking).
+    fn last_window_end(&self, t: i64) -> i64;
+    /// Events whose [`WindowedAggregation::last_window_end`] is at or before this no longer
+    /// matter to any live window.
+    fn evicted_through(&self) -> i64;
+    /// (window, group) partials held.
+    fn group_count(&self) -> usize;
+    /// Bytes of state held.
+    fn state_bytes(&self) -> usize;
+    /// Live windows (sessions, for session windows).
+    fn window_count(&self) -> usize;
+}
+
+impl WindowedAggregation for window::WindowOperator {
+    fn update(&mut self, batch: &RecordBatch) -> Result<()> {
+        window::WindowOperator::update(self, batch)
+    }
+    fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>> {
+        window::WindowOperator::advance(self, watermark, early_fire)
+    }
+    fn is_late(&self, t: i64) -> bool {
+        window::WindowOperator::is_late(self, t)
+    }
+    fn last_window_end(&self, t: i64) -> i64 {
+        window::WindowOperator::last_window_end(self, t)
+    }
+    fn evicted_through(&self) -> i64 {
+        window::WindowOperator::evicted_through(self)
+    }
+    fn group_count(&self) -> usize {
+        window::WindowOperator::group_count(self)
+    }
+    fn state_bytes(&self) -> usize {
+        window::WindowOperator::state_bytes(self)
+    }
+    fn window_count(&self) -> usize {
+        window::WindowOperator::window_count(self)
+    }
+}

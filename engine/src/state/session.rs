@@ -1,0 +1,399 @@
+//! The session-window operator: per group key, events less than `gap` apart form one session.
+//!
+//! Each session holds its own DataFusion accumulators (one group each). An event joins every
+//! session of its key that it is within `gap` of, merging them (`state` → `merge_batch`); a
+//! session `[first event, last event + gap)` is emitted when the watermark reaches its end and
+//! freed when the watermark reaches end + allowed lateness. A late event within the allowed
+//! lateness updates its session, which is re-emitted as a revision; if it moves the session's
+//! start, the session is emitted under its new `window_start` with revision 0.
+//!
+//! An event is late when even a session of its own, `[t, t + gap)`, would already be past end +
+//! allowed lateness. (That is slightly stricter than testing the merged session: an event deep
+//! inside a long session still open is diverted when it is that old.)
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanArray, RecordBatch, StructArray, TimestampMillisecondArray,
+};
+use datafusion::arrow::compute::{cast, concat};
+use datafusion::arrow::datatypes::{DataType, TimeUnit};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::{Result, exec_err, internal_err};
+use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
+use datafusion::physical_expr::GroupsAccumulatorAdapter;
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use urbanstream_operators::window::{WindowSpec, window_fields};
+
+use super::WindowedAggregation;
+use super::window::{AggregateSpec, Emission};
+
+struct Session {
+    start: i64,
+    last: i64,
+    accumulators: Vec<Box<dyn GroupsAccumulator>>,
+    updated: u64,
+    emitted_at: Option<u64>,
+    final_fired: bool,
+    revisions: u32,
+}
+
+/// Incremental state of a query grouped by `session(ts, gap)`.
+pub struct SessionOperator {
+    spec: AggregateSpec,
+    gap: i64,
+    lateness_ms: i64,
+    /// Sessions per group key (row-encoded), ordered by start.
+    keys: HashMap<Box<[u8]>, Vec<Session>>,
+    row_converter: RowConverter,
+    watermark: i64,
+    late_frontier: i64,
+    evicted_through: i64,
+    step: u64,
+}
+
+impl SessionOperator {
+    /// An operator with empty state.
+    pub fn new(spec: AggregateSpec, lateness_ms: i64) -> Result<Self> {
+        let WindowSpec::Session { gap } = spec.window else {
+            return internal_err!("not a session window");
+        };
+        let fields: Vec<SortField> = if spec.group_schema.fields().is_empty() {
+            vec![SortField::new(DataType::Boolean)]
+        } else {
+            spec.group_schema
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect()
+        };
+        Ok(Self {
+            row_converter: RowConverter::new(fields)?,
+            spec,
+            gap,
+            lateness_ms: lateness_ms.max(0),
+            keys: HashMap::new(),
+            watermark: i64::MIN,
+            late_frontier: i64::MIN,
+            evicted_through: i64::MIN,
+            step: 0,
+        })
+    }
+
+    fn key_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
+        if self.spec.groups.is_empty() {
+            return Ok(vec![Arc::new(BooleanArray::from(vec![
+                true;
+                batch.num_rows()
+            ]))]);
+        }
+        self.spec
+            .groups
+            .iter()
+            .map(|e| {
+                e.evaluate(batch)
+                    .and_then(|v| v.into_array(batch.num_rows()))
+            })
+            .collect()
+    }
+}
+
+impl WindowedAggregation for SessionOperator {
+    fn update(&mut self, batch: &RecordBatch) -> Result<()> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        self.step += 1;
+        let times = self.spec.time.evaluate(batch)?.into_array(n)?;
+        let times = cast(&times, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+        let Some(times) = times.as_any().downcast_ref::<TimestampMillisecondArray>() else {
+            return internal_err!("session time column is not a timestamp");
+        };
+        if times.null_count() > 0 {
+            return exec_err!("the session's event-time column has nulls");
+        }
+        let keys = self.key_columns(batch)?;
+        let rows = self.row_converter.convert_columns(&keys)?;
+        let args = self
+            .spec
+            .aggregates
+            .iter()
+            .map(|a| {
+                a.expressions()
+                    .iter()
+                    .map(|e| e.evaluate(batch).and_then(|v| v.into_array(n)))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let filters = self
+            .spec
+            .filters
+            .iter()
+            .map(|f| match f {
+                Some(f) => f.evaluate(batch).and_then(|v| v.into_array(n)).map(Some),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| {
+            rows.row(a)
+                .cmp(&rows.row(b))
+                .then(times.value(a).cmp(&times.value(b)))
+        });
+        let step = self.step;
+        let gap = self.gap;
+        for i in order {
+            let t = times.value(i);
+            let key = rows.row(i);
+            if !self.keys.contains_key(key.as_ref()) {
+                self.keys.insert(key.as_ref().into(), Vec::new());
+            }
+            let fresh = new_accumulators(&self.spec.aggregates)?;
+            let Some(sessions) = self.keys.get_mut(key.as_ref()) else {
+                continue;
+            };
+            let touching: Vec<usize> = sessions
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.start - gap <= t && t <= s.last + gap)
+                .map(|(j, _)| j)
+                .collect();
+            let target = match touching.first() {
+                None => {
+                    sessions.push(Session {
+                        start: t,
+                        last: t,
+                        accumulators: fresh,
+                        updated: step,
+                        emitted_at: None,
+                        final_fired: false,
+                        revisions: 0,
+                    });
+                    sessions.len() - 1
+                }
+                Some(&first) => {
+                    // Merge every other touched session into the first (latest first, so the
+                    // indices stay valid).
+                    for &j in touching[1..].iter().rev() {
+                        let mut other = sessions.remove(j);
+                        let s = &mut sessions[first];
+                        for (acc, other_acc) in
+                            s.accumulators.iter_mut().zip(other.accumulators.iter_mut())
+                        {
+                            let state = other_acc.state(EmitTo::All)?;
+                            acc.merge_batch(&state, &[0], 1)?;
+                        }
+                        s.last = s.last.max(other.last);
+                        s.final_fired = false;
+                    }
+                    first
+                }
+            };
+            let s = &mut sessions[target];
+            if t < s.start {
+                // The session now starts earlier: it is a new window for consumers.
+                s.start = t;
+                s.revisions = 0;
+                s.final_fired = false;
+            }
+            if t > s.last {
+                // The session now ends later: it closes again.
+                s.final_fired = false;
+                s.last = t;
+            }
+            s.updated = step;
+            for (a, acc) in s.accumulators.iter_mut().enumerate() {
+                let row_args: Vec<ArrayRef> = args[a].iter().map(|c| c.slice(i, 1)).collect();
+                let filter = filters[a].as_ref().map(|f| f.slice(i, 1));
+                let filter = filter
+                    .as_ref()
+                    .and_then(|f| f.as_any().downcast_ref::<BooleanArray>());
+                acc.update_batch(&row_args, &[0], filter, 1)?;
+            }
+            sessions.sort_by_key(|s| s.start);
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>> {
+        self.watermark = self.watermark.max(watermark);
+        let mut finals: Vec<(Box<[u8]>, i64, i64, Vec<ArrayRef>, u32)> = Vec::new();
+        let mut partials: Vec<(Box<[u8]>, i64, i64, Vec<ArrayRef>, u32)> = Vec::new();
+        let step = self.step;
+        for (key, sessions) in self.keys.iter_mut() {
+            for s in sessions.iter_mut() {
+                let end = s.last + self.gap;
+                let changed = s.updated > s.emitted_at.unwrap_or(0);
+                let (emit, is_final) = if !s.final_fired && end <= self.watermark {
+                    (true, true)
+                } else if s.final_fired {
+                    (changed, true)
+                } else {
+                    (early_fire && changed, false)
+                };
+                if !emit {
+                    continue;
+                }
+                let values = evaluate(s, &self.spec.aggregates)?;
+                let row = (key.clone(), s.start, end, values, s.revisions);
+                s.revisions += 1;
+                s.emitted_at = Some(step);
+                if is_final {
+                    s.final_fired = true;
+                    finals.push(row);
+                } else {
+                    partials.push(row);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (rows, is_final) in [(finals, true), (partials, false)] {
+            if let Some(e) = self.emission(rows, is_final)? {
+                out.push(e);
+            }
+        }
+        // Evict sessions past end + allowed lateness.
+        let frontier = self.watermark.saturating_sub(self.lateness_ms);
+        self.late_frontier = frontier;
+        let gap = self.gap;
+        for sessions in self.keys.values_mut() {
+            sessions.retain(|s| !(s.final_fired && s.last + gap <= frontier));
+        }
+        self.keys.retain(|_, s| !s.is_empty());
+        let oldest_live = self.keys.values().flatten().map(|s| s.start).min();
+        self.evicted_through = match oldest_live {
+            Some(start) => frontier.min(start.saturating_add(gap) - 1),
+            None => frontier,
+        };
+        Ok(out)
+    }
+
+    fn is_late(&self, t: i64) -> bool {
+        t.saturating_add(self.gap) <= self.late_frontier
+    }
+
+    fn last_window_end(&self, t: i64) -> i64 {
+        t.saturating_add(self.gap)
+    }
+
+    fn evicted_through(&self) -> i64 {
+        self.evicted_through
+    }
+
+    fn group_count(&self) -> usize {
+        self.keys.values().map(Vec::len).sum()
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .map(|(k, s)| {
+                k.len()
+                    + s.iter()
+                        .map(|s| s.accumulators.iter().map(|a| a.size()).sum::<usize>())
+                        .sum::<usize>()
+            })
+            .sum()
+    }
+
+    fn window_count(&self) -> usize {
+        self.group_count()
+    }
+}
+
+type SessionRow = (Box<[u8]>, i64, i64, Vec<ArrayRef>, u32);
+
+fn new_accumulators(
+    aggregates: &[Arc<AggregateFunctionExpr>],
+) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
+    aggregates
+        .iter()
+        .map(|a| {
+            if a.groups_accumulator_supported() {
+                a.create_groups_accumulator()
+            } else {
+                let a = a.clone();
+                Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+                    a.create_accumulator()
+                })) as Box<dyn GroupsAccumulator>)
+            }
+        })
+        .collect()
+}
+
+/// The session's aggregate values (one row each), leaving its state as it was.
+fn evaluate(
+    session: &mut Session,
+    aggregates: &[Arc<AggregateFunctionExpr>],
+) -> Result<Vec<ArrayRef>> {
+    let mut fresh = new_accumulators(aggregates)?;
+    let mut out = Vec::with_capacity(fresh.len());
+    for (acc, copy) in session.accumulators.iter_mut().zip(fresh.iter_mut()) {
+        let state = acc.state(EmitTo::All)?;
+        acc.merge_batch(&state, &[0], 1)?;
+        copy.merge_batch(&state, &[0], 1)?;
+        out.push(copy.evaluate(EmitTo::All)?);
+    }
+    Ok(out)
+}
+
+impl SessionOperator {
+    /// One batch of emitted sessions, in the aggregation's output schema.
+    fn emission(&self, rows: Vec<SessionRow>, is_final: bool) -> Result<Option<Emission>> {
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let parser = self.row_converter.parser();
+        let keys = self
+            .row_converter
+            .convert_rows(rows.iter().map(|r| parser.parse(&r.0)))?;
+        let keys = if self.spec.groups.is_empty() {
+            Vec::new()
+        } else {
+            keys
+        };
+        let starts: ArrayRef = Arc::new(TimestampMillisecondArray::from_iter_values(
+            rows.iter().map(|r| r.1),
+        ));
+        let ends: ArrayRef = Arc::new(TimestampMillisecondArray::from_iter_values(
+            rows.iter().map(|r| r.2),
+        ));
+        let window: ArrayRef = Arc::new(StructArray::try_new(
+            window_fields(),
+            vec![starts, ends],
+            None,
+        )?);
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        let mut key_iter = keys.into_iter();
+        for position in 0..=self.spec.groups.len() {
+            if position == self.spec.window_position {
+                columns.push(window.clone());
+            } else if let Some(k) = key_iter.next() {
+                columns.push(k);
+            }
+        }
+        for a in 0..self.spec.aggregates.len() {
+            let parts: Vec<&dyn Array> = rows.iter().map(|r| r.3[a].as_ref()).collect();
+            columns.push(concat(&parts)?);
+        }
+        let columns = columns
+            .iter()
+            .zip(self.spec.output_schema.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c.clone())
+                } else {
+                    Ok(cast(c, f.data_type())?)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let batch = RecordBatch::try_new(self.spec.output_schema.clone(), columns)?;
+        Ok(Some(Emission {
+            batch,
+            revisions: rows.iter().map(|r| r.4).collect(),
+            is_final,
+        }))
+    }
+}
