@@ -5,7 +5,10 @@
 //!
 //! - [`window`]: `tumble`, `hop`, `session`, `cumulate`, the stream-window functions written in
 //!   a stream query's `GROUP BY`.
+//! - [`indicator`]: city indicators: `vn_aqi_sub`, `vn_aqi`, `vn_aqi_daily`,
+//!   `vn_aqi_dominant`, `vn_aqi_category` (Decision 1459/QĐ-TCMT).
 
+pub mod indicator;
 pub mod window;
 
 use std::sync::Arc;
@@ -20,6 +23,19 @@ pub fn scalar_functions() -> Vec<Arc<ScalarUDF>> {
         Arc::new(ScalarUDF::from(window::HopFunc::default())),
         Arc::new(ScalarUDF::from(window::SessionFunc::default())),
         Arc::new(ScalarUDF::from(window::CumulateFunc::default())),
+        Arc::new(ScalarUDF::from(
+            indicator::vn_aqi_sub::VnAqiSubFunc::default(),
+        )),
+        Arc::new(ScalarUDF::from(indicator::vn_aqi::VnAqiFunc::default())),
+        Arc::new(ScalarUDF::from(
+            indicator::vn_aqi_daily::VnAqiDailyFunc::default(),
+        )),
+        Arc::new(ScalarUDF::from(
+            indicator::vn_aqi_dominant::VnAqiDominantFunc::default(),
+        )),
+        Arc::new(ScalarUDF::from(
+            indicator::vn_aqi_category::VnAqiCategoryFunc::default(),
+        )),
     ]
 }
 

@@ -219,8 +219,8 @@ impl WindowedAggregation for SessionOperator {
 
     fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>> {
         self.watermark = self.watermark.max(watermark);
-        let mut finals: Vec<(Box<[u8]>, i64, i64, Vec<ArrayRef>, u32)> = Vec::new();
-        let mut partials: Vec<(Box<[u8]>, i64, i64, Vec<ArrayRef>, u32)> = Vec::new();
+        let mut finals: Vec<SessionRow> = Vec::new();
+        let mut partials: Vec<SessionRow> = Vec::new();
         let step = self.step;
         for (key, sessions) in self.keys.iter_mut() {
             for s in sessions.iter_mut() {

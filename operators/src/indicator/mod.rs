@@ -1,0 +1,60 @@
+//! City indicators: air-quality indices (VN_AQI, with US AQI and NowCast to come) and traffic
+//! indicators, as DataFusion scalar functions. Tables live in data modules
+//! ([`vn_aqi_table`]); each SQL function has its own file named after it.
+
+pub mod vn_aqi;
+pub mod vn_aqi_category;
+pub mod vn_aqi_daily;
+pub mod vn_aqi_dominant;
+pub mod vn_aqi_sub;
+pub mod vn_aqi_table;
+
+use datafusion::arrow::array::{Array, Float64Array};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::{Result, exec_err};
+use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs};
+
+/// The arguments of a call as `Float64` arrays of the call's length.
+pub(crate) fn float_args(name: &str, args: &ScalarFunctionArgs) -> Result<Vec<Float64Array>> {
+    let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+    arrays
+        .iter()
+        .map(|a| {
+            let a = cast(a, &DataType::Float64)?;
+            match a.as_any().downcast_ref::<Float64Array>() {
+                Some(f) => Ok(f.clone()),
+                None => exec_err!("{name}(): arguments must be numbers"),
+            }
+        })
+        .collect()
+}
+
+/// Value of row `r`, `None` when null.
+pub(crate) fn value(a: &Float64Array, r: usize) -> Option<f64> {
+    (!a.is_null(r)).then(|| a.value(r))
+}
+
+/// Coerces `n` numeric arguments to `Float64`, with a message naming the function's
+/// parameters when the count is wrong.
+pub(crate) fn coerce_numbers(
+    name: &str,
+    params: &str,
+    args: &[DataType],
+    n: usize,
+) -> Result<Vec<DataType>> {
+    if args.len() != n {
+        return datafusion::common::plan_err!(
+            "{name}({params}) takes {n} arguments, got {}",
+            args.len()
+        );
+    }
+    for a in args {
+        if !(a.is_numeric() || a.is_null()) {
+            return datafusion::common::plan_err!(
+                "{name}({params}): arguments must be numbers (µg/m³), got {a}"
+            );
+        }
+    }
+    Ok(vec![DataType::Float64; n])
+}

@@ -1,0 +1,79 @@
+//! `vn_aqi_daily(pm25_24h, pm10_24h, o3_1h_max, o3_8h_max, no2_1h_max, so2_1h_max, co_1h_max)`.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::Int64Array;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::Result;
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
+};
+
+use super::vn_aqi_table::{Pollutant, overall};
+use super::{coerce_numbers, float_args, value};
+
+/// `vn_aqi_daily(pm25_24h, pm10_24h, o3_1h_max, o3_8h_max, no2_1h_max, so2_1h_max,
+/// co_1h_max)`: the daily VN_AQI of a station: 24-hour means of PM2.5 and PM10; for O3 the
+/// larger of the sub-indices of the day’s maximum 1-hour and maximum 8-hour means (an 8-hour
+/// maximum above 400 µg/m³ has no sub-index, so the 1-hour one decides); the day’s maximum
+/// 1-hour means of NO2, SO2 and CO. At least one of PM2.5 or PM10 is mandatory.
+///
+/// ```sql
+/// SELECT vn_aqi_daily(55.7, NULL, 114.6, 89.3, 130.8, NULL, NULL);
+/// -- 110 (PM2.5 110; O3 8h 45, O3 1h 36; NO2 65)
+/// ```
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct VnAqiDailyFunc {
+    signature: Signature,
+}
+
+impl Default for VnAqiDailyFunc {
+    fn default() -> Self {
+        Self {
+            signature: Signature::user_defined(Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for VnAqiDailyFunc {
+    fn name(&self) -> &str {
+        "vn_aqi_daily"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, args: &[DataType]) -> Result<Vec<DataType>> {
+        coerce_numbers(
+            "vn_aqi_daily",
+            "pm25_24h, pm10_24h, o3_1h_max, o3_8h_max, no2_1h_max, so2_1h_max, co_1h_max",
+            args,
+            7,
+        )
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Int64)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let a = float_args("vn_aqi_daily", &args)?;
+        let out: Int64Array = (0..args.number_rows)
+            .map(|r| {
+                let v = |i: usize| value(&a[i], r);
+                overall(&[
+                    (Pollutant::Pm25, v(0)),
+                    (Pollutant::Pm10, v(1)),
+                    (Pollutant::O3OneHour, v(2)),
+                    (Pollutant::O3EightHour, v(3)),
+                    (Pollutant::No2, v(4)),
+                    (Pollutant::So2, v(5)),
+                    (Pollutant::Co, v(6)),
+                ])
+                .map(|(aqi, _)| aqi)
+            })
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(out)))
+    }
+}

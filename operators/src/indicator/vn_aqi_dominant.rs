@@ -1,0 +1,71 @@
+//! `vn_aqi_dominant(pm25, pm10, o3, no2, so2, co)`.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::StringArray;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::Result;
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
+};
+
+use super::vn_aqi_table::{Pollutant, overall};
+use super::{coerce_numbers, float_args, value};
+
+/// `vn_aqi_dominant(pm25, pm10, o3, no2, so2, co)`: the parameter whose sub-index is the
+/// hourly VN_AQI (`pm25`, `pm10`, `o3_1h`, `no2`, `so2` or `co`), with the arguments of
+/// `vn_aqi`; ties go to the earlier argument. Null when `vn_aqi` is null.
+///
+/// ```sql
+/// SELECT vn_aqi_dominant(20.3, NULL, 136.1, 118.7, NULL, NULL);
+/// -- no2
+/// ```
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct VnAqiDominantFunc {
+    signature: Signature,
+}
+
+impl Default for VnAqiDominantFunc {
+    fn default() -> Self {
+        Self {
+            signature: Signature::user_defined(Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for VnAqiDominantFunc {
+    fn name(&self) -> &str {
+        "vn_aqi_dominant"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, args: &[DataType]) -> Result<Vec<DataType>> {
+        coerce_numbers("vn_aqi_dominant", "pm25, pm10, o3, no2, so2, co", args, 6)
+    }
+
+    fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Utf8)
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let a = float_args("vn_aqi_dominant", &args)?;
+        let out: StringArray = (0..args.number_rows)
+            .map(|r| {
+                let v = |i: usize| value(&a[i], r);
+                overall(&[
+                    (Pollutant::Pm25, v(0)),
+                    (Pollutant::Pm10, v(1)),
+                    (Pollutant::O3OneHour, v(2)),
+                    (Pollutant::No2, v(3)),
+                    (Pollutant::So2, v(4)),
+                    (Pollutant::Co, v(5)),
+                ])
+                .map(|(_, p)| p.name())
+            })
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(out)))
+    }
+}
