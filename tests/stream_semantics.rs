@@ -139,7 +139,44 @@ async fn incremental(
 
 /// The same aggregation as one batch DataFusion query; `window_starts` lists, as SQL, the
 /// window starts of an event (several for hopping windows).
-async fn batch(events: &[Event], window_starts: &str) -> anyhow::Result<Results> {
+/// Results of a batch query whose columns are k, ws, n, s, lo, hi.
+fn batch_results(batches: &[RecordBatch]) -> anyhow::Result<Results> {
+    let mut out = Results::new();
+    for b in batches {
+        let ws = cast(
+            b.column(1),
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )?;
+        let ws = ws
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .expect("ts");
+        let k = cast(b.column(0), &DataType::Utf8)?;
+        let k = k.as_any().downcast_ref::<StringArray>().expect("k");
+        let ints: Vec<ArrayRef> = (2..6)
+            .map(|i| cast(b.column(i), &DataType::Int64))
+            .collect::<Result<_, _>>()?;
+        let ints: Vec<&Int64Array> = ints
+            .iter()
+            .map(|a| a.as_any().downcast_ref::<Int64Array>().expect("int"))
+            .collect();
+        for r in 0..b.num_rows() {
+            out.insert(
+                (k.value(r).to_string(), ws.value(r)),
+                (
+                    ints[0].value(r),
+                    ints[1].value(r),
+                    ints[2].value(r),
+                    ints[3].value(r),
+                ),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// The events as a batch table `ev(k, t, v)`.
+fn events_context(events: &[Event]) -> anyhow::Result<SessionContext> {
     let ctx = SessionContext::new();
     let keys: ArrayRef = Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.key)));
     let times: ArrayRef = Arc::new(TimestampMillisecondArray::from_iter_values(
@@ -151,6 +188,11 @@ async fn batch(events: &[Event], window_starts: &str) -> anyhow::Result<Results>
         "ev",
         Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
     )?;
+    Ok(ctx)
+}
+
+async fn batch(events: &[Event], window_starts: &str) -> anyhow::Result<Results> {
+    let ctx = events_context(events)?;
     let sql = format!(
         "SELECT k, ws, count(*) AS n, sum(v) AS s, min(v) AS lo, max(v) AS hi \
          FROM (SELECT k, v, {window_starts} AS ws FROM ev {}) GROUP BY k, ws",
@@ -160,46 +202,7 @@ async fn batch(events: &[Event], window_starts: &str) -> anyhow::Result<Results>
             ""
         }
     );
-    let mut out = Results::new();
-    for b in ctx.sql(&sql).await?.collect().await? {
-        let ws = cast(
-            b.column(1),
-            &DataType::Timestamp(TimeUnit::Millisecond, None),
-        )?;
-        let ws = ws
-            .as_any()
-            .downcast_ref::<TimestampMillisecondArray>()
-            .expect("ts");
-        let k = cast(b.column(0), &DataType::Utf8)?;
-        let k = k.as_any().downcast_ref::<StringArray>().expect("k");
-        let n = b
-            .column(2)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("n");
-        let s = b
-            .column(3)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("s");
-        let lo = b
-            .column(4)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("lo");
-        let hi = b
-            .column(5)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("hi");
-        for r in 0..b.num_rows() {
-            out.insert(
-                (k.value(r).to_string(), ws.value(r)),
-                (n.value(r), s.value(r), lo.value(r), hi.value(r)),
-            );
-        }
-    }
-    Ok(out)
+    batch_results(&ctx.sql(&sql).await?.collect().await?)
 }
 
 /// Events over ~20 minutes, arriving out of order by up to 4 minutes (within the 10-minute
@@ -265,54 +268,13 @@ proptest! {
 /// Sessions as one batch query (gaps and islands): a new session starts where an event is
 /// more than the gap after the previous one of its key.
 async fn batch_sessions(events: &[Event]) -> anyhow::Result<Results> {
-    let ctx = SessionContext::new();
-    let keys: ArrayRef = Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.key)));
-    let times: ArrayRef = Arc::new(TimestampMillisecondArray::from_iter_values(
-        events.iter().map(|e| e.t),
-    ));
-    let values: ArrayRef = Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.v)));
-    let b = RecordBatch::try_from_iter(vec![("k", keys), ("t", times), ("v", values)])?;
-    ctx.register_table(
-        "ev",
-        Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
-    )?;
+    let ctx = events_context(events)?;
     let sql = "SELECT k, min(t) AS ws, count(*) AS n, sum(v) AS s, min(v) AS lo, max(v) AS hi FROM (
         SELECT k, t, v, sum(fresh) OVER (PARTITION BY k ORDER BY t, v ROWS UNBOUNDED PRECEDING) AS sid FROM (
           SELECT k, t, v, CASE WHEN t - lag(t) OVER (PARTITION BY k ORDER BY t, v) <= INTERVAL '5 minutes'
                                THEN 0 ELSE 1 END AS fresh FROM ev))
         GROUP BY k, sid";
-    let mut out = Results::new();
-    for b in ctx.sql(sql).await?.collect().await? {
-        let ws = cast(
-            b.column(1),
-            &DataType::Timestamp(TimeUnit::Millisecond, None),
-        )?;
-        let ws = ws
-            .as_any()
-            .downcast_ref::<TimestampMillisecondArray>()
-            .expect("ts");
-        let k = cast(b.column(0), &DataType::Utf8)?;
-        let k = k.as_any().downcast_ref::<StringArray>().expect("k");
-        let ints: Vec<ArrayRef> = (2..6)
-            .map(|i| cast(b.column(i), &DataType::Int64))
-            .collect::<Result<_, _>>()?;
-        let ints: Vec<&Int64Array> = ints
-            .iter()
-            .map(|a| a.as_any().downcast_ref::<Int64Array>().expect("int"))
-            .collect();
-        for r in 0..b.num_rows() {
-            out.insert(
-                (k.value(r).to_string(), ws.value(r)),
-                (
-                    ints[0].value(r),
-                    ints[1].value(r),
-                    ints[2].value(r),
-                    ints[3].value(r),
-                ),
-            );
-        }
-    }
-    Ok(out)
+    batch_results(&ctx.sql(sql).await?.collect().await?)
 }
 
 proptest! {

@@ -17,17 +17,15 @@ use std::sync::Arc;
 use datafusion::arrow::array::{
     Array, ArrayRef, BooleanArray, RecordBatch, StructArray, TimestampMillisecondArray,
 };
-use datafusion::arrow::compute::{cast, concat};
-use datafusion::arrow::datatypes::{DataType, TimeUnit};
+use datafusion::arrow::compute::concat;
+use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::row::{RowConverter, SortField};
-use datafusion::common::{Result, exec_err, internal_err};
+use datafusion::common::{Result, internal_err};
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
-use datafusion::physical_expr::GroupsAccumulatorAdapter;
-use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use urbanstream_operators::window::{WindowSpec, window_fields};
 
 use super::WindowedAggregation;
-use super::window::{AggregateSpec, Emission};
+use super::window::{AggregateSpec, Emission, Inputs};
 
 struct Session {
     start: i64,
@@ -80,23 +78,6 @@ impl SessionOperator {
             step: 0,
         })
     }
-
-    fn key_columns(&self, batch: &RecordBatch) -> Result<Vec<ArrayRef>> {
-        if self.spec.groups.is_empty() {
-            return Ok(vec![Arc::new(BooleanArray::from(vec![
-                true;
-                batch.num_rows()
-            ]))]);
-        }
-        self.spec
-            .groups
-            .iter()
-            .map(|e| {
-                e.evaluate(batch)
-                    .and_then(|v| v.into_array(batch.num_rows()))
-            })
-            .collect()
-    }
 }
 
 impl WindowedAggregation for SessionOperator {
@@ -106,36 +87,13 @@ impl WindowedAggregation for SessionOperator {
             return Ok(());
         }
         self.step += 1;
-        let times = self.spec.time.evaluate(batch)?.into_array(n)?;
-        let times = cast(&times, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
-        let Some(times) = times.as_any().downcast_ref::<TimestampMillisecondArray>() else {
-            return internal_err!("session time column is not a timestamp");
-        };
-        if times.null_count() > 0 {
-            return exec_err!("the session's event-time column has nulls");
-        }
-        let keys = self.key_columns(batch)?;
+        let Inputs {
+            times,
+            keys,
+            args,
+            filters,
+        } = self.spec.inputs(batch)?;
         let rows = self.row_converter.convert_columns(&keys)?;
-        let args = self
-            .spec
-            .aggregates
-            .iter()
-            .map(|a| {
-                a.expressions()
-                    .iter()
-                    .map(|e| e.evaluate(batch).and_then(|v| v.into_array(n)))
-                    .collect::<Result<Vec<_>>>()
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let filters = self
-            .spec
-            .filters
-            .iter()
-            .map(|f| match f {
-                Some(f) => f.evaluate(batch).and_then(|v| v.into_array(n)).map(Some),
-                None => Ok(None),
-            })
-            .collect::<Result<Vec<_>>>()?;
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by(|&a, &b| {
             rows.row(a)
@@ -150,7 +108,7 @@ impl WindowedAggregation for SessionOperator {
             if !self.keys.contains_key(key.as_ref()) {
                 self.keys.insert(key.as_ref().into(), Vec::new());
             }
-            let fresh = new_accumulators(&self.spec.aggregates)?;
+            let fresh = self.spec.new_accumulators()?;
             let Some(sessions) = self.keys.get_mut(key.as_ref()) else {
                 continue;
             };
@@ -236,7 +194,7 @@ impl WindowedAggregation for SessionOperator {
                 if !emit {
                     continue;
                 }
-                let values = evaluate(s, &self.spec.aggregates)?;
+                let values = evaluate(s, &self.spec)?;
                 let row = (key.clone(), s.start, end, values, s.revisions);
                 s.revisions += 1;
                 s.emitted_at = Some(step);
@@ -305,30 +263,9 @@ impl WindowedAggregation for SessionOperator {
 
 type SessionRow = (Box<[u8]>, i64, i64, Vec<ArrayRef>, u32);
 
-fn new_accumulators(
-    aggregates: &[Arc<AggregateFunctionExpr>],
-) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
-    aggregates
-        .iter()
-        .map(|a| {
-            if a.groups_accumulator_supported() {
-                a.create_groups_accumulator()
-            } else {
-                let a = a.clone();
-                Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
-                    a.create_accumulator()
-                })) as Box<dyn GroupsAccumulator>)
-            }
-        })
-        .collect()
-}
-
 /// The session's aggregate values (one row each), leaving its state as it was.
-fn evaluate(
-    session: &mut Session,
-    aggregates: &[Arc<AggregateFunctionExpr>],
-) -> Result<Vec<ArrayRef>> {
-    let mut fresh = new_accumulators(aggregates)?;
+fn evaluate(session: &mut Session, spec: &AggregateSpec) -> Result<Vec<ArrayRef>> {
+    let mut fresh = spec.new_accumulators()?;
     let mut out = Vec::with_capacity(fresh.len());
     for (acc, copy) in session.accumulators.iter_mut().zip(fresh.iter_mut()) {
         let state = acc.state(EmitTo::All)?;
@@ -365,31 +302,13 @@ impl SessionOperator {
             vec![starts, ends],
             None,
         )?);
-        let mut columns: Vec<ArrayRef> = Vec::new();
-        let mut key_iter = keys.into_iter();
-        for position in 0..=self.spec.groups.len() {
-            if position == self.spec.window_position {
-                columns.push(window.clone());
-            } else if let Some(k) = key_iter.next() {
-                columns.push(k);
-            }
-        }
-        for a in 0..self.spec.aggregates.len() {
-            let parts: Vec<&dyn Array> = rows.iter().map(|r| r.3[a].as_ref()).collect();
-            columns.push(concat(&parts)?);
-        }
-        let columns = columns
-            .iter()
-            .zip(self.spec.output_schema.fields())
-            .map(|(c, f)| {
-                if c.data_type() == f.data_type() {
-                    Ok(c.clone())
-                } else {
-                    Ok(cast(c, f.data_type())?)
-                }
+        let values = (0..self.spec.aggregates.len())
+            .map(|a| {
+                let parts: Vec<&dyn Array> = rows.iter().map(|r| r.3[a].as_ref()).collect();
+                Ok(concat(&parts)?)
             })
             .collect::<Result<Vec<_>>>()?;
-        let batch = RecordBatch::try_new(self.spec.output_schema.clone(), columns)?;
+        let batch = self.spec.output_batch(keys, window, values)?;
         Ok(Some(Emission {
             batch,
             revisions: rows.iter().map(|r| r.4).collect(),

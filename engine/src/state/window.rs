@@ -56,6 +56,121 @@ pub struct AggregateSpec {
     pub group_schema: SchemaRef,
 }
 
+impl AggregateSpec {
+    /// One fresh accumulator per aggregate: DataFusion's vectorised `GroupsAccumulator` where
+    /// the function has one, its row `Accumulator` behind an adapter otherwise.
+    pub fn new_accumulators(&self) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
+        self.aggregates
+            .iter()
+            .map(|a| {
+                if a.groups_accumulator_supported() {
+                    a.create_groups_accumulator()
+                } else {
+                    let a = a.clone();
+                    Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
+                        a.create_accumulator()
+                    })) as Box<dyn GroupsAccumulator>)
+                }
+            })
+            .collect()
+    }
+
+    /// Evaluates, over a batch of the aggregation's input, each row's event time, group key
+    /// columns (one constant column for a window-only grouping), aggregate arguments and
+    /// filters.
+    pub fn inputs(&self, batch: &RecordBatch) -> Result<Inputs> {
+        let n = batch.num_rows();
+        let evaluate = |e: &Arc<dyn PhysicalExpr>| e.evaluate(batch).and_then(|v| v.into_array(n));
+        let times = cast(
+            &evaluate(&self.time)?,
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )?;
+        let Some(times) = times
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .cloned()
+        else {
+            return internal_err!("the window's time column is not a timestamp");
+        };
+        if times.null_count() > 0 {
+            return datafusion::common::exec_err!("the window's event-time column has nulls");
+        }
+        let keys = if self.groups.is_empty() {
+            vec![Arc::new(BooleanArray::from(vec![true; n])) as ArrayRef]
+        } else {
+            self.groups
+                .iter()
+                .map(evaluate)
+                .collect::<Result<Vec<_>>>()?
+        };
+        let args = self
+            .aggregates
+            .iter()
+            .map(|a| {
+                a.expressions()
+                    .iter()
+                    .map(evaluate)
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let filters = self
+            .filters
+            .iter()
+            .map(|f| f.as_ref().map(evaluate).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Inputs {
+            times,
+            keys,
+            args,
+            filters,
+        })
+    }
+
+    /// Rows in the aggregation's output schema from the group key columns (none for a
+    /// window-only grouping), the window column and one column per aggregate.
+    pub fn output_batch(
+        &self,
+        keys: Vec<ArrayRef>,
+        window: ArrayRef,
+        values: Vec<ArrayRef>,
+    ) -> Result<RecordBatch> {
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.output_schema.fields().len());
+        let mut keys = keys.into_iter();
+        for position in 0..=self.groups.len() {
+            if position == self.window_position {
+                columns.push(window.clone());
+            } else if let Some(k) = keys.next() {
+                columns.push(k);
+            }
+        }
+        columns.extend(values);
+        let columns = columns
+            .iter()
+            .zip(self.output_schema.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c.clone())
+                } else {
+                    Ok(cast(c, f.data_type())?)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RecordBatch::try_new(self.output_schema.clone(), columns)?)
+    }
+}
+
+/// The evaluated inputs of the aggregation over one batch (see [`AggregateSpec::inputs`]).
+pub struct Inputs {
+    /// Event time of each row, milliseconds.
+    pub times: TimestampMillisecondArray,
+    /// Group key columns.
+    pub keys: Vec<ArrayRef>,
+    /// Per aggregate, its argument columns.
+    pub args: Vec<Vec<ArrayRef>>,
+    /// Per aggregate, its `FILTER` column, if any.
+    pub filters: Vec<Option<ArrayRef>>,
+}
+
 /// Rows a window emitted, with their revision and finality.
 #[derive(Debug, Clone)]
 pub struct Emission {
@@ -210,18 +325,12 @@ impl WindowOperator {
             return Ok(());
         }
         self.step += 1;
-        let times = self
-            .spec
-            .time
-            .evaluate(batch)?
-            .into_array(batch.num_rows())?;
-        let times = cast(&times, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
-        let Some(times) = times.as_any().downcast_ref::<TimestampMillisecondArray>() else {
-            return internal_err!("window time column is not a timestamp");
-        };
-        if times.null_count() > 0 {
-            return datafusion::common::exec_err!("the window's event-time column has nulls");
-        }
+        let Inputs {
+            times,
+            keys: group_values,
+            args: agg_args,
+            filters: agg_filters,
+        } = self.spec.inputs(batch)?;
         // Rows by pane; batches are mostly in time order, so this is a handful of panes.
         let mut by_pane: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
         for (i, t) in times.values().iter().enumerate() {
@@ -230,44 +339,6 @@ impl WindowOperator {
                 .or_default()
                 .push(i as u32);
         }
-        let group_values = if self.spec.groups.is_empty() {
-            vec![Arc::new(BooleanArray::from(vec![true; batch.num_rows()])) as ArrayRef]
-        } else {
-            self.spec
-                .groups
-                .iter()
-                .map(|e| {
-                    e.evaluate(batch)
-                        .and_then(|v| v.into_array(batch.num_rows()))
-                })
-                .collect::<Result<Vec<_>>>()?
-        };
-        let agg_args = self
-            .spec
-            .aggregates
-            .iter()
-            .map(|a| {
-                a.expressions()
-                    .iter()
-                    .map(|e| {
-                        e.evaluate(batch)
-                            .and_then(|v| v.into_array(batch.num_rows()))
-                    })
-                    .collect::<Result<Vec<_>>>()
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let agg_filters = self
-            .spec
-            .filters
-            .iter()
-            .map(|f| match f {
-                Some(f) => f
-                    .evaluate(batch)
-                    .and_then(|v| v.into_array(batch.num_rows()))
-                    .map(Some),
-                None => Ok(None),
-            })
-            .collect::<Result<Vec<_>>>()?;
         let single_pane = by_pane.len() == 1;
         for (pane_start, rows) in by_pane {
             let indices = UInt32Array::from(rows);
@@ -314,27 +385,10 @@ impl WindowOperator {
     fn new_pane(&self) -> Result<Pane> {
         Ok(Pane {
             groups: new_group_values(self.intern_schema.clone(), &GroupOrdering::None)?,
-            accumulators: self.new_accumulators()?,
+            accumulators: self.spec.new_accumulators()?,
             updated: Vec::new(),
             last_update: 0,
         })
-    }
-
-    fn new_accumulators(&self) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
-        self.spec
-            .aggregates
-            .iter()
-            .map(|a| {
-                if a.groups_accumulator_supported() {
-                    a.create_groups_accumulator()
-                } else {
-                    let a = a.clone();
-                    Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
-                        a.create_accumulator()
-                    })) as Box<dyn GroupsAccumulator>)
-                }
-            })
-            .collect()
     }
 
     /// Registers the live windows containing the pane starting at `pane_start`.
@@ -395,7 +449,7 @@ impl WindowOperator {
             _ => None,
         };
         let mut groups = new_group_values(self.intern_schema.clone(), &GroupOrdering::None)?;
-        let mut accumulators = self.new_accumulators()?;
+        let mut accumulators = self.spec.new_accumulators()?;
         let mut last_update: Vec<u64> = Vec::new();
         let mut window_ids = Vec::new();
         for (_, pane) in self.panes.range_mut(start..end) {
@@ -442,28 +496,7 @@ impl WindowOperator {
             .map(|a| a.evaluate(EmitTo::All))
             .collect::<Result<Vec<_>>>()?;
         let window = window_column(start, end, n)?;
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.spec.output_schema.fields().len());
-        let mut key_iter = keys.into_iter();
-        for position in 0..=self.spec.groups.len() {
-            if position == self.spec.window_position {
-                columns.push(window.clone());
-            } else if let Some(k) = key_iter.next() {
-                columns.push(k);
-            }
-        }
-        columns.extend(values);
-        let columns = columns
-            .iter()
-            .zip(self.spec.output_schema.fields())
-            .map(|(c, f)| {
-                if c.data_type() == f.data_type() {
-                    Ok(c.clone())
-                } else {
-                    Ok(cast(c, f.data_type())?)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut batch = RecordBatch::try_new(self.spec.output_schema.clone(), columns)?;
+        let mut batch = self.spec.output_batch(keys, window, values)?;
         if let Some(since) = since {
             let keep: BooleanArray = last_update.iter().map(|u| Some(*u > since)).collect();
             batch = filter_record_batch(&batch, &keep)?;

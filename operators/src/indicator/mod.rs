@@ -58,3 +58,35 @@ pub(crate) fn coerce_numbers(
     }
     Ok(vec![DataType::Float64; n])
 }
+
+/// The parameters of `vn_aqi` and `vn_aqi_dominant`, in argument order.
+pub(crate) const HOURLY: [vn_aqi_table::Pollutant; 6] = {
+    use vn_aqi_table::Pollutant::*;
+    [Pm25, Pm10, O3OneHour, No2, So2, Co]
+};
+
+/// The parameters of `vn_aqi_daily`, in argument order.
+pub(crate) const DAILY: [vn_aqi_table::Pollutant; 7] = {
+    use vn_aqi_table::Pollutant::*;
+    [Pm25, Pm10, O3OneHour, O3EightHour, No2, So2, Co]
+};
+
+/// Per row, the station AQI and its dominant parameter, with one argument per parameter of
+/// `pollutants` (see [`vn_aqi_table::overall`]).
+pub(crate) fn station_rows(
+    name: &str,
+    args: &ScalarFunctionArgs,
+    pollutants: &[vn_aqi_table::Pollutant],
+) -> Result<Vec<Option<(i64, vn_aqi_table::Pollutant)>>> {
+    let a = float_args(name, args)?;
+    Ok((0..args.number_rows)
+        .map(|r| {
+            let values: Vec<_> = pollutants
+                .iter()
+                .zip(&a)
+                .map(|(p, c)| (*p, value(c, r)))
+                .collect();
+            vn_aqi_table::overall(&values)
+        })
+        .collect())
+}

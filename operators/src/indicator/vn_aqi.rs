@@ -9,8 +9,7 @@ use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
 };
 
-use super::vn_aqi_table::{Pollutant, overall};
-use super::{coerce_numbers, float_args, value};
+use super::{HOURLY, coerce_numbers, station_rows};
 
 /// `vn_aqi(pm25, pm10, o3, no2, so2, co)`: the hourly VN_AQI of a station (Decision
 /// 1459/QĐ-TCMT): the maximum of the rounded sub-indices, with the NowCast of PM2.5 and PM10
@@ -52,21 +51,8 @@ impl ScalarUDFImpl for VnAqiFunc {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let a = float_args("vn_aqi", &args)?;
-        let out: Int64Array = (0..args.number_rows)
-            .map(|r| {
-                let v = |i: usize| value(&a[i], r);
-                overall(&[
-                    (Pollutant::Pm25, v(0)),
-                    (Pollutant::Pm10, v(1)),
-                    (Pollutant::O3OneHour, v(2)),
-                    (Pollutant::No2, v(3)),
-                    (Pollutant::So2, v(4)),
-                    (Pollutant::Co, v(5)),
-                ])
-                .map(|(aqi, _)| aqi)
-            })
-            .collect();
+        let rows = station_rows(self.name(), &args, &HOURLY)?;
+        let out: Int64Array = rows.into_iter().map(|r| r.map(|(aqi, _)| aqi)).collect();
         Ok(ColumnarValue::Array(Arc::new(out)))
     }
 }

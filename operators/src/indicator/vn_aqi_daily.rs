@@ -9,8 +9,7 @@ use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
 };
 
-use super::vn_aqi_table::{Pollutant, overall};
-use super::{coerce_numbers, float_args, value};
+use super::{DAILY, coerce_numbers, station_rows};
 
 /// `vn_aqi_daily(pm25_24h, pm10_24h, o3_1h_max, o3_8h_max, no2_1h_max, so2_1h_max,
 /// co_1h_max)`: the daily VN_AQI of a station: 24-hour means of PM2.5 and PM10; for O3 the
@@ -58,22 +57,8 @@ impl ScalarUDFImpl for VnAqiDailyFunc {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let a = float_args("vn_aqi_daily", &args)?;
-        let out: Int64Array = (0..args.number_rows)
-            .map(|r| {
-                let v = |i: usize| value(&a[i], r);
-                overall(&[
-                    (Pollutant::Pm25, v(0)),
-                    (Pollutant::Pm10, v(1)),
-                    (Pollutant::O3OneHour, v(2)),
-                    (Pollutant::O3EightHour, v(3)),
-                    (Pollutant::No2, v(4)),
-                    (Pollutant::So2, v(5)),
-                    (Pollutant::Co, v(6)),
-                ])
-                .map(|(aqi, _)| aqi)
-            })
-            .collect();
+        let rows = station_rows(self.name(), &args, &DAILY)?;
+        let out: Int64Array = rows.into_iter().map(|r| r.map(|(aqi, _)| aqi)).collect();
         Ok(ColumnarValue::Array(Arc::new(out)))
     }
 }

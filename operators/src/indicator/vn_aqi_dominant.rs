@@ -9,8 +9,7 @@ use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
 };
 
-use super::vn_aqi_table::{Pollutant, overall};
-use super::{coerce_numbers, float_args, value};
+use super::{HOURLY, coerce_numbers, station_rows};
 
 /// `vn_aqi_dominant(pm25, pm10, o3, no2, so2, co)`: the parameter whose sub-index is the
 /// hourly VN_AQI (`pm25`, `pm10`, `o3_1h`, `no2`, `so2` or `co`), with the arguments of
@@ -51,21 +50,8 @@ impl ScalarUDFImpl for VnAqiDominantFunc {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let a = float_args("vn_aqi_dominant", &args)?;
-        let out: StringArray = (0..args.number_rows)
-            .map(|r| {
-                let v = |i: usize| value(&a[i], r);
-                overall(&[
-                    (Pollutant::Pm25, v(0)),
-                    (Pollutant::Pm10, v(1)),
-                    (Pollutant::O3OneHour, v(2)),
-                    (Pollutant::No2, v(3)),
-                    (Pollutant::So2, v(4)),
-                    (Pollutant::Co, v(5)),
-                ])
-                .map(|(_, p)| p.name())
-            })
-            .collect();
+        let rows = station_rows(self.name(), &args, &HOURLY)?;
+        let out: StringArray = rows.into_iter().map(|r| r.map(|(_, p)| p.name())).collect();
         Ok(ColumnarValue::Array(Arc::new(out)))
     }
 }
