@@ -6,7 +6,8 @@
 //! - [`window`]: `tumble`, `hop`, `session`, `cumulate`, the stream-window functions written in
 //!   a stream query's `GROUP BY`.
 //! - [`indicator`]: city indicators: `vn_aqi_sub`, `vn_aqi`, `vn_aqi_daily`,
-//!   `vn_aqi_dominant`, `vn_aqi_category` (Decision 1459/QĐ-TCMT).
+//!   `vn_aqi_dominant`, `vn_aqi_category` (Decision 1459/QĐ-TCMT); traffic: `pcu`, `tti`,
+//!   `los_urban`, `los_freeway`.
 
 pub mod indicator;
 pub mod window;
@@ -35,6 +36,14 @@ pub fn scalar_functions() -> Vec<Arc<ScalarUDF>> {
         )),
         Arc::new(ScalarUDF::from(
             indicator::vn_aqi_category::VnAqiCategoryFunc::default(),
+        )),
+        Arc::new(ScalarUDF::from(indicator::pcu::PcuFunc::default())),
+        Arc::new(ScalarUDF::from(indicator::tti::TtiFunc::default())),
+        Arc::new(ScalarUDF::from(
+            indicator::los_urban::LosUrbanFunc::default(),
+        )),
+        Arc::new(ScalarUDF::from(
+            indicator::los_freeway::LosFreewayFunc::default(),
         )),
     ]
 }

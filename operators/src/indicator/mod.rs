@@ -2,6 +2,11 @@
 //! indicators, as DataFusion scalar functions. Tables live in data modules
 //! ([`vn_aqi_table`]); each SQL function has its own file named after it.
 
+pub mod los_freeway;
+pub mod los_urban;
+pub mod pcu;
+pub mod traffic_table;
+pub mod tti;
 pub mod vn_aqi;
 pub mod vn_aqi_category;
 pub mod vn_aqi_daily;
