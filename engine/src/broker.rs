@@ -36,11 +36,6 @@ impl EmbeddedBroker {
     pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
         Ok(self.cluster.create_topic(topic, partitions, 1)?)
     }
-
-    /// The mock cluster, for fault injection.
-    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
-        &self.cluster
-    }
 }
 
 /// Creates topics on an external Kafka through the admin API; existing topics are left alone.

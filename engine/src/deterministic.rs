@@ -272,14 +272,6 @@ impl DeterministicEngine {
     pub fn queries(&self) -> &[StreamQuery] {
         &self.queries
     }
-
-    /// What has been published to `sink`.
-    pub fn output(&self, sink: &str) -> &[RecordBatch] {
-        self.outputs
-            .get(sink)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-    }
 }
 
 /// A `SELECT` over the sinks' collected output.

@@ -182,15 +182,6 @@ impl Pipeline {
             .into_iter()
             .map(|(name, query)| Running { name, query })
             .collect();
-        Self::with_queries(config, stats, queries)
-    }
-
-    fn with_queries(
-        config: PipelineConfig,
-        stats: Arc<PipelineStats>,
-        queries: Vec<Running>,
-    ) -> Result<Self> {
-        let schemas = SchemaRegistry::embedded()?;
         // Every input topic is decoded (and its bad records dead-lettered), read by a query
         // or not.
         let mut decoders = HashMap::new();

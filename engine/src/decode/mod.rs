@@ -20,11 +20,9 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, RecordBatch, StringArray, UInt32Array,
-};
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
 use datafusion::arrow::compute::kernels::zip::zip;
-use datafusion::arrow::compute::{concat_batches, filter_record_batch, is_not_null, take};
+use datafusion::arrow::compute::{concat_batches, filter_record_batch, is_not_null};
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::json::ReaderBuilder;
@@ -318,17 +316,6 @@ fn fill_default(
         }
         _ => Ok(column.clone()),
     }
-}
-
-/// Rows of `batch` at `indices`, as a new batch.
-pub fn take_rows(batch: &RecordBatch, indices: &[u32]) -> Result<RecordBatch> {
-    let indices = UInt32Array::from(indices.to_vec());
-    let columns = batch
-        .columns()
-        .iter()
-        .map(|c| take(c.as_ref(), &indices, None))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 #[cfg(test)]

@@ -768,6 +768,7 @@ impl StreamQuery {
         let watermark = self.watermarks.current().unwrap_or(i64::MIN);
         let mut keep = Vec::with_capacity(batch.num_rows());
         let mut max_by_partition: HashMap<i32, i64> = HashMap::new();
+        let mut run: Option<((i64, i32), i64)> = None;
         for (r, t) in times.iter().enumerate() {
             let Some(t) = t else {
                 // A null event time cannot be placed in time: it goes out as late.
@@ -805,16 +806,27 @@ impl StreamQuery {
                     let p = partitions.get(r).copied().unwrap_or(0);
                     let m = max_by_partition.entry(p).or_insert(t);
                     *m = (*m).max(t);
-                    if let (Some(w), Some(offset)) =
+                    if let (Some(w), Some(&offset)) =
                         (&self.windowed, offsets.and_then(|o| o.get(r)))
                     {
-                        let held = self.held.entry(w.operator.last_window_end(t)).or_default();
-                        let o = held.entry(p).or_insert(*offset);
-                        *o = (*o).min(*offset);
+                        // Rows of a batch mostly share (window end, partition): merge each run
+                        // into the held offsets once.
+                        let key = (w.operator.last_window_end(t), p);
+                        match &mut run {
+                            Some((k, min)) if *k == key => *min = (*min).min(offset),
+                            _ => {
+                                if let Some((k, min)) = run.replace((key, offset)) {
+                                    hold(&mut self.held, k, min);
+                                }
+                            }
+                        }
                     }
                     keep.push(true);
                 }
             }
+        }
+        if let Some((k, min)) = run {
+            hold(&mut self.held, k, min);
         }
         for (p, t) in max_by_partition {
             self.watermarks.observe(p, t, now_ms);
@@ -867,4 +879,10 @@ impl StreamQuery {
         }
         Ok(())
     }
+}
+
+/// Records that the window ending at `key.0` holds partition `key.1` from offset `min` on.
+fn hold(held: &mut std::collections::BTreeMap<i64, HashMap<i32, i64>>, key: (i64, i32), min: i64) {
+    let o = held.entry(key.0).or_default().entry(key.1).or_insert(min);
+    *o = (*o).min(min);
 }

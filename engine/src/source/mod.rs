@@ -78,11 +78,6 @@ impl RawBatch {
         let start = if i == 0 { 0 } else { self.key_ends[i - 1] };
         Some(&self.keys[start..self.key_ends[i]])
     }
-
-    /// Total bytes of the values.
-    pub fn value_bytes(&self) -> usize {
-        self.values.len()
-    }
 }
 
 /// Settings of the Kafka source.

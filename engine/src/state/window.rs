@@ -314,11 +314,6 @@ impl WindowOperator {
         self.evicted_through
     }
 
-    /// The watermark the operator last advanced to.
-    pub fn watermark(&self) -> i64 {
-        self.watermark
-    }
-
     /// Adds the rows of `batch` (the aggregation's input). Rows must not be late.
     pub fn update(&mut self, batch: &RecordBatch) -> Result<()> {
         if batch.num_rows() == 0 {
