@@ -5,21 +5,25 @@
 //!
 //! - [`window`]: `tumble`, `hop`, `session`, `cumulate`, the stream-window functions written in
 //!   a stream query's `GROUP BY`.
-//! - [`indicator`]: city indicators: `vn_aqi_sub`, `vn_aqi`, `vn_aqi_daily`,
-//!   `vn_aqi_dominant`, `vn_aqi_category` (Decision 1459/QĐ-TCMT); traffic: `pcu`, `tti`,
-//!   `los_urban`, `los_freeway`.
+//! - [`indicator`]: city indicators. Air: `vn_aqi_sub`, `vn_aqi`, `vn_aqi_daily`,
+//!   `vn_aqi_dominant`, `vn_aqi_category` (Decision 1459/QĐ-TCMT); `us_aqi_sub`, `us_aqi`,
+//!   `us_aqi_category`, `ugm3_to_ppb`, `ppb_to_ugm3` (US EPA, 2024); the aggregate
+//!   `hourly_means` with `nowcast`, `hour_at`, `hours_mean`, `hours_max`, `hours_max_mean`,
+//!   `hours_complete`. Traffic: `pcu`, `tti`, `los_urban`, `los_freeway`, `density`, `v_c`,
+//!   `flow_rate` and the aggregates `space_mean_speed`, `pti`, `buffer_index`. Data quality:
+//!   `reading_valid`, `complete`.
 
 pub mod indicator;
 pub mod window;
 
 use std::sync::Arc;
 
-use datafusion::logical_expr::ScalarUDF;
+use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
 use datafusion::prelude::SessionContext;
 
 /// Every scalar function of this crate.
 pub fn scalar_functions() -> Vec<Arc<ScalarUDF>> {
-    vec![
+    let mut functions = vec![
         Arc::new(ScalarUDF::from(window::TumbleFunc::default())),
         Arc::new(ScalarUDF::from(window::HopFunc::default())),
         Arc::new(ScalarUDF::from(window::SessionFunc::default())),
@@ -45,6 +49,58 @@ pub fn scalar_functions() -> Vec<Arc<ScalarUDF>> {
         Arc::new(ScalarUDF::from(
             indicator::los_freeway::LosFreewayFunc::default(),
         )),
+        Arc::new(ScalarUDF::from(indicator::nowcast::NowcastFunc::default())),
+    ];
+    {
+        use indicator::hours::{HoursFunc, HoursKind};
+        use indicator::quality::{QualityFunc, QualityKind};
+        use indicator::traffic_funcs::{TrafficFunc, TrafficKind};
+        use indicator::us_aqi::{UsAqiFunc, UsAqiKind};
+        for k in [
+            HoursKind::HourAt,
+            HoursKind::Mean,
+            HoursKind::Max,
+            HoursKind::MaxMean,
+            HoursKind::Complete,
+        ] {
+            functions.push(Arc::new(ScalarUDF::from(HoursFunc::new(k))));
+        }
+        for k in [UsAqiKind::Sub, UsAqiKind::Overall, UsAqiKind::Category] {
+            functions.push(Arc::new(ScalarUDF::from(UsAqiFunc::new(k))));
+        }
+        for to_ppb in [true, false] {
+            functions.push(Arc::new(ScalarUDF::from(
+                indicator::gas_units::GasUnitFunc::new(to_ppb),
+            )));
+        }
+        for k in [
+            TrafficKind::Density,
+            TrafficKind::VolumeCapacity,
+            TrafficKind::FlowRate,
+        ] {
+            functions.push(Arc::new(ScalarUDF::from(TrafficFunc::new(k))));
+        }
+        for k in [QualityKind::RangeValid, QualityKind::Complete] {
+            functions.push(Arc::new(ScalarUDF::from(QualityFunc::new(k))));
+        }
+    }
+    functions
+}
+
+/// Every aggregate function of this crate.
+pub fn aggregate_functions() -> Vec<Arc<AggregateUDF>> {
+    use indicator::traffic_aggs::{TrafficAggFunc, TrafficAggKind};
+    vec![
+        Arc::new(AggregateUDF::from(
+            indicator::hourly_means::HourlyMeansFunc::default(),
+        )),
+        Arc::new(AggregateUDF::from(TrafficAggFunc::new(
+            TrafficAggKind::SpaceMeanSpeed,
+        ))),
+        Arc::new(AggregateUDF::from(TrafficAggFunc::new(TrafficAggKind::Pti))),
+        Arc::new(AggregateUDF::from(TrafficAggFunc::new(
+            TrafficAggKind::BufferIndex,
+        ))),
     ]
 }
 
@@ -52,5 +108,8 @@ pub fn scalar_functions() -> Vec<Arc<ScalarUDF>> {
 pub fn register_all(ctx: &SessionContext) {
     for f in scalar_functions() {
         ctx.register_udf(f.as_ref().clone());
+    }
+    for f in aggregate_functions() {
+        ctx.register_udaf(f.as_ref().clone());
     }
 }

@@ -204,6 +204,8 @@ struct WindowMeta {
 pub struct WindowOperator {
     spec: AggregateSpec,
     pane_ms: i64,
+    /// Pane boundaries are `pane_offset + k × pane_ms` (a tumbling window's offset).
+    pane_offset: i64,
     lateness_ms: i64,
     panes: BTreeMap<i64, Pane>,
     /// Live windows by (end, start).
@@ -225,8 +227,12 @@ fn gcd(a: i64, b: i64) -> i64 {
 impl WindowOperator {
     /// An operator with empty state. `lateness_ms` is the allowed lateness.
     pub fn new(spec: AggregateSpec, lateness_ms: i64) -> Result<Self> {
+        let pane_offset = match spec.window {
+            WindowSpec::Tumble { offset, .. } => offset,
+            _ => 0,
+        };
         let pane_ms = match spec.window {
-            WindowSpec::Tumble { width } => width,
+            WindowSpec::Tumble { width, .. } => width,
             WindowSpec::Hop { slide, size } => gcd(slide, size),
             WindowSpec::Cumulate { step, .. } => step,
             WindowSpec::Session { .. } => {
@@ -252,6 +258,7 @@ impl WindowOperator {
             row_converter: RowConverter::new(sort_fields)?,
             spec,
             pane_ms,
+            pane_offset,
             lateness_ms: lateness_ms.max(0),
             panes: BTreeMap::new(),
             windows: BTreeMap::new(),
@@ -264,8 +271,8 @@ impl WindowOperator {
     /// The windows (start, end) that contain event time `t`.
     pub fn windows_of(&self, t: i64) -> Vec<(i64, i64)> {
         match self.spec.window {
-            WindowSpec::Tumble { width } => {
-                let s = t.div_euclid(width) * width;
+            WindowSpec::Tumble { width, offset } => {
+                let s = (t - offset).div_euclid(width) * width + offset;
                 vec![(s, s + width)]
             }
             WindowSpec::Hop { slide, size } => {
@@ -302,7 +309,9 @@ impl WindowOperator {
     /// through it, nothing at `t` can change any output.
     pub fn last_window_end(&self, t: i64) -> i64 {
         match self.spec.window {
-            WindowSpec::Tumble { width } => t.div_euclid(width) * width + width,
+            WindowSpec::Tumble { width, offset } => {
+                (t - offset).div_euclid(width) * width + offset + width
+            }
             WindowSpec::Hop { slide, size } => t.div_euclid(slide) * slide + size,
             WindowSpec::Cumulate { max, .. } => t.div_euclid(max) * max + max,
             WindowSpec::Session { gap } => t.saturating_add(gap),
@@ -330,7 +339,7 @@ impl WindowOperator {
         let mut by_pane: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
         for (i, t) in times.values().iter().enumerate() {
             by_pane
-                .entry(t.div_euclid(self.pane_ms) * self.pane_ms)
+                .entry(self.pane_start(*t))
                 .or_default()
                 .push(i as u32);
         }
@@ -375,6 +384,11 @@ impl WindowOperator {
             }
         }
         Ok(())
+    }
+
+    /// Start of the pane containing `t`.
+    fn pane_start(&self, t: i64) -> i64 {
+        (t - self.pane_offset).div_euclid(self.pane_ms) * self.pane_ms + self.pane_offset
     }
 
     fn new_pane(&self) -> Result<Pane> {
@@ -545,9 +559,7 @@ impl WindowOperator {
         }
         if frontier > self.evicted_through {
             // Windows that never had data end here too.
-            self.evicted_through = self
-                .evicted_through
-                .max(frontier.div_euclid(self.pane_ms) * self.pane_ms);
+            self.evicted_through = self.evicted_through.max(self.pane_start(frontier));
         }
         let live: Vec<(i64, i64)> = self.windows.keys().map(|(e, s)| (*s, *e)).collect();
         self.panes
@@ -609,9 +621,20 @@ mod tests {
 
     #[test]
     fn windows_of_each_kind() {
-        let t = op(WindowSpec::Tumble { width: 60 });
+        let t = op(WindowSpec::Tumble {
+            width: 60,
+            offset: 0,
+        });
         assert_eq!(t.windows_of(61), vec![(60, 120)]);
         assert_eq!(t.windows_of(-1), vec![(-60, 0)]);
+        let day = op(WindowSpec::Tumble {
+            width: 100,
+            offset: 70,
+        });
+        assert_eq!(day.windows_of(69), vec![(-30, 70)]);
+        assert_eq!(day.windows_of(70), vec![(70, 170)]);
+        assert_eq!(day.last_window_end(169), 170);
+        assert_eq!(day.pane_start(169), 70);
         let h = op(WindowSpec::Hop {
             slide: 10,
             size: 30,

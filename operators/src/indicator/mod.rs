@@ -1,12 +1,22 @@
-//! City indicators: air-quality indices (VN_AQI, with US AQI and NowCast to come) and traffic
-//! indicators, as DataFusion scalar functions. Tables live in data modules
-//! ([`vn_aqi_table`]); each SQL function has its own file named after it.
+//! City indicators as DataFusion functions: air-quality indices (VN_AQI, US AQI, NowCast over
+//! hourly means), traffic indicators and data-quality checks. Tables live in data modules
+//! ([`vn_aqi_table`], [`us_aqi_table`], [`traffic_table`], [`quality::PHYSICAL_RANGES`]); each
+//! SQL function, or family of functions sharing one implementation, has its own file.
 
+pub mod gas_units;
+pub mod hourly_means;
+pub mod hours;
 pub mod los_freeway;
 pub mod los_urban;
+pub mod nowcast;
 pub mod pcu;
+pub mod quality;
+pub mod traffic_aggs;
+pub mod traffic_funcs;
 pub mod traffic_table;
 pub mod tti;
+pub mod us_aqi;
+pub mod us_aqi_table;
 pub mod vn_aqi;
 pub mod vn_aqi_category;
 pub mod vn_aqi_daily;
@@ -14,7 +24,7 @@ pub mod vn_aqi_dominant;
 pub mod vn_aqi_sub;
 pub mod vn_aqi_table;
 
-use datafusion::arrow::array::{Array, Float64Array};
+use datafusion::arrow::array::{Array, ArrayRef, Float64Array};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{Result, exec_err};
@@ -22,7 +32,11 @@ use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs};
 
 /// The arguments of a call as `Float64` arrays of the call's length.
 pub(crate) fn float_args(name: &str, args: &ScalarFunctionArgs) -> Result<Vec<Float64Array>> {
-    let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+    float_args_from(name, &ColumnarValue::values_to_arrays(&args.args)?)
+}
+
+/// `arrays` as `Float64` arrays.
+pub(crate) fn float_args_from(name: &str, arrays: &[ArrayRef]) -> Result<Vec<Float64Array>> {
     arrays
         .iter()
         .map(|a| {

@@ -68,6 +68,67 @@ pub fn tti(free_flow: f64, space_mean_speed: f64) -> Option<f64> {
     Some((free_flow / space_mean_speed).max(1.0))
 }
 
+/// Density (PCU/km/lane): flow (PCU/h) over space-mean speed (km/h) and lanes. `None` when
+/// the speed or lane count is not positive or an input is invalid.
+pub fn density(flow_pcu_h: f64, space_mean_speed: f64, lanes: f64) -> Option<f64> {
+    let ok = |x: f64| x.is_finite() && x >= 0.0;
+    if !ok(flow_pcu_h) || !ok(space_mean_speed) || !ok(lanes) || space_mean_speed == 0.0 {
+        return None;
+    }
+    if lanes < 1.0 {
+        return None;
+    }
+    Some(flow_pcu_h / space_mean_speed / lanes)
+}
+
+/// Volume over capacity (both per hour). `None` when the capacity is not positive or an input
+/// is invalid.
+pub fn volume_capacity(flow: f64, capacity: f64) -> Option<f64> {
+    if !flow.is_finite() || !capacity.is_finite() || flow < 0.0 || capacity <= 0.0 {
+        return None;
+    }
+    Some(flow / capacity)
+}
+
+/// Flow per hour from a count over a window of `window_ms`. `None` for an empty or invalid
+/// window or a negative count.
+pub fn flow_per_hour(volume: f64, window_ms: i64) -> Option<f64> {
+    if !volume.is_finite() || volume < 0.0 || window_ms <= 0 {
+        return None;
+    }
+    Some(volume * 3_600_000.0 / window_ms as f64)
+}
+
+/// The `p`-th quantile (0 ≤ p ≤ 1) of `values` with linear interpolation between order
+/// statistics (`percentile_cont`); sorts `values` in place. `None` when empty.
+pub fn quantile(values: &mut [f64], p: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = p * (values.len() - 1) as f64;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    Some(values[lo] + (values[hi] - values[lo]) * (rank - lo as f64))
+}
+
+/// Planning Time Index: the 95th percentile of TTI over a reporting period.
+pub fn pti(ttis: &mut [f64]) -> Option<f64> {
+    quantile(ttis, 0.95)
+}
+
+/// Buffer index: (95th-percentile travel time − mean travel time) / mean travel time. `None`
+/// when empty or the mean is not positive.
+pub fn buffer_index(travel_times: &mut [f64]) -> Option<f64> {
+    if travel_times.is_empty() {
+        return None;
+    }
+    let mean = travel_times.iter().sum::<f64>() / travel_times.len() as f64;
+    if mean <= 0.0 {
+        return None;
+    }
+    quantile(travel_times, 0.95).map(|p95| (p95 - mean) / mean)
+}
+
 /// The PCU factor table, from `schemas/reference/pcu_factors.csv`: (vehicle class, factor).
 pub fn pcu_factors() -> Vec<(String, f64)> {
     include_str!("../../../schemas/reference/pcu_factors.csv")
@@ -130,6 +191,32 @@ mod tests {
         assert_eq!(tti(50.0, 60.0), Some(1.0));
         assert_eq!(tti(50.0, 0.0), None);
         assert_eq!(tti(50.0, f64::NAN), None);
+    }
+
+    #[test]
+    fn density_volume_capacity_flow() {
+        assert_eq!(density(3600.0, 30.0, 4.0), Some(30.0));
+        assert_eq!(density(3600.0, 0.0, 4.0), None);
+        assert_eq!(density(3600.0, 30.0, 0.0), None);
+        assert_eq!(density(-1.0, 30.0, 4.0), None);
+        assert_eq!(density(f64::NAN, 30.0, 4.0), None);
+        assert_eq!(volume_capacity(6800.0, 6800.0), Some(1.0));
+        assert_eq!(volume_capacity(100.0, 0.0), None);
+        assert_eq!(flow_per_hour(25.0, 60_000), Some(1500.0));
+        assert_eq!(flow_per_hour(25.0, 0), None);
+    }
+
+    #[test]
+    fn quantiles_pti_and_buffer_index() {
+        let mut v: Vec<f64> = (1..=21).map(|i| 1.0 + f64::from(i) / 20.0).collect();
+        // 21 values 1.05 … 2.05: the 95th percentile is at rank 19 exactly.
+        assert!((pti(&mut v).unwrap() - 2.0).abs() < 1e-12);
+        assert_eq!(pti(&mut []), None);
+        assert_eq!(quantile(&mut [3.0], 0.95), Some(3.0));
+        let mut tt = vec![10.0, 10.0, 10.0, 10.0, 20.0];
+        // Mean 12, p95 = 10 + 0.8 × 10 = 18: buffer index 0.5.
+        assert!((buffer_index(&mut tt).unwrap() - 0.5).abs() < 1e-12);
+        assert_eq!(buffer_index(&mut []), None);
     }
 
     #[test]

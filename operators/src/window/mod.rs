@@ -34,6 +34,9 @@ pub enum WindowSpec {
     Tumble {
         /// Window width.
         width: i64,
+        /// Shift of window starts from the Unix epoch, in `[0, width)`: with a width of one
+        /// day, 17 hours makes days start at midnight in Vietnam (UTC+7).
+        offset: i64,
     },
     /// Windows of `size` starting every `slide`.
     Hop {
@@ -63,7 +66,14 @@ impl WindowSpec {
             return plan_err!("{name}(): window intervals must be positive");
         }
         Ok(match (name, intervals) {
-            ("tumble", [width]) => WindowSpec::Tumble { width: *width },
+            ("tumble", [width]) => WindowSpec::Tumble {
+                width: *width,
+                offset: 0,
+            },
+            ("tumble", [width, offset]) => WindowSpec::Tumble {
+                width: *width,
+                offset: offset.rem_euclid(*width),
+            },
             ("hop", [slide, size]) => {
                 if size < slide {
                     return plan_err!(
@@ -90,10 +100,10 @@ impl WindowSpec {
             _ => {
                 return plan_err!(
                     "{name}() takes an event-time column and {} interval(s)",
-                    if matches!(name, "hop" | "cumulate") {
-                        2
-                    } else {
-                        1
+                    match name {
+                        "hop" | "cumulate" => "2",
+                        "tumble" => "1 or 2",
+                        _ => "1",
                     }
                 );
             }
@@ -138,7 +148,22 @@ pub fn interval_ms(value: &ScalarValue) -> Result<i64> {
 
 /// Argument types the window functions accept: a timestamp, then intervals.
 pub(crate) fn coerce(name: &str, args: &[DataType], intervals: usize) -> Result<Vec<DataType>> {
-    if args.len() != 1 + intervals {
+    coerce_range(name, args, intervals, intervals)
+}
+
+/// [`coerce`] for a function taking `min` to `max` intervals.
+pub(crate) fn coerce_range(
+    name: &str,
+    args: &[DataType],
+    min: usize,
+    max: usize,
+) -> Result<Vec<DataType>> {
+    if args.len() < 1 + min || args.len() > 1 + max {
+        let intervals = if min == max {
+            min.to_string()
+        } else {
+            format!("{min} or {max}")
+        };
         return plan_err!(
             "{name}() takes an event-time column and {intervals} interval(s), got {} argument(s)",
             args.len()
@@ -181,7 +206,7 @@ pub(crate) fn only_in_stream_group_by(name: &str) -> datafusion::error::DataFusi
     ))
 }
 
-/// Shared result type builder.
+/// Windows of `width` starting at `starts`, as a window struct column.
 pub(crate) fn window_array(starts: Vec<i64>, width: i64) -> Result<ColumnarValue> {
     use datafusion::arrow::array::{ArrayRef, StructArray, TimestampMillisecondArray};
     let ends: Vec<i64> = starts.iter().map(|s| s + width).collect();

@@ -1,4 +1,4 @@
-//! `tumble(ts, size)`: fixed, non-overlapping event-time windows.
+//! `tumble(ts, size [, offset])`: fixed, non-overlapping event-time windows.
 
 use datafusion::arrow::array::{Array, TimestampMillisecondArray};
 use datafusion::arrow::compute::cast;
@@ -8,10 +8,12 @@ use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
 };
 
-use super::{coerce, scalar_intervals, window_array, window_type};
+use super::{coerce_range, scalar_intervals, window_array, window_type};
 
-/// `tumble(ts, size)`: the tumbling window of width `size` that contains `ts`, aligned to the
-/// Unix epoch, as `{window_start, window_end}`.
+/// `tumble(ts, size [, offset])`: the tumbling window of width `size` that contains `ts`, as
+/// `{window_start, window_end}`. Windows are aligned to the Unix epoch shifted by `offset`
+/// (default none): days in Vietnam (UTC+7) start at 17:00 UTC, so a local calendar day is
+/// `tumble(event_time, INTERVAL '1 day', INTERVAL '17 hours')`.
 ///
 /// In a stream query's `GROUP BY` it makes a tumbling-window aggregation whose
 /// `window_start` and `window_end` can be selected:
@@ -47,7 +49,7 @@ impl ScalarUDFImpl for TumbleFunc {
     }
 
     fn coerce_types(&self, args: &[DataType]) -> Result<Vec<DataType>> {
-        coerce("tumble", args, 1)
+        coerce_range("tumble", args, 1, 2)
     }
 
     fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
@@ -55,8 +57,10 @@ impl ScalarUDFImpl for TumbleFunc {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let [width] = scalar_intervals("tumble", &args)?[..] else {
-            return exec_err!("tumble() takes one interval");
+        let (width, offset) = match scalar_intervals("tumble", &args)?[..] {
+            [width] => (width, 0),
+            [width, offset] => (width, offset),
+            _ => return exec_err!("tumble() takes one or two intervals"),
         };
         if width <= 0 {
             return exec_err!("tumble(): the window width must be positive");
@@ -72,7 +76,7 @@ impl ScalarUDFImpl for TumbleFunc {
         let starts = ts
             .values()
             .iter()
-            .map(|t| t.div_euclid(width) * width)
+            .map(|t| (t - offset).div_euclid(width) * width + offset)
             .collect();
         window_array(starts, width)
     }
