@@ -2,6 +2,9 @@
 //! of the input gives what updating with the whole input gives. Streams rely on it: hopping
 //! windows merge panes, checkpoints store states.
 
+// Helpers below are test code too (clippy.toml allows unwrap in #[test] functions only).
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, Float64Array, TimestampMillisecondArray};
