@@ -8,7 +8,7 @@
 //! - [`indicator`]: city indicators. Air: `vn_aqi_sub`, `vn_aqi`, `vn_aqi_daily`,
 //!   `vn_aqi_dominant`, `vn_aqi_category` (Decision 1459/QĐ-TCMT); `us_aqi_sub`, `us_aqi`,
 //!   `us_aqi_category`, `ugm3_to_ppb`, `ppb_to_ugm3` (US EPA, 2024); the aggregate
-//!   `hourly_means` with `nowcast`, `hour_at`, `hours_mean`, `hours_max`, `hours_max_mean`,
+//!   `hourly_means` with `nowcast`, `hour_at`, `hour_mean`, `hours_mean`, `hours_max`, `hours_max_mean`,
 //!   `hours_complete`. Traffic: `pcu`, `tti`, `los_urban`, `los_freeway`, `density`, `v_c`,
 //!   `flow_rate` and the aggregates `space_mean_speed`, `pti`, `buffer_index`. Data quality:
 //!   `reading_valid`, `complete`.
@@ -58,6 +58,7 @@ pub fn scalar_functions() -> Vec<Arc<ScalarUDF>> {
         use indicator::us_aqi::{UsAqiFunc, UsAqiKind};
         for k in [
             HoursKind::HourAt,
+            HoursKind::HourMean,
             HoursKind::Mean,
             HoursKind::Max,
             HoursKind::MaxMean,

@@ -24,10 +24,24 @@ use stream::StreamContext;
 use table::StreamTable;
 
 /// The queries of `queries/`, compiled in: (name, SQL).
-pub const DEFAULT_QUERIES: &[(&str, &str)] = &[(
-    "congestion_minute",
-    include_str!("../../../queries/congestion_minute.sql"),
-)];
+pub const DEFAULT_QUERIES: &[(&str, &str)] = &[
+    (
+        "congestion_minute",
+        include_str!("../../../queries/congestion_minute.sql"),
+    ),
+    (
+        "air_hourly_sensor",
+        include_str!("../../../queries/air_hourly_sensor.sql"),
+    ),
+    (
+        "air_hourly_ward",
+        include_str!("../../../queries/air_hourly_ward.sql"),
+    ),
+    (
+        "air_daily_sensor",
+        include_str!("../../../queries/air_daily_sensor.sql"),
+    ),
+];
 
 /// A stream context with the city's streams and reference tables:
 ///
@@ -40,6 +54,7 @@ pub const DEFAULT_QUERIES: &[(&str, &str)] = &[(
 /// | `air_indicators` | air indicators | sink keyed by `entity_id` |
 /// | `alerts` | alerts | sink keyed by `entity_id` |
 /// | `segments`, `wards`, `cameras`, `detectors`, `sensors`, `pcu_factors` | — | reference |
+/// | `ward_sensors` | — | reference, derived from `sensors` |
 pub fn city_context(topics: &Topics, schemas: &SchemaRegistry) -> Result<StreamContext> {
     let ctx = StreamContext::new();
     let streams = [
@@ -78,7 +93,28 @@ pub fn city_context(topics: &Topics, schemas: &SchemaRegistry) -> Result<StreamC
         let csv = ReferenceData::embedded_csv(file).unwrap_or_default();
         ctx.register_reference_csv(name, csv)?;
     }
+    ctx.register_reference_csv(
+        "ward_sensors",
+        &ward_sensors_csv(&ReferenceData::embedded()?),
+    )?;
     Ok(ctx)
+}
+
+/// The derived reference table `ward_sensors(ward_id, sensors, expected_per_hour)`: per ward,
+/// its air sensors and the readings they send in an hour together (what a ward's hourly mean
+/// is complete against). Computed here because a stream query aggregates only its stream.
+fn ward_sensors_csv(reference: &ReferenceData) -> String {
+    let mut wards: std::collections::BTreeMap<&str, (u32, f64)> = Default::default();
+    for s in &reference.sensors {
+        let w = wards.entry(s.ward_id.as_str()).or_default();
+        w.0 += 1;
+        w.1 += 3600.0 / f64::from(s.interval_s.max(1));
+    }
+    let mut csv = String::from("ward_id,sensors,expected_per_hour\n");
+    for (ward, (n, expected)) in wards {
+        csv.push_str(&format!("{ward},{n},{expected}\n"));
+    }
+    csv
 }
 
 /// Plans `sql` (one or more statements) in `ctx`; returns the stream queries among them.
@@ -116,12 +152,29 @@ mod tests {
         .expect("city");
         let queries = default_queries(&ctx).await.expect("default queries plan");
         assert_eq!(queries.len(), DEFAULT_QUERIES.len());
-        let (_, q) = &queries[0];
-        assert!(q.is_windowed());
-        assert_eq!(q.source().name, "camera_events");
+        let routes: Vec<(&str, &str, Option<&str>)> = queries
+            .iter()
+            .map(|(name, q)| {
+                assert!(q.is_windowed(), "{name} is windowed");
+                (
+                    name.as_str(),
+                    q.source().name.as_str(),
+                    q.sink().map(|s| s.name.as_str()),
+                )
+            })
+            .collect();
         assert_eq!(
-            q.sink().map(|s| s.name.as_str()),
-            Some("congestion_indicators")
+            routes,
+            vec![
+                (
+                    "congestion_minute",
+                    "camera_events",
+                    Some("congestion_indicators")
+                ),
+                ("air_hourly_sensor", "air_readings", Some("air_indicators")),
+                ("air_hourly_ward", "air_readings", Some("air_indicators")),
+                ("air_daily_sensor", "air_readings", Some("air_indicators")),
+            ]
         );
     }
 }

@@ -1,5 +1,5 @@
-//! Functions over the result of `hourly_means`: `hour_at`, `hours_mean`, `hours_max`,
-//! `hours_max_mean`, `hours_complete`. One implementation, one SQL name per kind.
+//! Functions over the result of `hourly_means`: `hour_at`, `hour_mean`, `hours_mean`,
+//! `hours_max`, `hours_max_mean`, `hours_complete`. One implementation, one SQL name per kind.
 
 use std::sync::Arc;
 
@@ -27,6 +27,9 @@ pub enum HoursKind {
     /// SELECT hour_at(hourly_means(o3, event_time, 60), window_end)['mean'] AS o3_1h …
     /// ```
     HourAt,
+    /// `hour_mean(hours, as_of)`: the mean of the hour ending at `as_of` when that hour is
+    /// complete, null otherwise (an incomplete hour does not count).
+    HourMean,
     /// `hours_mean(hours)`: the mean of the complete hourly means (a daily PM mean is the
     /// mean of its hourly means); null when no hour is complete.
     Mean,
@@ -45,6 +48,7 @@ impl HoursKind {
     fn name(self) -> &'static str {
         match self {
             HoursKind::HourAt => "hour_at",
+            HoursKind::HourMean => "hour_mean",
             HoursKind::Mean => "hours_mean",
             HoursKind::Max => "hours_max",
             HoursKind::MaxMean => "hours_max_mean",
@@ -54,7 +58,7 @@ impl HoursKind {
 
     fn params(self) -> &'static str {
         match self {
-            HoursKind::HourAt => "hours, as_of",
+            HoursKind::HourAt | HoursKind::HourMean => "hours, as_of",
             HoursKind::MaxMean => "hours, n",
             _ => "hours",
         }
@@ -107,7 +111,9 @@ impl ScalarUDFImpl for HoursFunc {
             );
         }
         Ok(match self.kind {
-            HoursKind::HourAt => vec![args[0].clone(), as_of_type(name, &args[1])?],
+            HoursKind::HourAt | HoursKind::HourMean => {
+                vec![args[0].clone(), as_of_type(name, &args[1])?]
+            }
             HoursKind::MaxMean => {
                 if !(args[1].is_integer() || args[1].is_null()) {
                     return plan_err!("{name}({params}): n must be an integer, got {}", args[1]);
@@ -134,20 +140,24 @@ impl ScalarUDFImpl for HoursFunc {
             h.as_ref()
                 .map(|h| h.iter().filter(|h| h.complete).copied().collect())
         };
+        let at = |as_of: &[Option<i64>]| -> Vec<Option<Hour>> {
+            (0..n)
+                .map(|r| match (&hours[r], as_of[r]) {
+                    (Some(h), Some(t)) => {
+                        let start = (t - 1).div_euclid(HOUR_MS) * HOUR_MS;
+                        h.iter().find(|h| h.start == start).copied()
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
         let out: ArrayRef = match self.kind {
-            HoursKind::HourAt => {
-                let as_of = as_of_values(&arrays[1])?;
-                let found: Vec<Option<Hour>> = (0..n)
-                    .map(|r| match (&hours[r], as_of[r]) {
-                        (Some(h), Some(t)) => {
-                            let start = (t - 1).div_euclid(HOUR_MS) * HOUR_MS;
-                            h.iter().find(|h| h.start == start).copied()
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                hour_array(&found)?
-            }
+            HoursKind::HourAt => hour_array(&at(&as_of_values(&arrays[1])?))?,
+            HoursKind::HourMean => Arc::new(Float64Array::from_iter(
+                at(&as_of_values(&arrays[1])?)
+                    .into_iter()
+                    .map(|h| h.filter(|h| h.complete).map(|h| h.mean)),
+            )),
             HoursKind::Mean => Arc::new(Float64Array::from_iter((0..n).map(|r| {
                 complete(&hours[r])
                     .filter(|h| !h.is_empty())

@@ -9,11 +9,12 @@ use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
 };
 
-use super::{HOURLY, coerce_numbers, station_rows};
+use super::{DAILY, HOURLY, coerce_numbers, station_rows};
 
 /// `vn_aqi_dominant(pm25, pm10, o3, no2, so2, co)`: the parameter whose sub-index is the
 /// hourly VN_AQI (`pm25`, `pm10`, `o3_1h`, `no2`, `so2` or `co`), with the arguments of
-/// `vn_aqi`; ties go to the earlier argument. Null when `vn_aqi` is null.
+/// `vn_aqi`; ties go to the earlier argument. Null when `vn_aqi` is null. With seven arguments,
+/// those of `vn_aqi_daily`, the parameter of the daily AQI (`o3_8h` among them).
 ///
 /// ```sql
 /// SELECT vn_aqi_dominant(20.3, NULL, 136.1, 118.7, NULL, NULL);
@@ -42,6 +43,14 @@ impl ScalarUDFImpl for VnAqiDominantFunc {
     }
 
     fn coerce_types(&self, args: &[DataType]) -> Result<Vec<DataType>> {
+        if args.len() == DAILY.len() {
+            return coerce_numbers(
+                "vn_aqi_dominant",
+                "pm25, pm10, o3_1h, o3_8h, no2, so2, co",
+                args,
+                DAILY.len(),
+            );
+        }
         coerce_numbers("vn_aqi_dominant", "pm25, pm10, o3, no2, so2, co", args, 6)
     }
 
@@ -50,7 +59,12 @@ impl ScalarUDFImpl for VnAqiDominantFunc {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let rows = station_rows(self.name(), &args, &HOURLY)?;
+        let parameters: &[_] = if args.args.len() == DAILY.len() {
+            &DAILY
+        } else {
+            &HOURLY
+        };
+        let rows = station_rows(self.name(), &args, parameters)?;
         let out: StringArray = rows.into_iter().map(|r| r.map(|(_, p)| p.name())).collect();
         Ok(ColumnarValue::Array(Arc::new(out)))
     }
