@@ -39,6 +39,41 @@ pub struct IndicatorRow {
     pub mean_speed_kmh: Option<f64>,
     /// Motorbike share.
     pub motorbike_share: Option<f64>,
+    /// Space-mean speed.
+    #[serde(default)]
+    pub space_mean_speed_kmh: Option<f64>,
+    /// Travel Time Index.
+    #[serde(default)]
+    pub tti: Option<f64>,
+    /// Level of service A–F.
+    #[serde(default)]
+    pub los: Option<String>,
+}
+
+/// An air indicator as read back from its topic.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AirRow {
+    /// Ward or sensor id.
+    pub entity_id: String,
+    /// `ward` or `sensor`.
+    pub scope: String,
+    /// `hour` or `day`.
+    #[serde(default)]
+    pub period: Option<String>,
+    /// Window end, epoch ms.
+    pub window_end: i64,
+    /// VN_AQI.
+    pub aqi: Option<i64>,
+    /// Category (Vietnamese).
+    pub category: Option<String>,
+    /// Category (English).
+    #[serde(default)]
+    pub category_en: Option<String>,
+    /// Dominant parameter.
+    pub dominant_pollutant: Option<String>,
+    /// PM2.5 NowCast.
+    #[serde(default)]
+    pub pm25_nowcast: Option<f64>,
 }
 
 #[derive(Default)]
@@ -46,6 +81,34 @@ struct View {
     latest: HashMap<String, IndicatorRow>,
     received: u64,
     last_window: i64,
+    /// Latest hourly AQI per ward.
+    wards: HashMap<String, AirRow>,
+    last_hour: i64,
+}
+
+impl View {
+    /// Takes one record read back from an indicator topic.
+    fn take(&mut self, topic: &str, topics: &Topics, payload: &[u8]) -> bool {
+        if topic == topics.congestion.as_str() {
+            let Ok(row) = serde_json::from_slice::<IndicatorRow>(payload) else {
+                return false;
+            };
+            self.last_window = self.last_window.max(row.window_start);
+            self.latest.insert(row.segment_id.clone(), row);
+        } else if topic == topics.air_indicators.as_str() {
+            let Ok(row) = serde_json::from_slice::<AirRow>(payload) else {
+                return false;
+            };
+            if row.scope == "ward" && row.period.as_deref() != Some("day") {
+                self.last_hour = self.last_hour.max(row.window_end);
+                self.wards.insert(row.entity_id.clone(), row);
+            }
+        } else {
+            return false;
+        }
+        self.received += 1;
+        true
+    }
 }
 
 /// `HH:MM:SS` in Hanoi time, with the date.
@@ -107,6 +170,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .segments
         .iter()
         .map(|s| (s.segment_id.clone(), s.name.clone()))
+        .chain(
+            reference
+                .wards
+                .iter()
+                .map(|w| (w.ward_id.clone(), w.name.clone())),
+        )
         .collect();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -135,20 +204,21 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let pipeline = Pipeline::new(PipelineConfig::new(&brokers), stats.clone()).await?;
     let pipeline_task = tokio::spawn(pipeline.run(pipeline_stop.clone()));
 
-    // An ordinary consumer of the indicator topic feeds the view.
+    // An ordinary consumer of the indicator topics feeds the view.
     let view = Arc::new(Mutex::new(View::default()));
     let view_consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("group.id", "urbanstream-demo-view")
         .set("auto.offset.reset", "earliest")
         .create()?;
-    view_consumer.subscribe(&[&topics.congestion])?;
+    view_consumer.subscribe(&[&topics.congestion, &topics.air_indicators])?;
     let received = Arc::new(AtomicU64::new(0));
     let view_stop = Arc::new(AtomicBool::new(false));
     let view_task = {
         let view = view.clone();
         let received = received.clone();
         let view_stop = view_stop.clone();
+        let topics = topics.clone();
         tokio::spawn(async move {
             // Stops cooperatively so that the consumer closes while the broker is still up.
             while !view_stop.load(Ordering::Relaxed) {
@@ -156,17 +226,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 let Ok(Ok(message)) = next.await else {
                     continue;
                 };
-                let Some(row) = message
-                    .payload()
-                    .and_then(|p| serde_json::from_slice::<IndicatorRow>(p).ok())
-                else {
+                let Some(payload) = message.payload() else {
                     continue;
                 };
-                received.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut v) = view.lock() {
-                    v.received += 1;
-                    v.last_window = v.last_window.max(row.window_start);
-                    v.latest.insert(row.segment_id.clone(), row);
+                if let Ok(mut v) = view.lock()
+                    && v.take(message.topic(), &topics, payload)
+                {
+                    received.fetch_add(1, Ordering::Relaxed);
                 }
             }
         })
@@ -214,8 +280,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 started,
             );
         } else {
+            let worst = v
+                .wards
+                .values()
+                .filter(|r| r.window_end == v.last_hour)
+                .max_by_key(|r| r.aqi);
             println!(
-                "t={:>4}s in={:>7.0}/s events={} dlq={} late={} indicators_out={} received={} watermark={}",
+                "t={:>4}s in={:>7.0}/s events={} dlq={} late={} indicators_out={} received={} watermark={} worst_ward_aqi={}",
                 started.elapsed().as_secs(),
                 rate,
                 records,
@@ -224,6 +295,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 stats.indicators_out.load(Ordering::Relaxed),
                 v.received,
                 hanoi_time(stats.watermark_ms.load(Ordering::Relaxed)),
+                worst.map_or("-".into(), |r| format!(
+                    "{}:{}:{}",
+                    r.entity_id,
+                    r.aqi.map_or("-".into(), |a| a.to_string()),
+                    r.category_en.as_deref().unwrap_or("-")
+                )),
             );
         }
     }
@@ -357,21 +434,60 @@ fn draw(
         &hanoi_time(view.last_window + 60_000)[11..]
     ));
     out.push_str(&format!(
-        "  {:<52} {:>8} {:>10} {:>10}\n",
-        "segment", "veh/min", "mean km/h", "motorbike"
+        "  {:<48} {:>8} {:>9} {:>6} {:>4} {:>10}\n",
+        "segment", "veh/min", "km/h", "TTI", "LOS", "motorbike"
     ));
+    let dash = || "-".to_string();
     for row in rows.iter().take(10) {
         let name = names
             .get(&row.segment_id)
             .map(String::as_str)
             .unwrap_or(&row.segment_id);
         out.push_str(&format!(
-            "  {:<52} {:>8} {:>10} {:>9}%\n",
-            truncate(name, 52),
+            "  {:<48} {:>8} {:>9} {:>6} {:>4} {:>9}%\n",
+            truncate(name, 48),
             row.vehicles,
-            row.mean_speed_kmh.map_or("-".into(), |v| format!("{v:.1}")),
+            row.space_mean_speed_kmh
+                .or(row.mean_speed_kmh)
+                .map_or_else(dash, |v| format!("{v:.1}")),
+            row.tti.map_or_else(dash, |v| format!("{v:.2}")),
+            row.los.clone().unwrap_or_else(dash),
             row.motorbike_share
-                .map_or("-".into(), |v| format!("{:.0}", v * 100.0)),
+                .map_or_else(dash, |v| format!("{:.0}", v * 100.0)),
+        ));
+    }
+    let mut wards: Vec<&AirRow> = view
+        .wards
+        .values()
+        .filter(|r| r.window_end == view.last_hour)
+        .collect();
+    wards.sort_by(|a, b| b.aqi.cmp(&a.aqi).then(a.entity_id.cmp(&b.entity_id)));
+    out.push_str(&format!(
+        "\nair quality by ward, hour {} – {} (VN_AQI, PM by NowCast; from city.indicators.air)\n",
+        hanoi_time(view.last_hour - 3_600_000),
+        &hanoi_time(view.last_hour)[11..]
+    ));
+    out.push_str(&format!(
+        "  {:<28} {:>4}  {:<24} {:>10} {:>13}\n",
+        "ward", "AQI", "category", "dominant", "PM2.5 NowCast"
+    ));
+    for row in wards.iter().take(8) {
+        let name = names
+            .get(&row.entity_id)
+            .map(String::as_str)
+            .unwrap_or(&row.entity_id);
+        let category = match (&row.category, &row.category_en) {
+            (Some(vi), Some(en)) => format!("{vi} ({en})"),
+            (Some(vi), None) => vi.clone(),
+            _ => dash(),
+        };
+        out.push_str(&format!(
+            "  {:<28} {:>4}  {:<24} {:>10} {:>13}\n",
+            truncate(name, 28),
+            row.aqi.map_or_else(dash, |v| v.to_string()),
+            truncate(&category, 24),
+            row.dominant_pollutant.clone().unwrap_or_else(dash),
+            row.pm25_nowcast.map_or_else(dash, |v| format!("{v:.1}")),
         ));
     }
     let mut stdout = std::io::stdout().lock();

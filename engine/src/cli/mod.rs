@@ -85,6 +85,10 @@ pub struct SimArgs {
     /// Share of out-of-order camera events (up to 4 s behind).
     #[arg(long, default_value_t = 0.05)]
     pub out_of_order_share: f64,
+    /// Hours of air readings produced at start from before the simulated clock, so the hourly
+    /// AQI (NowCast needs 2 of the latest 3 hours) is published from the first minute.
+    #[arg(long, default_value_t = 3)]
+    pub air_history_hours: u32,
 }
 
 impl SimArgs {
@@ -102,6 +106,7 @@ impl SimArgs {
             malformed_share: self.malformed_share,
             late_share: self.late_share,
             out_of_order_share: self.out_of_order_share,
+            air_history_hours: self.air_history_hours,
             ..SimConfig::default()
         }
     }
@@ -162,6 +167,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             malformed_share: 0.002,
             late_share: 0.002,
             out_of_order_share: 0.05,
+            air_history_hours: 3,
         },
     })) {
         Command::Demo(args) => demo::run(args).await,

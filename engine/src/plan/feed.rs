@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::Statistics;
+use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
@@ -97,6 +99,9 @@ impl DisplayAs for FeedExec {
     }
 }
 
+/// Rows a stream reports to the optimizer: more than any reference table.
+const STREAM_ROWS: usize = 1 << 40;
+
 impl ExecutionPlan for FeedExec {
     fn name(&self) -> &str {
         "FeedExec"
@@ -139,6 +144,16 @@ impl ExecutionPlan for FeedExec {
                 datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
             ),
         )
+    }
+
+    /// A stream is unbounded: it reports itself as far larger than any table, so that
+    /// DataFusion's join selection makes the reference table the side a join collects once
+    /// (the build side) and streams each batch through the other.
+    fn partition_statistics(&self, _partition: Option<usize>) -> Result<Arc<Statistics>> {
+        let mut stats = Statistics::new_unknown(&self.schema);
+        stats.num_rows = Precision::Inexact(STREAM_ROWS);
+        stats.total_byte_size = Precision::Inexact(STREAM_ROWS.saturating_mul(64));
+        Ok(Arc::new(stats))
     }
 
     fn execute(

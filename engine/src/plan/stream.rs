@@ -291,6 +291,7 @@ impl StreamContext {
         let Some(source) = self.stream_table(&source_name).await? else {
             return plan_err!("{source_name} is not a stream table");
         };
+        refuse_stream_build_sides(&physical)?;
 
         // The aggregation, if any.
         let mut aggregates: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
@@ -548,6 +549,65 @@ fn parse_setting(name: &str, value: &str) -> Result<Option<Duration>> {
 }
 
 /// Refuses logical plans that cannot run on an unbounded stream, saying what to write instead.
+/// Joins collect one side once per plan (the build side) and stream the other: a stream on a
+/// build side would be joined with its first batch forever, and a join that emits the build
+/// side's unmatched rows would emit the whole reference table with every batch. Both are
+/// refused with the reason.
+fn refuse_stream_build_sides(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
+    use datafusion::common::JoinType;
+    use datafusion::physical_plan::joins::{CrossJoinExec, HashJoinExec, NestedLoopJoinExec};
+    let has_stream = |p: &Arc<dyn ExecutionPlan>| {
+        let mut found = false;
+        let _ = p.apply(|n| {
+            found |= n.downcast_ref::<FeedExec>().is_some();
+            Ok(if found {
+                TreeNodeRecursion::Stop
+            } else {
+                TreeNodeRecursion::Continue
+            })
+        });
+        found
+    };
+    let mut error = None;
+    plan.apply(|node| {
+        let (build, join_type) = if let Some(j) = node.downcast_ref::<HashJoinExec>() {
+            (j.left(), Some(*j.join_type()))
+        } else if let Some(j) = node.downcast_ref::<NestedLoopJoinExec>() {
+            (j.left(), Some(*j.join_type()))
+        } else if let Some(j) = node.downcast_ref::<CrossJoinExec>() {
+            (j.left(), None)
+        } else {
+            return Ok(TreeNodeRecursion::Continue);
+        };
+        if matches!(join_type, Some(JoinType::Full)) {
+            error = Some(
+                "a FULL JOIN of a stream with a table would emit the table's unmatched rows with every batch: use LEFT JOIN (stream first) to keep every event".to_string(),
+            );
+        } else if has_stream(build) {
+            error = Some(format!(
+                "the join keeps the stream on the side it collects once ({}): join a stream with a reference table, stream first (FROM stream LEFT JOIN table …)",
+                node.name()
+            ));
+        } else if matches!(
+            join_type,
+            Some(JoinType::Left | JoinType::LeftAnti | JoinType::LeftSemi | JoinType::LeftMark)
+        ) {
+            error = Some(
+                "the join would emit reference rows per batch (a RIGHT JOIN of the stream keeps every table row): keep every event with FROM stream LEFT JOIN table".to_string(),
+            );
+        }
+        Ok(if error.is_some() {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    })?;
+    match error {
+        Some(e) => plan_err!("{e}"),
+        None => Ok(()),
+    }
+}
+
 fn refuse_unbounded(plan: &LogicalPlan) -> Result<()> {
     let has_aggregate = plan.exists(|p| Ok(matches!(p, LogicalPlan::Aggregate(_))))?;
     let mut problem = None;

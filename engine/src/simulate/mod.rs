@@ -69,6 +69,9 @@ pub struct SimConfig {
     pub incidents_per_hour: f64,
     /// Sensor faults started per simulated hour across all air sensors.
     pub sensor_faults_per_hour: f64,
+    /// Hours of air readings before `start_ms` that the first tick also returns, so that
+    /// hourly indicators needing past hours (NowCast wants 2 of the latest 3) start at once.
+    pub air_history_hours: u32,
 }
 
 impl Default for SimConfig {
@@ -82,6 +85,7 @@ impl Default for SimConfig {
             late_share: 0.002,
             incidents_per_hour: 2.0,
             sensor_faults_per_hour: 3.0,
+            air_history_hours: 0,
         }
     }
 }
@@ -252,9 +256,19 @@ impl CitySimulator {
     /// Simulates one second and returns its records.
     pub fn next_tick(&mut self) -> Vec<SimRecord> {
         let t0 = self.now_ms;
+        let mut out = Vec::new();
+        if t0 == self.config.start_ms && self.config.air_history_hours > 0 {
+            // The sensors' recent past, one reading a minute, before the live clock starts.
+            let from = t0 - i64::from(self.config.air_history_hours) * 3_600_000;
+            let first = from.div_euclid(60_000) * 60_000;
+            for t in (first..t0).step_by(60_000) {
+                if t >= from {
+                    self.air(t, hanoi_hour(t), &mut out);
+                }
+            }
+        }
         self.now_ms += 1000;
         let hour = hanoi_hour(t0);
-        let mut out = Vec::new();
         self.update_events(t0);
         self.cameras(t0, hour, &mut out);
         if t0.rem_euclid(60_000) == 0 {
