@@ -111,7 +111,13 @@ impl View {
     }
 }
 
-/// `HH:MM:SS` in Hanoi time, with the date.
+/// `HH:MM:SS` of [`hanoi_time`], or `-` before any time is known.
+pub fn hanoi_clock(epoch_ms: i64) -> String {
+    let t = hanoi_time(epoch_ms);
+    t.get(11..).map_or_else(|| "-".to_string(), str::to_string)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in Hanoi time, `-` for an unset time.
 pub fn hanoi_time(epoch_ms: i64) -> String {
     if epoch_ms == i64::MIN || epoch_ms == 0 {
         return "-".into();
@@ -431,7 +437,7 @@ fn draw(
     out.push_str(&format!(
         "busiest segments, minute {} – {} (from city.indicators.congestion)\n",
         hanoi_time(view.last_window),
-        &hanoi_time(view.last_window + 60_000)[11..]
+        hanoi_clock(view.last_window + 60_000)
     ));
     out.push_str(&format!(
         "  {:<48} {:>8} {:>9} {:>6} {:>4} {:>10}\n",
@@ -464,8 +470,12 @@ fn draw(
     wards.sort_by(|a, b| b.aqi.cmp(&a.aqi).then(a.entity_id.cmp(&b.entity_id)));
     out.push_str(&format!(
         "\nair quality by ward, hour {} – {} (VN_AQI, PM by NowCast; from city.indicators.air)\n",
-        hanoi_time(view.last_hour - 3_600_000),
-        &hanoi_time(view.last_hour)[11..]
+        if view.last_hour == 0 {
+            "-".into()
+        } else {
+            hanoi_time(view.last_hour - 3_600_000)
+        },
+        hanoi_clock(view.last_hour)
     ));
     out.push_str(&format!(
         "  {:<28} {:>4}  {:<24} {:>10} {:>13}\n",
@@ -512,5 +522,29 @@ mod tests {
         // 2026-01-01 06:00 in Hanoi is 2025-12-31 23:00 UTC.
         assert_eq!(hanoi_time(1_767_222_000_000), "2026-01-01 06:00:00");
         assert_eq!(hanoi_time(i64::MIN), "-");
+        assert_eq!(hanoi_clock(1_767_222_000_000), "06:00:00");
+        assert_eq!(hanoi_clock(0), "-");
+    }
+
+    #[test]
+    fn view_takes_rows_of_both_indicator_topics() {
+        let topics = Topics::default();
+        let mut view = View::default();
+        let congestion = br#"{"segment_id":"kim_ma_w","window_start":60000,"window_end":120000,
+            "vehicles":12,"mean_speed_kmh":31.0,"motorbike_share":0.7,"tti":1.6,"los":"C"}"#;
+        assert!(view.take(&topics.congestion, &topics, congestion));
+        let ward = br#"{"entity_id":"lang","scope":"ward","period":"hour","window_start":0,
+            "window_end":3600000,"aqi":117,"category":"K\u00e9m","category_en":"Poor",
+            "dominant_pollutant":"pm25","pm25_nowcast":61.2,"readings":120}"#;
+        assert!(view.take(&topics.air_indicators, &topics, ward));
+        let daily = br#"{"entity_id":"aq-001","scope":"sensor","period":"day","window_start":0,
+            "window_end":86400000,"aqi":90,"readings":24}"#;
+        assert!(view.take(&topics.air_indicators, &topics, daily));
+        assert!(!view.take(&topics.air_indicators, &topics, b"not json"));
+        assert_eq!(view.received, 3);
+        assert_eq!(view.latest["kim_ma_w"].los.as_deref(), Some("C"));
+        assert_eq!(view.wards["lang"].aqi, Some(117));
+        assert_eq!(view.wards.len(), 1, "only hourly ward rows are shown");
+        assert_eq!(view.last_hour, 3_600_000);
     }
 }
