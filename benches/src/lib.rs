@@ -35,3 +35,24 @@ pub fn simulated_batch(topic: SimTopic, n: usize) -> RawBatch {
     }
     batch
 }
+
+/// `n` decoded records of `topic` (Avro schema `schema`) as Arrow batches of up to 8 192 rows:
+/// 8 192 simulated records (seed 42) decoded once and repeated, as a stream query sees them.
+pub fn decoded_batches(
+    topic: SimTopic,
+    schema: &str,
+    n: usize,
+) -> Vec<datafusion::arrow::record_batch::RecordBatch> {
+    let registry = urbanstream::schema::SchemaRegistry::embedded().expect("schemas");
+    let decoder = urbanstream::decode::JsonDecoder::new(registry.get(schema).expect(schema));
+    let raw = simulated_batch(topic, 8192);
+    let batch = decoder.decode(&raw).expect("decode").batch;
+    let mut out = Vec::new();
+    let mut rows = 0;
+    while rows < n {
+        let take = batch.num_rows().min(n - rows);
+        out.push(batch.slice(0, take));
+        rows += take;
+    }
+    out
+}

@@ -237,3 +237,49 @@ fn hour_array(hours: &[Option<Hour>]) -> Result<ArrayRef> {
         Some(nulls),
     )?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hours(means: &[Option<f64>]) -> Vec<Hour> {
+        means
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                m.map(|mean| Hour {
+                    start: i as i64 * HOUR_MS,
+                    mean,
+                    readings: 60,
+                    complete: true,
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn max_eight_hour_mean_needs_six_of_eight_hours() {
+        // 24 hours at 50 with an afternoon peak of 8 hours at 90 starting at 12:00.
+        let mut day: Vec<Option<f64>> = vec![Some(50.0); 24];
+        for h in day.iter_mut().skip(12).take(8) {
+            *h = Some(90.0);
+        }
+        assert_eq!(max_run_mean(&hours(&day), 8), Some(90.0));
+        // With 13:00–15:00 missing, runs over the peak have 5 of 8 hours and do not count;
+        // the best that does is 14:00–22:00: 16:00–19:00 at 90 and 20:00–21:00 at 50.
+        for h in day.iter_mut().skip(13).take(3) {
+            *h = None;
+        }
+        let best = max_run_mean(&hours(&day), 8).unwrap();
+        assert!(
+            (best - (4.0 * 90.0 + 2.0 * 50.0) / 6.0).abs() < 1e-9,
+            "{best}"
+        );
+        assert_eq!(
+            max_run_mean(&hours(&[Some(1.0); 5]), 8),
+            None,
+            "5 hours in all"
+        );
+        assert_eq!(max_run_mean(&[], 8), None);
+    }
+}
