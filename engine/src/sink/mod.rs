@@ -423,7 +423,12 @@ mod tests {
         assert_eq!(ends.len(), 1);
         assert_eq!(
             std::str::from_utf8(&bytes[..ends[0]]).expect("utf8"),
-            r#"{"segment_id":"kim_ma_w","window_start":60000,"window_end":120000,"vehicles":3,"mean_speed_kmh":null,"motorbike_share":null,"revision":0,"is_final":true}"#
+            concat!(
+                r#"{"segment_id":"kim_ma_w","window_start":60000,"window_end":120000,"vehicles":3,"#,
+                r#""mean_speed_kmh":null,"motorbike_share":null,"space_mean_speed_kmh":null,"#,
+                r#""flow_veh_h":null,"flow_pcu_h":null,"density_pcu_km_ln":null,"v_c":null,"#,
+                r#""tti":null,"los":null,"revision":0,"is_final":true}"#
+            )
         );
         let extra = RecordBatch::try_from_iter(vec![(
             "speed",
