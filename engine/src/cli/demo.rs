@@ -328,43 +328,24 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "urbanstream demo summary ({:.0} s)",
         started.elapsed().as_secs_f64()
     );
-    println!(
-        "  records produced          {:>10}",
-        sim_stats.produced.load(Ordering::Relaxed)
-    );
-    println!(
-        "  records in                {:>10}",
-        stats.records_in.load(Ordering::Relaxed)
-    );
-    println!(
-        "    camera events           {:>10}",
-        stats.camera_events.load(Ordering::Relaxed)
-    );
-    println!(
-        "    detector readings       {:>10}",
-        stats.detector_readings.load(Ordering::Relaxed)
-    );
-    println!(
-        "    air readings            {:>10}",
-        stats.air_readings.load(Ordering::Relaxed)
-    );
-    println!("  indicators out            {:>10}", indicators);
-    println!(
-        "  indicators read back      {:>10}",
-        received.load(Ordering::Relaxed)
-    );
-    println!(
-        "  DLQ records               {:>10}",
-        stats.dlq.load(Ordering::Relaxed)
-    );
-    println!(
-        "  late events               {:>10}",
-        stats.late.load(Ordering::Relaxed)
-    );
-    println!(
-        "  final watermark           {:>10}",
-        hanoi_time(stats.watermark_ms.load(Ordering::Relaxed))
-    );
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed).to_string();
+    for (label, value) in [
+        ("records produced", load(&sim_stats.produced)),
+        ("records in", load(&stats.records_in)),
+        ("  camera events", load(&stats.camera_events)),
+        ("  detector readings", load(&stats.detector_readings)),
+        ("  air readings", load(&stats.air_readings)),
+        ("indicators out", indicators.to_string()),
+        ("indicators read back", load(&received)),
+        ("DLQ records", load(&stats.dlq)),
+        ("late events", load(&stats.late)),
+        (
+            "final watermark",
+            hanoi_time(stats.watermark_ms.load(Ordering::Relaxed)),
+        ),
+    ] {
+        println!("  {label:<24}{value:>12}");
+    }
 
     match pipeline_result {
         Ok(Ok(())) => {}
@@ -445,10 +426,7 @@ fn draw(
     ));
     let dash = || "-".to_string();
     for row in rows.iter().take(10) {
-        let name = names
-            .get(&row.segment_id)
-            .map(String::as_str)
-            .unwrap_or(&row.segment_id);
+        let name = display_name(names, &row.segment_id);
         out.push_str(&format!(
             "  {:<48} {:>8} {:>9} {:>6} {:>4} {:>9}%\n",
             truncate(name, 48),
@@ -482,10 +460,7 @@ fn draw(
         "ward", "AQI", "category", "dominant", "PM2.5 NowCast"
     ));
     for row in wards.iter().take(8) {
-        let name = names
-            .get(&row.entity_id)
-            .map(String::as_str)
-            .unwrap_or(&row.entity_id);
+        let name = display_name(names, &row.entity_id);
         let category = match (&row.category, &row.category_en) {
             (Some(vi), Some(en)) => format!("{vi} ({en})"),
             (Some(vi), None) => vi.clone(),
@@ -503,6 +478,11 @@ fn draw(
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(out.as_bytes());
     let _ = stdout.flush();
+}
+
+/// The reference name of a segment or ward, or its id when it has none.
+fn display_name<'a>(names: &'a HashMap<String, String>, id: &'a str) -> &'a str {
+    names.get(id).map_or(id, String::as_str)
 }
 
 fn truncate(s: &str, n: usize) -> String {
