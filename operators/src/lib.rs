@@ -12,13 +12,19 @@
 //!   `hours_complete`. Traffic: `pcu`, `tti`, `los_urban`, `los_freeway`, `density`, `v_c`,
 //!   `flow_rate` and the aggregates `space_mean_speed`, `pti`, `buffer_index`. Data quality:
 //!   `reading_valid`, `complete`.
+//! - [`detect`]: anomaly detectors `anomaly_ewma`, `anomaly_mad`, `anomaly_cusum`,
+//!   `anomaly_seasonal`, `anomaly_score` (the default); sensor health `sensor_stuck`,
+//!   `sensor_out_of_range`, `sensor_missing`, `sensor_jump`; and `alert_state`, which turns
+//!   scores into RAISED / UPDATED / CLEARED transitions. All are window functions written
+//!   `f(value, ts, …) OVER (PARTITION BY key ORDER BY ts)`.
 
+pub mod detect;
 pub mod indicator;
 pub mod window;
 
 use std::sync::Arc;
 
-use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
+use datafusion::logical_expr::{AggregateUDF, ScalarUDF, WindowUDF};
 use datafusion::prelude::SessionContext;
 
 /// Every scalar function of this crate.
@@ -105,6 +111,11 @@ pub fn aggregate_functions() -> Vec<Arc<AggregateUDF>> {
     ]
 }
 
+/// Every window function of this crate: the detectors, health checks and alert machine.
+pub fn window_functions() -> Vec<Arc<WindowUDF>> {
+    detect::udwf::window_functions()
+}
+
 /// Registers every function of this crate with `ctx`.
 pub fn register_all(ctx: &SessionContext) {
     for f in scalar_functions() {
@@ -112,5 +123,8 @@ pub fn register_all(ctx: &SessionContext) {
     }
     for f in aggregate_functions() {
         ctx.register_udaf(f.as_ref().clone());
+    }
+    for f in window_functions() {
+        ctx.register_udwf(f.as_ref().clone());
     }
 }

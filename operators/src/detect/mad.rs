@@ -1,0 +1,132 @@
+//! Rolling median and median absolute deviation over the last readings.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Score, standardise};
+
+/// Robust score: `(x - median) / (1.4826 · MAD)` over the last `window` readings, the reading
+/// itself excluded. A spike barely moves the median or the MAD, so it stands out even among
+/// other spikes; a level shift is absorbed once it fills half the window.
+///
+/// O(window) time per reading (a selection, not a sort) and O(window) memory. When more than
+/// half the window is one value the MAD is zero; the scale then falls back to the mean absolute
+/// deviation (× 1.2533, the normal-consistent factor).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollingMad {
+    window: usize,
+    warmup: usize,
+    values: VecDeque<f64>,
+    #[serde(skip)]
+    scratch: Vec<f64>,
+}
+
+impl PartialEq for RollingMad {
+    fn eq(&self, other: &Self) -> bool {
+        // The scratch space is not state.
+        (self.window, self.warmup, &self.values) == (other.window, other.warmup, &other.values)
+    }
+}
+
+impl RollingMad {
+    /// Default readings in the window.
+    pub const DEFAULT_WINDOW: usize = 60;
+    /// Default readings before the score is trusted.
+    pub const DEFAULT_WARMUP: usize = 10;
+
+    /// A detector over the last `window` readings (at least 3), warming for `warmup`.
+    pub fn new(window: usize, warmup: usize) -> Self {
+        let window = window.max(3);
+        Self {
+            window,
+            warmup: warmup.min(window),
+            values: VecDeque::with_capacity(window),
+            scratch: Vec::with_capacity(window),
+        }
+    }
+
+    pub(crate) fn heap_size(&self) -> usize {
+        (self.values.capacity() + self.scratch.capacity()) * std::mem::size_of::<f64>()
+    }
+
+    /// Median and robust scale of the window, if it holds anything.
+    pub fn location_scale(&mut self) -> Option<(f64, f64)> {
+        if self.values.is_empty() {
+            return None;
+        }
+        self.scratch.clear();
+        self.scratch.extend(self.values.iter().copied());
+        let median = median_in_place(&mut self.scratch);
+        for v in self.scratch.iter_mut() {
+            *v = (*v - median).abs();
+        }
+        let mad = median_in_place(&mut self.scratch);
+        let scale = if mad > 0.0 {
+            1.4826 * mad
+        } else {
+            let n = self.scratch.len() as f64;
+            1.2533 * self.scratch.iter().sum::<f64>() / n
+        };
+        Some((median, scale))
+    }
+
+    /// Pushes `x` into the window, dropping the oldest reading when full.
+    pub fn push(&mut self, x: f64) {
+        if self.values.len() == self.window {
+            self.values.pop_front();
+        }
+        self.values.push_back(x);
+    }
+
+    /// Readings in the window.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether the window is empty.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Scores `x` against the window, then pushes it.
+    pub fn update(&mut self, x: Option<f64>) -> Score {
+        let warming = self.values.len() < self.warmup;
+        let Some(x) = x.filter(|v| v.is_finite()) else {
+            let baseline = self.location_scale().map(|(m, _)| m);
+            return Score {
+                score: None,
+                baseline,
+                warming,
+            };
+        };
+        let out = match self.location_scale() {
+            Some((median, scale)) => Score {
+                score: Some(standardise(x, median, scale)),
+                baseline: Some(median),
+                warming,
+            },
+            None => Score {
+                score: Some(0.0),
+                baseline: Some(x),
+                warming,
+            },
+        };
+        self.push(x);
+        out
+    }
+}
+
+/// The median of `values` (reordered); the mean of the two middle values for an even count.
+fn median_in_place(values: &mut [f64]) -> f64 {
+    let n = values.len();
+    let mid = n / 2;
+    let (lower, m, _) = values.select_nth_unstable_by(mid, f64::total_cmp);
+    let m = *m;
+    if n % 2 == 1 {
+        m
+    } else {
+        let below = lower.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (below + m) / 2.0
+    }
+}

@@ -1,0 +1,153 @@
+//! Anomaly detectors, sensor health and alert semantics.
+//!
+//! Everything here is a keyed, incremental state machine over one entity's time-ordered series
+//! (a sensor, a detector, a segment): [`SeriesState::step`] takes one reading and does O(1)
+//! work (O(window) for the rolling median), and the state is plain data (`serde`), so an engine
+//! can checkpoint it. The SQL surface ([`udwf`]) exposes each as a window function written
+//! `f(value, ts, …) OVER (PARTITION BY key ORDER BY ts)`: in plain DataFusion it runs over a
+//! whole partition, and urbanstream's stream engine keeps the state of each key across
+//! micro-batches.
+//!
+//! - Detectors return a [`Score`]: a signed score in standard deviations (or the rule's units),
+//!   the baseline it compared against, and whether it is still warming up:
+//!   [`Ewma`], [`RollingMad`], [`Cusum`], [`Seasonal`] and the default [`Combined`].
+//! - [`Health`] flags one kind of sensor fault ([`FaultKind`]).
+//! - [`AlertMachine`] turns scores into alert transitions with hysteresis, minimum duration,
+//!   cooldown, expiry and emit-on-change.
+
+mod alert;
+mod combined;
+mod cusum;
+mod ewma;
+mod health;
+mod mad;
+mod seasonal;
+pub mod udwf;
+
+#[cfg(test)]
+mod tests;
+
+pub use alert::{AlertMachine, AlertOut, AlertRule, AlertTransition};
+pub use combined::Combined;
+pub use cusum::Cusum;
+pub use ewma::Ewma;
+pub use health::{FaultKind, Health, HealthOut, max_step_per_minute};
+pub use mad::RollingMad;
+pub use seasonal::{Season, Seasonal};
+
+use serde::{Deserialize, Serialize};
+
+/// Scores are clamped to this magnitude: a deviation from a perfectly constant series is
+/// "very large", not infinite.
+pub const MAX_SCORE: f64 = 1.0e6;
+
+/// What a detector says about one reading.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Score {
+    /// Signed deviation (positive above the baseline); `None` for a missing or non-finite
+    /// reading, or before the detector has anything to compare with.
+    pub score: Option<f64>,
+    /// The value the detector expected.
+    pub baseline: Option<f64>,
+    /// Whether the detector has seen too little of this series to be trusted.
+    pub warming: bool,
+}
+
+/// `(x - baseline) / scale`, the scale floored so that a constant series gives a finite score.
+pub(crate) fn standardise(x: f64, baseline: f64, scale: f64) -> f64 {
+    let floor = 1e-9_f64.max(1e-9 * baseline.abs());
+    let z = (x - baseline) / scale.max(floor);
+    z.clamp(-MAX_SCORE, MAX_SCORE)
+}
+
+/// One output row of a keyed function.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Emitted {
+    /// A detector's score.
+    Score(Score),
+    /// A sensor-health check.
+    Health(HealthOut),
+    /// An alert machine's transition.
+    Alert(AlertOut),
+}
+
+/// The state of one keyed function for one key: every detector, health check and alert
+/// machine of this module behind one type, so that an engine can hold, step and checkpoint
+/// them without knowing which is which.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SeriesState {
+    /// [`Ewma`].
+    Ewma(Ewma),
+    /// [`RollingMad`].
+    Mad(RollingMad),
+    /// [`Cusum`].
+    Cusum(Cusum),
+    /// [`Seasonal`].
+    Seasonal(Seasonal),
+    /// [`Combined`].
+    Combined(Box<Combined>),
+    /// [`Health`].
+    Health(Health),
+    /// [`AlertMachine`].
+    Alert(AlertMachine),
+}
+
+impl SeriesState {
+    /// Feeds one reading at event time `t_ms` (milliseconds since the epoch). `x` is `None`
+    /// (or NaN) for a missing value.
+    pub fn step(&mut self, t_ms: i64, x: Option<f64>) -> Emitted {
+        let x = x.filter(|v| !v.is_nan());
+        match self {
+            SeriesState::Ewma(d) => Emitted::Score(d.update(x)),
+            SeriesState::Mad(d) => Emitted::Score(d.update(x)),
+            SeriesState::Cusum(d) => Emitted::Score(d.update(x)),
+            SeriesState::Seasonal(d) => Emitted::Score(d.update(t_ms, x)),
+            SeriesState::Combined(d) => Emitted::Score(d.update(t_ms, x)),
+            SeriesState::Health(h) => Emitted::Health(h.update(t_ms, x)),
+            SeriesState::Alert(a) => Emitted::Alert(a.update(t_ms, x)),
+        }
+    }
+
+    /// The output for a row that cannot be placed in time (no timestamp): nothing learnt,
+    /// nothing said.
+    pub fn blank(&self) -> Emitted {
+        match self {
+            SeriesState::Health(_) => Emitted::Health(HealthOut::default()),
+            SeriesState::Alert(_) => Emitted::Alert(AlertOut::default()),
+            _ => Emitted::Score(Score {
+                warming: true,
+                ..Score::default()
+            }),
+        }
+    }
+
+    /// The event time at which this state wants to speak without new input (a sensor that
+    /// went silent, an alert that expires), if any.
+    pub fn due(&self) -> Option<i64> {
+        match self {
+            SeriesState::Health(h) => h.due(),
+            SeriesState::Alert(a) => a.due(),
+            _ => None,
+        }
+    }
+
+    /// Called once the watermark has reached [`SeriesState::due`]: the row to emit, if any.
+    pub fn fire(&mut self, watermark: i64) -> Option<Emitted> {
+        match self {
+            SeriesState::Health(h) => h.fire(watermark).map(Emitted::Health),
+            SeriesState::Alert(a) => a.fire(watermark).map(Emitted::Alert),
+            _ => None,
+        }
+    }
+
+    /// Approximate bytes held.
+    pub fn size(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + match self {
+                SeriesState::Mad(d) => d.heap_size(),
+                SeriesState::Seasonal(d) => d.heap_size(),
+                SeriesState::Combined(d) => std::mem::size_of::<Combined>() + d.heap_size(),
+                _ => 0,
+            }
+    }
+}

@@ -1,0 +1,434 @@
+use super::*;
+
+const MIN: i64 = 60_000;
+
+/// A deterministic noise in [-1, 1] (no RNG dependency).
+fn noise(i: usize) -> f64 {
+    let x = (i as f64 * 12.9898).sin() * 43_758.545_3;
+    2.0 * (x - x.floor()) - 1.0
+}
+
+fn flat(n: usize, level: f64, amplitude: f64) -> Vec<f64> {
+    (0..n).map(|i| level + amplitude * noise(i)).collect()
+}
+
+fn run(state: &mut SeriesState, series: &[f64], every_ms: i64) -> Vec<Score> {
+    series
+        .iter()
+        .enumerate()
+        .map(|(i, x)| match state.step(i as i64 * every_ms, Some(*x)) {
+            Emitted::Score(s) => s,
+            other => panic!("not a score: {other:?}"),
+        })
+        .collect()
+}
+
+fn detectors() -> Vec<(&'static str, SeriesState)> {
+    vec![
+        ("ewma", SeriesState::Ewma(Ewma::new(0.1, 20))),
+        ("mad", SeriesState::Mad(RollingMad::new(60, 10))),
+        ("cusum", SeriesState::Cusum(Cusum::new(0.5, 0.02, 20))),
+        (
+            "seasonal",
+            SeriesState::Seasonal(Seasonal::new(Season::Day, 15 * MIN, 0)),
+        ),
+        (
+            "combined",
+            SeriesState::Combined(Box::new(Combined::new(0))),
+        ),
+    ]
+}
+
+fn max_abs(scores: &[Score]) -> f64 {
+    scores
+        .iter()
+        .filter_map(|s| s.score)
+        .fold(0.0, |m, s| m.max(s.abs()))
+}
+
+#[test]
+fn constant_input_scores_zero_and_finishes_warming() {
+    for (name, mut d) in detectors() {
+        let s = run(&mut d, &vec![42.0; 200], MIN);
+        assert_eq!(max_abs(&s), 0.0, "{name}");
+        assert!(s[0].warming, "{name} warms up");
+        if name != "seasonal" {
+            assert!(!s[199].warming, "{name} warmed up");
+            assert_eq!(s[199].baseline, Some(42.0), "{name}");
+        }
+    }
+}
+
+#[test]
+fn a_spike_stands_out_for_point_detectors() {
+    for (name, mut d) in detectors() {
+        if name == "cusum" || name == "seasonal" {
+            continue;
+        }
+        let mut x = flat(200, 50.0, 1.0);
+        x[150] = 80.0;
+        let s = run(&mut d, &x, MIN);
+        let spike = s[150].score.unwrap_or_default();
+        assert!(spike > 10.0, "{name}: spike score {spike}");
+        let quiet = max_abs(&s[60..150]);
+        assert!(quiet < 4.0, "{name}: noise scored {quiet}");
+        assert!(
+            (s[150].baseline.unwrap_or_default() - 50.0).abs() < 2.0,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn cusum_ignores_one_spike_and_catches_a_small_shift() {
+    let mut d = SeriesState::Cusum(Cusum::new(0.5, 0.02, 20));
+    let mut x = flat(300, 50.0, 1.0);
+    x[100] = 80.0;
+    // A shift of about 1.5 σ (the noise is uniform in ±1, σ ≈ 0.58).
+    for v in &mut x[200..] {
+        *v += 0.9;
+    }
+    let s = run(&mut d, &x, MIN);
+    assert!(
+        max_abs(&s[30..200]) < 5.0,
+        "spike alone: {}",
+        max_abs(&s[30..200])
+    );
+    let first = (200..300).find(|&i| s[i].score.unwrap_or_default() > 5.0);
+    let first = first.expect("shift detected");
+    assert!(first < 220, "detected after {} readings", first - 200);
+}
+
+#[test]
+fn a_level_shift_is_detected_then_absorbed() {
+    for (name, mut d) in detectors() {
+        if name == "seasonal" {
+            continue;
+        }
+        let mut x = flat(600, 50.0, 1.0);
+        for v in &mut x[300..] {
+            *v -= 10.0;
+        }
+        let s = run(&mut d, &x, MIN);
+        assert!(
+            s[300..310]
+                .iter()
+                .any(|s| s.score.unwrap_or_default() < -4.0),
+            "{name}: shift missed"
+        );
+        let tail = max_abs(&s[560..]);
+        assert!(
+            tail < 4.0,
+            "{name}: still alarmed at the new level ({tail})"
+        );
+    }
+}
+
+#[test]
+fn a_slow_drift_is_caught_by_cusum_and_combined_not_by_ewma() {
+    let mut x = flat(600, 50.0, 1.0);
+    for (i, v) in x[300..].iter_mut().enumerate() {
+        *v += 0.05 * i as f64;
+    }
+    let alarm = |d: &mut SeriesState| {
+        let s = run(d, &x, MIN);
+        (300..600).find(|&i| s[i].score.unwrap_or_default() > 4.0)
+    };
+    assert!(alarm(&mut SeriesState::Cusum(Cusum::new(0.5, 0.02, 20))).is_some());
+    assert!(alarm(&mut SeriesState::Combined(Box::new(Combined::new(0)))).is_some());
+    // The EWMA follows a slow drift: it is a spike detector.
+    assert!(alarm(&mut SeriesState::Ewma(Ewma::new(0.1, 20))).is_none());
+}
+
+/// Five days of a daily cycle (a speed dropping from 50 to 20 km/h in the rush hours), one
+/// reading every 5 minutes.
+fn daily_cycle(days: usize) -> Vec<f64> {
+    (0..days * 288)
+        .map(|i| {
+            let hour = (i % 288) as f64 / 12.0;
+            let rush = (-(hour - 8.0).powi(2) / 2.0).exp() + (-(hour - 17.5).powi(2) / 2.0).exp();
+            50.0 - 30.0 * rush + noise(i)
+        })
+        .collect()
+}
+
+#[test]
+fn seasonal_knows_the_rush_hour() {
+    let x = daily_cycle(5);
+    let rush = 4 * 288 + 8 * 12;
+    for (name, mut d) in [
+        (
+            "seasonal",
+            SeriesState::Seasonal(Seasonal::new(Season::Day, 15 * MIN, 0)),
+        ),
+        (
+            "combined",
+            SeriesState::Combined(Box::new(Combined::new(0))),
+        ),
+    ] {
+        let s = run(&mut d, &x, 5 * MIN);
+        assert!(!s[rush].warming, "{name}");
+        let day5 = max_abs(&s[4 * 288..]);
+        assert!(day5 < 4.0, "{name}: a normal day scored {day5}");
+        assert!(
+            (s[rush].baseline.unwrap_or_default() - 20.0).abs() < 3.0,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn seasonal_flags_a_rush_hour_jam_at_three_in_the_morning() {
+    let mut x = daily_cycle(5);
+    let night = 4 * 288 + 3 * 12;
+    for v in &mut x[night..night + 6] {
+        *v = 20.0;
+    }
+    for (name, mut d) in [
+        (
+            "seasonal",
+            SeriesState::Seasonal(Seasonal::new(Season::Day, 15 * MIN, 0)),
+        ),
+        (
+            "combined",
+            SeriesState::Combined(Box::new(Combined::new(0))),
+        ),
+    ] {
+        let s = run(&mut d, &x, 5 * MIN);
+        let score = s[night + 1].score.unwrap_or_default();
+        assert!(score < -4.0, "{name}: 3 am jam scored {score}");
+    }
+}
+
+#[test]
+fn week_and_day_type_profiles_separate_weekends() {
+    let mut d = Seasonal::new(Season::DayType, 60 * MIN, 0);
+    // 1970-01-05 was a Monday. Weekdays at 100, weekends at 10, hourly, three weeks.
+    let monday = 4 * 86_400_000;
+    let mut last = Score::default();
+    for h in 0..(21 * 24) {
+        let t = monday + h * 3_600_000;
+        let weekend = (h / 24) % 7 >= 5;
+        last = d.update(
+            t,
+            Some(if weekend { 10.0 } else { 100.0 } + noise(h as usize)),
+        );
+    }
+    assert!(!last.warming);
+    assert!(
+        (last.baseline.unwrap_or_default() - 10.0).abs() < 2.0,
+        "{last:?}"
+    );
+    assert!(last.score.unwrap_or_default().abs() < 4.0);
+}
+
+#[test]
+fn nan_and_null_readings_change_nothing() {
+    for (name, mut d) in detectors() {
+        let x = flat(100, 50.0, 1.0);
+        let before = run(&mut d, &x, MIN);
+        let mut copy = d.clone();
+        for v in [None, Some(f64::NAN), Some(f64::INFINITY)] {
+            match copy.step(100 * MIN, v) {
+                Emitted::Score(s) => {
+                    assert_eq!(s.score, None, "{name}");
+                    assert!(s.baseline.is_some(), "{name}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // The seasonal profiles keep their current bin open; everything else is untouched.
+        if name != "seasonal" && name != "combined" {
+            assert_eq!(copy, d, "{name}");
+        }
+        assert_eq!(before.len(), 100);
+    }
+}
+
+#[test]
+fn state_round_trips_through_serde() {
+    for (name, mut d) in detectors() {
+        run(&mut d, &daily_cycle(1), 5 * MIN);
+        let json = serde_json::to_string(&d).expect("serialises");
+        let mut back: SeriesState = serde_json::from_str(&json).expect("deserialises");
+        assert_eq!(
+            back.step(86_400_000, Some(33.0)),
+            d.step(86_400_000, Some(33.0)),
+            "{name}"
+        );
+    }
+}
+
+fn health(kind: FaultKind, readings: &[(i64, Option<f64>)]) -> Vec<HealthOut> {
+    let mut h = Health::new(kind);
+    readings.iter().map(|(t, x)| h.update(*t, *x)).collect()
+}
+
+#[test]
+fn stuck_sensor_after_n_identical_readings() {
+    let mut r: Vec<(i64, Option<f64>)> = (0..5).map(|i| (i * MIN, Some(30.0 + i as f64))).collect();
+    r.extend((5..12).map(|i| (i * MIN, Some(42.0))));
+    r.push((12 * MIN, Some(43.0)));
+    let out = health(FaultKind::Stuck { readings: 5 }, &r);
+    let faults: Vec<bool> = out.iter().map(|o| o.fault).collect();
+    assert_eq!(faults.iter().filter(|f| **f).count(), 3);
+    assert!(out[9].fault && !out[8].fault && !out[12].fault);
+    assert_eq!(out[11].detail, Some(7.0));
+}
+
+#[test]
+fn out_of_range_and_impossible_jumps() {
+    let range = health(
+        FaultKind::OutOfRange {
+            low: 0.0,
+            high: 1000.0,
+        },
+        &[
+            (0, Some(-3.0)),
+            (MIN, Some(20.0)),
+            (2 * MIN, Some(1500.0)),
+            (3 * MIN, None),
+        ],
+    );
+    assert_eq!(
+        range.iter().map(|o| o.fault).collect::<Vec<_>>(),
+        [true, false, true, false]
+    );
+    assert_eq!(range[2].detail, Some(1000.0));
+    let jump = health(
+        FaultKind::Jump { per_minute: 300.0 },
+        &[
+            (0, Some(40.0)),
+            (MIN, Some(45.0)),
+            (2 * MIN, Some(900.0)),
+            (3 * MIN, Some(50.0)),
+            // 500 over 10 minutes is a plausible rise.
+            (13 * MIN, Some(550.0)),
+        ],
+    );
+    assert_eq!(
+        jump.iter().map(|o| o.fault).collect::<Vec<_>>(),
+        [false, false, true, true, false]
+    );
+    assert_eq!(jump[2].detail, Some(855.0));
+}
+
+#[test]
+fn missing_is_decided_on_event_time() {
+    let kind = FaultKind::Missing {
+        expected_ms: MIN,
+        k: 3.0,
+    };
+    let mut h = Health::new(kind);
+    assert!(!h.update(0, Some(1.0)).fault);
+    assert!(
+        !h.update(MIN, None).fault,
+        "a null value still shows a live sensor"
+    );
+    assert_eq!(h.due(), Some(4 * MIN + 1));
+    assert_eq!(h.fire(4 * MIN), None);
+    let silent = h.fire(10 * MIN).expect("silence reported");
+    assert!(silent.fault);
+    assert_eq!(silent.detail, Some(540.0));
+    assert_eq!(h.due(), None, "reported once");
+    // The sensor comes back: the reading ends the silence rather than reporting it again.
+    assert!(!h.update(11 * MIN, Some(2.0)).fault);
+    // Without timers (a finished table), the gap is flagged on the reading that ends it.
+    let batch = health(
+        kind,
+        &[(0, Some(1.0)), (10 * MIN, Some(1.0)), (11 * MIN, Some(1.0))],
+    );
+    assert_eq!(
+        batch.iter().map(|o| o.fault).collect::<Vec<_>>(),
+        [false, true, false]
+    );
+}
+
+fn alerts(rule: AlertRule, scores: &[(i64, Option<f64>)]) -> Vec<Option<&'static str>> {
+    let mut a = AlertMachine::new(rule);
+    scores
+        .iter()
+        .map(|(t, s)| a.update(*t, *s).state.map(|s| s.as_str()))
+        .collect()
+}
+
+const RULE: AlertRule = AlertRule {
+    raise: 4.0,
+    clear: 2.0,
+    min_duration_ms: 2 * MIN,
+    cooldown_ms: 10 * MIN,
+    expire_ms: Some(15 * MIN),
+};
+
+#[test]
+fn hysteresis_and_minimum_duration() {
+    let scores: Vec<(i64, Option<f64>)> = [1.0, 5.0, 5.0, 5.0, 3.0, 5.0, 9.0, 3.0, 1.5, 1.0]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as i64 * MIN, Some(*s)))
+        .collect();
+    assert_eq!(
+        alerts(RULE, &scores),
+        [
+            None,
+            None,
+            None,
+            Some("RAISED"),
+            None, // 3 is between clear and raise: still active, no flapping.
+            None,
+            Some("UPDATED"), // severity 4 → 5
+            None,
+            Some("CLEARED"),
+            None
+        ]
+    );
+}
+
+#[test]
+fn a_blip_shorter_than_the_minimum_duration_raises_nothing() {
+    let scores = [(0, Some(9.0)), (MIN, Some(9.0)), (2 * MIN, Some(1.0))];
+    assert_eq!(alerts(RULE, &scores), [None, None, None]);
+}
+
+#[test]
+fn cooldown_holds_back_a_new_alert() {
+    let rule = AlertRule {
+        min_duration_ms: 0,
+        ..RULE
+    };
+    let scores = [
+        (0, Some(5.0)),
+        (MIN, Some(1.0)),
+        (2 * MIN, Some(5.0)),
+        (5 * MIN, Some(5.0)),
+        (11 * MIN, Some(5.0)),
+    ];
+    assert_eq!(
+        alerts(rule, &scores),
+        [Some("RAISED"), Some("CLEARED"), None, None, Some("RAISED")]
+    );
+}
+
+#[test]
+fn an_alert_without_scores_expires_on_event_time() {
+    let mut a = AlertMachine::new(AlertRule {
+        min_duration_ms: 0,
+        ..RULE
+    });
+    let raised = a.update(0, Some(6.0));
+    assert_eq!(raised.state, Some(AlertTransition::Raised));
+    assert_eq!(raised.started_at, Some(0));
+    assert_eq!(raised.severity, Some(3));
+    assert_eq!(
+        a.update(MIN, None).state,
+        None,
+        "a null score changes nothing"
+    );
+    assert_eq!(a.due(), Some(15 * MIN));
+    assert_eq!(a.fire(14 * MIN), None);
+    let cleared = a.fire(20 * MIN).expect("expired");
+    assert_eq!(cleared.state, Some(AlertTransition::Cleared));
+    assert_eq!(cleared.peak, Some(6.0));
+    assert!(!cleared.active);
+    assert_eq!(a.due(), None);
+}

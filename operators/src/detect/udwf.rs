@@ -1,0 +1,555 @@
+//! The detectors, health checks and alert machine as DataFusion window functions.
+//!
+//! Every function is written `f(value, ts, params…) OVER (PARTITION BY key ORDER BY ts)`:
+//! `value` is the series (any number), `ts` its event time (a timestamp), and the parameters
+//! are literals. Each returns a struct; read its fields with `f(…)['score']` or from a
+//! subquery. Over a table, DataFusion runs each partition from a fresh state; in an urbanstream
+//! stream query the engine keeps each key's state across micro-batches (and checkpoints it).
+//!
+//! | function | parameters (defaults) | returns |
+//! |---|---|---|
+//! | `anomaly_ewma` | `alpha` (0.1), `warmup` readings (20) | `{score, baseline, warming}` |
+//! | `anomaly_mad` | `window` readings (60), `warmup` (10) | same |
+//! | `anomaly_cusum` | slack `k` in σ (0.5), baseline `alpha` (0.02), `warmup` (20) | same |
+//! | `anomaly_seasonal` | `'day'`, `'week'` or `'daytype'` (`'day'`), bin (`INTERVAL '15 minutes'`), UTC offset (`INTERVAL '0 hours'`) | same |
+//! | `anomaly_score` | UTC offset (`INTERVAL '0 hours'`) | same (the default detector) |
+//! | `sensor_stuck` | identical readings (10) | `{fault, value, detail}` |
+//! | `sensor_out_of_range` | quantity, e.g. `'pm25'` | same |
+//! | `sensor_missing` | expected interval, `k` (3) | same |
+//! | `sensor_jump` | quantity, or a largest change per minute | same |
+//! | `alert_state` | `raise`, `clear`, min duration (0), cooldown (0), expiry (none) | `{state, active, started_at, peak, severity}` |
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanBuilder, Float64Array, Float64Builder, Int32Builder,
+    StringBuilder, StructArray, TimestampMillisecondArray, TimestampMillisecondBuilder,
+};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields, TimeUnit};
+use datafusion::common::{Result, ScalarValue, exec_err, plan_datafusion_err, plan_err};
+use datafusion::logical_expr::function::{PartitionEvaluatorArgs, WindowUDFFieldArgs};
+use datafusion::logical_expr::{
+    PartitionEvaluator, Signature, Volatility, WindowUDF, WindowUDFImpl,
+};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::expressions::Literal;
+
+use super::{
+    AlertMachine, AlertRule, Combined, Cusum, Emitted, Ewma, FaultKind, Health, RollingMad, Season,
+    Seasonal, SeriesState, health,
+};
+use crate::window::interval_ms;
+
+/// Which function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SeriesKind {
+    /// `anomaly_ewma`.
+    Ewma,
+    /// `anomaly_mad`.
+    Mad,
+    /// `anomaly_cusum`.
+    Cusum,
+    /// `anomaly_seasonal`.
+    Seasonal,
+    /// `anomaly_score`, the default detector.
+    Score,
+    /// `sensor_stuck`.
+    Stuck,
+    /// `sensor_out_of_range`.
+    OutOfRange,
+    /// `sensor_missing`.
+    Missing,
+    /// `sensor_jump`.
+    Jump,
+    /// `alert_state`.
+    Alert,
+}
+
+/// Every function of this module.
+pub const ALL: [SeriesKind; 10] = [
+    SeriesKind::Ewma,
+    SeriesKind::Mad,
+    SeriesKind::Cusum,
+    SeriesKind::Seasonal,
+    SeriesKind::Score,
+    SeriesKind::Stuck,
+    SeriesKind::OutOfRange,
+    SeriesKind::Missing,
+    SeriesKind::Jump,
+    SeriesKind::Alert,
+];
+
+enum Shape {
+    Score,
+    Health,
+    Alert,
+}
+
+impl SeriesKind {
+    /// The SQL name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SeriesKind::Ewma => "anomaly_ewma",
+            SeriesKind::Mad => "anomaly_mad",
+            SeriesKind::Cusum => "anomaly_cusum",
+            SeriesKind::Seasonal => "anomaly_seasonal",
+            SeriesKind::Score => "anomaly_score",
+            SeriesKind::Stuck => "sensor_stuck",
+            SeriesKind::OutOfRange => "sensor_out_of_range",
+            SeriesKind::Missing => "sensor_missing",
+            SeriesKind::Jump => "sensor_jump",
+            SeriesKind::Alert => "alert_state",
+        }
+    }
+
+    /// Parameters after `(value, ts)`: how many are required, and their names.
+    fn params(self) -> (usize, &'static [&'static str]) {
+        match self {
+            SeriesKind::Ewma => (0, &["alpha", "warmup"]),
+            SeriesKind::Mad => (0, &["window", "warmup"]),
+            SeriesKind::Cusum => (0, &["k", "alpha", "warmup"]),
+            SeriesKind::Seasonal => (0, &["season", "bin", "utc_offset"]),
+            SeriesKind::Score => (0, &["utc_offset"]),
+            SeriesKind::Stuck => (0, &["readings"]),
+            SeriesKind::OutOfRange => (1, &["quantity"]),
+            SeriesKind::Missing => (1, &["expected_interval", "k"]),
+            SeriesKind::Jump => (1, &["quantity or max change per minute"]),
+            SeriesKind::Alert => (2, &["raise", "clear", "min_duration", "cooldown", "expire"]),
+        }
+    }
+
+    fn shape(self) -> Shape {
+        match self {
+            SeriesKind::Ewma
+            | SeriesKind::Mad
+            | SeriesKind::Cusum
+            | SeriesKind::Seasonal
+            | SeriesKind::Score => Shape::Score,
+            SeriesKind::Stuck | SeriesKind::OutOfRange | SeriesKind::Missing | SeriesKind::Jump => {
+                Shape::Health
+            }
+            SeriesKind::Alert => Shape::Alert,
+        }
+    }
+
+    /// The fields of the struct it returns.
+    pub fn output_fields(self) -> Fields {
+        match self.shape() {
+            Shape::Score => Fields::from(vec![
+                Field::new("score", DataType::Float64, true),
+                Field::new("baseline", DataType::Float64, true),
+                Field::new("warming", DataType::Boolean, true),
+            ]),
+            Shape::Health => Fields::from(vec![
+                Field::new("fault", DataType::Boolean, true),
+                Field::new("value", DataType::Float64, true),
+                Field::new("detail", DataType::Float64, true),
+            ]),
+            Shape::Alert => Fields::from(vec![
+                Field::new("state", DataType::Utf8, true),
+                Field::new("active", DataType::Boolean, true),
+                Field::new(
+                    "started_at",
+                    DataType::Timestamp(TimeUnit::Millisecond, None),
+                    true,
+                ),
+                Field::new("peak", DataType::Float64, true),
+                Field::new("severity", DataType::Int32, true),
+            ]),
+        }
+    }
+
+    /// A fresh state from the literal parameters (after `value, ts`).
+    pub fn state(self, params: &[ScalarValue]) -> Result<SeriesState> {
+        let name = self.name();
+        let (required, names) = self.params();
+        if params.len() < required || params.len() > names.len() {
+            return plan_err!(
+                "{name}(value, ts{}) takes {} to {} parameters after value and ts, got {}",
+                names.iter().map(|n| format!(", {n}")).collect::<String>(),
+                required,
+                names.len(),
+                params.len()
+            );
+        }
+        let p = Params {
+            name,
+            names,
+            values: params,
+        };
+        Ok(match self {
+            SeriesKind::Ewma => SeriesState::Ewma(Ewma::new(
+                p.float(0, Ewma::DEFAULT_ALPHA, 0.0, 1.0)?,
+                p.count(1, Ewma::DEFAULT_WARMUP as usize)? as u32,
+            )),
+            SeriesKind::Mad => SeriesState::Mad(RollingMad::new(
+                p.count(0, RollingMad::DEFAULT_WINDOW)?,
+                p.count(1, RollingMad::DEFAULT_WARMUP)?,
+            )),
+            SeriesKind::Cusum => SeriesState::Cusum(Cusum::new(
+                p.float(0, Cusum::DEFAULT_SLACK, 0.0, 100.0)?,
+                p.float(1, Cusum::DEFAULT_ALPHA, 0.0, 1.0)?,
+                p.count(2, Cusum::DEFAULT_WARMUP as usize)? as u32,
+            )),
+            SeriesKind::Seasonal => {
+                let season = match p.text(0)? {
+                    None => Season::Day,
+                    Some(s) => Season::parse(&s).ok_or_else(|| {
+                        plan_datafusion_err!(
+                            "{name}(): season must be 'day', 'week' or 'daytype', got '{s}'"
+                        )
+                    })?,
+                };
+                SeriesState::Seasonal(Seasonal::new(
+                    season,
+                    p.interval(1, Seasonal::DEFAULT_BIN_MS)?,
+                    p.interval(2, 0)?,
+                ))
+            }
+            SeriesKind::Score => SeriesState::Combined(Box::new(Combined::new(p.interval(0, 0)?))),
+            SeriesKind::Stuck => SeriesState::Health(Health::new(FaultKind::Stuck {
+                readings: p.count(0, 10)?.max(2) as u32,
+            })),
+            SeriesKind::OutOfRange => {
+                let quantity = p.text(0)?.unwrap_or_default();
+                let (low, high) = health::physical_range(&quantity).ok_or_else(|| {
+                    plan_datafusion_err!(
+                        "{name}(): unknown quantity '{quantity}'; known: {}",
+                        crate::indicator::quality::PHYSICAL_RANGES
+                            .iter()
+                            .map(|r| r.0)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?;
+                SeriesState::Health(Health::new(FaultKind::OutOfRange { low, high }))
+            }
+            SeriesKind::Missing => {
+                let expected_ms = p.interval(0, 0)?;
+                if expected_ms <= 0 {
+                    return plan_err!("{name}(): the expected interval must be positive");
+                }
+                SeriesState::Health(Health::new(FaultKind::Missing {
+                    expected_ms,
+                    k: p.float(1, 3.0, 1.0, 1e6)?,
+                }))
+            }
+            SeriesKind::Jump => {
+                let per_minute = match &params[0] {
+                    ScalarValue::Utf8(Some(q))
+                    | ScalarValue::LargeUtf8(Some(q))
+                    | ScalarValue::Utf8View(Some(q)) => health::max_step_per_minute(q)
+                        .ok_or_else(|| {
+                            plan_datafusion_err!(
+                                "{name}(): unknown quantity '{q}'; give a largest change per minute instead"
+                            )
+                        })?,
+                    _ => p.float(0, f64::NAN, 0.0, f64::MAX)?,
+                };
+                SeriesState::Health(Health::new(FaultKind::Jump { per_minute }))
+            }
+            SeriesKind::Alert => {
+                let raise = p.float(0, f64::NAN, f64::MIN, f64::MAX)?;
+                let clear = p.float(1, f64::NAN, f64::MIN, f64::MAX)?;
+                if clear > raise {
+                    return plan_err!(
+                        "{name}(): clear ({clear}) must not be above raise ({raise})"
+                    );
+                }
+                let expire = p.interval(4, 0)?;
+                SeriesState::Alert(AlertMachine::new(AlertRule {
+                    raise,
+                    clear,
+                    min_duration_ms: p.interval(2, 0)?,
+                    cooldown_ms: p.interval(3, 0)?,
+                    expire_ms: (expire > 0).then_some(expire),
+                }))
+            }
+        })
+    }
+
+    /// A fresh state from the call's physical arguments (`value, ts, params…`); the parameters
+    /// must be literals.
+    pub fn state_from_exprs(self, args: &[Arc<dyn PhysicalExpr>]) -> Result<SeriesState> {
+        let name = self.name();
+        if args.len() < 2 {
+            return plan_err!("{name}() needs at least (value, ts)");
+        }
+        let params = args[2..]
+            .iter()
+            .enumerate()
+            .map(|(i, e)| match e.downcast_ref::<Literal>() {
+                Some(l) => Ok(l.value().clone()),
+                None => plan_err!(
+                    "{name}(): parameter {} must be a constant, got {e}",
+                    self.params().1.get(i).copied().unwrap_or("?")
+                ),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.state(&params)
+    }
+
+    /// The struct column of `rows`.
+    pub fn build(self, rows: &[Emitted]) -> Result<ArrayRef> {
+        let fields = self.output_fields();
+        let n = rows.len();
+        let columns: Vec<ArrayRef> = match self.shape() {
+            Shape::Score => {
+                let (mut s, mut b, mut w) = (
+                    Float64Builder::with_capacity(n),
+                    Float64Builder::with_capacity(n),
+                    BooleanBuilder::with_capacity(n),
+                );
+                for r in rows {
+                    let Emitted::Score(r) = r else {
+                        return exec_err!("{}: internal: wrong output", self.name());
+                    };
+                    s.append_option(r.score);
+                    b.append_option(r.baseline);
+                    w.append_value(r.warming);
+                }
+                vec![
+                    Arc::new(s.finish()),
+                    Arc::new(b.finish()),
+                    Arc::new(w.finish()),
+                ]
+            }
+            Shape::Health => {
+                let (mut f, mut v, mut d) = (
+                    BooleanBuilder::with_capacity(n),
+                    Float64Builder::with_capacity(n),
+                    Float64Builder::with_capacity(n),
+                );
+                for r in rows {
+                    let Emitted::Health(r) = r else {
+                        return exec_err!("{}: internal: wrong output", self.name());
+                    };
+                    f.append_value(r.fault);
+                    v.append_option(r.value);
+                    d.append_option(r.detail);
+                }
+                vec![
+                    Arc::new(f.finish()),
+                    Arc::new(v.finish()),
+                    Arc::new(d.finish()),
+                ]
+            }
+            Shape::Alert => {
+                let mut state = StringBuilder::with_capacity(n, n * 7);
+                let mut active = BooleanBuilder::with_capacity(n);
+                let mut started = TimestampMillisecondBuilder::with_capacity(n);
+                let mut peak = Float64Builder::with_capacity(n);
+                let mut severity = Int32Builder::with_capacity(n);
+                for r in rows {
+                    let Emitted::Alert(r) = r else {
+                        return exec_err!("{}: internal: wrong output", self.name());
+                    };
+                    state.append_option(r.state.map(|s| s.as_str()));
+                    active.append_value(r.active);
+                    started.append_option(r.started_at);
+                    peak.append_option(r.peak);
+                    severity.append_option(r.severity);
+                }
+                vec![
+                    Arc::new(state.finish()),
+                    Arc::new(active.finish()),
+                    Arc::new(started.finish()),
+                    Arc::new(peak.finish()),
+                    Arc::new(severity.finish()),
+                ]
+            }
+        };
+        Ok(Arc::new(StructArray::try_new(fields, columns, None)?))
+    }
+}
+
+/// The `value` and `ts` arguments of a call as arrays.
+pub fn inputs(name: &str, args: &[ArrayRef]) -> Result<(Float64Array, TimestampMillisecondArray)> {
+    if args.len() < 2 {
+        return exec_err!("{name}() needs (value, ts)");
+    }
+    let values = cast(&args[0], &DataType::Float64)?;
+    let times = cast(&args[1], &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+    Ok((values.as_primitive().clone(), times.as_primitive().clone()))
+}
+
+struct Params<'a> {
+    name: &'static str,
+    names: &'static [&'static str],
+    values: &'a [ScalarValue],
+}
+
+impl Params<'_> {
+    fn get(&self, i: usize) -> Option<&ScalarValue> {
+        self.values.get(i).filter(|v| !v.is_null())
+    }
+
+    fn float(&self, i: usize, default: f64, low: f64, high: f64) -> Result<f64> {
+        let Some(v) = self.get(i) else {
+            if default.is_nan() {
+                return plan_err!("{}(): {} is required", self.name, self.names[i]);
+            }
+            return Ok(default);
+        };
+        let x = v
+            .cast_to(&DataType::Float64)
+            .ok()
+            .and_then(|s| match s {
+                ScalarValue::Float64(Some(x)) => Some(x),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                plan_datafusion_err!(
+                    "{}(): {} must be a number, got {v}",
+                    self.name,
+                    self.names[i]
+                )
+            })?;
+        if !(low..=high).contains(&x) || !x.is_finite() {
+            return plan_err!(
+                "{}(): {} must be within [{low}, {high}], got {x}",
+                self.name,
+                self.names[i]
+            );
+        }
+        Ok(x)
+    }
+
+    fn count(&self, i: usize, default: usize) -> Result<usize> {
+        Ok(self.float(i, default as f64, 0.0, 1.0e6)? as usize)
+    }
+
+    fn interval(&self, i: usize, default: i64) -> Result<i64> {
+        match self.get(i) {
+            None => Ok(default),
+            Some(v) => interval_ms(v)
+                .map_err(|e| plan_datafusion_err!("{}(): {}: {e}", self.name, self.names[i])),
+        }
+    }
+
+    fn text(&self, i: usize) -> Result<Option<String>> {
+        match self.get(i) {
+            None => Ok(None),
+            Some(
+                ScalarValue::Utf8(Some(s))
+                | ScalarValue::LargeUtf8(Some(s))
+                | ScalarValue::Utf8View(Some(s)),
+            ) => Ok(Some(s.clone())),
+            Some(v) => plan_err!(
+                "{}(): {} must be a string, got {v}",
+                self.name,
+                self.names[i]
+            ),
+        }
+    }
+}
+
+/// A detector, health check or alert machine as a window function.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct SeriesFunc {
+    kind: SeriesKind,
+    signature: Signature,
+}
+
+impl SeriesFunc {
+    /// The function for `kind`.
+    pub fn new(kind: SeriesKind) -> Self {
+        Self {
+            kind,
+            signature: Signature::user_defined(Volatility::Immutable),
+        }
+    }
+
+    /// Which function it is.
+    pub fn kind(&self) -> SeriesKind {
+        self.kind
+    }
+}
+
+/// Every function of this module as a [`WindowUDF`].
+pub fn window_functions() -> Vec<Arc<WindowUDF>> {
+    ALL.iter()
+        .map(|k| Arc::new(WindowUDF::from(SeriesFunc::new(*k))))
+        .collect()
+}
+
+impl WindowUDFImpl for SeriesFunc {
+    fn name(&self) -> &str {
+        self.kind.name()
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        let name = self.kind.name();
+        let (required, names) = self.kind.params();
+        if arg_types.len() < 2 + required || arg_types.len() > 2 + names.len() {
+            return plan_err!(
+                "{name}(value, ts{}) takes {} to {} arguments, got {}",
+                names.iter().map(|n| format!(", {n}")).collect::<String>(),
+                2 + required,
+                2 + names.len(),
+                arg_types.len()
+            );
+        }
+        if !(arg_types[0].is_numeric() || arg_types[0] == DataType::Null) {
+            return plan_err!("{name}(): value must be a number, got {}", arg_types[0]);
+        }
+        let ts = match &arg_types[1] {
+            DataType::Timestamp(_, tz) => DataType::Timestamp(TimeUnit::Millisecond, tz.clone()),
+            DataType::Date32 | DataType::Date64 => DataType::Timestamp(TimeUnit::Millisecond, None),
+            other => {
+                return plan_err!("{name}(): ts must be a timestamp (the event time), got {other}");
+            }
+        };
+        let mut out = vec![DataType::Float64, ts];
+        out.extend(arg_types[2..].iter().cloned());
+        Ok(out)
+    }
+
+    fn partition_evaluator(
+        &self,
+        args: PartitionEvaluatorArgs,
+    ) -> Result<Box<dyn PartitionEvaluator>> {
+        let prototype = self.kind.state_from_exprs(args.input_exprs())?;
+        Ok(Box::new(SeriesEvaluator {
+            kind: self.kind,
+            prototype,
+        }))
+    }
+
+    fn field(&self, field_args: WindowUDFFieldArgs) -> Result<FieldRef> {
+        Ok(Arc::new(Field::new(
+            field_args.name(),
+            DataType::Struct(self.kind.output_fields()),
+            true,
+        )))
+    }
+}
+
+/// Runs one partition, in order, from a fresh state.
+#[derive(Debug)]
+struct SeriesEvaluator {
+    kind: SeriesKind,
+    prototype: SeriesState,
+}
+
+impl PartitionEvaluator for SeriesEvaluator {
+    fn evaluate_all(&mut self, values: &[ArrayRef], num_rows: usize) -> Result<ArrayRef> {
+        let (x, t) = inputs(self.kind.name(), values)?;
+        let mut state = self.prototype.clone();
+        let mut rows = Vec::with_capacity(num_rows);
+        for r in 0..num_rows {
+            if t.is_null(r) {
+                rows.push(state.blank());
+                continue;
+            }
+            let v = (!x.is_null(r)).then(|| x.value(r));
+            rows.push(state.step(t.value(r), v));
+        }
+        self.kind.build(&rows)
+    }
+}
