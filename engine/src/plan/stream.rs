@@ -48,8 +48,9 @@ use super::feed::{Feed, FeedExec};
 use super::rewrite::rewrite_windows;
 use super::table::{KafkaTableFactory, StreamTable};
 use crate::state::WindowedAggregation;
+use crate::state::keyed::{KeyedHandle, replace_series_windows};
 use crate::state::session::SessionOperator;
-use crate::state::window::{AggregateSpec, WindowOperator};
+use crate::state::window::{AggregateSpec, Emission, WindowOperator};
 use crate::time::WatermarkTracker;
 
 extensions_options! {
@@ -269,6 +270,7 @@ impl StreamContext {
             .unwrap_or_default();
         let early_fire = parse_setting("urbanstream.early_fire", &settings.early_fire)?;
         let physical = self.ctx.state().create_physical_plan(&plan).await?;
+        let (physical, keyed) = replace_series_windows(physical)?;
 
         // The stream leaf.
         let mut feeds: Vec<(String, Feed)> = Vec::new();
@@ -331,6 +333,7 @@ impl StreamContext {
                 last_early_fire_ms: i64::MIN,
                 output_schema,
                 held: Default::default(),
+                keyed,
             });
         };
         let (Some(top_agg), Some(bottom_agg)) = (
@@ -424,7 +427,7 @@ impl StreamContext {
         let upper_leaf: Arc<dyn ExecutionPlan> = Arc::new(FeedExec::new(
             "window_output",
             upper_feed.clone(),
-            output_schema,
+            output_schema.clone(),
             None,
         )?);
         let upper = physical
@@ -459,6 +462,7 @@ impl StreamContext {
                 },
                 upper,
                 upper_feed,
+                upper_schema: output_schema,
             }),
             task_ctx,
             watermarks,
@@ -467,6 +471,7 @@ impl StreamContext {
             last_early_fire_ms: i64::MIN,
             output_schema: Arc::new(Schema::new(fields)),
             held: Default::default(),
+            keyed,
         })
     }
 }
@@ -619,9 +624,6 @@ fn refuse_unbounded(plan: &LogicalPlan) -> Result<()> {
             LogicalPlan::Limit(_) => {
                 Some("LIMIT over a stream is not supported: a stream query runs continuously")
             }
-            LogicalPlan::Window(_) => Some(
-                "window functions with OVER (…) are not supported on streams: aggregate with GROUP BY tumble/hop/cumulate instead",
-            ),
             LogicalPlan::Distinct(_) if !has_aggregate => Some(
                 "SELECT DISTINCT over a stream never finishes: group by a window instead, e.g. GROUP BY tumble(event_time, INTERVAL '1 minute'), …",
             ),
@@ -639,6 +641,8 @@ struct Windowed {
     operator: Box<dyn WindowedAggregation>,
     upper: Arc<dyn ExecutionPlan>,
     upper_feed: Feed,
+    /// Schema of the aggregation's output, which the upper plan reads.
+    upper_schema: SchemaRef,
 }
 
 /// A running stream query: its plan pieces, its window state and its watermark.
@@ -658,6 +662,8 @@ pub struct StreamQuery {
     /// Per end of the last window an admitted row belongs to: the smallest input offset per
     /// partition. An offset is safe to commit once no unevicted window needs its row.
     held: std::collections::BTreeMap<i64, HashMap<i32, i64>>,
+    /// State of the detectors, health checks and alert machines, per key.
+    keyed: Vec<KeyedHandle>,
 }
 
 impl StreamQuery {
@@ -774,7 +780,8 @@ impl StreamQuery {
             }
             None => batch.clone(),
         };
-        if batch.num_rows() > 0 {
+        let wake = self.keyed_watermark(now_ms);
+        if batch.num_rows() > 0 || wake {
             self.feed.set(vec![batch]);
             let lowered = collect(self.lower.clone(), self.task_ctx.clone()).await?;
             match &mut self.windowed {
@@ -795,9 +802,43 @@ impl StreamQuery {
     /// Advances processing time without input: idle partitions stop holding the watermark,
     /// early fires come due.
     pub async fn tick(&mut self, now_ms: i64) -> Result<StepOutput> {
+        if self.windowed.is_none() && self.keyed_watermark(now_ms) {
+            // Timers of detectors over the raw stream (a sensor gone silent) fire on the
+            // watermark, with or without input.
+            let empty = RecordBatch::new_empty(self.source.topic_schema.output_schema());
+            return self.process(&empty, &[], None, now_ms).await;
+        }
         let mut out = StepOutput::default();
         self.emit(now_ms, &mut out).await?;
         Ok(out)
+    }
+
+    /// Keys held by detectors, health checks and alert machines.
+    pub fn keyed_states(&self) -> usize {
+        self.keyed
+            .iter()
+            .filter_map(|h| h.with_store(|s| s.len()))
+            .sum()
+    }
+
+    /// Passes the watermark to the keyed states below the aggregation (all of them for a
+    /// query without one); whether some of them have timers, so that the plan must run even
+    /// without input.
+    fn keyed_watermark(&mut self, now_ms: i64) -> bool {
+        if self.keyed.is_empty() {
+            return false;
+        }
+        let watermark = match self.windowed {
+            Some(_) => self.watermarks.current(),
+            None => self.watermarks.advance(now_ms),
+        };
+        let watermark = watermark.unwrap_or(i64::MIN);
+        let mut timers = false;
+        for h in &self.keyed {
+            h.set_watermark(watermark);
+            timers |= h.has_timers();
+        }
+        timers && self.windowed.is_none()
     }
 
     /// Raises the watermark to `watermark` explicitly and emits what that closes.
@@ -909,7 +950,20 @@ impl StreamQuery {
             }
             _ => false,
         };
-        let emissions = w.operator.advance(watermark, early)?;
+        let mut emissions = w.operator.advance(watermark, early)?;
+        let mut timers = false;
+        for h in &self.keyed {
+            h.set_watermark(watermark);
+            timers |= h.has_timers();
+        }
+        if timers && emissions.is_empty() {
+            // Let alert expiries and silences above the aggregation fire on the watermark.
+            emissions.push(Emission {
+                batch: RecordBatch::new_empty(w.upper_schema.clone()),
+                revisions: Vec::new(),
+                is_final: true,
+            });
+        }
         let evicted = w.operator.evicted_through();
         self.held = self.held.split_off(&evicted.saturating_add(1));
         for emission in emissions {
@@ -920,6 +974,10 @@ impl StreamQuery {
                 by_revision
                     .entry(*r)
                     .or_insert_with(|| vec![false; emission.revisions.len()])[i] = true;
+            }
+            if by_revision.is_empty() {
+                // No window closed: the upper plan still runs, for its keyed timers.
+                by_revision.insert(0, Vec::new());
             }
             for (revision, mask) in by_revision {
                 let rows = filter_record_batch(&emission.batch, &BooleanArray::from(mask))?;

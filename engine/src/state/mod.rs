@@ -6,7 +6,11 @@
 //! - [`session::SessionOperator`]: `session`, per key.
 //!
 //! Both implement [`WindowedAggregation`], which the query runtime drives.
+//!
+//! [`keyed`] holds the per-key state of detectors, health checks and alert machines
+//! (`anomaly_score(…) OVER (PARTITION BY …)` and friends) across micro-batches.
 
+pub mod keyed;
 pub mod session;
 pub mod window;
 

@@ -173,7 +173,7 @@ impl AlertMachine {
     /// Clears an active alert once the watermark has passed [`AlertMachine::due`].
     pub fn fire(&mut self, watermark: i64) -> Option<AlertOut> {
         let due = self.due()?;
-        if watermark < due {
+        if watermark <= due {
             return None;
         }
         self.active = false;

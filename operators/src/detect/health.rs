@@ -163,16 +163,17 @@ impl Health {
     pub fn due(&self) -> Option<i64> {
         match (self.kind, self.last_t, self.silent) {
             (FaultKind::Missing { expected_ms, k }, Some(last), false) => {
-                Some(last.saturating_add((k * expected_ms as f64).ceil() as i64 + 1))
+                Some(last.saturating_add((k * expected_ms as f64).ceil() as i64))
             }
             _ => None,
         }
     }
 
-    /// The silence, once the watermark has passed [`Health::due`].
+    /// The silence, once the watermark has passed [`Health::due`] (a reading stamped exactly
+    /// at that time would still be in time).
     pub fn fire(&mut self, watermark: i64) -> Option<HealthOut> {
         let due = self.due()?;
-        if watermark < due {
+        if watermark <= due {
             return None;
         }
         self.silent = true;

@@ -131,7 +131,7 @@ impl SeriesState {
         }
     }
 
-    /// Called once the watermark has reached [`SeriesState::due`]: the row to emit, if any.
+    /// Called once the watermark has passed [`SeriesState::due`]: the row to emit, if any.
     pub fn fire(&mut self, watermark: i64) -> Option<Emitted> {
         match self {
             SeriesState::Health(h) => h.fire(watermark).map(Emitted::Health),

@@ -325,8 +325,12 @@ fn missing_is_decided_on_event_time() {
         !h.update(MIN, None).fault,
         "a null value still shows a live sensor"
     );
-    assert_eq!(h.due(), Some(4 * MIN + 1));
-    assert_eq!(h.fire(4 * MIN), None);
+    assert_eq!(h.due(), Some(4 * MIN));
+    assert_eq!(
+        h.fire(4 * MIN),
+        None,
+        "a reading at 4 min would still be in time"
+    );
     let silent = h.fire(10 * MIN).expect("silence reported");
     assert!(silent.fault);
     assert_eq!(silent.detail, Some(540.0));
@@ -425,7 +429,7 @@ fn an_alert_without_scores_expires_on_event_time() {
         "a null score changes nothing"
     );
     assert_eq!(a.due(), Some(15 * MIN));
-    assert_eq!(a.fire(14 * MIN), None);
+    assert_eq!(a.fire(15 * MIN), None);
     let cleared = a.fire(20 * MIN).expect("expired");
     assert_eq!(cleared.state, Some(AlertTransition::Cleared));
     assert_eq!(cleared.peak, Some(6.0));

@@ -1,0 +1,536 @@
+//! Keyed series state: the detectors, health checks and alert machines of stream queries.
+//!
+//! A detector is written in SQL as a window function over one entity's series,
+//! `anomaly_score(speed, window_end) OVER (PARTITION BY segment_id ORDER BY window_end)`.
+//! DataFusion plans it as a `WindowAggExec` that would start every partition from scratch on
+//! each execution; [`replace_series_windows`] swaps it for a [`KeyedSeriesExec`], which keeps
+//! one [`SeriesState`] per key and function across the micro-batches of the query:
+//!
+//! - each execution takes the rows of a micro-batch (or a window emission), orders them by
+//!   the `ORDER BY` time, steps each key's state row by row and appends the function columns;
+//!   a row older than the key's last one (a revision of an earlier window) is scored against
+//!   the state without being learnt;
+//! - states that want to speak without input (`sensor_missing` for a sensor gone silent, an
+//!   `alert_state` that expires) are woken when the query watermark passes their time: the
+//!   execution then appends a row for the key that repeats its last row, with the `ORDER BY`
+//!   column set to that time, so the query above sees it like any other row.
+//!
+//! Rows of one key must reach the query in time order for the result to be independent of
+//! how the input is cut into micro-batches; a stream keyed by the entity (one Kafka partition
+//! per key) gives that.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::compute::{cast, concat_batches};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{DataFusionError, Result, ScalarValue, plan_err};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::windows::{
+    BoundedWindowAggExec, StandardWindowExpr, WindowAggExec, WindowExpr, WindowUDFExpr,
+};
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+    ReplaceChildrenOptions, collect,
+};
+use urbanstream_operators::detect::udwf::{SeriesFunc, SeriesKind, inputs};
+use urbanstream_operators::detect::{Emitted, SeriesState};
+
+/// One function call of a [`KeyedSeriesExec`].
+#[derive(Debug, Clone)]
+struct Call {
+    kind: SeriesKind,
+    value: Arc<dyn PhysicalExpr>,
+    ts: Arc<dyn PhysicalExpr>,
+    prototype: SeriesState,
+}
+
+/// One key's state.
+#[derive(Debug)]
+struct KeyState {
+    last_t: i64,
+    series: Vec<SeriesState>,
+    /// The key's last input row, kept only when some state has timers.
+    last_row: Option<Vec<ScalarValue>>,
+    due: Option<i64>,
+}
+
+/// The state of one [`KeyedSeriesExec`], shared by its executions.
+#[derive(Debug, Default)]
+pub struct KeyedStore {
+    keys: HashMap<Box<[u8]>, KeyState>,
+    /// Earliest wake-up time over all keys.
+    next_due: Option<i64>,
+    out_of_order: u64,
+}
+
+impl KeyedStore {
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Approximate bytes held.
+    pub fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .map(|(k, s)| {
+                k.len()
+                    + std::mem::size_of::<KeyState>()
+                    + s.series.iter().map(SeriesState::size).sum::<usize>()
+                    + s.last_row
+                        .as_ref()
+                        .map_or(0, |r| r.iter().map(ScalarValue::size).sum::<usize>())
+            })
+            .sum()
+    }
+
+    /// Rows that arrived older than their key's last row (scored, not learnt).
+    pub fn out_of_order(&self) -> u64 {
+        self.out_of_order
+    }
+}
+
+/// What the query runtime holds of a [`KeyedSeriesExec`]: its state and the watermark it
+/// wakes timers with.
+#[derive(Debug, Clone)]
+pub struct KeyedHandle {
+    store: Arc<Mutex<KeyedStore>>,
+    watermark: Arc<AtomicI64>,
+    timers: bool,
+}
+
+impl KeyedHandle {
+    /// Sets the watermark the next executions wake timers with.
+    pub fn set_watermark(&self, watermark: i64) {
+        self.watermark.store(watermark, AtomicOrdering::Relaxed);
+    }
+
+    /// Whether some state wakes on the watermark (so the plan must run even without input).
+    pub fn has_timers(&self) -> bool {
+        self.timers
+    }
+
+    /// Runs `f` on the state.
+    pub fn with_store<T>(&self, f: impl FnOnce(&KeyedStore) -> T) -> Option<T> {
+        self.store.lock().ok().map(|s| f(&s))
+    }
+}
+
+/// Keeps detector, health and alert state per key across executions; see the module doc.
+#[derive(Debug, Clone)]
+pub struct KeyedSeriesExec {
+    input: Arc<dyn ExecutionPlan>,
+    schema: SchemaRef,
+    keys: Vec<Arc<dyn PhysicalExpr>>,
+    order: Arc<dyn PhysicalExpr>,
+    calls: Vec<Call>,
+    handle: KeyedHandle,
+    properties: Arc<PlanProperties>,
+}
+
+impl KeyedSeriesExec {
+    fn try_new(
+        input: Arc<dyn ExecutionPlan>,
+        schema: SchemaRef,
+        window_exprs: &[Arc<dyn WindowExpr>],
+    ) -> Result<Option<Self>> {
+        let mut calls = Vec::new();
+        let mut spec: Option<(Vec<Arc<dyn PhysicalExpr>>, Arc<dyn PhysicalExpr>)> = None;
+        let mut foreign = Vec::new();
+        for w in window_exprs {
+            let udwf = w
+                .as_any()
+                .downcast_ref::<StandardWindowExpr>()
+                .and_then(|s| {
+                    s.get_standard_func_expr()
+                        .as_any()
+                        .downcast_ref::<WindowUDFExpr>()
+                });
+            let Some((udwf, func)) = udwf.and_then(|u| {
+                u.fun()
+                    .inner()
+                    .as_ref()
+                    .downcast_ref::<SeriesFunc>()
+                    .map(|f| (u, f))
+            }) else {
+                foreign.push(w.name().to_string());
+                continue;
+            };
+            let name = func.kind().name();
+            let order = match w.order_by() {
+                [one] => one.expr.clone(),
+                _ => {
+                    return plan_err!(
+                        "{name}(…) OVER (…) on a stream needs ORDER BY the time column alone, e.g. OVER (PARTITION BY sensor_id ORDER BY event_time)"
+                    );
+                }
+            };
+            if w.order_by()[0].options.descending {
+                return plan_err!("{name}(…) OVER (…): ORDER BY must be ascending on a stream");
+            }
+            let this = (w.partition_by().to_vec(), order);
+            match &spec {
+                None => spec = Some(this),
+                Some((k, o)) if *k == this.0 && *o == this.1 => {}
+                Some(_) => {
+                    return plan_err!(
+                        "{name}(…): every detector of one SELECT must share PARTITION BY and ORDER BY; use a subquery for another"
+                    );
+                }
+            }
+            let args = udwf.args();
+            calls.push(Call {
+                kind: func.kind(),
+                value: args[0].clone(),
+                ts: args[1].clone(),
+                prototype: func.kind().state_from_exprs(args)?,
+            });
+        }
+        if calls.is_empty() {
+            return Ok(None);
+        }
+        if !foreign.is_empty() {
+            return plan_err!(
+                "window functions other than urbanstream's detectors are not supported on streams ({}): aggregate with GROUP BY tumble/hop/cumulate instead",
+                foreign.join(", ")
+            );
+        }
+        let Some((keys, order)) = spec else {
+            return Ok(None);
+        };
+        let timers = calls
+            .iter()
+            .any(|c| matches!(c.kind, SeriesKind::Missing | SeriesKind::Alert));
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        Ok(Some(Self {
+            input,
+            schema,
+            keys,
+            order,
+            calls,
+            handle: KeyedHandle {
+                store: Arc::default(),
+                watermark: Arc::new(AtomicI64::new(i64::MIN)),
+                timers,
+            },
+            properties,
+        }))
+    }
+
+    /// The state handle.
+    pub fn handle(&self) -> &KeyedHandle {
+        &self.handle
+    }
+
+    fn run(&self, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+        let input_schema = self.input.schema();
+        let batch = concat_batches(&input_schema, &batches)?;
+        let mut store = self
+            .handle
+            .store
+            .lock()
+            .map_err(|_| DataFusionError::Internal("keyed state lock poisoned".into()))?;
+        let mut out = Vec::new();
+        if batch.num_rows() > 0 {
+            out.push(self.step(&mut store, &batch)?);
+        }
+        let watermark = self.handle.watermark.load(AtomicOrdering::Relaxed);
+        if store.next_due.is_some_and(|d| d < watermark)
+            && let Some(b) = self.wake(&mut store, watermark)?
+        {
+            out.push(b);
+        }
+        Ok(out)
+    }
+
+    fn converter(&self) -> Result<RowConverter> {
+        let input_schema = self.input.schema();
+        let fields = self
+            .keys
+            .iter()
+            .map(|k| Ok(SortField::new(k.data_type(&input_schema)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RowConverter::new(fields)?)
+    }
+
+    fn step(&self, store: &mut KeyedStore, batch: &RecordBatch) -> Result<RecordBatch> {
+        let n = batch.num_rows();
+        let key_columns = self
+            .keys
+            .iter()
+            .map(|k| k.evaluate(batch)?.into_array(n))
+            .collect::<Result<Vec<_>>>()?;
+        let converter = self.converter()?;
+        let rows = converter.convert_columns(&key_columns)?;
+        let order = self.order.evaluate(batch)?.into_array(n)?;
+        let order = cast(&order, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+        let order = order.as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>();
+        let args = self
+            .calls
+            .iter()
+            .map(|c| {
+                let v = c.value.evaluate(batch)?.into_array(n)?;
+                let t = c.ts.evaluate(batch)?.into_array(n)?;
+                inputs(c.kind.name(), &[v, t])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut sequence: Vec<usize> = (0..n).collect();
+        // Rows without a time cannot be ordered; they come first and are only scored.
+        sequence.sort_by_key(|&r| {
+            if order.is_null(r) {
+                i64::MIN
+            } else {
+                order.value(r)
+            }
+        });
+        let blank: Vec<Emitted> = self.calls.iter().map(|c| c.prototype.blank()).collect();
+        let mut outputs: Vec<Vec<Emitted>> = blank.iter().map(|b| vec![*b; n]).collect();
+        let mut last_index: HashMap<usize, usize> = HashMap::new();
+        let timers = self.handle.timers;
+        let mut index_of: HashMap<Box<[u8]>, usize> = HashMap::new();
+        for &r in &sequence {
+            let key = rows.row(r);
+            let state = match store.keys.get_mut(key.as_ref()) {
+                Some(s) => s,
+                None => store
+                    .keys
+                    .entry(key.as_ref().into())
+                    .or_insert_with(|| KeyState {
+                        last_t: i64::MIN,
+                        series: self.calls.iter().map(|c| c.prototype.clone()).collect(),
+                        last_row: None,
+                        due: None,
+                    }),
+            };
+            if order.is_null(r) {
+                continue;
+            }
+            let t = order.value(r);
+            let in_order = t >= state.last_t;
+            if in_order {
+                state.last_t = t;
+            } else {
+                store.out_of_order += 1;
+            }
+            for (i, (x, ts)) in args.iter().enumerate() {
+                let value = (!x.is_null(r)).then(|| x.value(r));
+                let at = if ts.is_null(r) { t } else { ts.value(r) };
+                outputs[i][r] = if in_order {
+                    state.series[i].step(at, value)
+                } else {
+                    state.series[i].clone().step(at, value)
+                };
+            }
+            if timers && in_order {
+                let len = index_of.len();
+                let k = *index_of.entry(key.as_ref().into()).or_insert(len);
+                last_index.insert(k, r);
+            }
+        }
+        if timers {
+            let mut next_due = store.next_due;
+            for (key, k) in &index_of {
+                let r = last_index[k];
+                let row = batch
+                    .columns()
+                    .iter()
+                    .map(|c| ScalarValue::try_from_array(c, r))
+                    .collect::<Result<Vec<_>>>()?;
+                if let Some(state) = store.keys.get_mut(key) {
+                    state.last_row = Some(row);
+                    state.due = state.series.iter().filter_map(SeriesState::due).min();
+                    if let Some(d) = state.due {
+                        next_due = Some(next_due.map_or(d, |n| n.min(d)));
+                    }
+                }
+            }
+            store.next_due = next_due;
+        }
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        for (call, rows) in self.calls.iter().zip(&outputs) {
+            columns.push(call.kind.build(rows)?);
+        }
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+
+    /// Wakes the keys whose time has come; one row per key that has something to say.
+    fn wake(&self, store: &mut KeyedStore, watermark: i64) -> Result<Option<RecordBatch>> {
+        let order_column = self.order.downcast_ref::<Column>().map(|c| c.index());
+        let mut rows: Vec<Vec<ScalarValue>> = Vec::new();
+        let mut outputs: Vec<Vec<Emitted>> = vec![Vec::new(); self.calls.len()];
+        let mut next_due = None;
+        for state in store.keys.values_mut() {
+            if state.due.is_some_and(|d| d < watermark) {
+                let due = state.due.unwrap_or(watermark);
+                let fired: Vec<Option<Emitted>> =
+                    state.series.iter_mut().map(|s| s.fire(watermark)).collect();
+                if fired.iter().any(Option::is_some)
+                    && let Some(mut row) = state.last_row.clone()
+                {
+                    if let Some(i) = order_column {
+                        row[i] = time_like(&row[i], due)?;
+                    }
+                    for (i, (f, s)) in fired.into_iter().zip(&state.series).enumerate() {
+                        outputs[i].push(f.unwrap_or_else(|| s.blank()));
+                    }
+                    rows.push(row);
+                    state.last_t = state.last_t.max(due);
+                }
+                state.due = state.series.iter().filter_map(SeriesState::due).min();
+            }
+            if let Some(d) = state.due {
+                next_due = Some(next_due.map_or(d, |n: i64| n.min(d)));
+            }
+        }
+        store.next_due = next_due;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let input_schema = self.input.schema();
+        let mut columns: Vec<ArrayRef> = (0..input_schema.fields().len())
+            .map(|c| ScalarValue::iter_to_array(rows.iter().map(|r| r[c].clone())))
+            .collect::<Result<Vec<_>>>()?;
+        for (call, out) in self.calls.iter().zip(&outputs) {
+            columns.push(call.kind.build(out)?);
+        }
+        Ok(Some(RecordBatch::try_new(self.schema.clone(), columns)?))
+    }
+}
+
+/// `t_ms` as a value of the same type as `like` (a timestamp column of any unit).
+fn time_like(like: &ScalarValue, t_ms: i64) -> Result<ScalarValue> {
+    ScalarValue::TimestampMillisecond(Some(t_ms), None).cast_to(&like.data_type())
+}
+
+impl DisplayAs for KeyedSeriesExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let names: Vec<&str> = self.calls.iter().map(|c| c.kind.name()).collect();
+        write!(f, "KeyedSeriesExec: [{}]", names.join(", "))
+    }
+}
+
+impl ExecutionPlan for KeyedSeriesExec {
+    fn name(&self) -> &str {
+        "KeyedSeriesExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        for e in self.keys.iter().chain(std::iter::once(&self.order)) {
+            if f(e)? == TreeNodeRecursion::Stop {
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        match children.pop() {
+            Some(input) if children.is_empty() => Ok(Arc::new(Self {
+                input,
+                ..self.as_ref().clone()
+            })),
+            _ => Err(DataFusionError::Internal(
+                "KeyedSeriesExec has one child".into(),
+            )),
+        }
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(
+                datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
+            ),
+        )
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return Err(DataFusionError::Internal(format!(
+                "KeyedSeriesExec has one partition, asked for {partition}"
+            )));
+        }
+        let input = self.input.clone();
+        let this = self.clone();
+        let schema = self.schema.clone();
+        let stream = futures::stream::once(async move {
+            let batches = collect(input, context).await?;
+            let out = this.run(batches)?;
+            let schema = this.schema.clone();
+            datafusion::arrow::compute::concat_batches(&schema, &out).map_err(DataFusionError::from)
+        });
+        Ok(Box::pin(
+            datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(schema, stream),
+        ))
+    }
+}
+
+/// Replaces every window aggregation made of urbanstream's series functions with a
+/// [`KeyedSeriesExec`], returning the new plan and the handles of their state.
+pub fn replace_series_windows(
+    plan: Arc<dyn ExecutionPlan>,
+) -> Result<(Arc<dyn ExecutionPlan>, Vec<KeyedHandle>)> {
+    let mut handles = Vec::new();
+    let plan = plan
+        .transform_up(|node| {
+            let (exprs, input) = if let Some(w) = node.downcast_ref::<WindowAggExec>() {
+                (w.window_expr().to_vec(), w.input().clone())
+            } else if let Some(w) = node.downcast_ref::<BoundedWindowAggExec>() {
+                (w.window_expr().to_vec(), w.input().clone())
+            } else {
+                return Ok(Transformed::no(node));
+            };
+            match KeyedSeriesExec::try_new(input, node.schema(), &exprs)? {
+                Some(exec) => {
+                    handles.push(exec.handle.clone());
+                    Ok(Transformed::yes(Arc::new(exec) as Arc<dyn ExecutionPlan>))
+                }
+                None => plan_err!(
+                    "window functions with OVER (…) are not supported on streams, except urbanstream's detectors (anomaly_*, sensor_*, alert_state): aggregate with GROUP BY tumble/hop/cumulate instead"
+                ),
+            }
+        })?
+        .data;
+    Ok((plan, handles))
+}
