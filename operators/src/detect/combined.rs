@@ -17,7 +17,8 @@ use super::{Ewma, RollingMad, Score, Season, Seasonal, standardise};
 ///    weekday profile, a trend).
 /// 3. **Shift**: a two-sided CUSUM on `z` clipped at ±4 (slack 0.5); a sustained deviation too
 ///    small to stand out reading by reading accumulates. Reported as `S / 2`, so that 4 means
-///    `S = 8`, e.g. six readings 2 σ off.
+///    `S = 8`, e.g. six readings 2 σ off. The sums are capped at 16, so the alarm ends within a
+///    few readings of the series coming back.
 ///
 /// The score is the spike score `z` or the shift score, whichever is larger in magnitude,
 /// signed (negative below the baseline, e.g. a speed collapse). An alert threshold of 4 on
@@ -38,6 +39,9 @@ impl Combined {
     pub const WARMUP: u32 = 30;
     /// Residuals in the robust scale's window.
     pub const RESIDUAL_WINDOW: usize = 120;
+    /// The CUSUM sums stop here (a shift score of 8), so that once a shift ends the sum drains
+    /// in a few readings instead of alarming long after the series is back.
+    pub const MAX_SUM: f64 = 16.0;
     /// Scale floor relative to the baseline's magnitude.
     pub const RELATIVE_FLOOR: f64 = 0.005;
 
@@ -96,8 +100,8 @@ impl Combined {
         self.level.fold(x.clamp(level - reach, level + reach));
         if !warming {
             let clipped = z.clamp(-4.0, 4.0);
-            self.pos = (self.pos + clipped - 0.5).max(0.0);
-            self.neg = (self.neg - clipped - 0.5).max(0.0);
+            self.pos = (self.pos + clipped - 0.5).clamp(0.0, Self::MAX_SUM);
+            self.neg = (self.neg - clipped - 0.5).clamp(0.0, Self::MAX_SUM);
         }
         let shift = if self.pos >= self.neg {
             self.pos / 2.0

@@ -72,10 +72,11 @@ impl Ewma {
             };
         }
         let baseline = self.mean;
-        let z = standardise(x, baseline, self.var.sqrt());
+        // One earlier reading says nothing about the spread.
+        let z = (self.n > 1).then(|| standardise(x, baseline, self.var.sqrt()));
         self.fold(x);
         Score {
-            score: Some(z),
+            score: z,
             baseline: Some(baseline),
             warming,
         }

@@ -101,6 +101,12 @@ impl RollingMad {
             };
         };
         let out = match self.location_scale() {
+            // One earlier reading says nothing about the spread.
+            Some((median, _)) if self.values.len() < 2 => Score {
+                score: None,
+                baseline: Some(median),
+                warming,
+            },
             Some((median, scale)) => Score {
                 score: Some(standardise(x, median, scale)),
                 baseline: Some(median),
