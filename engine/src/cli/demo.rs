@@ -76,8 +76,33 @@ pub struct AirRow {
     pub pm25_nowcast: Option<f64>,
 }
 
+/// An alert record as read back from its topic.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AlertRow {
+    /// Stable id across the alert's records.
+    pub alert_id: String,
+    /// RAISED, UPDATED or CLEARED.
+    pub state: String,
+    /// Alert kind.
+    pub kind: String,
+    /// The entity.
+    pub entity_id: String,
+    /// Event time the condition began, epoch ms.
+    pub started_at: i64,
+    /// 2–5.
+    #[serde(default)]
+    pub severity: Option<i32>,
+    /// Explanation.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
 #[derive(Default)]
 struct View {
+    /// Active alerts by id.
+    alerts: HashMap<String, AlertRow>,
+    raised: u64,
+    cleared: u64,
     latest: HashMap<String, IndicatorRow>,
     received: u64,
     last_window: i64,
@@ -95,6 +120,17 @@ impl View {
             };
             self.last_window = self.last_window.max(row.window_start);
             self.latest.insert(row.segment_id.clone(), row);
+        } else if topic == topics.alerts.as_str() {
+            let Ok(row) = serde_json::from_slice::<AlertRow>(payload) else {
+                return false;
+            };
+            if row.state == "CLEARED" {
+                self.cleared += 1;
+                self.alerts.remove(&row.alert_id);
+            } else {
+                self.raised += u64::from(row.state == "RAISED");
+                self.alerts.insert(row.alert_id.clone(), row);
+            }
         } else if topic == topics.air_indicators.as_str() {
             let Ok(row) = serde_json::from_slice::<AirRow>(payload) else {
                 return false;
@@ -217,7 +253,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .set("group.id", "urbanstream-demo-view")
         .set("auto.offset.reset", "earliest")
         .create()?;
-    view_consumer.subscribe(&[&topics.congestion, &topics.air_indicators])?;
+    view_consumer.subscribe(&[&topics.congestion, &topics.air_indicators, &topics.alerts])?;
     let received = Arc::new(AtomicU64::new(0));
     let view_stop = Arc::new(AtomicBool::new(false));
     let view_task = {
@@ -475,6 +511,29 @@ fn draw(
             row.pm25_nowcast.map_or_else(dash, |v| format!("{v:.1}")),
         ));
     }
+    let mut alerts: Vec<&AlertRow> = view.alerts.values().collect();
+    alerts.sort_by(|a, b| {
+        b.severity
+            .cmp(&a.severity)
+            .then(b.started_at.cmp(&a.started_at))
+            .then(a.alert_id.cmp(&b.alert_id))
+    });
+    out.push_str(&format!(
+        "\nactive alerts {} (raised {}, cleared {}; from city.alerts)\n",
+        view.alerts.len(),
+        view.raised,
+        view.cleared
+    ));
+    for a in alerts.iter().take(8) {
+        out.push_str(&format!(
+            "  {:>2} {:<19} {:<26} since {}  {}\n",
+            a.severity.map_or_else(dash, |v| v.to_string()),
+            a.kind,
+            truncate(display_name(names, &a.entity_id), 26),
+            hanoi_clock(a.started_at),
+            truncate(a.message.as_deref().unwrap_or(""), 60),
+        ));
+    }
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(out.as_bytes());
     let _ = stdout.flush();
@@ -526,5 +585,21 @@ mod tests {
         assert_eq!(view.wards["lang"].aqi, Some(117));
         assert_eq!(view.wards.len(), 1, "only hourly ward rows are shown");
         assert_eq!(view.last_hour, 3_600_000);
+    }
+
+    #[test]
+    fn view_keeps_active_alerts_until_cleared() {
+        let topics = Topics::default();
+        let mut view = View::default();
+        let raised = br#"{"alert_id":"incident:kim_ma_w:20260101T060000","state":"RAISED",
+            "kind":"incident","entity_type":"segment","entity_id":"kim_ma_w","started_at":60000,
+            "severity":3,"message":"1 camera incident event(s) (collision) in the minute"}"#;
+        assert!(view.take(&topics.alerts, &topics, raised));
+        assert_eq!(view.alerts.len(), 1);
+        let cleared = br#"{"alert_id":"incident:kim_ma_w:20260101T060000","state":"CLEARED",
+            "kind":"incident","entity_type":"segment","entity_id":"kim_ma_w","started_at":60000}"#;
+        assert!(view.take(&topics.alerts, &topics, cleared));
+        assert!(view.alerts.is_empty());
+        assert_eq!((view.raised, view.cleared), (1, 1));
     }
 }

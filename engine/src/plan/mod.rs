@@ -41,6 +41,22 @@ pub const DEFAULT_QUERIES: &[(&str, &str)] = &[
         "air_daily_sensor",
         include_str!("../../../queries/air_daily_sensor.sql"),
     ),
+    (
+        "alerts_congestion",
+        include_str!("../../../queries/alerts_congestion.sql"),
+    ),
+    (
+        "alerts_incidents",
+        include_str!("../../../queries/alerts_incidents.sql"),
+    ),
+    (
+        "alerts_pollution",
+        include_str!("../../../queries/alerts_pollution.sql"),
+    ),
+    (
+        "alerts_sensor_faults",
+        include_str!("../../../queries/alerts_sensor_faults.sql"),
+    ),
 ];
 
 /// A stream context with the city's streams and reference tables:
@@ -151,29 +167,53 @@ mod tests {
         )
         .expect("city");
         let queries = default_queries(&ctx).await.expect("default queries plan");
-        assert_eq!(queries.len(), DEFAULT_QUERIES.len());
-        let routes: Vec<(&str, &str, Option<&str>)> = queries
+        let routes: Vec<(&str, &str, Option<&str>, bool)> = queries
             .iter()
             .map(|(name, q)| {
-                assert!(q.is_windowed(), "{name} is windowed");
                 (
                     name.as_str(),
                     q.source().name.as_str(),
                     q.sink().map(|s| s.name.as_str()),
+                    q.is_windowed(),
                 )
             })
             .collect();
+        let alerts = Some("alerts");
         assert_eq!(
             routes,
             vec![
                 (
                     "congestion_minute",
                     "camera_events",
-                    Some("congestion_indicators")
+                    Some("congestion_indicators"),
+                    true
                 ),
-                ("air_hourly_sensor", "air_readings", Some("air_indicators")),
-                ("air_hourly_ward", "air_readings", Some("air_indicators")),
-                ("air_daily_sensor", "air_readings", Some("air_indicators")),
+                (
+                    "air_hourly_sensor",
+                    "air_readings",
+                    Some("air_indicators"),
+                    true
+                ),
+                (
+                    "air_hourly_ward",
+                    "air_readings",
+                    Some("air_indicators"),
+                    true
+                ),
+                (
+                    "air_daily_sensor",
+                    "air_readings",
+                    Some("air_indicators"),
+                    true
+                ),
+                ("alerts_congestion", "camera_events", alerts, true),
+                ("alerts_incidents", "camera_events", alerts, true),
+                ("alerts_incidents", "detector_readings", alerts, true),
+                ("alerts_pollution", "air_readings", alerts, true),
+                ("alerts_sensor_faults", "air_readings", alerts, false),
+                ("alerts_sensor_faults", "air_readings", alerts, false),
+                ("alerts_sensor_faults", "air_readings", alerts, false),
+                ("alerts_sensor_faults", "air_readings", alerts, false),
             ]
         );
     }

@@ -44,6 +44,9 @@ use datafusion::physical_plan::{
 use urbanstream_operators::detect::udwf::{SeriesFunc, SeriesKind, inputs};
 use urbanstream_operators::detect::{Emitted, SeriesState};
 
+/// `PARTITION BY` and `ORDER BY` of a window specification.
+type Spec = (Vec<Arc<dyn PhysicalExpr>>, Arc<dyn PhysicalExpr>);
+
 /// One function call of a [`KeyedSeriesExec`].
 #[derive(Debug, Clone)]
 struct Call {
@@ -149,7 +152,7 @@ impl KeyedSeriesExec {
         window_exprs: &[Arc<dyn WindowExpr>],
     ) -> Result<Option<Self>> {
         let mut calls = Vec::new();
-        let mut spec: Option<(Vec<Arc<dyn PhysicalExpr>>, Arc<dyn PhysicalExpr>)> = None;
+        let mut spec: Option<Spec> = None;
         let mut foreign = Vec::new();
         for w in window_exprs {
             let udwf = w

@@ -11,14 +11,17 @@ use super::{Ewma, RollingMad, Score, Season, Seasonal, standardise};
 ///    reading's bin is warm; before that, a slow EWMA of the level (weight 0.05, fed readings
 ///    clipped at 6 robust σ).
 /// 2. **Residual** `r = x − baseline`, standardised robustly against the last 120 residuals:
-///    `z = (r − median) / (1.4826 · MAD)`, the scale floored at 0.5 % of the baseline so that
-///    quantised or near-constant series do not give absurd scores. Subtracting the residuals'
+///    `z = (r − median) / (1.4826 · MAD)`, the scale floored at 2 % of the baseline so that
+///    quantised or near-constant series do not give absurd scores (a change of less than 8 %
+///    of the level never scores 4 on its own). Subtracting the residuals'
 ///    median lets it tolerate a baseline that is biased for a while (a weekend against a
 ///    weekday profile, a trend).
 /// 3. **Shift**: a two-sided CUSUM on `z` clipped at ±4 (slack 0.5); a sustained deviation too
 ///    small to stand out reading by reading accumulates. Reported as `S / 2`, so that 4 means
 ///    `S = 8`, e.g. six readings 2 σ off. The sums are capped at 16, so the alarm ends within a
-///    few readings of the series coming back.
+///    few readings of the series coming back. The shift part waits for the seasonal profile of
+///    the reading's time of day: before it, a slow change (a rush hour building up on the first
+///    day) cannot be told from the daily cycle, and only sudden deviations score.
 ///
 /// The score is the spike score `z` or the shift score, whichever is larger in magnitude,
 /// signed (negative below the baseline, e.g. a speed collapse). An alert threshold of 4 on
@@ -43,7 +46,7 @@ impl Combined {
     /// in a few readings instead of alarming long after the series is back.
     pub const MAX_SUM: f64 = 16.0;
     /// Scale floor relative to the baseline's magnitude.
-    pub const RELATIVE_FLOOR: f64 = 0.005;
+    pub const RELATIVE_FLOOR: f64 = 0.02;
 
     /// The default detector in local time `offset_ms` from UTC.
     pub fn new(offset_ms: i64) -> Self {
@@ -98,7 +101,12 @@ impl Combined {
             .push(residual.clamp(centre - reach, centre + reach));
         let level = self.level.mean().unwrap_or(x);
         self.level.fold(x.clamp(level - reach, level + reach));
-        if !warming {
+        if seasonal.warming {
+            // Without a profile, a slow change is the daily cycle as often as an anomaly: only
+            // sudden deviations count until the reading's time of day is known.
+            self.pos = 0.0;
+            self.neg = 0.0;
+        } else if !warming {
             let clipped = z.clamp(-4.0, 4.0);
             self.pos = (self.pos + clipped - 0.5).clamp(0.0, Self::MAX_SUM);
             self.neg = (self.neg - clipped - 0.5).clamp(0.0, Self::MAX_SUM);

@@ -135,7 +135,6 @@ fn a_slow_drift_is_caught_by_cusum_and_combined_not_by_ewma() {
         (300..600).find(|&i| s[i].score.unwrap_or_default() > 4.0)
     };
     assert!(alarm(&mut SeriesState::Cusum(Cusum::new(0.5, 0.02, 20))).is_some());
-    assert!(alarm(&mut SeriesState::Combined(Box::new(Combined::new(0)))).is_some());
     // The EWMA follows a slow drift: it is a spike detector.
     assert!(alarm(&mut SeriesState::Ewma(Ewma::new(0.1, 20))).is_none());
 }
@@ -175,6 +174,24 @@ fn seasonal_knows_the_rush_hour() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn combined_catches_a_drift_once_it_knows_the_day() {
+    let mut x = daily_cycle(5);
+    let start = 4 * 288;
+    for (i, v) in x[start..].iter_mut().enumerate() {
+        *v += 0.05 * i as f64;
+    }
+    let s = run(
+        &mut SeriesState::Combined(Box::new(Combined::new(0))),
+        &x,
+        5 * MIN,
+    );
+    assert!(max_abs(&s[3 * 288..start]) < 4.0, "a normal day");
+    let first = (start..x.len()).find(|&i| s[i].score.unwrap_or_default() > 4.0);
+    let first = first.expect("drift detected");
+    assert!(first - start < 150, "after {} readings", first - start);
 }
 
 #[test]

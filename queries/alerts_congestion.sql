@@ -1,0 +1,44 @@
+-- Congestion anomalies per road segment: the space-mean speed of each minute is scored by the
+-- default detector (seasonal daily profile, robust residual scale, CUSUM for shifts) against
+-- the segment's own history, and alert_state turns the score into alerts: raised when the
+-- speed stays 4 robust σ below what the segment does at that time of day for 3 minutes,
+-- cleared when it is back within 2 σ, then 10 minutes' cooldown; an alert on a segment that
+-- stops reporting expires after 15 minutes. Scores of a detector still warming up (its first
+-- 30 minutes of a segment) raise nothing.
+-- Published to city.alerts (kind congestion_anomaly), keyed by entity_id.
+INSERT INTO alerts
+SELECT concat('congestion_anomaly:', segment_id, ':', to_char(a['started_at'], '%Y%m%dT%H%M%S')) AS alert_id,
+       a['state'] AS state,
+       'congestion_anomaly' AS kind,
+       'segment' AS entity_type,
+       segment_id AS entity_id,
+       'space_mean_speed_kmh' AS metric,
+       speed AS value,
+       d['baseline'] AS baseline,
+       d['score'] AS score,
+       'anomaly_score' AS detector,
+       'speed score <= -4 for 3 min raises, >= -2 clears; cooldown 10 min; expires after 15 min without data' AS rule,
+       window_start,
+       window_end,
+       a['started_at'] AS started_at,
+       a['severity'] AS severity,
+       concat('Speed ', round(speed, 1), ' km/h where ', round(d['baseline'], 1),
+              ' km/h is usual at this time (', round(d['score'], 1), ' σ)') AS message
+FROM (
+    SELECT *,
+           alert_state(CASE WHEN d['warming'] THEN NULL ELSE -d['score'] END, window_end,
+                       4, 2, INTERVAL '3 minutes', INTERVAL '10 minutes', INTERVAL '15 minutes')
+               OVER (PARTITION BY segment_id ORDER BY window_end) AS a
+    FROM (
+        SELECT *,
+               anomaly_score(speed, window_end, INTERVAL '7 hours')
+                   OVER (PARTITION BY segment_id ORDER BY window_end) AS d
+        FROM (
+            SELECT segment_id, window_start, window_end, space_mean_speed(speed_kmh) AS speed
+            FROM camera_events
+            WHERE kind = 'detection'
+            GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id
+        )
+    )
+)
+WHERE a['state'] IS NOT NULL;

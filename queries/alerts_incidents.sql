@@ -1,0 +1,80 @@
+-- Traffic incidents per road segment, two ways (both kind incident, told apart by detector):
+--
+-- 1. Raised directly by camera incident events (stalled vehicle, collision, wrong way,
+--    congestion queue) of confidence >= 0.5: raised on the first minute with one, cleared
+--    15 minutes after the last.
+-- 2. From loop/radar detectors (the California-algorithm family): per segment and minute, the
+--    speed collapses (default detector score <= -3) while the occupancy rises (score >= 3)
+--    against the segment's own profile, for 3 minutes; cleared when either is back within 1.5 σ.
+-- Published to city.alerts, keyed by entity_id.
+INSERT INTO alerts
+SELECT concat('incident:', segment_id, ':', to_char(a['started_at'], '%Y%m%dT%H%M%S')) AS alert_id,
+       a['state'] AS state,
+       'incident' AS kind,
+       'segment' AS entity_type,
+       segment_id AS entity_id,
+       'camera_incident_events' AS metric,
+       CAST(events AS DOUBLE) AS value,
+       CAST(0.0 AS DOUBLE) AS baseline,
+       CAST(events AS DOUBLE) AS score,
+       'camera' AS detector,
+       'one incident event (confidence >= 0.5) raises; cleared 15 min after the last' AS rule,
+       window_start,
+       window_end,
+       a['started_at'] AS started_at,
+       greatest(a['severity'], worst) AS severity,
+       concat(events, ' camera incident event(s) (', kinds, ') in the minute') AS message
+FROM (
+    SELECT *,
+           alert_state(CAST(events AS DOUBLE), window_end, 1, 0, INTERVAL '0 minutes',
+                       INTERVAL '0 minutes', INTERVAL '15 minutes')
+               OVER (PARTITION BY segment_id ORDER BY window_end) AS a
+    FROM (
+        SELECT segment_id, window_start, window_end, count(*) AS events,
+               max(severity) AS worst, string_agg(DISTINCT kind, ', ') AS kinds
+        FROM camera_events
+        WHERE kind <> 'detection' AND confidence >= 0.5
+        GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id
+    )
+)
+WHERE a['state'] IS NOT NULL;
+
+INSERT INTO alerts
+SELECT concat('incident:', segment_id, ':', to_char(a['started_at'], '%Y%m%dT%H%M%S')) AS alert_id,
+       a['state'] AS state,
+       'incident' AS kind,
+       'segment' AS entity_type,
+       segment_id AS entity_id,
+       'mean_speed_kmh, occupancy_pct' AS metric,
+       speed AS value,
+       s['baseline'] AS baseline,
+       least(-s['score'], o['score']) AS score,
+       'anomaly_score' AS detector,
+       'speed score <= -3 and occupancy score >= 3 for 3 min raise, either within 1.5 clears' AS rule,
+       window_start,
+       window_end,
+       a['started_at'] AS started_at,
+       a['severity'] AS severity,
+       concat('Speed ', round(speed, 1), ' km/h (usual ', round(s['baseline'], 1), '), occupancy ',
+              round(occupancy, 1), ' % (usual ', round(o['baseline'], 1), ')') AS message
+FROM (
+    SELECT *,
+           alert_state(CASE WHEN s['warming'] OR o['warming'] THEN NULL
+                            ELSE least(-s['score'], o['score']) END,
+                       window_end, 3, 1.5, INTERVAL '3 minutes', INTERVAL '10 minutes',
+                       INTERVAL '15 minutes')
+               OVER (PARTITION BY segment_id ORDER BY window_end) AS a
+    FROM (
+        SELECT *,
+               anomaly_score(speed, window_end, INTERVAL '7 hours') OVER w AS s,
+               anomaly_score(occupancy, window_end, INTERVAL '7 hours') OVER w AS o
+        FROM (
+            SELECT segment_id, window_start, window_end, avg(mean_speed_kmh) AS speed,
+                   avg(occupancy_pct) AS occupancy
+            FROM detector_readings
+            GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id
+        )
+        WINDOW w AS (PARTITION BY segment_id ORDER BY window_end)
+    )
+)
+WHERE a['state'] IS NOT NULL;
