@@ -33,6 +33,7 @@ pub mod broker;
 pub mod cli;
 pub mod deterministic;
 pub mod error;
+pub mod evaluate;
 pub mod pipeline;
 pub mod reference;
 pub mod schema;

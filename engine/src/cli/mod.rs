@@ -62,6 +62,30 @@ pub enum Command {
     ///
     /// Example: `urbanstream broker --partitions 4`
     Broker(BrokerArgs),
+    /// Evaluate the anomaly detectors and sensor-health checks on labelled series: precision,
+    /// recall and detection delay per detector.
+    ///
+    /// Example: `urbanstream evaluate` (the built-in set) or
+    /// `urbanstream evaluate --data labelled.csv --json report.json`
+    Evaluate(EvaluateArgs),
+}
+
+/// Options of `evaluate`.
+#[derive(Debug, Clone, Args)]
+pub struct EvaluateArgs {
+    /// A labelled CSV (`series,timestamp,value,label`; label 1 inside an anomaly) instead of
+    /// the built-in set.
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+    /// Seed of the built-in set.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// How long after a labelled window's end an alert still counts as finding it.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
+    pub tolerance: Duration,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 /// Options shared by everything that simulates the city.
@@ -173,7 +197,36 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Simulate(args) => simulate(args).await,
         Command::Broker(args) => broker(args).await,
+        Command::Evaluate(args) => evaluate(args),
     }
+}
+
+fn evaluate(args: EvaluateArgs) -> Result<()> {
+    use crate::evaluate as eval;
+    let (set, source) = match &args.data {
+        Some(path) => (eval::from_csv(path)?, path.display().to_string()),
+        None => (
+            eval::builtin(args.seed),
+            format!("built-in labelled set, seed {}", args.seed),
+        ),
+    };
+    let points: usize = set.iter().map(|s| s.times.len()).sum();
+    let windows: usize = set.iter().map(|s| s.windows.len()).sum();
+    println!(
+        "{source}: {} series, {points} readings, {windows} labelled windows; tolerance {}\n",
+        set.len(),
+        humantime::format_duration(args.tolerance)
+    );
+    let reports = eval::evaluate_all(&set, args.tolerance.as_millis() as i64)?;
+    print!("{}", eval::table(&reports));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&reports)
+            .map_err(|e| crate::error::Error::Config(e.to_string()))?;
+        std::fs::write(path, json)
+            .map_err(|e| crate::error::Error::Config(format!("{}: {e}", path.display())))?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
 }
 
 /// A producer for simulated data.

@@ -16,9 +16,9 @@ use super::{Ewma, RollingMad, Score, Season, Seasonal, standardise};
 ///    of the level never scores 4 on its own). Subtracting the residuals'
 ///    median lets it tolerate a baseline that is biased for a while (a weekend against a
 ///    weekday profile, a trend).
-/// 3. **Shift**: a two-sided CUSUM on `z` clipped at ±4 (slack 0.5); a sustained deviation too
+/// 3. **Shift**: a two-sided CUSUM on `z` clipped at ±4 (slack 1); a sustained deviation too
 ///    small to stand out reading by reading accumulates. Reported as `S / 2`, so that 4 means
-///    `S = 8`, e.g. six readings 2 σ off. The sums are capped at 16, so the alarm ends within a
+///    `S = 8`, e.g. eight readings 2 σ off. The sums are capped at 16, so the alarm ends within a
 ///    few readings of the series coming back. The shift part waits for the seasonal profile of
 ///    the reading's time of day: before it, a slow change (a rush hour building up on the first
 ///    day) cannot be told from the daily cycle, and only sudden deviations score.
@@ -42,6 +42,9 @@ impl Combined {
     pub const WARMUP: u32 = 30;
     /// Residuals in the robust scale's window.
     pub const RESIDUAL_WINDOW: usize = 120;
+    /// CUSUM slack, in robust σ: shifts of about 2 σ and more accumulate; the slow wander of
+    /// weather and demand around a daily profile does not.
+    pub const SLACK: f64 = 1.0;
     /// The CUSUM sums stop here (a shift score of 8), so that once a shift ends the sum drains
     /// in a few readings instead of alarming long after the series is back.
     pub const MAX_SUM: f64 = 16.0;
@@ -108,8 +111,8 @@ impl Combined {
             self.neg = 0.0;
         } else if !warming {
             let clipped = z.clamp(-4.0, 4.0);
-            self.pos = (self.pos + clipped - 0.5).clamp(0.0, Self::MAX_SUM);
-            self.neg = (self.neg - clipped - 0.5).clamp(0.0, Self::MAX_SUM);
+            self.pos = (self.pos + clipped - Self::SLACK).clamp(0.0, Self::MAX_SUM);
+            self.neg = (self.neg - clipped - Self::SLACK).clamp(0.0, Self::MAX_SUM);
         }
         let shift = if self.pos >= self.neg {
             self.pos / 2.0
