@@ -25,8 +25,8 @@ use super::{Ewma, RollingMad, Score, Season, Seasonal, standardise};
 ///
 /// The score is the spike score `z` or the shift score, whichever is larger in magnitude,
 /// signed (negative below the baseline, e.g. a speed collapse). An alert threshold of 4 on
-/// `|score|` is a sane default. O(120) time per reading (the MAD), O(1) otherwise; warming for
-/// the first 30 readings.
+/// `|score|` is a sane default. O(120) time every 8 readings (the MAD of the residual window),
+/// O(1) otherwise; warming for the first 30 readings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Combined {
     seasonal: Seasonal,
@@ -35,11 +35,17 @@ pub struct Combined {
     pos: f64,
     neg: f64,
     n: u32,
+    /// The residuals' (median, scale), refreshed every [`Combined::REFRESH`] readings.
+    spread: Option<(f64, f64)>,
+    since_refresh: u32,
 }
 
 impl Combined {
     /// Readings before the score is trusted.
     pub const WARMUP: u32 = 30;
+    /// Readings between two computations of the residuals' median and MAD (a selection over
+    /// the window each time): the spread of 120 residuals barely moves in 8.
+    pub const REFRESH: u32 = 8;
     /// Residuals in the robust scale's window.
     pub const RESIDUAL_WINDOW: usize = 120;
     /// CUSUM slack, in robust σ: shifts of about 2 σ and more accumulate; the slow wander of
@@ -60,6 +66,8 @@ impl Combined {
             pos: 0.0,
             neg: 0.0,
             n: 0,
+            spread: None,
+            since_refresh: 0,
         }
     }
 
@@ -96,7 +104,12 @@ impl Combined {
             };
         };
         let residual = x - baseline;
-        let (centre, scale) = self.residuals.location_scale().unwrap_or((0.0, 0.0));
+        if self.spread.is_none() || self.since_refresh >= Self::REFRESH || self.n <= Self::WARMUP {
+            self.spread = self.residuals.location_scale();
+            self.since_refresh = 0;
+        }
+        self.since_refresh += 1;
+        let (centre, scale) = self.spread.unwrap_or((0.0, 0.0));
         let scale = scale.max(Self::RELATIVE_FLOOR * baseline.abs());
         let z = standardise(residual, centre, scale);
         let reach = 6.0 * scale;
