@@ -132,7 +132,8 @@ fn through_the_engine(c: &mut Criterion) {
                                 .expect("process");
                             out += step.rows.iter().map(|b| b.num_rows()).sum::<usize>();
                         }
-                        assert_eq!(out, rows);
+                        // Every reading has its row; a silent sensor adds one.
+                        assert!(out >= rows, "{out} rows out of {rows}");
                         query
                     })
                 },
