@@ -188,22 +188,58 @@ async fn camera_events_to_indicators_dlq_and_late() -> anyhow::Result<()> {
         ]
     );
 
+    // The collision raised an incident alert on its segment, explained.
+    let alerts = cluster.consumer(&topics.alerts)?;
+    let alert_rows = read_json(&alerts, 1, Duration::from_secs(30)).await?;
+    let (key, alert) = &alert_rows[0];
+    assert_eq!(key.as_deref(), Some(a));
+    for (field, value) in [
+        ("state", json!("RAISED")),
+        ("kind", json!("incident")),
+        ("entity_type", json!("segment")),
+        ("entity_id", json!(a)),
+        ("detector", json!("camera")),
+        ("window_start", json!(T0)),
+        ("window_end", json!(T0 + 60_000)),
+        ("started_at", json!(T0 + 60_000)),
+        ("severity", json!(3)),
+        ("value", json!(1.0)),
+    ] {
+        assert_eq!(alert[field], value, "{field} of {alert}");
+    }
+    assert!(
+        alert["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("collision")),
+        "{alert}"
+    );
+    assert!(
+        alert["alert_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("incident:"))
+    );
+
     // Phase 2: an event for the closed first minute is late; nothing is dropped silently.
     let late_event = detection(a, T0 + 50_000, "motorbike", Some(12.0));
     let (_, late_offset) = cluster.produce(cam, 0, a, &late_event).await?;
     assert_eq!(late_offset, 7);
     let late = cluster.consumer(&topics.late)?;
-    let late_rows = read_json(&late, 1, Duration::from_secs(30)).await?;
-    assert_eq!(
-        late_rows,
-        vec![(
-            Some(a.to_string()),
-            json!({
-        "query": "congestion_minute", "topic": cam, "partition": 0, "offset": 7,
-        "event_time": T0 + 50_000, "watermark": T0 + 120_000,
-        "reason": "beyond_allowed_lateness", "payload": b64(&late_event)})
-        )]
-    );
+    // Each windowed query over the camera stream reports it, naming itself.
+    let mut late_rows = read_json(&late, 3, Duration::from_secs(30)).await?;
+    late_rows.sort_by_key(|(_, v)| v["query"].as_str().map(String::from));
+    let expected_late: Vec<_> = ["alerts_congestion", "alerts_incidents", "congestion_minute"]
+        .iter()
+        .map(|query| {
+            (
+                Some(a.to_string()),
+                json!({
+            "query": query, "topic": cam, "partition": 0, "offset": 7,
+            "event_time": T0 + 50_000, "watermark": T0 + 120_000,
+            "reason": "beyond_allowed_lateness", "payload": b64(&late_event)}),
+            )
+        })
+        .collect();
+    assert_eq!(late_rows, expected_late);
 
     // The late event changed no published window, and the window it would have joined is not
     // re-opened.
@@ -215,9 +251,10 @@ async fn camera_events_to_indicators_dlq_and_late() -> anyhow::Result<()> {
 
     stop.store(true, Ordering::Relaxed);
     task.await??;
-    assert_eq!(stats.indicators_out.load(Ordering::Relaxed), 4);
+    // Four congestion rows and the incident alert.
+    assert_eq!(stats.indicators_out.load(Ordering::Relaxed), 5);
     assert_eq!(stats.dlq.load(Ordering::Relaxed), 3);
-    assert_eq!(stats.late.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.late.load(Ordering::Relaxed), 3);
     assert_eq!(stats.camera_events.load(Ordering::Relaxed), 11);
     Ok(())
 }

@@ -344,8 +344,14 @@ impl KeyedSeriesExec {
                 };
             }
             if timers && in_order {
-                let len = index_of.len();
-                let k = *index_of.entry(key.as_ref().into()).or_insert(len);
+                let k = match index_of.get(key.as_ref()) {
+                    Some(&k) => k,
+                    None => {
+                        let k = index_of.len();
+                        index_of.insert(key.as_ref().into(), k);
+                        k
+                    }
+                };
                 last_index.insert(k, r);
             }
         }
