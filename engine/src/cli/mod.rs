@@ -80,6 +80,10 @@ pub struct EvaluateArgs {
     /// Seed of the built-in set.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Simulated days of the city simulator's detector and air readings added to the built-in
+    /// set, labelled with the incidents and sensor faults it injected (0: none).
+    #[arg(long, default_value_t = 3)]
+    pub simulated_days: u32,
     /// How long after a labelled window's end an alert still counts as finding it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
     pub tolerance: Duration,
@@ -205,10 +209,20 @@ fn evaluate(args: EvaluateArgs) -> Result<()> {
     use crate::evaluate as eval;
     let (set, source) = match &args.data {
         Some(path) => (eval::from_csv(path)?, path.display().to_string()),
-        None => (
-            eval::builtin(args.seed),
-            format!("built-in labelled set, seed {}", args.seed),
-        ),
+        None => {
+            let mut set = eval::builtin(args.seed);
+            if args.simulated_days > 0 {
+                eprintln!("simulating {} days of the city…", args.simulated_days);
+                set.extend(eval::simulated(args.seed, args.simulated_days * 24)?);
+            }
+            (
+                set,
+                format!(
+                    "built-in labelled set (synthetic cases + {} simulated days), seed {}",
+                    args.simulated_days, args.seed
+                ),
+            )
+        }
     };
     let points: usize = set.iter().map(|s| s.times.len()).sum();
     let windows: usize = set.iter().map(|s| s.windows.len()).sum();

@@ -253,6 +253,20 @@ impl CitySimulator {
             .collect()
     }
 
+    /// Sensors with a fault in progress, with its kind (`stuck` or `missing`).
+    pub fn active_faults(&self) -> Vec<(&str, &'static str)> {
+        self.faults
+            .iter()
+            .map(|(s, f)| {
+                let kind = match f.kind {
+                    FaultKind::Stuck(_) => "stuck",
+                    FaultKind::Missing => "missing",
+                };
+                (self.reference.sensors[*s].sensor_id.as_str(), kind)
+            })
+            .collect()
+    }
+
     /// Simulates one second and returns its records.
     pub fn next_tick(&mut self) -> Vec<SimRecord> {
         let t0 = self.now_ms;
