@@ -160,6 +160,45 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn a_batch_of_another_schema_is_an_error_not_a_panic() {
+        use datafusion::arrow::array::{RecordBatch, StringArray, TimestampMillisecondArray};
+        use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+        use std::sync::Arc;
+        let ctx = StreamContext::new();
+        let mut query = None;
+        for sql in [
+            "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, t TIMESTAMP NOT NULL) \
+             STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't')",
+            "SELECT k, count(*) AS n FROM ev GROUP BY tumble(t, INTERVAL '1 minute'), k",
+        ] {
+            query = plan_all(&ctx, sql).await.expect("plan").pop();
+        }
+        let mut query = query.expect("query");
+        // VARCHAR is a string view; a plain string column is another schema.
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("t", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec!["a"])),
+                Arc::new(TimestampMillisecondArray::from(vec![0])),
+            ],
+        )
+        .expect("batch");
+        let err = query
+            .process(&batch, &[0], None, 0)
+            .await
+            .expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("does not have the stream's schema"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
     async fn default_queries_plan_against_the_city() {
         let ctx = city_context(
             &Topics::default(),

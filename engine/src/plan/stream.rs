@@ -774,6 +774,22 @@ impl StreamQuery {
         now_ms: i64,
     ) -> Result<StepOutput> {
         let mut out = StepOutput::default();
+        let expected = self.source.topic_schema.output_schema();
+        if batch.num_columns() != expected.fields().len()
+            || batch
+                .schema()
+                .fields()
+                .iter()
+                .zip(expected.fields())
+                .any(|(a, b)| a.data_type() != b.data_type())
+        {
+            return plan_err!(
+                "a batch for stream {} does not have the stream's schema: got {}, expected {}",
+                self.source.name,
+                batch.schema(),
+                expected
+            );
+        }
         let batch = match self.time_column.clone() {
             Some(time) => {
                 self.admit(batch, partitions, offsets, &time, now_ms, &mut out.diverted)?

@@ -1,0 +1,119 @@
+//! Windowed aggregation through the stream engine, in events per second: a 1-minute tumbling
+//! window, a 5-minute window hopping by 1 minute, and 30-second sessions, each with five
+//! aggregates (`count`, `sum`, `avg`, `min`, `max`) grouped by a key of 100, 10 000 or
+//! 1 000 000 distinct values. 1 M events in batches of 8 192 (the engine's batch size) arrive
+//! in event-time order over 10 minutes of event time, one event per key in turn, so every
+//! key is live in every window; the watermark then closes every window.
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+
+use std::sync::Arc;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use datafusion::arrow::array::{
+    Float64Array, RecordBatch, StringViewArray, TimestampMillisecondArray,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use urbanstream::plan::stream::{StreamContext, StreamQuery};
+
+const EVENTS: usize = 1_000_000;
+const BATCH: usize = 8_192;
+/// 2026-01-01T06:00:00Z.
+const T0: i64 = 1_767_247_200_000;
+const SPAN_MS: i64 = 10 * 60_000;
+
+fn batches(keys: usize) -> Vec<RecordBatch> {
+    let schema = Arc::new(Schema::new(vec![
+        // SQL's VARCHAR is a string view in DataFusion.
+        Field::new("k", DataType::Utf8View, false),
+        Field::new(
+            "event_time",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+        ),
+        Field::new("v", DataType::Float64, true),
+    ]));
+    let names: Vec<String> = (0..keys).map(|k| format!("seg-{k:07}")).collect();
+    (0..EVENTS)
+        .step_by(BATCH)
+        .map(|start| {
+            let end = (start + BATCH).min(EVENTS);
+            let k = StringViewArray::from_iter_values((start..end).map(|i| &names[i % keys]));
+            let t = TimestampMillisecondArray::from_iter_values(
+                (start..end).map(|i| T0 + i as i64 * SPAN_MS / EVENTS as i64),
+            );
+            let v = Float64Array::from_iter_values((start..end).map(|i| (i % 97) as f64));
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(k), Arc::new(t), Arc::new(v)])
+                .expect("batch")
+        })
+        .collect()
+}
+
+async fn query(window: &str) -> StreamQuery {
+    let ctx = StreamContext::new();
+    for sql in [
+        "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, v DOUBLE) \
+         STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 'event_time', 'watermark_delay' '0s')"
+            .to_string(),
+        format!(
+            "SELECT k, window_start, count(*) AS n, sum(v) AS s, avg(v) AS a, min(v) AS lo, \
+             max(v) AS hi FROM ev GROUP BY {window}, k"
+        ),
+    ] {
+        let statement = StreamContext::parse(&sql).expect("parse").remove(0);
+        if let Some(q) = ctx.plan(statement).await.expect("plan") {
+            return q;
+        }
+    }
+    panic!("no query planned")
+}
+
+fn windows(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("windows");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(EVENTS as u64));
+    for keys in [100, 10_000, 1_000_000] {
+        let input = batches(keys);
+        for (name, window) in [
+            ("tumble_1m", "tumble(event_time, INTERVAL '1 minute')"),
+            (
+                "hop_1m_5m",
+                "hop(event_time, INTERVAL '1 minute', INTERVAL '5 minutes')",
+            ),
+            ("session_30s", "session(event_time, INTERVAL '30 seconds')"),
+        ] {
+            group.bench_function(format!("{name}/{keys}_keys"), |b| {
+                b.iter_batched(
+                    || runtime.block_on(query(window)),
+                    |mut q| {
+                        runtime.block_on(async {
+                            let partitions = vec![0; BATCH];
+                            let mut rows = 0;
+                            for batch in &input {
+                                let out = q
+                                    .process(batch, &partitions[..batch.num_rows()], None, T0)
+                                    .await
+                                    .expect("process");
+                                rows += out.rows.iter().map(|b| b.num_rows()).sum::<usize>();
+                            }
+                            let out = q
+                                .advance_watermark(T0 + 2 * SPAN_MS, T0)
+                                .await
+                                .expect("close");
+                            rows += out.rows.iter().map(|b| b.num_rows()).sum::<usize>();
+                            assert!(rows > 0);
+                            (q, rows)
+                        })
+                    },
+                    BatchSize::LargeInput,
+                )
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, windows);
+criterion_main!(benches);
