@@ -66,7 +66,7 @@ fn raw_batches() -> Vec<(SimTopic, RawBatch)> {
         }
         // Each simulated second ends a micro-batch, as a consumer poll would.
         for (topic, batch) in open.drain() {
-            if batch.len() > 0 {
+            if !batch.is_empty() {
                 out.push((topic, batch));
             }
         }
