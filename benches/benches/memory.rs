@@ -1,0 +1,112 @@
+//! Memory held per live group: the default congestion query (`queries/congestion_minute.sql`,
+//! ten aggregates per segment and minute, a lookup join) with 1 000 000 distinct segments in
+//! one open minute. Reports the engine's own account of its state (DataFusion's group
+//! interner and accumulators, per pane) and the process's resident memory before and after,
+//! per group. Not a timing bench: it prints one table.
+//!
+//! `cargo bench -p urbanstream-benches --bench memory`
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
+use urbanstream::pipeline::Topics;
+use urbanstream::plan::{city_context, plan_all};
+use urbanstream::schema::SchemaRegistry;
+use urbanstream::simulate::SimTopic;
+use urbanstream_benches::decoded_batches;
+
+const GROUPS: usize = 1_000_000;
+
+/// Resident and peak resident memory of this process, in bytes (Linux).
+fn rss() -> (usize, usize) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<usize>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let schemas = SchemaRegistry::embedded().expect("schemas");
+    // Simulated camera detections, each given its own segment, all in the same minute.
+    let template = decoded_batches(SimTopic::Camera, "camera_event", 8_192).remove(0);
+    let segment = template
+        .schema()
+        .index_of("segment_id")
+        .expect("segment_id");
+    let time = template
+        .schema()
+        .index_of("event_time")
+        .expect("event_time");
+    let first = template.column(time).clone();
+    let batches: Vec<RecordBatch> = (0..GROUPS)
+        .step_by(template.num_rows())
+        .map(|start| {
+            let n = template.num_rows().min(GROUPS - start);
+            let mut columns: Vec<ArrayRef> = template.slice(0, n).columns().to_vec();
+            columns[segment] = Arc::new(StringArray::from_iter_values(
+                (start..start + n).map(|i| format!("seg-{i:07}")),
+            ));
+            // Every row at the first detection's time, so one minute stays open.
+            columns[time] = datafusion::arrow::compute::take(
+                &first,
+                &datafusion::arrow::array::UInt32Array::from(vec![0u32; n]),
+                None,
+            )
+            .expect("time");
+            RecordBatch::try_new(template.schema(), columns).expect("batch")
+        })
+        .collect();
+    let (rss_before, _) = rss();
+    let (groups, state_bytes, rss_after, peak) = runtime.block_on(async {
+        let ctx = city_context(&Topics::default(), &schemas).expect("city");
+        let sql = include_str!("../../queries/congestion_minute.sql");
+        let mut query = plan_all(&ctx, sql).await.expect("plan").remove(0);
+        for batch in &batches {
+            let partitions = vec![0; batch.num_rows()];
+            query
+                .process(batch, &partitions, None, i64::MAX / 2)
+                .await
+                .expect("process");
+        }
+        let (rss_after, peak) = rss();
+        (query.state_groups(), query.state_bytes(), rss_after, peak)
+    });
+    let input_bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
+    println!("default congestion query, {GROUPS} segments in one open minute");
+    println!("| measure | total | per group |");
+    println!("|---|---|---|");
+    println!("| live (window, group) pairs | {groups} | |");
+    println!(
+        "| engine state (group keys + accumulators) | {:.1} MiB | {} B |",
+        state_bytes as f64 / 1048576.0,
+        state_bytes / groups.max(1)
+    );
+    println!(
+        "| RSS growth while holding it (input batches of {:.1} MiB included) | {:.1} MiB | {} B |",
+        input_bytes as f64 / 1048576.0,
+        rss_after.saturating_sub(rss_before) as f64 / 1048576.0,
+        rss_after.saturating_sub(rss_before) / groups.max(1)
+    );
+    let held = rss_after
+        .saturating_sub(rss_before)
+        .saturating_sub(input_bytes);
+    println!(
+        "| RSS growth minus the input batches | {:.1} MiB | {} B |",
+        held as f64 / 1048576.0,
+        held / groups.max(1)
+    );
+    println!(
+        "| process RSS / peak RSS | {:.1} / {:.1} MiB | |",
+        rss_after as f64 / 1048576.0,
+        peak as f64 / 1048576.0
+    );
+}
