@@ -848,13 +848,7 @@ impl StreamQuery {
             Some(_) => self.watermarks.current(),
             None => self.watermarks.advance(now_ms),
         };
-        let watermark = watermark.unwrap_or(i64::MIN);
-        let mut timers = false;
-        for h in &self.keyed {
-            h.set_watermark(watermark);
-            timers |= h.has_timers();
-        }
-        timers && self.windowed.is_none()
+        pass_watermark(&self.keyed, watermark.unwrap_or(i64::MIN)) && self.windowed.is_none()
     }
 
     /// Raises the watermark to `watermark` explicitly and emits what that closes.
@@ -967,12 +961,7 @@ impl StreamQuery {
             _ => false,
         };
         let mut emissions = w.operator.advance(watermark, early)?;
-        let mut timers = false;
-        for h in &self.keyed {
-            h.set_watermark(watermark);
-            timers |= h.has_timers();
-        }
-        if timers && emissions.is_empty() {
+        if pass_watermark(&self.keyed, watermark) && emissions.is_empty() {
             // Let alert expiries and silences above the aggregation fire on the watermark.
             emissions.push(Emission {
                 batch: RecordBatch::new_empty(w.upper_schema.clone()),
@@ -1013,6 +1002,16 @@ impl StreamQuery {
         }
         Ok(())
     }
+}
+
+/// Passes `watermark` to keyed states; whether some of them have timers.
+fn pass_watermark(keyed: &[KeyedHandle], watermark: i64) -> bool {
+    let mut timers = false;
+    for h in keyed {
+        h.set_watermark(watermark);
+        timers |= h.has_timers();
+    }
+    timers
 }
 
 /// Records that the window ending at `key.0` holds partition `key.1` from offset `min` on.

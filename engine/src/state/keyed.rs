@@ -72,7 +72,6 @@ pub struct KeyedStore {
     keys: HashMap<Box<[u8]>, KeyState>,
     /// Earliest wake-up time over all keys.
     next_due: Option<i64>,
-    out_of_order: u64,
 }
 
 impl KeyedStore {
@@ -99,11 +98,6 @@ impl KeyedStore {
                         .map_or(0, |r| r.iter().map(ScalarValue::size).sum::<usize>())
             })
             .sum()
-    }
-
-    /// Rows that arrived older than their key's last row (scored, not learnt).
-    pub fn out_of_order(&self) -> u64 {
-        self.out_of_order
     }
 }
 
@@ -307,9 +301,9 @@ impl KeyedSeriesExec {
         });
         let blank: Vec<Emitted> = self.calls.iter().map(|c| c.prototype.blank()).collect();
         let mut outputs: Vec<Vec<Emitted>> = blank.iter().map(|b| vec![*b; n]).collect();
-        let mut last_index: HashMap<usize, usize> = HashMap::new();
         let timers = self.handle.timers;
-        let mut index_of: HashMap<Box<[u8]>, usize> = HashMap::new();
+        // With timers: each key's last row in time order, kept as the key's last row.
+        let mut last_row_of: HashMap<Box<[u8]>, usize> = HashMap::new();
         for &r in &sequence {
             let key = rows.row(r);
             let state = match store.keys.get_mut(key.as_ref()) {
@@ -331,8 +325,6 @@ impl KeyedSeriesExec {
             let in_order = t >= state.last_t;
             if in_order {
                 state.last_t = t;
-            } else {
-                store.out_of_order += 1;
             }
             for (i, (x, ts)) in args.iter().enumerate() {
                 let value = (!x.is_null(r)).then(|| x.value(r));
@@ -344,21 +336,17 @@ impl KeyedSeriesExec {
                 };
             }
             if timers && in_order {
-                let k = match index_of.get(key.as_ref()) {
-                    Some(&k) => k,
+                match last_row_of.get_mut(key.as_ref()) {
+                    Some(last) => *last = r,
                     None => {
-                        let k = index_of.len();
-                        index_of.insert(key.as_ref().into(), k);
-                        k
+                        last_row_of.insert(key.as_ref().into(), r);
                     }
-                };
-                last_index.insert(k, r);
+                }
             }
         }
         if timers {
             let mut next_due = store.next_due;
-            for (key, k) in &index_of {
-                let r = last_index[k];
+            for (key, &r) in &last_row_of {
                 let row = batch
                     .columns()
                     .iter()
@@ -388,8 +376,7 @@ impl KeyedSeriesExec {
         let mut outputs: Vec<Vec<Emitted>> = vec![Vec::new(); self.calls.len()];
         let mut next_due = None;
         for state in store.keys.values_mut() {
-            if state.due.is_some_and(|d| d < watermark) {
-                let due = state.due.unwrap_or(watermark);
+            if let Some(due) = state.due.filter(|d| *d < watermark) {
                 let fired: Vec<Option<Emitted>> =
                     state.series.iter_mut().map(|s| s.fire(watermark)).collect();
                 if fired.iter().any(Option::is_some)

@@ -2,8 +2,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::indicator::quality::PHYSICAL_RANGES;
-
 /// Largest plausible change per minute of a reading, by quantity (as named in SQL). A larger
 /// change between consecutive readings is a fault of the sensor, not of the air or the road.
 pub const MAX_STEP_PER_MINUTE: [(&str, f64); 12] = [
@@ -25,15 +23,6 @@ pub const MAX_STEP_PER_MINUTE: [(&str, f64); 12] = [
 pub fn max_step_per_minute(quantity: &str) -> Option<f64> {
     let q = quantity.to_ascii_lowercase();
     MAX_STEP_PER_MINUTE.iter().find(|r| r.0 == q).map(|r| r.1)
-}
-
-/// The physical range of `quantity`, if known.
-pub fn physical_range(quantity: &str) -> Option<(f64, f64)> {
-    let q = quantity.to_ascii_lowercase();
-    PHYSICAL_RANGES
-        .iter()
-        .find(|r| r.0 == q)
-        .map(|r| (r.1, r.2))
 }
 
 /// One kind of sensor fault, each its own alert kind.

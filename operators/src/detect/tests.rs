@@ -39,6 +39,14 @@ fn detectors() -> Vec<(&'static str, SeriesState)> {
     ]
 }
 
+/// The detectors that know the time of day.
+fn seasonal_detectors() -> Vec<(&'static str, SeriesState)> {
+    detectors()
+        .into_iter()
+        .filter(|(name, _)| matches!(*name, "seasonal" | "combined"))
+        .collect()
+}
+
 fn max_abs(scores: &[Score]) -> f64 {
     scores
         .iter()
@@ -155,16 +163,7 @@ fn daily_cycle(days: usize) -> Vec<f64> {
 fn seasonal_knows_the_rush_hour() {
     let x = daily_cycle(5);
     let rush = 4 * 288 + 8 * 12;
-    for (name, mut d) in [
-        (
-            "seasonal",
-            SeriesState::Seasonal(Seasonal::new(Season::Day, 15 * MIN, 0)),
-        ),
-        (
-            "combined",
-            SeriesState::Combined(Box::new(Combined::new(0))),
-        ),
-    ] {
+    for (name, mut d) in seasonal_detectors() {
         let s = run(&mut d, &x, 5 * MIN);
         assert!(!s[rush].warming, "{name}");
         let day5 = max_abs(&s[4 * 288..]);
@@ -201,16 +200,7 @@ fn seasonal_flags_a_rush_hour_jam_at_three_in_the_morning() {
     for v in &mut x[night..night + 6] {
         *v = 20.0;
     }
-    for (name, mut d) in [
-        (
-            "seasonal",
-            SeriesState::Seasonal(Seasonal::new(Season::Day, 15 * MIN, 0)),
-        ),
-        (
-            "combined",
-            SeriesState::Combined(Box::new(Combined::new(0))),
-        ),
-    ] {
+    for (name, mut d) in seasonal_detectors() {
         let s = run(&mut d, &x, 5 * MIN);
         let score = s[night + 1].score.unwrap_or_default();
         assert!(score < -4.0, "{name}: 3 am jam scored {score}");

@@ -213,16 +213,17 @@ impl SeriesKind {
             })),
             SeriesKind::OutOfRange => {
                 let quantity = p.text(0)?.unwrap_or_default();
-                let (low, high) = health::physical_range(&quantity).ok_or_else(|| {
-                    plan_datafusion_err!(
-                        "{name}(): unknown quantity '{quantity}'; known: {}",
-                        crate::indicator::quality::PHYSICAL_RANGES
-                            .iter()
-                            .map(|r| r.0)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })?;
+                let (low, high) =
+                    crate::indicator::quality::physical_range(&quantity).ok_or_else(|| {
+                        plan_datafusion_err!(
+                            "{name}(): unknown quantity '{quantity}'; known: {}",
+                            crate::indicator::quality::PHYSICAL_RANGES
+                                .iter()
+                                .map(|r| r.0)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    })?;
                 SeriesState::Health(Health::new(FaultKind::OutOfRange { low, high }))
             }
             SeriesKind::Missing => {

@@ -31,13 +31,18 @@ pub const PHYSICAL_RANGES: [(&str, f64, f64, &str); 12] = [
     ("confidence", 0.0, 1.0, ""),
 ];
 
-/// Whether `value` of `quantity` is physically possible; `None` for an unknown quantity.
-pub fn physically_valid(quantity: &str, value: f64) -> Option<bool> {
+/// The physical range `[low, high]` of `quantity`, if known.
+pub fn physical_range(quantity: &str) -> Option<(f64, f64)> {
     let q = quantity.to_ascii_lowercase();
     PHYSICAL_RANGES
         .iter()
         .find(|r| r.0 == q)
-        .map(|r| value.is_finite() && value >= r.1 && value <= r.2)
+        .map(|r| (r.1, r.2))
+}
+
+/// Whether `value` of `quantity` is physically possible; `None` for an unknown quantity.
+pub fn physically_valid(quantity: &str, value: f64) -> Option<bool> {
+    physical_range(quantity).map(|(low, high)| value.is_finite() && value >= low && value <= high)
 }
 
 /// Whether `readings` out of `expected` reach `min_share`.
