@@ -29,6 +29,7 @@ pub mod source;
 pub mod state;
 pub mod time;
 
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod deterministic;

@@ -9,11 +9,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use hdrhistogram::Histogram;
 use tracing::{debug, info};
 
 use datafusion::arrow::array::RecordBatch;
@@ -22,7 +24,7 @@ use crate::decode::JsonDecoder;
 use crate::error::Result;
 use crate::plan::stream::StreamQuery;
 use crate::plan::table::StreamTable;
-use crate::plan::{city_context, default_queries};
+use crate::plan::{city_context, default_queries, plan_all};
 use crate::schema::SchemaRegistry;
 use crate::sink::{DlqRecord, KafkaSink, KafkaSinkConfig, LateRecord, Pending, conform_stream};
 use crate::source::{KafkaSource, KafkaSourceConfig, RawBatch};
@@ -102,6 +104,12 @@ pub struct PipelineConfig {
     pub linger: Duration,
     /// Extra librdkafka properties for consumer and producer.
     pub properties: Vec<(String, String)>,
+    /// Whether the default queries of `queries/` run.
+    pub default_queries: bool,
+    /// Further queries, `(name, sql)`: each may hold several statements (`CREATE EXTERNAL
+    /// TABLE` for its own sinks, `SET`, then `INSERT INTO … SELECT …`), planned after the
+    /// defaults in the city's context.
+    pub queries: Vec<(String, String)>,
 }
 
 impl PipelineConfig {
@@ -114,12 +122,14 @@ impl PipelineConfig {
             max_batch_rows: 8192,
             linger: Duration::from_millis(20),
             properties: Vec::new(),
+            default_queries: true,
+            queries: Vec::new(),
         }
     }
 }
 
 /// Live counters of a pipeline, shared with views and tests.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PipelineStats {
     /// Input records read, all topics.
     pub records_in: AtomicU64,
@@ -141,15 +151,40 @@ pub struct PipelineStats {
     pub watermark_ms: AtomicI64,
     /// (window, segment) groups held in state.
     pub state_groups: AtomicU64,
+    /// Emit latency of windowed results, µs, one count per row: from the arrival of the first
+    /// record of the micro-batch that closed the window to the broker's acknowledgement of
+    /// the row.
+    pub emit_latency_us: Mutex<Histogram<u64>>,
+}
+
+impl Default for PipelineStats {
+    fn default() -> Self {
+        Self {
+            records_in: AtomicU64::default(),
+            camera_events: AtomicU64::default(),
+            detector_readings: AtomicU64::default(),
+            air_readings: AtomicU64::default(),
+            dlq: AtomicU64::default(),
+            late: AtomicU64::default(),
+            indicators_out: AtomicU64::default(),
+            batches: AtomicU64::default(),
+            watermark_ms: AtomicI64::new(i64::MIN),
+            state_groups: AtomicU64::default(),
+            emit_latency_us: Mutex::new(latency_histogram()),
+        }
+    }
 }
 
 impl PipelineStats {
     /// New counters; the watermark starts unset.
     pub fn new() -> Self {
-        let s = Self::default();
-        s.watermark_ms.store(i64::MIN, Ordering::Relaxed);
-        s
+        Self::default()
     }
+}
+
+/// A histogram of latencies in µs from 1 µs to 1 h at 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
 }
 
 /// A query running in the pipeline.
@@ -177,22 +212,42 @@ impl Pipeline {
     pub async fn new(config: PipelineConfig, stats: Arc<PipelineStats>) -> Result<Self> {
         let schemas = SchemaRegistry::embedded()?;
         let ctx = city_context(&config.topics, &schemas)?;
-        let queries = default_queries(&ctx)
-            .await?
-            .into_iter()
-            .map(|(name, query)| Running { name, query })
-            .collect();
-        // Every input topic is decoded (and its bad records dead-lettered), read by a query
-        // or not.
-        let mut decoders = HashMap::new();
-        for (topic, schema) in [
-            (&config.topics.camera, "camera_event"),
-            (&config.topics.detectors, "detector_reading"),
-            (&config.topics.air, "air_reading"),
-        ] {
-            decoders.insert(topic.clone(), JsonDecoder::new(schemas.get(schema)?));
+        let mut queries: Vec<Running> = Vec::new();
+        if config.default_queries {
+            for (name, query) in default_queries(&ctx).await? {
+                queries.push(Running { name, query });
+            }
         }
-        let mut source_config = KafkaSourceConfig::new(&config.brokers, config.topics.inputs());
+        for (name, sql) in &config.queries {
+            for query in plan_all(&ctx, sql).await? {
+                queries.push(Running {
+                    name: name.clone(),
+                    query,
+                });
+            }
+        }
+        // Every city input topic is decoded (and its bad records dead-lettered), read by a
+        // query or not, when the default queries run; other queries' sources are decoded with
+        // the schema their table declares.
+        let mut decoders = HashMap::new();
+        if config.default_queries {
+            for (topic, schema) in [
+                (&config.topics.camera, "camera_event"),
+                (&config.topics.detectors, "detector_reading"),
+                (&config.topics.air, "air_reading"),
+            ] {
+                decoders.insert(topic.clone(), JsonDecoder::new(schemas.get(schema)?));
+            }
+        }
+        for running in &queries {
+            let source = running.query.source();
+            decoders
+                .entry(source.options.topic.clone())
+                .or_insert_with(|| JsonDecoder::new(source.topic_schema.clone()));
+        }
+        let mut inputs: Vec<String> = decoders.keys().cloned().collect();
+        inputs.sort();
+        let mut source_config = KafkaSourceConfig::new(&config.brokers, inputs);
         source_config.group_id = config.group_id.clone();
         source_config.max_batch_rows = config.max_batch_rows;
         source_config.linger = config.linger;
@@ -238,6 +293,8 @@ impl Pipeline {
         let mut dlq_count = 0;
         let mut late_count = 0;
         let mut rows_out = 0;
+        let mut windowed_out = 0;
+        let first_received = batches.iter().filter_map(|b| b.first_received).min();
         let topics = self.config.topics.clone();
         for raw in &batches {
             self.stats
@@ -262,13 +319,17 @@ impl Pipeline {
                     .await?;
             }
             let counter = if *raw.topic == *topics.camera {
-                &self.stats.camera_events
+                Some(&self.stats.camera_events)
             } else if *raw.topic == *topics.detectors {
-                &self.stats.detector_readings
+                Some(&self.stats.detector_readings)
+            } else if *raw.topic == *topics.air {
+                Some(&self.stats.air_readings)
             } else {
-                &self.stats.air_readings
+                None
             };
-            counter.fetch_add(decoded.batch.num_rows() as u64, Ordering::Relaxed);
+            if let Some(counter) = counter {
+                counter.fetch_add(decoded.batch.num_rows() as u64, Ordering::Relaxed);
+            }
             let partitions: Vec<i32> = decoded
                 .rows
                 .iter()
@@ -311,13 +372,17 @@ impl Pipeline {
                         .send_json(&topics.late, &records, &mut pending)
                         .await?;
                 }
-                rows_out += publish(
+                let published = publish(
                     &self.sink,
                     running.query.sink().cloned(),
                     out.rows,
                     &mut pending,
                 )
                 .await?;
+                rows_out += published;
+                if running.query.is_windowed() {
+                    windowed_out += published;
+                }
             }
             for (p, o) in raw.partitions.iter().zip(&raw.offsets) {
                 let next = self
@@ -342,6 +407,14 @@ impl Pipeline {
         }
         let outputs = pending.len();
         pending.acknowledged().await?;
+        if let Some(first) = first_received
+            && windowed_out > 0
+        {
+            let us = u64::try_from(first.elapsed().as_micros()).unwrap_or(u64::MAX);
+            if let Ok(mut h) = self.stats.emit_latency_us.lock() {
+                h.saturating_record_n(us.max(1), windowed_out as u64);
+            }
+        }
         self.stats
             .dlq
             .fetch_add(dlq_count as u64, Ordering::Relaxed);

@@ -68,6 +68,16 @@ pub enum Command {
     /// Example: `urbanstream evaluate` (the built-in set) or
     /// `urbanstream evaluate --data labelled.csv --json report.json`
     Evaluate(EvaluateArgs),
+    /// Measure end-to-end latency through Kafka at a fixed offered rate (open loop, corrected
+    /// for coordinated omission): p50/p90/p99/p99.9/max, rates, engine CPU per event and peak
+    /// RSS, as text, JSON and an SVG plot; `--sweep` finds the highest sustainable rate.
+    ///
+    /// Example: `urbanstream bench --rate 50000 --duration 30s` or
+    /// `urbanstream bench --sweep --rate 10000 --duration 10s --p99-bound 50ms`
+    Bench(crate::bench::BenchArgs),
+    /// The engine side of `bench`, in its own process (started by `bench`, not by hand).
+    #[command(hide = true)]
+    BenchEngine(crate::bench::child::EngineArgs),
 }
 
 /// Options of `evaluate`.
@@ -202,6 +212,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Simulate(args) => simulate(args).await,
         Command::Broker(args) => broker(args).await,
         Command::Evaluate(args) => evaluate(args),
+        Command::Bench(args) => crate::bench::run(args).await,
+        Command::BenchEngine(args) => crate::bench::child::run(args).await,
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -27,6 +27,8 @@ pub struct RawBatch {
     pub partitions: Vec<i32>,
     /// Offset of each record.
     pub offsets: Vec<i64>,
+    /// When the source received the first record of the micro-batch this batch belongs to.
+    pub first_received: Option<Instant>,
     values: Vec<u8>,
     value_ends: Vec<usize>,
     keys: Vec<u8>,
@@ -150,6 +152,7 @@ impl KafkaSource {
             Err(_) => return Ok(Vec::new()),
             Ok(message) => message?,
         };
+        let first_received = Instant::now();
         push(&mut batches, &first);
         rows += 1;
         let deadline = tokio::time::Instant::now() + self.config.linger;
@@ -162,7 +165,13 @@ impl KafkaSource {
                 }
             }
         }
-        Ok(batches.into_values().collect())
+        Ok(batches
+            .into_values()
+            .map(|mut b| {
+                b.first_received = Some(first_received);
+                b
+            })
+            .collect())
     }
 
     /// Commits, per (topic, partition), the offset of the next record to read.

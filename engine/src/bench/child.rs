@@ -1,0 +1,370 @@
+//! The engine under test, in its own process: `urbanstream bench-engine`.
+//!
+//! The parent ([`EngineProcess`]) starts it with the topics and the query, and talks to it
+//! over stdin and stdout, one line at a time. The child prints `{"ready":true}` once its
+//! queries are planned and its clients created, then `{"records_in":…,"rows_out":…}` every
+//! 200 ms. A `start` or `end` line on stdin marks the recording interval: the child notes its
+//! CPU time and input count at each, and resets its emit-latency histogram at `start`. When
+//! stdin closes it stops the pipeline (publishing what is pending and committing) and prints
+//! `{"final":{…}}` with [`EngineStats`].
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin};
+use tokio::sync::mpsc;
+
+use super::report::Percentiles;
+use super::{BenchArgs, StepTopics, Workload};
+use crate::error::{Error, Result};
+use crate::pipeline::{Pipeline, PipelineConfig, PipelineStats, latency_histogram};
+
+/// Options of the hidden `bench-engine` command (started by `bench`).
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Bootstrap servers.
+    #[arg(long)]
+    pub brokers: String,
+    /// Input topic (camera events).
+    #[arg(long)]
+    pub input: String,
+    /// Output topic.
+    #[arg(long)]
+    pub output: String,
+    /// Dead-letter topic.
+    #[arg(long)]
+    pub dlq: String,
+    /// Late-event topic.
+    #[arg(long)]
+    pub late: String,
+    /// The query.
+    #[arg(long, value_enum)]
+    pub query: Workload,
+    /// Window length.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub window: Duration,
+    /// Watermark delay.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub watermark_delay: Duration,
+    /// Source linger.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub linger: Duration,
+}
+
+/// The bench queries: the input table, the output table and the statement.
+pub fn bench_sql(args: &EngineArgs) -> String {
+    let source = format!(
+        "CREATE EXTERNAL TABLE bench_events (
+            camera_id VARCHAR NOT NULL, segment_id VARCHAR NOT NULL,
+            event_time TIMESTAMP NOT NULL, kind VARCHAR NOT NULL, vehicle_class VARCHAR,
+            speed_kmh DOUBLE, lane INT, direction VARCHAR, confidence DOUBLE NOT NULL,
+            severity INT)
+         STORED AS KAFKA OPTIONS ('topic' '{}', 'format' 'json', 'event_time' 'event_time',
+            'watermark_delay' '{}ms');",
+        args.input,
+        args.watermark_delay.as_millis()
+    );
+    let query = match args.query {
+        Workload::Window => format!(
+            "CREATE EXTERNAL TABLE bench_windows (
+                segment_id VARCHAR NOT NULL, window_start TIMESTAMP NOT NULL,
+                window_end TIMESTAMP NOT NULL, vehicles BIGINT NOT NULL,
+                mean_speed_kmh DOUBLE, min_speed_kmh DOUBLE, max_speed_kmh DOUBLE,
+                motorbike_share DOUBLE)
+             STORED AS KAFKA OPTIONS ('topic' '{}', 'format' 'json', 'key' 'segment_id');
+             INSERT INTO bench_windows
+             SELECT segment_id, window_start, window_end, count(*) AS vehicles,
+                    avg(speed_kmh) AS mean_speed_kmh, min(speed_kmh) AS min_speed_kmh,
+                    max(speed_kmh) AS max_speed_kmh,
+                    avg(CASE WHEN vehicle_class = 'motorbike' THEN 1.0 ELSE 0.0 END)
+                        AS motorbike_share
+             FROM bench_events
+             GROUP BY tumble(event_time, INTERVAL '{} milliseconds'), segment_id;",
+            args.output,
+            args.window.as_millis()
+        ),
+        Workload::Filter => format!(
+            "CREATE EXTERNAL TABLE bench_detections (
+                camera_id VARCHAR NOT NULL, segment_id VARCHAR NOT NULL,
+                event_time TIMESTAMP NOT NULL, vehicle_class VARCHAR, speed_kmh DOUBLE)
+             STORED AS KAFKA OPTIONS ('topic' '{}', 'format' 'json', 'key' 'segment_id');
+             INSERT INTO bench_detections
+             SELECT camera_id, segment_id, event_time, vehicle_class, speed_kmh
+             FROM bench_events
+             WHERE kind = 'detection' AND speed_kmh IS NOT NULL;",
+            args.output
+        ),
+    };
+    format!("{source}\n{query}")
+}
+
+/// What the engine reports at the end.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EngineStats {
+    /// Input records read by the `start` mark.
+    pub records_at_start: u64,
+    /// Input records read by the `end` mark.
+    pub records_at_end: u64,
+    /// Input records read in all.
+    pub records_in: u64,
+    /// Rows published in all.
+    pub rows_out: u64,
+    /// Records dead-lettered.
+    pub dlq: u64,
+    /// Events diverted as late.
+    pub late: u64,
+    /// Seconds between the marks.
+    pub marked_seconds: f64,
+    /// CPU time (user + system) between the marks, seconds.
+    pub cpu_seconds: f64,
+    /// Peak resident set size, bytes.
+    pub peak_rss_bytes: u64,
+    /// Emit latency between the marks (window close → acknowledged), µs.
+    pub emit: Percentiles,
+}
+
+/// CPU time (user + system) of this process so far, seconds, and its peak RSS in bytes.
+fn usage() -> (f64, u64) {
+    use nix::sys::resource::{UsageWho, getrusage};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            (
+                secs(u.user_time()) + secs(u.system_time()),
+                // Linux reports ru_maxrss in KiB.
+                u.max_rss().max(0) as u64 * 1024,
+            )
+        }
+        Err(_) => (0.0, 0),
+    }
+}
+
+/// Runs the child side until stdin closes.
+pub async fn run(args: EngineArgs) -> Result<()> {
+    let mut config = PipelineConfig::new(&args.brokers);
+    config.group_id = format!("bench-engine-{}", args.input);
+    config.default_queries = false;
+    config.queries = vec![("bench".into(), bench_sql(&args))];
+    config.topics.dlq = args.dlq.clone();
+    config.topics.late = args.late.clone();
+    config.linger = args.linger;
+    let stats = Arc::new(PipelineStats::new());
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn(pipeline.run(stop.clone()));
+    say(&serde_json::json!({"ready": true}))?;
+
+    // stdin is read on a thread of its own (blocking reads), line by line.
+    let (tx, mut commands) = mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    let mut final_stats = EngineStats::default();
+    let mut start: Option<(Instant, f64)> = None;
+    loop {
+        tokio::select! {
+            line = commands.recv() => match line {
+                Some(line) => match line.trim() {
+                    "start" => {
+                        final_stats.records_at_start = stats.records_in.load(Ordering::Relaxed);
+                        if let Ok(mut h) = stats.emit_latency_us.lock() {
+                            *h = latency_histogram();
+                        }
+                        start = Some((Instant::now(), usage().0));
+                    }
+                    "end" => {
+                        final_stats.records_at_end = stats.records_in.load(Ordering::Relaxed);
+                        if let Some((at, cpu)) = start {
+                            final_stats.marked_seconds = at.elapsed().as_secs_f64();
+                            final_stats.cpu_seconds = usage().0 - cpu;
+                        }
+                        if let Ok(h) = stats.emit_latency_us.lock() {
+                            final_stats.emit = Percentiles::of(&h);
+                        }
+                    }
+                    other => tracing::warn!(line = other, "bench-engine: unknown command"),
+                },
+                None => break,
+            },
+            _ = ticker.tick() => {
+                if running.is_finished() {
+                    break;
+                }
+                say(&serde_json::json!({
+                    "records_in": stats.records_in.load(Ordering::Relaxed),
+                    "rows_out": stats.indicators_out.load(Ordering::Relaxed),
+                }))?;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    running
+        .await
+        .map_err(|e| Error::Config(format!("pipeline task failed: {e}")))??;
+    final_stats.records_in = stats.records_in.load(Ordering::Relaxed);
+    final_stats.rows_out = stats.indicators_out.load(Ordering::Relaxed);
+    final_stats.dlq = stats.dlq.load(Ordering::Relaxed);
+    final_stats.late = stats.late.load(Ordering::Relaxed);
+    final_stats.peak_rss_bytes = usage().1;
+    say(&serde_json::json!({ "final": final_stats }))
+}
+
+/// Writes one line to stdout, for the parent.
+fn say(value: &serde_json::Value) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{value}")
+        .and_then(|()| out.flush())
+        .map_err(|e| Error::Config(format!("bench-engine: cannot write to stdout: {e}")))
+}
+
+#[derive(Deserialize)]
+struct Line {
+    #[serde(default)]
+    ready: bool,
+    records_in: Option<u64>,
+    #[serde(rename = "final")]
+    final_stats: Option<EngineStats>,
+}
+
+/// The parent's handle on a `bench-engine` child.
+pub struct EngineProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::UnboundedReceiver<String>,
+    records_in: u64,
+    final_stats: Option<EngineStats>,
+}
+
+impl EngineProcess {
+    /// Starts the child and waits until it is ready.
+    pub async fn spawn(args: &BenchArgs, brokers: &str, topics: &StepTopics) -> Result<Self> {
+        let exe = std::env::current_exe()
+            .map_err(|e| Error::Config(format!("cannot find the urbanstream binary: {e}")))?;
+        let ms = |d: Duration| format!("{}ms", d.as_millis());
+        let mut child = tokio::process::Command::new(exe)
+            .args(["--log", "warn", "bench-engine", "--brokers", brokers])
+            .args(["--input", &topics.input, "--output", &topics.output])
+            .args(["--dlq", &topics.dlq, "--late", &topics.late])
+            .args([
+                "--query",
+                match args.query {
+                    Workload::Window => "window",
+                    Workload::Filter => "filter",
+                },
+            ])
+            .args(["--window", &ms(args.window)])
+            .args(["--watermark-delay", &ms(args.watermark_delay)])
+            .args(["--linger", &ms(args.linger)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::Config(format!("cannot start bench-engine: {e}")))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| Error::Config("bench-engine has no stdout".into()))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut process = Self {
+            stdin: child.stdin.take(),
+            child,
+            lines: rx,
+            records_in: 0,
+            final_stats: None,
+        };
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = process.lines.recv().await {
+                if serde_json::from_str::<Line>(&line).is_ok_and(|l| l.ready) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        if ready != Ok(true) {
+            return Err(Error::Config(
+                "bench-engine did not become ready within 60 s (see its log above)".into(),
+            ));
+        }
+        Ok(process)
+    }
+
+    /// Sends a mark (`start` or `end`).
+    pub async fn mark(&mut self, mark: &str) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| Error::Config("bench-engine's stdin is closed".into()))?;
+        stdin
+            .write_all(format!("{mark}\n").as_bytes())
+            .await
+            .and(stdin.flush().await)
+            .map_err(|e| Error::Config(format!("bench-engine: {e}")))
+    }
+
+    /// Reads the progress lines that arrived.
+    pub fn poll_progress(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.read(&line);
+        }
+    }
+
+    fn read(&mut self, line: &str) {
+        if let Ok(l) = serde_json::from_str::<Line>(line) {
+            if let Some(n) = l.records_in {
+                self.records_in = n;
+            }
+            if l.final_stats.is_some() {
+                self.final_stats = l.final_stats;
+            }
+        }
+    }
+
+    /// Input records the engine has read, as of the last progress line.
+    pub fn records_in(&self) -> u64 {
+        self.records_in
+    }
+
+    /// Closes stdin, waits for the final report and the exit.
+    pub async fn finish(mut self) -> Result<EngineStats> {
+        drop(self.stdin.take());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while self.final_stats.is_none() {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) => self.read(&line),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let status = self
+            .child
+            .wait()
+            .await
+            .map_err(|e| Error::Config(format!("bench-engine: {e}")))?;
+        self.final_stats.ok_or_else(|| {
+            Error::Config(format!(
+                "bench-engine exited ({status}) without its final report"
+            ))
+        })
+    }
+}

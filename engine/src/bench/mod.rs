@@ -1,0 +1,376 @@
+//! `urbanstream bench`: end-to-end latency at a fixed offered rate, through Kafka.
+//!
+//! One run has four parts:
+//!
+//! - a **load generator** ([`load::generate`]) producing 160-byte camera events open-loop: event
+//!   `i` is due at `start + i / rate` and carries that instant as its event time, whether or
+//!   not the producer kept up, so a stall shows up as latency of every event due during it
+//!   (no coordinated omission);
+//! - **the engine** in a child process (`urbanstream bench-engine`), so its CPU time and peak
+//!   RSS are its own, running one query over the input topic: a 1-second tumbling window per
+//!   segment (`--query window`) or a stateless filter and projection (`--query filter`);
+//!   or, with `--consumer plain`, no engine at all: a plain consumer of the input topic,
+//!   which measures what the broker alone delivers;
+//! - a **downstream consumer** ([`load::receive`]) reading the output topic; for each row it
+//!   records, in µs, the time from when the row could first have existed to its receipt: for
+//!   a window, the due time of the first event past the window's end plus the watermark
+//!   delay (the event that closes it); for a filtered event, that event's due time;
+//! - the engine's own **emit latency**, from the arrival of the micro-batch that closed a
+//!   window to the broker's acknowledgement of its rows.
+//!
+//! Latencies go into `hdrhistogram`s; the report ([`report`]) gives p50, p90, p99, p99.9 and
+//! max, input, engine and output rates, engine CPU per event and peak RSS, as text, JSON and
+//! an SVG plot of latency against offered rate. `--sweep` raises the rate step by step and
+//! reports the highest whose p99 stays under `--p99-bound` while the engine keeps up.
+
+pub mod child;
+pub mod load;
+pub mod report;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::broker::{EmbeddedBroker, create_topics};
+use crate::error::{Error, Result};
+use report::{Report, StepReport};
+
+/// What the engine runs during a bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Per segment and tumbling window: count, mean/min/max speed, motorbike share.
+    Window,
+    /// Stateless: each detection filtered and projected, one output row per event.
+    Filter,
+}
+
+/// Who reads the input topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsumerKind {
+    /// urbanstream, in a child process, publishing to an output topic.
+    Engine,
+    /// A plain Kafka consumer of the input topic: the broker's own ceiling.
+    Plain,
+}
+
+/// Options of `bench`.
+#[derive(Debug, Clone, Args, serde::Serialize)]
+pub struct BenchArgs {
+    /// Kafka bootstrap servers; default: an embedded broker in this process.
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Offered input rate, events per second (with --sweep: the first rate).
+    #[arg(long, default_value_t = 50_000)]
+    pub rate: u64,
+    /// How long latencies are recorded at each rate.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    #[serde(with = "humantime_serde_shim")]
+    pub duration: Duration,
+    /// Load before recording starts (connections, consumer group assignment, first windows).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    #[serde(with = "humantime_serde_shim")]
+    pub warmup: Duration,
+    /// The engine's query.
+    #[arg(long, value_enum, default_value_t = Workload::Window)]
+    pub query: Workload,
+    /// Who reads the input: urbanstream, or a plain consumer (the broker's ceiling).
+    #[arg(long, value_enum, default_value_t = ConsumerKind::Engine)]
+    pub consumer: ConsumerKind,
+    /// Partitions of the input and output topics.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// Distinct road segments (grouping keys) in the input.
+    #[arg(long, default_value_t = 1000)]
+    pub keys: u32,
+    /// Length of the tumbling window (`--query window`).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    #[serde(with = "humantime_serde_shim")]
+    pub window: Duration,
+    /// Watermark delay of the input (how far out of order events may arrive).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "100ms")]
+    #[serde(with = "humantime_serde_shim")]
+    pub watermark_delay: Duration,
+    /// How long the engine's source waits to fill a micro-batch after its first record.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5ms")]
+    #[serde(with = "humantime_serde_shim")]
+    pub linger: Duration,
+    /// Step the rate up from --rate until p99 exceeds --p99-bound or the engine falls behind.
+    #[arg(long)]
+    pub sweep: bool,
+    /// Each sweep step multiplies the rate by this.
+    #[arg(long, default_value_t = 1.5)]
+    pub sweep_factor: f64,
+    /// The sweep stops at this rate.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub sweep_max: u64,
+    /// The p99 a sustainable rate must stay under (end to end).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "50ms")]
+    #[serde(with = "humantime_serde_shim")]
+    pub p99_bound: Duration,
+    /// How long to wait, after the load stops, for the engine to catch up.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    #[serde(with = "humantime_serde_shim")]
+    pub drain: Duration,
+    /// Directory for `latency.json` and `latency.svg`.
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+    /// Random seed of the generated events.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+/// Durations in the JSON report as humantime strings (`"30s"`).
+mod humantime_serde_shim {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+/// Where the topics live: an embedded broker kept alive for the run, or an external cluster.
+enum Cluster {
+    Embedded(EmbeddedBroker),
+    External(String),
+}
+
+impl Cluster {
+    fn brokers(&self) -> String {
+        match self {
+            Cluster::Embedded(b) => b.bootstrap_servers(),
+            Cluster::External(b) => b.clone(),
+        }
+    }
+
+    async fn create(&self, topics: &[String], partitions: i32) -> Result<()> {
+        match self {
+            Cluster::Embedded(b) => {
+                for t in topics {
+                    b.create_topic(t, partitions)?;
+                }
+                Ok(())
+            }
+            Cluster::External(brokers) => {
+                let wanted: Vec<_> = topics.iter().map(|t| (t.clone(), partitions)).collect();
+                create_topics(brokers, &wanted).await
+            }
+        }
+    }
+}
+
+/// The topics of one step; fresh names per step, so no step reads another's backlog.
+#[derive(Debug, Clone)]
+pub struct StepTopics {
+    /// Input (camera events).
+    pub input: String,
+    /// The query's output.
+    pub output: String,
+    /// Dead-letter queue.
+    pub dlq: String,
+    /// Late events.
+    pub late: String,
+}
+
+impl StepTopics {
+    fn new(run: &str, step: usize) -> Self {
+        let base = format!("bench.{run}.{step}");
+        Self {
+            input: format!("{base}.in"),
+            output: format!("{base}.out"),
+            dlq: format!("{base}.dlq"),
+            late: format!("{base}.late"),
+        }
+    }
+
+    fn all(&self) -> Vec<String> {
+        vec![
+            self.input.clone(),
+            self.output.clone(),
+            self.dlq.clone(),
+            self.late.clone(),
+        ]
+    }
+}
+
+/// Runs `bench`: one rate, or a sweep; prints the report and writes JSON and SVG.
+pub async fn run(args: BenchArgs) -> Result<()> {
+    validate(&args)?;
+    let cluster = match &args.brokers {
+        Some(b) => Cluster::External(b.clone()),
+        None => Cluster::Embedded(EmbeddedBroker::start()?),
+    };
+    let run_id = format!("{}", crate::pipeline::epoch_ms());
+    let mut report = Report::new(&args);
+    let mut rate = args.rate;
+    let mut step = 0;
+    loop {
+        let topics = StepTopics::new(&run_id, step);
+        cluster.create(&topics.all(), args.partitions).await?;
+        let result = run_step(&args, &cluster.brokers(), &topics, rate).await?;
+        eprintln!("{}", result.summary());
+        let passed = result.passed;
+        report.steps.push(result);
+        step += 1;
+        let next = ((rate as f64) * args.sweep_factor).round() as u64;
+        if !args.sweep || !passed || next > args.sweep_max || next <= rate {
+            break;
+        }
+        rate = next;
+    }
+    report.finish();
+    println!("{}", report.text());
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| Error::Config(format!("{}: {e}", args.out.display())))?;
+    let json = args.out.join("latency.json");
+    let svg = args.out.join("latency.svg");
+    report.write_json(&json)?;
+    report.write_svg(&svg)?;
+    println!("wrote {} and {}", json.display(), svg.display());
+    Ok(())
+}
+
+fn validate(args: &BenchArgs) -> Result<()> {
+    let bad = |m: &str| Err(Error::Config(format!("bench: {m}")));
+    if args.rate == 0 {
+        return bad("--rate must be at least 1 event/s");
+    }
+    if args.duration.is_zero() {
+        return bad("--duration must be positive");
+    }
+    if args.keys == 0 {
+        return bad("--keys must be at least 1");
+    }
+    if args.partitions < 1 {
+        return bad("--partitions must be at least 1");
+    }
+    if args.window < Duration::from_millis(1) {
+        return bad("--window must be at least 1ms");
+    }
+    if args.sweep && args.sweep_factor <= 1.0 {
+        return bad("--sweep-factor must be above 1");
+    }
+    Ok(())
+}
+
+/// One rate: start the reader (engine or plain consumer), the receiver and the generator;
+/// record; drain; collect.
+async fn run_step(
+    args: &BenchArgs,
+    brokers: &str,
+    topics: &StepTopics,
+    rate: u64,
+) -> Result<StepReport> {
+    let mut engine = match args.consumer {
+        ConsumerKind::Engine => Some(child::EngineProcess::spawn(args, brokers, topics).await?),
+        ConsumerKind::Plain => None,
+    };
+    // The receiver reads the engine's output, or, for the plain consumer, the input itself.
+    let (read_topic, kind) = match args.consumer {
+        ConsumerKind::Engine => (topics.output.clone(), args.query),
+        ConsumerKind::Plain => (topics.input.clone(), Workload::Filter),
+    };
+    let total = args.warmup + args.duration;
+    let events = ((rate as f64) * total.as_secs_f64()).round() as u64;
+    let schedule = load::Schedule::new(rate, events);
+    let window = load::Recording {
+        from_us: schedule.start_epoch_us + args.warmup.as_micros() as i64,
+        to_us: schedule.start_epoch_us + total.as_micros() as i64,
+        kind,
+        delay_ms: args.watermark_delay.as_millis() as i64,
+    };
+    let stop_receiver = Arc::new(AtomicBool::new(false));
+    let receiver = load::Receiver::start(brokers, &read_topic, window, stop_receiver.clone())?;
+    let generator = load::Generator::start(brokers, &topics.input, schedule, args.keys, args.seed)?;
+
+    let bar = progress_bar(total, rate);
+    let started = Instant::now();
+    let mut marked_start = false;
+    while !generator.is_finished() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let elapsed = started.elapsed();
+        if let Some(engine) = engine.as_mut() {
+            if !marked_start && elapsed >= args.warmup {
+                engine.mark("start").await?;
+                marked_start = true;
+            }
+            engine.poll_progress();
+        }
+        bar.set_position(elapsed.as_millis().min(total.as_millis()) as u64);
+        bar.set_message(format!(
+            "sent {}  engine {}  out {}  p99 {}",
+            generator.acknowledged(),
+            engine
+                .as_ref()
+                .map_or("-".to_string(), |e| e.records_in().to_string()),
+            receiver.received(),
+            receiver.p99_text(),
+        ));
+    }
+    let generated = generator.join()?;
+    if let Some(engine) = engine.as_mut() {
+        if !marked_start {
+            engine.mark("start").await?;
+        }
+        engine.mark("end").await?;
+    }
+    bar.set_message("draining");
+    // Drain: until the reader has read all that was produced and outputs stopped coming.
+    let deadline = Instant::now() + args.drain;
+    let mut quiet_since = Instant::now();
+    let mut last_received = receiver.received();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let read = match engine.as_mut() {
+            Some(e) => {
+                e.poll_progress();
+                e.records_in()
+            }
+            None => receiver.received(),
+        };
+        let received = receiver.received();
+        if received != last_received {
+            last_received = received;
+            quiet_since = Instant::now();
+        }
+        let caught_up = read >= generated.acknowledged;
+        if (caught_up && quiet_since.elapsed() >= Duration::from_millis(500))
+            || Instant::now() >= deadline
+        {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    stop_receiver.store(true, Ordering::Relaxed);
+    let received = receiver.join()?;
+    let engine_stats = match engine {
+        Some(e) => Some(e.finish().await?),
+        None => None,
+    };
+    Ok(StepReport::new(
+        args,
+        rate,
+        &generated,
+        &received,
+        engine_stats.as_ref(),
+        schedule.start_epoch_us,
+        (window.from_us, window.to_us),
+    ))
+}
+
+fn progress_bar(total: Duration, rate: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total.as_millis() as u64);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {rate} ev/s [{{bar:30}}] {{elapsed}}/{} {{msg}}",
+            humantime::format_duration(total)
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
