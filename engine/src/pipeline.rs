@@ -151,6 +151,9 @@ pub struct PipelineStats {
     pub watermark_ms: AtomicI64,
     /// (window, segment) groups held in state.
     pub state_groups: AtomicU64,
+    /// Input partitions assigned to this process by the consumer group (checked about once a
+    /// second).
+    pub assigned_partitions: AtomicU64,
     /// Emit latency of windowed results, µs, one count per row: from the arrival of the first
     /// record of the micro-batch that closed the window to the broker's acknowledgement of
     /// the row.
@@ -170,6 +173,7 @@ impl Default for PipelineStats {
             batches: AtomicU64::default(),
             watermark_ms: AtomicI64::new(i64::MIN),
             state_groups: AtomicU64::default(),
+            assigned_partitions: AtomicU64::default(),
             emit_latency_us: Mutex::new(latency_histogram()),
         }
     }
@@ -274,9 +278,16 @@ impl Pipeline {
             queries = self.queries.len(),
             "pipeline started"
         );
+        let mut assignment_checked: Option<std::time::Instant> = None;
         while !stop.load(Ordering::Relaxed) {
             let batches = self.source.next_batches(Duration::from_millis(200)).await?;
             self.step(batches).await?;
+            if assignment_checked.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                assignment_checked = Some(std::time::Instant::now());
+                self.stats
+                    .assigned_partitions
+                    .store(self.source.assigned_partitions() as u64, Ordering::Relaxed);
+            }
         }
         self.sink.flush(Duration::from_secs(10))?;
         self.commit()?;

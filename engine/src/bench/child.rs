@@ -2,12 +2,13 @@
 //!
 //! The parent ([`EngineProcess`]) starts it with the topics and the query, and talks to it
 //! over stdin and stdout, one line at a time. The child prints `{"ready":true}` once its
-//! queries are planned and its clients created, then `{"records_in":…,"rows_out":…}` every
-//! 200 ms. A `start` or `end` line on stdin marks the recording interval: the child notes its
+//! queries are planned and the consumer group has assigned it its partitions, then
+//! `{"records_in":…,"rows_out":…}` every 200 ms. A `start` or `end` line on stdin marks the recording interval: the child notes its
 //! CPU time and input count at each, and resets its emit-latency histogram at `start`. When
 //! stdin closes it stops the pipeline (publishing what is pending and committing) and prints
 //! `{"final":{…}}` with [`EngineStats`].
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -126,6 +127,41 @@ pub struct EngineStats {
     pub peak_rss_bytes: u64,
     /// Emit latency between the marks (window close → acknowledged), µs.
     pub emit: Percentiles,
+    /// CPU time between the marks by kind of thread (thread name without its number), seconds:
+    /// where the engine's time goes (`tokio-runtime-w`: decode, queries, encode; `rdk:…`:
+    /// librdkafka's consumer and producer).
+    pub cpu_by_thread: BTreeMap<String, f64>,
+}
+
+/// CPU time (user + system) of each thread of this process, seconds, summed by thread name
+/// with digits removed (Linux `/proc`; empty elsewhere).
+fn thread_cpu() -> BTreeMap<String, f64> {
+    // /proc reports in clock ticks of USER_HZ, which Linux fixes at 100 per second.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // "tid (name) state ppid …": the name may hold spaces, so split at the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name: String = stat[open + 1..close]
+            .chars()
+            .filter(|c| !c.is_ascii_digit())
+            .collect();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // After the name: state is field 3 of stat(5), utime 14 and stime 15.
+        let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+        if let (Some(u), Some(s)) = (ticks(14), ticks(15)) {
+            *out.entry(name).or_insert(0.0) += (u + s) / TICKS_PER_SECOND;
+        }
+    }
+    out
 }
 
 /// CPU time (user + system) of this process so far, seconds, and its peak RSS in bytes.
@@ -157,6 +193,14 @@ pub async fn run(args: EngineArgs) -> Result<()> {
     let pipeline = Pipeline::new(config, stats.clone()).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let running = tokio::spawn(pipeline.run(stop.clone()));
+    // Ready once the consumer group has given this process its partitions: a load started
+    // before that would pile up a backlog during the group join.
+    while stats.assigned_partitions.load(Ordering::Relaxed) == 0 {
+        if running.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     say(&serde_json::json!({"ready": true}))?;
 
     // stdin is read on a thread of its own (blocking reads), line by line.
@@ -171,7 +215,7 @@ pub async fn run(args: EngineArgs) -> Result<()> {
     });
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     let mut final_stats = EngineStats::default();
-    let mut start: Option<(Instant, f64)> = None;
+    let mut start: Option<(Instant, f64, BTreeMap<String, f64>)> = None;
     loop {
         tokio::select! {
             line = commands.recv() => match line {
@@ -181,13 +225,22 @@ pub async fn run(args: EngineArgs) -> Result<()> {
                         if let Ok(mut h) = stats.emit_latency_us.lock() {
                             *h = latency_histogram();
                         }
-                        start = Some((Instant::now(), usage().0));
+                        start = Some((Instant::now(), usage().0, thread_cpu()));
                     }
                     "end" => {
                         final_stats.records_at_end = stats.records_in.load(Ordering::Relaxed);
-                        if let Some((at, cpu)) = start {
+                        if let Some((at, cpu, threads)) = &start {
                             final_stats.marked_seconds = at.elapsed().as_secs_f64();
                             final_stats.cpu_seconds = usage().0 - cpu;
+                            // Threads that ended between the marks are not counted.
+                            final_stats.cpu_by_thread = thread_cpu()
+                                .into_iter()
+                                .map(|(name, secs)| {
+                                    let before = threads.get(&name).copied().unwrap_or(0.0);
+                                    (name, (secs - before).max(0.0))
+                                })
+                                .filter(|(_, secs)| *secs > 0.0)
+                                .collect();
                         }
                         if let Ok(h) = stats.emit_latency_us.lock() {
                             final_stats.emit = Percentiles::of(&h);

@@ -45,12 +45,14 @@ pub struct Schedule {
 impl Schedule {
     /// A schedule starting shortly from now, leaving time for the clients to connect.
     pub fn new(rate: u64, events: u64) -> Self {
-        let lead = Duration::from_millis(500);
+        // Start on a whole millisecond (event times are whole ms), shortly from now.
+        let now_us = epoch_us();
+        let start_epoch_us = (now_us / 1000 + 500) * 1000;
         Self {
             rate,
             events,
-            start: Instant::now() + lead,
-            start_epoch_us: epoch_us() + lead.as_micros() as i64,
+            start: Instant::now() + Duration::from_micros((start_epoch_us - now_us) as u64),
+            start_epoch_us,
         }
     }
 
@@ -442,13 +444,19 @@ fn receive(
     })
 }
 
-/// Events due in the recording interval of `schedule` (what a plain consumer or a filter
-/// must deliver).
-pub fn due_between(schedule_start_us: i64, rate: u64, from_us: i64, to_us: i64) -> u64 {
-    let first =
-        ((from_us - schedule_start_us).max(0) as u128 * u128::from(rate)).div_ceil(1_000_000);
-    let last = (to_us - schedule_start_us).max(0) as u128 * u128::from(rate) / 1_000_000;
-    (last + 1).saturating_sub(first) as u64
+impl Schedule {
+    /// Events due from `from_us` to `to_us` (epoch µs, inclusive): what a plain consumer or
+    /// a filter must deliver for that interval.
+    pub fn due_between(&self, from_us: i64, to_us: i64) -> u64 {
+        if self.events == 0 {
+            return 0;
+        }
+        let rate = u128::from(self.rate);
+        let first = ((from_us - self.start_epoch_us).max(0) as u128 * rate).div_ceil(1_000_000);
+        let last = ((to_us - self.start_epoch_us).max(0) as u128 * rate / 1_000_000)
+            .min(u128::from(self.events - 1));
+        (last + 1).saturating_sub(first) as u64
+    }
 }
 
 #[cfg(test)]
@@ -469,9 +477,15 @@ mod tests {
     #[test]
     fn events_due_in_an_interval_are_counted_inclusively() {
         // 1000/s from 0: events at 0, 1000, 2000, ... µs; [1000, 3000] holds 3 of them.
-        assert_eq!(due_between(0, 1000, 1000, 3000), 3);
-        assert_eq!(due_between(0, 1000, 999, 3999), 3);
-        assert_eq!(due_between(500, 1000, 0, 500), 1);
+        let mut s = Schedule::new(1000, 10);
+        s.start_epoch_us = 0;
+        assert_eq!(s.due_between(1000, 3000), 3);
+        assert_eq!(s.due_between(999, 3999), 3);
+        // Only 10 events exist: 0 .. 9 000 µs.
+        assert_eq!(s.due_between(0, 10_000), 10);
+        assert_eq!(s.due_between(9_500, 20_000), 0);
+        s.start_epoch_us = 500;
+        assert_eq!(s.due_between(0, 500), 1);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::child::EngineStats;
-use super::load::{Generated, Received, due_between};
+use super::load::{Generated, Received, Schedule};
 use super::{BenchArgs, ConsumerKind, Workload};
 use crate::error::{Error, Result};
 
@@ -80,6 +80,8 @@ pub struct StepReport {
     pub engine_peak_rss_bytes: Option<u64>,
     /// Records the engine dead-lettered or found late.
     pub engine_dlq_late: Option<(u64, u64)>,
+    /// Engine CPU time per input event by kind of thread, µs.
+    pub engine_cpu_us_per_event_by_thread: std::collections::BTreeMap<String, f64>,
     /// Whether this rate is sustainable: produced and read within 5 % of the offered rate,
     /// nothing missing, and p99 under the bound.
     pub passed: bool,
@@ -93,7 +95,7 @@ impl StepReport {
         generated: &Generated,
         received: &Received,
         engine: Option<&EngineStats>,
-        schedule_start_us: i64,
+        schedule: &Schedule,
         recording: (i64, i64),
     ) -> Self {
         let recorded_s = args.duration.as_secs_f64();
@@ -109,7 +111,8 @@ impl StepReport {
         let each_event_a_row =
             args.consumer == ConsumerKind::Plain || args.query == Workload::Filter;
         let missing = each_event_a_row.then(|| {
-            due_between(schedule_start_us, rate, recording.0, recording.1)
+            schedule
+                .due_between(recording.0, recording.1)
                 .saturating_sub(received.recorded)
         });
         let end_to_end = Percentiles::of(&received.latency);
@@ -145,6 +148,16 @@ impl StepReport {
             engine_cores,
             engine_peak_rss_bytes: engine.map(|e| e.peak_rss_bytes),
             engine_dlq_late: engine.map(|e| (e.dlq, e.late)),
+            engine_cpu_us_per_event_by_thread: engine
+                .zip(engine_events)
+                .filter(|(_, n)| *n > 0)
+                .map(|(e, n)| {
+                    e.cpu_by_thread
+                        .iter()
+                        .map(|(k, secs)| (k.clone(), secs * 1e6 / n as f64))
+                        .collect()
+                })
+                .unwrap_or_default(),
             passed,
         }
     }
@@ -300,6 +313,17 @@ impl Report {
             );
             if let Some(m) = st.missing.filter(|m| *m > 0) {
                 let _ = writeln!(s, "{:>9} {m} expected rows not received", "");
+            }
+            if !st.engine_cpu_us_per_event_by_thread.is_empty() {
+                let mut by: Vec<_> = st.engine_cpu_us_per_event_by_thread.iter().collect();
+                by.sort_by(|a, b| b.1.total_cmp(a.1));
+                let parts: Vec<String> = by.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+                let _ = writeln!(
+                    s,
+                    "{:>9} engine CPU µs/event by thread: {}",
+                    "",
+                    parts.join(", ")
+                );
             }
             if st.unreadable > 0 {
                 let _ = writeln!(s, "{:>9} {} output rows unreadable", "", st.unreadable);

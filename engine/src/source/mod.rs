@@ -113,6 +113,9 @@ impl KafkaSourceConfig {
     }
 }
 
+/// How long one wait for the first record of a batch lasts before asking again.
+const FIRST_RECORD_SLICE: Duration = Duration::from_millis(2);
+
 /// A consumer-group member over the input topics.
 pub struct KafkaSource {
     consumer: StreamConsumer,
@@ -148,9 +151,19 @@ impl KafkaSource {
     pub async fn next_batches(&self, idle: Duration) -> Result<Vec<RawBatch>> {
         let mut batches: HashMap<String, RawBatch> = HashMap::new();
         let mut rows = 0;
-        let first = match tokio::time::timeout(idle, self.consumer.recv()).await {
-            Err(_) => return Ok(Vec::new()),
-            Ok(message) => message?,
+        // The wait for the first record is cut into short slices: a stream consumer can miss
+        // the wake-up for a record that arrives into an empty queue (seen at low rates as
+        // stalls lasting the whole wait), and asking again after a slice finds it.
+        let give_up = tokio::time::Instant::now() + idle;
+        let first = loop {
+            let now = tokio::time::Instant::now();
+            if now >= give_up {
+                return Ok(Vec::new());
+            }
+            let slice = (give_up - now).min(FIRST_RECORD_SLICE);
+            if let Ok(message) = tokio::time::timeout(slice, self.consumer.recv()).await {
+                break message?;
+            }
         };
         let first_received = Instant::now();
         push(&mut batches, &first);
@@ -172,6 +185,11 @@ impl KafkaSource {
                 b
             })
             .collect())
+    }
+
+    /// How many partitions the consumer group has assigned to this consumer.
+    pub fn assigned_partitions(&self) -> usize {
+        self.consumer.assignment().map_or(0, |a| a.count())
     }
 
     /// Commits, per (topic, partition), the offset of the next record to read.
