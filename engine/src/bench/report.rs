@@ -12,6 +12,9 @@ use super::load::{Generated, Received, Schedule};
 use super::{BenchArgs, ConsumerKind, Workload};
 use crate::error::{Error, Result};
 
+/// A plotted series: name, colour, (rate, latency ms) points.
+type Series = (&'static str, RGBColor, Vec<(f64, f64)>);
+
 /// Latency percentiles, µs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Percentiles {
@@ -355,7 +358,7 @@ impl Report {
     /// Plots end-to-end p50, p99, p99.9 and the engine's emit p99 against offered rate.
     pub fn write_svg(&self, path: &Path) -> Result<()> {
         let plot_error = |e: String| Error::Config(format!("{}: {e}", path.display()));
-        let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = vec![
+        let series: Vec<Series> = vec![
             (
                 "end to end p50",
                 BLUE,
