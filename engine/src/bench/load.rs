@@ -321,6 +321,9 @@ struct Row {
 pub struct Received {
     /// End-to-end latency of each recorded row, µs.
     pub latency: Histogram<u64>,
+    /// For each recorded row, from the timestamp its producer gave it (create time, whole
+    /// ms) to its receipt, µs: the last hop, broker to downstream consumer.
+    pub last_hop: Histogram<u64>,
     /// Rows read in all.
     pub rows: u64,
     /// Rows whose reference time fell in the recording interval.
@@ -410,6 +413,7 @@ fn receive(
 ) -> Result<Received> {
     let mut recorded = 0;
     let mut unreadable = 0;
+    let mut last_hop = latency_histogram();
     while !stop.load(Ordering::Relaxed) {
         let Some(message) = consumer.poll(Duration::from_millis(50)) else {
             continue;
@@ -427,6 +431,9 @@ fn receive(
         };
         if reference >= recording.from_us && reference <= recording.to_us {
             recorded += 1;
+            if let Some(created_ms) = message.timestamp().to_millis() {
+                last_hop.saturating_record((now - created_ms * 1000).max(1) as u64);
+            }
             if let Ok(mut h) = latency.lock() {
                 h.saturating_record((now - reference).max(1) as u64);
             }
@@ -438,6 +445,7 @@ fn receive(
         .clone();
     Ok(Received {
         latency,
+        last_hop,
         rows: rows.load(Ordering::Relaxed),
         recorded,
         unreadable,

@@ -71,6 +71,8 @@ pub struct StepReport {
     pub end_to_end: Percentiles,
     /// Emit latency inside the engine (window close → acknowledged), µs.
     pub emit: Option<Percentiles>,
+    /// The last hop: from each row's producer timestamp (whole ms) to its receipt, µs.
+    pub last_hop: Percentiles,
     /// Rows expected but not received (filter and plain runs, where each event gives a row).
     pub missing: Option<u64>,
     /// Output rows that could not be read.
@@ -145,6 +147,7 @@ impl StepReport {
             emit: engine
                 .filter(|_| args.query == Workload::Window)
                 .map(|e| e.emit),
+            last_hop: Percentiles::of(&received.last_hop),
             missing,
             unreadable: received.unreadable,
             engine_cpu_us_per_event,
@@ -317,6 +320,14 @@ impl Report {
             if let Some(m) = st.missing.filter(|m| *m > 0) {
                 let _ = writeln!(s, "{:>9} {m} expected rows not received", "");
             }
+            let _ = writeln!(
+                s,
+                "{:>9} last hop (producer timestamp → received): p50 {} ms, p99 {} ms, max {} ms",
+                "",
+                ms(st.last_hop.p50_us),
+                ms(st.last_hop.p99_us),
+                ms(st.last_hop.max_us)
+            );
             if !st.engine_cpu_us_per_event_by_thread.is_empty() {
                 let mut by: Vec<_> = st.engine_cpu_us_per_event_by_thread.iter().collect();
                 by.sort_by(|a, b| b.1.total_cmp(a.1));
