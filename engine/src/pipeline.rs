@@ -2,8 +2,9 @@
 //!
 //! [`Pipeline::run`] loops over micro-batches: decode each topic's records (bad ones to the
 //! DLQ), feed them to the stream queries reading that topic (the queries of `queries/`,
-//! planned through the SQL layer), publish their results and the events they found late, wait
-//! until the broker has acknowledged all of that, and only then commit the input offsets. The
+//! planned through the SQL layer), publish their results and the events they found late, and
+//! commit the input offsets only once the broker has acknowledged all of that and all earlier
+//! outputs (the next micro-batches are read meanwhile, up to 8 awaiting acknowledgement). The
 //! committed offset never passes the oldest event a query still holds in an unevicted window,
 //! so a restart re-reads every event whose window has not been published yet (at-least-once).
 
@@ -21,7 +22,7 @@ use tracing::{debug, info};
 use datafusion::arrow::array::RecordBatch;
 
 use crate::decode::JsonDecoder;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::plan::stream::StreamQuery;
 use crate::plan::table::StreamTable;
 use crate::plan::{city_context, default_queries, plan_all};
@@ -102,6 +103,8 @@ pub struct PipelineConfig {
     pub max_batch_rows: usize,
     /// Source linger.
     pub linger: Duration,
+    /// How long the producer waits to fill a batch of outputs.
+    pub producer_linger: Duration,
     /// Extra librdkafka properties for consumer and producer.
     pub properties: Vec<(String, String)>,
     /// Whether the default queries of `queries/` run.
@@ -121,6 +124,7 @@ impl PipelineConfig {
             topics: Topics::default(),
             max_batch_rows: 8192,
             linger: Duration::from_millis(20),
+            producer_linger: Duration::from_millis(5),
             properties: Vec::new(),
             default_queries: true,
             queries: Vec::new(),
@@ -191,6 +195,15 @@ pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
 }
 
+/// Micro-batches whose outputs may be awaiting acknowledgement at once.
+const MAX_IN_FLIGHT: usize = 8;
+
+/// A micro-batch whose outputs are being acknowledged, and the offsets it lets commit.
+struct InFlight {
+    acknowledged: tokio::task::JoinHandle<Result<usize>>,
+    offsets: HashMap<(Arc<str>, i32), i64>,
+}
+
 /// A query running in the pipeline.
 struct Running {
     name: String,
@@ -208,6 +221,7 @@ pub struct Pipeline {
     /// Next offset to read, per (topic, partition), of everything processed so far.
     next_offsets: HashMap<(Arc<str>, i32), i64>,
     committed: HashMap<(Arc<str>, i32), i64>,
+    in_flight: std::collections::VecDeque<InFlight>,
 }
 
 impl Pipeline {
@@ -257,6 +271,7 @@ impl Pipeline {
         source_config.linger = config.linger;
         source_config.properties = config.properties.clone();
         let mut sink_config = KafkaSinkConfig::new(&config.brokers);
+        sink_config.linger = config.producer_linger;
         sink_config.properties = config.properties.clone();
         Ok(Self {
             source: KafkaSource::new(source_config)?,
@@ -266,6 +281,7 @@ impl Pipeline {
             stats,
             next_offsets: HashMap::new(),
             committed: HashMap::new(),
+            in_flight: Default::default(),
             config,
         })
     }
@@ -290,7 +306,7 @@ impl Pipeline {
             }
         }
         self.sink.flush(Duration::from_secs(10))?;
-        self.commit()?;
+        self.settle(true).await?;
         info!("pipeline stopped");
         Ok(())
     }
@@ -417,24 +433,26 @@ impl Pipeline {
             }
         }
         let outputs = pending.len();
-        pending.acknowledged().await?;
-        if let Some(first) = first_received
-            && windowed_out > 0
-        {
-            let us = u64::try_from(first.elapsed().as_micros()).unwrap_or(u64::MAX);
-            if let Ok(mut h) = self.stats.emit_latency_us.lock() {
-                h.saturating_record_n(us.max(1), windowed_out as u64);
+        // The outputs are acknowledged in the background while the next micro-batch is read;
+        // this batch's offsets are committed once they and every earlier batch's are.
+        let stats = self.stats.clone();
+        let acknowledged = tokio::spawn(async move {
+            let n = pending.acknowledged().await?;
+            if let Some(first) = first_received
+                && windowed_out > 0
+            {
+                let us = u64::try_from(first.elapsed().as_micros()).unwrap_or(u64::MAX);
+                if let Ok(mut h) = stats.emit_latency_us.lock() {
+                    h.saturating_record_n(us.max(1), windowed_out as u64);
+                }
             }
-        }
-        self.stats
-            .dlq
-            .fetch_add(dlq_count as u64, Ordering::Relaxed);
-        self.stats
-            .late
-            .fetch_add(late_count as u64, Ordering::Relaxed);
-        self.stats
-            .indicators_out
-            .fetch_add(rows_out as u64, Ordering::Relaxed);
+            stats.dlq.fetch_add(dlq_count as u64, Ordering::Relaxed);
+            stats.late.fetch_add(late_count as u64, Ordering::Relaxed);
+            stats
+                .indicators_out
+                .fetch_add(rows_out as u64, Ordering::Relaxed);
+            Ok(n)
+        });
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         if let Some(w) = self
             .queries
@@ -457,13 +475,45 @@ impl Pipeline {
                 "batch published"
             );
         }
-        self.commit()
+        let offsets = self.committable();
+        self.in_flight.push_back(InFlight {
+            acknowledged,
+            offsets,
+        });
+        self.settle(false).await
     }
 
-    /// Commits every offset whose outputs are acknowledged and whose events no open window
-    /// of any query still needs.
-    fn commit(&mut self) -> Result<()> {
-        let mut changed = HashMap::new();
+    /// Commits the offsets of every micro-batch at the front of the queue whose outputs are
+    /// acknowledged; waits for the front one when more than [`MAX_IN_FLIGHT`] are out, or for
+    /// all of them with `all`. A refused output fails the pipeline before its offsets commit.
+    async fn settle(&mut self, all: bool) -> Result<()> {
+        while let Some(front) = self.in_flight.front() {
+            if !(all || front.acknowledged.is_finished() || self.in_flight.len() > MAX_IN_FLIGHT)
+            {
+                break;
+            }
+            let Some(done) = self.in_flight.pop_front() else {
+                break;
+            };
+            done.acknowledged
+                .await
+                .map_err(|e| Error::Config(format!("acknowledgement task failed: {e}")))??;
+            let changed: HashMap<_, _> = done
+                .offsets
+                .into_iter()
+                .filter(|(key, offset)| self.committed.get(key) != Some(offset))
+                .collect();
+            self.source.commit(&changed)?;
+            self.committed.extend(changed);
+        }
+        Ok(())
+    }
+
+    /// Per (topic, partition), the offset that may be committed once everything published so
+    /// far is acknowledged: the next offset to read, held back to the oldest event an open
+    /// window of any query still needs.
+    fn committable(&self) -> HashMap<(Arc<str>, i32), i64> {
+        let mut out = HashMap::new();
         for ((topic, partition), next) in &self.next_offsets {
             let mut offset = *next;
             for running in &self.queries {
@@ -473,14 +523,9 @@ impl Pipeline {
                     offset = offset.min(*held);
                 }
             }
-            let key = (topic.clone(), *partition);
-            if self.committed.get(&key) != Some(&offset) {
-                changed.insert(key, offset);
-            }
+            out.insert((topic.clone(), *partition), offset);
         }
-        self.source.commit(&changed)?;
-        self.committed.extend(changed);
-        Ok(())
+        out
     }
 }
 

@@ -55,6 +55,9 @@ pub struct EngineArgs {
     /// Source linger.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub linger: Duration,
+    /// Producer linger.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub producer_linger: Duration,
 }
 
 /// The bench queries: the input table, the output table and the statement.
@@ -189,6 +192,7 @@ pub async fn run(args: EngineArgs) -> Result<()> {
     config.topics.dlq = args.dlq.clone();
     config.topics.late = args.late.clone();
     config.linger = args.linger;
+    config.producer_linger = args.producer_linger;
     let stats = Arc::new(PipelineStats::new());
     let pipeline = Pipeline::new(config, stats.clone()).await?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -320,6 +324,7 @@ impl EngineProcess {
             .args(["--window", &ms(args.window)])
             .args(["--watermark-delay", &ms(args.watermark_delay)])
             .args(["--linger", &ms(args.linger)])
+            .args(["--producer-linger", &ms(args.producer_linger)])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -101,6 +101,10 @@ pub struct BenchArgs {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5ms")]
     #[serde(with = "humantime_serde_shim")]
     pub linger: Duration,
+    /// How long the engine's producer waits to fill a batch of outputs.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5ms")]
+    #[serde(with = "humantime_serde_shim")]
+    pub producer_linger: Duration,
     /// Step the rate up from --rate until p99 exceeds --p99-bound or the engine falls behind.
     #[arg(long)]
     pub sweep: bool,
