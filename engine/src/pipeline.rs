@@ -488,8 +488,7 @@ impl Pipeline {
     /// all of them with `all`. A refused output fails the pipeline before its offsets commit.
     async fn settle(&mut self, all: bool) -> Result<()> {
         while let Some(front) = self.in_flight.front() {
-            if !(all || front.acknowledged.is_finished() || self.in_flight.len() > MAX_IN_FLIGHT)
-            {
+            if !(all || front.acknowledged.is_finished() || self.in_flight.len() > MAX_IN_FLIGHT) {
                 break;
             }
             let Some(done) = self.in_flight.pop_front() else {
