@@ -15,12 +15,14 @@
 //! - [`decode::JsonDecoder`] turns them into `RecordBatch`es with the topic's schema from
 //!   [`schema`] (Avro files in `schemas/topics/`), and isolates bad records for the DLQ.
 //! - [`time::WatermarkTracker`] follows event time per partition.
-//! - [`plan::CongestionQuery`] aggregates each batch with DataFusion and merges the partials
-//!   into [`state::WindowState`]; windows close when the watermark passes their end.
+//! - [`plan::stream::StreamQuery`] is an analyst's `INSERT INTO … SELECT …` planned by
+//!   DataFusion and run incrementally: windowed aggregates keep their partial state in
+//!   [`state`] and emit when the watermark passes a window's end.
 //! - [`sink::KafkaSink`] publishes indicator, DLQ and late records.
 //! - [`pipeline::Pipeline`] runs the loop and commits offsets once outputs are acknowledged.
 //! - [`simulate::CitySimulator`] produces a simulated Hanoi; [`broker::EmbeddedBroker`] is
-//!   an in-process Kafka-protocol broker; [`cli`] is the `urbanstream` command.
+//!   an in-process Kafka-protocol broker; [`bench`] is the latency harness; [`cli`] is the
+//!   `urbanstream` command.
 
 pub mod decode;
 pub mod plan;
