@@ -195,6 +195,12 @@ pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
 }
 
+/// A micro-batch that took longer than this to read or to process is logged (debug).
+const SLOW_STEP: Duration = Duration::from_millis(50);
+
+/// Acknowledged offsets are committed at most this often.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Micro-batches whose outputs may be awaiting acknowledgement at once.
 const MAX_IN_FLIGHT: usize = 8;
 
@@ -222,6 +228,9 @@ pub struct Pipeline {
     next_offsets: HashMap<(Arc<str>, i32), i64>,
     committed: HashMap<(Arc<str>, i32), i64>,
     in_flight: std::collections::VecDeque<InFlight>,
+    /// The offsets of the latest micro-batch whose outputs (and all earlier) are acknowledged.
+    committable_acked: HashMap<(Arc<str>, i32), i64>,
+    last_commit: std::time::Instant,
 }
 
 impl Pipeline {
@@ -282,6 +291,8 @@ impl Pipeline {
             next_offsets: HashMap::new(),
             committed: HashMap::new(),
             in_flight: Default::default(),
+            committable_acked: HashMap::new(),
+            last_commit: std::time::Instant::now(),
             config,
         })
     }
@@ -296,8 +307,22 @@ impl Pipeline {
         );
         let mut assignment_checked: Option<std::time::Instant> = None;
         while !stop.load(Ordering::Relaxed) {
+            let waited = std::time::Instant::now();
             let batches = self.source.next_batches(Duration::from_millis(200)).await?;
+            let read = waited.elapsed();
+            let stepped = std::time::Instant::now();
+            let records: usize = batches.iter().map(RawBatch::len).sum();
             self.step(batches).await?;
+            let step = stepped.elapsed();
+            if step > SLOW_STEP || (records > 0 && read > SLOW_STEP) {
+                debug!(
+                    read_ms = read.as_millis() as u64,
+                    step_ms = step.as_millis() as u64,
+                    records,
+                    in_flight = self.in_flight.len(),
+                    "slow micro-batch"
+                );
+            }
             if assignment_checked.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 assignment_checked = Some(std::time::Instant::now());
                 self.stats
@@ -497,13 +522,19 @@ impl Pipeline {
             done.acknowledged
                 .await
                 .map_err(|e| Error::Config(format!("acknowledgement task failed: {e}")))??;
-            let changed: HashMap<_, _> = done
-                .offsets
-                .into_iter()
-                .filter(|(key, offset)| self.committed.get(key) != Some(offset))
+            self.committable_acked = done.offsets;
+        }
+        // Acknowledged offsets are committed at most every COMMIT_INTERVAL (and at the end).
+        if all || self.last_commit.elapsed() >= COMMIT_INTERVAL {
+            let changed: HashMap<_, _> = self
+                .committable_acked
+                .iter()
+                .filter(|(key, offset)| self.committed.get(*key) != Some(*offset))
+                .map(|(k, o)| (k.clone(), *o))
                 .collect();
             self.source.commit(&changed)?;
             self.committed.extend(changed);
+            self.last_commit = std::time::Instant::now();
         }
         Ok(())
     }

@@ -310,8 +310,11 @@ impl EngineProcess {
         let exe = std::env::current_exe()
             .map_err(|e| Error::Config(format!("cannot find the urbanstream binary: {e}")))?;
         let ms = |d: Duration| format!("{}ms", d.as_millis());
+        // The engine logs warnings by default; URBANSTREAM_BENCH_ENGINE_LOG sets its filter.
+        let engine_log =
+            std::env::var("URBANSTREAM_BENCH_ENGINE_LOG").unwrap_or_else(|_| "warn".into());
         let mut child = tokio::process::Command::new(exe)
-            .args(["--log", "warn", "bench-engine", "--brokers", brokers])
+            .args(["--log", &engine_log, "bench-engine", "--brokers", brokers])
             .args(["--input", &topics.input, "--output", &topics.output])
             .args(["--dlq", &topics.dlq, "--late", &topics.late])
             .args([
