@@ -3,8 +3,8 @@
 //! The parent ([`EngineProcess`]) starts it with the topics and the query, and talks to it
 //! over stdin and stdout, one line at a time. The child prints `{"ready":true}` once its
 //! queries are planned and the consumer group has assigned it its partitions, then
-//! `{"records_in":…,"rows_out":…}` every 200 ms. A `start` or `end` line on stdin marks the recording interval: the child notes its
-//! CPU time and input count at each, and resets its emit-latency histogram at `start`. When
+//! `{"records_in":…}` every 200 ms. A `start` or `end` line on stdin marks the recording
+//! interval: the child notes its CPU time and input count at each, and resets its emit-latency histogram at `start`. When
 //! stdin closes it stops the pipeline (publishing what is pending and committing) and prints
 //! `{"final":{…}}` with [`EngineStats`].
 
@@ -114,10 +114,6 @@ pub struct EngineStats {
     pub records_at_start: u64,
     /// Input records read by the `end` mark.
     pub records_at_end: u64,
-    /// Input records read in all.
-    pub records_in: u64,
-    /// Rows published in all.
-    pub rows_out: u64,
     /// Records dead-lettered.
     pub dlq: u64,
     /// Events diverted as late.
@@ -260,7 +256,6 @@ pub async fn run(args: EngineArgs) -> Result<()> {
                 }
                 say(&serde_json::json!({
                     "records_in": stats.records_in.load(Ordering::Relaxed),
-                    "rows_out": stats.indicators_out.load(Ordering::Relaxed),
                 }))?;
             }
         }
@@ -269,8 +264,6 @@ pub async fn run(args: EngineArgs) -> Result<()> {
     running
         .await
         .map_err(|e| Error::Config(format!("pipeline task failed: {e}")))??;
-    final_stats.records_in = stats.records_in.load(Ordering::Relaxed);
-    final_stats.rows_out = stats.indicators_out.load(Ordering::Relaxed);
     final_stats.dlq = stats.dlq.load(Ordering::Relaxed);
     final_stats.late = stats.late.load(Ordering::Relaxed);
     final_stats.peak_rss_bytes = usage().1;

@@ -90,8 +90,6 @@ impl ProducerContext for DeliveryCounter {
 /// What the generator did.
 #[derive(Debug, Clone, Copy)]
 pub struct Generated {
-    /// Events scheduled.
-    pub offered: u64,
     /// Events the broker acknowledged.
     pub acknowledged: u64,
     /// Events the broker refused.
@@ -277,7 +275,6 @@ fn generate(
     let elapsed = schedule.start.elapsed();
     producer.flush(Duration::from_secs(60))?;
     Ok(Generated {
-        offered: schedule.events,
         acknowledged: acknowledged.load(Ordering::Relaxed),
         failed: failed.load(Ordering::Relaxed),
         elapsed,
@@ -324,8 +321,6 @@ pub struct Received {
     /// For each recorded row, from the timestamp its producer gave it (create time, whole
     /// ms) to its receipt, µs: the last hop, broker to downstream consumer.
     pub last_hop: Histogram<u64>,
-    /// Rows read in all.
-    pub rows: u64,
     /// Rows whose reference time fell in the recording interval.
     pub recorded: u64,
     /// Rows that were not JSON with the expected time field.
@@ -446,7 +441,6 @@ fn receive(
     Ok(Received {
         latency,
         last_hop,
-        rows: rows.load(Ordering::Relaxed),
         recorded,
         unreadable,
     })

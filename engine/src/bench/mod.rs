@@ -291,22 +291,22 @@ async fn run_step(
     let total = args.warmup + args.duration;
     let events = ((rate as f64) * total.as_secs_f64()).round() as u64;
     let schedule = load::Schedule::new(rate, events);
-    let window = load::Recording {
+    let recording = load::Recording {
         from_us: schedule.start_epoch_us + args.warmup.as_micros() as i64,
         to_us: schedule.start_epoch_us + total.as_micros() as i64,
         kind,
         delay_ms: args.watermark_delay.as_millis() as i64,
     };
     let stop_receiver = Arc::new(AtomicBool::new(false));
-    let receiver = load::Receiver::start(brokers, &read_topic, window, stop_receiver.clone())?;
+    let receiver = load::Receiver::start(brokers, &read_topic, recording, stop_receiver.clone())?;
     let generator = load::Generator::start(brokers, &topics.input, schedule, args.keys, args.seed)?;
 
     let bar = progress_bar(total, rate);
-    let started = Instant::now();
     let mut marked_start = false;
     while !generator.is_finished() {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let elapsed = started.elapsed();
+        // Time on the schedule: the engine's marks bound the same interval as the recording.
+        let elapsed = Instant::now().saturating_duration_since(schedule.start);
         if let Some(engine) = engine.as_mut() {
             if !marked_start && elapsed >= args.warmup {
                 engine.mark("start").await?;
@@ -367,12 +367,11 @@ async fn run_step(
     };
     Ok(StepReport::new(
         args,
-        rate,
+        &schedule,
+        &recording,
         &generated,
         &received,
         engine_stats.as_ref(),
-        &schedule,
-        (window.from_us, window.to_us),
     ))
 }
 

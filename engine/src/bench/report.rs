@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::child::EngineStats;
-use super::load::{Generated, Received, Schedule};
+use super::load::{Generated, Received, Recording, Schedule};
 use super::{BenchArgs, ConsumerKind, Workload};
 use crate::error::{Error, Result};
 
@@ -96,20 +96,21 @@ impl StepReport {
     /// Gathers one step's figures.
     pub fn new(
         args: &BenchArgs,
-        rate: u64,
+        schedule: &Schedule,
+        recording: &Recording,
         generated: &Generated,
         received: &Received,
         engine: Option<&EngineStats>,
-        schedule: &Schedule,
-        recording: (i64, i64),
     ) -> Self {
+        let rate = schedule.rate;
         let recorded_s = args.duration.as_secs_f64();
         let produced_rate =
             generated.acknowledged as f64 / generated.elapsed.as_secs_f64().max(1e-3);
-        let read_rate = match engine {
-            Some(e) if e.marked_seconds > 0.0 => {
-                (e.records_at_end - e.records_at_start) as f64 / e.marked_seconds
-            }
+        // The engine, with the input events it read between the marks.
+        let engine_events =
+            engine.map(|e| (e, e.records_at_end.saturating_sub(e.records_at_start)));
+        let read_rate = match engine_events {
+            Some((e, n)) if e.marked_seconds > 0.0 => n as f64 / e.marked_seconds,
             Some(_) => 0.0,
             None => received.recorded as f64 / recorded_s,
         };
@@ -117,15 +118,15 @@ impl StepReport {
             args.consumer == ConsumerKind::Plain || args.query == Workload::Filter;
         let missing = each_event_a_row.then(|| {
             schedule
-                .due_between(recording.0, recording.1)
+                .due_between(recording.from_us, recording.to_us)
                 .saturating_sub(received.recorded)
         });
         let end_to_end = Percentiles::of(&received.latency);
-        let engine_events = engine.map(|e| e.records_at_end.saturating_sub(e.records_at_start));
-        let engine_cpu_us_per_event = engine
-            .zip(engine_events)
+        // CPU seconds → µs per event read between the marks.
+        let per_event = engine_events
             .filter(|(_, n)| *n > 0)
-            .map(|(e, n)| e.cpu_seconds * 1e6 / n as f64);
+            .map(|(e, n)| (e, 1e6 / n as f64));
+        let engine_cpu_us_per_event = per_event.map(|(e, us)| e.cpu_seconds * us);
         let engine_cores = engine
             .filter(|e| e.marked_seconds > 0.0)
             .map(|e| e.cpu_seconds / e.marked_seconds);
@@ -154,13 +155,11 @@ impl StepReport {
             engine_cores,
             engine_peak_rss_bytes: engine.map(|e| e.peak_rss_bytes),
             engine_dlq_late: engine.map(|e| (e.dlq, e.late)),
-            engine_cpu_us_per_event_by_thread: engine
-                .zip(engine_events)
-                .filter(|(_, n)| *n > 0)
-                .map(|(e, n)| {
+            engine_cpu_us_per_event_by_thread: per_event
+                .map(|(e, us)| {
                     e.cpu_by_thread
                         .iter()
-                        .map(|(k, secs)| (k.clone(), secs * 1e6 / n as f64))
+                        .map(|(k, secs)| (k.clone(), secs * us))
                         .collect()
                 })
                 .unwrap_or_default(),
