@@ -42,6 +42,13 @@ pub enum Error {
     /// I/O error.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A query went over one of its resource limits (memory, state size). Permanent: the
+    /// query fails; others go on.
+    #[error("resource limit: {0}")]
+    ResourceLimit(String),
+    /// The service's API refused a request or could not be reached (`urbanstream query`).
+    #[error("{0}")]
+    Api(String),
 }
 
 impl Error {

@@ -21,8 +21,8 @@
 //! - [`sink::KafkaSink`] publishes indicator, DLQ and late records.
 //! - [`pipeline::Pipeline`] runs the loop and commits offsets once outputs are acknowledged.
 //! - [`simulate::CitySimulator`] produces a simulated Hanoi; [`broker::EmbeddedBroker`] is
-//!   an in-process Kafka-protocol broker; [`bench`] is the latency harness; [`cli`] is the
-//!   `urbanstream` command.
+//!   an in-process Kafka-protocol broker; [`bench`] is the latency harness; [`service`] is
+//!   `urbanstream serve` (REST API, catalog, metrics); [`cli`] is the `urbanstream` command.
 
 pub mod decode;
 pub mod plan;
@@ -40,6 +40,7 @@ pub mod evaluate;
 pub mod pipeline;
 pub mod reference;
 pub mod schema;
+pub mod service;
 pub mod simulate;
 
 pub use error::{Error, Result};

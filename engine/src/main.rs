@@ -3,23 +3,39 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use urbanstream::cli::{Cli, Command, LogFormat, run};
+use urbanstream::service::config::{LogFormatConfig, ServiceConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // The demo's live view owns the terminal: only warnings and errors are logged under it.
-    let default = match cli.command {
-        None | Some(Command::Demo(_)) => "warn",
-        _ => "info",
+    // `serve` reads its log settings from its configuration; the command line wins.
+    let serve_config = match &cli.command {
+        Some(Command::Serve(args)) if !args.print_defaults => {
+            Some(ServiceConfig::load(args.config.as_deref())?)
+        }
+        _ => None,
     };
-    let filter = EnvFilter::try_new(cli.log.as_deref().unwrap_or(default))?;
+    // The demo's live view owns the terminal: only warnings and errors are logged under it.
+    let default = match (&cli.command, &serve_config) {
+        (_, Some(config)) => config.log.level.clone(),
+        (None | Some(Command::Demo(_)), _) => "warn".into(),
+        _ => "info".into(),
+    };
+    let format = cli.log_format.unwrap_or(match &serve_config {
+        Some(config) if config.log.format == LogFormatConfig::Json => LogFormat::Json,
+        _ => LogFormat::Plain,
+    });
+    let filter = EnvFilter::try_new(cli.log.as_deref().unwrap_or(&default))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match cli.log_format {
+    match format {
         LogFormat::Plain => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    run(cli).await?;
+    match serve_config {
+        Some(config) => urbanstream::service::serve(config).await?,
+        None => run(cli).await?,
+    }
     Ok(())
 }

@@ -23,12 +23,14 @@ use datafusion::arrow::array::RecordBatch;
 
 use crate::decode::JsonDecoder;
 use crate::error::{Error, Result};
+use crate::plan::stream::StreamContext;
 use crate::plan::stream::StreamQuery;
 use crate::plan::table::StreamTable;
-use crate::plan::{city_context, default_queries, plan_all};
+use crate::plan::{city_context, city_context_in, default_queries, plan_all};
 use crate::schema::SchemaRegistry;
 use crate::sink::{DlqRecord, KafkaSink, KafkaSinkConfig, LateRecord, Pending, conform_stream};
 use crate::source::{KafkaSource, KafkaSourceConfig, RawBatch};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 
 /// Topic names. All configurable; the defaults are the city's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +115,15 @@ pub struct PipelineConfig {
     /// TABLE` for its own sinks, `SET`, then `INSERT INTO … SELECT …`), planned after the
     /// defaults in the city's context.
     pub queries: Vec<(String, String)>,
+    /// The query's name when this pipeline runs one registered query of the service: it tags
+    /// the query's DLQ records and labels its metrics.
+    pub name: Option<String>,
+    /// Memory pool of the queries, bytes: DataFusion's operators and the window state draw
+    /// from it; going over fails the pipeline with [`Error::ResourceLimit`].
+    pub memory_limit: Option<usize>,
+    /// Most (window, group) partials the queries may hold together; more fails the pipeline
+    /// with [`Error::ResourceLimit`].
+    pub max_state_groups: Option<usize>,
 }
 
 impl PipelineConfig {
@@ -128,6 +139,9 @@ impl PipelineConfig {
             properties: Vec::new(),
             default_queries: true,
             queries: Vec::new(),
+            name: None,
+            memory_limit: None,
+            max_state_groups: None,
         }
     }
 }
@@ -153,8 +167,13 @@ pub struct PipelineStats {
     pub batches: AtomicU64,
     /// Congestion query watermark, epoch ms (`i64::MIN` before any event).
     pub watermark_ms: AtomicI64,
-    /// (window, segment) groups held in state.
+    /// (window, group) partials held in state.
     pub state_groups: AtomicU64,
+    /// Bytes of window state held.
+    pub state_bytes: AtomicU64,
+    /// Records behind the end of the assigned partitions (checked about once a second; -1
+    /// until known).
+    pub consumer_lag: Arc<AtomicI64>,
     /// Input partitions assigned to this process by the consumer group (checked about once a
     /// second).
     pub assigned_partitions: AtomicU64,
@@ -177,6 +196,8 @@ impl Default for PipelineStats {
             batches: AtomicU64::default(),
             watermark_ms: AtomicI64::new(i64::MIN),
             state_groups: AtomicU64::default(),
+            state_bytes: AtomicU64::default(),
+            consumer_lag: Arc::new(AtomicI64::new(-1)),
             assigned_partitions: AtomicU64::default(),
             emit_latency_us: Mutex::new(latency_histogram()),
         }
@@ -231,6 +252,10 @@ pub struct Pipeline {
     /// The offsets of the latest micro-batch whose outputs (and all earlier) are acknowledged.
     committable_acked: HashMap<(Arc<str>, i32), i64>,
     last_commit: std::time::Instant,
+    /// The window state's share of the memory pool, when there is a limit.
+    reservation: Option<MemoryReservation>,
+    /// Emit latency in seconds, labelled with the query's name, when it has one.
+    emit_latency: Option<metrics::Histogram>,
 }
 
 impl Pipeline {
@@ -238,7 +263,20 @@ impl Pipeline {
     /// `queries/`.
     pub async fn new(config: PipelineConfig, stats: Arc<PipelineStats>) -> Result<Self> {
         let schemas = SchemaRegistry::embedded()?;
-        let ctx = city_context(&config.topics, &schemas)?;
+        let ctx = match config.memory_limit {
+            Some(limit) => city_context_in(
+                StreamContext::with_memory_limit(limit)?,
+                &config.topics,
+                &schemas,
+            )?,
+            None => city_context(&config.topics, &schemas)?,
+        };
+        let reservation = config.memory_limit.map(|_| {
+            MemoryConsumer::new("window state").register(&ctx.session().runtime_env().memory_pool)
+        });
+        let emit_latency = config.name.as_ref().map(|name| {
+            metrics::histogram!(crate::service::metrics::EMIT_LATENCY, "query" => name.clone())
+        });
         let mut queries: Vec<Running> = Vec::new();
         if config.default_queries {
             for (name, query) in default_queries(&ctx).await? {
@@ -293,6 +331,8 @@ impl Pipeline {
             in_flight: Default::default(),
             committable_acked: HashMap::new(),
             last_commit: std::time::Instant::now(),
+            reservation,
+            emit_latency,
             config,
         })
     }
@@ -312,7 +352,9 @@ impl Pipeline {
             let read = waited.elapsed();
             let stepped = std::time::Instant::now();
             let records: usize = batches.iter().map(RawBatch::len).sum();
-            self.step(batches).await?;
+            if let Err(e) = self.step(batches).await {
+                return Err(self.resource_error(e));
+            }
             let step = stepped.elapsed();
             if step > SLOW_STEP || (records > 0 && read > SLOW_STEP) {
                 debug!(
@@ -328,6 +370,7 @@ impl Pipeline {
                 self.stats
                     .assigned_partitions
                     .store(self.source.assigned_partitions() as u64, Ordering::Relaxed);
+                self.source.measure_lag(self.stats.consumer_lag.clone());
             }
         }
         self.sink.flush(Duration::from_secs(10))?;
@@ -362,7 +405,9 @@ impl Pipeline {
                     .iter()
                     .map(|r| {
                         let key = raw.key(r.index as usize).map(<[u8]>::to_vec);
-                        (key, DlqRecord::new(raw, r, received_at))
+                        let mut record = DlqRecord::new(raw, r, received_at);
+                        record.query.clone_from(&self.config.name);
+                        (key, record)
                     })
                     .collect();
                 dlq_count += records.len();
@@ -461,6 +506,7 @@ impl Pipeline {
         // The outputs are acknowledged in the background while the next micro-batch is read;
         // this batch's offsets are committed once they and every earlier batch's are.
         let stats = self.stats.clone();
+        let emit_latency = self.emit_latency.clone();
         let acknowledged = tokio::spawn(async move {
             let n = pending.acknowledged().await?;
             if let Some(first) = first_received
@@ -469,6 +515,9 @@ impl Pipeline {
                 let us = u64::try_from(first.elapsed().as_micros()).unwrap_or(u64::MAX);
                 if let Ok(mut h) = stats.emit_latency_us.lock() {
                     h.saturating_record_n(us.max(1), windowed_out as u64);
+                }
+                if let Some(histogram) = emit_latency {
+                    histogram.record_many(us as f64 / 1e6, windowed_out);
                 }
             }
             stats.dlq.fetch_add(dlq_count as u64, Ordering::Relaxed);
@@ -487,10 +536,7 @@ impl Pipeline {
         {
             self.stats.watermark_ms.store(w, Ordering::Relaxed);
         }
-        let groups: usize = self.queries.iter().map(|r| r.query.state_groups()).sum();
-        self.stats
-            .state_groups
-            .store(groups as u64, Ordering::Relaxed);
+        self.check_limits()?;
         if outputs > 0 {
             debug!(
                 outputs,
@@ -506,6 +552,54 @@ impl Pipeline {
             offsets,
         });
         self.settle(false).await
+    }
+
+    /// DataFusion's refusal to allocate from the query's memory pool, as the resource limit it
+    /// is; other errors as they are.
+    fn resource_error(&self, e: Error) -> Error {
+        match (&e, self.config.memory_limit) {
+            (Error::DataFusion(df), Some(limit)) => match df.find_root() {
+                datafusion::error::DataFusionError::ResourcesExhausted(message) => {
+                    Error::ResourceLimit(format!(
+                        "an operator does not fit the query's memory limit of {limit} bytes \
+                         ({message})"
+                    ))
+                }
+                _ => e,
+            },
+            _ => e,
+        }
+    }
+
+    /// Records the state's size and fails with [`Error::ResourceLimit`] when it is over the
+    /// memory pool or the cap on groups.
+    fn check_limits(&mut self) -> Result<()> {
+        let groups: usize = self.queries.iter().map(|r| r.query.state_groups()).sum();
+        let bytes: usize = self.queries.iter().map(|r| r.query.state_bytes()).sum();
+        self.stats
+            .state_groups
+            .store(groups as u64, Ordering::Relaxed);
+        self.stats
+            .state_bytes
+            .store(bytes as u64, Ordering::Relaxed);
+        if let Some(max) = self.config.max_state_groups
+            && groups > max
+        {
+            return Err(Error::ResourceLimit(format!(
+                "state holds {groups} (window, group) partials, over the cap of {max} \
+                 (limits.max_state_groups)"
+            )));
+        }
+        if let Some(reservation) = &mut self.reservation
+            && let Err(e) = reservation.try_resize(bytes)
+        {
+            let limit = self.config.memory_limit.unwrap_or_default();
+            return Err(Error::ResourceLimit(format!(
+                "window state of {bytes} bytes in {groups} groups does not fit the query's \
+                 memory limit of {limit} bytes ({e})"
+            )));
+        }
+        Ok(())
     }
 
     /// Commits the offsets of every micro-batch at the front of the queue whose outputs are

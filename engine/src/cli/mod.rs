@@ -30,9 +30,9 @@ pub struct Cli {
     /// Log filter (tracing syntax), e.g. `info` or `urbanstream=debug`.
     #[arg(long, global = true, env = "URBANSTREAM_LOG")]
     pub log: Option<String>,
-    /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain)]
-    pub log_format: LogFormat,
+    /// Log format (default: plain; `serve` takes it from `[log] format`).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
     /// What to run (default: demo).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -54,6 +54,20 @@ pub enum Command {
     ///
     /// Example: `urbanstream demo --duration 20s`
     Demo(DemoArgs),
+    /// Run as a service beside Kafka: the built-in queries and every registered query, the
+    /// REST API, /livez, /readyz and /metrics. Stops gracefully on SIGTERM or Ctrl-C.
+    ///
+    /// Configuration: the built-in defaults (engine/default.toml), then --config FILE, then
+    /// URBANSTREAM__<SECTION>__<KEY> environment variables.
+    ///
+    /// Example: `URBANSTREAM__KAFKA__BROKERS=localhost:9092 urbanstream serve` or
+    /// `urbanstream serve --config /etc/urbanstream/urbanstream.toml`
+    Serve(ServeArgs),
+    /// Register, inspect and control the queries of a running service through its API.
+    ///
+    /// Example: `urbanstream query list` or
+    /// `urbanstream query add busy_segments --file busy.sql --server http://10.0.0.5:8080`
+    Query(crate::service::client::QueryArgs),
     /// Produce simulated city traffic, detector and air data into a Kafka cluster.
     ///
     /// Example: `urbanstream simulate --brokers localhost:9092 --rate 5000 --speedup 60`
@@ -78,6 +92,18 @@ pub enum Command {
     /// The engine side of `bench`, in its own process (started by `bench`, not by hand).
     #[command(hide = true)]
     BenchEngine(crate::bench::child::EngineArgs),
+}
+
+/// Options of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// A TOML file over the defaults (every key is listed, with its meaning, in the defaults:
+    /// `urbanstream serve --print-defaults`).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Print the built-in default configuration and exit.
+    #[arg(long)]
+    pub print_defaults: bool,
 }
 
 /// Options of `evaluate`.
@@ -190,6 +216,9 @@ pub struct BrokerArgs {
     /// Partitions of each of the city's topics, created at start.
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
+    /// Also write the bootstrap address to this file (for scripts).
+    #[arg(long)]
+    pub address_file: Option<std::path::PathBuf>,
 }
 
 /// Runs the parsed command line.
@@ -209,6 +238,15 @@ pub async fn run(cli: Cli) -> Result<()> {
         },
     })) {
         Command::Demo(args) => demo::run(args).await,
+        Command::Serve(args) => {
+            if args.print_defaults {
+                print!("{}", crate::service::config::DEFAULT_TOML);
+                return Ok(());
+            }
+            let config = crate::service::config::ServiceConfig::load(args.config.as_deref())?;
+            crate::service::serve(config).await
+        }
+        Command::Query(args) => crate::service::client::run(args).await,
         Command::Simulate(args) => simulate(args).await,
         Command::Broker(args) => broker(args).await,
         Command::Evaluate(args) => evaluate(args),
@@ -343,11 +381,19 @@ async fn broker(args: BrokerArgs) -> Result<()> {
         broker.create_topic(&topic, args.partitions)?;
     }
     println!("{}", broker.bootstrap_servers());
+    if let Some(path) = &args.address_file {
+        std::fs::write(path, format!("{}\n", broker.bootstrap_servers()))
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    }
     eprintln!(
         "embedded broker listening on {} ({} partitions per city topic); Ctrl-C to stop",
         broker.bootstrap_servers(),
         args.partitions
     );
-    let _ = tokio::signal::ctrl_c().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signal(stop.clone());
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }

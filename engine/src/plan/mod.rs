@@ -72,7 +72,15 @@ pub const DEFAULT_QUERIES: &[(&str, &str)] = &[
 /// | `segments`, `wards`, `cameras`, `detectors`, `sensors`, `pcu_factors` | — | reference |
 /// | `ward_sensors` | — | reference, derived from `sensors` |
 pub fn city_context(topics: &Topics, schemas: &SchemaRegistry) -> Result<StreamContext> {
-    let ctx = StreamContext::new();
+    city_context_in(StreamContext::new(), topics, schemas)
+}
+
+/// [`city_context`] registered into `ctx` (one made with a memory limit, say).
+pub fn city_context_in(
+    ctx: StreamContext,
+    topics: &Topics,
+    schemas: &SchemaRegistry,
+) -> Result<StreamContext> {
     let streams = [
         ("camera_events", "camera_event", &topics.camera, None),
         (

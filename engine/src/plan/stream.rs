@@ -32,6 +32,7 @@ use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Result, extensions_options, plan_datafusion_err, plan_err};
 use datafusion::datasource::MemTable;
 use datafusion::execution::TaskContext;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_expr::ScalarFunctionExpr;
@@ -125,6 +126,19 @@ impl StreamContext {
     /// A session with urbanstream's functions and the KAFKA table factory, planning with one
     /// partition (parallelism comes from Kafka partitions, not from DataFusion).
     pub fn new() -> Self {
+        Self::with_runtime(Arc::new(RuntimeEnv::default()))
+    }
+
+    /// Like [`StreamContext::new`], with a memory pool of `limit` bytes that DataFusion's
+    /// operators and the query's window state (see [`StreamQuery::state_bytes`]) draw from.
+    pub fn with_memory_limit(limit: usize) -> Result<Self> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(limit, 1.0)
+            .build_arc()?;
+        Ok(Self::with_runtime(runtime))
+    }
+
+    fn with_runtime(runtime: Arc<RuntimeEnv>) -> Self {
         let config = SessionConfig::new()
             .with_target_partitions(1)
             .with_repartition_aggregations(false)
@@ -132,6 +146,7 @@ impl StreamContext {
             .with_option_extension(StreamSettings::default());
         let state = SessionStateBuilder::new()
             .with_config(config)
+            .with_runtime_env(runtime)
             .with_default_features()
             .with_table_factory("KAFKA".into(), Arc::new(KafkaTableFactory))
             .build();

@@ -146,6 +146,10 @@ pub struct DlqRecord {
     pub payload: String,
     /// When it was rejected, epoch ms.
     pub received_at: i64,
+    /// The query whose source schema rejected it, when each query decodes its own input (the
+    /// service); absent when one decoder serves every query of a topic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
 }
 
 impl DlqRecord {
@@ -161,6 +165,7 @@ impl DlqRecord {
             stage: reject.stage.as_str().to_string(),
             payload: BASE64.encode(raw.value(i)),
             received_at,
+            query: None,
         }
     }
 }

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -120,7 +122,13 @@ const FIRST_RECORD_SLICE: Duration = Duration::from_millis(2);
 pub struct KafkaSource {
     consumer: StreamConsumer,
     config: KafkaSourceConfig,
+    /// A client outside the group that asks for partitions' end offsets.
+    lag_probe: Arc<BaseConsumer>,
+    lag_probe_busy: Arc<AtomicBool>,
 }
+
+/// How long one end-offset request of the lag probe may take.
+const LAG_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl KafkaSource {
     /// Connects and subscribes. Offsets start at the group's committed offsets, or at the
@@ -142,7 +150,17 @@ impl KafkaSource {
         let consumer: StreamConsumer = client.create()?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
-        Ok(Self { consumer, config })
+        let mut probe = ClientConfig::new();
+        probe.set("bootstrap.servers", &config.brokers);
+        for (k, v) in &config.properties {
+            probe.set(k, v);
+        }
+        Ok(Self {
+            consumer,
+            config,
+            lag_probe: Arc::new(probe.create()?),
+            lag_probe_busy: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// Waits for records and returns them as one batch per topic: as soon as `max_batch_rows`
@@ -190,6 +208,47 @@ impl KafkaSource {
     /// How many partitions the consumer group has assigned to this consumer.
     pub fn assigned_partitions(&self) -> usize {
         self.consumer.assignment().map_or(0, |a| a.count())
+    }
+
+    /// Starts measuring, in the background, the records between this consumer's positions
+    /// and the ends of its assigned partitions, summed, and stores the sum in `lag` (-1 when
+    /// it cannot be known: no positions yet, the broker not answering). A measurement still
+    /// under way is not doubled.
+    pub fn measure_lag(&self, lag: Arc<AtomicI64>) {
+        if self.lag_probe_busy.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let positions: Vec<(String, i32, Offset)> = self
+            .consumer
+            .position()
+            .map(|list| {
+                list.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition(), e.offset()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let probe = self.lag_probe.clone();
+        let busy = self.lag_probe_busy.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut total = 0;
+            let mut known = !positions.is_empty();
+            for (topic, partition, position) in positions {
+                let Offset::Offset(position) = position else {
+                    known = false;
+                    break;
+                };
+                match probe.fetch_watermarks(&topic, partition, LAG_PROBE_TIMEOUT) {
+                    Ok((_, high)) => total += (high - position).max(0),
+                    Err(_) => {
+                        known = false;
+                        break;
+                    }
+                }
+            }
+            lag.store(if known { total } else { -1 }, Ordering::Relaxed);
+            busy.store(false, Ordering::Release);
+        });
     }
 
     /// Commits, per (topic, partition), the offset of the next record to read.

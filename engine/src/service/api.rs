@@ -1,0 +1,284 @@
+//! The REST API (axum).
+//!
+//! | method | path | does |
+//! |---|---|---|
+//! | GET | `/livez` | 200 while the process serves requests (always open) |
+//! | GET | `/readyz` | 200 when Kafka is reachable and every query that should run runs, else 503 |
+//! | GET | `/metrics` | Prometheus exposition |
+//! | GET | `/v1/info` | version, build, brokers, configuration with secrets redacted |
+//! | GET | `/v1/queries` | every query's status |
+//! | POST | `/v1/queries` | `{"name", "sql", "memory_limit"?}`: validate, register, start (201) |
+//! | POST | `/v1/queries/validate` | `{"sql"}`: plan without registering (200 or 400) |
+//! | GET | `/v1/queries/{name}` | one query's status |
+//! | DELETE | `/v1/queries/{name}` | stop and forget a registered query (204) |
+//! | POST | `/v1/queries/{name}/pause`, `/resume`, `/restart` | change its state |
+//!
+//! Errors are JSON `{"message": …}` (with `"position": {"line", "column"}` for SQL the parser
+//! refused): 400 bad request, 401 missing or wrong token, 404 unknown query or path, 405, 409
+//! duplicate name / query limit / dropping a built-in query, 413 body over `api.max_body`, 415
+//! not JSON, 500. With `api.token` set, every path but `/livez` needs
+//! `Authorization: Bearer <token>`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::Service;
+use super::manager::{PlannedStatement, QueryStatus, ServiceError};
+
+/// The API's routes over `service`.
+pub fn router(service: Arc<Service>) -> Router {
+    let max_body = usize::try_from(service.config.api.max_body.as_u64()).unwrap_or(usize::MAX);
+    let v1 = Router::new()
+        .route("/info", get(info))
+        .route("/queries", get(list).post(create))
+        .route("/queries/validate", post(validate))
+        .route("/queries/{name}", get(show).delete(drop_query))
+        .route("/queries/{name}/pause", post(pause))
+        .route("/queries/{name}/resume", post(resume))
+        .route("/queries/{name}/restart", post(restart));
+    let guarded = Router::new()
+        .nest("/v1", v1)
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(service.clone(), authorize));
+    Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .merge(guarded)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such path") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this path",
+            )
+        })
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(service)
+}
+
+/// An error response: a status and `{"message": …}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    position: Option<(u64, u64)>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            position: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "message": self.message });
+        if let Some((line, column)) = self.position {
+            body["position"] = json!({ "line": line, "column": column });
+        }
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED
+            && let Ok(v) = header::HeaderValue::from_str("Bearer realm=\"urbanstream\"")
+        {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        response
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Invalid { message, position } => Self {
+                status: StatusCode::BAD_REQUEST,
+                message,
+                position,
+            },
+            ServiceError::NotFound(m) => Self::new(StatusCode::NOT_FOUND, m),
+            ServiceError::Conflict(m) => Self::new(StatusCode::CONFLICT, m),
+            ServiceError::Internal(m) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, m),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let status = rejection.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request body too large (api.max_body)".to_string()
+        } else {
+            rejection.body_text()
+        };
+        Self::new(status, message)
+    }
+}
+
+/// Refuses requests without the configured bearer token.
+async fn authorize(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let token = &service.config.api.token;
+    if token.is_empty() {
+        return next.run(request).await;
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token (Authorization: Bearer <token>)",
+        )
+        .into_response(),
+        Some(given) if !same(given.trim().as_bytes(), token.as_bytes()) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "wrong bearer token").into_response()
+        }
+        Some(_) => next.run(request).await,
+    }
+}
+
+/// Compares in time that depends on the lengths only, not on where the bytes differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn readyz(State(service): State<Arc<Service>>) -> Response {
+    let (ready, reason) = service.ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": ready,
+        "reason": reason,
+        "kafka_reachable": service.kafka_reachable(),
+        "queries": service.manager.counts(),
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(service): State<Arc<Service>>) -> Response {
+    let text = super::metrics::render(
+        &service.manager.list(),
+        &service.manager.counts(),
+        service.kafka_reachable(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn info(State(service): State<Arc<Service>>) -> Json<serde_json::Value> {
+    let config = &service.config;
+    Json(json!({
+        "name": "urbanstream",
+        "version": env!("CARGO_PKG_VERSION"),
+        "build": {
+            "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+            "target": format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+            "datafusion": datafusion::DATAFUSION_VERSION,
+        },
+        "brokers": config.kafka.brokers,
+        "kafka_reachable": service.kafka_reachable(),
+        "queries": service.manager.counts(),
+        "config": config.redacted(),
+    }))
+}
+
+/// Body of `POST /v1/queries`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateQuery {
+    /// Name: 1 to 64 of `[A-Za-z0-9_-]`, starting with a letter.
+    pub name: String,
+    /// SQL.
+    pub sql: String,
+    /// Memory pool in bytes, instead of `queries.memory_limit`.
+    #[serde(default)]
+    pub memory_limit: Option<u64>,
+}
+
+/// Body of `POST /v1/queries/validate`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateQuery {
+    /// SQL.
+    pub sql: String,
+}
+
+async fn list(State(service): State<Arc<Service>>) -> Json<Vec<QueryStatus>> {
+    Json(service.manager.list())
+}
+
+async fn create(
+    State(service): State<Arc<Service>>,
+    body: Result<Json<CreateQuery>, JsonRejection>,
+) -> Result<(StatusCode, Json<QueryStatus>), ApiError> {
+    let Json(body) = body?;
+    let status = service
+        .manager
+        .create(&body.name, &body.sql, body.memory_limit)
+        .await?;
+    Ok((StatusCode::CREATED, Json(status)))
+}
+
+async fn validate(
+    State(service): State<Arc<Service>>,
+    body: Result<Json<ValidateQuery>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(body) = body?;
+    let planned: Vec<PlannedStatement> = service.manager.validate(&body.sql).await?;
+    Ok(Json(json!({ "valid": true, "queries": planned })))
+}
+
+async fn show(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+) -> Result<Json<QueryStatus>, ApiError> {
+    Ok(Json(service.manager.get(&name)?))
+}
+
+async fn drop_query(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    service.manager.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn pause(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+) -> Result<Json<QueryStatus>, ApiError> {
+    Ok(Json(service.manager.pause(&name).await?))
+}
+
+async fn resume(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+) -> Result<Json<QueryStatus>, ApiError> {
+    Ok(Json(service.manager.resume(&name).await?))
+}
+
+async fn restart(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+) -> Result<Json<QueryStatus>, ApiError> {
+    Ok(Json(service.manager.restart(&name).await?))
+}

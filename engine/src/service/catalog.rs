@@ -1,0 +1,214 @@
+//! The catalog: the queries analysts registered, kept in one JSON file that is rewritten
+//! atomically on every change (written to a temporary file beside it, synced, renamed over it,
+//! and the directory synced), so a crash leaves either the old or the new catalog, never a
+//! torn one.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Version of the catalog file's layout.
+const VERSION: u32 = 1;
+
+/// A registered query.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// Its name (also its consumer group's suffix and its metrics label).
+    pub name: String,
+    /// Its SQL: `CREATE EXTERNAL TABLE`, `SET` and `INSERT INTO … SELECT …` statements.
+    pub sql: String,
+    /// Whether it was paused (a paused query stays paused after a restart).
+    #[serde(default)]
+    pub paused: bool,
+    /// Its memory pool in bytes when not the configured default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<u64>,
+    /// When it was registered, epoch ms.
+    pub created_at: i64,
+}
+
+/// What the file holds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CatalogFile {
+    version: u32,
+    /// Analysts' queries, in the order they were registered.
+    queries: Vec<CatalogEntry>,
+    /// Built-in queries an operator paused.
+    #[serde(default)]
+    paused_builtins: Vec<String>,
+}
+
+/// The catalog on disk and in memory.
+#[derive(Debug)]
+pub struct Catalog {
+    path: PathBuf,
+    file: CatalogFile,
+}
+
+impl Catalog {
+    /// Opens the catalog at `path`, or starts an empty one if there is no file yet (its
+    /// directory is created on the first write).
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        let file = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let file: CatalogFile = serde_json::from_slice(&bytes)
+                    .map_err(|e| Error::Config(format!("catalog {}: {e}", path.display())))?;
+                if file.version != VERSION {
+                    return Err(Error::Config(format!(
+                        "catalog {}: layout version {} (this urbanstream reads {VERSION})",
+                        path.display(),
+                        file.version
+                    )));
+                }
+                file
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => CatalogFile {
+                version: VERSION,
+                ..CatalogFile::default()
+            },
+            Err(e) => {
+                return Err(Error::Config(format!("catalog {}: {e}", path.display())));
+            }
+        };
+        Ok(Self { path, file })
+    }
+
+    /// Where the catalog lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The registered queries.
+    pub fn entries(&self) -> &[CatalogEntry] {
+        &self.file.queries
+    }
+
+    /// Whether the built-in query `name` was paused.
+    pub fn builtin_paused(&self, name: &str) -> bool {
+        self.file.paused_builtins.iter().any(|n| n == name)
+    }
+
+    /// Adds `entry` (its name must be new) and writes the catalog.
+    pub fn insert(&mut self, entry: CatalogEntry) -> Result<()> {
+        self.update(|file| {
+            file.queries.retain(|e| e.name != entry.name);
+            file.queries.push(entry);
+        })
+    }
+
+    /// Removes the query `name` and writes the catalog.
+    pub fn remove(&mut self, name: &str) -> Result<()> {
+        self.update(|file| file.queries.retain(|e| e.name != name))
+    }
+
+    /// Records whether `name` is paused (a registered or a built-in query) and writes the
+    /// catalog.
+    pub fn set_paused(&mut self, name: &str, paused: bool, builtin: bool) -> Result<()> {
+        self.update(|file| {
+            if builtin {
+                file.paused_builtins.retain(|n| n != name);
+                if paused {
+                    file.paused_builtins.push(name.to_string());
+                }
+            } else if let Some(entry) = file.queries.iter_mut().find(|e| e.name == name) {
+                entry.paused = paused;
+            }
+        })
+    }
+
+    /// Applies `change` to a copy, writes it, and keeps it only once it is on disk.
+    fn update(&mut self, change: impl FnOnce(&mut CatalogFile)) -> Result<()> {
+        let mut next = CatalogFile {
+            version: VERSION,
+            queries: self.file.queries.clone(),
+            paused_builtins: self.file.paused_builtins.clone(),
+        };
+        change(&mut next);
+        write_atomically(
+            &self.path,
+            &serde_json::to_vec_pretty(&next)
+                .map_err(|e| Error::Config(format!("catalog {}: {e}", self.path.display())))?,
+        )?;
+        self.file = next;
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves the old content or the new, never a mix.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "catalog".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    {
+        let mut file = File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    // The rename itself is durable once the directory is synced.
+    File::open(&dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str) -> CatalogEntry {
+        CatalogEntry {
+            name: name.into(),
+            sql: format!("INSERT INTO out SELECT * FROM {name}"),
+            paused: false,
+            memory_limit: None,
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn entries_survive_reopening() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("data/catalog.json");
+        let mut catalog = Catalog::open(&path).expect("new");
+        assert!(catalog.entries().is_empty());
+        catalog.insert(entry("a")).expect("insert");
+        catalog.insert(entry("b")).expect("insert");
+        catalog.set_paused("b", true, false).expect("pause");
+        catalog
+            .set_paused("congestion_minute", true, true)
+            .expect("pause");
+        catalog.remove("a").expect("remove");
+        let reopened = Catalog::open(&path).expect("reopen");
+        let mut b = entry("b");
+        b.paused = true;
+        assert_eq!(reopened.entries(), &[b]);
+        assert!(reopened.builtin_paused("congestion_minute"));
+        assert!(!reopened.builtin_paused("air_hourly_ward"));
+        // Nothing but the catalog is left in its directory.
+        let names: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("catalog.json")]);
+    }
+
+    #[test]
+    fn a_damaged_catalog_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("catalog.json");
+        std::fs::write(&path, b"{\"version\": 1, \"queries\": [").expect("write");
+        let err = Catalog::open(&path).expect_err("damaged").to_string();
+        assert!(err.contains("catalog.json"), "{err}");
+    }
+}

@@ -1,0 +1,415 @@
+//! `urbanstream query …`: the REST API's client, with table output or `--json`.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+
+/// Options of `urbanstream query`.
+#[derive(Debug, Clone, Args)]
+pub struct QueryArgs {
+    /// The service's API.
+    #[arg(
+        long,
+        global = true,
+        env = "URBANSTREAM_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: String,
+    /// Bearer token, when the service has one (`api.token`).
+    #[arg(long, global = true, env = "URBANSTREAM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: QueryAction,
+}
+
+/// Where a query's SQL comes from: the argument, `--file`, or standard input with `-`.
+#[derive(Debug, Clone, Args)]
+pub struct SqlInput {
+    /// The SQL (statements separated by `;`); `-` reads it from standard input.
+    #[arg(conflicts_with = "file")]
+    pub sql: Option<String>,
+    /// Read the SQL from this file.
+    #[arg(long, short)]
+    pub file: Option<PathBuf>,
+}
+
+impl SqlInput {
+    fn read(&self) -> Result<String> {
+        match (&self.sql, &self.file) {
+            (_, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| Error::Api(format!("{}: {e}", path.display()))),
+            (Some(sql), None) if sql == "-" => {
+                let mut sql = String::new();
+                std::io::stdin().read_to_string(&mut sql)?;
+                Ok(sql)
+            }
+            (Some(sql), None) => Ok(sql.clone()),
+            (None, None) => Err(Error::Api(
+                "give the SQL as an argument, with --file FILE, or with - on standard input".into(),
+            )),
+        }
+    }
+}
+
+/// The `query` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum QueryAction {
+    /// Register a query and start it (its SQL is validated first).
+    ///
+    /// Example: `urbanstream query add busy_segments --file busy.sql`
+    Add {
+        /// Name: letters, digits, '_' or '-', starting with a letter.
+        name: String,
+        /// The SQL.
+        #[command(flatten)]
+        input: SqlInput,
+        /// Memory pool of this query, bytes (default: the service's `queries.memory_limit`).
+        #[arg(long)]
+        memory_limit: Option<u64>,
+    },
+    /// Check that SQL plans against the city's tables, without registering it.
+    ///
+    /// Example: `urbanstream query validate "INSERT INTO alerts SELECT …"`
+    Validate {
+        /// The SQL.
+        #[command(flatten)]
+        input: SqlInput,
+    },
+    /// List every query with its state and counts.
+    ///
+    /// Example: `urbanstream query list` or `urbanstream query list --json`
+    List,
+    /// Show one query: state, error, counts, lag, watermark, SQL.
+    ///
+    /// Example: `urbanstream query show congestion_minute`
+    Show {
+        /// Its name.
+        name: String,
+    },
+    /// Stop a registered query and remove it from the catalog.
+    ///
+    /// Example: `urbanstream query drop busy_segments`
+    Drop {
+        /// Its name.
+        name: String,
+    },
+    /// Stop a query after it publishes what it holds and commits; it stays paused across
+    /// restarts of the service.
+    ///
+    /// Example: `urbanstream query pause alerts_pollution`
+    Pause {
+        /// Its name.
+        name: String,
+    },
+    /// Start a paused query again from its committed offsets.
+    ///
+    /// Example: `urbanstream query resume alerts_pollution`
+    Resume {
+        /// Its name.
+        name: String,
+    },
+    /// Stop a query in any state (FAILED included) and start it again.
+    ///
+    /// Example: `urbanstream query restart busy_segments`
+    Restart {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// Runs one `urbanstream query` command and prints its answer.
+pub async fn run(args: QueryArgs) -> Result<()> {
+    let client = Client::new(&args.server, args.token.clone())?;
+    let (answer, kind) = match &args.action {
+        QueryAction::Add {
+            name,
+            input,
+            memory_limit,
+        } => {
+            let mut body = json!({ "name": name, "sql": input.read()? });
+            if let Some(limit) = memory_limit {
+                body["memory_limit"] = json!(limit);
+            }
+            (
+                client.call(Method::POST, "/v1/queries", Some(body)).await?,
+                Shown::One,
+            )
+        }
+        QueryAction::Validate { input } => (
+            client
+                .call(
+                    Method::POST,
+                    "/v1/queries/validate",
+                    Some(json!({ "sql": input.read()? })),
+                )
+                .await?,
+            Shown::Validated,
+        ),
+        QueryAction::List => (
+            client.call(Method::GET, "/v1/queries", None).await?,
+            Shown::List,
+        ),
+        QueryAction::Show { name } => (
+            client
+                .call(Method::GET, &format!("/v1/queries/{name}"), None)
+                .await?,
+            Shown::One,
+        ),
+        QueryAction::Drop { name } => (
+            client
+                .call(Method::DELETE, &format!("/v1/queries/{name}"), None)
+                .await?,
+            Shown::Dropped(name.clone()),
+        ),
+        QueryAction::Pause { name } => (
+            client
+                .call(Method::POST, &format!("/v1/queries/{name}/pause"), None)
+                .await?,
+            Shown::One,
+        ),
+        QueryAction::Resume { name } => (
+            client
+                .call(Method::POST, &format!("/v1/queries/{name}/resume"), None)
+                .await?,
+            Shown::One,
+        ),
+        QueryAction::Restart { name } => (
+            client
+                .call(Method::POST, &format!("/v1/queries/{name}/restart"), None)
+                .await?,
+            Shown::One,
+        ),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&answer).unwrap_or_default()
+        );
+    } else {
+        print!("{}", render(&answer, &kind));
+    }
+    Ok(())
+}
+
+/// How an answer is printed.
+enum Shown {
+    One,
+    List,
+    Validated,
+    Dropped(String),
+}
+
+/// The API's client.
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client of the API at `server` (`http://host:port`).
+    pub fn new(server: &str, token: Option<String>) -> Result<Self> {
+        let base = server.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            return Err(Error::Api(format!(
+                "--server {server}: expected http://host:port"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| Error::Api(e.to_string()))?;
+        Ok(Self { base, token, http })
+    }
+
+    /// Sends a request; the answer's JSON (null for 204), or the API's error message.
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.request(method, &url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Error::Api(format!("cannot reach {}: {e}", self.base)))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| Error::Api(format!("{url}: {e}")))?;
+        let value: Value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if status.is_success() {
+            return Ok(value);
+        }
+        let mut message = value
+            .get("message")
+            .and_then(Value::as_str)
+            .map_or_else(|| value.to_string(), str::to_string);
+        if let Some(p) = value.get("position") {
+            message.push_str(&format!(" (line {}, column {})", p["line"], p["column"]));
+        }
+        Err(Error::Api(format!("{status}: {message}")))
+    }
+}
+
+/// The answer as text.
+fn render(answer: &Value, kind: &Shown) -> String {
+    match kind {
+        Shown::List => table(answer.as_array().map(Vec::as_slice).unwrap_or_default()),
+        Shown::One => details(answer),
+        Shown::Dropped(name) => format!("dropped {name}\n"),
+        Shown::Validated => {
+            let mut out = String::from("valid\n");
+            for q in answer["queries"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "  {} ({}) -> {} ({}){}\n",
+                    text(&q["source"]),
+                    text(&q["source_topic"]),
+                    text(&q["sink"]),
+                    text(&q["sink_topic"]),
+                    if q["windowed"].as_bool() == Some(true) {
+                        ", windowed"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            out
+        }
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Every query, one row each, columns padded to their widest cell.
+fn table(queries: &[Value]) -> String {
+    let header = [
+        "NAME",
+        "STATE",
+        "ROWS IN",
+        "ROWS OUT",
+        "LATE",
+        "DLQ",
+        "LAG",
+        "WATERMARK",
+        "ERROR",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for q in queries {
+        let mut error = text(&q["error"]);
+        if error.chars().count() > 60 {
+            error = error.chars().take(57).collect::<String>() + "...";
+        }
+        rows.push(vec![
+            text(&q["name"]),
+            text(&q["state"]),
+            text(&q["rows_in"]),
+            text(&q["rows_out"]),
+            text(&q["late"]),
+            text(&q["dlq"]),
+            text(&q["consumer_lag"]),
+            text(&q["watermark"]),
+            error,
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// One query as `key: value` lines, then its SQL.
+fn details(q: &Value) -> String {
+    let mut out = String::new();
+    for key in [
+        "name",
+        "state",
+        "error",
+        "builtin",
+        "rows_in",
+        "rows_out",
+        "late",
+        "dlq",
+        "batches",
+        "consumer_lag",
+        "assigned_partitions",
+        "watermark",
+        "watermark_lag_ms",
+        "state_groups",
+        "state_bytes",
+        "memory_limit",
+        "restarts",
+        "last_checkpoint",
+    ] {
+        out.push_str(&format!("{key:<20} {}\n", text(&q[key])));
+    }
+    out.push_str(&format!("sql:\n{}\n", text(&q["sql"]).trim_end()));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_aligns_columns_and_shortens_errors() {
+        let rows = vec![
+            json!({"name": "a", "state": "RUNNING", "rows_in": 10, "rows_out": 2, "late": 0,
+                   "dlq": 1, "consumer_lag": 5, "watermark": "2026-11-22T00:00:00.000Z",
+                   "error": null}),
+            json!({"name": "longer_name", "state": "FAILED", "rows_in": 0, "rows_out": 0,
+                   "late": 0, "dlq": 0, "consumer_lag": null, "watermark": null,
+                   "error": "x".repeat(100)}),
+        ];
+        let out = table(&rows);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("NAME         STATE"), "{out}");
+        assert!(lines[1].starts_with("a            RUNNING  10"), "{out}");
+        assert!(
+            lines[2].contains("FAILED") && lines[2].ends_with("..."),
+            "{out}"
+        );
+        assert_eq!(lines[2].find("FAILED"), lines[0].find("STATE"));
+    }
+
+    #[test]
+    fn a_server_without_a_scheme_is_refused() {
+        assert!(Client::new("localhost:8080", None).is_err());
+        assert!(Client::new("http://localhost:8080/", None).is_ok());
+    }
+}

@@ -1,0 +1,374 @@
+//! The service's configuration: `default.toml` (compiled in), then a file, then
+//! `URBANSTREAM__*` environment variables, merged by figment. Unknown keys are errors that name
+//! the key; secrets are redacted wherever the configuration is shown.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::pipeline::Topics;
+
+/// The compiled-in defaults (`engine/default.toml`).
+pub const DEFAULT_TOML: &str = include_str!("../../default.toml");
+
+/// Prefix of the environment variables that override the configuration; `__` separates the
+/// section from the key.
+pub const ENV_PREFIX: &str = "URBANSTREAM__";
+
+/// Everything `urbanstream serve` reads.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// `[kafka]`
+    pub kafka: KafkaConfig,
+    /// `[topics]`
+    pub topics: TopicsConfig,
+    /// `[api]`
+    pub api: ApiConfig,
+    /// `[catalog]`
+    pub catalog: CatalogConfig,
+    /// `[queries]`
+    pub queries: QueriesConfig,
+    /// `[pipeline]`
+    pub pipeline: PipelineSettings,
+    /// `[log]`
+    pub log: LogConfig,
+}
+
+/// `[kafka]`: where Kafka is and how to reach it.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// Prefix of the queries' consumer groups.
+    pub group_id: String,
+    /// librdkafka properties for every client.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// `[topics]`: the city's topic names.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Camera events.
+    pub camera: String,
+    /// Detector readings.
+    pub detectors: String,
+    /// Air readings.
+    pub air: String,
+    /// Congestion indicators.
+    pub congestion: String,
+    /// Air indicators.
+    pub air_indicators: String,
+    /// Alerts.
+    pub alerts: String,
+    /// Dead-letter queue.
+    pub dlq: String,
+    /// Late events.
+    pub late: String,
+}
+
+/// `[api]`: the HTTP server.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Bearer token; empty for none.
+    pub token: String,
+    /// Largest request body.
+    pub max_body: ByteSize,
+}
+
+/// `[catalog]`: where registered queries are kept.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    /// The catalog file.
+    pub path: PathBuf,
+}
+
+/// `[queries]`: built-in queries and the limits of every query.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueriesConfig {
+    /// Whether the queries of `queries/` run.
+    pub defaults: bool,
+    /// Most queries at once.
+    pub max_queries: usize,
+    /// Memory pool per query.
+    pub memory_limit: ByteSize,
+    /// Most (window, group) partials per query.
+    pub max_state_groups: usize,
+}
+
+/// `[pipeline]`: micro-batching and retries.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Records per micro-batch at most.
+    pub max_batch_rows: usize,
+    /// Linger of a micro-batch.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Linger of the producer.
+    #[serde(with = "humantime_serde")]
+    pub producer_linger: Duration,
+    /// First wait before a query stopped by a transient error starts again.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+}
+
+/// `[log]`: logging.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Filter.
+    pub level: String,
+    /// `plain` or `json`.
+    pub format: LogFormatConfig,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormatConfig {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+impl ServiceConfig {
+    /// The defaults, then `file` if given, then the process's `URBANSTREAM__*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(Error::Config(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        let config: Self = figment.extract().map_err(|e| {
+            let messages: Vec<String> = e.into_iter().map(|e| describe(&e)).collect();
+            Error::Config(messages.join("; "))
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(Error::Config("kafka.brokers is empty".into()));
+        }
+        if self.queries.max_queries == 0 {
+            return Err(Error::Config(
+                "queries.max_queries must be at least 1".into(),
+            ));
+        }
+        if self.pipeline.max_batch_rows == 0 {
+            return Err(Error::Config(
+                "pipeline.max_batch_rows must be at least 1".into(),
+            ));
+        }
+        for key in self.kafka.properties.keys() {
+            if matches!(
+                key.as_str(),
+                "bootstrap.servers" | "group.id" | "enable.auto.commit" | "transactional.id"
+            ) {
+                return Err(Error::Config(format!(
+                    "kafka.properties.\"{key}\" is set by urbanstream itself (use kafka.brokers \
+                     or kafka.group_id)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The topic names.
+    pub fn topics(&self) -> Topics {
+        let t = &self.topics;
+        Topics {
+            camera: t.camera.clone(),
+            detectors: t.detectors.clone(),
+            air: t.air.clone(),
+            congestion: t.congestion.clone(),
+            air_indicators: t.air_indicators.clone(),
+            alerts: t.alerts.clone(),
+            dlq: t.dlq.clone(),
+            late: t.late.clone(),
+        }
+    }
+
+    /// The librdkafka properties as pairs.
+    pub fn kafka_properties(&self) -> Vec<(String, String)> {
+        self.kafka
+            .properties
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// The configuration as JSON with every secret replaced by `"<redacted>"`: what logs and
+    /// `/v1/info` show.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut shown = self.clone();
+        if !shown.api.token.is_empty() {
+            shown.api.token = REDACTED.into();
+        }
+        for (key, value) in shown.kafka.properties.iter_mut() {
+            if is_secret(key) {
+                *value = REDACTED.into();
+            }
+        }
+        serde_json::to_value(&shown).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl std::fmt::Debug for ServiceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.redacted())
+    }
+}
+
+const REDACTED: &str = "<redacted>";
+
+/// Whether a librdkafka property holds a secret (passwords, keys, tokens, JAAS config).
+pub fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "token", "jaas", "key"]
+        .iter()
+        .any(|word| key.contains(word))
+        && !key.ends_with(".location")
+}
+
+/// A figment error as one line naming the key and where its value came from.
+fn describe(e: &figment::Error) -> String {
+    let mut line = String::new();
+    if !e.path.is_empty() {
+        line.push_str(&e.path.join("."));
+        line.push_str(": ");
+    }
+    line.push_str(&e.kind.to_string());
+    if let Some(meta) = &e.metadata {
+        let source = meta
+            .source
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| meta.name.to_string());
+        line.push_str(&format!(" (in {source})"));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load(file: Option<&str>) -> std::result::Result<ServiceConfig, String> {
+        ServiceConfig::load(file.map(Path::new)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_load_and_every_section_is_read() {
+        Jail::expect_with(|_| {
+            let c = load(None)?;
+            assert_eq!(c.kafka.brokers, "localhost:9092");
+            assert_eq!(c.api.listen.to_string(), "127.0.0.1:8080");
+            assert_eq!(c.api.max_body, ByteSize::kib(64));
+            assert_eq!(c.queries.memory_limit, ByteSize::mib(512));
+            assert_eq!(c.pipeline.linger, Duration::from_millis(20));
+            assert_eq!(c.topics(), Topics::default());
+            assert_eq!(c.log.format, LogFormatConfig::Plain);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_environment_override_the_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[kafka]\nbrokers = \"file:9092\"\n[api]\nlisten = \"0.0.0.0:9000\"\n\
+                 [queries]\nmax_queries = 3\n",
+            )?;
+            let c = load(Some("c.toml"))?;
+            assert_eq!(c.kafka.brokers, "file:9092");
+            assert_eq!(c.api.listen.to_string(), "0.0.0.0:9000");
+            assert_eq!(c.queries.max_queries, 3);
+            jail.set_env("URBANSTREAM__KAFKA__BROKERS", "env:9092");
+            jail.set_env("URBANSTREAM__QUERIES__DEFAULTS", "false");
+            jail.set_env("URBANSTREAM_LOG", "debug");
+            let c = load(Some("c.toml"))?;
+            assert_eq!(c.kafka.brokers, "env:9092");
+            assert_eq!(c.api.listen.to_string(), "0.0.0.0:9000");
+            assert!(!c.queries.defaults);
+            jail.set_env("URBANSTREAM__API__LISTEN", "127.0.0.1:7000");
+            let c = load(None)?;
+            assert_eq!(c.api.listen.to_string(), "127.0.0.1:7000");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[kafka]\nbrokerz = \"x\"\n")?;
+            let err = load(Some("c.toml")).expect_err("unknown key");
+            assert!(err.contains("brokerz") && err.contains("c.toml"), "{err}");
+            let err = load(Some("/no/such.toml")).expect_err("missing file");
+            assert!(err.contains("/no/such.toml"), "{err}");
+            jail.set_env("URBANSTREAM__API__LISTEN", "nowhere");
+            let err = load(None).expect_err("bad address");
+            assert!(err.contains("api.listen"), "{err}");
+            jail.set_env("URBANSTREAM__API__LISTEN", "127.0.0.1:1");
+            jail.set_env("URBANSTREAM__APII__LISTEN", "x");
+            let err = load(None).expect_err("unknown section");
+            assert!(err.contains("apii"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn librdkafka_properties_pass_through_and_secrets_are_hidden() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\
+                 \"sasl.username\" = \"city\"\n\"sasl.password\" = \"hunter2\"\n\
+                 \"ssl.key.location\" = \"/k.pem\"\n\"ssl.key.password\" = \"pw2\"\n\
+                 [api]\ntoken = \"t0ps3cret\"\n",
+            )?;
+            let c = load(Some("c.toml"))?;
+            let props = c.kafka_properties();
+            assert!(props.contains(&("sasl.password".into(), "hunter2".into())));
+            assert!(props.contains(&("security.protocol".into(), "SASL_SSL".into())));
+            let shown = format!("{c:?} {}", c.redacted());
+            for secret in ["hunter2", "pw2", "t0ps3cret"] {
+                assert!(!shown.contains(secret), "{secret} shown in {shown}");
+            }
+            assert!(
+                shown.contains("SASL_SSL") && shown.contains("/k.pem"),
+                "{shown}"
+            );
+            jail.create_file("d.toml", "[kafka.properties]\n\"group.id\" = \"x\"\n")?;
+            let err = load(Some("d.toml")).expect_err("reserved");
+            assert!(err.contains("group.id"), "{err}");
+            Ok(())
+        });
+    }
+}

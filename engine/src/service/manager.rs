@@ -1,0 +1,698 @@
+//! The query manager: every query (built-in or registered) runs as its own pipeline (its own
+//! consumer group `<group_id>.<name>`, producer, DataFusion session and memory pool), so one
+//! query can be paused, restarted or fail without touching the others.
+//!
+//! A query stopped by an error that may pass (the broker unreachable) is started again after a
+//! backoff that doubles up to 30 s; any other error (a resource limit, a bad record batch the
+//! plan refuses) leaves it FAILED with the error until it is restarted.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::{error, info, warn};
+
+use super::catalog::{Catalog, CatalogEntry};
+use super::config::ServiceConfig;
+use crate::error::Error;
+use crate::pipeline::{Pipeline, PipelineConfig, PipelineStats, epoch_ms};
+use crate::plan::{DEFAULT_QUERIES, city_context, plan_all};
+use crate::schema::SchemaRegistry;
+
+/// Longest wait between two attempts to start a query stopped by a transient error.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Longest query name.
+const MAX_NAME: usize = 64;
+
+/// Where a query is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum QueryState {
+    /// Connecting and planning, or waiting to retry after a transient error.
+    Starting,
+    /// Reading, computing and publishing.
+    Running,
+    /// Stopped on request; its offsets are committed.
+    Paused,
+    /// Stopped by an error; see `error`.
+    Failed,
+}
+
+impl QueryState {
+    /// The state's name as the API shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueryState::Starting => "STARTING",
+            QueryState::Running => "RUNNING",
+            QueryState::Paused => "PAUSED",
+            QueryState::Failed => "FAILED",
+        }
+    }
+}
+
+/// What went wrong with a request, and how the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceError {
+    /// The request is malformed: bad name, SQL that does not parse or plan. With the position
+    /// in the SQL when the parser gave one.
+    Invalid {
+        /// What is wrong.
+        message: String,
+        /// (line, column), 1-based.
+        position: Option<(u64, u64)>,
+    },
+    /// No query of that name.
+    NotFound(String),
+    /// The request conflicts with what exists: a duplicate name, the query limit, deleting a
+    /// built-in query.
+    Conflict(String),
+    /// The service could not do it (the catalog could not be written).
+    Internal(String),
+}
+
+impl std::fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServiceError::Invalid { message, .. }
+            | ServiceError::NotFound(message)
+            | ServiceError::Conflict(message)
+            | ServiceError::Internal(message) => f.write_str(message),
+        }
+    }
+}
+
+impl ServiceError {
+    fn invalid(message: impl Into<String>) -> Self {
+        let message = message.into();
+        let position = sql_position(&message);
+        ServiceError::Invalid { message, position }
+    }
+
+    fn not_found(name: &str) -> Self {
+        ServiceError::NotFound(format!("no query named {name:?}"))
+    }
+}
+
+/// (line, column) of a parser message such as `… at Line: 1, Column: 8`.
+fn sql_position(message: &str) -> Option<(u64, u64)> {
+    let after = |key: &str| -> Option<u64> {
+        let start = message.rfind(key)? + key.len();
+        let digits: String = message[start..]
+            .chars()
+            .skip_while(|c| c.is_whitespace())
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    Some((after("Line:")?, after("Column:")?))
+}
+
+/// One stream query found in a query's SQL.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedStatement {
+    /// Table it reads.
+    pub source: String,
+    /// Topic it reads.
+    pub source_topic: String,
+    /// Table it writes.
+    pub sink: String,
+    /// Topic it writes.
+    pub sink_topic: String,
+    /// Whether it aggregates over windows (and so keeps state).
+    pub windowed: bool,
+}
+
+/// A query's status as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryStatus {
+    /// Name.
+    pub name: String,
+    /// Whether it is one of the queries of `queries/`.
+    pub builtin: bool,
+    /// RUNNING, PAUSED, FAILED or STARTING.
+    pub state: QueryState,
+    /// Why it failed, or the last transient error while it is retried.
+    pub error: Option<String>,
+    /// The SQL.
+    pub sql: String,
+    /// Registered at, epoch ms (start of the service for built-in queries).
+    pub created_at: i64,
+    /// Last (re)started at, epoch ms.
+    pub started_at: Option<i64>,
+    /// Starts after the first (retries and restarts).
+    pub restarts: u64,
+    /// Input records read.
+    pub rows_in: u64,
+    /// Result rows published and acknowledged.
+    pub rows_out: u64,
+    /// Events beyond allowed lateness, sent to the late topic.
+    pub late: u64,
+    /// Records its source schema rejected, sent to the DLQ.
+    pub dlq: u64,
+    /// Micro-batches processed.
+    pub batches: u64,
+    /// Records between its position and the end of its partitions; null until known.
+    pub consumer_lag: Option<i64>,
+    /// Input partitions assigned to it.
+    pub assigned_partitions: u64,
+    /// Its watermark, epoch ms; null before the first event.
+    pub watermark_ms: Option<i64>,
+    /// Its watermark as RFC 3339 UTC.
+    pub watermark: Option<String>,
+    /// Wall clock minus watermark, ms.
+    pub watermark_lag_ms: Option<i64>,
+    /// (window, group) partials held.
+    pub state_groups: u64,
+    /// Bytes of window state held.
+    pub state_bytes: u64,
+    /// Its memory pool, bytes.
+    pub memory_limit: u64,
+    /// The last checkpoint of its state. Always null: state is not checkpointed yet; a
+    /// restarted query recomputes its open windows from its committed offsets.
+    pub last_checkpoint: Option<i64>,
+}
+
+/// The mutable part of a query's status.
+#[derive(Debug)]
+struct Status {
+    state: QueryState,
+    error: Option<String>,
+    started_at: Option<i64>,
+}
+
+/// The running task of a query and the flag that stops it.
+#[derive(Default)]
+struct Control {
+    stop: Arc<AtomicBool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A query known to the manager.
+struct QueryHandle {
+    entry: CatalogEntry,
+    builtin: bool,
+    memory_limit: u64,
+    stats: Arc<PipelineStats>,
+    status: Mutex<Status>,
+    /// Pipelines started for it so far.
+    starts: AtomicU64,
+    control: tokio::sync::Mutex<Control>,
+}
+
+impl QueryHandle {
+    fn set(&self, state: QueryState, error: Option<String>) {
+        if let Ok(mut s) = self.status.lock() {
+            s.state = state;
+            s.error = error;
+            if state == QueryState::Running {
+                s.started_at = Some(epoch_ms());
+            }
+        }
+    }
+
+    fn state(&self) -> QueryState {
+        self.status
+            .lock()
+            .map_or(QueryState::Failed, |status| status.state)
+    }
+
+    fn status(&self) -> QueryStatus {
+        let (state, error, started_at) = self.status.lock().map_or(
+            (
+                QueryState::Failed,
+                Some("status lock poisoned".into()),
+                None,
+            ),
+            |s| (s.state, s.error.clone(), s.started_at),
+        );
+        let stats = &self.stats;
+        let watermark_ms =
+            Some(stats.watermark_ms.load(Ordering::Relaxed)).filter(|w| *w != i64::MIN);
+        let lag = stats.consumer_lag.load(Ordering::Relaxed);
+        QueryStatus {
+            name: self.entry.name.clone(),
+            builtin: self.builtin,
+            state,
+            error,
+            sql: self.entry.sql.clone(),
+            created_at: self.entry.created_at,
+            started_at,
+            restarts: self.starts.load(Ordering::Relaxed).saturating_sub(1),
+            rows_in: stats.records_in.load(Ordering::Relaxed),
+            rows_out: stats.indicators_out.load(Ordering::Relaxed),
+            late: stats.late.load(Ordering::Relaxed),
+            dlq: stats.dlq.load(Ordering::Relaxed),
+            batches: stats.batches.load(Ordering::Relaxed),
+            consumer_lag: (lag >= 0).then_some(lag),
+            assigned_partitions: stats.assigned_partitions.load(Ordering::Relaxed),
+            watermark_ms,
+            watermark: watermark_ms.map(rfc3339),
+            watermark_lag_ms: watermark_ms.map(|w| epoch_ms() - w),
+            state_groups: stats.state_groups.load(Ordering::Relaxed),
+            state_bytes: stats.state_bytes.load(Ordering::Relaxed),
+            memory_limit: self.memory_limit,
+            last_checkpoint: None,
+        }
+    }
+}
+
+/// RFC 3339 UTC of epoch ms.
+fn rfc3339(ms: i64) -> String {
+    humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+    )
+    .to_string()
+}
+
+/// Runs the queries and keeps the catalog.
+pub struct QueryManager {
+    config: Arc<ServiceConfig>,
+    catalog: Mutex<Catalog>,
+    queries: Mutex<BTreeMap<String, Arc<QueryHandle>>>,
+    schemas: SchemaRegistry,
+}
+
+impl QueryManager {
+    /// Opens the catalog; nothing runs until [`QueryManager::start_all`].
+    pub fn new(config: Arc<ServiceConfig>) -> crate::Result<Self> {
+        let catalog = Catalog::open(&config.catalog.path)?;
+        Ok(Self {
+            config,
+            catalog: Mutex::new(catalog),
+            queries: Mutex::new(BTreeMap::new()),
+            schemas: SchemaRegistry::embedded()?,
+        })
+    }
+
+    /// Registers the built-in queries (unless disabled) and every query of the catalog, and
+    /// starts those not paused. A query whose SQL no longer plans is FAILED; the others start.
+    pub async fn start_all(&self) -> crate::Result<()> {
+        let now = epoch_ms();
+        let mut entries: Vec<(CatalogEntry, bool)> = Vec::new();
+        let catalog = self.catalog()?;
+        if self.config.queries.defaults {
+            for (name, sql) in DEFAULT_QUERIES {
+                let entry = CatalogEntry {
+                    name: name.to_string(),
+                    sql: sql.to_string(),
+                    paused: catalog.builtin_paused(name),
+                    memory_limit: None,
+                    created_at: now,
+                };
+                entries.push((entry, true));
+            }
+        }
+        entries.extend(catalog.entries().iter().cloned().map(|e| (e, false)));
+        drop(catalog);
+        for (entry, builtin) in entries {
+            let paused = entry.paused;
+            let name = entry.name.clone();
+            let handle = self.register(entry, builtin);
+            if paused {
+                handle.set(QueryState::Paused, None);
+                continue;
+            }
+            if let Err(e) = self.validate(&handle.entry.sql).await {
+                warn!(query = %name, error = %e, "registered query no longer plans");
+                handle.set(QueryState::Failed, Some(format!("does not plan: {e}")));
+                continue;
+            }
+            self.start(&handle).await;
+        }
+        Ok(())
+    }
+
+    fn catalog(&self) -> crate::Result<std::sync::MutexGuard<'_, Catalog>> {
+        self.catalog
+            .lock()
+            .map_err(|_| Error::Config("catalog lock poisoned".into()))
+    }
+
+    fn register(&self, entry: CatalogEntry, builtin: bool) -> Arc<QueryHandle> {
+        let memory_limit = entry
+            .memory_limit
+            .unwrap_or(self.config.queries.memory_limit.as_u64());
+        let handle = Arc::new(QueryHandle {
+            builtin,
+            memory_limit,
+            stats: Arc::new(PipelineStats::new()),
+            status: Mutex::new(Status {
+                state: QueryState::Starting,
+                error: None,
+                started_at: None,
+            }),
+            starts: AtomicU64::new(0),
+            control: tokio::sync::Mutex::new(Control::default()),
+            entry,
+        });
+        if let Ok(mut queries) = self.queries.lock() {
+            queries.insert(handle.entry.name.clone(), handle.clone());
+        }
+        handle
+    }
+
+    fn handle(&self, name: &str) -> Result<Arc<QueryHandle>, ServiceError> {
+        self.queries
+            .lock()
+            .ok()
+            .and_then(|q| q.get(name).cloned())
+            .ok_or_else(|| ServiceError::not_found(name))
+    }
+
+    fn handles(&self) -> Vec<Arc<QueryHandle>> {
+        self.queries
+            .lock()
+            .map(|q| q.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Plans `sql` against the city's tables without running it: the stream queries it holds,
+    /// or why it cannot run (with the position in the SQL when known).
+    pub async fn validate(&self, sql: &str) -> Result<Vec<PlannedStatement>, ServiceError> {
+        if sql.trim().is_empty() {
+            return Err(ServiceError::invalid("sql is empty"));
+        }
+        let ctx = city_context(&self.config.topics(), &self.schemas)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let planned = plan_all(&ctx, sql)
+            .await
+            .map_err(|e| ServiceError::invalid(e.to_string()))?;
+        if planned.is_empty() {
+            return Err(ServiceError::invalid(
+                "no stream query: the SQL must hold an INSERT INTO <stream table> SELECT … \
+                 (CREATE EXTERNAL TABLE … STORED AS KAFKA declares a new output topic)",
+            ));
+        }
+        planned
+            .iter()
+            .map(|q| {
+                let Some(sink) = q.sink() else {
+                    return Err(ServiceError::invalid(format!(
+                        "a SELECT without INSERT INTO publishes nothing: write INSERT INTO \
+                         <stream table> {}",
+                        q.sql()
+                    )));
+                };
+                Ok(PlannedStatement {
+                    source: q.source().name.clone(),
+                    source_topic: q.source().options.topic.clone(),
+                    sink: sink.name.clone(),
+                    sink_topic: sink.options.topic.clone(),
+                    windowed: q.is_windowed(),
+                })
+            })
+            .collect()
+    }
+
+    /// Validates and registers a new query, writes the catalog, and starts it.
+    pub async fn create(
+        &self,
+        name: &str,
+        sql: &str,
+        memory_limit: Option<u64>,
+    ) -> Result<QueryStatus, ServiceError> {
+        check_name(name)?;
+        if self.handle(name).is_ok() {
+            return Err(duplicate(name));
+        }
+        if memory_limit == Some(0) {
+            return Err(ServiceError::invalid("memory_limit must be above 0 bytes"));
+        }
+        self.validate(sql).await?;
+        let entry = CatalogEntry {
+            name: name.to_string(),
+            sql: sql.to_string(),
+            paused: false,
+            memory_limit,
+            created_at: epoch_ms(),
+        };
+        {
+            // The name, the limit and the catalog are checked and changed under the registry's
+            // lock, so two requests for one name cannot both succeed.
+            let queries = self
+                .queries
+                .lock()
+                .map_err(|_| ServiceError::Internal("registry lock poisoned".into()))?;
+            if queries.contains_key(name) {
+                return Err(duplicate(name));
+            }
+            let max = self.config.queries.max_queries;
+            if queries.len() >= max {
+                return Err(ServiceError::Conflict(format!(
+                    "the service runs its limit of {max} queries (queries.max_queries); drop \
+                     one first"
+                )));
+            }
+            self.catalog()
+                .and_then(|mut c| c.insert(entry.clone()))
+                .map_err(|e| ServiceError::Internal(format!("catalog not written: {e}")))?;
+        }
+        info!(query = name, "query registered");
+        let handle = self.register(entry, false);
+        self.start(&handle).await;
+        Ok(handle.status())
+    }
+
+    /// Every query's status, by name.
+    pub fn list(&self) -> Vec<QueryStatus> {
+        self.handles().iter().map(|h| h.status()).collect()
+    }
+
+    /// One query's status.
+    pub fn get(&self, name: &str) -> Result<QueryStatus, ServiceError> {
+        Ok(self.handle(name)?.status())
+    }
+
+    /// Stops a registered query, removes it from the catalog and forgets it.
+    pub async fn delete(&self, name: &str) -> Result<(), ServiceError> {
+        let handle = self.handle(name)?;
+        if handle.builtin {
+            return Err(ServiceError::Conflict(format!(
+                "{name} is a built-in query: pause it, or run without the built-in queries \
+                 (queries.defaults = false)"
+            )));
+        }
+        self.catalog()
+            .and_then(|mut c| c.remove(name))
+            .map_err(|e| ServiceError::Internal(format!("catalog not written: {e}")))?;
+        stop(&handle).await;
+        if let Ok(mut queries) = self.queries.lock() {
+            queries.remove(name);
+        }
+        info!(query = name, "query dropped");
+        Ok(())
+    }
+
+    /// Stops a query after it publishes what it has and commits; it stays paused across
+    /// restarts of the service.
+    pub async fn pause(&self, name: &str) -> Result<QueryStatus, ServiceError> {
+        let handle = self.handle(name)?;
+        self.persist_paused(&handle, true)?;
+        stop(&handle).await;
+        handle.set(QueryState::Paused, None);
+        info!(query = name, "query paused");
+        Ok(handle.status())
+    }
+
+    /// Starts a paused query again from its committed offsets.
+    pub async fn resume(&self, name: &str) -> Result<QueryStatus, ServiceError> {
+        let handle = self.handle(name)?;
+        if handle.state() != QueryState::Paused {
+            return Err(ServiceError::Conflict(format!(
+                "{name} is {}, not PAUSED (restart starts a query in any state)",
+                handle.state().as_str()
+            )));
+        }
+        self.persist_paused(&handle, false)?;
+        self.start(&handle).await;
+        info!(query = name, "query resumed");
+        Ok(handle.status())
+    }
+
+    /// Stops a query if it runs and starts it again (a FAILED query included).
+    pub async fn restart(&self, name: &str) -> Result<QueryStatus, ServiceError> {
+        let handle = self.handle(name)?;
+        self.validate(&handle.entry.sql).await?;
+        self.persist_paused(&handle, false)?;
+        stop(&handle).await;
+        self.start(&handle).await;
+        info!(query = name, "query restarted");
+        Ok(handle.status())
+    }
+
+    fn persist_paused(&self, handle: &QueryHandle, paused: bool) -> Result<(), ServiceError> {
+        self.catalog()
+            .and_then(|mut c| c.set_paused(&handle.entry.name, paused, handle.builtin))
+            .map_err(|e| ServiceError::Internal(format!("catalog not written: {e}")))
+    }
+
+    /// Stops every query (each publishes what it has, flushes and commits); the catalog keeps
+    /// them for the next start.
+    pub async fn shutdown(&self) {
+        let handles = self.handles();
+        futures::future::join_all(handles.iter().map(|h| stop(h))).await;
+        info!(queries = handles.len(), "queries stopped");
+    }
+
+    /// Counts of queries per state.
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut counts: BTreeMap<&'static str, usize> = [
+            QueryState::Starting,
+            QueryState::Running,
+            QueryState::Paused,
+            QueryState::Failed,
+        ]
+        .into_iter()
+        .map(|s| (s.as_str(), 0))
+        .collect();
+        for h in self.handles() {
+            *counts.entry(h.state().as_str()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// The pipeline settings of `handle`'s query.
+    fn pipeline_config(&self, handle: &QueryHandle) -> PipelineConfig {
+        let c = &self.config;
+        let mut p = PipelineConfig::new(c.kafka.brokers.clone());
+        p.group_id = format!("{}.{}", c.kafka.group_id, handle.entry.name);
+        p.topics = c.topics();
+        p.max_batch_rows = c.pipeline.max_batch_rows;
+        p.linger = c.pipeline.linger;
+        p.producer_linger = c.pipeline.producer_linger;
+        p.properties = c.kafka_properties();
+        p.default_queries = false;
+        p.queries = vec![(handle.entry.name.clone(), handle.entry.sql.clone())];
+        p.name = Some(handle.entry.name.clone());
+        p.memory_limit = Some(usize::try_from(handle.memory_limit).unwrap_or(usize::MAX));
+        p.max_state_groups = Some(c.queries.max_state_groups);
+        p
+    }
+
+    /// Starts `handle`'s pipeline under a supervisor that retries transient errors.
+    async fn start(&self, handle: &Arc<QueryHandle>) {
+        let mut control = handle.control.lock().await;
+        let stop = Arc::new(AtomicBool::new(false));
+        control.stop = stop.clone();
+        handle.set(QueryState::Starting, None);
+        control.task = Some(tokio::spawn(supervise(
+            handle.clone(),
+            self.pipeline_config(handle),
+            self.config.pipeline.retry_backoff,
+            stop,
+        )));
+    }
+}
+
+fn duplicate(name: &str) -> ServiceError {
+    ServiceError::Conflict(format!("a query named {name:?} exists already"))
+}
+
+/// Names are 1 to 64 of `[A-Za-z0-9_-]`, starting with a letter: they become part of a
+/// consumer group id and a metrics label.
+fn check_name(name: &str) -> Result<(), ServiceError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::invalid(format!(
+            "query name {name:?}: use 1 to {MAX_NAME} letters, digits, '_' or '-', starting \
+             with a letter"
+        )))
+    }
+}
+
+/// Stops `handle`'s pipeline, if it runs, and waits until it has flushed and committed.
+async fn stop(handle: &QueryHandle) {
+    let mut control = handle.control.lock().await;
+    control.stop.store(true, Ordering::Relaxed);
+    if let Some(task) = control.task.take()
+        && let Err(e) = task.await
+    {
+        error!(query = %handle.entry.name, error = %e, "query task ended abnormally");
+    }
+}
+
+/// Runs a query's pipeline until `stop`; transient errors start it again after a backoff,
+/// others leave it FAILED.
+async fn supervise(
+    handle: Arc<QueryHandle>,
+    config: PipelineConfig,
+    backoff: Duration,
+    stop: Arc<AtomicBool>,
+) {
+    let name = handle.entry.name.clone();
+    let mut delay = backoff;
+    loop {
+        handle.starts.fetch_add(1, Ordering::Relaxed);
+        let result = async {
+            let pipeline = Pipeline::new(config.clone(), handle.stats.clone()).await?;
+            handle.set(QueryState::Running, None);
+            pipeline.run(stop.clone()).await
+        }
+        .await;
+        match result {
+            Ok(()) => return,
+            Err(e) if e.is_transient() && !stop.load(Ordering::Relaxed) => {
+                warn!(query = %name, error = %e, retry_in = ?delay, "query stopped; retrying");
+                handle.set(
+                    QueryState::Starting,
+                    Some(format!(
+                        "{e} (retrying in {})",
+                        humantime::format_duration(delay)
+                    )),
+                );
+                let until = tokio::time::Instant::now() + delay;
+                while tokio::time::Instant::now() < until {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                delay = (delay * 2).min(MAX_BACKOFF);
+            }
+            Err(e) => {
+                error!(query = %name, error = %e, "query failed");
+                handle.set(QueryState::Failed, Some(e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parser_positions_are_found() {
+        assert_eq!(
+            sql_position(
+                "sql parser error: Expected: end of statement, found: x at Line: 2, Column: 17"
+            ),
+            Some((2, 17))
+        );
+        assert_eq!(sql_position("table 'nope' not found"), None);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "congestion_5m", "Ward-totals", &"x".repeat(64)] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "5m", "_x", "a b", "a.b", "é", &"x".repeat(65)] {
+            assert!(
+                matches!(check_name(bad), Err(ServiceError::Invalid { .. })),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Prometheus metrics. Per query (label `query`, bounded by `queries.max_queries`): events in,
+//! rows out, micro-batches, decode errors (DLQ), late events, consumer lag, watermark lag,
+//! state size, and the emit-latency histogram (recorded by the pipeline as rows are
+//! acknowledged). Per service: queries per state (label `state`, four values) and whether
+//! Kafka is reachable. The counters are read from each query's live counters when `/metrics`
+//! is scraped; series of a dropped query expire after five minutes.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
+
+use super::manager::QueryStatus;
+
+/// Name of the emit-latency histogram: from the arrival of the micro-batch that closed a
+/// window to the broker's acknowledgement of the result row, seconds.
+pub const EMIT_LATENCY: &str = "urbanstream_emit_latency_seconds";
+
+/// Upper bounds of the emit-latency buckets, seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The process's Prometheus recorder (installed once, on first use).
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .idle_timeout(MetricKindMask::ALL, Some(Duration::from_secs(300)));
+        // The buckets are a non-empty constant, the one thing the builder checks.
+        let builder = builder
+            .set_buckets_for_metric(Matcher::Full(EMIT_LATENCY.into()), LATENCY_BUCKETS)
+            .unwrap_or_else(|_| {
+                PrometheusBuilder::new()
+                    .idle_timeout(MetricKindMask::ALL, Some(Duration::from_secs(300)))
+            });
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Another recorder installed first (an embedding program's) keeps its place; this
+        // handle then renders only what is recorded through it.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "urbanstream_events_in_total",
+        Unit::Count,
+        "Input records read, per query."
+    );
+    describe_counter!(
+        "urbanstream_rows_out_total",
+        Unit::Count,
+        "Result rows published and acknowledged, per query."
+    );
+    describe_counter!(
+        "urbanstream_batches_total",
+        Unit::Count,
+        "Micro-batches processed, per query."
+    );
+    describe_counter!(
+        "urbanstream_decode_errors_total",
+        Unit::Count,
+        "Records the query's source schema rejected (sent to the DLQ)."
+    );
+    describe_counter!(
+        "urbanstream_late_events_total",
+        Unit::Count,
+        "Events beyond allowed lateness (sent to the late topic)."
+    );
+    describe_gauge!(
+        "urbanstream_consumer_lag_records",
+        Unit::Count,
+        "Records between the query's position and the end of its partitions."
+    );
+    describe_gauge!(
+        "urbanstream_watermark_lag_seconds",
+        Unit::Seconds,
+        "Wall clock minus the query's watermark."
+    );
+    describe_gauge!(
+        "urbanstream_state_groups",
+        Unit::Count,
+        "(window, group) partials held."
+    );
+    describe_gauge!(
+        "urbanstream_state_bytes",
+        Unit::Bytes,
+        "Bytes of window state held."
+    );
+    describe_gauge!("urbanstream_queries", Unit::Count, "Queries per state.");
+    describe_gauge!(
+        "urbanstream_kafka_reachable",
+        Unit::Count,
+        "1 when the last metadata request to Kafka succeeded."
+    );
+    describe_histogram!(
+        EMIT_LATENCY,
+        Unit::Seconds,
+        "Arrival of the micro-batch that closed a window to the acknowledgement of its rows."
+    );
+}
+
+/// Brings the per-query series up to date and renders the exposition text.
+pub fn render(
+    queries: &[QueryStatus],
+    counts: &std::collections::BTreeMap<&'static str, usize>,
+    kafka_reachable: bool,
+) -> String {
+    let handle = handle();
+    for q in queries {
+        let name = q.name.clone();
+        let label = [("query", name)];
+        metrics::counter!("urbanstream_events_in_total", &label).absolute(q.rows_in);
+        metrics::counter!("urbanstream_rows_out_total", &label).absolute(q.rows_out);
+        metrics::counter!("urbanstream_batches_total", &label).absolute(q.batches);
+        metrics::counter!("urbanstream_decode_errors_total", &label).absolute(q.dlq);
+        metrics::counter!("urbanstream_late_events_total", &label).absolute(q.late);
+        if let Some(lag) = q.consumer_lag {
+            metrics::gauge!("urbanstream_consumer_lag_records", &label).set(lag as f64);
+        }
+        if let Some(lag) = q.watermark_lag_ms {
+            metrics::gauge!("urbanstream_watermark_lag_seconds", &label).set(lag as f64 / 1e3);
+        }
+        metrics::gauge!("urbanstream_state_groups", &label).set(q.state_groups as f64);
+        metrics::gauge!("urbanstream_state_bytes", &label).set(q.state_bytes as f64);
+    }
+    for (state, n) in counts {
+        metrics::gauge!("urbanstream_queries", "state" => *state).set(*n as f64);
+    }
+    metrics::gauge!("urbanstream_kafka_reachable").set(if kafka_reachable { 1.0 } else { 0.0 });
+    handle.run_upkeep();
+    handle.render()
+}

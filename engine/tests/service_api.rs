@@ -1,0 +1,489 @@
+//! The service through its real router (axum, every middleware included) with queries running
+//! against the embedded broker: the API's contract, a restart that keeps registered queries,
+//! and a query over its memory limit that fails while another keeps producing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+use urbanstream::broker::EmbeddedBroker;
+use urbanstream::service::config::ServiceConfig;
+use urbanstream::service::{Service, api};
+
+const TOKEN: &str = "test-token-1234";
+
+/// A window query of vehicles per segment and minute into its own topic.
+fn per_minute(name: &str) -> String {
+    format!(
+        "CREATE EXTERNAL TABLE {name}_out (segment_id VARCHAR NOT NULL, \
+            window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'test.{name}', 'format' 'json', 'key' 'segment_id');
+         INSERT INTO {name}_out SELECT segment_id, window_start, window_end, count(*) AS n \
+         FROM camera_events GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id"
+    )
+}
+
+/// A service on `brokers` with its catalog in `dir`, without the built-in queries. The
+/// embedded broker hands a stopped member's partitions to the group's next member only once
+/// the stopped member's session has timed out, so the restart test shortens the session from
+/// Kafka's 45 s.
+async fn service(brokers: &str, dir: &std::path::Path) -> anyhow::Result<Arc<Service>> {
+    let file = dir.join("urbanstream.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"svc-test\"\n\
+             [kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
+             [api]\ntoken = \"{TOKEN}\"\nmax_body = \"4KiB\"\n\
+             [catalog]\npath = \"{}\"\n[queries]\ndefaults = false\nmax_queries = 3\n\
+             [pipeline]\nlinger = \"5ms\"\n",
+            dir.join("data/catalog.json").display()
+        ),
+    )?;
+    Ok(Service::start(ServiceConfig::load(Some(&file))?).await?)
+}
+
+/// Sends one request through the router; the status and the JSON body (null if none).
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> anyhow::Result<(StatusCode, Value)> {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(t) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let body = match body {
+        Some(v) => {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+            Body::from(serde_json::to_vec(&v)?)
+        }
+        None => Body::empty(),
+    };
+    let response = app.clone().oneshot(request.body(body)?).await?;
+    let status = response.status();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    Ok((status, value))
+}
+
+/// Asks for `name`'s status until `done` holds for it, or fails after `limit`.
+async fn wait_for(
+    app: &axum::Router,
+    name: &str,
+    limit: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let start = Instant::now();
+    loop {
+        let (status, q) = call(
+            app,
+            "GET",
+            &format!("/v1/queries/{name}"),
+            Some(TOKEN),
+            None,
+        )
+        .await?;
+        anyhow::ensure!(status == StatusCode::OK, "{name}: {status} {q}");
+        if done(&q) {
+            return Ok(q);
+        }
+        anyhow::ensure!(start.elapsed() < limit, "{name} never got there: {q}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn is(state: &'static str) -> impl Fn(&Value) -> bool {
+    move |q| q["state"] == state
+}
+
+/// Produces `n` camera detections from `cameras` distinct cameras on 4 segments, one second
+/// apart in event time from `t0`.
+async fn produce_events(brokers: &str, t0: i64, n: usize, cameras: usize) -> anyhow::Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .create()?;
+    let mut sends = Vec::with_capacity(n);
+    for i in 0..n {
+        let segment = format!("seg-{}", i % 4);
+        let value = json!({
+            "camera_id": format!("cam-{}", i % cameras), "segment_id": segment,
+            "event_time": t0 + i as i64 * 1000, "kind": "detection",
+            "vehicle_class": "motorbike", "speed_kmh": 30.0, "confidence": 0.9
+        })
+        .to_string();
+        let record = FutureRecord::to("city.camera.events")
+            .key(&segment)
+            .payload(&value);
+        sends.push(producer.send_result(record).map_err(|(e, _)| e)?);
+    }
+    for send in sends {
+        send.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+fn broker() -> anyhow::Result<EmbeddedBroker> {
+    let broker = EmbeddedBroker::start()?;
+    for topic in urbanstream::pipeline::Topics::default().all() {
+        broker.create_topic(&topic, 2)?;
+    }
+    for topic in ["test.counts", "test.hog", "test.kept"] {
+        broker.create_topic(topic, 1)?;
+    }
+    Ok(broker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_contract() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let dir = tempfile::tempdir()?;
+    let service = service(&broker.bootstrap_servers(), dir.path()).await?;
+    let app = api::router(service.clone());
+
+    // Only /livez is open without the token.
+    let (status, _) = call(&app, "GET", "/livez", None, None).await?;
+    assert_eq!(status, StatusCode::OK);
+    for path in ["/v1/queries", "/v1/info", "/readyz", "/metrics"] {
+        let (status, body) = call(&app, "GET", path, None, None).await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("token")),
+            "{body}"
+        );
+        let (status, _) = call(&app, "GET", path, Some("wrong"), None).await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+
+    // Invalid SQL: 400 with the position the parser gave, from validate and from create.
+    let bad = "INSERT INTO alerts SELEC * FROM camera_events";
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/validate",
+        Some(TOKEN),
+        Some(json!({"sql": bad})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["position"], json!({"line": 1, "column": 20}), "{body}");
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries",
+        Some(TOKEN),
+        Some(json!({"name": "bad", "sql": bad})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // Planning errors name the problem.
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/validate",
+        Some(TOKEN),
+        Some(json!({"sql": "INSERT INTO alerts SELECT nope FROM camera_events"})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains("nope")),
+        "{body}"
+    );
+    // Valid SQL: what it reads and writes.
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/validate",
+        Some(TOKEN),
+        Some(json!({"sql": per_minute("counts")})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["queries"][0]["sink_topic"], "test.counts", "{body}");
+    assert_eq!(body["queries"][0]["windowed"], true, "{body}");
+
+    // Create, duplicate, list, get.
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries",
+        Some(TOKEN),
+        Some(json!({"name": "counts", "sql": per_minute("counts")})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["name"], "counts");
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries",
+        Some(TOKEN),
+        Some(json!({"name": "counts", "sql": per_minute("counts")})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("exists")),
+        "{body}"
+    );
+    wait_for(&app, "counts", Duration::from_secs(20), is("RUNNING")).await?;
+    let (status, body) = call(&app, "GET", "/v1/queries", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    let names: Vec<&str> = body
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|q| q["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["counts"]);
+    let (status, body) = call(&app, "GET", "/v1/queries/nope", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(body["message"].is_string());
+
+    // Data flows: rows in, rows out, watermark.
+    let t0 = 1_767_222_000_000;
+    produce_events(&broker.bootstrap_servers(), t0, 400, 10).await?;
+    let q = wait_for(&app, "counts", Duration::from_secs(30), |q| {
+        q["rows_in"] == 400 && q["rows_out"].as_u64().unwrap_or(0) >= 4 * 5
+    })
+    .await?;
+    assert_eq!(
+        q["watermark_ms"].as_i64(),
+        Some(t0 + 399_000 - 5_000),
+        "{q}"
+    );
+    assert_eq!(q["dlq"], 0);
+
+    // Pause, resume (only from PAUSED), restart.
+    let (status, body) = call(&app, "POST", "/v1/queries/counts/pause", Some(TOKEN), None).await?;
+    assert_eq!(
+        (status, &body["state"]),
+        (StatusCode::OK, &json!("PAUSED")),
+        "{body}"
+    );
+    let (status, body) = call(&app, "POST", "/v1/queries/counts/resume", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for(&app, "counts", Duration::from_secs(20), is("RUNNING")).await?;
+    let (status, body) = call(&app, "POST", "/v1/queries/counts/resume", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/counts/restart",
+        Some(TOKEN),
+        None,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let q = wait_for(&app, "counts", Duration::from_secs(20), is("RUNNING")).await?;
+    assert!(q["restarts"].as_u64().unwrap_or(0) >= 2, "{q}");
+
+    // Readiness, metrics, info (without the token's value).
+    let start = Instant::now();
+    loop {
+        let (status, body) = call(&app, "GET", "/readyz", Some(TOKEN), None).await?;
+        if status == StatusCode::OK {
+            assert_eq!(body["kafka_reachable"], true);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = call(&app, "GET", "/metrics", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    let text = body.as_str().unwrap_or_default();
+    for series in [
+        "urbanstream_events_in_total{query=\"counts\"}",
+        "urbanstream_rows_out_total{query=\"counts\"}",
+        "urbanstream_watermark_lag_seconds{query=\"counts\"}",
+        "urbanstream_emit_latency_seconds_bucket{query=\"counts\",le=\"0.05\"}",
+        "urbanstream_queries{state=\"RUNNING\"} 1",
+        "urbanstream_kafka_reachable 1",
+    ] {
+        assert!(text.contains(series), "{series} missing from\n{text}");
+    }
+    let (status, body) = call(&app, "GET", "/v1/info", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["brokers"], broker.bootstrap_servers());
+    assert!(!body.to_string().contains(TOKEN), "{body}");
+
+    // Bodies: too large, not JSON, unknown fields; unknown paths and methods.
+    let huge = "x".repeat(8 * 1024);
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries",
+        Some(TOKEN),
+        Some(json!({"name": "huge", "sql": huge})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["message"].is_string());
+    let request = Request::post("/v1/queries")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{not json"))?;
+    let response = app.clone().oneshot(request).await?;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let (status, _) = call(
+        &app,
+        "POST",
+        "/v1/queries",
+        Some(TOKEN),
+        Some(json!({"name": "x", "sql": "SELECT 1", "colour": "red"})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, body) = call(&app, "GET", "/v2/nothing", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = call(&app, "PUT", "/v1/queries", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+    assert!(body["message"].is_string());
+    let (status, _) = call(
+        &app,
+        "POST",
+        "/v1/queries",
+        Some(TOKEN),
+        Some(json!({"name": "no spaces", "sql": per_minute("x")})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Delete: 204, then 404.
+    let (status, _) = call(&app, "DELETE", "/v1/queries/counts", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call(&app, "GET", "/v1/queries/counts", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = call(&app, "DELETE", "/v1/queries/counts", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    service.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_query_runs_again_after_a_restart() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let dir = tempfile::tempdir()?;
+    let first = service(&broker.bootstrap_servers(), dir.path()).await?;
+    let app = api::router(first.clone());
+    for name in ["kept", "held"] {
+        let (status, body) = call(
+            &app,
+            "POST",
+            "/v1/queries",
+            Some(TOKEN),
+            Some(json!({"name": name, "sql": per_minute(name)})),
+        )
+        .await?;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    wait_for(&app, "kept", Duration::from_secs(20), is("RUNNING")).await?;
+    let (status, _) = call(&app, "POST", "/v1/queries/held/pause", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    first.shutdown().await;
+    drop(app);
+    drop(first);
+
+    let second = service(&broker.bootstrap_servers(), dir.path()).await?;
+    let app = api::router(second.clone());
+    wait_for(&app, "kept", Duration::from_secs(20), is("RUNNING")).await?;
+    let held = wait_for(&app, "held", Duration::from_secs(5), is("PAUSED")).await?;
+    assert_eq!(held["sql"], per_minute("held"));
+    // It runs, not only shows: it reads what is produced after the restart.
+    produce_events(&broker.bootstrap_servers(), 1_767_222_000_000, 200, 10).await?;
+    wait_for(&app, "kept", Duration::from_secs(30), |q| {
+        q["rows_in"] == 200 && q["rows_out"].as_u64().unwrap_or(0) > 0
+    })
+    .await?;
+    second.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_over_its_memory_limit_fails_and_another_keeps_producing() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let dir = tempfile::tempdir()?;
+    let service = service(&broker.bootstrap_servers(), dir.path()).await?;
+    let app = api::router(service.clone());
+    // One state group per camera and hour: 5 000 cameras do not fit 64 KiB.
+    let hog = "CREATE EXTERNAL TABLE hog_out (camera_id VARCHAR NOT NULL, \
+            window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'test.hog', 'format' 'json', 'key' 'camera_id');
+         INSERT INTO hog_out SELECT camera_id, window_start, window_end, count(*) AS n \
+         FROM camera_events GROUP BY tumble(event_time, INTERVAL '1 hour'), camera_id";
+    for body in [
+        json!({"name": "hog", "sql": hog, "memory_limit": 64 * 1024}),
+        json!({"name": "counts", "sql": per_minute("counts")}),
+    ] {
+        let (status, answer) = call(&app, "POST", "/v1/queries", Some(TOKEN), Some(body)).await?;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+    }
+    wait_for(&app, "counts", Duration::from_secs(20), is("RUNNING")).await?;
+    wait_for(&app, "hog", Duration::from_secs(20), is("RUNNING")).await?;
+    let t0 = 1_767_222_000_000;
+    produce_events(&broker.bootstrap_servers(), t0, 6_000, 5_000).await?;
+    let hog = wait_for(&app, "hog", Duration::from_secs(60), is("FAILED")).await?;
+    let error = hog["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("resource limit") && error.contains("memory limit of 65536 bytes"),
+        "{hog}"
+    );
+    let counts = wait_for(&app, "counts", Duration::from_secs(60), |q| {
+        q["rows_in"] == 6_000
+    })
+    .await?;
+    assert_eq!(counts["state"], "RUNNING", "{counts}");
+    let before = counts["rows_out"].as_u64().unwrap_or(0);
+    assert!(before > 0, "{counts}");
+    // After the failure, the other query goes on publishing new windows.
+    produce_events(&broker.bootstrap_servers(), t0 + 6_000_000, 600, 10).await?;
+    wait_for(&app, "counts", Duration::from_secs(60), |q| {
+        q["rows_out"].as_u64().unwrap_or(0) > before && q["state"] == "RUNNING"
+    })
+    .await?;
+    assert_eq!(
+        call(&app, "GET", "/v1/queries/hog", Some(TOKEN), None)
+            .await?
+            .1["state"],
+        "FAILED"
+    );
+    // The query limit (3) counts every query, the failed one included.
+    for (name, expected) in [
+        ("third", StatusCode::CREATED),
+        ("fourth", StatusCode::CONFLICT),
+    ] {
+        let (status, body) = call(
+            &app,
+            "POST",
+            "/v1/queries",
+            Some(TOKEN),
+            Some(json!({"name": name, "sql": per_minute(name)})),
+        )
+        .await?;
+        assert_eq!(status, expected, "{body}");
+    }
+    service.shutdown().await;
+    Ok(())
+}
