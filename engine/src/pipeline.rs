@@ -28,6 +28,7 @@ use crate::plan::stream::StreamQuery;
 use crate::plan::table::StreamTable;
 use crate::plan::{city_context, city_context_in, default_queries, plan_all};
 use crate::schema::SchemaRegistry;
+use crate::service::metrics::CityGauges;
 use crate::sink::{DlqRecord, KafkaSink, KafkaSinkConfig, LateRecord, Pending, conform_stream};
 use crate::source::{KafkaSource, KafkaSourceConfig, RawBatch};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
@@ -256,6 +257,8 @@ pub struct Pipeline {
     reservation: Option<MemoryReservation>,
     /// Emit latency in seconds, labelled with the query's name, when it has one.
     emit_latency: Option<metrics::Histogram>,
+    /// City gauges (LOS, ward AQI) from published indicators, when the query has a name.
+    gauges: Option<CityGauges>,
 }
 
 impl Pipeline {
@@ -274,6 +277,21 @@ impl Pipeline {
         let reservation = config.memory_limit.map(|_| {
             MemoryConsumer::new("window state").register(&ctx.session().runtime_env().memory_pool)
         });
+        let gauges = match &config.name {
+            Some(_) => {
+                let wards: Vec<String> = crate::reference::ReferenceData::embedded()?
+                    .wards
+                    .into_iter()
+                    .map(|w| w.ward_id)
+                    .collect();
+                Some(CityGauges::new(
+                    &config.topics.congestion,
+                    &config.topics.air_indicators,
+                    &wards,
+                ))
+            }
+            None => None,
+        };
         let emit_latency = config.name.as_ref().map(|name| {
             metrics::histogram!(crate::service::metrics::EMIT_LATENCY, "query" => name.clone())
         });
@@ -333,6 +351,7 @@ impl Pipeline {
             last_commit: std::time::Instant::now(),
             reservation,
             emit_latency,
+            gauges,
             config,
         })
     }
@@ -474,6 +493,7 @@ impl Pipeline {
                     running.query.sink().cloned(),
                     out.rows,
                     &mut pending,
+                    self.gauges.as_ref(),
                 )
                 .await?;
                 rows_out += published;
@@ -498,6 +518,7 @@ impl Pipeline {
                     running.query.sink().cloned(),
                     out.rows,
                     &mut pending,
+                    self.gauges.as_ref(),
                 )
                 .await?;
             }
@@ -659,12 +680,16 @@ async fn publish(
     table: Option<Arc<StreamTable>>,
     rows: Vec<RecordBatch>,
     pending: &mut Pending,
+    gauges: Option<&CityGauges>,
 ) -> Result<usize> {
     let Some(table) = table else { return Ok(0) };
     let mut n = 0;
     for batch in rows {
         let batch = conform_stream(&batch, &table.topic_schema)?;
         n += batch.num_rows();
+        if let Some(gauges) = gauges {
+            gauges.observe(&table.options.topic, &batch);
+        }
         sink.send_rows(
             &table.options.topic,
             &batch,

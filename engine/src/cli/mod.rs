@@ -72,6 +72,11 @@ pub enum Command {
     ///
     /// Example: `urbanstream simulate --brokers localhost:9092 --rate 5000 --speedup 60`
     Simulate(SimulateArgs),
+    /// Print the records of a topic as they arrive (values, one per line), from the beginning
+    /// or from the end.
+    ///
+    /// Example: `urbanstream tail --brokers localhost:9092 --topic city.indicators.congestion --max 5`
+    Tail(TailArgs),
     /// Run the embedded Kafka-protocol broker in this process and print its address.
     ///
     /// Example: `urbanstream broker --partitions 4`
@@ -210,6 +215,26 @@ pub struct SimulateArgs {
     pub sim: SimArgs,
 }
 
+/// Options of `tail`.
+#[derive(Debug, Clone, Args)]
+pub struct TailArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long)]
+    pub brokers: String,
+    /// The topic.
+    #[arg(long)]
+    pub topic: String,
+    /// Stop after this many records.
+    #[arg(long)]
+    pub max: Option<u64>,
+    /// Start at the end instead of the beginning.
+    #[arg(long)]
+    pub from_end: bool,
+    /// Stop when nothing arrives for this long; default: wait until Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub idle: Option<Duration>,
+}
+
 /// Options of `broker`.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
@@ -249,6 +274,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Query(args) => crate::service::client::run(args).await,
         Command::Simulate(args) => simulate(args).await,
         Command::Broker(args) => broker(args).await,
+        Command::Tail(args) => tail(args).await,
         Command::Evaluate(args) => evaluate(args),
         Command::Bench(args) => crate::bench::run(args).await,
         Command::BenchEngine(args) => crate::bench::child::run(args).await,
@@ -372,6 +398,47 @@ async fn simulate(args: SimulateArgs) -> Result<()> {
         "produced {} records",
         stats.produced.load(Ordering::Relaxed)
     );
+    Ok(())
+}
+
+async fn tail(args: TailArgs) -> Result<()> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    // No group: the consumer reads where it is told and commits nothing.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set(
+            "group.id",
+            format!("urbanstream-tail-{}", std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set(
+            "auto.offset.reset",
+            if args.from_end { "latest" } else { "earliest" },
+        )
+        .create()?;
+    consumer.subscribe(&[args.topic.as_str()])?;
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signal(stop.clone());
+    let mut seen = 0;
+    let mut last = std::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) && args.max.is_none_or(|m| seen < m) {
+        if args.idle.is_some_and(|idle| last.elapsed() >= idle) {
+            break;
+        }
+        let Ok(message) = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
+        else {
+            continue;
+        };
+        let message = message?;
+        println!(
+            "{}",
+            String::from_utf8_lossy(message.payload().unwrap_or_default())
+        );
+        seen += 1;
+        last = std::time::Instant::now();
+    }
+    eprintln!("{seen} records from {}", args.topic);
     Ok(())
 }
 

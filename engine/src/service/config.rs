@@ -343,6 +343,38 @@ mod tests {
         });
     }
 
+    /// Every `URBANSTREAM__…` variable the Docker files set is a key the service reads.
+    #[test]
+    fn the_docker_files_set_only_known_keys() {
+        let files = [
+            include_str!("../../../docker/compose.yaml"),
+            include_str!("../../../docker/Dockerfile"),
+        ];
+        Jail::expect_with(|jail| {
+            let mut set = 0;
+            for text in files {
+                for line in text.lines() {
+                    let line = line.trim();
+                    let Some(start) = line.find(ENV_PREFIX) else {
+                        continue;
+                    };
+                    if line.starts_with('#') {
+                        continue;
+                    }
+                    let setting = line[start..].trim_end_matches('\\').trim();
+                    let (key, value) = setting
+                        .split_once(['=', ':'])
+                        .ok_or_else(|| format!("no value in {line:?}"))?;
+                    jail.set_env(key.trim(), value.trim());
+                    set += 1;
+                }
+            }
+            assert!(set >= 4, "only {set} settings found");
+            load(None)?;
+            Ok(())
+        });
+    }
+
     #[test]
     fn librdkafka_properties_pass_through_and_secrets_are_hidden() {
         Jail::expect_with(|jail| {

@@ -3,7 +3,8 @@
 //! state size, and the emit-latency histogram (recorded by the pipeline as rows are
 //! acknowledged). Per service: queries per state (label `state`, four values) and whether
 //! Kafka is reachable. The counters are read from each query's live counters when `/metrics`
-//! is scraped; series of a dropped query expire after five minutes.
+//! is scraped; series of a dropped query expire after five minutes. City gauges come from the
+//! indicators published ([`CityGauges`]): segments per level of service and each ward's AQI.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -98,6 +99,16 @@ fn describe() {
         Unit::Count,
         "1 when the last metadata request to Kafka succeeded."
     );
+    describe_gauge!(
+        "urbanstream_segments_by_los",
+        Unit::Count,
+        "Road segments at each level of service in the latest minute published."
+    );
+    describe_gauge!(
+        "urbanstream_ward_aqi",
+        Unit::Count,
+        "Latest hourly VN_AQI of each ward published."
+    );
     describe_histogram!(
         EMIT_LATENCY,
         Unit::Seconds,
@@ -135,4 +146,205 @@ pub fn render(
     metrics::gauge!("urbanstream_kafka_reachable").set(if kafka_reachable { 1.0 } else { 0.0 });
     handle.run_upkeep();
     handle.render()
+}
+
+/// City gauges from the indicators a query publishes: segments per level of service in the
+/// latest minute published, and each ward's latest hourly AQI. Labels are bounded: six LOS
+/// letters, and the wards of `schemas/reference/wards.csv` (rows of other entities are not
+/// exported).
+#[derive(Debug, Clone)]
+pub struct CityGauges {
+    congestion_topic: String,
+    air_topic: String,
+    wards: std::collections::HashSet<String>,
+}
+
+impl CityGauges {
+    /// Gauges for the indicators published to the city's `congestion` and `air` topics.
+    pub fn new(congestion_topic: &str, air_topic: &str, wards: &[String]) -> Self {
+        Self {
+            congestion_topic: congestion_topic.to_string(),
+            air_topic: air_topic.to_string(),
+            wards: wards.iter().cloned().collect(),
+        }
+    }
+
+    /// Updates the gauges from rows published to `topic` (in the topic's schema).
+    pub fn observe(&self, topic: &str, batch: &datafusion::arrow::array::RecordBatch) {
+        if topic == self.congestion_topic {
+            self.observe_congestion(batch);
+        } else if topic == self.air_topic {
+            self.observe_air(batch);
+        }
+    }
+
+    fn observe_congestion(&self, batch: &datafusion::arrow::array::RecordBatch) {
+        let (Some(los), Some(end)) = (
+            strings(batch, "los"),
+            numbers(
+                batch,
+                "window_end",
+                &datafusion::arrow::datatypes::DataType::Int64,
+            ),
+        ) else {
+            return;
+        };
+        use datafusion::arrow::array::{Array, AsArray};
+        use datafusion::arrow::datatypes::Int64Type;
+        let end = end.as_primitive::<Int64Type>();
+        let Some(latest) = datafusion::arrow::compute::max(end) else {
+            return;
+        };
+        let mut counts = [0u64; 6];
+        for i in 0..batch.num_rows() {
+            if end.is_valid(i) && end.value(i) == latest && los.is_valid(i) {
+                if let Some(level) = los
+                    .value(i)
+                    .bytes()
+                    .next()
+                    .filter(|b| (b'A'..=b'F').contains(b))
+                {
+                    counts[usize::from(level - b'A')] += 1;
+                }
+            }
+        }
+        for (level, n) in ["A", "B", "C", "D", "E", "F"].into_iter().zip(counts) {
+            metrics::gauge!("urbanstream_segments_by_los", "los" => level).set(n as f64);
+        }
+    }
+
+    fn observe_air(&self, batch: &datafusion::arrow::array::RecordBatch) {
+        use datafusion::arrow::array::{Array, AsArray};
+        use datafusion::arrow::datatypes::{DataType, Float64Type};
+        let (Some(entity), Some(scope), Some(period), Some(aqi)) = (
+            strings(batch, "entity_id"),
+            strings(batch, "scope"),
+            strings(batch, "period"),
+            numbers(batch, "aqi", &DataType::Float64),
+        ) else {
+            return;
+        };
+        let aqi = aqi.as_primitive::<Float64Type>();
+        for i in 0..batch.num_rows() {
+            let valid = [
+                entity.is_valid(i),
+                scope.is_valid(i),
+                period.is_valid(i),
+                aqi.is_valid(i),
+            ];
+            if valid.contains(&false) || scope.value(i) != "ward" || period.value(i) != "hour" {
+                continue;
+            }
+            let ward = entity.value(i);
+            if self.wards.contains(ward) {
+                metrics::gauge!("urbanstream_ward_aqi", "ward" => ward.to_string())
+                    .set(aqi.value(i));
+            }
+        }
+    }
+}
+
+/// Column `name` as plain strings, if the batch has it.
+fn strings(
+    batch: &datafusion::arrow::array::RecordBatch,
+    name: &str,
+) -> Option<datafusion::arrow::array::StringArray> {
+    use datafusion::arrow::array::AsArray;
+    let column = batch.column_by_name(name)?;
+    let cast =
+        datafusion::arrow::compute::cast(column, &datafusion::arrow::datatypes::DataType::Utf8)
+            .ok()?;
+    Some(cast.as_string::<i32>().clone())
+}
+
+/// Column `name` cast to `to`, if the batch has it and it casts.
+fn numbers(
+    batch: &datafusion::arrow::array::RecordBatch,
+    name: &str,
+    to: &datafusion::arrow::datatypes::DataType,
+) -> Option<datafusion::arrow::array::ArrayRef> {
+    datafusion::arrow::compute::cast(batch.column_by_name(name)?, to).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{
+        Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+    };
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+
+    use super::*;
+
+    #[test]
+    fn city_gauges_count_the_latest_minute_and_known_wards_only() {
+        let gauges = CityGauges::new("cong", "air", &["hoan_kiem".to_string()]);
+        let congestion = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new(
+                    "window_end",
+                    DataType::Timestamp(TimeUnit::Millisecond, None),
+                    false,
+                ),
+                Field::new("los", DataType::Utf8, true),
+            ])),
+            vec![
+                Arc::new(TimestampMillisecondArray::from(vec![
+                    60_000, 120_000, 120_000, 120_000,
+                ])),
+                Arc::new(StringArray::from(vec![
+                    Some("F"),
+                    Some("A"),
+                    Some("F"),
+                    None,
+                ])),
+            ],
+        )
+        .expect("batch");
+        let air = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("entity_id", DataType::Utf8, false),
+                Field::new("scope", DataType::Utf8, false),
+                Field::new("period", DataType::Utf8, false),
+                Field::new("aqi", DataType::Float64, true),
+            ])),
+            vec![
+                Arc::new(StringArray::from(vec!["hoan_kiem", "nowhere", "hoan_kiem"])),
+                Arc::new(StringArray::from(vec!["ward", "ward", "ward"])),
+                Arc::new(StringArray::from(vec!["hour", "hour", "day"])),
+                Arc::new(Float64Array::from(vec![
+                    Some(151.0),
+                    Some(99.0),
+                    Some(80.0),
+                ])),
+            ],
+        )
+        .expect("batch");
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            gauges.observe("cong", &congestion);
+            gauges.observe("air", &air);
+            gauges.observe("elsewhere", &air);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("urbanstream_segments_by_los{los=\"A\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("urbanstream_segments_by_los{los=\"F\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("urbanstream_segments_by_los{los=\"C\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("urbanstream_ward_aqi{ward=\"hoan_kiem\"} 151"),
+            "{text}"
+        );
+        assert!(!text.contains("nowhere"), "{text}");
+    }
 }
