@@ -358,9 +358,13 @@ impl Pipeline {
 
     /// Runs until `stop` is set, then publishes what is pending, flushes and commits.
     pub async fn run(mut self, stop: Arc<AtomicBool>) -> Result<()> {
+        let mut topics: Vec<&String> = self.decoders.keys().collect();
+        topics.sort();
         info!(
+            name = self.config.name.as_deref().unwrap_or("all"),
             brokers = %self.config.brokers,
-            topics = ?self.config.topics.inputs(),
+            group = %self.config.group_id,
+            ?topics,
             queries = self.queries.len(),
             "pipeline started"
         );
@@ -394,7 +398,10 @@ impl Pipeline {
         }
         self.sink.flush(Duration::from_secs(10))?;
         self.settle(true).await?;
-        info!("pipeline stopped");
+        info!(
+            name = self.config.name.as_deref().unwrap_or("all"),
+            "pipeline stopped"
+        );
         Ok(())
     }
 

@@ -275,6 +275,8 @@ fn describe(e: &figment::Error) -> String {
 }
 
 #[cfg(test)]
+// figment's Jail takes closures returning figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

@@ -292,21 +292,22 @@ impl QueryManager {
     pub async fn start_all(&self) -> crate::Result<()> {
         let now = epoch_ms();
         let mut entries: Vec<(CatalogEntry, bool)> = Vec::new();
-        let catalog = self.catalog()?;
-        if self.config.queries.defaults {
-            for (name, sql) in DEFAULT_QUERIES {
-                let entry = CatalogEntry {
-                    name: name.to_string(),
-                    sql: sql.to_string(),
-                    paused: catalog.builtin_paused(name),
-                    memory_limit: None,
-                    created_at: now,
-                };
-                entries.push((entry, true));
+        {
+            let catalog = self.catalog()?;
+            if self.config.queries.defaults {
+                for (name, sql) in DEFAULT_QUERIES {
+                    let entry = CatalogEntry {
+                        name: name.to_string(),
+                        sql: sql.to_string(),
+                        paused: catalog.builtin_paused(name),
+                        memory_limit: None,
+                        created_at: now,
+                    };
+                    entries.push((entry, true));
+                }
             }
+            entries.extend(catalog.entries().iter().cloned().map(|e| (e, false)));
         }
-        entries.extend(catalog.entries().iter().cloned().map(|e| (e, false)));
-        drop(catalog);
         for (entry, builtin) in entries {
             let paused = entry.paused;
             let name = entry.name.clone();

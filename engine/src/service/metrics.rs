@@ -197,15 +197,16 @@ impl CityGauges {
         };
         let mut counts = [0u64; 6];
         for i in 0..batch.num_rows() {
-            if end.is_valid(i) && end.value(i) == latest && los.is_valid(i) {
-                if let Some(level) = los
+            if end.is_valid(i)
+                && end.value(i) == latest
+                && los.is_valid(i)
+                && let Some(level) = los
                     .value(i)
                     .bytes()
                     .next()
                     .filter(|b| (b'A'..=b'F').contains(b))
-                {
-                    counts[usize::from(level - b'A')] += 1;
-                }
+            {
+                counts[usize::from(level - b'A')] += 1;
             }
         }
         for (level, n) in ["A", "B", "C", "D", "E", "F"].into_iter().zip(counts) {
