@@ -172,18 +172,19 @@ async fn camera_events_to_indicators_dlq_and_late() -> anyhow::Result<()> {
                 Some(a.to_string()),
                 json!({"topic": cam, "partition": 0, "offset": 5, "key": b64(a.as_bytes()),
             "error": "truncated JSON: the record ends inside a value", "stage": "decode",
-            "payload": b64(truncated)})
+            "payload": b64(truncated), "query": null})
             ),
             (
                 Some(b.to_string()),
                 json!({"topic": cam, "partition": 1, "offset": 3, "key": b64(b.as_bytes()),
             "error": "field vehicle_class: unknown symbol \"hovercraft\" (expected one of motorbike, car, bus, truck, bicycle, other)",
-            "stage": "validate", "payload": b64(hovercraft)})
+            "stage": "validate", "payload": b64(hovercraft), "query": null})
             ),
             (
                 Some(b.to_string()),
                 json!({"topic": cam, "partition": 1, "offset": 4, "key": b64(b.as_bytes()),
-            "error": "empty record: no JSON object", "stage": "decode", "payload": ""})
+            "error": "empty record: no JSON object", "stage": "decode", "payload": "",
+            "query": null})
             ),
         ]
     );

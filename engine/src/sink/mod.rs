@@ -147,8 +147,7 @@ pub struct DlqRecord {
     /// When it was rejected, epoch ms.
     pub received_at: i64,
     /// The query whose source schema rejected it, when each query decodes its own input (the
-    /// service); absent when one decoder serves every query of a topic.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// service); null when one decoder serves every query of a topic.
     pub query: Option<String>,
 }
 
