@@ -333,10 +333,18 @@ impl QueryManager {
     }
 
     fn register(&self, entry: CatalogEntry, builtin: bool) -> Arc<QueryHandle> {
+        let handle = self.new_handle(entry, builtin);
+        if let Ok(mut queries) = self.queries.lock() {
+            queries.insert(handle.entry.name.clone(), handle.clone());
+        }
+        handle
+    }
+
+    fn new_handle(&self, entry: CatalogEntry, builtin: bool) -> Arc<QueryHandle> {
         let memory_limit = entry
             .memory_limit
             .unwrap_or(self.config.queries.memory_limit.as_u64());
-        let handle = Arc::new(QueryHandle {
+        Arc::new(QueryHandle {
             builtin,
             memory_limit,
             stats: Arc::new(PipelineStats::new()),
@@ -348,11 +356,7 @@ impl QueryManager {
             starts: AtomicU64::new(0),
             control: tokio::sync::Mutex::new(Control::default()),
             entry,
-        });
-        if let Ok(mut queries) = self.queries.lock() {
-            queries.insert(handle.entry.name.clone(), handle.clone());
-        }
-        handle
+        })
     }
 
     fn handle(&self, name: &str) -> Result<Arc<QueryHandle>, ServiceError> {
@@ -430,10 +434,10 @@ impl QueryManager {
             memory_limit,
             created_at: epoch_ms(),
         };
-        {
-            // The name, the limit and the catalog are checked and changed under the registry's
-            // lock, so two requests for one name cannot both succeed.
-            let queries = self
+        let handle = {
+            // The name, the limit, the catalog and the registry are checked and changed under
+            // the registry's lock, so two requests for one name cannot both succeed.
+            let mut queries = self
                 .queries
                 .lock()
                 .map_err(|_| ServiceError::Internal("registry lock poisoned".into()))?;
@@ -450,9 +454,11 @@ impl QueryManager {
             self.catalog()
                 .and_then(|mut c| c.insert(entry.clone()))
                 .map_err(|e| ServiceError::Internal(format!("catalog not written: {e}")))?;
-        }
+            let handle = self.new_handle(entry, false);
+            queries.insert(name.to_string(), handle.clone());
+            handle
+        };
         info!(query = name, "query registered");
-        let handle = self.register(entry, false);
         self.start(&handle).await;
         Ok(handle.status())
     }
