@@ -36,7 +36,26 @@ impl EmbeddedBroker {
     pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
         Ok(self.cluster.create_topic(topic, partitions, 1)?)
     }
+
+    /// Fault injection: takes the broker down (connections closed, new ones refused) or
+    /// brings it back up. Its data is kept.
+    pub fn set_down(&self, down: bool) -> Result<()> {
+        if down {
+            self.cluster.broker_down(BROKER_ID)?;
+        } else {
+            self.cluster.broker_up(BROKER_ID)?;
+        }
+        Ok(())
+    }
+
+    /// Fault injection: delays every response of the broker by `delay` (zero to stop).
+    pub fn set_round_trip_time(&self, delay: Duration) -> Result<()> {
+        Ok(self.cluster.broker_round_trip_time(BROKER_ID, delay)?)
+    }
 }
+
+/// The id of the embedded cluster's one broker.
+const BROKER_ID: i32 = 1;
 
 /// Creates topics on an external Kafka through the admin API; existing topics are left alone.
 pub async fn create_topics(brokers: &str, topics: &[(String, i32)]) -> Result<()> {

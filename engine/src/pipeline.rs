@@ -166,7 +166,7 @@ pub struct PipelineStats {
     pub indicators_out: AtomicU64,
     /// Micro-batches processed.
     pub batches: AtomicU64,
-    /// Congestion query watermark, epoch ms (`i64::MIN` before any event).
+    /// The queries' lowest watermark, epoch ms (`i64::MIN` before any event).
     pub watermark_ms: AtomicI64,
     /// (window, group) partials held in state.
     pub state_groups: AtomicU64,
