@@ -34,6 +34,15 @@ fn per_minute(name: &str) -> String {
 /// the stopped member's session has timed out, so the restart test shortens the session from
 /// Kafka's 45 s.
 async fn service(brokers: &str, dir: &std::path::Path) -> anyhow::Result<Arc<Service>> {
+    service_with_cap(brokers, dir, 2_000_000).await
+}
+
+/// [`service`] with `queries.max_state_groups` at `cap`.
+async fn service_with_cap(
+    brokers: &str,
+    dir: &std::path::Path,
+    cap: usize,
+) -> anyhow::Result<Arc<Service>> {
     let file = dir.join("urbanstream.toml");
     std::fs::write(
         &file,
@@ -42,6 +51,7 @@ async fn service(brokers: &str, dir: &std::path::Path) -> anyhow::Result<Arc<Ser
              [kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
              [api]\ntoken = \"{TOKEN}\"\nmax_body = \"4KiB\"\n\
              [catalog]\npath = \"{}\"\n[queries]\ndefaults = false\nmax_queries = 3\n\
+             max_state_groups = {cap}\n\
              [pipeline]\nlinger = \"5ms\"\n",
             dir.join("data/catalog.json").display()
         ),
@@ -549,15 +559,75 @@ async fn a_broker_outage_is_ridden_out_without_losing_a_window() -> anyhow::Resu
         anyhow::ensure!(start.elapsed() < Duration::from_secs(30), "not ready again");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_whole_windows(&brokers, "test.counts", t0, 9).await?;
+    service.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_explosion_hits_the_state_cap_with_a_clear_failure() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let dir = tempfile::tempdir()?;
+    let service = service_with_cap(&broker.bootstrap_servers(), dir.path(), 10_000).await?;
+    let app = api::router(service.clone());
+    // One group per camera and day; 30 000 distinct cameras (all within 8.3 hours) against a
+    // cap of 10 000.
+    let per_camera = "CREATE EXTERNAL TABLE per_camera (camera_id VARCHAR NOT NULL, \
+            window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'test.hog', 'format' 'json', 'key' 'camera_id');
+         INSERT INTO per_camera SELECT camera_id, window_start, window_end, count(*) AS n \
+         FROM camera_events GROUP BY tumble(event_time, INTERVAL '1 day'), camera_id";
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries",
+        Some(TOKEN),
+        Some(json!({"name": "per_camera", "sql": per_camera})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    produce_events(
+        &broker.bootstrap_servers(),
+        1_767_222_000_000,
+        30_000,
+        30_000,
+    )
+    .await?;
+    let q = wait_for(&app, "per_camera", Duration::from_secs(60), is("FAILED")).await?;
+    let error = q["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("over the cap of 10000") && error.contains("max_state_groups"),
+        "{q}"
+    );
+    // The service itself goes on: it still answers and lists the query.
+    let (status, _) = call(&app, "GET", "/v1/queries", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    service.shutdown().await;
+    Ok(())
+}
+
+/// Reads `topic` (the output of [`per_minute`]) until the first `minutes` windows of each of the
+/// 4 segments from `t0` have arrived; each must hold its 15 events, whether it came once or
+/// again after a restart (at least once).
+async fn assert_whole_windows(
+    brokers: &str,
+    topic: &str,
+    t0: i64,
+    minutes: i64,
+) -> anyhow::Result<()> {
     let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "outage-reader")
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{topic}"))
         .set("auto.offset.reset", "earliest")
         .create()?;
-    rdkafka::consumer::Consumer::subscribe(&consumer, &["test.counts"])?;
-    let mut windows = std::collections::BTreeMap::new();
+    rdkafka::consumer::Consumer::subscribe(&consumer, &[topic])?;
+    let mut expected: Vec<(String, i64)> = (0..minutes)
+        .flat_map(|m| (0..4).map(move |s| (format!("seg-{s}"), t0 + m * 60_000)))
+        .collect();
+    expected.sort();
+    let mut windows = std::collections::BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while windows.len() < 4 * 9 && Instant::now() < deadline {
+    while windows.len() < expected.len() && Instant::now() < deadline {
         let Ok(message) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
         else {
             continue;
@@ -566,21 +636,47 @@ async fn a_broker_outage_is_ridden_out_without_losing_a_window() -> anyhow::Resu
         let v: Value = serde_json::from_slice(
             rdkafka::message::Message::payload(&message).unwrap_or_default(),
         )?;
-        let key = (
+        assert_eq!(v["n"], 15, "{v}");
+        windows.insert((
             v["segment_id"].as_str().unwrap_or_default().to_string(),
             v["window_start"].as_i64().unwrap_or_default(),
-        );
-        // At least once: a window recomputed after a restart may come twice, always whole.
-        assert_eq!(v["n"], 15, "{v}");
-        windows.insert(key, v["n"].clone());
+        ));
     }
-    let expected: Vec<(String, i64)> = (0..9)
-        .flat_map(|m| (0..4).map(move |s| (format!("seg-{s}"), t0 + m * 60_000)))
-        .collect();
-    let got: Vec<(String, i64)> = windows.keys().cloned().collect();
-    let mut expected_sorted = expected.clone();
-    expected_sorted.sort();
-    assert_eq!(got, expected_sorted);
+    let got: Vec<(String, i64)> = windows.into_iter().collect();
+    assert_eq!(got, expected);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_broker_responses_lose_nothing() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let service = service(&brokers, dir.path()).await?;
+    let app = api::router(service.clone());
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries",
+        Some(TOKEN),
+        Some(json!({"name": "counts", "sql": per_minute("counts")})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    wait_for(&app, "counts", Duration::from_secs(20), is("RUNNING")).await?;
+    // Every response of the broker takes 250 ms while 240 events go through.
+    broker.set_round_trip_time(Duration::from_millis(250))?;
+    let t0 = 1_767_222_000_000;
+    produce_events(&brokers, t0, 240, 10).await?;
+    wait_for(&app, "counts", Duration::from_secs(60), |q| {
+        q["rows_in"] == 240 && q["watermark_ms"].as_i64() == Some(t0 + 234_000)
+    })
+    .await?;
+    broker.set_round_trip_time(Duration::ZERO)?;
+    // The watermark reaches t0 + 234 s: minutes 0 to 2 close.
+    assert_whole_windows(&brokers, "test.counts", t0, 3).await?;
+    let q = wait_for(&app, "counts", Duration::from_secs(5), is("RUNNING")).await?;
+    assert_eq!(q["rows_out"], 12, "{q}");
     service.shutdown().await;
     Ok(())
 }
