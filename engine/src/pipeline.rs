@@ -615,7 +615,7 @@ impl Pipeline {
         {
             return Err(Error::ResourceLimit(format!(
                 "state holds {groups} (window, group) partials, over the cap of {max} \
-                 (limits.max_state_groups)"
+                 (queries.max_state_groups)"
             )));
         }
         if let Some(reservation) = &mut self.reservation
