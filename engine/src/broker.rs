@@ -10,7 +10,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaErrorCode, RDKafkaRespErr};
 
 use crate::error::{Error, Result};
 
@@ -46,6 +46,12 @@ impl EmbeddedBroker {
             self.cluster.broker_up(BROKER_ID)?;
         }
         Ok(())
+    }
+
+    /// Fault injection: the next requests of kind `api` fail, one per error, in order (then
+    /// requests succeed again). `RD_KAFKA_RESP_ERR__TRANSPORT` drops the connection instead.
+    pub fn fail_requests(&self, api: RDKafkaApiKey, errors: &[RDKafkaRespErr]) {
+        self.cluster.request_errors(api, errors);
     }
 
     /// Fault injection: delays every response of the broker by `delay` (zero to stop).

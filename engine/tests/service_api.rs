@@ -123,9 +123,11 @@ fn is(state: &'static str) -> impl Fn(&Value) -> bool {
 /// Produces `n` camera detections from `cameras` distinct cameras on 4 segments, one second
 /// apart in event time from `t0`.
 async fn produce_events(brokers: &str, t0: i64, n: usize, cameras: usize) -> anyhow::Result<()> {
+    // Idempotent, so that the fault tests' retried produce requests never write an event twice.
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
         .create()?;
     let mut sends = Vec::with_capacity(n);
     for i in 0..n {
@@ -679,6 +681,50 @@ async fn slow_broker_responses_lose_nothing() -> anyhow::Result<()> {
     assert_whole_windows(&brokers, "test.counts", t0, 3).await?;
     let q = wait_for(&app, "counts", Duration::from_secs(5), is("RUNNING")).await?;
     assert_eq!(q["rows_out"], 12, "{q}");
+    service.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_broker_requests_are_retried_and_lose_nothing() -> anyhow::Result<()> {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let service = service(&brokers, dir.path()).await?;
+    let app = api::router(service.clone());
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries",
+        Some(TOKEN),
+        Some(json!({"name": "counts", "sql": per_minute("counts")})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    wait_for(&app, "counts", Duration::from_secs(20), is("RUNNING")).await?;
+    // Produce, fetch and offset-commit requests fail (retriable errors and dropped
+    // connections) while 240 events go through.
+    let not_leader = RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION;
+    let timed_out = RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT;
+    let transport = RDKafkaRespErr::RD_KAFKA_RESP_ERR__TRANSPORT;
+    broker.fail_requests(
+        RDKafkaApiKey::Produce,
+        &[not_leader, timed_out, transport, not_leader],
+    );
+    broker.fail_requests(
+        RDKafkaApiKey::Fetch,
+        &[not_leader, transport, not_leader, timed_out],
+    );
+    broker.fail_requests(RDKafkaApiKey::OffsetCommit, &[timed_out, transport]);
+    let t0 = 1_767_222_000_000;
+    produce_events(&brokers, t0, 240, 10).await?;
+    wait_for(&app, "counts", Duration::from_secs(60), |q| {
+        q["rows_in"].as_u64().unwrap_or(0) >= 240
+            && q["watermark_ms"].as_i64() == Some(t0 + 234_000)
+    })
+    .await?;
+    assert_whole_windows(&brokers, "test.counts", t0, 3).await?;
     service.shutdown().await;
     Ok(())
 }
