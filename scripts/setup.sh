@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs what building and testing urbanstream needs beyond a Rust toolchain: a C compiler
-# and make for the bundled librdkafka (rdkafka-sys builds it from source), and rustfmt/clippy.
+# and make for the bundled librdkafka (rdkafka-sys builds it from source), a C++ compiler for
+# libFuzzer (the fuzz targets), and rustfmt/clippy.
 # Safe to run repeatedly; does nothing when everything is there.
 set -euo pipefail
 
 need=()
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v make >/dev/null 2>&1 || need+=(make)
+# libfuzzer-sys (fuzz/) builds libFuzzer, which is C++.
+command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
