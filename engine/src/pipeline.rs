@@ -33,8 +33,10 @@ use crate::sink::{DlqRecord, KafkaSink, KafkaSinkConfig, LateRecord, Pending, co
 use crate::source::{KafkaSource, KafkaSourceConfig, RawBatch};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 
-/// Topic names. All configurable; the defaults are the city's.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Topic names. All configurable (`[topics]` of the service's configuration); the defaults
+/// are the city's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Topics {
     /// Camera events (input).
     pub camera: String,

@@ -116,6 +116,38 @@ async fn wait_for(
     }
 }
 
+/// Registers a query through the API; it must be accepted (201).
+async fn create(app: &axum::Router, name: &str, sql: &str) -> anyhow::Result<Value> {
+    let (status, body) = call(
+        app,
+        "POST",
+        "/v1/queries",
+        Some(TOKEN),
+        Some(json!({"name": name, "sql": sql})),
+    )
+    .await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "{name}: {status} {body}");
+    Ok(body)
+}
+
+/// A broker, a service on it and its router, with the query `counts` ([`per_minute`])
+/// registered; the directory holds the catalog and lives as long as the caller keeps it.
+async fn counting_service() -> anyhow::Result<(
+    EmbeddedBroker,
+    String,
+    tempfile::TempDir,
+    Arc<Service>,
+    axum::Router,
+)> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let service = service(&brokers, dir.path()).await?;
+    let app = api::router(service.clone());
+    create(&app, "counts", &per_minute("counts")).await?;
+    Ok((broker, brokers, dir, service, app))
+}
+
 fn is(state: &'static str) -> impl Fn(&Value) -> bool {
     move |q| q["state"] == state
 }
@@ -232,15 +264,7 @@ async fn the_api_contract() -> anyhow::Result<()> {
     assert_eq!(body["queries"][0]["windowed"], true, "{body}");
 
     // Create, duplicate, list, get.
-    let (status, body) = call(
-        &app,
-        "POST",
-        "/v1/queries",
-        Some(TOKEN),
-        Some(json!({"name": "counts", "sql": per_minute("counts")})),
-    )
-    .await?;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let body = create(&app, "counts", &per_minute("counts")).await?;
     assert_eq!(body["name"], "counts");
     let (status, body) = call(
         &app,
@@ -401,15 +425,7 @@ async fn a_registered_query_runs_again_after_a_restart() -> anyhow::Result<()> {
     let first = service(&broker.bootstrap_servers(), dir.path()).await?;
     let app = api::router(first.clone());
     for name in ["kept", "held"] {
-        let (status, body) = call(
-            &app,
-            "POST",
-            "/v1/queries",
-            Some(TOKEN),
-            Some(json!({"name": name, "sql": per_minute(name)})),
-        )
-        .await?;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
+        create(&app, name, &per_minute(name)).await?;
     }
     wait_for(&app, "kept", Duration::from_secs(20), is("RUNNING")).await?;
     let (status, _) = call(&app, "POST", "/v1/queries/held/pause", Some(TOKEN), None).await?;
@@ -502,20 +518,7 @@ async fn a_query_over_its_memory_limit_fails_and_another_keeps_producing() -> an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_is_ridden_out_without_losing_a_window() -> anyhow::Result<()> {
-    let broker = broker()?;
-    let brokers = broker.bootstrap_servers();
-    let dir = tempfile::tempdir()?;
-    let service = service(&brokers, dir.path()).await?;
-    let app = api::router(service.clone());
-    let (status, body) = call(
-        &app,
-        "POST",
-        "/v1/queries",
-        Some(TOKEN),
-        Some(json!({"name": "counts", "sql": per_minute("counts")})),
-    )
-    .await?;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (broker, brokers, _dir, service, app) = counting_service().await?;
     let t0 = 1_767_222_000_000;
     produce_events(&brokers, t0, 300, 10).await?;
     wait_for(&app, "counts", Duration::from_secs(30), |q| {
@@ -581,15 +584,7 @@ async fn a_key_explosion_hits_the_state_cap_with_a_clear_failure() -> anyhow::Re
          STORED AS KAFKA OPTIONS ('topic' 'test.hog', 'format' 'json', 'key' 'camera_id');
          INSERT INTO per_camera SELECT camera_id, window_start, window_end, count(*) AS n \
          FROM camera_events GROUP BY tumble(event_time, INTERVAL '1 day'), camera_id";
-    let (status, body) = call(
-        &app,
-        "POST",
-        "/v1/queries",
-        Some(TOKEN),
-        Some(json!({"name": "per_camera", "sql": per_camera})),
-    )
-    .await?;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    create(&app, "per_camera", per_camera).await?;
     produce_events(
         &broker.bootstrap_servers(),
         1_767_222_000_000,
@@ -653,20 +648,7 @@ async fn assert_whole_windows(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_broker_responses_lose_nothing() -> anyhow::Result<()> {
-    let broker = broker()?;
-    let brokers = broker.bootstrap_servers();
-    let dir = tempfile::tempdir()?;
-    let service = service(&brokers, dir.path()).await?;
-    let app = api::router(service.clone());
-    let (status, body) = call(
-        &app,
-        "POST",
-        "/v1/queries",
-        Some(TOKEN),
-        Some(json!({"name": "counts", "sql": per_minute("counts")})),
-    )
-    .await?;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (broker, brokers, _dir, service, app) = counting_service().await?;
     wait_for(&app, "counts", Duration::from_secs(20), is("RUNNING")).await?;
     // Every response of the broker takes 250 ms while 240 events go through.
     broker.set_round_trip_time(Duration::from_millis(250))?;
@@ -688,20 +670,7 @@ async fn slow_broker_responses_lose_nothing() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_broker_requests_are_retried_and_lose_nothing() -> anyhow::Result<()> {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let broker = broker()?;
-    let brokers = broker.bootstrap_servers();
-    let dir = tempfile::tempdir()?;
-    let service = service(&brokers, dir.path()).await?;
-    let app = api::router(service.clone());
-    let (status, body) = call(
-        &app,
-        "POST",
-        "/v1/queries",
-        Some(TOKEN),
-        Some(json!({"name": "counts", "sql": per_minute("counts")})),
-    )
-    .await?;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (broker, brokers, _dir, service, app) = counting_service().await?;
     wait_for(&app, "counts", Duration::from_secs(20), is("RUNNING")).await?;
     // Produce, fetch and offset-commit requests fail (retriable errors and dropped
     // connections) while 240 events go through.

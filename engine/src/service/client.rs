@@ -130,7 +130,7 @@ pub enum QueryAction {
 /// Runs one `urbanstream query` command and prints its answer.
 pub async fn run(args: QueryArgs) -> Result<()> {
     let client = Client::new(&args.server, args.token.clone())?;
-    let (answer, kind) = match &args.action {
+    let (method, path, body, kind) = match &args.action {
         QueryAction::Add {
             name,
             input,
@@ -141,55 +141,33 @@ pub async fn run(args: QueryArgs) -> Result<()> {
                 body["memory_limit"] = json!(limit);
             }
             (
-                client.call(Method::POST, "/v1/queries", Some(body)).await?,
+                Method::POST,
+                "/v1/queries".to_string(),
+                Some(body),
                 Shown::One,
             )
         }
         QueryAction::Validate { input } => (
-            client
-                .call(
-                    Method::POST,
-                    "/v1/queries/validate",
-                    Some(json!({ "sql": input.read()? })),
-                )
-                .await?,
+            Method::POST,
+            "/v1/queries/validate".to_string(),
+            Some(json!({ "sql": input.read()? })),
             Shown::Validated,
         ),
-        QueryAction::List => (
-            client.call(Method::GET, "/v1/queries", None).await?,
-            Shown::List,
-        ),
-        QueryAction::Show { name } => (
-            client
-                .call(Method::GET, &format!("/v1/queries/{name}"), None)
-                .await?,
-            Shown::One,
-        ),
+        QueryAction::List => (Method::GET, "/v1/queries".to_string(), None, Shown::List),
+        QueryAction::Show { name } => {
+            (Method::GET, format!("/v1/queries/{name}"), None, Shown::One)
+        }
         QueryAction::Drop { name } => (
-            client
-                .call(Method::DELETE, &format!("/v1/queries/{name}"), None)
-                .await?,
+            Method::DELETE,
+            format!("/v1/queries/{name}"),
+            None,
             Shown::Dropped(name.clone()),
         ),
-        QueryAction::Pause { name } => (
-            client
-                .call(Method::POST, &format!("/v1/queries/{name}/pause"), None)
-                .await?,
-            Shown::One,
-        ),
-        QueryAction::Resume { name } => (
-            client
-                .call(Method::POST, &format!("/v1/queries/{name}/resume"), None)
-                .await?,
-            Shown::One,
-        ),
-        QueryAction::Restart { name } => (
-            client
-                .call(Method::POST, &format!("/v1/queries/{name}/restart"), None)
-                .await?,
-            Shown::One,
-        ),
+        QueryAction::Pause { name } => control(name, "pause"),
+        QueryAction::Resume { name } => control(name, "resume"),
+        QueryAction::Restart { name } => control(name, "restart"),
     };
+    let answer = client.call(method, &path, body).await?;
     if args.json {
         println!(
             "{}",
@@ -199,6 +177,16 @@ pub async fn run(args: QueryArgs) -> Result<()> {
         print!("{}", render(&answer, &kind));
     }
     Ok(())
+}
+
+/// `POST /v1/queries/{name}/{action}`, answered with the query's status.
+fn control(name: &str, action: &str) -> (Method, String, Option<Value>, Shown) {
+    (
+        Method::POST,
+        format!("/v1/queries/{name}/{action}"),
+        None,
+        Shown::One,
+    )
 }
 
 /// How an answer is printed.

@@ -29,7 +29,7 @@ pub struct ServiceConfig {
     /// `[kafka]`
     pub kafka: KafkaConfig,
     /// `[topics]`
-    pub topics: TopicsConfig,
+    pub topics: Topics,
     /// `[api]`
     pub api: ApiConfig,
     /// `[catalog]`
@@ -53,28 +53,6 @@ pub struct KafkaConfig {
     /// librdkafka properties for every client.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
-}
-
-/// `[topics]`: the city's topic names.
-#[derive(Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TopicsConfig {
-    /// Camera events.
-    pub camera: String,
-    /// Detector readings.
-    pub detectors: String,
-    /// Air readings.
-    pub air: String,
-    /// Congestion indicators.
-    pub congestion: String,
-    /// Air indicators.
-    pub air_indicators: String,
-    /// Alerts.
-    pub alerts: String,
-    /// Dead-letter queue.
-    pub dlq: String,
-    /// Late events.
-    pub late: String,
 }
 
 /// `[api]`: the HTTP server.
@@ -198,21 +176,6 @@ impl ServiceConfig {
         Ok(())
     }
 
-    /// The topic names.
-    pub fn topics(&self) -> Topics {
-        let t = &self.topics;
-        Topics {
-            camera: t.camera.clone(),
-            detectors: t.detectors.clone(),
-            air: t.air.clone(),
-            congestion: t.congestion.clone(),
-            air_indicators: t.air_indicators.clone(),
-            alerts: t.alerts.clone(),
-            dlq: t.dlq.clone(),
-            late: t.late.clone(),
-        }
-    }
-
     /// The librdkafka properties as pairs.
     pub fn kafka_properties(&self) -> Vec<(String, String)> {
         self.kafka
@@ -294,7 +257,7 @@ mod tests {
             assert_eq!(c.api.max_body, ByteSize::kib(64));
             assert_eq!(c.queries.memory_limit, ByteSize::mib(512));
             assert_eq!(c.pipeline.linger, Duration::from_millis(20));
-            assert_eq!(c.topics(), Topics::default());
+            assert_eq!(c.topics, Topics::default());
             assert_eq!(c.log.format, LogFormatConfig::Plain);
             Ok(())
         });

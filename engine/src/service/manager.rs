@@ -380,7 +380,7 @@ impl QueryManager {
         if sql.trim().is_empty() {
             return Err(ServiceError::invalid("sql is empty"));
         }
-        let ctx = city_context(&self.config.topics(), &self.schemas)
+        let ctx = city_context(&self.config.topics, &self.schemas)
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let planned = plan_all(&ctx, sql)
             .await
@@ -544,6 +544,15 @@ impl QueryManager {
         info!(queries = handles.len(), "queries stopped");
     }
 
+    /// The names of the queries in `state`.
+    pub fn names_in(&self, state: QueryState) -> Vec<String> {
+        self.handles()
+            .iter()
+            .filter(|h| h.state() == state)
+            .map(|h| h.entry.name.clone())
+            .collect()
+    }
+
     /// Counts of queries per state.
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
         let mut counts: BTreeMap<&'static str, usize> = [
@@ -566,7 +575,7 @@ impl QueryManager {
         let c = &self.config;
         let mut p = PipelineConfig::new(c.kafka.brokers.clone());
         p.group_id = format!("{}.{}", c.kafka.group_id, handle.entry.name);
-        p.topics = c.topics();
+        p.topics = c.topics.clone();
         p.max_batch_rows = c.pipeline.max_batch_rows;
         p.linger = c.pipeline.linger;
         p.producer_linger = c.pipeline.producer_linger;

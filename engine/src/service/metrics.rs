@@ -28,14 +28,9 @@ pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
-            .idle_timeout(MetricKindMask::ALL, Some(Duration::from_secs(300)));
-        // The buckets are a non-empty constant, the one thing the builder checks.
-        let builder = builder
+            .idle_timeout(MetricKindMask::ALL, Some(Duration::from_secs(300)))
             .set_buckets_for_metric(Matcher::Full(EMIT_LATENCY.into()), LATENCY_BUCKETS)
-            .unwrap_or_else(|_| {
-                PrometheusBuilder::new()
-                    .idle_timeout(MetricKindMask::ALL, Some(Duration::from_secs(300)))
-            });
+            .expect("the latency buckets are a non-empty constant");
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         // Another recorder installed first (an embedding program's) keeps its place; this

@@ -95,13 +95,7 @@ impl Service {
                 format!("Kafka at {} is not reachable", self.config.kafka.brokers),
             );
         }
-        let starting: Vec<String> = self
-            .manager
-            .list()
-            .into_iter()
-            .filter(|q| q.state == manager::QueryState::Starting)
-            .map(|q| q.name)
-            .collect();
+        let starting = self.manager.names_in(manager::QueryState::Starting);
         if !starting.is_empty() {
             return (false, format!("queries starting: {}", starting.join(", ")));
         }
