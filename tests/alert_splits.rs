@@ -1,7 +1,9 @@
 //! Alerts do not depend on how the input is cut into micro-batches: the same readings, split
 //! at arbitrary points, give the same alert transitions as one batch — through a windowed
 //! query (per-minute means, the default detector, alert_state above the aggregation) and an
-//! unwindowed one (sensor health with event-time silences, alert_state over it).
+//! unwindowed one (sensor health with event-time silences, alert_state over it). Nor do they
+//! depend on restarts: the queries checkpointed, planned again and restored at arbitrary
+//! points give the same alerts.
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
@@ -79,7 +81,9 @@ fn values(rows: &[(String, i64, f64)]) -> String {
 
 type Alert = (String, String, String, i64, Option<i64>);
 
-async fn alerts(cuts: &[usize]) -> anyhow::Result<Vec<Alert>> {
+/// The alerts from the readings fed in micro-batches cut at `cuts`; with `restart`, every
+/// query is checkpointed, planned again and restored from the checkpoint at each cut.
+async fn alerts(cuts: &[usize], restart: bool) -> anyhow::Result<Vec<Alert>> {
     let mut engine = DeterministicEngine::new();
     for sql in SETUP {
         engine.execute(sql).await?;
@@ -90,6 +94,9 @@ async fn alerts(cuts: &[usize]) -> anyhow::Result<Vec<Alert>> {
         let cut = cut.clamp(start, input.len());
         if cut > start {
             engine.execute(&values(&input[start..cut])).await?;
+        }
+        if restart {
+            engine.execute("RESTART").await?;
         }
         start = cut;
     }
@@ -157,7 +164,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn one_batch_gives_the_expected_alerts() {
-    let all = runtime().block_on(alerts(&[])).expect("run");
+    let all = runtime().block_on(alerts(&[], false)).expect("run");
     let brief: Vec<(&str, &str, &str, i64)> = all
         .iter()
         .map(|(k, s, d, at, _)| (k.as_str(), s.as_str(), d.as_str(), (at - T0) / MIN))
@@ -199,8 +206,19 @@ proptest! {
     ) {
         cuts.sort_unstable();
         let rt = runtime();
-        let whole = rt.block_on(alerts(&[])).expect("run");
-        let split = rt.block_on(alerts(&cuts)).expect("run");
+        let whole = rt.block_on(alerts(&[], false)).expect("run");
+        let split = rt.block_on(alerts(&cuts, false)).expect("run");
         prop_assert_eq!(whole, split);
+    }
+
+    #[test]
+    fn alerts_do_not_depend_on_restarts_from_checkpoints(
+        mut cuts in proptest::collection::vec(0usize..1_300, 1..8)
+    ) {
+        cuts.sort_unstable();
+        let rt = runtime();
+        let whole = rt.block_on(alerts(&[], false)).expect("run");
+        let restarted = rt.block_on(alerts(&cuts, true)).expect("run");
+        prop_assert_eq!(whole, restarted);
     }
 }

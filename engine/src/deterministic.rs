@@ -15,6 +15,7 @@
 //! | `SET CLOCK '<timestamp>'` | sets processing time |
 //! | `SELECT … FROM sink …` | reads what the queries published to `sink` so far |
 //! | `SHOW LATE` | the diverted input rows: query, event time, watermark, reason |
+//! | `RESTART` | checkpoints every query to disk, plans each again from its SQL and restores it from the checkpoint read back, as a restarted service does |
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -117,6 +118,9 @@ impl DeterministicEngine {
         if upper == "SHOW LATE" {
             return self.show_late();
         }
+        if upper == "RESTART" {
+            return self.restart().await;
+        }
         let (sql, partition) = strip_partition(trimmed)?;
         let mut outcome = Outcome::Done;
         for statement in StreamContext::parse(&sql)? {
@@ -185,6 +189,56 @@ impl DeterministicEngine {
                 }
             }
         }
+        Ok(Outcome::Done)
+    }
+
+    /// `RESTART`: every query's state through a checkpoint on disk into a freshly planned
+    /// copy of the query.
+    async fn restart(&mut self) -> Result<Outcome> {
+        use crate::checkpoint::{CheckpointStore, Manifest, QueryManifest};
+        static RESTARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let external = |e: crate::Error| DataFusionError::External(Box::new(e));
+        let n = RESTARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("urbanstream-restart-{}-{n}", std::process::id()));
+        let store = CheckpointStore::open(&dir, 1).map_err(external)?;
+        let mut states = Vec::new();
+        let mut queries = Vec::new();
+        for (i, q) in self.queries.iter_mut().enumerate() {
+            states.push(q.snapshot(self.now_ms).map_err(external)?);
+            queries.push(QueryManifest {
+                name: format!("q{i}"),
+                sql: q.sql().to_string(),
+                meta: serde_json::Value::Null,
+            });
+        }
+        let manifest = Manifest {
+            version: 0,
+            epoch: 1,
+            created_at_ms: self.now_ms,
+            positions: Vec::new(),
+            outputs: Vec::new(),
+            queries,
+            files: Vec::new(),
+        };
+        store.write(manifest, states).map_err(external)?;
+        let read = store.latest().map_err(external)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        let Some(checkpoint) = read else {
+            return plan_err!("RESTART: the checkpoint did not read back");
+        };
+        let mut restored = Vec::new();
+        for (q, state) in checkpoint.manifest.queries.iter().zip(&checkpoint.queries) {
+            let Some(statement) = StreamContext::parse(&q.sql)?.pop() else {
+                return plan_err!("RESTART: query {} has no statement", q.name);
+            };
+            let Some(mut query) = self.ctx.plan(statement).await? else {
+                return plan_err!("RESTART: query {} is not a stream query", q.name);
+            };
+            query.restore(state, self.now_ms).map_err(external)?;
+            restored.push(query);
+        }
+        self.queries = restored;
         Ok(Outcome::Done)
     }
 

@@ -46,6 +46,10 @@ pub enum Error {
     /// query fails; others go on.
     #[error("resource limit: {0}")]
     ResourceLimit(String),
+    /// A checkpoint could not be written or read back, or does not fit the queries it is
+    /// restored into.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     /// The service's API refused a request or could not be reached (`urbanstream query`).
     #[error("{0}")]
     Api(String),

@@ -33,6 +33,7 @@ pub mod time;
 
 pub mod bench;
 pub mod broker;
+pub mod checkpoint;
 pub mod cli;
 pub mod deterministic;
 pub mod error;

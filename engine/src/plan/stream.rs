@@ -48,6 +48,7 @@ use urbanstream_operators::window::{WINDOW_FUNCTIONS, WindowSpec, interval_ms};
 use super::feed::{Feed, FeedExec};
 use super::rewrite::rewrite_windows;
 use super::table::{KafkaTableFactory, StreamTable};
+use crate::checkpoint::{StateSnapshot, meta_field};
 use crate::state::WindowedAggregation;
 use crate::state::keyed::{KeyedHandle, replace_series_windows};
 use crate::state::session::SessionOperator;
@@ -736,6 +737,67 @@ impl StreamQuery {
             }
         }
         out
+    }
+
+    /// The query's state at processing time `now_ms`, for a checkpoint: its watermark,
+    /// window state (`window.*` tables) and keyed detector state (`keyed<i>.*`).
+    pub fn snapshot(&mut self, now_ms: i64) -> crate::Result<StateSnapshot> {
+        let held: Vec<(i64, Vec<(i32, i64)>)> = self
+            .held
+            .iter()
+            .map(|(end, p)| (*end, p.iter().map(|(a, b)| (*a, *b)).collect()))
+            .collect();
+        let mut out = StateSnapshot {
+            meta: serde_json::json!({
+                "watermarks": self.watermarks.snapshot(now_ms),
+                "last_early_fire_ms": self.last_early_fire_ms,
+                "held": held,
+                "keyed": self.keyed.len(),
+            }),
+            tables: Default::default(),
+        };
+        if let Some(w) = &mut self.windowed {
+            out.nest("window", w.operator.snapshot()?);
+        }
+        for (i, k) in self.keyed.iter().enumerate() {
+            out.nest(&format!("keyed{i}"), k.snapshot()?);
+        }
+        Ok(out)
+    }
+
+    /// Replaces the query's state with a [`StreamQuery::snapshot`] of the same query, at
+    /// processing time `now_ms`.
+    pub fn restore(&mut self, snapshot: &StateSnapshot, now_ms: i64) -> crate::Result<()> {
+        let meta = &snapshot.meta;
+        let keyed: usize = meta_field(meta, "keyed")?;
+        if keyed != self.keyed.len()
+            || snapshot.meta.get("window").is_some() != self.windowed.is_some()
+        {
+            return Err(crate::Error::Checkpoint(format!(
+                "the state's shape ({keyed} keyed states, windowed: {}) is not this query's",
+                snapshot.meta.get("window").is_some()
+            )));
+        }
+        let watermarks = meta
+            .get("watermarks")
+            .ok_or_else(|| crate::Error::Checkpoint("state lacks the watermark".into()))?;
+        self.watermarks
+            .restore(watermarks, now_ms)
+            .ok_or_else(|| crate::Error::Checkpoint("unreadable watermark state".into()))?;
+        self.last_early_fire_ms = meta_field(meta, "last_early_fire_ms")?;
+        let held: Vec<(i64, Vec<(i32, i64)>)> = meta_field(meta, "held")?;
+        self.held = held
+            .into_iter()
+            .map(|(end, p)| (end, p.into_iter().collect()))
+            .collect();
+        if let Some(w) = &mut self.windowed {
+            w.operator.restore(&snapshot.nested("window"))?;
+        }
+        for (i, k) in self.keyed.iter().enumerate() {
+            k.restore(&snapshot.nested(&format!("keyed{i}")))?;
+        }
+        pass_watermark(&self.keyed, self.watermarks.current().unwrap_or(i64::MIN));
+        Ok(())
     }
 
     /// Live windows.

@@ -24,7 +24,9 @@ use std::fmt;
 use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Int64Array, RecordBatch,
+};
 use datafusion::arrow::compute::{cast, concat_batches};
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -43,6 +45,8 @@ use datafusion::physical_plan::{
 };
 use urbanstream_operators::detect::udwf::{SeriesFunc, SeriesKind, inputs};
 use urbanstream_operators::detect::{Emitted, SeriesState};
+
+use crate::checkpoint::{StateSnapshot, column, meta_field, table, typed};
 
 /// `PARTITION BY` and `ORDER BY` of a window specification.
 type Spec = (Vec<Arc<dyn PhysicalExpr>>, Arc<dyn PhysicalExpr>);
@@ -124,6 +128,113 @@ impl KeyedHandle {
     /// Runs `f` on the state.
     pub fn with_store<T>(&self, f: impl FnOnce(&KeyedStore) -> T) -> Option<T> {
         self.store.lock().ok().map(|s| f(&s))
+    }
+
+    /// The state for a checkpoint: table `keys`, per key (row-encoded) its last time, next
+    /// wake-up, detector states (CBOR) and, with timers, its last input row (`row<i>`
+    /// columns, `has_row` false where it has none).
+    pub fn snapshot(&self) -> crate::Result<StateSnapshot> {
+        let store = self
+            .store
+            .lock()
+            .map_err(|_| crate::Error::Checkpoint("keyed state lock poisoned".into()))?;
+        let mut out = StateSnapshot {
+            meta: serde_json::json!({ "next_due": store.next_due }),
+            tables: Default::default(),
+        };
+        if store.keys.is_empty() {
+            return Ok(out);
+        }
+        let mut keys: Vec<&[u8]> = Vec::with_capacity(store.keys.len());
+        let (mut last_t, mut due, mut series, mut has_row) = (vec![], vec![], vec![], vec![]);
+        for (key, state) in &store.keys {
+            keys.push(key.as_ref());
+            last_t.push(state.last_t);
+            due.push(state.due);
+            // CBOR, not JSON: detector state holds non-finite floats (an empty minimum).
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&state.series, &mut bytes).map_err(|e| {
+                crate::Error::Checkpoint(format!("cannot encode detector state: {e}"))
+            })?;
+            series.push(bytes);
+            has_row.push(state.last_row.is_some());
+        }
+        let mut columns: Vec<(String, ArrayRef)> = vec![
+            ("key".into(), Arc::new(BinaryArray::from(keys))),
+            ("last_t".into(), Arc::new(Int64Array::from(last_t))),
+            ("due".into(), Arc::new(Int64Array::from(due))),
+            (
+                "series".into(),
+                Arc::new(BinaryArray::from_iter_values(series)),
+            ),
+            ("has_row".into(), Arc::new(BooleanArray::from(has_row))),
+        ];
+        let width = store
+            .keys
+            .values()
+            .find_map(|s| s.last_row.as_ref().map(Vec::len))
+            .unwrap_or(0);
+        for c in 0..width {
+            let Some(like) = store
+                .keys
+                .values()
+                .find_map(|s| s.last_row.as_ref().map(|r| r[c].data_type()))
+            else {
+                continue;
+            };
+            let null = ScalarValue::try_from(&like)?;
+            let values = store
+                .keys
+                .values()
+                .map(|s| s.last_row.as_ref().map_or(null.clone(), |r| r[c].clone()));
+            columns.push((format!("row{c}"), ScalarValue::iter_to_array(values)?));
+        }
+        out.tables.insert("keys".into(), table(columns)?);
+        Ok(out)
+    }
+
+    /// Replaces the state with a [`KeyedHandle::snapshot`] of the same query.
+    pub fn restore(&self, snapshot: &StateSnapshot) -> crate::Result<()> {
+        let mut store = self
+            .store
+            .lock()
+            .map_err(|_| crate::Error::Checkpoint("keyed state lock poisoned".into()))?;
+        store.keys.clear();
+        store.next_due = meta_field(&snapshot.meta, "next_due")?;
+        let Some(t) = snapshot.tables.get("keys") else {
+            return Ok(());
+        };
+        let keys = typed::<BinaryArray>(column(t, "key")?, "key")?;
+        let last_t = typed::<Int64Array>(column(t, "last_t")?, "last_t")?;
+        let due = typed::<Int64Array>(column(t, "due")?, "due")?;
+        let series = typed::<BinaryArray>(column(t, "series")?, "series")?;
+        let has_row = typed::<BooleanArray>(column(t, "has_row")?, "has_row")?;
+        let rows: Vec<&ArrayRef> = (0..)
+            .map_while(|c| t.column_by_name(&format!("row{c}")))
+            .collect();
+        for r in 0..t.num_rows() {
+            let states: Vec<SeriesState> = ciborium::from_reader(series.value(r))
+                .map_err(|e| crate::Error::Checkpoint(format!("detector state: {e}")))?;
+            let last_row = if has_row.value(r) {
+                Some(
+                    rows.iter()
+                        .map(|c| ScalarValue::try_from_array(c, r))
+                        .collect::<Result<Vec<_>>>()?,
+                )
+            } else {
+                None
+            };
+            store.keys.insert(
+                keys.value(r).into(),
+                KeyState {
+                    last_t: last_t.value(r),
+                    series: states,
+                    last_row,
+                    due: (!due.is_null(r)).then(|| due.value(r)),
+                },
+            );
+        }
+        Ok(())
     }
 }
 

@@ -17,6 +17,7 @@ pub mod window;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::common::Result;
 
+use crate::checkpoint::StateSnapshot;
 use window::Emission;
 
 /// Incremental windowed aggregation, as the query runtime drives it.
@@ -39,6 +40,10 @@ pub trait WindowedAggregation: Send {
     fn state_bytes(&self) -> usize;
     /// Live windows (sessions, for session windows).
     fn window_count(&self) -> usize;
+    /// The state, for a checkpoint.
+    fn snapshot(&mut self) -> crate::Result<StateSnapshot>;
+    /// Replaces the state with a [`WindowedAggregation::snapshot`] of the same query.
+    fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()>;
 }
 
 impl WindowedAggregation for window::WindowOperator {
@@ -65,5 +70,11 @@ impl WindowedAggregation for window::WindowOperator {
     }
     fn window_count(&self) -> usize {
         window::WindowOperator::window_count(self)
+    }
+    fn snapshot(&mut self) -> crate::Result<StateSnapshot> {
+        window::WindowOperator::snapshot(self)
+    }
+    fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()> {
+        window::WindowOperator::restore(self, snapshot)
     }
 }

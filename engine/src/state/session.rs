@@ -15,7 +15,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, RecordBatch, StructArray, TimestampMillisecondArray,
+    Array, ArrayRef, BinaryArray, BooleanArray, Int64Array, RecordBatch, StructArray,
+    TimestampMillisecondArray, UInt32Array, UInt64Array,
 };
 use datafusion::arrow::compute::concat;
 use datafusion::arrow::datatypes::DataType;
@@ -26,6 +27,7 @@ use urbanstream_operators::window::{WindowSpec, window_fields};
 
 use super::WindowedAggregation;
 use super::window::{AggregateSpec, Emission, Inputs};
+use crate::checkpoint::{StateSnapshot, column, meta_field, table, typed};
 
 struct Session {
     start: i64,
@@ -258,6 +260,114 @@ impl WindowedAggregation for SessionOperator {
 
     fn window_count(&self) -> usize {
         self.group_count()
+    }
+
+    /// Table `sessions`: per session its key (row-encoded), bounds, bookkeeping and the
+    /// aggregates' state columns.
+    fn snapshot(&mut self) -> crate::Result<StateSnapshot> {
+        let mut keys: Vec<&[u8]> = Vec::new();
+        let (mut starts, mut lasts, mut updated, mut emitted, mut fired, mut revisions) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let mut states: Vec<Vec<Vec<ArrayRef>>> = vec![Vec::new(); self.spec.aggregates.len()];
+        for (key, sessions) in self.keys.iter_mut() {
+            for s in sessions.iter_mut() {
+                keys.push(key.as_ref());
+                starts.push(s.start);
+                lasts.push(s.last);
+                updated.push(s.updated);
+                emitted.push(s.emitted_at);
+                fired.push(s.final_fired);
+                revisions.push(s.revisions);
+                for (a, acc) in s.accumulators.iter_mut().enumerate() {
+                    let state = acc.state(EmitTo::All)?;
+                    acc.merge_batch(&state, &[0], 1)?;
+                    states[a].push(state);
+                }
+            }
+        }
+        let mut out = StateSnapshot::default();
+        let mut state_columns = Vec::new();
+        if !keys.is_empty() {
+            let mut columns: Vec<(String, ArrayRef)> = vec![
+                ("key".into(), Arc::new(BinaryArray::from(keys))),
+                ("start".into(), Arc::new(Int64Array::from(starts))),
+                ("last".into(), Arc::new(Int64Array::from(lasts))),
+                ("updated".into(), Arc::new(UInt64Array::from(updated))),
+                ("emitted_at".into(), Arc::new(UInt64Array::from(emitted))),
+                ("final_fired".into(), Arc::new(BooleanArray::from(fired))),
+                ("revisions".into(), Arc::new(UInt32Array::from(revisions))),
+            ];
+            for (a, per_session) in states.iter().enumerate() {
+                let width = per_session.first().map_or(0, Vec::len);
+                state_columns.push(width);
+                for j in 0..width {
+                    let parts: Vec<&dyn Array> =
+                        per_session.iter().map(|s| s[j].as_ref()).collect();
+                    columns.push((format!("state{a}_{j}"), concat(&parts)?));
+                }
+            }
+            out.tables.insert("sessions".into(), table(columns)?);
+        }
+        out.meta = serde_json::json!({
+            "watermark": self.watermark,
+            "late_frontier": self.late_frontier,
+            "evicted_through": self.evicted_through,
+            "step": self.step,
+            "state_columns": state_columns,
+        });
+        Ok(out)
+    }
+
+    fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()> {
+        let meta = &snapshot.meta;
+        self.watermark = meta_field(meta, "watermark")?;
+        self.late_frontier = meta_field(meta, "late_frontier")?;
+        self.evicted_through = meta_field(meta, "evicted_through")?;
+        self.step = meta_field(meta, "step")?;
+        let state_columns: Vec<usize> = meta_field(meta, "state_columns")?;
+        self.keys.clear();
+        let Some(t) = snapshot.tables.get("sessions") else {
+            return Ok(());
+        };
+        if state_columns.len() != self.spec.aggregates.len() {
+            return Err(crate::Error::Checkpoint(format!(
+                "session state has {} aggregates, the query computes {}",
+                state_columns.len(),
+                self.spec.aggregates.len()
+            )));
+        }
+        let keys = typed::<BinaryArray>(column(t, "key")?, "key")?;
+        let starts = typed::<Int64Array>(column(t, "start")?, "start")?;
+        let lasts = typed::<Int64Array>(column(t, "last")?, "last")?;
+        let updated = typed::<UInt64Array>(column(t, "updated")?, "updated")?;
+        let emitted = typed::<UInt64Array>(column(t, "emitted_at")?, "emitted_at")?;
+        let fired = typed::<BooleanArray>(column(t, "final_fired")?, "final_fired")?;
+        let revisions = typed::<UInt32Array>(column(t, "revisions")?, "revisions")?;
+        for r in 0..t.num_rows() {
+            let mut accumulators = self.spec.new_accumulators()?;
+            for (a, acc) in accumulators.iter_mut().enumerate() {
+                let state: Vec<ArrayRef> = (0..state_columns[a])
+                    .map(|j| column(t, &format!("state{a}_{j}")).map(|c| c.slice(r, 1)))
+                    .collect::<crate::Result<_>>()?;
+                acc.merge_batch(&state, &[0], 1)?;
+            }
+            self.keys
+                .entry(keys.value(r).into())
+                .or_default()
+                .push(Session {
+                    start: starts.value(r),
+                    last: lasts.value(r),
+                    accumulators,
+                    updated: updated.value(r),
+                    emitted_at: (!emitted.is_null(r)).then(|| emitted.value(r)),
+                    final_fired: fired.value(r),
+                    revisions: revisions.value(r),
+                });
+        }
+        for sessions in self.keys.values_mut() {
+            sessions.sort_by_key(|s| s.start);
+        }
+        Ok(())
     }
 }
 

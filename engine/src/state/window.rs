@@ -21,9 +21,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, RecordBatch, StructArray, TimestampMillisecondArray, UInt32Array,
+    Array, ArrayRef, BinaryArray, BooleanArray, Int64Array, RecordBatch, StructArray,
+    TimestampMillisecondArray, UInt32Array, UInt64Array,
 };
-use datafusion::arrow::compute::{cast, filter_record_batch, take};
+use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::{Result, internal_err};
@@ -33,6 +34,8 @@ use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
 use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group_values};
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use urbanstream_operators::window::{WindowSpec, window_fields};
+
+use crate::checkpoint::{StateSnapshot, column, table, typed};
 
 /// The aggregation a windowed query performs, taken from DataFusion's physical plan.
 #[derive(Debug, Clone)]
@@ -466,23 +469,15 @@ impl WindowOperator {
             if n == 0 {
                 continue;
             }
-            // Read the pane's keys and states, then put them back as they were.
-            let keys = pane.groups.emit(EmitTo::All)?;
-            let mut same = Vec::with_capacity(n);
-            pane.groups.intern(&keys, &mut same)?;
-            if same.iter().enumerate().any(|(i, g)| *g != i) {
-                return internal_err!("pane groups changed order while being read");
-            }
+            let (keys, states) = read_pane(pane)?;
             groups.intern(&keys, &mut window_ids)?;
             let total = groups.len();
             last_update.resize(total, 0);
             for (i, &w) in window_ids.iter().enumerate() {
                 last_update[w] = last_update[w].max(pane.updated[i]);
             }
-            for (acc, window_acc) in pane.accumulators.iter_mut().zip(accumulators.iter_mut()) {
-                let state = acc.state(EmitTo::All)?;
-                acc.merge_batch(&state, &same, n)?;
-                window_acc.merge_batch(&state, &window_ids, total)?;
+            for (state, window_acc) in states.iter().zip(accumulators.iter_mut()) {
+                window_acc.merge_batch(state, &window_ids, total)?;
             }
         }
         let n = groups.len();
@@ -586,6 +581,223 @@ impl WindowOperator {
     /// Live windows.
     pub fn window_count(&self) -> usize {
         self.windows.len()
+    }
+}
+
+/// A pane's group keys and, per aggregate, its state arrays (DataFusion's partial
+/// aggregation state), leaving the pane as it was.
+fn read_pane(pane: &mut Pane) -> Result<(Vec<ArrayRef>, Vec<Vec<ArrayRef>>)> {
+    let n = pane.groups.len();
+    let keys = pane.groups.emit(EmitTo::All)?;
+    let mut same = Vec::with_capacity(n);
+    pane.groups.intern(&keys, &mut same)?;
+    if same.iter().enumerate().any(|(i, g)| *g != i) {
+        return internal_err!("pane groups changed order while being read");
+    }
+    let mut states = Vec::with_capacity(pane.accumulators.len());
+    for acc in pane.accumulators.iter_mut() {
+        let state = acc.state(EmitTo::All)?;
+        acc.merge_batch(&state, &same, n)?;
+        states.push(state);
+    }
+    Ok((keys, states))
+}
+
+/// Snapshot of the scalars of a [`WindowOperator`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WindowMetaSnapshot {
+    evicted_through: i64,
+    watermark: i64,
+    step: u64,
+    /// Group key columns, then per aggregate its number of state columns.
+    key_columns: usize,
+    state_columns: Vec<usize>,
+}
+
+impl WindowOperator {
+    /// The operator's state for a checkpoint: table `panes` (per pane and group: the pane
+    /// start, update steps, group key columns and the aggregates' state columns) and table
+    /// `windows` (per live window its emission bookkeeping, and per emitted group its
+    /// revision count).
+    pub fn snapshot(&mut self) -> crate::Result<StateSnapshot> {
+        let mut panes: Vec<RecordBatch> = Vec::new();
+        let mut state_columns = Vec::new();
+        let key_columns = self.intern_schema.fields().len();
+        for (start, pane) in self.panes.iter_mut() {
+            let n = pane.groups.len();
+            if n == 0 {
+                continue;
+            }
+            let (keys, states) = read_pane(pane)?;
+            state_columns = states.iter().map(Vec::len).collect();
+            let mut columns: Vec<(String, ArrayRef)> = vec![
+                (
+                    "pane_start".into(),
+                    Arc::new(Int64Array::from(vec![*start; n])),
+                ),
+                (
+                    "updated".into(),
+                    Arc::new(UInt64Array::from(pane.updated[..n].to_vec())),
+                ),
+                (
+                    "last_update".into(),
+                    Arc::new(UInt64Array::from(vec![pane.last_update; n])),
+                ),
+            ];
+            columns.extend(
+                keys.into_iter()
+                    .enumerate()
+                    .map(|(i, k)| (format!("key{i}"), k)),
+            );
+            for (a, state) in states.into_iter().enumerate() {
+                columns.extend(
+                    state
+                        .into_iter()
+                        .enumerate()
+                        .map(|(j, c)| (format!("state{a}_{j}"), c)),
+                );
+            }
+            panes.push(table(columns)?);
+        }
+        let mut out = StateSnapshot::default();
+        if let Some(first) = panes.first() {
+            let all = concat_batches(&first.schema(), &panes)?;
+            out.tables.insert("panes".into(), all);
+        }
+        let (mut ends, mut starts, mut emitted, mut fired, mut keys, mut revisions) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for ((end, start), meta) in &self.windows {
+            ends.push(*end);
+            starts.push(*start);
+            emitted.push(meta.emitted_at);
+            fired.push(meta.final_fired);
+            keys.push(None);
+            revisions.push(None);
+            for (key, count) in &meta.revisions {
+                ends.push(*end);
+                starts.push(*start);
+                emitted.push(None);
+                fired.push(false);
+                keys.push(Some(key.as_ref()));
+                revisions.push(Some(*count));
+            }
+        }
+        if !ends.is_empty() {
+            out.tables.insert(
+                "windows".into(),
+                table(vec![
+                    ("end".into(), Arc::new(Int64Array::from(ends))),
+                    ("start".into(), Arc::new(Int64Array::from(starts))),
+                    ("emitted_at".into(), Arc::new(UInt64Array::from(emitted))),
+                    ("final_fired".into(), Arc::new(BooleanArray::from(fired))),
+                    ("key".into(), Arc::new(BinaryArray::from(keys))),
+                    ("revisions".into(), Arc::new(UInt32Array::from(revisions))),
+                ])?,
+            );
+        }
+        out.meta = serde_json::to_value(WindowMetaSnapshot {
+            evicted_through: self.evicted_through,
+            watermark: self.watermark,
+            step: self.step,
+            key_columns,
+            state_columns,
+        })
+        .map_err(|e| crate::Error::Checkpoint(e.to_string()))?;
+        Ok(out)
+    }
+
+    /// Replaces the operator's state with a [`WindowOperator::snapshot`] of the same query.
+    pub fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()> {
+        let meta: WindowMetaSnapshot = serde_json::from_value(snapshot.meta.clone())
+            .map_err(|e| crate::Error::Checkpoint(format!("window state: {e}")))?;
+        if meta.key_columns != self.intern_schema.fields().len() {
+            return Err(crate::Error::Checkpoint(format!(
+                "window state has {} key columns, the query groups by {}",
+                meta.key_columns,
+                self.intern_schema.fields().len()
+            )));
+        }
+        self.panes.clear();
+        self.windows.clear();
+        self.evicted_through = meta.evicted_through;
+        self.watermark = meta.watermark;
+        self.step = meta.step;
+        if let Some(panes) = snapshot.tables.get("panes") {
+            let starts = typed::<Int64Array>(column(panes, "pane_start")?, "pane_start")?.clone();
+            let mut from = 0;
+            while from < panes.num_rows() {
+                let start = starts.value(from);
+                let mut to = from;
+                while to < panes.num_rows() && starts.value(to) == start {
+                    to += 1;
+                }
+                let rows = panes.slice(from, to - from);
+                self.restore_pane(start, &rows, &meta)?;
+                from = to;
+            }
+        }
+        if let Some(windows) = snapshot.tables.get("windows") {
+            let ends = typed::<Int64Array>(column(windows, "end")?, "end")?;
+            let starts = typed::<Int64Array>(column(windows, "start")?, "start")?;
+            let emitted = typed::<UInt64Array>(column(windows, "emitted_at")?, "emitted_at")?;
+            let fired = typed::<BooleanArray>(column(windows, "final_fired")?, "final_fired")?;
+            let keys = typed::<BinaryArray>(column(windows, "key")?, "key")?;
+            let revisions = typed::<UInt32Array>(column(windows, "revisions")?, "revisions")?;
+            for r in 0..windows.num_rows() {
+                let meta = self
+                    .windows
+                    .entry((ends.value(r), starts.value(r)))
+                    .or_default();
+                if keys.is_null(r) {
+                    meta.emitted_at = (!emitted.is_null(r)).then(|| emitted.value(r));
+                    meta.final_fired = fired.value(r);
+                } else {
+                    meta.revisions
+                        .insert(keys.value(r).into(), revisions.value(r));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn restore_pane(
+        &mut self,
+        start: i64,
+        rows: &RecordBatch,
+        meta: &WindowMetaSnapshot,
+    ) -> crate::Result<()> {
+        let n = rows.num_rows();
+        let mut pane = self.new_pane()?;
+        let keys: Vec<ArrayRef> = (0..meta.key_columns)
+            .map(|i| column(rows, &format!("key{i}")).cloned())
+            .collect::<crate::Result<_>>()?;
+        let mut ids = Vec::with_capacity(n);
+        pane.groups.intern(&keys, &mut ids)?;
+        if ids.iter().enumerate().any(|(i, g)| *g != i) {
+            return Err(crate::Error::Checkpoint(format!(
+                "pane {start} holds a group key twice"
+            )));
+        }
+        if meta.state_columns.len() != pane.accumulators.len() {
+            return Err(crate::Error::Checkpoint(format!(
+                "window state has {} aggregates, the query computes {}",
+                meta.state_columns.len(),
+                pane.accumulators.len()
+            )));
+        }
+        for (a, acc) in pane.accumulators.iter_mut().enumerate() {
+            let state: Vec<ArrayRef> = (0..meta.state_columns[a])
+                .map(|j| column(rows, &format!("state{a}_{j}")).cloned())
+                .collect::<crate::Result<_>>()?;
+            acc.merge_batch(&state, &ids, n)?;
+        }
+        pane.updated = typed::<UInt64Array>(column(rows, "updated")?, "updated")?
+            .values()
+            .to_vec();
+        pane.last_update =
+            typed::<UInt64Array>(column(rows, "last_update")?, "last_update")?.value(0);
+        self.panes.insert(start, pane);
+        Ok(())
     }
 }
 

@@ -72,6 +72,47 @@ impl WatermarkTracker {
     pub fn current(&self) -> Option<i64> {
         self.watermark
     }
+
+    /// The watermark and, per partition, the largest event time and when it was last seen,
+    /// at processing time `now_ms`, for a checkpoint.
+    pub fn snapshot(&self, now_ms: i64) -> serde_json::Value {
+        let mut partitions: Vec<(i32, i64, i64)> = self
+            .partitions
+            .iter()
+            .map(|(p, t)| (*p, t.max_event_ms, t.last_seen_ms))
+            .collect();
+        partitions.sort_unstable();
+        serde_json::json!({
+            "watermark": self.watermark,
+            "partitions": partitions,
+            "taken_at_ms": now_ms,
+        })
+    }
+
+    /// Restores a [`WatermarkTracker::snapshot`] at processing time `now_ms`. The time the
+    /// process was down does not count towards idleness: each partition's last sighting moves
+    /// forward by it, so a partition active at the checkpoint has its remaining idle timeout
+    /// to deliver again before the watermark passes it.
+    pub fn restore(&mut self, snapshot: &serde_json::Value, now_ms: i64) -> Option<()> {
+        self.watermark = serde_json::from_value(snapshot.get("watermark")?.clone()).ok()?;
+        let partitions: Vec<(i32, i64, i64)> =
+            serde_json::from_value(snapshot.get("partitions")?.clone()).ok()?;
+        let taken_at: i64 = serde_json::from_value(snapshot.get("taken_at_ms")?.clone()).ok()?;
+        let downtime = now_ms.saturating_sub(taken_at).max(0);
+        self.partitions = partitions
+            .into_iter()
+            .map(|(p, max_event_ms, last_seen_ms)| {
+                (
+                    p,
+                    PartitionTime {
+                        max_event_ms,
+                        last_seen_ms: last_seen_ms.saturating_add(downtime),
+                    },
+                )
+            })
+            .collect();
+        Some(())
+    }
 }
 
 #[cfg(test)]
