@@ -21,6 +21,7 @@ use tracing::{debug, info};
 
 use datafusion::arrow::array::RecordBatch;
 
+use crate::checkpoint::{CheckpointStore, Manifest, Position, QueryManifest};
 use crate::decode::JsonDecoder;
 use crate::error::{Error, Result};
 use crate::plan::stream::StreamContext;
@@ -30,7 +31,7 @@ use crate::plan::{city_context, city_context_in, default_queries, plan_all};
 use crate::schema::SchemaRegistry;
 use crate::service::metrics::CityGauges;
 use crate::sink::{DlqRecord, KafkaSink, KafkaSinkConfig, LateRecord, Pending, conform_stream};
-use crate::source::{KafkaSource, KafkaSourceConfig, RawBatch};
+use crate::source::{KafkaSource, KafkaSourceConfig, Positions, RawBatch};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 
 /// Topic names. All configurable (`[topics]` of the service's configuration); the defaults
@@ -127,6 +128,22 @@ pub struct PipelineConfig {
     /// Most (window, group) partials the queries may hold together; more fails the pipeline
     /// with [`Error::ResourceLimit`].
     pub max_state_groups: Option<usize>,
+    /// Checkpoints, when the pipeline keeps them (the service does; the demo does not).
+    pub checkpoint: Option<CheckpointSettings>,
+}
+
+/// How a pipeline checkpoints and recovers.
+#[derive(Debug, Clone)]
+pub struct CheckpointSettings {
+    /// This pipeline's checkpoint directory.
+    pub dir: std::path::PathBuf,
+    /// Time between checkpoints (and between transactions in exactly-once mode).
+    pub interval: Duration,
+    /// Checkpoints kept.
+    pub retain: usize,
+    /// Exactly-once output: a transactional producer with this id commits each epoch's
+    /// outputs and consumed offsets together. `None`: at-least-once.
+    pub transactional_id: Option<String>,
 }
 
 impl PipelineConfig {
@@ -145,6 +162,7 @@ impl PipelineConfig {
             name: None,
             memory_limit: None,
             max_state_groups: None,
+            checkpoint: None,
         }
     }
 }
@@ -184,6 +202,23 @@ pub struct PipelineStats {
     /// record of the micro-batch that closed the window to the broker's acknowledgement of
     /// the row.
     pub emit_latency_us: Mutex<Histogram<u64>>,
+    /// The last checkpoint written, if any.
+    pub last_checkpoint: Mutex<Option<CheckpointInfo>>,
+}
+
+/// What the last checkpoint was.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckpointInfo {
+    /// Its number.
+    pub epoch: u64,
+    /// When it was taken, epoch ms.
+    pub at_ms: i64,
+    /// Bytes on disk.
+    pub bytes: u64,
+    /// How long taking it took (waiting for acknowledgements, committing, writing), ms.
+    pub duration_ms: u64,
+    /// Whether the pipeline started from it (restored) or wrote it.
+    pub restored: bool,
 }
 
 impl Default for PipelineStats {
@@ -203,6 +238,7 @@ impl Default for PipelineStats {
             consumer_lag: Arc::new(AtomicI64::new(-1)),
             assigned_partitions: AtomicU64::default(),
             emit_latency_us: Mutex::new(latency_histogram()),
+            last_checkpoint: Mutex::new(None),
         }
     }
 }
@@ -261,6 +297,24 @@ pub struct Pipeline {
     emit_latency: Option<metrics::Histogram>,
     /// City gauges (LOS, ward AQI) from published indicators, when the query has a name.
     gauges: Option<CityGauges>,
+    /// Checkpointing, when configured.
+    checkpoints: Option<Checkpoints>,
+}
+
+/// A pipeline's checkpointing state.
+struct Checkpoints {
+    store: CheckpointStore,
+    interval: Duration,
+    /// Number of the last checkpoint written or restored.
+    epoch: u64,
+    last: std::time::Instant,
+    /// Where each input partition resumes: the positions of the checkpoint restored (or of the
+    /// group at start), overtaken by what has been processed since.
+    positions: Positions,
+    /// While replaying after recovery in exactly-once mode: the input ends at recovery; once
+    /// every partition is read up to them, nothing published before the crash can be produced
+    /// again, and suppression ends.
+    replay_until: Option<Positions>,
 }
 
 impl Pipeline {
@@ -340,9 +394,36 @@ impl Pipeline {
         let mut sink_config = KafkaSinkConfig::new(&config.brokers);
         sink_config.linger = config.producer_linger;
         sink_config.properties = config.properties.clone();
-        Ok(Self {
-            source: KafkaSource::new(source_config)?,
-            sink: KafkaSink::new(&sink_config)?,
+        sink_config.query = config
+            .name
+            .clone()
+            .unwrap_or_else(|| config.group_id.clone());
+        sink_config.transactional_id = config
+            .checkpoint
+            .as_ref()
+            .and_then(|c| c.transactional_id.clone());
+        if sink_config.transactional_id.is_some() {
+            source_config
+                .properties
+                .push(("isolation.level".into(), "read_committed".into()));
+        }
+        let source = KafkaSource::new(source_config)?;
+        let sink = KafkaSink::new(&sink_config)?;
+        let checkpoints = match &config.checkpoint {
+            Some(settings) => Some(Checkpoints {
+                store: CheckpointStore::open(&settings.dir, settings.retain)?,
+                interval: settings.interval,
+                epoch: 0,
+                last: std::time::Instant::now(),
+                positions: Positions::new(),
+                replay_until: None,
+            }),
+            None => None,
+        };
+        let mut pipeline = Self {
+            source,
+            sink,
+            checkpoints,
             decoders,
             queries,
             stats,
@@ -355,7 +436,303 @@ impl Pipeline {
             emit_latency,
             gauges,
             config,
+        };
+        if pipeline.checkpoints.is_some() {
+            pipeline.recover().await?;
+        }
+        Ok(pipeline)
+    }
+
+    /// Restores the newest checkpoint, if any, and places the source at its positions (at
+    /// the group's positions otherwise); in exactly-once mode, reads back what the query
+    /// published since the checkpoint so that the replay does not publish it again. Then
+    /// writes a first checkpoint, so that a crash before the next one recovers from here.
+    async fn recover(&mut self) -> Result<()> {
+        let Some(checkpoints) = &self.checkpoints else {
+            return Ok(());
+        };
+        let store = checkpoints.store.clone();
+        let found = tokio::task::spawn_blocking(move || store.latest())
+            .await
+            .map_err(|e| Error::Checkpoint(format!("reading task failed: {e}")))??;
+        let now = epoch_ms();
+        let (positions, marks, epoch) = match &found {
+            Some(checkpoint) => {
+                let manifest = &checkpoint.manifest;
+                let names: Vec<(&str, &str)> = manifest
+                    .queries
+                    .iter()
+                    .map(|q| (q.name.as_str(), q.sql.as_str()))
+                    .collect();
+                let ours: Vec<(&str, &str)> = self
+                    .queries
+                    .iter()
+                    .map(|r| (r.name.as_str(), r.query.sql()))
+                    .collect();
+                if names != ours {
+                    return Err(Error::Checkpoint(format!(
+                        "{} was taken for other queries ({}) than these ({}); move the \
+                         directory away to start from scratch",
+                        checkpoint.path.display(),
+                        names.iter().map(|n| n.0).collect::<Vec<_>>().join(", "),
+                        ours.iter().map(|n| n.0).collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                for (running, state) in self.queries.iter_mut().zip(&checkpoint.queries) {
+                    running.query.restore(state, now).map_err(|e| {
+                        Error::Checkpoint(format!(
+                            "{}: query {}: {e}",
+                            checkpoint.path.display(),
+                            running.name
+                        ))
+                    })?;
+                }
+                let positions: Positions = manifest
+                    .positions
+                    .iter()
+                    .map(|p| ((p.topic.clone(), p.partition), p.offset))
+                    .collect();
+                if let Ok(mut last) = self.stats.last_checkpoint.lock() {
+                    *last = Some(CheckpointInfo {
+                        epoch: manifest.epoch,
+                        at_ms: manifest.created_at_ms,
+                        bytes: manifest.files.iter().map(|f| f.1).sum(),
+                        duration_ms: 0,
+                        restored: true,
+                    });
+                }
+                info!(
+                    name = self.config.name.as_deref().unwrap_or("all"),
+                    epoch = manifest.epoch,
+                    path = %checkpoint.path.display(),
+                    partitions = positions.len(),
+                    "state restored from checkpoint"
+                );
+                (positions, Some(manifest.outputs.clone()), manifest.epoch)
+            }
+            None => {
+                // A short blocking call at start: the group's committed offsets.
+                let positions = self.source.starting_positions(Duration::from_secs(30))?;
+                (positions, None, 0)
+            }
+        };
+        self.source.set_positions(positions.clone());
+        if self.sink.is_transactional() {
+            self.suppress_published(marks).await?;
+            let inputs: Vec<(String, i32)> = positions.keys().cloned().collect();
+            let ends = self.source.end_offsets(&inputs, Duration::from_secs(30))?;
+            if let Some(c) = &mut self.checkpoints {
+                c.replay_until = Some(ends);
+            }
+        }
+        if let Some(c) = &mut self.checkpoints {
+            c.positions = positions;
+            c.epoch = epoch;
+        }
+        self.checkpoint().await
+    }
+
+    /// Exactly-once recovery: the ids this query published after the checkpoint's output
+    /// marks (all it published, without a checkpoint) are not published again.
+    async fn suppress_published(&mut self, marks: Option<Vec<Position>>) -> Result<()> {
+        let query = self
+            .config
+            .name
+            .clone()
+            .unwrap_or_else(|| self.config.group_id.clone());
+        let topics = self.output_topics();
+        let probe = self.source.probe();
+        let partitions = tokio::task::spawn_blocking(move || partitions_of(&probe, &topics))
+            .await
+            .map_err(|e| Error::Checkpoint(format!("metadata task failed: {e}")))??;
+        let from: Vec<(String, i32, i64)> = partitions
+            .into_iter()
+            .map(|(t, p)| {
+                let start = marks
+                    .as_ref()
+                    .and_then(|m| m.iter().find(|x| x.topic == t && x.partition == p))
+                    .map_or(0, |x| x.offset);
+                (t, p, start)
+            })
+            .collect();
+        let (brokers, properties) = (self.config.brokers.clone(), self.config.properties.clone());
+        let ids = tokio::task::spawn_blocking(move || {
+            crate::sink::published_ids(
+                &brokers,
+                &properties,
+                &query,
+                &from,
+                Duration::from_secs(60),
+            )
         })
+        .await
+        .map_err(|e| Error::Checkpoint(format!("reading task failed: {e}")))??;
+        let records: u32 = ids.values().sum();
+        if records > 0 {
+            info!(
+                records,
+                "outputs published after the checkpoint will not be published again"
+            );
+        }
+        self.sink.suppress(ids);
+        Ok(())
+    }
+
+    /// The topics this pipeline writes: its queries' sinks, the DLQ and the late topic.
+    fn output_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self
+            .queries
+            .iter()
+            .filter_map(|r| r.query.sink().map(|s| s.options.topic.clone()))
+            .chain([
+                self.config.topics.dlq.clone(),
+                self.config.topics.late.clone(),
+            ])
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+
+    /// Takes a checkpoint: waits for every output's acknowledgement, commits the epoch's
+    /// transaction (exactly-once) and writes state, positions and output marks; at-least-once,
+    /// commits the positions to the group afterwards (for lag monitoring).
+    async fn checkpoint(&mut self) -> Result<()> {
+        if self.checkpoints.is_none() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        self.settle(true).await?;
+        let positions = match &mut self.checkpoints {
+            Some(c) => {
+                for ((topic, partition), next) in &self.next_offsets {
+                    c.positions.insert((topic.to_string(), *partition), *next);
+                }
+                c.positions.clone()
+            }
+            None => return Ok(()),
+        };
+        if self.sink.is_transactional() {
+            let group = self.source.group_metadata().ok_or_else(|| {
+                Error::Checkpoint("the consumer has no group metadata yet".into())
+            })?;
+            self.sink.commit_epoch(&positions, group).await?;
+        }
+        let topics = self.output_topics();
+        let probe = self.source.probe();
+        let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<Position>> {
+            use rdkafka::consumer::Consumer;
+            let mut out = Vec::new();
+            for (topic, partition) in partitions_of(&probe, &topics)? {
+                let (_, high) =
+                    probe.fetch_watermarks(&topic, partition, Duration::from_secs(30))?;
+                out.push(Position {
+                    topic,
+                    partition,
+                    offset: high,
+                });
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::Checkpoint(format!("output marks task failed: {e}")))??;
+        let now = epoch_ms();
+        let mut states = Vec::with_capacity(self.queries.len());
+        let mut queries = Vec::with_capacity(self.queries.len());
+        for running in &mut self.queries {
+            states.push(running.query.snapshot(now)?);
+            queries.push(QueryManifest {
+                name: running.name.clone(),
+                sql: running.query.sql().to_string(),
+                meta: serde_json::Value::Null,
+            });
+        }
+        let Some(c) = &mut self.checkpoints else {
+            return Ok(());
+        };
+        let mut sorted: Vec<Position> = positions
+            .iter()
+            .map(|((topic, partition), offset)| Position {
+                topic: topic.clone(),
+                partition: *partition,
+                offset: *offset,
+            })
+            .collect();
+        sorted.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        let manifest = Manifest {
+            version: 0,
+            epoch: c.epoch + 1,
+            created_at_ms: now,
+            positions: sorted,
+            outputs,
+            queries,
+            files: Vec::new(),
+        };
+        let store = c.store.clone();
+        let written = tokio::task::spawn_blocking(move || store.write(manifest, states))
+            .await
+            .map_err(|e| Error::Checkpoint(format!("writing task failed: {e}")))??;
+        c.epoch = written.epoch;
+        c.last = std::time::Instant::now();
+        if !self.sink.is_transactional() {
+            // For lag monitoring: the positions of the partitions this member holds (a commit
+            // before the group has assigned any would be refused).
+            let assigned: std::collections::HashSet<(String, i32)> =
+                self.source.assignment().into_iter().collect();
+            let commit: HashMap<(Arc<str>, i32), i64> = positions
+                .iter()
+                .filter(|(k, _)| assigned.contains(*k))
+                .map(|((t, p), o)| ((Arc::from(t.as_str()), *p), *o))
+                .collect();
+            self.source.commit(&commit)?;
+        }
+        let duration_ms = started.elapsed().as_millis() as u64;
+        debug!(
+            epoch = written.epoch,
+            bytes = written.bytes,
+            duration_ms,
+            "checkpoint written"
+        );
+        if let Ok(mut last) = self.stats.last_checkpoint.lock() {
+            *last = Some(CheckpointInfo {
+                epoch: written.epoch,
+                at_ms: now,
+                bytes: written.bytes,
+                duration_ms,
+                restored: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Ends output suppression once the replay after recovery has read every input partition
+    /// up to where it ended at recovery.
+    fn check_replay(&mut self) {
+        let Some(c) = &mut self.checkpoints else {
+            return;
+        };
+        let Some(until) = &c.replay_until else {
+            return;
+        };
+        let caught_up = until.iter().all(|((topic, partition), end)| {
+            let position = self
+                .next_offsets
+                .iter()
+                .find(|((t, p), _)| **t == **topic && p == partition)
+                .map(|(_, o)| *o)
+                .or_else(|| c.positions.get(&(topic.clone(), *partition)).copied())
+                .unwrap_or(0);
+            position >= *end
+        });
+        if caught_up {
+            c.replay_until = None;
+            let (suppressed, left) = self.sink.end_suppression();
+            info!(
+                suppressed,
+                left,
+                "replay after recovery done: outputs published before the restart were not published again"
+            );
+        }
     }
 
     /// Runs until `stop` is set, then publishes what is pending, flushes and commits.
@@ -380,6 +757,14 @@ impl Pipeline {
             if let Err(e) = self.step(batches).await {
                 return Err(self.resource_error(e));
             }
+            self.check_replay();
+            if self
+                .checkpoints
+                .as_ref()
+                .is_some_and(|c| c.last.elapsed() >= c.interval)
+            {
+                self.checkpoint().await?;
+            }
             let step = stepped.elapsed();
             if step > SLOW_STEP || (records > 0 && read > SLOW_STEP) {
                 debug!(
@@ -400,6 +785,7 @@ impl Pipeline {
         }
         self.sink.flush(Duration::from_secs(10))?;
         self.settle(true).await?;
+        self.checkpoint().await?;
         info!(
             name = self.config.name.as_deref().unwrap_or("all"),
             "pipeline stopped"
@@ -576,6 +962,9 @@ impl Pipeline {
                 "batch published"
             );
         }
+        if self.checkpoints.is_some() {
+            self.source.advance_positions(&self.next_offsets);
+        }
         let offsets = self.committable();
         self.in_flight.push_back(InFlight {
             acknowledged,
@@ -648,8 +1037,9 @@ impl Pipeline {
                 .map_err(|e| Error::Config(format!("acknowledgement task failed: {e}")))??;
             self.committable_acked = done.offsets;
         }
-        // Acknowledged offsets are committed at most every COMMIT_INTERVAL (and at the end).
-        if all || self.last_commit.elapsed() >= COMMIT_INTERVAL {
+        // Acknowledged offsets are committed at most every COMMIT_INTERVAL (and at the end);
+        // with checkpoints, the checkpoint's positions are committed instead.
+        if self.checkpoints.is_none() && (all || self.last_commit.elapsed() >= COMMIT_INTERVAL) {
             let changed: HashMap<_, _> = self
                 .committable_acked
                 .iter()
@@ -681,6 +1071,29 @@ impl Pipeline {
         }
         out
     }
+}
+
+/// The partitions of `topics` (a topic not yet created has none). Blocking.
+fn partitions_of(
+    probe: &rdkafka::consumer::BaseConsumer,
+    topics: &[String],
+) -> Result<Vec<(String, i32)>> {
+    use rdkafka::consumer::Consumer;
+    let mut out = Vec::new();
+    for topic in topics {
+        let metadata = probe.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+        for t in metadata.topics() {
+            if t.error().is_some() {
+                continue;
+            }
+            out.extend(
+                t.partitions()
+                    .iter()
+                    .map(|p| (t.name().to_string(), p.id())),
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// Publishes a query's result rows to its sink topic, keyed by the sink's key column.

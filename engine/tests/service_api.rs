@@ -52,8 +52,10 @@ async fn service_with_cap(
              [api]\ntoken = \"{TOKEN}\"\nmax_body = \"4KiB\"\n\
              [catalog]\npath = \"{}\"\n[queries]\ndefaults = false\nmax_queries = 3\n\
              max_state_groups = {cap}\n\
-             [pipeline]\nlinger = \"5ms\"\n",
-            dir.join("data/catalog.json").display()
+             [pipeline]\nlinger = \"5ms\"\n\
+             [checkpoint]\ndir = \"{}\"\ninterval = \"2s\"\n",
+            dir.join("data/catalog.json").display(),
+            dir.join("data/checkpoints").display()
         ),
     )?;
     Ok(Service::start(ServiceConfig::load(Some(&file))?).await?)

@@ -38,6 +38,8 @@ pub struct ServiceConfig {
     pub queries: QueriesConfig,
     /// `[pipeline]`
     pub pipeline: PipelineSettings,
+    /// `[checkpoint]`
+    pub checkpoint: CheckpointConfig,
     /// `[log]`
     pub log: LogConfig,
 }
@@ -104,6 +106,24 @@ pub struct PipelineSettings {
     /// First wait before a query stopped by a transient error starts again.
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
+}
+
+/// `[checkpoint]`: recovery and delivery guarantees.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Directory of the checkpoints, one sub-directory per query.
+    pub dir: PathBuf,
+    /// Time between checkpoints (and between output transactions with `exactly_once`).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Checkpoints kept per query.
+    pub retain: usize,
+    /// Exactly-once output: a transactional producer per query.
+    pub exactly_once: bool,
+    /// This service instance's name in the queries' transactional ids; stable across
+    /// restarts, different for each process sharing a consumer group.
+    pub instance: String,
 }
 
 /// `[log]`: logging.

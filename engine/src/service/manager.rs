@@ -17,7 +17,9 @@ use tracing::{error, info, warn};
 use super::catalog::{Catalog, CatalogEntry};
 use super::config::ServiceConfig;
 use crate::error::Error;
-use crate::pipeline::{Pipeline, PipelineConfig, PipelineStats, epoch_ms};
+use crate::pipeline::{
+    CheckpointInfo, CheckpointSettings, Pipeline, PipelineConfig, PipelineStats, epoch_ms,
+};
 use crate::plan::{DEFAULT_QUERIES, city_context, plan_all};
 use crate::schema::SchemaRegistry;
 
@@ -170,9 +172,9 @@ pub struct QueryStatus {
     pub state_bytes: u64,
     /// Its memory pool, bytes.
     pub memory_limit: u64,
-    /// The last checkpoint of its state. Always null: state is not checkpointed yet; a
-    /// restarted query recomputes its open windows from its committed offsets.
-    pub last_checkpoint: Option<i64>,
+    /// The last checkpoint of its state (written, or restored at start); null before the
+    /// first.
+    pub last_checkpoint: Option<CheckpointInfo>,
 }
 
 /// The mutable part of a query's status.
@@ -254,7 +256,7 @@ impl QueryHandle {
             state_groups: stats.state_groups.load(Ordering::Relaxed),
             state_bytes: stats.state_bytes.load(Ordering::Relaxed),
             memory_limit: self.memory_limit,
-            last_checkpoint: None,
+            last_checkpoint: stats.last_checkpoint.lock().ok().and_then(|c| c.clone()),
         }
     }
 }
@@ -489,6 +491,13 @@ impl QueryManager {
         if let Ok(mut queries) = self.queries.lock() {
             queries.remove(name);
         }
+        // A query created later under the same name starts from scratch.
+        let dir = self.config.checkpoint.dir.join(name);
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            tracing::warn!(query = name, path = %dir.display(), error = %e, "checkpoints not removed");
+        }
         info!(query = name, "query dropped");
         Ok(())
     }
@@ -585,6 +594,17 @@ impl QueryManager {
         p.name = Some(handle.entry.name.clone());
         p.memory_limit = Some(usize::try_from(handle.memory_limit).unwrap_or(usize::MAX));
         p.max_state_groups = Some(c.queries.max_state_groups);
+        p.checkpoint = Some(CheckpointSettings {
+            dir: c.checkpoint.dir.join(&handle.entry.name),
+            interval: c.checkpoint.interval,
+            retain: c.checkpoint.retain,
+            transactional_id: c.checkpoint.exactly_once.then(|| {
+                format!(
+                    "{}.{}.{}",
+                    c.kafka.group_id, handle.entry.name, c.checkpoint.instance
+                )
+            }),
+        });
         p
     }
 

@@ -6,7 +6,17 @@
 //! producer, keyed by a column, and returns a [`Pending`] set of deliveries: the pipeline
 //! awaits it before committing the input offsets the outputs depend on. DLQ and late records
 //! go out the same way.
+//!
+//! For exactly-once output the producer is transactional ([`KafkaSinkConfig::transactional_id`]):
+//! each checkpoint epoch's records and the consumed offsets commit together
+//! ([`KafkaSink::commit_epoch`]). Every record then carries two headers, `urbanstream-query`
+//! (the query's name) and `urbanstream-id` (8 bytes identifying the record: a hash of topic,
+//! key and value for indicator rows; of the input record's topic, partition and offset for DLQ
+//! and late records). A pipeline recovering from a checkpoint reads the ids its query published
+//! after that checkpoint and [`KafkaSink::suppress`]es them, so that the replay does not
+//! publish again what the broker already made visible.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +28,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::json::writer::{LineDelimited, WriterBuilder};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use serde::Serialize;
 
@@ -151,6 +162,124 @@ pub struct DlqRecord {
     pub query: Option<String>,
 }
 
+/// A record that stands for one input record: its identity is that record's position, not its
+/// content (which carries processing times).
+pub trait Provenance {
+    /// The input record's topic, partition and offset, and the query.
+    fn provenance(&self) -> (&str, i32, i64, Option<&str>);
+}
+
+impl Provenance for DlqRecord {
+    fn provenance(&self) -> (&str, i32, i64, Option<&str>) {
+        (
+            &self.topic,
+            self.partition,
+            self.offset,
+            self.query.as_deref(),
+        )
+    }
+}
+
+impl Provenance for LateRecord {
+    fn provenance(&self) -> (&str, i32, i64, Option<&str>) {
+        (&self.topic, self.partition, self.offset, Some(&self.query))
+    }
+}
+
+/// FNV-1a over byte strings, each followed by its length: a stable identity across processes
+/// and builds (unlike the standard library's hasher).
+pub fn record_id(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.iter().chain((part.len() as u64).to_le_bytes().iter()) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The ids of the records `query` published to `partitions` from the given offsets up to
+/// their current ends, read with read_committed, with their counts. Blocking; gives up on a
+/// partition that does not reach its end within `timeout`.
+pub fn published_ids(
+    brokers: &str,
+    properties: &[(String, String)],
+    query: &str,
+    partitions: &[(String, i32, i64)],
+    timeout: Duration,
+) -> Result<HashMap<u64, u32>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Headers;
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "urbanstream-recovery")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("isolation.level", "read_committed");
+    for (k, v) in properties {
+        client.set(k, v);
+    }
+    let consumer: BaseConsumer = client.create()?;
+    let mut list = rdkafka::TopicPartitionList::new();
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    for (topic, partition, from) in partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, *partition, timeout)?;
+        if high > *from {
+            list.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*from))?;
+            ends.insert((topic.clone(), *partition), high);
+        }
+    }
+    let mut ids: HashMap<u64, u32> = HashMap::new();
+    if ends.is_empty() {
+        return Ok(ids);
+    }
+    consumer.assign(&list)?;
+    let deadline = std::time::Instant::now() + timeout;
+    while !ends.is_empty() && std::time::Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        let key = (message.topic().to_string(), message.partition());
+        if let Some(headers) = message.headers() {
+            let mut ours = false;
+            let mut id = None;
+            for h in headers.iter() {
+                if h.key == QUERY_HEADER {
+                    ours = h.value == Some(query.as_bytes());
+                } else if h.key == ID_HEADER
+                    && let Some(v) = h.value.and_then(|v| <[u8; 8]>::try_from(v).ok())
+                {
+                    id = Some(u64::from_be_bytes(v));
+                }
+            }
+            if let (true, Some(id)) = (ours, id) {
+                *ids.entry(id).or_default() += 1;
+            }
+        }
+        if ends
+            .get(&key)
+            .is_some_and(|end| message.offset() + 1 >= *end)
+        {
+            ends.remove(&key);
+        }
+    }
+    if !ends.is_empty() {
+        tracing::warn!(
+            partitions = ends.len(),
+            "outputs published before the restart could not all be read back in time; some may be published again"
+        );
+    }
+    Ok(ids)
+}
+
+/// Header naming the query that published a record (exactly-once mode).
+pub const QUERY_HEADER: &str = "urbanstream-query";
+/// Header with a record's identity (exactly-once mode).
+pub const ID_HEADER: &str = "urbanstream-id";
+
 impl DlqRecord {
     /// The DLQ record of a rejected record of `raw`.
     pub fn new(raw: &RawBatch, reject: &Reject, received_at: i64) -> Self {
@@ -199,18 +328,28 @@ pub struct KafkaSinkConfig {
     pub linger: Duration,
     /// Extra librdkafka properties.
     pub properties: Vec<(String, String)>,
+    /// With a transactional id, the producer is transactional (exactly-once output): records
+    /// are visible to read_committed consumers once [`KafkaSink::commit_epoch`] commits them.
+    pub transactional_id: Option<String>,
+    /// The query's name, written into the `urbanstream-query` header in exactly-once mode.
+    pub query: String,
 }
 
 impl KafkaSinkConfig {
-    /// Defaults for `brokers`: 5 ms linger.
+    /// Defaults for `brokers`: 5 ms linger, not transactional.
     pub fn new(brokers: impl Into<String>) -> Self {
         Self {
             brokers: brokers.into(),
             linger: Duration::from_millis(5),
             properties: Vec::new(),
+            transactional_id: None,
+            query: String::new(),
         }
     }
 }
+
+/// How long a transaction call (init, offsets, commit) may take.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Deliveries not yet acknowledged by the broker.
 #[derive(Default)]
@@ -243,13 +382,20 @@ impl Pending {
     }
 }
 
-/// An idempotent producer for indicator, DLQ and late topics.
+/// An idempotent (or transactional) producer for indicator, DLQ and late topics.
 pub struct KafkaSink {
     producer: FutureProducer,
+    /// Exactly-once mode: the query's name for the header.
+    tag: Option<String>,
+    /// Ids already published (read back at recovery), with their counts: not sent again.
+    suppressed: std::sync::Mutex<std::collections::HashMap<u64, u32>>,
+    /// Records not sent because they were suppressed.
+    suppressed_count: std::sync::atomic::AtomicU64,
 }
 
 impl KafkaSink {
-    /// Creates the producer.
+    /// Creates the producer; a transactional one is initialised (fencing an earlier instance
+    /// with the same id) and opens its first transaction.
     pub fn new(config: &KafkaSinkConfig) -> Result<Self> {
         let mut client = ClientConfig::new();
         client
@@ -258,12 +404,76 @@ impl KafkaSink {
             .set("acks", "all")
             .set("linger.ms", config.linger.as_millis().to_string())
             .set("message.timeout.ms", "300000");
+        if let Some(id) = &config.transactional_id {
+            client
+                .set("transactional.id", id)
+                .set("transaction.timeout.ms", "120000");
+        }
         for (k, v) in &config.properties {
             client.set(k, v);
         }
+        let producer: FutureProducer = client.create()?;
+        if config.transactional_id.is_some() {
+            producer.init_transactions(TRANSACTION_TIMEOUT)?;
+            producer.begin_transaction()?;
+        }
         Ok(Self {
-            producer: client.create()?,
+            producer,
+            tag: config
+                .transactional_id
+                .as_ref()
+                .map(|_| config.query.clone()),
+            suppressed: Default::default(),
+            suppressed_count: Default::default(),
         })
+    }
+
+    /// Whether the producer is transactional.
+    pub fn is_transactional(&self) -> bool {
+        self.tag.is_some()
+    }
+
+    /// Commits the open transaction with the consumed `offsets` (next offset to read per
+    /// input partition) of `group`, and opens the next. Blocks on a worker thread.
+    pub async fn commit_epoch(
+        &self,
+        offsets: &HashMap<(String, i32), i64>,
+        group: rdkafka::consumer::ConsumerGroupMetadata,
+    ) -> Result<()> {
+        let mut list = rdkafka::TopicPartitionList::new();
+        for ((topic, partition), offset) in offsets {
+            list.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*offset))?;
+        }
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            producer.send_offsets_to_transaction(&list, &group, TRANSACTION_TIMEOUT)?;
+            producer.commit_transaction(TRANSACTION_TIMEOUT)?;
+            producer.begin_transaction()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Config(format!("transaction task failed: {e}")))?
+    }
+
+    /// Records with these ids are not published again (one time per count).
+    pub fn suppress(&self, ids: HashMap<u64, u32>) {
+        if let Ok(mut s) = self.suppressed.lock() {
+            *s = ids;
+        }
+    }
+
+    /// Ends suppression; returns how many records it held back and how many ids were left.
+    pub fn end_suppression(&self) -> (u64, usize) {
+        let left = self
+            .suppressed
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s).len())
+            .unwrap_or(0);
+        (
+            self.suppressed_count
+                .load(std::sync::atomic::Ordering::Relaxed),
+            left,
+        )
     }
 
     /// Publishes each row of `batch` (already conformed to the topic's schema) as JSON, keyed
@@ -293,14 +503,19 @@ impl KafkaSink {
             let key = keys
                 .filter(|k| !k.is_null(r))
                 .map(|k| k.value(r).as_bytes());
-            self.send(topic, key, &bytes[start..end], pending).await?;
+            let value = &bytes[start..end];
+            let id = self
+                .tag
+                .as_ref()
+                .map(|_| record_id(&[topic.as_bytes(), key.unwrap_or_default(), value]));
+            self.send(topic, key, value, id, pending).await?;
             start = end + 1;
         }
         Ok(())
     }
 
     /// Publishes serialisable records (DLQ, late) as JSON.
-    pub async fn send_json<T: Serialize>(
+    pub async fn send_json<T: Serialize + Provenance>(
         &self,
         topic: &str,
         records: &[(Option<Vec<u8>>, T)],
@@ -309,9 +524,42 @@ impl KafkaSink {
         for (key, record) in records {
             let payload = serde_json::to_vec(record)
                 .map_err(|e| Error::Config(format!("cannot encode record: {e}")))?;
-            self.send(topic, key.as_deref(), &payload, pending).await?;
+            let id = self.tag.as_ref().map(|_| {
+                let (t, p, o, q) = record.provenance();
+                record_id(&[
+                    topic.as_bytes(),
+                    t.as_bytes(),
+                    &p.to_le_bytes(),
+                    &o.to_le_bytes(),
+                    q.unwrap_or_default().as_bytes(),
+                ])
+            });
+            self.send(topic, key.as_deref(), &payload, id, pending)
+                .await?;
         }
         Ok(())
+    }
+
+    /// Whether a record with this id was already published (and counts it off).
+    fn is_suppressed(&self, id: u64) -> bool {
+        let Ok(mut s) = self.suppressed.lock() else {
+            return false;
+        };
+        if s.is_empty() {
+            return false;
+        }
+        match s.get_mut(&id) {
+            Some(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    s.remove(&id);
+                }
+                self.suppressed_count
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
     }
 
     async fn send(
@@ -319,12 +567,32 @@ impl KafkaSink {
         topic: &str,
         key: Option<&[u8]>,
         payload: &[u8],
+        id: Option<u64>,
         pending: &mut Pending,
     ) -> Result<()> {
+        if let Some(id) = id
+            && self.is_suppressed(id)
+        {
+            return Ok(());
+        }
+        let id_bytes = id.map(u64::to_be_bytes);
         loop {
             let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
             if let Some(key) = key {
                 record = record.key(key);
+            }
+            if let (Some(tag), Some(id)) = (&self.tag, &id_bytes) {
+                record = record.headers(
+                    OwnedHeaders::new()
+                        .insert(Header {
+                            key: QUERY_HEADER,
+                            value: Some(tag.as_bytes()),
+                        })
+                        .insert(Header {
+                            key: ID_HEADER,
+                            value: Some(&id[..]),
+                        }),
+                );
             }
             match self.producer.send_result(record) {
                 Ok(delivery) => {

@@ -6,17 +6,26 @@
 //! contiguous buffer per batch (no allocation per record). Offsets are never committed
 //! automatically: the pipeline commits them with [`KafkaSource::commit`] once every output that
 //! depends on them has been acknowledged.
+//!
+//! With checkpoints, the pipeline's own positions are the truth: [`KafkaSource::set_positions`]
+//! tells the consumer where each partition resumes, and a partition the group assigns is
+//! placed there before its first fetch (in the rebalance callback), whatever offset the group
+//! has committed.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
+    StreamConsumer,
+};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use tracing::debug;
 
 use crate::error::Result;
 
@@ -118,9 +127,39 @@ impl KafkaSourceConfig {
 /// How long one wait for the first record of a batch lasts before asking again.
 const FIRST_RECORD_SLICE: Duration = Duration::from_millis(2);
 
+/// Where each (topic, partition) resumes when the group assigns it.
+pub type Positions = HashMap<(String, i32), i64>;
+
+/// The consumer's context: places newly assigned partitions at the pipeline's positions.
+#[derive(Default)]
+pub struct SourceContext {
+    positions: Arc<Mutex<Positions>>,
+}
+
+impl ClientContext for SourceContext {}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(list) = rebalance else {
+            return;
+        };
+        let Ok(positions) = self.positions.lock() else {
+            return;
+        };
+        for mut element in list.elements() {
+            let key = (element.topic().to_string(), element.partition());
+            if let Some(&offset) = positions.get(&key) {
+                debug!(topic = %key.0, partition = key.1, offset, "partition assigned, resuming at the pipeline's position");
+                let _ = element.set_offset(Offset::Offset(offset));
+            }
+        }
+    }
+}
+
 /// A consumer-group member over the input topics.
 pub struct KafkaSource {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<SourceContext>,
+    positions: Arc<Mutex<Positions>>,
     config: KafkaSourceConfig,
     /// A client outside the group that asks for partitions' end offsets.
     lag_probe: Arc<BaseConsumer>,
@@ -147,7 +186,11 @@ impl KafkaSource {
         for (k, v) in &config.properties {
             client.set(k, v);
         }
-        let consumer: StreamConsumer = client.create()?;
+        let positions: Arc<Mutex<Positions>> = Arc::default();
+        let consumer: StreamConsumer<SourceContext> =
+            client.create_with_context(SourceContext {
+                positions: positions.clone(),
+            })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let mut probe = ClientConfig::new();
@@ -157,6 +200,7 @@ impl KafkaSource {
         }
         Ok(Self {
             consumer,
+            positions,
             config,
             lag_probe: Arc::new(probe.create()?),
             lag_probe_busy: Arc::new(AtomicBool::new(false)),
@@ -249,6 +293,90 @@ impl KafkaSource {
             lag.store(if known { total } else { -1 }, Ordering::Relaxed);
             busy.store(false, Ordering::Release);
         });
+    }
+
+    /// Sets where partitions resume when the group assigns them (those not listed resume at
+    /// the group's committed offset). Takes effect at the next assignment.
+    pub fn set_positions(&self, positions: Positions) {
+        if let Ok(mut p) = self.positions.lock() {
+            *p = positions;
+        }
+    }
+
+    /// Moves the resume positions forward to what the pipeline has processed, so that a
+    /// partition revoked and assigned again resumes after it.
+    pub fn advance_positions(&self, next: &HashMap<(Arc<str>, i32), i64>) {
+        if let Ok(mut p) = self.positions.lock() {
+            for ((topic, partition), offset) in next {
+                p.insert((topic.to_string(), *partition), *offset);
+            }
+        }
+    }
+
+    /// The (topic, partition)s the group has assigned to this consumer now.
+    pub fn assignment(&self) -> Vec<(String, i32)> {
+        self.consumer
+            .assignment()
+            .map(|a| {
+                a.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The consumer group's state, for committing offsets in a producer's transaction.
+    pub fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
+        self.consumer.group_metadata()
+    }
+
+    /// Where each partition of the input topics would start for this group now: its committed
+    /// offset, or its earliest offset when nothing is committed. Blocking.
+    pub fn starting_positions(&self, timeout: Duration) -> Result<Positions> {
+        let mut list = TopicPartitionList::new();
+        for topic in &self.config.topics {
+            let metadata = self.lag_probe.fetch_metadata(Some(topic), timeout)?;
+            for t in metadata.topics() {
+                for p in t.partitions() {
+                    list.add_partition(t.name(), p.id());
+                }
+            }
+        }
+        let committed = self.consumer.committed_offsets(list, timeout)?;
+        let mut out = Positions::new();
+        for e in committed.elements() {
+            let offset = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => {
+                    self.lag_probe
+                        .fetch_watermarks(e.topic(), e.partition(), timeout)?
+                        .0
+                }
+            };
+            out.insert((e.topic().to_string(), e.partition()), offset);
+        }
+        Ok(out)
+    }
+
+    /// Each partition's end offset, for the given (topic, partition)s. Blocking.
+    pub fn end_offsets(
+        &self,
+        partitions: &[(String, i32)],
+        timeout: Duration,
+    ) -> Result<Positions> {
+        partitions
+            .iter()
+            .map(|(t, p)| {
+                let (_, high) = self.lag_probe.fetch_watermarks(t, *p, timeout)?;
+                Ok(((t.clone(), *p), high))
+            })
+            .collect()
+    }
+
+    /// The client that reads metadata and end offsets outside the group.
+    pub fn probe(&self) -> Arc<BaseConsumer> {
+        self.lag_probe.clone()
     }
 
     /// Commits, per (topic, partition), the offset of the next record to read.
