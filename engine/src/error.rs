@@ -59,6 +59,7 @@ impl Error {
     /// Whether the same operation may succeed if retried later.
     pub fn is_transient(&self) -> bool {
         match self {
+            Error::Kafka(KafkaError::ClientCreation(_)) => false,
             Error::Kafka(e) => !matches!(
                 e.rdkafka_error_code(),
                 Some(rdkafka::types::RDKafkaErrorCode::InvalidConfig)

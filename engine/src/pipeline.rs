@@ -555,6 +555,7 @@ impl Pipeline {
                 (t, p, start)
             })
             .collect();
+        debug!(?from, "reading back outputs published after the checkpoint");
         let (brokers, properties) = (self.config.brokers.clone(), self.config.properties.clone());
         let ids = tokio::task::spawn_blocking(move || {
             crate::sink::published_ids(
@@ -568,6 +569,7 @@ impl Pipeline {
         .await
         .map_err(|e| Error::Checkpoint(format!("reading task failed: {e}")))??;
         let records: u32 = ids.values().sum();
+        debug!(records, "outputs published after the checkpoint read back");
         if records > 0 {
             info!(
                 records,

@@ -405,9 +405,11 @@ impl KafkaSink {
             .set("linger.ms", config.linger.as_millis().to_string())
             .set("message.timeout.ms", "300000");
         if let Some(id) = &config.transactional_id {
+            // A record must time out before its transaction does.
             client
                 .set("transactional.id", id)
-                .set("transaction.timeout.ms", "120000");
+                .set("transaction.timeout.ms", "120000")
+                .set("message.timeout.ms", "110000");
         }
         for (k, v) in &config.properties {
             client.set(k, v);
