@@ -753,6 +753,17 @@ impl Pipeline {
         while !stop.load(Ordering::Relaxed) {
             let waited = std::time::Instant::now();
             let batches = self.source.next_batches(Duration::from_millis(200)).await?;
+            if self.checkpoints.is_some() && self.source.partitions_revoked() {
+                // The state is the query's, not per partition: it cannot follow a partition to
+                // another member.
+                return Err(Error::Checkpoint(format!(
+                    "another process joined consumer group {} and took partitions from this \
+                     one; a checkpointed query keeps one state for all its partitions and \
+                     runs in one process per group (set checkpoint.enabled = false to share \
+                     a group, at-least-once)",
+                    self.config.group_id
+                )));
+            }
             let read = waited.elapsed();
             let stepped = std::time::Instant::now();
             let records: usize = batches.iter().map(RawBatch::len).sum();

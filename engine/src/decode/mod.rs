@@ -85,7 +85,16 @@ pub struct JsonDecoder {
     /// field is a cheap validation reject with a clear message instead of a failed flush.
     wire_schema: SchemaRef,
     output_schema: SchemaRef,
+    /// Largest record value accepted, bytes.
+    max_value_bytes: usize,
+    /// Largest record key accepted, bytes.
+    max_key_bytes: usize,
 }
+
+/// Largest record value a decoder accepts by default (city events are a few hundred bytes).
+pub const MAX_VALUE_BYTES: usize = 256 * 1024;
+/// Largest record key a decoder accepts by default.
+pub const MAX_KEY_BYTES: usize = 4 * 1024;
 
 impl JsonDecoder {
     /// A decoder for the records of `schema`.
@@ -100,6 +109,34 @@ impl JsonDecoder {
             wire_schema: Arc::new(Schema::new(wire_fields)),
             output_schema: schema.output_schema(),
             schema,
+            max_value_bytes: MAX_VALUE_BYTES,
+            max_key_bytes: MAX_KEY_BYTES,
+        }
+    }
+
+    /// Records with a larger value or key are rejected without being parsed.
+    pub fn with_limits(mut self, max_value_bytes: usize, max_key_bytes: usize) -> Self {
+        self.max_value_bytes = max_value_bytes;
+        self.max_key_bytes = max_key_bytes;
+        self
+    }
+
+    /// Why a record is too big to decode, if it is.
+    fn oversize(&self, raw: &RawBatch, i: usize) -> Option<String> {
+        let value = raw.value(i).len();
+        let key = raw.key(i).map_or(0, <[u8]>::len);
+        if value > self.max_value_bytes {
+            Some(format!(
+                "record value of {value} bytes is over the limit of {} bytes",
+                self.max_value_bytes
+            ))
+        } else if key > self.max_key_bytes {
+            Some(format!(
+                "record key of {key} bytes is over the limit of {} bytes",
+                self.max_key_bytes
+            ))
+        } else {
+            None
         }
     }
 
@@ -151,6 +188,14 @@ impl JsonDecoder {
         let mut decoder = self.new_decoder(range.len())?;
         let mut good: Vec<u32> = Vec::with_capacity(range.len());
         for i in range.clone() {
+            if let Some(error) = self.oversize(raw, i) {
+                rejects.push(Reject {
+                    index: i as u32,
+                    stage: RejectStage::Decode,
+                    error,
+                });
+                continue;
+            }
             let value = raw.value(i);
             match feed_one(&mut decoder, value, good.len()) {
                 Ok(()) => good.push(i as u32),

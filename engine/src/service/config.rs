@@ -112,6 +112,9 @@ pub struct PipelineSettings {
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
+    /// Whether queries checkpoint (off: at-least-once from held-back offsets, and processes
+    /// may share a consumer group).
+    pub enabled: bool,
     /// Directory of the checkpoints, one sub-directory per query.
     pub dir: PathBuf,
     /// Time between checkpoints (and between output transactions with `exactly_once`).
@@ -181,6 +184,21 @@ impl ServiceConfig {
             return Err(Error::Config(
                 "pipeline.max_batch_rows must be at least 1".into(),
             ));
+        }
+        if self.checkpoint.exactly_once && !self.checkpoint.enabled {
+            return Err(Error::Config(
+                "checkpoint.exactly_once needs checkpoint.enabled: each transaction ends at a \
+                 checkpoint"
+                    .into(),
+            ));
+        }
+        if self.checkpoint.interval.is_zero() || self.checkpoint.retain == 0 {
+            return Err(Error::Config(
+                "checkpoint.interval and checkpoint.retain must be above zero".into(),
+            ));
+        }
+        if self.checkpoint.instance.trim().is_empty() {
+            return Err(Error::Config("checkpoint.instance is empty".into()));
         }
         for key in self.kafka.properties.keys() {
             if matches!(
@@ -279,6 +297,27 @@ mod tests {
             assert_eq!(c.pipeline.linger, Duration::from_millis(20));
             assert_eq!(c.topics, Topics::default());
             assert_eq!(c.log.format, LogFormatConfig::Plain);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn checkpoint_settings_are_checked() {
+        Jail::expect_with(|jail| {
+            let c = load(None)?;
+            assert!(c.checkpoint.enabled && !c.checkpoint.exactly_once);
+            assert_eq!(c.checkpoint.interval, Duration::from_secs(10));
+            jail.set_env("URBANSTREAM__CHECKPOINT__ENABLED", "false");
+            jail.set_env("URBANSTREAM__CHECKPOINT__EXACTLY_ONCE", "true");
+            let e = load(None).expect_err("exactly-once without checkpoints");
+            assert!(
+                e.contains("checkpoint.exactly_once needs checkpoint.enabled"),
+                "{e}"
+            );
+            jail.set_env("URBANSTREAM__CHECKPOINT__ENABLED", "true");
+            jail.set_env("URBANSTREAM__CHECKPOINT__INTERVAL", "0s");
+            let e = load(None).expect_err("zero interval");
+            assert!(e.contains("checkpoint.interval"), "{e}");
             Ok(())
         });
     }

@@ -594,7 +594,7 @@ impl QueryManager {
         p.name = Some(handle.entry.name.clone());
         p.memory_limit = Some(usize::try_from(handle.memory_limit).unwrap_or(usize::MAX));
         p.max_state_groups = Some(c.queries.max_state_groups);
-        p.checkpoint = Some(CheckpointSettings {
+        p.checkpoint = c.checkpoint.enabled.then(|| CheckpointSettings {
             dir: c.checkpoint.dir.join(&handle.entry.name),
             interval: c.checkpoint.interval,
             retain: c.checkpoint.retain,

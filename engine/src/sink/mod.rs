@@ -275,23 +275,44 @@ pub fn published_ids(
     Ok(ids)
 }
 
+/// Most bytes of a rejected record's key or value copied into its DLQ record.
+pub const DLQ_COPY_BYTES: usize = 64 * 1024;
+
 /// Header naming the query that published a record (exactly-once mode).
 pub const QUERY_HEADER: &str = "urbanstream-query";
 /// Header with a record's identity (exactly-once mode).
 pub const ID_HEADER: &str = "urbanstream-id";
 
 impl DlqRecord {
-    /// The DLQ record of a rejected record of `raw`.
+    /// The DLQ record of a rejected record of `raw`. A key or value over
+    /// [`DLQ_COPY_BYTES`] is copied in part (so that the DLQ record itself stays publishable);
+    /// the error says so, and the whole record stays at its topic, partition and offset.
     pub fn new(raw: &RawBatch, reject: &Reject, received_at: i64) -> Self {
         let i = reject.index as usize;
+        let value = raw.value(i);
+        let key = raw.key(i);
+        let mut error = reject.error.clone();
+        let cut = |bytes: &[u8], what: &str, error: &mut String| -> String {
+            if bytes.len() > DLQ_COPY_BYTES {
+                error.push_str(&format!(
+                    " ({what} copied in part: its first {DLQ_COPY_BYTES} of {} bytes)",
+                    bytes.len()
+                ));
+                BASE64.encode(&bytes[..DLQ_COPY_BYTES])
+            } else {
+                BASE64.encode(bytes)
+            }
+        };
+        let key = key.map(|k| cut(k, "key", &mut error));
+        let payload = cut(value, "payload", &mut error);
         Self {
             topic: raw.topic.to_string(),
             partition: raw.partitions[i],
             offset: raw.offsets[i],
-            key: raw.key(i).map(|k| BASE64.encode(k)),
-            error: reject.error.clone(),
+            key,
+            error,
             stage: reject.stage.as_str().to_string(),
-            payload: BASE64.encode(raw.value(i)),
+            payload,
             received_at,
             query: None,
         }

@@ -130,16 +130,23 @@ const FIRST_RECORD_SLICE: Duration = Duration::from_millis(2);
 /// Where each (topic, partition) resumes when the group assigns it.
 pub type Positions = HashMap<(String, i32), i64>;
 
-/// The consumer's context: places newly assigned partitions at the pipeline's positions.
+/// The consumer's context: places newly assigned partitions at the pipeline's positions and
+/// notes when partitions are taken away.
 #[derive(Default)]
 pub struct SourceContext {
     positions: Arc<Mutex<Positions>>,
+    revoked: Arc<AtomicBool>,
 }
 
 impl ClientContext for SourceContext {}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance
+            && list.count() > 0
+        {
+            self.revoked.store(true, Ordering::Release);
+        }
         let Rebalance::Assign(list) = rebalance else {
             return;
         };
@@ -160,6 +167,7 @@ impl ConsumerContext for SourceContext {
 pub struct KafkaSource {
     consumer: StreamConsumer<SourceContext>,
     positions: Arc<Mutex<Positions>>,
+    revoked: Arc<AtomicBool>,
     config: KafkaSourceConfig,
     /// A client outside the group that asks for partitions' end offsets.
     lag_probe: Arc<BaseConsumer>,
@@ -187,9 +195,11 @@ impl KafkaSource {
             client.set(k, v);
         }
         let positions: Arc<Mutex<Positions>> = Arc::default();
+        let revoked: Arc<AtomicBool> = Arc::default();
         let consumer: StreamConsumer<SourceContext> =
             client.create_with_context(SourceContext {
                 positions: positions.clone(),
+                revoked: revoked.clone(),
             })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -201,6 +211,7 @@ impl KafkaSource {
         Ok(Self {
             consumer,
             positions,
+            revoked,
             config,
             lag_probe: Arc::new(probe.create()?),
             lag_probe_busy: Arc::new(AtomicBool::new(false)),
@@ -311,6 +322,11 @@ impl KafkaSource {
                 p.insert((topic.to_string(), *partition), *offset);
             }
         }
+    }
+
+    /// Whether the group has taken partitions away from this consumer (another member joined).
+    pub fn partitions_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
     }
 
     /// The (topic, partition)s the group has assigned to this consumer now.
