@@ -50,6 +50,10 @@ pub enum Error {
     /// restored into.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// The consumer group moved partitions away from this consumer: the pipeline starts
+    /// again from its checkpoint or committed offsets. Transient.
+    #[error("rebalanced: {0}")]
+    Rebalanced(String),
     /// The service's API refused a request or could not be reached (`urbanstream query`).
     #[error("{0}")]
     Api(String),
@@ -65,7 +69,7 @@ impl Error {
                 Some(rdkafka::types::RDKafkaErrorCode::InvalidConfig)
                     | Some(rdkafka::types::RDKafkaErrorCode::Fatal)
             ),
-            Error::Io(_) => true,
+            Error::Io(_) | Error::Rebalanced(_) => true,
             _ => false,
         }
     }

@@ -7,6 +7,12 @@
 //! outputs (the next micro-batches are read meanwhile, up to 8 awaiting acknowledgement). The
 //! committed offset never passes the oldest event a query still holds in an unevicted window,
 //! so a restart re-reads every event whose window has not been published yet (at-least-once).
+//!
+//! With checkpoints ([`CheckpointSettings`]), the pipeline instead writes its queries' state
+//! and input positions every interval and when it stops, and a new pipeline restores the
+//! newest checkpoint and resumes at its positions. With a transactional id, each interval's
+//! outputs and consumed offsets commit in one Kafka transaction just before the checkpoint,
+//! and a recovering pipeline does not publish again what it published after its checkpoint.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -707,6 +713,35 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Stops the pipeline when the group took partitions from it. State is one state for all
+    /// of a query's partitions, so it cannot follow a partition to another member: without
+    /// checkpoints the pipeline starts again from the committed offsets (held back to what
+    /// open windows need), and windows open at that moment are published again in full
+    /// rather than in part; with checkpoints, a session lost (broker unreachable) starts it
+    /// again from its checkpoint, and partitions taken by another process fail the query.
+    fn check_assignment(&self) -> Result<()> {
+        let group = &self.config.group_id;
+        if self.source.partitions_lost() {
+            return Err(Error::Rebalanced(format!(
+                "the session in consumer group {group} expired and its partitions were lost"
+            )));
+        }
+        if !self.source.partitions_revoked() {
+            return Ok(());
+        }
+        if self.checkpoints.is_none() {
+            return Err(Error::Rebalanced(format!(
+                "another member of consumer group {group} took partitions from this one"
+            )));
+        }
+        Err(Error::Checkpoint(format!(
+            "another process joined consumer group {group} and took partitions from this one; \
+             a checkpointed query keeps one state for all its partitions and runs in one \
+             process per group (set checkpoint.enabled = false to share a group, \
+             at-least-once)"
+        )))
+    }
+
     /// Ends output suppression once the replay after recovery has read every input partition
     /// up to where it ended at recovery.
     fn check_replay(&mut self) {
@@ -753,17 +788,7 @@ impl Pipeline {
         while !stop.load(Ordering::Relaxed) {
             let waited = std::time::Instant::now();
             let batches = self.source.next_batches(Duration::from_millis(200)).await?;
-            if self.checkpoints.is_some() && self.source.partitions_revoked() {
-                // The state is the query's, not per partition: it cannot follow a partition to
-                // another member.
-                return Err(Error::Checkpoint(format!(
-                    "another process joined consumer group {} and took partitions from this \
-                     one; a checkpointed query keeps one state for all its partitions and \
-                     runs in one process per group (set checkpoint.enabled = false to share \
-                     a group, at-least-once)",
-                    self.config.group_id
-                )));
-            }
+            self.check_assignment()?;
             let read = waited.elapsed();
             let stepped = std::time::Instant::now();
             let records: usize = batches.iter().map(RawBatch::len).sum();

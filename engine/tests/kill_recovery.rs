@@ -79,6 +79,18 @@ fn serve(config: &Path, log: &Path) -> anyhow::Result<Process> {
     ))
 }
 
+/// Polls `done` every 100 ms for up to a minute; fails with `what` otherwise.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if done() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("{what}")
+}
+
 /// Waits until the query holds every input partition (the killed member's partitions come
 /// back once its session has timed out), so that a kill lands while it processes.
 fn wait_assigned(
@@ -86,8 +98,7 @@ fn wait_assigned(
     client: &reqwest::Client,
     base: &str,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
+    wait_until("the query never got its partitions back", || {
         let status: Option<Value> = rt.block_on(async {
             let r = client
                 .get(format!("{base}/v1/queries/counts"))
@@ -96,18 +107,8 @@ fn wait_assigned(
                 .ok()?;
             r.json().await.ok()
         });
-        if status.is_some_and(|q| q["assigned_partitions"] == PARTITIONS) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    anyhow::bail!("the query never got its partitions back")
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+        status.is_some_and(|q| q["assigned_partitions"] == PARTITIONS)
+    })
 }
 
 fn wait_live(
@@ -115,17 +116,16 @@ fn wait_live(
     client: &reqwest::Client,
     base: &str,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if rt
-            .block_on(client.get(format!("{base}/livez")).send())
+    wait_until("the service did not come up", || {
+        rt.block_on(client.get(format!("{base}/livez")).send())
             .is_ok_and(|r| r.status().is_success())
-        {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    anyhow::bail!("the service did not come up")
+    })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// The numbered event `seq`: its segment, its event time and the record.

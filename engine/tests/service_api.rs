@@ -357,6 +357,8 @@ async fn the_api_contract() -> anyhow::Result<()> {
         "urbanstream_rows_out_total{query=\"counts\"}",
         "urbanstream_watermark_lag_seconds{query=\"counts\"}",
         "urbanstream_emit_latency_seconds_bucket{query=\"counts\",le=\"0.05\"}",
+        "urbanstream_checkpoint_bytes{query=\"counts\"}",
+        "urbanstream_checkpoint_age_seconds{query=\"counts\"}",
         "urbanstream_queries{state=\"RUNNING\"} 1",
         "urbanstream_kafka_reachable 1",
     ] {

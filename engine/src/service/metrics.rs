@@ -88,6 +88,21 @@ fn describe() {
         Unit::Bytes,
         "Bytes of window state held."
     );
+    describe_gauge!(
+        "urbanstream_checkpoint_age_seconds",
+        Unit::Seconds,
+        "Time since the query's last checkpoint was taken."
+    );
+    describe_gauge!(
+        "urbanstream_checkpoint_bytes",
+        Unit::Bytes,
+        "Size on disk of the query's last checkpoint."
+    );
+    describe_gauge!(
+        "urbanstream_checkpoint_duration_seconds",
+        Unit::Seconds,
+        "How long the query's last checkpoint took (acknowledgements, commit, write)."
+    );
     describe_gauge!("urbanstream_queries", Unit::Count, "Queries per state.");
     describe_gauge!(
         "urbanstream_kafka_reachable",
@@ -134,6 +149,13 @@ pub fn render(
         }
         metrics::gauge!("urbanstream_state_groups", &label).set(q.state_groups as f64);
         metrics::gauge!("urbanstream_state_bytes", &label).set(q.state_bytes as f64);
+        if let Some(c) = &q.last_checkpoint {
+            let age = (crate::pipeline::epoch_ms() - c.at_ms).max(0);
+            metrics::gauge!("urbanstream_checkpoint_age_seconds", &label).set(age as f64 / 1e3);
+            metrics::gauge!("urbanstream_checkpoint_bytes", &label).set(c.bytes as f64);
+            metrics::gauge!("urbanstream_checkpoint_duration_seconds", &label)
+                .set(c.duration_ms as f64 / 1e3);
+        }
     }
     for (state, n) in counts {
         metrics::gauge!("urbanstream_queries", "state" => *state).set(*n as f64);

@@ -136,16 +136,23 @@ pub type Positions = HashMap<(String, i32), i64>;
 pub struct SourceContext {
     positions: Arc<Mutex<Positions>>,
     revoked: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
 }
 
 impl ClientContext for SourceContext {}
 
 impl ConsumerContext for SourceContext {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance
             && list.count() > 0
         {
-            self.revoked.store(true, Ordering::Release);
+            // Lost: the session expired (the coordinator unreachable), no other member took
+            // them by agreement.
+            if consumer.assignment_lost() {
+                self.lost.store(true, Ordering::Release);
+            } else {
+                self.revoked.store(true, Ordering::Release);
+            }
         }
         let Rebalance::Assign(list) = rebalance else {
             return;
@@ -168,6 +175,7 @@ pub struct KafkaSource {
     consumer: StreamConsumer<SourceContext>,
     positions: Arc<Mutex<Positions>>,
     revoked: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
     config: KafkaSourceConfig,
     /// A client outside the group that asks for partitions' end offsets.
     lag_probe: Arc<BaseConsumer>,
@@ -196,10 +204,12 @@ impl KafkaSource {
         }
         let positions: Arc<Mutex<Positions>> = Arc::default();
         let revoked: Arc<AtomicBool> = Arc::default();
+        let lost: Arc<AtomicBool> = Arc::default();
         let consumer: StreamConsumer<SourceContext> =
             client.create_with_context(SourceContext {
                 positions: positions.clone(),
                 revoked: revoked.clone(),
+                lost: lost.clone(),
             })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -212,6 +222,7 @@ impl KafkaSource {
             consumer,
             positions,
             revoked,
+            lost,
             config,
             lag_probe: Arc::new(probe.create()?),
             lag_probe_busy: Arc::new(AtomicBool::new(false)),
@@ -327,6 +338,12 @@ impl KafkaSource {
     /// Whether the group has taken partitions away from this consumer (another member joined).
     pub fn partitions_revoked(&self) -> bool {
         self.revoked.load(Ordering::Acquire)
+    }
+
+    /// Whether this consumer lost its partitions with its group session (the coordinator
+    /// could not be reached in time).
+    pub fn partitions_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
     }
 
     /// The (topic, partition)s the group has assigned to this consumer now.
