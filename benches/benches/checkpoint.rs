@@ -1,0 +1,138 @@
+//! Checkpoint cost of window state, in (window, group) partials per second: a 1-hour tumbling
+//! window with five aggregates (`count`, `sum`, `avg`, `min`, `max`) holding 10 000, 100 000
+//! or 1 000 000 groups, taken (`snapshot`: the state read out into Arrow tables), written
+//! (`snapshot_and_write`: plus the Arrow IPC files and manifest, fsynced and renamed into
+//! place) and restored (`read_and_restore`: read back and merged into a freshly planned
+//! query).
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+
+use std::sync::Arc;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use datafusion::arrow::array::{
+    Float64Array, RecordBatch, StringViewArray, TimestampMillisecondArray,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use urbanstream::checkpoint::{CheckpointStore, Manifest, QueryManifest, StateSnapshot};
+use urbanstream::plan::stream::{StreamContext, StreamQuery};
+
+const BATCH: usize = 8_192;
+/// 2026-01-01T06:00:00Z.
+const T0: i64 = 1_767_247_200_000;
+const SQL: &str = "SELECT k, window_start, count(*) AS n, sum(v) AS s, avg(v) AS a, \
+                   min(v) AS lo, max(v) AS hi FROM ev \
+                   GROUP BY tumble(event_time, INTERVAL '1 hour'), k";
+
+/// One event per key, in batches of the engine's size.
+fn batches(keys: usize) -> Vec<RecordBatch> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Utf8View, false),
+        Field::new(
+            "event_time",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+        ),
+        Field::new("v", DataType::Float64, true),
+    ]));
+    (0..keys)
+        .step_by(BATCH)
+        .map(|start| {
+            let end = (start + BATCH).min(keys);
+            let k = StringViewArray::from_iter_values((start..end).map(|i| format!("seg-{i:07}")));
+            let t =
+                TimestampMillisecondArray::from_iter_values((start..end).map(|i| T0 + i as i64));
+            let v = Float64Array::from_iter_values((start..end).map(|i| (i % 97) as f64));
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(k), Arc::new(t), Arc::new(v)])
+                .expect("batch")
+        })
+        .collect()
+}
+
+async fn query(ctx: &StreamContext) -> StreamQuery {
+    let statement = StreamContext::parse(SQL).expect("parse").remove(0);
+    ctx.plan(statement)
+        .await
+        .expect("plan")
+        .expect("a stream query")
+}
+
+async fn loaded(ctx: &StreamContext, input: &[RecordBatch]) -> StreamQuery {
+    let mut q = query(ctx).await;
+    for b in input {
+        let partitions = vec![0; b.num_rows()];
+        q.process(b, &partitions, None, T0 + 2_000_000)
+            .await
+            .expect("process");
+    }
+    q
+}
+
+fn manifest(q: &StreamQuery) -> Manifest {
+    Manifest {
+        version: 0,
+        epoch: 1,
+        created_at_ms: T0,
+        positions: Vec::new(),
+        outputs: Vec::new(),
+        queries: vec![QueryManifest {
+            name: "bench".into(),
+            sql: q.sql().to_string(),
+            meta: serde_json::Value::Null,
+        }],
+        files: Vec::new(),
+    }
+}
+
+fn checkpoint(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let ctx = StreamContext::new();
+    runtime
+        .block_on(async {
+            let ddl = "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, \
+                       v DOUBLE) STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 'event_time')";
+            ctx.plan(StreamContext::parse(ddl)?.remove(0)).await
+        })
+        .expect("table");
+    let dir = std::env::temp_dir().join(format!("urbanstream-bench-{}", std::process::id()));
+    let store = CheckpointStore::open(&dir, 1).expect("store");
+    let mut group = c.benchmark_group("checkpoint");
+    group.sample_size(10);
+    for keys in [10_000, 100_000, 1_000_000] {
+        let input = batches(keys);
+        let mut q = runtime.block_on(loaded(&ctx, &input));
+        assert_eq!(q.state_groups(), keys);
+        group.throughput(Throughput::Elements(keys as u64));
+        group.bench_function(format!("snapshot/{keys}"), |b| {
+            b.iter(|| q.snapshot(T0).expect("snapshot"))
+        });
+        group.bench_function(format!("snapshot_and_write/{keys}"), |b| {
+            b.iter(|| {
+                let state: StateSnapshot = q.snapshot(T0).expect("snapshot");
+                store.write(manifest(&q), vec![state]).expect("write")
+            })
+        });
+        let written = store
+            .write(manifest(&q), vec![q.snapshot(T0).expect("snapshot")])
+            .expect("write");
+        eprintln!("checkpoint of {keys} groups: {} bytes", written.bytes);
+        group.bench_function(format!("read_and_restore/{keys}"), |b| {
+            b.iter_batched(
+                || runtime.block_on(query(&ctx)),
+                |mut fresh| {
+                    let c = store.latest().expect("read").expect("a checkpoint");
+                    fresh.restore(&c.queries[0], T0).expect("restore");
+                    assert_eq!(fresh.state_groups(), keys);
+                    fresh
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, checkpoint);
+criterion_main!(benches);
