@@ -12,7 +12,6 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use datafusion::arrow::array::{
     Float64Array, RecordBatch, StringViewArray, TimestampMillisecondArray,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use urbanstream::checkpoint::{CheckpointStore, Manifest, QueryManifest, StateSnapshot};
 use urbanstream::plan::stream::{StreamContext, StreamQuery};
 
@@ -25,15 +24,7 @@ const SQL: &str = "SELECT k, window_start, count(*) AS n, sum(v) AS s, avg(v) AS
 
 /// One event per key, in batches of the engine's size.
 fn batches(keys: usize) -> Vec<RecordBatch> {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("k", DataType::Utf8View, false),
-        Field::new(
-            "event_time",
-            DataType::Timestamp(TimeUnit::Millisecond, None),
-            false,
-        ),
-        Field::new("v", DataType::Float64, true),
-    ]));
+    let schema = urbanstream_benches::key_time_value_schema();
     (0..keys)
         .step_by(BATCH)
         .map(|start| {

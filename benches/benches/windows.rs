@@ -12,7 +12,6 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use datafusion::arrow::array::{
     Float64Array, RecordBatch, StringViewArray, TimestampMillisecondArray,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use urbanstream::plan::stream::{StreamContext, StreamQuery};
 
 const EVENTS: usize = 1_000_000;
@@ -22,16 +21,7 @@ const T0: i64 = 1_767_247_200_000;
 const SPAN_MS: i64 = 10 * 60_000;
 
 fn batches(keys: usize) -> Vec<RecordBatch> {
-    let schema = Arc::new(Schema::new(vec![
-        // SQL's VARCHAR is a string view in DataFusion.
-        Field::new("k", DataType::Utf8View, false),
-        Field::new(
-            "event_time",
-            DataType::Timestamp(TimeUnit::Millisecond, None),
-            false,
-        ),
-        Field::new("v", DataType::Float64, true),
-    ]));
+    let schema = urbanstream_benches::key_time_value_schema();
     let names: Vec<String> = (0..keys).map(|k| format!("seg-{k:07}")).collect();
     (0..EVENTS)
         .step_by(BATCH)

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use urbanstream::reference::ReferenceData;
 use urbanstream::simulate::{CitySimulator, SimConfig, SimTopic};
 use urbanstream::source::RawBatch;
@@ -55,4 +56,18 @@ pub fn decoded_batches(
         rows += take;
     }
     out
+}
+
+/// The stream `ev (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, v DOUBLE)` of the window
+/// and checkpoint benches, as Arrow (SQL's VARCHAR is a string view in DataFusion).
+pub fn key_time_value_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Utf8View, false),
+        Field::new(
+            "event_time",
+            DataType::Timestamp(TimeUnit::Millisecond, None),
+            false,
+        ),
+        Field::new("v", DataType::Float64, true),
+    ]))
 }

@@ -314,13 +314,19 @@ struct Checkpoints {
     /// Number of the last checkpoint written or restored.
     epoch: u64,
     last: std::time::Instant,
-    /// Where each input partition resumes: the positions of the checkpoint restored (or of the
-    /// group at start), overtaken by what has been processed since.
-    positions: Positions,
-    /// While replaying after recovery in exactly-once mode: the input ends at recovery; once
-    /// every partition is read up to them, nothing published before the crash can be produced
-    /// again, and suppression ends.
-    replay_until: Option<Positions>,
+    /// While replaying after recovery in exactly-once mode.
+    replay: Option<Replay>,
+}
+
+/// A replay after recovery in exactly-once mode.
+struct Replay {
+    /// The input ends at recovery: once every partition is read up to them, nothing
+    /// published before the crash can be produced again, and suppression ends.
+    until: Positions,
+    /// Where the read-back of published outputs started. Checkpoints taken during the replay
+    /// keep these as their output marks: records published after them and not yet replayed
+    /// are still to be held back if this process dies too.
+    marks: Vec<Position>,
 }
 
 impl Pipeline {
@@ -421,8 +427,7 @@ impl Pipeline {
                 interval: settings.interval,
                 epoch: 0,
                 last: std::time::Instant::now(),
-                positions: Positions::new(),
-                replay_until: None,
+                replay: None,
             }),
             None => None,
         };
@@ -524,15 +529,14 @@ impl Pipeline {
         };
         self.source.set_positions(positions.clone());
         if self.sink.is_transactional() {
-            self.suppress_published(marks).await?;
+            let marks = self.suppress_published(marks).await?;
             let inputs: Vec<(String, i32)> = positions.keys().cloned().collect();
-            let ends = self.source.end_offsets(&inputs, Duration::from_secs(30))?;
+            let until = self.source.end_offsets(&inputs, Duration::from_secs(30))?;
             if let Some(c) = &mut self.checkpoints {
-                c.replay_until = Some(ends);
+                c.replay = Some(Replay { until, marks });
             }
         }
         if let Some(c) = &mut self.checkpoints {
-            c.positions = positions;
             c.epoch = epoch;
         }
         self.checkpoint().await
@@ -540,7 +544,8 @@ impl Pipeline {
 
     /// Exactly-once recovery: the ids this query published after the checkpoint's output
     /// marks (all it published, without a checkpoint) are not published again.
-    async fn suppress_published(&mut self, marks: Option<Vec<Position>>) -> Result<()> {
+    /// Returns where the read-back started, per output partition.
+    async fn suppress_published(&mut self, marks: Option<Vec<Position>>) -> Result<Vec<Position>> {
         let query = self
             .config
             .name
@@ -562,6 +567,14 @@ impl Pipeline {
             })
             .collect();
         debug!(?from, "reading back outputs published after the checkpoint");
+        let read_from = from
+            .iter()
+            .map(|(topic, partition, offset)| Position {
+                topic: topic.clone(),
+                partition: *partition,
+                offset: *offset,
+            })
+            .collect();
         let (brokers, properties) = (self.config.brokers.clone(), self.config.properties.clone());
         let ids = tokio::task::spawn_blocking(move || {
             crate::sink::published_ids(
@@ -583,7 +596,7 @@ impl Pipeline {
             );
         }
         self.sink.suppress(ids);
-        Ok(())
+        Ok(read_from)
     }
 
     /// The topics this pipeline writes: its queries' sinks, the DLQ and the late topic.
@@ -611,39 +624,41 @@ impl Pipeline {
         }
         let started = std::time::Instant::now();
         self.settle(true).await?;
-        let positions = match &mut self.checkpoints {
-            Some(c) => {
-                for ((topic, partition), next) in &self.next_offsets {
-                    c.positions.insert((topic.to_string(), *partition), *next);
-                }
-                c.positions.clone()
-            }
-            None => return Ok(()),
-        };
+        // The source's resume positions: the restored (or starting) ones, moved forward at
+        // the end of every micro-batch processed.
+        let positions = self.source.positions();
         if self.sink.is_transactional() {
             let group = self.source.group_metadata().ok_or_else(|| {
                 Error::Checkpoint("the consumer has no group metadata yet".into())
             })?;
             self.sink.commit_epoch(&positions, group).await?;
         }
+        let replay_marks = self
+            .checkpoints
+            .as_ref()
+            .and_then(|c| c.replay.as_ref())
+            .map(|r| r.marks.clone());
         let topics = self.output_topics();
         let probe = self.source.probe();
-        let outputs = tokio::task::spawn_blocking(move || -> Result<Vec<Position>> {
-            use rdkafka::consumer::Consumer;
-            let mut out = Vec::new();
-            for (topic, partition) in partitions_of(&probe, &topics)? {
-                let (_, high) =
-                    probe.fetch_watermarks(&topic, partition, Duration::from_secs(30))?;
-                out.push(Position {
-                    topic,
-                    partition,
-                    offset: high,
-                });
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(|e| Error::Checkpoint(format!("output marks task failed: {e}")))??;
+        let outputs = match replay_marks {
+            Some(marks) => marks,
+            None => tokio::task::spawn_blocking(move || -> Result<Vec<Position>> {
+                use rdkafka::consumer::Consumer;
+                let mut out = Vec::new();
+                for (topic, partition) in partitions_of(&probe, &topics)? {
+                    let (_, high) =
+                        probe.fetch_watermarks(&topic, partition, Duration::from_secs(30))?;
+                    out.push(Position {
+                        topic,
+                        partition,
+                        offset: high,
+                    });
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| Error::Checkpoint(format!("output marks task failed: {e}")))??,
+        };
         let now = epoch_ms();
         let mut states = Vec::with_capacity(self.queries.len());
         let mut queries = Vec::with_capacity(self.queries.len());
@@ -748,21 +763,16 @@ impl Pipeline {
         let Some(c) = &mut self.checkpoints else {
             return;
         };
-        let Some(until) = &c.replay_until else {
+        let Some(replay) = &c.replay else {
             return;
         };
-        let caught_up = until.iter().all(|((topic, partition), end)| {
-            let position = self
-                .next_offsets
-                .iter()
-                .find(|((t, p), _)| **t == **topic && p == partition)
-                .map(|(_, o)| *o)
-                .or_else(|| c.positions.get(&(topic.clone(), *partition)).copied())
-                .unwrap_or(0);
-            position >= *end
-        });
+        let positions = self.source.positions();
+        let caught_up = replay
+            .until
+            .iter()
+            .all(|(key, end)| positions.get(key).is_some_and(|p| p >= end));
         if caught_up {
-            c.replay_until = None;
+            c.replay = None;
             let (suppressed, left) = self.sink.end_suppression();
             info!(
                 suppressed,

@@ -422,6 +422,8 @@ pub struct KafkaSink {
     tag: Option<String>,
     /// Ids already published (read back at recovery), with their counts: not sent again.
     suppressed: std::sync::Mutex<std::collections::HashMap<u64, u32>>,
+    /// Whether `suppressed` holds any id: records skip its lock otherwise.
+    suppressing: std::sync::atomic::AtomicBool,
     /// Records not sent because they were suppressed.
     suppressed_count: std::sync::atomic::AtomicU64,
 }
@@ -459,6 +461,7 @@ impl KafkaSink {
                 .as_ref()
                 .map(|_| config.query.clone()),
             suppressed: Default::default(),
+            suppressing: Default::default(),
             suppressed_count: Default::default(),
         })
     }
@@ -492,6 +495,8 @@ impl KafkaSink {
 
     /// Records with these ids are not published again (one time per count).
     pub fn suppress(&self, ids: HashMap<u64, u32>) {
+        self.suppressing
+            .store(!ids.is_empty(), std::sync::atomic::Ordering::Release);
         if let Ok(mut s) = self.suppressed.lock() {
             *s = ids;
         }
@@ -499,6 +504,8 @@ impl KafkaSink {
 
     /// Ends suppression; returns how many records it held back and how many ids were left.
     pub fn end_suppression(&self) -> (u64, usize) {
+        self.suppressing
+            .store(false, std::sync::atomic::Ordering::Release);
         let left = self
             .suppressed
             .lock()
@@ -577,10 +584,15 @@ impl KafkaSink {
 
     /// Whether a record with this id was already published (and counts it off).
     fn is_suppressed(&self, id: u64) -> bool {
+        if !self.suppressing.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
         let Ok(mut s) = self.suppressed.lock() else {
             return false;
         };
         if s.is_empty() {
+            self.suppressing
+                .store(false, std::sync::atomic::Ordering::Release);
             return false;
         }
         match s.get_mut(&id) {

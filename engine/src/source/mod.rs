@@ -325,6 +325,12 @@ impl KafkaSource {
         }
     }
 
+    /// Where each partition resumes: the positions set, moved forward by what the pipeline
+    /// has processed.
+    pub fn positions(&self) -> Positions {
+        self.positions.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
     /// Moves the resume positions forward to what the pipeline has processed, so that a
     /// partition revoked and assigned again resumes after it.
     pub fn advance_positions(&self, next: &HashMap<(Arc<str>, i32), i64>) {
