@@ -14,7 +14,7 @@
 //! outputs and consumed offsets commit in one Kafka transaction just before the checkpoint,
 //! and a recovering pipeline does not publish again what it published after its checkpoint.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -37,7 +37,7 @@ use crate::plan::{city_context, city_context_in, default_queries, plan_all};
 use crate::schema::SchemaRegistry;
 use crate::service::metrics::CityGauges;
 use crate::sink::{DlqRecord, KafkaSink, KafkaSinkConfig, LateRecord, Pending, conform_stream};
-use crate::source::{KafkaSource, KafkaSourceConfig, Positions, RawBatch};
+use crate::source::{KafkaSource, KafkaSourceConfig, PartitionChange, Positions, RawBatch};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 
 /// Topic names. All configurable (`[topics]` of the service's configuration); the defaults
@@ -279,7 +279,36 @@ struct InFlight {
 /// A query running in the pipeline.
 struct Running {
     name: String,
+    /// The query as planned. When the pipeline keeps one state per input partition, it is
+    /// the pattern of each partition's instance and is never fed; otherwise it holds the
+    /// state of all the partitions.
     query: StreamQuery,
+    /// With one state per input partition: each partition's instance of the query.
+    parts: BTreeMap<i32, Part>,
+}
+
+/// A query's instance for one input partition.
+struct Part {
+    query: StreamQuery,
+    /// When it was made, epoch ms: a partition that has delivered nothing is not held back
+    /// for longer than its idle timeout after it.
+    since_ms: i64,
+}
+
+impl Running {
+    /// The topic it reads.
+    fn topic(&self) -> &str {
+        &self.query.source().options.topic
+    }
+
+    /// Every instance that holds state.
+    fn instances(&self) -> Vec<&StreamQuery> {
+        if self.parts.is_empty() {
+            vec![&self.query]
+        } else {
+            self.parts.values().map(|p| &p.query).collect()
+        }
+    }
 }
 
 /// The pipeline with its Kafka clients and query state.
@@ -289,6 +318,14 @@ pub struct Pipeline {
     sink: KafkaSink,
     decoders: HashMap<String, JsonDecoder>,
     queries: Vec<Running>,
+    /// The context the queries were planned in; partitions' instances are planned in it.
+    ctx: StreamContext,
+    /// Whether each query keeps one state per input partition, which moves with the
+    /// partition when the group moves it (every query is partition-local); otherwise one
+    /// state holds all partitions.
+    partitioned: bool,
+    /// The input partitions this member holds (assigned by the group and taken up).
+    held: BTreeSet<(String, i32)>,
     stats: Arc<PipelineStats>,
     /// Next offset to read, per (topic, partition), of everything processed so far.
     next_offsets: HashMap<(Arc<str>, i32), i64>,
@@ -309,13 +346,59 @@ pub struct Pipeline {
 
 /// A pipeline's checkpointing state.
 struct Checkpoints {
-    store: CheckpointStore,
+    /// The pipeline's directory and checkpoints kept.
+    dir: std::path::PathBuf,
+    retain: usize,
+    /// Where checkpoints go, with the number of the last one written or restored: one store
+    /// in the directory itself when one state holds all partitions; one per input partition
+    /// (sub-directory `<topic>.<partition>`) otherwise.
+    stores: HashMap<Option<(String, i32)>, (CheckpointStore, u64)>,
     interval: Duration,
-    /// Number of the last checkpoint written or restored.
-    epoch: u64,
     last: std::time::Instant,
     /// While replaying after recovery in exactly-once mode.
     replay: Option<Replay>,
+}
+
+impl Checkpoints {
+    /// The store of `key` (a partition's; the one store when `None`), opened on first use.
+    fn store(&mut self, key: &Option<(String, i32)>) -> Result<CheckpointStore> {
+        if let Some((store, _)) = self.stores.get(key) {
+            return Ok(store.clone());
+        }
+        let dir = match key {
+            Some((topic, partition)) => self.dir.join(format!("{topic}.{partition}")),
+            None => self.dir.clone(),
+        };
+        let store = CheckpointStore::open(dir, self.retain)?;
+        self.stores.insert(key.clone(), (store.clone(), 0));
+        Ok(store)
+    }
+}
+
+/// The input positions of a checkpoint.
+fn positions_of(manifest: &Manifest) -> Positions {
+    manifest
+        .positions
+        .iter()
+        .map(|p| ((p.topic.clone(), p.partition), p.offset))
+        .collect()
+}
+
+/// `topic[0, 1], other[3]`, for logs and messages.
+fn describe(list: &[(String, i32)]) -> String {
+    let mut by_topic: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+    for (topic, partition) in list {
+        by_topic.entry(topic).or_default().push(*partition);
+    }
+    by_topic
+        .into_iter()
+        .map(|(topic, mut partitions)| {
+            partitions.sort_unstable();
+            let partitions: Vec<String> = partitions.iter().map(i32::to_string).collect();
+            format!("{topic}[{}]", partitions.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A replay after recovery in exactly-once mode.
@@ -366,7 +449,11 @@ impl Pipeline {
         let mut queries: Vec<Running> = Vec::new();
         if config.default_queries {
             for (name, query) in default_queries(&ctx).await? {
-                queries.push(Running { name, query });
+                queries.push(Running {
+                    name,
+                    query,
+                    parts: BTreeMap::new(),
+                });
             }
         }
         for (name, sql) in &config.queries {
@@ -374,6 +461,7 @@ impl Pipeline {
                 queries.push(Running {
                     name: name.clone(),
                     query,
+                    parts: BTreeMap::new(),
                 });
             }
         }
@@ -421,22 +509,45 @@ impl Pipeline {
         }
         let source = KafkaSource::new(source_config)?;
         let sink = KafkaSink::new(&sink_config)?;
+        let partitioned = queries.iter().all(|r| r.query.is_partition_local());
         let checkpoints = match &config.checkpoint {
-            Some(settings) => Some(Checkpoints {
-                store: CheckpointStore::open(&settings.dir, settings.retain)?,
-                interval: settings.interval,
-                epoch: 0,
-                last: std::time::Instant::now(),
-                replay: None,
-            }),
+            Some(settings) => {
+                let mut stores = HashMap::new();
+                if !partitioned {
+                    stores.insert(
+                        None,
+                        (CheckpointStore::open(&settings.dir, settings.retain)?, 0),
+                    );
+                }
+                Some(Checkpoints {
+                    dir: settings.dir.clone(),
+                    retain: settings.retain,
+                    stores,
+                    interval: settings.interval,
+                    last: std::time::Instant::now(),
+                    replay: None,
+                })
+            }
             None => None,
         };
+        info!(
+            name = config.name.as_deref().unwrap_or("all"),
+            state = if partitioned {
+                "one per input partition"
+            } else {
+                "one for all input partitions"
+            },
+            "queries planned"
+        );
         let mut pipeline = Self {
             source,
             sink,
             checkpoints,
             decoders,
             queries,
+            ctx,
+            partitioned,
+            held: BTreeSet::new(),
             stats,
             next_offsets: HashMap::new(),
             committed: HashMap::new(),
@@ -448,98 +559,151 @@ impl Pipeline {
             gauges,
             config,
         };
-        if pipeline.checkpoints.is_some() {
+        if pipeline.checkpoints.is_some() && !pipeline.partitioned {
             pipeline.recover().await?;
         }
         Ok(pipeline)
     }
 
-    /// Restores the newest checkpoint, if any, and places the source at its positions (at
-    /// the group's positions otherwise); in exactly-once mode, reads back what the query
-    /// published since the checkpoint so that the replay does not publish it again. Then
-    /// writes a first checkpoint, so that a crash before the next one recovers from here.
+    /// One state for all partitions: restores the newest checkpoint, if any, and places the
+    /// source at its positions (at the group's positions otherwise); in exactly-once mode,
+    /// reads back what the query published since the checkpoint so that the replay does not
+    /// publish it again. Then writes a first checkpoint, so that a crash before the next one
+    /// recovers from here.
     async fn recover(&mut self) -> Result<()> {
-        let Some(checkpoints) = &self.checkpoints else {
-            return Ok(());
-        };
-        let store = checkpoints.store.clone();
-        let found = tokio::task::spawn_blocking(move || store.latest())
-            .await
-            .map_err(|e| Error::Checkpoint(format!("reading task failed: {e}")))??;
         let now = epoch_ms();
-        let (positions, marks, epoch) = match &found {
-            Some(checkpoint) => {
-                let manifest = &checkpoint.manifest;
-                let names: Vec<(&str, &str)> = manifest
-                    .queries
-                    .iter()
-                    .map(|q| (q.name.as_str(), q.sql.as_str()))
-                    .collect();
-                let ours: Vec<(&str, &str)> = self
-                    .queries
-                    .iter()
-                    .map(|r| (r.name.as_str(), r.query.sql()))
-                    .collect();
-                if names != ours {
-                    return Err(Error::Checkpoint(format!(
-                        "{} was taken for other queries ({}) than these ({}); move the \
-                         directory away to start from scratch",
-                        checkpoint.path.display(),
-                        names.iter().map(|n| n.0).collect::<Vec<_>>().join(", "),
-                        ours.iter().map(|n| n.0).collect::<Vec<_>>().join(", ")
-                    )));
-                }
-                for (running, state) in self.queries.iter_mut().zip(&checkpoint.queries) {
-                    running.query.restore(state, now).map_err(|e| {
-                        Error::Checkpoint(format!(
-                            "{}: query {}: {e}",
-                            checkpoint.path.display(),
-                            running.name
-                        ))
-                    })?;
-                }
-                let positions: Positions = manifest
-                    .positions
-                    .iter()
-                    .map(|p| ((p.topic.clone(), p.partition), p.offset))
-                    .collect();
-                if let Ok(mut last) = self.stats.last_checkpoint.lock() {
-                    *last = Some(CheckpointInfo {
-                        epoch: manifest.epoch,
-                        at_ms: manifest.created_at_ms,
-                        bytes: manifest.files.iter().map(|f| f.1).sum(),
-                        duration_ms: 0,
-                        restored: true,
-                    });
-                }
-                info!(
-                    name = self.config.name.as_deref().unwrap_or("all"),
-                    epoch = manifest.epoch,
-                    path = %checkpoint.path.display(),
-                    partitions = positions.len(),
-                    "state restored from checkpoint"
-                );
-                (positions, Some(manifest.outputs.clone()), manifest.epoch)
-            }
+        let found = self.restore(None, now).await?;
+        let (positions, marks) = match found {
+            Some(manifest) => (positions_of(&manifest), Some(manifest.outputs)),
             None => {
                 // A short blocking call at start: the group's committed offsets.
-                let positions = self.source.starting_positions(Duration::from_secs(30))?;
-                (positions, None, 0)
+                let all = self.source.topic_partitions(Duration::from_secs(30))?;
+                let positions = self
+                    .source
+                    .starting_positions(&all, Duration::from_secs(30))?;
+                (positions, None)
             }
         };
         self.source.set_positions(positions.clone());
         if self.sink.is_transactional() {
-            let marks = self.suppress_published(marks).await?;
             let inputs: Vec<(String, i32)> = positions.keys().cloned().collect();
-            let until = self.source.end_offsets(&inputs, Duration::from_secs(30))?;
-            if let Some(c) = &mut self.checkpoints {
-                c.replay = Some(Replay { until, marks });
-            }
-        }
-        if let Some(c) = &mut self.checkpoints {
-            c.epoch = epoch;
+            self.replay_from(marks, &inputs).await?;
         }
         self.checkpoint().await
+    }
+
+    /// Reads the newest checkpoint of `key`'s store (the one store when `None`) and restores
+    /// it into the queries' instances for it; returns its manifest, if there was one.
+    async fn restore(&mut self, key: Option<(String, i32)>, now: i64) -> Result<Option<Manifest>> {
+        let Some(checkpoints) = &mut self.checkpoints else {
+            return Ok(None);
+        };
+        let store = checkpoints.store(&key)?;
+        let found = tokio::task::spawn_blocking(move || store.latest())
+            .await
+            .map_err(|e| Error::Checkpoint(format!("reading task failed: {e}")))??;
+        let Some(checkpoint) = found else {
+            return Ok(None);
+        };
+        let manifest = &checkpoint.manifest;
+        let names: Vec<(&str, &str)> = manifest
+            .queries
+            .iter()
+            .map(|q| (q.name.as_str(), q.sql.as_str()))
+            .collect();
+        let ours: Vec<(&str, &str)> = self
+            .queries
+            .iter()
+            .filter(|r| key.as_ref().is_none_or(|(t, _)| r.topic() == t))
+            .map(|r| (r.name.as_str(), r.query.sql()))
+            .collect();
+        if names != ours {
+            return Err(Error::Checkpoint(format!(
+                "{} was taken for other queries ({}) than these ({}); move the directory \
+                 away to start from scratch",
+                checkpoint.path.display(),
+                names.iter().map(|n| n.0).collect::<Vec<_>>().join(", "),
+                ours.iter().map(|n| n.0).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let mut states = checkpoint.queries.iter();
+        for running in &mut self.queries {
+            let instance = match &key {
+                None => &mut running.query,
+                Some((topic, partition)) => {
+                    if running.topic() != topic {
+                        continue;
+                    }
+                    match running.parts.get_mut(partition) {
+                        Some(part) => &mut part.query,
+                        None => continue,
+                    }
+                }
+            };
+            let Some(state) = states.next() else {
+                break;
+            };
+            instance.restore(state, now).map_err(|e| {
+                Error::Checkpoint(format!(
+                    "{}: query {}: {e}",
+                    checkpoint.path.display(),
+                    running.name
+                ))
+            })?;
+        }
+        if let Some(c) = &mut self.checkpoints
+            && let Some(entry) = c.stores.get_mut(&key)
+        {
+            entry.1 = entry.1.max(manifest.epoch);
+        }
+        if let Ok(mut last) = self.stats.last_checkpoint.lock() {
+            *last = Some(CheckpointInfo {
+                epoch: manifest.epoch,
+                at_ms: manifest.created_at_ms,
+                bytes: manifest.files.iter().map(|f| f.1).sum(),
+                duration_ms: 0,
+                restored: true,
+            });
+        }
+        info!(
+            name = self.config.name.as_deref().unwrap_or("all"),
+            epoch = manifest.epoch,
+            path = %checkpoint.path.display(),
+            partitions = manifest.positions.len(),
+            "state restored from checkpoint"
+        );
+        Ok(Some(checkpoint.manifest))
+    }
+
+    /// Exactly-once: after restoring state for `inputs`, holds back what this query
+    /// published after the output marks `marks` (everything it published, when `None`),
+    /// until the replay has read `inputs` up to their present ends. Adds to a replay under way.
+    async fn replay_from(
+        &mut self,
+        marks: Option<Vec<Position>>,
+        inputs: &[(String, i32)],
+    ) -> Result<()> {
+        let marks = self.suppress_published(marks).await?;
+        let until = self.source.end_offsets(inputs, Duration::from_secs(30))?;
+        if let Some(c) = &mut self.checkpoints {
+            match &mut c.replay {
+                Some(replay) => {
+                    replay.until.extend(until);
+                    for mark in marks {
+                        match replay
+                            .marks
+                            .iter_mut()
+                            .find(|m| m.topic == mark.topic && m.partition == mark.partition)
+                        {
+                            Some(m) => m.offset = m.offset.min(mark.offset),
+                            None => replay.marks.push(mark),
+                        }
+                    }
+                }
+                None => c.replay = Some(Replay { until, marks }),
+            }
+        }
+        Ok(())
     }
 
     /// Exactly-once recovery: the ids this query published after the checkpoint's output
@@ -615,10 +779,17 @@ impl Pipeline {
         topics
     }
 
-    /// Takes a checkpoint: waits for every output's acknowledgement, commits the epoch's
-    /// transaction (exactly-once) and writes state, positions and output marks; at-least-once,
-    /// commits the positions to the group afterwards (for lag monitoring).
+    /// Takes a checkpoint of everything this member holds: waits for every output's
+    /// acknowledgement, commits the epoch's transaction (exactly-once) and writes state,
+    /// positions and output marks; at-least-once, commits the positions to the group
+    /// afterwards (for lag monitoring).
     async fn checkpoint(&mut self) -> Result<()> {
+        self.checkpoint_of(None).await
+    }
+
+    /// [`Pipeline::checkpoint`], writing only the given partitions' checkpoints when the
+    /// state is per partition (`None`: all held).
+    async fn checkpoint_of(&mut self, only: Option<&[(String, i32)]>) -> Result<()> {
         if self.checkpoints.is_none() {
             return Ok(());
         }
@@ -660,43 +831,74 @@ impl Pipeline {
             .map_err(|e| Error::Checkpoint(format!("output marks task failed: {e}")))??,
         };
         let now = epoch_ms();
-        let mut states = Vec::with_capacity(self.queries.len());
-        let mut queries = Vec::with_capacity(self.queries.len());
-        for running in &mut self.queries {
-            states.push(running.query.snapshot(now)?);
-            queries.push(QueryManifest {
-                name: running.name.clone(),
-                sql: running.query.sql().to_string(),
-                meta: serde_json::Value::Null,
-            });
+        let targets: Vec<Option<(String, i32)>> = if self.partitioned {
+            match only {
+                Some(list) => list.iter().cloned().map(Some).collect(),
+                None => self.held.iter().cloned().map(Some).collect(),
+            }
+        } else {
+            vec![None]
+        };
+        let (mut epoch, mut bytes) = (0, 0);
+        for key in targets {
+            let mut states = Vec::new();
+            let mut queries = Vec::new();
+            for running in &mut self.queries {
+                let instance = match &key {
+                    None => &mut running.query,
+                    Some((topic, partition)) => {
+                        if running.topic() != topic {
+                            continue;
+                        }
+                        match running.parts.get_mut(partition) {
+                            Some(part) => &mut part.query,
+                            None => continue,
+                        }
+                    }
+                };
+                states.push(instance.snapshot(now)?);
+                queries.push(QueryManifest {
+                    name: running.name.clone(),
+                    sql: running.query.sql().to_string(),
+                    meta: serde_json::Value::Null,
+                });
+            }
+            let mut sorted: Vec<Position> = positions
+                .iter()
+                .filter(|(k, _)| key.as_ref().is_none_or(|key| key == *k))
+                .map(|((topic, partition), offset)| Position {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: *offset,
+                })
+                .collect();
+            sorted.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+            let Some(c) = &mut self.checkpoints else {
+                return Ok(());
+            };
+            let store = c.store(&key)?;
+            let last_epoch = c.stores.get(&key).map_or(0, |s| s.1);
+            let manifest = Manifest {
+                version: 0,
+                epoch: last_epoch + 1,
+                created_at_ms: now,
+                positions: sorted,
+                outputs: outputs.clone(),
+                queries,
+                files: Vec::new(),
+            };
+            let written = tokio::task::spawn_blocking(move || store.write(manifest, states))
+                .await
+                .map_err(|e| Error::Checkpoint(format!("writing task failed: {e}")))??;
+            if let Some(entry) = c.stores.get_mut(&key) {
+                entry.1 = written.epoch;
+            }
+            epoch = epoch.max(written.epoch);
+            bytes += written.bytes;
         }
-        let Some(c) = &mut self.checkpoints else {
-            return Ok(());
-        };
-        let mut sorted: Vec<Position> = positions
-            .iter()
-            .map(|((topic, partition), offset)| Position {
-                topic: topic.clone(),
-                partition: *partition,
-                offset: *offset,
-            })
-            .collect();
-        sorted.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-        let manifest = Manifest {
-            version: 0,
-            epoch: c.epoch + 1,
-            created_at_ms: now,
-            positions: sorted,
-            outputs,
-            queries,
-            files: Vec::new(),
-        };
-        let store = c.store.clone();
-        let written = tokio::task::spawn_blocking(move || store.write(manifest, states))
-            .await
-            .map_err(|e| Error::Checkpoint(format!("writing task failed: {e}")))??;
-        c.epoch = written.epoch;
-        c.last = std::time::Instant::now();
+        if let Some(c) = &mut self.checkpoints {
+            c.last = std::time::Instant::now();
+        }
         if !self.sink.is_transactional() {
             // For lag monitoring: the positions of the partitions this member holds (a commit
             // before the group has assigned any would be refused).
@@ -710,17 +912,12 @@ impl Pipeline {
             self.source.commit(&commit)?;
         }
         let duration_ms = started.elapsed().as_millis() as u64;
-        debug!(
-            epoch = written.epoch,
-            bytes = written.bytes,
-            duration_ms,
-            "checkpoint written"
-        );
+        debug!(epoch, bytes, duration_ms, "checkpoint written");
         if let Ok(mut last) = self.stats.last_checkpoint.lock() {
             *last = Some(CheckpointInfo {
-                epoch: written.epoch,
+                epoch,
                 at_ms: now,
-                bytes: written.bytes,
+                bytes,
                 duration_ms,
                 restored: false,
             });
@@ -728,33 +925,173 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Stops the pipeline when the group took partitions from it. State is one state for all
-    /// of a query's partitions, so it cannot follow a partition to another member: without
-    /// checkpoints the pipeline starts again from the committed offsets (held back to what
-    /// open windows need), and windows open at that moment are published again in full
-    /// rather than in part; with checkpoints, a session lost (broker unreachable) starts it
-    /// again from its checkpoint, and partitions taken by another process fail the query.
-    fn check_assignment(&self) -> Result<()> {
-        let group = &self.config.group_id;
-        if self.source.partitions_lost() {
-            return Err(Error::Rebalanced(format!(
-                "the session in consumer group {group} expired and its partitions were lost"
-            )));
+    /// Carries out the group's partition changes since the last micro-batch: takes up newly
+    /// assigned partitions (restoring their state) and lets revoked ones go (checkpointing
+    /// theirs first). Partitions lost with the group session stop the pipeline
+    /// ([`Error::Rebalanced`]), to start again from its checkpoints or committed offsets: the
+    /// group may have given them to another member already.
+    async fn rebalance(&mut self) -> Result<()> {
+        for change in self.source.rebalances() {
+            match change {
+                PartitionChange::Assigned(list) => self.take(list).await?,
+                PartitionChange::Revoked(list) => self.release(list).await?,
+                PartitionChange::Lost(list) => {
+                    return Err(Error::Rebalanced(format!(
+                        "the session in consumer group {} expired and its partitions were lost \
+                         ({})",
+                        self.config.group_id,
+                        describe(&list)
+                    )));
+                }
+            }
         }
-        if !self.source.partitions_revoked() {
+        Ok(())
+    }
+
+    /// Takes up partitions the group assigned: with one state per partition, plans each
+    /// query's instance for it and restores its newest checkpoint (exactly-once: holding
+    /// back what was published after it); then starts fetching them, each at its restored
+    /// position (its committed offset otherwise), and checkpoints them at once.
+    async fn take(&mut self, list: Vec<(String, i32)>) -> Result<()> {
+        if !self.partitioned {
+            // One state for all partitions: the positions restored at start apply.
+            self.source.assign(&list)?;
+            self.held.extend(list);
             return Ok(());
         }
-        if self.checkpoints.is_none() {
-            return Err(Error::Rebalanced(format!(
-                "another member of consumer group {group} took partitions from this one"
+        let now = epoch_ms();
+        let mut positions = Positions::new();
+        let mut marks: Option<Vec<Position>> = None;
+        let mut restored = Vec::new();
+        let mut fresh = Vec::new();
+        for key in &list {
+            self.ensure_parts(key, now).await?;
+            if self.checkpoints.is_none() {
+                continue;
+            }
+            match self.restore(Some(key.clone()), now).await? {
+                Some(manifest) => {
+                    positions.extend(positions_of(&manifest));
+                    let m = marks.get_or_insert_with(|| manifest.outputs.clone());
+                    for mark in &manifest.outputs {
+                        match m
+                            .iter_mut()
+                            .find(|x| x.topic == mark.topic && x.partition == mark.partition)
+                        {
+                            Some(x) => x.offset = x.offset.min(mark.offset),
+                            None => m.push(mark.clone()),
+                        }
+                    }
+                    restored.push(key.clone());
+                }
+                None => fresh.push(key.clone()),
+            }
+        }
+        if !fresh.is_empty() {
+            positions.extend(
+                self.source
+                    .starting_positions(&fresh, Duration::from_secs(30))?,
+            );
+        }
+        let mut all = self.source.positions();
+        all.extend(positions);
+        self.source.set_positions(all);
+        if self.sink.is_transactional() && !restored.is_empty() {
+            self.replay_from(marks, &restored).await?;
+        }
+        self.source.assign(&list)?;
+        info!(
+            name = self.config.name.as_deref().unwrap_or("all"),
+            partitions = %describe(&list),
+            restored = restored.len(),
+            "partitions taken up"
+        );
+        self.held.extend(list.iter().cloned());
+        self.checkpoint_of(Some(&list)).await
+    }
+
+    /// Lets partitions the group revoked go: with one state per partition, checkpoints their
+    /// state (or, without checkpoints, commits their offsets, held back to what their open
+    /// windows need) once every output is acknowledged, drops it and releases them. With one
+    /// state for all partitions the pipeline cannot go on: without checkpoints it starts
+    /// again from its committed offsets; with them, the query fails with the reason.
+    async fn release(&mut self, list: Vec<(String, i32)>) -> Result<()> {
+        let group = &self.config.group_id;
+        if !self.partitioned {
+            if self.checkpoints.is_none() {
+                return Err(Error::Rebalanced(format!(
+                    "another member of consumer group {group} took partitions from this one"
+                )));
+            }
+            return Err(Error::Checkpoint(format!(
+                "another process joined consumer group {group} and took partitions ({}) from \
+                 this one; this query groups by something other than its input topic's key, \
+                 so one state holds all its partitions and it runs in one process per group",
+                describe(&list)
             )));
         }
-        Err(Error::Checkpoint(format!(
-            "another process joined consumer group {group} and took partitions from this one; \
-             a checkpointed query keeps one state for all its partitions and runs in one \
-             process per group (set checkpoint.enabled = false to share a group, \
-             at-least-once)"
-        )))
+        if self.checkpoints.is_some() {
+            self.checkpoint_of(Some(&list)).await?;
+        } else {
+            self.settle(true).await?;
+            let committable = self.committable();
+            let revoked: HashMap<(Arc<str>, i32), i64> = committable
+                .into_iter()
+                .filter(|((t, p), _)| list.iter().any(|(lt, lp)| **t == **lt && p == lp))
+                .collect();
+            self.source.commit_sync(&revoked)?;
+        }
+        for running in &mut self.queries {
+            for (topic, partition) in &list {
+                if running.topic() == topic {
+                    running.parts.remove(partition);
+                }
+            }
+        }
+        let keys: Vec<(Arc<str>, i32)> = list
+            .iter()
+            .map(|(t, p)| (Arc::from(t.as_str()), *p))
+            .collect();
+        for key in &keys {
+            self.next_offsets.remove(key);
+            self.committed.remove(key);
+            self.committable_acked.remove(key);
+        }
+        if let Some(replay) = self.checkpoints.as_mut().and_then(|c| c.replay.as_mut()) {
+            for key in &list {
+                replay.until.remove(key);
+            }
+        }
+        for key in &list {
+            self.held.remove(key);
+        }
+        self.source.forget_positions(&list);
+        self.source.unassign(&list)?;
+        info!(
+            name = self.config.name.as_deref().unwrap_or("all"),
+            partitions = %describe(&list),
+            "partitions handed on"
+        );
+        Ok(())
+    }
+
+    /// Plans, for each query reading `key`'s topic, its instance for `key`'s partition if
+    /// it has none yet.
+    async fn ensure_parts(&mut self, key: &(String, i32), now: i64) -> Result<()> {
+        for running in &mut self.queries {
+            if running.topic() != key.0 || running.parts.contains_key(&key.1) {
+                continue;
+            }
+            let query = running.query.replan(&self.ctx).await?;
+            running.parts.insert(
+                key.1,
+                Part {
+                    query,
+                    since_ms: now,
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Ends output suppression once the replay after recovery has read every input partition
@@ -798,13 +1135,13 @@ impl Pipeline {
         while !stop.load(Ordering::Relaxed) {
             let waited = std::time::Instant::now();
             let batches = self.source.next_batches(Duration::from_millis(200)).await?;
-            self.check_assignment()?;
             let read = waited.elapsed();
             let stepped = std::time::Instant::now();
             let records: usize = batches.iter().map(RawBatch::len).sum();
             if let Err(e) = self.step(batches).await {
                 return Err(self.resource_error(e));
             }
+            self.rebalance().await?;
             self.check_replay();
             if self
                 .checkpoints
@@ -853,6 +1190,23 @@ impl Pipeline {
         let mut windowed_out = 0;
         let first_received = batches.iter().filter_map(|b| b.first_received).min();
         let topics = self.config.topics.clone();
+        let batches = if self.partitioned {
+            // Records of partitions handed on meanwhile are the new owner's to process.
+            let batches: Vec<RawBatch> = batches.into_iter().map(|b| self.held_only(b)).collect();
+            for raw in &batches {
+                let mut seen: Vec<i32> = raw.partitions.clone();
+                seen.sort_unstable();
+                seen.dedup();
+                for p in seen {
+                    self.ensure_parts(&(raw.topic.to_string(), p), now).await?;
+                }
+            }
+            batches
+        } else {
+            batches
+        };
+        // The instances fed in this step, by (query, partition; -1 for all).
+        let mut fed: std::collections::HashSet<(usize, i32)> = Default::default();
         for raw in &batches {
             self.stats
                 .records_in
@@ -899,49 +1253,76 @@ impl Pipeline {
                 .iter()
                 .map(|&i| raw.offsets[i as usize])
                 .collect();
-            for running in &mut self.queries {
+            // Row indices of the decoded batch per instance: per partition, or all together.
+            let mut splits: BTreeMap<i32, Vec<u32>> = BTreeMap::new();
+            for (i, p) in partitions.iter().enumerate() {
+                let key = if self.partitioned { *p } else { -1 };
+                splits.entry(key).or_default().push(i as u32);
+            }
+            for (qi, running) in self.queries.iter_mut().enumerate() {
                 if running.query.source().options.topic != *raw.topic {
                     continue;
                 }
-                let out = running
-                    .query
-                    .process(&decoded.batch, &partitions, Some(&offsets), now)
-                    .await?;
-                if !out.diverted.is_empty() {
-                    let records: Vec<_> = out
-                        .diverted
-                        .iter()
-                        .map(|d| {
-                            let i = decoded.rows[d.row as usize] as usize;
-                            let record = LateRecord {
-                                query: running.name.clone(),
-                                topic: raw.topic.to_string(),
-                                partition: raw.partitions[i],
-                                offset: raw.offsets[i],
-                                event_time: d.event_time,
-                                watermark: d.watermark.max(0),
-                                reason: d.reason.as_str().into(),
-                                payload: BASE64.encode(raw.value(i)),
-                            };
-                            (raw.key(i).map(<[u8]>::to_vec), record)
-                        })
-                        .collect();
-                    late_count += records.len();
-                    self.sink
-                        .send_json(&topics.late, &records, &mut pending)
+                for (&part, rows) in &splits {
+                    let instance = match running.parts.get_mut(&part) {
+                        Some(p) => &mut p.query,
+                        None => &mut running.query,
+                    };
+                    fed.insert((qi, part));
+                    let (batch, sub_partitions, sub_offsets) = if rows.len() == partitions.len() {
+                        (decoded.batch.clone(), partitions.clone(), offsets.clone())
+                    } else {
+                        let indices = datafusion::arrow::array::UInt32Array::from(rows.clone());
+                        (
+                            datafusion::arrow::compute::take_record_batch(
+                                &decoded.batch,
+                                &indices,
+                            )?,
+                            rows.iter().map(|&r| partitions[r as usize]).collect(),
+                            rows.iter()
+                                .map(|&r| offsets[r as usize])
+                                .collect::<Vec<i64>>(),
+                        )
+                    };
+                    let out = instance
+                        .process(&batch, &sub_partitions, Some(&sub_offsets), now)
                         .await?;
-                }
-                let published = publish(
-                    &self.sink,
-                    running.query.sink().cloned(),
-                    out.rows,
-                    &mut pending,
-                    self.gauges.as_ref(),
-                )
-                .await?;
-                rows_out += published;
-                if running.query.is_windowed() {
-                    windowed_out += published;
+                    if !out.diverted.is_empty() {
+                        let records: Vec<_> = out
+                            .diverted
+                            .iter()
+                            .map(|d| {
+                                let i = decoded.rows[rows[d.row as usize] as usize] as usize;
+                                let record = LateRecord {
+                                    query: running.name.clone(),
+                                    topic: raw.topic.to_string(),
+                                    partition: raw.partitions[i],
+                                    offset: raw.offsets[i],
+                                    event_time: d.event_time,
+                                    watermark: d.watermark.max(0),
+                                    reason: d.reason.as_str().into(),
+                                    payload: BASE64.encode(raw.value(i)),
+                                };
+                                (raw.key(i).map(<[u8]>::to_vec), record)
+                            })
+                            .collect();
+                        late_count += records.len();
+                        self.sink
+                            .send_json(&topics.late, &records, &mut pending)
+                            .await?;
+                    }
+                    let published = publish(
+                        &self.sink,
+                        running.query.sink().cloned(),
+                        out.rows,
+                        &mut pending,
+                        self.gauges.as_ref(),
+                    )
+                    .await?;
+                    rows_out += published;
+                    if running.query.is_windowed() {
+                        windowed_out += published;
+                    }
                 }
             }
             for (p, o) in raw.partitions.iter().zip(&raw.offsets) {
@@ -952,18 +1333,53 @@ impl Pipeline {
                 *next = (*next).max(o + 1);
             }
         }
-        if batches.is_empty() {
-            // No input: idle partitions and early fires may still make results due.
-            for running in &mut self.queries {
-                let out = running.query.tick(now).await?;
-                rows_out += publish(
+        // Instances without input: idle partitions and early fires may still make results
+        // due. With one state per partition, a partition silent for its idle timeout no
+        // longer holds its windows back: its watermark follows the lowest of the others.
+        for (qi, running) in self.queries.iter_mut().enumerate() {
+            let sink = running.query.sink().cloned();
+            let mut outputs = Vec::new();
+            if running.parts.is_empty() {
+                if !fed.contains(&(qi, -1)) {
+                    outputs.push(running.query.tick(now).await?);
+                }
+            } else {
+                let idle_ms = running.query.source().options.idle_timeout.as_millis() as i64;
+                let active = running
+                    .parts
+                    .values()
+                    .filter(|p| p.query.is_idle(now) == Some(false))
+                    .filter_map(|p| p.query.watermark())
+                    .min();
+                for (partition, part) in &mut running.parts {
+                    let follows = match part.query.is_idle(now) {
+                        Some(idle) => idle,
+                        None => now.saturating_sub(part.since_ms) >= idle_ms,
+                    };
+                    match active {
+                        Some(w) if follows && part.query.watermark().is_none_or(|own| own < w) => {
+                            outputs.push(part.query.advance_watermark(w, now).await?);
+                        }
+                        _ if !fed.contains(&(qi, *partition)) => {
+                            outputs.push(part.query.tick(now).await?);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            for out in outputs {
+                let published = publish(
                     &self.sink,
-                    running.query.sink().cloned(),
+                    sink.clone(),
                     out.rows,
                     &mut pending,
                     self.gauges.as_ref(),
                 )
                 .await?;
+                rows_out += published;
+                if running.query.is_windowed() {
+                    windowed_out += published;
+                }
             }
         }
         let outputs = pending.len();
@@ -995,7 +1411,8 @@ impl Pipeline {
         if let Some(w) = self
             .queries
             .iter()
-            .filter_map(|r| r.query.watermark())
+            .flat_map(|r| r.instances())
+            .filter_map(|q| q.watermark())
             .min()
         {
             self.stats.watermark_ms.store(w, Ordering::Relaxed);
@@ -1021,6 +1438,32 @@ impl Pipeline {
         self.settle(false).await
     }
 
+    /// The records of `raw` from partitions this member holds.
+    fn held_only(&self, raw: RawBatch) -> RawBatch {
+        let topic = raw.topic.to_string();
+        let held = |p: i32| self.held.contains(&(topic.clone(), p));
+        if raw.partitions.iter().all(|p| held(*p)) {
+            return raw;
+        }
+        let mut out = RawBatch::new(raw.topic.clone());
+        out.first_received = raw.first_received;
+        for i in 0..raw.len() {
+            if held(raw.partitions[i]) {
+                out.push(
+                    raw.partitions[i],
+                    raw.offsets[i],
+                    raw.key(i),
+                    Some(raw.value(i)),
+                );
+            }
+        }
+        debug!(
+            dropped = raw.len() - out.len(),
+            "records of partitions handed on left to their new owner"
+        );
+        out
+    }
+
     /// DataFusion's refusal to allocate from the query's memory pool, as the resource limit it
     /// is; other errors as they are.
     fn resource_error(&self, e: Error) -> Error {
@@ -1041,8 +1484,9 @@ impl Pipeline {
     /// Records the state's size and fails with [`Error::ResourceLimit`] when it is over the
     /// memory pool or the cap on groups.
     fn check_limits(&mut self) -> Result<()> {
-        let groups: usize = self.queries.iter().map(|r| r.query.state_groups()).sum();
-        let bytes: usize = self.queries.iter().map(|r| r.query.state_bytes()).sum();
+        let instances = || self.queries.iter().flat_map(|r| r.instances());
+        let groups: usize = instances().map(|q| q.state_groups()).sum();
+        let bytes: usize = instances().map(|q| q.state_bytes()).sum();
         self.stats
             .state_groups
             .store(groups as u64, Ordering::Relaxed);
@@ -1109,10 +1553,13 @@ impl Pipeline {
         for ((topic, partition), next) in &self.next_offsets {
             let mut offset = *next;
             for running in &self.queries {
-                if running.query.source().options.topic == **topic
-                    && let Some(held) = running.query.held_offsets().get(partition)
-                {
-                    offset = offset.min(*held);
+                if running.topic() != &**topic {
+                    continue;
+                }
+                for instance in running.instances() {
+                    if let Some(held) = instance.held_offsets().get(partition) {
+                        offset = offset.min(*held);
+                    }
                 }
             }
             out.insert((topic.clone(), *partition), offset);

@@ -63,9 +63,9 @@ pub const DEFAULT_QUERIES: &[(&str, &str)] = &[
 ///
 /// | table | topic | role |
 /// |---|---|---|
-/// | `camera_events` | camera events | source, event time `event_time` |
-/// | `detector_readings` | detector readings | source, event time `event_time` |
-/// | `air_readings` | air readings | source, event time `event_time` |
+/// | `camera_events` | camera events | source keyed by `segment_id`, event time `event_time` |
+/// | `detector_readings` | detector readings | source keyed by `segment_id`, event time `event_time` |
+/// | `air_readings` | air readings | source keyed by `ward_id`, event time `event_time` |
 /// | `congestion_indicators` | congestion indicators | sink keyed by `segment_id` |
 /// | `air_indicators` | air indicators | sink keyed by `entity_id` |
 /// | `alerts` | alerts | sink keyed by `entity_id` |
@@ -82,14 +82,19 @@ pub fn city_context_in(
     schemas: &SchemaRegistry,
 ) -> Result<StreamContext> {
     let streams = [
-        ("camera_events", "camera_event", &topics.camera, None),
+        (
+            "camera_events",
+            "camera_event",
+            &topics.camera,
+            Some("segment_id"),
+        ),
         (
             "detector_readings",
             "detector_reading",
             &topics.detectors,
-            None,
+            Some("segment_id"),
         ),
-        ("air_readings", "air_reading", &topics.air, None),
+        ("air_readings", "air_reading", &topics.air, Some("ward_id")),
         (
             "congestion_indicators",
             "congestion_indicator",

@@ -287,6 +287,14 @@ impl StreamContext {
         let early_fire = parse_setting("urbanstream.early_fire", &settings.early_fire)?;
         let physical = self.ctx.state().create_physical_plan(&plan).await?;
         let (physical, keyed) = replace_series_windows(physical)?;
+        let mut series_keys: Vec<Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>>> =
+            Vec::new();
+        physical.apply(|node| {
+            if let Some(k) = node.downcast_ref::<crate::state::keyed::KeyedSeriesExec>() {
+                series_keys.push(k.keys().to_vec());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
 
         // The stream leaf.
         let mut feeds: Vec<(String, Feed)> = Vec::new();
@@ -333,10 +341,16 @@ impl StreamContext {
         let time_column = source.options.event_time.clone();
         let watermarks =
             WatermarkTracker::new(source.options.watermark_delay, source.options.idle_timeout);
+        let source_key = source.options.key.clone();
+        let keyed_local = series_keys
+            .iter()
+            .all(|keys| names_column(keys, source_key.as_deref()));
         let Some((top, bottom)) = windowed else {
             let output_schema = physical.schema();
             return Ok(StreamQuery {
                 sql,
+                settings,
+                partition_local: keyed_local,
                 source,
                 sink: None,
                 feed,
@@ -463,8 +477,11 @@ impl StreamContext {
             .collect();
         fields.push(Field::new("revision", DataType::Int32, false));
         fields.push(Field::new("is_final", DataType::Boolean, false));
+        let partition_local = keyed_local && names_column(&spec.groups, source_key.as_deref());
         Ok(StreamQuery {
             sql,
+            settings,
+            partition_local,
             source,
             sink: None,
             feed,
@@ -661,9 +678,28 @@ struct Windowed {
     upper_schema: SchemaRef,
 }
 
+/// Whether one of `exprs` is the column `key` itself.
+fn names_column(
+    exprs: &[Arc<dyn datafusion::physical_expr::PhysicalExpr>],
+    key: Option<&str>,
+) -> bool {
+    let Some(key) = key else {
+        return false;
+    };
+    exprs
+        .iter()
+        .any(|e| e.downcast_ref::<Column>().is_some_and(|c| c.name() == key))
+}
+
 /// A running stream query: its plan pieces, its window state and its watermark.
 pub struct StreamQuery {
     sql: String,
+    /// The `SET urbanstream.…` settings it was planned with.
+    settings: StreamSettings,
+    /// Whether each of its groups (and detector keys) lives in one input partition: it groups
+    /// by the column its input topic is keyed by, or holds no state. Such a query can keep one
+    /// state per input partition.
+    partition_local: bool,
     source: Arc<StreamTable>,
     sink: Option<Arc<StreamTable>>,
     feed: Feed,
@@ -686,6 +722,51 @@ impl StreamQuery {
     /// The SQL it was planned from.
     pub fn sql(&self) -> &str {
         &self.sql
+    }
+
+    /// Whether it can keep one state per input partition: every window group (and every key
+    /// of its detectors) includes the column its input topic is keyed by (the source's `key`
+    /// option), or it holds no state at all. A query grouping by anything else needs all of
+    /// its input in one state.
+    pub fn is_partition_local(&self) -> bool {
+        self.partition_local || (self.windowed.is_none() && self.keyed.is_empty())
+    }
+
+    /// Plans this query again in `ctx`, the context it was planned in, with the settings it
+    /// was planned with: a new instance of it with empty state.
+    pub fn replan<'a>(
+        &self,
+        ctx: &'a StreamContext,
+    ) -> impl Future<Output = Result<StreamQuery>> + Send + 'a {
+        let sql = self.sql.clone();
+        let settings = [
+            ("allowed_lateness", self.settings.allowed_lateness.clone()),
+            ("early_fire", self.settings.early_fire.clone()),
+        ];
+        async move {
+            for (name, value) in settings {
+                for statement in StreamContext::parse(&format!(
+                    "SET urbanstream.{name} = '{}'",
+                    value.replace('\'', "''")
+                ))? {
+                    ctx.plan(statement).await?;
+                }
+            }
+            let mut statements = StreamContext::parse(&sql)?;
+            match (statements.pop(), statements.is_empty()) {
+                (Some(statement), true) => match ctx.plan(statement).await? {
+                    Some(query) => Ok(query),
+                    None => plan_err!("internal: query text planned to no query: {sql}"),
+                },
+                _ => plan_err!("internal: query text is not one statement: {sql}"),
+            }
+        }
+    }
+
+    /// Whether every input partition it has seen has been silent for the idle timeout at
+    /// processing time `now_ms` (`None` before any event).
+    pub fn is_idle(&self, now_ms: i64) -> Option<bool> {
+        self.watermarks.is_idle(now_ms)
     }
 
     /// The stream it reads.

@@ -46,7 +46,9 @@ pub struct StreamOptions {
     /// Events stamped further than this into the future (processing time) are diverted and
     /// never advance the watermark.
     pub future_tolerance: Duration,
-    /// Column whose value keys the records this table's sink produces.
+    /// Column whose value keys the topic's records: the key of the records a sink produces;
+    /// for a source, the column its producers key records by (so all records with one value
+    /// are in one partition), which lets queries grouping by it keep state per partition.
     pub key: Option<String>,
 }
 

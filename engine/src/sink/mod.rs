@@ -493,12 +493,15 @@ impl KafkaSink {
         .map_err(|e| Error::Config(format!("transaction task failed: {e}")))?
     }
 
-    /// Records with these ids are not published again (one time per count).
+    /// Records with these ids are not published again (one time per count), besides those
+    /// already held back.
     pub fn suppress(&self, ids: HashMap<u64, u32>) {
-        self.suppressing
-            .store(!ids.is_empty(), std::sync::atomic::Ordering::Release);
         if let Ok(mut s) = self.suppressed.lock() {
-            *s = ids;
+            for (id, n) in ids {
+                *s.entry(id).or_default() += n;
+            }
+            self.suppressing
+                .store(!s.is_empty(), std::sync::atomic::Ordering::Release);
         }
     }
 

@@ -7,10 +7,12 @@
 //! automatically: the pipeline commits them with [`KafkaSource::commit`] once every output that
 //! depends on them has been acknowledged.
 //!
-//! With checkpoints, the pipeline's own positions are the truth: [`KafkaSource::set_positions`]
-//! tells the consumer where each partition resumes, and a partition the group assigns is
-//! placed there before its first fetch (in the rebalance callback), whatever offset the group
-//! has committed.
+//! The group's partition changes are not carried out in the rebalance callback but queued
+//! ([`KafkaSource::rebalances`]) for the pipeline, which restores a newly assigned
+//! partition's state before it fetches anything of it and checkpoints a revoked one's before
+//! letting it go ([`KafkaSource::assign`], [`KafkaSource::unassign`]). With checkpoints the
+//! pipeline's own positions are the truth: [`KafkaSource::set_positions`] says where each
+//! partition resumes, whatever offset the group has committed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -20,12 +22,12 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, RebalanceProtocol,
     StreamConsumer,
 };
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::error::Result;
 
@@ -130,42 +132,79 @@ const FIRST_RECORD_SLICE: Duration = Duration::from_millis(2);
 /// Where each (topic, partition) resumes when the group assigns it.
 pub type Positions = HashMap<(String, i32), i64>;
 
-/// The consumer's context: places newly assigned partitions at the pipeline's positions and
-/// notes when partitions are taken away.
+/// A change of this consumer's partitions decided by the group, for the pipeline to carry
+/// out ([`KafkaSource::rebalances`]). The consumer fetches nothing of newly assigned
+/// partitions and keeps fetching revoked ones until the pipeline answers with
+/// [`KafkaSource::assign`] or [`KafkaSource::unassign`]: so state can be restored before
+/// the first record of a partition and checkpointed before its last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionChange {
+    /// The group gave these partitions to this consumer.
+    Assigned(Vec<(String, i32)>),
+    /// The group moves these partitions to other members, which start once this one lets go.
+    Revoked(Vec<(String, i32)>),
+    /// This consumer's session expired (the coordinator not reached in time): the group may
+    /// already have given these partitions to other members.
+    Lost(Vec<(String, i32)>),
+}
+
+/// The consumer's context: queues the group's partition changes for the pipeline.
 #[derive(Default)]
 pub struct SourceContext {
-    positions: Arc<Mutex<Positions>>,
-    revoked: Arc<AtomicBool>,
-    lost: Arc<AtomicBool>,
+    changes: Arc<Mutex<Vec<PartitionChange>>>,
+    /// Set when the consumer closes: nobody answers queued changes any more, so the
+    /// callback carries them out itself (closing waits for the revocation to complete).
+    closing: Arc<AtomicBool>,
 }
 
 impl ClientContext for SourceContext {}
 
 impl ConsumerContext for SourceContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(list) = rebalance
-            && list.count() > 0
-        {
-            // Lost: the session expired (the coordinator unreachable), no other member took
-            // them by agreement.
-            if consumer.assignment_lost() {
-                self.lost.store(true, Ordering::Release);
-            } else {
-                self.revoked.store(true, Ordering::Release);
+    /// Replaces rdkafka's handling, which assigns and revokes within the callback: the change
+    /// is queued and the pipeline answers later (librdkafka's contract is that the answer
+    /// comes within the session timeout, not necessarily from the callback).
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::types::RDKafkaRespErr as E;
+        let list: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        let change = match err {
+            E::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => PartitionChange::Assigned(list),
+            E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS if consumer.assignment_lost() => {
+                PartitionChange::Lost(list)
             }
+            E::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => PartitionChange::Revoked(list),
+            other => {
+                warn!(error = ?other, "consumer group rebalance failed");
+                return;
+            }
+        };
+        debug!(?change, "consumer group rebalance");
+        if self.closing.load(Ordering::Acquire) {
+            let cooperative = matches!(
+                consumer.rebalance_protocol(),
+                RebalanceProtocol::Cooperative
+            );
+            let done = match (&change, cooperative) {
+                (PartitionChange::Assigned(_), true) => consumer.incremental_assign(tpl),
+                (PartitionChange::Assigned(_), false) => consumer.assign(tpl),
+                (_, true) => consumer.incremental_unassign(tpl),
+                (_, false) => consumer.unassign(),
+            };
+            if let Err(e) = done {
+                warn!(error = %e, "partition change at close failed");
+            }
+            return;
         }
-        let Rebalance::Assign(list) = rebalance else {
-            return;
-        };
-        let Ok(positions) = self.positions.lock() else {
-            return;
-        };
-        for mut element in list.elements() {
-            let key = (element.topic().to_string(), element.partition());
-            if let Some(&offset) = positions.get(&key) {
-                debug!(topic = %key.0, partition = key.1, offset, "partition assigned, resuming at the pipeline's position");
-                let _ = element.set_offset(Offset::Offset(offset));
-            }
+        if let Ok(mut changes) = self.changes.lock() {
+            changes.push(change);
         }
     }
 }
@@ -173,9 +212,10 @@ impl ConsumerContext for SourceContext {
 /// A consumer-group member over the input topics.
 pub struct KafkaSource {
     consumer: StreamConsumer<SourceContext>,
-    positions: Arc<Mutex<Positions>>,
-    revoked: Arc<AtomicBool>,
-    lost: Arc<AtomicBool>,
+    /// Where each partition resumes, moved forward as the pipeline processes.
+    positions: Mutex<Positions>,
+    changes: Arc<Mutex<Vec<PartitionChange>>>,
+    closing: Arc<AtomicBool>,
     config: KafkaSourceConfig,
     /// A client outside the group that asks for partitions' end offsets.
     lag_probe: Arc<BaseConsumer>,
@@ -202,14 +242,12 @@ impl KafkaSource {
         for (k, v) in &config.properties {
             client.set(k, v);
         }
-        let positions: Arc<Mutex<Positions>> = Arc::default();
-        let revoked: Arc<AtomicBool> = Arc::default();
-        let lost: Arc<AtomicBool> = Arc::default();
+        let changes: Arc<Mutex<Vec<PartitionChange>>> = Arc::default();
+        let closing: Arc<AtomicBool> = Arc::default();
         let consumer: StreamConsumer<SourceContext> =
             client.create_with_context(SourceContext {
-                positions: positions.clone(),
-                revoked: revoked.clone(),
-                lost: lost.clone(),
+                changes: changes.clone(),
+                closing: closing.clone(),
             })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -220,9 +258,9 @@ impl KafkaSource {
         }
         Ok(Self {
             consumer,
-            positions,
-            revoked,
-            lost,
+            positions: Mutex::default(),
+            changes,
+            closing,
             config,
             lag_probe: Arc::new(probe.create()?),
             lag_probe_busy: Arc::new(AtomicBool::new(false)),
@@ -317,8 +355,8 @@ impl KafkaSource {
         });
     }
 
-    /// Sets where partitions resume when the group assigns them (those not listed resume at
-    /// the group's committed offset). Takes effect at the next assignment.
+    /// Sets where partitions resume when they are assigned (those not listed resume at the
+    /// group's committed offset).
     pub fn set_positions(&self, positions: Positions) {
         if let Ok(mut p) = self.positions.lock() {
             *p = positions;
@@ -341,15 +379,58 @@ impl KafkaSource {
         }
     }
 
-    /// Whether the group has taken partitions away from this consumer (another member joined).
-    pub fn partitions_revoked(&self) -> bool {
-        self.revoked.load(Ordering::Acquire)
+    /// Forgets the resume positions of partitions this consumer no longer holds.
+    pub fn forget_positions(&self, partitions: &[(String, i32)]) {
+        if let Ok(mut p) = self.positions.lock() {
+            for key in partitions {
+                p.remove(key);
+            }
+        }
     }
 
-    /// Whether this consumer lost its partitions with its group session (the coordinator
-    /// could not be reached in time).
-    pub fn partitions_lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
+    /// The partition changes the group decided since the last call, oldest first. Each must
+    /// be answered with [`KafkaSource::assign`] or [`KafkaSource::unassign`].
+    pub fn rebalances(&self) -> Vec<PartitionChange> {
+        self.changes
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default()
+    }
+
+    /// Starts fetching `partitions` (answering [`PartitionChange::Assigned`]), each at its
+    /// resume position when it has one, else at the group's committed offset (the earliest
+    /// without one).
+    pub fn assign(&self, partitions: &[(String, i32)]) -> Result<()> {
+        let positions = self.positions();
+        let mut list = TopicPartitionList::new();
+        for key in partitions {
+            let offset = match positions.get(key) {
+                Some(&o) => Offset::Offset(o),
+                None => Offset::Invalid,
+            };
+            debug!(topic = %key.0, partition = key.1, ?offset, "partition assigned");
+            list.add_partition_offset(&key.0, key.1, offset)?;
+        }
+        match self.consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => self.consumer.incremental_assign(&list)?,
+            _ => self.consumer.assign(&list)?,
+        }
+        Ok(())
+    }
+
+    /// Stops fetching `partitions` (answering [`PartitionChange::Revoked`] or
+    /// [`PartitionChange::Lost`]); the group then hands them on.
+    pub fn unassign(&self, partitions: &[(String, i32)]) -> Result<()> {
+        let mut list = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            list.add_partition(topic, *partition);
+        }
+        match self.consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => self.consumer.incremental_unassign(&list)?,
+            _ => self.consumer.unassign()?,
+        }
+        debug!(?partitions, "partitions released");
+        Ok(())
     }
 
     /// The (topic, partition)s the group has assigned to this consumer now.
@@ -370,17 +451,30 @@ impl KafkaSource {
         self.consumer.group_metadata()
     }
 
-    /// Where each partition of the input topics would start for this group now: its committed
-    /// offset, or its earliest offset when nothing is committed. Blocking.
-    pub fn starting_positions(&self, timeout: Duration) -> Result<Positions> {
-        let mut list = TopicPartitionList::new();
+    /// Every partition of the input topics. Blocking.
+    pub fn topic_partitions(&self, timeout: Duration) -> Result<Vec<(String, i32)>> {
+        let mut out = Vec::new();
         for topic in &self.config.topics {
             let metadata = self.lag_probe.fetch_metadata(Some(topic), timeout)?;
             for t in metadata.topics() {
                 for p in t.partitions() {
-                    list.add_partition(t.name(), p.id());
+                    out.push((t.name().to_string(), p.id()));
                 }
             }
+        }
+        Ok(out)
+    }
+
+    /// Where each of `partitions` would start for this group now: its committed offset, or
+    /// its earliest offset when nothing is committed. Blocking.
+    pub fn starting_positions(
+        &self,
+        partitions: &[(String, i32)],
+        timeout: Duration,
+    ) -> Result<Positions> {
+        let mut list = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            list.add_partition(topic, *partition);
         }
         let committed = self.consumer.committed_offsets(list, timeout)?;
         let mut out = Positions::new();
@@ -420,6 +514,16 @@ impl KafkaSource {
 
     /// Commits, per (topic, partition), the offset of the next record to read.
     pub fn commit(&self, offsets: &HashMap<(Arc<str>, i32), i64>) -> Result<()> {
+        self.commit_in(offsets, CommitMode::Async)
+    }
+
+    /// [`KafkaSource::commit`], waiting for the coordinator's answer (before partitions are
+    /// handed on). Blocking.
+    pub fn commit_sync(&self, offsets: &HashMap<(Arc<str>, i32), i64>) -> Result<()> {
+        self.commit_in(offsets, CommitMode::Sync)
+    }
+
+    fn commit_in(&self, offsets: &HashMap<(Arc<str>, i32), i64>, mode: CommitMode) -> Result<()> {
         if offsets.is_empty() {
             return Ok(());
         }
@@ -427,8 +531,22 @@ impl KafkaSource {
         for ((topic, partition), offset) in offsets {
             list.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
         }
-        self.consumer.commit(&list, CommitMode::Async)?;
+        self.consumer.commit(&list, mode)?;
         Ok(())
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        // The consumer closes after this: partition changes are carried out in the callback.
+        self.closing.store(true, Ordering::Release);
+        let pending = self.rebalances();
+        if pending
+            .iter()
+            .any(|c| !matches!(c, PartitionChange::Assigned(_)))
+        {
+            let _ = self.consumer.unassign();
+        }
     }
 }
 

@@ -344,6 +344,11 @@ impl KeyedSeriesExec {
         }))
     }
 
+    /// The expressions of its `PARTITION BY`: what its state is kept per.
+    pub fn keys(&self) -> &[Arc<dyn PhysicalExpr>] {
+        &self.keys
+    }
+
     /// The state handle.
     pub fn handle(&self) -> &KeyedHandle {
         &self.handle

@@ -68,6 +68,19 @@ impl WatermarkTracker {
         self.watermark
     }
 
+    /// Whether every partition seen has been silent for the idle timeout at `now_ms` (`None`
+    /// before any record).
+    pub fn is_idle(&self, now_ms: i64) -> Option<bool> {
+        if self.partitions.is_empty() {
+            return None;
+        }
+        Some(
+            self.partitions
+                .values()
+                .all(|p| now_ms.saturating_sub(p.last_seen_ms) >= self.idle_ms),
+        )
+    }
+
     /// The current watermark, as of the last [`WatermarkTracker::advance`].
     pub fn current(&self) -> Option<i64> {
         self.watermark
