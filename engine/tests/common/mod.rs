@@ -1,0 +1,407 @@
+//! What the process-level tests share: the embedded broker and the service as child
+//! processes, the numbered camera events they produce, and a read_committed reader of an
+//! output topic.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_urbanstream");
+pub const PARTITIONS: i32 = 4;
+pub const SEGMENTS: usize = 12;
+/// Event-time spacing of the numbered events.
+pub const STEP_MS: i64 = 100;
+pub const WINDOW_MS: i64 = 10_000;
+
+/// A child process killed when dropped.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `urbanstream broker` with [`PARTITIONS`] partitions per topic, and its address.
+pub fn broker(dir: &Path) -> anyhow::Result<(Process, String)> {
+    let file = dir.join("broker.addr");
+    let child = Command::new(BIN)
+        .args([
+            "broker",
+            "--partitions",
+            &PARTITIONS.to_string(),
+            "--address-file",
+        ])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let process = Process(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(address) = std::fs::read_to_string(&file)
+            && !address.trim().is_empty()
+        {
+            return Ok((process, address.trim().to_string()));
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the broker did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `urbanstream serve --config <config>`, its output appended to `log`.
+pub fn serve(config: &Path, log: &Path) -> anyhow::Result<Process> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Ok(Process(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?,
+    ))
+}
+
+/// A service configuration: exactly-once output, checkpoints every second in
+/// `checkpoints`, a 6 s group session.
+pub fn service_config(
+    brokers: &str,
+    group: &str,
+    port: u16,
+    catalog: &Path,
+    checkpoints: &Path,
+    instance: &str,
+) -> String {
+    format!(
+        "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n\
+         [kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
+         [api]\nlisten = \"127.0.0.1:{port}\"\n\
+         [catalog]\npath = \"{}\"\n\
+         [queries]\ndefaults = false\n\
+         [pipeline]\nlinger = \"5ms\"\n\
+         [checkpoint]\ndir = \"{}\"\ninterval = \"1s\"\nexactly_once = true\ninstance = \"{instance}\"\n",
+        catalog.display(),
+        checkpoints.display(),
+    )
+}
+
+/// Polls `done` every 100 ms for up to a minute; fails with `what` otherwise.
+pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if done() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("{what}")
+}
+
+/// A service's HTTP API, driven from a test thread.
+pub struct Api {
+    pub rt: tokio::runtime::Runtime,
+    pub client: reqwest::Client,
+}
+
+impl Api {
+    pub fn new() -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let client = {
+            let _entered = rt.enter();
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?
+        };
+        Ok(Self { rt, client })
+    }
+
+    /// Waits until the service at `base` answers `/livez`.
+    pub fn wait_live(&self, base: &str) -> anyhow::Result<()> {
+        wait_until("the service did not come up", || {
+            self.rt
+                .block_on(async { self.client.get(format!("{base}/livez")).send().await })
+                .is_ok_and(|r| r.status().is_success())
+        })
+    }
+
+    /// Registers query `name`.
+    pub fn create(&self, base: &str, name: &str, sql: &str) -> anyhow::Result<()> {
+        let (status, body) = self.rt.block_on(async {
+            let created = self
+                .client
+                .post(format!("{base}/v1/queries"))
+                .json(&json!({ "name": name, "sql": sql }))
+                .send()
+                .await?;
+            let status = created.status();
+            anyhow::Ok((status, created.text().await?))
+        })?;
+        anyhow::ensure!(status.as_u16() == 201, "create {name}: {status} {body}");
+        Ok(())
+    }
+
+    /// Query `name`'s status, if the service answers.
+    pub fn status(&self, base: &str, name: &str) -> Option<Value> {
+        self.rt.block_on(async {
+            let r = self
+                .client
+                .get(format!("{base}/v1/queries/{name}"))
+                .send()
+                .await
+                .ok()?;
+            r.json().await.ok()
+        })
+    }
+
+    /// The input partitions query `name` holds at `base` (0 when the service does not answer).
+    pub fn assigned(&self, base: &str, name: &str) -> i64 {
+        self.status(base, name)
+            .and_then(|q| q["assigned_partitions"].as_i64())
+            .unwrap_or(0)
+    }
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The numbered event `seq`: its segment, its event time and the record (`lane` carries the
+/// sequence number).
+pub fn event(t0: i64, seq: usize) -> (String, i64, Value) {
+    let segment = format!("seg-{:02}", seq % SEGMENTS);
+    let t = t0 + seq as i64 * STEP_MS;
+    let record = json!({
+        "camera_id": format!("cam-{seq}"),
+        "segment_id": segment,
+        "event_time": t,
+        "kind": "detection",
+        "vehicle_class": "motorbike",
+        "speed_kmh": 30.0,
+        "lane": seq as i64,
+        "confidence": 0.9,
+    });
+    (segment, t, record)
+}
+
+/// The start of the numbered events' first window: an hour ago, on a window boundary.
+pub fn first_window() -> anyhow::Result<i64> {
+    Ok((std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64
+        - 3_600_000)
+        .div_euclid(WINDOW_MS)
+        * WINDOW_MS)
+}
+
+/// Produces `events` numbered events keyed by segment, 100 a second, then one event a minute
+/// later on every partition (keyed `flush`), so that every window of the numbered ones closes.
+pub fn produce(brokers: &str, t0: i64, events: usize) -> anyhow::Result<()> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()?;
+    for seq in 0..events {
+        let (segment, _, record) = event(t0, seq);
+        let payload = serde_json::to_vec(&record)?;
+        loop {
+            match producer.send(
+                BaseRecord::to("city.camera.events")
+                    .key(segment.as_bytes())
+                    .payload(&payload),
+            ) {
+                Ok(()) => break,
+                Err((_, _)) => {
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+        if seq % 100 == 99 {
+            std::thread::sleep(Duration::from_millis(1_000));
+        }
+    }
+    let flush = t0 + events as i64 * STEP_MS + 60_000;
+    for p in 0..PARTITIONS {
+        let record = json!({
+            "camera_id": "flush", "segment_id": "flush", "event_time": flush,
+            "kind": "detection", "lane": 0, "confidence": 0.9,
+        });
+        let payload = serde_json::to_vec(&record)?;
+        producer
+            .send(
+                BaseRecord::to("city.camera.events")
+                    .key("flush")
+                    .partition(p)
+                    .payload(&payload),
+            )
+            .map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// A window's events, sum of sequence numbers, first and last sequence number.
+pub type Counts = (i64, i64, i64, i64);
+
+/// (segment, window start) → its counts.
+pub type Windows = BTreeMap<(String, i64), Counts>;
+
+/// The 10 s windows per segment of the first `events` numbered events that end before
+/// `watermark`, computed in batch.
+pub fn expected(t0: i64, events: usize, watermark: i64) -> Windows {
+    let mut out = Windows::new();
+    for seq in 0..events {
+        let (segment, t, _) = event(t0, seq);
+        let start = t.div_euclid(WINDOW_MS) * WINDOW_MS;
+        if start + WINDOW_MS > watermark {
+            continue;
+        }
+        let s = seq as i64;
+        let w = out
+            .entry((segment, start))
+            .or_insert((0, 0, i64::MAX, i64::MIN));
+        w.0 += 1;
+        w.1 += s;
+        w.2 = w.2.min(s);
+        w.3 = w.3.max(s);
+    }
+    out
+}
+
+/// The query counting the numbered events per segment and 10 s window into `topic`.
+pub fn counts_query(topic: &str) -> String {
+    format!(
+        "CREATE EXTERNAL TABLE counts_out (segment_id VARCHAR NOT NULL, \
+         window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, events BIGINT NOT NULL, \
+         total BIGINT, first BIGINT, last BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' '{topic}', 'key' 'segment_id'); \
+         INSERT INTO counts_out SELECT segment_id, window_start, window_end, count(*) AS events, \
+         sum(CAST(lane AS BIGINT)) AS total, min(CAST(lane AS BIGINT)) AS first, \
+         max(CAST(lane AS BIGINT)) AS last \
+         FROM camera_events GROUP BY tumble(event_time, INTERVAL '10 seconds'), segment_id"
+    )
+}
+
+/// Every row of `topic`, read with read_committed, in order.
+pub fn read_output(brokers: &str, topic: &str) -> anyhow::Result<Vec<Value>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "test-reader")
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut list = rdkafka::TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            if high > 0 {
+                list.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)?;
+                ends.insert(p.id(), high);
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    if ends.is_empty() {
+        return Ok(rows);
+    }
+    consumer.assign(&list)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ends.is_empty() && Instant::now() < deadline {
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = m?;
+        if let Some(payload) = m.payload() {
+            rows.push(serde_json::from_slice(payload)?);
+        }
+        if ends
+            .get(&m.partition())
+            .is_some_and(|e| m.offset() + 1 >= *e)
+        {
+            ends.remove(&m.partition());
+        }
+    }
+    Ok(rows)
+}
+
+/// The windows in the output rows (the flush events' left out), with every publication of
+/// each.
+pub fn published(rows: &[Value]) -> BTreeMap<(String, i64), Vec<Counts>> {
+    let mut out: BTreeMap<(String, i64), Vec<_>> = BTreeMap::new();
+    for r in rows {
+        let segment = r["segment_id"].as_str().unwrap_or_default().to_string();
+        if segment == "flush" {
+            continue;
+        }
+        let key = (segment, r["window_start"].as_i64().unwrap_or_default());
+        out.entry(key).or_default().push((
+            r["events"].as_i64().unwrap_or_default(),
+            r["total"].as_i64().unwrap_or_default(),
+            r["first"].as_i64().unwrap_or_default(),
+            r["last"].as_i64().unwrap_or_default(),
+        ));
+    }
+    out
+}
+
+/// Reads `topic` until it holds every expected window (two minutes at most), then once more
+/// a few seconds later for any duplicate to show; asserts each window is there exactly once
+/// with the batch computation's counts. Returns how many windows were checked.
+pub fn assert_exactly_once(
+    brokers: &str,
+    topic: &str,
+    expected: &Windows,
+) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut windows = published(&read_output(brokers, topic)?);
+    while windows.len() < expected.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(2));
+        windows = published(&read_output(brokers, topic)?);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    windows = published(&read_output(brokers, topic)?);
+    let missing: Vec<_> = expected
+        .keys()
+        .filter(|k| !windows.contains_key(*k))
+        .collect();
+    let duplicated: Vec<_> = windows.iter().filter(|(_, v)| v.len() > 1).collect();
+    let unexpected: Vec<_> = windows
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .collect();
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| windows.get(*k).is_some_and(|w| w[0] != **v))
+        .collect();
+    anyhow::ensure!(missing.is_empty(), "missing windows: {missing:?}");
+    anyhow::ensure!(
+        duplicated.is_empty(),
+        "windows published more than once: {duplicated:?}"
+    );
+    anyhow::ensure!(
+        unexpected.is_empty(),
+        "windows not in the input: {unexpected:?}"
+    );
+    anyhow::ensure!(wrong.is_empty(), "windows with wrong counts: {wrong:?}");
+    Ok(windows.len())
+}
