@@ -26,8 +26,10 @@ async fn main() -> anyhow::Result<()> {
         _ => LogFormat::Plain,
     });
     let filter = EnvFilter::try_new(cli.log.as_deref().unwrap_or(&default))?;
+    // Colours only on a terminal: a log file or collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Plain => builder.init(),

@@ -30,6 +30,7 @@ use datafusion::arrow::array::RecordBatch;
 use crate::checkpoint::{CheckpointStore, Manifest, Position, QueryManifest};
 use crate::decode::JsonDecoder;
 use crate::error::{Error, Result};
+use crate::plan::repartition::{KeyPlan, key_plan};
 use crate::plan::stream::StreamContext;
 use crate::plan::stream::StreamQuery;
 use crate::plan::table::StreamTable;
@@ -37,7 +38,10 @@ use crate::plan::{city_context, city_context_in, default_queries, plan_all};
 use crate::schema::SchemaRegistry;
 use crate::service::metrics::CityGauges;
 use crate::sink::{DlqRecord, KafkaSink, KafkaSinkConfig, LateRecord, Pending, conform_stream};
-use crate::source::{KafkaSource, KafkaSourceConfig, PartitionChange, Positions, RawBatch};
+use crate::source::{
+    KafkaSource, KafkaSourceConfig, ORIGIN_HEADER, PROGRESS_HEADER, PartitionChange, Positions,
+    RawBatch, encode_pair,
+};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 
 /// Topic names. All configurable (`[topics]` of the service's configuration); the defaults
@@ -267,6 +271,11 @@ const SLOW_STEP: Duration = Duration::from_millis(50);
 /// Acknowledged offsets are committed at most this often.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How long, after the replay following a recovery has caught up with the input, outputs
+/// read back are still held back while some have not come again (they may be due on
+/// processing time: an idle partition's windows, an early fire).
+const REPLAY_GRACE: Duration = Duration::from_secs(120);
+
 /// Micro-batches whose outputs may be awaiting acknowledgement at once.
 const MAX_IN_FLIGHT: usize = 8;
 
@@ -285,6 +294,23 @@ struct Running {
     query: StreamQuery,
     /// With one state per input partition: each partition's instance of the query.
     parts: BTreeMap<i32, Part>,
+    /// When its groups span input partitions: stage 1, which passes its input on to an
+    /// internal topic by group; the instances (stage 2) are per partition of that topic.
+    repartition: Option<Repartition>,
+}
+
+/// Stage 1 of a repartitioned query (see [`crate::plan::repartition`]).
+struct Repartition {
+    /// The input topic.
+    input: String,
+    /// The internal topic, read by stage 2, and its number of partitions.
+    topic: String,
+    partitions: u32,
+    /// The input topic's number of partitions.
+    inputs: u32,
+    keys: KeyPlan,
+    /// Per input partition, the largest event time passed on in progress records.
+    progress: HashMap<i32, i64>,
 }
 
 /// A query's instance for one input partition.
@@ -293,12 +319,19 @@ struct Part {
     /// When it was made, epoch ms: a partition that has delivered nothing is not held back
     /// for longer than its idle timeout after it.
     since_ms: i64,
+    /// Stage 2 of a repartitioned query: per input partition, the offset after the last
+    /// input record processed. A record passed on again (stage 1 replaying after a
+    /// failover) is dropped.
+    upstream: BTreeMap<i32, i64>,
 }
 
 impl Running {
-    /// The topic it reads.
+    /// The topic its instances read: its input, or its repartition topic.
     fn topic(&self) -> &str {
-        &self.query.source().options.topic
+        match &self.repartition {
+            Some(r) => &r.topic,
+            None => &self.query.source().options.topic,
+        }
     }
 
     /// Every instance that holds state.
@@ -357,6 +390,8 @@ struct Checkpoints {
     last: std::time::Instant,
     /// While replaying after recovery in exactly-once mode.
     replay: Option<Replay>,
+    /// When the replay reached the input's ends at recovery.
+    caught_up: Option<std::time::Instant>,
 }
 
 impl Checkpoints {
@@ -453,6 +488,7 @@ impl Pipeline {
                     name,
                     query,
                     parts: BTreeMap::new(),
+                    repartition: None,
                 });
             }
         }
@@ -462,8 +498,40 @@ impl Pipeline {
                     name: name.clone(),
                     query,
                     parts: BTreeMap::new(),
+                    repartition: None,
                 });
             }
+        }
+        // Queries whose groups span input partitions go through a repartition topic, when
+        // their plan allows (a windowed aggregation without detectors).
+        for (i, running) in queries.iter_mut().enumerate() {
+            if running.query.is_partition_local() || !running.query.is_repartitionable() {
+                continue;
+            }
+            let (sql, source) = (
+                running.query.sql().to_string(),
+                running.query.source().clone(),
+            );
+            let Some(keys) = key_plan(&ctx, sql, source).await? else {
+                continue;
+            };
+            let input = running.query.source().options.topic.clone();
+            let topic = format!("{}.q{i}.repartition", config.group_id);
+            let (partitions, inputs) = repartition_topic(&config, &input, &topic).await?;
+            info!(
+                query = %running.name,
+                %topic,
+                partitions,
+                "groups span input partitions: repartitioned by group"
+            );
+            running.repartition = Some(Repartition {
+                input,
+                topic,
+                partitions,
+                inputs,
+                keys,
+                progress: HashMap::new(),
+            });
         }
         // Every city input topic is decoded (and its bad records dead-lettered), read by a
         // query or not, when the default queries run; other queries' sources are decoded with
@@ -483,6 +551,12 @@ impl Pipeline {
             decoders
                 .entry(source.options.topic.clone())
                 .or_insert_with(|| JsonDecoder::new(source.topic_schema.clone()));
+            if let Some(r) = &running.repartition {
+                decoders.insert(
+                    r.topic.clone(),
+                    JsonDecoder::new(source.topic_schema.clone()),
+                );
+            }
         }
         let mut inputs: Vec<String> = decoders.keys().cloned().collect();
         inputs.sort();
@@ -509,7 +583,9 @@ impl Pipeline {
         }
         let source = KafkaSource::new(source_config)?;
         let sink = KafkaSink::new(&sink_config)?;
-        let partitioned = queries.iter().all(|r| r.query.is_partition_local());
+        let partitioned = queries
+            .iter()
+            .all(|r| r.query.is_partition_local() || r.repartition.is_some());
         let checkpoints = match &config.checkpoint {
             Some(settings) => {
                 let mut stores = HashMap::new();
@@ -526,6 +602,7 @@ impl Pipeline {
                     interval: settings.interval,
                     last: std::time::Instant::now(),
                     replay: None,
+                    caught_up: None,
                 })
             }
             None => None,
@@ -628,14 +705,14 @@ impl Pipeline {
         }
         let mut states = checkpoint.queries.iter();
         for running in &mut self.queries {
-            let instance = match &key {
-                None => &mut running.query,
+            let (instance, upstream) = match &key {
+                None => (&mut running.query, None),
                 Some((topic, partition)) => {
                     if running.topic() != topic {
                         continue;
                     }
                     match running.parts.get_mut(partition) {
-                        Some(part) => &mut part.query,
+                        Some(part) => (&mut part.query, Some(&mut part.upstream)),
                         None => continue,
                     }
                 }
@@ -643,6 +720,11 @@ impl Pipeline {
             let Some(state) = states.next() else {
                 break;
             };
+            if let (Some(upstream), Some(seen)) = (upstream, state.meta.get("upstream")) {
+                let seen: Vec<(i32, i64)> = serde_json::from_value(seen.clone())
+                    .map_err(|e| Error::Checkpoint(format!("upstream offsets: {e}")))?;
+                *upstream = seen.into_iter().collect();
+            }
             instance.restore(state, now).map_err(|e| {
                 Error::Checkpoint(format!(
                     "{}: query {}: {e}",
@@ -702,6 +784,7 @@ impl Pipeline {
                 }
                 None => c.replay = Some(Replay { until, marks }),
             }
+            c.caught_up = None;
         }
         Ok(())
     }
@@ -844,19 +927,26 @@ impl Pipeline {
             let mut states = Vec::new();
             let mut queries = Vec::new();
             for running in &mut self.queries {
-                let instance = match &key {
-                    None => &mut running.query,
+                let (instance, upstream) = match &key {
+                    None => (&mut running.query, None),
                     Some((topic, partition)) => {
                         if running.topic() != topic {
                             continue;
                         }
                         match running.parts.get_mut(partition) {
-                            Some(part) => &mut part.query,
+                            Some(part) => (&mut part.query, Some(&part.upstream)),
                             None => continue,
                         }
                     }
                 };
-                states.push(instance.snapshot(now)?);
+                let mut state = instance.snapshot(now)?;
+                if let (Some(upstream), Some(meta)) = (upstream, state.meta.as_object_mut())
+                    && running.repartition.is_some()
+                {
+                    let seen: Vec<(i32, i64)> = upstream.iter().map(|(p, o)| (*p, *o)).collect();
+                    meta.insert("upstream".into(), serde_json::json!(seen));
+                }
+                states.push(state);
                 queries.push(QueryManifest {
                     name: running.name.clone(),
                     sql: running.query.sql().to_string(),
@@ -1082,12 +1172,17 @@ impl Pipeline {
             if running.topic() != key.0 || running.parts.contains_key(&key.1) {
                 continue;
             }
-            let query = running.query.replan(&self.ctx).await?;
+            let mut query = running.query.replan(&self.ctx).await?;
+            if let Some(r) = &running.repartition {
+                query.set_owner(r.partitions, u32::try_from(key.1).unwrap_or_default());
+                query.expect_inputs(r.inputs, now);
+            }
             running.parts.insert(
                 key.1,
                 Part {
                     query,
                     since_ms: now,
+                    upstream: BTreeMap::new(),
                 },
             );
         }
@@ -1108,7 +1203,19 @@ impl Pipeline {
             .until
             .iter()
             .all(|(key, end)| positions.get(key).is_some_and(|p| p >= end));
-        if caught_up {
+        // Outputs due on processing time (windows closed by a partition going idle, early
+        // fires) come after the input has caught up: suppression lasts until every record read
+        // back has come again, or for a grace period after catching up.
+        let done = match (caught_up, c.caught_up) {
+            (false, _) => false,
+            (true, None) => {
+                c.caught_up = Some(std::time::Instant::now());
+                !self.sink.is_suppressing()
+            }
+            (true, Some(at)) => !self.sink.is_suppressing() || at.elapsed() >= REPLAY_GRACE,
+        };
+        if done {
+            c.caught_up = None;
             c.replay = None;
             let (suppressed, left) = self.sink.end_suppression();
             info!(
@@ -1253,6 +1360,58 @@ impl Pipeline {
                 .iter()
                 .map(|&i| raw.offsets[i as usize])
                 .collect();
+            // Stage 1 of repartitioned queries reading this topic: each record to the
+            // partitions of its groups, then the input partitions' progress.
+            for running in self.queries.iter_mut() {
+                let Some(r) = &mut running.repartition else {
+                    continue;
+                };
+                if r.input != *raw.topic {
+                    continue;
+                }
+                let targets = r.keys.targets(&decoded.batch, r.partitions).await?;
+                for (row, qs) in targets.iter().enumerate() {
+                    let i = decoded.rows[row] as usize;
+                    let origin = encode_pair(raw.partitions[i], raw.offsets[i]);
+                    for q in qs {
+                        self.sink
+                            .send_to_partition(
+                                &r.topic,
+                                *q as i32,
+                                raw.key(i),
+                                raw.value(i),
+                                &[(ORIGIN_HEADER, &origin)],
+                                &mut pending,
+                            )
+                            .await?;
+                    }
+                }
+                let options = &running.query.source().options;
+                let limit = now.saturating_add(options.future_tolerance.as_millis() as i64);
+                let maxima = match &options.event_time {
+                    Some(time) => event_time_maxima(&decoded.batch, time, &partitions, limit)?,
+                    None => HashMap::new(),
+                };
+                for (p, max) in maxima {
+                    if r.progress.get(&p).is_some_and(|m| *m >= max) {
+                        continue;
+                    }
+                    r.progress.insert(p, max);
+                    let progress = encode_pair(p, max);
+                    for q in 0..r.partitions {
+                        self.sink
+                            .send_to_partition(
+                                &r.topic,
+                                q as i32,
+                                None,
+                                &[],
+                                &[(PROGRESS_HEADER, &progress)],
+                                &mut pending,
+                            )
+                            .await?;
+                    }
+                }
+            }
             // Row indices of the decoded batch per instance: per partition, or all together.
             let mut splits: BTreeMap<i32, Vec<u32>> = BTreeMap::new();
             for (i, p) in partitions.iter().enumerate() {
@@ -1260,15 +1419,43 @@ impl Pipeline {
                 splits.entry(key).or_default().push(i as u32);
             }
             for (qi, running) in self.queries.iter_mut().enumerate() {
-                if running.query.source().options.topic != *raw.topic {
+                if running.topic() != &*raw.topic {
                     continue;
                 }
                 for (&part, rows) in &splits {
-                    let instance = match running.parts.get_mut(&part) {
-                        Some(p) => &mut p.query,
-                        None => &mut running.query,
+                    let repartitioned = running.repartition.is_some();
+                    let (instance, upstream) = match running.parts.get_mut(&part) {
+                        Some(p) => (&mut p.query, Some(&mut p.upstream)),
+                        None => (&mut running.query, None),
                     };
                     fed.insert((qi, part));
+                    // Stage 2 of a repartitioned query: rows keep their input partition and
+                    // offset; one passed on again after a failover of stage 1 is dropped.
+                    let mut origins: Vec<(i32, i64)> = Vec::new();
+                    let rows: Vec<u32> = match (repartitioned, upstream) {
+                        (true, Some(upstream)) => rows
+                            .iter()
+                            .copied()
+                            .filter(|&r| {
+                                let Some(&(p, o)) =
+                                    raw.origins.get(decoded.rows[r as usize] as usize)
+                                else {
+                                    return false;
+                                };
+                                let next = upstream.entry(p).or_insert(0);
+                                if o < *next {
+                                    return false;
+                                }
+                                *next = o + 1;
+                                origins.push((p, o));
+                                true
+                            })
+                            .collect(),
+                        _ => rows.clone(),
+                    };
+                    if repartitioned && rows.is_empty() {
+                        continue;
+                    }
                     let (batch, sub_partitions, sub_offsets) = if rows.len() == partitions.len() {
                         (decoded.batch.clone(), partitions.clone(), offsets.clone())
                     } else {
@@ -1284,6 +1471,11 @@ impl Pipeline {
                                 .collect::<Vec<i64>>(),
                         )
                     };
+                    let sub_partitions: Vec<i32> = if repartitioned {
+                        origins.iter().map(|o| o.0).collect()
+                    } else {
+                        sub_partitions
+                    };
                     let out = instance
                         .process(&batch, &sub_partitions, Some(&sub_offsets), now)
                         .await?;
@@ -1293,11 +1485,21 @@ impl Pipeline {
                             .iter()
                             .map(|d| {
                                 let i = decoded.rows[rows[d.row as usize] as usize] as usize;
+                                // A repartitioned record is reported where it came from.
+                                let (topic, partition, offset) = match &running.repartition {
+                                    Some(r) => {
+                                        let (p, o) = origins[d.row as usize];
+                                        (r.input.clone(), p, o)
+                                    }
+                                    None => {
+                                        (raw.topic.to_string(), raw.partitions[i], raw.offsets[i])
+                                    }
+                                };
                                 let record = LateRecord {
                                     query: running.name.clone(),
-                                    topic: raw.topic.to_string(),
-                                    partition: raw.partitions[i],
-                                    offset: raw.offsets[i],
+                                    topic,
+                                    partition,
+                                    offset,
                                     event_time: d.event_time,
                                     watermark: d.watermark.max(0),
                                     reason: d.reason.as_str().into(),
@@ -1331,6 +1533,25 @@ impl Pipeline {
                     .entry((raw.topic.clone(), *p))
                     .or_insert(o + 1);
                 *next = (*next).max(o + 1);
+            }
+        }
+        // Progress records of repartition topics: the input partitions' event time, for the
+        // instances of stage 2.
+        for raw in &batches {
+            for progress in &raw.progress {
+                for running in &mut self.queries {
+                    if running.topic() == &*raw.topic
+                        && let Some(part) = running.parts.get_mut(&progress.partition)
+                    {
+                        part.query
+                            .observe(progress.input_partition, progress.max_event_ms, now);
+                    }
+                }
+                let next = self
+                    .next_offsets
+                    .entry((raw.topic.clone(), progress.partition))
+                    .or_insert(progress.offset + 1);
+                *next = (*next).max(progress.offset + 1);
             }
         }
         // Instances without input: idle partitions and early fires may still make results
@@ -1442,21 +1663,23 @@ impl Pipeline {
     fn held_only(&self, raw: RawBatch) -> RawBatch {
         let topic = raw.topic.to_string();
         let held = |p: i32| self.held.contains(&(topic.clone(), p));
-        if raw.partitions.iter().all(|p| held(*p)) {
+        if raw.partitions.iter().all(|p| held(*p)) && raw.progress.iter().all(|p| held(p.partition))
+        {
             return raw;
         }
         let mut out = RawBatch::new(raw.topic.clone());
         out.first_received = raw.first_received;
         for i in 0..raw.len() {
             if held(raw.partitions[i]) {
-                out.push(
-                    raw.partitions[i],
-                    raw.offsets[i],
-                    raw.key(i),
-                    Some(raw.value(i)),
-                );
+                out.push_from(&raw, i);
             }
         }
+        out.progress = raw
+            .progress
+            .iter()
+            .filter(|p| held(p.partition))
+            .copied()
+            .collect();
         debug!(
             dropped = raw.len() - out.len(),
             "records of partitions handed on left to their new owner"
@@ -1557,8 +1780,15 @@ impl Pipeline {
                     continue;
                 }
                 for instance in running.instances() {
-                    if let Some(held) = instance.held_offsets().get(partition) {
-                        offset = offset.min(*held);
+                    let held = instance.held_offsets();
+                    // Stage 2 of a repartitioned query keys its held offsets (of its own
+                    // partition) by input partition.
+                    let held = match running.repartition {
+                        Some(_) => held.values().min().copied(),
+                        None => held.get(partition).copied(),
+                    };
+                    if let Some(held) = held {
+                        offset = offset.min(held);
                     }
                 }
             }
@@ -1589,6 +1819,95 @@ fn partitions_of(
         }
     }
     Ok(out)
+}
+
+/// Per partition, the largest event time of the rows of `batch` (`partitions[i]` is row i's)
+/// not later than `limit`.
+fn event_time_maxima(
+    batch: &RecordBatch,
+    time: &str,
+    partitions: &[i32],
+    limit: i64,
+) -> Result<HashMap<i32, i64>> {
+    use datafusion::arrow::array::{Array, TimestampMillisecondArray};
+    use datafusion::arrow::datatypes::{DataType, TimeUnit};
+    let mut out = HashMap::new();
+    let Some(column) = batch.column_by_name(time) else {
+        return Ok(out);
+    };
+    let column = datafusion::arrow::compute::cast(
+        column,
+        &DataType::Timestamp(TimeUnit::Millisecond, None),
+    )?;
+    let Some(times) = column.as_any().downcast_ref::<TimestampMillisecondArray>() else {
+        return Ok(out);
+    };
+    for (r, t) in times.iter().enumerate() {
+        if let (Some(t), Some(p)) = (t, partitions.get(r))
+            && t <= limit
+        {
+            let m = out.entry(*p).or_insert(t);
+            *m = (*m).max(t);
+        }
+    }
+    Ok(out)
+}
+
+/// Creates the repartition topic `topic` for input `input` with as many partitions as the
+/// input, unless it exists (through the admin API; a broker without it, like the embedded
+/// one, creates it on first use); returns how many partitions it and the input have.
+async fn repartition_topic(
+    config: &PipelineConfig,
+    input: &str,
+    topic: &str,
+) -> Result<(u32, u32)> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client = |auto_create: bool| {
+        let mut client = rdkafka::ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("allow.auto.create.topics", auto_create.to_string());
+        for (k, v) in &config.properties {
+            client.set(k, v);
+        }
+        client
+    };
+    let count = |probe: &BaseConsumer, name: &str| -> Result<usize> {
+        let metadata = probe.fetch_metadata(Some(name), Duration::from_secs(10))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| t.partitions().len())
+            .sum())
+    };
+    let probe: BaseConsumer = client(false).create()?;
+    let inputs = count(&probe, input)?.max(1);
+    let existing = count(&probe, topic)?;
+    if existing > 0 {
+        return Ok((existing as u32, inputs as u32));
+    }
+    let admin: AdminClient<DefaultClientContext> = client(false).create()?;
+    let new = NewTopic::new(topic, inputs as i32, TopicReplication::Fixed(1));
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(5)))
+        .request_timeout(Some(Duration::from_secs(5)));
+    if let Err(e) = admin.create_topics([&new], &options).await {
+        debug!(%topic, error = %e, "repartition topic not created through the admin API");
+    }
+    let creator: BaseConsumer = client(true).create()?;
+    for _ in 0..50 {
+        let n = count(&creator, topic)?;
+        if n > 0 {
+            return Ok((n as u32, inputs as u32));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(Error::Config(format!(
+        "repartition topic {topic} could not be created; create it with {inputs} partitions"
+    )))
 }
 
 /// Publishes a query's result rows to its sink topic, keyed by the sink's key column.

@@ -5,9 +5,9 @@
 //! their last checkpoints and replays from there. The output, read with read_committed, holds
 //! every window exactly once with the counts of a batch computation over the same events.
 //!
-//! A query grouping by something other than its input's key cannot keep its state per input
-//! partition; it is refused a second process with a message saying so instead of publishing
-//! partial groups.
+//! A second query totals the same events per ward (of the segment, from the reference table):
+//! its groups span input partitions, so it is repartitioned through an internal topic keyed
+//! by ward; its output too is complete and duplicate-free against the batch computation.
 
 mod common;
 
@@ -19,13 +19,17 @@ use common::*;
 const EVENTS: usize = 3_000;
 const OUTPUT: &str = "scale.counts";
 
+const WARDS: &str = "scale.wards";
+
 /// Per ward (of the segment, from the reference table) and 10 s: groups that span input
 /// partitions.
 const WARD_QUERY: &str = "CREATE EXTERNAL TABLE ward_out (ward_id VARCHAR, \
      window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, events BIGINT NOT NULL, \
-     revision INT NOT NULL, is_final BOOLEAN NOT NULL) \
+     total BIGINT, first BIGINT, last BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL) \
      STORED AS KAFKA OPTIONS ('topic' 'scale.wards', 'key' 'ward_id'); \
-     INSERT INTO ward_out SELECT s.ward_id, window_start, window_end, count(*) AS events \
+     INSERT INTO ward_out SELECT s.ward_id, window_start, window_end, count(*) AS events, \
+     sum(CAST(c.lane AS BIGINT)) AS total, min(CAST(c.lane AS BIGINT)) AS first, \
+     max(CAST(c.lane AS BIGINT)) AS last \
      FROM camera_events c LEFT JOIN segments s ON c.segment_id = s.segment_id \
      GROUP BY tumble(c.event_time, INTERVAL '10 seconds'), s.ward_id";
 
@@ -85,29 +89,21 @@ fn two_processes_share_the_partitions_and_the_survivor_takes_over_with_state() -
     api.wait_live(b)?;
     api.create(b, "counts", &sql)?;
     api.create(b, "wards", WARD_QUERY)?;
-    wait_until("the two processes never shared the partitions", || {
-        let (x, y) = (api.assigned(a, "counts"), api.assigned(b, "counts"));
-        x > 0 && y > 0 && x + y == i64::from(PARTITIONS)
-    })?;
+    // Each query's group splits its partitions: the counts query's input partitions; the
+    // ward query's input partitions and those of its repartition topic.
+    for (query, partitions) in [("counts", PARTITIONS), ("wards", 2 * PARTITIONS)] {
+        wait_until("the two processes never shared the partitions", || {
+            let (x, y) = (api.assigned(a, query), api.assigned(b, query));
+            x > 0 && y > 0 && x + y == i64::from(partitions)
+        })?;
+    }
     eprintln!(
-        "shared: first {} partitions, second {}",
+        "shared: counts {}/{}, wards {}/{} partitions (first/second)",
         api.assigned(a, "counts"),
-        api.assigned(b, "counts")
+        api.assigned(b, "counts"),
+        api.assigned(a, "wards"),
+        api.assigned(b, "wards")
     );
-
-    // The ward query keeps one state for all partitions: a process that has to give some
-    // away fails it with the reason rather than publish partial groups.
-    let refused = |base: &str| {
-        api.status(base, "wards").is_some_and(|q| {
-            q["state"] == "FAILED"
-                && q["error"].as_str().is_some_and(|e| {
-                    e.contains("groups by something other than its input topic's key")
-                })
-        })
-    };
-    wait_until("no process refused the ward query a second process", || {
-        refused(a) || refused(b)
-    })?;
 
     // Both process for a while; then the first dies.
     std::thread::sleep(Duration::from_secs(4));
@@ -115,6 +111,7 @@ fn two_processes_share_the_partitions_and_the_survivor_takes_over_with_state() -
     first.0.wait()?;
     wait_until("the survivor never took over every partition", || {
         api.assigned(b, "counts") == i64::from(PARTITIONS)
+            && api.assigned(b, "wards") == i64::from(2 * PARTITIONS)
     })?;
     producer
         .join()
@@ -123,23 +120,46 @@ fn two_processes_share_the_partitions_and_the_survivor_takes_over_with_state() -
     // The windows closed by the flush events (watermark: flush time minus the 5 s delay).
     let watermark = t0 + EVENTS as i64 * STEP_MS + 60_000 - 5_000;
     let expected = expected(t0, EVENTS, watermark);
-    let checked = assert_exactly_once(&brokers, OUTPUT, &expected)?;
+    let checked = assert_exactly_once(&brokers, OUTPUT, "segment_id", &expected)?;
+    let wards = segment_wards()?;
+    let expected_wards = expected_by(t0, EVENTS, watermark, |segment| wards[segment].clone());
+    let distinct: std::collections::BTreeSet<&String> = wards
+        .iter()
+        .filter(|(s, _)| SEGMENTS.contains(&s.as_str()))
+        .map(|(_, w)| w)
+        .collect();
+    assert!(distinct.len() > 1, "the segments lie in one ward");
+    let checked_wards = assert_exactly_once(&brokers, WARDS, "ward_id", &expected_wards)?;
+    // The numbered events are in order in each partition: none of them is late, before or
+    // after the repartitioning.
+    let late = read_output(&brokers, "city.late")?;
+    assert!(
+        late.is_empty(),
+        "events found late: {:?}",
+        &late[..late.len().min(5)]
+    );
 
     let (a_text, b_text) = (log_text(a_log)?, log_text(b_log)?);
     let handed_on = a_text.matches("partitions handed on").count();
     let restored = b_text.matches("state restored from checkpoint").count();
+    let restored_by = |query: &str| {
+        b_text
+            .matches(&format!("state restored from checkpoint name=\"{query}\""))
+            .count()
+    };
     eprintln!(
-        "windows {checked} exactly once; first process handed partitions on {handed_on} \
-         times, second restored {restored} partition checkpoints"
+        "segment windows {checked} and ward windows {checked_wards} exactly once; first \
+         process handed partitions on {handed_on} times, second restored {restored} \
+         partition checkpoints"
     );
     // The first checkpointed what it let go when the second joined; the second restored
-    // those and, after the kill, the first's last checkpoints of the rest.
+    // those and, after the kill, the first's last checkpoints of the rest, for both queries.
     assert!(
         handed_on >= 1,
         "the first process never let partitions go:\n{a_text}"
     );
     assert!(
-        restored >= usize::try_from(PARTITIONS)?,
+        restored_by("counts") >= 1 && restored_by("wards") >= 1,
         "the second process restored {restored} partition checkpoints:\n{b_text}"
     );
 

@@ -82,6 +82,20 @@ impl FeedExec {
         })
     }
 
+    /// A table's scan: a leaf over a new feed of `table_schema`, as a plan.
+    pub fn scan(
+        table: impl Into<String>,
+        table_schema: SchemaRef,
+        projection: Option<&Vec<usize>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(Self::new(
+            table,
+            Feed::default(),
+            table_schema,
+            projection.cloned(),
+        )?))
+    }
+
     /// The feed this leaf reads.
     pub fn feed(&self) -> &Feed {
         &self.feed

@@ -12,6 +12,7 @@
 //! `schemas/reference/`); [`DEFAULT_QUERIES`] are the queries of `queries/`.
 
 pub mod feed;
+pub mod repartition;
 pub mod rewrite;
 pub mod stream;
 pub mod table;

@@ -363,6 +363,7 @@ impl StreamContext {
                 last_early_fire_ms: i64::MIN,
                 output_schema,
                 held: Default::default(),
+                owner: None,
                 keyed,
             });
         };
@@ -478,6 +479,7 @@ impl StreamContext {
         fields.push(Field::new("revision", DataType::Int32, false));
         fields.push(Field::new("is_final", DataType::Boolean, false));
         let partition_local = keyed_local && names_column(&spec.groups, source_key.as_deref());
+        let groups = spec.groups.clone();
         Ok(StreamQuery {
             sql,
             settings,
@@ -496,6 +498,7 @@ impl StreamContext {
                 upper,
                 upper_feed,
                 upper_schema: output_schema,
+                groups,
             }),
             task_ctx,
             watermarks,
@@ -504,6 +507,7 @@ impl StreamContext {
             last_early_fire_ms: i64::MIN,
             output_schema: Arc::new(Schema::new(fields)),
             held: Default::default(),
+            owner: None,
             keyed,
         })
     }
@@ -676,6 +680,8 @@ struct Windowed {
     upper_feed: Feed,
     /// Schema of the aggregation's output, which the upper plan reads.
     upper_schema: SchemaRef,
+    /// Its group keys besides the window, over the lower plan's rows.
+    groups: Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
 }
 
 /// Whether one of `exprs` is the column `key` itself.
@@ -711,6 +717,9 @@ pub struct StreamQuery {
     early_fire_ms: Option<i64>,
     last_early_fire_ms: i64,
     output_schema: SchemaRef,
+    /// In stage 2 of a repartitioned query, (partitions, this one): only rows of the groups
+    /// that belong to this partition are aggregated.
+    owner: Option<(u32, u32)>,
     /// Per end of the last window an admitted row belongs to: the smallest input offset per
     /// partition. An offset is safe to commit once no unevicted window needs its row.
     held: std::collections::BTreeMap<i64, HashMap<i32, i64>>,
@@ -761,6 +770,33 @@ impl StreamQuery {
                 _ => plan_err!("internal: query text is not one statement: {sql}"),
             }
         }
+    }
+
+    /// Makes this instance stage 2 of a repartitioned query for partition `partition` of
+    /// `partitions`: after its joins and filters it keeps only the rows of its own groups.
+    pub fn set_owner(&mut self, partitions: u32, partition: u32) {
+        self.owner = Some((partitions, partition));
+    }
+
+    /// Makes input partitions `0..inputs` hold the watermark back from processing time
+    /// `now_ms` until each has delivered or gone idle (stage 2 of a repartitioned query,
+    /// which hears from every input partition through the repartition topic).
+    pub fn expect_inputs(&mut self, inputs: u32, now_ms: i64) {
+        for p in 0..inputs {
+            self.watermarks.expect(p as i32, now_ms);
+        }
+    }
+
+    /// Whether it can be repartitioned: it aggregates over windows and keeps no detector
+    /// state (whose keys would need their own partitioning).
+    pub fn is_repartitionable(&self) -> bool {
+        self.windowed.is_some() && self.keyed.is_empty()
+    }
+
+    /// Records that input `partition` has seen events up to `max_event_ms` (a progress record
+    /// of a repartition topic) at processing time `now_ms`.
+    pub fn observe(&mut self, partition: i32, max_event_ms: i64, now_ms: i64) {
+        self.watermarks.observe(partition, max_event_ms, now_ms);
     }
 
     /// Whether every input partition it has seen has been silent for the idle timeout at
@@ -961,7 +997,22 @@ impl StreamQuery {
             match &mut self.windowed {
                 Some(w) => {
                     for b in &lowered {
-                        w.operator.update(b)?;
+                        match self.owner {
+                            Some((n, q)) if b.num_rows() > 0 => {
+                                let keys = w
+                                    .groups
+                                    .iter()
+                                    .map(|g| g.evaluate(b)?.into_array(b.num_rows()))
+                                    .collect::<Result<Vec<_>>>()?;
+                                let mine: BooleanArray =
+                                    super::repartition::group_partitions(&keys, n)?
+                                        .into_iter()
+                                        .map(|p| Some(p == q))
+                                        .collect();
+                                w.operator.update(&filter_record_batch(b, &mine)?)?;
+                            }
+                            _ => w.operator.update(b)?,
+                        }
                     }
                 }
                 None => out

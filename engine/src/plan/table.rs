@@ -27,7 +27,7 @@ use datafusion::datasource::TableType;
 use datafusion::logical_expr::{CreateExternalTable, Expr};
 use datafusion::physical_plan::ExecutionPlan;
 
-use super::feed::{Feed, FeedExec};
+use super::feed::FeedExec;
 use crate::schema::TopicSchema;
 
 /// The options of a stream table.
@@ -210,12 +210,7 @@ impl TableProvider for StreamTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(FeedExec::new(
-            self.name.clone(),
-            Feed::default(),
-            self.schema(),
-            projection.cloned(),
-        )?))
+        FeedExec::scan(self.name.clone(), self.schema(), projection)
     }
 }
 

@@ -505,6 +505,14 @@ impl KafkaSink {
         }
     }
 
+    /// Whether records read back are still held back.
+    pub fn is_suppressing(&self) -> bool {
+        self.suppressed
+            .lock()
+            .map(|s| !s.is_empty())
+            .unwrap_or(false)
+    }
+
     /// Ends suppression; returns how many records it held back and how many ids were left.
     pub fn end_suppression(&self) -> (u64, usize) {
         self.suppressing
@@ -626,23 +634,57 @@ impl KafkaSink {
             return Ok(());
         }
         let id_bytes = id.map(u64::to_be_bytes);
+        let mut headers: Vec<(&str, &[u8])> = Vec::new();
+        if let (Some(tag), Some(id)) = (&self.tag, &id_bytes) {
+            headers.push((QUERY_HEADER, tag.as_bytes()));
+            headers.push((ID_HEADER, &id[..]));
+        }
+        self.produce(topic, None, key, payload, &headers, pending)
+            .await
+    }
+
+    /// Publishes one record to `partition` of `topic` as it is, with `headers`: a
+    /// repartitioned input record or a progress record. Never held back by recovery (the
+    /// stage reading the topic drops what it has seen).
+    pub async fn send_to_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: &[(&str, &[u8])],
+        pending: &mut Pending,
+    ) -> Result<()> {
+        self.produce(topic, Some(partition), key, payload, headers, pending)
+            .await
+    }
+
+    async fn produce(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: &[(&str, &[u8])],
+        pending: &mut Pending,
+    ) -> Result<()> {
         loop {
             let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
+            if let Some(partition) = partition {
+                record = record.partition(partition);
+            }
             if let Some(key) = key {
                 record = record.key(key);
             }
-            if let (Some(tag), Some(id)) = (&self.tag, &id_bytes) {
-                record = record.headers(
-                    OwnedHeaders::new()
-                        .insert(Header {
-                            key: QUERY_HEADER,
-                            value: Some(tag.as_bytes()),
-                        })
-                        .insert(Header {
-                            key: ID_HEADER,
-                            value: Some(&id[..]),
-                        }),
-                );
+            if !headers.is_empty() {
+                let mut owned = OwnedHeaders::new();
+                for (key, value) in headers {
+                    owned = owned.insert(Header {
+                        key,
+                        value: Some(*value),
+                    });
+                }
+                record = record.headers(owned);
             }
             match self.producer.send_result(record) {
                 Ok(delivery) => {

@@ -42,6 +42,11 @@ pub struct RawBatch {
     pub offsets: Vec<i64>,
     /// When the source received the first record of the micro-batch this batch belongs to.
     pub first_received: Option<Instant>,
+    /// Records of a repartition topic: the input partition and offset each came from (one
+    /// per record; empty for other topics).
+    pub origins: Vec<(i32, i64)>,
+    /// Progress records of a repartition topic (not records of the batch).
+    pub progress: Vec<Progress>,
     values: Vec<u8>,
     value_ends: Vec<usize>,
     keys: Vec<u8>,
@@ -69,6 +74,19 @@ impl RawBatch {
         self.key_present.push(key.is_some());
     }
 
+    /// Appends record `i` of `other`, with its origin.
+    pub fn push_from(&mut self, other: &RawBatch, i: usize) {
+        self.push(
+            other.partitions[i],
+            other.offsets[i],
+            other.key(i),
+            Some(other.value(i)),
+        );
+        if let Some(origin) = other.origins.get(i) {
+            self.origins.push(*origin);
+        }
+    }
+
     /// Number of records.
     pub fn len(&self) -> usize {
         self.offsets.len()
@@ -93,6 +111,42 @@ impl RawBatch {
         let start = if i == 0 { 0 } else { self.key_ends[i - 1] };
         Some(&self.keys[start..self.key_ends[i]])
     }
+}
+
+/// A progress record of a repartition topic: the input partition it speaks for has seen
+/// events up to `max_event_ms` (so the stage reading the topic can track that partition's
+/// watermark even when none of its records go to this partition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Partition of the repartition topic.
+    pub partition: i32,
+    /// Offset of the progress record.
+    pub offset: i64,
+    /// The input partition.
+    pub input_partition: i32,
+    /// Its largest event time so far, epoch ms.
+    pub max_event_ms: i64,
+}
+
+/// Header of a repartitioned record: its input partition (i32) and offset (i64), big-endian.
+pub const ORIGIN_HEADER: &str = "urbanstream-origin";
+
+/// Header of a progress record: an input partition (i32) and its largest event time (i64,
+/// epoch ms), big-endian.
+pub const PROGRESS_HEADER: &str = "urbanstream-progress";
+
+/// A partition (i32) and a number (i64), big-endian, as in the repartition headers.
+pub fn encode_pair(partition: i32, n: i64) -> [u8; 12] {
+    let mut out = [0; 12];
+    out[..4].copy_from_slice(&partition.to_be_bytes());
+    out[4..].copy_from_slice(&n.to_be_bytes());
+    out
+}
+
+fn decode_pair(bytes: &[u8]) -> Option<(i32, i64)> {
+    let partition = i32::from_be_bytes(bytes.get(..4)?.try_into().ok()?);
+    let n = i64::from_be_bytes(bytes.get(4..12)?.try_into().ok()?);
+    Some((partition, n))
 }
 
 /// Settings of the Kafka source.
@@ -558,12 +612,35 @@ fn push<M: Message>(batches: &mut HashMap<String, RawBatch>, message: &M) {
             .entry(topic.to_string())
             .or_insert_with(|| RawBatch::new(topic)),
     };
+    let (mut origin, mut progress) = (None, None);
+    if let Some(headers) = message.headers() {
+        use rdkafka::message::Headers;
+        for h in headers.iter() {
+            match h.key {
+                ORIGIN_HEADER => origin = h.value.and_then(decode_pair),
+                PROGRESS_HEADER => progress = h.value.and_then(decode_pair),
+                _ => {}
+            }
+        }
+    }
+    if let Some((input_partition, max_event_ms)) = progress {
+        batch.progress.push(Progress {
+            partition: message.partition(),
+            offset: message.offset(),
+            input_partition,
+            max_event_ms,
+        });
+        return;
+    }
     batch.push(
         message.partition(),
         message.offset(),
         message.key(),
         message.payload(),
     );
+    if let Some(origin) = origin {
+        batch.origins.push(origin);
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,16 @@ impl WatermarkTracker {
         entry.last_seen_ms = now_ms;
     }
 
+    /// Makes `partition` hold the watermark back from processing time `now_ms` on until it
+    /// delivers (or goes idle), though nothing of it has been seen yet: an input whose
+    /// partitions are all known in advance does not let the first ones to deliver run ahead.
+    pub fn expect(&mut self, partition: i32, now_ms: i64) {
+        self.partitions.entry(partition).or_insert(PartitionTime {
+            max_event_ms: i64::MIN,
+            last_seen_ms: now_ms,
+        });
+    }
+
     /// Raises the watermark to at least `watermark` (an explicit advance, e.g. from a test or
     /// a source that knows no older data will come).
     pub fn force(&mut self, watermark: i64) {

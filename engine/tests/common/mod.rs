@@ -17,7 +17,22 @@ use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_urbanstream");
 pub const PARTITIONS: i32 = 4;
-pub const SEGMENTS: usize = 12;
+/// Road segments of `schemas/reference/segments.csv` the numbered events are spread over
+/// (in several wards).
+pub const SEGMENTS: [&str; 12] = [
+    "truong_chinh_ntso",
+    "truong_chinh_e",
+    "nguyen_trai_ntso",
+    "nguyen_trai_hd",
+    "lang_ntso",
+    "lang_cau_giay",
+    "tay_son",
+    "thai_ha_flyover",
+    "chua_boc",
+    "nguyen_chi_thanh",
+    "kim_ma_w",
+    "xuan_thuy",
+];
 /// Event-time spacing of the numbered events.
 pub const STEP_MS: i64 = 100;
 pub const WINDOW_MS: i64 = 10_000;
@@ -92,7 +107,7 @@ pub fn service_config(
          [catalog]\npath = \"{}\"\n\
          [queries]\ndefaults = false\n\
          [pipeline]\nlinger = \"5ms\"\n\
-         [checkpoint]\ndir = \"{}\"\ninterval = \"1s\"\nexactly_once = true\ninstance = \"{instance}\"\n",
+         [log]\nlevel = \"info,urbanstream::pipeline=debug\"\n[checkpoint]\ndir = \"{}\"\ninterval = \"1s\"\nexactly_once = true\ninstance = \"{instance}\"\n",
         catalog.display(),
         checkpoints.display(),
     )
@@ -185,7 +200,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// The numbered event `seq`: its segment, its event time and the record (`lane` carries the
 /// sequence number).
 pub fn event(t0: i64, seq: usize) -> (String, i64, Value) {
-    let segment = format!("seg-{:02}", seq % SEGMENTS);
+    let segment = SEGMENTS[seq % SEGMENTS.len()].to_string();
     let t = t0 + seq as i64 * STEP_MS;
     let record = json!({
         "camera_id": format!("cam-{seq}"),
@@ -267,9 +282,20 @@ pub type Windows = BTreeMap<(String, i64), Counts>;
 /// The 10 s windows per segment of the first `events` numbered events that end before
 /// `watermark`, computed in batch.
 pub fn expected(t0: i64, events: usize, watermark: i64) -> Windows {
+    expected_by(t0, events, watermark, |segment| segment.to_string())
+}
+
+/// [`expected`], per `group(segment)` instead of per segment.
+pub fn expected_by(
+    t0: i64,
+    events: usize,
+    watermark: i64,
+    group: impl Fn(&str) -> String,
+) -> Windows {
     let mut out = Windows::new();
     for seq in 0..events {
         let (segment, t, _) = event(t0, seq);
+        let segment = group(&segment);
         let start = t.div_euclid(WINDOW_MS) * WINDOW_MS;
         if start + WINDOW_MS > watermark {
             continue;
@@ -344,12 +370,37 @@ pub fn read_output(brokers: &str, topic: &str) -> anyhow::Result<Vec<Value>> {
     Ok(rows)
 }
 
+/// The wards of the road segments, from `schemas/reference/segments.csv`.
+pub fn segment_wards() -> anyhow::Result<BTreeMap<String, String>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/reference/segments.csv");
+    let text = std::fs::read_to_string(&path)?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let ward = header
+        .iter()
+        .position(|h| *h == "ward_id")
+        .ok_or_else(|| anyhow::anyhow!("{} has no ward_id", path.display()))?;
+    Ok(lines
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(',').collect();
+            Some((fields.first()?.to_string(), fields.get(ward)?.to_string()))
+        })
+        .collect())
+}
+
 /// The windows in the output rows (the flush events' left out), with every publication of
 /// each.
 pub fn published(rows: &[Value]) -> BTreeMap<(String, i64), Vec<Counts>> {
+    published_by(rows, "segment_id")
+}
+
+/// [`published`], per the group column `key` (rows with a null key are the flush events').
+pub fn published_by(rows: &[Value], key: &str) -> BTreeMap<(String, i64), Vec<Counts>> {
     let mut out: BTreeMap<(String, i64), Vec<_>> = BTreeMap::new();
     for r in rows {
-        let segment = r["segment_id"].as_str().unwrap_or_default().to_string();
+        let Some(segment) = r[key].as_str().map(str::to_string) else {
+            continue;
+        };
         if segment == "flush" {
             continue;
         }
@@ -364,22 +415,23 @@ pub fn published(rows: &[Value]) -> BTreeMap<(String, i64), Vec<Counts>> {
     out
 }
 
-/// Reads `topic` until it holds every expected window (two minutes at most), then once more
+/// Reads `topic` (windows keyed by column `key`) until it holds every expected window (two minutes at most), then once more
 /// a few seconds later for any duplicate to show; asserts each window is there exactly once
 /// with the batch computation's counts. Returns how many windows were checked.
 pub fn assert_exactly_once(
     brokers: &str,
     topic: &str,
+    key: &str,
     expected: &Windows,
 ) -> anyhow::Result<usize> {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut windows = published(&read_output(brokers, topic)?);
+    let mut windows = published_by(&read_output(brokers, topic)?, key);
     while windows.len() < expected.len() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_secs(2));
-        windows = published(&read_output(brokers, topic)?);
+        windows = published_by(&read_output(brokers, topic)?, key);
     }
     std::thread::sleep(Duration::from_secs(3));
-    windows = published(&read_output(brokers, topic)?);
+    windows = published_by(&read_output(brokers, topic)?, key);
     let missing: Vec<_> = expected
         .keys()
         .filter(|k| !windows.contains_key(*k))

@@ -1,0 +1,317 @@
+//! Repartitioning: a query whose groups span input partitions (it groups by something other
+//! than the column its input topic is keyed by, e.g. ward totals over segment-keyed camera
+//! events) runs in two stages joined by an internal Kafka topic, the way Kafka Streams
+//! repartitions:
+//!
+//! ```text
+//!   input partition p ── stage 1: key plan ──► repartition topic, partition hash(group) % n
+//!                                               (the input record as it is, with its origin)
+//!   repartition partition q ── stage 2: the query, keeping only groups with hash % n = q
+//! ```
+//!
+//! Stage 1 is stateless. The [`KeyPlan`] is the query's own `FROM … JOIN … WHERE` with its
+//! `GROUP BY` keys as the select list, over the input with a row number added: for each input
+//! record it gives the partitions its groups belong to (a lookup join may give a record
+//! several). Stage 2 runs the whole query on the records of its partition and, after its
+//! joins and filters, keeps the rows of its own groups only ([`group_partitions`], the same
+//! hash on the same expressions). So each group's state lives in exactly one partition of the
+//! repartition topic, which moves between processes like any input partition.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{ArrayRef, RecordBatch, UInt32Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::catalog::Session;
+use datafusion::common::Result;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::execution::TaskContext;
+use datafusion::logical_expr::Expr as LogicalExpr;
+use datafusion::physical_plan::{ExecutionPlan, collect};
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::{
+    Expr, GroupByExpr, Ident, ObjectName, ObjectNamePart, Query, Select, SelectItem, SetExpr,
+    Statement, TableAlias, TableFactor,
+};
+
+use super::feed::{Feed, FeedExec};
+use super::rewrite::is_window_call;
+use super::stream::StreamContext;
+use super::table::StreamTable;
+
+/// The row-number column the key plan's input carries.
+const ROW: &str = "__urbanstream_row";
+
+/// Which partitions (of `n`) the rows of `keys` (group key columns) belong to: a stable hash
+/// (FNV-1a over Arrow's row format of the key values), the same in every process.
+pub fn group_partitions(keys: &[ArrayRef], n: u32) -> Result<Vec<u32>> {
+    let rows = match keys.first() {
+        Some(first) => first.len(),
+        None => return Ok(Vec::new()),
+    };
+    let fields = keys
+        .iter()
+        .map(|k| SortField::new(k.data_type().clone()))
+        .collect();
+    let converter = RowConverter::new(fields)?;
+    let encoded = converter.convert_columns(keys)?;
+    let n = u64::from(n.max(1));
+    Ok((0..rows)
+        .map(|r| (fnv1a(encoded.row(r).as_ref()) % n) as u32)
+        .collect())
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Stage 1 of a repartitioned query: per input record, the partitions of its groups.
+pub struct KeyPlan {
+    feed: Feed,
+    plan: Arc<dyn ExecutionPlan>,
+    task_ctx: Arc<TaskContext>,
+    schema: SchemaRef,
+}
+
+impl std::fmt::Debug for KeyPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyPlan").finish_non_exhaustive()
+    }
+}
+
+impl KeyPlan {
+    /// For each row of `batch` (the source's decoded records), the partitions of `n` its
+    /// groups belong to; none when the query's filters drop it.
+    pub async fn targets(&self, batch: &RecordBatch, n: u32) -> Result<Vec<Vec<u32>>> {
+        let rows = batch.num_rows();
+        let mut columns = batch.columns().to_vec();
+        columns.push(Arc::new(UInt32Array::from_iter_values(0..rows as u32)));
+        self.feed
+            .set(vec![RecordBatch::try_new(self.schema.clone(), columns)?]);
+        let mut out = vec![Vec::new(); rows];
+        for keyed in collect(self.plan.clone(), self.task_ctx.clone()).await? {
+            if keyed.num_rows() == 0 {
+                continue;
+            }
+            let cast = datafusion::arrow::compute::cast(keyed.column(0), &DataType::UInt32)?;
+            let Some(row) = cast.as_any().downcast_ref::<UInt32Array>() else {
+                continue;
+            };
+            let partitions = group_partitions(&keyed.columns()[1..], n)?;
+            for (r, q) in row.values().iter().zip(partitions) {
+                let targets = &mut out[*r as usize];
+                if !targets.contains(&q) {
+                    targets.push(q);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Plans stage 1 of the query planned from `sql`, reading `source`: its innermost `SELECT … GROUP BY <window>, keys` with the keys as
+/// the select list and the stream replaced by a row-numbered copy. `None` when the query has
+/// no such select over its stream table directly (a view, say): it then keeps one state for
+/// all partitions.
+pub async fn key_plan(
+    ctx: &StreamContext,
+    sql: String,
+    source: Arc<StreamTable>,
+) -> Result<Option<KeyPlan>> {
+    static PLANS: AtomicU64 = AtomicU64::new(0);
+    let mut statements = StreamContext::parse(&sql)?;
+    let Some(DFStatement::Statement(statement)) = statements.pop() else {
+        return Ok(None);
+    };
+    let body = match statement.as_ref() {
+        Statement::Insert(insert) => insert.source.as_deref(),
+        Statement::Query(q) => Some(q.as_ref()),
+        _ => None,
+    };
+    let Some(select) = body.and_then(window_select) else {
+        return Ok(None);
+    };
+    let GroupByExpr::Expressions(group, _) = &select.group_by else {
+        return Ok(None);
+    };
+    let keys: Vec<Expr> = group
+        .iter()
+        .filter(|e| !is_window_call(e))
+        .cloned()
+        .collect();
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    let table = format!(
+        "__urbanstream_rows_{}",
+        PLANS.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut select = select.clone();
+    let mut qualifier = None;
+    for from in select.from.iter_mut() {
+        for factor in std::iter::once(&mut from.relation)
+            .chain(from.joins.iter_mut().map(|j| &mut j.relation))
+        {
+            if let TableFactor::Table { name, alias, .. } = factor
+                && name
+                    .0
+                    .last()
+                    .and_then(ObjectNamePart::as_ident)
+                    .is_some_and(|i| i.value.eq_ignore_ascii_case(&source.name))
+            {
+                let shown = alias
+                    .as_ref()
+                    .map_or_else(|| source.name.clone(), |a| a.name.value.clone());
+                *name = ObjectName::from(vec![Ident::new(&table)]);
+                if alias.is_none() {
+                    *alias = Some(TableAlias {
+                        explicit: true,
+                        name: Ident::new(&shown),
+                        columns: Vec::new(),
+                        at: None,
+                    });
+                }
+                qualifier = Some(shown);
+            }
+        }
+    }
+    let Some(qualifier) = qualifier else {
+        return Ok(None);
+    };
+    select.projection = std::iter::once(SelectItem::UnnamedExpr(Expr::CompoundIdentifier(vec![
+        Ident::new(qualifier),
+        Ident::new(ROW),
+    ])))
+    .chain(
+        keys.into_iter()
+            .enumerate()
+            .map(|(i, expr)| SelectItem::ExprWithAlias {
+                expr,
+                alias: Ident::new(format!("__urbanstream_key{i}")),
+            }),
+    )
+    .collect();
+    select.group_by = GroupByExpr::Expressions(Vec::new(), Vec::new());
+    select.having = None;
+    let mut fields: Vec<Field> = source
+        .topic_schema
+        .output_schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(ROW, DataType::UInt32, false));
+    let schema = Arc::new(Schema::new(fields));
+    let session = ctx.session();
+    session.register_table(
+        table.as_str(),
+        Arc::new(RowTable {
+            name: table.clone(),
+            schema: schema.clone(),
+        }),
+    )?;
+    let planned = async {
+        let logical = session
+            .state()
+            .create_logical_plan(&select.to_string())
+            .await?;
+        session.state().create_physical_plan(&logical).await
+    }
+    .await;
+    session.deregister_table(table.as_str())?;
+    let plan = planned?;
+    let mut feeds = Vec::new();
+    plan.apply(|node| {
+        if let Some(f) = node.downcast_ref::<FeedExec>() {
+            feeds.push(f.feed().clone());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    let [feed] = feeds.as_slice() else {
+        return Ok(None);
+    };
+    Ok(Some(KeyPlan {
+        feed: feed.clone(),
+        plan,
+        task_ctx: Arc::new(TaskContext::from(&session.state())),
+        schema,
+    }))
+}
+
+/// The innermost `SELECT` of `query` whose `GROUP BY` holds a window call.
+fn window_select(query: &Query) -> Option<&Select> {
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return None;
+    };
+    if let GroupByExpr::Expressions(exprs, _) = &select.group_by
+        && exprs.iter().any(is_window_call)
+    {
+        return Some(select);
+    }
+    select.from.iter().find_map(|from| {
+        std::iter::once(&from.relation)
+            .chain(from.joins.iter().map(|j| &j.relation))
+            .find_map(|factor| match factor {
+                TableFactor::Derived { subquery, .. } => window_select(subquery),
+                _ => None,
+            })
+    })
+}
+
+/// The row-numbered copy of a stream table the key plan reads.
+#[derive(Debug)]
+struct RowTable {
+    name: String,
+    schema: SchemaRef,
+}
+
+#[async_trait]
+impl TableProvider for RowTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[LogicalExpr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        FeedExec::scan(self.name.clone(), self.schema.clone(), projection)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::StringArray;
+
+    #[test]
+    fn group_partitions_are_stable_and_spread() {
+        let keys: Vec<ArrayRef> = vec![Arc::new(StringArray::from(
+            (0..64).map(|i| format!("ward-{i}")).collect::<Vec<_>>(),
+        ))];
+        let a = group_partitions(&keys, 4).expect("hash");
+        let b = group_partitions(&keys, 4).expect("hash");
+        assert_eq!(a, b);
+        for q in 0..4 {
+            assert!(a.contains(&q), "partition {q} never chosen: {a:?}");
+        }
+        // The same key, wherever it is in the batch, goes to the same partition.
+        let one: Vec<ArrayRef> = vec![Arc::new(StringArray::from(vec!["ward-5"]))];
+        assert_eq!(group_partitions(&one, 4).expect("hash")[0], a[5]);
+    }
+}
