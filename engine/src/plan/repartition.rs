@@ -314,4 +314,84 @@ mod tests {
         let one: Vec<ArrayRef> = vec![Arc::new(StringArray::from(vec!["ward-5"]))];
         assert_eq!(group_partitions(&one, 4).expect("hash")[0], a[5]);
     }
+
+    /// Stage 1 of ward totals over camera events: each record goes where its ward's group
+    /// lives, records the query filters out go nowhere, and a query grouping by the input's
+    /// key is not repartitioned.
+    #[tokio::test]
+    async fn the_key_plan_sends_each_record_to_its_groups_partition() {
+        use crate::decode::JsonDecoder;
+        use crate::pipeline::Topics;
+        use crate::schema::SchemaRegistry;
+        use crate::source::RawBatch;
+        let schemas = SchemaRegistry::embedded().expect("schemas");
+        let ctx = crate::plan::city_context(&Topics::default(), &schemas).expect("city");
+        let sql = "SELECT s.ward_id, window_start, count(*) AS n \
+             FROM camera_events c LEFT JOIN segments s ON c.segment_id = s.segment_id \
+             WHERE c.kind = 'detection' \
+             GROUP BY tumble(c.event_time, INTERVAL '1 minute'), s.ward_id";
+        let query = crate::plan::plan_all(&ctx, sql)
+            .await
+            .expect("plan")
+            .pop()
+            .expect("query");
+        assert!(!query.is_partition_local() && query.is_repartitionable());
+        let keys = key_plan(&ctx, query.sql().to_string(), query.source().clone())
+            .await
+            .expect("key plan")
+            .expect("repartitionable");
+        let mut raw = RawBatch::new("city.camera.events");
+        // tay_son and thai_ha_flyover lie in one ward, xuan_thuy in another; the incident is
+        // filtered out; an unknown segment has no ward (a null group).
+        for (i, (segment, kind)) in [
+            ("tay_son", "detection"),
+            ("xuan_thuy", "detection"),
+            ("thai_ha_flyover", "detection"),
+            ("tay_son", "collision"),
+            ("nowhere", "detection"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let value = format!(
+                r#"{{"camera_id":"c{i}","segment_id":"{segment}","event_time":1767222000000,"kind":"{kind}","confidence":0.9}}"#
+            );
+            raw.push(0, i as i64, Some(segment.as_bytes()), Some(value.as_bytes()));
+        }
+        let decoded = JsonDecoder::new(schemas.get("camera_event").expect("schema"))
+            .decode(&raw)
+            .expect("decode");
+        assert_eq!(decoded.batch.num_rows(), 5);
+        let targets = keys.targets(&decoded.batch, 4).await.expect("targets");
+        let wards = crate::reference::ReferenceData::embedded().expect("reference");
+        let ward_of = |segment: &str| {
+            wards
+                .segments
+                .iter()
+                .find(|s| s.segment_id == segment)
+                .map(|s| s.ward_id.clone())
+                .expect("segment")
+        };
+        let expected = |ward: Option<String>| {
+            let key: ArrayRef = Arc::new(StringArray::from(vec![ward]));
+            group_partitions(&[key], 4).expect("hash")
+        };
+        assert_eq!(ward_of("tay_son"), ward_of("thai_ha_flyover"));
+        assert_eq!(targets[0], expected(Some(ward_of("tay_son"))));
+        assert_eq!(targets[1], expected(Some(ward_of("xuan_thuy"))));
+        assert_eq!(targets[2], targets[0], "one ward, one partition");
+        assert!(targets[3].is_empty(), "filtered out: {:?}", targets[3]);
+        assert_eq!(targets[4], expected(None));
+
+        let by_segment = crate::plan::plan_all(
+            &ctx,
+            "SELECT c.segment_id, window_start, count(*) AS n FROM camera_events c \
+             GROUP BY tumble(c.event_time, INTERVAL '1 minute'), c.segment_id",
+        )
+        .await
+        .expect("plan")
+        .pop()
+        .expect("query");
+        assert!(by_segment.is_partition_local());
+    }
 }
