@@ -1,6 +1,8 @@
 //! Crash recovery with exactly-once output: the service, killed with SIGKILL at random points
-//! and started again ten times while numbered events stream in, publishes every window of a
-//! query exactly once, with the counts a batch computation over the same events gives.
+//! and started again ten times while numbered events stream in, publishes every window of
+//! two queries exactly once, with the counts a batch computation over the same events gives:
+//! one per segment (the input's key, one state per input partition) and one per ward (through
+//! the `segments` lookup, repartitioned through an internal topic).
 //!
 //! Processes: `urbanstream broker` (the broker keeps its data while the service dies),
 //! `urbanstream serve` (checkpoints every second, `exactly_once = true`), and this test as the
@@ -16,6 +18,7 @@ use rand::{Rng, SeedableRng};
 
 const EVENTS: usize = 3_000;
 const OUTPUT: &str = "kill.counts";
+const WARDS: &str = "kill.wards";
 
 #[test]
 fn a_sigkilled_service_publishes_every_window_exactly_once() -> anyhow::Result<()> {
@@ -40,6 +43,7 @@ fn a_sigkilled_service_publishes_every_window_exactly_once() -> anyhow::Result<(
     let mut service = serve(&config, &log)?;
     api.wait_live(&base)?;
     api.create(&base, "counts", &counts_query(OUTPUT))?;
+    api.create(&base, "wards", &ward_query(WARDS))?;
 
     // Numbered events over about 30 s, while the service is killed and started again.
     let t0 = first_window()?;
@@ -50,8 +54,9 @@ fn a_sigkilled_service_publishes_every_window_exactly_once() -> anyhow::Result<(
     for kill in 0..10 {
         // The killed member's partitions come back once its session has timed out: a kill
         // lands while the restarted query processes.
-        wait_until("the query never got its partitions back", || {
+        wait_until("the queries never got their partitions back", || {
             api.assigned(&base, "counts") == i64::from(PARTITIONS)
+                && api.assigned(&base, "wards") == i64::from(2 * PARTITIONS)
         })?;
         std::thread::sleep(Duration::from_millis(rng.random_range(200..2_500)));
         service.0.kill()?; // SIGKILL
@@ -68,14 +73,17 @@ fn a_sigkilled_service_publishes_every_window_exactly_once() -> anyhow::Result<(
     let watermark = t0 + EVENTS as i64 * STEP_MS + 60_000 - 5_000;
     let expected = expected(t0, EVENTS, watermark);
     let checked = assert_exactly_once(&brokers, OUTPUT, "segment_id", &expected)?;
+    let wards = segment_wards()?;
+    let expected_wards = expected_by(t0, EVENTS, watermark, |segment| wards[segment].clone());
+    let checked_wards = assert_exactly_once(&brokers, WARDS, "ward_id", &expected_wards)?;
     let mut log_text = String::new();
     std::fs::File::open(&log)?.read_to_string(&mut log_text)?;
     // One line per input partition restored.
     let restored = log_text.matches("state restored from checkpoint").count();
     let held_back = log_text.matches("will not be published again").count();
     eprintln!(
-        "windows {checked} exactly once, partition restores {restored}, restores that held \
-         back published outputs {held_back}"
+        "segment windows {checked} and ward windows {checked_wards} exactly once, partition \
+         restores {restored}, restores that held back published outputs {held_back}"
     );
     // Most kills land while the query runs (some while the service is still starting): it
     // recovered from its checkpoints again and again.

@@ -21,18 +21,6 @@ const OUTPUT: &str = "scale.counts";
 
 const WARDS: &str = "scale.wards";
 
-/// Per ward (of the segment, from the reference table) and 10 s: groups that span input
-/// partitions.
-const WARD_QUERY: &str = "CREATE EXTERNAL TABLE ward_out (ward_id VARCHAR, \
-     window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, events BIGINT NOT NULL, \
-     total BIGINT, first BIGINT, last BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL) \
-     STORED AS KAFKA OPTIONS ('topic' 'scale.wards', 'key' 'ward_id'); \
-     INSERT INTO ward_out SELECT s.ward_id, window_start, window_end, count(*) AS events, \
-     sum(CAST(c.lane AS BIGINT)) AS total, min(CAST(c.lane AS BIGINT)) AS first, \
-     max(CAST(c.lane AS BIGINT)) AS last \
-     FROM camera_events c LEFT JOIN segments s ON c.segment_id = s.segment_id \
-     GROUP BY tumble(c.event_time, INTERVAL '10 seconds'), s.ward_id";
-
 fn log_text(path: &std::path::Path) -> anyhow::Result<String> {
     let mut text = String::new();
     std::fs::File::open(path)?.read_to_string(&mut text)?;
@@ -74,7 +62,7 @@ fn two_processes_share_the_partitions_and_the_survivor_takes_over_with_state() -
     let mut first = serve(a_config, a_log)?;
     api.wait_live(a)?;
     api.create(a, "counts", &sql)?;
-    api.create(a, "wards", WARD_QUERY)?;
+    api.create(a, "wards", &ward_query(WARDS))?;
     wait_until("the first process never got the partitions", || {
         api.assigned(a, "counts") == i64::from(PARTITIONS)
     })?;
@@ -88,7 +76,7 @@ fn two_processes_share_the_partitions_and_the_survivor_takes_over_with_state() -
     let _second = serve(b_config, b_log)?;
     api.wait_live(b)?;
     api.create(b, "counts", &sql)?;
-    api.create(b, "wards", WARD_QUERY)?;
+    api.create(b, "wards", &ward_query(WARDS))?;
     // Each query's group splits its partitions: the counts query's input partitions; the
     // ward query's input partitions and those of its repartition topic.
     for (query, partitions) in [("counts", PARTITIONS), ("wards", 2 * PARTITIONS)] {

@@ -356,7 +356,12 @@ mod tests {
             let value = format!(
                 r#"{{"camera_id":"c{i}","segment_id":"{segment}","event_time":1767222000000,"kind":"{kind}","confidence":0.9}}"#
             );
-            raw.push(0, i as i64, Some(segment.as_bytes()), Some(value.as_bytes()));
+            raw.push(
+                0,
+                i as i64,
+                Some(segment.as_bytes()),
+                Some(value.as_bytes()),
+            );
         }
         let decoded = JsonDecoder::new(schemas.get("camera_event").expect("schema"))
             .decode(&raw)

@@ -326,6 +326,22 @@ pub fn counts_query(topic: &str) -> String {
     )
 }
 
+/// The query counting the numbered events per ward (of the segment, from the reference
+/// table) and 10 s into `topic`: groups that span input partitions.
+pub fn ward_query(topic: &str) -> String {
+    format!(
+        "CREATE EXTERNAL TABLE ward_out (ward_id VARCHAR, \
+         window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, events BIGINT NOT NULL, \
+         total BIGINT, first BIGINT, last BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' '{topic}', 'key' 'ward_id'); \
+         INSERT INTO ward_out SELECT s.ward_id, window_start, window_end, count(*) AS events, \
+         sum(CAST(c.lane AS BIGINT)) AS total, min(CAST(c.lane AS BIGINT)) AS first, \
+         max(CAST(c.lane AS BIGINT)) AS last \
+         FROM camera_events c LEFT JOIN segments s ON c.segment_id = s.segment_id \
+         GROUP BY tumble(c.event_time, INTERVAL '10 seconds'), s.ward_id"
+    )
+}
+
 /// Every row of `topic`, read with read_committed, in order.
 pub fn read_output(brokers: &str, topic: &str) -> anyhow::Result<Vec<Value>> {
     let consumer: BaseConsumer = ClientConfig::new()
