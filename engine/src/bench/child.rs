@@ -58,6 +58,9 @@ pub struct EngineArgs {
     /// Producer linger.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub producer_linger: Duration,
+    /// Leave the input's key undeclared (the window query is repartitioned).
+    #[arg(long)]
+    pub repartition: bool,
 }
 
 /// The bench queries: the input table, the output table and the statement.
@@ -69,9 +72,14 @@ pub fn bench_sql(args: &EngineArgs) -> String {
             speed_kmh DOUBLE, lane INT, direction VARCHAR, confidence DOUBLE NOT NULL,
             severity INT)
          STORED AS KAFKA OPTIONS ('topic' '{}', 'format' 'json', 'event_time' 'event_time',
-            'watermark_delay' '{}ms');",
+            'watermark_delay' '{}ms'{});",
         args.input,
-        args.watermark_delay.as_millis()
+        args.watermark_delay.as_millis(),
+        if args.repartition {
+            ""
+        } else {
+            ", 'key' 'segment_id'"
+        }
     );
     let query = match args.query {
         Workload::Window => format!(
@@ -321,6 +329,7 @@ impl EngineProcess {
             .args(["--watermark-delay", &ms(args.watermark_delay)])
             .args(["--linger", &ms(args.linger)])
             .args(["--producer-linger", &ms(args.producer_linger)])
+            .args(args.repartition.then_some("--repartition"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

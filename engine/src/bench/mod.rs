@@ -90,6 +90,12 @@ pub struct BenchArgs {
     /// Distinct road segments (grouping keys) in the input.
     #[arg(long, default_value_t = 1000)]
     pub keys: u32,
+    /// Leave the input's key undeclared: the window query, which groups by segment, is then
+    /// repartitioned by segment through an internal topic (as a query grouping by something
+    /// other than its input's key is). By default the input is declared keyed by segment and
+    /// the query keeps one state per input partition, like a query over `camera_events`.
+    #[arg(long)]
+    pub repartition: bool,
     /// Length of the tumbling window (`--query window`).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     #[serde(with = "humantime_serde_shim")]

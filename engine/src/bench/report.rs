@@ -256,10 +256,15 @@ impl Report {
         let what = match (o.consumer, o.query) {
             (ConsumerKind::Plain, _) => "plain consumer of the input (no engine)".to_string(),
             (ConsumerKind::Engine, Workload::Window) => format!(
-                "engine: {} tumbling window per segment, {} segments, watermark delay {}",
+                "engine: {} tumbling window per segment, {} segments, watermark delay {}, {}",
                 humantime::format_duration(o.window),
                 o.keys,
-                humantime::format_duration(o.watermark_delay)
+                humantime::format_duration(o.watermark_delay),
+                if o.repartition {
+                    "input key undeclared: repartitioned by segment through an internal topic"
+                } else {
+                    "input keyed by segment: one state per input partition"
+                }
             ),
             (ConsumerKind::Engine, Workload::Filter) => {
                 "engine: stateless filter and projection, one row per event".to_string()
