@@ -205,9 +205,12 @@ pub struct PipelineStats {
     /// Records behind the end of the assigned partitions (checked about once a second; -1
     /// until known).
     pub consumer_lag: Arc<AtomicI64>,
-    /// Input partitions assigned to this process by the consumer group (checked about once a
-    /// second).
+    /// Partitions assigned to this process by the consumer group (checked about once a
+    /// second): the input's, and those of a repartition topic.
     pub assigned_partitions: AtomicU64,
+    /// How the queries keep their state, once planned: `per_partition`, `repartitioned` (one
+    /// state per partition of an internal topic) or `single` (one state for all partitions).
+    pub partitioning: Mutex<Option<&'static str>>,
     /// Emit latency of windowed results, µs, one count per row: from the arrival of the first
     /// record of the micro-batch that closed the window to the broker's acknowledgement of
     /// the row.
@@ -249,6 +252,7 @@ impl Default for PipelineStats {
             assigned_partitions: AtomicU64::default(),
             emit_latency_us: Mutex::new(latency_histogram()),
             last_checkpoint: Mutex::new(None),
+            partitioning: Mutex::new(None),
         }
     }
 }
@@ -607,13 +611,17 @@ impl Pipeline {
             }
             None => None,
         };
+        let partitioning = match (partitioned, queries.iter().any(|r| r.repartition.is_some())) {
+            (true, true) => "repartitioned",
+            (true, false) => "per_partition",
+            (false, _) => "single",
+        };
+        if let Ok(mut p) = stats.partitioning.lock() {
+            *p = Some(partitioning);
+        }
         info!(
             name = config.name.as_deref().unwrap_or("all"),
-            state = if partitioned {
-                "one per input partition"
-            } else {
-                "one for all input partitions"
-            },
+            state = partitioning,
             "queries planned"
         );
         let mut pipeline = Self {

@@ -93,6 +93,11 @@ fn two_processes_share_the_partitions_and_the_survivor_takes_over_with_state() -
         api.assigned(b, "wards")
     );
 
+    for (query, how) in [("counts", "per_partition"), ("wards", "repartitioned")] {
+        let status = api.status(b, query).unwrap_or_default();
+        assert_eq!(status["partitioning"], how, "{query}: {status}");
+    }
+
     // Both process for a while; then the first dies.
     std::thread::sleep(Duration::from_secs(4));
     first.0.kill()?; // SIGKILL

@@ -269,5 +269,40 @@ mod tests {
                 ("alerts_sensor_faults", "air_readings", alerts, false),
             ]
         );
+        // How each statement keeps its state: per input partition when it groups by its
+        // input's key, else repartitioned when it can be, else one state.
+        let partitioning: Vec<(&str, &str)> = queries
+            .iter()
+            .map(|(name, q)| {
+                let how = if q.is_partition_local() {
+                    "per_partition"
+                } else if q.is_repartitionable() {
+                    "repartitioned"
+                } else {
+                    "single"
+                };
+                (name.as_str(), how)
+            })
+            .collect();
+        // Sensors' readings are keyed by ward: the engine cannot know each sensor stays in its
+        // ward's partition, so the per-sensor aggregates are repartitioned and the per-sensor
+        // detectors keep one state.
+        assert_eq!(
+            partitioning,
+            vec![
+                ("congestion_minute", "per_partition"),
+                ("air_hourly_sensor", "repartitioned"),
+                ("air_hourly_ward", "per_partition"),
+                ("air_daily_sensor", "repartitioned"),
+                ("alerts_congestion", "per_partition"),
+                ("alerts_incidents", "per_partition"),
+                ("alerts_incidents", "per_partition"),
+                ("alerts_pollution", "per_partition"),
+                ("alerts_sensor_faults", "single"),
+                ("alerts_sensor_faults", "single"),
+                ("alerts_sensor_faults", "single"),
+                ("alerts_sensor_faults", "single"),
+            ]
+        );
     }
 }

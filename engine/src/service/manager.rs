@@ -158,8 +158,13 @@ pub struct QueryStatus {
     pub batches: u64,
     /// Records between its position and the end of its partitions; null until known.
     pub consumer_lag: Option<i64>,
-    /// Input partitions assigned to it.
+    /// Partitions assigned to it in this process: its input's, and those of its repartition
+    /// topic when it has one.
     pub assigned_partitions: u64,
+    /// How it keeps its state (once planned): `per_partition` (it groups by its input's key:
+    /// one state per input partition), `repartitioned` (through an internal topic keyed by
+    /// its groups) or `single` (one state for all partitions; one process per group).
+    pub partitioning: Option<&'static str>,
     /// Its watermark, epoch ms; null before the first event.
     pub watermark_ms: Option<i64>,
     /// Its watermark as RFC 3339 UTC.
@@ -250,6 +255,7 @@ impl QueryHandle {
             batches: stats.batches.load(Ordering::Relaxed),
             consumer_lag: (lag >= 0).then_some(lag),
             assigned_partitions: stats.assigned_partitions.load(Ordering::Relaxed),
+            partitioning: stats.partitioning.lock().ok().and_then(|p| *p),
             watermark_ms,
             watermark: watermark_ms.map(rfc3339),
             watermark_lag_ms: watermark_ms.map(|w| epoch_ms() - w),
