@@ -13,6 +13,15 @@
 //! newest checkpoint and resumes at its positions. With a transactional id, each interval's
 //! outputs and consumed offsets commit in one Kafka transaction just before the checkpoint,
 //! and a recovering pipeline does not publish again what it published after its checkpoint.
+//!
+//! A query keeps one state per input partition when it groups by its input's key, or one per
+//! partition of an internal topic when it is repartitioned; otherwise one state for all.
+//! `recovery` restores and takes checkpoints, `rebalance` answers the consumer group's
+//! partition changes, `repartition` holds stage 1 of repartitioned queries.
+
+mod rebalance;
+mod recovery;
+mod repartition;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -27,10 +36,10 @@ use tracing::{debug, info};
 
 use datafusion::arrow::array::RecordBatch;
 
-use crate::checkpoint::{CheckpointStore, Manifest, Position, QueryManifest};
+use crate::checkpoint::CheckpointStore;
 use crate::decode::JsonDecoder;
 use crate::error::{Error, Result};
-use crate::plan::repartition::{KeyPlan, key_plan};
+use crate::plan::repartition::key_plan;
 use crate::plan::stream::StreamContext;
 use crate::plan::stream::StreamQuery;
 use crate::plan::table::StreamTable;
@@ -39,10 +48,11 @@ use crate::schema::SchemaRegistry;
 use crate::service::metrics::CityGauges;
 use crate::sink::{DlqRecord, KafkaSink, KafkaSinkConfig, LateRecord, Pending, conform_stream};
 use crate::source::{
-    KafkaSource, KafkaSourceConfig, ORIGIN_HEADER, PROGRESS_HEADER, PartitionChange, Positions,
-    RawBatch, encode_pair,
+    KafkaSource, KafkaSourceConfig, ORIGIN_HEADER, PROGRESS_HEADER, RawBatch, encode_pair,
 };
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
+use recovery::Checkpoints;
+use repartition::{Repartition, event_time_maxima, repartition_topic};
 
 /// Topic names. All configurable (`[topics]` of the service's configuration); the defaults
 /// are the city's.
@@ -275,11 +285,6 @@ const SLOW_STEP: Duration = Duration::from_millis(50);
 /// Acknowledged offsets are committed at most this often.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
-/// How long, after the replay following a recovery has caught up with the input, outputs
-/// read back are still held back while some have not come again (they may be due on
-/// processing time: an idle partition's windows, an early fire).
-const REPLAY_GRACE: Duration = Duration::from_secs(120);
-
 /// Micro-batches whose outputs may be awaiting acknowledgement at once.
 const MAX_IN_FLIGHT: usize = 8;
 
@@ -303,20 +308,6 @@ struct Running {
     repartition: Option<Repartition>,
 }
 
-/// Stage 1 of a repartitioned query (see [`crate::plan::repartition`]).
-struct Repartition {
-    /// The input topic.
-    input: String,
-    /// The internal topic, read by stage 2, and its number of partitions.
-    topic: String,
-    partitions: u32,
-    /// The input topic's number of partitions.
-    inputs: u32,
-    keys: KeyPlan,
-    /// Per input partition, the largest event time passed on in progress records.
-    progress: HashMap<i32, i64>,
-}
-
 /// A query's instance for one input partition.
 struct Part {
     query: StreamQuery,
@@ -335,6 +326,25 @@ impl Running {
         match &self.repartition {
             Some(r) => &r.topic,
             None => &self.query.source().options.topic,
+        }
+    }
+
+    /// Its instance for checkpoint key `key` (a partition of the topic its instances read;
+    /// `None`: the one for all partitions), with the input offsets it has seen when it is
+    /// stage 2 of a repartitioned query; `None` when it has none there.
+    fn instance_for(
+        &mut self,
+        key: &Option<(String, i32)>,
+    ) -> Option<(&mut StreamQuery, Option<&mut BTreeMap<i32, i64>>)> {
+        match key {
+            None => Some((&mut self.query, None)),
+            Some((topic, partition)) => {
+                if self.topic() != topic {
+                    return None;
+                }
+                let part = self.parts.get_mut(partition)?;
+                Some((&mut part.query, Some(&mut part.upstream)))
+            }
         }
     }
 
@@ -379,76 +389,6 @@ pub struct Pipeline {
     gauges: Option<CityGauges>,
     /// Checkpointing, when configured.
     checkpoints: Option<Checkpoints>,
-}
-
-/// A pipeline's checkpointing state.
-struct Checkpoints {
-    /// The pipeline's directory and checkpoints kept.
-    dir: std::path::PathBuf,
-    retain: usize,
-    /// Where checkpoints go, with the number of the last one written or restored: one store
-    /// in the directory itself when one state holds all partitions; one per input partition
-    /// (sub-directory `<topic>.<partition>`) otherwise.
-    stores: HashMap<Option<(String, i32)>, (CheckpointStore, u64)>,
-    interval: Duration,
-    last: std::time::Instant,
-    /// While replaying after recovery in exactly-once mode.
-    replay: Option<Replay>,
-    /// When the replay reached the input's ends at recovery.
-    caught_up: Option<std::time::Instant>,
-}
-
-impl Checkpoints {
-    /// The store of `key` (a partition's; the one store when `None`), opened on first use.
-    fn store(&mut self, key: &Option<(String, i32)>) -> Result<CheckpointStore> {
-        if let Some((store, _)) = self.stores.get(key) {
-            return Ok(store.clone());
-        }
-        let dir = match key {
-            Some((topic, partition)) => self.dir.join(format!("{topic}.{partition}")),
-            None => self.dir.clone(),
-        };
-        let store = CheckpointStore::open(dir, self.retain)?;
-        self.stores.insert(key.clone(), (store.clone(), 0));
-        Ok(store)
-    }
-}
-
-/// The input positions of a checkpoint.
-fn positions_of(manifest: &Manifest) -> Positions {
-    manifest
-        .positions
-        .iter()
-        .map(|p| ((p.topic.clone(), p.partition), p.offset))
-        .collect()
-}
-
-/// `topic[0, 1], other[3]`, for logs and messages.
-fn describe(list: &[(String, i32)]) -> String {
-    let mut by_topic: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
-    for (topic, partition) in list {
-        by_topic.entry(topic).or_default().push(*partition);
-    }
-    by_topic
-        .into_iter()
-        .map(|(topic, mut partitions)| {
-            partitions.sort_unstable();
-            let partitions: Vec<String> = partitions.iter().map(i32::to_string).collect();
-            format!("{topic}[{}]", partitions.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// A replay after recovery in exactly-once mode.
-struct Replay {
-    /// The input ends at recovery: once every partition is read up to them, nothing
-    /// published before the crash can be produced again, and suppression ends.
-    until: Positions,
-    /// Where the read-back of published outputs started. Checkpoints taken during the replay
-    /// keep these as their output marks: records published after them and not yet replayed
-    /// are still to be held back if this process dies too.
-    marks: Vec<Position>,
 }
 
 impl Pipeline {
@@ -648,590 +588,6 @@ impl Pipeline {
             pipeline.recover().await?;
         }
         Ok(pipeline)
-    }
-
-    /// One state for all partitions: restores the newest checkpoint, if any, and places the
-    /// source at its positions (at the group's positions otherwise); in exactly-once mode,
-    /// reads back what the query published since the checkpoint so that the replay does not
-    /// publish it again. Then writes a first checkpoint, so that a crash before the next one
-    /// recovers from here.
-    async fn recover(&mut self) -> Result<()> {
-        let now = epoch_ms();
-        let found = self.restore(None, now).await?;
-        let (positions, marks) = match found {
-            Some(manifest) => (positions_of(&manifest), Some(manifest.outputs)),
-            None => {
-                // A short blocking call at start: the group's committed offsets.
-                let all = self.source.topic_partitions(Duration::from_secs(30))?;
-                let positions = self
-                    .source
-                    .starting_positions(&all, Duration::from_secs(30))?;
-                (positions, None)
-            }
-        };
-        self.source.set_positions(positions.clone());
-        if self.sink.is_transactional() {
-            let inputs: Vec<(String, i32)> = positions.keys().cloned().collect();
-            self.replay_from(marks, &inputs).await?;
-        }
-        self.checkpoint().await
-    }
-
-    /// Reads the newest checkpoint of `key`'s store (the one store when `None`) and restores
-    /// it into the queries' instances for it; returns its manifest, if there was one.
-    async fn restore(&mut self, key: Option<(String, i32)>, now: i64) -> Result<Option<Manifest>> {
-        let Some(checkpoints) = &mut self.checkpoints else {
-            return Ok(None);
-        };
-        let store = checkpoints.store(&key)?;
-        let found = tokio::task::spawn_blocking(move || store.latest())
-            .await
-            .map_err(|e| Error::Checkpoint(format!("reading task failed: {e}")))??;
-        let Some(checkpoint) = found else {
-            return Ok(None);
-        };
-        let manifest = &checkpoint.manifest;
-        let names: Vec<(&str, &str)> = manifest
-            .queries
-            .iter()
-            .map(|q| (q.name.as_str(), q.sql.as_str()))
-            .collect();
-        let ours: Vec<(&str, &str)> = self
-            .queries
-            .iter()
-            .filter(|r| key.as_ref().is_none_or(|(t, _)| r.topic() == t))
-            .map(|r| (r.name.as_str(), r.query.sql()))
-            .collect();
-        if names != ours {
-            return Err(Error::Checkpoint(format!(
-                "{} was taken for other queries ({}) than these ({}); move the directory \
-                 away to start from scratch",
-                checkpoint.path.display(),
-                names.iter().map(|n| n.0).collect::<Vec<_>>().join(", "),
-                ours.iter().map(|n| n.0).collect::<Vec<_>>().join(", ")
-            )));
-        }
-        let mut states = checkpoint.queries.iter();
-        for running in &mut self.queries {
-            let (instance, upstream) = match &key {
-                None => (&mut running.query, None),
-                Some((topic, partition)) => {
-                    if running.topic() != topic {
-                        continue;
-                    }
-                    match running.parts.get_mut(partition) {
-                        Some(part) => (&mut part.query, Some(&mut part.upstream)),
-                        None => continue,
-                    }
-                }
-            };
-            let Some(state) = states.next() else {
-                break;
-            };
-            if let (Some(upstream), Some(seen)) = (upstream, state.meta.get("upstream")) {
-                let seen: Vec<(i32, i64)> = serde_json::from_value(seen.clone())
-                    .map_err(|e| Error::Checkpoint(format!("upstream offsets: {e}")))?;
-                *upstream = seen.into_iter().collect();
-            }
-            instance.restore(state, now).map_err(|e| {
-                Error::Checkpoint(format!(
-                    "{}: query {}: {e}",
-                    checkpoint.path.display(),
-                    running.name
-                ))
-            })?;
-        }
-        if let Some(c) = &mut self.checkpoints
-            && let Some(entry) = c.stores.get_mut(&key)
-        {
-            entry.1 = entry.1.max(manifest.epoch);
-        }
-        if let Ok(mut last) = self.stats.last_checkpoint.lock() {
-            *last = Some(CheckpointInfo {
-                epoch: manifest.epoch,
-                at_ms: manifest.created_at_ms,
-                bytes: manifest.files.iter().map(|f| f.1).sum(),
-                duration_ms: 0,
-                restored: true,
-            });
-        }
-        info!(
-            name = self.config.name.as_deref().unwrap_or("all"),
-            epoch = manifest.epoch,
-            path = %checkpoint.path.display(),
-            partitions = manifest.positions.len(),
-            "state restored from checkpoint"
-        );
-        Ok(Some(checkpoint.manifest))
-    }
-
-    /// Exactly-once: after restoring state for `inputs`, holds back what this query
-    /// published after the output marks `marks` (everything it published, when `None`),
-    /// until the replay has read `inputs` up to their present ends. Adds to a replay under way.
-    async fn replay_from(
-        &mut self,
-        marks: Option<Vec<Position>>,
-        inputs: &[(String, i32)],
-    ) -> Result<()> {
-        let marks = self.suppress_published(marks).await?;
-        let until = self.source.end_offsets(inputs, Duration::from_secs(30))?;
-        if let Some(c) = &mut self.checkpoints {
-            match &mut c.replay {
-                Some(replay) => {
-                    replay.until.extend(until);
-                    for mark in marks {
-                        match replay
-                            .marks
-                            .iter_mut()
-                            .find(|m| m.topic == mark.topic && m.partition == mark.partition)
-                        {
-                            Some(m) => m.offset = m.offset.min(mark.offset),
-                            None => replay.marks.push(mark),
-                        }
-                    }
-                }
-                None => c.replay = Some(Replay { until, marks }),
-            }
-            c.caught_up = None;
-        }
-        Ok(())
-    }
-
-    /// Exactly-once recovery: the ids this query published after the checkpoint's output
-    /// marks (all it published, without a checkpoint) are not published again.
-    /// Returns where the read-back started, per output partition.
-    async fn suppress_published(&mut self, marks: Option<Vec<Position>>) -> Result<Vec<Position>> {
-        let query = self
-            .config
-            .name
-            .clone()
-            .unwrap_or_else(|| self.config.group_id.clone());
-        let topics = self.output_topics();
-        let probe = self.source.probe();
-        let partitions = tokio::task::spawn_blocking(move || partitions_of(&probe, &topics))
-            .await
-            .map_err(|e| Error::Checkpoint(format!("metadata task failed: {e}")))??;
-        let from: Vec<(String, i32, i64)> = partitions
-            .into_iter()
-            .map(|(t, p)| {
-                let start = marks
-                    .as_ref()
-                    .and_then(|m| m.iter().find(|x| x.topic == t && x.partition == p))
-                    .map_or(0, |x| x.offset);
-                (t, p, start)
-            })
-            .collect();
-        debug!(?from, "reading back outputs published after the checkpoint");
-        let read_from = from
-            .iter()
-            .map(|(topic, partition, offset)| Position {
-                topic: topic.clone(),
-                partition: *partition,
-                offset: *offset,
-            })
-            .collect();
-        let (brokers, properties) = (self.config.brokers.clone(), self.config.properties.clone());
-        let ids = tokio::task::spawn_blocking(move || {
-            crate::sink::published_ids(
-                &brokers,
-                &properties,
-                &query,
-                &from,
-                Duration::from_secs(60),
-            )
-        })
-        .await
-        .map_err(|e| Error::Checkpoint(format!("reading task failed: {e}")))??;
-        let records: u32 = ids.values().sum();
-        debug!(records, "outputs published after the checkpoint read back");
-        if records > 0 {
-            info!(
-                records,
-                "outputs published after the checkpoint will not be published again"
-            );
-        }
-        self.sink.suppress(ids);
-        Ok(read_from)
-    }
-
-    /// The topics this pipeline writes: its queries' sinks, the DLQ and the late topic.
-    fn output_topics(&self) -> Vec<String> {
-        let mut topics: Vec<String> = self
-            .queries
-            .iter()
-            .filter_map(|r| r.query.sink().map(|s| s.options.topic.clone()))
-            .chain([
-                self.config.topics.dlq.clone(),
-                self.config.topics.late.clone(),
-            ])
-            .collect();
-        topics.sort();
-        topics.dedup();
-        topics
-    }
-
-    /// Takes a checkpoint of everything this member holds: waits for every output's
-    /// acknowledgement, commits the epoch's transaction (exactly-once) and writes state,
-    /// positions and output marks; at-least-once, commits the positions to the group
-    /// afterwards (for lag monitoring).
-    async fn checkpoint(&mut self) -> Result<()> {
-        self.checkpoint_of(None).await
-    }
-
-    /// [`Pipeline::checkpoint`], writing only the given partitions' checkpoints when the
-    /// state is per partition (`None`: all held).
-    async fn checkpoint_of(&mut self, only: Option<&[(String, i32)]>) -> Result<()> {
-        if self.checkpoints.is_none() {
-            return Ok(());
-        }
-        let started = std::time::Instant::now();
-        self.settle(true).await?;
-        // The source's resume positions: the restored (or starting) ones, moved forward at
-        // the end of every micro-batch processed.
-        let positions = self.source.positions();
-        if self.sink.is_transactional() {
-            let group = self.source.group_metadata().ok_or_else(|| {
-                Error::Checkpoint("the consumer has no group metadata yet".into())
-            })?;
-            self.sink.commit_epoch(&positions, group).await?;
-        }
-        let replay_marks = self
-            .checkpoints
-            .as_ref()
-            .and_then(|c| c.replay.as_ref())
-            .map(|r| r.marks.clone());
-        let topics = self.output_topics();
-        let probe = self.source.probe();
-        let outputs = match replay_marks {
-            Some(marks) => marks,
-            None => tokio::task::spawn_blocking(move || -> Result<Vec<Position>> {
-                use rdkafka::consumer::Consumer;
-                let mut out = Vec::new();
-                for (topic, partition) in partitions_of(&probe, &topics)? {
-                    let (_, high) =
-                        probe.fetch_watermarks(&topic, partition, Duration::from_secs(30))?;
-                    out.push(Position {
-                        topic,
-                        partition,
-                        offset: high,
-                    });
-                }
-                Ok(out)
-            })
-            .await
-            .map_err(|e| Error::Checkpoint(format!("output marks task failed: {e}")))??,
-        };
-        let now = epoch_ms();
-        let targets: Vec<Option<(String, i32)>> = if self.partitioned {
-            match only {
-                Some(list) => list.iter().cloned().map(Some).collect(),
-                None => self.held.iter().cloned().map(Some).collect(),
-            }
-        } else {
-            vec![None]
-        };
-        let (mut epoch, mut bytes) = (0, 0);
-        for key in targets {
-            let mut states = Vec::new();
-            let mut queries = Vec::new();
-            for running in &mut self.queries {
-                let (instance, upstream) = match &key {
-                    None => (&mut running.query, None),
-                    Some((topic, partition)) => {
-                        if running.topic() != topic {
-                            continue;
-                        }
-                        match running.parts.get_mut(partition) {
-                            Some(part) => (&mut part.query, Some(&part.upstream)),
-                            None => continue,
-                        }
-                    }
-                };
-                let mut state = instance.snapshot(now)?;
-                if let (Some(upstream), Some(meta)) = (upstream, state.meta.as_object_mut())
-                    && running.repartition.is_some()
-                {
-                    let seen: Vec<(i32, i64)> = upstream.iter().map(|(p, o)| (*p, *o)).collect();
-                    meta.insert("upstream".into(), serde_json::json!(seen));
-                }
-                states.push(state);
-                queries.push(QueryManifest {
-                    name: running.name.clone(),
-                    sql: running.query.sql().to_string(),
-                    meta: serde_json::Value::Null,
-                });
-            }
-            let mut sorted: Vec<Position> = positions
-                .iter()
-                .filter(|(k, _)| key.as_ref().is_none_or(|key| key == *k))
-                .map(|((topic, partition), offset)| Position {
-                    topic: topic.clone(),
-                    partition: *partition,
-                    offset: *offset,
-                })
-                .collect();
-            sorted.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-            let Some(c) = &mut self.checkpoints else {
-                return Ok(());
-            };
-            let store = c.store(&key)?;
-            let last_epoch = c.stores.get(&key).map_or(0, |s| s.1);
-            let manifest = Manifest {
-                version: 0,
-                epoch: last_epoch + 1,
-                created_at_ms: now,
-                positions: sorted,
-                outputs: outputs.clone(),
-                queries,
-                files: Vec::new(),
-            };
-            let written = tokio::task::spawn_blocking(move || store.write(manifest, states))
-                .await
-                .map_err(|e| Error::Checkpoint(format!("writing task failed: {e}")))??;
-            if let Some(entry) = c.stores.get_mut(&key) {
-                entry.1 = written.epoch;
-            }
-            epoch = epoch.max(written.epoch);
-            bytes += written.bytes;
-        }
-        if let Some(c) = &mut self.checkpoints {
-            c.last = std::time::Instant::now();
-        }
-        if !self.sink.is_transactional() {
-            // For lag monitoring: the positions of the partitions this member holds (a commit
-            // before the group has assigned any would be refused).
-            let assigned: std::collections::HashSet<(String, i32)> =
-                self.source.assignment().into_iter().collect();
-            let commit: HashMap<(Arc<str>, i32), i64> = positions
-                .iter()
-                .filter(|(k, _)| assigned.contains(*k))
-                .map(|((t, p), o)| ((Arc::from(t.as_str()), *p), *o))
-                .collect();
-            self.source.commit(&commit)?;
-        }
-        let duration_ms = started.elapsed().as_millis() as u64;
-        debug!(epoch, bytes, duration_ms, "checkpoint written");
-        if let Ok(mut last) = self.stats.last_checkpoint.lock() {
-            *last = Some(CheckpointInfo {
-                epoch,
-                at_ms: now,
-                bytes,
-                duration_ms,
-                restored: false,
-            });
-        }
-        Ok(())
-    }
-
-    /// Carries out the group's partition changes since the last micro-batch: takes up newly
-    /// assigned partitions (restoring their state) and lets revoked ones go (checkpointing
-    /// theirs first). Partitions lost with the group session stop the pipeline
-    /// ([`Error::Rebalanced`]), to start again from its checkpoints or committed offsets: the
-    /// group may have given them to another member already.
-    async fn rebalance(&mut self) -> Result<()> {
-        for change in self.source.rebalances() {
-            match change {
-                PartitionChange::Assigned(list) => self.take(list).await?,
-                PartitionChange::Revoked(list) => self.release(list).await?,
-                PartitionChange::Lost(list) => {
-                    return Err(Error::Rebalanced(format!(
-                        "the session in consumer group {} expired and its partitions were lost \
-                         ({})",
-                        self.config.group_id,
-                        describe(&list)
-                    )));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes up partitions the group assigned: with one state per partition, plans each
-    /// query's instance for it and restores its newest checkpoint (exactly-once: holding
-    /// back what was published after it); then starts fetching them, each at its restored
-    /// position (its committed offset otherwise), and checkpoints them at once.
-    async fn take(&mut self, list: Vec<(String, i32)>) -> Result<()> {
-        if !self.partitioned {
-            // One state for all partitions: the positions restored at start apply.
-            self.source.assign(&list)?;
-            self.held.extend(list);
-            return Ok(());
-        }
-        let now = epoch_ms();
-        let mut positions = Positions::new();
-        let mut marks: Option<Vec<Position>> = None;
-        let mut restored = Vec::new();
-        let mut fresh = Vec::new();
-        for key in &list {
-            self.ensure_parts(key, now).await?;
-            if self.checkpoints.is_none() {
-                continue;
-            }
-            match self.restore(Some(key.clone()), now).await? {
-                Some(manifest) => {
-                    positions.extend(positions_of(&manifest));
-                    let m = marks.get_or_insert_with(|| manifest.outputs.clone());
-                    for mark in &manifest.outputs {
-                        match m
-                            .iter_mut()
-                            .find(|x| x.topic == mark.topic && x.partition == mark.partition)
-                        {
-                            Some(x) => x.offset = x.offset.min(mark.offset),
-                            None => m.push(mark.clone()),
-                        }
-                    }
-                    restored.push(key.clone());
-                }
-                None => fresh.push(key.clone()),
-            }
-        }
-        if !fresh.is_empty() {
-            positions.extend(
-                self.source
-                    .starting_positions(&fresh, Duration::from_secs(30))?,
-            );
-        }
-        let mut all = self.source.positions();
-        all.extend(positions);
-        self.source.set_positions(all);
-        if self.sink.is_transactional() && !restored.is_empty() {
-            self.replay_from(marks, &restored).await?;
-        }
-        self.source.assign(&list)?;
-        info!(
-            name = self.config.name.as_deref().unwrap_or("all"),
-            partitions = %describe(&list),
-            restored = restored.len(),
-            "partitions taken up"
-        );
-        self.held.extend(list.iter().cloned());
-        self.checkpoint_of(Some(&list)).await
-    }
-
-    /// Lets partitions the group revoked go: with one state per partition, checkpoints their
-    /// state (or, without checkpoints, commits their offsets, held back to what their open
-    /// windows need) once every output is acknowledged, drops it and releases them. With one
-    /// state for all partitions the pipeline cannot go on: without checkpoints it starts
-    /// again from its committed offsets; with them, the query fails with the reason.
-    async fn release(&mut self, list: Vec<(String, i32)>) -> Result<()> {
-        let group = &self.config.group_id;
-        if !self.partitioned {
-            if self.checkpoints.is_none() {
-                return Err(Error::Rebalanced(format!(
-                    "another member of consumer group {group} took partitions from this one"
-                )));
-            }
-            return Err(Error::Checkpoint(format!(
-                "another process joined consumer group {group} and took partitions ({}) from \
-                 this one; this query groups by something other than its input topic's key, \
-                 so one state holds all its partitions and it runs in one process per group",
-                describe(&list)
-            )));
-        }
-        if self.checkpoints.is_some() {
-            self.checkpoint_of(Some(&list)).await?;
-        } else {
-            self.settle(true).await?;
-            let committable = self.committable();
-            let revoked: HashMap<(Arc<str>, i32), i64> = committable
-                .into_iter()
-                .filter(|((t, p), _)| list.iter().any(|(lt, lp)| **t == **lt && p == lp))
-                .collect();
-            self.source.commit_sync(&revoked)?;
-        }
-        for running in &mut self.queries {
-            for (topic, partition) in &list {
-                if running.topic() == topic {
-                    running.parts.remove(partition);
-                }
-            }
-        }
-        let keys: Vec<(Arc<str>, i32)> = list
-            .iter()
-            .map(|(t, p)| (Arc::from(t.as_str()), *p))
-            .collect();
-        for key in &keys {
-            self.next_offsets.remove(key);
-            self.committed.remove(key);
-            self.committable_acked.remove(key);
-        }
-        if let Some(replay) = self.checkpoints.as_mut().and_then(|c| c.replay.as_mut()) {
-            for key in &list {
-                replay.until.remove(key);
-            }
-        }
-        for key in &list {
-            self.held.remove(key);
-        }
-        self.source.forget_positions(&list);
-        self.source.unassign(&list)?;
-        info!(
-            name = self.config.name.as_deref().unwrap_or("all"),
-            partitions = %describe(&list),
-            "partitions handed on"
-        );
-        Ok(())
-    }
-
-    /// Plans, for each query reading `key`'s topic, its instance for `key`'s partition if
-    /// it has none yet.
-    async fn ensure_parts(&mut self, key: &(String, i32), now: i64) -> Result<()> {
-        for running in &mut self.queries {
-            if running.topic() != key.0 || running.parts.contains_key(&key.1) {
-                continue;
-            }
-            let mut query = running.query.replan(&self.ctx).await?;
-            if let Some(r) = &running.repartition {
-                query.set_owner(r.partitions, u32::try_from(key.1).unwrap_or_default());
-                query.expect_inputs(r.inputs, now);
-            }
-            running.parts.insert(
-                key.1,
-                Part {
-                    query,
-                    since_ms: now,
-                    upstream: BTreeMap::new(),
-                },
-            );
-        }
-        Ok(())
-    }
-
-    /// Ends output suppression once the replay after recovery has read every input partition
-    /// up to where it ended at recovery.
-    fn check_replay(&mut self) {
-        let Some(c) = &mut self.checkpoints else {
-            return;
-        };
-        let Some(replay) = &c.replay else {
-            return;
-        };
-        let positions = self.source.positions();
-        let caught_up = replay
-            .until
-            .iter()
-            .all(|(key, end)| positions.get(key).is_some_and(|p| p >= end));
-        // Outputs due on processing time (windows closed by a partition going idle, early
-        // fires) come after the input has caught up: suppression lasts until every record read
-        // back has come again, or for a grace period after catching up.
-        let done = match (caught_up, c.caught_up) {
-            (false, _) => false,
-            (true, None) => {
-                c.caught_up = Some(std::time::Instant::now());
-                !self.sink.is_suppressing()
-            }
-            (true, Some(at)) => !self.sink.is_suppressing() || at.elapsed() >= REPLAY_GRACE,
-        };
-        if done {
-            c.caught_up = None;
-            c.replay = None;
-            let (suppressed, left) = self.sink.end_suppression();
-            info!(
-                suppressed,
-                left,
-                "replay after recovery done: outputs published before the restart were not published again"
-            );
-        }
     }
 
     /// Runs until `stop` is set, then publishes what is pending, flushes and commits.
@@ -1667,34 +1023,6 @@ impl Pipeline {
         self.settle(false).await
     }
 
-    /// The records of `raw` from partitions this member holds.
-    fn held_only(&self, raw: RawBatch) -> RawBatch {
-        let topic = raw.topic.to_string();
-        let held = |p: i32| self.held.contains(&(topic.clone(), p));
-        if raw.partitions.iter().all(|p| held(*p)) && raw.progress.iter().all(|p| held(p.partition))
-        {
-            return raw;
-        }
-        let mut out = RawBatch::new(raw.topic.clone());
-        out.first_received = raw.first_received;
-        for i in 0..raw.len() {
-            if held(raw.partitions[i]) {
-                out.push_from(&raw, i);
-            }
-        }
-        out.progress = raw
-            .progress
-            .iter()
-            .filter(|p| held(p.partition))
-            .copied()
-            .collect();
-        debug!(
-            dropped = raw.len() - out.len(),
-            "records of partitions handed on left to their new owner"
-        );
-        out
-    }
-
     /// DataFusion's refusal to allocate from the query's memory pool, as the resource limit it
     /// is; other errors as they are.
     fn resource_error(&self, e: Error) -> Error {
@@ -1804,118 +1132,6 @@ impl Pipeline {
         }
         out
     }
-}
-
-/// The partitions of `topics` (a topic not yet created has none). Blocking.
-fn partitions_of(
-    probe: &rdkafka::consumer::BaseConsumer,
-    topics: &[String],
-) -> Result<Vec<(String, i32)>> {
-    use rdkafka::consumer::Consumer;
-    let mut out = Vec::new();
-    for topic in topics {
-        let metadata = probe.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-        for t in metadata.topics() {
-            if t.error().is_some() {
-                continue;
-            }
-            out.extend(
-                t.partitions()
-                    .iter()
-                    .map(|p| (t.name().to_string(), p.id())),
-            );
-        }
-    }
-    Ok(out)
-}
-
-/// Per partition, the largest event time of the rows of `batch` (`partitions[i]` is row i's)
-/// not later than `limit`.
-fn event_time_maxima(
-    batch: &RecordBatch,
-    time: &str,
-    partitions: &[i32],
-    limit: i64,
-) -> Result<HashMap<i32, i64>> {
-    use datafusion::arrow::array::{Array, TimestampMillisecondArray};
-    use datafusion::arrow::datatypes::{DataType, TimeUnit};
-    let mut out = HashMap::new();
-    let Some(column) = batch.column_by_name(time) else {
-        return Ok(out);
-    };
-    let column = datafusion::arrow::compute::cast(
-        column,
-        &DataType::Timestamp(TimeUnit::Millisecond, None),
-    )?;
-    let Some(times) = column.as_any().downcast_ref::<TimestampMillisecondArray>() else {
-        return Ok(out);
-    };
-    for (r, t) in times.iter().enumerate() {
-        if let (Some(t), Some(p)) = (t, partitions.get(r))
-            && t <= limit
-        {
-            let m = out.entry(*p).or_insert(t);
-            *m = (*m).max(t);
-        }
-    }
-    Ok(out)
-}
-
-/// Creates the repartition topic `topic` for input `input` with as many partitions as the
-/// input, unless it exists (through the admin API; a broker without it, like the embedded
-/// one, creates it on first use); returns how many partitions it and the input have.
-async fn repartition_topic(
-    config: &PipelineConfig,
-    input: &str,
-    topic: &str,
-) -> Result<(u32, u32)> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let client = |auto_create: bool| {
-        let mut client = rdkafka::ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.brokers)
-            .set("allow.auto.create.topics", auto_create.to_string());
-        for (k, v) in &config.properties {
-            client.set(k, v);
-        }
-        client
-    };
-    let count = |probe: &BaseConsumer, name: &str| -> Result<usize> {
-        let metadata = probe.fetch_metadata(Some(name), Duration::from_secs(10))?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .filter(|t| t.error().is_none())
-            .map(|t| t.partitions().len())
-            .sum())
-    };
-    let probe: BaseConsumer = client(false).create()?;
-    let inputs = count(&probe, input)?.max(1);
-    let existing = count(&probe, topic)?;
-    if existing > 0 {
-        return Ok((existing as u32, inputs as u32));
-    }
-    let admin: AdminClient<DefaultClientContext> = client(false).create()?;
-    let new = NewTopic::new(topic, inputs as i32, TopicReplication::Fixed(1));
-    let options = AdminOptions::new()
-        .operation_timeout(Some(Duration::from_secs(5)))
-        .request_timeout(Some(Duration::from_secs(5)));
-    if let Err(e) = admin.create_topics([&new], &options).await {
-        debug!(%topic, error = %e, "repartition topic not created through the admin API");
-    }
-    let creator: BaseConsumer = client(true).create()?;
-    for _ in 0..50 {
-        let n = count(&creator, topic)?;
-        if n > 0 {
-            return Ok((n as u32, inputs as u32));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(Error::Config(format!(
-        "repartition topic {topic} could not be created; create it with {inputs} partitions"
-    )))
 }
 
 /// Publishes a query's result rows to its sink topic, keyed by the sink's key column.

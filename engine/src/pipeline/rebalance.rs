@@ -1,0 +1,235 @@
+//! The consumer group's partition changes: taking up assigned partitions (their state
+//! restored first) and letting revoked ones go (their state checkpointed first).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info};
+
+use super::recovery::positions_of;
+use super::{Part, Pipeline, epoch_ms};
+use crate::checkpoint::Position;
+use crate::error::{Error, Result};
+use crate::source::{PartitionChange, Positions, RawBatch};
+
+/// `topic[0, 1], other[3]`, for logs and messages.
+pub(super) fn describe(list: &[(String, i32)]) -> String {
+    let mut by_topic: BTreeMap<&str, Vec<i32>> = BTreeMap::new();
+    for (topic, partition) in list {
+        by_topic.entry(topic).or_default().push(*partition);
+    }
+    by_topic
+        .into_iter()
+        .map(|(topic, mut partitions)| {
+            partitions.sort_unstable();
+            let partitions: Vec<String> = partitions.iter().map(i32::to_string).collect();
+            format!("{topic}[{}]", partitions.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Pipeline {
+    /// Carries out the group's partition changes since the last micro-batch: takes up newly
+    /// assigned partitions (restoring their state) and lets revoked ones go (checkpointing
+    /// theirs first). Partitions lost with the group session stop the pipeline
+    /// ([`Error::Rebalanced`]), to start again from its checkpoints or committed offsets: the
+    /// group may have given them to another member already.
+    pub(super) async fn rebalance(&mut self) -> Result<()> {
+        for change in self.source.rebalances() {
+            match change {
+                PartitionChange::Assigned(list) => self.take(list).await?,
+                PartitionChange::Revoked(list) => self.release(list).await?,
+                PartitionChange::Lost(list) => {
+                    return Err(Error::Rebalanced(format!(
+                        "the session in consumer group {} expired and its partitions were lost \
+                         ({})",
+                        self.config.group_id,
+                        describe(&list)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes up partitions the group assigned: with one state per partition, plans each
+    /// query's instance for it and restores its newest checkpoint (exactly-once: holding
+    /// back what was published after it); then starts fetching them, each at its restored
+    /// position (its committed offset otherwise), and checkpoints them at once.
+    pub(super) async fn take(&mut self, list: Vec<(String, i32)>) -> Result<()> {
+        if !self.partitioned {
+            // One state for all partitions: the positions restored at start apply.
+            self.source.assign(&list)?;
+            self.held.extend(list);
+            return Ok(());
+        }
+        let now = epoch_ms();
+        let mut positions = Positions::new();
+        let mut marks: Option<Vec<Position>> = None;
+        let mut restored = Vec::new();
+        let mut fresh = Vec::new();
+        for key in &list {
+            self.ensure_parts(key, now).await?;
+            if self.checkpoints.is_none() {
+                continue;
+            }
+            match self.restore(Some(key.clone()), now).await? {
+                Some(manifest) => {
+                    positions.extend(positions_of(&manifest));
+                    let m = marks.get_or_insert_with(|| manifest.outputs.clone());
+                    for mark in &manifest.outputs {
+                        match m
+                            .iter_mut()
+                            .find(|x| x.topic == mark.topic && x.partition == mark.partition)
+                        {
+                            Some(x) => x.offset = x.offset.min(mark.offset),
+                            None => m.push(mark.clone()),
+                        }
+                    }
+                    restored.push(key.clone());
+                }
+                None => fresh.push(key.clone()),
+            }
+        }
+        if !fresh.is_empty() {
+            positions.extend(
+                self.source
+                    .starting_positions(&fresh, Duration::from_secs(30))?,
+            );
+        }
+        let mut all = self.source.positions();
+        all.extend(positions);
+        self.source.set_positions(all);
+        if self.sink.is_transactional() && !restored.is_empty() {
+            self.replay_from(marks, &restored).await?;
+        }
+        self.source.assign(&list)?;
+        info!(
+            name = self.config.name.as_deref().unwrap_or("all"),
+            partitions = %describe(&list),
+            restored = restored.len(),
+            "partitions taken up"
+        );
+        self.held.extend(list.iter().cloned());
+        self.checkpoint_of(Some(&list)).await
+    }
+
+    /// Lets partitions the group revoked go: with one state per partition, checkpoints their
+    /// state (or, without checkpoints, commits their offsets, held back to what their open
+    /// windows need) once every output is acknowledged, drops it and releases them. With one
+    /// state for all partitions the pipeline cannot go on: without checkpoints it starts
+    /// again from its committed offsets; with them, the query fails with the reason.
+    pub(super) async fn release(&mut self, list: Vec<(String, i32)>) -> Result<()> {
+        let group = &self.config.group_id;
+        if !self.partitioned {
+            if self.checkpoints.is_none() {
+                return Err(Error::Rebalanced(format!(
+                    "another member of consumer group {group} took partitions from this one"
+                )));
+            }
+            return Err(Error::Checkpoint(format!(
+                "another process joined consumer group {group} and took partitions ({}) from \
+                 this one; this query groups by something other than its input topic's key, \
+                 so one state holds all its partitions and it runs in one process per group",
+                describe(&list)
+            )));
+        }
+        if self.checkpoints.is_some() {
+            self.checkpoint_of(Some(&list)).await?;
+        } else {
+            self.settle(true).await?;
+            let committable = self.committable();
+            let revoked: HashMap<(Arc<str>, i32), i64> = committable
+                .into_iter()
+                .filter(|((t, p), _)| list.iter().any(|(lt, lp)| **t == **lt && p == lp))
+                .collect();
+            self.source.commit_sync(&revoked)?;
+        }
+        for running in &mut self.queries {
+            for (topic, partition) in &list {
+                if running.topic() == topic {
+                    running.parts.remove(partition);
+                }
+            }
+        }
+        let keys: Vec<(Arc<str>, i32)> = list
+            .iter()
+            .map(|(t, p)| (Arc::from(t.as_str()), *p))
+            .collect();
+        for key in &keys {
+            self.next_offsets.remove(key);
+            self.committed.remove(key);
+            self.committable_acked.remove(key);
+        }
+        if let Some(replay) = self.checkpoints.as_mut().and_then(|c| c.replay.as_mut()) {
+            for key in &list {
+                replay.until.remove(key);
+            }
+        }
+        for key in &list {
+            self.held.remove(key);
+        }
+        self.source.forget_positions(&list);
+        self.source.unassign(&list)?;
+        info!(
+            name = self.config.name.as_deref().unwrap_or("all"),
+            partitions = %describe(&list),
+            "partitions handed on"
+        );
+        Ok(())
+    }
+
+    /// Plans, for each query reading `key`'s topic, its instance for `key`'s partition if
+    /// it has none yet.
+    pub(super) async fn ensure_parts(&mut self, key: &(String, i32), now: i64) -> Result<()> {
+        for running in &mut self.queries {
+            if running.topic() != key.0 || running.parts.contains_key(&key.1) {
+                continue;
+            }
+            let mut query = running.query.replan(&self.ctx).await?;
+            if let Some(r) = &running.repartition {
+                query.set_owner(r.partitions, u32::try_from(key.1).unwrap_or_default());
+                query.expect_inputs(r.inputs, now);
+            }
+            running.parts.insert(
+                key.1,
+                Part {
+                    query,
+                    since_ms: now,
+                    upstream: BTreeMap::new(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The records of `raw` from partitions this member holds.
+    pub(super) fn held_only(&self, raw: RawBatch) -> RawBatch {
+        let topic = raw.topic.to_string();
+        let held = |p: i32| self.held.contains(&(topic.clone(), p));
+        if raw.partitions.iter().all(|p| held(*p)) && raw.progress.iter().all(|p| held(p.partition))
+        {
+            return raw;
+        }
+        let mut out = RawBatch::new(raw.topic.clone());
+        out.first_received = raw.first_received;
+        for i in 0..raw.len() {
+            if held(raw.partitions[i]) {
+                out.push_from(&raw, i);
+            }
+        }
+        out.progress = raw
+            .progress
+            .iter()
+            .filter(|p| held(p.partition))
+            .copied()
+            .collect();
+        debug!(
+            dropped = raw.len() - out.len(),
+            "records of partitions handed on left to their new owner"
+        );
+        out
+    }
+}

@@ -1,0 +1,494 @@
+//! Checkpoints and recovery: restoring a checkpoint (all partitions' state, or one
+//! partition's), the exactly-once replay that holds back what was published after it, and
+//! taking checkpoints.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info};
+
+use super::{CheckpointInfo, Pipeline, epoch_ms};
+use crate::checkpoint::{CheckpointStore, Manifest, Position, QueryManifest};
+use crate::error::{Error, Result};
+use crate::source::Positions;
+
+/// A pipeline's checkpointing state.
+pub(super) struct Checkpoints {
+    /// The pipeline's directory and checkpoints kept.
+    pub(super) dir: std::path::PathBuf,
+    pub(super) retain: usize,
+    /// Where checkpoints go, with the number of the last one written or restored: one store
+    /// in the directory itself when one state holds all partitions; one per input partition
+    /// (sub-directory `<topic>.<partition>`) otherwise.
+    pub(super) stores: HashMap<Option<(String, i32)>, (CheckpointStore, u64)>,
+    pub(super) interval: Duration,
+    pub(super) last: std::time::Instant,
+    /// While replaying after recovery in exactly-once mode.
+    pub(super) replay: Option<Replay>,
+    /// When the replay reached the input's ends at recovery.
+    pub(super) caught_up: Option<std::time::Instant>,
+}
+
+impl Checkpoints {
+    /// The store of `key` (a partition's; the one store when `None`), opened on first use.
+    pub(super) fn store(&mut self, key: &Option<(String, i32)>) -> Result<CheckpointStore> {
+        if let Some((store, _)) = self.stores.get(key) {
+            return Ok(store.clone());
+        }
+        let dir = match key {
+            Some((topic, partition)) => self.dir.join(format!("{topic}.{partition}")),
+            None => self.dir.clone(),
+        };
+        let store = CheckpointStore::open(dir, self.retain)?;
+        self.stores.insert(key.clone(), (store.clone(), 0));
+        Ok(store)
+    }
+}
+
+/// The input positions of a checkpoint.
+pub(super) fn positions_of(manifest: &Manifest) -> Positions {
+    manifest
+        .positions
+        .iter()
+        .map(|p| ((p.topic.clone(), p.partition), p.offset))
+        .collect()
+}
+
+/// A replay after recovery in exactly-once mode.
+pub(super) struct Replay {
+    /// The input ends at recovery: once every partition is read up to them, nothing
+    /// published before the crash can be produced again, and suppression ends.
+    pub(super) until: Positions,
+    /// Where the read-back of published outputs started. Checkpoints taken during the replay
+    /// keep these as their output marks: records published after them and not yet replayed
+    /// are still to be held back if this process dies too.
+    pub(super) marks: Vec<Position>,
+}
+
+/// How long, after the replay following a recovery has caught up with the input, outputs
+/// read back are still held back while some have not come again (they may be due on
+/// processing time: an idle partition's windows, an early fire).
+pub(super) const REPLAY_GRACE: Duration = Duration::from_secs(120);
+
+/// The partitions of `topics` (a topic not yet created has none). Blocking.
+pub(super) fn partitions_of(
+    probe: &rdkafka::consumer::BaseConsumer,
+    topics: &[String],
+) -> Result<Vec<(String, i32)>> {
+    use rdkafka::consumer::Consumer;
+    let mut out = Vec::new();
+    for topic in topics {
+        let metadata = probe.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+        for t in metadata.topics() {
+            if t.error().is_some() {
+                continue;
+            }
+            out.extend(
+                t.partitions()
+                    .iter()
+                    .map(|p| (t.name().to_string(), p.id())),
+            );
+        }
+    }
+    Ok(out)
+}
+
+impl Pipeline {
+    /// One state for all partitions: restores the newest checkpoint, if any, and places the
+    /// source at its positions (at the group's positions otherwise); in exactly-once mode,
+    /// reads back what the query published since the checkpoint so that the replay does not
+    /// publish it again. Then writes a first checkpoint, so that a crash before the next one
+    /// recovers from here.
+    pub(super) async fn recover(&mut self) -> Result<()> {
+        let now = epoch_ms();
+        let found = self.restore(None, now).await?;
+        let (positions, marks) = match found {
+            Some(manifest) => (positions_of(&manifest), Some(manifest.outputs)),
+            None => {
+                // A short blocking call at start: the group's committed offsets.
+                let all = self.source.topic_partitions(Duration::from_secs(30))?;
+                let positions = self
+                    .source
+                    .starting_positions(&all, Duration::from_secs(30))?;
+                (positions, None)
+            }
+        };
+        self.source.set_positions(positions.clone());
+        if self.sink.is_transactional() {
+            let inputs: Vec<(String, i32)> = positions.keys().cloned().collect();
+            self.replay_from(marks, &inputs).await?;
+        }
+        self.checkpoint().await
+    }
+
+    /// Reads the newest checkpoint of `key`'s store (the one store when `None`) and restores
+    /// it into the queries' instances for it; returns its manifest, if there was one.
+    pub(super) async fn restore(
+        &mut self,
+        key: Option<(String, i32)>,
+        now: i64,
+    ) -> Result<Option<Manifest>> {
+        let Some(checkpoints) = &mut self.checkpoints else {
+            return Ok(None);
+        };
+        let store = checkpoints.store(&key)?;
+        let found = tokio::task::spawn_blocking(move || store.latest())
+            .await
+            .map_err(|e| Error::Checkpoint(format!("reading task failed: {e}")))??;
+        let Some(checkpoint) = found else {
+            return Ok(None);
+        };
+        let manifest = &checkpoint.manifest;
+        let names: Vec<(&str, &str)> = manifest
+            .queries
+            .iter()
+            .map(|q| (q.name.as_str(), q.sql.as_str()))
+            .collect();
+        let ours: Vec<(&str, &str)> = self
+            .queries
+            .iter()
+            .filter(|r| key.as_ref().is_none_or(|(t, _)| r.topic() == t))
+            .map(|r| (r.name.as_str(), r.query.sql()))
+            .collect();
+        if names != ours {
+            return Err(Error::Checkpoint(format!(
+                "{} was taken for other queries ({}) than these ({}); move the directory \
+                 away to start from scratch",
+                checkpoint.path.display(),
+                names.iter().map(|n| n.0).collect::<Vec<_>>().join(", "),
+                ours.iter().map(|n| n.0).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let mut states = checkpoint.queries.iter();
+        for running in &mut self.queries {
+            let name = running.name.clone();
+            let Some((instance, upstream)) = running.instance_for(&key) else {
+                continue;
+            };
+            let Some(state) = states.next() else {
+                break;
+            };
+            if let (Some(upstream), Some(seen)) = (upstream, state.meta.get("upstream")) {
+                let seen: Vec<(i32, i64)> = serde_json::from_value(seen.clone())
+                    .map_err(|e| Error::Checkpoint(format!("upstream offsets: {e}")))?;
+                *upstream = seen.into_iter().collect();
+            }
+            instance.restore(state, now).map_err(|e| {
+                Error::Checkpoint(format!("{}: query {name}: {e}", checkpoint.path.display()))
+            })?;
+        }
+        if let Some(c) = &mut self.checkpoints
+            && let Some(entry) = c.stores.get_mut(&key)
+        {
+            entry.1 = entry.1.max(manifest.epoch);
+        }
+        if let Ok(mut last) = self.stats.last_checkpoint.lock() {
+            *last = Some(CheckpointInfo {
+                epoch: manifest.epoch,
+                at_ms: manifest.created_at_ms,
+                bytes: manifest.files.iter().map(|f| f.1).sum(),
+                duration_ms: 0,
+                restored: true,
+            });
+        }
+        info!(
+            name = self.config.name.as_deref().unwrap_or("all"),
+            epoch = manifest.epoch,
+            path = %checkpoint.path.display(),
+            partitions = manifest.positions.len(),
+            "state restored from checkpoint"
+        );
+        Ok(Some(checkpoint.manifest))
+    }
+
+    /// Exactly-once: after restoring state for `inputs`, holds back what this query
+    /// published after the output marks `marks` (everything it published, when `None`),
+    /// until the replay has read `inputs` up to their present ends. Adds to a replay under way.
+    pub(super) async fn replay_from(
+        &mut self,
+        marks: Option<Vec<Position>>,
+        inputs: &[(String, i32)],
+    ) -> Result<()> {
+        let marks = self.suppress_published(marks).await?;
+        let until = self.source.end_offsets(inputs, Duration::from_secs(30))?;
+        if let Some(c) = &mut self.checkpoints {
+            match &mut c.replay {
+                Some(replay) => {
+                    replay.until.extend(until);
+                    for mark in marks {
+                        match replay
+                            .marks
+                            .iter_mut()
+                            .find(|m| m.topic == mark.topic && m.partition == mark.partition)
+                        {
+                            Some(m) => m.offset = m.offset.min(mark.offset),
+                            None => replay.marks.push(mark),
+                        }
+                    }
+                }
+                None => c.replay = Some(Replay { until, marks }),
+            }
+            c.caught_up = None;
+        }
+        Ok(())
+    }
+
+    /// Exactly-once recovery: the ids this query published after the checkpoint's output
+    /// marks (all it published, without a checkpoint) are not published again.
+    /// Returns where the read-back started, per output partition.
+    pub(super) async fn suppress_published(
+        &mut self,
+        marks: Option<Vec<Position>>,
+    ) -> Result<Vec<Position>> {
+        let query = self
+            .config
+            .name
+            .clone()
+            .unwrap_or_else(|| self.config.group_id.clone());
+        let topics = self.output_topics();
+        let probe = self.source.probe();
+        let partitions = tokio::task::spawn_blocking(move || partitions_of(&probe, &topics))
+            .await
+            .map_err(|e| Error::Checkpoint(format!("metadata task failed: {e}")))??;
+        let from: Vec<(String, i32, i64)> = partitions
+            .into_iter()
+            .map(|(t, p)| {
+                let start = marks
+                    .as_ref()
+                    .and_then(|m| m.iter().find(|x| x.topic == t && x.partition == p))
+                    .map_or(0, |x| x.offset);
+                (t, p, start)
+            })
+            .collect();
+        debug!(?from, "reading back outputs published after the checkpoint");
+        let read_from = from
+            .iter()
+            .map(|(topic, partition, offset)| Position {
+                topic: topic.clone(),
+                partition: *partition,
+                offset: *offset,
+            })
+            .collect();
+        let (brokers, properties) = (self.config.brokers.clone(), self.config.properties.clone());
+        let ids = tokio::task::spawn_blocking(move || {
+            crate::sink::published_ids(
+                &brokers,
+                &properties,
+                &query,
+                &from,
+                Duration::from_secs(60),
+            )
+        })
+        .await
+        .map_err(|e| Error::Checkpoint(format!("reading task failed: {e}")))??;
+        let records: u32 = ids.values().sum();
+        debug!(records, "outputs published after the checkpoint read back");
+        if records > 0 {
+            info!(
+                records,
+                "outputs published after the checkpoint will not be published again"
+            );
+        }
+        self.sink.suppress(ids);
+        Ok(read_from)
+    }
+
+    /// The topics this pipeline writes: its queries' sinks, the DLQ and the late topic.
+    pub(super) fn output_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self
+            .queries
+            .iter()
+            .filter_map(|r| r.query.sink().map(|s| s.options.topic.clone()))
+            .chain([
+                self.config.topics.dlq.clone(),
+                self.config.topics.late.clone(),
+            ])
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+
+    /// Takes a checkpoint of everything this member holds: waits for every output's
+    /// acknowledgement, commits the epoch's transaction (exactly-once) and writes state,
+    /// positions and output marks; at-least-once, commits the positions to the group
+    /// afterwards (for lag monitoring).
+    pub(super) async fn checkpoint(&mut self) -> Result<()> {
+        self.checkpoint_of(None).await
+    }
+
+    /// [`Pipeline::checkpoint`], writing only the given partitions' checkpoints when the
+    /// state is per partition (`None`: all held).
+    pub(super) async fn checkpoint_of(&mut self, only: Option<&[(String, i32)]>) -> Result<()> {
+        if self.checkpoints.is_none() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        self.settle(true).await?;
+        // The source's resume positions: the restored (or starting) ones, moved forward at
+        // the end of every micro-batch processed.
+        let positions = self.source.positions();
+        if self.sink.is_transactional() {
+            let group = self.source.group_metadata().ok_or_else(|| {
+                Error::Checkpoint("the consumer has no group metadata yet".into())
+            })?;
+            self.sink.commit_epoch(&positions, group).await?;
+        }
+        let replay_marks = self
+            .checkpoints
+            .as_ref()
+            .and_then(|c| c.replay.as_ref())
+            .map(|r| r.marks.clone());
+        let topics = self.output_topics();
+        let probe = self.source.probe();
+        let outputs = match replay_marks {
+            Some(marks) => marks,
+            None => tokio::task::spawn_blocking(move || -> Result<Vec<Position>> {
+                use rdkafka::consumer::Consumer;
+                let mut out = Vec::new();
+                for (topic, partition) in partitions_of(&probe, &topics)? {
+                    let (_, high) =
+                        probe.fetch_watermarks(&topic, partition, Duration::from_secs(30))?;
+                    out.push(Position {
+                        topic,
+                        partition,
+                        offset: high,
+                    });
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| Error::Checkpoint(format!("output marks task failed: {e}")))??,
+        };
+        let now = epoch_ms();
+        let targets: Vec<Option<(String, i32)>> = if self.partitioned {
+            match only {
+                Some(list) => list.iter().cloned().map(Some).collect(),
+                None => self.held.iter().cloned().map(Some).collect(),
+            }
+        } else {
+            vec![None]
+        };
+        let (mut epoch, mut bytes) = (0, 0);
+        for key in targets {
+            let mut states = Vec::new();
+            let mut queries = Vec::new();
+            for running in &mut self.queries {
+                let repartitioned = running.repartition.is_some();
+                let Some((instance, upstream)) = running.instance_for(&key) else {
+                    continue;
+                };
+                let mut state = instance.snapshot(now)?;
+                if let (Some(upstream), Some(meta)) = (upstream, state.meta.as_object_mut())
+                    && repartitioned
+                {
+                    let seen: Vec<(i32, i64)> = upstream.iter().map(|(p, o)| (*p, *o)).collect();
+                    meta.insert("upstream".into(), serde_json::json!(seen));
+                }
+                states.push(state);
+                queries.push(QueryManifest {
+                    name: running.name.clone(),
+                    sql: running.query.sql().to_string(),
+                    meta: serde_json::Value::Null,
+                });
+            }
+            let mut sorted: Vec<Position> = positions
+                .iter()
+                .filter(|(k, _)| key.as_ref().is_none_or(|key| key == *k))
+                .map(|((topic, partition), offset)| Position {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: *offset,
+                })
+                .collect();
+            sorted.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+            let Some(c) = &mut self.checkpoints else {
+                return Ok(());
+            };
+            let store = c.store(&key)?;
+            let last_epoch = c.stores.get(&key).map_or(0, |s| s.1);
+            let manifest = Manifest {
+                version: 0,
+                epoch: last_epoch + 1,
+                created_at_ms: now,
+                positions: sorted,
+                outputs: outputs.clone(),
+                queries,
+                files: Vec::new(),
+            };
+            let written = tokio::task::spawn_blocking(move || store.write(manifest, states))
+                .await
+                .map_err(|e| Error::Checkpoint(format!("writing task failed: {e}")))??;
+            if let Some(entry) = c.stores.get_mut(&key) {
+                entry.1 = written.epoch;
+            }
+            epoch = epoch.max(written.epoch);
+            bytes += written.bytes;
+        }
+        if let Some(c) = &mut self.checkpoints {
+            c.last = std::time::Instant::now();
+        }
+        if !self.sink.is_transactional() {
+            // For lag monitoring: the positions of the partitions this member holds (a commit
+            // before the group has assigned any would be refused).
+            let assigned: std::collections::HashSet<(String, i32)> =
+                self.source.assignment().into_iter().collect();
+            let commit: HashMap<(Arc<str>, i32), i64> = positions
+                .iter()
+                .filter(|(k, _)| assigned.contains(*k))
+                .map(|((t, p), o)| ((Arc::from(t.as_str()), *p), *o))
+                .collect();
+            self.source.commit(&commit)?;
+        }
+        let duration_ms = started.elapsed().as_millis() as u64;
+        debug!(epoch, bytes, duration_ms, "checkpoint written");
+        if let Ok(mut last) = self.stats.last_checkpoint.lock() {
+            *last = Some(CheckpointInfo {
+                epoch,
+                at_ms: now,
+                bytes,
+                duration_ms,
+                restored: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Ends output suppression once the replay after recovery has read every input partition
+    /// up to where it ended at recovery.
+    pub(super) fn check_replay(&mut self) {
+        let Some(c) = &mut self.checkpoints else {
+            return;
+        };
+        let Some(replay) = &c.replay else {
+            return;
+        };
+        let positions = self.source.positions();
+        let caught_up = replay
+            .until
+            .iter()
+            .all(|(key, end)| positions.get(key).is_some_and(|p| p >= end));
+        // Outputs due on processing time (windows closed by a partition going idle, early
+        // fires) come after the input has caught up: suppression lasts until every record read
+        // back has come again, or for a grace period after catching up.
+        let done = match (caught_up, c.caught_up) {
+            (false, _) => false,
+            (true, None) => {
+                c.caught_up = Some(std::time::Instant::now());
+                !self.sink.is_suppressing()
+            }
+            (true, Some(at)) => !self.sink.is_suppressing() || at.elapsed() >= REPLAY_GRACE,
+        };
+        if done {
+            c.caught_up = None;
+            c.replay = None;
+            let (suppressed, left) = self.sink.end_suppression();
+            info!(
+                suppressed,
+                left,
+                "replay after recovery done: outputs published before the restart were not published again"
+            );
+        }
+    }
+}
