@@ -110,19 +110,7 @@ fn two_processes_share_the_partitions_and_the_survivor_takes_over_with_state() -
         .join()
         .map_err(|_| anyhow::anyhow!("producer panicked"))??;
 
-    // The windows closed by the flush events (watermark: flush time minus the 5 s delay).
-    let watermark = t0 + EVENTS as i64 * STEP_MS + 60_000 - 5_000;
-    let expected = expected(t0, EVENTS, watermark);
-    let checked = assert_exactly_once(&brokers, OUTPUT, "segment_id", &expected)?;
-    let wards = segment_wards()?;
-    let expected_wards = expected_by(t0, EVENTS, watermark, |segment| wards[segment].clone());
-    let distinct: std::collections::BTreeSet<&String> = wards
-        .iter()
-        .filter(|(s, _)| SEGMENTS.contains(&s.as_str()))
-        .map(|(_, w)| w)
-        .collect();
-    assert!(distinct.len() > 1, "the segments lie in one ward");
-    let checked_wards = assert_exactly_once(&brokers, WARDS, "ward_id", &expected_wards)?;
+    let (checked, checked_wards) = assert_counts_exactly_once(&brokers, t0, EVENTS, OUTPUT, WARDS)?;
     // The numbered events are in order in each partition: none of them is late, before or
     // after the repartitioning.
     let late = read_output(&brokers, "city.late")?;

@@ -661,18 +661,9 @@ impl Pipeline {
         let mut windowed_out = 0;
         let first_received = batches.iter().filter_map(|b| b.first_received).min();
         let topics = self.config.topics.clone();
-        let batches = if self.partitioned {
+        let batches: Vec<RawBatch> = if self.partitioned {
             // Records of partitions handed on meanwhile are the new owner's to process.
-            let batches: Vec<RawBatch> = batches.into_iter().map(|b| self.held_only(b)).collect();
-            for raw in &batches {
-                let mut seen: Vec<i32> = raw.partitions.clone();
-                seen.sort_unstable();
-                seen.dedup();
-                for p in seen {
-                    self.ensure_parts(&(raw.topic.to_string(), p), now).await?;
-                }
-            }
-            batches
+            batches.into_iter().map(|b| self.held_only(b)).collect()
         } else {
             batches
         };
@@ -781,6 +772,11 @@ impl Pipeline {
             for (i, p) in partitions.iter().enumerate() {
                 let key = if self.partitioned { *p } else { -1 };
                 splits.entry(key).or_default().push(i as u32);
+            }
+            if self.partitioned {
+                for &p in splits.keys() {
+                    self.ensure_parts(&(raw.topic.to_string(), p), now).await?;
+                }
             }
             for (qi, running) in self.queries.iter_mut().enumerate() {
                 if running.topic() != &*raw.topic {

@@ -207,8 +207,13 @@ impl Pipeline {
 
     /// The records of `raw` from partitions this member holds.
     pub(super) fn held_only(&self, raw: RawBatch) -> RawBatch {
-        let topic = raw.topic.to_string();
-        let held = |p: i32| self.held.contains(&(topic.clone(), p));
+        let mine: std::collections::HashSet<i32> = self
+            .held
+            .iter()
+            .filter(|(t, _)| **t == *raw.topic)
+            .map(|(_, p)| *p)
+            .collect();
+        let held = |p: i32| mine.contains(&p);
         if raw.partitions.iter().all(|p| held(*p)) && raw.progress.iter().all(|p| held(p.partition))
         {
             return raw;

@@ -11,7 +11,7 @@ use tracing::{debug, info};
 use super::{CheckpointInfo, Pipeline, epoch_ms};
 use crate::checkpoint::{CheckpointStore, Manifest, Position, QueryManifest};
 use crate::error::{Error, Result};
-use crate::source::Positions;
+use crate::source::{Positions, partitions_of};
 
 /// A pipeline's checkpointing state.
 pub(super) struct Checkpoints {
@@ -70,29 +70,6 @@ pub(super) struct Replay {
 /// read back are still held back while some have not come again (they may be due on
 /// processing time: an idle partition's windows, an early fire).
 pub(super) const REPLAY_GRACE: Duration = Duration::from_secs(120);
-
-/// The partitions of `topics` (a topic not yet created has none). Blocking.
-pub(super) fn partitions_of(
-    probe: &rdkafka::consumer::BaseConsumer,
-    topics: &[String],
-) -> Result<Vec<(String, i32)>> {
-    use rdkafka::consumer::Consumer;
-    let mut out = Vec::new();
-    for topic in topics {
-        let metadata = probe.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-        for t in metadata.topics() {
-            if t.error().is_some() {
-                continue;
-            }
-            out.extend(
-                t.partitions()
-                    .iter()
-                    .map(|p| (t.name().to_string(), p.id())),
-            );
-        }
-    }
-    Ok(out)
-}
 
 impl Pipeline {
     /// One state for all partitions: restores the newest checkpoint, if any, and places the
@@ -248,9 +225,11 @@ impl Pipeline {
             .unwrap_or_else(|| self.config.group_id.clone());
         let topics = self.output_topics();
         let probe = self.source.probe();
-        let partitions = tokio::task::spawn_blocking(move || partitions_of(&probe, &topics))
-            .await
-            .map_err(|e| Error::Checkpoint(format!("metadata task failed: {e}")))??;
+        let partitions = tokio::task::spawn_blocking(move || {
+            partitions_of(&probe, &topics, Duration::from_secs(30))
+        })
+        .await
+        .map_err(|e| Error::Checkpoint(format!("metadata task failed: {e}")))??;
         let from: Vec<(String, i32, i64)> = partitions
             .into_iter()
             .map(|(t, p)| {
@@ -347,7 +326,7 @@ impl Pipeline {
             None => tokio::task::spawn_blocking(move || -> Result<Vec<Position>> {
                 use rdkafka::consumer::Consumer;
                 let mut out = Vec::new();
-                for (topic, partition) in partitions_of(&probe, &topics)? {
+                for (topic, partition) in partitions_of(&probe, &topics, Duration::from_secs(30))? {
                     let (_, high) =
                         probe.fetch_watermarks(&topic, partition, Duration::from_secs(30))?;
                     out.push(Position {

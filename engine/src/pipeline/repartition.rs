@@ -10,6 +10,7 @@ use tracing::debug;
 use super::PipelineConfig;
 use crate::error::{Error, Result};
 use crate::plan::repartition::KeyPlan;
+use crate::source::partitions_of;
 
 /// Stage 1 of a repartitioned query (see [`crate::plan::repartition`]).
 pub(super) struct Repartition {
@@ -67,7 +68,7 @@ pub(super) async fn repartition_topic(
 ) -> Result<(u32, u32)> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::consumer::BaseConsumer;
     let client = |auto_create: bool| {
         let mut client = rdkafka::ClientConfig::new();
         client
@@ -79,13 +80,7 @@ pub(super) async fn repartition_topic(
         client
     };
     let count = |probe: &BaseConsumer, name: &str| -> Result<usize> {
-        let metadata = probe.fetch_metadata(Some(name), Duration::from_secs(10))?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .filter(|t| t.error().is_none())
-            .map(|t| t.partitions().len())
-            .sum())
+        Ok(partitions_of(probe, &[name.to_string()], Duration::from_secs(10))?.len())
     };
     let probe: BaseConsumer = client(false).create()?;
     let inputs = count(&probe, input)?.max(1);

@@ -20,16 +20,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use async_trait::async_trait;
 use datafusion::arrow::array::{ArrayRef, RecordBatch, UInt32Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
-use datafusion::catalog::Session;
 use datafusion::common::Result;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-use datafusion::datasource::{TableProvider, TableType};
 use datafusion::execution::TaskContext;
-use datafusion::logical_expr::Expr as LogicalExpr;
 use datafusion::physical_plan::{ExecutionPlan, collect};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{
@@ -40,7 +36,8 @@ use datafusion::sql::sqlparser::ast::{
 use super::feed::{Feed, FeedExec};
 use super::rewrite::is_window_call;
 use super::stream::StreamContext;
-use super::table::StreamTable;
+use super::table::{StreamOptions, StreamTable};
+use crate::schema::TopicSchema;
 
 /// The row-number column the key plan's input carries.
 const ROW: &str = "__urbanstream_row";
@@ -211,12 +208,14 @@ pub async fn key_plan(
     fields.push(Field::new(ROW, DataType::UInt32, false));
     let schema = Arc::new(Schema::new(fields));
     let session = ctx.session();
+    // The row-numbered copy of the stream, a stream table of its own for the planning.
     session.register_table(
         table.as_str(),
-        Arc::new(RowTable {
-            name: table.clone(),
-            schema: schema.clone(),
-        }),
+        Arc::new(StreamTable::new(
+            table.clone(),
+            Arc::new(TopicSchema::from_arrow(&table, schema.clone())),
+            StreamOptions::new(&table),
+        )?),
     )?;
     let planned = async {
         let logical = session
@@ -264,34 +263,6 @@ fn window_select(query: &Query) -> Option<&Select> {
                 _ => None,
             })
     })
-}
-
-/// The row-numbered copy of a stream table the key plan reads.
-#[derive(Debug)]
-struct RowTable {
-    name: String,
-    schema: SchemaRef,
-}
-
-#[async_trait]
-impl TableProvider for RowTable {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[LogicalExpr],
-        _limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        FeedExec::scan(self.name.clone(), self.schema.clone(), projection)
-    }
 }
 
 #[cfg(test)]

@@ -738,7 +738,7 @@ impl StreamQuery {
     /// option), or it holds no state at all. A query grouping by anything else needs all of
     /// its input in one state.
     pub fn is_partition_local(&self) -> bool {
-        self.partition_local || (self.windowed.is_none() && self.keyed.is_empty())
+        self.partition_local
     }
 
     /// Plans this query again in `ctx`, the context it was planned in, with the settings it

@@ -507,16 +507,7 @@ impl KafkaSource {
 
     /// Every partition of the input topics. Blocking.
     pub fn topic_partitions(&self, timeout: Duration) -> Result<Vec<(String, i32)>> {
-        let mut out = Vec::new();
-        for topic in &self.config.topics {
-            let metadata = self.lag_probe.fetch_metadata(Some(topic), timeout)?;
-            for t in metadata.topics() {
-                for p in t.partitions() {
-                    out.push((t.name().to_string(), p.id()));
-                }
-            }
-        }
-        Ok(out)
+        partitions_of(&self.lag_probe, &self.config.topics, timeout)
     }
 
     /// Where each of `partitions` would start for this group now: its committed offset, or
@@ -588,6 +579,29 @@ impl KafkaSource {
         self.consumer.commit(&list, mode)?;
         Ok(())
     }
+}
+
+/// The partitions of `topics` (a topic not yet created has none), asked of `probe`. Blocking.
+pub fn partitions_of<C: ConsumerContext>(
+    probe: &BaseConsumer<C>,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<Vec<(String, i32)>> {
+    let mut out = Vec::new();
+    for topic in topics {
+        let metadata = probe.fetch_metadata(Some(topic), timeout)?;
+        for t in metadata.topics() {
+            if t.error().is_some() {
+                continue;
+            }
+            out.extend(
+                t.partitions()
+                    .iter()
+                    .map(|p| (t.name().to_string(), p.id())),
+            );
+        }
+    }
+    Ok(out)
 }
 
 impl Drop for KafkaSource {

@@ -342,6 +342,33 @@ pub fn ward_query(topic: &str) -> String {
     )
 }
 
+/// The outputs of [`counts_query`] into `counts` and [`ward_query`] into `wards` over the first
+/// `events` numbered events from `t0`: every window the flush events closed (watermark: flush
+/// time minus the 5 s delay) exactly once with the batch computation's counts. Returns how
+/// many segment and ward windows were checked.
+pub fn assert_counts_exactly_once(
+    brokers: &str,
+    t0: i64,
+    events: usize,
+    counts: &str,
+    wards: &str,
+) -> anyhow::Result<(usize, usize)> {
+    let watermark = t0 + events as i64 * STEP_MS + 60_000 - 5_000;
+    let segments = assert_exactly_once(
+        brokers,
+        counts,
+        "segment_id",
+        &expected(t0, events, watermark),
+    )?;
+    let ward_of = segment_wards()?;
+    let distinct: std::collections::BTreeSet<&String> =
+        SEGMENTS.iter().filter_map(|s| ward_of.get(*s)).collect();
+    anyhow::ensure!(distinct.len() > 1, "the segments lie in one ward");
+    let expected_wards = expected_by(t0, events, watermark, |segment| ward_of[segment].clone());
+    let wards = assert_exactly_once(brokers, wards, "ward_id", &expected_wards)?;
+    Ok((segments, wards))
+}
+
 /// Every row of `topic`, read with read_committed, in order.
 pub fn read_output(brokers: &str, topic: &str) -> anyhow::Result<Vec<Value>> {
     let consumer: BaseConsumer = ClientConfig::new()
