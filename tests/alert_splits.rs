@@ -222,3 +222,99 @@ proptest! {
         prop_assert_eq!(whole, restarted);
     }
 }
+
+/// Hourly PM2.5 of two wards (as replayed from hourly station data): ward a in an episode
+/// from hour 3 to hour 14, ward b clean; an alert per ward with a 2-hour expiry over
+/// 10-minute windows, as `queries/alerts_pollution.sql` has it.
+async fn hourly_alerts(paced: bool) -> anyhow::Result<Vec<(String, String, i64)>> {
+    let mut engine = DeterministicEngine::new();
+    for sql in [
+        "CREATE EXTERNAL TABLE air (ward_id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, pm25 DOUBLE) \
+         STORED AS KAFKA OPTIONS ('topic' 'air', 'event_time' 'event_time', 'watermark_delay' '0s')",
+        "CREATE EXTERNAL TABLE episodes (ward_id VARCHAR NOT NULL, state VARCHAR, at TIMESTAMP NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'episodes')",
+        "INSERT INTO episodes SELECT ward_id, a['state'] AS state, window_end AS at \
+         FROM (SELECT ward_id, window_end, \
+                      alert_state(aqi, window_end, 151, 100, INTERVAL '30 minutes', INTERVAL '1 hour', \
+                                  INTERVAL '2 hours') OVER (PARTITION BY ward_id ORDER BY window_end) AS a \
+               FROM (SELECT ward_id, window_end, CAST(vn_aqi_sub('pm25', avg(pm25)) AS DOUBLE) AS aqi \
+                     FROM air GROUP BY tumble(event_time, INTERVAL '10 minutes'), ward_id)) \
+         WHERE a['state'] IS NOT NULL",
+    ] {
+        engine.execute(sql).await?;
+    }
+    let mut readings = Vec::new();
+    for hour in 0..18_i64 {
+        let t = T0 + hour * 60 * MIN;
+        let a = if (3..15).contains(&hour) { 180.0 } else { 20.0 };
+        readings.push(format!("('a', to_timestamp_millis({t}), {a})"));
+        readings.push(format!("('b', to_timestamp_millis({}), 15)", t + 60_000));
+    }
+    if paced {
+        for r in &readings {
+            engine
+                .execute(&format!("INSERT INTO air VALUES {r}"))
+                .await?;
+        }
+    } else {
+        engine
+            .execute(&format!("INSERT INTO air VALUES {}", readings.join(", ")))
+            .await?;
+    }
+    let Outcome::Rows(batches) = engine
+        .execute("SELECT ward_id, state, at FROM episodes")
+        .await?
+    else {
+        anyhow::bail!("no rows")
+    };
+    let mut out = Vec::new();
+    for b in &batches {
+        let text = |i: usize| cast(b.column(i), &DataType::Utf8);
+        let (ward, state) = (text(0)?, text(1)?);
+        let at = cast(
+            b.column(2),
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )?;
+        let at = at.as_primitive::<TimestampMillisecondType>();
+        for r in 0..b.num_rows() {
+            out.push((
+                ward.as_string::<i32>().value(r).to_string(),
+                state.as_string::<i32>().value(r).to_string(),
+                (at.value(r) - T0) / MIN,
+            ));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Regression: one micro-batch closing several windows fired the alerts' expiry timers with
+/// the batch's final watermark before the later windows' rows were stepped, so a burst of
+/// hourly data cleared an episode 2 hours after raising it while PM2.5 stayed high.
+#[test]
+fn hourly_readings_in_one_burst_and_paced_give_the_same_alerts() {
+    let rt = runtime();
+    let burst = rt.block_on(hourly_alerts(false)).expect("burst");
+    let paced = rt.block_on(hourly_alerts(true)).expect("paced");
+    assert_eq!(burst, paced);
+    // One episode for ward a, raised in hour 3 and cleared once PM2.5 falls (hour 15).
+    let states: Vec<(&str, &str)> = burst
+        .iter()
+        .map(|(w, s, _)| (w.as_str(), s.as_str()))
+        .collect();
+    assert_eq!(
+        states.iter().filter(|(_, s)| *s == "RAISED").count(),
+        1,
+        "{burst:?}"
+    );
+    let cleared: Vec<i64> = burst
+        .iter()
+        .filter(|(_, s, _)| s == "CLEARED")
+        .map(|(_, _, m)| *m)
+        .collect();
+    assert!(
+        cleared.len() == 1 && cleared[0] >= 15 * 60,
+        "cleared while PM2.5 was high: {burst:?}"
+    );
+    assert!(!states.iter().any(|(w, _)| *w == "b"), "{burst:?}");
+}

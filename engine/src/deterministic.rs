@@ -8,6 +8,7 @@
 //! | statement | effect |
 //! |---|---|
 //! | `CREATE EXTERNAL TABLE …`, `CREATE VIEW …`, `DROP …`, `SET urbanstream.… = …` | as in the service |
+//! | `CREATE TABLE name (…) AS VALUES (…), …` | a reference table of the rows given (the service takes reference tables from `schemas/reference/` and refuses this) |
 //! | `INSERT INTO sink SELECT … FROM stream …` | registers a running stream query |
 //! | `INSERT INTO stream [PARTITION n] VALUES (…), …` | feeds one micro-batch to the queries reading `stream`, as Kafka partition `n` (default 0) |
 //! | `ADVANCE WATERMARK stream TO '<timestamp>'` | raises the watermark of the queries reading `stream` |
@@ -123,7 +124,8 @@ impl DeterministicEngine {
         }
         let (sql, partition) = strip_partition(trimmed)?;
         let mut outcome = Outcome::Done;
-        for statement in StreamContext::parse(&sql)? {
+        // Test data comes as SQL too: no size limit on it here.
+        for statement in StreamContext::parse_within(&sql, usize::MAX)? {
             outcome = self.statement(statement, partition).await?;
         }
         Ok(outcome)
@@ -141,6 +143,19 @@ impl DeterministicEngine {
                     return self.feed(statement, partition).await;
                 }
                 Statement::Query(_) => return select(self.result_tables(), statement).await,
+                Statement::CreateTable(create)
+                    if create
+                        .query
+                        .as_ref()
+                        .is_some_and(|q| matches!(q.body.as_ref(), SetExpr::Values(_))) =>
+                {
+                    // Test data for lookups: the session is used directly, outside the
+                    // sandbox, as the engine registers its own reference tables.
+                    let session = self.ctx.session();
+                    let plan = session.state().statement_to_plan(statement).await?;
+                    session.execute_logical_plan(plan).await?.collect().await?;
+                    return Ok(Outcome::Done);
+                }
                 _ => {}
             }
         }

@@ -790,16 +790,18 @@ impl Pipeline {
                     };
                     fed.insert((qi, part));
                     // Stage 2 of a repartitioned query: rows keep their input partition and
-                    // offset; one passed on again after a failover of stage 1 is dropped.
-                    let mut origins: Vec<(i32, i64)> = Vec::new();
+                    // offset (from the record's origin header); one passed on again after a
+                    // failover of stage 1 is dropped where the instance tracks its upstream
+                    // positions. `origins` is aligned with `rows`.
+                    let mut origins: Vec<Option<(i32, i64)>> = Vec::new();
+                    let origin_of =
+                        |r: u32| raw.origins.get(decoded.rows[r as usize] as usize).copied();
                     let rows: Vec<u32> = match (repartitioned, upstream) {
                         (true, Some(upstream)) => rows
                             .iter()
                             .copied()
                             .filter(|&r| {
-                                let Some(&(p, o)) =
-                                    raw.origins.get(decoded.rows[r as usize] as usize)
-                                else {
+                                let Some((p, o)) = origin_of(r) else {
                                     return false;
                                 };
                                 let next = upstream.entry(p).or_insert(0);
@@ -807,11 +809,15 @@ impl Pipeline {
                                     return false;
                                 }
                                 *next = o + 1;
-                                origins.push((p, o));
+                                origins.push(Some((p, o)));
                                 true
                             })
                             .collect(),
-                        _ => rows.clone(),
+                        (true, None) => {
+                            origins = rows.iter().map(|&r| origin_of(r)).collect();
+                            rows.clone()
+                        }
+                        (false, _) => rows.clone(),
                     };
                     if repartitioned && rows.is_empty() {
                         continue;
@@ -832,7 +838,11 @@ impl Pipeline {
                         )
                     };
                     let sub_partitions: Vec<i32> = if repartitioned {
-                        origins.iter().map(|o| o.0).collect()
+                        origins
+                            .iter()
+                            .zip(&sub_partitions)
+                            .map(|(o, p)| o.map_or(*p, |o| o.0))
+                            .collect()
                     } else {
                         sub_partitions
                     };
@@ -846,15 +856,16 @@ impl Pipeline {
                             .map(|d| {
                                 let i = decoded.rows[rows[d.row as usize] as usize] as usize;
                                 // A repartitioned record is reported where it came from.
-                                let (topic, partition, offset) = match &running.repartition {
-                                    Some(r) => {
-                                        let (p, o) = origins[d.row as usize];
-                                        (r.input.clone(), p, o)
-                                    }
-                                    None => {
-                                        (raw.topic.to_string(), raw.partitions[i], raw.offsets[i])
-                                    }
-                                };
+                                let origin = origins.get(d.row as usize).copied().flatten();
+                                let (topic, partition, offset) =
+                                    match (&running.repartition, origin) {
+                                        (Some(r), Some((p, o))) => (r.input.clone(), p, o),
+                                        _ => (
+                                            raw.topic.to_string(),
+                                            raw.partitions[i],
+                                            raw.offsets[i],
+                                        ),
+                                    };
                                 let record = LateRecord {
                                     query: running.name.clone(),
                                     topic,
@@ -1052,8 +1063,8 @@ impl Pipeline {
             && groups > max
         {
             return Err(Error::ResourceLimit(format!(
-                "state holds {groups} (window, group) partials, over the cap of {max} \
-                 (queries.max_state_groups)"
+                "state holds {groups} entries ((window, group) partials and detector keys), \
+                 over the cap of {max} (queries.max_state_groups)"
             )));
         }
         if let Some(reservation) = &mut self.reservation
@@ -1061,8 +1072,8 @@ impl Pipeline {
         {
             let limit = self.config.memory_limit.unwrap_or_default();
             return Err(Error::ResourceLimit(format!(
-                "window state of {bytes} bytes in {groups} groups does not fit the query's \
-                 memory limit of {limit} bytes ({e})"
+                "state of {bytes} bytes in {groups} entries (windows, sessions, detector \
+                 keys) does not fit the query's memory limit of {limit} bytes ({e})"
             )));
         }
         Ok(())

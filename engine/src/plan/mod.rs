@@ -7,6 +7,7 @@
 //! - [`table`]: Kafka topics as tables (`CREATE EXTERNAL TABLE … STORED AS KAFKA`).
 //! - [`rewrite`]: makes `window_start`/`window_end` selectable.
 //! - [`feed`]: the leaf that feeds micro-batches into a planned query.
+//! - [`sandbox`]: what analysts' SQL may reach, and the limits on parsing and planning it.
 //!
 //! [`city_context`] registers the city's topics (from `schemas/`) and reference tables (from
 //! `schemas/reference/`); [`DEFAULT_QUERIES`] are the queries of `queries/`.
@@ -14,6 +15,7 @@
 pub mod feed;
 pub mod repartition;
 pub mod rewrite;
+pub mod sandbox;
 pub mod stream;
 pub mod table;
 
@@ -148,13 +150,22 @@ fn ward_sensors_csv(reference: &ReferenceData) -> String {
 }
 
 /// Plans `sql` (one or more statements) in `ctx`; returns the stream queries among them.
+/// This is the entry point for SQL from clients: it runs on a planning thread of its own
+/// with a time limit ([`sandbox::on_planning_thread`]), and every statement passes the
+/// sandbox's checks.
 pub async fn plan_all(ctx: &StreamContext, sql: &str) -> Result<Vec<stream::StreamQuery>> {
-    let mut queries = Vec::new();
-    for statement in StreamContext::parse(sql)? {
-        if let Some(q) = ctx.plan(statement).await? {
-            queries.push(q);
+    let ctx = ctx.clone();
+    let sql = sql.to_string();
+    let queries = sandbox::on_planning_thread(move || async move {
+        let mut queries = Vec::new();
+        for statement in StreamContext::parse(&sql)? {
+            if let Some(q) = ctx.plan(statement).await? {
+                queries.push(q);
+            }
         }
-    }
+        Ok(queries)
+    })
+    .await?;
     Ok(queries)
 }
 

@@ -27,6 +27,7 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::compute::{cast, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::TableProviderFactory;
 use datafusion::common::config::ConfigExtension;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Result, extensions_options, plan_datafusion_err, plan_err};
@@ -40,7 +41,7 @@ use datafusion::physical_expr::expressions::{Column, Literal};
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::{ExecutionPlan, collect};
 use datafusion::prelude::{SessionConfig, SessionContext};
-use datafusion::sql::parser::{DFParser, Statement as DFStatement};
+use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{Statement, TableObject};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use urbanstream_operators::window::{WINDOW_FUNCTIONS, WindowSpec, interval_ms};
@@ -64,6 +65,10 @@ extensions_options! {
         /// Processing-time interval at which windows not yet final emit partial results
         /// (`is_final = false`), e.g. '10s'; empty for none.
         pub early_fire: String, default = String::new()
+        /// How long a key of a detector or alert (`anomaly_*`, `sensor_*`, `alert_state`) may
+        /// stay silent, in event time, before its state is dropped, e.g. '7d'; '0s' keeps
+        /// every key for ever.
+        pub key_ttl: String, default = "7d".to_string()
     }
 }
 
@@ -112,7 +117,9 @@ pub struct StepOutput {
     pub diverted: Vec<Diverted>,
 }
 
-/// A DataFusion session for stream queries.
+/// A DataFusion session for stream queries. Clones share the session (its tables, views and
+/// settings).
+#[derive(Clone)]
 pub struct StreamContext {
     ctx: SessionContext,
 }
@@ -149,7 +156,13 @@ impl StreamContext {
             .with_config(config)
             .with_runtime_env(runtime)
             .with_default_features()
-            .with_table_factory("KAFKA".into(), Arc::new(KafkaTableFactory))
+            // The sandbox: Kafka tables only (no file-backed table types) and no table
+            // functions; reference tables are registered by the engine.
+            .with_table_factories(HashMap::from([(
+                "KAFKA".to_string(),
+                Arc::new(KafkaTableFactory) as Arc<dyn TableProviderFactory>,
+            )]))
+            .with_table_functions(HashMap::new())
             .build();
         let ctx = SessionContext::new_with_state(state);
         urbanstream_operators::register_all(&ctx);
@@ -198,16 +211,27 @@ impl StreamContext {
         }))
     }
 
-    /// Splits SQL text into statements, with syntax errors naming their position.
+    /// Splits SQL text into statements, with syntax errors naming their position, within the
+    /// sandbox's size and nesting limits ([`super::sandbox::parse_checked`]).
     pub fn parse(sql: &str) -> Result<Vec<DFStatement>> {
+        Self::parse_within(sql, super::sandbox::MAX_SQL_BYTES)
+    }
+
+    /// [`StreamContext::parse`] with another size limit (see
+    /// [`super::sandbox::parse_within`]).
+    pub fn parse_within(sql: &str, max_bytes: usize) -> Result<Vec<DFStatement>> {
+        if sql.len() > max_bytes {
+            return super::sandbox::parse_within(sql, max_bytes);
+        }
         let sql = add_kafka_location(sql);
-        Ok(DFParser::parse_sql_with_dialect(&sql, &GenericDialect {})?
-            .into_iter()
-            .collect())
+        super::sandbox::parse_within(&sql, max_bytes.saturating_add(64))
     }
 
     /// Plans one statement: DDL and `SET` run now (`Ok(None)`); a stream query is returned.
+    /// Statements the sandbox does not allow are refused
+    /// ([`super::sandbox::check_statement`]).
     pub async fn plan(&self, mut statement: DFStatement) -> Result<Option<StreamQuery>> {
+        super::sandbox::check_statement(&statement)?;
         let sql = statement.to_string();
         rewrite_windows(&mut statement)?;
         // INSERT INTO a stream table: plan the SELECT; its columns meet the sink's by name.
@@ -286,7 +310,13 @@ impl StreamContext {
             .unwrap_or_default();
         let early_fire = parse_setting("urbanstream.early_fire", &settings.early_fire)?;
         let physical = self.ctx.state().create_physical_plan(&plan).await?;
+        let key_ttl = parse_setting("urbanstream.key_ttl", &settings.key_ttl)?
+            .filter(|d| !d.is_zero())
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let (physical, keyed) = replace_series_windows(physical)?;
+        for k in &keyed {
+            k.set_ttl(key_ttl);
+        }
         let mut series_keys: Vec<Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>>> =
             Vec::new();
         physical.apply(|node| {
@@ -751,6 +781,7 @@ impl StreamQuery {
         let settings = [
             ("allowed_lateness", self.settings.allowed_lateness.clone()),
             ("early_fire", self.settings.early_fire.clone()),
+            ("key_ttl", self.settings.key_ttl.clone()),
         ];
         async move {
             for (name, value) in settings {
@@ -830,18 +861,43 @@ impl StreamQuery {
         self.watermarks.current()
     }
 
-    /// (window, group) partials held in state.
+    /// Entries held in state: (window, group) partials, and keys of detectors and alerts.
     pub fn state_groups(&self) -> usize {
         self.windowed
             .as_ref()
             .map_or(0, |w| w.operator.group_count())
+            + self
+                .keyed
+                .iter()
+                .map(|k| k.with_store(|s| s.len()).unwrap_or(0))
+                .sum::<usize>()
     }
 
-    /// Bytes of aggregation state held.
+    /// Bytes held in state: window and session partials with their emission bookkeeping,
+    /// detector and alert state per key, and the offsets held back for open windows.
     pub fn state_bytes(&self) -> usize {
+        let held: usize = self
+            .held
+            .values()
+            .map(|p| 16 + p.len() * (std::mem::size_of::<(i32, i64)>() + 8))
+            .sum();
         self.windowed
             .as_ref()
             .map_or(0, |w| w.operator.state_bytes())
+            + self
+                .keyed
+                .iter()
+                .map(|k| k.with_store(|s| s.bytes()).unwrap_or(0))
+                .sum::<usize>()
+            + held
+    }
+
+    /// Keys of detectors and alerts dropped after staying silent for `urbanstream.key_ttl`.
+    pub fn keys_expired(&self) -> u64 {
+        self.keyed
+            .iter()
+            .map(|k| k.with_store(|s| s.expired()).unwrap_or(0))
+            .sum()
     }
 
     /// Per partition, the oldest input offset a window not yet evicted still needs. Offsets
@@ -1170,17 +1226,25 @@ impl StreamQuery {
             _ => false,
         };
         let mut emissions = w.operator.advance(watermark, early)?;
-        if pass_watermark(&self.keyed, watermark) && emissions.is_empty() {
-            // Let alert expiries and silences above the aggregation fire on the watermark.
+        // Keyed timers above the aggregation (alert expiries, silences) fire in event-time
+        // order with the windows' rows: while the rows of a window are processed, the keyed
+        // operators see the watermark at that window's end, as if each window had closed in a
+        // step of its own; the query's watermark reaches them after the last window, in a run
+        // of the upper plan without rows. So one step that closes several windows (a catch-up
+        // or backfill) gives what one step per window gives.
+        let timers = self.keyed.iter().any(KeyedHandle::has_timers);
+        if timers {
             emissions.push(Emission {
                 batch: RecordBatch::new_empty(w.upper_schema.clone()),
                 revisions: Vec::new(),
                 is_final: true,
+                until: watermark,
             });
         }
         let evicted = w.operator.evicted_through();
         self.held = self.held.split_off(&evicted.saturating_add(1));
         for emission in emissions {
+            pass_watermark(&self.keyed, emission.until.min(watermark));
             // Rows of one revision go through the upper plan together, so that each output
             // row keeps its revision even when HAVING drops rows.
             let mut by_revision: std::collections::BTreeMap<u32, Vec<bool>> = Default::default();

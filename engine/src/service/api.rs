@@ -126,37 +126,70 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// Refuses requests without the configured bearer token.
+/// Refuses requests without a configured bearer token: the admin token opens every path, the
+/// read token only reads (GET, and validating SQL). The scheme is case-insensitive; tokens are
+/// compared as SHA-256 digests in constant time.
 async fn authorize(
     State(service): State<Arc<Service>>,
     headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Response {
-    let token = &service.config.api.token;
-    if token.is_empty() {
+    let api = &service.config.api;
+    if api.token.is_empty() && api.read_token.is_empty() {
         return next.run(request).await;
     }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        None => ApiError::new(
+        .and_then(bearer);
+    let Some(given) = given else {
+        return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing bearer token (Authorization: Bearer <token>)",
         )
-        .into_response(),
-        Some(given) if !same(given.trim().as_bytes(), token.as_bytes()) => {
-            ApiError::new(StatusCode::UNAUTHORIZED, "wrong bearer token").into_response()
+        .into_response();
+    };
+    let reads = request.method() == axum::http::Method::GET
+        || request.uri().path() == "/v1/queries/validate";
+    if !api.token.is_empty() && same_token(given, &api.token) {
+        next.run(request).await
+    } else if !api.read_token.is_empty() && same_token(given, &api.read_token) {
+        if reads {
+            next.run(request).await
+        } else {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "the read token may only read (GET) and validate; changes need api.token",
+            )
+            .into_response()
         }
-        Some(_) => next.run(request).await,
+    } else {
+        ApiError::new(StatusCode::UNAUTHORIZED, "wrong bearer token").into_response()
     }
 }
 
-/// Compares in time that depends on the lengths only, not on where the bytes differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The token of an `Authorization` value with the `Bearer` scheme, in any case.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(char::is_whitespace)?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether `given` is `token`: their SHA-256 digests compared in time that depends on neither
+/// the tokens' lengths nor where they differ.
+fn same_token(given: &str, token: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (
+        Sha256::digest(given.as_bytes()),
+        Sha256::digest(token.as_bytes()),
+    );
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 async fn readyz(State(service): State<Arc<Service>>) -> Response {

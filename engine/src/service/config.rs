@@ -63,8 +63,13 @@ pub struct KafkaConfig {
 pub struct ApiConfig {
     /// Listen address.
     pub listen: SocketAddr,
-    /// Bearer token; empty for none.
+    /// Bearer token of administrators (every endpoint); empty for none.
     pub token: String,
+    /// Bearer token that may only read (list, status, info, metrics, validate); empty for
+    /// none.
+    pub read_token: String,
+    /// Whether the API may listen on a non-loopback address without a token.
+    pub allow_unauthenticated: bool,
     /// Largest request body.
     pub max_body: ByteSize,
 }
@@ -87,6 +92,8 @@ pub struct QueriesConfig {
     pub max_queries: usize,
     /// Memory pool per query.
     pub memory_limit: ByteSize,
+    /// Largest memory pool a query may ask for (`memory_limit` of a create request).
+    pub max_memory_limit: ByteSize,
     /// Most (window, group) partials per query.
     pub max_state_groups: usize,
 }
@@ -197,6 +204,29 @@ impl ServiceConfig {
                 "checkpoint.interval and checkpoint.retain must be above zero".into(),
             ));
         }
+        if self.api.token.is_empty()
+            && !self.api.listen.ip().is_loopback()
+            && !self.api.allow_unauthenticated
+        {
+            return Err(Error::Config(format!(
+                "api.listen is {}, reachable from other machines, and api.token is empty: \
+                 set a token (URBANSTREAM__API__TOKEN=<secret>, or token = \"…\" under [api]), \
+                 listen on 127.0.0.1, or set api.allow_unauthenticated = true to serve every \
+                 caller without one",
+                self.api.listen
+            )));
+        }
+        if !self.api.read_token.is_empty() && self.api.read_token == self.api.token {
+            return Err(Error::Config(
+                "api.read_token equals api.token: give readers a token of their own".into(),
+            ));
+        }
+        if self.queries.memory_limit > self.queries.max_memory_limit {
+            return Err(Error::Config(format!(
+                "queries.memory_limit ({}) is above queries.max_memory_limit ({})",
+                self.queries.memory_limit, self.queries.max_memory_limit
+            )));
+        }
         if self.checkpoint.instance.trim().is_empty() {
             return Err(Error::Config("checkpoint.instance is empty".into()));
         }
@@ -229,6 +259,9 @@ impl ServiceConfig {
         let mut shown = self.clone();
         if !shown.api.token.is_empty() {
             shown.api.token = REDACTED.into();
+        }
+        if !shown.api.read_token.is_empty() {
+            shown.api.read_token = REDACTED.into();
         }
         for (key, value) in shown.kafka.properties.iter_mut() {
             if is_secret(key) {
@@ -328,7 +361,7 @@ mod tests {
             jail.create_file(
                 "c.toml",
                 "[kafka]\nbrokers = \"file:9092\"\n[api]\nlisten = \"0.0.0.0:9000\"\n\
-                 [queries]\nmax_queries = 3\n",
+                 token = \"t\"\n[queries]\nmax_queries = 3\n",
             )?;
             let c = load(Some("c.toml"))?;
             assert_eq!(c.kafka.brokers, "file:9092");
@@ -344,6 +377,31 @@ mod tests {
             jail.set_env("URBANSTREAM__API__LISTEN", "127.0.0.1:7000");
             let c = load(None)?;
             assert_eq!(c.api.listen.to_string(), "127.0.0.1:7000");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_open_api_on_a_public_address_is_refused() {
+        Jail::expect_with(|jail| {
+            jail.set_env("URBANSTREAM__API__LISTEN", "0.0.0.0:9000");
+            let e = load(None).expect_err("no token");
+            assert!(
+                e.contains("api.token") && e.contains("URBANSTREAM__API__TOKEN"),
+                "{e}"
+            );
+            jail.set_env("URBANSTREAM__API__ALLOW_UNAUTHENTICATED", "true");
+            assert!(load(None).is_ok());
+            jail.set_env("URBANSTREAM__API__ALLOW_UNAUTHENTICATED", "false");
+            jail.set_env("URBANSTREAM__API__TOKEN", "s3cret");
+            assert!(load(None).is_ok());
+            jail.set_env("URBANSTREAM__API__READ_TOKEN", "s3cret");
+            let e = load(None).expect_err("same tokens");
+            assert!(e.contains("read_token"), "{e}");
+            jail.set_env("URBANSTREAM__API__LISTEN", "[::1]:9000");
+            jail.set_env("URBANSTREAM__API__TOKEN", "");
+            jail.set_env("URBANSTREAM__API__READ_TOKEN", "");
+            assert!(load(None).is_ok(), "loopback needs no token");
             Ok(())
         });
     }

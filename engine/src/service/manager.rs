@@ -22,6 +22,8 @@ use crate::pipeline::{
 };
 use crate::plan::{DEFAULT_QUERIES, city_context, plan_all};
 use crate::schema::SchemaRegistry;
+use futures::FutureExt;
+use std::panic::AssertUnwindSafe;
 
 /// Longest wait between two attempts to start a query stopped by a transient error.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -434,6 +436,14 @@ impl QueryManager {
         if memory_limit == Some(0) {
             return Err(ServiceError::invalid("memory_limit must be above 0 bytes"));
         }
+        let max = self.config.queries.max_memory_limit;
+        if memory_limit.is_some_and(|m| m > max.as_u64()) {
+            return Err(ServiceError::invalid(format!(
+                "memory_limit is above the server's queries.max_memory_limit ({max}): ask for \
+                 at most {} bytes",
+                max.as_u64()
+            )));
+        }
         self.validate(sql).await?;
         let entry = CatalogEntry {
             name: name.to_string(),
@@ -568,6 +578,18 @@ impl QueryManager {
             .collect()
     }
 
+    /// Names of the RUNNING queries that hold no input partition.
+    pub fn running_without_partitions(&self) -> Vec<String> {
+        self.handles()
+            .iter()
+            .filter(|h| {
+                h.state() == QueryState::Running
+                    && h.stats.assigned_partitions.load(Ordering::Relaxed) == 0
+            })
+            .map(|h| h.entry.name.clone())
+            .collect()
+    }
+
     /// Counts of queries per state.
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
         let mut counts: BTreeMap<&'static str, usize> = [
@@ -671,16 +693,53 @@ async fn supervise(
     backoff: Duration,
     stop: Arc<AtomicBool>,
 ) {
+    let run = {
+        let handle = handle.clone();
+        move |stop: Arc<AtomicBool>| {
+            let config = config.clone();
+            let handle = handle.clone();
+            async move {
+                let pipeline = Pipeline::new(config, handle.stats.clone()).await?;
+                handle.set(QueryState::Running, None);
+                pipeline.run(stop).await
+            }
+        }
+    };
+    supervise_with(handle, backoff, stop, run).await;
+}
+
+/// [`supervise`] with the run of one attempt given: `run(stop)` runs until `stop` is set or
+/// an error. A panic inside it ends this query alone: it becomes FAILED with the panic's
+/// message (a panic is a defect, not a passing condition, so it is not retried); the other
+/// queries and the API go on.
+async fn supervise_with<F, Fut>(
+    handle: Arc<QueryHandle>,
+    backoff: Duration,
+    stop: Arc<AtomicBool>,
+    mut run: F,
+) where
+    F: FnMut(Arc<AtomicBool>) -> Fut,
+    Fut: Future<Output = crate::Result<()>>,
+{
     let name = handle.entry.name.clone();
     let mut delay = backoff;
     loop {
         handle.starts.fetch_add(1, Ordering::Relaxed);
-        let result = async {
-            let pipeline = Pipeline::new(config.clone(), handle.stats.clone()).await?;
-            handle.set(QueryState::Running, None);
-            pipeline.run(stop.clone()).await
-        }
-        .await;
+        let result = match AssertUnwindSafe(run(stop.clone())).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => {
+                let message = crate::plan::sandbox::panic_message(&*panic);
+                error!(query = %name, panic = %message, "query panicked");
+                handle.set(
+                    QueryState::Failed,
+                    Some(format!(
+                        "the query panicked: {message} (an engine defect: please report it; \
+                         POST /v1/queries/{name}/restart starts it again)"
+                    )),
+                );
+                return;
+            }
+        };
         match result {
             Ok(()) => return,
             Err(e) if e.is_transient() && !stop.load(Ordering::Relaxed) => {
@@ -713,6 +772,100 @@ async fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn handle(name: &str) -> Arc<QueryHandle> {
+        Arc::new(QueryHandle {
+            builtin: false,
+            memory_limit: 1 << 20,
+            stats: Arc::new(PipelineStats::new()),
+            status: Mutex::new(Status {
+                state: QueryState::Starting,
+                error: None,
+                started_at: None,
+            }),
+            starts: AtomicU64::new(0),
+            control: tokio::sync::Mutex::new(Control::default()),
+            entry: CatalogEntry {
+                name: name.into(),
+                sql: String::new(),
+                paused: false,
+                memory_limit: None,
+                created_at: 0,
+            },
+        })
+    }
+
+    /// A panic inside one query's run makes that query FAILED with the panic's text; a query
+    /// beside it keeps running and the panicking one is not restarted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_query_fails_alone() {
+        let (bad, good) = (handle("bad"), handle("good"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let steps = Arc::new(AtomicU64::new(0));
+        let good_task = tokio::spawn(supervise_with(
+            good.clone(),
+            Duration::from_millis(10),
+            stop.clone(),
+            {
+                let (good, steps) = (good.clone(), steps.clone());
+                move |stop: Arc<AtomicBool>| {
+                    let (good, steps) = (good.clone(), steps.clone());
+                    async move {
+                        good.set(QueryState::Running, None);
+                        while !stop.load(Ordering::Relaxed) {
+                            steps.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Ok(())
+                    }
+                }
+            },
+        ));
+        let bad_task = tokio::spawn(supervise_with(
+            bad.clone(),
+            Duration::from_millis(10),
+            stop.clone(),
+            {
+                let bad = bad.clone();
+                move |_stop: Arc<AtomicBool>| {
+                    let bad = bad.clone();
+                    async move {
+                        bad.set(QueryState::Running, None);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let index: Vec<u8> = Vec::new();
+                        let i = bad.starts.load(Ordering::Relaxed) as usize;
+                        // An out-of-bounds index, as a defect inside a query would be.
+                        std::hint::black_box(index[i]);
+                        Ok::<(), Error>(())
+                    }
+                }
+            },
+        ));
+        bad_task
+            .await
+            .expect("the supervisor itself does not panic");
+        let status = bad.status();
+        assert_eq!(status.state, QueryState::Failed);
+        let error = status.error.unwrap_or_default();
+        assert!(
+            error.contains("panicked") && error.contains("index out of bounds"),
+            "{error}"
+        );
+        assert_eq!(
+            bad.starts.load(Ordering::Relaxed),
+            1,
+            "a panic is not retried"
+        );
+        let before = steps.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            steps.load(Ordering::Relaxed) > before,
+            "the other query stopped"
+        );
+        assert_eq!(good.state(), QueryState::Running);
+        stop.store(true, Ordering::Relaxed);
+        good_task.await.expect("good query");
+    }
 
     #[test]
     fn parser_positions_are_found() {

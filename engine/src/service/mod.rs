@@ -80,8 +80,8 @@ impl Service {
     }
 
     /// Ready: Kafka reachable, every query that should run running (none starting or
-    /// retrying), and not shutting down. PAUSED and FAILED queries do not hold readiness
-    /// back; they are reported in the status.
+    /// retrying) and holding input partitions, none FAILED, and not shutting down. PAUSED
+    /// queries do not hold readiness back. The reason names the queries that do.
     pub fn ready(&self) -> (bool, String) {
         if self.stopping.load(Ordering::Relaxed) {
             return (false, "shutting down".into());
@@ -95,11 +95,27 @@ impl Service {
                 format!("Kafka at {} is not reachable", self.config.kafka.brokers),
             );
         }
+        let failed = self.manager.names_in(manager::QueryState::Failed);
         let starting = self.manager.names_in(manager::QueryState::Starting);
-        if !starting.is_empty() {
-            return (false, format!("queries starting: {}", starting.join(", ")));
+        let unassigned = self.manager.running_without_partitions();
+        let mut problems = Vec::new();
+        if !failed.is_empty() {
+            problems.push(format!("queries failed: {}", failed.join(", ")));
         }
-        (true, "ready".into())
+        if !starting.is_empty() {
+            problems.push(format!("queries starting: {}", starting.join(", ")));
+        }
+        if !unassigned.is_empty() {
+            problems.push(format!(
+                "queries holding no input partition yet: {}",
+                unassigned.join(", ")
+            ));
+        }
+        if problems.is_empty() {
+            (true, "ready".into())
+        } else {
+            (false, problems.join("; "))
+        }
     }
 
     /// Stops every query: each publishes what it holds, flushes its producer and commits.

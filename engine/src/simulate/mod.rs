@@ -659,7 +659,8 @@ pub struct ProducerStats {
 
 /// Paces `simulator` at `speedup` simulated seconds per wall second and produces its records
 /// into `topics` (camera, detector, air) until `stop` is set or `duration` of simulated time
-/// has passed.
+/// has passed. Simulated time is capped at the wall clock: once it reaches the present it runs
+/// in real time (one simulated second per second), so no event is stamped in the future.
 pub async fn run_producer(
     mut simulator: CitySimulator,
     producer: rdkafka::producer::FutureProducer,
@@ -710,7 +711,16 @@ pub async fn run_producer(
                 }
             }
         }
-        tokio::time::sleep_until(start + tick * ticks).await;
+        // Simulated time never runs ahead of the wall clock: once it has caught up, the city
+        // runs in real time, so its events are never stamped in the future.
+        let ahead_ms = simulator.sim_time_ms() - crate::pipeline::epoch_ms();
+        let paced = start + tick * ticks;
+        if ahead_ms > 0 {
+            let caught_up = tokio::time::Instant::now() + Duration::from_millis(ahead_ms as u64);
+            tokio::time::sleep_until(paced.max(caught_up)).await;
+        } else {
+            tokio::time::sleep_until(paced).await;
+        }
     }
     for delivery in in_flight {
         if let Ok(Ok(_)) = delivery.await {

@@ -76,9 +76,36 @@ pub struct KeyedStore {
     keys: HashMap<Box<[u8]>, KeyState>,
     /// Earliest wake-up time over all keys.
     next_due: Option<i64>,
+    /// Watermark of the last sweep for silent keys.
+    swept_at: Option<i64>,
+    /// Keys dropped for silence so far.
+    expired: u64,
 }
 
 impl KeyedStore {
+    /// Keys dropped so far because they stayed silent longer than the query's key TTL.
+    pub fn expired(&self) -> u64 {
+        self.expired
+    }
+
+    /// Drops the keys whose last row is more than `ttl` before `watermark` and that wait on
+    /// no timer. Sweeps at most once per tenth of the TTL of event time.
+    fn expire(&mut self, watermark: i64, ttl: i64) {
+        if watermark == i64::MIN
+            || self
+                .swept_at
+                .is_some_and(|s| watermark.saturating_sub(s) < (ttl / 10).max(1))
+        {
+            return;
+        }
+        self.swept_at = Some(watermark);
+        let horizon = watermark.saturating_sub(ttl);
+        let before = self.keys.len();
+        self.keys
+            .retain(|_, k| k.due.is_some() || k.last_t == i64::MIN || k.last_t >= horizon);
+        self.expired += (before - self.keys.len()) as u64;
+    }
+
     /// Keys held.
     pub fn len(&self) -> usize {
         self.keys.len()
@@ -112,9 +139,18 @@ pub struct KeyedHandle {
     store: Arc<Mutex<KeyedStore>>,
     watermark: Arc<AtomicI64>,
     timers: bool,
+    /// Event time a key may stay silent before its state is dropped, ms; `i64::MAX` for
+    /// ever.
+    ttl: Arc<AtomicI64>,
 }
 
 impl KeyedHandle {
+    /// Sets how long a key may stay silent before its state is dropped (`None`: for ever).
+    pub fn set_ttl(&self, ttl_ms: Option<i64>) {
+        self.ttl
+            .store(ttl_ms.unwrap_or(i64::MAX), AtomicOrdering::Relaxed);
+    }
+
     /// Sets the watermark the next executions wake timers with.
     pub fn set_watermark(&self, watermark: i64) {
         self.watermark.store(watermark, AtomicOrdering::Relaxed);
@@ -339,6 +375,7 @@ impl KeyedSeriesExec {
                 store: Arc::default(),
                 watermark: Arc::new(AtomicI64::new(i64::MIN)),
                 timers,
+                ttl: Arc::new(AtomicI64::new(i64::MAX)),
             },
             properties,
         }))
@@ -362,15 +399,19 @@ impl KeyedSeriesExec {
             .store
             .lock()
             .map_err(|_| DataFusionError::Internal("keyed state lock poisoned".into()))?;
+        let watermark = self.handle.watermark.load(AtomicOrdering::Relaxed);
         let mut out = Vec::new();
         if batch.num_rows() > 0 {
-            out.push(self.step(&mut store, &batch)?);
+            out.push(self.step(&mut store, &batch, watermark)?);
         }
-        let watermark = self.handle.watermark.load(AtomicOrdering::Relaxed);
         if store.next_due.is_some_and(|d| d < watermark)
             && let Some(b) = self.wake(&mut store, watermark)?
         {
             out.push(b);
+        }
+        let ttl = self.handle.ttl.load(AtomicOrdering::Relaxed);
+        if ttl != i64::MAX {
+            store.expire(watermark, ttl);
         }
         Ok(out)
     }
@@ -385,7 +426,16 @@ impl KeyedSeriesExec {
         Ok(RowConverter::new(fields)?)
     }
 
-    fn step(&self, store: &mut KeyedStore, batch: &RecordBatch) -> Result<RecordBatch> {
+    /// Steps the rows of `batch` in time order. With timers, a key's timers due before a row
+    /// of that key fire just before it (and before `watermark`), so that rows and timers are
+    /// taken in event-time order however the input was cut into batches. Returns the rows
+    /// with their function columns, then the rows the timers fired, ordered by time.
+    fn step(
+        &self,
+        store: &mut KeyedStore,
+        batch: &RecordBatch,
+        watermark: i64,
+    ) -> Result<RecordBatch> {
         let n = batch.num_rows();
         let key_columns = self
             .keys
@@ -418,8 +468,9 @@ impl KeyedSeriesExec {
         let blank: Vec<Emitted> = self.calls.iter().map(|c| c.prototype.blank()).collect();
         let mut outputs: Vec<Vec<Emitted>> = blank.iter().map(|b| vec![*b; n]).collect();
         let timers = self.handle.timers;
-        // With timers: each key's last row in time order, kept as the key's last row.
+        // With timers: each key's latest row of this batch so far (in time order).
         let mut last_row_of: HashMap<Box<[u8]>, usize> = HashMap::new();
+        let mut fired = Fired::new(self.calls.len());
         for &r in &sequence {
             let key = rows.row(r);
             let state = match store.keys.get_mut(key.as_ref()) {
@@ -438,6 +489,18 @@ impl KeyedSeriesExec {
                 continue;
             }
             let t = order.value(r);
+            if timers && state.due.is_some_and(|d| d < t.min(watermark)) {
+                let last = last_row_of.get(key.as_ref()).copied();
+                fired.fire(
+                    state,
+                    t.min(watermark),
+                    self.order_column(),
+                    |row| match last {
+                        Some(i) => batch_row(batch, i, row),
+                        None => Ok(()),
+                    },
+                )?;
+            }
             let in_order = t >= state.last_t;
             if in_order {
                 state.last_t = t;
@@ -452,6 +515,7 @@ impl KeyedSeriesExec {
                 };
             }
             if timers && in_order {
+                state.due = state.series.iter().filter_map(SeriesState::due).min();
                 match last_row_of.get_mut(key.as_ref()) {
                     Some(last) => *last = r,
                     None => {
@@ -461,70 +525,124 @@ impl KeyedSeriesExec {
             }
         }
         if timers {
-            let mut next_due = store.next_due;
             for (key, &r) in &last_row_of {
-                let row = batch
-                    .columns()
-                    .iter()
-                    .map(|c| ScalarValue::try_from_array(c, r))
-                    .collect::<Result<Vec<_>>>()?;
+                let mut row = Vec::new();
+                batch_row(batch, r, &mut row)?;
                 if let Some(state) = store.keys.get_mut(key) {
                     state.last_row = Some(row);
-                    state.due = state.series.iter().filter_map(SeriesState::due).min();
-                    if let Some(d) = state.due {
-                        next_due = Some(next_due.map_or(d, |n| n.min(d)));
-                    }
                 }
             }
-            store.next_due = next_due;
+            store.next_due = store.keys.values().filter_map(|s| s.due).min();
         }
         let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
         for (call, rows) in self.calls.iter().zip(&outputs) {
             columns.push(call.kind.build(rows)?);
         }
-        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+        let stepped = RecordBatch::try_new(self.schema.clone(), columns)?;
+        match fired.into_batch(self)? {
+            None => Ok(stepped),
+            Some(fired) => {
+                // Fired rows interleave with the stepped ones by time.
+                let all = concat_batches(&self.schema, [&stepped, &fired])?;
+                let times = self.order.evaluate(&all)?.into_array(all.num_rows())?;
+                let times = cast(&times, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+                let indices = datafusion::arrow::compute::sort_to_indices(&times, None, None)?;
+                Ok(datafusion::arrow::compute::take_record_batch(
+                    &all, &indices,
+                )?)
+            }
+        }
+    }
+
+    /// Index of the `ORDER BY` column among the input's columns, when it is a column.
+    fn order_column(&self) -> Option<usize> {
+        self.order.downcast_ref::<Column>().map(|c| c.index())
     }
 
     /// Wakes the keys whose time has come; one row per key that has something to say.
     fn wake(&self, store: &mut KeyedStore, watermark: i64) -> Result<Option<RecordBatch>> {
-        let order_column = self.order.downcast_ref::<Column>().map(|c| c.index());
-        let mut rows: Vec<Vec<ScalarValue>> = Vec::new();
-        let mut outputs: Vec<Vec<Emitted>> = vec![Vec::new(); self.calls.len()];
-        let mut next_due = None;
+        let mut fired = Fired::new(self.calls.len());
         for state in store.keys.values_mut() {
-            if let Some(due) = state.due.filter(|d| *d < watermark) {
-                let fired: Vec<Option<Emitted>> =
-                    state.series.iter_mut().map(|s| s.fire(watermark)).collect();
-                if fired.iter().any(Option::is_some)
-                    && let Some(mut row) = state.last_row.clone()
-                {
-                    if let Some(i) = order_column {
-                        row[i] = time_like(&row[i], due)?;
-                    }
-                    for (i, (f, s)) in fired.into_iter().zip(&state.series).enumerate() {
-                        outputs[i].push(f.unwrap_or_else(|| s.blank()));
-                    }
-                    rows.push(row);
-                    state.last_t = state.last_t.max(due);
-                }
-                state.due = state.series.iter().filter_map(SeriesState::due).min();
-            }
-            if let Some(d) = state.due {
-                next_due = Some(next_due.map_or(d, |n: i64| n.min(d)));
+            if state.due.is_some_and(|d| d < watermark) {
+                fired.fire(state, watermark, self.order_column(), |_| Ok(()))?;
             }
         }
-        store.next_due = next_due;
-        if rows.is_empty() {
+        store.next_due = store.keys.values().filter_map(|s| s.due).min();
+        fired.into_batch(self)
+    }
+}
+
+/// Appends row `r` of `batch` as scalars to `row`.
+fn batch_row(batch: &RecordBatch, r: usize, row: &mut Vec<ScalarValue>) -> Result<()> {
+    for c in batch.columns() {
+        row.push(ScalarValue::try_from_array(c, r)?);
+    }
+    Ok(())
+}
+
+/// Rows fired by timers: the key's last input row with the `ORDER BY` column set to the
+/// timer's time, and the function columns.
+struct Fired {
+    rows: Vec<Vec<ScalarValue>>,
+    outputs: Vec<Vec<Emitted>>,
+}
+
+impl Fired {
+    fn new(calls: usize) -> Self {
+        Self {
+            rows: Vec::new(),
+            outputs: vec![Vec::new(); calls],
+        }
+    }
+
+    /// Fires `state`'s timers due before `at`. The key's last row is its stored one, unless
+    /// `in_batch` supplies a newer one of the batch being stepped.
+    fn fire(
+        &mut self,
+        state: &mut KeyState,
+        at: i64,
+        order_column: Option<usize>,
+        in_batch: impl FnOnce(&mut Vec<ScalarValue>) -> Result<()>,
+    ) -> Result<()> {
+        let Some(due) = state.due.filter(|d| *d < at) else {
+            return Ok(());
+        };
+        let fired: Vec<Option<Emitted>> = state.series.iter_mut().map(|s| s.fire(at)).collect();
+        if fired.iter().any(Option::is_some) {
+            let mut row = Vec::new();
+            in_batch(&mut row)?;
+            if row.is_empty()
+                && let Some(stored) = &state.last_row
+            {
+                row = stored.clone();
+            }
+            if !row.is_empty() {
+                if let Some(i) = order_column {
+                    row[i] = time_like(&row[i], due)?;
+                }
+                for (i, (f, s)) in fired.into_iter().zip(&state.series).enumerate() {
+                    self.outputs[i].push(f.unwrap_or_else(|| s.blank()));
+                }
+                self.rows.push(row);
+                state.last_t = state.last_t.max(due);
+            }
+        }
+        state.due = state.series.iter().filter_map(SeriesState::due).min();
+        Ok(())
+    }
+
+    fn into_batch(self, exec: &KeyedSeriesExec) -> Result<Option<RecordBatch>> {
+        if self.rows.is_empty() {
             return Ok(None);
         }
-        let input_schema = self.input.schema();
+        let input_schema = exec.input.schema();
         let mut columns: Vec<ArrayRef> = (0..input_schema.fields().len())
-            .map(|c| ScalarValue::iter_to_array(rows.iter().map(|r| r[c].clone())))
+            .map(|c| ScalarValue::iter_to_array(self.rows.iter().map(|r| r[c].clone())))
             .collect::<Result<Vec<_>>>()?;
-        for (call, out) in self.calls.iter().zip(&outputs) {
+        for (call, out) in exec.calls.iter().zip(&self.outputs) {
             columns.push(call.kind.build(out)?);
         }
-        Ok(Some(RecordBatch::try_new(self.schema.clone(), columns)?))
+        Ok(Some(RecordBatch::try_new(exec.schema.clone(), columns)?))
     }
 }
 

@@ -423,6 +423,7 @@ impl SessionOperator {
             batch,
             revisions: rows.iter().map(|r| r.4).collect(),
             is_final,
+            until: rows.iter().map(|r| r.2).max().unwrap_or(i64::MIN),
         }))
     }
 }

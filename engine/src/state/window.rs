@@ -106,12 +106,16 @@ impl AggregateSpec {
                 .map(evaluate)
                 .collect::<Result<Vec<_>>>()?
         };
+        // Each aggregate's arguments, then its ORDER BY expressions: what DataFusion's
+        // partial aggregation feeds an order-sensitive accumulator (`first_value(x ORDER BY
+        // t)`, `array_agg(x ORDER BY t)`), which sorts by them itself.
         let args = self
             .aggregates
             .iter()
             .map(|a| {
                 a.expressions()
                     .iter()
+                    .chain(a.order_bys().iter().map(|o| &o.expr))
                     .map(evaluate)
                     .collect::<Result<Vec<_>>>()
             })
@@ -183,6 +187,10 @@ pub struct Emission {
     pub revisions: Vec<u32>,
     /// Whether the watermark had passed the window's end.
     pub is_final: bool,
+    /// The latest window end among the rows: operators above the aggregation (keyed timers)
+    /// see the watermark at most here while they process these rows, as they would had the
+    /// watermark stopped just after this window closed.
+    pub until: i64,
 }
 
 struct Pane {
@@ -537,6 +545,7 @@ impl WindowOperator {
             batch,
             revisions,
             is_final,
+            until: end,
         }))
     }
 
@@ -566,16 +575,28 @@ impl WindowOperator {
         self.panes.values().map(|p| p.groups.len()).sum()
     }
 
-    /// Bytes held by pane state (group keys and accumulators).
+    /// Bytes held by pane state (group keys and accumulators) and by the live windows'
+    /// emission bookkeeping (the revision count of each emitted group).
     pub fn state_bytes(&self) -> usize {
-        self.panes
+        let panes: usize = self
+            .panes
             .values()
             .map(|p| {
                 p.groups.size()
                     + p.accumulators.iter().map(|a| a.size()).sum::<usize>()
                     + p.updated.capacity() * 8
             })
-            .sum()
+            .sum();
+        let windows: usize = self
+            .windows
+            .values()
+            .map(|w| {
+                std::mem::size_of::<WindowMeta>()
+                    + w.revisions.capacity() * (std::mem::size_of::<(Box<[u8]>, u32)>() + 8)
+                    + w.revisions.keys().map(|k| k.len()).sum::<usize>()
+            })
+            .sum();
+        panes + windows
     }
 
     /// Live windows.
@@ -586,9 +607,15 @@ impl WindowOperator {
 
 /// A pane's group keys and, per aggregate, its state arrays (DataFusion's partial
 /// aggregation state), leaving the pane as it was.
+///
+/// `GroupValues::emit(EmitTo::All)` drains the interner's values but, for the multi-column
+/// interner, leaves its hash table pointing at them: the interner must be cleared
+/// (`clear_shrink`, as DataFusion's own aggregation does after a full emit) before keys are
+/// interned into it again, or it compares new keys against group indices that no longer exist.
 fn read_pane(pane: &mut Pane) -> Result<(Vec<ArrayRef>, Vec<Vec<ArrayRef>>)> {
     let n = pane.groups.len();
     let keys = pane.groups.emit(EmitTo::All)?;
+    pane.groups.clear_shrink(n);
     let mut same = Vec::with_capacity(n);
     pane.groups.intern(&keys, &mut same)?;
     if same.iter().enumerate().any(|(i, g)| *g != i) {

@@ -159,7 +159,9 @@ impl Health {
     }
 
     /// The silence, once the watermark has passed [`Health::due`] (a reading stamped exactly
-    /// at that time would still be in time).
+    /// at that time would still be in time). Its detail is the silence in seconds at the time
+    /// it became a fault (`due − last reading`), whatever the watermark has reached since, so
+    /// that the row does not depend on how the input was cut into batches.
     pub fn fire(&mut self, watermark: i64) -> Option<HealthOut> {
         let due = self.due()?;
         if watermark <= due {
@@ -169,9 +171,7 @@ impl Health {
         Some(HealthOut {
             fault: true,
             value: None,
-            detail: self
-                .last_t
-                .map(|l| watermark.saturating_sub(l) as f64 / 1000.0),
+            detail: self.last_t.map(|l| due.saturating_sub(l) as f64 / 1000.0),
         })
     }
 }

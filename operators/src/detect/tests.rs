@@ -340,7 +340,11 @@ fn missing_is_decided_on_event_time() {
     );
     let silent = h.fire(10 * MIN).expect("silence reported");
     assert!(silent.fault);
-    assert_eq!(silent.detail, Some(540.0));
+    assert_eq!(
+        silent.detail,
+        Some(180.0),
+        "silent for k × interval when it became a fault"
+    );
     assert_eq!(h.due(), None, "reported once");
     // The sensor comes back: the reading ends the silence rather than reporting it again.
     assert!(!h.update(11 * MIN, Some(2.0)).fault);

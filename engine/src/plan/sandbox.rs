@@ -1,0 +1,314 @@
+//! The SQL sandbox: what analysts' SQL may reach, and the limits that keep parsing and
+//! planning it bounded.
+//!
+//! Analysts' SQL is untrusted input. It may reach exactly the stream tables (`STORED AS
+//! KAFKA`), the reference tables, views, and the engine's scalar, aggregate and window
+//! functions. [`check_statement`] allows these statements and refuses every other one at
+//! planning, with a message naming the statement and what is available instead:
+//!
+//! | allowed | refused (examples) |
+//! |---|---|
+//! | `SELECT …`, `INSERT INTO <stream table> SELECT …` | `COPY`, `CREATE TABLE … AS`, `CREATE TABLE` |
+//! | `CREATE EXTERNAL TABLE … STORED AS KAFKA` (no `LOCATION`) | any other `STORED AS` (CSV, JSON, PARQUET, AVRO, ARROW) or a `LOCATION` |
+//! | `CREATE [OR REPLACE] VIEW`, `DROP VIEW`, `DROP TABLE` | `CREATE FUNCTION`, `CREATE SCHEMA`, `CREATE DATABASE`, `ATTACH` |
+//! | `SET urbanstream.…` | `SET datafusion.…` and other settings, `RESET` |
+//!
+//! The session a query is planned in registers no file-backed table factory and no table
+//! function (see [`super::stream::StreamContext`]), so a refused statement has nothing to reach
+//! even if it got past this check.
+//!
+//! Limits: a statement text of at most [`MAX_SQL_BYTES`]; expressions and queries nested at
+//! most [`MAX_NESTING`] deep (sqlparser builds `1 + 1 + … + 1` as a left-deep tree without
+//! recursing, so its own recursion limit does not see it, but every later walk of the tree
+//! does). [`parse_checked`] parses and measures on a thread with a stack sized for the largest
+//! tree a statement of the size limit can hold, and drops a refused tree there, so that no
+//! statement can overflow the caller's stack; what it returns is shallow enough for the
+//! planner on any thread. [`on_planning_thread`] runs planning with a time limit.
+
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use datafusion::common::{DataFusionError, Result, plan_err};
+use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
+use datafusion::sql::sqlparser::ast::{Expr, ObjectType, Query, Set, Statement, Visit, Visitor};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+
+/// Largest statement text accepted, in bytes (all statements of one request together).
+pub const MAX_SQL_BYTES: usize = 64 * 1024;
+
+/// Deepest nesting of expressions and subqueries accepted.
+pub const MAX_NESTING: usize = 100;
+
+/// Longest a request's planning may take.
+pub const PLANNING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Stack of the thread that parses and measures a statement: enough to walk and drop the
+/// deepest tree [`MAX_SQL_BYTES`] of text can hold (about one level per two bytes). The
+/// memory is reserved, not committed: only the pages a walk touches are used.
+const PARSE_STACK_BYTES: usize = 256 * 1024 * 1024;
+
+/// Stack of the thread that plans a request (trees are at most [`MAX_NESTING`] deep by then).
+const PLANNING_STACK_BYTES: usize = 64 * 1024 * 1024;
+
+/// What analysts' SQL may do, for messages.
+const AVAILABLE: &str = "stream queries may declare Kafka tables (CREATE EXTERNAL TABLE … \
+    STORED AS KAFKA OPTIONS ('topic' '…')), views (CREATE VIEW), settings (SET urbanstream.…) \
+    and queries (INSERT INTO <stream table> SELECT …) over the stream and reference tables";
+
+/// Splits `sql` into statements after checking its size, and refuses statements nested
+/// deeper than [`MAX_NESTING`]. Runs on a thread with a large stack (see the module docs).
+pub fn parse_checked(sql: &str) -> Result<Vec<DFStatement>> {
+    parse_within(sql, MAX_SQL_BYTES)
+}
+
+/// [`parse_checked`] with another size limit: for data fed as SQL (`INSERT … VALUES` in
+/// deterministic mode), not for analysts' queries.
+pub fn parse_within(sql: &str, max_bytes: usize) -> Result<Vec<DFStatement>> {
+    if sql.len() > max_bytes {
+        return plan_err!(
+            "the SQL is {} bytes, over the limit of {} KiB: split it into several requests",
+            sql.len(),
+            max_bytes / 1024
+        );
+    }
+    std::thread::scope(|scope| {
+        let parse = std::thread::Builder::new()
+            .name("sql-parse".into())
+            .stack_size(PARSE_STACK_BYTES)
+            .spawn_scoped(scope, || parse_and_measure(sql))
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        parse.join().unwrap_or_else(|panic| {
+            plan_err!("the SQL could not be parsed: {}", panic_message(&*panic))
+        })
+    })
+}
+
+fn parse_and_measure(sql: &str) -> Result<Vec<DFStatement>> {
+    let statements = DFParserBuilder::new(sql)
+        .with_dialect(&GenericDialect {})
+        .build()?
+        .parse_statements()?;
+    for statement in &statements {
+        let depth = nesting(statement);
+        if depth > MAX_NESTING {
+            return plan_err!(
+                "the statement nests expressions or subqueries {depth} deep, over the limit of \
+                 {MAX_NESTING}: write long sums or conditions as several columns, a CASE or an \
+                 IN list"
+            );
+        }
+    }
+    Ok(statements.into_iter().collect())
+}
+
+/// Deepest nesting of expressions and queries in `statement` (stops counting past the limit).
+fn nesting(statement: &DFStatement) -> usize {
+    struct Depth {
+        now: usize,
+        max: usize,
+    }
+    impl Depth {
+        fn enter(&mut self) -> ControlFlow<()> {
+            self.now += 1;
+            self.max = self.max.max(self.now);
+            if self.now > MAX_NESTING {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        }
+    }
+    impl Visitor for Depth {
+        type Break = ();
+        fn pre_visit_expr(&mut self, _: &Expr) -> ControlFlow<()> {
+            self.enter()
+        }
+        fn post_visit_expr(&mut self, _: &Expr) -> ControlFlow<()> {
+            self.now -= 1;
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.enter()
+        }
+        fn post_visit_query(&mut self, _: &Query) -> ControlFlow<()> {
+            self.now -= 1;
+            ControlFlow::Continue(())
+        }
+    }
+    let mut depth = Depth { now: 0, max: 0 };
+    let _ = match statement {
+        DFStatement::Statement(s) => s.visit(&mut depth),
+        // DataFusion's own statements hold no expressions of the analyst's beyond these.
+        DFStatement::CreateExternalTable(c) => c.columns.visit(&mut depth),
+        DFStatement::CopyTo(_) | DFStatement::Explain(_) | DFStatement::Reset(_) => {
+            ControlFlow::Continue(())
+        }
+    };
+    depth.max
+}
+
+/// Refuses what stream queries may not do (see the module docs): every statement kind but
+/// the allowed ones, file-backed tables, locations, and settings outside `urbanstream.`.
+pub fn check_statement(statement: &DFStatement) -> Result<()> {
+    match statement {
+        DFStatement::CreateExternalTable(create) => {
+            if !create.file_type.eq_ignore_ascii_case("KAFKA") {
+                return plan_err!(
+                    "STORED AS {} is not available in stream queries: tables read from files \
+                     or URLs are not reachable; {AVAILABLE}",
+                    create.file_type.to_ascii_uppercase()
+                );
+            }
+            if create.locations.iter().any(|l| !l.is_empty()) {
+                return plan_err!(
+                    "LOCATION is not available in stream queries: a KAFKA table names its topic \
+                     in OPTIONS ('topic' '…')"
+                );
+            }
+            Ok(())
+        }
+        DFStatement::CopyTo(_) => refuse("COPY"),
+        DFStatement::Explain(_) => plan_err!("EXPLAIN is not supported for stream queries"),
+        DFStatement::Reset(_) => refuse("RESET"),
+        DFStatement::Statement(s) => check_sql_statement(s),
+    }
+}
+
+fn check_sql_statement(statement: &Statement) -> Result<()> {
+    if has_recursive_cte(statement) {
+        return plan_err!(
+            "WITH RECURSIVE is not available in stream queries: a recursive query may never \
+             end; write the levels out as joins, or use a reference table"
+        );
+    }
+    match statement {
+        Statement::Query(_) | Statement::Insert(_) => Ok(()),
+        Statement::CreateView(view) if !view.materialized => Ok(()),
+        Statement::Drop {
+            object_type: ObjectType::View | ObjectType::Table,
+            ..
+        } => Ok(()),
+        Statement::Set(Set::SingleAssignment { variable, .. }) => {
+            let name = variable.to_string().to_ascii_lowercase();
+            if name.starts_with("urbanstream.") {
+                Ok(())
+            } else {
+                plan_err!(
+                    "SET {name} is not available in stream queries: only the urbanstream.… \
+                     settings (allowed_lateness, early_fire) can be set"
+                )
+            }
+        }
+        Statement::Set(_) => plan_err!(
+            "this SET is not available in stream queries: write SET urbanstream.<name> = \
+             '<value>' (allowed_lateness, early_fire)"
+        ),
+        Statement::CreateTable(create) if create.query.is_some() => plan_err!(
+            "CREATE TABLE … AS is not available in stream queries: it would run the query \
+             once; {AVAILABLE}"
+        ),
+        Statement::Explain { .. } => plan_err!("EXPLAIN is not supported for stream queries"),
+        other => refuse(statement_kind(other)),
+    }
+}
+
+/// Whether `statement` holds a `WITH RECURSIVE` anywhere.
+fn has_recursive_cte(statement: &Statement) -> bool {
+    struct Recursive;
+    impl Visitor for Recursive {
+        type Break = ();
+        fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+            if query.with.as_ref().is_some_and(|w| w.recursive) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        }
+    }
+    statement.visit(&mut Recursive).is_break()
+}
+
+fn refuse(kind: &str) -> Result<()> {
+    plan_err!("{kind} is not available in stream queries; {AVAILABLE}")
+}
+
+/// The leading keywords of a statement, for messages (no values from it).
+fn statement_kind(statement: &Statement) -> &'static str {
+    match statement {
+        Statement::Copy { .. } | Statement::CopyIntoSnowflake { .. } => "COPY",
+        Statement::CreateTable(_) => "CREATE TABLE",
+        Statement::CreateView(_) => "CREATE MATERIALIZED VIEW",
+        Statement::CreateFunction(_) => "CREATE FUNCTION",
+        Statement::CreateSchema { .. } => "CREATE SCHEMA",
+        Statement::CreateDatabase { .. } => "CREATE DATABASE",
+        Statement::CreateIndex(_) => "CREATE INDEX",
+        Statement::AttachDatabase { .. } => "ATTACH",
+        Statement::Update { .. } => "UPDATE",
+        Statement::Delete(_) => "DELETE",
+        Statement::Truncate { .. } => "TRUNCATE",
+        Statement::Drop { .. } => "this DROP",
+        Statement::ShowTables { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::ShowFunctions { .. }
+        | Statement::ShowVariable { .. }
+        | Statement::ShowVariables { .. } => "SHOW",
+        Statement::Prepare { .. } | Statement::Execute { .. } | Statement::Deallocate { .. } => {
+            "PREPARE/EXECUTE"
+        }
+        Statement::StartTransaction { .. }
+        | Statement::Commit { .. }
+        | Statement::Rollback { .. } => "a transaction statement",
+        _ => "this statement",
+    }
+}
+
+/// Runs `plan` on its own thread (with a current-thread runtime and a stack sized for
+/// [`MAX_NESTING`]) and waits at most [`PLANNING_TIMEOUT`] for it. A panic while planning is an
+/// error naming it, not a crash.
+pub async fn on_planning_thread<T, F, Fut>(plan: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T>>,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("sql-plan".into())
+        .stack_size(PLANNING_STACK_BYTES)
+        .spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                runtime.block_on(plan())
+            }))
+            .unwrap_or_else(|panic| {
+                plan_err!(
+                    "planning failed inside the engine: {}",
+                    panic_message(&*panic)
+                )
+            });
+            let _ = tx.send(result);
+        })
+        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    match tokio::time::timeout(PLANNING_TIMEOUT, rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => plan_err!("planning stopped without an answer"),
+        Err(_) => plan_err!(
+            "planning took longer than {} s: simplify the statement",
+            PLANNING_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+/// The message of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
+}
