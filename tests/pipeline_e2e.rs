@@ -259,3 +259,60 @@ async fn camera_events_to_indicators_dlq_and_late() -> anyhow::Result<()> {
     assert_eq!(stats.camera_events.load(Ordering::Relaxed), 11);
     Ok(())
 }
+
+/// Regression: the demo panicked (`index out of bounds: the len is 0`) once its simulated
+/// clock reached the wall clock. The default queries run in one state for all partitions
+/// (one of them cannot be split), and the per-sensor air aggregates are repartitioned; a
+/// future-stamped reading diverted by stage 2 indexed an empty list of record origins. It
+/// now goes to the late topic, reported where it came from (the input topic, partition and
+/// offset), and the pipeline runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_future_stamped_reading_of_a_repartitioned_query_goes_to_the_late_topic()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    let topics = Topics::default();
+    let now = urbanstream::pipeline::epoch_ms();
+    let reading = |t: i64| {
+        serde_json::to_vec(&json!({"sensor_id": "aq-001", "ward_id": "hoan_kiem",
+            "event_time": t, "pm25": 31.5}))
+    };
+    cluster
+        .produce(&topics.air, 2, "hoan_kiem", &reading(now - 60_000)?)
+        .await?;
+    let future = reading(now + 3_600_000)?;
+    let (partition, offset) = cluster
+        .produce(&topics.air, 2, "hoan_kiem", &future)
+        .await?;
+
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "future".into();
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+
+    let late = cluster.consumer(&topics.late)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let record = loop {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no late record from the repartitioned query"
+        );
+        anyhow::ensure!(!task.is_finished(), "the pipeline stopped: {:?}", task.await);
+        let rows = read_more(&late, Duration::from_secs(1)).await;
+        if let Some(r) = rows
+            .into_iter()
+            .find(|r| r["query"] == "air_hourly_sensor")
+        {
+            break r;
+        }
+    };
+    assert_eq!(record["reason"], "future_timestamp", "{record}");
+    assert_eq!(record["topic"], topics.air.as_str(), "{record}");
+    assert_eq!(record["partition"], partition, "{record}");
+    assert_eq!(record["offset"], offset, "{record}");
+    assert_eq!(record["payload"], b64(&future), "{record}");
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    Ok(())
+}
