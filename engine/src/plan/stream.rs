@@ -478,7 +478,7 @@ impl StreamContext {
             time,
             groups,
             window_position,
-            aggregates: bottom_agg.aggr_expr().to_vec(),
+            aggregates: unordered_input(bottom_agg.aggr_expr())?,
             filters: bottom_agg.filter_expr().to_vec(),
             output_schema: output_schema.clone(),
             group_schema,
@@ -618,6 +618,27 @@ fn parse_setting(name: &str, value: &str) -> Result<Option<Duration>> {
         .map_err(|e| {
             plan_datafusion_err!("{name}: '{value}' is not a duration ({e}); write e.g. '30s'")
         })
+}
+
+/// The aggregates as they must run over micro-batches: DataFusion plans an ordered aggregate
+/// (`array_agg(x ORDER BY t)`) over input it has sorted and tells it so, and the aggregate
+/// then appends rows as they come; a window's rows arrive over many batches in any order, so
+/// each ordered aggregate is told its input is not ordered and orders it itself.
+fn unordered_input(
+    aggregates: &[Arc<datafusion::physical_expr::aggregate::AggregateFunctionExpr>],
+) -> Result<Vec<Arc<datafusion::physical_expr::aggregate::AggregateFunctionExpr>>> {
+    aggregates
+        .iter()
+        .map(|a| {
+            if a.order_bys().is_empty() {
+                return Ok(a.clone());
+            }
+            Ok(match a.clone().with_beneficial_ordering(false)? {
+                Some(unordered) => Arc::new(unordered),
+                None => a.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Refuses logical plans that cannot run on an unbounded stream, saying what to write instead.
