@@ -609,6 +609,71 @@ async fn a_key_explosion_hits_the_state_cap_with_a_clear_failure() -> anyhow::Re
     Ok(())
 }
 
+/// Resident memory of this process, bytes (Linux).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Keyed detector state counts against the caps like window state: a detector per camera
+/// over 30 000 cameras fails one query on the entry cap and another on its memory limit,
+/// each with the reason, while the process stays far below what the keys would take unbounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detector_keys_hit_the_state_and_memory_caps_with_a_clear_failure() -> anyhow::Result<()>
+{
+    let broker = broker()?;
+    let dir = tempfile::tempdir()?;
+    let service = service_with_cap(&broker.bootstrap_servers(), dir.path(), 10_000).await?;
+    let app = api::router(service.clone());
+    let detector = |name: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE {name} (camera_id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL,                 score DOUBLE) STORED AS KAFKA OPTIONS ('topic' 'test.{name}', 'format' 'json');
+             INSERT INTO {name} SELECT camera_id, event_time, s['score'] AS score FROM              (SELECT camera_id, event_time, anomaly_score(speed_kmh, event_time)                 OVER (PARTITION BY camera_id ORDER BY event_time) AS s FROM camera_events)"
+        )
+    };
+    create(&app, "keys", &detector("keys")).await?;
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries",
+        Some(TOKEN),
+        Some(json!({"name": "small", "sql": detector("small"), "memory_limit": 1 << 20})),
+    )
+    .await?;
+    anyhow::ensure!(status == StatusCode::CREATED, "{status} {body}");
+    let rss_before = rss_bytes();
+    produce_events(
+        &broker.bootstrap_servers(),
+        1_767_222_000_000,
+        30_000,
+        30_000,
+    )
+    .await?;
+    let q = wait_for(&app, "keys", Duration::from_secs(60), is("FAILED")).await?;
+    let error = q["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("detector keys") && error.contains("over the cap of 10000"),
+        "{q}"
+    );
+    let q = wait_for(&app, "small", Duration::from_secs(60), is("FAILED")).await?;
+    let error = q["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("does not fit the query's memory limit of 1048576 bytes"),
+        "{q}"
+    );
+    let grown = rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 512 << 20, "RSS grew by {grown} bytes");
+    service.shutdown().await;
+    Ok(())
+}
+
 /// Reads `topic` (the output of [`per_minute`]) until the first `minutes` windows of each of the
 /// 4 segments from `t0` have arrived; each must hold its 15 events, whether it came once or
 /// again after a restart (at least once).

@@ -208,10 +208,12 @@ pub struct PipelineStats {
     pub batches: AtomicU64,
     /// The queries' lowest watermark, epoch ms (`i64::MIN` before any event).
     pub watermark_ms: AtomicI64,
-    /// (window, group) partials held in state.
+    /// Entries held in state: (window, group) partials and detector keys.
     pub state_groups: AtomicU64,
-    /// Bytes of window state held.
+    /// Bytes of state held (windows, sessions, detector keys, held offsets).
     pub state_bytes: AtomicU64,
+    /// Detector keys dropped after staying silent for `urbanstream.key_ttl`.
+    pub keys_expired: AtomicU64,
     /// Records behind the end of the assigned partitions (checked about once a second; -1
     /// until known).
     pub consumer_lag: Arc<AtomicI64>,
@@ -257,6 +259,7 @@ impl Default for PipelineStats {
             batches: AtomicU64::default(),
             watermark_ms: AtomicI64::new(i64::MIN),
             state_groups: AtomicU64::default(),
+            keys_expired: AtomicU64::default(),
             state_bytes: AtomicU64::default(),
             consumer_lag: Arc::new(AtomicI64::new(-1)),
             assigned_partitions: AtomicU64::default(),
@@ -1053,6 +1056,8 @@ impl Pipeline {
         let instances = || self.queries.iter().flat_map(|r| r.instances());
         let groups: usize = instances().map(|q| q.state_groups()).sum();
         let bytes: usize = instances().map(|q| q.state_bytes()).sum();
+        let expired: u64 = instances().map(|q| q.keys_expired()).sum();
+        self.stats.keys_expired.store(expired, Ordering::Relaxed);
         self.stats
             .state_groups
             .store(groups as u64, Ordering::Relaxed);

@@ -100,6 +100,29 @@ impl ServiceError {
     }
 }
 
+/// What an analyst is told about SQL that did not plan: the reason without the layers it
+/// passed through (`datafusion: Error during planning: …`, `ParserError("…")`).
+fn sql_error_message(e: &Error) -> String {
+    use datafusion::error::DataFusionError;
+    use datafusion::sql::sqlparser::parser::ParserError;
+    let Error::DataFusion(e) = e else {
+        return e.to_string();
+    };
+    match e.find_root() {
+        DataFusionError::Plan(m) => m.clone(),
+        DataFusionError::SQL(p, _) => match p.as_ref() {
+            ParserError::ParserError(m) => format!("syntax error: {m}"),
+            ParserError::TokenizerError(m) => format!("syntax error: {m}"),
+            ParserError::RecursionLimitExceeded => "the statement nests parentheses, function \
+                calls or unary operators deeper than the parser's limit of 50 levels"
+                .to_string(),
+        },
+        DataFusionError::SchemaError(e, _) => e.to_string(),
+        DataFusionError::NotImplemented(m) => format!("not supported: {m}"),
+        other => other.to_string(),
+    }
+}
+
 /// (line, column) of a parser message such as `… at Line: 1, Column: 8`.
 fn sql_position(message: &str) -> Option<(u64, u64)> {
     let after = |key: &str| -> Option<u64> {
@@ -173,10 +196,12 @@ pub struct QueryStatus {
     pub watermark: Option<String>,
     /// Wall clock minus watermark, ms.
     pub watermark_lag_ms: Option<i64>,
-    /// (window, group) partials held.
+    /// Entries held in state: (window, group) partials and detector keys.
     pub state_groups: u64,
-    /// Bytes of window state held.
+    /// Bytes of state held (windows, sessions, detector keys, held offsets).
     pub state_bytes: u64,
+    /// Detector keys dropped after staying silent for `urbanstream.key_ttl` (since start).
+    pub keys_expired: u64,
     /// Its memory pool, bytes.
     pub memory_limit: u64,
     /// The last checkpoint of its state (written, or restored at start); null before the
@@ -262,6 +287,7 @@ impl QueryHandle {
             watermark: watermark_ms.map(rfc3339),
             watermark_lag_ms: watermark_ms.map(|w| epoch_ms() - w),
             state_groups: stats.state_groups.load(Ordering::Relaxed),
+            keys_expired: stats.keys_expired.load(Ordering::Relaxed),
             state_bytes: stats.state_bytes.load(Ordering::Relaxed),
             memory_limit: self.memory_limit,
             last_checkpoint: stats.last_checkpoint.lock().ok().and_then(|c| c.clone()),
@@ -394,7 +420,7 @@ impl QueryManager {
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let planned = plan_all(&ctx, sql)
             .await
-            .map_err(|e| ServiceError::invalid(e.to_string()))?;
+            .map_err(|e| ServiceError::invalid(sql_error_message(&e)))?;
         if planned.is_empty() {
             return Err(ServiceError::invalid(
                 "no stream query: the SQL must hold an INSERT INTO <stream table> SELECT … \

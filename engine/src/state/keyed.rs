@@ -764,3 +764,43 @@ pub fn replace_series_windows(
         .data;
     Ok((plan, handles))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(last_t: i64, due: Option<i64>) -> KeyState {
+        KeyState {
+            last_t,
+            series: Vec::new(),
+            last_row: None,
+            due,
+        }
+    }
+
+    /// Keys silent longer than the TTL are dropped and counted; a key waiting on a timer (an
+    /// alert to expire, a silence to report) is kept; sweeps are spaced by a tenth of the TTL.
+    #[test]
+    fn silent_keys_expire_after_the_ttl() {
+        let mut store = KeyedStore::default();
+        store.keys.insert(b"old".to_vec().into(), key(0, None));
+        store.keys.insert(b"waiting".to_vec().into(), key(0, Some(50)));
+        store.keys.insert(b"recent".to_vec().into(), key(900, None));
+        store.expire(1_000, 500);
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.expired(), 1);
+        assert!(!store.keys.contains_key(b"old".as_slice()));
+        // The next sweep waits for the watermark to move by a tenth of the TTL.
+        store.keys.insert(b"old2".to_vec().into(), key(0, None));
+        store.expire(1_020, 500);
+        assert_eq!(store.len(), 3);
+        store.expire(1_050, 500);
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.expired(), 2);
+        // Before any watermark nothing is swept.
+        let mut fresh = KeyedStore::default();
+        fresh.keys.insert(b"k".to_vec().into(), key(0, None));
+        fresh.expire(i64::MIN, 500);
+        assert_eq!(fresh.len(), 1);
+    }
+}
