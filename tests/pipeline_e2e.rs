@@ -298,12 +298,13 @@ async fn a_future_stamped_reading_of_a_repartitioned_query_goes_to_the_late_topi
             std::time::Instant::now() < deadline,
             "no late record from the repartitioned query"
         );
-        anyhow::ensure!(!task.is_finished(), "the pipeline stopped: {:?}", task.await);
+        anyhow::ensure!(
+            !task.is_finished(),
+            "the pipeline stopped: {:?}",
+            task.await
+        );
         let rows = read_more(&late, Duration::from_secs(1)).await;
-        if let Some(r) = rows
-            .into_iter()
-            .find(|r| r["query"] == "air_hourly_sensor")
-        {
+        if let Some(r) = rows.into_iter().find(|r| r["query"] == "air_hourly_sensor") {
             break r;
         }
     };

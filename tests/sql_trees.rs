@@ -37,7 +37,8 @@ enum Wrap {
 
 fn small_tree() -> impl Strategy<Value = Tree> {
     leaf().prop_recursive(3, 24, 3, |inner| {
-        (inner.clone(), inner).prop_map(|(a, b)| Tree(format!("({} + {})", a.0, b.0), a.1.max(b.1) + 2))
+        (inner.clone(), inner)
+            .prop_map(|(a, b)| Tree(format!("({} + {})", a.0, b.0), a.1.max(b.1) + 2))
     })
 }
 

@@ -626,8 +626,7 @@ fn rss_bytes() -> u64 {
 /// over 30 000 cameras fails one query on the entry cap and another on its memory limit,
 /// each with the reason, while the process stays far below what the keys would take unbounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn detector_keys_hit_the_state_and_memory_caps_with_a_clear_failure() -> anyhow::Result<()>
-{
+async fn detector_keys_hit_the_state_and_memory_caps_with_a_clear_failure() -> anyhow::Result<()> {
     let broker = broker()?;
     let dir = tempfile::tempdir()?;
     let service = service_with_cap(&broker.bootstrap_servers(), dir.path(), 10_000).await?;

@@ -784,7 +784,9 @@ mod tests {
     fn silent_keys_expire_after_the_ttl() {
         let mut store = KeyedStore::default();
         store.keys.insert(b"old".to_vec().into(), key(0, None));
-        store.keys.insert(b"waiting".to_vec().into(), key(0, Some(50)));
+        store
+            .keys
+            .insert(b"waiting".to_vec().into(), key(0, Some(50)));
         store.keys.insert(b"recent".to_vec().into(), key(900, None));
         store.expire(1_000, 500);
         assert_eq!(store.len(), 2);
