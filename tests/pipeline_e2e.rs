@@ -236,7 +236,8 @@ async fn camera_events_to_indicators_dlq_and_late() -> anyhow::Result<()> {
                 json!({
             "query": query, "topic": cam, "partition": 0, "offset": 7,
             "event_time": T0 + 50_000, "watermark": T0 + 120_000,
-            "reason": "beyond_allowed_lateness", "payload": b64(&late_event)}),
+            "reason": "beyond_allowed_lateness", "window_start": null, "window_end": null,
+            "payload": b64(&late_event)}),
             )
         })
         .collect();

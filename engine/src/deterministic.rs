@@ -50,7 +50,8 @@ struct LateRow {
     query: usize,
     event_time: i64,
     watermark: i64,
-    reason: &'static str,
+    /// The reason, with the missed window for `window_closed`.
+    reason: String,
 }
 
 /// The engine in deterministic mode.
@@ -272,7 +273,15 @@ impl DeterministicEngine {
                 query,
                 event_time: d.event_time,
                 watermark: d.watermark,
-                reason: d.reason.as_str(),
+                reason: match d.window {
+                    Some((start, end)) => format!(
+                        "{} [{}, {})",
+                        d.reason.as_str(),
+                        format_ms(start),
+                        format_ms(end)
+                    ),
+                    None => d.reason.as_str().to_string(),
+                },
             });
         }
         let Some(sink) = q.sink() else { return Ok(()) };
@@ -324,7 +333,7 @@ impl DeterministicEngine {
                 self.late.iter().map(|l| opt(l.watermark)),
             )),
             Arc::new(StringArray::from_iter_values(
-                self.late.iter().map(|l| l.reason),
+                self.late.iter().map(|l| l.reason.as_str()),
             )),
         ];
         Ok(Outcome::Rows(vec![RecordBatch::try_new(schema, columns)?]))
@@ -360,6 +369,13 @@ async fn select(
     Ok(Outcome::Rows(
         results.execute_logical_plan(plan).await?.collect().await?,
     ))
+}
+
+/// Epoch ms as `YYYY-MM-DDTHH:MM:SS` (UTC), as the result tables print timestamps.
+fn format_ms(ms: i64) -> String {
+    let a = TimestampMillisecondArray::from(vec![ms]);
+    datafusion::arrow::util::display::array_value_to_string(&a, 0)
+        .unwrap_or_else(|_| ms.to_string())
 }
 
 /// Strips a `PARTITION n` clause after `INSERT INTO <name>`.

@@ -747,7 +747,7 @@ impl Pipeline {
                 let options = &running.query.source().options;
                 let limit = now.saturating_add(options.future_tolerance.as_millis() as i64);
                 let maxima = match &options.event_time {
-                    Some(time) => event_time_maxima(&decoded.batch, time, &partitions, limit)?,
+                    Some(time) => event_time_maxima(&decoded.batch, time, &partitions, limit, now)?,
                     None => HashMap::new(),
                 };
                 for (p, max) in maxima {
@@ -877,6 +877,8 @@ impl Pipeline {
                                     event_time: d.event_time,
                                     watermark: d.watermark.max(0),
                                     reason: d.reason.as_str().into(),
+                                    window_start: d.window.map(|w| w.0),
+                                    window_end: d.window.map(|w| w.1),
                                     payload: BASE64.encode(raw.value(i)),
                                 };
                                 (raw.key(i).map(<[u8]>::to_vec), record)

@@ -83,6 +83,9 @@ pub enum DivertReason {
     BeyondAllowedLateness,
     /// Stamped further into the future than the source's tolerance.
     FutureTimestamp,
+    /// Too late for one of its windows (hop, cumulate), which was already gone, but not for
+    /// the others, which it updated.
+    WindowClosed,
 }
 
 impl DivertReason {
@@ -91,6 +94,7 @@ impl DivertReason {
         match self {
             DivertReason::BeyondAllowedLateness => "beyond_allowed_lateness",
             DivertReason::FutureTimestamp => "future_timestamp",
+            DivertReason::WindowClosed => "window_closed",
         }
     }
 }
@@ -106,6 +110,9 @@ pub struct Diverted {
     pub watermark: i64,
     /// Why.
     pub reason: DivertReason,
+    /// For [`DivertReason::WindowClosed`]: the window (start, end) the event missed; the
+    /// event still updated its other windows.
+    pub window: Option<(i64, i64)>,
 }
 
 /// What one step of a query produced.
@@ -165,6 +172,11 @@ impl StreamContext {
             .with_table_functions(HashMap::new())
             .build();
         let ctx = SessionContext::new_with_state(state);
+        // `COUNT(DISTINCT x)` alone is rewritten by DataFusion into two aggregations (distinct
+        // groups, then a count); a window keeps one aggregation's state, so distinct
+        // aggregates are planned as they are written: accumulators that keep the distinct
+        // values and merge their states.
+        ctx.remove_optimizer_rule("single_distinct_aggregation_to_group_by");
         urbanstream_operators::register_all(&ctx);
         Self { ctx }
     }
@@ -336,11 +348,24 @@ impl StreamContext {
         })?;
         let (source_name, feed) = match feeds.as_slice() {
             [one] => one.clone(),
-            [] => return plan_err!("the query reads no stream table"),
+            [] => {
+                return plan_err!(
+                    "the query reads no stream table: a stream query reads one of the stream \
+                     tables (camera_events, detector_readings, air_readings, or one declared \
+                     STORED AS KAFKA), e.g. INSERT INTO <sink> SELECT … FROM camera_events"
+                );
+            }
             _ => {
                 return plan_err!(
-                    "the query reads {} streams; a join or union of two streams needs a time bound, which is not supported: join a stream with a reference table instead",
-                    feeds.len()
+                    "the query reads {} streams ({}): joins and unions of two streams are not \
+                     supported yet; join a stream with a reference table, or run one query per \
+                     stream into the same sink",
+                    feeds.len(),
+                    feeds
+                        .iter()
+                        .map(|(t, _)| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
         };
@@ -348,11 +373,13 @@ impl StreamContext {
             return plan_err!("{source_name} is not a stream table");
         };
         refuse_stream_build_sides(&physical)?;
+        refuse_streamless_union(&physical)?;
 
-        // The aggregation, if any.
+        // The aggregation over the stream, if any (aggregates within reference-table
+        // subqueries are part of the per-batch plan).
         let mut aggregates: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         physical.apply(|node| {
-            if node.downcast_ref::<AggregateExec>().is_some() {
+            if node.downcast_ref::<AggregateExec>().is_some() && reads_stream(node) {
                 aggregates.push(node.clone());
             }
             Ok(TreeNodeRecursion::Continue)
@@ -360,10 +387,22 @@ impl StreamContext {
         let windowed = match aggregates.as_slice() {
             [] => None,
             [single] => Some((single.clone(), single.clone())),
-            [top, bottom] => Some((top.clone(), bottom.clone())),
+            [top, bottom]
+                if top.downcast_ref::<AggregateExec>().is_some_and(|a| {
+                    matches!(
+                        a.mode(),
+                        AggregateMode::Final | AggregateMode::FinalPartitioned
+                    )
+                }) =>
+            {
+                Some((top.clone(), bottom.clone()))
+            }
             _ => {
                 return plan_err!(
-                    "the query aggregates in more than one step (e.g. COUNT(DISTINCT …) or a nested aggregation), which stream queries do not support yet"
+                    "the query aggregates the stream twice (SELECT DISTINCT or a GROUP BY over \
+                     a windowed subquery), which stream queries do not support yet: publish \
+                     the windowed result to a topic and aggregate it in a second query reading \
+                     that topic"
                 );
             }
         };
@@ -407,7 +446,14 @@ impl StreamContext {
             (AggregateMode::Single | AggregateMode::SinglePartitioned, _)
                 if Arc::ptr_eq(&top, &bottom) => {}
             (AggregateMode::Final | AggregateMode::FinalPartitioned, AggregateMode::Partial) => {}
-            (a, b) => return plan_err!("unsupported aggregation plan ({a:?} over {b:?})"),
+            (a, b) => {
+                return plan_err!(
+                    "the query aggregates the stream twice ({a:?} over {b:?}: SELECT DISTINCT \
+                     or a GROUP BY over a windowed subquery), which stream queries do not \
+                     support yet: publish the windowed result to a topic and aggregate it in a \
+                     second query reading that topic"
+                );
+            }
         }
         if bottom_agg.group_expr().has_grouping_set() {
             return plan_err!("GROUPING SETS, CUBE and ROLLUP are not supported on streams");
@@ -620,6 +666,44 @@ fn parse_setting(name: &str, value: &str) -> Result<Option<Duration>> {
         })
 }
 
+/// Whether `plan` reads the stream (holds its feed leaf).
+fn reads_stream(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    let mut found = false;
+    let _ = plan.apply(|n| {
+        found |= n.downcast_ref::<FeedExec>().is_some();
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
+    found
+}
+
+/// Refuses a union of the stream with rows that do not come from it: a reference table or
+/// literal rows would be published again with every micro-batch.
+fn refuse_streamless_union(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
+    use datafusion::physical_plan::union::UnionExec;
+    let mut refused = false;
+    plan.apply(|node| {
+        if node.downcast_ref::<UnionExec>().is_some()
+            && node.children().iter().any(|c| !reads_stream(c))
+        {
+            refused = true;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if refused {
+        return plan_err!(
+            "UNION of the stream with rows that are not from the stream (a reference table or \
+             VALUES) would publish those rows again with every micro-batch: keep the union to \
+             the stream, and join a reference table instead"
+        );
+    }
+    Ok(())
+}
+
 /// The aggregates as they must run over micro-batches: DataFusion plans an ordered aggregate
 /// (`array_agg(x ORDER BY t)`) over input it has sorted and tells it so, and the aggregate
 /// then appends rows as they come; a window's rows arrive over many batches in any order, so
@@ -649,18 +733,6 @@ fn unordered_input(
 fn refuse_stream_build_sides(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
     use datafusion::common::JoinType;
     use datafusion::physical_plan::joins::{CrossJoinExec, HashJoinExec, NestedLoopJoinExec};
-    let has_stream = |p: &Arc<dyn ExecutionPlan>| {
-        let mut found = false;
-        let _ = p.apply(|n| {
-            found |= n.downcast_ref::<FeedExec>().is_some();
-            Ok(if found {
-                TreeNodeRecursion::Stop
-            } else {
-                TreeNodeRecursion::Continue
-            })
-        });
-        found
-    };
     let mut error = None;
     plan.apply(|node| {
         let (build, join_type) = if let Some(j) = node.downcast_ref::<HashJoinExec>() {
@@ -676,7 +748,7 @@ fn refuse_stream_build_sides(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
             error = Some(
                 "a FULL JOIN of a stream with a table would emit the table's unmatched rows with every batch: use LEFT JOIN (stream first) to keep every event".to_string(),
             );
-        } else if has_stream(build) {
+        } else if reads_stream(build) {
             error = Some(format!(
                 "the join keeps the stream on the side it collects once ({}): join a stream with a reference table, stream first (FROM stream LEFT JOIN table …)",
                 node.name()
@@ -705,6 +777,10 @@ fn refuse_unbounded(plan: &LogicalPlan) -> Result<()> {
     let has_aggregate = plan.exists(|p| Ok(matches!(p, LogicalPlan::Aggregate(_))))?;
     let mut problem = None;
     plan.apply(|p| {
+        if !logical_reads_stream(p) {
+            // Sorting, limiting or deduplicating a reference table is bounded.
+            return Ok(TreeNodeRecursion::Jump);
+        }
         problem = match p {
             LogicalPlan::Sort(_) if !has_aggregate => Some(
                 "ORDER BY over a whole stream never finishes: drop it, or order within windows (GROUP BY tumble(…) … ORDER BY window_start)",
@@ -723,6 +799,20 @@ fn refuse_unbounded(plan: &LogicalPlan) -> Result<()> {
         Some(p) => plan_err!("{p}"),
         None => Ok(()),
     }
+}
+
+/// Whether a logical plan scans a stream table.
+fn logical_reads_stream(plan: &LogicalPlan) -> bool {
+    plan.exists(|p| {
+        Ok(match p {
+            LogicalPlan::TableScan(scan) => {
+                datafusion::datasource::source_as_provider(&scan.source)
+                    .is_ok_and(|provider| provider.downcast_ref::<StreamTable>().is_some())
+            }
+            _ => false,
+        })
+    })
+    .unwrap_or(true)
 }
 
 struct Windowed {
@@ -1174,6 +1264,7 @@ impl StreamQuery {
                     event_time: i64::MIN,
                     watermark,
                     reason: DivertReason::BeyondAllowedLateness,
+                    window: None,
                 });
                 keep.push(false);
                 continue;
@@ -1196,13 +1287,31 @@ impl StreamQuery {
                         event_time: t,
                         watermark,
                         reason,
+                        window: None,
                     });
                     keep.push(false);
                 }
                 None => {
+                    // Kept, but too late for some of its windows: each missed one is
+                    // recorded, so that nothing leaves a window without a trace.
+                    if let Some(w) = &self.windowed {
+                        for window in w.operator.closed_windows_of(t) {
+                            diverted.push(Diverted {
+                                row: r as u32,
+                                event_time: t,
+                                watermark,
+                                reason: DivertReason::WindowClosed,
+                                window: Some(window),
+                            });
+                        }
+                    }
+                    // A device clock ahead of processing time (within the tolerance) does
+                    // not move the watermark past processing time: the events stamped
+                    // correctly after it are not made late.
                     let p = partitions.get(r).copied().unwrap_or(0);
-                    let m = max_by_partition.entry(p).or_insert(t);
-                    *m = (*m).max(t);
+                    let t_mark = t.min(now_ms);
+                    let m = max_by_partition.entry(p).or_insert(t_mark);
+                    *m = (*m).max(t_mark);
                     if let (Some(w), Some(&offset)) =
                         (&self.windowed, offsets.and_then(|o| o.get(r)))
                     {
@@ -1228,7 +1337,7 @@ impl StreamQuery {
         for (p, t) in max_by_partition {
             self.watermarks.observe(p, t, now_ms);
         }
-        if diverted.is_empty() {
+        if keep.iter().all(|k| *k) {
             return Ok(batch.clone());
         }
         Ok(filter_record_batch(batch, &BooleanArray::from(keep))?)

@@ -43,8 +43,9 @@ pub struct StreamOptions {
     pub watermark_delay: Duration,
     /// A partition silent for this long (processing time) stops holding the watermark back.
     pub idle_timeout: Duration,
-    /// Events stamped further than this into the future (processing time) are diverted and
-    /// never advance the watermark.
+    /// Events stamped further than this into the future (processing time) are diverted.
+    /// Events within it are processed, but no event moves the watermark past processing time
+    /// minus the delay.
     pub future_tolerance: Duration,
     /// Column whose value keys the topic's records: the key of the records a sink produces;
     /// for a source, the column its producers key records by (so all records with one value
@@ -53,7 +54,7 @@ pub struct StreamOptions {
 }
 
 impl StreamOptions {
-    /// Defaults for `topic`: JSON, 5 s watermark delay, 1 min idle timeout, 10 min future
+    /// Defaults for `topic`: JSON, 5 s watermark delay, 1 min idle timeout, 10 s future
     /// tolerance, no event time, no key.
     pub fn new(topic: impl Into<String>) -> Self {
         Self {
@@ -62,7 +63,7 @@ impl StreamOptions {
             event_time: None,
             watermark_delay: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
-            future_tolerance: Duration::from_secs(600),
+            future_tolerance: Duration::from_secs(10),
             key: None,
         }
     }

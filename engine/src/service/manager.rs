@@ -637,7 +637,7 @@ impl QueryManager {
     fn pipeline_config(&self, handle: &QueryHandle) -> PipelineConfig {
         let c = &self.config;
         let mut p = PipelineConfig::new(c.kafka.brokers.clone());
-        p.group_id = format!("{}.{}", c.kafka.group_id, handle.entry.name);
+        p.group_id = group_of(&c.kafka.group_id, &handle.entry);
         p.topics = c.topics.clone();
         p.max_batch_rows = c.pipeline.max_batch_rows;
         p.linger = c.pipeline.linger;
@@ -675,6 +675,12 @@ impl QueryManager {
             stop,
         )));
     }
+}
+
+/// The consumer group of a query: `<group_id>.<name>`. Every process of a deployment that
+/// registers a query under one name shares its group, and so its partitions.
+fn group_of(group_id: &str, entry: &CatalogEntry) -> String {
+    format!("{group_id}.{}", entry.name)
 }
 
 fn duplicate(name: &str) -> ServiceError {

@@ -346,8 +346,13 @@ pub struct LateRecord {
     pub event_time: i64,
     /// The query watermark when it arrived, epoch ms.
     pub watermark: i64,
-    /// `beyond_allowed_lateness` or `future_timestamp`.
+    /// `beyond_allowed_lateness`, `future_timestamp`, or `window_closed` (too late for the
+    /// window named by `window_start`/`window_end`; the event updated its other windows).
     pub reason: String,
+    /// The window it missed, epoch ms (`window_closed` only).
+    pub window_start: Option<i64>,
+    /// End of the window it missed, epoch ms (`window_closed` only).
+    pub window_end: Option<i64>,
     /// Original value bytes, base64.
     pub payload: String,
 }
@@ -750,6 +755,8 @@ mod tests {
             event_time: 2,
             watermark: 3,
             reason: "beyond_allowed_lateness".into(),
+            window_start: None,
+            window_end: None,
             payload: String::new(),
         };
         let late = serde_json::to_value(late).expect("json");

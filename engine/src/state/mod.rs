@@ -31,6 +31,12 @@ pub trait WindowedAggregation: Send {
     fn is_late(&self, t: i64) -> bool;
     /// The end of the last window an event at `t` may belong to (for offset tracking).
     fn last_window_end(&self, t: i64) -> i64;
+    /// The windows (start, end) of an event at `t` that are already gone while others of its
+    /// windows are not (hop, cumulate): the event updates the live ones and is recorded as
+    /// late for these. Empty when the event is late for none, or for all of them.
+    fn closed_windows_of(&self, _t: i64) -> Vec<(i64, i64)> {
+        Vec::new()
+    }
     /// Events whose [`WindowedAggregation::last_window_end`] is at or before this no longer
     /// matter to any live window.
     fn evicted_through(&self) -> i64;
@@ -58,6 +64,9 @@ impl WindowedAggregation for window::WindowOperator {
     }
     fn last_window_end(&self, t: i64) -> i64 {
         window::WindowOperator::last_window_end(self, t)
+    }
+    fn closed_windows_of(&self, t: i64) -> Vec<(i64, i64)> {
+        window::WindowOperator::closed_windows_of(self, t)
     }
     fn evicted_through(&self) -> i64 {
         window::WindowOperator::evicted_through(self)

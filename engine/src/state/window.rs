@@ -329,6 +329,26 @@ impl WindowOperator {
         }
     }
 
+    /// The windows of an event at `t` that are gone while others of them are live (see
+    /// [`crate::state::WindowedAggregation::closed_windows_of`]).
+    pub fn closed_windows_of(&self, t: i64) -> Vec<(i64, i64)> {
+        let first_end = match self.spec.window {
+            WindowSpec::Tumble { .. } | WindowSpec::Session { .. } => return Vec::new(),
+            WindowSpec::Hop { slide, size } => (t - size).div_euclid(slide) * slide + slide + size,
+            WindowSpec::Cumulate { step, max } => {
+                let period = t.div_euclid(max) * max;
+                period + (t - period).div_euclid(step) * step + step
+            }
+        };
+        if first_end > self.evicted_through || self.is_late(t) {
+            return Vec::new();
+        }
+        self.windows_of(t)
+            .into_iter()
+            .filter(|(_, end)| *end <= self.evicted_through)
+            .collect()
+    }
+
     /// Windows ending at or before this have been evicted.
     pub fn evicted_through(&self) -> i64 {
         self.evicted_through

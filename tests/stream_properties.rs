@@ -1,0 +1,429 @@
+//! The stream core against a model, over everything the world varies: random events with two
+//! group keys (one nullable), spread over 4 partitions, arriving out of order within and
+//! beyond the allowed lateness, cut into random micro-batches, with restarts from
+//! checkpoints at random points; for tumbling, hopping and cumulating windows with count,
+//! sum, avg, min, max, count distinct and an ordered aggregate.
+//!
+//! The model follows the engine's promises: the query watermark is the lowest of the
+//! partitions' largest event times (monotonic); an event is late when every window it
+//! belongs to ended at least the allowed lateness before the watermark at its arrival, and
+//! late for one window (recorded with that window) when only some of them did. Then:
+//! - the changelog applied (the last revision of each key and window) equals a batch
+//!   DataFusion query over the (event, window) pairs the model keeps;
+//! - the late records are exactly the model's, with their reasons and windows.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, Int32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMillisecondArray,
+};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, TimeUnit};
+use datafusion::arrow::util::display::array_value_to_string;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use proptest::prelude::*;
+use urbanstream::deterministic::{DeterministicEngine, Outcome};
+
+/// 2026-01-01T06:00:00Z.
+const T0: i64 = 1_767_247_200_000;
+const MIN: i64 = 60_000;
+/// Allowed lateness.
+const LATENESS: i64 = 2 * MIN;
+const PARTITIONS: i32 = 4;
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Tumble,
+    Hop,
+    Cumulate,
+}
+
+impl Kind {
+    fn sql(self) -> &'static str {
+        match self {
+            Kind::Tumble => "tumble(t, INTERVAL '1 minute')",
+            Kind::Hop => "hop(t, INTERVAL '1 minute', INTERVAL '3 minutes')",
+            Kind::Cumulate => "cumulate(t, INTERVAL '1 minute', INTERVAL '3 minutes')",
+        }
+    }
+
+    /// The windows (start, end) holding `t`.
+    fn windows(self, t: i64) -> Vec<(i64, i64)> {
+        match self {
+            Kind::Tumble => {
+                let s = t.div_euclid(MIN) * MIN;
+                vec![(s, s + MIN)]
+            }
+            Kind::Hop => {
+                let last = t.div_euclid(MIN) * MIN;
+                (0..3)
+                    .map(|k| (last - k * MIN, last - k * MIN + 3 * MIN))
+                    .collect()
+            }
+            Kind::Cumulate => {
+                let period = t.div_euclid(3 * MIN) * 3 * MIN;
+                let first_end = period + (t - period).div_euclid(MIN) * MIN + MIN;
+                (first_end..=period + 3 * MIN)
+                    .step_by(MIN as usize)
+                    .map(|end| (period, end))
+                    .collect()
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    k: &'static str,
+    g: Option<i32>,
+    t: i64,
+    v: i64,
+    partition: i32,
+}
+
+/// A run: micro-batches in arrival order (each from one partition), and after which of them
+/// the engine restarts from a checkpoint.
+#[derive(Debug, Clone)]
+struct Run {
+    batches: Vec<Vec<Event>>,
+    restarts: Vec<bool>,
+}
+
+fn run() -> impl Strategy<Value = Run> {
+    // Event time within 20 minutes; arrival delays up to 6 minutes, beyond the 2 minutes of
+    // allowed lateness for some.
+    let event = (
+        0usize..3,
+        prop::option::weighted(0.8, 0i32..2),
+        0i64..1_200,
+        -20i64..20,
+        prop_oneof![3 => 0i64..90_000, 1 => 0i64..360_000],
+        0..PARTITIONS,
+    );
+    (
+        prop::collection::vec(event, 1..90),
+        prop::collection::vec(0usize..90, 0..12),
+        prop::collection::vec(any::<bool>(), 0..120),
+    )
+        .prop_map(|(raw, mut cuts, restart_draws)| {
+            let mut arrivals: Vec<(i64, Event)> = raw
+                .into_iter()
+                .enumerate()
+                .map(|(i, (k, g, second, v, delay, partition))| {
+                    // Distinct event times (ms apart), so that ordered aggregates have one
+                    // answer.
+                    let t = T0 + second * 1_000 + i as i64;
+                    let k = ["a", "b", "c"][k];
+                    (
+                        t + delay,
+                        Event {
+                            k,
+                            g,
+                            t,
+                            v,
+                            partition,
+                        },
+                    )
+                })
+                .collect();
+            arrivals.sort_by_key(|(arrival, _)| *arrival);
+            let events: Vec<Event> = arrivals.into_iter().map(|(_, e)| e).collect();
+            cuts.sort_unstable();
+            // Cut the arrivals, then split each piece by partition (one micro-batch each).
+            let mut batches = Vec::new();
+            let mut start = 0;
+            for cut in cuts.into_iter().chain(std::iter::once(events.len())) {
+                let cut = cut.clamp(start, events.len());
+                let mut by_partition: BTreeMap<i32, Vec<Event>> = BTreeMap::new();
+                for e in &events[start..cut] {
+                    by_partition.entry(e.partition).or_default().push(e.clone());
+                }
+                batches.extend(by_partition.into_values());
+                start = cut;
+            }
+            let restarts = (0..batches.len())
+                .map(|i| restart_draws.get(i).copied().unwrap_or(false))
+                .collect();
+            Run { batches, restarts }
+        })
+}
+
+fn time_text(ms: i64) -> String {
+    let a = TimestampMillisecondArray::from(vec![ms]);
+    array_value_to_string(&a, 0).expect("timestamp")
+}
+
+/// An event and one of its windows (start, end).
+type Pair = (Event, (i64, i64));
+
+/// A late record: the event's time and the reason (with the window it missed).
+type Late = (i64, String);
+
+/// What the model expects: the (event, window) pairs that count, and the late records.
+fn model(kind: Kind, run: &Run) -> (Vec<Pair>, Vec<Late>) {
+    let mut pairs = Vec::new();
+    let mut late = Vec::new();
+    let mut max_by_partition: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut watermark = i64::MIN;
+    for batch in &run.batches {
+        let frontier = watermark.saturating_sub(LATENESS);
+        for e in batch {
+            let windows = kind.windows(e.t);
+            if windows.iter().all(|(_, end)| *end <= frontier) {
+                late.push((e.t, "beyond_allowed_lateness".to_string()));
+                continue;
+            }
+            for w in windows {
+                if w.1 <= frontier {
+                    late.push((
+                        e.t,
+                        format!("window_closed [{}, {})", time_text(w.0), time_text(w.1)),
+                    ));
+                } else {
+                    pairs.push((e.clone(), w));
+                }
+            }
+            let m = max_by_partition.entry(e.partition).or_insert(e.t);
+            *m = (*m).max(e.t);
+        }
+        if let Some(lowest) = max_by_partition.values().min() {
+            watermark = watermark.max(*lowest);
+        }
+    }
+    late.sort();
+    (pairs, late)
+}
+
+/// (k, g, window start, window end) → (n, s, avg, lo, hi, distinct, first).
+type Results = BTreeMap<(String, Option<i64>, i64, i64), (i64, i64, String, i64, i64, i64, i64)>;
+
+const AGGREGATES: &str = "count(*) AS n, sum(v) AS s, avg(v) AS a, min(v) AS lo, max(v) AS hi, \
+     count(DISTINCT v % 5) AS d, first_value(v ORDER BY t) AS f";
+
+fn results(batches: &[RecordBatch], latest_revision: bool) -> anyhow::Result<Results> {
+    let mut latest: BTreeMap<(String, Option<i64>, i64, i64), (i32, _)> = BTreeMap::new();
+    let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
+    for b in batches {
+        let col = |name: &str, t: &DataType| -> anyhow::Result<ArrayRef> {
+            let c = b
+                .column_by_name(name)
+                .ok_or_else(|| anyhow::anyhow!("column {name}"))?;
+            Ok(cast(c, t)?)
+        };
+        let k = col("k", &DataType::Utf8)?;
+        let k = k.as_string::<i32>();
+        let g = col("g", &DataType::Int64)?;
+        let g = g.as_primitive::<Int64Type>();
+        let (ws, we) = (col("window_start", &ts)?, col("window_end", &ts)?);
+        let ws = ws
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .expect("ts");
+        let we = we
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .expect("ts");
+        let ints: Vec<ArrayRef> = ["n", "s", "lo", "hi", "d", "f"]
+            .iter()
+            .map(|c| col(c, &DataType::Int64))
+            .collect::<anyhow::Result<_>>()?;
+        let ints: Vec<&Int64Array> = ints.iter().map(|a| a.as_primitive::<Int64Type>()).collect();
+        let avg = col("a", &DataType::Float64)?;
+        let avg = avg.as_primitive::<Float64Type>();
+        let revision: ArrayRef = if latest_revision {
+            col("revision", &DataType::Int32)?
+        } else {
+            Arc::new(Int32Array::from(vec![0; b.num_rows()]))
+        };
+        let revision = revision.as_any().downcast_ref::<Int32Array>().expect("int");
+        for r in 0..b.num_rows() {
+            let key = (
+                k.value(r).to_string(),
+                (!g.is_null(r)).then(|| g.value(r)),
+                ws.value(r),
+                we.value(r),
+            );
+            let value = (
+                ints[0].value(r),
+                ints[1].value(r),
+                format!("{:.6}", avg.value(r)),
+                ints[2].value(r),
+                ints[3].value(r),
+                ints[4].value(r),
+                ints[5].value(r),
+            );
+            let rev = revision.value(r);
+            match latest.get(&key) {
+                Some((seen, _)) if *seen > rev => {}
+                _ => {
+                    latest.insert(key, (rev, value));
+                }
+            }
+        }
+    }
+    Ok(latest.into_iter().map(|(k, (_, v))| (k, v)).collect())
+}
+
+/// The engine's changelog (last revision per key and window) and late records.
+async fn engine(kind: Kind, run: &Run) -> anyhow::Result<(Results, Vec<Late>)> {
+    let mut engine = DeterministicEngine::new();
+    for sql in [
+        "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')",
+        "CREATE EXTERNAL TABLE out (k VARCHAR NOT NULL, g BIGINT, window_start TIMESTAMP NOT NULL, \
+         window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL, s BIGINT, a DOUBLE, lo BIGINT, hi BIGINT, \
+         d BIGINT, f BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'out')",
+        "SET urbanstream.allowed_lateness = '2m'",
+    ] {
+        engine.execute(sql).await?;
+    }
+    engine
+        .execute(&format!(
+            "INSERT INTO out SELECT k, g, window_start, window_end, {AGGREGATES} \
+             FROM ev GROUP BY {}, k, g",
+            kind.sql()
+        ))
+        .await?;
+    for (batch, restart) in run.batches.iter().zip(&run.restarts) {
+        let Some(first) = batch.first() else { continue };
+        let rows: Vec<String> = batch
+            .iter()
+            .map(|e| {
+                format!(
+                    "('{}', {}, to_timestamp_millis({}), {})",
+                    e.k,
+                    e.g.map_or("NULL".to_string(), |g| g.to_string()),
+                    e.t,
+                    e.v
+                )
+            })
+            .collect();
+        engine
+            .execute(&format!(
+                "INSERT INTO ev PARTITION {} VALUES {}",
+                first.partition,
+                rows.join(", ")
+            ))
+            .await?;
+        if *restart {
+            engine.execute("RESTART").await?;
+        }
+    }
+    engine
+        .execute("ADVANCE WATERMARK ev TO '2026-01-02T00:00:00'")
+        .await?;
+    let Outcome::Rows(out) = engine.execute("SELECT * FROM out").await? else {
+        anyhow::bail!("no rows")
+    };
+    let Outcome::Rows(late_rows) = engine.execute("SHOW LATE").await? else {
+        anyhow::bail!("no rows")
+    };
+    let mut late = Vec::new();
+    for b in &late_rows {
+        let t = cast(
+            b.column(1),
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )?;
+        let t = t
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .expect("ts");
+        let reason = b
+            .column(3)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("reason");
+        for r in 0..b.num_rows() {
+            late.push((t.value(r), reason.value(r).to_string()));
+        }
+    }
+    late.sort();
+    Ok((results(&out, true)?, late))
+}
+
+/// The batch DataFusion query over the model's (event, window) pairs.
+async fn batch(pairs: &[Pair]) -> anyhow::Result<Results> {
+    let ctx = SessionContext::new();
+    let columns: Vec<(&str, ArrayRef)> = vec![
+        (
+            "k",
+            Arc::new(StringArray::from_iter_values(
+                pairs.iter().map(|(e, _)| e.k),
+            )),
+        ),
+        (
+            "g",
+            Arc::new(Int64Array::from_iter(
+                pairs.iter().map(|(e, _)| e.g.map(i64::from)),
+            )),
+        ),
+        (
+            "t",
+            Arc::new(TimestampMillisecondArray::from_iter_values(
+                pairs.iter().map(|(e, _)| e.t),
+            )),
+        ),
+        (
+            "v",
+            Arc::new(Int64Array::from_iter_values(pairs.iter().map(|(e, _)| e.v))),
+        ),
+        (
+            "window_start",
+            Arc::new(TimestampMillisecondArray::from_iter_values(
+                pairs.iter().map(|(_, w)| w.0),
+            )),
+        ),
+        (
+            "window_end",
+            Arc::new(TimestampMillisecondArray::from_iter_values(
+                pairs.iter().map(|(_, w)| w.1),
+            )),
+        ),
+    ];
+    let b = RecordBatch::try_from_iter(columns)?;
+    ctx.register_table(
+        "pairs",
+        Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
+    )?;
+    let sql = format!(
+        "SELECT k, g, window_start, window_end, {AGGREGATES} FROM pairs \
+         GROUP BY k, g, window_start, window_end"
+    );
+    results(&ctx.sql(&sql).await?.collect().await?, false)
+}
+
+fn check(kind: Kind, run: &Run) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (pairs, want_late) = model(kind, run);
+    let (got, got_late) = rt.block_on(engine(kind, run)).expect("engine");
+    let want = rt.block_on(batch(&pairs)).expect("batch");
+    prop_assert_eq!(got_late, want_late, "late records");
+    prop_assert_eq!(got, want, "results");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn tumbling_windows_match_the_model(run in run()) {
+        check(Kind::Tumble, &run)?;
+    }
+
+    #[test]
+    fn hopping_windows_match_the_model(run in run()) {
+        check(Kind::Hop, &run)?;
+    }
+
+    #[test]
+    fn cumulating_windows_match_the_model(run in run()) {
+        check(Kind::Cumulate, &run)?;
+    }
+}
