@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, Int32Array, RecordBatch, TimestampMillisecondArray,
+    Array, ArrayRef, BooleanArray, Int32Array, RecordBatch, StringArray, TimestampMillisecondArray,
 };
 use datafusion::arrow::compute::{cast, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -554,8 +554,10 @@ impl StreamContext {
             .collect();
         fields.push(Field::new("revision", DataType::Int32, false));
         fields.push(Field::new("is_final", DataType::Boolean, false));
+        fields.push(Field::new("op", DataType::Utf8, false));
         let partition_local = keyed_local && names_column(&spec.groups, source_key.as_deref());
         let groups = spec.groups.clone();
+        let sessions = matches!(spec.window, WindowSpec::Session { .. });
         Ok(StreamQuery {
             sql,
             settings,
@@ -575,6 +577,7 @@ impl StreamContext {
                 upper_feed,
                 upper_schema: output_schema,
                 groups,
+                sessions,
             }),
             task_ctx,
             watermarks,
@@ -823,6 +826,8 @@ struct Windowed {
     upper_schema: SchemaRef,
     /// Its group keys besides the window, over the lower plan's rows.
     groups: Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
+    /// Whether the windows are sessions (whose rows may be retracted).
+    sessions: bool,
 }
 
 /// Whether one of `exprs` is the column `key` itself.
@@ -1114,6 +1119,21 @@ impl StreamQuery {
     }
 
     fn check_sink(&mut self, sink: Arc<StreamTable>) -> Result<()> {
+        if self.windowed.as_ref().is_some_and(|w| w.sessions)
+            && sink
+                .topic_schema
+                .output_schema()
+                .field_with_name("op")
+                .is_err()
+        {
+            return plan_err!(
+                "sink {} has no op column: a session window's rows are withdrawn when sessions \
+                 merge or start earlier (op = 'retract'), so its sink needs op VARCHAR beside \
+                 window_start; consumers upsert by the group keys and window_start and delete \
+                 on 'retract'",
+                sink.name
+            );
+        }
         let empty = RecordBatch::new_empty(self.output_schema.clone());
         crate::sink::conform_stream(&empty, &sink.topic_schema)
             .map_err(|e| plan_datafusion_err!("the SELECT does not fit sink {}: {e}", sink.name))?;
@@ -1368,6 +1388,7 @@ impl StreamQuery {
                 batch: RecordBatch::new_empty(w.upper_schema.clone()),
                 revisions: Vec::new(),
                 is_final: true,
+                retract: false,
                 until: watermark,
             });
         }
@@ -1398,6 +1419,12 @@ impl StreamQuery {
                     let mut columns: Vec<ArrayRef> = b.columns().to_vec();
                     columns.push(Arc::new(Int32Array::from(vec![revision as i32; n])));
                     columns.push(Arc::new(BooleanArray::from(vec![emission.is_final; n])));
+                    let op = match (emission.retract, revision) {
+                        (true, _) => "retract",
+                        (false, 0) => "insert",
+                        (false, _) => "update",
+                    };
+                    columns.push(Arc::new(StringArray::from(vec![op; n])));
                     out.rows
                         .push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
                 }

@@ -78,7 +78,7 @@ pub fn conform(batch: &RecordBatch, schema: &TopicSchema) -> Result<RecordBatch>
 }
 
 /// Columns the engine adds to windowed results; a sink without such a field drops them.
-pub const ENGINE_COLUMNS: [&str; 2] = ["revision", "is_final"];
+pub const ENGINE_COLUMNS: [&str; 3] = ["revision", "is_final", "op"];
 
 /// [`conform`] for a stream query's results: the engine's own columns ([`ENGINE_COLUMNS`])
 /// are dropped when the sink has no field for them.

@@ -7,6 +7,11 @@
 //! lateness updates its session, which is re-emitted as a revision; if it moves the session's
 //! start, the session is emitted under its new `window_start` with revision 0.
 //!
+//! The output is a changelog keyed by the group keys and `window_start`: a row published for
+//! a session that later merges into another, or whose start moves earlier, is withdrawn by a
+//! row with the same keys and window and `op = 'retract'` (carrying the values it was
+//! published with), emitted before the rows that replace it.
+//!
 //! An event is late when even a session of its own, `[t, t + gap)`, would already be past end +
 //! allowed lateness. (That is slightly stricter than testing the merged session: an event deep
 //! inside a long session still open is diverted when it is that old.)
@@ -16,7 +21,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{
     Array, ArrayRef, BinaryArray, BooleanArray, Int64Array, RecordBatch, StructArray,
-    TimestampMillisecondArray, UInt32Array, UInt64Array,
+    TimestampMillisecondArray, UInt32Array, UInt64Array, new_null_array,
 };
 use datafusion::arrow::compute::concat;
 use datafusion::arrow::datatypes::DataType;
@@ -37,6 +42,17 @@ struct Session {
     emitted_at: Option<u64>,
     final_fired: bool,
     revisions: u32,
+    /// The row last published for it, under the window it had then.
+    published: Option<Published>,
+}
+
+/// A session's last published row: its window and aggregate values (one row each).
+#[derive(Clone)]
+struct Published {
+    start: i64,
+    end: i64,
+    values: Vec<ArrayRef>,
+    revisions: u32,
 }
 
 /// Incremental state of a query grouped by `session(ts, gap)`.
@@ -51,6 +67,9 @@ pub struct SessionOperator {
     late_frontier: i64,
     evicted_through: i64,
     step: u64,
+    /// Published rows no session stands for any more (merged into another, or moved to an
+    /// earlier start), to retract at the next emission.
+    retractions: Vec<SessionRow>,
 }
 
 impl SessionOperator {
@@ -78,6 +97,7 @@ impl SessionOperator {
             late_frontier: i64::MIN,
             evicted_through: i64::MIN,
             step: 0,
+            retractions: Vec::new(),
         })
     }
 }
@@ -130,6 +150,7 @@ impl WindowedAggregation for SessionOperator {
                         emitted_at: None,
                         final_fired: false,
                         revisions: 0,
+                        published: None,
                     });
                     sessions.len() - 1
                 }
@@ -138,6 +159,9 @@ impl WindowedAggregation for SessionOperator {
                     // indices stay valid).
                     for &j in touching[1..].iter().rev() {
                         let mut other = sessions.remove(j);
+                        if let Some(p) = other.published.take() {
+                            self.retractions.push(retraction(key.as_ref(), p));
+                        }
                         let s = &mut sessions[first];
                         for (acc, other_acc) in
                             s.accumulators.iter_mut().zip(other.accumulators.iter_mut())
@@ -153,7 +177,11 @@ impl WindowedAggregation for SessionOperator {
             };
             let s = &mut sessions[target];
             if t < s.start {
-                // The session now starts earlier: it is a new window for consumers.
+                // The session now starts earlier: it is a new window for consumers, and the
+                // row published under the old start is withdrawn.
+                if let Some(p) = s.published.take() {
+                    self.retractions.push(retraction(key.as_ref(), p));
+                }
                 s.start = t;
                 s.revisions = 0;
                 s.final_fired = false;
@@ -197,6 +225,12 @@ impl WindowedAggregation for SessionOperator {
                     continue;
                 }
                 let values = evaluate(s, &self.spec)?;
+                s.published = Some(Published {
+                    start: s.start,
+                    end,
+                    values: values.clone(),
+                    revisions: s.revisions + 1,
+                });
                 let row = (key.clone(), s.start, end, values, s.revisions);
                 s.revisions += 1;
                 s.emitted_at = Some(step);
@@ -209,6 +243,13 @@ impl WindowedAggregation for SessionOperator {
             }
         }
         let mut out = Vec::new();
+        // Withdrawn rows go first, so that a consumer applying the changelog in order never
+        // holds a merged session and its parts at once.
+        let retractions = std::mem::take(&mut self.retractions);
+        if let Some(mut e) = self.emission(retractions, true)? {
+            e.retract = true;
+            out.push(e);
+        }
         for (rows, is_final) in [(finals, true), (partials, false)] {
             if let Some(e) = self.emission(rows, is_final)? {
                 out.push(e);
@@ -268,6 +309,9 @@ impl WindowedAggregation for SessionOperator {
         let mut keys: Vec<&[u8]> = Vec::new();
         let (mut starts, mut lasts, mut updated, mut emitted, mut fired, mut revisions) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut pub_starts, mut pub_ends, mut pub_revisions) = (vec![], vec![], vec![]);
+        let value_types = self.value_types();
+        let mut pub_values: Vec<Vec<ArrayRef>> = vec![Vec::new(); value_types.len()];
         let mut states: Vec<Vec<Vec<ArrayRef>>> = vec![Vec::new(); self.spec.aggregates.len()];
         for (key, sessions) in self.keys.iter_mut() {
             for s in sessions.iter_mut() {
@@ -278,6 +322,15 @@ impl WindowedAggregation for SessionOperator {
                 emitted.push(s.emitted_at);
                 fired.push(s.final_fired);
                 revisions.push(s.revisions);
+                pub_starts.push(s.published.as_ref().map(|p| p.start));
+                pub_ends.push(s.published.as_ref().map(|p| p.end));
+                pub_revisions.push(s.published.as_ref().map(|p| p.revisions));
+                for (a, dt) in value_types.iter().enumerate() {
+                    pub_values[a].push(match &s.published {
+                        Some(p) => p.values[a].clone(),
+                        None => new_null_array(dt, 1),
+                    });
+                }
                 for (a, acc) in s.accumulators.iter_mut().enumerate() {
                     let state = acc.state(EmitTo::All)?;
                     acc.merge_batch(&state, &[0], 1)?;
@@ -296,7 +349,20 @@ impl WindowedAggregation for SessionOperator {
                 ("emitted_at".into(), Arc::new(UInt64Array::from(emitted))),
                 ("final_fired".into(), Arc::new(BooleanArray::from(fired))),
                 ("revisions".into(), Arc::new(UInt32Array::from(revisions))),
+                (
+                    "published_start".into(),
+                    Arc::new(Int64Array::from(pub_starts)),
+                ),
+                ("published_end".into(), Arc::new(Int64Array::from(pub_ends))),
+                (
+                    "published_revisions".into(),
+                    Arc::new(UInt32Array::from(pub_revisions)),
+                ),
             ];
+            for (a, values) in pub_values.iter().enumerate() {
+                let parts: Vec<&dyn Array> = values.iter().map(|v| v.as_ref()).collect();
+                columns.push((format!("published{a}"), concat(&parts)?));
+            }
             for (a, per_session) in states.iter().enumerate() {
                 let width = per_session.first().map_or(0, Vec::len);
                 state_columns.push(width);
@@ -343,6 +409,19 @@ impl WindowedAggregation for SessionOperator {
         let emitted = typed::<UInt64Array>(column(t, "emitted_at")?, "emitted_at")?;
         let fired = typed::<BooleanArray>(column(t, "final_fired")?, "final_fired")?;
         let revisions = typed::<UInt32Array>(column(t, "revisions")?, "revisions")?;
+        // What each session last published (checkpoints written before retractions existed
+        // have none: their sessions are not retracted).
+        let published = match t.column_by_name("published_start") {
+            Some(_) => Some((
+                typed::<Int64Array>(column(t, "published_start")?, "published_start")?,
+                typed::<Int64Array>(column(t, "published_end")?, "published_end")?,
+                typed::<UInt32Array>(column(t, "published_revisions")?, "published_revisions")?,
+                (0..self.value_types().len())
+                    .map(|a| column(t, &format!("published{a}")).cloned())
+                    .collect::<crate::Result<Vec<_>>>()?,
+            )),
+            None => None,
+        };
         for r in 0..t.num_rows() {
             let mut accumulators = self.spec.new_accumulators()?;
             for (a, acc) in accumulators.iter_mut().enumerate() {
@@ -362,6 +441,14 @@ impl WindowedAggregation for SessionOperator {
                     emitted_at: (!emitted.is_null(r)).then(|| emitted.value(r)),
                     final_fired: fired.value(r),
                     revisions: revisions.value(r),
+                    published: published.as_ref().and_then(|(s, e, n, values)| {
+                        (!s.is_null(r)).then(|| Published {
+                            start: s.value(r),
+                            end: e.value(r),
+                            revisions: n.value(r),
+                            values: values.iter().map(|v| v.slice(r, 1)).collect(),
+                        })
+                    }),
                 });
         }
         for sessions in self.keys.values_mut() {
@@ -372,6 +459,13 @@ impl WindowedAggregation for SessionOperator {
 }
 
 type SessionRow = (Box<[u8]>, i64, i64, Vec<ArrayRef>, u32);
+
+/// The row withdrawing a published one: its key and window, the values it was published
+/// with (so filters above the aggregation treat it as they treated the row), and the next
+/// revision of that window.
+fn retraction(key: &[u8], p: Published) -> SessionRow {
+    (key.into(), p.start, p.end, p.values, p.revisions)
+}
 
 /// The session's aggregate values (one row each), leaving its state as it was.
 fn evaluate(session: &mut Session, spec: &AggregateSpec) -> Result<Vec<ArrayRef>> {
@@ -387,6 +481,15 @@ fn evaluate(session: &mut Session, spec: &AggregateSpec) -> Result<Vec<ArrayRef>
 }
 
 impl SessionOperator {
+    /// The types of the aggregates' output columns.
+    fn value_types(&self) -> Vec<DataType> {
+        let first = self.spec.output_schema.fields().len() - self.spec.aggregates.len();
+        self.spec.output_schema.fields()[first..]
+            .iter()
+            .map(|f| f.data_type().clone())
+            .collect()
+    }
+
     /// One batch of emitted sessions, in the aggregation's output schema.
     fn emission(&self, rows: Vec<SessionRow>, is_final: bool) -> Result<Option<Emission>> {
         if rows.is_empty() {
@@ -423,6 +526,7 @@ impl SessionOperator {
             batch,
             revisions: rows.iter().map(|r| r.4).collect(),
             is_final,
+            retract: false,
             until: rows.iter().map(|r| r.2).max().unwrap_or(i64::MIN),
         }))
     }

@@ -187,6 +187,10 @@ pub struct Emission {
     pub revisions: Vec<u32>,
     /// Whether the watermark had passed the window's end.
     pub is_final: bool,
+    /// Whether the rows retract rows published earlier (a session merged into another, or
+    /// published under a start it no longer has): their keys and window identify the rows
+    /// withdrawn, their aggregates are null.
+    pub retract: bool,
     /// The latest window end among the rows: operators above the aggregation (keyed timers)
     /// see the watermark at most here while they process these rows, as they would had the
     /// watermark stopped just after this window closed.
@@ -565,6 +569,7 @@ impl WindowOperator {
             batch,
             revisions,
             is_final,
+            retract: false,
             until: end,
         }))
     }
