@@ -63,6 +63,36 @@ impl EmbeddedBroker {
 /// The id of the embedded cluster's one broker.
 const BROKER_ID: i32 = 1;
 
+/// How long a command waits for a broker to answer before it gives up.
+pub const REACH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Checks within [`REACH_TIMEOUT`] that the Kafka at `brokers` answers a metadata request;
+/// the error names the address and what to try.
+pub async fn check_reachable(brokers: &str) -> Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("socket.connection.setup.timeout.ms", "4000")
+        .set("log_level", "0")
+        .create()?;
+    let answer = tokio::task::spawn_blocking(move || {
+        consumer
+            .fetch_metadata(None, REACH_TIMEOUT)
+            .map(|m| m.brokers().len())
+    })
+    .await
+    .map_err(|e| Error::Config(format!("checking the broker: {e}")))?;
+    match answer {
+        Ok(_) => Ok(()),
+        Err(e) => Err(Error::Config(format!(
+            "no Kafka broker answered at {brokers} within {} s ({e}): check the address and \
+             that the broker runs (`urbanstream broker` starts a local one), or leave out \
+             --brokers to use the embedded broker",
+            REACH_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
 /// Creates topics on an external Kafka through the admin API; existing topics are left alone.
 pub async fn create_topics(brokers: &str, topics: &[(String, i32)]) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()

@@ -189,6 +189,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let mut embedded = None;
     let brokers = match &args.brokers {
         Some(b) => {
+            crate::broker::check_reachable(b).await?;
             let wanted: Vec<_> = topics
                 .all()
                 .into_iter()

@@ -133,26 +133,46 @@ pub struct EvaluateArgs {
     pub json: Option<std::path::PathBuf>,
 }
 
+/// A finite number above 0.
+fn positive(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(_) => Err(format!("{text} is not above 0")),
+        Err(e) => Err(format!("{text} is not a number ({e})")),
+    }
+}
+
+/// A share from 0 to 1.
+fn share(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        Ok(_) => Err(format!("{text} is not between 0 and 1")),
+        Err(e) => Err(format!("{text} is not a number ({e})")),
+    }
+}
+
 /// Options shared by everything that simulates the city.
 #[derive(Debug, Clone, Args)]
 pub struct SimArgs {
-    /// Mean camera detections per wall-clock second (follows the daily traffic profile).
-    #[arg(long, default_value_t = 2000.0)]
+    /// Mean camera detections per wall-clock second (follows the daily traffic profile);
+    /// above 0.
+    #[arg(long, default_value_t = 2000.0, value_parser = positive)]
     pub rate: f64,
-    /// Simulated seconds per wall-clock second.
-    #[arg(long, default_value_t = 60.0)]
+    /// Simulated seconds per wall-clock second; above 0. Simulated time never runs ahead of
+    /// the wall clock: once it reaches the present it runs in real time.
+    #[arg(long, default_value_t = 60.0, value_parser = positive)]
     pub speedup: f64,
     /// Random seed; the same seed gives the same events.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Share of malformed records.
-    #[arg(long, default_value_t = 0.002)]
+    /// Share of malformed records (0 to 1).
+    #[arg(long, default_value_t = 0.002, value_parser = share)]
     pub malformed_share: f64,
-    /// Share of late camera events (1.5 to 5 minutes behind).
-    #[arg(long, default_value_t = 0.002)]
+    /// Share of late camera events (1.5 to 5 minutes behind; 0 to 1).
+    #[arg(long, default_value_t = 0.002, value_parser = share)]
     pub late_share: f64,
-    /// Share of out-of-order camera events (up to 4 s behind).
-    #[arg(long, default_value_t = 0.05)]
+    /// Share of out-of-order camera events (up to 4 s behind; 0 to 1).
+    #[arg(long, default_value_t = 0.05, value_parser = share)]
     pub out_of_order_share: f64,
     /// Hours of air readings produced at start from before the simulated clock, so the hourly
     /// AQI (NowCast needs 2 of the latest 3 hours) is published from the first minute.
@@ -190,8 +210,8 @@ pub struct DemoArgs {
     /// Use this Kafka instead of the embedded broker (`host:port[,host:port]`).
     #[arg(long)]
     pub brokers: Option<String>,
-    /// Partitions per topic when creating topics.
-    #[arg(long, default_value_t = 4)]
+    /// Partitions per topic when creating topics (1 to 1024).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=1024))]
     pub partitions: i32,
     /// Simulation settings.
     #[command(flatten)]
@@ -207,8 +227,9 @@ pub struct SimulateArgs {
     /// Stop after this long; default: until Ctrl-C.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
-    /// Create the input topics first (with this many partitions) if they do not exist.
-    #[arg(long)]
+    /// Create the input topics first (with this many partitions, 1 to 1024) if they do not
+    /// exist.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1024))]
     pub create_topics: Option<i32>,
     /// Simulation settings.
     #[command(flatten)]
@@ -238,8 +259,8 @@ pub struct TailArgs {
 /// Options of `broker`.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// Partitions of each of the city's topics, created at start.
-    #[arg(long, default_value_t = 4)]
+    /// Partitions of each of the city's topics, created at start (1 to 1024).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=1024))]
     pub partitions: i32,
     /// Also write the bootstrap address to this file (for scripts).
     #[arg(long)]
@@ -350,6 +371,7 @@ pub fn stop_on_signal(stop: Arc<AtomicBool>) {
 }
 
 async fn simulate(args: SimulateArgs) -> Result<()> {
+    crate::broker::check_reachable(&args.brokers).await?;
     let topics = Topics::default();
     if let Some(partitions) = args.create_topics {
         let wanted: Vec<_> = topics
@@ -402,6 +424,7 @@ async fn simulate(args: SimulateArgs) -> Result<()> {
 }
 
 async fn tail(args: TailArgs) -> Result<()> {
+    crate::broker::check_reachable(&args.brokers).await?;
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Message;
     // No group: the consumer reads where it is told and commits nothing.

@@ -101,3 +101,59 @@ fn motorbikes_dominate_urban_detections() {
     let share = moto as f64 / camera.len() as f64;
     assert!((0.6..0.9).contains(&share), "motorbike share {share}");
 }
+
+/// Regression: at 60× and more, the simulated clock ran past the wall clock (the demo then
+/// stamped every event in the future). It is capped at the wall clock and runs in real time
+/// from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_time_never_passes_the_wall_clock() {
+    let broker = crate::broker::EmbeddedBroker::start().expect("broker");
+    let topics = crate::pipeline::Topics::default();
+    for t in topics.inputs() {
+        broker.create_topic(&t, 1).expect("topic");
+    }
+    let reference = Arc::new(ReferenceData::embedded().expect("reference"));
+    let start = crate::pipeline::epoch_ms() - 3_000;
+    let config = SimConfig {
+        start_ms: start,
+        air_history_hours: 0,
+        detections_per_sim_second: 1.0,
+        ..SimConfig::default()
+    };
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()
+        .expect("producer");
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(ProducerStats::default());
+    let task = tokio::spawn(run_producer(
+        CitySimulator::new(config, reference),
+        producer,
+        [
+            topics.camera.clone(),
+            topics.detectors.clone(),
+            topics.air.clone(),
+        ],
+        3_600.0,
+        stop.clone(),
+        stats.clone(),
+    ));
+    let mut ahead = i64::MIN;
+    for _ in 0..30 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let sim = stats.sim_time_ms.load(Ordering::Relaxed);
+        ahead = ahead.max(sim - crate::pipeline::epoch_ms());
+    }
+    stop.store(true, Ordering::Relaxed);
+    task.await.expect("task").expect("producer");
+    let reached = stats.sim_time_ms.load(Ordering::Relaxed);
+    // At 3600× the 3 s of history are gone in a millisecond; then one tick (1 s) at most ahead.
+    assert!(
+        reached >= start + 3_000,
+        "simulated time stalled at {reached}"
+    );
+    assert!(
+        ahead <= 1_000,
+        "simulated time ran {ahead} ms ahead of the wall clock"
+    );
+}

@@ -1,0 +1,63 @@
+//! Commands that cannot work say so quickly: a broker that does not answer fails `demo`,
+//! `simulate` and `tail` within seconds with a non-zero exit and a message naming the
+//! address; flags out of range are refused by the parser before anything starts.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// An address nothing listens on (a port just freed on the loopback).
+fn dead_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    drop(listener);
+    format!("127.0.0.1:{port}")
+}
+
+fn run(args: &[&str]) -> (bool, String, Duration) {
+    let start = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_urbanstream"))
+        .args(args)
+        .output()
+        .expect("run urbanstream");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text, start.elapsed())
+}
+
+#[test]
+fn an_unreachable_broker_fails_fast_naming_the_address() {
+    let address = dead_address();
+    for args in [
+        vec!["demo", "--brokers", &address, "--duration", "30s"],
+        vec!["simulate", "--brokers", &address, "--duration", "30s"],
+        vec!["tail", "--brokers", &address, "--topic", "city.alerts"],
+    ] {
+        let (ok, text, took) = run(&args);
+        assert!(!ok, "{args:?} succeeded:\n{text}");
+        assert!(
+            text.contains(&address) && text.contains("no Kafka broker answered"),
+            "{args:?}: the message does not name {address}:\n{text}"
+        );
+        assert!(took < Duration::from_secs(15), "{args:?} took {took:?}");
+    }
+}
+
+#[test]
+fn out_of_range_flags_are_refused_by_the_parser() {
+    for (args, says) in [
+        (vec!["demo", "--rate", "0"], "not above 0"),
+        (vec!["demo", "--rate=-5"], "not above 0"),
+        (vec!["demo", "--speedup", "0"], "not above 0"),
+        (vec!["demo", "--partitions", "0"], "--partitions"),
+        (vec!["demo", "--late-share", "2"], "not between 0 and 1"),
+        (vec!["broker", "--partitions", "0"], "--partitions"),
+    ] {
+        let (ok, text, took) = run(&args);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(text.contains(says), "{args:?}: {text}");
+        assert!(took < Duration::from_secs(5), "{args:?} took {took:?}");
+    }
+}
