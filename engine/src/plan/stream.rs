@@ -530,6 +530,7 @@ impl StreamContext {
             group_schema,
         };
         let lower = bottom_agg.input().clone();
+        refuse_window_calls_below(&lower)?;
         let upper_feed = Feed::default();
         let upper_leaf: Arc<dyn ExecutionPlan> = Arc::new(FeedExec::new(
             "window_output",
@@ -667,6 +668,38 @@ fn parse_setting(name: &str, value: &str) -> Result<Option<Duration>> {
         .map_err(|e| {
             plan_datafusion_err!("{name}: '{value}' is not a duration ({e}); write e.g. '30s'")
         })
+}
+
+/// Refuses a window function evaluated below the windowed aggregation: DataFusion pushes a
+/// `HAVING` condition on the window's bounds (only group keys in it) below the aggregation,
+/// where rows have no window yet, and the query would fail on its first batch.
+fn refuse_window_calls_below(lower: &Arc<dyn ExecutionPlan>) -> Result<()> {
+    let mut found = false;
+    lower.apply(|node| {
+        node.apply_expressions(
+            &mut |e: &Arc<dyn datafusion::physical_expr::PhysicalExpr>| {
+                e.apply(|n| {
+                    found |= n
+                        .downcast_ref::<ScalarFunctionExpr>()
+                        .is_some_and(|f| WINDOW_FUNCTIONS.contains(&f.name()));
+                    Ok(TreeNodeRecursion::Continue)
+                })
+            },
+        )?;
+        Ok(if found {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    })?;
+    if found {
+        return plan_err!(
+            "a HAVING condition on window_start or window_end alone is not supported yet (it \
+             would be evaluated before the window): filter the events with WHERE on the \
+             event-time column, or filter the window's rows in a query reading its output topic"
+        );
+    }
+    Ok(())
 }
 
 /// Whether `plan` reads the stream (holds its feed leaf).
