@@ -20,10 +20,12 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringArray};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray};
 use datafusion::arrow::compute::kernels::zip::zip;
-use datafusion::arrow::compute::{concat_batches, filter_record_batch, is_not_null};
-use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, is_not_null};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
+};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::json::ReaderBuilder;
 use datafusion::arrow::json::reader::Decoder;
@@ -89,7 +91,12 @@ pub struct JsonDecoder {
     max_value_bytes: usize,
     /// Largest record key accepted, bytes.
     max_key_bytes: usize,
+    /// The event-time column (its index), checked for plausible values.
+    event_time: Option<usize>,
 }
+
+/// Event times before this (1990-01-01, epoch ms) are taken for a unit mistake.
+const EARLIEST_EVENT_MS: i64 = 631_152_000_000;
 
 /// Largest record value a decoder accepts by default (city events are a few hundred bytes).
 pub const MAX_VALUE_BYTES: usize = 256 * 1024;
@@ -111,7 +118,32 @@ impl JsonDecoder {
             schema,
             max_value_bytes: MAX_VALUE_BYTES,
             max_key_bytes: MAX_KEY_BYTES,
+            event_time: None,
         }
+    }
+
+    /// Names the event-time column and the unit its JSON numbers are in (`Millisecond` for
+    /// the city's topics): numbers are read in that unit; a record whose event time falls
+    /// before 1990 is rejected with a hint about the unit, instead of being read as an event
+    /// of 1970 that every window has long passed.
+    pub fn with_event_time(mut self, column: &str, unit: TimeUnit) -> Self {
+        let Ok(index) = self.wire_schema.index_of(column) else {
+            return self;
+        };
+        if let DataType::Timestamp(_, tz) = self.wire_schema.field(index).data_type().clone() {
+            let mut fields: Vec<Field> = self
+                .wire_schema
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
+            fields[index] = fields[index]
+                .clone()
+                .with_data_type(DataType::Timestamp(unit, tz));
+            self.wire_schema = Arc::new(Schema::new(fields));
+            self.event_time = Some(index);
+        }
+        self
     }
 
     /// Records with a larger value or key are rejected without being parsed.
@@ -294,6 +326,25 @@ impl JsonDecoder {
                 }
             }
         }
+        if let Some(c) = self.event_time {
+            let ms = cast(
+                batch.column(c),
+                &DataType::Timestamp(TimeUnit::Millisecond, None),
+            )?;
+            let ms = ms.as_primitive::<TimestampMillisecondType>();
+            let field = self.schema.arrow.field(c).name();
+            for (r, slot) in reason.iter_mut().enumerate() {
+                if slot.is_none() && !ms.is_null(r) && ms.value(r) < EARLIEST_EVENT_MS {
+                    *slot = Some(format!(
+                        "field {field}: event time {} is before 1990; if the topic carries \
+                         epoch seconds (or microseconds), declare OPTIONS ('event_time_unit' \
+                         's') (or 'us')",
+                        ms.value(r)
+                    ));
+                    any_bad = true;
+                }
+            }
+        }
         let (batch, rows) = if any_bad {
             let keep: BooleanArray = reason.iter().map(|r| Some(r.is_none())).collect();
             let mut kept_rows = Vec::with_capacity(n);
@@ -315,7 +366,16 @@ impl JsonDecoder {
             .columns()
             .iter()
             .zip(&self.schema.defaults)
-            .map(|(column, default)| fill_default(column, default.as_ref()))
+            .zip(self.output_schema.fields())
+            .map(|((column, default), field)| {
+                let column = fill_default(column, default.as_ref())?;
+                // An event time read in another unit is held in milliseconds.
+                if column.data_type() == field.data_type() {
+                    Ok(column)
+                } else {
+                    Ok(cast(&column, field.data_type())?)
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         let batch = RecordBatch::try_new(self.output_schema.clone(), columns)?;
         Ok(Decoded {

@@ -215,3 +215,63 @@ fn empty_batch_decodes_to_empty() {
     assert_eq!(d.batch.num_rows(), 0);
     assert!(d.rejects.is_empty());
 }
+
+/// Regression: a table whose event time is a JSON number of epoch seconds was read as
+/// milliseconds (an event of 1970, late for every window) without a word. With
+/// `'event_time_unit' 's'` the numbers are seconds; without it such records are rejected
+/// with a hint about the unit.
+#[test]
+fn event_time_units_are_declared_and_mistakes_are_named() {
+    use datafusion::arrow::datatypes::TimeUnit;
+    let schema = Arc::new(TopicSchema::from_arrow(
+        "readings",
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+        ])),
+    ));
+    let seconds: &[u8] = br#"{"id":"a","ts":1767222000}"#;
+    let text: &[u8] = br#"{"id":"b","ts":"2026-01-01T00:00:01Z"}"#;
+    let decoded = JsonDecoder::new(schema.clone())
+        .with_event_time("ts", TimeUnit::Second)
+        .decode(&raw(&[seconds, text]))
+        .expect("decode");
+    assert!(decoded.rejects.is_empty(), "{:?}", decoded.rejects);
+    let ts = decoded
+        .batch
+        .column(1)
+        .as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>();
+    assert_eq!(ts.value(0), 1_767_222_000_000);
+    assert_eq!(ts.value(1), 1_767_225_601_000);
+    assert_eq!(
+        decoded.batch.schema().field(1).data_type(),
+        &DataType::Timestamp(TimeUnit::Millisecond, None)
+    );
+
+    let micros: &[u8] = br#"{"id":"c","ts":1767222000000000}"#;
+    let decoded = JsonDecoder::new(schema.clone())
+        .with_event_time("ts", TimeUnit::Microsecond)
+        .decode(&raw(&[micros]))
+        .expect("decode");
+    let ts = decoded
+        .batch
+        .column(1)
+        .as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>();
+    assert_eq!(ts.value(0), 1_767_222_000_000);
+
+    // Seconds read as milliseconds: rejected, naming the option.
+    let decoded = JsonDecoder::new(schema)
+        .with_event_time("ts", TimeUnit::Millisecond)
+        .decode(&raw(&[seconds]))
+        .expect("decode");
+    assert_eq!(decoded.batch.num_rows(), 0);
+    assert!(
+        decoded.rejects[0].error.contains("'event_time_unit' 's'"),
+        "{:?}",
+        decoded.rejects
+    );
+}

@@ -29,6 +29,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use datafusion::arrow::datatypes::TimeUnit;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hdrhistogram::Histogram;
@@ -490,19 +492,27 @@ impl Pipeline {
                 (&config.topics.detectors, "detector_reading"),
                 (&config.topics.air, "air_reading"),
             ] {
-                decoders.insert(topic.clone(), JsonDecoder::new(schemas.get(schema)?));
+                decoders.insert(
+                    topic.clone(),
+                    JsonDecoder::new(schemas.get(schema)?)
+                        .with_event_time("event_time", TimeUnit::Millisecond),
+                );
             }
         }
         for running in &queries {
             let source = running.query.source();
+            let decoder = || {
+                let decoder = JsonDecoder::new(source.topic_schema.clone());
+                match &source.options.event_time {
+                    Some(column) => decoder.with_event_time(column, source.options.event_time_unit),
+                    None => decoder,
+                }
+            };
             decoders
                 .entry(source.options.topic.clone())
-                .or_insert_with(|| JsonDecoder::new(source.topic_schema.clone()));
+                .or_insert_with(decoder);
             if let Some(r) = &running.repartition {
-                decoders.insert(
-                    r.topic.clone(),
-                    JsonDecoder::new(source.topic_schema.clone()),
-                );
+                decoders.insert(r.topic.clone(), decoder());
             }
         }
         let mut inputs: Vec<String> = decoders.keys().cloned().collect();

@@ -43,6 +43,9 @@ pub struct StreamOptions {
     pub watermark_delay: Duration,
     /// A partition silent for this long (processing time) stops holding the watermark back.
     pub idle_timeout: Duration,
+    /// Unit of an event-time column carried as a JSON number: seconds, milliseconds (the
+    /// default, as the city's topics) or microseconds. Strings are RFC 3339 whatever the unit.
+    pub event_time_unit: TimeUnit,
     /// Events stamped further than this into the future (processing time) are diverted.
     /// Events within it are processed, but no event moves the watermark past processing time
     /// minus the delay.
@@ -64,15 +67,17 @@ impl StreamOptions {
             watermark_delay: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             future_tolerance: Duration::from_secs(10),
+            event_time_unit: TimeUnit::Millisecond,
             key: None,
         }
     }
 
     /// The option names understood in `OPTIONS (...)`.
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 8] = [
         "topic",
         "format",
         "event_time",
+        "event_time_unit",
         "watermark_delay",
         "idle_timeout",
         "future_tolerance",
@@ -122,6 +127,19 @@ impl StreamOptions {
         }
         if let Some(v) = get("future_tolerance") {
             out.future_tolerance = duration("future_tolerance", v)?;
+        }
+        if let Some(v) = get("event_time_unit") {
+            out.event_time_unit = match v.to_ascii_lowercase().as_str() {
+                "s" => TimeUnit::Second,
+                "ms" => TimeUnit::Millisecond,
+                "us" => TimeUnit::Microsecond,
+                _ => {
+                    return plan_err!(
+                        "option 'event_time_unit': '{v}' is not a unit; write 's' (epoch \
+                         seconds), 'ms' (milliseconds) or 'us' (microseconds)"
+                    );
+                }
+            };
         }
         Ok(out)
     }
@@ -282,6 +300,14 @@ mod tests {
         assert_eq!(o.topic, "t");
         assert_eq!(o.watermark_delay, Duration::from_secs(2));
         assert_eq!(o.idle_timeout, Duration::from_secs(60));
+        assert_eq!(o.future_tolerance, Duration::from_secs(10));
+        assert_eq!(o.event_time_unit, TimeUnit::Millisecond);
+        let o = StreamOptions::parse(&opts(&[("topic", "t"), ("event_time_unit", "s")]))
+            .expect("options");
+        assert_eq!(o.event_time_unit, TimeUnit::Second);
+        let e = StreamOptions::parse(&opts(&[("topic", "t"), ("event_time_unit", "days")]))
+            .expect_err("unit");
+        assert!(e.to_string().contains("write 's' (epoch seconds)"), "{e}");
     }
 
     #[test]
