@@ -609,6 +609,31 @@ async fn a_key_explosion_hits_the_state_cap_with_a_clear_failure() -> anyhow::Re
     Ok(())
 }
 
+/// Regression: dropping a query and creating one under the same name resumed the old consumer
+/// group's offsets (`rows_in: 0`). A dropped query's group is put back to the start of its
+/// input, so the new query reads every event again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_dropped_and_created_again_starts_from_scratch() -> anyhow::Result<()> {
+    let (_broker, brokers, _dir, service, app) = counting_service().await?;
+    produce_events(&brokers, 1_767_222_000_000, 120, 10).await?;
+    wait_for(&app, "counts", Duration::from_secs(30), |q| {
+        q["rows_in"] == 120
+    })
+    .await?;
+    // Let the committed offsets catch up with what was read.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, body) = call(&app, "DELETE", "/v1/queries/counts", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    create(&app, "counts", &per_minute("counts")).await?;
+    let q = wait_for(&app, "counts", Duration::from_secs(30), |q| {
+        q["rows_in"] == 120
+    })
+    .await?;
+    assert_eq!(q["state"], "RUNNING", "{q}");
+    service.shutdown().await;
+    Ok(())
+}
+
 /// Resident memory of this process, bytes (Linux).
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")

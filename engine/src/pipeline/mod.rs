@@ -152,6 +152,9 @@ pub struct PipelineConfig {
     pub max_state_groups: Option<usize>,
     /// Checkpoints, when the pipeline keeps them (the service does; the demo does not).
     pub checkpoint: Option<CheckpointSettings>,
+    /// Read partitions without a checkpoint from their beginning, ignoring what the consumer
+    /// group committed (a query created under the name of a dropped one).
+    pub from_beginning: bool,
 }
 
 /// How a pipeline checkpoints and recovers.
@@ -185,6 +188,7 @@ impl PipelineConfig {
             memory_limit: None,
             max_state_groups: None,
             checkpoint: None,
+            from_beginning: false,
         }
     }
 }
@@ -522,6 +526,7 @@ impl Pipeline {
         source_config.max_batch_rows = config.max_batch_rows;
         source_config.linger = config.linger;
         source_config.properties = config.properties.clone();
+        source_config.from_beginning = config.from_beginning;
         let mut sink_config = KafkaSinkConfig::new(&config.brokers);
         sink_config.linger = config.producer_linger;
         sink_config.properties = config.properties.clone();

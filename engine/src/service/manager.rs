@@ -233,6 +233,9 @@ struct QueryHandle {
     status: Mutex<Status>,
     /// Pipelines started for it so far.
     starts: AtomicU64,
+    /// Created under the name of a query dropped in this process and not yet run: it reads its
+    /// input from the beginning, whatever the dropped one left committed in the group.
+    fresh: AtomicBool,
     control: tokio::sync::Mutex<Control>,
 }
 
@@ -309,6 +312,10 @@ pub struct QueryManager {
     catalog: Mutex<Catalog>,
     queries: Mutex<BTreeMap<String, Arc<QueryHandle>>>,
     schemas: SchemaRegistry,
+    /// Names of the queries dropped since the service started: a query created again under
+    /// one reads its input from the beginning instead of the dropped one's committed offsets.
+    /// (A query created in another process of the group joins that process's run instead.)
+    dropped: Mutex<std::collections::HashSet<String>>,
 }
 
 impl QueryManager {
@@ -319,6 +326,7 @@ impl QueryManager {
             config,
             catalog: Mutex::new(catalog),
             queries: Mutex::new(BTreeMap::new()),
+            dropped: Mutex::default(),
             schemas: SchemaRegistry::embedded()?,
         })
     }
@@ -390,6 +398,7 @@ impl QueryManager {
                 started_at: None,
             }),
             starts: AtomicU64::new(0),
+            fresh: AtomicBool::new(false),
             control: tokio::sync::Mutex::new(Control::default()),
             entry,
         })
@@ -499,6 +508,8 @@ impl QueryManager {
                 .and_then(|mut c| c.insert(entry.clone()))
                 .map_err(|e| ServiceError::Internal(format!("catalog not written: {e}")))?;
             let handle = self.new_handle(entry, false);
+            let was_dropped = self.dropped.lock().is_ok_and(|mut d| d.remove(name));
+            handle.fresh.store(was_dropped, Ordering::Relaxed);
             queries.insert(name.to_string(), handle.clone());
             handle
         };
@@ -533,7 +544,12 @@ impl QueryManager {
         if let Ok(mut queries) = self.queries.lock() {
             queries.remove(name);
         }
-        // A query created later under the same name starts from scratch.
+        // A query created later under the same name starts from scratch: its checkpoints go
+        // now, and it reads from the beginning rather than the group's committed offsets
+        // (see `fresh`).
+        if let Ok(mut dropped) = self.dropped.lock() {
+            dropped.insert(name.to_string());
+        }
         let dir = self.config.checkpoint.dir.join(name);
         if dir.exists()
             && let Err(e) = std::fs::remove_dir_all(&dir)
@@ -728,12 +744,18 @@ async fn supervise(
     let run = {
         let handle = handle.clone();
         move |stop: Arc<AtomicBool>| {
-            let config = config.clone();
+            let mut config = config.clone();
             let handle = handle.clone();
             async move {
+                config.from_beginning = handle.fresh.load(Ordering::Relaxed);
                 let pipeline = Pipeline::new(config, handle.stats.clone()).await?;
                 handle.set(QueryState::Running, None);
-                pipeline.run(stop).await
+                let result = pipeline.run(stop).await;
+                // Once it has processed input it has positions of its own.
+                if handle.stats.batches.load(Ordering::Relaxed) > 0 {
+                    handle.fresh.store(false, Ordering::Relaxed);
+                }
+                result
             }
         }
     };
@@ -816,6 +838,7 @@ mod tests {
                 started_at: None,
             }),
             starts: AtomicU64::new(0),
+            fresh: AtomicBool::new(false),
             control: tokio::sync::Mutex::new(Control::default()),
             entry: CatalogEntry {
                 name: name.into(),

@@ -164,6 +164,9 @@ pub struct KafkaSourceConfig {
     pub linger: Duration,
     /// Extra librdkafka properties (security.protocol, sasl.*, ssl.*, ...).
     pub properties: Vec<(String, String)>,
+    /// Start partitions without a resume position at their beginning, not at the group's
+    /// committed offset (a query created under the name of a dropped one).
+    pub from_beginning: bool,
 }
 
 impl KafkaSourceConfig {
@@ -176,6 +179,7 @@ impl KafkaSourceConfig {
             max_batch_rows: 8192,
             linger: Duration::from_millis(20),
             properties: Vec::new(),
+            from_beginning: false,
         }
     }
 }
@@ -453,13 +457,14 @@ impl KafkaSource {
 
     /// Starts fetching `partitions` (answering [`PartitionChange::Assigned`]), each at its
     /// resume position when it has one, else at the group's committed offset (the earliest
-    /// without one).
+    /// without one), or at the beginning with [`KafkaSourceConfig::from_beginning`].
     pub fn assign(&self, partitions: &[(String, i32)]) -> Result<()> {
         let positions = self.positions();
         let mut list = TopicPartitionList::new();
         for key in partitions {
             let offset = match positions.get(key) {
                 Some(&o) => Offset::Offset(o),
+                None if self.config.from_beginning => Offset::Beginning,
                 None => Offset::Invalid,
             };
             debug!(topic = %key.0, partition = key.1, ?offset, "partition assigned");
@@ -511,7 +516,8 @@ impl KafkaSource {
     }
 
     /// Where each of `partitions` would start for this group now: its committed offset, or
-    /// its earliest offset when nothing is committed. Blocking.
+    /// its earliest offset when nothing is committed (or with
+    /// [`KafkaSourceConfig::from_beginning`]). Blocking.
     pub fn starting_positions(
         &self,
         partitions: &[(String, i32)],
@@ -525,7 +531,7 @@ impl KafkaSource {
         let mut out = Positions::new();
         for e in committed.elements() {
             let offset = match e.offset() {
-                Offset::Offset(o) => o,
+                Offset::Offset(o) if !self.config.from_beginning => o,
                 _ => {
                     self.lag_probe
                         .fetch_watermarks(e.topic(), e.partition(), timeout)?
