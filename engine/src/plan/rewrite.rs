@@ -4,7 +4,9 @@
 //! `session(…)` or `cumulate(…)`), the bare names `window_start` and `window_end` in the select
 //! list, `HAVING` and `ORDER BY` become `get_field(W, 'window_start')` and
 //! `get_field(W, 'window_end')`: expressions over a grouping expression, which DataFusion's
-//! own planner accepts. The engine later fills the window column itself. The rewrite works on
+//! own planner accepts. Where the input has columns of those names (a query over another
+//! windowed query's output), the bare names are the input's and `window.window_start` /
+//! `window.window_end` are the new window's. The engine later fills the window column itself. The rewrite works on
 //! sqlparser's syntax tree (DataFusion's parser, unmodified).
 
 use std::ops::ControlFlow;
@@ -19,14 +21,20 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use urbanstream_operators::window::WINDOW_FUNCTIONS;
 
-/// Rewrites every query of `statement` in place.
-pub fn rewrite_windows(statement: &mut DFStatement) -> Result<()> {
-    let mut rewriter = Rewriter { error: None };
+/// Rewrites every query of `statement` in place. `shadowed` lists the names among
+/// `window_start`/`window_end` that are columns of a table the statement reads (the output of
+/// another windowed query, say): there the bare name means the input's column, and the new
+/// window's bound is `window.window_start` / `window.window_end`.
+pub fn rewrite_windows(statement: &mut DFStatement, shadowed: &[String]) -> Result<()> {
+    let mut rewriter = Rewriter {
+        error: None,
+        shadowed: shadowed.iter().map(|s| s.to_ascii_lowercase()).collect(),
+    };
     match statement {
         DFStatement::Statement(s) => {
             let _ = s.visit(&mut rewriter);
         }
-        DFStatement::Explain(e) => return rewrite_windows(&mut e.statement),
+        DFStatement::Explain(e) => return rewrite_windows(&mut e.statement, shadowed),
         _ => {}
     }
     match rewriter.error {
@@ -37,13 +45,14 @@ pub fn rewrite_windows(statement: &mut DFStatement) -> Result<()> {
 
 struct Rewriter {
     error: Option<DataFusionError>,
+    shadowed: Vec<String>,
 }
 
 impl VisitorMut for Rewriter {
     type Break = ();
 
     fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<()> {
-        match rewrite_query(query) {
+        match rewrite_query(query, &self.shadowed) {
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => {
                 self.error = Some(e);
@@ -65,7 +74,7 @@ pub fn is_window_call(expr: &Expr) -> bool {
     }
 }
 
-fn rewrite_query(query: &mut Query) -> Result<()> {
+fn rewrite_query(query: &mut Query, shadowed: &[String]) -> Result<()> {
     let SetExpr::Select(select) = query.body.as_mut() else {
         return Ok(());
     };
@@ -85,26 +94,53 @@ fn rewrite_query(query: &mut Query) -> Result<()> {
     };
     let start = parse_expr(&format!("get_field({window}, 'window_start')"))?;
     let end = parse_expr(&format!("get_field({window}, 'window_end')"))?;
+    // The bound a name stands for: a bare `window_start` unless the input has such a
+    // column; `window.window_start` always.
+    let bound = |x: &Expr| -> Option<Expr> {
+        let name = match x {
+            Expr::Identifier(id) if !shadowed.contains(&id.value.to_ascii_lowercase()) => &id.value,
+            Expr::CompoundIdentifier(parts)
+                if parts.len() == 2 && parts[0].value.eq_ignore_ascii_case("window") =>
+            {
+                &parts[1].value
+            }
+            _ => return None,
+        };
+        if name.eq_ignore_ascii_case("window_start") {
+            Some(start.clone())
+        } else if name.eq_ignore_ascii_case("window_end") {
+            Some(end.clone())
+        } else {
+            None
+        }
+    };
     let replace = |e: &mut Expr| {
         let _ = visit_expressions_mut(e, |x| {
-            if let Expr::Identifier(id) = x {
-                if id.value.eq_ignore_ascii_case("window_start") {
-                    *x = start.clone();
-                } else if id.value.eq_ignore_ascii_case("window_end") {
-                    *x = end.clone();
-                }
+            if let Some(b) = bound(x) {
+                *x = b;
             }
             ControlFlow::<()>::Continue(())
         });
     };
     for item in select.projection.iter_mut() {
+        let bare = match item {
+            SelectItem::UnnamedExpr(Expr::Identifier(id)) => Some(id.clone()),
+            SelectItem::UnnamedExpr(Expr::CompoundIdentifier(parts)) if parts.len() == 2 => {
+                Some(parts[1].clone())
+            }
+            _ => None,
+        };
         match item {
-            SelectItem::UnnamedExpr(Expr::Identifier(id))
-                if id.value.eq_ignore_ascii_case("window_start")
-                    || id.value.eq_ignore_ascii_case("window_end") =>
+            SelectItem::UnnamedExpr(e)
+                if bound(e).is_some()
+                    && bare.as_ref().is_some_and(|id| {
+                        id.value.eq_ignore_ascii_case("window_start")
+                            || id.value.eq_ignore_ascii_case("window_end")
+                    }) =>
             {
+                let id = bare.unwrap_or_else(|| Ident::new("window_start"));
                 let alias = Ident::new(id.value.to_ascii_lowercase());
-                let mut expr = Expr::Identifier(id.clone());
+                let mut expr = e.clone();
                 replace(&mut expr);
                 *item = SelectItem::ExprWithAlias { expr, alias };
             }
@@ -140,7 +176,7 @@ mod tests {
     fn rewritten(sql: &str) -> String {
         let mut statements = DFParser::parse_sql(sql).expect("parse");
         let mut s = statements.pop_front().expect("statement");
-        rewrite_windows(&mut s).expect("rewrite");
+        rewrite_windows(&mut s, &[]).expect("rewrite");
         s.to_string()
     }
 
@@ -167,6 +203,24 @@ mod tests {
     }
 
     #[test]
+    fn input_columns_named_like_the_bounds_win() {
+        let mut statements = DFParser::parse_sql(
+            "SELECT window.window_start, max(window_end) FROM t \
+             GROUP BY tumble(window_start, INTERVAL '5 minutes') HAVING window_end > 0",
+        )
+        .expect("parse");
+        let mut s = statements.pop_front().expect("statement");
+        rewrite_windows(&mut s, &["window_start".into(), "window_end".into()]).expect("rewrite");
+        let sql = s.to_string();
+        assert!(
+            sql.contains("get_field(tumble(window_start, INTERVAL '5 minutes'), 'window_start') AS window_start"),
+            "{sql}"
+        );
+        assert!(sql.contains("max(window_end)"), "{sql}");
+        assert!(sql.contains("HAVING window_end > 0"), "{sql}");
+    }
+
+    #[test]
     fn queries_without_windows_are_untouched() {
         let sql = "SELECT window_start FROM t";
         assert_eq!(rewritten(sql), sql);
@@ -179,7 +233,7 @@ mod tests {
         )
         .expect("parse");
         let mut s = statements.pop_front().expect("statement");
-        let e = rewrite_windows(&mut s).expect_err("two windows");
+        let e = rewrite_windows(&mut s, &[]).expect_err("two windows");
         assert!(e.to_string().contains("only one window"), "{e}");
     }
 }

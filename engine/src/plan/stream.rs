@@ -223,6 +223,48 @@ impl StreamContext {
         }))
     }
 
+    /// Which of `window_start`/`window_end` are columns of the tables `statement` reads.
+    async fn window_columns_read(&self, statement: &DFStatement) -> Vec<String> {
+        use datafusion::sql::sqlparser::ast::{ObjectName, Visit, Visitor};
+        struct Tables(Vec<String>);
+        impl Visitor for Tables {
+            type Break = ();
+            fn pre_visit_relation(&mut self, relation: &ObjectName) -> std::ops::ControlFlow<()> {
+                self.0.push(relation.to_string());
+                std::ops::ControlFlow::Continue(())
+            }
+        }
+        let DFStatement::Statement(s) = statement else {
+            return Vec::new();
+        };
+        let mut tables = Tables(Vec::new());
+        // The tables read: an INSERT's sink is written, not read.
+        match s.as_ref() {
+            Statement::Insert(insert) => {
+                if let Some(source) = &insert.source {
+                    let _ = source.visit(&mut tables);
+                }
+            }
+            other => {
+                let _ = other.visit(&mut tables);
+            }
+        }
+        let mut out = Vec::new();
+        for name in tables.0 {
+            let Ok(provider) = self.ctx.table_provider(name.as_str()).await else {
+                continue;
+            };
+            for column in ["window_start", "window_end"] {
+                if provider.schema().field_with_name(column).is_ok()
+                    && !out.iter().any(|c| c == column)
+                {
+                    out.push(column.to_string());
+                }
+            }
+        }
+        out
+    }
+
     /// Splits SQL text into statements, with syntax errors naming their position, within the
     /// sandbox's size and nesting limits ([`super::sandbox::parse_checked`]).
     pub fn parse(sql: &str) -> Result<Vec<DFStatement>> {
@@ -245,7 +287,8 @@ impl StreamContext {
     pub async fn plan(&self, mut statement: DFStatement) -> Result<Option<StreamQuery>> {
         super::sandbox::check_statement(&statement)?;
         let sql = statement.to_string();
-        rewrite_windows(&mut statement)?;
+        let shadowed = self.window_columns_read(&statement).await;
+        rewrite_windows(&mut statement, &shadowed)?;
         // INSERT INTO a stream table: plan the SELECT; its columns meet the sink's by name.
         if let DFStatement::Statement(s) = &statement
             && let Statement::Insert(insert) = s.as_ref()
