@@ -72,8 +72,13 @@ impl Default for DeterministicEngine {
 impl DeterministicEngine {
     /// An engine with no tables; processing time starts at 2030-01-01T00:00:00Z.
     pub fn new() -> Self {
+        Self::with_context(StreamContext::new())
+    }
+
+    /// An engine over the tables of `ctx` (the city's, from [`crate::plan::city_context`]).
+    pub fn with_context(ctx: StreamContext) -> Self {
         Self {
-            ctx: StreamContext::new(),
+            ctx,
             queries: Vec::new(),
             outputs: HashMap::new(),
             late: Vec::new(),
