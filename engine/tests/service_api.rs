@@ -634,6 +634,70 @@ async fn a_query_dropped_and_created_again_starts_from_scratch() -> anyhow::Resu
     Ok(())
 }
 
+/// Analysts can discover what SQL can use: the tables with their columns, event time, delay
+/// and key, and the functions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_and_functions_are_discoverable() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let dir = tempfile::tempdir()?;
+    let service = service(&broker.bootstrap_servers(), dir.path()).await?;
+    let app = api::router(service.clone());
+    let (status, tables) = call(&app, "GET", "/v1/tables", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK, "{tables}");
+    let names: Vec<&str> = tables
+        .as_array()
+        .map(|a| a.iter().filter_map(|t| t["name"].as_str()).collect())
+        .unwrap_or_default();
+    for name in [
+        "camera_events",
+        "air_readings",
+        "alerts",
+        "segments",
+        "wards",
+    ] {
+        assert!(names.contains(&name), "{name} missing: {names:?}");
+    }
+    let (status, camera) = call(&app, "GET", "/v1/tables/camera_events", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK, "{camera}");
+    assert_eq!(camera["kind"], "stream");
+    assert_eq!(camera["topic"], "city.camera.events");
+    assert_eq!(camera["event_time"], "event_time");
+    assert_eq!(camera["key"], "segment_id");
+    assert_eq!(camera["watermark_delay_ms"], 5000);
+    let columns = camera["columns"].as_array().cloned().unwrap_or_default();
+    assert!(
+        columns
+            .iter()
+            .any(|c| c["name"] == "speed_kmh" && c["nullable"] == true),
+        "{camera}"
+    );
+    let (status, segments) = call(&app, "GET", "/v1/tables/segments", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(segments["kind"], "reference");
+    let (status, missing) = call(&app, "GET", "/v1/tables/nope", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{missing}");
+    let (status, functions) = call(&app, "GET", "/v1/functions", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK);
+    let find = |name: &str| {
+        functions
+            .as_array()
+            .and_then(|a| a.iter().find(|f| f["name"] == name).cloned())
+    };
+    for (name, kind, ours) in [
+        ("tumble", "scalar", true),
+        ("vn_aqi_sub", "scalar", true),
+        ("anomaly_score", "window", true),
+        ("abs", "scalar", false),
+        ("count", "aggregate", false),
+    ] {
+        let f = find(name).unwrap_or_default();
+        assert_eq!(f["kind"], kind, "{name}: {f}");
+        assert_eq!(f["urbanstream"], ours, "{name}: {f}");
+    }
+    service.shutdown().await;
+    Ok(())
+}
+
 /// Resident memory of this process, bytes (Linux).
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")

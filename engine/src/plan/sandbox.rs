@@ -208,6 +208,14 @@ fn check_sql_statement(statement: &Statement) -> Result<()> {
              once; {AVAILABLE}"
         ),
         Statement::Explain { .. } => plan_err!("EXPLAIN is not supported for stream queries"),
+        Statement::ShowTables { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::ShowFunctions { .. }
+        | Statement::ExplainTable { .. } => plan_err!(
+            "SHOW and DESCRIBE are answered by the API, not by a stream query: GET /v1/tables \
+             lists the tables, GET /v1/tables/<name> shows one's columns, event time, watermark \
+             delay and key, and GET /v1/functions lists the functions"
+        ),
         other => refuse(statement_kind(other)),
     }
 }

@@ -12,6 +12,8 @@
 //! | GET | `/v1/queries/{name}` | one query's status |
 //! | DELETE | `/v1/queries/{name}` | stop and forget a registered query (204) |
 //! | POST | `/v1/queries/{name}/pause`, `/resume`, `/restart` | change its state |
+//! | GET | `/v1/tables`, `/v1/tables/{name}` | the tables SQL can use: streams (topic, event time, watermark delay, key) and reference tables, with their columns |
+//! | GET | `/v1/functions` | the functions SQL can call (urbanstream's first) |
 //!
 //! Errors are JSON `{"message": …}` (with `"position": {"line", "column"}` for SQL the parser
 //! refused): 400 bad request, 401 missing or wrong token, 404 unknown query or path, 405, 409
@@ -33,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::Service;
-use super::manager::{PlannedStatement, QueryStatus, ServiceError};
+use super::manager::{FunctionInfo, PlannedStatement, QueryStatus, ServiceError, TableInfo};
 
 /// The API's routes over `service`.
 pub fn router(service: Arc<Service>) -> Router {
@@ -45,7 +47,10 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/queries/{name}", get(show).delete(drop_query))
         .route("/queries/{name}/pause", post(pause))
         .route("/queries/{name}/resume", post(resume))
-        .route("/queries/{name}/restart", post(restart));
+        .route("/queries/{name}/restart", post(restart))
+        .route("/tables", get(tables))
+        .route("/tables/{name}", get(table))
+        .route("/functions", get(functions));
     let guarded = Router::new()
         .nest("/v1", v1)
         .route("/readyz", get(readyz))
@@ -253,6 +258,23 @@ pub struct CreateQuery {
 pub struct ValidateQuery {
     /// SQL.
     pub sql: String,
+}
+
+async fn tables(State(service): State<Arc<Service>>) -> Result<Json<Vec<TableInfo>>, ApiError> {
+    Ok(Json(service.manager.tables().await?))
+}
+
+async fn table(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+) -> Result<Json<TableInfo>, ApiError> {
+    Ok(Json(service.manager.table(&name).await?))
+}
+
+async fn functions(
+    State(service): State<Arc<Service>>,
+) -> Result<Json<Vec<FunctionInfo>>, ApiError> {
+    Ok(Json(service.manager.functions()?))
 }
 
 async fn list(State(service): State<Arc<Service>>) -> Json<Vec<QueryStatus>> {

@@ -152,6 +152,53 @@ pub struct PlannedStatement {
     pub windowed: bool,
 }
 
+/// A table analysts' SQL can read or write, as `/v1/tables` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableInfo {
+    /// Its name in SQL.
+    pub name: String,
+    /// `stream` (a Kafka topic) or `reference` (a table of `schemas/reference/`).
+    pub kind: &'static str,
+    /// Topic of a stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Event-time column of a stream, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_time: Option<String>,
+    /// Watermark delay of a stream, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watermark_delay_ms: Option<u64>,
+    /// Column the stream's records are keyed by.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Its columns.
+    pub columns: Vec<ColumnInfo>,
+}
+
+/// One column of a [`TableInfo`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ColumnInfo {
+    /// Name.
+    pub name: String,
+    /// SQL-ish type (Arrow's name for it).
+    #[serde(rename = "type")]
+    pub data_type: String,
+    /// Whether it may be null.
+    pub nullable: bool,
+}
+
+/// A function analysts' SQL can call, as `/v1/functions` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionInfo {
+    /// Name.
+    pub name: String,
+    /// `scalar`, `aggregate` or `window`.
+    pub kind: &'static str,
+    /// Whether it is one of urbanstream's (windows, indicators, detectors, alerts) rather than
+    /// DataFusion's.
+    pub urbanstream: bool,
+}
+
 /// A query's status as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct QueryStatus {
@@ -455,6 +502,112 @@ impl QueryManager {
                 })
             })
             .collect()
+    }
+
+    /// The tables of the city's SQL context: streams and reference tables, by name.
+    pub async fn tables(&self) -> Result<Vec<TableInfo>, ServiceError> {
+        use crate::plan::table::StreamTable;
+        let ctx = city_context(&self.config.topics, &self.schemas)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let session = ctx.session();
+        let Some(schema) = session
+            .catalog("datafusion")
+            .and_then(|c| c.schema("public"))
+        else {
+            return Ok(Vec::new());
+        };
+        let mut names = schema.table_names();
+        names.sort();
+        let mut out = Vec::new();
+        for name in names {
+            let Ok(Some(provider)) = schema.table(&name).await else {
+                continue;
+            };
+            let columns = provider
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| ColumnInfo {
+                    name: f.name().clone(),
+                    data_type: f.data_type().to_string(),
+                    nullable: f.is_nullable(),
+                })
+                .collect();
+            out.push(match provider.downcast_ref::<StreamTable>() {
+                Some(stream) => TableInfo {
+                    name,
+                    kind: "stream",
+                    topic: Some(stream.options.topic.clone()),
+                    event_time: stream.options.event_time.clone(),
+                    watermark_delay_ms: Some(stream.options.watermark_delay.as_millis() as u64),
+                    key: stream.options.key.clone(),
+                    columns,
+                },
+                None => TableInfo {
+                    name,
+                    kind: "reference",
+                    topic: None,
+                    event_time: None,
+                    watermark_delay_ms: None,
+                    key: None,
+                    columns,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// One table of [`QueryManager::tables`].
+    pub async fn table(&self, name: &str) -> Result<TableInfo, ServiceError> {
+        self.tables()
+            .await?
+            .into_iter()
+            .find(|t| t.name.eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                ServiceError::NotFound(format!(
+                    "no table named {name:?} (GET /v1/tables lists them)"
+                ))
+            })
+    }
+
+    /// Every function analysts' SQL can call, urbanstream's first, then by name.
+    pub fn functions(&self) -> Result<Vec<FunctionInfo>, ServiceError> {
+        let ctx = crate::plan::stream::StreamContext::new();
+        let state = ctx.session().state();
+        let ours: std::collections::HashSet<String> = urbanstream_operators::scalar_functions()
+            .iter()
+            .map(|f| f.name().to_string())
+            .chain(
+                urbanstream_operators::aggregate_functions()
+                    .iter()
+                    .map(|f| f.name().to_string()),
+            )
+            .chain(
+                urbanstream_operators::window_functions()
+                    .iter()
+                    .map(|f| f.name().to_string()),
+            )
+            .collect();
+        let mut out: Vec<FunctionInfo> = Vec::new();
+        let kinds: [(&'static str, Vec<String>); 3] = [
+            ("scalar", state.scalar_functions().keys().cloned().collect()),
+            (
+                "aggregate",
+                state.aggregate_functions().keys().cloned().collect(),
+            ),
+            ("window", state.window_functions().keys().cloned().collect()),
+        ];
+        for (kind, names) in kinds {
+            for name in names {
+                out.push(FunctionInfo {
+                    urbanstream: ours.contains(&name),
+                    name,
+                    kind,
+                });
+            }
+        }
+        out.sort_by(|a, b| b.urbanstream.cmp(&a.urbanstream).then(a.name.cmp(&b.name)));
+        Ok(out)
     }
 
     /// Validates and registers a new query, writes the catalog, and starts it.
