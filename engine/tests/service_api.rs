@@ -694,6 +694,31 @@ async fn tables_and_functions_are_discoverable() -> anyhow::Result<()> {
         assert_eq!(f["kind"], kind, "{name}: {f}");
         assert_eq!(f["urbanstream"], ours, "{name}: {f}");
     }
+    let (status, explained) = call(
+        &app,
+        "POST",
+        "/v1/queries/explain",
+        Some(TOKEN),
+        Some(json!({"sql": per_minute("explained")})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{explained}");
+    let q = &explained["queries"][0];
+    assert_eq!(q["source"]["topic"], "city.camera.events", "{q}");
+    assert_eq!(q["sink"]["topic"], "test.explained", "{q}");
+    let stages: Vec<&str> = q["stages"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["stage"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(stages, ["per batch", "window", "per emission"], "{q}");
+    assert_eq!(q["stages"][1]["kind"], "tumble", "{q}");
+    assert_eq!(q["stages"][1]["window"]["size_ms"], 60_000, "{q}");
+    assert!(
+        q["partitioning"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("per_partition")),
+        "{q}"
+    );
     service.shutdown().await;
     Ok(())
 }

@@ -168,7 +168,10 @@ pub fn check_statement(statement: &DFStatement) -> Result<()> {
             Ok(())
         }
         DFStatement::CopyTo(_) => refuse("COPY"),
-        DFStatement::Explain(_) => plan_err!("EXPLAIN is not supported for stream queries"),
+        DFStatement::Explain(_) => plan_err!(
+            "EXPLAIN is answered by the API: POST /v1/queries/explain {{\"sql\": …}} shows \
+                 a stream query's stages, state, partitioning and emission"
+        ),
         DFStatement::Reset(_) => refuse("RESET"),
         DFStatement::Statement(s) => check_sql_statement(s),
     }
@@ -207,7 +210,10 @@ fn check_sql_statement(statement: &Statement) -> Result<()> {
             "CREATE TABLE … AS is not available in stream queries: it would run the query \
              once; {AVAILABLE}"
         ),
-        Statement::Explain { .. } => plan_err!("EXPLAIN is not supported for stream queries"),
+        Statement::Explain { .. } => plan_err!(
+            "EXPLAIN is answered by the API: POST /v1/queries/explain {{\"sql\": …}} shows \
+                 a stream query's stages, state, partitioning and emission"
+        ),
         Statement::ShowTables { .. }
         | Statement::ShowColumns { .. }
         | Statement::ShowFunctions { .. }

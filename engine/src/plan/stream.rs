@@ -344,7 +344,10 @@ impl StreamContext {
                 )
             }
             LogicalPlan::Explain(_) | LogicalPlan::Analyze(_) => {
-                plan_err!("EXPLAIN is not supported for stream queries")
+                plan_err!(
+                    "EXPLAIN is answered by the API: POST /v1/queries/explain {{\"sql\": …}} shows \
+                 a stream query's stages, state, partitioning and emission"
+                )
             }
             plan => Ok(Some(self.plan_query(plan, sql).await?)),
         }
@@ -602,6 +605,7 @@ impl StreamContext {
         let partition_local = keyed_local && names_column(&spec.groups, source_key.as_deref());
         let groups = spec.groups.clone();
         let sessions = matches!(spec.window, WindowSpec::Session { .. });
+        let window_spec = spec.window;
         Ok(StreamQuery {
             sql,
             settings,
@@ -622,6 +626,7 @@ impl StreamContext {
                 upper_schema: output_schema,
                 groups,
                 sessions,
+                spec: window_spec,
             }),
             task_ctx,
             watermarks,
@@ -904,6 +909,8 @@ struct Windowed {
     groups: Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
     /// Whether the windows are sessions (whose rows may be retracted).
     sessions: bool,
+    /// The window.
+    spec: WindowSpec,
 }
 
 /// Whether one of `exprs` is the column `key` itself.
@@ -953,6 +960,108 @@ impl StreamQuery {
     /// The SQL it was planned from.
     pub fn sql(&self) -> &str {
         &self.sql
+    }
+
+    /// How it runs, for `POST /v1/queries/explain`: its source and sink, each stage (the plan
+    /// run per micro-batch, the window and its state, keyed detectors, the plan run per
+    /// emission), how it keeps state across partitions, and when it emits.
+    pub fn explain(&self) -> serde_json::Value {
+        use datafusion::physical_plan::displayable;
+        let plan = |p: &Arc<dyn ExecutionPlan>| displayable(p.as_ref()).indent(false).to_string();
+        let mut stages = vec![serde_json::json!({
+            "stage": "per batch",
+            "does": "filters, projections and lookup joins over each micro-batch of the stream",
+            "plan": plan(&self.lower),
+        })];
+        let lateness = parse_setting("", &self.settings.allowed_lateness)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+            .as_millis() as u64;
+        if let Some(w) = &self.windowed {
+            let (kind, window) = match w.spec {
+                WindowSpec::Tumble { width, offset } => (
+                    "tumble",
+                    serde_json::json!({"size_ms": width, "offset_ms": offset}),
+                ),
+                WindowSpec::Hop { slide, size } => (
+                    "hop",
+                    serde_json::json!({"size_ms": size, "slide_ms": slide}),
+                ),
+                WindowSpec::Cumulate { step, max } => (
+                    "cumulate",
+                    serde_json::json!({"step_ms": step, "max_ms": max}),
+                ),
+                WindowSpec::Session { gap } => ("session", serde_json::json!({"gap_ms": gap})),
+            };
+            let state = if w.sessions {
+                "per group key and session: DataFusion accumulators, merged when sessions meet"
+            } else {
+                "per pane and group: DataFusion's partial aggregation state (GroupValues and \
+                 GroupsAccumulator), merged into windows on emission"
+            };
+            stages.push(serde_json::json!({
+                "stage": "window",
+                "kind": kind,
+                "window": window,
+                "group_keys": w.groups.iter().map(|g| g.to_string()).collect::<Vec<_>>(),
+                "state": state,
+                "emits": format!(
+                    "when the watermark passes a window's end (revision 0, is_final); late \
+                     events within {lateness} ms of allowed lateness re-emit the window's \
+                     changed groups as revisions{}{}",
+                    self.early_fire_ms
+                        .map(|e| format!("; partial results every {e} ms (is_final false)"))
+                        .unwrap_or_default(),
+                    if w.sessions {
+                        "; a merged or earlier-starting session retracts its published row \
+                         (op = 'retract')"
+                    } else {
+                        ""
+                    }
+                ),
+            }));
+        }
+        for k in &self.keyed {
+            stages.push(serde_json::json!({
+                "stage": "keyed",
+                "functions": k.functions(),
+                "state": "per key, in event-time order; silent keys dropped after urbanstream.key_ttl",
+                "timers": k.has_timers(),
+            }));
+        }
+        if let Some(w) = &self.windowed {
+            stages.push(serde_json::json!({
+                "stage": "per emission",
+                "does": "projection, HAVING and keyed functions over each window's rows",
+                "plan": plan(&w.upper),
+            }));
+        }
+        let partitioning = if self.partition_local {
+            "per_partition: one state per input partition (the groups include the topic's key)"
+        } else if self.is_repartitionable() {
+            "repartitioned: records are sent through an internal topic keyed by the group keys"
+        } else if self.windowed.is_none() && self.keyed.is_empty() {
+            "stateless"
+        } else {
+            "single: one state for all partitions, in one process of the group"
+        };
+        serde_json::json!({
+            "source": {
+                "table": self.source.name,
+                "topic": self.source.options.topic,
+                "event_time": self.source.options.event_time,
+                "watermark_delay_ms": self.source.options.watermark_delay.as_millis() as u64,
+                "key": self.source.options.key,
+            },
+            "sink": self.sink.as_ref().map(|s| serde_json::json!({
+                "table": s.name,
+                "topic": s.options.topic,
+            })),
+            "stages": stages,
+            "partitioning": partitioning,
+            "allowed_lateness_ms": lateness,
+        })
     }
 
     /// Whether it can keep one state per input partition: every window group (and every key

@@ -9,6 +9,7 @@
 //! | GET | `/v1/queries` | every query's status |
 //! | POST | `/v1/queries` | `{"name", "sql", "memory_limit"?}`: validate, register, start (201) |
 //! | POST | `/v1/queries/validate` | `{"sql"}`: plan without registering (200 or 400) |
+//! | POST | `/v1/queries/explain` | `{"sql"}`: how its stream queries would run: stages, state, partitioning, emission |
 //! | GET | `/v1/queries/{name}` | one query's status |
 //! | DELETE | `/v1/queries/{name}` | stop and forget a registered query (204) |
 //! | POST | `/v1/queries/{name}/pause`, `/resume`, `/restart` | change its state |
@@ -44,6 +45,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/info", get(info))
         .route("/queries", get(list).post(create))
         .route("/queries/validate", post(validate))
+        .route("/queries/explain", post(explain))
         .route("/queries/{name}", get(show).delete(drop_query))
         .route("/queries/{name}/pause", post(pause))
         .route("/queries/{name}/resume", post(resume))
@@ -156,7 +158,10 @@ async fn authorize(
         .into_response();
     };
     let reads = request.method() == axum::http::Method::GET
-        || request.uri().path() == "/v1/queries/validate";
+        || matches!(
+            request.uri().path(),
+            "/v1/queries/validate" | "/v1/queries/explain"
+        );
     if !api.token.is_empty() && same_token(given, &api.token) {
         next.run(request).await
     } else if !api.read_token.is_empty() && same_token(given, &api.read_token) {
@@ -258,6 +263,15 @@ pub struct CreateQuery {
 pub struct ValidateQuery {
     /// SQL.
     pub sql: String,
+}
+
+async fn explain(
+    State(service): State<Arc<Service>>,
+    body: Result<Json<ValidateQuery>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(body) = body?;
+    let plans = service.manager.explain(&body.sql).await?;
+    Ok(Json(json!({ "queries": plans })))
 }
 
 async fn tables(State(service): State<Arc<Service>>) -> Result<Json<Vec<TableInfo>>, ApiError> {

@@ -504,6 +504,26 @@ impl QueryManager {
             .collect()
     }
 
+    /// How the stream queries in `sql` would run (see [`crate::plan::stream::StreamQuery::explain`]),
+    /// without registering anything.
+    pub async fn explain(&self, sql: &str) -> Result<Vec<serde_json::Value>, ServiceError> {
+        if sql.trim().is_empty() {
+            return Err(ServiceError::invalid("sql is empty"));
+        }
+        let ctx = city_context(&self.config.topics, &self.schemas)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let planned = plan_all(&ctx, sql)
+            .await
+            .map_err(|e| ServiceError::invalid(sql_error_message(&e)))?;
+        if planned.is_empty() {
+            return Err(ServiceError::invalid(
+                "no stream query to explain: the SQL must hold an INSERT INTO <stream table> \
+                 SELECT …",
+            ));
+        }
+        Ok(planned.iter().map(|q| q.explain()).collect())
+    }
+
     /// The tables of the city's SQL context: streams and reference tables, by name.
     pub async fn tables(&self) -> Result<Vec<TableInfo>, ServiceError> {
         use crate::plan::table::StreamTable;

@@ -142,9 +142,16 @@ pub struct KeyedHandle {
     /// Event time a key may stay silent before its state is dropped, ms; `i64::MAX` for
     /// ever.
     ttl: Arc<AtomicI64>,
+    /// Names of its functions, for explanations.
+    functions: Vec<String>,
 }
 
 impl KeyedHandle {
+    /// The names of the functions whose state it holds.
+    pub fn functions(&self) -> Vec<String> {
+        self.functions.clone()
+    }
+
     /// Sets how long a key may stay silent before its state is dropped (`None`: for ever).
     pub fn set_ttl(&self, ttl_ms: Option<i64>) {
         self.ttl
@@ -365,6 +372,7 @@ impl KeyedSeriesExec {
             EmissionType::Final,
             Boundedness::Bounded,
         ));
+        let functions = calls.iter().map(|c| c.kind.name().to_string()).collect();
         Ok(Some(Self {
             input,
             schema,
@@ -376,6 +384,7 @@ impl KeyedSeriesExec {
                 watermark: Arc::new(AtomicI64::new(i64::MIN)),
                 timers,
                 ttl: Arc::new(AtomicI64::new(i64::MAX)),
+                functions,
             },
             properties,
         }))
