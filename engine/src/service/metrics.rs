@@ -6,6 +6,7 @@
 //! is scraped; series of a dropped query expire after five minutes. City gauges come from the
 //! indicators published ([`CityGauges`]): segments per level of service and each ward's AQI.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -165,15 +166,17 @@ pub fn render(
     handle.render()
 }
 
-/// City gauges from the indicators a query publishes: segments per level of service in the
-/// latest minute published, and each ward's latest hourly AQI. Labels are bounded: six LOS
-/// letters, and the wards of `schemas/reference/wards.csv` (rows of other entities are not
-/// exported).
+/// City gauges from the indicators a query publishes: segments per level of service (each
+/// segment counted once, at the LOS of its latest window; a segment silent for ten windows
+/// drops out), and each ward's latest hourly AQI. Labels are bounded: six LOS letters, and the
+/// wards of `schemas/reference/wards.csv` (rows of other entities are not exported).
 #[derive(Debug, Clone)]
 pub struct CityGauges {
     congestion_topic: String,
     air_topic: String,
     wards: std::collections::HashSet<String>,
+    /// Per segment, the end of its latest window, that window's width and its LOS (0 = A).
+    segments: std::sync::Arc<std::sync::Mutex<HashMap<String, (i64, i64, u8)>>>,
 }
 
 impl CityGauges {
@@ -183,6 +186,7 @@ impl CityGauges {
             congestion_topic: congestion_topic.to_string(),
             air_topic: air_topic.to_string(),
             wards: wards.iter().cloned().collect(),
+            segments: Default::default(),
         }
     }
 
@@ -196,35 +200,51 @@ impl CityGauges {
     }
 
     fn observe_congestion(&self, batch: &datafusion::arrow::array::RecordBatch) {
-        let (Some(los), Some(end)) = (
+        use datafusion::arrow::array::{Array, AsArray};
+        use datafusion::arrow::datatypes::{DataType, Int64Type};
+        let (Some(segment), Some(los), Some(start), Some(end)) = (
+            strings(batch, "segment_id"),
             strings(batch, "los"),
-            numbers(
-                batch,
-                "window_end",
-                &datafusion::arrow::datatypes::DataType::Int64,
-            ),
+            numbers(batch, "window_start", &DataType::Int64),
+            numbers(batch, "window_end", &DataType::Int64),
         ) else {
             return;
         };
-        use datafusion::arrow::array::{Array, AsArray};
-        use datafusion::arrow::datatypes::Int64Type;
-        let end = end.as_primitive::<Int64Type>();
-        let Some(latest) = datafusion::arrow::compute::max(end) else {
+        let (start, end) = (
+            start.as_primitive::<Int64Type>(),
+            end.as_primitive::<Int64Type>(),
+        );
+        let Ok(mut segments) = self.segments.lock() else {
             return;
         };
-        let mut counts = [0u64; 6];
         for i in 0..batch.num_rows() {
-            if end.is_valid(i)
-                && end.value(i) == latest
-                && los.is_valid(i)
-                && let Some(level) = los
-                    .value(i)
-                    .bytes()
-                    .next()
-                    .filter(|b| (b'A'..=b'F').contains(b))
-            {
-                counts[usize::from(level - b'A')] += 1;
+            if !(segment.is_valid(i) && los.is_valid(i) && start.is_valid(i) && end.is_valid(i)) {
+                continue;
             }
+            let Some(level) = los
+                .value(i)
+                .bytes()
+                .next()
+                .filter(|b| (b'A'..=b'F').contains(b))
+            else {
+                continue;
+            };
+            let (e, width) = (end.value(i), end.value(i) - start.value(i));
+            match segments.get_mut(segment.value(i)) {
+                Some(latest) if latest.0 > e => {}
+                Some(latest) => *latest = (e, width, level - b'A'),
+                None => {
+                    segments.insert(segment.value(i).to_string(), (e, width, level - b'A'));
+                }
+            }
+        }
+        let Some(newest) = segments.values().map(|s| s.0).max() else {
+            return;
+        };
+        segments.retain(|_, (e, width, _)| *e > newest - 10 * (*width).max(1));
+        let mut counts = [0u64; 6];
+        for (_, _, level) in segments.values() {
+            counts[usize::from(*level)] += 1;
         }
         for (level, n) in ["A", "B", "C", "D", "E", "F"].into_iter().zip(counts) {
             metrics::gauge!("urbanstream_segments_by_los", "los" => level).set(n as f64);
@@ -295,31 +315,54 @@ mod tests {
 
     use super::*;
 
+    /// Regression: the gauge was set from the last published batch alone (14 of 38 segments
+    /// when partitions publish a minute in several batches). Each segment counts once, at the
+    /// LOS of its latest window, whichever batch brought it.
     #[test]
-    fn city_gauges_count_the_latest_minute_and_known_wards_only() {
+    fn city_gauges_count_each_segment_once_and_known_wards_only() {
         let gauges = CityGauges::new("cong", "air", &["hoan_kiem".to_string()]);
-        let congestion = RecordBatch::try_new(
-            Arc::new(Schema::new(vec![
-                Field::new(
-                    "window_end",
-                    DataType::Timestamp(TimeUnit::Millisecond, None),
-                    false,
-                ),
-                Field::new("los", DataType::Utf8, true),
-            ])),
-            vec![
-                Arc::new(TimestampMillisecondArray::from(vec![
-                    60_000, 120_000, 120_000, 120_000,
+        let minute = |rows: &[(&str, i64, Option<&str>)]| {
+            RecordBatch::try_new(
+                Arc::new(Schema::new(vec![
+                    Field::new("segment_id", DataType::Utf8, false),
+                    Field::new(
+                        "window_start",
+                        DataType::Timestamp(TimeUnit::Millisecond, None),
+                        false,
+                    ),
+                    Field::new(
+                        "window_end",
+                        DataType::Timestamp(TimeUnit::Millisecond, None),
+                        false,
+                    ),
+                    Field::new("los", DataType::Utf8, true),
                 ])),
-                Arc::new(StringArray::from(vec![
-                    Some("F"),
-                    Some("A"),
-                    Some("F"),
-                    None,
-                ])),
-            ],
-        )
-        .expect("batch");
+                vec![
+                    Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        rows.iter().map(|r| r.1 - 60_000),
+                    )),
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        rows.iter().map(|r| r.1),
+                    )),
+                    Arc::new(StringArray::from_iter(rows.iter().map(|r| r.2))),
+                ],
+            )
+            .expect("batch")
+        };
+        // Minute 1 of three segments, then minute 2 of two of them in two batches (one per
+        // partition); a row without LOS counts nowhere.
+        let batches = [
+            minute(&[
+                ("s1", 60_000, Some("F")),
+                ("s2", 60_000, Some("C")),
+                ("s3", 60_000, Some("A")),
+            ]),
+            minute(&[("s1", 120_000, Some("A")), ("s4", 120_000, None)]),
+            minute(&[("s2", 120_000, Some("F"))]),
+            // A late revision of an older minute does not replace a newer one.
+            minute(&[("s1", 60_000, Some("E"))]),
+        ];
         let air = RecordBatch::try_new(
             Arc::new(Schema::new(vec![
                 Field::new("entity_id", DataType::Utf8, false),
@@ -342,23 +385,22 @@ mod tests {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         metrics::with_local_recorder(&recorder, || {
-            gauges.observe("cong", &congestion);
+            for b in &batches {
+                gauges.observe("cong", b);
+            }
             gauges.observe("air", &air);
             gauges.observe("elsewhere", &air);
         });
         let text = handle.render();
-        assert!(
-            text.contains("urbanstream_segments_by_los{los=\"A\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("urbanstream_segments_by_los{los=\"F\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("urbanstream_segments_by_los{los=\"C\"} 0"),
-            "{text}"
-        );
+        // s1 → A (minute 2), s2 → F (minute 2), s3 → A (minute 1).
+        for (level, n) in [("A", 2), ("F", 1), ("C", 0), ("E", 0)] {
+            assert!(
+                text.contains(&format!(
+                    "urbanstream_segments_by_los{{los=\"{level}\"}} {n}"
+                )),
+                "{level}: {text}"
+            );
+        }
         assert!(
             text.contains("urbanstream_ward_aqi{ward=\"hoan_kiem\"} 151"),
             "{text}"
