@@ -175,9 +175,12 @@ pub struct CityGauges {
     congestion_topic: String,
     air_topic: String,
     wards: std::collections::HashSet<String>,
-    /// Per segment, the end of its latest window, that window's width and its LOS (0 = A).
-    segments: std::sync::Arc<std::sync::Mutex<HashMap<String, (i64, i64, u8)>>>,
+    /// Per segment, its latest window.
+    segments: std::sync::Arc<std::sync::Mutex<HashMap<String, LatestWindow>>>,
 }
+
+/// A segment's latest window: its end, its width (ms) and its LOS (0 = A).
+type LatestWindow = (i64, i64, u8);
 
 impl CityGauges {
     /// Gauges for the indicators published to the city's `congestion` and `air` topics.
