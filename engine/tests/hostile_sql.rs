@@ -197,6 +197,32 @@ fn attacks(t: &Target) -> Vec<(String, String)> {
     );
     add("CTAS", "CREATE TABLE t AS SELECT 1 AS a".into());
     add("CTAS values", "CREATE TABLE t AS VALUES (1), (2)".into());
+    add(
+        "SELECT INTO",
+        "SELECT a.* INTO t FROM segments a, segments b, segments c".into(),
+    );
+    add(
+        "SELECT INTO a bomb",
+        "SELECT unnest(range(1, 1000000000)) AS x INTO t".into(),
+    );
+    add(
+        "4000 UNIONs",
+        format!("SELECT 1 AS a {}", "UNION ALL SELECT 1 ".repeat(3_000)),
+    );
+    add(
+        "100 joined tables",
+        format!(
+            "INSERT INTO alerts SELECT a.* FROM alerts a {}",
+            (0..100)
+                .map(|i| format!("JOIN segments s{i} ON true "))
+                .collect::<String>()
+        ),
+    );
+    add(
+        "WITH ORDER",
+        "CREATE EXTERNAL TABLE p (a INT) STORED AS KAFKA WITH ORDER (a ASC) OPTIONS ('topic' 't')"
+            .into(),
+    );
     add("CREATE TABLE", "CREATE TABLE t (a INT)".into());
     add(
         "INSERT into a memory table",

@@ -526,7 +526,14 @@ impl Pipeline {
         source_config.max_batch_rows = config.max_batch_rows;
         source_config.linger = config.linger;
         source_config.properties = config.properties.clone();
-        source_config.from_beginning = config.from_beginning;
+        if config.from_beginning {
+            // The queries' inputs, not their internal topics: stage 2 of a repartitioned query
+            // reads on from where the dropped one's stage 1 left its records.
+            source_config.from_beginning = queries
+                .iter()
+                .map(|r| r.query.source().options.topic.clone())
+                .collect();
+        }
         let mut sink_config = KafkaSinkConfig::new(&config.brokers);
         sink_config.linger = config.producer_linger;
         sink_config.properties = config.properties.clone();

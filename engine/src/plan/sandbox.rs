@@ -30,17 +30,26 @@ use std::time::Duration;
 
 use datafusion::common::{DataFusionError, Result, plan_err};
 use datafusion::sql::parser::{DFParserBuilder, Statement as DFStatement};
-use datafusion::sql::sqlparser::ast::{Expr, ObjectType, Query, Set, Statement, Visit, Visitor};
+use datafusion::sql::sqlparser::ast::{
+    Expr, ObjectType, Query, Set, SetExpr, Statement, Visit, Visitor,
+};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 
 /// Largest statement text accepted, in bytes (all statements of one request together).
 pub const MAX_SQL_BYTES: usize = 64 * 1024;
 
-/// Deepest nesting of expressions and subqueries accepted.
+/// Deepest nesting of expressions and subqueries accepted (a chain of `UNION`s counts one
+/// level per set operation).
 pub const MAX_NESTING: usize = 100;
 
-/// Longest a request's planning may take.
+/// Most tables (and table functions) one statement may name.
+pub const MAX_TABLES: usize = 64;
+
+/// Longest a request's planning may take, waiting for a planning thread included.
 pub const PLANNING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Statements planned at once, at most.
+const PLANNING_THREADS: usize = 4;
 
 /// Stack of the thread that parses and measures a statement: enough to walk and drop the
 /// deepest tree [`MAX_SQL_BYTES`] of text can hold (about one level per two bytes). The
@@ -89,6 +98,13 @@ fn parse_and_measure(sql: &str) -> Result<Vec<DFStatement>> {
         .build()?
         .parse_statements()?;
     for statement in &statements {
+        let tables = tables_named(statement);
+        if tables > MAX_TABLES {
+            return plan_err!(
+                "the statement names {tables} tables, over the limit of {MAX_TABLES}: join \
+                 fewer tables in one query"
+            );
+        }
         let depth = nesting(statement);
         if depth > MAX_NESTING {
             return plan_err!(
@@ -123,6 +139,17 @@ fn nesting(statement: &DFStatement) -> usize {
         fn pre_visit_expr(&mut self, _: &Expr) -> ControlFlow<()> {
             self.enter()
         }
+        fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+            // Set operations chain without recursing in the parser, as binary operators do.
+            let mut deepest = 0;
+            let _ = statement.visit(&mut SetChains(&mut deepest));
+            self.max = self.max.max(deepest);
+            if deepest > MAX_NESTING {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        }
         fn post_visit_expr(&mut self, _: &Expr) -> ControlFlow<()> {
             self.now -= 1;
             ControlFlow::Continue(())
@@ -147,6 +174,46 @@ fn nesting(statement: &DFStatement) -> usize {
     depth.max
 }
 
+/// Finds the longest chain of set operations (`UNION`, `INTERSECT`, `EXCEPT`) of any query.
+struct SetChains<'a>(&'a mut usize);
+
+impl Visitor for SetChains<'_> {
+    type Break = ();
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        // Walked with a stack of its own: the chain may be far deeper than a thread's stack
+        // would take by recursion.
+        let mut stack = vec![(query.body.as_ref(), 0usize)];
+        while let Some((body, depth)) = stack.pop() {
+            *self.0 = (*self.0).max(depth);
+            if let SetExpr::SetOperation { left, right, .. } = body {
+                stack.push((left.as_ref(), depth + 1));
+                stack.push((right.as_ref(), depth + 1));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// How many tables and table functions `statement` names.
+fn tables_named(statement: &DFStatement) -> usize {
+    struct Count(usize);
+    impl Visitor for Count {
+        type Break = ();
+        fn pre_visit_relation(
+            &mut self,
+            _: &datafusion::sql::sqlparser::ast::ObjectName,
+        ) -> ControlFlow<()> {
+            self.0 += 1;
+            ControlFlow::Continue(())
+        }
+    }
+    let mut count = Count(0);
+    if let DFStatement::Statement(s) = statement {
+        let _ = s.visit(&mut count);
+    }
+    count.0
+}
+
 /// Refuses what stream queries may not do (see the module docs): every statement kind but
 /// the allowed ones, file-backed tables, locations, and settings outside `urbanstream.`.
 pub fn check_statement(statement: &DFStatement) -> Result<()> {
@@ -157,6 +224,12 @@ pub fn check_statement(statement: &DFStatement) -> Result<()> {
                     "STORED AS {} is not available in stream queries: tables read from files \
                      or URLs are not reachable; {AVAILABLE}",
                     create.file_type.to_ascii_uppercase()
+                );
+            }
+            if !create.order_exprs.is_empty() {
+                return plan_err!(
+                    "WITH ORDER is not available for KAFKA tables: a stream's order is its \
+                     event time (OPTIONS ('event_time' '<column>'))"
                 );
             }
             if create.locations.iter().any(|l| !l.is_empty()) {
@@ -178,6 +251,12 @@ pub fn check_statement(statement: &DFStatement) -> Result<()> {
 }
 
 fn check_sql_statement(statement: &Statement) -> Result<()> {
+    if has_select_into(statement) {
+        return plan_err!(
+            "SELECT … INTO is not available in stream queries: it would create a table and run \
+             the query once; write INSERT INTO <stream table> SELECT …"
+        );
+    }
     if has_recursive_cte(statement) {
         return plan_err!(
             "WITH RECURSIVE is not available in stream queries: a recursive query may never \
@@ -198,13 +277,13 @@ fn check_sql_statement(statement: &Statement) -> Result<()> {
             } else {
                 plan_err!(
                     "SET {name} is not available in stream queries: only the urbanstream.… \
-                     settings (allowed_lateness, early_fire) can be set"
+                     settings (allowed_lateness, early_fire, key_ttl) can be set"
                 )
             }
         }
         Statement::Set(_) => plan_err!(
             "this SET is not available in stream queries: write SET urbanstream.<name> = \
-             '<value>' (allowed_lateness, early_fire)"
+             '<value>' (allowed_lateness, early_fire, key_ttl)"
         ),
         Statement::CreateTable(create) if create.query.is_some() => plan_err!(
             "CREATE TABLE … AS is not available in stream queries: it would run the query \
@@ -240,6 +319,22 @@ fn has_recursive_cte(statement: &Statement) -> bool {
         }
     }
     statement.visit(&mut Recursive).is_break()
+}
+
+/// Whether `statement` holds a `SELECT … INTO` anywhere (which creates a table).
+fn has_select_into(statement: &Statement) -> bool {
+    struct Into;
+    impl Visitor for Into {
+        type Break = ();
+        fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+            if matches!(query.body.as_ref(), SetExpr::Select(s) if s.into.is_some()) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        }
+    }
+    statement.visit(&mut Into).is_break()
 }
 
 fn refuse(kind: &str) -> Result<()> {
@@ -285,11 +380,25 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = Result<T>>,
 {
+    // At most PLANNING_THREADS plan at once; a permit is held until its thread ends (even
+    // after a caller gave up waiting), so a flood of requests cannot pile up threads.
+    static PLANNING: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> =
+        std::sync::OnceLock::new();
+    let permits = PLANNING
+        .get_or_init(|| std::sync::Arc::new(tokio::sync::Semaphore::new(PLANNING_THREADS)))
+        .clone();
+    let deadline = tokio::time::Instant::now() + PLANNING_TIMEOUT;
+    let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits.acquire_owned()).await else {
+        return plan_err!(
+            "the service is busy planning other statements: try again in a few seconds"
+        );
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("sql-plan".into())
         .stack_size(PLANNING_STACK_BYTES)
         .spawn(move || {
+            let _permit = permit;
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_time()
@@ -306,7 +415,7 @@ where
             let _ = tx.send(result);
         })
         .map_err(|e| DataFusionError::External(Box::new(e)))?;
-    match tokio::time::timeout(PLANNING_TIMEOUT, rx).await {
+    match tokio::time::timeout_at(deadline, rx).await {
         Ok(Ok(result)) => result,
         Ok(Err(_)) => plan_err!("planning stopped without an answer"),
         Err(_) => plan_err!(

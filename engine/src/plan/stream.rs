@@ -277,8 +277,8 @@ impl StreamContext {
         if sql.len() > max_bytes {
             return super::sandbox::parse_within(sql, max_bytes);
         }
-        let sql = add_kafka_location(sql);
-        super::sandbox::parse_within(&sql, max_bytes.saturating_add(64))
+        // The size is the analyst's text; the LOCATION '' added for KAFKA tables is ours.
+        super::sandbox::parse_within(&add_kafka_location(sql), usize::MAX)
     }
 
     /// Plans one statement: DDL and `SET` run now (`Ok(None)`); a stream query is returned.
@@ -333,10 +333,34 @@ impl StreamContext {
                     .await?;
                 Ok(None)
             }
-            LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) => {
-                self.ctx.execute_logical_plan(plan).await?.collect().await?;
+            LogicalPlan::Ddl(ddl) => {
+                use datafusion::logical_expr::DdlStatement;
+                match &ddl {
+                    DdlStatement::CreateExternalTable(_)
+                    | DdlStatement::CreateView(_)
+                    | DdlStatement::DropTable(_)
+                    | DdlStatement::DropView(_) => {}
+                    other => {
+                        // `SELECT … INTO t` plans as CREATE TABLE … AS, for one.
+                        return plan_err!(
+                            "{} is not available in stream queries: it would create or change \
+                             tables of the session (SELECT … INTO is CREATE TABLE … AS); \
+                             write INSERT INTO <stream table> SELECT …",
+                            other.name()
+                        );
+                    }
+                }
+                self.ctx
+                    .execute_logical_plan(LogicalPlan::Ddl(ddl))
+                    .await?
+                    .collect()
+                    .await?;
                 Ok(None)
             }
+            LogicalPlan::Statement(_) => plan_err!(
+                "this statement is not available in stream queries; write SET \
+                 urbanstream.<name> = '<value>' for settings"
+            ),
             LogicalPlan::Dml(dml) => {
                 plan_err!(
                     "{} on a stream is not supported; stream queries are INSERT INTO … SELECT",
@@ -593,6 +617,18 @@ impl StreamContext {
                 }
             })?
             .data;
+        if matches!(spec.window, WindowSpec::Session { .. })
+            && upper.exists(|n| {
+                Ok(n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
+                    .is_some())
+            })?
+        {
+            return plan_err!(
+                "detectors and alerts over session windows are not supported yet (a session's \
+                 rows may be retracted, which a detector cannot take back): use a tumbling or \
+                 hopping window below the detector"
+            );
+        }
         let mut fields: Vec<Field> = upper
             .schema()
             .fields()
@@ -1084,7 +1120,10 @@ impl StreamQuery {
             ("early_fire", self.settings.early_fire.clone()),
             ("key_ttl", self.settings.key_ttl.clone()),
         ];
-        async move {
+        // Planned like a client's SQL: on a planning thread, not on the runtime's workers.
+        let ctx = ctx.clone();
+        super::sandbox::on_planning_thread(move || async move {
+            let ctx = &ctx;
             for (name, value) in settings {
                 for statement in StreamContext::parse(&format!(
                     "SET urbanstream.{name} = '{}'",
@@ -1101,7 +1140,7 @@ impl StreamQuery {
                 },
                 _ => plan_err!("internal: query text is not one statement: {sql}"),
             }
-        }
+        })
     }
 
     /// Makes this instance stage 2 of a repartitioned query for partition `partition` of
@@ -1282,8 +1321,12 @@ impl StreamQuery {
     }
 
     fn rename_outputs(&mut self, names: Vec<String>) -> Result<()> {
-        let user_columns =
-            self.output_schema.fields().len() - if self.is_windowed() { 2 } else { 0 };
+        let user_columns = self.output_schema.fields().len()
+            - if self.is_windowed() {
+                crate::sink::ENGINE_COLUMNS.len()
+            } else {
+                0
+            };
         if names.len() != user_columns {
             return plan_err!(
                 "INSERT lists {} columns but the SELECT produces {user_columns}",

@@ -714,12 +714,10 @@ impl QueryManager {
             .and_then(|mut c| c.remove(name))
             .map_err(|e| ServiceError::Internal(format!("catalog not written: {e}")))?;
         stop(&handle).await;
-        if let Ok(mut queries) = self.queries.lock() {
-            queries.remove(name);
-        }
-        // A query created later under the same name starts from scratch: its checkpoints go
-        // now, and it reads from the beginning rather than the group's committed offsets
-        // (see `fresh`).
+        // A query created later under the same name starts from scratch: its checkpoints go,
+        // and it reads from the beginning rather than the group's committed offsets (see
+        // `fresh`). Both happen before the name is free again, so a create racing this one
+        // finds neither.
         if let Ok(mut dropped) = self.dropped.lock() {
             dropped.insert(name.to_string());
         }
@@ -728,6 +726,9 @@ impl QueryManager {
             && let Err(e) = std::fs::remove_dir_all(&dir)
         {
             tracing::warn!(query = name, path = %dir.display(), error = %e, "checkpoints not removed");
+        }
+        if let Ok(mut queries) = self.queries.lock() {
+            queries.remove(name);
         }
         info!(query = name, "query dropped");
         Ok(())

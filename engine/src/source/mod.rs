@@ -164,9 +164,10 @@ pub struct KafkaSourceConfig {
     pub linger: Duration,
     /// Extra librdkafka properties (security.protocol, sasl.*, ssl.*, ...).
     pub properties: Vec<(String, String)>,
-    /// Start partitions without a resume position at their beginning, not at the group's
-    /// committed offset (a query created under the name of a dropped one).
-    pub from_beginning: bool,
+    /// Topics whose partitions start at their beginning when first assigned without a resume
+    /// position, not at the group's committed offset (a query created under the name of a
+    /// dropped one). Later assignments use the committed offsets as usual.
+    pub from_beginning: Vec<String>,
 }
 
 impl KafkaSourceConfig {
@@ -179,7 +180,7 @@ impl KafkaSourceConfig {
             max_batch_rows: 8192,
             linger: Duration::from_millis(20),
             properties: Vec::new(),
-            from_beginning: false,
+            from_beginning: Vec::new(),
         }
     }
 }
@@ -278,6 +279,9 @@ pub struct KafkaSource {
     /// A client outside the group that asks for partitions' end offsets.
     lag_probe: Arc<BaseConsumer>,
     lag_probe_busy: Arc<AtomicBool>,
+    /// Whether [`KafkaSourceConfig::from_beginning`] still applies (until the first
+    /// assignment has been answered).
+    rewinding: AtomicBool,
 }
 
 /// How long one end-offset request of the lag probe may take.
@@ -319,9 +323,10 @@ impl KafkaSource {
             positions: Mutex::default(),
             changes,
             closing,
-            config,
             lag_probe: Arc::new(probe.create()?),
             lag_probe_busy: Arc::new(AtomicBool::new(false)),
+            rewinding: AtomicBool::new(!config.from_beginning.is_empty()),
+            config,
         })
     }
 
@@ -457,14 +462,15 @@ impl KafkaSource {
 
     /// Starts fetching `partitions` (answering [`PartitionChange::Assigned`]), each at its
     /// resume position when it has one, else at the group's committed offset (the earliest
-    /// without one), or at the beginning with [`KafkaSourceConfig::from_beginning`].
+    /// without one), or at the beginning for the topics of
+    /// [`KafkaSourceConfig::from_beginning`] the first time.
     pub fn assign(&self, partitions: &[(String, i32)]) -> Result<()> {
         let positions = self.positions();
         let mut list = TopicPartitionList::new();
         for key in partitions {
             let offset = match positions.get(key) {
                 Some(&o) => Offset::Offset(o),
-                None if self.config.from_beginning => Offset::Beginning,
+                None if self.rewinds(&key.0) => Offset::Beginning,
                 None => Offset::Invalid,
             };
             debug!(topic = %key.0, partition = key.1, ?offset, "partition assigned");
@@ -474,7 +480,15 @@ impl KafkaSource {
             RebalanceProtocol::Cooperative => self.consumer.incremental_assign(&list)?,
             _ => self.consumer.assign(&list)?,
         }
+        self.rewinding.store(false, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether partitions of `topic` start at their beginning (see
+    /// [`KafkaSourceConfig::from_beginning`]).
+    fn rewinds(&self, topic: &str) -> bool {
+        self.rewinding.load(Ordering::Relaxed)
+            && self.config.from_beginning.iter().any(|t| t == topic)
     }
 
     /// Stops fetching `partitions` (answering [`PartitionChange::Revoked`] or
@@ -531,7 +545,7 @@ impl KafkaSource {
         let mut out = Positions::new();
         for e in committed.elements() {
             let offset = match e.offset() {
-                Offset::Offset(o) if !self.config.from_beginning => o,
+                Offset::Offset(o) if !self.rewinds(e.topic()) => o,
                 _ => {
                     self.lag_probe
                         .fetch_watermarks(e.topic(), e.partition(), timeout)?

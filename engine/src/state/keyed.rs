@@ -101,8 +101,9 @@ impl KeyedStore {
         self.swept_at = Some(watermark);
         let horizon = watermark.saturating_sub(ttl);
         let before = self.keys.len();
-        self.keys
-            .retain(|_, k| k.due.is_some() || k.last_t == i64::MIN || k.last_t >= horizon);
+        self.keys.retain(|_, k| {
+            k.due.is_some() || k.last_t >= horizon || k.series.iter().any(SeriesState::is_open)
+        });
         self.expired += (before - self.keys.len()) as u64;
     }
 
@@ -466,7 +467,7 @@ impl KeyedSeriesExec {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut sequence: Vec<usize> = (0..n).collect();
-        // Rows without a time cannot be ordered; they come first and are only scored.
+        // Rows without a time cannot be ordered; they come first and get blank results.
         sequence.sort_by_key(|&r| {
             if order.is_null(r) {
                 i64::MIN
@@ -480,8 +481,26 @@ impl KeyedSeriesExec {
         // With timers: each key's latest row of this batch so far (in time order).
         let mut last_row_of: HashMap<Box<[u8]>, usize> = HashMap::new();
         let mut fired = Fired::new(self.calls.len());
+        let ttl = self.handle.ttl.load(AtomicOrdering::Relaxed);
         for &r in &sequence {
             let key = rows.row(r);
+            if order.is_null(r) {
+                // A row without a time cannot be placed: its function columns stay blank,
+                // and it creates no state.
+                continue;
+            }
+            // A key silent longer than the TTL starts afresh, whether or not a sweep has
+            // dropped it yet (so the result does not depend on when sweeps ran).
+            if ttl != i64::MAX
+                && let Some(state) = store.keys.get(key.as_ref())
+                && state.last_t != i64::MIN
+                && order.value(r).saturating_sub(state.last_t) > ttl
+                && state.due.is_none()
+                && !state.series.iter().any(SeriesState::is_open)
+            {
+                store.keys.remove(key.as_ref());
+                store.expired += 1;
+            }
             let state = match store.keys.get_mut(key.as_ref()) {
                 Some(s) => s,
                 None => store
@@ -494,9 +513,6 @@ impl KeyedSeriesExec {
                         due: None,
                     }),
             };
-            if order.is_null(r) {
-                continue;
-            }
             let t = order.value(r);
             if timers && state.due.is_some_and(|d| d < t.min(watermark)) {
                 let last = last_row_of.get(key.as_ref()).copied();
@@ -555,7 +571,18 @@ impl KeyedSeriesExec {
                 let all = concat_batches(&self.schema, [&stepped, &fired])?;
                 let times = self.order.evaluate(&all)?.into_array(all.num_rows())?;
                 let times = cast(&times, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
-                let indices = datafusion::arrow::compute::sort_to_indices(&times, None, None)?;
+                let times =
+                    times.as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>();
+                // A stable order: rows of equal time keep the order they came in.
+                let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
+                order.sort_by_key(|&i| {
+                    if times.is_null(i as usize) {
+                        i64::MIN
+                    } else {
+                        times.value(i as usize)
+                    }
+                });
+                let indices = datafusion::arrow::array::UInt32Array::from(order);
                 Ok(datafusion::arrow::compute::take_record_batch(
                     &all, &indices,
                 )?)
@@ -613,19 +640,23 @@ impl Fired {
         order_column: Option<usize>,
         in_batch: impl FnOnce(&mut Vec<ScalarValue>) -> Result<()>,
     ) -> Result<()> {
-        let Some(due) = state.due.filter(|d| *d < at) else {
-            return Ok(());
-        };
-        let fired: Vec<Option<Emitted>> = state.series.iter_mut().map(|s| s.fire(at)).collect();
-        if fired.iter().any(Option::is_some) {
-            let mut row = Vec::new();
-            in_batch(&mut row)?;
-            if row.is_empty()
-                && let Some(stored) = &state.last_row
-            {
-                row = stored.clone();
-            }
-            if !row.is_empty() {
+        let mut last = Vec::new();
+        in_batch(&mut last)?;
+        if last.is_empty()
+            && let Some(stored) = &state.last_row
+        {
+            last = stored.clone();
+        }
+        // One row per due time, earliest first: two functions of one key due at different
+        // times give two rows, as they would in steps of their own.
+        while let Some(due) = state.due.filter(|d| *d < at) {
+            let fired: Vec<Option<Emitted>> = state
+                .series
+                .iter_mut()
+                .map(|s| s.fire(due.saturating_add(1)))
+                .collect();
+            if fired.iter().any(Option::is_some) && !last.is_empty() {
+                let mut row = last.clone();
                 if let Some(i) = order_column {
                     row[i] = time_like(&row[i], due)?;
                 }
@@ -635,6 +666,12 @@ impl Fired {
                 self.rows.push(row);
                 state.last_t = state.last_t.max(due);
             }
+            let next = state.series.iter().filter_map(SeriesState::due).min();
+            if next == Some(due) {
+                // A timer that did not fire at its own time would loop: leave it for later.
+                break;
+            }
+            state.due = next;
         }
         state.due = state.series.iter().filter_map(SeriesState::due).min();
         Ok(())

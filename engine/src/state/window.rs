@@ -189,7 +189,7 @@ pub struct Emission {
     pub is_final: bool,
     /// Whether the rows retract rows published earlier (a session merged into another, or
     /// published under a start it no longer has): their keys and window identify the rows
-    /// withdrawn, their aggregates are null.
+    /// withdrawn, and they carry the values those rows were published with.
     pub retract: bool,
     /// The latest window end among the rows: operators above the aggregation (keyed timers)
     /// see the watermark at most here while they process these rows, as they would had the

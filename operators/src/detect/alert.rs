@@ -170,6 +170,11 @@ impl AlertMachine {
         }
     }
 
+    /// Whether an alert is raised (or about to be): state a consumer waits to see cleared.
+    pub fn is_open(&self) -> bool {
+        self.active || self.pending_since.is_some()
+    }
+
     /// Clears an active alert once the watermark has passed [`AlertMachine::due`].
     pub fn fire(&mut self, watermark: i64) -> Option<AlertOut> {
         let due = self.due()?;

@@ -140,6 +140,15 @@ impl SeriesState {
         }
     }
 
+    /// Whether it holds something a consumer waits on (a raised alert): such state is not
+    /// dropped for silence.
+    pub fn is_open(&self) -> bool {
+        match self {
+            SeriesState::Alert(a) => a.is_open(),
+            _ => false,
+        }
+    }
+
     /// Approximate bytes held.
     pub fn size(&self) -> usize {
         std::mem::size_of::<Self>()
