@@ -469,21 +469,8 @@ impl QueryManager {
     /// Plans `sql` against the city's tables without running it: the stream queries it holds,
     /// or why it cannot run (with the position in the SQL when known).
     pub async fn validate(&self, sql: &str) -> Result<Vec<PlannedStatement>, ServiceError> {
-        if sql.trim().is_empty() {
-            return Err(ServiceError::invalid("sql is empty"));
-        }
-        let ctx = city_context(&self.config.topics, &self.schemas)
-            .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let planned = plan_all(&ctx, sql)
-            .await
-            .map_err(|e| ServiceError::invalid(sql_error_message(&e)))?;
-        if planned.is_empty() {
-            return Err(ServiceError::invalid(
-                "no stream query: the SQL must hold an INSERT INTO <stream table> SELECT … \
-                 (CREATE EXTERNAL TABLE … STORED AS KAFKA declares a new output topic)",
-            ));
-        }
-        planned
+        self.plan_request(sql)
+            .await?
             .iter()
             .map(|q| {
                 let Some(sink) = q.sink() else {
@@ -507,6 +494,19 @@ impl QueryManager {
     /// How the stream queries in `sql` would run (see [`crate::plan::stream::StreamQuery::explain`]),
     /// without registering anything.
     pub async fn explain(&self, sql: &str) -> Result<Vec<serde_json::Value>, ServiceError> {
+        Ok(self
+            .plan_request(sql)
+            .await?
+            .iter()
+            .map(|q| q.explain())
+            .collect())
+    }
+
+    /// Plans a request's SQL in the city's context: its stream queries, at least one.
+    async fn plan_request(
+        &self,
+        sql: &str,
+    ) -> Result<Vec<crate::plan::stream::StreamQuery>, ServiceError> {
         if sql.trim().is_empty() {
             return Err(ServiceError::invalid("sql is empty"));
         }
@@ -517,11 +517,11 @@ impl QueryManager {
             .map_err(|e| ServiceError::invalid(sql_error_message(&e)))?;
         if planned.is_empty() {
             return Err(ServiceError::invalid(
-                "no stream query to explain: the SQL must hold an INSERT INTO <stream table> \
-                 SELECT …",
+                "no stream query: the SQL must hold an INSERT INTO <stream table> SELECT … \
+                 (CREATE EXTERNAL TABLE … STORED AS KAFKA declares a new output topic)",
             ));
         }
-        Ok(planned.iter().map(|q| q.explain()).collect())
+        Ok(planned)
     }
 
     /// The tables of the city's SQL context: streams and reference tables, by name.
