@@ -1347,6 +1347,13 @@ impl StreamQuery {
     }
 
     fn check_sink(&mut self, sink: Arc<StreamTable>) -> Result<()> {
+        if sink.options.topic.ends_with(".repartition") {
+            return plan_err!(
+                "topic {} is internal to the engine (a repartition topic): write to a topic of \
+                 your own",
+                sink.options.topic
+            );
+        }
         if self.windowed.as_ref().is_some_and(|w| w.sessions)
             && sink
                 .topic_schema

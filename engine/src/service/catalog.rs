@@ -40,6 +40,10 @@ struct CatalogFile {
     /// Built-in queries an operator paused.
     #[serde(default)]
     paused_builtins: Vec<String>,
+    /// Names of dropped queries not registered again since: one registered under such a name
+    /// starts from scratch rather than resume the dropped one's committed offsets.
+    #[serde(default)]
+    dropped: Vec<String>,
 }
 
 /// The catalog on disk and in memory.
@@ -93,17 +97,26 @@ impl Catalog {
         self.file.paused_builtins.iter().any(|n| n == name)
     }
 
-    /// Adds `entry` (its name must be new) and writes the catalog.
-    pub fn insert(&mut self, entry: CatalogEntry) -> Result<()> {
+    /// Adds `entry` (its name must be new) and writes the catalog. Returns whether a query of
+    /// that name was dropped before (see [`Catalog::remove`]).
+    pub fn insert(&mut self, entry: CatalogEntry) -> Result<bool> {
+        let was_dropped = self.file.dropped.iter().any(|n| *n == entry.name);
         self.update(|file| {
+            file.dropped.retain(|n| *n != entry.name);
             file.queries.retain(|e| e.name != entry.name);
             file.queries.push(entry);
-        })
+        })?;
+        Ok(was_dropped)
     }
 
-    /// Removes the query `name` and writes the catalog.
+    /// Removes the query `name`, remembers that it was dropped, and writes the catalog.
     pub fn remove(&mut self, name: &str) -> Result<()> {
-        self.update(|file| file.queries.retain(|e| e.name != name))
+        self.update(|file| {
+            file.queries.retain(|e| e.name != name);
+            if !file.dropped.iter().any(|n| n == name) {
+                file.dropped.push(name.to_string());
+            }
+        })
     }
 
     /// Records whether `name` is paused (a registered or a built-in query) and writes the
@@ -127,6 +140,7 @@ impl Catalog {
             version: VERSION,
             queries: self.file.queries.clone(),
             paused_builtins: self.file.paused_builtins.clone(),
+            dropped: self.file.dropped.clone(),
         };
         change(&mut next);
         write_atomically(
@@ -195,6 +209,17 @@ mod tests {
         assert_eq!(reopened.entries(), &[b]);
         assert!(reopened.builtin_paused("congestion_minute"));
         assert!(!reopened.builtin_paused("air_hourly_ward"));
+        // The drop of a is remembered across the reopening, once.
+        let mut reopened = reopened;
+        assert!(
+            reopened.insert(entry("a")).expect("insert"),
+            "a was dropped"
+        );
+        reopened.remove("a").expect("remove");
+        assert!(reopened.insert(entry("a")).expect("insert"));
+        assert!(!reopened.insert(entry("c")).expect("insert"), "c never was");
+        reopened.remove("a").expect("remove");
+        reopened.remove("c").expect("remove");
         // Nothing but the catalog is left in its directory.
         let names: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
             .expect("list")

@@ -280,8 +280,9 @@ struct QueryHandle {
     status: Mutex<Status>,
     /// Pipelines started for it so far.
     starts: AtomicU64,
-    /// Created under the name of a query dropped in this process and not yet run: it reads its
-    /// input from the beginning, whatever the dropped one left committed in the group.
+    /// Created under the name of a dropped query (the catalog remembers drops across restarts)
+    /// and not yet run: it reads its input from the beginning, whatever the dropped one left
+    /// committed in the group.
     fresh: AtomicBool,
     control: tokio::sync::Mutex<Control>,
 }
@@ -359,10 +360,6 @@ pub struct QueryManager {
     catalog: Mutex<Catalog>,
     queries: Mutex<BTreeMap<String, Arc<QueryHandle>>>,
     schemas: SchemaRegistry,
-    /// Names of the queries dropped since the service started: a query created again under
-    /// one reads its input from the beginning instead of the dropped one's committed offsets.
-    /// (A query created in another process of the group joins that process's run instead.)
-    dropped: Mutex<std::collections::HashSet<String>>,
 }
 
 impl QueryManager {
@@ -373,7 +370,6 @@ impl QueryManager {
             config,
             catalog: Mutex::new(catalog),
             queries: Mutex::new(BTreeMap::new()),
-            dropped: Mutex::default(),
             schemas: SchemaRegistry::embedded()?,
         })
     }
@@ -677,11 +673,11 @@ impl QueryManager {
                      one first"
                 )));
             }
-            self.catalog()
+            let was_dropped = self
+                .catalog()
                 .and_then(|mut c| c.insert(entry.clone()))
                 .map_err(|e| ServiceError::Internal(format!("catalog not written: {e}")))?;
             let handle = self.new_handle(entry, false);
-            let was_dropped = self.dropped.lock().is_ok_and(|mut d| d.remove(name));
             handle.fresh.store(was_dropped, Ordering::Relaxed);
             queries.insert(name.to_string(), handle.clone());
             handle
@@ -714,13 +710,9 @@ impl QueryManager {
             .and_then(|mut c| c.remove(name))
             .map_err(|e| ServiceError::Internal(format!("catalog not written: {e}")))?;
         stop(&handle).await;
-        // A query created later under the same name starts from scratch: its checkpoints go,
-        // and it reads from the beginning rather than the group's committed offsets (see
-        // `fresh`). Both happen before the name is free again, so a create racing this one
-        // finds neither.
-        if let Ok(mut dropped) = self.dropped.lock() {
-            dropped.insert(name.to_string());
-        }
+        // A query created later under the same name starts from scratch: the catalog has
+        // recorded the drop (see `fresh`), and its checkpoints go now, before the name is free
+        // again, so a create racing this one cannot find them.
         let dir = self.config.checkpoint.dir.join(name);
         if dir.exists()
             && let Err(e) = std::fs::remove_dir_all(&dir)
