@@ -100,7 +100,7 @@ impl Catalog {
     /// Adds `entry` (its name must be new) and writes the catalog. Returns whether a query of
     /// that name was dropped before (see [`Catalog::remove`]).
     pub fn insert(&mut self, entry: CatalogEntry) -> Result<bool> {
-        let was_dropped = self.file.dropped.iter().any(|n| *n == entry.name);
+        let was_dropped = self.file.dropped.contains(&entry.name);
         self.update(|file| {
             file.dropped.retain(|n| *n != entry.name);
             file.queries.retain(|e| e.name != entry.name);
