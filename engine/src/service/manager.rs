@@ -288,6 +288,24 @@ struct QueryHandle {
 }
 
 impl QueryHandle {
+    /// A handle for `entry`, STARTING, never run.
+    fn new(entry: CatalogEntry, builtin: bool, memory_limit: u64) -> Self {
+        Self {
+            builtin,
+            memory_limit,
+            stats: Arc::new(PipelineStats::new()),
+            status: Mutex::new(Status {
+                state: QueryState::Starting,
+                error: None,
+                started_at: None,
+            }),
+            starts: AtomicU64::new(0),
+            fresh: AtomicBool::new(false),
+            control: tokio::sync::Mutex::new(Control::default()),
+            entry,
+        }
+    }
+
     fn set(&self, state: QueryState, error: Option<String>) {
         if let Ok(mut s) = self.status.lock() {
             s.state = state;
@@ -431,20 +449,7 @@ impl QueryManager {
         let memory_limit = entry
             .memory_limit
             .unwrap_or(self.config.queries.memory_limit.as_u64());
-        Arc::new(QueryHandle {
-            builtin,
-            memory_limit,
-            stats: Arc::new(PipelineStats::new()),
-            status: Mutex::new(Status {
-                state: QueryState::Starting,
-                error: None,
-                started_at: None,
-            }),
-            starts: AtomicU64::new(0),
-            fresh: AtomicBool::new(false),
-            control: tokio::sync::Mutex::new(Control::default()),
-            entry,
-        })
+        Arc::new(QueryHandle::new(entry, builtin, memory_limit))
     }
 
     fn handle(&self, name: &str) -> Result<Arc<QueryHandle>, ServiceError> {
@@ -994,26 +999,14 @@ mod tests {
     use super::*;
 
     fn handle(name: &str) -> Arc<QueryHandle> {
-        Arc::new(QueryHandle {
-            builtin: false,
-            memory_limit: 1 << 20,
-            stats: Arc::new(PipelineStats::new()),
-            status: Mutex::new(Status {
-                state: QueryState::Starting,
-                error: None,
-                started_at: None,
-            }),
-            starts: AtomicU64::new(0),
-            fresh: AtomicBool::new(false),
-            control: tokio::sync::Mutex::new(Control::default()),
-            entry: CatalogEntry {
-                name: name.into(),
-                sql: String::new(),
-                paused: false,
-                memory_limit: None,
-                created_at: 0,
-            },
-        })
+        let entry = CatalogEntry {
+            name: name.into(),
+            sql: String::new(),
+            paused: false,
+            memory_limit: None,
+            created_at: 0,
+        };
+        Arc::new(QueryHandle::new(entry, false, 1 << 20))
     }
 
     /// A panic inside one query's run makes that query FAILED with the panic's text; a query

@@ -489,31 +489,30 @@ impl KeyedSeriesExec {
                 // and it creates no state.
                 continue;
             }
-            // A key silent longer than the TTL starts afresh, whether or not a sweep has
-            // dropped it yet (so the result does not depend on when sweeps ran).
-            if ttl != i64::MAX
-                && let Some(state) = store.keys.get(key.as_ref())
-                && state.last_t != i64::MIN
-                && order.value(r).saturating_sub(state.last_t) > ttl
-                && state.due.is_none()
-                && !state.series.iter().any(SeriesState::is_open)
-            {
-                store.keys.remove(key.as_ref());
-                store.expired += 1;
-            }
-            let state = match store.keys.get_mut(key.as_ref()) {
-                Some(s) => s,
-                None => store
-                    .keys
-                    .entry(key.as_ref().into())
-                    .or_insert_with(|| KeyState {
-                        last_t: i64::MIN,
-                        series: self.calls.iter().map(|c| c.prototype.clone()).collect(),
-                        last_row: None,
-                        due: None,
-                    }),
-            };
             let t = order.value(r);
+            let fresh = || KeyState {
+                last_t: i64::MIN,
+                series: self.calls.iter().map(|c| c.prototype.clone()).collect(),
+                last_row: None,
+                due: None,
+            };
+            let state = match store.keys.get_mut(key.as_ref()) {
+                Some(s) => {
+                    // A key silent longer than the TTL starts afresh, whether or not a sweep
+                    // has dropped it yet (so the result does not depend on when sweeps ran).
+                    if ttl != i64::MAX
+                        && s.last_t != i64::MIN
+                        && t.saturating_sub(s.last_t) > ttl
+                        && s.due.is_none()
+                        && !s.series.iter().any(SeriesState::is_open)
+                    {
+                        *s = fresh();
+                        store.expired += 1;
+                    }
+                    s
+                }
+                None => store.keys.entry(key.as_ref().into()).or_insert_with(fresh),
+            };
             if timers && state.due.is_some_and(|d| d < t.min(watermark)) {
                 let last = last_row_of.get(key.as_ref()).copied();
                 fired.fire(
