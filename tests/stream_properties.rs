@@ -1,15 +1,16 @@
 //! The stream core against a model, over everything the world varies: random events with two
 //! group keys (one nullable), spread over 4 partitions, arriving out of order within and
 //! beyond the allowed lateness, cut into random micro-batches, with restarts from
-//! checkpoints at random points; for tumbling, hopping and cumulating windows with count,
-//! sum, avg, min, max, count distinct and an ordered aggregate.
+//! checkpoints at random points; for tumbling, hopping, cumulating and session windows with
+//! count, sum, avg, min, max, count distinct and an ordered aggregate.
 //!
 //! The model follows the engine's promises: the query watermark is the lowest of the
 //! partitions' largest event times (monotonic); an event is late when every window it
 //! belongs to ended at least the allowed lateness before the watermark at its arrival, and
 //! late for one window (recorded with that window) when only some of them did. Then:
-//! - the changelog applied (the last revision of each key and window) equals a batch
-//!   DataFusion query over the (event, window) pairs the model keeps;
+//! - the changelog applied (the last revision of each key and window; for sessions, upsert
+//!   by key and window start and delete on retract) equals a batch DataFusion query over the
+//!   (event, window) pairs the model keeps;
 //! - the late records are exactly the model's, with their reasons and windows.
 
 use std::collections::BTreeMap;
@@ -39,7 +40,11 @@ enum Kind {
     Tumble,
     Hop,
     Cumulate,
+    Session,
 }
+
+/// The session gap.
+const GAP: i64 = 2 * MIN;
 
 impl Kind {
     fn sql(self) -> &'static str {
@@ -47,6 +52,7 @@ impl Kind {
             Kind::Tumble => "tumble(t, INTERVAL '1 minute')",
             Kind::Hop => "hop(t, INTERVAL '1 minute', INTERVAL '3 minutes')",
             Kind::Cumulate => "cumulate(t, INTERVAL '1 minute', INTERVAL '3 minutes')",
+            Kind::Session => "session(t, INTERVAL '2 minutes')",
         }
     }
 
@@ -71,6 +77,7 @@ impl Kind {
                     .map(|end| (period, end))
                     .collect()
             }
+            Kind::Session => unreachable!("sessions have their own model"),
         }
     }
 }
@@ -164,6 +171,9 @@ type Late = (i64, String);
 
 /// What the model expects: the (event, window) pairs that count, and the late records.
 fn model(kind: Kind, run: &Run) -> (Vec<Pair>, Vec<Late>) {
+    if let Kind::Session = kind {
+        return session_model(run);
+    }
     let mut pairs = Vec::new();
     let mut late = Vec::new();
     let mut max_by_partition: BTreeMap<i32, i64> = BTreeMap::new();
@@ -197,14 +207,103 @@ fn model(kind: Kind, run: &Run) -> (Vec<Pair>, Vec<Late>) {
     (pairs, late)
 }
 
+/// A session of the model: its span and events.
+struct ModelSession {
+    start: i64,
+    last: i64,
+    events: Vec<Event>,
+}
+
+/// Sessions as the engine promises them: per key, events less than the gap apart form one
+/// session. An event arriving when the watermark is past allowed lateness for a session of
+/// its own, `[t, t + gap)`, is late unless a live session of its key reaches it (lateness is
+/// tested against the merged session, with the state at the start of its micro-batch). A
+/// session is freed once the watermark passes its end plus allowed lateness; an event after
+/// that starts a new session.
+fn session_model(run: &Run) -> (Vec<Pair>, Vec<Late>) {
+    let mut live: BTreeMap<(&str, Option<i32>), Vec<ModelSession>> = BTreeMap::new();
+    let mut done: Vec<ModelSession> = Vec::new();
+    let mut late = Vec::new();
+    let mut max_by_partition: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut watermark = i64::MIN;
+    let reaches = |s: &ModelSession, t: i64| s.start - GAP <= t && t <= s.last + GAP;
+    for batch in &run.batches {
+        let frontier = watermark.saturating_sub(LATENESS);
+        let mut admitted = Vec::new();
+        for e in batch {
+            let absorbed = live
+                .get(&(e.k, e.g))
+                .is_some_and(|sessions| sessions.iter().any(|s| reaches(s, e.t)));
+            if e.t + GAP <= frontier && !absorbed {
+                late.push((e.t, "beyond_allowed_lateness".to_string()));
+                continue;
+            }
+            admitted.push(e.clone());
+            let m = max_by_partition.entry(e.partition).or_insert(e.t);
+            *m = (*m).max(e.t);
+        }
+        for e in admitted {
+            let sessions = live.entry((e.k, e.g)).or_default();
+            let (touching, rest): (Vec<ModelSession>, Vec<ModelSession>) =
+                sessions.drain(..).partition(|s| reaches(s, e.t));
+            let mut merged = ModelSession {
+                start: e.t,
+                last: e.t,
+                events: vec![e.clone()],
+            };
+            for s in touching {
+                merged.start = merged.start.min(s.start);
+                merged.last = merged.last.max(s.last);
+                merged.events.extend(s.events);
+            }
+            *sessions = rest;
+            sessions.push(merged);
+        }
+        if let Some(lowest) = max_by_partition.values().min() {
+            watermark = watermark.max(*lowest);
+        }
+        let frontier = watermark.saturating_sub(LATENESS);
+        for sessions in live.values_mut() {
+            let (gone, kept): (Vec<ModelSession>, Vec<ModelSession>) =
+                sessions.drain(..).partition(|s| s.last + GAP <= frontier);
+            done.extend(gone);
+            *sessions = kept;
+        }
+    }
+    done.extend(live.into_values().flatten());
+    let pairs = done
+        .into_iter()
+        .flat_map(|s| {
+            let window = (s.start, s.last + GAP);
+            s.events.into_iter().map(move |e| (e, window))
+        })
+        .collect();
+    late.sort();
+    (pairs, late)
+}
+
 /// (k, g, window start, window end) → (n, s, avg, lo, hi, distinct, first).
 type Results = BTreeMap<(String, Option<i64>, i64, i64), (i64, i64, String, i64, i64, i64, i64)>;
 
 const AGGREGATES: &str = "count(*) AS n, sum(v) AS s, avg(v) AS a, min(v) AS lo, max(v) AS hi, \
      count(DISTINCT v % 5) AS d, first_value(v ORDER BY t) AS f";
 
-fn results(batches: &[RecordBatch], latest_revision: bool) -> anyhow::Result<Results> {
+/// How output rows are applied.
+#[derive(Clone, Copy, PartialEq)]
+enum Apply {
+    /// One row per key and window (a batch query).
+    Once,
+    /// The last revision per key and window counts.
+    LatestRevision,
+    /// A changelog applied in order: upsert by key and window start, delete on `retract`
+    /// (sessions, whose end moves and whose rows may be withdrawn).
+    Changelog,
+}
+
+fn results(batches: &[RecordBatch], apply: Apply) -> anyhow::Result<Results> {
+    let latest_revision = apply == Apply::LatestRevision;
     let mut latest: BTreeMap<(String, Option<i64>, i64, i64), (i32, _)> = BTreeMap::new();
+    let mut changelog: BTreeMap<(String, Option<i64>, i64), (i64, _)> = BTreeMap::new();
     let ts = DataType::Timestamp(TimeUnit::Millisecond, None);
     for b in batches {
         let col = |name: &str, t: &DataType| -> anyhow::Result<ArrayRef> {
@@ -255,6 +354,17 @@ fn results(batches: &[RecordBatch], latest_revision: bool) -> anyhow::Result<Res
                 ints[4].value(r),
                 ints[5].value(r),
             );
+            if apply == Apply::Changelog {
+                let (k, g, ws, we) = key;
+                let op = col("op", &DataType::Utf8)?;
+                let op = op.as_string::<i32>().value(r);
+                if op == "retract" {
+                    changelog.remove(&(k, g, ws));
+                } else {
+                    changelog.insert((k, g, ws), (we, value));
+                }
+                continue;
+            }
             let rev = revision.value(r);
             match latest.get(&key) {
                 Some((seen, _)) if *seen > rev => {}
@@ -263,6 +373,12 @@ fn results(batches: &[RecordBatch], latest_revision: bool) -> anyhow::Result<Res
                 }
             }
         }
+    }
+    if apply == Apply::Changelog {
+        return Ok(changelog
+            .into_iter()
+            .map(|((k, g, ws), (we, v))| ((k, g, ws, we), v))
+            .collect());
     }
     Ok(latest.into_iter().map(|(k, (_, v))| (k, v)).collect())
 }
@@ -275,7 +391,7 @@ async fn engine(kind: Kind, run: &Run) -> anyhow::Result<(Results, Vec<Late>)> {
          STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')",
         "CREATE EXTERNAL TABLE out (k VARCHAR NOT NULL, g BIGINT, window_start TIMESTAMP NOT NULL, \
          window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL, s BIGINT, a DOUBLE, lo BIGINT, hi BIGINT, \
-         d BIGINT, f BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL) \
+         d BIGINT, f BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL, op VARCHAR NOT NULL) \
          STORED AS KAFKA OPTIONS ('topic' 'out')",
         "SET urbanstream.allowed_lateness = '2m'",
     ] {
@@ -342,7 +458,11 @@ async fn engine(kind: Kind, run: &Run) -> anyhow::Result<(Results, Vec<Late>)> {
         }
     }
     late.sort();
-    Ok((results(&out, true)?, late))
+    let apply = match kind {
+        Kind::Session => Apply::Changelog,
+        _ => Apply::LatestRevision,
+    };
+    Ok((results(&out, apply)?, late))
 }
 
 /// The batch DataFusion query over the model's (event, window) pairs.
@@ -393,7 +513,7 @@ async fn batch(pairs: &[Pair]) -> anyhow::Result<Results> {
         "SELECT k, g, window_start, window_end, {AGGREGATES} FROM pairs \
          GROUP BY k, g, window_start, window_end"
     );
-    results(&ctx.sql(&sql).await?.collect().await?, false)
+    results(&ctx.sql(&sql).await?.collect().await?, Apply::Once)
 }
 
 fn check(kind: Kind, run: &Run) -> Result<(), TestCaseError> {
@@ -425,5 +545,10 @@ proptest! {
     #[test]
     fn cumulating_windows_match_the_model(run in run()) {
         check(Kind::Cumulate, &run)?;
+    }
+
+    #[test]
+    fn session_windows_match_the_model(run in run()) {
+        check(Kind::Session, &run)?;
     }
 }

@@ -304,9 +304,12 @@ impl DeterministicEngine {
 
     /// The sinks' collected output, as tables for a `SELECT`.
     fn result_tables(&self) -> Vec<(String, SchemaRef, Vec<RecordBatch>)> {
+        // One table per sink, however many queries write to it.
+        let mut seen = std::collections::HashSet::new();
         self.queries
             .iter()
             .filter_map(|q| q.sink())
+            .filter(|sink| seen.insert(sink.name.clone()))
             .map(|sink| {
                 let batches = self.outputs.get(&sink.name).cloned().unwrap_or_default();
                 (

@@ -88,12 +88,29 @@ impl KeyPlan {
     /// For each row of `batch` (the source's decoded records), the partitions of `n` its
     /// groups belong to; none when the query's filters drop it.
     pub async fn targets(&self, batch: &RecordBatch, n: u32) -> Result<Vec<Vec<u32>>> {
+        let mut out = vec![Vec::new(); batch.num_rows()];
+        for (rows, keys) in self.keys(batch).await? {
+            let partitions = group_partitions(&keys, n)?;
+            for (r, q) in rows.values().iter().zip(partitions) {
+                let targets = &mut out[*r as usize];
+                if !targets.contains(&q) {
+                    targets.push(q);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The group keys of the rows of `batch` (the source's decoded records), after the
+    /// query's joins and filters: pieces of (row index in `batch`, key columns). A row the
+    /// query's filters drop has none; a lookup join may give a row several.
+    pub async fn keys(&self, batch: &RecordBatch) -> Result<Vec<(UInt32Array, Vec<ArrayRef>)>> {
         let rows = batch.num_rows();
         let mut columns = batch.columns().to_vec();
         columns.push(Arc::new(UInt32Array::from_iter_values(0..rows as u32)));
         self.feed
             .set(vec![RecordBatch::try_new(self.schema.clone(), columns)?]);
-        let mut out = vec![Vec::new(); rows];
+        let mut out = Vec::new();
         for keyed in collect(self.plan.clone(), self.task_ctx.clone()).await? {
             if keyed.num_rows() == 0 {
                 continue;
@@ -102,13 +119,7 @@ impl KeyPlan {
             let Some(row) = cast.as_any().downcast_ref::<UInt32Array>() else {
                 continue;
             };
-            let partitions = group_partitions(&keyed.columns()[1..], n)?;
-            for (r, q) in row.values().iter().zip(partitions) {
-                let targets = &mut out[*r as usize];
-                if !targets.contains(&q) {
-                    targets.push(q);
-                }
-            }
+            out.push((row.clone(), keyed.columns()[1..].to_vec()));
         }
         Ok(out)
     }

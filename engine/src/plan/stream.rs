@@ -47,6 +47,7 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 use urbanstream_operators::window::{WINDOW_FUNCTIONS, WindowSpec, interval_ms};
 
 use super::feed::{Feed, FeedExec};
+use super::repartition::{KeyPlan, key_plan};
 use super::rewrite::rewrite_windows;
 use super::table::{KafkaTableFactory, StreamTable};
 use crate::checkpoint::{StateSnapshot, meta_field};
@@ -642,6 +643,11 @@ impl StreamContext {
         let groups = spec.groups.clone();
         let sessions = matches!(spec.window, WindowSpec::Session { .. });
         let window_spec = spec.window;
+        let lateness_keys = if sessions && !groups.is_empty() {
+            key_plan(self, sql.clone(), source.clone()).await?
+        } else {
+            None
+        };
         Ok(StreamQuery {
             sql,
             settings,
@@ -663,6 +669,7 @@ impl StreamContext {
                 groups,
                 sessions,
                 spec: window_spec,
+                lateness_keys,
             }),
             task_ctx,
             watermarks,
@@ -947,6 +954,9 @@ struct Windowed {
     sessions: bool,
     /// The window.
     spec: WindowSpec,
+    /// For session windows grouped by keys: the group keys of source records, so that an old
+    /// record is tested for lateness against its key's live sessions.
+    lateness_keys: Option<KeyPlan>,
 }
 
 /// Whether one of `exprs` is the column `key` itself.
@@ -1408,7 +1418,8 @@ impl StreamQuery {
         }
         let batch = match self.time_column.clone() {
             Some(time) => {
-                self.admit(batch, partitions, offsets, &time, now_ms, &mut out.diverted)?
+                self.admit(batch, partitions, offsets, &time, now_ms, &mut out.diverted)
+                    .await?
             }
             None => batch.clone(),
         };
@@ -1488,8 +1499,87 @@ impl StreamQuery {
         self.tick(now_ms).await
     }
 
+    /// The rows of `batch` at `times` that a session of their own would find late but a live
+    /// session of their key absorbs (session windows only). (`&mut`: a shared borrow of the
+    /// state held across the key plan's await would make the step's future not `Send`.)
+    async fn absorbed(
+        &mut self,
+        batch: &RecordBatch,
+        times: &TimestampMillisecondArray,
+        future_limit: i64,
+    ) -> Result<std::collections::HashSet<usize>> {
+        let mut absorbed = std::collections::HashSet::new();
+        let Some(w) = self
+            .windowed
+            .as_ref()
+            .filter(|w| w.operator.keyed_lateness())
+        else {
+            return Ok(absorbed);
+        };
+        let candidates: Vec<u32> = times
+            .iter()
+            .enumerate()
+            .filter_map(|(r, t)| {
+                let t = t?;
+                (t <= future_limit && w.operator.is_late(t)).then_some(r as u32)
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Ok(absorbed);
+        }
+        if w.groups.is_empty() {
+            let ts: Vec<i64> = candidates
+                .iter()
+                .map(|&r| times.value(r as usize))
+                .collect();
+            for (r, late) in candidates.iter().zip(w.operator.late_for_keys(&[], &ts)?) {
+                if !late {
+                    absorbed.insert(*r as usize);
+                }
+            }
+            return Ok(absorbed);
+        }
+        let subset = datafusion::arrow::compute::take_record_batch(
+            batch,
+            &datafusion::arrow::array::UInt32Array::from(candidates.clone()),
+        )?;
+        let pieces = match self
+            .windowed
+            .as_mut()
+            .and_then(|w| w.lateness_keys.as_mut())
+        {
+            Some(plan) => plan.keys(&subset).await?,
+            None => return Ok(absorbed),
+        };
+        let Some(w) = &self.windowed else {
+            return Ok(absorbed);
+        };
+        // A record is absorbed when each of its groups (a lookup join may give several) has a
+        // live session reaching it; one the query's filters drop stays late.
+        let mut verdict: HashMap<usize, bool> = HashMap::new();
+        for (rows, keys) in pieces {
+            let ts: Vec<i64> = rows
+                .values()
+                .iter()
+                .map(|&i| times.value(candidates[i as usize] as usize))
+                .collect();
+            for (i, late) in rows
+                .values()
+                .iter()
+                .zip(w.operator.late_for_keys(&keys, &ts)?)
+            {
+                let v = verdict
+                    .entry(candidates[*i as usize] as usize)
+                    .or_insert(true);
+                *v = *v && !late;
+            }
+        }
+        absorbed.extend(verdict.into_iter().filter(|(_, a)| *a).map(|(r, _)| r));
+        Ok(absorbed)
+    }
+
     /// Splits off rows that must not be processed, and feeds the watermark with the rest.
-    fn admit(
+    async fn admit(
         &mut self,
         batch: &RecordBatch,
         partitions: &[i32],
@@ -1508,6 +1598,7 @@ impl StreamQuery {
         let future_limit =
             now_ms.saturating_add(self.source.options.future_tolerance.as_millis() as i64);
         let watermark = self.watermarks.current().unwrap_or(i64::MIN);
+        let absorbed = self.absorbed(batch, times, future_limit).await?;
         let mut keep = Vec::with_capacity(batch.num_rows());
         let mut max_by_partition: HashMap<i32, i64> = HashMap::new();
         let mut run: Option<((i64, i32), i64)> = None;
@@ -1530,6 +1621,7 @@ impl StreamQuery {
                 .windowed
                 .as_ref()
                 .is_some_and(|w| w.operator.is_late(t))
+                && !absorbed.contains(&r)
             {
                 Some(DivertReason::BeyondAllowedLateness)
             } else {

@@ -29,6 +29,21 @@ pub trait WindowedAggregation: Send {
     fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>>;
     /// Whether an event at `t` can no longer change any output.
     fn is_late(&self, t: i64) -> bool;
+    /// Whether `keys` (group key columns, one row per event) at `times` can no longer change
+    /// any output: [`WindowedAggregation::is_late`] unless lateness depends on the key (a
+    /// session still open absorbs an event older than a session of its own would allow).
+    fn late_for_keys(
+        &self,
+        keys: &[datafusion::arrow::array::ArrayRef],
+        times: &[i64],
+    ) -> Result<Vec<bool>> {
+        let _ = keys;
+        Ok(times.iter().map(|t| self.is_late(*t)).collect())
+    }
+    /// Whether [`WindowedAggregation::late_for_keys`] looks at the keys.
+    fn keyed_lateness(&self) -> bool {
+        false
+    }
     /// The end of the last window an event at `t` may belong to (for offset tracking).
     fn last_window_end(&self, t: i64) -> i64;
     /// The windows (start, end) of an event at `t` that are already gone while others of its

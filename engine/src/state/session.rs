@@ -12,9 +12,11 @@
 //! row with the same keys and window and `op = 'retract'` (carrying the values it was
 //! published with), emitted before the rows that replace it.
 //!
-//! An event is late when even a session of its own, `[t, t + gap)`, would already be past end +
-//! allowed lateness. (That is slightly stricter than testing the merged session: an event deep
-//! inside a long session still open is diverted when it is that old.)
+//! An event is late when a session of its own, `[t, t + gap)`, would already be past end +
+//! allowed lateness and no live session of its key reaches it: lateness is tested against the
+//! merged session, so an old event deep inside a long session still open updates it. A
+//! session freed after allowed lateness is not reopened: an event after it (not late for a
+//! session of its own) starts a new session.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, BinaryArray, BooleanArray, Int64Array, RecordBatch, StructArray,
     TimestampMillisecondArray, UInt32Array, UInt64Array, new_null_array,
 };
-use datafusion::arrow::compute::concat;
+use datafusion::arrow::compute::{cast, concat};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::{Result, internal_err};
@@ -273,6 +275,46 @@ impl WindowedAggregation for SessionOperator {
 
     fn is_late(&self, t: i64) -> bool {
         t.saturating_add(self.gap) <= self.late_frontier
+    }
+
+    fn late_for_keys(&self, keys: &[ArrayRef], times: &[i64]) -> Result<Vec<bool>> {
+        let n = times.len();
+        let keys: Vec<ArrayRef> = if self.spec.group_schema.fields().is_empty() {
+            vec![Arc::new(BooleanArray::from(vec![true; n]))]
+        } else {
+            if keys.len() != self.spec.group_schema.fields().len() {
+                return internal_err!(
+                    "{} session key columns given, {} expected",
+                    keys.len(),
+                    self.spec.group_schema.fields().len()
+                );
+            }
+            keys.iter()
+                .zip(self.spec.group_schema.fields())
+                .map(|(k, f)| cast(k, f.data_type()))
+                .collect::<std::result::Result<_, _>>()?
+        };
+        let rows = self.row_converter.convert_columns(&keys)?;
+        let gap = self.gap;
+        Ok(times
+            .iter()
+            .enumerate()
+            .map(|(r, &t)| {
+                // Late when a session of its own would be past allowed lateness and no live
+                // session of its key reaches it (one that does would absorb it, and the
+                // merged session ends after the frontier).
+                self.is_late(t)
+                    && !self.keys.get(rows.row(r).as_ref()).is_some_and(|sessions| {
+                        sessions
+                            .iter()
+                            .any(|s| s.start - gap <= t && t <= s.last + gap)
+                    })
+            })
+            .collect())
+    }
+
+    fn keyed_lateness(&self) -> bool {
+        true
     }
 
     fn last_window_end(&self, t: i64) -> i64 {
