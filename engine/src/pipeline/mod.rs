@@ -155,6 +155,9 @@ pub struct PipelineConfig {
     /// Read partitions without a checkpoint from their beginning, ignoring what the consumer
     /// group committed (a query created under the name of a dropped one).
     pub from_beginning: bool,
+    /// Static membership in the consumer group under this id (see
+    /// [`crate::source::KafkaSourceConfig::group_instance_id`]).
+    pub group_instance_id: Option<String>,
 }
 
 /// How a pipeline checkpoints and recovers.
@@ -189,6 +192,7 @@ impl PipelineConfig {
             max_state_groups: None,
             checkpoint: None,
             from_beginning: false,
+            group_instance_id: None,
         }
     }
 }
@@ -486,6 +490,25 @@ impl Pipeline {
                 progress: HashMap::new(),
             });
         }
+        // Output topics exist before the first publish: a broker that does not create topics
+        // on first use (most production clusters) would otherwise fail every send. Created
+        // with as many partitions as the query's input.
+        let mut outputs: BTreeMap<String, u32> = BTreeMap::new();
+        for running in &queries {
+            let input = &running.query.source().options.topic;
+            let partitions = repartition::partition_count(&config, input)?.max(1);
+            if let Some(sink) = running.query.sink() {
+                let n = outputs.entry(sink.options.topic.clone()).or_insert(0);
+                *n = (*n).max(partitions);
+            }
+            for topic in [&config.topics.late, &config.topics.dlq] {
+                let n = outputs.entry(topic.clone()).or_insert(0);
+                *n = (*n).max(partitions);
+            }
+        }
+        for (topic, partitions) in outputs {
+            repartition::ensure_topic(&config, &topic, partitions).await?;
+        }
         // Every city input topic is decoded (and its bad records dead-lettered), read by a
         // query or not, when the default queries run; other queries' sources are decoded with
         // the schema their table declares.
@@ -526,6 +549,7 @@ impl Pipeline {
         source_config.max_batch_rows = config.max_batch_rows;
         source_config.linger = config.linger;
         source_config.properties = config.properties.clone();
+        source_config.group_instance_id = config.group_instance_id.clone();
         if config.from_beginning {
             // The queries' inputs, not their internal topics: stage 2 of a repartitioned query
             // reads on from where the dropped one's stage 1 left its records.

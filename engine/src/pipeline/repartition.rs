@@ -62,52 +62,99 @@ pub(super) fn event_time_maxima(
 }
 
 /// Creates the repartition topic `topic` for input `input` with as many partitions as the
-/// input, unless it exists (through the admin API; a broker without it, like the embedded
-/// one, creates it on first use); returns how many partitions it and the input have.
+/// input, unless it exists; returns how many partitions it and the input have.
 pub(super) async fn repartition_topic(
     config: &PipelineConfig,
     input: &str,
     topic: &str,
 ) -> Result<(u32, u32)> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
+    let inputs = partition_count(config, input)?.max(1);
+    let n = ensure_topic(config, topic, inputs).await?;
+    Ok((n, inputs))
+}
+
+fn client_config(config: &PipelineConfig, auto_create: bool) -> rdkafka::ClientConfig {
+    let mut client = rdkafka::ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("allow.auto.create.topics", auto_create.to_string());
+    for (k, v) in &config.properties {
+        client.set(k, v);
+    }
+    client
+}
+
+/// How many partitions `topic` has (0 when it does not exist).
+pub(super) fn partition_count(config: &PipelineConfig, topic: &str) -> Result<u32> {
     use rdkafka::consumer::BaseConsumer;
-    let client = |auto_create: bool| {
-        let mut client = rdkafka::ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.brokers)
-            .set("allow.auto.create.topics", auto_create.to_string());
-        for (k, v) in &config.properties {
-            client.set(k, v);
-        }
-        client
+    let probe: BaseConsumer = client_config(config, false).create()?;
+    Ok(partitions_of(&probe, &[topic.to_string()], Duration::from_secs(10))?.len() as u32)
+}
+
+/// Makes sure `topic` exists, creating it with `partitions` partitions when it does not:
+/// through the admin API, then (a broker without it, like the embedded one) the way a broker
+/// with `auto.create.topics.enable` creates topics, on a metadata request. Returns its partition count; fails naming the topic when neither works.
+pub(super) async fn ensure_topic(
+    config: &PipelineConfig,
+    topic: &str,
+    partitions: u32,
+) -> Result<u32> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let count = |probe: &BaseConsumer| -> Result<u32> {
+        Ok(partitions_of(probe, &[topic.to_string()], Duration::from_secs(10))?.len() as u32)
     };
-    let count = |probe: &BaseConsumer, name: &str| -> Result<usize> {
-        Ok(partitions_of(probe, &[name.to_string()], Duration::from_secs(10))?.len())
-    };
-    let probe: BaseConsumer = client(false).create()?;
-    let inputs = count(&probe, input)?.max(1);
-    let existing = count(&probe, topic)?;
+    let probe: BaseConsumer = client_config(config, false).create()?;
+    let existing = count(&probe)?;
     if existing > 0 {
-        return Ok((existing as u32, inputs as u32));
+        return Ok(existing);
     }
-    let admin: AdminClient<DefaultClientContext> = client(false).create()?;
-    let new = NewTopic::new(topic, inputs as i32, TopicReplication::Fixed(1));
-    let options = AdminOptions::new()
-        .operation_timeout(Some(Duration::from_secs(5)))
-        .request_timeout(Some(Duration::from_secs(5)));
-    if let Err(e) = admin.create_topics([&new], &options).await {
-        debug!(%topic, error = %e, "repartition topic not created through the admin API");
+    // librdkafka's mock cluster (the embedded broker) has no CreateTopics: the admin call
+    // would only time out. It creates topics on first use.
+    let mock = probe
+        .client()
+        .fetch_cluster_id(Duration::from_secs(5))
+        .is_some_and(|id| id.starts_with("mockCluster"));
+    if !mock {
+        create_topic(config, topic, partitions).await?;
     }
-    let creator: BaseConsumer = client(true).create()?;
+    let creator: BaseConsumer = client_config(config, true).create()?;
     for _ in 0..50 {
-        let n = count(&creator, topic)?;
+        let n = count(&creator)?;
         if n > 0 {
-            return Ok((n as u32, inputs as u32));
+            return Ok(n);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(Error::Config(format!(
-        "repartition topic {topic} could not be created; create it with {inputs} partitions"
+        "topic {topic} does not exist and could not be created (neither by the broker on first \
+         use nor through the admin API); create it with {partitions} partitions"
     )))
+}
+
+/// Asks the broker's admin API to create `topic`; what it answers is logged, not returned
+/// (the caller checks whether the topic exists).
+async fn create_topic(config: &PipelineConfig, topic: &str, partitions: u32) -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = client_config(config, false).create()?;
+    let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(5)))
+        .request_timeout(Some(Duration::from_secs(5)));
+    let created = tokio::time::timeout(
+        Duration::from_secs(6),
+        admin.create_topics([&new], &options),
+    );
+    match created.await {
+        Ok(Ok(results)) => {
+            for r in results {
+                if let Err((_, code)) = r {
+                    debug!(%topic, %code, "topic not created through the admin API");
+                }
+            }
+        }
+        Ok(Err(e)) => debug!(%topic, error = %e, "topic not created through the admin API"),
+        Err(_) => debug!(%topic, "the admin API did not answer"),
+    }
+    Ok(())
 }

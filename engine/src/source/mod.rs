@@ -25,11 +25,12 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, RebalanceProtocol,
     StreamConsumer,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, warn};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The records of one topic, in arrival order, stored column-wise.
 #[derive(Debug, Clone, Default)]
@@ -168,6 +169,10 @@ pub struct KafkaSourceConfig {
     /// position, not at the group's committed offset (a query created under the name of a
     /// dropped one). Later assignments use the committed offsets as usual.
     pub from_beginning: Vec<String>,
+    /// Static group membership (`group.instance.id`): a restarted process with the same id
+    /// gets its partitions back at once, without waiting for its old session to time out,
+    /// and a second live process with the same id is fenced.
+    pub group_instance_id: Option<String>,
 }
 
 impl KafkaSourceConfig {
@@ -181,6 +186,7 @@ impl KafkaSourceConfig {
             linger: Duration::from_millis(20),
             properties: Vec::new(),
             from_beginning: Vec::new(),
+            group_instance_id: None,
         }
     }
 }
@@ -301,6 +307,9 @@ impl KafkaSource {
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "10")
             .set("partition.assignment.strategy", "cooperative-sticky");
+        if let Some(id) = &config.group_instance_id {
+            client.set("group.instance.id", id);
+        }
         for (k, v) in &config.properties {
             client.set(k, v);
         }
@@ -347,7 +356,7 @@ impl KafkaSource {
             }
             let slice = (give_up - now).min(FIRST_RECORD_SLICE);
             if let Ok(message) = tokio::time::timeout(slice, self.consumer.recv()).await {
-                break message?;
+                break message.map_err(|e| self.consume_error(e))?;
             }
         };
         let first_received = Instant::now();
@@ -358,7 +367,7 @@ impl KafkaSource {
             match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Err(_) => break,
                 Ok(message) => {
-                    push(&mut batches, &message?);
+                    push(&mut batches, &message.map_err(|e| self.consume_error(e))?);
                     rows += 1;
                 }
             }
@@ -370,6 +379,24 @@ impl KafkaSource {
                 b
             })
             .collect())
+    }
+
+    /// A consumer error, named for the operator where it is a configuration problem.
+    fn consume_error(&self, e: KafkaError) -> Error {
+        use rdkafka::types::RDKafkaErrorCode;
+        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::FencedInstanceId)
+            || (e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+                && e.to_string().contains("fenced"))
+        {
+            return Error::Config(format!(
+                "another process joined consumer group {} as {}: two processes share one \
+                 identity; give each its own checkpoint.instance (it names the group member \
+                 and the transactional ids) ({e})",
+                self.config.group_id,
+                self.config.group_instance_id.as_deref().unwrap_or("?"),
+            ));
+        }
+        Error::Kafka(e)
     }
 
     /// How many partitions the consumer group has assigned to this consumer.

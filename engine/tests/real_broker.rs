@@ -1,0 +1,177 @@
+//! Delivery guarantees on an independent Kafka-protocol broker that implements transactions
+//! (noida-db, installed by `scripts/install-test-broker.sh`), not on librdkafka's mock
+//! cluster, which ignores transactions (an aborted or open transaction is visible to a
+//! read_committed reader there, so a test on it cannot show exactly-once).
+//!
+//! - The broker itself: an aborted and an open transaction are invisible to read_committed,
+//!   and a zombie producer is fenced by its successor (what the engine's exactly-once mode
+//!   stands on).
+//! - The service, SIGKILLed at random points 20 times while numbered events stream in,
+//!   publishes every window exactly once under read_committed, while a read_uncommitted
+//!   reader sees the outputs of the transactions the kills left open and the restarts
+//!   aborted.
+
+mod common;
+
+use std::io::Read;
+use std::time::Duration;
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+const EVENTS: usize = 3_000;
+const OUTPUT: &str = "eos.counts";
+const KILLS: usize = 20;
+
+fn transactional(brokers: &str, id: &str) -> anyhow::Result<BaseProducer> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("transactional.id", id)
+        .set("transaction.timeout.ms", "60000")
+        .create()?;
+    producer.init_transactions(Duration::from_secs(30))?;
+    Ok(producer)
+}
+
+fn send(producer: &BaseProducer, topic: &str, values: &[&str]) -> anyhow::Result<()> {
+    for v in values {
+        let payload = serde_json::to_vec(&serde_json::json!({ "v": v }))?;
+        producer
+            .send(
+                BaseRecord::<(), _>::to(topic)
+                    .partition(0)
+                    .payload(&payload),
+            )
+            .map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(10))?;
+    Ok(())
+}
+
+fn values(rows: &[serde_json::Value]) -> Vec<String> {
+    rows.iter()
+        .filter_map(|r| r["v"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn aborted_and_open_transactions_are_invisible_and_zombies_are_fenced() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_broker, brokers) = real_broker(dir.path(), &["txn.check"])?;
+    let producer = transactional(&brokers, "txn-check")?;
+    producer.begin_transaction()?;
+    send(&producer, "txn.check", &["c1", "c2"])?;
+    producer.commit_transaction(Duration::from_secs(10))?;
+    producer.begin_transaction()?;
+    send(&producer, "txn.check", &["a1", "a2"])?;
+    producer.abort_transaction(Duration::from_secs(10))?;
+    producer.begin_transaction()?;
+    send(&producer, "txn.check", &["c3"])?;
+    producer.commit_transaction(Duration::from_secs(10))?;
+    // Left open: a process killed inside a transaction.
+    producer.begin_transaction()?;
+    send(&producer, "txn.check", &["o1"])?;
+
+    assert_eq!(
+        values(&read_with(&brokers, "txn.check", "read_committed")?),
+        ["c1", "c2", "c3"],
+        "read_committed sees the committed transactions only"
+    );
+    let uncommitted = values(&read_with(&brokers, "txn.check", "read_uncommitted")?);
+    for v in ["c1", "c2", "a1", "a2", "c3", "o1"] {
+        assert!(
+            uncommitted.iter().any(|u| u == v),
+            "read_uncommitted sees {v} too: {uncommitted:?}"
+        );
+    }
+
+    // The successor with the same transactional id fences the zombie: its open transaction
+    // is aborted and it can commit nothing more.
+    let successor = transactional(&brokers, "txn-check")?;
+    let zombie = producer.commit_transaction(Duration::from_secs(10));
+    assert!(zombie.is_err(), "the zombie committed after being fenced");
+    successor.begin_transaction()?;
+    send(&successor, "txn.check", &["c4"])?;
+    successor.commit_transaction(Duration::from_secs(10))?;
+    assert_eq!(
+        values(&read_with(&brokers, "txn.check", "read_committed")?),
+        ["c1", "c2", "c3", "c4"],
+        "the zombie's open transaction stays invisible"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_broker()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
+    let port = free_port()?;
+    let base = format!("http://127.0.0.1:{port}");
+    let config = dir.path().join("urbanstream.toml");
+    std::fs::write(
+        &config,
+        service_config(
+            &brokers,
+            "eos",
+            port,
+            &dir.path().join("catalog.json"),
+            &dir.path().join("checkpoints"),
+            "eos-0",
+        ),
+    )?;
+    let log = dir.path().join("serve.log");
+    let api = Api::new()?;
+    let mut service = serve(&config, &log)?;
+    api.wait_live(&base)?;
+    api.create(&base, "counts", &counts_query(OUTPUT))?;
+
+    let t0 = first_window()?;
+    let producer_brokers = brokers.clone();
+    let producer = std::thread::spawn(move || produce(&producer_brokers, t0, EVENTS));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    for kill in 0..KILLS {
+        // Static membership: the restarted process gets its partitions back at once.
+        wait_until("the query never got its partitions back", || {
+            api.assigned(&base, "counts") == i64::from(PARTITIONS)
+        })?;
+        std::thread::sleep(Duration::from_millis(rng.random_range(100..1_500)));
+        service.0.kill()?; // SIGKILL
+        service.0.wait()?;
+        eprintln!("kill {} done", kill + 1);
+        service = serve(&config, &log)?;
+        api.wait_live(&base)?;
+    }
+    producer
+        .join()
+        .map_err(|_| anyhow::anyhow!("producer panicked"))??;
+
+    let watermark = t0 + EVENTS as i64 * STEP_MS + 60_000 - 5_000;
+    let checked = assert_exactly_once(
+        &brokers,
+        OUTPUT,
+        "segment_id",
+        &expected(t0, EVENTS, watermark),
+    )?;
+    // What the kills left in open transactions is in the log, invisible to read_committed.
+    let committed = read_output(&brokers, OUTPUT)?.len();
+    let all = read_with(&brokers, OUTPUT, "read_uncommitted")?.len();
+    let mut log_text = String::new();
+    std::fs::File::open(&log)?.read_to_string(&mut log_text)?;
+    let restored = log_text.matches("state restored from checkpoint").count();
+    eprintln!(
+        "{KILLS} SIGKILLs: {checked} windows exactly once; {committed} records committed, \
+         {all} in the log (read_uncommitted); partition restores {restored}"
+    );
+    assert!(
+        all > committed,
+        "no kill left an open transaction with outputs ({all} records in the log, {committed} committed)"
+    );
+    assert!(
+        restored >= 5 * usize::try_from(PARTITIONS)?,
+        "the service restored {restored} partition checkpoints:\n{log_text}"
+    );
+    Ok(())
+}
