@@ -7,6 +7,12 @@
 //! Processes: `urbanstream broker` (the broker keeps its data while the service dies),
 //! `urbanstream serve` (checkpoints every second, `exactly_once = true`), and this test as the
 //! producer of numbered events and the read_committed consumer of the output.
+//!
+//! The embedded broker is librdkafka's mock cluster, which does not enforce transactions (an
+//! open or aborted transaction is visible to read_committed there): this test shows the
+//! engine's recovery and its read-back of what was published (no window twice, none lost),
+//! not transactional isolation. `real_broker.rs` shows exactly-once on a broker that
+//! implements transactions.
 
 mod common;
 

@@ -10,6 +10,16 @@
 //!   publishes every window exactly once under read_committed, while a read_uncommitted
 //!   reader sees the outputs of the transactions the kills left open and the restarts
 //!   aborted.
+//!
+//! A repartitioned query (which reads, read_committed, a topic it writes transactionally) is
+//! not in the kill test here: on this broker a read_committed consumer that fetches at a
+//! transaction left open by a killed producer never advances once the successor's
+//! transactions are committed past it (a consumer started later reads past it; the
+//! transaction's records stay invisible), so the query's second stage stops reading after
+//! the first restart. That is the broker's defect (real Kafka returns the aborted-transaction
+//! list in the fetch and the consumer skips the batch); the repartitioned query's crash
+//! recovery is tested on the embedded broker (`kill_recovery.rs`), where transactions are
+//! not enforced.
 
 mod common;
 

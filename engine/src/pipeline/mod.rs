@@ -574,8 +574,12 @@ impl Pipeline {
                 .properties
                 .push(("isolation.level".into(), "read_committed".into()));
         }
-        let source = KafkaSource::new(source_config)?;
+        // The transactional producer first: its initialisation fences a predecessor with the
+        // same transactional id and aborts the transaction that predecessor left open, before
+        // this process reads anything (so it never waits at an open transaction of its own
+        // predecessor, e.g. in a repartition topic it both writes and reads).
         let sink = KafkaSink::new(&sink_config)?;
+        let source = KafkaSource::new(source_config)?;
         let partitioned = queries
             .iter()
             .all(|r| r.query.is_partition_local() || r.repartition.is_some());
