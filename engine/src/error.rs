@@ -50,6 +50,10 @@ pub enum Error {
     /// restored into.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// Input the query has not read is gone from the broker (an offset out of range after
+    /// retention or truncation). Permanent: the query fails rather than skip it.
+    #[error("data loss: {0}")]
+    DataLoss(String),
     /// The consumer group moved partitions away from this consumer: the pipeline starts
     /// again from its checkpoint or committed offsets. Transient.
     #[error("rebalanced: {0}")]

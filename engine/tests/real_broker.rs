@@ -185,3 +185,100 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
     );
     Ok(())
 }
+
+/// Numbered events `seqs`, as fast as the broker takes them.
+fn produce_now(brokers: &str, t0: i64, seqs: std::ops::Range<usize>) -> anyhow::Result<()> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    for seq in seqs {
+        let (segment, _, record) = event(t0, seq);
+        let payload = serde_json::to_vec(&record)?;
+        producer
+            .send(
+                BaseRecord::to("city.camera.events")
+                    .key(segment.as_bytes())
+                    .payload(&payload),
+            )
+            .map_err(|(e, _)| e)?;
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// Records a stopped query had not read are deleted from its input (retention or a
+/// truncation): started again, the query does not skip them silently, it fails and says why.
+#[test]
+fn input_deleted_before_it_was_read_fails_the_query_with_the_reason() -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let dir = tempfile::tempdir()?;
+    let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
+    let port = free_port()?;
+    let base = format!("http://127.0.0.1:{port}");
+    let config = dir.path().join("urbanstream.toml");
+    std::fs::write(
+        &config,
+        service_config(
+            &brokers,
+            "gap",
+            port,
+            &dir.path().join("catalog.json"),
+            &dir.path().join("checkpoints"),
+            "gap-0",
+        ),
+    )?;
+    let log = dir.path().join("serve.log");
+    let api = Api::new()?;
+    let mut service = serve(&config, &log)?;
+    api.wait_live(&base)?;
+    api.create(&base, "counts", &counts_query("gap.counts"))?;
+    let t0 = first_window()?;
+    produce_now(&brokers, t0, 0..400)?;
+    wait_until("the query did not read the first events", || {
+        api.status(&base, "counts")
+            .is_some_and(|s| s["rows_in"].as_i64() == Some(400))
+    })?;
+    // A checkpoint after the last of them.
+    std::thread::sleep(Duration::from_secs(3));
+    service.0.kill()?;
+    service.0.wait()?;
+
+    // While it is down, more events arrive and the input is truncated past all of them.
+    produce_now(&brokers, t0, 400..800)?;
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let mut cut = rdkafka::TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        let (_, high) = probe.fetch_watermarks("city.camera.events", p, Duration::from_secs(10))?;
+        cut.add_partition_offset("city.camera.events", p, rdkafka::Offset::Offset(high))?;
+    }
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let deleted = rt.block_on(admin.delete_records(&cut, &AdminOptions::new()))?;
+    for e in deleted.elements() {
+        anyhow::ensure!(e.error().is_ok(), "DeleteRecords failed: {:?}", e.error());
+    }
+
+    service = serve(&config, &log)?;
+    api.wait_live(&base)?;
+    wait_until("the query did not fail", || {
+        api.status(&base, "counts")
+            .is_some_and(|s| s["state"] == "FAILED")
+    })?;
+    let status = api.status(&base, "counts").unwrap_or_default();
+    let error = status["error"].as_str().unwrap_or_default().to_string();
+    eprintln!("status after the truncation: {error}");
+    assert!(
+        error.contains("no longer in the log") && error.contains("city.camera.events"),
+        "the query's error does not say what was lost: {status}"
+    );
+    drop(service);
+    Ok(())
+}

@@ -303,7 +303,10 @@ impl KafkaSource {
             .set("group.id", &config.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
+            // Never skip silently: a position no longer in the log (retention or truncation
+            // removed records not yet read) is an error, not a jump to either end. Where
+            // nothing is committed, assignment starts at the beginning explicitly.
+            .set("auto.offset.reset", "error")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "10")
             .set("partition.assignment.strategy", "cooperative-sticky");
@@ -394,6 +397,15 @@ impl KafkaSource {
                  and the transactional ids) ({e})",
                 self.config.group_id,
                 self.config.group_instance_id.as_deref().unwrap_or("?"),
+            ));
+        }
+        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) {
+            return Error::DataLoss(format!(
+                "a partition's position is no longer in the log of {} (retention or a \
+                 truncation removed records this query had not read yet: {e}); the query stops \
+                 rather than skip them. Read what is left by re-creating the query (it starts at \
+                 the log's beginning), or keep records longer (retention.ms)",
+                self.config.topics.join(", ")
             ));
         }
         Error::Kafka(e)
@@ -493,12 +505,33 @@ impl KafkaSource {
     /// [`KafkaSourceConfig::from_beginning`] the first time.
     pub fn assign(&self, partitions: &[(String, i32)]) -> Result<()> {
         let positions = self.positions();
+        // Partitions without a resume position start at the group's committed offset, or at
+        // the beginning when nothing is committed.
+        let unplaced: Vec<&(String, i32)> = partitions
+            .iter()
+            .filter(|k| !positions.contains_key(*k) && !self.rewinds(&k.0))
+            .collect();
+        let mut committed: HashMap<(String, i32), i64> = HashMap::new();
+        if !unplaced.is_empty() {
+            let mut ask = TopicPartitionList::new();
+            for (topic, partition) in &unplaced {
+                ask.add_partition(topic, *partition);
+            }
+            for e in self
+                .consumer
+                .committed_offsets(ask, Duration::from_secs(30))?
+                .elements()
+            {
+                if let Offset::Offset(o) = e.offset() {
+                    committed.insert((e.topic().to_string(), e.partition()), o);
+                }
+            }
+        }
         let mut list = TopicPartitionList::new();
         for key in partitions {
-            let offset = match positions.get(key) {
-                Some(&o) => Offset::Offset(o),
-                None if self.rewinds(&key.0) => Offset::Beginning,
-                None => Offset::Invalid,
+            let offset = match (positions.get(key), committed.get(key)) {
+                (Some(&o), _) | (None, Some(&o)) => Offset::Offset(o),
+                (None, None) => Offset::Beginning,
             };
             debug!(topic = %key.0, partition = key.1, ?offset, "partition assigned");
             list.add_partition_offset(&key.0, key.1, offset)?;
