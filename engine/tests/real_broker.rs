@@ -282,3 +282,78 @@ fn input_deleted_before_it_was_read_fails_the_query_with_the_reason() -> anyhow:
     drop(service);
     Ok(())
 }
+
+/// Two processes share a query's consumer group but not their checkpoints (each its own local
+/// directory): the second, handed partitions the first has read, has no state for them. It
+/// refuses them with the reason instead of publishing windows counted from empty state, and
+/// every window published is right. (That the first process then takes the partitions back
+/// is not shown here: this broker does not expire a group member whose session timed out.)
+#[test]
+fn a_second_process_without_the_first_ones_checkpoints_refuses_its_partitions() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
+    let api = Api::new()?;
+    let mut members = Vec::new();
+    for name in ["a", "b"] {
+        let port = free_port()?;
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            service_config(
+                &brokers,
+                "split",
+                port,
+                &dir.path().join(format!("{name}.catalog.json")),
+                &dir.path().join(format!("{name}.checkpoints")),
+                &format!("split-{name}"),
+            ),
+        )?;
+        members.push((
+            config,
+            dir.path().join(format!("{name}.log")),
+            format!("http://127.0.0.1:{port}"),
+        ));
+    }
+    let (a_config, a_log, a) = &members[0];
+    let (b_config, b_log, b) = &members[1];
+    let sql = counts_query("split.counts");
+    let _first = serve(a_config, a_log)?;
+    api.wait_live(a)?;
+    api.create(a, "counts", &sql)?;
+    let t0 = first_window()?;
+    produce_now(&brokers, t0, 0..400)?;
+    wait_until("the first process did not read the events", || {
+        api.status(a, "counts")
+            .is_some_and(|s| s["rows_in"].as_i64() == Some(400))
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
+
+    let _second = serve(b_config, b_log)?;
+    api.wait_live(b)?;
+    api.create(b, "counts", &sql)?;
+    wait_until("the second process did not refuse", || {
+        api.status(b, "counts")
+            .is_some_and(|s| s["state"] == "FAILED")
+    })?;
+    let status = api.status(b, "counts").unwrap_or_default();
+    let error = status["error"].as_str().unwrap_or_default().to_string();
+    eprintln!("second process: {error}");
+    assert!(
+        error.contains("holds no checkpoint") && error.contains("same checkpoint storage"),
+        "the refusal does not say why: {status}"
+    );
+    // Every window published (all by the first process) has the batch computation's
+    // counts: nothing was counted from empty state.
+    let want = expected(t0, 400, t0 + 400 * STEP_MS);
+    let got = published(&read_output(&brokers, "split.counts")?);
+    anyhow::ensure!(!got.is_empty(), "the first process published no window");
+    for (window, counts) in &got {
+        assert_eq!(
+            Some(&vec![want.get(window).copied().unwrap_or_default()]),
+            Some(counts),
+            "window {window:?}"
+        );
+    }
+    Ok(())
+}

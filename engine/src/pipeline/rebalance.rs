@@ -94,6 +94,7 @@ impl Pipeline {
             }
         }
         if !fresh.is_empty() {
+            self.refuse_state_elsewhere(&fresh)?;
             positions.extend(
                 self.source
                     .starting_positions(&fresh, Duration::from_secs(30))?,

@@ -85,6 +85,7 @@ impl Pipeline {
             None => {
                 // A short blocking call at start: the group's committed offsets.
                 let all = self.source.topic_partitions(Duration::from_secs(30))?;
+                self.refuse_state_elsewhere(&all)?;
                 let positions = self
                     .source
                     .starting_positions(&all, Duration::from_secs(30))?;
@@ -97,6 +98,42 @@ impl Pipeline {
             self.replay_from(marks, &inputs).await?;
         }
         self.checkpoint().await
+    }
+
+    /// With queries that keep state and no checkpoint for `partitions`: fails when the
+    /// consumer group has read some of them before. Their state is then in a checkpoint this
+    /// process cannot see (another process's local directory); starting from empty state
+    /// would publish wrong results.
+    pub(super) fn refuse_state_elsewhere(&self, partitions: &[(String, i32)]) -> Result<()> {
+        if self.checkpoints.is_none() || !self.queries.iter().any(|r| r.query.holds_state()) {
+            return Ok(());
+        }
+        let read = self
+            .source
+            .read_before(partitions, Duration::from_secs(30))?;
+        if read.is_empty() {
+            return Ok(());
+        }
+        let dir = self
+            .config
+            .checkpoint
+            .as_ref()
+            .map(|c| c.dir.display().to_string())
+            .unwrap_or_default();
+        let shown: Vec<String> = read
+            .iter()
+            .map(|((t, p), o)| format!("{t}[{p}] at offset {o}"))
+            .collect();
+        Err(Error::Checkpoint(format!(
+            "consumer group {} has read {} before, but {dir} holds no checkpoint of {}: the \
+             query's state for them was kept by a process whose checkpoints this one cannot \
+             read. Starting from empty state would publish wrong windows, so the query stops. \
+             Give every process of the deployment the same checkpoint storage (checkpoint.dir \
+             on a volume they share), or drop and re-create the query to start it afresh",
+            self.config.group_id,
+            shown.join(", "),
+            if read.len() == 1 { "it" } else { "them" },
+        )))
     }
 
     /// Reads the newest checkpoint of `key`'s store (the one store when `None`) and restores

@@ -1201,6 +1201,11 @@ impl StreamQuery {
         self.output_schema.clone()
     }
 
+    /// Whether it keeps state between micro-batches (windows, detectors, alert machines).
+    pub fn holds_state(&self) -> bool {
+        self.windowed.is_some() || !self.keyed.is_empty()
+    }
+
     /// Whether it aggregates over windows.
     pub fn is_windowed(&self) -> bool {
         self.windowed.is_some()

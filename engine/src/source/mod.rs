@@ -511,22 +511,8 @@ impl KafkaSource {
             .iter()
             .filter(|k| !positions.contains_key(*k) && !self.rewinds(&k.0))
             .collect();
-        let mut committed: HashMap<(String, i32), i64> = HashMap::new();
-        if !unplaced.is_empty() {
-            let mut ask = TopicPartitionList::new();
-            for (topic, partition) in &unplaced {
-                ask.add_partition(topic, *partition);
-            }
-            for e in self
-                .consumer
-                .committed_offsets(ask, Duration::from_secs(30))?
-                .elements()
-            {
-                if let Offset::Offset(o) = e.offset() {
-                    committed.insert((e.topic().to_string(), e.partition()), o);
-                }
-            }
-        }
+        let unplaced: Vec<(String, i32)> = unplaced.into_iter().cloned().collect();
+        let committed = self.committed(&unplaced, Duration::from_secs(30))?;
         let mut list = TopicPartitionList::new();
         for key in partitions {
             let offset = match (positions.get(key), committed.get(key)) {
@@ -542,6 +528,46 @@ impl KafkaSource {
         }
         self.rewinding.store(false, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The group's committed offsets of those of `partitions` that have one. Blocking.
+    pub fn committed(
+        &self,
+        partitions: &[(String, i32)],
+        timeout: Duration,
+    ) -> Result<HashMap<(String, i32), i64>> {
+        let mut committed = HashMap::new();
+        if partitions.is_empty() {
+            return Ok(committed);
+        }
+        let mut ask = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            ask.add_partition(topic, *partition);
+        }
+        for e in self.consumer.committed_offsets(ask, timeout)?.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                committed.insert((e.topic().to_string(), e.partition()), o);
+            }
+        }
+        Ok(committed)
+    }
+
+    /// Of `partitions`, those the group has read before (a committed offset) and that do not
+    /// start from their beginning anew ([`KafkaSourceConfig::from_beginning`]): their
+    /// state, if the queries keep any, should be in a checkpoint. Blocking.
+    pub fn read_before(
+        &self,
+        partitions: &[(String, i32)],
+        timeout: Duration,
+    ) -> Result<Vec<((String, i32), i64)>> {
+        let asked: Vec<(String, i32)> = partitions
+            .iter()
+            .filter(|(t, _)| !self.rewinds(t))
+            .cloned()
+            .collect();
+        let mut out: Vec<_> = self.committed(&asked, timeout)?.into_iter().collect();
+        out.sort();
+        Ok(out)
     }
 
     /// Whether partitions of `topic` start at their beginning (see
