@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing urbanstream needs beyond a Rust toolchain: a C compiler
 # and make for the bundled librdkafka (rdkafka-sys builds it from source), a C++ compiler for
-# libFuzzer (the fuzz targets), and rustfmt/clippy.
+# libFuzzer (the fuzz targets), rustfmt/clippy, and the test broker of the real-broker tests.
 # Safe to run repeatedly; does nothing when everything is there.
 set -euo pipefail
 
@@ -25,4 +25,12 @@ fi
 if command -v rustup >/dev/null 2>&1; then
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
+# The independent Kafka-protocol broker of the real-broker tests (engine/tests/real_broker.rs);
+# the tests also install it themselves when it is missing.
+if command -v python3 >/dev/null 2>&1; then
+  bash "$(dirname "$0")/install-test-broker.sh"
+else
+  echo "setup: python3 is needed for the real-broker tests' broker (noida-db from PyPI)" >&2
+  exit 1
 fi
