@@ -433,6 +433,24 @@ pub struct KafkaSink {
     suppressed_count: std::sync::atomic::AtomicU64,
 }
 
+/// A transactional call's error; a broker without Kafka transactions is named as such (a
+/// configuration problem: retrying cannot help).
+fn transaction_error(e: KafkaError) -> Error {
+    use rdkafka::types::RDKafkaErrorCode;
+    let unsupported = matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::UnsupportedFeature | RDKafkaErrorCode::UnsupportedVersion)
+    ) || e.to_string().contains("not supported by broker");
+    if unsupported {
+        return Error::Config(format!(
+            "the broker does not implement Kafka transactions ({e}): checkpoint.exactly_once \
+             needs one that does (Apache Kafka 0.11 or later, or a compatible broker with \
+             transactions); set checkpoint.exactly_once = false for at-least-once output"
+        ));
+    }
+    Error::Kafka(e)
+}
+
 impl KafkaSink {
     /// Creates the producer; a transactional one is initialised (fencing an earlier instance
     /// with the same id) and opens its first transaction.
@@ -456,8 +474,10 @@ impl KafkaSink {
         }
         let producer: FutureProducer = client.create()?;
         if config.transactional_id.is_some() {
-            producer.init_transactions(TRANSACTION_TIMEOUT)?;
-            producer.begin_transaction()?;
+            producer
+                .init_transactions(TRANSACTION_TIMEOUT)
+                .map_err(transaction_error)?;
+            producer.begin_transaction().map_err(transaction_error)?;
         }
         Ok(Self {
             producer,
@@ -489,9 +509,13 @@ impl KafkaSink {
         }
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            producer.send_offsets_to_transaction(&list, &group, TRANSACTION_TIMEOUT)?;
-            producer.commit_transaction(TRANSACTION_TIMEOUT)?;
-            producer.begin_transaction()?;
+            producer
+                .send_offsets_to_transaction(&list, &group, TRANSACTION_TIMEOUT)
+                .map_err(transaction_error)?;
+            producer
+                .commit_transaction(TRANSACTION_TIMEOUT)
+                .map_err(transaction_error)?;
+            producer.begin_transaction().map_err(transaction_error)?;
             Ok(())
         })
         .await
@@ -715,6 +739,26 @@ impl KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A broker without transactions (tansu 0.6 answers EndTxn as unsupported) fails an
+    /// exactly-once query as a configuration problem naming the remedy; other transactional
+    /// errors stay Kafka errors (retried).
+    #[test]
+    fn a_broker_without_transactions_is_named() {
+        let e = transaction_error(KafkaError::MessageProduction(
+            RDKafkaErrorCode::UnsupportedFeature,
+        ));
+        assert!(
+            matches!(&e, Error::Config(m) if m.contains("does not implement Kafka transactions")
+                && m.contains("exactly_once = false")),
+            "{e}"
+        );
+        assert!(!e.is_transient());
+        let e = transaction_error(KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageTimedOut,
+        ));
+        assert!(matches!(e, Error::Kafka(_)), "{e}");
+    }
     use crate::schema::SchemaRegistry;
 
     fn avsc_fields(name: &str) -> Vec<String> {
