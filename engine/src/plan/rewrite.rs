@@ -149,7 +149,16 @@ fn rewrite_query(query: &mut Query, shadowed: &[String]) -> Result<()> {
         }
     }
     if let Some(having) = select.having.as_mut() {
+        let before = having.to_string();
         replace(having);
+        if having.to_string() != before {
+            // A condition on the window's bounds alone holds only group keys, so DataFusion
+            // would push it below the aggregation, where rows have no window yet. Joined with
+            // a condition on an aggregate that never holds, it is one condition the optimizer
+            // leaves above the aggregation: evaluated on the window's rows, with the same
+            // result (`c OR false` is `c`, NULL included).
+            *having = parse_expr(&format!("(({having}) OR count(*) < 0)"))?;
+        }
     }
     if let Some(order_by) = query.order_by.as_mut()
         && let OrderByKind::Expressions(items) = &mut order_by.kind
@@ -195,7 +204,8 @@ mod tests {
         );
         assert!(
             sql.contains(
-                "HAVING get_field(tumble(event_time, INTERVAL '1 minute'), 'window_end') >"
+                "HAVING ((get_field(tumble(event_time, INTERVAL '1 minute'), 'window_end') > \
+                 get_field(tumble(event_time, INTERVAL '1 minute'), 'window_start')) OR count(*) < 0)"
             ),
             "{sql}"
         );

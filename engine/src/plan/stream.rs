@@ -761,9 +761,10 @@ fn parse_setting(name: &str, value: &str) -> Result<Option<Duration>> {
         })
 }
 
-/// Refuses a window function evaluated below the windowed aggregation: DataFusion pushes a
-/// `HAVING` condition on the window's bounds (only group keys in it) below the aggregation,
-/// where rows have no window yet, and the query would fail on its first batch.
+/// Refuses a window function evaluated below the windowed aggregation, where rows have no
+/// window yet and the query would fail on its first batch. DataFusion pushes a condition on
+/// group keys alone below an aggregation; the rewrite keeps `HAVING` conditions on the
+/// window's bounds above it (see [`super::rewrite`]), and this guards any other way there.
 fn refuse_window_calls_below(lower: &Arc<dyn ExecutionPlan>) -> Result<()> {
     let mut found = false;
     lower.apply(|node| {
