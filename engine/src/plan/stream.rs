@@ -643,6 +643,7 @@ impl StreamContext {
         let groups = spec.groups.clone();
         let sessions = matches!(spec.window, WindowSpec::Session { .. });
         let window_spec = spec.window;
+        let having = having_of(&upper, &upper_leaf)?;
         let lateness_keys = if sessions && !groups.is_empty() {
             key_plan(self, sql.clone(), source.clone()).await?
         } else {
@@ -670,6 +671,7 @@ impl StreamContext {
                 sessions,
                 spec: window_spec,
                 lateness_keys,
+                having,
             }),
             task_ctx,
             watermarks,
@@ -958,6 +960,78 @@ struct Windowed {
     /// For session windows grouped by keys: the group keys of source records, so that an old
     /// record is tested for lateness against its key's live sessions.
     lateness_keys: Option<KeyPlan>,
+    /// The `HAVING` condition over the window's rows: a revision that no longer passes it
+    /// withdraws its key and window.
+    having: Option<Having>,
+}
+
+/// How a `HAVING` condition over the window's rows is tested apart from the rest of the
+/// upper plan.
+struct Having {
+    /// The plan under the condition (projections over the window's rows, row for row).
+    input: Arc<dyn ExecutionPlan>,
+    /// The condition, over `input`'s rows.
+    predicate: Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+    /// The upper plan without the condition.
+    unfiltered: Arc<dyn ExecutionPlan>,
+}
+
+/// The `HAVING` filter over the window's rows in `upper` (read from `leaf`, with only
+/// projections between), with the plan without it; none when the upper plan holds keyed
+/// operators (their state cannot take a row back).
+fn having_of(
+    upper: &Arc<dyn ExecutionPlan>,
+    leaf: &Arc<dyn ExecutionPlan>,
+) -> Result<Option<Having>> {
+    use datafusion::physical_plan::filter::FilterExec;
+    use datafusion::physical_plan::projection::ProjectionExec;
+    if upper.exists(|n| {
+        Ok(n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
+            .is_some())
+    })? {
+        return Ok(None);
+    }
+    // Whether `plan` is `leaf` under projections only (row for row, in order).
+    fn over_leaf(plan: &Arc<dyn ExecutionPlan>, leaf: &Arc<dyn ExecutionPlan>) -> bool {
+        if Arc::ptr_eq(plan, leaf) {
+            return true;
+        }
+        match plan.downcast_ref::<ProjectionExec>() {
+            Some(p) => over_leaf(p.input(), leaf),
+            None => false,
+        }
+    }
+    let mut found = None;
+    upper.apply(|n| {
+        if let Some(f) = n.downcast_ref::<FilterExec>()
+            && over_leaf(f.input(), leaf)
+            && f.projection().is_none()
+        {
+            found = Some((f.input().clone(), f.predicate().clone()));
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    let Some((input, predicate)) = found else {
+        return Ok(None);
+    };
+    let unfiltered = upper
+        .clone()
+        .transform_down(|n| {
+            if let Some(f) = n.downcast_ref::<FilterExec>()
+                && Arc::ptr_eq(f.input(), &input)
+            {
+                Ok(Transformed::yes(f.input().clone()))
+            } else {
+                Ok(Transformed::no(n))
+            }
+        })?
+        .data;
+    Ok(Some(Having {
+        input,
+        predicate,
+        unfiltered,
+    }))
 }
 
 /// Whether one of `exprs` is the column `key` itself.
@@ -1743,6 +1817,47 @@ impl StreamQuery {
             }
             for (revision, mask) in by_revision {
                 let rows = filter_record_batch(&emission.batch, &BooleanArray::from(mask))?;
+                // A revision that no longer passes HAVING: the row published for its key and
+                // window (by an earlier revision) is withdrawn.
+                if let (Some(having), true, false) = (&w.having, revision > 0, emission.retract)
+                    && rows.num_rows() > 0
+                {
+                    w.upper_feed.set(vec![rows.clone()]);
+                    let tested = collect(having.input.clone(), self.task_ctx.clone()).await?;
+                    let tested = datafusion::arrow::compute::concat_batches(
+                        &having.input.schema(),
+                        &tested,
+                    )?;
+                    if tested.num_rows() != rows.num_rows() {
+                        return plan_err!("internal: the rows under HAVING are not the window's");
+                    }
+                    let pass = having
+                        .predicate
+                        .evaluate(&tested)?
+                        .into_array(tested.num_rows())?;
+                    let pass = cast(&pass, &DataType::Boolean)?;
+                    let Some(pass) = pass.as_any().downcast_ref::<BooleanArray>() else {
+                        return plan_err!("internal: HAVING is not a condition");
+                    };
+                    let failing: BooleanArray =
+                        pass.iter().map(|p| Some(p != Some(true))).collect();
+                    if failing.true_count() > 0 {
+                        w.upper_feed
+                            .set(vec![filter_record_batch(&rows, &failing)?]);
+                        for b in collect(having.unfiltered.clone(), self.task_ctx.clone()).await? {
+                            if b.num_rows() == 0 {
+                                continue;
+                            }
+                            let n = b.num_rows();
+                            let mut columns: Vec<ArrayRef> = b.columns().to_vec();
+                            columns.push(Arc::new(Int32Array::from(vec![revision as i32; n])));
+                            columns.push(Arc::new(BooleanArray::from(vec![emission.is_final; n])));
+                            columns.push(Arc::new(StringArray::from(vec!["retract"; n])));
+                            out.rows
+                                .push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
+                        }
+                    }
+                }
                 w.upper_feed.set(vec![rows]);
                 for b in collect(w.upper.clone(), self.task_ctx.clone()).await? {
                     if b.num_rows() == 0 {
