@@ -12,6 +12,11 @@
 //!   by key and window start and delete on retract) equals a batch DataFusion query over the
 //!   (event, window) pairs the model keeps;
 //! - the late records are exactly the model's, with their reasons and windows.
+//!
+//! And the default detector with an alert machine above per-minute counts (no allowed
+//! lateness: each window published once), over the same runs: the rows (count, score, alert
+//! state) equal the same SQL over the windows of the events the model keeps, run as one
+//! batch DataFusion query.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -174,12 +179,17 @@ fn model(kind: Kind, run: &Run) -> (Vec<Pair>, Vec<Late>) {
     if let Kind::Session = kind {
         return session_model(run);
     }
+    model_with(kind, run, LATENESS)
+}
+
+/// [`model`] with `lateness` of allowed lateness.
+fn model_with(kind: Kind, run: &Run, lateness: i64) -> (Vec<Pair>, Vec<Late>) {
     let mut pairs = Vec::new();
     let mut late = Vec::new();
     let mut max_by_partition: BTreeMap<i32, i64> = BTreeMap::new();
     let mut watermark = i64::MIN;
     for batch in &run.batches {
-        let frontier = watermark.saturating_sub(LATENESS);
+        let frontier = watermark.saturating_sub(lateness);
         for e in batch {
             let windows = kind.windows(e.t);
             if windows.iter().all(|(_, end)| *end <= frontier) {
@@ -404,6 +414,21 @@ async fn engine(kind: Kind, run: &Run) -> anyhow::Result<(Results, Vec<Late>)> {
             kind.sql()
         ))
         .await?;
+    feed(&mut engine, run).await?;
+    let Outcome::Rows(out) = engine.execute("SELECT * FROM out").await? else {
+        anyhow::bail!("no rows")
+    };
+    let late = late_records(&mut engine).await?;
+    let apply = match kind {
+        Kind::Session => Apply::Changelog,
+        _ => Apply::LatestRevision,
+    };
+    Ok((results(&out, apply)?, late))
+}
+
+/// Feeds the run's micro-batches (each into its partition), restarting where it says, then
+/// closes every window.
+async fn feed(engine: &mut DeterministicEngine, run: &Run) -> anyhow::Result<()> {
     for (batch, restart) in run.batches.iter().zip(&run.restarts) {
         let Some(first) = batch.first() else { continue };
         let rows: Vec<String> = batch
@@ -432,9 +457,11 @@ async fn engine(kind: Kind, run: &Run) -> anyhow::Result<(Results, Vec<Late>)> {
     engine
         .execute("ADVANCE WATERMARK ev TO '2026-01-02T00:00:00'")
         .await?;
-    let Outcome::Rows(out) = engine.execute("SELECT * FROM out").await? else {
-        anyhow::bail!("no rows")
-    };
+    Ok(())
+}
+
+/// The late records: (event time, reason), sorted.
+async fn late_records(engine: &mut DeterministicEngine) -> anyhow::Result<Vec<Late>> {
     let Outcome::Rows(late_rows) = engine.execute("SHOW LATE").await? else {
         anyhow::bail!("no rows")
     };
@@ -458,11 +485,7 @@ async fn engine(kind: Kind, run: &Run) -> anyhow::Result<(Results, Vec<Late>)> {
         }
     }
     late.sort();
-    let apply = match kind {
-        Kind::Session => Apply::Changelog,
-        _ => Apply::LatestRevision,
-    };
-    Ok((results(&out, apply)?, late))
+    Ok(late)
 }
 
 /// The batch DataFusion query over the model's (event, window) pairs.
@@ -551,4 +574,122 @@ proptest! {
     fn session_windows_match_the_model(run in run()) {
         check(Kind::Session, &run)?;
     }
+
+    #[test]
+    fn a_detector_and_alerts_downstream_of_a_window_match_a_batch_query(run in run()) {
+        check_detected(&run)?;
+    }
+}
+
+/// Per-minute counts per key with the default detector and an alert machine above them,
+/// without allowed lateness (each window is published once; a detector does not take back
+/// what it learnt from a revision).
+const DETECTED: &str = "SELECT k, window_end, n, round(d['score'], 6) AS score, a['state'] AS state, \
+     a['active'] AS active FROM (SELECT k, window_end, n, d, \
+       alert_state(n, window_end, 3, 1) OVER (PARTITION BY k ORDER BY window_end) AS a \
+     FROM (SELECT k, window_end, n, \
+             anomaly_score(CAST(n AS DOUBLE), window_end) OVER (PARTITION BY k ORDER BY window_end) AS d \
+           FROM (SELECT k, window_end, count(*) AS n FROM {input} {group_by})))";
+
+/// (k, window end) → (n, score, state, active).
+type Detected = BTreeMap<(String, i64), (i64, String, String, String)>;
+
+fn detected(batches: &[RecordBatch]) -> anyhow::Result<Detected> {
+    let mut out = Detected::new();
+    for b in batches {
+        let text = |name: &str| -> anyhow::Result<Vec<String>> {
+            let c = b
+                .column_by_name(name)
+                .ok_or_else(|| anyhow::anyhow!("column {name}"))?;
+            Ok((0..c.len())
+                .map(|i| array_value_to_string(c, i).unwrap_or_default())
+                .collect())
+        };
+        let k = text("k")?;
+        let end = cast(
+            b.column_by_name("window_end").expect("window_end"),
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )?;
+        let end = end
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .expect("ts");
+        let n = cast(b.column_by_name("n").expect("n"), &DataType::Int64)?;
+        let n = n.as_primitive::<Int64Type>();
+        let (score, state, active) = (text("score")?, text("state")?, text("active")?);
+        for r in 0..b.num_rows() {
+            out.insert(
+                (k[r].clone(), end.value(r)),
+                (
+                    n.value(r),
+                    score[r].clone(),
+                    state[r].clone(),
+                    active[r].clone(),
+                ),
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn check_detected(run: &Run) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (pairs, want_late) = model_with(Kind::Tumble, run, 0);
+    let (got, got_late) = rt
+        .block_on(async {
+            let mut engine = DeterministicEngine::new();
+            for sql in [
+                "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+                 STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')",
+                "CREATE EXTERNAL TABLE out (k VARCHAR NOT NULL, window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL, \
+                 score DOUBLE, state VARCHAR, active BOOLEAN) STORED AS KAFKA OPTIONS ('topic' 'out')",
+            ] {
+                engine.execute(sql).await?;
+            }
+            let query = DETECTED
+                .replace("{input}", "ev")
+                .replace("{group_by}", "GROUP BY tumble(t, INTERVAL '1 minute'), k");
+            engine.execute(&format!("INSERT INTO out {query}")).await?;
+            feed(&mut engine, run).await?;
+            let Outcome::Rows(out) = engine.execute("SELECT * FROM out").await? else {
+                anyhow::bail!("no rows")
+            };
+            anyhow::Ok((detected(&out)?, late_records(&mut engine).await?))
+        })
+        .expect("engine");
+    let want = rt
+        .block_on(async {
+            let ctx = SessionContext::new();
+            urbanstream_operators::register_all(&ctx);
+            let b = RecordBatch::try_from_iter(vec![
+                (
+                    "k",
+                    Arc::new(StringArray::from_iter_values(
+                        pairs.iter().map(|(e, _)| e.k),
+                    )) as ArrayRef,
+                ),
+                (
+                    "window_end",
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        pairs.iter().map(|(_, w)| w.1),
+                    )),
+                ),
+            ])?;
+            ctx.register_table(
+                "pairs",
+                Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
+            )?;
+            let query = DETECTED
+                .replace("{input}", "pairs")
+                .replace("{group_by}", "GROUP BY k, window_end");
+            anyhow::Ok(detected(&ctx.sql(&query).await?.collect().await?)?)
+        })
+        .expect("batch");
+    prop_assert_eq!(got_late, want_late, "late records");
+    prop_assert!(pairs.is_empty() || !want.is_empty(), "no window to compare");
+    prop_assert_eq!(got, want, "detector and alert rows");
+    Ok(())
 }
