@@ -879,3 +879,67 @@ async fn failed_broker_requests_are_retried_and_lose_nothing() -> anyhow::Result
     service.shutdown().await;
     Ok(())
 }
+
+/// Queries waiting on Kafka run apart from the API: with the broker refusing every
+/// transactional producer's initialisation (it keeps answering "coordinator not available",
+/// which the client retries for a minute), three exactly-once queries are stuck starting,
+/// each holding a thread; the probes and the API, run as tasks on the API's threads, still
+/// answer at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_while_queries_wait_on_the_broker() -> anyhow::Result<()> {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let broker = broker()?;
+    broker.fail_requests(
+        RDKafkaApiKey::InitProducerId,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 2_000],
+    );
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("urbanstream.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"stuck\"\n\
+             [api]\ntoken = \"{TOKEN}\"\n\
+             [catalog]\npath = \"{}\"\n[queries]\ndefaults = false\nmax_queries = 3\n\
+             [checkpoint]\ndir = \"{}\"\nexactly_once = true\n",
+            dir.path().join("catalog.json").display(),
+            dir.path().join("checkpoints").display()
+        ),
+    )?;
+    let service = Service::start(ServiceConfig::load(Some(&file))?).await?;
+    let app = api::router(service.clone());
+    for name in ["q1", "q2", "q3"] {
+        create(&app, name, &per_minute(name)).await?;
+    }
+    // The queries reach their producers' initialisation and wait there. (A thread sleep: a
+    // timer of the runtime would itself wait for a free thread.)
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, q) = call(&app, "GET", "/v1/queries/q1", Some(TOKEN), None).await?;
+    assert_eq!(q["state"], "STARTING", "{q}");
+    for path in ["/livez", "/readyz", "/v1/queries"] {
+        for _ in 0..5 {
+            let app = app.clone();
+            // Wall-clock: with every API thread blocked, tokio's own timers stall too.
+            let asked_at = Instant::now();
+            let (status, body) =
+                tokio::spawn(async move { call(&app, "GET", path, Some(TOKEN), None).await })
+                    .await??;
+            let waited = asked_at.elapsed();
+            assert!(
+                waited < Duration::from_secs(3),
+                "{path} answered only after {waited:?} while the queries wait on the broker"
+            );
+            assert!(
+                status == StatusCode::OK
+                    || (path == "/readyz" && status == StatusCode::SERVICE_UNAVAILABLE),
+                "{path}: {status} {body}"
+            );
+        }
+    }
+    // Not shut down gracefully: the queries' initialisations run to their timeouts; the
+    // queries' runtime is dropped without waiting for them.
+    drop(service);
+    drop(broker);
+    Ok(())
+}

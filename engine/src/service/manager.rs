@@ -378,6 +378,42 @@ pub struct QueryManager {
     catalog: Mutex<Catalog>,
     queries: Mutex<BTreeMap<String, Arc<QueryHandle>>>,
     schemas: SchemaRegistry,
+    runtime: QueryRuntime,
+}
+
+/// The runtime the queries' pipelines run on, apart from the one serving the API: a query
+/// waiting on Kafka (a transaction's initialisation, an offset lookup during a broker outage)
+/// can hold one of its threads, never one of the API's, so `/livez` and `/readyz` answer.
+struct QueryRuntime(Option<tokio::runtime::Runtime>);
+
+impl QueryRuntime {
+    fn new() -> crate::Result<Self> {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        Ok(Self(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("urbanstream-query")
+                .enable_all()
+                .build()?,
+        )))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for QueryRuntime {
+    fn drop(&mut self) {
+        // Without blocking: the manager may be dropped on an async thread. The queries have
+        // been stopped by then ([`QueryManager::shutdown`]).
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl QueryManager {
@@ -389,6 +425,7 @@ impl QueryManager {
             catalog: Mutex::new(catalog),
             queries: Mutex::new(BTreeMap::new()),
             schemas: SchemaRegistry::embedded()?,
+            runtime: QueryRuntime::new()?,
         })
     }
 
@@ -858,7 +895,7 @@ impl QueryManager {
         let stop = Arc::new(AtomicBool::new(false));
         control.stop = stop.clone();
         handle.set(QueryState::Starting, None);
-        control.task = Some(tokio::spawn(supervise(
+        control.task = Some(self.runtime.handle().spawn(supervise(
             handle.clone(),
             self.pipeline_config(handle),
             self.config.pipeline.retry_backoff,
