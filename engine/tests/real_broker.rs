@@ -118,25 +118,8 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
 -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
-    let port = free_port()?;
-    let base = format!("http://127.0.0.1:{port}");
-    let config = dir.path().join("urbanstream.toml");
-    std::fs::write(
-        &config,
-        service_config(
-            &brokers,
-            "eos",
-            port,
-            &dir.path().join("catalog.json"),
-            &dir.path().join("checkpoints"),
-            "eos-0",
-        ),
-    )?;
-    let log = dir.path().join("serve.log");
-    let api = Api::new()?;
-    let mut service = serve(&config, &log)?;
-    api.wait_live(&base)?;
-    api.create(&base, "counts", &counts_query(OUTPUT))?;
+    let (m, mut service, api) = counting_service(dir.path(), &brokers, "eos", OUTPUT)?;
+    let base = &m.base;
 
     let t0 = first_window()?;
     let producer_brokers = brokers.clone();
@@ -145,14 +128,11 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
     for kill in 0..KILLS {
         // Static membership: the restarted process gets its partitions back at once.
         wait_until("the query never got its partitions back", || {
-            api.assigned(&base, "counts") == i64::from(PARTITIONS)
+            api.assigned(base, "counts") == i64::from(PARTITIONS)
         })?;
         std::thread::sleep(Duration::from_millis(rng.random_range(100..1_500)));
-        service.0.kill()?; // SIGKILL
-        service.0.wait()?;
+        kill_and_restart(&mut service, &m, &api)?;
         eprintln!("kill {} done", kill + 1);
-        service = serve(&config, &log)?;
-        api.wait_live(&base)?;
     }
     producer
         .join()
@@ -169,7 +149,7 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
     let committed = read_output(&brokers, OUTPUT)?.len();
     let all = read_with(&brokers, OUTPUT, "read_uncommitted")?.len();
     let mut log_text = String::new();
-    std::fs::File::open(&log)?.read_to_string(&mut log_text)?;
+    std::fs::File::open(&m.log)?.read_to_string(&mut log_text)?;
     let restored = log_text.matches("state restored from checkpoint").count();
     eprintln!(
         "{KILLS} SIGKILLs: {checked} windows exactly once; {committed} records committed, \
@@ -215,29 +195,12 @@ fn input_deleted_before_it_was_read_fails_the_query_with_the_reason() -> anyhow:
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let dir = tempfile::tempdir()?;
     let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
-    let port = free_port()?;
-    let base = format!("http://127.0.0.1:{port}");
-    let config = dir.path().join("urbanstream.toml");
-    std::fs::write(
-        &config,
-        service_config(
-            &brokers,
-            "gap",
-            port,
-            &dir.path().join("catalog.json"),
-            &dir.path().join("checkpoints"),
-            "gap-0",
-        ),
-    )?;
-    let log = dir.path().join("serve.log");
-    let api = Api::new()?;
-    let mut service = serve(&config, &log)?;
-    api.wait_live(&base)?;
-    api.create(&base, "counts", &counts_query("gap.counts"))?;
+    let (m, mut service, api) = counting_service(dir.path(), &brokers, "gap", "gap.counts")?;
+    let base = &m.base;
     let t0 = first_window()?;
     produce_now(&brokers, t0, 0..400)?;
     wait_until("the query did not read the first events", || {
-        api.status(&base, "counts")
+        api.status(base, "counts")
             .is_some_and(|s| s["rows_in"].as_i64() == Some(400))
     })?;
     // A checkpoint after the last of them.
@@ -266,13 +229,13 @@ fn input_deleted_before_it_was_read_fails_the_query_with_the_reason() -> anyhow:
         anyhow::ensure!(e.error().is_ok(), "DeleteRecords failed: {:?}", e.error());
     }
 
-    service = serve(&config, &log)?;
-    api.wait_live(&base)?;
+    service = serve(&m.config, &m.log)?;
+    api.wait_live(base)?;
     wait_until("the query did not fail", || {
-        api.status(&base, "counts")
+        api.status(base, "counts")
             .is_some_and(|s| s["state"] == "FAILED")
     })?;
-    let status = api.status(&base, "counts").unwrap_or_default();
+    let status = api.status(base, "counts").unwrap_or_default();
     let error = status["error"].as_str().unwrap_or_default().to_string();
     eprintln!("status after the truncation: {error}");
     assert!(
@@ -294,29 +257,22 @@ fn a_second_process_without_the_first_ones_checkpoints_refuses_its_partitions() 
     let dir = tempfile::tempdir()?;
     let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
     let api = Api::new()?;
-    let mut members = Vec::new();
-    for name in ["a", "b"] {
-        let port = free_port()?;
-        let config = dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            service_config(
-                &brokers,
-                "split",
-                port,
-                &dir.path().join(format!("{name}.catalog.json")),
-                &dir.path().join(format!("{name}.checkpoints")),
-                &format!("split-{name}"),
-            ),
-        )?;
-        members.push((
-            config,
-            dir.path().join(format!("{name}.log")),
-            format!("http://127.0.0.1:{port}"),
-        ));
-    }
-    let (a_config, a_log, a) = &members[0];
-    let (b_config, b_log, b) = &members[1];
+    let a_member = member(
+        dir.path(),
+        &brokers,
+        "split",
+        "a",
+        &dir.path().join("a.checkpoints"),
+    )?;
+    let b_member = member(
+        dir.path(),
+        &brokers,
+        "split",
+        "b",
+        &dir.path().join("b.checkpoints"),
+    )?;
+    let (a_config, a_log, a) = (&a_member.config, &a_member.log, &a_member.base);
+    let (b_config, b_log, b) = (&b_member.config, &b_member.log, &b_member.base);
     let sql = counts_query("split.counts");
     let _first = serve(a_config, a_log)?;
     api.wait_live(a)?;

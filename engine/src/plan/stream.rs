@@ -1845,41 +1845,55 @@ impl StreamQuery {
                         w.upper_feed
                             .set(vec![filter_record_batch(&rows, &failing)?]);
                         for b in collect(having.unfiltered.clone(), self.task_ctx.clone()).await? {
-                            if b.num_rows() == 0 {
-                                continue;
-                            }
-                            let n = b.num_rows();
-                            let mut columns: Vec<ArrayRef> = b.columns().to_vec();
-                            columns.push(Arc::new(Int32Array::from(vec![revision as i32; n])));
-                            columns.push(Arc::new(BooleanArray::from(vec![emission.is_final; n])));
-                            columns.push(Arc::new(StringArray::from(vec!["retract"; n])));
-                            out.rows
-                                .push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
+                            out.rows.extend(changelog_rows(
+                                &self.output_schema,
+                                &b,
+                                revision,
+                                emission.is_final,
+                                "retract",
+                            )?);
                         }
                     }
                 }
                 w.upper_feed.set(vec![rows]);
+                let op = match (emission.retract, revision) {
+                    (true, _) => "retract",
+                    (false, 0) => "insert",
+                    (false, _) => "update",
+                };
                 for b in collect(w.upper.clone(), self.task_ctx.clone()).await? {
-                    if b.num_rows() == 0 {
-                        continue;
-                    }
-                    let n = b.num_rows();
-                    let mut columns: Vec<ArrayRef> = b.columns().to_vec();
-                    columns.push(Arc::new(Int32Array::from(vec![revision as i32; n])));
-                    columns.push(Arc::new(BooleanArray::from(vec![emission.is_final; n])));
-                    let op = match (emission.retract, revision) {
-                        (true, _) => "retract",
-                        (false, 0) => "insert",
-                        (false, _) => "update",
-                    };
-                    columns.push(Arc::new(StringArray::from(vec![op; n])));
-                    out.rows
-                        .push(RecordBatch::try_new(self.output_schema.clone(), columns)?);
+                    out.rows.extend(changelog_rows(
+                        &self.output_schema,
+                        &b,
+                        revision,
+                        emission.is_final,
+                        op,
+                    )?);
                 }
             }
         }
         Ok(())
     }
+}
+
+/// Rows of the upper plan `b` with their changelog columns (`revision`, `is_final`, `op`),
+/// as `schema` has them; none for an empty batch.
+fn changelog_rows(
+    schema: &SchemaRef,
+    b: &RecordBatch,
+    revision: u32,
+    is_final: bool,
+    op: &str,
+) -> Result<Option<RecordBatch>> {
+    let n = b.num_rows();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut columns: Vec<ArrayRef> = b.columns().to_vec();
+    columns.push(Arc::new(Int32Array::from(vec![revision as i32; n])));
+    columns.push(Arc::new(BooleanArray::from(vec![is_final; n])));
+    columns.push(Arc::new(StringArray::from(vec![op; n])));
+    Ok(Some(RecordBatch::try_new(schema.clone(), columns)?))
 }
 
 /// Passes `watermark` to keyed states; whether some of them have timers.

@@ -101,6 +101,67 @@ pub fn real_broker(dir: &Path, topics: &[&str]) -> anyhow::Result<(Process, Stri
     Ok((process, address))
 }
 
+/// One `urbanstream serve` process of a test: its configuration file, log and API address.
+pub struct Member {
+    pub config: std::path::PathBuf,
+    pub log: std::path::PathBuf,
+    pub base: String,
+}
+
+/// Writes the configuration of member `name` (files `<name>.*` in `dir`): on `brokers`, in
+/// consumer group `group`, checkpoints under `checkpoints`, instance `<group>-<name>`, its
+/// API on a free port.
+pub fn member(
+    dir: &Path,
+    brokers: &str,
+    group: &str,
+    name: &str,
+    checkpoints: &Path,
+) -> anyhow::Result<Member> {
+    let port = free_port()?;
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        service_config(
+            brokers,
+            group,
+            port,
+            &dir.join(format!("{name}.catalog.json")),
+            checkpoints,
+            &format!("{group}-{name}"),
+        ),
+    )?;
+    Ok(Member {
+        config,
+        log: dir.join(format!("{name}.log")),
+        base: format!("http://127.0.0.1:{port}"),
+    })
+}
+
+/// A service of its own in `dir` (consumer group `group`) running [`counts_query`] into
+/// `output`: the member, its process and an API client.
+pub fn counting_service(
+    dir: &Path,
+    brokers: &str,
+    group: &str,
+    output: &str,
+) -> anyhow::Result<(Member, Process, Api)> {
+    let m = member(dir, brokers, group, "0", &dir.join("checkpoints"))?;
+    let api = Api::new()?;
+    let service = serve(&m.config, &m.log)?;
+    api.wait_live(&m.base)?;
+    api.create(&m.base, "counts", &counts_query(output))?;
+    Ok((m, service, api))
+}
+
+/// Kills `service` with SIGKILL and starts member `m` again, once its API answers.
+pub fn kill_and_restart(service: &mut Process, m: &Member, api: &Api) -> anyhow::Result<()> {
+    service.0.kill()?; // SIGKILL
+    service.0.wait()?;
+    *service = serve(&m.config, &m.log)?;
+    api.wait_live(&m.base)
+}
+
 /// A child process killed when dropped.
 pub struct Process(pub Child);
 
