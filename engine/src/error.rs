@@ -68,10 +68,18 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Kafka(KafkaError::ClientCreation(_)) => false,
+            // Fenced: another live process holds this one's identity; retrying would fence
+            // it in turn.
             Error::Kafka(e) => !matches!(
                 e.rdkafka_error_code(),
-                Some(rdkafka::types::RDKafkaErrorCode::InvalidConfig)
-                    | Some(rdkafka::types::RDKafkaErrorCode::Fatal)
+                Some(
+                    rdkafka::types::RDKafkaErrorCode::InvalidConfig
+                        | rdkafka::types::RDKafkaErrorCode::Fatal
+                        | rdkafka::types::RDKafkaErrorCode::Fenced
+                        | rdkafka::types::RDKafkaErrorCode::ProducerFenced
+                        | rdkafka::types::RDKafkaErrorCode::InvalidProducerEpoch
+                        | rdkafka::types::RDKafkaErrorCode::FencedInstanceId
+                )
             ),
             Error::Io(_) | Error::Rebalanced(_) => true,
             _ => false,

@@ -313,3 +313,50 @@ fn a_second_process_without_the_first_ones_checkpoints_refuses_its_partitions() 
     }
     Ok(())
 }
+
+/// Two live processes configured with one identity (the same `checkpoint.instance`: the same
+/// group member and transactional ids): the broker fences one of them, and its query fails
+/// saying that two processes share one identity, instead of both writing.
+#[test]
+fn two_processes_with_one_identity_are_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
+    let api = Api::new()?;
+    let checkpoints = dir.path().join("checkpoints");
+    let first = member(dir.path(), &brokers, "twin", "a", &checkpoints)?;
+    let second = member(dir.path(), &brokers, "twin", "b", &checkpoints)?;
+    // Both as instance "twin-a".
+    let text = std::fs::read_to_string(&second.config)?.replace("twin-b", "twin-a");
+    std::fs::write(&second.config, text)?;
+    let sql = counts_query("twin.counts");
+    let _a = serve(&first.config, &first.log)?;
+    api.wait_live(&first.base)?;
+    api.create(&first.base, "counts", &sql)?;
+    wait_until("the first process never got the partitions", || {
+        api.assigned(&first.base, "counts") == i64::from(PARTITIONS)
+    })?;
+    let _b = serve(&second.config, &second.log)?;
+    api.wait_live(&second.base)?;
+    api.create(&second.base, "counts", &sql)?;
+    let t0 = first_window()?;
+    produce_now(&brokers, t0, 0..200)?;
+    let refused = |base: &str| {
+        api.status(base, "counts").is_some_and(|s| {
+            s["state"] == "FAILED"
+                && s["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("two processes share one identity"))
+        })
+    };
+    wait_until("neither process was refused", || {
+        refused(&first.base) || refused(&second.base)
+    })?;
+    for m in [&first, &second] {
+        eprintln!(
+            "{}: {:?}",
+            m.base,
+            api.status(&m.base, "counts").map(|s| s["error"].clone())
+        );
+    }
+    Ok(())
+}
