@@ -1,7 +1,9 @@
 //! The embedded broker: librdkafka's mock cluster, a real Kafka-protocol broker on localhost
 //! ports, in-process, with nothing to install. It is for function, not throughput: it consumes
 //! at tens of thousands of messages per second, ignores TLS/SASL and does not support the
-//! CreateTopics admin API (topics are created through it here).
+//! CreateTopics admin API (topics are created through it here), does not enforce
+//! transactions (open and aborted transactions are visible to read_committed readers), and
+//! keeps at most [`RETAINED_RECORDS`] records or 5 MiB per partition, dropping the oldest.
 
 use std::time::Duration;
 
@@ -13,6 +15,16 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaErrorCode, RDKafkaRespErr};
 
 use crate::error::{Error, Result};
+
+/// Records a partition of the embedded broker keeps (librdkafka's mock cluster, fixed); it
+/// also keeps at most 5 MiB. Older records are dropped: a consumer further behind loses them
+/// (a query then fails with `data loss`, rather than skip them).
+pub const RETAINED_RECORDS: usize = 100_000;
+
+/// What `urbanstream broker` and the demo say about the embedded broker's limits.
+pub const LIMITS: &str = "the embedded broker keeps at most 100 000 records or 5 MiB per \
+     partition, dropping the oldest, and does not enforce transactions: for replays of more \
+     data, or to test exactly-once, use a real Kafka (--brokers)";
 
 /// An in-process Kafka-protocol broker. Dropping it shuts it down.
 pub struct EmbeddedBroker {

@@ -357,6 +357,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     view_stop.store(true, Ordering::Relaxed);
     let _ = view_task.await;
+    let on_embedded = embedded.is_some();
     drop(embedded);
 
     let indicators = stats.indicators_out.load(Ordering::Relaxed);
@@ -382,6 +383,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ),
     ] {
         println!("  {label:<24}{value:>12}");
+    }
+    if on_embedded {
+        println!("  note: {}", crate::broker::LIMITS);
     }
 
     match pipeline_result {

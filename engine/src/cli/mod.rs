@@ -476,9 +476,11 @@ async fn broker(args: BrokerArgs) -> Result<()> {
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
     }
     eprintln!(
-        "embedded broker listening on {} ({} partitions per city topic); Ctrl-C to stop",
+        "embedded broker listening on {} ({} partitions per city topic); Ctrl-C to stop\n\
+         note: {}",
         broker.bootstrap_servers(),
-        args.partitions
+        args.partitions,
+        crate::broker::LIMITS
     );
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signal(stop.clone());

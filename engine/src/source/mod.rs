@@ -404,8 +404,9 @@ impl KafkaSource {
                 "a partition's position is no longer in the log of {} (retention or a \
                  truncation removed records this query had not read yet: {e}); the query stops \
                  rather than skip them. Read what is left by re-creating the query (it starts at \
-                 the log's beginning), or keep records longer (retention.ms)",
-                self.config.topics.join(", ")
+                 the log's beginning), or keep records longer (retention.ms; {})",
+                self.config.topics.join(", "),
+                crate::broker::LIMITS
             ));
         }
         Error::Kafka(e)
