@@ -394,7 +394,7 @@ async fn simulate(args: SimulateArgs) -> Result<()> {
     }
     let stats = Arc::new(ProducerStats::default());
     let producer = sim_producer(&args.brokers)?;
-    let task = tokio::spawn(run_producer(
+    let mut task = tokio::spawn(run_producer(
         simulator,
         producer,
         [topics.camera, topics.detectors, topics.air],
@@ -403,23 +403,32 @@ async fn simulate(args: SimulateArgs) -> Result<()> {
         stats.clone(),
     ));
     let mut last = 0;
-    while !task.is_finished() {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        let produced = stats.produced.load(Ordering::Relaxed);
-        tracing::info!(
-            produced,
-            rate = (produced - last) / 5,
-            sim_time = %demo::hanoi_time(stats.sim_time_ms.load(Ordering::Relaxed)),
-            "simulating"
-        );
-        last = produced;
+    // Progress every 5 s; the end (Ctrl-C, --duration, an error) is taken at once.
+    let finished = loop {
+        tokio::select! {
+            done = &mut task => break done,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                let produced = stats.produced.load(Ordering::Relaxed);
+                tracing::info!(
+                    produced,
+                    rate = (produced - last) / 5,
+                    sim_time = %demo::hanoi_time(stats.sim_time_ms.load(Ordering::Relaxed)),
+                    "simulating"
+                );
+                last = produced;
+            }
+        }
+    };
+    finished.map_err(|e| Error::Config(format!("simulator task failed: {e}")))??;
+    let produced = stats.produced.load(Ordering::Relaxed);
+    println!("produced {produced} records");
+    if produced == 0 {
+        return Err(Error::Config(format!(
+            "no record was acknowledged by {}: check that the broker accepts writes to the \
+             city's topics (or run longer)",
+            args.brokers
+        )));
     }
-    task.await
-        .map_err(|e| Error::Config(format!("simulator task failed: {e}")))??;
-    println!(
-        "produced {} records",
-        stats.produced.load(Ordering::Relaxed)
-    );
     Ok(())
 }
 
