@@ -68,16 +68,15 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Kafka(KafkaError::ClientCreation(_)) => false,
-            // Fenced: another live process holds this one's identity; retrying would fence
-            // it in turn.
+            // A fenced group member: another live process holds this one's identity; retrying
+            // would fence it in turn. (A fenced producer is retried: the broker also fences a
+            // transaction that outlived its timeout, and a restart from the checkpoint is right
+            // then.)
             Error::Kafka(e) => !matches!(
                 e.rdkafka_error_code(),
                 Some(
                     rdkafka::types::RDKafkaErrorCode::InvalidConfig
                         | rdkafka::types::RDKafkaErrorCode::Fatal
-                        | rdkafka::types::RDKafkaErrorCode::Fenced
-                        | rdkafka::types::RDKafkaErrorCode::ProducerFenced
-                        | rdkafka::types::RDKafkaErrorCode::InvalidProducerEpoch
                         | rdkafka::types::RDKafkaErrorCode::FencedInstanceId
                 )
             ),

@@ -493,21 +493,33 @@ impl Pipeline {
         // Output topics exist before the first publish: a broker that does not create topics
         // on first use (most production clusters) would otherwise fail every send. Created
         // with as many partitions as the query's input.
-        let mut outputs: BTreeMap<String, u32> = BTreeMap::new();
+        let mut outputs: BTreeMap<String, (u32, bool)> = BTreeMap::new();
         for running in &queries {
             let input = &running.query.source().options.topic;
             let partitions = repartition::partition_count(&config, input)?.max(1);
             if let Some(sink) = running.query.sink() {
-                let n = outputs.entry(sink.options.topic.clone()).or_insert(0);
-                *n = (*n).max(partitions);
+                let n = outputs
+                    .entry(sink.options.topic.clone())
+                    .or_insert((0, true));
+                n.0 = n.0.max(partitions);
+                n.1 = true;
             }
             for topic in [&config.topics.late, &config.topics.dlq] {
-                let n = outputs.entry(topic.clone()).or_insert(0);
-                *n = (*n).max(partitions);
+                let n = outputs.entry(topic.clone()).or_insert((0, false));
+                n.0 = n.0.max(partitions);
             }
         }
-        for (topic, partitions) in outputs {
-            repartition::ensure_topic(&config, &topic, partitions).await?;
+        for (topic, (partitions, required)) in outputs {
+            // A query cannot run without its sink; the late and DLQ topics are written only
+            // when a record goes there, so a deployment that forbids creating them is warned.
+            match repartition::ensure_topic(&config, &topic, partitions).await {
+                Err(e) if !required => {
+                    tracing::warn!(%topic, error = %e, "late/DLQ topic missing and not created")
+                }
+                r => {
+                    r?;
+                }
+            }
         }
         // Every city input topic is decoded (and its bad records dead-lettered), read by a
         // query or not, when the default queries run; other queries' sources are decoded with

@@ -105,7 +105,12 @@ impl Pipeline {
     /// process cannot see (another process's local directory); starting from empty state
     /// would publish wrong results.
     pub(super) fn refuse_state_elsewhere(&self, partitions: &[(String, i32)]) -> Result<()> {
-        if self.checkpoints.is_none() || !self.queries.iter().any(|r| r.query.holds_state()) {
+        // A query created again under a dropped one's name starts afresh: the group's
+        // offsets are the dropped query's.
+        if self.checkpoints.is_none()
+            || self.config.from_beginning
+            || !self.queries.iter().any(|r| r.query.holds_state())
+        {
             return Ok(());
         }
         let read = self

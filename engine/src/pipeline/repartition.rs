@@ -137,7 +137,8 @@ async fn create_topic(config: &PipelineConfig, topic: &str, partitions: u32) -> 
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     let admin: AdminClient<DefaultClientContext> = client_config(config, false).create()?;
-    let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(1));
+    // Replication as the broker sets it by default (KIP-464), like a topic it creates itself.
+    let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(-1));
     let options = AdminOptions::new()
         .operation_timeout(Some(Duration::from_secs(5)))
         .request_timeout(Some(Duration::from_secs(5)));

@@ -644,8 +644,13 @@ impl StreamContext {
         let sessions = matches!(spec.window, WindowSpec::Session { .. });
         let window_spec = spec.window;
         let having = having_of(&upper, &upper_leaf)?;
+        // Without a key plan (grouping by a select alias or position, say), an old event is
+        // tested against a session of its own, as before.
         let lateness_keys = if sessions && !groups.is_empty() {
-            key_plan(self, sql.clone(), source.clone()).await?
+            key_plan(self, sql.clone(), source.clone())
+                .await
+                .ok()
+                .flatten()
         } else {
             None
         };
@@ -1637,7 +1642,31 @@ impl StreamQuery {
         // A record is absorbed when each of its groups (a lookup join may give several) has a
         // live session reaching it; one the query's filters drop stays late.
         let mut verdict: HashMap<usize, bool> = HashMap::new();
+        let owner = self.owner;
         for (rows, keys) in pieces {
+            // In stage 2 of a repartitioned query, only the groups this partition holds.
+            let (rows, keys) = match owner {
+                Some((n, q)) => {
+                    let mine: BooleanArray = super::repartition::group_partitions(&keys, n)?
+                        .into_iter()
+                        .map(|p| Some(p == q))
+                        .collect();
+                    let rows = datafusion::arrow::compute::filter(&rows, &mine)?;
+                    let keys = keys
+                        .iter()
+                        .map(|k| datafusion::arrow::compute::filter(k, &mine))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    let Some(rows) = rows
+                        .as_any()
+                        .downcast_ref::<datafusion::arrow::array::UInt32Array>()
+                        .cloned()
+                    else {
+                        return plan_err!("internal: row numbers are not UInt32");
+                    };
+                    (rows, keys)
+                }
+                None => (rows, keys),
+            };
             let ts: Vec<i64> = rows
                 .values()
                 .iter()

@@ -872,9 +872,13 @@ impl QueryManager {
         p.name = Some(handle.entry.name.clone());
         p.memory_limit = Some(usize::try_from(handle.memory_limit).unwrap_or(usize::MAX));
         p.max_state_groups = Some(c.queries.max_state_groups);
-        // A checkpointing process is a stable member of each query's group: restarted, it
-        // gets its partitions back at once; a second process with its identity is fenced.
-        p.group_instance_id = c.checkpoint.enabled.then(|| c.checkpoint.instance.clone());
+        // With exactly-once output, `checkpoint.instance` already names this process (its
+        // transactional ids), so it is also its stable member id in each query's group:
+        // restarted, it gets its partitions back at once; a second live process with its
+        // identity is fenced. (At-least-once processes may share the default instance name,
+        // so they join as dynamic members.)
+        p.group_instance_id = (c.checkpoint.enabled && c.checkpoint.exactly_once)
+            .then(|| c.checkpoint.instance.clone());
         p.checkpoint = c.checkpoint.enabled.then(|| CheckpointSettings {
             dir: c.checkpoint.dir.join(&handle.entry.name),
             interval: c.checkpoint.interval,

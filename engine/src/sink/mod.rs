@@ -441,23 +441,6 @@ fn transaction_error(e: KafkaError) -> Error {
         e.rdkafka_error_code(),
         Some(RDKafkaErrorCode::UnsupportedFeature | RDKafkaErrorCode::UnsupportedVersion)
     ) || e.to_string().contains("not supported by broker");
-    let fenced = matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::ProducerFenced
-                | RDKafkaErrorCode::Fenced
-                | RDKafkaErrorCode::InvalidProducerEpoch
-        )
-    );
-    if fenced {
-        // A live process fenced by another with its transactional id: restarting would only
-        // fence that one in turn.
-        return Error::Config(format!(
-            "another process took over this query's transactional id ({e}): two processes \
-             share one identity; give each its own checkpoint.instance (it names the group \
-             member and the transactional ids)"
-        ));
-    }
     if unsupported {
         return Error::Config(format!(
             "the broker does not implement Kafka transactions ({e}): checkpoint.exactly_once \
@@ -775,17 +758,17 @@ mod tests {
             RDKafkaErrorCode::MessageTimedOut,
         ));
         assert!(matches!(e, Error::Kafka(_)), "{e}");
-        // Fenced by a live twin: not retried (it would fence the twin in turn).
-        let e = transaction_error(KafkaError::MessageProduction(
-            RDKafkaErrorCode::ProducerFenced,
-        ));
+        // A fenced producer is retried (a transaction past its timeout is fenced too); a
+        // fenced group member is not.
         assert!(
-            matches!(&e, Error::Config(m) if m.contains("two processes share one identity")),
-            "{e}"
+            Error::Kafka(KafkaError::MessageProduction(
+                RDKafkaErrorCode::ProducerFenced
+            ))
+            .is_transient()
         );
         assert!(
-            !Error::Kafka(KafkaError::MessageProduction(
-                RDKafkaErrorCode::ProducerFenced
+            !Error::Kafka(KafkaError::MessageConsumption(
+                RDKafkaErrorCode::FencedInstanceId
             ))
             .is_transient()
         );

@@ -553,8 +553,8 @@ impl KafkaSource {
         Ok(committed)
     }
 
-    /// Of `partitions`, those the group has read before (a committed offset) and that do not
-    /// start from their beginning anew ([`KafkaSourceConfig::from_beginning`]): their
+    /// Of `partitions`, those the group has read before (a committed offset past the log's
+    /// start) and that do not start from their beginning anew ([`KafkaSourceConfig::from_beginning`]): their
     /// state, if the queries keep any, should be in a checkpoint. Blocking.
     pub fn read_before(
         &self,
@@ -566,7 +566,18 @@ impl KafkaSource {
             .filter(|(t, _)| !self.rewinds(t))
             .cloned()
             .collect();
-        let mut out: Vec<_> = self.committed(&asked, timeout)?.into_iter().collect();
+        let mut out = Vec::new();
+        for ((topic, partition), offset) in self.committed(&asked, timeout)? {
+            // A position at the log's start reads nothing before it: the first checkpoint of a
+            // new query commits its starting positions, and a crash before that checkpoint is
+            // written leaves them committed.
+            let (low, _) = self
+                .lag_probe
+                .fetch_watermarks(&topic, partition, timeout)?;
+            if offset > low {
+                out.push(((topic, partition), offset));
+            }
+        }
         out.sort();
         Ok(out)
     }

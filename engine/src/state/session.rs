@@ -283,11 +283,8 @@ impl WindowedAggregation for SessionOperator {
             vec![Arc::new(BooleanArray::from(vec![true; n]))]
         } else {
             if keys.len() != self.spec.group_schema.fields().len() {
-                return internal_err!(
-                    "{} session key columns given, {} expected",
-                    keys.len(),
-                    self.spec.group_schema.fields().len()
-                );
+                // Keys that do not match the sessions': tested as a session of its own.
+                return Ok(times.iter().map(|t| self.is_late(*t)).collect());
             }
             keys.iter()
                 .zip(self.spec.group_schema.fields())
