@@ -1,7 +1,7 @@
 //! The stream core against a model, over everything the world varies: random events with two
 //! group keys (one nullable), spread over 4 partitions, arriving out of order within and
 //! beyond the allowed lateness, cut into random micro-batches, with restarts from
-//! checkpoints at random points; for tumbling, hopping, cumulating and session windows with
+//! checkpoints at random points and, in half the runs, early fires; for tumbling, hopping, cumulating and session windows with
 //! count, sum, avg, min, max, count distinct and an ordered aggregate.
 //!
 //! The model follows the engine's promises: the query watermark is the lowest of the
@@ -102,6 +102,9 @@ struct Event {
 struct Run {
     batches: Vec<Vec<Event>>,
     restarts: Vec<bool>,
+    /// Whether windows fire early (partial results every 10 s of processing time, which moves
+    /// 7 s per micro-batch).
+    early_fire: bool,
 }
 
 fn run() -> impl Strategy<Value = Run> {
@@ -119,8 +122,9 @@ fn run() -> impl Strategy<Value = Run> {
         prop::collection::vec(event, 1..90),
         prop::collection::vec(0usize..90, 0..12),
         prop::collection::vec(any::<bool>(), 0..120),
+        any::<bool>(),
     )
-        .prop_map(|(raw, mut cuts, restart_draws)| {
+        .prop_map(|(raw, mut cuts, restart_draws, early_fire)| {
             let mut arrivals: Vec<(i64, Event)> = raw
                 .into_iter()
                 .enumerate()
@@ -159,7 +163,11 @@ fn run() -> impl Strategy<Value = Run> {
             let restarts = (0..batches.len())
                 .map(|i| restart_draws.get(i).copied().unwrap_or(false))
                 .collect();
-            Run { batches, restarts }
+            Run {
+                batches,
+                restarts,
+                early_fire,
+            }
         })
 }
 
@@ -397,8 +405,10 @@ fn results(batches: &[RecordBatch], apply: Apply) -> anyhow::Result<Results> {
 async fn engine(kind: Kind, run: &Run) -> anyhow::Result<(Results, Vec<Late>)> {
     let mut engine = DeterministicEngine::new();
     for sql in [
+        // Processing time moves only with early fire; partitions never count as idle.
         "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
-         STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')",
+         STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s', \
+         'idle_timeout' '7d')",
         "CREATE EXTERNAL TABLE out (k VARCHAR NOT NULL, g BIGINT, window_start TIMESTAMP NOT NULL, \
          window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL, s BIGINT, a DOUBLE, lo BIGINT, hi BIGINT, \
          d BIGINT, f BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL, op VARCHAR NOT NULL) \
@@ -407,6 +417,9 @@ async fn engine(kind: Kind, run: &Run) -> anyhow::Result<(Results, Vec<Late>)> {
     ] {
         engine.execute(sql).await?;
     }
+    if run.early_fire {
+        engine.execute("SET urbanstream.early_fire = '10s'").await?;
+    }
     engine
         .execute(&format!(
             "INSERT INTO out SELECT k, g, window_start, window_end, {AGGREGATES} \
@@ -414,7 +427,7 @@ async fn engine(kind: Kind, run: &Run) -> anyhow::Result<(Results, Vec<Late>)> {
             kind.sql()
         ))
         .await?;
-    feed(&mut engine, run).await?;
+    feed(&mut engine, run, run.early_fire).await?;
     let Outcome::Rows(out) = engine.execute("SELECT * FROM out").await? else {
         anyhow::bail!("no rows")
     };
@@ -426,9 +439,10 @@ async fn engine(kind: Kind, run: &Run) -> anyhow::Result<(Results, Vec<Late>)> {
     Ok((results(&out, apply)?, late))
 }
 
-/// Feeds the run's micro-batches (each into its partition), restarting where it says, then
-/// closes every window.
-async fn feed(engine: &mut DeterministicEngine, run: &Run) -> anyhow::Result<()> {
+/// Feeds the run's micro-batches (each into its partition), restarting where it says and,
+/// with `early`, moving processing time 7 s after each (early fires come due), then closes
+/// every window.
+async fn feed(engine: &mut DeterministicEngine, run: &Run, early: bool) -> anyhow::Result<()> {
     for (batch, restart) in run.batches.iter().zip(&run.restarts) {
         let Some(first) = batch.first() else { continue };
         let rows: Vec<String> = batch
@@ -452,6 +466,9 @@ async fn feed(engine: &mut DeterministicEngine, run: &Run) -> anyhow::Result<()>
             .await?;
         if *restart {
             engine.execute("RESTART").await?;
+        }
+        if early {
+            engine.execute("ADVANCE TIME 7s").await?;
         }
     }
     engine
@@ -653,7 +670,7 @@ fn check_detected(run: &Run) -> Result<(), TestCaseError> {
                 .replace("{input}", "ev")
                 .replace("{group_by}", "GROUP BY tumble(t, INTERVAL '1 minute'), k");
             engine.execute(&format!("INSERT INTO out {query}")).await?;
-            feed(&mut engine, run).await?;
+            feed(&mut engine, run, false).await?;
             let Outcome::Rows(out) = engine.execute("SELECT * FROM out").await? else {
                 anyhow::bail!("no rows")
             };
