@@ -93,7 +93,8 @@ pub(super) fn partition_count(config: &PipelineConfig, topic: &str) -> Result<u3
 
 /// Makes sure `topic` exists, creating it with `partitions` partitions when it does not:
 /// through the admin API, then (a broker without it, like the embedded one) the way a broker
-/// with `auto.create.topics.enable` creates topics, on a metadata request. Returns its partition count; fails naming the topic when neither works.
+/// with `auto.create.topics.enable` creates topics, on a metadata request. Returns its
+/// partition count; fails naming the topic when neither works.
 pub(super) async fn ensure_topic(
     config: &PipelineConfig,
     topic: &str,

@@ -508,11 +508,11 @@ impl KafkaSource {
         let positions = self.positions();
         // Partitions without a resume position start at the group's committed offset, or at
         // the beginning when nothing is committed.
-        let unplaced: Vec<&(String, i32)> = partitions
-            .iter()
-            .filter(|k| !positions.contains_key(*k) && !self.rewinds(&k.0))
+        let unplaced: Vec<(String, i32)> = self
+            .not_rewinding(partitions)
+            .into_iter()
+            .filter(|k| !positions.contains_key(k))
             .collect();
-        let unplaced: Vec<(String, i32)> = unplaced.into_iter().cloned().collect();
         let committed = self.committed(&unplaced, Duration::from_secs(30))?;
         let mut list = TopicPartitionList::new();
         for key in partitions {
@@ -554,20 +554,18 @@ impl KafkaSource {
     }
 
     /// Of `partitions`, those the group has read before (a committed offset past the log's
-    /// start) and that do not start from their beginning anew ([`KafkaSourceConfig::from_beginning`]): their
-    /// state, if the queries keep any, should be in a checkpoint. Blocking.
+    /// start) and that do not start from their beginning anew
+    /// ([`KafkaSourceConfig::from_beginning`]): their state, if the queries keep any, should
+    /// be in a checkpoint. Blocking.
     pub fn read_before(
         &self,
         partitions: &[(String, i32)],
         timeout: Duration,
     ) -> Result<Vec<((String, i32), i64)>> {
-        let asked: Vec<(String, i32)> = partitions
-            .iter()
-            .filter(|(t, _)| !self.rewinds(t))
-            .cloned()
-            .collect();
         let mut out = Vec::new();
-        for ((topic, partition), offset) in self.committed(&asked, timeout)? {
+        for ((topic, partition), offset) in
+            self.committed(&self.not_rewinding(partitions), timeout)?
+        {
             // A position at the log's start reads nothing before it: the first checkpoint of a
             // new query commits its starting positions, and a crash before that checkpoint is
             // written leaves them committed.
@@ -580,6 +578,15 @@ impl KafkaSource {
         }
         out.sort();
         Ok(out)
+    }
+
+    /// Those of `partitions` whose topic does not start at its beginning anew.
+    fn not_rewinding(&self, partitions: &[(String, i32)]) -> Vec<(String, i32)> {
+        partitions
+            .iter()
+            .filter(|(t, _)| !self.rewinds(t))
+            .cloned()
+            .collect()
     }
 
     /// Whether partitions of `topic` start at their beginning (see
@@ -635,22 +642,14 @@ impl KafkaSource {
         partitions: &[(String, i32)],
         timeout: Duration,
     ) -> Result<Positions> {
-        let mut list = TopicPartitionList::new();
-        for (topic, partition) in partitions {
-            list.add_partition(topic, *partition);
-        }
-        let committed = self.consumer.committed_offsets(list, timeout)?;
+        let committed = self.committed(&self.not_rewinding(partitions), timeout)?;
         let mut out = Positions::new();
-        for e in committed.elements() {
-            let offset = match e.offset() {
-                Offset::Offset(o) if !self.rewinds(e.topic()) => o,
-                _ => {
-                    self.lag_probe
-                        .fetch_watermarks(e.topic(), e.partition(), timeout)?
-                        .0
-                }
+        for key in partitions {
+            let offset = match committed.get(key) {
+                Some(&o) => o,
+                None => self.lag_probe.fetch_watermarks(&key.0, key.1, timeout)?.0,
             };
-            out.insert((e.topic().to_string(), e.partition()), offset);
+            out.insert(key.clone(), offset);
         }
         Ok(out)
     }
