@@ -139,12 +139,22 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
         .map_err(|_| anyhow::anyhow!("producer panicked"))??;
 
     let watermark = t0 + EVENTS as i64 * STEP_MS + 60_000 - 5_000;
-    let checked = assert_exactly_once(
+    let checked = match assert_exactly_once(
         &brokers,
         OUTPUT,
         "segment_id",
         &expected(t0, EVENTS, watermark),
-    )?;
+    ) {
+        Ok(checked) => checked,
+        Err(e) => {
+            // Kept for diagnosis: the service's log, its checkpoints and the broker's.
+            let kept = dir.keep();
+            anyhow::bail!(
+                "{e}\nthe service's log and checkpoints are kept in {}",
+                kept.display()
+            );
+        }
+    };
     // What the kills left in open transactions is in the log, invisible to read_committed.
     let committed = read_output(&brokers, OUTPUT)?.len();
     let all = read_with(&brokers, OUTPUT, "read_uncommitted")?.len();

@@ -60,7 +60,17 @@ impl Pipeline {
     /// position (its committed offset otherwise), and checkpoints them at once.
     pub(super) async fn take(&mut self, list: Vec<(String, i32)>) -> Result<()> {
         if !self.partitioned {
-            // One state for all partitions: the positions restored at start apply.
+            // One state for all partitions: the positions restored at start apply. Each
+            // partition taken up holds the watermark until it has delivered (or gone idle),
+            // so that its backlog is not late against partitions that delivered first.
+            let now = epoch_ms();
+            for running in &mut self.queries {
+                for (topic, partition) in &list {
+                    if running.topic() == topic {
+                        running.query.expect_partition(*partition, now);
+                    }
+                }
+            }
             self.source.assign(&list)?;
             self.held.extend(list);
             return Ok(());

@@ -1244,8 +1244,15 @@ impl StreamQuery {
     /// which hears from every input partition through the repartition topic).
     pub fn expect_inputs(&mut self, inputs: u32, now_ms: i64) {
         for p in 0..inputs {
-            self.watermarks.expect(p as i32, now_ms);
+            self.expect_partition(p as i32, now_ms);
         }
+    }
+
+    /// Makes input `partition` hold the watermark back from processing time `now_ms` until
+    /// it has delivered or gone idle: a partition just assigned, whose backlog may be older
+    /// than what the others have delivered, does not find its records late on arrival.
+    pub fn expect_partition(&mut self, partition: i32, now_ms: i64) {
+        self.watermarks.expect(partition, now_ms);
     }
 
     /// Whether it can be repartitioned: it aggregates over windows and keeps no detector
