@@ -54,6 +54,7 @@ use crate::checkpoint::{StateSnapshot, meta_field};
 use crate::state::WindowedAggregation;
 use crate::state::keyed::{KeyedHandle, replace_series_windows};
 use crate::state::session::SessionOperator;
+use crate::state::upsert::UpsertState;
 use crate::state::window::{AggregateSpec, Emission, WindowOperator};
 use crate::time::WatermarkTracker;
 
@@ -485,7 +486,28 @@ impl StreamContext {
         let keyed_local = series_keys
             .iter()
             .all(|keys| names_column(keys, source_key.as_deref()));
+        let changelog = !source.options.upsert_key.is_empty();
+        if changelog && !keyed.is_empty() {
+            return plan_err!(
+                "{} is read as a changelog (OPTIONS 'upsert_key' '{}'), and detectors and alerts \
+                 cannot take back a row that a later record replaces: aggregate it in windows \
+                 (GROUP BY tumble(…), …), or declare the topic again without 'upsert_key' to \
+                 read every record as an event",
+                source.name,
+                source.options.upsert_key.join(", ")
+            );
+        }
         let Some((top, bottom)) = windowed else {
+            if changelog {
+                return plan_err!(
+                    "{} is read as a changelog (OPTIONS 'upsert_key' '{}'): a query over it must \
+                     aggregate it in windows (GROUP BY tumble(…), hop(…) or cumulate(…)), where \
+                     a record replacing an earlier one replaces its contribution; to pass every \
+                     record on as it comes, declare the topic again without 'upsert_key'",
+                    source.name,
+                    source.options.upsert_key.join(", ")
+                );
+            }
             let output_schema = physical.schema();
             return Ok(StreamQuery {
                 sql,
@@ -496,6 +518,7 @@ impl StreamContext {
                 feed,
                 lower: physical,
                 windowed: None,
+                upsert: None,
                 task_ctx,
                 watermarks,
                 time_column,
@@ -639,7 +662,36 @@ impl StreamContext {
         fields.push(Field::new("revision", DataType::Int32, false));
         fields.push(Field::new("is_final", DataType::Boolean, false));
         fields.push(Field::new("op", DataType::Utf8, false));
-        let partition_local = keyed_local && names_column(&spec.groups, source_key.as_deref());
+        if changelog && matches!(spec.window, WindowSpec::Session { .. }) {
+            return plan_err!(
+                "{} is read as a changelog (OPTIONS 'upsert_key' '{}'), and session windows over \
+                 a changelog are not supported: use tumble(…), hop(…) or cumulate(…)",
+                source.name,
+                source.options.upsert_key.join(", ")
+            );
+        }
+        // Over a changelog, one key's records must meet in one partition's state: the upsert
+        // key holds the column the topic is keyed by.
+        let partition_local = keyed_local
+            && names_column(&spec.groups, source_key.as_deref())
+            && (!changelog
+                || source_key.as_ref().is_some_and(|k| {
+                    source
+                        .options
+                        .upsert_key
+                        .iter()
+                        .any(|u| u.eq_ignore_ascii_case(k))
+                }));
+        let upsert = if changelog {
+            Some(UpsertState::new(
+                source.topic_schema.output_schema(),
+                &source.options.upsert_key,
+                &time_name,
+            )?)
+        } else {
+            None
+        };
+        let lower_schema = lower.schema();
         let groups = spec.groups.clone();
         let sessions = matches!(spec.window, WindowSpec::Session { .. });
         let window_spec = spec.window;
@@ -667,6 +719,11 @@ impl StreamContext {
                     WindowSpec::Session { .. } => {
                         Box::new(SessionOperator::new(spec, lateness.as_millis() as i64)?)
                     }
+                    _ if changelog => Box::new(WindowOperator::over_changelog(
+                        spec,
+                        lateness.as_millis() as i64,
+                        lower_schema,
+                    )?),
                     _ => Box::new(WindowOperator::new(spec, lateness.as_millis() as i64)?),
                 },
                 upper,
@@ -678,6 +735,7 @@ impl StreamContext {
                 lateness_keys,
                 having,
             }),
+            upsert,
             task_ctx,
             watermarks,
             time_column,
@@ -1066,6 +1124,8 @@ pub struct StreamQuery {
     feed: Feed,
     lower: Arc<dyn ExecutionPlan>,
     windowed: Option<Windowed>,
+    /// When the source is read as a changelog: the latest row of each key.
+    upsert: Option<UpsertState>,
     task_ctx: Arc<TaskContext>,
     watermarks: WatermarkTracker,
     time_column: Option<String>,
@@ -1258,7 +1318,7 @@ impl StreamQuery {
     /// Whether it can be repartitioned: it aggregates over windows and keeps no detector
     /// state (whose keys would need their own partitioning).
     pub fn is_repartitionable(&self) -> bool {
-        self.windowed.is_some() && self.keyed.is_empty()
+        self.windowed.is_some() && self.keyed.is_empty() && self.upsert.is_none()
     }
 
     /// Records that input `partition` has seen events up to `max_event_ms` (a progress record
@@ -1313,6 +1373,7 @@ impl StreamQuery {
                 .iter()
                 .map(|k| k.with_store(|s| s.len()).unwrap_or(0))
                 .sum::<usize>()
+            + self.upsert.as_ref().map_or(0, UpsertState::len)
     }
 
     /// Bytes held in state: window and session partials with their emission bookkeeping,
@@ -1331,6 +1392,7 @@ impl StreamQuery {
                 .iter()
                 .map(|k| k.with_store(|s| s.bytes()).unwrap_or(0))
                 .sum::<usize>()
+            + self.upsert.as_ref().map_or(0, UpsertState::bytes)
             + held
     }
 
@@ -1374,6 +1436,9 @@ impl StreamQuery {
         if let Some(w) = &mut self.windowed {
             out.nest("window", w.operator.snapshot()?);
         }
+        if let Some(u) = &self.upsert {
+            out.nest("upsert", u.snapshot()?);
+        }
         for (i, k) in self.keyed.iter().enumerate() {
             out.nest(&format!("keyed{i}"), k.snapshot()?);
         }
@@ -1407,6 +1472,9 @@ impl StreamQuery {
             .collect();
         if let Some(w) = &mut self.windowed {
             w.operator.restore(&snapshot.nested("window"))?;
+        }
+        if let Some(u) = &mut self.upsert {
+            u.restore(&snapshot.nested("upsert"))?;
         }
         for (i, k) in self.keyed.iter().enumerate() {
             k.restore(&snapshot.nested(&format!("keyed{i}")))?;
@@ -1515,6 +1583,27 @@ impl StreamQuery {
             }
             None => batch.clone(),
         };
+        // A changelog source: each key's latest record takes effect, and the rows it
+        // supersedes are withdrawn from the windows.
+        let (batch, withdrawn) = match &mut self.upsert {
+            Some(u) if batch.num_rows() > 0 => {
+                let changes = u.apply(&batch)?;
+                (changes.added, Some(changes.withdrawn))
+            }
+            _ => (batch, None),
+        };
+        if let Some(withdrawn) = withdrawn
+            && withdrawn.num_rows() > 0
+            && self.windowed.is_some()
+        {
+            self.feed.set(vec![withdrawn]);
+            let lowered = collect(self.lower.clone(), self.task_ctx.clone()).await?;
+            if let Some(w) = &mut self.windowed {
+                for b in &lowered {
+                    w.operator.retract(b)?;
+                }
+            }
+        }
         let wake = self.keyed_watermark(now_ms);
         if batch.num_rows() > 0 || wake {
             self.feed.set(vec![batch]);
@@ -1837,6 +1926,9 @@ impl StreamQuery {
         }
         let evicted = w.operator.evicted_through();
         self.held = self.held.split_off(&evicted.saturating_add(1));
+        if let Some(u) = &mut self.upsert {
+            u.evict(|t| w.operator.is_late(t));
+        }
         for emission in emissions {
             pass_watermark(&self.keyed, emission.until.min(watermark));
             // Rows of one revision go through the upper plan together, so that each output

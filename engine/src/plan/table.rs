@@ -54,6 +54,10 @@ pub struct StreamOptions {
     /// for a source, the column its producers key records by (so all records with one value
     /// are in one partition), which lets queries grouping by it keep state per partition.
     pub key: Option<String>,
+    /// Columns identifying a row when the topic is a changelog (an upstream query's output,
+    /// e.g. `segment_id, window_start`): a record replaces the earlier one with the same
+    /// values, and one whose `op` is `retract` deletes it. Empty: every record is an event.
+    pub upsert_key: Vec<String>,
 }
 
 impl StreamOptions {
@@ -69,11 +73,12 @@ impl StreamOptions {
             future_tolerance: Duration::from_secs(10),
             event_time_unit: TimeUnit::Millisecond,
             key: None,
+            upsert_key: Vec::new(),
         }
     }
 
     /// The option names understood in `OPTIONS (...)`.
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 9] = [
         "topic",
         "format",
         "event_time",
@@ -82,6 +87,7 @@ impl StreamOptions {
         "idle_timeout",
         "future_tolerance",
         "key",
+        "upsert_key",
     ];
 
     /// Parses `OPTIONS (...)`; unknown names and bad values are errors that name them.
@@ -112,6 +118,19 @@ impl StreamOptions {
         }
         out.event_time = get("event_time").cloned();
         out.key = get("key").cloned();
+        if let Some(v) = get("upsert_key") {
+            out.upsert_key = v
+                .split(',')
+                .map(|c| c.trim().to_string())
+                .filter(|c| !c.is_empty())
+                .collect();
+            if out.upsert_key.is_empty() {
+                return plan_err!(
+                    "option 'upsert_key' names no column: write the columns that identify a \
+                     row of the changelog, e.g. 'segment_id, window_start'"
+                );
+            }
+        }
         let duration = |name: &str, value: &String| {
             humantime::parse_duration(value).map_err(|e| {
                 plan_datafusion_err!(
@@ -184,6 +203,28 @@ impl StreamTable {
             && arrow.field_with_name(col).is_err()
         {
             return plan_err!("table {name}: key column '{col}' does not exist");
+        }
+        if !options.upsert_key.is_empty() {
+            if options.event_time.is_none() {
+                return plan_err!(
+                    "table {name}: a changelog ('upsert_key') needs an event-time column \
+                     (OPTIONS ('event_time' '<column>'), e.g. the upstream window_start)"
+                );
+            }
+            for col in &options.upsert_key {
+                if arrow.field_with_name(col).is_err() {
+                    return plan_err!(
+                        "table {name}: option 'upsert_key': {col} is not a column of the table \
+                         (columns: {})",
+                        arrow
+                            .fields()
+                            .iter()
+                            .map(|f| f.name().as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+            }
         }
         Ok(Self {
             name,

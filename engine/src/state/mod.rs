@@ -7,11 +7,14 @@
 //!
 //! Both implement [`WindowedAggregation`], which the query runtime drives.
 //!
+//! [`upsert`] holds the latest row per key of a source read as a changelog.
+//!
 //! [`keyed`] holds the per-key state of detectors, health checks and alert machines
 //! (`anomaly_score(…) OVER (PARTITION BY …)` and friends) across micro-batches.
 
 pub mod keyed;
 pub mod session;
+pub mod upsert;
 pub mod window;
 
 use datafusion::arrow::array::RecordBatch;
@@ -24,6 +27,11 @@ use window::Emission;
 pub trait WindowedAggregation: Send {
     /// Adds the rows of `batch` (the aggregation's input). Rows must not be late.
     fn update(&mut self, batch: &RecordBatch) -> Result<()>;
+    /// Withdraws rows added earlier (over a changelog input, rows superseded upstream).
+    fn retract(&mut self, batch: &RecordBatch) -> Result<()> {
+        let _ = batch;
+        datafusion::common::not_impl_err!("this aggregation cannot take rows back")
+    }
     /// Advances the watermark and returns the emissions due (final results, revisions from
     /// late events, and early partial results when `early_fire`); frees expired state.
     fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>>;
@@ -70,6 +78,9 @@ pub trait WindowedAggregation: Send {
 impl WindowedAggregation for window::WindowOperator {
     fn update(&mut self, batch: &RecordBatch) -> Result<()> {
         window::WindowOperator::update(self, batch)
+    }
+    fn retract(&mut self, batch: &RecordBatch) -> Result<()> {
+        window::WindowOperator::retract(self, batch)
     }
     fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>> {
         window::WindowOperator::advance(self, watermark, early_fire)

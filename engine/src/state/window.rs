@@ -16,6 +16,14 @@
 //! revision. With an early-fire interval, windows not yet final emit their changed groups with
 //! `is_final = false`. An event whose every window is past `end + L` is late: the caller
 //! diverts it (see [`WindowOperator::is_late`]).
+//!
+//! **Changelog input** ([`WindowOperator::over_changelog`]): when the input is itself a
+//! changelog (an upstream query's output read with `upsert_key`), a row can be withdrawn
+//! again ([`WindowOperator::retract`]), which DataFusion's accumulators cannot do. Panes then
+//! keep their input rows (a multiset, row-encoded) instead of accumulator state, and a window
+//! is evaluated afresh from its rows at each emission. What is published is compared with
+//! what each group last published: only groups whose values changed are re-emitted, and a
+//! group whose rows are all gone is retracted with the values it was published with.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -200,6 +208,8 @@ pub struct Emission {
 struct Pane {
     groups: Box<dyn GroupValues>,
     accumulators: Vec<Box<dyn GroupsAccumulator>>,
+    /// Over a changelog: the pane's input rows (row-encoded) with their multiplicity.
+    rows: HashMap<Box<[u8]>, u64>,
     /// Step of the last update, per group.
     updated: Vec<u64>,
     /// Step of the last update of any group.
@@ -213,6 +223,19 @@ struct WindowMeta {
     final_fired: bool,
     /// Emissions so far per group key (row-encoded).
     revisions: HashMap<Box<[u8]>, u32>,
+    /// Over a changelog: per group key, the values it last published (row-encoded output
+    /// columns but the window), which a retraction carries.
+    published: HashMap<Box<[u8]>, Box<[u8]>>,
+}
+
+/// Over a changelog input: how rows are kept and outputs compared.
+struct Recompute {
+    /// The aggregation's input schema.
+    input_schema: SchemaRef,
+    /// Encodes input rows.
+    rows: RowConverter,
+    /// Encodes output rows without the window column.
+    outputs: RowConverter,
 }
 
 /// Incremental state of one windowed query.
@@ -233,6 +256,8 @@ pub struct WindowOperator {
     /// Schema the group keys are interned with: the group columns, or one constant column
     /// when the window is the only grouping (DataFusion's interners need a column).
     intern_schema: SchemaRef,
+    /// Set when the input is a changelog: windows are evaluated from their rows.
+    recompute: Option<Recompute>,
 }
 
 fn gcd(a: i64, b: i64) -> i64 {
@@ -280,7 +305,103 @@ impl WindowOperator {
             evicted_through: i64::MIN,
             watermark: i64::MIN,
             step: 0,
+            recompute: None,
         })
+    }
+
+    /// An operator over a changelog whose rows (after the query's filters and projections)
+    /// have schema `input_schema`: rows can be retracted, and windows are evaluated from the
+    /// rows they hold (see the module documentation).
+    pub fn over_changelog(
+        spec: AggregateSpec,
+        lateness_ms: i64,
+        input_schema: SchemaRef,
+    ) -> Result<Self> {
+        let sort_fields = |fields: Vec<&Arc<Field>>| -> Vec<SortField> {
+            fields
+                .into_iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect()
+        };
+        let rows = RowConverter::new(sort_fields(input_schema.fields().iter().collect()))?;
+        let outputs = RowConverter::new(sort_fields(
+            spec.output_schema
+                .fields()
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != spec.window_position)
+                .map(|(_, f)| f)
+                .collect(),
+        ))?;
+        let mut op = Self::new(spec, lateness_ms)?;
+        op.recompute = Some(Recompute {
+            input_schema,
+            rows,
+            outputs,
+        });
+        Ok(op)
+    }
+
+    /// Event time (ms) of each row of `batch`.
+    fn times(&self, batch: &RecordBatch) -> Result<TimestampMillisecondArray> {
+        let times = cast(
+            &self
+                .spec
+                .time
+                .evaluate(batch)?
+                .into_array(batch.num_rows())?,
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )?;
+        match times.as_any().downcast_ref::<TimestampMillisecondArray>() {
+            Some(t) if t.null_count() == 0 => Ok(t.clone()),
+            Some(_) => datafusion::common::exec_err!("the window's event-time column has nulls"),
+            None => internal_err!("the window's time column is not a timestamp"),
+        }
+    }
+
+    /// Over a changelog: adds (`sign` 1) or withdraws (`sign` -1) the rows of `batch`. A row
+    /// withdrawn from a pane that no longer holds it (its windows are gone) changes nothing.
+    fn change_rows(&mut self, batch: &RecordBatch, add: bool) -> Result<()> {
+        let Some(recompute) = &self.recompute else {
+            return internal_err!("rows are kept only over a changelog");
+        };
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.step += 1;
+        let step = self.step;
+        let times = self.times(batch)?;
+        let rows = recompute.rows.convert_columns(batch.columns())?;
+        for (i, t) in times.values().iter().enumerate() {
+            let pane_start = self.pane_start(*t);
+            if add && !self.panes.contains_key(&pane_start) {
+                let pane = self.new_pane()?;
+                self.panes.insert(pane_start, pane);
+                self.register_windows(pane_start);
+            }
+            let Some(pane) = self.panes.get_mut(&pane_start) else {
+                continue;
+            };
+            let row: &[u8] = rows.row(i).data();
+            if add {
+                *pane.rows.entry(row.into()).or_insert(0) += 1;
+            } else {
+                match pane.rows.get_mut(row) {
+                    Some(n) if *n > 1 => *n -= 1,
+                    Some(_) => {
+                        pane.rows.remove(row);
+                    }
+                    None => continue,
+                }
+            }
+            pane.last_update = step;
+        }
+        Ok(())
+    }
+
+    /// Over a changelog: withdraws rows of `batch` added earlier (rows superseded upstream).
+    pub fn retract(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.change_rows(batch, false)
     }
 
     /// The windows (start, end) that contain event time `t`.
@@ -360,6 +481,9 @@ impl WindowOperator {
 
     /// Adds the rows of `batch` (the aggregation's input). Rows must not be late.
     pub fn update(&mut self, batch: &RecordBatch) -> Result<()> {
+        if self.recompute.is_some() {
+            return self.change_rows(batch, true);
+        }
         if batch.num_rows() == 0 {
             return Ok(());
         }
@@ -430,6 +554,7 @@ impl WindowOperator {
         Ok(Pane {
             groups: new_group_values(self.intern_schema.clone(), &GroupOrdering::None)?,
             accumulators: self.spec.new_accumulators()?,
+            rows: HashMap::new(),
             updated: Vec::new(),
             last_update: 0,
         })
@@ -465,7 +590,12 @@ impl WindowOperator {
             } else {
                 (early_fire && changed, false)
             };
-            if emit && let Some(e) = self.emit(start, end, is_final)? {
+            if !emit {
+                continue;
+            }
+            if self.recompute.is_some() {
+                out.extend(self.emit_recomputed(start, end, is_final)?);
+            } else if let Some(e) = self.emit(start, end, is_final)? {
                 out.push(e);
             }
         }
@@ -574,6 +704,150 @@ impl WindowOperator {
         }))
     }
 
+    /// Over a changelog: evaluates window [start, end) from its rows and emits the groups
+    /// whose values differ from what they last published (every group at the first final
+    /// emission), then retracts the groups published earlier that have no rows left.
+    fn emit_recomputed(&mut self, start: i64, end: i64, is_final: bool) -> Result<Vec<Emission>> {
+        let Some(recompute) = &self.recompute else {
+            return internal_err!("recomputing a window needs its rows");
+        };
+        // The window's rows, each as often as it is held.
+        let parser = recompute.rows.parser();
+        let mut held = Vec::new();
+        for (_, pane) in self.panes.range(start..end) {
+            for (row, n) in &pane.rows {
+                for _ in 0..*n {
+                    held.push(parser.parse(row));
+                }
+            }
+        }
+        let count = held.len();
+        let columns = recompute.rows.convert_rows(held)?;
+        let input = RecordBatch::try_new_with_options(
+            recompute.input_schema.clone(),
+            columns,
+            &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(count)),
+        )?;
+        let Inputs {
+            keys: group_values,
+            args,
+            filters,
+            ..
+        } = self.spec.inputs(&input)?;
+        let mut groups = new_group_values(self.intern_schema.clone(), &GroupOrdering::None)?;
+        let mut ids = Vec::with_capacity(input.num_rows());
+        groups.intern(&group_values, &mut ids)?;
+        let n = groups.len();
+        let mut accumulators = self.spec.new_accumulators()?;
+        for (a, acc) in accumulators.iter_mut().enumerate() {
+            let filter = filters[a]
+                .as_ref()
+                .and_then(|f| f.as_any().downcast_ref::<BooleanArray>());
+            acc.update_batch(&args[a], &ids, filter, n)?;
+        }
+        let keys = groups.emit(EmitTo::All)?;
+        let key_rows = self.row_converter.convert_columns(&keys)?;
+        let keys = if self.spec.groups.is_empty() {
+            Vec::new()
+        } else {
+            keys
+        };
+        let values = accumulators
+            .iter_mut()
+            .map(|a| a.evaluate(EmitTo::All))
+            .collect::<Result<Vec<_>>>()?;
+        let batch = self
+            .spec
+            .output_batch(keys, window_column(start, end, n)?, values)?;
+        let without_window = |b: &RecordBatch| -> Vec<ArrayRef> {
+            (0..b.num_columns())
+                .filter(|i| *i != self.spec.window_position)
+                .map(|i| b.column(i).clone())
+                .collect()
+        };
+        let value_rows = recompute.outputs.convert_columns(&without_window(&batch))?;
+        let step = self.step;
+        let Some(meta) = self.windows.get_mut(&(end, start)) else {
+            return internal_err!("emitting a window that is not live");
+        };
+        let all = is_final && !meta.final_fired;
+        let mut keep = Vec::with_capacity(n);
+        let mut revisions = Vec::new();
+        let mut present: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+        for i in 0..n {
+            let key: &[u8] = key_rows.row(i).data();
+            let value: &[u8] = value_rows.row(i).data();
+            present.insert(key);
+            let changed = meta.published.get(key).is_none_or(|v| v.as_ref() != value);
+            keep.push(all || changed);
+            if all || changed {
+                meta.published.insert(key.into(), value.into());
+                let count = meta.revisions.entry(key.into()).or_insert(0);
+                revisions.push(*count);
+                *count += 1;
+            }
+        }
+        // Groups published earlier with no rows left: withdrawn, with their last values.
+        let gone: Vec<Box<[u8]>> = meta
+            .published
+            .keys()
+            .filter(|k| !present.contains(k.as_ref()))
+            .cloned()
+            .collect();
+        let mut withdrawn = Vec::with_capacity(gone.len());
+        let mut retract_revisions = Vec::with_capacity(gone.len());
+        for key in &gone {
+            if let Some(value) = meta.published.remove(key) {
+                withdrawn.push(value);
+                let count = meta.revisions.entry(key.clone()).or_insert(0);
+                retract_revisions.push(*count);
+                *count += 1;
+            }
+        }
+        meta.emitted_at = Some(step);
+        meta.final_fired |= is_final;
+        let mut out = Vec::new();
+        let batch = filter_record_batch(&batch, &BooleanArray::from(keep))?;
+        if batch.num_rows() > 0 {
+            out.push(Emission {
+                batch,
+                revisions,
+                is_final,
+                retract: false,
+                until: end,
+            });
+        }
+        if !withdrawn.is_empty() {
+            let parser = recompute.outputs.parser();
+            let mut columns = recompute
+                .outputs
+                .convert_rows(withdrawn.iter().map(|v| parser.parse(v)))?;
+            columns.insert(
+                self.spec.window_position,
+                window_column(start, end, withdrawn.len())?,
+            );
+            let columns = columns
+                .iter()
+                .zip(self.spec.output_schema.fields())
+                .map(|(c, f)| {
+                    if c.data_type() == f.data_type() {
+                        Ok(c.clone())
+                    } else {
+                        Ok(cast(c, f.data_type())?)
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            out.push(Emission {
+                batch: RecordBatch::try_new(self.spec.output_schema.clone(), columns)?,
+                revisions: retract_revisions,
+                is_final,
+                retract: true,
+                until: end,
+            });
+        }
+        Ok(out)
+    }
+
     fn evict(&mut self) {
         let frontier = self.watermark.saturating_sub(self.lateness_ms);
         let expired: Vec<(i64, i64)> = self
@@ -597,7 +871,10 @@ impl WindowOperator {
 
     /// Live (window, group) partials held, summed over panes.
     pub fn group_count(&self) -> usize {
-        self.panes.values().map(|p| p.groups.len()).sum()
+        self.panes
+            .values()
+            .map(|p| p.groups.len() + p.rows.len())
+            .sum()
     }
 
     /// Bytes held by pane state (group keys and accumulators) and by the live windows'
@@ -610,6 +887,7 @@ impl WindowOperator {
                 p.groups.size()
                     + p.accumulators.iter().map(|a| a.size()).sum::<usize>()
                     + p.updated.capacity() * 8
+                    + p.rows.keys().map(|r| r.len() + 32).sum::<usize>()
             })
             .sum();
         let windows: usize = self
@@ -619,6 +897,10 @@ impl WindowOperator {
                 std::mem::size_of::<WindowMeta>()
                     + w.revisions.capacity() * (std::mem::size_of::<(Box<[u8]>, u32)>() + 8)
                     + w.revisions.keys().map(|k| k.len()).sum::<usize>()
+                    + w.published
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len() + 32)
+                        .sum::<usize>()
             })
             .sum();
         panes + windows
@@ -716,8 +998,38 @@ impl WindowOperator {
             let all = concat_batches(&first.schema(), &panes)?;
             out.tables.insert("panes".into(), all);
         }
+        if self.recompute.is_some() {
+            // Over a changelog: each pane's rows, after a row without one that carries the
+            // pane's last update (so that an emptied pane still counts as changed).
+            let (mut pane_starts, mut updates, mut rows, mut counts) =
+                (vec![], vec![], vec![], vec![]);
+            for (start, pane) in &self.panes {
+                pane_starts.push(*start);
+                updates.push(pane.last_update);
+                rows.push(None);
+                counts.push(0u64);
+                for (row, n) in &pane.rows {
+                    pane_starts.push(*start);
+                    updates.push(pane.last_update);
+                    rows.push(Some(row.as_ref()));
+                    counts.push(*n);
+                }
+            }
+            if !pane_starts.is_empty() {
+                out.tables.insert(
+                    "rows".into(),
+                    table(vec![
+                        ("pane_start".into(), Arc::new(Int64Array::from(pane_starts))),
+                        ("last_update".into(), Arc::new(UInt64Array::from(updates))),
+                        ("row".into(), Arc::new(BinaryArray::from(rows))),
+                        ("count".into(), Arc::new(UInt64Array::from(counts))),
+                    ])?,
+                );
+            }
+        }
         let (mut ends, mut starts, mut emitted, mut fired, mut keys, mut revisions) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let mut published: Vec<Option<&[u8]>> = Vec::new();
         for ((end, start), meta) in &self.windows {
             ends.push(*end);
             starts.push(*start);
@@ -725,6 +1037,7 @@ impl WindowOperator {
             fired.push(meta.final_fired);
             keys.push(None);
             revisions.push(None);
+            published.push(None);
             for (key, count) in &meta.revisions {
                 ends.push(*end);
                 starts.push(*start);
@@ -732,6 +1045,7 @@ impl WindowOperator {
                 fired.push(false);
                 keys.push(Some(key.as_ref()));
                 revisions.push(Some(*count));
+                published.push(meta.published.get(key).map(|v| v.as_ref()));
             }
         }
         if !ends.is_empty() {
@@ -744,6 +1058,7 @@ impl WindowOperator {
                     ("final_fired".into(), Arc::new(BooleanArray::from(fired))),
                     ("key".into(), Arc::new(BinaryArray::from(keys))),
                     ("revisions".into(), Arc::new(UInt32Array::from(revisions))),
+                    ("published".into(), Arc::new(BinaryArray::from(published))),
                 ])?,
             );
         }
@@ -788,7 +1103,35 @@ impl WindowOperator {
                 from = to;
             }
         }
+        if let Some(rows) = snapshot.tables.get("rows") {
+            if self.recompute.is_none() {
+                return Err(crate::Error::Checkpoint(
+                    "window state holds rows of a changelog, the query does not read one".into(),
+                ));
+            }
+            let starts = typed::<Int64Array>(column(rows, "pane_start")?, "pane_start")?;
+            let updates = typed::<UInt64Array>(column(rows, "last_update")?, "last_update")?;
+            let values = typed::<BinaryArray>(column(rows, "row")?, "row")?;
+            let counts = typed::<UInt64Array>(column(rows, "count")?, "count")?;
+            for r in 0..rows.num_rows() {
+                let start = starts.value(r);
+                if !self.panes.contains_key(&start) {
+                    let pane = self.new_pane()?;
+                    self.panes.insert(start, pane);
+                }
+                if let Some(pane) = self.panes.get_mut(&start) {
+                    pane.last_update = updates.value(r);
+                    if !values.is_null(r) {
+                        pane.rows.insert(values.value(r).into(), counts.value(r));
+                    }
+                }
+            }
+        }
         if let Some(windows) = snapshot.tables.get("windows") {
+            // Absent from checkpoints of queries that never read a changelog.
+            let published = windows
+                .column_by_name("published")
+                .and_then(|c| c.as_any().downcast_ref::<BinaryArray>());
             let ends = typed::<Int64Array>(column(windows, "end")?, "end")?;
             let starts = typed::<Int64Array>(column(windows, "start")?, "start")?;
             let emitted = typed::<UInt64Array>(column(windows, "emitted_at")?, "emitted_at")?;
@@ -806,6 +1149,10 @@ impl WindowOperator {
                 } else {
                     meta.revisions
                         .insert(keys.value(r).into(), revisions.value(r));
+                    if let Some(p) = published.filter(|p| !p.is_null(r)) {
+                        meta.published
+                            .insert(keys.value(r).into(), p.value(r).into());
+                    }
                 }
             }
         }

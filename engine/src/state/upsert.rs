@@ -1,0 +1,331 @@
+//! A changelog source: the latest row per upsert key.
+//!
+//! A stream table declared with `'upsert_key' 'k1, k2'` is read as a changelog, as an
+//! upstream query's output is meant to be read (`op` insert / update / retract, keyed by its
+//! group keys and window): a record replaces the earlier record with the same key, and a record
+//! with `op = 'retract'` deletes it. [`UpsertState::apply`] turns each admitted micro-batch
+//! into the rows to add and the rows to withdraw (the ones superseded), so that the window
+//! operator above (over a changelog, see [`super::window`]) holds only each key's latest row.
+//!
+//! A key is forgotten once every window its row belongs to is gone: a later record for it
+//! would be late anyway.
+
+use std::collections::HashMap;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, BinaryArray, Int64Array, RecordBatch, RecordBatchOptions, StringArray,
+    TimestampMillisecondArray, UInt32Array,
+};
+use datafusion::arrow::compute::{cast, take};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::{Result, plan_err};
+
+use crate::checkpoint::{StateSnapshot, column, table, typed};
+
+/// The `op` value that deletes a key's row.
+pub const RETRACT: &str = "retract";
+
+/// The latest row of each key of a changelog source.
+pub struct UpsertState {
+    schema: SchemaRef,
+    key_columns: Vec<usize>,
+    op_column: Option<usize>,
+    time_column: usize,
+    keys: RowConverter,
+    rows: RowConverter,
+    /// Per key (row-encoded): its row's event time and the row (row-encoded).
+    latest: HashMap<Box<[u8]>, (i64, Box<[u8]>)>,
+}
+
+/// What a micro-batch does to a changelog source.
+pub struct Changes {
+    /// Rows taking effect: the last row of each key in the batch, unless it deletes.
+    pub added: RecordBatch,
+    /// Rows superseded or deleted: the rows the keys held before the batch.
+    pub withdrawn: RecordBatch,
+}
+
+impl UpsertState {
+    /// State for a source of `schema` keyed by the columns `key` (names), with event time in
+    /// column `time`. A column named `op` says which records delete their key.
+    pub fn new(schema: SchemaRef, key: &[String], time: &str) -> Result<Self> {
+        let index = |name: &str| {
+            schema
+                .fields()
+                .iter()
+                .position(|f| f.name().eq_ignore_ascii_case(name))
+        };
+        let mut key_columns = Vec::with_capacity(key.len());
+        for name in key {
+            match index(name) {
+                Some(i) => key_columns.push(i),
+                None => {
+                    return plan_err!(
+                        "option 'upsert_key': {name} is not a column of the table (columns: {})",
+                        schema
+                            .fields()
+                            .iter()
+                            .map(|f| f.name().as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+            }
+        }
+        if key_columns.is_empty() {
+            return plan_err!(
+                "option 'upsert_key' names no column: write the columns that identify a row, \
+                 e.g. 'segment_id, window_start'"
+            );
+        }
+        let Some(time_column) = index(time) else {
+            return plan_err!("event-time column {time} missing");
+        };
+        let op_column = index("op").filter(|i| {
+            matches!(
+                schema.field(*i).data_type(),
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+            )
+        });
+        let sort = |columns: Vec<usize>| -> Vec<SortField> {
+            columns
+                .into_iter()
+                .map(|i| SortField::new(schema.field(i).data_type().clone()))
+                .collect()
+        };
+        Ok(Self {
+            keys: RowConverter::new(sort(key_columns.clone()))?,
+            rows: RowConverter::new(sort((0..schema.fields().len()).collect()))?,
+            schema,
+            key_columns,
+            op_column,
+            time_column,
+            latest: HashMap::new(),
+        })
+    }
+
+    /// Applies `batch` (admitted rows, in arrival order): returns the rows that take effect
+    /// and the rows they supersede.
+    pub fn apply(&mut self, batch: &RecordBatch) -> Result<Changes> {
+        let keys: Vec<ArrayRef> = self
+            .key_columns
+            .iter()
+            .map(|i| batch.column(*i).clone())
+            .collect();
+        let keys = self.keys.convert_columns(&keys)?;
+        let rows = self.rows.convert_columns(batch.columns())?;
+        let times = cast(
+            batch.column(self.time_column),
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )?;
+        let Some(times) = times.as_any().downcast_ref::<TimestampMillisecondArray>() else {
+            return plan_err!("the event-time column is not a timestamp");
+        };
+        let deletes = match self.op_column {
+            Some(i) => Some(cast(batch.column(i), &DataType::Utf8)?),
+            None => None,
+        };
+        let deletes = deletes
+            .as_ref()
+            .and_then(|d| d.as_any().downcast_ref::<StringArray>());
+        // The last row of each key in the batch decides.
+        let mut last: HashMap<&[u8], usize> = HashMap::new();
+        for r in 0..batch.num_rows() {
+            last.insert(keys.row(r).data(), r);
+        }
+        let mut added: Vec<u32> = Vec::new();
+        let mut withdrawn: Vec<Box<[u8]>> = Vec::new();
+        let mut decided: Vec<(&[u8], usize)> = last.into_iter().collect();
+        decided.sort_unstable_by_key(|(_, r)| *r);
+        for (key, r) in decided {
+            let delete =
+                deletes.is_some_and(|d| !d.is_null(r) && d.value(r).eq_ignore_ascii_case(RETRACT));
+            let previous = if delete {
+                self.latest.remove(key)
+            } else {
+                added.push(r as u32);
+                self.latest
+                    .insert(key.into(), (times.value(r), rows.row(r).data().into()))
+            };
+            if let Some((_, row)) = previous {
+                withdrawn.push(row);
+            }
+        }
+        let indices = UInt32Array::from(added);
+        let added = RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            batch
+                .columns()
+                .iter()
+                .map(|c| take(c.as_ref(), &indices, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?,
+            &RecordBatchOptions::new().with_row_count(Some(indices.len())),
+        )?;
+        let parser = self.rows.parser();
+        let count = withdrawn.len();
+        let withdrawn = RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            self.rows
+                .convert_rows(withdrawn.iter().map(|r| parser.parse(r)))?,
+            &RecordBatchOptions::new().with_row_count(Some(count)),
+        )?;
+        Ok(Changes { added, withdrawn })
+    }
+
+    /// Forgets the keys whose row is at an event time for which `gone` holds.
+    pub fn evict(&mut self, gone: impl Fn(i64) -> bool) {
+        self.latest.retain(|_, (t, _)| !gone(*t));
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.latest.len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.latest.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.latest
+            .iter()
+            .map(|(k, (_, r))| k.len() + r.len() + 48)
+            .sum()
+    }
+
+    /// The state for a checkpoint: table `latest` (key, event time, row).
+    pub fn snapshot(&self) -> crate::Result<StateSnapshot> {
+        let mut out = StateSnapshot::default();
+        if self.latest.is_empty() {
+            return Ok(out);
+        }
+        let (mut keys, mut times, mut rows) = (vec![], vec![], vec![]);
+        for (k, (t, r)) in &self.latest {
+            keys.push(k.as_ref());
+            times.push(*t);
+            rows.push(r.as_ref());
+        }
+        out.tables.insert(
+            "latest".into(),
+            table(vec![
+                ("key".into(), std::sync::Arc::new(BinaryArray::from(keys))),
+                ("time".into(), std::sync::Arc::new(Int64Array::from(times))),
+                ("row".into(), std::sync::Arc::new(BinaryArray::from(rows))),
+            ])?,
+        );
+        Ok(out)
+    }
+
+    /// Replaces the state with a [`UpsertState::snapshot`].
+    pub fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()> {
+        self.latest.clear();
+        let Some(latest) = snapshot.tables.get("latest") else {
+            return Ok(());
+        };
+        let keys = typed::<BinaryArray>(column(latest, "key")?, "key")?;
+        let times = typed::<Int64Array>(column(latest, "time")?, "time")?;
+        let rows = typed::<BinaryArray>(column(latest, "row")?, "row")?;
+        for r in 0..latest.num_rows() {
+            self.latest
+                .insert(keys.value(r).into(), (times.value(r), rows.value(r).into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::datatypes::{Field, Schema};
+
+    use super::*;
+
+    fn batch(rows: &[(&str, i64, i64, &str)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("t", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+            Field::new("v", DataType::Int64, false),
+            Field::new("op", DataType::Utf8, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                )),
+                Arc::new(TimestampMillisecondArray::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                )),
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                )),
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .expect("batch")
+    }
+
+    fn values(b: &RecordBatch) -> Vec<i64> {
+        let v = b
+            .column(2)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("v");
+        v.values().to_vec()
+    }
+
+    #[test]
+    fn a_record_supersedes_its_keys_row_and_a_retract_deletes_it() {
+        let first = batch(&[("a", 0, 1, "insert"), ("b", 0, 2, "insert")]);
+        let mut state =
+            UpsertState::new(first.schema(), &["k".into(), "t".into()], "t").expect("state");
+        let c = state.apply(&first).expect("apply");
+        assert_eq!(values(&c.added), vec![1, 2]);
+        assert_eq!(c.withdrawn.num_rows(), 0);
+        // An update of a, and b updated twice in one batch: only its last row takes effect.
+        let c = state
+            .apply(&batch(&[
+                ("b", 0, 20, "update"),
+                ("a", 0, 10, "update"),
+                ("b", 0, 21, "update"),
+            ]))
+            .expect("apply");
+        assert_eq!(values(&c.added), vec![10, 21]);
+        let mut w = values(&c.withdrawn);
+        w.sort_unstable();
+        assert_eq!(w, vec![1, 2]);
+        // A retract deletes; the same key at another time is another key.
+        let c = state
+            .apply(&batch(&[("a", 0, 10, "retract"), ("a", 60, 5, "insert")]))
+            .expect("apply");
+        assert_eq!(values(&c.added), vec![5]);
+        assert_eq!(values(&c.withdrawn), vec![10]);
+        assert_eq!(state.len(), 2);
+        // A checkpoint round trip keeps the rows; eviction forgets old keys.
+        let snapshot = state.snapshot().expect("snapshot");
+        let mut restored =
+            UpsertState::new(first.schema(), &["k".into(), "t".into()], "t").expect("state");
+        restored.restore(&snapshot).expect("restore");
+        let c = restored
+            .apply(&batch(&[("b", 0, 22, "update")]))
+            .expect("apply");
+        assert_eq!(values(&c.withdrawn), vec![21]);
+        restored.evict(|t| t < 60);
+        assert_eq!(restored.len(), 1);
+    }
+
+    #[test]
+    fn an_unknown_key_column_is_named() {
+        let b = batch(&[]);
+        let e = UpsertState::new(b.schema(), &["segment".into()], "t")
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("segment is not a column"), "{e}");
+    }
+}
