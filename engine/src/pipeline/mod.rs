@@ -172,6 +172,9 @@ pub struct CheckpointSettings {
     /// Exactly-once output: a transactional producer with this id commits each epoch's
     /// outputs and consumed offsets together. `None`: at-least-once.
     pub transactional_id: Option<String>,
+    /// Exactly-once recovery reads back from the output partitions' log start, not from the
+    /// checkpoint's marks (see `checkpoint.read_back_from_log_start`).
+    pub read_back_from_log_start: bool,
 }
 
 impl PipelineConfig {

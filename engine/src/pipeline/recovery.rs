@@ -292,12 +292,18 @@ impl Pipeline {
             })
             .collect();
         let (brokers, properties) = (self.config.brokers.clone(), self.config.properties.clone());
+        let from_log_start = self
+            .config
+            .checkpoint
+            .as_ref()
+            .is_some_and(|c| c.read_back_from_log_start);
         let ids = tokio::task::spawn_blocking(move || {
             crate::sink::published_ids(
                 &brokers,
                 &properties,
                 &query,
                 &from,
+                from_log_start,
                 Duration::from_secs(60),
             )
         })

@@ -131,6 +131,14 @@ pub struct CheckpointConfig {
     pub retain: usize,
     /// Exactly-once output: a transactional producer per query.
     pub exactly_once: bool,
+    /// Exactly-once recovery reads back what was published after the checkpoint from the
+    /// output partitions' log start instead of from the checkpoint's marks (counting only
+    /// what lies past the marks). For brokers whose fetch responses list aborted
+    /// transactions that ended before the fetched offsets (the client then skips committed
+    /// records after them as aborted, and the recovery would publish them again); Apache
+    /// Kafka lists only the ones that overlap, and needs this off.
+    #[serde(default)]
+    pub read_back_from_log_start: bool,
     /// This service instance's name in the queries' transactional ids; stable across
     /// restarts, different for each process sharing a consumer group.
     pub instance: String,

@@ -889,6 +889,7 @@ impl QueryManager {
                     c.kafka.group_id, handle.entry.name, c.checkpoint.instance
                 )
             }),
+            read_back_from_log_start: c.checkpoint.read_back_from_log_start,
         });
         p
     }

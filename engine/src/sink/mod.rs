@@ -200,13 +200,16 @@ pub fn record_id(parts: &[&[u8]]) -> u64 {
 }
 
 /// The ids of the records `query` published to `partitions` from the given offsets up to
-/// their current ends, read with read_committed, with their counts. Blocking; gives up on a
-/// partition that does not reach its end within `timeout`.
+/// their current ends, read with read_committed, with their counts. With `from_log_start`,
+/// each partition is read from its log start (only records at or past the given offset
+/// count): for brokers that list, in a fetch, aborted transactions that ended before it.
+/// Blocking; gives up on a partition that does not reach its end within `timeout`.
 pub fn published_ids(
     brokers: &str,
     properties: &[(String, String)],
     query: &str,
     partitions: &[(String, i32, i64)],
+    from_log_start: bool,
     timeout: Duration,
 ) -> Result<HashMap<u64, u32>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -227,7 +230,12 @@ pub fn published_ids(
     for (topic, partition, from) in partitions {
         let (_, high) = consumer.fetch_watermarks(topic, *partition, timeout)?;
         if high > *from {
-            list.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*from))?;
+            let start = if from_log_start {
+                rdkafka::Offset::Beginning
+            } else {
+                rdkafka::Offset::Offset(*from)
+            };
+            list.add_partition_offset(topic, *partition, start)?;
             ends.insert((topic.clone(), *partition), high);
         }
     }
@@ -255,7 +263,11 @@ pub fn published_ids(
         };
         let message = message?;
         let key = (message.topic().to_string(), message.partition());
-        if let Some(headers) = message.headers() {
+        let counted = partitions
+            .iter()
+            .find(|(t, p, _)| *t == key.0 && *p == key.1)
+            .is_some_and(|(_, _, from)| message.offset() >= *from);
+        if let (true, Some(headers)) = (counted, message.headers()) {
             let mut ours = false;
             let mut id = None;
             for h in headers.iter() {

@@ -70,6 +70,9 @@ pub fn real_broker(dir: &Path, topics: &[&str]) -> anyhow::Result<(Process, Stri
         .spawn()?;
     let process = Process(child);
     let address = format!("127.0.0.1:{port}");
+    if let Ok(mut brokers) = TEST_BROKERS.lock() {
+        brokers.insert(address.clone());
+    }
     wait_until("the test broker did not start", || {
         std::net::TcpStream::connect(&address).is_ok()
     })?;
@@ -100,6 +103,14 @@ pub fn real_broker(dir: &Path, topics: &[&str]) -> anyhow::Result<(Process, Stri
     })?;
     Ok((process, address))
 }
+
+/// Addresses of the brokers started by [`real_broker`]: a service on one reads back from the
+/// log start (`checkpoint.read_back_from_log_start`), because its fetch responses list
+/// aborted transactions that ended before the fetched offsets (shown by
+/// `the_test_broker_lists_aborted_transactions_outside_the_fetched_range` in
+/// `real_broker.rs`).
+static TEST_BROKERS: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
 
 /// One `urbanstream serve` process of a test: its configuration file, log and API address.
 pub struct Member {
@@ -225,6 +236,7 @@ pub fn service_config(
     checkpoints: &Path,
     instance: &str,
 ) -> String {
+    let from_log_start = TEST_BROKERS.lock().is_ok_and(|b| b.contains(brokers));
     format!(
         "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\n\
          [kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
@@ -232,7 +244,8 @@ pub fn service_config(
          [catalog]\npath = \"{}\"\n\
          [queries]\ndefaults = false\n\
          [pipeline]\nlinger = \"5ms\"\n\
-         [log]\nlevel = \"info,urbanstream::pipeline=debug\"\n[checkpoint]\ndir = \"{}\"\ninterval = \"1s\"\nexactly_once = true\ninstance = \"{instance}\"\n",
+         [log]\nlevel = \"info,urbanstream::pipeline=debug\"\n[checkpoint]\ndir = \"{}\"\ninterval = \"1s\"\nexactly_once = true\ninstance = \"{instance}\"\n\
+         read_back_from_log_start = {from_log_start}\n",
         catalog.display(),
         checkpoints.display(),
     )
