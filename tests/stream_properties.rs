@@ -403,6 +403,16 @@ fn results(batches: &[RecordBatch], apply: Apply) -> anyhow::Result<Results> {
 
 /// The engine's changelog (last revision per key and window) and late records.
 async fn engine(kind: Kind, run: &Run) -> anyhow::Result<(Results, Vec<Late>)> {
+    let (out, late) = published(kind, run).await?;
+    let apply = match kind {
+        Kind::Session => Apply::Changelog,
+        _ => Apply::LatestRevision,
+    };
+    Ok((results(&out, apply)?, late))
+}
+
+/// What the windowed query published, in order, and the late records.
+async fn published(kind: Kind, run: &Run) -> anyhow::Result<(Vec<RecordBatch>, Vec<Late>)> {
     let mut engine = DeterministicEngine::new();
     for sql in [
         // Processing time moves only with early fire; partitions never count as idle.
@@ -432,11 +442,7 @@ async fn engine(kind: Kind, run: &Run) -> anyhow::Result<(Results, Vec<Late>)> {
         anyhow::bail!("no rows")
     };
     let late = late_records(&mut engine).await?;
-    let apply = match kind {
-        Kind::Session => Apply::Changelog,
-        _ => Apply::LatestRevision,
-    };
-    Ok((results(&out, apply)?, late))
+    Ok((out, late))
 }
 
 /// Feeds the run's micro-batches (each into its partition), restarting where it says and,
@@ -596,6 +602,247 @@ proptest! {
     fn a_detector_and_alerts_downstream_of_a_window_match_a_batch_query(run in run()) {
         check_detected(&run)?;
     }
+
+    #[test]
+    fn five_minute_windows_over_a_minute_changelog_match_a_batch_query(run in run()) {
+        check_chained(Kind::Tumble, &run)?;
+    }
+
+    #[test]
+    fn five_minute_windows_over_a_session_changelog_match_a_batch_query(run in run()) {
+        check_chained(Kind::Session, &run)?;
+    }
+}
+
+/// Five-minute windows over the first query's changelog (read with 'upsert_key'), by the
+/// first query's window start.
+const CHAINED: &str = "SELECT k, g, window.window_start AS window_start, \
+     window.window_end AS window_end, sum(n) AS n, sum(s) AS s, max(hi) AS hi, \
+     count(*) AS rows_in FROM {input} GROUP BY {window}, k, g";
+
+/// (k, g, window start) → (n, s, hi, rows in).
+type Chained = BTreeMap<(String, Option<i64>, i64), (i64, i64, i64, i64)>;
+
+/// Applies a changelog of [`CHAINED`] rows (upsert by key and window start, delete on
+/// retract); `Once` rows are a batch query's.
+fn chained(batches: &[RecordBatch], changelog: bool) -> anyhow::Result<Chained> {
+    let mut out = Chained::new();
+    for b in batches {
+        let col = |name: &str, t: &DataType| -> anyhow::Result<ArrayRef> {
+            let c = b
+                .column_by_name(name)
+                .ok_or_else(|| anyhow::anyhow!("column {name}"))?;
+            Ok(cast(c, t)?)
+        };
+        let k = col("k", &DataType::Utf8)?;
+        let k = k.as_string::<i32>();
+        let g = col("g", &DataType::Int64)?;
+        let g = g.as_primitive::<Int64Type>();
+        let ws = col("window_start", &DataType::Int64)?;
+        let ws = ws.as_primitive::<Int64Type>();
+        let ints: Vec<ArrayRef> = ["n", "s", "hi", "rows_in"]
+            .iter()
+            .map(|c| col(c, &DataType::Int64))
+            .collect::<anyhow::Result<_>>()?;
+        let ints: Vec<&Int64Array> = ints.iter().map(|a| a.as_primitive::<Int64Type>()).collect();
+        let op = if changelog {
+            Some(col("op", &DataType::Utf8)?)
+        } else {
+            None
+        };
+        for r in 0..b.num_rows() {
+            let key = (
+                k.value(r).to_string(),
+                (!g.is_null(r)).then(|| g.value(r)),
+                ws.value(r),
+            );
+            if op
+                .as_ref()
+                .is_some_and(|o| o.as_string::<i32>().value(r) == "retract")
+            {
+                out.remove(&key);
+            } else {
+                let v = |i: usize| ints[i].value(r);
+                out.insert(key, (v(0), v(1), v(2), v(3)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The first query (`kind` windows) publishes its changelog; a second engine reads it as a
+/// changelog source, in other micro-batch cuts, spread by key over 4 partitions, restarting
+/// where the run says, and aggregates it in five-minute windows. Applied, its changelog
+/// equals the same two-level aggregation as one batch query over the events the model keeps:
+/// each revision of the first query replaced its row below instead of adding to it, and each
+/// retraction (a session merged away) took it out.
+fn check_chained(kind: Kind, run: &Run) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (pairs, _) = model(kind, run);
+    let got = rt
+        .block_on(async {
+            let (upstream, _) = published(kind, run).await?;
+            let mut engine = DeterministicEngine::new();
+            for sql in [
+                // A day of allowed lateness: every revision of the first query counts.
+                "CREATE EXTERNAL TABLE mins (k VARCHAR NOT NULL, g BIGINT, \
+                 window_start TIMESTAMP NOT NULL, n BIGINT NOT NULL, s BIGINT, hi BIGINT, \
+                 op VARCHAR NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'mins', \
+                 'event_time' 'window_start', 'watermark_delay' '0s', 'idle_timeout' '7d', \
+                 'upsert_key' 'k, g, window_start')",
+                "CREATE EXTERNAL TABLE five (k VARCHAR NOT NULL, g BIGINT, \
+                 window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, n BIGINT, \
+                 s BIGINT, hi BIGINT, rows_in BIGINT, op VARCHAR NOT NULL) \
+                 STORED AS KAFKA OPTIONS ('topic' 'five')",
+                "SET urbanstream.allowed_lateness = '1d'",
+            ] {
+                engine.execute(sql).await?;
+            }
+            let query = CHAINED
+                .replace("{input}", "mins")
+                .replace("{window}", "tumble(window_start, INTERVAL '5 minutes')");
+            engine.execute(&format!("INSERT INTO five {query}")).await?;
+            // The first query's rows in publication order, as VALUES, with the partition of
+            // their key (records of one key stay in order, as in Kafka).
+            let mut rows: Vec<(i32, String)> = Vec::new();
+            for b in &upstream {
+                let text = |name: &str| -> anyhow::Result<Vec<String>> {
+                    let c = b
+                        .column_by_name(name)
+                        .ok_or_else(|| anyhow::anyhow!("column {name}"))?;
+                    Ok((0..c.len())
+                        .map(|i| {
+                            if c.is_null(i) {
+                                "NULL".to_string()
+                            } else {
+                                array_value_to_string(c, i).unwrap_or_default()
+                            }
+                        })
+                        .collect())
+                };
+                let ws = cast(
+                    b.column_by_name("window_start").expect("window_start"),
+                    &DataType::Int64,
+                )?;
+                let ws = ws.as_primitive::<Int64Type>();
+                let (k, g, n, s, hi, op) = (
+                    text("k")?,
+                    text("g")?,
+                    text("n")?,
+                    text("s")?,
+                    text("hi")?,
+                    text("op")?,
+                );
+                for r in 0..b.num_rows() {
+                    let partition = match k[r].as_str() {
+                        "a" => 0,
+                        "b" => 1,
+                        _ => 3,
+                    };
+                    rows.push((
+                        partition,
+                        format!(
+                            "('{}', {}, to_timestamp_millis({}), {}, {}, {}, '{}')",
+                            k[r],
+                            g[r],
+                            ws.value(r),
+                            n[r],
+                            s[r],
+                            hi[r],
+                            op[r]
+                        ),
+                    ));
+                }
+            }
+            // Cuts of the run's batch sizes, each piece split by partition.
+            let mut sizes = run.batches.iter().map(|b| b.len().max(1)).cycle();
+            let mut start = 0;
+            let mut step = 0;
+            while start < rows.len() {
+                let end = (start + sizes.next().unwrap_or(1)).min(rows.len());
+                let mut by_partition: BTreeMap<i32, Vec<&str>> = BTreeMap::new();
+                for (p, v) in &rows[start..end] {
+                    by_partition.entry(*p).or_default().push(v);
+                }
+                for (p, values) in by_partition {
+                    engine
+                        .execute(&format!(
+                            "INSERT INTO mins PARTITION {p} VALUES {}",
+                            values.join(", ")
+                        ))
+                        .await?;
+                }
+                if run.restarts.get(step).copied().unwrap_or(false) {
+                    engine.execute("RESTART").await?;
+                }
+                start = end;
+                step += 1;
+            }
+            engine
+                .execute("ADVANCE WATERMARK mins TO '2026-01-03T00:00:00'")
+                .await?;
+            let Outcome::Rows(out) = engine.execute("SELECT * FROM five").await? else {
+                anyhow::bail!("no rows")
+            };
+            let Outcome::Rows(late) = engine.execute("SHOW LATE").await? else {
+                anyhow::bail!("no rows")
+            };
+            anyhow::ensure!(
+                late.iter().all(|b| b.num_rows() == 0),
+                "rows of the first query were late for the second: {late:?}"
+            );
+            chained(&out, true)
+        })
+        .expect("engine");
+    let want = rt
+        .block_on(async {
+            let ctx = SessionContext::new();
+            let b = RecordBatch::try_from_iter(vec![
+                (
+                    "k",
+                    Arc::new(StringArray::from_iter_values(
+                        pairs.iter().map(|(e, _)| e.k),
+                    )) as ArrayRef,
+                ),
+                (
+                    "g",
+                    Arc::new(Int64Array::from_iter(
+                        pairs.iter().map(|(e, _)| e.g.map(i64::from)),
+                    )),
+                ),
+                (
+                    "v",
+                    Arc::new(Int64Array::from_iter_values(pairs.iter().map(|(e, _)| e.v))),
+                ),
+                (
+                    "first_start",
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        pairs.iter().map(|(_, w)| w.0),
+                    )),
+                ),
+            ])?;
+            ctx.register_table(
+                "pairs",
+                Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
+            )?;
+            // The first query's final rows, then the second aggregation over them.
+            let query = format!(
+                "SELECT k, g, date_bin(INTERVAL '5 minutes', window_start) AS window_start, \
+                 date_bin(INTERVAL '5 minutes', window_start) + INTERVAL '5 minutes' AS window_end, \
+                 sum(n) AS n, sum(s) AS s, max(hi) AS hi, count(*) AS rows_in \
+                 FROM (SELECT k, g, first_start AS window_start, count(*) AS n, sum(v) AS s, \
+                       max(v) AS hi FROM pairs GROUP BY k, g, first_start) \
+                 GROUP BY k, g, date_bin(INTERVAL '5 minutes', window_start)"
+            );
+            anyhow::Ok(chained(&ctx.sql(&query).await?.collect().await?, false)?)
+        })
+        .expect("batch");
+    prop_assert!(pairs.is_empty() || !want.is_empty(), "nothing to compare");
+    prop_assert_eq!(got, want, "second-stage changelog applied");
+    Ok(())
 }
 
 /// Per-minute counts per key with the default detector and an alert machine above them,
