@@ -308,7 +308,12 @@ impl StreamContext {
                 return plan_err!("INSERT INTO {sink_name} needs a SELECT");
             };
             let select = DFStatement::Statement(Box::new(Statement::Query(source.clone())));
-            let plan = self.ctx.state().statement_to_plan(select).await?;
+            let plan = self
+                .ctx
+                .state()
+                .statement_to_plan(select)
+                .await
+                .map_err(super::sandbox::shorten_unsupported)?;
             let mut query = self.plan_query(plan, sql).await?;
             if !insert.columns.is_empty() {
                 query.rename_outputs(insert.columns.iter().map(|c| c.to_string()).collect())?;
@@ -316,7 +321,12 @@ impl StreamContext {
             query.check_sink(sink)?;
             return Ok(Some(query));
         }
-        let plan = self.ctx.state().statement_to_plan(statement).await?;
+        let plan = self
+            .ctx
+            .state()
+            .statement_to_plan(statement)
+            .await
+            .map_err(super::sandbox::shorten_unsupported)?;
         match plan {
             LogicalPlan::Statement(datafusion::logical_expr::Statement::SetVariable(set))
                 if set
