@@ -31,27 +31,67 @@ fn log_text(path: &std::path::Path) -> anyhow::Result<String> {
 fn two_processes_share_the_partitions_and_the_survivor_takes_over_with_state() -> anyhow::Result<()>
 {
     let dir = tempfile::tempdir()?;
-    let (_broker, brokers) = broker(dir.path())?;
     let checkpoints = dir.path().join("checkpoints");
+    scale_out(dir.path(), |_| (checkpoints.clone(), String::new()))
+}
+
+/// The same on two machines' worth of storage: each process has a checkpoint directory of
+/// its own, and both keep checkpoints in one bucket of an S3-protocol server
+/// (`checkpoint.url`), from which each restores the partitions it is handed.
+#[test]
+fn two_processes_with_their_own_disks_share_state_through_an_s3_bucket() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_s3, endpoint) = s3_server(dir.path(), "state")?;
+    let root = dir.path().to_path_buf();
+    scale_out(dir.path(), |name| {
+        (
+            root.join(format!("{name}-local-checkpoints")),
+            format!(
+                "url = \"s3://state/urbanstream\"\n[checkpoint.store]\n\
+                 aws_endpoint = \"{endpoint}\"\naws_allow_http = \"true\"\n\
+                 aws_region = \"us-east-1\"\naws_access_key_id = \"test\"\n\
+                 aws_secret_access_key = \"test\"\n"
+            ),
+        )
+    })?;
+    // The state went to the bucket, not to the processes' own directories.
+    for name in ["a", "b"] {
+        let local = root.join(format!("{name}-local-checkpoints"));
+        assert!(
+            !local.exists() || std::fs::read_dir(&local)?.next().is_none(),
+            "process {name} wrote checkpoints to its own disk"
+        );
+    }
+    Ok(())
+}
+
+/// Two processes share a query's partitions; the first is killed. `storage` gives each
+/// process (`a`, `b`) its checkpoint directory and lines to add to its `[checkpoint]`.
+fn scale_out(
+    dir: &std::path::Path,
+    storage: impl Fn(&str) -> (std::path::PathBuf, String),
+) -> anyhow::Result<()> {
+    let (_broker, brokers) = broker(dir)?;
     let api = Api::new()?;
     let mut members = Vec::new();
     for name in ["a", "b"] {
         let port = free_port()?;
-        let config = dir.path().join(format!("{name}.toml"));
+        let config = dir.join(format!("{name}.toml"));
+        let (checkpoints, extra) = storage(name);
         std::fs::write(
             &config,
             service_config(
                 &brokers,
                 "scale",
                 port,
-                &dir.path().join(format!("{name}.catalog.json")),
+                &dir.join(format!("{name}.catalog.json")),
                 &checkpoints,
                 &format!("scale-{name}"),
-            ),
+            ) + &extra,
         )?;
         members.push((
             config,
-            dir.path().join(format!("{name}.log")),
+            dir.join(format!("{name}.log")),
             format!("http://127.0.0.1:{port}"),
         ));
     }

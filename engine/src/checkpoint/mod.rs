@@ -10,17 +10,25 @@
 //!   q1.keyed0.keys.arrow   detector and alert state per key
 //! ```
 //!
-//! It is written into `.chk-<epoch>.tmp`, every file fsynced, the directory fsynced, then
-//! renamed into place and the parent fsynced: a reader sees a whole checkpoint or none.
-//! Leftover temporary directories (a crash while writing) are removed when the store opens;
-//! older checkpoints beyond `retain` are pruned after each write. Recovery reads the newest
+//! In a local directory it is written into `.chk-<epoch>.tmp`, every file fsynced, the
+//! directory fsynced, then renamed into place and the parent fsynced: a reader sees a whole
+//! checkpoint or none. Leftover temporary directories (a crash while writing) are removed when
+//! the store opens. In an object store ([`Location::Object`]: S3 or an S3-compatible server,
+//! GCS, Azure), which every machine of a deployment reaches, each file is one object under
+//! `<prefix>/chk-<epoch>/` and the manifest is put last: a checkpoint is whole once its
+//! manifest is there, and incomplete ones are removed when a newer one is written. Older
+//! checkpoints beyond `retain` are pruned after each write. Recovery reads the newest
 //! checkpoint that reads back whole, falling back to older ones.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use datafusion::arrow::array::{Array, ArrayRef, RecordBatch};
 use datafusion::arrow::datatypes::{Field, Schema};
@@ -148,6 +156,117 @@ pub struct QueryManifest {
 /// Manifest format version.
 const VERSION: u32 = 1;
 
+/// Where a pipeline's checkpoints live: a local directory, or a prefix in an object store
+/// (S3 and S3-compatible servers, Google Cloud Storage, Azure Blob Storage) that every
+/// machine of a deployment reaches.
+#[derive(Clone)]
+pub enum Location {
+    /// A directory on this machine.
+    Local(PathBuf),
+    /// A prefix in an object store.
+    Object {
+        /// The store.
+        store: Arc<dyn ObjectStore>,
+        /// The prefix, without a trailing slash.
+        prefix: ObjectPath,
+        /// The store's URL (`s3://bucket`), for messages.
+        url: String,
+    },
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Local(dir) => write!(f, "{}", dir.display()),
+            Location::Object { prefix, url, .. } => write!(f, "{url}/{prefix}"),
+        }
+    }
+}
+
+impl Location {
+    /// `url` (`s3://bucket/prefix`, `gs://…`, `az://…` or `abfss://…`) with the store's
+    /// options (e.g. `aws_endpoint`, `aws_region`, `aws_access_key_id`,
+    /// `aws_secret_access_key`, `aws_allow_http`; see the `object_store` crate), after the
+    /// store's own environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+    pub fn object(url: &str, options: &BTreeMap<String, String>) -> Result<Self> {
+        let parsed = url::Url::parse(url).map_err(|e| {
+            Error::Config(format!(
+                "checkpoint.url {url:?} is not a URL ({e}): write e.g. s3://bucket/prefix"
+            ))
+        })?;
+        let mut settings: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| {
+                ["AWS_", "GOOGLE_", "AZURE_"]
+                    .iter()
+                    .any(|p| k.starts_with(p))
+            })
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        settings.extend(options.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let (store, prefix) = object_store::parse_url_opts(&parsed, settings)
+            .map_err(|e| Error::Config(format!("checkpoint.url {url}: {e}")))?;
+        if matches!(parsed.scheme(), "file" | "memory") {
+            return Err(Error::Config(format!(
+                "checkpoint.url {url}: a local directory is checkpoint.dir; checkpoint.url is \
+                 for object stores (s3://, gs://, az://)"
+            )));
+        }
+        let host = parsed.host_str().unwrap_or_default();
+        Ok(Location::Object {
+            store: Arc::from(store),
+            prefix,
+            url: format!("{}://{host}", parsed.scheme()),
+        })
+    }
+
+    /// The location `part` (one path segment) below this one.
+    pub fn join(&self, part: &str) -> Self {
+        match self {
+            Location::Local(dir) => Location::Local(dir.join(part)),
+            Location::Object { store, prefix, url } => Location::Object {
+                store: store.clone(),
+                prefix: prefix.clone().join(part),
+                url: url.clone(),
+            },
+        }
+    }
+
+    /// Removes everything below this location (a dropped query's checkpoints).
+    pub async fn remove_all(&self) -> Result<()> {
+        match self {
+            Location::Local(dir) => {
+                if dir.exists() {
+                    tokio::fs::remove_dir_all(dir)
+                        .await
+                        .map_err(|e| io_error("remove", dir, e))?;
+                }
+                Ok(())
+            }
+            Location::Object { store, prefix, .. } => {
+                let paths: Vec<ObjectPath> = store
+                    .list(Some(prefix))
+                    .map_ok(|m| m.location)
+                    .try_collect()
+                    .await
+                    .map_err(|e| object_error("list", self, e))?;
+                for path in paths {
+                    store
+                        .delete(&path)
+                        .await
+                        .map_err(|e| object_error("delete", self, e))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// A checkpoint read back.
 #[derive(Debug)]
 pub struct Checkpoint {
@@ -156,7 +275,7 @@ pub struct Checkpoint {
     /// Per query (in manifest order), its state.
     pub queries: Vec<StateSnapshot>,
     /// Where it is.
-    pub path: PathBuf,
+    pub location: String,
 }
 
 /// What [`CheckpointStore::write`] did.
@@ -164,109 +283,212 @@ pub struct Checkpoint {
 pub struct Written {
     /// Checkpoint number.
     pub epoch: u64,
-    /// Its directory.
-    pub path: PathBuf,
-    /// Bytes on disk.
+    /// Where it is.
+    pub location: String,
+    /// Bytes stored.
     pub bytes: u64,
 }
 
-/// The checkpoints of one pipeline, in one directory.
+/// The checkpoints of one pipeline (or of one of its partitions), in one location.
+///
+/// Its methods block: call them on a blocking thread (`spawn_blocking`), which for an object
+/// store must belong to a tokio runtime (its requests run on the runtime's I/O driver).
 #[derive(Debug, Clone)]
 pub struct CheckpointStore {
-    dir: PathBuf,
+    location: Location,
     retain: usize,
 }
 
+/// Name of checkpoint `epoch`.
+fn checkpoint_name(epoch: u64) -> String {
+    format!("chk-{epoch:012}")
+}
+
 impl CheckpointStore {
-    /// Opens (creating) `dir`, keeping the newest `retain` (at least 1) checkpoints, and
-    /// removes what a crash while writing left behind.
+    /// Opens (creating) the local directory `dir`, keeping the newest `retain` (at least 1)
+    /// checkpoints, and removes what a crash while writing left behind.
     pub fn open(dir: impl Into<PathBuf>, retain: usize) -> Result<Self> {
-        let dir = dir.into();
-        fs::create_dir_all(&dir).map_err(|e| io_error("create", &dir, e))?;
-        for entry in fs::read_dir(&dir).map_err(|e| io_error("list", &dir, e))? {
-            let entry = entry.map_err(|e| io_error("list", &dir, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".chk-") && name.ends_with(".tmp") {
-                let path = entry.path();
-                fs::remove_dir_all(&path).map_err(|e| io_error("remove", &path, e))?;
+        Self::at(Location::Local(dir.into()), retain)
+    }
+
+    /// Opens the store at `location`. A local directory is created and cleared of what a
+    /// crash while writing left behind; in an object store a checkpoint is whole once its
+    /// manifest is there (it is written last), and incomplete ones are removed when a newer
+    /// one is written.
+    pub fn at(location: Location, retain: usize) -> Result<Self> {
+        if let Location::Local(dir) = &location {
+            fs::create_dir_all(dir).map_err(|e| io_error("create", dir, e))?;
+            for entry in fs::read_dir(dir).map_err(|e| io_error("list", dir, e))? {
+                let entry = entry.map_err(|e| io_error("list", dir, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".chk-") && name.ends_with(".tmp") {
+                    let path = entry.path();
+                    fs::remove_dir_all(&path).map_err(|e| io_error("remove", &path, e))?;
+                }
             }
         }
         Ok(Self {
-            dir,
+            location,
             retain: retain.max(1),
         })
     }
 
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Where the checkpoints are.
+    pub fn location(&self) -> &Location {
+        &self.location
     }
 
     /// Epochs of the complete checkpoints, newest first.
     pub fn epochs(&self) -> Result<Vec<u64>> {
-        let mut out: Vec<u64> = fs::read_dir(&self.dir)
-            .map_err(|e| io_error("list", &self.dir, e))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_prefix("chk-"))
-                    .and_then(|n| n.parse().ok())
-            })
-            .collect();
+        let mut out = self.listed()?.0;
         out.sort_unstable_by(|a, b| b.cmp(a));
         Ok(out)
+    }
+
+    /// The complete checkpoints' epochs and the epochs of objects left without a manifest
+    /// (an object store's incomplete checkpoints; none for a local directory).
+    fn listed(&self) -> Result<(Vec<u64>, Vec<u64>)> {
+        let epoch_of = |name: &str| {
+            name.strip_prefix("chk-")
+                .and_then(|n| n.parse::<u64>().ok())
+        };
+        match &self.location {
+            Location::Local(dir) => Ok((
+                fs::read_dir(dir)
+                    .map_err(|e| io_error("list", dir, e))?
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().to_str().and_then(epoch_of))
+                    .collect(),
+                Vec::new(),
+            )),
+            Location::Object { store, prefix, .. } => {
+                let objects: Vec<ObjectPath> = block_on(
+                    store
+                        .list(Some(prefix))
+                        .map_ok(|m| m.location)
+                        .try_collect(),
+                )?
+                .map_err(|e| object_error("list", &self.location, e))?;
+                let mut complete = std::collections::BTreeSet::new();
+                let mut seen = std::collections::BTreeSet::new();
+                for object in &objects {
+                    let parts: Vec<_> = object
+                        .prefix_match(prefix)
+                        .map(|p| p.collect())
+                        .unwrap_or_default();
+                    let [dir, file] = parts.as_slice() else {
+                        continue;
+                    };
+                    let Some(epoch) = epoch_of(dir.as_ref()) else {
+                        continue;
+                    };
+                    seen.insert(epoch);
+                    if file.as_ref() == "manifest.json" {
+                        complete.insert(epoch);
+                    }
+                }
+                let incomplete = seen.difference(&complete).copied().collect();
+                Ok((complete.into_iter().collect(), incomplete))
+            }
+        }
     }
 
     /// Writes checkpoint `manifest.epoch` with the queries' tables (`states[i]` belongs to
     /// `manifest.queries[i]`; their meta goes into the manifest), atomically, then prunes.
     pub fn write(&self, mut manifest: Manifest, states: Vec<StateSnapshot>) -> Result<Written> {
         manifest.version = VERSION;
-        let name = format!("chk-{:012}", manifest.epoch);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        let target = self.dir.join(&name);
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(|e| io_error("remove", &tmp, e))?;
-        }
-        fs::create_dir_all(&tmp).map_err(|e| io_error("create", &tmp, e))?;
-        let mut files = Vec::new();
+        let name = checkpoint_name(manifest.epoch);
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
         for (i, state) in states.into_iter().enumerate() {
             if let Some(q) = manifest.queries.get_mut(i) {
                 q.meta = state.meta;
             }
             for (table, batch) in state.tables {
-                let file = format!("q{i}.{table}.arrow");
-                let path = tmp.join(&file);
-                let bytes = write_ipc(&path, &batch)?;
-                files.push((file, bytes));
+                files.push((format!("q{i}.{table}.arrow"), ipc_bytes(&batch)?));
             }
         }
-        manifest.files = files;
-        let path = tmp.join("manifest.json");
+        manifest.files = files
+            .iter()
+            .map(|(f, b)| (f.clone(), b.len() as u64))
+            .collect();
         let json = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| Error::Checkpoint(format!("cannot encode the manifest: {e}")))?;
-        write_synced(&path, &json)?;
-        sync_dir(&tmp)?;
-        if target.exists() {
-            // A checkpoint of the same epoch from an earlier run that did not get further.
-            fs::remove_dir_all(&target).map_err(|e| io_error("remove", &target, e))?;
-        }
-        fs::rename(&tmp, &target).map_err(|e| io_error("rename", &tmp, e))?;
-        sync_dir(&self.dir)?;
         let bytes = manifest.files.iter().map(|(_, b)| b).sum::<u64>() + json.len() as u64;
+        let location = match &self.location {
+            Location::Local(dir) => {
+                let tmp = dir.join(format!(".{name}.tmp"));
+                let target = dir.join(&name);
+                if tmp.exists() {
+                    fs::remove_dir_all(&tmp).map_err(|e| io_error("remove", &tmp, e))?;
+                }
+                fs::create_dir_all(&tmp).map_err(|e| io_error("create", &tmp, e))?;
+                for (file, data) in &files {
+                    write_synced(&tmp.join(file), data)?;
+                }
+                write_synced(&tmp.join("manifest.json"), &json)?;
+                sync_dir(&tmp)?;
+                if target.exists() {
+                    // A checkpoint of the same epoch from an earlier run that did not get
+                    // further.
+                    fs::remove_dir_all(&target).map_err(|e| io_error("remove", &target, e))?;
+                }
+                fs::rename(&tmp, &target).map_err(|e| io_error("rename", &tmp, e))?;
+                sync_dir(dir)?;
+                target.display().to_string()
+            }
+            Location::Object { store, prefix, .. } => {
+                let dir = prefix.clone().join(name.as_str());
+                block_on(async {
+                    // What an earlier run left under this epoch goes first: the manifest is
+                    // what makes a checkpoint whole, so it is deleted before the files.
+                    let _ = store.delete(&dir.clone().join("manifest.json")).await;
+                    for (file, data) in files {
+                        store
+                            .put(&dir.clone().join(file.as_str()), data.into())
+                            .await
+                            .map_err(|e| object_error("write", &self.location, e))?;
+                    }
+                    store
+                        .put(&dir.clone().join("manifest.json"), json.into())
+                        .await
+                        .map_err(|e| object_error("write", &self.location, e))?;
+                    Ok::<(), Error>(())
+                })??;
+                format!("{}/{name}", self.location)
+            }
+        };
         self.prune()?;
         Ok(Written {
             epoch: manifest.epoch,
-            path: target,
+            location,
             bytes,
         })
     }
 
-    /// Removes all but the newest `retain` checkpoints.
+    /// Removes all but the newest `retain` checkpoints, and incomplete ones older than the
+    /// newest complete one.
     fn prune(&self) -> Result<()> {
-        for epoch in self.epochs()?.into_iter().skip(self.retain) {
-            let path = self.dir.join(format!("chk-{epoch:012}"));
-            fs::remove_dir_all(&path).map_err(|e| io_error("remove", &path, e))?;
+        let (mut complete, incomplete) = self.listed()?;
+        complete.sort_unstable_by(|a, b| b.cmp(a));
+        let newest = complete.first().copied().unwrap_or(0);
+        let doomed: Vec<u64> = complete
+            .into_iter()
+            .skip(self.retain)
+            .chain(incomplete.into_iter().filter(|e| *e < newest))
+            .collect();
+        for epoch in doomed {
+            let name = checkpoint_name(epoch);
+            match &self.location {
+                Location::Local(dir) => {
+                    let path = dir.join(&name);
+                    fs::remove_dir_all(&path).map_err(|e| io_error("remove", &path, e))?;
+                }
+                Location::Object { prefix, .. } => {
+                    let below = self.location.join(&name);
+                    block_on(below.remove_all())??;
+                    let _ = prefix;
+                }
+            }
         }
         Ok(())
     }
@@ -274,11 +496,30 @@ impl CheckpointStore {
     /// The newest checkpoint that reads back whole; a damaged one is reported and skipped.
     pub fn latest(&self) -> Result<Option<Checkpoint>> {
         for epoch in self.epochs()? {
-            let path = self.dir.join(format!("chk-{epoch:012}"));
-            match read_checkpoint(&path) {
+            let name = checkpoint_name(epoch);
+            let found = match &self.location {
+                Location::Local(dir) => {
+                    let path = dir.join(&name);
+                    read_checkpoint(&path.display().to_string(), |file| {
+                        let p = path.join(file);
+                        fs::read(&p).map_err(|e| io_error("read", &p, e))
+                    })
+                }
+                Location::Object { store, prefix, .. } => {
+                    let dir = prefix.clone().join(name.as_str());
+                    read_checkpoint(&format!("{}/{name}", self.location), |file| {
+                        let object = dir.clone().join(file);
+                        block_on(async {
+                            store.get(&object).await?.bytes().await.map(|b| b.to_vec())
+                        })?
+                        .map_err(|e| object_error("read", &self.location, e))
+                    })
+                }
+            };
+            match found {
                 Ok(c) => return Ok(Some(c)),
                 Err(e) => {
-                    warn!(path = %path.display(), error = %e, "checkpoint unreadable, trying an older one")
+                    warn!(location = %self.location, epoch, error = %e, "checkpoint unreadable, trying an older one")
                 }
             }
         }
@@ -286,16 +527,29 @@ impl CheckpointStore {
     }
 }
 
-fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
-    let manifest_path = path.join("manifest.json");
-    let bytes = fs::read(&manifest_path).map_err(|e| io_error("read", &manifest_path, e))?;
-    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::Checkpoint(format!("{}: not a manifest: {e}", manifest_path.display()))
+/// Runs `future` to completion on the current tokio runtime, from a blocking thread.
+fn block_on<F: std::future::Future>(future: F) -> Result<F::Output> {
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| {
+        Error::Checkpoint("an object store is reached from a tokio runtime only".into())
     })?;
+    Ok(handle.block_on(future))
+}
+
+fn object_error(what: &str, location: &Location, e: object_store::Error) -> Error {
+    Error::Checkpoint(format!("cannot {what} checkpoints at {location}: {e}"))
+}
+
+/// Reads checkpoint `name` whose files `read` returns.
+fn read_checkpoint(
+    name: &str,
+    mut read: impl FnMut(&str) -> Result<Vec<u8>>,
+) -> Result<Checkpoint> {
+    let bytes = read("manifest.json")?;
+    let manifest: Manifest = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Checkpoint(format!("{name}/manifest.json: not a manifest: {e}")))?;
     if manifest.version != VERSION {
         return Err(Error::Checkpoint(format!(
-            "{}: manifest version {} (this build reads {VERSION})",
-            manifest_path.display(),
+            "{name}/manifest.json: manifest version {} (this build reads {VERSION})",
             manifest.version
         )));
     }
@@ -308,14 +562,11 @@ fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
         })
         .collect();
     for (file, size) in &manifest.files {
-        let file_path = path.join(file);
-        let actual = fs::metadata(&file_path)
-            .map_err(|e| io_error("read", &file_path, e))?
-            .len();
-        if actual != *size {
+        let data = read(file)?;
+        if data.len() as u64 != *size {
             return Err(Error::Checkpoint(format!(
-                "{}: {actual} bytes, the manifest says {size}",
-                file_path.display()
+                "{name}/{file}: {} bytes, the manifest says {size}",
+                data.len()
             )));
         }
         let (query, table) = file
@@ -324,7 +575,7 @@ fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
             .and_then(|f| f.split_once('.'))
             .and_then(|(i, t)| i.parse::<usize>().ok().map(|i| (i, t.to_string())))
             .ok_or_else(|| Error::Checkpoint(format!("unexpected file {file}")))?;
-        let batch = read_ipc(&file_path)?;
+        let batch = read_ipc(&format!("{name}/{file}"), data)?;
         let Some(state) = queries.get_mut(query) else {
             return Err(Error::Checkpoint(format!("{file} names no query")));
         };
@@ -333,35 +584,25 @@ fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     Ok(Checkpoint {
         manifest,
         queries,
-        path: path.to_path_buf(),
+        location: name.to_string(),
     })
 }
 
-fn write_ipc(path: &Path, batch: &RecordBatch) -> Result<u64> {
-    let file = File::create(path).map_err(|e| io_error("create", path, e))?;
-    let mut writer = FileWriter::try_new(BufWriter::new(file), &batch.schema())?;
+/// `batch` as an Arrow IPC file.
+fn ipc_bytes(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let mut writer = FileWriter::try_new(Vec::new(), &batch.schema())?;
     writer.write(batch)?;
     writer.finish()?;
-    let mut inner = writer.into_inner()?;
-    inner.flush().map_err(|e| io_error("write", path, e))?;
-    let file = inner
-        .into_inner()
-        .map_err(|e| io_error("write", path, e.into_error()))?;
-    file.sync_all().map_err(|e| io_error("sync", path, e))?;
-    Ok(file
-        .metadata()
-        .map_err(|e| io_error("stat", path, e))?
-        .len())
+    Ok(writer.into_inner()?)
 }
 
-fn read_ipc(path: &Path) -> Result<RecordBatch> {
-    let file = File::open(path).map_err(|e| io_error("open", path, e))?;
-    let reader = FileReader::try_new(BufReader::new(file), None)
-        .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?;
+fn read_ipc(name: &str, data: Vec<u8>) -> Result<RecordBatch> {
+    let reader = FileReader::try_new(std::io::Cursor::new(data), None)
+        .map_err(|e| Error::Checkpoint(format!("{name}: {e}")))?;
     let schema = reader.schema();
     let batches = reader
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Checkpoint(format!("{}: {e}", path.display())))?;
+        .map_err(|e| Error::Checkpoint(format!("{name}: {e}")))?;
     Ok(datafusion::arrow::compute::concat_batches(
         &schema, &batches,
     )?)
@@ -473,7 +714,7 @@ mod tests {
         store.write(manifest(1), vec![state(1)]).expect("write");
         let written = store.write(manifest(2), vec![state(2)]).expect("write");
         // A torn file in the newest checkpoint.
-        let file = written.path.join("q0.t.arrow");
+        let file = PathBuf::from(&written.location).join("q0.t.arrow");
         let bytes = fs::read(&file).expect("read");
         fs::write(&file, &bytes[..bytes.len() / 2]).expect("truncate");
         fs::create_dir_all(dir.path().join(".chk-000000000003.tmp")).expect("tmp");
@@ -481,6 +722,78 @@ mod tests {
         assert!(!dir.path().join(".chk-000000000003.tmp").exists());
         let c = store.latest().expect("latest").expect("some");
         assert_eq!(c.manifest.epoch, 1);
+    }
+
+    #[test]
+    fn an_object_store_holds_whole_checkpoints_only() {
+        use object_store::memory::InMemory;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let root = Location::Object {
+            store: store.clone(),
+            prefix: ObjectPath::from("deploy"),
+            url: "memory://test".into(),
+        };
+        let location = root.join("counts").join("camera.0");
+        let checkpoints = CheckpointStore::at(location, 2).expect("store");
+        rt.block_on(async {
+            let c = checkpoints.clone();
+            tokio::task::spawn_blocking(move || {
+                assert!(c.latest().expect("latest").is_none());
+                for epoch in 1..=3 {
+                    c.write(manifest(epoch), vec![state(epoch as i64)])
+                        .expect("write");
+                }
+                assert_eq!(c.epochs().expect("epochs"), vec![3, 2]);
+                let latest = c.latest().expect("latest").expect("some");
+                assert_eq!(latest.manifest.epoch, 3);
+                assert_eq!(latest.queries[0].meta["n"], 3);
+            })
+            .await
+            .expect("task");
+            // A checkpoint whose manifest never got written (a crash) does not count, and
+            // goes when a newer one is written; a damaged file falls back to the one before.
+            let dir = ObjectPath::from("deploy/counts/camera.0/chk-000000000004");
+            store
+                .put(&dir.clone().join("q0.t.arrow"), vec![1u8, 2, 3].into())
+                .await
+                .expect("put");
+            let newest = ObjectPath::from("deploy/counts/camera.0/chk-000000000003/q0.t.arrow");
+            store.put(&newest, vec![0u8; 10].into()).await.expect("put");
+            let c = checkpoints.clone();
+            tokio::task::spawn_blocking(move || {
+                assert_eq!(c.epochs().expect("epochs"), vec![3, 2]);
+                assert_eq!(c.latest().expect("latest").expect("some").manifest.epoch, 2);
+                c.write(manifest(5), vec![state(5)]).expect("write");
+                assert_eq!(c.epochs().expect("epochs"), vec![5, 3]);
+            })
+            .await
+            .expect("task");
+            let left: Vec<ObjectPath> = store
+                .list(Some(&ObjectPath::from("deploy")))
+                .map_ok(|m| m.location)
+                .try_collect()
+                .await
+                .expect("list");
+            assert!(
+                left.iter()
+                    .all(|p| !p.as_ref().contains("chk-000000000004")),
+                "{left:?}"
+            );
+            // Dropping the query removes its checkpoints.
+            root.join("counts").remove_all().await.expect("remove");
+            let left: Vec<ObjectPath> = store
+                .list(None)
+                .map_ok(|m| m.location)
+                .try_collect()
+                .await
+                .expect("list");
+            assert!(left.is_empty(), "{left:?}");
+        });
     }
 
     #[test]

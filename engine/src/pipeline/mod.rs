@@ -163,8 +163,8 @@ pub struct PipelineConfig {
 /// How a pipeline checkpoints and recovers.
 #[derive(Debug, Clone)]
 pub struct CheckpointSettings {
-    /// This pipeline's checkpoint directory.
-    pub dir: std::path::PathBuf,
+    /// Where this pipeline's checkpoints go: a local directory or an object store's prefix.
+    pub location: crate::checkpoint::Location,
     /// Time between checkpoints (and between transactions in exactly-once mode).
     pub interval: Duration,
     /// Checkpoints kept.
@@ -604,11 +604,14 @@ impl Pipeline {
                 if !partitioned {
                     stores.insert(
                         None,
-                        (CheckpointStore::open(&settings.dir, settings.retain)?, 0),
+                        (
+                            CheckpointStore::at(settings.location.clone(), settings.retain)?,
+                            0,
+                        ),
                     );
                 }
                 Some(Checkpoints {
-                    dir: settings.dir.clone(),
+                    location: settings.location.clone(),
                     retain: settings.retain,
                     stores,
                     interval: settings.interval,

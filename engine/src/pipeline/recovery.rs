@@ -15,8 +15,8 @@ use crate::source::{Positions, partitions_of};
 
 /// A pipeline's checkpointing state.
 pub(super) struct Checkpoints {
-    /// The pipeline's directory and checkpoints kept.
-    pub(super) dir: std::path::PathBuf,
+    /// Where the pipeline's checkpoints go, and how many are kept.
+    pub(super) location: crate::checkpoint::Location,
     pub(super) retain: usize,
     /// Where checkpoints go, with the number of the last one written or restored: one store
     /// in the directory itself when one state holds all partitions; one per input partition
@@ -36,11 +36,11 @@ impl Checkpoints {
         if let Some((store, _)) = self.stores.get(key) {
             return Ok(store.clone());
         }
-        let dir = match key {
-            Some((topic, partition)) => self.dir.join(format!("{topic}.{partition}")),
-            None => self.dir.clone(),
+        let location = match key {
+            Some((topic, partition)) => self.location.join(&format!("{topic}.{partition}")),
+            None => self.location.clone(),
         };
-        let store = CheckpointStore::open(dir, self.retain)?;
+        let store = CheckpointStore::at(location, self.retain)?;
         self.stores.insert(key.clone(), (store.clone(), 0));
         Ok(store)
     }
@@ -123,7 +123,7 @@ impl Pipeline {
             .config
             .checkpoint
             .as_ref()
-            .map(|c| c.dir.display().to_string())
+            .map(|c| c.location.to_string())
             .unwrap_or_default();
         let shown: Vec<String> = read
             .iter()
@@ -133,8 +133,9 @@ impl Pipeline {
             "consumer group {} has read {} before, but {dir} holds no checkpoint of {}: the \
              query's state for them was kept by a process whose checkpoints this one cannot \
              read. Starting from empty state would publish wrong windows, so the query stops. \
-             Give every process of the deployment the same checkpoint storage (checkpoint.dir \
-             on a volume they share), or drop and re-create the query to start it afresh",
+             Give every process of the deployment the same checkpoint storage (checkpoint.url \
+             naming one object store, or checkpoint.dir on a volume they share), or drop and \
+             re-create the query to start it afresh",
             self.config.group_id,
             shown.join(", "),
             if read.len() == 1 { "it" } else { "them" },
@@ -174,7 +175,7 @@ impl Pipeline {
             return Err(Error::Checkpoint(format!(
                 "{} was taken for other queries ({}) than these ({}); move the directory \
                  away to start from scratch",
-                checkpoint.path.display(),
+                checkpoint.location,
                 names.iter().map(|n| n.0).collect::<Vec<_>>().join(", "),
                 ours.iter().map(|n| n.0).collect::<Vec<_>>().join(", ")
             )));
@@ -194,7 +195,7 @@ impl Pipeline {
                 *upstream = seen.into_iter().collect();
             }
             instance.restore(state, now).map_err(|e| {
-                Error::Checkpoint(format!("{}: query {name}: {e}", checkpoint.path.display()))
+                Error::Checkpoint(format!("{}: query {name}: {e}", checkpoint.location))
             })?;
         }
         if let Some(c) = &mut self.checkpoints
@@ -214,7 +215,7 @@ impl Pipeline {
         info!(
             name = self.config.name.as_deref().unwrap_or("all"),
             epoch = manifest.epoch,
-            path = %checkpoint.path.display(),
+            location = %checkpoint.location,
             partitions = manifest.positions.len(),
             "state restored from checkpoint"
         );

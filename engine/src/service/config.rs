@@ -124,6 +124,18 @@ pub struct CheckpointConfig {
     pub enabled: bool,
     /// Directory of the checkpoints, one sub-directory per query.
     pub dir: PathBuf,
+    /// An object store for the checkpoints instead of `dir`: `s3://bucket/prefix` (S3 or an
+    /// S3-compatible server), `gs://bucket/prefix` or `az://container/prefix`. Every process
+    /// of a deployment pointed at the same URL can restore any partition's state, so queries
+    /// scale out across machines.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The object store's options (`aws_endpoint`, `aws_region`, `aws_access_key_id`,
+    /// `aws_secret_access_key`, `aws_allow_http`, `google_service_account`,
+    /// `azure_storage_account_name`, …), over its `AWS_*`, `GOOGLE_*` and `AZURE_*`
+    /// environment variables.
+    #[serde(default)]
+    pub store: BTreeMap<String, String>,
     /// Time between checkpoints (and between output transactions with `exactly_once`).
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
@@ -186,6 +198,17 @@ impl ServiceConfig {
         Ok(config)
     }
 
+    /// Where the queries' checkpoints go: `checkpoint.url`'s object store, or
+    /// `checkpoint.dir`.
+    pub fn checkpoint_root(&self) -> Result<crate::checkpoint::Location> {
+        match &self.checkpoint.url {
+            Some(url) => crate::checkpoint::Location::object(url, &self.checkpoint.store),
+            None => Ok(crate::checkpoint::Location::Local(
+                self.checkpoint.dir.clone(),
+            )),
+        }
+    }
+
     fn check(&self) -> Result<()> {
         if self.kafka.brokers.trim().is_empty() {
             return Err(Error::Config("kafka.brokers is empty".into()));
@@ -206,6 +229,9 @@ impl ServiceConfig {
                  checkpoint"
                     .into(),
             ));
+        }
+        if self.checkpoint.enabled {
+            self.checkpoint_root()?;
         }
         if self.checkpoint.interval.is_zero() || self.checkpoint.retain == 0 {
             return Err(Error::Config(
@@ -359,6 +385,22 @@ mod tests {
             jail.set_env("URBANSTREAM__CHECKPOINT__INTERVAL", "0s");
             let e = load(None).expect_err("zero interval");
             assert!(e.contains("checkpoint.interval"), "{e}");
+            jail.set_env("URBANSTREAM__CHECKPOINT__INTERVAL", "10s");
+            jail.set_env("URBANSTREAM__CHECKPOINT__URL", "bucket/prefix");
+            let e = load(None).expect_err("not a URL");
+            assert!(
+                e.contains("checkpoint.url \"bucket/prefix\" is not a URL"),
+                "{e}"
+            );
+            jail.set_env("URBANSTREAM__CHECKPOINT__URL", "ftp://host/prefix");
+            let e = load(None).expect_err("no such store");
+            assert!(e.contains("checkpoint.url ftp://host/prefix"), "{e}");
+            jail.set_env("URBANSTREAM__CHECKPOINT__URL", "s3://bucket/prefix");
+            let c = load(None)?;
+            assert_eq!(
+                c.checkpoint_root().map(|l| l.to_string()).ok(),
+                Some("s3://bucket/prefix".to_string())
+            );
             Ok(())
         });
     }

@@ -379,6 +379,8 @@ pub struct QueryManager {
     queries: Mutex<BTreeMap<String, Arc<QueryHandle>>>,
     schemas: SchemaRegistry,
     runtime: QueryRuntime,
+    /// Where the queries' checkpoints go (one location per query below it).
+    checkpoint_root: crate::checkpoint::Location,
 }
 
 /// The runtime the queries' pipelines run on, apart from the one serving the API: a query
@@ -420,7 +422,9 @@ impl QueryManager {
     /// Opens the catalog; nothing runs until [`QueryManager::start_all`].
     pub fn new(config: Arc<ServiceConfig>) -> crate::Result<Self> {
         let catalog = Catalog::open(&config.catalog.path)?;
+        let checkpoint_root = config.checkpoint_root()?;
         Ok(Self {
+            checkpoint_root,
             config,
             catalog: Mutex::new(catalog),
             queries: Mutex::new(BTreeMap::new()),
@@ -755,11 +759,9 @@ impl QueryManager {
         // A query created later under the same name starts from scratch: the catalog has
         // recorded the drop (see `fresh`), and its checkpoints go now, before the name is free
         // again, so a create racing this one cannot find them.
-        let dir = self.config.checkpoint.dir.join(name);
-        if dir.exists()
-            && let Err(e) = std::fs::remove_dir_all(&dir)
-        {
-            tracing::warn!(query = name, path = %dir.display(), error = %e, "checkpoints not removed");
+        let checkpoints = self.checkpoint_root.join(name);
+        if let Err(e) = checkpoints.remove_all().await {
+            tracing::warn!(query = name, location = %checkpoints, error = %e, "checkpoints not removed");
         }
         if let Ok(mut queries) = self.queries.lock() {
             queries.remove(name);
@@ -880,7 +882,7 @@ impl QueryManager {
         p.group_instance_id = (c.checkpoint.enabled && c.checkpoint.exactly_once)
             .then(|| c.checkpoint.instance.clone());
         p.checkpoint = c.checkpoint.enabled.then(|| CheckpointSettings {
-            dir: c.checkpoint.dir.join(&handle.entry.name),
+            location: self.checkpoint_root.join(&handle.entry.name),
             interval: c.checkpoint.interval,
             retain: c.checkpoint.retain,
             transactional_id: c.checkpoint.exactly_once.then(|| {

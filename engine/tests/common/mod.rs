@@ -112,6 +112,48 @@ pub fn real_broker(dir: &Path, topics: &[&str]) -> anyhow::Result<(Process, Stri
 static TEST_BROKERS: std::sync::Mutex<std::collections::BTreeSet<String>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
 
+/// An S3-protocol server (moto's, installed by `scripts/install-test-s3.sh`, which this runs
+/// when it is missing) on a free port, its log in `dir`, with bucket `bucket` created; and its
+/// endpoint URL.
+pub fn s3_server(dir: &Path, bucket: &str) -> anyhow::Result<(Process, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tools = root.join("target/tools/moto");
+    if !tools.join("moto/server.py").exists() {
+        let status = Command::new("bash")
+            .arg(root.join("scripts/install-test-s3.sh"))
+            .status()?;
+        anyhow::ensure!(
+            status.success() && tools.join("moto/server.py").exists(),
+            "the test S3 server could not be installed: run scripts/install-test-s3.sh"
+        );
+    }
+    let port = free_port()?;
+    let log = std::fs::File::create(dir.join("s3.log"))?;
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .env("PYTHONPATH", &tools)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let process = Process(child);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let api = Api::new()?;
+    let bucket_url = format!("{endpoint}/{bucket}");
+    wait_until("the test S3 server did not start", || {
+        api.rt
+            .block_on(async { api.client.put(&bucket_url).send().await })
+            .is_ok_and(|r| r.status().is_success())
+    })?;
+    Ok((process, endpoint))
+}
+
 /// One `urbanstream serve` process of a test: its configuration file, log and API address.
 pub struct Member {
     pub config: std::path::PathBuf,
