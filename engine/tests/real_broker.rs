@@ -13,13 +13,14 @@
 //!
 //! A repartitioned query (which reads, read_committed, a topic it writes transactionally) is
 //! not in the kill test here: on this broker a read_committed consumer that fetches at a
-//! transaction left open by a killed producer never advances once the successor's
-//! transactions are committed past it (a consumer started later reads past it; the
-//! transaction's records stay invisible), so the query's second stage stops reading after
-//! the first restart. That is the broker's defect (real Kafka returns the aborted-transaction
-//! list in the fetch and the consumer skips the batch); the repartitioned query's crash
-//! recovery is tested on the embedded broker (`kill_recovery.rs`), where transactions are
-//! not enforced.
+//! transaction left open by a killed producer delivers nothing more once the successor's
+//! transactions are committed past it, so the query's second stage stops reading after the
+//! first restart. It is the broker's defect shown by
+//! `the_test_broker_lists_aborted_transactions_outside_the_fetched_range`: every later fetch
+//! lists the aborted transaction, which began before the fetched offset, and the client skips
+//! the same producer id's later (committed) batches as aborted. The repartitioned query's
+//! crash recovery is tested on the embedded broker (`kill_recovery.rs`), where transactions
+//! are not enforced.
 
 mod common;
 
