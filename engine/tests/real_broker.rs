@@ -366,6 +366,122 @@ fn input_deleted_before_it_was_read_fails_the_query_with_the_reason() -> anyhow:
     Ok(())
 }
 
+/// The same truncation under the query's explicit gap policy (`SET urbanstream.on_data_loss =
+/// 'skip'`): the query goes on from the log's start, and each partition's gap is in the DLQ
+/// with its exact range (from the query's position to the new log start), so what was lost
+/// is on record.
+#[test]
+fn input_deleted_before_it_was_read_is_a_gap_record_under_the_skip_policy() -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let dir = tempfile::tempdir()?;
+    let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
+    let m = member(
+        dir.path(),
+        &brokers,
+        "skip",
+        "0",
+        &dir.path().join("checkpoints"),
+    )?;
+    let api = Api::new()?;
+    let mut service = serve(&m.config, &m.log)?;
+    let base = &m.base;
+    api.wait_live(base)?;
+    api.create(
+        base,
+        "counts",
+        &format!(
+            "SET urbanstream.on_data_loss = 'skip'; {}",
+            counts_query("skip.counts")
+        ),
+    )?;
+    let t0 = first_window()?;
+    produce_now(&brokers, t0, 0..400)?;
+    wait_until("the query did not read the first events", || {
+        api.status(base, "counts")
+            .is_some_and(|s| s["rows_in"].as_i64() == Some(400))
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
+    service.0.kill()?;
+    service.0.wait()?;
+
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let ends = |probe: &BaseConsumer| -> anyhow::Result<Vec<i64>> {
+        (0..PARTITIONS)
+            .map(|p| {
+                Ok(probe
+                    .fetch_watermarks("city.camera.events", p, Duration::from_secs(10))?
+                    .1)
+            })
+            .collect()
+    };
+    let read_up_to = ends(&probe)?;
+    produce_now(&brokers, t0, 400..800)?;
+    let cut_at = ends(&probe)?;
+    let mut cut = rdkafka::TopicPartitionList::new();
+    for (p, high) in cut_at.iter().enumerate() {
+        cut.add_partition_offset(
+            "city.camera.events",
+            i32::try_from(p)?,
+            rdkafka::Offset::Offset(*high),
+        )?;
+    }
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let deleted = rt.block_on(admin.delete_records(&cut, &AdminOptions::new()))?;
+    for e in deleted.elements() {
+        anyhow::ensure!(e.error().is_ok(), "DeleteRecords failed: {:?}", e.error());
+    }
+
+    service = serve(&m.config, &m.log)?;
+    api.wait_live(base)?;
+    // It goes on with what arrives after the gap.
+    produce_now(&brokers, t0, 800..1_000)?;
+    if let Err(e) = wait_until("the query did not read on after the gap", || {
+        api.status(base, "counts")
+            .is_some_and(|s| s["state"] == "RUNNING" && s["rows_in"].as_i64() >= Some(200))
+    }) {
+        let status = api.status(base, "counts").unwrap_or_default();
+        let kept = dir.keep();
+        anyhow::bail!("{e}: {status}; log in {}", kept.display());
+    }
+    let want: Vec<(i64, i64, i64)> = (0..PARTITIONS)
+        .map(|p| {
+            let p = usize::try_from(p).unwrap_or_default();
+            (p as i64, read_up_to[p], cut_at[p])
+        })
+        .filter(|(_, from, to)| to > from)
+        .collect();
+    // The gap records commit with the query's next transaction.
+    let gap_records = || -> Vec<(i64, i64, i64)> {
+        let mut gaps: Vec<(i64, i64, i64)> = read_with(&brokers, "city.dlq", "read_committed")
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r["stage"] == "gap")
+            .map(|r| {
+                (
+                    r["partition"].as_i64().unwrap_or(-1),
+                    r["offset"].as_i64().unwrap_or(-1),
+                    r["gap_end"].as_i64().unwrap_or(-1),
+                )
+            })
+            .collect();
+        gaps.sort_unstable();
+        gaps
+    };
+    let _ = wait_until("no gap records", || gap_records().len() >= want.len());
+    let gaps = gap_records();
+    assert_eq!(gaps, want, "gap records (partition, first missing, end)");
+    drop(service);
+    Ok(())
+}
+
 /// Two processes share a query's consumer group but not their checkpoints (each its own local
 /// directory): the second, handed partitions the first has read, has no state for them. It
 /// refuses them with the reason instead of publishing windows counted from empty state, and

@@ -34,7 +34,7 @@ use datafusion::arrow::datatypes::TimeUnit;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hdrhistogram::Histogram;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use datafusion::arrow::array::RecordBatch;
 
@@ -405,6 +405,8 @@ pub struct Pipeline {
     gauges: Option<CityGauges>,
     /// Checkpointing, when configured.
     checkpoints: Option<Checkpoints>,
+    /// When gaps in the input were last recorded (`urbanstream.on_data_loss = 'skip'`).
+    gaps_recorded: Option<std::time::Instant>,
 }
 
 impl Pipeline {
@@ -654,6 +656,7 @@ impl Pipeline {
             emit_latency,
             gauges,
             config,
+            gaps_recorded: None,
         };
         if pipeline.checkpoints.is_some() && !pipeline.partitioned {
             pipeline.recover().await?;
@@ -676,7 +679,13 @@ impl Pipeline {
         let mut assignment_checked: Option<std::time::Instant> = None;
         while !stop.load(Ordering::Relaxed) {
             let waited = std::time::Instant::now();
-            let batches = self.source.next_batches(Duration::from_millis(200)).await?;
+            let batches = match self.source.next_batches(Duration::from_millis(200)).await {
+                Err(Error::DataLoss(reason)) if self.skips_data_loss() => {
+                    self.record_gaps(&reason).await?;
+                    continue;
+                }
+                other => other?,
+            };
             let read = waited.elapsed();
             let stepped = std::time::Instant::now();
             let records: usize = batches.iter().map(RawBatch::len).sum();
@@ -717,6 +726,80 @@ impl Pipeline {
             name = self.config.name.as_deref().unwrap_or("all"),
             "pipeline stopped"
         );
+        Ok(())
+    }
+
+    /// Whether its queries skip input deleted before they read it, recording the gap
+    /// (`urbanstream.on_data_loss = 'skip'`).
+    fn skips_data_loss(&self) -> bool {
+        !self.queries.is_empty() && self.queries.iter().all(|r| r.query.skips_data_loss())
+    }
+
+    /// Input records deleted before they were read (`reason`, from the consumer): each gap
+    /// goes to the DLQ as a gap record (topic, partition, first and end offset, stage `gap`),
+    /// is counted and logged, and its partition goes on from its log's start.
+    async fn record_gaps(&mut self, reason: &str) -> Result<()> {
+        let gaps = self.source.gaps(Duration::from_secs(30))?;
+        if gaps.is_empty() {
+            // The consumer reports each partition's reset: those after the first arrive once
+            // every gap is recorded already.
+            if self
+                .gaps_recorded
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+            {
+                return Ok(());
+            }
+            return Err(Error::DataLoss(format!(
+                "{reason} (and no assigned partition is behind its log start now)"
+            )));
+        }
+        self.gaps_recorded = Some(std::time::Instant::now());
+        let now = epoch_ms();
+        let records: Vec<(Option<Vec<u8>>, DlqRecord)> = gaps
+            .iter()
+            .map(|(topic, partition, from, to)| {
+                (
+                    None,
+                    DlqRecord {
+                        topic: topic.clone(),
+                        partition: *partition,
+                        offset: *from,
+                        key: None,
+                        error: format!(
+                            "{} records (offsets {from} to {}) were deleted from the log before \
+                             the query read them; skipped under urbanstream.on_data_loss = 'skip'",
+                            to - from,
+                            to - 1
+                        ),
+                        stage: "gap".into(),
+                        payload: String::new(),
+                        received_at: now,
+                        query: self.config.name.clone(),
+                        gap_end: Some(*to),
+                    },
+                )
+            })
+            .collect();
+        let mut pending = Pending::default();
+        let dlq = self.config.topics.dlq.clone();
+        self.sink.send_json(&dlq, &records, &mut pending).await?;
+        pending.acknowledged().await?;
+        for (topic, partition, from, to) in &gaps {
+            warn!(
+                name = self.config.name.as_deref().unwrap_or("all"),
+                topic,
+                partition,
+                from,
+                to,
+                "input deleted before it was read: gap recorded in the DLQ, reading on from the log start"
+            );
+            self.source.skip_to(topic, *partition, *to)?;
+            self.next_offsets
+                .insert((Arc::from(topic.as_str()), *partition), *to);
+        }
+        self.stats
+            .dlq
+            .fetch_add(gaps.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 

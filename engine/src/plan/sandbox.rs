@@ -288,13 +288,13 @@ fn check_sql_statement(statement: &Statement) -> Result<()> {
             } else {
                 plan_err!(
                     "SET {name} is not available in stream queries: only the urbanstream.… \
-                     settings (allowed_lateness, early_fire, key_ttl) can be set"
+                     settings (allowed_lateness, early_fire, key_ttl, on_data_loss) can be set"
                 )
             }
         }
         Statement::Set(_) => plan_err!(
             "this SET is not available in stream queries: write SET urbanstream.<name> = \
-             '<value>' (allowed_lateness, early_fire, key_ttl)"
+             '<value>' (allowed_lateness, early_fire, key_ttl, on_data_loss)"
         ),
         Statement::CreateTable(create) if create.query.is_some() => plan_err!(
             "CREATE TABLE … AS is not available in stream queries: it would run the query \

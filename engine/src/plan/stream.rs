@@ -71,6 +71,11 @@ extensions_options! {
         /// stay silent, in event time, before its state is dropped, e.g. '7d'; '0s' keeps
         /// every key for ever.
         pub key_ttl: String, default = "7d".to_string()
+        /// What the query does when records it had not read yet were deleted from its input
+        /// (retention, a truncation): 'fail' stops it with the reason; 'skip' records the gap
+        /// in the DLQ (topic, partition, the missing offsets; stage 'gap') and goes on from
+        /// the log's start.
+        pub on_data_loss: String, default = "fail".to_string()
     }
 }
 
@@ -335,7 +340,14 @@ impl StreamContext {
                     .starts_with("urbanstream.") =>
             {
                 // Checked now, not when the next query is planned.
-                parse_setting(&set.variable, &set.value)?;
+                if set
+                    .variable
+                    .eq_ignore_ascii_case("urbanstream.on_data_loss")
+                {
+                    data_loss_policy(&set.value)?;
+                } else {
+                    parse_setting(&set.variable, &set.value)?;
+                }
                 self.ctx
                     .execute_logical_plan(LogicalPlan::Statement(
                         datafusion::logical_expr::Statement::SetVariable(set),
@@ -403,6 +415,7 @@ impl StreamContext {
         let lateness = parse_setting("urbanstream.allowed_lateness", &settings.allowed_lateness)?
             .unwrap_or_default();
         let early_fire = parse_setting("urbanstream.early_fire", &settings.early_fire)?;
+        data_loss_policy(&settings.on_data_loss)?;
         let physical = self.ctx.state().create_physical_plan(&plan).await?;
         let key_ttl = parse_setting("urbanstream.key_ttl", &settings.key_ttl)?
             .filter(|d| !d.is_zero())
@@ -825,6 +838,17 @@ pub fn add_kafka_location(sql: &str) -> String {
     out
 }
 
+/// Checks `urbanstream.on_data_loss`.
+fn data_loss_policy(value: &str) -> Result<()> {
+    if matches!(value.trim(), "fail" | "skip") {
+        return Ok(());
+    }
+    plan_err!(
+        "urbanstream.on_data_loss: '{value}' is not a policy; write 'fail' (stop the query when \
+         unread input was deleted) or 'skip' (record the gap in the DLQ and go on)"
+    )
+}
+
 fn parse_setting(name: &str, value: &str) -> Result<Option<Duration>> {
     if value.trim().is_empty() {
         return Ok(None);
@@ -1158,6 +1182,12 @@ impl StreamQuery {
         &self.sql
     }
 
+    /// Whether input deleted before it was read is skipped and recorded as a gap
+    /// (`urbanstream.on_data_loss = 'skip'`) rather than failing the query.
+    pub fn skips_data_loss(&self) -> bool {
+        self.settings.on_data_loss.trim() == "skip"
+    }
+
     /// How it runs, for `POST /v1/queries/explain`: its source and sink, each stage (the plan
     /// run per micro-batch, the window and its state, keyed detectors, the plan run per
     /// emission), how it keeps state across partitions, and when it emits.
@@ -1279,6 +1309,7 @@ impl StreamQuery {
             ("allowed_lateness", self.settings.allowed_lateness.clone()),
             ("early_fire", self.settings.early_fire.clone()),
             ("key_ttl", self.settings.key_ttl.clone()),
+            ("on_data_loss", self.settings.on_data_loss.clone()),
         ];
         // Planned like a client's SQL: on a planning thread, not on the runtime's workers.
         let ctx = ctx.clone();

@@ -160,6 +160,10 @@ pub struct DlqRecord {
     /// The query whose source schema rejected it, when each query decodes its own input (the
     /// service); null when one decoder serves every query of a topic.
     pub query: Option<String>,
+    /// A gap record (stage `gap`): the offset after the last record missing; `offset` is the
+    /// first. Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gap_end: Option<i64>,
 }
 
 /// A record that stands for one input record: its identity is that record's position, not its
@@ -339,6 +343,7 @@ impl DlqRecord {
             payload,
             received_at,
             query: None,
+            gap_end: None,
         }
     }
 }

@@ -279,6 +279,9 @@ pub struct KafkaSource {
     consumer: StreamConsumer<SourceContext>,
     /// Where each partition resumes, moved forward as the pipeline processes.
     positions: Mutex<Positions>,
+    /// An error met after some records of a batch were gathered: the batch is returned, and
+    /// the error with the next call.
+    deferred: Mutex<Option<Error>>,
     changes: Arc<Mutex<Vec<PartitionChange>>>,
     closing: Arc<AtomicBool>,
     config: KafkaSourceConfig,
@@ -333,6 +336,7 @@ impl KafkaSource {
         Ok(Self {
             consumer,
             positions: Mutex::default(),
+            deferred: Mutex::default(),
             changes,
             closing,
             lag_probe: Arc::new(probe.create()?),
@@ -346,6 +350,9 @@ impl KafkaSource {
     /// are gathered, or `linger` after the first one. Returns an empty list if nothing arrived
     /// within `idle` (so the caller can advance idle partitions and refresh its view).
     pub async fn next_batches(&self, idle: Duration) -> Result<Vec<RawBatch>> {
+        if let Some(e) = self.deferred.lock().ok().and_then(|mut d| d.take()) {
+            return Err(e);
+        }
         let mut batches: HashMap<String, RawBatch> = HashMap::new();
         let mut rows = 0;
         // The wait for the first record is cut into short slices: a stream consumer can miss
@@ -369,9 +376,16 @@ impl KafkaSource {
         while rows < self.config.max_batch_rows {
             match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Err(_) => break,
-                Ok(message) => {
-                    push(&mut batches, &message.map_err(|e| self.consume_error(e))?);
+                Ok(Ok(message)) => {
+                    push(&mut batches, &message);
                     rows += 1;
+                }
+                Ok(Err(e)) => {
+                    // The records gathered so far are processed; the error comes next.
+                    if let Ok(mut d) = self.deferred.lock() {
+                        *d = Some(self.consume_error(e));
+                    }
+                    break;
                 }
             }
         }
@@ -410,6 +424,70 @@ impl KafkaSource {
             ));
         }
         Error::Kafka(e)
+    }
+
+    /// The assigned partitions whose position is before their log's start (records deleted
+    /// before they were read): (topic, partition, position, log start). Blocking.
+    pub fn gaps(&self, timeout: Duration) -> Result<Vec<(String, i32, i64, i64)>> {
+        let positions = self.positions();
+        let fetching: HashMap<(String, i32), i64> = self
+            .consumer
+            .position()
+            .map(|list| {
+                list.elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for e in self.consumer.assignment()?.elements() {
+            let key = (e.topic().to_string(), e.partition());
+            let Some(position) = positions.get(&key).or(fetching.get(&key)).copied() else {
+                continue;
+            };
+            let (low, _) = self.consumer.fetch_watermarks(&key.0, key.1, timeout)?;
+            if position < low {
+                out.push((key.0, key.1, position, low));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves `partition` of `topic` on to `offset` (past a gap), for fetching and as its
+    /// resume position.
+    pub fn skip_to(&self, topic: &str, partition: i32, offset: i64) -> Result<()> {
+        if let Ok(mut p) = self.positions.lock() {
+            p.insert((topic.to_string(), partition), offset);
+        }
+        // A partition stopped by an offset reset cannot seek: it is placed again.
+        let mut one = TopicPartitionList::new();
+        one.add_partition(topic, partition);
+        let mut placed = TopicPartitionList::new();
+        placed.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        match self.consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => {
+                self.consumer.incremental_unassign(&one)?;
+                self.consumer.incremental_assign(&placed)?;
+            }
+            _ => {
+                // Every assigned partition again, each at its resume position.
+                let positions = self.positions();
+                let mut all = TopicPartitionList::new();
+                for e in self.consumer.assignment()?.elements() {
+                    let key = (e.topic().to_string(), e.partition());
+                    let at = positions
+                        .get(&key)
+                        .map_or(Offset::Invalid, |o| Offset::Offset(*o));
+                    all.add_partition_offset(&key.0, key.1, at)?;
+                }
+                self.consumer.assign(&all)?;
+            }
+        }
+        Ok(())
     }
 
     /// How many partitions the consumer group has assigned to this consumer.
