@@ -620,6 +620,7 @@ impl Pipeline {
                     last: std::time::Instant::now(),
                     replay: None,
                     caught_up: None,
+                    writing: None,
                 })
             }
             None => None,
@@ -694,6 +695,7 @@ impl Pipeline {
             }
             self.rebalance().await?;
             self.check_replay();
+            self.poll_writing().await?;
             if self
                 .checkpoints
                 .as_ref()
@@ -722,6 +724,7 @@ impl Pipeline {
         self.sink.flush(Duration::from_secs(10))?;
         self.settle(true).await?;
         self.checkpoint().await?;
+        self.finish_writing().await?;
         info!(
             name = self.config.name.as_deref().unwrap_or("all"),
             "pipeline stopped"

@@ -124,7 +124,7 @@ impl Pipeline {
             "partitions taken up"
         );
         self.held.extend(list.iter().cloned());
-        self.checkpoint_of(Some(&list)).await
+        self.checkpoint_of(Some(&list), true).await
     }
 
     /// Lets partitions the group revoked go: with one state per partition, checkpoints their
@@ -148,7 +148,7 @@ impl Pipeline {
             )));
         }
         if self.checkpoints.is_some() {
-            self.checkpoint_of(Some(&list)).await?;
+            self.checkpoint_of(Some(&list), true).await?;
         } else {
             self.settle(true).await?;
             let committable = self.committable();

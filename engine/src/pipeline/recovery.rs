@@ -28,6 +28,20 @@ pub(super) struct Checkpoints {
     pub(super) replay: Option<Replay>,
     /// When the replay reached the input's ends at recovery.
     pub(super) caught_up: Option<std::time::Instant>,
+    /// The checkpoint being written in the background, if any.
+    pub(super) writing: Option<Writing>,
+}
+
+/// A checkpoint being written on a blocking thread while the pipeline goes on: its state is
+/// taken (and, in exactly-once mode, its transaction committed) before the write starts, so
+/// a crash before the write ends recovers from the previous checkpoint, like a crash between
+/// the commit and the write (the outputs published since are read back and not published
+/// again).
+pub(super) struct Writing {
+    task: tokio::task::JoinHandle<Result<u64>>,
+    started: std::time::Instant,
+    at_ms: i64,
+    epoch: u64,
 }
 
 impl Checkpoints {
@@ -343,12 +357,54 @@ impl Pipeline {
     /// positions and output marks; at-least-once, commits the positions to the group
     /// afterwards (for lag monitoring).
     pub(super) async fn checkpoint(&mut self) -> Result<()> {
-        self.checkpoint_of(None).await
+        self.checkpoint_of(None, false).await
+    }
+
+    /// Waits for the checkpoint being written, if any, and records it.
+    pub(super) async fn finish_writing(&mut self) -> Result<()> {
+        let Some(w) = self.checkpoints.as_mut().and_then(|c| c.writing.take()) else {
+            return Ok(());
+        };
+        let bytes = w
+            .task
+            .await
+            .map_err(|e| Error::Checkpoint(format!("writing task failed: {e}")))??;
+        let duration_ms = w.started.elapsed().as_millis() as u64;
+        debug!(epoch = w.epoch, bytes, duration_ms, "checkpoint written");
+        if let Ok(mut last) = self.stats.last_checkpoint.lock() {
+            *last = Some(CheckpointInfo {
+                epoch: w.epoch,
+                at_ms: w.at_ms,
+                bytes,
+                duration_ms,
+                restored: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records the checkpoint written in the background once it is done (without waiting).
+    pub(super) async fn poll_writing(&mut self) -> Result<()> {
+        let done = self
+            .checkpoints
+            .as_ref()
+            .and_then(|c| c.writing.as_ref())
+            .is_some_and(|w| w.task.is_finished());
+        if done {
+            self.finish_writing().await?;
+        }
+        Ok(())
     }
 
     /// [`Pipeline::checkpoint`], writing only the given partitions' checkpoints when the
-    /// state is per partition (`None`: all held).
-    pub(super) async fn checkpoint_of(&mut self, only: Option<&[(String, i32)]>) -> Result<()> {
+    /// state is per partition (`None`: all held). The files are written in the background
+    /// unless `wait` (partitions handed on or taken up, where the next reader must find
+    /// them); the previous checkpoint's write is finished first.
+    pub(super) async fn checkpoint_of(
+        &mut self,
+        only: Option<&[(String, i32)]>,
+        wait: bool,
+    ) -> Result<()> {
         if self.checkpoints.is_none() {
             return Ok(());
         }
@@ -398,7 +454,8 @@ impl Pipeline {
         } else {
             vec![None]
         };
-        let (mut epoch, mut bytes) = (0, 0);
+        let mut epoch = 0;
+        let mut jobs = Vec::new();
         for key in targets {
             let mut states = Vec::new();
             let mut queries = Vec::new();
@@ -445,17 +502,32 @@ impl Pipeline {
                 queries,
                 files: Vec::new(),
             };
-            let written = tokio::task::spawn_blocking(move || store.write(manifest, states))
-                .await
-                .map_err(|e| Error::Checkpoint(format!("writing task failed: {e}")))??;
             if let Some(entry) = c.stores.get_mut(&key) {
-                entry.1 = written.epoch;
+                entry.1 = manifest.epoch;
             }
-            epoch = epoch.max(written.epoch);
-            bytes += written.bytes;
+            epoch = epoch.max(manifest.epoch);
+            jobs.push((store, manifest, states));
         }
+        // One write at a time, in epoch order.
+        self.finish_writing().await?;
+        let task = tokio::task::spawn_blocking(move || -> Result<u64> {
+            let mut bytes = 0;
+            for (store, manifest, states) in jobs {
+                bytes += store.write(manifest, states)?.bytes;
+            }
+            Ok(bytes)
+        });
         if let Some(c) = &mut self.checkpoints {
             c.last = std::time::Instant::now();
+            c.writing = Some(Writing {
+                task,
+                started,
+                at_ms: now,
+                epoch,
+            });
+        }
+        if wait {
+            self.finish_writing().await?;
         }
         if !self.sink.is_transactional() {
             // For lag monitoring: the positions of the partitions this member holds (a commit
@@ -469,17 +541,11 @@ impl Pipeline {
                 .collect();
             self.source.commit(&commit)?;
         }
-        let duration_ms = started.elapsed().as_millis() as u64;
-        debug!(epoch, bytes, duration_ms, "checkpoint written");
-        if let Ok(mut last) = self.stats.last_checkpoint.lock() {
-            *last = Some(CheckpointInfo {
-                epoch,
-                at_ms: now,
-                bytes,
-                duration_ms,
-                restored: false,
-            });
-        }
+        debug!(
+            epoch,
+            taken_ms = started.elapsed().as_millis() as u64,
+            "checkpoint taken"
+        );
         Ok(())
     }
 
