@@ -829,15 +829,13 @@ fn check_chained(kind: Kind, run: &Run) -> Result<(), TestCaseError> {
                 Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
             )?;
             // The first query's final rows, then the second aggregation over them.
-            let query = format!(
-                "SELECT k, g, date_bin(INTERVAL '5 minutes', window_start) AS window_start, \
+            let query = "SELECT k, g, date_bin(INTERVAL '5 minutes', window_start) AS window_start, \
                  date_bin(INTERVAL '5 minutes', window_start) + INTERVAL '5 minutes' AS window_end, \
                  sum(n) AS n, sum(s) AS s, max(hi) AS hi, count(*) AS rows_in \
                  FROM (SELECT k, g, first_start AS window_start, count(*) AS n, sum(v) AS s, \
                        max(v) AS hi FROM pairs GROUP BY k, g, first_start) \
-                 GROUP BY k, g, date_bin(INTERVAL '5 minutes', window_start)"
-            );
-            anyhow::Ok(chained(&ctx.sql(&query).await?.collect().await?, false)?)
+                 GROUP BY k, g, date_bin(INTERVAL '5 minutes', window_start)";
+            anyhow::Ok(chained(&ctx.sql(query).await?.collect().await?, false)?)
         })
         .expect("batch");
     prop_assert!(pairs.is_empty() || !want.is_empty(), "nothing to compare");

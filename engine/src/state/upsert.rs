@@ -26,6 +26,9 @@ use crate::checkpoint::{StateSnapshot, column, table, typed};
 /// The `op` value that deletes a key's row.
 pub const RETRACT: &str = "retract";
 
+/// A key's latest row: its event time and the row, row-encoded.
+type Latest = (i64, Box<[u8]>);
+
 /// The latest row of each key of a changelog source.
 pub struct UpsertState {
     schema: SchemaRef,
@@ -35,7 +38,7 @@ pub struct UpsertState {
     keys: RowConverter,
     rows: RowConverter,
     /// Per key (row-encoded): its row's event time and the row (row-encoded).
-    latest: HashMap<Box<[u8]>, (i64, Box<[u8]>)>,
+    latest: HashMap<Box<[u8]>, Latest>,
 }
 
 /// What a micro-batch does to a changelog source.
