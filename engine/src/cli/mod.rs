@@ -2,9 +2,10 @@
 //!
 //! `urbanstream` with no arguments runs [`demo`]: an embedded broker, the simulated city, the
 //! pipeline and a live terminal view. `simulate` produces simulated city data into any Kafka;
-//! `broker` runs the embedded broker on its own.
+//! `replay` produces a file of real data; `broker` runs the embedded broker on its own.
 
 pub mod demo;
+pub mod replay;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,6 +73,14 @@ pub enum Command {
     ///
     /// Example: `urbanstream simulate --brokers localhost:9092 --rate 5000 --speedup 60`
     Simulate(SimulateArgs),
+    /// Produce a CSV or JSON-lines file into a topic as JSON records, in event-time
+    /// order, as fast as the broker takes them or paced by event time, with progress and a
+    /// summary.
+    ///
+    /// Example: `urbanstream replay --brokers localhost:9092 --file hanoi_pm25.csv \
+    /// --topic city.air.readings --rename station=sensor_id --time event_time \
+    /// --time-zone +07:00 --key sensor_id`
+    Replay(replay::ReplayArgs),
     /// Print the records of a topic as they arrive (values, one per line), from the beginning
     /// or from the end.
     ///
@@ -296,6 +305,35 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Simulate(args) => simulate(args).await,
         Command::Broker(args) => broker(args).await,
         Command::Tail(args) => tail(args).await,
+        Command::Replay(args) => {
+            let summary = replay::replay(&args).await?;
+            println!("produced {} records into {}", summary.produced, args.topic);
+            if let Some((first, last)) = summary.span_ms {
+                println!(
+                    "  event time {} to {}",
+                    demo::hanoi_time(first),
+                    demo::hanoi_time(last)
+                );
+            }
+            if summary.skipped > 0 {
+                println!(
+                    "  {} rows without a readable event time were not produced (the first: {:?}; \
+                     see --time-unit and --time-zone)",
+                    summary.skipped,
+                    summary.first_skipped.unwrap_or_default()
+                );
+            }
+            if summary.produced > crate::broker::RETAINED_RECORDS as u64 {
+                println!("  note: {}", crate::broker::LIMITS);
+            }
+            if summary.produced == 0 {
+                return Err(Error::Config(format!(
+                    "nothing from {} was produced",
+                    args.file.display()
+                )));
+            }
+            Ok(())
+        }
         Command::Evaluate(args) => evaluate(args),
         Command::Bench(args) => crate::bench::run(args).await,
         Command::BenchEngine(args) => crate::bench::child::run(args).await,

@@ -1,0 +1,155 @@
+//! `urbanstream replay` into the embedded broker: a CSV of hourly station readings with local
+//! times, columns renamed, produced in event-time order as epoch milliseconds keyed by
+//! station; a row whose time cannot be read is counted, not produced; `--speedup` paces the
+//! records by event time.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use urbanstream::cli::replay::{ReplayArgs, replay};
+use urbanstream_tests::TestCluster;
+
+fn args(cluster: &TestCluster, file: &std::path::Path, topic: &str) -> ReplayArgs {
+    ReplayArgs {
+        file: file.to_path_buf(),
+        topic: topic.to_string(),
+        brokers: cluster.brokers.clone(),
+        key: Some("sensor_id".into()),
+        time: Some("event_time".into()),
+        time_unit: "ms".into(),
+        time_zone: "+07:00".into(),
+        rename: vec!["station=sensor_id".into(), "time=event_time".into()],
+        speedup: None,
+        partitions: None,
+    }
+}
+
+/// Every record of `topic`, (key, value) per partition in offset order.
+async fn read_all(
+    cluster: &TestCluster,
+    topic: &str,
+    n: usize,
+) -> anyhow::Result<BTreeMap<i32, Vec<(String, serde_json::Value)>>> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cluster.brokers)
+        .set("group.id", format!("replay-check-{topic}"))
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut out: BTreeMap<i32, Vec<(String, serde_json::Value)>> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = 0;
+    while seen < n && Instant::now() < deadline {
+        let Ok(m) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await else {
+            continue;
+        };
+        let m = m?;
+        let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+        let value: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
+        out.entry(m.partition()).or_default().push((key, value));
+        seen += 1;
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csv_of_station_hours_goes_into_a_topic_in_time_order() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("stations.csv");
+    // Out of order in the file, local Hanoi times (UTC+7), one unreadable time.
+    std::fs::write(
+        &file,
+        "station,time,pm25\n\
+         hk-01,2026-01-01 08:00:00,41.5\n\
+         hk-01,2026-01-01 06:00:00,35.0\n\
+         cg-02,2026-01-01 07:00:00,52.25\n\
+         hk-01,2026-01-01 07:00:00,38.0\n\
+         cg-02,yesterday,10.0\n\
+         cg-02,2026-01-01 06:00:00,49.0\n",
+    )?;
+    let summary = replay(&args(&cluster, &file, "stations")).await?;
+    assert_eq!(summary.produced, 5);
+    assert_eq!(summary.skipped, 1);
+    assert_eq!(summary.first_skipped.as_deref(), Some("yesterday"));
+    // 2026-01-01 06:00 at UTC+7 is 2025-12-31 23:00 UTC.
+    let six = 1_767_222_000_000_i64;
+    assert_eq!(summary.span_ms, Some((six, six + 2 * 3_600_000)));
+
+    let records = read_all(&cluster, "stations", 5).await?;
+    let mut by_station: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
+    for rows in records.values() {
+        for (key, value) in rows {
+            assert_eq!(
+                value["sensor_id"],
+                key.as_str(),
+                "keyed by station: {value}"
+            );
+            by_station.entry(key.clone()).or_default().push((
+                value["event_time"].as_i64().expect("epoch ms"),
+                value["pm25"].as_f64().expect("pm25"),
+            ));
+        }
+    }
+    let hour = 3_600_000;
+    assert_eq!(
+        by_station,
+        BTreeMap::from([
+            ("cg-02".to_string(), vec![(six, 49.0), (six + hour, 52.25)]),
+            (
+                "hk-01".to_string(),
+                vec![(six, 35.0), (six + hour, 38.0), (six + 2 * hour, 41.5)]
+            ),
+        ]),
+        "each station's readings in event-time order, times in UTC milliseconds"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speedup_paces_records_by_event_time_and_bad_options_are_named() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("two_hours.jsonl");
+    std::fs::write(
+        &file,
+        "{\"station\":\"hk-01\",\"time\":1767222000,\"pm25\":35.0}\n\
+         {\"station\":\"hk-01\",\"time\":1767225600,\"pm25\":38.0}\n\
+         {\"station\":\"hk-01\",\"time\":1767229200,\"pm25\":41.5}\n",
+    )?;
+    let mut paced = args(&cluster, &file, "paced");
+    paced.time_unit = "s".into();
+    // Two hours of event time at 7 200× is one second.
+    paced.speedup = Some(7_200.0);
+    let started = Instant::now();
+    let summary = replay(&paced).await?;
+    assert_eq!(summary.produced, 3);
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "not paced: {:?}",
+        started.elapsed()
+    );
+    let records = read_all(&cluster, "paced", 3).await?;
+    let times: Vec<i64> = records
+        .values()
+        .flatten()
+        .map(|(_, v)| v["event_time"].as_i64().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        times,
+        vec![1_767_222_000_000, 1_767_225_600_000, 1_767_229_200_000]
+    );
+
+    let mut bad = args(&cluster, &file, "paced");
+    bad.rename = vec!["stationid=sensor_id".into()];
+    let e = replay(&bad).await.expect_err("unknown column");
+    assert!(e.to_string().contains("has no column stationid"), "{e}");
+    let mut bad = args(&cluster, &file.with_extension("parquet"), "paced");
+    bad.rename = Vec::new();
+    let e = replay(&bad).await.expect_err("parquet");
+    assert!(e.to_string().contains("Parquet is not read yet"), "{e}");
+    Ok(())
+}
