@@ -450,14 +450,53 @@ pub const DETECTORS: [(SeriesKind, f64, f64); 5] = [
     (SeriesKind::Score, 5.0, 2.0),
 ];
 
-/// Alert start times of one detector (or health check) over one series.
-fn alert_starts(kind: SeriesKind, raise: f64, clear: f64, s: &Series) -> Result<Vec<(i64, i64)>> {
+/// The UTC offset of the built-in set's local days (Hanoi, UTC+7): its daily profiles follow
+/// local hours. A labelled CSV is read with the offset given (the SQL functions' default,
+/// 0, unless told otherwise).
+pub const HANOI_UTC_OFFSET_MS: i64 = 7 * 3_600_000;
+
+/// One reading as a detector saw it: its time, value, score (`|score|`; none while warming
+/// up or without a reading) and whether an alert was active after it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PointScore {
+    /// Reading time, epoch ms.
+    pub t: i64,
+    /// The reading.
+    pub value: Option<f64>,
+    /// `|score|` (a health check: 1 for a fault, 0 otherwise).
+    pub score: Option<f64>,
+    /// Whether the alert rule's alert was active after this reading.
+    pub alert: bool,
+}
+
+/// Alert start times of one detector (or health check) over one series, with daily and
+/// weekly profiles in local time at `utc_offset_ms`.
+fn alert_starts(
+    kind: SeriesKind,
+    raise: f64,
+    clear: f64,
+    s: &Series,
+    utc_offset_ms: i64,
+) -> Result<Vec<(i64, i64)>> {
+    run_series(kind, raise, clear, s, utc_offset_ms, |_| {})
+}
+
+/// Runs one detector (or health check) over one series, one reading at a time as the stream
+/// engine does, calling `point` with each reading's score; returns the alert windows.
+fn run_series(
+    kind: SeriesKind,
+    raise: f64,
+    clear: f64,
+    s: &Series,
+    utc_offset_ms: i64,
+    mut point: impl FnMut(PointScore),
+) -> Result<Vec<(i64, i64)>> {
     let params: Vec<datafusion::common::ScalarValue> = match kind {
-        SeriesKind::Score => vec![interval(7 * 3_600_000)],
+        SeriesKind::Score => vec![interval(utc_offset_ms)],
         SeriesKind::Seasonal => vec![
             datafusion::common::ScalarValue::from("day"),
             interval(15 * MIN),
-            interval(7 * 3_600_000),
+            interval(utc_offset_ms),
         ],
         SeriesKind::OutOfRange | SeriesKind::Jump => {
             vec![datafusion::common::ScalarValue::from(s.quantity)]
@@ -501,6 +540,12 @@ fn alert_starts(kind: SeriesKind, raise: f64, clear: f64, s: &Series) -> Result<
             Some(AlertTransition::Cleared) => out.extend(open.take().map(|o| (o, *t))),
             _ => {}
         }
+        point(PointScore {
+            t: *t,
+            value: *x,
+            score,
+            alert: open.is_some(),
+        });
     }
     out.extend(open.map(|o| (o, s.times.last().copied().unwrap_or(o))));
     Ok(out)
@@ -508,6 +553,49 @@ fn alert_starts(kind: SeriesKind, raise: f64, clear: f64, s: &Series) -> Result<
 
 fn interval(ms: i64) -> datafusion::common::ScalarValue {
     datafusion::common::ScalarValue::new_interval_mdn(0, (ms / DAY) as i32, (ms % DAY) * 1_000_000)
+}
+
+/// Writes every reading of the labelled series (the detectors' targets) as each detector
+/// scored it: CSV `series,timestamp,value,label,detector,score,alert` (timestamp epoch ms,
+/// label 1 inside a labelled window, score `|score|` or empty while warming up, alert 1
+/// while the alert rule's alert is active). Returns the rows written.
+pub fn write_scores(
+    set: &[Series],
+    utc_offset_ms: i64,
+    out: &mut impl std::io::Write,
+) -> Result<usize> {
+    let io = |e: std::io::Error| Error::Config(format!("writing scores: {e}"));
+    writeln!(out, "series,timestamp,value,label,detector,score,alert").map_err(io)?;
+    let mut rows = 0;
+    for s in set.iter().filter(|s| s.target == Target::Anomaly) {
+        let labelled = |t: i64| s.windows.iter().any(|(a, b)| *a <= t && t <= *b);
+        for (kind, raise, clear) in DETECTORS {
+            let mut failed = None;
+            run_series(kind, raise, clear, s, utc_offset_ms, |p| {
+                if failed.is_some() {
+                    return;
+                }
+                let value = p.value.map_or(String::new(), |v| v.to_string());
+                let score = p.score.map_or(String::new(), |v| format!("{v:.6}"));
+                if let Err(e) = writeln!(
+                    out,
+                    "{},{},{value},{},{},{score},{}",
+                    s.name.replace(',', ";"),
+                    p.t,
+                    u8::from(labelled(p.t)),
+                    kind.name(),
+                    u8::from(p.alert)
+                ) {
+                    failed = Some(e);
+                }
+                rows += 1;
+            })?;
+            if let Some(e) = failed {
+                return Err(io(e));
+            }
+        }
+    }
+    Ok(rows)
 }
 
 /// Evaluates `kind` over every series it applies to; `tolerance_ms` after a window's end
@@ -518,6 +606,7 @@ pub fn evaluate(
     clear: f64,
     set: &[Series],
     tolerance_ms: i64,
+    utc_offset_ms: i64,
 ) -> Result<DetectorReport> {
     let mut report = DetectorReport {
         detector: kind.name().to_string(),
@@ -543,7 +632,7 @@ pub fn evaluate(
             continue;
         }
         days += (s.times.last().unwrap_or(&0) - s.times.first().unwrap_or(&0)) as f64 / DAY as f64;
-        let alerts = alert_starts(kind, raise, clear, s)?;
+        let alerts = alert_starts(kind, raise, clear, s, utc_offset_ms)?;
         report.alerts += alerts.len();
         report.false_alerts += alerts
             .iter()
@@ -590,10 +679,21 @@ fn ratio(a: usize, b: usize) -> f64 {
 }
 
 /// Every detector and health check over `set`.
-pub fn evaluate_all(set: &[Series], tolerance_ms: i64) -> Result<Vec<DetectorReport>> {
+pub fn evaluate_all(
+    set: &[Series],
+    tolerance_ms: i64,
+    utc_offset_ms: i64,
+) -> Result<Vec<DetectorReport>> {
     let mut out = Vec::new();
     for (kind, raise, clear) in DETECTORS {
-        out.push(evaluate(kind, raise, clear, set, tolerance_ms)?);
+        out.push(evaluate(
+            kind,
+            raise,
+            clear,
+            set,
+            tolerance_ms,
+            utc_offset_ms,
+        )?);
     }
     for kind in [
         SeriesKind::Stuck,
@@ -602,7 +702,7 @@ pub fn evaluate_all(set: &[Series], tolerance_ms: i64) -> Result<Vec<DetectorRep
         SeriesKind::Jump,
     ] {
         if set.iter().any(|s| s.target == Target::Fault(kind)) {
-            out.push(evaluate(kind, 1.0, 0.0, set, tolerance_ms)?);
+            out.push(evaluate(kind, 1.0, 0.0, set, tolerance_ms, utc_offset_ms)?);
         }
     }
     Ok(out)
@@ -674,7 +774,7 @@ mod tests {
     #[test]
     fn health_checks_find_their_faults_and_the_default_detector_finds_incidents() {
         let set = builtin(1);
-        let reports = evaluate_all(&set, 30 * MIN).expect("evaluate");
+        let reports = evaluate_all(&set, 30 * MIN, HANOI_UTC_OFFSET_MS).expect("evaluate");
         let get = |name: &str| reports.iter().find(|r| r.detector == name).expect(name);
         for check in [
             "sensor_stuck",
@@ -717,7 +817,7 @@ mod tests {
                 assert!(!s.times.iter().any(|t| t > a && t < b), "{}", s.name);
             }
         }
-        let reports = evaluate_all(&set, 30 * MIN).expect("evaluate");
+        let reports = evaluate_all(&set, 30 * MIN, HANOI_UTC_OFFSET_MS).expect("evaluate");
         let missing = reports
             .iter()
             .find(|r| r.detector == "sensor_missing")
@@ -739,5 +839,56 @@ mod tests {
         assert_eq!(set[0].windows, vec![(60_000, 120_000)]);
         assert_eq!(set[1].values, vec![None]);
         assert!(from_csv(&dir.path().join("missing.csv")).is_err());
+    }
+
+    #[test]
+    fn per_point_scores_cover_every_reading_of_every_detector() {
+        // Ten hours of a steady reading with a labelled spike near the end.
+        let times: Vec<i64> = (0..600).map(|i| START + i * MIN).collect();
+        let values: Vec<Option<f64>> = (0..600)
+            .map(|i| {
+                Some(if (560..566).contains(&i) {
+                    100.0
+                } else {
+                    10.0 + (i % 7) as f64 * 0.3
+                })
+            })
+            .collect();
+        let set = vec![Series {
+            name: "steady/one".into(),
+            windows: vec![(times[560], times[565])],
+            times,
+            values,
+            target: Target::Anomaly,
+            quantity: "",
+        }];
+        let mut out = Vec::new();
+        let rows = write_scores(&set, HANOI_UTC_OFFSET_MS, &mut out).expect("scores");
+        assert_eq!(rows, 600 * DETECTORS.len());
+        let text = String::from_utf8(out).expect("utf8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "series,timestamp,value,label,detector,score,alert"
+        );
+        assert_eq!(lines.len(), rows + 1);
+        // The default detector alerts inside the labelled window; its first readings warm up
+        // (no score).
+        let default: Vec<Vec<&str>> = lines[1..]
+            .iter()
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .filter(|f| f[4] == "anomaly_score")
+            .collect();
+        assert_eq!(default.len(), 600);
+        assert_eq!(
+            default[0][5], "",
+            "a score during warm-up: {:?}",
+            default[0]
+        );
+        assert!(
+            default.iter().any(|f| f[3] == "1" && f[6] == "1"),
+            "no alert inside the labelled window"
+        );
+        assert_eq!(default.iter().filter(|f| f[3] == "1").count(), 6);
     }
 }

@@ -140,6 +140,35 @@ pub struct EvaluateArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Also write every reading as each detector scored it, as CSV
+    /// (`series,timestamp,value,label,detector,score,alert`).
+    #[arg(long)]
+    pub scores: Option<std::path::PathBuf>,
+    /// UTC offset of the series' local days, for the detectors' daily profiles, as the SQL
+    /// functions take it (e.g. `+07:00`, `-05:00`). Default: `+07:00` for the built-in
+    /// (Hanoi) set, `+00:00` (the SQL functions' default) for `--data`.
+    #[arg(long, value_parser = utc_offset)]
+    pub utc_offset: Option<i64>,
+}
+
+/// A UTC offset `±HH:MM` (or `0`), in milliseconds.
+fn utc_offset(text: &str) -> std::result::Result<i64, String> {
+    let t = text.trim();
+    if t == "0" || t.eq_ignore_ascii_case("z") {
+        return Ok(0);
+    }
+    let bad = || format!("{text} is not a UTC offset: write e.g. +07:00 or -05:00");
+    let (sign, rest) = match t.as_bytes().first() {
+        Some(b'+') => (1, &t[1..]),
+        Some(b'-') => (-1, &t[1..]),
+        _ => return Err(bad()),
+    };
+    let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
+    let (h, m): (i64, i64) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 14 || m > 59 {
+        return Err(bad());
+    }
+    Ok(sign * (h * 3_600_000 + m * 60_000))
 }
 
 /// A finite number above 0.
@@ -366,7 +395,12 @@ fn evaluate(args: EvaluateArgs) -> Result<()> {
         set.len(),
         humantime::format_duration(args.tolerance)
     );
-    let reports = eval::evaluate_all(&set, args.tolerance.as_millis() as i64)?;
+    let offset = args.utc_offset.unwrap_or(if args.data.is_some() {
+        0
+    } else {
+        eval::HANOI_UTC_OFFSET_MS
+    });
+    let reports = eval::evaluate_all(&set, args.tolerance.as_millis() as i64, offset)?;
     print!("{}", eval::table(&reports));
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&reports)
@@ -374,6 +408,15 @@ fn evaluate(args: EvaluateArgs) -> Result<()> {
         std::fs::write(path, json)
             .map_err(|e| crate::error::Error::Config(format!("{}: {e}", path.display())))?;
         println!("\nwrote {}", path.display());
+    }
+    if let Some(path) = &args.scores {
+        let file = std::fs::File::create(path)
+            .map_err(|e| crate::error::Error::Config(format!("{}: {e}", path.display())))?;
+        let mut out = std::io::BufWriter::new(file);
+        let rows = eval::write_scores(&set, offset, &mut out)?;
+        std::io::Write::flush(&mut out)
+            .map_err(|e| crate::error::Error::Config(format!("{}: {e}", path.display())))?;
+        println!("wrote {rows} scored readings to {}", path.display());
     }
     Ok(())
 }
@@ -535,4 +578,18 @@ async fn broker(args: BrokerArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_offsets_are_read_as_the_sql_functions_take_them() {
+        assert_eq!(utc_offset("+07:00"), Ok(7 * 3_600_000));
+        assert_eq!(utc_offset("-05:30"), Ok(-(5 * 3_600_000 + 30 * 60_000)));
+        assert_eq!(utc_offset("0"), Ok(0));
+        assert!(utc_offset("7").is_err());
+        assert!(utc_offset("+25:00").is_err());
+    }
 }
