@@ -143,6 +143,19 @@ async fn speedup_paces_records_by_event_time_and_bad_options_are_named() -> anyh
         vec![1_767_222_000_000, 1_767_225_600_000, 1_767_229_200_000]
     );
 
+    // Every time readable: the CSV reader takes the column for timestamps without a zone,
+    // which are local times in --time-zone all the same.
+    let local = dir.path().join("local.csv");
+    std::fs::write(
+        &local,
+        "station,time,pm25\nhk-01,2026-01-01 06:00:00,35.0\n",
+    )?;
+    let summary = replay(&args(&cluster, &local, "local")).await?;
+    assert_eq!(
+        summary.span_ms,
+        Some((1_767_222_000_000, 1_767_222_000_000))
+    );
+
     let mut bad = args(&cluster, &file, "paced");
     bad.rename = vec!["stationid=sensor_id".into()];
     let e = replay(&bad).await.expect_err("unknown column");

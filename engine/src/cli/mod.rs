@@ -6,6 +6,7 @@
 
 pub mod demo;
 pub mod replay;
+pub mod run;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,6 +82,13 @@ pub enum Command {
     /// --topic city.air.readings --rename station=sensor_id --time event_time \
     /// --time-zone +07:00 --key sensor_id`
     Replay(replay::ReplayArgs),
+    /// Run a stream query over a CSV or JSON-lines file, offline, without Kafka: the file's
+    /// rows are the stream's records (validated by its schema), every window closes at the
+    /// end of the file; prints the first output rows and what was rejected or late.
+    ///
+    /// Example: `urbanstream run --query busy.sql --input detections.csv \
+    /// --rename time=event_time --time-zone +07:00`
+    Run(run::RunArgs),
     /// Print the records of a topic as they arrive (values, one per line), from the beginning
     /// or from the end.
     ///
@@ -364,6 +372,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Evaluate(args) => evaluate(args),
+        Command::Run(args) => {
+            let summary = run::run_file(&args).await?;
+            print!("{}", run::report(&summary)?);
+            Ok(())
+        }
         Command::Bench(args) => crate::bench::run(args).await,
         Command::BenchEngine(args) => crate::bench::child::run(args).await,
     }

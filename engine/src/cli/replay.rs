@@ -90,105 +90,13 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
             )));
         }
     };
-    let renames: Vec<(String, String)> = args
-        .rename
-        .iter()
-        .map(|r| {
-            r.split_once('=')
-                .map(|(a, b)| (a.trim().to_string(), b.trim().to_string()))
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "--rename {r}: write old=new, e.g. station=sensor_id"
-                    ))
-                })
-        })
-        .collect::<Result<_>>()?;
-    let ctx = SessionContext::new();
-    let path = args.file.display().to_string();
-    let extension = args
-        .file
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    match extension.as_str() {
-        "csv" => {
-            ctx.register_csv("input", &path, CsvReadOptions::new())
-                .await?
-        }
-        "jsonl" | "ndjson" | "json" => {
-            ctx.register_json(
-                "input",
-                &path,
-                JsonReadOptions::default().file_extension(&format!(".{extension}")),
-            )
-            .await?
-        }
-        "parquet" => {
-            return Err(Error::Config(format!(
-                "{path}: Parquet is not read yet (this build of DataFusion has no Parquet \
-                 reader); convert it to CSV or JSON lines"
-            )));
-        }
-        _ => {
-            return Err(Error::Config(format!(
-                "{path}: the file's extension says neither .csv nor .jsonl (.ndjson, .json)"
-            )));
-        }
-    }
-    let table = ctx.table("input").await?;
-    let columns: Vec<String> = table
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    for (old, _) in &renames {
-        if !columns.contains(old) {
-            return Err(Error::Config(format!(
-                "--rename {old}=…: {path} has no column {old} (columns: {})",
-                columns.join(", ")
-            )));
-        }
-    }
-    let renamed = |c: &String| {
-        renames
-            .iter()
-            .find(|(old, _)| old == c)
-            .map_or(c.clone(), |(_, new)| new.clone())
-    };
-    let names: Vec<String> = columns.iter().map(renamed).collect();
-    for (what, column) in [("--time", &args.time), ("--key", &args.key)] {
-        if let Some(c) = column
-            && !names.contains(c)
-        {
-            return Err(Error::Config(format!(
-                "{what} {c}: {path} has no column {c} (columns after renaming: {})",
-                names.join(", ")
-            )));
-        }
-    }
-    let select: Vec<String> = columns
-        .iter()
-        .zip(&names)
-        .map(|(c, n)| {
-            format!(
-                "\"{}\" AS \"{}\"",
-                c.replace('"', "\"\""),
-                n.replace('"', "\"\"")
-            )
-        })
-        .collect();
-    let mut sql = format!("SELECT {} FROM input", select.join(", "));
-    if let Some(time) = &args.time {
-        let original = columns
-            .iter()
-            .zip(&names)
-            .find(|(_, n)| *n == time)
-            .map_or(time.clone(), |(c, _)| c.clone());
-        sql.push_str(&format!(" ORDER BY \"{}\"", original.replace('"', "\"\"")));
-    }
-    let mut stream = ctx.sql(&sql).await?.execute_stream().await?;
+    let mut stream = open_file(
+        &args.file,
+        &args.rename,
+        args.time.as_deref(),
+        args.key.as_deref(),
+    )
+    .await?;
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
@@ -273,6 +181,114 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
     Ok(summary)
 }
 
+/// Opens `file` (CSV or JSON lines) as a stream of batches, columns renamed by `rename`
+/// (`old=new`), ordered by the `time` column when given; `time` and `key` must name columns
+/// after renaming.
+pub(crate) async fn open_file(
+    file: &std::path::Path,
+    rename: &[String],
+    time: Option<&str>,
+    key: Option<&str>,
+) -> Result<datafusion::physical_plan::SendableRecordBatchStream> {
+    let renames: Vec<(String, String)> = rename
+        .iter()
+        .map(|r| {
+            r.split_once('=')
+                .map(|(a, b)| (a.trim().to_string(), b.trim().to_string()))
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "--rename {r}: write old=new, e.g. station=sensor_id"
+                    ))
+                })
+        })
+        .collect::<Result<_>>()?;
+    let ctx = SessionContext::new();
+    let path = file.display().to_string();
+    let extension = file
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    match extension.as_str() {
+        "csv" => {
+            ctx.register_csv("input", &path, CsvReadOptions::new())
+                .await?
+        }
+        "jsonl" | "ndjson" | "json" => {
+            ctx.register_json(
+                "input",
+                &path,
+                JsonReadOptions::default().file_extension(&format!(".{extension}")),
+            )
+            .await?
+        }
+        "parquet" => {
+            return Err(Error::Config(format!(
+                "{path}: Parquet is not read yet (this build of DataFusion has no Parquet \
+                 reader); convert it to CSV or JSON lines"
+            )));
+        }
+        _ => {
+            return Err(Error::Config(format!(
+                "{path}: the file's extension says neither .csv nor .jsonl (.ndjson, .json)"
+            )));
+        }
+    }
+    let table = ctx.table("input").await?;
+    let columns: Vec<String> = table
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    for (old, _) in &renames {
+        if !columns.contains(old) {
+            return Err(Error::Config(format!(
+                "--rename {old}=…: {path} has no column {old} (columns: {})",
+                columns.join(", ")
+            )));
+        }
+    }
+    let renamed = |c: &String| {
+        renames
+            .iter()
+            .find(|(old, _)| old == c)
+            .map_or(c.clone(), |(_, new)| new.clone())
+    };
+    let names: Vec<String> = columns.iter().map(renamed).collect();
+    for (what, column) in [("--time", time), ("--key", key)] {
+        if let Some(c) = column
+            && !names.iter().any(|n| n == c)
+        {
+            return Err(Error::Config(format!(
+                "{what} {c}: {path} has no column {c} (columns after renaming: {})",
+                names.join(", ")
+            )));
+        }
+    }
+    let select: Vec<String> = columns
+        .iter()
+        .zip(&names)
+        .map(|(c, n)| {
+            format!(
+                "\"{}\" AS \"{}\"",
+                c.replace('"', "\"\""),
+                n.replace('"', "\"\"")
+            )
+        })
+        .collect();
+    let mut sql = format!("SELECT {} FROM input", select.join(", "));
+    if let Some(time) = time {
+        let original = columns
+            .iter()
+            .zip(&names)
+            .find(|(_, n)| n.as_str() == time)
+            .map_or(time.to_string(), |(c, _)| c.clone());
+        sql.push_str(&format!(" ORDER BY \"{}\"", original.replace('"', "\"\"")));
+    }
+    Ok(ctx.sql(&sql).await?.execute_stream().await?)
+}
+
 /// Waits for deliveries; how many were acknowledged (the first failure is returned).
 async fn acknowledged(deliveries: Vec<rdkafka::producer::DeliveryFuture>) -> Result<u64> {
     let mut n = 0;
@@ -290,10 +306,28 @@ async fn acknowledged(deliveries: Vec<rdkafka::producer::DeliveryFuture>) -> Res
     Ok(n)
 }
 
+/// Epoch milliseconds of time texts (RFC 3339, or without a zone: local time in `zone`);
+/// an unreadable text becomes null.
+fn local_ms(text: &ArrayRef, zone: &str) -> Result<ArrayRef> {
+    let options = datafusion::arrow::compute::CastOptions {
+        safe: true,
+        ..Default::default()
+    };
+    let parsed = datafusion::arrow::compute::cast_with_options(
+        text,
+        &DataType::Timestamp(TimeUnit::Millisecond, Some(zone.into())),
+        &options,
+    )?;
+    Ok(cast(
+        &cast(&parsed, &DataType::Timestamp(TimeUnit::Millisecond, None))?,
+        &DataType::Int64,
+    )?)
+}
+
 /// `batch` with column `time` as epoch milliseconds (a timestamp column in the output, so
 /// that JSON carries numbers), rows without a readable time left out (counted in `summary`);
 /// and those milliseconds.
-fn with_epoch_ms(
+pub(crate) fn with_epoch_ms(
     batch: &RecordBatch,
     time: &str,
     unit_ms: Option<i64>,
@@ -307,26 +341,17 @@ fn with_epoch_ms(
     };
     let column = batch.column(index);
     let ms: ArrayRef = match column.data_type() {
-        DataType::Timestamp(..) | DataType::Date32 | DataType::Date64 => cast(
+        // A time the file's reader took for a timestamp without a zone (CSV inference reads
+        // `2026-01-01 06:00` so) is local time in `zone`, as its text would be.
+        DataType::Timestamp(_, None) | DataType::Date64 => {
+            local_ms(&cast(column, &DataType::Utf8)?, zone)?
+        }
+        DataType::Timestamp(..) | DataType::Date32 => cast(
             &cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?,
             &DataType::Int64,
         )?,
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
-            // Safe cast: an unreadable text becomes null, counted below.
-            let options = datafusion::arrow::compute::CastOptions {
-                safe: true,
-                ..Default::default()
-            };
-            let text = cast(column, &DataType::Utf8)?;
-            let parsed = datafusion::arrow::compute::cast_with_options(
-                &text,
-                &DataType::Timestamp(TimeUnit::Millisecond, Some(zone.into())),
-                &options,
-            )?;
-            cast(
-                &cast(&parsed, &DataType::Timestamp(TimeUnit::Millisecond, None))?,
-                &DataType::Int64,
-            )?
+            local_ms(&cast(column, &DataType::Utf8)?, zone)?
         }
         _ => {
             let n = cast(column, &DataType::Int64)?;

@@ -1,0 +1,349 @@
+//! `urbanstream run`: a stream query over a file, offline, without Kafka.
+//!
+//! The file's rows become the records of the query's stream through the code the service
+//! uses: encoded as JSON, decoded and validated by the stream's schema (a row the schema
+//! rejects is counted with its reason, as the DLQ would get it), fed in event-time order to
+//! the planned query micro-batch by micro-batch, with processing time following the data.
+//! At the end of the file every window closes, as at the end of a batch run. Analysts try a
+//! query on a CSV before registering it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+use datafusion::arrow::array::RecordBatch;
+use futures::StreamExt;
+
+use crate::decode::JsonDecoder;
+use crate::error::{Error, Result};
+use crate::pipeline::Topics;
+use crate::plan::city_context;
+use crate::plan::stream::{StreamContext, StreamQuery};
+use crate::schema::SchemaRegistry;
+use crate::source::RawBatch;
+
+/// Options of `run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// The query: a file of SQL statements (`CREATE EXTERNAL TABLE …`, `SET urbanstream.…`,
+    /// then one stream query), as registered with the service.
+    #[arg(long)]
+    pub query: PathBuf,
+    /// The input: a CSV (with a header) or JSON-lines file whose rows are the records of the
+    /// query's stream.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Renames a column of the file to the stream's field: `--rename station=sensor_id`
+    /// (repeatable).
+    #[arg(long)]
+    pub rename: Vec<String>,
+    /// Unit of a numeric event-time column: `s`, `ms` or `us`.
+    #[arg(long, default_value = "ms")]
+    pub time_unit: String,
+    /// Time zone of event-time texts written without one (`+07:00`, `Asia/Ho_Chi_Minh`).
+    #[arg(long, default_value = "+00:00")]
+    pub time_zone: String,
+    /// Output rows shown (all of them are counted and written to `--output`).
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Writes every output row here, as JSON lines.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+/// What a run gave.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    /// Rows read from the file.
+    pub input_rows: u64,
+    /// Rows the stream's schema rejected (the DLQ's records in the service).
+    pub rejected: u64,
+    /// The first rejection's reason.
+    pub first_rejection: Option<String>,
+    /// Rows without a readable event time (not fed).
+    pub unreadable_time: u64,
+    /// Rows diverted as late or future-stamped, by reason.
+    pub diverted: BTreeMap<String, u64>,
+    /// Output rows.
+    pub output_rows: u64,
+    /// The first `limit` output rows.
+    pub shown: Vec<RecordBatch>,
+}
+
+/// Runs `args.query` over `args.input`.
+pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
+    let sql = std::fs::read_to_string(&args.query)
+        .map_err(|e| Error::Config(format!("{}: {e}", args.query.display())))?;
+    let ctx = city_context(&Topics::default(), &SchemaRegistry::embedded()?)?;
+    let mut query: Option<StreamQuery> = None;
+    for statement in StreamContext::parse(&sql)? {
+        if let Some(q) = ctx.plan(statement).await? {
+            if query.is_some() {
+                return Err(Error::Config(format!(
+                    "{} holds more than one stream query: run them one at a time",
+                    args.query.display()
+                )));
+            }
+            query = Some(q);
+        }
+    }
+    let Some(mut query) = query else {
+        return Err(Error::Config(format!(
+            "{} holds no stream query (INSERT INTO <sink> SELECT … FROM <stream> …, or a SELECT)",
+            args.query.display()
+        )));
+    };
+    let source = query.source().clone();
+    let time = source.options.event_time.clone();
+    let unit_ms = match args.time_unit.as_str() {
+        "s" => Some(1_000),
+        "ms" => Some(1),
+        "us" => None,
+        other => {
+            return Err(Error::Config(format!(
+                "--time-unit {other}: write s, ms or us"
+            )));
+        }
+    };
+    let decoder = {
+        let d = JsonDecoder::new(source.topic_schema.clone());
+        match &time {
+            // The file's times are turned into epoch milliseconds before decoding.
+            Some(column) => {
+                d.with_event_time(column, datafusion::arrow::datatypes::TimeUnit::Millisecond)
+            }
+            None => d,
+        }
+    };
+    let mut stream =
+        super::replay::open_file(&args.input, &args.rename, time.as_deref(), None).await?;
+    let mut output = match &args.output {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?,
+        )),
+        None => None,
+    };
+    let mut summary = RunSummary::default();
+    let mut replay_summary = super::replay::ReplaySummary::default();
+    let mut now_ms = i64::MIN;
+    let mut offset = 0i64;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        summary.input_rows += batch.num_rows() as u64;
+        let batch = match &time {
+            Some(column) => {
+                let (batch, times) = super::replay::with_epoch_ms(
+                    &batch,
+                    column,
+                    unit_ms,
+                    &args.time_zone,
+                    &mut replay_summary,
+                )?;
+                // Processing time follows the data: nothing in the file is from the future.
+                if let Some(last) = (0..times.len()).map(|i| times.value(i)).max() {
+                    now_ms = now_ms.max(last);
+                }
+                batch
+            }
+            None => batch,
+        };
+        let (bytes, ends) = crate::sink::encode_json_rows(&batch)?;
+        let mut raw = RawBatch::new(source.options.topic.clone());
+        let mut start = 0;
+        for end in ends {
+            raw.push(0, offset, None, Some(&bytes[start..end]));
+            offset += 1;
+            start = end + 1;
+        }
+        let decoded = decoder.decode(&raw)?;
+        summary.rejected += decoded.rejects.len() as u64;
+        if summary.first_rejection.is_none() {
+            summary.first_rejection = decoded.rejects.first().map(|r| r.error.clone());
+        }
+        let partitions = vec![0; decoded.batch.num_rows()];
+        let offsets: Vec<i64> = decoded
+            .rows
+            .iter()
+            .map(|&r| raw.offsets[r as usize])
+            .collect();
+        let out = query
+            .process(&decoded.batch, &partitions, Some(&offsets), now_ms.max(0))
+            .await?;
+        take(&query, out, args.limit, &mut summary, output.as_mut())?;
+    }
+    summary.unreadable_time = replay_summary.skipped;
+    // The end of the file closes every window.
+    let out = query.advance_watermark(i64::MAX / 4, now_ms.max(0)).await?;
+    take(&query, out, args.limit, &mut summary, output.as_mut())?;
+    if let Some(mut w) = output {
+        w.flush()
+            .map_err(|e| Error::Config(format!("writing the output: {e}")))?;
+    }
+    Ok(summary)
+}
+
+/// Counts and keeps what one step gave.
+fn take(
+    query: &StreamQuery,
+    out: crate::plan::stream::StepOutput,
+    limit: usize,
+    summary: &mut RunSummary,
+    output: Option<&mut std::io::BufWriter<std::fs::File>>,
+) -> Result<()> {
+    for d in &out.diverted {
+        *summary
+            .diverted
+            .entry(d.reason.as_str().to_string())
+            .or_default() += 1;
+    }
+    let mut output = output;
+    for rows in out.rows {
+        let rows = match query.sink() {
+            Some(sink) => crate::sink::conform_stream(&rows, &sink.topic_schema)?,
+            None => rows,
+        };
+        if rows.num_rows() == 0 {
+            continue;
+        }
+        summary.output_rows += rows.num_rows() as u64;
+        let shown: usize = summary.shown.iter().map(RecordBatch::num_rows).sum();
+        if shown < limit {
+            summary
+                .shown
+                .push(rows.slice(0, (limit - shown).min(rows.num_rows())));
+        }
+        if let Some(w) = output.as_deref_mut() {
+            let (bytes, _) = crate::sink::encode_json_rows(&rows)?;
+            w.write_all(&bytes)
+                .map_err(|e| Error::Config(format!("writing the output: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// The summary and rows of a run, for the terminal.
+pub fn report(summary: &RunSummary) -> Result<String> {
+    let mut out = String::new();
+    if !summary.shown.is_empty() {
+        out.push_str(
+            &datafusion::arrow::util::pretty::pretty_format_batches(&summary.shown)?.to_string(),
+        );
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "{} input rows, {} output rows",
+        summary.input_rows, summary.output_rows
+    ));
+    if summary.output_rows > summary.shown.iter().map(|b| b.num_rows() as u64).sum() {
+        out.push_str(" (the first shown; --limit, --output for all)");
+    }
+    out.push('\n');
+    if summary.rejected > 0 {
+        out.push_str(&format!(
+            "{} rows rejected by the stream's schema (the first: {})\n",
+            summary.rejected,
+            summary.first_rejection.as_deref().unwrap_or("")
+        ));
+    }
+    if summary.unreadable_time > 0 {
+        out.push_str(&format!(
+            "{} rows without a readable event time (see --time-unit, --time-zone)\n",
+            summary.unreadable_time
+        ));
+    }
+    for (reason, n) in &summary.diverted {
+        out.push_str(&format!("{n} rows diverted: {reason}\n"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_query_runs_over_a_csv_as_over_its_topic() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let query = dir.path().join("busy.sql");
+        std::fs::write(
+            &query,
+            "CREATE EXTERNAL TABLE busy (segment_id VARCHAR NOT NULL, window_start TIMESTAMP \
+             NOT NULL, n BIGINT NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'busy'); \
+             INSERT INTO busy SELECT segment_id, window_start, count(*) AS n FROM camera_events \
+             GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id",
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let input = dir.path().join("cameras.csv");
+        std::fs::write(
+            &input,
+            "cam,segment,time,kind,class,confidence\n\
+             cam-0001,kim_ma_w,2026-01-01 06:00:05,detection,car,0.9\n\
+             cam-0001,kim_ma_w,2026-01-01 06:00:45,detection,motorbike,0.9\n\
+             cam-0002,xuan_thuy,2026-01-01 06:00:10,detection,bus,0.8\n\
+             cam-0001,kim_ma_w,2026-01-01 06:01:15,detection,hovercraft,0.9\n\
+             cam-0001,kim_ma_w,2026-01-01 06:01:20,detection,car,0.9\n",
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let args = RunArgs {
+            query,
+            input,
+            rename: [
+                "cam=camera_id",
+                "segment=segment_id",
+                "time=event_time",
+                "class=vehicle_class",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            time_unit: "ms".into(),
+            time_zone: "+07:00".into(),
+            limit: 10,
+            output: Some(dir.path().join("out.jsonl")),
+        };
+        let summary = run_file(&args).await?;
+        assert_eq!(summary.input_rows, 5);
+        assert_eq!(summary.rejected, 1, "the hovercraft");
+        assert!(
+            summary
+                .first_rejection
+                .as_deref()
+                .is_some_and(|e| e.contains("hovercraft")),
+            "{summary:?}"
+        );
+        assert_eq!(summary.output_rows, 3);
+        let written = std::fs::read_to_string(dir.path().join("out.jsonl"))
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let mut rows: Vec<serde_json::Value> = written
+            .lines()
+            .map(|l| serde_json::from_str(l).map_err(|e| Error::Config(e.to_string())))
+            .collect::<Result<_>>()?;
+        rows.sort_by_key(|r| (r["window_start"].as_i64(), r["segment_id"].to_string()));
+        // 06:00 at UTC+7 is 23:00 UTC the day before.
+        let six = 1_767_222_000_000_i64;
+        let got: Vec<(String, i64, i64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["segment_id"].as_str().unwrap_or_default().to_string(),
+                    r["window_start"].as_i64().unwrap_or_default(),
+                    r["n"].as_i64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("kim_ma_w".into(), six, 2),
+                ("xuan_thuy".into(), six, 1),
+                ("kim_ma_w".into(), six + 60_000, 1),
+            ]
+        );
+        let text = report(&summary)?;
+        assert!(text.contains("5 input rows, 3 output rows"), "{text}");
+        assert!(text.contains("1 rows rejected"), "{text}");
+        Ok(())
+    }
+}
