@@ -665,8 +665,18 @@ impl Pipeline {
         Ok(pipeline)
     }
 
-    /// Runs until `stop` is set, then publishes what is pending, flushes and commits.
+    /// Runs until `stop` is set, then publishes what is pending, flushes and commits. On an
+    /// error, a checkpoint still being written is waited for first, so that the next run
+    /// (or the next owner of the partitions) never finds it half written.
     pub async fn run(mut self, stop: Arc<AtomicBool>) -> Result<()> {
+        let result = self.run_until(stop).await;
+        if result.is_err() {
+            let _ = self.finish_writing().await;
+        }
+        result
+    }
+
+    async fn run_until(&mut self, stop: Arc<AtomicBool>) -> Result<()> {
         let mut topics: Vec<&String> = self.decoders.keys().collect();
         topics.sort();
         info!(

@@ -208,8 +208,10 @@ pub struct Emission {
 struct Pane {
     groups: Box<dyn GroupValues>,
     accumulators: Vec<Box<dyn GroupsAccumulator>>,
-    /// Over a changelog: the pane's input rows (row-encoded) with their multiplicity.
-    rows: HashMap<Box<[u8]>, u64>,
+    /// Over a changelog: the pane's input rows (row-encoded) with their multiplicity, in
+    /// byte order, so that a window's rows reach the accumulators in the same order every
+    /// time (floating-point sums, unordered `first_value` give the same value again).
+    rows: BTreeMap<Box<[u8]>, u64>,
     /// Step of the last update, per group.
     updated: Vec<u64>,
     /// Step of the last update of any group.
@@ -554,7 +556,7 @@ impl WindowOperator {
         Ok(Pane {
             groups: new_group_values(self.intern_schema.clone(), &GroupOrdering::None)?,
             accumulators: self.spec.new_accumulators()?,
-            rows: HashMap::new(),
+            rows: BTreeMap::new(),
             updated: Vec::new(),
             last_update: 0,
         })
