@@ -80,16 +80,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
     if let Some(partitions) = args.partitions {
         crate::broker::create_topics(&args.brokers, &[(args.topic.clone(), partitions)]).await?;
     }
-    let unit_ms: Option<i64> = match args.time_unit.as_str() {
-        "s" => Some(1_000),
-        "ms" => Some(1),
-        "us" => None,
-        other => {
-            return Err(Error::Config(format!(
-                "--time-unit {other}: write s, ms or us"
-            )));
-        }
-    };
+    let unit_ms = unit_ms(&args.time_unit)?;
     let mut stream = open_file(
         &args.file,
         &args.rename,
@@ -179,6 +170,18 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
     }
     summary.produced += acknowledged(inflight).await?;
     Ok(summary)
+}
+
+/// Milliseconds per unit of a numeric event-time column (`s`, `ms`); `None` for `us`.
+pub(crate) fn unit_ms(unit: &str) -> Result<Option<i64>> {
+    match unit {
+        "s" => Ok(Some(1_000)),
+        "ms" => Ok(Some(1)),
+        "us" => Ok(None),
+        other => Err(Error::Config(format!(
+            "--time-unit {other}: write s, ms or us"
+        ))),
+    }
 }
 
 /// Opens `file` (CSV or JSON lines) as a stream of batches, columns renamed by `rename`

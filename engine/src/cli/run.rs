@@ -96,16 +96,7 @@ pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
     };
     let source = query.source().clone();
     let time = source.options.event_time.clone();
-    let unit_ms = match args.time_unit.as_str() {
-        "s" => Some(1_000),
-        "ms" => Some(1),
-        "us" => None,
-        other => {
-            return Err(Error::Config(format!(
-                "--time-unit {other}: write s, ms or us"
-            )));
-        }
-    };
+    let unit_ms = super::replay::unit_ms(&args.time_unit)?;
     let decoder = {
         let d = JsonDecoder::new(source.topic_schema.clone());
         match &time {
