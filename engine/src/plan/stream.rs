@@ -37,25 +37,25 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_expr::ScalarFunctionExpr;
-use datafusion::physical_expr::expressions::{Column, Literal};
-use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::{ExecutionPlan, collect};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{Statement, TableObject};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
-use urbanstream_operators::window::{WINDOW_FUNCTIONS, WindowSpec, interval_ms};
+use urbanstream_operators::window::{WINDOW_FUNCTIONS, WindowSpec};
 
+use super::chain::Windowed;
 use super::feed::{Feed, FeedExec};
-use super::repartition::{KeyPlan, key_plan};
+use super::repartition::key_plan;
 use super::rewrite::rewrite_windows;
 use super::table::{KafkaTableFactory, StreamTable};
 use crate::checkpoint::{StateSnapshot, meta_field};
-use crate::state::WindowedAggregation;
 use crate::state::keyed::{KeyedHandle, replace_series_windows};
 use crate::state::session::SessionOperator;
 use crate::state::upsert::UpsertState;
-use crate::state::window::{AggregateSpec, Emission, WindowOperator};
+use crate::state::window::{Emission, WindowOperator};
 use crate::time::WatermarkTracker;
 
 extensions_options! {
@@ -471,7 +471,8 @@ impl StreamContext {
         refuse_streamless_union(&physical)?;
 
         // The aggregation over the stream, if any (aggregates within reference-table
-        // subqueries are part of the per-batch plan).
+        // subqueries are part of the per-batch plan); aggregations over its results are
+        // stages above it (see [`super::chain`]).
         let mut aggregates: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
         physical.apply(|node| {
             if node.downcast_ref::<AggregateExec>().is_some() && reads_stream(node) {
@@ -479,28 +480,7 @@ impl StreamContext {
             }
             Ok(TreeNodeRecursion::Continue)
         })?;
-        let windowed = match aggregates.as_slice() {
-            [] => None,
-            [single] => Some((single.clone(), single.clone())),
-            [top, bottom]
-                if top.downcast_ref::<AggregateExec>().is_some_and(|a| {
-                    matches!(
-                        a.mode(),
-                        AggregateMode::Final | AggregateMode::FinalPartitioned
-                    )
-                }) =>
-            {
-                Some((top.clone(), bottom.clone()))
-            }
-            _ => {
-                return plan_err!(
-                    "the query aggregates the stream twice (SELECT DISTINCT or a GROUP BY over \
-                     a windowed subquery), which stream queries do not support yet: publish \
-                     the windowed result to a topic and aggregate it in a second query reading \
-                     that topic"
-                );
-            }
-        };
+        let windowed = super::chain::lowest_aggregation(&aggregates)?;
         let task_ctx = Arc::new(TaskContext::from(&self.ctx.state()));
         let time_column = source.options.event_time.clone();
         let watermarks =
@@ -553,100 +533,30 @@ impl StreamContext {
                 keyed,
             });
         };
-        let (Some(top_agg), Some(bottom_agg)) = (
-            top.downcast_ref::<AggregateExec>(),
-            bottom.downcast_ref::<AggregateExec>(),
-        ) else {
-            return plan_err!("internal: aggregation not found");
-        };
-        match (top_agg.mode(), bottom_agg.mode()) {
-            (AggregateMode::Single | AggregateMode::SinglePartitioned, _)
-                if Arc::ptr_eq(&top, &bottom) => {}
-            (AggregateMode::Final | AggregateMode::FinalPartitioned, AggregateMode::Partial) => {}
-            (a, b) => {
-                return plan_err!(
-                    "the query aggregates the stream twice ({a:?} over {b:?}: SELECT DISTINCT \
-                     or a GROUP BY over a windowed subquery), which stream queries do not \
-                     support yet: publish the windowed result to a topic and aggregate it in a \
-                     second query reading that topic"
-                );
-            }
-        }
-        if bottom_agg.group_expr().has_grouping_set() {
-            return plan_err!("GROUPING SETS, CUBE and ROLLUP are not supported on streams");
-        }
-        let group_exprs = bottom_agg.group_expr().expr();
-        let mut window = None;
-        let mut groups = Vec::new();
-        for (i, (expr, _name)) in group_exprs.iter().enumerate() {
-            match expr.downcast_ref::<ScalarFunctionExpr>() {
-                Some(f) if WINDOW_FUNCTIONS.contains(&f.name()) => {
-                    window = Some((i, f.name().to_string(), f.args().to_vec()));
-                }
-                _ => groups.push(expr.clone()),
-            }
-        }
-        let Some((window_position, window_name, args)) = window else {
-            return plan_err!(
-                "an aggregation over an unbounded stream never finishes: add a window to GROUP BY, e.g. GROUP BY tumble({}, INTERVAL '1 minute'), …",
-                time_column.as_deref().unwrap_or("event_time")
-            );
-        };
+        let (spec, window_name) = super::chain::aggregate_spec(
+            &top,
+            &bottom,
+            time_column.as_deref().unwrap_or("event_time"),
+        )?;
         let Some(time_name) = time_column.clone() else {
             return plan_err!(
                 "{window_name}() needs an event-time column, but stream table {} declares none (OPTIONS ('event_time' '<column>'))",
                 source.name
             );
         };
-        let time = args[0].clone();
         // The event-time column itself, possibly cast to milliseconds; nothing computed.
-        let column = time.downcast_ref::<Column>().or_else(|| {
-            let cast = time
-                .downcast_ref::<datafusion::physical_expr::expressions::CastExpr>()
-                .map(|c| c.expr())
-                .or_else(|| {
-                    time.downcast_ref::<datafusion::physical_expr::expressions::TryCastExpr>()
-                        .map(|c| c.expr())
-                });
-            cast.and_then(|e| e.downcast_ref::<Column>())
-        });
-        match column {
+        match super::chain::time_column_of(&spec.time) {
             Some(c) if c.name() == time_name => {}
             _ => {
                 return plan_err!(
-                    "{window_name}() must be over the event-time column {time_name} of {}, got {time}",
-                    source.name
+                    "{window_name}() must be over the event-time column {time_name} of {}, got {}",
+                    source.name,
+                    spec.time
                 );
             }
         }
-        let intervals = args[1..]
-            .iter()
-            .map(|a| match a.downcast_ref::<Literal>() {
-                Some(l) => interval_ms(l.value()),
-                None => {
-                    plan_err!("{window_name}(): window sizes must be constant intervals, got {a}")
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let spec = WindowSpec::new(&window_name, &intervals)?;
-        let output_schema = top.schema();
-        let group_schema = Arc::new(Schema::new(
-            (0..group_exprs.len())
-                .filter(|i| *i != window_position)
-                .map(|i| output_schema.field(i).as_ref().clone())
-                .collect::<Vec<_>>(),
-        ));
-        let spec = AggregateSpec {
-            window: spec,
-            time,
-            groups,
-            window_position,
-            aggregates: unordered_input(bottom_agg.aggr_expr())?,
-            filters: bottom_agg.filter_expr().to_vec(),
-            output_schema: output_schema.clone(),
-            group_schema,
-        };
-        let lower = bottom_agg.input().clone();
+        let output_schema = spec.output_schema.clone();
+        let lower = bottom.children()[0].clone();
         refuse_window_calls_below(&lower)?;
         let upper_feed = Feed::default();
         let upper_leaf: Arc<dyn ExecutionPlan> = Arc::new(FeedExec::new(
@@ -664,6 +574,8 @@ impl StreamContext {
                 }
             })?
             .data;
+        let lateness_ms = i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX);
+        let next = super::chain::plan_chain(&upper, &upper_leaf, &upper_feed, &spec, lateness_ms)?;
         if matches!(spec.window, WindowSpec::Session { .. })
             && upper.exists(|n| {
                 Ok(n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
@@ -697,6 +609,11 @@ impl StreamContext {
         // key holds the column the topic is keyed by.
         let partition_local = keyed_local
             && names_column(&spec.groups, source_key.as_deref())
+            && next.as_ref().is_none_or(|n| {
+                n.stage
+                    .stages()
+                    .all(|w| names_column(&w.groups, source_key.as_deref()))
+            })
             && (!changelog
                 || source_key.as_ref().is_some_and(|k| {
                     source
@@ -718,7 +635,10 @@ impl StreamContext {
         let groups = spec.groups.clone();
         let sessions = matches!(spec.window, WindowSpec::Session { .. });
         let window_spec = spec.window;
-        let having = having_of(&upper, &upper_leaf)?;
+        let having = match next {
+            None => having_of(&upper, &upper_leaf)?,
+            Some(_) => None,
+        };
         // Without a key plan (grouping by a select alias or position, say), an old event is
         // tested against a session of its own, as before.
         let lateness_keys = if sessions && !groups.is_empty() {
@@ -757,6 +677,7 @@ impl StreamContext {
                 spec: window_spec,
                 lateness_keys,
                 having,
+                next: next.map(Box::new),
             }),
             upsert,
             task_ctx,
@@ -864,7 +785,7 @@ fn parse_setting(name: &str, value: &str) -> Result<Option<Duration>> {
 /// window yet and the query would fail on its first batch. DataFusion pushes a condition on
 /// group keys alone below an aggregation; the rewrite keeps `HAVING` conditions on the
 /// window's bounds above it (see [`super::rewrite`]), and this guards any other way there.
-fn refuse_window_calls_below(lower: &Arc<dyn ExecutionPlan>) -> Result<()> {
+pub(super) fn refuse_window_calls_below(lower: &Arc<dyn ExecutionPlan>) -> Result<()> {
     let mut found = false;
     lower.apply(|node| {
         node.apply_expressions(
@@ -894,7 +815,7 @@ fn refuse_window_calls_below(lower: &Arc<dyn ExecutionPlan>) -> Result<()> {
 }
 
 /// Whether `plan` reads the stream (holds its feed leaf).
-fn reads_stream(plan: &Arc<dyn ExecutionPlan>) -> bool {
+pub(super) fn reads_stream(plan: &Arc<dyn ExecutionPlan>) -> bool {
     let mut found = false;
     let _ = plan.apply(|n| {
         found |= n.downcast_ref::<FeedExec>().is_some();
@@ -935,7 +856,7 @@ fn refuse_streamless_union(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
 /// (`array_agg(x ORDER BY t)`) over input it has sorted and tells it so, and the aggregate
 /// then appends rows as they come; a window's rows arrive over many batches in any order, so
 /// each ordered aggregate is told its input is not ordered and orders it itself.
-fn unordered_input(
+pub(super) fn unordered_input(
     aggregates: &[Arc<datafusion::physical_expr::aggregate::AggregateFunctionExpr>],
 ) -> Result<Vec<Arc<datafusion::physical_expr::aggregate::AggregateFunctionExpr>>> {
     aggregates
@@ -1042,29 +963,9 @@ fn logical_reads_stream(plan: &LogicalPlan) -> bool {
     .unwrap_or(true)
 }
 
-struct Windowed {
-    operator: Box<dyn WindowedAggregation>,
-    upper: Arc<dyn ExecutionPlan>,
-    upper_feed: Feed,
-    /// Schema of the aggregation's output, which the upper plan reads.
-    upper_schema: SchemaRef,
-    /// Its group keys besides the window, over the lower plan's rows.
-    groups: Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
-    /// Whether the windows are sessions (whose rows may be retracted).
-    sessions: bool,
-    /// The window.
-    spec: WindowSpec,
-    /// For session windows grouped by keys: the group keys of source records, so that an old
-    /// record is tested for lateness against its key's live sessions.
-    lateness_keys: Option<KeyPlan>,
-    /// The `HAVING` condition over the window's rows: a revision that no longer passes it
-    /// withdraws its key and window.
-    having: Option<Having>,
-}
-
 /// How a `HAVING` condition over the window's rows is tested apart from the rest of the
 /// upper plan.
-struct Having {
+pub(super) struct Having {
     /// The plan under the condition (projections over the window's rows, row for row).
     input: Arc<dyn ExecutionPlan>,
     /// The condition, over `input`'s rows.
@@ -1076,7 +977,7 @@ struct Having {
 /// The `HAVING` filter over the window's rows in `upper` (read from `leaf`, with only
 /// projections between), with the plan without it; none when the upper plan holds keyed
 /// operators (their state cannot take a row back).
-fn having_of(
+pub(super) fn having_of(
     upper: &Arc<dyn ExecutionPlan>,
     leaf: &Arc<dyn ExecutionPlan>,
 ) -> Result<Option<Having>> {
@@ -1359,7 +1260,9 @@ impl StreamQuery {
     /// Whether it can be repartitioned: it aggregates over windows and keeps no detector
     /// state (whose keys would need their own partitioning).
     pub fn is_repartitionable(&self) -> bool {
-        self.windowed.is_some() && self.keyed.is_empty() && self.upsert.is_none()
+        self.windowed.as_ref().is_some_and(|w| w.next.is_none())
+            && self.keyed.is_empty()
+            && self.upsert.is_none()
     }
 
     /// Records that input `partition` has seen events up to `max_event_ms` (a progress record
@@ -1406,9 +1309,7 @@ impl StreamQuery {
 
     /// Entries held in state: (window, group) partials, and keys of detectors and alerts.
     pub fn state_groups(&self) -> usize {
-        self.windowed
-            .as_ref()
-            .map_or(0, |w| w.operator.group_count())
+        self.windowed.as_ref().map_or(0, Windowed::group_count)
             + self
                 .keyed
                 .iter()
@@ -1425,9 +1326,7 @@ impl StreamQuery {
             .values()
             .map(|p| 16 + p.len() * (std::mem::size_of::<(i32, i64)>() + 8))
             .sum();
-        self.windowed
-            .as_ref()
-            .map_or(0, |w| w.operator.state_bytes())
+        self.windowed.as_ref().map_or(0, Windowed::state_bytes)
             + self
                 .keyed
                 .iter()
@@ -1475,7 +1374,7 @@ impl StreamQuery {
             tables: Default::default(),
         };
         if let Some(w) = &mut self.windowed {
-            out.nest("window", w.operator.snapshot()?);
+            w.snapshot(&mut out)?;
         }
         if let Some(u) = &self.upsert {
             out.nest("upsert", u.snapshot()?);
@@ -1512,7 +1411,7 @@ impl StreamQuery {
             .map(|(end, p)| (end, p.into_iter().collect()))
             .collect();
         if let Some(w) = &mut self.windowed {
-            w.operator.restore(&snapshot.nested("window"))?;
+            w.restore(snapshot)?;
         }
         if let Some(u) = &mut self.upsert {
             u.restore(&snapshot.nested("upsert"))?;
@@ -1526,9 +1425,7 @@ impl StreamQuery {
 
     /// Live windows.
     pub fn open_windows(&self) -> usize {
-        self.windowed
-            .as_ref()
-            .map_or(0, |w| w.operator.window_count())
+        self.windowed.as_ref().map_or(0, Windowed::window_count)
     }
 
     fn rename_outputs(&mut self, names: Vec<String>) -> Result<()> {
@@ -1910,7 +1807,7 @@ impl StreamQuery {
                     {
                         // Rows of a batch mostly share (window end, partition): merge each run
                         // into the held offsets once.
-                        let key = (w.operator.last_window_end(t), p);
+                        let key = (w.last_window_end(t), p);
                         match &mut run {
                             Some((k, min)) if *k == key => *min = (*min).min(offset),
                             _ => {
@@ -1949,6 +1846,26 @@ impl StreamQuery {
             _ => false,
         };
         let mut emissions = w.operator.advance(watermark, early)?;
+        if let Some(u) = &mut self.upsert {
+            u.evict(|t| w.operator.is_late(t));
+        }
+        // The stages above take what the ones below emit in the same step, and close their
+        // windows on watermarks that trail by at most their lag: no topic round trip.
+        let mut watermark = watermark;
+        let mut w = w;
+        loop {
+            if w.next.is_none() {
+                break;
+            }
+            let Some(next) = w.next.as_deref_mut() else {
+                break;
+            };
+            next.take(&emissions, &self.task_ctx).await?;
+            watermark = next.watermark(watermark);
+            emissions = next.stage.operator.advance(watermark, early)?;
+            next.evict();
+            w = &mut next.stage;
+        }
         // Keyed timers above the aggregation (alert expiries, silences) fire in event-time
         // order with the windows' rows: while the rows of a window are processed, the keyed
         // operators see the watermark at that window's end, as if each window had closed in a
@@ -1967,9 +1884,6 @@ impl StreamQuery {
         }
         let evicted = w.operator.evicted_through();
         self.held = self.held.split_off(&evicted.saturating_add(1));
-        if let Some(u) = &mut self.upsert {
-            u.evict(|t| w.operator.is_late(t));
-        }
         for emission in emissions {
             pass_watermark(&self.keyed, emission.until.min(watermark));
             // Rows of one revision go through the upper plan together, so that each output

@@ -91,6 +91,17 @@ impl UpsertState {
                 DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
             )
         });
+        Self::by_index(schema, key_columns, time_column, op_column)
+    }
+
+    /// State for rows of `schema` keyed by the columns at `key_columns`, with event time at
+    /// `time_column` and, when given, the `op` (a string column) at `op_column`.
+    pub fn by_index(
+        schema: SchemaRef,
+        key_columns: Vec<usize>,
+        time_column: usize,
+        op_column: Option<usize>,
+    ) -> Result<Self> {
         let sort = |columns: Vec<usize>| -> Vec<SortField> {
             columns
                 .into_iter()
@@ -174,6 +185,11 @@ impl UpsertState {
             &RecordBatchOptions::new().with_row_count(Some(count)),
         )?;
         Ok(Changes { added, withdrawn })
+    }
+
+    /// Schema of the rows it takes.
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
     }
 
     /// Forgets the keys whose row is at an event time for which `gone` holds.

@@ -1,0 +1,635 @@
+//! Windows of windows: a windowed aggregation over the results of another in the same query.
+//!
+//! `SELECT …, avg(speed) FROM (SELECT segment_id, window_end AS minute, avg(speed) AS speed
+//! FROM camera_events GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id)
+//! GROUP BY hop(minute, INTERVAL '1 minute', INTERVAL '5 minutes'), segment_id` plans as two
+//! stages. The lower stage is the query's ordinary windowed aggregation; each stage above it is
+//! a [`Chained`] stage:
+//!
+//! - its event time is the `window_end` (or, for tumbling and hopping windows, the
+//!   `window_start`) of the stage below, and its watermark is that bound of the earliest
+//!   window below still open: when the stage below closes a window, the stage above closes
+//!   its own in the same step, with no topic round trip;
+//! - the stage below's results are a changelog for it: a revision replaces the row published
+//!   earlier for its group and window, a retraction deletes it, and early results are
+//!   replaced by the final ones. So its windows run over a changelog
+//!   ([`WindowOperator::over_changelog`]), and [`UpsertState`] keeps what the stage below has
+//!   published until the stage above can no longer change;
+//! - it inherits the query's allowed lateness (plus the window size below when it windows by
+//!   `window_start`): a revision of the stage below always lands in a window of this stage
+//!   that is still open or revisable.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Result, ScalarValue, plan_err};
+use datafusion::execution::TaskContext;
+use datafusion::physical_expr::expressions::{CastExpr, Column, Literal, TryCastExpr};
+use datafusion::physical_expr::{PhysicalExpr, ScalarFunctionExpr};
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_plan::{ExecutionPlan, collect};
+use urbanstream_operators::window::{WINDOW_FUNCTIONS, WindowSpec, interval_ms};
+
+use super::feed::{Feed, FeedExec};
+use crate::checkpoint::StateSnapshot;
+use crate::state::WindowedAggregation;
+use crate::state::keyed::KeyedSeriesExec;
+use crate::state::upsert::UpsertState;
+use crate::state::window::{AggregateSpec, Emission, WindowOperator};
+
+/// A windowed aggregation as the query runtime drives it: the operator, the plan run over its
+/// results, and the stage above it, if any.
+pub(super) struct Windowed {
+    pub(super) operator: Box<dyn WindowedAggregation>,
+    pub(super) upper: Arc<dyn ExecutionPlan>,
+    pub(super) upper_feed: Feed,
+    /// Schema of the aggregation's output, which the upper plan reads.
+    pub(super) upper_schema: SchemaRef,
+    /// Its group keys besides the window, over the lower plan's rows.
+    pub(super) groups: Vec<Arc<dyn PhysicalExpr>>,
+    /// Whether the windows are sessions (whose rows may be retracted).
+    pub(super) sessions: bool,
+    /// The window.
+    pub(super) spec: WindowSpec,
+    /// For session windows grouped by keys: the group keys of source records, so that an old
+    /// record is tested for lateness against its key's live sessions.
+    pub(super) lateness_keys: Option<super::repartition::KeyPlan>,
+    /// The `HAVING` condition over the window's rows: a revision that no longer passes it
+    /// withdraws its key and window. Only on the last stage (a stage below passes its rows on
+    /// as a changelog, where the condition is part of the next stage's input plan).
+    pub(super) having: Option<super::stream::Having>,
+    /// The windowed aggregation over this one's results, in the same query.
+    pub(super) next: Option<Box<Chained>>,
+}
+
+impl Windowed {
+    /// This stage and the ones above it, from the bottom.
+    pub(super) fn stages(&self) -> impl Iterator<Item = &Windowed> {
+        std::iter::successors(Some(self), |w| w.next.as_deref().map(|c| &c.stage))
+    }
+
+    /// Groups held over all stages (with the rows kept of the stages below).
+    pub(super) fn group_count(&self) -> usize {
+        self.stages()
+            .map(|w| w.operator.group_count())
+            .sum::<usize>()
+            + self.chained().map(|c| c.published.len()).sum::<usize>()
+    }
+
+    /// Bytes held over all stages.
+    pub(super) fn state_bytes(&self) -> usize {
+        self.stages()
+            .map(|w| w.operator.state_bytes())
+            .sum::<usize>()
+            + self.chained().map(|c| c.published.bytes()).sum::<usize>()
+    }
+
+    /// Live windows over all stages.
+    pub(super) fn window_count(&self) -> usize {
+        self.stages().map(|w| w.operator.window_count()).sum()
+    }
+
+    /// The stages above this one.
+    fn chained(&self) -> impl Iterator<Item = &Chained> {
+        std::iter::successors(self.next.as_deref(), |c| c.stage.next.as_deref())
+    }
+
+    /// Every stage's state: the bottom one's under `window` (as a query of one stage has
+    /// it), stage i (from 2) under `window<i>`, with the rows it keeps of the stage below
+    /// under `published<i>`.
+    pub(super) fn snapshot(&mut self, out: &mut StateSnapshot) -> crate::Result<()> {
+        out.nest("window", self.operator.snapshot()?);
+        let mut stages = 1;
+        let mut next = self.next.as_deref_mut();
+        while let Some(c) = next {
+            stages += 1;
+            out.nest(&format!("window{stages}"), c.stage.operator.snapshot()?);
+            out.nest(&format!("published{stages}"), c.published.snapshot()?);
+            next = c.stage.next.as_deref_mut();
+        }
+        if let Some(meta) = out.meta.as_object_mut() {
+            meta.insert("stages".into(), stages.into());
+        }
+        Ok(())
+    }
+
+    /// Restores a [`Windowed::snapshot`] of the same stages.
+    pub(super) fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()> {
+        let stages = snapshot
+            .meta
+            .get("stages")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(1);
+        if stages != self.stages().count() as u64 {
+            return Err(crate::Error::Checkpoint(format!(
+                "the state holds {stages} windowed stages, the query {}",
+                self.stages().count()
+            )));
+        }
+        self.operator.restore(&snapshot.nested("window"))?;
+        let mut stage = 1;
+        let mut next = self.next.as_deref_mut();
+        while let Some(c) = next {
+            stage += 1;
+            c.stage
+                .operator
+                .restore(&snapshot.nested(&format!("window{stage}")))?;
+            c.published
+                .restore(&snapshot.nested(&format!("published{stage}")))?;
+            next = c.stage.next.as_deref_mut();
+        }
+        Ok(())
+    }
+
+    /// End of the last window of the topmost stage that a row at event time `t` (of the
+    /// bottom stage's input) contributes to: once that stage has evicted it, nothing at `t`
+    /// can change any output.
+    pub(super) fn last_window_end(&self, t: i64) -> i64 {
+        let mut end = self.operator.last_window_end(t);
+        let mut w = self;
+        while let Some(next) = &w.next {
+            end = next.stage.operator.last_window_end(end - next.lag_ms);
+            w = &next.stage;
+        }
+        end
+    }
+}
+
+/// A windowed aggregation over the rows of the stage below it.
+pub(super) struct Chained {
+    /// What the stage below has published, per group and window: a revision replaces its
+    /// row, a retraction deletes it. Its rows are the stage below's output columns, the end
+    /// of their window and the `op`.
+    published: UpsertState,
+    /// Output columns of the stage below.
+    width: usize,
+    /// Position of the window column among them.
+    window_position: usize,
+    /// The leaf of `lower`: the stage below's rows.
+    feed: Feed,
+    /// The plan from the stage below's rows to this aggregation's input (projections,
+    /// filters, lookup joins): a replaced row goes through it again to be withdrawn.
+    lower: Arc<dyn ExecutionPlan>,
+    /// This stage's event time, over `lower`'s rows.
+    time: Arc<dyn PhysicalExpr>,
+    /// How far this stage's event times trail the ends of the windows below (0 when it
+    /// windows by `window_end`, the window size by `window_start`).
+    pub(super) lag_ms: i64,
+    /// The window of the stage below.
+    below: WindowSpec,
+    pub(super) stage: Windowed,
+}
+
+impl Chained {
+    /// Passes the stage below's emissions on as changes to this stage's windows.
+    pub(super) async fn take(
+        &mut self,
+        emissions: &[Emission],
+        task_ctx: &Arc<TaskContext>,
+    ) -> Result<()> {
+        for e in emissions {
+            let n = e.batch.num_rows();
+            if n == 0 {
+                continue;
+            }
+            let window = e.batch.column(self.window_position).as_struct();
+            let Some(end) = window.column_by_name("window_end") else {
+                return plan_err!("internal: the window column has no window_end");
+            };
+            let mut columns: Vec<ArrayRef> = e.batch.columns().to_vec();
+            columns.push(datafusion::arrow::compute::cast(
+                end,
+                &DataType::Timestamp(TimeUnit::Millisecond, None),
+            )?);
+            let op = if e.retract { "retract" } else { "update" };
+            columns.push(Arc::new(StringArray::from(vec![op; n])));
+            let changes = self
+                .published
+                .apply(&RecordBatch::try_new(self.published_schema(), columns)?)?;
+            let own: Vec<usize> = (0..self.width).collect();
+            for (rows, add) in [(changes.withdrawn, false), (changes.added, true)] {
+                if rows.num_rows() == 0 {
+                    continue;
+                }
+                self.feed.set(vec![rows.project(&own)?]);
+                for b in collect(self.lower.clone(), task_ctx.clone()).await? {
+                    if b.num_rows() == 0 {
+                        continue;
+                    }
+                    let late = self.late_rows(&b)?;
+                    if late > 0 {
+                        return plan_err!(
+                            "internal: {late} rows of the stage below reached windows of the \
+                             stage above that are gone"
+                        );
+                    }
+                    if add {
+                        self.stage.operator.update(&b)?;
+                    } else {
+                        self.stage.operator.retract(&b)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This stage's watermark when the stage below has `watermark`: the earliest event time
+    /// it may still receive, which is the start or end of the earliest window below still
+    /// open. (Revisions of closed windows below come later, within the allowed lateness.)
+    pub(super) fn watermark(&self, watermark: i64) -> i64 {
+        if self.lag_ms == 0 || watermark == i64::MIN {
+            return watermark;
+        }
+        match self.below {
+            WindowSpec::Tumble { width, offset } => {
+                (watermark - offset).div_euclid(width) * width + offset
+            }
+            WindowSpec::Hop { slide, size } => ((watermark - size).div_euclid(slide) + 1) * slide,
+            _ => watermark.saturating_sub(self.lag_ms),
+        }
+    }
+
+    /// Rows of `batch` (this stage's input) at event times this stage has evicted.
+    fn late_rows(&self, batch: &RecordBatch) -> Result<usize> {
+        let times = self.time.evaluate(batch)?.into_array(batch.num_rows())?;
+        let times = datafusion::arrow::compute::cast(
+            &times,
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )?;
+        let times = times.as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>();
+        Ok(times
+            .iter()
+            .flatten()
+            .filter(|t| self.stage.operator.is_late(*t))
+            .count())
+    }
+
+    fn published_schema(&self) -> SchemaRef {
+        self.published.schema()
+    }
+
+    /// Forgets the rows of the stage below that can no longer change this stage.
+    pub(super) fn evict(&mut self) {
+        let lag = self.lag_ms;
+        let operator = &self.stage.operator;
+        self.published
+            .evict(|end| operator.is_late(end.saturating_sub(lag)));
+    }
+}
+
+/// The lowest aggregation among `aggregates` (found top-down in one plan) with the node that
+/// finishes it: the same node in single mode, the final step over a partial one.
+pub(super) fn lowest_aggregation(
+    aggregates: &[Arc<dyn ExecutionPlan>],
+) -> Result<Option<(Arc<dyn ExecutionPlan>, Arc<dyn ExecutionPlan>)>> {
+    let Some(bottom) = aggregates.last() else {
+        return Ok(None);
+    };
+    let mode = |p: &Arc<dyn ExecutionPlan>| p.downcast_ref::<AggregateExec>().map(|a| *a.mode());
+    match mode(bottom) {
+        Some(AggregateMode::Single | AggregateMode::SinglePartitioned) => {
+            Ok(Some((bottom.clone(), bottom.clone())))
+        }
+        Some(AggregateMode::Partial) => {
+            match aggregates.len().checked_sub(2).map(|i| &aggregates[i]) {
+                Some(top)
+                    if matches!(
+                        mode(top),
+                        Some(AggregateMode::Final | AggregateMode::FinalPartitioned)
+                    ) =>
+                {
+                    Ok(Some((top.clone(), bottom.clone())))
+                }
+                _ => plan_err!("internal: a partial aggregation without its final step"),
+            }
+        }
+        other => plan_err!("internal: unexpected aggregation mode {other:?}"),
+    }
+}
+
+/// A windowed aggregation: its spec (the window's time argument as written, unchecked) and
+/// the window function's name.
+pub(super) fn aggregate_spec(
+    top: &Arc<dyn ExecutionPlan>,
+    bottom: &Arc<dyn ExecutionPlan>,
+    time_hint: &str,
+) -> Result<(AggregateSpec, String)> {
+    let (Some(_), Some(bottom_agg)) = (
+        top.downcast_ref::<AggregateExec>(),
+        bottom.downcast_ref::<AggregateExec>(),
+    ) else {
+        return plan_err!("internal: aggregation not found");
+    };
+    if bottom_agg.group_expr().has_grouping_set() {
+        return plan_err!("GROUPING SETS, CUBE and ROLLUP are not supported on streams");
+    }
+    let group_exprs = bottom_agg.group_expr().expr();
+    let mut window = None;
+    let mut groups = Vec::new();
+    for (i, (expr, _name)) in group_exprs.iter().enumerate() {
+        match expr.downcast_ref::<ScalarFunctionExpr>() {
+            Some(f) if WINDOW_FUNCTIONS.contains(&f.name()) => {
+                window = Some((i, f.name().to_string(), f.args().to_vec()));
+            }
+            _ => groups.push(expr.clone()),
+        }
+    }
+    let Some((window_position, window_name, args)) = window else {
+        return plan_err!(
+            "an aggregation over an unbounded stream never finishes: add a window to GROUP BY, e.g. GROUP BY tumble({time_hint}, INTERVAL '1 minute'), …"
+        );
+    };
+    let intervals = args[1..]
+        .iter()
+        .map(|a| match a.downcast_ref::<Literal>() {
+            Some(l) => interval_ms(l.value()),
+            None => {
+                plan_err!("{window_name}(): window sizes must be constant intervals, got {a}")
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let window = WindowSpec::new(&window_name, &intervals)?;
+    let output_schema = top.schema();
+    let group_schema = Arc::new(Schema::new(
+        (0..group_exprs.len())
+            .filter(|i| *i != window_position)
+            .map(|i| output_schema.field(i).as_ref().clone())
+            .collect::<Vec<_>>(),
+    ));
+    Ok((
+        AggregateSpec {
+            window,
+            time: args[0].clone(),
+            groups,
+            window_position,
+            aggregates: super::stream::unordered_input(bottom_agg.aggr_expr())?,
+            filters: bottom_agg.filter_expr().to_vec(),
+            output_schema,
+            group_schema,
+        },
+        window_name,
+    ))
+}
+
+/// The column under `expr` when it is a column, possibly cast (to milliseconds, say).
+pub(super) fn time_column_of(expr: &Arc<dyn PhysicalExpr>) -> Option<&Column> {
+    expr.downcast_ref::<Column>().or_else(|| {
+        let cast = expr
+            .downcast_ref::<CastExpr>()
+            .map(|c| c.expr())
+            .or_else(|| expr.downcast_ref::<TryCastExpr>().map(|c| c.expr()));
+        cast.and_then(|e| e.downcast_ref::<Column>())
+    })
+}
+
+/// Which bound of the window below (`window_start` or `window_end`) `expr`, over `plan`'s
+/// rows, is: followed through projections and filters down to `leaf`, whose column
+/// `window_position` is the window.
+fn bound_of(
+    plan: &Arc<dyn ExecutionPlan>,
+    expr: &Arc<dyn PhysicalExpr>,
+    leaf: &Arc<dyn ExecutionPlan>,
+    window_position: usize,
+) -> Option<&'static str> {
+    use datafusion::physical_plan::filter::FilterExec;
+    use datafusion::physical_plan::projection::ProjectionExec;
+    use datafusion::physical_plan::repartition::RepartitionExec;
+    if let Some(c) = time_column_of(expr) {
+        if Arc::ptr_eq(plan, leaf) {
+            return None;
+        }
+        if let Some(p) = plan.downcast_ref::<ProjectionExec>() {
+            let e = &p.expr().get(c.index())?.expr;
+            return bound_of(p.input(), e, leaf, window_position);
+        }
+        if let Some(f) = plan.downcast_ref::<FilterExec>() {
+            let index = match f.projection() {
+                Some(p) => *p.get(c.index())?,
+                None => c.index(),
+            };
+            let e: Arc<dyn PhysicalExpr> = Arc::new(Column::new(c.name(), index));
+            return bound_of(f.input(), &e, leaf, window_position);
+        }
+        if plan.downcast_ref::<RepartitionExec>().is_some() {
+            return bound_of(&plan.children()[0].clone(), expr, leaf, window_position);
+        }
+        return None;
+    }
+    let f = expr.downcast_ref::<ScalarFunctionExpr>()?;
+    if f.name() != "get_field" {
+        return None;
+    }
+    let [inner, name] = f.args() else {
+        return None;
+    };
+    let bound = match name.downcast_ref::<Literal>()?.value() {
+        ScalarValue::Utf8(Some(n))
+        | ScalarValue::Utf8View(Some(n))
+        | ScalarValue::LargeUtf8(Some(n)) => match n.as_str() {
+            "window_start" => "window_start",
+            "window_end" => "window_end",
+            _ => return None,
+        },
+        _ => return None,
+    };
+    is_window(plan, inner, leaf, window_position).then_some(bound)
+}
+
+/// Whether `expr` over `plan`'s rows is the window column of `leaf`.
+fn is_window(
+    plan: &Arc<dyn ExecutionPlan>,
+    expr: &Arc<dyn PhysicalExpr>,
+    leaf: &Arc<dyn ExecutionPlan>,
+    window_position: usize,
+) -> bool {
+    use datafusion::physical_plan::filter::FilterExec;
+    use datafusion::physical_plan::projection::ProjectionExec;
+    let Some(c) = expr.downcast_ref::<Column>() else {
+        return false;
+    };
+    if Arc::ptr_eq(plan, leaf) {
+        return c.index() == window_position;
+    }
+    if let Some(p) = plan.downcast_ref::<ProjectionExec>() {
+        return p
+            .expr()
+            .get(c.index())
+            .is_some_and(|e| is_window(p.input(), &e.expr, leaf, window_position));
+    }
+    if let Some(f) = plan.downcast_ref::<FilterExec>() {
+        let index = match f.projection() {
+            Some(p) => match p.get(c.index()) {
+                Some(i) => *i,
+                None => return false,
+            },
+            None => c.index(),
+        };
+        let e: Arc<dyn PhysicalExpr> = Arc::new(Column::new(c.name(), index));
+        return is_window(f.input(), &e, leaf, window_position);
+    }
+    false
+}
+
+/// The windowed aggregation over the results of the stage below, if `upper` (the rest of the
+/// query above that stage, reading its rows from `leaf`, fed by `feed`) has one; with the
+/// stages above it in turn.
+pub(super) fn plan_chain(
+    upper: &Arc<dyn ExecutionPlan>,
+    leaf: &Arc<dyn ExecutionPlan>,
+    feed: &Feed,
+    below: &AggregateSpec,
+    lateness_ms: i64,
+) -> Result<Option<Chained>> {
+    let mut aggregates: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+    upper.apply(|node| {
+        if node.downcast_ref::<AggregateExec>().is_some() && super::stream::reads_stream(node) {
+            aggregates.push(node.clone());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    let Some((top, bottom)) = lowest_aggregation(&aggregates)? else {
+        return Ok(None);
+    };
+    let windowed = bottom.downcast_ref::<AggregateExec>().is_some_and(|a| {
+        a.group_expr().expr().iter().any(|(e, _)| {
+            e.downcast_ref::<ScalarFunctionExpr>()
+                .is_some_and(|f| WINDOW_FUNCTIONS.contains(&f.name()))
+        })
+    });
+    if !windowed {
+        return plan_err!(
+            "the query aggregates a windowed result again (SELECT DISTINCT, or GROUP BY over a \
+             windowed subquery) without a window of its own, which would never finish: window \
+             it by the window_start or window_end of the result below, e.g. SELECT …, \
+             max(n) FROM (SELECT segment_id, window_start AS minute, count(*) AS n FROM … \
+             GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id) GROUP BY \
+             tumble(minute, INTERVAL '5 minutes'), segment_id"
+        );
+    }
+    let (spec, window_name) = aggregate_spec(&top, &bottom, "window_end")?;
+    let lower = bottom.children()[0].clone();
+    if lower.exists(|n| Ok(n.downcast_ref::<KeyedSeriesExec>().is_some()))? {
+        return plan_err!(
+            "detectors and alerts between two windowed aggregations are not supported yet \
+             (a revision of the windows below would have to be taken back from them): apply \
+             them to the last aggregation's rows"
+        );
+    }
+    let bound = bound_of(&lower, &spec.time, leaf, below.window_position);
+    let lag_ms = match (bound, below.window) {
+        (_, WindowSpec::Session { .. }) => {
+            return plan_err!(
+                "a window over session windows' results is not supported yet (a session's row \
+                 may be retracted when sessions merge): aggregate the sessions' output topic in \
+                 a second query"
+            );
+        }
+        (Some("window_end"), _) => 0,
+        (Some(_), WindowSpec::Tumble { width, .. }) => width,
+        (Some(_), WindowSpec::Hop { size, .. }) => size,
+        (Some(_), WindowSpec::Cumulate { .. }) => {
+            return plan_err!(
+                "{window_name}() over cumulate windows' results must be over their window_end \
+                 (cumulating windows share their start)"
+            );
+        }
+        (None, _) => {
+            return plan_err!(
+                "{window_name}() over a windowed result must be over the window_start or \
+                 window_end of the windows below (as selected there), got {}",
+                spec.time
+            );
+        }
+    };
+    if matches!(spec.window, WindowSpec::Session { .. }) {
+        return plan_err!(
+            "session windows over a windowed result are not supported yet: use tumble(…), \
+             hop(…) or cumulate(…) over its window_end"
+        );
+    }
+    super::stream::refuse_window_calls_below(&lower)?;
+    let stage_feed = Feed::default();
+    let output_schema = top.schema();
+    let stage_leaf: Arc<dyn ExecutionPlan> = Arc::new(FeedExec::new(
+        "window_output",
+        stage_feed.clone(),
+        output_schema.clone(),
+        None,
+    )?);
+    let stage_upper = upper
+        .clone()
+        .transform_down(|node| {
+            if Arc::ptr_eq(&node, &top) {
+                Ok(Transformed::yes(stage_leaf.clone()))
+            } else {
+                Ok(Transformed::no(node))
+            }
+        })?
+        .data;
+    // What the stage below publishes, with its window's end and the op.
+    let width = below.output_schema.fields().len();
+    let mut fields: Vec<Field> = below
+        .output_schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(
+        "published_window_end",
+        DataType::Timestamp(TimeUnit::Millisecond, None),
+        false,
+    ));
+    fields.push(Field::new("op", DataType::Utf8, false));
+    let keys: Vec<usize> = (0..=below.group_schema.fields().len())
+        .filter(|i| *i != below.window_position)
+        .chain([width])
+        .collect();
+    let published =
+        UpsertState::by_index(Arc::new(Schema::new(fields)), keys, width, Some(width + 1))?;
+    // A revision of a window below lands at its start, up to a window size before this
+    // stage's watermark: this stage keeps its windows that much longer.
+    let stage_lateness = lateness_ms.saturating_add(lag_ms);
+    let next = plan_chain(
+        &stage_upper,
+        &stage_leaf,
+        &stage_feed,
+        &spec,
+        stage_lateness,
+    )?;
+    let having = match next {
+        None => super::stream::having_of(&stage_upper, &stage_leaf)?,
+        Some(_) => None,
+    };
+    let time = spec.time.clone();
+    let groups = spec.groups.clone();
+    let window = spec.window;
+    Ok(Some(Chained {
+        published,
+        width,
+        window_position: below.window_position,
+        feed: feed.clone(),
+        time,
+        lag_ms,
+        below: below.window,
+        stage: Windowed {
+            operator: Box::new(WindowOperator::over_changelog(
+                spec,
+                stage_lateness,
+                lower.schema(),
+            )?),
+            upper: stage_upper,
+            upper_feed: stage_feed,
+            upper_schema: output_schema,
+            groups,
+            sessions: false,
+            spec: window,
+            lateness_keys: None,
+            having,
+            next: next.map(Box::new),
+        },
+        lower,
+    }))
+}
