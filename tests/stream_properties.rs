@@ -612,6 +612,21 @@ proptest! {
     fn five_minute_windows_over_a_session_changelog_match_a_batch_query(run in run()) {
         check_chained(Kind::Session, &run)?;
     }
+
+    #[test]
+    fn a_two_stage_query_over_minutes_matches_a_batch_query(run in run()) {
+        check_two_stages(Kind::Tumble, false, &run)?;
+    }
+
+    #[test]
+    fn a_two_stage_query_over_hopping_windows_matches_a_batch_query(run in run()) {
+        check_two_stages(Kind::Hop, false, &run)?;
+    }
+
+    #[test]
+    fn a_two_stage_query_by_window_end_over_cumulating_windows_matches_a_batch_query(run in run()) {
+        check_two_stages(Kind::Cumulate, true, &run)?;
+    }
 }
 
 /// Five-minute windows over the first query's changelog (read with 'upsert_key'), by the
@@ -797,49 +812,112 @@ fn check_chained(kind: Kind, run: &Run) -> Result<(), TestCaseError> {
             chained(&out, true)
         })
         .expect("engine");
-    let want = rt
-        .block_on(async {
-            let ctx = SessionContext::new();
-            let b = RecordBatch::try_from_iter(vec![
-                (
-                    "k",
-                    Arc::new(StringArray::from_iter_values(
-                        pairs.iter().map(|(e, _)| e.k),
-                    )) as ArrayRef,
-                ),
-                (
-                    "g",
-                    Arc::new(Int64Array::from_iter(
-                        pairs.iter().map(|(e, _)| e.g.map(i64::from)),
-                    )),
-                ),
-                (
-                    "v",
-                    Arc::new(Int64Array::from_iter_values(pairs.iter().map(|(e, _)| e.v))),
-                ),
-                (
-                    "first_start",
-                    Arc::new(TimestampMillisecondArray::from_iter_values(
-                        pairs.iter().map(|(_, w)| w.0),
-                    )),
-                ),
-            ])?;
-            ctx.register_table(
-                "pairs",
-                Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
-            )?;
-            // The first query's final rows, then the second aggregation over them.
-            let query = "SELECT k, g, date_bin(INTERVAL '5 minutes', window_start) AS window_start, \
-                 date_bin(INTERVAL '5 minutes', window_start) + INTERVAL '5 minutes' AS window_end, \
-                 sum(n) AS n, sum(s) AS s, max(hi) AS hi, count(*) AS rows_in \
-                 FROM (SELECT k, g, first_start AS window_start, count(*) AS n, sum(v) AS s, \
-                       max(v) AS hi FROM pairs GROUP BY k, g, first_start) \
-                 GROUP BY k, g, date_bin(INTERVAL '5 minutes', window_start)";
-            anyhow::Ok(chained(&ctx.sql(query).await?.collect().await?, false)?)
-        })
-        .expect("batch");
+    let want = rt.block_on(two_levels(&pairs, false)).expect("batch");
     prop_assert!(pairs.is_empty() || !want.is_empty(), "nothing to compare");
     prop_assert_eq!(got, want, "second-stage changelog applied");
+    Ok(())
+}
+
+/// The two-level aggregation of [`CHAINED`] as one batch query over the model's (event,
+/// window) pairs: the first level per key and first-level window, the second per five
+/// minutes of the first level's window start (or, `by_end`, its end).
+async fn two_levels(pairs: &[Pair], by_end: bool) -> anyhow::Result<Chained> {
+    let ctx = SessionContext::new();
+    let b = RecordBatch::try_from_iter(vec![
+        (
+            "k",
+            Arc::new(StringArray::from_iter_values(
+                pairs.iter().map(|(e, _)| e.k),
+            )) as ArrayRef,
+        ),
+        (
+            "g",
+            Arc::new(Int64Array::from_iter(
+                pairs.iter().map(|(e, _)| e.g.map(i64::from)),
+            )),
+        ),
+        (
+            "v",
+            Arc::new(Int64Array::from_iter_values(pairs.iter().map(|(e, _)| e.v))),
+        ),
+        (
+            "first_start",
+            Arc::new(TimestampMillisecondArray::from_iter_values(
+                pairs.iter().map(|(_, w)| if by_end { w.1 } else { w.0 }),
+            )),
+        ),
+    ])?;
+    ctx.register_table(
+        "pairs",
+        Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
+    )?;
+    // The first query's final rows, then the second aggregation over them.
+    let query = "SELECT k, g, date_bin(INTERVAL '5 minutes', window_start) AS window_start, \
+         date_bin(INTERVAL '5 minutes', window_start) + INTERVAL '5 minutes' AS window_end, \
+         sum(n) AS n, sum(s) AS s, max(hi) AS hi, count(*) AS rows_in \
+         FROM (SELECT k, g, first_start AS window_start, count(*) AS n, sum(v) AS s, \
+               max(v) AS hi FROM pairs GROUP BY k, g, first_start) \
+         GROUP BY k, g, date_bin(INTERVAL '5 minutes', window_start)";
+    chained(&ctx.sql(query).await?.collect().await?, false)
+}
+
+/// The two levels of [`check_chained`] as one query (windows of windows, no topic between
+/// them): the run's events in its micro-batch cuts over 4 partitions, with early fires and
+/// restarts where it says, and revisions within the allowed lateness. Applied, its changelog
+/// equals the batch query over the events the model keeps; nothing is late for the second
+/// stage.
+fn check_two_stages(kind: Kind, by_end: bool, run: &Run) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (pairs, want_late) = model(kind, run);
+    let (got, got_late) = rt
+        .block_on(async {
+            let mut engine = DeterministicEngine::new();
+            for sql in [
+                "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, \
+                 v BIGINT NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', \
+                 'watermark_delay' '0s', 'idle_timeout' '7d')",
+                "CREATE EXTERNAL TABLE five (k VARCHAR NOT NULL, g BIGINT, \
+                 window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, n BIGINT, \
+                 s BIGINT, hi BIGINT, rows_in BIGINT, op VARCHAR NOT NULL) \
+                 STORED AS KAFKA OPTIONS ('topic' 'five')",
+                "SET urbanstream.allowed_lateness = '2m'",
+            ] {
+                engine.execute(sql).await?;
+            }
+            if run.early_fire {
+                engine.execute("SET urbanstream.early_fire = '10s'").await?;
+            }
+            let bound = if by_end { "window_end" } else { "window_start" };
+            let inner = format!(
+                "(SELECT k, g, {bound} AS w, count(*) AS n, sum(v) AS s, max(v) AS hi \
+                 FROM ev GROUP BY {}, k, g)",
+                kind.sql()
+            );
+            engine
+                .execute(&format!(
+                    "INSERT INTO five SELECT k, g, window_start, window_end, sum(n) AS n, \
+                     sum(s) AS s, max(hi) AS hi, count(*) AS rows_in FROM {inner} \
+                     GROUP BY tumble(w, INTERVAL '5 minutes'), k, g"
+                ))
+                .await?;
+            feed(&mut engine, run, run.early_fire).await?;
+            engine
+                .execute("ADVANCE WATERMARK ev TO '2026-01-03T00:00:00'")
+                .await?;
+            let Outcome::Rows(out) = engine.execute("SELECT * FROM five").await? else {
+                anyhow::bail!("no rows")
+            };
+            let late = late_records(&mut engine).await?;
+            anyhow::Ok((chained(&out, true)?, late))
+        })
+        .expect("engine");
+    let want = rt.block_on(two_levels(&pairs, by_end)).expect("batch");
+    prop_assert_eq!(got_late, want_late, "late records");
+    prop_assert!(pairs.is_empty() || !want.is_empty(), "nothing to compare");
+    prop_assert_eq!(got, want, "two-stage changelog applied");
     Ok(())
 }
 
