@@ -70,6 +70,15 @@ impl Windowed {
         std::iter::successors(Some(self), |w| w.next.as_deref().map(|c| &c.stage))
     }
 
+    /// The plan run per emission: over the window's rows to the query's output, or, below
+    /// another stage, to that stage's input.
+    pub(super) fn emission_plan(&self) -> &Arc<dyn ExecutionPlan> {
+        match &self.next {
+            Some(next) => &next.lower,
+            None => &self.upper,
+        }
+    }
+
     /// Groups held over all stages (with the rows kept of the stages below).
     pub(super) fn group_count(&self) -> usize {
         self.stages()
@@ -632,4 +641,75 @@ pub(super) fn plan_chain(
         },
         lower,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::pipeline::Topics;
+    use crate::schema::SchemaRegistry;
+
+    async fn plan(sql: &str) -> crate::plan::stream::StreamQuery {
+        let schemas = SchemaRegistry::embedded().expect("schemas");
+        let ctx = crate::plan::city_context(&Topics::default(), &schemas).expect("city");
+        crate::plan::plan_all(&ctx, sql)
+            .await
+            .expect("plan")
+            .pop()
+            .expect("query")
+    }
+
+    /// Per segment and minute, then per ward and five minutes: two window stages, the second
+    /// grouping by another key, so the query keeps one state (it is not repartitioned by the
+    /// first stage's keys, which would split a ward's segments).
+    #[tokio::test]
+    async fn a_window_over_a_window_is_explained_as_two_stages_in_one_state() {
+        let query = plan(
+            "SELECT ward_id, window_start, avg(speed) AS speed FROM \
+             (SELECT s.ward_id, c.segment_id, window_end AS minute, count(*) AS speed \
+              FROM camera_events c LEFT JOIN segments s ON c.segment_id = s.segment_id \
+              GROUP BY tumble(c.event_time, INTERVAL '1 minute'), s.ward_id, c.segment_id) \
+             GROUP BY hop(minute, INTERVAL '1 minute', INTERVAL '5 minutes'), ward_id",
+        )
+        .await;
+        assert!(!query.is_partition_local());
+        assert!(!query.is_repartitionable());
+        let explained = query.explain();
+        let stages = explained["stages"].as_array().expect("stages");
+        let kinds: Vec<&str> = stages
+            .iter()
+            .map(|s| s["stage"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "per batch",
+                "window",
+                "window over the window below",
+                "per emission",
+                "per emission"
+            ]
+        );
+        assert_eq!(stages[2]["kind"], "hop");
+        assert_eq!(stages[2]["window"]["size_ms"], 300_000);
+        assert!(stages[1]["passes_on"].is_string());
+        assert!(
+            explained["partitioning"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("single")
+        );
+    }
+
+    /// Both stages grouped by the topic's key: one state per input partition.
+    #[tokio::test]
+    async fn stages_grouped_by_the_topics_key_stay_partition_local() {
+        let query = plan(
+            "SELECT segment_id, window_start, max(n) AS most FROM \
+             (SELECT segment_id, window_start AS minute, count(*) AS n FROM camera_events \
+              GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id) \
+             GROUP BY tumble(minute, INTERVAL '5 minutes'), segment_id",
+        )
+        .await;
+        assert!(query.is_partition_local());
+    }
 }

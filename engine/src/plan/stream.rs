@@ -1105,49 +1105,60 @@ impl StreamQuery {
             .flatten()
             .unwrap_or_default()
             .as_millis() as u64;
-        if let Some(w) = &self.windowed {
-            let (kind, window) = match w.spec {
-                WindowSpec::Tumble { width, offset } => (
-                    "tumble",
-                    serde_json::json!({"size_ms": width, "offset_ms": offset}),
-                ),
-                WindowSpec::Hop { slide, size } => (
-                    "hop",
-                    serde_json::json!({"size_ms": size, "slide_ms": slide}),
-                ),
-                WindowSpec::Cumulate { step, max } => (
-                    "cumulate",
-                    serde_json::json!({"step_ms": step, "max_ms": max}),
-                ),
-                WindowSpec::Session { gap } => ("session", serde_json::json!({"gap_ms": gap})),
-            };
-            let state = if w.sessions {
-                "per group key and session: DataFusion accumulators, merged when sessions meet"
-            } else {
-                "per pane and group: DataFusion's partial aggregation state (GroupValues and \
-                 GroupsAccumulator), merged into windows on emission"
-            };
-            stages.push(serde_json::json!({
-                "stage": "window",
-                "kind": kind,
-                "window": window,
-                "group_keys": w.groups.iter().map(|g| g.to_string()).collect::<Vec<_>>(),
-                "state": state,
-                "emits": format!(
-                    "when the watermark passes a window's end (revision 0, is_final); late \
-                     events within {lateness} ms of allowed lateness re-emit the window's \
-                     changed groups as revisions{}{}",
-                    self.early_fire_ms
-                        .map(|e| format!("; partial results every {e} ms (is_final false)"))
-                        .unwrap_or_default(),
-                    if w.sessions {
-                        "; a merged or earlier-starting session retracts its published row \
-                         (op = 'retract')"
-                    } else {
-                        ""
-                    }
-                ),
-            }));
+        if let Some(bottom) = &self.windowed {
+            for (i, w) in bottom.stages().enumerate() {
+                let (kind, window) = match w.spec {
+                    WindowSpec::Tumble { width, offset } => (
+                        "tumble",
+                        serde_json::json!({"size_ms": width, "offset_ms": offset}),
+                    ),
+                    WindowSpec::Hop { slide, size } => (
+                        "hop",
+                        serde_json::json!({"size_ms": size, "slide_ms": slide}),
+                    ),
+                    WindowSpec::Cumulate { step, max } => (
+                        "cumulate",
+                        serde_json::json!({"step_ms": step, "max_ms": max}),
+                    ),
+                    WindowSpec::Session { gap } => ("session", serde_json::json!({"gap_ms": gap})),
+                };
+                let state = if w.sessions {
+                    "per group key and session: DataFusion accumulators, merged when sessions meet"
+                } else if i > 0 {
+                    "per window: the rows of the stage below it (a revision below replaces its \
+                     row, a retraction deletes it), aggregated afresh on emission"
+                } else {
+                    "per pane and group: DataFusion's partial aggregation state (GroupValues and \
+                     GroupsAccumulator), merged into windows on emission"
+                };
+                let mut stage = serde_json::json!({
+                    "stage": if i == 0 { "window" } else { "window over the window below" },
+                    "kind": kind,
+                    "window": window,
+                    "group_keys": w.groups.iter().map(|g| g.to_string()).collect::<Vec<_>>(),
+                    "state": state,
+                    "emits": format!(
+                        "when the watermark passes a window's end (revision 0, is_final); late \
+                         events within {lateness} ms of allowed lateness re-emit the window's \
+                         changed groups as revisions{}{}",
+                        self.early_fire_ms
+                            .map(|e| format!("; partial results every {e} ms (is_final false)"))
+                            .unwrap_or_default(),
+                        if w.sessions {
+                            "; a merged or earlier-starting session retracts its published row \
+                             (op = 'retract')"
+                        } else {
+                            ""
+                        }
+                    ),
+                });
+                if w.next.is_some() {
+                    stage["passes_on"] = "its rows, as a changelog, to the window above it in the \
+                        same step (no topic between them)"
+                        .into();
+                }
+                stages.push(stage);
+            }
         }
         for k in &self.keyed {
             stages.push(serde_json::json!({
@@ -1158,11 +1169,19 @@ impl StreamQuery {
             }));
         }
         if let Some(w) = &self.windowed {
-            stages.push(serde_json::json!({
-                "stage": "per emission",
-                "does": "projection, HAVING and keyed functions over each window's rows",
-                "plan": plan(&w.upper),
-            }));
+            for (i, w) in w.stages().enumerate() {
+                stages.push(serde_json::json!({
+                    "stage": "per emission",
+                    "window": i + 1,
+                    "does": if w.next.is_some() {
+                        "projections, filters and lookup joins from this window's rows to the \
+                         input of the window above"
+                    } else {
+                        "projection, HAVING and keyed functions over each window's rows"
+                    },
+                    "plan": plan(w.emission_plan()),
+                }));
+            }
         }
         let partitioning = if self.partition_local {
             "per_partition: one state per input partition (the groups include the topic's key)"
@@ -1257,8 +1276,10 @@ impl StreamQuery {
         self.watermarks.expect(partition, now_ms);
     }
 
-    /// Whether it can be repartitioned: it aggregates over windows and keeps no detector
-    /// state (whose keys would need their own partitioning).
+    /// Whether it can be repartitioned: it aggregates over windows in one stage and keeps no
+    /// detector state (whose keys would need their own partitioning). A window over a window
+    /// groups by other keys than the one below, so it runs in one state unless every stage
+    /// groups by the input topic's key.
     pub fn is_repartitionable(&self) -> bool {
         self.windowed.as_ref().is_some_and(|w| w.next.is_none())
             && self.keyed.is_empty()
