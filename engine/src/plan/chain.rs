@@ -36,6 +36,7 @@ use super::feed::{Feed, FeedExec};
 use crate::checkpoint::StateSnapshot;
 use crate::state::WindowedAggregation;
 use crate::state::keyed::KeyedSeriesExec;
+use crate::state::ranked::RankedState;
 use crate::state::upsert::UpsertState;
 use crate::state::window::{AggregateSpec, Emission, WindowOperator};
 
@@ -62,6 +63,11 @@ pub(super) struct Windowed {
     pub(super) having: Option<super::stream::Having>,
     /// The windowed aggregation over this one's results, in the same query.
     pub(super) next: Option<Box<Chained>>,
+    /// Position of the window column among the aggregation's output columns.
+    pub(super) window_position: usize,
+    /// On the last stage of a query ranking each window's groups (top-N per window): the
+    /// groups of each window, ranked afresh whenever the window emits.
+    pub(super) ranked: Option<RankedState>,
 }
 
 impl Windowed {
@@ -85,6 +91,11 @@ impl Windowed {
             .map(|w| w.operator.group_count())
             .sum::<usize>()
             + self.chained().map(|c| c.published.len()).sum::<usize>()
+            + self
+                .stages()
+                .filter_map(|w| w.ranked.as_ref())
+                .map(RankedState::len)
+                .sum::<usize>()
     }
 
     /// Bytes held over all stages.
@@ -93,6 +104,11 @@ impl Windowed {
             .map(|w| w.operator.state_bytes())
             .sum::<usize>()
             + self.chained().map(|c| c.published.bytes()).sum::<usize>()
+            + self
+                .stages()
+                .filter_map(|w| w.ranked.as_ref())
+                .map(RankedState::bytes)
+                .sum::<usize>()
     }
 
     /// Live windows over all stages.
@@ -120,6 +136,9 @@ impl Windowed {
         }
         if let Some(meta) = out.meta.as_object_mut() {
             meta.insert("stages".into(), stages.into());
+        }
+        if let Some(ranked) = self.stages().find_map(|w| w.ranked.as_ref()) {
+            out.nest("ranked", ranked.snapshot()?);
         }
         Ok(())
     }
@@ -149,7 +168,18 @@ impl Windowed {
                 .restore(&snapshot.nested(&format!("published{stage}")))?;
             next = c.stage.next.as_deref_mut();
         }
+        if let Some(ranked) = &mut self.last_mut().ranked {
+            ranked.restore(&snapshot.nested("ranked"))?;
+        }
         Ok(())
+    }
+
+    /// The topmost stage.
+    pub(super) fn last_mut(&mut self) -> &mut Windowed {
+        match self.next {
+            Some(ref mut next) => next.stage.last_mut(),
+            None => self,
+        }
     }
 
     /// End of the last window of the topmost stage that a row at event time `t` (of the
@@ -199,24 +229,15 @@ impl Chained {
         task_ctx: &Arc<TaskContext>,
     ) -> Result<()> {
         for e in emissions {
-            let n = e.batch.num_rows();
-            if n == 0 {
+            if e.batch.num_rows() == 0 {
                 continue;
             }
-            let window = e.batch.column(self.window_position).as_struct();
-            let Some(end) = window.column_by_name("window_end") else {
-                return plan_err!("internal: the window column has no window_end");
-            };
-            let mut columns: Vec<ArrayRef> = e.batch.columns().to_vec();
-            columns.push(datafusion::arrow::compute::cast(
-                end,
-                &DataType::Timestamp(TimeUnit::Millisecond, None),
-            )?);
-            let op = if e.retract { "retract" } else { "update" };
-            columns.push(Arc::new(StringArray::from(vec![op; n])));
-            let changes = self
-                .published
-                .apply(&RecordBatch::try_new(self.published_schema(), columns)?)?;
+            let changes = self.published.apply(&as_changelog(
+                &e.batch,
+                self.window_position,
+                e.retract,
+                &self.published.schema(),
+            )?)?;
             let own: Vec<usize> = (0..self.width).collect();
             for (rows, add) in [(changes.withdrawn, false), (changes.added, true)] {
                 if rows.num_rows() == 0 {
@@ -276,10 +297,6 @@ impl Chained {
             .count())
     }
 
-    fn published_schema(&self) -> SchemaRef {
-        self.published.schema()
-    }
-
     /// Forgets the rows of the stage below that can no longer change this stage.
     pub(super) fn evict(&mut self) {
         let lag = self.lag_ms;
@@ -287,6 +304,51 @@ impl Chained {
         self.published
             .evict(|end| operator.is_late(end.saturating_sub(lag)));
     }
+}
+
+/// State keeping the latest row of each group and window of an aggregation whose output is
+/// `output` (`groups` group columns besides the window, at `window_position`): rows as
+/// [`as_changelog`] makes them, keyed by the groups and the window's end.
+pub(super) fn changelog_state(
+    output: &SchemaRef,
+    groups: usize,
+    window_position: usize,
+) -> Result<UpsertState> {
+    let width = output.fields().len();
+    let mut fields: Vec<Field> = output.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(
+        "published_window_end",
+        DataType::Timestamp(TimeUnit::Millisecond, None),
+        false,
+    ));
+    fields.push(Field::new("op", DataType::Utf8, false));
+    let keys: Vec<usize> = (0..=groups)
+        .filter(|i| *i != window_position)
+        .chain([width])
+        .collect();
+    UpsertState::by_index(Arc::new(Schema::new(fields)), keys, width, Some(width + 1))
+}
+
+/// An aggregation's emitted rows with their window's end and an `op` (`retract` when
+/// `retract`), in `schema` (of a [`changelog_state`]).
+pub(super) fn as_changelog(
+    batch: &RecordBatch,
+    window_position: usize,
+    retract: bool,
+    schema: &SchemaRef,
+) -> Result<RecordBatch> {
+    let window = batch.column(window_position).as_struct();
+    let Some(end) = window.column_by_name("window_end") else {
+        return plan_err!("internal: the window column has no window_end");
+    };
+    let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+    columns.push(datafusion::arrow::compute::cast(
+        end,
+        &DataType::Timestamp(TimeUnit::Millisecond, None),
+    )?);
+    let op = if retract { "retract" } else { "update" };
+    columns.push(Arc::new(StringArray::from(vec![op; batch.num_rows()])));
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
 /// The lowest aggregation among `aggregates` (found top-down in one plan) with the node that
@@ -397,7 +459,7 @@ pub(super) fn time_column_of(expr: &Arc<dyn PhysicalExpr>) -> Option<&Column> {
 /// Which bound of the window below (`window_start` or `window_end`) `expr`, over `plan`'s
 /// rows, is: followed through projections and filters down to `leaf`, whose column
 /// `window_position` is the window.
-fn bound_of(
+pub(super) fn bound_of(
     plan: &Arc<dyn ExecutionPlan>,
     expr: &Arc<dyn PhysicalExpr>,
     leaf: &Arc<dyn ExecutionPlan>,
@@ -405,7 +467,6 @@ fn bound_of(
 ) -> Option<&'static str> {
     use datafusion::physical_plan::filter::FilterExec;
     use datafusion::physical_plan::projection::ProjectionExec;
-    use datafusion::physical_plan::repartition::RepartitionExec;
     if let Some(c) = time_column_of(expr) {
         if Arc::ptr_eq(plan, leaf) {
             return None;
@@ -422,8 +483,8 @@ fn bound_of(
             let e: Arc<dyn PhysicalExpr> = Arc::new(Column::new(c.name(), index));
             return bound_of(f.input(), &e, leaf, window_position);
         }
-        if plan.downcast_ref::<RepartitionExec>().is_some() {
-            return bound_of(&plan.children()[0].clone(), expr, leaf, window_position);
+        if let Some(child) = same_columns(plan) {
+            return bound_of(&child, expr, leaf, window_position);
         }
         return None;
     }
@@ -445,6 +506,15 @@ fn bound_of(
         _ => return None,
     };
     is_window(plan, inner, leaf, window_position).then_some(bound)
+}
+
+/// The input of `plan` when `plan` passes its one input's columns on as they are (a sort, a
+/// repartition, a merge), so that a column of it is the same column of the input.
+fn same_columns(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
+    match plan.children().as_slice() {
+        [child] if child.schema().fields() == plan.schema().fields() => Some((*child).clone()),
+        _ => None,
+    }
 }
 
 /// Whether `expr` over `plan`'s rows is the window column of `leaf`.
@@ -479,7 +549,10 @@ fn is_window(
         let e: Arc<dyn PhysicalExpr> = Arc::new(Column::new(c.name(), index));
         return is_window(f.input(), &e, leaf, window_position);
     }
-    false
+    match same_columns(plan) {
+        Some(child) => is_window(&child, expr, leaf, window_position),
+        None => false,
+    }
 }
 
 /// The windowed aggregation over the results of the stage below, if `upper` (the rest of the
@@ -578,26 +651,12 @@ pub(super) fn plan_chain(
             }
         })?
         .data;
-    // What the stage below publishes, with its window's end and the op.
     let width = below.output_schema.fields().len();
-    let mut fields: Vec<Field> = below
-        .output_schema
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(Field::new(
-        "published_window_end",
-        DataType::Timestamp(TimeUnit::Millisecond, None),
-        false,
-    ));
-    fields.push(Field::new("op", DataType::Utf8, false));
-    let keys: Vec<usize> = (0..=below.group_schema.fields().len())
-        .filter(|i| *i != below.window_position)
-        .chain([width])
-        .collect();
-    let published =
-        UpsertState::by_index(Arc::new(Schema::new(fields)), keys, width, Some(width + 1))?;
+    let published = changelog_state(
+        &below.output_schema,
+        below.group_schema.fields().len(),
+        below.window_position,
+    )?;
     // A revision of a window below lands at its start, up to a window size before this
     // stage's watermark: this stage keeps its windows that much longer.
     let stage_lateness = lateness_ms.saturating_add(lag_ms);
@@ -613,6 +672,7 @@ pub(super) fn plan_chain(
         Some(_) => None,
     };
     let time = spec.time.clone();
+    let window_position = spec.window_position;
     let groups = spec.groups.clone();
     let window = spec.window;
     Ok(Some(Chained {
@@ -638,6 +698,8 @@ pub(super) fn plan_chain(
             lateness_keys: None,
             having,
             next: next.map(Box::new),
+            window_position,
+            ranked: None,
         },
         lower,
     }))

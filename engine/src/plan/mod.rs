@@ -19,6 +19,7 @@ pub mod rewrite;
 pub mod sandbox;
 pub mod stream;
 pub mod table;
+mod topn;
 
 use crate::error::Result;
 use crate::pipeline::Topics;

@@ -511,6 +511,7 @@ impl StreamContext {
                     source.options.upsert_key.join(", ")
                 );
             }
+            super::topn::refuse_per_batch(&physical)?;
             let output_schema = physical.schema();
             return Ok(StreamQuery {
                 sql,
@@ -556,6 +557,7 @@ impl StreamContext {
             }
         }
         let output_schema = spec.output_schema.clone();
+        let window_position = spec.window_position;
         let lower = bottom.children()[0].clone();
         refuse_window_calls_below(&lower)?;
         let upper_feed = Feed::default();
@@ -649,36 +651,42 @@ impl StreamContext {
         } else {
             None
         };
+        super::topn::refuse_per_batch(&lower)?;
+        let mut windowed = Windowed {
+            operator: match spec.window {
+                WindowSpec::Session { .. } => {
+                    Box::new(SessionOperator::new(spec, lateness.as_millis() as i64)?)
+                }
+                _ if changelog => Box::new(WindowOperator::over_changelog(
+                    spec,
+                    lateness.as_millis() as i64,
+                    lower_schema,
+                )?),
+                _ => Box::new(WindowOperator::new(spec, lateness.as_millis() as i64)?),
+            },
+            upper,
+            upper_feed,
+            upper_schema: output_schema,
+            groups,
+            sessions,
+            spec: window_spec,
+            lateness_keys,
+            having,
+            next: next.map(Box::new),
+            window_position,
+            ranked: None,
+        };
+        // A ranking needs every group of a window in one state.
+        let ranked = super::topn::plan_ranking(&mut windowed)?;
         Ok(StreamQuery {
             sql,
             settings,
-            partition_local,
+            partition_local: partition_local && !ranked,
             source,
             sink: None,
             feed,
             lower,
-            windowed: Some(Windowed {
-                operator: match spec.window {
-                    WindowSpec::Session { .. } => {
-                        Box::new(SessionOperator::new(spec, lateness.as_millis() as i64)?)
-                    }
-                    _ if changelog => Box::new(WindowOperator::over_changelog(
-                        spec,
-                        lateness.as_millis() as i64,
-                        lower_schema,
-                    )?),
-                    _ => Box::new(WindowOperator::new(spec, lateness.as_millis() as i64)?),
-                },
-                upper,
-                upper_feed,
-                upper_schema: output_schema,
-                groups,
-                sessions,
-                spec: window_spec,
-                lateness_keys,
-                having,
-                next: next.map(Box::new),
-            }),
+            windowed: Some(windowed),
             upsert,
             task_ctx,
             watermarks,
@@ -1281,7 +1289,9 @@ impl StreamQuery {
     /// groups by other keys than the one below, so it runs in one state unless every stage
     /// groups by the input topic's key.
     pub fn is_repartitionable(&self) -> bool {
-        self.windowed.as_ref().is_some_and(|w| w.next.is_none())
+        self.windowed
+            .as_ref()
+            .is_some_and(|w| w.next.is_none() && w.ranked.is_none())
             && self.keyed.is_empty()
             && self.upsert.is_none()
     }
@@ -1905,6 +1915,42 @@ impl StreamQuery {
         }
         let evicted = w.operator.evicted_through();
         self.held = self.held.split_off(&evicted.saturating_add(1));
+        if let Some(ranked) = &mut w.ranked {
+            // Top-N: each window that emits is ranked afresh over all of its groups, and
+            // what entered or left the result is published.
+            for emission in emissions {
+                if emission.batch.num_rows() == 0 {
+                    continue;
+                }
+                let rows = super::chain::as_changelog(
+                    &emission.batch,
+                    w.window_position,
+                    emission.retract,
+                    &ranked.rows_schema(),
+                )?;
+                for (end, current) in ranked.take(&rows)? {
+                    w.upper_feed.set(vec![current]);
+                    let result = collect(w.upper.clone(), self.task_ctx.clone()).await?;
+                    let change = ranked.publish(end, &result, emission.is_final)?;
+                    out.rows.extend(changelog_rows(
+                        &self.output_schema,
+                        &change.left,
+                        change.revision,
+                        emission.is_final,
+                        "retract",
+                    )?);
+                    out.rows.extend(changelog_rows(
+                        &self.output_schema,
+                        &change.entered,
+                        change.revision,
+                        emission.is_final,
+                        if change.first { "insert" } else { "update" },
+                    )?);
+                }
+            }
+            ranked.evict_through(evicted);
+            return Ok(());
+        }
         for emission in emissions {
             pass_watermark(&self.keyed, emission.until.min(watermark));
             // Rows of one revision go through the upper plan together, so that each output

@@ -781,6 +781,21 @@ impl ExecutionPlan for KeyedSeriesExec {
     }
 }
 
+/// The ranking window functions, which rank the groups of one window (top-N per window).
+pub const RANKINGS: [&str; 3] = ["row_number", "rank", "dense_rank"];
+
+/// Whether `w` is `ROW_NUMBER`, `RANK` or `DENSE_RANK`.
+pub fn is_ranking(w: &dyn WindowExpr) -> bool {
+    w.as_any()
+        .downcast_ref::<StandardWindowExpr>()
+        .and_then(|s| {
+            s.get_standard_func_expr()
+                .as_any()
+                .downcast_ref::<WindowUDFExpr>()
+        })
+        .is_some_and(|u| RANKINGS.contains(&u.fun().name()))
+}
+
 /// Replaces every window aggregation made of urbanstream's series functions with a
 /// [`KeyedSeriesExec`], returning the new plan and the handles of their state.
 pub fn replace_series_windows(
@@ -796,6 +811,10 @@ pub fn replace_series_windows(
             } else {
                 return Ok(Transformed::no(node));
             };
+            // Rankings (top-N per window) run as they are, over a window's rows.
+            if exprs.iter().all(|w| is_ranking(w.as_ref())) {
+                return Ok(Transformed::no(node));
+            }
             match KeyedSeriesExec::try_new(input, node.schema(), &exprs)? {
                 Some(exec) => {
                     handles.push(exec.handle.clone());

@@ -7,12 +7,14 @@
 //!
 //! Both implement [`WindowedAggregation`], which the query runtime drives.
 //!
-//! [`upsert`] holds the latest row per key of a source read as a changelog.
+//! [`upsert`] holds the latest row per key of a source read as a changelog; [`ranked`] the
+//! groups of each window for a ranking over them (top-N per window).
 //!
 //! [`keyed`] holds the per-key state of detectors, health checks and alert machines
 //! (`anomaly_score(…) OVER (PARTITION BY …)` and friends) across micro-batches.
 
 pub mod keyed;
+pub mod ranked;
 pub mod session;
 pub mod upsert;
 pub mod window;

@@ -187,6 +187,37 @@ impl UpsertState {
         Ok(Changes { added, withdrawn })
     }
 
+    /// The latest rows whose event time is one of `times`, per time.
+    pub fn rows_at(
+        &self,
+        times: &std::collections::BTreeSet<i64>,
+    ) -> Result<std::collections::BTreeMap<i64, RecordBatch>> {
+        let mut rows: std::collections::BTreeMap<i64, Vec<&[u8]>> =
+            times.iter().map(|t| (*t, Vec::new())).collect();
+        for (t, row) in self.latest.values() {
+            if let Some(at) = rows.get_mut(t) {
+                at.push(row);
+            }
+        }
+        let parser = self.rows.parser();
+        rows.into_iter()
+            .map(|(t, at)| {
+                // Sorted, so that a plan over them sees the same input however the state
+                // was built.
+                let mut at = at;
+                at.sort_unstable();
+                let count = at.len();
+                let batch = RecordBatch::try_new_with_options(
+                    self.schema.clone(),
+                    self.rows
+                        .convert_rows(at.into_iter().map(|r| parser.parse(r)))?,
+                    &RecordBatchOptions::new().with_row_count(Some(count)),
+                )?;
+                Ok((t, batch))
+            })
+            .collect()
+    }
+
     /// Schema of the rows it takes.
     pub fn schema(&self) -> SchemaRef {
         self.schema.clone()

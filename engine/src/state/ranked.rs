@@ -1,0 +1,238 @@
+//! Top-N per window: ranking the groups of each window (`ROW_NUMBER() OVER (PARTITION BY
+//! window_start, … ORDER BY …) <= N` over a windowed aggregation), as Flink's window Top-N.
+//!
+//! A rank depends on every group of its window, and a revision of one group (a late event)
+//! can move others in or out of the top N. So the ranking does not run over an emission's
+//! rows alone: [`RankedState`] keeps the latest row of every group of each window still
+//! revisable, the query runs its ranking plan over all of a window's rows whenever the window
+//! emits, and the result is compared with what was published for that window: rows that
+//! left go out as retractions (with the values they were published with), rows that came in
+//! as inserts (the window's first emission) or updates.
+
+use std::collections::{BTreeMap, HashMap};
+
+use datafusion::arrow::array::{BinaryArray, Int64Array, RecordBatch, UInt32Array};
+use datafusion::arrow::compute::take_record_batch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::Result;
+
+use super::upsert::UpsertState;
+use crate::checkpoint::{StateSnapshot, column, meta_field, table, typed};
+
+/// What a window's ranking changed.
+pub struct Ranked {
+    /// Rows published before and no longer in the result (to retract).
+    pub left: RecordBatch,
+    /// Rows in the result not published before (all of them on the window's first final
+    /// result after early ones).
+    pub entered: RecordBatch,
+    /// The window's revision: 0 for its first emission.
+    pub revision: u32,
+    /// Whether nothing was published for the window before.
+    pub first: bool,
+}
+
+/// Per window: the latest row of each group, and the ranked rows last published.
+pub struct RankedState {
+    /// The aggregation's rows with their window's end and op, keyed by groups and window.
+    rows: UpsertState,
+    /// Output columns of the aggregation.
+    width: usize,
+    /// The ranking plan's output rows.
+    output: RowConverter,
+    output_schema: SchemaRef,
+    /// Per window end: the rows published (row-encoded), the last revision, and whether
+    /// they were published final.
+    published: BTreeMap<i64, (Vec<Box<[u8]>>, u32, bool)>,
+}
+
+impl RankedState {
+    /// State over rows of `rows` (an aggregation's output, its window's end and an `op`,
+    /// keyed by its groups and window), ranked into rows of `output_schema`.
+    pub fn new(rows: UpsertState, width: usize, output_schema: SchemaRef) -> Result<Self> {
+        let output = RowConverter::new(
+            output_schema
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        Ok(Self {
+            rows,
+            width,
+            output,
+            output_schema,
+            published: BTreeMap::new(),
+        })
+    }
+
+    /// Takes an emission of the aggregation (rows with window end and op, as `rows` takes
+    /// them) and returns, per window it touched, that window's current rows (aggregation
+    /// columns only), in window order.
+    pub fn take(&mut self, batch: &RecordBatch) -> Result<Vec<(i64, RecordBatch)>> {
+        self.rows.apply(batch)?;
+        let ends = batch.column(self.width);
+        let ends =
+            datafusion::arrow::compute::cast(ends, &datafusion::arrow::datatypes::DataType::Int64)?;
+        let ends = ends
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .map(|a| a.values().to_vec())
+            .unwrap_or_default();
+        let windows: std::collections::BTreeSet<i64> = ends.into_iter().collect();
+        let own: Vec<usize> = (0..self.width).collect();
+        self.rows
+            .rows_at(&windows)?
+            .into_iter()
+            .map(|(end, rows)| Ok((end, rows.project(&own)?)))
+            .collect()
+    }
+
+    /// Schema of the rows [`RankedState::take`] takes.
+    pub fn rows_schema(&self) -> SchemaRef {
+        self.rows.schema()
+    }
+
+    /// Compares the ranking `result` of the window ending at `end` with what was published
+    /// for it, and remembers the result as published. The first final result of a window
+    /// publishes all its rows again (`entered`), after early results that were not final.
+    pub fn publish(&mut self, end: i64, result: &[RecordBatch], is_final: bool) -> Result<Ranked> {
+        let mut now: Vec<Box<[u8]>> = Vec::new();
+        let mut now_batches = Vec::new();
+        for b in result {
+            let rows = self.output.convert_columns(b.columns())?;
+            for r in 0..b.num_rows() {
+                now.push(rows.row(r).as_ref().into());
+            }
+            now_batches.push(b.clone());
+        }
+        let (before, revision, first, again) = match self.published.get(&end) {
+            Some((rows, revision, was_final)) => {
+                (rows.clone(), revision + 1, false, is_final && !was_final)
+            }
+            None => (Vec::new(), 0, true, false),
+        };
+        // Multiset differences, keeping each side's order.
+        let mut remaining: HashMap<&[u8], usize> = HashMap::new();
+        for r in &now {
+            *remaining.entry(r.as_ref()).or_default() += 1;
+        }
+        let mut left = Vec::new();
+        for r in &before {
+            match remaining.get_mut(r.as_ref()) {
+                Some(n) if *n > 0 => *n -= 1,
+                _ => left.push(r.clone()),
+            }
+        }
+        let mut stayed: HashMap<&[u8], usize> = HashMap::new();
+        for r in &before {
+            *stayed.entry(r.as_ref()).or_default() += 1;
+        }
+        let mut entered: Vec<u32> = Vec::new();
+        for (i, r) in now.iter().enumerate() {
+            match stayed.get_mut(r.as_ref()) {
+                Some(n) if *n > 0 && !again => *n -= 1,
+                _ => entered.push(i as u32),
+            }
+        }
+        let all = datafusion::arrow::compute::concat_batches(&self.output_schema, &now_batches)?;
+        let entered = take_record_batch(&all, &UInt32Array::from(entered))?;
+        let parser = self.output.parser();
+        let count = left.len();
+        let left = RecordBatch::try_new_with_options(
+            self.output_schema.clone(),
+            self.output
+                .convert_rows(left.iter().map(|r| parser.parse(r)))?,
+            &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(count)),
+        )?;
+        if left.num_rows() > 0 || entered.num_rows() > 0 {
+            self.published.insert(end, (now, revision, is_final));
+        }
+        Ok(Ranked {
+            left,
+            entered,
+            revision,
+            first,
+        })
+    }
+
+    /// Forgets the windows ending at or before `end`, which can no longer change.
+    pub fn evict_through(&mut self, end: i64) {
+        self.rows.evict(|t| t <= end);
+        self.published = self.published.split_off(&end.saturating_add(1));
+    }
+
+    /// Groups held.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.published.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.rows.bytes()
+            + self
+                .published
+                .values()
+                .map(|(rows, _, _)| 16 + rows.iter().map(|r| r.len() + 16).sum::<usize>())
+                .sum::<usize>()
+    }
+
+    /// The state for a checkpoint: the groups' rows (`rows.*`) and table `published`
+    /// (window end, revision, row).
+    pub fn snapshot(&self) -> crate::Result<StateSnapshot> {
+        let mut out = StateSnapshot {
+            meta: serde_json::json!({
+                "windows": self
+                    .published
+                    .iter()
+                    .map(|(e, (_, r, f))| (*e, *r, *f))
+                    .collect::<Vec<_>>(),
+            }),
+            tables: Default::default(),
+        };
+        out.nest("rows", self.rows.snapshot()?);
+        let (mut ends, mut rows) = (vec![], vec![]);
+        for (end, (published, _, _)) in &self.published {
+            for r in published {
+                ends.push(*end);
+                rows.push(r.as_ref());
+            }
+        }
+        if !rows.is_empty() {
+            out.tables.insert(
+                "published".into(),
+                table(vec![
+                    ("end".into(), std::sync::Arc::new(Int64Array::from(ends))),
+                    ("row".into(), std::sync::Arc::new(BinaryArray::from(rows))),
+                ])?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Replaces the state with a [`RankedState::snapshot`].
+    pub fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()> {
+        self.rows.restore(&snapshot.nested("rows"))?;
+        let windows: Vec<(i64, u32, bool)> = meta_field(&snapshot.meta, "windows")?;
+        self.published = windows
+            .into_iter()
+            .map(|(end, revision, was_final)| (end, (Vec::new(), revision, was_final)))
+            .collect();
+        if let Some(published) = snapshot.tables.get("published") {
+            let ends = typed::<Int64Array>(column(published, "end")?, "end")?;
+            let rows = typed::<BinaryArray>(column(published, "row")?, "row")?;
+            for r in 0..published.num_rows() {
+                if let Some((rows_of, _, _)) = self.published.get_mut(&ends.value(r)) {
+                    rows_of.push(rows.value(r).into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
