@@ -614,6 +614,21 @@ proptest! {
     }
 
     #[test]
+    fn the_top_two_of_each_minute_match_a_batch_ranking(run in run()) {
+        check_top(Kind::Tumble, &run)?;
+    }
+
+    #[test]
+    fn the_top_two_of_each_hopping_window_match_a_batch_ranking(run in run()) {
+        check_top(Kind::Hop, &run)?;
+    }
+
+    #[test]
+    fn the_top_two_of_each_cumulating_window_match_a_batch_ranking(run in run()) {
+        check_top(Kind::Cumulate, &run)?;
+    }
+
+    #[test]
     fn a_two_stage_query_over_minutes_matches_a_batch_query(run in run()) {
         check_two_stages(Kind::Tumble, false, &run)?;
     }
@@ -918,6 +933,142 @@ fn check_two_stages(kind: Kind, by_end: bool, run: &Run) -> Result<(), TestCaseE
     prop_assert_eq!(got_late, want_late, "late records");
     prop_assert!(pairs.is_empty() || !want.is_empty(), "nothing to compare");
     prop_assert_eq!(got, want, "two-stage changelog applied");
+    Ok(())
+}
+
+/// The two groups with the most events (then the largest sum, then by key) of each window.
+const TOP: &str = "SELECT k, g, window_end, n, s, place FROM (SELECT k, g, window_end, n, s, \
+     ROW_NUMBER() OVER (PARTITION BY window_end ORDER BY n DESC, s DESC, k, g) AS place \
+     FROM (SELECT k, g, {window_end} AS window_end, count(*) AS n, sum(v) AS s FROM {input} \
+     GROUP BY {group_by}, k, g)) WHERE place <= 2";
+
+/// (window end, k, g) → (n, s, place).
+type Top = BTreeMap<(i64, String, Option<i64>), (i64, i64, i64)>;
+
+/// Applies a changelog of [`TOP`] rows (upsert by window and group, delete on retract);
+/// without `op`, a batch query's rows.
+fn top(batches: &[RecordBatch]) -> anyhow::Result<Top> {
+    let mut out = Top::new();
+    for b in batches {
+        let col = |name: &str, t: &DataType| -> anyhow::Result<ArrayRef> {
+            let c = b
+                .column_by_name(name)
+                .ok_or_else(|| anyhow::anyhow!("column {name}"))?;
+            Ok(cast(c, t)?)
+        };
+        let k = col("k", &DataType::Utf8)?;
+        let k = k.as_string::<i32>();
+        let ints: Vec<ArrayRef> = ["g", "window_end", "n", "s", "place"]
+            .iter()
+            .map(|c| col(c, &DataType::Int64))
+            .collect::<anyhow::Result<_>>()?;
+        let ints: Vec<&Int64Array> = ints.iter().map(|a| a.as_primitive::<Int64Type>()).collect();
+        let op = match b.column_by_name("op") {
+            Some(_) => Some(col("op", &DataType::Utf8)?),
+            None => None,
+        };
+        for r in 0..b.num_rows() {
+            let key = (
+                ints[1].value(r),
+                k.value(r).to_string(),
+                (!ints[0].is_null(r)).then(|| ints[0].value(r)),
+            );
+            if op
+                .as_ref()
+                .is_some_and(|o| o.as_string::<i32>().value(r) == "retract")
+            {
+                anyhow::ensure!(
+                    out.remove(&key).is_some(),
+                    "a retraction of {key:?}, never published"
+                );
+            } else {
+                out.insert(key, (ints[2].value(r), ints[3].value(r), ints[4].value(r)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Top-N per window: the run's events in its cuts over 4 partitions, with early fires,
+/// revisions and restarts, ranked per window by the engine; the applied changelog equals the
+/// batch ranking of the groups the model keeps.
+fn check_top(kind: Kind, run: &Run) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (pairs, want_late) = model(kind, run);
+    let (got, got_late) = rt
+        .block_on(async {
+            let mut engine = DeterministicEngine::new();
+            for sql in [
+                "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, \
+                 v BIGINT NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', \
+                 'watermark_delay' '0s', 'idle_timeout' '7d')",
+                "CREATE EXTERNAL TABLE top (k VARCHAR NOT NULL, g BIGINT, \
+                 window_end TIMESTAMP NOT NULL, n BIGINT, s BIGINT, place BIGINT, \
+                 op VARCHAR NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'top')",
+                "SET urbanstream.allowed_lateness = '2m'",
+            ] {
+                engine.execute(sql).await?;
+            }
+            if run.early_fire {
+                engine.execute("SET urbanstream.early_fire = '10s'").await?;
+            }
+            let query = TOP
+                .replace("{window_end}", "window_end")
+                .replace("{input}", "ev")
+                .replace("{group_by}", kind.sql());
+            engine.execute(&format!("INSERT INTO top {query}")).await?;
+            feed(&mut engine, run, run.early_fire).await?;
+            let Outcome::Rows(out) = engine.execute("SELECT * FROM top").await? else {
+                anyhow::bail!("no rows")
+            };
+            let late = late_records(&mut engine).await?;
+            anyhow::Ok((top(&out)?, late))
+        })
+        .expect("engine");
+    let want = rt
+        .block_on(async {
+            let ctx = SessionContext::new();
+            let b = RecordBatch::try_from_iter(vec![
+                (
+                    "k",
+                    Arc::new(StringArray::from_iter_values(
+                        pairs.iter().map(|(e, _)| e.k),
+                    )) as ArrayRef,
+                ),
+                (
+                    "g",
+                    Arc::new(Int64Array::from_iter(
+                        pairs.iter().map(|(e, _)| e.g.map(i64::from)),
+                    )),
+                ),
+                (
+                    "v",
+                    Arc::new(Int64Array::from_iter_values(pairs.iter().map(|(e, _)| e.v))),
+                ),
+                (
+                    "end_ms",
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        pairs.iter().map(|(_, w)| w.1),
+                    )),
+                ),
+            ])?;
+            ctx.register_table(
+                "pairs",
+                Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
+            )?;
+            let query = TOP
+                .replace("{window_end}", "end_ms")
+                .replace("{input}", "pairs")
+                .replace("{group_by}", "end_ms");
+            top(&ctx.sql(&query).await?.collect().await?)
+        })
+        .expect("batch");
+    prop_assert_eq!(got_late, want_late, "late records");
+    prop_assert!(pairs.is_empty() || !want.is_empty(), "nothing to compare");
+    prop_assert_eq!(got, want, "top two per window");
     Ok(())
 }
 
