@@ -4,6 +4,11 @@
 //! 1 000 000 distinct values. 1 M events in batches of 8 192 (the engine's batch size) arrive
 //! in event-time order over 10 minutes of event time, one event per key in turn, so every
 //! key is live in every window; the watermark then closes every window.
+//!
+//! Two shapes over the 1-minute windows, at 100 and 10 000 keys: windows of windows (the
+//! minutes' averages, then a 5-minute window hopping by 1 minute over them, in one query) and
+//! top-N per window (the 5 keys with most events each minute, ranked over every key of the
+//! window). Compare each with `tumble_1m` of the same run.
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use std::sync::Arc;
@@ -38,23 +43,64 @@ fn batches(keys: usize) -> Vec<RecordBatch> {
         .collect()
 }
 
-async fn query(window: &str) -> StreamQuery {
+const AGGREGATES: &str = "count(*) AS n, sum(v) AS s, avg(v) AS a, min(v) AS lo, max(v) AS hi";
+
+async fn query(select: &str) -> StreamQuery {
     let ctx = StreamContext::new();
     for sql in [
         "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, v DOUBLE) \
-         STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 'event_time', 'watermark_delay' '0s')"
-            .to_string(),
-        format!(
-            "SELECT k, window_start, count(*) AS n, sum(v) AS s, avg(v) AS a, min(v) AS lo, \
-             max(v) AS hi FROM ev GROUP BY {window}, k"
-        ),
+         STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 'event_time', 'watermark_delay' '0s')",
+        select,
     ] {
-        let statement = StreamContext::parse(&sql).expect("parse").remove(0);
+        let statement = StreamContext::parse(sql).expect("parse").remove(0);
         if let Some(q) = ctx.plan(statement).await.expect("plan") {
             return q;
         }
     }
     panic!("no query planned")
+}
+
+/// The window aggregations measured: (name, query, largest key count).
+fn queries() -> Vec<(&'static str, String, usize)> {
+    let one =
+        |window: &str| format!("SELECT k, window_start, {AGGREGATES} FROM ev GROUP BY {window}, k");
+    vec![
+        (
+            "tumble_1m",
+            one("tumble(event_time, INTERVAL '1 minute')"),
+            1_000_000,
+        ),
+        (
+            "hop_1m_5m",
+            one("hop(event_time, INTERVAL '1 minute', INTERVAL '5 minutes')"),
+            1_000_000,
+        ),
+        (
+            "session_30s",
+            one("session(event_time, INTERVAL '30 seconds')"),
+            1_000_000,
+        ),
+        (
+            "two_stage_1m_then_hop_5m",
+            format!(
+                "SELECT k, window_start, count(*) AS minutes, avg(a) AS a, min(lo) AS lo, \
+                 max(hi) AS hi, sum(n) AS n FROM (SELECT k, window_end AS minute, {AGGREGATES} \
+                 FROM ev GROUP BY tumble(event_time, INTERVAL '1 minute'), k) \
+                 GROUP BY hop(minute, INTERVAL '1 minute', INTERVAL '5 minutes'), k"
+            ),
+            10_000,
+        ),
+        (
+            "top5_per_1m",
+            format!(
+                "SELECT * FROM (SELECT k, window_start, n, ROW_NUMBER() OVER (PARTITION BY \
+                 window_start ORDER BY n DESC, k) AS place FROM (SELECT k, window_start, \
+                 {AGGREGATES} FROM ev GROUP BY tumble(event_time, INTERVAL '1 minute'), k)) \
+                 WHERE place <= 5"
+            ),
+            10_000,
+        ),
+    ]
 }
 
 fn windows(c: &mut Criterion) {
@@ -66,17 +112,10 @@ fn windows(c: &mut Criterion) {
     group.throughput(Throughput::Elements(EVENTS as u64));
     for keys in [100, 10_000, 1_000_000] {
         let input = batches(keys);
-        for (name, window) in [
-            ("tumble_1m", "tumble(event_time, INTERVAL '1 minute')"),
-            (
-                "hop_1m_5m",
-                "hop(event_time, INTERVAL '1 minute', INTERVAL '5 minutes')",
-            ),
-            ("session_30s", "session(event_time, INTERVAL '30 seconds')"),
-        ] {
+        for (name, select, _) in queries().into_iter().filter(|q| keys <= q.2) {
             group.bench_function(format!("{name}/{keys}_keys"), |b| {
                 b.iter_batched(
-                    || runtime.block_on(query(window)),
+                    || runtime.block_on(query(&select)),
                     |mut q| {
                         runtime.block_on(async {
                             let partitions = vec![0; BATCH];
