@@ -357,7 +357,7 @@ impl KeyedSeriesExec {
         }
         if !foreign.is_empty() {
             return plan_err!(
-                "window functions other than urbanstream's detectors are not supported on streams ({}): aggregate with GROUP BY tumble/hop/cumulate instead",
+                "window functions other than urbanstream's detectors are not supported on streams ({}): aggregate with GROUP BY tumble/hop/cumulate instead, and rank a window's groups in a query of their own",
                 foreign.join(", ")
             );
         }
@@ -821,7 +821,7 @@ pub fn replace_series_windows(
                     Ok(Transformed::yes(Arc::new(exec) as Arc<dyn ExecutionPlan>))
                 }
                 None => plan_err!(
-                    "window functions with OVER (…) are not supported on streams, except urbanstream's detectors (anomaly_*, sensor_*, alert_state): aggregate with GROUP BY tumble/hop/cumulate instead"
+                    "window functions with OVER (…) are not supported on streams, except urbanstream's detectors (anomaly_*, sensor_*, alert_state) and rankings of a window's groups (ROW_NUMBER, RANK, DENSE_RANK OVER (PARTITION BY window_start …) over a windowed aggregation): aggregate with GROUP BY tumble/hop/cumulate instead"
                 ),
             }
         })?
