@@ -43,5 +43,7 @@ pub mod reference;
 pub mod schema;
 pub mod service;
 pub mod simulate;
+pub mod telemetry;
+pub mod topics;
 
 pub use error::{Error, Result};

@@ -18,9 +18,9 @@ use rdkafka::producer::FutureProducer;
 
 use crate::broker::{EmbeddedBroker, create_topics};
 use crate::error::{Error, Result};
-use crate::pipeline::Topics;
 use crate::reference::ReferenceData;
 use crate::simulate::{CitySimulator, ProducerStats, SimConfig, run_producer};
+use crate::topics::Topics;
 
 /// urbanstream: a stream processing engine for a city's sensor and camera feeds.
 ///

@@ -17,11 +17,11 @@ use futures::StreamExt;
 
 use crate::decode::JsonDecoder;
 use crate::error::{Error, Result};
-use crate::pipeline::Topics;
 use crate::plan::city_context;
 use crate::plan::stream::{StreamContext, StreamQuery};
 use crate::schema::SchemaRegistry;
 use crate::source::RawBatch;
+use crate::topics::Topics;
 
 /// Options of `run`.
 #[derive(Debug, Clone, Args)]

@@ -47,76 +47,15 @@ use crate::plan::stream::StreamQuery;
 use crate::plan::table::StreamTable;
 use crate::plan::{city_context, city_context_in, default_queries, plan_all};
 use crate::schema::SchemaRegistry;
-use crate::service::metrics::CityGauges;
 use crate::sink::{DlqRecord, KafkaSink, KafkaSinkConfig, LateRecord, Pending, conform_stream};
 use crate::source::{
     KafkaSource, KafkaSourceConfig, ORIGIN_HEADER, PROGRESS_HEADER, RawBatch, encode_pair,
 };
+use crate::telemetry::CityGauges;
+pub use crate::topics::Topics;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use recovery::Checkpoints;
 use repartition::{Repartition, event_time_maxima, repartition_topic};
-
-/// Topic names. All configurable (`[topics]` of the service's configuration); the defaults
-/// are the city's.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Topics {
-    /// Camera events (input).
-    pub camera: String,
-    /// Detector readings (input).
-    pub detectors: String,
-    /// Air readings (input).
-    pub air: String,
-    /// Congestion indicators (output).
-    pub congestion: String,
-    /// Air indicators (output).
-    pub air_indicators: String,
-    /// Alerts (output).
-    pub alerts: String,
-    /// Dead-letter queue (output).
-    pub dlq: String,
-    /// Late events (output).
-    pub late: String,
-}
-
-impl Default for Topics {
-    fn default() -> Self {
-        Self {
-            camera: "city.camera.events".into(),
-            detectors: "city.traffic.detectors".into(),
-            air: "city.air.readings".into(),
-            congestion: "city.indicators.congestion".into(),
-            air_indicators: "city.indicators.air".into(),
-            alerts: "city.alerts".into(),
-            dlq: "city.dlq".into(),
-            late: "city.late".into(),
-        }
-    }
-}
-
-impl Topics {
-    /// The input topics.
-    pub fn inputs(&self) -> Vec<String> {
-        vec![
-            self.camera.clone(),
-            self.detectors.clone(),
-            self.air.clone(),
-        ]
-    }
-
-    /// Every topic, inputs first.
-    pub fn all(&self) -> Vec<String> {
-        let mut all = self.inputs();
-        all.extend([
-            self.congestion.clone(),
-            self.air_indicators.clone(),
-            self.alerts.clone(),
-            self.dlq.clone(),
-            self.late.clone(),
-        ]);
-        all
-    }
-}
 
 /// Settings of the pipeline.
 #[derive(Debug, Clone)]
@@ -440,9 +379,9 @@ impl Pipeline {
             }
             None => None,
         };
-        let emit_latency = config.name.as_ref().map(|name| {
-            metrics::histogram!(crate::service::metrics::EMIT_LATENCY, "query" => name.clone())
-        });
+        let emit_latency = config.name.as_ref().map(
+            |name| metrics::histogram!(crate::telemetry::EMIT_LATENCY, "query" => name.clone()),
+        );
         let mut queries: Vec<Running> = Vec::new();
         if config.default_queries {
             for (name, query) in default_queries(&ctx).await? {

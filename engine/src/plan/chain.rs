@@ -707,8 +707,8 @@ pub(super) fn plan_chain(
 
 #[cfg(test)]
 mod tests {
-    use crate::pipeline::Topics;
     use crate::schema::SchemaRegistry;
+    use crate::topics::Topics;
 
     async fn plan(sql: &str) -> crate::plan::stream::StreamQuery {
         let schemas = SchemaRegistry::embedded().expect("schemas");

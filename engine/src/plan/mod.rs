@@ -22,9 +22,9 @@ pub mod table;
 mod topn;
 
 use crate::error::Result;
-use crate::pipeline::Topics;
 use crate::reference::ReferenceData;
 use crate::schema::SchemaRegistry;
+use crate::topics::Topics;
 use stream::StreamContext;
 use table::StreamTable;
 

@@ -303,9 +303,9 @@ mod tests {
     #[tokio::test]
     async fn the_key_plan_sends_each_record_to_its_groups_partition() {
         use crate::decode::JsonDecoder;
-        use crate::pipeline::Topics;
         use crate::schema::SchemaRegistry;
         use crate::source::RawBatch;
+        use crate::topics::Topics;
         let schemas = SchemaRegistry::embedded().expect("schemas");
         let ctx = crate::plan::city_context(&Topics::default(), &schemas).expect("city");
         let sql = "SELECT s.ward_id, window_start, count(*) AS n \

@@ -13,7 +13,7 @@ use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::pipeline::Topics;
+use crate::topics::Topics;
 
 /// The compiled-in defaults (`engine/default.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../../default.toml");

@@ -108,7 +108,7 @@ fn motorbikes_dominate_urban_detections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_time_never_passes_the_wall_clock() {
     let broker = crate::broker::EmbeddedBroker::start().expect("broker");
-    let topics = crate::pipeline::Topics::default();
+    let topics = crate::topics::Topics::default();
     for t in topics.inputs() {
         broker.create_topic(&t, 1).expect("topic");
     }
