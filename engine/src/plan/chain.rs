@@ -169,6 +169,12 @@ impl Windowed {
             next = c.stage.next.as_deref_mut();
         }
         if let Some(ranked) = &mut self.last_mut().ranked {
+            if snapshot.meta.get("ranked").is_none() {
+                return Err(crate::Error::Checkpoint(
+                    "the state has no ranking of the windows' groups, which this query keeps"
+                        .into(),
+                ));
+            }
             ranked.restore(&snapshot.nested("ranked"))?;
         }
         Ok(())

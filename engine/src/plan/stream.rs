@@ -1916,9 +1916,12 @@ impl StreamQuery {
         let evicted = w.operator.evicted_through();
         self.held = self.held.split_off(&evicted.saturating_add(1));
         if let Some(ranked) = &mut w.ranked {
-            // Top-N: each window that emits is ranked afresh over all of its groups, and
-            // what entered or left the result is published.
-            for emission in emissions {
+            // Top-N: the step's emissions are taken first (a window over a changelog may
+            // emit updates and retractions of one window apart); then each window that
+            // emitted is ranked afresh over all of its groups, once, and what entered or
+            // left the result is published.
+            let mut touched: std::collections::BTreeMap<i64, bool> = Default::default();
+            for emission in &emissions {
                 if emission.batch.num_rows() == 0 {
                     continue;
                 }
@@ -1928,25 +1931,30 @@ impl StreamQuery {
                     emission.retract,
                     &ranked.rows_schema(),
                 )?;
-                for (end, current) in ranked.take(&rows)? {
-                    w.upper_feed.set(vec![current]);
-                    let result = collect(w.upper.clone(), self.task_ctx.clone()).await?;
-                    let change = ranked.publish(end, &result, emission.is_final)?;
-                    out.rows.extend(changelog_rows(
-                        &self.output_schema,
-                        &change.left,
-                        change.revision,
-                        emission.is_final,
-                        "retract",
-                    )?);
-                    out.rows.extend(changelog_rows(
-                        &self.output_schema,
-                        &change.entered,
-                        change.revision,
-                        emission.is_final,
-                        if change.first { "insert" } else { "update" },
-                    )?);
+                for end in ranked.take(&rows)? {
+                    *touched.entry(end).or_default() |= emission.is_final;
                 }
+            }
+            let ends = touched.keys().copied().collect();
+            for (end, current) in ranked.windows(&ends)? {
+                let is_final = touched.get(&end).copied().unwrap_or(false);
+                w.upper_feed.set(vec![current]);
+                let result = collect(w.upper.clone(), self.task_ctx.clone()).await?;
+                let change = ranked.publish(end, &result, is_final)?;
+                out.rows.extend(changelog_rows(
+                    &self.output_schema,
+                    &change.left,
+                    change.revision,
+                    is_final,
+                    "retract",
+                )?);
+                out.rows.extend(changelog_rows(
+                    &self.output_schema,
+                    &change.entered,
+                    change.revision,
+                    is_final,
+                    if change.first { "insert" } else { "update" },
+                )?);
             }
             ranked.evict_through(evicted);
             return Ok(());

@@ -11,6 +11,8 @@ use datafusion::common::{Result, plan_err};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowAggExec, WindowExpr};
 
+use urbanstream_operators::window::WindowSpec;
+
 use super::chain::Windowed;
 use super::feed::FeedExec;
 use crate::state::keyed::{KeyedSeriesExec, is_ranking};
@@ -106,10 +108,22 @@ pub(super) fn plan_ranking(windowed: &mut Windowed) -> Result<bool> {
                     w.name()
                 );
             }
-            let per_window = w
-                .partition_by()
-                .iter()
-                .any(|p| super::chain::bound_of(input, p, &leaf, last.window_position).is_some());
+            // Cumulating windows of a period share their start: only the end names one.
+            let cumulating = matches!(last.spec, WindowSpec::Cumulate { .. });
+            let per_window = w.partition_by().iter().any(|p| {
+                match super::chain::bound_of(input, p, &leaf, last.window_position) {
+                    Some("window_end") => true,
+                    Some(_) => !cumulating,
+                    None => false,
+                }
+            });
+            if !per_window && cumulating {
+                return plan_err!(
+                    "{} over cumulating windows must rank within one window: PARTITION BY \
+                     window_end (the windows of a period share their window_start)",
+                    w.name()
+                );
+            }
             if !per_window {
                 return plan_err!(
                     "{} over a stream must rank within one window: PARTITION BY window_start \

@@ -68,22 +68,29 @@ impl RankedState {
     }
 
     /// Takes an emission of the aggregation (rows with window end and op, as `rows` takes
-    /// them) and returns, per window it touched, that window's current rows (aggregation
-    /// columns only), in window order.
-    pub fn take(&mut self, batch: &RecordBatch) -> Result<Vec<(i64, RecordBatch)>> {
+    /// them); returns the ends of the windows it touched.
+    pub fn take(&mut self, batch: &RecordBatch) -> Result<std::collections::BTreeSet<i64>> {
         self.rows.apply(batch)?;
-        let ends = batch.column(self.width);
-        let ends =
-            datafusion::arrow::compute::cast(ends, &datafusion::arrow::datatypes::DataType::Int64)?;
-        let ends = ends
+        let ends = datafusion::arrow::compute::cast(
+            batch.column(self.width),
+            &datafusion::arrow::datatypes::DataType::Int64,
+        )?;
+        Ok(ends
             .as_any()
             .downcast_ref::<Int64Array>()
-            .map(|a| a.values().to_vec())
-            .unwrap_or_default();
-        let windows: std::collections::BTreeSet<i64> = ends.into_iter().collect();
+            .map(|a| a.values().iter().copied().collect())
+            .unwrap_or_default())
+    }
+
+    /// The current rows (aggregation columns only) of the windows ending at `ends`, in
+    /// window order.
+    pub fn windows(
+        &self,
+        ends: &std::collections::BTreeSet<i64>,
+    ) -> Result<Vec<(i64, RecordBatch)>> {
         let own: Vec<usize> = (0..self.width).collect();
         self.rows
-            .rows_at(&windows)?
+            .rows_at(ends)?
             .into_iter()
             .map(|(end, rows)| Ok((end, rows.project(&own)?)))
             .collect()
