@@ -768,6 +768,21 @@ mod tests {
         );
     }
 
+    /// A ranking of each minute's segments: one state, and the window stage says it ranks.
+    #[tokio::test]
+    async fn a_top_n_query_is_explained_as_ranking_its_windows() {
+        let query = plan(
+            "SELECT * FROM (SELECT segment_id, window_start, n, ROW_NUMBER() OVER \
+             (PARTITION BY window_start ORDER BY n DESC) AS place FROM (SELECT segment_id, \
+             window_start, count(*) AS n FROM camera_events GROUP BY tumble(event_time, \
+             INTERVAL '1 minute'), segment_id)) WHERE place <= 5",
+        )
+        .await;
+        assert!(!query.is_partition_local() && !query.is_repartitionable());
+        let explained = query.explain();
+        assert!(explained["stages"][1]["ranks"].is_string(), "{explained}");
+    }
+
     /// Both stages grouped by the topic's key: one state per input partition.
     #[tokio::test]
     async fn stages_grouped_by_the_topics_key_stay_partition_local() {

@@ -1160,6 +1160,13 @@ impl StreamQuery {
                         }
                     ),
                 });
+                if w.ranked.is_some() {
+                    stage["ranks"] = "the groups of each window that emits, afresh over all of \
+                        them (top-N per window); rows that entered the result are published, \
+                        rows that left it retracted; the window's groups are kept until it can \
+                        no longer be revised"
+                        .into();
+                }
                 if w.next.is_some() {
                     stage["passes_on"] = "its rows, as a changelog, to the window above it in the \
                         same step (no topic between them)"
