@@ -776,9 +776,13 @@ impl Pipeline {
         // The instances fed in this step, by (query, partition; -1 for all).
         let mut fed: std::collections::HashSet<(usize, i32)> = Default::default();
         for raw in &batches {
-            self.stats
-                .records_in
-                .fetch_add(raw.len() as u64, Ordering::Relaxed);
+            // Input records, once: a record passing through a repartition topic is not a
+            // record in again.
+            if !raw.topic.ends_with(".repartition") {
+                self.stats
+                    .records_in
+                    .fetch_add(raw.len() as u64, Ordering::Relaxed);
+            }
             let Some(decoder) = self.decoders.get(raw.topic.as_ref()) else {
                 continue;
             };
