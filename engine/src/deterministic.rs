@@ -248,16 +248,44 @@ impl DeterministicEngine {
         let Some(checkpoint) = read else {
             return plan_err!("RESTART: the checkpoint did not read back");
         };
+        // Each query is planned again with the settings it was registered with (as the
+        // service does), not the session's current ones.
+        let current = self
+            .ctx
+            .session()
+            .state()
+            .config()
+            .options()
+            .extensions
+            .get::<crate::plan::stream::StreamSettings>()
+            .cloned()
+            .unwrap_or_default();
+        if checkpoint.queries.len() != self.queries.len() {
+            return plan_err!("RESTART: the checkpoint holds another set of queries");
+        }
+        let plans: Vec<(String, Vec<String>)> = self
+            .queries
+            .iter()
+            .map(|q| (q.sql().to_string(), q.settings_sql()))
+            .collect();
         let mut restored = Vec::new();
-        for (q, state) in checkpoint.manifest.queries.iter().zip(&checkpoint.queries) {
-            let Some(statement) = StreamContext::parse(&q.sql)?.pop() else {
-                return plan_err!("RESTART: query {} has no statement", q.name);
-            };
-            let Some(mut query) = self.ctx.plan(statement).await? else {
-                return plan_err!("RESTART: query {} is not a stream query", q.name);
-            };
-            query.restore(state, self.now_ms).map_err(external)?;
-            restored.push(query);
+        for ((sql, settings), state) in plans.into_iter().zip(&checkpoint.queries) {
+            for set in settings.iter().chain(std::iter::once(&sql)) {
+                for statement in StreamContext::parse(set)? {
+                    if let Some(mut query) = self.ctx.plan(statement).await? {
+                        query.restore(state, self.now_ms).map_err(external)?;
+                        restored.push(query);
+                    }
+                }
+            }
+        }
+        if restored.len() != checkpoint.queries.len() {
+            return plan_err!("RESTART: a query did not plan again from its SQL");
+        }
+        for set in crate::plan::stream::settings_sql(&current) {
+            for statement in StreamContext::parse(&set)? {
+                self.ctx.plan(statement).await?;
+            }
         }
         self.queries = restored;
         Ok(Outcome::Done)

@@ -599,9 +599,13 @@ pub(super) fn plan_chain(
     }
     let (spec, window_name) = aggregate_spec(&top, &bottom, "window_end")?;
     let lower = bottom.children()[0].clone();
-    if lower.exists(|n| Ok(n.downcast_ref::<KeyedSeriesExec>().is_some()))? {
+    if lower.exists(|n| {
+        Ok(n.downcast_ref::<KeyedSeriesExec>().is_some()
+            || n.downcast_ref::<crate::state::lag::KeyedLagExec>()
+                .is_some())
+    })? {
         return plan_err!(
-            "detectors and alerts between two windowed aggregations are not supported yet \
+            "detectors, alerts and LAG between two windowed aggregations are not supported yet \
              (a revision of the windows below would have to be taken back from them): apply \
              them to the last aggregation's rows"
         );

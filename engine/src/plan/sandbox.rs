@@ -265,7 +265,9 @@ fn check_sql_statement(statement: &Statement) -> Result<()> {
              (PARTITION BY sensor_id ORDER BY window_end) over hourly averages (SELECT \
              sensor_id, window_end, avg(pm25) AS pm25 … GROUP BY tumble(event_time, INTERVAL \
              '1 hour'), sensor_id): it raises once the value has stayed at or above 150 from \
-             one window's end to the third's"
+             one window's end to the third's; or with LAG over the hourly rows: \
+             lag(pm25, 1) OVER w > 150 AND lag(pm25, 2) OVER w > 150 AND pm25 > 150 with \
+             WINDOW w AS (PARTITION BY sensor_id ORDER BY window_end)"
         );
     }
     if has_recursive_cte(statement) {

@@ -420,6 +420,7 @@ impl StreamContext {
         let key_ttl = parse_setting("urbanstream.key_ttl", &settings.key_ttl)?
             .filter(|d| !d.is_zero())
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let (physical, lags) = crate::state::lag::replace_lag_windows(physical)?;
         let (physical, keyed) = replace_series_windows(physical)?;
         for k in &keyed {
             k.set_ttl(key_ttl);
@@ -428,6 +429,9 @@ impl StreamContext {
             Vec::new();
         physical.apply(|node| {
             if let Some(k) = node.downcast_ref::<crate::state::keyed::KeyedSeriesExec>() {
+                series_keys.push(k.keys().to_vec());
+            }
+            if let Some(k) = node.downcast_ref::<crate::state::lag::KeyedLagExec>() {
                 series_keys.push(k.keys().to_vec());
             }
             Ok(TreeNodeRecursion::Continue)
@@ -512,6 +516,7 @@ impl StreamContext {
                 );
             }
             super::topn::refuse_per_batch(&physical)?;
+            refuse_lag_per_batch(&physical)?;
             let output_schema = physical.schema();
             return Ok(StreamQuery {
                 sql,
@@ -532,6 +537,7 @@ impl StreamContext {
                 held: Default::default(),
                 owner: None,
                 keyed,
+                lags,
             });
         };
         let (spec, window_name) = super::chain::aggregate_spec(
@@ -652,6 +658,14 @@ impl StreamContext {
             None
         };
         super::topn::refuse_per_batch(&lower)?;
+        refuse_lag_per_batch(&lower)?;
+        if !lags.is_empty() && (lateness > Duration::ZERO || early_fire.is_some()) {
+            return plan_err!(
+                "LAG over windows that emit more than once (urbanstream.allowed_lateness or \
+                 urbanstream.early_fire set) is not supported yet: a revision would come after \
+                 the rows that followed it; set both to '0s' for this query"
+            );
+        }
         let mut windowed = Windowed {
             operator: match spec.window {
                 WindowSpec::Session { .. } => {
@@ -697,6 +711,7 @@ impl StreamContext {
             held: Default::default(),
             owner: None,
             keyed,
+            lags,
         })
     }
 }
@@ -817,6 +832,37 @@ pub(super) fn refuse_window_calls_below(lower: &Arc<dyn ExecutionPlan>) -> Resul
             "a HAVING condition on window_start or window_end alone is not supported yet (it \
              would be evaluated before the window): filter the events with WHERE on the \
              event-time column, or filter the window's rows in a query reading its output topic"
+        );
+    }
+    Ok(())
+}
+
+/// The `SET urbanstream.…` statements that give a session `settings`.
+pub fn settings_sql(settings: &StreamSettings) -> Vec<String> {
+    [
+        ("allowed_lateness", &settings.allowed_lateness),
+        ("early_fire", &settings.early_fire),
+        ("key_ttl", &settings.key_ttl),
+        ("on_data_loss", &settings.on_data_loss),
+    ]
+    .into_iter()
+    .map(|(name, value)| format!("SET urbanstream.{name} = '{}'", value.replace('\'', "''")))
+    .collect()
+}
+
+/// Refuses `LAG` in `plan`, a plan run per micro-batch of raw events (whose arrival order is
+/// not event-time order).
+fn refuse_lag_per_batch(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
+    if plan.exists(|n| {
+        Ok(n.downcast_ref::<crate::state::lag::KeyedLagExec>()
+            .is_some())
+    })? {
+        return plan_err!(
+            "LAG over raw events would depend on the order they arrive in: aggregate them in \
+             windows first and take LAG over the windows' rows, e.g. SELECT station, \
+             window_end, aqi, lag(aqi, 1) OVER (PARTITION BY station ORDER BY window_end) FROM \
+             (SELECT station, window_end, avg(pm25) AS aqi FROM air GROUP BY \
+             tumble(event_time, INTERVAL '1 hour'), station)"
         );
     }
     Ok(())
@@ -1083,6 +1129,8 @@ pub struct StreamQuery {
     held: std::collections::BTreeMap<i64, HashMap<i32, i64>>,
     /// State of the detectors, health checks and alert machines, per key.
     keyed: Vec<KeyedHandle>,
+    /// State of the `LAG` calls, per key.
+    lags: Vec<crate::state::lag::LagState>,
 }
 
 impl StreamQuery {
@@ -1175,6 +1223,14 @@ impl StreamQuery {
                 stages.push(stage);
             }
         }
+        for l in &self.lags {
+            stages.push(serde_json::json!({
+                "stage": "lag",
+                "keys": l.keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+                "state": "per key, its last values (as many as the largest offset), in \
+                          event-time order of the windows' rows",
+            }));
+        }
         for k in &self.keyed {
             stages.push(serde_json::json!({
                 "stage": "keyed",
@@ -1202,7 +1258,7 @@ impl StreamQuery {
             "per_partition: one state per input partition (the groups include the topic's key)"
         } else if self.is_repartitionable() {
             "repartitioned: records are sent through an internal topic keyed by the group keys"
-        } else if self.windowed.is_none() && self.keyed.is_empty() {
+        } else if self.windowed.is_none() && self.keyed.is_empty() && self.lags.is_empty() {
             "stateless"
         } else {
             "single: one state for all partitions, in one process of the group"
@@ -1233,6 +1289,12 @@ impl StreamQuery {
         self.partition_local
     }
 
+    /// The `SET urbanstream.…` statements that give a session the settings this query was
+    /// planned with.
+    pub fn settings_sql(&self) -> Vec<String> {
+        settings_sql(&self.settings)
+    }
+
     /// Plans this query again in `ctx`, the context it was planned in, with the settings it
     /// was planned with: a new instance of it with empty state.
     pub fn replan<'a>(
@@ -1240,21 +1302,13 @@ impl StreamQuery {
         ctx: &'a StreamContext,
     ) -> impl Future<Output = Result<StreamQuery>> + Send + 'a {
         let sql = self.sql.clone();
-        let settings = [
-            ("allowed_lateness", self.settings.allowed_lateness.clone()),
-            ("early_fire", self.settings.early_fire.clone()),
-            ("key_ttl", self.settings.key_ttl.clone()),
-            ("on_data_loss", self.settings.on_data_loss.clone()),
-        ];
+        let settings = self.settings_sql();
         // Planned like a client's SQL: on a planning thread, not on the runtime's workers.
         let ctx = ctx.clone();
         super::sandbox::on_planning_thread(move || async move {
             let ctx = &ctx;
-            for (name, value) in settings {
-                for statement in StreamContext::parse(&format!(
-                    "SET urbanstream.{name} = '{}'",
-                    value.replace('\'', "''")
-                ))? {
+            for set in settings {
+                for statement in StreamContext::parse(&set)? {
                     ctx.plan(statement).await?;
                 }
             }
@@ -1300,6 +1354,7 @@ impl StreamQuery {
             .as_ref()
             .is_some_and(|w| w.next.is_none() && w.ranked.is_none())
             && self.keyed.is_empty()
+            && self.lags.is_empty()
             && self.upsert.is_none()
     }
 
@@ -1332,7 +1387,7 @@ impl StreamQuery {
 
     /// Whether it keeps state between micro-batches (windows, detectors, alert machines).
     pub fn holds_state(&self) -> bool {
-        self.windowed.is_some() || !self.keyed.is_empty()
+        self.windowed.is_some() || !self.keyed.is_empty() || !self.lags.is_empty()
     }
 
     /// Whether it aggregates over windows.
@@ -1353,6 +1408,7 @@ impl StreamQuery {
                 .iter()
                 .map(|k| k.with_store(|s| s.len()).unwrap_or(0))
                 .sum::<usize>()
+            + self.lags.iter().map(|l| l.handle.len()).sum::<usize>()
             + self.upsert.as_ref().map_or(0, UpsertState::len)
     }
 
@@ -1370,6 +1426,7 @@ impl StreamQuery {
                 .iter()
                 .map(|k| k.with_store(|s| s.bytes()).unwrap_or(0))
                 .sum::<usize>()
+            + self.lags.iter().map(|l| l.handle.bytes()).sum::<usize>()
             + self.upsert.as_ref().map_or(0, UpsertState::bytes)
             + held
     }
@@ -1408,6 +1465,7 @@ impl StreamQuery {
                 "last_early_fire_ms": self.last_early_fire_ms,
                 "held": held,
                 "keyed": self.keyed.len(),
+                "lags": self.lags.len(),
             }),
             tables: Default::default(),
         };
@@ -1419,6 +1477,9 @@ impl StreamQuery {
         }
         for (i, k) in self.keyed.iter().enumerate() {
             out.nest(&format!("keyed{i}"), k.snapshot()?);
+        }
+        for (i, l) in self.lags.iter().enumerate() {
+            out.nest(&format!("lag{i}"), l.handle.snapshot(&l.types)?);
         }
         Ok(out)
     }
@@ -1456,6 +1517,20 @@ impl StreamQuery {
         }
         for (i, k) in self.keyed.iter().enumerate() {
             k.restore(&snapshot.nested(&format!("keyed{i}")))?;
+        }
+        let lags = meta
+            .get("lags")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        if lags != self.lags.len() as u64 {
+            return Err(crate::Error::Checkpoint(format!(
+                "the state holds {lags} LAG states, the query {}",
+                self.lags.len()
+            )));
+        }
+        for (i, l) in self.lags.iter().enumerate() {
+            l.handle
+                .restore(&snapshot.nested(&format!("lag{i}")), l.types.len())?;
         }
         pass_watermark(&self.keyed, self.watermarks.current().unwrap_or(i64::MIN));
         Ok(())

@@ -14,6 +14,7 @@
 //! (`anomaly_score(…) OVER (PARTITION BY …)` and friends) across micro-batches.
 
 pub mod keyed;
+pub mod lag;
 pub mod ranked;
 pub mod session;
 pub mod upsert;

@@ -1,0 +1,558 @@
+//! `LAG` per key over a windowed aggregation's rows: `lag(aqi, 2) OVER (PARTITION BY
+//! station ORDER BY window_end)`, enough to write "above 150 for three consecutive hours".
+//!
+//! DataFusion plans `LAG` as a window aggregation that starts every partition afresh on each
+//! execution; [`replace_lag_windows`] swaps it for a [`KeyedLagExec`], which keeps the last
+//! values of each key across the emissions of the query: each execution orders its rows by
+//! the `ORDER BY` time and, per key, gives each row the value `offset` rows back (or the
+//! default), then remembers the row's. A row at the time of the key's last one replaces it.
+//!
+//! Rows of one key must come in time order, which a windowed aggregation gives when each
+//! window emits once: the planner allows `LAG` only above one, without allowed lateness or
+//! early results (whose revisions would come after the rows that followed them).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BinaryArray, Int64Array, RecordBatch};
+use datafusion::arrow::compute::{cast, concat_batches};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{DataFusionError, Result, ScalarValue, plan_err};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::expressions::Literal;
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::windows::{
+    BoundedWindowAggExec, StandardWindowExpr, WindowAggExec, WindowExpr, WindowUDFExpr,
+};
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+    ReplaceChildrenOptions, collect,
+};
+
+use crate::checkpoint::{StateSnapshot, column, table, typed};
+
+/// One `lag(value, offset, default)` call.
+#[derive(Debug, Clone)]
+struct Lag {
+    value: Arc<dyn PhysicalExpr>,
+    offset: usize,
+    default: ScalarValue,
+    data_type: DataType,
+}
+
+/// One key's last values: per call, up to `offset` (time, value) pairs, oldest first.
+#[derive(Debug, Default)]
+struct KeyLags {
+    last_t: i64,
+    history: Vec<VecDeque<(i64, ScalarValue)>>,
+}
+
+/// The state of one [`KeyedLagExec`], shared by its executions.
+#[derive(Debug, Clone, Default)]
+pub struct LagHandle {
+    keys: Arc<Mutex<HashMap<Box<[u8]>, KeyLags>>>,
+}
+
+impl LagHandle {
+    fn lock(&self) -> crate::Result<std::sync::MutexGuard<'_, HashMap<Box<[u8]>, KeyLags>>> {
+        self.keys
+            .lock()
+            .map_err(|_| crate::Error::Checkpoint("lag state lock poisoned".into()))
+    }
+
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.keys.lock().map_or(0, |k| k.len())
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Approximate bytes held.
+    pub fn bytes(&self) -> usize {
+        self.keys.lock().map_or(0, |keys| {
+            keys.iter()
+                .map(|(k, s)| {
+                    k.len()
+                        + 32
+                        + s.history
+                            .iter()
+                            .flatten()
+                            .map(|(_, v)| 8 + v.size())
+                            .sum::<usize>()
+                })
+                .sum()
+        })
+    }
+
+    /// The state for a checkpoint: table `keys` (key, last time), and per call `c` and slot
+    /// `j` (oldest first) the columns `t<c>_<j>` and `v<c>_<j>` (null where the key has fewer
+    /// values).
+    pub fn snapshot(&self, types: &[DataType]) -> crate::Result<StateSnapshot> {
+        let keys = self.lock()?;
+        let mut out = StateSnapshot {
+            meta: serde_json::json!({ "calls": types.len() }),
+            tables: Default::default(),
+        };
+        if keys.is_empty() {
+            return Ok(out);
+        }
+        let entries: Vec<(&Box<[u8]>, &KeyLags)> = keys.iter().collect();
+        let mut columns: Vec<(String, ArrayRef)> = vec![
+            (
+                "key".into(),
+                Arc::new(BinaryArray::from_iter_values(
+                    entries.iter().map(|(k, _)| k),
+                )),
+            ),
+            (
+                "last_t".into(),
+                Arc::new(Int64Array::from_iter_values(
+                    entries.iter().map(|(_, s)| s.last_t),
+                )),
+            ),
+        ];
+        for (c, data_type) in types.iter().enumerate() {
+            let slots = entries
+                .iter()
+                .map(|(_, s)| s.history.get(c).map_or(0, VecDeque::len))
+                .max()
+                .unwrap_or(0);
+            for j in 0..slots {
+                let at = |s: &KeyLags| s.history.get(c).and_then(|h| h.get(j)).cloned();
+                columns.push((
+                    format!("t{c}_{j}"),
+                    Arc::new(Int64Array::from_iter(
+                        entries.iter().map(|(_, s)| at(s).map(|(t, _)| t)),
+                    )),
+                ));
+                let null = ScalarValue::try_from(data_type)?;
+                columns.push((
+                    format!("v{c}_{j}"),
+                    ScalarValue::iter_to_array(
+                        entries
+                            .iter()
+                            .map(|(_, s)| at(s).map_or(null.clone(), |(_, v)| v)),
+                    )?,
+                ));
+            }
+        }
+        out.tables.insert("keys".into(), table(columns)?);
+        Ok(out)
+    }
+
+    /// Replaces the state with a [`LagHandle::snapshot`] of the same query.
+    pub fn restore(&self, snapshot: &StateSnapshot, calls: usize) -> crate::Result<()> {
+        let mut keys = self.lock()?;
+        keys.clear();
+        let Some(t) = snapshot.tables.get("keys") else {
+            return Ok(());
+        };
+        let key = typed::<BinaryArray>(column(t, "key")?, "key")?;
+        let last_t = typed::<Int64Array>(column(t, "last_t")?, "last_t")?;
+        for r in 0..t.num_rows() {
+            let mut history = vec![VecDeque::new(); calls];
+            for (c, h) in history.iter_mut().enumerate() {
+                for j in 0.. {
+                    let (Some(ts), Some(vs)) = (
+                        t.column_by_name(&format!("t{c}_{j}")),
+                        t.column_by_name(&format!("v{c}_{j}")),
+                    ) else {
+                        break;
+                    };
+                    let ts = typed::<Int64Array>(ts, "t")?;
+                    if ts.is_valid(r) {
+                        h.push_back((ts.value(r), ScalarValue::try_from_array(vs, r)?));
+                    }
+                }
+            }
+            keys.insert(
+                key.value(r).into(),
+                KeyLags {
+                    last_t: last_t.value(r),
+                    history,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Keeps each key's last values across executions; see the module doc.
+#[derive(Debug, Clone)]
+pub struct KeyedLagExec {
+    input: Arc<dyn ExecutionPlan>,
+    schema: SchemaRef,
+    keys: Vec<Arc<dyn PhysicalExpr>>,
+    order: Arc<dyn PhysicalExpr>,
+    lags: Vec<Lag>,
+    handle: LagHandle,
+    properties: Arc<PlanProperties>,
+}
+
+/// The function name of a window expression when it is a user-defined window function
+/// (DataFusion's `lag` and `lead` are).
+fn udwf_name(w: &dyn WindowExpr) -> Option<String> {
+    w.as_any()
+        .downcast_ref::<StandardWindowExpr>()
+        .and_then(|s| {
+            s.get_standard_func_expr()
+                .as_any()
+                .downcast_ref::<WindowUDFExpr>()
+        })
+        .map(|u| u.fun().name().to_string())
+}
+
+impl KeyedLagExec {
+    fn try_new(
+        input: Arc<dyn ExecutionPlan>,
+        schema: SchemaRef,
+        exprs: &[Arc<dyn WindowExpr>],
+    ) -> Result<Option<Self>> {
+        let names: Vec<Option<String>> = exprs.iter().map(|w| udwf_name(w.as_ref())).collect();
+        if names.iter().any(|n| n.as_deref() == Some("lead")) {
+            return plan_err!(
+                "LEAD over a stream needs rows that have not arrived yet: write LAG over the \
+                 later row instead (lag(x, 1) OVER (PARTITION BY … ORDER BY window_end) is the \
+                 earlier row's x)"
+            );
+        }
+        if !names.iter().any(|n| n.as_deref() == Some("lag")) {
+            return Ok(None);
+        }
+        if names.iter().any(|n| n.as_deref() != Some("lag")) {
+            return plan_err!(
+                "LAG and other window functions in one SELECT are not supported on streams: \
+                 compute LAG in a subquery of its own"
+            );
+        }
+        let mut spec: Option<(Vec<Arc<dyn PhysicalExpr>>, Arc<dyn PhysicalExpr>)> = None;
+        let mut lags = Vec::new();
+        let input_schema = input.schema();
+        for w in exprs {
+            let order = match w.order_by() {
+                [one] if !one.options.descending => one.expr.clone(),
+                _ => {
+                    return plan_err!(
+                        "LAG over a stream needs ORDER BY the time column alone, ascending, e.g. \
+                         lag(aqi) OVER (PARTITION BY station ORDER BY window_end)"
+                    );
+                }
+            };
+            let this = (w.partition_by().to_vec(), order);
+            match &spec {
+                None => spec = Some(this),
+                Some((k, o)) if *k == this.0 && *o == this.1 => {}
+                Some(_) => {
+                    return plan_err!(
+                        "every LAG of one SELECT must share PARTITION BY and ORDER BY; use a \
+                         subquery for another"
+                    );
+                }
+            }
+            let Some(args) = w
+                .as_any()
+                .downcast_ref::<StandardWindowExpr>()
+                .and_then(|s| {
+                    s.get_standard_func_expr()
+                        .as_any()
+                        .downcast_ref::<WindowUDFExpr>()
+                })
+                .map(|u| u.args().to_vec())
+            else {
+                return plan_err!("internal: LAG without arguments");
+            };
+            let Some(value) = args.first().cloned() else {
+                return plan_err!("lag() needs the value to shift, e.g. lag(aqi)");
+            };
+            let literal = |i: usize| args.get(i).and_then(|a| a.downcast_ref::<Literal>());
+            let offset = match literal(1).map(|l| l.value().clone()) {
+                None if args.len() < 2 => 1,
+                Some(v) if !v.is_null() => match v.cast_to(&DataType::Int64)? {
+                    ScalarValue::Int64(Some(n)) if (1..=1000).contains(&n) => n as usize,
+                    other => {
+                        return plan_err!(
+                            "lag(): the offset must be a constant from 1 to 1000, got {other}"
+                        );
+                    }
+                },
+                _ => return plan_err!("lag(): the offset must be a constant from 1 to 1000"),
+            };
+            let data_type = value.data_type(&input_schema)?;
+            let default = match literal(2) {
+                Some(l) => l.value().cast_to(&data_type)?,
+                None if args.len() < 3 => ScalarValue::try_from(&data_type)?,
+                None => return plan_err!("lag(): the default must be a constant"),
+            };
+            lags.push(Lag {
+                value,
+                offset,
+                default,
+                data_type,
+            });
+        }
+        let Some((keys, order)) = spec else {
+            return Ok(None);
+        };
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        Ok(Some(Self {
+            input,
+            schema,
+            keys,
+            order,
+            lags,
+            handle: LagHandle::default(),
+            properties,
+        }))
+    }
+
+    /// The expressions of its `PARTITION BY`.
+    pub fn keys(&self) -> &[Arc<dyn PhysicalExpr>] {
+        &self.keys
+    }
+
+    /// Types of its values, per call (for checkpoints).
+    pub fn types(&self) -> Vec<DataType> {
+        self.lags.iter().map(|l| l.data_type.clone()).collect()
+    }
+
+    fn run(&self, batches: Vec<RecordBatch>) -> Result<RecordBatch> {
+        let batch = concat_batches(&self.input.schema(), &batches)?;
+        let n = batch.num_rows();
+        let key_columns = self
+            .keys
+            .iter()
+            .map(|k| k.evaluate(&batch)?.into_array(n))
+            .collect::<Result<Vec<_>>>()?;
+        let fields = key_columns
+            .iter()
+            .map(|c| SortField::new(c.data_type().clone()))
+            .collect();
+        let rows = RowConverter::new(fields)?.convert_columns(&key_columns)?;
+        let order = self.order.evaluate(&batch)?.into_array(n)?;
+        let order = cast(&order, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+        let order = order.as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>();
+        let values = self
+            .lags
+            .iter()
+            .map(|l| l.value.evaluate(&batch)?.into_array(n))
+            .collect::<Result<Vec<_>>>()?;
+        let mut sequence: Vec<usize> = (0..n).collect();
+        sequence.sort_by_key(|&r| {
+            if order.is_null(r) {
+                i64::MIN
+            } else {
+                order.value(r)
+            }
+        });
+        let mut outputs: Vec<Vec<ScalarValue>> = self
+            .lags
+            .iter()
+            .map(|l| vec![l.default.clone(); n])
+            .collect();
+        let mut keys = self
+            .handle
+            .keys
+            .lock()
+            .map_err(|_| DataFusionError::Internal("lag state lock poisoned".into()))?;
+        for r in sequence {
+            if order.is_null(r) {
+                continue;
+            }
+            let t = order.value(r);
+            let state = keys
+                .entry(rows.row(r).as_ref().into())
+                .or_insert_with(|| KeyLags {
+                    last_t: i64::MIN,
+                    history: vec![VecDeque::new(); self.lags.len()],
+                });
+            let in_order = t >= state.last_t;
+            for (c, lag) in self.lags.iter().enumerate() {
+                let history = &mut state.history[c];
+                // The values before `t`, newest last.
+                let before: Vec<&ScalarValue> = history
+                    .iter()
+                    .filter(|(at, _)| *at < t)
+                    .map(|(_, v)| v)
+                    .collect();
+                if before.len() >= lag.offset {
+                    outputs[c][r] = before[before.len() - lag.offset].clone();
+                }
+                if in_order {
+                    // A row at the time of the key's last one replaces it.
+                    if history.back().is_some_and(|(at, _)| *at == t) {
+                        history.pop_back();
+                    }
+                    history.push_back((t, ScalarValue::try_from_array(&values[c], r)?));
+                    while history.len() > lag.offset {
+                        history.pop_front();
+                    }
+                }
+            }
+            if in_order {
+                state.last_t = t;
+            }
+        }
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        for (lag, out) in self.lags.iter().zip(outputs) {
+            let array = if out.is_empty() {
+                datafusion::arrow::array::new_empty_array(&lag.data_type)
+            } else {
+                ScalarValue::iter_to_array(out)?
+            };
+            columns.push(array);
+        }
+        // The plan's schema says what type each column has (nullability included).
+        let columns = columns
+            .into_iter()
+            .zip(self.schema.fields())
+            .map(|(c, f)| Ok(cast(&c, f.data_type())?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            columns,
+            &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(n)),
+        )?)
+    }
+}
+
+impl DisplayAs for KeyedLagExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let offsets: Vec<String> = self.lags.iter().map(|l| l.offset.to_string()).collect();
+        write!(f, "KeyedLagExec: offsets [{}]", offsets.join(", "))
+    }
+}
+
+impl ExecutionPlan for KeyedLagExec {
+    fn name(&self) -> &str {
+        "KeyedLagExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        for e in self
+            .keys
+            .iter()
+            .chain(std::iter::once(&self.order))
+            .chain(self.lags.iter().map(|l| &l.value))
+        {
+            if f(e)? == TreeNodeRecursion::Stop {
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        match children.pop() {
+            Some(input) if children.is_empty() => Ok(Arc::new(Self {
+                input,
+                ..self.as_ref().clone()
+            })),
+            _ => Err(DataFusionError::Internal(
+                "KeyedLagExec has one child".into(),
+            )),
+        }
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(
+                datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
+            ),
+        )
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return Err(DataFusionError::Internal(format!(
+                "KeyedLagExec has one partition, asked for {partition}"
+            )));
+        }
+        let input = self.input.clone();
+        let this = self.clone();
+        let schema = self.schema.clone();
+        let stream = futures::stream::once(async move {
+            let batches = collect(input, context).await?;
+            this.run(batches)
+        });
+        Ok(Box::pin(
+            datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(schema, stream),
+        ))
+    }
+}
+
+/// A [`KeyedLagExec`]'s state with what a checkpoint needs to read it back.
+#[derive(Debug, Clone)]
+pub struct LagState {
+    /// The state.
+    pub handle: LagHandle,
+    /// Types of the values, per call.
+    pub types: Vec<DataType>,
+    /// Its `PARTITION BY`.
+    pub keys: Vec<Arc<dyn PhysicalExpr>>,
+}
+
+/// Replaces every window aggregation made of `LAG` calls with a [`KeyedLagExec`], returning
+/// the new plan and their states; refuses `LEAD`, and `LAG` beside other window functions.
+pub fn replace_lag_windows(
+    plan: Arc<dyn ExecutionPlan>,
+) -> Result<(Arc<dyn ExecutionPlan>, Vec<LagState>)> {
+    let mut states = Vec::new();
+    let plan = plan
+        .transform_up(|node| {
+            let (exprs, input) = if let Some(w) = node.downcast_ref::<WindowAggExec>() {
+                (w.window_expr().to_vec(), w.input().clone())
+            } else if let Some(w) = node.downcast_ref::<BoundedWindowAggExec>() {
+                (w.window_expr().to_vec(), w.input().clone())
+            } else {
+                return Ok(Transformed::no(node));
+            };
+            match KeyedLagExec::try_new(input, node.schema(), &exprs)? {
+                Some(exec) => {
+                    states.push(LagState {
+                        handle: exec.handle.clone(),
+                        types: exec.types(),
+                        keys: exec.keys.clone(),
+                    });
+                    Ok(Transformed::yes(Arc::new(exec) as Arc<dyn ExecutionPlan>))
+                }
+                None => Ok(Transformed::no(node)),
+            }
+        })?
+        .data;
+    Ok((plan, states))
+}
