@@ -119,10 +119,13 @@ fn lav_key(lav: f64) -> i64 {
     (lav * 1e6).round() as i64
 }
 
+/// A segment's minute: its cars and their speeds.
+type Minute = (BTreeSet<i64>, Vec<f64>);
+
 /// The reference: Linear Road's definitions over all reports, in plain Rust.
 fn reference(reports: &[Report]) -> (Tolls, Accidents) {
     // (seg, minute start) → (cars, speeds).
-    let mut minutes: BTreeMap<(i64, i64), (BTreeSet<i64>, Vec<f64>)> = BTreeMap::new();
+    let mut minutes: BTreeMap<(i64, i64), Minute> = BTreeMap::new();
     for r in reports {
         let m = (r.t - T0).div_euclid(MIN) * MIN + T0;
         let e = minutes.entry((r.seg, m)).or_default();
@@ -135,7 +138,7 @@ fn reference(reports: &[Report]) -> (Tolls, Accidents) {
         .flat_map(|(seg, m)| (1..=5).map(move |k| (*seg, m + k * MIN)))
         .collect();
     for (seg, end) in ends {
-        let inside: Vec<(&i64, &(BTreeSet<i64>, Vec<f64>))> = minutes
+        let inside: Vec<(&i64, &Minute)> = minutes
             .range((seg, end - 5 * MIN)..(seg, end))
             .map(|((_, m), v)| (m, v))
             .collect();

@@ -357,11 +357,15 @@ pub(super) fn as_changelog(
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
+/// An aggregation: the node that finishes it and the node that starts it (the same node in
+/// single mode).
+pub(super) type Aggregation = (Arc<dyn ExecutionPlan>, Arc<dyn ExecutionPlan>);
+
 /// The lowest aggregation among `aggregates` (found top-down in one plan) with the node that
 /// finishes it: the same node in single mode, the final step over a partial one.
 pub(super) fn lowest_aggregation(
     aggregates: &[Arc<dyn ExecutionPlan>],
-) -> Result<Option<(Arc<dyn ExecutionPlan>, Arc<dyn ExecutionPlan>)>> {
+) -> Result<Option<Aggregation>> {
     let Some(bottom) = aggregates.last() else {
         return Ok(None);
     };

@@ -24,10 +24,11 @@ const EXAMPLE: &str = "SELECT * FROM (SELECT segment_id, window_start, n, ROW_NU
      count(*) AS n FROM camera_events GROUP BY tumble(event_time, INTERVAL '1 minute'), \
      segment_id)) WHERE rn <= 5";
 
+/// A window aggregation's input and window expressions.
+type WindowNode = (Arc<dyn ExecutionPlan>, Vec<Arc<dyn WindowExpr>>);
+
 /// The window expressions of the rankings in `plan`, with the node's input.
-fn rankings(
-    plan: &Arc<dyn ExecutionPlan>,
-) -> Result<Vec<(Arc<dyn ExecutionPlan>, Vec<Arc<dyn WindowExpr>>)>> {
+fn rankings(plan: &Arc<dyn ExecutionPlan>) -> Result<Vec<WindowNode>> {
     let mut found = Vec::new();
     plan.apply(|node| {
         let (exprs, input) = if let Some(w) = node.downcast_ref::<WindowAggExec>() {

@@ -35,6 +35,9 @@ use datafusion::physical_plan::{
 
 use crate::checkpoint::{StateSnapshot, column, table, typed};
 
+/// `PARTITION BY` and `ORDER BY` of a window specification.
+type Spec = (Vec<Arc<dyn PhysicalExpr>>, Arc<dyn PhysicalExpr>);
+
 /// One `lag(value, offset, default)` call.
 #[derive(Debug, Clone)]
 struct Lag {
@@ -232,7 +235,7 @@ impl KeyedLagExec {
                  compute LAG in a subquery of its own"
             );
         }
-        let mut spec: Option<(Vec<Arc<dyn PhysicalExpr>>, Arc<dyn PhysicalExpr>)> = None;
+        let mut spec: Option<Spec> = None;
         let mut lags = Vec::new();
         let input_schema = input.schema();
         for w in exprs {

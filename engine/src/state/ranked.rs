@@ -33,6 +33,10 @@ pub struct Ranked {
     pub first: bool,
 }
 
+/// A window's rows published (row-encoded), its last revision, and whether they were
+/// published final.
+type Published = (Vec<Box<[u8]>>, u32, bool);
+
 /// Per window: the latest row of each group, and the ranked rows last published.
 pub struct RankedState {
     /// The aggregation's rows with their window's end and op, keyed by groups and window.
@@ -44,7 +48,7 @@ pub struct RankedState {
     output_schema: SchemaRef,
     /// Per window end: the rows published (row-encoded), the last revision, and whether
     /// they were published final.
-    published: BTreeMap<i64, (Vec<Box<[u8]>>, u32, bool)>,
+    published: BTreeMap<i64, Published>,
 }
 
 impl RankedState {
