@@ -90,7 +90,11 @@ impl Windowed {
         self.stages()
             .map(|w| w.operator.group_count())
             .sum::<usize>()
-            + self.chained().map(|c| c.published.len()).sum::<usize>()
+            + self
+                .chained()
+                .filter_map(|c| c.published.as_ref())
+                .map(UpsertState::len)
+                .sum::<usize>()
             + self
                 .stages()
                 .filter_map(|w| w.ranked.as_ref())
@@ -103,7 +107,11 @@ impl Windowed {
         self.stages()
             .map(|w| w.operator.state_bytes())
             .sum::<usize>()
-            + self.chained().map(|c| c.published.bytes()).sum::<usize>()
+            + self
+                .chained()
+                .filter_map(|c| c.published.as_ref())
+                .map(UpsertState::bytes)
+                .sum::<usize>()
             + self
                 .stages()
                 .filter_map(|w| w.ranked.as_ref())
@@ -131,7 +139,9 @@ impl Windowed {
         while let Some(c) = next {
             stages += 1;
             out.nest(&format!("window{stages}"), c.stage.operator.snapshot()?);
-            out.nest(&format!("published{stages}"), c.published.snapshot()?);
+            if let Some(published) = &c.published {
+                out.nest(&format!("published{stages}"), published.snapshot()?);
+            }
             next = c.stage.next.as_deref_mut();
         }
         if let Some(meta) = out.meta.as_object_mut() {
@@ -164,8 +174,9 @@ impl Windowed {
             c.stage
                 .operator
                 .restore(&snapshot.nested(&format!("window{stage}")))?;
-            c.published
-                .restore(&snapshot.nested(&format!("published{stage}")))?;
+            if let Some(published) = &mut c.published {
+                published.restore(&snapshot.nested(&format!("published{stage}")))?;
+            }
             next = c.stage.next.as_deref_mut();
         }
         if let Some(ranked) = &mut self.last_mut().ranked {
@@ -206,8 +217,9 @@ impl Windowed {
 pub(super) struct Chained {
     /// What the stage below has published, per group and window: a revision replaces its
     /// row, a retraction deletes it. Its rows are the stage below's output columns, the end
-    /// of their window and the `op`.
-    published: UpsertState,
+    /// of their window and the `op`. None when the stage below publishes each row once (no
+    /// allowed lateness, no early results): its rows are then only ever added.
+    published: Option<UpsertState>,
     /// Output columns of the stage below.
     width: usize,
     /// Position of the window column among them.
@@ -238,18 +250,30 @@ impl Chained {
             if e.batch.num_rows() == 0 {
                 continue;
             }
-            let changes = self.published.apply(&as_changelog(
-                &e.batch,
-                self.window_position,
-                e.retract,
-                &self.published.schema(),
-            )?)?;
-            let own: Vec<usize> = (0..self.width).collect();
-            for (rows, add) in [(changes.withdrawn, false), (changes.added, true)] {
+            let changes = match &mut self.published {
+                Some(published) => {
+                    let changes = published.apply(&as_changelog(
+                        &e.batch,
+                        self.window_position,
+                        e.retract,
+                        &published.schema(),
+                    )?)?;
+                    let own: Vec<usize> = (0..self.width).collect();
+                    vec![
+                        (changes.withdrawn.project(&own)?, false),
+                        (changes.added.project(&own)?, true),
+                    ]
+                }
+                None if e.retract => {
+                    return plan_err!("internal: a retraction reached an append-only stage");
+                }
+                None => vec![(e.batch.clone(), true)],
+            };
+            for (rows, add) in changes {
                 if rows.num_rows() == 0 {
                     continue;
                 }
-                self.feed.set(vec![rows.project(&own)?]);
+                self.feed.set(vec![rows]);
                 for b in collect(self.lower.clone(), task_ctx.clone()).await? {
                     if b.num_rows() == 0 {
                         continue;
@@ -307,8 +331,10 @@ impl Chained {
     pub(super) fn evict(&mut self) {
         let lag = self.lag_ms;
         let operator = &self.stage.operator;
-        self.published
-            .evict(|end| operator.is_late(end.saturating_sub(lag)));
+        let Some(published) = &mut self.published else {
+            return;
+        };
+        published.evict(|end| operator.is_late(end.saturating_sub(lag)));
     }
 }
 
@@ -574,6 +600,7 @@ pub(super) fn plan_chain(
     feed: &Feed,
     below: &AggregateSpec,
     lateness_ms: i64,
+    append_only: bool,
 ) -> Result<Option<Chained>> {
     let mut aggregates: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
     upper.apply(|node| {
@@ -666,20 +693,32 @@ pub(super) fn plan_chain(
         })?
         .data;
     let width = below.output_schema.fields().len();
-    let published = changelog_state(
-        &below.output_schema,
-        below.group_schema.fields().len(),
-        below.window_position,
-    )?;
+    // Below a stage whose rows are only ever added, this one aggregates incrementally like
+    // the bottom stage (its windows close on time, with no revision to wait for); otherwise
+    // its windows run over the changelog of what the stage below published.
+    let published = if append_only {
+        None
+    } else {
+        Some(changelog_state(
+            &below.output_schema,
+            below.group_schema.fields().len(),
+            below.window_position,
+        )?)
+    };
     // A revision of a window below lands at its start, up to a window size before this
     // stage's watermark: this stage keeps its windows that much longer.
-    let stage_lateness = lateness_ms.saturating_add(lag_ms);
+    let stage_lateness = if append_only {
+        0
+    } else {
+        lateness_ms.saturating_add(lag_ms)
+    };
     let next = plan_chain(
         &stage_upper,
         &stage_leaf,
         &stage_feed,
         &spec,
         stage_lateness,
+        append_only,
     )?;
     let having = match next {
         None => super::stream::having_of(&stage_upper, &stage_leaf)?,
@@ -698,11 +737,15 @@ pub(super) fn plan_chain(
         lag_ms,
         below: below.window,
         stage: Windowed {
-            operator: Box::new(WindowOperator::over_changelog(
-                spec,
-                stage_lateness,
-                lower.schema(),
-            )?),
+            operator: if append_only {
+                Box::new(WindowOperator::new(spec, 0)?)
+            } else {
+                Box::new(WindowOperator::over_changelog(
+                    spec,
+                    stage_lateness,
+                    lower.schema(),
+                )?)
+            },
             upper: stage_upper,
             upper_feed: stage_feed,
             upper_schema: output_schema,

@@ -583,7 +583,17 @@ impl StreamContext {
             })?
             .data;
         let lateness_ms = i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX);
-        let next = super::chain::plan_chain(&upper, &upper_leaf, &upper_feed, &spec, lateness_ms)?;
+        // Without allowed lateness or early results, and over a source that is not a
+        // changelog, each window publishes each group once: the stages above only add.
+        let append_only = lateness_ms == 0 && early_fire.is_none() && !changelog;
+        let next = super::chain::plan_chain(
+            &upper,
+            &upper_leaf,
+            &upper_feed,
+            &spec,
+            lateness_ms,
+            append_only,
+        )?;
         if matches!(spec.window, WindowSpec::Session { .. })
             && upper.exists(|n| {
                 Ok(n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
@@ -663,7 +673,8 @@ impl StreamContext {
             return plan_err!(
                 "LAG over windows that emit more than once (urbanstream.allowed_lateness or \
                  urbanstream.early_fire set) is not supported yet: a revision would come after \
-                 the rows that followed it; set both to '0s' for this query"
+                 the rows that followed it; SET urbanstream.allowed_lateness = '0s' and \
+                 urbanstream.early_fire = '' before this query"
             );
         }
         let mut windowed = Windowed {
