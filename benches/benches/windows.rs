@@ -6,8 +6,9 @@
 //! key is live in every window; the watermark then closes every window.
 //!
 //! Two shapes over the 1-minute windows, at 100 and 10 000 keys: windows of windows (the
-//! minutes' averages, then a 5-minute window hopping by 1 minute over them, in one query) and
-//! top-N per window (the 5 keys with most events each minute, ranked over every key of the
+//! minutes' averages, then a 5-minute window hopping by 1 minute over them, in one query;
+//! `two_stage_revisable` with a minute of allowed lateness, so the stage above runs over the
+//! minutes' changelog) and top-N per window (the 5 keys with most events each minute, ranked over every key of the
 //! window). Compare each with `tumble_1m` of the same run.
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
@@ -52,9 +53,10 @@ async fn query(select: &str) -> StreamQuery {
          STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 'event_time', 'watermark_delay' '0s')",
         select,
     ] {
-        let statement = StreamContext::parse(sql).expect("parse").remove(0);
-        if let Some(q) = ctx.plan(statement).await.expect("plan") {
-            return q;
+        for statement in StreamContext::parse(sql).expect("parse") {
+            if let Some(q) = ctx.plan(statement).await.expect("plan") {
+                return q;
+            }
         }
     }
     panic!("no query planned")
@@ -87,6 +89,19 @@ fn queries() -> Vec<(&'static str, String, usize)> {
                  max(hi) AS hi, sum(n) AS n FROM (SELECT k, window_end AS minute, {AGGREGATES} \
                  FROM ev GROUP BY tumble(event_time, INTERVAL '1 minute'), k) \
                  GROUP BY hop(minute, INTERVAL '1 minute', INTERVAL '5 minutes'), k"
+            ),
+            10_000,
+        ),
+        (
+            // The same with a minute of allowed lateness: the stage above runs over the
+            // changelog of the minutes (a revision replaces its row).
+            "two_stage_revisable",
+            format!(
+                "SET urbanstream.allowed_lateness = '1m'; SELECT k, window_start, count(*) AS \
+                 minutes, avg(a) AS a, min(lo) AS lo, max(hi) AS hi, sum(n) AS n FROM (SELECT \
+                 k, window_end AS minute, {AGGREGATES} FROM ev GROUP BY tumble(event_time, \
+                 INTERVAL '1 minute'), k) GROUP BY hop(minute, INTERVAL '1 minute', INTERVAL \
+                 '5 minutes'), k"
             ),
             10_000,
         ),
