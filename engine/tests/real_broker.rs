@@ -584,9 +584,25 @@ fn two_processes_with_one_identity_are_refused() -> anyhow::Result<()> {
                     .is_some_and(|e| e.contains("two processes share one identity"))
         })
     };
-    wait_until("neither process was refused", || {
+    if let Err(e) = wait_until("neither process was refused", || {
         refused(&first.base) || refused(&second.base)
-    })?;
+    }) {
+        // What each process did, to tell a slow fence from a missing one.
+        for m in [&first, &second] {
+            let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("fenced"))
+                .collect();
+            eprintln!(
+                "{}: status {:?}\n{}",
+                m.base,
+                api.status(&m.base, "counts"),
+                tail[tail.len().saturating_sub(40)..].join("\n")
+            );
+        }
+        return Err(e);
+    }
     for m in [&first, &second] {
         eprintln!(
             "{}: {:?}",
