@@ -398,3 +398,88 @@ async fn a_partition_that_delivers_last_is_not_late_against_the_others() -> anyh
     assert_eq!(stats.late.load(Ordering::Relaxed), 0);
     Ok(())
 }
+
+/// Windows of windows through the whole pipeline: per segment and minute, then per five
+/// minutes of those minutes, in one registered query over 4 partitions. Each five minutes is
+/// published once, with its minutes and events counted exactly, as soon as the minutes that
+/// make it have closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_over_a_window_runs_in_one_query() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    let topics = Topics::default();
+    let mut want = std::collections::BTreeMap::new();
+    for j in 0..4i32 {
+        let segment = format!("seg-{j}");
+        for m in 0..10i64 {
+            let count = (i64::from(j) + m) % 3 + 1;
+            for k in 0..count {
+                let t = T0 + m * 60_000 + k * 1_000;
+                cluster
+                    .produce(
+                        &topics.camera,
+                        j,
+                        &segment,
+                        &detection(&segment, t, "car", Some(30.0)),
+                    )
+                    .await?;
+            }
+            let w = want
+                .entry((segment.clone(), T0 + m / 5 * 300_000))
+                .or_insert((0, 0));
+            w.0 += 1;
+            w.1 += count;
+        }
+        // Closes the first ten minutes in every partition.
+        cluster
+            .produce(
+                &topics.camera,
+                j,
+                &segment,
+                &detection(&segment, T0 + 20 * 60_000, "car", None),
+            )
+            .await?;
+    }
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "stages".into();
+    config.default_queries = false;
+    config.name = Some("five".into());
+    config.queries = vec![(
+        "five".into(),
+        "CREATE EXTERNAL TABLE five (segment_id VARCHAR NOT NULL, window_start TIMESTAMP NOT NULL,
+           minutes BIGINT NOT NULL, n BIGINT NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.five', 'format' 'json');
+         INSERT INTO five SELECT segment_id, window_start, count(*) AS minutes, sum(n) AS n
+         FROM (SELECT segment_id, window_start AS minute, count(*) AS n FROM camera_events
+               GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id)
+         GROUP BY tumble(minute, INTERVAL '5 minutes'), segment_id"
+            .into(),
+    )];
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    let five = cluster.consumer("test.five")?;
+    let rows = read_json(&five, want.len(), Duration::from_secs(60)).await;
+    // Nothing more: each five minutes once, and nothing of the window still open.
+    let more = read_more(&five, Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    let mut got = std::collections::BTreeMap::new();
+    for (_, v) in rows? {
+        let key = (
+            v["segment_id"].as_str().unwrap_or_default().to_string(),
+            v["window_start"].as_i64().unwrap_or(-1),
+        );
+        let value = (
+            v["minutes"].as_i64().unwrap_or(-1),
+            v["n"].as_i64().unwrap_or(-1),
+        );
+        anyhow::ensure!(
+            got.insert(key.clone(), value).is_none(),
+            "{key:?} published twice"
+        );
+    }
+    assert_eq!(got, want);
+    assert!(more.is_empty(), "more rows than windows: {more:?}");
+    Ok(())
+}
