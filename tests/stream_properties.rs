@@ -511,8 +511,9 @@ async fn late_records(engine: &mut DeterministicEngine) -> anyhow::Result<Vec<La
     Ok(late)
 }
 
-/// The batch DataFusion query over the model's (event, window) pairs.
-async fn batch(pairs: &[Pair]) -> anyhow::Result<Results> {
+/// A session with the model's (event, window) pairs as table `pairs`: k, g, t, v,
+/// window_start, window_end.
+fn pairs_context(pairs: &[Pair]) -> anyhow::Result<SessionContext> {
     let ctx = SessionContext::new();
     let columns: Vec<(&str, ArrayRef)> = vec![
         (
@@ -555,6 +556,12 @@ async fn batch(pairs: &[Pair]) -> anyhow::Result<Results> {
         "pairs",
         Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
     )?;
+    Ok(ctx)
+}
+
+/// The batch DataFusion query over the model's (event, window) pairs.
+async fn batch(pairs: &[Pair]) -> anyhow::Result<Results> {
+    let ctx = pairs_context(pairs)?;
     let sql = format!(
         "SELECT k, g, window_start, window_end, {AGGREGATES} FROM pairs \
          GROUP BY k, g, window_start, window_end"
@@ -847,43 +854,18 @@ fn check_chained(kind: Kind, run: &Run) -> Result<(), TestCaseError> {
 /// window) pairs: the first level per key and first-level window, the second per five
 /// minutes of the first level's window start (or, `by_end`, its end).
 async fn two_levels(pairs: &[Pair], by_end: bool) -> anyhow::Result<Chained> {
-    let ctx = SessionContext::new();
-    let b = RecordBatch::try_from_iter(vec![
-        (
-            "k",
-            Arc::new(StringArray::from_iter_values(
-                pairs.iter().map(|(e, _)| e.k),
-            )) as ArrayRef,
-        ),
-        (
-            "g",
-            Arc::new(Int64Array::from_iter(
-                pairs.iter().map(|(e, _)| e.g.map(i64::from)),
-            )),
-        ),
-        (
-            "v",
-            Arc::new(Int64Array::from_iter_values(pairs.iter().map(|(e, _)| e.v))),
-        ),
-        (
-            "first_start",
-            Arc::new(TimestampMillisecondArray::from_iter_values(
-                pairs.iter().map(|(_, w)| if by_end { w.1 } else { w.0 }),
-            )),
-        ),
-    ])?;
-    ctx.register_table(
-        "pairs",
-        Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
-    )?;
+    let ctx = pairs_context(pairs)?;
+    let first = if by_end { "window_end" } else { "window_start" };
     // The first query's final rows, then the second aggregation over them.
-    let query = "SELECT k, g, date_bin(INTERVAL '5 minutes', window_start) AS window_start, \
+    let query = format!(
+        "SELECT k, g, date_bin(INTERVAL '5 minutes', window_start) AS window_start, \
          date_bin(INTERVAL '5 minutes', window_start) + INTERVAL '5 minutes' AS window_end, \
          sum(n) AS n, sum(s) AS s, max(hi) AS hi, count(*) AS rows_in \
-         FROM (SELECT k, g, first_start AS window_start, count(*) AS n, sum(v) AS s, \
-               max(v) AS hi FROM pairs GROUP BY k, g, first_start) \
-         GROUP BY k, g, date_bin(INTERVAL '5 minutes', window_start)";
-    chained(&ctx.sql(query).await?.collect().await?, false)
+         FROM (SELECT k, g, {first} AS window_start, count(*) AS n, sum(v) AS s, \
+               max(v) AS hi FROM pairs GROUP BY k, g, {first}) \
+         GROUP BY k, g, date_bin(INTERVAL '5 minutes', window_start)"
+    );
+    chained(&ctx.sql(&query).await?.collect().await?, false)
 }
 
 /// The two levels of [`check_chained`] as one query (windows of windows, no topic between
@@ -1057,39 +1039,11 @@ fn check_top(kind: Kind, run: &Run) -> Result<(), TestCaseError> {
         .expect("engine");
     let want = rt
         .block_on(async {
-            let ctx = SessionContext::new();
-            let b = RecordBatch::try_from_iter(vec![
-                (
-                    "k",
-                    Arc::new(StringArray::from_iter_values(
-                        pairs.iter().map(|(e, _)| e.k),
-                    )) as ArrayRef,
-                ),
-                (
-                    "g",
-                    Arc::new(Int64Array::from_iter(
-                        pairs.iter().map(|(e, _)| e.g.map(i64::from)),
-                    )),
-                ),
-                (
-                    "v",
-                    Arc::new(Int64Array::from_iter_values(pairs.iter().map(|(e, _)| e.v))),
-                ),
-                (
-                    "end_ms",
-                    Arc::new(TimestampMillisecondArray::from_iter_values(
-                        pairs.iter().map(|(_, w)| w.1),
-                    )),
-                ),
-            ])?;
-            ctx.register_table(
-                "pairs",
-                Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
-            )?;
+            let ctx = pairs_context(&pairs)?;
             let query = TOP
-                .replace("{window_end}", "end_ms")
+                .replace("{window_end}", "window_end")
                 .replace("{input}", "pairs")
-                .replace("{group_by}", "end_ms");
+                .replace("{group_by}", "window_end");
             top(&ctx.sql(&query).await?.collect().await?)
         })
         .expect("batch");

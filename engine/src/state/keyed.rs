@@ -304,14 +304,7 @@ impl KeyedSeriesExec {
         let mut spec: Option<Spec> = None;
         let mut foreign = Vec::new();
         for w in window_exprs {
-            let udwf = w
-                .as_any()
-                .downcast_ref::<StandardWindowExpr>()
-                .and_then(|s| {
-                    s.get_standard_func_expr()
-                        .as_any()
-                        .downcast_ref::<WindowUDFExpr>()
-                });
+            let udwf = udwf_of(w.as_ref());
             let Some((udwf, func)) = udwf.and_then(|u| {
                 u.fun()
                     .inner()
@@ -786,6 +779,12 @@ pub const RANKINGS: [&str; 3] = ["row_number", "rank", "dense_rank"];
 
 /// Whether `w` is `ROW_NUMBER`, `RANK` or `DENSE_RANK`.
 pub fn is_ranking(w: &dyn WindowExpr) -> bool {
+    udwf_of(w).is_some_and(|u| RANKINGS.contains(&u.fun().name()))
+}
+
+/// The user-defined window function of a window expression, if it is one (urbanstream's
+/// detectors, and DataFusion's `row_number`, `lag` and friends, are).
+pub fn udwf_of(w: &dyn WindowExpr) -> Option<&WindowUDFExpr> {
     w.as_any()
         .downcast_ref::<StandardWindowExpr>()
         .and_then(|s| {
@@ -793,7 +792,6 @@ pub fn is_ranking(w: &dyn WindowExpr) -> bool {
                 .as_any()
                 .downcast_ref::<WindowUDFExpr>()
         })
-        .is_some_and(|u| RANKINGS.contains(&u.fun().name()))
 }
 
 /// Replaces every window aggregation made of urbanstream's series functions with a

@@ -25,14 +25,13 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::expressions::Literal;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::windows::{
-    BoundedWindowAggExec, StandardWindowExpr, WindowAggExec, WindowExpr, WindowUDFExpr,
-};
+use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowAggExec, WindowExpr};
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
     ReplaceChildrenOptions, collect,
 };
 
+use super::keyed::udwf_of;
 use crate::checkpoint::{StateSnapshot, column, table, typed};
 
 /// `PARTITION BY` and `ORDER BY` of a window specification.
@@ -202,14 +201,7 @@ pub struct KeyedLagExec {
 /// The function name of a window expression when it is a user-defined window function
 /// (DataFusion's `lag` and `lead` are).
 fn udwf_name(w: &dyn WindowExpr) -> Option<String> {
-    w.as_any()
-        .downcast_ref::<StandardWindowExpr>()
-        .and_then(|s| {
-            s.get_standard_func_expr()
-                .as_any()
-                .downcast_ref::<WindowUDFExpr>()
-        })
-        .map(|u| u.fun().name().to_string())
+    udwf_of(w).map(|u| u.fun().name().to_string())
 }
 
 impl KeyedLagExec {
@@ -259,16 +251,7 @@ impl KeyedLagExec {
                     );
                 }
             }
-            let Some(args) = w
-                .as_any()
-                .downcast_ref::<StandardWindowExpr>()
-                .and_then(|s| {
-                    s.get_standard_func_expr()
-                        .as_any()
-                        .downcast_ref::<WindowUDFExpr>()
-                })
-                .map(|u| u.args().to_vec())
-            else {
+            let Some(args) = udwf_of(w.as_ref()).map(|u| u.args().to_vec()) else {
                 return plan_err!("internal: LAG without arguments");
             };
             let Some(value) = args.first().cloned() else {
@@ -383,14 +366,14 @@ impl KeyedLagExec {
             let in_order = t >= state.last_t;
             for (c, lag) in self.lags.iter().enumerate() {
                 let history = &mut state.history[c];
-                // The values before `t`, newest last.
-                let before: Vec<&ScalarValue> = history
+                // The value `offset` rows before `t`.
+                if let Some((_, v)) = history
                     .iter()
+                    .rev()
                     .filter(|(at, _)| *at < t)
-                    .map(|(_, v)| v)
-                    .collect();
-                if before.len() >= lag.offset {
-                    outputs[c][r] = before[before.len() - lag.offset].clone();
+                    .nth(lag.offset - 1)
+                {
+                    outputs[c][r] = v.clone();
                 }
                 if in_order {
                     // A row at the time of the key's last one replaces it.
