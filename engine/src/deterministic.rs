@@ -113,9 +113,9 @@ impl DeterministicEngine {
             let stream = rest[..to].trim().to_string();
             let watermark = parse_timestamp(&rest[to + 4..])?;
             for i in 0..self.queries.len() {
-                if self.queries[i].source().name == stream {
+                if self.queries[i].reads(&stream) {
                     let out = self.queries[i]
-                        .advance_watermark(watermark, self.now_ms)
+                        .advance_watermark_of(&stream, watermark, self.now_ms)
                         .await?;
                     self.collect(i, out)?;
                 }
@@ -202,9 +202,9 @@ impl DeterministicEngine {
         for batch in batches {
             let partitions = vec![partition; batch.num_rows()];
             for i in 0..self.queries.len() {
-                if self.queries[i].source().name == stream {
+                if self.queries[i].reads(&stream) {
                     let out = self.queries[i]
-                        .process(&batch, &partitions, None, self.now_ms)
+                        .process_from(&stream, &batch, &partitions, None, self.now_ms)
                         .await?;
                     self.collect(i, out)?;
                 }

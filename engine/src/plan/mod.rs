@@ -13,6 +13,7 @@
 //! `schemas/reference/`); [`DEFAULT_QUERIES`] are the queries of `queries/`.
 
 mod chain;
+mod join;
 pub mod feed;
 pub mod repartition;
 pub mod rewrite;

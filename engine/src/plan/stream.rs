@@ -445,6 +445,8 @@ impl StreamContext {
             }
             Ok(TreeNodeRecursion::Continue)
         })?;
+        let mut physical = physical;
+        let mut join: Option<super::join::PlannedJoin> = None;
         let (source_name, feed) = match feeds.as_slice() {
             [one] => one.clone(),
             [] => {
@@ -454,23 +456,71 @@ impl StreamContext {
                      STORED AS KAFKA), e.g. INSERT INTO <sink> SELECT … FROM camera_events"
                 );
             }
+            [_, _] if super::join::two_stream_node(&physical).is_some_and(|n| {
+                n.downcast_ref::<datafusion::physical_plan::union::UnionExec>()
+                    .is_none()
+            }) =>
+            {
+                let mut times = HashMap::new();
+                for (t, _) in &feeds {
+                    if let Some(table) = self.stream_table(t).await? {
+                        times.insert(t.clone(), table.options.event_time.clone());
+                    }
+                }
+                let Some(node) = super::join::two_stream_node(&physical) else {
+                    return plan_err!("internal: the join of two streams went missing");
+                };
+                let planned =
+                    super::join::plan_join(&node, &|t| times.get(t).cloned().flatten())?;
+                physical = physical
+                    .transform_down(|n| {
+                        if Arc::ptr_eq(&n, &planned.node) {
+                            Ok(Transformed::yes(planned.leaf.clone()))
+                        } else {
+                            Ok(Transformed::no(n))
+                        }
+                    })?
+                    .data;
+                let left = (planned.tables[0].clone(), planned.output.clone());
+                join = Some(planned);
+                left
+            }
             _ => {
                 return plan_err!(
-                    "the query reads {} streams ({}): joins and unions of two streams are not \
-                     supported yet; join a stream with a reference table, or run one query per \
-                     stream into the same sink",
+                    "the query reads {} streams ({}): a query reads one stream, or joins two \
+                     with an event-time bound ({}); to merge streams, run one query per stream \
+                     into the same sink",
                     feeds.len(),
                     feeds
                         .iter()
                         .map(|(t, _)| t.as_str())
                         .collect::<Vec<_>>()
-                        .join(", ")
+                        .join(", "),
+                    super::join::BOUNDED_FORM
                 );
             }
         };
         let Some(source) = self.stream_table(&source_name).await? else {
             return plan_err!("{source_name} is not a stream table");
         };
+        let mut right = None;
+        if let Some(planned) = &join {
+            for t in &planned.tables {
+                let Some(table) = self.stream_table(t).await? else {
+                    return plan_err!("{t} is not a stream table");
+                };
+                if !table.options.upsert_key.is_empty() {
+                    return plan_err!(
+                        "{t} is read as a changelog (OPTIONS 'upsert_key'), and a join of two \
+                         streams cannot take back the pairs of a row a later record replaces: \
+                         declare the topic again without 'upsert_key' to join its events"
+                    );
+                }
+                if *t != source.name {
+                    right = Some(table);
+                }
+            }
+        }
         refuse_stream_build_sides(&physical)?;
         refuse_streamless_union(&physical)?;
 
@@ -518,10 +568,14 @@ impl StreamContext {
             super::topn::refuse_per_batch(&physical)?;
             refuse_lag_per_batch(&physical)?;
             let output_schema = physical.schema();
+            let join = match join {
+                Some(planned) => Some(Box::new(super::join::JoinInput::new(planned, right, None)?)),
+                None => None,
+            };
             return Ok(StreamQuery {
                 sql,
                 settings,
-                partition_local: keyed_local,
+                partition_local: keyed_local && join.is_none(),
                 source,
                 sink: None,
                 feed,
@@ -538,6 +592,7 @@ impl StreamContext {
                 owner: None,
                 keyed,
                 lags,
+                join,
             });
         };
         let (spec, window_name) = super::chain::aggregate_spec(
@@ -551,8 +606,48 @@ impl StreamContext {
                 source.name
             );
         };
-        // The event-time column itself, possibly cast to milliseconds; nothing computed.
+        let lower = bottom.children()[0].clone();
+        // Over a join, the event time of one side, which the join's output passes on.
+        let window_side = match &join {
+            Some(planned) => {
+                let side = super::chain::time_column_of(&spec.time)
+                    .and_then(|c| super::join::trace(&lower, c.index()))
+                    .filter(|(leaf, _)| Arc::ptr_eq(leaf, &planned.leaf))
+                    .and_then(|(_, i)| super::join::JoinInput::side_of_output(planned, i));
+                let Some(side) = side else {
+                    return plan_err!(
+                        "{window_name}() over a join of two streams must be over the event time \
+                         of one of them ({}.{} or {}.{}), got {}",
+                        planned.tables[0],
+                        time_name,
+                        planned.tables[1],
+                        right
+                            .as_ref()
+                            .and_then(|r| r.options.event_time.clone())
+                            .unwrap_or_else(|| time_name.clone()),
+                        spec.time
+                    );
+                };
+                let padded = match planned.spec.join_type {
+                    datafusion::common::JoinType::Left => side == 1,
+                    datafusion::common::JoinType::Right => side == 0,
+                    datafusion::common::JoinType::Full => true,
+                    _ => false,
+                };
+                if padded {
+                    return plan_err!(
+                        "{window_name}() is over the event time of {}, which the outer join \
+                         leaves null for unmatched rows: window by the event time of the side \
+                         the join keeps whole",
+                        planned.tables[side]
+                    );
+                }
+                Some(side)
+            }
+            None => None,
+        };
         match super::chain::time_column_of(&spec.time) {
+            _ if join.is_some() => {}
             Some(c) if c.name() == time_name => {}
             _ => {
                 return plan_err!(
@@ -564,7 +659,6 @@ impl StreamContext {
         }
         let output_schema = spec.output_schema.clone();
         let window_position = spec.window_position;
-        let lower = bottom.children()[0].clone();
         refuse_window_calls_below(&lower)?;
         let upper_feed = Feed::default();
         let upper_leaf: Arc<dyn ExecutionPlan> = Arc::new(FeedExec::new(
@@ -659,7 +753,7 @@ impl StreamContext {
         };
         // Without a key plan (grouping by a select alias or position, say), an old event is
         // tested against a session of its own, as before.
-        let lateness_keys = if sessions && !groups.is_empty() {
+        let lateness_keys = if sessions && !groups.is_empty() && join.is_none() {
             key_plan(self, sql.clone(), source.clone())
                 .await
                 .ok()
@@ -703,10 +797,18 @@ impl StreamContext {
         };
         // A ranking needs every group of a window in one state.
         let ranked = super::topn::plan_ranking(&mut windowed)?;
+        let join = match join {
+            Some(planned) => Some(Box::new(super::join::JoinInput::new(
+                planned,
+                right,
+                window_side,
+            )?)),
+            None => None,
+        };
         Ok(StreamQuery {
             sql,
             settings,
-            partition_local: partition_local && !ranked,
+            partition_local: partition_local && !ranked && join.is_none(),
             source,
             sink: None,
             feed,
@@ -723,6 +825,7 @@ impl StreamContext {
             owner: None,
             keyed,
             lags,
+            join,
         })
     }
 }
@@ -1142,6 +1245,8 @@ pub struct StreamQuery {
     keyed: Vec<KeyedHandle>,
     /// State of the `LAG` calls, per key.
     lags: Vec<crate::state::lag::LagState>,
+    /// When it joins two streams: the join, which feeds `lower` with pairs.
+    join: Option<Box<super::join::JoinInput>>,
 }
 
 impl StreamQuery {
@@ -1162,11 +1267,37 @@ impl StreamQuery {
     pub fn explain(&self) -> serde_json::Value {
         use datafusion::physical_plan::displayable;
         let plan = |p: &Arc<dyn ExecutionPlan>| displayable(p.as_ref()).indent(false).to_string();
-        let mut stages = vec![serde_json::json!({
+        let mut stages = Vec::new();
+        if let Some(j) = &self.join {
+            let spec = j.state.spec();
+            for side in 0..2 {
+                stages.push(serde_json::json!({
+                    "stage": if side == 0 { "join: left side, per batch" } else { "join: right side, per batch" },
+                    "reads": j.tables[side],
+                    "plan": plan(&j.sides[side].0),
+                }));
+            }
+            stages.push(serde_json::json!({
+                "stage": "interval join",
+                "join_type": spec.join_type.to_string(),
+                "keys": spec.on.iter().map(|(l, r)| format!("{l} = {r}")).collect::<Vec<_>>(),
+                "condition": spec.filter.as_ref().map(|f| f.expression().to_string()),
+                "right_minus_left_ms": [spec.lo, spec.hi],
+                "state": "each side's rows, indexed by key, until the other side's watermark \
+                          passes the last time they can meet",
+                "emits": "each pair once, when the later of its rows arrives; an outer join's \
+                          unmatched rows with nulls when they are evicted",
+            }));
+        }
+        stages.push(serde_json::json!({
             "stage": "per batch",
-            "does": "filters, projections and lookup joins over each micro-batch of the stream",
+            "does": if self.join.is_some() {
+                "filters, projections and lookup joins over the joined rows"
+            } else {
+                "filters, projections and lookup joins over each micro-batch of the stream"
+            },
             "plan": plan(&self.lower),
-        })];
+        }));
         let lateness = parse_setting("", &self.settings.allowed_lateness)
             .ok()
             .flatten()
@@ -1269,7 +1400,11 @@ impl StreamQuery {
             "per_partition: one state per input partition (the groups include the topic's key)"
         } else if self.is_repartitionable() {
             "repartitioned: records are sent through an internal topic keyed by the group keys"
-        } else if self.windowed.is_none() && self.keyed.is_empty() && self.lags.is_empty() {
+        } else if self.windowed.is_none()
+            && self.keyed.is_empty()
+            && self.lags.is_empty()
+            && self.join.is_none()
+        {
             "stateless"
         } else {
             "single: one state for all partitions, in one process of the group"
@@ -1282,6 +1417,12 @@ impl StreamQuery {
                 "watermark_delay_ms": self.source.options.watermark_delay.as_millis() as u64,
                 "key": self.source.options.key,
             },
+            "joins": self.join.as_ref().and_then(|j| j.right.as_ref()).map(|r| serde_json::json!({
+                "table": r.name,
+                "topic": r.options.topic,
+                "event_time": r.options.event_time,
+                "watermark_delay_ms": r.options.watermark_delay.as_millis() as u64,
+            })),
             "sink": self.sink.as_ref().map(|s| serde_json::json!({
                 "table": s.name,
                 "topic": s.options.topic,
@@ -1367,6 +1508,7 @@ impl StreamQuery {
             && self.keyed.is_empty()
             && self.lags.is_empty()
             && self.upsert.is_none()
+            && self.join.is_none()
     }
 
     /// Records that input `partition` has seen events up to `max_event_ms` (a progress record
@@ -1398,7 +1540,10 @@ impl StreamQuery {
 
     /// Whether it keeps state between micro-batches (windows, detectors, alert machines).
     pub fn holds_state(&self) -> bool {
-        self.windowed.is_some() || !self.keyed.is_empty() || !self.lags.is_empty()
+        self.windowed.is_some()
+            || !self.keyed.is_empty()
+            || !self.lags.is_empty()
+            || self.join.is_some()
     }
 
     /// Whether it aggregates over windows.
@@ -1408,7 +1553,55 @@ impl StreamQuery {
 
     /// The query watermark, once any event has been seen.
     pub fn watermark(&self) -> Option<i64> {
-        self.watermarks.current()
+        let left = self.watermarks.current();
+        match &self.join {
+            Some(j) => j.output_watermark([
+                left,
+                match &j.right {
+                    Some(_) => j.right_watermarks.current(),
+                    None => left,
+                },
+            ]),
+            None => left,
+        }
+    }
+
+    /// The stream tables it reads: its source, and the other stream it joins.
+    pub fn inputs(&self) -> Vec<&Arc<StreamTable>> {
+        let mut out = vec![&self.source];
+        if let Some(r) = self.join.as_ref().and_then(|j| j.right.as_ref()) {
+            out.push(r);
+        }
+        out
+    }
+
+    /// Whether it reads stream table `table`.
+    pub fn reads(&self, table: &str) -> bool {
+        self.inputs().iter().any(|t| t.name == table)
+    }
+
+    /// Whether it reads Kafka topic `topic`.
+    pub fn reads_topic(&self, topic: &str) -> bool {
+        self.inputs().iter().any(|t| t.options.topic == topic)
+    }
+
+    /// Raises the watermark of input `table` to `watermark` explicitly and emits what that
+    /// closes.
+    pub async fn advance_watermark_of(
+        &mut self,
+        table: &str,
+        watermark: i64,
+        now_ms: i64,
+    ) -> Result<StepOutput> {
+        if table == self.source.name {
+            self.watermarks.force(watermark);
+        }
+        if let Some(j) = &mut self.join
+            && j.right.as_ref().is_some_and(|r| r.name == table)
+        {
+            j.right_watermarks.force(watermark);
+        }
+        self.tick(now_ms).await
     }
 
     /// Entries held in state: (window, group) partials, and keys of detectors and alerts.
@@ -1421,6 +1614,7 @@ impl StreamQuery {
                 .sum::<usize>()
             + self.lags.iter().map(|l| l.handle.len()).sum::<usize>()
             + self.upsert.as_ref().map_or(0, UpsertState::len)
+            + self.join.as_ref().map_or(0, |j| j.state.rows())
     }
 
     /// Bytes held in state: window and session partials with their emission bookkeeping,
@@ -1439,6 +1633,7 @@ impl StreamQuery {
                 .sum::<usize>()
             + self.lags.iter().map(|l| l.handle.bytes()).sum::<usize>()
             + self.upsert.as_ref().map_or(0, UpsertState::bytes)
+            + self.join.as_ref().map_or(0, |j| j.state.bytes())
             + held
     }
 
@@ -1458,6 +1653,35 @@ impl StreamQuery {
             for (&p, &o) in partitions {
                 out.entry(p).and_modify(|m| *m = (*m).min(o)).or_insert(o);
             }
+        }
+        out
+    }
+
+    /// Per partition of input topic `topic`, the oldest offset the query's state still needs
+    /// (open windows, rows a join holds).
+    pub fn held_offsets_of(&self, topic: &str) -> HashMap<i32, i64> {
+        let mut out = HashMap::new();
+        let merge = |out: &mut HashMap<i32, i64>, held: &std::collections::BTreeMap<i64, HashMap<i32, i64>>| {
+            for partitions in held.values() {
+                for (&p, &o) in partitions {
+                    out.entry(p).and_modify(|m: &mut i64| *m = (*m).min(o)).or_insert(o);
+                }
+            }
+        };
+        if self.source.options.topic == topic {
+            merge(&mut out, &self.held);
+            if let Some(j) = &self.join {
+                j.state.held_offsets(0, &mut out);
+                if j.right.is_none() {
+                    j.state.held_offsets(1, &mut out);
+                }
+            }
+        }
+        if let Some(j) = &self.join
+            && j.right.as_ref().is_some_and(|r| r.options.topic == topic)
+        {
+            merge(&mut out, &j.held_right);
+            j.state.held_offsets(1, &mut out);
         }
         out
     }
@@ -1491,6 +1715,22 @@ impl StreamQuery {
         }
         for (i, l) in self.lags.iter().enumerate() {
             out.nest(&format!("lag{i}"), l.handle.snapshot(&l.types)?);
+        }
+        if let Some(j) = &self.join {
+            let mut state = j.state.snapshot()?;
+            let held: Vec<(i64, Vec<(i32, i64)>)> = j
+                .held_right
+                .iter()
+                .map(|(end, p)| (*end, p.iter().map(|(a, b)| (*a, *b)).collect()))
+                .collect();
+            if let Some(meta) = state.meta.as_object_mut() {
+                meta.insert(
+                    "right_watermarks".into(),
+                    j.right_watermarks.snapshot(now_ms),
+                );
+                meta.insert("held_right".into(), serde_json::json!(held));
+            }
+            out.nest("join", state);
         }
         Ok(out)
     }
@@ -1543,7 +1783,26 @@ impl StreamQuery {
             l.handle
                 .restore(&snapshot.nested(&format!("lag{i}")), l.types.len())?;
         }
-        pass_watermark(&self.keyed, self.watermarks.current().unwrap_or(i64::MIN));
+        if let Some(j) = &mut self.join {
+            let state = snapshot.nested("join");
+            if state.meta.is_null() {
+                return Err(crate::Error::Checkpoint(
+                    "the state holds no join, the query joins two streams".into(),
+                ));
+            }
+            j.state.restore(&state)?;
+            if let Some(w) = state.meta.get("right_watermarks") {
+                j.right_watermarks.restore(w, now_ms).ok_or_else(|| {
+                    crate::Error::Checkpoint("unreadable watermark state of the join".into())
+                })?;
+            }
+            let held: Vec<(i64, Vec<(i32, i64)>)> = meta_field(&state.meta, "held_right")?;
+            j.held_right = held
+                .into_iter()
+                .map(|(end, p)| (end, p.into_iter().collect()))
+                .collect();
+        }
+        pass_watermark(&self.keyed, self.watermark().unwrap_or(i64::MIN));
         Ok(())
     }
 
@@ -1667,6 +1926,20 @@ impl StreamQuery {
             }
         }
         let wake = self.keyed_watermark(now_ms);
+        self.run_lower(batch, wake, &mut out).await?;
+        self.emit(now_ms, &mut out).await?;
+        Ok(out)
+    }
+
+    /// Runs the plan below the aggregation over `batch` (the stream's admitted rows, or a
+    /// join's pairs), into the windows or, without them, into the output; `wake`: even
+    /// without rows, for the keyed timers.
+    async fn run_lower(
+        &mut self,
+        batch: RecordBatch,
+        wake: bool,
+        out: &mut StepOutput,
+    ) -> Result<()> {
         if batch.num_rows() > 0 || wake {
             self.feed.set(vec![batch]);
             let lowered = collect(self.lower.clone(), self.task_ctx.clone()).await?;
@@ -1696,13 +1969,202 @@ impl StreamQuery {
                     .extend(lowered.into_iter().filter(|b| b.num_rows() > 0)),
             }
         }
-        self.emit(now_ms, &mut out).await?;
+        Ok(())
+    }
+
+    /// Processes a decoded batch of stream table `table`, one of the query's inputs; see
+    /// [`StreamQuery::process`].
+    pub async fn process_from(
+        &mut self,
+        table: &str,
+        batch: &RecordBatch,
+        partitions: &[i32],
+        offsets: Option<&[i64]>,
+        now_ms: i64,
+    ) -> Result<StepOutput> {
+        if self.join.is_none() {
+            if table != self.source.name {
+                return plan_err!("the query does not read {table}");
+            }
+            return self.process(batch, partitions, offsets, now_ms).await;
+        }
+        let mut out = StepOutput::default();
+        let left = table == self.source.name;
+        let input = match &self.join {
+            _ if left => self.source.clone(),
+            Some(j) => match &j.right {
+                Some(r) if r.name == table => r.clone(),
+                _ => return plan_err!("the query does not read {table}"),
+            },
+            None => return plan_err!("the query does not read {table}"),
+        };
+        let expected = input.topic_schema.output_schema();
+        if batch.schema().fields().len() != expected.fields().len()
+            || batch
+                .schema()
+                .fields()
+                .iter()
+                .zip(expected.fields())
+                .any(|(a, b)| a.data_type() != b.data_type())
+        {
+            return plan_err!(
+                "a batch for stream {table} does not have the stream's schema: got {}, expected {}",
+                batch.schema(),
+                expected
+            );
+        }
+        let (kept, holds) = self.admit_join(&input, left, batch, partitions, offsets, now_ms, &mut out.diverted)?;
+        let mut pairs = Vec::new();
+        if let Some(join) = &mut self.join {
+            for side in 0..2 {
+                if join.tables[side] != table || kept.num_rows() == 0 {
+                    continue;
+                }
+                let (plan, feed) = &join.sides[side];
+                feed.set(vec![kept.clone()]);
+                let rows = collect(plan.clone(), self.task_ctx.clone()).await?;
+                let rows = datafusion::arrow::compute::concat_batches(&plan.schema(), &rows)?;
+                pairs.extend(join.state.arrive(side, rows, holds.clone())?);
+            }
+        }
+        self.join_step(pairs, now_ms, &mut out).await?;
         Ok(out)
+    }
+
+    /// After a join's input: evicts what no row to come can meet (emitting an outer join's
+    /// unmatched rows), runs the plan above the join over the pairs, and emits what is due.
+    async fn join_step(
+        &mut self,
+        mut pairs: Vec<RecordBatch>,
+        now_ms: i64,
+        out: &mut StepOutput,
+    ) -> Result<()> {
+        let watermarks = self.join_watermarks(now_ms);
+        let Some(join) = &mut self.join else {
+            return Ok(());
+        };
+        pairs.extend(join.state.evict(watermarks)?);
+        let schema = join.state.spec().schema.clone();
+        let batch = datafusion::arrow::compute::concat_batches(&schema, &pairs)?;
+        let wake = self.keyed_watermark(now_ms);
+        self.run_lower(batch, wake, out).await?;
+        self.emit(now_ms, out).await
+    }
+
+    /// The input watermarks of a join's sides at processing time `now_ms`.
+    fn join_watermarks(&mut self, now_ms: i64) -> [Option<i64>; 2] {
+        let left = self.watermarks.advance(now_ms);
+        match &mut self.join {
+            Some(j) if j.right.is_some() => [left, j.right_watermarks.advance(now_ms)],
+            _ => [left, left],
+        }
+    }
+
+    /// The watermark of the rows `lower` gets at processing time `now_ms`: the stream's, or
+    /// a join's output watermark.
+    fn input_watermark(&mut self, now_ms: i64) -> Option<i64> {
+        let watermarks = self.join_watermarks(now_ms);
+        match &self.join {
+            Some(j) => j.output_watermark(watermarks),
+            None => watermarks[0],
+        }
+    }
+
+    /// Splits off the rows of join input `input` (the left stream when `left`) that must not
+    /// be processed (late for the join, stamped in the future), feeds that stream's
+    /// watermark with the rest, and holds their offsets; returns the rows kept with their
+    /// smallest offset per partition.
+    #[allow(clippy::too_many_arguments)]
+    fn admit_join(
+        &mut self,
+        input: &StreamTable,
+        left: bool,
+        batch: &RecordBatch,
+        partitions: &[i32],
+        offsets: Option<&[i64]>,
+        now_ms: i64,
+        diverted: &mut Vec<Diverted>,
+    ) -> Result<(RecordBatch, HashMap<i32, i64>)> {
+        let Some(join) = &mut self.join else {
+            return plan_err!("internal: not a join");
+        };
+        let Some(time) = &input.options.event_time else {
+            return plan_err!("stream {} has no event-time column", input.name);
+        };
+        let column = batch
+            .column_by_name(time)
+            .ok_or_else(|| plan_datafusion_err!("event-time column {time} missing"))?;
+        let column = cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+        let Some(times) = column.as_any().downcast_ref::<TimestampMillisecondArray>() else {
+            return plan_err!("event-time column {time} is not a timestamp");
+        };
+        let reach = join.reach();
+        let (tracker, held) = if left {
+            (&mut self.watermarks, &mut self.held)
+        } else {
+            (&mut join.right_watermarks, &mut join.held_right)
+        };
+        let future_limit =
+            now_ms.saturating_add(input.options.future_tolerance.as_millis() as i64);
+        let watermark = tracker.current();
+        let mut keep = Vec::with_capacity(batch.num_rows());
+        let mut max_by_partition: HashMap<i32, i64> = HashMap::new();
+        let mut holds: HashMap<i32, i64> = HashMap::new();
+        for (r, t) in times.iter().enumerate() {
+            let reason = match t {
+                None => Some(DivertReason::BeyondAllowedLateness),
+                Some(t) if t > future_limit => Some(DivertReason::FutureTimestamp),
+                Some(t) if watermark.is_some_and(|w| t < w) => {
+                    Some(DivertReason::BeyondAllowedLateness)
+                }
+                Some(_) => None,
+            };
+            if let Some(reason) = reason {
+                diverted.push(Diverted {
+                    row: r as u32,
+                    event_time: t.unwrap_or(i64::MIN),
+                    watermark: watermark.unwrap_or(i64::MIN),
+                    reason,
+                    window: None,
+                });
+                keep.push(false);
+                continue;
+            }
+            let t = t.unwrap_or_default();
+            let p = partitions.get(r).copied().unwrap_or(0);
+            let m = max_by_partition.entry(p).or_insert(t.min(now_ms));
+            *m = (*m).max(t.min(now_ms));
+            if let Some(&offset) = offsets.and_then(|o| o.get(r)) {
+                holds
+                    .entry(p)
+                    .and_modify(|o| *o = (*o).min(offset))
+                    .or_insert(offset);
+                // Its pairs fall in windows up to the last one of a time `reach` later.
+                if let Some(w) = &self.windowed {
+                    hold(held, (w.last_window_end(t.saturating_add(reach)), p), offset);
+                }
+            }
+            keep.push(true);
+        }
+        for (p, t) in max_by_partition {
+            tracker.observe(p, t, now_ms);
+        }
+        let kept = if keep.iter().all(|k| *k) {
+            batch.clone()
+        } else {
+            filter_record_batch(batch, &BooleanArray::from(keep))?
+        };
+        Ok((kept, holds))
     }
 
     /// Advances processing time without input: idle partitions stop holding the watermark,
     /// early fires come due.
     pub async fn tick(&mut self, now_ms: i64) -> Result<StepOutput> {
+        if self.join.is_some() {
+            let mut out = StepOutput::default();
+            self.join_step(Vec::new(), now_ms, &mut out).await?;
+            return Ok(out);
+        }
         if self.windowed.is_none() && self.keyed_watermark(now_ms) {
             // Timers of detectors over the raw stream (a sensor gone silent) fire on the
             // watermark, with or without input.
@@ -1730,8 +2192,8 @@ impl StreamQuery {
             return false;
         }
         let watermark = match self.windowed {
-            Some(_) => self.watermarks.current(),
-            None => self.watermarks.advance(now_ms),
+            Some(_) => self.watermark(),
+            None => self.input_watermark(now_ms),
         };
         pass_watermark(&self.keyed, watermark.unwrap_or(i64::MIN)) && self.windowed.is_none()
     }
@@ -1958,10 +2420,13 @@ impl StreamQuery {
     }
 
     async fn emit(&mut self, now_ms: i64, out: &mut StepOutput) -> Result<()> {
+        if self.windowed.is_none() {
+            return Ok(());
+        }
+        let watermark = self.input_watermark(now_ms).unwrap_or(i64::MIN);
         let Some(w) = &mut self.windowed else {
             return Ok(());
         };
-        let watermark = self.watermarks.advance(now_ms).unwrap_or(i64::MIN);
         let early = match self.early_fire_ms {
             Some(every) if now_ms.saturating_sub(self.last_early_fire_ms) >= every => {
                 self.last_early_fire_ms = now_ms;
@@ -2008,6 +2473,9 @@ impl StreamQuery {
         }
         let evicted = w.operator.evicted_through();
         self.held = self.held.split_off(&evicted.saturating_add(1));
+        if let Some(j) = &mut self.join {
+            j.held_right = j.held_right.split_off(&evicted.saturating_add(1));
+        }
         if let Some(ranked) = &mut w.ranked {
             // Top-N: the step's emissions are taken first (a window over a changelog may
             // emit updates and retractions of one window apart); then each window that

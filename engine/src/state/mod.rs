@@ -13,6 +13,7 @@
 //! [`keyed`] holds the per-key state of detectors, health checks and alert machines
 //! (`anomaly_score(…) OVER (PARTITION BY …)` and friends) across micro-batches.
 
+pub mod join;
 pub mod keyed;
 pub mod lag;
 pub mod ranked;

@@ -1,0 +1,443 @@
+//! Planning stream–stream joins bounded in event time (see [`crate::state::join`]).
+//!
+//! DataFusion plans `a JOIN b ON a.k = b.k AND b.ts BETWEEN a.ts - INTERVAL … AND a.ts +
+//! INTERVAL …` as a hash join (or a nested-loop join without equi keys) whose children read
+//! the two streams. The planner takes that node apart: each child becomes a side plan run
+//! per micro-batch of its stream, the node's keys, filter and projection describe the
+//! [`IntervalJoin`], and a feed of the join's output takes the node's place, so the plan
+//! above it (projections, windows, detectors) runs over joined rows as it runs over a
+//! stream's rows. The time bound is read from the filter: comparisons between the two sides'
+//! event-time columns, each plus or minus a constant interval.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::{JoinSide, JoinType, NullEquality, Result, ScalarValue, plan_err};
+use datafusion::logical_expr::Operator;
+use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, Column, Literal, TryCastExpr};
+use datafusion::physical_expr::{PhysicalExpr, split_conjunction};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::aggregates::AggregateExec;
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::joins::utils::JoinFilter;
+use datafusion::physical_plan::joins::{CrossJoinExec, HashJoinExec, NestedLoopJoinExec};
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::union::UnionExec;
+
+use super::feed::{Feed, FeedExec};
+use super::stream::reads_stream;
+use super::table::StreamTable;
+use crate::state::join::{IntervalJoin, JoinSpec};
+use crate::time::WatermarkTracker;
+
+/// The bounded form a stream–stream join must take, for refusals.
+pub(super) const BOUNDED_FORM: &str = "a JOIN b ON a.k = b.k AND b.event_time BETWEEN \
+     a.event_time - INTERVAL '1 minute' AND a.event_time + INTERVAL '5 minutes'";
+
+/// The node of `plan` whose two children each read a stream, if any.
+pub(super) fn two_stream_node(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
+    let mut found = None;
+    let _ = plan.apply(|node| {
+        let children = node.children();
+        if children.len() >= 2 && children.iter().filter(|c| reads_stream(c)).count() >= 2 {
+            found = Some(node.clone());
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    found
+}
+
+/// A stream–stream join taken apart by [`plan_join`].
+pub(super) struct PlannedJoin {
+    pub spec: JoinSpec,
+    /// Per side, the plan run over its stream's rows, and the feed of that stream it reads.
+    pub sides: [(Arc<dyn ExecutionPlan>, Feed); 2],
+    /// Per side, the stream table it reads.
+    pub tables: [String; 2],
+    /// Per side, the columns of its rows that are its stream's event time.
+    pub time_columns: [Vec<usize>; 2],
+    /// The join node, and the leaf over its output that replaces it.
+    pub node: Arc<dyn ExecutionPlan>,
+    pub leaf: Arc<dyn ExecutionPlan>,
+    pub output: Feed,
+}
+
+/// Takes apart `node`, a join whose children read one stream each; `event_time` gives a
+/// stream table's event-time column.
+pub(super) fn plan_join(
+    node: &Arc<dyn ExecutionPlan>,
+    event_time: &dyn Fn(&str) -> Option<String>,
+) -> Result<PlannedJoin> {
+    let (left, right, on, filter, join_type, projection, nulls_equal) =
+        if let Some(j) = node.downcast_ref::<HashJoinExec>() {
+            (
+                j.left().clone(),
+                j.right().clone(),
+                j.on().to_vec(),
+                j.filter().cloned(),
+                *j.join_type(),
+                j.projection.as_ref().map(|p| p.to_vec()),
+                j.null_equality() == NullEquality::NullEqualsNull,
+            )
+        } else if let Some(j) = node.downcast_ref::<NestedLoopJoinExec>() {
+            (
+                j.left().clone(),
+                j.right().clone(),
+                Vec::new(),
+                j.filter().cloned(),
+                *j.join_type(),
+                j.projection().as_ref().map(|p| p.to_vec()),
+                false,
+            )
+        } else if node.downcast_ref::<CrossJoinExec>().is_some() {
+            return plan_err!(
+                "a join of two streams needs an event-time bound, or it would keep every event \
+                 of both forever: write {BOUNDED_FORM}"
+            );
+        } else if node.downcast_ref::<UnionExec>().is_some() {
+            return plan_err!("internal: a union is not a join");
+        } else {
+            return plan_err!(
+                "{} over two streams is not supported: join them with a time bound ({BOUNDED_FORM}) \
+                 or union them (SELECT … FROM a UNION ALL SELECT … FROM b)",
+                node.name()
+            );
+        };
+        if !matches!(
+        join_type,
+        JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full
+    ) {
+        return plan_err!(
+            "a {join_type} join of two streams (EXISTS, IN or NOT IN over a stream) is not \
+             supported: write an inner or outer join with a time bound, {BOUNDED_FORM}"
+        );
+    }
+    let mut sides = Vec::new();
+    let mut tables = Vec::new();
+    let mut time_columns = Vec::new();
+    for (name, side) in [("left", &left), ("right", &right)] {
+        refuse_state_below(side, name)?;
+        let mut leaves: Vec<(String, Feed, Arc<dyn ExecutionPlan>)> = Vec::new();
+        side.apply(|n| {
+            if let Some(f) = n.downcast_ref::<FeedExec>() {
+                leaves.push((f.table().to_string(), f.feed().clone(), n.clone()));
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        let [(table, feed, leaf)] = leaves.as_slice() else {
+            return plan_err!(
+                "the {name} side of the join reads {} streams: a join takes one stream on each \
+                 side",
+                leaves.len()
+            );
+        };
+        let Some(time) = event_time(table) else {
+            return plan_err!(
+                "a join of two streams pairs events by time, and stream table {table} declares \
+                 no event-time column (OPTIONS ('event_time' '<column>'))"
+            );
+        };
+        let columns: Vec<usize> = (0..side.schema().fields().len())
+            .filter(|&i| {
+                trace(side, i).is_some_and(|(l, c)| {
+                    Arc::ptr_eq(&l, leaf) && l.schema().field(c).name() == &time
+                })
+            })
+            .collect();
+        if columns.is_empty() {
+            return plan_err!(
+                "the {name} side of the join does not pass on {table}.{time}, its event time; \
+                 the join's time bound compares the two streams' event times"
+            );
+        }
+        sides.push((side.clone(), feed.clone()));
+        tables.push(table.clone());
+        time_columns.push(columns);
+    }
+    let time_columns: [Vec<usize>; 2] = [time_columns[0].clone(), time_columns[1].clone()];
+    let Some((lo, hi)) = filter
+        .as_ref()
+        .and_then(|f| time_bound(f, &time_columns))
+    else {
+        return plan_err!(
+            "a join of two streams needs an event-time bound on both sides, or it would keep \
+             every event forever: add one to the ON clause, {BOUNDED_FORM}"
+        );
+    };
+    if lo > hi {
+        return plan_err!(
+            "the join's time bound admits no pair (the right event time must be at least \
+             {lo} ms and at most {hi} ms after the left's)"
+        );
+    }
+    let spec = JoinSpec {
+        join_type,
+        on,
+        filter,
+        projection,
+        nulls_equal,
+        lo,
+        hi,
+        time: [time_columns[0][0], time_columns[1][0]],
+        sides: [left.schema(), right.schema()],
+        schema: node.schema(),
+    };
+    let output = Feed::default();
+    let leaf: Arc<dyn ExecutionPlan> = Arc::new(FeedExec::new(
+        format!("{} ⋈ {}", tables[0], tables[1]),
+        output.clone(),
+        node.schema(),
+        None,
+    )?);
+    let mut sides = sides.into_iter();
+    let (Some(l), Some(r)) = (sides.next(), sides.next()) else {
+        return plan_err!("internal: a join without two sides");
+    };
+    let mut tables = tables.into_iter();
+    let (Some(lt), Some(rt)) = (tables.next(), tables.next()) else {
+        return plan_err!("internal: a join without two tables");
+    };
+    Ok(PlannedJoin {
+        spec,
+        sides: [l, r],
+        tables: [lt, rt],
+        time_columns,
+        node: node.clone(),
+        leaf,
+        output,
+    })
+}
+
+/// Refuses state below a join of streams: each side runs per micro-batch.
+fn refuse_state_below(side: &Arc<dyn ExecutionPlan>, name: &str) -> Result<()> {
+    let stateful = side.exists(|n| {
+        Ok(n.downcast_ref::<AggregateExec>().is_some()
+            || n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>().is_some()
+            || n.downcast_ref::<crate::state::lag::KeyedLagExec>().is_some()
+            || n.name().contains("Window"))
+    })?;
+    if stateful {
+        return plan_err!(
+            "the {name} side of the join of two streams aggregates or keeps state per key, \
+             which is not supported below a join yet: join the streams' events, and aggregate \
+             or detect over the joined rows"
+        );
+    }
+    Ok(())
+}
+
+/// The leaf that column `index` of `plan`'s rows comes from, with its index there: followed
+/// through projections, filters, lookup joins and nodes that pass rows on unchanged.
+pub(super) fn trace(plan: &Arc<dyn ExecutionPlan>, index: usize) -> Option<(Arc<dyn ExecutionPlan>, usize)> {
+    if plan.children().is_empty() {
+        return Some((plan.clone(), index));
+    }
+    if let Some(p) = plan.downcast_ref::<ProjectionExec>() {
+        let c = super::chain::time_column_of(&p.expr().get(index)?.expr)?;
+        return trace(p.input(), c.index());
+    }
+    if let Some(f) = plan.downcast_ref::<FilterExec>() {
+        let index = match f.projection() {
+            Some(p) => *p.get(index)?,
+            None => index,
+        };
+        return trace(f.input(), index);
+    }
+    if let Some(j) = plan.downcast_ref::<HashJoinExec>() {
+        let index = match &j.projection {
+            Some(p) => *p.get(index)?,
+            None => index,
+        };
+        let left = j.left().schema().fields().len();
+        return if index < left {
+            trace(j.left(), index)
+        } else {
+            trace(j.right(), index - left)
+        };
+    }
+    match plan.children().as_slice() {
+        [child] if child.schema().fields() == plan.schema().fields() => trace(child, index),
+        _ => None,
+    }
+}
+
+/// `[lo, hi]` such that the filter holds only when `right.ts - left.ts` lies within, in ms,
+/// from its conjuncts comparing the two sides' event times (each plus or minus a constant).
+fn time_bound(filter: &JoinFilter, time_columns: &[Vec<usize>; 2]) -> Option<(i64, i64)> {
+    let mut lo: Option<i64> = None;
+    let mut hi: Option<i64> = None;
+    for conjunct in split_conjunction(filter.expression()) {
+        let Some(b) = conjunct.downcast_ref::<BinaryExpr>() else {
+            continue;
+        };
+        let (Some((ls, lc)), Some((rs, rc))) = (
+            linear(b.left(), filter, time_columns),
+            linear(b.right(), filter, time_columns),
+        ) else {
+            continue;
+        };
+        if ls == rs {
+            continue;
+        }
+        // ts[ls] + lc  op  ts[rs] + rc, as a bound on d = ts[right] - ts[left].
+        let k = lc.checked_sub(rc)?;
+        // For `<`/`<=`: ts[rs] - ts[ls] >= k; for `>`/`>=`: ts[rs] - ts[ls] <= k.
+        let (lower, upper) = match b.op() {
+            Operator::Lt | Operator::LtEq => (Some(k), None),
+            Operator::Gt | Operator::GtEq => (None, Some(k)),
+            Operator::Eq => (Some(k), Some(k)),
+            _ => continue,
+        };
+        // When the right side is on the left of the comparison, d is the negation.
+        let (lower, upper) = if rs == 1 {
+            (lower, upper)
+        } else {
+            (upper.map(|u| -u), lower.map(|l| -l))
+        };
+        if let Some(l) = lower {
+            lo = Some(lo.map_or(l, |x| x.max(l)));
+        }
+        if let Some(u) = upper {
+            hi = Some(hi.map_or(u, |x| x.min(u)));
+        }
+    }
+    Some((lo?, hi?))
+}
+
+/// `expr` as (side, ms) meaning that side's event time plus ms; `None` when it is not one.
+fn linear(
+    expr: &Arc<dyn PhysicalExpr>,
+    filter: &JoinFilter,
+    time_columns: &[Vec<usize>; 2],
+) -> Option<(usize, i64)> {
+    if let Some(c) = expr.downcast_ref::<Column>() {
+        let index = filter.column_indices().get(c.index())?;
+        let side = match index.side {
+            JoinSide::Left => 0,
+            JoinSide::Right => 1,
+            JoinSide::None => return None,
+        };
+        return time_columns[side]
+            .contains(&index.index)
+            .then_some((side, 0));
+    }
+    if let Some(c) = expr.downcast_ref::<CastExpr>() {
+        return linear(c.expr(), filter, time_columns);
+    }
+    if let Some(c) = expr.downcast_ref::<TryCastExpr>() {
+        return linear(c.expr(), filter, time_columns);
+    }
+    let b = expr.downcast_ref::<BinaryExpr>()?;
+    match b.op() {
+        Operator::Plus => match (linear(b.left(), filter, time_columns), constant_ms(b.right())) {
+            (Some((s, c)), Some(k)) => Some((s, c.checked_add(k)?)),
+            _ => {
+                let (s, c) = linear(b.right(), filter, time_columns)?;
+                Some((s, c.checked_add(constant_ms(b.left())?)?))
+            }
+        },
+        Operator::Minus => {
+            let (s, c) = linear(b.left(), filter, time_columns)?;
+            Some((s, c.checked_sub(constant_ms(b.right())?)?))
+        }
+        _ => None,
+    }
+}
+
+/// A constant interval or duration in ms; `None` for months (of no fixed length) and
+/// anything else.
+fn constant_ms(expr: &Arc<dyn PhysicalExpr>) -> Option<i64> {
+    let expr = expr
+        .downcast_ref::<CastExpr>()
+        .map_or(expr, |c| c.expr());
+    let l = expr.downcast_ref::<Literal>()?;
+    match l.value() {
+        ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => {
+            Some(i64::from(v.days) * 86_400_000 + v.nanoseconds / 1_000_000)
+        }
+        ScalarValue::IntervalDayTime(Some(v)) => {
+            Some(i64::from(v.days) * 86_400_000 + i64::from(v.milliseconds))
+        }
+        ScalarValue::DurationSecond(Some(v)) => v.checked_mul(1000),
+        ScalarValue::DurationMillisecond(Some(v)) => Some(*v),
+        ScalarValue::DurationMicrosecond(Some(v)) => Some(v / 1000),
+        ScalarValue::DurationNanosecond(Some(v)) => Some(v / 1_000_000),
+        _ => None,
+    }
+}
+
+/// A stream–stream join as a query runs it: its state, each side's plan and the right
+/// stream's own watermark (when the two sides read different streams).
+pub(super) struct JoinInput {
+    pub state: IntervalJoin,
+    pub sides: [(Arc<dyn ExecutionPlan>, Feed); 2],
+    pub tables: [String; 2],
+    /// The right side's stream, when it is not the left's.
+    pub right: Option<Arc<StreamTable>>,
+    pub right_watermarks: WatermarkTracker,
+    /// Offsets of the right stream held for open windows, by window end.
+    pub held_right: BTreeMap<i64, HashMap<i32, i64>>,
+    /// The side whose event time the windows above use.
+    pub window_side: Option<usize>,
+}
+
+impl JoinInput {
+    /// The running form of `planned`; `right` is the right side's stream when it is not the
+    /// left's, `window_side` the side whose event time the windows above use.
+    pub fn new(
+        planned: PlannedJoin,
+        right: Option<Arc<StreamTable>>,
+        window_side: Option<usize>,
+    ) -> Result<Self> {
+        let right_watermarks = match &right {
+            Some(r) => WatermarkTracker::new(r.options.watermark_delay, r.options.idle_timeout),
+            None => WatermarkTracker::new(Default::default(), Default::default()),
+        };
+        Ok(Self {
+            state: IntervalJoin::new(planned.spec)?,
+            sides: planned.sides,
+            tables: planned.tables,
+            right,
+            right_watermarks,
+            held_right: BTreeMap::new(),
+            window_side,
+        })
+    }
+
+    /// Rows of a joined pair's time on `side` are at most this far from either event.
+    pub fn reach(&self) -> i64 {
+        let spec = self.state.spec();
+        spec.lo.saturating_abs().max(spec.hi.saturating_abs())
+    }
+
+    /// The watermark of the join's output, from the sides' input watermarks: no row to come
+    /// has an event time (on the window's side; on both without windows) below it.
+    pub fn output_watermark(&self, watermarks: [Option<i64>; 2]) -> Option<i64> {
+        let spec = self.state.spec();
+        let [Some(l), Some(r)] = watermarks else {
+            return None;
+        };
+        // New pairs come from new left rows (at or after l) or new right rows meeting buffered
+        // left rows (at or after r - hi); and symmetrically for the right's time.
+        let left = l.min(r.saturating_sub(spec.hi));
+        let right = r.min(l.saturating_add(spec.lo));
+        Some(match self.window_side {
+            Some(0) => left,
+            Some(_) => right,
+            None => left.min(right),
+        })
+    }
+
+    /// Which side's event time column `index` of the join's output is.
+    pub fn side_of_output(planned: &PlannedJoin, index: usize) -> Option<usize> {
+        let index = match &planned.spec.projection {
+            Some(p) => *p.get(index)?,
+            None => index,
+        };
+        let left = planned.spec.sides[0].fields().len();
+        let (side, i) = if index < left { (0, index) } else { (1, index - left) };
+        planned.time_columns[side].contains(&i).then_some(side)
+    }
+}

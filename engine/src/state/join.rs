@@ -1,0 +1,544 @@
+//! Stream–stream joins bounded in event time:
+//! `a JOIN b ON a.k = b.k AND b.ts BETWEEN a.ts - INTERVAL … AND a.ts + INTERVAL …`.
+//!
+//! Each side keeps the rows it has seen (after its stateless plan: filters, projections,
+//! lookups) in a buffer indexed by the join key. A row arriving on one side is joined with the
+//! buffered rows of the other, then buffered itself; so each pair of rows is produced once,
+//! when the later of the two arrives, whichever order the sides deliver in. The join's
+//! condition (the time bound and any other predicate) is DataFusion's own [`JoinFilter`],
+//! evaluated on the candidate pairs.
+//!
+//! With `right.ts - left.ts` bounded to `[lo, hi]`, a left row at `t` can meet no right row
+//! to come once the right side's watermark passes `t + hi` (rows older than a watermark are
+//! late and never reach the join); it is then evicted, and, when its side is kept whole (the
+//! left of a `LEFT JOIN`), emitted with nulls if it met nothing. Likewise a right row at `t`
+//! once the left watermark passes `t - lo`. So the state holds each side's rows for the span
+//! of the bound plus the watermark delay, and no longer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array, new_null_array,
+};
+use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::{JoinSide, JoinType, Result, plan_err};
+use datafusion::physical_expr::PhysicalExprRef;
+use datafusion::physical_plan::joins::utils::JoinFilter;
+
+use crate::checkpoint::{StateSnapshot, column, typed};
+
+/// What the planner found in the join node.
+#[derive(Debug, Clone)]
+pub struct JoinSpec {
+    /// Inner, left, right or full.
+    pub join_type: JoinType,
+    /// Equi-join keys: (left expression, right expression), over the sides' rows.
+    pub on: Vec<(PhysicalExprRef, PhysicalExprRef)>,
+    /// The rest of the condition (the time bound among it), over pairs of rows.
+    pub filter: Option<JoinFilter>,
+    /// Columns of (left ++ right) the join outputs, when not all.
+    pub projection: Option<Vec<usize>>,
+    /// Whether null keys equal each other (`IS NOT DISTINCT FROM`).
+    pub nulls_equal: bool,
+    /// `right.ts - left.ts` lies in `[lo, hi]` (ms) for every pair the condition accepts.
+    pub lo: i64,
+    /// See `lo`.
+    pub hi: i64,
+    /// Per side, the event-time column in the side's rows.
+    pub time: [usize; 2],
+    /// Per side, the schema of its rows.
+    pub sides: [SchemaRef; 2],
+    /// The join's output.
+    pub schema: SchemaRef,
+}
+
+/// A buffered run of one side's rows.
+#[derive(Debug)]
+struct Chunk {
+    batch: RecordBatch,
+    times: Vec<i64>,
+    alive: Vec<bool>,
+    matched: Vec<bool>,
+    live: usize,
+    /// The earliest event time among live rows.
+    min_live: i64,
+    /// Per input partition, the smallest offset of the rows (while any is live).
+    offsets: HashMap<i32, i64>,
+}
+
+/// One side's rows, indexed by key.
+#[derive(Debug, Default)]
+struct Buffer {
+    chunks: BTreeMap<u64, Chunk>,
+    next: u64,
+    index: HashMap<Box<[u8]>, Vec<(u64, u32)>>,
+    live: usize,
+    /// Index entries of rows no longer live (dropped on the next rebuild).
+    stale: usize,
+    bytes: usize,
+}
+
+/// The state of a stream–stream join; see the module doc.
+#[derive(Debug)]
+pub struct IntervalJoin {
+    spec: JoinSpec,
+    converter: RowConverter,
+    buffers: [Buffer; 2],
+}
+
+/// Event times of `column` in milliseconds.
+fn times_of(column: &ArrayRef) -> Result<Vec<i64>> {
+    let ms = cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+    let ms = ms.as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>();
+    Ok((0..ms.len())
+        .map(|i| if ms.is_valid(i) { ms.value(i) } else { i64::MIN })
+        .collect())
+}
+
+impl IntervalJoin {
+    /// An empty join of `spec`.
+    pub fn new(spec: JoinSpec) -> Result<Self> {
+        let fields = spec
+            .on
+            .iter()
+            .map(|(l, _)| Ok(SortField::new(l.data_type(&spec.sides[0])?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            converter: RowConverter::new(fields)?,
+            spec,
+            buffers: Default::default(),
+        })
+    }
+
+    /// The join's description.
+    pub fn spec(&self) -> &JoinSpec {
+        &self.spec
+    }
+
+    /// Each row's key in the index; `None` for a row whose key holds a null, which equals
+    /// nothing (unless nulls are equal).
+    fn keys(&self, side: usize, batch: &RecordBatch) -> Result<Vec<Option<Box<[u8]>>>> {
+        let arrays = self
+            .spec
+            .on
+            .iter()
+            .map(|(l, r)| {
+                let e = if side == 0 { l } else { r };
+                let a = e.evaluate(batch)?.into_array(batch.num_rows())?;
+                let want = l.data_type(&self.spec.sides[0])?;
+                Ok(if a.data_type() == &want { a } else { cast(&a, &want)? })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rows = self.converter.convert_columns(&arrays)?;
+        Ok((0..batch.num_rows())
+            .map(|i| {
+                let null = arrays.iter().any(|a| a.is_null(i));
+                (self.spec.nulls_equal || !null).then(|| rows.row(i).as_ref().into())
+            })
+            .collect())
+    }
+
+    /// Joins `rows`, just arrived on `side` (0 left, 1 right; not late), with the other
+    /// side's buffered rows, then buffers them; returns the pairs in the join's output
+    /// schema. `offsets` are the rows' smallest input offset per partition, held until the
+    /// rows leave the state.
+    pub fn arrive(
+        &mut self,
+        side: usize,
+        rows: RecordBatch,
+        offsets: HashMap<i32, i64>,
+    ) -> Result<Option<RecordBatch>> {
+        if rows.num_rows() == 0 {
+            return Ok(None);
+        }
+        let times = times_of(rows.column(self.spec.time[side]))?;
+        let keys = self.keys(side, &rows)?;
+        let other = 1 - side;
+        // Candidate pairs: same key, and the time difference within the bound.
+        let (lo, hi) = (self.spec.lo, self.spec.hi);
+        let mut mine: Vec<u32> = Vec::new();
+        let mut theirs: Vec<(u64, u32)> = Vec::new();
+        {
+            let buffer = &self.buffers[other];
+            for (i, key) in keys.iter().enumerate() {
+                let Some(key) = key else { continue };
+                let Some(entries) = buffer.index.get(key) else {
+                    continue;
+                };
+                for &(id, r) in entries {
+                    let Some(chunk) = buffer.chunks.get(&id) else {
+                        continue;
+                    };
+                    if !chunk.alive[r as usize] {
+                        continue;
+                    }
+                    let t = chunk.times[r as usize];
+                    let d = if side == 0 {
+                        t.saturating_sub(times[i])
+                    } else {
+                        times[i].saturating_sub(t)
+                    };
+                    if d >= lo && d <= hi {
+                        mine.push(i as u32);
+                        theirs.push((id, r));
+                    }
+                }
+            }
+        }
+        let mut matched = vec![false; rows.num_rows()];
+        let output = if mine.is_empty() {
+            None
+        } else {
+            let mine_rows = take_rows(&rows, &mine)?;
+            let theirs_rows = self.gather(other, &theirs)?;
+            let (left, right) = if side == 0 {
+                (mine_rows, theirs_rows)
+            } else {
+                (theirs_rows, mine_rows)
+            };
+            let keep = self.condition(&left, &right)?;
+            for (p, &i) in mine.iter().enumerate() {
+                if keep.as_ref().is_none_or(|k| k.value(p)) {
+                    matched[i as usize] = true;
+                    let (id, r) = theirs[p];
+                    if let Some(chunk) = self.buffers[other].chunks.get_mut(&id) {
+                        chunk.matched[r as usize] = true;
+                    }
+                }
+            }
+            let (left, right) = match &keep {
+                Some(k) => (filter_record_batch(&left, k)?, filter_record_batch(&right, k)?),
+                None => (left, right),
+            };
+            Some(self.assemble(Some(&left), Some(&right), left.num_rows())?)
+        };
+        self.buffer(side, rows, times, keys, matched, offsets);
+        Ok(output.filter(|b| b.num_rows() > 0))
+    }
+
+    /// Whether each pair of `left` and `right` (row i with row i) meets the filter; `None`
+    /// when the join has none.
+    fn condition(&self, left: &RecordBatch, right: &RecordBatch) -> Result<Option<BooleanArray>> {
+        let Some(filter) = &self.spec.filter else {
+            return Ok(None);
+        };
+        let columns = filter
+            .column_indices()
+            .iter()
+            .map(|c| match c.side {
+                JoinSide::Left => Ok(left.column(c.index).clone()),
+                JoinSide::Right => Ok(right.column(c.index).clone()),
+                JoinSide::None => plan_err!("a mark column in a stream join's filter"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let batch = RecordBatch::try_new(filter.schema().clone(), columns)?;
+        let result = filter
+            .expression()
+            .evaluate(&batch)?
+            .into_array(batch.num_rows())?;
+        let result = result.as_boolean();
+        // A null condition is not a match.
+        Ok(Some(match result.nulls() {
+            Some(_) => result.iter().map(|v| Some(v == Some(true))).collect(),
+            None => result.clone(),
+        }))
+    }
+
+    /// The buffered rows `at` of `side`, in one batch.
+    fn gather(&self, side: usize, at: &[(u64, u32)]) -> Result<RecordBatch> {
+        let buffer = &self.buffers[side];
+        let mut ids: Vec<u64> = at.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let position: HashMap<u64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let batches: Vec<&RecordBatch> = ids
+            .iter()
+            .filter_map(|id| buffer.chunks.get(id).map(|c| &c.batch))
+            .collect();
+        let indices: Vec<(usize, usize)> = at
+            .iter()
+            .map(|(id, r)| (position[id], *r as usize))
+            .collect();
+        Ok(datafusion::arrow::compute::interleave_record_batch(
+            &batches, &indices,
+        )?)
+    }
+
+    /// Rows of the output schema from `left` and `right` (`None`: nulls), `n` rows.
+    fn assemble(
+        &self,
+        left: Option<&RecordBatch>,
+        right: Option<&RecordBatch>,
+        n: usize,
+    ) -> Result<RecordBatch> {
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        for (side, batch) in [left, right].into_iter().enumerate() {
+            for (c, field) in self.spec.sides[side].fields().iter().enumerate() {
+                columns.push(match batch {
+                    Some(b) => b.column(c).clone(),
+                    None => new_null_array(field.data_type(), n),
+                });
+            }
+        }
+        let columns = match &self.spec.projection {
+            Some(p) => p.iter().map(|&i| columns[i].clone()).collect(),
+            None => columns,
+        };
+        // Columns keep the types of the join's output; nullability follows the output's.
+        let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
+        Ok(RecordBatch::try_new_with_options(
+            self.spec.schema.clone(),
+            columns,
+            &options,
+        )?)
+    }
+
+    fn buffer(
+        &mut self,
+        side: usize,
+        batch: RecordBatch,
+        times: Vec<i64>,
+        keys: Vec<Option<Box<[u8]>>>,
+        matched: Vec<bool>,
+        offsets: HashMap<i32, i64>,
+    ) {
+        let buffer = &mut self.buffers[side];
+        let id = buffer.next;
+        buffer.next += 1;
+        for (r, key) in keys.into_iter().enumerate() {
+            if let Some(key) = key {
+                buffer.index.entry(key).or_default().push((id, r as u32));
+            }
+        }
+        let n = batch.num_rows();
+        buffer.live += n;
+        buffer.bytes += batch.get_array_memory_size() + n * 24;
+        buffer.chunks.insert(
+            id,
+            Chunk {
+                min_live: times.iter().copied().min().unwrap_or(i64::MAX),
+                batch,
+                times,
+                alive: vec![true; n],
+                matched,
+                live: n,
+                offsets,
+            },
+        );
+    }
+
+    /// Evicts the rows no row to come can meet, given the sides' input watermarks (rows
+    /// older than its watermark never reach a side); returns the unmatched rows of a side the
+    /// join keeps whole, padded with nulls.
+    pub fn evict(&mut self, watermarks: [Option<i64>; 2]) -> Result<Vec<RecordBatch>> {
+        let mut out = Vec::new();
+        for side in 0..2 {
+            // A left row at t meets right rows up to t + hi; a right row at t meets left
+            // rows from t - lo.
+            let Some(other) = watermarks[1 - side] else {
+                continue;
+            };
+            let cutoff = if side == 0 {
+                other.saturating_sub(self.spec.hi)
+            } else {
+                other.saturating_add(self.spec.lo)
+            };
+            let preserved = match self.spec.join_type {
+                JoinType::Full => true,
+                JoinType::Left => side == 0,
+                JoinType::Right => side == 1,
+                _ => false,
+            };
+            let mut unmatched: Vec<(u64, u32)> = Vec::new();
+            let buffer = &mut self.buffers[side];
+            let mut emptied = Vec::new();
+            for (id, chunk) in buffer.chunks.iter_mut() {
+                if chunk.min_live >= cutoff {
+                    continue;
+                }
+                let mut min_live = i64::MAX;
+                for r in 0..chunk.times.len() {
+                    if !chunk.alive[r] {
+                        continue;
+                    }
+                    if chunk.times[r] < cutoff {
+                        chunk.alive[r] = false;
+                        chunk.live -= 1;
+                        buffer.live -= 1;
+                        buffer.stale += 1;
+                        if preserved && !chunk.matched[r] {
+                            unmatched.push((*id, r as u32));
+                        }
+                    } else {
+                        min_live = min_live.min(chunk.times[r]);
+                    }
+                }
+                chunk.min_live = min_live;
+                if chunk.live == 0 {
+                    emptied.push(*id);
+                }
+            }
+            if !unmatched.is_empty() {
+                let rows = self.gather(side, &unmatched)?;
+                let n = rows.num_rows();
+                out.push(if side == 0 {
+                    self.assemble(Some(&rows), None, n)?
+                } else {
+                    self.assemble(None, Some(&rows), n)?
+                });
+            }
+            let buffer = &mut self.buffers[side];
+            for id in emptied {
+                if let Some(c) = buffer.chunks.remove(&id) {
+                    buffer.bytes = buffer
+                        .bytes
+                        .saturating_sub(c.batch.get_array_memory_size() + c.times.len() * 24);
+                }
+            }
+            if buffer.stale > 1024 && buffer.stale > buffer.live {
+                self.reindex(side)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds `side`'s index from its live rows.
+    fn reindex(&mut self, side: usize) -> Result<()> {
+        let chunks = std::mem::take(&mut self.buffers[side].chunks);
+        let mut index: HashMap<Box<[u8]>, Vec<(u64, u32)>> = HashMap::new();
+        let built = chunks.iter().try_for_each(|(id, chunk)| {
+            for (r, key) in self.keys(side, &chunk.batch)?.into_iter().enumerate() {
+                if let Some(key) = key
+                    && chunk.alive[r]
+                {
+                    index.entry(key).or_default().push((*id, r as u32));
+                }
+            }
+            Ok::<_, datafusion::common::DataFusionError>(())
+        });
+        let buffer = &mut self.buffers[side];
+        buffer.chunks = chunks;
+        built?;
+        buffer.index = index;
+        buffer.stale = 0;
+        Ok(())
+    }
+
+    /// Rows buffered, both sides.
+    pub fn rows(&self) -> usize {
+        self.buffers.iter().map(|b| b.live).sum()
+    }
+
+    /// Bytes buffered, both sides, with the index.
+    pub fn bytes(&self) -> usize {
+        self.buffers
+            .iter()
+            .map(|b| b.bytes + b.index.len() * 48 + (b.live + b.stale) * 12)
+            .sum()
+    }
+
+    /// Per input partition, the smallest offset of a row `side` still holds.
+    pub fn held_offsets(&self, side: usize, out: &mut HashMap<i32, i64>) {
+        for chunk in self.buffers[side].chunks.values() {
+            for (&p, &o) in &chunk.offsets {
+                out.entry(p).and_modify(|m| *m = (*m).min(o)).or_insert(o);
+            }
+        }
+    }
+
+    /// The state for a checkpoint: per side, table `side<i>` of its live rows with a
+    /// `__matched` column.
+    pub fn snapshot(&self) -> crate::Result<StateSnapshot> {
+        let mut out = StateSnapshot {
+            meta: serde_json::json!({ "sides": 2 }),
+            tables: Default::default(),
+        };
+        for side in 0..2 {
+            let buffer = &self.buffers[side];
+            let mut batches = Vec::new();
+            let mut matched = Vec::new();
+            for chunk in buffer.chunks.values() {
+                let live: BooleanArray = chunk.alive.iter().map(|a| Some(*a)).collect();
+                batches.push(filter_record_batch(&chunk.batch, &live)?);
+                matched.extend(
+                    chunk
+                        .alive
+                        .iter()
+                        .zip(&chunk.matched)
+                        .filter(|(a, _)| **a)
+                        .map(|(_, m)| *m),
+                );
+            }
+            if batches.is_empty() {
+                continue;
+            }
+            let rows = concat_batches(&self.spec.sides[side], &batches)?;
+            let mut columns: Vec<(String, ArrayRef)> = rows
+                .schema()
+                .fields()
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (format!("c{i}_{}", f.name()), rows.column(i).clone()))
+                .collect();
+            columns.push((
+                "__matched".into(),
+                Arc::new(BooleanArray::from(matched)) as ArrayRef,
+            ));
+            out.tables
+                .insert(format!("side{side}"), crate::checkpoint::table(columns)?);
+        }
+        Ok(out)
+    }
+
+    /// Replaces the state with an [`IntervalJoin::snapshot`] of the same join.
+    pub fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()> {
+        self.buffers = Default::default();
+        for side in 0..2 {
+            let Some(t) = snapshot.tables.get(&format!("side{side}")) else {
+                continue;
+            };
+            let schema = self.spec.sides[side].clone();
+            if t.num_columns() != schema.fields().len() + 1 {
+                return Err(crate::Error::Checkpoint(format!(
+                    "the join state of side {side} has {} columns, the query's side {}",
+                    t.num_columns() - 1,
+                    schema.fields().len()
+                )));
+            }
+            let columns = (0..schema.fields().len())
+                .map(|i| {
+                    let c = t.column(i);
+                    let want = schema.field(i).data_type();
+                    Ok(if c.data_type() == want { c.clone() } else { cast(c, want)? })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let rows = RecordBatch::try_new(schema, columns)?;
+            let matched = typed::<BooleanArray>(column(t, "__matched")?, "__matched")?;
+            let matched: Vec<bool> = matched.iter().map(|m| m == Some(true)).collect();
+            let times = times_of(rows.column(self.spec.time[side]))?;
+            let keys = self.keys(side, &rows)?;
+            self.buffer(side, rows, times, keys, matched, HashMap::new());
+        }
+        Ok(())
+    }
+}
+
+/// Rows `at` of `batch`.
+fn take_rows(batch: &RecordBatch, at: &[u32]) -> Result<RecordBatch> {
+    let indices = UInt32Array::from(at.to_vec());
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| take(c.as_ref(), &indices, None))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let options =
+        datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(at.len()));
+    Ok(RecordBatch::try_new_with_options(
+        batch.schema(),
+        columns,
+        &options,
+    )?)
+}
