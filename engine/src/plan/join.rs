@@ -148,8 +148,9 @@ pub(super) fn plan_join(
             .collect();
         if columns.is_empty() {
             return plan_err!(
-                "the {name} side of the join does not pass on {table}.{time}, its event time; \
-                 the join's time bound compares the two streams' event times"
+                "a join of two streams needs an event-time bound on both sides, or it would keep \
+                 every event forever: add one to the ON clause comparing {table}.{time} with the \
+                 other stream's event time, {BOUNDED_FORM}"
             );
         }
         sides.push((side.clone(), feed.clone()));
