@@ -70,42 +70,43 @@ pub(super) fn plan_join(
     node: &Arc<dyn ExecutionPlan>,
     event_time: &dyn Fn(&str) -> Option<String>,
 ) -> Result<PlannedJoin> {
-    let (left, right, on, filter, join_type, projection, nulls_equal) =
-        if let Some(j) = node.downcast_ref::<HashJoinExec>() {
-            (
-                j.left().clone(),
-                j.right().clone(),
-                j.on().to_vec(),
-                j.filter().cloned(),
-                *j.join_type(),
-                j.projection.as_ref().map(|p| p.to_vec()),
-                j.null_equality() == NullEquality::NullEqualsNull,
-            )
-        } else if let Some(j) = node.downcast_ref::<NestedLoopJoinExec>() {
-            (
-                j.left().clone(),
-                j.right().clone(),
-                Vec::new(),
-                j.filter().cloned(),
-                *j.join_type(),
-                j.projection().as_ref().map(|p| p.to_vec()),
-                false,
-            )
-        } else if node.downcast_ref::<CrossJoinExec>().is_some() {
-            return plan_err!(
-                "a join of two streams needs an event-time bound, or it would keep every event \
+    let (left, right, on, filter, join_type, projection, nulls_equal) = if let Some(j) =
+        node.downcast_ref::<HashJoinExec>()
+    {
+        (
+            j.left().clone(),
+            j.right().clone(),
+            j.on().to_vec(),
+            j.filter().cloned(),
+            *j.join_type(),
+            j.projection.as_ref().map(|p| p.to_vec()),
+            j.null_equality() == NullEquality::NullEqualsNull,
+        )
+    } else if let Some(j) = node.downcast_ref::<NestedLoopJoinExec>() {
+        (
+            j.left().clone(),
+            j.right().clone(),
+            Vec::new(),
+            j.filter().cloned(),
+            *j.join_type(),
+            j.projection().as_ref().map(|p| p.to_vec()),
+            false,
+        )
+    } else if node.downcast_ref::<CrossJoinExec>().is_some() {
+        return plan_err!(
+            "a join of two streams needs an event-time bound, or it would keep every event \
                  of both forever: write {BOUNDED_FORM}"
-            );
-        } else if node.downcast_ref::<UnionExec>().is_some() {
-            return plan_err!("internal: a union is not a join");
-        } else {
-            return plan_err!(
-                "{} over two streams is not supported: join them with a time bound ({BOUNDED_FORM}) \
+        );
+    } else if node.downcast_ref::<UnionExec>().is_some() {
+        return plan_err!("internal: a union is not a join");
+    } else {
+        return plan_err!(
+            "{} over two streams is not supported: join them with a time bound ({BOUNDED_FORM}) \
                  or union them (SELECT … FROM a UNION ALL SELECT … FROM b)",
-                node.name()
-            );
-        };
-        if !matches!(
+            node.name()
+        );
+    };
+    if !matches!(
         join_type,
         JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full
     ) {
@@ -158,10 +159,7 @@ pub(super) fn plan_join(
         time_columns.push(columns);
     }
     let time_columns: [Vec<usize>; 2] = [time_columns[0].clone(), time_columns[1].clone()];
-    let Some((lo, hi)) = filter
-        .as_ref()
-        .and_then(|f| time_bound(f, &time_columns))
-    else {
+    let Some((lo, hi)) = filter.as_ref().and_then(|f| time_bound(f, &time_columns)) else {
         return plan_err!(
             "a join of two streams needs an event-time bound on both sides, or it would keep \
              every event forever: add one to the ON clause, {BOUNDED_FORM}"
@@ -215,8 +213,10 @@ pub(super) fn plan_join(
 fn refuse_state_below(side: &Arc<dyn ExecutionPlan>, name: &str) -> Result<()> {
     let stateful = side.exists(|n| {
         Ok(n.downcast_ref::<AggregateExec>().is_some()
-            || n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>().is_some()
-            || n.downcast_ref::<crate::state::lag::KeyedLagExec>().is_some()
+            || n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
+                .is_some()
+            || n.downcast_ref::<crate::state::lag::KeyedLagExec>()
+                .is_some()
             || n.name().contains("Window"))
     })?;
     if stateful {
@@ -231,7 +231,10 @@ fn refuse_state_below(side: &Arc<dyn ExecutionPlan>, name: &str) -> Result<()> {
 
 /// The leaf that column `index` of `plan`'s rows comes from, with its index there: followed
 /// through projections, filters, lookup joins and nodes that pass rows on unchanged.
-pub(super) fn trace(plan: &Arc<dyn ExecutionPlan>, index: usize) -> Option<(Arc<dyn ExecutionPlan>, usize)> {
+pub(super) fn trace(
+    plan: &Arc<dyn ExecutionPlan>,
+    index: usize,
+) -> Option<(Arc<dyn ExecutionPlan>, usize)> {
     if plan.children().is_empty() {
         return Some((plan.clone(), index));
     }
@@ -332,7 +335,10 @@ fn linear(
     }
     let b = expr.downcast_ref::<BinaryExpr>()?;
     match b.op() {
-        Operator::Plus => match (linear(b.left(), filter, time_columns), constant_ms(b.right())) {
+        Operator::Plus => match (
+            linear(b.left(), filter, time_columns),
+            constant_ms(b.right()),
+        ) {
             (Some((s, c)), Some(k)) => Some((s, c.checked_add(k)?)),
             _ => {
                 let (s, c) = linear(b.right(), filter, time_columns)?;
@@ -350,9 +356,7 @@ fn linear(
 /// A constant interval or duration in ms; `None` for months (of no fixed length) and
 /// anything else.
 fn constant_ms(expr: &Arc<dyn PhysicalExpr>) -> Option<i64> {
-    let expr = expr
-        .downcast_ref::<CastExpr>()
-        .map_or(expr, |c| c.expr());
+    let expr = expr.downcast_ref::<CastExpr>().map_or(expr, |c| c.expr());
     let l = expr.downcast_ref::<Literal>()?;
     match l.value() {
         ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => {
@@ -438,7 +442,11 @@ impl JoinInput {
             None => index,
         };
         let left = planned.spec.sides[0].fields().len();
-        let (side, i) = if index < left { (0, index) } else { (1, index - left) };
+        let (side, i) = if index < left {
+            (0, index)
+        } else {
+            (1, index - left)
+        };
         planned.time_columns[side].contains(&i).then_some(side)
     }
 }

@@ -13,8 +13,8 @@
 //! `schemas/reference/`); [`DEFAULT_QUERIES`] are the queries of `queries/`.
 
 mod chain;
-mod join;
 pub mod feed;
+mod join;
 pub mod repartition;
 pub mod rewrite;
 pub mod sandbox;

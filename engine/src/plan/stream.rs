@@ -456,10 +456,11 @@ impl StreamContext {
                      STORED AS KAFKA), e.g. INSERT INTO <sink> SELECT … FROM camera_events"
                 );
             }
-            [_, _] if super::join::two_stream_node(&physical).is_some_and(|n| {
-                n.downcast_ref::<datafusion::physical_plan::union::UnionExec>()
-                    .is_none()
-            }) =>
+            [_, _]
+                if super::join::two_stream_node(&physical).is_some_and(|n| {
+                    n.downcast_ref::<datafusion::physical_plan::union::UnionExec>()
+                        .is_none()
+                }) =>
             {
                 let mut times = HashMap::new();
                 for (t, _) in &feeds {
@@ -470,8 +471,7 @@ impl StreamContext {
                 let Some(node) = super::join::two_stream_node(&physical) else {
                     return plan_err!("internal: the join of two streams went missing");
                 };
-                let planned =
-                    super::join::plan_join(&node, &|t| times.get(t).cloned().flatten())?;
+                let planned = super::join::plan_join(&node, &|t| times.get(t).cloned().flatten())?;
                 physical = physical
                     .transform_down(|n| {
                         if Arc::ptr_eq(&n, &planned.node) {
@@ -1661,13 +1661,17 @@ impl StreamQuery {
     /// (open windows, rows a join holds).
     pub fn held_offsets_of(&self, topic: &str) -> HashMap<i32, i64> {
         let mut out = HashMap::new();
-        let merge = |out: &mut HashMap<i32, i64>, held: &std::collections::BTreeMap<i64, HashMap<i32, i64>>| {
-            for partitions in held.values() {
-                for (&p, &o) in partitions {
-                    out.entry(p).and_modify(|m: &mut i64| *m = (*m).min(o)).or_insert(o);
+        let merge =
+            |out: &mut HashMap<i32, i64>,
+             held: &std::collections::BTreeMap<i64, HashMap<i32, i64>>| {
+                for partitions in held.values() {
+                    for (&p, &o) in partitions {
+                        out.entry(p)
+                            .and_modify(|m: &mut i64| *m = (*m).min(o))
+                            .or_insert(o);
+                    }
                 }
-            }
-        };
+            };
         if self.source.options.topic == topic {
             merge(&mut out, &self.held);
             if let Some(j) = &self.join {
@@ -2013,7 +2017,15 @@ impl StreamQuery {
                 expected
             );
         }
-        let (kept, holds) = self.admit_join(&input, left, batch, partitions, offsets, now_ms, &mut out.diverted)?;
+        let (kept, holds) = self.admit_join(
+            &input,
+            left,
+            batch,
+            partitions,
+            offsets,
+            now_ms,
+            &mut out.diverted,
+        )?;
         let mut pairs = Vec::new();
         if let Some(join) = &mut self.join {
             for side in 0..2 {
@@ -2104,8 +2116,7 @@ impl StreamQuery {
         } else {
             (&mut join.right_watermarks, &mut join.held_right)
         };
-        let future_limit =
-            now_ms.saturating_add(input.options.future_tolerance.as_millis() as i64);
+        let future_limit = now_ms.saturating_add(input.options.future_tolerance.as_millis() as i64);
         let watermark = tracker.current();
         let mut keep = Vec::with_capacity(batch.num_rows());
         let mut max_by_partition: HashMap<i32, i64> = HashMap::new();
@@ -2141,7 +2152,11 @@ impl StreamQuery {
                     .or_insert(offset);
                 // Its pairs fall in windows up to the last one of a time `reach` later.
                 if let Some(w) = &self.windowed {
-                    hold(held, (w.last_window_end(t.saturating_add(reach)), p), offset);
+                    hold(
+                        held,
+                        (w.last_window_end(t.saturating_add(reach)), p),
+                        offset,
+                    );
                 }
             }
             keep.push(true);

@@ -94,7 +94,13 @@ fn times_of(column: &ArrayRef) -> Result<Vec<i64>> {
     let ms = cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
     let ms = ms.as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>();
     Ok((0..ms.len())
-        .map(|i| if ms.is_valid(i) { ms.value(i) } else { i64::MIN })
+        .map(|i| {
+            if ms.is_valid(i) {
+                ms.value(i)
+            } else {
+                i64::MIN
+            }
+        })
         .collect())
 }
 
@@ -129,7 +135,11 @@ impl IntervalJoin {
                 let e = if side == 0 { l } else { r };
                 let a = e.evaluate(batch)?.into_array(batch.num_rows())?;
                 let want = l.data_type(&self.spec.sides[0])?;
-                Ok(if a.data_type() == &want { a } else { cast(&a, &want)? })
+                Ok(if a.data_type() == &want {
+                    a
+                } else {
+                    cast(&a, &want)?
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let rows = self.converter.convert_columns(&arrays)?;
@@ -210,7 +220,10 @@ impl IntervalJoin {
                 }
             }
             let (left, right) = match &keep {
-                Some(k) => (filter_record_batch(&left, k)?, filter_record_batch(&right, k)?),
+                Some(k) => (
+                    filter_record_batch(&left, k)?,
+                    filter_record_batch(&right, k)?,
+                ),
                 None => (left, right),
             };
             Some(self.assemble(Some(&left), Some(&right), left.num_rows())?)
@@ -253,7 +266,8 @@ impl IntervalJoin {
         let mut ids: Vec<u64> = at.iter().map(|(id, _)| *id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let position: HashMap<u64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let position: HashMap<u64, usize> =
+            ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         let batches: Vec<&RecordBatch> = ids
             .iter()
             .filter_map(|id| buffer.chunks.get(id).map(|c| &c.batch))
@@ -512,7 +526,11 @@ impl IntervalJoin {
                 .map(|i| {
                     let c = t.column(i);
                     let want = schema.field(i).data_type();
-                    Ok(if c.data_type() == want { c.clone() } else { cast(c, want)? })
+                    Ok(if c.data_type() == want {
+                        c.clone()
+                    } else {
+                        cast(c, want)?
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             let rows = RecordBatch::try_new(schema, columns)?;

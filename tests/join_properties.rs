@@ -1,0 +1,396 @@
+//! Stream–stream joins against batch joins, over what the world varies: random events on two
+//! streams with nullable keys, spread over 4 partitions each, arriving out of order within
+//! and beyond the watermark delay, cut into random micro-batches of either stream, with
+//! restarts from checkpoints at random points.
+//!
+//! The model follows the engine's promises: a stream's watermark is the lowest of its
+//! partitions' largest event times less the delay (monotonic), and an event older than its
+//! stream's watermark on arrival is late for the join and goes to the late records. Then,
+//! once both watermarks are advanced past every event:
+//! - the inner join's pairs equal a batch DataFusion join of the events the model keeps;
+//! - the left and full outer joins' rows equal the batch outer joins of the same events
+//!   (each unmatched row once, with nulls);
+//! - counts and sums per five minutes of the left event time, and per five minutes of the
+//!   right's, equal the batch aggregation of the batch join: no window closes before every
+//!   pair in it is in;
+//! - the late records are exactly the model's.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
+use datafusion::arrow::util::display::array_value_to_string;
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use proptest::prelude::*;
+use urbanstream::deterministic::{DeterministicEngine, Outcome};
+
+/// 2026-01-01T06:00:00Z.
+const T0: i64 = 1_767_247_200_000;
+const SEC: i64 = 1000;
+const PARTITIONS: i32 = 4;
+/// Both streams' watermark delay.
+const DELAY: i64 = 120 * SEC;
+
+#[derive(Debug, Clone)]
+struct Event {
+    id: i64,
+    /// Index into the keys; `None` is a null key.
+    k: Option<u8>,
+    t: i64,
+    v: i64,
+    partition: i32,
+}
+
+#[derive(Debug, Clone)]
+struct Run {
+    /// Micro-batches in arrival order: (stream 0 = a, 1 = b; events of one partition).
+    batches: Vec<(usize, Vec<Event>)>,
+    restarts: Vec<bool>,
+}
+
+fn event(stream: usize) -> impl Strategy<Value = (Option<u8>, i64, i64, i32, i64)> {
+    let _ = stream;
+    (
+        prop_oneof![4 => (0u8..2).prop_map(Some), 1 => Just(None)],
+        // On a 30 s grid, so that events often sit exactly on the bounds and watermarks.
+        (0i64..40).prop_map(|t| t * 30),
+        0i64..100,
+        0..PARTITIONS,
+        // Arrival jitter: mostly within the delay, sometimes beyond it.
+        prop_oneof![6 => (0i64..4).prop_map(|j| j * 30), 1 => (4i64..10).prop_map(|j| j * 30)],
+    )
+}
+
+fn run() -> impl Strategy<Value = Run> {
+    (
+        prop::collection::vec(event(0), 0..60),
+        prop::collection::vec(event(1), 0..60),
+        prop::collection::vec(1usize..7, 80),
+        prop::collection::vec(prop::bool::weighted(0.1), 80),
+    )
+        .prop_map(|(a, b, cuts, restarts)| {
+            // Each event arrives at its time plus its jitter; ties keep generation order.
+            let mut arrivals: Vec<(i64, usize, Event)> = Vec::new();
+            let mut id = 0;
+            for (stream, events) in [(0usize, a), (1, b)] {
+                for (k, t, v, partition, jitter) in events {
+                    id += 1;
+                    arrivals.push((
+                        t + jitter,
+                        stream,
+                        Event {
+                            id,
+                            k,
+                            t: T0 + t * SEC,
+                            v,
+                            partition,
+                        },
+                    ));
+                }
+            }
+            arrivals.sort_by_key(|(at, _, e)| (*at, e.id));
+            let mut batches: Vec<(usize, Vec<Event>)> = Vec::new();
+            let mut cut = cuts.iter().cycle();
+            let mut room = 0;
+            for (_, stream, e) in arrivals {
+                match batches.last_mut() {
+                    Some((s, events))
+                        if *s == stream && events[0].partition == e.partition && room > 0 =>
+                    {
+                        events.push(e);
+                        room -= 1;
+                    }
+                    _ => {
+                        batches.push((stream, vec![e]));
+                        room = cut.next().copied().unwrap_or(1) - 1;
+                    }
+                }
+            }
+            let restarts = restarts.into_iter().cycle().take(batches.len()).collect();
+            Run { batches, restarts }
+        })
+}
+
+/// The events the model keeps per stream, and the ids of the late ones.
+fn model(run: &Run) -> ([Vec<Event>; 2], Vec<i64>) {
+    let mut kept: [Vec<Event>; 2] = [Vec::new(), Vec::new()];
+    let mut late = Vec::new();
+    let mut maxima: [BTreeMap<i32, i64>; 2] = [BTreeMap::new(), BTreeMap::new()];
+    let mut watermark: [Option<i64>; 2] = [None, None];
+    for (stream, events) in &run.batches {
+        let s = *stream;
+        for e in events {
+            if watermark[s].is_some_and(|w| e.t < w) {
+                late.push(e.id);
+            } else {
+                kept[s].push(e.clone());
+                let m = maxima[s].entry(e.partition).or_insert(e.t);
+                *m = (*m).max(e.t);
+            }
+        }
+        if let Some(low) = maxima[s].values().min() {
+            let candidate = low - DELAY;
+            watermark[s] = Some(watermark[s].map_or(candidate, |w| w.max(candidate)));
+        }
+    }
+    late.sort_unstable();
+    (kept, late)
+}
+
+const KEYS: [&str; 4] = ["k0", "k1", "k2", "k3"];
+
+const BOUND: &str =
+    "a.k = b.k AND b.t BETWEEN a.t - INTERVAL '1 minute' AND a.t + INTERVAL '3 minutes'";
+
+/// The queries: (sink, its columns, the SELECT, the batch SELECT giving the same rows).
+fn queries() -> Vec<(&'static str, &'static str, String, String)> {
+    vec![
+        (
+            "inner_pairs",
+            "aid BIGINT, bid BIGINT",
+            format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND}"),
+            format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND}"),
+        ),
+        (
+            "left_pairs",
+            "aid BIGINT, bid BIGINT",
+            format!("SELECT a.id AS aid, b.id AS bid FROM a LEFT JOIN b ON {BOUND}"),
+            format!("SELECT a.id AS aid, b.id AS bid FROM a LEFT JOIN b ON {BOUND}"),
+        ),
+        (
+            "full_pairs",
+            "aid BIGINT, bid BIGINT",
+            format!("SELECT a.id AS aid, b.id AS bid FROM a FULL JOIN b ON {BOUND}"),
+            format!("SELECT a.id AS aid, b.id AS bid FROM a FULL JOIN b ON {BOUND}"),
+        ),
+        (
+            "by_left",
+            "window_start TIMESTAMP NOT NULL, n BIGINT NOT NULL, s BIGINT, revision INT NOT NULL, op VARCHAR NOT NULL",
+            format!(
+                "SELECT window_start, count(*) AS n, sum(a.v * b.v) AS s FROM a JOIN b ON {BOUND} \
+                 GROUP BY tumble(a.t, INTERVAL '5 minutes')"
+            ),
+            format!(
+                "SELECT date_bin(INTERVAL '5 minutes', a.t) AS window_start, count(*) AS n, \
+                 sum(a.v * b.v) AS s FROM a JOIN b ON {BOUND} GROUP BY 1"
+            ),
+        ),
+        (
+            "by_right",
+            "window_start TIMESTAMP NOT NULL, n BIGINT NOT NULL, s BIGINT, revision INT NOT NULL, op VARCHAR NOT NULL",
+            format!(
+                "SELECT window_start, count(*) AS n, sum(b.v) AS s FROM a RIGHT JOIN b ON {BOUND} \
+                 GROUP BY tumble(b.t, INTERVAL '5 minutes')"
+            ),
+            format!(
+                "SELECT date_bin(INTERVAL '5 minutes', b.t) AS window_start, count(*) AS n, \
+                 sum(b.v) AS s FROM a RIGHT JOIN b ON {BOUND} GROUP BY 1"
+            ),
+        ),
+    ]
+}
+
+fn values(events: &[Event]) -> String {
+    events
+        .iter()
+        .map(|e| {
+            format!(
+                "({}, {}, to_timestamp_millis({}), {})",
+                e.id,
+                e.k.map_or("NULL".to_string(), |k| format!("'{}'", KEYS[k as usize])),
+                e.t,
+                e.v
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Rows as sorted text lines, without the engine's revision and op columns.
+fn lines(batches: &[RecordBatch]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let schema = b.schema();
+        let columns: Vec<usize> = (0..b.num_columns())
+            .filter(|&c| {
+                !matches!(
+                    schema.field(c).name().as_str(),
+                    "revision" | "op" | "is_final"
+                )
+            })
+            .collect();
+        for r in 0..b.num_rows() {
+            let cells = columns
+                .iter()
+                .map(|&c| {
+                    let a = b.column(c);
+                    if a.is_null(r) {
+                        Ok("NULL".to_string())
+                    } else {
+                        array_value_to_string(a, r)
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push(cells.join(" "));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// What each query published, and the ids of the late records.
+async fn engine(run: &Run) -> anyhow::Result<(Vec<Vec<String>>, Vec<i64>)> {
+    let mut engine = DeterministicEngine::new();
+    for stream in ["a", "b"] {
+        engine
+            .execute(&format!(
+                "CREATE EXTERNAL TABLE {stream} (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, \
+                 v BIGINT NOT NULL) STORED AS KAFKA OPTIONS ('topic' '{stream}', 'event_time' 't', \
+                 'watermark_delay' '2m', 'idle_timeout' '7d')"
+            ))
+            .await?;
+    }
+    let queries = queries();
+    for (sink, columns, select, _) in &queries {
+        engine
+            .execute(&format!(
+                "CREATE EXTERNAL TABLE {sink} ({columns}) STORED AS KAFKA OPTIONS ('topic' '{sink}')"
+            ))
+            .await?;
+        engine
+            .execute(&format!("INSERT INTO {sink} {select}"))
+            .await?;
+    }
+    for ((stream, events), restart) in run.batches.iter().zip(&run.restarts) {
+        engine
+            .execute(&format!(
+                "INSERT INTO {} PARTITION {} VALUES {}",
+                ["a", "b"][*stream],
+                events[0].partition,
+                values(events)
+            ))
+            .await?;
+        if *restart {
+            engine.execute("RESTART").await?;
+        }
+    }
+    for stream in ["a", "b"] {
+        engine
+            .execute(&format!(
+                "ADVANCE WATERMARK {stream} TO '2026-01-02T00:00:00'"
+            ))
+            .await?;
+    }
+    let mut out = Vec::new();
+    for (sink, ..) in &queries {
+        let Outcome::Rows(rows) = engine.execute(&format!("SELECT * FROM {sink}")).await? else {
+            anyhow::bail!("no rows from {sink}")
+        };
+        out.push(lines(&rows)?);
+    }
+    let Outcome::Rows(late_rows) = engine.execute("SHOW LATE").await? else {
+        anyhow::bail!("no late rows")
+    };
+    // Each late event is reported once per query; the payload is not shown, so late events
+    // are known by their event time.
+    let mut late = Vec::new();
+    for b in &late_rows {
+        let t = datafusion::arrow::compute::cast(
+            b.column(1),
+            &datafusion::arrow::datatypes::DataType::Timestamp(
+                datafusion::arrow::datatypes::TimeUnit::Millisecond,
+                None,
+            ),
+        )?;
+        let t = t
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .ok_or_else(|| anyhow::anyhow!("late event time"))?;
+        for r in 0..b.num_rows() {
+            late.push(t.value(r));
+        }
+    }
+    late.sort_unstable();
+    Ok((out, late))
+}
+
+/// The batch queries over the kept events.
+async fn batch(kept: &[Vec<Event>; 2]) -> anyhow::Result<Vec<Vec<String>>> {
+    let ctx = SessionContext::new();
+    for (stream, events) in ["a", "b"].iter().zip(kept) {
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            (
+                "id",
+                Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.id))),
+            ),
+            (
+                "k",
+                Arc::new(StringArray::from_iter(
+                    events.iter().map(|e| e.k.map(|k| KEYS[k as usize])),
+                )),
+            ),
+            (
+                "t",
+                Arc::new(TimestampMillisecondArray::from_iter_values(
+                    events.iter().map(|e| e.t),
+                )),
+            ),
+            (
+                "v",
+                Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.v))),
+            ),
+        ];
+        let batch = RecordBatch::try_from_iter(columns)?;
+        ctx.register_table(
+            *stream,
+            Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?),
+        )?;
+    }
+    let mut out = Vec::new();
+    for (_, _, _, select) in queries() {
+        let rows = ctx.sql(&select).await?.collect().await?;
+        out.push(lines(&rows)?);
+    }
+    Ok(out)
+}
+
+fn check(run: &Run) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let (kept, late_ids) = model(run);
+    let (published, late) = rt
+        .block_on(engine(run))
+        .map_err(|e| TestCaseError::fail(format!("engine: {e:#}")))?;
+    let expected = rt
+        .block_on(batch(&kept))
+        .map_err(|e| TestCaseError::fail(format!("batch: {e:#}")))?;
+    for (((sink, ..), got), want) in queries().iter().zip(&published).zip(&expected) {
+        prop_assert_eq!(got, want, "{} differs from the batch query", sink);
+    }
+    let times: BTreeMap<i64, i64> = run
+        .batches
+        .iter()
+        .flat_map(|(_, events)| events.iter().map(|e| (e.id, e.t)))
+        .collect();
+    let mut want_late: Vec<i64> = late_ids
+        .iter()
+        .flat_map(|id| std::iter::repeat_n(times[id], queries().len()))
+        .collect();
+    want_late.sort_unstable();
+    prop_assert_eq!(late, want_late, "late records");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(if std::env::var_os("CI").is_some() { 24 } else { 48 }))]
+
+    #[test]
+    fn interval_joins_match_batch_joins(run in run()) {
+        check(&run)?;
+    }
+}
