@@ -483,3 +483,96 @@ async fn a_window_over_a_window_runs_in_one_query() -> anyhow::Result<()> {
     assert!(more.is_empty(), "more rows than windows: {more:?}");
     Ok(())
 }
+
+/// A join of two topics, 4 partitions each, in one registered query: every entry with its
+/// exit within ten minutes, or with none once no exit can come; each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_topics_join_in_one_query() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    for topic in ["test.entries", "test.exits", "test.visits"] {
+        cluster.broker.create_topic(topic, 4)?;
+    }
+    let mut want = std::collections::BTreeMap::new();
+    for i in 0..40i64 {
+        let plate = format!("p{i:02}");
+        let entered = T0 + i * 10_000;
+        let record = json!({"plate": plate, "event_time": entered});
+        cluster
+            .produce(
+                "test.entries",
+                (i % 4) as i32,
+                &plate,
+                &serde_json::to_vec(&record)?,
+            )
+            .await?;
+        let exited = (i % 5 != 0).then(|| entered + (2 + i % 7) * 60_000);
+        if let Some(t) = exited {
+            let record = json!({"plate": plate, "event_time": t});
+            cluster
+                .produce(
+                    "test.exits",
+                    ((i + 1) % 4) as i32,
+                    &plate,
+                    &serde_json::to_vec(&record)?,
+                )
+                .await?;
+        }
+        want.insert(plate, (entered, exited));
+    }
+    // Every partition of both topics moves on to an hour later: no exit can come for the
+    // entries above any more.
+    for j in 0..4 {
+        for (topic, plate) in [
+            ("test.entries", "close-entry"),
+            ("test.exits", "close-exit"),
+        ] {
+            let record = json!({"plate": plate, "event_time": T0 + 3_600_000});
+            cluster
+                .produce(topic, j, plate, &serde_json::to_vec(&record)?)
+                .await?;
+        }
+    }
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "joins".into();
+    config.default_queries = false;
+    config.from_beginning = true;
+    config.name = Some("visits".into());
+    config.queries = vec![(
+        "visits".into(),
+        "CREATE EXTERNAL TABLE entries (plate VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.entries', 'format' 'json',
+           'event_time' 'event_time', 'watermark_delay' '0s');
+         CREATE EXTERNAL TABLE exits (plate VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.exits', 'format' 'json',
+           'event_time' 'event_time', 'watermark_delay' '0s');
+         CREATE EXTERNAL TABLE visits (plate VARCHAR NOT NULL, entered TIMESTAMP NOT NULL,
+           exited TIMESTAMP)
+         STORED AS KAFKA OPTIONS ('topic' 'test.visits', 'format' 'json', 'key' 'plate');
+         INSERT INTO visits SELECT a.plate, a.event_time AS entered, b.event_time AS exited
+         FROM entries a LEFT JOIN exits b ON a.plate = b.plate
+           AND b.event_time BETWEEN a.event_time AND a.event_time + INTERVAL '10 minutes'"
+            .into(),
+    )];
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    let visits = cluster.consumer("test.visits")?;
+    let rows = read_json(&visits, want.len(), Duration::from_secs(60)).await;
+    let more = read_more(&visits, Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    let mut got = std::collections::BTreeMap::new();
+    for (key, v) in rows? {
+        let plate = v["plate"].as_str().unwrap_or_default().to_string();
+        assert_eq!(key.as_deref(), Some(plate.as_str()), "keyed by plate");
+        let value = (v["entered"].as_i64().unwrap_or(-1), v["exited"].as_i64());
+        anyhow::ensure!(
+            got.insert(plate.clone(), value).is_none(),
+            "{plate} published twice"
+        );
+    }
+    assert_eq!(got, want);
+    assert!(more.is_empty(), "more rows than entries: {more:?}");
+    Ok(())
+}

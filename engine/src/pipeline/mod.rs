@@ -284,6 +284,15 @@ impl Running {
         }
     }
 
+    /// Whether its instances read `topic`: one of its inputs (a join reads two), or its
+    /// repartition topic.
+    fn reads(&self, topic: &str) -> bool {
+        match &self.repartition {
+            Some(r) => r.topic == topic,
+            None => self.query.reads_topic(topic),
+        }
+    }
+
     /// Its instance for checkpoint key `key` (a partition of the topic its instances read;
     /// `None`: the one for all partitions), with the input offsets it has seen when it is
     /// stage 2 of a repartitioned query; `None` when it has none there.
@@ -483,19 +492,22 @@ impl Pipeline {
             }
         }
         for running in &queries {
-            let source = running.query.source();
-            let decoder = || {
-                let decoder = JsonDecoder::new(source.topic_schema.clone());
-                match &source.options.event_time {
-                    Some(column) => decoder.with_event_time(column, source.options.event_time_unit),
-                    None => decoder,
+            for source in running.query.inputs() {
+                let decoder = || {
+                    let decoder = JsonDecoder::new(source.topic_schema.clone());
+                    match &source.options.event_time {
+                        Some(column) => {
+                            decoder.with_event_time(column, source.options.event_time_unit)
+                        }
+                        None => decoder,
+                    }
+                };
+                decoders
+                    .entry(source.options.topic.clone())
+                    .or_insert_with(decoder);
+                if let Some(r) = &running.repartition {
+                    decoders.insert(r.topic.clone(), decoder());
                 }
-            };
-            decoders
-                .entry(source.options.topic.clone())
-                .or_insert_with(decoder);
-            if let Some(r) = &running.repartition {
-                decoders.insert(r.topic.clone(), decoder());
             }
         }
         let mut inputs: Vec<String> = decoders.keys().cloned().collect();
@@ -511,7 +523,8 @@ impl Pipeline {
             // reads on from where the dropped one's stage 1 left its records.
             source_config.from_beginning = queries
                 .iter()
-                .map(|r| r.query.source().options.topic.clone())
+                .flat_map(|r| r.query.inputs())
+                .map(|t| t.options.topic.clone())
                 .collect();
         }
         let mut sink_config = KafkaSinkConfig::new(&config.brokers);
@@ -889,7 +902,7 @@ impl Pipeline {
                 }
             }
             for (qi, running) in self.queries.iter_mut().enumerate() {
-                if running.topic() != &*raw.topic {
+                if !running.reads(&raw.topic) {
                     continue;
                 }
                 for (&part, rows) in &splits {
@@ -957,7 +970,7 @@ impl Pipeline {
                         sub_partitions
                     };
                     let out = instance
-                        .process(&batch, &sub_partitions, Some(&sub_offsets), now)
+                        .process_topic(&raw.topic, &batch, &sub_partitions, Some(&sub_offsets), now)
                         .await?;
                     if !out.diverted.is_empty() {
                         let records: Vec<_> = out
@@ -1233,16 +1246,19 @@ impl Pipeline {
         for ((topic, partition), next) in &self.next_offsets {
             let mut offset = *next;
             for running in &self.queries {
-                if running.topic() != &**topic {
+                if !running.reads(topic) {
                     continue;
                 }
                 for instance in running.instances() {
-                    let held = instance.held_offsets();
                     // Stage 2 of a repartitioned query keys its held offsets (of its own
                     // partition) by input partition.
                     let held = match running.repartition {
-                        Some(_) => held.values().min().copied(),
-                        None => held.get(partition).copied(),
+                        Some(_) => instance
+                            .held_offsets_of(&instance.source().options.topic)
+                            .values()
+                            .min()
+                            .copied(),
+                        None => instance.held_offsets_of(topic).get(partition).copied(),
                     };
                     if let Some(held) = held {
                         offset = offset.min(held);

@@ -66,8 +66,8 @@ impl Pipeline {
             let now = epoch_ms();
             for running in &mut self.queries {
                 for (topic, partition) in &list {
-                    if running.topic() == topic {
-                        running.query.expect_partition(*partition, now);
+                    if running.reads(topic) {
+                        running.query.expect_topic_partition(topic, *partition, now);
                     }
                 }
             }

@@ -1497,6 +1497,19 @@ impl StreamQuery {
         self.watermarks.expect(partition, now_ms);
     }
 
+    /// [`StreamQuery::expect_partition`] for partition `partition` of input topic `topic`
+    /// (of whichever of its input streams reads it).
+    pub fn expect_topic_partition(&mut self, topic: &str, partition: i32, now_ms: i64) {
+        if self.source.options.topic == topic {
+            self.watermarks.expect(partition, now_ms);
+        }
+        if let Some(j) = &mut self.join
+            && j.right.as_ref().is_some_and(|r| r.options.topic == topic)
+        {
+            j.right_watermarks.expect(partition, now_ms);
+        }
+    }
+
     /// Whether it can be repartitioned: it aggregates over windows in one stage and keeps no
     /// detector state (whose keys would need their own partitioning). A window over a window
     /// groups by other keys than the one below, so it runs in one state unless every stage
@@ -1974,6 +1987,36 @@ impl StreamQuery {
             }
         }
         Ok(())
+    }
+
+    /// Processes a decoded batch of Kafka topic `topic`: for each of its input streams that
+    /// reads the topic (a self-join reads one stream twice; two streams may share a topic).
+    pub async fn process_topic(
+        &mut self,
+        topic: &str,
+        batch: &RecordBatch,
+        partitions: &[i32],
+        offsets: Option<&[i64]>,
+        now_ms: i64,
+    ) -> Result<StepOutput> {
+        if self.join.is_none() {
+            return self.process(batch, partitions, offsets, now_ms).await;
+        }
+        let tables: Vec<String> = self
+            .inputs()
+            .iter()
+            .filter(|t| t.options.topic == topic)
+            .map(|t| t.name.clone())
+            .collect();
+        let mut out = StepOutput::default();
+        for table in tables {
+            let step = self
+                .process_from(&table, batch, partitions, offsets, now_ms)
+                .await?;
+            out.rows.extend(step.rows);
+            out.diverted.extend(step.diverted);
+        }
+        Ok(out)
     }
 
     /// Processes a decoded batch of stream table `table`, one of the query's inputs; see
