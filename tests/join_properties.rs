@@ -145,6 +145,9 @@ const KEYS: [&str; 4] = ["k0", "k1", "k2", "k3"];
 const BOUND: &str =
     "a.k = b.k AND b.t BETWEEN a.t - INTERVAL '1 minute' AND a.t + INTERVAL '3 minutes'";
 
+const STRICT: &str =
+    "a.k = b.k AND b.t > a.t - INTERVAL '1 minute' AND a.t + INTERVAL '3 minutes' > b.t";
+
 /// The queries: (sink, its columns, the SELECT, the batch SELECT giving the same rows).
 fn queries() -> Vec<(&'static str, &'static str, String, String)> {
     vec![
@@ -153,6 +156,24 @@ fn queries() -> Vec<(&'static str, &'static str, String, String)> {
             "aid BIGINT, bid BIGINT",
             format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND}"),
             format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND}"),
+        ),
+        (
+            // A condition beyond the time bound, evaluated on each pair.
+            "filtered_pairs",
+            "aid BIGINT, bid BIGINT",
+            format!(
+                "SELECT a.id AS aid, b.id AS bid FROM a LEFT JOIN b ON {BOUND} AND a.v + 30 >= b.v"
+            ),
+            format!(
+                "SELECT a.id AS aid, b.id AS bid FROM a LEFT JOIN b ON {BOUND} AND a.v + 30 >= b.v"
+            ),
+        ),
+        (
+            // Strict bounds: a pair exactly on them is not one.
+            "strict_pairs",
+            "aid BIGINT, bid BIGINT",
+            format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {STRICT}"),
+            format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {STRICT}"),
         ),
         (
             "left_pairs",

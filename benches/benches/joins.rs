@@ -66,17 +66,22 @@ async fn query(select: &str) -> StreamQuery {
     panic!("no query planned")
 }
 
-const BOUND: &str = "l.k = r.k AND r.event_time BETWEEN l.event_time AND l.event_time + INTERVAL '10 seconds'";
+const BOUND: &str =
+    "l.k = r.k AND r.event_time BETWEEN l.event_time AND l.event_time + INTERVAL '10 seconds'";
 
 fn queries() -> Vec<(&'static str, String)> {
     vec![
         (
             "pairs",
-            format!("SELECT l.k, l.event_time, r.event_time AS later, l.v + r.v AS v FROM l JOIN r ON {BOUND}"),
+            format!(
+                "SELECT l.k, l.event_time, r.event_time AS later, l.v + r.v AS v FROM l JOIN r ON {BOUND}"
+            ),
         ),
         (
             "pairs_left_outer",
-            format!("SELECT l.k, l.event_time, r.event_time AS later, r.v FROM l LEFT JOIN r ON {BOUND}"),
+            format!(
+                "SELECT l.k, l.event_time, r.event_time AS later, r.v FROM l LEFT JOIN r ON {BOUND}"
+            ),
         ),
         (
             "count_per_1m",

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{JoinSide, JoinType, NullEquality, Result, ScalarValue, plan_err};
 use datafusion::logical_expr::Operator;
@@ -159,7 +160,8 @@ pub(super) fn plan_join(
         time_columns.push(columns);
     }
     let time_columns: [Vec<usize>; 2] = [time_columns[0].clone(), time_columns[1].clone()];
-    let Some((lo, hi)) = filter.as_ref().and_then(|f| time_bound(f, &time_columns)) else {
+    let Some((lo, hi, bound_only)) = filter.as_ref().and_then(|f| time_bound(f, &time_columns))
+    else {
         return plan_err!(
             "a join of two streams needs an event-time bound on both sides, or it would keep \
              every event forever: add one to the ON clause, {BOUNDED_FORM}"
@@ -179,6 +181,7 @@ pub(super) fn plan_join(
         nulls_equal,
         lo,
         hi,
+        bound_only,
         time: [time_columns[0][0], time_columns[1][0]],
         sides: [left.schema(), right.schema()],
         schema: node.schema(),
@@ -269,10 +272,15 @@ pub(super) fn trace(
 
 /// `[lo, hi]` such that the filter holds only when `right.ts - left.ts` lies within, in ms,
 /// from its conjuncts comparing the two sides' event times (each plus or minus a constant).
-fn time_bound(filter: &JoinFilter, time_columns: &[Vec<usize>; 2]) -> Option<(i64, i64)> {
+///
+/// Also whether the bound is the whole filter: every conjunct an inclusive comparison of
+/// millisecond event times (so that testing the difference is testing the filter).
+fn time_bound(filter: &JoinFilter, time_columns: &[Vec<usize>; 2]) -> Option<(i64, i64, bool)> {
     let mut lo: Option<i64> = None;
     let mut hi: Option<i64> = None;
-    for conjunct in split_conjunction(filter.expression()) {
+    let conjuncts = split_conjunction(filter.expression());
+    let mut inclusive = 0;
+    for conjunct in &conjuncts {
         let Some(b) = conjunct.downcast_ref::<BinaryExpr>() else {
             continue;
         };
@@ -294,6 +302,9 @@ fn time_bound(filter: &JoinFilter, time_columns: &[Vec<usize>; 2]) -> Option<(i6
             Operator::Eq => (Some(k), Some(k)),
             _ => continue,
         };
+        if matches!(b.op(), Operator::LtEq | Operator::GtEq | Operator::Eq) {
+            inclusive += 1;
+        }
         // When the right side is on the left of the comparison, d is the negation.
         let (lower, upper) = if rs == 1 {
             (lower, upper)
@@ -307,7 +318,46 @@ fn time_bound(filter: &JoinFilter, time_columns: &[Vec<usize>; 2]) -> Option<(i6
             hi = Some(hi.map_or(u, |x| x.min(u)));
         }
     }
-    Some((lo?, hi?))
+    let (mut lo, mut hi) = (lo?, hi?);
+    // A day of a time zone with daylight saving is not always 24 hours: the bound is widened
+    // by an hour each way (the filter still decides each pair exactly).
+    let zoned = filter
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Timestamp(_, Some(_))));
+    let mut days = false;
+    let _ = filter.expression().apply(|e| {
+        if let Some(l) = e.downcast_ref::<Literal>() {
+            days |= match l.value() {
+                ScalarValue::IntervalMonthDayNano(Some(v)) => v.days != 0,
+                ScalarValue::IntervalDayTime(Some(v)) => v.days != 0,
+                _ => false,
+            };
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    if zoned && days {
+        lo = lo.saturating_sub(3_600_000);
+        hi = hi.saturating_add(3_600_000);
+    }
+    let milliseconds = filter
+        .column_indices()
+        .iter()
+        .zip(filter.schema().fields())
+        .filter(|(c, _)| match c.side {
+            JoinSide::Left => time_columns[0].contains(&c.index),
+            JoinSide::Right => time_columns[1].contains(&c.index),
+            JoinSide::None => false,
+        })
+        .all(|(_, f)| {
+            matches!(
+                f.data_type(),
+                DataType::Timestamp(TimeUnit::Millisecond | TimeUnit::Second, None)
+            )
+        });
+    let exact = inclusive == conjuncts.len() && milliseconds && !(zoned && days);
+    Some((lo, hi, exact))
 }
 
 /// `expr` as (side, ms) meaning that side's event time plus ms; `None` when it is not one.

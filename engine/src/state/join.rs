@@ -16,6 +16,8 @@
 //! of the bound plus the watermark delay, and no longer.
 
 use std::collections::{BTreeMap, HashMap};
+
+use datafusion::arrow::row::Rows;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -47,6 +49,8 @@ pub struct JoinSpec {
     pub lo: i64,
     /// See `lo`.
     pub hi: i64,
+    /// Whether the filter says no more than `[lo, hi]` (which the join tests itself).
+    pub bound_only: bool,
     /// Per side, the event-time column in the side's rows.
     pub time: [usize; 2],
     /// Per side, the schema of its rows.
@@ -74,7 +78,7 @@ struct Chunk {
 struct Buffer {
     chunks: BTreeMap<u64, Chunk>,
     next: u64,
-    index: HashMap<Box<[u8]>, Vec<(u64, u32)>>,
+    index: datafusion::common::HashMap<Box<[u8]>, Vec<(u64, u32)>>,
     live: usize,
     /// Index entries of rows no longer live (dropped on the next rebuild).
     stale: usize,
@@ -124,9 +128,9 @@ impl IntervalJoin {
         &self.spec
     }
 
-    /// Each row's key in the index; `None` for a row whose key holds a null, which equals
+    /// Each row's key in the index, and whether it can match: a key holding a null equals
     /// nothing (unless nulls are equal).
-    fn keys(&self, side: usize, batch: &RecordBatch) -> Result<Vec<Option<Box<[u8]>>>> {
+    fn keys(&self, side: usize, batch: &RecordBatch) -> Result<(Rows, Vec<bool>)> {
         let arrays = self
             .spec
             .on
@@ -143,12 +147,10 @@ impl IntervalJoin {
             })
             .collect::<Result<Vec<_>>>()?;
         let rows = self.converter.convert_columns(&arrays)?;
-        Ok((0..batch.num_rows())
-            .map(|i| {
-                let null = arrays.iter().any(|a| a.is_null(i));
-                (self.spec.nulls_equal || !null).then(|| rows.row(i).as_ref().into())
-            })
-            .collect())
+        let valid = (0..batch.num_rows())
+            .map(|i| self.spec.nulls_equal || !arrays.iter().any(|a| a.is_null(i)))
+            .collect();
+        Ok((rows, valid))
     }
 
     /// Joins `rows`, just arrived on `side` (0 left, 1 right; not late), with the other
@@ -172,19 +174,23 @@ impl IntervalJoin {
         let mut mine: Vec<u32> = Vec::new();
         let mut theirs: Vec<(u64, u32)> = Vec::new();
         {
-            let buffer = &self.buffers[other];
-            for (i, key) in keys.iter().enumerate() {
-                let Some(key) = key else { continue };
-                let Some(entries) = buffer.index.get(key) else {
+            let buffer = &mut self.buffers[other];
+            for i in 0..rows.num_rows() {
+                if !keys.1[i] {
+                    continue;
+                }
+                let Some(entries) = buffer.index.get_mut(keys.0.row(i).as_ref()) else {
                     continue;
                 };
-                for &(id, r) in entries {
-                    let Some(chunk) = buffer.chunks.get(&id) else {
+                // Entries of evicted rows are dropped as their key is met.
+                let chunks = &buffer.chunks;
+                let before = entries.len();
+                entries.retain(|(id, r)| chunks.get(id).is_some_and(|c| c.alive[*r as usize]));
+                buffer.stale = buffer.stale.saturating_sub(before - entries.len());
+                for &(id, r) in entries.iter() {
+                    let Some(chunk) = chunks.get(&id) else {
                         continue;
                     };
-                    if !chunk.alive[r as usize] {
-                        continue;
-                    }
                     let t = chunk.times[r as usize];
                     let d = if side == 0 {
                         t.saturating_sub(times[i])
@@ -235,7 +241,7 @@ impl IntervalJoin {
     /// Whether each pair of `left` and `right` (row i with row i) meets the filter; `None`
     /// when the join has none.
     fn condition(&self, left: &RecordBatch, right: &RecordBatch) -> Result<Option<BooleanArray>> {
-        let Some(filter) = &self.spec.filter else {
+        let Some(filter) = self.spec.filter.as_ref().filter(|_| !self.spec.bound_only) else {
             return Ok(None);
         };
         let columns = filter
@@ -315,16 +321,16 @@ impl IntervalJoin {
         side: usize,
         batch: RecordBatch,
         times: Vec<i64>,
-        keys: Vec<Option<Box<[u8]>>>,
+        keys: (Rows, Vec<bool>),
         matched: Vec<bool>,
         offsets: HashMap<i32, i64>,
     ) {
         let buffer = &mut self.buffers[side];
         let id = buffer.next;
         buffer.next += 1;
-        for (r, key) in keys.into_iter().enumerate() {
-            if let Some(key) = key {
-                buffer.index.entry(key).or_default().push((id, r as u32));
+        for (r, valid) in keys.1.iter().enumerate() {
+            if *valid {
+                index_row(&mut buffer.index, keys.0.row(r).as_ref(), (id, r as u32));
             }
         }
         let n = batch.num_rows();
@@ -412,33 +418,22 @@ impl IntervalJoin {
                         .saturating_sub(c.batch.get_array_memory_size() + c.times.len() * 24);
                 }
             }
-            if buffer.stale > 1024 && buffer.stale > buffer.live {
-                self.reindex(side)?;
+            if buffer.stale > 4096 && buffer.stale > 2 * buffer.live {
+                self.reindex(side);
             }
         }
         Ok(out)
     }
 
-    /// Rebuilds `side`'s index from its live rows.
-    fn reindex(&mut self, side: usize) -> Result<()> {
-        let chunks = std::mem::take(&mut self.buffers[side].chunks);
-        let mut index: HashMap<Box<[u8]>, Vec<(u64, u32)>> = HashMap::new();
-        let built = chunks.iter().try_for_each(|(id, chunk)| {
-            for (r, key) in self.keys(side, &chunk.batch)?.into_iter().enumerate() {
-                if let Some(key) = key
-                    && chunk.alive[r]
-                {
-                    index.entry(key).or_default().push((*id, r as u32));
-                }
-            }
-            Ok::<_, datafusion::common::DataFusionError>(())
-        });
+    /// Drops `side`'s index entries of rows no longer live.
+    fn reindex(&mut self, side: usize) {
         let buffer = &mut self.buffers[side];
-        buffer.chunks = chunks;
-        built?;
-        buffer.index = index;
+        let chunks = &buffer.chunks;
+        buffer.index.retain(|_, entries| {
+            entries.retain(|(id, r)| chunks.get(id).is_some_and(|c| c.alive[*r as usize]));
+            !entries.is_empty()
+        });
         buffer.stale = 0;
-        Ok(())
     }
 
     /// Rows buffered, both sides.
@@ -541,6 +536,20 @@ impl IntervalJoin {
             self.buffer(side, rows, times, keys, matched, HashMap::new());
         }
         Ok(())
+    }
+}
+
+/// Adds `entry` under `key`, allocating the key only when it is new.
+fn index_row(
+    index: &mut datafusion::common::HashMap<Box<[u8]>, Vec<(u64, u32)>>,
+    key: &[u8],
+    entry: (u64, u32),
+) {
+    match index.get_mut(key) {
+        Some(entries) => entries.push(entry),
+        None => {
+            index.insert(key.into(), vec![entry]);
+        }
     }
 }
 
