@@ -15,6 +15,7 @@
 mod chain;
 pub mod feed;
 mod join;
+mod union;
 pub mod repartition;
 pub mod rewrite;
 pub mod sandbox;

@@ -447,6 +447,7 @@ impl StreamContext {
         })?;
         let mut physical = physical;
         let mut join: Option<super::join::PlannedJoin> = None;
+        let mut union: Option<super::union::PlannedUnion> = None;
         let (source_name, feed) = match feeds.as_slice() {
             [one] => one.clone(),
             [] => {
@@ -485,6 +486,28 @@ impl StreamContext {
                 join = Some(planned);
                 left
             }
+            _ if super::join::two_stream_node(&physical).is_some_and(|n| {
+                n.downcast_ref::<datafusion::physical_plan::union::UnionExec>()
+                    .is_some()
+            }) =>
+            {
+                let Some(node) = super::join::two_stream_node(&physical) else {
+                    return plan_err!("internal: the union of streams went missing");
+                };
+                let planned = super::union::plan_union(&node)?;
+                physical = physical
+                    .transform_down(|n| {
+                        if Arc::ptr_eq(&n, &planned.node) {
+                            Ok(Transformed::yes(planned.leaf.clone()))
+                        } else {
+                            Ok(Transformed::no(n))
+                        }
+                    })?
+                    .data;
+                let first = (planned.branches[0].2.clone(), planned.output.clone());
+                union = Some(planned);
+                first
+            }
             _ => {
                 return plan_err!(
                     "the query reads {} streams ({}): a query reads one stream, or joins two \
@@ -518,6 +541,25 @@ impl StreamContext {
                 }
                 if *t != source.name {
                     right = Some(table);
+                }
+            }
+        }
+        let mut others: Vec<super::union::OtherInput> = Vec::new();
+        let mut event_times: HashMap<String, Option<String>> = HashMap::new();
+        if let Some(planned) = &union {
+            for (_, _, t) in &planned.branches {
+                let Some(table) = self.stream_table(t).await? else {
+                    return plan_err!("{t} is not a stream table");
+                };
+                if !table.options.upsert_key.is_empty() {
+                    return plan_err!(
+                        "{t} is read as a changelog (OPTIONS 'upsert_key'), and a UNION ALL of \
+                         streams takes events: declare the topic again without 'upsert_key'"
+                    );
+                }
+                event_times.insert(t.clone(), table.options.event_time.clone());
+                if *t != source.name && !others.iter().any(|o| o.table.name == *t) {
+                    others.push(super::union::OtherInput::new(table));
                 }
             }
         }
@@ -572,10 +614,15 @@ impl StreamContext {
                 Some(planned) => Some(Box::new(super::join::JoinInput::new(planned, right, None)?)),
                 None => None,
             };
+            let union = union.map(|u| Box::new(super::union::UnionInput {
+                schema: u.node.schema(),
+                branches: u.branches,
+                others,
+            }));
             return Ok(StreamQuery {
                 sql,
                 settings,
-                partition_local: keyed_local && join.is_none(),
+                partition_local: keyed_local && join.is_none() && union.is_none(),
                 source,
                 sink: None,
                 feed,
@@ -593,6 +640,7 @@ impl StreamContext {
                 keyed,
                 lags,
                 join,
+                union,
             });
         };
         let (spec, window_name) = super::chain::aggregate_spec(
@@ -646,8 +694,31 @@ impl StreamContext {
             }
             None => None,
         };
+        if let Some(planned) = &union {
+            let over_event_times = super::chain::time_column_of(&spec.time)
+                .and_then(|c| super::join::trace(&lower, c.index()))
+                .filter(|(leaf, _)| Arc::ptr_eq(leaf, &planned.leaf))
+                .is_some_and(|(_, i)| {
+                    super::union::is_event_time(planned, i, &|t| {
+                        event_times.get(t).cloned().flatten()
+                    })
+                });
+            if !over_event_times {
+                return plan_err!(
+                    "{window_name}() over a UNION ALL of streams must be over a column that is \
+                     each stream's event time in its branch, got {}",
+                    spec.time
+                );
+            }
+            if matches!(spec.window, WindowSpec::Session { .. }) {
+                return plan_err!(
+                    "session windows over a UNION ALL of streams are not supported yet: use \
+                     tumble(…), hop(…) or cumulate(…), or one query per stream"
+                );
+            }
+        }
         match super::chain::time_column_of(&spec.time) {
-            _ if join.is_some() => {}
+            _ if join.is_some() || union.is_some() => {}
             Some(c) if c.name() == time_name => {}
             _ => {
                 return plan_err!(
@@ -753,7 +824,8 @@ impl StreamContext {
         };
         // Without a key plan (grouping by a select alias or position, say), an old event is
         // tested against a session of its own, as before.
-        let lateness_keys = if sessions && !groups.is_empty() && join.is_none() {
+        let lateness_keys = if sessions && !groups.is_empty() && join.is_none() && union.is_none()
+        {
             key_plan(self, sql.clone(), source.clone())
                 .await
                 .ok()
@@ -805,10 +877,15 @@ impl StreamContext {
             )?)),
             None => None,
         };
+        let union = union.map(|u| Box::new(super::union::UnionInput {
+            schema: u.node.schema(),
+            branches: u.branches,
+            others,
+        }));
         Ok(StreamQuery {
             sql,
             settings,
-            partition_local: partition_local && !ranked && join.is_none(),
+            partition_local: partition_local && !ranked && join.is_none() && union.is_none(),
             source,
             sink: None,
             feed,
@@ -826,6 +903,7 @@ impl StreamContext {
             keyed,
             lags,
             join,
+            union,
         })
     }
 }
@@ -1247,6 +1325,8 @@ pub struct StreamQuery {
     lags: Vec<crate::state::lag::LagState>,
     /// When it joins two streams: the join, which feeds `lower` with pairs.
     join: Option<Box<super::join::JoinInput>>,
+    /// When it reads a union of streams: the branches, which feed `lower` with their rows.
+    union: Option<Box<super::union::UnionInput>>,
 }
 
 impl StreamQuery {
@@ -1508,6 +1588,13 @@ impl StreamQuery {
         {
             j.right_watermarks.expect(partition, now_ms);
         }
+        if let Some(u) = &mut self.union {
+            for o in &mut u.others {
+                if o.table.options.topic == topic {
+                    o.watermarks.expect(partition, now_ms);
+                }
+            }
+        }
     }
 
     /// Whether it can be repartitioned: it aggregates over windows in one stage and keeps no
@@ -1522,6 +1609,7 @@ impl StreamQuery {
             && self.lags.is_empty()
             && self.upsert.is_none()
             && self.join.is_none()
+            && self.union.is_none()
     }
 
     /// Records that input `partition` has seen events up to `max_event_ms` (a progress record
@@ -1567,6 +1655,12 @@ impl StreamQuery {
     /// The query watermark, once any event has been seen.
     pub fn watermark(&self) -> Option<i64> {
         let left = self.watermarks.current();
+        if let Some(u) = &self.union {
+            return std::iter::once(left)
+                .chain(u.others.iter().map(|o| o.watermarks.current()))
+                .flatten()
+                .min();
+        }
         match &self.join {
             Some(j) => j.output_watermark([
                 left,
@@ -1584,6 +1678,9 @@ impl StreamQuery {
         let mut out = vec![&self.source];
         if let Some(r) = self.join.as_ref().and_then(|j| j.right.as_ref()) {
             out.push(r);
+        }
+        if let Some(u) = &self.union {
+            out.extend(u.others.iter().map(|o| &o.table));
         }
         out
     }
@@ -1613,6 +1710,13 @@ impl StreamQuery {
             && j.right.as_ref().is_some_and(|r| r.name == table)
         {
             j.right_watermarks.force(watermark);
+        }
+        if let Some(u) = &mut self.union {
+            for o in &mut u.others {
+                if o.table.name == table {
+                    o.watermarks.force(watermark);
+                }
+            }
         }
         self.tick(now_ms).await
     }
@@ -1700,6 +1804,13 @@ impl StreamQuery {
             merge(&mut out, &j.held_right);
             j.state.held_offsets(1, &mut out);
         }
+        if let Some(u) = &self.union {
+            for o in &u.others {
+                if o.table.options.topic == topic {
+                    merge(&mut out, &o.held);
+                }
+            }
+        }
         out
     }
 
@@ -1748,6 +1859,27 @@ impl StreamQuery {
                 meta.insert("held_right".into(), serde_json::json!(held));
             }
             out.nest("join", state);
+        }
+        if let Some(u) = &self.union {
+            let inputs: Vec<serde_json::Value> = u
+                .others
+                .iter()
+                .map(|o| {
+                    let held: Vec<(i64, Vec<(i32, i64)>)> = o
+                        .held
+                        .iter()
+                        .map(|(end, p)| (*end, p.iter().map(|(a, b)| (*a, *b)).collect()))
+                        .collect();
+                    serde_json::json!({
+                        "table": o.table.name,
+                        "watermarks": o.watermarks.snapshot(now_ms),
+                        "held": held,
+                    })
+                })
+                .collect();
+            if let Some(meta) = out.meta.as_object_mut() {
+                meta.insert("union".into(), serde_json::json!(inputs));
+            }
         }
         Ok(out)
     }
@@ -1818,6 +1950,33 @@ impl StreamQuery {
                 .into_iter()
                 .map(|(end, p)| (end, p.into_iter().collect()))
                 .collect();
+        }
+        if let Some(u) = &mut self.union {
+            let inputs: Vec<serde_json::Value> = meta_field(meta, "union")?;
+            for o in &mut u.others {
+                let Some(state) = inputs
+                    .iter()
+                    .find(|i| i.get("table").and_then(|t| t.as_str()) == Some(&o.table.name))
+                else {
+                    return Err(crate::Error::Checkpoint(format!(
+                        "the state holds nothing of stream {}, which the query reads",
+                        o.table.name
+                    )));
+                };
+                o.watermarks
+                    .restore(state.get("watermarks").unwrap_or(&serde_json::Value::Null), now_ms)
+                    .ok_or_else(|| {
+                        crate::Error::Checkpoint(format!(
+                            "unreadable watermark state of {}",
+                            o.table.name
+                        ))
+                    })?;
+                let held: Vec<(i64, Vec<(i32, i64)>)> = meta_field(state, "held")?;
+                o.held = held
+                    .into_iter()
+                    .map(|(end, p)| (end, p.into_iter().collect()))
+                    .collect();
+            }
         }
         pass_watermark(&self.keyed, self.watermark().unwrap_or(i64::MIN));
         Ok(())
@@ -1897,6 +2056,10 @@ impl StreamQuery {
         offsets: Option<&[i64]>,
         now_ms: i64,
     ) -> Result<StepOutput> {
+        if self.join.is_some() || self.union.is_some() {
+            let table = self.source.name.clone();
+            return Box::pin(self.process_from(&table, batch, partitions, offsets, now_ms)).await;
+        }
         let mut out = StepOutput::default();
         let expected = self.source.topic_schema.output_schema();
         if batch.num_columns() != expected.fields().len()
@@ -1916,7 +2079,7 @@ impl StreamQuery {
         }
         let batch = match self.time_column.clone() {
             Some(time) => {
-                self.admit(batch, partitions, offsets, &time, now_ms, &mut out.diverted)
+                self.admit(batch, partitions, offsets, &time, None, now_ms, &mut out.diverted)
                     .await?
             }
             None => batch.clone(),
@@ -1999,7 +2162,7 @@ impl StreamQuery {
         offsets: Option<&[i64]>,
         now_ms: i64,
     ) -> Result<StepOutput> {
-        if self.join.is_none() {
+        if self.join.is_none() && self.union.is_none() {
             return self.process(batch, partitions, offsets, now_ms).await;
         }
         let tables: Vec<String> = self
@@ -2029,6 +2192,11 @@ impl StreamQuery {
         offsets: Option<&[i64]>,
         now_ms: i64,
     ) -> Result<StepOutput> {
+        if self.union.is_some() {
+            return self
+                .process_union(table, batch, partitions, offsets, now_ms)
+                .await;
+        }
         if self.join.is_none() {
             if table != self.source.name {
                 return plan_err!("the query does not read {table}");
@@ -2086,6 +2254,69 @@ impl StreamQuery {
         Ok(out)
     }
 
+    /// Processes a batch of `table`, one of the streams of a union: admits its rows against
+    /// the windows (with that stream's own watermark fed), runs the branches that read it, and
+    /// the plan above the union over their rows.
+    async fn process_union(
+        &mut self,
+        table: &str,
+        batch: &RecordBatch,
+        partitions: &[i32],
+        offsets: Option<&[i64]>,
+        now_ms: i64,
+    ) -> Result<StepOutput> {
+        let mut out = StepOutput::default();
+        let input = if table == self.source.name {
+            None
+        } else {
+            match self
+                .union
+                .as_ref()
+                .and_then(|u| u.others.iter().position(|o| o.table.name == table))
+            {
+                Some(i) => Some(i),
+                None => return plan_err!("the query does not read {table}"),
+            }
+        };
+        let stream = match input {
+            None => self.source.clone(),
+            Some(i) => match &self.union {
+                Some(u) => u.others[i].table.clone(),
+                None => return plan_err!("internal: not a union"),
+            },
+        };
+        let expected = stream.topic_schema.output_schema();
+        if batch.schema().fields().len() != expected.fields().len()
+            || batch
+                .schema()
+                .fields()
+                .iter()
+                .zip(expected.fields())
+                .any(|(a, b)| a.data_type() != b.data_type())
+        {
+            return plan_err!(
+                "a batch for stream {table} does not have the stream's schema: got {}, expected {}",
+                batch.schema(),
+                expected
+            );
+        }
+        let kept = match stream.options.event_time.clone() {
+            Some(time) => {
+                self.admit(batch, partitions, offsets, &time, input, now_ms, &mut out.diverted)
+                    .await?
+            }
+            None => batch.clone(),
+        };
+        let rows = match &self.union {
+            Some(u) => u.merge(table, &kept, self.task_ctx.clone()).await?,
+            None => return plan_err!("internal: not a union"),
+        };
+        let wake = self.keyed_watermark(now_ms);
+        self.run_lower(rows, wake, &mut out).await?;
+        self.emit(now_ms, &mut out).await?;
+        Ok(out)
+    }
+
     /// After a join's input: evicts what no row to come can meet (emitting an outer join's
     /// unmatched rows), runs the plan above the join over the pairs, and emits what is due.
     async fn join_step(
@@ -2118,6 +2349,16 @@ impl StreamQuery {
     /// The watermark of the rows `lower` gets at processing time `now_ms`: the stream's, or
     /// a join's output watermark.
     fn input_watermark(&mut self, now_ms: i64) -> Option<i64> {
+        if let Some(u) = &mut self.union {
+            let mut marks = vec![(
+                self.watermarks.advance(now_ms),
+                self.watermarks.is_idle(now_ms),
+            )];
+            for o in &mut u.others {
+                marks.push((o.watermarks.advance(now_ms), o.watermarks.is_idle(now_ms)));
+            }
+            return union_watermark(marks);
+        }
         let watermarks = self.join_watermarks(now_ms);
         match &self.join {
             Some(j) => j.output_watermark(watermarks),
@@ -2226,6 +2467,12 @@ impl StreamQuery {
         if self.windowed.is_none() && self.keyed_watermark(now_ms) {
             // Timers of detectors over the raw stream (a sensor gone silent) fire on the
             // watermark, with or without input.
+            if let Some(u) = &self.union {
+                let empty = RecordBatch::new_empty(u.schema.clone());
+                let mut out = StepOutput::default();
+                self.run_lower(empty, true, &mut out).await?;
+                return Ok(out);
+            }
             let empty = RecordBatch::new_empty(self.source.topic_schema.output_schema());
             return self.process(&empty, &[], None, now_ms).await;
         }
@@ -2372,6 +2619,7 @@ impl StreamQuery {
         partitions: &[i32],
         offsets: Option<&[i64]>,
         time: &str,
+        input: Option<usize>,
         now_ms: i64,
         diverted: &mut Vec<Diverted>,
     ) -> Result<RecordBatch> {
@@ -2382,9 +2630,12 @@ impl StreamQuery {
         let Some(times) = column.as_any().downcast_ref::<TimestampMillisecondArray>() else {
             return plan_err!("event-time column {time} is not a timestamp");
         };
-        let future_limit =
-            now_ms.saturating_add(self.source.options.future_tolerance.as_millis() as i64);
-        let watermark = self.watermarks.current().unwrap_or(i64::MIN);
+        let tolerance = match (input, &self.union) {
+            (Some(i), Some(u)) => u.others[i].table.options.future_tolerance,
+            _ => self.source.options.future_tolerance,
+        };
+        let future_limit = now_ms.saturating_add(tolerance.as_millis() as i64);
+        let watermark = self.watermark().unwrap_or(i64::MIN);
         let absorbed = self.absorbed(batch, times, future_limit).await?;
         let mut keep = Vec::with_capacity(batch.num_rows());
         let mut max_by_partition: HashMap<i32, i64> = HashMap::new();
@@ -2456,7 +2707,7 @@ impl StreamQuery {
                             Some((k, min)) if *k == key => *min = (*min).min(offset),
                             _ => {
                                 if let Some((k, min)) = run.replace((key, offset)) {
-                                    hold(&mut self.held, k, min);
+                                    hold(held_map(&mut self.held, &mut self.union, input), k, min);
                                 }
                             }
                         }
@@ -2466,10 +2717,14 @@ impl StreamQuery {
             }
         }
         if let Some((k, min)) = run {
-            hold(&mut self.held, k, min);
+            hold(held_map(&mut self.held, &mut self.union, input), k, min);
         }
+        let tracker = match (input, &mut self.union) {
+            (Some(i), Some(u)) => &mut u.others[i].watermarks,
+            _ => &mut self.watermarks,
+        };
         for (p, t) in max_by_partition {
-            self.watermarks.observe(p, t, now_ms);
+            tracker.observe(p, t, now_ms);
         }
         if keep.iter().all(|k| *k) {
             return Ok(batch.clone());
@@ -2533,6 +2788,11 @@ impl StreamQuery {
         self.held = self.held.split_off(&evicted.saturating_add(1));
         if let Some(j) = &mut self.join {
             j.held_right = j.held_right.split_off(&evicted.saturating_add(1));
+        }
+        if let Some(u) = &mut self.union {
+            for o in &mut u.others {
+                o.held = o.held.split_off(&evicted.saturating_add(1));
+            }
         }
         if let Some(ranked) = &mut w.ranked {
             // Top-N: the step's emissions are taken first (a window over a changelog may
@@ -2674,6 +2934,21 @@ fn changelog_rows(
 }
 
 /// Passes `watermark` to keyed states; whether some of them have timers.
+/// The watermark of a union from its streams' (watermark, idle) at one processing time: the
+/// lowest of them; a stream gone idle, or with no partition seen or expected, holds nothing
+/// back; one expecting partitions that have not delivered holds everything.
+fn union_watermark(marks: Vec<(Option<i64>, Option<bool>)>) -> Option<i64> {
+    let mut low: Option<i64> = None;
+    for (watermark, idle) in marks {
+        match (watermark, idle) {
+            (_, Some(true)) | (None, None) => {}
+            (None, Some(false)) => return None,
+            (Some(w), _) => low = Some(low.map_or(w, |l| l.min(w))),
+        }
+    }
+    low
+}
+
 fn pass_watermark(keyed: &[KeyedHandle], watermark: i64) -> bool {
     let mut timers = false;
     for h in keyed {
@@ -2684,6 +2959,18 @@ fn pass_watermark(keyed: &[KeyedHandle], watermark: i64) -> bool {
 }
 
 /// Records that the window ending at `key.0` holds partition `key.1` from offset `min` on.
+/// The held offsets of the query's source (`input` none) or of a union's other stream.
+fn held_map<'a>(
+    held: &'a mut std::collections::BTreeMap<i64, HashMap<i32, i64>>,
+    union: &'a mut Option<Box<super::union::UnionInput>>,
+    input: Option<usize>,
+) -> &'a mut std::collections::BTreeMap<i64, HashMap<i32, i64>> {
+    match (input, union) {
+        (Some(i), Some(u)) => &mut u.others[i].held,
+        _ => held,
+    }
+}
+
 fn hold(held: &mut std::collections::BTreeMap<i64, HashMap<i32, i64>>, key: (i64, i32), min: i64) {
     let o = held.entry(key.0).or_default().entry(key.1).or_insert(min);
     *o = (*o).min(min);
