@@ -15,13 +15,13 @@
 mod chain;
 pub mod feed;
 mod join;
-mod union;
 pub mod repartition;
 pub mod rewrite;
 pub mod sandbox;
 pub mod stream;
 pub mod table;
 mod topn;
+mod union;
 
 use crate::error::Result;
 use crate::reference::ReferenceData;

@@ -614,11 +614,13 @@ impl StreamContext {
                 Some(planned) => Some(Box::new(super::join::JoinInput::new(planned, right, None)?)),
                 None => None,
             };
-            let union = union.map(|u| Box::new(super::union::UnionInput {
-                schema: u.node.schema(),
-                branches: u.branches,
-                others,
-            }));
+            let union = union.map(|u| {
+                Box::new(super::union::UnionInput {
+                    schema: u.node.schema(),
+                    branches: u.branches,
+                    others,
+                })
+            });
             return Ok(StreamQuery {
                 sql,
                 settings,
@@ -824,8 +826,7 @@ impl StreamContext {
         };
         // Without a key plan (grouping by a select alias or position, say), an old event is
         // tested against a session of its own, as before.
-        let lateness_keys = if sessions && !groups.is_empty() && join.is_none() && union.is_none()
-        {
+        let lateness_keys = if sessions && !groups.is_empty() && join.is_none() && union.is_none() {
             key_plan(self, sql.clone(), source.clone())
                 .await
                 .ok()
@@ -877,11 +878,13 @@ impl StreamContext {
             )?)),
             None => None,
         };
-        let union = union.map(|u| Box::new(super::union::UnionInput {
-            schema: u.node.schema(),
-            branches: u.branches,
-            others,
-        }));
+        let union = union.map(|u| {
+            Box::new(super::union::UnionInput {
+                schema: u.node.schema(),
+                branches: u.branches,
+                others,
+            })
+        });
         Ok(StreamQuery {
             sql,
             settings,
@@ -1369,9 +1372,20 @@ impl StreamQuery {
                           unmatched rows with nulls when they are evicted",
             }));
         }
+        if let Some(u) = &self.union {
+            for (plan_of_branch, _, table) in &u.branches {
+                stages.push(serde_json::json!({
+                    "stage": "union: branch, per batch",
+                    "reads": table,
+                    "plan": plan(plan_of_branch),
+                }));
+            }
+        }
         stages.push(serde_json::json!({
             "stage": "per batch",
-            "does": if self.join.is_some() {
+            "does": if self.union.is_some() {
+                "filters, projections and lookup joins over the union's rows"
+            } else if self.join.is_some() {
                 "filters, projections and lookup joins over the joined rows"
             } else {
                 "filters, projections and lookup joins over each micro-batch of the stream"
@@ -1497,6 +1511,12 @@ impl StreamQuery {
                 "watermark_delay_ms": self.source.options.watermark_delay.as_millis() as u64,
                 "key": self.source.options.key,
             },
+            "also_reads": self.union.as_ref().map(|u| u.others.iter().map(|o| serde_json::json!({
+                "table": o.table.name,
+                "topic": o.table.options.topic,
+                "event_time": o.table.options.event_time,
+                "watermark_delay_ms": o.table.options.watermark_delay.as_millis() as u64,
+            })).collect::<Vec<_>>()),
             "joins": self.join.as_ref().and_then(|j| j.right.as_ref()).map(|r| serde_json::json!({
                 "table": r.name,
                 "topic": r.options.topic,
@@ -1964,7 +1984,10 @@ impl StreamQuery {
                     )));
                 };
                 o.watermarks
-                    .restore(state.get("watermarks").unwrap_or(&serde_json::Value::Null), now_ms)
+                    .restore(
+                        state.get("watermarks").unwrap_or(&serde_json::Value::Null),
+                        now_ms,
+                    )
                     .ok_or_else(|| {
                         crate::Error::Checkpoint(format!(
                             "unreadable watermark state of {}",
@@ -2079,8 +2102,15 @@ impl StreamQuery {
         }
         let batch = match self.time_column.clone() {
             Some(time) => {
-                self.admit(batch, partitions, offsets, &time, None, now_ms, &mut out.diverted)
-                    .await?
+                self.admit(
+                    batch,
+                    partitions,
+                    offsets,
+                    (&time, None),
+                    now_ms,
+                    &mut out.diverted,
+                )
+                .await?
             }
             None => batch.clone(),
         };
@@ -2302,8 +2332,15 @@ impl StreamQuery {
         }
         let kept = match stream.options.event_time.clone() {
             Some(time) => {
-                self.admit(batch, partitions, offsets, &time, input, now_ms, &mut out.diverted)
-                    .await?
+                self.admit(
+                    batch,
+                    partitions,
+                    offsets,
+                    (&time, input),
+                    now_ms,
+                    &mut out.diverted,
+                )
+                .await?
             }
             None => batch.clone(),
         };
@@ -2612,14 +2649,15 @@ impl StreamQuery {
         Ok(absorbed)
     }
 
-    /// Splits off rows that must not be processed, and feeds the watermark with the rest.
+    /// Splits off rows that must not be processed, and feeds the watermark with the rest:
+    /// rows of event-time column `time` of the source (`input` none) or of a union's other
+    /// stream `input`.
     async fn admit(
         &mut self,
         batch: &RecordBatch,
         partitions: &[i32],
         offsets: Option<&[i64]>,
-        time: &str,
-        input: Option<usize>,
+        (time, input): (&str, Option<usize>),
         now_ms: i64,
         diverted: &mut Vec<Diverted>,
     ) -> Result<RecordBatch> {

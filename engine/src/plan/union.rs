@@ -40,7 +40,8 @@ pub(super) fn plan_union(node: &Arc<dyn ExecutionPlan>) -> Result<PlannedUnion> 
                     .is_some()
                     || n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
                         .is_some()
-                    || n.downcast_ref::<crate::state::lag::KeyedLagExec>().is_some()
+                    || n.downcast_ref::<crate::state::lag::KeyedLagExec>()
+                        .is_some()
                     || n.name().contains("Window")
                     || n.name().contains("Join") && super::join::two_stream_node(n).is_some(),
             )
@@ -155,6 +156,9 @@ impl UnionInput {
                 )?);
             }
         }
-        Ok(datafusion::arrow::compute::concat_batches(&self.schema, &out)?)
+        Ok(datafusion::arrow::compute::concat_batches(
+            &self.schema,
+            &out,
+        )?)
     }
 }

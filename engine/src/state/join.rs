@@ -175,7 +175,7 @@ impl IntervalJoin {
         let mut theirs: Vec<(u64, u32)> = Vec::new();
         {
             let buffer = &mut self.buffers[other];
-            for i in 0..rows.num_rows() {
+            for (i, &at) in times.iter().enumerate() {
                 if !keys.1[i] {
                     continue;
                 }
@@ -193,9 +193,9 @@ impl IntervalJoin {
                     };
                     let t = chunk.times[r as usize];
                     let d = if side == 0 {
-                        t.saturating_sub(times[i])
+                        t.saturating_sub(at)
                     } else {
-                        times[i].saturating_sub(t)
+                        at.saturating_sub(t)
                     };
                     if d >= lo && d <= hi {
                         mine.push(i as u32);
