@@ -64,6 +64,14 @@ pub const DEFAULT_QUERIES: &[(&str, &str)] = &[
         "alerts_sensor_faults",
         include_str!("../../../queries/alerts_sensor_faults.sql"),
     ),
+    (
+        "alerts_pollution_hours",
+        include_str!("../../../queries/alerts_pollution_hours.sql"),
+    ),
+    (
+        "alerts_incidents_confirmed",
+        include_str!("../../../queries/alerts_incidents_confirmed.sql"),
+    ),
 ];
 
 /// A stream context with the city's streams and reference tables:
@@ -282,6 +290,8 @@ mod tests {
                 ("alerts_sensor_faults", "air_readings", alerts, false),
                 ("alerts_sensor_faults", "air_readings", alerts, false),
                 ("alerts_sensor_faults", "air_readings", alerts, false),
+                ("alerts_pollution_hours", "air_readings", alerts, true),
+                ("alerts_incidents_confirmed", "camera_events", alerts, true),
             ]
         );
         // How each statement keeps its state: per input partition when it groups by its
@@ -317,6 +327,9 @@ mod tests {
                 ("alerts_sensor_faults", "single"),
                 ("alerts_sensor_faults", "single"),
                 ("alerts_sensor_faults", "single"),
+                ("alerts_pollution_hours", "per_partition"),
+                // A join of two topics keeps one state for both.
+                ("alerts_incidents_confirmed", "single"),
             ]
         );
     }
