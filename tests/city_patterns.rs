@@ -159,3 +159,73 @@ async fn three_consecutive_hours_above_150_raise_a_pollution_episode() -> anyhow
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn the_most_congested_segments_of_each_ward_are_ranked_each_minute() -> anyhow::Result<()> {
+    let mut engine = engine_with("congestion_top_wards").await?;
+    // Thanh Xuân: Nguyễn Trãi at 10 km/h (TTI 5), Khuất Duy Tiến at 25 (TTI 2), Ring Road 3
+    // at 40 of 80 (TTI 2, ranked after Khuất Duy Tiến by id). A segment of Láng alone in its
+    // ward. In the next minute Nguyễn Trãi clears (50 km/h, TTI 1) and drops to last.
+    let detections = [
+        ("nguyen_trai_ntso", "06:10:10", 10.0),
+        ("nguyen_trai_ntso", "06:10:40", 10.0),
+        ("khuat_duy_tien", "06:10:20", 25.0),
+        ("rr3_elev_thanh_xuan", "06:10:30", 40.0),
+        ("nguyen_trai_ntso", "06:11:10", 50.0),
+        ("khuat_duy_tien", "06:11:20", 25.0),
+        ("rr3_elev_thanh_xuan", "06:11:30", 20.0),
+        ("lang_ntso", "06:10:50", 30.0),
+    ];
+    let rows: Vec<String> = detections
+        .iter()
+        .map(|(segment, at, speed)| {
+            format!("('cam', '{segment}', '2026-01-01T{at}', 'detection', 'car', {speed}, 0.9)")
+        })
+        .collect();
+    engine
+        .execute(&format!(
+            "INSERT INTO camera_events (camera_id, segment_id, event_time, kind, vehicle_class, \
+             speed_kmh, confidence) VALUES {}",
+            rows.join(", ")
+        ))
+        .await?;
+    engine
+        .execute("ADVANCE WATERMARK camera_events TO '2026-01-01T06:12:00'")
+        .await?;
+    let Outcome::Rows(batches) = engine
+        .execute(
+            "SELECT ward_id, to_char(window_start, '%H:%M') AS minute, place, segment_id \
+             FROM congestion_top ORDER BY ward_id, minute, place",
+        )
+        .await?
+    else {
+        anyhow::bail!("no rows")
+    };
+    let mut got = Vec::new();
+    for b in &batches {
+        let text: Vec<_> = (0..b.num_columns())
+            .map(|c| cast(b.column(c), &DataType::Utf8))
+            .collect::<Result<_, _>>()?;
+        for r in 0..b.num_rows() {
+            got.push(
+                text.iter()
+                    .map(|a| a.as_string::<i32>().value(r).to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+    }
+    assert_eq!(
+        got,
+        vec![
+            "lang 06:10 1 lang_ntso",
+            "thanh_xuan 06:10 1 nguyen_trai_ntso",
+            "thanh_xuan 06:10 2 khuat_duy_tien",
+            "thanh_xuan 06:10 3 rr3_elev_thanh_xuan",
+            "thanh_xuan 06:11 1 rr3_elev_thanh_xuan",
+            "thanh_xuan 06:11 2 khuat_duy_tien",
+            "thanh_xuan 06:11 3 nguyen_trai_ntso",
+        ]
+    );
+    Ok(())
+}

@@ -39,6 +39,10 @@ pub const EMBEDDED: &[(&str, &str)] = &[
         "air_indicator",
         include_str!("../../schemas/topics/air_indicator.avsc"),
     ),
+    (
+        "congestion_top",
+        include_str!("../../schemas/topics/congestion_top.avsc"),
+    ),
     ("alert", include_str!("../../schemas/topics/alert.avsc")),
     (
         "dlq_record",

@@ -16,6 +16,8 @@ pub struct Topics {
     pub congestion: String,
     /// Air indicators (output).
     pub air_indicators: String,
+    /// The most congested segments per ward and minute (output).
+    pub congestion_top: String,
     /// Alerts (output).
     pub alerts: String,
     /// Dead-letter queue (output).
@@ -32,6 +34,7 @@ impl Default for Topics {
             air: "city.air.readings".into(),
             congestion: "city.indicators.congestion".into(),
             air_indicators: "city.indicators.air".into(),
+            congestion_top: "city.indicators.congestion.top".into(),
             alerts: "city.alerts".into(),
             dlq: "city.dlq".into(),
             late: "city.late".into(),
@@ -55,6 +58,7 @@ impl Topics {
         all.extend([
             self.congestion.clone(),
             self.air_indicators.clone(),
+            self.congestion_top.clone(),
             self.alerts.clone(),
             self.dlq.clone(),
             self.late.clone(),

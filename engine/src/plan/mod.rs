@@ -72,6 +72,10 @@ pub const DEFAULT_QUERIES: &[(&str, &str)] = &[
         "alerts_incidents_confirmed",
         include_str!("../../../queries/alerts_incidents_confirmed.sql"),
     ),
+    (
+        "congestion_top_wards",
+        include_str!("../../../queries/congestion_top_wards.sql"),
+    ),
 ];
 
 /// A stream context with the city's streams and reference tables:
@@ -83,6 +87,7 @@ pub const DEFAULT_QUERIES: &[(&str, &str)] = &[
 /// | `air_readings` | air readings | source keyed by `ward_id`, event time `event_time` |
 /// | `congestion_indicators` | congestion indicators | sink keyed by `segment_id` |
 /// | `air_indicators` | air indicators | sink keyed by `entity_id` |
+/// | `congestion_top` | congestion top | sink keyed by `ward_id` |
 /// | `alerts` | alerts | sink keyed by `entity_id` |
 /// | `segments`, `wards`, `cameras`, `detectors`, `sensors`, `pcu_factors` | — | reference |
 /// | `ward_sensors` | — | reference, derived from `sensors` |
@@ -121,6 +126,12 @@ pub fn city_context_in(
             "air_indicator",
             &topics.air_indicators,
             Some("entity_id"),
+        ),
+        (
+            "congestion_top",
+            "congestion_top",
+            &topics.congestion_top,
+            Some("ward_id"),
         ),
         ("alerts", "alert", &topics.alerts, Some("entity_id")),
     ];
@@ -292,6 +303,12 @@ mod tests {
                 ("alerts_sensor_faults", "air_readings", alerts, false),
                 ("alerts_pollution_hours", "air_readings", alerts, true),
                 ("alerts_incidents_confirmed", "camera_events", alerts, true),
+                (
+                    "congestion_top_wards",
+                    "camera_events",
+                    Some("congestion_top"),
+                    true
+                ),
             ]
         );
         // How each statement keeps its state: per input partition when it groups by its
@@ -330,6 +347,8 @@ mod tests {
                 ("alerts_pollution_hours", "per_partition"),
                 // A join of two topics keeps one state for both.
                 ("alerts_incidents_confirmed", "single"),
+                // A ranking needs every segment of a ward's minute in one state.
+                ("congestion_top_wards", "single"),
             ]
         );
     }
