@@ -229,3 +229,68 @@ async fn the_most_congested_segments_of_each_ward_are_ranked_each_minute() -> an
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn vehicles_read_by_two_cameras_give_travel_times() -> anyhow::Result<()> {
+    let mut engine = engine_with("travel_times").await?;
+    // p1 and p2 pass cam-0005 and then cam-0007 (inbound on Nguyễn Trãi) in 60 s and 90 s;
+    // p3 is read once; p4 by cam-0005 and then by an outbound camera (another direction).
+    // p2's second reading arrives in a later batch than its first.
+    let readings = [
+        ("cam-0005", "inbound", "p1", "06:00:10"),
+        ("cam-0007", "inbound", "p1", "06:01:10"),
+        ("cam-0005", "inbound", "p2", "06:02:00"),
+        ("cam-0005", "inbound", "p3", "06:02:10"),
+        ("cam-0005", "inbound", "p4", "06:02:20"),
+        ("cam-0006", "outbound", "p4", "06:02:50"),
+    ];
+    let row = |(camera, direction, plate, at): &(&str, &str, &str, &str)| {
+        format!(
+            "('{camera}', 'nguyen_trai_ntso', '2026-01-01T{at}', 'detection', 'car', 30.0, \
+             '{direction}', 0.9, '{plate}')"
+        )
+    };
+    let insert = |rows: Vec<String>| {
+        format!(
+            "INSERT INTO camera_events (camera_id, segment_id, event_time, kind, vehicle_class, \
+             speed_kmh, direction, confidence, plate_hash) VALUES {}",
+            rows.join(", ")
+        )
+    };
+    engine
+        .execute(&insert(readings.iter().map(row).collect()))
+        .await?;
+    engine
+        .execute(&insert(vec![row(&(
+            "cam-0007", "inbound", "p2", "06:03:30",
+        ))]))
+        .await?;
+    engine
+        .execute("ADVANCE WATERMARK camera_events TO '2026-01-01T06:10:00'")
+        .await?;
+    let Outcome::Rows(batches) = engine
+        .execute(
+            "SELECT segment_id, to_char(window_start, '%H:%M') AS minute, vehicles, \
+             mean_travel_s, min_travel_s, max_travel_s FROM travel_times",
+        )
+        .await?
+    else {
+        anyhow::bail!("no rows")
+    };
+    let mut got = Vec::new();
+    for b in &batches {
+        let text: Vec<_> = (0..b.num_columns())
+            .map(|c| cast(b.column(c), &DataType::Utf8))
+            .collect::<Result<_, _>>()?;
+        for r in 0..b.num_rows() {
+            got.push(
+                text.iter()
+                    .map(|a| a.as_string::<i32>().value(r).to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+    }
+    assert_eq!(got, vec!["nguyen_trai_ntso 06:00 2 75.0 60.0 90.0"]);
+    Ok(())
+}

@@ -226,16 +226,17 @@ async fn camera_events_to_indicators_dlq_and_late() -> anyhow::Result<()> {
     assert_eq!(late_offset, 7);
     let late = cluster.consumer(&topics.late)?;
     // Each windowed query over the camera stream reports it, naming itself.
-    let mut late_rows = read_json(&late, 5, Duration::from_secs(30)).await?;
+    let mut late_rows = read_json(&late, 6, Duration::from_secs(30)).await?;
     late_rows.sort_by_key(|(_, v)| v["query"].as_str().map(String::from));
-    // The join of camera incidents with detector readings too: the event is older than the
-    // camera stream's watermark there.
+    // The joins over the camera stream too (incidents confirmed by detectors, travel times):
+    // the event is older than the camera stream's watermark there.
     let expected_late: Vec<_> = [
         "alerts_congestion",
         "alerts_incidents",
         "alerts_incidents_confirmed",
         "congestion_minute",
         "congestion_top_wards",
+        "travel_times",
     ]
     .iter()
     .map(|query| {
@@ -265,7 +266,7 @@ async fn camera_events_to_indicators_dlq_and_late() -> anyhow::Result<()> {
     // among their wards' most congested (no ward has more than three segments).
     assert_eq!(stats.indicators_out.load(Ordering::Relaxed), 9);
     assert_eq!(stats.dlq.load(Ordering::Relaxed), 3);
-    assert_eq!(stats.late.load(Ordering::Relaxed), 5);
+    assert_eq!(stats.late.load(Ordering::Relaxed), 6);
     assert_eq!(stats.camera_events.load(Ordering::Relaxed), 11);
     Ok(())
 }

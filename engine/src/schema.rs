@@ -43,6 +43,10 @@ pub const EMBEDDED: &[(&str, &str)] = &[
         "congestion_top",
         include_str!("../../schemas/topics/congestion_top.avsc"),
     ),
+    (
+        "travel_time",
+        include_str!("../../schemas/topics/travel_time.avsc"),
+    ),
     ("alert", include_str!("../../schemas/topics/alert.avsc")),
     (
         "dlq_record",

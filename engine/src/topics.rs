@@ -18,6 +18,8 @@ pub struct Topics {
     pub air_indicators: String,
     /// The most congested segments per ward and minute (output).
     pub congestion_top: String,
+    /// Camera-to-camera travel times per segment (output).
+    pub travel: String,
     /// Alerts (output).
     pub alerts: String,
     /// Dead-letter queue (output).
@@ -35,6 +37,7 @@ impl Default for Topics {
             congestion: "city.indicators.congestion".into(),
             air_indicators: "city.indicators.air".into(),
             congestion_top: "city.indicators.congestion.top".into(),
+            travel: "city.indicators.travel".into(),
             alerts: "city.alerts".into(),
             dlq: "city.dlq".into(),
             late: "city.late".into(),
@@ -59,6 +62,7 @@ impl Topics {
             self.congestion.clone(),
             self.air_indicators.clone(),
             self.congestion_top.clone(),
+            self.travel.clone(),
             self.alerts.clone(),
             self.dlq.clone(),
             self.late.clone(),

@@ -76,6 +76,10 @@ pub const DEFAULT_QUERIES: &[(&str, &str)] = &[
         "congestion_top_wards",
         include_str!("../../../queries/congestion_top_wards.sql"),
     ),
+    (
+        "travel_times",
+        include_str!("../../../queries/travel_times.sql"),
+    ),
 ];
 
 /// A stream context with the city's streams and reference tables:
@@ -88,6 +92,7 @@ pub const DEFAULT_QUERIES: &[(&str, &str)] = &[
 /// | `congestion_indicators` | congestion indicators | sink keyed by `segment_id` |
 /// | `air_indicators` | air indicators | sink keyed by `entity_id` |
 /// | `congestion_top` | congestion top | sink keyed by `ward_id` |
+/// | `travel_times` | travel times | sink keyed by `segment_id` |
 /// | `alerts` | alerts | sink keyed by `entity_id` |
 /// | `segments`, `wards`, `cameras`, `detectors`, `sensors`, `pcu_factors` | — | reference |
 /// | `ward_sensors` | — | reference, derived from `sensors` |
@@ -132,6 +137,12 @@ pub fn city_context_in(
             "congestion_top",
             &topics.congestion_top,
             Some("ward_id"),
+        ),
+        (
+            "travel_times",
+            "travel_time",
+            &topics.travel,
+            Some("segment_id"),
         ),
         ("alerts", "alert", &topics.alerts, Some("entity_id")),
     ];
@@ -309,6 +320,7 @@ mod tests {
                     Some("congestion_top"),
                     true
                 ),
+                ("travel_times", "camera_events", Some("travel_times"), true),
             ]
         );
         // How each statement keeps its state: per input partition when it groups by its
@@ -349,6 +361,7 @@ mod tests {
                 ("alerts_incidents_confirmed", "single"),
                 // A ranking needs every segment of a ward's minute in one state.
                 ("congestion_top_wards", "single"),
+                ("travel_times", "single"),
             ]
         );
     }

@@ -106,6 +106,8 @@ struct CameraJson<'a> {
     confidence: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     severity: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plate_hash: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -184,6 +186,13 @@ pub struct CitySimulator {
     /// Congestion proneness per segment (hot spots are above 1).
     hotspot: Vec<f64>,
     cameras_by_segment: Vec<Vec<usize>>,
+    /// Per camera: when vehicles passing it pass another camera of its segment further on
+    /// (the next one facing the same way), that camera and the distance to it in metres.
+    next_camera: Vec<Option<(usize, f64)>>,
+    /// Plates read so far (each detection's plate hash is drawn from this count).
+    plates: u64,
+    /// Detections of vehicles at a camera further on, by (event time, plate count, segment).
+    ahead: std::collections::BTreeMap<(i64, u64), (usize, SimRecord)>,
     ward_base_pm25: HashMap<String, f64>,
     incidents: Vec<Incident>,
     faults: HashMap<usize, SensorFault>,
@@ -220,6 +229,7 @@ impl CitySimulator {
                     .collect()
             })
             .collect();
+        let next_camera = next_cameras(&reference);
         let ward_base_pm25 = reference
             .wards
             .iter()
@@ -232,6 +242,9 @@ impl CitySimulator {
             rng,
             hotspot,
             cameras_by_segment,
+            next_camera,
+            plates: 0,
+            ahead: std::collections::BTreeMap::new(),
             ward_base_pm25,
             incidents: Vec::new(),
             faults: HashMap::new(),
@@ -352,6 +365,14 @@ impl CitySimulator {
         let per_segment = self.config.detections_per_sim_second / segments as f64;
         let profile = traffic_profile(hour) / 0.62; // 0.62 = the profile's daily mean
         let mut events: Vec<(i64, usize, SimRecord)> = Vec::new();
+        // Vehicles seen upstream that reach the camera further on within this second.
+        while let Some(entry) = self.ahead.first_entry() {
+            if entry.key().0 >= t0 + 1000 {
+                break;
+            }
+            let ((at, _), (seg, record)) = entry.remove_entry();
+            events.push((at, seg, record));
+        }
         for seg in 0..segments {
             let lambda = per_segment * profile * self.hotspot[seg];
             let count = if lambda > 0.0 {
@@ -370,7 +391,8 @@ impl CitySimulator {
             let cams = &self.cameras_by_segment[seg];
             for _ in 0..count {
                 let at = t0 + self.rng.random_range(0..1000);
-                let cam = &self.reference.cameras[cams[self.rng.random_range(0..cams.len())]];
+                let cam_index = cams[self.rng.random_range(0..cams.len())];
+                let cam = &self.reference.cameras[cam_index];
                 let (class, _, speed_factor) = pick_class(classes, self.rng.random());
                 let noise = Normal::new(1.0, 0.15)
                     .map(|n| n.sample(&mut self.rng))
@@ -390,8 +412,42 @@ impl CitySimulator {
                     direction: &cam.direction,
                     confidence: (self.rng.random_range(0.80..0.999f64) * 1000.0).round() / 1000.0,
                     severity: None,
+                    plate_hash: Some(plate_hash(self.config.seed, self.plates)),
                 })
                 .unwrap_or_default();
+                let speed_kmh = (v * 10.0).round() / 10.0;
+                // The same vehicle at the next camera facing its way, at its speed.
+                if let Some((next, metres)) = self.next_camera[cam_index] {
+                    let later = at + (metres / (speed_kmh / 3.6) * 1000.0).round() as i64;
+                    let next = &self.reference.cameras[next];
+                    let ahead = serde_json::to_vec(&CameraJson {
+                        camera_id: &next.camera_id,
+                        segment_id: &segment.segment_id,
+                        event_time: later,
+                        kind: "detection",
+                        vehicle_class: Some(class),
+                        speed_kmh: Some(speed_kmh),
+                        lane: None,
+                        direction: &next.direction,
+                        confidence: 0.9,
+                        severity: None,
+                        plate_hash: Some(plate_hash(self.config.seed, self.plates)),
+                    })
+                    .unwrap_or_default();
+                    self.ahead.insert(
+                        (later, self.plates),
+                        (
+                            seg,
+                            SimRecord {
+                                topic: SimTopic::Camera,
+                                key: segment.segment_id.clone(),
+                                payload: ahead,
+                                event_time: later,
+                            },
+                        ),
+                    );
+                }
+                self.plates += 1;
                 events.push((
                     at,
                     seg,
@@ -419,6 +475,7 @@ impl CitySimulator {
                     direction: &cam.direction,
                     confidence: 0.9,
                     severity: Some(self.rng.random_range(2..=4)),
+                    plate_hash: None,
                 })
                 .unwrap_or_default();
                 events.push((
@@ -603,6 +660,39 @@ impl CitySimulator {
             _ => b"[1,2,3]".to_vec(),
         }
     }
+}
+
+/// An anonymised plate: the `n`th plate read, hashed with the run's seed (SplitMix64).
+fn plate_hash(seed: u64, n: u64) -> String {
+    let mut z = seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    format!("{:016x}", z ^ (z >> 31))
+}
+
+/// Per camera of `reference`: the next camera of its segment facing the same way (in camera
+/// id order) and the distance to it in metres, if any.
+fn next_cameras(reference: &ReferenceData) -> Vec<Option<(usize, f64)>> {
+    let cameras = &reference.cameras;
+    (0..cameras.len())
+        .map(|i| {
+            let c = &cameras[i];
+            let next = (0..cameras.len())
+                .filter(|&j| {
+                    let d = &cameras[j];
+                    d.segment_id == c.segment_id
+                        && d.direction == c.direction
+                        && d.camera_id > c.camera_id
+                })
+                .min_by(|&a, &b| cameras[a].camera_id.cmp(&cameras[b].camera_id))?;
+            let d = &cameras[next];
+            // Equirectangular distance: fine over a segment's length.
+            let lat = (c.lat + d.lat).to_radians() / 2.0;
+            let dx = (d.lon - c.lon).to_radians() * lat.cos();
+            let dy = (d.lat - c.lat).to_radians();
+            Some((next, 6_371_000.0 * (dx * dx + dy * dy).sqrt()))
+        })
+        .collect()
 }
 
 fn pick_class(classes: &[(&'static str, f64, f64); 6], u: f64) -> (&'static str, f64, f64) {
