@@ -294,3 +294,129 @@ async fn vehicles_read_by_two_cameras_give_travel_times() -> anyhow::Result<()> 
     assert_eq!(got, vec!["nguyen_trai_ntso 06:00 2 75.0 60.0 90.0"]);
     Ok(())
 }
+
+/// The simulated city's camera records over 20 minutes, through `travel_times` in
+/// micro-batches of one simulated second: the travel times equal those computed here from
+/// the records' plate hashes (the same plate read by two cameras of a segment facing the
+/// same way, the second within ten minutes, per five minutes of the second reading).
+#[tokio::test]
+async fn simulated_travel_times_match_the_plates_read_twice() -> anyhow::Result<()> {
+    use std::collections::BTreeMap;
+    use urbanstream::decode::JsonDecoder;
+    use urbanstream::reference::ReferenceData;
+    use urbanstream::simulate::{CitySimulator, SimConfig, SimTopic};
+    use urbanstream::source::RawBatch;
+    let schemas = SchemaRegistry::embedded()?;
+    let ctx = city_context(&Topics::default(), &schemas)?;
+    let (_, sql) = DEFAULT_QUERIES
+        .iter()
+        .find(|(name, _)| *name == "travel_times")
+        .ok_or_else(|| anyhow::anyhow!("no travel_times"))?;
+    let mut query = None;
+    for statement in urbanstream::plan::stream::StreamContext::parse(sql)? {
+        query = ctx.plan(statement).await?;
+    }
+    let mut query = query.ok_or_else(|| anyhow::anyhow!("travel_times planned to nothing"))?;
+    let decoder = JsonDecoder::new(schemas.get("camera_event")?)
+        .with_event_time("event_time", TimeUnit::Millisecond);
+    let config = SimConfig {
+        seed: 11,
+        detections_per_sim_second: 20.0,
+        malformed_share: 0.0,
+        late_share: 0.0,
+        out_of_order_share: 0.0,
+        air_history_hours: 0,
+        ..SimConfig::default()
+    };
+    let mut sim = CitySimulator::new(config, std::sync::Arc::new(ReferenceData::embedded()?));
+    // The reference: each plate's readings, (segment, direction, camera, time).
+    let mut readings: BTreeMap<String, Vec<(String, String, String, i64)>> = BTreeMap::new();
+    let mut published = Vec::new();
+    let mut offset = 0;
+    let now = i64::MAX / 4;
+    for _ in 0..20 * 60 {
+        let mut raw = RawBatch::new("city.camera.events");
+        for record in sim.next_tick() {
+            if record.topic != SimTopic::Camera {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&record.payload)?;
+            if let Some(plate) = v["plate_hash"].as_str() {
+                readings.entry(plate.to_string()).or_default().push((
+                    v["segment_id"].as_str().unwrap_or_default().to_string(),
+                    v["direction"].as_str().unwrap_or_default().to_string(),
+                    v["camera_id"].as_str().unwrap_or_default().to_string(),
+                    record.event_time,
+                ));
+            }
+            raw.push(
+                0,
+                offset,
+                Some(record.key.as_bytes()),
+                Some(&record.payload),
+            );
+            offset += 1;
+        }
+        let decoded = decoder.decode(&raw)?;
+        let partitions = vec![0; decoded.batch.num_rows()];
+        let out = query
+            .process(&decoded.batch, &partitions, None, now)
+            .await?;
+        anyhow::ensure!(out.diverted.is_empty(), "simulated readings set aside");
+        published.extend(out.rows);
+    }
+    let end = sim.sim_time_ms() + 3_600_000;
+    published.extend(query.advance_watermark(end, now).await?.rows);
+    // Per (segment, window start): (vehicles, total travel ms).
+    let mut want: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+    for reads in readings.values() {
+        for a in reads {
+            for b in reads {
+                if a.0 == b.0 && a.1 == b.1 && a.2 != b.2 && b.3 > a.3 && b.3 <= a.3 + 600_000 {
+                    let w = want
+                        .entry((a.0.clone(), b.3.div_euclid(300_000) * 300_000))
+                        .or_default();
+                    w.0 += 1;
+                    w.1 += b.3 - a.3;
+                }
+            }
+        }
+    }
+    anyhow::ensure!(
+        want.len() > 10,
+        "too few travel times simulated: {}",
+        want.len()
+    );
+    let mut got: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+    for b in &published {
+        let segment = cast(
+            b.column_by_name("segment_id").expect("segment"),
+            &DataType::Utf8,
+        )?;
+        let start = cast(
+            b.column_by_name("window_start").expect("start"),
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )?;
+        let start = start.as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>();
+        let n = cast(
+            b.column_by_name("vehicles").expect("vehicles"),
+            &DataType::Int64,
+        )?;
+        let n = n.as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+        let mean = b.column_by_name("mean_travel_s").expect("mean");
+        let mean = mean.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+        for r in 0..b.num_rows() {
+            let key = (
+                segment.as_string::<i32>().value(r).to_string(),
+                start.value(r),
+            );
+            let total = (mean.value(r) * 1000.0 * n.value(r) as f64).round() as i64;
+            anyhow::ensure!(
+                got.insert(key.clone(), (n.value(r), total)).is_none(),
+                "{key:?} published twice"
+            );
+        }
+    }
+    assert_eq!(got, want);
+    Ok(())
+}
