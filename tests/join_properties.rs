@@ -203,6 +203,17 @@ fn queries() -> Vec<(&'static str, &'static str, String, String)> {
             ),
         ),
         (
+            // No equi key: every pair within the bound.
+            "keyless_pairs",
+            "aid BIGINT, bid BIGINT",
+            "SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON b.t BETWEEN a.t - INTERVAL '30 seconds' \
+             AND a.t + INTERVAL '30 seconds'"
+                .to_string(),
+            "SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON b.t BETWEEN a.t - INTERVAL '30 seconds' \
+             AND a.t + INTERVAL '30 seconds'"
+                .to_string(),
+        ),
+        (
             // Strict bounds: a pair exactly on them is not one.
             "strict_pairs",
             "aid BIGINT, bid BIGINT",
@@ -478,4 +489,83 @@ proptest! {
     fn interval_joins_match_batch_joins(run in run()) {
         check(&run)?;
     }
+}
+
+/// Without checkpoints, a LEFT JOIN holds back the offsets of a right row it has evicted
+/// until its left partners have left the state too: replayed without the right row, a left
+/// row would otherwise come out unmatched after its pair was published.
+#[tokio::test]
+async fn an_outer_join_holds_a_partners_offsets_until_the_kept_side_is_done() -> anyhow::Result<()>
+{
+    use urbanstream::plan::stream::StreamContext;
+    let ctx = StreamContext::new();
+    let mut query = None;
+    for sql in [
+        "CREATE EXTERNAL TABLE a (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'ta', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '7d')",
+        "CREATE EXTERNAL TABLE b (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'tb', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '7d')",
+        &format!("SELECT a.id AS aid, b.id AS bid FROM a LEFT JOIN b ON {BOUND}"),
+    ] {
+        for statement in StreamContext::parse(sql)? {
+            if let Some(q) = ctx.plan(statement).await? {
+                query = Some(q);
+            }
+        }
+    }
+    let mut query = query.ok_or_else(|| anyhow::anyhow!("no query"))?;
+    let now = T0 + 86_400_000;
+    let batch = |id: i64, t: i64| -> anyhow::Result<RecordBatch> {
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("id", Arc::new(Int64Array::from(vec![id]))),
+            (
+                "k",
+                Arc::new(datafusion::arrow::array::StringViewArray::from(vec![Some(
+                    "k0",
+                )])),
+            ),
+            ("t", Arc::new(TimestampMillisecondArray::from(vec![t]))),
+            ("v", Arc::new(Int64Array::from(vec![1]))),
+        ];
+        Ok(RecordBatch::try_from_iter(columns)?)
+    };
+    // Left row 1 at T0 and right row 2 at T0 pair. The bound is b.t - a.t in [-1 min, 3 min].
+    query
+        .process_from("a", &batch(1, T0)?, &[0], Some(&[10]), now)
+        .await?;
+    let out = query
+        .process_from("b", &batch(2, T0)?, &[0], Some(&[20]), now)
+        .await?;
+    assert_eq!(out.rows.iter().map(RecordBatch::num_rows).sum::<usize>(), 1);
+    // The left stream moves 2 minutes on: right row 2 can meet no left row to come (it needs
+    // a left row by T0 + 1 min) and leaves the state; left row 1 stays (a right row up to
+    // T0 + 3 min could still come).
+    query
+        .process_from("a", &batch(3, T0 + 120_000)?, &[0], Some(&[11]), now)
+        .await?;
+    assert_eq!(
+        query.held_offsets_of("tb").get(&0),
+        Some(&20),
+        "right row 2 still held"
+    );
+    // The right stream reaches T0 + 4 min: left row 1 leaves, matched, but a left row at
+    // T0 + 1 min (right row 2's last possible partner) would not have left yet.
+    query
+        .process_from("b", &batch(4, T0 + 240_000)?, &[0], Some(&[21]), now)
+        .await?;
+    assert_eq!(
+        query.held_offsets_of("tb").get(&0),
+        Some(&20),
+        "right row 2 still held"
+    );
+    // Past it: right row 2 is released.
+    query
+        .process_from("b", &batch(5, T0 + 241_000)?, &[0], Some(&[22]), now)
+        .await?;
+    assert_eq!(
+        query.held_offsets_of("tb").get(&0),
+        Some(&21),
+        "right row 2 released"
+    );
+    Ok(())
 }

@@ -119,6 +119,7 @@ pub(super) fn plan_join(
     let mut sides = Vec::new();
     let mut tables = Vec::new();
     let mut time_columns = Vec::new();
+    let mut shifted = Vec::new();
     for (name, side) in [("left", &left), ("right", &right)] {
         refuse_state_below(side, name)?;
         let mut leaves: Vec<(String, Feed, Arc<dyn ExecutionPlan>)> = Vec::new();
@@ -141,13 +142,17 @@ pub(super) fn plan_join(
                  no event-time column (OPTIONS ('event_time' '<column>'))"
             );
         };
-        let columns: Vec<usize> = (0..side.schema().fields().len())
-            .filter(|&i| {
-                trace(side, i).is_some_and(|(l, c)| {
-                    Arc::ptr_eq(&l, leaf) && l.schema().field(c).name() == &time
-                })
-            })
+        // Columns that are the event time, or the event time plus a constant (DataFusion
+        // computes `a.t - INTERVAL …` below a nested-loop join and compares the result).
+        let offsets: Vec<(usize, i64)> = (0..side.schema().fields().len())
+            .filter_map(|i| time_offset(side, i, leaf, &time).map(|k| (i, k)))
             .collect();
+        let columns: Vec<usize> = offsets
+            .iter()
+            .filter(|(_, k)| *k == 0)
+            .map(|(i, _)| *i)
+            .collect();
+        shifted.push(offsets);
         if columns.is_empty() {
             return plan_err!(
                 "a join of two streams needs an event-time bound on both sides, or it would keep \
@@ -160,8 +165,8 @@ pub(super) fn plan_join(
         time_columns.push(columns);
     }
     let time_columns: [Vec<usize>; 2] = [time_columns[0].clone(), time_columns[1].clone()];
-    let Some((lo, hi, bound_only)) = filter.as_ref().and_then(|f| time_bound(f, &time_columns))
-    else {
+    let shifted: [Vec<(usize, i64)>; 2] = [shifted[0].clone(), shifted[1].clone()];
+    let Some((lo, hi, bound_only)) = filter.as_ref().and_then(|f| time_bound(f, &shifted)) else {
         return plan_err!(
             "a join of two streams needs an event-time bound on both sides, or it would keep \
              every event forever: add one to the ON clause, {BOUNDED_FORM}"
@@ -173,6 +178,13 @@ pub(super) fn plan_join(
              {lo} ms and at most {hi} ms after the left's)"
         );
     }
+    // Without equi keys every row has the same key: one constant.
+    let on = if on.is_empty() {
+        let one: Arc<dyn PhysicalExpr> = Arc::new(Literal::new(ScalarValue::Int32(Some(1))));
+        vec![(one.clone(), one)]
+    } else {
+        on
+    };
     let spec = JoinSpec {
         join_type,
         on,
@@ -242,7 +254,10 @@ pub(super) fn trace(
         return Some((plan.clone(), index));
     }
     if let Some(p) = plan.downcast_ref::<ProjectionExec>() {
-        let c = super::chain::time_column_of(&p.expr().get(index)?.expr)?;
+        let expr = &p.expr().get(index)?.expr;
+        let schema = p.input().schema();
+        let inner = keeps_time(expr, &schema).unwrap_or(expr);
+        let c = inner.downcast_ref::<Column>()?;
         return trace(p.input(), c.index());
     }
     if let Some(f) = plan.downcast_ref::<FilterExec>() {
@@ -270,12 +285,87 @@ pub(super) fn trace(
     }
 }
 
+/// How far column `index` of `plan`'s rows is from the event time `time` of stream leaf
+/// `leaf`, when it is that time plus a constant: followed through projections (computing
+/// `t ± interval`), filters, lookup joins and nodes that pass rows on unchanged.
+fn time_offset(
+    plan: &Arc<dyn ExecutionPlan>,
+    index: usize,
+    leaf: &Arc<dyn ExecutionPlan>,
+    time: &str,
+) -> Option<i64> {
+    if Arc::ptr_eq(plan, leaf) {
+        return (plan.schema().field(index).name() == time).then_some(0);
+    }
+    if let Some(p) = plan.downcast_ref::<ProjectionExec>() {
+        let schema = p.input().schema();
+        let (c, k) = shifted_column(&p.expr().get(index)?.expr, &schema)?;
+        return time_offset(p.input(), c, leaf, time)?.checked_add(k);
+    }
+    if let Some(f) = plan.downcast_ref::<FilterExec>() {
+        let index = match f.projection() {
+            Some(p) => *p.get(index)?,
+            None => index,
+        };
+        return time_offset(f.input(), index, leaf, time);
+    }
+    if let Some(j) = plan.downcast_ref::<HashJoinExec>() {
+        let index = match &j.projection {
+            Some(p) => *p.get(index)?,
+            None => index,
+        };
+        let left = j.left().schema().fields().len();
+        return if index < left {
+            time_offset(j.left(), index, leaf, time)
+        } else {
+            time_offset(j.right(), index - left, leaf, time)
+        };
+    }
+    match plan.children().as_slice() {
+        [child] if child.schema().fields() == plan.schema().fields() => {
+            time_offset(child, index, leaf, time)
+        }
+        _ => None,
+    }
+}
+
+/// `expr` over rows of `schema` as (column, ms): that column plus a constant.
+fn shifted_column(
+    expr: &Arc<dyn PhysicalExpr>,
+    schema: &datafusion::arrow::datatypes::Schema,
+) -> Option<(usize, i64)> {
+    if let Some(c) = expr.downcast_ref::<Column>() {
+        return Some((c.index(), 0));
+    }
+    if let Some(inner) = keeps_time(expr, schema) {
+        return shifted_column(inner, schema);
+    }
+    let b = expr.downcast_ref::<BinaryExpr>()?;
+    match b.op() {
+        Operator::Plus => match (shifted_column(b.left(), schema), constant_ms(b.right())) {
+            (Some((c, k)), Some(m)) => Some((c, k.checked_add(m)?)),
+            _ => {
+                let (c, k) = shifted_column(b.right(), schema)?;
+                Some((c, k.checked_add(constant_ms(b.left())?)?))
+            }
+        },
+        Operator::Minus => {
+            let (c, k) = shifted_column(b.left(), schema)?;
+            Some((c, k.checked_sub(constant_ms(b.right())?)?))
+        }
+        _ => None,
+    }
+}
+
 /// `[lo, hi]` such that the filter holds only when `right.ts - left.ts` lies within, in ms,
 /// from its conjuncts comparing the two sides' event times (each plus or minus a constant).
 ///
 /// Also whether the bound is the whole filter: every conjunct an inclusive comparison of
 /// millisecond event times (so that testing the difference is testing the filter).
-fn time_bound(filter: &JoinFilter, time_columns: &[Vec<usize>; 2]) -> Option<(i64, i64, bool)> {
+fn time_bound(
+    filter: &JoinFilter,
+    time_columns: &[Vec<(usize, i64)>; 2],
+) -> Option<(i64, i64, bool)> {
     let mut lo: Option<i64> = None;
     let mut hi: Option<i64> = None;
     let conjuncts = split_conjunction(filter.expression());
@@ -346,16 +436,26 @@ fn time_bound(filter: &JoinFilter, time_columns: &[Vec<usize>; 2]) -> Option<(i6
         .iter()
         .zip(filter.schema().fields())
         .filter(|(c, _)| match c.side {
-            JoinSide::Left => time_columns[0].contains(&c.index),
-            JoinSide::Right => time_columns[1].contains(&c.index),
+            JoinSide::Left => time_columns[0].iter().any(|(i, _)| *i == c.index),
+            JoinSide::Right => time_columns[1].iter().any(|(i, _)| *i == c.index),
             JoinSide::None => false,
         })
         .all(|(_, f)| {
             matches!(
                 f.data_type(),
-                DataType::Timestamp(TimeUnit::Millisecond | TimeUnit::Second, None)
+                DataType::Timestamp(TimeUnit::Millisecond, None)
             )
         });
+    // Arithmetic on second timestamps rounds to the second: a bound in ms is widened by one.
+    if filter
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Timestamp(TimeUnit::Second, _)))
+    {
+        lo = lo.saturating_sub(1000);
+        hi = hi.saturating_add(1000);
+    }
     let exact = inclusive == conjuncts.len() && milliseconds && !(zoned && days);
     Some((lo, hi, exact))
 }
@@ -364,7 +464,7 @@ fn time_bound(filter: &JoinFilter, time_columns: &[Vec<usize>; 2]) -> Option<(i6
 fn linear(
     expr: &Arc<dyn PhysicalExpr>,
     filter: &JoinFilter,
-    time_columns: &[Vec<usize>; 2],
+    time_columns: &[Vec<(usize, i64)>; 2],
 ) -> Option<(usize, i64)> {
     if let Some(c) = expr.downcast_ref::<Column>() {
         let index = filter.column_indices().get(c.index())?;
@@ -374,14 +474,12 @@ fn linear(
             JoinSide::None => return None,
         };
         return time_columns[side]
-            .contains(&index.index)
-            .then_some((side, 0));
+            .iter()
+            .find(|(i, _)| *i == index.index)
+            .map(|(_, k)| (side, *k));
     }
-    if let Some(c) = expr.downcast_ref::<CastExpr>() {
-        return linear(c.expr(), filter, time_columns);
-    }
-    if let Some(c) = expr.downcast_ref::<TryCastExpr>() {
-        return linear(c.expr(), filter, time_columns);
+    if let Some(inner) = keeps_time(expr, filter.schema()) {
+        return linear(inner, filter, time_columns);
     }
     let b = expr.downcast_ref::<BinaryExpr>()?;
     match b.op() {
@@ -403,13 +501,44 @@ fn linear(
     }
 }
 
-/// A constant interval or duration in ms; `None` for months (of no fixed length) and
-/// anything else.
+/// The expression under `expr` when `expr` casts it to a timestamp no coarser than its own
+/// (which keeps each time as it is); `None` for anything else.
+fn keeps_time<'a>(
+    expr: &'a Arc<dyn PhysicalExpr>,
+    schema: &datafusion::arrow::datatypes::Schema,
+) -> Option<&'a Arc<dyn PhysicalExpr>> {
+    let (inner, to) = if let Some(c) = expr.downcast_ref::<CastExpr>() {
+        (c.expr(), c.cast_type())
+    } else if let Some(c) = expr.downcast_ref::<TryCastExpr>() {
+        (c.expr(), c.cast_type())
+    } else {
+        return None;
+    };
+    let rank = |u: &TimeUnit| match u {
+        TimeUnit::Second => 0,
+        TimeUnit::Millisecond => 1,
+        TimeUnit::Microsecond => 2,
+        TimeUnit::Nanosecond => 3,
+    };
+    match (inner.data_type(schema).ok()?, to) {
+        (DataType::Timestamp(from, from_zone), DataType::Timestamp(to, to_zone))
+            if rank(&from) <= rank(to) && from_zone == *to_zone =>
+        {
+            Some(inner)
+        }
+        _ => None,
+    }
+}
+
+/// A constant interval or duration in whole ms; `None` for months (of no fixed length), for
+/// parts of a millisecond and for anything else.
 fn constant_ms(expr: &Arc<dyn PhysicalExpr>) -> Option<i64> {
     let expr = expr.downcast_ref::<CastExpr>().map_or(expr, |c| c.expr());
     let l = expr.downcast_ref::<Literal>()?;
     match l.value() {
-        ScalarValue::IntervalMonthDayNano(Some(v)) if v.months == 0 => {
+        ScalarValue::IntervalMonthDayNano(Some(v))
+            if v.months == 0 && v.nanoseconds % 1_000_000 == 0 =>
+        {
             Some(i64::from(v.days) * 86_400_000 + v.nanoseconds / 1_000_000)
         }
         ScalarValue::IntervalDayTime(Some(v)) => {
@@ -417,8 +546,8 @@ fn constant_ms(expr: &Arc<dyn PhysicalExpr>) -> Option<i64> {
         }
         ScalarValue::DurationSecond(Some(v)) => v.checked_mul(1000),
         ScalarValue::DurationMillisecond(Some(v)) => Some(*v),
-        ScalarValue::DurationMicrosecond(Some(v)) => Some(v / 1000),
-        ScalarValue::DurationNanosecond(Some(v)) => Some(v / 1_000_000),
+        ScalarValue::DurationMicrosecond(Some(v)) if v % 1000 == 0 => Some(v / 1000),
+        ScalarValue::DurationNanosecond(Some(v)) if v % 1_000_000 == 0 => Some(v / 1_000_000),
         _ => None,
     }
 }

@@ -619,6 +619,7 @@ impl StreamContext {
                     schema: u.node.schema(),
                     branches: u.branches,
                     others,
+                    watermark: None,
                 })
             });
             return Ok(StreamQuery {
@@ -883,6 +884,7 @@ impl StreamContext {
                 schema: u.node.schema(),
                 branches: u.branches,
                 others,
+                watermark: None,
             })
         });
         Ok(StreamQuery {
@@ -2375,10 +2377,20 @@ impl StreamQuery {
     }
 
     /// The input watermarks of a join's sides at processing time `now_ms`.
+    /// A stream whose partitions have all gone idle follows the other: it holds nothing back.
     fn join_watermarks(&mut self, now_ms: i64) -> [Option<i64>; 2] {
         let left = self.watermarks.advance(now_ms);
         match &mut self.join {
-            Some(j) if j.right.is_some() => [left, j.right_watermarks.advance(now_ms)],
+            Some(j) if j.right.is_some() => {
+                let right = j.right_watermarks.advance(now_ms);
+                let left_idle = self.watermarks.is_idle(now_ms) == Some(true);
+                let right_idle = j.right_watermarks.is_idle(now_ms) == Some(true);
+                match (left_idle, right_idle) {
+                    (true, false) => [left.max(right), right],
+                    (false, true) => [left, right.max(left)],
+                    _ => [left, right],
+                }
+            }
             _ => [left, left],
         }
     }
@@ -2394,7 +2406,10 @@ impl StreamQuery {
             for o in &mut u.others {
                 marks.push((o.watermarks.advance(now_ms), o.watermarks.is_idle(now_ms)));
             }
-            return union_watermark(marks);
+            // It never moves back (a stream resuming behind the others, all going idle).
+            let w = union_watermark(marks).max(u.watermark);
+            u.watermark = w;
+            return w;
         }
         let watermarks = self.join_watermarks(now_ms);
         match &self.join {

@@ -128,6 +128,8 @@ pub(super) struct UnionInput {
     pub others: Vec<OtherInput>,
     /// The union's rows.
     pub schema: SchemaRef,
+    /// The highest union watermark so far.
+    pub watermark: Option<i64>,
 }
 
 impl UnionInput {

@@ -82,6 +82,10 @@ struct Buffer {
     live: usize,
     /// Index entries of rows no longer live (dropped on the next rebuild).
     stale: usize,
+    /// Offsets of evicted rows whose partners on a side kept whole (an outer join's) may
+    /// still leave the state unmatched or not: by the watermark of this side that releases
+    /// them. Replayed without them, such a partner would come out unmatched a second time.
+    lingering: BTreeMap<i64, HashMap<i32, i64>>,
     bytes: usize,
 }
 
@@ -410,13 +414,37 @@ impl IntervalJoin {
                     self.assemble(None, Some(&rows), n)?
                 });
             }
+            // The other side kept whole: its rows' partners of this side must come back on
+            // replay until the other side's rows can no longer leave the state.
+            let other_preserved = match self.spec.join_type {
+                JoinType::Full => true,
+                JoinType::Left => side == 1,
+                JoinType::Right => side == 0,
+                _ => false,
+            };
+            let span = self.spec.hi.saturating_sub(self.spec.lo);
             let buffer = &mut self.buffers[side];
             for id in emptied {
                 if let Some(c) = buffer.chunks.remove(&id) {
                     buffer.bytes = buffer
                         .bytes
                         .saturating_sub(c.batch.get_array_memory_size() + c.times.len() * 24);
+                    if other_preserved {
+                        // A row at t of this side meets rows of the other that leave once
+                        // this side's watermark passes t + (hi - lo).
+                        let last = c.times.iter().copied().max().unwrap_or(i64::MIN);
+                        let until = buffer
+                            .lingering
+                            .entry(last.saturating_add(span))
+                            .or_default();
+                        for (p, o) in c.offsets {
+                            until.entry(p).and_modify(|m| *m = (*m).min(o)).or_insert(o);
+                        }
+                    }
                 }
+            }
+            if let Some(own) = watermarks[side] {
+                buffer.lingering = buffer.lingering.split_off(&own);
             }
             if buffer.stale > 4096 && buffer.stale > 2 * buffer.live {
                 self.reindex(side);
@@ -449,10 +477,17 @@ impl IntervalJoin {
             .sum()
     }
 
-    /// Per input partition, the smallest offset of a row `side` still holds.
+    /// Per input partition, the smallest offset of a row `side` still holds (or whose
+    /// partners an outer join may still emit).
     pub fn held_offsets(&self, side: usize, out: &mut HashMap<i32, i64>) {
-        for chunk in self.buffers[side].chunks.values() {
-            for (&p, &o) in &chunk.offsets {
+        let buffer = &self.buffers[side];
+        let held = buffer
+            .chunks
+            .values()
+            .map(|c| &c.offsets)
+            .chain(buffer.lingering.values());
+        for offsets in held {
+            for (&p, &o) in offsets {
                 out.entry(p).and_modify(|m| *m = (*m).min(o)).or_insert(o);
             }
         }
