@@ -179,6 +179,9 @@ const KEYS: [&str; 4] = ["k0", "k1", "k2", "k3"];
 const BOUND: &str =
     "a.k = b.k AND b.t BETWEEN a.t - INTERVAL '1 minute' AND a.t + INTERVAL '3 minutes'";
 
+const WINDOWED: &str = "a.k = b.k AND date_bin(INTERVAL '5 minutes', a.t) = date_bin(INTERVAL '5 minutes', b.t) \
+     AND b.t BETWEEN a.t - INTERVAL '5 minutes' AND a.t + INTERVAL '5 minutes'";
+
 const STRICT: &str =
     "a.k = b.k AND b.t > a.t - INTERVAL '1 minute' AND a.t + INTERVAL '3 minutes' > b.t";
 
@@ -201,6 +204,14 @@ fn queries() -> Vec<(&'static str, &'static str, String, String)> {
             format!(
                 "SELECT a.id AS aid, b.id AS bid FROM a LEFT JOIN b ON {BOUND} AND a.v + 30 >= b.v"
             ),
+        ),
+        (
+            // A window join: both rows in the same five minutes, as an interval join with the
+            // window in the key.
+            "window_pairs",
+            "aid BIGINT, bid BIGINT",
+            format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {WINDOWED}"),
+            format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {WINDOWED}"),
         ),
         (
             // No equi key: every pair within the bound.

@@ -29,6 +29,11 @@ pub struct Feed {
 }
 
 impl Feed {
+    /// Whether `other` is this feed (a clone of it).
+    pub fn same(&self, other: &Feed) -> bool {
+        Arc::ptr_eq(&self.batches, &other.batches)
+    }
+
     /// Replaces the waiting batches.
     pub fn set(&self, batches: Vec<RecordBatch>) {
         if let Ok(mut slot) = self.batches.lock() {

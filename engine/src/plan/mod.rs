@@ -15,6 +15,7 @@
 mod chain;
 pub mod feed;
 mod join;
+mod ordered;
 pub mod repartition;
 pub mod rewrite;
 pub mod sandbox;

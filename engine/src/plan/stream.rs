@@ -608,8 +608,27 @@ impl StreamContext {
                 );
             }
             super::topn::refuse_per_batch(&physical)?;
-            refuse_lag_per_batch(&physical)?;
+            // LAG over the stream's events: the rows below it wait for the watermark.
+            let source_feed = feed.clone();
+            let event_time = time_column.clone();
+            let split = if join.is_none() && union.is_none() {
+                super::ordered::split(&physical, &|below, i| {
+                    super::join::trace(below, i).is_some_and(|(leaf, c)| {
+                        leaf.downcast_ref::<FeedExec>().is_some_and(|f| {
+                            f.feed().same(&source_feed)
+                                && event_time.as_deref() == Some(leaf.schema().field(c).name())
+                        })
+                    })
+                })?
+            } else {
+                refuse_lag_per_batch(&physical)?;
+                None
+            };
             let output_schema = physical.schema();
+            let (physical, ordered) = match split {
+                Some((below, ordered)) => (below, Some(Box::new(ordered))),
+                None => (physical, None),
+            };
             let join = match join {
                 Some(planned) => Some(Box::new(super::join::JoinInput::new(planned, right, None)?)),
                 None => None,
@@ -644,6 +663,7 @@ impl StreamContext {
                 lags,
                 join,
                 union,
+                ordered,
             });
         };
         let (spec, window_name) = super::chain::aggregate_spec(
@@ -909,6 +929,7 @@ impl StreamContext {
             lags,
             join,
             union,
+            ordered: None,
         })
     }
 }
@@ -1332,6 +1353,9 @@ pub struct StreamQuery {
     join: Option<Box<super::join::JoinInput>>,
     /// When it reads a union of streams: the branches, which feed `lower` with their rows.
     union: Option<Box<super::union::UnionInput>>,
+    /// When it takes `LAG` over the stream's events: `lower`'s rows, waiting for the
+    /// watermark to be released in time order.
+    ordered: Option<Box<super::ordered::Ordered>>,
 }
 
 impl StreamQuery {
@@ -1667,6 +1691,7 @@ impl StreamQuery {
             || !self.keyed.is_empty()
             || !self.lags.is_empty()
             || self.join.is_some()
+            || self.ordered.is_some()
     }
 
     /// Whether it aggregates over windows.
@@ -1754,6 +1779,7 @@ impl StreamQuery {
             + self.lags.iter().map(|l| l.handle.len()).sum::<usize>()
             + self.upsert.as_ref().map_or(0, UpsertState::len)
             + self.join.as_ref().map_or(0, |j| j.state.rows())
+            + self.ordered.as_ref().map_or(0, |o| o.rows())
     }
 
     /// Bytes held in state: window and session partials with their emission bookkeeping,
@@ -1773,6 +1799,7 @@ impl StreamQuery {
             + self.lags.iter().map(|l| l.handle.bytes()).sum::<usize>()
             + self.upsert.as_ref().map_or(0, UpsertState::bytes)
             + self.join.as_ref().map_or(0, |j| j.state.bytes())
+            + self.ordered.as_ref().map_or(0, |o| o.bytes())
             + held
     }
 
@@ -1882,6 +1909,9 @@ impl StreamQuery {
             }
             out.nest("join", state);
         }
+        if let Some(o) = &self.ordered {
+            out.nest("ordered", o.snapshot()?);
+        }
         if let Some(u) = &self.union {
             let inputs: Vec<serde_json::Value> = u
                 .others
@@ -1972,6 +2002,9 @@ impl StreamQuery {
                 .into_iter()
                 .map(|(end, p)| (end, p.into_iter().collect()))
                 .collect();
+        }
+        if let Some(o) = &mut self.ordered {
+            o.restore(&snapshot.nested("ordered"))?;
         }
         if let Some(u) = &mut self.union {
             let inputs: Vec<serde_json::Value> = meta_field(meta, "union")?;
@@ -2176,9 +2209,16 @@ impl StreamQuery {
                         }
                     }
                 }
-                None => out
-                    .rows
-                    .extend(lowered.into_iter().filter(|b| b.num_rows() > 0)),
+                None => match &mut self.ordered {
+                    Some(o) => {
+                        for b in lowered {
+                            o.hold(b);
+                        }
+                    }
+                    None => out
+                        .rows
+                        .extend(lowered.into_iter().filter(|b| b.num_rows() > 0)),
+                },
             }
         }
         Ok(())
@@ -2715,6 +2755,9 @@ impl StreamQuery {
                 && !absorbed.contains(&r)
             {
                 Some(DivertReason::BeyondAllowedLateness)
+            } else if self.ordered.is_some() && t < watermark {
+                // Rows before the watermark have been put in order: it would come after.
+                Some(DivertReason::BeyondAllowedLateness)
             } else {
                 None
             };
@@ -2750,6 +2793,20 @@ impl StreamQuery {
                     let t_mark = t.min(now_ms);
                     let m = max_by_partition.entry(p).or_insert(t_mark);
                     *m = (*m).max(t_mark);
+                    if let (true, Some(&offset)) =
+                        (self.ordered.is_some(), offsets.and_then(|o| o.get(r)))
+                    {
+                        // Held until the watermark passes the next second.
+                        let key = (t.div_euclid(1000).saturating_add(1).saturating_mul(1000), p);
+                        match &mut run {
+                            Some((k, min)) if *k == key => *min = (*min).min(offset),
+                            _ => {
+                                if let Some((k, min)) = run.replace((key, offset)) {
+                                    hold(held_map(&mut self.held, &mut self.union, input), k, min);
+                                }
+                            }
+                        }
+                    }
                     if let (Some(w), Some(&offset)) =
                         (&self.windowed, offsets.and_then(|o| o.get(r)))
                     {
@@ -2786,6 +2843,23 @@ impl StreamQuery {
     }
 
     async fn emit(&mut self, now_ms: i64, out: &mut StepOutput) -> Result<()> {
+        if self.ordered.is_some() {
+            let watermark = self.input_watermark(now_ms).unwrap_or(i64::MIN);
+            if let Some(o) = &mut self.ordered
+                && let Some(rows) = o.release(watermark)?
+            {
+                o.feed.set(vec![rows]);
+                let upper = o.upper.clone();
+                out.rows.extend(
+                    collect(upper, self.task_ctx.clone())
+                        .await?
+                        .into_iter()
+                        .filter(|b| b.num_rows() > 0),
+                );
+            }
+            // Rows before the watermark are released: their offsets may be committed.
+            self.held = self.held.split_off(&watermark.saturating_add(1));
+        }
         if self.windowed.is_none() {
             return Ok(());
         }

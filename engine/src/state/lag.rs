@@ -303,7 +303,17 @@ impl KeyedLagExec {
         }))
     }
 
-    /// The expressions of its `PARTITION BY`.
+    /// Its input.
+    pub fn input(&self) -> &Arc<dyn ExecutionPlan> {
+        &self.input
+    }
+
+    /// The `ORDER BY` expression, over the input's rows.
+    pub fn order(&self) -> &Arc<dyn PhysicalExpr> {
+        &self.order
+    }
+
+    /// The `PARTITION BY` keys, over the input's rows.
     pub fn keys(&self) -> &[Arc<dyn PhysicalExpr>] {
         &self.keys
     }
