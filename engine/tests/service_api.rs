@@ -482,8 +482,10 @@ async fn a_query_over_its_memory_limit_fails_and_another_keeps_producing() -> an
         error.contains("resource limit") && error.contains("memory limit of 65536 bytes"),
         "{hog}"
     );
+    // Rows in are counted when a batch is taken, rows out once its outputs are acknowledged:
+    // wait for both.
     let counts = wait_for(&app, "counts", Duration::from_secs(60), |q| {
-        q["rows_in"] == 6_000
+        q["rows_in"] == 6_000 && q["rows_out"].as_u64().unwrap_or(0) > 0
     })
     .await?;
     assert_eq!(counts["state"], "RUNNING", "{counts}");
