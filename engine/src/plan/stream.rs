@@ -425,6 +425,9 @@ impl StreamContext {
         for k in &keyed {
             k.set_ttl(key_ttl);
         }
+        for l in &lags {
+            l.handle.set_ttl(key_ttl);
+        }
         let mut series_keys: Vec<Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>>> =
             Vec::new();
         physical.apply(|node| {
@@ -1808,7 +1811,8 @@ impl StreamQuery {
         self.keyed
             .iter()
             .map(|k| k.with_store(|s| s.expired()).unwrap_or(0))
-            .sum()
+            .sum::<u64>()
+            + self.lags.iter().map(|l| l.handle.expired()).sum::<u64>()
     }
 
     /// Per partition, the oldest input offset a window not yet evicted still needs. Offsets
@@ -2859,6 +2863,9 @@ impl StreamQuery {
             }
             // Rows before the watermark are released: their offsets may be committed.
             self.held = self.held.split_off(&watermark.saturating_add(1));
+            for l in &self.lags {
+                l.handle.expire(watermark);
+            }
         }
         if self.windowed.is_none() {
             return Ok(());
@@ -2910,6 +2917,9 @@ impl StreamQuery {
                 retract: false,
                 until: watermark,
             });
+        }
+        for l in &self.lags {
+            l.handle.expire(watermark);
         }
         let evicted = w.operator.evicted_through();
         self.held = self.held.split_off(&evicted.saturating_add(1));

@@ -54,12 +54,57 @@ struct KeyLags {
 }
 
 /// The state of one [`KeyedLagExec`], shared by its executions.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LagHandle {
     keys: Arc<Mutex<HashMap<Box<[u8]>, KeyLags>>>,
+    /// `urbanstream.key_ttl` in ms (`i64::MAX`: none): a key silent longer starts afresh.
+    ttl: Arc<std::sync::atomic::AtomicI64>,
+    /// Keys dropped or started afresh after staying silent longer than the TTL.
+    expired: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for LagHandle {
+    fn default() -> Self {
+        Self {
+            keys: Default::default(),
+            ttl: Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX)),
+            expired: Default::default(),
+        }
+    }
 }
 
 impl LagHandle {
+    /// Sets the key TTL (`None`: keys never expire).
+    pub fn set_ttl(&self, ttl_ms: Option<i64>) {
+        self.ttl.store(
+            ttl_ms.unwrap_or(i64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Keys dropped or started afresh after staying silent longer than the TTL.
+    pub fn expired(&self) -> u64 {
+        self.expired.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Drops the keys whose last row is more than the TTL before `watermark`: their next
+    /// row would start afresh anyway.
+    pub fn expire(&self, watermark: i64) {
+        let ttl = self.ttl.load(std::sync::atomic::Ordering::Relaxed);
+        if ttl == i64::MAX || watermark == i64::MIN {
+            return;
+        }
+        let horizon = watermark.saturating_sub(ttl);
+        if let Ok(mut keys) = self.keys.lock() {
+            let before = keys.len();
+            keys.retain(|_, k| k.last_t >= horizon);
+            self.expired.fetch_add(
+                (before - keys.len()) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
     fn lock(&self) -> crate::Result<std::sync::MutexGuard<'_, HashMap<Box<[u8]>, KeyLags>>> {
         self.keys
             .lock()
@@ -362,17 +407,27 @@ impl KeyedLagExec {
             .keys
             .lock()
             .map_err(|_| DataFusionError::Internal("lag state lock poisoned".into()))?;
+        let ttl = self.handle.ttl.load(std::sync::atomic::Ordering::Relaxed);
         for r in sequence {
             if order.is_null(r) {
                 continue;
             }
             let t = order.value(r);
+            let fresh = || KeyLags {
+                last_t: i64::MIN,
+                history: vec![VecDeque::new(); self.lags.len()],
+            };
             let state = keys
                 .entry(rows.row(r).as_ref().into())
-                .or_insert_with(|| KeyLags {
-                    last_t: i64::MIN,
-                    history: vec![VecDeque::new(); self.lags.len()],
-                });
+                .or_insert_with(fresh);
+            // A key silent longer than the TTL starts afresh, whether or not a sweep has
+            // dropped it yet (so the result does not depend on when sweeps ran).
+            if ttl != i64::MAX && state.last_t != i64::MIN && t.saturating_sub(state.last_t) > ttl {
+                *state = fresh();
+                self.handle
+                    .expired
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let in_order = t >= state.last_t;
             for (c, lag) in self.lags.iter().enumerate() {
                 let history = &mut state.history[c];
