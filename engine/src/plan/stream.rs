@@ -15,8 +15,13 @@
 //!   lower  (scan, filter, lookup joins, …)     runs on each micro-batch, over a FeedExec
 //! ```
 //!
-//! A query without aggregation is just the lower part. Queries that cannot run on an unbounded
-//! stream are refused at planning with a message that says what to write instead.
+//! A query without aggregation is just the lower part. Below `lower`, a query may read more
+//! than one stream: a join of two streams bounded in event time (`plan/join.rs`) or a
+//! `UNION ALL` of streams (`plan/union.rs`) feeds `lower` in place of the stream; and `LAG`
+//! over the stream's events splits the plan once more, holding rows until the watermark
+//! (`plan/ordered.rs`). Windows over windows chain above the aggregation
+//! (`plan/chain.rs`). Queries that cannot run on an unbounded stream are refused at planning
+//! with a message that says what to write instead.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -10,6 +10,9 @@
 //! [`upsert`] holds the latest row per key of a source read as a changelog; [`ranked`] the
 //! groups of each window for a ranking over them (top-N per window).
 //!
+//! [`join`] holds the rows of the two sides of a stream–stream join until no row to come can
+//! meet them; [`lag`] each key's last values for `LAG`.
+//!
 //! [`keyed`] holds the per-key state of detectors, health checks and alert machines
 //! (`anomaly_score(…) OVER (PARTITION BY …)` and friends) across micro-batches.
 
