@@ -264,6 +264,28 @@ async fn the_api_contract() -> anyhow::Result<()> {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["queries"][0]["sink_topic"], "test.counts", "{body}");
     assert_eq!(body["queries"][0]["windowed"], true, "{body}");
+    assert_eq!(body["queries"][0]["also_reads"], json!([]), "{body}");
+    // A join of two topics names both.
+    let join = "CREATE EXTERNAL TABLE pairs_out (segment_id VARCHAR NOT NULL, n BIGINT) \
+         STORED AS KAFKA OPTIONS ('topic' 'test.pairs', 'format' 'json'); \
+         INSERT INTO pairs_out SELECT c.segment_id, d.volume_car AS n FROM camera_events c \
+         JOIN detector_readings d ON c.segment_id = d.segment_id \
+         AND d.event_time BETWEEN c.event_time - INTERVAL '1 minute' AND c.event_time";
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/validate",
+        Some(TOKEN),
+        Some(json!({ "sql": join })),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["queries"][0]["source"], "camera_events", "{body}");
+    assert_eq!(
+        body["queries"][0]["also_reads"],
+        json!([["detector_readings", "city.traffic.detectors"]]),
+        "{body}"
+    );
 
     // Create, duplicate, list, get.
     let body = create(&app, "counts", &per_minute("counts")).await?;

@@ -267,8 +267,14 @@ fn render(answer: &Value, kind: &Shown) -> String {
         Shown::Validated => {
             let mut out = String::from("valid\n");
             for q in answer["queries"].as_array().into_iter().flatten() {
+                let others: String = q["also_reads"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|t| format!(" + {} ({})", text(&t[0]), text(&t[1])))
+                    .collect();
                 out.push_str(&format!(
-                    "  {} ({}) -> {} ({}){}\n",
+                    "  {} ({}){others} -> {} ({}){}\n",
                     text(&q["source"]),
                     text(&q["source_topic"]),
                     text(&q["sink"]),

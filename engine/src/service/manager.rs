@@ -144,6 +144,9 @@ pub struct PlannedStatement {
     pub source: String,
     /// Topic it reads.
     pub source_topic: String,
+    /// The other streams it reads (a join's right side, a union's other branches), as
+    /// (table, topic).
+    pub also_reads: Vec<(String, String)>,
     /// Table it writes.
     pub sink: String,
     /// Topic it writes.
@@ -525,6 +528,12 @@ impl QueryManager {
                 Ok(PlannedStatement {
                     source: q.source().name.clone(),
                     source_topic: q.source().options.topic.clone(),
+                    also_reads: q
+                        .inputs()
+                        .iter()
+                        .skip(1)
+                        .map(|t| (t.name.clone(), t.options.topic.clone()))
+                        .collect(),
                     sink: sink.name.clone(),
                     sink_topic: sink.options.topic.clone(),
                     windowed: q.is_windowed(),
