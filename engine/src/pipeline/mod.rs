@@ -1242,27 +1242,52 @@ impl Pipeline {
     /// far is acknowledged: the next offset to read, held back to the oldest event an open
     /// window of any query still needs.
     fn committable(&self) -> HashMap<(Arc<str>, i32), i64> {
-        let mut out = HashMap::new();
-        for ((topic, partition), next) in &self.next_offsets {
-            let mut offset = *next;
+        // Per topic, once: the oldest offset each partition's readers hold, and a floor for
+        // every partition (stage 2 of a repartitioned query keys its held offsets, of its own
+        // partition, by input partition).
+        let mut held: HashMap<&str, (HashMap<i32, i64>, Option<i64>)> = HashMap::new();
+        for (topic, _) in self.next_offsets.keys() {
+            if held.contains_key(&**topic) {
+                continue;
+            }
+            let (by_partition, floor) = held.entry(&**topic).or_default();
             for running in &self.queries {
                 if !running.reads(topic) {
                     continue;
                 }
                 for instance in running.instances() {
-                    // Stage 2 of a repartitioned query keys its held offsets (of its own
-                    // partition) by input partition.
-                    let held = match running.repartition {
-                        Some(_) => instance
-                            .held_offsets_of(&instance.source().options.topic)
-                            .values()
-                            .min()
-                            .copied(),
-                        None => instance.held_offsets_of(topic).get(partition).copied(),
-                    };
-                    if let Some(held) = held {
-                        offset = offset.min(held);
+                    match running.repartition {
+                        Some(_) => {
+                            let low = instance
+                                .held_offsets_of(&instance.source().options.topic)
+                                .values()
+                                .min()
+                                .copied();
+                            if let Some(low) = low {
+                                *floor = Some(floor.map_or(low, |f| f.min(low)));
+                            }
+                        }
+                        None => {
+                            for (p, o) in instance.held_offsets_of(topic) {
+                                by_partition
+                                    .entry(p)
+                                    .and_modify(|m| *m = (*m).min(o))
+                                    .or_insert(o);
+                            }
+                        }
                     }
+                }
+            }
+        }
+        let mut out = HashMap::new();
+        for ((topic, partition), next) in &self.next_offsets {
+            let mut offset = *next;
+            if let Some((by_partition, floor)) = held.get(&**topic) {
+                if let Some(h) = by_partition.get(partition) {
+                    offset = offset.min(*h);
+                }
+                if let Some(f) = floor {
+                    offset = offset.min(*f);
                 }
             }
             out.insert((topic.clone(), *partition), offset);
