@@ -76,6 +76,7 @@ fn manifest(q: &StreamQuery) -> Manifest {
 
 fn checkpoint(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .expect("runtime");
     let ctx = StreamContext::new();

@@ -97,6 +97,7 @@ fn state_machines(c: &mut Criterion) {
 
 fn through_the_engine(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .expect("runtime");
     let schemas = SchemaRegistry::embedded().expect("schemas");

@@ -30,6 +30,7 @@ fn context() -> SessionContext {
 
 fn indicators(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .expect("runtime");
     let ctx = context();

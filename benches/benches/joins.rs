@@ -95,6 +95,7 @@ fn queries() -> Vec<(&'static str, String)> {
 
 fn joins(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .expect("runtime");
     let left = batches(0);

@@ -33,6 +33,7 @@ fn rss() -> (usize, usize) {
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .expect("runtime");
     let schemas = SchemaRegistry::embedded().expect("schemas");

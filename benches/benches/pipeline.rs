@@ -76,6 +76,7 @@ fn raw_batches() -> Vec<(SimTopic, RawBatch)> {
 
 fn pipeline(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .expect("runtime");
     let schemas = SchemaRegistry::embedded().expect("schemas");

@@ -122,6 +122,7 @@ fn queries() -> Vec<(&'static str, String, usize)> {
 
 fn windows(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .expect("runtime");
     let mut group = c.benchmark_group("windows");
