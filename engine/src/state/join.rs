@@ -16,6 +16,7 @@
 //! of the bound plus the watermark delay, and no longer.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 
 use datafusion::arrow::row::Rows;
 use std::sync::Arc;
@@ -71,6 +72,49 @@ struct Chunk {
     min_live: i64,
     /// Per input partition, the smallest offset of the rows (while any is live).
     offsets: HashMap<i32, i64>,
+    /// The rows' join keys (row format), to tell keys of one hash apart.
+    keys: Rows,
+}
+
+/// The rows of one key hash: most keys (a plate, a vehicle) have one row, kept inline.
+#[derive(Debug)]
+enum Slot {
+    One((u64, u32)),
+    Many(Vec<(u64, u32)>),
+}
+
+impl Slot {
+    fn push(&mut self, entry: (u64, u32)) {
+        match self {
+            Slot::One(first) => *self = Slot::Many(vec![*first, entry]),
+            Slot::Many(v) => v.push(entry),
+        }
+    }
+
+    fn entries(&self) -> &[(u64, u32)] {
+        match self {
+            Slot::One(e) => std::slice::from_ref(e),
+            Slot::Many(v) => v,
+        }
+    }
+
+    /// Keeps the entries `keep` accepts; returns how many it dropped and whether any is left.
+    fn retain(&mut self, keep: impl Fn(&(u64, u32)) -> bool) -> (usize, bool) {
+        match self {
+            Slot::One(e) => {
+                if keep(e) {
+                    (0, true)
+                } else {
+                    (1, false)
+                }
+            }
+            Slot::Many(v) => {
+                let before = v.len();
+                v.retain(|e| keep(e));
+                (before - v.len(), !v.is_empty())
+            }
+        }
+    }
 }
 
 /// One side's rows, indexed by key.
@@ -78,7 +122,8 @@ struct Chunk {
 struct Buffer {
     chunks: BTreeMap<u64, Chunk>,
     next: u64,
-    index: datafusion::common::HashMap<Box<[u8]>, Vec<(u64, u32)>>,
+    /// Rows by the hash of their key (`Chunk::keys` tells keys of one hash apart).
+    index: datafusion::common::HashMap<u64, Slot>,
     live: usize,
     /// Index entries of rows no longer live (dropped on the next rebuild).
     stale: usize,
@@ -183,18 +228,30 @@ impl IntervalJoin {
                 if !keys.1[i] {
                     continue;
                 }
-                let Some(entries) = buffer.index.get_mut(keys.0.row(i).as_ref()) else {
+                let key = keys.0.row(i);
+                let hash = buffer.index.hasher().hash_one(key.as_ref());
+                let Some(entries) = buffer.index.get_mut(&hash) else {
                     continue;
                 };
                 // Entries of evicted rows are dropped as their key is met.
                 let chunks = &buffer.chunks;
-                let before = entries.len();
-                entries.retain(|(id, r)| chunks.get(id).is_some_and(|c| c.alive[*r as usize]));
-                buffer.stale = buffer.stale.saturating_sub(before - entries.len());
-                for &(id, r) in entries.iter() {
+                let (dropped, left) =
+                    entries.retain(|(id, r)| chunks.get(id).is_some_and(|c| c.alive[*r as usize]));
+                buffer.stale = buffer.stale.saturating_sub(dropped);
+                if !left {
+                    buffer.index.remove(&hash);
+                    continue;
+                }
+                let Some(entries) = buffer.index.get(&hash) else {
+                    continue;
+                };
+                for &(id, r) in entries.entries() {
                     let Some(chunk) = chunks.get(&id) else {
                         continue;
                     };
+                    if chunk.keys.row(r as usize) != key {
+                        continue;
+                    }
                     let t = chunk.times[r as usize];
                     let d = if side == 0 {
                         t.saturating_sub(at)
@@ -334,12 +391,18 @@ impl IntervalJoin {
         buffer.next += 1;
         for (r, valid) in keys.1.iter().enumerate() {
             if *valid {
-                index_row(&mut buffer.index, keys.0.row(r).as_ref(), (id, r as u32));
+                let hash = buffer.index.hasher().hash_one(keys.0.row(r).as_ref());
+                match buffer.index.get_mut(&hash) {
+                    Some(slot) => slot.push((id, r as u32)),
+                    None => {
+                        buffer.index.insert(hash, Slot::One((id, r as u32)));
+                    }
+                }
             }
         }
         let n = batch.num_rows();
         buffer.live += n;
-        buffer.bytes += batch.get_array_memory_size() + n * 24;
+        buffer.bytes += batch.get_array_memory_size() + n * 24 + keys.0.size();
         buffer.chunks.insert(
             id,
             Chunk {
@@ -350,6 +413,7 @@ impl IntervalJoin {
                 matched,
                 live: n,
                 offsets,
+                keys: keys.0,
             },
         );
     }
@@ -426,9 +490,9 @@ impl IntervalJoin {
             let buffer = &mut self.buffers[side];
             for id in emptied {
                 if let Some(c) = buffer.chunks.remove(&id) {
-                    buffer.bytes = buffer
-                        .bytes
-                        .saturating_sub(c.batch.get_array_memory_size() + c.times.len() * 24);
+                    buffer.bytes = buffer.bytes.saturating_sub(
+                        c.batch.get_array_memory_size() + c.times.len() * 24 + c.keys.size(),
+                    );
                     if other_preserved {
                         // A row at t of this side meets rows of the other that leave once
                         // this side's watermark passes t + (hi - lo).
@@ -458,8 +522,9 @@ impl IntervalJoin {
         let buffer = &mut self.buffers[side];
         let chunks = &buffer.chunks;
         buffer.index.retain(|_, entries| {
-            entries.retain(|(id, r)| chunks.get(id).is_some_and(|c| c.alive[*r as usize]));
-            !entries.is_empty()
+            entries
+                .retain(|(id, r)| chunks.get(id).is_some_and(|c| c.alive[*r as usize]))
+                .1
         });
         buffer.stale = 0;
     }
@@ -473,7 +538,7 @@ impl IntervalJoin {
     pub fn bytes(&self) -> usize {
         self.buffers
             .iter()
-            .map(|b| b.bytes + b.index.len() * 48 + (b.live + b.stale) * 12)
+            .map(|b| b.bytes + b.index.len() * 40 + (b.live + b.stale) * 12)
             .sum()
     }
 
@@ -571,20 +636,6 @@ impl IntervalJoin {
             self.buffer(side, rows, times, keys, matched, HashMap::new());
         }
         Ok(())
-    }
-}
-
-/// Adds `entry` under `key`, allocating the key only when it is new.
-fn index_row(
-    index: &mut datafusion::common::HashMap<Box<[u8]>, Vec<(u64, u32)>>,
-    key: &[u8],
-    entry: (u64, u32),
-) {
-    match index.get_mut(key) {
-        Some(entries) => entries.push(entry),
-        None => {
-            index.insert(key.into(), vec![entry]);
-        }
     }
 }
 
