@@ -59,6 +59,25 @@ fn rows(b: &RecordBatch) -> anyhow::Result<Vec<(String, String, String)>> {
         .collect())
 }
 
+/// Each row as its cells' text, space-separated, in order.
+fn text_rows(batches: &[RecordBatch]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let text: Vec<_> = (0..b.num_columns())
+            .map(|c| cast(b.column(c), &DataType::Utf8))
+            .collect::<Result<_, _>>()?;
+        for r in 0..b.num_rows() {
+            out.push(
+                text.iter()
+                    .map(|a| a.as_string::<i32>().value(r).to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
+    }
+    Ok(out)
+}
+
 #[tokio::test]
 async fn a_camera_incident_confirmed_by_a_crawling_detector_raises_an_alert() -> anyhow::Result<()>
 {
@@ -201,20 +220,7 @@ async fn the_most_congested_segments_of_each_ward_are_ranked_each_minute() -> an
     else {
         anyhow::bail!("no rows")
     };
-    let mut got = Vec::new();
-    for b in &batches {
-        let text: Vec<_> = (0..b.num_columns())
-            .map(|c| cast(b.column(c), &DataType::Utf8))
-            .collect::<Result<_, _>>()?;
-        for r in 0..b.num_rows() {
-            got.push(
-                text.iter()
-                    .map(|a| a.as_string::<i32>().value(r).to_string())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            );
-        }
-    }
+    let got = text_rows(&batches)?;
     assert_eq!(
         got,
         vec![
@@ -277,20 +283,7 @@ async fn vehicles_read_by_two_cameras_give_travel_times() -> anyhow::Result<()> 
     else {
         anyhow::bail!("no rows")
     };
-    let mut got = Vec::new();
-    for b in &batches {
-        let text: Vec<_> = (0..b.num_columns())
-            .map(|c| cast(b.column(c), &DataType::Utf8))
-            .collect::<Result<_, _>>()?;
-        for r in 0..b.num_rows() {
-            got.push(
-                text.iter()
-                    .map(|a| a.as_string::<i32>().value(r).to_string())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            );
-        }
-    }
+    let got = text_rows(&batches)?;
     assert_eq!(got, vec!["nguyen_trai_ntso 06:00 2 75.0 60.0 90.0"]);
     Ok(())
 }

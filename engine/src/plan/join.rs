@@ -226,15 +226,7 @@ pub(super) fn plan_join(
 
 /// Refuses state below a join of streams: each side runs per micro-batch.
 fn refuse_state_below(side: &Arc<dyn ExecutionPlan>, name: &str) -> Result<()> {
-    let stateful = side.exists(|n| {
-        Ok(n.downcast_ref::<AggregateExec>().is_some()
-            || n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
-                .is_some()
-            || n.downcast_ref::<crate::state::lag::KeyedLagExec>()
-                .is_some()
-            || n.name().contains("Window"))
-    })?;
-    if stateful {
+    if keeps_state(side)? {
         return plan_err!(
             "the {name} side of the join of two streams aggregates or keeps state per key, \
              which is not supported below a join yet: join the streams' events, and aggregate \
@@ -242,6 +234,19 @@ fn refuse_state_below(side: &Arc<dyn ExecutionPlan>, name: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether `plan` aggregates or keeps state per key (detectors, `LAG`, window functions):
+/// what a per-batch side of a join or branch of a union cannot run.
+pub(super) fn keeps_state(plan: &Arc<dyn ExecutionPlan>) -> Result<bool> {
+    plan.exists(|n| {
+        Ok(n.downcast_ref::<AggregateExec>().is_some()
+            || n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
+                .is_some()
+            || n.downcast_ref::<crate::state::lag::KeyedLagExec>()
+                .is_some()
+            || n.name().contains("Window"))
+    })
 }
 
 /// The leaf that column `index` of `plan`'s rows comes from, with its index there: followed
@@ -260,12 +265,22 @@ pub(super) fn trace(
         let c = inner.downcast_ref::<Column>()?;
         return trace(p.input(), c.index());
     }
+    let (child, index) = pass_through(plan, index)?;
+    trace(&child, index)
+}
+
+/// The child and its column that column `index` of `plan`'s rows is, unchanged: through
+/// filters, lookup joins and nodes that pass rows on as they are.
+fn pass_through(
+    plan: &Arc<dyn ExecutionPlan>,
+    index: usize,
+) -> Option<(Arc<dyn ExecutionPlan>, usize)> {
     if let Some(f) = plan.downcast_ref::<FilterExec>() {
         let index = match f.projection() {
             Some(p) => *p.get(index)?,
             None => index,
         };
-        return trace(f.input(), index);
+        return Some((f.input().clone(), index));
     }
     if let Some(j) = plan.downcast_ref::<HashJoinExec>() {
         let index = match &j.projection {
@@ -273,14 +288,16 @@ pub(super) fn trace(
             None => index,
         };
         let left = j.left().schema().fields().len();
-        return if index < left {
-            trace(j.left(), index)
+        return Some(if index < left {
+            (j.left().clone(), index)
         } else {
-            trace(j.right(), index - left)
-        };
+            (j.right().clone(), index - left)
+        });
     }
     match plan.children().as_slice() {
-        [child] if child.schema().fields() == plan.schema().fields() => trace(child, index),
+        [child] if child.schema().fields() == plan.schema().fields() => {
+            Some(((*child).clone(), index))
+        }
         _ => None,
     }
 }
@@ -302,31 +319,8 @@ fn time_offset(
         let (c, k) = shifted_column(&p.expr().get(index)?.expr, &schema)?;
         return time_offset(p.input(), c, leaf, time)?.checked_add(k);
     }
-    if let Some(f) = plan.downcast_ref::<FilterExec>() {
-        let index = match f.projection() {
-            Some(p) => *p.get(index)?,
-            None => index,
-        };
-        return time_offset(f.input(), index, leaf, time);
-    }
-    if let Some(j) = plan.downcast_ref::<HashJoinExec>() {
-        let index = match &j.projection {
-            Some(p) => *p.get(index)?,
-            None => index,
-        };
-        let left = j.left().schema().fields().len();
-        return if index < left {
-            time_offset(j.left(), index, leaf, time)
-        } else {
-            time_offset(j.right(), index - left, leaf, time)
-        };
-    }
-    match plan.children().as_slice() {
-        [child] if child.schema().fields() == plan.schema().fields() => {
-            time_offset(child, index, leaf, time)
-        }
-        _ => None,
-    }
+    let (child, index) = pass_through(plan, index)?;
+    time_offset(&child, index, leaf, time)
 }
 
 /// `expr` over rows of `schema` as (column, ms): that column plus a constant.

@@ -2128,22 +2128,7 @@ impl StreamQuery {
             return Box::pin(self.process_from(&table, batch, partitions, offsets, now_ms)).await;
         }
         let mut out = StepOutput::default();
-        let expected = self.source.topic_schema.output_schema();
-        if batch.num_columns() != expected.fields().len()
-            || batch
-                .schema()
-                .fields()
-                .iter()
-                .zip(expected.fields())
-                .any(|(a, b)| a.data_type() != b.data_type())
-        {
-            return plan_err!(
-                "a batch for stream {} does not have the stream's schema: got {}, expected {}",
-                self.source.name,
-                batch.schema(),
-                expected
-            );
-        }
+        check_schema(&self.source, batch)?;
         let batch = match self.time_column.clone() {
             Some(time) => {
                 self.admit(
@@ -2294,21 +2279,7 @@ impl StreamQuery {
             },
             None => return plan_err!("the query does not read {table}"),
         };
-        let expected = input.topic_schema.output_schema();
-        if batch.schema().fields().len() != expected.fields().len()
-            || batch
-                .schema()
-                .fields()
-                .iter()
-                .zip(expected.fields())
-                .any(|(a, b)| a.data_type() != b.data_type())
-        {
-            return plan_err!(
-                "a batch for stream {table} does not have the stream's schema: got {}, expected {}",
-                batch.schema(),
-                expected
-            );
-        }
+        check_schema(&input, batch)?;
         let (kept, holds) = self.admit_join(
             &input,
             left,
@@ -2366,21 +2337,7 @@ impl StreamQuery {
                 None => return plan_err!("internal: not a union"),
             },
         };
-        let expected = stream.topic_schema.output_schema();
-        if batch.schema().fields().len() != expected.fields().len()
-            || batch
-                .schema()
-                .fields()
-                .iter()
-                .zip(expected.fields())
-                .any(|(a, b)| a.data_type() != b.data_type())
-        {
-            return plan_err!(
-                "a batch for stream {table} does not have the stream's schema: got {}, expected {}",
-                batch.schema(),
-                expected
-            );
-        }
+        check_schema(&stream, batch)?;
         let kept = match stream.options.event_time.clone() {
             Some(time) => {
                 self.admit(
@@ -3101,6 +3058,27 @@ fn pass_watermark(keyed: &[KeyedHandle], watermark: i64) -> bool {
 }
 
 /// Records that the window ending at `key.0` holds partition `key.1` from offset `min` on.
+/// Refuses a batch that does not have stream `table`'s schema (column count and types).
+fn check_schema(table: &StreamTable, batch: &RecordBatch) -> Result<()> {
+    let expected = table.topic_schema.output_schema();
+    if batch.num_columns() != expected.fields().len()
+        || batch
+            .schema()
+            .fields()
+            .iter()
+            .zip(expected.fields())
+            .any(|(a, b)| a.data_type() != b.data_type())
+    {
+        return plan_err!(
+            "a batch for stream {} does not have the stream's schema: got {}, expected {}",
+            table.name,
+            batch.schema(),
+            expected
+        );
+    }
+    Ok(())
+}
+
 /// The held offsets of the query's source (`input` none) or of a union's other stream.
 fn held_map<'a>(
     held: &'a mut std::collections::BTreeMap<i64, HashMap<i32, i64>>,

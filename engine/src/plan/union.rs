@@ -34,18 +34,10 @@ pub(super) struct PlannedUnion {
 pub(super) fn plan_union(node: &Arc<dyn ExecutionPlan>) -> Result<PlannedUnion> {
     let mut branches = Vec::new();
     for child in node.children() {
-        let stateful = child.exists(|n| {
-            Ok(
-                n.downcast_ref::<datafusion::physical_plan::aggregates::AggregateExec>()
-                    .is_some()
-                    || n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
-                        .is_some()
-                    || n.downcast_ref::<crate::state::lag::KeyedLagExec>()
-                        .is_some()
-                    || n.name().contains("Window")
-                    || n.name().contains("Join") && super::join::two_stream_node(n).is_some(),
-            )
-        })?;
+        let stateful = super::join::keeps_state(child)?
+            || child.exists(|n| {
+                Ok(n.name().contains("Join") && super::join::two_stream_node(n).is_some())
+            })?;
         if stateful {
             return plan_err!(
                 "a branch of a UNION ALL of streams aggregates, joins streams or keeps state per \
