@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Ewma, RollingMad, Score, Season, Seasonal, standardise};
+use super::{Calibrator, Ewma, RollingMad, Score, Season, Seasonal, standardise};
 
 /// The default detector, meant to work on traffic speed, occupancy, travel time and pollutant
 /// series without per-series tuning:
@@ -24,8 +24,14 @@ use super::{Ewma, RollingMad, Score, Season, Seasonal, standardise};
 ///    day) cannot be told from the daily cycle, and only sudden deviations score.
 ///
 /// The score is the spike score `z` or the shift score, whichever is larger in magnitude,
-/// signed (negative below the baseline, e.g. a speed collapse). An alert threshold of 4 on
-/// `|score|` is a sane default. O(120) time every 8 readings (the MAD of the residual window),
+/// signed (negative below the baseline, e.g. a speed collapse).
+///
+/// 4. **Likelihood**: `|score|` calibrated against this series' own history of scores
+///    ([`Calibrator`], forgetting over 30 days), so that one threshold means the same on
+///    every series: alert on `likelihood ≥ 0.9999` (about one reading in 10 000 of a series
+///    without anomalies), whatever the series' scale, noise or tails. The raw score's scale
+///    is not comparable across series (a heavy-tailed or near-constant series reaches tens of
+///    σ in normal operation). O(120) time every 8 readings (the MAD of the residual window),
 /// O(1) otherwise; warming for the first 30 readings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Combined {
@@ -38,6 +44,9 @@ pub struct Combined {
     /// The residuals' (median, scale), refreshed every [`Combined::REFRESH`] readings.
     spread: Option<(f64, f64)>,
     since_refresh: u32,
+    /// The calibration of `|score|` into a likelihood.
+    #[serde(default)]
+    calibration: Calibrator,
 }
 
 impl Combined {
@@ -68,11 +77,12 @@ impl Combined {
             n: 0,
             spread: None,
             since_refresh: 0,
+            calibration: Calibrator::default(),
         }
     }
 
     pub(crate) fn heap_size(&self) -> usize {
-        self.seasonal.heap_size() + self.residuals.heap_size()
+        self.seasonal.heap_size() + self.residuals.heap_size() + self.calibration.heap_size()
     }
 
     /// Scores `x` at `t_ms`, then learns from it.
@@ -92,6 +102,7 @@ impl Combined {
                 score: None,
                 baseline,
                 warming,
+                likelihood: None,
             };
         };
         self.n = self.n.saturating_add(1);
@@ -101,6 +112,7 @@ impl Combined {
                 score: Some(0.0),
                 baseline: Some(x),
                 warming,
+                likelihood: None,
             };
         };
         let residual = x - baseline;
@@ -133,10 +145,18 @@ impl Combined {
             -self.neg / 2.0
         };
         let score = if z.abs() >= shift.abs() { z } else { shift };
+        let likelihood = if warming {
+            None
+        } else {
+            let l = self.calibration.likelihood(score.abs());
+            self.calibration.learn(t_ms, score.abs());
+            l
+        };
         Score {
             score: Some(score),
             baseline: Some(baseline + centre),
             warming,
+            likelihood,
         }
     }
 }

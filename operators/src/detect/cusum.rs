@@ -57,6 +57,7 @@ impl Cusum {
                 score: None,
                 baseline,
                 warming,
+                likelihood: None,
             };
         };
         let (Some(mean), Some(std)) = (baseline, self.baseline.std()) else {
@@ -65,6 +66,7 @@ impl Cusum {
                 score: Some(0.0),
                 baseline: Some(x),
                 warming,
+                likelihood: None,
             };
         };
         let z = standardise(x, mean, std).clamp(-Self::CLIP, Self::CLIP);
@@ -97,6 +99,7 @@ impl Cusum {
             score: Some(score),
             baseline: Some(mean),
             warming,
+            likelihood: None,
         }
     }
 }

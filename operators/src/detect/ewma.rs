@@ -59,6 +59,7 @@ impl Ewma {
                 score: None,
                 baseline: self.mean(),
                 warming,
+                likelihood: None,
             };
         };
         if self.n == 0 {
@@ -69,6 +70,7 @@ impl Ewma {
                 score: Some(0.0),
                 baseline: Some(x),
                 warming,
+                likelihood: None,
             };
         }
         let baseline = self.mean;
@@ -79,6 +81,7 @@ impl Ewma {
             score: z,
             baseline: Some(baseline),
             warming,
+            likelihood: None,
         }
     }
 

@@ -98,6 +98,7 @@ impl RollingMad {
                 score: None,
                 baseline,
                 warming,
+                likelihood: None,
             };
         };
         let out = match self.location_scale() {
@@ -106,16 +107,19 @@ impl RollingMad {
                 score: None,
                 baseline: Some(median),
                 warming,
+                likelihood: None,
             },
             Some((median, scale)) => Score {
                 score: Some(standardise(x, median, scale)),
                 baseline: Some(median),
                 warming,
+                likelihood: None,
             },
             None => Score {
                 score: Some(0.0),
                 baseline: Some(x),
                 warming,
+                likelihood: None,
             },
         };
         self.push(x);

@@ -20,6 +20,7 @@ mod combined;
 mod cusum;
 mod ewma;
 mod health;
+mod likelihood;
 mod mad;
 mod seasonal;
 pub mod udwf;
@@ -32,6 +33,7 @@ pub use combined::Combined;
 pub use cusum::Cusum;
 pub use ewma::Ewma;
 pub use health::{FaultKind, Health, HealthOut, max_step_per_minute};
+pub use likelihood::Calibrator;
 pub use mad::RollingMad;
 pub use seasonal::{Season, Seasonal};
 
@@ -51,6 +53,10 @@ pub struct Score {
     pub baseline: Option<f64>,
     /// Whether the detector has seen too little of this series to be trusted.
     pub warming: bool,
+    /// The anomaly likelihood in [0, 1] (see [`Calibrator`]): the same threshold means the
+    /// same false-alert rate on every series. `None` for detectors that do not calibrate, and
+    /// while the calibration is warming up.
+    pub likelihood: Option<f64>,
 }
 
 /// `(x - baseline) / scale`, the scale floored so that a constant series gives a finite score.

@@ -146,6 +146,7 @@ impl Seasonal {
                 score: None,
                 baseline,
                 warming,
+                likelihood: None,
             };
         };
         let score = baseline.map_or(0.0, |b| standardise(x, b, scale));
@@ -159,6 +160,7 @@ impl Seasonal {
             score: Some(score),
             baseline: Some(baseline.unwrap_or(x)),
             warming,
+            likelihood: None,
         }
     }
 }

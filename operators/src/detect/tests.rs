@@ -447,3 +447,81 @@ fn an_alert_without_scores_expires_on_event_time() {
     assert!(!cleared.active);
     assert_eq!(a.due(), None);
 }
+
+/// Stationary series without anomalies, of several shapes and scales 1000× apart: the share of
+/// readings whose likelihood reaches `1 − ε` is within a factor 2 of ε, for ε = 10⁻³ and
+/// 10⁻⁴, for the calibrator alone and for the default detector's likelihood.
+#[test]
+fn likelihoods_are_calibrated_on_stationary_series_of_any_shape_and_scale() {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, Exp, LogNormal, Normal, StudentT};
+
+    type Draw = Box<dyn Fn(&mut ChaCha8Rng) -> f64>;
+    let normal = Normal::new(0.0, 1.0).unwrap();
+    let student = StudentT::new(3.0).unwrap();
+    let lognormal = LogNormal::new(0.0, 0.8).unwrap();
+    let exp = Exp::new(1.0).unwrap();
+    let shapes: Vec<(&str, Draw)> = vec![
+        ("gaussian", Box::new(move |r| normal.sample(r))),
+        ("student-t(3)", Box::new(move |r| student.sample(r))),
+        ("lognormal (skewed)", Box::new(move |r| lognormal.sample(r))),
+        (
+            "intermittent zeros",
+            Box::new(move |r| {
+                if r.random_bool(0.6) {
+                    0.0
+                } else {
+                    exp.sample(r)
+                }
+            }),
+        ),
+    ];
+    let n = 400_000;
+    let warm = 20_000;
+    let mut failures = Vec::new();
+    for (name, draw) in &shapes {
+        for scale in [1.0e-3, 1.0, 1.0e3] {
+            let mut rng = ChaCha8Rng::seed_from_u64(7);
+            // The calibrator alone, on |x|.
+            let mut calibrator = Calibrator::default();
+            // The default detector on the series itself, one reading a minute.
+            let mut detector = Combined::new(0);
+            let (mut raw, mut det) = ([0usize; 2], [0usize; 2]);
+            let (mut raw_n, mut det_n) = (0usize, 0usize);
+            for i in 0..n {
+                let t = i as i64 * MIN;
+                let x = 20.0 * scale + scale * draw(&mut rng);
+                let v = (x / scale - 20.0).abs();
+                if i >= warm
+                    && let Some(l) = calibrator.likelihood(v)
+                {
+                    raw_n += 1;
+                    raw[0] += usize::from(l >= 1.0 - 1e-3);
+                    raw[1] += usize::from(l >= 1.0 - 1e-4);
+                }
+                calibrator.learn(t, v);
+                let s = detector.update(t, Some(x));
+                if i >= warm
+                    && let Some(l) = s.likelihood
+                {
+                    det_n += 1;
+                    det[0] += usize::from(l >= 1.0 - 1e-3);
+                    det[1] += usize::from(l >= 1.0 - 1e-4);
+                }
+            }
+            for (what, hits, total) in [("calibrator", raw, raw_n), ("anomaly_score", det, det_n)] {
+                assert!(total > n / 2, "{what} on {name}: only {total} likelihoods");
+                for (k, eps) in [1e-3, 1e-4].into_iter().enumerate() {
+                    let share = hits[k] as f64 / total as f64;
+                    if !(eps / 2.0..=eps * 2.0).contains(&share) {
+                        failures.push(format!(
+                            "{what} on {name} ×{scale}: P(likelihood ≥ 1 − {eps}) = {share:.2e}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "not calibrated:\n{}", failures.join("\n"));
+}

@@ -140,6 +140,7 @@ impl SeriesKind {
                 Field::new("score", DataType::Float64, true),
                 Field::new("baseline", DataType::Float64, true),
                 Field::new("warming", DataType::Boolean, true),
+                Field::new("likelihood", DataType::Float64, true),
             ]),
             Shape::Health => Fields::from(vec![
                 Field::new("fault", DataType::Boolean, true),
@@ -297,10 +298,11 @@ impl SeriesKind {
         let n = rows.len();
         let columns: Vec<ArrayRef> = match self.shape() {
             Shape::Score => {
-                let (mut s, mut b, mut w) = (
+                let (mut s, mut b, mut w, mut l) = (
                     Float64Builder::with_capacity(n),
                     Float64Builder::with_capacity(n),
                     BooleanBuilder::with_capacity(n),
+                    Float64Builder::with_capacity(n),
                 );
                 for r in rows {
                     let Emitted::Score(r) = r else {
@@ -309,11 +311,13 @@ impl SeriesKind {
                     s.append_option(r.score);
                     b.append_option(r.baseline);
                     w.append_value(r.warming);
+                    l.append_option(r.likelihood);
                 }
                 vec![
                     Arc::new(s.finish()),
                     Arc::new(b.finish()),
                     Arc::new(w.finish()),
+                    Arc::new(l.finish()),
                 ]
             }
             Shape::Health => {
