@@ -157,6 +157,17 @@ pub struct EvaluateArgs {
     /// (Hanoi) set, `+00:00` (the SQL functions' default) for `--data`.
     #[arg(long, value_parser = utc_offset)]
     pub utc_offset: Option<i64>,
+    /// SKAB's data folder (`valve1/`, `valve2/`, `other/`, `anomaly-free/`): score the
+    /// default detector on it per sensor column and for the whole pump, as SKAB scores its
+    /// leaderboard (NAB changepoint scores, outlier F1).
+    #[arg(long, conflicts_with = "data")]
+    pub skab: Option<std::path::PathBuf>,
+    /// The likelihood an alert is raised at.
+    #[arg(long, default_value_t = urbanstream_operators::detect::Calibrator::DEFAULT_THRESHOLD)]
+    pub threshold: f64,
+    /// The likelihood below which a raised alert clears.
+    #[arg(long, default_value_t = 0.99)]
+    pub clear: f64,
 }
 
 /// A UTC offset `±HH:MM` (or `0`), in milliseconds.
@@ -384,6 +395,33 @@ pub async fn run(cli: Cli) -> Result<()> {
 
 fn evaluate(args: EvaluateArgs) -> Result<()> {
     use crate::evaluate as eval;
+    if !(0.0..=1.0).contains(&args.threshold) || !(0.0..=args.threshold).contains(&args.clear) {
+        return Err(crate::error::Error::Config(format!(
+            "--threshold {} and --clear {} must be likelihoods with clear ≤ threshold (e.g. --threshold 0.9999 --clear 0.99)",
+            args.threshold, args.clear
+        )));
+    }
+    if let Some(dir) = &args.skab {
+        let (experiments, free) = eval::skab::load(dir)?;
+        let rows: usize = experiments.iter().map(|e| e.times.len()).sum();
+        println!(
+            "SKAB at {}: {} experiments, {rows} rows{}\n",
+            dir.display(),
+            experiments.len(),
+            free.as_ref()
+                .map_or(String::new(), |f| format!(", anomaly-free run of {} rows", f.times.len()))
+        );
+        let reports = eval::skab::evaluate(&experiments, free.as_ref(), args.threshold, args.clear)?;
+        print!("{}", eval::skab::table(&reports, args.threshold, args.clear));
+        if let Some(path) = &args.json {
+            let json = serde_json::to_string_pretty(&reports)
+                .map_err(|e| crate::error::Error::Config(e.to_string()))?;
+            std::fs::write(path, json)
+                .map_err(|e| crate::error::Error::Config(format!("{}: {e}", path.display())))?;
+            println!("\nwrote {}", path.display());
+        }
+        return Ok(());
+    }
     let (set, source) = match &args.data {
         Some(path) => (eval::from_csv(path)?, path.display().to_string()),
         None => {

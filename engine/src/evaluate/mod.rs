@@ -16,6 +16,9 @@
 //! or within the tolerance after its end; an alert that overlaps no (tolerance-extended) window
 //! is a false alert. Scores of a detector still warming up raise nothing.
 
+pub mod nab;
+pub mod skab;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -441,14 +444,39 @@ pub fn from_csv(path: &Path) -> Result<Vec<Series>> {
         .collect())
 }
 
-/// The detectors evaluated, with the alert rule applied to `|score|`.
-pub const DETECTORS: [(SeriesKind, f64, f64); 5] = [
-    (SeriesKind::Ewma, 5.0, 2.0),
-    (SeriesKind::Mad, 5.0, 2.0),
-    (SeriesKind::Cusum, 5.0, 1.0),
-    (SeriesKind::Seasonal, 5.0, 2.0),
-    (SeriesKind::Score, 5.0, 2.0),
+/// What an alert rule is applied to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum On {
+    /// `|score|` (for a health check: 1 on a fault).
+    Score,
+    /// The calibrated likelihood.
+    Likelihood,
+}
+
+/// The detectors evaluated, with the alert rule (raise, clear) and what it applies to. The
+/// default detector is evaluated both on its raw score and on its likelihood, at the
+/// documented default threshold.
+pub const DETECTORS: [(SeriesKind, On, f64, f64); 6] = [
+    (SeriesKind::Ewma, On::Score, 5.0, 2.0),
+    (SeriesKind::Mad, On::Score, 5.0, 2.0),
+    (SeriesKind::Cusum, On::Score, 5.0, 1.0),
+    (SeriesKind::Seasonal, On::Score, 5.0, 2.0),
+    (SeriesKind::Score, On::Score, 5.0, 2.0),
+    (
+        SeriesKind::Score,
+        On::Likelihood,
+        urbanstream_operators::detect::Calibrator::DEFAULT_THRESHOLD,
+        0.99,
+    ),
 ];
+
+/// A detector's name in reports.
+fn detector_name(kind: SeriesKind, on: On) -> String {
+    match on {
+        On::Score => kind.name().to_string(),
+        On::Likelihood => format!("{} likelihood", kind.name()),
+    }
+}
 
 /// The UTC offset of the built-in set's local days (Hanoi, UTC+7): its daily profiles follow
 /// local hours. A labelled CSV is read with the offset given (the SQL functions' default,
@@ -473,18 +501,20 @@ pub struct PointScore {
 /// weekly profiles in local time at `utc_offset_ms`.
 fn alert_starts(
     kind: SeriesKind,
+    on: On,
     raise: f64,
     clear: f64,
     s: &Series,
     utc_offset_ms: i64,
 ) -> Result<Vec<(i64, i64)>> {
-    run_series(kind, raise, clear, s, utc_offset_ms, |_| {})
+    run_series(kind, on, raise, clear, s, utc_offset_ms, |_| {})
 }
 
 /// Runs one detector (or health check) over one series, one reading at a time as the stream
 /// engine does, calling `point` with each reading's score; returns the alert windows.
 fn run_series(
     kind: SeriesKind,
+    on: On,
     raise: f64,
     clear: f64,
     s: &Series,
@@ -530,7 +560,10 @@ fn run_series(
             open = Some(due);
         }
         let score = match state.step(*t, *x) {
-            Emitted::Score(sc) if !sc.warming => sc.score.map(f64::abs),
+            Emitted::Score(sc) if !sc.warming => match on {
+                On::Score => sc.score.map(f64::abs),
+                On::Likelihood => sc.likelihood,
+            },
             Emitted::Score(_) => None,
             Emitted::Health(h) => Some(if h.fault { 1.0 } else { 0.0 }),
             Emitted::Alert(_) => None,
@@ -569,9 +602,9 @@ pub fn write_scores(
     let mut rows = 0;
     for s in set.iter().filter(|s| s.target == Target::Anomaly) {
         let labelled = |t: i64| s.windows.iter().any(|(a, b)| *a <= t && t <= *b);
-        for (kind, raise, clear) in DETECTORS {
+        for (kind, on, raise, clear) in DETECTORS {
             let mut failed = None;
-            run_series(kind, raise, clear, s, utc_offset_ms, |p| {
+            run_series(kind, on, raise, clear, s, utc_offset_ms, |p| {
                 if failed.is_some() {
                     return;
                 }
@@ -583,7 +616,7 @@ pub fn write_scores(
                     s.name.replace(',', ";"),
                     p.t,
                     u8::from(labelled(p.t)),
-                    kind.name(),
+                    detector_name(kind, on),
                     u8::from(p.alert)
                 ) {
                     failed = Some(e);
@@ -602,6 +635,7 @@ pub fn write_scores(
 /// still counts as finding it.
 pub fn evaluate(
     kind: SeriesKind,
+    on: On,
     raise: f64,
     clear: f64,
     set: &[Series],
@@ -609,7 +643,7 @@ pub fn evaluate(
     utc_offset_ms: i64,
 ) -> Result<DetectorReport> {
     let mut report = DetectorReport {
-        detector: kind.name().to_string(),
+        detector: detector_name(kind, on),
         windows: 0,
         found: 0,
         alerts: 0,
@@ -632,7 +666,7 @@ pub fn evaluate(
             continue;
         }
         days += (s.times.last().unwrap_or(&0) - s.times.first().unwrap_or(&0)) as f64 / DAY as f64;
-        let alerts = alert_starts(kind, raise, clear, s, utc_offset_ms)?;
+        let alerts = alert_starts(kind, on, raise, clear, s, utc_offset_ms)?;
         report.alerts += alerts.len();
         report.false_alerts += alerts
             .iter()
@@ -685,9 +719,10 @@ pub fn evaluate_all(
     utc_offset_ms: i64,
 ) -> Result<Vec<DetectorReport>> {
     let mut out = Vec::new();
-    for (kind, raise, clear) in DETECTORS {
+    for (kind, on, raise, clear) in DETECTORS {
         out.push(evaluate(
             kind,
+            on,
             raise,
             clear,
             set,
@@ -702,7 +737,15 @@ pub fn evaluate_all(
         SeriesKind::Jump,
     ] {
         if set.iter().any(|s| s.target == Target::Fault(kind)) {
-            out.push(evaluate(kind, 1.0, 0.0, set, tolerance_ms, utc_offset_ms)?);
+            out.push(evaluate(
+                kind,
+                On::Score,
+                1.0,
+                0.0,
+                set,
+                tolerance_ms,
+                utc_offset_ms,
+            )?);
         }
     }
     Ok(out)

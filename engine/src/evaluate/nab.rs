@@ -1,0 +1,250 @@
+//! Changepoint scoring in the manner of the Numenta Anomaly Benchmark (Lavin & Ahmad, 2015),
+//! with the window placement and scaling function of SKAB's own scorer, and per-point
+//! outlier metrics.
+//!
+//! - Each true changepoint opens a detection window `[cp, cp + width]`; a window that would
+//!   overlap the previous one starts where that one ends.
+//! - A predicted changepoint inside a window is a true positive, scored by how early it
+//!   came: `A_tp` at the window's start falling to `A_fp` at its end along a scaled
+//!   `tanh` (SKAB's "improved" scale, evaluated on 1000 steps). Only the first prediction in
+//!   a window counts; later ones in it are neither rewarded nor penalised.
+//! - A window without a prediction costs `A_fn`; each prediction outside every window costs
+//!   `A_fp`.
+//! - The total over all series is normalised to `100 · (S − S_null) / (S_perfect − S_null)`,
+//!   where the null detector predicts nothing (`S_null = n · A_fn`) and the perfect one
+//!   predicts each changepoint at its time (`S_perfect = n · A_tp`).
+
+use serde::Serialize;
+
+/// A scoring profile's weights.
+#[derive(Debug, Clone, Copy)]
+pub struct Profile {
+    /// Name, as NAB and SKAB print it.
+    pub name: &'static str,
+    /// Weight of a true positive at the start of its window.
+    pub a_tp: f64,
+    /// Weight of a false positive.
+    pub a_fp: f64,
+    /// Weight of a missed window.
+    pub a_fn: f64,
+}
+
+/// NAB's three profiles: standard, reward low false positives, reward low false negatives.
+pub const PROFILES: [Profile; 3] = [
+    Profile {
+        name: "standard",
+        a_tp: 1.0,
+        a_fp: -0.11,
+        a_fn: -1.0,
+    },
+    Profile {
+        name: "low FP",
+        a_tp: 1.0,
+        a_fp: -0.22,
+        a_fn: -1.0,
+    },
+    Profile {
+        name: "low FN",
+        a_tp: 1.0,
+        a_fp: -0.11,
+        a_fn: -2.0,
+    },
+];
+
+/// Detection windows of `width_ms` to the right of each changepoint (times in ms, sorted).
+pub fn windows(changepoints: &[i64], width_ms: i64) -> Vec<(i64, i64)> {
+    let mut out: Vec<(i64, i64)> = changepoints.iter().map(|c| (*c, c + width_ms)).collect();
+    for i in 1..out.len() {
+        if out[i - 1].1 >= out[i].0 {
+            out[i].0 = out[i - 1].1;
+        }
+    }
+    out
+}
+
+/// The weight of a detection at `t` in the window `[a, b]`.
+fn scaled(a: i64, t: i64, b: i64, p: &Profile) -> f64 {
+    const STEPS: usize = 1000;
+    let step = if b > a {
+        (((t - a) as f64 / (b - a) as f64) * STEPS as f64) as usize
+    } else {
+        0
+    }
+    .min(STEPS - 1);
+    let half = std::f64::consts::FRAC_PI_2;
+    let x = -half + step as f64 * (2.0 * half / (STEPS - 1) as f64);
+    let span = (p.a_tp - p.a_fp) / 2.0;
+    -span * x.tanh() / half.tanh() + span + p.a_fp
+}
+
+/// Changepoint scores accumulated over series.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NabTotals {
+    /// Per profile: (score, null score, perfect score).
+    sums: [(f64, f64, f64); 3],
+    /// Windows with a detection.
+    pub detected: usize,
+    /// Windows without one.
+    pub missed: usize,
+    /// Predictions outside every window.
+    pub false_positives: usize,
+}
+
+impl NabTotals {
+    /// Adds one series: its detection windows and its predicted changepoint times.
+    pub fn add(&mut self, windows: &[(i64, i64)], predictions: &[i64]) {
+        let mut first: Vec<Option<i64>> = vec![None; windows.len()];
+        let mut false_positives = 0;
+        for &t in predictions {
+            match windows.iter().position(|(a, b)| *a <= t && t <= *b) {
+                Some(i) => {
+                    if first[i].is_none_or(|f| t < f) {
+                        first[i] = Some(t);
+                    }
+                }
+                None => false_positives += 1,
+            }
+        }
+        let detected = first.iter().filter(|f| f.is_some()).count();
+        let missed = windows.len() - detected;
+        for (sum, p) in self.sums.iter_mut().zip(PROFILES.iter()) {
+            sum.0 += p.a_fp * false_positives as f64 + p.a_fn * missed as f64;
+            for ((a, b), t) in windows.iter().zip(&first) {
+                if let Some(t) = t {
+                    sum.0 += scaled(*a, *t, *b, p);
+                }
+            }
+            sum.1 += windows.len() as f64 * p.a_fn;
+            sum.2 += windows.len() as f64 * p.a_tp;
+        }
+        self.detected += detected;
+        self.missed += missed;
+        self.false_positives += false_positives;
+    }
+
+    /// The normalised scores, one per profile of [`PROFILES`] (0 for the null detector, 100
+    /// for the perfect one).
+    pub fn scores(&self) -> [f64; 3] {
+        self.sums.map(|(s, null, perfect)| {
+            if perfect > null {
+                100.0 * (s - null) / (perfect - null)
+            } else {
+                0.0
+            }
+        })
+    }
+}
+
+/// Per-point outlier counts.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PointCounts {
+    /// Flagged and labelled.
+    pub tp: usize,
+    /// Flagged, not labelled.
+    pub fp: usize,
+    /// Labelled, not flagged.
+    pub fn_: usize,
+    /// Neither.
+    pub tn: usize,
+}
+
+impl PointCounts {
+    /// Counts one point.
+    pub fn add(&mut self, flagged: bool, labelled: bool) {
+        match (flagged, labelled) {
+            (true, true) => self.tp += 1,
+            (true, false) => self.fp += 1,
+            (false, true) => self.fn_ += 1,
+            (false, false) => self.tn += 1,
+        }
+    }
+
+    /// F1 = TP / (TP + (FN + FP) / 2).
+    pub fn f1(&self) -> f64 {
+        let d = self.tp as f64 + (self.fn_ + self.fp) as f64 / 2.0;
+        if d > 0.0 { self.tp as f64 / d } else { 0.0 }
+    }
+
+    /// Precision.
+    pub fn precision(&self) -> f64 {
+        let d = self.tp + self.fp;
+        if d > 0 { self.tp as f64 / d as f64 } else { 0.0 }
+    }
+
+    /// Recall.
+    pub fn recall(&self) -> f64 {
+        let d = self.tp + self.fn_;
+        if d > 0 { self.tp as f64 / d as f64 } else { 0.0 }
+    }
+
+    /// False alarm rate, %: FP / (FP + TN).
+    pub fn far(&self) -> f64 {
+        let d = self.fp + self.tn;
+        if d > 0 {
+            100.0 * self.fp as f64 / d as f64
+        } else {
+            0.0
+        }
+    }
+
+    /// Missed alarm rate, %: FN / (FN + TP).
+    pub fn mar(&self) -> f64 {
+        let d = self.fn_ + self.tp;
+        if d > 0 {
+            100.0 * self.fn_ as f64 / d as f64
+        } else {
+            0.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn null_perfect_and_late_detectors_score_as_nab_defines() {
+        let w = windows(&[1_000, 30_000, 100_000], 60_000);
+        // The second window overlapped the first: it starts at the first's end.
+        assert_eq!(w, vec![(1_000, 61_000), (61_000, 90_000), (100_000, 160_000)]);
+        let mut null = NabTotals::default();
+        null.add(&w, &[]);
+        assert_eq!(null.scores(), [0.0; 3]);
+        let mut perfect = NabTotals::default();
+        perfect.add(&w, &[1_000, 61_000, 100_000]);
+        for s in perfect.scores() {
+            assert!((s - 100.0).abs() < 1e-9, "{s}");
+        }
+        // A detection at a window's end is worth A_fp; one in its middle about half of
+        // A_tp + A_fp; a second detection in a window counts for nothing.
+        let mut late = NabTotals::default();
+        late.add(&[(0, 60_000)], &[60_000]);
+        assert!((late.scores()[0] - 100.0 * (-0.11 + 1.0) / 2.0).abs() < 1e-9);
+        let mut middle = NabTotals::default();
+        middle.add(&[(0, 60_000)], &[30_000]);
+        let mid = (1.0 - 0.11) / 2.0;
+        assert!((middle.scores()[0] - 100.0 * (mid + 1.0) / 2.0).abs() < 0.2);
+        let mut twice = NabTotals::default();
+        twice.add(&[(0, 60_000)], &[30_000, 0]);
+        assert!((twice.scores()[0] - 100.0).abs() < 1e-9);
+        // False positives cost A_fp each, twice as much under the low-FP profile.
+        let mut noisy = NabTotals::default();
+        noisy.add(&[(0, 60_000)], &[0, 100_000, 200_000]);
+        let [standard, low_fp, low_fn] = noisy.scores();
+        assert!((standard - 100.0 * (1.0 - 0.22 + 1.0) / 2.0).abs() < 1e-9);
+        assert!((low_fp - 100.0 * (1.0 - 0.44 + 1.0) / 2.0).abs() < 1e-9);
+        assert!((low_fn - 100.0 * (1.0 - 0.22 + 2.0) / 3.0).abs() < 1e-9);
+        assert_eq!((noisy.detected, noisy.missed, noisy.false_positives), (1, 0, 2));
+    }
+
+    #[test]
+    fn point_counts_give_skabs_f1_far_and_mar() {
+        let mut c = PointCounts::default();
+        for (f, l) in [(true, true), (true, true), (true, false), (false, true), (false, false)] {
+            c.add(f, l);
+        }
+        assert!((c.f1() - 2.0 / 3.0).abs() < 1e-12);
+        assert!((c.far() - 50.0).abs() < 1e-12);
+        assert!((c.mar() - 100.0 / 3.0).abs() < 1e-12);
+    }
+}
