@@ -408,11 +408,17 @@ fn evaluate(args: EvaluateArgs) -> Result<()> {
             "SKAB at {}: {} experiments, {rows} rows{}\n",
             dir.display(),
             experiments.len(),
-            free.as_ref()
-                .map_or(String::new(), |f| format!(", anomaly-free run of {} rows", f.times.len()))
+            free.as_ref().map_or(String::new(), |f| format!(
+                ", anomaly-free run of {} rows",
+                f.times.len()
+            ))
         );
-        let reports = eval::skab::evaluate(&experiments, free.as_ref(), args.threshold, args.clear)?;
-        print!("{}", eval::skab::table(&reports, args.threshold, args.clear));
+        let reports =
+            eval::skab::evaluate(&experiments, free.as_ref(), args.threshold, args.clear)?;
+        print!(
+            "{}",
+            eval::skab::table(&reports, args.threshold, args.clear)
+        );
         if let Some(path) = &args.json {
             let json = serde_json::to_string_pretty(&reports)
                 .map_err(|e| crate::error::Error::Config(e.to_string()))?;

@@ -93,18 +93,23 @@ pub struct NabTotals {
 impl NabTotals {
     /// Adds one series: its detection windows and its predicted changepoint times.
     pub fn add(&mut self, windows: &[(i64, i64)], predictions: &[i64]) {
-        let mut first: Vec<Option<i64>> = vec![None; windows.len()];
-        let mut false_positives = 0;
-        for &t in predictions {
-            match windows.iter().position(|(a, b)| *a <= t && t <= *b) {
-                Some(i) => {
-                    if first[i].is_none_or(|f| t < f) {
-                        first[i] = Some(t);
-                    }
-                }
-                None => false_positives += 1,
-            }
-        }
+        // As SKAB's scorer does: each window takes its own first prediction (one exactly on
+        // the boundary of two adjacent windows counts for both); a prediction in no window is
+        // a false positive.
+        let first: Vec<Option<i64>> = windows
+            .iter()
+            .map(|(a, b)| {
+                predictions
+                    .iter()
+                    .filter(|t| *a <= **t && **t <= *b)
+                    .min()
+                    .copied()
+            })
+            .collect();
+        let false_positives = predictions
+            .iter()
+            .filter(|t| !windows.iter().any(|(a, b)| *a <= **t && **t <= *b))
+            .count();
         let detected = first.iter().filter(|f| f.is_some()).count();
         let missed = windows.len() - detected;
         for (sum, p) in self.sums.iter_mut().zip(PROFILES.iter()) {
@@ -168,13 +173,21 @@ impl PointCounts {
     /// Precision.
     pub fn precision(&self) -> f64 {
         let d = self.tp + self.fp;
-        if d > 0 { self.tp as f64 / d as f64 } else { 0.0 }
+        if d > 0 {
+            self.tp as f64 / d as f64
+        } else {
+            0.0
+        }
     }
 
     /// Recall.
     pub fn recall(&self) -> f64 {
         let d = self.tp + self.fn_;
-        if d > 0 { self.tp as f64 / d as f64 } else { 0.0 }
+        if d > 0 {
+            self.tp as f64 / d as f64
+        } else {
+            0.0
+        }
     }
 
     /// False alarm rate, %: FP / (FP + TN).
@@ -205,8 +218,12 @@ mod tests {
     #[test]
     fn null_perfect_and_late_detectors_score_as_nab_defines() {
         let w = windows(&[1_000, 30_000, 100_000], 60_000);
-        // The second window overlapped the first: it starts at the first's end.
-        assert_eq!(w, vec![(1_000, 61_000), (61_000, 90_000), (100_000, 160_000)]);
+        // The second window overlapped the first: it starts at the first's end (a
+        // prediction on that boundary is a detection in both).
+        assert_eq!(
+            w,
+            vec![(1_000, 61_000), (61_000, 90_000), (100_000, 160_000)]
+        );
         let mut null = NabTotals::default();
         null.add(&w, &[]);
         assert_eq!(null.scores(), [0.0; 3]);
@@ -234,13 +251,22 @@ mod tests {
         assert!((standard - 100.0 * (1.0 - 0.22 + 1.0) / 2.0).abs() < 1e-9);
         assert!((low_fp - 100.0 * (1.0 - 0.44 + 1.0) / 2.0).abs() < 1e-9);
         assert!((low_fn - 100.0 * (1.0 - 0.22 + 2.0) / 3.0).abs() < 1e-9);
-        assert_eq!((noisy.detected, noisy.missed, noisy.false_positives), (1, 0, 2));
+        assert_eq!(
+            (noisy.detected, noisy.missed, noisy.false_positives),
+            (1, 0, 2)
+        );
     }
 
     #[test]
     fn point_counts_give_skabs_f1_far_and_mar() {
         let mut c = PointCounts::default();
-        for (f, l) in [(true, true), (true, true), (true, false), (false, true), (false, false)] {
+        for (f, l) in [
+            (true, true),
+            (true, true),
+            (true, false),
+            (false, true),
+            (false, false),
+        ] {
             c.add(f, l);
         }
         assert!((c.f1() - 2.0 / 3.0).abs() < 1e-12);

@@ -101,8 +101,12 @@ pub fn load(dir: &Path) -> Result<(Vec<Experiment>, Option<Experiment>)> {
     let mut out = Vec::new();
     for folder in ["valve1", "valve2", "other"] {
         let path = dir.join(folder);
-        let entries = std::fs::read_dir(&path)
-            .map_err(|e| Error::Config(format!("{}: {e} (is this SKAB's data folder?)", path.display())))?;
+        let entries = std::fs::read_dir(&path).map_err(|e| {
+            Error::Config(format!(
+                "{}: {e} (is this SKAB's data folder?)",
+                path.display()
+            ))
+        })?;
         let mut files: Vec<(u32, std::path::PathBuf)> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "csv"))
@@ -126,7 +130,10 @@ pub fn load(dir: &Path) -> Result<(Vec<Experiment>, Option<Experiment>)> {
     }
     let free = dir.join("anomaly-free").join("anomaly-free.csv");
     let free = if free.exists() {
-        Some(load_file(&free, "anomaly-free/anomaly-free.csv".to_string())?)
+        Some(load_file(
+            &free,
+            "anomaly-free/anomaly-free.csv".to_string(),
+        )?)
     } else {
         None
     };
@@ -166,7 +173,12 @@ pub fn combined(columns: &[Vec<Option<f64>>]) -> Vec<Option<f64>> {
 
 /// Alert transitions (raised and cleared) and the per-row active flag of one likelihood
 /// series.
-fn alerts(times: &[i64], likelihood: &[Option<f64>], threshold: f64, clear: f64) -> (Vec<i64>, Vec<bool>) {
+fn alerts(
+    times: &[i64],
+    likelihood: &[Option<f64>],
+    threshold: f64,
+    clear: f64,
+) -> (Vec<i64>, Vec<bool>) {
     let mut machine = AlertMachine::new(AlertRule {
         raise: threshold,
         clear,
@@ -291,7 +303,9 @@ pub fn table(reports: &[SkabReport], threshold: f64, clear: f64) -> String {
     for r in reports {
         let (s1, s2) = r
             .free_tail_shares
-            .map_or(("–".into(), "–".into()), |(a, b)| (format!("{a:.1e}"), format!("{b:.1e}")));
+            .map_or(("–".into(), "–".into()), |(a, b)| {
+                (format!("{a:.1e}"), format!("{b:.1e}"))
+            });
         out.push_str(&format!(
             "| {} | {:.2} | {:.2} | {:.2} | {} / {} / {} | {:.2} | {:.1} | {:.1} | {} | {s1} | {s2} |\n",
             r.detector,
@@ -316,4 +330,86 @@ pub fn table(reports: &[SkabReport], threshold: f64, clear: f64) -> String {
          T-squared 0.66, isolation forest 0.29 (flagging every reading: 0.52).\n",
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a SKAB-shaped experiment: 2 sensors at 1 Hz, noise, and from row `from` to row
+    /// `to` the first sensor stepped up by `step` (labelled anomaly, changepoints at both
+    /// ends).
+    fn write(path: &Path, rows: usize, anomaly: Option<(usize, usize, f64)>, labels: bool) {
+        let mut text = String::from("datetime;A;B");
+        if labels {
+            text.push_str(";anomaly;changepoint");
+        }
+        text.push('\n');
+        for i in 0..rows {
+            let s = i % 60;
+            let noise = |k: usize| (((i * 7919 + k * 104_729) % 1000) as f64 / 1000.0) - 0.5;
+            let inside = anomaly.is_some_and(|(a, b, _)| a <= i && i < b);
+            let a = 10.0
+                + noise(1)
+                + if inside {
+                    anomaly.map_or(0.0, |x| x.2)
+                } else {
+                    0.0
+                };
+            let b = 50.0 + 3.0 * noise(2);
+            text.push_str(&format!("2020-03-09 10:{:02}:{s:02};{a};{b}", i / 60));
+            if labels {
+                let cp = anomaly.is_some_and(|(x, y, _)| i == x || i == y);
+                text.push_str(&format!(";{}.0;{}.0", u8::from(inside), u8::from(cp)));
+            }
+            text.push('\n');
+        }
+        std::fs::write(path, text).expect("write");
+    }
+
+    #[test]
+    fn skab_folders_are_read_and_a_step_is_found_by_its_column_and_the_combination() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for folder in ["valve1", "valve2", "other", "anomaly-free"] {
+            std::fs::create_dir(dir.path().join(folder)).expect("mkdir");
+        }
+        write(
+            &dir.path().join("valve1/1.csv"),
+            1200,
+            Some((700, 1000, 8.0)),
+            true,
+        );
+        write(
+            &dir.path().join("valve1/0.csv"),
+            1200,
+            Some((650, 950, 8.0)),
+            true,
+        );
+        write(&dir.path().join("other/3.csv"), 1200, None, true);
+        write(
+            &dir.path().join("anomaly-free/anomaly-free.csv"),
+            3000,
+            None,
+            false,
+        );
+        let (experiments, free) = load(dir.path()).expect("load");
+        let names: Vec<&str> = experiments.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["valve1/0.csv", "valve1/1.csv", "other/3.csv"]);
+        assert_eq!(experiments[0].columns, ["A", "B"]);
+        assert_eq!(experiments[0].changepoints.len(), 2);
+        assert_eq!(experiments[0].anomaly.iter().filter(|a| **a).count(), 300);
+        assert!(free.as_ref().is_some_and(|f| f.anomaly.iter().all(|a| !a)));
+        let reports = evaluate(&experiments, free.as_ref(), 0.9999, 0.99).expect("evaluate");
+        let names: Vec<&str> = reports.iter().map(|r| r.detector.as_str()).collect();
+        assert_eq!(names, ["A", "B", "all 2 columns"]);
+        for r in [&reports[0], &reports[2]] {
+            // Both steps' onsets are found, early in their windows.
+            assert!(r.changepoints.detected >= 2, "{r:?}");
+            assert!(r.nab[0] > 20.0, "{r:?}");
+            assert!(r.points.tp > 0, "{r:?}");
+        }
+        // The untouched column finds nothing there.
+        assert_eq!(reports[1].changepoints.detected, 0, "{:?}", reports[1]);
+        assert!(reports.iter().all(|r| r.free_alerts_per_day.is_some()));
+    }
 }

@@ -51,7 +51,7 @@ impl Calibrator {
     /// Fraction of the mass fitted by the tail model.
     pub const TAIL: f64 = 0.02;
     /// Readings learnt before a likelihood is given.
-    pub const WARMUP: u64 = 50;
+    pub const WARMUP: u64 = 300;
     /// Default forgetting time constant: 30 days.
     pub const DEFAULT_FORGET_MS: i64 = 30 * 86_400_000;
     /// The likelihood an alert is raised at by default: on anomaly-free data, about one

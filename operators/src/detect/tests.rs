@@ -523,5 +523,9 @@ fn likelihoods_are_calibrated_on_stationary_series_of_any_shape_and_scale() {
             }
         }
     }
-    assert!(failures.is_empty(), "not calibrated:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "not calibrated:\n{}",
+        failures.join("\n")
+    );
 }
