@@ -33,6 +33,8 @@ pub struct Calibrator {
     origin: Option<i64>,
     /// Forgetting time constant, ms.
     forget_ms: i64,
+    /// The highest bin holding weight (the bins above it are empty).
+    top: usize,
 }
 
 impl Default for Calibrator {
@@ -68,6 +70,7 @@ impl Calibrator {
             seen: 0,
             origin: None,
             forget_ms: forget_ms.max(1),
+            top: 0,
         }
     }
 
@@ -130,7 +133,7 @@ impl Calibrator {
         let i = Self::bin(v);
         // The tail threshold: the lowest bin edge with at most TAIL of the mass above it.
         let mut above = 0.0;
-        let mut j = self.counts.len() - 1;
+        let mut j = self.top;
         while j > 1 && above + self.counts[j] <= Self::TAIL * total {
             above += self.counts[j];
             j -= 1;
@@ -140,7 +143,10 @@ impl Calibrator {
         if v > u && above > 0.0 {
             return Some(self.tail(j + 1, u, above / total, v));
         }
-        let mut p = self.counts[i + 1..].iter().sum::<f64>();
+        let mut p = self
+            .counts
+            .get(i + 1..=self.top)
+            .map_or(0.0, |c| c.iter().sum::<f64>());
         if (1..=Self::BINS).contains(&i) {
             let (a, b) = (Self::edge(i), Self::edge(i + 1));
             p += self.counts[i] * ((b / v).ln() / (b / a).ln()).clamp(0.0, 1.0);
@@ -154,7 +160,7 @@ impl Calibrator {
     /// `mass` of the whole), evaluated at `v > u`.
     fn tail(&self, from: usize, u: f64, mass: f64, v: f64) -> f64 {
         let (mut w, mut m1, mut m2) = (0.0, 0.0, 0.0);
-        for (k, c) in self.counts.iter().enumerate().skip(from) {
+        for (k, c) in self.counts.iter().enumerate().take(self.top + 1).skip(from) {
             if *c > 0.0 {
                 let e = (Self::middle(k) - u).max(0.0);
                 w += c;
@@ -190,7 +196,9 @@ impl Calibrator {
             return;
         }
         let w = self.weight(t_ms);
-        self.counts[Self::bin(v.abs())] += w;
+        let bin = Self::bin(v.abs());
+        self.counts[bin] += w;
+        self.top = self.top.max(bin);
         self.total += w;
         self.seen += 1;
     }
