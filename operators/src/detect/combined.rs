@@ -31,8 +31,10 @@ use super::{Calibrator, Ewma, RollingMad, Score, Season, Seasonal, standardise};
 ///    every series: alert on `likelihood ≥ 0.9999` (about one reading in 10 000 of a series
 ///    without anomalies), whatever the series' scale, noise or tails. The raw score's scale
 ///    is not comparable across series (a heavy-tailed or near-constant series reaches tens of
-///    σ in normal operation). O(120) time every 8 readings (the MAD of the residual window),
-/// O(1) otherwise; warming for the first 30 readings.
+///    σ in normal operation). No likelihood for the first 300 scored readings.
+///
+/// O(120) time every 8 readings (the MAD of the residual window), O(bins) for the
+/// likelihood, O(1) otherwise; warming for the first 30 readings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Combined {
     seasonal: Seasonal,
