@@ -566,7 +566,7 @@ fn run_series(
             },
             Emitted::Score(_) => None,
             Emitted::Health(h) => Some(if h.fault { 1.0 } else { 0.0 }),
-            Emitted::Alert(_) => None,
+            Emitted::Alert(_) | Emitted::Vector(_) => None,
         };
         match alert.update(*t, score).state {
             Some(AlertTransition::Raised) => open = Some(*t),

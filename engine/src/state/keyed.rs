@@ -475,6 +475,7 @@ impl KeyedSeriesExec {
         let mut last_row_of: HashMap<Box<[u8]>, usize> = HashMap::new();
         let mut fired = Fired::new(self.calls.len());
         let ttl = self.handle.ttl.load(AtomicOrdering::Relaxed);
+        let mut values = Vec::new();
         for &r in &sequence {
             let key = rows.row(r);
             if order.is_null(r) {
@@ -523,12 +524,12 @@ impl KeyedSeriesExec {
                 state.last_t = t;
             }
             for (i, (x, ts)) in args.iter().enumerate() {
-                let value = (!x.is_null(r)).then(|| x.value(r));
+                x.row(r, &mut values);
                 let at = if ts.is_null(r) { t } else { ts.value(r) };
                 outputs[i][r] = if in_order {
-                    state.series[i].step(at, value)
+                    state.series[i].step_values(at, &values)
                 } else {
-                    state.series[i].clone().step(at, value)
+                    state.series[i].clone().step_values(at, &values)
                 };
             }
             if timers && in_order {

@@ -24,6 +24,7 @@ mod likelihood;
 mod mad;
 mod seasonal;
 pub mod udwf;
+mod vector;
 
 #[cfg(test)]
 mod tests;
@@ -36,6 +37,7 @@ pub use health::{FaultKind, Health, HealthOut, max_step_per_minute};
 pub use likelihood::Calibrator;
 pub use mad::RollingMad;
 pub use seasonal::{Season, Seasonal};
+pub use vector::{VectorOut, VectorScore};
 
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +77,8 @@ pub enum Emitted {
     Health(HealthOut),
     /// An alert machine's transition.
     Alert(AlertOut),
+    /// A detector over several columns.
+    Vector(VectorOut),
 }
 
 /// The state of one keyed function for one key: every detector, health check and alert
@@ -96,6 +100,8 @@ pub enum SeriesState {
     Health(Health),
     /// [`AlertMachine`].
     Alert(AlertMachine),
+    /// [`VectorScore`].
+    Vector(Box<VectorScore>),
 }
 
 impl SeriesState {
@@ -111,6 +117,20 @@ impl SeriesState {
             SeriesState::Combined(d) => Emitted::Score(d.update(t_ms, x)),
             SeriesState::Health(h) => Emitted::Health(h.update(t_ms, x)),
             SeriesState::Alert(a) => Emitted::Alert(a.update(t_ms, x)),
+            SeriesState::Vector(d) => Emitted::Vector(d.update(t_ms, &[x])),
+        }
+    }
+
+    /// Feeds one reading of several values (a detector over several columns); the others
+    /// take the first value.
+    pub fn step_values(&mut self, t_ms: i64, xs: &[Option<f64>]) -> Emitted {
+        match self {
+            SeriesState::Vector(d) => {
+                let clean: Vec<Option<f64>> =
+                    xs.iter().map(|x| x.filter(|v| !v.is_nan())).collect();
+                Emitted::Vector(d.update(t_ms, &clean))
+            }
+            other => other.step(t_ms, xs.first().copied().flatten()),
         }
     }
 
@@ -120,6 +140,13 @@ impl SeriesState {
         match self {
             SeriesState::Health(_) => Emitted::Health(HealthOut::default()),
             SeriesState::Alert(_) => Emitted::Alert(AlertOut::default()),
+            SeriesState::Vector(_) => Emitted::Vector(VectorOut {
+                score: Score {
+                    warming: true,
+                    ..Score::default()
+                },
+                column: None,
+            }),
             _ => Emitted::Score(Score {
                 warming: true,
                 ..Score::default()
@@ -162,6 +189,7 @@ impl SeriesState {
                 SeriesState::Mad(d) => d.heap_size(),
                 SeriesState::Seasonal(d) => d.heap_size(),
                 SeriesState::Combined(d) => std::mem::size_of::<Combined>() + d.heap_size(),
+                SeriesState::Vector(d) => std::mem::size_of::<VectorScore>() + d.heap_size(),
                 _ => 0,
             }
     }

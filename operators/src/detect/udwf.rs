@@ -12,7 +12,8 @@
 //! | `anomaly_mad` | `window` readings (60), `warmup` (10) | same |
 //! | `anomaly_cusum` | slack `k` in σ (0.5), baseline `alpha` (0.02), `warmup` (20) | same |
 //! | `anomaly_seasonal` | `'day'`, `'week'` or `'daytype'` (`'day'`), bin (`INTERVAL '15 minutes'`), UTC offset (`INTERVAL '0 hours'`) | same |
-//! | `anomaly_score` | UTC offset (`INTERVAL '0 hours'`) | same (the default detector) |
+//! | `anomaly_score` | UTC offset (`INTERVAL '0 hours'`) | `{score, baseline, warming, likelihood}` (the default detector) |
+//! | `anomaly_vector` | UTC offset; `value` is an array of numbers, e.g. `[flow, speed]` | `{score, baseline, warming, likelihood, column}` |
 //! | `sensor_stuck` | identical readings (10) | `{fault, value, detail}` |
 //! | `sensor_out_of_range` | quantity, e.g. `'pm25'` | same |
 //! | `sensor_missing` | expected interval, `k` (3) | same |
@@ -23,10 +24,10 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanBuilder, Float64Array, Float64Builder, Int32Builder,
-    StringBuilder, StructArray, TimestampMillisecondArray, TimestampMillisecondBuilder,
+    ListArray, StringBuilder, StructArray, TimestampMillisecondArray, TimestampMillisecondBuilder,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields, Float64Type, TimeUnit};
 use datafusion::common::{Result, ScalarValue, exec_err, plan_datafusion_err, plan_err};
 use datafusion::logical_expr::function::{PartitionEvaluatorArgs, WindowUDFFieldArgs};
 use datafusion::logical_expr::{
@@ -37,7 +38,7 @@ use datafusion::physical_expr::expressions::Literal;
 
 use super::{
     AlertMachine, AlertRule, Combined, Cusum, Emitted, Ewma, FaultKind, Health, RollingMad, Season,
-    Seasonal, SeriesState, health,
+    Seasonal, SeriesState, VectorScore, health,
 };
 use crate::window::interval_ms;
 
@@ -54,6 +55,8 @@ pub enum SeriesKind {
     Seasonal,
     /// `anomaly_score`, the default detector.
     Score,
+    /// `anomaly_vector`, the default detector over several columns.
+    Vector,
     /// `sensor_stuck`.
     Stuck,
     /// `sensor_out_of_range`.
@@ -67,12 +70,13 @@ pub enum SeriesKind {
 }
 
 /// Every function of this module.
-pub const ALL: [SeriesKind; 10] = [
+pub const ALL: [SeriesKind; 11] = [
     SeriesKind::Ewma,
     SeriesKind::Mad,
     SeriesKind::Cusum,
     SeriesKind::Seasonal,
     SeriesKind::Score,
+    SeriesKind::Vector,
     SeriesKind::Stuck,
     SeriesKind::OutOfRange,
     SeriesKind::Missing,
@@ -82,6 +86,7 @@ pub const ALL: [SeriesKind; 10] = [
 
 enum Shape {
     Score,
+    Vector,
     Health,
     Alert,
 }
@@ -95,6 +100,7 @@ impl SeriesKind {
             SeriesKind::Cusum => "anomaly_cusum",
             SeriesKind::Seasonal => "anomaly_seasonal",
             SeriesKind::Score => "anomaly_score",
+            SeriesKind::Vector => "anomaly_vector",
             SeriesKind::Stuck => "sensor_stuck",
             SeriesKind::OutOfRange => "sensor_out_of_range",
             SeriesKind::Missing => "sensor_missing",
@@ -110,7 +116,7 @@ impl SeriesKind {
             SeriesKind::Mad => (0, &["window", "warmup"]),
             SeriesKind::Cusum => (0, &["k", "alpha", "warmup"]),
             SeriesKind::Seasonal => (0, &["season", "bin", "utc_offset"]),
-            SeriesKind::Score => (0, &["utc_offset"]),
+            SeriesKind::Score | SeriesKind::Vector => (0, &["utc_offset"]),
             SeriesKind::Stuck => (0, &["readings"]),
             SeriesKind::OutOfRange => (1, &["quantity"]),
             SeriesKind::Missing => (1, &["expected_interval", "k"]),
@@ -126,6 +132,7 @@ impl SeriesKind {
             | SeriesKind::Cusum
             | SeriesKind::Seasonal
             | SeriesKind::Score => Shape::Score,
+            SeriesKind::Vector => Shape::Vector,
             SeriesKind::Stuck | SeriesKind::OutOfRange | SeriesKind::Missing | SeriesKind::Jump => {
                 Shape::Health
             }
@@ -141,6 +148,13 @@ impl SeriesKind {
                 Field::new("baseline", DataType::Float64, true),
                 Field::new("warming", DataType::Boolean, true),
                 Field::new("likelihood", DataType::Float64, true),
+            ]),
+            Shape::Vector => Fields::from(vec![
+                Field::new("score", DataType::Float64, true),
+                Field::new("baseline", DataType::Float64, true),
+                Field::new("warming", DataType::Boolean, true),
+                Field::new("likelihood", DataType::Float64, true),
+                Field::new("column", DataType::Int32, true),
             ]),
             Shape::Health => Fields::from(vec![
                 Field::new("fault", DataType::Boolean, true),
@@ -209,6 +223,9 @@ impl SeriesKind {
                 ))
             }
             SeriesKind::Score => SeriesState::Combined(Box::new(Combined::new(p.interval(0, 0)?))),
+            SeriesKind::Vector => {
+                SeriesState::Vector(Box::new(VectorScore::new(p.interval(0, 0)?)))
+            }
             SeriesKind::Stuck => SeriesState::Health(Health::new(FaultKind::Stuck {
                 readings: p.count(0, 10)?.max(2) as u32,
             })),
@@ -320,6 +337,32 @@ impl SeriesKind {
                     Arc::new(l.finish()),
                 ]
             }
+            Shape::Vector => {
+                let (mut s, mut b, mut w, mut l, mut c) = (
+                    Float64Builder::with_capacity(n),
+                    Float64Builder::with_capacity(n),
+                    BooleanBuilder::with_capacity(n),
+                    Float64Builder::with_capacity(n),
+                    Int32Builder::with_capacity(n),
+                );
+                for r in rows {
+                    let Emitted::Vector(r) = r else {
+                        return exec_err!("{}: internal: wrong output", self.name());
+                    };
+                    s.append_option(r.score.score);
+                    b.append_option(r.score.baseline);
+                    w.append_value(r.score.warming);
+                    l.append_option(r.score.likelihood);
+                    c.append_option(r.column.map(|c| c as i32));
+                }
+                vec![
+                    Arc::new(s.finish()),
+                    Arc::new(b.finish()),
+                    Arc::new(w.finish()),
+                    Arc::new(l.finish()),
+                    Arc::new(c.finish()),
+                ]
+            }
             Shape::Health => {
                 let (mut f, mut v, mut d) = (
                     BooleanBuilder::with_capacity(n),
@@ -369,14 +412,49 @@ impl SeriesKind {
     }
 }
 
+/// The `value` argument of a call: one number per row, or an array of numbers per row (a
+/// detector over several columns).
+#[derive(Debug)]
+pub enum Values {
+    /// One number per row.
+    Scalar(Float64Array),
+    /// Several numbers per row.
+    List(ListArray),
+}
+
+impl Values {
+    /// Row `r`'s values into `out` (cleared first): one for a number (`None` if null), each
+    /// element of an array (none for a null array).
+    pub fn row(&self, r: usize, out: &mut Vec<Option<f64>>) {
+        out.clear();
+        match self {
+            Values::Scalar(x) => out.push((!x.is_null(r)).then(|| x.value(r))),
+            Values::List(list) => {
+                if list.is_null(r) {
+                    return;
+                }
+                let items = list.value(r);
+                let items = items.as_primitive::<Float64Type>();
+                out.extend((0..items.len()).map(|i| (!items.is_null(i)).then(|| items.value(i))));
+            }
+        }
+    }
+}
+
 /// The `value` and `ts` arguments of a call as arrays.
-pub fn inputs(name: &str, args: &[ArrayRef]) -> Result<(Float64Array, TimestampMillisecondArray)> {
+pub fn inputs(name: &str, args: &[ArrayRef]) -> Result<(Values, TimestampMillisecondArray)> {
     if args.len() < 2 {
         return exec_err!("{name}() needs (value, ts)");
     }
-    let values = cast(&args[0], &DataType::Float64)?;
+    let values = match args[0].data_type() {
+        DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(_, _) => {
+            let list = cast(&args[0], &DataType::new_list(DataType::Float64, true))?;
+            Values::List(list.as_list::<i32>().clone())
+        }
+        _ => Values::Scalar(cast(&args[0], &DataType::Float64)?.as_primitive().clone()),
+    };
     let times = cast(&args[1], &DataType::Timestamp(TimeUnit::Millisecond, None))?;
-    Ok((values.as_primitive().clone(), times.as_primitive().clone()))
+    Ok((values, times.as_primitive().clone()))
 }
 
 struct Params<'a> {
@@ -500,9 +578,24 @@ impl WindowUDFImpl for SeriesFunc {
                 arg_types.len()
             );
         }
-        if !(arg_types[0].is_numeric() || arg_types[0] == DataType::Null) {
+        let value = if self.kind == SeriesKind::Vector {
+            match &arg_types[0] {
+                DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _)
+                    if f.data_type().is_numeric() || f.data_type() == &DataType::Null =>
+                {
+                    DataType::new_list(DataType::Float64, true)
+                }
+                other => {
+                    return plan_err!(
+                        "{name}(): value must be an array of numbers, e.g. [flow, speed, occupancy], got {other}"
+                    );
+                }
+            }
+        } else if arg_types[0].is_numeric() || arg_types[0] == DataType::Null {
+            DataType::Float64
+        } else {
             return plan_err!("{name}(): value must be a number, got {}", arg_types[0]);
-        }
+        };
         let ts = match &arg_types[1] {
             DataType::Timestamp(_, tz) => DataType::Timestamp(TimeUnit::Millisecond, tz.clone()),
             DataType::Date32 | DataType::Date64 => DataType::Timestamp(TimeUnit::Millisecond, None),
@@ -510,7 +603,7 @@ impl WindowUDFImpl for SeriesFunc {
                 return plan_err!("{name}(): ts must be a timestamp (the event time), got {other}");
             }
         };
-        let mut out = vec![DataType::Float64, ts];
+        let mut out = vec![value, ts];
         out.extend(arg_types[2..].iter().cloned());
         Ok(out)
     }
@@ -547,13 +640,14 @@ impl PartitionEvaluator for SeriesEvaluator {
         let (x, t) = inputs(self.kind.name(), values)?;
         let mut state = self.prototype.clone();
         let mut rows = Vec::with_capacity(num_rows);
+        let mut row = Vec::new();
         for r in 0..num_rows {
             if t.is_null(r) {
                 rows.push(state.blank());
                 continue;
             }
-            let v = (!x.is_null(r)).then(|| x.value(r));
-            rows.push(state.step(t.value(r), v));
+            x.row(r, &mut row);
+            rows.push(state.step_values(t.value(r), &row));
         }
         self.kind.build(&rows)
     }
