@@ -131,8 +131,8 @@ pub struct ServeArgs {
 /// Options of `evaluate`.
 #[derive(Debug, Clone, Args)]
 pub struct EvaluateArgs {
-    /// A labelled CSV (`series,timestamp,value,label`; label 1 inside an anomaly) instead of
-    /// the built-in set.
+    /// A labelled CSV (`series,timestamp,value,label`, or `timestamp,value,label` for one
+    /// series named after the file; label 1 inside an anomaly) instead of the built-in set.
     #[arg(long)]
     pub data: Option<std::path::PathBuf>,
     /// Seed of the built-in set.

@@ -85,6 +85,11 @@ pub struct DetectorReport {
     pub recall_by_family: BTreeMap<String, f64>,
     /// False alerts per day of series.
     pub false_alerts_per_day: f64,
+    /// Per-point F1: a reading is flagged while an alert is active, labelled inside a window.
+    pub point_f1: f64,
+    /// NAB scores (standard, low FP, low FN) with each labelled window, extended by the
+    /// tolerance, as a detection window and each alert's start as a prediction.
+    pub nab: [f64; 3],
 }
 
 fn noise(rng: &mut ChaCha8Rng, sd: f64) -> f64 {
@@ -393,9 +398,21 @@ pub fn from_csv(path: &Path) -> Result<Vec<Series>> {
     let mut reader = csv::Reader::from_path(path)
         .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
     let mut by_series: BTreeMap<String, Vec<(i64, Option<f64>, bool)>> = BTreeMap::new();
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("series")
+        .to_string();
     for (line, record) in reader.records().enumerate() {
         let record = record.map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        let field = |i: usize| record.get(i).unwrap_or("").trim();
+        // `time,value,label` is one series named after the file; otherwise the first column
+        // names the series.
+        let (name, first) = if record.len() == 3 {
+            (stem.as_str(), 0)
+        } else {
+            (record.get(0).unwrap_or("").trim(), 1)
+        };
+        let field = |i: usize| record.get(first + i - 1).unwrap_or("").trim();
         let bad = |what: &str| {
             Error::Config(format!("{}: line {}: bad {what}", path.display(), line + 2))
         };
@@ -413,7 +430,7 @@ pub fn from_csv(path: &Path) -> Result<Vec<Series>> {
         };
         let label = matches!(field(3), "1" | "true" | "TRUE");
         by_series
-            .entry(field(0).to_string())
+            .entry(name.to_string())
             .or_default()
             .push((t, value, label));
     }
@@ -495,19 +512,6 @@ pub struct PointScore {
     pub score: Option<f64>,
     /// Whether the alert rule's alert was active after this reading.
     pub alert: bool,
-}
-
-/// Alert start times of one detector (or health check) over one series, with daily and
-/// weekly profiles in local time at `utc_offset_ms`.
-fn alert_starts(
-    kind: SeriesKind,
-    on: On,
-    raise: f64,
-    clear: f64,
-    s: &Series,
-    utc_offset_ms: i64,
-) -> Result<Vec<(i64, i64)>> {
-    run_series(kind, on, raise, clear, s, utc_offset_ms, |_| {})
 }
 
 /// Runs one detector (or health check) over one series, one reading at a time as the stream
@@ -653,7 +657,11 @@ pub fn evaluate(
         median_delay_min: None,
         recall_by_family: BTreeMap::new(),
         false_alerts_per_day: 0.0,
+        point_f1: 0.0,
+        nab: [0.0; 3],
     };
+    let mut points = nab::PointCounts::default();
+    let mut changepoints = nab::NabTotals::default();
     let mut delays = Vec::new();
     let mut family: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut days = 0.0;
@@ -666,7 +674,17 @@ pub fn evaluate(
             continue;
         }
         days += (s.times.last().unwrap_or(&0) - s.times.first().unwrap_or(&0)) as f64 / DAY as f64;
-        let alerts = alert_starts(kind, on, raise, clear, s, utc_offset_ms)?;
+        let labelled = |t: i64| s.windows.iter().any(|(a, b)| *a <= t && t <= *b);
+        let alerts = run_series(kind, on, raise, clear, s, utc_offset_ms, |p| {
+            points.add(p.alert, labelled(p.t));
+        })?;
+        let detection: Vec<(i64, i64)> = s
+            .windows
+            .iter()
+            .map(|(a, b)| (*a, b + tolerance_ms))
+            .collect();
+        let starts: Vec<i64> = alerts.iter().map(|(a, _)| *a).collect();
+        changepoints.add(&detection, &starts);
         report.alerts += alerts.len();
         report.false_alerts += alerts
             .iter()
@@ -692,6 +710,8 @@ pub fn evaluate(
             }
         }
     }
+    report.point_f1 = points.f1();
+    report.nab = changepoints.scores();
     report.recall = ratio(report.found, report.windows);
     report.precision = ratio(report.alerts - report.false_alerts, report.alerts);
     delays.sort_by(f64::total_cmp);
@@ -761,7 +781,7 @@ pub fn table(reports: &[DetectorReport]) -> String {
         .filter(|f| !matches!(f.as_str(), "quiet" | "fault" | "sim_fault"))
         .collect();
     let mut out = format!(
-        "| detector | windows | found | alerts | false | precision | recall | median delay (min) | false/day |{}\n|---|---:|---:|---:|---:|---:|---:|---:|---:|{}\n",
+        "| detector | windows | found | alerts | false | precision | recall | median delay (min) | false/day | point F1 | NAB standard / low FP / low FN |{}\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{}\n",
         families
             .iter()
             .map(|f| format!(" recall {f} |"))
@@ -770,7 +790,7 @@ pub fn table(reports: &[DetectorReport]) -> String {
     );
     for r in reports {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {:.2} |{}\n",
+            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.1} / {:.1} / {:.1} |{}\n",
             r.detector,
             r.windows,
             r.found,
@@ -780,6 +800,10 @@ pub fn table(reports: &[DetectorReport]) -> String {
             r.recall,
             r.median_delay_min.map_or("-".into(), |d| format!("{d:.0}")),
             r.false_alerts_per_day,
+            r.point_f1,
+            r.nab[0],
+            r.nab[1],
+            r.nab[2],
             families
                 .iter()
                 .map(|f| r
@@ -882,6 +906,14 @@ mod tests {
         assert_eq!(set[0].windows, vec![(60_000, 120_000)]);
         assert_eq!(set[1].values, vec![None]);
         assert!(from_csv(&dir.path().join("missing.csv")).is_err());
+        // `time,value,label`: one series, named after the file.
+        let single = dir.path().join("pump7.csv");
+        std::fs::write(&single, "time,value,label\n0,1,0\n60000,9,1\n120000,1,0\n").expect("write");
+        let set = from_csv(&single).expect("csv");
+        assert_eq!(set.len(), 1);
+        assert_eq!(set[0].name, "pump7");
+        assert_eq!(set[0].windows, vec![(60_000, 60_000)]);
+        assert_eq!(set[0].values, vec![Some(1.0), Some(9.0), Some(1.0)]);
     }
 
     #[test]
