@@ -594,7 +594,8 @@ fn interval(ms: i64) -> datafusion::common::ScalarValue {
 
 /// Writes every reading of the labelled series (the detectors' targets) as each detector
 /// scored it: CSV `series,timestamp,value,label,detector,score,alert` (timestamp epoch ms,
-/// label 1 inside a labelled window, score `|score|` or empty while warming up, alert 1
+/// label 1 inside a labelled window, score `|score|` (the likelihood for a likelihood rule)
+/// or empty while warming up, alert 1
 /// while the alert rule's alert is active). Returns the rows written.
 pub fn write_scores(
     set: &[Series],
