@@ -99,6 +99,17 @@ pub fn table(columns: Vec<(String, ArrayRef)>) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?)
 }
 
+/// The columns of held rows as a state table's columns, each named by its position and
+/// field name (`c<i>_<name>`), read back by position.
+pub fn row_columns(rows: &RecordBatch) -> Vec<(String, ArrayRef)> {
+    rows.schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (format!("c{i}_{}", f.name()), rows.column(i).clone()))
+        .collect()
+}
+
 /// Reads a scalar field of a snapshot's meta.
 pub fn meta_field<T: serde::de::DeserializeOwned>(
     meta: &serde_json::Value,

@@ -393,6 +393,19 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Writes `reports` as JSON to `path`, if one was given.
+fn write_json(path: Option<&std::path::Path>, reports: &impl serde::Serialize) -> Result<()> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let json = serde_json::to_string_pretty(reports)
+        .map_err(|e| crate::error::Error::Config(e.to_string()))?;
+    std::fs::write(path, json)
+        .map_err(|e| crate::error::Error::Config(format!("{}: {e}", path.display())))?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
+
 fn evaluate(args: EvaluateArgs) -> Result<()> {
     use crate::evaluate as eval;
     if !(0.0..=1.0).contains(&args.threshold) || !(0.0..=args.threshold).contains(&args.clear) {
@@ -419,14 +432,7 @@ fn evaluate(args: EvaluateArgs) -> Result<()> {
             "{}",
             eval::skab::table(&reports, args.threshold, args.clear)
         );
-        if let Some(path) = &args.json {
-            let json = serde_json::to_string_pretty(&reports)
-                .map_err(|e| crate::error::Error::Config(e.to_string()))?;
-            std::fs::write(path, json)
-                .map_err(|e| crate::error::Error::Config(format!("{}: {e}", path.display())))?;
-            println!("\nwrote {}", path.display());
-        }
-        return Ok(());
+        return write_json(args.json.as_deref(), &reports);
     }
     let (set, source) = match &args.data {
         Some(path) => (eval::from_csv(path)?, path.display().to_string()),
@@ -459,13 +465,7 @@ fn evaluate(args: EvaluateArgs) -> Result<()> {
     });
     let reports = eval::evaluate_all(&set, args.tolerance.as_millis() as i64, offset)?;
     print!("{}", eval::table(&reports));
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&reports)
-            .map_err(|e| crate::error::Error::Config(e.to_string()))?;
-        std::fs::write(path, json)
-            .map_err(|e| crate::error::Error::Config(format!("{}: {e}", path.display())))?;
-        println!("\nwrote {}", path.display());
-    }
+    write_json(args.json.as_deref(), &reports)?;
     if let Some(path) = &args.scores {
         let file = std::fs::File::create(path)
             .map_err(|e| crate::error::Error::Config(format!("{}: {e}", path.display())))?;

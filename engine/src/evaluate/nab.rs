@@ -16,6 +16,8 @@
 
 use serde::Serialize;
 
+use super::ratio;
+
 /// A scoring profile's weights.
 #[derive(Debug, Clone, Copy)]
 pub struct Profile {
@@ -166,48 +168,17 @@ impl PointCounts {
 
     /// F1 = TP / (TP + (FN + FP) / 2).
     pub fn f1(&self) -> f64 {
-        let d = self.tp as f64 + (self.fn_ + self.fp) as f64 / 2.0;
-        if d > 0.0 { self.tp as f64 / d } else { 0.0 }
-    }
-
-    /// Precision.
-    pub fn precision(&self) -> f64 {
-        let d = self.tp + self.fp;
-        if d > 0 {
-            self.tp as f64 / d as f64
-        } else {
-            0.0
-        }
-    }
-
-    /// Recall.
-    pub fn recall(&self) -> f64 {
-        let d = self.tp + self.fn_;
-        if d > 0 {
-            self.tp as f64 / d as f64
-        } else {
-            0.0
-        }
+        ratio(2 * self.tp, 2 * self.tp + self.fn_ + self.fp)
     }
 
     /// False alarm rate, %: FP / (FP + TN).
     pub fn far(&self) -> f64 {
-        let d = self.fp + self.tn;
-        if d > 0 {
-            100.0 * self.fp as f64 / d as f64
-        } else {
-            0.0
-        }
+        100.0 * ratio(self.fp, self.fp + self.tn)
     }
 
     /// Missed alarm rate, %: FN / (FN + TP).
     pub fn mar(&self) -> f64 {
-        let d = self.fn_ + self.tp;
-        if d > 0 {
-            100.0 * self.fn_ as f64 / d as f64
-        } else {
-            0.0
-        }
+        100.0 * ratio(self.fn_, self.fn_ + self.tp)
     }
 }
 

@@ -164,15 +164,10 @@ impl Ordered {
         };
         if !self.buffer.is_empty() {
             let rows = concat_batches(&self.schema, &self.buffer)?;
-            let columns = rows
-                .schema()
-                .fields()
-                .iter()
-                .enumerate()
-                .map(|(i, f)| (format!("c{i}_{}", f.name()), rows.column(i).clone()))
-                .collect();
-            out.tables
-                .insert("rows".into(), crate::checkpoint::table(columns)?);
+            out.tables.insert(
+                "rows".into(),
+                crate::checkpoint::table(crate::checkpoint::row_columns(&rows))?,
+            );
         }
         Ok(out)
     }

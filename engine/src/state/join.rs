@@ -585,13 +585,7 @@ impl IntervalJoin {
                 continue;
             }
             let rows = concat_batches(&self.spec.sides[side], &batches)?;
-            let mut columns: Vec<(String, ArrayRef)> = rows
-                .schema()
-                .fields()
-                .iter()
-                .enumerate()
-                .map(|(i, f)| (format!("c{i}_{}", f.name()), rows.column(i).clone()))
-                .collect();
+            let mut columns = crate::checkpoint::row_columns(&rows);
             columns.push((
                 "__matched".into(),
                 Arc::new(BooleanArray::from(matched)) as ArrayRef,

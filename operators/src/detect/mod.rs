@@ -125,11 +125,8 @@ impl SeriesState {
     /// take the first value.
     pub fn step_values(&mut self, t_ms: i64, xs: &[Option<f64>]) -> Emitted {
         match self {
-            SeriesState::Vector(d) => {
-                let clean: Vec<Option<f64>> =
-                    xs.iter().map(|x| x.filter(|v| !v.is_nan())).collect();
-                Emitted::Vector(d.update(t_ms, &clean))
-            }
+            // Each column's detector treats a NaN as a missing reading.
+            SeriesState::Vector(d) => Emitted::Vector(d.update(t_ms, xs)),
             other => other.step(t_ms, xs.first().copied().flatten()),
         }
     }

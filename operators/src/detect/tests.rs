@@ -529,3 +529,23 @@ fn likelihoods_are_calibrated_on_stationary_series_of_any_shape_and_scale() {
         failures.join("\n")
     );
 }
+
+/// A detector over several columns keeps at most `MAX_COLUMNS` of them however wide a row's
+/// array is, counts absent and NaN values as missing, and names the column that moved.
+#[test]
+fn vector_detector_state_is_bounded_and_names_the_moving_column() {
+    let mut wide = VectorScore::new(0);
+    wide.update(0, &vec![Some(1.0); 100_000]);
+    assert_eq!(wide.width(), VectorScore::MAX_COLUMNS);
+    let mut d = VectorScore::new(0);
+    let mut last = VectorOut::default();
+    for i in 0..80usize {
+        let speed = if i < 70 { 40.0 + noise(i) } else { 8.0 };
+        let row = [Some(20.0 + noise(i + 1000)), Some(speed), Some(f64::NAN)];
+        let short = [Some(20.0 + noise(i + 1000))];
+        last = d.update(i as i64 * MIN, if i == 10 { &short } else { &row });
+    }
+    assert_eq!(d.width(), 3);
+    assert_eq!(last.column, Some(2));
+    assert!(last.score.score.is_some_and(|s| s < -10.0), "{last:?}");
+}

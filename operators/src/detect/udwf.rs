@@ -418,8 +418,9 @@ impl SeriesKind {
 pub enum Values {
     /// One number per row.
     Scalar(Float64Array),
-    /// Several numbers per row.
-    List(ListArray),
+    /// Several numbers per row: the list (for its offsets and nulls) and its elements, read
+    /// in place.
+    List(ListArray, Float64Array),
 }
 
 impl Values {
@@ -429,13 +430,13 @@ impl Values {
         out.clear();
         match self {
             Values::Scalar(x) => out.push((!x.is_null(r)).then(|| x.value(r))),
-            Values::List(list) => {
+            Values::List(list, items) => {
                 if list.is_null(r) {
                     return;
                 }
-                let items = list.value(r);
-                let items = items.as_primitive::<Float64Type>();
-                out.extend((0..items.len()).map(|i| (!items.is_null(i)).then(|| items.value(i))));
+                let offsets = list.value_offsets();
+                let (from, to) = (offsets[r] as usize, offsets[r + 1] as usize);
+                out.extend((from..to).map(|i| (!items.is_null(i)).then(|| items.value(i))));
             }
         }
     }
@@ -449,7 +450,9 @@ pub fn inputs(name: &str, args: &[ArrayRef]) -> Result<(Values, TimestampMillise
     let values = match args[0].data_type() {
         DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(_, _) => {
             let list = cast(&args[0], &DataType::new_list(DataType::Float64, true))?;
-            Values::List(list.as_list::<i32>().clone())
+            let list = list.as_list::<i32>().clone();
+            let items = list.values().as_primitive::<Float64Type>().clone();
+            Values::List(list, items)
         }
         _ => Values::Scalar(cast(&args[0], &DataType::Float64)?.as_primitive().clone()),
     };

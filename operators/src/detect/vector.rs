@@ -12,9 +12,10 @@ use super::{Combined, Score};
 ///
 /// Its score and baseline are those of the most anomalous column (the one with the highest
 /// likelihood; by `|score|` while no column has a likelihood), reported by its 1-based
-/// position. The number of columns is fixed by the key's first reading; a later reading with
-/// fewer values counts the absent ones as missing, and values beyond the first reading's
-/// number are ignored.
+/// position. The number of columns is fixed by the key's first reading, at most
+/// [`VectorScore::MAX_COLUMNS`] (the values of a row are data: an array column of a record must
+/// not make a key's state unbounded); a later reading with fewer values counts the absent ones
+/// as missing, and values beyond that number are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VectorScore {
     offset_ms: i64,
@@ -32,6 +33,10 @@ pub struct VectorOut {
 }
 
 impl VectorScore {
+    /// The most columns a key's detector keeps (each is an [`anomaly_score`'s](Combined)
+    /// state, about 9 KB).
+    pub const MAX_COLUMNS: usize = 32;
+
     /// A detector in local time `offset_ms` from UTC (for the columns' daily profiles).
     pub fn new(offset_ms: i64) -> Self {
         Self {
@@ -55,7 +60,7 @@ impl VectorScore {
     /// Scores the readings `xs` (one per column) at `t_ms`, then learns from them.
     pub fn update(&mut self, t_ms: i64, xs: &[Option<f64>]) -> VectorOut {
         if self.columns.is_empty() {
-            self.columns = vec![Combined::new(self.offset_ms); xs.len()];
+            self.columns = vec![Combined::new(self.offset_ms); xs.len().min(Self::MAX_COLUMNS)];
         }
         let d = self.columns.len();
         let missing = std::iter::repeat(&None);
