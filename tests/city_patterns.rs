@@ -413,3 +413,127 @@ async fn simulated_travel_times_match_the_plates_read_twice() -> anyhow::Result<
     assert_eq!(got, want);
     Ok(())
 }
+
+/// Stations declared at run time, reporting once an hour: the hours before they are declared
+/// are incomplete (an unknown sensor is expected every 60 s), and from the declaration on,
+/// without restarting or re-planning the queries, every hour and every local day of the
+/// stations and of their ward gets a VN_AQI. A restart in the middle reads the declared
+/// tables again.
+#[tokio::test]
+async fn hourly_stations_declared_at_run_time_get_hourly_and_daily_vn_aqi() -> anyhow::Result<()> {
+    use urbanstream::plan::city_context_in;
+    use urbanstream::plan::stream::StreamContext;
+    use urbanstream::reference::ReferenceTables;
+
+    let dir = tempfile::tempdir()?;
+    let tables = ReferenceTables::open(dir.path())?;
+    let ctx = city_context_in(
+        StreamContext::new(),
+        &Topics::default(),
+        &SchemaRegistry::embedded()?,
+        &tables,
+    )?;
+    let mut engine = DeterministicEngine::with_context(ctx);
+    for name in ["air_hourly_sensor", "air_hourly_ward", "air_daily_sensor"] {
+        let (_, sql) = DEFAULT_QUERIES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| anyhow::anyhow!("no default query {name}"))?;
+        engine.execute(sql).await?;
+    }
+    let stations = ["hn-st-01", "hn-st-02"];
+    let reading = |station: &str, day: u32, hour: u32| {
+        let pm25 = 30.0 + f64::from((hour * 7 + day) % 40);
+        format!("('{station}', 'quan_trac', '2026-01-{day:02}T{hour:02}:20:00', {pm25}, 25.0)")
+    };
+    let insert = |rows: Vec<String>| {
+        format!(
+            "INSERT INTO air_readings (sensor_id, ward_id, event_time, pm25, no2) VALUES {}",
+            rows.join(", ")
+        )
+    };
+    // 14:00–17:00 UTC on 1 January: not declared yet.
+    for hour in 14..17 {
+        engine
+            .execute(&insert(
+                stations.iter().map(|s| reading(s, 1, hour)).collect(),
+            ))
+            .await?;
+    }
+    // The ward and its two hourly stations, declared as CSV beside the built-in rows.
+    let mut wards = tables
+        .get("wards")
+        .map(|t| t.csv.clone())
+        .unwrap_or_default();
+    wards.push_str("quan_trac,Trạm quan trắc,21.05,105.80\n");
+    tables.replace("wards", &wards)?;
+    let mut sensors = tables
+        .get("sensors")
+        .map(|t| t.csv.clone())
+        .unwrap_or_default();
+    for (i, s) in stations.iter().enumerate() {
+        sensors.push_str(&format!("{s},quan_trac,station,21.0{i},105.80,3600\n"));
+    }
+    tables.replace("sensors", &sensors)?;
+    // Two local days (UTC+7), 17:00 UTC on 1 January to 17:00 UTC on 3 January.
+    for step in 0..48u32 {
+        let (day, hour) = (1 + (17 + step) / 24, (17 + step) % 24);
+        engine
+            .execute(&insert(
+                stations.iter().map(|s| reading(s, day, hour)).collect(),
+            ))
+            .await?;
+        if step == 20 {
+            engine.execute("RESTART").await?;
+        }
+    }
+    engine
+        .execute("ADVANCE WATERMARK air_readings TO '2026-01-03T18:00:00'")
+        .await?;
+    let Outcome::Rows(batches) = engine
+        .execute(
+            "SELECT entity_id, scope, period, CAST(window_end AS VARCHAR) AS w, complete, \
+             CAST(aqi IS NOT NULL AS VARCHAR) AS has_aqi FROM air_indicators \
+             WHERE entity_id IN ('hn-st-01', 'hn-st-02', 'quan_trac') \
+             ORDER BY scope, period, entity_id, window_end",
+        )
+        .await?
+    else {
+        anyhow::bail!("no rows")
+    };
+    let rows = text_rows(&batches)?;
+    let count = |prefix: &str, complete: &str, aqi: &str| {
+        rows.iter()
+            .filter(|r| r.starts_with(prefix) && r.ends_with(&format!(" {complete} {aqi}")))
+            .count()
+    };
+    for s in stations {
+        // The three hours before the declaration: one reading of the 60 expected.
+        assert_eq!(
+            count(&format!("{s} sensor hour"), "false", "false"),
+            3,
+            "{rows:#?}"
+        );
+        // Every hour after: complete, with an AQI.
+        assert_eq!(
+            count(&format!("{s} sensor hour"), "true", "true"),
+            48,
+            "{rows:#?}"
+        );
+        // The local days of 2 and 3 January: 24 complete hours each.
+        assert_eq!(
+            count(&format!("{s} sensor day"), "true", "true"),
+            2,
+            "{rows:#?}"
+        );
+    }
+    // The ward: both stations every hour from the declaration on.
+    assert_eq!(
+        count("quan_trac ward hour", "true", "true"),
+        48,
+        "{rows:#?}"
+    );
+    // The versions are kept beside the catalog.
+    assert!(dir.path().join("sensors").join("v2.csv").exists());
+    Ok(())
+}

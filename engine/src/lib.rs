@@ -38,6 +38,7 @@ pub mod cli;
 pub mod deterministic;
 pub mod error;
 pub mod evaluate;
+pub mod files;
 pub mod pipeline;
 pub mod reference;
 pub mod schema;

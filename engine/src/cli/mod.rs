@@ -70,6 +70,13 @@ pub enum Command {
     /// Example: `urbanstream query list` or
     /// `urbanstream query add busy_segments --file busy.sql --server http://10.0.0.5:8080`
     Query(crate::service::client::QueryArgs),
+    /// List the tables SQL can read, and read or replace a running service's reference
+    /// tables (sensors with their reporting interval, stations, cameras, detectors, segments,
+    /// wards, or tables of your own) without restarting its queries.
+    ///
+    /// Example: `urbanstream table list` or
+    /// `urbanstream table replace sensors --file sensors.csv`
+    Table(crate::service::client::TableArgs),
     /// Produce simulated city traffic, detector and air data into a Kafka cluster.
     ///
     /// Example: `urbanstream simulate --brokers localhost:9092 --rate 5000 --speedup 60`
@@ -350,6 +357,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             crate::service::serve(config).await
         }
         Command::Query(args) => crate::service::client::run(args).await,
+        Command::Table(args) => crate::service::client::run_table(args).await,
         Command::Simulate(args) => simulate(args).await,
         Command::Broker(args) => broker(args).await,
         Command::Tail(args) => tail(args).await,

@@ -45,7 +45,7 @@ use crate::plan::repartition::key_plan;
 use crate::plan::stream::StreamContext;
 use crate::plan::stream::StreamQuery;
 use crate::plan::table::StreamTable;
-use crate::plan::{city_context, city_context_in, default_queries, plan_all};
+use crate::plan::{city_context_in, default_queries, plan_all};
 use crate::schema::SchemaRegistry;
 use crate::sink::{DlqRecord, KafkaSink, KafkaSinkConfig, LateRecord, Pending, conform_stream};
 use crate::source::{
@@ -97,6 +97,9 @@ pub struct PipelineConfig {
     /// Static membership in the consumer group under this id (see
     /// [`crate::source::KafkaSourceConfig::group_instance_id`]).
     pub group_instance_id: Option<String>,
+    /// The reference tables its queries read (the process's, whose new versions they see);
+    /// `None`: the ones compiled into the binary.
+    pub reference: Option<crate::reference::ReferenceTables>,
 }
 
 /// How a pipeline checkpoints and recovers.
@@ -135,6 +138,7 @@ impl PipelineConfig {
             checkpoint: None,
             from_beginning: false,
             group_instance_id: None,
+            reference: None,
         }
     }
 }
@@ -362,14 +366,15 @@ impl Pipeline {
     /// `queries/`.
     pub async fn new(config: PipelineConfig, stats: Arc<PipelineStats>) -> Result<Self> {
         let schemas = SchemaRegistry::embedded()?;
-        let ctx = match config.memory_limit {
-            Some(limit) => city_context_in(
-                StreamContext::with_memory_limit(limit)?,
-                &config.topics,
-                &schemas,
-            )?,
-            None => city_context(&config.topics, &schemas)?,
+        let reference = match &config.reference {
+            Some(tables) => tables.clone(),
+            None => crate::reference::ReferenceTables::embedded()?,
         };
+        let ctx = match config.memory_limit {
+            Some(limit) => StreamContext::with_memory_limit(limit)?,
+            None => StreamContext::new(),
+        };
+        let ctx = city_context_in(ctx, &config.topics, &schemas, &reference)?;
         let reservation = config.memory_limit.map(|_| {
             MemoryConsumer::new("window state").register(&ctx.session().runtime_env().memory_pool)
         });

@@ -15,6 +15,7 @@
 mod chain;
 pub mod feed;
 mod join;
+pub mod lookup;
 mod ordered;
 pub mod repartition;
 pub mod rewrite;
@@ -25,7 +26,7 @@ mod topn;
 mod union;
 
 use crate::error::Result;
-use crate::reference::ReferenceData;
+use crate::reference::ReferenceTables;
 use crate::schema::SchemaRegistry;
 use crate::topics::Topics;
 use stream::StreamContext;
@@ -97,15 +98,26 @@ pub const DEFAULT_QUERIES: &[(&str, &str)] = &[
 /// | `alerts` | alerts | sink keyed by `entity_id` |
 /// | `segments`, `wards`, `cameras`, `detectors`, `sensors`, `pcu_factors` | — | reference |
 /// | `ward_sensors` | — | reference, derived from `sensors` |
+/// | tables added at run time | — | reference |
+///
+/// The reference tables are the ones compiled into the binary; [`city_context_in`] takes a
+/// process's [`ReferenceTables`], whose new versions queries see as they run.
 pub fn city_context(topics: &Topics, schemas: &SchemaRegistry) -> Result<StreamContext> {
-    city_context_in(StreamContext::new(), topics, schemas)
+    city_context_in(
+        StreamContext::new(),
+        topics,
+        schemas,
+        &ReferenceTables::embedded()?,
+    )
 }
 
-/// [`city_context`] registered into `ctx` (one made with a memory limit, say).
+/// [`city_context`] registered into `ctx` (one made with a memory limit, say), reading
+/// `reference`.
 pub fn city_context_in(
-    ctx: StreamContext,
+    mut ctx: StreamContext,
     topics: &Topics,
     schemas: &SchemaRegistry,
+    reference: &ReferenceTables,
 ) -> Result<StreamContext> {
     let streams = [
         (
@@ -155,33 +167,8 @@ pub fn city_context_in(
             key,
         )?)?;
     }
-    for (file, _) in crate::reference::EMBEDDED {
-        let name = file.trim_end_matches(".csv");
-        let csv = ReferenceData::embedded_csv(file).unwrap_or_default();
-        ctx.register_reference_csv(name, csv)?;
-    }
-    ctx.register_reference_csv(
-        "ward_sensors",
-        &ward_sensors_csv(&ReferenceData::embedded()?),
-    )?;
+    ctx.register_reference_tables(reference)?;
     Ok(ctx)
-}
-
-/// The derived reference table `ward_sensors(ward_id, sensors, expected_per_hour)`: per ward,
-/// its air sensors and the readings they send in an hour together (what a ward's hourly mean
-/// is complete against). Computed here because a stream query aggregates only its stream.
-fn ward_sensors_csv(reference: &ReferenceData) -> String {
-    let mut wards: std::collections::BTreeMap<&str, (u32, f64)> = Default::default();
-    for s in &reference.sensors {
-        let w = wards.entry(s.ward_id.as_str()).or_default();
-        w.0 += 1;
-        w.1 += 3600.0 / f64::from(s.interval_s.max(1));
-    }
-    let mut csv = String::from("ward_id,sensors,expected_per_hour\n");
-    for (ward, (n, expected)) in wards {
-        csv.push_str(&format!("{ward},{n},{expected}\n"));
-    }
-    csv
 }
 
 /// Plans `sql` (one or more statements) in `ctx`; returns the stream queries among them.

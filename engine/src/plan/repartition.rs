@@ -233,7 +233,8 @@ pub async fn key_plan(
             .state()
             .create_logical_plan(&select.to_string())
             .await?;
-        session.state().create_physical_plan(&logical).await
+        let physical = session.state().create_physical_plan(&logical).await?;
+        super::lookup::refresh_lookup_joins(physical, ctx.reference_generation())
     }
     .await;
     session.deregister_table(table.as_str())?;

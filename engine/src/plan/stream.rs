@@ -141,6 +141,8 @@ pub struct StepOutput {
 #[derive(Clone)]
 pub struct StreamContext {
     ctx: SessionContext,
+    /// Changes when a reference table gets a new version ([`Self::register_reference_tables`]).
+    reference_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Default for StreamContext {
@@ -190,7 +192,10 @@ impl StreamContext {
         // values and merge their states.
         ctx.remove_optimizer_rule("single_distinct_aggregation_to_group_by");
         urbanstream_operators::register_all(&ctx);
-        Self { ctx }
+        Self {
+            ctx,
+            reference_generation: Default::default(),
+        }
     }
 
     /// The DataFusion session.
@@ -219,6 +224,26 @@ impl StreamContext {
         self.ctx
             .register_table(name, Arc::new(MemTable::try_new(schema, vec![batches])?))?;
         Ok(())
+    }
+
+    /// Registers every table of `tables` for lookup joins: queries read each table's current
+    /// version, a new version included, without being planned again.
+    pub fn register_reference_tables(
+        &mut self,
+        tables: &crate::reference::ReferenceTables,
+    ) -> Result<()> {
+        for t in tables.list() {
+            if let Some(table) = super::lookup::ReferenceTable::new(tables, &t.name) {
+                self.ctx.register_table(t.name.as_str(), Arc::new(table))?;
+            }
+        }
+        self.reference_generation = tables.generation();
+        Ok(())
+    }
+
+    /// A counter that changes whenever a reference table gets a new version.
+    pub fn reference_generation(&self) -> &Arc<std::sync::atomic::AtomicU64> {
+        &self.reference_generation
     }
 
     /// The stream table called `name`, if it is one.
@@ -422,6 +447,7 @@ impl StreamContext {
         let early_fire = parse_setting("urbanstream.early_fire", &settings.early_fire)?;
         data_loss_policy(&settings.on_data_loss)?;
         let physical = self.ctx.state().create_physical_plan(&plan).await?;
+        let physical = super::lookup::refresh_lookup_joins(physical, &self.reference_generation)?;
         let key_ttl = parse_setting("urbanstream.key_ttl", &settings.key_ttl)?
             .filter(|d| !d.is_zero())
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));

@@ -14,6 +14,8 @@
 //! | DELETE | `/v1/queries/{name}` | stop and forget a registered query (204) |
 //! | POST | `/v1/queries/{name}/pause`, `/resume`, `/restart` | change its state |
 //! | GET | `/v1/tables`, `/v1/tables/{name}` | the tables SQL can use: streams (topic, event time, watermark delay, key) and reference tables, with their columns |
+//! | GET | `/v1/tables/{name}/rows` | a reference table's current version as CSV (header `x-urbanstream-version`) |
+//! | PUT | `/v1/tables/{name}/rows` | CSV body: the next version of a reference table (or a new one), checked, kept beside the catalog and read by every query from its next micro-batch; answers the table as `/v1/tables/{name}` does |
 //! | GET | `/v1/functions` | the functions SQL can call (urbanstream's first) |
 //!
 //! Errors are JSON `{"message": …}` (with `"position": {"line", "column"}` for SQL the parser
@@ -52,6 +54,14 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/queries/{name}/restart", post(restart))
         .route("/tables", get(tables))
         .route("/tables/{name}", get(table))
+        .route(
+            "/tables/{name}/rows",
+            get(table_rows)
+                .put(replace_table_rows)
+                .layer(DefaultBodyLimit::max(
+                    crate::reference::tables::MAX_CSV_BYTES,
+                )),
+        )
         .route("/functions", get(functions));
     let guarded = Router::new()
         .nest("/v1", v1)
@@ -283,6 +293,33 @@ async fn table(
     Path(name): Path<String>,
 ) -> Result<Json<TableInfo>, ApiError> {
     Ok(Json(service.manager.table(&name).await?))
+}
+
+async fn table_rows(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let (version, csv) = service.manager.reference_rows(&name)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+            (
+                header::HeaderName::from_static("x-urbanstream-version"),
+                version.to_string(),
+            ),
+        ],
+        csv,
+    )
+        .into_response())
+}
+
+async fn replace_table_rows(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+    body: Result<String, axum::extract::rejection::StringRejection>,
+) -> Result<Json<TableInfo>, ApiError> {
+    let csv = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    Ok(Json(service.manager.replace_reference(&name, &csv).await?))
 }
 
 async fn functions(

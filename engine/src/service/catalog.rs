@@ -3,13 +3,12 @@
 //! and the directory synced), so a crash leaves either the old or the new catalog, never a
 //! torn one.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::files::write_atomically;
 
 /// Version of the catalog file's layout.
 const VERSION: u32 = 1;
@@ -151,29 +150,6 @@ impl Catalog {
         self.file = next;
         Ok(())
     }
-}
-
-/// Writes `bytes` to `path` so that a crash leaves the old content or the new, never a mix.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "catalog".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    // The rename itself is durable once the directory is synced.
-    File::open(&dir)?.sync_all()?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! `urbanstream query …`: the REST API's client, with table output or `--json`.
+//! `urbanstream query …` and `urbanstream table …`: the REST API's client, with table output
+//! or `--json`.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -127,6 +128,179 @@ pub enum QueryAction {
     },
 }
 
+/// Options of `urbanstream table`.
+#[derive(Debug, Clone, Args)]
+pub struct TableArgs {
+    /// The service's API.
+    #[arg(
+        long,
+        global = true,
+        env = "URBANSTREAM_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: String,
+    /// Bearer token, when the service has one (`api.token`; replacing needs it).
+    #[arg(long, global = true, env = "URBANSTREAM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON answer instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: TableAction,
+}
+
+/// The `table` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum TableAction {
+    /// List the tables SQL can read: streams and reference tables (with version and rows).
+    ///
+    /// Example: `urbanstream table list`
+    List,
+    /// Show one table: kind, topic, event time, key, version, columns.
+    ///
+    /// Example: `urbanstream table show sensors`
+    Show {
+        /// Its name.
+        name: String,
+    },
+    /// Print a reference table's current rows as CSV.
+    ///
+    /// Example: `urbanstream table rows sensors > sensors.csv`
+    Rows {
+        /// Its name.
+        name: String,
+    },
+    /// Install a CSV as the next version of a reference table (or as a new table). It is
+    /// checked first (the table's header and types; for the city's tables every row and the
+    /// references between them), kept beside the service's catalog, and read by every query
+    /// from its next micro-batch, without a restart.
+    ///
+    /// Example: `urbanstream table rows sensors > sensors.csv`, add rows, then
+    /// `urbanstream table replace sensors --file sensors.csv`
+    Replace {
+        /// Its name.
+        name: String,
+        /// The CSV, with a header row.
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+}
+
+/// Runs one `urbanstream table` command and prints its answer.
+pub async fn run_table(args: TableArgs) -> Result<()> {
+    let client = Client::new(&args.server, args.token.clone())?;
+    let answer = match &args.action {
+        TableAction::Rows { name } => {
+            let csv = client
+                .send(Method::GET, &format!("/v1/tables/{name}/rows"), None)
+                .await?;
+            print!("{csv}");
+            return Ok(());
+        }
+        TableAction::List => client.call(Method::GET, "/v1/tables", None).await?,
+        TableAction::Show { name } => {
+            client
+                .call(Method::GET, &format!("/v1/tables/{name}"), None)
+                .await?
+        }
+        TableAction::Replace { name, file } => {
+            let csv = std::fs::read_to_string(file)
+                .map_err(|e| Error::Api(format!("{}: {e}", file.display())))?;
+            let text = client
+                .send(
+                    Method::PUT,
+                    &format!("/v1/tables/{name}/rows"),
+                    Some(("text/csv", csv)),
+                )
+                .await?;
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&answer).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    match &args.action {
+        TableAction::List => print!("{}", tables_text(&answer)),
+        _ => print!("{}", table_details(&answer)),
+    }
+    Ok(())
+}
+
+/// Every table, one row each.
+fn tables_text(tables: &Value) -> String {
+    let mut rows = vec![["NAME", "KIND", "TOPIC / VERSION", "ROWS", "COLUMNS"].map(String::from)];
+    for t in tables.as_array().into_iter().flatten() {
+        let columns = t["columns"].as_array().map_or(0, Vec::len);
+        let (source, rows_text) = if t["kind"] == "stream" {
+            (text(&t["topic"]), "-".to_string())
+        } else {
+            (format!("v{}", text(&t["version"])), text(&t["rows"]))
+        };
+        rows.push([
+            text(&t["name"]),
+            text(&t["kind"]),
+            source,
+            rows_text,
+            columns.to_string(),
+        ]);
+    }
+    aligned(&rows)
+}
+
+/// One table: its properties, then a column per line.
+fn table_details(t: &Value) -> String {
+    let mut out = String::new();
+    for key in [
+        "name",
+        "kind",
+        "topic",
+        "event_time",
+        "watermark_delay_ms",
+        "key",
+        "version",
+        "rows",
+        "derived_from",
+        "installed_ms",
+    ] {
+        if !t[key].is_null() {
+            out.push_str(&format!(
+                "{key:<20} {}
+",
+                text(&t[key])
+            ));
+        }
+    }
+    let mut rows = vec![["COLUMN", "TYPE", "NULLABLE"].map(String::from)];
+    for c in t["columns"].as_array().into_iter().flatten() {
+        rows.push([text(&c["name"]), text(&c["type"]), text(&c["nullable"])]);
+    }
+    out.push_str(&aligned(&rows));
+    out
+}
+
+/// Rows of cells, columns padded to their widest cell.
+fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// Runs one `urbanstream query` command and prints its answer.
 pub async fn run(args: QueryArgs) -> Result<()> {
     let client = Client::new(&args.server, args.token.clone())?;
@@ -222,13 +396,32 @@ impl Client {
 
     /// Sends a request; the answer's JSON (null for 204), or the API's error message.
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let body = body.map(|b| ("application/json", b.to_string()));
+        let text = self.send(method, path, body).await?;
+        Ok(if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        })
+    }
+
+    /// Sends a request with a body of a content type; the answer's text, or the API's error
+    /// message.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, String)>,
+    ) -> Result<String> {
         let url = format!("{}{path}", self.base);
         let mut request = self.http.request(method, &url);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        if let Some(body) = body {
-            request = request.json(&body);
+        if let Some((content_type, body)) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(body);
         }
         let response = request
             .send()
@@ -239,14 +432,10 @@ impl Client {
             .text()
             .await
             .map_err(|e| Error::Api(format!("{url}: {e}")))?;
-        let value: Value = if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
         if status.is_success() {
-            return Ok(value);
+            return Ok(text);
         }
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         let mut message = value
             .get("message")
             .and_then(Value::as_str)
@@ -312,13 +501,13 @@ fn table(queries: &[Value]) -> String {
         "WATERMARK",
         "ERROR",
     ];
-    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    let mut rows = vec![header.map(String::from)];
     for q in queries {
         let mut error = text(&q["error"]);
         if error.chars().count() > 60 {
             error = error.chars().take(57).collect::<String>() + "...";
         }
-        rows.push(vec![
+        rows.push([
             text(&q["name"]),
             text(&q["state"]),
             text(&q["rows_in"]),
@@ -330,20 +519,7 @@ fn table(queries: &[Value]) -> String {
             error,
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    aligned(&rows)
 }
 
 /// One query as `key: value` lines, then its SQL.

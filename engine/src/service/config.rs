@@ -80,6 +80,23 @@ pub struct ApiConfig {
 pub struct CatalogConfig {
     /// The catalog file.
     pub path: PathBuf,
+    /// Where new versions of reference tables are kept (default: `reference/` beside the
+    /// catalog file).
+    #[serde(default)]
+    pub reference_dir: Option<PathBuf>,
+}
+
+impl CatalogConfig {
+    /// The reference tables' directory: `reference_dir`, or `reference/` beside the catalog.
+    pub fn reference_dir(&self) -> PathBuf {
+        match &self.reference_dir {
+            Some(dir) => dir.clone(),
+            None => self
+                .path
+                .parent()
+                .map_or_else(|| PathBuf::from("reference"), |p| p.join("reference")),
+        }
+    }
 }
 
 /// `[queries]`: built-in queries and the limits of every query.

@@ -20,7 +20,8 @@ use crate::error::Error;
 use crate::pipeline::{
     CheckpointInfo, CheckpointSettings, Pipeline, PipelineConfig, PipelineStats, epoch_ms,
 };
-use crate::plan::{DEFAULT_QUERIES, city_context, plan_all};
+use crate::plan::{DEFAULT_QUERIES, city_context_in, plan_all};
+use crate::reference::ReferenceTables;
 use crate::schema::SchemaRegistry;
 use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
@@ -174,6 +175,18 @@ pub struct TableInfo {
     /// Column the stream's records are keyed by.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// Version of a reference table (1: as built in; one more per replacement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Rows of a reference table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<usize>,
+    /// The table a derived reference table is computed from (it cannot be replaced).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub derived_from: Option<&'static str>,
+    /// When the version was installed, epoch ms (absent: built in).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub installed_ms: Option<i64>,
     /// Its columns.
     pub columns: Vec<ColumnInfo>,
 }
@@ -384,6 +397,8 @@ pub struct QueryManager {
     runtime: QueryRuntime,
     /// Where the queries' checkpoints go (one location per query below it).
     checkpoint_root: crate::checkpoint::Location,
+    /// The reference tables every query reads, replaced through the API.
+    reference: ReferenceTables,
 }
 
 /// The runtime the queries' pipelines run on, apart from the one serving the API: a query
@@ -426,8 +441,10 @@ impl QueryManager {
     pub fn new(config: Arc<ServiceConfig>) -> crate::Result<Self> {
         let catalog = Catalog::open(&config.catalog.path)?;
         let checkpoint_root = config.checkpoint_root()?;
+        let reference = ReferenceTables::open(config.catalog.reference_dir())?;
         Ok(Self {
             checkpoint_root,
+            reference,
             config,
             catalog: Mutex::new(catalog),
             queries: Mutex::new(BTreeMap::new()),
@@ -561,8 +578,7 @@ impl QueryManager {
         if sql.trim().is_empty() {
             return Err(ServiceError::invalid("sql is empty"));
         }
-        let ctx = city_context(&self.config.topics, &self.schemas)
-            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let ctx = self.context()?;
         let planned = plan_all(&ctx, sql)
             .await
             .map_err(|e| ServiceError::invalid(sql_error_message(&e)))?;
@@ -575,11 +591,61 @@ impl QueryManager {
         Ok(planned)
     }
 
+    /// The city's SQL context over this process's reference tables.
+    fn context(&self) -> Result<crate::plan::stream::StreamContext, ServiceError> {
+        city_context_in(
+            crate::plan::stream::StreamContext::new(),
+            &self.config.topics,
+            &self.schemas,
+            &self.reference,
+        )
+        .map_err(|e| ServiceError::Internal(e.to_string()))
+    }
+
+    /// The CSV of reference table `name`'s current version, and its version.
+    pub fn reference_rows(&self, name: &str) -> Result<(u64, String), ServiceError> {
+        let table = self.reference.get(name).ok_or_else(|| {
+            ServiceError::NotFound(format!(
+                "no reference table named {name:?} (GET /v1/tables lists them)"
+            ))
+        })?;
+        Ok((table.version, table.csv.clone()))
+    }
+
+    /// Installs `csv` as the next version of reference table `name` (or a new table): every
+    /// query reads it from its next micro-batch on. Refused with the reason when the CSV does
+    /// not fit the table (header, types, the city's cross-references), or when `name` is a
+    /// stream.
+    pub async fn replace_reference(
+        &self,
+        name: &str,
+        csv: &str,
+    ) -> Result<TableInfo, ServiceError> {
+        if let Ok(t) = self.table(name).await
+            && t.kind == "stream"
+        {
+            return Err(ServiceError::Conflict(format!(
+                "{name} is a stream (topic {}), not a reference table",
+                t.topic.unwrap_or_default()
+            )));
+        }
+        let installed = self
+            .reference
+            .replace(name, csv)
+            .map_err(|e| ServiceError::invalid(e.to_string()))?;
+        tracing::info!(
+            table = %installed.name,
+            version = installed.version,
+            rows = installed.rows,
+            "reference table replaced"
+        );
+        self.table(&installed.name).await
+    }
+
     /// The tables of the city's SQL context: streams and reference tables, by name.
     pub async fn tables(&self) -> Result<Vec<TableInfo>, ServiceError> {
         use crate::plan::table::StreamTable;
-        let ctx = city_context(&self.config.topics, &self.schemas)
-            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let ctx = self.context()?;
         let session = ctx.session();
         let Some(schema) = session
             .catalog("datafusion")
@@ -612,17 +678,31 @@ impl QueryManager {
                     event_time: stream.options.event_time.clone(),
                     watermark_delay_ms: Some(stream.options.watermark_delay.as_millis() as u64),
                     key: stream.options.key.clone(),
+                    version: None,
+                    rows: None,
+                    derived_from: None,
+                    installed_ms: None,
                     columns,
                 },
-                None => TableInfo {
-                    name,
-                    kind: "reference",
-                    topic: None,
-                    event_time: None,
-                    watermark_delay_ms: None,
-                    key: None,
-                    columns,
-                },
+                None => {
+                    let current = self.reference.get(&name);
+                    TableInfo {
+                        kind: "reference",
+                        topic: None,
+                        event_time: None,
+                        watermark_delay_ms: None,
+                        key: None,
+                        version: current.as_ref().map(|t| t.version),
+                        rows: current.as_ref().map(|t| t.rows),
+                        derived_from: current.as_ref().and_then(|t| t.derived_from),
+                        installed_ms: current
+                            .as_ref()
+                            .map(|t| t.installed_ms)
+                            .filter(|ms| *ms > 0),
+                        name,
+                        columns,
+                    }
+                }
             });
         }
         Ok(out)
@@ -888,6 +968,7 @@ impl QueryManager {
         // restarted, it gets its partitions back at once; a second live process with its
         // identity is fenced. (At-least-once processes may share the default instance name,
         // so they join as dynamic members.)
+        p.reference = Some(self.reference.clone());
         p.group_instance_id = (c.checkpoint.enabled && c.checkpoint.exactly_once)
             .then(|| c.checkpoint.instance.clone());
         p.checkpoint = c.checkpoint.enabled.then(|| CheckpointSettings {

@@ -9,6 +9,9 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 
+pub mod tables;
+pub use tables::{ReferenceTables, TableVersion};
+
 /// One of the city's wards (phường).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Ward {
@@ -140,27 +143,27 @@ pub const HOTSPOT_ROADS: &[&str] = &[
 pub const EMBEDDED: &[(&str, &str)] = &[
     (
         "wards.csv",
-        include_str!("../../schemas/reference/wards.csv"),
+        include_str!("../../../schemas/reference/wards.csv"),
     ),
     (
         "segments.csv",
-        include_str!("../../schemas/reference/segments.csv"),
+        include_str!("../../../schemas/reference/segments.csv"),
     ),
     (
         "cameras.csv",
-        include_str!("../../schemas/reference/cameras.csv"),
+        include_str!("../../../schemas/reference/cameras.csv"),
     ),
     (
         "detectors.csv",
-        include_str!("../../schemas/reference/detectors.csv"),
+        include_str!("../../../schemas/reference/detectors.csv"),
     ),
     (
         "sensors.csv",
-        include_str!("../../schemas/reference/sensors.csv"),
+        include_str!("../../../schemas/reference/sensors.csv"),
     ),
     (
         "pcu_factors.csv",
-        include_str!("../../schemas/reference/pcu_factors.csv"),
+        include_str!("../../../schemas/reference/pcu_factors.csv"),
     ),
 ];
 
@@ -184,13 +187,26 @@ pub struct ReferenceData {
 impl ReferenceData {
     /// The reference data compiled into the binary, with its cross-references checked.
     pub fn embedded() -> Result<Self> {
+        Self::from_csv(&|file| {
+            Self::embedded_csv(file)
+                .map(str::to_string)
+                .ok_or_else(|| Error::Reference {
+                    file: file.into(),
+                    message: "not embedded".into(),
+                })
+        })
+    }
+
+    /// The reference data of the CSV texts `text` gives per file name (`wards.csv`, …), each
+    /// row checked against its type and the cross-references checked.
+    pub fn from_csv(text: &dyn Fn(&str) -> Result<String>) -> Result<Self> {
         let data = Self {
-            wards: parse("wards.csv")?,
-            segments: parse("segments.csv")?,
-            cameras: parse("cameras.csv")?,
-            detectors: parse("detectors.csv")?,
-            sensors: parse("sensors.csv")?,
-            pcu_factors: parse("pcu_factors.csv")?,
+            wards: parse("wards.csv", &text("wards.csv")?)?,
+            segments: parse("segments.csv", &text("segments.csv")?)?,
+            cameras: parse("cameras.csv", &text("cameras.csv")?)?,
+            detectors: parse("detectors.csv", &text("detectors.csv")?)?,
+            sensors: parse("sensors.csv", &text("sensors.csv")?)?,
+            pcu_factors: parse("pcu_factors.csv", &text("pcu_factors.csv")?)?,
         };
         data.check()?;
         Ok(data)
@@ -209,8 +225,49 @@ impl ReferenceData {
             file: file.into(),
             message,
         };
-        let has_ward = |id: &str| self.wards.iter().any(|w| w.ward_id == id);
-        let has_segment = |id: &str| self.segments.iter().any(|s| s.segment_id == id);
+        unique("wards.csv", self.wards.iter().map(|w| w.ward_id.as_str()))?;
+        unique(
+            "segments.csv",
+            self.segments.iter().map(|s| s.segment_id.as_str()),
+        )?;
+        unique(
+            "cameras.csv",
+            self.cameras.iter().map(|c| c.camera_id.as_str()),
+        )?;
+        unique(
+            "detectors.csv",
+            self.detectors.iter().map(|d| d.detector_id.as_str()),
+        )?;
+        unique(
+            "sensors.csv",
+            self.sensors.iter().map(|s| s.sensor_id.as_str()),
+        )?;
+        for (file, id, interval) in self
+            .detectors
+            .iter()
+            .map(|d| ("detectors.csv", &d.detector_id, d.interval_s))
+            .chain(
+                self.sensors
+                    .iter()
+                    .map(|s| ("sensors.csv", &s.sensor_id, s.interval_s)),
+            )
+        {
+            if interval == 0 {
+                return Err(bad(
+                    file,
+                    format!("{id}: interval_s is 0 (seconds between readings, at least 1)"),
+                ));
+            }
+        }
+        let wards: std::collections::HashSet<&str> =
+            self.wards.iter().map(|w| w.ward_id.as_str()).collect();
+        let segments: std::collections::HashSet<&str> = self
+            .segments
+            .iter()
+            .map(|s| s.segment_id.as_str())
+            .collect();
+        let has_ward = |id: &str| wards.contains(id);
+        let has_segment = |id: &str| segments.contains(id);
         for s in &self.segments {
             if !has_ward(&s.ward_id) {
                 return Err(bad(
@@ -247,11 +304,21 @@ impl ReferenceData {
     }
 }
 
-fn parse<T: DeserializeOwned>(file: &str) -> Result<Vec<T>> {
-    let text = ReferenceData::embedded_csv(file).ok_or_else(|| Error::Reference {
-        file: file.into(),
-        message: "not embedded".into(),
-    })?;
+/// Refuses a file whose ids repeat.
+fn unique<'a>(file: &str, ids: impl Iterator<Item = &'a str>) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for id in ids {
+        if !seen.insert(id) {
+            return Err(Error::Reference {
+                file: file.into(),
+                message: format!("{id} appears twice (ids are unique)"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn parse<T: DeserializeOwned>(file: &str, text: &str) -> Result<Vec<T>> {
     csv::Reader::from_reader(text.as_bytes())
         .deserialize()
         .collect::<Result<Vec<T>, _>>()

@@ -1,0 +1,368 @@
+//! Reference tables in plans, current at every run of a plan.
+//!
+//! A stream query's physical plan is made once and run again for every micro-batch. A
+//! reference table's scan is [`ReferenceExec`], which reads the table's current version of
+//! [`ReferenceTables`] each time it runs. A join collects its build side once per plan and
+//! keeps it (DataFusion's hash, nested-loop and cross joins all do), so every join whose
+//! build side reads only reference tables is wrapped in a [`RefreshingJoinExec`]: when a
+//! table gets a new version, the next run starts from a fresh copy of the join
+//! ([`ExecutionPlan::reset_state`]) that collects the new rows. Between replacements the
+//! build side is collected once, as before.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::Session;
+use datafusion::common::Statistics;
+use datafusion::common::stats::Precision;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::Expr;
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::joins::{CrossJoinExec, HashJoinExec, NestedLoopJoinExec};
+use datafusion::physical_plan::memory::MemoryStream;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+    ReplaceChildrenOptions,
+};
+
+use super::feed::FeedExec;
+use crate::reference::ReferenceTables;
+
+/// A table of [`ReferenceTables`] as DataFusion sees it.
+#[derive(Debug)]
+pub struct ReferenceTable {
+    name: String,
+    tables: ReferenceTables,
+    schema: SchemaRef,
+}
+
+impl ReferenceTable {
+    /// Table `name` of `tables`, if there is one.
+    pub fn new(tables: &ReferenceTables, name: &str) -> Option<Self> {
+        let current = tables.get(name)?;
+        Some(Self {
+            name: current.name.clone(),
+            tables: tables.clone(),
+            schema: current.schema.clone(),
+        })
+    }
+}
+
+#[async_trait]
+impl TableProvider for ReferenceTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(ReferenceExec::new(
+            self.name.clone(),
+            self.tables.clone(),
+            self.schema.clone(),
+            projection.cloned(),
+        )?))
+    }
+}
+
+/// A leaf that yields the current rows of a reference table, projected.
+#[derive(Debug)]
+pub struct ReferenceExec {
+    name: String,
+    tables: ReferenceTables,
+    projection: Option<Vec<usize>>,
+    schema: SchemaRef,
+    properties: Arc<PlanProperties>,
+}
+
+impl ReferenceExec {
+    fn new(
+        name: String,
+        tables: ReferenceTables,
+        table_schema: SchemaRef,
+        projection: Option<Vec<usize>>,
+    ) -> Result<Self> {
+        let schema = match &projection {
+            Some(p) => Arc::new(table_schema.project(p)?),
+            None => table_schema,
+        };
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        ));
+        Ok(Self {
+            name,
+            tables,
+            projection,
+            schema,
+            properties,
+        })
+    }
+}
+
+impl DisplayAs for ReferenceExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "ReferenceExec: table={}", self.name)
+    }
+}
+
+impl ExecutionPlan for ReferenceExec {
+    fn name(&self) -> &str {
+        "ReferenceExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if children.is_empty() {
+            Ok(self)
+        } else {
+            Err(DataFusionError::Internal(
+                "ReferenceExec has no children".into(),
+            ))
+        }
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(
+                datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
+            ),
+        )
+    }
+
+    /// The current version's row count: the optimizer makes the smaller side of a join
+    /// the one it collects.
+    fn partition_statistics(&self, _partition: Option<usize>) -> Result<Arc<Statistics>> {
+        let mut stats = Statistics::new_unknown(&self.schema);
+        if let Some(t) = self.tables.get(&self.name) {
+            stats.num_rows = Precision::Inexact(t.rows);
+        }
+        Ok(Arc::new(stats))
+    }
+
+    fn execute(
+        &self,
+        _partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let table = self.tables.get(&self.name).ok_or_else(|| {
+            DataFusionError::Execution(format!("reference table {} is gone", self.name))
+        })?;
+        let batches = match &self.projection {
+            Some(p) => table
+                .batches
+                .iter()
+                .map(|b| b.project(p))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => table.batches.clone(),
+        };
+        Ok(Box::pin(MemoryStream::try_new(
+            batches,
+            self.schema.clone(),
+            None,
+        )?))
+    }
+}
+
+/// A join whose build side reads reference tables only, run from a fresh copy after any
+/// table gets a new version. It is the join for every other purpose: same children,
+/// properties and display, and `downcast_ref` finds the join it wraps.
+#[derive(Debug)]
+pub struct RefreshingJoinExec {
+    join: Arc<dyn ExecutionPlan>,
+    generation: Arc<AtomicU64>,
+    /// The copy that runs, and the generation it collected its build side in.
+    running: Mutex<(u64, Arc<dyn ExecutionPlan>)>,
+}
+
+impl RefreshingJoinExec {
+    fn new(join: Arc<dyn ExecutionPlan>, generation: Arc<AtomicU64>) -> Self {
+        let seen = generation.load(Ordering::Acquire);
+        Self {
+            running: Mutex::new((seen, join.clone())),
+            join,
+            generation,
+        }
+    }
+}
+
+/// Wraps every join of `plan` whose build side reads no stream in a [`RefreshingJoinExec`]
+/// that starts afresh whenever `generation` ([`ReferenceTables::generation`]) changes.
+pub fn refresh_lookup_joins(
+    plan: Arc<dyn ExecutionPlan>,
+    generation: &Arc<AtomicU64>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|node| {
+        let already = (node.as_ref() as &dyn Any).is::<RefreshingJoinExec>();
+        let build = if let Some(j) = node.downcast_ref::<HashJoinExec>() {
+            Some(j.left())
+        } else if let Some(j) = node.downcast_ref::<NestedLoopJoinExec>() {
+            Some(j.left())
+        } else if let Some(j) = node.downcast_ref::<CrossJoinExec>() {
+            Some(j.left())
+        } else {
+            None
+        };
+        match build {
+            Some(build) if !already && !reads_stream(build) => Ok(Transformed::yes(Arc::new(
+                RefreshingJoinExec::new(node.clone(), generation.clone()),
+            )
+                as Arc<dyn ExecutionPlan>)),
+            _ => Ok(Transformed::no(node)),
+        }
+    })
+    .map(|t| t.data)
+}
+
+fn reads_stream(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    plan.exists(|n| Ok(n.downcast_ref::<FeedExec>().is_some()))
+        .unwrap_or(true)
+}
+
+impl DisplayAs for RefreshingJoinExec {
+    fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        self.join.fmt_as(t, f)
+    }
+}
+
+impl ExecutionPlan for RefreshingJoinExec {
+    fn name(&self) -> &str {
+        self.join.name()
+    }
+
+    fn downcast_delegate(&self) -> Option<&dyn ExecutionPlan> {
+        Some(self.join.as_ref())
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.join.properties()
+    }
+
+    fn input_distribution_requirements(
+        &self,
+    ) -> datafusion::physical_plan::distribution_requirements::InputDistributionRequirements {
+        self.join.input_distribution_requirements()
+    }
+
+    fn required_input_ordering(
+        &self,
+    ) -> Vec<Option<datafusion::physical_expr::OrderingRequirements>> {
+        self.join.required_input_ordering()
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        self.join.maintains_input_order()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        self.join.children()
+    }
+
+    fn apply_expressions(
+        &self,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        self.join.apply_expressions(f)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+        options: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let join = self.join.clone().replace_children(children, options)?;
+        Ok(Arc::new(Self::new(join, self.generation.clone())))
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(
+                datafusion::physical_plan::ChildrenPropertiesMode::Recompute,
+            ),
+        )
+    }
+
+    fn reset_state(self: Arc<Self>) -> Result<Arc<dyn ExecutionPlan>> {
+        let join = self.join.clone().reset_state()?;
+        Ok(Arc::new(Self::new(join, self.generation.clone())))
+    }
+
+    fn statistics_from_inputs(
+        &self,
+        input_stats: &[Arc<Statistics>],
+        args: &datafusion::physical_plan::statistics::StatisticsArgs,
+    ) -> Result<Arc<Statistics>> {
+        self.join.statistics_from_inputs(input_stats, args)
+    }
+
+    fn child_stats_requests(
+        &self,
+        partition: Option<usize>,
+    ) -> Vec<datafusion::physical_plan::statistics::ChildStats> {
+        self.join.child_stats_requests(partition)
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let now = self.generation.load(Ordering::Acquire);
+        let running = {
+            let mut running = self
+                .running
+                .lock()
+                .map_err(|_| DataFusionError::Internal("join lock poisoned".into()))?;
+            if running.0 != now {
+                *running = (now, self.join.clone().reset_state()?);
+            }
+            running.1.clone()
+        };
+        running.execute(partition, context)
+    }
+}

@@ -1,0 +1,550 @@
+//! The reference tables a running engine reads, as versioned Arrow tables that can be
+//! replaced while queries run.
+//!
+//! Each table starts from the CSV compiled into the binary (`schemas/reference/`) or from
+//! the newest version kept in the reference directory (`<dir>/<table>/v<N>.csv`). A new
+//! version is CSV text: checked (the table's header and column types, and for the city's
+//! tables each row's type and the cross-references: a sensor's ward exists, ids are unique,
+//! intervals are positive), written to the directory before it is installed, then installed
+//! at once for every query. [`ReferenceTables::generation`] changes with every replacement,
+//! so plans that keep a table's rows (a lookup join's hash table) know to read it again.
+//!
+//! `ward_sensors(ward_id, sensors, expected_per_hour)` is derived from `sensors`: per ward,
+//! its sensors and the readings they send in an hour together (what a ward's hourly mean
+//! is complete against). It follows every new version of `sensors`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use datafusion::arrow::csv::ReaderBuilder;
+use datafusion::arrow::csv::reader::Format;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+
+use super::{EMBEDDED, ReferenceData};
+use crate::error::{Error, Result};
+
+/// The derived table and the table it follows.
+const DERIVED: (&str, &str) = ("ward_sensors", "sensors");
+/// Versions of a table kept in the reference directory.
+const KEPT_VERSIONS: u64 = 10;
+/// The largest CSV accepted as one table's version.
+pub const MAX_CSV_BYTES: usize = 64 << 20;
+
+/// One version of a reference table.
+#[derive(Debug)]
+pub struct TableVersion {
+    /// The table's name in SQL.
+    pub name: String,
+    /// 1 for the built-in table (or the first version of a table added at run time), then
+    /// one more with every replacement.
+    pub version: u64,
+    /// Its columns (the same in every version of a table).
+    pub schema: SchemaRef,
+    /// Its rows.
+    pub batches: Vec<RecordBatch>,
+    /// Number of rows.
+    pub rows: usize,
+    /// The CSV it was read from.
+    pub csv: String,
+    /// The table it is computed from, for a derived table (which cannot be replaced).
+    pub derived_from: Option<&'static str>,
+    /// When it was installed, epoch ms (0: compiled into the binary).
+    pub installed_ms: i64,
+}
+
+/// The reference tables of a process, shared by its queries (a clone is the same tables).
+#[derive(Debug, Clone)]
+pub struct ReferenceTables {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    tables: RwLock<BTreeMap<String, Arc<TableVersion>>>,
+    generation: Arc<AtomicU64>,
+    dir: Option<PathBuf>,
+    /// Serialises replacements (check, write, install).
+    writer: Mutex<()>,
+}
+
+impl ReferenceTables {
+    /// The tables compiled into the binary, kept in memory only.
+    pub fn embedded() -> Result<Self> {
+        Self::load(None)
+    }
+
+    /// The tables compiled into the binary, each replaced by its newest version in `dir`
+    /// (tables added at run time included); new versions are written there.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
+        Self::load(Some(dir.into()))
+    }
+
+    fn load(dir: Option<PathBuf>) -> Result<Self> {
+        let mut texts: BTreeMap<String, (u64, String)> = EMBEDDED
+            .iter()
+            .map(|(file, text)| (table_name(file).to_string(), (1, text.to_string())))
+            .collect();
+        if let Some(dir) = &dir {
+            for (name, (version, text)) in newest_versions(dir)? {
+                if name == DERIVED.0 {
+                    continue;
+                }
+                texts.insert(name, (version, text));
+            }
+        }
+        let city = ReferenceData::from_csv(&|file| {
+            texts
+                .get(table_name(file))
+                .map(|(_, text)| text.clone())
+                .ok_or_else(|| Error::Reference {
+                    file: file.into(),
+                    message: "missing".into(),
+                })
+        })
+        .map_err(|e| match &dir {
+            Some(dir) => Error::Reference {
+                file: dir.display().to_string(),
+                message: format!("the kept reference tables are inconsistent: {e}"),
+            },
+            None => e,
+        })?;
+        let mut tables = BTreeMap::new();
+        for (name, (version, text)) in texts {
+            let schema = match embedded_text(&name) {
+                Some(built_in) => Some(infer(&name, built_in)?.0),
+                None => None,
+            };
+            let (schema, batches) = match schema {
+                Some(schema) => (schema.clone(), read(&name, &text, schema)?),
+                None => infer(&name, &text)?,
+            };
+            tables.insert(
+                name.clone(),
+                Arc::new(TableVersion::new(
+                    name, version, schema, batches, text, None, 0,
+                )),
+            );
+        }
+        let derived = derive_ward_sensors(&city, 1)?;
+        tables.insert(derived.name.clone(), Arc::new(derived));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                tables: RwLock::new(tables),
+                generation: Arc::new(AtomicU64::new(0)),
+                dir,
+                writer: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The current version of table `name` (names are case-insensitive).
+    pub fn get(&self, name: &str) -> Option<Arc<TableVersion>> {
+        let tables = self.inner.tables.read().ok()?;
+        tables.get(&name.to_ascii_lowercase()).cloned()
+    }
+
+    /// The current version of every table, by name.
+    pub fn list(&self) -> Vec<Arc<TableVersion>> {
+        match self.inner.tables.read() {
+            Ok(tables) => tables.values().cloned().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// A counter that changes whenever a table gets a new version.
+    pub fn generation(&self) -> Arc<AtomicU64> {
+        self.inner.generation.clone()
+    }
+
+    /// The directory new versions are kept in, if any.
+    pub fn dir(&self) -> Option<&Path> {
+        self.inner.dir.as_deref()
+    }
+
+    /// Installs `csv` as the next version of table `name`, or as the first version of a new
+    /// table (its columns and types read off the CSV). A replacement keeps the table's
+    /// header and column types; the city's tables are checked row by row and against each
+    /// other. The version is written to the reference directory before it is installed.
+    pub fn replace(&self, name: &str, csv: &str) -> Result<Arc<TableVersion>> {
+        let name = name.to_ascii_lowercase();
+        let bad = |message: String| Error::Reference {
+            file: name.clone(),
+            message,
+        };
+        if !valid_name(&name) {
+            return Err(bad(
+                "a table name is letters, digits and '_', starting with a letter".into(),
+            ));
+        }
+        if name == DERIVED.0 {
+            return Err(bad(format!(
+                "{} is computed from {}: replace {} instead",
+                DERIVED.0, DERIVED.1, DERIVED.1
+            )));
+        }
+        if csv.len() > MAX_CSV_BYTES {
+            return Err(bad(format!(
+                "{} bytes of CSV, more than the {MAX_CSV_BYTES} a reference table may hold",
+                csv.len()
+            )));
+        }
+        let _writer = self
+            .inner
+            .writer
+            .lock()
+            .map_err(|_| bad("a replacement failed midway; restart the process".into()))?;
+        let current = self.get(&name);
+        let (schema, batches) = match &current {
+            Some(current) => (
+                current.schema.clone(),
+                read(&name, csv, current.schema.clone())?,
+            ),
+            None => infer(&name, csv)?,
+        };
+        if batches.iter().all(|b| b.num_rows() == 0) && current.is_some() {
+            return Err(bad(
+                "the CSV has no rows: a reference table is replaced whole, not emptied".into(),
+            ));
+        }
+        let city = if embedded_text(&name).is_some() {
+            Some(ReferenceData::from_csv(&|file| {
+                let table = table_name(file);
+                if table == name {
+                    return Ok(csv.to_string());
+                }
+                self.get(table)
+                    .map(|t| t.csv.clone())
+                    .ok_or_else(|| bad(format!("{table} is missing")))
+            })?)
+        } else {
+            None
+        };
+        let version = current.as_ref().map_or(1, |c| c.version + 1);
+        let installed_ms = now_ms();
+        if let Some(dir) = &self.inner.dir {
+            let table_dir = dir.join(&name);
+            crate::files::write_atomically(
+                &table_dir.join(format!("v{version}.csv")),
+                csv.as_bytes(),
+            )?;
+            if version > KEPT_VERSIONS {
+                let old = table_dir.join(format!("v{}.csv", version - KEPT_VERSIONS));
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        let installed = Arc::new(TableVersion::new(
+            name.clone(),
+            version,
+            schema,
+            batches,
+            csv.to_string(),
+            None,
+            installed_ms,
+        ));
+        let derived = match (&city, name == DERIVED.1) {
+            (Some(city), true) => {
+                let next = self.get(DERIVED.0).map_or(1, |d| d.version + 1);
+                let mut derived = derive_ward_sensors(city, next)?;
+                derived.installed_ms = installed_ms;
+                Some(Arc::new(derived))
+            }
+            _ => None,
+        };
+        {
+            let mut tables = self
+                .inner
+                .tables
+                .write()
+                .map_err(|_| bad("the tables' lock is poisoned".into()))?;
+            tables.insert(name, installed.clone());
+            if let Some(derived) = derived {
+                tables.insert(derived.name.clone(), derived);
+            }
+        }
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(installed)
+    }
+}
+
+impl TableVersion {
+    fn new(
+        name: String,
+        version: u64,
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+        csv: String,
+        derived_from: Option<&'static str>,
+        installed_ms: i64,
+    ) -> Self {
+        let rows = batches.iter().map(RecordBatch::num_rows).sum();
+        Self {
+            name,
+            version,
+            schema,
+            batches,
+            rows,
+            csv,
+            derived_from,
+            installed_ms,
+        }
+    }
+}
+
+/// `wards.csv` → `wards`.
+fn table_name(file: &str) -> &str {
+    file.trim_end_matches(".csv")
+}
+
+fn embedded_text(name: &str) -> Option<&'static str> {
+    EMBEDDED
+        .iter()
+        .find(|(file, _)| table_name(file) == name)
+        .map(|(_, text)| *text)
+}
+
+fn valid_name(name: &str) -> bool {
+    name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The newest `v<N>.csv` of every table directory under `dir` (none when `dir` is absent).
+fn newest_versions(dir: &Path) -> Result<BTreeMap<String, (u64, String)>> {
+    let mut out = BTreeMap::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !entry.file_type()?.is_dir() || !valid_name(&name) {
+            continue;
+        }
+        let mut newest: Option<(u64, PathBuf)> = None;
+        for file in std::fs::read_dir(entry.path())? {
+            let file = file?.path();
+            let version = file.file_name().and_then(|f| f.to_str()).and_then(|f| {
+                f.strip_prefix('v')?
+                    .strip_suffix(".csv")?
+                    .parse::<u64>()
+                    .ok()
+            });
+            if let Some(v) = version
+                && newest.as_ref().is_none_or(|(n, _)| v > *n)
+            {
+                newest = Some((v, file));
+            }
+        }
+        if let Some((version, path)) = newest {
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::Reference {
+                file: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            out.insert(name, (version, text));
+        }
+    }
+    Ok(out)
+}
+
+/// The rows of `csv`, whose header must name `schema`'s columns in order.
+fn read(name: &str, csv: &str, schema: SchemaRef) -> Result<Vec<RecordBatch>> {
+    let bad = |message: String| Error::Reference {
+        file: name.into(),
+        message,
+    };
+    let expected: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    let header = csv::Reader::from_reader(csv.as_bytes())
+        .headers()
+        .map_err(|e| bad(format!("the header: {e}")))?
+        .clone();
+    let got: Vec<&str> = header.iter().map(str::trim).collect();
+    if got != expected {
+        return Err(bad(format!(
+            "the header must be `{}` (got `{}`)",
+            expected.join(","),
+            got.join(",")
+        )));
+    }
+    let reader = ReaderBuilder::new(schema.clone())
+        .with_header(true)
+        .build(csv.as_bytes())
+        .map_err(|e| bad(e.to_string()))?;
+    reader.collect::<Result<Vec<_>, _>>().map_err(|e| {
+        // Arrow names the column by its index: name it.
+        let message = e.to_string();
+        let column = message
+            .split("for column ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .and_then(|n| schema.fields().get(n));
+        match column {
+            Some(f) => bad(format!(
+                "column {} ({}): {message}",
+                f.name(),
+                f.data_type()
+            )),
+            None => bad(message),
+        }
+    })
+}
+
+/// The columns (types inferred from the values) and rows of `csv`.
+fn infer(name: &str, csv: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    let (schema, _) = Format::default()
+        .with_header(true)
+        .infer_schema(csv.as_bytes(), None)
+        .map_err(|e| Error::Reference {
+            file: name.into(),
+            message: e.to_string(),
+        })?;
+    if schema.fields().is_empty() {
+        return Err(Error::Reference {
+            file: name.into(),
+            message: "the CSV has no header row".into(),
+        });
+    }
+    let schema = Arc::new(schema);
+    let batches = read(name, csv, schema.clone())?;
+    Ok((schema, batches))
+}
+
+fn derive_ward_sensors(city: &ReferenceData, version: u64) -> Result<TableVersion> {
+    let mut wards: BTreeMap<&str, (u32, f64)> = BTreeMap::new();
+    for s in &city.sensors {
+        let w = wards.entry(s.ward_id.as_str()).or_default();
+        w.0 += 1;
+        w.1 += 3600.0 / f64::from(s.interval_s.max(1));
+    }
+    let mut csv = String::from("ward_id,sensors,expected_per_hour\n");
+    for (ward, (n, expected)) in wards {
+        csv.push_str(&format!("{ward},{n},{expected:.6}\n"));
+    }
+    // Fixed types, whatever the values look like (a whole number of expected readings).
+    let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
+        datafusion::arrow::datatypes::Field::new(
+            "ward_id",
+            datafusion::arrow::datatypes::DataType::Utf8,
+            true,
+        ),
+        datafusion::arrow::datatypes::Field::new(
+            "sensors",
+            datafusion::arrow::datatypes::DataType::Int64,
+            true,
+        ),
+        datafusion::arrow::datatypes::Field::new(
+            "expected_per_hour",
+            datafusion::arrow::datatypes::DataType::Float64,
+            true,
+        ),
+    ]));
+    let batches = read(DERIVED.0, &csv, schema.clone())?;
+    Ok(TableVersion::new(
+        DERIVED.0.into(),
+        version,
+        schema,
+        batches,
+        csv,
+        Some(DERIVED.1),
+        0,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{AsArray, Float64Array};
+
+    fn expected_per_hour(tables: &ReferenceTables, ward: &str) -> Option<f64> {
+        let t = tables.get("ward_sensors")?;
+        for b in &t.batches {
+            let ids = b.column(0).as_string::<i32>();
+            let expected = b.column(2).as_any().downcast_ref::<Float64Array>()?;
+            for i in 0..b.num_rows() {
+                if ids.value(i) == ward {
+                    return Some(expected.value(i));
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_new_version_is_checked_kept_and_survives_a_restart() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let tables = ReferenceTables::open(dir.path())?;
+        let built_in = tables.get("sensors").expect("sensors");
+        assert_eq!(built_in.version, 1);
+        let header = "sensor_id,ward_id,kind,lat,lon,interval_s";
+        let before = tables.generation().load(Ordering::Acquire);
+
+        // Refused, each with the reason, and nothing changes.
+        for (csv, reason) in [
+            ("station,ward\nx,y\n".to_string(), "header must be"),
+            (
+                format!("{header}\nst-1,nowhere,station,21.0,105.8,3600\n"),
+                "unknown ward",
+            ),
+            (
+                format!("{header}\nst-1,ba_dinh,station,21.0,105.8,0\n"),
+                "interval_s is 0",
+            ),
+            (
+                format!(
+                    "{header}\nst-1,ba_dinh,station,21.0,105.8,3600\nst-1,ba_dinh,station,21.0,105.8,3600\n"
+                ),
+                "appears twice",
+            ),
+            (
+                format!("{header}\nst-1,ba_dinh,station,north,105.8,3600\n"),
+                "lat",
+            ),
+            (format!("{header}\n"), "no rows"),
+        ] {
+            let e = tables
+                .replace("sensors", &csv)
+                .expect_err(reason)
+                .to_string();
+            assert!(e.contains(reason), "{reason}: {e}");
+        }
+        assert!(tables.replace("ward_sensors", "ward_id\nx\n").is_err());
+        assert_eq!(tables.generation().load(Ordering::Acquire), before);
+        assert_eq!(tables.get("sensors").map(|t| t.version), Some(1));
+
+        // Two hourly stations in one ward.
+        let csv = format!(
+            "{header}\nst-1,ba_dinh,station,21.03,105.81,3600\nst-2,ba_dinh,station,21.04,105.82,3600\n"
+        );
+        let v2 = tables.replace("sensors", &csv)?;
+        assert_eq!((v2.version, v2.rows), (2, 2));
+        assert_ne!(tables.generation().load(Ordering::Acquire), before);
+        assert_eq!(expected_per_hour(&tables, "ba_dinh"), Some(2.0));
+        assert_eq!(expected_per_hour(&tables, "hoan_kiem"), None);
+        assert!(dir.path().join("sensors").join("v2.csv").exists());
+
+        // A table of the analyst's own.
+        let pairs = tables.replace("camera_pairs", "first,second,metres\ncam-1,cam-2,850\n")?;
+        assert_eq!((pairs.version, pairs.rows), (1, 1));
+
+        // What a new process over the same directory reads.
+        let reopened = ReferenceTables::open(dir.path())?;
+        assert_eq!(reopened.get("sensors").map(|t| t.version), Some(2));
+        assert_eq!(expected_per_hour(&reopened, "ba_dinh"), Some(2.0));
+        assert_eq!(reopened.get("camera_pairs").map(|t| t.rows), Some(1));
+        assert_eq!(reopened.get("wards").map(|t| t.version), Some(1));
+        Ok(())
+    }
+}
