@@ -92,6 +92,32 @@ async fn call(
     Ok((status, value))
 }
 
+/// Sends one request with a text body (`content_type`) through the router; the status and the
+/// body as text.
+async fn call_text(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<(&str, String)>,
+) -> anyhow::Result<(StatusCode, String)> {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(t) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let body = match body {
+        Some((content_type, text)) => {
+            request = request.header(header::CONTENT_TYPE, content_type);
+            Body::from(text)
+        }
+        None => Body::empty(),
+    };
+    let response = app.clone().oneshot(request.body(body)?).await?;
+    let status = response.status();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
 /// Asks for `name`'s status until `done` holds for it, or fails after `limit`.
 async fn wait_for(
     app: &axum::Router,
@@ -188,7 +214,7 @@ fn broker() -> anyhow::Result<EmbeddedBroker> {
     for topic in urbanstream::pipeline::Topics::default().all() {
         broker.create_topic(&topic, 2)?;
     }
-    for topic in ["test.counts", "test.hog", "test.kept"] {
+    for topic in ["test.counts", "test.hog", "test.kept", "test.intervals"] {
         broker.create_topic(topic, 1)?;
     }
     Ok(broker)
@@ -965,5 +991,185 @@ async fn the_api_answers_while_queries_wait_on_the_broker() -> anyhow::Result<()
     // queries' runtime is dropped without waiting for them.
     drop(service);
     drop(broker);
+    Ok(())
+}
+
+/// The next `n` records of `consumer`'s topic, as JSON, or fails after 60 s.
+async fn next_records(
+    consumer: &rdkafka::consumer::StreamConsumer,
+    n: usize,
+) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.len() < n {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {n} records: {out:?}",
+            out.len()
+        );
+        let Ok(message) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
+        else {
+            continue;
+        };
+        let message = message?;
+        out.push(serde_json::from_slice(
+            rdkafka::message::Message::payload(&message).unwrap_or_default(),
+        )?);
+    }
+    Ok(out)
+}
+
+/// A reference table replaced through the API: the CSV is checked (a wrong header, a derived
+/// table, a stream and a missing token are refused), the new version is read by a running
+/// query from its next micro-batch, and it is still there after the service restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_tables_are_replaced_at_run_time_and_kept() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let service = service(&brokers, dir.path()).await?;
+    let app = api::router(service.clone());
+    let (status, built_in) =
+        call_text(&app, "GET", "/v1/tables/sensors/rows", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK, "{built_in}");
+    assert_eq!(
+        built_in.lines().next(),
+        Some("sensor_id,ward_id,kind,lat,lon,interval_s")
+    );
+    create(
+        &app,
+        "intervals",
+        "CREATE EXTERNAL TABLE intervals (sensor_id VARCHAR NOT NULL, interval_s BIGINT, \
+         event_time TIMESTAMP NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'test.intervals'); \
+         INSERT INTO intervals SELECT a.sensor_id, s.interval_s, a.event_time \
+         FROM air_readings a LEFT JOIN sensors s ON a.sensor_id = s.sensor_id",
+    )
+    .await?;
+    wait_for(&app, "intervals", Duration::from_secs(60), is("RUNNING")).await?;
+    let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "reader-intervals")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    rdkafka::consumer::Consumer::subscribe(&consumer, &["test.intervals"])?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let air = urbanstream::pipeline::Topics::default().air;
+    let send = |at: i64| {
+        let value = json!({"sensor_id": "hn-st-07", "ward_id": "ba_dinh", "event_time": at,
+                           "pm25": 41.0})
+        .to_string();
+        let producer = producer.clone();
+        let air = air.clone();
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(&air).key("ba_dinh").payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    send(now - 60_000).await?;
+    let before = next_records(&consumer, 1).await?;
+    assert_eq!(before[0]["sensor_id"], "hn-st-07", "{before:?}");
+    assert!(
+        before[0]["interval_s"].is_null(),
+        "not declared yet: {before:?}"
+    );
+
+    // Refused, each with its reason.
+    let header = "sensor_id,ward_id,kind,lat,lon,interval_s\n";
+    for (path, token, csv, expected, reason) in [
+        (
+            "sensors",
+            Some(TOKEN),
+            "station,ward\nx,y\n".to_string(),
+            StatusCode::BAD_REQUEST,
+            "header must be",
+        ),
+        (
+            "sensors",
+            Some(TOKEN),
+            format!("{header}x,nowhere,station,21.0,105.8,3600\n"),
+            StatusCode::BAD_REQUEST,
+            "unknown ward",
+        ),
+        (
+            "ward_sensors",
+            Some(TOKEN),
+            "ward_id\nx\n".to_string(),
+            StatusCode::BAD_REQUEST,
+            "replace sensors instead",
+        ),
+        (
+            "camera_events",
+            Some(TOKEN),
+            "camera_id\nx\n".to_string(),
+            StatusCode::CONFLICT,
+            "is a stream",
+        ),
+        (
+            "sensors",
+            None,
+            built_in.clone(),
+            StatusCode::UNAUTHORIZED,
+            "bearer token",
+        ),
+    ] {
+        let (status, answer) = call_text(
+            &app,
+            "PUT",
+            &format!("/v1/tables/{path}/rows"),
+            token,
+            Some(("text/csv", csv)),
+        )
+        .await?;
+        assert_eq!(status, expected, "{path}: {answer}");
+        assert!(answer.contains(reason), "{path}: {answer}");
+    }
+
+    // Sixty hourly stations: a CSV larger than api.max_body (4 KiB), which bounds JSON only.
+    let mut csv = built_in.clone();
+    for i in 0..60 {
+        csv.push_str(&format!("hn-st-{i:02},ba_dinh,station,21.03,105.81,3600\n"));
+    }
+    assert!(csv.len() > 4096);
+    let (status, answer) = call_text(
+        &app,
+        "PUT",
+        "/v1/tables/sensors/rows",
+        Some(TOKEN),
+        Some(("text/csv", csv.clone())),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let answer: Value = serde_json::from_str(&answer)?;
+    assert_eq!(answer["version"], 2, "{answer}");
+    assert_eq!(answer["rows"], csv.lines().count() - 1, "{answer}");
+    send(now).await?;
+    let after = next_records(&consumer, 1).await?;
+    assert_eq!(
+        after[0]["interval_s"], 3600,
+        "read without a restart: {after:?}"
+    );
+
+    // Another process over the same directory reads the kept version.
+    service.shutdown().await;
+    drop(service);
+    let service = service_with_cap(&brokers, dir.path(), 2_000_000).await?;
+    let app = api::router(service.clone());
+    let (status, sensors) = call(&app, "GET", "/v1/tables/sensors", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK, "{sensors}");
+    assert_eq!(sensors["version"], 2, "{sensors}");
+    let (_, ward_sensors) = call(&app, "GET", "/v1/tables/ward_sensors", Some(TOKEN), None).await?;
+    assert_eq!(ward_sensors["derived_from"], "sensors", "{ward_sensors}");
+    assert_eq!(ward_sensors["version"], 2, "{ward_sensors}");
+    service.shutdown().await;
     Ok(())
 }

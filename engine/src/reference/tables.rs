@@ -11,7 +11,7 @@
 //!
 //! `ward_sensors(ward_id, sensors, expected_per_hour)` is derived from `sensors`: per ward,
 //! its sensors and the readings they send in an hour together (what a ward's hourly mean
-//! is complete against). It follows every new version of `sensors`.
+//! is complete against). It follows every new version of `sensors`, under its version number.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -128,7 +128,10 @@ impl ReferenceTables {
                 )),
             );
         }
-        let derived = derive_ward_sensors(&city, 1)?;
+        let followed = tables
+            .get(DERIVED.1)
+            .map_or(1, |t: &Arc<TableVersion>| t.version);
+        let derived = derive_ward_sensors(&city, followed)?;
         tables.insert(derived.name.clone(), Arc::new(derived));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -246,8 +249,7 @@ impl ReferenceTables {
         ));
         let derived = match (&city, name == DERIVED.1) {
             (Some(city), true) => {
-                let next = self.get(DERIVED.0).map_or(1, |d| d.version + 1);
-                let mut derived = derive_ward_sensors(city, next)?;
+                let mut derived = derive_ward_sensors(city, version)?;
                 derived.installed_ms = installed_ms;
                 Some(Arc::new(derived))
             }
