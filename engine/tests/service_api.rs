@@ -1082,6 +1082,12 @@ async fn reference_tables_are_replaced_at_run_time_and_kept() -> anyhow::Result<
         before[0]["interval_s"].is_null(),
         "not declared yet: {before:?}"
     );
+    // Processed (the default policy) and counted.
+    let status = wait_for(&app, "intervals", Duration::from_secs(10), |q| {
+        q["unknown_ids"] == 1
+    })
+    .await?;
+    assert_eq!(status["dlq"], 0, "{status}");
 
     // Refused, each with its reason.
     let header = "sensor_id,ward_id,kind,lat,lon,interval_s\n";

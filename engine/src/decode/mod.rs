@@ -45,6 +45,21 @@ pub enum RejectStage {
     Decode,
     /// Well-formed, but breaks a rule of the schema (missing required field, unknown symbol).
     Validate,
+    /// Valid, but its id is not in its reference table (with `reference.unknown_ids =
+    /// "dead_letter"`).
+    Reference,
+}
+
+/// What happens to a record whose id (camera, detector, sensor) is not in its reference
+/// table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownIds {
+    /// Counted, and processed with the queries' defaults.
+    #[default]
+    Process,
+    /// Counted, and sent to the DLQ with the reason.
+    DeadLetter,
 }
 
 impl RejectStage {
@@ -53,6 +68,7 @@ impl RejectStage {
         match self {
             RejectStage::Decode => "decode",
             RejectStage::Validate => "validate",
+            RejectStage::Reference => "reference",
         }
     }
 }
@@ -77,6 +93,53 @@ pub struct Decoded {
     pub rows: Vec<u32>,
     /// The rejected records.
     pub rejects: Vec<Reject>,
+}
+
+impl Decoded {
+    /// Checks column `column` of the good records against `ids` (the id column of reference
+    /// table `table`, `version`); returns how many are not there. With
+    /// [`UnknownIds::DeadLetter`] those records become rejects (stage `reference`, naming the
+    /// id and the table). Null ids and batches without the column pass.
+    pub fn check_ids(
+        &mut self,
+        column: &str,
+        ids: &std::collections::HashSet<String>,
+        table: &str,
+        version: u64,
+        policy: UnknownIds,
+    ) -> Result<usize> {
+        let Ok(index) = self.batch.schema().index_of(column) else {
+            return Ok(0);
+        };
+        let values = cast(self.batch.column(index), &DataType::Utf8)?;
+        let values = values.as_string::<i32>();
+        let known: BooleanArray = (0..values.len())
+            .map(|r| Some(values.is_null(r) || ids.contains(values.value(r))))
+            .collect();
+        let unknown = known.false_count();
+        if unknown == 0 || policy == UnknownIds::Process {
+            return Ok(unknown);
+        }
+        for r in (0..known.len()).filter(|&r| !known.value(r)) {
+            self.rejects.push(Reject {
+                index: self.rows[r],
+                stage: RejectStage::Reference,
+                error: format!(
+                    "unknown {column} {:?}: not in reference table {table} (version \
+                     {version}); declare it with `urbanstream table replace {table}`, or set \
+                     reference.unknown_ids = \"process\"",
+                    values.value(r)
+                ),
+            });
+        }
+        self.rejects.sort_by_key(|r| r.index);
+        self.batch = filter_record_batch(&self.batch, &known)?;
+        self.rows = (0..known.len())
+            .filter(|&r| known.value(r))
+            .map(|r| self.rows[r])
+            .collect();
+        Ok(unknown)
+    }
 }
 
 /// Decodes JSON records of one topic schema into Arrow.

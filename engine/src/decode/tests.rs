@@ -275,3 +275,43 @@ fn event_time_units_are_declared_and_mistakes_are_named() {
         decoded.rejects
     );
 }
+
+#[test]
+fn unknown_ids_are_counted_and_dead_lettered_by_policy() {
+    let bad: &[u8] = b"{not json";
+    let ids: std::collections::HashSet<String> = ["cam-0001".to_string()].into();
+    for policy in [UnknownIds::Process, UnknownIds::DeadLetter] {
+        // Records: a malformed one, a known camera, an unknown camera.
+        let mut d = camera_decoder()
+            .decode(&raw(&[bad, GOOD, GOOD2]))
+            .expect("decode");
+        let unknown = d
+            .check_ids("camera_id", &ids, "cameras", 3, policy)
+            .expect("check");
+        assert_eq!(unknown, 1);
+        match policy {
+            UnknownIds::Process => {
+                assert_eq!(d.batch.num_rows(), 2);
+                assert_eq!(d.rows, vec![1, 2]);
+                assert_eq!(d.rejects.len(), 1);
+            }
+            UnknownIds::DeadLetter => {
+                assert_eq!(d.batch.num_rows(), 1);
+                assert_eq!(d.rows, vec![1]);
+                let ids: Vec<u32> = d.rejects.iter().map(|r| r.index).collect();
+                assert_eq!(ids, vec![0, 2], "in input order");
+                let r = &d.rejects[1];
+                assert_eq!(r.stage, RejectStage::Reference);
+                assert!(
+                    r.error.contains("\"cam-0002\"")
+                        && r.error.contains("cameras (version 3)")
+                        && r.error.contains("urbanstream table replace cameras"),
+                    "{}",
+                    r.error
+                );
+                let camera = d.batch.column_by_name("camera_id").expect("camera");
+                assert_eq!(camera.as_string::<i32>().value(0), "cam-0001");
+            }
+        }
+    }
+}

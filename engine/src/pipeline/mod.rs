@@ -100,6 +100,9 @@ pub struct PipelineConfig {
     /// The reference tables its queries read (the process's, whose new versions they see);
     /// `None`: the ones compiled into the binary.
     pub reference: Option<crate::reference::ReferenceTables>,
+    /// What happens to records whose camera, detector or sensor is not in its reference
+    /// table.
+    pub unknown_ids: crate::decode::UnknownIds,
 }
 
 /// How a pipeline checkpoints and recovers.
@@ -139,6 +142,7 @@ impl PipelineConfig {
             from_beginning: false,
             group_instance_id: None,
             reference: None,
+            unknown_ids: Default::default(),
         }
     }
 }
@@ -156,6 +160,8 @@ pub struct PipelineStats {
     pub air_readings: AtomicU64,
     /// Records sent to the DLQ (acknowledged).
     pub dlq: AtomicU64,
+    /// Records whose camera, detector or sensor is not in its reference table.
+    pub unknown_ids: AtomicU64,
     /// Late events sent to the late topic (acknowledged).
     pub late: AtomicU64,
     /// Indicator rows published (acknowledged).
@@ -210,6 +216,7 @@ impl Default for PipelineStats {
             detector_readings: AtomicU64::default(),
             air_readings: AtomicU64::default(),
             dlq: AtomicU64::default(),
+            unknown_ids: AtomicU64::default(),
             late: AtomicU64::default(),
             indicators_out: AtomicU64::default(),
             batches: AtomicU64::default(),
@@ -332,6 +339,10 @@ pub struct Pipeline {
     source: KafkaSource,
     sink: KafkaSink,
     decoders: HashMap<String, JsonDecoder>,
+    /// The reference tables the queries read.
+    reference: crate::reference::ReferenceTables,
+    /// Per input topic, the column checked against a reference table's ids, and the table.
+    id_checks: HashMap<String, (&'static str, &'static str)>,
     queries: Vec<Running>,
     /// The context the queries were planned in; partitions' instances are planned in it.
     ctx: StreamContext,
@@ -595,11 +606,22 @@ impl Pipeline {
             state = partitioning,
             "queries planned"
         );
+        let id_checks = [
+            (&config.topics.camera, ("camera_id", "cameras")),
+            (&config.topics.detectors, ("detector_id", "detectors")),
+            (&config.topics.air, ("sensor_id", "sensors")),
+        ]
+        .into_iter()
+        .filter(|(topic, _)| decoders.contains_key(topic.as_str()))
+        .map(|(topic, check)| (topic.clone(), check))
+        .collect();
         let mut pipeline = Self {
             source,
             sink,
             checkpoints,
             decoders,
+            reference,
+            id_checks,
             queries,
             ctx,
             partitioned,
@@ -804,7 +826,21 @@ impl Pipeline {
             let Some(decoder) = self.decoders.get(raw.topic.as_ref()) else {
                 continue;
             };
-            let decoded = decoder.decode(raw)?;
+            let mut decoded = decoder.decode(raw)?;
+            if let Some((column, table)) = self.id_checks.get(raw.topic.as_ref())
+                && let Some(t) = self.reference.get(table)
+            {
+                let unknown = decoded.check_ids(
+                    column,
+                    t.ids(),
+                    table,
+                    t.version,
+                    self.config.unknown_ids,
+                )?;
+                self.stats
+                    .unknown_ids
+                    .fetch_add(unknown as u64, Ordering::Relaxed);
+            }
             if !decoded.rejects.is_empty() {
                 let records: Vec<_> = decoded
                     .rejects

@@ -53,6 +53,8 @@ pub struct TableVersion {
     pub derived_from: Option<&'static str>,
     /// When it was installed, epoch ms (0: compiled into the binary).
     pub installed_ms: i64,
+    /// The values of its first column (the id of the city's tables), made when first asked.
+    ids: std::sync::OnceLock<std::collections::HashSet<String>>,
 }
 
 /// The reference tables of a process, shared by its queries (a clone is the same tables).
@@ -291,7 +293,29 @@ impl TableVersion {
             csv,
             derived_from,
             installed_ms,
+            ids: Default::default(),
         }
+    }
+
+    /// The values of the first column (the id: `sensor_id`, `camera_id`, …) as text.
+    pub fn ids(&self) -> &std::collections::HashSet<String> {
+        self.ids.get_or_init(|| {
+            let mut ids = std::collections::HashSet::with_capacity(self.rows);
+            for b in &self.batches {
+                let Some(column) = b.columns().first() else {
+                    continue;
+                };
+                let Ok(text) = datafusion::arrow::compute::cast(
+                    column,
+                    &datafusion::arrow::datatypes::DataType::Utf8,
+                ) else {
+                    continue;
+                };
+                let text = datafusion::arrow::array::AsArray::as_string::<i32>(&text);
+                ids.extend(text.iter().flatten().map(str::to_string));
+            }
+            ids
+        })
     }
 }
 

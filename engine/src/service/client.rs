@@ -534,6 +534,7 @@ fn details(q: &Value) -> String {
         "rows_out",
         "late",
         "dlq",
+        "unknown_ids",
         "batches",
         "consumer_lag",
         "assigned_partitions",

@@ -34,6 +34,8 @@ pub struct ServiceConfig {
     pub api: ApiConfig,
     /// `[catalog]`
     pub catalog: CatalogConfig,
+    /// `[reference]`
+    pub reference: ReferenceConfig,
     /// `[queries]`
     pub queries: QueriesConfig,
     /// `[pipeline]`
@@ -80,22 +82,32 @@ pub struct ApiConfig {
 pub struct CatalogConfig {
     /// The catalog file.
     pub path: PathBuf,
-    /// Where new versions of reference tables are kept (default: `reference/` beside the
-    /// catalog file).
-    #[serde(default)]
-    pub reference_dir: Option<PathBuf>,
 }
 
-impl CatalogConfig {
-    /// The reference tables' directory: `reference_dir`, or `reference/` beside the catalog.
+/// `[reference]`: the reference tables (sensors, cameras, detectors, segments, wards, …).
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceConfig {
+    /// Where new versions of reference tables are kept (empty: `reference/` beside the
+    /// catalog file).
+    pub dir: PathBuf,
+    /// What happens to a camera event, detector reading or air reading whose camera,
+    /// detector or sensor is not in its reference table: `process` (counted, and processed
+    /// with the defaults the queries give, e.g. a 60 s reporting interval) or `dead_letter`
+    /// (counted, and sent to the DLQ with the reason).
+    pub unknown_ids: crate::decode::UnknownIds,
+}
+
+impl ServiceConfig {
+    /// The reference tables' directory: `reference.dir`, or `reference/` beside the catalog.
     pub fn reference_dir(&self) -> PathBuf {
-        match &self.reference_dir {
-            Some(dir) => dir.clone(),
-            None => self
-                .path
-                .parent()
-                .map_or_else(|| PathBuf::from("reference"), |p| p.join("reference")),
+        if !self.reference.dir.as_os_str().is_empty() {
+            return self.reference.dir.clone();
         }
+        self.catalog
+            .path
+            .parent()
+            .map_or_else(|| PathBuf::from("reference"), |p| p.join("reference"))
     }
 }
 

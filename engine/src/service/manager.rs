@@ -242,6 +242,9 @@ pub struct QueryStatus {
     pub late: u64,
     /// Records its source schema rejected, sent to the DLQ.
     pub dlq: u64,
+    /// Records whose camera, detector or sensor is not in its reference table (processed
+    /// or dead-lettered as `reference.unknown_ids` says).
+    pub unknown_ids: u64,
     /// Micro-batches processed.
     pub batches: u64,
     /// Records between its position and the end of its partitions; null until known.
@@ -364,6 +367,7 @@ impl QueryHandle {
             rows_out: stats.indicators_out.load(Ordering::Relaxed),
             late: stats.late.load(Ordering::Relaxed),
             dlq: stats.dlq.load(Ordering::Relaxed),
+            unknown_ids: stats.unknown_ids.load(Ordering::Relaxed),
             batches: stats.batches.load(Ordering::Relaxed),
             consumer_lag: (lag >= 0).then_some(lag),
             assigned_partitions: stats.assigned_partitions.load(Ordering::Relaxed),
@@ -441,7 +445,7 @@ impl QueryManager {
     pub fn new(config: Arc<ServiceConfig>) -> crate::Result<Self> {
         let catalog = Catalog::open(&config.catalog.path)?;
         let checkpoint_root = config.checkpoint_root()?;
-        let reference = ReferenceTables::open(config.catalog.reference_dir())?;
+        let reference = ReferenceTables::open(config.reference_dir())?;
         Ok(Self {
             checkpoint_root,
             reference,
@@ -969,6 +973,7 @@ impl QueryManager {
         // identity is fenced. (At-least-once processes may share the default instance name,
         // so they join as dynamic members.)
         p.reference = Some(self.reference.clone());
+        p.unknown_ids = c.reference.unknown_ids;
         p.group_instance_id = (c.checkpoint.enabled && c.checkpoint.exactly_once)
             .then(|| c.checkpoint.instance.clone());
         p.checkpoint = c.checkpoint.enabled.then(|| CheckpointSettings {

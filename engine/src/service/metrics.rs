@@ -62,6 +62,11 @@ fn describe() {
         "Records the query's source schema rejected (sent to the DLQ)."
     );
     describe_counter!(
+        "urbanstream_unknown_ids_total",
+        Unit::Count,
+        "Input records whose camera, detector or sensor is not in its reference table."
+    );
+    describe_counter!(
         "urbanstream_late_events_total",
         Unit::Count,
         "Events beyond allowed lateness (sent to the late topic)."
@@ -138,6 +143,7 @@ pub fn render(
         metrics::counter!("urbanstream_rows_out_total", &label).absolute(q.rows_out);
         metrics::counter!("urbanstream_batches_total", &label).absolute(q.batches);
         metrics::counter!("urbanstream_decode_errors_total", &label).absolute(q.dlq);
+        metrics::counter!("urbanstream_unknown_ids_total", &label).absolute(q.unknown_ids);
         metrics::counter!("urbanstream_late_events_total", &label).absolute(q.late);
         if let Some(lag) = q.consumer_lag {
             metrics::gauge!("urbanstream_consumer_lag_records", &label).set(lag as f64);
