@@ -316,8 +316,25 @@ fn local_ms(text: &ArrayRef, zone: &str) -> Result<ArrayRef> {
         safe: true,
         ..Default::default()
     };
+    // Arrow reads times with seconds: `YYYY-MM-DD HH:MM` gets `:00`.
+    let text = datafusion::arrow::array::AsArray::as_string::<i32>(text.as_ref());
+    let text: ArrayRef = Arc::new(
+        text.iter()
+            .map(|t| {
+                t.map(|t| {
+                    let t = t.trim();
+                    let minutes_only = t.len() == 16 && t.as_bytes().get(13) == Some(&b':');
+                    if minutes_only {
+                        format!("{t}:00")
+                    } else {
+                        t.to_string()
+                    }
+                })
+            })
+            .collect::<datafusion::arrow::array::StringArray>(),
+    );
     let parsed = datafusion::arrow::compute::cast_with_options(
-        text,
+        &text,
         &DataType::Timestamp(TimeUnit::Millisecond, Some(zone.into())),
         &options,
     )?;

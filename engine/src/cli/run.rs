@@ -17,8 +17,9 @@ use futures::StreamExt;
 
 use crate::decode::JsonDecoder;
 use crate::error::{Error, Result};
-use crate::plan::city_context;
+use crate::plan::city_context_in;
 use crate::plan::stream::{StreamContext, StreamQuery};
+use crate::reference::ReferenceTables;
 use crate::schema::SchemaRegistry;
 use crate::source::RawBatch;
 use crate::topics::Topics;
@@ -50,6 +51,10 @@ pub struct RunArgs {
     /// Writes every output row here, as JSON lines.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Replaces a reference table for this run by a CSV with its header:
+    /// `--reference sensors=stations.csv` (repeatable; a new name adds a table).
+    #[arg(long)]
+    pub reference: Vec<String>,
 }
 
 /// What a run gave.
@@ -75,7 +80,23 @@ pub struct RunSummary {
 pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
     let sql = std::fs::read_to_string(&args.query)
         .map_err(|e| Error::Config(format!("{}: {e}", args.query.display())))?;
-    let ctx = city_context(&Topics::default(), &SchemaRegistry::embedded()?)?;
+    let reference = ReferenceTables::embedded()?;
+    for spec in &args.reference {
+        let (name, file) = spec.split_once('=').ok_or_else(|| {
+            Error::Config(format!(
+                "--reference {spec}: expected TABLE=FILE, e.g. sensors=stations.csv"
+            ))
+        })?;
+        let csv = std::fs::read_to_string(file)
+            .map_err(|e| Error::Config(format!("--reference {spec}: {e}")))?;
+        reference.replace(name.trim(), &csv)?;
+    }
+    let ctx = city_context_in(
+        StreamContext::new(),
+        &Topics::default(),
+        &SchemaRegistry::embedded()?,
+        &reference,
+    )?;
     let mut query: Option<StreamQuery> = None;
     for statement in StreamContext::parse(&sql)? {
         if let Some(q) = ctx.plan(statement).await? {
@@ -293,6 +314,7 @@ mod tests {
             time_zone: "+07:00".into(),
             limit: 10,
             output: Some(dir.path().join("out.jsonl")),
+            reference: Vec::new(),
         };
         let summary = run_file(&args).await?;
         assert_eq!(summary.input_rows, 5);
@@ -335,6 +357,81 @@ mod tests {
         let text = report(&summary)?;
         assert!(text.contains("5 input rows, 3 output rows"), "{text}");
         assert!(text.contains("1 rows rejected"), "{text}");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod reference_tests {
+    use super::*;
+    use crate::reference::ReferenceData;
+    use datafusion::arrow::array::AsArray;
+
+    /// An hourly station over a CSV, offline: without its declaration each hour is
+    /// incomplete (60 readings expected); declared with `--reference`, every hour is complete.
+    #[tokio::test]
+    async fn a_run_reads_reference_tables_given_as_files() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let write = |name: &str, text: &str| -> Result<PathBuf> {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).map_err(|e| Error::Config(e.to_string()))?;
+            Ok(path)
+        };
+        let mut readings = String::from("station,ward_id,time,pm25\n");
+        for hour in 0..6 {
+            readings.push_str(&format!(
+                "hn-01,ba_dinh,2026-03-01 {hour:02}:15,{}\n",
+                40 + hour
+            ));
+        }
+        let mut sensors = ReferenceData::embedded_csv("sensors.csv")
+            .unwrap_or_default()
+            .to_string();
+        sensors.push_str("hn-01,ba_dinh,station,21.03,105.81,3600\n");
+        let query =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../queries/air_hourly_sensor.sql");
+        let mut args = RunArgs {
+            query,
+            input: write("hourly.csv", &readings)?,
+            rename: vec!["station=sensor_id".into(), "time=event_time".into()],
+            time_unit: "ms".into(),
+            time_zone: "+07:00".into(),
+            limit: 100,
+            output: None,
+            reference: Vec::new(),
+        };
+        let complete = |summary: &RunSummary| -> Result<(usize, usize)> {
+            let mut counts = (0, 0);
+            for b in &summary.shown {
+                let complete = b
+                    .column_by_name("complete")
+                    .ok_or_else(|| Error::Config("no complete column".into()))?;
+                let complete = complete.as_boolean();
+                for r in 0..b.num_rows() {
+                    if complete.value(r) {
+                        counts.0 += 1;
+                    } else {
+                        counts.1 += 1;
+                    }
+                }
+            }
+            Ok(counts)
+        };
+        let undeclared = run_file(&args).await?;
+        assert_eq!(
+            complete(&undeclared)?.0,
+            0,
+            "an unknown sensor is expected every 60 s"
+        );
+        args.reference = vec![format!(
+            "sensors={}",
+            write("sensors.csv", &sensors)?.display()
+        )];
+        let declared = run_file(&args).await?;
+        let (yes, _) = complete(&declared)?;
+        assert_eq!(yes, 6, "every hour of the station, declared hourly");
+        args.reference = vec!["sensors".into()];
+        assert!(run_file(&args).await.is_err(), "TABLE=FILE");
         Ok(())
     }
 }
