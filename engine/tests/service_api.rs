@@ -214,7 +214,13 @@ fn broker() -> anyhow::Result<EmbeddedBroker> {
     for topic in urbanstream::pipeline::Topics::default().all() {
         broker.create_topic(&topic, 2)?;
     }
-    for topic in ["test.counts", "test.hog", "test.kept", "test.intervals"] {
+    for topic in [
+        "test.counts",
+        "test.hog",
+        "test.kept",
+        "test.intervals",
+        "test.previewed",
+    ] {
         broker.create_topic(topic, 1)?;
     }
     Ok(broker)
@@ -1176,6 +1182,145 @@ async fn reference_tables_are_replaced_at_run_time_and_kept() -> anyhow::Result<
     let (_, ward_sensors) = call(&app, "GET", "/v1/tables/ward_sensors", Some(TOKEN), None).await?;
     assert_eq!(ward_sensors["derived_from"], "sensors", "{ward_sensors}");
     assert_eq!(ward_sensors["version"], 2, "{ward_sensors}");
+    service.shutdown().await;
+    Ok(())
+}
+
+/// A preview runs a query over rows given in the request, unregistered: its rows are the
+/// registered query's over the same records through Kafka (the windows both closed), with the
+/// rejected rows counted; bad requests are refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_gives_the_rows_the_registered_query_publishes() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let service = service(&brokers, dir.path()).await?;
+    let app = api::router(service.clone());
+    let minute = 60_000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    let t0 = (now - 3_600_000) / minute * minute;
+    // Five minutes of detections (as produce_events makes them), then one ten minutes later
+    // that closes their windows.
+    let mut csv =
+        String::from("camera_id,segment_id,event_time,kind,vehicle_class,speed_kmh,confidence\n");
+    for i in 0..300 {
+        csv.push_str(&format!(
+            "cam-{},seg-{},{},detection,motorbike,30.0,0.9\n",
+            i % 7,
+            i % 4,
+            t0 + i as i64 * 1000
+        ));
+    }
+    let closing = t0 + 10 * minute;
+    csv.push_str(&format!(
+        "cam-0,seg-0,{closing},detection,motorbike,30.0,0.9\n"
+    ));
+    csv.push_str(&format!("cam-0,seg-0,{t0},detection,hovercraft,30.0,0.9\n"));
+    let sql = per_minute("previewed");
+    let (status, preview) = call(
+        &app,
+        "POST",
+        "/v1/queries/preview",
+        Some(TOKEN),
+        Some(json!({"sql": sql, "input": {"format": "csv", "data": csv}, "limit": 1000})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{preview}");
+    assert_eq!(preview["input_rows"], 302, "{preview}");
+    assert_eq!(preview["rejected"], 1, "{preview}");
+    assert!(
+        preview["first_rejection"]
+            .as_str()
+            .is_some_and(|r| r.contains("hovercraft")),
+        "{preview}"
+    );
+    assert_eq!(preview["output_rows"], 21, "{preview}");
+    let windows = |rows: &[Value]| {
+        let mut out: Vec<(String, i64, i64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["segment_id"].as_str().unwrap_or_default().to_string(),
+                    r["window_start"].as_i64().unwrap_or_default(),
+                    r["n"].as_i64().unwrap_or_default(),
+                )
+            })
+            .filter(|(_, start, _)| *start < t0 + 5 * minute)
+            .collect();
+        out.sort();
+        out
+    };
+    let previewed = windows(preview["rows"].as_array().map_or(&[], Vec::as_slice));
+    assert_eq!(previewed.len(), 20, "{preview}");
+    assert!(previewed.iter().all(|(_, _, n)| *n == 15), "{previewed:?}");
+
+    // Refused, with the reason.
+    for (body, reason) in [
+        (
+            json!({"sql": sql, "input": {"format": "xml", "data": "x"}}),
+            "csv or jsonl",
+        ),
+        (
+            json!({"sql": sql, "input": {"format": "csv", "data": csv}, "limit": 0}),
+            "between 1 and",
+        ),
+        (
+            json!({"sql": "CREATE EXTERNAL TABLE f (a INT) STORED AS CSV LOCATION '/etc/passwd'; \
+                           SELECT * FROM f", "input": {"format": "csv", "data": "a\n1\n"}}),
+            "",
+        ),
+        (
+            json!({"sql": "SELECT 1", "input": {"format": "csv", "data": "a\n1\n"}}),
+            "stream",
+        ),
+    ] {
+        let (status, answer) =
+            call(&app, "POST", "/v1/queries/preview", Some(TOKEN), Some(body)).await?;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(reason)),
+            "{answer}"
+        );
+    }
+
+    // The same records through Kafka, to the registered query.
+    create(&app, "previewed", &sql).await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    for line in csv.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let value = json!({"camera_id": f[0], "segment_id": f[1],
+                           "event_time": f[2].parse::<i64>()?, "kind": f[3],
+                           "vehicle_class": f[4], "speed_kmh": 30.0, "confidence": 0.9})
+        .to_string();
+        producer
+            .send(
+                FutureRecord::to("city.camera.events")
+                    .key(f[1])
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "reader-previewed")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    rdkafka::consumer::Consumer::subscribe(&consumer, &["test.previewed"])?;
+    let published = next_records(&consumer, 20).await?;
+    assert_eq!(windows(&published), previewed);
+    let status = wait_for(&app, "previewed", Duration::from_secs(10), |q| {
+        q["dlq"] == 1
+    })
+    .await?;
+    assert_eq!(status["rows_out"], 20, "{status}");
     service.shutdown().await;
     Ok(())
 }

@@ -76,6 +76,19 @@ pub struct RunSummary {
     pub shown: Vec<RecordBatch>,
 }
 
+/// How a file's rows become a stream's records.
+#[derive(Debug, Clone)]
+pub struct RunInput {
+    /// A CSV (with a header) or JSON-lines file.
+    pub path: PathBuf,
+    /// `old=new` column renames.
+    pub rename: Vec<String>,
+    /// Unit of a numeric event-time column: `s`, `ms` or `us`.
+    pub time_unit: String,
+    /// Time zone of event-time texts written without one.
+    pub time_zone: String,
+}
+
 /// Runs `args.query` over `args.input`.
 pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
     let sql = std::fs::read_to_string(&args.query)
@@ -97,27 +110,55 @@ pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
         &SchemaRegistry::embedded()?,
         &reference,
     )?;
-    let mut query: Option<StreamQuery> = None;
-    for statement in StreamContext::parse(&sql)? {
-        if let Some(q) = ctx.plan(statement).await? {
-            if query.is_some() {
-                return Err(Error::Config(format!(
-                    "{} holds more than one stream query: run them one at a time",
-                    args.query.display()
-                )));
-            }
-            query = Some(q);
-        }
-    }
-    let Some(mut query) = query else {
-        return Err(Error::Config(format!(
-            "{} holds no stream query (INSERT INTO <sink> SELECT … FROM <stream> …, or a SELECT)",
-            args.query.display()
-        )));
+    let query = one_query(&ctx, &sql, &args.query.display().to_string()).await?;
+    let input = RunInput {
+        path: args.input.clone(),
+        rename: args.rename.clone(),
+        time_unit: args.time_unit.clone(),
+        time_zone: args.time_zone.clone(),
     };
+    let mut output = match &args.output {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?,
+        )),
+        None => None,
+    };
+    let summary = run_query(query, &input, args.limit, output.as_mut()).await?;
+    if let Some(mut w) = output {
+        w.flush()
+            .map_err(|e| Error::Config(format!("writing the output: {e}")))?;
+    }
+    Ok(summary)
+}
+
+/// The one stream query of `sql` (its `CREATE EXTERNAL TABLE` and `SET` statements
+/// included), planned in `ctx` under the SQL sandbox; `label` names the SQL in errors.
+pub async fn one_query(ctx: &StreamContext, sql: &str, label: &str) -> Result<StreamQuery> {
+    let mut queries = crate::plan::plan_all(ctx, sql).await?;
+    match queries.len() {
+        1 => Ok(queries.remove(0)),
+        0 => Err(Error::Config(format!(
+            "{label} holds no stream query (INSERT INTO <sink> SELECT … FROM <stream> …, or a SELECT)"
+        ))),
+        _ => Err(Error::Config(format!(
+            "{label} holds more than one stream query: run them one at a time"
+        ))),
+    }
+}
+
+/// Runs `query` over the rows of `input`, in event-time order, with processing time
+/// following the data; at the end every window closes. Keeps the first `limit` output rows
+/// and writes every row to `output` as JSON lines.
+pub async fn run_query<W: Write + ?Sized>(
+    mut query: StreamQuery,
+    input: &RunInput,
+    limit: usize,
+    mut output: Option<&mut W>,
+) -> Result<RunSummary> {
     let source = query.source().clone();
     let time = source.options.event_time.clone();
-    let unit_ms = super::replay::unit_ms(&args.time_unit)?;
+    let unit_ms = super::replay::unit_ms(&input.time_unit)?;
     let decoder = {
         let d = JsonDecoder::new(source.topic_schema.clone());
         match &time {
@@ -129,14 +170,7 @@ pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
         }
     };
     let mut stream =
-        super::replay::open_file(&args.input, &args.rename, time.as_deref(), None).await?;
-    let mut output = match &args.output {
-        Some(path) => Some(std::io::BufWriter::new(
-            std::fs::File::create(path)
-                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?,
-        )),
-        None => None,
-    };
+        super::replay::open_file(&input.path, &input.rename, time.as_deref(), None).await?;
     let mut summary = RunSummary::default();
     let mut replay_summary = super::replay::ReplaySummary::default();
     let mut now_ms = i64::MIN;
@@ -150,7 +184,7 @@ pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
                     &batch,
                     column,
                     unit_ms,
-                    &args.time_zone,
+                    &input.time_zone,
                     &mut replay_summary,
                 )?;
                 // Processing time follows the data: nothing in the file is from the future.
@@ -183,26 +217,22 @@ pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
         let out = query
             .process(&decoded.batch, &partitions, Some(&offsets), now_ms.max(0))
             .await?;
-        take(&query, out, args.limit, &mut summary, output.as_mut())?;
+        take(&query, out, limit, &mut summary, output.as_deref_mut())?;
     }
     summary.unreadable_time = replay_summary.skipped;
     // The end of the file closes every window.
     let out = query.advance_watermark(i64::MAX / 4, now_ms.max(0)).await?;
-    take(&query, out, args.limit, &mut summary, output.as_mut())?;
-    if let Some(mut w) = output {
-        w.flush()
-            .map_err(|e| Error::Config(format!("writing the output: {e}")))?;
-    }
+    take(&query, out, limit, &mut summary, output.as_deref_mut())?;
     Ok(summary)
 }
 
 /// Counts and keeps what one step gave.
-fn take(
+fn take<W: Write + ?Sized>(
     query: &StreamQuery,
     out: crate::plan::stream::StepOutput,
     limit: usize,
     summary: &mut RunSummary,
-    output: Option<&mut std::io::BufWriter<std::fs::File>>,
+    output: Option<&mut W>,
 ) -> Result<()> {
     for d in &out.diverted {
         *summary

@@ -9,6 +9,7 @@
 //! | GET | `/v1/queries` | every query's status |
 //! | POST | `/v1/queries` | `{"name", "sql", "memory_limit"?}`: validate, register, start (201) |
 //! | POST | `/v1/queries/validate` | `{"sql"}`: plan without registering (200 or 400) |
+//! | POST | `/v1/queries/preview` | `{"sql", "input": {"format": "csv"\|"jsonl", "data", "rename"?, "time_zone"?, "time_unit"?}, "limit"?}`: run the query over the rows given, unregistered (in its memory pool, within `api.preview_timeout`, body up to `api.max_preview_body`): the first rows and the counts of rejected, unreadable and late rows |
 //! | POST | `/v1/queries/explain` | `{"sql"}`: how its stream queries would run: stages, state, partitioning, emission |
 //! | GET | `/v1/queries/{name}` | one query's status |
 //! | DELETE | `/v1/queries/{name}` | stop and forget a registered query (204) |
@@ -38,16 +39,25 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::Service;
-use super::manager::{FunctionInfo, PlannedStatement, QueryStatus, ServiceError, TableInfo};
+use super::manager::{
+    FunctionInfo, PlannedStatement, PreviewAnswer, PreviewRequest, QueryStatus, ServiceError,
+    TableInfo,
+};
 
 /// The API's routes over `service`.
 pub fn router(service: Arc<Service>) -> Router {
     let max_body = usize::try_from(service.config.api.max_body.as_u64()).unwrap_or(usize::MAX);
+    let max_preview_body =
+        usize::try_from(service.config.api.max_preview_body.as_u64()).unwrap_or(usize::MAX);
     let v1 = Router::new()
         .route("/info", get(info))
         .route("/queries", get(list).post(create))
         .route("/queries/validate", post(validate))
         .route("/queries/explain", post(explain))
+        .route(
+            "/queries/preview",
+            post(preview).layer(DefaultBodyLimit::max(max_preview_body)),
+        )
         .route("/queries/{name}", get(show).delete(drop_query))
         .route("/queries/{name}/pause", post(pause))
         .route("/queries/{name}/resume", post(resume))
@@ -170,7 +180,7 @@ async fn authorize(
     let reads = request.method() == axum::http::Method::GET
         || matches!(
             request.uri().path(),
-            "/v1/queries/validate" | "/v1/queries/explain"
+            "/v1/queries/validate" | "/v1/queries/explain" | "/v1/queries/preview"
         );
     if !api.token.is_empty() && same_token(given, &api.token) {
         next.run(request).await
@@ -282,6 +292,14 @@ async fn explain(
     let Json(body) = body?;
     let plans = service.manager.explain(&body.sql).await?;
     Ok(Json(json!({ "queries": plans })))
+}
+
+async fn preview(
+    State(service): State<Arc<Service>>,
+    body: Result<Json<PreviewRequest>, JsonRejection>,
+) -> Result<Json<PreviewAnswer>, ApiError> {
+    let Json(body) = body?;
+    Ok(Json(service.manager.preview(body).await?))
 }
 
 async fn tables(State(service): State<Arc<Service>>) -> Result<Json<Vec<TableInfo>>, ApiError> {

@@ -86,6 +86,32 @@ pub enum QueryAction {
         #[command(flatten)]
         input: SqlInput,
     },
+    /// Run a query over the rows of a CSV or JSON-lines file, without registering it: the
+    /// service answers with its first output rows and what was rejected or late.
+    ///
+    /// Example: `urbanstream query preview --file busy.sql --input detections.csv \
+    /// --rename time=event_time --time-zone +07:00`
+    Preview {
+        /// The SQL.
+        #[command(flatten)]
+        input: SqlInput,
+        /// The rows of the query's stream: a CSV (with a header) or JSON-lines file.
+        #[arg(long)]
+        data: PathBuf,
+        /// Renames a column of the file to the stream's field: `--rename station=sensor_id`
+        /// (repeatable).
+        #[arg(long)]
+        rename: Vec<String>,
+        /// Time zone of event-time texts written without one (`+07:00`, `Asia/Ho_Chi_Minh`).
+        #[arg(long)]
+        time_zone: Option<String>,
+        /// Unit of a numeric event-time column: `s`, `ms` or `us`.
+        #[arg(long)]
+        time_unit: Option<String>,
+        /// Output rows shown (all are counted).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
     /// List every query with its state and counts.
     ///
     /// Example: `urbanstream query list` or `urbanstream query list --json`
@@ -283,14 +309,62 @@ fn table_details(t: &Value) -> String {
     out
 }
 
+/// A preview's rows as a table (columns in the order of the first row), then its counts.
+fn preview_text(answer: &Value) -> String {
+    let rows = answer["rows"].as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    if let Some(first) = rows.first().and_then(Value::as_object) {
+        let columns: Vec<String> = first.keys().cloned().collect();
+        let mut cells = vec![columns.clone()];
+        for r in &rows {
+            cells.push(columns.iter().map(|c| text(&r[c])).collect());
+        }
+        out.push_str(&aligned(&cells));
+    }
+    out.push_str(&format!(
+        "{} input rows, {} output rows{}\n",
+        text(&answer["input_rows"]),
+        text(&answer["output_rows"]),
+        if answer["truncated"] == true {
+            " (the first shown; --limit for more)"
+        } else {
+            ""
+        }
+    ));
+    if answer["rejected"].as_u64().unwrap_or(0) > 0 {
+        out.push_str(&format!(
+            "{} rows rejected by the stream's schema (the first: {})\n",
+            text(&answer["rejected"]),
+            text(&answer["first_rejection"])
+        ));
+    }
+    if answer["unreadable_time"].as_u64().unwrap_or(0) > 0 {
+        out.push_str(&format!(
+            "{} rows without a readable event time (see --time-unit, --time-zone)\n",
+            text(&answer["unreadable_time"])
+        ));
+    }
+    for (reason, n) in answer["diverted"].as_object().into_iter().flatten() {
+        out.push_str(&format!("{} rows diverted: {reason}\n", text(n)));
+    }
+    out
+}
+
 /// Rows of cells, columns padded to their widest cell.
-fn aligned<const N: usize>(rows: &[[String; N]]) -> String {
-    let widths: Vec<usize> = (0..N)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+fn aligned<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let columns = rows.first().map_or(0, |r| r.as_ref().len());
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.as_ref().get(c).map_or(0, |cell| cell.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {
         let line: Vec<String> = row
+            .as_ref()
             .iter()
             .zip(&widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
@@ -327,6 +401,32 @@ pub async fn run(args: QueryArgs) -> Result<()> {
             Some(json!({ "sql": input.read()? })),
             Shown::Validated,
         ),
+        QueryAction::Preview {
+            input,
+            data,
+            rename,
+            time_zone,
+            time_unit,
+            limit,
+        } => {
+            let format = match data.extension().and_then(|e| e.to_str()) {
+                Some(e) if e.eq_ignore_ascii_case("csv") => "csv",
+                _ => "jsonl",
+            };
+            let text = std::fs::read_to_string(data)
+                .map_err(|e| Error::Api(format!("{}: {e}", data.display())))?;
+            (
+                Method::POST,
+                "/v1/queries/preview".to_string(),
+                Some(json!({
+                    "sql": input.read()?,
+                    "input": {"format": format, "data": text, "rename": rename,
+                              "time_zone": time_zone, "time_unit": time_unit},
+                    "limit": limit,
+                })),
+                Shown::Preview,
+            )
+        }
         QueryAction::List => (Method::GET, "/v1/queries".to_string(), None, Shown::List),
         QueryAction::Show { name } => {
             (Method::GET, format!("/v1/queries/{name}"), None, Shown::One)
@@ -365,6 +465,7 @@ fn control(name: &str, action: &str) -> (Method, String, Option<Value>, Shown) {
 
 /// How an answer is printed.
 enum Shown {
+    Preview,
     One,
     List,
     Validated,
@@ -453,6 +554,7 @@ fn render(answer: &Value, kind: &Shown) -> String {
         Shown::List => table(answer.as_array().map(Vec::as_slice).unwrap_or_default()),
         Shown::One => details(answer),
         Shown::Dropped(name) => format!("dropped {name}\n"),
+        Shown::Preview => preview_text(answer),
         Shown::Validated => {
             let mut out = String::from("valid\n");
             for q in answer["queries"].as_array().into_iter().flatten() {

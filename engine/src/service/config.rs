@@ -74,6 +74,11 @@ pub struct ApiConfig {
     pub allow_unauthenticated: bool,
     /// Largest request body.
     pub max_body: ByteSize,
+    /// Largest body of a preview (`POST /v1/queries/preview`, the input file inline).
+    pub max_preview_body: ByteSize,
+    /// Longest a preview may run.
+    #[serde(with = "humantime_serde")]
+    pub preview_timeout: std::time::Duration,
 }
 
 /// `[catalog]`: where registered queries are kept.

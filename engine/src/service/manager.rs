@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use super::catalog::{Catalog, CatalogEntry};
@@ -154,6 +154,59 @@ pub struct PlannedStatement {
     pub sink_topic: String,
     /// Whether it aggregates over windows (and so keeps state).
     pub windowed: bool,
+}
+
+/// Body of `POST /v1/queries/preview`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewRequest {
+    /// The query's SQL (its `CREATE EXTERNAL TABLE` and `SET` statements included).
+    pub sql: String,
+    /// The rows of its stream.
+    pub input: PreviewInput,
+    /// Output rows returned (1 to 10 000; default 100). All are counted.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// The input of a preview: a file's contents and how to read them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewInput {
+    /// `csv` (with a header) or `jsonl`.
+    pub format: String,
+    /// The file's contents.
+    pub data: String,
+    /// `old=new` column renames.
+    #[serde(default)]
+    pub rename: Vec<String>,
+    /// Time zone of event-time texts written without one (default `+00:00`).
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    /// Unit of a numeric event-time column: `s`, `ms` (default) or `us`.
+    #[serde(default)]
+    pub time_unit: Option<String>,
+}
+
+/// What a preview gave.
+#[derive(Debug, Clone, Serialize)]
+pub struct PreviewAnswer {
+    /// The first output rows, as the sink would publish them.
+    pub rows: Vec<serde_json::Value>,
+    /// Whether there were more output rows than returned.
+    pub truncated: bool,
+    /// Rows of the input.
+    pub input_rows: u64,
+    /// Output rows in all.
+    pub output_rows: u64,
+    /// Input rows the stream's schema rejected (the DLQ's records in a running query).
+    pub rejected: u64,
+    /// The first rejection's reason.
+    pub first_rejection: Option<String>,
+    /// Input rows without a readable event time.
+    pub unreadable_time: u64,
+    /// Input rows diverted as late or future-stamped, by reason.
+    pub diverted: std::collections::BTreeMap<String, u64>,
 }
 
 /// A table analysts' SQL can read or write, as `/v1/tables` shows it.
@@ -604,6 +657,99 @@ impl QueryManager {
             &self.reference,
         )
         .map_err(|e| ServiceError::Internal(e.to_string()))
+    }
+
+    /// Runs `sql`'s stream query over `input`'s rows without registering it, as `urbanstream
+    /// run` does offline: in the query's memory pool, within `api.preview_timeout`, on the
+    /// queries' runtime. Keeps the first `limit` rows.
+    pub async fn preview(&self, request: PreviewRequest) -> Result<PreviewAnswer, ServiceError> {
+        const MAX_ROWS: usize = 10_000;
+        let limit = request.limit.unwrap_or(100);
+        if limit == 0 || limit > MAX_ROWS {
+            return Err(ServiceError::invalid(format!(
+                "limit {limit}: between 1 and {MAX_ROWS} rows"
+            )));
+        }
+        let extension = match request.input.format.to_ascii_lowercase().as_str() {
+            "csv" => ".csv",
+            "jsonl" | "ndjson" | "json" => ".jsonl",
+            other => {
+                return Err(ServiceError::invalid(format!(
+                    "input.format {other:?}: csv or jsonl"
+                )));
+            }
+        };
+        if request.sql.trim().is_empty() {
+            return Err(ServiceError::invalid("sql is empty"));
+        }
+        let pool = usize::try_from(self.config.queries.memory_limit.as_u64()).unwrap_or(usize::MAX);
+        let ctx = city_context_in(
+            crate::plan::stream::StreamContext::with_memory_limit(pool)
+                .map_err(|e| ServiceError::Internal(e.to_string()))?,
+            &self.config.topics,
+            &self.schemas,
+            &self.reference,
+        )
+        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let query = crate::cli::run::one_query(&ctx, &request.sql, "the SQL")
+            .await
+            .map_err(|e| ServiceError::invalid(sql_error_message(&e)))?;
+        let file = tempfile::Builder::new()
+            .prefix("urbanstream-preview-")
+            .suffix(extension)
+            .tempfile()
+            .map_err(|e| ServiceError::Internal(format!("a file for the preview: {e}")))?;
+        std::fs::write(file.path(), request.input.data.as_bytes())
+            .map_err(|e| ServiceError::Internal(format!("a file for the preview: {e}")))?;
+        let input = crate::cli::run::RunInput {
+            path: file.path().to_path_buf(),
+            rename: request.input.rename,
+            time_unit: request.input.time_unit.unwrap_or_else(|| "ms".into()),
+            time_zone: request.input.time_zone.unwrap_or_else(|| "+00:00".into()),
+        };
+        let timeout = self.config.api.preview_timeout;
+        let run = self.runtime.handle().spawn(async move {
+            let summary =
+                crate::cli::run::run_query(query, &input, limit, None::<&mut std::io::Sink>).await;
+            drop(file);
+            summary
+        });
+        let abort = run.abort_handle();
+        let summary = match tokio::time::timeout(timeout, run).await {
+            Ok(Ok(Ok(summary))) => summary,
+            Ok(Ok(Err(e))) => return Err(ServiceError::invalid(sql_error_message(&e))),
+            Ok(Err(e)) => {
+                return Err(ServiceError::Internal(format!("the preview stopped: {e}")));
+            }
+            Err(_) => {
+                abort.abort();
+                return Err(ServiceError::invalid(format!(
+                    "the preview ran longer than api.preview_timeout ({}): preview fewer rows",
+                    humantime::format_duration(timeout)
+                )));
+            }
+        };
+        let mut rows = Vec::new();
+        for batch in &summary.shown {
+            let (bytes, _) = crate::sink::encode_json_rows(batch)
+                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+            for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                rows.push(
+                    serde_json::from_slice(line)
+                        .map_err(|e| ServiceError::Internal(e.to_string()))?,
+                );
+            }
+        }
+        Ok(PreviewAnswer {
+            truncated: summary.output_rows > rows.len() as u64,
+            rows,
+            input_rows: summary.input_rows,
+            output_rows: summary.output_rows,
+            rejected: summary.rejected,
+            first_rejection: summary.first_rejection,
+            unreadable_time: summary.unreadable_time,
+            diverted: summary.diverted,
+        })
     }
 
     /// The CSV of reference table `name`'s current version, and its version.
