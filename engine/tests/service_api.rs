@@ -1316,6 +1316,56 @@ async fn a_preview_gives_the_rows_the_registered_query_publishes() -> anyhow::Re
     rdkafka::consumer::Consumer::subscribe(&consumer, &["test.previewed"])?;
     let published = next_records(&consumer, 20).await?;
     assert_eq!(windows(&published), previewed);
+    // The same query previewed over the topic's records, all of them and the first 100 of
+    // each partition.
+    let (status, over_topic) = call(
+        &app,
+        "POST",
+        "/v1/queries/preview",
+        Some(TOKEN),
+        Some(json!({"sql": sql, "topic": {}, "limit": 1000})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{over_topic}");
+    assert_eq!(over_topic["input_rows"], 302, "{over_topic}");
+    assert_eq!(over_topic["rejected"], 1, "{over_topic}");
+    assert_eq!(over_topic["input_truncated"], false, "{over_topic}");
+    assert_eq!(
+        windows(over_topic["rows"].as_array().map_or(&[], Vec::as_slice)),
+        previewed
+    );
+    let (status, first) = call(
+        &app,
+        "POST",
+        "/v1/queries/preview",
+        Some(TOKEN),
+        Some(json!({"sql": sql, "topic": {"to_offset": 100}})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let probe: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let mut expected = 0;
+    for p in 0..2 {
+        let (_, high) = rdkafka::consumer::Consumer::fetch_watermarks(
+            &probe,
+            "city.camera.events",
+            p,
+            Duration::from_secs(10),
+        )?;
+        expected += high.min(100);
+    }
+    assert_eq!(first["input_rows"], expected, "per partition: {first}");
+    let (status, both) = call(
+        &app,
+        "POST",
+        "/v1/queries/preview",
+        Some(TOKEN),
+        Some(json!({"sql": sql, "topic": {}, "input": {"format": "csv", "data": csv}})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{both}");
     let status = wait_for(&app, "previewed", Duration::from_secs(10), |q| {
         q["dlq"] == 1
     })

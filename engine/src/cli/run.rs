@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{AsArray, RecordBatch};
 use futures::StreamExt;
 
 use crate::decode::JsonDecoder;
@@ -223,6 +223,57 @@ pub async fn run_query<W: Write + ?Sized>(
     // The end of the file closes every window.
     let out = query.advance_watermark(i64::MAX / 4, now_ms.max(0)).await?;
     take(&query, out, limit, &mut summary, output.as_deref_mut())?;
+    Ok(summary)
+}
+
+/// Runs `query` over records read from its stream's topic (`batches`, from
+/// [`crate::source::range::read_range`]), with processing time following their event times;
+/// at the end every window closes, as at the end of a file.
+pub async fn run_query_over_records(
+    mut query: StreamQuery,
+    batches: &[RawBatch],
+    limit: usize,
+) -> Result<RunSummary> {
+    let source = query.source().clone();
+    let decoder = JsonDecoder::new(source.topic_schema.clone());
+    let mut summary = RunSummary::default();
+    let mut now_ms = 0i64;
+    for raw in batches {
+        summary.input_rows += raw.len() as u64;
+        let decoded = decoder.decode(raw)?;
+        summary.rejected += decoded.rejects.len() as u64;
+        if summary.first_rejection.is_none() {
+            summary.first_rejection = decoded.rejects.first().map(|r| r.error.clone());
+        }
+        if let Some(time) = &source.options.event_time
+            && let Some(column) = decoded.batch.column_by_name(time)
+        {
+            let ms = datafusion::arrow::compute::cast(
+                column,
+                &datafusion::arrow::datatypes::DataType::Int64,
+            )?;
+            let ms = ms.as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+            if let Some(max) = datafusion::arrow::compute::max(ms) {
+                now_ms = now_ms.max(max);
+            }
+        }
+        let partitions: Vec<i32> = decoded
+            .rows
+            .iter()
+            .map(|&r| raw.partitions[r as usize])
+            .collect();
+        let offsets: Vec<i64> = decoded
+            .rows
+            .iter()
+            .map(|&r| raw.offsets[r as usize])
+            .collect();
+        let out = query
+            .process(&decoded.batch, &partitions, Some(&offsets), now_ms)
+            .await?;
+        take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
+    }
+    let out = query.advance_watermark(i64::MAX / 4, now_ms).await?;
+    take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
     Ok(summary)
 }
 

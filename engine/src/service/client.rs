@@ -86,18 +86,35 @@ pub enum QueryAction {
         #[command(flatten)]
         input: SqlInput,
     },
-    /// Run a query over the rows of a CSV or JSON-lines file, without registering it: the
-    /// service answers with its first output rows and what was rejected or late.
+    /// Run a query over the rows of a CSV or JSON-lines file, or over a range of its
+    /// stream's topic, without registering it: the service answers with its first output
+    /// rows and what was rejected or late.
     ///
-    /// Example: `urbanstream query preview --file busy.sql --input detections.csv \
-    /// --rename time=event_time --time-zone +07:00`
+    /// Example: `urbanstream query preview --file busy.sql --data detections.csv \
+    /// --rename time=event_time --time-zone +07:00` or
+    /// `urbanstream query preview --file busy.sql --from 2026-11-30T06:00:00Z --to 2026-11-30T07:00:00Z`
     Preview {
         /// The SQL.
         #[command(flatten)]
         input: SqlInput,
-        /// The rows of the query's stream: a CSV (with a header) or JSON-lines file.
+        /// The rows of the query's stream: a CSV (with a header) or JSON-lines file. Without
+        /// it, the stream's topic is read (`--from`, `--to`, `--from-offset`, `--to-offset`).
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
+        /// Topic records written from this time (their Kafka timestamps; RFC 3339 or epoch
+        /// ms).
+        #[arg(long, conflicts_with = "data")]
+        from: Option<String>,
+        /// Topic records written before this time (their Kafka timestamps; RFC 3339 or epoch
+        /// ms).
+        #[arg(long, conflicts_with = "data")]
+        to: Option<String>,
+        /// First offset read in each partition.
+        #[arg(long, conflicts_with = "data")]
+        from_offset: Option<i64>,
+        /// Offset each partition is read up to (excluded).
+        #[arg(long, conflicts_with = "data")]
+        to_offset: Option<i64>,
         /// Renames a column of the file to the stream's field: `--rename station=sensor_id`
         /// (repeatable).
         #[arg(long)]
@@ -309,6 +326,23 @@ fn table_details(t: &Value) -> String {
     out
 }
 
+/// A time given as epoch milliseconds or RFC 3339.
+fn epoch_ms(text: &str) -> Result<i64> {
+    if let Ok(ms) = text.trim().parse::<i64>() {
+        return Ok(ms);
+    }
+    let t = humantime::parse_rfc3339_weak(text.trim()).map_err(|e| {
+        Error::Api(format!(
+            "{text}: {e} (write RFC 3339, 2026-11-30T06:00:00Z, or epoch milliseconds)"
+        ))
+    })?;
+    let ms = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| Error::Api(format!("{text}: {e}")))?
+        .as_millis();
+    Ok(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
 /// A preview's rows as a table (columns in the order of the first row), then its counts.
 fn preview_text(answer: &Value) -> String {
     let rows = answer["rows"].as_array().cloned().unwrap_or_default();
@@ -331,6 +365,9 @@ fn preview_text(answer: &Value) -> String {
             ""
         }
     ));
+    if answer["input_truncated"] == true {
+        out.push_str("the range held more records than a preview reads: narrow it\n");
+    }
     if answer["rejected"].as_u64().unwrap_or(0) > 0 {
         out.push_str(&format!(
             "{} rows rejected by the stream's schema (the first: {})\n",
@@ -404,26 +441,39 @@ pub async fn run(args: QueryArgs) -> Result<()> {
         QueryAction::Preview {
             input,
             data,
+            from,
+            to,
+            from_offset,
+            to_offset,
             rename,
             time_zone,
             time_unit,
             limit,
         } => {
-            let format = match data.extension().and_then(|e| e.to_str()) {
-                Some(e) if e.eq_ignore_ascii_case("csv") => "csv",
-                _ => "jsonl",
-            };
-            let text = std::fs::read_to_string(data)
-                .map_err(|e| Error::Api(format!("{}: {e}", data.display())))?;
+            let mut body = json!({ "sql": input.read()?, "limit": limit });
+            match data {
+                Some(data) => {
+                    let format = match data.extension().and_then(|e| e.to_str()) {
+                        Some(e) if e.eq_ignore_ascii_case("csv") => "csv",
+                        _ => "jsonl",
+                    };
+                    let text = std::fs::read_to_string(data)
+                        .map_err(|e| Error::Api(format!("{}: {e}", data.display())))?;
+                    body["input"] = json!({"format": format, "data": text, "rename": rename,
+                                           "time_zone": time_zone, "time_unit": time_unit});
+                }
+                None => {
+                    let ms = |t: &Option<String>| -> Result<Option<i64>> {
+                        t.as_deref().map(epoch_ms).transpose()
+                    };
+                    body["topic"] = json!({"from_ms": ms(from)?, "to_ms": ms(to)?,
+                                           "from_offset": from_offset, "to_offset": to_offset});
+                }
+            }
             (
                 Method::POST,
                 "/v1/queries/preview".to_string(),
-                Some(json!({
-                    "sql": input.read()?,
-                    "input": {"format": format, "data": text, "rename": rename,
-                              "time_zone": time_zone, "time_unit": time_unit},
-                    "limit": limit,
-                })),
+                Some(body),
                 Shown::Preview,
             )
         }

@@ -162,8 +162,13 @@ pub struct PlannedStatement {
 pub struct PreviewRequest {
     /// The query's SQL (its `CREATE EXTERNAL TABLE` and `SET` statements included).
     pub sql: String,
-    /// The rows of its stream.
-    pub input: PreviewInput,
+    /// The rows of its stream, given inline (or `topic`).
+    #[serde(default)]
+    pub input: Option<PreviewInput>,
+    /// A range of its stream's topic to read instead (every partition; at most
+    /// 200 000 records).
+    #[serde(default)]
+    pub topic: Option<crate::source::range::TopicRange>,
     /// Output rows returned (1 to 10 000; default 100). All are counted.
     #[serde(default)]
     pub limit: Option<usize>,
@@ -207,6 +212,8 @@ pub struct PreviewAnswer {
     pub unreadable_time: u64,
     /// Input rows diverted as late or future-stamped, by reason.
     pub diverted: std::collections::BTreeMap<String, u64>,
+    /// Whether a topic range held more records than a preview reads (200 000).
+    pub input_truncated: bool,
 }
 
 /// A table analysts' SQL can read or write, as `/v1/tables` shows it.
@@ -670,15 +677,23 @@ impl QueryManager {
                 "limit {limit}: between 1 and {MAX_ROWS} rows"
             )));
         }
-        let extension = match request.input.format.to_ascii_lowercase().as_str() {
-            "csv" => ".csv",
-            "jsonl" | "ndjson" | "json" => ".jsonl",
-            other => {
-                return Err(ServiceError::invalid(format!(
-                    "input.format {other:?}: csv or jsonl"
-                )));
-            }
-        };
+        if request.input.is_some() == request.topic.is_some() {
+            return Err(ServiceError::invalid(
+                "give the stream's rows as \"input\" (a file's contents) or a \"topic\" range \
+                 ({\"from_ms\", \"to_ms\"} or {\"from_offset\", \"to_offset\"}), one of them",
+            ));
+        }
+        if let Some(input) = &request.input
+            && !matches!(
+                input.format.to_ascii_lowercase().as_str(),
+                "csv" | "jsonl" | "ndjson" | "json"
+            )
+        {
+            return Err(ServiceError::invalid(format!(
+                "input.format {:?}: csv or jsonl",
+                input.format
+            )));
+        }
         if request.sql.trim().is_empty() {
             return Err(ServiceError::invalid("sql is empty"));
         }
@@ -694,28 +709,67 @@ impl QueryManager {
         let query = crate::cli::run::one_query(&ctx, &request.sql, "the SQL")
             .await
             .map_err(|e| ServiceError::invalid(sql_error_message(&e)))?;
-        let file = tempfile::Builder::new()
-            .prefix("urbanstream-preview-")
-            .suffix(extension)
-            .tempfile()
-            .map_err(|e| ServiceError::Internal(format!("a file for the preview: {e}")))?;
-        std::fs::write(file.path(), request.input.data.as_bytes())
-            .map_err(|e| ServiceError::Internal(format!("a file for the preview: {e}")))?;
-        let input = crate::cli::run::RunInput {
-            path: file.path().to_path_buf(),
-            rename: request.input.rename,
-            time_unit: request.input.time_unit.unwrap_or_else(|| "ms".into()),
-            time_zone: request.input.time_zone.unwrap_or_else(|| "+00:00".into()),
-        };
         let timeout = self.config.api.preview_timeout;
-        let run = self.runtime.handle().spawn(async move {
-            let summary =
-                crate::cli::run::run_query(query, &input, limit, None::<&mut std::io::Sink>).await;
-            drop(file);
-            summary
-        });
+        let run = match (request.input, request.topic) {
+            (Some(input), _) => {
+                let extension = if input.format.eq_ignore_ascii_case("csv") {
+                    ".csv"
+                } else {
+                    ".jsonl"
+                };
+                let file = tempfile::Builder::new()
+                    .prefix("urbanstream-preview-")
+                    .suffix(extension)
+                    .tempfile()
+                    .map_err(|e| ServiceError::Internal(format!("a file for the preview: {e}")))?;
+                std::fs::write(file.path(), input.data.as_bytes())
+                    .map_err(|e| ServiceError::Internal(format!("a file for the preview: {e}")))?;
+                let input = crate::cli::run::RunInput {
+                    path: file.path().to_path_buf(),
+                    rename: input.rename,
+                    time_unit: input.time_unit.unwrap_or_else(|| "ms".into()),
+                    time_zone: input.time_zone.unwrap_or_else(|| "+00:00".into()),
+                };
+                self.runtime.handle().spawn(async move {
+                    let summary = crate::cli::run::run_query(
+                        query,
+                        &input,
+                        limit,
+                        None::<&mut std::io::Sink>,
+                    )
+                    .await;
+                    drop(file);
+                    summary.map(|s| (s, false))
+                })
+            }
+            (None, Some(range)) => {
+                const MAX_RECORDS: usize = 200_000;
+                let brokers = self.config.kafka.brokers.clone();
+                let properties = self.config.kafka_properties();
+                let topic = query.source().options.topic.clone();
+                self.runtime.handle().spawn(async move {
+                    let read = tokio::task::spawn_blocking(move || {
+                        crate::source::range::read_range(
+                            &brokers,
+                            &properties,
+                            &topic,
+                            &range,
+                            MAX_RECORDS,
+                            timeout,
+                        )
+                    })
+                    .await
+                    .map_err(|e| crate::Error::Config(format!("reading the topic: {e}")))??;
+                    let summary =
+                        crate::cli::run::run_query_over_records(query, &read.batches, limit)
+                            .await?;
+                    Ok((summary, read.truncated))
+                })
+            }
+            (None, None) => return Err(ServiceError::invalid("no input")),
+        };
         let abort = run.abort_handle();
-        let summary = match tokio::time::timeout(timeout, run).await {
+        let (summary, input_truncated) = match tokio::time::timeout(timeout, run).await {
             Ok(Ok(Ok(summary))) => summary,
             Ok(Ok(Err(e))) => return Err(ServiceError::invalid(sql_error_message(&e))),
             Ok(Err(e)) => {
@@ -749,6 +803,7 @@ impl QueryManager {
             first_rejection: summary.first_rejection,
             unreadable_time: summary.unreadable_time,
             diverted: summary.diverted,
+            input_truncated,
         })
     }
 

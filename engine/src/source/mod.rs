@@ -32,6 +32,8 @@ use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
 
+pub mod range;
+
 /// The records of one topic, in arrival order, stored column-wise.
 #[derive(Debug, Clone, Default)]
 pub struct RawBatch {

@@ -1,0 +1,165 @@
+//! A bounded range of a topic's records, read once (for previews): every partition from a
+//! start (an offset, the first record at or after a time, or the log's start) to an end (an
+//! offset, the first record at or after a time, or the partition's end when the read began).
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{RawBatch, partitions_of};
+use crate::error::{Error, Result};
+
+/// Which records of each partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicRange {
+    /// First offset read (default: the log's start, or `from_ms`).
+    #[serde(default)]
+    pub from_offset: Option<i64>,
+    /// Offset read up to, excluded (default: the end when the read began, or `to_ms`).
+    #[serde(default)]
+    pub to_offset: Option<i64>,
+    /// Read from the first record written at or after this time (its Kafka timestamp, not
+    /// its event time), epoch ms.
+    #[serde(default)]
+    pub from_ms: Option<i64>,
+    /// Read up to the first record written at or after this time (its Kafka timestamp),
+    /// epoch ms.
+    #[serde(default)]
+    pub to_ms: Option<i64>,
+}
+
+/// What a read gave: the records in batches of at most `batch_rows`, and whether it stopped
+/// at `max_records` before the range's end.
+pub struct RangeRead {
+    /// The records, partitions interleaved as they arrived.
+    pub batches: Vec<RawBatch>,
+    /// Whether records of the range were left unread.
+    pub truncated: bool,
+}
+
+/// Reads `range` of `topic` through a consumer of its own (no group, nothing committed),
+/// at most `max_records` in all, within `timeout`. Blocking.
+pub fn read_range(
+    brokers: &str,
+    properties: &[(String, String)],
+    topic: &str,
+    range: &TopicRange,
+    max_records: usize,
+    timeout: Duration,
+) -> Result<RangeRead> {
+    let mut config = ClientConfig::new();
+    for (k, v) in properties {
+        config.set(k, v);
+    }
+    let consumer: BaseConsumer = config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "urbanstream-preview")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let started = Instant::now();
+    let left = || {
+        timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(1))
+    };
+    let partitions = partitions_of(&consumer, &[topic.to_string()], left())?;
+    if partitions.is_empty() {
+        return Err(Error::Config(format!(
+            "topic {topic} has no partitions (does it exist on {brokers}?)"
+        )));
+    }
+    let at_times = |ms: i64| -> Result<Vec<Option<i64>>> {
+        let mut list = TopicPartitionList::new();
+        for (_, p) in &partitions {
+            list.add_partition_offset(topic, *p, Offset::Offset(ms))?;
+        }
+        let found = consumer.offsets_for_times(list, left())?;
+        Ok(partitions
+            .iter()
+            .map(|(_, p)| {
+                found
+                    .find_partition(topic, *p)
+                    .and_then(|e| e.offset().to_raw())
+                    .filter(|o| *o >= 0)
+            })
+            .collect())
+    };
+    let from_times = range.from_ms.map(&at_times).transpose()?;
+    let to_times = range.to_ms.map(&at_times).transpose()?;
+    // (partition, first offset, end offset excluded), the empty ones left out.
+    let mut spans = Vec::new();
+    for (i, (_, p)) in partitions.iter().enumerate() {
+        let (low, high) = consumer.fetch_watermarks(topic, *p, left())?;
+        let mut start = range.from_offset.unwrap_or(low).max(low);
+        if let Some(times) = &from_times {
+            start = start.max(times[i].unwrap_or(high));
+        }
+        let mut end = range.to_offset.unwrap_or(high).min(high);
+        if let Some(times) = &to_times {
+            end = end.min(times[i].unwrap_or(high));
+        }
+        if start < end {
+            spans.push((*p, start, end));
+        }
+    }
+    let mut list = TopicPartitionList::new();
+    for (p, start, _) in &spans {
+        list.add_partition_offset(topic, *p, Offset::Offset(*start))?;
+    }
+    consumer.assign(&list)?;
+    let mut open: std::collections::HashMap<i32, i64> =
+        spans.iter().map(|(p, _, end)| (*p, *end)).collect();
+    let mut batches = Vec::new();
+    let mut batch = RawBatch::new(topic);
+    let mut read = 0usize;
+    let mut truncated = false;
+    while !open.is_empty() {
+        if read >= max_records {
+            truncated = true;
+            break;
+        }
+        if started.elapsed() >= timeout {
+            return Err(Error::Config(format!(
+                "reading {topic} took longer than {}: preview a shorter range",
+                humantime::format_duration(timeout)
+            )));
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            // A partition ending in a transaction marker (never delivered) is done once the
+            // consumer's position passes the end.
+            let positions = consumer.position()?;
+            open.retain(|p, end| {
+                positions
+                    .find_partition(topic, *p)
+                    .and_then(|e| e.offset().to_raw())
+                    .is_none_or(|position| position < *end)
+            });
+            continue;
+        };
+        let message = message?;
+        let (p, offset) = (message.partition(), message.offset());
+        let Some(end) = open.get(&p).copied() else {
+            continue;
+        };
+        if offset < end {
+            batch.push(p, offset, message.key(), message.payload());
+            read += 1;
+            if batch.len() >= 8192 {
+                batches.push(std::mem::replace(&mut batch, RawBatch::new(topic)));
+            }
+        }
+        if offset + 1 >= end {
+            open.remove(&p);
+        }
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    Ok(RangeRead { batches, truncated })
+}
