@@ -77,6 +77,11 @@ pub enum Command {
     /// Example: `urbanstream table list` or
     /// `urbanstream table replace sensors --file sensors.csv`
     Table(crate::service::client::TableArgs),
+    /// An interactive SQL shell against a running service: SHOW TABLES, DESCRIBE, EXPLAIN,
+    /// previews of queries, CREATE QUERY; multi-line statements ending with ';', history.
+    ///
+    /// Example: `urbanstream sql --server http://127.0.0.1:8080`
+    Sql(crate::service::shell::ShellArgs),
     /// Produce simulated city traffic, detector and air data into a Kafka cluster.
     ///
     /// Example: `urbanstream simulate --brokers localhost:9092 --rate 5000 --speedup 60`
@@ -358,6 +363,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Query(args) => crate::service::client::run(args).await,
         Command::Table(args) => crate::service::client::run_table(args).await,
+        Command::Sql(args) => crate::service::shell::run(args).await,
         Command::Simulate(args) => simulate(args).await,
         Command::Broker(args) => broker(args).await,
         Command::Tail(args) => tail(args).await,

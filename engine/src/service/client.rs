@@ -275,7 +275,7 @@ pub async fn run_table(args: TableArgs) -> Result<()> {
 }
 
 /// Every table, one row each.
-fn tables_text(tables: &Value) -> String {
+pub(super) fn tables_text(tables: &Value) -> String {
     let mut rows = vec![["NAME", "KIND", "TOPIC / VERSION", "ROWS", "COLUMNS"].map(String::from)];
     for t in tables.as_array().into_iter().flatten() {
         let columns = t["columns"].as_array().map_or(0, Vec::len);
@@ -296,7 +296,7 @@ fn tables_text(tables: &Value) -> String {
 }
 
 /// One table: its properties, then a column per line.
-fn table_details(t: &Value) -> String {
+pub(super) fn table_details(t: &Value) -> String {
     let mut out = String::new();
     for key in [
         "name",
@@ -344,7 +344,7 @@ fn epoch_ms(text: &str) -> Result<i64> {
 }
 
 /// A preview's rows as a table (columns in the order of the first row), then its counts.
-fn preview_text(answer: &Value) -> String {
+pub(super) fn preview_text(answer: &Value) -> String {
     let rows = answer["rows"].as_array().cloned().unwrap_or_default();
     let mut out = String::new();
     if let Some(first) = rows.first().and_then(Value::as_object) {
@@ -388,7 +388,7 @@ fn preview_text(answer: &Value) -> String {
 }
 
 /// Rows of cells, columns padded to their widest cell.
-fn aligned<R: AsRef<[String]>>(rows: &[R]) -> String {
+pub(super) fn aligned<R: AsRef<[String]>>(rows: &[R]) -> String {
     let columns = rows.first().map_or(0, |r| r.as_ref().len());
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -632,7 +632,7 @@ fn render(answer: &Value, kind: &Shown) -> String {
     }
 }
 
-fn text(v: &Value) -> String {
+pub(super) fn text(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -641,7 +641,7 @@ fn text(v: &Value) -> String {
 }
 
 /// Every query, one row each, columns padded to their widest cell.
-fn table(queries: &[Value]) -> String {
+pub(super) fn table(queries: &[Value]) -> String {
     let header = [
         "NAME",
         "STATE",

@@ -15,6 +15,7 @@ pub mod client;
 pub mod config;
 pub mod manager;
 pub mod metrics;
+pub mod shell;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

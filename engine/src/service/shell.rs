@@ -1,0 +1,342 @@
+//! `urbanstream sql`: an interactive SQL shell against a running service, as analysts know
+//! from ksqlDB's CLI, Flink's SQL client or psql.
+//!
+//! Statements end with `;` and may span lines; history is kept in
+//! `~/.urbanstream_history`. What the shell understands:
+//!
+//! | statement | does (through the REST API) |
+//! |---|---|
+//! | `SHOW TABLES;` | the streams and reference tables (`GET /v1/tables`) |
+//! | `DESCRIBE <table>;` | a table's columns, topic, event time, key, version |
+//! | `SHOW FUNCTIONS;` | the functions SQL can call |
+//! | `SHOW QUERIES;` | the registered queries and their state |
+//! | `EXPLAIN <query>;` | how the query would run |
+//! | `SELECT …;`, `INSERT INTO … SELECT …;` | a preview: the query run unregistered over the file set with `\data`, or else over the last five minutes of its stream's topic |
+//! | `CREATE QUERY <name> AS <query>;` | registers and starts the query |
+//! | `DROP QUERY <name>;` | stops and removes it |
+//! | `SET urbanstream.<setting> = '<value>';` | sent before every query of the session |
+//! | `SET limit = <n>;`, `SET time_zone = '<zone>';` | rows a preview shows; zone of the data file's times |
+//! | `\data <file> [old=new …]` | the CSV or JSON-lines file previews read, with column renames |
+//! | `help`, `quit` | |
+
+use std::path::PathBuf;
+
+use clap::Args;
+use reqwest::Method;
+use serde_json::json;
+
+use super::client::{Client, aligned, preview_text, table, table_details, tables_text, text};
+use crate::error::{Error, Result};
+
+/// Options of `urbanstream sql`.
+#[derive(Debug, Clone, Args)]
+pub struct ShellArgs {
+    /// The service's API.
+    #[arg(
+        long,
+        env = "URBANSTREAM_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub server: String,
+    /// Bearer token, when the service has one (`api.token`).
+    #[arg(long, env = "URBANSTREAM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+const HELP: &str = "\
+SHOW TABLES;                      streams and reference tables
+DESCRIBE <table>;                 columns, topic, event time, key, version
+SHOW FUNCTIONS;  SHOW QUERIES;
+EXPLAIN <query>;                  how the query would run
+SELECT …;  INSERT INTO … SELECT …; a preview: the query over the \\data file, or else over the
+                                  last five minutes of its stream's topic (nothing registered)
+CREATE QUERY <name> AS <query>;   register and start it
+DROP QUERY <name>;
+SET urbanstream.<setting> = '…';  sent before every query of this session
+SET limit = <n>;  SET time_zone = '+07:00';
+\\data <file.csv|file.jsonl> [old=new …]   the rows previews read (\\data alone: the topic)
+quit
+";
+
+/// The session: settings and the preview's input.
+#[derive(Debug, Default)]
+struct Session {
+    /// `SET urbanstream.… = …;` statements, in order, one per setting.
+    settings: Vec<(String, String)>,
+    limit: Option<usize>,
+    time_zone: Option<String>,
+    data: Option<(PathBuf, Vec<String>)>,
+}
+
+impl Session {
+    /// `sql` after the session's settings.
+    fn with_settings(&self, sql: &str) -> String {
+        let mut out = String::new();
+        for (key, value) in &self.settings {
+            out.push_str(&format!("SET {key} = {value};\n"));
+        }
+        out.push_str(sql);
+        out
+    }
+}
+
+/// Runs the shell until `quit` or end of input.
+pub async fn run(args: ShellArgs) -> Result<()> {
+    let client = Client::new(&args.server, args.token.clone())?;
+    // Reach the service first, saying where it was looked for.
+    client
+        .call(Method::GET, "/v1/info", None)
+        .await
+        .map_err(|e| {
+            Error::Api(format!(
+                "{e}\nIs `urbanstream serve` running there? Give its address with --server."
+            ))
+        })?;
+    let mut editor =
+        rustyline::DefaultEditor::new().map_err(|e| Error::Api(format!("the terminal: {e}")))?;
+    let history = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".urbanstream_history"));
+    if let Some(h) = &history {
+        let _ = editor.load_history(h);
+    }
+    println!(
+        "urbanstream SQL shell on {} — statements end with ';', `help` lists them",
+        args.server
+    );
+    let mut session = Session::default();
+    let mut pending = String::new();
+    loop {
+        let prompt = if pending.is_empty() {
+            "urbanstream> "
+        } else {
+            "          -> "
+        };
+        let line = match editor.readline(prompt) {
+            Ok(line) => line,
+            Err(rustyline::error::ReadlineError::Interrupted) => {
+                pending.clear();
+                continue;
+            }
+            Err(rustyline::error::ReadlineError::Eof) => break,
+            Err(e) => return Err(Error::Api(format!("reading input: {e}"))),
+        };
+        let trimmed = line.trim();
+        if pending.is_empty() {
+            if trimmed.is_empty() {
+                continue;
+            }
+            let word = trimmed.trim_end_matches(';').to_ascii_lowercase();
+            if matches!(word.as_str(), "quit" | "exit" | "\\q") {
+                break;
+            }
+            if matches!(word.as_str(), "help" | "\\?" | "\\h") {
+                print!("{HELP}");
+                continue;
+            }
+            if trimmed.starts_with('\\') {
+                let _ = editor.add_history_entry(trimmed);
+                report(meta(&mut session, trimmed));
+                continue;
+            }
+        }
+        pending.push_str(&line);
+        pending.push('\n');
+        if !trimmed.ends_with(';') {
+            continue;
+        }
+        let statement = std::mem::take(&mut pending);
+        let _ = editor.add_history_entry(statement.trim());
+        report(execute(&client, &mut session, statement.trim()).await);
+    }
+    if let Some(h) = &history {
+        let _ = editor.save_history(h);
+    }
+    Ok(())
+}
+
+/// Prints what a statement gave, or its error.
+fn report(outcome: Result<String>) {
+    match outcome {
+        Ok(text) => print!("{text}"),
+        Err(e) => println!("error: {e}"),
+    }
+}
+
+/// A `\` command.
+fn meta(session: &mut Session, line: &str) -> Result<String> {
+    let mut words = line.split_whitespace();
+    match words.next() {
+        Some("\\data") => match words.next() {
+            Some(file) => {
+                let path = PathBuf::from(file);
+                if !path.is_file() {
+                    return Err(Error::Api(format!("{file}: no such file")));
+                }
+                let renames: Vec<String> = words.map(str::to_string).collect();
+                if let Some(bad) = renames.iter().find(|r| !r.contains('=')) {
+                    return Err(Error::Api(format!("{bad}: write renames as old=new")));
+                }
+                session.data = Some((path, renames));
+                Ok(format!("previews read {file}\n"))
+            }
+            None => {
+                session.data = None;
+                Ok("previews read the last five minutes of the stream's topic\n".into())
+            }
+        },
+        _ => Err(Error::Api(format!(
+            "{line}: unknown command (help lists them)"
+        ))),
+    }
+}
+
+/// Runs one statement (ending with `;`).
+async fn execute(client: &Client, session: &mut Session, statement: &str) -> Result<String> {
+    let body = statement.trim_end_matches(';').trim();
+    let upper = body.to_ascii_uppercase();
+    let words: Vec<&str> = body.split_whitespace().collect();
+    let upper_words: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+    let first_two = upper_words
+        .iter()
+        .take(2)
+        .map(String::as_str)
+        .collect::<Vec<_>>();
+    match first_two.as_slice() {
+        ["SHOW", "TABLES"] => Ok(tables_text(
+            &client.call(Method::GET, "/v1/tables", None).await?,
+        )),
+        ["SHOW", "QUERIES"] => {
+            let queries = client.call(Method::GET, "/v1/queries", None).await?;
+            Ok(table(
+                queries.as_array().map(Vec::as_slice).unwrap_or_default(),
+            ))
+        }
+        ["SHOW", "FUNCTIONS"] => {
+            let functions = client.call(Method::GET, "/v1/functions", None).await?;
+            let mut rows = vec![["NAME", "KIND", "URBANSTREAM"].map(String::from)];
+            for f in functions.as_array().into_iter().flatten() {
+                rows.push([text(&f["name"]), text(&f["kind"]), text(&f["urbanstream"])]);
+            }
+            Ok(aligned(&rows))
+        }
+        ["DESCRIBE", name] | ["DESC", name] => {
+            let name = name.to_ascii_lowercase();
+            Ok(table_details(
+                &client
+                    .call(Method::GET, &format!("/v1/tables/{name}"), None)
+                    .await?,
+            ))
+        }
+        ["EXPLAIN", ..] => {
+            let sql = session.with_settings(body["EXPLAIN".len()..].trim());
+            let plan = client
+                .call(
+                    Method::POST,
+                    "/v1/queries/explain",
+                    Some(json!({ "sql": sql })),
+                )
+                .await?;
+            Ok(format!(
+                "{}\n",
+                serde_json::to_string_pretty(&plan["queries"]).unwrap_or_default()
+            ))
+        }
+        ["SET", ..] => set(session, body),
+        ["CREATE", "QUERY"] => {
+            let (Some(name), Some(as_word)) = (words.get(2), upper_words.get(3)) else {
+                return Err(Error::Api("write CREATE QUERY <name> AS <query>;".into()));
+            };
+            if as_word != "AS" {
+                return Err(Error::Api("write CREATE QUERY <name> AS <query>;".into()));
+            }
+            let start = upper
+                .find(" AS ")
+                .map(|i| i + 4)
+                .ok_or_else(|| Error::Api("write CREATE QUERY <name> AS <query>;".into()))?;
+            let sql = session.with_settings(body[start..].trim());
+            let status = client
+                .call(
+                    Method::POST,
+                    "/v1/queries",
+                    Some(json!({ "name": name, "sql": sql })),
+                )
+                .await?;
+            Ok(format!(
+                "registered {} ({})\n",
+                text(&status["name"]),
+                text(&status["state"])
+            ))
+        }
+        ["DROP", "QUERY"] => {
+            let name = words
+                .get(2)
+                .ok_or_else(|| Error::Api("write DROP QUERY <name>;".into()))?;
+            client
+                .call(Method::DELETE, &format!("/v1/queries/{name}"), None)
+                .await?;
+            Ok(format!("dropped {name}\n"))
+        }
+        _ => preview(client, session, body).await,
+    }
+}
+
+/// `SET key = value`: the shell's own settings, or a setting sent with every query.
+fn set(session: &mut Session, body: &str) -> Result<String> {
+    let rest = body["SET".len()..].trim();
+    let (key, value) = rest
+        .split_once('=')
+        .or_else(|| rest.split_once(char::is_whitespace))
+        .ok_or_else(|| Error::Api("write SET <key> = <value>;".into()))?;
+    let key = key.trim().to_ascii_lowercase();
+    let value = value.trim().to_string();
+    let unquoted = value.trim_matches('\'').to_string();
+    match key.as_str() {
+        "limit" => {
+            let n: usize = unquoted
+                .parse()
+                .map_err(|_| Error::Api(format!("limit {value}: a number of rows")))?;
+            session.limit = Some(n);
+        }
+        "time_zone" => session.time_zone = Some(unquoted),
+        k if k.starts_with("urbanstream.") => {
+            session.settings.retain(|(existing, _)| *existing != key);
+            session.settings.push((key.clone(), value.clone()));
+        }
+        _ => {
+            return Err(Error::Api(format!(
+                "{key}: the shell knows limit, time_zone and urbanstream.* settings"
+            )));
+        }
+    }
+    Ok(format!("{key} = {value}\n"))
+}
+
+/// Runs a query unregistered over the session's data file, or the last five minutes of its
+/// topic, and shows its rows.
+async fn preview(client: &Client, session: &Session, sql: &str) -> Result<String> {
+    let mut body = json!({
+        "sql": session.with_settings(sql),
+        "limit": session.limit.unwrap_or(20),
+    });
+    match &session.data {
+        Some((path, renames)) => {
+            let data = std::fs::read_to_string(path)
+                .map_err(|e| Error::Api(format!("{}: {e}", path.display())))?;
+            let format = match path.extension().and_then(|e| e.to_str()) {
+                Some(e) if e.eq_ignore_ascii_case("csv") => "csv",
+                _ => "jsonl",
+            };
+            body["input"] = json!({"format": format, "data": data, "rename": renames,
+                                   "time_zone": session.time_zone});
+        }
+        None => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            body["topic"] = json!({ "from_ms": now - 5 * 60_000 });
+        }
+    }
+    let answer = client
+        .call(Method::POST, "/v1/queries/preview", Some(body))
+        .await?;
+    Ok(preview_text(&answer))
+}
