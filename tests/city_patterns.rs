@@ -417,8 +417,9 @@ async fn simulated_travel_times_match_the_plates_read_twice() -> anyhow::Result<
 /// Stations declared at run time, reporting once an hour: the hours before they are declared
 /// are incomplete (an unknown sensor is expected every 60 s), and from the declaration on,
 /// without restarting or re-planning the queries, every hour and every local day of the
-/// stations and of their ward gets a VN_AQI. A restart in the middle reads the declared
-/// tables again.
+/// stations and of their ward gets a VN_AQI. A restart in the middle (the queries planned
+/// again, their state from a checkpoint) keeps them; the versions are kept on disk for a new
+/// process.
 #[tokio::test]
 async fn hourly_stations_declared_at_run_time_get_hourly_and_daily_vn_aqi() -> anyhow::Result<()> {
     use urbanstream::plan::city_context_in;
@@ -533,7 +534,13 @@ async fn hourly_stations_declared_at_run_time_get_hourly_and_daily_vn_aqi() -> a
         48,
         "{rows:#?}"
     );
-    // The versions are kept beside the catalog.
-    assert!(dir.path().join("sensors").join("v2.csv").exists());
+    // The versions are kept beside the catalog, for a new process.
+    let reopened = ReferenceTables::open(dir.path())?;
+    assert_eq!(reopened.get("sensors").map(|t| t.version), Some(2));
+    assert_eq!(reopened.get("wards").map(|t| t.version), Some(2));
+    assert_eq!(
+        reopened.get("sensors").map(|t| t.csv.clone()),
+        tables.get("sensors").map(|t| t.csv.clone())
+    );
     Ok(())
 }

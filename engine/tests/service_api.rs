@@ -1269,7 +1269,7 @@ async fn a_preview_gives_the_rows_the_registered_query_publishes() -> anyhow::Re
         (
             json!({"sql": "CREATE EXTERNAL TABLE f (a INT) STORED AS CSV LOCATION '/etc/passwd'; \
                            SELECT * FROM f", "input": {"format": "csv", "data": "a\n1\n"}}),
-            "",
+            "is not available in stream queries",
         ),
         (
             json!({"sql": "SELECT 1", "input": {"format": "csv", "data": "a\n1\n"}}),

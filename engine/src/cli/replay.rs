@@ -9,19 +9,18 @@
 //! time are not produced; they are counted and the first is shown.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use datafusion::arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray};
-use datafusion::arrow::compute::{cast, kernels::numeric::mul};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-use datafusion::prelude::{CsvReadOptions, JsonReadOptions, SessionContext};
+use datafusion::arrow::array::{Array, StringArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::DataType;
 use futures::StreamExt;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::error::{Error, Result};
+use crate::pipeline::offline::{Unreadable, open_file, unit_ms, with_epoch_ms};
 
 /// Options of `replay`.
 #[derive(Debug, Clone, Args)]
@@ -95,6 +94,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
         .set("enable.idempotence", "true")
         .create()?;
     let mut summary = ReplaySummary::default();
+    let mut unreadable = Unreadable::default();
     let started = Instant::now();
     let mut last_report = Instant::now();
     let mut pace: Option<(i64, Instant)> = None;
@@ -104,7 +104,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
         let (batch, times) = match &args.time {
             Some(time) => {
                 let (batch, times) =
-                    with_epoch_ms(&batch, time, unit_ms, &args.time_zone, &mut summary)?;
+                    with_epoch_ms(&batch, time, unit_ms, &args.time_zone, &mut unreadable)?;
                 (batch, Some(times))
             }
             None => (batch, None),
@@ -169,127 +169,9 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
         }
     }
     summary.produced += acknowledged(inflight).await?;
+    summary.skipped = unreadable.skipped;
+    summary.first_skipped = unreadable.first;
     Ok(summary)
-}
-
-/// Milliseconds per unit of a numeric event-time column (`s`, `ms`); `None` for `us`.
-pub(crate) fn unit_ms(unit: &str) -> Result<Option<i64>> {
-    match unit {
-        "s" => Ok(Some(1_000)),
-        "ms" => Ok(Some(1)),
-        "us" => Ok(None),
-        other => Err(Error::Config(format!(
-            "--time-unit {other}: write s, ms or us"
-        ))),
-    }
-}
-
-/// Opens `file` (CSV or JSON lines) as a stream of batches, columns renamed by `rename`
-/// (`old=new`), ordered by the `time` column when given; `time` and `key` must name columns
-/// after renaming.
-pub(crate) async fn open_file(
-    file: &std::path::Path,
-    rename: &[String],
-    time: Option<&str>,
-    key: Option<&str>,
-) -> Result<datafusion::physical_plan::SendableRecordBatchStream> {
-    let renames: Vec<(String, String)> = rename
-        .iter()
-        .map(|r| {
-            r.split_once('=')
-                .map(|(a, b)| (a.trim().to_string(), b.trim().to_string()))
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "--rename {r}: write old=new, e.g. station=sensor_id"
-                    ))
-                })
-        })
-        .collect::<Result<_>>()?;
-    let ctx = SessionContext::new();
-    let path = file.display().to_string();
-    let extension = file
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    match extension.as_str() {
-        "csv" => {
-            ctx.register_csv("input", &path, CsvReadOptions::new())
-                .await?
-        }
-        "jsonl" | "ndjson" | "json" => {
-            ctx.register_json(
-                "input",
-                &path,
-                JsonReadOptions::default().file_extension(&format!(".{extension}")),
-            )
-            .await?
-        }
-        "parquet" => {
-            return Err(Error::Config(format!(
-                "{path}: Parquet is not read yet (this build of DataFusion has no Parquet \
-                 reader); convert it to CSV or JSON lines"
-            )));
-        }
-        _ => {
-            return Err(Error::Config(format!(
-                "{path}: the file's extension says neither .csv nor .jsonl (.ndjson, .json)"
-            )));
-        }
-    }
-    let table = ctx.table("input").await?;
-    let columns: Vec<String> = table
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    for (old, _) in &renames {
-        if !columns.contains(old) {
-            return Err(Error::Config(format!(
-                "--rename {old}=…: {path} has no column {old} (columns: {})",
-                columns.join(", ")
-            )));
-        }
-    }
-    let renamed = |c: &String| {
-        renames
-            .iter()
-            .find(|(old, _)| old == c)
-            .map_or(c.clone(), |(_, new)| new.clone())
-    };
-    let names: Vec<String> = columns.iter().map(renamed).collect();
-    for (what, column) in [("--time", time), ("--key", key)] {
-        if let Some(c) = column
-            && !names.iter().any(|n| n == c)
-        {
-            return Err(Error::Config(format!(
-                "{what} {c}: {path} has no column {c} (columns after renaming: {})",
-                names.join(", ")
-            )));
-        }
-    }
-    let select: Vec<String> = columns
-        .iter()
-        .zip(&names)
-        .map(|(c, n)| {
-            format!(
-                "\"{}\" AS \"{}\"",
-                c.replace('"', "\"\""),
-                n.replace('"', "\"\"")
-            )
-        })
-        .collect();
-    let mut sql = format!("SELECT {} FROM input", select.join(", "));
-    if let Some(time) = time {
-        let original = columns
-            .iter()
-            .zip(&names)
-            .find(|(_, n)| n.as_str() == time)
-            .map_or(time.to_string(), |(c, _)| c.clone());
-        sql.push_str(&format!(" ORDER BY \"{}\"", original.replace('"', "\"\"")));
-    }
-    Ok(ctx.sql(&sql).await?.execute_stream().await?)
 }
 
 /// Waits for deliveries; how many were acknowledged (the first failure is returned).
@@ -307,117 +189,4 @@ async fn acknowledged(deliveries: Vec<rdkafka::producer::DeliveryFuture>) -> Res
         }
     }
     Ok(n)
-}
-
-/// Epoch milliseconds of time texts (RFC 3339, or without a zone: local time in `zone`);
-/// an unreadable text becomes null.
-fn local_ms(text: &ArrayRef, zone: &str) -> Result<ArrayRef> {
-    let options = datafusion::arrow::compute::CastOptions {
-        safe: true,
-        ..Default::default()
-    };
-    // Arrow reads times with seconds: `YYYY-MM-DD HH:MM` gets `:00`.
-    let text = datafusion::arrow::array::AsArray::as_string::<i32>(text.as_ref());
-    let text: ArrayRef = Arc::new(
-        text.iter()
-            .map(|t| {
-                t.map(|t| {
-                    let t = t.trim();
-                    let minutes_only = t.len() == 16 && t.as_bytes().get(13) == Some(&b':');
-                    if minutes_only {
-                        format!("{t}:00")
-                    } else {
-                        t.to_string()
-                    }
-                })
-            })
-            .collect::<datafusion::arrow::array::StringArray>(),
-    );
-    let parsed = datafusion::arrow::compute::cast_with_options(
-        &text,
-        &DataType::Timestamp(TimeUnit::Millisecond, Some(zone.into())),
-        &options,
-    )?;
-    Ok(cast(
-        &cast(&parsed, &DataType::Timestamp(TimeUnit::Millisecond, None))?,
-        &DataType::Int64,
-    )?)
-}
-
-/// `batch` with column `time` as epoch milliseconds (a timestamp column in the output, so
-/// that JSON carries numbers), rows without a readable time left out (counted in `summary`);
-/// and those milliseconds.
-pub(crate) fn with_epoch_ms(
-    batch: &RecordBatch,
-    time: &str,
-    unit_ms: Option<i64>,
-    zone: &str,
-    summary: &mut ReplaySummary,
-) -> Result<(RecordBatch, Int64Array)> {
-    let Some(index) = batch.schema().index_of(time).ok() else {
-        return Err(Error::Config(format!(
-            "event-time column {time} is missing"
-        )));
-    };
-    let column = batch.column(index);
-    let ms: ArrayRef = match column.data_type() {
-        // A time the file's reader took for a timestamp without a zone (CSV inference reads
-        // `2026-01-01 06:00` so) is local time in `zone`, as its text would be.
-        DataType::Timestamp(_, None) | DataType::Date64 => {
-            local_ms(&cast(column, &DataType::Utf8)?, zone)?
-        }
-        DataType::Timestamp(..) | DataType::Date32 => cast(
-            &cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?,
-            &DataType::Int64,
-        )?,
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
-            local_ms(&cast(column, &DataType::Utf8)?, zone)?
-        }
-        _ => {
-            let n = cast(column, &DataType::Int64)?;
-            match unit_ms {
-                Some(f) => mul(&n, &Int64Array::new_scalar(f))?,
-                None => datafusion::arrow::compute::kernels::numeric::div(
-                    &n,
-                    &Int64Array::new_scalar(1_000),
-                )?,
-            }
-        }
-    };
-    let ms = ms
-        .as_any()
-        .downcast_ref::<Int64Array>()
-        .cloned()
-        .ok_or_else(|| Error::Config("event times did not convert to milliseconds".into()))?;
-    let readable = datafusion::arrow::compute::is_not_null(&ms)?;
-    let unreadable = ms.len() - readable.true_count();
-    if unreadable > 0 {
-        summary.skipped += unreadable as u64;
-        if summary.first_skipped.is_none()
-            && let Some(r) = (0..ms.len()).find(|r| ms.is_null(*r))
-        {
-            summary.first_skipped = Some(
-                datafusion::arrow::util::display::array_value_to_string(column, r)
-                    .unwrap_or_default(),
-            );
-        }
-    }
-    let mut fields: Vec<Field> = batch
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields[index] = Field::new(time, DataType::Int64, true);
-    let mut columns = batch.columns().to_vec();
-    columns[index] = Arc::new(ms.clone());
-    let out = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
-    let out = datafusion::arrow::compute::filter_record_batch(&out, &readable)?;
-    let ms = datafusion::arrow::compute::filter(&ms, &readable)?;
-    let ms = ms
-        .as_any()
-        .downcast_ref::<Int64Array>()
-        .cloned()
-        .ok_or_else(|| Error::Config("event times did not convert to milliseconds".into()))?;
-    Ok((out, ms))
 }

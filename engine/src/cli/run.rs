@@ -7,21 +7,19 @@
 //! At the end of the file every window closes, as at the end of a batch run. Analysts try a
 //! query on a CSV before registering it.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use datafusion::arrow::array::{AsArray, RecordBatch};
-use futures::StreamExt;
 
-use crate::decode::JsonDecoder;
 use crate::error::{Error, Result};
+pub use crate::pipeline::offline::{
+    RunInput, RunSummary, one_query, run_query, run_query_over_records,
+};
 use crate::plan::city_context_in;
-use crate::plan::stream::{StreamContext, StreamQuery};
+use crate::plan::stream::StreamContext;
 use crate::reference::ReferenceTables;
 use crate::schema::SchemaRegistry;
-use crate::source::RawBatch;
 use crate::topics::Topics;
 
 /// Options of `run`.
@@ -55,38 +53,6 @@ pub struct RunArgs {
     /// `--reference sensors=stations.csv` (repeatable; a new name adds a table).
     #[arg(long)]
     pub reference: Vec<String>,
-}
-
-/// What a run gave.
-#[derive(Debug, Default)]
-pub struct RunSummary {
-    /// Rows read from the file.
-    pub input_rows: u64,
-    /// Rows the stream's schema rejected (the DLQ's records in the service).
-    pub rejected: u64,
-    /// The first rejection's reason.
-    pub first_rejection: Option<String>,
-    /// Rows without a readable event time (not fed).
-    pub unreadable_time: u64,
-    /// Rows diverted as late or future-stamped, by reason.
-    pub diverted: BTreeMap<String, u64>,
-    /// Output rows.
-    pub output_rows: u64,
-    /// The first `limit` output rows.
-    pub shown: Vec<RecordBatch>,
-}
-
-/// How a file's rows become a stream's records.
-#[derive(Debug, Clone)]
-pub struct RunInput {
-    /// A CSV (with a header) or JSON-lines file.
-    pub path: PathBuf,
-    /// `old=new` column renames.
-    pub rename: Vec<String>,
-    /// Unit of a numeric event-time column: `s`, `ms` or `us`.
-    pub time_unit: String,
-    /// Time zone of event-time texts written without one.
-    pub time_zone: String,
 }
 
 /// Runs `args.query` over `args.input`.
@@ -130,190 +96,6 @@ pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
             .map_err(|e| Error::Config(format!("writing the output: {e}")))?;
     }
     Ok(summary)
-}
-
-/// The one stream query of `sql` (its `CREATE EXTERNAL TABLE` and `SET` statements
-/// included), planned in `ctx` under the SQL sandbox; `label` names the SQL in errors.
-pub async fn one_query(ctx: &StreamContext, sql: &str, label: &str) -> Result<StreamQuery> {
-    let mut queries = crate::plan::plan_all(ctx, sql).await?;
-    match queries.len() {
-        1 => Ok(queries.remove(0)),
-        0 => Err(Error::Config(format!(
-            "{label} holds no stream query (INSERT INTO <sink> SELECT … FROM <stream> …, or a SELECT)"
-        ))),
-        _ => Err(Error::Config(format!(
-            "{label} holds more than one stream query: run them one at a time"
-        ))),
-    }
-}
-
-/// Runs `query` over the rows of `input`, in event-time order, with processing time
-/// following the data; at the end every window closes. Keeps the first `limit` output rows
-/// and writes every row to `output` as JSON lines.
-pub async fn run_query<W: Write + ?Sized>(
-    mut query: StreamQuery,
-    input: &RunInput,
-    limit: usize,
-    mut output: Option<&mut W>,
-) -> Result<RunSummary> {
-    let source = query.source().clone();
-    let time = source.options.event_time.clone();
-    let unit_ms = super::replay::unit_ms(&input.time_unit)?;
-    let decoder = {
-        let d = JsonDecoder::new(source.topic_schema.clone());
-        match &time {
-            // The file's times are turned into epoch milliseconds before decoding.
-            Some(column) => {
-                d.with_event_time(column, datafusion::arrow::datatypes::TimeUnit::Millisecond)
-            }
-            None => d,
-        }
-    };
-    let mut stream =
-        super::replay::open_file(&input.path, &input.rename, time.as_deref(), None).await?;
-    let mut summary = RunSummary::default();
-    let mut replay_summary = super::replay::ReplaySummary::default();
-    let mut now_ms = i64::MIN;
-    let mut offset = 0i64;
-    while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        summary.input_rows += batch.num_rows() as u64;
-        let batch = match &time {
-            Some(column) => {
-                let (batch, times) = super::replay::with_epoch_ms(
-                    &batch,
-                    column,
-                    unit_ms,
-                    &input.time_zone,
-                    &mut replay_summary,
-                )?;
-                // Processing time follows the data: nothing in the file is from the future.
-                if let Some(last) = (0..times.len()).map(|i| times.value(i)).max() {
-                    now_ms = now_ms.max(last);
-                }
-                batch
-            }
-            None => batch,
-        };
-        let (bytes, ends) = crate::sink::encode_json_rows(&batch)?;
-        let mut raw = RawBatch::new(source.options.topic.clone());
-        let mut start = 0;
-        for end in ends {
-            raw.push(0, offset, None, Some(&bytes[start..end]));
-            offset += 1;
-            start = end + 1;
-        }
-        let decoded = decoder.decode(&raw)?;
-        summary.rejected += decoded.rejects.len() as u64;
-        if summary.first_rejection.is_none() {
-            summary.first_rejection = decoded.rejects.first().map(|r| r.error.clone());
-        }
-        let partitions = vec![0; decoded.batch.num_rows()];
-        let offsets: Vec<i64> = decoded
-            .rows
-            .iter()
-            .map(|&r| raw.offsets[r as usize])
-            .collect();
-        let out = query
-            .process(&decoded.batch, &partitions, Some(&offsets), now_ms.max(0))
-            .await?;
-        take(&query, out, limit, &mut summary, output.as_deref_mut())?;
-    }
-    summary.unreadable_time = replay_summary.skipped;
-    // The end of the file closes every window.
-    let out = query.advance_watermark(i64::MAX / 4, now_ms.max(0)).await?;
-    take(&query, out, limit, &mut summary, output.as_deref_mut())?;
-    Ok(summary)
-}
-
-/// Runs `query` over records read from its stream's topic (`batches`, from
-/// [`crate::source::range::read_range`]), with processing time following their event times;
-/// at the end every window closes, as at the end of a file.
-pub async fn run_query_over_records(
-    mut query: StreamQuery,
-    batches: &[RawBatch],
-    limit: usize,
-) -> Result<RunSummary> {
-    let source = query.source().clone();
-    let decoder = JsonDecoder::new(source.topic_schema.clone());
-    let mut summary = RunSummary::default();
-    let mut now_ms = 0i64;
-    for raw in batches {
-        summary.input_rows += raw.len() as u64;
-        let decoded = decoder.decode(raw)?;
-        summary.rejected += decoded.rejects.len() as u64;
-        if summary.first_rejection.is_none() {
-            summary.first_rejection = decoded.rejects.first().map(|r| r.error.clone());
-        }
-        if let Some(time) = &source.options.event_time
-            && let Some(column) = decoded.batch.column_by_name(time)
-        {
-            let ms = datafusion::arrow::compute::cast(
-                column,
-                &datafusion::arrow::datatypes::DataType::Int64,
-            )?;
-            let ms = ms.as_primitive::<datafusion::arrow::datatypes::Int64Type>();
-            if let Some(max) = datafusion::arrow::compute::max(ms) {
-                now_ms = now_ms.max(max);
-            }
-        }
-        let partitions: Vec<i32> = decoded
-            .rows
-            .iter()
-            .map(|&r| raw.partitions[r as usize])
-            .collect();
-        let offsets: Vec<i64> = decoded
-            .rows
-            .iter()
-            .map(|&r| raw.offsets[r as usize])
-            .collect();
-        let out = query
-            .process(&decoded.batch, &partitions, Some(&offsets), now_ms)
-            .await?;
-        take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
-    }
-    let out = query.advance_watermark(i64::MAX / 4, now_ms).await?;
-    take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
-    Ok(summary)
-}
-
-/// Counts and keeps what one step gave.
-fn take<W: Write + ?Sized>(
-    query: &StreamQuery,
-    out: crate::plan::stream::StepOutput,
-    limit: usize,
-    summary: &mut RunSummary,
-    output: Option<&mut W>,
-) -> Result<()> {
-    for d in &out.diverted {
-        *summary
-            .diverted
-            .entry(d.reason.as_str().to_string())
-            .or_default() += 1;
-    }
-    let mut output = output;
-    for rows in out.rows {
-        let rows = match query.sink() {
-            Some(sink) => crate::sink::conform_stream(&rows, &sink.topic_schema)?,
-            None => rows,
-        };
-        if rows.num_rows() == 0 {
-            continue;
-        }
-        summary.output_rows += rows.num_rows() as u64;
-        let shown: usize = summary.shown.iter().map(RecordBatch::num_rows).sum();
-        if shown < limit {
-            summary
-                .shown
-                .push(rows.slice(0, (limit - shown).min(rows.num_rows())));
-        }
-        if let Some(w) = output.as_deref_mut() {
-            let (bytes, _) = crate::sink::encode_json_rows(&rows)?;
-            w.write_all(&bytes)
-                .map_err(|e| Error::Config(format!("writing the output: {e}")))?;
-        }
-    }
-    Ok(())
 }
 
 /// The summary and rows of a run, for the terminal.

@@ -19,6 +19,7 @@
 //! `recovery` restores and takes checkpoints, `rebalance` answers the consumer group's
 //! partition changes, `repartition` holds stage 1 of repartitioned queries.
 
+pub mod offline;
 mod rebalance;
 mod recovery;
 mod repartition;

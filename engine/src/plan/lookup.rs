@@ -3,11 +3,12 @@
 //! A stream query's physical plan is made once and run again for every micro-batch. A
 //! reference table's scan is [`ReferenceExec`], which reads the table's current version of
 //! [`ReferenceTables`] each time it runs. A join collects its build side once per plan and
-//! keeps it (DataFusion's hash, nested-loop and cross joins all do), so every join whose
-//! build side reads only reference tables is wrapped in a [`RefreshingJoinExec`]: when a
-//! table gets a new version, the next run starts from a fresh copy of the join
-//! ([`ExecutionPlan::reset_state`]) that collects the new rows. Between replacements the
-//! build side is collected once, as before.
+//! keeps it (DataFusion's hash, nested-loop and cross joins all do), and an uncorrelated
+//! scalar subquery is run once per plan and its value kept. So every join whose build side
+//! reads only reference tables, and every scalar subquery over reference tables only, is
+//! wrapped in a [`RefreshingExec`]: when a table gets a new version, the next run starts from
+//! a fresh copy of the node ([`ExecutionPlan::reset_state`]) that collects the new rows.
+//! Between replacements they are collected once, as before.
 
 use std::any::Any;
 use std::fmt;
@@ -28,6 +29,7 @@ use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::joins::{CrossJoinExec, HashJoinExec, NestedLoopJoinExec};
 use datafusion::physical_plan::memory::MemoryStream;
+use datafusion::physical_plan::scalar_subquery::ScalarSubqueryExec;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
     ReplaceChildrenOptions,
@@ -205,52 +207,58 @@ impl ExecutionPlan for ReferenceExec {
     }
 }
 
-/// A join whose build side reads reference tables only, run from a fresh copy after any
-/// table gets a new version. It is the join for every other purpose: same children,
-/// properties and display, and `downcast_ref` finds the join it wraps.
+/// A join whose build side reads reference tables only (or a scalar subquery over them),
+/// run from a fresh copy after any table gets a new version. It is the wrapped node for
+/// every other purpose: same children, properties and display, and `downcast_ref` finds the
+/// node it wraps. The wrapped node itself never runs (what it would collect would be held for
+/// the life of the plan): copies of it do.
 #[derive(Debug)]
-pub struct RefreshingJoinExec {
+pub struct RefreshingExec {
     join: Arc<dyn ExecutionPlan>,
     generation: Arc<AtomicU64>,
     /// The copy that runs, and the generation it collected its build side in.
     running: Mutex<(u64, Arc<dyn ExecutionPlan>)>,
 }
 
-impl RefreshingJoinExec {
-    fn new(join: Arc<dyn ExecutionPlan>, generation: Arc<AtomicU64>) -> Self {
+impl RefreshingExec {
+    fn new(join: Arc<dyn ExecutionPlan>, generation: Arc<AtomicU64>) -> Result<Self> {
         let seen = generation.load(Ordering::Acquire);
-        Self {
-            running: Mutex::new((seen, join.clone())),
+        Ok(Self {
+            running: Mutex::new((seen, join.clone().reset_state()?)),
             join,
             generation,
-        }
+        })
     }
 }
 
-/// Wraps every join of `plan` whose build side reads no stream in a [`RefreshingJoinExec`]
-/// that starts afresh whenever `generation` ([`ReferenceTables::generation`]) changes.
+/// Wraps every join of `plan` whose build side reads no stream, and every scalar subquery
+/// that reads no stream, in a [`RefreshingExec`] that starts afresh whenever `generation`
+/// ([`ReferenceTables::generation`]) changes.
 pub fn refresh_lookup_joins(
     plan: Arc<dyn ExecutionPlan>,
     generation: &Arc<AtomicU64>,
 ) -> Result<Arc<dyn ExecutionPlan>> {
     plan.transform_up(|node| {
-        let already = (node.as_ref() as &dyn Any).is::<RefreshingJoinExec>();
-        let build = if let Some(j) = node.downcast_ref::<HashJoinExec>() {
-            Some(j.left())
-        } else if let Some(j) = node.downcast_ref::<NestedLoopJoinExec>() {
-            Some(j.left())
-        } else if let Some(j) = node.downcast_ref::<CrossJoinExec>() {
-            Some(j.left())
-        } else {
-            None
-        };
-        match build {
-            Some(build) if !already && !reads_stream(build) => Ok(Transformed::yes(Arc::new(
-                RefreshingJoinExec::new(node.clone(), generation.clone()),
-            )
-                as Arc<dyn ExecutionPlan>)),
-            _ => Ok(Transformed::no(node)),
+        let already = (node.as_ref() as &dyn Any).is::<RefreshingExec>();
+        let collected_once: Vec<&Arc<dyn ExecutionPlan>> =
+            if let Some(j) = node.downcast_ref::<HashJoinExec>() {
+                vec![j.left()]
+            } else if let Some(j) = node.downcast_ref::<NestedLoopJoinExec>() {
+                vec![j.left()]
+            } else if let Some(j) = node.downcast_ref::<CrossJoinExec>() {
+                vec![j.left()]
+            } else if node.downcast_ref::<ScalarSubqueryExec>().is_some() {
+                node.children().into_iter().skip(1).collect()
+            } else {
+                Vec::new()
+            };
+        if already || collected_once.is_empty() || collected_once.iter().any(|c| reads_stream(c)) {
+            return Ok(Transformed::no(node));
         }
+        Ok(Transformed::yes(
+            Arc::new(RefreshingExec::new(node.clone(), generation.clone())?)
+                as Arc<dyn ExecutionPlan>,
+        ))
     })
     .map(|t| t.data)
 }
@@ -260,13 +268,13 @@ fn reads_stream(plan: &Arc<dyn ExecutionPlan>) -> bool {
         .unwrap_or(true)
 }
 
-impl DisplayAs for RefreshingJoinExec {
+impl DisplayAs for RefreshingExec {
     fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         self.join.fmt_as(t, f)
     }
 }
 
-impl ExecutionPlan for RefreshingJoinExec {
+impl ExecutionPlan for RefreshingExec {
     fn name(&self) -> &str {
         self.join.name()
     }
@@ -312,7 +320,7 @@ impl ExecutionPlan for RefreshingJoinExec {
         options: ReplaceChildrenOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let join = self.join.clone().replace_children(children, options)?;
-        Ok(Arc::new(Self::new(join, self.generation.clone())))
+        Ok(Arc::new(Self::new(join, self.generation.clone())?))
     }
 
     fn with_new_children(
@@ -329,7 +337,7 @@ impl ExecutionPlan for RefreshingJoinExec {
 
     fn reset_state(self: Arc<Self>) -> Result<Arc<dyn ExecutionPlan>> {
         let join = self.join.clone().reset_state()?;
-        Ok(Arc::new(Self::new(join, self.generation.clone())))
+        Ok(Arc::new(Self::new(join, self.generation.clone())?))
     }
 
     fn statistics_from_inputs(

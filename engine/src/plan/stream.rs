@@ -233,6 +233,13 @@ impl StreamContext {
         tables: &crate::reference::ReferenceTables,
     ) -> Result<()> {
         for t in tables.list() {
+            if self.ctx.table_exist(t.name.as_str())? {
+                return plan_err!(
+                    "reference table {} has the name of a table already declared (a stream): \
+                     name it otherwise",
+                    t.name
+                );
+            }
             if let Some(table) = super::lookup::ReferenceTable::new(tables, &t.name) {
                 self.ctx.register_table(t.name.as_str(), Arc::new(table))?;
             }

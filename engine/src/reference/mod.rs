@@ -319,7 +319,9 @@ fn unique<'a>(file: &str, ids: impl Iterator<Item = &'a str>) -> Result<()> {
 }
 
 fn parse<T: DeserializeOwned>(file: &str, text: &str) -> Result<Vec<T>> {
-    csv::Reader::from_reader(text.as_bytes())
+    csv::ReaderBuilder::new()
+        .trim(csv::Trim::Headers)
+        .from_reader(text.as_bytes())
         .deserialize()
         .collect::<Result<Vec<T>, _>>()
         .map_err(|e| Error::Reference {

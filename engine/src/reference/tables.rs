@@ -89,11 +89,14 @@ impl ReferenceTables {
             .iter()
             .map(|(file, text)| (table_name(file).to_string(), (1, text.to_string())))
             .collect();
+        // When each kept version was written (its file's time).
+        let mut installed: BTreeMap<String, i64> = BTreeMap::new();
         if let Some(dir) = &dir {
-            for (name, (version, text)) in newest_versions(dir)? {
+            for (name, (version, text, written_ms)) in newest_versions(dir)? {
                 if name == DERIVED.0 {
                     continue;
                 }
+                installed.insert(name.clone(), written_ms);
                 texts.insert(name, (version, text));
             }
         }
@@ -115,18 +118,30 @@ impl ReferenceTables {
         })?;
         let mut tables = BTreeMap::new();
         for (name, (version, text)) in texts {
-            let schema = match embedded_text(&name) {
-                Some(built_in) => Some(infer(&name, built_in)?.0),
-                None => None,
+            // The columns: the built-in table's, or those of the first version of a table
+            // added at run time (later versions were checked against them).
+            let first = match &dir {
+                Some(dir) if embedded_text(&name).is_none() => {
+                    std::fs::read_to_string(dir.join(&name).join("v1.csv"))
+                        .ok()
+                        .map(|t| without_bom(&t).to_string())
+                }
+                _ => None,
+            };
+            let schema = match (embedded_text(&name), &first) {
+                (Some(built_in), _) => Some(infer(&name, built_in)?.0),
+                (None, Some(first)) => Some(infer(&name, first)?.0),
+                (None, None) => None,
             };
             let (schema, batches) = match schema {
                 Some(schema) => (schema.clone(), read(&name, &text, schema)?),
                 None => infer(&name, &text)?,
             };
+            let written_ms = installed.get(&name).copied().unwrap_or(0);
             tables.insert(
                 name.clone(),
                 Arc::new(TableVersion::new(
-                    name, version, schema, batches, text, None, 0,
+                    name, version, schema, batches, text, None, written_ms,
                 )),
             );
         }
@@ -174,6 +189,7 @@ impl ReferenceTables {
     /// header and column types; the city's tables are checked row by row and against each
     /// other. The version is written to the reference directory before it is installed.
     pub fn replace(&self, name: &str, csv: &str) -> Result<Arc<TableVersion>> {
+        let csv = without_bom(csv);
         let name = name.to_ascii_lowercase();
         let bad = |message: String| Error::Reference {
             file: name.clone(),
@@ -229,13 +245,23 @@ impl ReferenceTables {
         };
         let version = current.as_ref().map_or(1, |c| c.version + 1);
         let installed_ms = now_ms();
+        // Everything that can fail comes before the version is written.
+        let derived = match (&city, name == DERIVED.1) {
+            (Some(city), true) => {
+                let mut derived = derive_ward_sensors(city, version)?;
+                derived.installed_ms = installed_ms;
+                Some(Arc::new(derived))
+            }
+            _ => None,
+        };
         if let Some(dir) = &self.inner.dir {
             let table_dir = dir.join(&name);
             crate::files::write_atomically(
                 &table_dir.join(format!("v{version}.csv")),
                 csv.as_bytes(),
             )?;
-            if version > KEPT_VERSIONS {
+            // Version 1 stays: a table added at run time takes its columns' types from it.
+            if version > KEPT_VERSIONS && version - KEPT_VERSIONS > 1 {
                 let old = table_dir.join(format!("v{}.csv", version - KEPT_VERSIONS));
                 let _ = std::fs::remove_file(old);
             }
@@ -249,14 +275,6 @@ impl ReferenceTables {
             None,
             installed_ms,
         ));
-        let derived = match (&city, name == DERIVED.1) {
-            (Some(city), true) => {
-                let mut derived = derive_ward_sensors(city, version)?;
-                derived.installed_ms = installed_ms;
-                Some(Arc::new(derived))
-            }
-            _ => None,
-        };
         {
             let mut tables = self
                 .inner
@@ -319,6 +337,11 @@ impl TableVersion {
     }
 }
 
+/// `csv` without a byte-order mark (spreadsheets write one before "CSV UTF-8").
+fn without_bom(csv: &str) -> &str {
+    csv.strip_prefix('\u{feff}').unwrap_or(csv)
+}
+
 /// `wards.csv` → `wards`.
 fn table_name(file: &str) -> &str {
     file.trim_end_matches(".csv")
@@ -345,8 +368,9 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// The newest `v<N>.csv` of every table directory under `dir` (none when `dir` is absent).
-fn newest_versions(dir: &Path) -> Result<BTreeMap<String, (u64, String)>> {
+/// The newest `v<N>.csv` of every table directory under `dir` (none when `dir` is absent):
+/// its version, text and when it was written (epoch ms).
+fn newest_versions(dir: &Path) -> Result<BTreeMap<String, (u64, String, i64)>> {
     let mut out = BTreeMap::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -379,7 +403,12 @@ fn newest_versions(dir: &Path) -> Result<BTreeMap<String, (u64, String)>> {
                 file: path.display().to_string(),
                 message: e.to_string(),
             })?;
-            out.insert(name, (version, text));
+            let written_ms = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0));
+            out.insert(name, (version, without_bom(&text).to_string(), written_ms));
         }
     }
     Ok(out)
@@ -455,10 +484,28 @@ fn derive_ward_sensors(city: &ReferenceData, version: u64) -> Result<TableVersio
         w.0 += 1;
         w.1 += 3600.0 / f64::from(s.interval_s.max(1));
     }
-    let mut csv = String::from("ward_id,sensors,expected_per_hour\n");
+    // Through a CSV writer: a ward id may hold a comma or a quote.
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    let failed = |e: csv::Error| Error::Reference {
+        file: DERIVED.0.into(),
+        message: e.to_string(),
+    };
+    writer
+        .write_record(["ward_id", "sensors", "expected_per_hour"])
+        .map_err(failed)?;
     for (ward, (n, expected)) in wards {
-        csv.push_str(&format!("{ward},{n},{expected:.6}\n"));
+        writer
+            .write_record([ward.to_string(), n.to_string(), format!("{expected:.6}")])
+            .map_err(failed)?;
     }
+    let csv = String::from_utf8(writer.into_inner().map_err(|e| Error::Reference {
+        file: DERIVED.0.into(),
+        message: e.to_string(),
+    })?)
+    .map_err(|e| Error::Reference {
+        file: DERIVED.0.into(),
+        message: e.to_string(),
+    })?;
     // Fixed types, whatever the values look like (a whole number of expected readings).
     let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
         datafusion::arrow::datatypes::Field::new(

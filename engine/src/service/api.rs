@@ -9,7 +9,7 @@
 //! | GET | `/v1/queries` | every query's status |
 //! | POST | `/v1/queries` | `{"name", "sql", "memory_limit"?}`: validate, register, start (201) |
 //! | POST | `/v1/queries/validate` | `{"sql"}`: plan without registering (200 or 400) |
-//! | POST | `/v1/queries/preview` | `{"sql", "input": {"format": "csv"\|"jsonl", "data", "rename"?, "time_zone"?, "time_unit"?}, "limit"?}`: run the query over the rows given, unregistered (in its memory pool, within `api.preview_timeout`, body up to `api.max_preview_body`): the first rows and the counts of rejected, unreadable and late rows |
+//! | POST | `/v1/queries/preview` | `{"sql", "input": {"format": "csv"\|"jsonl", "data", "rename"?, "time_zone"?, "time_unit"?}` or `"topic": {…}, "limit"?}`: run the query over the rows given or a range of its topic, unregistered (in its memory pool, within `api.preview_timeout`, body up to `api.max_preview_body`, two at a time, admin token): the first rows and the counts of rejected, unreadable and late rows |
 //! | POST | `/v1/queries/explain` | `{"sql"}`: how its stream queries would run: stages, state, partitioning, emission |
 //! | GET | `/v1/queries/{name}` | one query's status |
 //! | DELETE | `/v1/queries/{name}` | stop and forget a registered query (204) |
@@ -180,7 +180,7 @@ async fn authorize(
     let reads = request.method() == axum::http::Method::GET
         || matches!(
             request.uri().path(),
-            "/v1/queries/validate" | "/v1/queries/explain" | "/v1/queries/preview"
+            "/v1/queries/validate" | "/v1/queries/explain"
         );
     if !api.token.is_empty() && same_token(given, &api.token) {
         next.run(request).await
@@ -337,7 +337,7 @@ async fn replace_table_rows(
     body: Result<String, axum::extract::rejection::StringRejection>,
 ) -> Result<Json<TableInfo>, ApiError> {
     let csv = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    Ok(Json(service.manager.replace_reference(&name, &csv).await?))
+    Ok(Json(service.manager.replace_reference(&name, csv).await?))
 }
 
 async fn functions(

@@ -212,7 +212,8 @@ pub struct PreviewAnswer {
     pub unreadable_time: u64,
     /// Input rows diverted as late or future-stamped, by reason.
     pub diverted: std::collections::BTreeMap<String, u64>,
-    /// Whether a topic range held more records than a preview reads (200 000).
+    /// Whether a topic range held more than a preview reads (200 000 records, or
+    /// `api.max_preview_body` bytes).
     pub input_truncated: bool,
 }
 
@@ -463,6 +464,8 @@ pub struct QueryManager {
     checkpoint_root: crate::checkpoint::Location,
     /// The reference tables every query reads, replaced through the API.
     reference: ReferenceTables,
+    /// Previews running at once (each reads its input and keeps a query's state).
+    previews: tokio::sync::Semaphore,
 }
 
 /// The runtime the queries' pipelines run on, apart from the one serving the API: a query
@@ -509,6 +512,7 @@ impl QueryManager {
         Ok(Self {
             checkpoint_root,
             reference,
+            previews: tokio::sync::Semaphore::new(2),
             config,
             catalog: Mutex::new(catalog),
             queries: Mutex::new(BTreeMap::new()),
@@ -697,6 +701,11 @@ impl QueryManager {
         if request.sql.trim().is_empty() {
             return Err(ServiceError::invalid("sql is empty"));
         }
+        let _running = self.previews.try_acquire().map_err(|_| {
+            ServiceError::Conflict(
+                "two previews are running, the most at once: try again when one is done".into(),
+            )
+        })?;
         let pool = usize::try_from(self.config.queries.memory_limit.as_u64()).unwrap_or(usize::MAX);
         let ctx = city_context_in(
             crate::plan::stream::StreamContext::with_memory_limit(pool)
@@ -706,9 +715,22 @@ impl QueryManager {
             &self.reference,
         )
         .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let query = crate::cli::run::one_query(&ctx, &request.sql, "the SQL")
+        let query = crate::pipeline::offline::one_query(&ctx, &request.sql, "the SQL")
             .await
             .map_err(|e| ServiceError::invalid(sql_error_message(&e)))?;
+        if request.topic.is_some() && query.inputs().len() > 1 {
+            return Err(ServiceError::invalid(format!(
+                "a preview over a topic reads one stream, and this query reads {} ({}): \
+                 preview it over a file (\"input\"), or register it",
+                query.inputs().len(),
+                query
+                    .inputs()
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         let timeout = self.config.api.preview_timeout;
         let run = match (request.input, request.topic) {
             (Some(input), _) => {
@@ -717,21 +739,33 @@ impl QueryManager {
                 } else {
                     ".jsonl"
                 };
-                let file = tempfile::Builder::new()
-                    .prefix("urbanstream-preview-")
-                    .suffix(extension)
-                    .tempfile()
-                    .map_err(|e| ServiceError::Internal(format!("a file for the preview: {e}")))?;
-                std::fs::write(file.path(), input.data.as_bytes())
-                    .map_err(|e| ServiceError::Internal(format!("a file for the preview: {e}")))?;
-                let input = crate::cli::run::RunInput {
-                    path: file.path().to_path_buf(),
-                    rename: input.rename,
-                    time_unit: input.time_unit.unwrap_or_else(|| "ms".into()),
-                    time_zone: input.time_zone.unwrap_or_else(|| "+00:00".into()),
-                };
+                let PreviewInput {
+                    data,
+                    rename,
+                    time_zone,
+                    time_unit,
+                    ..
+                } = input;
                 self.runtime.handle().spawn(async move {
-                    let summary = crate::cli::run::run_query(
+                    // Written off the runtime's threads: the body may be large.
+                    let file = tokio::task::spawn_blocking(move || {
+                        let file = tempfile::Builder::new()
+                            .prefix("urbanstream-preview-")
+                            .suffix(extension)
+                            .tempfile()?;
+                        std::fs::write(file.path(), data.as_bytes())?;
+                        Ok::<_, std::io::Error>(file)
+                    })
+                    .await
+                    .map_err(|e| crate::Error::Config(format!("a file for the preview: {e}")))?
+                    .map_err(|e| crate::Error::Config(format!("a file for the preview: {e}")))?;
+                    let input = crate::pipeline::offline::RunInput {
+                        path: file.path().to_path_buf(),
+                        rename,
+                        time_unit: time_unit.unwrap_or_else(|| "ms".into()),
+                        time_zone: time_zone.unwrap_or_else(|| "+00:00".into()),
+                    };
+                    let summary = crate::pipeline::offline::run_query(
                         query,
                         &input,
                         limit,
@@ -744,6 +778,8 @@ impl QueryManager {
             }
             (None, Some(range)) => {
                 const MAX_RECORDS: usize = 200_000;
+                let max_bytes = usize::try_from(self.config.api.max_preview_body.as_u64())
+                    .unwrap_or(usize::MAX);
                 let brokers = self.config.kafka.brokers.clone();
                 let properties = self.config.kafka_properties();
                 let topic = query.source().options.topic.clone();
@@ -754,15 +790,18 @@ impl QueryManager {
                             &properties,
                             &topic,
                             &range,
-                            MAX_RECORDS,
+                            (MAX_RECORDS, max_bytes),
                             timeout,
                         )
                     })
                     .await
                     .map_err(|e| crate::Error::Config(format!("reading the topic: {e}")))??;
-                    let summary =
-                        crate::cli::run::run_query_over_records(query, &read.batches, limit)
-                            .await?;
+                    let summary = crate::pipeline::offline::run_query_over_records(
+                        query,
+                        &read.batches,
+                        limit,
+                    )
+                    .await?;
                     Ok((summary, read.truncated))
                 })
             }
@@ -824,7 +863,7 @@ impl QueryManager {
     pub async fn replace_reference(
         &self,
         name: &str,
-        csv: &str,
+        csv: String,
     ) -> Result<TableInfo, ServiceError> {
         if let Ok(t) = self.table(name).await
             && t.kind == "stream"
@@ -834,10 +873,37 @@ impl QueryManager {
                 t.topic.unwrap_or_default()
             )));
         }
-        let installed = self
-            .reference
-            .replace(name, csv)
-            .map_err(|e| ServiceError::invalid(e.to_string()))?;
+        // A table a registered query declares (its output, say) keeps its name.
+        let declared = {
+            let catalog = self
+                .catalog()
+                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+            catalog.entries().iter().find_map(|entry| {
+                let statements = crate::plan::stream::StreamContext::parse(&entry.sql).ok()?;
+                statements.iter().find_map(|s| match s {
+                    datafusion::sql::parser::Statement::CreateExternalTable(c)
+                        if c.name.to_string().eq_ignore_ascii_case(name) =>
+                    {
+                        Some(entry.name.clone())
+                    }
+                    _ => None,
+                })
+            })
+        };
+        if let Some(query) = declared {
+            return Err(ServiceError::Conflict(format!(
+                "{name} is a table query {query} declares: give the reference table another name"
+            )));
+        }
+        // Parsing, checking and two fsyncs: off the API's threads.
+        let (tables, table, csv) = (self.reference.clone(), name.to_string(), csv.to_string());
+        let installed = tokio::task::spawn_blocking(move || tables.replace(&table, &csv))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("replacing {name}: {e}")))?
+            .map_err(|e| match e {
+                crate::Error::Reference { .. } => ServiceError::invalid(e.to_string()),
+                other => ServiceError::Internal(other.to_string()),
+            })?;
         tracing::info!(
             table = %installed.name,
             version = installed.version,

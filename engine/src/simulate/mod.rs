@@ -253,6 +253,13 @@ impl CitySimulator {
         }
     }
 
+    /// From now on `factor` times as many camera detections per simulated second: when the
+    /// simulated clock reaches the present and slows from `speedup` to real time, a factor of
+    /// `speedup` keeps the detections per wall-clock second what they were.
+    pub fn scale_detections(&mut self, factor: f64) {
+        self.config.detections_per_sim_second *= factor;
+    }
+
     /// The start of the next simulated second, epoch ms.
     pub fn sim_time_ms(&self) -> i64 {
         self.now_ms
@@ -750,7 +757,9 @@ pub struct ProducerStats {
 /// Paces `simulator` at `speedup` simulated seconds per wall second and produces its records
 /// into `topics` (camera, detector, air) until `stop` is set or `duration` of simulated time
 /// has passed. Simulated time is capped at the wall clock: once it reaches the present it runs
-/// in real time (one simulated second per second), so no event is stamped in the future.
+/// in real time (one simulated second per second), so no event is stamped in the future, and
+/// the detections per simulated second grow by `speedup`, so the detections per wall-clock
+/// second stay what they were.
 pub async fn run_producer(
     mut simulator: CitySimulator,
     producer: rdkafka::producer::FutureProducer,
@@ -764,6 +773,7 @@ pub async fn run_producer(
     let start = tokio::time::Instant::now();
     let mut ticks: u32 = 0;
     let mut in_flight = Vec::new();
+    let mut real_time = false;
     while !stop.load(Ordering::Relaxed) {
         for record in simulator.next_tick() {
             let topic = match record.topic {
@@ -805,6 +815,10 @@ pub async fn run_producer(
         // runs in real time, so its events are never stamped in the future.
         let ahead_ms = simulator.sim_time_ms() - crate::pipeline::epoch_ms();
         let paced = start + tick * ticks;
+        if ahead_ms > 0 && !real_time {
+            real_time = true;
+            simulator.scale_detections(speedup.max(1.0));
+        }
         if ahead_ms > 0 {
             let caught_up = tokio::time::Instant::now() + Duration::from_millis(ahead_ms as u64);
             tokio::time::sleep_until(paced.max(caught_up)).await;

@@ -42,13 +42,14 @@ pub struct RangeRead {
 }
 
 /// Reads `range` of `topic` through a consumer of its own (no group, nothing committed),
-/// at most `max_records` in all, within `timeout`. Blocking.
+/// at most `max_records` records and `max_bytes` of keys and values in all, within
+/// `timeout`. Blocking.
 pub fn read_range(
     brokers: &str,
     properties: &[(String, String)],
     topic: &str,
     range: &TopicRange,
-    max_records: usize,
+    (max_records, max_bytes): (usize, usize),
     timeout: Duration,
 ) -> Result<RangeRead> {
     let mut config = ClientConfig::new();
@@ -118,9 +119,10 @@ pub fn read_range(
     let mut batches = Vec::new();
     let mut batch = RawBatch::new(topic);
     let mut read = 0usize;
+    let mut bytes = 0usize;
     let mut truncated = false;
     while !open.is_empty() {
-        if read >= max_records {
+        if read >= max_records || bytes >= max_bytes {
             truncated = true;
             break;
         }
@@ -150,6 +152,7 @@ pub fn read_range(
         if offset < end {
             batch.push(p, offset, message.key(), message.payload());
             read += 1;
+            bytes += message.key().map_or(0, <[u8]>::len) + message.payload().map_or(0, <[u8]>::len);
             if batch.len() >= 8192 {
                 batches.push(std::mem::replace(&mut batch, RawBatch::new(topic)));
             }

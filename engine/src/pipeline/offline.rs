@@ -1,0 +1,485 @@
+//! A stream query run over a file's rows or a topic's records, outside the running
+//! pipeline: `urbanstream run` (offline) and the service's previews.
+//!
+//! A file's rows become the records of the query's stream through the code the service uses:
+//! read through DataFusion (sorted by event time, in a memory pool), columns renamed, the
+//! event-time column turned into epoch milliseconds (numbers in the given unit; text as RFC
+//! 3339, or as `YYYY-MM-DD HH:MM[:SS]` in the given time zone), encoded as JSON, decoded and
+//! validated by the stream's schema (a row the schema rejects is counted with its reason, as
+//! the DLQ would get it), fed in event-time order micro-batch by micro-batch, with processing
+//! time following the data. At the end of the input every window closes.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch};
+use datafusion::arrow::compute::{cast, kernels::numeric::mul};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use datafusion::prelude::{CsvReadOptions, JsonReadOptions, SessionContext};
+use futures::StreamExt;
+
+use crate::decode::JsonDecoder;
+use crate::error::{Error, Result};
+use crate::plan::stream::{StreamContext, StreamQuery};
+use crate::source::RawBatch;
+
+/// Memory a file's reading and sorting may hold; beyond it the sort spills to disk.
+const FILE_MEMORY: usize = 256 << 20;
+
+/// Rows whose event time could not be read (not fed, not produced).
+#[derive(Debug, Default, Clone)]
+pub struct Unreadable {
+    /// How many.
+    pub skipped: u64,
+    /// The first one's time, as written.
+    pub first: Option<String>,
+}
+
+/// What a run gave.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    /// Rows read from the file.
+    pub input_rows: u64,
+    /// Rows the stream's schema rejected (the DLQ's records in the service).
+    pub rejected: u64,
+    /// The first rejection's reason.
+    pub first_rejection: Option<String>,
+    /// Rows without a readable event time (not fed).
+    pub unreadable_time: u64,
+    /// Rows diverted as late or future-stamped, by reason.
+    pub diverted: BTreeMap<String, u64>,
+    /// Output rows.
+    pub output_rows: u64,
+    /// The first `limit` output rows.
+    pub shown: Vec<RecordBatch>,
+}
+
+/// How a file's rows become a stream's records.
+#[derive(Debug, Clone)]
+pub struct RunInput {
+    /// A CSV (with a header) or JSON-lines file.
+    pub path: PathBuf,
+    /// `old=new` column renames.
+    pub rename: Vec<String>,
+    /// Unit of a numeric event-time column: `s`, `ms` or `us`.
+    pub time_unit: String,
+    /// Time zone of event-time texts written without one.
+    pub time_zone: String,
+}
+
+/// The one stream query of `sql` (its `CREATE EXTERNAL TABLE` and `SET` statements
+/// included), planned in `ctx` under the SQL sandbox; `label` names the SQL in errors.
+pub async fn one_query(ctx: &StreamContext, sql: &str, label: &str) -> Result<StreamQuery> {
+    let mut queries = crate::plan::plan_all(ctx, sql).await?;
+    match queries.len() {
+        1 => Ok(queries.remove(0)),
+        0 => Err(Error::Config(format!(
+            "{label} holds no stream query (INSERT INTO <sink> SELECT … FROM <stream> …, or a SELECT)"
+        ))),
+        _ => Err(Error::Config(format!(
+            "{label} holds more than one stream query: run them one at a time"
+        ))),
+    }
+}
+
+/// Runs `query` over the rows of `input`, in event-time order, with processing time
+/// following the data; at the end every window closes. Keeps the first `limit` output rows
+/// and writes every row to `output` as JSON lines.
+pub async fn run_query<W: Write + ?Sized>(
+    mut query: StreamQuery,
+    input: &RunInput,
+    limit: usize,
+    mut output: Option<&mut W>,
+) -> Result<RunSummary> {
+    let source = query.source().clone();
+    let time = source.options.event_time.clone();
+    let unit_ms = unit_ms(&input.time_unit)?;
+    let decoder = {
+        let d = JsonDecoder::new(source.topic_schema.clone());
+        match &time {
+            // The file's times are turned into epoch milliseconds before decoding.
+            Some(column) => {
+                d.with_event_time(column, datafusion::arrow::datatypes::TimeUnit::Millisecond)
+            }
+            None => d,
+        }
+    };
+    let mut stream = open_file(&input.path, &input.rename, time.as_deref(), None).await?;
+    let mut summary = RunSummary::default();
+    let mut unreadable = Unreadable::default();
+    let mut now_ms = i64::MIN;
+    let mut offset = 0i64;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        summary.input_rows += batch.num_rows() as u64;
+        let batch = match &time {
+            Some(column) => {
+                let (batch, times) =
+                    with_epoch_ms(&batch, column, unit_ms, &input.time_zone, &mut unreadable)?;
+                // Processing time follows the data: nothing in the file is from the future.
+                if let Some(last) = (0..times.len()).map(|i| times.value(i)).max() {
+                    now_ms = now_ms.max(last);
+                }
+                batch
+            }
+            None => batch,
+        };
+        let (bytes, ends) = crate::sink::encode_json_rows(&batch)?;
+        let mut raw = RawBatch::new(source.options.topic.clone());
+        let mut start = 0;
+        for end in ends {
+            raw.push(0, offset, None, Some(&bytes[start..end]));
+            offset += 1;
+            start = end + 1;
+        }
+        let decoded = decoder.decode(&raw)?;
+        summary.rejected += decoded.rejects.len() as u64;
+        if summary.first_rejection.is_none() {
+            summary.first_rejection = decoded.rejects.first().map(|r| r.error.clone());
+        }
+        let partitions = vec![0; decoded.batch.num_rows()];
+        let offsets: Vec<i64> = decoded
+            .rows
+            .iter()
+            .map(|&r| raw.offsets[r as usize])
+            .collect();
+        let out = query
+            .process(&decoded.batch, &partitions, Some(&offsets), now_ms.max(0))
+            .await?;
+        take(&query, out, limit, &mut summary, output.as_deref_mut())?;
+    }
+    summary.unreadable_time = unreadable.skipped;
+    // The end of the file closes every window.
+    let out = query.advance_watermark(i64::MAX / 4, now_ms.max(0)).await?;
+    take(&query, out, limit, &mut summary, output.as_deref_mut())?;
+    Ok(summary)
+}
+
+/// Runs `query` over records read from its stream's topic (`batches`, from
+/// [`crate::source::range::read_range`]), with processing time following their event times;
+/// at the end every window closes, as at the end of a file.
+pub async fn run_query_over_records(
+    mut query: StreamQuery,
+    batches: &[RawBatch],
+    limit: usize,
+) -> Result<RunSummary> {
+    let source = query.source().clone();
+    let decoder = JsonDecoder::new(source.topic_schema.clone());
+    let mut summary = RunSummary::default();
+    let mut now_ms = 0i64;
+    for raw in batches {
+        summary.input_rows += raw.len() as u64;
+        let decoded = decoder.decode(raw)?;
+        summary.rejected += decoded.rejects.len() as u64;
+        if summary.first_rejection.is_none() {
+            summary.first_rejection = decoded.rejects.first().map(|r| r.error.clone());
+        }
+        if let Some(time) = &source.options.event_time
+            && let Some(column) = decoded.batch.column_by_name(time)
+        {
+            let ms = datafusion::arrow::compute::cast(
+                column,
+                &datafusion::arrow::datatypes::DataType::Int64,
+            )?;
+            let ms = ms.as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+            if let Some(max) = datafusion::arrow::compute::max(ms) {
+                now_ms = now_ms.max(max);
+            }
+        }
+        let partitions: Vec<i32> = decoded
+            .rows
+            .iter()
+            .map(|&r| raw.partitions[r as usize])
+            .collect();
+        let offsets: Vec<i64> = decoded
+            .rows
+            .iter()
+            .map(|&r| raw.offsets[r as usize])
+            .collect();
+        let out = query
+            .process(&decoded.batch, &partitions, Some(&offsets), now_ms)
+            .await?;
+        take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
+    }
+    let out = query.advance_watermark(i64::MAX / 4, now_ms).await?;
+    take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
+    Ok(summary)
+}
+
+/// Counts and keeps what one step gave.
+fn take<W: Write + ?Sized>(
+    query: &StreamQuery,
+    out: crate::plan::stream::StepOutput,
+    limit: usize,
+    summary: &mut RunSummary,
+    output: Option<&mut W>,
+) -> Result<()> {
+    for d in &out.diverted {
+        *summary
+            .diverted
+            .entry(d.reason.as_str().to_string())
+            .or_default() += 1;
+    }
+    let mut output = output;
+    for rows in out.rows {
+        let rows = match query.sink() {
+            Some(sink) => crate::sink::conform_stream(&rows, &sink.topic_schema)?,
+            None => rows,
+        };
+        if rows.num_rows() == 0 {
+            continue;
+        }
+        summary.output_rows += rows.num_rows() as u64;
+        let shown: usize = summary.shown.iter().map(RecordBatch::num_rows).sum();
+        if shown < limit {
+            summary
+                .shown
+                .push(rows.slice(0, (limit - shown).min(rows.num_rows())));
+        }
+        if let Some(w) = output.as_deref_mut() {
+            let (bytes, _) = crate::sink::encode_json_rows(&rows)?;
+            w.write_all(&bytes)
+                .map_err(|e| Error::Config(format!("writing the output: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Milliseconds per unit of a numeric event-time column (`s`, `ms`); `None` for `us`.
+pub fn unit_ms(unit: &str) -> Result<Option<i64>> {
+    match unit {
+        "s" => Ok(Some(1_000)),
+        "ms" => Ok(Some(1)),
+        "us" => Ok(None),
+        other => Err(Error::Config(format!(
+            "--time-unit {other}: write s, ms or us"
+        ))),
+    }
+}
+
+/// Opens `file` (CSV or JSON lines) as a stream of batches, columns renamed by `rename`
+/// (`old=new`), ordered by the `time` column when given; `time` and `key` must name columns
+/// after renaming.
+pub async fn open_file(
+    file: &std::path::Path,
+    rename: &[String],
+    time: Option<&str>,
+    key: Option<&str>,
+) -> Result<datafusion::physical_plan::SendableRecordBatchStream> {
+    let renames: Vec<(String, String)> = rename
+        .iter()
+        .map(|r| {
+            r.split_once('=')
+                .map(|(a, b)| (a.trim().to_string(), b.trim().to_string()))
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "--rename {r}: write old=new, e.g. station=sensor_id"
+                    ))
+                })
+        })
+        .collect::<Result<_>>()?;
+    // Sorting a large file spills to disk rather than holding it all.
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_limit(FILE_MEMORY, 1.0)
+        .build_arc()?;
+    let ctx = SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime);
+    let path = file.display().to_string();
+    let extension = file
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    match extension.as_str() {
+        "csv" => {
+            ctx.register_csv("input", &path, CsvReadOptions::new())
+                .await?
+        }
+        "jsonl" | "ndjson" | "json" => {
+            ctx.register_json(
+                "input",
+                &path,
+                JsonReadOptions::default().file_extension(&format!(".{extension}")),
+            )
+            .await?
+        }
+        "parquet" => {
+            return Err(Error::Config(format!(
+                "{path}: Parquet is not read yet (this build of DataFusion has no Parquet \
+                 reader); convert it to CSV or JSON lines"
+            )));
+        }
+        _ => {
+            return Err(Error::Config(format!(
+                "{path}: the file's extension says neither .csv nor .jsonl (.ndjson, .json)"
+            )));
+        }
+    }
+    let table = ctx.table("input").await?;
+    let columns: Vec<String> = table
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    for (old, _) in &renames {
+        if !columns.contains(old) {
+            return Err(Error::Config(format!(
+                "--rename {old}=…: {path} has no column {old} (columns: {})",
+                columns.join(", ")
+            )));
+        }
+    }
+    let renamed = |c: &String| {
+        renames
+            .iter()
+            .find(|(old, _)| old == c)
+            .map_or(c.clone(), |(_, new)| new.clone())
+    };
+    let names: Vec<String> = columns.iter().map(renamed).collect();
+    for (what, column) in [("--time", time), ("--key", key)] {
+        if let Some(c) = column
+            && !names.iter().any(|n| n == c)
+        {
+            return Err(Error::Config(format!(
+                "{what} {c}: {path} has no column {c} (columns after renaming: {})",
+                names.join(", ")
+            )));
+        }
+    }
+    let select: Vec<String> = columns
+        .iter()
+        .zip(&names)
+        .map(|(c, n)| {
+            format!(
+                "\"{}\" AS \"{}\"",
+                c.replace('"', "\"\""),
+                n.replace('"', "\"\"")
+            )
+        })
+        .collect();
+    let mut sql = format!("SELECT {} FROM input", select.join(", "));
+    if let Some(time) = time {
+        let original = columns
+            .iter()
+            .zip(&names)
+            .find(|(_, n)| n.as_str() == time)
+            .map_or(time.to_string(), |(c, _)| c.clone());
+        sql.push_str(&format!(" ORDER BY \"{}\"", original.replace('"', "\"\"")));
+    }
+    Ok(ctx.sql(&sql).await?.execute_stream().await?)
+}
+
+/// Epoch milliseconds of time texts (RFC 3339, or without a zone: local time in `zone`);
+/// an unreadable text becomes null.
+fn local_ms(text: &ArrayRef, zone: &str) -> Result<ArrayRef> {
+    let options = datafusion::arrow::compute::CastOptions {
+        safe: true,
+        ..Default::default()
+    };
+    // Arrow reads times with seconds: `YYYY-MM-DD HH:MM` gets `:00`.
+    let text = datafusion::arrow::array::AsArray::as_string::<i32>(text.as_ref());
+    let text: ArrayRef = Arc::new(
+        text.iter()
+            .map(|t| {
+                t.map(|t| {
+                    let t = t.trim();
+                    let minutes_only = t.len() == 16 && t.as_bytes().get(13) == Some(&b':');
+                    if minutes_only {
+                        format!("{t}:00")
+                    } else {
+                        t.to_string()
+                    }
+                })
+            })
+            .collect::<datafusion::arrow::array::StringArray>(),
+    );
+    let parsed = datafusion::arrow::compute::cast_with_options(
+        &text,
+        &DataType::Timestamp(TimeUnit::Millisecond, Some(zone.into())),
+        &options,
+    )?;
+    Ok(cast(
+        &cast(&parsed, &DataType::Timestamp(TimeUnit::Millisecond, None))?,
+        &DataType::Int64,
+    )?)
+}
+
+/// `batch` with column `time` as epoch milliseconds (a timestamp column in the output, so
+/// that JSON carries numbers), rows without a readable time left out (counted in `summary`);
+/// and those milliseconds.
+pub fn with_epoch_ms(
+    batch: &RecordBatch,
+    time: &str,
+    unit_ms: Option<i64>,
+    zone: &str,
+    unreadable: &mut Unreadable,
+) -> Result<(RecordBatch, Int64Array)> {
+    let Some(index) = batch.schema().index_of(time).ok() else {
+        return Err(Error::Config(format!(
+            "event-time column {time} is missing"
+        )));
+    };
+    let column = batch.column(index);
+    let ms: ArrayRef = match column.data_type() {
+        // A time the file's reader took for a timestamp without a zone (CSV inference reads
+        // `2026-01-01 06:00` so) is local time in `zone`, as its text would be.
+        DataType::Timestamp(_, None) | DataType::Date64 => {
+            local_ms(&cast(column, &DataType::Utf8)?, zone)?
+        }
+        DataType::Timestamp(..) | DataType::Date32 => cast(
+            &cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?,
+            &DataType::Int64,
+        )?,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+            local_ms(&cast(column, &DataType::Utf8)?, zone)?
+        }
+        _ => {
+            let n = cast(column, &DataType::Int64)?;
+            match unit_ms {
+                Some(f) => mul(&n, &Int64Array::new_scalar(f))?,
+                None => datafusion::arrow::compute::kernels::numeric::div(
+                    &n,
+                    &Int64Array::new_scalar(1_000),
+                )?,
+            }
+        }
+    };
+    let ms = ms
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .cloned()
+        .ok_or_else(|| Error::Config("event times did not convert to milliseconds".into()))?;
+    let readable = datafusion::arrow::compute::is_not_null(&ms)?;
+    let unread = ms.len() - readable.true_count();
+    if unread > 0 {
+        unreadable.skipped += unread as u64;
+        if unreadable.first.is_none()
+            && let Some(r) = (0..ms.len()).find(|r| ms.is_null(*r))
+        {
+            unreadable.first = Some(
+                datafusion::arrow::util::display::array_value_to_string(column, r)
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    let mut fields: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields[index] = Field::new(time, DataType::Int64, true);
+    let mut columns = batch.columns().to_vec();
+    columns[index] = Arc::new(ms.clone());
+    let out = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+    let out = datafusion::arrow::compute::filter_record_batch(&out, &readable)?;
+    let ms = datafusion::arrow::compute::filter(&ms, &readable)?;
+    let ms = ms
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .cloned()
+        .ok_or_else(|| Error::Config("event times did not convert to milliseconds".into()))?;
+    Ok((out, ms))
+}
