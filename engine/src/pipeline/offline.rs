@@ -153,7 +153,7 @@ pub async fn run_query<W: Write + ?Sized>(
     summary.unreadable_time = unreadable.skipped;
     // The end of the file closes every window.
     let out = query.advance_watermark(i64::MAX / 4, now_ms.max(0)).await?;
-    take(&query, out, limit, &mut summary, output.as_deref_mut())?;
+    take(&query, out, limit, &mut summary, output)?;
     Ok(summary)
 }
 
@@ -284,7 +284,8 @@ pub async fn open_file(
     let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
         .with_memory_limit(FILE_MEMORY, 1.0)
         .build_arc()?;
-    let ctx = SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime);
+    let ctx =
+        SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime);
     let path = file.display().to_string();
     let extension = file
         .extension()

@@ -152,7 +152,8 @@ pub fn read_range(
         if offset < end {
             batch.push(p, offset, message.key(), message.payload());
             read += 1;
-            bytes += message.key().map_or(0, <[u8]>::len) + message.payload().map_or(0, <[u8]>::len);
+            bytes +=
+                message.key().map_or(0, <[u8]>::len) + message.payload().map_or(0, <[u8]>::len);
             if batch.len() >= 8192 {
                 batches.push(std::mem::replace(&mut batch, RawBatch::new(topic)));
             }
