@@ -40,7 +40,7 @@ fn a_simulated_week_keeps_indicators_flowing_and_the_watermark_tracking() -> any
         .args([
             "demo",
             "--duration",
-            "300s",
+            "360s",
             "--speedup",
             "3600",
             "--rate",
