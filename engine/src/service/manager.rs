@@ -758,7 +758,7 @@ impl QueryManager {
                     })
                     .await
                     .map_err(|e| crate::Error::Config(format!("a file for the preview: {e}")))?
-                    .map_err(|e| crate::Error::Config(format!("a file for the preview: {e}")))?;
+                    .map_err(crate::Error::Io)?;
                     let input = crate::pipeline::offline::RunInput {
                         path: file.path().to_path_buf(),
                         rename,
@@ -810,6 +810,12 @@ impl QueryManager {
         let abort = run.abort_handle();
         let (summary, input_truncated) = match tokio::time::timeout(timeout, run).await {
             Ok(Ok(Ok(summary))) => summary,
+            // The broker or the disk failed: not the request's fault.
+            Ok(Ok(Err(e @ (Error::Kafka(_) | Error::Io(_))))) => {
+                return Err(ServiceError::Internal(format!(
+                    "the preview could not run: {e}"
+                )));
+            }
             Ok(Ok(Err(e))) => return Err(ServiceError::invalid(sql_error_message(&e))),
             Ok(Err(e)) => {
                 return Err(ServiceError::Internal(format!("the preview stopped: {e}")));
