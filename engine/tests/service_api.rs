@@ -43,6 +43,16 @@ async fn service_with_cap(
     dir: &std::path::Path,
     cap: usize,
 ) -> anyhow::Result<Arc<Service>> {
+    service_with(brokers, dir, cap, "").await
+}
+
+/// [`service_with_cap`] with `extra` TOML sections.
+async fn service_with(
+    brokers: &str,
+    dir: &std::path::Path,
+    cap: usize,
+    extra: &str,
+) -> anyhow::Result<Arc<Service>> {
     let file = dir.join("urbanstream.toml");
     std::fs::write(
         &file,
@@ -53,7 +63,7 @@ async fn service_with_cap(
              [catalog]\npath = \"{}\"\n[queries]\ndefaults = false\nmax_queries = 3\n\
              max_state_groups = {cap}\n\
              [pipeline]\nlinger = \"5ms\"\n\
-             [checkpoint]\ndir = \"{}\"\ninterval = \"2s\"\n",
+             [checkpoint]\ndir = \"{}\"\ninterval = \"2s\"\n{extra}",
             dir.join("data/catalog.json").display(),
             dir.join("data/checkpoints").display()
         ),
@@ -1371,6 +1381,84 @@ async fn a_preview_gives_the_rows_the_registered_query_publishes() -> anyhow::Re
     })
     .await?;
     assert_eq!(status["rows_out"], 20, "{status}");
+    service.shutdown().await;
+    Ok(())
+}
+
+/// With `reference.unknown_ids = "dead_letter"`, a reading from a sensor that is not in the
+/// sensors table goes to the DLQ with the reason (the id, the table, its version), and a
+/// reading from a known sensor is processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_of_unknown_sensors_are_dead_lettered_by_policy() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let service = service_with(
+        &brokers,
+        dir.path(),
+        2_000_000,
+        "[reference]\nunknown_ids = \"dead_letter\"\n",
+    )
+    .await?;
+    let app = api::router(service.clone());
+    create(
+        &app,
+        "intervals",
+        "CREATE EXTERNAL TABLE intervals (sensor_id VARCHAR NOT NULL, interval_s BIGINT, \
+         event_time TIMESTAMP NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'test.intervals'); \
+         INSERT INTO intervals SELECT a.sensor_id, s.interval_s, a.event_time \
+         FROM air_readings a LEFT JOIN sensors s ON a.sensor_id = s.sensor_id",
+    )
+    .await?;
+    wait_for(&app, "intervals", Duration::from_secs(60), is("RUNNING")).await?;
+    let consumer =
+        |group: &str, topic: &str| -> anyhow::Result<rdkafka::consumer::StreamConsumer> {
+            let c: rdkafka::consumer::StreamConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", group)
+                .set("auto.offset.reset", "earliest")
+                .create()?;
+            rdkafka::consumer::Consumer::subscribe(&c, &[topic])?;
+            Ok(c)
+        };
+    let output = consumer("reader-intervals", "test.intervals")?;
+    let dlq = consumer("reader-dlq", &urbanstream::pipeline::Topics::default().dlq)?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    for sensor in ["hn-st-07", "aq-001"] {
+        let value = json!({"sensor_id": sensor, "ward_id": "hoan_kiem", "event_time": now,
+                           "pm25": 41.0})
+        .to_string();
+        producer
+            .send(
+                FutureRecord::to(&urbanstream::pipeline::Topics::default().air)
+                    .key("hoan_kiem")
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let processed = next_records(&output, 1).await?;
+    assert_eq!(processed[0]["sensor_id"], "aq-001", "{processed:?}");
+    assert_eq!(processed[0]["interval_s"], 60, "{processed:?}");
+    let dead = next_records(&dlq, 1).await?;
+    assert_eq!(dead[0]["stage"], "reference", "{dead:?}");
+    assert_eq!(dead[0]["query"], "intervals", "{dead:?}");
+    let error = dead[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("\"hn-st-07\"") && error.contains("sensors (version 1)"),
+        "{error}"
+    );
+    let status = wait_for(&app, "intervals", Duration::from_secs(10), |q| {
+        q["unknown_ids"] == 1 && q["dlq"] == 1
+    })
+    .await?;
+    assert_eq!(status["rows_out"], 1, "{status}");
     service.shutdown().await;
     Ok(())
 }
