@@ -386,6 +386,15 @@ fn newest_versions(dir: &Path) -> Result<BTreeMap<String, (u64, String, i64)>> {
         let mut newest: Option<(u64, PathBuf)> = None;
         for file in std::fs::read_dir(entry.path())? {
             let file = file?.path();
+            // A write cut short (`.v<N>.csv.tmp-<pid>`) left nothing installed: remove it.
+            if file
+                .file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.starts_with('.') && f.contains(".csv.tmp-"))
+            {
+                let _ = std::fs::remove_file(&file);
+                continue;
+            }
             let version = file.file_name().and_then(|f| f.to_str()).and_then(|f| {
                 f.strip_prefix('v')?
                     .strip_suffix(".csv")?
@@ -612,8 +621,11 @@ mod tests {
         let pairs = tables.replace("camera_pairs", "first,second,metres\ncam-1,cam-2,850\n")?;
         assert_eq!((pairs.version, pairs.rows), (1, 1));
 
-        // What a new process over the same directory reads.
+        // What a new process over the same directory reads; a write cut short is removed.
+        let torn = dir.path().join("sensors").join(".v3.csv.tmp-12345");
+        std::fs::write(&torn, "sensor_id,ward_id\nhalf")?;
         let reopened = ReferenceTables::open(dir.path())?;
+        assert!(!torn.exists());
         assert_eq!(reopened.get("sensors").map(|t| t.version), Some(2));
         assert_eq!(expected_per_hour(&reopened, "ba_dinh"), Some(2.0));
         assert_eq!(reopened.get("camera_pairs").map(|t| t.rows), Some(1));
