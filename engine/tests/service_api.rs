@@ -1010,6 +1010,21 @@ async fn the_api_answers_while_queries_wait_on_the_broker() -> anyhow::Result<()
     Ok(())
 }
 
+/// A consumer of `topic` from its beginning, in consumer group `group`.
+fn reader(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<rdkafka::consumer::StreamConsumer> {
+    let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    rdkafka::consumer::Consumer::subscribe(&consumer, &[topic])?;
+    Ok(consumer)
+}
+
 /// The next `n` records of `consumer`'s topic, as JSON, or fails after 60 s.
 async fn next_records(
     consumer: &rdkafka::consumer::StreamConsumer,
@@ -1062,12 +1077,7 @@ async fn reference_tables_are_replaced_at_run_time_and_kept() -> anyhow::Result<
     )
     .await?;
     wait_for(&app, "intervals", Duration::from_secs(60), is("RUNNING")).await?;
-    let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "reader-intervals")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
-    rdkafka::consumer::Consumer::subscribe(&consumer, &["test.intervals"])?;
+    let consumer = reader(&brokers, "reader-intervals", "test.intervals")?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()?;
@@ -1318,12 +1328,7 @@ async fn a_preview_gives_the_rows_the_registered_query_publishes() -> anyhow::Re
             .await
             .map_err(|(e, _)| e)?;
     }
-    let consumer: rdkafka::consumer::StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "reader-previewed")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
-    rdkafka::consumer::Consumer::subscribe(&consumer, &["test.previewed"])?;
+    let consumer = reader(&brokers, "reader-previewed", "test.previewed")?;
     let published = next_records(&consumer, 20).await?;
     assert_eq!(windows(&published), previewed);
     // The same query previewed over the topic's records, all of them and the first 100 of
@@ -1411,18 +1416,12 @@ async fn readings_of_unknown_sensors_are_dead_lettered_by_policy() -> anyhow::Re
     )
     .await?;
     wait_for(&app, "intervals", Duration::from_secs(60), is("RUNNING")).await?;
-    let consumer =
-        |group: &str, topic: &str| -> anyhow::Result<rdkafka::consumer::StreamConsumer> {
-            let c: rdkafka::consumer::StreamConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
-                .set("group.id", group)
-                .set("auto.offset.reset", "earliest")
-                .create()?;
-            rdkafka::consumer::Consumer::subscribe(&c, &[topic])?;
-            Ok(c)
-        };
-    let output = consumer("reader-intervals", "test.intervals")?;
-    let dlq = consumer("reader-dlq", &urbanstream::pipeline::Topics::default().dlq)?;
+    let output = reader(&brokers, "reader-intervals", "test.intervals")?;
+    let dlq = reader(
+        &brokers,
+        "reader-dlq",
+        &urbanstream::pipeline::Topics::default().dlq,
+    )?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()?;

@@ -180,18 +180,26 @@ impl ExecutionPlan for FeedExec {
         _partition: usize,
         _context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let batches = self.feed.take()?;
-        let batches = match &self.projection {
-            Some(p) => batches
-                .iter()
-                .map(|b| b.project(p))
-                .collect::<Result<Vec<_>, _>>()?,
-            None => batches,
-        };
-        Ok(Box::pin(MemoryStream::try_new(
-            batches,
+        projected_stream(
+            self.feed.take()?,
+            self.projection.as_deref(),
             self.schema.clone(),
-            None,
-        )?))
+        )
     }
+}
+
+/// `batches`, projected to `projection` (of `schema`'s columns), as a stream.
+pub(super) fn projected_stream(
+    batches: Vec<RecordBatch>,
+    projection: Option<&[usize]>,
+    schema: SchemaRef,
+) -> Result<SendableRecordBatchStream> {
+    let batches = match projection {
+        Some(p) => batches
+            .iter()
+            .map(|b| b.project(p))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => batches,
+    };
+    Ok(Box::pin(MemoryStream::try_new(batches, schema, None)?))
 }

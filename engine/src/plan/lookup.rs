@@ -28,7 +28,6 @@ use datafusion::logical_expr::Expr;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::joins::{CrossJoinExec, HashJoinExec, NestedLoopJoinExec};
-use datafusion::physical_plan::memory::MemoryStream;
 use datafusion::physical_plan::scalar_subquery::ScalarSubqueryExec;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
@@ -191,19 +190,11 @@ impl ExecutionPlan for ReferenceExec {
         let table = self.tables.get(&self.name).ok_or_else(|| {
             DataFusionError::Execution(format!("reference table {} is gone", self.name))
         })?;
-        let batches = match &self.projection {
-            Some(p) => table
-                .batches
-                .iter()
-                .map(|b| b.project(p))
-                .collect::<Result<Vec<_>, _>>()?,
-            None => table.batches.clone(),
-        };
-        Ok(Box::pin(MemoryStream::try_new(
-            batches,
+        super::feed::projected_stream(
+            table.batches.clone(),
+            self.projection.as_deref(),
             self.schema.clone(),
-            None,
-        )?))
+        )
     }
 }
 

@@ -129,8 +129,8 @@ impl ReferenceTables {
                 _ => None,
             };
             let schema = match (embedded_text(&name), &first) {
-                (Some(built_in), _) => Some(infer(&name, built_in)?.0),
-                (None, Some(first)) => Some(infer(&name, first)?.0),
+                (Some(built_in), _) => Some(infer_schema(&name, built_in)?),
+                (None, Some(first)) => Some(infer_schema(&name, first)?),
                 (None, None) => None,
             };
             let (schema, batches) = match schema {
@@ -468,6 +468,13 @@ fn read(name: &str, csv: &str, schema: SchemaRef) -> Result<Vec<RecordBatch>> {
 
 /// The columns (types inferred from the values) and rows of `csv`.
 fn infer(name: &str, csv: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    let schema = infer_schema(name, csv)?;
+    let batches = read(name, csv, schema.clone())?;
+    Ok((schema, batches))
+}
+
+/// The columns of `csv`, types inferred from the values.
+fn infer_schema(name: &str, csv: &str) -> Result<SchemaRef> {
     let (schema, _) = Format::default()
         .with_header(true)
         .infer_schema(csv.as_bytes(), None)
@@ -481,9 +488,7 @@ fn infer(name: &str, csv: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
             message: "the CSV has no header row".into(),
         });
     }
-    let schema = Arc::new(schema);
-    let batches = read(name, csv, schema.clone())?;
-    Ok((schema, batches))
+    Ok(Arc::new(schema))
 }
 
 fn derive_ward_sensors(city: &ReferenceData, version: u64) -> Result<TableVersion> {

@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 
-/// Options of `urbanstream query`.
+/// The service a client command talks to.
 #[derive(Debug, Clone, Args)]
-pub struct QueryArgs {
+pub struct ServerArgs {
     /// The service's API.
     #[arg(
         long,
@@ -22,9 +22,24 @@ pub struct QueryArgs {
         default_value = "http://127.0.0.1:8080"
     )]
     pub server: String,
-    /// Bearer token, when the service has one (`api.token`).
+    /// Bearer token, when the service has one (`api.token`; changes need it).
     #[arg(long, global = true, env = "URBANSTREAM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+}
+
+impl ServerArgs {
+    /// A client of this service.
+    pub fn client(&self) -> Result<Client> {
+        Client::new(&self.server, self.token.clone())
+    }
+}
+
+/// Options of `urbanstream query`.
+#[derive(Debug, Clone, Args)]
+pub struct QueryArgs {
+    /// The service.
+    #[command(flatten)]
+    pub server: ServerArgs,
     /// Print the API's JSON answer instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -174,17 +189,9 @@ pub enum QueryAction {
 /// Options of `urbanstream table`.
 #[derive(Debug, Clone, Args)]
 pub struct TableArgs {
-    /// The service's API.
-    #[arg(
-        long,
-        global = true,
-        env = "URBANSTREAM_SERVER",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub server: String,
-    /// Bearer token, when the service has one (`api.token`; replacing needs it).
-    #[arg(long, global = true, env = "URBANSTREAM_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// The service.
+    #[command(flatten)]
+    pub server: ServerArgs,
     /// Print the API's JSON answer instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -232,7 +239,7 @@ pub enum TableAction {
 
 /// Runs one `urbanstream table` command and prints its answer.
 pub async fn run_table(args: TableArgs) -> Result<()> {
-    let client = Client::new(&args.server, args.token.clone())?;
+    let client = args.server.client()?;
     let answer = match &args.action {
         TableAction::Rows { name } => {
             let csv = client
@@ -326,6 +333,14 @@ pub(super) fn table_details(t: &Value) -> String {
     out
 }
 
+/// The preview input format of a file, by its extension: `csv`, or else `jsonl`.
+pub(super) fn input_format(path: &std::path::Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("csv") => "csv",
+        _ => "jsonl",
+    }
+}
+
 /// A time given as epoch milliseconds or RFC 3339.
 fn epoch_ms(text: &str) -> Result<i64> {
     if let Ok(ms) = text.trim().parse::<i64>() {
@@ -414,7 +429,7 @@ pub(super) fn aligned<R: AsRef<[String]>>(rows: &[R]) -> String {
 
 /// Runs one `urbanstream query` command and prints its answer.
 pub async fn run(args: QueryArgs) -> Result<()> {
-    let client = Client::new(&args.server, args.token.clone())?;
+    let client = args.server.client()?;
     let (method, path, body, kind) = match &args.action {
         QueryAction::Add {
             name,
@@ -453,10 +468,7 @@ pub async fn run(args: QueryArgs) -> Result<()> {
             let mut body = json!({ "sql": input.read()?, "limit": limit });
             match data {
                 Some(data) => {
-                    let format = match data.extension().and_then(|e| e.to_str()) {
-                        Some(e) if e.eq_ignore_ascii_case("csv") => "csv",
-                        _ => "jsonl",
-                    };
+                    let format = input_format(data);
                     let text = std::fs::read_to_string(data)
                         .map_err(|e| Error::Api(format!("{}: {e}", data.display())))?;
                     body["input"] = json!({"format": format, "data": text, "rename": rename,

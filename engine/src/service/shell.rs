@@ -25,22 +25,18 @@ use clap::Args;
 use reqwest::Method;
 use serde_json::json;
 
-use super::client::{Client, aligned, preview_text, table, table_details, tables_text, text};
+use super::client::{
+    Client, ServerArgs, aligned, input_format, preview_text, table, table_details, tables_text,
+    text,
+};
 use crate::error::{Error, Result};
 
 /// Options of `urbanstream sql`.
 #[derive(Debug, Clone, Args)]
 pub struct ShellArgs {
-    /// The service's API.
-    #[arg(
-        long,
-        env = "URBANSTREAM_SERVER",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub server: String,
-    /// Bearer token, when the service has one (`api.token`).
-    #[arg(long, env = "URBANSTREAM_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// The service.
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 const HELP: &str = "\
@@ -82,7 +78,7 @@ impl Session {
 
 /// Runs the shell until `quit` or end of input.
 pub async fn run(args: ShellArgs) -> Result<()> {
-    let client = Client::new(&args.server, args.token.clone())?;
+    let client = args.server.client()?;
     // Reach the service first, saying where it was looked for.
     client
         .call(Method::GET, "/v1/info", None)
@@ -100,7 +96,7 @@ pub async fn run(args: ShellArgs) -> Result<()> {
     }
     println!(
         "urbanstream SQL shell on {} — statements end with ';', `help` lists them",
-        args.server
+        args.server.server
     );
     let mut session = Session::default();
     let mut pending = String::new();
@@ -321,10 +317,7 @@ async fn preview(client: &Client, session: &Session, sql: &str) -> Result<String
         Some((path, renames)) => {
             let data = std::fs::read_to_string(path)
                 .map_err(|e| Error::Api(format!("{}: {e}", path.display())))?;
-            let format = match path.extension().and_then(|e| e.to_str()) {
-                Some(e) if e.eq_ignore_ascii_case("csv") => "csv",
-                _ => "jsonl",
-            };
+            let format = input_format(path);
             body["input"] = json!({"format": format, "data": data, "rename": renames,
                                    "time_zone": session.time_zone});
         }
