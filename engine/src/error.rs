@@ -61,6 +61,11 @@ pub enum Error {
     /// The service's API refused a request or could not be reached (`urbanstream query`).
     #[error("{0}")]
     Api(String),
+    /// The schema registry could not be reached or answered with an error other than "no
+    /// such schema". Transient: records waiting for a writer schema are not dead-lettered for
+    /// it.
+    #[error("schema registry: {0}")]
+    Registry(String),
 }
 
 impl Error {
@@ -80,7 +85,7 @@ impl Error {
                         | rdkafka::types::RDKafkaErrorCode::FencedInstanceId
                 )
             ),
-            Error::Io(_) | Error::Rebalanced(_) => true,
+            Error::Io(_) | Error::Rebalanced(_) | Error::Registry(_) => true,
             _ => false,
         }
     }

@@ -1,6 +1,37 @@
 //! The names of the topics the engine reads and writes, below every layer that uses them
 //! (planning, the pipeline, configuration).
 
+/// How a topic's records are encoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// One JSON object per record (event times as epoch milliseconds or RFC 3339).
+    #[default]
+    Json,
+    /// Avro in the Confluent wire format: magic byte 0, the writer schema's id in the schema
+    /// registry (4 bytes, big-endian), the Avro binary body.
+    Avro,
+}
+
+impl Format {
+    /// Its name in options and configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Avro => "avro",
+        }
+    }
+
+    /// Parses `json` or `avro` (any case).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "json" => Some(Format::Json),
+            "avro" => Some(Format::Avro),
+            _ => None,
+        }
+    }
+}
+
 /// Topic names. All configurable (`[topics]` of the service's configuration); the defaults
 /// are the city's.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -26,6 +57,9 @@ pub struct Topics {
     pub dlq: String,
     /// Late events (output).
     pub late: String,
+    /// How the input topics' records are encoded (camera, detectors, air).
+    #[serde(default)]
+    pub input_format: Format,
 }
 
 impl Default for Topics {
@@ -41,6 +75,7 @@ impl Default for Topics {
             alerts: "city.alerts".into(),
             dlq: "city.dlq".into(),
             late: "city.late".into(),
+            input_format: Format::Json,
         }
     }
 }

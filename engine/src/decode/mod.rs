@@ -30,9 +30,16 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::json::ReaderBuilder;
 use datafusion::arrow::json::reader::Decoder;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::schema::TopicSchema;
 use crate::source::RawBatch;
+use crate::topics::Format;
+
+pub mod avro;
+pub mod registry;
+
+pub use avro::{AvroDecoder, AvroEncoder};
+pub use registry::Registry;
 
 /// Records flushed together on the fast path. A type error costs at most one chunk's worth of
 /// record-by-record decoding.
@@ -142,13 +149,14 @@ impl Decoded {
     }
 }
 
-/// Decodes JSON records of one topic schema into Arrow.
+/// The topic schema as the decoders see it: the Arrow schema records are read into, the
+/// limits on record size, the event-time column, and the checks every decoded batch passes.
 #[derive(Debug, Clone)]
-pub struct JsonDecoder {
+pub(crate) struct Shape {
     schema: Arc<TopicSchema>,
     /// All fields nullable: required fields are checked after decoding, so that a missing
     /// field is a cheap validation reject with a clear message instead of a failed flush.
-    wire_schema: SchemaRef,
+    pub(crate) wire_schema: SchemaRef,
     output_schema: SchemaRef,
     /// Largest record value accepted, bytes.
     max_value_bytes: usize,
@@ -156,6 +164,67 @@ pub struct JsonDecoder {
     max_key_bytes: usize,
     /// The event-time column (its index), checked for plausible values.
     event_time: Option<usize>,
+}
+
+/// A topic's decoder, for the format its records are in.
+#[derive(Debug)]
+pub enum TopicDecoder {
+    /// JSON objects.
+    Json(JsonDecoder),
+    /// Confluent-framed Avro.
+    Avro(AvroDecoder),
+}
+
+impl TopicDecoder {
+    /// A decoder of `format` for `schema`, with its event-time column (`unit`: of JSON
+    /// numbers, and of Avro longs without a timestamp type). Avro needs the registry its
+    /// producers register their schemas in.
+    pub fn new(
+        format: Format,
+        schema: Arc<TopicSchema>,
+        event_time: Option<(&str, TimeUnit)>,
+        registry: Option<&Arc<Registry>>,
+    ) -> Result<Self> {
+        let mut shape = Shape::new(schema);
+        if let Some((column, unit)) = event_time {
+            shape = shape.with_event_time(column, unit);
+        }
+        Ok(match format {
+            Format::Json => TopicDecoder::Json(JsonDecoder { shape }),
+            Format::Avro => {
+                let registry = registry.ok_or_else(|| {
+                    Error::Config(
+                        "Avro records need a schema registry: set [schema_registry] url, or \
+                         leave it empty for the directory registry"
+                            .into(),
+                    )
+                })?;
+                TopicDecoder::Avro(AvroDecoder::new(shape, registry.clone()))
+            }
+        })
+    }
+
+    /// Fetches what decoding `raw` needs that is not at hand (Avro writer schemas).
+    pub async fn prepare(&self, raw: &RawBatch) -> Result<()> {
+        match self {
+            TopicDecoder::Json(_) => Ok(()),
+            TopicDecoder::Avro(d) => d.prepare(raw).await,
+        }
+    }
+
+    /// Decodes every record of `raw`; bad records are rejected one by one.
+    pub fn decode(&self, raw: &RawBatch) -> Result<Decoded> {
+        match self {
+            TopicDecoder::Json(d) => d.decode(raw),
+            TopicDecoder::Avro(d) => d.decode(raw),
+        }
+    }
+}
+
+/// Decodes JSON records of one topic schema into Arrow.
+#[derive(Debug, Clone)]
+pub struct JsonDecoder {
+    shape: Shape,
 }
 
 /// Event times before this (1990-01-01, epoch ms) are taken for a unit mistake.
@@ -166,9 +235,8 @@ pub const MAX_VALUE_BYTES: usize = 256 * 1024;
 /// Largest record key a decoder accepts by default.
 pub const MAX_KEY_BYTES: usize = 4 * 1024;
 
-impl JsonDecoder {
-    /// A decoder for the records of `schema`.
-    pub fn new(schema: Arc<TopicSchema>) -> Self {
+impl Shape {
+    pub(crate) fn new(schema: Arc<TopicSchema>) -> Self {
         let wire_fields: Vec<_> = schema
             .arrow
             .fields()
@@ -185,11 +253,7 @@ impl JsonDecoder {
         }
     }
 
-    /// Names the event-time column and the unit its JSON numbers are in (`Millisecond` for
-    /// the city's topics): numbers are read in that unit; a record whose event time falls
-    /// before 1990 is rejected with a hint about the unit, instead of being read as an event
-    /// of 1970 that every window has long passed.
-    pub fn with_event_time(mut self, column: &str, unit: TimeUnit) -> Self {
+    fn with_event_time(mut self, column: &str, unit: TimeUnit) -> Self {
         let Ok(index) = self.wire_schema.index_of(column) else {
             return self;
         };
@@ -209,15 +273,13 @@ impl JsonDecoder {
         self
     }
 
-    /// Records with a larger value or key are rejected without being parsed.
-    pub fn with_limits(mut self, max_value_bytes: usize, max_key_bytes: usize) -> Self {
-        self.max_value_bytes = max_value_bytes;
-        self.max_key_bytes = max_key_bytes;
-        self
+    /// The topic schema.
+    pub(crate) fn topic_schema(&self) -> &TopicSchema {
+        &self.schema
     }
 
     /// Why a record is too big to decode, if it is.
-    fn oversize(&self, raw: &RawBatch, i: usize) -> Option<String> {
+    pub(crate) fn oversize(&self, raw: &RawBatch, i: usize) -> Option<String> {
         let value = raw.value(i).len();
         let key = raw.key(i).map_or(0, <[u8]>::len);
         if value > self.max_value_bytes {
@@ -235,22 +297,13 @@ impl JsonDecoder {
         }
     }
 
-    /// The schema of decoded batches.
-    pub fn output_schema(&self) -> SchemaRef {
-        self.output_schema.clone()
-    }
-
-    /// Decodes every record of `raw`; bad records are rejected one by one.
-    pub fn decode(&self, raw: &RawBatch) -> Result<Decoded> {
-        let mut parts = Vec::new();
-        let mut rows = Vec::with_capacity(raw.len());
-        let mut rejects = Vec::new();
-        let mut start = 0;
-        while start < raw.len() {
-            let end = (start + CHUNK).min(raw.len());
-            self.decode_chunk(raw, start..end, &mut parts, &mut rows, &mut rejects)?;
-            start = end;
-        }
+    /// The decoded parts, concatenated and validated; rejects in record order.
+    pub(crate) fn finish(
+        &self,
+        mut parts: Vec<RecordBatch>,
+        rows: Vec<u32>,
+        rejects: Vec<Reject>,
+    ) -> Result<Decoded> {
         let batch = match parts.len() {
             0 => RecordBatch::new_empty(self.wire_schema.clone()),
             1 => parts
@@ -263,94 +316,9 @@ impl JsonDecoder {
         Ok(decoded)
     }
 
-    fn new_decoder(&self, capacity: usize) -> Result<Decoder> {
-        Ok(ReaderBuilder::new(self.wire_schema.clone())
-            .with_batch_size(capacity.max(1))
-            .build_decoder()?)
-    }
-
-    /// Feeds records `range` to a decoder, rejecting any record that is not exactly one
-    /// complete JSON value, then flushes. If the flush fails, falls back to one record at a
-    /// time for this chunk.
-    fn decode_chunk(
-        &self,
-        raw: &RawBatch,
-        range: std::ops::Range<usize>,
-        parts: &mut Vec<RecordBatch>,
-        rows: &mut Vec<u32>,
-        rejects: &mut Vec<Reject>,
-    ) -> Result<()> {
-        let mut decoder = self.new_decoder(range.len())?;
-        let mut good: Vec<u32> = Vec::with_capacity(range.len());
-        for i in range.clone() {
-            if let Some(error) = self.oversize(raw, i) {
-                rejects.push(Reject {
-                    index: i as u32,
-                    stage: RejectStage::Decode,
-                    error,
-                });
-                continue;
-            }
-            let value = raw.value(i);
-            match feed_one(&mut decoder, value, good.len()) {
-                Ok(()) => good.push(i as u32),
-                Err(error) => {
-                    rejects.push(Reject {
-                        index: i as u32,
-                        stage: RejectStage::Decode,
-                        error,
-                    });
-                    // The decoder may hold part of the bad record: rebuild it from the good
-                    // records of this chunk (each is re-fed at most once per bad record).
-                    decoder = self.new_decoder(range.len())?;
-                    for (k, &g) in good.iter().enumerate() {
-                        if let Err(error) = feed_one(&mut decoder, raw.value(g as usize), k) {
-                            return Err(ArrowError::JsonError(format!(
-                                "record {g} decoded once but not twice: {error}"
-                            ))
-                            .into());
-                        }
-                    }
-                }
-            }
-        }
-        match decoder.flush() {
-            Ok(Some(batch)) if batch.num_rows() == good.len() => {
-                parts.push(batch);
-                rows.extend_from_slice(&good);
-            }
-            Ok(None) if good.is_empty() => {}
-            // A flush error (wrong type, bad UTF-8) does not say which record: find out.
-            _ => {
-                for g in good {
-                    let mut one = self.new_decoder(1)?;
-                    let outcome = feed_one(&mut one, raw.value(g as usize), 0)
-                        .and_then(|()| one.flush().map_err(|e| json_message(&e)));
-                    match outcome {
-                        Ok(Some(batch)) if batch.num_rows() == 1 => {
-                            parts.push(batch);
-                            rows.push(g);
-                        }
-                        Ok(_) => rejects.push(Reject {
-                            index: g,
-                            stage: RejectStage::Decode,
-                            error: "expected one JSON object".into(),
-                        }),
-                        Err(error) => rejects.push(Reject {
-                            index: g,
-                            stage: RejectStage::Decode,
-                            error,
-                        }),
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Checks required fields and enum symbols, fills defaults, and gives the batch its
     /// output schema.
-    fn validate(
+    pub(crate) fn validate(
         &self,
         batch: RecordBatch,
         rows: Vec<u32>,
@@ -446,6 +414,135 @@ impl JsonDecoder {
             rows,
             rejects,
         })
+    }
+}
+
+impl JsonDecoder {
+    /// A decoder for the records of `schema`.
+    pub fn new(schema: Arc<TopicSchema>) -> Self {
+        Self {
+            shape: Shape::new(schema),
+        }
+    }
+
+    /// Names the event-time column and the unit its JSON numbers are in (`Millisecond` for
+    /// the city's topics): numbers are read in that unit; a record whose event time falls
+    /// before 1990 is rejected with a hint about the unit, instead of being read as an event
+    /// of 1970 that every window has long passed.
+    pub fn with_event_time(mut self, column: &str, unit: TimeUnit) -> Self {
+        self.shape = self.shape.with_event_time(column, unit);
+        self
+    }
+
+    /// Records with a larger value or key are rejected without being parsed.
+    pub fn with_limits(mut self, max_value_bytes: usize, max_key_bytes: usize) -> Self {
+        self.shape.max_value_bytes = max_value_bytes;
+        self.shape.max_key_bytes = max_key_bytes;
+        self
+    }
+
+    /// The schema of decoded batches.
+    pub fn output_schema(&self) -> SchemaRef {
+        self.shape.output_schema.clone()
+    }
+
+    /// Decodes every record of `raw`; bad records are rejected one by one.
+    pub fn decode(&self, raw: &RawBatch) -> Result<Decoded> {
+        let mut parts = Vec::new();
+        let mut rows = Vec::with_capacity(raw.len());
+        let mut rejects = Vec::new();
+        let mut start = 0;
+        while start < raw.len() {
+            let end = (start + CHUNK).min(raw.len());
+            self.decode_chunk(raw, start..end, &mut parts, &mut rows, &mut rejects)?;
+            start = end;
+        }
+        self.shape.finish(parts, rows, rejects)
+    }
+
+    fn new_decoder(&self, capacity: usize) -> Result<Decoder> {
+        Ok(ReaderBuilder::new(self.shape.wire_schema.clone())
+            .with_batch_size(capacity.max(1))
+            .build_decoder()?)
+    }
+
+    /// Feeds records `range` to a decoder, rejecting any record that is not exactly one
+    /// complete JSON value, then flushes. If the flush fails, falls back to one record at a
+    /// time for this chunk.
+    fn decode_chunk(
+        &self,
+        raw: &RawBatch,
+        range: std::ops::Range<usize>,
+        parts: &mut Vec<RecordBatch>,
+        rows: &mut Vec<u32>,
+        rejects: &mut Vec<Reject>,
+    ) -> Result<()> {
+        let mut decoder = self.new_decoder(range.len())?;
+        let mut good: Vec<u32> = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            if let Some(error) = self.shape.oversize(raw, i) {
+                rejects.push(Reject {
+                    index: i as u32,
+                    stage: RejectStage::Decode,
+                    error,
+                });
+                continue;
+            }
+            let value = raw.value(i);
+            match feed_one(&mut decoder, value, good.len()) {
+                Ok(()) => good.push(i as u32),
+                Err(error) => {
+                    rejects.push(Reject {
+                        index: i as u32,
+                        stage: RejectStage::Decode,
+                        error,
+                    });
+                    // The decoder may hold part of the bad record: rebuild it from the good
+                    // records of this chunk (each is re-fed at most once per bad record).
+                    decoder = self.new_decoder(range.len())?;
+                    for (k, &g) in good.iter().enumerate() {
+                        if let Err(error) = feed_one(&mut decoder, raw.value(g as usize), k) {
+                            return Err(ArrowError::JsonError(format!(
+                                "record {g} decoded once but not twice: {error}"
+                            ))
+                            .into());
+                        }
+                    }
+                }
+            }
+        }
+        match decoder.flush() {
+            Ok(Some(batch)) if batch.num_rows() == good.len() => {
+                parts.push(batch);
+                rows.extend_from_slice(&good);
+            }
+            Ok(None) if good.is_empty() => {}
+            // A flush error (wrong type, bad UTF-8) does not say which record: find out.
+            _ => {
+                for g in good {
+                    let mut one = self.new_decoder(1)?;
+                    let outcome = feed_one(&mut one, raw.value(g as usize), 0)
+                        .and_then(|()| one.flush().map_err(|e| json_message(&e)));
+                    match outcome {
+                        Ok(Some(batch)) if batch.num_rows() == 1 => {
+                            parts.push(batch);
+                            rows.push(g);
+                        }
+                        Ok(_) => rejects.push(Reject {
+                            index: g,
+                            stage: RejectStage::Decode,
+                            error: "expected one JSON object".into(),
+                        }),
+                        Err(error) => rejects.push(Reject {
+                            index: g,
+                            stage: RejectStage::Decode,
+                            error,
+                        }),
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,361 @@
+//! Writer schemas of Avro records, by the schema id their Confluent framing carries.
+//!
+//! Two registries answer the same two questions ("which schema has id N?", "which id has this
+//! schema under this subject?"):
+//! - a **Confluent Schema Registry** over its REST protocol (`GET /schemas/ids/{id}`,
+//!   `POST /subjects/{subject}/versions`), for deployments that have one;
+//! - a **directory** (`ids/<id>.avsc`, `subjects/<subject>` listing its ids), the embedded
+//!   default, which producers on the same machine (`urbanstream replay --format avro`, the
+//!   demo) and the engine share.
+//!
+//! Schemas are cached once found. An id the registry does not have is remembered as unknown
+//! for [`UNKNOWN_FOR`], then asked again (a producer may register it meanwhile). A registry
+//! that cannot be reached is an [`Error::Registry`]: transient, so records are not
+//! dead-lettered for it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// How long an id the registry does not have is taken as unknown before it is asked again.
+pub const UNKNOWN_FOR: Duration = Duration::from_secs(5);
+
+/// The media type of the Confluent REST protocol.
+const CONFLUENT_JSON: &str = "application/vnd.schemaregistry.v1+json";
+
+/// Where writer schemas come from.
+#[derive(Debug)]
+enum Source {
+    /// A Confluent Schema Registry at this base URL (with basic-auth credentials, if the URL
+    /// carried them).
+    Http {
+        base: url::Url,
+        auth: Option<(String, String)>,
+        client: reqwest::Client,
+    },
+    /// A directory of schema files.
+    Dir(PathBuf),
+}
+
+/// What is known of one id.
+#[derive(Debug, Clone)]
+enum Entry {
+    Found(Arc<str>),
+    Unknown(Instant),
+}
+
+/// A schema registry client with a cache.
+#[derive(Debug)]
+pub struct Registry {
+    source: Source,
+    cache: Mutex<HashMap<u32, Entry>>,
+}
+
+impl Registry {
+    /// A Confluent Schema Registry at `url` (e.g. `http://registry:8081`; credentials in the
+    /// URL are sent as basic auth).
+    pub fn http(url: &str) -> Result<Self> {
+        let mut base = url::Url::parse(url)
+            .map_err(|e| Error::Config(format!("schema_registry.url {url:?}: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(Error::Config(format!(
+                "schema_registry.url {url:?}: write an http:// or https:// URL"
+            )));
+        }
+        let auth = (!base.username().is_empty()).then(|| {
+            (
+                base.username().to_string(),
+                base.password().unwrap_or_default().to_string(),
+            )
+        });
+        // The credentials go in a header, never into logged URLs.
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| Error::Registry(e.to_string()))?;
+        Ok(Self::with_source(Source::Http { base, auth, client }))
+    }
+
+    /// A registry kept in `dir` (created when missing).
+    pub fn dir(dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = dir.into();
+        std::fs::create_dir_all(dir.join("ids"))?;
+        std::fs::create_dir_all(dir.join("subjects"))?;
+        Ok(Self::with_source(Source::Dir(dir)))
+    }
+
+    fn with_source(source: Source) -> Self {
+        Self {
+            source,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Where it is, for messages: the URL or the directory.
+    pub fn location(&self) -> String {
+        match &self.source {
+            Source::Http { base, .. } => base.to_string(),
+            Source::Dir(dir) => dir.display().to_string(),
+        }
+    }
+
+    /// The schema with `id` if it is cached (`Some(None)`: known to be missing; `None`: not
+    /// asked yet, or asked too long ago).
+    pub fn cached(&self, id: u32) -> Option<Option<Arc<str>>> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        match cache.get(&id)? {
+            Entry::Found(s) => Some(Some(s.clone())),
+            Entry::Unknown(at) if at.elapsed() < UNKNOWN_FOR => Some(None),
+            Entry::Unknown(_) => None,
+        }
+    }
+
+    /// The schema with `id`, from the cache or the registry; `None` if the registry has no
+    /// such id.
+    pub async fn schema(&self, id: u32) -> Result<Option<Arc<str>>> {
+        if let Some(known) = self.cached(id) {
+            return Ok(known);
+        }
+        let found: Option<Arc<str>> = match &self.source {
+            Source::Dir(dir) => match std::fs::read_to_string(id_file(dir, id)) {
+                Ok(text) => Some(text.into()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(e.into()),
+            },
+            Source::Http { base, auth, client } => {
+                let url = base
+                    .join(&format!("schemas/ids/{id}"))
+                    .map_err(|e| Error::Registry(e.to_string()))?;
+                let response = send(client.get(url.clone()), auth).await?;
+                match response.status() {
+                    reqwest::StatusCode::NOT_FOUND => None,
+                    status if status.is_success() => {
+                        let body: serde_json::Value = response
+                            .json()
+                            .await
+                            .map_err(|e| Error::Registry(format!("{url}: {e}")))?;
+                        let kind = body["schemaType"].as_str().unwrap_or("AVRO");
+                        if kind != "AVRO" {
+                            return Err(Error::Registry(format!(
+                                "{url}: schema {id} is {kind}, not AVRO"
+                            )));
+                        }
+                        let text = body["schema"].as_str().ok_or_else(|| {
+                            Error::Registry(format!("{url}: the answer has no \"schema\" string"))
+                        })?;
+                        Some(text.into())
+                    }
+                    status => {
+                        let text = response.text().await.unwrap_or_default();
+                        return Err(Error::Registry(format!("{url}: {status}: {text}")));
+                    }
+                }
+            }
+        };
+        let entry = match &found {
+            Some(s) => Entry::Found(s.clone()),
+            None => Entry::Unknown(Instant::now()),
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, entry);
+        Ok(found)
+    }
+
+    /// Registers `schema` under `subject` (e.g. `city.camera.events-value`) and returns its
+    /// id: the existing id when the registry has the same schema already.
+    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32> {
+        let canonical = canonical(schema)?;
+        let id = match &self.source {
+            Source::Dir(dir) => register_in_dir(dir, subject, &canonical)?,
+            Source::Http { base, auth, client } => {
+                let url = base
+                    .join(&format!("subjects/{}/versions", encode_segment(subject)))
+                    .map_err(|e| Error::Registry(e.to_string()))?;
+                let request = client
+                    .post(url.clone())
+                    .header(reqwest::header::CONTENT_TYPE, CONFLUENT_JSON)
+                    .body(serde_json::json!({ "schema": canonical }).to_string());
+                let response = send(request, auth).await?;
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                if !status.is_success() {
+                    return Err(Error::Registry(format!("{url}: {status}: {text}")));
+                }
+                let body: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| Error::Registry(format!("{url}: {e}: {text}")))?;
+                body["id"]
+                    .as_u64()
+                    .and_then(|id| u32::try_from(id).ok())
+                    .ok_or_else(|| Error::Registry(format!("{url}: no schema id in {text}")))?
+            }
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Entry::Found(canonical.into()));
+        Ok(id)
+    }
+}
+
+/// Sends a request with the Confluent media types and the credentials; a failure to reach
+/// the registry is an [`Error::Registry`].
+async fn send(
+    request: reqwest::RequestBuilder,
+    auth: &Option<(String, String)>,
+) -> Result<reqwest::Response> {
+    let mut request = request.header(
+        reqwest::header::ACCEPT,
+        format!("{CONFLUENT_JSON}, application/json"),
+    );
+    if let Some((user, password)) = auth {
+        request = request.basic_auth(user, Some(password));
+    }
+    request
+        .send()
+        .await
+        .map_err(|e| Error::Registry(e.without_url().to_string()))
+}
+
+/// A schema in one line of compact JSON, so that the same schema written differently gets
+/// the same id.
+fn canonical(schema: &str) -> Result<String> {
+    let value: serde_json::Value = serde_json::from_str(schema)
+        .map_err(|e| Error::schema("(registered)", format!("not JSON: {e}")))?;
+    apache_avro::Schema::parse(&value)
+        .map_err(|e| Error::schema("(registered)", format!("not an Avro schema: {e}")))?;
+    Ok(value.to_string())
+}
+
+/// A subject as one URL path segment.
+fn encode_segment(subject: &str) -> String {
+    url::form_urlencoded::byte_serialize(subject.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+fn id_file(dir: &Path, id: u32) -> PathBuf {
+    dir.join("ids").join(format!("{id}.avsc"))
+}
+
+/// A subject's file name: the subject with anything but letters, digits, `.`, `-` and `_`
+/// replaced, so that no subject can name a path outside the directory.
+fn subject_file(dir: &Path, subject: &str) -> PathBuf {
+    let name: String = subject
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    dir.join("subjects").join(name)
+}
+
+/// The directory registry's `register`: the id of an identical schema, or the next free id,
+/// claimed with a hard link so that two processes never take the same one.
+fn register_in_dir(dir: &Path, subject: &str, canonical: &str) -> Result<u32> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(dir.join("ids"))? {
+        let path = entry?.path();
+        let Some(id) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".avsc"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        ids.push(id);
+        if std::fs::read_to_string(&path)? == canonical {
+            add_to_subject(dir, subject, id)?;
+            return Ok(id);
+        }
+    }
+    let mut id = ids.iter().max().map_or(1, |m| m + 1);
+    let staged = tempfile::NamedTempFile::new_in(dir.join("ids"))?;
+    std::fs::write(staged.path(), canonical)?;
+    loop {
+        match std::fs::hard_link(staged.path(), id_file(dir, id)) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if std::fs::read_to_string(id_file(dir, id))? == canonical {
+                    break;
+                }
+                id += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    add_to_subject(dir, subject, id)?;
+    Ok(id)
+}
+
+/// Appends `id` to the subject's versions, unless it is there.
+fn add_to_subject(dir: &Path, subject: &str, id: u32) -> Result<()> {
+    let path = subject_file(dir, subject);
+    let mut text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e.into()),
+    };
+    if text.lines().any(|l| l.trim() == id.to_string()) {
+        return Ok(());
+    }
+    text.push_str(&format!("{id}\n"));
+    crate::files::write_atomically(&path, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const R1: &str = r#"{"type":"record","name":"R","fields":[{"name":"a","type":"long"}]}"#;
+    const R2: &str = r#"{"type":"record","name":"R","fields":[{"name":"a","type":"long"},
+        {"name":"b","type":["null","string"],"default":null}]}"#;
+
+    #[tokio::test]
+    async fn a_directory_registry_gives_one_id_per_schema_and_finds_it_again() {
+        let dir = tempfile::tempdir().expect("dir");
+        let registry = Registry::dir(dir.path()).expect("registry");
+        let a = registry.register("t-value", R1).await.expect("register");
+        // The same schema written differently is the same schema.
+        let again = registry
+            .register("t-value", &R1.replace(',', " , "))
+            .await
+            .expect("again");
+        let b = registry.register("t-value", R2).await.expect("second");
+        assert_eq!((a, again), (1, 1));
+        assert_eq!(b, 2);
+        // Another process sees them, by id.
+        let other = Registry::dir(dir.path()).expect("other");
+        let found = other.schema(b).await.expect("lookup").expect("found");
+        assert!(found.contains("\"b\""), "{found}");
+        assert_eq!(other.schema(9).await.expect("lookup"), None);
+        assert_eq!(other.cached(9), Some(None));
+        let versions = std::fs::read_to_string(dir.path().join("subjects/t-value")).expect("subj");
+        assert_eq!(versions, "1\n2\n");
+        // A subject cannot name a file outside the directory.
+        registry
+            .register("../../escape", R1)
+            .await
+            .expect("register");
+        assert!(dir.path().join("subjects/.._.._escape").exists());
+        assert!(
+            registry.register("t-value", "{not json").await.is_err(),
+            "not a schema"
+        );
+    }
+}
