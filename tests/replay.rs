@@ -24,6 +24,9 @@ fn args(cluster: &TestCluster, file: &std::path::Path, topic: &str) -> ReplayArg
         rename: vec!["station=sensor_id".into(), "time=event_time".into()],
         speedup: None,
         partitions: None,
+        format: urbanstream::pipeline::Format::Json,
+        schema: None,
+        registry: String::new(),
     }
 }
 

@@ -401,6 +401,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                     summary.first_skipped.unwrap_or_default()
                 );
             }
+            if summary.unfit > 0 {
+                println!(
+                    "  {} rows do not fit the Avro schema and were not produced (the first: {})",
+                    summary.unfit,
+                    summary.first_unfit.unwrap_or_default()
+                );
+            }
             if summary.produced > crate::broker::RETAINED_RECORDS as u64 {
                 println!("  note: {}", crate::broker::LIMITS);
             }

@@ -1,5 +1,6 @@
-//! `urbanstream replay`: a CSV or JSON-lines file produced into a topic as JSON records, in
-//! event-time order, as fast as the broker takes them or paced. (Parquet is refused with the
+//! `urbanstream replay`: a CSV or JSON-lines file produced into a topic as JSON records (or
+//! Confluent-framed Avro records of a topic schema), in event-time order, as fast as the
+//! broker takes them or paced. (Parquet is refused with the
 //! reason: the engine's DataFusion is built without its Parquet reader.)
 //!
 //! The file is read through DataFusion (streamed, sorted by event time with spilling), its
@@ -19,8 +20,10 @@ use futures::StreamExt;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+use crate::decode::{AvroEncoder, Registry};
 use crate::error::{Error, Result};
 use crate::pipeline::offline::{Unreadable, open_file, unit_ms, with_epoch_ms};
+use crate::topics::Format;
 
 /// Options of `replay`.
 #[derive(Debug, Clone, Args)]
@@ -58,6 +61,52 @@ pub struct ReplayArgs {
     /// admin API).
     #[arg(long)]
     pub partitions: Option<i32>,
+    /// Record format: `json`, or `avro` (Confluent wire format; needs `--schema`).
+    #[arg(long, default_value = "json", value_parser = parse_format)]
+    pub format: Format,
+    /// With `--format avro`: the records' Avro schema, a topic schema's name
+    /// (`camera_event`, `air_reading`, …) or an `.avsc` file. It is registered under the
+    /// subject `<topic>-value`.
+    #[arg(long)]
+    pub schema: Option<String>,
+    /// With `--format avro`: the schema registry, a Confluent Schema Registry's URL or a
+    /// directory (the service's default directory registry).
+    #[arg(long, default_value = "urbanstream-data/registry")]
+    pub registry: String,
+}
+
+fn parse_format(s: &str) -> std::result::Result<Format, String> {
+    Format::parse(s).ok_or_else(|| format!("{s:?} is not a format: write json or avro"))
+}
+
+/// The registry at `location`: a URL, or a directory.
+pub fn registry_at(location: &str) -> Result<Registry> {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        Registry::http(location)
+    } else {
+        Registry::dir(location)
+    }
+}
+
+/// The Avro encoder of `args`: its schema registered under `<topic>-value`.
+async fn avro_encoder(args: &ReplayArgs) -> Result<AvroEncoder> {
+    let Some(schema) = &args.schema else {
+        return Err(Error::Config(
+            "--format avro needs --schema: a topic schema's name (camera_event, air_reading, \
+             …) or an .avsc file"
+                .into(),
+        ));
+    };
+    let text = match crate::decode::avro::embedded_avsc(schema) {
+        Some(text) => text.to_string(),
+        None => std::fs::read_to_string(schema).map_err(|e| {
+            Error::Config(format!(
+                "--schema {schema}: neither a topic schema's name nor a readable file ({e})"
+            ))
+        })?,
+    };
+    let registry = registry_at(&args.registry)?;
+    AvroEncoder::registered(&registry, &format!("{}-value", args.topic), &text).await
 }
 
 /// What a replay did.
@@ -69,6 +118,11 @@ pub struct ReplaySummary {
     pub skipped: u64,
     /// The first of those, shown.
     pub first_skipped: Option<String>,
+    /// Rows the Avro schema cannot hold (a required field missing, a value of another type),
+    /// not produced.
+    pub unfit: u64,
+    /// The first of those, with the reason.
+    pub first_unfit: Option<String>,
     /// Event times of the first and last records produced.
     pub span_ms: Option<(i64, i64)>,
 }
@@ -80,6 +134,10 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
         crate::broker::create_topics(&args.brokers, &[(args.topic.clone(), partitions)]).await?;
     }
     let unit_ms = unit_ms(&args.time_unit)?;
+    let encoder = match args.format {
+        Format::Avro => Some(avro_encoder(args).await?),
+        Format::Json => None,
+    };
     let mut stream = open_file(
         &args.file,
         &args.rename,
@@ -144,7 +202,26 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
                 });
             }
             let key = keys.filter(|k| !k.is_null(r)).map(|k| k.value(r));
-            let value = &bytes[start..end];
+            let json = &bytes[start..end];
+            start = end + 1;
+            let encoded;
+            let value = match &encoder {
+                Some(encoder) => match encoder.encode_json(json) {
+                    Ok(v) => {
+                        encoded = v;
+                        &encoded[..]
+                    }
+                    Err(e) => {
+                        summary.unfit += 1;
+                        if summary.first_unfit.is_none() {
+                            summary.first_unfit =
+                                Some(format!("{}: {e}", String::from_utf8_lossy(json)));
+                        }
+                        continue;
+                    }
+                },
+                None => json,
+            };
             let mut record = FutureRecord::<str, [u8]>::to(&args.topic).payload(value);
             if let Some(key) = key {
                 record = record.key(key);
@@ -153,7 +230,6 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
                 Ok(delivery) => inflight.push(delivery),
                 Err((e, _)) => return Err(Error::Kafka(e)),
             }
-            start = end + 1;
             if inflight.len() >= 10_000 {
                 summary.produced += acknowledged(std::mem::take(&mut inflight)).await?;
             }

@@ -204,6 +204,14 @@ impl TopicDecoder {
         })
     }
 
+    /// The format it reads.
+    pub fn format(&self) -> Format {
+        match self {
+            TopicDecoder::Json(_) => Format::Json,
+            TopicDecoder::Avro(_) => Format::Avro,
+        }
+    }
+
     /// Fetches what decoding `raw` needs that is not at hand (Avro writer schemas).
     pub async fn prepare(&self, raw: &RawBatch) -> Result<()> {
         match self {

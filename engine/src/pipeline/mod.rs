@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 use datafusion::arrow::array::RecordBatch;
 
 use crate::checkpoint::CheckpointStore;
-use crate::decode::JsonDecoder;
+use crate::decode::TopicDecoder;
 use crate::error::{Error, Result};
 use crate::plan::repartition::key_plan;
 use crate::plan::stream::StreamContext;
@@ -53,7 +53,7 @@ use crate::source::{
     KafkaSource, KafkaSourceConfig, ORIGIN_HEADER, PROGRESS_HEADER, RawBatch, encode_pair,
 };
 use crate::telemetry::CityGauges;
-pub use crate::topics::Topics;
+pub use crate::topics::{Format, Topics};
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use recovery::Checkpoints;
 use repartition::{Repartition, event_time_maxima, repartition_topic};
@@ -104,6 +104,9 @@ pub struct PipelineConfig {
     /// What happens to records whose camera, detector or sensor is not in its reference
     /// table.
     pub unknown_ids: crate::decode::UnknownIds,
+    /// The schema registry of Avro inputs; `None`: a directory registry in the working
+    /// directory's `registry/`, made when a stream is Avro.
+    pub registry: Option<Arc<crate::decode::Registry>>,
 }
 
 /// How a pipeline checkpoints and recovers.
@@ -144,6 +147,15 @@ impl PipelineConfig {
             group_instance_id: None,
             reference: None,
             unknown_ids: Default::default(),
+            registry: None,
+        }
+    }
+
+    /// The schema registry Avro streams use.
+    pub fn registry(&self) -> Result<Arc<crate::decode::Registry>> {
+        match &self.registry {
+            Some(r) => Ok(r.clone()),
+            None => Ok(Arc::new(crate::decode::Registry::dir("registry")?)),
         }
     }
 }
@@ -339,7 +351,7 @@ pub struct Pipeline {
     config: PipelineConfig,
     source: KafkaSource,
     sink: KafkaSink,
-    decoders: HashMap<String, JsonDecoder>,
+    decoders: HashMap<String, TopicDecoder>,
     /// The reference tables the queries read.
     reference: crate::reference::ReferenceTables,
     /// Per input topic, the column checked against a reference table's ids, and the table.
@@ -495,6 +507,14 @@ impl Pipeline {
         // query or not, when the default queries run; other queries' sources are decoded with
         // the schema their table declares.
         let mut decoders = HashMap::new();
+        let avro = config.default_queries && config.topics.input_format == Format::Avro
+            || queries.iter().any(|r| {
+                r.query
+                    .inputs()
+                    .iter()
+                    .any(|s| s.options.format == Format::Avro)
+            });
+        let registry = if avro { Some(config.registry()?) } else { None };
         if config.default_queries {
             for (topic, schema) in [
                 (&config.topics.camera, "camera_event"),
@@ -503,27 +523,41 @@ impl Pipeline {
             ] {
                 decoders.insert(
                     topic.clone(),
-                    JsonDecoder::new(schemas.get(schema)?)
-                        .with_event_time("event_time", TimeUnit::Millisecond),
+                    TopicDecoder::new(
+                        config.topics.input_format,
+                        schemas.get(schema)?,
+                        Some(("event_time", TimeUnit::Millisecond)),
+                        registry.as_ref(),
+                    )?,
                 );
             }
         }
         for running in &queries {
             for source in running.query.inputs() {
-                let decoder = || {
-                    let decoder = JsonDecoder::new(source.topic_schema.clone());
-                    match &source.options.event_time {
-                        Some(column) => {
-                            decoder.with_event_time(column, source.options.event_time_unit)
-                        }
-                        None => decoder,
-                    }
+                let decoder = |format| {
+                    TopicDecoder::new(
+                        format,
+                        source.topic_schema.clone(),
+                        source
+                            .options
+                            .event_time
+                            .as_deref()
+                            .map(|c| (c, source.options.event_time_unit)),
+                        registry.as_ref(),
+                    )
                 };
-                decoders
-                    .entry(source.options.topic.clone())
-                    .or_insert_with(decoder);
+                if !decoders.contains_key(&source.options.topic) {
+                    decoders.insert(
+                        source.options.topic.clone(),
+                        decoder(source.options.format)?,
+                    );
+                }
+                // Stage 1 forwards the input's records as they are.
                 if let Some(r) = &running.repartition {
-                    decoders.insert(r.topic.clone(), decoder());
+                    let format = decoders
+                        .get(&source.options.topic)
+                        .map_or(source.options.format, TopicDecoder::format);
+                    decoders.insert(r.topic.clone(), decoder(format)?);
                 }
             }
         }
@@ -827,6 +861,7 @@ impl Pipeline {
             let Some(decoder) = self.decoders.get(raw.topic.as_ref()) else {
                 continue;
             };
+            decoder.prepare(raw).await?;
             let mut decoded = decoder.decode(raw)?;
             if let Some((column, table)) = self.id_checks.get(raw.topic.as_ref())
                 && let Some(t) = self.reference.get(table)

@@ -20,7 +20,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, SessionContext};
 use futures::StreamExt;
 
-use crate::decode::JsonDecoder;
+use crate::decode::{JsonDecoder, Registry, TopicDecoder};
 use crate::error::{Error, Result};
 use crate::plan::stream::{StreamContext, StreamQuery};
 use crate::source::RawBatch;
@@ -164,13 +164,24 @@ pub async fn run_query_over_records(
     mut query: StreamQuery,
     batches: &[RawBatch],
     limit: usize,
+    registry: &Arc<Registry>,
 ) -> Result<RunSummary> {
     let source = query.source().clone();
-    let decoder = JsonDecoder::new(source.topic_schema.clone());
+    let decoder = TopicDecoder::new(
+        source.options.format,
+        source.topic_schema.clone(),
+        source
+            .options
+            .event_time
+            .as_deref()
+            .map(|c| (c, source.options.event_time_unit)),
+        Some(registry),
+    )?;
     let mut summary = RunSummary::default();
     let mut now_ms = 0i64;
     for raw in batches {
         summary.input_rows += raw.len() as u64;
+        decoder.prepare(raw).await?;
         let decoded = decoder.decode(raw)?;
         summary.rejected += decoded.rejects.len() as u64;
         if summary.first_rejection.is_none() {

@@ -160,12 +160,13 @@ pub fn city_context_in(
         ("alerts", "alert", &topics.alerts, Some("entity_id")),
     ];
     for (name, schema, topic, key) in streams {
-        ctx.register_stream(StreamTable::from_topic_schema(
-            name,
-            schemas.get(schema)?,
-            topic.as_str(),
-            key,
-        )?)?;
+        let mut table =
+            StreamTable::from_topic_schema(name, schemas.get(schema)?, topic.as_str(), key)?;
+        // The inputs are in the configured format; the engine writes its outputs as JSON.
+        if topics.inputs().contains(topic) {
+            table.options.format = topics.input_format;
+        }
+        ctx.register_stream(table)?;
     }
     ctx.register_reference_tables(reference)?;
     Ok(ctx)

@@ -29,14 +29,16 @@ use datafusion::physical_plan::ExecutionPlan;
 
 use super::feed::FeedExec;
 use crate::schema::TopicSchema;
+use crate::topics::Format;
 
 /// The options of a stream table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamOptions {
     /// Kafka topic.
     pub topic: String,
-    /// Record format; only `json` today.
-    pub format: String,
+    /// Record format: `json`, or `avro` (Confluent wire format, writer schemas from the schema
+    /// registry).
+    pub format: Format,
     /// Event-time column (a timestamp), required to read the table in a windowed query.
     pub event_time: Option<String>,
     /// Allowed out-of-orderness: the watermark trails the largest event time by this much.
@@ -66,7 +68,7 @@ impl StreamOptions {
     pub fn new(topic: impl Into<String>) -> Self {
         Self {
             topic: topic.into(),
-            format: "json".into(),
+            format: Format::Json,
             event_time: None,
             watermark_delay: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
@@ -111,10 +113,13 @@ impl StreamOptions {
         };
         let mut out = Self::new(topic.clone());
         if let Some(format) = get("format") {
-            if !format.eq_ignore_ascii_case("json") {
-                return plan_err!("format '{format}' is not supported (supported: json)");
-            }
-            out.format = "json".into();
+            let Some(format) = Format::parse(format) else {
+                return plan_err!(
+                    "format '{format}' is not supported: write 'json' (one JSON object per \
+                     record) or 'avro' (Confluent-framed Avro, schemas from the registry)"
+                );
+            };
+            out.format = format;
         }
         out.event_time = get("event_time").cloned();
         out.key = get("key").cloned();
@@ -361,8 +366,11 @@ mod tests {
         assert!(e.to_string().contains("option 'idle_timeout'"), "{e}");
         let e = StreamOptions::parse(&opts(&[("format", "json")])).expect_err("no topic");
         assert!(e.to_string().contains("'topic'"), "{e}");
-        let e =
-            StreamOptions::parse(&opts(&[("topic", "t"), ("format", "avro")])).expect_err("format");
-        assert!(e.to_string().contains("not supported"), "{e}");
+        let e = StreamOptions::parse(&opts(&[("topic", "t"), ("format", "protobuf")]))
+            .expect_err("format");
+        assert!(e.to_string().contains("not supported: write 'json'"), "{e}");
+        let avro =
+            StreamOptions::parse(&opts(&[("topic", "t"), ("format", "AVRO")])).expect("avro");
+        assert_eq!(avro.format, Format::Avro);
     }
 }

@@ -36,6 +36,8 @@ pub struct ServiceConfig {
     pub catalog: CatalogConfig,
     /// `[reference]`
     pub reference: ReferenceConfig,
+    /// `[schema_registry]`
+    pub schema_registry: SchemaRegistryConfig,
     /// `[queries]`
     pub queries: QueriesConfig,
     /// `[pipeline]`
@@ -103,7 +105,34 @@ pub struct ReferenceConfig {
     pub unknown_ids: crate::decode::UnknownIds,
 }
 
+/// `[schema_registry]`: where the writer schemas of Avro records are.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    /// A Confluent Schema Registry's URL; empty: the directory registry.
+    pub url: String,
+    /// The directory registry (empty: `registry/` beside the catalog).
+    pub dir: PathBuf,
+}
+
 impl ServiceConfig {
+    /// The schema registry of Avro streams: `schema_registry.url`, or the directory
+    /// registry.
+    pub fn schema_registry(&self) -> crate::Result<crate::decode::Registry> {
+        if !self.schema_registry.url.is_empty() {
+            return crate::decode::Registry::http(&self.schema_registry.url);
+        }
+        let dir = if self.schema_registry.dir.as_os_str().is_empty() {
+            self.catalog
+                .path
+                .parent()
+                .map_or_else(|| PathBuf::from("registry"), |p| p.join("registry"))
+        } else {
+            self.schema_registry.dir.clone()
+        };
+        crate::decode::Registry::dir(dir)
+    }
+
     /// The reference tables' directory: `reference.dir`, or `reference/` beside the catalog.
     pub fn reference_dir(&self) -> PathBuf {
         if !self.reference.dir.as_os_str().is_empty() {

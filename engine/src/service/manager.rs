@@ -464,6 +464,8 @@ pub struct QueryManager {
     checkpoint_root: crate::checkpoint::Location,
     /// The reference tables every query reads, replaced through the API.
     reference: ReferenceTables,
+    /// The schema registry of Avro streams, shared by every query (and its cache).
+    registry: Arc<crate::decode::Registry>,
     /// Previews running at once (each reads its input and keeps a query's state).
     previews: tokio::sync::Semaphore,
 }
@@ -509,9 +511,11 @@ impl QueryManager {
         let catalog = Catalog::open(&config.catalog.path)?;
         let checkpoint_root = config.checkpoint_root()?;
         let reference = ReferenceTables::open(config.reference_dir())?;
+        let registry = Arc::new(config.schema_registry()?);
         Ok(Self {
             checkpoint_root,
             reference,
+            registry,
             previews: tokio::sync::Semaphore::new(2),
             config,
             catalog: Mutex::new(catalog),
@@ -783,6 +787,7 @@ impl QueryManager {
                 let brokers = self.config.kafka.brokers.clone();
                 let properties = self.config.kafka_properties();
                 let topic = query.source().options.topic.clone();
+                let registry = self.registry.clone();
                 self.runtime.handle().spawn(async move {
                     let read = tokio::task::spawn_blocking(move || {
                         crate::source::range::read_range(
@@ -800,6 +805,7 @@ impl QueryManager {
                         query,
                         &read.batches,
                         limit,
+                        &registry,
                     )
                     .await?;
                     Ok((summary, read.truncated))
@@ -1247,6 +1253,7 @@ impl QueryManager {
         // so they join as dynamic members.)
         p.reference = Some(self.reference.clone());
         p.unknown_ids = c.reference.unknown_ids;
+        p.registry = Some(self.registry.clone());
         p.group_instance_id = (c.checkpoint.enabled && c.checkpoint.exactly_once)
             .then(|| c.checkpoint.instance.clone());
         p.checkpoint = c.checkpoint.enabled.then(|| CheckpointSettings {

@@ -1,0 +1,227 @@
+//! Avro inputs through the embedded broker: the same simulated city, once as JSON records and
+//! once as Confluent-framed Avro records (schemas in a directory registry), gives the same
+//! congestion indicators; Avro records with a bad magic byte, an unknown schema id or a
+//! truncated body go to the DLQ with the reason, and cost no good record.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::message::Message;
+use serde_json::Value;
+use urbanstream::decode::avro::embedded_avsc;
+use urbanstream::decode::{AvroEncoder, Registry};
+use urbanstream::pipeline::{Format, Pipeline, PipelineConfig, PipelineStats, Topics};
+use urbanstream::reference::ReferenceData;
+use urbanstream::simulate::{CitySimulator, SimConfig, SimTopic};
+use urbanstream_tests::TestCluster;
+
+const PARTITIONS: i32 = 4;
+
+/// A partition for a key, the same for both formats.
+fn partition_of(key: &str) -> i32 {
+    let h = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (h % PARTITIONS as u64) as i32
+}
+
+fn avro_topics() -> Topics {
+    let d = Topics::default();
+    let p = |t: &str| format!("avro.{t}");
+    Topics {
+        camera: p(&d.camera),
+        detectors: p(&d.detectors),
+        air: p(&d.air),
+        congestion: p(&d.congestion),
+        air_indicators: p(&d.air_indicators),
+        congestion_top: p(&d.congestion_top),
+        travel: p(&d.travel),
+        alerts: p(&d.alerts),
+        dlq: p(&d.dlq),
+        late: p(&d.late),
+        input_format: Format::Avro,
+    }
+}
+
+/// Rows of a topic, sorted, once nothing more arrives: until two seconds pass without a
+/// record after the first (or fifteen without any).
+async fn settled(cluster: &TestCluster, topic: &str) -> anyhow::Result<Vec<Value>> {
+    let consumer = cluster.consumer(topic)?;
+    let mut rows = Vec::new();
+    let mut wait = Duration::from_secs(15);
+    while let Ok(message) = tokio::time::timeout(wait, consumer.recv()).await {
+        rows.push(serde_json::from_slice(
+            message?.payload().unwrap_or_default(),
+        )?);
+        wait = Duration::from_secs(2);
+    }
+    rows.sort_by_key(|v: &Value| v.to_string());
+    Ok(rows)
+}
+
+/// Waits until the pipeline has decoded `n` camera events and rejected `dlq` records.
+async fn consumed(stats: &PipelineStats, n: u64, dlq: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stats.camera_events.load(Ordering::Relaxed) < n || stats.dlq.load(Ordering::Relaxed) < dlq
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} of {n} camera events, {} of {dlq} dead letters",
+            stats.camera_events.load(Ordering::Relaxed),
+            stats.dlq.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_camera_events_give_the_indicators_json_ones_give() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(PARTITIONS)?;
+    let json_topics = Topics::default();
+    let avro = avro_topics();
+    for topic in avro.all() {
+        cluster.broker.create_topic(&topic, PARTITIONS)?;
+    }
+    let dir = tempfile::tempdir()?;
+    let registry = Arc::new(Registry::dir(dir.path().join("registry"))?);
+    let encoder = |schema: &'static str, topic: String| {
+        let registry = registry.clone();
+        async move {
+            let avsc = embedded_avsc(schema).expect("schema");
+            AvroEncoder::registered(&registry, &format!("{topic}-value"), avsc).await
+        }
+    };
+    let camera = encoder("camera_event", avro.camera.clone()).await?;
+    let detector = encoder("detector_reading", avro.detectors.clone()).await?;
+    let air = encoder("air_reading", avro.air.clone()).await?;
+
+    // Four simulated minutes of the city, well-formed, some of it out of order.
+    let mut simulator = CitySimulator::new(
+        SimConfig {
+            seed: 7,
+            detections_per_sim_second: 6.0,
+            malformed_share: 0.0,
+            late_share: 0.0,
+            ..SimConfig::default()
+        },
+        Arc::new(ReferenceData::embedded()?),
+    );
+    let mut cameras = 0u64;
+    let mut last_time = 0i64;
+    let mut keys: BTreeMap<i32, String> = BTreeMap::new();
+    for _ in 0..240 {
+        for record in simulator.next_tick() {
+            let p = partition_of(&record.key);
+            let (json_topic, avro_topic, encoder) = match record.topic {
+                SimTopic::Camera => (&json_topics.camera, &avro.camera, &camera),
+                SimTopic::Detector => (&json_topics.detectors, &avro.detectors, &detector),
+                SimTopic::Air => (&json_topics.air, &avro.air, &air),
+            };
+            if record.topic == SimTopic::Camera {
+                cameras += 1;
+                last_time = last_time.max(record.event_time);
+                keys.entry(p).or_insert_with(|| record.key.clone());
+            }
+            cluster
+                .produce(json_topic, p, &record.key, &record.payload)
+                .await?;
+            let value = encoder.encode_json(&record.payload)?;
+            cluster.produce(avro_topic, p, &record.key, &value).await?;
+        }
+    }
+    anyhow::ensure!(
+        keys.len() == PARTITIONS as usize,
+        "a partition without cameras"
+    );
+    // A detection ten minutes on in every partition closes every window of both.
+    for (p, key) in &keys {
+        let closing = serde_json::to_vec(&serde_json::json!({
+            "camera_id": "cam-0001", "segment_id": key, "event_time": last_time + 600_000,
+            "vehicle_class": "car", "speed_kmh": 30.0, "confidence": 0.9}))?;
+        cluster
+            .produce(&json_topics.camera, *p, key, &closing)
+            .await?;
+        cluster
+            .produce(&avro.camera, *p, key, &camera.encode_json(&closing)?)
+            .await?;
+        cameras += 1;
+    }
+    // Bad Avro records, among the good ones.
+    let good = camera.encode_json(&serde_json::to_vec(&serde_json::json!({
+        "camera_id": "cam-0001", "segment_id": keys[&0], "event_time": last_time,
+        "vehicle_class": "bus", "speed_kmh": 20.0, "confidence": 0.9}))?)?;
+    let mut unknown = good.clone();
+    unknown[1..5].copy_from_slice(&4242u32.to_be_bytes());
+    let bad: Vec<(Vec<u8>, &str)> = vec![
+        (b"{\"camera_id\":\"cam-0001\"}".to_vec(), "not Avro"),
+        (unknown, "unknown schema id 4242"),
+        (good[..good.len() - 3].to_vec(), "truncated Avro record"),
+    ];
+    for (value, _) in &bad {
+        cluster.produce(&avro.camera, 0, &keys[&0], value).await?;
+    }
+
+    let run = |topics: Topics, group: &str| {
+        let mut config = PipelineConfig::new(&cluster.brokers);
+        config.group_id = group.into();
+        config.topics = topics;
+        config.registry = Some(registry.clone());
+        config
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let json_stats = Arc::new(PipelineStats::new());
+    let avro_stats = Arc::new(PipelineStats::new());
+    let json_task = tokio::spawn(
+        Pipeline::new(run(json_topics.clone(), "json"), json_stats.clone())
+            .await?
+            .run(stop.clone()),
+    );
+    let avro_task = tokio::spawn(
+        Pipeline::new(run(avro.clone(), "avro"), avro_stats.clone())
+            .await?
+            .run(stop.clone()),
+    );
+    consumed(&json_stats, cameras, 0).await?;
+    consumed(&avro_stats, cameras, bad.len() as u64).await?;
+
+    // Read together: each reader joins a consumer group of its own first.
+    let (from_json, from_avro, top_json, top_avro, mut dead, json_dead) = tokio::try_join!(
+        settled(&cluster, &json_topics.congestion),
+        settled(&cluster, &avro.congestion),
+        settled(&cluster, &json_topics.congestion_top),
+        settled(&cluster, &avro.congestion_top),
+        settled(&cluster, &avro.dlq),
+        settled(&cluster, &json_topics.dlq),
+    )?;
+    // Four minutes of a few dozen segments.
+    assert!(from_json.len() > 40, "{} rows", from_json.len());
+    assert_eq!(from_json.len(), from_avro.len());
+    for (j, a) in from_json.iter().zip(&from_avro) {
+        assert_eq!(j, a);
+    }
+    assert!(!top_json.is_empty());
+    assert_eq!(top_json, top_avro);
+
+    // The bad records went to the DLQ, each with its reason and offset; the JSON run had
+    // none.
+    dead.sort_by_key(|v| v["offset"].as_i64());
+    assert_eq!(dead.len(), bad.len(), "{dead:?}");
+    for (d, (_, reason)) in dead.iter().zip(&bad) {
+        assert_eq!(d["topic"], Value::from(avro.camera.clone()));
+        assert_eq!(d["stage"], "decode");
+        assert!(
+            d["error"].as_str().is_some_and(|e| e.contains(reason)),
+            "{d}"
+        );
+    }
+    assert!(json_dead.is_empty(), "{json_dead:?}");
+    assert_eq!(json_stats.dlq.load(Ordering::Relaxed), 0);
+
+    stop.store(true, Ordering::Relaxed);
+    json_task.await??;
+    avro_task.await??;
+    Ok(())
+}
