@@ -1,10 +1,18 @@
-//! Decode stage: JSON records into Arrow batches, per topic, in records per second.
+//! Decode stage: records into Arrow batches, per topic, in records per second: JSON
+//! (`decode/<schema>`) and the same records as Confluent-framed Avro
+//! (`decode/avro_<schema>`), each with 1 % malformed records spread through a camera batch.
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use urbanstream::decode::JsonDecoder;
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::TimeUnit;
+use urbanstream::decode::avro::embedded_avsc;
+use urbanstream::decode::{AvroEncoder, JsonDecoder, Registry, TopicDecoder};
+use urbanstream::pipeline::Format;
 use urbanstream::schema::SchemaRegistry;
 use urbanstream::simulate::SimTopic;
+use urbanstream::source::RawBatch;
 use urbanstream_benches::simulated_batch;
 
 fn decode(c: &mut Criterion) {
@@ -43,7 +51,75 @@ fn decode(c: &mut Criterion) {
     group.bench_function("camera_event_1pct_malformed", |b| {
         b.iter(|| decoder.decode(&raw).expect("decode"))
     });
+    avro(&mut group, &registry);
     group.finish();
+}
+
+/// The same simulated records as Avro, written with the topic schemas (registered in a
+/// directory registry) and decoded with the writer schema looked up by id.
+fn avro(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    schemas: &SchemaRegistry,
+) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("dir");
+    let registry = Arc::new(Registry::dir(dir.path()).expect("registry"));
+    for (topic, schema, n) in [
+        (SimTopic::Camera, "camera_event", 8192),
+        (SimTopic::Detector, "detector_reading", 4096),
+        (SimTopic::Air, "air_reading", 4096),
+    ] {
+        let json = simulated_batch(topic, n);
+        let encoder = runtime
+            .block_on(AvroEncoder::registered(
+                &registry,
+                schema,
+                embedded_avsc(schema).expect("avsc"),
+            ))
+            .expect("encoder");
+        let mut raw = RawBatch::new(schema);
+        let mut malformed = RawBatch::new(schema);
+        for i in 0..json.len() {
+            let value = encoder.encode_json(json.value(i)).expect("encode");
+            raw.push(json.partitions[i], i as i64, json.key(i), Some(&value));
+            let value = if i % 100 == 50 {
+                value[..value.len() / 2].to_vec()
+            } else {
+                value
+            };
+            malformed.push(json.partitions[i], i as i64, json.key(i), Some(&value));
+        }
+        let decoder = TopicDecoder::new(
+            Format::Avro,
+            schemas.get(schema).expect(schema),
+            Some(("event_time", TimeUnit::Millisecond)),
+            Some(&registry),
+        )
+        .expect("decoder");
+        runtime.block_on(decoder.prepare(&raw)).expect("schemas");
+        group.throughput(Throughput::Elements(raw.len() as u64));
+        group.bench_function(format!("avro_{schema}"), |b| {
+            b.iter(|| {
+                let decoded = decoder.decode(&raw).expect("decode");
+                assert_eq!(decoded.batch.num_rows(), raw.len());
+                decoded
+            })
+        });
+        if topic == SimTopic::Camera {
+            group.bench_function("avro_camera_event_1pct_malformed", |b| {
+                b.iter(|| {
+                    let decoded = decoder.decode(&malformed).expect("decode");
+                    assert_eq!(
+                        decoded.rejects.len(),
+                        (50..malformed.len()).step_by(100).len()
+                    );
+                    decoded
+                })
+            });
+        }
+    }
 }
 
 criterion_group!(benches, decode);

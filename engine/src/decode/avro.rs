@@ -139,9 +139,12 @@ impl AvroDecoder {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let mut parts = Vec::new();
-        let mut rows = Vec::with_capacity(raw.len());
-        let mut rejects = Vec::new();
+        let mut out = Out {
+            shape: &self.shape,
+            parts: Vec::new(),
+            rows: Vec::with_capacity(raw.len()),
+            rejects: Vec::new(),
+        };
         let mut start = 0;
         while start < raw.len() {
             let end = (start + CHUNK).min(raw.len());
@@ -153,25 +156,25 @@ impl AvroDecoder {
                     error,
                 };
                 if let Some(error) = self.shape.oversize(raw, i) {
-                    rejects.push(reject(error));
+                    out.rejects.push(reject(error));
                     continue;
                 }
                 let value = raw.value(i);
                 let id = match frame(value) {
                     Ok(id) => id,
                     Err(error) => {
-                        rejects.push(reject(error));
+                        out.rejects.push(reject(error));
                         continue;
                     }
                 };
                 let writer = match writers.get(&id).map(|w| w.as_ref()) {
                     Some(Ok(_)) => writers[&id].clone(),
                     Some(Err(why)) => {
-                        rejects.push(reject(why.clone()));
+                        out.rejects.push(reject(why.clone()));
                         continue;
                     }
                     None => {
-                        rejects.push(reject(format!(
+                        out.rejects.push(reject(format!(
                             "unknown schema id {id}: the schema registry ({}) has no such \
                              schema; register the producer's schema there",
                             self.registry.location()
@@ -180,21 +183,21 @@ impl AvroDecoder {
                     }
                 };
                 if run.as_ref().is_none_or(|r| r.id != id) {
-                    if let Some(done) = run.take() {
-                        done.flush(&self.shape, raw, &mut parts, &mut rows, &mut rejects)?;
+                    if let Some(mut done) = run.take() {
+                        done.flush(raw, &mut out)?;
                     }
                     run = Some(Run::new(id, writer, end - i)?);
                 }
                 if let Some(r) = run.as_mut() {
-                    r.feed(raw, i, &mut rejects)?;
+                    r.feed(raw, i, &mut out)?;
                 }
             }
-            if let Some(done) = run.take() {
-                done.flush(&self.shape, raw, &mut parts, &mut rows, &mut rejects)?;
+            if let Some(mut done) = run.take() {
+                done.flush(raw, &mut out)?;
             }
             start = end;
         }
-        self.shape.finish(parts, rows, rejects)
+        self.shape.finish(out.parts, out.rows, out.rejects)
     }
 }
 
@@ -233,74 +236,80 @@ impl Run {
             .map_err(|why| Error::schema("(writer)", why.clone()))
     }
 
-    /// Feeds record `i`; a bad one is rejected and the decoder rebuilt from the good ones.
-    fn feed(&mut self, raw: &RawBatch, i: usize, rejects: &mut Vec<Reject>) -> Result<()> {
-        match feed_one(&mut self.decoder, raw.value(i), self.good.len()) {
-            Ok(()) => self.good.push(i as u32),
-            Err(error) => {
-                rejects.push(Reject {
-                    index: i as u32,
-                    stage: RejectStage::Decode,
-                    error,
-                });
-                // The decoder may hold part of the bad record.
-                self.decoder =
-                    body_decoder(self.id, &Self::schema(&self.writer)?.avro, self.capacity)?;
-                for (k, &g) in self.good.iter().enumerate() {
-                    if let Err(error) = feed_one(&mut self.decoder, raw.value(g as usize), k) {
-                        return Err(Error::schema(
-                            "(writer)",
-                            format!("record {g} decoded once but not twice: {error}"),
-                        ));
-                    }
-                }
+    /// Feeds record `i`. A bad one is rejected; the decoder, which may hold part of it, is
+    /// rebuilt from the good records since the last flush, and those are flushed, so that
+    /// each good record is fed again at most once whatever the number of bad ones.
+    fn feed(&mut self, raw: &RawBatch, i: usize, out: &mut Out<'_>) -> Result<()> {
+        let error = match feed_one(&mut self.decoder, raw.value(i), self.good.len()) {
+            Ok(()) => {
+                self.good.push(i as u32);
+                return Ok(());
+            }
+            Err(error) => error,
+        };
+        out.rejects.push(Reject {
+            index: i as u32,
+            stage: RejectStage::Decode,
+            error,
+        });
+        self.decoder = body_decoder(self.id, &Self::schema(&self.writer)?.avro, self.capacity)?;
+        for (k, &g) in self.good.iter().enumerate() {
+            if let Err(error) = feed_one(&mut self.decoder, raw.value(g as usize), k) {
+                return Err(Error::schema(
+                    "(writer)",
+                    format!("record {g} decoded once but not twice: {error}"),
+                ));
             }
         }
-        Ok(())
+        self.flush(raw, out)
     }
 
-    /// The run's rows, in the topic schema's fields; if the flush fails, record by record.
-    fn flush(
-        mut self,
-        shape: &Shape,
-        raw: &RawBatch,
-        parts: &mut Vec<RecordBatch>,
-        rows: &mut Vec<u32>,
-        rejects: &mut Vec<Reject>,
-    ) -> Result<()> {
+    /// The rows fed since the last flush, in the topic schema's fields, to `out`; if the
+    /// flush fails, record by record.
+    fn flush(&mut self, raw: &RawBatch, out: &mut Out<'_>) -> Result<()> {
         let writer = Self::schema(&self.writer)?;
+        let good = std::mem::take(&mut self.good);
         match self.decoder.flush() {
-            Ok(Some(batch)) if batch.num_rows() == self.good.len() => {
-                parts.push(align(shape, writer, &batch)?);
-                rows.extend_from_slice(&self.good);
+            Ok(Some(batch)) if batch.num_rows() == good.len() => {
+                out.parts.push(align(out.shape, writer, &batch)?);
+                out.rows.extend_from_slice(&good);
             }
-            Ok(None) if self.good.is_empty() => {}
+            Ok(None) if good.is_empty() => {}
             _ => {
-                for g in self.good {
+                for g in good {
                     let mut one = body_decoder(self.id, &writer.avro, 2)?;
                     let outcome = feed_one(&mut one, raw.value(g as usize), 0)
                         .and_then(|()| one.flush().map_err(|e| e.to_string()));
                     match outcome {
                         Ok(Some(batch)) if batch.num_rows() == 1 => {
-                            parts.push(align(shape, writer, &batch)?);
-                            rows.push(g);
+                            out.parts.push(align(out.shape, writer, &batch)?);
+                            out.rows.push(g);
                         }
-                        Ok(_) => rejects.push(Reject {
+                        Ok(_) => out.rejects.push(Reject {
                             index: g,
                             stage: RejectStage::Decode,
                             error: "expected one Avro record".into(),
                         }),
-                        Err(error) => rejects.push(Reject {
+                        Err(error) => out.rejects.push(Reject {
                             index: g,
                             stage: RejectStage::Decode,
                             error,
                         }),
                     }
                 }
+                self.decoder = body_decoder(self.id, &writer.avro, self.capacity)?;
             }
         }
         Ok(())
     }
+}
+
+/// Where decoded parts go.
+struct Out<'a> {
+    shape: &'a Shape,
+    parts: Vec<RecordBatch>,
+    rows: Vec<u32>,
+    rejects: Vec<Reject>,
 }
 
 /// A decoder of record bodies written with schema `id`.

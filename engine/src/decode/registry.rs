@@ -320,7 +320,134 @@ fn add_to_subject(dir: &Path, subject: &str, id: u32) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::{get, post};
+
     use super::*;
+
+    /// A Confluent Schema Registry as its REST reference documents it: the answers below are
+    /// the documented bodies (`GET /schemas/ids/{id}`, `POST /subjects/{subject}/versions`,
+    /// error 40403), and it checks what a client must send (media type, basic auth).
+    async fn confluent(requests: Arc<AtomicUsize>) -> String {
+        async fn by_id(
+            State(n): State<Arc<AtomicUsize>>,
+            UrlPath(id): UrlPath<u32>,
+        ) -> (StatusCode, String) {
+            n.fetch_add(1, Ordering::Relaxed);
+            match id {
+                1 => (
+                    StatusCode::OK,
+                    serde_json::json!({ "schema": R1 }).to_string(),
+                ),
+                9 => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    r#"{"error_code":50001,"message":"Error in the backend data store"}"#.into(),
+                ),
+                _ => (
+                    StatusCode::NOT_FOUND,
+                    format!(r#"{{"error_code":40403,"message":"Schema {id} not found"}}"#),
+                ),
+            }
+        }
+        async fn register(
+            State(n): State<Arc<AtomicUsize>>,
+            UrlPath(subject): UrlPath<String>,
+            headers: HeaderMap,
+            body: String,
+        ) -> (StatusCode, String) {
+            n.fetch_add(1, Ordering::Relaxed);
+            let header = |h: &str| {
+                headers
+                    .get(h)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            // "user:secret", as basic auth.
+            if header("authorization") != "Basic dXNlcjpzZWNyZXQ=" {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    r#"{"error_code":401,"message":"Unauthorized"}"#.into(),
+                );
+            }
+            let body: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            if header("content-type") != CONFLUENT_JSON
+                || subject != "city camera-value"
+                || body["schema"].as_str().is_none()
+            {
+                return (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    r#"{"error_code":42201,"message":"Invalid schema"}"#.into(),
+                );
+            }
+            (StatusCode::OK, r#"{"id":1}"#.into())
+        }
+        let app = axum::Router::new()
+            .route("/schemas/ids/{id}", get(by_id))
+            .route("/subjects/{subject}/versions", post(register))
+            .with_state(requests);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://user:secret@{addr}/")
+    }
+
+    #[tokio::test]
+    async fn a_confluent_registry_is_asked_once_per_id_over_its_rest_protocol() {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let url = confluent(requests.clone()).await;
+        let registry = Registry::http(&url).expect("registry");
+        // The credentials are not part of the location shown in messages.
+        assert!(
+            !registry.location().contains("secret"),
+            "{}",
+            registry.location()
+        );
+        let found = registry.schema(1).await.expect("lookup").expect("found");
+        assert_eq!(&*found, R1);
+        assert_eq!(
+            registry.schema(1).await.expect("cached").as_deref(),
+            Some(R1)
+        );
+        assert_eq!(
+            requests.load(Ordering::Relaxed),
+            1,
+            "the second lookup is cached"
+        );
+        assert_eq!(registry.schema(2).await.expect("lookup"), None);
+        assert_eq!(registry.cached(2), Some(None));
+        let e = registry.schema(9).await.expect_err("backend error");
+        assert!(e.is_transient(), "{e}");
+        assert!(e.to_string().contains("50001"), "{e}");
+        // A subject with a space is one path segment.
+        let id = registry
+            .register("city camera-value", R1)
+            .await
+            .expect("id");
+        assert_eq!(id, 1);
+        let anonymous = Registry::http(&url.replace("user:secret@", "")).expect("registry");
+        let e = anonymous
+            .register("city camera-value", R1)
+            .await
+            .expect_err("auth");
+        assert!(e.to_string().contains("401"), "{e}");
+        // Nobody listening: transient.
+        let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let gone = Registry::http(&format!("http://127.0.0.1:{port}")).expect("registry");
+        let e = gone.schema(1).await.expect_err("unreachable");
+        assert!(matches!(e, Error::Registry(_)) && e.is_transient(), "{e}");
+        assert!(Registry::http("ftp://host").is_err());
+    }
 
     const R1: &str = r#"{"type":"record","name":"R","fields":[{"name":"a","type":"long"}]}"#;
     const R2: &str = r#"{"type":"record","name":"R","fields":[{"name":"a","type":"long"},
