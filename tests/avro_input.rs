@@ -1,7 +1,8 @@
-//! Avro inputs through the embedded broker: the same simulated city, once as JSON records and
-//! once as Confluent-framed Avro records (schemas in a directory registry), gives the same
-//! congestion indicators; Avro records with a bad magic byte, an unknown schema id or a
-//! truncated body go to the DLQ with the reason, and cost no good record.
+//! Avro through the embedded broker: the same simulated city, once as JSON records and once as
+//! Confluent-framed Avro records (schemas in a directory registry), gives the same congestion
+//! indicators, the Avro run writing them as Avro with the topic schemas registered; Avro
+//! records with a bad magic byte, an unknown schema id or a truncated body go to the DLQ with
+//! the reason, and cost no good record.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::message::Message;
 use serde_json::Value;
-use urbanstream::decode::avro::embedded_avsc;
+use urbanstream::decode::avro::{avro_to_json, embedded_avsc};
 use urbanstream::decode::{AvroEncoder, Registry};
 use urbanstream::pipeline::{Format, Pipeline, PipelineConfig, PipelineStats, Topics};
 use urbanstream::reference::ReferenceData;
@@ -42,19 +43,32 @@ fn avro_topics() -> Topics {
         dlq: p(&d.dlq),
         late: p(&d.late),
         input_format: Format::Avro,
+        output_format: Format::Avro,
     }
 }
 
 /// Rows of a topic, sorted, once nothing more arrives: until two seconds pass without a
 /// record after the first (or fifteen without any).
-async fn settled(cluster: &TestCluster, topic: &str) -> anyhow::Result<Vec<Value>> {
+/// Avro records are read with their writer schema from `registry`, and each is marked with
+/// `"_avro": true`.
+async fn settled(
+    cluster: &TestCluster,
+    topic: &str,
+    registry: &Registry,
+) -> anyhow::Result<Vec<Value>> {
     let consumer = cluster.consumer(topic)?;
     let mut rows = Vec::new();
     let mut wait = Duration::from_secs(15);
     while let Ok(message) = tokio::time::timeout(wait, consumer.recv()).await {
-        rows.push(serde_json::from_slice(
-            message?.payload().unwrap_or_default(),
-        )?);
+        let message = message?;
+        let payload = message.payload().unwrap_or_default();
+        rows.push(if payload.first() == Some(&0) {
+            let mut row = avro_to_json(registry, payload).await?;
+            row["_avro"] = Value::Bool(true);
+            row
+        } else {
+            serde_json::from_slice(payload)?
+        });
         wait = Duration::from_secs(2);
     }
     rows.sort_by_key(|v: &Value| v.to_string());
@@ -189,21 +203,38 @@ async fn avro_camera_events_give_the_indicators_json_ones_give() -> anyhow::Resu
 
     // Read together: each reader joins a consumer group of its own first.
     let (from_json, from_avro, top_json, top_avro, mut dead, json_dead) = tokio::try_join!(
-        settled(&cluster, &json_topics.congestion),
-        settled(&cluster, &avro.congestion),
-        settled(&cluster, &json_topics.congestion_top),
-        settled(&cluster, &avro.congestion_top),
-        settled(&cluster, &avro.dlq),
-        settled(&cluster, &json_topics.dlq),
+        settled(&cluster, &json_topics.congestion, &registry),
+        settled(&cluster, &avro.congestion, &registry),
+        settled(&cluster, &json_topics.congestion_top, &registry),
+        settled(&cluster, &avro.congestion_top, &registry),
+        settled(&cluster, &avro.dlq, &registry),
+        settled(&cluster, &json_topics.dlq, &registry),
     )?;
     // Four minutes of a few dozen segments.
     assert!(from_json.len() > 40, "{} rows", from_json.len());
     assert_eq!(from_json.len(), from_avro.len());
     for (j, a) in from_json.iter().zip(&from_avro) {
-        assert_eq!(j, a);
+        let mut a = a.clone();
+        assert_eq!(a["_avro"].take(), Value::Bool(true));
+        a.as_object_mut().map(|o| o.remove("_avro"));
+        assert_eq!(j, &a);
     }
     assert!(!top_json.is_empty());
+    let top_avro: Vec<Value> = top_avro
+        .into_iter()
+        .map(|mut v| {
+            assert_eq!(v["_avro"].take(), Value::Bool(true));
+            v.as_object_mut().map(|o| o.remove("_avro"));
+            v
+        })
+        .collect();
     assert_eq!(top_json, top_avro);
+    // The Avro run wrote Avro, with the topic schema registered under the topic's subject.
+    let subject = dir
+        .path()
+        .join("registry/subjects")
+        .join(format!("{}-value", avro.congestion));
+    assert!(subject.exists(), "{} registered", subject.display());
 
     // The bad records went to the DLQ, each with its reason and offset; the JSON run had
     // none.

@@ -74,6 +74,8 @@ pub struct TopicSchema {
     /// Per Arrow field: whether the record must carry a non-null value (non-union type without
     /// a default).
     pub required: Vec<bool>,
+    /// The Avro schema it was parsed from; `None` for a schema declared in SQL.
+    pub avsc: Option<Arc<str>>,
 }
 
 impl TopicSchema {
@@ -106,6 +108,7 @@ impl TopicSchema {
             enum_symbols,
             defaults,
             required,
+            avsc: Some(avsc.into()),
         })
     }
 
@@ -119,7 +122,62 @@ impl TopicSchema {
             defaults: vec![None; n],
             required: arrow.fields().iter().map(|f| !f.is_nullable()).collect(),
             arrow,
+            avsc: None,
         }
+    }
+
+    /// The Avro schema records of this schema are written with: the `.avsc` it came from, or
+    /// one derived from the SQL column list (nullable columns as `["null", T]` with a null
+    /// default, timestamps as `timestamp-millis`, as the engine writes them).
+    pub fn avro_schema(&self) -> Result<String> {
+        if let Some(avsc) = &self.avsc {
+            return Ok(avsc.to_string());
+        }
+        let mut fields = Vec::with_capacity(self.arrow.fields().len());
+        for field in self.arrow.fields() {
+            let t = match field.data_type() {
+                DataType::Boolean => serde_json::json!("boolean"),
+                DataType::Int8 | DataType::Int16 | DataType::Int32 => serde_json::json!("int"),
+                DataType::Int64 | DataType::UInt8 | DataType::UInt16 | DataType::UInt32 => {
+                    serde_json::json!("long")
+                }
+                DataType::Float32 => serde_json::json!("float"),
+                DataType::Float64 => serde_json::json!("double"),
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+                    serde_json::json!("string")
+                }
+                DataType::Timestamp(..) => {
+                    serde_json::json!({"type": "long", "logicalType": "timestamp-millis"})
+                }
+                DataType::Date32 => serde_json::json!({"type": "int", "logicalType": "date"}),
+                other => {
+                    return Err(Error::schema(
+                        &self.name,
+                        format!(
+                            "column {} is {other}, which Avro output does not carry yet; cast \
+                             it to VARCHAR, BIGINT or DOUBLE",
+                            field.name()
+                        ),
+                    ));
+                }
+            };
+            fields.push(if field.is_nullable() {
+                serde_json::json!({"name": field.name(), "type": ["null", t], "default": null})
+            } else {
+                serde_json::json!({"name": field.name(), "type": t})
+            });
+        }
+        let name: String = self
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let name = if name.starts_with(|c: char| c.is_ascii_digit()) || name.is_empty() {
+            format!("R{name}")
+        } else {
+            name
+        };
+        Ok(serde_json::json!({"type": "record", "name": name, "fields": fields}).to_string())
     }
 
     /// The Arrow schema of decoded batches: like [`TopicSchema::arrow`], but fields with a

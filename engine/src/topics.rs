@@ -60,6 +60,10 @@ pub struct Topics {
     /// How the input topics' records are encoded (camera, detectors, air).
     #[serde(default)]
     pub input_format: Format,
+    /// How the indicator and alert topics' records are written (the DLQ and the late topic
+    /// are JSON).
+    #[serde(default)]
+    pub output_format: Format,
 }
 
 impl Default for Topics {
@@ -76,6 +80,7 @@ impl Default for Topics {
             dlq: "city.dlq".into(),
             late: "city.late".into(),
             input_format: Format::Json,
+            output_format: Format::Json,
         }
     }
 }

@@ -338,6 +338,10 @@ pub struct TailArgs {
     /// Stop when nothing arrives for this long; default: wait until Ctrl-C.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub idle: Option<Duration>,
+    /// Where the writer schemas of Avro records are (a schema registry's URL or the
+    /// directory registry): Confluent-framed Avro records are printed as JSON.
+    #[arg(long, default_value = "urbanstream-data/registry")]
+    pub registry: String,
 }
 
 /// Options of `broker`.
@@ -629,6 +633,7 @@ async fn tail(args: TailArgs) -> Result<()> {
     stop_on_signal(stop.clone());
     let mut seen = 0;
     let mut last = std::time::Instant::now();
+    let mut registry = None;
     while !stop.load(Ordering::Relaxed) && args.max.is_none_or(|m| seen < m) {
         if args.idle.is_some_and(|idle| last.elapsed() >= idle) {
             break;
@@ -638,10 +643,17 @@ async fn tail(args: TailArgs) -> Result<()> {
             continue;
         };
         let message = message?;
-        println!(
-            "{}",
-            String::from_utf8_lossy(message.payload().unwrap_or_default())
-        );
+        let payload = message.payload().unwrap_or_default();
+        // JSON never starts with a zero byte; Confluent-framed Avro always does.
+        if payload.first() == Some(&crate::decode::avro::MAGIC) {
+            let registry = registry.get_or_insert(replay::registry_at(&args.registry)?);
+            match crate::decode::avro::avro_to_json(registry, payload).await {
+                Ok(json) => println!("{json}"),
+                Err(e) => println!("(Avro record at offset {}: {e})", message.offset()),
+            }
+        } else {
+            println!("{}", String::from_utf8_lossy(payload));
+        }
         seen += 1;
         last = std::time::Instant::now();
     }

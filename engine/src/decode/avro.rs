@@ -452,6 +452,25 @@ impl AvroEncoder {
     }
 }
 
+/// One Confluent-framed Avro record as JSON (timestamps as epoch milliseconds, enums as
+/// their symbols, unions as their value), its writer schema from `registry`: for people
+/// reading Avro topics (`urbanstream tail`) and tests.
+pub async fn avro_to_json(registry: &Registry, value: &[u8]) -> Result<serde_json::Value> {
+    let id = frame(value).map_err(|e| Error::schema("(record)", e))?;
+    let text = registry.schema(id).await?.ok_or_else(|| {
+        Error::schema(
+            "(record)",
+            format!("unknown schema id {id} in {}", registry.location()),
+        )
+    })?;
+    let schema = apache_avro::Schema::parse_str(&text)
+        .map_err(|e| Error::schema(format!("schema {id}"), e.to_string()))?;
+    let mut body = &value[HEADER..];
+    let decoded = apache_avro::from_avro_datum(&schema, &mut body, None)
+        .map_err(|e| Error::schema("(record)", e.to_string()))?;
+    serde_json::Value::try_from(decoded).map_err(|e| Error::schema("(record)", e.to_string()))
+}
+
 /// The Avro schema text of a topic schema compiled into the binary, by name.
 pub fn embedded_avsc(name: &str) -> Option<&'static str> {
     crate::schema::EMBEDDED
@@ -650,6 +669,76 @@ mod tests {
             "{:?}",
             d.rejects
         );
+    }
+
+    #[tokio::test]
+    async fn rows_of_a_stream_declared_in_sql_written_as_avro_read_back_the_same() {
+        use datafusion::arrow::array::{
+            BooleanArray, Float64Array, Int32Array, Int64Array, StringArray,
+            TimestampMillisecondArray,
+        };
+        use datafusion::arrow::datatypes::{Field, Schema};
+        let f = fixture().await;
+        let arrow = Arc::new(Schema::new(vec![
+            Field::new("segment_id", DataType::Utf8, false),
+            Field::new("t", DataType::Timestamp(TimeUnit::Millisecond, None), false),
+            Field::new("vehicles", DataType::Int64, true),
+            Field::new("lanes", DataType::Int32, false),
+            Field::new("speed", DataType::Float64, true),
+            Field::new("jam", DataType::Boolean, true),
+        ]));
+        let schema = crate::schema::TopicSchema::from_arrow("busy segments", arrow.clone());
+        let avsc = schema.avro_schema().expect("derived");
+        assert!(avsc.contains("\"busy_segments\""), "{avsc}");
+        let encoder = AvroEncoder::registered(&f.registry, "busy-value", &avsc)
+            .await
+            .expect("registered");
+        let batch = RecordBatch::try_new(
+            arrow,
+            vec![
+                Arc::new(StringArray::from(vec!["a", "b", "c"])),
+                Arc::new(TimestampMillisecondArray::from(vec![
+                    1_767_222_000_000,
+                    1_767_222_060_000,
+                    1_767_222_120_000,
+                ])),
+                Arc::new(Int64Array::from(vec![Some(12), None, Some(0)])),
+                Arc::new(Int32Array::from(vec![2, 4, 6])),
+                Arc::new(Float64Array::from(vec![Some(31.25), Some(-0.5), None])),
+                Arc::new(BooleanArray::from(vec![None, Some(true), Some(false)])),
+            ],
+        )
+        .expect("batch");
+        let (bytes, ends) = crate::sink::encode_json_rows(&batch).expect("json");
+        let mut start = 0;
+        let mut values = Vec::new();
+        for end in ends {
+            values.push(encoder.encode_json(&bytes[start..end]).expect("avro"));
+            start = end + 1;
+        }
+        let decoder = TopicDecoder::new(
+            Format::Avro,
+            Arc::new(schema),
+            Some(("t", TimeUnit::Millisecond)),
+            Some(&f.registry),
+        )
+        .expect("decoder");
+        let raw = raw(&values);
+        decoder.prepare(&raw).await.expect("prepare");
+        let d = decoder.decode(&raw).expect("decode");
+        assert!(d.rejects.is_empty(), "{:?}", d.rejects);
+        assert_eq!(d.batch, batch);
+
+        let lists = crate::schema::TopicSchema::from_arrow(
+            "l",
+            Arc::new(Schema::new(vec![Field::new(
+                "xs",
+                DataType::new_list(DataType::Int64, true),
+                true,
+            )])),
+        );
+        let e = lists.avro_schema().expect_err("lists");
+        assert!(e.to_string().contains("column xs"), "{e}");
     }
 
     proptest! {

@@ -513,6 +513,9 @@ impl Pipeline {
                     .inputs()
                     .iter()
                     .any(|s| s.options.format == Format::Avro)
+                    || r.query
+                        .sink()
+                        .is_some_and(|s| s.options.format == Format::Avro)
             });
         let registry = if avro { Some(config.registry()?) } else { None };
         if config.default_queries {
@@ -598,7 +601,22 @@ impl Pipeline {
         // same transactional id and aborts the transaction that predecessor left open, before
         // this process reads anything (so it never waits at an open transaction of its own
         // predecessor, e.g. in a repartition topic it both writes and reads).
-        let sink = KafkaSink::new(&sink_config)?;
+        let mut sink = KafkaSink::new(&sink_config)?;
+        // Avro sinks write with their schema, registered under `<topic>-value`.
+        let avro_sinks = queries
+            .iter()
+            .filter_map(|r| r.query.sink())
+            .filter(|t| t.options.format == Format::Avro)
+            .map(|t| Ok((t.options.topic.clone(), t.topic_schema.avro_schema()?)))
+            .collect::<Result<BTreeMap<String, String>>>()?;
+        if let Some(registry) = &registry {
+            for (topic, avsc) in avro_sinks {
+                let subject = format!("{topic}-value");
+                let encoder =
+                    crate::decode::AvroEncoder::registered(registry, &subject, &avsc).await?;
+                sink.write_avro(topic, encoder);
+            }
+        }
         let source = KafkaSource::new(source_config)?;
         let partitioned = queries
             .iter()

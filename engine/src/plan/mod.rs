@@ -162,10 +162,11 @@ pub fn city_context_in(
     for (name, schema, topic, key) in streams {
         let mut table =
             StreamTable::from_topic_schema(name, schemas.get(schema)?, topic.as_str(), key)?;
-        // The inputs are in the configured format; the engine writes its outputs as JSON.
-        if topics.inputs().contains(topic) {
-            table.options.format = topics.input_format;
-        }
+        table.options.format = if topics.inputs().contains(topic) {
+            topics.input_format
+        } else {
+            topics.output_format
+        };
         ctx.register_stream(table)?;
     }
     ctx.register_reference_tables(reference)?;

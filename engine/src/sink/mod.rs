@@ -448,6 +448,8 @@ pub struct KafkaSink {
     suppressing: std::sync::atomic::AtomicBool,
     /// Records not sent because they were suppressed.
     suppressed_count: std::sync::atomic::AtomicU64,
+    /// Topics written as Avro, with their encoders; the others get JSON.
+    encoders: std::collections::HashMap<String, crate::decode::AvroEncoder>,
 }
 
 /// A transactional call's error; a broker without Kafka transactions is named as such (a
@@ -505,7 +507,13 @@ impl KafkaSink {
             suppressed: Default::default(),
             suppressing: Default::default(),
             suppressed_count: Default::default(),
+            encoders: Default::default(),
         })
+    }
+
+    /// Writes `topic`'s rows as Avro with `encoder` (its schema registered) from now on.
+    pub fn write_avro(&mut self, topic: impl Into<String>, encoder: crate::decode::AvroEncoder) {
+        self.encoders.insert(topic.into(), encoder);
     }
 
     /// Whether the producer is transactional.
@@ -575,8 +583,9 @@ impl KafkaSink {
         )
     }
 
-    /// Publishes each row of `batch` (already conformed to the topic's schema) as JSON, keyed
-    /// by the column `key_column` (its text form), or without key.
+    /// Publishes each row of `batch` (already conformed to the topic's schema) as JSON (or as
+    /// Avro, for a topic given to [`KafkaSink::write_avro`]), keyed by the column `key_column`
+    /// (its text form), or without key.
     pub async fn send_rows(
         &self,
         topic: &str,
@@ -602,13 +611,21 @@ impl KafkaSink {
             let key = keys
                 .filter(|k| !k.is_null(r))
                 .map(|k| k.value(r).as_bytes());
-            let value = &bytes[start..end];
+            let json = &bytes[start..end];
+            start = end + 1;
+            let encoded;
+            let value = match self.encoders.get(topic) {
+                Some(encoder) => {
+                    encoded = encoder.encode_json(json)?;
+                    &encoded[..]
+                }
+                None => json,
+            };
             let id = self
                 .tag
                 .as_ref()
                 .map(|_| record_id(&[topic.as_bytes(), key.unwrap_or_default(), value]));
             self.send(topic, key, value, id, pending).await?;
-            start = end + 1;
         }
         Ok(())
     }
