@@ -26,6 +26,7 @@ fn args(cluster: &TestCluster, file: &std::path::Path, topic: &str) -> ReplayArg
         partitions: None,
         format: urbanstream::pipeline::Format::Json,
         schema: None,
+        descriptors: Vec::new(),
         registry: String::new(),
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::TimeUnit;
 use urbanstream::decode::avro::embedded_avsc;
-use urbanstream::decode::{AvroEncoder, JsonDecoder, Registry, TopicDecoder};
+use urbanstream::decode::{AvroEncoder, Codecs, JsonDecoder, Registry, TopicDecoder};
 use urbanstream::pipeline::Format;
 use urbanstream::schema::SchemaRegistry;
 use urbanstream::simulate::SimTopic;
@@ -95,7 +95,11 @@ fn avro(
             Format::Avro,
             schemas.get(schema).expect(schema),
             Some(("event_time", TimeUnit::Millisecond)),
-            Some(&registry),
+            &Codecs {
+                registry: Some(registry.clone()),
+                descriptors: None,
+            },
+            None,
         )
         .expect("decoder");
         runtime.block_on(decoder.prepare(&raw)).expect("schemas");

@@ -11,6 +11,9 @@ pub enum Format {
     /// Avro in the Confluent wire format: magic byte 0, the writer schema's id in the schema
     /// registry (4 bytes, big-endian), the Avro binary body.
     Avro,
+    /// A Protobuf message, plain or in the Confluent wire format, read by reflection over its
+    /// descriptor (inputs only).
+    Protobuf,
 }
 
 impl Format {
@@ -19,14 +22,16 @@ impl Format {
         match self {
             Format::Json => "json",
             Format::Avro => "avro",
+            Format::Protobuf => "protobuf",
         }
     }
 
-    /// Parses `json` or `avro` (any case).
+    /// Parses `json`, `avro` or `protobuf` (any case).
     pub fn parse(name: &str) -> Option<Self> {
         match name.to_ascii_lowercase().as_str() {
             "json" => Some(Format::Json),
             "avro" => Some(Format::Avro),
+            "protobuf" => Some(Format::Protobuf),
             _ => None,
         }
     }

@@ -407,7 +407,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             if summary.unfit > 0 {
                 println!(
-                    "  {} rows do not fit the Avro schema and were not produced (the first: {})",
+                    "  {} rows do not fit the schema and were not produced (the first: {})",
                     summary.unfit,
                     summary.first_unfit.unwrap_or_default()
                 );

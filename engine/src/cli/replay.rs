@@ -61,14 +61,20 @@ pub struct ReplayArgs {
     /// admin API).
     #[arg(long)]
     pub partitions: Option<i32>,
-    /// Record format: `json`, or `avro` (Confluent wire format; needs `--schema`).
+    /// Record format: `json`, `avro` (Confluent wire format) or `protobuf` (plain messages);
+    /// the last two need `--schema`.
     #[arg(long, default_value = "json", value_parser = parse_format)]
     pub format: Format,
     /// With `--format avro`: the records' Avro schema, a topic schema's name
-    /// (`camera_event`, `air_reading`, …) or an `.avsc` file. It is registered under the
-    /// subject `<topic>-value`.
+    /// (`camera_event`, `air_reading`, …) or an `.avsc` file, registered under the subject
+    /// `<topic>-value`. With `--format protobuf`: the message's full name
+    /// (`urbanstream.city.AirReading`, or one of `--descriptors`).
     #[arg(long)]
     pub schema: Option<String>,
+    /// With `--format protobuf`: `.proto` or `FileDescriptorSet` files with the message
+    /// (repeatable); the city's messages need none.
+    #[arg(long)]
+    pub descriptors: Vec<PathBuf>,
     /// With `--format avro`: the schema registry, a Confluent Schema Registry's URL or a
     /// directory (the service's default directory registry).
     #[arg(long, default_value = "urbanstream-data/registry")]
@@ -76,7 +82,7 @@ pub struct ReplayArgs {
 }
 
 fn parse_format(s: &str) -> std::result::Result<Format, String> {
-    Format::parse(s).ok_or_else(|| format!("{s:?} is not a format: write json or avro"))
+    Format::parse(s).ok_or_else(|| format!("{s:?} is not a format: write json, avro or protobuf"))
 }
 
 /// The registry at `location`: a URL, or a directory.
@@ -86,6 +92,32 @@ pub fn registry_at(location: &str) -> Result<Registry> {
     } else {
         Registry::dir(location)
     }
+}
+
+/// Turns a row's JSON into a record of another format.
+type Encode = Box<dyn Fn(&[u8]) -> Result<Vec<u8>> + Send + Sync>;
+
+/// The encoder of `args`' format (`None`: JSON as it is).
+async fn encoder(args: &ReplayArgs) -> Result<Option<Encode>> {
+    Ok(match args.format {
+        Format::Json => None,
+        Format::Avro => {
+            let e = avro_encoder(args).await?;
+            Some(Box::new(move |json| e.encode_json(json)))
+        }
+        Format::Protobuf => {
+            let Some(message) = &args.schema else {
+                return Err(Error::Config(
+                    "--format protobuf needs --schema: the message's full name (e.g. \
+                     urbanstream.city.AirReading)"
+                        .into(),
+                ));
+            };
+            let descriptors = crate::decode::Descriptors::load(&args.descriptors)?;
+            let e = crate::decode::ProtobufEncoder::new(descriptors.message(message)?, None);
+            Some(Box::new(move |json| e.encode_json(json)))
+        }
+    })
 }
 
 /// The Avro encoder of `args`: its schema registered under `<topic>-value`.
@@ -118,7 +150,7 @@ pub struct ReplaySummary {
     pub skipped: u64,
     /// The first of those, shown.
     pub first_skipped: Option<String>,
-    /// Rows the Avro schema cannot hold (a required field missing, a value of another type),
+    /// Rows the Avro schema or Protobuf message cannot hold (a required field missing, a value of another type),
     /// not produced.
     pub unfit: u64,
     /// The first of those, with the reason.
@@ -134,10 +166,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
         crate::broker::create_topics(&args.brokers, &[(args.topic.clone(), partitions)]).await?;
     }
     let unit_ms = unit_ms(&args.time_unit)?;
-    let encoder = match args.format {
-        Format::Avro => Some(avro_encoder(args).await?),
-        Format::Json => None,
-    };
+    let encoder = encoder(args).await?;
     let mut stream = open_file(
         &args.file,
         &args.rename,
@@ -206,7 +235,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
             start = end + 1;
             let encoded;
             let value = match &encoder {
-                Some(encoder) => match encoder.encode_json(json) {
+                Some(encode) => match encode(json) {
                     Ok(v) => {
                         encoded = v;
                         &encoded[..]

@@ -523,7 +523,11 @@ mod tests {
             Format::Avro,
             schema,
             Some(("event_time", TimeUnit::Millisecond)),
-            Some(&registry),
+            &crate::decode::Codecs {
+                registry: Some(registry.clone()),
+                descriptors: None,
+            },
+            None,
         )
         .expect("decoder");
         Fixture {
@@ -720,7 +724,11 @@ mod tests {
             Format::Avro,
             Arc::new(schema),
             Some(("t", TimeUnit::Millisecond)),
-            Some(&f.registry),
+            &crate::decode::Codecs {
+                registry: Some(f.registry.clone()),
+                descriptors: None,
+            },
+            None,
         )
         .expect("decoder");
         let raw = raw(&values);

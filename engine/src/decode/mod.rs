@@ -36,10 +36,22 @@ use crate::source::RawBatch;
 use crate::topics::Format;
 
 pub mod avro;
+pub mod protobuf;
 pub mod registry;
 
 pub use avro::{AvroDecoder, AvroEncoder};
+pub use protobuf::{Descriptors, ProtobufDecoder, ProtobufEncoder};
 pub use registry::Registry;
+
+/// What decoders of formats other than JSON need: the schema registry of Avro records and the
+/// descriptors of Protobuf messages.
+#[derive(Debug, Clone, Default)]
+pub struct Codecs {
+    /// Writer schemas of Avro records.
+    pub registry: Option<Arc<Registry>>,
+    /// Protobuf message descriptors.
+    pub descriptors: Option<Arc<Descriptors>>,
+}
 
 /// Records flushed together on the fast path. A type error costs at most one chunk's worth of
 /// record-by-record decoding.
@@ -173,17 +185,20 @@ pub enum TopicDecoder {
     Json(JsonDecoder),
     /// Confluent-framed Avro.
     Avro(AvroDecoder),
+    /// Protobuf messages.
+    Protobuf(ProtobufDecoder),
 }
 
 impl TopicDecoder {
     /// A decoder of `format` for `schema`, with its event-time column (`unit`: of JSON
-    /// numbers, and of Avro longs without a timestamp type). Avro needs the registry its
-    /// producers register their schemas in.
+    /// numbers, and of Avro longs and Protobuf integers). Avro needs the registry its
+    /// producers register their schemas in; Protobuf the descriptors and its `message`.
     pub fn new(
         format: Format,
         schema: Arc<TopicSchema>,
         event_time: Option<(&str, TimeUnit)>,
-        registry: Option<&Arc<Registry>>,
+        codecs: &Codecs,
+        message: Option<&str>,
     ) -> Result<Self> {
         let mut shape = Shape::new(schema);
         if let Some((column, unit)) = event_time {
@@ -191,8 +206,21 @@ impl TopicDecoder {
         }
         Ok(match format {
             Format::Json => TopicDecoder::Json(JsonDecoder { shape }),
+            Format::Protobuf => {
+                let descriptors = match &codecs.descriptors {
+                    Some(d) => d.clone(),
+                    None => Arc::new(Descriptors::embedded()?),
+                };
+                let message = message.ok_or_else(|| {
+                    Error::Config(format!(
+                        "a protobuf stream of {} names no message (option 'protobuf_message')",
+                        shape.topic_schema().name
+                    ))
+                })?;
+                TopicDecoder::Protobuf(ProtobufDecoder::new(shape, descriptors.message(message)?)?)
+            }
             Format::Avro => {
-                let registry = registry.ok_or_else(|| {
+                let registry = codecs.registry.as_ref().ok_or_else(|| {
                     Error::Config(
                         "Avro records need a schema registry: set [schema_registry] url, or \
                          leave it empty for the directory registry"
@@ -209,13 +237,14 @@ impl TopicDecoder {
         match self {
             TopicDecoder::Json(_) => Format::Json,
             TopicDecoder::Avro(_) => Format::Avro,
+            TopicDecoder::Protobuf(_) => Format::Protobuf,
         }
     }
 
     /// Fetches what decoding `raw` needs that is not at hand (Avro writer schemas).
     pub async fn prepare(&self, raw: &RawBatch) -> Result<()> {
         match self {
-            TopicDecoder::Json(_) => Ok(()),
+            TopicDecoder::Json(_) | TopicDecoder::Protobuf(_) => Ok(()),
             TopicDecoder::Avro(d) => d.prepare(raw).await,
         }
     }
@@ -225,6 +254,7 @@ impl TopicDecoder {
         match self {
             TopicDecoder::Json(d) => d.decode(raw),
             TopicDecoder::Avro(d) => d.decode(raw),
+            TopicDecoder::Protobuf(d) => d.decode(raw),
         }
     }
 }

@@ -107,6 +107,9 @@ pub struct PipelineConfig {
     /// The schema registry of Avro inputs; `None`: a directory registry in the working
     /// directory's `registry/`, made when a stream is Avro.
     pub registry: Option<Arc<crate::decode::Registry>>,
+    /// The Protobuf message descriptors of protobuf streams; `None`: the city's
+    /// (`schemas/protobuf/city.proto`).
+    pub descriptors: Option<Arc<crate::decode::Descriptors>>,
 }
 
 /// How a pipeline checkpoints and recovers.
@@ -148,6 +151,7 @@ impl PipelineConfig {
             reference: None,
             unknown_ids: Default::default(),
             registry: None,
+            descriptors: None,
         }
     }
 
@@ -517,7 +521,22 @@ impl Pipeline {
                         .sink()
                         .is_some_and(|s| s.options.format == Format::Avro)
             });
-        let registry = if avro { Some(config.registry()?) } else { None };
+        let codecs = crate::decode::Codecs {
+            registry: if avro { Some(config.registry()?) } else { None },
+            descriptors: config.descriptors.clone(),
+        };
+        let registry = codecs.registry.clone();
+        if let Some(table) = queries
+            .iter()
+            .filter_map(|r| r.query.sink())
+            .find(|t| t.options.format == Format::Protobuf)
+        {
+            return Err(Error::Config(format!(
+                "{} is a 'protobuf' stream, which queries read but do not write: write 'json' \
+                 or 'avro'",
+                table.name
+            )));
+        }
         if config.default_queries {
             for (topic, schema) in [
                 (&config.topics.camera, "camera_event"),
@@ -530,7 +549,8 @@ impl Pipeline {
                         config.topics.input_format,
                         schemas.get(schema)?,
                         Some(("event_time", TimeUnit::Millisecond)),
-                        registry.as_ref(),
+                        &codecs,
+                        crate::decode::protobuf::city_message(schema),
                     )?,
                 );
             }
@@ -546,7 +566,8 @@ impl Pipeline {
                             .event_time
                             .as_deref()
                             .map(|c| (c, source.options.event_time_unit)),
-                        registry.as_ref(),
+                        &codecs,
+                        source.options.protobuf_message.as_deref(),
                     )
                 };
                 if !decoders.contains_key(&source.options.topic) {

@@ -20,7 +20,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, SessionContext};
 use futures::StreamExt;
 
-use crate::decode::{JsonDecoder, Registry, TopicDecoder};
+use crate::decode::{Codecs, JsonDecoder, TopicDecoder};
 use crate::error::{Error, Result};
 use crate::plan::stream::{StreamContext, StreamQuery};
 use crate::source::RawBatch;
@@ -164,7 +164,7 @@ pub async fn run_query_over_records(
     mut query: StreamQuery,
     batches: &[RawBatch],
     limit: usize,
-    registry: &Arc<Registry>,
+    codecs: &Codecs,
 ) -> Result<RunSummary> {
     let source = query.source().clone();
     let decoder = TopicDecoder::new(
@@ -175,7 +175,8 @@ pub async fn run_query_over_records(
             .event_time
             .as_deref()
             .map(|c| (c, source.options.event_time_unit)),
-        Some(registry),
+        codecs,
+        source.options.protobuf_message.as_deref(),
     )?;
     let mut summary = RunSummary::default();
     let mut now_ms = 0i64;

@@ -162,11 +162,15 @@ pub fn city_context_in(
     for (name, schema, topic, key) in streams {
         let mut table =
             StreamTable::from_topic_schema(name, schemas.get(schema)?, topic.as_str(), key)?;
-        table.options.format = if topics.inputs().contains(topic) {
-            topics.input_format
+        if topics.inputs().contains(topic) {
+            table.options.format = topics.input_format;
+            if topics.input_format == crate::topics::Format::Protobuf {
+                table.options.protobuf_message =
+                    crate::decode::protobuf::city_message(schema).map(String::from);
+            }
         } else {
-            topics.output_format
-        };
+            table.options.format = topics.output_format;
+        }
         ctx.register_stream(table)?;
     }
     ctx.register_reference_tables(reference)?;

@@ -56,6 +56,9 @@ pub struct StreamOptions {
     /// for a source, the column its producers key records by (so all records with one value
     /// are in one partition), which lets queries grouping by it keep state per partition.
     pub key: Option<String>,
+    /// The Protobuf message of a `protobuf` stream, by full name
+    /// (`urbanstream.city.CameraEvent`), from the descriptors the service was given.
+    pub protobuf_message: Option<String>,
     /// Columns identifying a row when the topic is a changelog (an upstream query's output,
     /// e.g. `segment_id, window_start`): a record replaces the earlier one with the same
     /// values, and one whose `op` is `retract` deletes it. Empty: every record is an event.
@@ -76,11 +79,12 @@ impl StreamOptions {
             event_time_unit: TimeUnit::Millisecond,
             key: None,
             upsert_key: Vec::new(),
+            protobuf_message: None,
         }
     }
 
     /// The option names understood in `OPTIONS (...)`.
-    pub const NAMES: [&'static str; 9] = [
+    pub const NAMES: [&'static str; 10] = [
         "topic",
         "format",
         "event_time",
@@ -90,6 +94,7 @@ impl StreamOptions {
         "future_tolerance",
         "key",
         "upsert_key",
+        "protobuf_message",
     ];
 
     /// Parses `OPTIONS (...)`; unknown names and bad values are errors that name them.
@@ -116,10 +121,26 @@ impl StreamOptions {
             let Some(format) = Format::parse(format) else {
                 return plan_err!(
                     "format '{format}' is not supported: write 'json' (one JSON object per \
-                     record) or 'avro' (Confluent-framed Avro, schemas from the registry)"
+                     record), 'avro' (Confluent-framed Avro, schemas from the registry) or \
+                     'protobuf' (with 'protobuf_message')"
                 );
             };
             out.format = format;
+        }
+        out.protobuf_message = get("protobuf_message").cloned();
+        match (out.format, &out.protobuf_message) {
+            (Format::Protobuf, None) => {
+                return plan_err!(
+                    "a 'protobuf' stream names its message: OPTIONS ('protobuf_message' \
+                     'package.Message'), e.g. 'urbanstream.city.CameraEvent'"
+                );
+            }
+            (Format::Json | Format::Avro, Some(_)) => {
+                return plan_err!(
+                    "option 'protobuf_message' is for 'format' 'protobuf' streams only"
+                );
+            }
+            _ => {}
         }
         out.event_time = get("event_time").cloned();
         out.key = get("key").cloned();
@@ -366,9 +387,15 @@ mod tests {
         assert!(e.to_string().contains("option 'idle_timeout'"), "{e}");
         let e = StreamOptions::parse(&opts(&[("format", "json")])).expect_err("no topic");
         assert!(e.to_string().contains("'topic'"), "{e}");
-        let e = StreamOptions::parse(&opts(&[("topic", "t"), ("format", "protobuf")]))
+        let e = StreamOptions::parse(&opts(&[("topic", "t"), ("format", "thrift")]))
             .expect_err("format");
         assert!(e.to_string().contains("not supported: write 'json'"), "{e}");
+        let e = StreamOptions::parse(&opts(&[("topic", "t"), ("format", "protobuf")]))
+            .expect_err("message");
+        assert!(e.to_string().contains("'protobuf_message'"), "{e}");
+        let e = StreamOptions::parse(&opts(&[("topic", "t"), ("protobuf_message", "a.B")]))
+            .expect_err("json");
+        assert!(e.to_string().contains("'protobuf' streams only"), "{e}");
         let avro =
             StreamOptions::parse(&opts(&[("topic", "t"), ("format", "AVRO")])).expect("avro");
         assert_eq!(avro.format, Format::Avro);

@@ -38,6 +38,8 @@ pub struct ServiceConfig {
     pub reference: ReferenceConfig,
     /// `[schema_registry]`
     pub schema_registry: SchemaRegistryConfig,
+    /// `[protobuf]`
+    pub protobuf: ProtobufConfig,
     /// `[queries]`
     pub queries: QueriesConfig,
     /// `[pipeline]`
@@ -113,6 +115,15 @@ pub struct SchemaRegistryConfig {
     pub url: String,
     /// The directory registry (empty: `registry/` beside the catalog).
     pub dir: PathBuf,
+}
+
+/// `[protobuf]`: the message descriptors of protobuf streams.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtobufConfig {
+    /// `.proto` files (compiled at start) or binary `FileDescriptorSet` files whose messages
+    /// streams may name, beside the city's own.
+    pub files: Vec<PathBuf>,
 }
 
 impl ServiceConfig {

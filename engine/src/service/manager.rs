@@ -464,8 +464,9 @@ pub struct QueryManager {
     checkpoint_root: crate::checkpoint::Location,
     /// The reference tables every query reads, replaced through the API.
     reference: ReferenceTables,
-    /// The schema registry of Avro streams, shared by every query (and its cache).
-    registry: Arc<crate::decode::Registry>,
+    /// The schema registry of Avro streams (shared by every query, with its cache) and the
+    /// Protobuf descriptors.
+    codecs: crate::decode::Codecs,
     /// Previews running at once (each reads its input and keeps a query's state).
     previews: tokio::sync::Semaphore,
 }
@@ -511,11 +512,16 @@ impl QueryManager {
         let catalog = Catalog::open(&config.catalog.path)?;
         let checkpoint_root = config.checkpoint_root()?;
         let reference = ReferenceTables::open(config.reference_dir())?;
-        let registry = Arc::new(config.schema_registry()?);
+        let codecs = crate::decode::Codecs {
+            registry: Some(Arc::new(config.schema_registry()?)),
+            descriptors: Some(Arc::new(crate::decode::Descriptors::load(
+                &config.protobuf.files,
+            )?)),
+        };
         Ok(Self {
             checkpoint_root,
             reference,
-            registry,
+            codecs,
             previews: tokio::sync::Semaphore::new(2),
             config,
             catalog: Mutex::new(catalog),
@@ -787,7 +793,7 @@ impl QueryManager {
                 let brokers = self.config.kafka.brokers.clone();
                 let properties = self.config.kafka_properties();
                 let topic = query.source().options.topic.clone();
-                let registry = self.registry.clone();
+                let codecs = self.codecs.clone();
                 self.runtime.handle().spawn(async move {
                     let read = tokio::task::spawn_blocking(move || {
                         crate::source::range::read_range(
@@ -805,7 +811,7 @@ impl QueryManager {
                         query,
                         &read.batches,
                         limit,
-                        &registry,
+                        &codecs,
                     )
                     .await?;
                     Ok((summary, read.truncated))
@@ -1253,7 +1259,8 @@ impl QueryManager {
         // so they join as dynamic members.)
         p.reference = Some(self.reference.clone());
         p.unknown_ids = c.reference.unknown_ids;
-        p.registry = Some(self.registry.clone());
+        p.registry = self.codecs.registry.clone();
+        p.descriptors = self.codecs.descriptors.clone();
         p.group_instance_id = (c.checkpoint.enabled && c.checkpoint.exactly_once)
             .then(|| c.checkpoint.instance.clone());
         p.checkpoint = c.checkpoint.enabled.then(|| CheckpointSettings {

@@ -1,8 +1,9 @@
-//! Avro through the embedded broker: the same simulated city, once as JSON records and once as
-//! Confluent-framed Avro records (schemas in a directory registry), gives the same congestion
-//! indicators, the Avro run writing them as Avro with the topic schemas registered; Avro
-//! records with a bad magic byte, an unknown schema id or a truncated body go to the DLQ with
-//! the reason, and cost no good record.
+//! Avro and Protobuf through the embedded broker: the same simulated city as JSON records, as
+//! Confluent-framed Avro records (schemas in a directory registry) and as Protobuf messages
+//! (the city's `.proto`; camera events Confluent-framed, the others plain) gives the same
+//! congestion indicators, the Avro run writing them as Avro with the topic schemas registered;
+//! Avro records with a bad magic byte, an unknown schema id or a truncated body go to the DLQ
+//! with the reason, and cost no good record.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use rdkafka::message::Message;
 use serde_json::Value;
 use urbanstream::decode::avro::{avro_to_json, embedded_avsc};
-use urbanstream::decode::{AvroEncoder, Registry};
+use urbanstream::decode::{AvroEncoder, Descriptors, ProtobufEncoder, Registry};
 use urbanstream::pipeline::{Format, Pipeline, PipelineConfig, PipelineStats, Topics};
 use urbanstream::reference::ReferenceData;
 use urbanstream::simulate::{CitySimulator, SimConfig, SimTopic};
@@ -28,9 +29,10 @@ fn partition_of(key: &str) -> i32 {
     (h % PARTITIONS as u64) as i32
 }
 
-fn avro_topics() -> Topics {
+/// The city's topics under `prefix`, inputs in `input`, outputs in `output`.
+fn topics(prefix: &str, input: Format, output: Format) -> Topics {
     let d = Topics::default();
-    let p = |t: &str| format!("avro.{t}");
+    let p = |t: &str| format!("{prefix}.{t}");
     Topics {
         camera: p(&d.camera),
         detectors: p(&d.detectors),
@@ -42,8 +44,8 @@ fn avro_topics() -> Topics {
         alerts: p(&d.alerts),
         dlq: p(&d.dlq),
         late: p(&d.late),
-        input_format: Format::Avro,
-        output_format: Format::Avro,
+        input_format: input,
+        output_format: output,
     }
 }
 
@@ -92,11 +94,12 @@ async fn consumed(stats: &PipelineStats, n: u64, dlq: u64) -> anyhow::Result<()>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn avro_camera_events_give_the_indicators_json_ones_give() -> anyhow::Result<()> {
+async fn avro_and_protobuf_inputs_give_the_indicators_json_gives() -> anyhow::Result<()> {
     let cluster = TestCluster::start(PARTITIONS)?;
     let json_topics = Topics::default();
-    let avro = avro_topics();
-    for topic in avro.all() {
+    let avro = topics("avro", Format::Avro, Format::Avro);
+    let pb = topics("pb", Format::Protobuf, Format::Json);
+    for topic in avro.all().into_iter().chain(pb.all()) {
         cluster.broker.create_topic(&topic, PARTITIONS)?;
     }
     let dir = tempfile::tempdir()?;
@@ -111,6 +114,17 @@ async fn avro_camera_events_give_the_indicators_json_ones_give() -> anyhow::Resu
     let camera = encoder("camera_event", avro.camera.clone()).await?;
     let detector = encoder("detector_reading", avro.detectors.clone()).await?;
     let air = encoder("air_reading", avro.air.clone()).await?;
+    // Protobuf: camera events in the Confluent wire format, the others plain.
+    let descriptors = Descriptors::embedded()?;
+    let message = |name: &str, framed| {
+        Ok::<_, anyhow::Error>(ProtobufEncoder::new(
+            descriptors.message(&format!("urbanstream.city.{name}"))?,
+            framed,
+        ))
+    };
+    let pb_camera = message("CameraEvent", Some(1))?;
+    let pb_detector = message("DetectorReading", None)?;
+    let pb_air = message("AirReading", None)?;
 
     // Four simulated minutes of the city, well-formed, some of it out of order.
     let mut simulator = CitySimulator::new(
@@ -129,10 +143,22 @@ async fn avro_camera_events_give_the_indicators_json_ones_give() -> anyhow::Resu
     for _ in 0..240 {
         for record in simulator.next_tick() {
             let p = partition_of(&record.key);
-            let (json_topic, avro_topic, encoder) = match record.topic {
-                SimTopic::Camera => (&json_topics.camera, &avro.camera, &camera),
-                SimTopic::Detector => (&json_topics.detectors, &avro.detectors, &detector),
-                SimTopic::Air => (&json_topics.air, &avro.air, &air),
+            let (json_topic, avro_topic, encoder, pb_topic, pb_encoder) = match record.topic {
+                SimTopic::Camera => (
+                    &json_topics.camera,
+                    &avro.camera,
+                    &camera,
+                    &pb.camera,
+                    &pb_camera,
+                ),
+                SimTopic::Detector => (
+                    &json_topics.detectors,
+                    &avro.detectors,
+                    &detector,
+                    &pb.detectors,
+                    &pb_detector,
+                ),
+                SimTopic::Air => (&json_topics.air, &avro.air, &air, &pb.air, &pb_air),
             };
             if record.topic == SimTopic::Camera {
                 cameras += 1;
@@ -144,6 +170,8 @@ async fn avro_camera_events_give_the_indicators_json_ones_give() -> anyhow::Resu
                 .await?;
             let value = encoder.encode_json(&record.payload)?;
             cluster.produce(avro_topic, p, &record.key, &value).await?;
+            let value = pb_encoder.encode_json(&record.payload)?;
+            cluster.produce(pb_topic, p, &record.key, &value).await?;
         }
     }
     anyhow::ensure!(
@@ -160,6 +188,9 @@ async fn avro_camera_events_give_the_indicators_json_ones_give() -> anyhow::Resu
             .await?;
         cluster
             .produce(&avro.camera, *p, key, &camera.encode_json(&closing)?)
+            .await?;
+        cluster
+            .produce(&pb.camera, *p, key, &pb_camera.encode_json(&closing)?)
             .await?;
         cameras += 1;
     }
@@ -198,18 +229,27 @@ async fn avro_camera_events_give_the_indicators_json_ones_give() -> anyhow::Resu
             .await?
             .run(stop.clone()),
     );
+    let pb_stats = Arc::new(PipelineStats::new());
+    let pb_task = tokio::spawn(
+        Pipeline::new(run(pb.clone(), "pb"), pb_stats.clone())
+            .await?
+            .run(stop.clone()),
+    );
     consumed(&json_stats, cameras, 0).await?;
     consumed(&avro_stats, cameras, bad.len() as u64).await?;
+    consumed(&pb_stats, cameras, 0).await?;
 
     // Read together: each reader joins a consumer group of its own first.
-    let (from_json, from_avro, top_json, top_avro, mut dead, json_dead) = tokio::try_join!(
+    let (from_json, from_avro, top_json, top_avro, mut dead, json_dead, from_pb) = tokio::try_join!(
         settled(&cluster, &json_topics.congestion, &registry),
         settled(&cluster, &avro.congestion, &registry),
         settled(&cluster, &json_topics.congestion_top, &registry),
         settled(&cluster, &avro.congestion_top, &registry),
         settled(&cluster, &avro.dlq, &registry),
         settled(&cluster, &json_topics.dlq, &registry),
+        settled(&cluster, &pb.congestion, &registry),
     )?;
+    assert_eq!(from_json, from_pb);
     // Four minutes of a few dozen segments.
     assert!(from_json.len() > 40, "{} rows", from_json.len());
     assert_eq!(from_json.len(), from_avro.len());
@@ -254,5 +294,6 @@ async fn avro_camera_events_give_the_indicators_json_ones_give() -> anyhow::Resu
     stop.store(true, Ordering::Relaxed);
     json_task.await??;
     avro_task.await??;
+    pb_task.await??;
     Ok(())
 }

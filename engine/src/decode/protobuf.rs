@@ -1,0 +1,674 @@
+//! Protobuf records, read by reflection over message descriptors.
+//!
+//! A stream with `'format' 'protobuf'` names its message (`'protobuf_message'
+//! 'urbanstream.city.CameraEvent'`). Descriptors come from the city's own `.proto`
+//! (`schemas/protobuf/city.proto`, compiled into the binary) and from the files the operator
+//! configures (`[protobuf] files`: `.proto` files, compiled with protox, or
+//! `FileDescriptorSet` files as `protoc --descriptor_set_out` writes them): analysts' SQL never
+//! names a file.
+//!
+//! A record is the message's binary encoding, plain or in the Confluent wire format (magic
+//! byte 0, a 4-byte schema id, the message indexes, then the message; a plain message never
+//! starts with a zero byte, since no field has number 0). The message's fields are matched to
+//! the topic schema's by name: a field with presence that is not set is null (then the
+//! schema's default, or a validation reject if required); enums are read as their value names;
+//! a time is an integer in the stream's event-time unit or a `google.protobuf.Timestamp`.
+//! Each record is decoded on its own, so a bad one costs nothing else.
+
+use std::path::{Path, PathBuf};
+
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, TimeUnit};
+use datafusion::scalar::ScalarValue;
+use prost::Message as _;
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, Value,
+};
+
+use super::{Decoded, Reject, RejectStage, Shape};
+use crate::error::{Error, Result};
+use crate::source::RawBatch;
+
+/// The city's `.proto`, compiled into the binary.
+pub const CITY_PROTO: &str = include_str!("../../../schemas/protobuf/city.proto");
+/// Its name among the descriptors.
+const CITY_PROTO_NAME: &str = "urbanstream/city.proto";
+
+/// The city's message for a topic schema of `schemas/topics/`.
+pub fn city_message(schema: &str) -> Option<&'static str> {
+    match schema {
+        "camera_event" => Some("urbanstream.city.CameraEvent"),
+        "detector_reading" => Some("urbanstream.city.DetectorReading"),
+        "air_reading" => Some("urbanstream.city.AirReading"),
+        _ => None,
+    }
+}
+
+/// Message descriptors by full name.
+#[derive(Debug, Clone)]
+pub struct Descriptors {
+    pool: DescriptorPool,
+}
+
+/// Serves the embedded city `.proto` to the compiler.
+struct Embedded;
+
+impl protox::file::FileResolver for Embedded {
+    fn open_file(&self, name: &str) -> std::result::Result<protox::file::File, protox::Error> {
+        if name == CITY_PROTO_NAME {
+            protox::file::File::from_source(name, CITY_PROTO)
+        } else {
+            Err(protox::Error::file_not_found(name))
+        }
+    }
+}
+
+fn proto_error(file: &str, e: impl std::fmt::Display) -> Error {
+    Error::schema(file, e.to_string())
+}
+
+impl Descriptors {
+    /// The city's messages.
+    pub fn embedded() -> Result<Self> {
+        Self::load(&[])
+    }
+
+    /// The city's messages and those of `files` (`.proto`, compiled with the file's directory
+    /// as the include path; anything else is read as a binary `FileDescriptorSet`).
+    pub fn load(files: &[PathBuf]) -> Result<Self> {
+        let mut resolver = protox::file::ChainFileResolver::new();
+        resolver.add(Embedded);
+        resolver.add(protox::file::GoogleFileResolver::new());
+        let mut compiler = protox::Compiler::with_file_resolver(resolver);
+        compiler
+            .open_file(CITY_PROTO_NAME)
+            .map_err(|e| proto_error(CITY_PROTO_NAME, e))?;
+        let mut pool = compiler.descriptor_pool();
+        for file in files {
+            let name = file.display().to_string();
+            if file.extension().and_then(|e| e.to_str()) == Some("proto") {
+                let dir = file.parent().unwrap_or(Path::new("."));
+                let mut compiler =
+                    protox::Compiler::new([dir]).map_err(|e| proto_error(&name, e))?;
+                compiler
+                    .include_imports(true)
+                    .open_file(file)
+                    .map_err(|e| proto_error(&name, e))?;
+                pool.add_file_descriptor_set(compiler.file_descriptor_set())
+                    .map_err(|e| proto_error(&name, e))?;
+            } else {
+                let bytes = std::fs::read(file).map_err(|e| proto_error(&name, e))?;
+                pool.decode_file_descriptor_set(bytes.as_slice())
+                    .map_err(|e| proto_error(&name, e))?;
+            }
+        }
+        Ok(Self { pool })
+    }
+
+    /// The message called `name` (its full name, with the package).
+    pub fn message(&self, name: &str) -> Result<MessageDescriptor> {
+        self.pool.get_message_by_name(name).ok_or_else(|| {
+            let mut known: Vec<String> = self
+                .pool
+                .all_messages()
+                .filter(|m| !m.full_name().starts_with("google."))
+                .map(|m| m.full_name().to_string())
+                .collect();
+            known.sort();
+            Error::schema(
+                name,
+                format!(
+                    "no such Protobuf message (known: {}); add its .proto or descriptor set to \
+                     [protobuf] files",
+                    known.join(", ")
+                ),
+            )
+        })
+    }
+}
+
+/// Decodes Protobuf records of one message into a topic schema.
+#[derive(Debug)]
+pub struct ProtobufDecoder {
+    shape: Shape,
+    message: MessageDescriptor,
+    /// For each field of the topic schema, the message's field of that name.
+    fields: Vec<Option<FieldDescriptor>>,
+}
+
+impl ProtobufDecoder {
+    /// Matches `message`'s fields to the topic schema's; a field of a type that cannot be read
+    /// as the schema's, or a required field the message lacks, is an error naming it.
+    pub(crate) fn new(shape: Shape, message: MessageDescriptor) -> Result<Self> {
+        let topic = shape.topic_schema();
+        let mut fields = Vec::new();
+        for (k, field) in shape.wire_schema.fields().iter().enumerate() {
+            match message.get_field_by_name(field.name()) {
+                Some(f) => {
+                    if f.is_list() || f.is_map() || !readable_as(&f.kind(), field.data_type()) {
+                        return Err(Error::schema(
+                            &topic.name,
+                            format!(
+                                "Protobuf field {}.{} ({:?}) cannot be read as {}",
+                                message.full_name(),
+                                f.name(),
+                                f.kind(),
+                                field.data_type()
+                            ),
+                        ));
+                    }
+                    fields.push(Some(f));
+                }
+                None if topic.required[k] => {
+                    return Err(Error::schema(
+                        &topic.name,
+                        format!(
+                            "Protobuf message {} has no field {}, which {} requires",
+                            message.full_name(),
+                            field.name(),
+                            topic.name
+                        ),
+                    ));
+                }
+                None => fields.push(None),
+            }
+        }
+        Ok(Self {
+            shape,
+            message,
+            fields,
+        })
+    }
+
+    /// Decodes every record of `raw`; bad records are rejected one by one.
+    pub fn decode(&self, raw: &RawBatch) -> Result<Decoded> {
+        let width = self.fields.len();
+        let mut cells: Vec<Vec<ScalarValue>> = vec![Vec::with_capacity(raw.len()); width];
+        let mut rows = Vec::with_capacity(raw.len());
+        let mut rejects = Vec::new();
+        let nulls = self
+            .shape
+            .wire_schema
+            .fields()
+            .iter()
+            .map(|f| ScalarValue::try_from(f.data_type()))
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        for i in 0..raw.len() {
+            let outcome = self
+                .shape
+                .oversize(raw, i)
+                .map_or_else(|| self.decode_one(raw.value(i), &nulls), Err);
+            match outcome {
+                Ok(row) => {
+                    for (column, cell) in cells.iter_mut().zip(row) {
+                        column.push(cell);
+                    }
+                    rows.push(i as u32);
+                }
+                Err(error) => rejects.push(Reject {
+                    index: i as u32,
+                    stage: RejectStage::Decode,
+                    error,
+                }),
+            }
+        }
+        let columns = cells
+            .into_iter()
+            .zip(self.shape.wire_schema.fields())
+            .map(|(column, field)| {
+                if column.is_empty() {
+                    Ok(datafusion::arrow::array::new_empty_array(field.data_type()))
+                } else {
+                    ScalarValue::iter_to_array(column)
+                }
+            })
+            .collect::<datafusion::error::Result<Vec<ArrayRef>>>()?;
+        let batch = RecordBatch::try_new(self.shape.wire_schema.clone(), columns)?;
+        self.shape.finish(vec![batch], rows, rejects)
+    }
+
+    /// One record's cells, or why it cannot be read.
+    fn decode_one(
+        &self,
+        value: &[u8],
+        nulls: &[ScalarValue],
+    ) -> std::result::Result<Vec<ScalarValue>, String> {
+        let body = unframe(value)?;
+        let message = DynamicMessage::decode(self.message.clone(), body)
+            .map_err(|e| format!("bad Protobuf record ({}): {e}", self.message.full_name()))?;
+        self.fields
+            .iter()
+            .zip(self.shape.wire_schema.fields())
+            .zip(nulls)
+            .map(|((f, field), null)| match f {
+                Some(f) if !f.supports_presence() || message.has_field(f) => {
+                    cell(&message.get_field(f), f, field.data_type())
+                        .ok_or_else(|| format!("field {}: not a {}", f.name(), field.data_type()))
+                }
+                _ => Ok(null.clone()),
+            })
+            .collect()
+    }
+}
+
+/// The message bytes of a record: after the Confluent header and message indexes, if any.
+fn unframe(value: &[u8]) -> std::result::Result<&[u8], String> {
+    match value.first() {
+        None => Err("empty record: no Protobuf message".into()),
+        Some(0) => {
+            let mut rest = value.get(5..).ok_or_else(|| {
+                format!(
+                    "truncated Confluent header: {} bytes, where it has 5 (magic byte 0, \
+                     4-byte schema id) and the message indexes before the message",
+                    value.len()
+                )
+            })?;
+            // The message indexes: a count, then that many indexes (zig-zag varints); a count
+            // of 0 stands for the first message.
+            let bad = || "bad message indexes after the Confluent header".to_string();
+            let count = prost::encoding::decode_varint(&mut rest).map_err(|_| bad())?;
+            let count = (count >> 1) as i64 ^ -((count & 1) as i64);
+            if !(0..=100).contains(&count) {
+                return Err(bad());
+            }
+            for _ in 0..count {
+                prost::encoding::decode_varint(&mut rest).map_err(|_| bad())?;
+            }
+            Ok(rest)
+        }
+        Some(_) => Ok(value),
+    }
+}
+
+/// Whether a field of `kind` is read as `to`.
+fn readable_as(kind: &Kind, to: &DataType) -> bool {
+    use DataType::*;
+    match kind {
+        Kind::Double => matches!(to, Float64),
+        Kind::Float => matches!(to, Float32 | Float64),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
+            matches!(to, Int32 | Int64 | Float64 | Date32 | Timestamp(..))
+        }
+        Kind::Uint32 | Kind::Fixed32 => matches!(to, Int64 | Float64),
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
+            matches!(to, Int64 | Float64 | Timestamp(..))
+        }
+        Kind::Uint64 | Kind::Fixed64 => matches!(to, Int64 | Float64),
+        Kind::Bool => matches!(to, Boolean),
+        Kind::String | Kind::Enum(_) => matches!(to, Utf8),
+        Kind::Bytes => matches!(to, Binary),
+        Kind::Message(m) => {
+            m.full_name() == "google.protobuf.Timestamp" && matches!(to, Timestamp(..))
+        }
+    }
+}
+
+/// A field's value as a cell of type `to`; `None` if it does not fit (a 64-bit unsigned
+/// value beyond `i64`, say).
+fn cell(value: &Value, field: &FieldDescriptor, to: &DataType) -> Option<ScalarValue> {
+    let int = |v: &Value| -> Option<i64> {
+        match v {
+            Value::I32(n) => Some(i64::from(*n)),
+            Value::I64(n) => Some(*n),
+            Value::U32(n) => Some(i64::from(*n)),
+            Value::U64(n) => i64::try_from(*n).ok(),
+            _ => None,
+        }
+    };
+    Some(match to {
+        DataType::Utf8 => ScalarValue::Utf8(Some(match value {
+            Value::String(s) => s.clone(),
+            Value::EnumNumber(n) => match field.kind().as_enum().and_then(|e| e.get_value(*n)) {
+                Some(v) => v.name().to_string(),
+                None => n.to_string(),
+            },
+            _ => return None,
+        })),
+        DataType::Float64 => ScalarValue::Float64(Some(match value {
+            Value::F64(x) => *x,
+            Value::F32(x) => f64::from(*x),
+            other => int(other)? as f64,
+        })),
+        DataType::Float32 => ScalarValue::Float32(Some(match value {
+            Value::F32(x) => *x,
+            _ => return None,
+        })),
+        DataType::Int64 => ScalarValue::Int64(Some(int(value)?)),
+        DataType::Int32 => ScalarValue::Int32(Some(i32::try_from(int(value)?).ok()?)),
+        DataType::Date32 => ScalarValue::Date32(Some(i32::try_from(int(value)?).ok()?)),
+        DataType::Boolean => ScalarValue::Boolean(Some(value.as_bool()?)),
+        DataType::Binary => ScalarValue::Binary(Some(value.as_bytes()?.to_vec())),
+        DataType::Timestamp(wire_unit, tz) => {
+            let n = match value {
+                Value::Message(m) => {
+                    // google.protobuf.Timestamp: seconds and nanos, in the wire unit.
+                    let seconds = m.get_field_by_name("seconds").and_then(|v| v.as_i64())?;
+                    let nanos = i64::from(m.get_field_by_name("nanos").and_then(|v| v.as_i32())?);
+                    match wire_unit {
+                        TimeUnit::Second => seconds,
+                        TimeUnit::Millisecond => seconds * 1_000 + nanos / 1_000_000,
+                        TimeUnit::Microsecond => seconds * 1_000_000 + nanos / 1_000,
+                        TimeUnit::Nanosecond => seconds * 1_000_000_000 + nanos,
+                    }
+                }
+                // An integer is in the stream's event-time unit, which is the wire unit.
+                other => int(other)?,
+            };
+            match wire_unit {
+                TimeUnit::Second => ScalarValue::TimestampSecond(Some(n), tz.clone()),
+                TimeUnit::Millisecond => ScalarValue::TimestampMillisecond(Some(n), tz.clone()),
+                TimeUnit::Microsecond => ScalarValue::TimestampMicrosecond(Some(n), tz.clone()),
+                TimeUnit::Nanosecond => ScalarValue::TimestampNanosecond(Some(n), tz.clone()),
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// Writes JSON objects as Protobuf messages (plain, or Confluent-framed with a schema id),
+/// for producers (`urbanstream replay --format protobuf`) and tests.
+#[derive(Debug, Clone)]
+pub struct ProtobufEncoder {
+    message: MessageDescriptor,
+    /// The Confluent header and message indexes (`[0]`: the first message), if framed.
+    header: Option<Vec<u8>>,
+}
+
+impl ProtobufEncoder {
+    /// An encoder of `message`; with `schema_id`, in the Confluent wire format.
+    pub fn new(message: MessageDescriptor, schema_id: Option<u32>) -> Self {
+        let header = schema_id.map(|id| {
+            let mut h = vec![0];
+            h.extend_from_slice(&id.to_be_bytes());
+            h.push(0);
+            h
+        });
+        Self { message, header }
+    }
+
+    /// One JSON object (as the JSON topics carry it) as one message: fields by name, numbers
+    /// into the field's type, absent and null fields left unset.
+    pub fn encode_json(&self, json: &[u8]) -> Result<Vec<u8>> {
+        let bad = |m: String| Error::schema(self.message.full_name(), m);
+        let object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(json).map_err(|e| bad(format!("not a JSON object: {e}")))?;
+        let mut message = DynamicMessage::new(self.message.clone());
+        for (name, value) in object {
+            if value.is_null() {
+                continue;
+            }
+            let field = self
+                .message
+                .get_field_by_name(&name)
+                .ok_or_else(|| bad(format!("no field {name}")))?;
+            let v = match (field.kind(), &value) {
+                (Kind::String, serde_json::Value::String(s)) => Value::String(s.clone()),
+                (Kind::Enum(e), serde_json::Value::String(s)) => Value::EnumNumber(
+                    e.get_value_by_name(s)
+                        .ok_or_else(|| bad(format!("field {name}: no enum value {s}")))?
+                        .number(),
+                ),
+                (Kind::Double, v) => Value::F64(v.as_f64().ok_or_else(|| bad(name.clone()))?),
+                (Kind::Float, v) => Value::F32(v.as_f64().ok_or_else(|| bad(name.clone()))? as f32),
+                (Kind::Int32 | Kind::Sint32 | Kind::Sfixed32, v) => Value::I32(
+                    v.as_i64()
+                        .and_then(|n| i32::try_from(n).ok())
+                        .ok_or_else(|| bad(name.clone()))?,
+                ),
+                (Kind::Int64 | Kind::Sint64 | Kind::Sfixed64, v) => {
+                    Value::I64(v.as_i64().ok_or_else(|| bad(name.clone()))?)
+                }
+                (Kind::Uint32 | Kind::Fixed32, v) => Value::U32(
+                    v.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| bad(name.clone()))?,
+                ),
+                (Kind::Uint64 | Kind::Fixed64, v) => {
+                    Value::U64(v.as_u64().ok_or_else(|| bad(name.clone()))?)
+                }
+                (Kind::Bool, serde_json::Value::Bool(b)) => Value::Bool(*b),
+                (kind, v) => return Err(bad(format!("field {name}: {v} is not a {kind:?}"))),
+            };
+            message.set_field(&field, v);
+        }
+        let mut out = self.header.clone().unwrap_or_default();
+        message.encode(&mut out).map_err(|e| bad(e.to_string()))?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::decode::{Codecs, JsonDecoder, TopicDecoder};
+    use crate::schema::{SchemaRegistry, TopicSchema};
+    use crate::topics::Format;
+
+    const GOOD: &[u8] = br#"{"camera_id":"cam-0001","segment_id":"kim_ma_w","event_time":1767222000000,"kind":"collision","vehicle_class":"motorbike","speed_kmh":31.5,"lane":1,"direction":"inbound","confidence":0.93,"severity":3}"#;
+    const GOOD2: &[u8] = br#"{"camera_id":"cam-0002","segment_id":"kim_ma_w","event_time":1767222001000,"vehicle_class":"car","speed_kmh":40,"lane":0,"confidence":0.9}"#;
+
+    fn camera() -> Arc<TopicSchema> {
+        SchemaRegistry::embedded()
+            .expect("schemas")
+            .get("camera_event")
+            .expect("camera")
+    }
+
+    fn raw(values: &[Vec<u8>]) -> RawBatch {
+        let mut b = RawBatch::new("cam");
+        for (i, v) in values.iter().enumerate() {
+            b.push(0, i as i64, Some(b"seg"), Some(v));
+        }
+        b
+    }
+
+    fn decoder(schema: Arc<TopicSchema>, message: &str, codecs: &Codecs) -> TopicDecoder {
+        TopicDecoder::new(
+            Format::Protobuf,
+            schema,
+            Some(("event_time", TimeUnit::Millisecond)),
+            codecs,
+            Some(message),
+        )
+        .expect("decoder")
+    }
+
+    fn encoder(framed: Option<u32>) -> ProtobufEncoder {
+        let d = Descriptors::embedded().expect("descriptors");
+        ProtobufEncoder::new(
+            d.message("urbanstream.city.CameraEvent").expect("msg"),
+            framed,
+        )
+    }
+
+    #[test]
+    fn city_messages_decode_to_what_the_same_json_decodes_to() {
+        let plain = encoder(None);
+        let framed = encoder(Some(12));
+        let values = vec![
+            plain.encode_json(GOOD).expect("encode"),
+            framed.encode_json(GOOD2).expect("encode"),
+        ];
+        assert_eq!(&values[1][..6], &[0, 0, 0, 0, 12, 0]);
+        let d = decoder(camera(), "urbanstream.city.CameraEvent", &Codecs::default())
+            .decode(&raw(&values))
+            .expect("decode");
+        assert!(d.rejects.is_empty(), "{:?}", d.rejects);
+        let json: Vec<Vec<u8>> = vec![GOOD.to_vec(), GOOD2.to_vec()];
+        let expected = JsonDecoder::new(camera())
+            .with_event_time("event_time", TimeUnit::Millisecond)
+            .decode(&raw(&json))
+            .expect("json");
+        // GOOD2's lane 0 is set (an optional field), its absent kind gets the default.
+        assert_eq!(d.batch, expected.batch);
+    }
+
+    #[test]
+    fn bad_records_go_with_their_reason_and_spoil_nothing() {
+        let plain = encoder(None);
+        let good = plain.encode_json(GOOD).expect("encode");
+        let unknown_symbol = plain
+            .encode_json(
+                &String::from_utf8_lossy(GOOD)
+                    .replace("motorbike", "hovercraft")
+                    .into_bytes(),
+            )
+            .expect("encode");
+        let values = vec![
+            good.clone(),
+            vec![],
+            good[..good.len() - 4].to_vec(),
+            vec![0, 0, 1],
+            vec![
+                0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ],
+            unknown_symbol,
+            good.clone(),
+        ];
+        let d = decoder(camera(), "urbanstream.city.CameraEvent", &Codecs::default())
+            .decode(&raw(&values))
+            .expect("decode");
+        assert_eq!(d.rows, vec![0, 6]);
+        let reasons: Vec<(u32, RejectStage, &str)> = d
+            .rejects
+            .iter()
+            .map(|r| (r.index, r.stage, r.error.as_str()))
+            .collect();
+        let expect = [
+            (1, RejectStage::Decode, "empty record"),
+            (2, RejectStage::Decode, "bad Protobuf record"),
+            (3, RejectStage::Decode, "truncated Confluent header"),
+            (4, RejectStage::Decode, "bad Protobuf record"),
+            (5, RejectStage::Validate, "unknown symbol \"hovercraft\""),
+        ];
+        assert_eq!(reasons.len(), expect.len(), "{reasons:?}");
+        for ((i, stage, why), (j, s, part)) in reasons.iter().zip(expect) {
+            assert_eq!((*i, *stage), (j, s));
+            assert!(why.contains(part), "{i}: {why}");
+        }
+    }
+
+    #[test]
+    fn an_operators_proto_with_enums_and_timestamps_is_read_by_field_name() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("parking.proto");
+        std::fs::write(
+            &file,
+            r#"syntax = "proto3";
+            package city.parking;
+            import "google/protobuf/timestamp.proto";
+            enum Source { SOURCE_UNSPECIFIED = 0; BARRIER = 1; BAY_SENSOR = 2; }
+            message Occupancy {
+              string lot_id = 1;
+              google.protobuf.Timestamp at = 2;
+              uint32 occupied = 3;
+              Source source = 4;
+              optional float fill = 5;
+              string firmware = 6;
+            }"#,
+        )
+        .expect("write");
+        let descriptors = Arc::new(Descriptors::load(&[file]).expect("compiled"));
+        let message = descriptors
+            .message("city.parking.Occupancy")
+            .expect("message");
+        let arrow = Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
+            datafusion::arrow::datatypes::Field::new("lot_id", DataType::Utf8, false),
+            datafusion::arrow::datatypes::Field::new(
+                "at",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+            datafusion::arrow::datatypes::Field::new("occupied", DataType::Int64, false),
+            datafusion::arrow::datatypes::Field::new("source", DataType::Utf8, true),
+            datafusion::arrow::datatypes::Field::new("fill", DataType::Float64, true),
+        ]));
+        let schema = Arc::new(TopicSchema::from_arrow("occupancy", arrow));
+        let mut m = DynamicMessage::new(message.clone());
+        m.set_field_by_name("lot_id", Value::String("hk-07".into()));
+        let mut at = DynamicMessage::new(
+            descriptors
+                .message("google.protobuf.Timestamp")
+                .expect("timestamp"),
+        );
+        at.set_field_by_name("seconds", Value::I64(1_767_222_000));
+        at.set_field_by_name("nanos", Value::I32(250_000_000));
+        m.set_field_by_name("at", Value::Message(at));
+        m.set_field_by_name("occupied", Value::U32(41));
+        m.set_field_by_name("source", Value::EnumNumber(2));
+        let codecs = Codecs {
+            registry: None,
+            descriptors: Some(descriptors.clone()),
+        };
+        let d = TopicDecoder::new(
+            Format::Protobuf,
+            schema.clone(),
+            Some(("at", TimeUnit::Millisecond)),
+            &codecs,
+            Some("city.parking.Occupancy"),
+        )
+        .expect("decoder")
+        .decode(&raw(&[m.encode_to_vec()]))
+        .expect("decode");
+        assert!(d.rejects.is_empty(), "{:?}", d.rejects);
+        let row = crate::sink::encode_json_rows(&d.batch).expect("json");
+        assert_eq!(
+            String::from_utf8_lossy(&row.0).trim(),
+            r#"{"lot_id":"hk-07","at":1767222000250,"occupied":41,"source":"BAY_SENSOR","fill":null}"#
+        );
+
+        // A field that cannot be read as the column's type is refused at once, named.
+        let strings = Arc::new(TopicSchema::from_arrow(
+            "o",
+            Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
+                datafusion::arrow::datatypes::Field::new("firmware", DataType::Float64, true),
+            ])),
+        ));
+        let e = TopicDecoder::new(
+            Format::Protobuf,
+            strings,
+            None,
+            &codecs,
+            Some("city.parking.Occupancy"),
+        )
+        .expect_err("type");
+        assert!(
+            e.to_string().contains("city.parking.Occupancy.firmware"),
+            "{e}"
+        );
+        let e = descriptors
+            .message("city.parking.Nope")
+            .expect_err("unknown");
+        assert!(
+            e.to_string().contains("known: city.parking.Occupancy"),
+            "{e}"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// Arbitrary bytes, framed or not, never panic the decoder nor cost a good record.
+        #[test]
+        fn garbage_never_costs_a_good_record(
+            garbage in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..48), 1..8),
+        ) {
+            let good = encoder(None).encode_json(GOOD).expect("encode");
+            let mut values = Vec::new();
+            for g in &garbage {
+                values.push(good.clone());
+                values.push(g.clone());
+            }
+            let d = decoder(camera(), "urbanstream.city.CameraEvent", &Codecs::default())
+                .decode(&raw(&values))
+                .expect("decode");
+            for i in (0..values.len()).step_by(2) {
+                prop_assert!(d.rows.contains(&(i as u32)), "good record {} lost", i);
+            }
+            prop_assert_eq!(d.rows.len() + d.rejects.len(), values.len());
+        }
+    }
+}
