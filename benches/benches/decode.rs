@@ -1,6 +1,7 @@
 //! Decode stage: records into Arrow batches, per topic, in records per second: JSON
-//! (`decode/<schema>`) and the same records as Confluent-framed Avro
-//! (`decode/avro_<schema>`), each with 1 % malformed records spread through a camera batch.
+//! (`decode/<schema>`), the same records as Confluent-framed Avro (`decode/avro_<schema>`)
+//! and as Protobuf messages of the city's `.proto` (`decode/protobuf_<schema>`); JSON and
+//! Avro also with 1 % malformed records spread through a camera batch.
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -8,7 +9,10 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::TimeUnit;
 use urbanstream::decode::avro::embedded_avsc;
-use urbanstream::decode::{AvroEncoder, Codecs, JsonDecoder, Registry, TopicDecoder};
+use urbanstream::decode::protobuf::city_message;
+use urbanstream::decode::{
+    AvroEncoder, Codecs, Descriptors, JsonDecoder, ProtobufEncoder, Registry, TopicDecoder,
+};
 use urbanstream::pipeline::Format;
 use urbanstream::schema::SchemaRegistry;
 use urbanstream::simulate::SimTopic;
@@ -52,7 +56,50 @@ fn decode(c: &mut Criterion) {
         b.iter(|| decoder.decode(&raw).expect("decode"))
     });
     avro(&mut group, &registry);
+    protobuf(&mut group, &registry);
     group.finish();
+}
+
+/// The same simulated records as Protobuf messages (plain), decoded by reflection.
+fn protobuf(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    schemas: &SchemaRegistry,
+) {
+    let descriptors = Arc::new(Descriptors::embedded().expect("descriptors"));
+    let codecs = Codecs {
+        registry: None,
+        descriptors: Some(descriptors.clone()),
+    };
+    for (topic, schema, n) in [
+        (SimTopic::Camera, "camera_event", 8192),
+        (SimTopic::Detector, "detector_reading", 4096),
+        (SimTopic::Air, "air_reading", 4096),
+    ] {
+        let json = simulated_batch(topic, n);
+        let message = city_message(schema).expect("message");
+        let encoder = ProtobufEncoder::new(descriptors.message(message).expect("message"), None);
+        let mut raw = RawBatch::new(schema);
+        for i in 0..json.len() {
+            let value = encoder.encode_json(json.value(i)).expect("encode");
+            raw.push(json.partitions[i], i as i64, json.key(i), Some(&value));
+        }
+        let decoder = TopicDecoder::new(
+            Format::Protobuf,
+            schemas.get(schema).expect(schema),
+            Some(("event_time", TimeUnit::Millisecond)),
+            &codecs,
+            Some(message),
+        )
+        .expect("decoder");
+        group.throughput(Throughput::Elements(raw.len() as u64));
+        group.bench_function(format!("protobuf_{schema}"), |b| {
+            b.iter(|| {
+                let decoded = decoder.decode(&raw).expect("decode");
+                assert_eq!(decoded.batch.num_rows(), raw.len());
+                decoded
+            })
+        });
+    }
 }
 
 /// The same simulated records as Avro, written with the topic schemas (registered in a
