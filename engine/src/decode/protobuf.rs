@@ -17,9 +17,14 @@
 
 use std::path::{Path, PathBuf};
 
-use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Float32Builder, Float64Builder,
+    Int32Builder, Int64Builder, RecordBatch, StringBuilder,
+};
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
-use datafusion::scalar::ScalarValue;
 use prost::Message as _;
 use prost_reflect::{
     DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, Value,
@@ -182,29 +187,22 @@ impl ProtobufDecoder {
 
     /// Decodes every record of `raw`; bad records are rejected one by one.
     pub fn decode(&self, raw: &RawBatch) -> Result<Decoded> {
-        let width = self.fields.len();
-        let mut cells: Vec<Vec<ScalarValue>> = vec![Vec::with_capacity(raw.len()); width];
-        let mut rows = Vec::with_capacity(raw.len());
-        let mut rejects = Vec::new();
-        let nulls = self
+        let mut builders: Vec<Builder> = self
             .shape
             .wire_schema
             .fields()
             .iter()
-            .map(|f| ScalarValue::try_from(f.data_type()))
-            .collect::<datafusion::error::Result<Vec<_>>>()?;
+            .map(|f| Builder::new(f.data_type(), raw.len()))
+            .collect::<Result<_>>()?;
+        let mut rows = Vec::with_capacity(raw.len());
+        let mut rejects = Vec::new();
         for i in 0..raw.len() {
-            let outcome = self
-                .shape
-                .oversize(raw, i)
-                .map_or_else(|| self.decode_one(raw.value(i), &nulls), Err);
+            let outcome = match self.shape.oversize(raw, i) {
+                Some(error) => Err(error),
+                None => self.decode_one(raw.value(i), &mut builders),
+            };
             match outcome {
-                Ok(row) => {
-                    for (column, cell) in cells.iter_mut().zip(row) {
-                        column.push(cell);
-                    }
-                    rows.push(i as u32);
-                }
+                Ok(()) => rows.push(i as u32),
                 Err(error) => rejects.push(Reject {
                     index: i as u32,
                     stage: RejectStage::Decode,
@@ -212,42 +210,133 @@ impl ProtobufDecoder {
                 }),
             }
         }
-        let columns = cells
+        let columns = builders
             .into_iter()
             .zip(self.shape.wire_schema.fields())
-            .map(|(column, field)| {
-                if column.is_empty() {
-                    Ok(datafusion::arrow::array::new_empty_array(field.data_type()))
-                } else {
-                    ScalarValue::iter_to_array(column)
-                }
-            })
-            .collect::<datafusion::error::Result<Vec<ArrayRef>>>()?;
+            .map(|(b, f)| b.finish(f.data_type()))
+            .collect::<Result<Vec<ArrayRef>>>()?;
         let batch = RecordBatch::try_new(self.shape.wire_schema.clone(), columns)?;
         self.shape.finish(vec![batch], rows, rejects)
     }
 
-    /// One record's cells, or why it cannot be read.
+    /// Appends one record's cells to `builders`, or says why it cannot be read (and appends
+    /// nothing).
     fn decode_one(
         &self,
         value: &[u8],
-        nulls: &[ScalarValue],
-    ) -> std::result::Result<Vec<ScalarValue>, String> {
+        builders: &mut [Builder],
+    ) -> std::result::Result<(), String> {
         let body = unframe(value)?;
         let message = DynamicMessage::decode(self.message.clone(), body)
             .map_err(|e| format!("bad Protobuf record ({}): {e}", self.message.full_name()))?;
-        self.fields
+        let values: Vec<Option<std::borrow::Cow<'_, Value>>> = self
+            .fields
             .iter()
-            .zip(self.shape.wire_schema.fields())
-            .zip(nulls)
-            .map(|((f, field), null)| match f {
+            .map(|f| match f {
                 Some(f) if !f.supports_presence() || message.has_field(f) => {
-                    cell(&message.get_field(f), f, field.data_type())
-                        .ok_or_else(|| format!("field {}: not a {}", f.name(), field.data_type()))
+                    Some(message.get_field(f))
                 }
-                _ => Ok(null.clone()),
+                _ => None,
             })
-            .collect()
+            .collect();
+        let cells = values
+            .iter()
+            .zip(&self.fields)
+            .zip(self.shape.wire_schema.fields())
+            .map(|((v, f), field)| match (v, f) {
+                (Some(v), Some(f)) => cell(v, f, field.data_type())
+                    .ok_or_else(|| format!("field {}: not a {}", f.name(), field.data_type())),
+                _ => Ok(Cell::Null),
+            })
+            .collect::<std::result::Result<Vec<Cell<'_>>, String>>()?;
+        for (builder, cell) in builders.iter_mut().zip(cells) {
+            builder.append(cell);
+        }
+        Ok(())
+    }
+}
+
+/// One field's value, converted for its column.
+enum Cell<'a> {
+    Null,
+    Str(std::borrow::Cow<'a, str>),
+    Int(i64),
+    F64(f64),
+    F32(f32),
+    Bool(bool),
+    Bytes(&'a [u8]),
+}
+
+/// A column being built.
+enum Builder {
+    Utf8(StringBuilder),
+    Int64(Int64Builder),
+    Int32(Int32Builder),
+    Date32(Date32Builder),
+    /// Timestamps in the column's unit, typed at the end.
+    Timestamp(Int64Builder),
+    Float64(Float64Builder),
+    Float32(Float32Builder),
+    Boolean(BooleanBuilder),
+    Binary(BinaryBuilder),
+}
+
+impl Builder {
+    fn new(data_type: &DataType, capacity: usize) -> Result<Self> {
+        Ok(match data_type {
+            DataType::Utf8 => Builder::Utf8(StringBuilder::with_capacity(capacity, capacity * 16)),
+            DataType::Int64 => Builder::Int64(Int64Builder::with_capacity(capacity)),
+            DataType::Int32 => Builder::Int32(Int32Builder::with_capacity(capacity)),
+            DataType::Date32 => Builder::Date32(Date32Builder::with_capacity(capacity)),
+            DataType::Timestamp(..) => Builder::Timestamp(Int64Builder::with_capacity(capacity)),
+            DataType::Float64 => Builder::Float64(Float64Builder::with_capacity(capacity)),
+            DataType::Float32 => Builder::Float32(Float32Builder::with_capacity(capacity)),
+            DataType::Boolean => Builder::Boolean(BooleanBuilder::with_capacity(capacity)),
+            DataType::Binary => Builder::Binary(BinaryBuilder::with_capacity(capacity, 0)),
+            other => {
+                return Err(Error::schema(
+                    "(protobuf)",
+                    format!("columns of type {other} are not read from Protobuf"),
+                ));
+            }
+        })
+    }
+
+    /// Appends a cell; [`cell`] made it for this column's type, so only a null can differ.
+    fn append(&mut self, cell: Cell<'_>) {
+        match (self, cell) {
+            (Builder::Utf8(b), Cell::Str(s)) => b.append_value(s),
+            (Builder::Int64(b) | Builder::Timestamp(b), Cell::Int(n)) => b.append_value(n),
+            (Builder::Int32(b), Cell::Int(n)) => b.append_value(n as i32),
+            (Builder::Date32(b), Cell::Int(n)) => b.append_value(n as i32),
+            (Builder::Float64(b), Cell::F64(x)) => b.append_value(x),
+            (Builder::Float32(b), Cell::F32(x)) => b.append_value(x),
+            (Builder::Boolean(b), Cell::Bool(x)) => b.append_value(x),
+            (Builder::Binary(b), Cell::Bytes(x)) => b.append_value(x),
+            (Builder::Utf8(b), _) => b.append_null(),
+            (Builder::Int64(b) | Builder::Timestamp(b), _) => b.append_null(),
+            (Builder::Int32(b), _) => b.append_null(),
+            (Builder::Date32(b), _) => b.append_null(),
+            (Builder::Float64(b), _) => b.append_null(),
+            (Builder::Float32(b), _) => b.append_null(),
+            (Builder::Boolean(b), _) => b.append_null(),
+            (Builder::Binary(b), _) => b.append_null(),
+        }
+    }
+
+    fn finish(self, data_type: &DataType) -> Result<ArrayRef> {
+        Ok(match self {
+            Builder::Utf8(mut b) => Arc::new(b.finish()),
+            Builder::Int64(mut b) => Arc::new(b.finish()),
+            Builder::Int32(mut b) => Arc::new(b.finish()),
+            Builder::Date32(mut b) => Arc::new(b.finish()),
+            // The values are in the column's unit: the cast only types them.
+            Builder::Timestamp(mut b) => cast(&b.finish(), data_type)?,
+            Builder::Float64(mut b) => Arc::new(b.finish()),
+            Builder::Float32(mut b) => Arc::new(b.finish()),
+            Builder::Boolean(mut b) => Arc::new(b.finish()),
+            Builder::Binary(mut b) => Arc::new(b.finish()),
+        })
     }
 }
 
@@ -303,9 +392,9 @@ fn readable_as(kind: &Kind, to: &DataType) -> bool {
     }
 }
 
-/// A field's value as a cell of type `to`; `None` if it does not fit (a 64-bit unsigned
-/// value beyond `i64`, say).
-fn cell(value: &Value, field: &FieldDescriptor, to: &DataType) -> Option<ScalarValue> {
+/// A field's value as a cell of a column of type `to`; `None` if it does not fit (a 64-bit
+/// unsigned value beyond `i64`, a time out of range).
+fn cell<'a>(value: &'a Value, field: &FieldDescriptor, to: &DataType) -> Option<Cell<'a>> {
     let int = |v: &Value| -> Option<i64> {
         match v {
             Value::I32(n) => Some(i64::from(*n)),
@@ -316,51 +405,46 @@ fn cell(value: &Value, field: &FieldDescriptor, to: &DataType) -> Option<ScalarV
         }
     };
     Some(match to {
-        DataType::Utf8 => ScalarValue::Utf8(Some(match value {
-            Value::String(s) => s.clone(),
+        DataType::Utf8 => Cell::Str(match value {
+            Value::String(s) => std::borrow::Cow::Borrowed(s.as_str()),
             Value::EnumNumber(n) => match field.kind().as_enum().and_then(|e| e.get_value(*n)) {
-                Some(v) => v.name().to_string(),
-                None => n.to_string(),
+                Some(v) => std::borrow::Cow::Owned(v.name().to_string()),
+                None => std::borrow::Cow::Owned(n.to_string()),
             },
             _ => return None,
-        })),
-        DataType::Float64 => ScalarValue::Float64(Some(match value {
+        }),
+        DataType::Float64 => Cell::F64(match value {
             Value::F64(x) => *x,
             Value::F32(x) => f64::from(*x),
             other => int(other)? as f64,
-        })),
-        DataType::Float32 => ScalarValue::Float32(Some(match value {
+        }),
+        DataType::Float32 => Cell::F32(match value {
             Value::F32(x) => *x,
             _ => return None,
-        })),
-        DataType::Int64 => ScalarValue::Int64(Some(int(value)?)),
-        DataType::Int32 => ScalarValue::Int32(Some(i32::try_from(int(value)?).ok()?)),
-        DataType::Date32 => ScalarValue::Date32(Some(i32::try_from(int(value)?).ok()?)),
-        DataType::Boolean => ScalarValue::Boolean(Some(value.as_bool()?)),
-        DataType::Binary => ScalarValue::Binary(Some(value.as_bytes()?.to_vec())),
-        DataType::Timestamp(wire_unit, tz) => {
-            let n = match value {
-                Value::Message(m) => {
-                    // google.protobuf.Timestamp: seconds and nanos, in the wire unit.
-                    let seconds = m.get_field_by_name("seconds").and_then(|v| v.as_i64())?;
-                    let nanos = i64::from(m.get_field_by_name("nanos").and_then(|v| v.as_i32())?);
-                    match wire_unit {
-                        TimeUnit::Second => seconds,
-                        TimeUnit::Millisecond => seconds * 1_000 + nanos / 1_000_000,
-                        TimeUnit::Microsecond => seconds * 1_000_000 + nanos / 1_000,
-                        TimeUnit::Nanosecond => seconds * 1_000_000_000 + nanos,
-                    }
-                }
-                // An integer is in the stream's event-time unit, which is the wire unit.
-                other => int(other)?,
-            };
-            match wire_unit {
-                TimeUnit::Second => ScalarValue::TimestampSecond(Some(n), tz.clone()),
-                TimeUnit::Millisecond => ScalarValue::TimestampMillisecond(Some(n), tz.clone()),
-                TimeUnit::Microsecond => ScalarValue::TimestampMicrosecond(Some(n), tz.clone()),
-                TimeUnit::Nanosecond => ScalarValue::TimestampNanosecond(Some(n), tz.clone()),
-            }
+        }),
+        DataType::Int64 => Cell::Int(int(value)?),
+        DataType::Int32 | DataType::Date32 => {
+            Cell::Int(i64::from(i32::try_from(int(value)?).ok()?))
         }
+        DataType::Boolean => Cell::Bool(value.as_bool()?),
+        DataType::Binary => Cell::Bytes(value.as_bytes()?.as_ref()),
+        DataType::Timestamp(wire_unit, _) => Cell::Int(match value {
+            Value::Message(m) => {
+                // google.protobuf.Timestamp: seconds and nanos, in the wire unit.
+                let seconds = m.get_field_by_name("seconds").and_then(|v| v.as_i64())?;
+                let nanos = i64::from(m.get_field_by_name("nanos").and_then(|v| v.as_i32())?);
+                // Out of range (a hostile or corrupt value) is no cell, not an overflow.
+                let (scale, per) = match wire_unit {
+                    TimeUnit::Second => (1, 1_000_000_000),
+                    TimeUnit::Millisecond => (1_000, 1_000_000),
+                    TimeUnit::Microsecond => (1_000_000, 1_000),
+                    TimeUnit::Nanosecond => (1_000_000_000, 1),
+                };
+                seconds.checked_mul(scale)?.checked_add(nanos / per)?
+            }
+            // An integer is in the stream's event-time unit, which is the wire unit.
+            other => int(other)?,
+        }),
         _ => return None,
     })
 }
