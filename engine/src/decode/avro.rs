@@ -240,7 +240,29 @@ impl Run {
     /// rebuilt from the good records since the last flush, and those are flushed, so that
     /// each good record is fed again at most once whatever the number of bad ones.
     fn feed(&mut self, raw: &RawBatch, i: usize, out: &mut Out<'_>) -> Result<()> {
-        let error = match feed_one(&mut self.decoder, raw.value(i), self.good.len()) {
+        let value = raw.value(i);
+        let outcome = feed_one(&mut self.decoder, value, self.good.len()).and_then(|()| {
+            // A record ending in a copy of its own header: the decoder has taken that copy
+            // for the next record's prefix (and would read the next record as its body)
+            // unless the body really runs to the end. Decoded alone, with room for one row
+            // only, the record shows which.
+            let n = value.len();
+            if n >= 2 * HEADER && value[n - HEADER..] == value[..HEADER] {
+                let writer = Self::schema(&self.writer).map_err(|e| e.to_string())?;
+                let mut alone =
+                    body_decoder(self.id, &writer.avro, 1).map_err(|e| e.to_string())?;
+                let consumed = alone.decode(value).map_err(|e| e.to_string())?;
+                if consumed < n {
+                    return Err(format!(
+                        "{} bytes after the end of the Avro record: more than one record, or \
+                         not written with the schema its id names",
+                        n - consumed
+                    ));
+                }
+            }
+            Ok(())
+        });
+        let error = match outcome {
             Ok(()) => {
                 self.good.push(i as u32);
                 return Ok(());
@@ -252,14 +274,30 @@ impl Run {
             stage: RejectStage::Decode,
             error,
         });
-        self.decoder = body_decoder(self.id, &Self::schema(&self.writer)?.avro, self.capacity)?;
-        for (k, &g) in self.good.iter().enumerate() {
-            if let Err(error) = feed_one(&mut self.decoder, raw.value(g as usize), k) {
-                return Err(Error::schema(
-                    "(writer)",
-                    format!("record {g} decoded once but not twice: {error}"),
-                ));
+        self.rebuild(raw, out)
+    }
+
+    /// A fresh decoder fed the good records since the last flush, which are flushed. A record
+    /// that does not decode again (which a record that decoded once cannot do) is rejected
+    /// rather than failing the batch.
+    fn rebuild(&mut self, raw: &RawBatch, out: &mut Out<'_>) -> Result<()> {
+        let avro = Self::schema(&self.writer)?.avro.clone();
+        loop {
+            self.decoder = body_decoder(self.id, &avro, self.capacity)?;
+            let mut failed = None;
+            for (k, &g) in self.good.iter().enumerate() {
+                if let Err(error) = feed_one(&mut self.decoder, raw.value(g as usize), k) {
+                    failed = Some((k, error));
+                    break;
+                }
             }
+            let Some((k, error)) = failed else { break };
+            let g = self.good.remove(k);
+            out.rejects.push(Reject {
+                index: g,
+                stage: RejectStage::Decode,
+                error: format!("decoded differently when fed again: {error}"),
+            });
         }
         self.flush(raw, out)
     }
@@ -589,8 +627,14 @@ mod tests {
         let truncated = good[..good.len() - 6].to_vec();
         let mut trailing = good2.clone();
         trailing.extend_from_slice(&good2);
+        // A record followed by a copy of its header, then an honest record: the copy must not
+        // take the honest record for its body.
+        let mut spare_header = good2.clone();
+        spare_header.extend_from_slice(&good2[..HEADER]);
         let values = vec![
             good.clone(),
+            spare_header,
+            good2.clone(),
             GOOD.to_vec(), // JSON on an Avro topic
             vec![0, 0, 1], // header cut short
             unknown_id,    // no such schema
@@ -602,21 +646,22 @@ mod tests {
             good2.clone(),
         ];
         let d = decode(&f, &values).await;
-        assert_eq!(d.rows, vec![0, 5, 9]);
-        assert_eq!(d.batch, json_decoded(&[GOOD, GOOD2, GOOD2]));
+        assert_eq!(d.rows, vec![0, 2, 7, 11]);
+        assert_eq!(d.batch, json_decoded(&[GOOD, GOOD2, GOOD2, GOOD2]));
         let reasons: Vec<(u32, &str)> = d
             .rejects
             .iter()
             .map(|r| (r.index, r.error.as_str()))
             .collect();
         let expect = [
-            (1, "not Avro: the record starts with '{'"),
-            (2, "truncated Avro header: 3 bytes"),
-            (3, "unknown schema id 77: the schema registry"),
-            (4, "truncated Avro record"),
-            (6, "bytes after the end of the Avro record"),
-            (7, "empty record"),
-            (8, "the first byte is 0xc3"),
+            (1, "5 bytes after the end of the Avro record"),
+            (3, "not Avro: the record starts with '{'"),
+            (4, "truncated Avro header: 3 bytes"),
+            (5, "unknown schema id 77: the schema registry"),
+            (6, "truncated Avro record"),
+            (8, "bytes after the end of the Avro record"),
+            (9, "empty record"),
+            (10, "the first byte is 0xc3"),
         ];
         assert_eq!(reasons.len(), expect.len(), "{reasons:?}");
         for ((i, why), (j, start)) in reasons.iter().zip(expect) {
