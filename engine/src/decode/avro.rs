@@ -37,6 +37,8 @@ pub const MAGIC: u8 = 0;
 const HEADER: usize = 5;
 /// Records flushed together.
 const CHUNK: usize = 1024;
+/// Schema ids looked up for one batch at most.
+const MAX_LOOKUPS: usize = 16;
 
 /// How records of one writer schema are read into the topic schema.
 #[derive(Debug)]
@@ -80,6 +82,10 @@ impl AvroDecoder {
                 }
             }
         }
+        // A batch of records with made-up ids costs a bounded number of lookups.
+        let mut wanted: Vec<u32> = wanted.into_iter().collect();
+        wanted.sort_unstable();
+        wanted.truncate(MAX_LOOKUPS);
         for id in wanted {
             if let Some(text) = self.registry.schema(id).await? {
                 let writer = self.writer(id, &text);
@@ -174,10 +180,13 @@ impl AvroDecoder {
                         continue;
                     }
                     None => {
-                        out.rejects.push(reject(format!(
-                            "unknown schema id {id}: the schema registry ({}) has no such \
-                             schema; register the producer's schema there",
-                            self.registry.location()
+                        out.rejects.push(reject(self.registry.why_unknown(id).unwrap_or_else(
+                            || {
+                                format!(
+                                    "unknown schema id {id}: not looked up (more than \
+                                     {MAX_LOOKUPS} new schema ids in one batch)"
+                                )
+                            },
                         )));
                         continue;
                     }

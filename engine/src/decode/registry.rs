@@ -44,8 +44,13 @@ enum Source {
 #[derive(Debug, Clone)]
 enum Entry {
     Found(Arc<str>),
-    Unknown(Instant),
+    /// The registry has no such id, or answered for it with something no record can be read
+    /// with (another schema type, a malformed answer): why, and when it was asked.
+    Unknown(String, Instant),
 }
+
+/// Unknown ids remembered at most; beyond, they are forgotten (and asked again).
+const MAX_UNKNOWN: usize = 10_000;
 
 /// A schema registry client with a cache.
 #[derive(Debug)]
@@ -114,8 +119,17 @@ impl Registry {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         match cache.get(&id)? {
             Entry::Found(s) => Some(Some(s.clone())),
-            Entry::Unknown(at) if at.elapsed() < UNKNOWN_FOR => Some(None),
-            Entry::Unknown(_) => None,
+            Entry::Unknown(_, at) if at.elapsed() < UNKNOWN_FOR => Some(None),
+            Entry::Unknown(..) => None,
+        }
+    }
+
+    /// Why the registry gave no schema for `id`, if it was asked.
+    pub fn why_unknown(&self, id: u32) -> Option<String> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        match cache.get(&id)? {
+            Entry::Unknown(why, _) => Some(why.clone()),
+            Entry::Found(_) => None,
         }
     }
 
@@ -125,10 +139,15 @@ impl Registry {
         if let Some(known) = self.cached(id) {
             return Ok(known);
         }
-        let found: Option<Arc<str>> = match &self.source {
+        let missing = |why: String| Err::<Arc<str>, String>(why);
+        let found: std::result::Result<Arc<str>, String> = match &self.source {
             Source::Dir(dir) => match std::fs::read_to_string(id_file(dir, id)) {
-                Ok(text) => Some(text.into()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Ok(text) => Ok(text.into()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing(format!(
+                    "unknown schema id {id}: the schema registry ({}) has no such schema; \
+                     register the producer's schema there",
+                    dir.display()
+                )),
                 Err(e) => return Err(e.into()),
             },
             Source::Http { base, auth, client } => {
@@ -136,40 +155,49 @@ impl Registry {
                     .join(&format!("schemas/ids/{id}"))
                     .map_err(|e| Error::Registry(e.to_string()))?;
                 let response = send(client.get(url.clone()), auth).await?;
-                match response.status() {
-                    reqwest::StatusCode::NOT_FOUND => None,
-                    status if status.is_success() => {
-                        let body: serde_json::Value = response
-                            .json()
-                            .await
-                            .map_err(|e| Error::Registry(format!("{url}: {e}")))?;
-                        let kind = body["schemaType"].as_str().unwrap_or("AVRO");
-                        if kind != "AVRO" {
-                            return Err(Error::Registry(format!(
-                                "{url}: schema {id} is {kind}, not AVRO"
-                            )));
-                        }
-                        let text = body["schema"].as_str().ok_or_else(|| {
-                            Error::Registry(format!("{url}: the answer has no \"schema\" string"))
-                        })?;
-                        Some(text.into())
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                let body: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                match status.as_u16() {
+                    200..=299 => match (body["schemaType"].as_str(), body["schema"].as_str()) {
+                        (None | Some("AVRO"), Some(schema)) => Ok(schema.into()),
+                        (Some(kind), Some(_)) => missing(format!(
+                            "schema id {id} is a {kind} schema in the registry, not Avro: the \
+                             record is not Avro, or the topic mixes formats"
+                        )),
+                        _ => missing(format!(
+                            "schema id {id}: the registry's answer has no schema ({text:.200})"
+                        )),
+                    },
+                    // Credentials, rate limits and the registry's own failures pass or get
+                    // fixed: the records wait for them.
+                    401 | 403 | 408 | 429 | 500.. => {
+                        return Err(Error::Registry(format!("{url}: {status}: {text:.500}")));
                     }
-                    status => {
-                        let text = response.text().await.unwrap_or_default();
-                        return Err(Error::Registry(format!("{url}: {status}: {text}")));
-                    }
+                    // No such id, or none the registry will look up (out of range, say).
+                    _ => missing(format!(
+                        "unknown schema id {id}: the schema registry ({}) answered {status} \
+                         ({})",
+                        self.location(),
+                        body["message"].as_str().unwrap_or(&text)
+                    )),
                 }
             }
         };
-        let entry = match &found {
-            Some(s) => Entry::Found(s.clone()),
-            None => Entry::Unknown(Instant::now()),
-        };
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, entry);
-        Ok(found)
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        match found {
+            Ok(schema) => {
+                cache.insert(id, Entry::Found(schema.clone()));
+                Ok(Some(schema))
+            }
+            Err(why) => {
+                if cache.len() >= MAX_UNKNOWN {
+                    cache.retain(|_, e| matches!(e, Entry::Found(_)));
+                }
+                cache.insert(id, Entry::Unknown(why, Instant::now()));
+                Ok(None)
+            }
+        }
     }
 
     /// Registers `schema` under `subject` (e.g. `city.camera.events-value`) and returns its
@@ -342,6 +370,10 @@ mod tests {
                     StatusCode::OK,
                     serde_json::json!({ "schema": R1 }).to_string(),
                 ),
+                5 => (
+                    StatusCode::OK,
+                    r#"{"schemaType":"PROTOBUF","schema":"syntax = \"proto3\";"}"#.into(),
+                ),
                 9 => (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     r#"{"error_code":50001,"message":"Error in the backend data store"}"#.into(),
@@ -421,6 +453,12 @@ mod tests {
         );
         assert_eq!(registry.schema(2).await.expect("lookup"), None);
         assert_eq!(registry.cached(2), Some(None));
+        // Another schema type is no schema to read Avro records with: their records go to the
+        // DLQ with the reason, instead of the query waiting for the registry.
+        assert_eq!(registry.schema(5).await.expect("lookup"), None);
+        let why = registry.why_unknown(5).expect("reason");
+        assert!(why.contains("PROTOBUF schema"), "{why}");
+        assert!(registry.why_unknown(2).expect("reason").contains("404"));
         let e = registry.schema(9).await.expect_err("backend error");
         assert!(e.is_transient(), "{e}");
         assert!(e.to_string().contains("50001"), "{e}");
