@@ -63,11 +63,13 @@ impl Registry {
     /// A Confluent Schema Registry at `url` (e.g. `http://registry:8081`; credentials in the
     /// URL are sent as basic auth).
     pub fn http(url: &str) -> Result<Self> {
+        // The URL may carry a password: messages do not repeat it.
         let mut base = url::Url::parse(url)
-            .map_err(|e| Error::Config(format!("schema_registry.url {url:?}: {e}")))?;
+            .map_err(|e| Error::Config(format!("schema_registry.url: {e}")))?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(Error::Config(format!(
-                "schema_registry.url {url:?}: write an http:// or https:// URL"
+                "schema_registry.url: {}: is not http:// or https://",
+                base.scheme()
             )));
         }
         let auth = (!base.username().is_empty()).then(|| {

@@ -376,6 +376,14 @@ impl ServiceConfig {
                 *value = REDACTED.into();
             }
         }
+        // Credentials in the registry's URL.
+        if let Ok(mut url) = url::Url::parse(&shown.schema_registry.url)
+            && (!url.username().is_empty() || url.password().is_some())
+        {
+            let _ = url.set_username(REDACTED);
+            let _ = url.set_password(None);
+            shown.schema_registry.url = url.to_string();
+        }
         serde_json::to_value(&shown).unwrap_or(serde_json::Value::Null)
     }
 }
@@ -589,14 +597,15 @@ mod tests {
                 "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\
                  \"sasl.username\" = \"city\"\n\"sasl.password\" = \"hunter2\"\n\
                  \"ssl.key.location\" = \"/k.pem\"\n\"ssl.key.password\" = \"pw2\"\n\
-                 [api]\ntoken = \"t0ps3cret\"\n",
+                 [api]\ntoken = \"t0ps3cret\"\n\
+                 [schema_registry]\nurl = \"https://city:r3g1stry@registry:8081\"\n",
             )?;
             let c = load(Some("c.toml"))?;
             let props = c.kafka_properties();
             assert!(props.contains(&("sasl.password".into(), "hunter2".into())));
             assert!(props.contains(&("security.protocol".into(), "SASL_SSL".into())));
             let shown = format!("{c:?} {}", c.redacted());
-            for secret in ["hunter2", "pw2", "t0ps3cret"] {
+            for secret in ["hunter2", "pw2", "t0ps3cret", "r3g1stry"] {
                 assert!(!shown.contains(secret), "{secret} shown in {shown}");
             }
             assert!(
