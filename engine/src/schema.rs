@@ -149,13 +149,12 @@ impl TopicSchema {
                 DataType::Timestamp(..) => {
                     serde_json::json!({"type": "long", "logicalType": "timestamp-millis"})
                 }
-                DataType::Date32 => serde_json::json!({"type": "int", "logicalType": "date"}),
                 other => {
                     return Err(Error::schema(
                         &self.name,
                         format!(
                             "column {} is {other}, which Avro output does not carry yet; cast \
-                             it to VARCHAR, BIGINT or DOUBLE",
+                             it to VARCHAR, BIGINT, DOUBLE or TIMESTAMP",
                             field.name()
                         ),
                     ));

@@ -180,14 +180,13 @@ impl AvroDecoder {
                         continue;
                     }
                     None => {
-                        out.rejects.push(reject(self.registry.why_unknown(id).unwrap_or_else(
-                            || {
+                        out.rejects
+                            .push(reject(self.registry.why_unknown(id).unwrap_or_else(|| {
                                 format!(
                                     "unknown schema id {id}: not looked up (more than \
                                      {MAX_LOOKUPS} new schema ids in one batch)"
                                 )
-                            },
-                        )));
+                            })));
                         continue;
                     }
                 };
@@ -463,6 +462,9 @@ fn align(shape: &Shape, writer: &Writer, batch: &RecordBatch) -> Result<RecordBa
 pub struct AvroEncoder {
     schema: apache_avro::Schema,
     header: [u8; HEADER],
+    /// Fields of type `double` (true) or `float` (false), not nullable: a JSON null there is
+    /// a NaN or an infinity (which JSON cannot carry), written as NaN.
+    not_a_number: Vec<(String, bool)>,
 }
 
 impl AvroEncoder {
@@ -472,7 +474,23 @@ impl AvroEncoder {
             .map_err(|e| Error::schema("(encoder)", e.to_string()))?;
         let mut header = [MAGIC; HEADER];
         header[1..].copy_from_slice(&id.to_be_bytes());
-        Ok(Self { schema, header })
+        let not_a_number = match &schema {
+            apache_avro::Schema::Record(r) => r
+                .fields
+                .iter()
+                .filter_map(|f| match f.schema {
+                    apache_avro::Schema::Double => Some((f.name.clone(), true)),
+                    apache_avro::Schema::Float => Some((f.name.clone(), false)),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Self {
+            schema,
+            header,
+            not_a_number,
+        })
     }
 
     /// An encoder for the topic schema `topic` (from `schemas/topics/`), its schema
@@ -487,7 +505,19 @@ impl AvroEncoder {
     pub fn encode_json(&self, json: &[u8]) -> Result<Vec<u8>> {
         let value: serde_json::Value = serde_json::from_slice(json)
             .map_err(|e| Error::schema("(encoder)", format!("not JSON: {e}")))?;
-        let avro = apache_avro::types::Value::from(value)
+        let mut avro = apache_avro::types::Value::from(value);
+        if let apache_avro::types::Value::Map(fields) = &mut avro {
+            for (name, double) in &self.not_a_number {
+                if let Some(v @ apache_avro::types::Value::Null) = fields.get_mut(name) {
+                    *v = if *double {
+                        apache_avro::types::Value::Double(f64::NAN)
+                    } else {
+                        apache_avro::types::Value::Float(f32::NAN)
+                    };
+                }
+            }
+        }
+        let avro = avro
             .resolve(&self.schema)
             .map_err(|e| Error::schema("(encoder)", e.to_string()))?;
         let body = apache_avro::to_avro_datum(&self.schema, avro)
@@ -744,6 +774,7 @@ mod tests {
             Field::new("lanes", DataType::Int32, false),
             Field::new("speed", DataType::Float64, true),
             Field::new("jam", DataType::Boolean, true),
+            Field::new("ratio", DataType::Float64, false),
         ]));
         let schema = crate::schema::TopicSchema::from_arrow("busy segments", arrow.clone());
         let avsc = schema.avro_schema().expect("derived");
@@ -764,6 +795,8 @@ mod tests {
                 Arc::new(Int32Array::from(vec![2, 4, 6])),
                 Arc::new(Float64Array::from(vec![Some(31.25), Some(-0.5), None])),
                 Arc::new(BooleanArray::from(vec![None, Some(true), Some(false)])),
+                // JSON cannot carry NaN: the Avro record still does.
+                Arc::new(Float64Array::from(vec![0.5, f64::NAN, 2.0])),
             ],
         )
         .expect("batch");

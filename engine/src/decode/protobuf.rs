@@ -148,6 +148,9 @@ impl ProtobufDecoder {
         let topic = shape.topic_schema();
         let mut fields = Vec::new();
         for (k, field) in shape.wire_schema.fields().iter().enumerate() {
+            // Every column can be built, whether the message has it or not.
+            Builder::new(field.data_type(), 0)
+                .map_err(|e| Error::schema(&topic.name, format!("column {}: {e}", field.name())))?;
             match message.get_field_by_name(field.name()) {
                 Some(f) => {
                     if f.is_list() || f.is_map() || !readable_as(&f.kind(), field.data_type()) {
@@ -602,6 +605,12 @@ mod tests {
                     .into_bytes(),
             )
             .expect("encode");
+        // No camera id: absent, as in JSON, since the city's fields have presence.
+        let missing = plain
+            .encode_json(
+                br#"{"segment_id":"kim_ma_w","event_time":1767222000000,"confidence":0.0}"#,
+            )
+            .expect("encode");
         let values = vec![
             good.clone(),
             vec![],
@@ -611,12 +620,13 @@ mod tests {
                 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
             ],
             unknown_symbol,
+            missing,
             good.clone(),
         ];
         let d = decoder(camera(), "urbanstream.city.CameraEvent", &Codecs::default())
             .decode(&raw(&values))
             .expect("decode");
-        assert_eq!(d.rows, vec![0, 6]);
+        assert_eq!(d.rows, vec![0, 7]);
         let reasons: Vec<(u32, RejectStage, &str)> = d
             .rejects
             .iter()
@@ -628,6 +638,7 @@ mod tests {
             (3, RejectStage::Decode, "truncated Confluent header"),
             (4, RejectStage::Decode, "bad Protobuf record"),
             (5, RejectStage::Validate, "unknown symbol \"hovercraft\""),
+            (6, RejectStage::Validate, "missing required field camera_id"),
         ];
         assert_eq!(reasons.len(), expect.len(), "{reasons:?}");
         for ((i, stage, why), (j, s, part)) in reasons.iter().zip(expect) {

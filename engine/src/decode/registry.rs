@@ -64,8 +64,8 @@ impl Registry {
     /// URL are sent as basic auth).
     pub fn http(url: &str) -> Result<Self> {
         // The URL may carry a password: messages do not repeat it.
-        let mut base = url::Url::parse(url)
-            .map_err(|e| Error::Config(format!("schema_registry.url: {e}")))?;
+        let mut base =
+            url::Url::parse(url).map_err(|e| Error::Config(format!("schema_registry.url: {e}")))?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(Error::Config(format!(
                 "schema_registry.url: {}: is not http:// or https://",

@@ -570,11 +570,27 @@ impl Pipeline {
                         source.options.protobuf_message.as_deref(),
                     )
                 };
-                if !decoders.contains_key(&source.options.topic) {
-                    decoders.insert(
-                        source.options.topic.clone(),
-                        decoder(source.options.format)?,
-                    );
+                match decoders.get(&source.options.topic) {
+                    None => {
+                        decoders.insert(
+                            source.options.topic.clone(),
+                            decoder(source.options.format)?,
+                        );
+                    }
+                    // One topic, one format: a stream declaring another would see every
+                    // record rejected.
+                    Some(d) if d.format() != source.options.format => {
+                        return Err(Error::Config(format!(
+                            "stream {} reads topic {} as {}, but it is read as {} here (the \
+                             city's inputs as [topics] input_format says): one topic has one \
+                             format",
+                            source.name,
+                            source.options.topic,
+                            source.options.format.as_str(),
+                            d.format().as_str()
+                        )));
+                    }
+                    Some(_) => {}
                 }
                 // Stage 1 forwards the input's records as they are.
                 if let Some(r) = &running.repartition {
@@ -624,6 +640,22 @@ impl Pipeline {
         // predecessor, e.g. in a repartition topic it both writes and reads).
         let mut sink = KafkaSink::new(&sink_config)?;
         // Avro sinks write with their schema, registered under `<topic>-value`.
+        let mut sink_formats: HashMap<&str, (Format, &str)> = HashMap::new();
+        for table in queries.iter().filter_map(|r| r.query.sink()) {
+            let (format, name) = *sink_formats
+                .entry(table.options.topic.as_str())
+                .or_insert((table.options.format, table.name.as_str()));
+            if format != table.options.format {
+                return Err(Error::Config(format!(
+                    "streams {name} and {} both write topic {}, as {} and as {}: one topic has \
+                     one format",
+                    table.name,
+                    table.options.topic,
+                    format.as_str(),
+                    table.options.format.as_str()
+                )));
+            }
+        }
         let avro_sinks = queries
             .iter()
             .filter_map(|r| r.query.sink())
