@@ -408,7 +408,7 @@ fn feed_one(
         .map_err(|e| format!("bad Avro record: {e}"))?;
     let rows = decoder.batch_size() - decoder.capacity();
     let added = rows - rows_before;
-    if consumed < value.len() && added == 0 || consumed == value.len() && added == 0 {
+    if added == 0 {
         return Err("truncated Avro record: it ends inside a value".into());
     }
     if consumed < value.len() || added > 1 {
