@@ -10,13 +10,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use rdkafka::message::Message;
 use serde_json::Value;
 use urbanstream::decode::avro::{avro_to_json, embedded_avsc};
-use urbanstream::decode::{AvroEncoder, Descriptors, ProtobufEncoder, Registry};
+use urbanstream::decode::{
+    AvroEncoder, Codecs, Descriptors, ProtobufEncoder, Registry, TopicDecoder,
+};
 use urbanstream::pipeline::{Format, Pipeline, PipelineConfig, PipelineStats, Topics};
 use urbanstream::reference::ReferenceData;
+use urbanstream::schema::TopicSchema;
 use urbanstream::simulate::{CitySimulator, SimConfig, SimTopic};
+use urbanstream::source::RawBatch;
 use urbanstream_tests::TestCluster;
 
 const PARTITIONS: i32 = 4;
@@ -75,6 +80,18 @@ async fn settled(
     }
     rows.sort_by_key(|v: &Value| v.to_string());
     Ok(rows)
+}
+
+/// The values of a topic's records, once nothing more arrives.
+async fn settled_bytes(cluster: &TestCluster, topic: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let consumer = cluster.consumer(topic)?;
+    let mut values = Vec::new();
+    let mut wait = Duration::from_secs(15);
+    while let Ok(message) = tokio::time::timeout(wait, consumer.recv()).await {
+        values.push(message?.payload().unwrap_or_default().to_vec());
+        wait = Duration::from_secs(2);
+    }
+    Ok(values)
 }
 
 /// Waits until the pipeline has decoded `n` camera events and rejected `dlq` records.
@@ -230,8 +247,30 @@ async fn avro_and_protobuf_inputs_give_the_indicators_json_gives() -> anyhow::Re
             .run(stop.clone()),
     );
     let pb_stats = Arc::new(PipelineStats::new());
+    // The Protobuf run also writes per-minute counts as Protobuf messages of an operator's
+    // `.proto`.
+    let proto = dir.path().join("counts.proto");
+    std::fs::write(
+        &proto,
+        "syntax = \"proto3\";\npackage test;\nmessage Counts { optional string segment_id = 1; \
+         optional int64 window_start = 2; optional int64 vehicles = 3; }\n",
+    )?;
+    let counts_descriptors = Arc::new(Descriptors::load(&[proto])?);
+    let mut pb_config = run(pb.clone(), "pb");
+    pb_config.descriptors = Some(counts_descriptors.clone());
+    pb_config.queries = vec![(
+        "counts".into(),
+        "CREATE EXTERNAL TABLE pb_counts (segment_id VARCHAR NOT NULL, \
+         window_start TIMESTAMP NOT NULL, vehicles BIGINT NOT NULL) STORED AS KAFKA \
+         OPTIONS ('topic' 'pb.counts', 'format' 'protobuf', 'protobuf_message' 'test.Counts', \
+         'key' 'segment_id'); \
+         INSERT INTO pb_counts SELECT segment_id, window_start, count(*) AS vehicles \
+         FROM camera_events WHERE kind = 'detection' \
+         GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id;"
+            .into(),
+    )];
     let pb_task = tokio::spawn(
-        Pipeline::new(run(pb.clone(), "pb"), pb_stats.clone())
+        Pipeline::new(pb_config, pb_stats.clone())
             .await?
             .run(stop.clone()),
     );
@@ -250,6 +289,63 @@ async fn avro_and_protobuf_inputs_give_the_indicators_json_gives() -> anyhow::Re
         settled(&cluster, &pb.congestion, &registry),
     )?;
     assert_eq!(from_json, from_pb);
+    // The counts written as Protobuf, read back by the Protobuf decoder, are the indicators'
+    // vehicle counts.
+    let counts = settled_bytes(&cluster, "pb.counts").await?;
+    let schema = Arc::new(TopicSchema::from_arrow(
+        "counts",
+        Arc::new(Schema::new(vec![
+            Field::new("segment_id", DataType::Utf8, false),
+            Field::new(
+                "window_start",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+            Field::new("vehicles", DataType::Int64, false),
+        ])),
+    ));
+    let mut raw = RawBatch::new("pb.counts");
+    for (i, v) in counts.iter().enumerate() {
+        raw.push(0, i as i64, None, Some(v));
+    }
+    let decoded = TopicDecoder::new(
+        Format::Protobuf,
+        schema,
+        Some(("window_start", TimeUnit::Millisecond)),
+        &Codecs {
+            registry: None,
+            descriptors: Some(counts_descriptors),
+        },
+        Some("test.Counts"),
+    )?
+    .decode(&raw)?;
+    assert!(decoded.rejects.is_empty(), "{:?}", decoded.rejects);
+    let (json_rows, _) = urbanstream::sink::encode_json_rows(&decoded.batch)?;
+    let mut from_protobuf: Vec<(String, i64, i64)> = json_rows
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_slice(l).expect("row");
+            (
+                v["segment_id"].as_str().unwrap_or_default().to_string(),
+                v["window_start"].as_i64().unwrap_or_default(),
+                v["vehicles"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    from_protobuf.sort();
+    let mut expected: Vec<(String, i64, i64)> = from_json
+        .iter()
+        .map(|v| {
+            (
+                v["segment_id"].as_str().unwrap_or_default().to_string(),
+                v["window_start"].as_i64().unwrap_or_default(),
+                v["vehicles"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(from_protobuf, expected);
     // Four minutes of a few dozen segments.
     assert!(from_json.len() > 40, "{} rows", from_json.len());
     assert_eq!(from_json.len(), from_avro.len());

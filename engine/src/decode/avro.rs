@@ -432,7 +432,7 @@ fn readable_as(from: &DataType, to: &DataType) -> bool {
     from == to
         || matches!(
             (from, to),
-            (Utf8 | LargeUtf8 | Utf8View, Utf8)
+            (Utf8 | LargeUtf8 | Utf8View, Utf8 | Utf8View)
                 | (Int32, Int64 | Float32 | Float64)
                 | (Int64, Float32 | Float64)
                 | (Float32, Float64)
@@ -762,13 +762,14 @@ mod tests {
     #[tokio::test]
     async fn rows_of_a_stream_declared_in_sql_written_as_avro_read_back_the_same() {
         use datafusion::arrow::array::{
-            BooleanArray, Float64Array, Int32Array, Int64Array, StringArray,
+            BooleanArray, Float64Array, Int32Array, Int64Array, StringViewArray,
             TimestampMillisecondArray,
         };
         use datafusion::arrow::datatypes::{Field, Schema};
         let f = fixture().await;
         let arrow = Arc::new(Schema::new(vec![
-            Field::new("segment_id", DataType::Utf8, false),
+            // VARCHAR in SQL.
+            Field::new("segment_id", DataType::Utf8View, false),
             Field::new("t", DataType::Timestamp(TimeUnit::Millisecond, None), false),
             Field::new("vehicles", DataType::Int64, true),
             Field::new("lanes", DataType::Int32, false),
@@ -785,7 +786,7 @@ mod tests {
         let batch = RecordBatch::try_new(
             arrow,
             vec![
-                Arc::new(StringArray::from(vec!["a", "b", "c"])),
+                Arc::new(StringViewArray::from(vec!["a", "b", "c"])),
                 Arc::new(TimestampMillisecondArray::from(vec![
                     1_767_222_000_000,
                     1_767_222_060_000,

@@ -43,6 +43,25 @@ pub use avro::{AvroDecoder, AvroEncoder};
 pub use protobuf::{Descriptors, ProtobufDecoder, ProtobufEncoder};
 pub use registry::Registry;
 
+/// Turns a row's JSON (as the sink encodes rows) into a record of another format.
+#[derive(Debug, Clone)]
+pub enum RecordEncoder {
+    /// Confluent-framed Avro.
+    Avro(AvroEncoder),
+    /// Plain Protobuf messages.
+    Protobuf(ProtobufEncoder),
+}
+
+impl RecordEncoder {
+    /// One row as one record.
+    pub fn encode_json(&self, json: &[u8]) -> Result<Vec<u8>> {
+        match self {
+            RecordEncoder::Avro(e) => e.encode_json(json),
+            RecordEncoder::Protobuf(e) => e.encode_json(json),
+        }
+    }
+}
+
 /// What decoders of formats other than JSON need: the schema registry of Avro records and the
 /// descriptors of Protobuf messages.
 #[derive(Debug, Clone, Default)]

@@ -21,10 +21,10 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Float32Builder, Float64Builder,
-    Int32Builder, Int64Builder, RecordBatch, StringBuilder,
+    Int32Builder, Int64Builder, RecordBatch, StringBuilder, StringViewBuilder,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, Schema, TimeUnit};
 use prost::Message as _;
 use prost_reflect::{
     DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, Value,
@@ -273,6 +273,7 @@ enum Cell<'a> {
 /// A column being built.
 enum Builder {
     Utf8(StringBuilder),
+    Utf8View(StringViewBuilder),
     Int64(Int64Builder),
     Int32(Int32Builder),
     Date32(Date32Builder),
@@ -288,6 +289,7 @@ impl Builder {
     fn new(data_type: &DataType, capacity: usize) -> Result<Self> {
         Ok(match data_type {
             DataType::Utf8 => Builder::Utf8(StringBuilder::with_capacity(capacity, capacity * 16)),
+            DataType::Utf8View => Builder::Utf8View(StringViewBuilder::with_capacity(capacity)),
             DataType::Int64 => Builder::Int64(Int64Builder::with_capacity(capacity)),
             DataType::Int32 => Builder::Int32(Int32Builder::with_capacity(capacity)),
             DataType::Date32 => Builder::Date32(Date32Builder::with_capacity(capacity)),
@@ -309,6 +311,7 @@ impl Builder {
     fn append(&mut self, cell: Cell<'_>) {
         match (self, cell) {
             (Builder::Utf8(b), Cell::Str(s)) => b.append_value(s),
+            (Builder::Utf8View(b), Cell::Str(s)) => b.append_value(s),
             (Builder::Int64(b) | Builder::Timestamp(b), Cell::Int(n)) => b.append_value(n),
             (Builder::Int32(b), Cell::Int(n)) => b.append_value(n as i32),
             (Builder::Date32(b), Cell::Int(n)) => b.append_value(n as i32),
@@ -317,6 +320,7 @@ impl Builder {
             (Builder::Boolean(b), Cell::Bool(x)) => b.append_value(x),
             (Builder::Binary(b), Cell::Bytes(x)) => b.append_value(x),
             (Builder::Utf8(b), _) => b.append_null(),
+            (Builder::Utf8View(b), _) => b.append_null(),
             (Builder::Int64(b) | Builder::Timestamp(b), _) => b.append_null(),
             (Builder::Int32(b), _) => b.append_null(),
             (Builder::Date32(b), _) => b.append_null(),
@@ -330,6 +334,7 @@ impl Builder {
     fn finish(self, data_type: &DataType) -> Result<ArrayRef> {
         Ok(match self {
             Builder::Utf8(mut b) => Arc::new(b.finish()),
+            Builder::Utf8View(mut b) => Arc::new(b.finish()),
             Builder::Int64(mut b) => Arc::new(b.finish()),
             Builder::Int32(mut b) => Arc::new(b.finish()),
             Builder::Date32(mut b) => Arc::new(b.finish()),
@@ -372,6 +377,55 @@ fn unframe(value: &[u8]) -> std::result::Result<&[u8], String> {
     }
 }
 
+/// Checks that rows of `schema` can be written as `message`: every column is a field of a
+/// kind its values fit (times as integers of epoch milliseconds, as the sink writes them).
+pub fn check_writable(message: &MessageDescriptor, schema: &Schema) -> Result<()> {
+    for column in schema.fields() {
+        let Some(field) = message.get_field_by_name(column.name()) else {
+            return Err(Error::schema(
+                message.full_name(),
+                format!(
+                    "no field {} to write the column of that name into",
+                    column.name()
+                ),
+            ));
+        };
+        let fits = match column.data_type() {
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+                matches!(field.kind(), Kind::String | Kind::Enum(_))
+            }
+            DataType::Int8 | DataType::Int16 | DataType::Int32 => matches!(
+                field.kind(),
+                Kind::Int32
+                    | Kind::Sint32
+                    | Kind::Sfixed32
+                    | Kind::Int64
+                    | Kind::Sint64
+                    | Kind::Sfixed64
+            ),
+            DataType::Int64 | DataType::Timestamp(..) => {
+                matches!(field.kind(), Kind::Int64 | Kind::Sint64 | Kind::Sfixed64)
+            }
+            DataType::Float32 | DataType::Float64 => matches!(field.kind(), Kind::Double),
+            DataType::Boolean => matches!(field.kind(), Kind::Bool),
+            _ => false,
+        };
+        if !fits || field.is_list() || field.is_map() {
+            return Err(Error::schema(
+                message.full_name(),
+                format!(
+                    "field {} ({:?}) cannot hold column {} ({})",
+                    field.name(),
+                    field.kind(),
+                    column.name(),
+                    column.data_type()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether a field of `kind` is read as `to`.
 fn readable_as(kind: &Kind, to: &DataType) -> bool {
     use DataType::*;
@@ -387,7 +441,7 @@ fn readable_as(kind: &Kind, to: &DataType) -> bool {
         }
         Kind::Uint64 | Kind::Fixed64 => matches!(to, Int64 | Float64),
         Kind::Bool => matches!(to, Boolean),
-        Kind::String | Kind::Enum(_) => matches!(to, Utf8),
+        Kind::String | Kind::Enum(_) => matches!(to, Utf8 | Utf8View),
         Kind::Bytes => matches!(to, Binary),
         Kind::Message(m) => {
             m.full_name() == "google.protobuf.Timestamp" && matches!(to, Timestamp(..))
@@ -408,7 +462,7 @@ fn cell<'a>(value: &'a Value, field: &FieldDescriptor, to: &DataType) -> Option<
         }
     };
     Some(match to {
-        DataType::Utf8 => Cell::Str(match value {
+        DataType::Utf8 | DataType::Utf8View => Cell::Str(match value {
             Value::String(s) => std::borrow::Cow::Borrowed(s.as_str()),
             Value::EnumNumber(n) => match field.kind().as_enum().and_then(|e| e.get_value(*n)) {
                 Some(v) => std::borrow::Cow::Owned(v.name().to_string()),
@@ -672,7 +726,8 @@ mod tests {
             .message("city.parking.Occupancy")
             .expect("message");
         let arrow = Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
-            datafusion::arrow::datatypes::Field::new("lot_id", DataType::Utf8, false),
+            // VARCHAR in SQL.
+            datafusion::arrow::datatypes::Field::new("lot_id", DataType::Utf8View, false),
             datafusion::arrow::datatypes::Field::new(
                 "at",
                 DataType::Timestamp(TimeUnit::Millisecond, None),

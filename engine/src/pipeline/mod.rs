@@ -526,16 +526,29 @@ impl Pipeline {
             descriptors: config.descriptors.clone(),
         };
         let registry = codecs.registry.clone();
-        if let Some(table) = queries
-            .iter()
-            .filter_map(|r| r.query.sink())
-            .find(|t| t.options.format == Format::Protobuf)
-        {
-            return Err(Error::Config(format!(
-                "{} is a 'protobuf' stream, which queries read but do not write: write 'json' \
-                 or 'avro'",
-                table.name
-            )));
+        // Protobuf sinks: plain messages of the stream's message, every column a field.
+        let mut protobuf_sinks = Vec::new();
+        for table in queries.iter().filter_map(|r| r.query.sink()) {
+            if table.options.format != Format::Protobuf {
+                continue;
+            }
+            let Some(message) = &table.options.protobuf_message else {
+                return Err(Error::Config(format!(
+                    "stream {} is written as Protobuf but names no message; the city's \
+                     outputs have none: [topics] output_format is json or avro",
+                    table.name
+                )));
+            };
+            let descriptors = match &codecs.descriptors {
+                Some(d) => d.clone(),
+                None => Arc::new(crate::decode::Descriptors::embedded()?),
+            };
+            let message = descriptors.message(message)?;
+            crate::decode::protobuf::check_writable(&message, &table.topic_schema.arrow)?;
+            protobuf_sinks.push((
+                table.options.topic.clone(),
+                crate::decode::ProtobufEncoder::new(message, None),
+            ));
         }
         if config.default_queries {
             for (topic, schema) in [
@@ -667,8 +680,11 @@ impl Pipeline {
                 let subject = format!("{topic}-value");
                 let encoder =
                     crate::decode::AvroEncoder::registered(registry, &subject, &avsc).await?;
-                sink.write_avro(topic, encoder);
+                sink.write_as(topic, crate::decode::RecordEncoder::Avro(encoder));
             }
+        }
+        for (topic, encoder) in protobuf_sinks {
+            sink.write_as(topic, crate::decode::RecordEncoder::Protobuf(encoder));
         }
         let source = KafkaSource::new(source_config)?;
         let partitioned = queries

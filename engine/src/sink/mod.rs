@@ -448,8 +448,8 @@ pub struct KafkaSink {
     suppressing: std::sync::atomic::AtomicBool,
     /// Records not sent because they were suppressed.
     suppressed_count: std::sync::atomic::AtomicU64,
-    /// Topics written as Avro, with their encoders; the others get JSON.
-    encoders: std::collections::HashMap<String, crate::decode::AvroEncoder>,
+    /// Topics written as Avro or Protobuf, with their encoders; the others get JSON.
+    encoders: std::collections::HashMap<String, crate::decode::RecordEncoder>,
 }
 
 /// A transactional call's error; a broker without Kafka transactions is named as such (a
@@ -511,8 +511,9 @@ impl KafkaSink {
         })
     }
 
-    /// Writes `topic`'s rows as Avro with `encoder` (its schema registered) from now on.
-    pub fn write_avro(&mut self, topic: impl Into<String>, encoder: crate::decode::AvroEncoder) {
+    /// Writes `topic`'s rows with `encoder` (Avro with its schema registered, or Protobuf)
+    /// from now on.
+    pub fn write_as(&mut self, topic: impl Into<String>, encoder: crate::decode::RecordEncoder) {
         self.encoders.insert(topic.into(), encoder);
     }
 
@@ -584,7 +585,8 @@ impl KafkaSink {
     }
 
     /// Publishes each row of `batch` (already conformed to the topic's schema) as JSON (or as
-    /// Avro, for a topic given to [`KafkaSink::write_avro`]), keyed by the column `key_column`
+    /// Avro or Protobuf, for a topic given to [`KafkaSink::write_as`]), keyed by the column
+    /// `key_column`
     /// (its text form), or without key.
     pub async fn send_rows(
         &self,
