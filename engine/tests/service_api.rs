@@ -730,6 +730,7 @@ async fn tables_and_functions_are_discoverable() -> anyhow::Result<()> {
     assert_eq!(camera["event_time"], "event_time");
     assert_eq!(camera["key"], "segment_id");
     assert_eq!(camera["watermark_delay_ms"], 5000);
+    assert_eq!(camera["format"], "json");
     let columns = camera["columns"].as_array().cloned().unwrap_or_default();
     assert!(
         columns

@@ -287,7 +287,10 @@ pub(super) fn tables_text(tables: &Value) -> String {
     for t in tables.as_array().into_iter().flatten() {
         let columns = t["columns"].as_array().map_or(0, Vec::len);
         let (source, rows_text) = if t["kind"] == "stream" {
-            (text(&t["topic"]), "-".to_string())
+            (
+                format!("{} ({})", text(&t["topic"]), text(&t["format"])),
+                "-".to_string(),
+            )
         } else {
             (format!("v{}", text(&t["version"])), text(&t["rows"]))
         };
@@ -309,6 +312,8 @@ pub(super) fn table_details(t: &Value) -> String {
         "name",
         "kind",
         "topic",
+        "format",
+        "protobuf_message",
         "event_time",
         "watermark_delay_ms",
         "key",

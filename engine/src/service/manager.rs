@@ -236,6 +236,12 @@ pub struct TableInfo {
     /// Column the stream's records are keyed by.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// How a stream's records are encoded: `json`, `avro` or `protobuf`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<&'static str>,
+    /// The Protobuf message of a `protobuf` stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protobuf_message: Option<String>,
     /// Version of a reference table (1: as built in; one more per replacement).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
@@ -967,6 +973,8 @@ impl QueryManager {
                     event_time: stream.options.event_time.clone(),
                     watermark_delay_ms: Some(stream.options.watermark_delay.as_millis() as u64),
                     key: stream.options.key.clone(),
+                    format: Some(stream.options.format.as_str()),
+                    protobuf_message: stream.options.protobuf_message.clone(),
                     version: None,
                     rows: None,
                     derived_from: None,
@@ -981,6 +989,8 @@ impl QueryManager {
                         event_time: None,
                         watermark_delay_ms: None,
                         key: None,
+                        format: None,
+                        protobuf_message: None,
                         version: current.as_ref().map(|t| t.version),
                         rows: current.as_ref().map(|t| t.rows),
                         derived_from: current.as_ref().and_then(|t| t.derived_from),
