@@ -728,6 +728,48 @@ mod tests {
         assert_eq!(d.batch, json_decoded(&[GOOD2, GOOD, GOOD2]));
     }
 
+    /// Across flush chunks: bad records on and next to the chunk boundaries, and the writer
+    /// schema changing there, cost no good record and keep the order.
+    #[tokio::test]
+    async fn bad_records_and_schema_changes_at_chunk_boundaries() {
+        let f = fixture().await;
+        let v2 = AvroEncoder::registered(&f.registry, "cam-value", V2)
+            .await
+            .expect("v2");
+        let bad_at = [
+            0,
+            CHUNK - 1,
+            CHUNK,
+            2 * CHUNK - 1,
+            2 * CHUNK + 1,
+            2 * CHUNK + 451,
+        ];
+        let mut values = Vec::new();
+        let mut json: Vec<&[u8]> = Vec::new();
+        for i in 0..2 * CHUNK + 452 {
+            let (encoder, record) = match i % 5 {
+                0 | 3 => (&v2, GOOD2),
+                1 => (&f.encoder, GOOD2),
+                _ => (&f.encoder, GOOD),
+            };
+            let mut value = encoder.encode_json(record).expect("encode");
+            if bad_at.contains(&i) {
+                value.truncate(value.len() - 2);
+            } else {
+                json.push(record);
+            }
+            values.push(value);
+        }
+        let d = decode(&f, &values).await;
+        let good: Vec<u32> = (0..values.len() as u32)
+            .filter(|i| !bad_at.contains(&(*i as usize)))
+            .collect();
+        assert_eq!(d.rows, good);
+        let bad: Vec<u32> = d.rejects.iter().map(|r| r.index).collect();
+        assert_eq!(bad, bad_at.map(|i| i as u32).to_vec());
+        assert_eq!(d.batch, json_decoded(&json));
+    }
+
     #[tokio::test]
     async fn a_writer_schema_that_cannot_be_read_is_refused_with_the_reason() {
         let f = fixture().await;

@@ -570,19 +570,7 @@ impl Pipeline {
         }
         for running in &queries {
             for source in running.query.inputs() {
-                let decoder = |format| {
-                    TopicDecoder::new(
-                        format,
-                        source.topic_schema.clone(),
-                        source
-                            .options
-                            .event_time
-                            .as_deref()
-                            .map(|c| (c, source.options.event_time_unit)),
-                        &codecs,
-                        source.options.protobuf_message.as_deref(),
-                    )
-                };
+                let decoder = |format| source.decoder(format, &codecs);
                 match decoders.get(&source.options.topic) {
                     None => {
                         decoders.insert(

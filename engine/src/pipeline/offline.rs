@@ -20,7 +20,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, SessionContext};
 use futures::StreamExt;
 
-use crate::decode::{Codecs, JsonDecoder, TopicDecoder};
+use crate::decode::{Codecs, JsonDecoder};
 use crate::error::{Error, Result};
 use crate::plan::stream::{StreamContext, StreamQuery};
 use crate::source::RawBatch;
@@ -167,17 +167,7 @@ pub async fn run_query_over_records(
     codecs: &Codecs,
 ) -> Result<RunSummary> {
     let source = query.source().clone();
-    let decoder = TopicDecoder::new(
-        source.options.format,
-        source.topic_schema.clone(),
-        source
-            .options
-            .event_time
-            .as_deref()
-            .map(|c| (c, source.options.event_time_unit)),
-        codecs,
-        source.options.protobuf_message.as_deref(),
-    )?;
+    let decoder = source.decoder(source.options.format, codecs)?;
     let mut summary = RunSummary::default();
     let mut now_ms = 0i64;
     for raw in batches {

@@ -279,6 +279,27 @@ impl StreamTable {
     }
 }
 
+impl StreamTable {
+    /// A decoder of the stream's records in `format` (its own, or the one its topic is read
+    /// in), with its event-time column and Protobuf message.
+    pub fn decoder(
+        &self,
+        format: crate::topics::Format,
+        codecs: &crate::decode::Codecs,
+    ) -> crate::error::Result<crate::decode::TopicDecoder> {
+        crate::decode::TopicDecoder::new(
+            format,
+            self.topic_schema.clone(),
+            self.options
+                .event_time
+                .as_deref()
+                .map(|c| (c, self.options.event_time_unit)),
+            codecs,
+            self.options.protobuf_message.as_deref(),
+        )
+    }
+}
+
 #[async_trait]
 impl TableProvider for StreamTable {
     fn schema(&self) -> SchemaRef {
