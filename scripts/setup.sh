@@ -32,6 +32,8 @@ if command -v python3 >/dev/null 2>&1; then
   bash "$(dirname "$0")/install-test-broker.sh"
   # The S3-protocol server of the shared-checkpoint test (engine/tests/scale_out.rs).
   bash "$(dirname "$0")/install-test-s3.sh"
+  # Chromium and playwright-core for the web console's browser test (engine/tests/web_console.rs).
+  bash "$(dirname "$0")/install-browser.sh"
 else
   echo "setup: python3 is needed for the real-broker tests' broker (noida-db from PyPI)" >&2
   exit 1

@@ -35,6 +35,7 @@ pub mod bench;
 pub mod broker;
 pub mod checkpoint;
 pub mod cli;
+pub mod dashboard;
 pub mod deterministic;
 pub mod error;
 pub mod evaluate;

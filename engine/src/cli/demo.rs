@@ -6,181 +6,31 @@
 //! redraws every second; otherwise it prints a plain line every five seconds. A summary
 //! follows on exit.
 
-use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use serde::Deserialize;
 
 use super::{DemoArgs, sim_producer, stop_on_signal};
 use crate::broker::{EmbeddedBroker, create_topics};
+use crate::dashboard::{AirRow, AlertRow, CityView, IndicatorRow, View, read_outputs};
 use crate::error::{Error, Result};
 use crate::pipeline::{Pipeline, PipelineConfig, PipelineStats, Topics};
 use crate::reference::ReferenceData;
-use crate::simulate::{CitySimulator, HANOI_OFFSET_MS, ProducerStats, run_producer};
+use crate::simulate::{CitySimulator, ProducerStats, run_producer};
+use crate::time::display::DisplayZone;
 
-/// A congestion indicator as read back from its topic.
-#[derive(Debug, Clone, Deserialize)]
-pub struct IndicatorRow {
-    /// Segment.
-    pub segment_id: String,
-    /// Window start, epoch ms.
-    pub window_start: i64,
-    /// Window end, epoch ms.
-    pub window_end: i64,
-    /// Vehicles in the window.
-    pub vehicles: i64,
-    /// Time-mean speed.
-    pub mean_speed_kmh: Option<f64>,
-    /// Motorbike share.
-    pub motorbike_share: Option<f64>,
-    /// Space-mean speed.
-    #[serde(default)]
-    pub space_mean_speed_kmh: Option<f64>,
-    /// Travel Time Index.
-    #[serde(default)]
-    pub tti: Option<f64>,
-    /// Level of service A–F.
-    #[serde(default)]
-    pub los: Option<String>,
-}
-
-/// An air indicator as read back from its topic.
-#[derive(Debug, Clone, Deserialize)]
-pub struct AirRow {
-    /// Ward or sensor id.
-    pub entity_id: String,
-    /// `ward` or `sensor`.
-    pub scope: String,
-    /// `hour` or `day`.
-    #[serde(default)]
-    pub period: Option<String>,
-    /// Window end, epoch ms.
-    pub window_end: i64,
-    /// VN_AQI.
-    pub aqi: Option<i64>,
-    /// Category (Vietnamese).
-    pub category: Option<String>,
-    /// Category (English).
-    #[serde(default)]
-    pub category_en: Option<String>,
-    /// Dominant parameter.
-    pub dominant_pollutant: Option<String>,
-    /// PM2.5 NowCast.
-    #[serde(default)]
-    pub pm25_nowcast: Option<f64>,
-}
-
-/// An alert record as read back from its topic.
-#[derive(Debug, Clone, Deserialize)]
-pub struct AlertRow {
-    /// Stable id across the alert's records.
-    pub alert_id: String,
-    /// RAISED, UPDATED or CLEARED.
-    pub state: String,
-    /// Alert kind.
-    pub kind: String,
-    /// The entity.
-    pub entity_id: String,
-    /// Event time the condition began, epoch ms.
-    pub started_at: i64,
-    /// 2–5.
-    #[serde(default)]
-    pub severity: Option<i32>,
-    /// Explanation.
-    #[serde(default)]
-    pub message: Option<String>,
-}
-
-#[derive(Default)]
-struct View {
-    /// Active alerts by id.
-    alerts: HashMap<String, AlertRow>,
-    raised: u64,
-    cleared: u64,
-    latest: HashMap<String, IndicatorRow>,
-    received: u64,
-    last_window: i64,
-    /// Latest hourly AQI per ward.
-    wards: HashMap<String, AirRow>,
-    last_hour: i64,
-}
-
-impl View {
-    /// Takes one record read back from an indicator topic.
-    fn take(&mut self, topic: &str, topics: &Topics, payload: &[u8]) -> bool {
-        if topic == topics.congestion.as_str() {
-            let Ok(row) = serde_json::from_slice::<IndicatorRow>(payload) else {
-                return false;
-            };
-            self.last_window = self.last_window.max(row.window_start);
-            self.latest.insert(row.segment_id.clone(), row);
-        } else if topic == topics.alerts.as_str() {
-            let Ok(row) = serde_json::from_slice::<AlertRow>(payload) else {
-                return false;
-            };
-            if row.state == "CLEARED" {
-                self.cleared += 1;
-                self.alerts.remove(&row.alert_id);
-            } else {
-                self.raised += u64::from(row.state == "RAISED");
-                self.alerts.insert(row.alert_id.clone(), row);
-            }
-        } else if topic == topics.air_indicators.as_str() {
-            let Ok(row) = serde_json::from_slice::<AirRow>(payload) else {
-                return false;
-            };
-            if row.scope == "ward" && row.period.as_deref() != Some("day") {
-                self.last_hour = self.last_hour.max(row.window_end);
-                self.wards.insert(row.entity_id.clone(), row);
-            }
-        } else {
-            return false;
-        }
-        self.received += 1;
-        true
-    }
-}
-
-/// `HH:MM:SS` of [`hanoi_time`], or `-` before any time is known.
+/// `HH:MM:SS` in the city's time, or `-` before any time is known.
 pub fn hanoi_clock(epoch_ms: i64) -> String {
-    let t = hanoi_time(epoch_ms);
-    t.get(11..).map_or_else(|| "-".to_string(), str::to_string)
+    DisplayZone::CITY.clock(epoch_ms)
 }
 
-/// `YYYY-MM-DD HH:MM:SS` in Hanoi time, `-` for an unset time.
+/// `YYYY-MM-DD HH:MM:SS` in the city's time, `-` for an unset time.
 pub fn hanoi_time(epoch_ms: i64) -> String {
-    if epoch_ms == i64::MIN || epoch_ms == 0 {
-        return "-".into();
-    }
-    let local = epoch_ms + HANOI_OFFSET_MS;
-    let days = local.div_euclid(86_400_000);
-    let ms = local.rem_euclid(86_400_000);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        ms / 3_600_000,
-        ms / 60_000 % 60,
-        ms / 1000 % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+    DisplayZone::CITY.format(epoch_ms)
 }
 
 /// Runs the demo.
@@ -209,17 +59,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     };
     let reference = Arc::new(ReferenceData::embedded()?);
-    let names: HashMap<String, String> = reference
-        .segments
-        .iter()
-        .map(|s| (s.segment_id.clone(), s.name.clone()))
-        .chain(
-            reference
-                .wards
-                .iter()
-                .map(|w| (w.ward_id.clone(), w.name.clone())),
-        )
-        .collect();
+    let city = CityView::new(&reference, DisplayZone::CITY);
 
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signal(stop.clone());
@@ -247,38 +87,26 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let pipeline = Pipeline::new(PipelineConfig::new(&brokers), stats.clone()).await?;
     let pipeline_task = tokio::spawn(pipeline.run(pipeline_stop.clone()));
 
-    // An ordinary consumer of the indicator topics feeds the view.
-    let view = Arc::new(Mutex::new(View::default()));
-    let view_consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "urbanstream-demo-view")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
-    view_consumer.subscribe(&[&topics.congestion, &topics.air_indicators, &topics.alerts])?;
-    let received = Arc::new(AtomicU64::new(0));
+    // An ordinary consumer of the output topics feeds the view (and the web console).
     let view_stop = Arc::new(AtomicBool::new(false));
-    let view_task = {
-        let view = view.clone();
-        let received = received.clone();
-        let view_stop = view_stop.clone();
-        let topics = topics.clone();
-        tokio::spawn(async move {
-            // Stops cooperatively so that the consumer closes while the broker is still up.
-            while !view_stop.load(Ordering::Relaxed) {
-                let next = tokio::time::timeout(Duration::from_millis(200), view_consumer.recv());
-                let Ok(Ok(message)) = next.await else {
-                    continue;
-                };
-                let Some(payload) = message.payload() else {
-                    continue;
-                };
-                if let Ok(mut v) = view.lock()
-                    && v.take(message.topic(), &topics, payload)
-                {
-                    received.fetch_add(1, Ordering::Relaxed);
-                }
+    let mut view_client = ClientConfig::new();
+    view_client.set("bootstrap.servers", &brokers);
+    let view_task = tokio::spawn(read_outputs(
+        city.clone(),
+        view_client,
+        topics.clone(),
+        None,
+        view_stop.clone(),
+    ));
+    let web = match args.listen {
+        Some(listen) if !args.no_web => match serve_console(listen, city.clone()).await {
+            Ok(address) => Some(address),
+            Err(e) => {
+                eprintln!("web console not started: {e} (choose another --listen, or --no-web)");
+                None
             }
-        })
+        },
+        _ => None,
     };
 
     let started = Instant::now();
@@ -307,18 +135,21 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let rate = (records - last_in) as f64 / last_at.elapsed().as_secs_f64();
         last_in = records;
         last_at = Instant::now();
-        let v = view
-            .lock()
-            .map_err(|_| Error::Config("view lock poisoned".into()))?;
+        let Some(v) = city.with(View::clone) else {
+            return Err(Error::Config("view lock poisoned".into()));
+        };
         if terminal {
             draw(
-                &brokers,
-                embedded.is_some(),
-                &args,
-                &stats,
-                &sim_stats,
+                &Screen {
+                    brokers: &brokers,
+                    embedded: embedded.is_some(),
+                    web,
+                    args: &args,
+                    stats: &stats,
+                    sim: &sim_stats,
+                },
                 &v,
-                &names,
+                &city,
                 rate,
                 started,
             );
@@ -374,7 +205,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ("  detector readings", load(&stats.detector_readings)),
         ("  air readings", load(&stats.air_readings)),
         ("indicators out", indicators.to_string()),
-        ("indicators read back", load(&received)),
+        (
+            "indicators read back",
+            city.with(|v| v.received).unwrap_or(0).to_string(),
+        ),
         ("DLQ records", load(&stats.dlq)),
         ("late events", load(&stats.late)),
         (
@@ -404,27 +238,35 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn draw(
-    brokers: &str,
+/// What the terminal screen shows besides the view.
+struct Screen<'a> {
+    brokers: &'a str,
     embedded: bool,
-    args: &DemoArgs,
-    stats: &PipelineStats,
-    sim: &ProducerStats,
-    view: &View,
-    names: &HashMap<String, String>,
-    rate: f64,
-    started: Instant,
-) {
+    web: Option<SocketAddr>,
+    args: &'a DemoArgs,
+    stats: &'a PipelineStats,
+    sim: &'a ProducerStats,
+}
+
+fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Instant) {
+    let Screen {
+        brokers,
+        embedded,
+        web,
+        args,
+        stats,
+        sim,
+    } = *screen;
     let mut out = String::new();
     let w = stats.watermark_ms.load(Ordering::Relaxed);
     let sim_now = sim.sim_time_ms.load(Ordering::Relaxed);
     out.push_str("\x1b[2J\x1b[H");
     out.push_str(&format!(
-        "urbanstream demo · {} broker {brokers} · simulated Hanoi at {}× · {:.0} s · Ctrl-C to stop\n\n",
+        "urbanstream demo · {} broker {brokers} · simulated Hanoi at {}× · {:.0} s · Ctrl-C to stop\n{}\n",
         if embedded { "embedded" } else { "external" },
         args.sim.speedup,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        web.map_or_else(String::new, |a| format!("web console and city map: http://{a}/\n")),
     ));
     out.push_str(&format!(
         "input     {rate:>9.0} records/s   total {:>9}   camera {:>9}   detectors {:>6}   air {:>6}\n",
@@ -467,7 +309,7 @@ fn draw(
     ));
     let dash = || "-".to_string();
     for row in rows.iter().take(10) {
-        let name = display_name(names, &row.segment_id);
+        let name = city.name(&row.segment_id);
         out.push_str(&format!(
             "  {:<48} {:>8} {:>9} {:>6} {:>4} {:>9}%\n",
             truncate(name, 48),
@@ -501,7 +343,7 @@ fn draw(
         "ward", "AQI", "category", "dominant", "PM2.5 NowCast"
     ));
     for row in wards.iter().take(8) {
-        let name = display_name(names, &row.entity_id);
+        let name = city.name(&row.entity_id);
         let category = match (&row.category, &row.category_en) {
             (Some(vi), Some(en)) => format!("{vi} ({en})"),
             (Some(vi), None) => vi.clone(),
@@ -516,13 +358,7 @@ fn draw(
             row.pm25_nowcast.map_or_else(dash, |v| format!("{v:.1}")),
         ));
     }
-    let mut alerts: Vec<&AlertRow> = view.alerts.values().collect();
-    alerts.sort_by(|a, b| {
-        b.severity
-            .cmp(&a.severity)
-            .then(b.started_at.cmp(&a.started_at))
-            .then(a.alert_id.cmp(&b.alert_id))
-    });
+    let alerts: Vec<&AlertRow> = view.active_alerts();
     out.push_str(&format!(
         "\nactive alerts {} (raised {}, cleared {}; from city.alerts)\n",
         view.alerts.len(),
@@ -534,7 +370,7 @@ fn draw(
             "  {:>2} {:<19} {:<26} since {}  {}\n",
             a.severity.map_or_else(dash, |v| v.to_string()),
             a.kind,
-            truncate(display_name(names, &a.entity_id), 26),
+            truncate(city.name(&a.entity_id), 26),
             hanoi_clock(a.started_at),
             truncate(a.message.as_deref().unwrap_or(""), 60),
         ));
@@ -542,11 +378,6 @@ fn draw(
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(out.as_bytes());
     let _ = stdout.flush();
-}
-
-/// The reference name of a segment or ward, or its id when it has none.
-fn display_name<'a>(names: &'a HashMap<String, String>, id: &'a str) -> &'a str {
-    names.get(id).map_or(id, String::as_str)
 }
 
 fn truncate(s: &str, n: usize) -> String {
@@ -557,54 +388,20 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hanoi_time_formats_local_time() {
-        // 2026-01-01 06:00 in Hanoi is 2025-12-31 23:00 UTC.
-        assert_eq!(hanoi_time(1_767_222_000_000), "2026-01-01 06:00:00");
-        assert_eq!(hanoi_time(i64::MIN), "-");
-        assert_eq!(hanoi_clock(1_767_222_000_000), "06:00:00");
-        assert_eq!(hanoi_clock(0), "-");
-    }
-
-    #[test]
-    fn view_takes_rows_of_both_indicator_topics() {
-        let topics = Topics::default();
-        let mut view = View::default();
-        let congestion = br#"{"segment_id":"kim_ma_w","window_start":60000,"window_end":120000,
-            "vehicles":12,"mean_speed_kmh":31.0,"motorbike_share":0.7,"tti":1.6,"los":"C"}"#;
-        assert!(view.take(&topics.congestion, &topics, congestion));
-        let ward = br#"{"entity_id":"lang","scope":"ward","period":"hour","window_start":0,
-            "window_end":3600000,"aqi":117,"category":"K\u00e9m","category_en":"Poor",
-            "dominant_pollutant":"pm25","pm25_nowcast":61.2,"readings":120}"#;
-        assert!(view.take(&topics.air_indicators, &topics, ward));
-        let daily = br#"{"entity_id":"aq-001","scope":"sensor","period":"day","window_start":0,
-            "window_end":86400000,"aqi":90,"readings":24}"#;
-        assert!(view.take(&topics.air_indicators, &topics, daily));
-        assert!(!view.take(&topics.air_indicators, &topics, b"not json"));
-        assert_eq!(view.received, 3);
-        assert_eq!(view.latest["kim_ma_w"].los.as_deref(), Some("C"));
-        assert_eq!(view.wards["lang"].aqi, Some(117));
-        assert_eq!(view.wards.len(), 1, "only hourly ward rows are shown");
-        assert_eq!(view.last_hour, 3_600_000);
-    }
-
-    #[test]
-    fn view_keeps_active_alerts_until_cleared() {
-        let topics = Topics::default();
-        let mut view = View::default();
-        let raised = br#"{"alert_id":"incident:kim_ma_w:20260101T060000","state":"RAISED",
-            "kind":"incident","entity_type":"segment","entity_id":"kim_ma_w","started_at":60000,
-            "severity":3,"message":"1 camera incident event(s) (collision) in the minute"}"#;
-        assert!(view.take(&topics.alerts, &topics, raised));
-        assert_eq!(view.alerts.len(), 1);
-        let cleared = br#"{"alert_id":"incident:kim_ma_w:20260101T060000","state":"CLEARED",
-            "kind":"incident","entity_type":"segment","entity_id":"kim_ma_w","started_at":60000}"#;
-        assert!(view.take(&topics.alerts, &topics, cleared));
-        assert!(view.alerts.is_empty());
-        assert_eq!((view.raised, view.cleared), (1, 1));
-    }
+/// Serves the web console and the city view on `listen` (no query console: the demo runs
+/// its pipeline without the service); the address it listens on.
+async fn serve_console(listen: SocketAddr, city: Arc<CityView>) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::Config(format!("--listen {listen}: {e}")))?;
+    let address = listener.local_addr()?;
+    let app = axum::Router::new()
+        .merge(crate::dashboard::console_routes())
+        .nest("/v1", crate::dashboard::city_routes(city));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "web console stopped");
+        }
+    });
+    Ok(address)
 }

@@ -297,6 +297,12 @@ pub struct DemoArgs {
     /// Partitions per topic when creating topics (1 to 1024).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=1024))]
     pub partitions: i32,
+    /// Serve the web console and city map here (`127.0.0.1:0` picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Serve no web console.
+    #[arg(long)]
+    pub no_web: bool,
     /// Simulation settings.
     #[command(flatten)]
     pub sim: SimArgs,
@@ -361,6 +367,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         duration: None,
         brokers: None,
         partitions: 4,
+        listen: "127.0.0.1:8080".parse().ok(),
+        no_web: false,
         sim: SimArgs {
             rate: 2000.0,
             speedup: 60.0,

@@ -3,6 +3,8 @@
 //! | method | path | does |
 //! |---|---|---|
 //! | GET | `/livez` | 200 while the process serves requests (always open) |
+//! | GET | `/` | the web console: city map, alerts, queries, SQL editor (always open; its calls need the token) |
+//! | GET | `/v1/city/map`, `/v1/city`, `/v1/city/events` | the city's geometry, what the output topics say now, and that as server-sent events (see [`crate::dashboard`]) |
 //! | GET | `/readyz` | 200 when Kafka is reachable and every query that should run runs, else 503 |
 //! | GET | `/metrics` | Prometheus exposition |
 //! | GET | `/v1/info` | version, build, brokers, configuration with secrets redacted |
@@ -72,7 +74,8 @@ pub fn router(service: Arc<Service>) -> Router {
                     crate::reference::tables::MAX_CSV_BYTES,
                 )),
         )
-        .route("/functions", get(functions));
+        .route("/functions", get(functions))
+        .merge(crate::dashboard::city_routes(service.city.clone()));
     let guarded = Router::new()
         .nest("/v1", v1)
         .route("/readyz", get(readyz))
@@ -80,6 +83,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .route_layer(middleware::from_fn_with_state(service.clone(), authorize));
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
+        .merge(crate::dashboard::console_routes())
         .merge(guarded)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such path") })
         .method_not_allowed_fallback(|| async {

@@ -83,6 +83,8 @@ pub struct ApiConfig {
     /// Longest a preview may run.
     #[serde(with = "humantime_serde")]
     pub preview_timeout: std::time::Duration,
+    /// The time zone the web console shows times in (a fixed UTC offset).
+    pub time_zone: crate::time::display::DisplayZone,
 }
 
 /// `[catalog]`: where registered queries are kept.

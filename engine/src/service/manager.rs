@@ -513,6 +513,11 @@ impl Drop for QueryRuntime {
 }
 
 impl QueryManager {
+    /// The schema registry that Avro inputs and outputs use.
+    pub fn registry(&self) -> Option<Arc<crate::decode::Registry>> {
+        self.codecs.registry.clone()
+    }
+
     /// Opens the catalog; nothing runs until [`QueryManager::start_all`].
     pub fn new(config: Arc<ServiceConfig>) -> crate::Result<Self> {
         let catalog = Catalog::open(&config.catalog.path)?;

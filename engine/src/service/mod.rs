@@ -46,6 +46,10 @@ pub struct Service {
     kafka_reachable: AtomicBool,
     kafka_checked: AtomicBool,
     stopping: AtomicBool,
+    /// What the output topics say now, for the web console.
+    pub city: Arc<crate::dashboard::CityView>,
+    /// Stops the reader of the output topics.
+    city_stop: Arc<AtomicBool>,
 }
 
 impl Service {
@@ -62,15 +66,31 @@ impl Service {
             client.set(k, v);
         }
         let probe = Arc::new(client.create::<BaseProducer>()?);
+        let reference = crate::reference::ReferenceData::embedded()?;
+        let city = crate::dashboard::CityView::new(&reference, config.api.time_zone);
         let service = Arc::new(Self {
             probe,
             manager: QueryManager::new(config.clone())?,
-            config,
+            config: config.clone(),
             kafka_reachable: AtomicBool::new(false),
             kafka_checked: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            city: city.clone(),
+            city_stop: Arc::new(AtomicBool::new(false)),
         });
         service.manager.start_all().await?;
+        let reader = crate::dashboard::read_outputs(
+            city,
+            client,
+            config.topics.clone(),
+            service.manager.registry(),
+            service.city_stop.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = reader.await {
+                warn!(error = %e, "the web console's reader of the output topics stopped");
+            }
+        });
         tokio::spawn(watch_kafka(Arc::downgrade(&service)));
         Ok(service)
     }
@@ -122,6 +142,7 @@ impl Service {
     /// Stops every query: each publishes what it holds, flushes its producer and commits.
     pub async fn shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.city_stop.store(true, Ordering::Relaxed);
         self.manager.shutdown().await;
     }
 

@@ -6,6 +6,8 @@
 //! timeout (processing time) stops holding the watermark back. The watermark never goes
 //! backwards. Processing time is passed in explicitly (epoch ms), so a test can drive it.
 
+pub mod display;
+
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -1,0 +1,562 @@
+//! The city dashboard: what the output topics say now, and the web console that shows it.
+//!
+//! [`CityView`] keeps the latest level of service per road segment, the latest hourly VN_AQI
+//! per ward and the active alerts, as read back from the congestion, air and alert topics by
+//! an ordinary consumer ([`read_outputs`]): the dashboard shows what really came out of Kafka,
+//! whichever query wrote it. `urbanstream serve` and `urbanstream demo` both serve it:
+//!
+//! | method | path | does |
+//! |---|---|---|
+//! | GET | `/` | the web console (map, alerts, queries, SQL editor), assets embedded in the binary |
+//! | GET | `/v1/city/map` | the reference geometry: segments as lon/lat lines, wards as points |
+//! | GET | `/v1/city` | the current view (see [`CityView::snapshot`]) |
+//! | GET | `/v1/city/events` | server-sent events: a `snapshot` event with the view at once and on every change (at most every 500 ms) |
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::decode::avro::{MAGIC, avro_to_json};
+use crate::decode::registry::Registry;
+use crate::error::Result;
+use crate::reference::ReferenceData;
+use crate::time::display::DisplayZone;
+use crate::topics::Topics;
+
+/// Records read back from the end of each output partition when the reader starts.
+const TAIL: i64 = 20_000;
+/// Active alerts a snapshot lists (the most severe, then the newest).
+const MAX_ALERTS: usize = 100;
+/// Shortest time between two snapshots sent on the event stream.
+const EVENT_EVERY: Duration = Duration::from_millis(500);
+
+/// A congestion indicator as read back from its topic.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct IndicatorRow {
+    /// Segment.
+    pub segment_id: String,
+    /// Window start, epoch ms.
+    pub window_start: i64,
+    /// Window end, epoch ms.
+    pub window_end: i64,
+    /// Vehicles in the window.
+    pub vehicles: i64,
+    /// Time-mean speed.
+    pub mean_speed_kmh: Option<f64>,
+    /// Motorbike share.
+    pub motorbike_share: Option<f64>,
+    /// Space-mean speed.
+    #[serde(default)]
+    pub space_mean_speed_kmh: Option<f64>,
+    /// Travel Time Index.
+    #[serde(default)]
+    pub tti: Option<f64>,
+    /// Level of service A–F.
+    #[serde(default)]
+    pub los: Option<String>,
+}
+
+/// An air indicator as read back from its topic.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct AirRow {
+    /// Ward or sensor id.
+    pub entity_id: String,
+    /// `ward` or `sensor`.
+    pub scope: String,
+    /// `hour` or `day`.
+    #[serde(default)]
+    pub period: Option<String>,
+    /// Window end, epoch ms.
+    pub window_end: i64,
+    /// VN_AQI.
+    pub aqi: Option<i64>,
+    /// Category (Vietnamese).
+    pub category: Option<String>,
+    /// Category (English).
+    #[serde(default)]
+    pub category_en: Option<String>,
+    /// Dominant parameter.
+    pub dominant_pollutant: Option<String>,
+    /// PM2.5 NowCast.
+    #[serde(default)]
+    pub pm25_nowcast: Option<f64>,
+}
+
+/// An alert record as read back from its topic.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct AlertRow {
+    /// Stable id across the alert's records.
+    pub alert_id: String,
+    /// RAISED, UPDATED or CLEARED.
+    pub state: String,
+    /// Alert kind.
+    pub kind: String,
+    /// The entity.
+    pub entity_id: String,
+    /// Event time the condition began, epoch ms.
+    pub started_at: i64,
+    /// 2–5.
+    #[serde(default)]
+    pub severity: Option<i32>,
+    /// Explanation.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// What the output topics say now.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// Active alerts by id.
+    pub alerts: HashMap<String, AlertRow>,
+    /// Alerts raised since the view began.
+    pub raised: u64,
+    /// Alerts cleared since the view began.
+    pub cleared: u64,
+    /// Latest congestion indicator per segment.
+    pub latest: HashMap<String, IndicatorRow>,
+    /// Records taken.
+    pub received: u64,
+    /// Newest congestion window start seen.
+    pub last_window: i64,
+    /// Latest hourly AQI per ward.
+    pub wards: HashMap<String, AirRow>,
+    /// Newest hourly ward window end seen.
+    pub last_hour: i64,
+}
+
+impl View {
+    /// Takes one record read back from an output topic; false when it is not one the view
+    /// shows (another topic, or not a row of that topic's shape).
+    pub fn take(&mut self, topic: &str, topics: &Topics, payload: &[u8]) -> bool {
+        if topic == topics.congestion.as_str() {
+            let Ok(row) = serde_json::from_slice::<IndicatorRow>(payload) else {
+                return false;
+            };
+            self.last_window = self.last_window.max(row.window_start);
+            match self.latest.get(&row.segment_id) {
+                Some(old) if old.window_start > row.window_start => {}
+                _ => {
+                    self.latest.insert(row.segment_id.clone(), row);
+                }
+            }
+        } else if topic == topics.alerts.as_str() {
+            let Ok(row) = serde_json::from_slice::<AlertRow>(payload) else {
+                return false;
+            };
+            if row.state == "CLEARED" {
+                self.cleared += 1;
+                self.alerts.remove(&row.alert_id);
+            } else {
+                self.raised += u64::from(row.state == "RAISED");
+                self.alerts.insert(row.alert_id.clone(), row);
+            }
+        } else if topic == topics.air_indicators.as_str() {
+            let Ok(row) = serde_json::from_slice::<AirRow>(payload) else {
+                return false;
+            };
+            if row.scope == "ward" && row.period.as_deref() != Some("day") {
+                self.last_hour = self.last_hour.max(row.window_end);
+                match self.wards.get(&row.entity_id) {
+                    Some(old) if old.window_end > row.window_end => {}
+                    _ => {
+                        self.wards.insert(row.entity_id.clone(), row);
+                    }
+                }
+            }
+        } else {
+            return false;
+        }
+        self.received += 1;
+        true
+    }
+
+    /// Active alerts, the most severe first, then the newest.
+    pub fn active_alerts(&self) -> Vec<&AlertRow> {
+        let mut alerts: Vec<&AlertRow> = self.alerts.values().collect();
+        alerts.sort_by(|a, b| {
+            b.severity
+                .cmp(&a.severity)
+                .then(b.started_at.cmp(&a.started_at))
+                .then(a.alert_id.cmp(&b.alert_id))
+        });
+        alerts
+    }
+}
+
+/// The view shared by the reader, the API and the terminal screen, with a version that
+/// changes whenever a record is taken.
+pub struct CityView {
+    view: Mutex<View>,
+    version: watch::Sender<u64>,
+    map: Value,
+    names: HashMap<String, String>,
+    zone: DisplayZone,
+}
+
+impl CityView {
+    /// An empty view over the reference geometry of `reference`, its times shown in `zone`.
+    pub fn new(reference: &ReferenceData, zone: DisplayZone) -> Arc<Self> {
+        let names = reference
+            .segments
+            .iter()
+            .map(|s| (s.segment_id.clone(), s.name.clone()))
+            .chain(
+                reference
+                    .wards
+                    .iter()
+                    .map(|w| (w.ward_id.clone(), w.name.clone())),
+            )
+            .collect();
+        Arc::new(Self {
+            view: Mutex::new(View::default()),
+            version: watch::Sender::new(0),
+            map: map_of(reference),
+            names,
+            zone,
+        })
+    }
+
+    /// Takes one record (see [`View::take`]).
+    pub fn take(&self, topic: &str, topics: &Topics, payload: &[u8]) -> bool {
+        let taken = self
+            .view
+            .lock()
+            .is_ok_and(|mut v| v.take(topic, topics, payload));
+        if taken {
+            self.version.send_modify(|v| *v += 1);
+        }
+        taken
+    }
+
+    /// Runs `f` over the view.
+    pub fn with<T>(&self, f: impl FnOnce(&View) -> T) -> Option<T> {
+        self.view.lock().ok().map(|v| f(&v))
+    }
+
+    /// The reference name of a segment or ward, or its id when it has none.
+    pub fn name<'a>(&'a self, id: &'a str) -> &'a str {
+        self.names.get(id).map_or(id, String::as_str)
+    }
+
+    /// The reference geometry (`/v1/city/map`).
+    pub fn map(&self) -> &Value {
+        &self.map
+    }
+
+    /// The view as JSON: `congestion.segments` (latest row per segment, with `stale` when its
+    /// window is over ten minutes older than the newest), `air.wards` (latest hourly VN_AQI
+    /// per ward), `alerts` (active, at most 100), the counts, and the display time zone.
+    pub fn snapshot(&self) -> Value {
+        let version = *self.version.borrow();
+        self.with(|v| {
+            let segments: serde_json::Map<String, Value> = v
+                .latest
+                .iter()
+                .map(|(id, r)| {
+                    let mut row = json!(r);
+                    row["stale"] = json!(r.window_start < v.last_window - 600_000);
+                    (id.clone(), row)
+                })
+                .collect();
+            let wards: serde_json::Map<String, Value> = v
+                .wards
+                .iter()
+                .map(|(id, r)| {
+                    let mut row = json!(r);
+                    row["stale"] = json!(r.window_end < v.last_hour - 3 * 3_600_000);
+                    (id.clone(), row)
+                })
+                .collect();
+            let alerts: Vec<Value> = v
+                .active_alerts()
+                .into_iter()
+                .take(MAX_ALERTS)
+                .map(|a| {
+                    let mut row = json!(a);
+                    row["entity_name"] = json!(self.name(&a.entity_id));
+                    row["started"] = json!(self.zone.format(a.started_at));
+                    row
+                })
+                .collect();
+            json!({
+                "version": version,
+                "time_zone": self.zone.label(),
+                "offset_minutes": self.zone.offset_minutes(),
+                "received": v.received,
+                "congestion": {
+                    "window_start": (v.last_window > 0).then_some(v.last_window),
+                    "window": (v.last_window > 0).then(|| self.zone.format(v.last_window)),
+                    "segments": segments,
+                },
+                "air": {
+                    "hour_end": (v.last_hour > 0).then_some(v.last_hour),
+                    "hour": (v.last_hour > 0).then(|| self.zone.format(v.last_hour)),
+                    "wards": wards,
+                },
+                "alerts": alerts,
+                "alerts_active": v.alerts.len(),
+                "raised": v.raised,
+                "cleared": v.cleared,
+            })
+        })
+        .unwrap_or_else(|| json!({ "version": version }))
+    }
+
+    /// A receiver that sees every new version.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}
+
+/// Segments as `[[lon, lat], …]` lines and wards as points, with the bounds of both.
+fn map_of(reference: &ReferenceData) -> Value {
+    let mut bounds = [f64::MAX, f64::MAX, f64::MIN, f64::MIN];
+    let mut extend = |lon: f64, lat: f64| {
+        bounds = [
+            bounds[0].min(lon),
+            bounds[1].min(lat),
+            bounds[2].max(lon),
+            bounds[3].max(lat),
+        ];
+    };
+    let segments: Vec<Value> = reference
+        .segments
+        .iter()
+        .map(|s| {
+            let coords = linestring(&s.geometry);
+            for &[lon, lat] in &coords {
+                extend(lon, lat);
+            }
+            json!({
+                "id": s.segment_id, "name": s.name, "road": s.road, "ward_id": s.ward_id,
+                "lanes": s.lanes, "coords": coords,
+            })
+        })
+        .collect();
+    let wards: Vec<Value> = reference
+        .wards
+        .iter()
+        .map(|w| {
+            extend(w.lon, w.lat);
+            json!({ "id": w.ward_id, "name": w.name, "lat": w.lat, "lon": w.lon })
+        })
+        .collect();
+    json!({ "segments": segments, "wards": wards, "bounds": bounds })
+}
+
+/// The points of a WKT `LINESTRING(lon lat, …)`; none when it is not one.
+fn linestring(wkt: &str) -> Vec<[f64; 2]> {
+    let Some(body) = wkt
+        .trim()
+        .strip_prefix("LINESTRING")
+        .map(str::trim)
+        .and_then(|b| b.strip_prefix('('))
+        .and_then(|b| b.strip_suffix(')'))
+    else {
+        return Vec::new();
+    };
+    body.split(',')
+        .filter_map(|point| {
+            let mut xy = point.split_whitespace().map(str::parse::<f64>);
+            match (xy.next(), xy.next(), xy.next()) {
+                (Some(Ok(lon)), Some(Ok(lat)), None) => Some([lon, lat]),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Reads the congestion, air and alert topics of `topics` into `view` until `stop`: each
+/// partition from its last [`TAIL`] records, partitions that appear later (topics created
+/// after the start) from their beginning. Avro records are read through `registry`.
+pub async fn read_outputs(
+    view: Arc<CityView>,
+    mut client: ClientConfig,
+    topics: Topics,
+    registry: Option<Arc<Registry>>,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    let consumer: Arc<StreamConsumer> = Arc::new(
+        client
+            .set("group.id", "urbanstream-dashboard")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()?,
+    );
+    let wanted = [
+        topics.congestion.clone(),
+        topics.air_indicators.clone(),
+        topics.alerts.clone(),
+    ];
+    let mut assigned: HashMap<String, usize> = HashMap::new();
+    let mut first = true;
+    let mut next_check = tokio::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        if tokio::time::Instant::now() >= next_check {
+            next_check = tokio::time::Instant::now() + Duration::from_secs(5);
+            let metadata = {
+                let consumer = consumer.clone();
+                tokio::task::spawn_blocking(move || {
+                    consumer
+                        .fetch_metadata(None, Duration::from_secs(5))
+                        .map(|m| {
+                            m.topics()
+                                .iter()
+                                .map(|t| (t.name().to_string(), t.partitions().len()))
+                                .collect::<HashMap<_, _>>()
+                        })
+                })
+                .await
+            };
+            match metadata {
+                Ok(Ok(partitions)) => {
+                    let mut list = TopicPartitionList::new();
+                    for topic in &wanted {
+                        let now = partitions.get(topic).copied().unwrap_or(0);
+                        let had = assigned.get(topic).copied().unwrap_or(0);
+                        for p in had..now {
+                            // A partition seen at the start is read from its recent tail;
+                            // one that appeared later holds only new records.
+                            let from = if first {
+                                Offset::OffsetTail(TAIL)
+                            } else {
+                                Offset::Beginning
+                            };
+                            let p = i32::try_from(p).unwrap_or(i32::MAX);
+                            list.add_partition_offset(topic, p, from)?;
+                        }
+                        if now > had {
+                            assigned.insert(topic.clone(), now);
+                        }
+                    }
+                    if list.count() > 0 {
+                        debug!(partitions = list.count(), "dashboard reads more partitions");
+                        consumer.incremental_assign(&list)?;
+                    }
+                    first = false;
+                }
+                Ok(Err(e)) => debug!(error = %e, "dashboard: no metadata yet"),
+                Err(e) => warn!(error = %e, "dashboard: metadata task failed"),
+            }
+        }
+        let Ok(Ok(message)) =
+            tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
+        else {
+            continue;
+        };
+        let Some(payload) = message.payload() else {
+            continue;
+        };
+        if payload.first() == Some(&MAGIC)
+            && let Some(registry) = &registry
+        {
+            match avro_to_json(registry, payload).await {
+                Ok(json) => {
+                    view.take(message.topic(), &topics, json.to_string().as_bytes());
+                }
+                Err(e) => debug!(error = %e, topic = message.topic(), "dashboard: unreadable"),
+            }
+        } else {
+            view.take(message.topic(), &topics, payload);
+        }
+    }
+    Ok(())
+}
+
+/// The web console's page and assets, open without a token (they hold no data; every call
+/// they make goes through the API and its token).
+pub fn console_routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new()
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
+        )
+        .route(
+            "/ui/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/ui/style.css",
+            get(|| async { asset("text/css; charset=utf-8", STYLE) }),
+        )
+}
+
+/// `/city/map`, `/city` and `/city/events` over `view`, to nest under `/v1`.
+pub fn city_routes<S: Clone + Send + Sync + 'static>(view: Arc<CityView>) -> Router<S> {
+    Router::new()
+        .route("/city/map", get(map))
+        .route("/city", get(snapshot))
+        .route("/city/events", get(events))
+        .with_state(view)
+}
+
+const INDEX: &str = include_str!("ui/index.html");
+const APP_JS: &str = include_str!("ui/app.js");
+const STYLE: &str = include_str!("ui/style.css");
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; \
+                 connect-src 'self'; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn map(State(view): State<Arc<CityView>>) -> Json<Value> {
+    Json(view.map().clone())
+}
+
+async fn snapshot(State(view): State<Arc<CityView>>) -> Json<Value> {
+    Json(view.snapshot())
+}
+
+async fn events(
+    State(view): State<Arc<CityView>>,
+) -> Sse<impl futures::Stream<Item = std::result::Result<Event, Infallible>>> {
+    let changes = view.subscribe();
+    let stream = futures::stream::unfold(
+        (view, changes, true),
+        |(view, mut changes, first)| async move {
+            if !first {
+                tokio::time::sleep(EVENT_EVERY).await;
+                changes.changed().await.ok()?;
+            }
+            changes.mark_unchanged();
+            let event = Event::default()
+                .event("snapshot")
+                .data(view.snapshot().to_string());
+            Some((Ok(event), (view, changes, false)))
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,105 @@
+use super::*;
+
+#[test]
+fn view_takes_rows_of_both_indicator_topics() {
+    let topics = Topics::default();
+    let mut view = View::default();
+    let congestion = br#"{"segment_id":"kim_ma_w","window_start":60000,"window_end":120000,
+        "vehicles":12,"mean_speed_kmh":31.0,"motorbike_share":0.7,"tti":1.6,"los":"C"}"#;
+    assert!(view.take(&topics.congestion, &topics, congestion));
+    let ward = br#"{"entity_id":"lang","scope":"ward","period":"hour","window_start":0,
+        "window_end":3600000,"aqi":117,"category":"K\u00e9m","category_en":"Poor",
+        "dominant_pollutant":"pm25","pm25_nowcast":61.2,"readings":120}"#;
+    assert!(view.take(&topics.air_indicators, &topics, ward));
+    let daily = br#"{"entity_id":"aq-001","scope":"sensor","period":"day","window_start":0,
+        "window_end":86400000,"aqi":90,"readings":24}"#;
+    assert!(view.take(&topics.air_indicators, &topics, daily));
+    assert!(!view.take(&topics.air_indicators, &topics, b"not json"));
+    assert_eq!(view.received, 3);
+    assert_eq!(view.latest["kim_ma_w"].los.as_deref(), Some("C"));
+    assert_eq!(view.wards["lang"].aqi, Some(117));
+    assert_eq!(view.wards.len(), 1, "only hourly ward rows are shown");
+    assert_eq!(view.last_hour, 3_600_000);
+}
+
+#[test]
+fn an_older_window_read_late_does_not_replace_a_newer_one() {
+    let topics = Topics::default();
+    let mut view = View::default();
+    let row = |start: i64, los: &str| {
+        format!(
+            r#"{{"segment_id":"kim_ma_w","window_start":{start},"window_end":{},
+            "vehicles":1,"mean_speed_kmh":null,"motorbike_share":null,"los":"{los}"}}"#,
+            start + 60_000
+        )
+    };
+    assert!(view.take(&topics.congestion, &topics, row(120_000, "F").as_bytes()));
+    assert!(view.take(&topics.congestion, &topics, row(60_000, "A").as_bytes()));
+    assert_eq!(view.latest["kim_ma_w"].los.as_deref(), Some("F"));
+    assert_eq!(view.last_window, 120_000);
+}
+
+#[test]
+fn view_keeps_active_alerts_until_cleared() {
+    let topics = Topics::default();
+    let mut view = View::default();
+    let raised = br#"{"alert_id":"incident:kim_ma_w:20260101T060000","state":"RAISED",
+        "kind":"incident","entity_type":"segment","entity_id":"kim_ma_w","started_at":60000,
+        "severity":3,"message":"1 camera incident event(s) (collision) in the minute"}"#;
+    assert!(view.take(&topics.alerts, &topics, raised));
+    assert_eq!(view.alerts.len(), 1);
+    let cleared = br#"{"alert_id":"incident:kim_ma_w:20260101T060000","state":"CLEARED",
+        "kind":"incident","entity_type":"segment","entity_id":"kim_ma_w","started_at":60000}"#;
+    assert!(view.take(&topics.alerts, &topics, cleared));
+    assert!(view.alerts.is_empty());
+    assert_eq!((view.raised, view.cleared), (1, 1));
+}
+
+#[test]
+fn the_map_has_every_segment_and_ward_of_the_reference() {
+    let reference = ReferenceData::embedded().unwrap();
+    let city = CityView::new(&reference, DisplayZone::CITY);
+    let map = city.map();
+    let segments = map["segments"].as_array().unwrap();
+    assert_eq!(segments.len(), reference.segments.len());
+    assert!(
+        segments
+            .iter()
+            .all(|s| s["coords"].as_array().is_some_and(|c| c.len() >= 2)),
+        "every segment has a line"
+    );
+    assert_eq!(
+        map["wards"].as_array().unwrap().len(),
+        reference.wards.len()
+    );
+    let b = map["bounds"].as_array().unwrap();
+    let (w, s, e, n) = (
+        b[0].as_f64().unwrap(),
+        b[1].as_f64().unwrap(),
+        b[2].as_f64().unwrap(),
+        b[3].as_f64().unwrap(),
+    );
+    assert!(105.0 < w && w < e && e < 106.5 && 20.5 < s && s < n && n < 21.5);
+    assert!(linestring("POINT(1 2)").is_empty());
+    assert!(linestring("LINESTRING(1 2, x 3)").len() == 1);
+}
+
+#[test]
+fn a_snapshot_names_entities_and_shows_times_in_the_display_zone() {
+    let reference = ReferenceData::embedded().unwrap();
+    let city = CityView::new(&reference, DisplayZone::CITY);
+    let topics = Topics::default();
+    let mut changes = city.subscribe();
+    // 2026-01-01 06:00 in Hanoi.
+    let raised = br#"{"alert_id":"a1","state":"RAISED","kind":"incident",
+        "entity_id":"kim_ma_w","started_at":1767222000000,"severity":3,"message":"m"}"#;
+    assert!(city.take(&topics.alerts, &topics, raised));
+    assert!(changes.has_changed().unwrap());
+    let snapshot = city.snapshot();
+    assert_eq!(snapshot["time_zone"], "UTC+07:00");
+    assert_eq!(snapshot["alerts"][0]["started"], "2026-01-01 06:00:00");
+    assert_ne!(snapshot["alerts"][0]["entity_name"], "kim_ma_w");
+    assert_eq!(snapshot["alerts_active"], 1);
+    assert!(!city.take("elsewhere", &topics, raised));
+    assert_eq!(snapshot["version"], 1);
+}

@@ -1,0 +1,362 @@
+// The urbanstream web console: the city map and alerts from /v1/city (live over server-sent
+// events), and, when served by `urbanstream serve`, the queries and a SQL editor over the
+// REST API. Every value from the server is written as text, never as markup.
+'use strict';
+
+const LOS = {
+  A: { color: '#1a9850', vi: 'Tự do', en: 'Free flow' },
+  B: { color: '#91cf60', vi: 'Khá tự do', en: 'Reasonably free' },
+  C: { color: '#d9ef8b', vi: 'Ổn định', en: 'Stable' },
+  D: { color: '#fee08b', vi: 'Gần mất ổn định', en: 'Approaching unstable' },
+  E: { color: '#fc8d59', vi: 'Không ổn định', en: 'Unstable' },
+  F: { color: '#d73027', vi: 'Ùn tắc', en: 'Congested' },
+};
+const NO_DATA = '#9e9e9e';
+// VN_AQI categories and colours (Decision 1459/QĐ-TCMT).
+const AQI = [
+  { max: 50, color: 'rgb(0,228,0)', vi: 'Tốt', en: 'Good' },
+  { max: 100, color: 'rgb(255,255,0)', vi: 'Trung bình', en: 'Moderate' },
+  { max: 150, color: 'rgb(255,126,0)', vi: 'Kém', en: 'Poor' },
+  { max: 200, color: 'rgb(255,0,0)', vi: 'Xấu', en: 'Bad' },
+  { max: 300, color: 'rgb(143,63,151)', vi: 'Rất xấu', en: 'Very bad' },
+  { max: Infinity, color: 'rgb(126,0,35)', vi: 'Nguy hại', en: 'Hazardous' },
+];
+const SVG = 'http://www.w3.org/2000/svg';
+const $ = (id) => document.getElementById(id);
+
+const state = { map: null, snapshot: null, offsetMinutes: 420, zone: 'UTC+07:00', hasConsole: false };
+
+// ---------- API ----------
+
+function token() { return localStorage.getItem('urbanstream.token') || ''; }
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (token()) headers.Authorization = 'Bearer ' + token();
+  if (options.body !== undefined) headers['Content-Type'] = 'application/json';
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  if (response.status === 401) $('token-form').hidden = false;
+  return response;
+}
+
+async function apiJson(path, options) {
+  const response = await api(path, options);
+  let body = null;
+  const text = await response.text();
+  try { body = text ? JSON.parse(text) : null; } catch (_) { body = { message: text }; }
+  return { ok: response.ok, status: response.status, body };
+}
+
+// ---------- helpers ----------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    // Colours go through the CSSOM: the page's CSP refuses style attributes.
+    if (k === 'class') node.className = v;
+    else if (k === 'background') node.style.background = v;
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+function svg(tag, attrs = {}) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  return node;
+}
+
+function showTime(ms) {
+  if (ms === null || ms === undefined || ms <= 0) return '-';
+  const local = new Date(ms + state.offsetMinutes * 60000);
+  return local.toISOString().slice(0, 19).replace('T', ' ');
+}
+
+function duration(ms) {
+  if (ms === null || ms === undefined) return '-';
+  const s = Math.round(ms / 1000);
+  if (Math.abs(s) < 120) return s + ' s';
+  if (Math.abs(s) < 7200) return Math.round(s / 60) + ' min';
+  return (s / 3600).toFixed(1) + ' h';
+}
+
+function bytes(n) {
+  if (!n) return '0';
+  const units = ['B', 'KiB', 'MiB', 'GiB'];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return n.toFixed(i ? 1 : 0) + ' ' + units[i];
+}
+
+function aqiCategory(aqi) { return AQI.find((c) => aqi <= c.max); }
+
+// ---------- map ----------
+
+function legends() {
+  const los = $('legend-los');
+  for (const [level, d] of Object.entries(LOS)) {
+    los.append(el('li', {}, el('span', { class: 'swatch', background: d.color }), `${level} ${d.vi} / ${d.en}`));
+  }
+  los.append(el('li', {}, el('span', { class: 'swatch', background: NO_DATA }), 'chưa có dữ liệu / no data'));
+  const aqi = $('legend-aqi');
+  let low = 0;
+  for (const c of AQI) {
+    const range = c.max === Infinity ? `${low}+` : `${low}–${c.max}`;
+    aqi.append(el('li', {}, el('span', { class: 'swatch', background: c.color }), `${range} ${c.vi} / ${c.en}`));
+    low = c.max + 1;
+  }
+}
+
+function drawMap(map) {
+  const root = $('map');
+  root.replaceChildren();
+  // The view fits the road segments (the city centre); wards beyond it are listed in the
+  // ward table only.
+  const points = map.segments.flatMap((seg) => seg.coords);
+  const lons = points.map((p) => p[0]), lats = points.map((p) => p[1]);
+  const [w0, s0, e0, n0] = points.length
+    ? [Math.min(...lons), Math.min(...lats), Math.max(...lons), Math.max(...lats)]
+    : map.bounds;
+  const marginLon = (e0 - w0) * 0.08 || 0.01, marginLat = (n0 - s0) * 0.08 || 0.01;
+  const [w, s, e, n] = [w0 - marginLon, s0 - marginLat, e0 + marginLon, n0 + marginLat];
+  const k = Math.cos(((s + n) / 2) * Math.PI / 180);
+  const width = 1000, height = 700, pad = 40;
+  const scale = Math.min((width - 2 * pad) / ((e - w) * k || 1), (height - 2 * pad) / ((n - s) || 1));
+  const project = (lon, lat) => [pad + (lon - w) * k * scale, pad + (n - lat) * scale];
+  const wards = svg('g', { id: 'wards-layer' });
+  for (const ward of map.wards) {
+    if (ward.lon < w || ward.lon > e || ward.lat < s || ward.lat > n) continue;
+    const [x, y] = project(ward.lon, ward.lat);
+    const circle = svg('circle', { class: 'ward', cx: x.toFixed(1), cy: y.toFixed(1), r: 22, fill: NO_DATA, 'data-ward': ward.id });
+    const title = svg('title');
+    title.textContent = ward.name;
+    circle.append(title);
+    const label = svg('text', { class: 'ward-label', x: x.toFixed(1), y: (y + 34).toFixed(1) });
+    label.textContent = ward.name;
+    wards.append(circle, label);
+  }
+  const segments = svg('g', { id: 'segments-layer' });
+  for (const seg of map.segments) {
+    const points = seg.coords.map(([lon, lat]) => project(lon, lat).map((v) => v.toFixed(1)).join(',')).join(' ');
+    const line = svg('polyline', { class: 'segment', points, stroke: NO_DATA, 'data-segment': seg.id, 'data-los': '' });
+    const title = svg('title');
+    title.textContent = seg.name;
+    line.append(title);
+    segments.append(line);
+  }
+  root.append(wards, segments);
+}
+
+function paint(snapshot) {
+  state.offsetMinutes = snapshot.offset_minutes ?? state.offsetMinutes;
+  state.zone = snapshot.time_zone || state.zone;
+  const names = new Map((state.map?.segments || []).map((s) => [s.id, s.name]));
+  const wardNames = new Map((state.map?.wards || []).map((w) => [w.id, w.name]));
+  const rows = snapshot.congestion?.segments || {};
+  for (const line of document.querySelectorAll('#map .segment')) {
+    const id = line.dataset.segment;
+    const row = rows[id];
+    const level = row && LOS[row.los] ? row.los : '';
+    line.setAttribute('stroke', level ? LOS[level].color : NO_DATA);
+    line.dataset.los = level;
+    line.classList.toggle('stale', Boolean(row && row.stale));
+    const speed = row ? (row.space_mean_speed_kmh ?? row.mean_speed_kmh) : null;
+    line.querySelector('title').textContent = row
+      ? `${names.get(id) || id}\nLOS ${row.los ?? '-'} · ${row.vehicles} xe/veh · ${speed === null || speed === undefined ? '-' : speed.toFixed(1)} km/h · TTI ${row.tti === null || row.tti === undefined ? '-' : row.tti.toFixed(2)}\n${showTime(row.window_start)} (${state.zone})`
+      : `${names.get(id) || id}\nchưa có dữ liệu / no data`;
+  }
+  const air = snapshot.air?.wards || {};
+  for (const circle of document.querySelectorAll('#map .ward')) {
+    const id = circle.dataset.ward;
+    const row = air[id];
+    const cat = row && row.aqi !== null && row.aqi !== undefined ? aqiCategory(row.aqi) : null;
+    circle.setAttribute('fill', cat ? cat.color : NO_DATA);
+    circle.dataset.aqi = cat ? String(row.aqi) : '';
+    circle.querySelector('title').textContent = row
+      ? `${wardNames.get(id) || id}: VN_AQI ${row.aqi ?? '-'} ${cat ? cat.vi + ' / ' + cat.en : ''}`
+      : `${wardNames.get(id) || id}: chưa có dữ liệu / no data`;
+  }
+  const window = snapshot.congestion?.window;
+  const hour = snapshot.air?.hour;
+  $('map-meta').textContent =
+    `phút / minute ${window || '-'} · giờ / hour ending ${hour || '-'} (${state.zone}) · ` +
+    `${Object.keys(rows).length} đoạn đường / segments with data`;
+  $('clock').textContent = window ? `${window} ${state.zone}` : '';
+  paintAlerts(snapshot);
+  paintWards(snapshot, wardNames);
+}
+
+function paintAlerts(snapshot) {
+  const list = $('alerts');
+  const alerts = snapshot.alerts || [];
+  $('alert-count').textContent = String(snapshot.alerts_active ?? alerts.length);
+  if (alerts.length === 0) {
+    list.replaceChildren(el('li', { class: 'empty' }, 'Không có cảnh báo / no active alert'));
+    return;
+  }
+  list.replaceChildren(...alerts.map((a) => el('li', { class: 'alert sev-' + (a.severity ?? 0), 'data-alert-id': a.alert_id },
+    el('div', { class: 'what' }, `${a.kind} · ${a.entity_name || a.entity_id}`),
+    el('div', { class: 'when' }, `${a.state} · mức / severity ${a.severity ?? '-'} · từ / since ${a.started || showTime(a.started_at)}`),
+    el('div', { class: 'why' }, a.message || ''))));
+}
+
+function paintWards(snapshot, wardNames) {
+  const body = $('wards').tBodies[0];
+  const rows = Object.entries(snapshot.air?.wards || {})
+    .filter(([, r]) => r.aqi !== null && r.aqi !== undefined)
+    .sort((a, b) => b[1].aqi - a[1].aqi);
+  body.replaceChildren(...rows.map(([id, r]) => {
+    const cat = aqiCategory(r.aqi);
+    return el('tr', { 'data-ward': id },
+      el('td', {}, wardNames.get(id) || id),
+      el('td', { class: 'num' }, r.aqi),
+      el('td', {}, el('span', { class: 'swatch', background: cat.color }), ` ${cat.vi} / ${cat.en}`),
+      el('td', {}, r.dominant_pollutant || '-'));
+  }));
+}
+
+async function streamCity() {
+  for (;;) {
+    try {
+      const response = await api('/v1/city/events', { headers: { Accept: 'text/event-stream' } });
+      if (!response.ok || !response.body) throw new Error('HTTP ' + response.status);
+      setConnection('live', 'live');
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = '';
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value.replace(/\r\n/g, '\n');
+        let end;
+        while ((end = buffer.indexOf('\n\n')) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          const data = block.split('\n').filter((l) => l.startsWith('data:')).map((l) => l.slice(5).replace(/^ /, '')).join('\n');
+          if (data) {
+            state.snapshot = JSON.parse(data);
+            paint(state.snapshot);
+          }
+        }
+      }
+      setConnection('down', 'disconnected, retrying…');
+    } catch (e) {
+      setConnection('down', 'no connection, retrying… (' + e.message + ')');
+    }
+    await new Promise((r) => setTimeout(r, 2000));
+  }
+}
+
+function setConnection(kind, text) {
+  const c = $('connection');
+  c.className = 'conn ' + kind;
+  c.textContent = text;
+}
+
+// ---------- queries ----------
+
+async function refreshQueries() {
+  const { ok, status, body } = await apiJson('/v1/queries');
+  if (status === 404) {
+    $('console').hidden = true;
+    $('console-absent').hidden = false;
+    return false;
+  }
+  if (!ok) return true;
+  $('console').hidden = false;
+  state.hasConsole = true;
+  const tbody = $('queries').tBodies[0];
+  tbody.replaceChildren(...body.map((q) => {
+    const action = q.state === 'PAUSED' ? 'resume' : 'pause';
+    const button = el('button', { type: 'button', 'data-action': action, 'data-query': q.name }, action === 'pause' ? 'Pause' : 'Resume');
+    button.addEventListener('click', async () => {
+      button.disabled = true;
+      const r = await apiJson(`/v1/queries/${encodeURIComponent(q.name)}/${action}`, { method: 'POST' });
+      if (!r.ok) showResult('error', r.body?.message || `HTTP ${r.status}`);
+      await refreshQueries();
+    });
+    return el('tr', { 'data-query': q.name },
+      el('td', {}, q.name + (q.builtin ? ' (built-in)' : '')),
+      el('td', { class: 'state-' + q.state, title: q.error || '' }, q.state),
+      el('td', { class: 'num' }, q.rows_in),
+      el('td', { class: 'num' }, q.rows_out),
+      el('td', {}, showTime(q.watermark_ms)),
+      el('td', { class: 'num' }, duration(q.watermark_lag_ms)),
+      el('td', { class: 'num' }, `${q.state_groups} groups · ${bytes(q.state_bytes)}`),
+      el('td', {}, q.last_checkpoint ? showTime(q.last_checkpoint.at_ms) : '-'),
+      el('td', {}, button));
+  }));
+  return true;
+}
+
+function showResult(kind, ...content) {
+  $('sql-result').replaceChildren(el('div', { class: kind }, ...content));
+}
+
+function sqlError(body, status) {
+  const where = body?.position ? ` (line ${body.position.line}, column ${body.position.column})` : '';
+  return (body?.message || `HTTP ${status}`) + where;
+}
+
+function rowsTable(rows) {
+  if (!rows.length) return el('p', {}, 'no rows');
+  const columns = [...new Set(rows.flatMap((r) => Object.keys(r)))];
+  return el('table', { class: 'preview' },
+    el('thead', {}, el('tr', {}, ...columns.map((c) => el('th', {}, c)))),
+    el('tbody', {}, ...rows.map((r) => el('tr', {}, ...columns.map((c) => el('td', {}, r[c] === null || r[c] === undefined ? '' : typeof r[c] === 'object' ? JSON.stringify(r[c]) : r[c]))))));
+}
+
+function editor() {
+  const sql = () => $('sql').value;
+  $('validate').addEventListener('click', async () => {
+    const r = await apiJson('/v1/queries/validate', { method: 'POST', body: JSON.stringify({ sql: sql() }) });
+    if (r.ok) showResult('ok', 'Hợp lệ / valid: ' + JSON.stringify(r.body));
+    else showResult('error', sqlError(r.body, r.status));
+  });
+  $('explain').addEventListener('click', async () => {
+    const r = await apiJson('/v1/queries/explain', { method: 'POST', body: JSON.stringify({ sql: sql() }) });
+    if (r.ok) showResult('ok', el('pre', {}, JSON.stringify(r.body, null, 2)));
+    else showResult('error', sqlError(r.body, r.status));
+  });
+  $('preview').addEventListener('click', async () => {
+    showResult('ok', 'reading the last 15 minutes of its topic…');
+    const body = { sql: sql(), topic: { from_ms: Date.now() - 15 * 60000 }, limit: 50 };
+    const r = await apiJson('/v1/queries/preview', { method: 'POST', body: JSON.stringify(body) });
+    if (!r.ok) { showResult('error', sqlError(r.body, r.status)); return; }
+    const b = r.body;
+    const counts = Object.entries(b).filter(([k, v]) => typeof v === 'number').map(([k, v]) => `${k} ${v}`).join(' · ');
+    showResult('ok', el('p', {}, `${b.rows.length} rows shown${b.truncated ? ' (more not shown)' : ''} · ${counts}`), rowsTable(b.rows));
+  });
+  $('register').addEventListener('click', async () => {
+    const name = $('query-name').value.trim();
+    if (!name) { showResult('error', 'Give the query a name (letters, digits, _).'); return; }
+    const r = await apiJson('/v1/queries', { method: 'POST', body: JSON.stringify({ name, sql: sql() }) });
+    if (r.ok) { showResult('ok', `Đã đăng ký / registered: ${name} (${r.body?.state || ''})`); await refreshQueries(); }
+    else showResult('error', sqlError(r.body, r.status));
+  });
+}
+
+// ---------- start ----------
+
+async function start() {
+  legends();
+  $('token').value = token();
+  $('token-button').addEventListener('click', () => { $('token-form').hidden = !$('token-form').hidden; });
+  $('token-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    localStorage.setItem('urbanstream.token', $('token').value);
+    location.reload();
+  });
+  editor();
+  for (;;) {
+    const r = await apiJson('/v1/city/map');
+    if (r.ok) { state.map = r.body; break; }
+    setConnection('down', r.status === 401 ? 'API token needed' : 'map not available (' + r.status + ')');
+    await new Promise((res) => setTimeout(res, 2000));
+  }
+  drawMap(state.map);
+  streamCity();
+  if (await refreshQueries()) setInterval(refreshQueries, 3000);
+}
+
+document.addEventListener('DOMContentLoaded', start);

@@ -1,0 +1,270 @@
+//! The web console in a real browser: `urbanstream serve` (with an API token) beside the
+//! embedded broker, Debian's Chromium driven by playwright-core (`tests/browser/console.mjs`,
+//! both installed by `scripts/install-browser.sh`, which this runs when they are missing).
+//! The test writes indicator and alert records into the output topics and checks that the page
+//! follows: the map draws every reference segment coloured by its LOS, colours change when
+//! the LOS changes, an alert appears with its explanation (as text, never markup), and a query
+//! is validated, explained, registered and paused from the console. Screenshots of every step
+//! are kept in `target/test-artifacts/web-console/`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::{Value, json};
+use urbanstream::reference::ReferenceData;
+
+use common::{Api, broker, counts_query, free_port, serve, service_config, wait_until};
+
+const TOKEN: &str = "console-test-token";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Chromium and playwright-core, installed when missing.
+fn browser() -> anyhow::Result<()> {
+    let driver = root().join("tests/browser/node_modules/playwright-core/package.json");
+    if !(Path::new("/usr/bin/chromium").exists() && driver.exists()) {
+        let status = Command::new("bash")
+            .arg(root().join("scripts/install-browser.sh"))
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "Chromium or playwright-core could not be installed: run scripts/install-browser.sh"
+        );
+    }
+    Ok(())
+}
+
+fn produce(brokers: &str, topic: &str, records: &[(String, Value)]) -> anyhow::Result<()> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .create()?;
+    for (key, value) in records {
+        let payload = serde_json::to_vec(value)?;
+        producer
+            .send(BaseRecord::to(topic).key(key).payload(&payload))
+            .map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(10))?;
+    Ok(())
+}
+
+fn congestion(segment: &str, window_start: i64, los: &str) -> (String, Value) {
+    (
+        segment.to_string(),
+        json!({
+            "segment_id": segment, "window_start": window_start,
+            "window_end": window_start + 60_000, "vehicles": 40, "mean_speed_kmh": 31.5,
+            "motorbike_share": 0.8, "space_mean_speed_kmh": 30.2, "tti": 1.4, "los": los,
+        }),
+    )
+}
+
+#[test]
+fn the_console_shows_the_city_and_registers_a_query_in_a_real_browser() -> anyhow::Result<()> {
+    browser()?;
+    let dir = tempfile::tempdir()?;
+    let artifacts = root().join("target/test-artifacts/web-console");
+    std::fs::create_dir_all(&artifacts)?;
+    let (_broker, brokers) = broker(dir.path())?;
+    let reference = ReferenceData::embedded()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    let minute = now.div_euclid(60_000) * 60_000 - 120_000;
+    let hour = now.div_euclid(3_600_000) * 3_600_000;
+
+    // What the queries would have published before the service started: every segment at
+    // LOS A, and the hourly VN_AQI of every ward.
+    let rows: Vec<_> = reference
+        .segments
+        .iter()
+        .map(|s| congestion(&s.segment_id, minute, "A"))
+        .collect();
+    produce(&brokers, "city.indicators.congestion", &rows)?;
+    let wards: Vec<_> = reference
+        .wards
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let aqi = 40 + 15 * i as i64;
+            (
+                w.ward_id.clone(),
+                json!({
+                    "entity_id": w.ward_id, "scope": "ward", "period": "hour",
+                    "window_start": hour - 3_600_000, "window_end": hour, "aqi": aqi,
+                    "category": "Trung bình", "category_en": "Moderate",
+                    "dominant_pollutant": "pm25", "pm25_nowcast": 30.0, "readings": 12,
+                }),
+            )
+        })
+        .collect();
+    produce(&brokers, "city.indicators.air", &wards)?;
+
+    let port = free_port()?;
+    let config = service_config(
+        &brokers,
+        "web-console-test",
+        port,
+        &dir.path().join("catalog.json"),
+        &dir.path().join("checkpoints"),
+        "web",
+    )
+    .replace("[api]\n", &format!("[api]\ntoken = \"{TOKEN}\"\n"));
+    let config_file = dir.path().join("urbanstream.toml");
+    std::fs::write(&config_file, config)?;
+    let _service = serve(&config_file, &dir.path().join("service.log"))?;
+    let base = format!("http://127.0.0.1:{port}");
+    let api = Api::new()?;
+    api.wait_live(&base)?;
+
+    // The page is open; the data behind it needs the token.
+    let (page, unauthorized, authorized) = api.rt.block_on(async {
+        let page = api.client.get(format!("{base}/")).send().await?;
+        let page = (page.status().as_u16(), page.text().await?);
+        let unauthorized = api.client.get(format!("{base}/v1/city")).send().await?;
+        let authorized = api
+            .client
+            .get(format!("{base}/v1/city/map"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?;
+        anyhow::Ok((
+            page,
+            unauthorized.status().as_u16(),
+            authorized.json::<Value>().await?,
+        ))
+    })?;
+    assert_eq!(page.0, 200);
+    assert!(page.1.contains("/ui/app.js"));
+    assert_eq!(unauthorized, 401);
+    assert_eq!(
+        authorized["segments"].as_array().map(Vec::len),
+        Some(reference.segments.len())
+    );
+
+    let mut driver = Command::new("node")
+        .current_dir(root().join("tests/browser"))
+        .arg("console.mjs")
+        .arg(format!("{base}/"))
+        .arg(TOKEN)
+        .arg(&artifacts)
+        .arg(reference.segments.len().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut to_driver = driver.stdin.take().expect("stdin is piped");
+    let from_driver = driver.stdout.take().expect("stdout is piped");
+    let (lines, said) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from_driver).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let expect = |step: &str| -> anyhow::Result<()> {
+        let line = said
+            .recv_timeout(Duration::from_secs(120))
+            .map_err(|_| anyhow::anyhow!("the browser said nothing about {step}"))?;
+        anyhow::ensure!(
+            line == format!("ok {step}"),
+            "{line} (screenshots in {})",
+            artifacts.display()
+        );
+        Ok(())
+    };
+    let mut tell = |v: Value| -> anyhow::Result<()> {
+        writeln!(to_driver, "{v}")?;
+        to_driver.flush()?;
+        Ok(())
+    };
+
+    expect("map")?;
+
+    // Five segments fall to LOS F in the next minute.
+    let jammed: Vec<String> = reference
+        .segments
+        .iter()
+        .step_by(7)
+        .take(5)
+        .map(|s| s.segment_id.clone())
+        .collect();
+    let rows: Vec<_> = jammed
+        .iter()
+        .map(|s| congestion(s, minute + 60_000, "F"))
+        .collect();
+    produce(&brokers, "city.indicators.congestion", &rows)?;
+    tell(json!({ "step": "los", "segments": jammed }))?;
+    expect("los")?;
+
+    let message = "<b>Ngập</b> nước: 3 camera incident events (flood) in the minute";
+    produce(
+        &brokers,
+        "city.alerts",
+        &[(
+            jammed[0].clone(),
+            json!({
+                "alert_id": format!("incident:{}:web", jammed[0]), "state": "RAISED",
+                "kind": "incident", "entity_type": "segment", "entity_id": jammed[0],
+                "started_at": minute + 60_000, "severity": 4, "message": message,
+            }),
+        )],
+    )?;
+    tell(json!({
+        "step": "alert", "alert_id": format!("incident:{}:web", jammed[0]), "message": message,
+    }))?;
+    expect("alert")?;
+
+    tell(json!({
+        "step": "register", "name": "web_counts", "sql": counts_query("test.web.counts"),
+    }))?;
+    expect("register")?;
+    let status = || {
+        api.rt.block_on(async {
+            let r = api
+                .client
+                .get(format!("{base}/v1/queries/web_counts"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .ok()?;
+            r.json::<Value>().await.ok()
+        })
+    };
+    let registered = status().expect("the registered query's status");
+    assert_eq!(registered["name"], "web_counts");
+    assert!(
+        registered["sql"]
+            .as_str()
+            .is_some_and(|s| s.contains("test.web.counts"))
+    );
+
+    tell(json!({ "step": "pause", "name": "web_counts" }))?;
+    expect("pause")?;
+    wait_until("the query was not paused", || {
+        status().is_some_and(|s| s["state"] == "PAUSED")
+    })?;
+    let exit = driver.wait()?;
+    assert!(exit.success(), "the browser driver exited with {exit}");
+    for shot in [
+        "1-map.png",
+        "2-los-changed.png",
+        "3-alert.png",
+        "4-registered.png",
+        "5-paused.png",
+    ] {
+        let png = std::fs::read(artifacts.join(shot))?;
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{shot}");
+    }
+    Ok(())
+}
