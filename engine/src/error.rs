@@ -27,8 +27,9 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
-    /// Invalid configuration or command-line value. Permanent.
-    #[error("configuration: {0}")]
+    /// Invalid configuration, command-line value or request, or something that cannot be
+    /// done as asked; the message names the setting, flag or thing. Permanent.
+    #[error("{0}")]
     Config(String),
     /// Kafka client error (broker unreachable, request failed, ...). Often transient.
     #[error("kafka: {0}")]

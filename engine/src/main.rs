@@ -6,7 +6,19 @@ use urbanstream::cli::{Cli, Command, LogFormat, run};
 use urbanstream::service::config::{LogFormatConfig, ServiceConfig};
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    // An error is the user's to read: its message and causes, never a backtrace (a bug that
+    // panics still prints one under RUST_BACKTRACE).
+    match urbanstream_main().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn urbanstream_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // `serve` reads its log settings from its configuration; the command line wins.
     let serve_config = match &cli.command {

@@ -61,3 +61,35 @@ fn out_of_range_flags_are_refused_by_the_parser() {
         assert!(took < Duration::from_secs(5), "{args:?} took {took:?}");
     }
 }
+
+#[test]
+fn a_user_error_prints_its_message_and_no_backtrace() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let config = dir.path().join("urbanstream.toml");
+    std::fs::write(&config, "[kafka]\nbrokers = 42\n").expect("write the configuration");
+    let missing = dir.path().join("no-such-file.csv");
+    let missing = missing.to_str().expect("a UTF-8 path");
+    for args in [
+        vec!["serve", "--config", config.to_str().expect("a UTF-8 path")],
+        vec!["run", "--input", missing, "--query", "SELECT 1"],
+    ] {
+        let start = Instant::now();
+        let output = Command::new(env!("CARGO_BIN_EXE_urbanstream"))
+            .args(&args)
+            .env("RUST_BACKTRACE", "1")
+            .env("RUST_LIB_BACKTRACE", "1")
+            .output()
+            .expect("run urbanstream");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.lines().any(|l| l.starts_with("error: ")),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.to_lowercase().contains("backtrace") && !stderr.contains(" at /"),
+            "{args:?} printed a backtrace:\n{stderr}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(15));
+    }
+}
