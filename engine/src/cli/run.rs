@@ -57,13 +57,12 @@ pub struct RunArgs {
 
 /// Runs `args.query` over `args.input`.
 pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
-    let sql = std::fs::read_to_string(&args.query)
-        .map_err(|e| {
-            Error::Config(format!(
-                "--query {}: {e} (--query takes a file of SQL statements)",
-                args.query.display()
-            ))
-        })?;
+    let sql = std::fs::read_to_string(&args.query).map_err(|e| {
+        Error::Config(format!(
+            "--query {}: {e} (--query takes a file of SQL statements)",
+            args.query.display()
+        ))
+    })?;
     let reference = ReferenceTables::embedded()?;
     for spec in &args.reference {
         let (name, file) = spec.split_once('=').ok_or_else(|| {
