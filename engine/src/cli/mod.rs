@@ -348,6 +348,14 @@ pub struct TailArgs {
     /// directory registry): Confluent-framed Avro records are printed as JSON.
     #[arg(long, default_value = "urbanstream-data/registry")]
     pub registry: String,
+    /// Print each record's partition, offset, key and Kafka timestamp before it, and its
+    /// times (epoch-millisecond fields such as `event_time`, `window_start`, `started_at`) in
+    /// the display time zone.
+    #[arg(long)]
+    pub details: bool,
+    /// Time zone of `--details` (a UTC offset such as +07:00, or UTC); the city's by default.
+    #[arg(long, env = "URBANSTREAM_DISPLAY_TIME_ZONE", default_value = "+07:00")]
+    pub display_time_zone: crate::time::display::DisplayZone,
 }
 
 /// Options of `broker`.
@@ -652,21 +660,69 @@ async fn tail(args: TailArgs) -> Result<()> {
         };
         let message = message?;
         let payload = message.payload().unwrap_or_default();
+        let zone = args.display_time_zone;
+        if args.details {
+            println!(
+                "partition {} offset {} key {} timestamp {}",
+                message.partition(),
+                message.offset(),
+                message
+                    .key()
+                    .map_or_else(|| "-".into(), String::from_utf8_lossy),
+                message.timestamp().to_millis().map_or_else(
+                    || "-".to_string(),
+                    |ms| format!("{} {zone}", zone.format(ms))
+                ),
+            );
+        }
         // JSON never starts with a zero byte; Confluent-framed Avro always does.
-        if payload.first() == Some(&crate::decode::avro::MAGIC) {
+        let json = if payload.first() == Some(&crate::decode::avro::MAGIC) {
             let registry = registry.get_or_insert(replay::registry_at(&args.registry)?);
             match crate::decode::avro::avro_to_json(registry, payload).await {
-                Ok(json) => println!("{json}"),
-                Err(e) => println!("(Avro record at offset {}: {e})", message.offset()),
+                Ok(json) => Some(json),
+                Err(e) => {
+                    println!("(Avro record at offset {}: {e})", message.offset());
+                    None
+                }
             }
+        } else if args.details {
+            serde_json::from_slice::<serde_json::Value>(payload).ok()
         } else {
-            println!("{}", String::from_utf8_lossy(payload));
+            None
+        };
+        match json {
+            Some(mut json) => {
+                if args.details {
+                    show_times(&mut json, zone);
+                }
+                println!("{json}");
+            }
+            None if payload.first() == Some(&crate::decode::avro::MAGIC) => {}
+            None => println!("{}", String::from_utf8_lossy(payload)),
         }
         seen += 1;
         last = std::time::Instant::now();
     }
     eprintln!("{seen} records from {}", args.topic);
     Ok(())
+}
+
+/// Replaces the epoch-millisecond times of a record (fields named `*_time`, `*_at`,
+/// `window_start`, `window_end`, `*_ms`) with `YYYY-MM-DD HH:MM:SS UTC±hh:mm` in `zone`.
+fn show_times(record: &mut serde_json::Value, zone: crate::time::display::DisplayZone) {
+    let Some(fields) = record.as_object_mut() else {
+        return;
+    };
+    for (name, value) in fields.iter_mut() {
+        let is_time = name.ends_with("_time")
+            || name.ends_with("_at")
+            || name.ends_with("_ms")
+            || name == "window_start"
+            || name == "window_end";
+        if let Some(ms) = value.as_i64().filter(|_| is_time) {
+            *value = serde_json::Value::String(format!("{} {zone}", zone.format(ms)));
+        }
+    }
 }
 
 async fn broker(args: BrokerArgs) -> Result<()> {
@@ -696,6 +752,24 @@ async fn broker(args: BrokerArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn details_show_a_records_times_in_the_display_zone() {
+        let mut record = serde_json::json!({
+            "segment_id": "kim_ma_w", "window_start": 1_767_222_000_000_i64,
+            "event_time": 1_767_222_000_000_i64, "started_at": 1_767_222_060_000_i64,
+            "vehicles": 1_767_222_000_000_i64, "name_time": "already text",
+        });
+        super::show_times(&mut record, crate::time::display::DisplayZone::CITY);
+        assert_eq!(record["window_start"], "2026-01-01 06:00:00 UTC+07:00");
+        assert_eq!(record["event_time"], "2026-01-01 06:00:00 UTC+07:00");
+        assert_eq!(record["started_at"], "2026-01-01 06:01:00 UTC+07:00");
+        assert_eq!(
+            record["vehicles"], 1_767_222_000_000_i64,
+            "not a time field"
+        );
+        assert_eq!(record["name_time"], "already text");
+    }
+
     use super::*;
 
     #[test]

@@ -10,6 +10,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
+use crate::time::display::DisplayZone;
 
 /// The service a client command talks to.
 #[derive(Debug, Clone, Args)]
@@ -25,12 +26,23 @@ pub struct ServerArgs {
     /// Bearer token, when the service has one (`api.token`; changes need it).
     #[arg(long, global = true, env = "URBANSTREAM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Time zone times are shown in (a UTC offset such as +07:00, or UTC); the city's by
+    /// default.
+    #[arg(
+        long,
+        global = true,
+        env = "URBANSTREAM_DISPLAY_TIME_ZONE",
+        default_value = "+07:00"
+    )]
+    pub display_time_zone: DisplayZone,
 }
 
 impl ServerArgs {
     /// A client of this service.
     pub fn client(&self) -> Result<Client> {
-        Client::new(&self.server, self.token.clone())
+        let mut client = Client::new(&self.server, self.token.clone())?;
+        client.zone = self.display_time_zone;
+        Ok(client)
     }
 }
 
@@ -276,7 +288,7 @@ pub async fn run_table(args: TableArgs) -> Result<()> {
     }
     match &args.action {
         TableAction::List => print!("{}", tables_text(&answer)),
-        _ => print!("{}", table_details(&answer)),
+        _ => print!("{}", table_details(&answer, client.zone)),
     }
     Ok(())
 }
@@ -306,7 +318,7 @@ pub(super) fn tables_text(tables: &Value) -> String {
 }
 
 /// One table: its properties, then a column per line.
-pub(super) fn table_details(t: &Value) -> String {
+pub(super) fn table_details(t: &Value, zone: DisplayZone) -> String {
     let mut out = String::new();
     for key in [
         "name",
@@ -322,12 +334,12 @@ pub(super) fn table_details(t: &Value) -> String {
         "derived_from",
         "installed_ms",
     ] {
-        if !t[key].is_null() {
-            out.push_str(&format!(
-                "{key:<20} {}
-",
-                text(&t[key])
-            ));
+        if key == "installed_ms" {
+            if let Some(ms) = t[key].as_i64() {
+                out.push_str(&format!("{:<20} {}\n", "installed", shown(ms, zone)));
+            }
+        } else if !t[key].is_null() {
+            out.push_str(&format!("{key:<20} {}\n", text(&t[key])));
         }
     }
     let mut rows = vec![["COLUMN", "TYPE", "NULLABLE"].map(String::from)];
@@ -515,7 +527,7 @@ pub async fn run(args: QueryArgs) -> Result<()> {
             serde_json::to_string_pretty(&answer).unwrap_or_default()
         );
     } else {
-        print!("{}", render(&answer, &kind));
+        print!("{}", render(&answer, &kind, client.zone));
     }
     Ok(())
 }
@@ -544,6 +556,8 @@ pub struct Client {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// The time zone answers are shown in.
+    pub zone: DisplayZone,
 }
 
 impl Client {
@@ -559,7 +573,12 @@ impl Client {
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| Error::Api(e.to_string()))?;
-        Ok(Self { base, token, http })
+        Ok(Self {
+            base,
+            token,
+            http,
+            zone: DisplayZone::CITY,
+        })
     }
 
     /// Sends a request; the answer's JSON (null for 204), or the API's error message.
@@ -616,10 +635,13 @@ impl Client {
 }
 
 /// The answer as text.
-fn render(answer: &Value, kind: &Shown) -> String {
+fn render(answer: &Value, kind: &Shown, zone: DisplayZone) -> String {
     match kind {
-        Shown::List => table(answer.as_array().map(Vec::as_slice).unwrap_or_default()),
-        Shown::One => details(answer),
+        Shown::List => table(
+            answer.as_array().map(Vec::as_slice).unwrap_or_default(),
+            zone,
+        ),
+        Shown::One => details(answer, zone),
         Shown::Dropped(name) => format!("dropped {name}\n"),
         Shown::Preview => preview_text(answer),
         Shown::Validated => {
@@ -658,7 +680,8 @@ pub(super) fn text(v: &Value) -> String {
 }
 
 /// Every query, one row each, columns padded to their widest cell.
-pub(super) fn table(queries: &[Value]) -> String {
+pub(super) fn table(queries: &[Value], zone: DisplayZone) -> String {
+    let watermark = format!("WATERMARK ({zone})");
     let header = [
         "NAME",
         "STATE",
@@ -667,7 +690,7 @@ pub(super) fn table(queries: &[Value]) -> String {
         "LATE",
         "DLQ",
         "LAG",
-        "WATERMARK",
+        watermark.as_str(),
         "ERROR",
     ];
     let mut rows = vec![header.map(String::from)];
@@ -684,15 +707,22 @@ pub(super) fn table(queries: &[Value]) -> String {
             text(&q["late"]),
             text(&q["dlq"]),
             text(&q["consumer_lag"]),
-            text(&q["watermark"]),
+            q["watermark_ms"]
+                .as_i64()
+                .map_or_else(|| "-".to_string(), |ms| zone.format(ms)),
             error,
         ]);
     }
     aligned(&rows)
 }
 
+/// `2026-12-01 13:00:00 UTC+07:00`.
+fn shown(epoch_ms: i64, zone: DisplayZone) -> String {
+    format!("{} {zone}", zone.format(epoch_ms))
+}
+
 /// One query as `key: value` lines, then its SQL.
-fn details(q: &Value) -> String {
+fn details(q: &Value, zone: DisplayZone) -> String {
     let mut out = String::new();
     for key in [
         "name",
@@ -715,7 +745,30 @@ fn details(q: &Value) -> String {
         "restarts",
         "last_checkpoint",
     ] {
-        out.push_str(&format!("{key:<20} {}\n", text(&q[key])));
+        let value = match key {
+            "watermark" => q["watermark_ms"]
+                .as_i64()
+                .map_or_else(|| "-".to_string(), |ms| shown(ms, zone)),
+            "last_checkpoint" => match &q[key] {
+                Value::Null => "-".to_string(),
+                c => format!(
+                    "epoch {} {} at {}, {} bytes, took {} ms",
+                    text(&c["epoch"]),
+                    if c["restored"].as_bool() == Some(true) {
+                        "restored"
+                    } else {
+                        "written"
+                    },
+                    c["at_ms"]
+                        .as_i64()
+                        .map_or_else(|| "-".to_string(), |ms| shown(ms, zone)),
+                    text(&c["bytes"]),
+                    text(&c["duration_ms"]),
+                ),
+            },
+            _ => text(&q[key]),
+        };
+        out.push_str(&format!("{key:<20} {value}\n"));
     }
     out.push_str(&format!("sql:\n{}\n", text(&q["sql"]).trim_end()));
     out
@@ -729,13 +782,13 @@ mod tests {
     fn the_table_aligns_columns_and_shortens_errors() {
         let rows = vec![
             json!({"name": "a", "state": "RUNNING", "rows_in": 10, "rows_out": 2, "late": 0,
-                   "dlq": 1, "consumer_lag": 5, "watermark": "2026-11-22T00:00:00.000Z",
+                   "dlq": 1, "consumer_lag": 5, "watermark_ms": 1_763_769_600_000_i64,
                    "error": null}),
             json!({"name": "longer_name", "state": "FAILED", "rows_in": 0, "rows_out": 0,
                    "late": 0, "dlq": 0, "consumer_lag": null, "watermark": null,
                    "error": "x".repeat(100)}),
         ];
-        let out = table(&rows);
+        let out = table(&rows, DisplayZone::CITY);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 3);
         assert!(lines[0].starts_with("NAME         STATE"), "{out}");
@@ -745,6 +798,9 @@ mod tests {
             "{out}"
         );
         assert_eq!(lines[2].find("FAILED"), lines[0].find("STATE"));
+        // Midnight UTC is 07:00 in Hanoi, and the header says so.
+        assert!(lines[0].contains("WATERMARK (UTC+07:00)"), "{out}");
+        assert!(lines[1].contains("2025-11-22 07:00:00"), "{out}");
     }
 
     #[test]

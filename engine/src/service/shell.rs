@@ -204,6 +204,7 @@ async fn execute(client: &Client, session: &mut Session, statement: &str) -> Res
             let queries = client.call(Method::GET, "/v1/queries", None).await?;
             Ok(table(
                 queries.as_array().map(Vec::as_slice).unwrap_or_default(),
+                client.zone,
             ))
         }
         ["SHOW", "FUNCTIONS"] => {
@@ -220,6 +221,7 @@ async fn execute(client: &Client, session: &mut Session, statement: &str) -> Res
                 &client
                     .call(Method::GET, &format!("/v1/tables/{name}"), None)
                     .await?,
+                client.zone,
             ))
         }
         ["EXPLAIN", ..] => {
