@@ -204,20 +204,36 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ("  camera events", load(&stats.camera_events)),
         ("  detector readings", load(&stats.detector_readings)),
         ("  air readings", load(&stats.air_readings)),
-        ("indicators out", indicators.to_string()),
+        ("rows out, all outputs", indicators.to_string()),
         (
-            "indicators read back",
+            "  read back by the view",
             city.with(|v| v.received).unwrap_or(0).to_string(),
         ),
         ("DLQ records", load(&stats.dlq)),
-        ("late events", load(&stats.late)),
+        ("late records, per query", load(&stats.late)),
         (
             "final watermark",
-            hanoi_time(stats.watermark_ms.load(Ordering::Relaxed)),
+            format!(
+                "{} {}",
+                hanoi_time(stats.watermark_ms.load(Ordering::Relaxed)),
+                DisplayZone::CITY
+            ),
         ),
     ] {
-        println!("  {label:<24}{value:>12}");
+        println!("  {label:<28}{value:>12}");
     }
+    let produced = sim_stats.produced.load(Ordering::Relaxed);
+    let read = stats.records_in.load(Ordering::Relaxed);
+    if produced != read {
+        println!(
+            "  note: {} records produced were not read before the stop",
+            produced.saturating_sub(read)
+        );
+    }
+    println!(
+        "  note: the view reads back congestion, air and alerts (not the top-5 and travel-time \
+         topics); a late event is one record per query it was late for"
+    );
     if on_embedded {
         println!("  note: {}", crate::broker::LIMITS);
     }
