@@ -89,7 +89,7 @@ fn a_snapshot_names_entities_and_shows_times_in_the_display_zone() {
     let reference = ReferenceData::embedded().unwrap();
     let city = CityView::new(&reference, DisplayZone::CITY);
     let topics = Topics::default();
-    let mut changes = city.subscribe();
+    let changes = city.subscribe();
     // 2026-01-01 06:00 in Hanoi.
     let raised = br#"{"alert_id":"a1","state":"RAISED","kind":"incident",
         "entity_id":"kim_ma_w","started_at":1767222000000,"severity":3,"message":"m"}"#;

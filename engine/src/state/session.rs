@@ -1,9 +1,16 @@
 //! The session-window operator: per group key, events less than `gap` apart form one session.
 //!
-//! Each session holds its own DataFusion accumulators (one group each). An event joins every
-//! session of its key that it is within `gap` of, merging them (`state` → `merge_batch`); a
-//! session `[first event, last event + gap)` is emitted when the watermark reaches its end and
-//! freed when the watermark reaches end + allowed lateness. A late event within the allowed
+//! Every session is a group of one shared set of DataFusion `GroupsAccumulator`s, as a
+//! tumbling window's groups are: a batch is placed event by event (the key's sessions are
+//! looked up once per event and are nearly always one), then each aggregate is updated once
+//! for the whole batch. An event joins every session of its key that it is within `gap` of;
+//! sessions it bridges are merged by remembering the merged session's group, whose state is
+//! folded into the survivor's when the accumulators are next compacted. Compaction (drain
+//! every group's state, merge it back with each session's groups as one and the groups of
+//! freed sessions dropped) runs when sessions are evaluated for emission, when freed groups
+//! outnumber live ones, and for a checkpoint. A session `[first event, last event + gap)` is
+//! emitted when the watermark reaches its end and freed when the watermark reaches end +
+//! allowed lateness. A late event within the allowed
 //! lateness updates its session, which is re-emitted as a revision; if it moves the session's
 //! start, the session is emitted under its new `window_start` with revision 0.
 //!
@@ -25,7 +32,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, BinaryArray, BooleanArray, Int64Array, RecordBatch, StructArray,
     TimestampMillisecondArray, UInt32Array, UInt64Array, new_null_array,
 };
-use datafusion::arrow::compute::{cast, concat};
+use datafusion::arrow::compute::{cast, concat, take};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::{Result, internal_err};
@@ -39,7 +46,10 @@ use crate::checkpoint::{StateSnapshot, column, meta_field, table, typed};
 struct Session {
     start: i64,
     last: i64,
-    accumulators: Vec<Box<dyn GroupsAccumulator>>,
+    /// Its group in the shared accumulators.
+    slot: usize,
+    /// Groups of sessions merged into it since the last compaction.
+    merged: Vec<usize>,
     updated: u64,
     emitted_at: Option<u64>,
     final_fired: bool,
@@ -72,6 +82,13 @@ pub struct SessionOperator {
     /// Published rows no session stands for any more (merged into another, or moved to an
     /// earlier start), to retract at the next emission.
     retractions: Vec<SessionRow>,
+    /// The aggregates' state, one group per slot.
+    accumulators: Vec<Box<dyn GroupsAccumulator>>,
+    /// Groups the accumulators hold: live sessions' slots, slots merged into another
+    /// session, and slots of freed sessions, until the next compaction.
+    slots: usize,
+    /// Slots of freed sessions.
+    dead: usize,
 }
 
 impl SessionOperator {
@@ -91,6 +108,9 @@ impl SessionOperator {
         };
         Ok(Self {
             row_converter: RowConverter::new(fields)?,
+            accumulators: spec.new_accumulators()?,
+            slots: 0,
+            dead: 0,
             spec,
             gap,
             lateness_ms: lateness_ms.max(0),
@@ -118,91 +138,32 @@ impl WindowedAggregation for SessionOperator {
             filters,
         } = self.spec.inputs(batch)?;
         let rows = self.row_converter.convert_columns(&keys)?;
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by(|&a, &b| {
-            rows.row(a)
-                .cmp(&rows.row(b))
-                .then(times.value(a).cmp(&times.value(b)))
-        });
-        let step = self.step;
-        let gap = self.gap;
-        for i in order {
+        let mut groups = Vec::with_capacity(n);
+        let mut place = Placement {
+            gap: self.gap,
+            step: self.step,
+            slots: &mut self.slots,
+            retractions: &mut self.retractions,
+        };
+        for i in 0..n {
             let t = times.value(i);
             let key = rows.row(i);
-            if !self.keys.contains_key(key.as_ref()) {
-                self.keys.insert(key.as_ref().into(), Vec::new());
-            }
-            let fresh = self.spec.new_accumulators()?;
-            let Some(sessions) = self.keys.get_mut(key.as_ref()) else {
-                continue;
-            };
-            let touching: Vec<usize> = sessions
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.start - gap <= t && t <= s.last + gap)
-                .map(|(j, _)| j)
-                .collect();
-            let target = match touching.first() {
+            let slot = match self.keys.get_mut(key.as_ref()) {
+                Some(sessions) => place.event(sessions, key.as_ref(), t),
                 None => {
-                    sessions.push(Session {
-                        start: t,
-                        last: t,
-                        accumulators: fresh,
-                        updated: step,
-                        emitted_at: None,
-                        final_fired: false,
-                        revisions: 0,
-                        published: None,
-                    });
-                    sessions.len() - 1
-                }
-                Some(&first) => {
-                    // Merge every other touched session into the first (latest first, so the
-                    // indices stay valid).
-                    for &j in touching[1..].iter().rev() {
-                        let mut other = sessions.remove(j);
-                        if let Some(p) = other.published.take() {
-                            self.retractions.push(retraction(key.as_ref(), p));
-                        }
-                        let s = &mut sessions[first];
-                        for (acc, other_acc) in
-                            s.accumulators.iter_mut().zip(other.accumulators.iter_mut())
-                        {
-                            let state = other_acc.state(EmitTo::All)?;
-                            acc.merge_batch(&state, &[0], 1)?;
-                        }
-                        s.last = s.last.max(other.last);
-                        s.final_fired = false;
-                    }
-                    first
+                    let mut sessions = Vec::with_capacity(1);
+                    let slot = place.event(&mut sessions, key.as_ref(), t);
+                    self.keys.insert(key.as_ref().into(), sessions);
+                    slot
                 }
             };
-            let s = &mut sessions[target];
-            if t < s.start {
-                // The session now starts earlier: it is a new window for consumers, and the
-                // row published under the old start is withdrawn.
-                if let Some(p) = s.published.take() {
-                    self.retractions.push(retraction(key.as_ref(), p));
-                }
-                s.start = t;
-                s.revisions = 0;
-                s.final_fired = false;
-            }
-            if t > s.last {
-                // The session now ends later: it closes again.
-                s.final_fired = false;
-                s.last = t;
-            }
-            s.updated = step;
-            for (a, acc) in s.accumulators.iter_mut().enumerate() {
-                let row_args: Vec<ArrayRef> = args[a].iter().map(|c| c.slice(i, 1)).collect();
-                let filter = filters[a].as_ref().map(|f| f.slice(i, 1));
-                let filter = filter
-                    .as_ref()
-                    .and_then(|f| f.as_any().downcast_ref::<BooleanArray>());
-                acc.update_batch(&row_args, &[0], filter, 1)?;
-            }
-            sessions.sort_by_key(|s| s.start);
+            groups.push(slot);
+        }
+        for (a, acc) in self.accumulators.iter_mut().enumerate() {
+            let filter = filters[a]
+                .as_ref()
+                .and_then(|f| f.as_any().downcast_ref::<BooleanArray>());
+            acc.update_batch(&args[a], &groups, filter, self.slots)?;
         }
         Ok(())
     }
@@ -212,8 +173,10 @@ impl WindowedAggregation for SessionOperator {
         let mut finals: Vec<SessionRow> = Vec::new();
         let mut partials: Vec<SessionRow> = Vec::new();
         let step = self.step;
-        for (key, sessions) in self.keys.iter_mut() {
-            for s in sessions.iter_mut() {
+        // The sessions to emit, by key and position, and whether finally.
+        let mut due: Vec<(Box<[u8]>, usize, bool)> = Vec::new();
+        for (key, sessions) in self.keys.iter() {
+            for (j, s) in sessions.iter().enumerate() {
                 let end = s.last + self.gap;
                 let changed = s.updated > s.emitted_at.unwrap_or(0);
                 let (emit, is_final) = if !s.final_fired && end <= self.watermark {
@@ -223,17 +186,36 @@ impl WindowedAggregation for SessionOperator {
                 } else {
                     (early_fire && changed, false)
                 };
-                if !emit {
-                    continue;
+                if emit {
+                    due.push((key.clone(), j, is_final));
                 }
-                let values = evaluate(s, &self.spec)?;
+            }
+        }
+        if !due.is_empty() {
+            // Compaction leaves one slot per session: the due sessions' slots, after it.
+            let compacted = self.compact()?;
+            let due: Vec<(Box<[u8]>, usize, bool, usize)> = due
+                .into_iter()
+                .filter_map(|(key, j, is_final)| {
+                    let slot = self.keys.get(&key)?.get(j)?.slot;
+                    Some((key, j, is_final, slot))
+                })
+                .collect();
+            let slots: Vec<usize> = due.iter().map(|d| d.3).collect();
+            let values = self.values_of(&compacted, &slots)?;
+            for (r, (key, j, is_final, _)) in due.into_iter().enumerate() {
+                let Some(s) = self.keys.get_mut(&key).and_then(|s| s.get_mut(j)) else {
+                    continue;
+                };
+                let end = s.last + self.gap;
+                let row_values: Vec<ArrayRef> = values.iter().map(|v| v.slice(r, 1)).collect();
                 s.published = Some(Published {
                     start: s.start,
                     end,
-                    values: values.clone(),
+                    values: row_values.clone(),
                     revisions: s.revisions + 1,
                 });
-                let row = (key.clone(), s.start, end, values, s.revisions);
+                let row = (key, s.start, end, row_values, s.revisions);
                 s.revisions += 1;
                 s.emitted_at = Some(step);
                 if is_final {
@@ -261,10 +243,21 @@ impl WindowedAggregation for SessionOperator {
         let frontier = self.watermark.saturating_sub(self.lateness_ms);
         self.late_frontier = frontier;
         let gap = self.gap;
+        let mut freed = 0;
         for sessions in self.keys.values_mut() {
-            sessions.retain(|s| !(s.final_fired && s.last + gap <= frontier));
+            sessions.retain(|s| {
+                let keep = !(s.final_fired && s.last + gap <= frontier);
+                if !keep {
+                    freed += 1 + s.merged.len();
+                }
+                keep
+            });
         }
         self.keys.retain(|_, s| !s.is_empty());
+        self.dead += freed;
+        if self.dead > 1024 && self.dead > self.slots - self.dead {
+            self.compact()?;
+        }
         let oldest_live = self.keys.values().flatten().map(|s| s.start).min();
         self.evicted_through = match oldest_live {
             Some(start) => frontier.min(start.saturating_add(gap) - 1),
@@ -329,13 +322,9 @@ impl WindowedAggregation for SessionOperator {
     fn state_bytes(&self) -> usize {
         self.keys
             .iter()
-            .map(|(k, s)| {
-                k.len()
-                    + s.iter()
-                        .map(|s| s.accumulators.iter().map(|a| a.size()).sum::<usize>())
-                        .sum::<usize>()
-            })
-            .sum()
+            .map(|(k, s)| k.len() + s.len() * std::mem::size_of::<Session>())
+            .sum::<usize>()
+            + self.accumulators.iter().map(|a| a.size()).sum::<usize>()
     }
 
     fn window_count(&self) -> usize {
@@ -351,9 +340,12 @@ impl WindowedAggregation for SessionOperator {
         let (mut pub_starts, mut pub_ends, mut pub_revisions) = (vec![], vec![], vec![]);
         let value_types = self.value_types();
         let mut pub_values: Vec<Vec<ArrayRef>> = vec![Vec::new(); value_types.len()];
-        let mut states: Vec<Vec<Vec<ArrayRef>>> = vec![Vec::new(); self.spec.aggregates.len()];
-        for (key, sessions) in self.keys.iter_mut() {
-            for s in sessions.iter_mut() {
+        // One slot per session, then each session's state row in the order they are listed.
+        let compacted = self.compact()?;
+        let mut order: Vec<u32> = Vec::new();
+        for (key, sessions) in self.keys.iter() {
+            for s in sessions.iter() {
+                order.push(u32::try_from(s.slot).unwrap_or(u32::MAX));
                 keys.push(key.as_ref());
                 starts.push(s.start);
                 lasts.push(s.last);
@@ -370,13 +362,9 @@ impl WindowedAggregation for SessionOperator {
                         None => new_null_array(dt, 1),
                     });
                 }
-                for (a, acc) in s.accumulators.iter_mut().enumerate() {
-                    let state = acc.state(EmitTo::All)?;
-                    acc.merge_batch(&state, &[0], 1)?;
-                    states[a].push(state);
-                }
             }
         }
+        let order = UInt32Array::from(order);
         let mut out = StateSnapshot::default();
         let mut state_columns = Vec::new();
         if !keys.is_empty() {
@@ -402,13 +390,10 @@ impl WindowedAggregation for SessionOperator {
                 let parts: Vec<&dyn Array> = values.iter().map(|v| v.as_ref()).collect();
                 columns.push((format!("published{a}"), concat(&parts)?));
             }
-            for (a, per_session) in states.iter().enumerate() {
-                let width = per_session.first().map_or(0, Vec::len);
-                state_columns.push(width);
-                for j in 0..width {
-                    let parts: Vec<&dyn Array> =
-                        per_session.iter().map(|s| s[j].as_ref()).collect();
-                    columns.push((format!("state{a}_{j}"), concat(&parts)?));
+            for (a, state) in compacted.iter().enumerate() {
+                state_columns.push(state.len());
+                for (j, column) in state.iter().enumerate() {
+                    columns.push((format!("state{a}_{j}"), take(column, &order, None)?));
                 }
             }
             out.tables.insert("sessions".into(), table(columns)?);
@@ -431,6 +416,9 @@ impl WindowedAggregation for SessionOperator {
         self.step = meta_field(meta, "step")?;
         let state_columns: Vec<usize> = meta_field(meta, "state_columns")?;
         self.keys.clear();
+        self.accumulators = self.spec.new_accumulators()?;
+        self.slots = 0;
+        self.dead = 0;
         let Some(t) = snapshot.tables.get("sessions") else {
             return Ok(());
         };
@@ -461,21 +449,25 @@ impl WindowedAggregation for SessionOperator {
             )),
             None => None,
         };
-        for r in 0..t.num_rows() {
-            let mut accumulators = self.spec.new_accumulators()?;
-            for (a, acc) in accumulators.iter_mut().enumerate() {
-                let state: Vec<ArrayRef> = (0..state_columns[a])
-                    .map(|j| column(t, &format!("state{a}_{j}")).map(|c| c.slice(r, 1)))
-                    .collect::<crate::Result<_>>()?;
-                acc.merge_batch(&state, &[0], 1)?;
-            }
+        // Session r is group r.
+        let rows = t.num_rows();
+        let groups: Vec<usize> = (0..rows).collect();
+        for (a, acc) in self.accumulators.iter_mut().enumerate() {
+            let state: Vec<ArrayRef> = (0..state_columns[a])
+                .map(|j| column(t, &format!("state{a}_{j}")).cloned())
+                .collect::<crate::Result<_>>()?;
+            acc.merge_batch(&state, &groups, rows)?;
+        }
+        self.slots = rows;
+        for r in 0..rows {
             self.keys
                 .entry(keys.value(r).into())
                 .or_default()
                 .push(Session {
                     start: starts.value(r),
                     last: lasts.value(r),
-                    accumulators,
+                    slot: r,
+                    merged: Vec::new(),
                     updated: updated.value(r),
                     emitted_at: (!emitted.is_null(r)).then(|| emitted.value(r)),
                     final_fired: fired.value(r),
@@ -506,17 +498,161 @@ fn retraction(key: &[u8], p: Published) -> SessionRow {
     (key.into(), p.start, p.end, p.values, p.revisions)
 }
 
-/// The session's aggregate values (one row each), leaving its state as it was.
-fn evaluate(session: &mut Session, spec: &AggregateSpec) -> Result<Vec<ArrayRef>> {
-    let mut fresh = spec.new_accumulators()?;
-    let mut out = Vec::with_capacity(fresh.len());
-    for (acc, copy) in session.accumulators.iter_mut().zip(fresh.iter_mut()) {
-        let state = acc.state(EmitTo::All)?;
-        acc.merge_batch(&state, &[0], 1)?;
-        copy.merge_batch(&state, &[0], 1)?;
-        out.push(copy.evaluate(EmitTo::All)?);
+/// Where the events of a batch go: the key's session they fall into, created or merged as
+/// needed.
+struct Placement<'a> {
+    gap: i64,
+    step: u64,
+    slots: &'a mut usize,
+    retractions: &'a mut Vec<SessionRow>,
+}
+
+impl Placement<'_> {
+    /// Places the event at `t` among `sessions` (one key's, ordered by start, never within
+    /// `gap` of each other); the slot it updates.
+    fn event(&mut self, sessions: &mut Vec<Session>, key: &[u8], t: i64) -> usize {
+        let gap = self.gap;
+        let touches = |s: &Session| s.start - gap <= t && t <= s.last + gap;
+        // Sessions are more than `gap` apart, so an event touches at most two, neighbours;
+        // nearly always it is the key's latest.
+        let first = match sessions.last() {
+            Some(s) if touches(s) => {
+                let j = sessions.len() - 1;
+                if j > 0 && touches(&sessions[j - 1]) {
+                    Some(j - 1)
+                } else {
+                    Some(j)
+                }
+            }
+            _ => sessions.iter().position(touches),
+        };
+        let target = match first {
+            None => {
+                let at = sessions.partition_point(|s| s.start < t);
+                sessions.insert(
+                    at,
+                    Session {
+                        start: t,
+                        last: t,
+                        slot: *self.slots,
+                        merged: Vec::new(),
+                        updated: self.step,
+                        emitted_at: None,
+                        final_fired: false,
+                        revisions: 0,
+                        published: None,
+                    },
+                );
+                *self.slots += 1;
+                return sessions[at].slot;
+            }
+            Some(j) => {
+                if j + 1 < sessions.len() && touches(&sessions[j + 1]) {
+                    // The event bridges two sessions: the later one merges into the first.
+                    let mut other = sessions.remove(j + 1);
+                    if let Some(p) = other.published.take() {
+                        self.retractions.push(retraction(key, p));
+                    }
+                    let s = &mut sessions[j];
+                    s.merged.push(other.slot);
+                    s.merged.append(&mut other.merged);
+                    s.last = s.last.max(other.last);
+                    s.final_fired = false;
+                }
+                j
+            }
+        };
+        let s = &mut sessions[target];
+        if t < s.start {
+            // The session now starts earlier: it is a new window for consumers, and the row
+            // published under the old start is withdrawn.
+            if let Some(p) = s.published.take() {
+                self.retractions.push(retraction(key, p));
+            }
+            s.start = t;
+            s.revisions = 0;
+            s.final_fired = false;
+        }
+        if t > s.last {
+            // The session now ends later: it closes again.
+            s.final_fired = false;
+            s.last = t;
+        }
+        s.updated = self.step;
+        s.slot
     }
-    Ok(out)
+}
+
+impl SessionOperator {
+    /// Drains every group's state and merges it back with each session's slots (its own and
+    /// those merged into it) as one new slot, in the order the sessions are listed, and the
+    /// slots of freed sessions dropped. Returns the compacted state columns of each
+    /// aggregate (one row per session, at its new slot).
+    fn compact(&mut self) -> Result<Vec<Vec<ArrayRef>>> {
+        let mut keep: Vec<u32> = Vec::with_capacity(self.slots - self.dead);
+        let mut into: Vec<usize> = Vec::with_capacity(self.slots - self.dead);
+        let mut live = 0;
+        for s in self.keys.values_mut().flatten() {
+            for old in std::iter::once(s.slot).chain(s.merged.drain(..)) {
+                keep.push(u32::try_from(old).unwrap_or(u32::MAX));
+                into.push(live);
+            }
+            s.slot = live;
+            live += 1;
+        }
+        let mut fresh = self.spec.new_accumulators()?;
+        if live == 0 {
+            // Nothing to keep (and an accumulator holding no group may have no state
+            // columns to drain).
+            self.accumulators = fresh;
+            self.slots = 0;
+            self.dead = 0;
+            return Ok(vec![Vec::new(); self.accumulators.len()]);
+        }
+        let keep = UInt32Array::from(keep);
+        let mut compacted = Vec::with_capacity(self.accumulators.len());
+        for (acc, new) in self.accumulators.iter_mut().zip(fresh.iter_mut()) {
+            let state = acc.state(EmitTo::All)?;
+            let kept = state
+                .iter()
+                .map(|c| take(c, &keep, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            new.merge_batch(&kept, &into, live)?;
+            if keep.len() == live {
+                // No merged slots: the kept rows are the sessions' states, in order.
+                compacted.push(kept);
+            } else {
+                // One row per session: its state after the merge (merged sessions combined).
+                let merged = new.state(EmitTo::All)?;
+                new.merge_batch(&merged, &(0..live).collect::<Vec<_>>(), live)?;
+                compacted.push(merged);
+            }
+        }
+        self.accumulators = fresh;
+        self.slots = live;
+        self.dead = 0;
+        Ok(compacted)
+    }
+
+    /// The aggregates' values of `slots` (one row per slot, in order) from `compacted`, the
+    /// state [`SessionOperator::compact`] returned.
+    fn values_of(&self, compacted: &[Vec<ArrayRef>], slots: &[usize]) -> Result<Vec<ArrayRef>> {
+        let picked = UInt32Array::from_iter_values(
+            slots.iter().map(|s| u32::try_from(*s).unwrap_or(u32::MAX)),
+        );
+        let rows: Vec<usize> = (0..slots.len()).collect();
+        let mut out = Vec::with_capacity(self.accumulators.len());
+        let mut copies = self.spec.new_accumulators()?;
+        for (state, copy) in compacted.iter().zip(copies.iter_mut()) {
+            let picked = state
+                .iter()
+                .map(|c| take(c, &picked, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            copy.merge_batch(&picked, &rows, slots.len())?;
+            out.push(copy.evaluate(EmitTo::All)?);
+        }
+        Ok(out)
+    }
 }
 
 impl SessionOperator {
