@@ -24,7 +24,7 @@ const AQI = [
 const SVG = 'http://www.w3.org/2000/svg';
 const $ = (id) => document.getElementById(id);
 
-const state = { map: null, snapshot: null, offsetMinutes: 420, zone: 'UTC+07:00', hasConsole: false };
+const state = { map: null, snapshot: null, offsetMinutes: 420, zone: 'UTC+07:00', hasConsole: false, seen: new Map() };
 
 // ---------- API ----------
 
@@ -266,6 +266,15 @@ async function refreshQueries() {
   $('console').hidden = false;
   state.hasConsole = true;
   const tbody = $('queries').tBodies[0];
+  const now = performance.now();
+  // Rates from the counts of the previous poll.
+  const rate = (q, field) => {
+    const before = state.seen.get(q.name);
+    if (!before || now <= before.at || q[field] < before[field]) return '-';
+    return ((q[field] - before[field]) * 1000 / (now - before.at)).toFixed(0) + '/s';
+  };
+  const rates = new Map(body.map((q) => [q.name, [rate(q, 'rows_in'), rate(q, 'rows_out')]]));
+  state.seen = new Map(body.map((q) => [q.name, { at: now, rows_in: q.rows_in, rows_out: q.rows_out }]));
   tbody.replaceChildren(...body.map((q) => {
     const action = q.state === 'PAUSED' ? 'resume' : 'pause';
     const button = el('button', { type: 'button', 'data-action': action, 'data-query': q.name }, action === 'pause' ? 'Pause' : 'Resume');
@@ -278,8 +287,8 @@ async function refreshQueries() {
     return el('tr', { 'data-query': q.name },
       el('td', {}, q.name + (q.builtin ? ' (built-in)' : '')),
       el('td', { class: 'state-' + q.state, title: q.error || '' }, q.state),
-      el('td', { class: 'num' }, q.rows_in),
-      el('td', { class: 'num' }, q.rows_out),
+      el('td', { class: 'num' }, `${q.rows_in} (${rates.get(q.name)[0]})`),
+      el('td', { class: 'num' }, `${q.rows_out} (${rates.get(q.name)[1]})`),
       el('td', {}, showTime(q.watermark_ms)),
       el('td', { class: 'num' }, duration(q.watermark_lag_ms)),
       el('td', { class: 'num' }, `${q.state_groups} groups · ${bytes(q.state_bytes)}`),
