@@ -268,3 +268,53 @@ fn the_console_shows_the_city_and_registers_a_query_in_a_real_browser() -> anyho
     }
     Ok(())
 }
+
+/// The demo serves the city view (no query console: it runs no service) and says where.
+#[test]
+fn the_demo_serves_the_city_map_where_it_says() -> anyhow::Result<()> {
+    let mut demo = Command::new(common::BIN)
+        .args(["demo", "--duration", "60s", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = demo.stdout.take().expect("stdout is piped");
+    // Killed when the test ends, passed or not.
+    let _demo = common::Process(demo);
+    let (lines, said) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let address = loop {
+        let line = said
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| anyhow::anyhow!("the demo did not say where its console is"))?;
+        if let Some(url) = line.strip_prefix("web console and city map: ") {
+            break url.trim_end_matches('/').to_string();
+        }
+    };
+    let api = Api::new()?;
+    let get = |path: &str| {
+        api.rt.block_on(async {
+            let r = api.client.get(format!("{address}{path}")).send().await?;
+            anyhow::Ok((r.status().as_u16(), r.text().await?))
+        })
+    };
+    let (status, page) = get("/")?;
+    assert_eq!(status, 200);
+    assert!(page.contains("/ui/app.js"));
+    assert_eq!(get("/v1/queries")?.0, 404, "the demo has no query console");
+    wait_until("the demo's view showed no segment", || {
+        get("/v1/city").is_ok_and(|(_, body)| {
+            serde_json::from_str::<Value>(&body).is_ok_and(|v| {
+                v["congestion"]["segments"]
+                    .as_object()
+                    .is_some_and(|s| !s.is_empty())
+            })
+        })
+    })?;
+    Ok(())
+}

@@ -111,6 +111,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
     let started = Instant::now();
     let terminal = std::io::stdout().is_terminal();
+    if let (Some(address), false) = (web, terminal) {
+        println!("web console and city map: http://{address}/");
+    }
     let every = if terminal {
         Duration::from_secs(1)
     } else {
