@@ -318,3 +318,64 @@ fn the_demo_serves_the_city_map_where_it_says() -> anyhow::Result<()> {
     })?;
     Ok(())
 }
+
+/// A console tab left open (an event stream) does not hold `serve` back from a graceful stop.
+#[test]
+fn an_open_console_does_not_hold_a_graceful_stop_back() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_broker, brokers) = broker(dir.path())?;
+    let port = free_port()?;
+    let config = service_config(
+        &brokers,
+        "web-console-stop",
+        port,
+        &dir.path().join("catalog.json"),
+        &dir.path().join("checkpoints"),
+        "stop",
+    );
+    let config_file = dir.path().join("urbanstream.toml");
+    std::fs::write(&config_file, config)?;
+    let mut service = serve(&config_file, &dir.path().join("service.log"))?;
+    let base = format!("http://127.0.0.1:{port}");
+    let api = Api::new()?;
+    api.wait_live(&base)?;
+    let stopped = api.rt.block_on(async {
+        let mut events = api
+            .client
+            .get(format!("{base}/v1/city/events"))
+            .send()
+            .await?;
+        let first = events.chunk().await?.unwrap_or_default();
+        anyhow::ensure!(
+            String::from_utf8_lossy(&first).contains("event: snapshot"),
+            "no snapshot first"
+        );
+        let pid = service.0.id().to_string();
+        anyhow::ensure!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()?
+                .success()
+        );
+        // The stream ends as the service stops.
+        let ended = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Ok(Some(_)) = events.chunk().await {}
+        })
+        .await;
+        anyhow::Ok(ended.is_ok())
+    })?;
+    assert!(stopped, "the event stream stayed open after SIGTERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = service.0.try_wait()? {
+            assert!(status.success(), "serve exited with {status}");
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "serve did not stop within 30 s of SIGTERM with a console open"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}

@@ -206,6 +206,9 @@ impl View {
 pub struct CityView {
     view: Mutex<View>,
     version: watch::Sender<u64>,
+    /// Set when the process stops: event streams end so that a graceful shutdown does not
+    /// wait for open browser tabs.
+    closing: watch::Sender<bool>,
     map: Value,
     names: HashMap<String, String>,
     zone: DisplayZone,
@@ -228,6 +231,7 @@ impl CityView {
         Arc::new(Self {
             view: Mutex::new(View::default()),
             version: watch::Sender::new(0),
+            closing: watch::Sender::new(false),
             map: map_of(reference),
             names,
             zone,
@@ -320,6 +324,11 @@ impl CityView {
         .unwrap_or_else(|| json!({ "version": version }))
     }
 
+    /// Ends every event stream (now and later): the process is stopping.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
     /// A receiver that sees every new version.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
@@ -389,16 +398,43 @@ fn linestring(wkt: &str) -> Vec<[f64; 2]> {
 /// after the start) from their beginning. Avro records are read through `registry`.
 pub async fn read_outputs(
     view: Arc<CityView>,
-    mut client: ClientConfig,
+    client: ClientConfig,
     topics: Topics,
     registry: Option<Arc<Registry>>,
     stop: Arc<AtomicBool>,
+) {
+    // A failed client is made again: the view must not freeze while the page looks live.
+    while !stop.load(Ordering::Relaxed) {
+        let read = read_with_one_client(&view, client.clone(), &topics, &registry, &stop);
+        match read.await {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(error = %e, "the web console's reader of the output topics failed; again in 5 s");
+                for _ in 0..50 {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn read_with_one_client(
+    view: &CityView,
+    mut client: ClientConfig,
+    topics: &Topics,
+    registry: &Option<Arc<Registry>>,
+    stop: &AtomicBool,
 ) -> Result<()> {
     let consumer: Arc<StreamConsumer> = Arc::new(
         client
             .set("group.id", "urbanstream-dashboard")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
+            // A tail past a log start trimmed by retention starts at the log start.
+            .set("auto.offset.reset", "earliest")
             .create()?,
     );
     let wanted = [
@@ -466,16 +502,16 @@ pub async fn read_outputs(
             continue;
         };
         if payload.first() == Some(&MAGIC)
-            && let Some(registry) = &registry
+            && let Some(registry) = registry
         {
             match avro_to_json(registry, payload).await {
                 Ok(json) => {
-                    view.take(message.topic(), &topics, json.to_string().as_bytes());
+                    view.take(message.topic(), topics, json.to_string().as_bytes());
                 }
                 Err(e) => debug!(error = %e, topic = message.topic(), "dashboard: unreadable"),
             }
         } else {
-            view.take(message.topic(), &topics, payload);
+            view.take(message.topic(), topics, payload);
         }
     }
     Ok(())
@@ -541,18 +577,28 @@ async fn events(
     State(view): State<Arc<CityView>>,
 ) -> Sse<impl futures::Stream<Item = std::result::Result<Event, Infallible>>> {
     let changes = view.subscribe();
+    let closing = view.closing.subscribe();
     let stream = futures::stream::unfold(
-        (view, changes, true),
-        |(view, mut changes, first)| async move {
+        (view, changes, closing, true),
+        |(view, mut changes, mut closing, first)| async move {
+            if *closing.borrow() {
+                return None;
+            }
             if !first {
-                tokio::time::sleep(EVENT_EVERY).await;
-                changes.changed().await.ok()?;
+                let next = async {
+                    tokio::time::sleep(EVENT_EVERY).await;
+                    changes.changed().await
+                };
+                tokio::select! {
+                    changed = next => changed.ok()?,
+                    _ = closing.wait_for(|closed| *closed) => return None,
+                }
             }
             changes.mark_unchanged();
             let event = Event::default()
                 .event("snapshot")
                 .data(view.snapshot().to_string());
-            Some((Ok(event), (view, changes, false)))
+            Some((Ok(event), (view, changes, closing, false)))
         },
     );
     Sse::new(stream).keep_alive(KeepAlive::default())

@@ -24,8 +24,10 @@
 //! Errors are JSON `{"message": …}` (with `"position": {"line", "column"}` for SQL the parser
 //! refused): 400 bad request, 401 missing or wrong token, 404 unknown query or path, 405, 409
 //! duplicate name / query limit / dropping a built-in query, 413 body over `api.max_body`, 415
-//! not JSON, 500. With `api.token` set, every path but `/livez` needs
-//! `Authorization: Bearer <token>`.
+//! not JSON, 500. With `api.token` set, every path but `/livez` and the console's page and
+//! assets (`/`, `/ui/*`) needs `Authorization: Bearer <token>`. A change (any method but GET)
+//! sent by a page of another origin is refused (403), token or not, and an API listening on
+//! the loopback answers only requests for a loopback host (no DNS rebinding).
 
 use std::sync::Arc;
 
@@ -94,6 +96,53 @@ pub fn router(service: Arc<Service>) -> Router {
         })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(service)
+}
+
+/// Why a request that a web page may have sent on a visitor's behalf is refused, if it is:
+/// a change (not GET or HEAD) from another origin (`Origin` other than the `Host` asked, or
+/// `Sec-Fetch-Site` other than same-origin or none), or any request naming a host other than
+/// the loopback when the API listens there (a DNS-rebinding page). Programs such as the CLI
+/// and curl send neither header and are not refused.
+fn foreign(
+    headers: &HeaderMap,
+    method: &axum::http::Method,
+    listen: std::net::SocketAddr,
+) -> Option<&'static str> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let host = header("host");
+    if listen.ip().is_loopback()
+        && let Some(host) = host
+    {
+        let name = host
+            .rsplit_once(':')
+            .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+            .map_or(host, |(name, _)| name);
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        let loopback = name.eq_ignore_ascii_case("localhost")
+            || name
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            return Some(
+                "this API listens on the loopback and answers only requests for localhost or                  127.0.0.1 (the Host header names another host)",
+            );
+        }
+    }
+    let changes = !matches!(*method, axum::http::Method::GET | axum::http::Method::HEAD);
+    if !changes {
+        return None;
+    }
+    let cross_site = header("sec-fetch-site").is_some_and(|s| s != "same-origin" && s != "none");
+    let other_origin = header("origin").is_some_and(|origin| {
+        let authority = origin
+            .split_once("://")
+            .map_or(origin, |(_, rest)| rest)
+            .trim_end_matches('/');
+        host.is_none_or(|h| !h.eq_ignore_ascii_case(authority))
+    });
+    (cross_site || other_origin).then_some(
+        "a change requested by a page of another origin is refused (use the console served by          this API, the CLI, or a client that sends no Origin header)",
+    )
 }
 
 /// An error response: a status and `{"message": …}`.
@@ -167,6 +216,9 @@ async fn authorize(
     next: Next,
 ) -> Response {
     let api = &service.config.api;
+    if let Some(why) = foreign(&headers, request.method(), api.listen) {
+        return ApiError::new(StatusCode::FORBIDDEN, why).into_response();
+    }
     if api.token.is_empty() && api.read_token.is_empty() {
         return next.run(request).await;
     }
@@ -409,4 +461,107 @@ async fn restart(
     Path(name): Path<String>,
 ) -> Result<Json<QueryStatus>, ApiError> {
     Ok(Json(service.manager.restart(&name).await?))
+}
+
+#[cfg(test)]
+mod foreign_requests {
+    use axum::http::{HeaderMap, HeaderValue, Method};
+
+    use super::foreign;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn pages_of_other_origins_cannot_change_anything() {
+        let loopback = "127.0.0.1:8080".parse().unwrap();
+        let public = "0.0.0.0:8080".parse().unwrap();
+        let host = ("host", "127.0.0.1:8080");
+        for (method, pairs, listen, refused) in [
+            // The CLI and curl: no Origin, no Sec-Fetch-Site.
+            (Method::POST, vec![host], loopback, false),
+            (Method::POST, vec![], loopback, false),
+            // The console itself.
+            (
+                Method::POST,
+                vec![
+                    host,
+                    ("origin", "http://127.0.0.1:8080"),
+                    ("sec-fetch-site", "same-origin"),
+                ],
+                loopback,
+                false,
+            ),
+            (
+                Method::POST,
+                vec![
+                    ("host", "localhost:8080"),
+                    ("origin", "http://localhost:8080"),
+                ],
+                loopback,
+                false,
+            ),
+            (Method::POST, vec![("host", "[::1]:8080")], loopback, false),
+            // Another page, by Origin or by Sec-Fetch-Site (same-site is another port too).
+            (
+                Method::POST,
+                vec![host, ("origin", "http://evil.example")],
+                loopback,
+                true,
+            ),
+            (
+                Method::DELETE,
+                vec![host, ("sec-fetch-site", "cross-site")],
+                loopback,
+                true,
+            ),
+            (
+                Method::POST,
+                vec![host, ("sec-fetch-site", "same-site")],
+                loopback,
+                true,
+            ),
+            // Reading is left to the browser's same-origin policy...
+            (
+                Method::GET,
+                vec![host, ("origin", "http://evil.example")],
+                loopback,
+                false,
+            ),
+            // ...but not through a rebound name.
+            (
+                Method::GET,
+                vec![("host", "evil.example:8080")],
+                loopback,
+                true,
+            ),
+            (
+                Method::GET,
+                vec![("host", "evil.example:8080")],
+                public,
+                false,
+            ),
+            (
+                Method::POST,
+                vec![
+                    ("host", "city.example:8080"),
+                    ("origin", "http://city.example:8080"),
+                ],
+                public,
+                false,
+            ),
+        ] {
+            let h = headers(&pairs);
+            assert_eq!(
+                foreign(&h, &method, listen).is_some(),
+                refused,
+                "{method} {pairs:?} on {listen}"
+            );
+        }
+    }
 }

@@ -86,11 +86,7 @@ impl Service {
             service.manager.registry(),
             service.city_stop.clone(),
         );
-        tokio::spawn(async move {
-            if let Err(e) = reader.await {
-                warn!(error = %e, "the web console's reader of the output topics stopped");
-            }
-        });
+        tokio::spawn(reader);
         tokio::spawn(watch_kafka(Arc::downgrade(&service)));
         Ok(service)
     }
@@ -207,6 +203,8 @@ pub async fn serve(config: ServiceConfig) -> Result<()> {
             }
             info!("stopping: no new requests; queries publish, flush and commit");
             service.stopping.store(true, Ordering::Relaxed);
+            // Open console tabs hold event streams: end them, or the server waits for them.
+            service.city.close();
         }
     };
     axum::serve(listener, app)

@@ -68,8 +68,10 @@ function svg(tag, attrs = {}) {
 }
 
 function showTime(ms) {
-  if (ms === null || ms === undefined || ms <= 0) return '-';
+  if (typeof ms !== 'number' || ms <= 0) return '-';
   const local = new Date(ms + state.offsetMinutes * 60000);
+  // A time no date can hold (a query wrote nanoseconds, say) is shown as it is.
+  if (!Number.isFinite(local.getTime())) return String(ms);
   return local.toISOString().slice(0, 19).replace('T', ' ');
 }
 
@@ -183,6 +185,7 @@ function paint(snapshot) {
     `phút / minute ${window || '-'} · giờ / hour ending ${hour || '-'} (${state.zone}) · ` +
     `${Object.keys(rows).length} đoạn đường / segments with data`;
   $('clock').textContent = window ? `${window} ${state.zone}` : '';
+  for (const th of document.querySelectorAll('th[data-zone]')) th.textContent = `${th.dataset.zone} (${state.zone})`;
   paintAlerts(snapshot);
   paintWards(snapshot, wardNames);
 }
@@ -218,11 +221,12 @@ function paintWards(snapshot, wardNames) {
 
 async function streamCity() {
   for (;;) {
+    let reader = null;
     try {
       const response = await api('/v1/city/events', { headers: { Accept: 'text/event-stream' } });
       if (!response.ok || !response.body) throw new Error('HTTP ' + response.status);
       setConnection('live', 'live');
-      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = '';
       for (;;) {
         const { value, done } = await reader.read();
@@ -234,14 +238,22 @@ async function streamCity() {
           buffer = buffer.slice(end + 2);
           const data = block.split('\n').filter((l) => l.startsWith('data:')).map((l) => l.slice(5).replace(/^ /, '')).join('\n');
           if (data) {
-            state.snapshot = JSON.parse(data);
-            paint(state.snapshot);
+            // One bad snapshot is skipped, not allowed to end the stream.
+            try {
+              state.snapshot = JSON.parse(data);
+              paint(state.snapshot);
+            } catch (e) {
+              console.warn('snapshot not shown: ' + e.message);
+            }
           }
         }
       }
       setConnection('down', 'disconnected, retrying…');
     } catch (e) {
       setConnection('down', 'no connection, retrying… (' + e.message + ')');
+    } finally {
+      // Never leave a stream open behind a new one (browsers allow six per host).
+      if (reader) reader.cancel().catch(() => {});
     }
     await new Promise((r) => setTimeout(r, 2000));
   }
@@ -365,7 +377,17 @@ async function start() {
   }
   drawMap(state.map);
   streamCity();
-  if (await refreshQueries()) setInterval(refreshQueries, 3000);
+  let polling = null;
+  const poll = async () => {
+    try {
+      // The demo serves no queries: stop asking once it says so.
+      if (!(await refreshQueries()) && polling) clearInterval(polling);
+    } catch (e) {
+      console.warn('queries not shown: ' + e.message);
+    }
+  };
+  polling = setInterval(poll, 3000);
+  await poll();
 }
 
 document.addEventListener('DOMContentLoaded', start);
