@@ -47,6 +47,8 @@ const TAIL: i64 = 20_000;
 const MAX_ALERTS: usize = 100;
 /// Shortest time between two snapshots sent on the event stream.
 const EVENT_EVERY: Duration = Duration::from_millis(500);
+/// Event streams open at once; more are refused with 503.
+const MAX_STREAMS: usize = 64;
 
 /// A congestion indicator as read back from its topic.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -209,6 +211,10 @@ pub struct CityView {
     /// Set when the process stops: event streams end so that a graceful shutdown does not
     /// wait for open browser tabs.
     closing: watch::Sender<bool>,
+    /// The snapshot's text for a version, made once however many streams send it.
+    text: Mutex<Option<(u64, Arc<str>)>>,
+    /// Permits of the open event streams.
+    streams: Arc<tokio::sync::Semaphore>,
     map: Value,
     names: HashMap<String, String>,
     zone: DisplayZone,
@@ -232,6 +238,8 @@ impl CityView {
             view: Mutex::new(View::default()),
             version: watch::Sender::new(0),
             closing: watch::Sender::new(false),
+            text: Mutex::new(None),
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
             map: map_of(reference),
             names,
             zone,
@@ -322,6 +330,24 @@ impl CityView {
             })
         })
         .unwrap_or_else(|| json!({ "version": version }))
+    }
+
+    /// [`CityView::snapshot`] as JSON text, made once per version.
+    pub fn snapshot_text(&self) -> Arc<str> {
+        let version = *self.version.borrow();
+        if let Ok(cached) = self.text.lock()
+            && let Some((v, text)) = cached.as_ref()
+            && *v == version
+        {
+            return text.clone();
+        }
+        let snapshot = self.snapshot();
+        let version = snapshot["version"].as_u64().unwrap_or(version);
+        let text: Arc<str> = snapshot.to_string().into();
+        if let Ok(mut cached) = self.text.lock() {
+            *cached = Some((version, text.clone()));
+        }
+        text
     }
 
     /// Ends every event stream (now and later): the process is stopping.
@@ -573,14 +599,21 @@ async fn snapshot(State(view): State<Arc<CityView>>) -> Json<Value> {
     Json(view.snapshot())
 }
 
-async fn events(
-    State(view): State<Arc<CityView>>,
-) -> Sse<impl futures::Stream<Item = std::result::Result<Event, Infallible>>> {
+async fn events(State(view): State<Arc<CityView>>) -> Response {
+    let Ok(permit) = view.streams.clone().try_acquire_owned() else {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "message": format!("{MAX_STREAMS} event streams are open already; poll /v1/city instead")
+            })),
+        )
+            .into_response();
+    };
     let changes = view.subscribe();
     let closing = view.closing.subscribe();
     let stream = futures::stream::unfold(
-        (view, changes, closing, true),
-        |(view, mut changes, mut closing, first)| async move {
+        (view, changes, closing, true, permit),
+        |(view, mut changes, mut closing, first, permit)| async move {
             if *closing.borrow() {
                 return None;
             }
@@ -595,13 +628,17 @@ async fn events(
                 }
             }
             changes.mark_unchanged();
-            let event = Event::default()
-                .event("snapshot")
-                .data(view.snapshot().to_string());
-            Some((Ok(event), (view, changes, closing, false)))
+            let text = view.snapshot_text();
+            let event = Event::default().event("snapshot").data(&*text);
+            Some((
+                Ok::<_, Infallible>(event),
+                (view, changes, closing, false, permit),
+            ))
         },
     );
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 #[cfg(test)]

@@ -103,3 +103,42 @@ fn a_snapshot_names_entities_and_shows_times_in_the_display_zone() {
     assert!(!city.take("elsewhere", &topics, raised));
     assert_eq!(snapshot["version"], 1);
 }
+
+#[test]
+fn the_snapshot_text_is_made_once_per_version() {
+    let reference = ReferenceData::embedded().unwrap();
+    let city = CityView::new(&reference, DisplayZone::CITY);
+    let topics = Topics::default();
+    let first = city.snapshot_text();
+    assert!(Arc::ptr_eq(&first, &city.snapshot_text()));
+    let raised = br#"{"alert_id":"a1","state":"RAISED","kind":"incident",
+        "entity_id":"kim_ma_w","started_at":1767222000000,"severity":3,"message":"m"}"#;
+    assert!(city.take(&topics.alerts, &topics, raised));
+    let second = city.snapshot_text();
+    assert!(!Arc::ptr_eq(&first, &second));
+    assert!(second.contains("\"alerts_active\":1"));
+}
+
+#[tokio::test]
+async fn event_streams_beyond_the_cap_are_refused() {
+    let reference = ReferenceData::embedded().unwrap();
+    let city = CityView::new(&reference, DisplayZone::CITY);
+    let response = events(State(city.clone())).await;
+    assert_eq!(response.status(), axum::http::StatusCode::OK);
+    drop(response);
+    let held = city
+        .streams
+        .clone()
+        .try_acquire_many_owned(u32::try_from(MAX_STREAMS).unwrap())
+        .unwrap();
+    let refused = events(State(city.clone())).await;
+    assert_eq!(
+        refused.status(),
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    );
+    drop(held);
+    assert_eq!(
+        events(State(city)).await.status(),
+        axum::http::StatusCode::OK
+    );
+}
