@@ -23,11 +23,6 @@ use crate::reference::ReferenceData;
 use crate::simulate::{CitySimulator, ProducerStats, run_producer};
 use crate::time::display::DisplayZone;
 
-/// `HH:MM:SS` in the city's time, or `-` before any time is known.
-pub fn hanoi_clock(epoch_ms: i64) -> String {
-    DisplayZone::CITY.clock(epoch_ms)
-}
-
 /// `YYYY-MM-DD HH:MM:SS` in the city's time, `-` for an unset time.
 pub fn hanoi_time(epoch_ms: i64) -> String {
     DisplayZone::CITY.format(epoch_ms)
@@ -59,7 +54,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     };
     let reference = Arc::new(ReferenceData::embedded()?);
-    let city = CityView::new(&reference, DisplayZone::CITY);
+    let zone = args.display_time_zone;
+    let city = CityView::new(&reference, zone);
 
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signal(stop.clone());
@@ -171,7 +167,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 stats.late.load(Ordering::Relaxed),
                 stats.indicators_out.load(Ordering::Relaxed),
                 v.received,
-                hanoi_time(stats.watermark_ms.load(Ordering::Relaxed)),
+                zone.format(stats.watermark_ms.load(Ordering::Relaxed)),
                 worst.map_or("-".into(), |r| format!(
                     "{}:{}:{}",
                     r.entity_id,
@@ -218,8 +214,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             "final watermark",
             format!(
                 "{} {}",
-                hanoi_time(stats.watermark_ms.load(Ordering::Relaxed)),
-                DisplayZone::CITY
+                zone.format(stats.watermark_ms.load(Ordering::Relaxed)),
+                zone
             ),
         ),
     ] {
@@ -276,12 +272,13 @@ fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Insta
         stats,
         sim,
     } = *screen;
+    let zone = args.display_time_zone;
     let mut out = String::new();
     let w = stats.watermark_ms.load(Ordering::Relaxed);
     let sim_now = sim.sim_time_ms.load(Ordering::Relaxed);
     out.push_str("\x1b[2J\x1b[H");
     out.push_str(&format!(
-        "urbanstream demo · {} broker {brokers} · simulated Hanoi at {}× · {:.0} s · Ctrl-C to stop\n{}\n",
+        "urbanstream demo · {} broker {brokers} · simulated Hanoi at {}× · {:.0} s · times in {zone} · Ctrl-C to stop\n{}\n",
         if embedded { "embedded" } else { "external" },
         args.sim.speedup,
         started.elapsed().as_secs_f64(),
@@ -303,8 +300,8 @@ fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Insta
     ));
     out.push_str(&format!(
         "time      simulated {}   watermark {}   open groups {}\n\n",
-        hanoi_time(sim_now),
-        hanoi_time(w),
+        zone.format(sim_now),
+        zone.format(w),
         stats.state_groups.load(Ordering::Relaxed),
     ));
     let mut rows: Vec<&IndicatorRow> = view
@@ -319,8 +316,8 @@ fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Insta
     });
     out.push_str(&format!(
         "busiest segments, minute {} – {} (from city.indicators.congestion)\n",
-        hanoi_time(view.last_window),
-        hanoi_clock(view.last_window + 60_000)
+        zone.format(view.last_window),
+        zone.clock(view.last_window + 60_000)
     ));
     out.push_str(&format!(
         "  {:<48} {:>8} {:>9} {:>6} {:>4} {:>10}\n",
@@ -353,9 +350,9 @@ fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Insta
         if view.last_hour == 0 {
             "-".into()
         } else {
-            hanoi_time(view.last_hour - 3_600_000)
+            zone.format(view.last_hour - 3_600_000)
         },
-        hanoi_clock(view.last_hour)
+        zone.clock(view.last_hour)
     ));
     out.push_str(&format!(
         "  {:<28} {:>4}  {:<24} {:>10} {:>13}\n",
@@ -390,7 +387,7 @@ fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Insta
             a.severity.map_or_else(dash, |v| v.to_string()),
             a.kind,
             truncate(city.name(&a.entity_id), 26),
-            hanoi_clock(a.started_at),
+            zone.clock(a.started_at),
             truncate(a.message.as_deref().unwrap_or(""), 60),
         ));
     }

@@ -303,6 +303,10 @@ pub struct DemoArgs {
     /// Serve no web console.
     #[arg(long)]
     pub no_web: bool,
+    /// Time zone the view, the summary and the web console show times in (a UTC offset such
+    /// as +07:00, or UTC); the city's by default.
+    #[arg(long, env = "URBANSTREAM_DISPLAY_TIME_ZONE", default_value = "+07:00")]
+    pub display_time_zone: crate::time::display::DisplayZone,
     /// Simulation settings.
     #[command(flatten)]
     pub sim: SimArgs,
@@ -377,6 +381,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         partitions: 4,
         listen: "127.0.0.1:8080".parse().ok(),
         no_web: false,
+        display_time_zone: crate::time::display::DisplayZone::CITY,
         sim: SimArgs {
             rate: 2000.0,
             speedup: 60.0,
