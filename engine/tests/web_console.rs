@@ -43,6 +43,19 @@ fn browser() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The lines a child writes, as they come.
+fn lines_of(out: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (lines, said) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    said
+}
+
 fn produce(brokers: &str, topic: &str, records: &[(String, Value)]) -> anyhow::Result<()> {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -164,14 +177,7 @@ fn the_console_shows_the_city_and_registers_a_query_in_a_real_browser() -> anyho
         .spawn()?;
     let mut to_driver = driver.stdin.take().expect("stdin is piped");
     let from_driver = driver.stdout.take().expect("stdout is piped");
-    let (lines, said) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(from_driver).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let said = lines_of(from_driver);
     let expect = |step: &str| -> anyhow::Result<()> {
         let line = said
             .recv_timeout(Duration::from_secs(120))
@@ -280,14 +286,7 @@ fn the_demo_serves_the_city_map_where_it_says() -> anyhow::Result<()> {
     let stdout = demo.stdout.take().expect("stdout is piped");
     // Killed when the test ends, passed or not.
     let _demo = common::Process(demo);
-    let (lines, said) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let said = lines_of(stdout);
     let address = loop {
         let line = said
             .recv_timeout(Duration::from_secs(30))

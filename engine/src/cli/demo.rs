@@ -212,11 +212,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ("late records, per query", load(&stats.late)),
         (
             "final watermark",
-            format!(
-                "{} {}",
-                zone.format(stats.watermark_ms.load(Ordering::Relaxed)),
-                zone
-            ),
+            zone.format_labelled(stats.watermark_ms.load(Ordering::Relaxed)),
         ),
     ] {
         println!("  {label:<28}{value:>12}");

@@ -184,22 +184,8 @@ pub struct EvaluateArgs {
 
 /// A UTC offset `±HH:MM` (or `0`), in milliseconds.
 fn utc_offset(text: &str) -> std::result::Result<i64, String> {
-    let t = text.trim();
-    if t == "0" || t.eq_ignore_ascii_case("z") {
-        return Ok(0);
-    }
-    let bad = || format!("{text} is not a UTC offset: write e.g. +07:00 or -05:00");
-    let (sign, rest) = match t.as_bytes().first() {
-        Some(b'+') => (1, &t[1..]),
-        Some(b'-') => (-1, &t[1..]),
-        _ => return Err(bad()),
-    };
-    let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
-    let (h, m): (i64, i64) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
-    if h > 14 || m > 59 {
-        return Err(bad());
-    }
-    Ok(sign * (h * 3_600_000 + m * 60_000))
+    text.parse::<crate::time::display::DisplayZone>()
+        .map(|zone| zone.offset_ms())
 }
 
 /// A finite number above 0.
@@ -674,10 +660,10 @@ async fn tail(args: TailArgs) -> Result<()> {
                 message
                     .key()
                     .map_or_else(|| "-".into(), String::from_utf8_lossy),
-                message.timestamp().to_millis().map_or_else(
-                    || "-".to_string(),
-                    |ms| format!("{} {zone}", zone.format(ms))
-                ),
+                message
+                    .timestamp()
+                    .to_millis()
+                    .map_or_else(|| "-".to_string(), |ms| zone.format_labelled(ms)),
             );
         }
         // JSON never starts with a zero byte; Confluent-framed Avro always does.
@@ -725,7 +711,7 @@ fn show_times(record: &mut serde_json::Value, zone: crate::time::display::Displa
             || name == "window_start"
             || name == "window_end";
         if let Some(ms) = value.as_i64().filter(|_| is_time) {
-            *value = serde_json::Value::String(format!("{} {zone}", zone.format(ms)));
+            *value = serde_json::Value::String(zone.format_labelled(ms));
         }
     }
 }

@@ -45,6 +45,8 @@ use crate::topics::Topics;
 const TAIL: i64 = 20_000;
 /// Active alerts a snapshot lists (the most severe, then the newest).
 const MAX_ALERTS: usize = 100;
+/// Active alerts the view keeps: past it, the one that began first is dropped.
+const MAX_ACTIVE_ALERTS: usize = 10_000;
 /// Shortest time between two snapshots sent on the event stream.
 const EVENT_EVERY: Duration = Duration::from_millis(500);
 /// Event streams open at once; more are refused with 503.
@@ -142,6 +144,10 @@ pub struct View {
     pub wards: HashMap<String, AirRow>,
     /// Newest hourly ward window end seen.
     pub last_hour: i64,
+    /// The segments and wards rows are kept for (those of the map); none: every one. The
+    /// topics are written by analysts' queries: ids outside the reference must not grow the
+    /// view without bound.
+    pub known: Option<Arc<std::collections::HashSet<String>>>,
 }
 
 impl View {
@@ -152,6 +158,9 @@ impl View {
             let Ok(row) = serde_json::from_slice::<IndicatorRow>(payload) else {
                 return false;
             };
+            if !self.is_known(&row.segment_id) {
+                return false;
+            }
             self.last_window = self.last_window.max(row.window_start);
             match self.latest.get(&row.segment_id) {
                 Some(old) if old.window_start > row.window_start => {}
@@ -168,13 +177,26 @@ impl View {
                 self.alerts.remove(&row.alert_id);
             } else {
                 self.raised += u64::from(row.state == "RAISED");
+                if self.alerts.len() >= MAX_ACTIVE_ALERTS
+                    && !self.alerts.contains_key(&row.alert_id)
+                    && let Some(oldest) = self
+                        .alerts
+                        .values()
+                        .min_by_key(|a| a.started_at)
+                        .map(|a| a.alert_id.clone())
+                {
+                    self.alerts.remove(&oldest);
+                }
                 self.alerts.insert(row.alert_id.clone(), row);
             }
         } else if topic == topics.air_indicators.as_str() {
             let Ok(row) = serde_json::from_slice::<AirRow>(payload) else {
                 return false;
             };
-            if row.scope == "ward" && row.period.as_deref() != Some("day") {
+            if row.scope == "ward"
+                && row.period.as_deref() != Some("day")
+                && self.is_known(&row.entity_id)
+            {
                 self.last_hour = self.last_hour.max(row.window_end);
                 match self.wards.get(&row.entity_id) {
                     Some(old) if old.window_end > row.window_end => {}
@@ -188,6 +210,10 @@ impl View {
         }
         self.received += 1;
         true
+    }
+
+    fn is_known(&self, id: &str) -> bool {
+        self.known.as_ref().is_none_or(|k| k.contains(id))
     }
 
     /// Active alerts, the most severe first, then the newest.
@@ -235,7 +261,17 @@ impl CityView {
             )
             .collect();
         Arc::new(Self {
-            view: Mutex::new(View::default()),
+            view: Mutex::new(View {
+                known: Some(Arc::new(
+                    reference
+                        .segments
+                        .iter()
+                        .map(|s| s.segment_id.clone())
+                        .chain(reference.wards.iter().map(|w| w.ward_id.clone()))
+                        .collect(),
+                )),
+                ..View::default()
+            }),
             version: watch::Sender::new(0),
             closing: watch::Sender::new(false),
             text: Mutex::new(None),

@@ -142,3 +142,43 @@ async fn event_streams_beyond_the_cap_are_refused() {
         axum::http::StatusCode::OK
     );
 }
+
+#[test]
+fn ids_outside_the_reference_and_alerts_past_the_cap_do_not_grow_the_view() {
+    let reference = ReferenceData::embedded().unwrap();
+    let city = CityView::new(&reference, DisplayZone::CITY);
+    let topics = Topics::default();
+    for i in 0..100 {
+        let row = format!(
+            r#"{{"segment_id":"made-up-{i}","window_start":60000,"window_end":120000,
+            "vehicles":1,"mean_speed_kmh":null,"motorbike_share":null,"los":"F"}}"#
+        );
+        assert!(!city.take(&topics.congestion, &topics, row.as_bytes()));
+        let ward = format!(
+            r#"{{"entity_id":"made-up-{i}","scope":"ward","period":"hour","window_end":3600000,
+            "aqi":500,"category":null,"dominant_pollutant":null}}"#
+        );
+        city.take(&topics.air_indicators, &topics, ward.as_bytes());
+    }
+    let known = r#"{"segment_id":"kim_ma_w","window_start":60000,"window_end":120000,
+        "vehicles":1,"mean_speed_kmh":null,"motorbike_share":null,"los":"F"}"#;
+    assert!(city.take(&topics.congestion, &topics, known.as_bytes()));
+    assert_eq!(city.with(|v| (v.latest.len(), v.wards.len())), Some((1, 0)));
+
+    let mut view = View::default();
+    for i in 0..MAX_ACTIVE_ALERTS as i64 + 5 {
+        let alert = format!(
+            r#"{{"alert_id":"a{i}","state":"RAISED","kind":"k","entity_id":"e","started_at":{i}}}"#
+        );
+        assert!(view.take(&topics.alerts, &topics, alert.as_bytes()));
+    }
+    assert_eq!(view.alerts.len(), MAX_ACTIVE_ALERTS);
+    assert!(
+        !view.alerts.contains_key("a0"),
+        "the first to begin is dropped"
+    );
+    assert!(
+        view.alerts
+            .contains_key(&format!("a{}", MAX_ACTIVE_ALERTS + 4))
+    );
+}

@@ -336,7 +336,11 @@ pub(super) fn table_details(t: &Value, zone: DisplayZone) -> String {
     ] {
         if key == "installed_ms" {
             if let Some(ms) = t[key].as_i64() {
-                out.push_str(&format!("{:<20} {}\n", "installed", shown(ms, zone)));
+                out.push_str(&format!(
+                    "{:<20} {}\n",
+                    "installed",
+                    zone.format_labelled(ms)
+                ));
             }
         } else if !t[key].is_null() {
             out.push_str(&format!("{key:<20} {}\n", text(&t[key])));
@@ -716,11 +720,6 @@ pub(super) fn table(queries: &[Value], zone: DisplayZone) -> String {
     aligned(&rows)
 }
 
-/// `2026-12-01 13:00:00 UTC+07:00`.
-fn shown(epoch_ms: i64, zone: DisplayZone) -> String {
-    format!("{} {zone}", zone.format(epoch_ms))
-}
-
 /// One query as `key: value` lines, then its SQL.
 fn details(q: &Value, zone: DisplayZone) -> String {
     let mut out = String::new();
@@ -748,7 +747,7 @@ fn details(q: &Value, zone: DisplayZone) -> String {
         let value = match key {
             "watermark" => q["watermark_ms"]
                 .as_i64()
-                .map_or_else(|| "-".to_string(), |ms| shown(ms, zone)),
+                .map_or_else(|| "-".to_string(), |ms| zone.format_labelled(ms)),
             "last_checkpoint" => match &q[key] {
                 Value::Null => "-".to_string(),
                 c => format!(
@@ -761,7 +760,7 @@ fn details(q: &Value, zone: DisplayZone) -> String {
                     },
                     c["at_ms"]
                         .as_i64()
-                        .map_or_else(|| "-".to_string(), |ms| shown(ms, zone)),
+                        .map_or_else(|| "-".to_string(), |ms| zone.format_labelled(ms)),
                     text(&c["bytes"]),
                     text(&c["duration_ms"]),
                 ),

@@ -18,11 +18,16 @@ impl DisplayZone {
     /// UTC.
     pub const UTC: Self = Self { offset_minutes: 0 };
 
-    /// The zone `offset_minutes` east of UTC (−18 h to +18 h).
+    /// The zone `offset_minutes` east of UTC (at most 14 hours and 59 minutes either way).
     pub fn from_minutes(offset_minutes: i32) -> Option<Self> {
-        (-18 * 60..=18 * 60)
+        (-(14 * 60 + 59)..=14 * 60 + 59)
             .contains(&offset_minutes)
             .then_some(Self { offset_minutes })
+    }
+
+    /// Milliseconds east of UTC.
+    pub fn offset_ms(self) -> i64 {
+        i64::from(self.offset_minutes) * 60_000
     }
 
     /// Minutes east of UTC.
@@ -42,7 +47,7 @@ impl DisplayZone {
         if epoch_ms == i64::MIN || epoch_ms == 0 {
             return "-".into();
         }
-        let local = epoch_ms.saturating_add(i64::from(self.offset_minutes) * 60_000);
+        let local = epoch_ms.saturating_add(self.offset_ms());
         let days = local.div_euclid(86_400_000);
         let ms = local.rem_euclid(86_400_000);
         let (y, m, d) = civil_from_days(days);
@@ -52,6 +57,11 @@ impl DisplayZone {
             ms / 60_000 % 60,
             ms / 1000 % 60
         )
+    }
+
+    /// [`DisplayZone::format`] followed by the zone: `2026-01-01 06:00:00 UTC+07:00`.
+    pub fn format_labelled(self, epoch_ms: i64) -> String {
+        format!("{} {self}", self.format(epoch_ms))
     }
 
     /// `HH:MM:SS` of [`DisplayZone::format`], or `-`.
@@ -76,19 +86,19 @@ impl fmt::Display for DisplayZone {
 impl FromStr for DisplayZone {
     type Err = String;
 
-    /// `+07:00`, `-03:30`, `UTC+07:00`, `UTC`, `Z`, or `Asia/Ho_Chi_Minh` (the city's).
+    /// `+07:00`, `-03:30`, `UTC+07:00`, `UTC`, `Z`, `0`, or `Asia/Ho_Chi_Minh` (the city's).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim();
         let why = || {
             format!(
-                "display time zone {s:?}: write a UTC offset such as +07:00 or -03:30, UTC, \
-                 or Asia/Ho_Chi_Minh"
+                "{s:?} is not a UTC offset: write one such as +07:00 or -03:30, UTC, or \
+                 Asia/Ho_Chi_Minh"
             )
         };
         if t.eq_ignore_ascii_case("asia/ho_chi_minh") || t.eq_ignore_ascii_case("asia/hanoi") {
             return Ok(Self::CITY);
         }
-        if t.eq_ignore_ascii_case("utc") || t.eq_ignore_ascii_case("z") {
+        if t.eq_ignore_ascii_case("utc") || t.eq_ignore_ascii_case("z") || t == "0" {
             return Ok(Self::UTC);
         }
         let t = t
@@ -154,6 +164,10 @@ mod tests {
         assert_eq!(DisplayZone::CITY.format(i64::MIN), "-");
         assert_eq!(DisplayZone::CITY.clock(0), "-");
         assert_eq!(DisplayZone::CITY.label(), "UTC+07:00");
+        assert_eq!(
+            DisplayZone::CITY.format_labelled(t),
+            "2026-01-01 06:00:00 UTC+07:00"
+        );
         let newfoundland: DisplayZone = "-03:30".parse().unwrap();
         assert_eq!(newfoundland.label(), "UTC-03:30");
         assert_eq!(newfoundland.format(t), "2025-12-31 19:30:00");
@@ -174,12 +188,22 @@ mod tests {
             ("Asia/Ho_Chi_Minh", 420),
             ("UTC", 0),
             ("Z", 0),
+            ("0", 0),
+            ("+14:59", 899),
             ("-03:30", -210),
         ] {
             let zone: DisplayZone = text.parse().unwrap();
             assert_eq!(zone.offset_minutes(), minutes, "{text}");
         }
-        for bad in ["", "Europe/Paris", "+25:00", "+07:75", "07:00", "+abc"] {
+        for bad in [
+            "",
+            "Europe/Paris",
+            "+25:00",
+            "+15:00",
+            "+07:75",
+            "07:00",
+            "+abc",
+        ] {
             let e = bad.parse::<DisplayZone>().unwrap_err();
             assert!(e.contains("+07:00"), "{bad}: {e}");
         }
