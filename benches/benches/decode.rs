@@ -77,7 +77,7 @@ fn protobuf(
     ] {
         let json = simulated_batch(topic, n);
         let message = city_message(schema).expect("message");
-        let encoder = ProtobufEncoder::new(descriptors.message(message).expect("message"), None);
+        let encoder = ProtobufEncoder::new(descriptors.message(&message).expect("message"), None);
         let mut raw = RawBatch::new(schema);
         for i in 0..json.len() {
             let value = encoder.encode_json(json.value(i)).expect("encode");

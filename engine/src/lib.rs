@@ -37,6 +37,11 @@ pub mod checkpoint;
 pub mod cli;
 pub mod dashboard;
 pub mod deterministic;
+/// The files of `schemas/` and `queries/`, compiled in (listed by the build script, so a new
+/// file needs no code).
+pub mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/embedded.rs"));
+}
 pub mod error;
 pub mod evaluate;
 pub mod files;

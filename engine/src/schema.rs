@@ -17,46 +17,61 @@ use datafusion::scalar::ScalarValue;
 
 use crate::error::{Error, Result};
 
-/// The schema files compiled into the binary: (name, contents).
-pub const EMBEDDED: &[(&str, &str)] = &[
-    (
-        "camera_event",
-        include_str!("../../schemas/topics/camera_event.avsc"),
-    ),
-    (
-        "detector_reading",
-        include_str!("../../schemas/topics/detector_reading.avsc"),
-    ),
-    (
-        "air_reading",
-        include_str!("../../schemas/topics/air_reading.avsc"),
-    ),
-    (
-        "congestion_indicator",
-        include_str!("../../schemas/topics/congestion_indicator.avsc"),
-    ),
-    (
-        "air_indicator",
-        include_str!("../../schemas/topics/air_indicator.avsc"),
-    ),
-    (
-        "congestion_top",
-        include_str!("../../schemas/topics/congestion_top.avsc"),
-    ),
-    (
-        "travel_time",
-        include_str!("../../schemas/topics/travel_time.avsc"),
-    ),
-    ("alert", include_str!("../../schemas/topics/alert.avsc")),
-    (
-        "dlq_record",
-        include_str!("../../schemas/topics/dlq_record.avsc"),
-    ),
-    (
-        "late_record",
-        include_str!("../../schemas/topics/late_record.avsc"),
-    ),
-];
+/// The schema files compiled into the binary: (name, contents), every `*.avsc` of
+/// `schemas/topics/`.
+pub const EMBEDDED: &[(&str, &str)] = crate::embedded::SCHEMA_FILES;
+
+/// The `"urbanstream"` attribute of a schema file, checked against its fields.
+fn declaration(name: &str, avsc: &str) -> Result<Option<StreamDeclaration>> {
+    let json: serde_json::Value =
+        serde_json::from_str(avsc).map_err(|e| Error::schema(name, e.to_string()))?;
+    let Some(value) = json.get("urbanstream") else {
+        return Ok(None);
+    };
+    let declared: StreamDeclaration = serde_json::from_value(value.clone()).map_err(|e| {
+        Error::schema(
+            name,
+            format!(
+                "\"urbanstream\": {e}; write {{\"table\": \"<name>\", \"topic\": \"<topic>\", \
+                 \"role\": \"input\" or \"output\", \"key\": \"<field>\"}}"
+            ),
+        )
+    })?;
+    let fields: Vec<&str> = json
+        .get("fields")
+        .and_then(|f| f.as_array())
+        .map(|f| f.iter().filter_map(|f| f.get("name")?.as_str()).collect())
+        .unwrap_or_default();
+    if let Some(key) = &declared.key
+        && !fields.contains(&key.as_str())
+    {
+        return Err(Error::schema(
+            name,
+            format!(
+                "\"urbanstream\": key {key} is not a field (fields: {})",
+                fields.join(", ")
+            ),
+        ));
+    }
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    if !valid(&declared.table) {
+        return Err(Error::schema(
+            name,
+            format!(
+                "\"urbanstream\": table {:?} is not a plain name (lower-case letters, digits, _)",
+                declared.table
+            ),
+        ));
+    }
+    if declared.topic.is_empty() {
+        return Err(Error::schema(name, "\"urbanstream\": topic is empty"));
+    }
+    Ok(Some(declared))
+}
 
 /// One topic schema: the Avro original and what the engine derives from it.
 #[derive(Debug, Clone)]
@@ -76,6 +91,43 @@ pub struct TopicSchema {
     pub required: Vec<bool>,
     /// The Avro schema it was parsed from; `None` for a schema declared in SQL.
     pub avsc: Option<Arc<str>>,
+    /// The city stream the schema file declares over its topic, if any.
+    pub stream: Option<StreamDeclaration>,
+}
+
+/// The city stream a schema file declares: the object under the record's `"urbanstream"`
+/// attribute (Avro keeps attributes it does not define as metadata). Every such file becomes
+/// a table of the city's SQL context, so a new sensor type is a schema file and a query:
+///
+/// ```json
+/// "urbanstream": {"table": "parking_readings", "topic": "city.parking.readings",
+///                 "role": "input", "key": "lot_id"}
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamDeclaration {
+    /// The table queries name it by.
+    pub table: String,
+    /// Its topic; `[topics]` of the configuration may name another.
+    pub topic: String,
+    /// Whether records come from outside (`input`) or are written by queries (`output`).
+    pub role: StreamRole,
+    /// The column whose value keys its records.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The Protobuf message its records are when the city's inputs are Protobuf.
+    #[serde(default)]
+    pub protobuf_message: Option<String>,
+}
+
+/// Which side of the engine a declared stream is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamRole {
+    /// Produced by the city's sensors (read in `[topics] input_format`).
+    Input,
+    /// Written by queries (in `[topics] output_format`).
+    Output,
 }
 
 impl TopicSchema {
@@ -109,6 +161,7 @@ impl TopicSchema {
             defaults,
             required,
             avsc: Some(avsc.into()),
+            stream: declaration(name, avsc)?,
         })
     }
 
@@ -123,6 +176,7 @@ impl TopicSchema {
             required: arrow.fields().iter().map(|f| !f.is_nullable()).collect(),
             arrow,
             avsc: None,
+            stream: None,
         }
     }
 
@@ -310,6 +364,40 @@ impl SchemaRegistry {
             );
         }
         Ok(Self { schemas })
+    }
+
+    /// The streams the schemas declare, by table name; an error when two declare one table
+    /// or one topic, or a key that is not a field.
+    pub fn streams(&self) -> Result<Vec<(Arc<TopicSchema>, StreamDeclaration)>> {
+        let mut streams: Vec<_> = self
+            .schemas
+            .values()
+            .filter_map(|s| s.stream.clone().map(|d| (s.clone(), d)))
+            .collect();
+        streams.sort_by(|a, b| a.1.table.cmp(&b.1.table));
+        for pair in streams.windows(2) {
+            if pair[0].1.table == pair[1].1.table {
+                return Err(Error::schema(
+                    &pair[1].0.name,
+                    format!(
+                        "declares table {}, which {} declares too: name it otherwise",
+                        pair[1].1.table, pair[0].0.name
+                    ),
+                ));
+            }
+        }
+        for (i, (schema, d)) in streams.iter().enumerate() {
+            if let Some((other, _)) = streams[..i].iter().find(|(_, o)| o.topic == d.topic) {
+                return Err(Error::schema(
+                    &schema.name,
+                    format!(
+                        "declares topic {}, which {} declares too: one topic, one schema",
+                        d.topic, other.name
+                    ),
+                ));
+            }
+        }
+        Ok(streams)
     }
 
     /// The schema called `name`.

@@ -69,6 +69,10 @@ pub struct Topics {
     /// are JSON).
     #[serde(default)]
     pub output_format: Format,
+    /// Topics of the other streams declared by schema files (`schemas/topics/*.avsc`), by
+    /// table name, where they are not the topic the file declares.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub streams: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Topics {
@@ -86,11 +90,53 @@ impl Default for Topics {
             late: "city.late".into(),
             input_format: Format::Json,
             output_format: Format::Json,
+            streams: Default::default(),
         }
     }
 }
 
 impl Topics {
+    /// The topic of the stream a schema file declares: the field above for the city's first
+    /// streams, else its entry in `streams`, else the topic the file declares.
+    pub fn topic_of(&self, declared: &crate::schema::StreamDeclaration) -> String {
+        let fixed = match declared.table.as_str() {
+            "camera_events" => Some(&self.camera),
+            "detector_readings" => Some(&self.detectors),
+            "air_readings" => Some(&self.air),
+            "congestion_indicators" => Some(&self.congestion),
+            "air_indicators" => Some(&self.air_indicators),
+            "congestion_top" => Some(&self.congestion_top),
+            "travel_times" => Some(&self.travel),
+            "alerts" => Some(&self.alerts),
+            _ => None,
+        };
+        fixed
+            .or_else(|| self.streams.get(&declared.table))
+            .cloned()
+            .unwrap_or_else(|| declared.topic.clone())
+    }
+
+    /// Every topic of the streams `schemas` declare, inputs first, then the DLQ and the late
+    /// topic: what a deployment creates.
+    pub fn declared(
+        &self,
+        schemas: &crate::schema::SchemaRegistry,
+    ) -> crate::error::Result<Vec<String>> {
+        use crate::schema::StreamRole;
+        let streams = schemas.streams()?;
+        let mut all = Vec::new();
+        for role in [StreamRole::Input, StreamRole::Output] {
+            all.extend(
+                streams
+                    .iter()
+                    .filter(|(_, d)| d.role == role)
+                    .map(|(_, d)| self.topic_of(d)),
+            );
+        }
+        all.extend([self.dlq.clone(), self.late.clone()]);
+        Ok(all)
+    }
+
     /// The input topics.
     pub fn inputs(&self) -> Vec<String> {
         vec![

@@ -48,7 +48,7 @@ fn fixture() -> &'static Fixture {
                         schemas.get(name).expect("schema exists"),
                         Some(("event_time", TimeUnit::Millisecond)),
                         &codecs,
-                        city_message(name),
+                        city_message(name).as_deref(),
                     )
                     .expect("decoder"),
                 );

@@ -39,14 +39,15 @@ pub const CITY_PROTO: &str = include_str!("../../../schemas/protobuf/city.proto"
 /// Its name among the descriptors.
 const CITY_PROTO_NAME: &str = "urbanstream/city.proto";
 
-/// The city's message for a topic schema of `schemas/topics/`.
-pub fn city_message(schema: &str) -> Option<&'static str> {
-    match schema {
-        "camera_event" => Some("urbanstream.city.CameraEvent"),
-        "detector_reading" => Some("urbanstream.city.DetectorReading"),
-        "air_reading" => Some("urbanstream.city.AirReading"),
-        _ => None,
-    }
+/// The city's message for a topic schema of `schemas/topics/`: the `protobuf_message` of the
+/// stream the schema file declares.
+pub fn city_message(schema: &str) -> Option<String> {
+    let avsc = crate::decode::avro::embedded_avsc(schema)?;
+    let json: serde_json::Value = serde_json::from_str(avsc).ok()?;
+    json.get("urbanstream")?
+        .get("protobuf_message")?
+        .as_str()
+        .map(String::from)
 }
 
 /// Message descriptors by full name.

@@ -563,7 +563,7 @@ impl Pipeline {
                         schemas.get(schema)?,
                         Some(("event_time", TimeUnit::Millisecond)),
                         &codecs,
-                        crate::decode::protobuf::city_message(schema),
+                        crate::decode::protobuf::city_message(schema).as_deref(),
                     )?,
                 );
             }

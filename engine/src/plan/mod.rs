@@ -27,78 +27,22 @@ mod union;
 
 use crate::error::Result;
 use crate::reference::ReferenceTables;
-use crate::schema::SchemaRegistry;
+use crate::schema::{SchemaRegistry, StreamRole};
 use crate::topics::Topics;
 use stream::StreamContext;
 use table::StreamTable;
 
-/// The queries of `queries/`, compiled in: (name, SQL).
-pub const DEFAULT_QUERIES: &[(&str, &str)] = &[
-    (
-        "congestion_minute",
-        include_str!("../../../queries/congestion_minute.sql"),
-    ),
-    (
-        "air_hourly_sensor",
-        include_str!("../../../queries/air_hourly_sensor.sql"),
-    ),
-    (
-        "air_hourly_ward",
-        include_str!("../../../queries/air_hourly_ward.sql"),
-    ),
-    (
-        "air_daily_sensor",
-        include_str!("../../../queries/air_daily_sensor.sql"),
-    ),
-    (
-        "alerts_congestion",
-        include_str!("../../../queries/alerts_congestion.sql"),
-    ),
-    (
-        "alerts_incidents",
-        include_str!("../../../queries/alerts_incidents.sql"),
-    ),
-    (
-        "alerts_pollution",
-        include_str!("../../../queries/alerts_pollution.sql"),
-    ),
-    (
-        "alerts_sensor_faults",
-        include_str!("../../../queries/alerts_sensor_faults.sql"),
-    ),
-    (
-        "alerts_pollution_hours",
-        include_str!("../../../queries/alerts_pollution_hours.sql"),
-    ),
-    (
-        "alerts_incidents_confirmed",
-        include_str!("../../../queries/alerts_incidents_confirmed.sql"),
-    ),
-    (
-        "congestion_top_wards",
-        include_str!("../../../queries/congestion_top_wards.sql"),
-    ),
-    (
-        "travel_times",
-        include_str!("../../../queries/travel_times.sql"),
-    ),
-];
+/// The queries of `queries/`, compiled in: (name, SQL), every `*.sql` file by name.
+pub const DEFAULT_QUERIES: &[(&str, &str)] = crate::embedded::QUERY_FILES;
 
 /// A stream context with the city's streams and reference tables:
 ///
-/// | table | topic | role |
-/// |---|---|---|
-/// | `camera_events` | camera events | source keyed by `segment_id`, event time `event_time` |
-/// | `detector_readings` | detector readings | source keyed by `segment_id`, event time `event_time` |
-/// | `air_readings` | air readings | source keyed by `ward_id`, event time `event_time` |
-/// | `congestion_indicators` | congestion indicators | sink keyed by `segment_id` |
-/// | `air_indicators` | air indicators | sink keyed by `entity_id` |
-/// | `congestion_top` | congestion top | sink keyed by `ward_id` |
-/// | `travel_times` | travel times | sink keyed by `segment_id` |
-/// | `alerts` | alerts | sink keyed by `entity_id` |
-/// | `segments`, `wards`, `cameras`, `detectors`, `sensors`, `pcu_factors` | — | reference |
-/// | `ward_sensors` | — | reference, derived from `sensors` |
-/// | tables added at run time | — | reference |
+/// - every stream a schema file of `schemas/topics/` declares (its `"urbanstream"`
+///   attribute: table, topic, role, key; see [`crate::schema::StreamDeclaration`]), with the
+///   topic `[topics]` gives it: the camera, detector, air, parking, water-level and citizen
+///   report inputs (event time `event_time`), and the indicator and alert outputs;
+/// - every reference table of `schemas/reference/` (`segments`, `wards`, …, `parking_lots`,
+///   `gauges`), `ward_sensors` derived from `sensors`, and tables added at run time.
 ///
 /// The reference tables are the ones compiled into the binary; [`city_context_in`] takes a
 /// process's [`ReferenceTables`], whose new versions queries see as they run.
@@ -119,57 +63,22 @@ pub fn city_context_in(
     schemas: &SchemaRegistry,
     reference: &ReferenceTables,
 ) -> Result<StreamContext> {
-    let streams = [
-        (
-            "camera_events",
-            "camera_event",
-            &topics.camera,
-            Some("segment_id"),
-        ),
-        (
-            "detector_readings",
-            "detector_reading",
-            &topics.detectors,
-            Some("segment_id"),
-        ),
-        ("air_readings", "air_reading", &topics.air, Some("ward_id")),
-        (
-            "congestion_indicators",
-            "congestion_indicator",
-            &topics.congestion,
-            Some("segment_id"),
-        ),
-        (
-            "air_indicators",
-            "air_indicator",
-            &topics.air_indicators,
-            Some("entity_id"),
-        ),
-        (
-            "congestion_top",
-            "congestion_top",
-            &topics.congestion_top,
-            Some("ward_id"),
-        ),
-        (
-            "travel_times",
-            "travel_time",
-            &topics.travel,
-            Some("segment_id"),
-        ),
-        ("alerts", "alert", &topics.alerts, Some("entity_id")),
-    ];
-    for (name, schema, topic, key) in streams {
-        let mut table =
-            StreamTable::from_topic_schema(name, schemas.get(schema)?, topic.as_str(), key)?;
-        if topics.inputs().contains(topic) {
-            table.options.format = topics.input_format;
-            if topics.input_format == crate::topics::Format::Protobuf {
-                table.options.protobuf_message =
-                    crate::decode::protobuf::city_message(schema).map(String::from);
+    for (schema, declared) in schemas.streams()? {
+        let topic = topics.topic_of(&declared);
+        let mut table = StreamTable::from_topic_schema(
+            declared.table.as_str(),
+            schema,
+            topic,
+            declared.key.as_deref(),
+        )?;
+        match declared.role {
+            StreamRole::Input => {
+                table.options.format = topics.input_format;
+                if topics.input_format == crate::topics::Format::Protobuf {
+                    table.options.protobuf_message = declared.protobuf_message.clone();
+                }
             }
-        } else {
-            table.options.format = topics.output_format;
+            StreamRole::Output => table.options.format = topics.output_format,
         }
         ctx.register_stream(table)?;
     }
@@ -271,9 +180,14 @@ mod tests {
             })
             .collect();
         let alerts = Some("alerts");
+        // The queries run in the order of their file names; statements in file order.
+        let by_name = |mut v: Vec<(&'static str, &'static str, Option<&'static str>, bool)>| {
+            v.sort_by_key(|r| r.0);
+            v
+        };
         assert_eq!(
             routes,
-            vec![
+            by_name(vec![
                 (
                     "congestion_minute",
                     "camera_events",
@@ -315,7 +229,7 @@ mod tests {
                     true
                 ),
                 ("travel_times", "camera_events", Some("travel_times"), true),
-            ]
+            ])
         );
         // How each statement keeps its state: per input partition when it groups by its
         // input's key, else repartitioned when it can be, else one state.
@@ -335,28 +249,27 @@ mod tests {
         // Sensors' readings are keyed by ward: the engine cannot know each sensor stays in its
         // ward's partition, so the per-sensor aggregates are repartitioned and the per-sensor
         // detectors keep one state.
-        assert_eq!(
-            partitioning,
-            vec![
-                ("congestion_minute", "per_partition"),
-                ("air_hourly_sensor", "repartitioned"),
-                ("air_hourly_ward", "per_partition"),
-                ("air_daily_sensor", "repartitioned"),
-                ("alerts_congestion", "per_partition"),
-                ("alerts_incidents", "per_partition"),
-                ("alerts_incidents", "per_partition"),
-                ("alerts_pollution", "per_partition"),
-                ("alerts_sensor_faults", "single"),
-                ("alerts_sensor_faults", "single"),
-                ("alerts_sensor_faults", "single"),
-                ("alerts_sensor_faults", "single"),
-                ("alerts_pollution_hours", "per_partition"),
-                // A join of two topics keeps one state for both.
-                ("alerts_incidents_confirmed", "single"),
-                // A ranking needs every segment of a ward's minute in one state.
-                ("congestion_top_wards", "single"),
-                ("travel_times", "single"),
-            ]
-        );
+        let mut expected = vec![
+            ("congestion_minute", "per_partition"),
+            ("air_hourly_sensor", "repartitioned"),
+            ("air_hourly_ward", "per_partition"),
+            ("air_daily_sensor", "repartitioned"),
+            ("alerts_congestion", "per_partition"),
+            ("alerts_incidents", "per_partition"),
+            ("alerts_incidents", "per_partition"),
+            ("alerts_pollution", "per_partition"),
+            ("alerts_sensor_faults", "single"),
+            ("alerts_sensor_faults", "single"),
+            ("alerts_sensor_faults", "single"),
+            ("alerts_sensor_faults", "single"),
+            ("alerts_pollution_hours", "per_partition"),
+            // A join of two topics keeps one state for both.
+            ("alerts_incidents_confirmed", "single"),
+            // A ranking needs every segment of a ward's minute in one state.
+            ("congestion_top_wards", "single"),
+            ("travel_times", "single"),
+        ];
+        expected.sort_by_key(|r| r.0);
+        assert_eq!(partitioning, expected);
     }
 }

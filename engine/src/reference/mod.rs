@@ -139,33 +139,9 @@ pub const HOTSPOT_ROADS: &[&str] = &[
     "Hoàng Quốc Việt",
 ];
 
-/// The reference CSV files compiled into the binary: (file name, contents).
-pub const EMBEDDED: &[(&str, &str)] = &[
-    (
-        "wards.csv",
-        include_str!("../../../schemas/reference/wards.csv"),
-    ),
-    (
-        "segments.csv",
-        include_str!("../../../schemas/reference/segments.csv"),
-    ),
-    (
-        "cameras.csv",
-        include_str!("../../../schemas/reference/cameras.csv"),
-    ),
-    (
-        "detectors.csv",
-        include_str!("../../../schemas/reference/detectors.csv"),
-    ),
-    (
-        "sensors.csv",
-        include_str!("../../../schemas/reference/sensors.csv"),
-    ),
-    (
-        "pcu_factors.csv",
-        include_str!("../../../schemas/reference/pcu_factors.csv"),
-    ),
-];
+/// The reference CSV files compiled into the binary: (file name, contents), every `*.csv`
+/// of `schemas/reference/`.
+pub const EMBEDDED: &[(&str, &str)] = crate::embedded::REFERENCE_FILES;
 
 /// All reference data.
 #[derive(Debug, Clone)]
