@@ -53,6 +53,17 @@ fn declaration(name: &str, avsc: &str) -> Result<Option<StreamDeclaration>> {
             ),
         ));
     }
+    if let Some(time) = &declared.event_time
+        && !fields.contains(&time.as_str())
+    {
+        return Err(Error::schema(
+            name,
+            format!(
+                "\"urbanstream\": event_time {time} is not a field (fields: {})",
+                fields.join(", ")
+            ),
+        ));
+    }
     let valid = |s: &str| {
         !s.is_empty()
             && s.chars()
@@ -118,6 +129,10 @@ pub struct StreamDeclaration {
     /// The Protobuf message its records are when the city's inputs are Protobuf.
     #[serde(default)]
     pub protobuf_message: Option<String>,
+    /// The column queries reading the stream take event time from: `event_time` when the
+    /// record has one; an output stream read by another query names its own (`window_end`).
+    #[serde(default)]
+    pub event_time: Option<String>,
 }
 
 /// Which side of the engine a declared stream is on.

@@ -67,10 +67,15 @@ pub fn city_context_in(
         let topic = topics.topic_of(&declared);
         let mut table = StreamTable::from_topic_schema(
             declared.table.as_str(),
-            schema,
+            schema.clone(),
             topic,
             declared.key.as_deref(),
         )?;
+        if let Some(time) = &declared.event_time {
+            let mut options = table.options.clone();
+            options.event_time = Some(time.clone());
+            table = StreamTable::new(declared.table.as_str(), schema, options)?;
+        }
         match declared.role {
             StreamRole::Input => {
                 table.options.format = topics.input_format;
@@ -229,6 +234,29 @@ mod tests {
                     true
                 ),
                 ("travel_times", "camera_events", Some("travel_times"), true),
+                ("alerts_flood", "water_levels", alerts, true),
+                ("alerts_flooded_roads", "water_indicators", alerts, true),
+                ("alerts_parking_anomaly", "parking_readings", alerts, true),
+                ("alerts_parking_full", "parking_readings", alerts, true),
+                ("alerts_reports_confirmed", "citizen_reports", alerts, true),
+                (
+                    "parking_lot_availability",
+                    "parking_readings",
+                    Some("parking_availability"),
+                    true
+                ),
+                (
+                    "parking_ward_availability",
+                    "parking_readings",
+                    Some("parking_availability"),
+                    true
+                ),
+                (
+                    "water_level_gauge",
+                    "water_levels",
+                    Some("water_indicators"),
+                    true
+                ),
             ])
         );
         // How each statement keeps its state: per input partition when it groups by its

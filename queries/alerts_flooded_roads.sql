@@ -1,0 +1,48 @@
+-- Flooded roads: a gauge's 5-minute water indicator at warning level I or above, joined with
+-- the congestion indicators of the road segment it watches in the same five minutes (a
+-- stream-stream join of two indicator topics, bounded in event time), so the operator sees
+-- what the water does to the traffic: the slowest minute's speed and the worst level of
+-- service. Raised on the first flooded window, UPDATED as the warning level rises, cleared
+-- 15 minutes after the last.
+-- Published to city.alerts (kind flooded_road), keyed by entity_id.
+INSERT INTO alerts
+SELECT concat('flooded_road:', segment_id, ':', to_char(a['started_at'], '%Y%m%dT%H%M%S')) AS alert_id,
+       a['state'] AS state,
+       'flooded_road' AS kind,
+       'segment' AS entity_type,
+       segment_id AS entity_id,
+       ward_id,
+       'water level_cm, space_mean_speed_kmh, los' AS metric,
+       level AS value,
+       CAST(NULL AS DOUBLE) AS baseline,
+       CAST(warning AS DOUBLE) AS score,
+       'gauge + congestion indicators' AS detector,
+       'a gauge at warning level I or above and its segment''s traffic in the same 5 minutes raise; cleared 15 min after the last' AS rule,
+       window_start,
+       window_end,
+       a['started_at'] AS started_at,
+       CAST(1 + warning AS INT) AS severity,
+       concat('Water ', round(level, 1), ' cm (level ', warning, ') at ', gauges, ': traffic ',
+              round(speed, 1), ' km/h, level of service ', los) AS message
+FROM (
+    SELECT *,
+           alert_state(CAST(warning AS DOUBLE), window_end, 1, 0, INTERVAL '0 minutes',
+                       INTERVAL '0 minutes', INTERVAL '15 minutes')
+               OVER (PARTITION BY segment_id ORDER BY window_end) AS a
+    FROM (
+        SELECT w.segment_id, max(w.ward_id) AS ward_id, window.window_start AS window_start,
+               window.window_end AS window_end,
+               max(w.max_level_cm) AS level, max(w.warning_level) AS warning,
+               string_agg(DISTINCT w.gauge_id, ', ') AS gauges,
+               min(c.space_mean_speed_kmh) AS speed, max(c.los) AS los
+        FROM (SELECT gauge_id, ward_id, segment_id, window_start AS five, max_level_cm,
+                     warning_level
+              FROM water_indicators WHERE warning_level >= 1) w
+        JOIN (SELECT segment_id, window_start AS minute, space_mean_speed_kmh, los
+              FROM congestion_indicators) c
+          ON w.segment_id = c.segment_id
+         AND c.minute BETWEEN w.five AND w.five + INTERVAL '4 minutes'
+        GROUP BY tumble(w.five, INTERVAL '5 minutes'), w.segment_id
+    )
+)
+WHERE a['state'] IS NOT NULL;
