@@ -296,6 +296,16 @@ mod tests {
             // A ranking needs every segment of a ward's minute in one state.
             ("congestion_top_wards", "single"),
             ("travel_times", "single"),
+            ("alerts_flood", "per_partition"),
+            // Joins of two topics keep one state for both.
+            ("alerts_flooded_roads", "single"),
+            ("alerts_parking_anomaly", "per_partition"),
+            ("alerts_parking_full", "per_partition"),
+            ("alerts_reports_confirmed", "single"),
+            ("parking_lot_availability", "per_partition"),
+            // A window of the lots' windows, per ward: one state.
+            ("parking_ward_availability", "single"),
+            ("water_level_gauge", "per_partition"),
         ];
         expected.sort_by_key(|r| r.0);
         assert_eq!(partitioning, expected);
