@@ -12,6 +12,7 @@ SELECT concat('congestion_anomaly:', segment_id, ':', to_char(a['started_at'], '
        'congestion_anomaly' AS kind,
        'segment' AS entity_type,
        segment_id AS entity_id,
+       ward_id,
        'space_mean_speed_kmh' AS metric,
        speed AS value,
        d['baseline'] AS baseline,
@@ -34,10 +35,11 @@ FROM (
                anomaly_score(speed, window_end, INTERVAL '7 hours')
                    OVER (PARTITION BY segment_id ORDER BY window_end) AS d
         FROM (
-            SELECT segment_id, window_start, window_end, space_mean_speed(speed_kmh) AS speed
-            FROM camera_events
-            WHERE kind = 'detection'
-            GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id
+            SELECT c.segment_id, max(s.ward_id) AS ward_id, window_start, window_end,
+                   space_mean_speed(c.speed_kmh) AS speed
+            FROM camera_events c LEFT JOIN segments s ON c.segment_id = s.segment_id
+            WHERE c.kind = 'detection'
+            GROUP BY tumble(c.event_time, INTERVAL '1 minute'), c.segment_id
         )
     )
 )

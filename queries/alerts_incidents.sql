@@ -13,6 +13,7 @@ SELECT concat('incident:', segment_id, ':', to_char(a['started_at'], '%Y%m%dT%H%
        'incident' AS kind,
        'segment' AS entity_type,
        segment_id AS entity_id,
+       ward_id,
        'camera_incident_events' AS metric,
        CAST(events AS DOUBLE) AS value,
        CAST(0.0 AS DOUBLE) AS baseline,
@@ -30,11 +31,12 @@ FROM (
                        INTERVAL '0 minutes', INTERVAL '15 minutes')
                OVER (PARTITION BY segment_id ORDER BY window_end) AS a
     FROM (
-        SELECT segment_id, window_start, window_end, count(*) AS events,
-               max(severity) AS worst, string_agg(DISTINCT kind, ', ') AS kinds
-        FROM camera_events
-        WHERE kind <> 'detection' AND confidence >= 0.5
-        GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id
+        SELECT c.segment_id, max(s.ward_id) AS ward_id, window_start, window_end,
+               count(*) AS events, max(c.severity) AS worst,
+               string_agg(DISTINCT c.kind, ', ') AS kinds
+        FROM camera_events c LEFT JOIN segments s ON c.segment_id = s.segment_id
+        WHERE c.kind <> 'detection' AND c.confidence >= 0.5
+        GROUP BY tumble(c.event_time, INTERVAL '1 minute'), c.segment_id
     )
 )
 WHERE a['state'] IS NOT NULL;
@@ -45,6 +47,7 @@ SELECT concat('incident:', segment_id, ':', to_char(a['started_at'], '%Y%m%dT%H%
        'incident' AS kind,
        'segment' AS entity_type,
        segment_id AS entity_id,
+       ward_id,
        'mean_speed_kmh, occupancy_pct' AS metric,
        speed AS value,
        s['baseline'] AS baseline,
@@ -69,10 +72,10 @@ FROM (
                anomaly_score(speed, window_end, INTERVAL '7 hours') OVER w AS s,
                anomaly_score(occupancy, window_end, INTERVAL '7 hours') OVER w AS o
         FROM (
-            SELECT segment_id, window_start, window_end, avg(mean_speed_kmh) AS speed,
-                   avg(occupancy_pct) AS occupancy
-            FROM detector_readings
-            GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id
+            SELECT d.segment_id, max(s.ward_id) AS ward_id, window_start, window_end,
+                   avg(d.mean_speed_kmh) AS speed, avg(d.occupancy_pct) AS occupancy
+            FROM detector_readings d LEFT JOIN segments s ON d.segment_id = s.segment_id
+            GROUP BY tumble(d.event_time, INTERVAL '1 minute'), d.segment_id
         )
         WINDOW w AS (PARTITION BY segment_id ORDER BY window_end)
     )

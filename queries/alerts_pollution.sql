@@ -9,6 +9,7 @@ SELECT concat('pollution_episode:', ward_id, ':', to_char(a['started_at'], '%Y%m
        'pollution_episode' AS kind,
        'ward' AS entity_type,
        ward_id AS entity_id,
+       ward_id,
        'pm25_10min_aqi' AS metric,
        pm25 AS value,
        CAST(150.0 AS DOUBLE) AS baseline,

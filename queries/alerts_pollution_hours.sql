@@ -10,6 +10,7 @@ SELECT concat('pollution_episode_3h:', ward_id, ':', to_char(a['started_at'], '%
        'pollution_episode_3h' AS kind,
        'ward' AS entity_type,
        ward_id AS entity_id,
+       ward_id,
        'pm25_hourly_aqi' AS metric,
        pm25 AS value,
        CAST(150.0 AS DOUBLE) AS baseline,

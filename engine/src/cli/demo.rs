@@ -20,7 +20,8 @@ use crate::dashboard::{AirRow, AlertRow, CityView, IndicatorRow, View, read_outp
 use crate::error::{Error, Result};
 use crate::pipeline::{Pipeline, PipelineConfig, PipelineStats, Topics};
 use crate::reference::ReferenceData;
-use crate::simulate::{CitySimulator, ProducerStats, run_producer};
+use crate::schema::SchemaRegistry;
+use crate::simulate::{CitySimulator, ProducerStats, SimTopics, run_producer};
 use crate::time::display::DisplayZone;
 
 /// `YYYY-MM-DD HH:MM:SS` in the city's time, `-` for an unset time.
@@ -31,22 +32,23 @@ pub fn hanoi_time(epoch_ms: i64) -> String {
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> Result<()> {
     let topics = Topics::default();
+    let schemas = SchemaRegistry::embedded()?;
+    let all_topics = topics.declared(&schemas)?;
     let mut embedded = None;
     let brokers = match &args.brokers {
         Some(b) => {
             crate::broker::check_reachable(b).await?;
-            let wanted: Vec<_> = topics
-                .all()
-                .into_iter()
-                .map(|t| (t, args.partitions))
+            let wanted: Vec<_> = all_topics
+                .iter()
+                .map(|t| (t.clone(), args.partitions))
                 .collect();
             create_topics(b, &wanted).await?;
             b.clone()
         }
         None => {
             let broker = EmbeddedBroker::start()?;
-            for topic in topics.all() {
-                broker.create_topic(&topic, args.partitions)?;
+            for topic in &all_topics {
+                broker.create_topic(topic, args.partitions)?;
             }
             let b = broker.bootstrap_servers();
             embedded = Some(broker);
@@ -67,11 +69,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let sim_task = tokio::spawn(run_producer(
         simulator,
         sim_producer(&brokers)?,
-        [
-            topics.camera.clone(),
-            topics.detectors.clone(),
-            topics.air.clone(),
-        ],
+        SimTopics::new(&topics, &schemas)?,
         args.sim.speedup,
         sim_stop.clone(),
         sim_stats.clone(),

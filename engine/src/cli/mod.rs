@@ -19,7 +19,7 @@ use rdkafka::producer::FutureProducer;
 use crate::broker::{EmbeddedBroker, create_topics};
 use crate::error::{Error, Result};
 use crate::reference::ReferenceData;
-use crate::simulate::{CitySimulator, ProducerStats, SimConfig, run_producer};
+use crate::simulate::{CitySimulator, ProducerStats, SimConfig, SimTopic, SimTopics, run_producer};
 use crate::topics::Topics;
 
 /// urbanstream: a stream processing engine for a city's sensor and camera feeds.
@@ -247,25 +247,28 @@ impl SimArgs {
         let day = 86_400_000;
         let now = crate::pipeline::epoch_ms() + crate::simulate::HANOI_OFFSET_MS;
         let local_midnight = now.div_euclid(day) * day - day;
+        let start_ms = match self.start_ago {
+            // On a minute: detectors and sensors report on the minute.
+            Some(ago) => {
+                (crate::pipeline::epoch_ms()
+                    - i64::try_from(ago.as_millis()).unwrap_or(i64::MAX / 2))
+                .div_euclid(60_000)
+                    * 60_000
+            }
+            None => local_midnight + 6 * 3_600_000 + 30 * 60_000 - crate::simulate::HANOI_OFFSET_MS,
+        };
         SimConfig {
             seed: self.seed,
             detections_per_sim_second: self.rate / self.speedup.max(0.001),
-            start_ms: match self.start_ago {
-                // On a minute: detectors and sensors report on the minute.
-                Some(ago) => {
-                    (crate::pipeline::epoch_ms()
-                        - i64::try_from(ago.as_millis()).unwrap_or(i64::MAX / 2))
-                    .div_euclid(60_000)
-                        * 60_000
-                }
-                None => {
-                    local_midnight + 6 * 3_600_000 + 30 * 60_000 - crate::simulate::HANOI_OFFSET_MS
-                }
-            },
+            start_ms,
             malformed_share: self.malformed_share,
             late_share: self.late_share,
             out_of_order_share: self.out_of_order_share,
             air_history_hours: self.air_history_hours,
+            // Every feed, and a storm 40 simulated minutes in, so that flood warnings, flooded
+            // roads and the reports confirming them show within the first minutes.
+            all_feeds: true,
+            storm_at_ms: Some(start_ms + 40 * 60_000),
             ..SimConfig::default()
         }
     }
@@ -558,12 +561,11 @@ pub fn stop_on_signal(stop: Arc<AtomicBool>) {
 
 async fn simulate(args: SimulateArgs) -> Result<()> {
     crate::broker::check_reachable(&args.brokers).await?;
-    let topics = Topics::default();
+    let topics = SimTopics::city()?;
     if let Some(partitions) = args.create_topics {
-        let wanted: Vec<_> = topics
-            .inputs()
-            .into_iter()
-            .map(|t| (t, partitions))
+        let wanted: Vec<_> = SimTopic::ALL
+            .iter()
+            .map(|&feed| (topics.topic(feed).to_string(), partitions))
             .collect();
         create_topics(&args.brokers, &wanted).await?;
     }
@@ -583,7 +585,7 @@ async fn simulate(args: SimulateArgs) -> Result<()> {
     let mut task = tokio::spawn(run_producer(
         simulator,
         producer,
-        [topics.camera, topics.detectors, topics.air],
+        topics,
         args.sim.speedup,
         stop.clone(),
         stats.clone(),

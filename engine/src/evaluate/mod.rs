@@ -348,7 +348,7 @@ pub fn simulated(seed: u64, hours: u32) -> Result<Vec<Series>> {
                     .entry(text("sensor_id"))
                     .or_default()
                     .push((record.event_time, v["pm25"].as_f64())),
-                SimTopic::Camera => {}
+                _ => {}
             }
         }
     }

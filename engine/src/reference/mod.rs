@@ -294,7 +294,7 @@ fn unique<'a>(file: &str, ids: impl Iterator<Item = &'a str>) -> Result<()> {
     Ok(())
 }
 
-fn parse<T: DeserializeOwned>(file: &str, text: &str) -> Result<Vec<T>> {
+pub(crate) fn parse<T: DeserializeOwned>(file: &str, text: &str) -> Result<Vec<T>> {
     csv::ReaderBuilder::new()
         .trim(csv::Trim::Headers)
         .from_reader(text.as_bytes())

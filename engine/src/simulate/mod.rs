@@ -1,4 +1,4 @@
-//! Simulate: a deterministic simulated city producing the three input topics.
+//! Simulate: a deterministic simulated city producing the city's input topics.
 //!
 //! [`CitySimulator`] advances simulated time one second per [`CitySimulator::next_tick`] and
 //! returns that second's records: camera detections on every segment (motorbike-dominated class
@@ -6,6 +6,8 @@
 //! rush hours, injected incidents (a segment's speed collapses and its cameras raise incident
 //! events), haze episodes, sensor faults (stuck, missing, spikes), and a configurable share of
 //! malformed, out-of-order and late records. The same seed and settings give the same records.
+//! With [`SimConfig::all_feeds`] it also produces parking occupancy, water levels (with rain
+//! and floods that slow the traffic) and citizens' reports ([`services`]).
 //!
 //! [`run_producer`] paces the simulator against the wall clock (`speedup` simulated seconds per
 //! wall second) and produces into Kafka.
@@ -22,6 +24,8 @@ use serde::Serialize;
 
 use crate::reference::{HOTSPOT_ROADS, ReferenceData, RoadClass};
 
+pub mod services;
+
 /// Hanoi is UTC+7 all year.
 pub const HANOI_OFFSET_MS: i64 = 7 * 3_600_000;
 
@@ -34,6 +38,77 @@ pub enum SimTopic {
     Detector,
     /// `city.air.readings`.
     Air,
+    /// `city.parking.readings`.
+    Parking,
+    /// `city.water.levels`.
+    Water,
+    /// `city.citizen.reports`.
+    Report,
+}
+
+impl SimTopic {
+    /// Every feed.
+    pub const ALL: [SimTopic; 6] = [
+        SimTopic::Camera,
+        SimTopic::Detector,
+        SimTopic::Air,
+        SimTopic::Parking,
+        SimTopic::Water,
+        SimTopic::Report,
+    ];
+
+    /// The table of the city's SQL context the feed is (declared by its schema file).
+    pub fn table(self) -> &'static str {
+        match self {
+            SimTopic::Camera => "camera_events",
+            SimTopic::Detector => "detector_readings",
+            SimTopic::Air => "air_readings",
+            SimTopic::Parking => "parking_readings",
+            SimTopic::Water => "water_levels",
+            SimTopic::Report => "citizen_reports",
+        }
+    }
+}
+
+/// The topic of each of the simulator's feeds, as a deployment's `[topics]` names them.
+#[derive(Debug, Clone)]
+pub struct SimTopics(HashMap<SimTopic, String>);
+
+impl SimTopics {
+    /// The feeds' topics under `topics`, from the streams `schemas` declare.
+    pub fn new(
+        topics: &crate::topics::Topics,
+        schemas: &crate::schema::SchemaRegistry,
+    ) -> crate::error::Result<Self> {
+        let streams = schemas.streams()?;
+        let mut map = HashMap::new();
+        for feed in SimTopic::ALL {
+            let (_, declared) = streams
+                .iter()
+                .find(|(_, d)| d.table == feed.table())
+                .ok_or_else(|| {
+                    crate::error::Error::schema(
+                        feed.table(),
+                        "no schema file declares this stream (schemas/topics)",
+                    )
+                })?;
+            map.insert(feed, topics.topic_of(declared));
+        }
+        Ok(Self(map))
+    }
+
+    /// The city's default topics.
+    pub fn city() -> crate::error::Result<Self> {
+        Self::new(
+            &crate::topics::Topics::default(),
+            &crate::schema::SchemaRegistry::embedded()?,
+        )
+    }
+
+    /// The topic of `feed`.
+    pub fn topic(&self, feed: SimTopic) -> &str {
+        self.0.get(&feed).map_or("", String::as_str)
+    }
 }
 
 /// One simulated Kafka record.
@@ -72,6 +147,15 @@ pub struct SimConfig {
     /// Hours of air readings before `start_ms` that the first tick also returns, so that
     /// hourly indicators needing past hours (NowCast wants 2 of the latest 3) start at once.
     pub air_history_hours: u32,
+    /// Also parking occupancy, water levels and citizens' reports ([`services`]), each from a
+    /// random stream of its own (the other feeds' records stay those of the seed, but for
+    /// water slowing the traffic on flooded roads).
+    pub all_feeds: bool,
+    /// With `all_feeds`: a storm (85–110 mm/h at its peak) starts at this simulated time.
+    pub storm_at_ms: Option<i64>,
+    /// With `all_feeds`: citizens' reports per simulated hour besides those of floods, incidents
+    /// and haze.
+    pub reports_per_hour: f64,
 }
 
 impl Default for SimConfig {
@@ -86,6 +170,9 @@ impl Default for SimConfig {
             incidents_per_hour: 2.0,
             sensor_faults_per_hour: 3.0,
             air_history_hours: 0,
+            all_feeds: false,
+            storm_at_ms: None,
+            reports_per_hour: 12.0,
         }
     }
 }
@@ -198,6 +285,9 @@ pub struct CitySimulator {
     faults: HashMap<usize, SensorFault>,
     haze_until_ms: i64,
     haze_factor: f64,
+    services: Option<services::Services>,
+    /// Per segment: what the water on it leaves of its speed (1 when dry).
+    flood: Vec<f64>,
 }
 
 impl CitySimulator {
@@ -235,8 +325,14 @@ impl CitySimulator {
             .iter()
             .map(|w| (w.ward_id.clone(), rng.random_range(32.0..52.0)))
             .collect();
+        let services = config.all_feeds.then(|| {
+            services::Services::new(config.seed, config.storm_at_ms, config.reports_per_hour)
+        });
+        let flood = vec![1.0; reference.segments.len()];
         Self {
             now_ms: config.start_ms,
+            services,
+            flood,
             config,
             reference,
             rng,
@@ -287,6 +383,25 @@ impl CitySimulator {
             .collect()
     }
 
+    /// Gauges of roads with water at level I or above, with the level (cm).
+    pub fn flooded_gauges(&self) -> Vec<(&str, f64)> {
+        self.services.as_ref().map_or_else(Vec::new, |s| {
+            s.gauges
+                .iter()
+                .zip(&s.levels)
+                .filter(|(g, l)| g.on_road() && **l >= g.level_1_cm)
+                .map(|(g, l)| (g.gauge_id.as_str(), *l))
+                .collect()
+        })
+    }
+
+    /// The rain now, mm/h (0 without `all_feeds`).
+    pub fn rain_mm_h(&self) -> f64 {
+        self.services
+            .as_ref()
+            .map_or(0.0, |s| s.rain_mm_h(self.now_ms))
+    }
+
     /// Simulates one second and returns its records.
     pub fn next_tick(&mut self) -> Vec<SimRecord> {
         let t0 = self.now_ms;
@@ -310,7 +425,46 @@ impl CitySimulator {
             self.air(t0, hour, &mut out);
         }
         self.disturb(&mut out);
+        if t0.rem_euclid(60_000) == 0 {
+            // After the others' disturbances, which draw from the main random stream.
+            self.services_minute(t0, &mut out);
+        }
         out
+    }
+
+    fn services_minute(&mut self, t0: i64, out: &mut Vec<SimRecord>) {
+        let Some(services) = &mut self.services else {
+            return;
+        };
+        let incident_wards: Vec<String> = self
+            .incidents
+            .iter()
+            .map(|i| self.reference.segments[i.segment].ward_id.clone())
+            .collect();
+        services.minute(
+            t0,
+            &incident_wards,
+            self.haze_factor > 1.0,
+            self.config.malformed_share,
+            out,
+        );
+        // Water on a road slows it: a tenth of its speed gone at 5 cm, most of it at level III.
+        for (segment, factor) in self.reference.segments.iter().zip(self.flood.iter_mut()) {
+            let deepest = services
+                .gauges
+                .iter()
+                .zip(&services.levels)
+                .filter(|(g, _)| g.segment_id.as_deref() == Some(segment.segment_id.as_str()))
+                .map(|(g, l)| l / g.level_1_cm)
+                .fold(0.0, f64::max);
+            *factor = match deepest {
+                d if d >= 3.0 => 0.12,
+                d if d >= 2.0 => 0.25,
+                d if d >= 1.0 => 0.5,
+                d if d >= 0.5 => 0.85,
+                _ => 1.0,
+            };
+        }
     }
 
     fn update_events(&mut self, t0: i64) {
@@ -364,6 +518,7 @@ impl CitySimulator {
         if incident {
             factor = 0.12;
         }
+        factor = factor.min(self.flood[segment]);
         (s.free_flow_kmh * factor, incident)
     }
 
@@ -755,7 +910,7 @@ pub struct ProducerStats {
 }
 
 /// Paces `simulator` at `speedup` simulated seconds per wall second and produces its records
-/// into `topics` (camera, detector, air) until `stop` is set or `duration` of simulated time
+/// into `topics` until `stop` is set or `duration` of simulated time
 /// has passed. Simulated time is capped at the wall clock: once it reaches the present it runs
 /// in real time (one simulated second per second), so no event is stamped in the future, and
 /// the detections per simulated second grow by `speedup`, so the detections per wall-clock
@@ -763,7 +918,7 @@ pub struct ProducerStats {
 pub async fn run_producer(
     mut simulator: CitySimulator,
     producer: rdkafka::producer::FutureProducer,
-    topics: [String; 3],
+    topics: SimTopics,
     speedup: f64,
     stop: Arc<AtomicBool>,
     stats: Arc<ProducerStats>,
@@ -776,11 +931,7 @@ pub async fn run_producer(
     let mut real_time = false;
     while !stop.load(Ordering::Relaxed) {
         for record in simulator.next_tick() {
-            let topic = match record.topic {
-                SimTopic::Camera => &topics[0],
-                SimTopic::Detector => &topics[1],
-                SimTopic::Air => &topics[2],
-            };
+            let topic = topics.topic(record.topic);
             loop {
                 let r = FutureRecord::to(topic)
                     .key(&record.key)
