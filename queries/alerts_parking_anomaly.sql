@@ -1,10 +1,12 @@
 -- Occupancy anomalies per lot or street: each minute's occupancy is scored by the default
 -- detector (seasonal daily profile, robust residual scale, CUSUM for shifts) against the lot's
 -- own history, and alerted on its calibrated likelihood, one threshold for every lot whatever
--- its size and noise: raised when the likelihood stays at 0.9999 or more (about one minute in
--- 10 000 of a lot without anomalies) for 5 minutes, cleared below 0.99, 30 minutes' cooldown;
--- expires after an hour without data. The likelihood is null while the detector learns a lot
--- (its first 300 minutes), which raises nothing.
+-- its size and noise: raised on a minute at likelihood 0.9999 or more (about one minute in
+-- 10 000 of a lot without anomalies), cleared below 0.99, 30 minutes' cooldown; expires after
+-- an hour without data. The likelihood is null while the detector learns a lot (its first 300
+-- minutes), which raises nothing. The detector takes a lasting change (a lot closed, a counter
+-- stuck) as the lot's new level within minutes, so the alert marks where it began and clears
+-- while it may still last.
 -- Published to city.alerts (kind parking_anomaly), keyed by entity_id.
 INSERT INTO alerts
 SELECT concat('parking_anomaly:', lot_id, ':', to_char(a['started_at'], '%Y%m%dT%H%M%S')) AS alert_id,
@@ -18,7 +20,7 @@ SELECT concat('parking_anomaly:', lot_id, ':', to_char(a['started_at'], '%Y%m%dT
        d['baseline'] AS baseline,
        d['score'] AS score,
        'anomaly_score' AS detector,
-       'occupancy likelihood >= 0.9999 for 5 min raises, < 0.99 clears; cooldown 30 min; expires after 1 h without data' AS rule,
+       'occupancy likelihood >= 0.9999 raises, < 0.99 clears; cooldown 30 min; expires after 1 h without data' AS rule,
        window_start,
        window_end,
        a['started_at'] AS started_at,
@@ -28,7 +30,7 @@ SELECT concat('parking_anomaly:', lot_id, ':', to_char(a['started_at'], '%Y%m%dT
               round(d['likelihood'], 5), ')') AS message
 FROM (
     SELECT *,
-           alert_state(d['likelihood'], window_end, 0.9999, 0.99, INTERVAL '5 minutes',
+           alert_state(d['likelihood'], window_end, 0.9999, 0.99, INTERVAL '0 minutes',
                        INTERVAL '30 minutes', INTERVAL '1 hour')
                OVER (PARTITION BY lot_id ORDER BY window_end) AS a
     FROM (

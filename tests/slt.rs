@@ -3,6 +3,11 @@
 //! insert events → query the sink → advance the watermark → query again. Each file runs twice:
 //! as written, and with every query checkpointed, planned again and restored after each
 //! statement (`RESTART`), which must not change any result.
+//!
+//! Files under `tests/slt/city/` run in the city's SQL context (the streams declared by
+//! `schemas/topics/`, the reference tables of `schemas/reference/`), where
+//! `DEFAULT QUERY <name>` registers `queries/<name>.sql` as the service does: those files test
+//! the default queries themselves.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +17,9 @@ use datafusion::arrow::util::display::array_value_to_string;
 use datafusion::error::DataFusionError;
 use sqllogictest::{AsyncDB, DBOutput, DefaultColumnType, Runner};
 use urbanstream::deterministic::{DeterministicEngine, Outcome};
+use urbanstream::plan::{DEFAULT_QUERIES, city_context};
+use urbanstream::schema::SchemaRegistry;
+use urbanstream::topics::Topics;
 
 /// The engine, and whether it restarts from a checkpoint after every statement.
 struct Engine(DeterministicEngine, bool);
@@ -22,6 +30,20 @@ impl AsyncDB for Engine {
     type ColumnType = DefaultColumnType;
 
     async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, DataFusionError> {
+        let default_query = sql
+            .trim()
+            .strip_prefix("DEFAULT QUERY ")
+            .map(|name| name.trim().trim_end_matches(';'));
+        let sql = match default_query {
+            Some(name) => DEFAULT_QUERIES
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, sql)| *sql)
+                .ok_or_else(|| {
+                    DataFusionError::Plan(format!("no default query {name} in queries/"))
+                })?,
+            None => sql,
+        };
         match self.0.execute(sql).await? {
             Outcome::Done => {
                 // Not after DROP: a query of the service carries its own DDL, but here a
@@ -102,11 +124,19 @@ async fn main() {
         if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
             continue;
         }
+        let city = name.starts_with("city/");
         for restarts in [false, true] {
-            let mut runner =
-                Runner::new(
-                    move || async move { Ok(Engine(DeterministicEngine::new(), restarts)) },
-                );
+            let mut runner = Runner::new(move || async move {
+                let engine = if city {
+                    let schemas = SchemaRegistry::embedded().expect("schemas");
+                    DeterministicEngine::with_context(
+                        city_context(&Topics::default(), &schemas).expect("city"),
+                    )
+                } else {
+                    DeterministicEngine::new()
+                };
+                Ok(Engine(engine, restarts))
+            });
             let label = if restarts { " (restarting)" } else { "" };
             match runner.run_file_async(&file).await {
                 Ok(()) => {
