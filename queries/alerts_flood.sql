@@ -25,7 +25,8 @@ SELECT concat('flood_warning:', gauge_id, ':', to_char(a['started_at'], '%Y%m%dT
        concat(name, ': water ', round(level, 1), ' cm, ',
               CASE WHEN level >= l3 THEN 'level III' WHEN level >= l2 THEN 'level II'
                    WHEN level >= l1 THEN 'level I' ELSE 'below level I' END,
-              ' (I ', l1, ', II ', l2, ', III ', l3, ' cm)') AS message
+              ' (I ', CAST(l1 AS BIGINT), ', II ', CAST(l2 AS BIGINT), ', III ',
+              CAST(l3 AS BIGINT), ' cm)') AS message
 FROM (
     SELECT *,
            alert_state(step, window_end, 1, 0.8, INTERVAL '2 minutes', INTERVAL '30 minutes',

@@ -1,9 +1,9 @@
--- Flooded roads: a gauge's 5-minute water indicator at warning level I or above, joined with
--- the congestion indicators of the road segment it watches in the same five minutes (a
--- stream-stream join of two indicator topics, bounded in event time), so the operator sees
--- what the water does to the traffic: the slowest minute's speed and the worst level of
--- service. Raised on the first flooded window, UPDATED as the warning level rises, cleared
--- 15 minutes after the last.
+-- Flooded roads: a road gauge's 5-minute water indicators joined with the congestion
+-- indicators of the segment it watches in the same five minutes (a stream-stream join of two
+-- indicator topics, bounded in event time), so the operator sees what the water does to the
+-- traffic: the slowest minute's speed and the worst level of service. Raised on the first
+-- window at warning level I or above, UPDATED as the warning level changes, cleared on the
+-- first window below level I (or 15 minutes after the segment's last data).
 -- Published to city.alerts (kind flooded_road), keyed by entity_id.
 INSERT INTO alerts
 SELECT concat('flooded_road:', segment_id, ':', to_char(a['started_at'], '%Y%m%dT%H%M%S')) AS alert_id,
@@ -17,7 +17,7 @@ SELECT concat('flooded_road:', segment_id, ':', to_char(a['started_at'], '%Y%m%d
        CAST(NULL AS DOUBLE) AS baseline,
        CAST(warning AS DOUBLE) AS score,
        'gauge + congestion indicators' AS detector,
-       'a gauge at warning level I or above and its segment''s traffic in the same 5 minutes raise; cleared 15 min after the last' AS rule,
+       'a gauge at warning level I or above with its segment''s traffic in the same 5 minutes raises; below level I clears' AS rule,
        window_start,
        window_end,
        a['started_at'] AS started_at,
@@ -26,7 +26,7 @@ SELECT concat('flooded_road:', segment_id, ':', to_char(a['started_at'], '%Y%m%d
               round(speed, 1), ' km/h, level of service ', los) AS message
 FROM (
     SELECT *,
-           alert_state(CAST(warning AS DOUBLE), window_end, 1, 0, INTERVAL '0 minutes',
+           alert_state(CAST(warning AS DOUBLE), window_end, 1, 0.5, INTERVAL '0 minutes',
                        INTERVAL '0 minutes', INTERVAL '15 minutes')
                OVER (PARTITION BY segment_id ORDER BY window_end) AS a
     FROM (
@@ -37,7 +37,7 @@ FROM (
                min(c.space_mean_speed_kmh) AS speed, max(c.los) AS los
         FROM (SELECT gauge_id, ward_id, segment_id, window_start AS five, max_level_cm,
                      warning_level
-              FROM water_indicators WHERE warning_level >= 1) w
+              FROM water_indicators WHERE segment_id IS NOT NULL) w
         JOIN (SELECT segment_id, window_start AS minute, space_mean_speed_kmh, los
               FROM congestion_indicators) c
           ON w.segment_id = c.segment_id
