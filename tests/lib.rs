@@ -58,6 +58,43 @@ impl TestCluster {
         Ok((delivery.partition, delivery.offset))
     }
 
+    /// Produces every `(topic, key, value)`, each to the partition of `partitions` its key
+    /// hashes to (so a key stays in one partition), and waits for every acknowledgement.
+    pub async fn produce_keyed(
+        &self,
+        records: &[(String, String, Vec<u8>)],
+        partitions: i32,
+    ) -> anyhow::Result<()> {
+        let mut pending = Vec::with_capacity(records.len());
+        for (topic, key, value) in records {
+            let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            let partition = (hash % partitions as u64) as i32;
+            loop {
+                let record = FutureRecord::to(topic)
+                    .partition(partition)
+                    .key(key)
+                    .payload(value);
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push(delivery);
+                        break;
+                    }
+                    // The producer's queue is full: let what is in flight land first.
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        _,
+                    )) if !pending.is_empty() => wait_all(&mut pending).await?,
+                    Err((e, _)) => anyhow::bail!("produce failed: {e}"),
+                }
+            }
+        }
+        wait_all(&mut pending).await
+    }
+
     /// A consumer of `topic` from the beginning, in its own group.
     pub fn consumer(&self, topic: &str) -> anyhow::Result<StreamConsumer> {
         let consumer: StreamConsumer = ClientConfig::new()
@@ -67,6 +104,50 @@ impl TestCluster {
             .create()?;
         consumer.subscribe(&[topic])?;
         Ok(consumer)
+    }
+}
+
+/// Waits for every acknowledgement of `pending`.
+async fn wait_all(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Result<()> {
+    for delivery in pending.drain(..) {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => anyhow::bail!("produce failed: {e}"),
+            Err(_) => anyhow::bail!("produce cancelled"),
+        }
+    }
+    Ok(())
+}
+
+/// Reads JSON values from `consumer` until none has come for `quiet` (after the first), or
+/// `timeout` passes.
+pub async fn read_until_quiet(
+    consumer: &StreamConsumer,
+    quiet: Duration,
+    timeout: Duration,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return out;
+        }
+        let wait = if out.is_empty() {
+            left
+        } else {
+            quiet.min(left)
+        };
+        match tokio::time::timeout(wait, consumer.recv()).await {
+            Ok(Ok(m)) => {
+                if let Ok(v) = serde_json::from_slice(m.payload().unwrap_or_default()) {
+                    out.push(v);
+                }
+            }
+            Ok(Err(_)) => {}
+            Err(_) if out.is_empty() => {}
+            Err(_) => return out,
+        }
     }
 }
 

@@ -137,27 +137,42 @@ impl Topics {
         Ok(all)
     }
 
-    /// The input topics.
-    pub fn inputs(&self) -> Vec<String> {
-        vec![
-            self.camera.clone(),
-            self.detectors.clone(),
-            self.air.clone(),
-        ]
+    /// The topic of the stream a schema file compiled in declares as `table`.
+    pub fn topic_of_table(&self, table: &str) -> Option<String> {
+        let streams = crate::schema::SchemaRegistry::embedded()
+            .and_then(|s| s.streams())
+            .ok()?;
+        streams
+            .iter()
+            .find(|(_, d)| d.table == table)
+            .map(|(_, d)| self.topic_of(d))
     }
 
-    /// Every topic, inputs first.
+    /// The input topics: of every input stream the schema files compiled in declare.
+    pub fn inputs(&self) -> Vec<String> {
+        let fixed = || {
+            vec![
+                self.camera.clone(),
+                self.detectors.clone(),
+                self.air.clone(),
+            ]
+        };
+        match crate::schema::SchemaRegistry::embedded().and_then(|s| s.streams()) {
+            Ok(streams) => streams
+                .iter()
+                .filter(|(_, d)| d.role == crate::schema::StreamRole::Input)
+                .map(|(_, d)| self.topic_of(d))
+                .collect(),
+            Err(_) => fixed(),
+        }
+    }
+
+    /// Every topic of the streams the schema files compiled in declare, inputs first, then
+    /// the DLQ and the late topic: what a deployment creates.
     pub fn all(&self) -> Vec<String> {
-        let mut all = self.inputs();
-        all.extend([
-            self.congestion.clone(),
-            self.air_indicators.clone(),
-            self.congestion_top.clone(),
-            self.travel.clone(),
-            self.alerts.clone(),
-            self.dlq.clone(),
-            self.late.clone(),
-        ]);
-        all
+        match crate::schema::SchemaRegistry::embedded() {
+            Ok(schemas) => self.declared(&schemas).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
     }
 }
