@@ -51,6 +51,16 @@ fn topics(prefix: &str, input: Format, output: Format) -> Topics {
         late: p(&d.late),
         input_format: input,
         output_format: output,
+        streams: [
+            "parking_readings",
+            "water_levels",
+            "citizen_reports",
+            "parking_availability",
+            "water_indicators",
+        ]
+        .iter()
+        .map(|t| (t.to_string(), p(&d.topic_of_table(t).expect("declared"))))
+        .collect(),
     }
 }
 
@@ -176,6 +186,8 @@ async fn avro_and_protobuf_inputs_give_the_indicators_json_gives() -> anyhow::Re
                     &pb_detector,
                 ),
                 SimTopic::Air => (&json_topics.air, &avro.air, &air, &pb.air, &pb_air),
+                // The simulator makes the other feeds only when asked (`all_feeds`).
+                SimTopic::Parking | SimTopic::Water | SimTopic::Report => continue,
             };
             if record.topic == SimTopic::Camera {
                 cameras += 1;

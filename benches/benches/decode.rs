@@ -88,7 +88,7 @@ fn protobuf(
             schemas.get(schema).expect(schema),
             Some(("event_time", TimeUnit::Millisecond)),
             &codecs,
-            Some(message),
+            Some(message.as_str()),
         )
         .expect("decoder");
         group.throughput(Throughput::Elements(raw.len() as u64));

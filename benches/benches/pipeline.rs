@@ -29,6 +29,9 @@ fn stream_of(topic: SimTopic) -> (&'static str, &'static str) {
         SimTopic::Camera => ("camera_events", "camera_event"),
         SimTopic::Detector => ("detector_readings", "detector_reading"),
         SimTopic::Air => ("air_readings", "air_reading"),
+        SimTopic::Parking => ("parking_readings", "parking_reading"),
+        SimTopic::Water => ("water_levels", "water_level"),
+        SimTopic::Report => ("citizen_reports", "citizen_report"),
     }
 }
 

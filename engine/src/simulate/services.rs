@@ -133,6 +133,9 @@ impl Rain {
     }
 }
 
+/// A report to file: category, ward, location, text.
+type Filed = (&'static str, String, Option<(f64, f64)>, String);
+
 /// The state of the other feeds.
 pub(super) struct Services {
     rng: ChaCha8Rng,
@@ -325,7 +328,7 @@ impl Services {
         haze: bool,
         out: &mut Vec<SimRecord>,
     ) {
-        let mut filed: Vec<(&'static str, String, Option<(f64, f64)>, String)> = Vec::new();
+        let mut filed: Vec<Filed> = Vec::new();
         // Where water stands on a road, people report it.
         for (i, gauge) in self.gauges.iter().enumerate() {
             if gauge.on_road() && self.levels[i] >= gauge.level_1_cm && self.rng.random_bool(0.3) {
