@@ -122,6 +122,33 @@ fn the_console_shows_the_city_and_registers_a_query_in_a_real_browser() -> anyho
         })
         .collect();
     produce(&brokers, "city.indicators.air", &wards)?;
+    // A flooded road gauge (warning level II) and the parking of a ward.
+    produce(
+        &brokers,
+        "city.indicators.water",
+        &[(
+            "wl-001".into(),
+            json!({
+                "gauge_id": "wl-001", "ward_id": "thanh_xuan", "segment_id": "nguyen_trai_ntso",
+                "window_start": minute - 300_000, "window_end": minute, "level_cm": 21.5,
+                "max_level_cm": 22.0, "rise_cm_h": 60.0, "rainfall_mm_h": 85.0,
+                "warning_level": 2, "readings": 5,
+            }),
+        )],
+    )?;
+    produce(
+        &brokers,
+        "city.indicators.parking",
+        &[(
+            "hoan_kiem".into(),
+            json!({
+                "entity_type": "ward", "entity_id": "hoan_kiem", "ward_id": "hoan_kiem",
+                "window_start": minute - 300_000, "window_end": minute, "lots": 4,
+                "capacity": 570, "occupancy_pct": 96.5, "free_spaces": 20.0,
+                "peak_occupancy_pct": 100.0, "readings": 20,
+            }),
+        )],
+    )?;
 
     let port = free_port()?;
     let config = service_config(

@@ -45,6 +45,16 @@ try {
     Number(segments), { timeout: TIMEOUT });
   await page.waitForFunction(() => document.querySelectorAll('#map .ward[data-aqi]:not([data-aqi=""])').length > 0,
     null, { timeout: TIMEOUT });
+  // Flood warnings and parking beside them: the gauge at level II, the ward's parking.
+  await page.waitForFunction(() => document.querySelector('#map .gauge[data-gauge="wl-001"]')?.dataset.warning === '2',
+    null, { timeout: TIMEOUT });
+  await page.waitForSelector('#water tr[data-gauge="wl-001"]', { timeout: TIMEOUT });
+  const water = await page.textContent('#water tr[data-gauge="wl-001"]');
+  if (!water.includes('21.5') || !water.includes('Warning level II')) throw new Error('water row: ' + water);
+  await page.waitForSelector('#parking tr[data-ward="hoan_kiem"]', { timeout: TIMEOUT });
+  const parking = await page.textContent('#parking tr[data-ward="hoan_kiem"]');
+  if (!parking.includes('96.5 %') || !parking.includes('570')) throw new Error('parking row: ' + parking);
+  if ((await page.$$('#map .lot')).length === 0) throw new Error('no parking lot on the map');
   const legend = await page.textContent('#legend-aqi');
   if (!legend.includes('Nguy hại') || !legend.includes('Hazardous')) throw new Error('AQI legend: ' + legend);
   const connection = await page.textContent('#connection');

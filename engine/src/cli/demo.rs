@@ -156,8 +156,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 .values()
                 .filter(|r| r.window_end == v.last_hour)
                 .max_by_key(|r| r.aqi);
+            let flooded = v.water.values().filter(|g| g.warning_level >= 1).count();
+            let fullest = v.parking_wards.values().max_by(|a, b| {
+                a.occupancy_pct
+                    .unwrap_or(0.0)
+                    .total_cmp(&b.occupancy_pct.unwrap_or(0.0))
+            });
             println!(
-                "t={:>4}s in={:>7.0}/s events={} dlq={} late={} indicators_out={} received={} watermark={} worst_ward_aqi={}",
+                "t={:>4}s in={:>7.0}/s events={} dlq={} late={} indicators_out={} received={} watermark={} worst_ward_aqi={} gauges_at_warning={flooded} fullest_parking={}",
                 started.elapsed().as_secs(),
                 rate,
                 records,
@@ -171,6 +177,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                     r.entity_id,
                     r.aqi.map_or("-".into(), |a| a.to_string()),
                     r.category_en.as_deref().unwrap_or("-")
+                )),
+                fullest.map_or("-".into(), |p| format!(
+                    "{}:{:.0}%",
+                    p.entity_id,
+                    p.occupancy_pct.unwrap_or(0.0)
                 )),
             );
         }
@@ -224,8 +235,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         );
     }
     println!(
-        "  note: the view reads back congestion, air and alerts (not the top-5 and travel-time \
-         topics); a late event is one record per query it was late for"
+        "  note: the view reads back congestion, air, parking, water and alerts (not the top-5 \
+         and travel-time topics); a late event is one record per query it was late for"
     );
     if on_embedded {
         println!("  note: {}", crate::broker::LIMITS);
@@ -368,6 +379,40 @@ fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Insta
             row.pm25_nowcast.map_or_else(dash, |v| format!("{v:.1}")),
         ));
     }
+    // Water and parking, from city.indicators.water and city.indicators.parking.
+    let mut gauges: Vec<_> = view.water.values().collect();
+    gauges.sort_by(|a, b| {
+        b.warning_level.cmp(&a.warning_level).then(
+            b.level_cm
+                .unwrap_or(0.0)
+                .total_cmp(&a.level_cm.unwrap_or(0.0)),
+        )
+    });
+    out.push_str("\nwater (warning level 0–III, from city.indicators.water)   ");
+    for g in gauges.iter().take(4) {
+        out.push_str(&format!(
+            "{} {} cm ({})   ",
+            truncate(city.name(&g.gauge_id), 22),
+            g.level_cm.map_or_else(dash, |v| format!("{v:.0}")),
+            ["-", "I", "II", "III"][g.warning_level.clamp(0, 3) as usize],
+        ));
+    }
+    let mut parking: Vec<_> = view.parking_wards.values().collect();
+    parking.sort_by(|a, b| {
+        b.occupancy_pct
+            .unwrap_or(0.0)
+            .total_cmp(&a.occupancy_pct.unwrap_or(0.0))
+    });
+    out.push_str("\nparking (occupied, free spaces; from city.indicators.parking)  ");
+    for p in parking.iter().take(4) {
+        out.push_str(&format!(
+            "{} {} % ({} free)   ",
+            truncate(city.name(&p.entity_id), 16),
+            p.occupancy_pct.map_or_else(dash, |v| format!("{v:.0}")),
+            p.free_spaces.map_or_else(dash, |v| format!("{v:.0}")),
+        ));
+    }
+    out.push('\n');
     let alerts: Vec<&AlertRow> = view.active_alerts();
     out.push_str(&format!(
         "\nactive alerts {} (raised {}, cleared {}; from city.alerts)\n",

@@ -125,6 +125,55 @@ pub struct AlertRow {
     pub message: Option<String>,
 }
 
+/// A parking availability row (a lot's or a ward's) as read back from its topic.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ParkingRow {
+    /// `lot` or `ward`.
+    pub entity_type: String,
+    /// Lot or ward id.
+    pub entity_id: String,
+    /// Ward.
+    pub ward_id: String,
+    /// Window start, epoch ms.
+    pub window_start: i64,
+    /// Spaces.
+    pub capacity: i64,
+    /// Occupied share, percent.
+    pub occupancy_pct: Option<f64>,
+    /// Free spaces.
+    pub free_spaces: Option<f64>,
+}
+
+/// A water indicator as read back from its topic.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct WaterRow {
+    /// Gauge.
+    pub gauge_id: String,
+    /// Window start, epoch ms.
+    pub window_start: i64,
+    /// Latest level, cm.
+    pub level_cm: Option<f64>,
+    /// Highest level in the window, cm.
+    pub max_level_cm: Option<f64>,
+    /// Rate of rise, cm/h.
+    pub rise_cm_h: Option<f64>,
+    /// Rainfall, mm/h.
+    #[serde(default)]
+    pub rainfall_mm_h: Option<f64>,
+    /// 0, or warning level I, II or III.
+    pub warning_level: i32,
+}
+
+/// Latest row per key: keeps `row` unless a newer one is there.
+fn keep_latest<R>(rows: &mut HashMap<String, R>, id: String, row: R, start: impl Fn(&R) -> i64) {
+    match rows.get(&id) {
+        Some(old) if start(old) > start(&row) => {}
+        _ => {
+            rows.insert(id, row);
+        }
+    }
+}
+
 /// What the output topics say now.
 #[derive(Debug, Clone, Default)]
 pub struct View {
@@ -144,6 +193,16 @@ pub struct View {
     pub wards: HashMap<String, AirRow>,
     /// Newest hourly ward window end seen.
     pub last_hour: i64,
+    /// Latest parking availability per lot.
+    pub parking_lots: HashMap<String, ParkingRow>,
+    /// Latest parking availability per ward.
+    pub parking_wards: HashMap<String, ParkingRow>,
+    /// Newest parking window start seen.
+    pub last_parking: i64,
+    /// Latest water indicator per gauge.
+    pub water: HashMap<String, WaterRow>,
+    /// The parking and water topics (of the streams the schema files declare), once looked up.
+    pub other_topics: Option<(String, String)>,
     /// The segments and wards rows are kept for (those of the map); none: every one. The
     /// topics are written by analysts' queries: ids outside the reference must not grow the
     /// view without bound.
@@ -189,6 +248,30 @@ impl View {
                 }
                 self.alerts.insert(row.alert_id.clone(), row);
             }
+        } else if self.other_topic(topics, 0) == topic {
+            let Ok(row) = serde_json::from_slice::<ParkingRow>(payload) else {
+                return false;
+            };
+            if !self.is_known(&row.entity_id) {
+                return false;
+            }
+            self.last_parking = self.last_parking.max(row.window_start);
+            let rows = if row.entity_type == "ward" {
+                &mut self.parking_wards
+            } else {
+                &mut self.parking_lots
+            };
+            keep_latest(rows, row.entity_id.clone(), row, |r| r.window_start);
+        } else if self.other_topic(topics, 1) == topic {
+            let Ok(row) = serde_json::from_slice::<WaterRow>(payload) else {
+                return false;
+            };
+            if !self.is_known(&row.gauge_id) {
+                return false;
+            }
+            keep_latest(&mut self.water, row.gauge_id.clone(), row, |r| {
+                r.window_start
+            });
         } else if topic == topics.air_indicators.as_str() {
             let Ok(row) = serde_json::from_slice::<AirRow>(payload) else {
                 return false;
@@ -210,6 +293,21 @@ impl View {
         }
         self.received += 1;
         true
+    }
+
+    /// The parking (0) or water (1) topic under `topics`.
+    fn other_topic(&mut self, topics: &Topics, which: usize) -> &str {
+        let (parking, water) = self.other_topics.get_or_insert_with(|| {
+            (
+                topics
+                    .topic_of_table("parking_availability")
+                    .unwrap_or_default(),
+                topics
+                    .topic_of_table("water_indicators")
+                    .unwrap_or_default(),
+            )
+        });
+        if which == 0 { parking } else { water }
     }
 
     fn is_known(&self, id: &str) -> bool {
@@ -249,6 +347,7 @@ pub struct CityView {
 impl CityView {
     /// An empty view over the reference geometry of `reference`, its times shown in `zone`.
     pub fn new(reference: &ReferenceData, zone: DisplayZone) -> Arc<Self> {
+        let (lots, gauges) = crate::reference::services::lots_and_gauges().unwrap_or_default();
         let names = reference
             .segments
             .iter()
@@ -259,6 +358,8 @@ impl CityView {
                     .iter()
                     .map(|w| (w.ward_id.clone(), w.name.clone())),
             )
+            .chain(lots.iter().map(|l| (l.lot_id.clone(), l.name.clone())))
+            .chain(gauges.iter().map(|g| (g.gauge_id.clone(), g.name.clone())))
             .collect();
         Arc::new(Self {
             view: Mutex::new(View {
@@ -268,6 +369,8 @@ impl CityView {
                         .iter()
                         .map(|s| s.segment_id.clone())
                         .chain(reference.wards.iter().map(|w| w.ward_id.clone()))
+                        .chain(lots.iter().map(|l| l.lot_id.clone()))
+                        .chain(gauges.iter().map(|g| g.gauge_id.clone()))
                         .collect(),
                 )),
                 ..View::default()
@@ -276,7 +379,7 @@ impl CityView {
             closing: watch::Sender::new(false),
             text: Mutex::new(None),
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
-            map: map_of(reference),
+            map: map_of(reference, &lots, &gauges),
             names,
             zone,
         })
@@ -311,7 +414,9 @@ impl CityView {
 
     /// The view as JSON: `congestion.segments` (latest row per segment, with `stale` when its
     /// window is over ten minutes older than the newest), `air.wards` (latest hourly VN_AQI
-    /// per ward), `alerts` (active, at most 100), the counts, and the display time zone.
+    /// per ward), `parking.lots` and `parking.wards` (latest availability of each, within
+    /// half an hour of the newest), `water.gauges` (latest indicator per gauge), `alerts`
+    /// (active, at most 100), the counts, and the display time zone.
     pub fn snapshot(&self) -> Value {
         let version = *self.version.borrow();
         self.with(|v| {
@@ -359,6 +464,26 @@ impl CityView {
                     "hour": (v.last_hour > 0).then(|| self.zone.format(v.last_hour)),
                     "wards": wards,
                 },
+                "parking": {
+                    "window": (v.last_parking > 0).then(|| self.zone.format(v.last_parking)),
+                    "lots": v.parking_lots.iter()
+                        .filter(|(_, r)| r.window_start >= v.last_parking - 1_800_000)
+                        .map(|(id, r)| (id.clone(), json!(r)))
+                        .collect::<serde_json::Map<String, Value>>(),
+                    "wards": v.parking_wards.iter()
+                        .filter(|(_, r)| r.window_start >= v.last_parking - 1_800_000)
+                        .map(|(id, r)| (id.clone(), json!(r)))
+                        .collect::<serde_json::Map<String, Value>>(),
+                },
+                "water": {
+                    "gauges": v.water.iter()
+                        .map(|(id, r)| {
+                            let mut row = json!(r);
+                            row["time"] = json!(self.zone.format(r.window_start));
+                            (id.clone(), row)
+                        })
+                        .collect::<serde_json::Map<String, Value>>(),
+                },
                 "alerts": alerts,
                 "alerts_active": v.alerts.len(),
                 "raised": v.raised,
@@ -397,8 +522,13 @@ impl CityView {
     }
 }
 
-/// Segments as `[[lon, lat], …]` lines and wards as points, with the bounds of both.
-fn map_of(reference: &ReferenceData) -> Value {
+/// Segments as `[[lon, lat], …]` lines, wards, parking lots and gauges as points, with the
+/// bounds of segments and wards.
+fn map_of(
+    reference: &ReferenceData,
+    lots: &[crate::reference::services::ParkingLot],
+    gauges: &[crate::reference::services::Gauge],
+) -> Value {
     let mut bounds = [f64::MAX, f64::MAX, f64::MIN, f64::MIN];
     let mut extend = |lon: f64, lat: f64| {
         bounds = [
@@ -430,7 +560,22 @@ fn map_of(reference: &ReferenceData) -> Value {
             json!({ "id": w.ward_id, "name": w.name, "lat": w.lat, "lon": w.lon })
         })
         .collect();
-    json!({ "segments": segments, "wards": wards, "bounds": bounds })
+    let lots: Vec<Value> = lots
+        .iter()
+        .map(|l| {
+            json!({ "id": l.lot_id, "name": l.name, "kind": l.kind, "ward_id": l.ward_id,
+                    "capacity": l.capacity, "lat": l.lat, "lon": l.lon })
+        })
+        .collect();
+    let gauges: Vec<Value> = gauges
+        .iter()
+        .map(|g| {
+            json!({ "id": g.gauge_id, "name": g.name, "kind": g.kind, "ward_id": g.ward_id,
+                    "segment_id": g.segment_id, "lat": g.lat, "lon": g.lon,
+                    "levels": [g.level_1_cm, g.level_2_cm, g.level_3_cm] })
+        })
+        .collect();
+    json!({ "segments": segments, "wards": wards, "lots": lots, "gauges": gauges, "bounds": bounds })
 }
 
 /// The points of a WKT `LINESTRING(lon lat, …)`; none when it is not one.
@@ -455,7 +600,8 @@ fn linestring(wkt: &str) -> Vec<[f64; 2]> {
         .collect()
 }
 
-/// Reads the congestion, air and alert topics of `topics` into `view` until `stop`: each
+/// Reads the congestion, air, parking, water and alert topics of `topics` into `view` until
+/// `stop`: each
 /// partition from its last [`TAIL`] records, partitions that appear later (topics created
 /// after the start) from their beginning. Avro records are read through `registry`.
 pub async fn read_outputs(
@@ -499,11 +645,16 @@ async fn read_with_one_client(
             .set("auto.offset.reset", "earliest")
             .create()?,
     );
-    let wanted = [
+    let mut wanted = vec![
         topics.congestion.clone(),
         topics.air_indicators.clone(),
         topics.alerts.clone(),
     ];
+    wanted.extend(
+        ["parking_availability", "water_indicators"]
+            .iter()
+            .filter_map(|t| topics.topic_of_table(t)),
+    );
     let mut assigned: HashMap<String, usize> = HashMap::new();
     let mut first = true;
     let mut next_check = tokio::time::Instant::now();

@@ -23,6 +23,55 @@ fn view_takes_rows_of_both_indicator_topics() {
 }
 
 #[test]
+fn parking_and_water_rows_reach_the_snapshot_and_the_map_places_lots_and_gauges() {
+    let reference = ReferenceData::embedded().unwrap();
+    let city = CityView::new(&reference, DisplayZone::CITY);
+    let topics = Topics::default();
+    let parking = topics.topic_of_table("parking_availability").unwrap();
+    let water = topics.topic_of_table("water_indicators").unwrap();
+    let lot = |start: i64, pct: f64| {
+        format!(
+            r#"{{"entity_type":"lot","entity_id":"pk-hk-01","ward_id":"hoan_kiem",
+            "window_start":{start},"window_end":{},"lots":1,"capacity":320,
+            "occupancy_pct":{pct},"free_spaces":{},"peak_occupancy_pct":{pct},"readings":5}}"#,
+            start + 300_000,
+            320.0 * (1.0 - pct / 100.0)
+        )
+    };
+    assert!(city.take(&parking, &topics, lot(600_000, 97.5).as_bytes()));
+    // An older window read late does not replace it.
+    assert!(city.take(&parking, &topics, lot(300_000, 40.0).as_bytes()));
+    let ward = br#"{"entity_type":"ward","entity_id":"hoan_kiem","ward_id":"hoan_kiem",
+        "window_start":600000,"window_end":900000,"lots":2,"capacity":360,
+        "occupancy_pct":93.6,"free_spaces":23.0,"peak_occupancy_pct":100.0,"readings":8}"#;
+    assert!(city.take(&parking, &topics, ward));
+    let gauge = br#"{"gauge_id":"wl-001","ward_id":"thanh_xuan","segment_id":"nguyen_trai_ntso",
+        "window_start":600000,"window_end":900000,"level_cm":21.0,"max_level_cm":22.0,
+        "rise_cm_h":60.0,"rainfall_mm_h":80.0,"warning_level":2,"readings":5}"#;
+    assert!(city.take(&water, &topics, gauge));
+    // Ids outside the reference are not kept.
+    let stranger = br#"{"gauge_id":"wl-x","window_start":600000,"level_cm":1.0,
+        "max_level_cm":1.0,"rise_cm_h":null,"warning_level":0}"#;
+    assert!(!city.take(&water, &topics, stranger));
+    let snapshot = city.snapshot();
+    assert_eq!(
+        snapshot["parking"]["lots"]["pk-hk-01"]["occupancy_pct"],
+        97.5
+    );
+    assert_eq!(
+        snapshot["parking"]["wards"]["hoan_kiem"]["free_spaces"],
+        23.0
+    );
+    assert_eq!(snapshot["water"]["gauges"]["wl-001"]["warning_level"], 2);
+    assert!(snapshot["water"]["gauges"].get("wl-x").is_none());
+    let map = city.map();
+    let (lots, gauges) = crate::reference::services::lots_and_gauges().unwrap();
+    assert_eq!(map["lots"].as_array().unwrap().len(), lots.len());
+    assert_eq!(map["gauges"].as_array().unwrap().len(), gauges.len());
+    assert_eq!(map["gauges"][0]["levels"], json!([10.0, 20.0, 30.0]));
+}
+
+#[test]
 fn an_older_window_read_late_does_not_replace_a_newer_one() {
     let topics = Topics::default();
     let mut view = View::default();

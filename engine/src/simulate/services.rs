@@ -19,72 +19,10 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{SimRecord, SimTopic};
-use crate::reference::{ReferenceData, parse};
-
-/// A lot or street of `parking_lots.csv`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ParkingLot {
-    /// Stable id.
-    pub lot_id: String,
-    /// Display name.
-    pub name: String,
-    /// `lot` (a barrier counter) or `street` (bay sensors).
-    pub kind: String,
-    /// Demand pattern: `old_quarter`, `office`, `visitor` or `market`.
-    pub area: String,
-    /// Ward it is in.
-    pub ward_id: String,
-    /// Spaces.
-    pub capacity: u32,
-    /// Latitude.
-    pub lat: f64,
-    /// Longitude.
-    pub lon: f64,
-}
-
-/// A water-level gauge or camera of `gauges.csv`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Gauge {
-    /// Stable id.
-    pub gauge_id: String,
-    /// Display name.
-    pub name: String,
-    /// `gauge` or `camera`.
-    pub kind: String,
-    /// Ward it is in.
-    pub ward_id: String,
-    /// Road segment it watches; empty for the river gauge.
-    pub segment_id: Option<String>,
-    /// Latitude.
-    pub lat: f64,
-    /// Longitude.
-    pub lon: f64,
-    /// Warning level I, cm.
-    pub level_1_cm: f64,
-    /// Warning level II, cm.
-    pub level_2_cm: f64,
-    /// Warning level III, cm.
-    pub level_3_cm: f64,
-}
-
-impl Gauge {
-    /// Whether it watches a road (not the river).
-    pub fn on_road(&self) -> bool {
-        self.segment_id.as_deref().is_some_and(|s| !s.is_empty())
-    }
-}
-
-/// The lots and gauges compiled into the binary.
-pub fn lots_and_gauges() -> crate::error::Result<(Vec<ParkingLot>, Vec<Gauge>)> {
-    let text = |file: &str| ReferenceData::embedded_csv(file).unwrap_or_default();
-    Ok((
-        parse("parking_lots.csv", text("parking_lots.csv"))?,
-        parse("gauges.csv", text("gauges.csv"))?,
-    ))
-}
+pub use crate::reference::services::{Gauge, ParkingLot, lots_and_gauges};
 
 #[derive(Serialize)]
 struct ParkingJson<'a> {

@@ -21,7 +21,20 @@ const AQI = [
   { max: 300, color: 'rgb(143,63,151)', vi: 'Rất xấu', en: 'Very bad' },
   { max: Infinity, color: 'rgb(126,0,35)', vi: 'Nguy hại', en: 'Hazardous' },
 ];
+// Parking occupancy and water warning levels.
+const PARKING = [
+  { max: 70, color: '#2c7bb6', vi: 'Còn chỗ', en: 'Spaces free' },
+  { max: 90, color: '#fdae61', vi: 'Gần đầy', en: 'Filling' },
+  { max: Infinity, color: '#7b3294', vi: 'Đầy', en: 'Full' },
+];
+const WATER = [
+  { color: '#74add1', vi: 'Bình thường', en: 'Below level I' },
+  { color: '#ffd92f', vi: 'Báo động I', en: 'Warning level I' },
+  { color: '#fc8d59', vi: 'Báo động II', en: 'Warning level II' },
+  { color: '#b2182b', vi: 'Báo động III', en: 'Warning level III' },
+];
 const SVG = 'http://www.w3.org/2000/svg';
+function parkingCategory(pct) { return PARKING.find((c) => pct < c.max) || PARKING[PARKING.length - 1]; }
 const $ = (id) => document.getElementById(id);
 
 const state = { map: null, snapshot: null, offsetMinutes: 420, zone: 'UTC+07:00', hasConsole: false, seen: new Map() };
@@ -108,6 +121,13 @@ function legends() {
     aqi.append(el('li', {}, el('span', { class: 'swatch', background: c.color }), `${range} ${c.vi} / ${c.en}`));
     low = c.max + 1;
   }
+  const other = $('legend-other');
+  for (const c of PARKING) {
+    other.append(el('li', {}, el('span', { class: 'swatch', background: c.color }), `■ ${c.vi} / ${c.en}`));
+  }
+  for (const c of WATER) {
+    other.append(el('li', {}, el('span', { class: 'swatch', background: c.color }), `◆ ${c.vi} / ${c.en}`));
+  }
 }
 
 function drawMap(map) {
@@ -147,7 +167,29 @@ function drawMap(map) {
     line.append(title);
     segments.append(line);
   }
-  root.append(wards, segments);
+  // Parking lots as squares, gauges as diamonds, where they fall inside the view.
+  const inside = (p) => p.lon >= w && p.lon <= e && p.lat >= s && p.lat <= n;
+  const marks = svg('g', { id: 'points-layer' });
+  for (const lot of map.lots || []) {
+    if (!inside(lot)) continue;
+    const [x, y] = project(lot.lon, lot.lat);
+    const square = svg('rect', { class: 'lot', x: (x - 6).toFixed(1), y: (y - 6).toFixed(1), width: 12, height: 12, fill: NO_DATA, 'data-lot': lot.id });
+    const title = svg('title');
+    title.textContent = lot.name;
+    square.append(title);
+    marks.append(square);
+  }
+  for (const gauge of map.gauges || []) {
+    if (!inside(gauge)) continue;
+    const [x, y] = project(gauge.lon, gauge.lat);
+    const d = `M${x.toFixed(1)},${(y - 9).toFixed(1)} L${(x + 9).toFixed(1)},${y.toFixed(1)} L${x.toFixed(1)},${(y + 9).toFixed(1)} L${(x - 9).toFixed(1)},${y.toFixed(1)} Z`;
+    const diamond = svg('path', { class: 'gauge', d, fill: NO_DATA, 'data-gauge': gauge.id, 'data-warning': '' });
+    const title = svg('title');
+    title.textContent = gauge.name;
+    diamond.append(title);
+    marks.append(diamond);
+  }
+  root.append(wards, segments, marks);
 }
 
 function paint(snapshot) {
@@ -186,8 +228,70 @@ function paint(snapshot) {
     `${Object.keys(rows).length} đoạn đường / segments with data`;
   $('clock').textContent = window ? `${window} ${state.zone}` : '';
   for (const th of document.querySelectorAll('th[data-zone]')) th.textContent = `${th.dataset.zone} (${state.zone})`;
+  paintPoints(snapshot);
   paintAlerts(snapshot);
+  paintWater(snapshot);
+  paintParking(snapshot, wardNames);
   paintWards(snapshot, wardNames);
+}
+
+function paintPoints(snapshot) {
+  const lots = snapshot.parking?.lots || {};
+  const lotNames = new Map((state.map?.lots || []).map((l) => [l.id, l.name]));
+  for (const square of document.querySelectorAll('#map .lot')) {
+    const id = square.dataset.lot;
+    const row = lots[id];
+    const pct = row ? row.occupancy_pct : null;
+    const cat = pct === null || pct === undefined ? null : parkingCategory(pct);
+    square.setAttribute('fill', cat ? cat.color : NO_DATA);
+    square.querySelector('title').textContent = row
+      ? `${lotNames.get(id) || id}: ${pct.toFixed(1)} % · ${Math.round(row.free_spaces ?? 0)}/${row.capacity} chỗ trống / free`
+      : `${lotNames.get(id) || id}: chưa có dữ liệu / no data`;
+  }
+  const gauges = snapshot.water?.gauges || {};
+  const gaugeNames = new Map((state.map?.gauges || []).map((g) => [g.id, g.name]));
+  for (const diamond of document.querySelectorAll('#map .gauge')) {
+    const id = diamond.dataset.gauge;
+    const row = gauges[id];
+    const level = row ? Math.max(0, Math.min(3, row.warning_level)) : null;
+    diamond.setAttribute('fill', level === null ? NO_DATA : WATER[level].color);
+    diamond.dataset.warning = level === null ? '' : String(level);
+    diamond.querySelector('title').textContent = row
+      ? `${gaugeNames.get(id) || id}: ${row.level_cm ?? '-'} cm · ${WATER[level].vi} / ${WATER[level].en}`
+      : `${gaugeNames.get(id) || id}: chưa có dữ liệu / no data`;
+  }
+}
+
+function paintWater(snapshot) {
+  const body = $('water').tBodies[0];
+  const gaugeNames = new Map((state.map?.gauges || []).map((g) => [g.id, g.name]));
+  const rows = Object.entries(snapshot.water?.gauges || {})
+    .sort((a, b) => b[1].warning_level - a[1].warning_level || (b[1].level_cm ?? 0) - (a[1].level_cm ?? 0));
+  const num = (v) => (v === null || v === undefined ? '-' : v.toFixed(1));
+  body.replaceChildren(...rows.map(([id, r]) => {
+    const level = Math.max(0, Math.min(3, r.warning_level));
+    return el('tr', { 'data-gauge': id },
+      el('td', {}, gaugeNames.get(id) || id),
+      el('td', { class: 'num' }, num(r.level_cm)),
+      el('td', {}, el('span', { class: 'swatch', background: WATER[level].color }), ` ${WATER[level].vi} / ${WATER[level].en}`),
+      el('td', { class: 'num' }, num(r.rise_cm_h)),
+      el('td', { class: 'num' }, num(r.rainfall_mm_h)));
+  }));
+}
+
+function paintParking(snapshot, wardNames) {
+  const body = $('parking').tBodies[0];
+  const rows = Object.entries(snapshot.parking?.wards || {})
+    .sort((a, b) => (b[1].occupancy_pct ?? 0) - (a[1].occupancy_pct ?? 0));
+  body.replaceChildren(...rows.map(([id, r]) => {
+    const pct = r.occupancy_pct ?? 0;
+    const cat = parkingCategory(pct);
+    return el('tr', { 'data-ward': id },
+      el('td', {}, wardNames.get(id) || id),
+      el('td', { class: 'num' }, String(Math.round(r.free_spaces ?? 0))),
+      el('td', { class: 'num' }, String(r.capacity)),
+      el('td', {}, el('span', { class: 'swatch', background: cat.color }), ` ${pct.toFixed(1)} %`));
+  }));
 }
 
 function paintAlerts(snapshot) {
