@@ -133,6 +133,11 @@ pub struct StreamDeclaration {
     /// record has one; an output stream read by another query names its own (`window_end`).
     #[serde(default)]
     pub event_time: Option<String>,
+    /// Further stream options, named as in `OPTIONS` of `CREATE EXTERNAL TABLE`
+    /// (`watermark_delay`, `idle_timeout`, `future_tolerance`, `event_time_unit`,
+    /// `upsert_key`): a sparse stream, such as citizens' reports, goes idle sooner.
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 /// Which side of the engine a declared stream is on.
@@ -427,6 +432,93 @@ impl SchemaRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn declared(attribute: &str) -> Result<TopicSchema> {
+        TopicSchema::from_avsc(
+            "probe",
+            &format!(
+                r#"{{"type": "record", "name": "Probe", {attribute}
+                    "fields": [{{"name": "id", "type": "string"}},
+                               {{"name": "event_time", "type": {{"type": "long", "logicalType": "timestamp-millis"}}}}]}}"#
+            ),
+        )
+    }
+
+    #[test]
+    fn schema_files_declare_their_streams_and_bad_declarations_are_named() {
+        let ok = declared(
+            r#""urbanstream": {"table": "probes", "topic": "city.probes", "role": "input",
+                "key": "id", "options": {"idle_timeout": "5s"}},"#,
+        )
+        .expect("declared");
+        let d = ok.stream.expect("a declaration");
+        assert_eq!(
+            (d.table.as_str(), d.topic.as_str(), d.role),
+            ("probes", "city.probes", StreamRole::Input)
+        );
+        assert_eq!(d.options["idle_timeout"], "5s");
+        assert!(declared("").expect("plain").stream.is_none());
+        for (attribute, says) in [
+            (
+                r#""urbanstream": {"table": "p", "topic": "t", "role": "sideways"},"#,
+                "unknown variant",
+            ),
+            (
+                r#""urbanstream": {"table": "p", "topic": "t", "role": "input", "kee": "id"},"#,
+                "unknown field",
+            ),
+            (
+                r#""urbanstream": {"table": "p", "topic": "t", "role": "input", "key": "nope"},"#,
+                "key nope is not a field",
+            ),
+            (
+                r#""urbanstream": {"table": "p", "topic": "t", "role": "output", "event_time": "nope"},"#,
+                "event_time nope is not a field",
+            ),
+            (
+                r#""urbanstream": {"table": "Probes!", "topic": "t", "role": "input"},"#,
+                "not a plain name",
+            ),
+            (
+                r#""urbanstream": {"table": "p", "topic": "", "role": "input"},"#,
+                "topic is empty",
+            ),
+        ] {
+            let e = declared(attribute).expect_err(attribute).to_string();
+            assert!(e.contains(says), "{attribute}: {e}");
+        }
+        // Two files declaring one table, or one topic.
+        let twin = |table: &str, topic: &str| {
+            Arc::new(
+                declared(&format!(
+                    r#""urbanstream": {{"table": "{table}", "topic": "{topic}", "role": "input"}},"#
+                ))
+                .expect("declared"),
+            )
+        };
+        let registry = |a: Arc<TopicSchema>, b: Arc<TopicSchema>| SchemaRegistry {
+            schemas: HashMap::from([("a".to_string(), a), ("b".to_string(), b)]),
+        };
+        let e = registry(twin("p", "t1"), twin("p", "t2"))
+            .streams()
+            .expect_err("one table")
+            .to_string();
+        assert!(e.contains("declares table p"), "{e}");
+        let e = registry(twin("p", "t"), twin("q", "t"))
+            .streams()
+            .expect_err("one topic")
+            .to_string();
+        assert!(e.contains("declares topic t"), "{e}");
+        // Every schema file of the city declares a stream but the DLQ's and the late topic's.
+        let city = SchemaRegistry::embedded().expect("schemas");
+        let tables: Vec<String> = city
+            .streams()
+            .expect("streams")
+            .into_iter()
+            .map(|(_, d)| d.table)
+            .collect();
+        assert_eq!(tables.len(), EMBEDDED.len() - 2, "{tables:?}");
+    }
 
     #[test]
     fn embedded_schemas_parse_and_derive_arrow() {

@@ -650,6 +650,67 @@ mod tests {
     }
 
     #[test]
+    fn every_declared_input_has_a_message_that_decodes_as_its_json_does() {
+        use crate::reference::ReferenceData;
+        use crate::simulate::{CitySimulator, SimConfig, SimTopic};
+        let start = SimConfig::default().start_ms;
+        let mut sim = CitySimulator::new(
+            SimConfig {
+                all_feeds: true,
+                storm_at_ms: Some(start),
+                malformed_share: 0.0,
+                detections_per_sim_second: 2.0,
+                ..SimConfig::default()
+            },
+            Arc::new(ReferenceData::embedded().expect("reference")),
+        );
+        let records: Vec<_> = (0..3_600).flat_map(|_| sim.next_tick()).collect();
+        let registry = SchemaRegistry::embedded().expect("schemas");
+        let descriptors = Descriptors::embedded().expect("descriptors");
+        let inputs: Vec<_> = registry
+            .streams()
+            .expect("streams")
+            .into_iter()
+            .filter(|(_, d)| d.role == crate::schema::StreamRole::Input)
+            .collect();
+        assert_eq!(inputs.len(), SimTopic::ALL.len());
+        for (schema, declared) in inputs {
+            let message = city_message(&schema.name).expect("a declared message");
+            assert_eq!(Some(&message), declared.protobuf_message.as_ref());
+            let encoder =
+                ProtobufEncoder::new(descriptors.message(&message).expect("in city.proto"), None);
+            let feed = SimTopic::ALL
+                .into_iter()
+                .find(|f| f.table() == declared.table)
+                .expect("simulated");
+            let json: Vec<Vec<u8>> = records
+                .iter()
+                .filter(|r| r.topic == feed)
+                .map(|r| r.payload.clone())
+                .collect();
+            assert!(!json.is_empty(), "{}", declared.table);
+            let encoded: Vec<Vec<u8>> = json
+                .iter()
+                .map(|j| encoder.encode_json(j).expect("encode"))
+                .collect();
+            let d = decoder(schema.clone(), &message, &Codecs::default())
+                .decode(&raw(&encoded))
+                .expect("decode");
+            assert!(
+                d.rejects.is_empty(),
+                "{}: {:?}",
+                declared.table,
+                &d.rejects[..1]
+            );
+            let expected = JsonDecoder::new(schema.clone())
+                .with_event_time("event_time", TimeUnit::Millisecond)
+                .decode(&raw(&json))
+                .expect("json");
+            assert_eq!(d.batch, expected.batch, "{}", declared.table);
+        }
+    }
+
+    #[test]
     fn bad_records_go_with_their_reason_and_spoil_nothing() {
         let plain = encoder(None);
         let good = plain.encode_json(GOOD).expect("encode");

@@ -71,9 +71,38 @@ pub fn city_context_in(
             topic,
             declared.key.as_deref(),
         )?;
-        if let Some(time) = &declared.event_time {
+        if declared.event_time.is_some() || !declared.options.is_empty() {
             let mut options = table.options.clone();
-            options.event_time = Some(time.clone());
+            if let Some(time) = &declared.event_time {
+                options.event_time = Some(time.clone());
+            }
+            if !declared.options.is_empty() {
+                if let Some(own) = ["topic", "format", "key", "event_time", "protobuf_message"]
+                    .into_iter()
+                    .find(|o| declared.options.contains_key(*o))
+                {
+                    return Err(crate::error::Error::schema(
+                        &schema.name,
+                        format!(
+                            "\"urbanstream\": option {own} has its own attribute (or, for the \
+                             format, [topics] input_format and output_format)"
+                        ),
+                    ));
+                }
+                let mut raw: std::collections::HashMap<String, String> = declared
+                    .options
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                raw.insert("topic".into(), options.topic.clone());
+                let parsed = table::StreamOptions::parse(&raw)
+                    .map_err(|e| crate::error::Error::schema(&schema.name, e.to_string()))?;
+                options.watermark_delay = parsed.watermark_delay;
+                options.idle_timeout = parsed.idle_timeout;
+                options.future_tolerance = parsed.future_tolerance;
+                options.event_time_unit = parsed.event_time_unit;
+                options.upsert_key = parsed.upsert_key;
+            }
             table = StreamTable::new(declared.table.as_str(), schema, options)?;
         }
         match declared.role {
@@ -162,6 +191,77 @@ mod tests {
             err.to_string()
                 .contains("does not have the stream's schema"),
             "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn declared_options_reach_the_stream_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let probe = |options: &str| {
+            std::fs::write(
+                dir.path().join("probe.avsc"),
+                format!(
+                    r#"{{"type": "record", "name": "Probe",
+                        "urbanstream": {{"table": "probes", "topic": "city.probes", "role": "input",
+                                         "key": "id", "options": {options}}},
+                        "fields": [{{"name": "id", "type": "string"}},
+                                   {{"name": "event_time", "type": {{"type": "long", "logicalType": "timestamp-millis"}}}}]}}"#
+                ),
+            )
+            .expect("write");
+            let schemas = SchemaRegistry::load_dir(dir.path()).expect("schemas");
+            city_context_in(
+                StreamContext::new(),
+                &Topics::default(),
+                &schemas,
+                &ReferenceTables::embedded().expect("reference"),
+            )
+        };
+        let ctx = probe(r#"{"idle_timeout": "5s", "watermark_delay": "30s"}"#).expect("city");
+        let table = ctx
+            .stream_table("probes")
+            .await
+            .expect("lookup")
+            .expect("a stream");
+        assert_eq!(
+            table.options.idle_timeout,
+            std::time::Duration::from_secs(5)
+        );
+        assert_eq!(
+            table.options.watermark_delay,
+            std::time::Duration::from_secs(30)
+        );
+        assert_eq!(table.options.event_time.as_deref(), Some("event_time"));
+        assert_eq!(table.options.key.as_deref(), Some("id"));
+        let e = probe(r#"{"idle_timeout": "soon"}"#)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("idle_timeout"), "{e}");
+        let e = probe(r#"{"topic": "elsewhere"}"#)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("has its own attribute"), "{e}");
+        let e = probe(r#"{"watermark": "5s"}"#)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("unknown option 'watermark'"), "{e}");
+        // The city's reports go idle sooner than the default minute.
+        let city = city_context(
+            &Topics::default(),
+            &SchemaRegistry::embedded().expect("schemas"),
+        )
+        .expect("city");
+        let reports = city
+            .stream_table("citizen_reports")
+            .await
+            .expect("lookup")
+            .expect("a stream");
+        assert_eq!(
+            reports.options.idle_timeout,
+            std::time::Duration::from_secs(5)
         );
     }
 
