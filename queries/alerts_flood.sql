@@ -1,9 +1,12 @@
 -- Flood warnings per gauge: each minute's highest level is placed on the site's warning steps
 -- (schemas/reference/gauges.csv): 1 at level I, 2 at level II, 3 at level III, linear between
--- them (and below I by the I–II step), so one rule fits a street gauge in cm of water and the
--- river's stage in metres. Raised when the level reaches level I for 2 minutes, UPDATED as it
--- passes level II (severity 4) and III (severity 5), cleared when it falls a fifth of a step
--- below level I, then 30 minutes' cooldown; expires after 30 minutes without data.
+-- them (and below I by the I–II step), so one rule fits a street gauge (cm of water on the
+-- road) and the river (cm of stage, levels metres apart). Raised when the level has stayed at
+-- level I for 2 minutes; UPDATED whenever its severity changes (2 from level I, 3 from half
+-- way to II, 4 from level II, 5 from level III, and back down); cleared when it falls a fifth
+-- of a step below level I; no cooldown (the hysteresis and the 2 minutes keep it from
+-- flapping, and a warning must not wait); expires after 30 minutes without data. Levels not
+-- in increasing order give no score.
 -- Published to city.alerts (kind flood_warning), keyed by entity_id.
 INSERT INTO alerts
 SELECT concat('flood_warning:', gauge_id, ':', to_char(a['started_at'], '%Y%m%dT%H%M%S')) AS alert_id,
@@ -17,7 +20,7 @@ SELECT concat('flood_warning:', gauge_id, ':', to_char(a['started_at'], '%Y%m%dT
        CAST(l1 AS DOUBLE) AS baseline,
        round(step, 2) AS score,
        'warning_levels' AS detector,
-       'level I for 2 min raises (II and III update), a fifth of a step below I clears; cooldown 30 min; expires after 30 min without data' AS rule,
+       'level I for 2 min raises (severity follows the level), a fifth of a step below I clears; expires after 30 min without data' AS rule,
        window_start,
        window_end,
        a['started_at'] AS started_at,
@@ -29,12 +32,13 @@ SELECT concat('flood_warning:', gauge_id, ':', to_char(a['started_at'], '%Y%m%dT
               CAST(l3 AS BIGINT), ' cm)') AS message
 FROM (
     SELECT *,
-           alert_state(step, window_end, 1, 0.8, INTERVAL '2 minutes', INTERVAL '30 minutes',
+           alert_state(step, window_end, 1, 0.8, INTERVAL '2 minutes', INTERVAL '0 minutes',
                        INTERVAL '30 minutes')
                OVER (PARTITION BY gauge_id ORDER BY window_end) AS a
     FROM (
         SELECT *,
-               CASE WHEN level < l2 THEN 1.0 + (level - l1) / (l2 - l1)
+               CASE WHEN NOT (l1 < l2 AND l2 < l3) THEN NULL
+                    WHEN level < l2 THEN 1.0 + (level - l1) / (l2 - l1)
                     WHEN level < l3 THEN 2.0 + (level - l2) / (l3 - l2)
                     ELSE 3.0 + (level - l3) / (l3 - l2) END AS step
         FROM (

@@ -40,7 +40,7 @@ FROM (
         FROM (
             SELECT p.lot_id, coalesce(max(l.ward_id), 'unknown') AS ward_id,
                    window_start, window_end,
-                   100.0 * sum(p.occupied) / sum(p.spaces) AS occupancy
+                   100.0 * sum(least(p.occupied, p.spaces)) / sum(p.spaces) AS occupancy
             FROM parking_readings p
             LEFT JOIN parking_lots l ON p.lot_id = l.lot_id
             WHERE p.spaces > 0 AND p.occupied >= 0

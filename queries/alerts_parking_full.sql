@@ -29,10 +29,10 @@ FROM (
     FROM (
         SELECT p.lot_id, max(l.name) AS name, coalesce(max(l.ward_id), 'unknown') AS ward_id,
                window_start, window_end,
-               100.0 * sum(p.occupied) / sum(p.spaces) AS occupancy,
+               100.0 * sum(least(p.occupied, p.spaces)) / sum(p.spaces) AS occupancy,
                coalesce(max(l.capacity), max(p.spaces)) AS capacity,
                coalesce(max(l.capacity), max(p.spaces))
-                   * (1.0 - CAST(sum(p.occupied) AS DOUBLE) / sum(p.spaces)) AS free
+                   * (1.0 - CAST(sum(least(p.occupied, p.spaces)) AS DOUBLE) / sum(p.spaces)) AS free
         FROM parking_readings p
         LEFT JOIN parking_lots l ON p.lot_id = l.lot_id
         WHERE p.spaces > 0 AND p.occupied >= 0

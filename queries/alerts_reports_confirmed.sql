@@ -4,7 +4,11 @@
 -- flood warnings and flooded roads; pollution with pollution episodes; accidents and
 -- congestion with the traffic alerts that name a ward (flooded roads, congestion anomalies,
 -- incidents). Per ward and 10 minutes of reports: raised with the reports and the alerts cited,
--- cleared an hour after the last confirmation.
+-- at the severity of the worst alert cited (UPDATED as more reports come), expired an hour
+-- after the last confirmation.
+-- The alerts topic carries changes, not states: an alert raised more than 30 minutes before
+-- the report and unchanged since does not confirm it, and one cleared between its RAISED and
+-- the report still does. Sensor-fault alerts and confirmed incidents carry no ward yet.
 -- Published to city.alerts (kind report_confirmed), keyed by entity_id.
 INSERT INTO alerts
 SELECT concat('report_confirmed:', ward_id, ':', to_char(a['started_at'], '%Y%m%dT%H%M%S')) AS alert_id,
@@ -22,7 +26,7 @@ SELECT concat('report_confirmed:', ward_id, ':', to_char(a['started_at'], '%Y%m%
        window_start,
        window_end,
        a['started_at'] AS started_at,
-       greatest(a['severity'], worst) AS severity,
+       coalesce(worst, 2) AS severity,
        concat(reports, ' citizen report(s) (', report_ids, ': ', texts, ') confirmed by ',
               alert_ids) AS message
 FROM (
@@ -49,8 +53,7 @@ FROM (
            OR (r.category = 'pollution'
                AND a.kind IN ('pollution_episode', 'pollution_episode_3h'))
            OR (r.category IN ('accident', 'congestion')
-               AND a.kind IN ('flooded_road', 'congestion_anomaly', 'incident',
-                              'incident_confirmed'))
+               AND a.kind IN ('flooded_road', 'congestion_anomaly', 'incident'))
         GROUP BY tumble(r.event_time, INTERVAL '10 minutes'), r.ward_id
     )
 )

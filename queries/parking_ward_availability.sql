@@ -21,8 +21,8 @@ FROM (
            window_start AS five,
            coalesce(max(l.capacity), max(p.spaces)) AS capacity,
            coalesce(max(l.capacity), max(p.spaces))
-               * (1.0 - CAST(sum(p.occupied) AS DOUBLE) / sum(p.spaces)) AS free,
-           max(100.0 * p.occupied / p.spaces) AS peak,
+               * (1.0 - CAST(sum(least(p.occupied, p.spaces)) AS DOUBLE) / sum(p.spaces)) AS free,
+           max(100.0 * least(p.occupied, p.spaces) / p.spaces) AS peak,
            count(*) AS readings
     FROM parking_readings p
     LEFT JOIN parking_lots l ON p.lot_id = l.lot_id

@@ -170,9 +170,23 @@ impl Topics {
     /// Every topic of the streams the schema files compiled in declare, inputs first, then
     /// the DLQ and the late topic: what a deployment creates.
     pub fn all(&self) -> Vec<String> {
-        match crate::schema::SchemaRegistry::embedded() {
-            Ok(schemas) => self.declared(&schemas).unwrap_or_default(),
-            Err(_) => Vec::new(),
-        }
+        let fixed = || {
+            vec![
+                self.camera.clone(),
+                self.detectors.clone(),
+                self.air.clone(),
+                self.congestion.clone(),
+                self.air_indicators.clone(),
+                self.congestion_top.clone(),
+                self.travel.clone(),
+                self.alerts.clone(),
+                self.dlq.clone(),
+                self.late.clone(),
+            ]
+        };
+        // The embedded schemas parse (their tests say so); the city's first topics otherwise.
+        crate::schema::SchemaRegistry::embedded()
+            .and_then(|schemas| self.declared(&schemas))
+            .unwrap_or_else(|_| fixed())
     }
 }

@@ -238,6 +238,16 @@ pub struct SimArgs {
     /// minutes before reaching the present.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub start_ago: Option<Duration>,
+    /// A storm this long after the simulated clock starts: it floods the road gauges (flood
+    /// warnings, flooded roads, citizens' reports of flooding) and drains in an hour or two.
+    #[arg(long, default_value = "40m", value_parser = humantime::parse_duration)]
+    pub storm_after: Duration,
+    /// No storm (rain still comes now and then, about once a simulated day).
+    #[arg(long)]
+    pub no_storm: bool,
+    /// Only the camera, detector and air feeds: no parking, water levels or citizens' reports.
+    #[arg(long)]
+    pub traffic_and_air_only: bool,
 }
 
 impl SimArgs {
@@ -265,10 +275,12 @@ impl SimArgs {
             late_share: self.late_share,
             out_of_order_share: self.out_of_order_share,
             air_history_hours: self.air_history_hours,
-            // Every feed, and a storm 40 simulated minutes in, so that flood warnings, flooded
-            // roads and the reports confirming them show within the first minutes.
-            all_feeds: true,
-            storm_at_ms: Some(start_ms + 40 * 60_000),
+            // Every feed, and a storm (40 simulated minutes in by default), so that flood
+            // warnings, flooded roads and the reports confirming them show within minutes.
+            all_feeds: !self.traffic_and_air_only,
+            storm_at_ms: (!self.no_storm).then(|| {
+                start_ms + i64::try_from(self.storm_after.as_millis()).unwrap_or(i64::MAX / 2)
+            }),
             ..SimConfig::default()
         }
     }
@@ -380,6 +392,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             out_of_order_share: 0.05,
             air_history_hours: 3,
             start_ago: None,
+            storm_after: Duration::from_secs(40 * 60),
+            no_storm: false,
+            traffic_and_air_only: false,
         },
     })) {
         Command::Demo(args) => demo::run(args).await,

@@ -201,6 +201,8 @@ pub struct View {
     pub last_parking: i64,
     /// Latest water indicator per gauge.
     pub water: HashMap<String, WaterRow>,
+    /// Newest water window start seen.
+    pub last_water: i64,
     /// The parking and water topics (of the streams the schema files declare), once looked up.
     pub other_topics: Option<(String, String)>,
     /// The segments and wards rows are kept for (those of the map); none: every one. The
@@ -269,6 +271,7 @@ impl View {
             if !self.is_known(&row.gauge_id) {
                 return false;
             }
+            self.last_water = self.last_water.max(row.window_start);
             keep_latest(&mut self.water, row.gauge_id.clone(), row, |r| {
                 r.window_start
             });
@@ -415,7 +418,8 @@ impl CityView {
     /// The view as JSON: `congestion.segments` (latest row per segment, with `stale` when its
     /// window is over ten minutes older than the newest), `air.wards` (latest hourly VN_AQI
     /// per ward), `parking.lots` and `parking.wards` (latest availability of each, within
-    /// half an hour of the newest), `water.gauges` (latest indicator per gauge), `alerts`
+    /// half an hour of the newest), `water.gauges` (latest indicator per gauge, within half an
+    /// hour of the newest: a gauge gone silent is not shown at its last level), `alerts`
     /// (active, at most 100), the counts, and the display time zone.
     pub fn snapshot(&self) -> Value {
         let version = *self.version.borrow();
@@ -477,6 +481,7 @@ impl CityView {
                 },
                 "water": {
                     "gauges": v.water.iter()
+                        .filter(|(_, r)| r.window_start >= v.last_water - 1_800_000)
                         .map(|(id, r)| {
                             let mut row = json!(r);
                             row["time"] = json!(self.zone.format(r.window_start));

@@ -507,8 +507,9 @@ impl Pipeline {
                 }
             }
         }
-        // Every city input topic is decoded (and its bad records dead-lettered), read by a
-        // query or not, when the default queries run; other queries' sources are decoded with
+        // Every city input topic (of every input stream a schema file declares) is decoded
+        // (and its bad records dead-lettered), read by a query or not, when the default
+        // queries run; other queries' sources are decoded with
         // the schema their table declares.
         let mut decoders = HashMap::new();
         let avro = config.default_queries && config.topics.input_format == Format::Avro
@@ -551,19 +552,18 @@ impl Pipeline {
             ));
         }
         if config.default_queries {
-            for (topic, schema) in [
-                (&config.topics.camera, "camera_event"),
-                (&config.topics.detectors, "detector_reading"),
-                (&config.topics.air, "air_reading"),
-            ] {
+            for (schema, declared) in schemas.streams()? {
+                if declared.role != crate::schema::StreamRole::Input {
+                    continue;
+                }
                 decoders.insert(
-                    topic.clone(),
+                    config.topics.topic_of(&declared),
                     TopicDecoder::new(
                         config.topics.input_format,
-                        schemas.get(schema)?,
+                        schema,
                         Some(("event_time", TimeUnit::Millisecond)),
                         &codecs,
-                        crate::decode::protobuf::city_message(schema).as_deref(),
+                        declared.protobuf_message.as_deref(),
                     )?,
                 );
             }

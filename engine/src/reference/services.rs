@@ -61,9 +61,14 @@ impl Gauge {
 
 /// The lots and gauges compiled into the binary.
 pub fn lots_and_gauges() -> crate::error::Result<(Vec<ParkingLot>, Vec<Gauge>)> {
-    let text = |file: &str| ReferenceData::embedded_csv(file).unwrap_or_default();
+    let text = |file: &str| {
+        ReferenceData::embedded_csv(file).ok_or_else(|| crate::error::Error::Reference {
+            file: file.into(),
+            message: "not in schemas/reference".into(),
+        })
+    };
     Ok((
-        parse("parking_lots.csv", text("parking_lots.csv"))?,
-        parse("gauges.csv", text("gauges.csv"))?,
+        parse("parking_lots.csv", text("parking_lots.csv")?)?,
+        parse("gauges.csv", text("gauges.csv")?)?,
     ))
 }

@@ -147,8 +147,8 @@ pub struct SimConfig {
     /// Hours of air readings before `start_ms` that the first tick also returns, so that
     /// hourly indicators needing past hours (NowCast wants 2 of the latest 3) start at once.
     pub air_history_hours: u32,
-    /// Also parking occupancy, water levels and citizens' reports ([`services`]), each from a
-    /// random stream of its own (the other feeds' records stay those of the seed, but for
+    /// Also parking occupancy, water levels and citizens' reports ([`services`]), from a
+    /// random stream of their own (the other feeds' records stay those of the seed, but for
     /// water slowing the traffic on flooded roads).
     pub all_feeds: bool,
     /// With `all_feeds`: a storm (85–110 mm/h at its peak) starts at this simulated time.
@@ -448,7 +448,8 @@ impl CitySimulator {
             self.config.malformed_share,
             out,
         );
-        // Water on a road slows it: a tenth of its speed gone at 5 cm, most of it at level III.
+        // Water on a road slows it: 15 % of its speed gone at half level I, half at level I,
+        // three quarters at level II, most of it at level III.
         for (segment, factor) in self.reference.segments.iter().zip(self.flood.iter_mut()) {
             let deepest = services
                 .gauges

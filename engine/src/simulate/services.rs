@@ -1,8 +1,8 @@
 //! The city's other feeds: parking occupancy, water levels with rain, citizens' reports.
 //!
-//! Each has its own random stream (seeded from the run's seed), so turning them on leaves the
-//! traffic and air records of a seed as they were, except where water on a road slows its
-//! traffic.
+//! They draw from one random stream of their own (seeded from the run's seed), so turning them
+//! on leaves the traffic and air records of a seed as they were, except where water on a road
+//! slows its traffic.
 //!
 //! - **Parking**: every lot and street of `parking_lots.csv` reports once a minute. Demand
 //!   follows its area's day: the old quarter fills in the evening (fuller at weekends), office

@@ -244,7 +244,7 @@ function paintPoints(snapshot) {
     const pct = row ? row.occupancy_pct : null;
     const cat = pct === null || pct === undefined ? null : parkingCategory(pct);
     square.setAttribute('fill', cat ? cat.color : NO_DATA);
-    square.querySelector('title').textContent = row
+    square.querySelector('title').textContent = cat
       ? `${lotNames.get(id) || id}: ${pct.toFixed(1)} % · ${Math.round(row.free_spaces ?? 0)}/${row.capacity} chỗ trống / free`
       : `${lotNames.get(id) || id}: chưa có dữ liệu / no data`;
   }
