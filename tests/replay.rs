@@ -164,9 +164,107 @@ async fn speedup_paces_records_by_event_time_and_bad_options_are_named() -> anyh
     bad.rename = vec!["stationid=sensor_id".into()];
     let e = replay(&bad).await.expect_err("unknown column");
     assert!(e.to_string().contains("has no column stationid"), "{e}");
-    let mut bad = args(&cluster, &file.with_extension("parquet"), "paced");
+    let mut bad = args(&cluster, &file.with_extension("xlsx"), "paced");
     bad.rename = Vec::new();
-    let e = replay(&bad).await.expect_err("parquet");
-    assert!(e.to_string().contains("Parquet is not read yet"), "{e}");
+    let e = replay(&bad).await.expect_err("a spreadsheet");
+    assert!(e.to_string().contains("nor .parquet"), "{e}");
+    Ok(())
+}
+
+/// The same station-hours as Parquet: epoch seconds, and timestamps with a zone (compressed
+/// with Snappy, as most Parquet writers do), give the records the JSON-lines file gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_files_are_replayed_like_the_others() -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{
+        Float64Array, Int64Array, StringArray, TimestampMillisecondArray,
+    };
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use datafusion::arrow::record_batch::RecordBatch;
+    use datafusion::parquet::arrow::ArrowWriter;
+    use datafusion::parquet::basic::Compression;
+    use datafusion::parquet::file::properties::WriterProperties;
+
+    let cluster = TestCluster::start(2)?;
+    let dir = tempfile::tempdir()?;
+    let seconds = [1_767_229_200i64, 1_767_222_000, 1_767_225_600];
+    let write = |name: &str, time: (DataType, Arc<dyn datafusion::arrow::array::Array>)| {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("station", DataType::Utf8, false),
+            Field::new("time", time.0, false),
+            Field::new("pm25", DataType::Float64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(vec!["hk-01", "hk-01", "hk-02"])),
+                time.1,
+                Arc::new(Float64Array::from(vec![Some(41.5), Some(35.0), None])),
+            ],
+        )?;
+        let path = dir.path().join(name);
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build();
+        let mut writer =
+            ArrowWriter::try_new(std::fs::File::create(&path)?, schema, Some(properties))?;
+        writer.write(&batch)?;
+        writer.close()?;
+        anyhow::Ok(path)
+    };
+    let epoch = write(
+        "epoch.parquet",
+        (
+            DataType::Int64,
+            Arc::new(Int64Array::from(seconds.to_vec())),
+        ),
+    )?;
+    let stamped = write(
+        "stamped.parquet",
+        (
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            Arc::new(
+                TimestampMillisecondArray::from(
+                    seconds.iter().map(|s| s * 1_000).collect::<Vec<_>>(),
+                )
+                .with_timezone("UTC"),
+            ),
+        ),
+    )?;
+    let mut from_epoch = args(&cluster, &epoch, "parquet.epoch");
+    from_epoch.time_unit = "s".into();
+    assert_eq!(replay(&from_epoch).await?.produced, 3);
+    assert_eq!(
+        replay(&args(&cluster, &stamped, "parquet.stamped"))
+            .await?
+            .produced,
+        3
+    );
+    for topic in ["parquet.epoch", "parquet.stamped"] {
+        // In event-time order per key, as epoch milliseconds, renamed, nulls kept.
+        let mut records: Vec<(String, i64, Option<f64>)> = read_all(&cluster, topic, 3)
+            .await?
+            .into_values()
+            .flatten()
+            .map(|(k, v)| {
+                (
+                    k,
+                    v["event_time"].as_i64().unwrap_or_default(),
+                    v["pm25"].as_f64(),
+                )
+            })
+            .collect();
+        records.sort_by_key(|r| r.1);
+        assert_eq!(
+            records,
+            vec![
+                ("hk-01".to_string(), 1_767_222_000_000, Some(35.0)),
+                ("hk-02".to_string(), 1_767_225_600_000, None),
+                ("hk-01".to_string(), 1_767_229_200_000, Some(41.5)),
+            ],
+            "{topic}"
+        );
+    }
     Ok(())
 }

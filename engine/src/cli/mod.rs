@@ -86,7 +86,7 @@ pub enum Command {
     ///
     /// Example: `urbanstream simulate --brokers localhost:9092 --rate 5000 --speedup 60`
     Simulate(SimulateArgs),
-    /// Produce a CSV or JSON-lines file into a topic as JSON records, in event-time
+    /// Produce a CSV, JSON-lines or Parquet file into a topic as JSON records, in event-time
     /// order, as fast as the broker takes them or paced by event time, with progress and a
     /// summary.
     ///
@@ -94,7 +94,7 @@ pub enum Command {
     /// --topic city.air.readings --rename station=sensor_id --time event_time \
     /// --time-zone +07:00 --key sensor_id`
     Replay(replay::ReplayArgs),
-    /// Run a stream query over a CSV or JSON-lines file, offline, without Kafka: the file's
+    /// Run a stream query over a CSV, JSON-lines or Parquet file, offline, without Kafka: the file's
     /// rows are the stream's records (validated by its schema), every window closes at the
     /// end of the file; prints the first output rows and what was rejected or late.
     ///

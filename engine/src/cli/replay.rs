@@ -1,7 +1,6 @@
-//! `urbanstream replay`: a CSV or JSON-lines file produced into a topic as JSON records (or
-//! Confluent-framed Avro records of a topic schema), in event-time order, as fast as the
-//! broker takes them or paced. (Parquet is refused with the
-//! reason: the engine's DataFusion is built without its Parquet reader.)
+//! `urbanstream replay`: a CSV, JSON-lines or Parquet file produced into a topic as JSON records
+//! (or Confluent-framed Avro records of a topic schema), in event-time order, as fast as the
+//! broker takes them or paced.
 //!
 //! The file is read through DataFusion (streamed, sorted by event time with spilling), its
 //! columns renamed as asked, its event-time column turned into epoch milliseconds (numbers in
@@ -28,7 +27,8 @@ use crate::topics::Format;
 /// Options of `replay`.
 #[derive(Debug, Clone, Args)]
 pub struct ReplayArgs {
-    /// The file: CSV with a header (`.csv`) or JSON lines (`.jsonl`, `.ndjson`, `.json`).
+    /// The file: CSV with a header (`.csv`), JSON lines (`.jsonl`, `.ndjson`, `.json`) or
+    /// Parquet (`.parquet`).
     #[arg(long)]
     pub file: PathBuf,
     /// Topic to produce into.

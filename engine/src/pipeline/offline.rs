@@ -261,7 +261,7 @@ pub fn unit_ms(unit: &str) -> Result<Option<i64>> {
     }
 }
 
-/// Opens `file` (CSV or JSON lines) as a stream of batches, columns renamed by `rename`
+/// Opens `file` (CSV, JSON lines or Parquet) as a stream of batches, columns renamed by `rename`
 /// (`old=new`), ordered by the `time` column when given; `time` and `key` must name columns
 /// after renaming.
 pub async fn open_file(
@@ -308,14 +308,17 @@ pub async fn open_file(
             .await?
         }
         "parquet" => {
-            return Err(Error::Config(format!(
-                "{path}: Parquet is not read yet (this build of DataFusion has no Parquet \
-                 reader); convert it to CSV or JSON lines"
-            )));
+            ctx.register_parquet(
+                "input",
+                &path,
+                datafusion::prelude::ParquetReadOptions::default(),
+            )
+            .await?
         }
         _ => {
             return Err(Error::Config(format!(
-                "{path}: the file's extension says neither .csv nor .jsonl (.ndjson, .json)"
+                "{path}: the file's extension says neither .csv, .jsonl (.ndjson, .json) nor \
+                 .parquet"
             )));
         }
     }
