@@ -212,6 +212,18 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         ("  camera events", load(&stats.camera_events)),
         ("  detector readings", load(&stats.detector_readings)),
         ("  air readings", load(&stats.air_readings)),
+        (
+            "  other topics read",
+            stats
+                .records_in
+                .load(Ordering::Relaxed)
+                .saturating_sub(
+                    stats.camera_events.load(Ordering::Relaxed)
+                        + stats.detector_readings.load(Ordering::Relaxed)
+                        + stats.air_readings.load(Ordering::Relaxed),
+                )
+                .to_string(),
+        ),
         ("rows out, all outputs", indicators.to_string()),
         (
             "  read back by the view",
@@ -234,6 +246,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             produced.saturating_sub(read)
         );
     }
+    println!(
+        "  note: the other topics read are parking, water levels, citizen reports and the \
+         outputs other queries read (availability, water and congestion indicators, alerts)"
+    );
     println!(
         "  note: the view reads back congestion, air, parking, water and alerts (not the top-5 \
          and travel-time topics); a late event is one record per query it was late for"
