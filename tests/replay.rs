@@ -14,20 +14,12 @@ use urbanstream_tests::TestCluster;
 
 fn args(cluster: &TestCluster, file: &std::path::Path, topic: &str) -> ReplayArgs {
     ReplayArgs {
-        file: file.to_path_buf(),
-        topic: topic.to_string(),
-        brokers: cluster.brokers.clone(),
         key: Some("sensor_id".into()),
         time: Some("event_time".into()),
-        time_unit: "ms".into(),
         time_zone: "+07:00".into(),
         rename: vec!["station=sensor_id".into(), "time=event_time".into()],
-        speedup: None,
-        partitions: None,
-        format: urbanstream::pipeline::Format::Json,
-        schema: None,
-        descriptors: Vec::new(),
         registry: String::new(),
+        ..ReplayArgs::new(file, topic, &cluster.brokers)
     }
 }
 

@@ -1026,6 +1026,35 @@ fn reader(
     Ok(consumer)
 }
 
+/// Registers `intervals` (each air reading with its sensor's `interval_s` from the `sensors`
+/// reference table) and waits for it to run; readers of its output and of the DLQ.
+async fn intervals_query(
+    app: &axum::Router,
+    brokers: &str,
+) -> anyhow::Result<(
+    rdkafka::consumer::StreamConsumer,
+    rdkafka::consumer::StreamConsumer,
+)> {
+    create(
+        app,
+        "intervals",
+        "CREATE EXTERNAL TABLE intervals (sensor_id VARCHAR NOT NULL, interval_s BIGINT, \
+         event_time TIMESTAMP NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'test.intervals'); \
+         INSERT INTO intervals SELECT a.sensor_id, s.interval_s, a.event_time \
+         FROM air_readings a LEFT JOIN sensors s ON a.sensor_id = s.sensor_id",
+    )
+    .await?;
+    wait_for(app, "intervals", Duration::from_secs(60), is("RUNNING")).await?;
+    Ok((
+        reader(brokers, "reader-intervals", "test.intervals")?,
+        reader(
+            brokers,
+            "reader-dlq",
+            &urbanstream::pipeline::Topics::default().dlq,
+        )?,
+    ))
+}
+
 /// The next `n` records of `consumer`'s topic, as JSON, or fails after 60 s.
 async fn next_records(
     consumer: &rdkafka::consumer::StreamConsumer,
@@ -1068,17 +1097,7 @@ async fn reference_tables_are_replaced_at_run_time_and_kept() -> anyhow::Result<
         built_in.lines().next(),
         Some("sensor_id,ward_id,kind,lat,lon,interval_s")
     );
-    create(
-        &app,
-        "intervals",
-        "CREATE EXTERNAL TABLE intervals (sensor_id VARCHAR NOT NULL, interval_s BIGINT, \
-         event_time TIMESTAMP NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'test.intervals'); \
-         INSERT INTO intervals SELECT a.sensor_id, s.interval_s, a.event_time \
-         FROM air_readings a LEFT JOIN sensors s ON a.sensor_id = s.sensor_id",
-    )
-    .await?;
-    wait_for(&app, "intervals", Duration::from_secs(60), is("RUNNING")).await?;
-    let consumer = reader(&brokers, "reader-intervals", "test.intervals")?;
+    let (consumer, _) = intervals_query(&app, &brokers).await?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()?;
@@ -1407,22 +1426,7 @@ async fn readings_of_unknown_sensors_are_dead_lettered_by_policy() -> anyhow::Re
     )
     .await?;
     let app = api::router(service.clone());
-    create(
-        &app,
-        "intervals",
-        "CREATE EXTERNAL TABLE intervals (sensor_id VARCHAR NOT NULL, interval_s BIGINT, \
-         event_time TIMESTAMP NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'test.intervals'); \
-         INSERT INTO intervals SELECT a.sensor_id, s.interval_s, a.event_time \
-         FROM air_readings a LEFT JOIN sensors s ON a.sensor_id = s.sensor_id",
-    )
-    .await?;
-    wait_for(&app, "intervals", Duration::from_secs(60), is("RUNNING")).await?;
-    let output = reader(&brokers, "reader-intervals", "test.intervals")?;
-    let dlq = reader(
-        &brokers,
-        "reader-dlq",
-        &urbanstream::pipeline::Topics::default().dlq,
-    )?;
+    let (output, dlq) = intervals_query(&app, &brokers).await?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()?;
@@ -1459,6 +1463,194 @@ async fn readings_of_unknown_sensors_are_dead_lettered_by_policy() -> anyhow::Re
     })
     .await?;
     assert_eq!(status["rows_out"], 1, "{status}");
+    service.shutdown().await;
+    Ok(())
+}
+
+/// `[reference.topics]`: `sensors` kept current from a compacted topic of JSON rows. The topic
+/// read at start is the table (a station of its own included), a running query reads a row
+/// added later from its next micro-batch, a record that does not fit goes to the DLQ with its
+/// reason, a version the table's checks refuse leaves the table as it was (and says why), a
+/// tombstone deletes, the API does not replace a followed table, and a restart over the same
+/// topic keeps the version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_tables_follow_their_compacted_topics() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    let topic = "test.reference.sensors";
+    broker.create_topic(topic, 4)?;
+    let dir = tempfile::tempdir()?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let send = |key: &str, value: Option<String>| {
+        let producer = producer.clone();
+        let key = key.to_string();
+        async move {
+            let mut record = FutureRecord::<str, str>::to(topic).key(&key);
+            if let Some(value) = &value {
+                record = record.payload(value);
+            }
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| anyhow::anyhow!("{e}"))
+        }
+    };
+    let station = |id: &str, ward: &str, interval: i64| {
+        json!({"sensor_id": id, "ward_id": ward, "kind": "station", "lat": 21.03,
+               "lon": 105.84, "interval_s": interval})
+        .to_string()
+    };
+    // The topic as an operator seeds it (README): the table's rows as CSV, a station of their
+    // own added, replayed keyed by id.
+    let built_in = urbanstream::reference::ReferenceTables::embedded()?;
+    let mut csv = built_in.get("sensors").expect("sensors").csv.clone();
+    let seeded = csv.lines().skip(1).filter(|l| !l.trim().is_empty()).count();
+    if !csv.ends_with('\n') {
+        csv.push('\n');
+    }
+    csv.push_str("hn-st-07,ba_dinh,station,21.03,105.84,3600\n");
+    let file = dir.path().join("sensors.csv");
+    std::fs::write(&file, csv)?;
+    urbanstream::cli::replay::replay(&urbanstream::cli::replay::ReplayArgs {
+        key: Some("sensor_id".into()),
+        ..urbanstream::cli::replay::ReplayArgs::new(file, topic, &brokers)
+    })
+    .await?;
+    let extra = format!(
+        "[reference]\nunknown_ids = \"dead_letter\"\n[reference.topics]\nsensors = \"{topic}\"\n"
+    );
+    let service = service_with(&brokers, dir.path(), 2_000_000, &extra).await?;
+    let app = api::router(service.clone());
+    let table = |app: axum::Router| async move {
+        let (status, body) = call(&app, "GET", "/v1/tables/sensors", Some(TOKEN), None).await?;
+        anyhow::ensure!(status == StatusCode::OK, "{body}");
+        Ok::<Value, anyhow::Error>(body)
+    };
+    let until = |app: axum::Router, what: &'static str, check: fn(&Value) -> bool| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let body = table(app.clone()).await?;
+            if check(&body) {
+                return Ok::<Value, anyhow::Error>(body);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{what}: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let loaded = until(app.clone(), "the topic read", |t| {
+        t["follows"]["loaded"] == true && t["version"] == 2
+    })
+    .await?;
+    assert_eq!(loaded["rows"], seeded + 1, "{loaded}");
+    assert_eq!(loaded["follows"]["topic"], topic, "{loaded}");
+    assert!(loaded["follows"]["error"].is_null(), "{loaded}");
+    let (_, rows) = call_text(&app, "GET", "/v1/tables/sensors/rows", Some(TOKEN), None).await?;
+    assert!(
+        rows.lines()
+            .any(|l| l == "hn-st-07,ba_dinh,station,21.03,105.84,3600"),
+        "{rows}"
+    );
+
+    let (output, dlq) = intervals_query(&app, &brokers).await?;
+    let air = urbanstream::pipeline::Topics::default().air;
+    let reading = |sensor: &'static str, at: i64| {
+        let producer = producer.clone();
+        let air = air.clone();
+        async move {
+            let value = json!({"sensor_id": sensor, "ward_id": "ba_dinh", "event_time": at,
+                               "pm25": 41.0})
+            .to_string();
+            producer
+                .send(
+                    FutureRecord::to(&air).key("ba_dinh").payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| anyhow::anyhow!("{e}"))
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    reading("hn-st-07", now - 120_000).await?;
+    let first = next_records(&output, 1).await?;
+    assert_eq!(first[0]["interval_s"], 3600, "{first:?}");
+
+    // A record that does not fit the table: to the DLQ with its reason, nothing else changes.
+    send(
+        "hn-st-09",
+        Some("{\"sensor_id\": \"hn-st-09\", \"colour\": 1}".into()),
+    )
+    .await?;
+    let dead = next_records(&dlq, 1).await?;
+    assert_eq!(dead[0]["stage"], "reference", "{dead:?}");
+    assert_eq!(dead[0]["topic"], topic, "{dead:?}");
+    let error = dead[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("sensors") && error.contains("no column \"colour\""),
+        "{error}"
+    );
+    // A row added while the query runs: read from its next micro-batch.
+    send("hn-st-08", Some(station("hn-st-08", "ba_dinh", 1800))).await?;
+    until(app.clone(), "the new row installed", |t| t["version"] == 3).await?;
+    reading("hn-st-08", now - 60_000).await?;
+    let second = next_records(&output, 1).await?;
+    assert_eq!(second[0]["sensor_id"], "hn-st-08", "{second:?}");
+    assert_eq!(second[0]["interval_s"], 1800, "{second:?}");
+
+    // A row of an unknown ward: the version is refused whole and the table says why.
+    send("hn-st-10", Some(station("hn-st-10", "nowhere", 3600))).await?;
+    let refused = until(app.clone(), "the refusal shown", |t| {
+        t["follows"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nowhere"))
+    })
+    .await?;
+    assert_eq!(refused["version"], 3, "{refused}");
+    assert_eq!(refused["follows"]["refused_records"], 1, "{refused}");
+    // Its tombstone, and one of hn-st-07: the next version has neither.
+    send("hn-st-10", None).await?;
+    send("hn-st-07", None).await?;
+    let deleted = until(app.clone(), "the tombstones installed", |t| {
+        t["version"] == 4 && t["follows"]["error"].is_null()
+    })
+    .await?;
+    assert_eq!(deleted["rows"], seeded + 1, "{deleted}");
+    let (_, rows) = call_text(&app, "GET", "/v1/tables/sensors/rows", Some(TOKEN), None).await?;
+    assert!(
+        !rows.contains("hn-st-07") && rows.contains("hn-st-08"),
+        "{rows}"
+    );
+
+    // The API does not replace a followed table.
+    let one_row = rows.lines().take(2).collect::<Vec<_>>().join("\n");
+    let (status, body) = call_text(
+        &app,
+        "PUT",
+        "/v1/tables/sensors/rows",
+        Some(TOKEN),
+        Some(("text/csv", one_row)),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains(topic), "{body}");
+
+    // A restart reads the topic again and keeps the version it had.
+    service.shutdown().await;
+    drop(app);
+    drop(service);
+    let service = service_with(&brokers, dir.path(), 2_000_000, &extra).await?;
+    let app = api::router(service.clone());
+    let again = until(app.clone(), "the topic read again", |t| {
+        t["follows"]["loaded"] == true
+    })
+    .await?;
+    assert_eq!(again["version"], 4, "{again}");
+    assert_eq!(again["rows"], seeded + 1, "{again}");
     service.shutdown().await;
     Ok(())
 }

@@ -81,6 +81,29 @@ pub struct ReplayArgs {
     pub registry: String,
 }
 
+impl ReplayArgs {
+    /// `file` into `topic` at `brokers` with the command line's defaults: no key, no event
+    /// time (file order), JSON, unpaced.
+    pub fn new(file: impl Into<PathBuf>, topic: &str, brokers: &str) -> Self {
+        Self {
+            file: file.into(),
+            topic: topic.to_string(),
+            brokers: brokers.to_string(),
+            key: None,
+            time: None,
+            time_unit: "ms".into(),
+            time_zone: "+00:00".into(),
+            rename: Vec::new(),
+            speedup: None,
+            partitions: None,
+            format: Format::Json,
+            schema: None,
+            descriptors: Vec::new(),
+            registry: "urbanstream-data/registry".into(),
+        }
+    }
+}
+
 fn parse_format(s: &str) -> std::result::Result<Format, String> {
     Format::parse(s).ok_or_else(|| format!("{s:?} is not a format: write json, avro or protobuf"))
 }

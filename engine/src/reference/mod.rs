@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 
+pub mod changelog;
 pub mod services;
 pub mod tables;
 pub use tables::{ReferenceTables, TableVersion};

@@ -424,7 +424,7 @@ fn newest_versions(dir: &Path) -> Result<BTreeMap<String, (u64, String, i64)>> {
 }
 
 /// The rows of `csv`, whose header must name `schema`'s columns in order.
-fn read(name: &str, csv: &str, schema: SchemaRef) -> Result<Vec<RecordBatch>> {
+pub(super) fn read(name: &str, csv: &str, schema: SchemaRef) -> Result<Vec<RecordBatch>> {
     let bad = |message: String| Error::Reference {
         file: name.into(),
         message,

@@ -304,7 +304,14 @@ pub(super) fn tables_text(tables: &Value) -> String {
                 "-".to_string(),
             )
         } else {
-            (format!("v{}", text(&t["version"])), text(&t["rows"]))
+            let follows = match t["follows"]["topic"].as_str() {
+                Some(topic) => format!(" (follows {topic})"),
+                None => String::new(),
+            };
+            (
+                format!("v{}{follows}", text(&t["version"])),
+                text(&t["rows"]),
+            )
         };
         rows.push([
             text(&t["name"]),
@@ -344,6 +351,23 @@ pub(super) fn table_details(t: &Value, zone: DisplayZone) -> String {
             }
         } else if !t[key].is_null() {
             out.push_str(&format!("{key:<20} {}\n", text(&t[key])));
+        }
+    }
+    let follows = &t["follows"];
+    if let Some(topic) = follows["topic"].as_str() {
+        out.push_str(&format!(
+            "{:<20} {topic} ({}, {} records read, {} refused to the DLQ)\n",
+            "follows",
+            if follows["loaded"] == true {
+                "read to its end"
+            } else {
+                "reading"
+            },
+            text(&follows["records"]),
+            text(&follows["refused_records"]),
+        ));
+        if let Some(error) = follows["error"].as_str() {
+            out.push_str(&format!("{:<20} {error}\n", "follow error"));
         }
     }
     let mut rows = vec![["COLUMN", "TYPE", "NULLABLE"].map(String::from)];
@@ -800,6 +824,32 @@ mod tests {
         // Midnight UTC is 07:00 in Hanoi, and the header says so.
         assert!(lines[0].contains("WATERMARK (UTC+07:00)"), "{out}");
         assert!(lines[1].contains("2025-11-22 07:00:00"), "{out}");
+    }
+
+    #[test]
+    fn a_followed_table_shows_its_topic_and_how_it_goes() {
+        let sensors = json!({"name": "sensors", "kind": "reference", "version": 4, "rows": 61,
+            "follows": {"topic": "city.reference.sensors", "loaded": true, "records": 70,
+                        "refused_records": 2, "rows": 61,
+                        "error": "the rows read were refused: x: unknown ward nowhere"},
+            "columns": [{"name": "sensor_id", "type": "Utf8", "nullable": true}]});
+        let list = tables_text(&json!([sensors.clone()]));
+        assert!(
+            list.contains("v4 (follows city.reference.sensors)"),
+            "{list}"
+        );
+        let details = table_details(&sensors, DisplayZone::CITY);
+        assert!(
+            details.contains(
+                "follows              city.reference.sensors (read to its end, 70 records read, \
+                 2 refused to the DLQ)"
+            ),
+            "{details}"
+        );
+        assert!(
+            details.contains("follow error         the rows read were refused"),
+            "{details}"
+        );
     }
 
     #[test]

@@ -107,6 +107,10 @@ pub struct ReferenceConfig {
     /// with the defaults the queries give, e.g. a 60 s reporting interval) or `dead_letter`
     /// (counted, and sent to the DLQ with the reason).
     pub unknown_ids: crate::decode::UnknownIds,
+    /// Tables kept current from a compacted Kafka topic: table name → topic. The topic holds
+    /// the whole table, one JSON object per row keyed by its id, a tombstone deleting one.
+    #[serde(default)]
+    pub topics: std::collections::BTreeMap<String, String>,
 }
 
 /// `[schema_registry]`: where the writer schemas of Avro records are.

@@ -254,6 +254,9 @@ pub struct TableInfo {
     /// When the version was installed, epoch ms (absent: built in).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub installed_ms: Option<i64>,
+    /// The topic a reference table is kept current from, and how that goes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub follows: Option<super::follow::FollowStatus>,
     /// Its columns.
     pub columns: Vec<ColumnInfo>,
 }
@@ -475,6 +478,8 @@ pub struct QueryManager {
     codecs: crate::decode::Codecs,
     /// Previews running at once (each reads its input and keeps a query's state).
     previews: tokio::sync::Semaphore,
+    /// The reference tables kept current from Kafka topics.
+    followers: Arc<super::follow::Followers>,
 }
 
 /// The runtime the queries' pipelines run on, apart from the one serving the API: a query
@@ -523,6 +528,7 @@ impl QueryManager {
         let catalog = Catalog::open(&config.catalog.path)?;
         let checkpoint_root = config.checkpoint_root()?;
         let reference = ReferenceTables::open(config.reference_dir())?;
+        let followers = Arc::new(super::follow::Followers::new(&config, &reference)?);
         let codecs = crate::decode::Codecs {
             registry: Some(Arc::new(config.schema_registry()?)),
             descriptors: Some(Arc::new(crate::decode::Descriptors::load(
@@ -534,6 +540,7 @@ impl QueryManager {
             reference,
             codecs,
             previews: tokio::sync::Semaphore::new(2),
+            followers,
             config,
             catalog: Mutex::new(catalog),
             queries: Mutex::new(BTreeMap::new()),
@@ -545,6 +552,7 @@ impl QueryManager {
     /// Registers the built-in queries (unless disabled) and every query of the catalog, and
     /// starts those not paused. A query whose SQL no longer plans is FAILED; the others start.
     pub async fn start_all(&self) -> crate::Result<()> {
+        self.followers.start(&self.config, &self.reference)?;
         let now = epoch_ms();
         let mut entries: Vec<(CatalogEntry, bool)> = Vec::new();
         {
@@ -894,6 +902,13 @@ impl QueryManager {
         name: &str,
         csv: String,
     ) -> Result<TableInfo, ServiceError> {
+        if let Some(follows) = self.followers.status(name) {
+            return Err(ServiceError::Conflict(format!(
+                "{name} is kept current from topic {}: produce its changes there (one JSON \
+                 object per row, keyed by its id), or remove it from [reference.topics]",
+                follows.topic
+            )));
+        }
         if let Ok(t) = self.table(name).await
             && t.kind == "stream"
         {
@@ -984,6 +999,7 @@ impl QueryManager {
                     rows: None,
                     derived_from: None,
                     installed_ms: None,
+                    follows: None,
                     columns,
                 },
                 None => {
@@ -1003,6 +1019,7 @@ impl QueryManager {
                             .as_ref()
                             .map(|t| t.installed_ms)
                             .filter(|ms| *ms > 0),
+                        follows: self.followers.status(&name),
                         name,
                         columns,
                     }
@@ -1212,6 +1229,13 @@ impl QueryManager {
         let handles = self.handles();
         futures::future::join_all(handles.iter().map(|h| stop(h))).await;
         info!(queries = handles.len(), "queries stopped");
+        let followers = self.followers.clone();
+        let _ = tokio::task::spawn_blocking(move || followers.stop()).await;
+    }
+
+    /// The reference tables whose topic has not been read to its end yet.
+    pub fn reference_tables_loading(&self) -> Vec<String> {
+        self.followers.loading()
     }
 
     /// The names of the queries in `state`.

@@ -13,6 +13,7 @@ pub mod api;
 pub mod catalog;
 pub mod client;
 pub mod config;
+pub mod follow;
 pub mod manager;
 pub mod metrics;
 pub mod shell;
@@ -121,6 +122,13 @@ impl Service {
         }
         if !starting.is_empty() {
             problems.push(format!("queries starting: {}", starting.join(", ")));
+        }
+        let loading = self.manager.reference_tables_loading();
+        if !loading.is_empty() {
+            problems.push(format!(
+                "reference tables reading their topics: {}",
+                loading.join(", ")
+            ));
         }
         if !unassigned.is_empty() {
             problems.push(format!(
