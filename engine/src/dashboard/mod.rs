@@ -350,7 +350,7 @@ pub struct CityView {
 impl CityView {
     /// An empty view over the reference geometry of `reference`, its times shown in `zone`.
     pub fn new(reference: &ReferenceData, zone: DisplayZone) -> Arc<Self> {
-        let (lots, gauges) = crate::reference::services::lots_and_gauges().unwrap_or_default();
+        let (lots, gauges) = (&reference.parking_lots, &reference.gauges);
         let names = reference
             .segments
             .iter()

@@ -65,7 +65,8 @@ fn parking_and_water_rows_reach_the_snapshot_and_the_map_places_lots_and_gauges(
     assert_eq!(snapshot["water"]["gauges"]["wl-001"]["warning_level"], 2);
     assert!(snapshot["water"]["gauges"].get("wl-x").is_none());
     let map = city.map();
-    let (lots, gauges) = crate::reference::services::lots_and_gauges().unwrap();
+    let reference = ReferenceData::embedded().unwrap();
+    let (lots, gauges) = (&reference.parking_lots, &reference.gauges);
     assert_eq!(map["lots"].as_array().unwrap().len(), lots.len());
     assert_eq!(map["gauges"].as_array().unwrap().len(), gauges.len());
     assert_eq!(map["gauges"][0]["levels"], json!([10.0, 20.0, 30.0]));

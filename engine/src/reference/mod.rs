@@ -160,6 +160,10 @@ pub struct ReferenceData {
     pub sensors: Vec<Sensor>,
     /// PCU factors.
     pub pcu_factors: Vec<PcuFactor>,
+    /// Parking lots and streets.
+    pub parking_lots: Vec<services::ParkingLot>,
+    /// Water-level gauges and cameras.
+    pub gauges: Vec<services::Gauge>,
 }
 
 impl ReferenceData {
@@ -185,6 +189,8 @@ impl ReferenceData {
             detectors: parse("detectors.csv", &text("detectors.csv")?)?,
             sensors: parse("sensors.csv", &text("sensors.csv")?)?,
             pcu_factors: parse("pcu_factors.csv", &text("pcu_factors.csv")?)?,
+            parking_lots: parse("parking_lots.csv", &text("parking_lots.csv")?)?,
+            gauges: parse("gauges.csv", &text("gauges.csv")?)?,
         };
         data.check()?;
         Ok(data)
@@ -275,6 +281,53 @@ impl ReferenceData {
                 return Err(bad(
                     "sensors.csv",
                     format!("{}: unknown ward {}", s.sensor_id, s.ward_id),
+                ));
+            }
+        }
+        unique(
+            "parking_lots.csv",
+            self.parking_lots.iter().map(|l| l.lot_id.as_str()),
+        )?;
+        for l in &self.parking_lots {
+            if !has_ward(&l.ward_id) {
+                return Err(bad(
+                    "parking_lots.csv",
+                    format!("{}: unknown ward {}", l.lot_id, l.ward_id),
+                ));
+            }
+            if l.capacity == 0 {
+                return Err(bad(
+                    "parking_lots.csv",
+                    format!("{}: capacity is 0 (spaces, at least 1)", l.lot_id),
+                ));
+            }
+        }
+        unique(
+            "gauges.csv",
+            self.gauges.iter().map(|g| g.gauge_id.as_str()),
+        )?;
+        for g in &self.gauges {
+            if !has_ward(&g.ward_id) {
+                return Err(bad(
+                    "gauges.csv",
+                    format!("{}: unknown ward {}", g.gauge_id, g.ward_id),
+                ));
+            }
+            if let Some(segment) = g.segment_id.as_deref().filter(|s| !s.is_empty())
+                && !has_segment(segment)
+            {
+                return Err(bad(
+                    "gauges.csv",
+                    format!("{}: unknown segment {segment}", g.gauge_id),
+                ));
+            }
+            if !(g.level_1_cm < g.level_2_cm && g.level_2_cm < g.level_3_cm) {
+                return Err(bad(
+                    "gauges.csv",
+                    format!(
+                        "{}: warning levels {}, {}, {} cm do not rise (level I < II < III)",
+                        g.gauge_id, g.level_1_cm, g.level_2_cm, g.level_3_cm
+                    ),
                 ));
             }
         }

@@ -1,10 +1,9 @@
 //! The reference tables of the city's other feeds, typed: the parking lots and streets of
 //! `parking_lots.csv` and the water-level gauges of `gauges.csv`, as the simulator places its
-//! sensors and the web console draws them. (Queries read them as any reference table.)
+//! sensors and the web console draws them, parsed and checked with the rest of
+//! [`super::ReferenceData`]. (Queries read them as any reference table.)
 
 use serde::Deserialize;
-
-use super::{ReferenceData, parse};
 
 /// A lot or street of `parking_lots.csv`.
 #[derive(Debug, Clone, Deserialize)]
@@ -57,18 +56,4 @@ impl Gauge {
     pub fn on_road(&self) -> bool {
         self.segment_id.as_deref().is_some_and(|s| !s.is_empty())
     }
-}
-
-/// The lots and gauges compiled into the binary.
-pub fn lots_and_gauges() -> crate::error::Result<(Vec<ParkingLot>, Vec<Gauge>)> {
-    let text = |file: &str| {
-        ReferenceData::embedded_csv(file).ok_or_else(|| crate::error::Error::Reference {
-            file: file.into(),
-            message: "not in schemas/reference".into(),
-        })
-    };
-    Ok((
-        parse("parking_lots.csv", text("parking_lots.csv")?)?,
-        parse("gauges.csv", text("gauges.csv")?)?,
-    ))
 }

@@ -637,4 +637,44 @@ mod tests {
         assert_eq!(reopened.get("wards").map(|t| t.version), Some(1));
         Ok(())
     }
+
+    #[test]
+    fn parking_lots_and_gauges_are_checked_against_wards_and_segments() -> Result<()> {
+        let tables = ReferenceTables::embedded()?;
+        let lots = "lot_id,name,kind,area,ward_id,capacity,lat,lon";
+        let gauges =
+            "gauge_id,name,kind,ward_id,segment_id,lat,lon,level_1_cm,level_2_cm,level_3_cm";
+        for (table, csv, reason) in [
+            (
+                "parking_lots",
+                format!("{lots}\npk-1,A,lot,office,nowhere,100,21.0,105.8\n"),
+                "pk-1: unknown ward nowhere",
+            ),
+            (
+                "parking_lots",
+                format!("{lots}\npk-1,A,lot,office,ba_dinh,0,21.0,105.8\n"),
+                "capacity is 0",
+            ),
+            (
+                "gauges",
+                format!("{gauges}\nwl-1,G,gauge,ba_dinh,no_such_road,21.0,105.8,10,20,30\n"),
+                "unknown segment no_such_road",
+            ),
+            (
+                "gauges",
+                format!("{gauges}\nwl-1,G,gauge,ba_dinh,,21.0,105.8,10,30,20\n"),
+                "do not rise",
+            ),
+        ] {
+            let e = tables.replace(table, &csv).expect_err(reason).to_string();
+            assert!(e.contains(reason), "{reason}: {e}");
+        }
+        // The river gauge watches no road.
+        let river = tables.replace(
+            "gauges",
+            &format!("{gauges}\nwl-1,River,gauge,ba_dinh,,21.0,105.8,900,950,1000\n"),
+        )?;
+        assert_eq!((river.version, river.rows), (2, 1));
+        Ok(())
+    }
 }

@@ -326,7 +326,12 @@ impl CitySimulator {
             .map(|w| (w.ward_id.clone(), rng.random_range(32.0..52.0)))
             .collect();
         let services = config.all_feeds.then(|| {
-            services::Services::new(config.seed, config.storm_at_ms, config.reports_per_hour)
+            services::Services::new(
+                &reference,
+                config.seed,
+                config.storm_at_ms,
+                config.reports_per_hour,
+            )
         });
         let flood = vec![1.0; reference.segments.len()];
         Self {

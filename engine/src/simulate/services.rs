@@ -22,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use super::{SimRecord, SimTopic};
-pub use crate::reference::services::{Gauge, ParkingLot, lots_and_gauges};
+pub use crate::reference::services::{Gauge, ParkingLot};
 
 #[derive(Serialize)]
 struct ParkingJson<'a> {
@@ -97,9 +97,14 @@ pub(super) struct Services {
 const RAIN_PER_HOUR: f64 = 1.0 / 24.0;
 
 impl Services {
-    pub(super) fn new(seed: u64, storm_at_ms: Option<i64>, reports_per_hour: f64) -> Self {
+    pub(super) fn new(
+        reference: &crate::reference::ReferenceData,
+        seed: u64,
+        storm_at_ms: Option<i64>,
+        reports_per_hour: f64,
+    ) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5e41_ce5f_eed5);
-        let (lots, gauges) = lots_and_gauges().unwrap_or_default();
+        let (lots, gauges) = (reference.parking_lots.clone(), reference.gauges.clone());
         let drift = vec![0.0; lots.len()];
         let offline = vec![0; lots.len()];
         let levels = gauges

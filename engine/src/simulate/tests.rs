@@ -198,7 +198,10 @@ fn every_feed_decodes_against_its_schema() {
     }
     // An hour: every lot and gauge once a minute; reports of the storm's flooding among them.
     let count = |feed| records.iter().filter(|r| r.topic == feed).count();
-    let (lots, gauges) = services::lots_and_gauges().expect("reference");
+    let (lots, gauges) = {
+        let r = ReferenceData::embedded().expect("reference");
+        (r.parking_lots, r.gauges)
+    };
     assert_eq!(count(SimTopic::Parking), 60 * lots.len());
     assert_eq!(count(SimTopic::Water), 60 * gauges.len());
     assert!(
@@ -242,7 +245,10 @@ fn a_storm_floods_roads_and_slows_their_traffic_then_drains() {
     let flooded_at = flooded_at.expect("the storm flooded a road");
     assert!(flooded_at < 3_600, "flooded after {flooded_at} s");
     // The gauges flooded: their segments slower than on the dry day's same minutes.
-    let (lots, gauges) = services::lots_and_gauges().expect("reference");
+    let (lots, gauges) = {
+        let r = ReferenceData::embedded().expect("reference");
+        (r.parking_lots, r.gauges)
+    };
     drop(lots);
     let slowed = gauges
         .iter()
@@ -270,7 +276,10 @@ fn parking_follows_its_areas_day() {
     assert!(parking_demand("visitor", 10.0, true) > parking_demand("visitor", 10.0, false));
     // Readings: occupied within spaces, barrier lots at their capacity.
     let mut sim = city(2, thursday + 13 * 3_600_000, None);
-    let (lots, _) = services::lots_and_gauges().expect("reference");
+    let (lots, _) = {
+        let r = ReferenceData::embedded().expect("reference");
+        (r.parking_lots, r.gauges)
+    };
     for r in (0..600)
         .flat_map(|_| sim.next_tick())
         .filter(|r| r.topic == SimTopic::Parking)
@@ -303,7 +312,10 @@ fn the_other_feeds_leave_traffic_and_air_as_the_seed_made_them() {
     let mut plain = CitySimulator::new(config, reference);
     // A storm at once: by the second hour its water slows the gauges' segments, and only those.
     let mut all = city(4, start, Some(start));
-    let (_, gauges) = services::lots_and_gauges().expect("reference");
+    let (_, gauges) = {
+        let r = ReferenceData::embedded().expect("reference");
+        (r.parking_lots, r.gauges)
+    };
     let watched: Vec<String> = gauges.iter().filter_map(|g| g.segment_id.clone()).collect();
     let mut differed = 0;
     for _ in 0..7_200 {
