@@ -4,7 +4,7 @@
 -- interval, even if it never reports again). Every sensor of schemas/reference/sensors.csv
 -- reports each minute; for a fleet with several intervals, write one missing statement per
 -- interval, joined with sensors and filtered on interval_s.
--- Published to city.alerts, keyed by entity_id (the sensor).
+-- Published to city.alerts, keyed by entity_id (the sensor), with the sensor's ward.
 
 INSERT INTO alerts
 SELECT concat('sensor_stuck:', sensor_id, ':', to_char(a['started_at'], '%Y%m%dT%H%M%S')) AS alert_id,
@@ -22,13 +22,14 @@ SELECT concat('sensor_stuck:', sensor_id, ':', to_char(a['started_at'], '%Y%m%dT
        event_time AS window_end,
        a['started_at'] AS started_at,
        a['severity'] AS severity,
-       concat('PM2.5 stuck at ', f['value'], ' µg/m³ for ', f['detail'], ' readings') AS message
+       concat('PM2.5 stuck at ', f['value'], ' µg/m³ for ', f['detail'], ' readings') AS message,
+       ward_id
 FROM (
     SELECT *,
            alert_state(CASE WHEN f['fault'] THEN 1.0 ELSE 0.0 END, event_time, 1, 0)
                OVER (PARTITION BY sensor_id ORDER BY event_time) AS a
     FROM (
-        SELECT sensor_id, event_time,
+        SELECT sensor_id, ward_id, event_time,
                sensor_stuck(pm25, event_time, 10) OVER (PARTITION BY sensor_id ORDER BY event_time) AS f
         FROM air_readings
     )
@@ -51,13 +52,14 @@ SELECT concat('sensor_out_of_range:', sensor_id, ':', to_char(a['started_at'], '
        event_time AS window_end,
        a['started_at'] AS started_at,
        a['severity'] AS severity,
-       concat('PM2.5 reading ', f['value'], ' µg/m³ is outside the physical range (limit ', f['detail'], ')') AS message
+       concat('PM2.5 reading ', f['value'], ' µg/m³ is outside the physical range (limit ', f['detail'], ')') AS message,
+       ward_id
 FROM (
     SELECT *,
            alert_state(CASE WHEN f['fault'] THEN 1.0 ELSE 0.0 END, event_time, 1, 0)
                OVER (PARTITION BY sensor_id ORDER BY event_time) AS a
     FROM (
-        SELECT sensor_id, event_time,
+        SELECT sensor_id, ward_id, event_time,
                sensor_out_of_range(pm25, event_time, 'pm25') OVER (PARTITION BY sensor_id ORDER BY event_time) AS f
         FROM air_readings
     )
@@ -80,13 +82,14 @@ SELECT concat('sensor_jump:', sensor_id, ':', to_char(a['started_at'], '%Y%m%dT%
        event_time AS window_end,
        a['started_at'] AS started_at,
        a['severity'] AS severity,
-       concat('PM2.5 jumped by ', round(f['detail'], 1), ' µg/m³ to ', f['value']) AS message
+       concat('PM2.5 jumped by ', round(f['detail'], 1), ' µg/m³ to ', f['value']) AS message,
+       ward_id
 FROM (
     SELECT *,
            alert_state(CASE WHEN f['fault'] THEN 1.0 ELSE 0.0 END, event_time, 1, 0)
                OVER (PARTITION BY sensor_id ORDER BY event_time) AS a
     FROM (
-        SELECT sensor_id, event_time,
+        SELECT sensor_id, ward_id, event_time,
                sensor_jump(pm25, event_time, 'pm25') OVER (PARTITION BY sensor_id ORDER BY event_time) AS f
         FROM air_readings
     )
@@ -109,13 +112,14 @@ SELECT concat('sensor_missing:', sensor_id, ':', to_char(a['started_at'], '%Y%m%
        event_time AS window_end,
        a['started_at'] AS started_at,
        a['severity'] AS severity,
-       concat('No reading for ', round(f['detail']), ' s') AS message
+       concat('No reading for ', round(f['detail']), ' s') AS message,
+       ward_id
 FROM (
     SELECT *,
            alert_state(CASE WHEN f['fault'] THEN 1.0 ELSE 0.0 END, event_time, 1, 0)
                OVER (PARTITION BY sensor_id ORDER BY event_time) AS a
     FROM (
-        SELECT sensor_id, event_time,
+        SELECT sensor_id, ward_id, event_time,
                sensor_missing(pm25, event_time, INTERVAL '1 minute', 3) OVER (PARTITION BY sensor_id ORDER BY event_time) AS f
         FROM air_readings
     )

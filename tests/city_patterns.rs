@@ -82,14 +82,15 @@ fn text_rows(batches: &[RecordBatch]) -> anyhow::Result<Vec<String>> {
 async fn a_camera_incident_confirmed_by_a_crawling_detector_raises_an_alert() -> anyhow::Result<()>
 {
     let mut engine = engine_with("alerts_incidents_confirmed").await?;
-    // s1: a stalled vehicle, and a minute later a detector of the segment at 8 km/h.
+    // lang_ntso (a segment of the reference, in ward lang): a stalled vehicle, and a minute
+    // later a detector of the segment at 8 km/h.
     // s2: a collision, but the detector sees free flow. s3: a queue, and the crawl comes five
-    // minutes later, out of the two-minute bound. The detector reading of s1 arrives first.
+    // minutes later, out of the two-minute bound. The detector reading of lang_ntso arrives first.
     engine
         .execute(
             "INSERT INTO detector_readings (detector_id, segment_id, event_time, interval_s, \
              occupancy_pct, mean_speed_kmh) VALUES \
-             ('d1', 's1', '2026-01-01T06:11:00', 20, 35.0, 8.0), \
+             ('d1', 'lang_ntso', '2026-01-01T06:11:00', 20, 35.0, 8.0), \
              ('d2', 's2', '2026-01-01T06:10:40', 20, 10.0, 42.0), \
              ('d3', 's3', '2026-01-01T06:15:40', 20, 40.0, 6.0)",
         )
@@ -98,10 +99,10 @@ async fn a_camera_incident_confirmed_by_a_crawling_detector_raises_an_alert() ->
         .execute(
             "INSERT INTO camera_events (camera_id, segment_id, event_time, kind, confidence, \
              severity) VALUES \
-             ('c1', 's1', '2026-01-01T06:10:30', 'stalled_vehicle', 0.9, 3), \
+             ('c1', 'lang_ntso', '2026-01-01T06:10:30', 'stalled_vehicle', 0.9, 3), \
              ('c2', 's2', '2026-01-01T06:10:20', 'collision', 0.8, 4), \
              ('c3', 's3', '2026-01-01T06:10:10', 'congestion_queue', 0.7, 2), \
-             ('c1', 's1', '2026-01-01T06:10:35', 'detection', 0.9, NULL)",
+             ('c1', 'lang_ntso', '2026-01-01T06:10:35', 'detection', 0.9, NULL)",
         )
         .await?;
     for stream in ["camera_events", "detector_readings"] {
@@ -114,10 +115,18 @@ async fn a_camera_incident_confirmed_by_a_crawling_detector_raises_an_alert() ->
     assert_eq!(
         alerts(&mut engine).await?,
         vec![
-            ("s1".into(), "CLEARED".into(), "06:26".into()),
-            ("s1".into(), "RAISED".into(), "06:11".into()),
+            ("lang_ntso".into(), "CLEARED".into(), "06:26".into()),
+            ("lang_ntso".into(), "RAISED".into(), "06:11".into()),
         ]
     );
+    // The alert carries the segment's ward, from the reference table.
+    let Outcome::Rows(batches) = engine
+        .execute("SELECT DISTINCT ward_id FROM alerts")
+        .await?
+    else {
+        anyhow::bail!("no rows")
+    };
+    assert_eq!(text_rows(&batches)?, vec!["lang".to_string()]);
     Ok(())
 }
 
