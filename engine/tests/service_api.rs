@@ -1296,11 +1296,59 @@ async fn a_preview_gives_the_rows_the_registered_query_publishes() -> anyhow::Re
     assert_eq!(previewed.len(), 20, "{preview}");
     assert!(previewed.iter().all(|(_, _, n)| *n == 15), "{previewed:?}");
 
+    // The same file as Parquet (written by DataFusion, Snappy-compressed), sent as base64:
+    // the same answer.
+    let csv_file = dir.path().join("detections.csv");
+    std::fs::write(&csv_file, &csv)?;
+    let parquet_file = dir.path().join("detections.parquet");
+    {
+        use datafusion::dataframe::DataFrameWriteOptions;
+        use datafusion::prelude::{CsvReadOptions, SessionContext};
+        SessionContext::new()
+            .read_csv(csv_file.to_string_lossy().as_ref(), CsvReadOptions::new())
+            .await?
+            .write_parquet(
+                parquet_file.to_string_lossy().as_ref(),
+                DataFrameWriteOptions::new().with_single_file_output(true),
+                None,
+            )
+            .await?;
+    }
+    let bytes = std::fs::read(&parquet_file)?;
+    assert_eq!(&bytes[..4], b"PAR1");
+    let data = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(&bytes)
+    };
+    let (status, from_parquet) = call(
+        &app,
+        "POST",
+        "/v1/queries/preview",
+        Some(TOKEN),
+        Some(json!({"sql": sql, "input": {"format": "parquet", "data": data}, "limit": 1000})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{from_parquet}");
+    for count in ["input_rows", "rejected", "output_rows"] {
+        assert_eq!(
+            from_parquet[count], preview[count],
+            "{count}: {from_parquet}"
+        );
+    }
+    assert_eq!(
+        windows(from_parquet["rows"].as_array().map_or(&[], Vec::as_slice)),
+        previewed
+    );
+
     // Refused, with the reason.
     for (body, reason) in [
         (
             json!({"sql": sql, "input": {"format": "xml", "data": "x"}}),
-            "csv or jsonl",
+            "csv, jsonl or parquet",
+        ),
+        (
+            json!({"sql": sql, "input": {"format": "parquet", "data": "PAR1 not base64!"}}),
+            "bytes in base64",
         ),
         (
             json!({"sql": sql, "input": {"format": "csv", "data": csv}, "limit": 0}),

@@ -382,7 +382,7 @@ impl CityView {
             closing: watch::Sender::new(false),
             text: Mutex::new(None),
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
-            map: map_of(reference, &lots, &gauges),
+            map: map_of(reference, lots, gauges),
             names,
             zone,
         })

@@ -11,7 +11,7 @@
 //! | GET | `/v1/queries` | every query's status |
 //! | POST | `/v1/queries` | `{"name", "sql", "memory_limit"?}`: validate, register, start (201) |
 //! | POST | `/v1/queries/validate` | `{"sql"}`: plan without registering (200 or 400) |
-//! | POST | `/v1/queries/preview` | `{"sql", "input": {"format": "csv"\|"jsonl", "data", "rename"?, "time_zone"?, "time_unit"?}` or `"topic": {…}, "limit"?}`: run the query over the rows given or a range of its topic, unregistered (in its memory pool, within `api.preview_timeout`, body up to `api.max_preview_body`, two at a time, admin token): the first rows and the counts of rejected, unreadable and late rows |
+//! | POST | `/v1/queries/preview` | `{"sql", "input": {"format": "csv"\|"jsonl"\|"parquet", "data" (Parquet: base64), "rename"?, "time_zone"?, "time_unit"?}` or `"topic": {…}, "limit"?}`: run the query over the rows given or a range of its topic, unregistered (in its memory pool, within `api.preview_timeout`, body up to `api.max_preview_body`, two at a time, admin token): the first rows and the counts of rejected, unreadable and late rows |
 //! | POST | `/v1/queries/explain` | `{"sql"}`: how its stream queries would run: stages, state, partitioning, emission |
 //! | GET | `/v1/queries/{name}` | one query's status |
 //! | DELETE | `/v1/queries/{name}` | stop and forget a registered query (204) |

@@ -378,12 +378,22 @@ pub(super) fn table_details(t: &Value, zone: DisplayZone) -> String {
     out
 }
 
-/// The preview input format of a file, by its extension: `csv`, or else `jsonl`.
-pub(super) fn input_format(path: &std::path::Path) -> &'static str {
-    match path.extension().and_then(|e| e.to_str()) {
+/// A file as a preview's input: its format by its extension (`csv`, `parquet`, or else
+/// `jsonl`) and its contents as the request carries them (a Parquet file's bytes in base64).
+pub(super) fn preview_input(path: &std::path::Path) -> Result<(&'static str, String)> {
+    use base64::Engine as _;
+    let unreadable = |e: std::io::Error| Error::Api(format!("{}: {e}", path.display()));
+    let format = match path.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("csv") => "csv",
+        Some(e) if e.eq_ignore_ascii_case("parquet") => "parquet",
         _ => "jsonl",
-    }
+    };
+    let data = if format == "parquet" {
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).map_err(unreadable)?)
+    } else {
+        std::fs::read_to_string(path).map_err(unreadable)?
+    };
+    Ok((format, data))
 }
 
 /// A time given as epoch milliseconds or RFC 3339.
@@ -513,9 +523,7 @@ pub async fn run(args: QueryArgs) -> Result<()> {
             let mut body = json!({ "sql": input.read()?, "limit": limit });
             match data {
                 Some(data) => {
-                    let format = input_format(data);
-                    let text = std::fs::read_to_string(data)
-                        .map_err(|e| Error::Api(format!("{}: {e}", data.display())))?;
+                    let (format, text) = preview_input(data)?;
                     body["input"] = json!({"format": format, "data": text, "rename": rename,
                                            "time_zone": time_zone, "time_unit": time_unit});
                 }
@@ -824,6 +832,34 @@ mod tests {
         // Midnight UTC is 07:00 in Hanoi, and the header says so.
         assert!(lines[0].contains("WATERMARK (UTC+07:00)"), "{out}");
         assert!(lines[1].contains("2025-11-22 07:00:00"), "{out}");
+    }
+
+    #[test]
+    fn a_preview_input_is_text_or_a_parquet_file_in_base64() -> Result<()> {
+        use base64::Engine as _;
+        let dir = tempfile::tempdir()?;
+        let bytes: &[u8] = b"PAR1\x00\xff binary PAR1";
+        for (name, contents, format) in [
+            ("a.CSV", &b"a,b\n1,2\n"[..], "csv"),
+            ("a.jsonl", &b"{\"a\": 1}\n"[..], "jsonl"),
+            ("a.parquet", bytes, "parquet"),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, contents)?;
+            let (got, data) = preview_input(&path)?;
+            assert_eq!(got, format);
+            let sent = if format == "parquet" {
+                base64::engine::general_purpose::STANDARD
+                    .decode(&data)
+                    .expect("base64")
+            } else {
+                data.into_bytes()
+            };
+            assert_eq!(sent, contents, "{name}");
+        }
+        let missing = preview_input(&dir.path().join("none.csv")).expect_err("missing");
+        assert!(missing.to_string().contains("none.csv"), "{missing}");
+        Ok(())
     }
 
     #[test]

@@ -178,9 +178,9 @@ pub struct PreviewRequest {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PreviewInput {
-    /// `csv` (with a header) or `jsonl`.
+    /// `csv` (with a header), `jsonl` or `parquet`.
     pub format: String,
-    /// The file's contents.
+    /// The file's contents (a Parquet file's bytes in base64).
     pub data: String,
     /// `old=new` column renames.
     #[serde(default)]
@@ -719,11 +719,11 @@ impl QueryManager {
         if let Some(input) = &request.input
             && !matches!(
                 input.format.to_ascii_lowercase().as_str(),
-                "csv" | "jsonl" | "ndjson" | "json"
+                "csv" | "jsonl" | "ndjson" | "json" | "parquet"
             )
         {
             return Err(ServiceError::invalid(format!(
-                "input.format {:?}: csv or jsonl",
+                "input.format {:?}: csv, jsonl or parquet",
                 input.format
             )));
         }
@@ -763,10 +763,10 @@ impl QueryManager {
         let timeout = self.config.api.preview_timeout;
         let run = match (request.input, request.topic) {
             (Some(input), _) => {
-                let extension = if input.format.eq_ignore_ascii_case("csv") {
-                    ".csv"
-                } else {
-                    ".jsonl"
+                let extension = match input.format.to_ascii_lowercase().as_str() {
+                    "csv" => ".csv",
+                    "parquet" => ".parquet",
+                    _ => ".jsonl",
                 };
                 let PreviewInput {
                     data,
@@ -775,6 +775,19 @@ impl QueryManager {
                     time_unit,
                     ..
                 } = input;
+                // A Parquet file travels as its bytes in base64.
+                let data = if extension == ".parquet" {
+                    use base64::Engine as _;
+                    base64::engine::general_purpose::STANDARD
+                        .decode(data.trim())
+                        .map_err(|e| {
+                            ServiceError::invalid(format!(
+                                "input.data of a parquet input is the file's bytes in base64: {e}"
+                            ))
+                        })?
+                } else {
+                    data.into_bytes()
+                };
                 self.runtime.handle().spawn(async move {
                     // Written off the runtime's threads: the body may be large.
                     let file = tokio::task::spawn_blocking(move || {
@@ -782,7 +795,7 @@ impl QueryManager {
                             .prefix("urbanstream-preview-")
                             .suffix(extension)
                             .tempfile()?;
-                        std::fs::write(file.path(), data.as_bytes())?;
+                        std::fs::write(file.path(), &data)?;
                         Ok::<_, std::io::Error>(file)
                     })
                     .await

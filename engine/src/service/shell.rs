@@ -26,7 +26,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use super::client::{
-    Client, ServerArgs, aligned, input_format, preview_text, table, table_details, tables_text,
+    Client, ServerArgs, aligned, preview_input, preview_text, table, table_details, tables_text,
     text,
 };
 use crate::error::{Error, Result};
@@ -317,9 +317,7 @@ async fn preview(client: &Client, session: &Session, sql: &str) -> Result<String
     });
     match &session.data {
         Some((path, renames)) => {
-            let data = std::fs::read_to_string(path)
-                .map_err(|e| Error::Api(format!("{}: {e}", path.display())))?;
-            let format = input_format(path);
+            let (format, data) = preview_input(path)?;
             body["input"] = json!({"format": format, "data": data, "rename": renames,
                                    "time_zone": session.time_zone});
         }
