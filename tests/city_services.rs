@@ -12,7 +12,6 @@ use std::time::Duration;
 use urbanstream::pipeline::{Pipeline, PipelineConfig, PipelineStats, Topics};
 use urbanstream::plan::DEFAULT_QUERIES;
 use urbanstream::reference::ReferenceData;
-use urbanstream::simulate::services::lots_and_gauges;
 use urbanstream::simulate::{CitySimulator, SimConfig, SimRecord, SimTopic, SimTopics};
 use urbanstream_tests::{TestCluster, read_until_quiet};
 
@@ -125,7 +124,7 @@ async fn parking_availability_and_full_alerts_through_the_broker() {
     .await;
 
     // What the readings say, per lot and 5 minutes, and per lot and minute.
-    let (lots, _) = lots_and_gauges().expect("reference");
+    let lots = ReferenceData::embedded().expect("reference").parking_lots;
     let capacity: BTreeMap<String, (f64, String)> = lots
         .iter()
         .map(|l| (l.lot_id.clone(), (f64::from(l.capacity), l.ward_id.clone())))
@@ -299,7 +298,7 @@ async fn a_storm_through_the_broker_floods_roads_and_confirms_reports() {
     )
     .await;
 
-    let (_, gauges) = lots_and_gauges().expect("reference");
+    let gauges = ReferenceData::embedded().expect("reference").gauges;
     // (gauge, window start) -> (latest level, max level, readings)
     let mut five: BTreeMap<(String, i64), (f64, f64, i64)> = BTreeMap::new();
     // Gauges at level I or above for five readings in a row: each must get a warning.
