@@ -612,3 +612,62 @@ fn two_processes_with_one_identity_are_refused() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `[kafka.topic_properties]`: the topics the service creates (a query's output, the DLQ and
+/// late topics) get the configured settings on a broker that takes them at creation, as
+/// DescribeConfigs reads them back; a topic that already exists is left as it is.
+#[test]
+fn created_topics_get_the_configured_topic_settings() -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let dir = tempfile::tempdir()?;
+    let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events", "city.late"])?;
+    let m = member(
+        dir.path(),
+        &brokers,
+        "settings",
+        "0",
+        &dir.path().join("checkpoints"),
+    )?;
+    let mut config = std::fs::read_to_string(&m.config)?;
+    config.push_str(
+        "[kafka.topic_properties]\n\"retention.ms\" = \"3600000\"\n\"cleanup.policy\" = \"delete\"\n",
+    );
+    std::fs::write(&m.config, config)?;
+    let api = Api::new()?;
+    let _service = serve(&m.config, &m.log)?;
+    api.wait_live(&m.base)?;
+    api.create(&m.base, "counts", &counts_query("settings.counts"))?;
+    wait_until("the query did not run", || {
+        api.status(&m.base, "counts")
+            .is_some_and(|s| s["state"] == "RUNNING")
+    })?;
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let settings = |topic: &str| -> anyhow::Result<(Option<String>, Option<String>)> {
+        let described = rt.block_on(admin.describe_configs(
+            &[ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        ))?;
+        let resource = described
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no answer for {topic}"))?
+            .map_err(|code| anyhow::anyhow!("describing {topic}: {code}"))?;
+        let value = |name: &str| resource.get(name).and_then(|e| e.value.clone());
+        Ok((value("retention.ms"), value("cleanup.policy")))
+    };
+    for created in ["settings.counts", "city.dlq"] {
+        assert_eq!(
+            settings(created)?,
+            (Some("3600000".into()), Some("delete".into())),
+            "{created}"
+        );
+    }
+    // Made by the test before the service started: not the service's to change.
+    assert_ne!(settings("city.late")?.0.as_deref(), Some("3600000"));
+    Ok(())
+}

@@ -75,6 +75,8 @@ pub struct PipelineConfig {
     pub producer_linger: Duration,
     /// Extra librdkafka properties for consumer and producer.
     pub properties: Vec<(String, String)>,
+    /// Settings of the topics the pipeline creates (`retention.ms`, …).
+    pub topic_properties: Vec<(String, String)>,
     /// Whether the default queries of `queries/` run.
     pub default_queries: bool,
     /// Further queries, `(name, sql)`: each may hold several statements (`CREATE EXTERNAL
@@ -140,6 +142,7 @@ impl PipelineConfig {
             linger: Duration::from_millis(20),
             producer_linger: Duration::from_millis(5),
             properties: Vec::new(),
+            topic_properties: Vec::new(),
             default_queries: true,
             queries: Vec::new(),
             name: None,

@@ -132,14 +132,20 @@ pub(super) async fn ensure_topic(
     )))
 }
 
-/// Asks the broker's admin API to create `topic`; what it answers is logged, not returned
-/// (the caller checks whether the topic exists).
+/// Asks the broker's admin API to create `topic` with the configured topic settings. What it
+/// answers is logged, not returned (the caller checks whether the topic exists), but for a
+/// refusal of the topic settings: those are the operator's, and a topic created without them
+/// (by the broker on first use) would silently lack them.
 async fn create_topic(config: &PipelineConfig, topic: &str, partitions: u32) -> Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
     let admin: AdminClient<DefaultClientContext> = client_config(config, false).create()?;
     // Replication as the broker sets it by default (KIP-464), like a topic it creates itself.
-    let new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(-1));
+    let mut new = NewTopic::new(topic, partitions as i32, TopicReplication::Fixed(-1));
+    for (key, value) in &config.topic_properties {
+        new = new.set(key, value);
+    }
     let options = AdminOptions::new()
         .operation_timeout(Some(Duration::from_secs(5)))
         .request_timeout(Some(Duration::from_secs(5)));
@@ -150,8 +156,32 @@ async fn create_topic(config: &PipelineConfig, topic: &str, partitions: u32) -> 
     match created.await {
         Ok(Ok(results)) => {
             for r in results {
-                if let Err((_, code)) = r {
-                    debug!(%topic, %code, "topic not created through the admin API");
+                match r {
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) | Ok(_) => {}
+                    Err((_, code))
+                        if !config.topic_properties.is_empty()
+                            && matches!(
+                                code,
+                                RDKafkaErrorCode::InvalidConfig
+                                    | RDKafkaErrorCode::InvalidRequest
+                                    | RDKafkaErrorCode::PolicyViolation
+                                    | RDKafkaErrorCode::InvalidReplicationFactor
+                            ) =>
+                    {
+                        return Err(Error::Config(format!(
+                            "the broker refused to create topic {topic} with \
+                             [kafka.topic_properties] {}: {code}",
+                            config
+                                .topic_properties
+                                .iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )));
+                    }
+                    Err((_, code)) => {
+                        debug!(%topic, %code, "topic not created through the admin API");
+                    }
                 }
             }
         }

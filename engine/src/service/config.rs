@@ -61,6 +61,11 @@ pub struct KafkaConfig {
     /// librdkafka properties for every client.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Kafka topic settings (`retention.ms`, `cleanup.policy`, `min.insync.replicas`, …) of
+    /// the topics the service creates: the queries' outputs, the late and DLQ topics, the
+    /// internal repartition topics. Topics that exist are left as they are.
+    #[serde(default)]
+    pub topic_properties: BTreeMap<String, String>,
 }
 
 /// `[api]`: the HTTP server.

@@ -1299,6 +1299,12 @@ impl QueryManager {
         p.linger = c.pipeline.linger;
         p.producer_linger = c.pipeline.producer_linger;
         p.properties = c.kafka_properties();
+        p.topic_properties = c
+            .kafka
+            .topic_properties
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         p.default_queries = false;
         p.queries = vec![(handle.entry.name.clone(), handle.entry.sql.clone())];
         p.name = Some(handle.entry.name.clone());
