@@ -175,6 +175,53 @@ pub fn vector_likelihoods(times: &[i64], columns: &[Vec<Option<f64>>]) -> Result
         .collect())
 }
 
+/// Half-lives `anomaly_t2` is tried with on the anomaly-free run; the one with the fewest
+/// alerts there is used on the experiments (no experiment is looked at to choose it).
+pub const T2_HALF_LIVES_MS: [i64; 5] = [150_000, 300_000, 600_000, 1_200_000, 3_600_000];
+
+/// Likelihoods of all columns together under `anomaly_t2` (Hotelling's T²) with `half_life_ms`,
+/// row by row: the state and step the SQL function runs.
+pub fn t2_likelihoods(
+    times: &[i64],
+    columns: &[Vec<Option<f64>>],
+    half_life_ms: i64,
+) -> Vec<Option<f64>> {
+    let mut state = urbanstream_operators::detect::SeriesState::Hotelling(Box::new(
+        urbanstream_operators::detect::Hotelling::new(half_life_ms),
+    ));
+    let mut row = Vec::with_capacity(columns.len());
+    times
+        .iter()
+        .enumerate()
+        .map(|(r, t)| {
+            row.clear();
+            row.extend(columns.iter().map(|c| c[r]));
+            match state.step_values(*t, &row) {
+                Emitted::Vector(v) => v.score.likelihood,
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The half-life of [`T2_HALF_LIVES_MS`] that raises the fewest alerts on the anomaly-free
+/// run (the shortest among equals), and the alerts per day of each.
+pub fn choose_t2_half_life(free: &Experiment, threshold: f64, clear: f64) -> (i64, Vec<(i64, usize)>) {
+    let raised: Vec<(i64, usize)> = T2_HALF_LIVES_MS
+        .iter()
+        .map(|&h| {
+            let l = t2_likelihoods(&free.times, &free.values, h);
+            let (changes, _) = alerts(&free.times, &l, threshold, clear);
+            (h, changes.len().div_ceil(2))
+        })
+        .collect();
+    let best = raised
+        .iter()
+        .min_by_key(|(_, n)| *n)
+        .map_or(urbanstream_operators::detect::Hotelling::DEFAULT_HALF_LIFE_MS, |(h, _)| *h);
+    (best, raised)
+}
+
 /// Alert transitions (raised and cleared) and the per-row active flag of one likelihood
 /// series.
 fn alerts(
@@ -239,7 +286,16 @@ pub fn evaluate(
         .map(|e| e.columns.clone())
         .unwrap_or_default();
     let all = format!("anomaly_vector of all {}", columns.len());
-    let names: Vec<String> = columns.iter().cloned().chain([all]).collect();
+    let half_life = free.map_or(
+        urbanstream_operators::detect::Hotelling::DEFAULT_HALF_LIFE_MS,
+        |f| choose_t2_half_life(f, threshold, clear).0,
+    );
+    let t2 = format!(
+        "anomaly_t2 of all {}, half-life {} s",
+        columns.len(),
+        half_life / 1000
+    );
+    let names: Vec<String> = columns.iter().cloned().chain([all, t2]).collect();
     let mut reports: Vec<SkabReport> = names
         .iter()
         .map(|n| SkabReport {
@@ -264,6 +320,7 @@ pub fn evaluate(
             .map(|v| likelihoods(&e.times, v))
             .collect::<Result<Vec<_>>>()?;
         out.push(vector_likelihoods(&e.times, &e.values)?);
+        out.push(t2_likelihoods(&e.times, &e.values, half_life));
         Ok(out)
     };
     for e in experiments {
@@ -405,7 +462,11 @@ mod tests {
         assert!(free.as_ref().is_some_and(|f| f.anomaly.iter().all(|a| !a)));
         let reports = evaluate(&experiments, free.as_ref(), 0.9999, 0.99).expect("evaluate");
         let names: Vec<&str> = reports.iter().map(|r| r.detector.as_str()).collect();
-        assert_eq!(names, ["A", "B", "anomaly_vector of all 2"]);
+        assert_eq!(names[..3], ["A", "B", "anomaly_vector of all 2"]);
+        assert!(
+            names[3].starts_with("anomaly_t2 of all 2, half-life "),
+            "{names:?}"
+        );
         for r in [&reports[0], &reports[2]] {
             // Both steps' onsets are found, early in their windows.
             assert!(r.changepoints.detected >= 2, "{r:?}");
@@ -414,6 +475,12 @@ mod tests {
         }
         // The untouched column finds nothing there.
         assert_eq!(reports[1].changepoints.detected, 0, "{:?}", reports[1]);
+        // T² finds both onsets and holds each step for most of its 300 readings (the others
+        // mark where it starts and ends).
+        let t2 = &reports[3];
+        assert!(t2.changepoints.detected >= 2, "{t2:?}");
+        assert!(t2.points.tp >= 480, "{t2:?}");
+        assert!(t2.points.tp > 2 * reports[2].points.tp, "{t2:?}");
         assert!(reports.iter().all(|r| r.free_alerts_per_day.is_some()));
     }
 }

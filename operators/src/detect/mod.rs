@@ -20,6 +20,7 @@ mod combined;
 mod cusum;
 mod ewma;
 mod health;
+mod hotelling;
 mod likelihood;
 mod mad;
 mod seasonal;
@@ -34,6 +35,7 @@ pub use combined::Combined;
 pub use cusum::Cusum;
 pub use ewma::Ewma;
 pub use health::{FaultKind, Health, HealthOut, max_step_per_minute};
+pub use hotelling::Hotelling;
 pub use likelihood::Calibrator;
 pub use mad::RollingMad;
 pub use seasonal::{Season, Seasonal};
@@ -102,6 +104,8 @@ pub enum SeriesState {
     Alert(AlertMachine),
     /// [`VectorScore`].
     Vector(Box<VectorScore>),
+    /// [`Hotelling`].
+    Hotelling(Box<Hotelling>),
 }
 
 impl SeriesState {
@@ -118,6 +122,7 @@ impl SeriesState {
             SeriesState::Health(h) => Emitted::Health(h.update(t_ms, x)),
             SeriesState::Alert(a) => Emitted::Alert(a.update(t_ms, x)),
             SeriesState::Vector(d) => Emitted::Vector(d.update(t_ms, &[x])),
+            SeriesState::Hotelling(d) => Emitted::Vector(d.update(t_ms, &[x])),
         }
     }
 
@@ -127,6 +132,7 @@ impl SeriesState {
         match self {
             // Each column's detector treats a NaN as a missing reading.
             SeriesState::Vector(d) => Emitted::Vector(d.update(t_ms, xs)),
+            SeriesState::Hotelling(d) => Emitted::Vector(d.update(t_ms, xs)),
             other => other.step(t_ms, xs.first().copied().flatten()),
         }
     }
@@ -137,7 +143,7 @@ impl SeriesState {
         match self {
             SeriesState::Health(_) => Emitted::Health(HealthOut::default()),
             SeriesState::Alert(_) => Emitted::Alert(AlertOut::default()),
-            SeriesState::Vector(_) => Emitted::Vector(VectorOut {
+            SeriesState::Vector(_) | SeriesState::Hotelling(_) => Emitted::Vector(VectorOut {
                 score: Score {
                     warming: true,
                     ..Score::default()
@@ -187,6 +193,7 @@ impl SeriesState {
                 SeriesState::Seasonal(d) => d.heap_size(),
                 SeriesState::Combined(d) => std::mem::size_of::<Combined>() + d.heap_size(),
                 SeriesState::Vector(d) => std::mem::size_of::<VectorScore>() + d.heap_size(),
+                SeriesState::Hotelling(d) => std::mem::size_of::<Hotelling>() + d.heap_size(),
                 _ => 0,
             }
     }

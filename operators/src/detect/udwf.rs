@@ -14,6 +14,7 @@
 //! | `anomaly_seasonal` | `'day'`, `'week'` or `'daytype'` (`'day'`), bin (`INTERVAL '15 minutes'`), UTC offset (`INTERVAL '0 hours'`) | same |
 //! | `anomaly_score` | UTC offset (`INTERVAL '0 hours'`) | `{score, baseline, warming, likelihood}` (the default detector) |
 //! | `anomaly_vector` | UTC offset; `value` is an array of numbers, e.g. `[flow, speed]` | `{score, baseline, warming, likelihood, column}` |
+//! | `anomaly_t2` | half-life (`INTERVAL '1 hour'`); `value` is an array of numbers | same (Hotelling's T² of the columns together) |
 //! | `sensor_stuck` | identical readings (10) | `{fault, value, detail}` |
 //! | `sensor_out_of_range` | quantity, e.g. `'pm25'` | same |
 //! | `sensor_missing` | expected interval, `k` (3) | same |
@@ -38,7 +39,7 @@ use datafusion::physical_expr::expressions::Literal;
 
 use super::{
     AlertMachine, AlertRule, Combined, Cusum, Emitted, Ewma, FaultKind, Health, RollingMad, Season,
-    Seasonal, SeriesState, VectorScore, health,
+    Hotelling, Seasonal, SeriesState, VectorScore, health,
 };
 use crate::window::interval_ms;
 
@@ -57,6 +58,8 @@ pub enum SeriesKind {
     Score,
     /// `anomaly_vector`, the default detector over several columns.
     Vector,
+    /// `anomaly_t2`, Hotelling's T² over several columns.
+    T2,
     /// `sensor_stuck`.
     Stuck,
     /// `sensor_out_of_range`.
@@ -70,13 +73,14 @@ pub enum SeriesKind {
 }
 
 /// Every function of this module.
-pub const ALL: [SeriesKind; 11] = [
+pub const ALL: [SeriesKind; 12] = [
     SeriesKind::Ewma,
     SeriesKind::Mad,
     SeriesKind::Cusum,
     SeriesKind::Seasonal,
     SeriesKind::Score,
     SeriesKind::Vector,
+    SeriesKind::T2,
     SeriesKind::Stuck,
     SeriesKind::OutOfRange,
     SeriesKind::Missing,
@@ -101,6 +105,7 @@ impl SeriesKind {
             SeriesKind::Seasonal => "anomaly_seasonal",
             SeriesKind::Score => "anomaly_score",
             SeriesKind::Vector => "anomaly_vector",
+            SeriesKind::T2 => "anomaly_t2",
             SeriesKind::Stuck => "sensor_stuck",
             SeriesKind::OutOfRange => "sensor_out_of_range",
             SeriesKind::Missing => "sensor_missing",
@@ -117,6 +122,7 @@ impl SeriesKind {
             SeriesKind::Cusum => (0, &["k", "alpha", "warmup"]),
             SeriesKind::Seasonal => (0, &["season", "bin", "utc_offset"]),
             SeriesKind::Score | SeriesKind::Vector => (0, &["utc_offset"]),
+            SeriesKind::T2 => (0, &["half_life"]),
             SeriesKind::Stuck => (0, &["readings"]),
             SeriesKind::OutOfRange => (1, &["quantity"]),
             SeriesKind::Missing => (1, &["expected_interval", "k"]),
@@ -132,7 +138,7 @@ impl SeriesKind {
             | SeriesKind::Cusum
             | SeriesKind::Seasonal
             | SeriesKind::Score => Shape::Score,
-            SeriesKind::Vector => Shape::Vector,
+            SeriesKind::Vector | SeriesKind::T2 => Shape::Vector,
             SeriesKind::Stuck | SeriesKind::OutOfRange | SeriesKind::Missing | SeriesKind::Jump => {
                 Shape::Health
             }
@@ -225,6 +231,13 @@ impl SeriesKind {
             SeriesKind::Score => SeriesState::Combined(Box::new(Combined::new(p.interval(0, 0)?))),
             SeriesKind::Vector => {
                 SeriesState::Vector(Box::new(VectorScore::new(p.interval(0, 0)?)))
+            }
+            SeriesKind::T2 => {
+                let half_life = p.interval(0, Hotelling::DEFAULT_HALF_LIFE_MS)?;
+                if half_life <= 0 {
+                    return plan_err!("{name}(): half_life must be positive, got {half_life} ms");
+                }
+                SeriesState::Hotelling(Box::new(Hotelling::new(half_life)))
             }
             SeriesKind::Stuck => SeriesState::Health(Health::new(FaultKind::Stuck {
                 readings: p.count(0, 10)?.max(2) as u32,
@@ -581,7 +594,7 @@ impl WindowUDFImpl for SeriesFunc {
                 arg_types.len()
             );
         }
-        let value = if self.kind == SeriesKind::Vector {
+        let value = if matches!(self.kind, SeriesKind::Vector | SeriesKind::T2) {
             match &arg_types[0] {
                 DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _)
                     if f.data_type().is_numeric() || f.data_type() == &DataType::Null =>
