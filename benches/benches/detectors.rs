@@ -2,7 +2,8 @@
 //!
 //! - `detectors/state/*`: the keyed state machine alone, 1 M readings over 1 000 keys (a
 //!   hash-map lookup per reading, as the engine does); the state bytes per key after the run
-//!   are printed beside each (`state bytes per key`);
+//!   are printed beside each (`state bytes per key`); `anomaly_vector` and `anomaly_t2` over
+//!   8 columns a reading;
 //! - `detectors/stream/*`: through the stream engine, a query
 //!   `f(pm25, event_time) OVER (PARTITION BY sensor_id ORDER BY event_time)` over simulated,
 //!   decoded air readings in batches of 8 192 rows (key encoding, ordering, state, output).
@@ -99,6 +100,45 @@ fn state_machines(c: &mut Criterion) {
                             state.step(t, Some(x))
                         {
                             flagged += usize::from(s.score.is_some_and(|z| z.abs() > 4.0));
+                        }
+                    }
+                    (states, flagged)
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    // The multivariate detectors, 8 columns a reading (a pump's sensors): readings per second.
+    let columns = |x: f64| -> [Option<f64>; 8] {
+        std::array::from_fn(|j| Some(x * (1.0 + j as f64 / 8.0) + (j * 3 % 5) as f64))
+    };
+    for kind in [SeriesKind::Vector, SeriesKind::T2] {
+        let prototype = kind.state(&[]).expect("state");
+        let mut states = HashMap::<usize, SeriesState>::with_capacity(KEYS);
+        for &(key, t, x) in &readings {
+            states
+                .entry(key)
+                .or_insert_with(|| prototype.clone())
+                .step_values(t, &columns(x));
+        }
+        let bytes: usize = states.values().map(SeriesState::size).sum();
+        println!(
+            "{} of 8 columns: state bytes per key after {} readings a key: {}",
+            kind.name(),
+            READINGS / KEYS,
+            bytes / KEYS
+        );
+        group.bench_function(format!("{} of 8 columns", kind.name()), |b| {
+            b.iter_batched(
+                || HashMap::<usize, SeriesState>::with_capacity(KEYS),
+                |mut states| {
+                    let mut flagged = 0usize;
+                    for &(key, t, x) in &readings {
+                        let state = states.entry(key).or_insert_with(|| prototype.clone());
+                        if let urbanstream_operators::detect::Emitted::Vector(v) =
+                            state.step_values(t, &columns(x))
+                        {
+                            flagged += usize::from(v.score.likelihood.is_some_and(|l| l >= 0.9999));
                         }
                     }
                     (states, flagged)

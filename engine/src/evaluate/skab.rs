@@ -6,7 +6,9 @@
 //! state the stream engine keeps per key: each of the 8 sensor columns through
 //! `anomaly_score`, and the pump as a whole through `anomaly_vector` over all 8 (the columns'
 //! likelihoods combined by a Bonferroni bound, `1 − min(1, 8 · min(1 − lᵢ))`: the chance
-//! that any one of 8 calibrated columns reaches its level by chance). Alerts are
+//! that any one of 8 calibrated columns reaches its level by chance), and through
+//! `anomaly_t2` (Hotelling's T² of the 8 together, its half-life the one of
+//! [`T2_HALF_LIVES_MS`] that raises the fewest alerts on the anomaly-free run). Alerts are
 //! raised at a likelihood of `threshold` and cleared below `clear`; an alert's raising and
 //! its clearing are the predicted changepoints, and a reading is flagged while an alert is
 //! active. The anomaly-free run gives the false alerts per day of a healthy pump.
@@ -206,7 +208,11 @@ pub fn t2_likelihoods(
 
 /// The half-life of [`T2_HALF_LIVES_MS`] that raises the fewest alerts on the anomaly-free
 /// run (the shortest among equals), and the alerts per day of each.
-pub fn choose_t2_half_life(free: &Experiment, threshold: f64, clear: f64) -> (i64, Vec<(i64, usize)>) {
+pub fn choose_t2_half_life(
+    free: &Experiment,
+    threshold: f64,
+    clear: f64,
+) -> (i64, Vec<(i64, usize)>) {
     let raised: Vec<(i64, usize)> = T2_HALF_LIVES_MS
         .iter()
         .map(|&h| {
@@ -215,10 +221,10 @@ pub fn choose_t2_half_life(free: &Experiment, threshold: f64, clear: f64) -> (i6
             (h, changes.len().div_ceil(2))
         })
         .collect();
-    let best = raised
-        .iter()
-        .min_by_key(|(_, n)| *n)
-        .map_or(urbanstream_operators::detect::Hotelling::DEFAULT_HALF_LIFE_MS, |(h, _)| *h);
+    let best = raised.iter().min_by_key(|(_, n)| *n).map_or(
+        urbanstream_operators::detect::Hotelling::DEFAULT_HALF_LIFE_MS,
+        |(h, _)| *h,
+    );
     (best, raised)
 }
 

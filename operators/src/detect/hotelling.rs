@@ -148,13 +148,14 @@ impl Hotelling {
             _ => {}
         }
         // The column furthest from its mean, in its own σ.
-        let (column, _) = present.iter().enumerate().fold(
-            (present[0], f64::MIN),
-            |(best, z_best), (a, &i)| {
-                let z = r[a].abs() / cov[a * k + a].sqrt().max(1e-300);
-                if z > z_best { (i, z) } else { (best, z_best) }
-            },
-        );
+        let (column, _) =
+            present
+                .iter()
+                .enumerate()
+                .fold((present[0], f64::MIN), |(best, z_best), (a, &i)| {
+                    let z = r[a].abs() / cov[a * k + a].sqrt().max(1e-300);
+                    if z > z_best { (i, z) } else { (best, z_best) }
+                });
         VectorOut {
             score: Score {
                 score: Some(t2.sqrt().min(super::MAX_SCORE)),
@@ -169,7 +170,9 @@ impl Hotelling {
     fn learn(&mut self, t_ms: i64, x: &[f64]) {
         let d = self.d;
         let decay = match self.last_ms {
-            Some(last) if t_ms > last => 0.5_f64.powf((t_ms - last) as f64 / self.half_life_ms as f64),
+            Some(last) if t_ms > last => {
+                0.5_f64.powf((t_ms - last) as f64 / self.half_life_ms as f64)
+            }
             _ => 1.0,
         };
         if self.last_ms.is_none_or(|last| t_ms > last) {
@@ -179,14 +182,14 @@ impl Hotelling {
         for m in &mut self.comoment {
             *m *= decay;
         }
-        let delta: Vec<f64> = (0..d).map(|i| x[i] - self.mean[i]).collect();
-        for i in 0..d {
-            self.mean[i] += delta[i] / self.weight;
+        let delta: Vec<f64> = x.iter().zip(&self.mean).map(|(x, m)| x - m).collect();
+        for (m, dx) in self.mean.iter_mut().zip(&delta) {
+            *m += dx / self.weight;
         }
-        for i in 0..d {
-            let after = x[i] - self.mean[i];
-            for j in 0..d {
-                self.comoment[j * d + i] += delta[j] * after;
+        let after: Vec<f64> = x.iter().zip(&self.mean).map(|(x, m)| x - m).collect();
+        for (row, dj) in self.comoment.chunks_exact_mut(d).zip(&delta) {
+            for (cell, ai) in row.iter_mut().zip(&after) {
+                *cell += dj * ai;
             }
         }
         self.learnt = self.learnt.saturating_add(1);
@@ -342,7 +345,9 @@ mod tests {
     /// A deterministic stream of correlated pairs: b follows a, with its own small noise.
     fn pair(i: u64) -> (f64, f64) {
         // Two uniform draws from a simple LCG, turned into roughly Gaussian noise.
-        let mut s = i.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let mut s = i
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         let mut draw = || {
             s = s
                 .wrapping_mul(6_364_136_223_846_793_005)
@@ -410,7 +415,10 @@ mod tests {
                 .expect("likelihood");
             t += 1_000;
         }
-        assert!(last < 0.99, "still anomalous an hour and a half later: {last}");
+        assert!(
+            last < 0.99,
+            "still anomalous an hour and a half later: {last}"
+        );
     }
 
     #[test]

@@ -38,8 +38,8 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::Literal;
 
 use super::{
-    AlertMachine, AlertRule, Combined, Cusum, Emitted, Ewma, FaultKind, Health, RollingMad, Season,
-    Hotelling, Seasonal, SeriesState, VectorScore, health,
+    AlertMachine, AlertRule, Combined, Cusum, Emitted, Ewma, FaultKind, Health, Hotelling,
+    RollingMad, Season, Seasonal, SeriesState, VectorScore, health,
 };
 use crate::window::interval_ms;
 
