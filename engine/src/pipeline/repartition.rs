@@ -179,6 +179,11 @@ async fn create_topic(config: &PipelineConfig, topic: &str, partitions: u32) -> 
                                 .join(", ")
                         )));
                     }
+                    Err((_, code)) if !config.topic_properties.is_empty() => {
+                        tracing::warn!(%topic, %code, "topic not created through the admin API \
+                            with [kafka.topic_properties]; a topic the broker creates on first \
+                            use will not have them");
+                    }
                     Err((_, code)) => {
                         debug!(%topic, %code, "topic not created through the admin API");
                     }

@@ -72,7 +72,6 @@ impl Changelog {
             Some(k) => Some(
                 std::str::from_utf8(k)
                     .map_err(|_| "the key is not UTF-8 text".to_string())?
-                    .trim()
                     .to_string(),
             ),
             None => None,
@@ -122,14 +121,22 @@ impl Changelog {
         if id.trim().is_empty() {
             return Err(format!("the row has no {id_column}"));
         }
-        if let Some(key) = &key
-            && !key.is_empty()
-            && *key != id
-        {
-            return Err(format!(
-                "the key {key:?} is not the row's {id_column} {id:?}: a row is keyed by its id, \
-                 so that compaction keeps its last version"
-            ));
+        // Compaction keeps the last record of each key: a row keyed otherwise than by its id
+        // (or not at all) would outlive its tombstone or vanish.
+        match &key {
+            Some(key) if *key == id => {}
+            Some(key) => {
+                return Err(format!(
+                    "the key {key:?} is not the row's {id_column} {id:?}: a row is keyed by its \
+                     id, so that compaction keeps its last version"
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "the row has no key: key it by its {id_column} ({id:?}), so that compaction \
+                     keeps its last version"
+                ));
+            }
         }
         // The row's cells against the columns' types, on their own.
         let one = self.csv_of([&cells].into_iter());
@@ -199,9 +206,11 @@ mod tests {
             log.apply(Some(b"st1"), Some(moved.as_bytes())),
             Ok(Change::Upsert)
         );
-        // No key: the id comes from the row.
         let other = STATION.replace("st1", "st2");
-        assert_eq!(log.apply(None, Some(other.as_bytes())), Ok(Change::Upsert));
+        assert_eq!(
+            log.apply(Some(b"st2"), Some(other.as_bytes())),
+            Ok(Change::Upsert)
+        );
         assert_eq!(log.len(), 2);
         let csv = log.csv();
         let lines: Vec<&str> = csv.lines().collect();
@@ -233,7 +242,9 @@ mod tests {
         let nested = STATION.replace("\"station\"", "{\"a\":1}");
         assert!(refused(&mut log, Some(b"st1"), &nested).contains("column kind"));
         let no_id = STATION.replace("\"st1\"", "null");
-        assert!(refused(&mut log, None, &no_id).contains("no sensor_id"));
+        assert!(refused(&mut log, Some(b""), &no_id).contains("no sensor_id"));
+        assert!(refused(&mut log, None, STATION).contains("has no key"));
+        assert!(refused(&mut log, Some(b"st1 "), STATION).contains("not the row's sensor_id"));
         assert!(
             log.apply(None, None)
                 .expect_err("refused")

@@ -12,7 +12,9 @@
 //! A record that does not fit the table goes to the DLQ (stage `reference`, with the reason)
 //! and changes nothing; a version the table's own checks refuse (a sensor's unknown ward, say)
 //! leaves the table as it was and is shown in the table's status until a later version is
-//! accepted. Until the first read completes, the service is not ready.
+//! accepted; it is tried again whenever a reference table changes (the ward it lacked may
+//! arrive through another table's topic). Until the first read completes, the service is not
+//! ready.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -240,6 +242,9 @@ impl Follower {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // The end of a partition is known by this event, not by offsets: compaction can
+            // remove the last records, so the last offset read may stay below the end.
+            .set("enable.partition.eof", "true")
             .create()?;
         let producer: ThreadedProducer<DefaultProducerContext> = self.client.create()?;
         // The partitions and the end each had when the read began.
@@ -282,7 +287,12 @@ impl Follower {
             .ok_or_else(|| Error::Config(format!("reference table {} is gone", self.table)))?;
         let mut log = Changelog::new(&self.table, current.schema.clone());
         let mut next: HashMap<i32, i64> = HashMap::new();
+        let mut at_end: std::collections::HashSet<i32> = std::collections::HashSet::new();
         let mut loaded = false;
+        // A version refused by the table's checks (a sensor's ward not there yet) is tried
+        // again when any reference table changes (the ward arriving through its own topic).
+        let generation = self.tables.generation();
+        let mut refused_at: Option<u64> = None;
         // When the first change not yet installed was read, and the last record.
         let mut pending: Option<Instant> = None;
         let mut last_record = Instant::now();
@@ -295,6 +305,7 @@ impl Follower {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(message)) => {
                     last_record = Instant::now();
+                    at_end.remove(&message.partition());
                     next.insert(message.partition(), message.offset() + 1);
                     let applied = log.apply(message.key(), message.payload());
                     self.update(|s| {
@@ -309,28 +320,35 @@ impl Follower {
                         Err(reason) => self.refuse(&producer, &message, reason),
                     }
                 }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p);
+                }
                 Some(Err(e)) => {
                     warn!(table = %self.table, topic = %self.topic, error = %e,
                         "reading a reference table's topic");
+                    self.update(|s| s.error = Some(format!("reading topic {}: {e}", self.topic)));
                 }
                 None => {}
             }
             if !loaded {
-                if !self.read_to(&consumer, &ends, &next) {
+                if !self.read_to(&consumer, &ends, &next, &at_end) {
                     continue;
                 }
                 loaded = true;
                 info!(table = %self.table, topic = %self.topic, rows = log.len(),
                     "reference table's topic read to its end");
-                self.install(&log, &producer);
+                refused_at = self.install(&log, &producer, &generation);
                 pending = None;
                 self.update(|s| s.loaded = true);
                 continue;
             }
-            if let Some(since) = pending
-                && (last_record.elapsed() >= QUIET || since.elapsed() >= MOST_WAIT)
+            let retry = refused_at.is_some_and(|g| g != generation.load(Ordering::Acquire));
+            if retry
+                || pending.is_some_and(|since| {
+                    last_record.elapsed() >= QUIET || since.elapsed() >= MOST_WAIT
+                })
             {
-                self.install(&log, &producer);
+                refused_at = self.install(&log, &producer, &generation);
                 pending = None;
             }
         }
@@ -344,12 +362,13 @@ impl Follower {
         consumer: &BaseConsumer,
         ends: &[(i32, i64, i64)],
         next: &HashMap<i32, i64>,
+        at_end: &std::collections::HashSet<i32>,
     ) -> bool {
         // The consumer's position also moves past what a reader is never given (transaction
         // markers, aborted records).
         let positions = consumer.position().ok();
         ends.iter().all(|(p, low, high)| {
-            if high <= low {
+            if high <= low || at_end.contains(p) {
                 return true;
             }
             let read = next.get(p).copied().unwrap_or(-1);
@@ -363,8 +382,14 @@ impl Follower {
     }
 
     /// Installs the rows read as the table's next version, unless they are its current rows
-    /// or the topic holds none.
-    fn install(&self, log: &Changelog, producer: &ThreadedProducer<DefaultProducerContext>) {
+    /// or the topic holds none. A refusal answers the tables' generation it was refused at.
+    fn install(
+        &self,
+        log: &Changelog,
+        producer: &ThreadedProducer<DefaultProducerContext>,
+        generation: &std::sync::atomic::AtomicU64,
+    ) -> Option<u64> {
+        let at = generation.load(Ordering::Acquire);
         // The refused records are in Kafka before the version that left them out is.
         let _ = producer.flush(REQUEST_TIMEOUT);
         if log.is_empty() {
@@ -374,12 +399,12 @@ impl Follower {
                     self.topic
                 ));
             });
-            return;
+            return None;
         }
         let csv = log.csv();
         if self.tables.get(&self.table).is_some_and(|t| t.csv == csv) {
             self.update(|s| s.error = None);
-            return;
+            return None;
         }
         match self.tables.replace(&self.table, &csv) {
             Ok(installed) => {
@@ -387,6 +412,7 @@ impl Follower {
                     rows = installed.rows, topic = %self.topic,
                     "reference table updated from its topic");
                 self.update(|s| s.error = None);
+                None
             }
             Err(e) => {
                 let reason = match e {
@@ -397,9 +423,11 @@ impl Follower {
                     "the rows of a reference table's topic were refused; the table keeps its version");
                 self.update(|s| {
                     s.error = Some(format!(
-                        "the rows read were refused, the table keeps its version: {reason}"
+                        "the rows read were refused, the table keeps its version (tried again \
+                         when a reference table changes): {reason}"
                     ));
                 });
+                Some(at)
             }
         }
     }

@@ -24,7 +24,9 @@ use super::{Score, VectorOut};
 ///   it the detector does not learn, so a collective anomaly (a valve closed for minutes)
 ///   stays anomalous for as long as it lasts instead of becoming the new normal. After
 ///   [`Hotelling::HOLD_MS`] of one stretch it learns again: a lasting change is absorbed.
-/// - A reading with missing columns is scored on the columns present and not learnt.
+/// - A reading with missing columns is scored on the columns present and not learnt; one too
+///   large to learn (beyond 10¹⁵⁰) is scored (likelihood 1) and not learnt; after a silence
+///   long enough to forget (weight below 10 readings a column) it learns before it scores.
 ///
 /// The columns are fixed by the key's first reading (at most [`Hotelling::MAX_COLUMNS`]). No
 /// daily profile: for seasonal series (traffic, air) `anomaly_vector` fits better.
@@ -59,6 +61,8 @@ impl Hotelling {
     pub const HOLD_MS: i64 = 30 * 60_000;
     /// The most columns a key keeps (its state is `O(d²)`).
     pub const MAX_COLUMNS: usize = 32;
+    /// Weight (readings, discounted by age) per column below which it does not score.
+    pub const MIN_WEIGHT_PER_COLUMN: f64 = 10.0;
     /// Default half-life of what it learns.
     pub const DEFAULT_HALF_LIFE_MS: i64 = 3_600_000;
 
@@ -106,13 +110,19 @@ impl Hotelling {
             return warming();
         }
         let mut out = warming();
-        if self.learnt >= Self::WARMUP && self.weight > 0.0 {
+        // Enough learnt, and not forgotten: after a silence of many half-lives the memory is
+        // too thin to judge against (it is rebuilt first).
+        if self.learnt >= Self::WARMUP
+            && self.weight * self.decay_to(t_ms) >= Self::MIN_WEIGHT_PER_COLUMN * d as f64
+        {
             out = self.score(t_ms, &x, &present);
         }
         let holding = self
             .anomalous_since
             .is_some_and(|since| t_ms.saturating_sub(since) < Self::HOLD_MS);
-        if present.len() == d && !holding {
+        // A reading too large to learn (its square overflows) is scored, not learnt.
+        let learnable = x.iter().flatten().all(|v| v.abs() < 1e150);
+        if present.len() == d && !holding && learnable {
             let values: Vec<f64> = x.iter().map(|v| v.unwrap_or_default()).collect();
             self.learn(t_ms, &values);
         }
@@ -159,6 +169,7 @@ impl Hotelling {
         VectorOut {
             score: Score {
                 score: Some(t2.sqrt().min(super::MAX_SCORE)),
+
                 baseline: Some(self.mean[column]),
                 warming: false,
                 likelihood: Some(likelihood),
@@ -167,14 +178,19 @@ impl Hotelling {
         }
     }
 
-    fn learn(&mut self, t_ms: i64, x: &[f64]) {
-        let d = self.d;
-        let decay = match self.last_ms {
+    /// How much of the memory is left at `t_ms` (1 for a reading not newer than the last).
+    fn decay_to(&self, t_ms: i64) -> f64 {
+        match self.last_ms {
             Some(last) if t_ms > last => {
                 0.5_f64.powf((t_ms - last) as f64 / self.half_life_ms as f64)
             }
             _ => 1.0,
-        };
+        }
+    }
+
+    fn learn(&mut self, t_ms: i64, x: &[f64]) {
+        let d = self.d;
+        let decay = self.decay_to(t_ms);
         if self.last_ms.is_none_or(|last| t_ms > last) {
             self.last_ms = Some(t_ms);
         }
@@ -207,7 +223,7 @@ fn warming() -> VectorOut {
 }
 
 /// `rᵀ A⁻¹ r` for a symmetric positive definite `k × k` matrix `a` (row-major), by Cholesky;
-/// `None` when it is not positive definite.
+/// `None` when it is not positive definite; infinite when the distance overflows.
 fn mahalanobis(a: &[f64], r: &[f64], k: usize) -> Option<f64> {
     let mut l = vec![0.0; k * k];
     for i in 0..k {
@@ -236,13 +252,16 @@ fn mahalanobis(a: &[f64], r: &[f64], k: usize) -> Option<f64> {
         y[i] = sum / l[i * k + i];
     }
     let t2: f64 = y.iter().map(|v| v * v).sum();
-    t2.is_finite().then_some(t2)
+    (!t2.is_nan()).then_some(t2)
 }
 
 /// `P(χ²_k > x)`: the regularised upper incomplete gamma function `Q(k/2, x/2)`.
 pub(crate) fn chi2_sf(x: f64, k: usize) -> f64 {
     if x <= 0.0 {
         return 1.0;
+    }
+    if x.is_infinite() {
+        return 0.0;
     }
     gamma_q(k as f64 / 2.0, x / 2.0).clamp(0.0, 1.0)
 }
@@ -418,6 +437,36 @@ mod tests {
         assert!(
             last < 0.99,
             "still anomalous an hour and a half later: {last}"
+        );
+    }
+
+    #[test]
+    fn a_huge_reading_is_as_far_off_as_can_be_and_not_learnt_and_a_long_silence_warms_again() {
+        let mut d = Hotelling::new(600_000);
+        for i in 0..400 {
+            let (a, b) = pair(i);
+            d.update(i as i64 * 1_000, &[Some(a), Some(b)]);
+        }
+        let before = d.clone();
+        let out = d.update(400_000, &[Some(1e200), Some(20.0)]);
+        assert_eq!(out.score.likelihood, Some(1.0), "{out:?}");
+        assert_eq!(out.column, Some(1));
+        assert_eq!((d.learnt, &d.mean), (before.learnt, &before.mean));
+        let (a, b) = pair(401);
+        let out = d.update(401_000, &[Some(a), Some(b)]);
+        assert!(out.score.likelihood.is_some_and(|l| l < 0.99), "{out:?}");
+        // Off for a day (144 half-lives): the memory is gone, so it learns before it scores.
+        let out = d.update(401_000 + 86_400_000, &[Some(a), Some(b)]);
+        assert!(out.score.warming, "{out:?}");
+        for i in 1..30 {
+            let (a, b) = pair(500 + i);
+            d.update(401_000 + 86_400_000 + i as i64 * 1_000, &[Some(a), Some(b)]);
+        }
+        let (a, b) = pair(600);
+        let out = d.update(401_000 + 86_400_000 + 30_000, &[Some(a), Some(b)]);
+        assert!(
+            !out.score.warming && out.score.likelihood.is_some(),
+            "{out:?}"
         );
     }
 
