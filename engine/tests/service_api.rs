@@ -1702,3 +1702,117 @@ async fn reference_tables_follow_their_compacted_topics() -> anyhow::Result<()> 
     service.shutdown().await;
     Ok(())
 }
+
+/// Two followed tables: a sensor of a ward that only `wards`' topic will bring is refused by
+/// `sensors`' checks, then installed as soon as the ward arrives through the other topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reference_version_is_installed_when_the_table_it_needs_changes()
+-> anyhow::Result<()> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    for topic in ["test.reference.wards", "test.reference.sensors"] {
+        broker.create_topic(topic, 4)?;
+    }
+    let dir = tempfile::tempdir()?;
+    // Both topics seeded with the built-in rows.
+    let built_in = urbanstream::reference::ReferenceTables::embedded()?;
+    for (table, topic, key) in [
+        ("wards", "test.reference.wards", "ward_id"),
+        ("sensors", "test.reference.sensors", "sensor_id"),
+    ] {
+        let file = dir.path().join(format!("{table}.csv"));
+        std::fs::write(&file, &built_in.get(table).expect("table").csv)?;
+        urbanstream::cli::replay::replay(&urbanstream::cli::replay::ReplayArgs {
+            key: Some(key.into()),
+            ..urbanstream::cli::replay::ReplayArgs::new(file, topic, &brokers)
+        })
+        .await?;
+    }
+    let extra = "[reference.topics]\nwards = \"test.reference.wards\"\n\
+                 sensors = \"test.reference.sensors\"\n";
+    let service = service_with(&brokers, dir.path(), 2_000_000, extra).await?;
+    let app = api::router(service.clone());
+    let table = |name: &'static str| {
+        let app = app.clone();
+        async move {
+            let (status, body) = call(
+                &app,
+                "GET",
+                &format!("/v1/tables/{name}"),
+                Some(TOKEN),
+                None,
+            )
+            .await?;
+            anyhow::ensure!(status == StatusCode::OK, "{body}");
+            Ok::<Value, anyhow::Error>(body)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while table("sensors").await?["follows"]["loaded"] != true
+        || table("wards").await?["follows"]["loaded"] != true
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the topics were not read");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = table("sensors").await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let send = |topic: &'static str, key: &'static str, value: Value| {
+        let producer = producer.clone();
+        async move {
+            let value = value.to_string();
+            producer
+                .send(
+                    FutureRecord::to(topic).key(key).payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| anyhow::anyhow!("{e}"))
+        }
+    };
+    send(
+        "test.reference.sensors",
+        "st-new",
+        json!({"sensor_id": "st-new", "ward_id": "new_ward", "kind": "station",
+               "lat": 21.0, "lon": 105.8, "interval_s": 3600}),
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = table("sensors").await?;
+        if t["follows"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("new_ward"))
+        {
+            assert_eq!(t["version"], before["version"], "{t}");
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no refusal shown: {t}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    send(
+        "test.reference.wards",
+        "new_ward",
+        json!({"ward_id": "new_ward", "name": "Phường Mới", "lat": 21.0, "lon": 105.8}),
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = table("sensors").await?;
+        if t["version"] != before["version"] {
+            assert!(t["follows"]["error"].is_null(), "{t}");
+            assert_eq!(
+                t["rows"].as_u64(),
+                before["rows"].as_u64().map(|r| r + 1),
+                "{t}"
+            );
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never installed: {t}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    service.shutdown().await;
+    Ok(())
+}
