@@ -17,7 +17,9 @@ use std::path::Path;
 
 use serde::Serialize;
 use urbanstream_operators::detect::udwf::SeriesKind;
-use urbanstream_operators::detect::{AlertMachine, AlertRule, AlertTransition, Emitted};
+use urbanstream_operators::detect::{
+    AlertMachine, AlertRule, AlertTransition, Emitted, Hotelling, SeriesState,
+};
 
 use super::nab::{NabTotals, PointCounts, windows};
 use crate::error::{Error, Result};
@@ -159,38 +161,19 @@ pub fn likelihoods(times: &[i64], values: &[Option<f64>]) -> Result<Vec<Option<f
 
 /// Likelihoods of all columns together under `anomaly_vector`, row by row.
 pub fn vector_likelihoods(times: &[i64], columns: &[Vec<Option<f64>>]) -> Result<Vec<Option<f64>>> {
-    let mut state = SeriesKind::Vector
+    let state = SeriesKind::Vector
         .state(&[])
         .map_err(|e| Error::Config(e.to_string()))?;
-    let mut row = Vec::with_capacity(columns.len());
-    Ok(times
-        .iter()
-        .enumerate()
-        .map(|(r, t)| {
-            row.clear();
-            row.extend(columns.iter().map(|c| c[r]));
-            match state.step_values(*t, &row) {
-                Emitted::Vector(v) => v.score.likelihood,
-                _ => None,
-            }
-        })
-        .collect())
+    Ok(row_likelihoods(state, times, columns))
 }
 
-/// Half-lives `anomaly_t2` is tried with on the anomaly-free run; the one with the fewest
-/// alerts there is used on the experiments (no experiment is looked at to choose it).
-pub const T2_HALF_LIVES_MS: [i64; 5] = [150_000, 300_000, 600_000, 1_200_000, 3_600_000];
-
-/// Likelihoods of all columns together under `anomaly_t2` (Hotelling's T²) with `half_life_ms`,
-/// row by row: the state and step the SQL function runs.
-pub fn t2_likelihoods(
+/// The likelihood of each row of `columns` under a multivariate detector's `state`, stepped
+/// one row at a time as the SQL function steps it.
+fn row_likelihoods(
+    mut state: SeriesState,
     times: &[i64],
     columns: &[Vec<Option<f64>>],
-    half_life_ms: i64,
 ) -> Vec<Option<f64>> {
-    let mut state = urbanstream_operators::detect::SeriesState::Hotelling(Box::new(
-        urbanstream_operators::detect::Hotelling::new(half_life_ms),
-    ));
     let mut row = Vec::with_capacity(columns.len());
     times
         .iter()
@@ -204,6 +187,21 @@ pub fn t2_likelihoods(
             }
         })
         .collect()
+}
+
+/// Half-lives `anomaly_t2` is tried with on the anomaly-free run; the one with the fewest
+/// alerts there is used on the experiments (no experiment is looked at to choose it).
+pub const T2_HALF_LIVES_MS: [i64; 5] = [150_000, 300_000, 600_000, 1_200_000, 3_600_000];
+
+/// Likelihoods of all columns together under `anomaly_t2` (Hotelling's T²) with `half_life_ms`,
+/// row by row: the state and step the SQL function runs.
+pub fn t2_likelihoods(
+    times: &[i64],
+    columns: &[Vec<Option<f64>>],
+    half_life_ms: i64,
+) -> Vec<Option<f64>> {
+    let state = SeriesState::Hotelling(Box::new(Hotelling::new(half_life_ms)));
+    row_likelihoods(state, times, columns)
 }
 
 /// The half-life of [`T2_HALF_LIVES_MS`] that raises the fewest alerts on the anomaly-free
@@ -221,10 +219,10 @@ pub fn choose_t2_half_life(
             (h, changes.len().div_ceil(2))
         })
         .collect();
-    let best = raised.iter().min_by_key(|(_, n)| *n).map_or(
-        urbanstream_operators::detect::Hotelling::DEFAULT_HALF_LIFE_MS,
-        |(h, _)| *h,
-    );
+    let best = raised
+        .iter()
+        .min_by_key(|(_, n)| *n)
+        .map_or(Hotelling::DEFAULT_HALF_LIFE_MS, |(h, _)| *h);
     (best, raised)
 }
 
@@ -292,10 +290,9 @@ pub fn evaluate(
         .map(|e| e.columns.clone())
         .unwrap_or_default();
     let all = format!("anomaly_vector of all {}", columns.len());
-    let half_life = free.map_or(
-        urbanstream_operators::detect::Hotelling::DEFAULT_HALF_LIFE_MS,
-        |f| choose_t2_half_life(f, threshold, clear).0,
-    );
+    let half_life = free.map_or(Hotelling::DEFAULT_HALF_LIFE_MS, |f| {
+        choose_t2_half_life(f, threshold, clear).0
+    });
     let t2 = format!(
         "anomaly_t2 of all {}, half-life {} s",
         columns.len(),

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use datafusion::arrow::datatypes::SchemaRef;
 
-use super::tables::read;
+use super::tables::{MAX_CSV_BYTES, read};
 
 /// The rows of a table folded from its changelog, by id.
 #[derive(Debug, Clone)]
@@ -26,6 +26,8 @@ pub struct Changelog {
     schema: SchemaRef,
     /// Each row's cells as CSV text, in the schema's column order, by id.
     rows: BTreeMap<String, Vec<String>>,
+    /// Bytes of the cells held (a bound on the memory a topic's records can take).
+    bytes: usize,
 }
 
 /// What applying a record did.
@@ -46,6 +48,7 @@ impl Changelog {
             name: name.to_string(),
             schema,
             rows: BTreeMap::new(),
+            bytes: 0,
         }
     }
 
@@ -82,7 +85,10 @@ impl Changelog {
                 format!("a tombstone needs a key: the {id_column} of the row to delete")
             })?;
             return Ok(match self.rows.remove(&key) {
-                Some(_) => Change::Delete,
+                Some(old) => {
+                    self.bytes -= row_bytes(&old);
+                    Change::Delete
+                }
                 None => Change::None,
             });
         };
@@ -138,12 +144,21 @@ impl Changelog {
                 ));
             }
         }
+        let replaced = self.rows.get(&id).map_or(0, |old| row_bytes(old));
+        let bytes = self.bytes - replaced + row_bytes(&cells);
+        if bytes > MAX_CSV_BYTES {
+            return Err(format!(
+                "{} would hold more than the {MAX_CSV_BYTES} bytes a reference table may hold",
+                self.name
+            ));
+        }
         // The row's cells against the columns' types, on their own.
         let one = self.csv_of([&cells].into_iter());
         read(&self.name, &one, self.schema.clone()).map_err(|e| match e {
             crate::Error::Reference { message, .. } => message,
             other => other.to_string(),
         })?;
+        self.bytes = bytes;
         Ok(match self.rows.insert(id, cells.clone()) {
             Some(previous) if previous == cells => Change::None,
             _ => Change::Upsert,
@@ -175,6 +190,11 @@ impl Changelog {
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
             .unwrap_or_default()
     }
+}
+
+/// Bytes a row's cells take in CSV (its separators and line end included).
+fn row_bytes(cells: &[String]) -> usize {
+    cells.iter().map(|c| c.len() + 1).sum()
 }
 
 #[cfg(test)]
@@ -251,6 +271,31 @@ mod tests {
                 .contains("tombstone needs a key")
         );
         assert!(log.is_empty(), "a refused record changes nothing");
+    }
+
+    #[test]
+    fn the_rows_held_stay_within_a_tables_size() {
+        let mut log = sensors();
+        let half = "x".repeat(MAX_CSV_BYTES / 2);
+        let row = |id: &str| {
+            STATION
+                .replace("st1", id)
+                .replace("\"station\"", &format!("\"{half}\""))
+        };
+        assert_eq!(
+            log.apply(Some(b"a"), Some(row("a").as_bytes())),
+            Ok(Change::Upsert)
+        );
+        // Replacing a row counts only the new one.
+        assert!(log.apply(Some(b"a"), Some(row("a").as_bytes())).is_ok());
+        let refused = log
+            .apply(Some(b"b"), Some(row("b").as_bytes()))
+            .expect_err("over the size");
+        assert!(refused.contains("more than the"), "{refused}");
+        assert_eq!(log.len(), 1);
+        // A deletion frees its bytes.
+        assert_eq!(log.apply(Some(b"a"), None), Ok(Change::Delete));
+        assert!(log.apply(Some(b"b"), Some(row("b").as_bytes())).is_ok());
     }
 
     #[test]
