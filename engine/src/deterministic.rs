@@ -230,6 +230,7 @@ impl DeterministicEngine {
             queries.push(QueryManifest {
                 name: format!("q{i}"),
                 sql: q.sql().to_string(),
+                layout: q.state_layout(),
                 meta: serde_json::Value::Null,
             });
         }

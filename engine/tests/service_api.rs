@@ -1816,3 +1816,171 @@ async fn a_refused_reference_version_is_installed_when_the_table_it_needs_change
     service.shutdown().await;
     Ok(())
 }
+
+/// Vehicles per (segment, window start) of [`produce_events`] batches `(t0, n)`.
+fn expected_counts(batches: &[(i64, usize)]) -> std::collections::BTreeMap<(String, i64), u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for (t0, n) in batches {
+        for i in 0..*n {
+            let t = t0 + i as i64 * 1000;
+            *out.entry((format!("seg-{}", i % 4), t - t.rem_euclid(60_000)))
+                .or_default() += 1;
+        }
+    }
+    out
+}
+
+/// The next `n` records of `consumer` as (segment, window start) → count.
+async fn next_counts(
+    consumer: &rdkafka::consumer::StreamConsumer,
+    n: usize,
+) -> anyhow::Result<std::collections::BTreeMap<(String, i64), u64>> {
+    Ok(next_records(consumer, n)
+        .await?
+        .iter()
+        .map(|v| {
+            (
+                (
+                    v["segment_id"].as_str().unwrap_or_default().to_string(),
+                    v["window_start"].as_i64().unwrap_or_default(),
+                ),
+                v["n"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect())
+}
+
+/// A query keeps its state across an upgrade of its SQL, refuses SQL its state does not fit
+/// (and goes on as it was), and is taken back to a savepoint: the window open across the
+/// upgrade counts the events from before and after it, and after going back to the savepoint
+/// the same window is computed again from the savepoint's state and positions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_is_upgraded_with_its_state_and_taken_back_to_a_savepoint() -> anyhow::Result<()> {
+    let (_broker, brokers, _dir, service, app) = counting_service().await?;
+    let out = reader(&brokers, "reader-upgrade", "test.counts")?;
+    let t0 = 1_767_222_000_000;
+    produce_events(&brokers, t0, 90, 10).await?;
+    wait_for(&app, "counts", Duration::from_secs(30), |q| {
+        q["rows_in"] == 90
+    })
+    .await?;
+    // Minute 0 closes; minute 1 holds 30 events in the query's state.
+    let first = next_counts(&out, 4).await?;
+    let expected = expected_counts(&[(t0, 90)]);
+    for (window, n) in &first {
+        assert_eq!(window.1, t0, "{first:?}");
+        assert_eq!(Some(n), expected.get(window), "{first:?}");
+    }
+
+    let (status, saved) = call(
+        &app,
+        "POST",
+        "/v1/queries/counts/savepoints",
+        Some(TOKEN),
+        Some(json!({"savepoint": "before"})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{saved}");
+    assert_eq!(saved["name"], "before");
+    assert_eq!(saved["sql"], per_minute("counts"));
+    // One store per input partition (the query groups by the topic's key).
+    assert_eq!(saved["stores"].as_array().map(Vec::len), Some(2), "{saved}");
+    let (status, again) = call(
+        &app,
+        "POST",
+        "/v1/queries/counts/savepoints",
+        Some(TOKEN),
+        Some(json!({"savepoint": "before"})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+    let (status, listed) = call(
+        &app,
+        "GET",
+        "/v1/queries/counts/savepoints",
+        Some(TOKEN),
+        None,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    wait_for(&app, "counts", Duration::from_secs(30), is("RUNNING")).await?;
+
+    // Another aggregate: the state does not fit, the query goes on unchanged.
+    let distinct = per_minute("counts").replace("count(*)", "count(DISTINCT camera_id)");
+    let (status, refused) = call(
+        &app,
+        "POST",
+        "/v1/queries/counts/upgrade",
+        Some(TOKEN),
+        Some(json!({"sql": distinct})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("the state holds") && message.contains("count(DISTINCT"),
+        "{message}"
+    );
+    let q = wait_for(&app, "counts", Duration::from_secs(5), is("RUNNING")).await?;
+    assert_eq!(q["sql"], per_minute("counts"));
+    let (status, missing) = call(
+        &app,
+        "POST",
+        "/v1/queries/counts/upgrade",
+        Some(TOKEN),
+        Some(json!({"savepoint": "never-taken"})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{missing}");
+
+    // A filter added: the state carries over.
+    let filtered = per_minute("counts").replace(
+        "FROM camera_events GROUP BY",
+        "FROM camera_events WHERE vehicle_class <> 'bus' GROUP BY",
+    );
+    let (status, upgraded) = call(
+        &app,
+        "POST",
+        "/v1/queries/counts/upgrade",
+        Some(TOKEN),
+        Some(json!({"sql": filtered})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{upgraded}");
+    assert_eq!(upgraded["sql"], filtered);
+    wait_for(&app, "counts", Duration::from_secs(30), is("RUNNING")).await?;
+    produce_events(&brokers, t0 + 90_000, 60, 10).await?;
+    // Minute 1 closes with the events read before the upgrade and after it.
+    let expected = expected_counts(&[(t0, 90), (t0 + 90_000, 60)]);
+    let minute = next_counts(&out, 4).await?;
+    for (window, n) in &minute {
+        assert_eq!(window.1, t0 + 60_000, "{minute:?}");
+        assert_eq!(
+            Some(n),
+            expected.get(window),
+            "state lost in the upgrade: {minute:?}"
+        );
+    }
+
+    // Back to the savepoint: minute 1 is computed again from the state it had then, and
+    // the events read since are read again.
+    let (status, back) = call(
+        &app,
+        "POST",
+        "/v1/queries/counts/upgrade",
+        Some(TOKEN),
+        Some(json!({"savepoint": "before"})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{back}");
+    let again = next_counts(&out, 4).await?;
+    assert_eq!(again, minute);
+    let q = wait_for(&app, "counts", Duration::from_secs(30), |q| {
+        q["state"] == "RUNNING" && q["rows_in"] == 60
+    })
+    .await?;
+    assert_eq!(q["sql"], filtered);
+    service.shutdown().await;
+    Ok(())
+}

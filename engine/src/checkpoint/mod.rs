@@ -39,6 +39,8 @@ use tracing::warn;
 
 use crate::error::{Error, Result};
 
+pub mod savepoint;
+
 /// One operator's state: small scalars as JSON, bulk state as Arrow tables (one batch each).
 #[derive(Debug, Clone, Default)]
 pub struct StateSnapshot {
@@ -158,10 +160,41 @@ pub struct Manifest {
 pub struct QueryManifest {
     /// The query's name.
     pub name: String,
-    /// The SQL it was planned from; state is restored only into the same query.
+    /// The SQL it was planned from.
     pub sql: String,
+    /// What its state holds (`StreamQuery::state_layout`): state is restored into the SQL
+    /// it was taken for, or into changed SQL with the same layout. Empty in checkpoints
+    /// written before layouts were recorded.
+    #[serde(default)]
+    pub layout: Vec<String>,
     /// Its scalars.
     pub meta: serde_json::Value,
+}
+
+/// Why state with layout `held` cannot be restored into a query whose state has layout
+/// `wanted` (see [`QueryManifest::layout`]); `None` when it can.
+pub fn layout_difference(held: &[String], wanted: &[String]) -> Option<String> {
+    if held == wanted {
+        return None;
+    }
+    if held.is_empty() {
+        return Some(
+            "the state was written before state layouts were recorded, so it can only be \
+             restored into the SQL it was taken for"
+                .into(),
+        );
+    }
+    let i = held
+        .iter()
+        .zip(wanted)
+        .position(|(a, b)| a != b)
+        .unwrap_or(held.len().min(wanted.len()));
+    Some(match (held.get(i), wanted.get(i)) {
+        (Some(a), Some(b)) => format!("the state holds \"{a}\" where the new SQL needs \"{b}\""),
+        (Some(a), None) => format!("the state holds \"{a}\", which the new SQL has no place for"),
+        (None, Some(b)) => format!("the new SQL needs \"{b}\", which the state lacks"),
+        (None, None) => "the layouts differ".into(),
+    })
 }
 
 /// Manifest format version.
@@ -688,6 +721,7 @@ mod tests {
             queries: vec![QueryManifest {
                 name: "q".into(),
                 sql: "SELECT 1".into(),
+                layout: Vec::new(),
                 meta: serde_json::Value::Null,
             }],
             files: vec![],

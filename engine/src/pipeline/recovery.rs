@@ -174,25 +174,46 @@ impl Pipeline {
             return Ok(None);
         };
         let manifest = &checkpoint.manifest;
-        let names: Vec<(&str, &str)> = manifest
-            .queries
-            .iter()
-            .map(|q| (q.name.as_str(), q.sql.as_str()))
-            .collect();
-        let ours: Vec<(&str, &str)> = self
+        let names: Vec<&str> = manifest.queries.iter().map(|q| q.name.as_str()).collect();
+        let ours: Vec<&super::Running> = self
             .queries
             .iter()
             .filter(|r| key.as_ref().is_none_or(|(t, _)| r.topic() == t))
-            .map(|r| (r.name.as_str(), r.query.sql()))
             .collect();
-        if names != ours {
+        if names != ours.iter().map(|r| r.name.as_str()).collect::<Vec<_>>() {
             return Err(Error::Checkpoint(format!(
                 "{} was taken for other queries ({}) than these ({}); move the directory \
                  away to start from scratch",
                 checkpoint.location,
-                names.iter().map(|n| n.0).collect::<Vec<_>>().join(", "),
-                ours.iter().map(|n| n.0).collect::<Vec<_>>().join(", ")
+                names.join(", "),
+                ours.iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
+        }
+        // State taken under other SQL is restored when it means the same to this SQL (an
+        // upgrade); otherwise the query stops rather than misread it.
+        for (taken, running) in manifest.queries.iter().zip(&ours) {
+            if taken.sql == running.query.sql() {
+                continue;
+            }
+            if let Some(why) =
+                crate::checkpoint::layout_difference(&taken.layout, &running.query.state_layout())
+            {
+                return Err(Error::Checkpoint(format!(
+                    "{}: query {} was checkpointed under other SQL, and its state does not fit \
+                     this SQL: {why}. Go back to the SQL the state was taken for (`urbanstream \
+                     query upgrade {} --file OLD.sql`), or drop and re-create the query to \
+                     start afresh",
+                    checkpoint.location, running.name, running.name
+                )));
+            }
+            info!(
+                query = %running.name,
+                location = %checkpoint.location,
+                "state taken under other SQL with the same layout restored (an upgrade)"
+            );
         }
         let mut states = checkpoint.queries.iter();
         for running in &mut self.queries {
@@ -475,6 +496,7 @@ impl Pipeline {
                 queries.push(QueryManifest {
                     name: running.name.clone(),
                     sql: running.query.sql().to_string(),
+                    layout: running.query.state_layout(),
                     meta: serde_json::Value::Null,
                 });
             }

@@ -777,6 +777,124 @@ mod tests {
             .expect("query")
     }
 
+    /// A state's layout changes exactly where the state would mean something else to the new
+    /// SQL: filters, projections and HAVING keep it; the window, group keys, aggregates and
+    /// detectors' arguments do not.
+    #[tokio::test]
+    async fn state_layouts_differ_where_the_state_would_mean_something_else() {
+        let windowed = |select: &str, filter: &str, group: &str, having: &str| {
+            format!("SELECT {select} FROM camera_events {filter} GROUP BY {group} {having}")
+        };
+        let base = windowed(
+            "segment_id, window_start, count(*) AS n, avg(speed_kmh) AS v",
+            "",
+            "tumble(event_time, INTERVAL '1 minute'), segment_id",
+            "",
+        );
+        let layout = plan(&base).await.state_layout();
+        assert!(
+            layout.iter().any(|l| l.starts_with("window 1: Tumble")
+                && l.contains("segment_id")
+                && l.contains("count(Int64(1))")
+                && l.contains("avg(camera_events.speed_kmh)")),
+            "{layout:?}"
+        );
+        for same in [
+            windowed(
+                "segment_id, window_end, count(*) AS n, avg(speed_kmh) AS v",
+                "WHERE vehicle_class <> 'bus'",
+                "tumble(event_time, INTERVAL '1 minute'), segment_id",
+                "HAVING count(*) > 3",
+            ),
+            windowed(
+                "window_start, count(*) AS n, segment_id, avg(speed_kmh) AS v",
+                "WHERE confidence > 0.5",
+                "tumble(event_time, INTERVAL '1 minute'), segment_id",
+                "",
+            ),
+        ] {
+            let other = plan(&same).await.state_layout();
+            assert_eq!(
+                crate::checkpoint::layout_difference(&layout, &other),
+                None,
+                "{same}"
+            );
+        }
+        for (different, named) in [
+            (
+                windowed(
+                    "segment_id, window_start, count(*) AS n, avg(speed_kmh) AS v",
+                    "",
+                    "tumble(event_time, INTERVAL '2 minutes'), segment_id",
+                    "",
+                ),
+                "120000",
+            ),
+            (
+                windowed(
+                    "camera_id, window_start, count(*) AS n, avg(speed_kmh) AS v",
+                    "",
+                    "tumble(event_time, INTERVAL '1 minute'), camera_id",
+                    "",
+                ),
+                // Grouped by another key than the topic's, its state is split otherwise.
+                "one state per partition of its repartition topic",
+            ),
+            (
+                windowed(
+                    "segment_id, window_start, count(*) AS n, avg(confidence) AS v",
+                    "",
+                    "tumble(event_time, INTERVAL '1 minute'), segment_id",
+                    "",
+                ),
+                "avg(camera_events.confidence)",
+            ),
+            (
+                windowed(
+                    "segment_id, window_start, count(*) AS n, max(speed_kmh) AS v",
+                    "",
+                    "tumble(event_time, INTERVAL '1 minute'), segment_id",
+                    "",
+                ),
+                "max(camera_events.speed_kmh)",
+            ),
+            (
+                // The aggregates' states are kept by position.
+                windowed(
+                    "segment_id, window_start, avg(speed_kmh) AS v, count(*) AS n",
+                    "",
+                    "tumble(event_time, INTERVAL '1 minute'), segment_id",
+                    "",
+                ),
+                "of avg(camera_events.speed_kmh)",
+            ),
+        ] {
+            let other = plan(&different).await.state_layout();
+            let why = crate::checkpoint::layout_difference(&layout, &other)
+                .unwrap_or_else(|| panic!("same layout: {different}"));
+            assert!(why.contains(named), "{different}: {why}");
+        }
+        let detector = |value: &str| {
+            format!(
+                "SELECT segment_id, speed, n, anomaly_score({value}, window_end) \
+                     OVER (PARTITION BY segment_id ORDER BY window_end) AS d \
+                 FROM (SELECT segment_id, window_start, window_end, avg(speed_kmh) AS speed, \
+                       count(*) AS n FROM camera_events \
+                       GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id)"
+            )
+        };
+        let speed = plan(&detector("speed")).await.state_layout();
+        assert!(
+            speed
+                .iter()
+                .any(|l| l.starts_with("detectors") && l.contains("anomaly_score(speed")),
+            "{speed:?}"
+        );
+        let flow = plan(&detector("CAST(n AS DOUBLE)")).await.state_layout();
+        let why = crate::checkpoint::layout_difference(&speed, &flow).expect("differ");
+        assert!(why.contains("anomaly_score("), "{why}");
+    }
+
     /// Per segment and minute, then per ward and five minutes: two window stages, the second
     /// grouping by another key, so the query keeps one state (it is not repartitioned by the
     /// first stage's keys, which would split a ward's segments).

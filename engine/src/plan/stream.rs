@@ -1600,6 +1600,107 @@ impl StreamQuery {
         })
     }
 
+    /// What its state holds, a line per part: what it reads and writes, how its state is
+    /// split across partitions, each window stage's aggregation ([`AggregateSpec::layout`]),
+    /// the detectors, `LAG` calls, join and buffers. A checkpoint is restored into changed SQL
+    /// only when the two layouts are equal: the state then means the same to the new query
+    /// (a changed filter, projection, `HAVING` or output column keeps it; a changed window,
+    /// group key, aggregate, detector or sink does not).
+    ///
+    /// [`AggregateSpec::layout`]: crate::state::window::AggregateSpec::layout
+    pub fn state_layout(&self) -> Vec<String> {
+        use crate::state::expr_layout;
+        let fields = |schema: &SchemaRef| {
+            schema
+                .fields()
+                .iter()
+                .map(|f| format!("{} {}", f.name(), f.data_type()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let partitioning = if self.partition_local {
+            "one state per input partition"
+        } else if self.is_repartitionable() {
+            "one state per partition of its repartition topic"
+        } else {
+            "one state for all partitions"
+        };
+        let mut tables = vec![self.source.name.clone()];
+        if let Some(u) = &self.union {
+            tables.extend(u.others.iter().map(|o| o.table.name.clone()));
+        }
+        if let Some(r) = self.join.as_ref().and_then(|j| j.right.as_ref()) {
+            tables.push(r.name.clone());
+        }
+        let mut out = vec![
+            format!("reads {}", tables.join(", ")),
+            format!(
+                "writes {}",
+                self.sink
+                    .as_ref()
+                    .map_or("nothing".to_string(), |s| s.options.topic.clone())
+            ),
+            format!("keeps {partitioning}"),
+        ];
+        if self.upsert.is_some() {
+            out.push("the latest row per key of its changelog source".into());
+        }
+        if let Some(j) = &self.join {
+            let spec = j.state.spec();
+            out.push(format!(
+                "{} join on {} where {} with right minus left time in [{}, {}] ms, left ({}), right ({})",
+                spec.join_type,
+                spec.on
+                    .iter()
+                    .map(|(l, r)| format!("{} = {}", expr_layout(l), expr_layout(r)))
+                    .collect::<Vec<_>>()
+                    .join(" AND "),
+                spec.filter
+                    .as_ref()
+                    .map_or("true".to_string(), |f| expr_layout(f.expression())),
+                spec.lo,
+                spec.hi,
+                fields(&spec.sides[0]),
+                fields(&spec.sides[1]),
+            ));
+        }
+        if let Some(o) = &self.ordered {
+            out.push(format!(
+                "rows in event-time order of ({})",
+                fields(&o.schema)
+            ));
+        }
+        if let Some(bottom) = &self.windowed {
+            for (i, w) in bottom.stages().enumerate() {
+                out.push(format!(
+                    "window {}: {}{}",
+                    i + 1,
+                    w.operator.spec().layout(),
+                    if w.ranked.is_some() { ", ranked" } else { "" }
+                ));
+            }
+        }
+        for l in &self.lags {
+            out.push(format!(
+                "LAG per ({}) of {}",
+                l.keys
+                    .iter()
+                    .map(|k| expr_layout(k))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                l.types
+                    .iter()
+                    .map(DataType::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        for k in &self.keyed {
+            out.push(format!("detectors {}", k.layout()));
+        }
+        out
+    }
+
     /// Whether it can keep one state per input partition: every window group (and every key
     /// of its detectors) includes the column its input topic is keyed by (the source's `key`
     /// option), or it holds no state at all. A query grouping by anything else needs all of

@@ -16,6 +16,9 @@
 //! | GET | `/v1/queries/{name}` | one query's status |
 //! | DELETE | `/v1/queries/{name}` | stop and forget a registered query (204) |
 //! | POST | `/v1/queries/{name}/pause`, `/resume`, `/restart` | change its state |
+//! | POST | `/v1/queries/{name}/upgrade` | `{"sql"?, "savepoint"?}`: new SQL that keeps the query's state, or the query taken back to a savepoint (with its SQL or new SQL); 409 naming what does not fit when the state cannot carry over |
+//! | POST | `/v1/queries/{name}/savepoints` | `{"savepoint"}`: keep the query's state under a name (it stops for the copy and goes on) (201) |
+//! | GET | `/v1/queries/{name}/savepoints` | the savepoints kept of a query (a dropped one's too) |
 //! | GET | `/v1/tables`, `/v1/tables/{name}` | the tables SQL can use: streams (topic, event time, watermark delay, key) and reference tables, with their columns |
 //! | GET | `/v1/tables/{name}/rows` | a reference table's current version as CSV (header `x-urbanstream-version`) |
 //! | PUT | `/v1/tables/{name}/rows` | CSV body: the next version of a reference table (or a new one), checked, kept beside the catalog and read by every query from its next micro-batch; answers the table as `/v1/tables/{name}` does |
@@ -44,9 +47,10 @@ use serde_json::json;
 
 use super::Service;
 use super::manager::{
-    FunctionInfo, PlannedStatement, PreviewAnswer, PreviewRequest, QueryStatus, ServiceError,
-    TableInfo,
+    FunctionInfo, PlannedStatement, PreviewAnswer, PreviewRequest, QueryStatus, SavepointRequest,
+    ServiceError, TableInfo, UpgradeRequest,
 };
+use crate::checkpoint::savepoint::Savepoint;
 
 /// The API's routes over `service`.
 pub fn router(service: Arc<Service>) -> Router {
@@ -66,6 +70,11 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/queries/{name}/pause", post(pause))
         .route("/queries/{name}/resume", post(resume))
         .route("/queries/{name}/restart", post(restart))
+        .route("/queries/{name}/upgrade", post(upgrade))
+        .route(
+            "/queries/{name}/savepoints",
+            get(savepoints).post(take_savepoint),
+        )
         .route("/tables", get(tables))
         .route("/tables/{name}", get(table))
         .route(
@@ -461,6 +470,32 @@ async fn restart(
     Path(name): Path<String>,
 ) -> Result<Json<QueryStatus>, ApiError> {
     Ok(Json(service.manager.restart(&name).await?))
+}
+
+async fn upgrade(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+    body: Result<Json<UpgradeRequest>, JsonRejection>,
+) -> Result<Json<QueryStatus>, ApiError> {
+    let Json(body) = body?;
+    Ok(Json(service.manager.upgrade(&name, body).await?))
+}
+
+async fn take_savepoint(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+    body: Result<Json<SavepointRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Savepoint>), ApiError> {
+    let Json(body) = body?;
+    let saved = service.manager.savepoint(&name, &body.savepoint).await?;
+    Ok((StatusCode::CREATED, Json(saved)))
+}
+
+async fn savepoints(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<Savepoint>>, ApiError> {
+    Ok(Json(service.manager.savepoints(&name).await?))
 }
 
 #[cfg(test)]

@@ -133,6 +133,15 @@ impl Catalog {
         })
     }
 
+    /// Replaces the SQL of the registered query `name` (an upgrade).
+    pub fn set_sql(&mut self, name: &str, sql: &str) -> Result<()> {
+        self.update(|file| {
+            if let Some(entry) = file.queries.iter_mut().find(|e| e.name == name) {
+                entry.sql = sql.to_string();
+            }
+        })
+    }
+
     /// Applies `change` to a copy, writes it, and keeps it only once it is on disk.
     fn update(&mut self, change: impl FnOnce(&mut CatalogFile)) -> Result<()> {
         let mut next = CatalogFile {

@@ -196,6 +196,41 @@ pub enum QueryAction {
         /// Its name.
         name: String,
     },
+    /// Give a query new SQL and keep its state, or take it back to a savepoint. The state
+    /// carries over when the new SQL keeps the windows, group keys, aggregates, detectors,
+    /// joins and output topic (filters, projections, HAVING and the columns published may
+    /// change); otherwise the service refuses and names what does not fit, and the query
+    /// goes on as it was.
+    ///
+    /// Example: `urbanstream query upgrade busy_segments --file busy-v2.sql` or
+    /// `urbanstream query upgrade busy_segments --savepoint before-v2`
+    Upgrade {
+        /// Its name.
+        name: String,
+        /// The new SQL (the query's own without it: going back to a savepoint).
+        #[arg(long, short, required_unless_present = "savepoint")]
+        file: Option<PathBuf>,
+        /// Start from this savepoint instead of the query's newest state.
+        #[arg(long)]
+        savepoint: Option<String>,
+    },
+    /// Keep a query's state under a name, to upgrade from or go back to later. A running
+    /// query stops for the copy (publishing and committing what it holds) and goes on.
+    ///
+    /// Example: `urbanstream query savepoint busy_segments before-v2`
+    Savepoint {
+        /// The query.
+        name: String,
+        /// The savepoint's name.
+        savepoint: String,
+    },
+    /// List the savepoints kept of a query (a dropped query's too).
+    ///
+    /// Example: `urbanstream query savepoints busy_segments`
+    Savepoints {
+        /// The query.
+        name: String,
+    },
 }
 
 /// Options of `urbanstream table`.
@@ -555,6 +590,37 @@ pub async fn run(args: QueryArgs) -> Result<()> {
         QueryAction::Pause { name } => control(name, "pause"),
         QueryAction::Resume { name } => control(name, "resume"),
         QueryAction::Restart { name } => control(name, "restart"),
+        QueryAction::Upgrade {
+            name,
+            file,
+            savepoint,
+        } => {
+            let sql = file
+                .as_ref()
+                .map(|path| {
+                    std::fs::read_to_string(path)
+                        .map_err(|e| Error::Api(format!("{}: {e}", path.display())))
+                })
+                .transpose()?;
+            (
+                Method::POST,
+                format!("/v1/queries/{name}/upgrade"),
+                Some(json!({ "sql": sql, "savepoint": savepoint })),
+                Shown::One,
+            )
+        }
+        QueryAction::Savepoint { name, savepoint } => (
+            Method::POST,
+            format!("/v1/queries/{name}/savepoints"),
+            Some(json!({ "savepoint": savepoint })),
+            Shown::Savepoints,
+        ),
+        QueryAction::Savepoints { name } => (
+            Method::GET,
+            format!("/v1/queries/{name}/savepoints"),
+            None,
+            Shown::Savepoints,
+        ),
     };
     let answer = client.call(method, &path, body).await?;
     if args.json {
@@ -585,6 +651,7 @@ enum Shown {
     List,
     Validated,
     Dropped(String),
+    Savepoints,
 }
 
 /// The API's client.
@@ -679,6 +746,32 @@ fn render(answer: &Value, kind: &Shown, zone: DisplayZone) -> String {
         ),
         Shown::One => details(answer, zone),
         Shown::Dropped(name) => format!("dropped {name}\n"),
+        Shown::Savepoints => {
+            let one = [answer.clone()];
+            let list = match answer.as_array() {
+                Some(list) => list.as_slice(),
+                None => &one,
+            };
+            if list.is_empty() {
+                return "no savepoints\n".into();
+            }
+            let mut out = String::new();
+            for s in list {
+                let stores = s["stores"].as_array().map_or(0, Vec::len);
+                out.push_str(&format!(
+                    "{}  of {}  taken {}  {} store{}, {} bytes\n",
+                    text(&s["name"]),
+                    text(&s["query"]),
+                    s["created_at_ms"]
+                        .as_i64()
+                        .map_or("-".into(), |ms| zone.format_labelled(ms)),
+                    stores,
+                    if stores == 1 { "" } else { "s" },
+                    text(&s["bytes"]),
+                ));
+            }
+            out
+        }
         Shown::Preview => preview_text(answer),
         Shown::Validated => {
             let mut out = String::from("valid\n");

@@ -156,6 +156,26 @@ pub struct PlannedStatement {
     pub windowed: bool,
 }
 
+/// Body of `POST /v1/queries/{name}/upgrade`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeRequest {
+    /// The new SQL; the query's own when absent (going back to a savepoint).
+    #[serde(default)]
+    pub sql: Option<String>,
+    /// The savepoint whose state the query starts from; its own newest state when absent.
+    #[serde(default)]
+    pub savepoint: Option<String>,
+}
+
+/// Body of `POST /v1/queries/{name}/savepoints`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavepointRequest {
+    /// The savepoint's name: 1 to 64 of `[A-Za-z0-9_-]`, starting with a letter.
+    pub savepoint: String,
+}
+
 /// Body of `POST /v1/queries/preview`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -1102,7 +1122,7 @@ impl QueryManager {
         sql: &str,
         memory_limit: Option<u64>,
     ) -> Result<QueryStatus, ServiceError> {
-        check_name(name)?;
+        check_name("query", name)?;
         if self.handle(name).is_ok() {
             return Err(duplicate(name));
         }
@@ -1217,6 +1237,199 @@ impl QueryManager {
         self.start(&handle).await;
         info!(query = name, "query resumed");
         Ok(handle.status())
+    }
+
+    /// Where the savepoints of query `name` are kept: beside the queries' checkpoints, under
+    /// `_savepoints/` (query names start with a letter, so no query's checkpoints are
+    /// there), which a dropped query's removal leaves alone.
+    fn savepoints_of(&self, name: &str) -> crate::checkpoint::Location {
+        self.checkpoint_root.join("_savepoints").join(name)
+    }
+
+    /// What the state of each stream statement of `sql` holds.
+    async fn layouts(&self, sql: &str) -> Result<Vec<Vec<String>>, ServiceError> {
+        Ok(self
+            .plan_request(sql)
+            .await?
+            .iter()
+            .map(|q| q.state_layout())
+            .collect())
+    }
+
+    /// Keeps the query's state under the name `savepoint`: a running query stops (publishing
+    /// what it has, committing and checkpointing), the newest checkpoint of each of its
+    /// stores is copied, and it starts again from where it stopped.
+    pub async fn savepoint(
+        &self,
+        name: &str,
+        savepoint: &str,
+    ) -> Result<crate::checkpoint::savepoint::Savepoint, ServiceError> {
+        use crate::checkpoint::savepoint;
+        let handle = self.handle(name)?;
+        check_name("savepoint", savepoint)?;
+        if !self.config.checkpoint.enabled {
+            return Err(ServiceError::Conflict(
+                "checkpoints are off (checkpoint.enabled = false), so queries keep no state to \
+                 save"
+                    .into(),
+            ));
+        }
+        let target = self.savepoints_of(name).join(savepoint);
+        let at = target.clone();
+        if blocking(move || savepoint::read(&at)).await?.is_some() {
+            return Err(ServiceError::Conflict(format!(
+                "query {name} has a savepoint named {savepoint:?} already: choose another name"
+            )));
+        }
+        let layouts = self.layouts(&handle.entry.sql).await?;
+        let running = matches!(handle.state(), QueryState::Running | QueryState::Starting);
+        if running {
+            stop(&handle).await;
+        }
+        let from = self.checkpoint_root.join(name);
+        let described = savepoint::Savepoint {
+            name: savepoint.to_string(),
+            query: name.to_string(),
+            sql: handle.entry.sql.clone(),
+            created_at_ms: epoch_ms(),
+            layouts,
+            stores: Vec::new(),
+            bytes: 0,
+        };
+        let result = blocking(move || {
+            let (stores, bytes) = savepoint::copy_newest(&from, &target)?;
+            if stores.is_empty() {
+                return Ok(None);
+            }
+            let described = savepoint::Savepoint {
+                stores,
+                bytes,
+                ..described
+            };
+            savepoint::describe(&target, &described)?;
+            Ok(Some(described))
+        })
+        .await;
+        if running {
+            self.start(&handle).await;
+        }
+        let saved = result?.ok_or_else(|| {
+            ServiceError::Conflict(format!(
+                "query {name} has no checkpoint to save yet: it writes its first once it has \
+                 read its input (every checkpoint.interval, and when it stops)"
+            ))
+        })?;
+        info!(
+            query = name,
+            savepoint,
+            stores = saved.stores.len(),
+            bytes = saved.bytes,
+            "savepoint taken"
+        );
+        Ok(saved)
+    }
+
+    /// The savepoints kept of query `name` (a dropped query's too), by name.
+    pub async fn savepoints(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::checkpoint::savepoint::Savepoint>, ServiceError> {
+        check_name("query", name)?;
+        let at = self.savepoints_of(name);
+        blocking(move || crate::checkpoint::savepoint::list(&at)).await
+    }
+
+    /// Replaces a query's SQL and keeps its state, or takes it back to a savepoint (with its
+    /// SQL or new SQL). Refused, with the query left as it was, when the new SQL's state
+    /// would not mean what the state held means: an upgrade keeps the windows, group keys,
+    /// aggregates, detectors, joins and output topic (filters, projections, `HAVING` and the
+    /// columns published may change). Built-in queries come with the binary and are not
+    /// upgraded.
+    pub async fn upgrade(
+        &self,
+        name: &str,
+        request: UpgradeRequest,
+    ) -> Result<QueryStatus, ServiceError> {
+        use crate::checkpoint::savepoint;
+        let handle = self.handle(name)?;
+        if handle.builtin {
+            return Err(ServiceError::Conflict(format!(
+                "{name} is a built-in query: its SQL comes with urbanstream; register your \
+                 version under another name (and pause {name})"
+            )));
+        }
+        let sql = request.sql.unwrap_or_else(|| handle.entry.sql.clone());
+        self.validate(&sql).await?;
+        let wanted = self.layouts(&sql).await?;
+        let (held, what) =
+            match &request.savepoint {
+                Some(name_of) => {
+                    check_name("savepoint", name_of)?;
+                    let at = self.savepoints_of(name).join(name_of);
+                    let found = blocking(move || savepoint::read(&at)).await?.ok_or_else(|| {
+                    ServiceError::NotFound(format!(
+                        "query {name} has no savepoint named {name_of:?} (`urbanstream query \
+                         savepoints {name}` lists them)"
+                    ))
+                })?;
+                    (found.layouts, format!("savepoint {name_of}"))
+                }
+                None => (
+                    self.layouts(&handle.entry.sql).await?,
+                    "the query's state".to_string(),
+                ),
+            };
+        if held.len() != wanted.len() {
+            return Err(ServiceError::Conflict(format!(
+                "{what} holds the state of {} stream statements and the new SQL has {}: an \
+                 upgrade keeps the statements; drop and create the query to start afresh",
+                held.len(),
+                wanted.len()
+            )));
+        }
+        for (h, w) in held.iter().zip(&wanted) {
+            if let Some(why) = crate::checkpoint::layout_difference(h, w) {
+                return Err(ServiceError::Conflict(format!(
+                    "the new SQL cannot take over {what}: {why}. An upgrade keeps the windows, \
+                     group keys, aggregates, detectors, joins and output topic (filters, \
+                     projections, HAVING and the columns published may change); to start \
+                     afresh, drop the query and create it again, or register the new SQL \
+                     under another name"
+                )));
+            }
+        }
+        let paused = handle.state() == QueryState::Paused;
+        stop(&handle).await;
+        if let Some(name_of) = &request.savepoint {
+            let from = self.savepoints_of(name).join(name_of);
+            let to = self.checkpoint_root.join(name);
+            to.remove_all()
+                .await
+                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+            blocking(move || savepoint::copy_newest(&from, &to)).await?;
+        }
+        self.catalog()
+            .and_then(|mut c| c.set_sql(name, &sql))
+            .map_err(|e| ServiceError::Internal(format!("catalog not written: {e}")))?;
+        let entry = CatalogEntry {
+            sql,
+            ..handle.entry.clone()
+        };
+        let upgraded = self.new_handle(entry, false);
+        if let Ok(mut queries) = self.queries.lock() {
+            queries.insert(name.to_string(), upgraded.clone());
+        }
+        if paused {
+            upgraded.set(QueryState::Paused, None);
+        } else {
+            self.start(&upgraded).await;
+        }
+        info!(
+            query = name,
+            savepoint = request.savepoint.as_deref(),
+            "query upgraded"
+        );
+        Ok(upgraded.status())
     }
 
     /// Stops a query if it runs and starts it again (a FAILED query included).
@@ -1361,9 +1574,19 @@ fn duplicate(name: &str) -> ServiceError {
     ServiceError::Conflict(format!("a query named {name:?} exists already"))
 }
 
-/// Names are 1 to 64 of `[A-Za-z0-9_-]`, starting with a letter: they become part of a
-/// consumer group id and a metrics label.
-fn check_name(name: &str) -> Result<(), ServiceError> {
+/// Runs `work` (checkpoint or object-store I/O) on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> crate::Result<T> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ServiceError::Internal(format!("task failed: {e}")))?
+        .map_err(|e| ServiceError::Internal(e.to_string()))
+}
+
+/// Names are 1 to 64 of `[A-Za-z0-9_-]`, starting with a letter: a query's name becomes part
+/// of a consumer group id and a metrics label, a savepoint's a directory name.
+fn check_name(kind: &str, name: &str) -> Result<(), ServiceError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
         && name.starts_with(|c: char| c.is_ascii_alphabetic())
@@ -1374,7 +1597,7 @@ fn check_name(name: &str) -> Result<(), ServiceError> {
         Ok(())
     } else {
         Err(ServiceError::invalid(format!(
-            "query name {name:?}: use 1 to {MAX_NAME} letters, digits, '_' or '-', starting \
+            "{kind} name {name:?}: use 1 to {MAX_NAME} letters, digits, '_' or '-', starting \
              with a letter"
         )))
     }
@@ -1582,11 +1805,11 @@ mod tests {
     #[test]
     fn names_are_checked() {
         for good in ["a", "congestion_5m", "Ward-totals", &"x".repeat(64)] {
-            assert!(check_name(good).is_ok(), "{good}");
+            assert!(check_name("query", good).is_ok(), "{good}");
         }
         for bad in ["", "5m", "_x", "a b", "a.b", "é", &"x".repeat(65)] {
             assert!(
-                matches!(check_name(bad), Err(ServiceError::Invalid { .. })),
+                matches!(check_name("query", bad), Err(ServiceError::Invalid { .. })),
                 "{bad}"
             );
         }

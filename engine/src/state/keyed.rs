@@ -145,12 +145,20 @@ pub struct KeyedHandle {
     ttl: Arc<AtomicI64>,
     /// Names of its functions, for explanations.
     functions: Vec<String>,
+    /// What its state holds: the keys and each call with its arguments.
+    layout: String,
 }
 
 impl KeyedHandle {
     /// The names of the functions whose state it holds.
     pub fn functions(&self) -> Vec<String> {
         self.functions.clone()
+    }
+
+    /// What its state holds, as one line: the `PARTITION BY` keys and each function with
+    /// its arguments (column positions left out).
+    pub fn layout(&self) -> &str {
+        &self.layout
     }
 
     /// Sets how long a key may stay silent before its state is dropped (`None`: for ever).
@@ -301,6 +309,7 @@ impl KeyedSeriesExec {
         window_exprs: &[Arc<dyn WindowExpr>],
     ) -> Result<Option<Self>> {
         let mut calls = Vec::new();
+        let mut layouts = Vec::new();
         let mut spec: Option<Spec> = None;
         let mut foreign = Vec::new();
         for w in window_exprs {
@@ -338,6 +347,14 @@ impl KeyedSeriesExec {
                 }
             }
             let args = udwf.args();
+            layouts.push(format!(
+                "{}({})",
+                func.kind().name(),
+                args.iter()
+                    .map(|a| super::expr_layout(a))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
             calls.push(Call {
                 kind: func.kind(),
                 value: args[0].clone(),
@@ -367,6 +384,15 @@ impl KeyedSeriesExec {
             Boundedness::Bounded,
         ));
         let functions = calls.iter().map(|c| c.kind.name().to_string()).collect();
+        let layout = format!(
+            "per ({}) ordered by {}: {}",
+            keys.iter()
+                .map(|k| super::expr_layout(k))
+                .collect::<Vec<_>>()
+                .join(", "),
+            super::expr_layout(&order),
+            layouts.join(", ")
+        );
         Ok(Some(Self {
             input,
             schema,
@@ -379,6 +405,7 @@ impl KeyedSeriesExec {
                 timers,
                 ttl: Arc::new(AtomicI64::new(i64::MAX)),
                 functions,
+                layout,
             },
             properties,
         }))

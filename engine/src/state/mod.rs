@@ -80,6 +80,26 @@ pub trait WindowedAggregation: Send {
     fn snapshot(&mut self) -> crate::Result<StateSnapshot>;
     /// Replaces the state with a [`WindowedAggregation::snapshot`] of the same query.
     fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()>;
+    /// The aggregation it performs.
+    fn spec(&self) -> &window::AggregateSpec;
+}
+
+/// `expr` as SQL-like text without the column positions DataFusion prints (`speed@3` is
+/// `speed`): a state's layout names what it holds, not where the plan below found it.
+pub fn expr_layout(expr: &dyn std::fmt::Display) -> String {
+    let text = expr.to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '@' && chars.peek().is_some_and(char::is_ascii_digit) {
+            while chars.peek().is_some_and(char::is_ascii_digit) {
+                chars.next();
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl WindowedAggregation for window::WindowOperator {
@@ -118,5 +138,8 @@ impl WindowedAggregation for window::WindowOperator {
     }
     fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()> {
         window::WindowOperator::restore(self, snapshot)
+    }
+    fn spec(&self) -> &window::AggregateSpec {
+        window::WindowOperator::spec(self)
     }
 }

@@ -408,6 +408,10 @@ impl WindowedAggregation for SessionOperator {
         Ok(out)
     }
 
+    fn spec(&self) -> &AggregateSpec {
+        &self.spec
+    }
+
     fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()> {
         let meta = &snapshot.meta;
         self.watermark = meta_field(meta, "watermark")?;

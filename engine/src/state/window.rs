@@ -68,6 +68,42 @@ pub struct AggregateSpec {
 }
 
 impl AggregateSpec {
+    /// What its state holds, as one line: the window, the group keys with their types, each
+    /// aggregate with the types of its state, the filters and the event time. Two queries
+    /// whose aggregations have the same layout can take over each other's state (a
+    /// checkpoint restored into changed SQL); column positions are left out.
+    pub fn layout(&self) -> String {
+        let keys: Vec<String> = self
+            .group_schema
+            .fields()
+            .iter()
+            .map(|f| format!("{} {}", f.name(), f.data_type()))
+            .collect();
+        let aggregates: Vec<String> = self
+            .aggregates
+            .iter()
+            .zip(&self.filters)
+            .map(|(a, filter)| {
+                let state: Vec<String> = a
+                    .state_fields()
+                    .map(|fields| fields.iter().map(|f| f.data_type().to_string()).collect())
+                    .unwrap_or_default();
+                let filter = filter
+                    .as_ref()
+                    .map(|f| format!(" FILTER (WHERE {})", super::expr_layout(f)))
+                    .unwrap_or_default();
+                format!("{}{filter} [{}]", a.name(), state.join(", "))
+            })
+            .collect();
+        format!(
+            "{:?} over {} by ({}) of {}",
+            self.window,
+            super::expr_layout(&self.time),
+            keys.join(", "),
+            aggregates.join(", ")
+        )
+    }
+
     /// One fresh accumulator per aggregate: DataFusion's vectorised `GroupsAccumulator` where
     /// the function has one, its row `Accumulator` behind an adapter otherwise.
     pub fn new_accumulators(&self) -> Result<Vec<Box<dyn GroupsAccumulator>>> {
@@ -911,6 +947,11 @@ impl WindowOperator {
     /// Live windows.
     pub fn window_count(&self) -> usize {
         self.windows.len()
+    }
+
+    /// The aggregation it performs.
+    pub fn spec(&self) -> &AggregateSpec {
+        &self.spec
     }
 }
 

@@ -1,0 +1,377 @@
+//! Savepoints: a query's state kept under a name, to go back to or to start changed SQL
+//! from.
+//!
+//! A query's checkpoints live in one store ([`CheckpointStore`]) when one state holds all its
+//! partitions, or in one store per input partition (`<topic>.<partition>/`) otherwise. A
+//! savepoint copies the newest whole checkpoint of every store below the query's location to
+//! a location of its own, with `savepoint.json` beside them:
+//!
+//! ```text
+//! _savepoints/<query>/<savepoint>/
+//!   savepoint.json                 name, query, SQL, state layouts, stores with their epochs
+//!   chk-000000000042/…             the query's one store, or
+//!   city.camera.events.0/chk-…/…   one store per input partition
+//! ```
+//!
+//! Savepoints are not pruned and outlive the query they were taken of. Restoring one copies
+//! its stores back under the query's location, whose old checkpoints are removed first; the
+//! query then recovers from them as from its own checkpoints.
+
+use object_store::ObjectStoreExt;
+use serde::{Deserialize, Serialize};
+
+use super::{CheckpointStore, Location, Position, block_on, io_error, object_error};
+use crate::error::{Error, Result};
+
+/// The file that describes a savepoint.
+const FILE: &str = "savepoint.json";
+
+/// What `savepoint.json` says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Savepoint {
+    /// Its name.
+    pub name: String,
+    /// The query it was taken of.
+    pub query: String,
+    /// The query's SQL when it was taken.
+    pub sql: String,
+    /// When it was taken, epoch ms.
+    pub created_at_ms: i64,
+    /// Per stream statement of the SQL, what its state holds (`StreamQuery::state_layout`).
+    pub layouts: Vec<Vec<String>>,
+    /// The stores copied.
+    pub stores: Vec<SavedStore>,
+    /// Bytes copied.
+    pub bytes: u64,
+}
+
+/// One store of a [`Savepoint`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedStore {
+    /// Its directory below the query's location (`<topic>.<partition>`); empty for the
+    /// query's one store.
+    pub store: String,
+    /// The epoch of the checkpoint copied.
+    pub epoch: u64,
+    /// Its input positions: where the query goes on reading once restored.
+    pub positions: Vec<Position>,
+}
+
+/// The stores below `location`: `""` when it holds checkpoints itself, and each
+/// sub-directory that holds checkpoints, sorted.
+pub fn stores_below(location: &Location) -> Result<Vec<String>> {
+    let is_checkpoint = |name: &str| name.starts_with("chk-");
+    let mut out = std::collections::BTreeSet::new();
+    match location {
+        Location::Local(dir) => {
+            if !dir.exists() {
+                return Ok(Vec::new());
+            }
+            for entry in std::fs::read_dir(dir).map_err(|e| io_error("list", dir, e))? {
+                let entry = entry.map_err(|e| io_error("list", dir, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if is_checkpoint(&name) {
+                    out.insert(String::new());
+                } else if !name.starts_with('.')
+                    && entry.path().is_dir()
+                    && std::fs::read_dir(entry.path())
+                        .map_err(|e| io_error("list", &entry.path(), e))?
+                        .filter_map(|e| e.ok())
+                        .any(|e| is_checkpoint(&e.file_name().to_string_lossy()))
+                {
+                    out.insert(name);
+                }
+            }
+        }
+        Location::Object { store, prefix, .. } => {
+            use futures::TryStreamExt;
+            let objects: Vec<object_store::path::Path> = block_on(
+                store
+                    .list(Some(prefix))
+                    .map_ok(|m| m.location)
+                    .try_collect(),
+            )?
+            .map_err(|e| object_error("list", location, e))?;
+            for object in &objects {
+                let parts: Vec<String> = object
+                    .prefix_match(prefix)
+                    .map(|p| p.map(|s| s.as_ref().to_string()).collect())
+                    .unwrap_or_default();
+                match parts.as_slice() {
+                    [dir, _] if is_checkpoint(dir) => {
+                        out.insert(String::new());
+                    }
+                    [store, dir, _] if is_checkpoint(dir) => {
+                        out.insert(store.clone());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// Copies the newest whole checkpoint of every store below `from` to the same store below
+/// `to`; returns the stores copied and the bytes written. Blocking (object stores are
+/// reached through the current tokio runtime: call it from a blocking thread).
+pub fn copy_newest(from: &Location, to: &Location) -> Result<(Vec<SavedStore>, u64)> {
+    let mut stores = Vec::new();
+    let mut bytes = 0;
+    for name in stores_below(from)? {
+        let (source, target) = if name.is_empty() {
+            (from.clone(), to.clone())
+        } else {
+            (from.join(&name), to.join(&name))
+        };
+        let Some(checkpoint) = CheckpointStore::at(source, 1)?.latest()? else {
+            continue;
+        };
+        let manifest = checkpoint.manifest;
+        let (epoch, positions) = (manifest.epoch, manifest.positions.clone());
+        let written = CheckpointStore::at(target, 1)?.write(manifest, checkpoint.queries)?;
+        bytes += written.bytes;
+        stores.push(SavedStore {
+            store: name,
+            epoch,
+            positions,
+        });
+    }
+    Ok((stores, bytes))
+}
+
+/// Writes `savepoint`'s description into `location` (last, once its stores are there).
+pub fn describe(location: &Location, savepoint: &Savepoint) -> Result<()> {
+    let json = serde_json::to_vec_pretty(savepoint)
+        .map_err(|e| Error::Checkpoint(format!("cannot encode the savepoint: {e}")))?;
+    match location {
+        Location::Local(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| io_error("create", dir, e))?;
+            crate::files::write_atomically(&dir.join(FILE), &json)
+        }
+        Location::Object { store, prefix, .. } => {
+            block_on(store.put(&prefix.clone().join(FILE), json.into()))?
+                .map_err(|e| object_error("write", location, e))?;
+            Ok(())
+        }
+    }
+}
+
+/// The savepoint at `location`, if there is one. Blocking, like [`copy_newest`].
+pub fn read(location: &Location) -> Result<Option<Savepoint>> {
+    let bytes = match location {
+        Location::Local(dir) => match std::fs::read(dir.join(FILE)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error("read", &dir.join(FILE), e)),
+        },
+        Location::Object { store, prefix, .. } => {
+            let path = prefix.clone().join(FILE);
+            match block_on(async { store.get(&path).await?.bytes().await })? {
+                Ok(b) => b.to_vec(),
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(object_error("read", location, e)),
+            }
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::Checkpoint(format!("{location}/{FILE}: not a savepoint: {e}")))
+}
+
+/// The savepoints kept below `location` (one sub-directory each), by name. Blocking.
+pub fn list(location: &Location) -> Result<Vec<Savepoint>> {
+    let names: Vec<String> = match location {
+        Location::Local(dir) => {
+            if !dir.exists() {
+                return Ok(Vec::new());
+            }
+            std::fs::read_dir(dir)
+                .map_err(|e| io_error("list", dir, e))?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        }
+        Location::Object { store, prefix, .. } => {
+            let listed = block_on(store.list_with_delimiter(Some(prefix)))?
+                .map_err(|e| object_error("list", location, e))?;
+            listed
+                .common_prefixes
+                .iter()
+                .filter_map(|p| p.filename().map(str::to_string))
+                .collect()
+        }
+    };
+    let mut out = Vec::new();
+    for name in names {
+        if let Some(savepoint) = read(&location.join(&name))? {
+            out.push(savepoint);
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{ArrayRef, Int64Array};
+
+    use super::*;
+    use crate::checkpoint::{Manifest, QueryManifest, StateSnapshot, table};
+
+    fn checkpoint(epoch: u64, partition: i32, value: i64) -> (Manifest, Vec<StateSnapshot>) {
+        let manifest = Manifest {
+            version: 0,
+            epoch,
+            created_at_ms: 1,
+            positions: vec![Position {
+                topic: "in".into(),
+                partition,
+                offset: epoch as i64 * 10,
+            }],
+            outputs: vec![],
+            queries: vec![QueryManifest {
+                name: "q".into(),
+                sql: "SELECT 1".into(),
+                layout: vec!["window".into()],
+                meta: serde_json::Value::Null,
+            }],
+            files: vec![],
+        };
+        let mut state = StateSnapshot {
+            meta: serde_json::json!({"value": value}),
+            tables: Default::default(),
+        };
+        let column: ArrayRef = Arc::new(Int64Array::from(vec![value]));
+        state
+            .tables
+            .insert("t".into(), table(vec![("v".into(), column)]).unwrap());
+        (manifest, vec![state])
+    }
+
+    fn stores(location: &Location) -> Vec<(String, u64, i64)> {
+        stores_below(location)
+            .unwrap()
+            .into_iter()
+            .map(|name| {
+                let at = if name.is_empty() {
+                    location.clone()
+                } else {
+                    location.join(&name)
+                };
+                let c = CheckpointStore::at(at, 1)
+                    .unwrap()
+                    .latest()
+                    .unwrap()
+                    .unwrap();
+                let value = c.queries[0].meta["value"].as_i64().unwrap();
+                (name, c.manifest.epoch, value)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_newest_checkpoint_of_every_partition_store_is_saved_and_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let query = Location::Local(dir.path().join("q"));
+        for (partition, epochs) in [(0, 3u64), (1, 5)] {
+            let store = CheckpointStore::at(query.join(&format!("in.{partition}")), 3).unwrap();
+            for epoch in 1..=epochs {
+                let (m, s) = checkpoint(epoch, partition, epoch as i64 * 100 + partition as i64);
+                store.write(m, s).unwrap();
+            }
+        }
+        // A directory without checkpoints is not a store.
+        std::fs::create_dir_all(dir.path().join("q/empty")).unwrap();
+        let saved = Location::Local(dir.path().join("_savepoints/q/before"));
+        let (copied, bytes) = copy_newest(&query, &saved).unwrap();
+        assert!(bytes > 0);
+        assert_eq!(
+            copied
+                .iter()
+                .map(|s| (s.store.as_str(), s.epoch, s.positions[0].offset))
+                .collect::<Vec<_>>(),
+            [("in.0", 3, 30), ("in.1", 5, 50)]
+        );
+        assert_eq!(
+            stores(&saved),
+            [("in.0".to_string(), 3, 300), ("in.1".to_string(), 5, 501)]
+        );
+        describe(
+            &saved,
+            &Savepoint {
+                name: "before".into(),
+                query: "q".into(),
+                sql: "SELECT 1".into(),
+                created_at_ms: 7,
+                layouts: vec![vec!["window".into()]],
+                stores: copied,
+                bytes,
+            },
+        )
+        .unwrap();
+        // The query goes on; then it is taken back to the savepoint.
+        let store = CheckpointStore::at(query.join("in.0"), 3).unwrap();
+        let (m, s) = checkpoint(4, 0, 999);
+        store.write(m, s).unwrap();
+        query.remove_all().await.unwrap();
+        copy_newest(&saved, &query).unwrap();
+        assert_eq!(
+            stores(&query),
+            [("in.0".to_string(), 3, 300), ("in.1".to_string(), 5, 501)]
+        );
+        let listed = list(&Location::Local(dir.path().join("_savepoints/q"))).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].name, "before");
+        assert_eq!(listed[0].stores.len(), 2);
+        assert!(
+            read(&Location::Local(dir.path().join("nothing")))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn savepoints_work_in_an_object_store() {
+        tokio::task::spawn_blocking(move || {
+            let store: Arc<dyn object_store::ObjectStore> =
+                Arc::new(object_store::memory::InMemory::new());
+            let at = |prefix: &str| Location::Object {
+                store: store.clone(),
+                prefix: object_store::path::Path::from(prefix),
+                url: "memory://".into(),
+            };
+            let query = at("root/q");
+            CheckpointStore::at(query.clone(), 3)
+                .unwrap()
+                .write(checkpoint(2, 0, 42).0, checkpoint(2, 0, 42).1)
+                .unwrap();
+            let saved = at("root/_savepoints/q/s1");
+            let (copied, bytes) = copy_newest(&query, &saved).unwrap();
+            assert_eq!(copied.len(), 1);
+            assert_eq!(copied[0].store, "");
+            describe(
+                &saved,
+                &Savepoint {
+                    name: "s1".into(),
+                    query: "q".into(),
+                    sql: "SELECT 1".into(),
+                    created_at_ms: 7,
+                    layouts: vec![],
+                    stores: copied,
+                    bytes,
+                },
+            )
+            .unwrap();
+            assert_eq!(stores(&saved), [(String::new(), 2, 42)]);
+            let listed = list(&at("root/_savepoints/q")).unwrap();
+            assert_eq!(listed.len(), 1);
+            assert_eq!(listed[0].name, "s1");
+        })
+        .await
+        .unwrap();
+    }
+}
