@@ -231,6 +231,7 @@ impl DeterministicEngine {
                 name: format!("q{i}"),
                 sql: q.sql().to_string(),
                 layout: q.state_layout(),
+                settings: q.settings_sql(),
                 meta: serde_json::Value::Null,
             });
         }
@@ -242,6 +243,7 @@ impl DeterministicEngine {
             outputs: Vec::new(),
             queries,
             files: Vec::new(),
+            partition_counts: Default::default(),
         };
         store.write(manifest, states).map_err(external)?;
         let read = store.latest().map_err(external)?;

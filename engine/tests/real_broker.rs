@@ -366,6 +366,63 @@ fn input_deleted_before_it_was_read_fails_the_query_with_the_reason() -> anyhow:
     Ok(())
 }
 
+/// The query's input topic gains partitions while it is down. The query keeps one state per
+/// input partition (it groups by the topic's key), so records of a key may now reach another
+/// partition than the one holding its state, and the windows would be split in two: on
+/// restart the query fails naming both counts instead.
+#[test]
+fn an_input_topic_that_gained_partitions_fails_a_query_split_by_partition() -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    let dir = tempfile::tempdir()?;
+    let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
+    let (m, mut service, api) = counting_service(dir.path(), &brokers, "grow", "grow.counts")?;
+    let base = &m.base;
+    let t0 = first_window()?;
+    produce_now(&brokers, t0, 0..400)?;
+    wait_until("the query did not read the events", || {
+        api.status(base, "counts")
+            .is_some_and(|s| s["rows_in"].as_i64() == Some(400))
+    })?;
+    // A checkpoint after the last of them.
+    std::thread::sleep(Duration::from_secs(3));
+    service.0.kill()?;
+    service.0.wait()?;
+
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let grown = rt.block_on(admin.create_partitions(
+        &[NewPartitions::new(
+            "city.camera.events",
+            PARTITIONS as usize + 2,
+        )],
+        &AdminOptions::new(),
+    ))?;
+    for result in grown {
+        anyhow::ensure!(result.is_ok(), "CreatePartitions failed: {result:?}");
+    }
+
+    service = serve(&m.config, &m.log)?;
+    api.wait_live(base)?;
+    wait_until("the query did not fail", || {
+        api.status(base, "counts")
+            .is_some_and(|s| s["state"] == "FAILED")
+    })?;
+    let status = api.status(base, "counts").unwrap_or_default();
+    let error = status["error"].as_str().unwrap_or_default().to_string();
+    eprintln!("status after the topic grew: {error}");
+    assert!(
+        error.contains(&format!("has {} partitions", PARTITIONS + 2))
+            && error.contains(&format!("split over the {PARTITIONS}")),
+        "the query's error does not name the partition counts: {status}"
+    );
+    drop(service);
+    Ok(())
+}
+
 /// The same truncation under the query's explicit gap policy (`SET urbanstream.on_data_loss =
 /// 'skip'`): the query goes on from the log's start, and each partition's gap is in the DLQ
 /// with its exact range (from the query's position to the new log start), so what was lost

@@ -151,6 +151,10 @@ pub struct Manifest {
     pub outputs: Vec<Position>,
     /// Per query: its name, SQL and scalars.
     pub queries: Vec<QueryManifest>,
+    /// In a store of one input partition's state: the partition count of its topic when the
+    /// state was taken (the state is split by partition, so it holds only for that count).
+    #[serde(default)]
+    pub partition_counts: BTreeMap<String, i32>,
     /// Files of the checkpoint with their sizes in bytes.
     pub files: Vec<(String, u64)>,
 }
@@ -167,6 +171,9 @@ pub struct QueryManifest {
     /// written before layouts were recorded.
     #[serde(default)]
     pub layout: Vec<String>,
+    /// Its `SET urbanstream.…` statements: a change of them is a change of SQL.
+    #[serde(default)]
+    pub settings: Vec<String>,
     /// Its scalars.
     pub meta: serde_json::Value,
 }
@@ -537,6 +544,37 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// The manifest of the newest whole checkpoint (its tables are not read); an unreadable
+    /// one is reported and skipped.
+    pub fn latest_manifest(&self) -> Result<Option<Manifest>> {
+        for epoch in self.epochs()? {
+            let name = checkpoint_name(epoch);
+            let bytes = match &self.location {
+                Location::Local(dir) => {
+                    let path = dir.join(&name).join("manifest.json");
+                    fs::read(&path).map_err(|e| io_error("read", &path, e))
+                }
+                Location::Object { store, prefix, .. } => {
+                    let object = prefix.clone().join(name.as_str()).join("manifest.json");
+                    block_on(async { store.get(&object).await?.bytes().await })?
+                        .map(|b| b.to_vec())
+                        .map_err(|e| object_error("read", &self.location, e))
+                }
+            };
+            match bytes.and_then(|b| {
+                serde_json::from_slice::<Manifest>(&b).map_err(|e| {
+                    Error::Checkpoint(format!("{name}/manifest.json: not a manifest: {e}"))
+                })
+            }) {
+                Ok(manifest) => return Ok(Some(manifest)),
+                Err(e) => {
+                    warn!(location = %self.location, epoch, error = %e, "manifest unreadable, trying an older one")
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// The newest checkpoint that reads back whole; a damaged one is reported and skipped.
     pub fn latest(&self) -> Result<Option<Checkpoint>> {
         for epoch in self.epochs()? {
@@ -722,9 +760,11 @@ mod tests {
                 name: "q".into(),
                 sql: "SELECT 1".into(),
                 layout: Vec::new(),
+                settings: Vec::new(),
                 meta: serde_json::Value::Null,
             }],
             files: vec![],
+            partition_counts: Default::default(),
         }
     }
 

@@ -13,14 +13,18 @@
 //!   city.camera.events.0/chk-…/…   one store per input partition
 //! ```
 //!
-//! Savepoints are not pruned and outlive the query they were taken of. Restoring one copies
-//! its stores back under the query's location, whose old checkpoints are removed first; the
-//! query then recovers from them as from its own checkpoints.
+//! Savepoints are not pruned and outlive the query they were taken of. Going back to one
+//! ([`restore`]) writes each of its checkpoints into the query's store of the same name as
+//! the store's newest, and then removes the stores the savepoint has none of; the query then
+//! recovers from them as from its own checkpoints. Nothing of the query's is removed before
+//! every store is written, so a failed attempt can be made again.
 
 use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 
-use super::{CheckpointStore, Location, Position, block_on, io_error, object_error};
+use super::{
+    CheckpointStore, Location, Manifest, Position, QueryManifest, block_on, io_error, object_error,
+};
 use crate::error::{Error, Result};
 
 /// The file that describes a savepoint.
@@ -37,7 +41,8 @@ pub struct Savepoint {
     pub sql: String,
     /// When it was taken, epoch ms.
     pub created_at_ms: i64,
-    /// Per stream statement of the SQL, what its state holds (`StreamQuery::state_layout`).
+    /// What the state it keeps holds (`StreamQuery::state_layout`), as its checkpoints
+    /// recorded it: one per stream statement with state.
     pub layouts: Vec<Vec<String>>,
     /// The stores copied.
     pub stores: Vec<SavedStore>,
@@ -113,9 +118,37 @@ pub fn stores_below(location: &Location) -> Result<Vec<String>> {
 }
 
 /// Copies the newest whole checkpoint of every store below `from` to the same store below
-/// `to`; returns the stores copied and the bytes written. Blocking (object stores are
-/// reached through the current tokio runtime: call it from a blocking thread).
+/// `to` (a new savepoint); returns the stores copied and the bytes written. Fails when a
+/// store has no checkpoint that reads back whole. Blocking (object stores are reached
+/// through the current tokio runtime: call it from a blocking thread).
 pub fn copy_newest(from: &Location, to: &Location) -> Result<(Vec<SavedStore>, u64)> {
+    copy_stores(from, to, false)
+}
+
+/// Takes the query at `to` back to the savepoint at `from`: each of the savepoint's
+/// checkpoints becomes the newest of the query's store of the same name (numbered after the
+/// store's own), then the query's stores the savepoint has none of are removed. Blocking.
+pub fn restore(from: &Location, to: &Location) -> Result<Vec<SavedStore>> {
+    let (stores, _) = copy_stores(from, to, true)?;
+    for name in stores_below(to)? {
+        if !stores.iter().any(|s| s.store == name) {
+            let at = if name.is_empty() {
+                // The query's one store, where the savepoint has per-partition ones: its
+                // checkpoints are the `chk-*` entries beside them.
+                return Err(Error::Checkpoint(format!(
+                    "{to} holds one state for all partitions and the savepoint one per \
+                     partition: the query was planned otherwise when it was taken"
+                )));
+            } else {
+                to.join(&name)
+            };
+            block_on(at.remove_all())??;
+        }
+    }
+    Ok(stores)
+}
+
+fn copy_stores(from: &Location, to: &Location, after: bool) -> Result<(Vec<SavedStore>, u64)> {
     let mut stores = Vec::new();
     let mut bytes = 0;
     for name in stores_below(from)? {
@@ -124,12 +157,18 @@ pub fn copy_newest(from: &Location, to: &Location) -> Result<(Vec<SavedStore>, u
         } else {
             (from.join(&name), to.join(&name))
         };
-        let Some(checkpoint) = CheckpointStore::at(source, 1)?.latest()? else {
-            continue;
+        let Some(checkpoint) = CheckpointStore::at(source.clone(), usize::MAX)?.latest()? else {
+            return Err(Error::Checkpoint(format!(
+                "{source} has no checkpoint that reads back whole"
+            )));
         };
-        let manifest = checkpoint.manifest;
+        let mut manifest = checkpoint.manifest;
         let (epoch, positions) = (manifest.epoch, manifest.positions.clone());
-        let written = CheckpointStore::at(target, 1)?.write(manifest, checkpoint.queries)?;
+        let target = CheckpointStore::at(target, usize::MAX)?;
+        if after && let Some(newest) = target.epochs()?.first() {
+            manifest.epoch = manifest.epoch.max(newest + 1);
+        }
+        let written = target.write(manifest, checkpoint.queries)?;
         bytes += written.bytes;
         stores.push(SavedStore {
             store: name,
@@ -138,6 +177,49 @@ pub fn copy_newest(from: &Location, to: &Location) -> Result<(Vec<SavedStore>, u
         });
     }
     Ok((stores, bytes))
+}
+
+/// The manifest of the newest whole checkpoint of every store below `location`, with the
+/// store's name. Blocking.
+pub fn newest_manifests(location: &Location) -> Result<Vec<(String, Manifest)>> {
+    let mut out = Vec::new();
+    for name in stores_below(location)? {
+        let at = if name.is_empty() {
+            location.clone()
+        } else {
+            location.join(&name)
+        };
+        if let Some(manifest) = CheckpointStore::at(at, usize::MAX)?.latest_manifest()? {
+            out.push((name, manifest));
+        }
+    }
+    Ok(out)
+}
+
+/// Why state checkpointed for `held` cannot be restored into the stream statements
+/// `wanted` (each its SQL and state layout); `None` when each fits one of them: the same
+/// SQL (as recovery restores it), or the same layout.
+pub fn misfit(held: &[&QueryManifest], wanted: &[(String, Vec<String>)]) -> Option<String> {
+    for q in held {
+        let fits = wanted.iter().any(|(sql, layout)| {
+            (sql == &q.sql && (q.layout.is_empty() || layout == &q.layout))
+                || (!q.layout.is_empty() && layout == &q.layout)
+        });
+        if fits {
+            continue;
+        }
+        let closest = wanted
+            .iter()
+            .find(|(_, layout)| layout.first() == q.layout.first())
+            .or(wanted.first())
+            .map(|(_, layout)| layout.as_slice())
+            .unwrap_or_default();
+        return Some(
+            super::layout_difference(&q.layout, closest)
+                .unwrap_or_else(|| "the layouts differ".into()),
+        );
+    }
+    None
 }
 
 /// Writes `savepoint`'s description into `location` (last, once its stores are there).
@@ -237,9 +319,11 @@ mod tests {
                 name: "q".into(),
                 sql: "SELECT 1".into(),
                 layout: vec!["window".into()],
+                settings: Vec::new(),
                 meta: serde_json::Value::Null,
             }],
             files: vec![],
+            partition_counts: Default::default(),
         };
         let mut state = StateSnapshot {
             meta: serde_json::json!({"value": value}),
@@ -313,15 +397,45 @@ mod tests {
             },
         )
         .unwrap();
-        // The query goes on; then it is taken back to the savepoint.
+        // The query goes on (and takes up a third partition); then it is taken back to the
+        // savepoint: each store's newest checkpoint is the savepoint's, numbered after the
+        // store's own, and the store the savepoint has none of is gone.
         let store = CheckpointStore::at(query.join("in.0"), 3).unwrap();
         let (m, s) = checkpoint(4, 0, 999);
         store.write(m, s).unwrap();
-        query.remove_all().await.unwrap();
-        copy_newest(&saved, &query).unwrap();
+        let store = CheckpointStore::at(query.join("in.2"), 3).unwrap();
+        let (m, s) = checkpoint(1, 2, 2);
+        store.write(m, s).unwrap();
+        let at = (saved.clone(), query.clone());
+        let back = tokio::task::spawn_blocking(move || restore(&at.0, &at.1))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.len(), 2);
         assert_eq!(
             stores(&query),
-            [("in.0".to_string(), 3, 300), ("in.1".to_string(), 5, 501)]
+            [("in.0".to_string(), 5, 300), ("in.1".to_string(), 6, 501)]
+        );
+        let manifests = newest_manifests(&query).unwrap();
+        assert_eq!(manifests.len(), 2);
+        let held: Vec<&QueryManifest> = manifests.iter().flat_map(|(_, m)| &m.queries).collect();
+        assert_eq!(
+            misfit(&held, &[("SELECT 2".into(), vec!["window".into()])]),
+            None
+        );
+        assert_eq!(
+            misfit(&held, &[("SELECT 1".into(), vec!["other".into()])]),
+            Some("the state holds \"window\" where the new SQL needs \"other\"".into())
+        );
+        // An empty savepoint store is an error, not a savepoint without it.
+        assert!(copy_newest(&Location::Local(dir.path().join("nothing")), &saved).is_ok());
+        std::fs::create_dir_all(dir.path().join("broken/chk-000000000001")).unwrap();
+        assert!(
+            copy_newest(
+                &Location::Local(dir.path().join("broken")),
+                &Location::Local(dir.path().join("out"))
+            )
+            .is_err()
         );
         let listed = list(&Location::Local(dir.path().join("_savepoints/q"))).unwrap();
         assert_eq!(listed.len(), 1);

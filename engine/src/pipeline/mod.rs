@@ -372,6 +372,9 @@ pub struct Pipeline {
     partitioned: bool,
     /// The input partitions this member holds (assigned by the group and taken up).
     held: BTreeSet<(String, i32)>,
+    /// With one state per partition: the partition count of each input topic when its
+    /// partitions were last taken up. A state split over one count cannot serve another.
+    partition_counts: HashMap<String, i32>,
     stats: Arc<PipelineStats>,
     /// Next offset to read, per (topic, partition), of everything processed so far.
     next_offsets: HashMap<(Arc<str>, i32), i64>,
@@ -739,6 +742,7 @@ impl Pipeline {
             ctx,
             partitioned,
             held: BTreeSet::new(),
+            partition_counts: HashMap::new(),
             stats,
             next_offsets: HashMap::new(),
             committed: HashMap::new(),

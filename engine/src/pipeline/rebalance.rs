@@ -76,6 +76,7 @@ impl Pipeline {
             return Ok(());
         }
         let now = epoch_ms();
+        let counts = self.partition_counts_now(&list)?;
         let mut positions = Positions::new();
         let mut marks: Option<Vec<Position>> = None;
         let mut restored = Vec::new();
@@ -87,6 +88,9 @@ impl Pipeline {
             }
             match self.restore(Some(key.clone()), now).await? {
                 Some(manifest) => {
+                    if let Some(then) = manifest.partition_counts.get(&key.0) {
+                        self.check_partition_count(&key.0, *then, &counts)?;
+                    }
                     positions.extend(positions_of(&manifest));
                     let m = marks.get_or_insert_with(|| manifest.outputs.clone());
                     for mark in &manifest.outputs {
@@ -125,6 +129,62 @@ impl Pipeline {
         );
         self.held.extend(list.iter().cloned());
         self.checkpoint_of(Some(&list), true).await
+    }
+
+    /// The partition counts of the topics of `list` now, checked against the counts when this
+    /// member last took up partitions: a topic that gained partitions while its state is
+    /// split by partition fails the query ([`Pipeline::check_partition_count`]).
+    fn partition_counts_now(&mut self, list: &[(String, i32)]) -> Result<HashMap<String, i32>> {
+        // A short blocking call, like the offset lookups below: the topics' metadata.
+        let all = self.source.topic_partitions(Duration::from_secs(30))?;
+        let mut counts: HashMap<String, i32> = HashMap::new();
+        for (topic, partition) in all {
+            let n = counts.entry(topic).or_default();
+            *n = (*n).max(partition + 1);
+        }
+        for (topic, _) in list {
+            if let Some(then) = self.partition_counts.get(topic).copied() {
+                self.check_partition_count(topic, then, &counts)?;
+            }
+        }
+        for (topic, _) in list {
+            if let Some(n) = counts.get(topic) {
+                self.partition_counts.insert(topic.clone(), *n);
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Fails when `topic`, whose state was split over `then` partitions, has another count
+    /// now and a query keeps state per partition of it: the records of a key would now reach
+    /// another partition than the one holding its state, and split its windows in two.
+    pub(super) fn check_partition_count(
+        &self,
+        topic: &str,
+        then: i32,
+        counts: &HashMap<String, i32>,
+    ) -> Result<()> {
+        let Some(now) = counts.get(topic).copied() else {
+            return Ok(());
+        };
+        if now == then {
+            return Ok(());
+        }
+        let Some(running) = self
+            .queries
+            .iter()
+            .find(|r| r.topic() == topic && r.query.holds_state())
+        else {
+            return Ok(());
+        };
+        Err(Error::Checkpoint(format!(
+            "{topic} has {now} partitions, but query {} keeps its state split over the {then} \
+             it had: the records of a key may now reach another partition than the one \
+             holding its state, which would split its windows in two. Re-splitting state over \
+             a new partition count is not supported yet, and Kafka cannot take partitions \
+             away: drop and re-create the query to start afresh from the group's offsets",
+            running.name
+        )))
     }
 
     /// Lets partitions the group revoked go: with one state per partition, checkpoints their

@@ -195,7 +195,11 @@ impl Pipeline {
         // State taken under other SQL is restored when it means the same to this SQL (an
         // upgrade); otherwise the query stops rather than misread it.
         for (taken, running) in manifest.queries.iter().zip(&ours) {
-            if taken.sql == running.query.sql() {
+            // (Checkpoints written before layouts were recorded did not record settings
+            // either: their SQL alone is compared, as it was then.)
+            if taken.sql == running.query.sql()
+                && (taken.layout.is_empty() || taken.settings == running.query.settings_sql())
+            {
                 continue;
             }
             if let Some(why) =
@@ -497,6 +501,7 @@ impl Pipeline {
                     name: running.name.clone(),
                     sql: running.query.sql().to_string(),
                     layout: running.query.state_layout(),
+                    settings: running.query.settings_sql(),
                     meta: serde_json::Value::Null,
                 });
             }
@@ -510,6 +515,14 @@ impl Pipeline {
                 })
                 .collect();
             sorted.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+            let partition_counts = key
+                .as_ref()
+                .and_then(|(topic, _)| {
+                    self.partition_counts
+                        .get(topic)
+                        .map(|n| [(topic.clone(), *n)].into())
+                })
+                .unwrap_or_default();
             let Some(c) = &mut self.checkpoints else {
                 return Ok(());
             };
@@ -523,6 +536,7 @@ impl Pipeline {
                 outputs: outputs.clone(),
                 queries,
                 files: Vec::new(),
+                partition_counts,
             };
             if let Some(entry) = c.stores.get_mut(&key) {
                 entry.1 = manifest.epoch;

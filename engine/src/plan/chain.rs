@@ -85,6 +85,15 @@ impl Windowed {
         }
     }
 
+    /// Whether this stage keeps rows encoded in a plan's schema: the rows of a changelog it
+    /// aggregates (to withdraw them through its input plan), the rows the stage below
+    /// published, or the rows it ranked. Such state is only restored into the same plans.
+    pub(super) fn holds_rows(&self) -> bool {
+        self.operator.holds_rows()
+            || self.ranked.is_some()
+            || self.next.as_ref().is_some_and(|n| n.published.is_some())
+    }
+
     /// Groups held over all stages (with the rows kept of the stages below).
     pub(super) fn group_count(&self) -> usize {
         self.stages()
@@ -893,6 +902,38 @@ mod tests {
         let flow = plan(&detector("CAST(n AS DOUBLE)")).await.state_layout();
         let why = crate::checkpoint::layout_difference(&speed, &flow).expect("differ");
         assert!(why.contains("anomaly_score("), "{why}");
+
+        // With allowed lateness, the stage above a window keeps the rows of the one below and
+        // withdraws them through its input plan: a changed filter between them would not
+        // find them again, so the plans are part of the layout; and the lateness itself is.
+        let stages = |filter: &str| {
+            format!(
+                "SET urbanstream.allowed_lateness = '1m'; \
+                 SELECT window_start, count(*) AS segments, sum(n) AS vehicles FROM \
+                 (SELECT segment_id, window_end AS minute, count(*) AS n FROM camera_events \
+                  GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id) {filter} \
+                 GROUP BY tumble(minute, INTERVAL '5 minutes')"
+            )
+        };
+        let kept = plan(&stages("")).await.state_layout();
+        assert!(
+            kept.iter()
+                .any(|l| l.starts_with("rows kept under the plans")),
+            "{kept:?}"
+        );
+        let filtered = plan(&stages("WHERE n > 2")).await.state_layout();
+        let why = crate::checkpoint::layout_difference(&kept, &filtered).expect("differ");
+        assert!(why.contains("rows kept under the plans"), "{why}");
+        let on_time = plan(&stages("").replace("'1m'", "'0s'"))
+            .await
+            .state_layout();
+        let why = crate::checkpoint::layout_difference(&kept, &on_time).expect("differ");
+        assert!(why.contains("allowed lateness 60000 ms"), "{why}");
+        assert_eq!(
+            crate::state::expr_layout(&"x@1 = 'a@1'"),
+            "x = 'a@1'",
+            "positions are dropped outside literals only"
+        );
     }
 
     /// Per segment and minute, then per ward and five minutes: two window stages, the second

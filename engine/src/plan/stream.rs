@@ -1671,11 +1671,24 @@ impl StreamQuery {
             ));
         }
         if let Some(bottom) = &self.windowed {
+            let ms = |value: &str| {
+                parse_setting("", value)
+                    .ok()
+                    .flatten()
+                    .map_or("none".to_string(), |d| format!("{} ms", d.as_millis()))
+            };
+            out.push(format!(
+                "allowed lateness {}, early results {}",
+                ms(&self.settings.allowed_lateness),
+                ms(&self.settings.early_fire)
+            ));
             for (i, w) in bottom.stages().enumerate() {
                 out.push(format!(
-                    "window {}: {}{}",
+                    "window {}: {}, window column {}{}{}",
                     i + 1,
                     w.operator.spec().layout(),
+                    w.window_position,
+                    if w.holds_rows() { ", keeping rows" } else { "" },
                     if w.ranked.is_some() { ", ranked" } else { "" }
                 ));
             }
@@ -1697,6 +1710,36 @@ impl StreamQuery {
         }
         for k in &self.keyed {
             out.push(format!("detectors {}", k.layout()));
+        }
+        // State kept as rows of a plan's schema (rows of a changelog to withdraw through the
+        // plan above them, ranked rows, the rows of a stage below, a detector's last row for
+        // its timers, LAG's values) is read back only by the same plans.
+        let rows = self.upsert.is_some()
+            || !self.lags.is_empty()
+            || self.keyed.iter().any(KeyedHandle::has_timers)
+            || self
+                .windowed
+                .as_ref()
+                .is_some_and(|w| w.stages().any(super::chain::Windowed::holds_rows));
+        if rows {
+            use datafusion::physical_plan::displayable;
+            let plan = |p: &Arc<dyn ExecutionPlan>| {
+                displayable(p.as_ref())
+                    .indent(false)
+                    .to_string()
+                    .lines()
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" <- ")
+            };
+            let mut plans = vec![plan(&self.lower)];
+            if let Some(w) = &self.windowed {
+                plans.extend(w.stages().map(|s| plan(s.emission_plan())));
+            }
+            if let Some(o) = &self.ordered {
+                plans.push(plan(&o.upper));
+            }
+            out.push(format!("rows kept under the plans {}", plans.join(" | ")));
         }
         out
     }

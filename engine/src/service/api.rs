@@ -478,7 +478,12 @@ async fn upgrade(
     body: Result<Json<UpgradeRequest>, JsonRejection>,
 ) -> Result<Json<QueryStatus>, ApiError> {
     let Json(body) = body?;
-    Ok(Json(service.manager.upgrade(&name, body).await?))
+    // In a task of its own: a client that goes away does not cancel the upgrade half-way
+    // (its query stopped and not started again).
+    let upgraded = tokio::spawn(async move { service.manager.upgrade(&name, body).await })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("upgrade task failed: {e}")))??;
+    Ok(Json(upgraded))
 }
 
 async fn take_savepoint(
@@ -487,7 +492,12 @@ async fn take_savepoint(
     body: Result<Json<SavepointRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Savepoint>), ApiError> {
     let Json(body) = body?;
-    let saved = service.manager.savepoint(&name, &body.savepoint).await?;
+    // In a task of its own, like an upgrade: the query stops for the copy and must start
+    // again whatever the client does.
+    let saved =
+        tokio::spawn(async move { service.manager.savepoint(&name, &body.savepoint).await })
+            .await
+            .map_err(|e| ServiceError::Internal(format!("savepoint task failed: {e}")))??;
     Ok((StatusCode::CREATED, Json(saved)))
 }
 

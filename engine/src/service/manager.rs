@@ -394,6 +394,8 @@ struct QueryHandle {
     /// committed in the group.
     fresh: AtomicBool,
     control: tokio::sync::Mutex<Control>,
+    /// Replaced by an upgrade: never started again.
+    retired: AtomicBool,
 }
 
 impl QueryHandle {
@@ -411,6 +413,7 @@ impl QueryHandle {
             starts: AtomicU64::new(0),
             fresh: AtomicBool::new(false),
             control: tokio::sync::Mutex::new(Control::default()),
+            retired: AtomicBool::new(false),
             entry,
         }
     }
@@ -500,6 +503,9 @@ pub struct QueryManager {
     previews: tokio::sync::Semaphore,
     /// The reference tables kept current from Kafka topics.
     followers: Arc<super::follow::Followers>,
+    /// One lock per query name, held by whatever changes a query's life (create, drop,
+    /// pause, resume, restart, upgrade, savepoint), so that those run one at a time.
+    operations: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The runtime the queries' pipelines run on, apart from the one serving the API: a query
@@ -561,6 +567,7 @@ impl QueryManager {
             codecs,
             previews: tokio::sync::Semaphore::new(2),
             followers,
+            operations: Mutex::new(BTreeMap::new()),
             config,
             catalog: Mutex::new(catalog),
             queries: Mutex::new(BTreeMap::new()),
@@ -628,6 +635,17 @@ impl QueryManager {
             .memory_limit
             .unwrap_or(self.config.queries.memory_limit.as_u64());
         Arc::new(QueryHandle::new(entry, builtin, memory_limit))
+    }
+
+    /// Waits for the other changes to query `name`'s life to finish; the change in hand runs
+    /// while the guard lives.
+    async fn operation(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .operations
+            .lock()
+            .map(|mut locks| locks.entry(name.to_string()).or_default().clone())
+            .unwrap_or_default();
+        lock.lock_owned().await
     }
 
     fn handle(&self, name: &str) -> Result<Arc<QueryHandle>, ServiceError> {
@@ -1123,6 +1141,7 @@ impl QueryManager {
         memory_limit: Option<u64>,
     ) -> Result<QueryStatus, ServiceError> {
         check_name("query", name)?;
+        let _operation = self.operation(name).await;
         if self.handle(name).is_ok() {
             return Err(duplicate(name));
         }
@@ -1188,6 +1207,7 @@ impl QueryManager {
 
     /// Stops a registered query, removes it from the catalog and forgets it.
     pub async fn delete(&self, name: &str) -> Result<(), ServiceError> {
+        let _operation = self.operation(name).await;
         let handle = self.handle(name)?;
         if handle.builtin {
             return Err(ServiceError::Conflict(format!(
@@ -1216,6 +1236,7 @@ impl QueryManager {
     /// Stops a query after it publishes what it has and commits; it stays paused across
     /// restarts of the service.
     pub async fn pause(&self, name: &str) -> Result<QueryStatus, ServiceError> {
+        let _operation = self.operation(name).await;
         let handle = self.handle(name)?;
         self.persist_paused(&handle, true)?;
         stop(&handle).await;
@@ -1226,6 +1247,7 @@ impl QueryManager {
 
     /// Starts a paused query again from its committed offsets.
     pub async fn resume(&self, name: &str) -> Result<QueryStatus, ServiceError> {
+        let _operation = self.operation(name).await;
         let handle = self.handle(name)?;
         if handle.state() != QueryState::Paused {
             return Err(ServiceError::Conflict(format!(
@@ -1246,16 +1268,6 @@ impl QueryManager {
         self.checkpoint_root.join("_savepoints").join(name)
     }
 
-    /// What the state of each stream statement of `sql` holds.
-    async fn layouts(&self, sql: &str) -> Result<Vec<Vec<String>>, ServiceError> {
-        Ok(self
-            .plan_request(sql)
-            .await?
-            .iter()
-            .map(|q| q.state_layout())
-            .collect())
-    }
-
     /// Keeps the query's state under the name `savepoint`: a running query stops (publishing
     /// what it has, committing and checkpointing), the newest checkpoint of each of its
     /// stores is copied, and it starts again from where it stopped.
@@ -1265,6 +1277,7 @@ impl QueryManager {
         savepoint: &str,
     ) -> Result<crate::checkpoint::savepoint::Savepoint, ServiceError> {
         use crate::checkpoint::savepoint;
+        let _operation = self.operation(name).await;
         let handle = self.handle(name)?;
         check_name("savepoint", savepoint)?;
         if !self.config.checkpoint.enabled {
@@ -1274,6 +1287,21 @@ impl QueryManager {
                     .into(),
             ));
         }
+        if self
+            .plan_request(&handle.entry.sql)
+            .await
+            .is_ok_and(|planned| {
+                planned
+                    .iter()
+                    .any(|q| q.is_repartitionable() && !q.is_partition_local())
+            })
+        {
+            return Err(ServiceError::Conflict(format!(
+                "{name} is repartitioned through an internal topic: its first stage would \
+                 resume from the consumer group's offsets while its second went back, so \
+                 savepoints of such queries are not supported yet"
+            )));
+        }
         let target = self.savepoints_of(name).join(savepoint);
         let at = target.clone();
         if blocking(move || savepoint::read(&at)).await?.is_some() {
@@ -1281,7 +1309,6 @@ impl QueryManager {
                 "query {name} has a savepoint named {savepoint:?} already: choose another name"
             )));
         }
-        let layouts = self.layouts(&handle.entry.sql).await?;
         let running = matches!(handle.state(), QueryState::Running | QueryState::Starting);
         if running {
             stop(&handle).await;
@@ -1292,18 +1319,29 @@ impl QueryManager {
             query: name.to_string(),
             sql: handle.entry.sql.clone(),
             created_at_ms: epoch_ms(),
-            layouts,
+            layouts: Vec::new(),
             stores: Vec::new(),
             bytes: 0,
         };
         let result = blocking(move || {
-            let (stores, bytes) = savepoint::copy_newest(&from, &target)?;
-            if stores.is_empty() {
+            // What a failed attempt left (no description): gone first.
+            if !savepoint::stores_below(&target)?.is_empty() {
+                block_on_current(target.remove_all())??;
+            }
+            if savepoint::stores_below(&from)?.is_empty() {
                 return Ok(None);
             }
+            let (stores, bytes) = savepoint::copy_newest(&from, &target)?;
+            let mut layouts: Vec<Vec<String>> = savepoint::newest_manifests(&target)?
+                .into_iter()
+                .flat_map(|(_, m)| m.queries.into_iter().map(|q| q.layout))
+                .collect();
+            layouts.sort();
+            layouts.dedup();
             let described = savepoint::Savepoint {
                 stores,
                 bytes,
+                layouts,
                 ..described
             };
             savepoint::describe(&target, &described)?;
@@ -1340,17 +1378,17 @@ impl QueryManager {
     }
 
     /// Replaces a query's SQL and keeps its state, or takes it back to a savepoint (with its
-    /// SQL or new SQL). Refused, with the query left as it was, when the new SQL's state
-    /// would not mean what the state held means: an upgrade keeps the windows, group keys,
-    /// aggregates, detectors, joins and output topic (filters, projections, `HAVING` and the
-    /// columns published may change). Built-in queries come with the binary and are not
-    /// upgraded.
+    /// SQL or new SQL). The state checkpointed (the query's newest, or the savepoint's) must
+    /// fit the new SQL: each of its checkpoints' queries has the new SQL's state layout (or
+    /// the same SQL). Otherwise the upgrade is refused, naming what differs, and the query
+    /// goes on as it was. Built-in queries come with the binary and are not upgraded.
     pub async fn upgrade(
         &self,
         name: &str,
         request: UpgradeRequest,
     ) -> Result<QueryStatus, ServiceError> {
         use crate::checkpoint::savepoint;
+        let _operation = self.operation(name).await;
         let handle = self.handle(name)?;
         if handle.builtin {
             return Err(ServiceError::Conflict(format!(
@@ -1360,62 +1398,98 @@ impl QueryManager {
         }
         let sql = request.sql.unwrap_or_else(|| handle.entry.sql.clone());
         self.validate(&sql).await?;
-        let wanted = self.layouts(&sql).await?;
-        let (held, what) =
-            match &request.savepoint {
-                Some(name_of) => {
-                    check_name("savepoint", name_of)?;
-                    let at = self.savepoints_of(name).join(name_of);
-                    let found = blocking(move || savepoint::read(&at)).await?.ok_or_else(|| {
-                    ServiceError::NotFound(format!(
+        let planned = self.plan_request(&sql).await?;
+        let wanted: Vec<(String, Vec<String>)> = planned
+            .iter()
+            .map(|q| (q.sql().to_string(), q.state_layout()))
+            .collect();
+        let enabled = self.config.checkpoint.enabled;
+        let (held_at, what) = match &request.savepoint {
+            Some(name_of) => {
+                check_name("savepoint", name_of)?;
+                if !enabled {
+                    return Err(ServiceError::Conflict(
+                        "checkpoints are off (checkpoint.enabled = false): a query cannot go \
+                         back to a savepoint"
+                            .into(),
+                    ));
+                }
+                if planned
+                    .iter()
+                    .any(|q| q.is_repartitionable() && !q.is_partition_local())
+                {
+                    return Err(ServiceError::Conflict(format!(
+                        "{name} would be repartitioned through an internal topic: its first \
+                         stage would resume from the consumer group's offsets while its second \
+                         went back, so it cannot go back to a savepoint yet"
+                    )));
+                }
+                let at = self.savepoints_of(name).join(name_of);
+                let found = blocking({
+                    let at = at.clone();
+                    move || savepoint::read(&at)
+                })
+                .await?;
+                if found.is_none() {
+                    return Err(ServiceError::NotFound(format!(
                         "query {name} has no savepoint named {name_of:?} (`urbanstream query \
                          savepoints {name}` lists them)"
-                    ))
-                })?;
-                    (found.layouts, format!("savepoint {name_of}"))
+                    )));
                 }
-                None => (
-                    self.layouts(&handle.entry.sql).await?,
-                    "the query's state".to_string(),
-                ),
-            };
-        if held.len() != wanted.len() {
-            return Err(ServiceError::Conflict(format!(
-                "{what} holds the state of {} stream statements and the new SQL has {}: an \
-                 upgrade keeps the statements; drop and create the query to start afresh",
-                held.len(),
-                wanted.len()
-            )));
-        }
-        for (h, w) in held.iter().zip(&wanted) {
-            if let Some(why) = crate::checkpoint::layout_difference(h, w) {
+                (Some(at), format!("savepoint {name_of}"))
+            }
+            None if enabled => (
+                Some(self.checkpoint_root.join(name)),
+                "the query's state".to_string(),
+            ),
+            // Without checkpoints a query keeps no state across a restart.
+            None => (None, String::new()),
+        };
+        if let Some(at) = held_at {
+            let manifests = blocking(move || savepoint::newest_manifests(&at)).await?;
+            let held: Vec<&crate::checkpoint::QueryManifest> =
+                manifests.iter().flat_map(|(_, m)| &m.queries).collect();
+            if let Some(why) = savepoint::misfit(&held, &wanted) {
                 return Err(ServiceError::Conflict(format!(
                     "the new SQL cannot take over {what}: {why}. An upgrade keeps the windows, \
-                     group keys, aggregates, detectors, joins and output topic (filters, \
-                     projections, HAVING and the columns published may change); to start \
-                     afresh, drop the query and create it again, or register the new SQL \
-                     under another name"
+                     group keys, aggregates (in their order), detectors, joins, output topic \
+                     and the settings of lateness and early results (filters, projections, \
+                     HAVING and the columns published may change, except in a query that \
+                     keeps rows: see README); to start afresh, drop the query and create it \
+                     again, or register the new SQL under another name"
                 )));
             }
         }
         let paused = handle.state() == QueryState::Paused;
+        let was_running = !paused && handle.state() != QueryState::Failed;
         stop(&handle).await;
         if let Some(name_of) = &request.savepoint {
             let from = self.savepoints_of(name).join(name_of);
             let to = self.checkpoint_root.join(name);
-            to.remove_all()
-                .await
-                .map_err(|e| ServiceError::Internal(e.to_string()))?;
-            blocking(move || savepoint::copy_newest(&from, &to)).await?;
+            if let Err(e) = blocking(move || savepoint::restore(&from, &to)).await {
+                // Some stores may have gone back already: the query waits for the attempt
+                // to be made again rather than run half restored.
+                let message =
+                    format!("going back to savepoint {name_of} failed: {e}; try the upgrade again");
+                handle.set(QueryState::Failed, Some(message.clone()));
+                return Err(ServiceError::Internal(message));
+            }
         }
-        self.catalog()
-            .and_then(|mut c| c.set_sql(name, &sql))
-            .map_err(|e| ServiceError::Internal(format!("catalog not written: {e}")))?;
+        if let Err(e) = self.catalog().and_then(|mut c| c.set_sql(name, &sql)) {
+            if was_running && request.savepoint.is_none() {
+                self.start(&handle).await;
+            }
+            return Err(ServiceError::Internal(format!("catalog not written: {e}")));
+        }
         let entry = CatalogEntry {
             sql,
             ..handle.entry.clone()
         };
         let upgraded = self.new_handle(entry, false);
+        upgraded
+            .fresh
+            .store(handle.fresh.load(Ordering::Relaxed), Ordering::Relaxed);
+        handle.retired.store(true, Ordering::Relaxed);
         if let Ok(mut queries) = self.queries.lock() {
             queries.insert(name.to_string(), upgraded.clone());
         }
@@ -1434,6 +1508,7 @@ impl QueryManager {
 
     /// Stops a query if it runs and starts it again (a FAILED query included).
     pub async fn restart(&self, name: &str) -> Result<QueryStatus, ServiceError> {
+        let _operation = self.operation(name).await;
         let handle = self.handle(name)?;
         self.validate(&handle.entry.sql).await?;
         self.persist_paused(&handle, false)?;
@@ -1551,6 +1626,9 @@ impl QueryManager {
 
     /// Starts `handle`'s pipeline under a supervisor that retries transient errors.
     async fn start(&self, handle: &Arc<QueryHandle>) {
+        if handle.retired.load(Ordering::Relaxed) {
+            return;
+        }
         let mut control = handle.control.lock().await;
         let stop = Arc::new(AtomicBool::new(false));
         control.stop = stop.clone();
@@ -1572,6 +1650,13 @@ fn group_of(group_id: &str, entry: &CatalogEntry) -> String {
 
 fn duplicate(name: &str) -> ServiceError {
     ServiceError::Conflict(format!("a query named {name:?} exists already"))
+}
+
+/// Runs `future` to its end from a blocking thread of the current runtime.
+fn block_on_current<F: std::future::Future>(future: F) -> crate::Result<F::Output> {
+    tokio::runtime::Handle::try_current()
+        .map(|h| h.block_on(future))
+        .map_err(|e| crate::Error::Checkpoint(format!("no runtime: {e}")))
 }
 
 /// Runs `work` (checkpoint or object-store I/O) on a blocking thread.

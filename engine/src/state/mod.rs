@@ -82,6 +82,10 @@ pub trait WindowedAggregation: Send {
     fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()>;
     /// The aggregation it performs.
     fn spec(&self) -> &window::AggregateSpec;
+    /// Whether it keeps its input rows (over a changelog, to aggregate windows afresh).
+    fn holds_rows(&self) -> bool {
+        false
+    }
 }
 
 /// `expr` as SQL-like text without the column positions DataFusion prints (`speed@3` is
@@ -90,8 +94,12 @@ pub fn expr_layout(expr: &dyn std::fmt::Display) -> String {
     let text = expr.to_string();
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
+    let mut quoted = false;
     while let Some(c) = chars.next() {
-        if c == '@' && chars.peek().is_some_and(char::is_ascii_digit) {
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        if !quoted && c == '@' && chars.peek().is_some_and(char::is_ascii_digit) {
             while chars.peek().is_some_and(char::is_ascii_digit) {
                 chars.next();
             }
@@ -141,5 +149,8 @@ impl WindowedAggregation for window::WindowOperator {
     }
     fn spec(&self) -> &window::AggregateSpec {
         window::WindowOperator::spec(self)
+    }
+    fn holds_rows(&self) -> bool {
+        window::WindowOperator::holds_rows(self)
     }
 }

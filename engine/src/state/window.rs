@@ -953,6 +953,11 @@ impl WindowOperator {
     pub fn spec(&self) -> &AggregateSpec {
         &self.spec
     }
+
+    /// Whether it keeps its input rows (over a changelog).
+    pub fn holds_rows(&self) -> bool {
+        self.recompute.is_some()
+    }
 }
 
 /// A pane's group keys and, per aggregate, its state arrays (DataFusion's partial
