@@ -286,6 +286,107 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
     Ok(())
 }
 
+/// The numbered events joined with themselves: each event `a` with the event `b` of its
+/// segment that follows it 1 to 2 seconds later (with 12 segments 100 ms apart, that is
+/// event `a + 12`), the pairs counted per segment and 10 s window of `b`'s time.
+fn pairs_query(topic: &str) -> String {
+    format!(
+        "CREATE EXTERNAL TABLE pairs_out (segment_id VARCHAR NOT NULL, \
+         window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, events BIGINT NOT NULL, \
+         total BIGINT, first BIGINT, last BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' '{topic}', 'key' 'segment_id'); \
+         INSERT INTO pairs_out SELECT a.segment_id, window_start, window_end, count(*) AS events, \
+         sum(CAST(b.lane AS BIGINT)) AS total, min(CAST(a.lane AS BIGINT)) AS first, \
+         max(CAST(b.lane AS BIGINT)) AS last \
+         FROM camera_events a JOIN camera_events b ON a.segment_id = b.segment_id \
+           AND b.event_time BETWEEN a.event_time + INTERVAL '1 second' \
+                                AND a.event_time + INTERVAL '2 seconds' \
+         GROUP BY tumble(b.event_time, INTERVAL '10 seconds'), a.segment_id"
+    )
+}
+
+/// [`pairs_query`]'s windows over the first `events` numbered events, computed in batch.
+fn expected_pairs(t0: i64, events: usize) -> Windows {
+    let mut out = Windows::new();
+    let step = SEGMENTS.len();
+    for a in 0..events.saturating_sub(step) {
+        let b = a + step;
+        let (segment, _, _) = event(t0, a);
+        let (other, tb, _) = event(t0, b);
+        assert_eq!(segment, other);
+        let w = out
+            .entry((segment, tb.div_euclid(WINDOW_MS) * WINDOW_MS))
+            .or_insert((0, 0, i64::MAX, i64::MIN));
+        w.0 += 1;
+        w.1 += b as i64;
+        w.2 = w.2.min(a as i64);
+        w.3 = w.3.max(b as i64);
+    }
+    out
+}
+
+/// A stream–stream join under SIGKILL on the transactional broker: the join's buffered rows
+/// of both sides and the windows over its pairs are checkpointed with the input positions,
+/// so every window of pairs is published exactly once with the batch computation's counts,
+/// however the kills cut the stream.
+#[test]
+fn a_sigkilled_join_publishes_every_window_of_pairs_exactly_once() -> anyhow::Result<()> {
+    const JOIN_KILLS: usize = 12;
+    let dir = tempfile::tempdir()?;
+    let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
+    let m = member(
+        dir.path(),
+        &brokers,
+        "eos-join",
+        "0",
+        &dir.path().join("checkpoints"),
+    )?;
+    let api = Api::new()?;
+    let mut service = serve(&m.config, &m.log)?;
+    api.wait_live(&m.base)?;
+    api.create(&m.base, "pairs", &pairs_query("eos.pairs"))?;
+    let base = &m.base;
+
+    let t0 = first_window()?;
+    let producer_brokers = brokers.clone();
+    let producer = std::thread::spawn(move || produce(&producer_brokers, t0, EVENTS));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
+    for kill in 0..JOIN_KILLS {
+        wait_until("the join never got its partitions back", || {
+            api.assigned(base, "pairs") == i64::from(PARTITIONS)
+        })?;
+        std::thread::sleep(Duration::from_millis(rng.random_range(100..2_000)));
+        kill_and_restart(&mut service, &m, &api)?;
+        eprintln!("kill {} done", kill + 1);
+    }
+    producer
+        .join()
+        .map_err(|_| anyhow::anyhow!("producer panicked"))??;
+
+    let expected = expected_pairs(t0, EVENTS);
+    let checked = match assert_exactly_once(&brokers, "eos.pairs", "segment_id", &expected) {
+        Ok(checked) => checked,
+        Err(e) => {
+            let kept = dir.keep();
+            anyhow::bail!(
+                "{e}\nthe service's log and checkpoints are kept in {}",
+                kept.display()
+            );
+        }
+    };
+    let mut log_text = String::new();
+    std::fs::File::open(&m.log)?.read_to_string(&mut log_text)?;
+    let restored = log_text.matches("state restored from checkpoint").count();
+    eprintln!(
+        "{JOIN_KILLS} SIGKILLs: {checked} windows of pairs exactly once; restores {restored}"
+    );
+    assert!(
+        restored >= JOIN_KILLS / 2,
+        "the service restored {restored} checkpoints:\n{log_text}"
+    );
+    Ok(())
+}
+
 /// Numbered events `seqs`, as fast as the broker takes them.
 fn produce_now(brokers: &str, t0: i64, seqs: std::ops::Range<usize>) -> anyhow::Result<()> {
     let producer: BaseProducer = ClientConfig::new()
