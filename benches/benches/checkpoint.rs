@@ -68,9 +68,12 @@ fn manifest(q: &StreamQuery) -> Manifest {
         queries: vec![QueryManifest {
             name: "bench".into(),
             sql: q.sql().to_string(),
+            layout: q.state_layout(),
+            settings: q.settings_sql(),
             meta: serde_json::Value::Null,
         }],
         files: Vec::new(),
+        partition_counts: Default::default(),
     }
 }
 

@@ -274,6 +274,10 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// Micro-batches whose outputs may be awaiting acknowledgement at once.
 const MAX_IN_FLIGHT: usize = 8;
 
+/// Longest time between two measurements of the state's bytes (see
+/// `Pipeline::check_limits`).
+const MEASURE_EVERY: Duration = Duration::from_millis(500);
+
 /// A micro-batch whose outputs are being acknowledged, and the offsets it lets commit.
 struct InFlight {
     acknowledged: tokio::task::JoinHandle<Result<usize>>,
@@ -385,6 +389,8 @@ pub struct Pipeline {
     last_commit: std::time::Instant,
     /// The window state's share of the memory pool, when there is a limit.
     reservation: Option<MemoryReservation>,
+    /// When the state's bytes were last measured, and the entries it held then.
+    measured: Option<(std::time::Instant, usize)>,
     /// Emit latency in seconds, labelled with the query's name, when it has one.
     emit_latency: Option<metrics::Histogram>,
     /// City gauges (LOS, ward AQI) from published indicators, when the query has a name.
@@ -750,6 +756,7 @@ impl Pipeline {
             committable_acked: HashMap::new(),
             last_commit: std::time::Instant::now(),
             reservation,
+            measured: None,
             emit_latency,
             gauges,
             config,
@@ -1332,19 +1339,17 @@ impl Pipeline {
     }
 
     /// Records the state's size and fails with [`Error::ResourceLimit`] when it is over the
-    /// memory pool or the cap on groups.
+    /// memory pool or the cap on groups. The entries are counted on every micro-batch (each
+    /// operator knows its count); the bytes, which take a walk over the whole state, are
+    /// measured again only when the entries grew by an eighth or 4 096 since, or after
+    /// [`MEASURE_EVERY`]: a micro-batch costs in proportion to what it changes, not to the
+    /// state held, and a growing state is still measured before it can grow far.
     fn check_limits(&mut self) -> Result<()> {
         let instances = || self.queries.iter().flat_map(|r| r.instances());
         let groups: usize = instances().map(|q| q.state_groups()).sum();
-        let bytes: usize = instances().map(|q| q.state_bytes()).sum();
-        let expired: u64 = instances().map(|q| q.keys_expired()).sum();
-        self.stats.keys_expired.store(expired, Ordering::Relaxed);
         self.stats
             .state_groups
             .store(groups as u64, Ordering::Relaxed);
-        self.stats
-            .state_bytes
-            .store(bytes as u64, Ordering::Relaxed);
         if let Some(max) = self.config.max_state_groups
             && groups > max
         {
@@ -1353,6 +1358,19 @@ impl Pipeline {
                  over the cap of {max} (queries.max_state_groups)"
             )));
         }
+        let due = self.measured.is_none_or(|(at, then)| {
+            at.elapsed() >= MEASURE_EVERY || groups > then + (then / 8).max(4_096)
+        });
+        if !due {
+            return Ok(());
+        }
+        self.measured = Some((std::time::Instant::now(), groups));
+        let bytes: usize = instances().map(|q| q.state_bytes()).sum();
+        let expired: u64 = instances().map(|q| q.keys_expired()).sum();
+        self.stats.keys_expired.store(expired, Ordering::Relaxed);
+        self.stats
+            .state_bytes
+            .store(bytes as u64, Ordering::Relaxed);
         if let Some(reservation) = &mut self.reservation
             && let Err(e) = reservation.try_resize(bytes)
         {

@@ -1476,10 +1476,17 @@ impl QueryManager {
             }
         }
         if let Err(e) = self.catalog().and_then(|mut c| c.set_sql(name, &sql)) {
-            if was_running && request.savepoint.is_none() {
+            let message = format!("catalog not written: {e}");
+            if request.savepoint.is_some() {
+                // Its state went back already: it waits for the upgrade to be made again.
+                handle.set(
+                    QueryState::Failed,
+                    Some(format!("{message}; try the upgrade again")),
+                );
+            } else if was_running {
                 self.start(&handle).await;
             }
-            return Err(ServiceError::Internal(format!("catalog not written: {e}")));
+            return Err(ServiceError::Internal(message));
         }
         let entry = CatalogEntry {
             sql,
