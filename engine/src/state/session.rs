@@ -24,8 +24,15 @@
 //! merged session, so an old event deep inside a long session still open updates it. A
 //! session freed after allowed lateness is not reopened: an event after it (not late for a
 //! session of its own) starts a new session.
+//!
+//! What a watermark step looks at is indexed, so that a micro-batch costs in proportion to the
+//! keys it touches and the sessions that close, not to the keys held: the keys touched since
+//! the last step (and those with changes an early result has not shown yet), the ends of open
+//! sessions and of sessions waiting out their allowed lateness (timers by event time), and
+//! the sessions' starts (for the oldest one still live). Compaction still drains every
+//! session's state when any session is emitted.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -56,6 +63,8 @@ struct Session {
     revisions: u32,
     /// The row last published for it, under the window it had then.
     published: Option<Published>,
+    /// The end under which it waits in the operator's `closing` timers, if it does.
+    scheduled: Option<i64>,
 }
 
 /// A session's last published row: its window and aggregate values (one row each).
@@ -73,7 +82,23 @@ pub struct SessionOperator {
     gap: i64,
     lateness_ms: i64,
     /// Sessions per group key (row-encoded), ordered by start.
-    keys: HashMap<Box<[u8]>, Vec<Session>>,
+    keys: HashMap<Arc<[u8]>, Vec<Session>>,
+    /// Sessions held.
+    count: usize,
+    /// How many sessions start at each time.
+    starts: BTreeMap<i64, usize>,
+    /// Keys touched since the last watermark step, and keys with changes not yet emitted.
+    pending: Vec<Arc<[u8]>>,
+    /// Open sessions' ends, with their keys: looked at once the watermark reaches them.
+    /// Entries of sessions that moved on since are found stale then and dropped.
+    closing: BTreeMap<i64, Vec<Arc<[u8]>>>,
+    /// Ends of sessions emitted finally, with their keys: freed once the watermark is past
+    /// end + allowed lateness.
+    freeing: BTreeMap<i64, Vec<Arc<[u8]>>>,
+    /// Keys with changes no early result has shown yet (once early results were asked for).
+    unshown: Vec<Arc<[u8]>>,
+    /// Whether an early result was ever asked for.
+    early_results: bool,
     row_converter: RowConverter,
     watermark: i64,
     late_frontier: i64,
@@ -115,6 +140,13 @@ impl SessionOperator {
             gap,
             lateness_ms: lateness_ms.max(0),
             keys: HashMap::new(),
+            count: 0,
+            starts: BTreeMap::new(),
+            pending: Vec::new(),
+            closing: BTreeMap::new(),
+            freeing: BTreeMap::new(),
+            unshown: Vec::new(),
+            early_results: false,
             watermark: i64::MIN,
             late_frontier: i64::MIN,
             evicted_through: i64::MIN,
@@ -139,25 +171,42 @@ impl WindowedAggregation for SessionOperator {
         } = self.spec.inputs(batch)?;
         let rows = self.row_converter.convert_columns(&keys)?;
         let mut groups = Vec::with_capacity(n);
+        let step = self.step;
         let mut place = Placement {
             gap: self.gap,
-            step: self.step,
+            step,
             slots: &mut self.slots,
             retractions: &mut self.retractions,
+            count: &mut self.count,
+            starts: &mut self.starts,
         };
+        // Rows whose key this step touches first (their keys go to `pending` below).
+        let mut first_touches = Vec::new();
         for i in 0..n {
             let t = times.value(i);
             let key = rows.row(i);
             let slot = match self.keys.get_mut(key.as_ref()) {
-                Some(sessions) => place.event(sessions, key.as_ref(), t),
+                Some(sessions) => {
+                    if !sessions.iter().any(|s| s.updated == step) {
+                        first_touches.push(i);
+                    }
+                    place.event(sessions, key.as_ref(), t)
+                }
                 None => {
                     let mut sessions = Vec::with_capacity(1);
                     let slot = place.event(&mut sessions, key.as_ref(), t);
-                    self.keys.insert(key.as_ref().into(), sessions);
+                    let key: Arc<[u8]> = key.as_ref().into();
+                    self.pending.push(key.clone());
+                    self.keys.insert(key, sessions);
                     slot
                 }
             };
             groups.push(slot);
+        }
+        for i in first_touches {
+            if let Some((key, _)) = self.keys.get_key_value(rows.row(i).as_ref()) {
+                self.pending.push(key.clone());
+            }
         }
         for (a, acc) in self.accumulators.iter_mut().enumerate() {
             let filter = filters[a]
@@ -173,10 +222,37 @@ impl WindowedAggregation for SessionOperator {
         let mut finals: Vec<SessionRow> = Vec::new();
         let mut partials: Vec<SessionRow> = Vec::new();
         let step = self.step;
+        // The keys to look at: those touched (or holding changes not yet shown), and those
+        // with a session whose end the watermark has reached.
+        let mut candidates = std::mem::take(&mut self.pending);
+        if early_fire {
+            if !self.early_results {
+                // The first early result: every key's changes so far (tracked from now on).
+                self.early_results = true;
+                candidates.extend(self.keys.keys().cloned());
+            }
+            candidates.append(&mut self.unshown);
+        }
+        while let Some(entry) = self.closing.first_entry() {
+            if *entry.key() > self.watermark {
+                break;
+            }
+            candidates.extend(entry.remove());
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
         // The sessions to emit, by key and position, and whether finally.
-        let mut due: Vec<(Box<[u8]>, usize, bool)> = Vec::new();
-        for (key, sessions) in self.keys.iter() {
-            for (j, s) in sessions.iter().enumerate() {
+        let mut due: Vec<(Arc<[u8]>, usize, bool)> = Vec::new();
+        for key in candidates {
+            let Some(sessions) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            let mut waiting = false;
+            for (j, s) in sessions.iter_mut().enumerate() {
+                if s.scheduled.is_some_and(|e| e <= self.watermark) {
+                    // Its timer has gone off (this step or, stale, before).
+                    s.scheduled = None;
+                }
                 let end = s.last + self.gap;
                 let changed = s.updated > s.emitted_at.unwrap_or(0);
                 let (emit, is_final) = if !s.final_fired && end <= self.watermark {
@@ -188,13 +264,24 @@ impl WindowedAggregation for SessionOperator {
                 };
                 if emit {
                     due.push((key.clone(), j, is_final));
+                } else if !s.final_fired {
+                    // Still open: looked at again when the watermark reaches its end, or
+                    // for its changes at the next early result.
+                    if s.scheduled.is_none() {
+                        self.closing.entry(end).or_default().push(key.clone());
+                        s.scheduled = Some(end);
+                    }
+                    waiting |= changed;
                 }
+            }
+            if waiting && self.early_results {
+                self.unshown.push(key);
             }
         }
         if !due.is_empty() {
             // Compaction leaves one slot per session: the due sessions' slots, after it.
             let compacted = self.compact()?;
-            let due: Vec<(Box<[u8]>, usize, bool, usize)> = due
+            let due: Vec<(Arc<[u8]>, usize, bool, usize)> = due
                 .into_iter()
                 .filter_map(|(key, j, is_final)| {
                     let slot = self.keys.get(&key)?.get(j)?.slot;
@@ -215,10 +302,19 @@ impl WindowedAggregation for SessionOperator {
                     values: row_values.clone(),
                     revisions: s.revisions + 1,
                 });
-                let row = (key, s.start, end, row_values, s.revisions);
+                let row = (
+                    Box::from(key.as_ref()),
+                    s.start,
+                    end,
+                    row_values,
+                    s.revisions,
+                );
                 s.revisions += 1;
                 s.emitted_at = Some(step);
                 if is_final {
+                    if !s.final_fired {
+                        self.freeing.entry(end).or_default().push(key);
+                    }
                     s.final_fired = true;
                     finals.push(row);
                 } else {
@@ -244,21 +340,37 @@ impl WindowedAggregation for SessionOperator {
         self.late_frontier = frontier;
         let gap = self.gap;
         let mut freed = 0;
-        for sessions in self.keys.values_mut() {
+        let mut expiring = Vec::new();
+        while let Some(entry) = self.freeing.first_entry() {
+            if *entry.key() > frontier {
+                break;
+            }
+            expiring.extend(entry.remove());
+        }
+        expiring.sort_unstable();
+        expiring.dedup();
+        for key in expiring {
+            let Some(sessions) = self.keys.get_mut(&key) else {
+                continue;
+            };
             sessions.retain(|s| {
                 let keep = !(s.final_fired && s.last + gap <= frontier);
                 if !keep {
                     freed += 1 + s.merged.len();
+                    self.count -= 1;
+                    forget_start(&mut self.starts, s.start);
                 }
                 keep
             });
+            if sessions.is_empty() {
+                self.keys.remove(&key);
+            }
         }
-        self.keys.retain(|_, s| !s.is_empty());
         self.dead += freed;
         if self.dead > 1024 && self.dead > self.slots - self.dead {
             self.compact()?;
         }
-        let oldest_live = self.keys.values().flatten().map(|s| s.start).min();
+        let oldest_live = self.starts.keys().next().copied();
         self.evicted_through = match oldest_live {
             Some(start) => frontier.min(start.saturating_add(gap) - 1),
             None => frontier,
@@ -316,7 +428,7 @@ impl WindowedAggregation for SessionOperator {
     }
 
     fn group_count(&self) -> usize {
-        self.keys.values().map(Vec::len).sum()
+        self.count
     }
 
     fn state_bytes(&self) -> usize {
@@ -420,6 +532,12 @@ impl WindowedAggregation for SessionOperator {
         self.step = meta_field(meta, "step")?;
         let state_columns: Vec<usize> = meta_field(meta, "state_columns")?;
         self.keys.clear();
+        self.count = 0;
+        self.starts.clear();
+        self.pending.clear();
+        self.closing.clear();
+        self.freeing.clear();
+        self.unshown.clear();
         self.accumulators = self.spec.new_accumulators()?;
         self.slots = 0;
         self.dead = 0;
@@ -484,12 +602,39 @@ impl WindowedAggregation for SessionOperator {
                             values: values.iter().map(|v| v.slice(r, 1)).collect(),
                         })
                     }),
+                    scheduled: None,
                 });
         }
-        for sessions in self.keys.values_mut() {
+        for (key, sessions) in self.keys.iter_mut() {
             sessions.sort_by_key(|s| s.start);
+            let mut changed = false;
+            for s in sessions.iter_mut() {
+                self.count += 1;
+                *self.starts.entry(s.start).or_default() += 1;
+                let end = s.last + self.gap;
+                if s.final_fired {
+                    self.freeing.entry(end).or_default().push(key.clone());
+                } else {
+                    self.closing.entry(end).or_default().push(key.clone());
+                    s.scheduled = Some(end);
+                }
+                changed |= s.updated > s.emitted_at.unwrap_or(0);
+            }
+            if changed {
+                self.pending.push(key.clone());
+            }
         }
         Ok(())
+    }
+}
+
+/// Takes one session starting at `start` off `starts`.
+fn forget_start(starts: &mut BTreeMap<i64, usize>, start: i64) {
+    if let Some(n) = starts.get_mut(&start) {
+        *n -= 1;
+        if *n == 0 {
+            starts.remove(&start);
+        }
     }
 }
 
@@ -509,6 +654,9 @@ struct Placement<'a> {
     step: u64,
     slots: &'a mut usize,
     retractions: &'a mut Vec<SessionRow>,
+    /// The operator's count of sessions and their starts.
+    count: &'a mut usize,
+    starts: &'a mut BTreeMap<i64, usize>,
 }
 
 impl Placement<'_> {
@@ -545,15 +693,20 @@ impl Placement<'_> {
                         final_fired: false,
                         revisions: 0,
                         published: None,
+                        scheduled: None,
                     },
                 );
                 *self.slots += 1;
+                *self.count += 1;
+                *self.starts.entry(t).or_default() += 1;
                 return sessions[at].slot;
             }
             Some(j) => {
                 if j + 1 < sessions.len() && touches(&sessions[j + 1]) {
                     // The event bridges two sessions: the later one merges into the first.
                     let mut other = sessions.remove(j + 1);
+                    *self.count -= 1;
+                    forget_start(self.starts, other.start);
                     if let Some(p) = other.published.take() {
                         self.retractions.push(retraction(key, p));
                     }
@@ -573,6 +726,8 @@ impl Placement<'_> {
             if let Some(p) = s.published.take() {
                 self.retractions.push(retraction(key, p));
             }
+            forget_start(self.starts, s.start);
+            *self.starts.entry(t).or_default() += 1;
             s.start = t;
             s.revisions = 0;
             s.final_fired = false;
