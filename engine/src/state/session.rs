@@ -65,6 +65,8 @@ struct Session {
     published: Option<Published>,
     /// The end under which it waits in the operator's `closing` timers, if it does.
     scheduled: Option<i64>,
+    /// The last watermark step that looked at its key (kept on a key's first session).
+    looked: u64,
 }
 
 /// A session's last published row: its window and aggregate values (one row each).
@@ -99,6 +101,10 @@ pub struct SessionOperator {
     unshown: Vec<Arc<[u8]>>,
     /// Whether an early result was ever asked for.
     early_results: bool,
+    /// Keys in `unshown` when it was last rid of repeats.
+    unshown_distinct: usize,
+    /// Watermark steps taken.
+    advances: u64,
     row_converter: RowConverter,
     watermark: i64,
     late_frontier: i64,
@@ -147,6 +153,8 @@ impl SessionOperator {
             freeing: BTreeMap::new(),
             unshown: Vec::new(),
             early_results: false,
+            unshown_distinct: 0,
+            advances: 0,
             watermark: i64::MIN,
             late_frontier: i64::MIN,
             evicted_through: i64::MIN,
@@ -225,13 +233,15 @@ impl WindowedAggregation for SessionOperator {
         // The keys to look at: those touched (or holding changes not yet shown), and those
         // with a session whose end the watermark has reached.
         let mut candidates = std::mem::take(&mut self.pending);
+        let mut everything = false;
         if early_fire {
             if !self.early_results {
                 // The first early result: every key's changes so far (tracked from now on).
                 self.early_results = true;
-                candidates.extend(self.keys.keys().cloned());
+                everything = true;
             }
             candidates.append(&mut self.unshown);
+            self.unshown_distinct = 0;
         }
         while let Some(entry) = self.closing.first_entry() {
             if *entry.key() > self.watermark {
@@ -239,44 +249,41 @@ impl WindowedAggregation for SessionOperator {
             }
             candidates.extend(entry.remove());
         }
-        candidates.sort_unstable();
-        candidates.dedup();
         // The sessions to emit, by key and position, and whether finally.
         let mut due: Vec<(Arc<[u8]>, usize, bool)> = Vec::new();
-        for key in candidates {
-            let Some(sessions) = self.keys.get_mut(&key) else {
-                continue;
-            };
-            let mut waiting = false;
-            for (j, s) in sessions.iter_mut().enumerate() {
-                if s.scheduled.is_some_and(|e| e <= self.watermark) {
-                    // Its timer has gone off (this step or, stale, before).
-                    s.scheduled = None;
-                }
-                let end = s.last + self.gap;
-                let changed = s.updated > s.emitted_at.unwrap_or(0);
-                let (emit, is_final) = if !s.final_fired && end <= self.watermark {
-                    (true, true)
-                } else if s.final_fired {
-                    (changed, true)
-                } else {
-                    (early_fire && changed, false)
-                };
-                if emit {
-                    due.push((key.clone(), j, is_final));
-                } else if !s.final_fired {
-                    // Still open: looked at again when the watermark reaches its end, or
-                    // for its changes at the next early result.
-                    if s.scheduled.is_none() {
-                        self.closing.entry(end).or_default().push(key.clone());
-                        s.scheduled = Some(end);
-                    }
-                    waiting |= changed;
+        self.advances += 1;
+        let mut look = LookAt {
+            advance: self.advances,
+            watermark: self.watermark,
+            gap: self.gap,
+            early_fire,
+            early_results: self.early_results,
+            due: &mut due,
+            closing: &mut self.closing,
+            unshown: &mut self.unshown,
+        };
+        if everything || candidates.len() > self.keys.len() / 2 {
+            // Most keys are named anyway: one pass over all of them costs less than a
+            // lookup each.
+            for (key, sessions) in self.keys.iter_mut() {
+                look.key(key, sessions);
+            }
+        } else {
+            // Repeats of one entry go here; a key freed and created again since has two
+            // (equal bytes, two `Arc`s), which `LookAt::key` tells by the step mark.
+            candidates.sort_unstable_by_key(|k| Arc::as_ptr(k).cast::<u8>() as usize);
+            candidates.dedup_by(|a, b| Arc::ptr_eq(a, b));
+            for key in candidates {
+                if let Some(sessions) = self.keys.get_mut(&key) {
+                    look.key(&key, sessions);
                 }
             }
-            if waiting && self.early_results {
-                self.unshown.push(key);
-            }
+        }
+        if self.unshown.len() > 2 * self.unshown_distinct + 4_096 {
+            // A key waits here once, however many steps pass before the next early result.
+            self.unshown.sort_unstable();
+            self.unshown.dedup();
+            self.unshown_distinct = self.unshown.len();
         }
         if !due.is_empty() {
             // Compaction leaves one slot per session: the due sessions' slots, after it.
@@ -432,11 +439,21 @@ impl WindowedAggregation for SessionOperator {
     }
 
     fn state_bytes(&self) -> usize {
+        let entry = std::mem::size_of::<Arc<[u8]>>();
+        let timers = |t: &BTreeMap<i64, Vec<Arc<[u8]>>>| {
+            t.values()
+                .map(|keys| 48 + keys.len() * entry)
+                .sum::<usize>()
+        };
         self.keys
             .iter()
-            .map(|(k, s)| k.len() + s.len() * std::mem::size_of::<Session>())
+            .map(|(k, s)| 16 + k.len() + s.len() * std::mem::size_of::<Session>())
             .sum::<usize>()
             + self.accumulators.iter().map(|a| a.size()).sum::<usize>()
+            + timers(&self.closing)
+            + timers(&self.freeing)
+            + (self.pending.len() + self.unshown.len()) * entry
+            + self.starts.len() * 48
     }
 
     fn window_count(&self) -> usize {
@@ -603,6 +620,7 @@ impl WindowedAggregation for SessionOperator {
                         })
                     }),
                     scheduled: None,
+                    looked: 0,
                 });
         }
         for (key, sessions) in self.keys.iter_mut() {
@@ -625,6 +643,62 @@ impl WindowedAggregation for SessionOperator {
             }
         }
         Ok(())
+    }
+}
+
+/// What a watermark step does with one key's sessions: the ones to emit go to `due`; the
+/// ones still open get a timer at their end (once), and a key with changes no early result
+/// has shown waits in `unshown`.
+struct LookAt<'a> {
+    /// The step's number: a key is looked at once per step.
+    advance: u64,
+    watermark: i64,
+    gap: i64,
+    early_fire: bool,
+    early_results: bool,
+    due: &'a mut Vec<(Arc<[u8]>, usize, bool)>,
+    closing: &'a mut BTreeMap<i64, Vec<Arc<[u8]>>>,
+    unshown: &'a mut Vec<Arc<[u8]>>,
+}
+
+impl LookAt<'_> {
+    fn key(&mut self, key: &Arc<[u8]>, sessions: &mut [Session]) {
+        match sessions.first_mut() {
+            Some(first) if first.looked != self.advance => first.looked = self.advance,
+            _ => return,
+        }
+        let mut waiting = false;
+        for (j, s) in sessions.iter_mut().enumerate() {
+            if s.scheduled.is_some_and(|e| e <= self.watermark) {
+                // Its timer has gone off (this step or, stale, before).
+                s.scheduled = None;
+            }
+            let end = s.last + self.gap;
+            let changed = s.updated > s.emitted_at.unwrap_or(0);
+            let (emit, is_final) = if !s.final_fired && end <= self.watermark {
+                (true, true)
+            } else if s.final_fired {
+                (changed, true)
+            } else {
+                (self.early_fire && changed, false)
+            };
+            if emit {
+                self.due.push((key.clone(), j, is_final));
+            }
+            if !s.final_fired && !(emit && is_final) {
+                // Still open after this step (an early result included): looked at again
+                // when the watermark reaches its end, or for its changes at the next early
+                // result.
+                if s.scheduled.is_none() {
+                    self.closing.entry(end).or_default().push(key.clone());
+                    s.scheduled = Some(end);
+                }
+                waiting |= !emit && changed;
+            }
+        }
+        if waiting && self.early_results {
+            self.unshown.push(key.clone());
+        }
     }
 }
 
@@ -694,6 +768,7 @@ impl Placement<'_> {
                         revisions: 0,
                         published: None,
                         scheduled: None,
+                        looked: 0,
                     },
                 );
                 *self.slots += 1;
