@@ -69,6 +69,26 @@ struct Session {
     looked: u64,
 }
 
+/// One key's sessions, ordered by start, with the key (the map's own `Arc`, so that the
+/// indexes name the key without a second lookup).
+struct Sessions {
+    key: Arc<[u8]>,
+    list: Vec<Session>,
+}
+
+impl std::ops::Deref for Sessions {
+    type Target = Vec<Session>;
+    fn deref(&self) -> &Vec<Session> {
+        &self.list
+    }
+}
+
+impl std::ops::DerefMut for Sessions {
+    fn deref_mut(&mut self) -> &mut Vec<Session> {
+        &mut self.list
+    }
+}
+
 /// A session's last published row: its window and aggregate values (one row each).
 #[derive(Clone)]
 struct Published {
@@ -84,7 +104,7 @@ pub struct SessionOperator {
     gap: i64,
     lateness_ms: i64,
     /// Sessions per group key (row-encoded), ordered by start.
-    keys: HashMap<Arc<[u8]>, Vec<Session>>,
+    keys: HashMap<Arc<[u8]>, Sessions>,
     /// Sessions held.
     count: usize,
     /// How many sessions start at each time.
@@ -188,33 +208,30 @@ impl WindowedAggregation for SessionOperator {
             count: &mut self.count,
             starts: &mut self.starts,
         };
-        // Rows whose key this step touches first (their keys go to `pending` below).
-        let mut first_touches = Vec::new();
         for i in 0..n {
             let t = times.value(i);
             let key = rows.row(i);
             let slot = match self.keys.get_mut(key.as_ref()) {
                 Some(sessions) => {
+                    // The key's first touch in this step: it is looked at in the next.
                     if !sessions.iter().any(|s| s.updated == step) {
-                        first_touches.push(i);
+                        self.pending.push(sessions.key.clone());
                     }
-                    place.event(sessions, key.as_ref(), t)
+                    place.event(&mut sessions.list, key.as_ref(), t)
                 }
                 None => {
-                    let mut sessions = Vec::with_capacity(1);
-                    let slot = place.event(&mut sessions, key.as_ref(), t);
                     let key: Arc<[u8]> = key.as_ref().into();
+                    let mut sessions = Sessions {
+                        key: key.clone(),
+                        list: Vec::with_capacity(1),
+                    };
+                    let slot = place.event(&mut sessions.list, key.as_ref(), t);
                     self.pending.push(key.clone());
                     self.keys.insert(key, sessions);
                     slot
                 }
             };
             groups.push(slot);
-        }
-        for i in first_touches {
-            if let Some((key, _)) = self.keys.get_key_value(rows.row(i).as_ref()) {
-                self.pending.push(key.clone());
-            }
         }
         for (a, acc) in self.accumulators.iter_mut().enumerate() {
             let filter = filters[a]
@@ -599,9 +616,13 @@ impl WindowedAggregation for SessionOperator {
         }
         self.slots = rows;
         for r in 0..rows {
+            let key: Arc<[u8]> = keys.value(r).into();
             self.keys
-                .entry(keys.value(r).into())
-                .or_default()
+                .entry(key.clone())
+                .or_insert_with(|| Sessions {
+                    key,
+                    list: Vec::new(),
+                })
                 .push(Session {
                     start: starts.value(r),
                     last: lasts.value(r),
@@ -826,7 +847,7 @@ impl SessionOperator {
         let mut keep: Vec<u32> = Vec::with_capacity(self.slots - self.dead);
         let mut into: Vec<usize> = Vec::with_capacity(self.slots - self.dead);
         let mut live = 0;
-        for s in self.keys.values_mut().flatten() {
+        for s in self.keys.values_mut().flat_map(|k| k.list.iter_mut()) {
             for old in std::iter::once(s.slot).chain(s.merged.drain(..)) {
                 keep.push(u32::try_from(old).unwrap_or(u32::MAX));
                 into.push(live);
