@@ -111,6 +111,9 @@ pub struct SessionOperator {
     starts: BTreeMap<i64, usize>,
     /// Keys touched since the last watermark step, and keys with changes not yet emitted.
     pending: Vec<Arc<[u8]>>,
+    /// Whether the keys touched since the last step are most of them: the step then looks at
+    /// every key, and `pending` is not kept.
+    pending_all: bool,
     /// Open sessions' ends, with their keys: looked at once the watermark reaches them.
     /// Entries of sessions that moved on since are found stale then and dropped.
     closing: BTreeMap<i64, Vec<Arc<[u8]>>>,
@@ -169,6 +172,7 @@ impl SessionOperator {
             count: 0,
             starts: BTreeMap::new(),
             pending: Vec::new(),
+            pending_all: false,
             closing: BTreeMap::new(),
             freeing: BTreeMap::new(),
             unshown: Vec::new(),
@@ -208,14 +212,21 @@ impl WindowedAggregation for SessionOperator {
             count: &mut self.count,
             starts: &mut self.starts,
         };
+        let half = self.keys.len() / 2;
         for i in 0..n {
             let t = times.value(i);
             let key = rows.row(i);
             let slot = match self.keys.get_mut(key.as_ref()) {
                 Some(sessions) => {
-                    // The key's first touch in this step: it is looked at in the next.
-                    if !sessions.iter().any(|s| s.updated == step) {
-                        self.pending.push(sessions.key.clone());
+                    // The key's first touch in this step: it is looked at in the next (which
+                    // looks at every key once most of them are named).
+                    if !self.pending_all && !sessions.iter().any(|s| s.updated == step) {
+                        if self.pending.len() > half {
+                            self.pending_all = true;
+                            self.pending.clear();
+                        } else {
+                            self.pending.push(sessions.key.clone());
+                        }
                     }
                     place.event(&mut sessions.list, key.as_ref(), t)
                 }
@@ -271,6 +282,7 @@ impl WindowedAggregation for SessionOperator {
         self.advances += 1;
         let mut look = LookAt {
             advance: self.advances,
+            once: true,
             watermark: self.watermark,
             gap: self.gap,
             early_fire,
@@ -279,9 +291,12 @@ impl WindowedAggregation for SessionOperator {
             closing: &mut self.closing,
             unshown: &mut self.unshown,
         };
-        if everything || candidates.len() > self.keys.len() / 2 {
+        let all = std::mem::take(&mut self.pending_all);
+        if everything || all || candidates.len() > self.keys.len() / 2 {
             // Most keys are named anyway: one pass over all of them costs less than a
             // lookup each.
+            drop(candidates);
+            look.once = false;
             for (key, sessions) in self.keys.iter_mut() {
                 look.key(key, sessions);
             }
@@ -673,6 +688,8 @@ impl WindowedAggregation for SessionOperator {
 struct LookAt<'a> {
     /// The step's number: a key is looked at once per step.
     advance: u64,
+    /// Whether keys may be named more than once (and are looked at once by `advance`).
+    once: bool,
     watermark: i64,
     gap: i64,
     early_fire: bool,
@@ -684,9 +701,11 @@ struct LookAt<'a> {
 
 impl LookAt<'_> {
     fn key(&mut self, key: &Arc<[u8]>, sessions: &mut [Session]) {
-        match sessions.first_mut() {
-            Some(first) if first.looked != self.advance => first.looked = self.advance,
-            _ => return,
+        if self.once {
+            match sessions.first_mut() {
+                Some(first) if first.looked != self.advance => first.looked = self.advance,
+                _ => return,
+            }
         }
         let mut waiting = false;
         for (j, s) in sessions.iter_mut().enumerate() {
