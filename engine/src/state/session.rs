@@ -725,7 +725,7 @@ impl LookAt<'_> {
             if emit {
                 self.due.push((key.clone(), j, is_final));
             }
-            if !s.final_fired && !(emit && is_final) {
+            if !(s.final_fired || (emit && is_final)) {
                 // Still open after this step (an early result included): looked at again
                 // when the watermark reaches its end, or for its changes at the next early
                 // result.
