@@ -14,7 +14,6 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use datafusion::arrow::array::{
     Float64Array, RecordBatch, StringViewArray, TimestampMillisecondArray,
 };
-use urbanstream::plan::stream::{StreamContext, StreamQuery};
 
 const BATCH: usize = 8_192;
 /// 2026-01-01T06:00:00Z.
@@ -36,22 +35,6 @@ fn batches(keys: std::ops::Range<usize>, t: i64) -> Vec<RecordBatch> {
                 .expect("batch")
         })
         .collect()
-}
-
-async fn query(select: &str) -> StreamQuery {
-    let ctx = StreamContext::new();
-    for sql in [
-        "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, v DOUBLE) \
-         STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 'event_time', 'watermark_delay' '0s')",
-        select,
-    ] {
-        for statement in StreamContext::parse(sql).expect("parse") {
-            if let Some(q) = ctx.plan(statement).await.expect("plan") {
-                return q;
-            }
-        }
-    }
-    panic!("no query planned")
 }
 
 const AGGREGATES: &str = "count(*) AS n, sum(v) AS s, avg(v) AS a, min(v) AS lo, max(v) AS hi";
@@ -89,7 +72,7 @@ fn state_size(c: &mut Criterion) {
     for (name, select) in &queries {
         for live in [10_000, 1_000_000] {
             let mut q = runtime.block_on(async {
-                let mut q = query(select).await;
+                let mut q = urbanstream_benches::key_time_value_query(select).await;
                 for batch in batches(0..live, T0) {
                     let partitions = vec![0; batch.num_rows()];
                     q.process(&batch, &partitions, None, NOW)

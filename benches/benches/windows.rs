@@ -18,7 +18,6 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use datafusion::arrow::array::{
     Float64Array, RecordBatch, StringViewArray, TimestampMillisecondArray,
 };
-use urbanstream::plan::stream::{StreamContext, StreamQuery};
 
 const EVENTS: usize = 1_000_000;
 const BATCH: usize = 8_192;
@@ -47,22 +46,6 @@ fn batches(keys: usize) -> Vec<RecordBatch> {
 }
 
 const AGGREGATES: &str = "count(*) AS n, sum(v) AS s, avg(v) AS a, min(v) AS lo, max(v) AS hi";
-
-async fn query(select: &str) -> StreamQuery {
-    let ctx = StreamContext::new();
-    for sql in [
-        "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, v DOUBLE) \
-         STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 'event_time', 'watermark_delay' '0s')",
-        select,
-    ] {
-        for statement in StreamContext::parse(sql).expect("parse") {
-            if let Some(q) = ctx.plan(statement).await.expect("plan") {
-                return q;
-            }
-        }
-    }
-    panic!("no query planned")
-}
 
 /// The window aggregations measured: (name, query, largest key count).
 fn queries() -> Vec<(&'static str, String, usize)> {
@@ -133,7 +116,7 @@ fn windows(c: &mut Criterion) {
         for (name, select, _) in queries().into_iter().filter(|q| keys <= q.2) {
             group.bench_function(format!("{name}/{keys}_keys"), |b| {
                 b.iter_batched(
-                    || runtime.block_on(query(&select)),
+                    || runtime.block_on(urbanstream_benches::key_time_value_query(&select)),
                     |mut q| {
                         runtime.block_on(async {
                             let partitions = vec![0; BATCH];

@@ -58,6 +58,25 @@ pub fn decoded_batches(
     out
 }
 
+/// The stream query of `select` over the stream `ev` ([`key_time_value_schema`]; event time
+/// `event_time`, no watermark delay).
+pub async fn key_time_value_query(select: &str) -> urbanstream::plan::stream::StreamQuery {
+    use urbanstream::plan::stream::StreamContext;
+    let ctx = StreamContext::new();
+    for sql in [
+        "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, v DOUBLE) \
+         STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 'event_time', 'watermark_delay' '0s')",
+        select,
+    ] {
+        for statement in StreamContext::parse(sql).expect("parse") {
+            if let Some(q) = ctx.plan(statement).await.expect("plan") {
+                return q;
+            }
+        }
+    }
+    panic!("no query planned")
+}
+
 /// The stream `ev (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, v DOUBLE)` of the window
 /// and checkpoint benches, as Arrow (SQL's VARCHAR is a string view in DataFusion).
 pub fn key_time_value_schema() -> SchemaRef {

@@ -229,42 +229,26 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
     let dir = tempfile::tempdir()?;
     let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
     let (m, mut service, api) = counting_service(dir.path(), &brokers, "eos", OUTPUT)?;
-    let base = &m.base;
 
     let t0 = first_window()?;
-    let producer_brokers = brokers.clone();
-    let producer = std::thread::spawn(move || produce(&producer_brokers, t0, EVENTS));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-    for kill in 0..KILLS {
-        // Static membership: the restarted process gets its partitions back at once.
-        wait_until("the query never got its partitions back", || {
-            api.assigned(base, "counts") == i64::from(PARTITIONS)
-        })?;
-        std::thread::sleep(Duration::from_millis(rng.random_range(100..1_500)));
-        kill_and_restart(&mut service, &m, &api)?;
-        eprintln!("kill {} done", kill + 1);
-    }
-    producer
-        .join()
-        .map_err(|_| anyhow::anyhow!("producer panicked"))??;
+    let kills = Kills {
+        query: "counts",
+        times: KILLS,
+        seed: 11,
+        pause_ms: 100..1_500,
+    };
+    kill_while_producing(&brokers, t0, &m, &mut service, &api, &kills)?;
 
     let watermark = t0 + EVENTS as i64 * STEP_MS + 60_000 - 5_000;
-    let checked = match assert_exactly_once(
-        &brokers,
-        OUTPUT,
-        "segment_id",
-        &expected(t0, EVENTS, watermark),
-    ) {
-        Ok(checked) => checked,
-        Err(e) => {
-            // Kept for diagnosis: the service's log, its checkpoints and the broker's.
-            let kept = dir.keep();
-            anyhow::bail!(
-                "{e}\nthe service's log and checkpoints are kept in {}",
-                kept.display()
-            );
-        }
-    };
+    let (checked, _dir) = kept_on_failure(
+        assert_exactly_once(
+            &brokers,
+            OUTPUT,
+            "segment_id",
+            &expected(t0, EVENTS, watermark),
+        ),
+        dir,
+    )?;
     // What the kills left in open transactions is in the log, invisible to read_committed.
     let committed = read_output(&brokers, OUTPUT)?.len();
     let all = read_with(&brokers, OUTPUT, "read_uncommitted")?.len();
@@ -334,46 +318,28 @@ fn a_sigkilled_join_publishes_every_window_of_pairs_exactly_once() -> anyhow::Re
     const JOIN_KILLS: usize = 12;
     let dir = tempfile::tempdir()?;
     let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
-    let m = member(
+    let (m, mut service, api) = query_service(
         dir.path(),
         &brokers,
         "eos-join",
-        "0",
-        &dir.path().join("checkpoints"),
+        "pairs",
+        &pairs_query("eos.pairs"),
     )?;
-    let api = Api::new()?;
-    let mut service = serve(&m.config, &m.log)?;
-    api.wait_live(&m.base)?;
-    api.create(&m.base, "pairs", &pairs_query("eos.pairs"))?;
-    let base = &m.base;
 
     let t0 = first_window()?;
-    let producer_brokers = brokers.clone();
-    let producer = std::thread::spawn(move || produce(&producer_brokers, t0, EVENTS));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
-    for kill in 0..JOIN_KILLS {
-        wait_until("the join never got its partitions back", || {
-            api.assigned(base, "pairs") == i64::from(PARTITIONS)
-        })?;
-        std::thread::sleep(Duration::from_millis(rng.random_range(100..2_000)));
-        kill_and_restart(&mut service, &m, &api)?;
-        eprintln!("kill {} done", kill + 1);
-    }
-    producer
-        .join()
-        .map_err(|_| anyhow::anyhow!("producer panicked"))??;
+    let kills = Kills {
+        query: "pairs",
+        times: JOIN_KILLS,
+        seed: 23,
+        pause_ms: 100..2_000,
+    };
+    kill_while_producing(&brokers, t0, &m, &mut service, &api, &kills)?;
 
     let expected = expected_pairs(t0, EVENTS);
-    let checked = match assert_exactly_once(&brokers, "eos.pairs", "segment_id", &expected) {
-        Ok(checked) => checked,
-        Err(e) => {
-            let kept = dir.keep();
-            anyhow::bail!(
-                "{e}\nthe service's log and checkpoints are kept in {}",
-                kept.display()
-            );
-        }
-    };
+    let (checked, _dir) = kept_on_failure(
+        assert_exactly_once(&brokers, "eos.pairs", "segment_id", &expected),
+        dir,
+    )?;
     let mut log_text = String::new();
     std::fs::File::open(&m.log)?.read_to_string(&mut log_text)?;
     let restored = log_text.matches("state restored from checkpoint").count();
@@ -385,6 +351,64 @@ fn a_sigkilled_join_publishes_every_window_of_pairs_exactly_once() -> anyhow::Re
         "the service restored {restored} checkpoints:\n{log_text}"
     );
     Ok(())
+}
+
+/// How a service is killed while the numbered events stream in.
+struct Kills {
+    /// The query whose partitions must be back before each kill.
+    query: &'static str,
+    times: usize,
+    /// Seed of the random pause before each kill.
+    seed: u64,
+    pause_ms: std::ops::Range<u64>,
+}
+
+/// Produces the first [`EVENTS`] numbered events from `t0` while SIGKILLing member `m` and
+/// starting it again `kills.times` times, each after a random pause once the query holds all
+/// its partitions again (with static membership, the restarted process gets them back at
+/// once).
+fn kill_while_producing(
+    brokers: &str,
+    t0: i64,
+    m: &Member,
+    service: &mut Process,
+    api: &Api,
+    kills: &Kills,
+) -> anyhow::Result<()> {
+    let producer_brokers = brokers.to_string();
+    let producer = std::thread::spawn(move || produce(&producer_brokers, t0, EVENTS));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(kills.seed);
+    for kill in 0..kills.times {
+        wait_until("the query never got its partitions back", || {
+            api.assigned(&m.base, kills.query) == i64::from(PARTITIONS)
+        })?;
+        std::thread::sleep(Duration::from_millis(
+            rng.random_range(kills.pause_ms.clone()),
+        ));
+        kill_and_restart(service, m, api)?;
+        eprintln!("kill {} done", kill + 1);
+    }
+    producer
+        .join()
+        .map_err(|_| anyhow::anyhow!("producer panicked"))?
+}
+
+/// `result`, with `dir` (the service's log, its checkpoints and the broker's) kept for
+/// diagnosis when it failed.
+fn kept_on_failure<T>(
+    result: anyhow::Result<T>,
+    dir: tempfile::TempDir,
+) -> anyhow::Result<(T, tempfile::TempDir)> {
+    match result {
+        Ok(value) => Ok((value, dir)),
+        Err(e) => {
+            let kept = dir.keep();
+            anyhow::bail!(
+                "{e}\nthe service's log and checkpoints are kept in {}",
+                kept.display()
+            )
+        }
+    }
 }
 
 /// Numbered events `seqs`, as fast as the broker takes them.

@@ -610,7 +610,7 @@ impl CheckpointStore {
 }
 
 /// Runs `future` to completion on the current tokio runtime, from a blocking thread.
-fn block_on<F: std::future::Future>(future: F) -> Result<F::Output> {
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> Result<F::Output> {
     let handle = tokio::runtime::Handle::try_current().map_err(|_| {
         Error::Checkpoint("an object store is reached from a tokio runtime only".into())
     })?;

@@ -666,32 +666,7 @@ impl QueryManager {
     /// Plans `sql` against the city's tables without running it: the stream queries it holds,
     /// or why it cannot run (with the position in the SQL when known).
     pub async fn validate(&self, sql: &str) -> Result<Vec<PlannedStatement>, ServiceError> {
-        self.plan_request(sql)
-            .await?
-            .iter()
-            .map(|q| {
-                let Some(sink) = q.sink() else {
-                    return Err(ServiceError::invalid(format!(
-                        "a SELECT without INSERT INTO publishes nothing: write INSERT INTO \
-                         <stream table> {}",
-                        q.sql()
-                    )));
-                };
-                Ok(PlannedStatement {
-                    source: q.source().name.clone(),
-                    source_topic: q.source().options.topic.clone(),
-                    also_reads: q
-                        .inputs()
-                        .iter()
-                        .skip(1)
-                        .map(|t| (t.name.clone(), t.options.topic.clone()))
-                        .collect(),
-                    sink: sink.name.clone(),
-                    sink_topic: sink.options.topic.clone(),
-                    windowed: q.is_windowed(),
-                })
-            })
-            .collect()
+        statements(&self.plan_request(sql).await?)
     }
 
     /// How the stream queries in `sql` would run (see [`crate::plan::stream::StreamQuery::explain`]),
@@ -1326,7 +1301,7 @@ impl QueryManager {
         let result = blocking(move || {
             // What a failed attempt left (no description): gone first.
             if !savepoint::stores_below(&target)?.is_empty() {
-                block_on_current(target.remove_all())??;
+                crate::checkpoint::block_on(target.remove_all())??;
             }
             if savepoint::stores_below(&from)?.is_empty() {
                 return Ok(None);
@@ -1397,8 +1372,8 @@ impl QueryManager {
             )));
         }
         let sql = request.sql.unwrap_or_else(|| handle.entry.sql.clone());
-        self.validate(&sql).await?;
         let planned = self.plan_request(&sql).await?;
+        statements(&planned)?;
         let wanted: Vec<(String, Vec<String>)> = planned
             .iter()
             .map(|q| (q.sql().to_string(), q.state_layout()))
@@ -1659,11 +1634,36 @@ fn duplicate(name: &str) -> ServiceError {
     ServiceError::Conflict(format!("a query named {name:?} exists already"))
 }
 
-/// Runs `future` to its end from a blocking thread of the current runtime.
-fn block_on_current<F: std::future::Future>(future: F) -> crate::Result<F::Output> {
-    tokio::runtime::Handle::try_current()
-        .map(|h| h.block_on(future))
-        .map_err(|e| crate::Error::Checkpoint(format!("no runtime: {e}")))
+/// What each planned stream query reads and writes, or why one cannot be registered (a
+/// SELECT that publishes nothing).
+fn statements(
+    planned: &[crate::plan::stream::StreamQuery],
+) -> Result<Vec<PlannedStatement>, ServiceError> {
+    planned
+        .iter()
+        .map(|q| {
+            let Some(sink) = q.sink() else {
+                return Err(ServiceError::invalid(format!(
+                    "a SELECT without INSERT INTO publishes nothing: write INSERT INTO \
+                         <stream table> {}",
+                    q.sql()
+                )));
+            };
+            Ok(PlannedStatement {
+                source: q.source().name.clone(),
+                source_topic: q.source().options.topic.clone(),
+                also_reads: q
+                    .inputs()
+                    .iter()
+                    .skip(1)
+                    .map(|t| (t.name.clone(), t.options.topic.clone()))
+                    .collect(),
+                sink: sink.name.clone(),
+                sink_topic: sink.options.topic.clone(),
+                windowed: q.is_windowed(),
+            })
+        })
+        .collect()
 }
 
 /// Runs `work` (checkpoint or object-store I/O) on a blocking thread.

@@ -199,11 +199,23 @@ pub fn counting_service(
     group: &str,
     output: &str,
 ) -> anyhow::Result<(Member, Process, Api)> {
+    query_service(dir, brokers, group, "counts", &counts_query(output))
+}
+
+/// A service of its own in `dir` (consumer group `group`) running `sql` registered as
+/// `name`: the member, its process and an API client.
+pub fn query_service(
+    dir: &Path,
+    brokers: &str,
+    group: &str,
+    name: &str,
+    sql: &str,
+) -> anyhow::Result<(Member, Process, Api)> {
     let m = member(dir, brokers, group, "0", &dir.join("checkpoints"))?;
     let api = Api::new()?;
     let service = serve(&m.config, &m.log)?;
     api.wait_live(&m.base)?;
-    api.create(&m.base, "counts", &counts_query(output))?;
+    api.create(&m.base, name, sql)?;
     Ok((m, service, api))
 }
 

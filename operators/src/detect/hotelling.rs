@@ -362,6 +362,17 @@ mod tests {
     }
 
     /// A deterministic stream of correlated pairs: b follows a, with its own small noise.
+    /// A detector with half-life `half_life_ms` that has learnt 400 readings of [`pair`],
+    /// one a second.
+    fn trained(half_life_ms: i64) -> Hotelling {
+        let mut d = Hotelling::new(half_life_ms);
+        for i in 0..400 {
+            let (a, b) = pair(i);
+            d.update(i as i64 * 1_000, &[Some(a), Some(b)]);
+        }
+        d
+    }
+
     fn pair(i: u64) -> (f64, f64) {
         // Two uniform draws from a simple LCG, turned into roughly Gaussian noise.
         let mut s = i
@@ -442,11 +453,7 @@ mod tests {
 
     #[test]
     fn a_huge_reading_is_as_far_off_as_can_be_and_not_learnt_and_a_long_silence_warms_again() {
-        let mut d = Hotelling::new(600_000);
-        for i in 0..400 {
-            let (a, b) = pair(i);
-            d.update(i as i64 * 1_000, &[Some(a), Some(b)]);
-        }
+        let mut d = trained(600_000);
         let before = d.clone();
         let out = d.update(400_000, &[Some(1e200), Some(20.0)]);
         assert_eq!(out.score.likelihood, Some(1.0), "{out:?}");
@@ -472,11 +479,7 @@ mod tests {
 
     #[test]
     fn missing_columns_are_scored_on_the_rest_and_not_learnt() {
-        let mut d = Hotelling::new(3_600_000);
-        for i in 0..400 {
-            let (a, b) = pair(i);
-            d.update(i as i64 * 1_000, &[Some(a), Some(b)]);
-        }
+        let mut d = trained(3_600_000);
         let before = d.clone();
         let out = d.update(400_000, &[None, Some(f64::NAN)]);
         assert!(out.score.warming && out.score.likelihood.is_none());
