@@ -2638,7 +2638,7 @@ impl StreamQuery {
         let future_limit = now_ms.saturating_add(input.options.future_tolerance.as_millis() as i64);
         let watermark = tracker.current();
         let mut keep = Vec::with_capacity(batch.num_rows());
-        let mut max_by_partition: HashMap<i32, i64> = HashMap::new();
+        let mut max_by_partition = NewestByPartition::default();
         let mut holds: HashMap<i32, i64> = HashMap::new();
         for (r, t) in times.iter().enumerate() {
             let reason = match t {
@@ -2662,8 +2662,7 @@ impl StreamQuery {
             }
             let t = t.unwrap_or_default();
             let p = partitions.get(r).copied().unwrap_or(0);
-            let m = max_by_partition.entry(p).or_insert(t.min(now_ms));
-            *m = (*m).max(t.min(now_ms));
+            max_by_partition.observe(p, t.min(now_ms));
             if let Some(&offset) = offsets.and_then(|o| o.get(r)) {
                 holds
                     .entry(p)
@@ -2680,7 +2679,7 @@ impl StreamQuery {
             }
             keep.push(true);
         }
-        for (p, t) in max_by_partition {
+        for (p, t) in max_by_partition.entries {
             tracker.observe(p, t, now_ms);
         }
         let kept = if keep.iter().all(|k| *k) {
@@ -2873,8 +2872,12 @@ impl StreamQuery {
         let future_limit = now_ms.saturating_add(tolerance.as_millis() as i64);
         let watermark = self.watermark().unwrap_or(i64::MIN);
         let absorbed = self.absorbed(batch, times, future_limit).await?;
+        let timely_from = self
+            .windowed
+            .as_ref()
+            .map_or(i64::MIN, |w| w.operator.timely_from());
         let mut keep = Vec::with_capacity(batch.num_rows());
-        let mut max_by_partition: HashMap<i32, i64> = HashMap::new();
+        let mut max_by_partition = NewestByPartition::default();
         let mut run: Option<((i64, i32), i64)> = None;
         for (r, t) in times.iter().enumerate() {
             let Some(t) = t else {
@@ -2891,10 +2894,11 @@ impl StreamQuery {
             };
             let reason = if t > future_limit {
                 Some(DivertReason::FutureTimestamp)
-            } else if self
-                .windowed
-                .as_ref()
-                .is_some_and(|w| w.operator.is_late(t))
+            } else if t < timely_from
+                && self
+                    .windowed
+                    .as_ref()
+                    .is_some_and(|w| w.operator.is_late(t))
                 && !absorbed.contains(&r)
             {
                 Some(DivertReason::BeyondAllowedLateness)
@@ -2918,7 +2922,7 @@ impl StreamQuery {
                 None => {
                     // Kept, but too late for some of its windows: each missed one is
                     // recorded, so that nothing leaves a window without a trace.
-                    if let Some(w) = &self.windowed {
+                    if let Some(w) = self.windowed.as_ref().filter(|_| t < timely_from) {
                         for window in w.operator.closed_windows_of(t) {
                             diverted.push(Diverted {
                                 row: r as u32,
@@ -2934,8 +2938,7 @@ impl StreamQuery {
                     // correctly after it are not made late.
                     let p = partitions.get(r).copied().unwrap_or(0);
                     let t_mark = t.min(now_ms);
-                    let m = max_by_partition.entry(p).or_insert(t_mark);
-                    *m = (*m).max(t_mark);
+                    max_by_partition.observe(p, t_mark);
                     if let (true, Some(&offset)) =
                         (self.ordered.is_some(), offsets.and_then(|o| o.get(r)))
                     {
@@ -2976,7 +2979,7 @@ impl StreamQuery {
             (Some(i), Some(u)) => &mut u.others[i].watermarks,
             _ => &mut self.watermarks,
         };
-        for (p, t) in max_by_partition {
+        for (p, t) in max_by_partition.entries {
             tracker.observe(p, t, now_ms);
         }
         if keep.iter().all(|k| *k) {
@@ -3265,6 +3268,34 @@ fn held_map<'a>(
     match (input, union) {
         (Some(i), Some(u)) => &mut u.others[i].held,
         _ => held,
+    }
+}
+
+
+/// The newest event time of each partition among a batch's rows. A batch's rows mostly come
+/// in runs of one partition, so the partition of the row before is tried first: no hashing
+/// per row.
+#[derive(Default)]
+struct NewestByPartition {
+    entries: Vec<(i32, i64)>,
+    last: usize,
+}
+
+impl NewestByPartition {
+    fn observe(&mut self, partition: i32, t: i64) {
+        let i = match self.entries.get(self.last) {
+            Some((p, _)) if *p == partition => self.last,
+            _ => match self.entries.iter().position(|(p, _)| *p == partition) {
+                Some(i) => i,
+                None => {
+                    self.entries.push((partition, t));
+                    self.entries.len() - 1
+                }
+            },
+        };
+        self.last = i;
+        let newest = &mut self.entries[i].1;
+        *newest = (*newest).max(t);
     }
 }
 

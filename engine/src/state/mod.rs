@@ -44,6 +44,10 @@ pub trait WindowedAggregation: Send {
     fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>>;
     /// Whether an event at `t` can no longer change any output.
     fn is_late(&self, t: i64) -> bool;
+    /// Events at or after this time are late for none of their windows: neither
+    /// [`WindowedAggregation::is_late`] nor [`WindowedAggregation::closed_windows_of`] holds
+    /// for them, so a batch's rows need not be asked one by one.
+    fn timely_from(&self) -> i64;
     /// Whether `keys` (group key columns, one row per event) at `times` can no longer change
     /// any output: [`WindowedAggregation::is_late`] unless lateness depends on the key (a
     /// session still open absorbs an event older than a session of its own would allow).
@@ -122,6 +126,11 @@ impl WindowedAggregation for window::WindowOperator {
     }
     fn is_late(&self, t: i64) -> bool {
         window::WindowOperator::is_late(self, t)
+    }
+    fn timely_from(&self) -> i64 {
+        // Every window of an event ends after it: at or after `evicted_through`, none of
+        // them has been evicted.
+        window::WindowOperator::evicted_through(self)
     }
     fn last_window_end(&self, t: i64) -> i64 {
         window::WindowOperator::last_window_end(self, t)

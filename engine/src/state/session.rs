@@ -32,7 +32,7 @@
 //! the sessions' starts (for the oldest one still live). Compaction still drains every
 //! session's state when any session is emitted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -42,7 +42,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::{cast, concat, take};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::row::{RowConverter, SortField};
-use datafusion::common::{Result, internal_err};
+use datafusion::common::{HashMap, Result, internal_err};
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use urbanstream_operators::window::{WindowSpec, window_fields};
 
@@ -74,6 +74,72 @@ struct Session {
 struct Sessions {
     key: Arc<[u8]>,
     list: Vec<Session>,
+    /// The last update step that named the key for the next watermark step.
+    marked: u64,
+}
+
+/// Keys due at event times (a session's end; end + allowed lateness), in buckets of
+/// [`Timers::BUCKET_MS`] of event time: adding one costs O(1), and a watermark step takes the
+/// buckets it has passed whole and looks through the one it is in. An entry can go stale
+/// (its session moved on, merged or was freed): the key is looked at when it comes due and
+/// the entry dropped.
+#[derive(Default)]
+struct Timers {
+    buckets: BTreeMap<i64, Vec<(i64, Arc<[u8]>)>>,
+    len: usize,
+}
+
+impl Timers {
+    /// Event time one bucket spans.
+    const BUCKET_MS: i64 = 1_000;
+
+    fn push(&mut self, at: i64, key: Arc<[u8]>) {
+        self.buckets
+            .entry(at.div_euclid(Self::BUCKET_MS))
+            .or_default()
+            .push((at, key));
+        self.len += 1;
+    }
+
+    /// Takes every entry due at or before `t`, adding its key to `out`.
+    fn take_due(&mut self, t: i64, out: &mut Vec<Arc<[u8]>>) {
+        let current = t.div_euclid(Self::BUCKET_MS);
+        while let Some(mut entry) = self.buckets.first_entry() {
+            if *entry.key() > current {
+                break;
+            }
+            if *entry.key() < current {
+                let due = entry.remove();
+                self.len -= due.len();
+                out.extend(due.into_iter().map(|(_, key)| key));
+                continue;
+            }
+            // The bucket `t` is in: its entries up to `t`.
+            let bucket = entry.get_mut();
+            let before = bucket.len();
+            bucket.retain(|(at, key)| {
+                let due = *at <= t;
+                if due {
+                    out.push(key.clone());
+                }
+                !due
+            });
+            self.len -= before - bucket.len();
+            if bucket.is_empty() {
+                entry.remove();
+            }
+            break;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn clear(&mut self) {
+        self.buckets.clear();
+        self.len = 0;
+    }
 }
 
 impl std::ops::Deref for Sessions {
@@ -116,10 +182,10 @@ pub struct SessionOperator {
     pending_all: bool,
     /// Open sessions' ends, with their keys: looked at once the watermark reaches them.
     /// Entries of sessions that moved on since are found stale then and dropped.
-    closing: BTreeMap<i64, Vec<Arc<[u8]>>>,
+    closing: Timers,
     /// Ends of sessions emitted finally, with their keys: freed once the watermark is past
     /// end + allowed lateness.
-    freeing: BTreeMap<i64, Vec<Arc<[u8]>>>,
+    freeing: Timers,
     /// Keys with changes no early result has shown yet (once early results were asked for).
     unshown: Vec<Arc<[u8]>>,
     /// Whether an early result was ever asked for.
@@ -173,8 +239,8 @@ impl SessionOperator {
             starts: BTreeMap::new(),
             pending: Vec::new(),
             pending_all: false,
-            closing: BTreeMap::new(),
-            freeing: BTreeMap::new(),
+            closing: Timers::default(),
+            freeing: Timers::default(),
             unshown: Vec::new(),
             early_results: false,
             unshown_distinct: 0,
@@ -207,6 +273,7 @@ impl WindowedAggregation for SessionOperator {
         let mut place = Placement {
             gap: self.gap,
             step,
+            early_results: self.early_results,
             slots: &mut self.slots,
             retractions: &mut self.retractions,
             count: &mut self.count,
@@ -218,9 +285,12 @@ impl WindowedAggregation for SessionOperator {
             let key = rows.row(i);
             let slot = match self.keys.get_mut(key.as_ref()) {
                 Some(sessions) => {
-                    // The key's first touch in this step: it is looked at in the next (which
-                    // looks at every key once most of them are named).
-                    if !self.pending_all && !sessions.iter().any(|s| s.updated == step) {
+                    let (slot, look) = place.event(&mut sessions.list, key.as_ref(), t);
+                    // Named once per update step for the next watermark step (which looks at
+                    // every key once most of them are named); an event that only extends an
+                    // open session, whose timer is set, needs no look.
+                    if look && !self.pending_all && sessions.marked != step {
+                        sessions.marked = step;
                         if self.pending.len() > half {
                             self.pending_all = true;
                             self.pending.clear();
@@ -228,15 +298,16 @@ impl WindowedAggregation for SessionOperator {
                             self.pending.push(sessions.key.clone());
                         }
                     }
-                    place.event(&mut sessions.list, key.as_ref(), t)
+                    slot
                 }
                 None => {
                     let key: Arc<[u8]> = key.as_ref().into();
                     let mut sessions = Sessions {
                         key: key.clone(),
                         list: Vec::with_capacity(1),
+                        marked: step,
                     };
-                    let slot = place.event(&mut sessions.list, key.as_ref(), t);
+                    let (slot, _) = place.event(&mut sessions.list, key.as_ref(), t);
                     self.pending.push(key.clone());
                     self.keys.insert(key, sessions);
                     slot
@@ -271,12 +342,7 @@ impl WindowedAggregation for SessionOperator {
             candidates.append(&mut self.unshown);
             self.unshown_distinct = 0;
         }
-        while let Some(entry) = self.closing.first_entry() {
-            if *entry.key() > self.watermark {
-                break;
-            }
-            candidates.extend(entry.remove());
-        }
+        self.closing.take_due(self.watermark, &mut candidates);
         // The sessions to emit, by key and position, and whether finally.
         let mut due: Vec<(Arc<[u8]>, usize, bool)> = Vec::new();
         self.advances += 1;
@@ -352,7 +418,7 @@ impl WindowedAggregation for SessionOperator {
                 s.emitted_at = Some(step);
                 if is_final {
                     if !s.final_fired {
-                        self.freeing.entry(end).or_default().push(key);
+                        self.freeing.push(end, key);
                     }
                     s.final_fired = true;
                     finals.push(row);
@@ -380,12 +446,7 @@ impl WindowedAggregation for SessionOperator {
         let gap = self.gap;
         let mut freed = 0;
         let mut expiring = Vec::new();
-        while let Some(entry) = self.freeing.first_entry() {
-            if *entry.key() > frontier {
-                break;
-            }
-            expiring.extend(entry.remove());
-        }
+        self.freeing.take_due(frontier, &mut expiring);
         expiring.sort_unstable();
         expiring.dedup();
         for key in expiring {
@@ -419,6 +480,10 @@ impl WindowedAggregation for SessionOperator {
 
     fn is_late(&self, t: i64) -> bool {
         t.saturating_add(self.gap) <= self.late_frontier
+    }
+
+    fn timely_from(&self) -> i64 {
+        self.late_frontier
     }
 
     fn late_for_keys(&self, keys: &[ArrayRef], times: &[i64]) -> Result<Vec<bool>> {
@@ -472,18 +537,13 @@ impl WindowedAggregation for SessionOperator {
 
     fn state_bytes(&self) -> usize {
         let entry = std::mem::size_of::<Arc<[u8]>>();
-        let timers = |t: &BTreeMap<i64, Vec<Arc<[u8]>>>| {
-            t.values()
-                .map(|keys| 48 + keys.len() * entry)
-                .sum::<usize>()
-        };
+        let timer = std::mem::size_of::<(i64, Arc<[u8]>)>();
         self.keys
             .iter()
             .map(|(k, s)| 16 + k.len() + s.len() * std::mem::size_of::<Session>())
             .sum::<usize>()
             + self.accumulators.iter().map(|a| a.size()).sum::<usize>()
-            + timers(&self.closing)
-            + timers(&self.freeing)
+            + (self.closing.len() + self.freeing.len()) * timer
             + (self.pending.len() + self.unshown.len()) * entry
             + self.starts.len() * 48
     }
@@ -637,6 +697,7 @@ impl WindowedAggregation for SessionOperator {
                 .or_insert_with(|| Sessions {
                     key,
                     list: Vec::new(),
+                    marked: 0,
                 })
                 .push(Session {
                     start: starts.value(r),
@@ -667,9 +728,9 @@ impl WindowedAggregation for SessionOperator {
                 *self.starts.entry(s.start).or_default() += 1;
                 let end = s.last + self.gap;
                 if s.final_fired {
-                    self.freeing.entry(end).or_default().push(key.clone());
+                    self.freeing.push(end, key.clone());
                 } else {
-                    self.closing.entry(end).or_default().push(key.clone());
+                    self.closing.push(end, key.clone());
                     s.scheduled = Some(end);
                 }
                 changed |= s.updated > s.emitted_at.unwrap_or(0);
@@ -695,7 +756,7 @@ struct LookAt<'a> {
     early_fire: bool,
     early_results: bool,
     due: &'a mut Vec<(Arc<[u8]>, usize, bool)>,
-    closing: &'a mut BTreeMap<i64, Vec<Arc<[u8]>>>,
+    closing: &'a mut Timers,
     unshown: &'a mut Vec<Arc<[u8]>>,
 }
 
@@ -730,7 +791,7 @@ impl LookAt<'_> {
                 // when the watermark reaches its end, or for its changes at the next early
                 // result.
                 if s.scheduled.is_none() {
-                    self.closing.entry(end).or_default().push(key.clone());
+                    self.closing.push(end, key.clone());
                     s.scheduled = Some(end);
                 }
                 waiting |= !emit && changed;
@@ -766,6 +827,8 @@ fn retraction(key: &[u8], p: Published) -> SessionRow {
 struct Placement<'a> {
     gap: i64,
     step: u64,
+    /// Whether early results are asked for: every key with a change is looked at then.
+    early_results: bool,
     slots: &'a mut usize,
     retractions: &'a mut Vec<SessionRow>,
     /// The operator's count of sessions and their starts.
@@ -775,8 +838,12 @@ struct Placement<'a> {
 
 impl Placement<'_> {
     /// Places the event at `t` among `sessions` (one key's, ordered by start, never within
-    /// `gap` of each other); the slot it updates.
-    fn event(&mut self, sessions: &mut Vec<Session>, key: &[u8], t: i64) -> usize {
+    /// `gap` of each other); the slot it updates, and whether the next watermark step must
+    /// look at the key: a session without a timer (new, or open again after its final
+    /// result), a change to a finally emitted session (a revision), or any change once early
+    /// results are asked for. An event that extends an open session needs none: its timer
+    /// goes off at the old end, and the step then looks at the key.
+    fn event(&mut self, sessions: &mut Vec<Session>, key: &[u8], t: i64) -> (usize, bool) {
         let gap = self.gap;
         let touches = |s: &Session| s.start - gap <= t && t <= s.last + gap;
         // Sessions are more than `gap` apart, so an event touches at most two, neighbours;
@@ -814,7 +881,7 @@ impl Placement<'_> {
                 *self.slots += 1;
                 *self.count += 1;
                 *self.starts.entry(t).or_default() += 1;
-                return sessions[at].slot;
+                return (sessions[at].slot, true);
             }
             Some(j) => {
                 if j + 1 < sessions.len() && touches(&sessions[j + 1]) {
@@ -853,7 +920,10 @@ impl Placement<'_> {
             s.last = t;
         }
         s.updated = self.step;
-        s.slot
+        (
+            s.slot,
+            self.early_results || s.final_fired || s.scheduled.is_none(),
+        )
     }
 }
 
@@ -978,5 +1048,47 @@ impl SessionOperator {
             retract: false,
             until: rows.iter().map(|r| r.2).max().unwrap_or(i64::MIN),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timers_come_due_in_time_across_buckets_and_within_one() {
+        let mut timers = Timers::default();
+        let key = |s: &str| -> Arc<[u8]> { s.as_bytes().into() };
+        for (at, k) in [
+            (-1_500, "neg"),
+            (999, "a"),
+            (1_000, "b"),
+            (1_400, "c"),
+            (1_999, "d"),
+            (5_000, "e"),
+        ] {
+            timers.push(at, key(k));
+        }
+        let mut due = Vec::new();
+        let mut take = |timers: &mut Timers, t: i64| {
+            due.clear();
+            timers.take_due(t, &mut due);
+            let mut names: Vec<String> = due
+                .iter()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(take(&mut timers, -2_000), Vec::<String>::new());
+        assert_eq!(take(&mut timers, 1_000), ["a", "b", "neg"]);
+        // Within the bucket of 1 000..2 000: only what is due.
+        assert_eq!(take(&mut timers, 1_500), ["c"]);
+        assert_eq!(timers.len(), 2);
+        timers.push(1_600, key("f"));
+        assert_eq!(take(&mut timers, 4_999), ["d", "f"]);
+        assert_eq!(take(&mut timers, 5_000), ["e"]);
+        assert_eq!(timers.len(), 0);
+        assert!(timers.buckets.is_empty());
     }
 }
