@@ -2760,12 +2760,14 @@ impl StreamQuery {
         else {
             return Ok(absorbed);
         };
+        let timely_from = w.operator.timely_from();
         let candidates: Vec<u32> = times
             .iter()
             .enumerate()
             .filter_map(|(r, t)| {
                 let t = t?;
-                (t <= future_limit && w.operator.is_late(t)).then_some(r as u32)
+                (t < timely_from && t <= future_limit && w.operator.is_late(t))
+                    .then_some(r as u32)
             })
             .collect();
         if candidates.is_empty() {

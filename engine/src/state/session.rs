@@ -367,10 +367,8 @@ impl WindowedAggregation for SessionOperator {
                 look.key(key, sessions);
             }
         } else {
-            // Repeats of one entry go here; a key freed and created again since has two
-            // (equal bytes, two `Arc`s), which `LookAt::key` tells by the step mark.
-            candidates.sort_unstable_by_key(|k| Arc::as_ptr(k).cast::<u8>() as usize);
-            candidates.dedup_by(|a, b| Arc::ptr_eq(a, b));
+            // A key named twice (touched, and its timer due) is looked at once: `LookAt::key`
+            // tells by the step mark.
             for key in candidates {
                 if let Some(sessions) = self.keys.get_mut(&key) {
                     look.key(&key, sessions);
