@@ -26,11 +26,12 @@
 //! session of its own) starts a new session.
 //!
 //! What a watermark step looks at is indexed, so that a micro-batch costs in proportion to the
-//! keys it touches and the sessions that close, not to the keys held: the keys touched since
-//! the last step (and those with changes an early result has not shown yet), the ends of open
-//! sessions and of sessions waiting out their allowed lateness (timers by event time), and
-//! the sessions' starts (for the oldest one still live). Compaction still drains every
-//! session's state when any session is emitted.
+//! keys it touches and the sessions that close, not to the keys held: the keys whose sessions
+//! need a look (a new or reopened session, a revision of an emitted one, and every change
+//! once early results are asked for; an event that only extends an open session needs none),
+//! the ends of open sessions and of sessions waiting out their allowed lateness (timers by
+//! event time, in buckets of a second), and the sessions' starts (for the oldest one still
+//! live). Compaction still drains every session's state when any session is emitted.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
