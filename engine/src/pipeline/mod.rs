@@ -650,8 +650,9 @@ impl Pipeline {
         // The transactional producer first: its initialisation fences a predecessor with the
         // same transactional id and aborts the transaction that predecessor left open, before
         // this process reads anything (so it never waits at an open transaction of its own
-        // predecessor, e.g. in a repartition topic it both writes and reads).
-        let mut sink = KafkaSink::new(&sink_config)?;
+        // predecessor, e.g. in a repartition topic it both writes and reads). It waits on the
+        // broker.
+        let mut sink = blocking(|| KafkaSink::new(&sink_config))?;
         // Avro sinks write with their schema, registered under `<topic>-value`.
         let mut sink_formats: HashMap<&str, (Format, &str)> = HashMap::new();
         for table in queries.iter().filter_map(|r| r.query.sink()) {
@@ -834,7 +835,7 @@ impl Pipeline {
                 self.source.measure_lag(self.stats.consumer_lag.clone());
             }
         }
-        self.sink.flush(Duration::from_secs(10))?;
+        blocking(|| self.sink.flush(Duration::from_secs(10)))?;
         self.settle(true).await?;
         self.checkpoint().await?;
         self.finish_writing().await?;
@@ -855,7 +856,7 @@ impl Pipeline {
     /// goes to the DLQ as a gap record (topic, partition, first and end offset, stage `gap`),
     /// is counted and logged, and its partition goes on from its log's start.
     async fn record_gaps(&mut self, reason: &str) -> Result<()> {
-        let gaps = self.source.gaps(Duration::from_secs(30))?;
+        let gaps = blocking(|| self.source.gaps(Duration::from_secs(30)))?;
         if gaps.is_empty() {
             // The consumer reports each partition's reset: those after the first arrive once
             // every gap is recorded already.
@@ -909,7 +910,7 @@ impl Pipeline {
                 to,
                 "input deleted before it was read: gap recorded in the DLQ, reading on from the log start"
             );
-            self.source.skip_to(topic, *partition, *to)?;
+            blocking(|| self.source.skip_to(topic, *partition, *to))?;
             self.next_offsets
                 .insert((Arc::from(topic.as_str()), *partition), *to);
         }
@@ -1500,10 +1501,77 @@ async fn publish(
     Ok(n)
 }
 
+/// Runs a blocking Kafka call (an offset or metadata lookup, which waits on the broker: up to
+/// its timeout during an outage) from a pipeline's task. On a multi-threaded runtime the
+/// worker first hands its other tasks, the other queries, to another thread, so that one
+/// query waiting on the broker does not hold the others up; elsewhere it just runs.
+pub(crate) fn blocking<T>(call: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(call)
+        }
+        _ => call(),
+    }
+}
+
 /// Wall-clock time, epoch ms.
 pub fn epoch_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+
+    /// A pipeline waiting on the broker in [`blocking`] leaves its worker thread's other tasks
+    /// (the other queries) running, even on a runtime of one worker.
+    #[test]
+    fn a_blocking_call_does_not_hold_up_the_other_tasks_of_its_worker() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let ticks = Arc::new(AtomicU64::new(0));
+        let other = {
+            let ticks = ticks.clone();
+            runtime.spawn(async move {
+                loop {
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        };
+        let during = runtime.block_on(async {
+            let ticks = ticks.clone();
+            runtime
+                .spawn(async move {
+                    // Let the other task start, then wait "on the broker".
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    blocking(|| {
+                        let before = ticks.load(Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(400));
+                        ticks.load(Ordering::Relaxed) - before
+                    })
+                })
+                .await
+                .expect("task")
+        });
+        other.abort();
+        assert!(
+            during >= 10,
+            "the other task ran {during} times while one waited in a blocking call"
+        );
+        // Outside a runtime, or on a single-threaded one, the call simply runs.
+        assert_eq!(blocking(|| 7), 7);
+        let single = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        assert_eq!(single.block_on(async { blocking(|| 8) }), 8);
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tracing::{debug, info};
 
 use super::recovery::positions_of;
-use super::{Part, Pipeline, epoch_ms};
+use super::{Part, Pipeline, blocking, epoch_ms};
 use crate::checkpoint::Position;
 use crate::error::{Error, Result};
 use crate::source::{PartitionChange, Positions, RawBatch};
@@ -71,12 +71,12 @@ impl Pipeline {
                     }
                 }
             }
-            self.source.assign(&list)?;
+            blocking(|| self.source.assign(&list))?;
             self.held.extend(list);
             return Ok(());
         }
         let now = epoch_ms();
-        let counts = self.partition_counts_now(&list)?;
+        let counts = blocking(|| self.partition_counts_now(&list))?;
         let mut positions = Positions::new();
         let mut marks: Option<Vec<Position>> = None;
         let mut restored = Vec::new();
@@ -108,11 +108,11 @@ impl Pipeline {
             }
         }
         if !fresh.is_empty() {
-            self.refuse_state_elsewhere(&fresh)?;
-            positions.extend(
+            blocking(|| self.refuse_state_elsewhere(&fresh))?;
+            positions.extend(blocking(|| {
                 self.source
-                    .starting_positions(&fresh, Duration::from_secs(30))?,
-            );
+                    .starting_positions(&fresh, Duration::from_secs(30))
+            })?);
         }
         let mut all = self.source.positions();
         all.extend(positions);
@@ -120,7 +120,7 @@ impl Pipeline {
         if self.sink.is_transactional() && !restored.is_empty() {
             self.replay_from(marks, &restored).await?;
         }
-        self.source.assign(&list)?;
+        blocking(|| self.source.assign(&list))?;
         info!(
             name = self.config.name.as_deref().unwrap_or("all"),
             partitions = %describe(&list),

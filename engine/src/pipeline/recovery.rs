@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tracing::{debug, info};
 
-use super::{CheckpointInfo, Pipeline, epoch_ms};
+use super::{CheckpointInfo, Pipeline, blocking, epoch_ms};
 use crate::checkpoint::{CheckpointStore, Manifest, Position, QueryManifest};
 use crate::error::{Error, Result};
 use crate::source::{Positions, partitions_of};
@@ -97,12 +97,14 @@ impl Pipeline {
         let (positions, marks) = match found {
             Some(manifest) => (positions_of(&manifest), Some(manifest.outputs)),
             None => {
-                // A short blocking call at start: the group's committed offsets.
-                let all = self.source.topic_partitions(Duration::from_secs(30))?;
-                self.refuse_state_elsewhere(&all)?;
-                let positions = self
-                    .source
-                    .starting_positions(&all, Duration::from_secs(30))?;
+                // Blocking calls at start: the topics' partitions and the group's committed
+                // offsets.
+                let all = blocking(|| self.source.topic_partitions(Duration::from_secs(30)))?;
+                blocking(|| self.refuse_state_elsewhere(&all))?;
+                let positions = blocking(|| {
+                    self.source
+                        .starting_positions(&all, Duration::from_secs(30))
+                })?;
                 (positions, None)
             }
         };
