@@ -17,6 +17,10 @@
 //! lateness: each window published once), over the same runs: the rows (count, score, alert
 //! state) equal the same SQL over the windows of the events the model keeps, run as one
 //! batch DataFusion query.
+//!
+//! And `LAG` over the raw events per two keys (one nullable), over the same runs: an event
+//! behind the watermark at its arrival is late, every other one is published once with its
+//! key's previous values, equal to the batch query over the events kept.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -1164,4 +1168,150 @@ fn check_detected(run: &Run) -> Result<(), TestCaseError> {
     prop_assert!(pairs.is_empty() || !want.is_empty(), "no window to compare");
     prop_assert_eq!(got, want, "detector and alert rows");
     Ok(())
+}
+
+/// A row of the LAG query: (k, g, t, v, the key's value before, the one before that).
+type LagRow = (String, Option<i64>, i64, i64, Option<i64>, Option<i64>);
+
+/// LAG over the raw events, per two keys (one nullable), in event-time order.
+const LAGGED: &str = "SELECT k, g, t, v, lag(v) OVER w AS p1, lag(v, 2) OVER w AS p2 FROM {input} \
+     WINDOW w AS (PARTITION BY k, g ORDER BY t)";
+
+fn lag_rows(batches: &[RecordBatch]) -> anyhow::Result<Vec<LagRow>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let col = |name: &str, t: &DataType| -> anyhow::Result<ArrayRef> {
+            let c = b
+                .column_by_name(name)
+                .ok_or_else(|| anyhow::anyhow!("column {name}"))?;
+            Ok(cast(c, t)?)
+        };
+        let k = col("k", &DataType::Utf8)?;
+        let k = k.as_string::<i32>();
+        let ints: Vec<ArrayRef> = ["g", "t", "v", "p1", "p2"]
+            .iter()
+            .map(|c| {
+                let t = if *c == "t" {
+                    cast(
+                        &col(c, &DataType::Timestamp(TimeUnit::Millisecond, None))?,
+                        &DataType::Int64,
+                    )?
+                } else {
+                    col(c, &DataType::Int64)?
+                };
+                anyhow::Ok(t)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let ints: Vec<&Int64Array> = ints.iter().map(|a| a.as_primitive::<Int64Type>()).collect();
+        let at = |c: usize, r: usize| (!ints[c].is_null(r)).then(|| ints[c].value(r));
+        for r in 0..b.num_rows() {
+            out.push((
+                k.value(r).to_string(),
+                at(0, r),
+                ints[1].value(r),
+                ints[2].value(r),
+                at(3, r),
+                at(4, r),
+            ));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `LAG` over a stream's events against the batch query over the events the model keeps: an
+/// event is held until the watermark passes it and then taken in event-time order per key,
+/// so an event that arrives behind the watermark (the lowest of the partitions' newest event
+/// times) is late; every other one is published once, with its key's previous values, however
+/// the events arrive, are cut into micro-batches and restarted.
+fn check_lagged(run: &Run) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut kept: Vec<Event> = Vec::new();
+    let mut want_late: Vec<Late> = Vec::new();
+    let mut max_by_partition: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut watermark = i64::MIN;
+    for batch in &run.batches {
+        for e in batch {
+            if e.t < watermark {
+                want_late.push((e.t, "beyond_allowed_lateness".to_string()));
+                continue;
+            }
+            kept.push(e.clone());
+            let m = max_by_partition.entry(e.partition).or_insert(e.t);
+            *m = (*m).max(e.t);
+        }
+        if let Some(lowest) = max_by_partition.values().min() {
+            watermark = watermark.max(*lowest);
+        }
+    }
+    want_late.sort();
+    let (got, got_late) = rt
+        .block_on(async {
+            let mut engine = DeterministicEngine::new();
+            for sql in [
+                "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+                 STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s', \
+                 'idle_timeout' '7d')",
+                "CREATE EXTERNAL TABLE out (k VARCHAR NOT NULL, g BIGINT, t TIMESTAMP NOT NULL, \
+                 v BIGINT NOT NULL, p1 BIGINT, p2 BIGINT) STORED AS KAFKA OPTIONS ('topic' 'out')",
+            ] {
+                engine.execute(sql).await?;
+            }
+            engine
+                .execute(&format!("INSERT INTO out {}", LAGGED.replace("{input}", "ev")))
+                .await?;
+            feed(&mut engine, run, false).await?;
+            let Outcome::Rows(out) = engine.execute("SELECT * FROM out").await? else {
+                anyhow::bail!("no rows")
+            };
+            anyhow::Ok((lag_rows(&out)?, late_records(&mut engine).await?))
+        })
+        .expect("engine");
+    let want = rt
+        .block_on(async {
+            let ctx = SessionContext::new();
+            let b = RecordBatch::try_from_iter(vec![
+                (
+                    "k",
+                    Arc::new(StringArray::from_iter_values(kept.iter().map(|e| e.k))) as ArrayRef,
+                ),
+                (
+                    "g",
+                    Arc::new(Int64Array::from_iter(kept.iter().map(|e| e.g.map(i64::from)))),
+                ),
+                (
+                    "t",
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        kept.iter().map(|e| e.t),
+                    )),
+                ),
+                (
+                    "v",
+                    Arc::new(Int64Array::from_iter_values(kept.iter().map(|e| e.v))),
+                ),
+            ])?;
+            ctx.register_table(
+                "events",
+                Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
+            )?;
+            let query = LAGGED.replace("{input}", "events");
+            anyhow::Ok(lag_rows(&ctx.sql(&query).await?.collect().await?)?)
+        })
+        .expect("batch");
+    prop_assert_eq!(got_late, want_late, "late records");
+    prop_assert_eq!(want.len(), kept.len());
+    prop_assert_eq!(got, want, "lagged rows");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn lag_over_events_matches_a_batch_query(run in run()) {
+        check_lagged(&run)?;
+    }
 }
