@@ -1280,7 +1280,9 @@ fn check_lagged(run: &Run) -> Result<(), TestCaseError> {
                 ),
                 (
                     "g",
-                    Arc::new(Int64Array::from_iter(kept.iter().map(|e| e.g.map(i64::from)))),
+                    Arc::new(Int64Array::from_iter(
+                        kept.iter().map(|e| e.g.map(i64::from)),
+                    )),
                 ),
                 (
                     "t",

@@ -2766,8 +2766,7 @@ impl StreamQuery {
             .enumerate()
             .filter_map(|(r, t)| {
                 let t = t?;
-                (t < timely_from && t <= future_limit && w.operator.is_late(t))
-                    .then_some(r as u32)
+                (t < timely_from && t <= future_limit && w.operator.is_late(t)).then_some(r as u32)
             })
             .collect();
         if candidates.is_empty() {
@@ -3272,7 +3271,6 @@ fn held_map<'a>(
         _ => held,
     }
 }
-
 
 /// The newest event time of each partition among a batch's rows. A batch's rows mostly come
 /// in runs of one partition, so the partition of the row before is tried first: no hashing

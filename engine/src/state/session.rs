@@ -86,9 +86,13 @@ struct Sessions {
 /// the entry dropped.
 #[derive(Default)]
 struct Timers {
-    buckets: BTreeMap<i64, Vec<(i64, Arc<[u8]>)>>,
+    /// Per bucket (event time / [`Timers::BUCKET_MS`]), its entries.
+    buckets: BTreeMap<i64, Vec<Timer>>,
     len: usize,
 }
+
+/// A key due at a time.
+type Timer = (i64, Arc<[u8]>);
 
 impl Timers {
     /// Event time one bucket spans.
@@ -536,7 +540,7 @@ impl WindowedAggregation for SessionOperator {
 
     fn state_bytes(&self) -> usize {
         let entry = std::mem::size_of::<Arc<[u8]>>();
-        let timer = std::mem::size_of::<(i64, Arc<[u8]>)>();
+        let timer = std::mem::size_of::<Timer>();
         self.keys
             .iter()
             .map(|(k, s)| 16 + k.len() + s.len() * std::mem::size_of::<Session>())
