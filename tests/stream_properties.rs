@@ -415,38 +415,62 @@ async fn engine(kind: Kind, run: &Run) -> anyhow::Result<(Results, Vec<Late>)> {
     Ok((results(&out, apply)?, late))
 }
 
-/// What the windowed query published, in order, and the late records.
-async fn published(kind: Kind, run: &Run) -> anyhow::Result<(Vec<RecordBatch>, Vec<Late>)> {
+/// The runs' stream: processing time moves only with early fire; partitions never count as
+/// idle.
+const EV: &str = "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, \
+     v BIGINT NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', \
+     'watermark_delay' '0s', 'idle_timeout' '7d')";
+
+/// Runs `statements` (the tables, settings and the query into `output`) on a fresh engine,
+/// feeds it the run (moving processing time after each micro-batch when `early`), and gives
+/// what `output` holds, in order, and the late records.
+async fn run_query(
+    statements: &[String],
+    output: &str,
+    run: &Run,
+    early: bool,
+) -> anyhow::Result<(Vec<RecordBatch>, Vec<Late>)> {
     let mut engine = DeterministicEngine::new();
-    for sql in [
-        // Processing time moves only with early fire; partitions never count as idle.
-        "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
-         STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s', \
-         'idle_timeout' '7d')",
-        "CREATE EXTERNAL TABLE out (k VARCHAR NOT NULL, g BIGINT, window_start TIMESTAMP NOT NULL, \
-         window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL, s BIGINT, a DOUBLE, lo BIGINT, hi BIGINT, \
-         d BIGINT, f BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL, op VARCHAR NOT NULL) \
-         STORED AS KAFKA OPTIONS ('topic' 'out')",
-        "SET urbanstream.allowed_lateness = '2m'",
-    ] {
+    for sql in statements {
         engine.execute(sql).await?;
     }
-    if run.early_fire {
-        engine.execute("SET urbanstream.early_fire = '10s'").await?;
-    }
-    engine
-        .execute(&format!(
-            "INSERT INTO out SELECT k, g, window_start, window_end, {AGGREGATES} \
-             FROM ev GROUP BY {}, k, g",
-            kind.sql()
-        ))
-        .await?;
-    feed(&mut engine, run, run.early_fire).await?;
-    let Outcome::Rows(out) = engine.execute("SELECT * FROM out").await? else {
+    feed(&mut engine, run, early).await?;
+    let Outcome::Rows(out) = engine.execute(&format!("SELECT * FROM {output}")).await? else {
         anyhow::bail!("no rows")
     };
     let late = late_records(&mut engine).await?;
     Ok((out, late))
+}
+
+/// `SET urbanstream.early_fire`, when the run fires early.
+fn early_fire(run: &Run) -> Option<String> {
+    run.early_fire
+        .then(|| "SET urbanstream.early_fire = '10s'".to_string())
+}
+
+/// What the windowed query published, in order, and the late records.
+async fn published(kind: Kind, run: &Run) -> anyhow::Result<(Vec<RecordBatch>, Vec<Late>)> {
+    let statements: Vec<String> = [
+        Some(EV.to_string()),
+        Some(
+            "CREATE EXTERNAL TABLE out (k VARCHAR NOT NULL, g BIGINT, window_start TIMESTAMP NOT NULL, \
+             window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL, s BIGINT, a DOUBLE, lo BIGINT, hi BIGINT, \
+             d BIGINT, f BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL, op VARCHAR NOT NULL) \
+             STORED AS KAFKA OPTIONS ('topic' 'out')"
+                .to_string(),
+        ),
+        Some("SET urbanstream.allowed_lateness = '2m'".to_string()),
+        early_fire(run),
+        Some(format!(
+            "INSERT INTO out SELECT k, g, window_start, window_end, {AGGREGATES} \
+             FROM ev GROUP BY {}, k, g",
+            kind.sql()
+        )),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    run_query(&statements, "out", run, run.early_fire).await
 }
 
 /// Feeds the run's micro-batches (each into its partition), restarting where it says and,
@@ -899,9 +923,7 @@ fn check_two_stages(
         .block_on(async {
             let mut engine = DeterministicEngine::new();
             for sql in [
-                "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, \
-                 v BIGINT NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', \
-                 'watermark_delay' '0s', 'idle_timeout' '7d')",
+                EV,
                 "CREATE EXTERNAL TABLE five (k VARCHAR NOT NULL, g BIGINT, \
                  window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, n BIGINT, \
                  s BIGINT, hi BIGINT, rows_in BIGINT, op VARCHAR NOT NULL) \
@@ -1013,31 +1035,26 @@ fn check_top(kind: Kind, run: &Run) -> Result<(), TestCaseError> {
     let (pairs, want_late) = model(kind, run);
     let (got, got_late) = rt
         .block_on(async {
-            let mut engine = DeterministicEngine::new();
-            for sql in [
-                "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, \
-                 v BIGINT NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', \
-                 'watermark_delay' '0s', 'idle_timeout' '7d')",
-                "CREATE EXTERNAL TABLE top (k VARCHAR NOT NULL, g BIGINT, \
-                 window_end TIMESTAMP NOT NULL, n BIGINT, s BIGINT, place BIGINT, \
-                 op VARCHAR NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'top')",
-                "SET urbanstream.allowed_lateness = '2m'",
-            ] {
-                engine.execute(sql).await?;
-            }
-            if run.early_fire {
-                engine.execute("SET urbanstream.early_fire = '10s'").await?;
-            }
             let query = TOP
                 .replace("{window_end}", "window_end")
                 .replace("{input}", "ev")
                 .replace("{group_by}", kind.sql());
-            engine.execute(&format!("INSERT INTO top {query}")).await?;
-            feed(&mut engine, run, run.early_fire).await?;
-            let Outcome::Rows(out) = engine.execute("SELECT * FROM top").await? else {
-                anyhow::bail!("no rows")
-            };
-            let late = late_records(&mut engine).await?;
+            let statements: Vec<String> = [
+                Some(EV.to_string()),
+                Some(
+                    "CREATE EXTERNAL TABLE top (k VARCHAR NOT NULL, g BIGINT, \
+                     window_end TIMESTAMP NOT NULL, n BIGINT, s BIGINT, place BIGINT, \
+                     op VARCHAR NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'top')"
+                        .to_string(),
+                ),
+                Some("SET urbanstream.allowed_lateness = '2m'".to_string()),
+                early_fire(run),
+                Some(format!("INSERT INTO top {query}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let (out, late) = run_query(&statements, "top", run, run.early_fire).await?;
             anyhow::Ok((top(&out)?, late))
         })
         .expect("engine");
@@ -1116,24 +1133,20 @@ fn check_detected(run: &Run) -> Result<(), TestCaseError> {
     let (pairs, want_late) = model_with(Kind::Tumble, run, 0);
     let (got, got_late) = rt
         .block_on(async {
-            let mut engine = DeterministicEngine::new();
-            for sql in [
-                "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
-                 STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')",
-                "CREATE EXTERNAL TABLE out (k VARCHAR NOT NULL, window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL, \
-                 score DOUBLE, state VARCHAR, active BOOLEAN) STORED AS KAFKA OPTIONS ('topic' 'out')",
-            ] {
-                engine.execute(sql).await?;
-            }
             let query = DETECTED
                 .replace("{input}", "ev")
                 .replace("{group_by}", "GROUP BY tumble(t, INTERVAL '1 minute'), k");
-            engine.execute(&format!("INSERT INTO out {query}")).await?;
-            feed(&mut engine, run, false).await?;
-            let Outcome::Rows(out) = engine.execute("SELECT * FROM out").await? else {
-                anyhow::bail!("no rows")
-            };
-            anyhow::Ok((detected(&out)?, late_records(&mut engine).await?))
+            let statements = [
+                "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+                 STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')"
+                    .to_string(),
+                "CREATE EXTERNAL TABLE out (k VARCHAR NOT NULL, window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL, \
+                 score DOUBLE, state VARCHAR, active BOOLEAN) STORED AS KAFKA OPTIONS ('topic' 'out')"
+                    .to_string(),
+                format!("INSERT INTO out {query}"),
+            ];
+            let (out, late) = run_query(&statements, "out", run, false).await?;
+            anyhow::Ok((detected(&out)?, late))
         })
         .expect("engine");
     let want = rt
@@ -1250,56 +1263,23 @@ fn check_lagged(run: &Run) -> Result<(), TestCaseError> {
     want_late.sort();
     let (got, got_late) = rt
         .block_on(async {
-            let mut engine = DeterministicEngine::new();
-            for sql in [
-                "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
-                 STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s', \
-                 'idle_timeout' '7d')",
+            let statements = [
+                EV.to_string(),
                 "CREATE EXTERNAL TABLE out (k VARCHAR NOT NULL, g BIGINT, t TIMESTAMP NOT NULL, \
-                 v BIGINT NOT NULL, p1 BIGINT, p2 BIGINT) STORED AS KAFKA OPTIONS ('topic' 'out')",
-            ] {
-                engine.execute(sql).await?;
-            }
-            engine
-                .execute(&format!("INSERT INTO out {}", LAGGED.replace("{input}", "ev")))
-                .await?;
-            feed(&mut engine, run, false).await?;
-            let Outcome::Rows(out) = engine.execute("SELECT * FROM out").await? else {
-                anyhow::bail!("no rows")
-            };
-            anyhow::Ok((lag_rows(&out)?, late_records(&mut engine).await?))
+                 v BIGINT NOT NULL, p1 BIGINT, p2 BIGINT) STORED AS KAFKA OPTIONS ('topic' 'out')"
+                    .to_string(),
+                format!("INSERT INTO out {}", LAGGED.replace("{input}", "ev")),
+            ];
+            let (out, late) = run_query(&statements, "out", run, false).await?;
+            anyhow::Ok((lag_rows(&out)?, late))
         })
         .expect("engine");
     let want = rt
         .block_on(async {
-            let ctx = SessionContext::new();
-            let b = RecordBatch::try_from_iter(vec![
-                (
-                    "k",
-                    Arc::new(StringArray::from_iter_values(kept.iter().map(|e| e.k))) as ArrayRef,
-                ),
-                (
-                    "g",
-                    Arc::new(Int64Array::from_iter(
-                        kept.iter().map(|e| e.g.map(i64::from)),
-                    )),
-                ),
-                (
-                    "t",
-                    Arc::new(TimestampMillisecondArray::from_iter_values(
-                        kept.iter().map(|e| e.t),
-                    )),
-                ),
-                (
-                    "v",
-                    Arc::new(Int64Array::from_iter_values(kept.iter().map(|e| e.v))),
-                ),
-            ])?;
-            ctx.register_table(
-                "events",
-                Arc::new(MemTable::try_new(b.schema(), vec![vec![b]])?),
-            )?;
-            let query = LAGGED.replace("{input}", "events");
+            // The kept events as the model's pairs, with a window LAG does not read.
+            let events: Vec<Pair> = kept.iter().map(|e| (e.clone(), (0, 0))).collect();
+            let ctx = pairs_context(&events)?;
+            let query = LAGGED.replace("{input}", "pairs");
             anyhow::Ok(lag_rows(&ctx.sql(&query).await?.collect().await?)?)
         })
         .expect("batch");
