@@ -2,7 +2,8 @@
 //! city (its topic, key, event time and watermark delay from the stream context, its columns
 //! from the Avro schema that the Arrow schema is derived from, with the schema's own `doc`)
 //! and every reference table. This test renders it and fails when README says something else;
-//! `URBANSTREAM_BLESS=1 cargo test -p urbanstream-tests --test sql_reference` rewrites it.
+//! `URBANSTREAM_BLESS=1 cargo test -p urbanstream-tests --test integration sql_reference::`
+//! rewrites it.
 
 use std::path::Path;
 
@@ -167,7 +168,7 @@ async fn the_readme_lists_every_table_and_column_as_the_schemas_define_them() ->
     }
     anyhow::bail!(
         "README.md's table reference differs from schemas/: run \
-         URBANSTREAM_BLESS=1 cargo test -p urbanstream-tests --test sql_reference\n\
+         URBANSTREAM_BLESS=1 cargo test -p urbanstream-tests --test integration sql_reference::\n\
          generated:\n{generated}"
     )
 }
