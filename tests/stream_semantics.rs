@@ -21,7 +21,7 @@ const T0: i64 = 1_767_247_200_000;
 
 #[derive(Debug, Clone)]
 struct Event {
-    key: &'static str,
+    key: String,
     t: i64,
     v: i64,
 }
@@ -186,7 +186,9 @@ fn batch_results(batches: &[RecordBatch]) -> anyhow::Result<Results> {
 /// The events as a batch table `ev(k, t, v)`.
 fn events_context(events: &[Event]) -> anyhow::Result<SessionContext> {
     let ctx = SessionContext::new();
-    let keys: ArrayRef = Arc::new(StringArray::from_iter_values(events.iter().map(|e| e.key)));
+    let keys: ArrayRef = Arc::new(StringArray::from_iter_values(
+        events.iter().map(|e| e.key.as_str()),
+    ));
     let times: ArrayRef = Arc::new(TimestampMillisecondArray::from_iter_values(
         events.iter().map(|e| e.t),
     ));
@@ -237,7 +239,7 @@ fn scenario_with(
             let mut events: Vec<(i64, Event)> = raw
                 .into_iter()
                 .map(|(k, t, v, delay)| {
-                    let key = ["a", "b", "c", "d"][k];
+                    let key = ["a", "b", "c", "d"][k].to_string();
                     (t + delay, Event { key, t: T0 + t, v })
                 })
                 .collect();
@@ -321,7 +323,7 @@ async fn state_is_freed_when_windows_close() -> anyhow::Result<()> {
     setup(&mut engine, "tumble(t, INTERVAL '1 minute')").await?;
     let events: Vec<Event> = (0..2000)
         .map(|i| Event {
-            key: ["a", "b", "c", "d"][i % 4],
+            key: ["a", "b", "c", "d"][i % 4].to_string(),
             t: T0 + (i as i64) * 50,
             v: i as i64,
         })
@@ -349,8 +351,8 @@ async fn state_is_freed_when_windows_close() -> anyhow::Result<()> {
 /// window). Applying the changelog gives the sessions of a batch query.
 #[tokio::test]
 async fn published_sessions_that_merge_or_move_are_retracted() -> anyhow::Result<()> {
-    let ev = |key: &'static str, minute: i64| Event {
-        key,
+    let ev = |key: &str, minute: i64| Event {
+        key: key.to_string(),
         t: T0 + minute * 60_000,
         v: minute,
     };
@@ -374,5 +376,57 @@ async fn published_sessions_that_merge_or_move_are_retracted() -> anyhow::Result
     let want = batch_sessions(&arrivals).await?;
     assert_eq!(got, want);
     assert_eq!(got.len(), 3, "{got:?}");
+    Ok(())
+}
+
+/// Many keys' sessions opening and closing in turn while one key's session stays open the
+/// whole time, with a session published and then bridged by a late event, and late events
+/// revising sessions already published: the operator emits a closing session from the oldest
+/// part of its state (moving the open sessions it passes over), and the changelog applied is
+/// the sessions of a batch query, whatever the micro-batch size.
+#[tokio::test]
+async fn sessions_closing_in_turn_beside_a_long_one_equal_batch_query() -> anyhow::Result<()> {
+    let ev = |key: String, seconds: i64, v: i64| Event {
+        key,
+        t: T0 + seconds * 1_000,
+        v,
+    };
+    let mut events = Vec::new();
+    for round in 0..4 {
+        for k in 0..48 {
+            let start = round * 1_200 + k * 20;
+            for step in 0..4 {
+                events.push(ev(format!("k{k:02}"), start + step * 60, round * 100 + k));
+            }
+        }
+    }
+    // Open from the first minute to the last.
+    for minute in 0..20 {
+        events.push(ev("long".into(), minute * 240, minute));
+    }
+    // Two sessions 8 minutes apart.
+    events.push(ev("m".into(), 2_400, 1));
+    events.push(ev("m".into(), 2_880, 2));
+    events.sort_by_key(|e| e.t);
+    // Late, within the allowed lateness (10 minutes), arriving when the watermark is 54
+    // minutes: one bridges m's two sessions (both published by then), the others revise
+    // sessions of round 2 published a little before (one extends, one falls inside).
+    let at = events
+        .iter()
+        .position(|e| e.t >= T0 + 3_240_000)
+        .unwrap_or(events.len());
+    let late = [
+        ev("m".into(), 2_640, 3),
+        ev("k00".into(), 2_600, 7),
+        ev("k05".into(), 2_550, 8),
+    ];
+    events.splice(at..at, late);
+    let want = batch_sessions(&events).await?;
+    assert_eq!(want.len(), 4 * 48 + 1 + 1, "{want:?}");
+    for size in [1, 5, 13, 40] {
+        let cuts: Vec<usize> = (size..events.len()).step_by(size).collect();
+        let got = incremental("session(t, INTERVAL '5 minutes')", &events, &cuts).await?;
+        assert_eq!(got, want, "micro-batches of {size}");
+    }
     Ok(())
 }
