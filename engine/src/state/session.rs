@@ -5,10 +5,13 @@
 //! looked up once per event and are nearly always one), then each aggregate is updated once
 //! for the whole batch. An event joins every session of its key that it is within `gap` of;
 //! sessions it bridges are merged by remembering the merged session's group, whose state is
-//! folded into the survivor's when the accumulators are next compacted. Compaction (drain
-//! every group's state, merge it back with each session's groups as one and the groups of
-//! freed sessions dropped) runs when sessions are evaluated for emission, when freed groups
-//! outnumber live ones, and for a checkpoint. A session `[first event, last event + gap)` is
+//! folded into the survivor's when that group is next drained. Sessions to emit are
+//! evaluated by draining the accumulators' oldest groups, up to the last group of a session
+//! to emit (the accumulators hand out only a prefix): each session holding a group there gets
+//! one new group at the end with their merged state, and freed sessions' groups are dropped.
+//! Sessions close about in the order they opened, so that is mostly the closing sessions.
+//! When the prefix is most of the groups, and when freed groups outnumber live ones, and for
+//! a checkpoint, every group is drained and merged back (compaction). A session `[first event, last event + gap)` is
 //! emitted when the watermark reaches its end and freed when the watermark reaches end +
 //! allowed lateness. A late event within the allowed
 //! lateness updates its session, which is re-emitted as a revision; if it moves the session's
@@ -31,7 +34,8 @@
 //! once early results are asked for; an event that only extends an open session needs none),
 //! the ends of open sessions and of sessions waiting out their allowed lateness (timers by
 //! event time, in buckets of a second), and the sessions' starts (for the oldest one still
-//! live). Compaction still drains every session's state when any session is emitted.
+//! live). A step that emits a session revised or shown early (whose group sits near the end)
+//! still drains about every group.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -70,6 +74,13 @@ struct Session {
     looked: u64,
 }
 
+impl Session {
+    /// Its slot and the slots merged into it.
+    fn slots(&self) -> impl Iterator<Item = usize> + '_ {
+        std::iter::once(self.slot).chain(self.merged.iter().copied())
+    }
+}
+
 /// One key's sessions, ordered by start, with the key (the map's own `Arc`, so that the
 /// indexes name the key without a second lookup).
 struct Sessions {
@@ -77,6 +88,8 @@ struct Sessions {
     list: Vec<Session>,
     /// The last update step that named the key for the next watermark step.
     marked: u64,
+    /// The last drain of the accumulators' oldest groups that moved the key's sessions.
+    drained: u64,
 }
 
 /// Keys due at event times (a session's end; end + allowed lateness), in buckets of
@@ -220,6 +233,8 @@ pub struct SessionOperator {
     owners: VecDeque<Option<Arc<[u8]>>>,
     /// Slots of freed sessions.
     dead: usize,
+    /// Drains of the accumulators' oldest groups so far.
+    drains: u64,
 }
 
 impl SessionOperator {
@@ -244,6 +259,7 @@ impl SessionOperator {
             base: 0,
             owners: VecDeque::new(),
             dead: 0,
+            drains: 0,
             spec,
             gap,
             lateness_ms: lateness_ms.max(0),
@@ -320,6 +336,7 @@ impl WindowedAggregation for SessionOperator {
                         key: key.clone(),
                         list: Vec::with_capacity(1),
                         marked: step,
+                        drained: 0,
                     };
                     let (slot, _) = place.event(&mut sessions.list, &key, t);
                     self.pending.push(key.clone());
@@ -341,8 +358,10 @@ impl WindowedAggregation for SessionOperator {
 
     fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>> {
         self.watermark = self.watermark.max(watermark);
-        let mut finals: Vec<SessionRow> = Vec::new();
-        let mut partials: Vec<SessionRow> = Vec::new();
+        // The sessions emitted finally and early: rows of the due sessions' values.
+        let mut finals = Emitted::default();
+        let mut partials = Emitted::default();
+        let mut emitted = Vec::new();
         let step = self.step;
         // The keys to look at: those touched (or holding changes not yet shown), and those
         // with a session whose end the watermark has reached.
@@ -403,30 +422,43 @@ impl WindowedAggregation for SessionOperator {
                     continue;
                 };
                 let end = s.last + self.gap;
-                let row_values: Vec<ArrayRef> = values.iter().map(|v| v.slice(r, 1)).collect();
                 s.published = Some(Published {
                     start: s.start,
                     end,
-                    values: row_values.clone(),
+                    values: values.iter().map(|v| v.slice(r, 1)).collect(),
                     revisions: s.revisions + 1,
                 });
-                let row = (
-                    Box::from(key.as_ref()),
-                    s.start,
-                    end,
-                    row_values,
-                    s.revisions,
-                );
+                let rows = if is_final { &mut finals } else { &mut partials };
+                rows.rows.push(u32::try_from(r).unwrap_or(u32::MAX));
+                rows.starts.push(s.start);
+                rows.ends.push(end);
+                rows.revisions.push(s.revisions);
                 s.revisions += 1;
                 s.emitted_at = Some(step);
                 if is_final {
                     if !s.final_fired {
-                        self.freeing.push(end, key);
+                        self.freeing.push(end, key.clone());
                     }
                     s.final_fired = true;
-                    finals.push(row);
-                } else {
-                    partials.push(row);
+                }
+                rows.keys.push(key);
+            }
+            for (rows, is_final) in [(finals, true), (partials, false)] {
+                if !rows.rows.is_empty() {
+                    let picked = UInt32Array::from(rows.rows);
+                    let values = values
+                        .iter()
+                        .map(|v| take(v, &picked, None))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    let keys = rows.keys.iter().map(|k| k.as_ref());
+                    let batch = self.output(keys, &rows.starts, &rows.ends, values)?;
+                    emitted.push(Emission {
+                        batch,
+                        revisions: rows.revisions,
+                        is_final,
+                        retract: false,
+                        until: rows.ends.iter().copied().max().unwrap_or(i64::MIN),
+                    });
                 }
             }
         }
@@ -434,15 +466,11 @@ impl WindowedAggregation for SessionOperator {
         // Withdrawn rows go first, so that a consumer applying the changelog in order never
         // holds a merged session and its parts at once.
         let retractions = std::mem::take(&mut self.retractions);
-        if let Some(mut e) = self.emission(retractions, true)? {
+        if let Some(mut e) = self.retraction_emission(retractions)? {
             e.retract = true;
             out.push(e);
         }
-        for (rows, is_final) in [(finals, true), (partials, false)] {
-            if let Some(e) = self.emission(rows, is_final)? {
-                out.push(e);
-            }
-        }
+        out.append(&mut emitted);
         // Evict sessions past end + allowed lateness.
         let frontier = self.watermark.saturating_sub(self.lateness_ms);
         self.late_frontier = frontier;
@@ -461,7 +489,7 @@ impl WindowedAggregation for SessionOperator {
                 let keep = !(s.final_fired && s.last + gap <= frontier);
                 if !keep {
                     freed += 1 + s.merged.len();
-                    for slot in std::iter::once(s.slot).chain(s.merged.iter().copied()) {
+                    for slot in s.slots() {
                         owners[slot - base] = None;
                     }
                     self.count -= 1;
@@ -709,6 +737,7 @@ impl WindowedAggregation for SessionOperator {
                     key,
                     list: Vec::new(),
                     marked: 0,
+                    drained: 0,
                 })
                 .push(Session {
                     start: starts.value(r),
@@ -826,6 +855,17 @@ fn forget_start(starts: &mut BTreeMap<i64, usize>, start: i64) {
 }
 
 type SessionRow = (Box<[u8]>, i64, i64, Vec<ArrayRef>, u32);
+
+/// Sessions emitted in a step, finally or early: their keys, windows and revisions, and
+/// their rows among the due sessions' values.
+#[derive(Default)]
+struct Emitted {
+    keys: Vec<Arc<[u8]>>,
+    starts: Vec<i64>,
+    ends: Vec<i64>,
+    revisions: Vec<u32>,
+    rows: Vec<u32>,
+}
 
 /// The row withdrawing a published one: its key and window, the values it was published
 /// with (so filters above the aggregation treat it as they treated the row), and the next
@@ -959,11 +999,10 @@ impl SessionOperator {
             .into_iter()
             .filter(|(key, j, _)| self.keys.get(key).is_some_and(|s| *j < s.len()))
             .collect();
-        let slots_of = |s: &Session| std::iter::once(s.slot).chain(s.merged.clone());
         let mut end = self.base;
         for (key, j, _) in &due {
             if let Some(s) = self.keys.get(key).and_then(|s| s.get(*j)) {
-                end = end.max(slots_of(s).max().unwrap_or(s.slot) + 1);
+                end = end.max(s.slots().max().unwrap_or(s.slot) + 1);
             }
         }
         let prefix = end - self.base;
@@ -978,11 +1017,18 @@ impl SessionOperator {
             let values = self.values_of(&compacted, &slots)?;
             return Ok((due, values));
         }
-        // The keys holding a slot in the prefix, once each.
-        let mut holders: Vec<Arc<[u8]>> =
-            self.owners.iter().take(prefix).flatten().cloned().collect();
-        holders.sort_unstable_by_key(|key| Arc::as_ptr(key).cast::<u8>() as usize);
-        holders.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        // The keys holding a slot in the prefix, once each, in the order of their first slot
+        // there.
+        self.drains += 1;
+        let mut holders: Vec<Arc<[u8]>> = Vec::new();
+        for key in self.owners.iter().take(prefix).flatten() {
+            if let Some(sessions) = self.keys.get_mut(key)
+                && sessions.drained != self.drains
+            {
+                sessions.drained = self.drains;
+                holders.push(key.clone());
+            }
+        }
         // Each of their sessions with slots in the prefix: those slots' rows (`keep`, as
         // groups of the prefix) merged into one new group (`into`) after the groups that
         // stay.
@@ -995,7 +1041,7 @@ impl SessionOperator {
                 continue;
             };
             for s in sessions.list.iter_mut() {
-                let old: Vec<usize> = slots_of(s).filter(|slot| *slot < end).collect();
+                let old: Vec<usize> = s.slots().filter(|slot| *slot < end).collect();
                 if old.is_empty() {
                     continue;
                 }
@@ -1144,44 +1190,54 @@ impl SessionOperator {
             .collect()
     }
 
-    /// One batch of emitted sessions, in the aggregation's output schema.
-    fn emission(&self, rows: Vec<SessionRow>, is_final: bool) -> Result<Option<Emission>> {
-        if rows.is_empty() {
-            return Ok(None);
-        }
+    /// Rows in the aggregation's output schema: per row its key (row-encoded) and window,
+    /// and per aggregate a column of values.
+    fn output<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k [u8]>,
+        starts: &[i64],
+        ends: &[i64],
+        values: Vec<ArrayRef>,
+    ) -> Result<RecordBatch> {
         let parser = self.row_converter.parser();
         let keys = self
             .row_converter
-            .convert_rows(rows.iter().map(|r| parser.parse(&r.0)))?;
+            .convert_rows(keys.map(|k| parser.parse(k)))?;
         let keys = if self.spec.groups.is_empty() {
             Vec::new()
         } else {
             keys
         };
-        let starts: ArrayRef = Arc::new(TimestampMillisecondArray::from_iter_values(
-            rows.iter().map(|r| r.1),
-        ));
-        let ends: ArrayRef = Arc::new(TimestampMillisecondArray::from_iter_values(
-            rows.iter().map(|r| r.2),
-        ));
+        let starts: ArrayRef = Arc::new(TimestampMillisecondArray::from(starts.to_vec()));
+        let ends: ArrayRef = Arc::new(TimestampMillisecondArray::from(ends.to_vec()));
         let window: ArrayRef = Arc::new(StructArray::try_new(
             window_fields(),
             vec![starts, ends],
             None,
         )?);
+        self.spec.output_batch(keys, window, values)
+    }
+
+    /// The rows withdrawing published ones, as one batch.
+    fn retraction_emission(&self, rows: Vec<SessionRow>) -> Result<Option<Emission>> {
+        if rows.is_empty() {
+            return Ok(None);
+        }
         let values = (0..self.spec.aggregates.len())
             .map(|a| {
                 let parts: Vec<&dyn Array> = rows.iter().map(|r| r.3[a].as_ref()).collect();
                 Ok(concat(&parts)?)
             })
             .collect::<Result<Vec<_>>>()?;
-        let batch = self.spec.output_batch(keys, window, values)?;
+        let starts: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        let ends: Vec<i64> = rows.iter().map(|r| r.2).collect();
+        let batch = self.output(rows.iter().map(|r| r.0.as_ref()), &starts, &ends, values)?;
         Ok(Some(Emission {
             batch,
             revisions: rows.iter().map(|r| r.4).collect(),
-            is_final,
+            is_final: true,
             retract: false,
-            until: rows.iter().map(|r| r.2).max().unwrap_or(i64::MIN),
+            until: ends.iter().copied().max().unwrap_or(i64::MIN),
         }))
     }
 }
