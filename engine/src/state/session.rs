@@ -88,7 +88,8 @@ struct Sessions {
     list: Vec<Session>,
     /// The last update step that named the key for the next watermark step.
     marked: u64,
-    /// The last drain of the accumulators' oldest groups that moved the key's sessions.
+    /// The last drain of the accumulators' groups (the oldest, or all of them) that moved
+    /// the key's sessions.
     drained: u64,
 }
 
@@ -233,7 +234,7 @@ pub struct SessionOperator {
     owners: VecDeque<Option<Arc<[u8]>>>,
     /// Slots of freed sessions.
     dead: usize,
-    /// Drains of the accumulators' oldest groups so far.
+    /// Drains of the accumulators' groups (the oldest, or all of them) so far.
     drains: u64,
 }
 
@@ -600,7 +601,17 @@ impl WindowedAggregation for SessionOperator {
         // One slot per session, then each session's state row in the order they are listed.
         let compacted = self.compact()?;
         let mut order: Vec<u32> = Vec::new();
-        for (key, sessions) in self.keys.iter() {
+        // In the order of their groups (a key's sessions are together after compaction), so
+        // that a restore keeps the order the sessions opened in.
+        let mut previous: Option<&Arc<[u8]>> = None;
+        for key in self.owners.iter().flatten() {
+            if previous.is_some_and(|p| Arc::ptr_eq(p, key)) {
+                continue;
+            }
+            previous = Some(key);
+            let Some(sessions) = self.keys.get(key) else {
+                continue;
+            };
             for s in sessions.iter() {
                 order.push(u32::try_from(s.slot).unwrap_or(u32::MAX));
                 keys.push(key.as_ref());
@@ -1112,8 +1123,32 @@ impl SessionOperator {
         let mut keep: Vec<u32> = Vec::with_capacity(self.slots - self.base - self.dead);
         let mut into: Vec<usize> = Vec::with_capacity(self.slots - self.base - self.dead);
         let mut live = 0;
-        self.owners.clear();
-        for (key, sessions) in self.keys.iter_mut() {
+        // Keys in the order of their oldest slot, so that the groups stay about in the order
+        // the sessions opened (the order they close in, which emission relies on).
+        self.drains += 1;
+        let mut order: Vec<Arc<[u8]>> = Vec::with_capacity(self.keys.len());
+        for key in self.owners.drain(..).flatten() {
+            if let Some(sessions) = self.keys.get_mut(&key)
+                && sessions.drained != self.drains
+            {
+                sessions.drained = self.drains;
+                order.push(key);
+            }
+        }
+        if order.len() < self.keys.len() {
+            // Every live session holds a group, so this is not expected; keys missed would
+            // keep stale slots.
+            for (key, sessions) in self.keys.iter_mut() {
+                if sessions.drained != self.drains {
+                    sessions.drained = self.drains;
+                    order.push(key.clone());
+                }
+            }
+        }
+        for key in order {
+            let Some(sessions) = self.keys.get_mut(&key) else {
+                continue;
+            };
             for s in sessions.list.iter_mut() {
                 for old in std::iter::once(s.slot).chain(s.merged.drain(..)) {
                     keep.push(u32::try_from(old - self.base).unwrap_or(u32::MAX));
