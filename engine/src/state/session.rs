@@ -347,7 +347,7 @@ impl WindowedAggregation for SessionOperator {
             };
             groups.push(slot - self.base);
         }
-        let groups_total = self.slots - self.base;
+        let groups_total = self.held();
         for (a, acc) in self.accumulators.iter_mut().enumerate() {
             let filter = filters[a]
                 .as_ref()
@@ -503,7 +503,7 @@ impl WindowedAggregation for SessionOperator {
             }
         }
         self.dead += freed;
-        if self.dead > 1024 && self.dead > self.slots - self.base - self.dead {
+        if self.dead > 1024 && self.dead > self.held() - self.dead {
             self.compact()?;
         }
         let oldest_live = self.starts.keys().next().copied();
@@ -1017,7 +1017,7 @@ impl SessionOperator {
             }
         }
         let prefix = end - self.base;
-        let held = self.slots - self.base;
+        let held = self.held();
         if 2 * prefix > held {
             // Compaction leaves one slot per session: the due sessions' slots, after it.
             let compacted = self.compact()?;
@@ -1028,18 +1028,7 @@ impl SessionOperator {
             let values = self.values_of(&compacted, &slots)?;
             return Ok((due, values));
         }
-        // The keys holding a slot in the prefix, once each, in the order of their first slot
-        // there.
-        self.drains += 1;
-        let mut holders: Vec<Arc<[u8]>> = Vec::new();
-        for key in self.owners.iter().take(prefix).flatten() {
-            if let Some(sessions) = self.keys.get_mut(key)
-                && sessions.drained != self.drains
-            {
-                sessions.drained = self.drains;
-                holders.push(key.clone());
-            }
-        }
+        let holders = self.holders(prefix);
         // Each of their sessions with slots in the prefix: those slots' rows (`keep`, as
         // groups of the prefix) merged into one new group (`into`) after the groups that
         // stay.
@@ -1052,15 +1041,15 @@ impl SessionOperator {
                 continue;
             };
             for s in sessions.list.iter_mut() {
-                let old: Vec<usize> = s.slots().filter(|slot| *slot < end).collect();
-                if old.is_empty() {
-                    continue;
-                }
-                let new = self.slots + moved.len();
-                for slot in old {
+                let before = keep.len();
+                for slot in s.slots().filter(|slot| *slot < end) {
                     keep.push(u32::try_from(slot - self.base).unwrap_or(u32::MAX));
                     into.push(stay + moved.len());
                 }
+                if keep.len() == before {
+                    continue;
+                }
+                let new = self.slots + moved.len();
                 s.merged.retain(|slot| *slot >= end);
                 if s.slot < end {
                     s.slot = new;
@@ -1115,26 +1104,39 @@ impl SessionOperator {
         Ok((due, values))
     }
 
+    /// The keys holding a slot among the accumulators' first `groups` groups, once each, in
+    /// the order of their first slot there (a new drain: each key is marked with it).
+    fn holders(&mut self, groups: usize) -> Vec<Arc<[u8]>> {
+        self.drains += 1;
+        let mut holders = Vec::new();
+        for key in self.owners.iter().take(groups).flatten() {
+            if let Some(sessions) = self.keys.get_mut(key)
+                && sessions.drained != self.drains
+            {
+                sessions.drained = self.drains;
+                holders.push(key.clone());
+            }
+        }
+        holders
+    }
+
+    /// The groups the accumulators hold.
+    fn held(&self) -> usize {
+        self.slots - self.base
+    }
+
     /// Drains every group's state and merges it back with each session's slots (its own and
     /// those merged into it) as one new slot, in the order the sessions are listed, and the
     /// slots of freed sessions dropped. Returns the compacted state columns of each
     /// aggregate (one row per session, at its new slot).
     fn compact(&mut self) -> Result<Vec<Vec<ArrayRef>>> {
-        let mut keep: Vec<u32> = Vec::with_capacity(self.slots - self.base - self.dead);
-        let mut into: Vec<usize> = Vec::with_capacity(self.slots - self.base - self.dead);
+        let mut keep: Vec<u32> = Vec::with_capacity(self.held() - self.dead);
+        let mut into: Vec<usize> = Vec::with_capacity(self.held() - self.dead);
         let mut live = 0;
         // Keys in the order of their oldest slot, so that the groups stay about in the order
         // the sessions opened (the order they close in, which emission relies on).
-        self.drains += 1;
-        let mut order: Vec<Arc<[u8]>> = Vec::with_capacity(self.keys.len());
-        for key in self.owners.drain(..).flatten() {
-            if let Some(sessions) = self.keys.get_mut(&key)
-                && sessions.drained != self.drains
-            {
-                sessions.drained = self.drains;
-                order.push(key);
-            }
-        }
+        let mut order = self.holders(self.owners.len());
+        self.owners.clear();
         if order.len() < self.keys.len() {
             // Every live session holds a group, so this is not expected; keys missed would
             // keep stale slots.
