@@ -61,6 +61,10 @@ pub struct EngineArgs {
     /// Leave the input's key undeclared (the window query is repartitioned).
     #[arg(long)]
     pub repartition: bool,
+    /// A backlog drain: mark the start at the first input record and the end once this many
+    /// have been read, instead of waiting for `start` and `end` on stdin.
+    #[arg(long)]
+    pub expect: Option<u64>,
 }
 
 /// The bench queries: the input table, the output table and the statement.
@@ -190,7 +194,9 @@ fn usage() -> (f64, u64) {
 /// Runs the child side until stdin closes.
 pub async fn run(args: EngineArgs) -> Result<()> {
     let mut config = PipelineConfig::new(&args.brokers);
-    config.group_id = format!("bench-engine-{}", args.input);
+    // Named after the output, which is new for every run: a run never resumes another's
+    // committed offsets.
+    config.group_id = format!("bench-engine-{}", args.output);
     config.default_queries = false;
     config.queries = vec![("bench".into(), bench_sql(&args))];
     config.topics.dlq = args.dlq.clone();
@@ -222,42 +228,36 @@ pub async fn run(args: EngineArgs) -> Result<()> {
         }
     });
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    // A drain is timed from its own records, looked at every 2 ms.
+    let mut watch = tokio::time::interval(Duration::from_millis(2));
     let mut final_stats = EngineStats::default();
-    let mut start: Option<(Instant, f64, BTreeMap<String, f64>)> = None;
+    let mut start: Option<Mark> = None;
+    let mut ended = false;
     loop {
         tokio::select! {
             line = commands.recv() => match line {
                 Some(line) => match line.trim() {
-                    "start" => {
-                        final_stats.records_at_start = stats.records_in.load(Ordering::Relaxed);
-                        if let Ok(mut h) = stats.emit_latency_us.lock() {
-                            *h = latency_histogram();
-                        }
-                        start = Some((Instant::now(), usage().0, thread_cpu()));
-                    }
+                    "start" => start = Some(Mark::start(&stats, &mut final_stats)),
                     "end" => {
-                        final_stats.records_at_end = stats.records_in.load(Ordering::Relaxed);
-                        if let Some((at, cpu, threads)) = &start {
-                            final_stats.marked_seconds = at.elapsed().as_secs_f64();
-                            final_stats.cpu_seconds = usage().0 - cpu;
-                            // Threads that ended between the marks are not counted.
-                            final_stats.cpu_by_thread = thread_cpu()
-                                .into_iter()
-                                .map(|(name, secs)| {
-                                    let before = threads.get(&name).copied().unwrap_or(0.0);
-                                    (name, (secs - before).max(0.0))
-                                })
-                                .filter(|(_, secs)| *secs > 0.0)
-                                .collect();
-                        }
-                        if let Ok(h) = stats.emit_latency_us.lock() {
-                            final_stats.emit = Percentiles::of(&h);
+                        if let Some(start) = &start {
+                            start.end(&stats, &mut final_stats);
                         }
                     }
                     other => tracing::warn!(line = other, "bench-engine: unknown command"),
                 },
                 None => break,
             },
+            _ = watch.tick(), if args.expect.is_some() && !ended => {
+                let read = stats.records_in.load(Ordering::Relaxed);
+                match &start {
+                    None if read > 0 => start = Some(Mark::start(&stats, &mut final_stats)),
+                    Some(mark) if read >= args.expect.unwrap_or(u64::MAX) => {
+                        mark.end(&stats, &mut final_stats);
+                        ended = true;
+                    }
+                    _ => {}
+                }
+            }
             _ = ticker.tick() => {
                 if running.is_finished() {
                     break;
@@ -276,6 +276,47 @@ pub async fn run(args: EngineArgs) -> Result<()> {
     final_stats.late = stats.late.load(Ordering::Relaxed);
     final_stats.peak_rss_bytes = usage().1;
     say(&serde_json::json!({ "final": final_stats }))
+}
+
+/// The start of a measured interval: when, the process's CPU time and each thread's.
+struct Mark {
+    at: Instant,
+    cpu: f64,
+    threads: BTreeMap<String, f64>,
+}
+
+impl Mark {
+    /// Starts the interval: notes the input count and resets the emit-latency histogram.
+    fn start(stats: &PipelineStats, out: &mut EngineStats) -> Self {
+        out.records_at_start = stats.records_in.load(Ordering::Relaxed);
+        if let Ok(mut h) = stats.emit_latency_us.lock() {
+            *h = latency_histogram();
+        }
+        Self {
+            at: Instant::now(),
+            cpu: usage().0,
+            threads: thread_cpu(),
+        }
+    }
+
+    /// Ends the interval: input count, time, CPU (in all and by thread), emit latency.
+    fn end(&self, stats: &PipelineStats, out: &mut EngineStats) {
+        out.records_at_end = stats.records_in.load(Ordering::Relaxed);
+        out.marked_seconds = self.at.elapsed().as_secs_f64();
+        out.cpu_seconds = usage().0 - self.cpu;
+        // Threads that ended between the marks are not counted.
+        out.cpu_by_thread = thread_cpu()
+            .into_iter()
+            .map(|(name, secs)| {
+                let before = self.threads.get(&name).copied().unwrap_or(0.0);
+                (name, (secs - before).max(0.0))
+            })
+            .filter(|(_, secs)| *secs > 0.0)
+            .collect();
+        if let Ok(h) = stats.emit_latency_us.lock() {
+            out.emit = Percentiles::of(&h);
+        }
+    }
 }
 
 /// Writes one line to stdout, for the parent.
@@ -306,8 +347,14 @@ pub struct EngineProcess {
 }
 
 impl EngineProcess {
-    /// Starts the child and waits until it is ready.
-    pub async fn spawn(args: &BenchArgs, brokers: &str, topics: &StepTopics) -> Result<Self> {
+    /// Starts the child and waits until it is ready. With `expect`, the child times a
+    /// backlog drain of that many records itself.
+    pub async fn spawn(
+        args: &BenchArgs,
+        brokers: &str,
+        topics: &StepTopics,
+        expect: Option<u64>,
+    ) -> Result<Self> {
         let exe = std::env::current_exe()
             .map_err(|e| Error::Config(format!("cannot find the urbanstream binary: {e}")))?;
         let ms = |d: Duration| format!("{}ms", d.as_millis());
@@ -330,6 +377,7 @@ impl EngineProcess {
             .args(["--linger", &ms(args.linger)])
             .args(["--producer-linger", &ms(args.producer_linger)])
             .args(args.repartition.then_some("--repartition"))
+            .args(expect.iter().flat_map(|n| ["--expect".to_string(), n.to_string()]))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

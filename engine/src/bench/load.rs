@@ -56,6 +56,21 @@ impl Schedule {
         }
     }
 
+    /// A backlog: `events` whose due times, `rate` apart, end now, so they are all due at
+    /// once and the generator produces them as fast as the broker takes them.
+    pub fn backlog(rate: u64, events: u64) -> Self {
+        let span_us = (u128::from(events) * 1_000_000 / u128::from(rate.max(1))) as u64;
+        let now_us = epoch_us();
+        let start_epoch_us = (now_us - span_us as i64) / 1000 * 1000;
+        let back = Duration::from_micros((now_us - start_epoch_us) as u64);
+        Self {
+            rate,
+            events,
+            start: Instant::now().checked_sub(back).unwrap_or_else(Instant::now),
+            start_epoch_us,
+        }
+    }
+
     /// Offset of event `i`'s due time from event 0's, µs.
     pub fn offset_us(&self, i: u64) -> i64 {
         (u128::from(i) * 1_000_000 / u128::from(self.rate)) as i64
@@ -325,6 +340,12 @@ pub struct Received {
     pub recorded: u64,
     /// Rows that were not JSON with the expected time field.
     pub unreadable: u64,
+    /// Rows read in all.
+    pub rows: u64,
+    /// When the first row was read.
+    pub first_at: Option<Instant>,
+    /// When the last row was read.
+    pub last_at: Option<Instant>,
 }
 
 /// The downstream consumer, on its own thread.
@@ -409,13 +430,22 @@ fn receive(
     let mut recorded = 0;
     let mut unreadable = 0;
     let mut last_hop = latency_histogram();
+    let (mut first_at, mut last_at) = (None, None);
+    // An empty interval records nothing: rows are only counted, not parsed (a plain drain).
+    let timed = recording.from_us <= recording.to_us;
     while !stop.load(Ordering::Relaxed) {
         let Some(message) = consumer.poll(Duration::from_millis(50)) else {
             continue;
         };
         let message = message?;
-        let now = epoch_us();
+        let at = Instant::now();
+        first_at.get_or_insert(at);
+        last_at = Some(at);
         rows.fetch_add(1, Ordering::Relaxed);
+        if !timed {
+            continue;
+        }
+        let now = epoch_us();
         let reference = message
             .payload()
             .and_then(|p| serde_json::from_slice::<Row>(p).ok())
@@ -443,6 +473,9 @@ fn receive(
         last_hop,
         recorded,
         unreadable,
+        rows: rows.load(Ordering::Relaxed),
+        first_at,
+        last_at,
     })
 }
 

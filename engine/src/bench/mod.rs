@@ -22,9 +22,11 @@
 //! max, input, engine and output rates, engine CPU per event and peak RSS, as text, JSON and
 //! an SVG plot of latency against offered rate. `--sweep` raises the rate step by step and
 //! reports the highest whose p99 stays under `--p99-bound` while the engine keeps up (it stops
-//! after two failed rates in a row).
+//! after two failed rates in a row). `--backlog N` measures instead how fast the engine drains
+//! a backlog of `N` events against a plain consumer of the same topic ([`drain`]).
 
 pub mod child;
+pub mod drain;
 pub mod load;
 pub mod report;
 
@@ -136,6 +138,15 @@ pub struct BenchArgs {
     /// Random seed of the generated events.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Measure how fast a backlog is drained instead of latency: produce this many events
+    /// first (event times --rate apart, ending now), then let the engine and a plain consumer
+    /// take turns reading all of them (--runs each), timed from each one's first record to
+    /// its last. --drain bounds each run. Writes `drain.json`.
+    #[arg(long)]
+    pub backlog: Option<u64>,
+    /// With --backlog: how many times each reader drains it, alternating.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
 }
 
 /// Durations in the JSON report as humantime strings (`"30s"`).
@@ -219,6 +230,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         None => Cluster::Embedded(EmbeddedBroker::start()?),
     };
     let run_id = format!("{}", crate::pipeline::epoch_ms());
+    if let Some(backlog) = args.backlog {
+        return drain::run(&args, &cluster, &run_id, backlog).await;
+    }
     let mut report = Report::new(&args);
     let mut rate = args.rate;
     let mut step = 0;
@@ -271,6 +285,15 @@ fn validate(args: &BenchArgs) -> Result<()> {
     if args.window < Duration::from_millis(1) {
         return bad("--window must be at least 1ms");
     }
+    if args.backlog == Some(0) {
+        return bad("--backlog must be at least 1 event");
+    }
+    if args.backlog.is_some() && args.sweep {
+        return bad("--backlog measures a drain, --sweep latency: give one of them");
+    }
+    if args.backlog.is_some() && args.runs == 0 {
+        return bad("--runs must be at least 1");
+    }
     if args.sweep && args.sweep_factor <= 1.0 {
         return bad("--sweep-factor must be above 1");
     }
@@ -286,7 +309,7 @@ async fn run_step(
     rate: u64,
 ) -> Result<StepReport> {
     let mut engine = match args.consumer {
-        ConsumerKind::Engine => Some(child::EngineProcess::spawn(args, brokers, topics).await?),
+        ConsumerKind::Engine => Some(child::EngineProcess::spawn(args, brokers, topics, None).await?),
         ConsumerKind::Plain => None,
     };
     // The receiver reads the engine's output, or, for the plain consumer, the input itself.

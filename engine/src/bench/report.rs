@@ -192,7 +192,8 @@ pub struct Machine {
 }
 
 impl Machine {
-    fn this() -> Self {
+    /// This machine: its CPUs, CPU model and operating system.
+    pub fn this() -> Self {
         let cpu_model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("model name"))
