@@ -1,5 +1,6 @@
 //! `urbanstream bench` end to end on the embedded broker: a short run of each query prints the
-//! latency table and writes a JSON report and an SVG plot whose figures hold together.
+//! latency table and writes a JSON report and an SVG plot whose figures hold together; a
+//! backlog drain times both readers over the same backlog.
 
 use std::process::Command;
 
@@ -70,4 +71,42 @@ fn a_short_bench_of_each_query_reports_consistent_latencies() {
     assert!(n(&step["emit"]["count"]) > 0.0, "{step}");
     assert!(n(&step["emit"]["p99_us"]) <= n(&step["emit"]["max_us"]));
     assert_eq!(step["engine_dlq_late"], serde_json::json!([0, 0]), "{step}");
+}
+
+#[test]
+fn a_backlog_drain_times_the_engine_and_a_plain_consumer_in_turn() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = Command::new(env!("CARGO_BIN_EXE_urbanstream"))
+        .args(["--log", "warn", "bench", "--backlog", "30000", "--runs", "2"])
+        .args(["--keys", "50", "--query", "window", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("run urbanstream bench --backlog");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench --backlog failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("median drain rate"), "{stdout}");
+    let json = std::fs::read_to_string(dir.path().join("drain.json")).expect("drain.json");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("report is JSON");
+    assert_eq!(report["backlog"], 30000, "{report}");
+    let runs = report["runs"].as_array().expect("runs");
+    let readers: Vec<&str> = runs.iter().map(|r| r["reader"].as_str().unwrap()).collect();
+    assert_eq!(readers, ["engine", "plain", "engine", "plain"]);
+    for run in runs {
+        // Timed from the first record read (for the engine, its first micro-batch) to the
+        // last of the backlog; what came before is not counted.
+        let records = n(&run["records"]);
+        assert!((15000.0..30000.0).contains(&records), "{run}");
+        assert!(n(&run["seconds"]) > 0.0, "{run}");
+        assert!((n(&run["rate"]) - records / n(&run["seconds"])).abs() < 1.0, "{run}");
+        if run["reader"] == "engine" {
+            assert!(n(&run["cpu_us_per_event"]) > 0.0, "{run}");
+            assert_eq!(run["dlq_late"], serde_json::json!([0, 0]), "{run}");
+        } else {
+            assert!(run["cpu_us_per_event"].is_null(), "{run}");
+        }
+    }
 }

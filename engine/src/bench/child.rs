@@ -65,6 +65,9 @@ pub struct EngineArgs {
     /// have been read, instead of waiting for `start` and `end` on stdin.
     #[arg(long)]
     pub expect: Option<u64>,
+    /// A librdkafka property (`KEY=VALUE`, repeatable) for the engine's clients.
+    #[arg(long = "property", value_parser = super::parse_property)]
+    pub properties: Vec<(String, String)>,
 }
 
 /// The bench queries: the input table, the output table and the statement.
@@ -203,17 +206,26 @@ pub async fn run(args: EngineArgs) -> Result<()> {
     config.topics.late = args.late.clone();
     config.linger = args.linger;
     config.producer_linger = args.producer_linger;
+    config.properties = args.properties.clone();
     let stats = Arc::new(PipelineStats::new());
     let pipeline = Pipeline::new(config, stats.clone()).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let running = tokio::spawn(pipeline.run(stop.clone()));
     // Ready once the consumer group has given this process its partitions: a load started
     // before that would pile up a backlog during the group join.
+    // A drain's first records follow the assignment closely: look often.
+    let look = Duration::from_millis(if args.expect.is_some() { 2 } else { 50 });
+    let mut final_stats = EngineStats::default();
+    let mut start: Option<Mark> = None;
     while stats.assigned_partitions.load(Ordering::Relaxed) == 0 {
         if running.is_finished() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(look).await;
+        if args.expect.is_some() && stats.records_in.load(Ordering::Relaxed) > 0 {
+            start = Some(Mark::start(&stats, &mut final_stats));
+            break;
+        }
     }
     say(&serde_json::json!({"ready": true}))?;
 
@@ -230,8 +242,6 @@ pub async fn run(args: EngineArgs) -> Result<()> {
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     // A drain is timed from its own records, looked at every 2 ms.
     let mut watch = tokio::time::interval(Duration::from_millis(2));
-    let mut final_stats = EngineStats::default();
-    let mut start: Option<Mark> = None;
     let mut ended = false;
     loop {
         tokio::select! {
@@ -378,6 +388,11 @@ impl EngineProcess {
             .args(["--producer-linger", &ms(args.producer_linger)])
             .args(args.repartition.then_some("--repartition"))
             .args(expect.iter().flat_map(|n| ["--expect".to_string(), n.to_string()]))
+            .args(
+                args.kafka_properties
+                    .iter()
+                    .flat_map(|(k, v)| ["--property".to_string(), format!("{k}={v}")]),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -450,6 +465,11 @@ impl EngineProcess {
                 self.final_stats = l.final_stats;
             }
         }
+    }
+
+    /// Whether the child has exited (on an error of its own: it reports it on stderr).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     /// Input records the engine has read, as of the last progress line.

@@ -38,6 +38,8 @@ pub struct DrainRun {
     pub cores: Option<f64>,
     /// The engine's CPU time per record by kind of thread, µs.
     pub cpu_us_per_event_by_thread: std::collections::BTreeMap<String, f64>,
+    /// Records the engine dead-lettered and events it found late (none are expected).
+    pub dlq_late: Option<(u64, u64)>,
 }
 
 /// The drain report: the backlog, then each run in the order they ran.
@@ -111,6 +113,9 @@ impl DrainReport {
                 opt(r.cpu_us_per_event),
                 opt(r.cores),
             );
+            if let Some((dlq, late)) = r.dlq_late.filter(|&(d, l)| d + l > 0) {
+                let _ = writeln!(s, "{:>11} {dlq} records dead-lettered, {late} late", "");
+            }
             if !r.cpu_us_per_event_by_thread.is_empty() {
                 let mut by: Vec<_> = r.cpu_us_per_event_by_thread.iter().collect();
                 by.sort_by(|a, b| b.1.total_cmp(a.1));
@@ -214,6 +219,13 @@ async fn drain_engine(
     let mut engine = child::EngineProcess::spawn(args, brokers, topics, Some(expect)).await?;
     let deadline = Instant::now() + args.drain;
     while engine.records_in() < expect {
+        if engine.exited() {
+            return Err(Error::Config(format!(
+                "bench: the engine stopped after reading {} of {expect} records (its error is \
+                 above)",
+                engine.records_in()
+            )));
+        }
         if Instant::now() >= deadline {
             return Err(Error::Config(format!(
                 "bench: the engine read {} of {expect} records within --drain {}",
@@ -244,6 +256,7 @@ async fn drain_engine(
             .iter()
             .map(|(k, v)| (k.clone(), per_event(*v)))
             .collect(),
+        dlq_late: Some((stats.dlq, stats.late)),
     })
 }
 
@@ -257,7 +270,13 @@ async fn drain_plain(args: &BenchArgs, brokers: &str, input: &str, expect: u64) 
         delay_ms: 0,
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let receiver = load::Receiver::start(brokers, input, recording, stop.clone())?;
+    let receiver = load::Receiver::start(
+        brokers,
+        input,
+        recording,
+        &args.kafka_properties,
+        stop.clone(),
+    )?;
     let deadline = Instant::now() + args.drain;
     while receiver.received() < expect && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -287,5 +306,6 @@ async fn drain_plain(args: &BenchArgs, brokers: &str, input: &str, expect: u64) 
         cpu_us_per_event: None,
         cores: None,
         cpu_us_per_event_by_thread: Default::default(),
+        dlq_late: None,
     })
 }

@@ -356,21 +356,27 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// Starts reading every partition of `topic` from the beginning.
+    /// Starts reading every partition of `topic` from the beginning, with `properties` set on
+    /// its client.
     pub fn start(
         brokers: &str,
         topic: &str,
         recording: Recording,
+        properties: &[(String, String)],
         stop: Arc<AtomicBool>,
     ) -> Result<Self> {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("group.id", format!("bench-receiver-{}", epoch_us()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "5")
-            .set("isolation.level", "read_committed")
-            .create()?;
+            .set("isolation.level", "read_committed");
+        for (k, v) in properties {
+            config.set(k, v);
+        }
+        let consumer: BaseConsumer = config.create()?;
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         let partitions = metadata
             .topics()

@@ -147,6 +147,18 @@ pub struct BenchArgs {
     /// With --backlog: how many times each reader drains it, alternating.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// A librdkafka property (`KEY=VALUE`, repeatable) for the readers' clients: the engine's
+    /// and the plain consumer's alike.
+    #[arg(long = "kafka-property", value_parser = parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE`, split at the first `=`.
+fn parse_property(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE (a librdkafka property), got {s:?}")),
+    }
 }
 
 /// Durations in the JSON report as humantime strings (`"30s"`).
@@ -327,7 +339,13 @@ async fn run_step(
         delay_ms: args.watermark_delay.as_millis() as i64,
     };
     let stop_receiver = Arc::new(AtomicBool::new(false));
-    let receiver = load::Receiver::start(brokers, &read_topic, recording, stop_receiver.clone())?;
+    let receiver = load::Receiver::start(
+        brokers,
+        &read_topic,
+        recording,
+        &args.kafka_properties,
+        stop_receiver.clone(),
+    )?;
     let generator = load::Generator::start(brokers, &topics.input, schedule, args.keys, args.seed)?;
 
     let bar = progress_bar(total, rate);
