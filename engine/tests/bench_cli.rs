@@ -77,7 +77,15 @@ fn a_short_bench_of_each_query_reports_consistent_latencies() {
 fn a_backlog_drain_times_the_engine_and_a_plain_consumer_in_turn() {
     let dir = tempfile::tempdir().expect("tempdir");
     let output = Command::new(env!("CARGO_BIN_EXE_urbanstream"))
-        .args(["--log", "warn", "bench", "--backlog", "30000", "--runs", "2"])
+        .args([
+            "--log",
+            "warn",
+            "bench",
+            "--backlog",
+            "30000",
+            "--runs",
+            "2",
+        ])
         .args(["--keys", "50", "--query", "window", "--out"])
         .arg(dir.path())
         .output()
@@ -101,7 +109,10 @@ fn a_backlog_drain_times_the_engine_and_a_plain_consumer_in_turn() {
         let records = n(&run["records"]);
         assert!((15000.0..30000.0).contains(&records), "{run}");
         assert!(n(&run["seconds"]) > 0.0, "{run}");
-        assert!((n(&run["rate"]) - records / n(&run["seconds"])).abs() < 1.0, "{run}");
+        assert!(
+            (n(&run["rate"]) - records / n(&run["seconds"])).abs() < 1.0,
+            "{run}"
+        );
         if run["reader"] == "engine" {
             assert!(n(&run["cpu_us_per_event"]) > 0.0, "{run}");
             assert_eq!(run["dlq_late"], serde_json::json!([0, 0]), "{run}");

@@ -387,7 +387,11 @@ impl EngineProcess {
             .args(["--linger", &ms(args.linger)])
             .args(["--producer-linger", &ms(args.producer_linger)])
             .args(args.repartition.then_some("--repartition"))
-            .args(expect.iter().flat_map(|n| ["--expect".to_string(), n.to_string()]))
+            .args(
+                expect
+                    .iter()
+                    .flat_map(|n| ["--expect".to_string(), n.to_string()]),
+            )
             .args(
                 args.kafka_properties
                     .iter()

@@ -139,7 +139,12 @@ impl DrainReport {
 }
 
 /// Runs `bench --backlog`: fills the input, then drains it `args.runs` times with each reader.
-pub(super) async fn run(args: &BenchArgs, cluster: &Cluster, run_id: &str, backlog: u64) -> Result<()> {
+pub(super) async fn run(
+    args: &BenchArgs,
+    cluster: &Cluster,
+    run_id: &str,
+    backlog: u64,
+) -> Result<()> {
     let brokers = cluster.brokers();
     let base = StepTopics::new(run_id, 0);
     cluster
@@ -150,7 +155,10 @@ pub(super) async fn run(args: &BenchArgs, cluster: &Cluster, run_id: &str, backl
     let generator = load::Generator::start(&brokers, &base.input, schedule, args.keys, args.seed)?;
     while !generator.is_finished() {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        eprint!("\rproducing the backlog: {} acknowledged", generator.acknowledged());
+        eprint!(
+            "\rproducing the backlog: {} acknowledged",
+            generator.acknowledged()
+        );
     }
     let generated = generator.join()?;
     let produce_seconds = produced_at.elapsed().as_secs_f64();
@@ -169,9 +177,10 @@ pub(super) async fn run(args: &BenchArgs, cluster: &Cluster, run_id: &str, backl
         version: env!("CARGO_PKG_VERSION"),
         machine: Machine::this(),
         options: args.clone(),
-        broker: args.brokers.clone().unwrap_or_else(|| {
-            "embedded (librdkafka mock cluster, in the bench process)".into()
-        }),
+        broker: args
+            .brokers
+            .clone()
+            .unwrap_or_else(|| "embedded (librdkafka mock cluster, in the bench process)".into()),
         backlog: expect,
         produce_seconds,
         runs: Vec::new(),
@@ -261,7 +270,12 @@ async fn drain_engine(
 }
 
 /// A plain consumer drains the backlog, counting records without decoding them.
-async fn drain_plain(args: &BenchArgs, brokers: &str, input: &str, expect: u64) -> Result<DrainRun> {
+async fn drain_plain(
+    args: &BenchArgs,
+    brokers: &str,
+    input: &str,
+    expect: u64,
+) -> Result<DrainRun> {
     // An empty recording interval: rows are counted, not parsed.
     let recording = load::Recording {
         from_us: 1,
@@ -293,7 +307,9 @@ async fn drain_plain(args: &BenchArgs, brokers: &str, input: &str, expect: u64) 
         )));
     }
     let (Some(first), Some(last)) = (received.first_at, received.last_at) else {
-        return Err(Error::Config("bench: the plain consumer read nothing".into()));
+        return Err(Error::Config(
+            "bench: the plain consumer read nothing".into(),
+        ));
     };
     let seconds = last.duration_since(first).as_secs_f64().max(1e-6);
     // The first record opens the interval; the rest are counted in it, as for the engine.

@@ -66,7 +66,9 @@ impl Schedule {
         Self {
             rate,
             events,
-            start: Instant::now().checked_sub(back).unwrap_or_else(Instant::now),
+            start: Instant::now()
+                .checked_sub(back)
+                .unwrap_or_else(Instant::now),
             start_epoch_us,
         }
     }

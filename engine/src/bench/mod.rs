@@ -157,7 +157,9 @@ pub struct BenchArgs {
 fn parse_property(s: &str) -> std::result::Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
-        _ => Err(format!("expected KEY=VALUE (a librdkafka property), got {s:?}")),
+        _ => Err(format!(
+            "expected KEY=VALUE (a librdkafka property), got {s:?}"
+        )),
     }
 }
 
@@ -321,7 +323,9 @@ async fn run_step(
     rate: u64,
 ) -> Result<StepReport> {
     let mut engine = match args.consumer {
-        ConsumerKind::Engine => Some(child::EngineProcess::spawn(args, brokers, topics, None).await?),
+        ConsumerKind::Engine => {
+            Some(child::EngineProcess::spawn(args, brokers, topics, None).await?)
+        }
         ConsumerKind::Plain => None,
     };
     // The receiver reads the engine's output, or, for the plain consumer, the input itself.
