@@ -147,6 +147,11 @@ pub struct BenchArgs {
     /// With --backlog: how many times each reader drains it, alternating.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Beside the engine, a plain consumer of the input records each event's latency (due
+    /// time → received) in the same run: where the engine's latency has stalls, this tells
+    /// whether the events were late out of the broker for any reader or only for the engine.
+    #[arg(long)]
+    pub probe_input: bool,
     /// A librdkafka property (`KEY=VALUE`, repeatable) for the readers' clients: the engine's
     /// and the plain consumer's alike.
     #[arg(long = "kafka-property", value_parser = parse_property)]
@@ -350,6 +355,19 @@ async fn run_step(
         &args.kafka_properties,
         stop_receiver.clone(),
     )?;
+    let probe = match (args.probe_input, args.consumer) {
+        (true, ConsumerKind::Engine) => Some(load::Receiver::start(
+            brokers,
+            &topics.input,
+            load::Recording {
+                kind: Workload::Filter,
+                ..recording
+            },
+            &args.kafka_properties,
+            stop_receiver.clone(),
+        )?),
+        _ => None,
+    };
     let generator = load::Generator::start(brokers, &topics.input, schedule, args.keys, args.seed)?;
 
     let bar = progress_bar(total, rate);
@@ -412,18 +430,21 @@ async fn run_step(
     bar.finish_and_clear();
     stop_receiver.store(true, Ordering::Relaxed);
     let received = receiver.join()?;
+    let probed = probe.map(load::Receiver::join).transpose()?;
     let engine_stats = match engine {
         Some(e) => Some(e.finish().await?),
         None => None,
     };
-    Ok(StepReport::new(
+    let mut step = StepReport::new(
         args,
         &schedule,
         &recording,
         &generated,
         &received,
         engine_stats.as_ref(),
-    ))
+    );
+    step.input_probe = probed.map(|p| report::Percentiles::of(&p.latency));
+    Ok(step)
 }
 
 fn progress_bar(total: Duration, rate: u64) -> ProgressBar {

@@ -73,6 +73,9 @@ pub struct StepReport {
     pub emit: Option<Percentiles>,
     /// The last hop: from each row's producer timestamp (whole ms) to its receipt, µs.
     pub last_hop: Percentiles,
+    /// With `--probe-input`: a plain consumer of the input in the same run, each event's due
+    /// time → received, µs.
+    pub input_probe: Option<Percentiles>,
     /// Rows expected but not received (filter and plain runs, where each event gives a row).
     pub missing: Option<u64>,
     /// Output rows that could not be read.
@@ -149,6 +152,7 @@ impl StepReport {
                 .filter(|_| args.query == Workload::Window)
                 .map(|e| e.emit),
             last_hop: Percentiles::of(&received.last_hop),
+            input_probe: None,
             missing,
             unreadable: received.unreadable,
             engine_cpu_us_per_event,
@@ -333,6 +337,17 @@ impl Report {
                 ms(st.last_hop.p99_us),
                 ms(st.last_hop.max_us)
             );
+            if let Some(p) = &st.input_probe {
+                let _ = writeln!(
+                    s,
+                    "{:>9} input probe (plain consumer of the input, due → received): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+                    "",
+                    ms(p.p50_us),
+                    ms(p.p90_us),
+                    ms(p.p99_us),
+                    ms(p.max_us)
+                );
+            }
             if !st.engine_cpu_us_per_event_by_thread.is_empty() {
                 let mut by: Vec<_> = st.engine_cpu_us_per_event_by_thread.iter().collect();
                 by.sort_by(|a, b| b.1.total_cmp(a.1));
