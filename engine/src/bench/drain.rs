@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::report::Machine;
+use super::report::{Machine, broker_name, by_thread};
 use super::{BenchArgs, Cluster, ConsumerKind, StepTopics, Workload, child, load};
 use crate::error::{Error, Result};
 
@@ -117,10 +117,8 @@ impl DrainReport {
                 let _ = writeln!(s, "{:>11} {dlq} records dead-lettered, {late} late", "");
             }
             if !r.cpu_us_per_event_by_thread.is_empty() {
-                let mut by: Vec<_> = r.cpu_us_per_event_by_thread.iter().collect();
-                by.sort_by(|a, b| b.1.total_cmp(a.1));
-                let parts: Vec<String> = by.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
-                let _ = writeln!(s, "{:>11} CPU µs/event by thread: {}", "", parts.join(", "));
+                let by = by_thread(&r.cpu_us_per_event_by_thread);
+                let _ = writeln!(s, "{:>11} CPU µs/event by thread: {by}", "");
             }
         }
         if let (Some(e), Some(p)) = (
@@ -177,10 +175,7 @@ pub(super) async fn run(
         version: env!("CARGO_PKG_VERSION"),
         machine: Machine::this(),
         options: args.clone(),
-        broker: args
-            .brokers
-            .clone()
-            .unwrap_or_else(|| "embedded (librdkafka mock cluster, in the bench process)".into()),
+        broker: broker_name(args),
         backlog: expect,
         produce_seconds,
         runs: Vec::new(),
@@ -292,7 +287,8 @@ async fn drain_plain(
         stop.clone(),
     )?;
     let deadline = Instant::now() + args.drain;
-    while receiver.received() < expect && Instant::now() < deadline {
+    // A receiver that stopped on an error ends the wait; `join` returns its error.
+    while receiver.received() < expect && Instant::now() < deadline && !receiver.is_finished() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.store(true, Ordering::Relaxed);

@@ -407,6 +407,11 @@ impl Receiver {
         })
     }
 
+    /// Whether the receiver has stopped (on `stop`, or on an error `join` returns).
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
     /// Rows read so far.
     pub fn received(&self) -> u64 {
         self.rows.load(Ordering::Relaxed)

@@ -184,6 +184,21 @@ impl StepReport {
     }
 }
 
+/// The broker a report names: the address given, or the embedded one.
+pub fn broker_name(args: &BenchArgs) -> String {
+    args.brokers
+        .clone()
+        .unwrap_or_else(|| "embedded (librdkafka mock cluster, in the bench process)".into())
+}
+
+/// CPU µs per event by kind of thread, largest first: `"name 1.23, other 0.45"`.
+pub fn by_thread(us: &std::collections::BTreeMap<String, f64>) -> String {
+    let mut by: Vec<_> = us.iter().collect();
+    by.sort_by(|a, b| b.1.total_cmp(a.1));
+    let parts: Vec<String> = by.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+    parts.join(", ")
+}
+
 /// The machine the bench ran on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
@@ -236,9 +251,7 @@ impl Report {
             version: env!("CARGO_PKG_VERSION"),
             machine: Machine::this(),
             options: args.clone(),
-            broker: args.brokers.clone().unwrap_or_else(|| {
-                "embedded (librdkafka mock cluster, in the bench process)".into()
-            }),
+            broker: broker_name(args),
             steps: Vec::new(),
             max_sustainable_rate: None,
         }
@@ -349,14 +362,11 @@ impl Report {
                 );
             }
             if !st.engine_cpu_us_per_event_by_thread.is_empty() {
-                let mut by: Vec<_> = st.engine_cpu_us_per_event_by_thread.iter().collect();
-                by.sort_by(|a, b| b.1.total_cmp(a.1));
-                let parts: Vec<String> = by.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
                 let _ = writeln!(
                     s,
                     "{:>9} engine CPU µs/event by thread: {}",
                     "",
-                    parts.join(", ")
+                    by_thread(&st.engine_cpu_us_per_event_by_thread)
                 );
             }
             if st.unreadable > 0 {
