@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
@@ -369,14 +369,19 @@ impl KafkaSource {
         // the wake-up for a record that arrives into an empty queue (seen at low rates as
         // stalls lasting the whole wait), and asking again after a slice finds it.
         let give_up = tokio::time::Instant::now() + idle;
+        // One stream for the whole batch: `recv` makes one per record, and with it a waker
+        // slot taken and given back under a lock.
+        let mut stream = self.consumer.stream();
         let first = loop {
             let now = tokio::time::Instant::now();
             if now >= give_up {
                 return Ok(Vec::new());
             }
             let slice = (give_up - now).min(FIRST_RECORD_SLICE);
-            if let Ok(message) = tokio::time::timeout(slice, self.consumer.recv()).await {
-                break message.map_err(|e| self.consume_error(e))?;
+            if let Ok(message) = tokio::time::timeout(slice, stream.next()).await {
+                break message
+                    .ok_or_else(|| Error::Config("the consumer's stream ended".into()))?
+                    .map_err(|e| self.consume_error(e))?;
             }
         };
         let first_received = Instant::now();
@@ -386,17 +391,17 @@ impl KafkaSource {
         while rows < self.config.max_batch_rows {
             // A record already queued is taken without a timer: arming and polling one per
             // record (with a clock read each) cost a tenth of a backlog's drain.
-            let next = match self.consumer.recv().now_or_never() {
+            let next = match stream.next().now_or_never() {
                 Some(result) => Ok(result),
-                None => tokio::time::timeout_at(deadline, self.consumer.recv()).await,
+                None => tokio::time::timeout_at(deadline, stream.next()).await,
             };
             match next {
-                Err(_) => break,
-                Ok(Ok(message)) => {
+                Err(_) | Ok(None) => break,
+                Ok(Some(Ok(message))) => {
                     push(&mut batches, &message);
                     rows += 1;
                 }
-                Ok(Err(e)) => {
+                Ok(Some(Err(e))) => {
                     // The records gathered so far are processed; the error comes next.
                     if let Ok(mut d) = self.deferred.lock() {
                         *d = Some(self.consume_error(e));
@@ -583,6 +588,11 @@ impl KafkaSource {
                 p.remove(key);
             }
         }
+    }
+
+    /// Whether the group has partition changes not yet taken with [`Self::rebalances`].
+    pub fn changes_pending(&self) -> bool {
+        self.changes.lock().is_ok_and(|c| !c.is_empty())
     }
 
     /// The partition changes the group decided since the last call, oldest first. Each must
