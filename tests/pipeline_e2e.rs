@@ -409,6 +409,35 @@ async fn a_partition_that_delivers_last_is_not_late_against_the_others() -> anyh
     Ok(())
 }
 
+/// Produces to the camera topic, for each of 4 segments (`seg-j` into partition j),
+/// `count(j, m)` detections a second apart in each minute m of the first `minutes` from T0,
+/// then one at minute `close` (closing those minutes). Gives (segment, minute's start, count)
+/// of each minute.
+async fn produce_minutes(
+    cluster: &TestCluster,
+    minutes: i64,
+    count: impl Fn(i32, i64) -> i64,
+    close: i64,
+) -> anyhow::Result<Vec<(String, i64, i64)>> {
+    let topic = Topics::default().camera;
+    let mut produced = Vec::new();
+    for j in 0..4i32 {
+        let segment = format!("seg-{j}");
+        for m in 0..minutes {
+            let n = count(j, m);
+            for k in 0..n {
+                let t = T0 + m * 60_000 + k * 1_000;
+                let record = detection(&segment, t, "car", Some(30.0));
+                cluster.produce(&topic, j, &segment, &record).await?;
+            }
+            produced.push((segment.clone(), T0 + m * 60_000, n));
+        }
+        let record = detection(&segment, T0 + close * 60_000, "car", None);
+        cluster.produce(&topic, j, &segment, &record).await?;
+    }
+    Ok(produced)
+}
+
 /// Windows of windows through the whole pipeline: per segment and minute, then per five
 /// minutes of those minutes, in one registered query over 4 partitions. Each five minutes is
 /// published once, with its minutes and events counted exactly, as soon as the minutes that
@@ -416,38 +445,15 @@ async fn a_partition_that_delivers_last_is_not_late_against_the_others() -> anyh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_over_a_window_runs_in_one_query() -> anyhow::Result<()> {
     let cluster = TestCluster::start(4)?;
-    let topics = Topics::default();
     let mut want = std::collections::BTreeMap::new();
-    for j in 0..4i32 {
-        let segment = format!("seg-{j}");
-        for m in 0..10i64 {
-            let count = (i64::from(j) + m) % 3 + 1;
-            for k in 0..count {
-                let t = T0 + m * 60_000 + k * 1_000;
-                cluster
-                    .produce(
-                        &topics.camera,
-                        j,
-                        &segment,
-                        &detection(&segment, t, "car", Some(30.0)),
-                    )
-                    .await?;
-            }
-            let w = want
-                .entry((segment.clone(), T0 + m / 5 * 300_000))
-                .or_insert((0, 0));
-            w.0 += 1;
-            w.1 += count;
-        }
-        // Closes the first ten minutes in every partition.
-        cluster
-            .produce(
-                &topics.camera,
-                j,
-                &segment,
-                &detection(&segment, T0 + 20 * 60_000, "car", None),
-            )
-            .await?;
+    for (segment, minute, count) in
+        produce_minutes(&cluster, 10, |j, m| (i64::from(j) + m) % 3 + 1, 20).await?
+    {
+        let w = want
+            .entry((segment, T0 + (minute - T0) / 300_000 * 300_000))
+            .or_insert((0, 0));
+        w.0 += 1;
+        w.1 += count;
     }
     let stats = Arc::new(PipelineStats::new());
     let stop = Arc::new(AtomicBool::new(false));
@@ -584,5 +590,108 @@ async fn two_topics_join_in_one_query() -> anyhow::Result<()> {
     }
     assert_eq!(got, want);
     assert!(more.is_empty(), "more rows than entries: {more:?}");
+    Ok(())
+}
+
+/// A query behind its input reads its next micro-batch while it processes one (micro-batches
+/// of 16 records here, so it does so all along its backlog). Stopped again and again in the
+/// middle of that backlog and started again from its checkpoints, over 4 partitions, it still
+/// publishes every window once with every event counted: the records a cancelled read had
+/// taken are read again by the next run, and none is counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_stopped_again_and_again_in_its_backlog_counts_every_event_once()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    let mut want = std::collections::BTreeMap::new();
+    let mut total = 0u64;
+    for (segment, minute, count) in
+        produce_minutes(&cluster, 20, |j, m| (i64::from(j) + m) % 4 + 3, 45).await?
+    {
+        want.insert((segment, minute), count);
+        total += count as u64;
+    }
+    let dir = tempfile::tempdir()?;
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "stopped-in-backlog".into();
+    config.default_queries = false;
+    config.name = Some("minutes".into());
+    config.max_batch_rows = 16;
+    config.queries = vec![(
+        "minutes".into(),
+        "CREATE EXTERNAL TABLE minutes (segment_id VARCHAR NOT NULL,
+           window_start TIMESTAMP NOT NULL, n BIGINT NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.minutes', 'format' 'json');
+         INSERT INTO minutes SELECT segment_id, window_start, count(*) AS n FROM camera_events
+         GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id"
+            .into(),
+    )];
+    config.checkpoint = Some(urbanstream::pipeline::CheckpointSettings {
+        location: urbanstream::checkpoint::Location::Local(dir.path().to_path_buf()),
+        interval: Duration::from_secs(3600),
+        retain: 2,
+        transactional_id: None,
+        read_back_from_log_start: false,
+    });
+    let stats = Arc::new(PipelineStats::new());
+    let minutes = cluster.consumer("test.minutes")?;
+    let mut rows = Vec::new();
+    let mut runs = 0;
+    // Each run stops once it has read another 100 records (about six micro-batches), or when
+    // it has read nothing for a second (the backlog's end).
+    while rows.len() < want.len() {
+        anyhow::ensure!(runs < 60, "not every window was published in 60 runs");
+        runs += 1;
+        let from = stats.records_in.load(Ordering::Relaxed);
+        let stop = Arc::new(AtomicBool::new(false));
+        // A consumer group of its own each run: the positions are the checkpoint's, and a
+        // member of the last run's group would wait out the group's rebalance first.
+        config.group_id = format!("stopped-in-backlog-{runs}");
+        let pipeline = Pipeline::new(config.clone(), stats.clone()).await?;
+        let task = tokio::spawn(pipeline.run(stop.clone()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let (mut seen, mut changed) = (from, std::time::Instant::now());
+        loop {
+            let now = stats.records_in.load(Ordering::Relaxed);
+            if now != seen {
+                (seen, changed) = (now, std::time::Instant::now());
+            }
+            if now >= from + 100
+                || (now > from && changed.elapsed() > Duration::from_secs(1))
+                || task.is_finished()
+            {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "run {runs} read nothing"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        task.await??;
+        rows.extend(read_more(&minutes, Duration::from_millis(300)).await);
+    }
+    rows.extend(read_more(&minutes, Duration::from_secs(2)).await);
+    anyhow::ensure!(
+        stats.records_in.load(Ordering::Relaxed) >= total + 4,
+        "fewer records read than produced"
+    );
+    let mut got = std::collections::BTreeMap::new();
+    for v in rows {
+        let key = (
+            v["segment_id"].as_str().unwrap_or_default().to_string(),
+            v["window_start"].as_i64().unwrap_or(-1),
+        );
+        let n = v["n"].as_i64().unwrap_or(-1);
+        anyhow::ensure!(
+            got.insert(key.clone(), n).is_none(),
+            "{key:?} published twice"
+        );
+    }
+    assert_eq!(got, want);
+    assert!(
+        runs >= 3,
+        "the backlog was read in {runs} runs, not stopped in its middle"
+    );
     Ok(())
 }

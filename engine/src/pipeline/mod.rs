@@ -852,14 +852,16 @@ impl Pipeline {
                 other => other?,
             };
             let read = waited.elapsed();
-            // The next read runs beside this step, unless the group has partition changes for
-            // this member: those are answered with no read in flight, so that no record of a
-            // partition read before the answer is processed after it.
-            if !self.source.changes_pending() {
+            let records: usize = batches.iter().map(RawBatch::len).sum();
+            // While records come fast (this read filled a quarter of a micro-batch or more),
+            // the next read runs beside this step, holding a thread of its own; a query fed
+            // slowly or idle reads in turn and holds none. Not while the group has partition
+            // changes for this member: those are answered with no read in flight, so that no
+            // record of a partition read before the answer is processed after it.
+            if records * 4 >= self.config.max_batch_rows && !self.source.changes_pending() {
                 ahead = Some(ReadAhead::start(&self.source));
             }
             let stepped = std::time::Instant::now();
-            let records: usize = batches.iter().map(RawBatch::len).sum();
             if let Err(e) = self.step(batches).await {
                 return Err(self.resource_error(e));
             }
