@@ -77,7 +77,7 @@ impl Error {
             // A fenced group member: another live process holds this one's identity; retrying
             // would fence it in turn. (A fenced producer is retried: the broker also fences a
             // transaction that outlived its timeout, and a restart from the checkpoint is right
-            // then.)
+            // then. The service's supervisor tells the two apart by how long the attempt ran.)
             Error::Kafka(e) => !matches!(
                 e.rdkafka_error_code(),
                 Some(
@@ -89,6 +89,19 @@ impl Error {
             Error::Io(_) | Error::Rebalanced(_) | Error::Registry(_) => true,
             _ => false,
         }
+    }
+
+    /// Whether a transactional producer was fenced: a producer with the same transactional id
+    /// was initialised after it, or its transaction outlived the transaction timeout.
+    pub fn is_producer_fenced(&self) -> bool {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        matches!(
+            self,
+            Error::Kafka(e) if matches!(
+                e.rdkafka_error_code(),
+                Some(C::Fenced | C::ProducerFenced | C::InvalidProducerEpoch)
+            )
+        )
     }
 
     pub(crate) fn schema(name: impl Into<String>, message: impl Into<String>) -> Self {

@@ -7,6 +7,9 @@
 //! outputs (the next micro-batches are read meanwhile, up to 8 awaiting acknowledgement). The
 //! committed offset never passes the oldest event a query still holds in an unevicted window,
 //! so a restart re-reads every event whose window has not been published yet (at-least-once).
+//! While records come fast, the next micro-batch is read from the consumer while the current
+//! one is processed (`ReadAhead`); the group's partition changes are answered between
+//! micro-batches with no read in flight.
 //!
 //! With checkpoints ([`CheckpointSettings`]), the pipeline instead writes its queries' state
 //! and input positions every interval and when it stops, and a new pipeline restores the
@@ -172,6 +175,8 @@ impl PipelineConfig {
 pub struct PipelineStats {
     /// Input records read, all topics.
     pub records_in: AtomicU64,
+    /// Micro-batches read while the one before was processed (see `ReadAhead`).
+    pub reads_ahead: AtomicU64,
     /// Camera events decoded.
     pub camera_events: AtomicU64,
     /// Detector readings decoded.
@@ -232,6 +237,7 @@ impl Default for PipelineStats {
     fn default() -> Self {
         Self {
             records_in: AtomicU64::default(),
+            reads_ahead: AtomicU64::default(),
             camera_events: AtomicU64::default(),
             detector_readings: AtomicU64::default(),
             air_readings: AtomicU64::default(),
@@ -303,6 +309,13 @@ impl ReadAhead {
             read,
             _cancel: cancel,
         }
+    }
+
+    /// Cancels the read and waits until it has let go of the consumer.
+    async fn cancel(self) {
+        let Self { read, _cancel } = self;
+        drop(_cancel);
+        let _ = read.await;
     }
 
     async fn batches(mut self) -> Result<Vec<RawBatch>> {
@@ -406,6 +419,8 @@ impl Running {
 pub struct Pipeline {
     config: PipelineConfig,
     source: Arc<KafkaSource>,
+    /// The next micro-batch's read, while one runs beside the current micro-batch.
+    ahead: Option<ReadAhead>,
     sink: KafkaSink,
     decoders: HashMap<String, TopicDecoder>,
     /// The reference tables the queries read.
@@ -785,6 +800,7 @@ impl Pipeline {
         .collect();
         let mut pipeline = Self {
             source,
+            ahead: None,
             sink,
             checkpoints,
             decoders,
@@ -819,6 +835,12 @@ impl Pipeline {
     /// (or the next owner of the partitions) never finds it half written.
     pub async fn run(mut self, stop: Arc<AtomicBool>) -> Result<()> {
         let result = self.run_until(stop).await;
+        // A read still running is cancelled: what it took is read again by the next run. It
+        // has let go of the consumer when this returns, so the consumer closes with the
+        // pipeline.
+        if let Some(read) = self.ahead.take() {
+            read.cancel().await;
+        }
         if result.is_err() {
             let _ = self.finish_writing().await;
         }
@@ -837,10 +859,9 @@ impl Pipeline {
             "pipeline started"
         );
         let mut assignment_checked: Option<std::time::Instant> = None;
-        let mut ahead: Option<ReadAhead> = None;
         while !stop.load(Ordering::Relaxed) {
             let waited = std::time::Instant::now();
-            let read = match ahead.take() {
+            let read = match self.ahead.take() {
                 Some(read) => read.batches().await,
                 None => self.source.next_batches(IDLE_READ).await,
             };
@@ -859,13 +880,14 @@ impl Pipeline {
             // changes for this member: those are answered with no read in flight, so that no
             // record of a partition read before the answer is processed after it.
             if records * 4 >= self.config.max_batch_rows && !self.source.changes_pending() {
-                ahead = Some(ReadAhead::start(&self.source));
+                self.ahead = Some(ReadAhead::start(&self.source));
+                self.stats.reads_ahead.fetch_add(1, Ordering::Relaxed);
             }
             let stepped = std::time::Instant::now();
             if let Err(e) = self.step(batches).await {
                 return Err(self.resource_error(e));
             }
-            if ahead.is_none() {
+            if self.ahead.is_none() {
                 self.rebalance().await?;
             }
             self.check_replay();
@@ -895,8 +917,9 @@ impl Pipeline {
                 self.source.measure_lag(self.stats.consumer_lag.clone());
             }
         }
-        // A read still running is cancelled: what it took is read again by the next run.
-        drop(ahead);
+        if let Some(read) = self.ahead.take() {
+            read.cancel().await;
+        }
         blocking(|| self.sink.flush(Duration::from_secs(10)))?;
         self.settle(true).await?;
         self.checkpoint().await?;

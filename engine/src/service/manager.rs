@@ -1752,6 +1752,7 @@ async fn supervise_with<F, Fut>(
     let mut delay = backoff;
     loop {
         handle.starts.fetch_add(1, Ordering::Relaxed);
+        let started = tokio::time::Instant::now();
         let result = match AssertUnwindSafe(run(stop.clone())).catch_unwind().await {
             Ok(result) => result,
             Err(panic) => {
@@ -1769,6 +1770,26 @@ async fn supervise_with<F, Fut>(
         };
         match result {
             Ok(()) => return,
+            // No transaction of this attempt can have outlived its timeout: a producer with
+            // this query's transactional id was started after this one, by another live
+            // process. Retrying would fence that one in turn, and so on.
+            Err(e)
+                if e.is_producer_fenced()
+                    && started.elapsed() < crate::sink::TRANSACTION_LIFETIME
+                    && !stop.load(Ordering::Relaxed) =>
+            {
+                error!(query = %name, error = %e, "query's transactional id taken by another process");
+                handle.set(
+                    QueryState::Failed,
+                    Some(format!(
+                        "another process started a producer with this query's transactional id \
+                         ({e}): two processes share one identity; give each its own \
+                         checkpoint.instance (it names the group member and the transactional \
+                         ids)"
+                    )),
+                );
+                return;
+            }
             Err(e) if e.is_transient() && !stop.load(Ordering::Relaxed) => {
                 warn!(query = %name, error = %e, retry_in = ?delay, "query stopped; retrying");
                 handle.set(
@@ -1881,6 +1902,51 @@ mod tests {
         assert_eq!(good.state(), QueryState::Running);
         stop.store(true, Ordering::Relaxed);
         good_task.await.expect("good query");
+    }
+
+    /// A producer fenced soon after its attempt started was fenced by another live process
+    /// with the query's transactional id (none of the attempt's transactions can have outlived
+    /// their timeout): the query fails naming the shared identity, instead of fencing that
+    /// process in turn, again and again. Other Kafka errors are still retried.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_producer_fenced_by_another_process_fails_its_query() {
+        use rdkafka::error::KafkaError;
+        use rdkafka::types::RDKafkaErrorCode;
+        let twin = handle("twin");
+        let attempts = Arc::new(AtomicU64::new(0));
+        supervise_with(
+            twin.clone(),
+            Duration::from_millis(1),
+            Arc::new(AtomicBool::new(false)),
+            {
+                let attempts = attempts.clone();
+                move |_stop: Arc<AtomicBool>| {
+                    let attempt = attempts.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        let code = if attempt == 0 {
+                            RDKafkaErrorCode::MessageTimedOut
+                        } else {
+                            RDKafkaErrorCode::ProducerFenced
+                        };
+                        Err::<(), Error>(Error::Kafka(KafkaError::MessageProduction(code)))
+                    }
+                }
+            },
+        )
+        .await;
+        let status = twin.status();
+        assert_eq!(status.state, QueryState::Failed);
+        let error = status.error.unwrap_or_default();
+        assert!(
+            error.contains("two processes share one identity")
+                && error.contains("checkpoint.instance"),
+            "{error}"
+        );
+        assert_eq!(
+            twin.starts.load(Ordering::Relaxed),
+            2,
+            "the timeout is retried"
+        );
     }
 
     #[test]

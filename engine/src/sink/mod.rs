@@ -406,6 +406,10 @@ impl KafkaSinkConfig {
 /// How long a transaction call (init, offsets, commit) may take.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a transaction may stay open before the broker aborts it and fences its producer
+/// (`transaction.timeout.ms`).
+pub const TRANSACTION_LIFETIME: Duration = Duration::from_secs(120);
+
 /// Deliveries not yet acknowledged by the broker.
 #[derive(Default)]
 pub struct Pending {
@@ -485,7 +489,10 @@ impl KafkaSink {
             // A record must time out before its transaction does.
             client
                 .set("transactional.id", id)
-                .set("transaction.timeout.ms", "120000")
+                .set(
+                    "transaction.timeout.ms",
+                    TRANSACTION_LIFETIME.as_millis().to_string(),
+                )
                 .set("message.timeout.ms", "110000");
         }
         for (k, v) in &config.properties {
