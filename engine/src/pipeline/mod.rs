@@ -917,6 +917,8 @@ impl Pipeline {
                 self.source.measure_lag(self.stats.consumer_lag.clone());
             }
         }
+        // A read still running is cancelled first (`ReadAhead::cancel`), so that nothing
+        // reads on while the pipeline flushes and checkpoints.
         if let Some(read) = self.ahead.take() {
             read.cancel().await;
         }
