@@ -593,6 +593,108 @@ async fn two_topics_join_in_one_query() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The pipeline's watermark (the demo's and the service's progress figure) is the lowest of
+/// its queries' watermarks, but a query whose inputs have all gone quiet holds only its own:
+/// a join of two sparse streams waiting for either does not make the whole pipeline look
+/// stuck while the camera stream goes on. The figure never goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_whose_inputs_went_quiet_does_not_hold_the_pipelines_watermark()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    for topic in ["test.entries", "test.exits", "test.visits", "test.counts"] {
+        cluster.broker.create_topic(topic, 4)?;
+    }
+    let camera = Topics::default().camera;
+    for j in 0..4 {
+        for (topic, plate) in [("test.entries", "early"), ("test.exits", "early")] {
+            let record = json!({"plate": plate, "event_time": T0});
+            cluster
+                .produce(topic, j, plate, &serde_json::to_vec(&record)?)
+                .await?;
+        }
+        let segment = format!("seg-{j}");
+        let record = detection(&segment, T0, "car", Some(30.0));
+        cluster.produce(&camera, j, &segment, &record).await?;
+    }
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "quiet".into();
+    config.default_queries = false;
+    config.from_beginning = true;
+    config.queries = vec![
+        (
+            "counts".into(),
+            "CREATE EXTERNAL TABLE counts (segment_id VARCHAR NOT NULL, n BIGINT NOT NULL)
+             STORED AS KAFKA OPTIONS ('topic' 'test.counts', 'format' 'json');
+             INSERT INTO counts SELECT segment_id, count(*) AS n FROM camera_events
+             GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id"
+                .into(),
+        ),
+        (
+            "visits".into(),
+            "CREATE EXTERNAL TABLE entries (plate VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL)
+             STORED AS KAFKA OPTIONS ('topic' 'test.entries', 'format' 'json',
+               'event_time' 'event_time', 'watermark_delay' '0s', 'idle_timeout' '2s');
+             CREATE EXTERNAL TABLE exits (plate VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL)
+             STORED AS KAFKA OPTIONS ('topic' 'test.exits', 'format' 'json',
+               'event_time' 'event_time', 'watermark_delay' '0s', 'idle_timeout' '2s');
+             CREATE EXTERNAL TABLE visits (plate VARCHAR NOT NULL, entered TIMESTAMP NOT NULL,
+               exited TIMESTAMP)
+             STORED AS KAFKA OPTIONS ('topic' 'test.visits', 'format' 'json', 'key' 'plate');
+             INSERT INTO visits SELECT a.plate, a.event_time AS entered, b.event_time AS exited
+             FROM entries a JOIN exits b ON a.plate = b.plate
+               AND b.event_time BETWEEN a.event_time AND a.event_time + INTERVAL '10 minutes'"
+                .into(),
+        ),
+    ];
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    let watermark = || stats.watermark_ms.load(Ordering::Relaxed);
+    let waited = std::time::Instant::now();
+    while stats.records_in.load(Ordering::Relaxed) < 12 || watermark() == i64::MIN {
+        anyhow::ensure!(
+            waited.elapsed() < Duration::from_secs(60),
+            "the first records were not processed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Both queries have delivered: the lowest holds.
+    let first = watermark();
+    assert!(first <= T0, "the lowest watermark, at most {T0}: {first}");
+    // Only the cameras go on, a minute of event time per step; the join's inputs go quiet
+    // after their two seconds.
+    let mut seen = vec![first];
+    for step in 1..=40i64 {
+        for j in 0..4 {
+            let segment = format!("seg-{j}");
+            let record = detection(&segment, T0 + step * 60_000, "car", Some(30.0));
+            cluster.produce(&camera, j, &segment, &record).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        seen.push(watermark());
+    }
+    let last_produced = T0 + 40 * 60_000;
+    let waited = std::time::Instant::now();
+    while watermark() < last_produced - 5_000 && waited.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen.push(watermark());
+    }
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    assert!(
+        seen.windows(2).all(|w| w[1] >= w[0]),
+        "the watermark went back: {seen:?}"
+    );
+    assert_eq!(
+        *seen.last().unwrap_or(&i64::MIN),
+        last_produced - 5_000,
+        "the cameras' watermark (their last event less the 5 s delay) once the join's inputs \
+         went quiet: {seen:?}"
+    );
+    Ok(())
+}
+
 /// A query behind its input reads its next micro-batch while it processes one (micro-batches
 /// of 16 records here, so it does so all along its backlog). Stopped again and again in the
 /// middle of that backlog and started again from its checkpoints, over 4 partitions, it still

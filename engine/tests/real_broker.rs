@@ -228,7 +228,23 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
 -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
-    let (m, mut service, api) = counting_service(dir.path(), &brokers, "eos", OUTPUT)?;
+    // Micro-batches of 16 records: the query reads its next micro-batch while it processes one
+    // whenever a read brings 4 records or more, so the kills land in reads ahead too (whose
+    // records must be read again by the next run, not lost or counted twice).
+    let m = member(
+        dir.path(),
+        &brokers,
+        "eos",
+        "0",
+        &dir.path().join("checkpoints"),
+    )?;
+    let config = std::fs::read_to_string(&m.config)?
+        .replace("[pipeline]\n", "[pipeline]\nmax_batch_rows = 16\n");
+    std::fs::write(&m.config, config)?;
+    let api = Api::new()?;
+    let mut service = serve(&m.config, &m.log)?;
+    api.wait_live(&m.base)?;
+    api.create(&m.base, "counts", &counts_query(OUTPUT))?;
 
     let t0 = first_window()?;
     let kills = Kills {
@@ -237,7 +253,7 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
         seed: 11,
         pause_ms: 100..1_500,
     };
-    kill_while_producing(&brokers, t0, &m, &mut service, &api, &kills)?;
+    let read_ahead = kill_while_producing(&brokers, t0, &m, &mut service, &api, &kills)?;
 
     let watermark = t0 + EVENTS as i64 * STEP_MS + 60_000 - 5_000;
     let (checked, _dir) = kept_on_failure(
@@ -257,8 +273,10 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
     let restored = log_text.matches("state restored from checkpoint").count();
     eprintln!(
         "{KILLS} SIGKILLs: {checked} windows exactly once; {committed} records committed, \
-         {all} in the log (read_uncommitted); partition restores {restored}"
+         {all} in the log (read_uncommitted); partition restores {restored}; micro-batches \
+         read ahead before the kills {read_ahead}"
     );
+    assert!(read_ahead > 0, "no micro-batch was read ahead");
     assert!(
         all > committed,
         "no kill left an open transaction with outputs ({all} records in the log, {committed} committed)"
@@ -366,7 +384,8 @@ struct Kills {
 /// Produces the first [`EVENTS`] numbered events from `t0` while SIGKILLing member `m` and
 /// starting it again `kills.times` times, each after a random pause once the query holds all
 /// its partitions again (with static membership, the restarted process gets them back at
-/// once).
+/// once). Returns how many micro-batches the query had read ahead in all, counted before each
+/// kill.
 fn kill_while_producing(
     brokers: &str,
     t0: i64,
@@ -374,10 +393,11 @@ fn kill_while_producing(
     service: &mut Process,
     api: &Api,
     kills: &Kills,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
     let producer_brokers = brokers.to_string();
     let producer = std::thread::spawn(move || produce(&producer_brokers, t0, EVENTS));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(kills.seed);
+    let mut read_ahead = 0;
     for kill in 0..kills.times {
         wait_until("the query never got its partitions back", || {
             api.assigned(&m.base, kills.query) == i64::from(PARTITIONS)
@@ -385,12 +405,17 @@ fn kill_while_producing(
         std::thread::sleep(Duration::from_millis(
             rng.random_range(kills.pause_ms.clone()),
         ));
+        read_ahead += api
+            .status(&m.base, kills.query)
+            .and_then(|q| q["batches_read_ahead"].as_u64())
+            .unwrap_or(0);
         kill_and_restart(service, m, api)?;
         eprintln!("kill {} done", kill + 1);
     }
     producer
         .join()
-        .map_err(|_| anyhow::anyhow!("producer panicked"))?
+        .map_err(|_| anyhow::anyhow!("producer panicked"))??;
+    Ok(read_ahead)
 }
 
 /// `result`, with `dir` (the service's log, its checkpoints and the broker's) kept for

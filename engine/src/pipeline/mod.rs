@@ -193,7 +193,10 @@ pub struct PipelineStats {
     pub indicators_out: AtomicU64,
     /// Micro-batches processed.
     pub batches: AtomicU64,
-    /// The queries' lowest watermark, epoch ms (`i64::MIN` before any event).
+    /// The lowest watermark of the queries with an input that delivered within its idle
+    /// timeout, epoch ms (`i64::MIN` before any event). A query whose inputs have all gone
+    /// quiet holds its own watermark (a join of two sparse streams, waiting for either) without
+    /// holding this one back, as an idle partition does within a query; it never goes back.
     pub watermark_ms: AtomicI64,
     /// Entries held in state: (window, group) partials and detector keys.
     pub state_groups: AtomicU64,
@@ -459,6 +462,8 @@ pub struct Pipeline {
     checkpoints: Option<Checkpoints>,
     /// When gaps in the input were last recorded (`urbanstream.on_data_loss = 'skip'`).
     gaps_recorded: Option<std::time::Instant>,
+    /// The watermark shown in [`PipelineStats::watermark_ms`] by this run.
+    watermark_shown: i64,
 }
 
 impl Pipeline {
@@ -823,6 +828,7 @@ impl Pipeline {
             gauges,
             config,
             gaps_recorded: None,
+            watermark_shown: i64::MIN,
         };
         if pipeline.checkpoints.is_some() && !pipeline.partitioned {
             pipeline.recover().await?;
@@ -1379,14 +1385,20 @@ impl Pipeline {
             Ok(n)
         });
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        let now = epoch_ms();
         if let Some(w) = self
             .queries
             .iter()
             .flat_map(|r| r.instances())
+            .filter(|q| !q.inputs_quiet(now))
             .filter_map(|q| q.watermark())
             .min()
         {
-            self.stats.watermark_ms.store(w, Ordering::Relaxed);
+            // From this run on: a run restarted from an older checkpoint shows its own.
+            self.watermark_shown = self.watermark_shown.max(w);
+            self.stats
+                .watermark_ms
+                .store(self.watermark_shown, Ordering::Relaxed);
         }
         self.check_limits()?;
         if outputs > 0 {

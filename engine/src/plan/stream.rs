@@ -1855,6 +1855,26 @@ impl StreamQuery {
         self.watermarks.is_idle(now_ms)
     }
 
+    /// Whether none of its inputs (its stream, the stream it joins, the streams of its union)
+    /// has delivered within its idle timeout at processing time `now_ms`: its watermark holds
+    /// until one does. An input that has delivered nothing yet counts as quiet.
+    pub fn inputs_quiet(&self, now_ms: i64) -> bool {
+        let right = self
+            .join
+            .as_ref()
+            .filter(|j| j.right.is_some())
+            .map(|j| &j.right_watermarks);
+        let others = self
+            .union
+            .iter()
+            .flat_map(|u| &u.others)
+            .map(|o| &o.watermarks);
+        std::iter::once(&self.watermarks)
+            .chain(right)
+            .chain(others)
+            .all(|w| w.is_idle(now_ms) != Some(false))
+    }
+
     /// The stream it reads.
     pub fn source(&self) -> &Arc<StreamTable> {
         &self.source

@@ -859,6 +859,7 @@ fn details(q: &Value, zone: DisplayZone) -> String {
         "dlq",
         "unknown_ids",
         "batches",
+        "batches_read_ahead",
         "consumer_lag",
         "assigned_partitions",
         "watermark",

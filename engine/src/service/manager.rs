@@ -337,6 +337,9 @@ pub struct QueryStatus {
     pub unknown_ids: u64,
     /// Micro-batches processed.
     pub batches: u64,
+    /// Micro-batches read while the one before was processed: it reads ahead while its reads
+    /// fill a quarter of a micro-batch or more (behind its input, or under heavy load).
+    pub batches_read_ahead: u64,
     /// Records between its position and the end of its partitions; null until known.
     pub consumer_lag: Option<i64>,
     /// Partitions assigned to it in this process: its input's, and those of its repartition
@@ -462,6 +465,7 @@ impl QueryHandle {
             dlq: stats.dlq.load(Ordering::Relaxed),
             unknown_ids: stats.unknown_ids.load(Ordering::Relaxed),
             batches: stats.batches.load(Ordering::Relaxed),
+            batches_read_ahead: stats.reads_ahead.load(Ordering::Relaxed),
             consumer_lag: (lag >= 0).then_some(lag),
             assigned_partitions: stats.assigned_partitions.load(Ordering::Relaxed),
             partitioning: stats.partitioning.lock().ok().and_then(|p| *p),
