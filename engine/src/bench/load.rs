@@ -85,27 +85,63 @@ impl Schedule {
     }
 }
 
-/// Counts the broker's acknowledgements.
+/// Counts the broker's acknowledgements, with each event's due time → acknowledged, and
+/// keeps the producer's own figures of where a record waited (librdkafka's statistics).
 struct DeliveryCounter {
     acknowledged: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
+    acknowledged_latency: Arc<Mutex<Histogram<u64>>>,
+    waits: Arc<Mutex<ProducerWaits>>,
 }
 
-impl ClientContext for DeliveryCounter {}
+/// The longest waits of the generator's records inside its producer and at the broker, µs,
+/// from librdkafka's statistics (every second, each the largest over that second).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProducerWaits {
+    /// In the producer's queue before being put in a request (`int_latency`).
+    pub queued_us: i64,
+    /// In a request written but not yet sent to the broker (`outbuf_latency`).
+    pub unsent_us: i64,
+    /// From a produce request sent to the broker's answer (`rtt`).
+    pub round_trip_us: i64,
+}
+
+impl ClientContext for DeliveryCounter {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Ok(mut waits) = self.waits.lock() else {
+            return;
+        };
+        for broker in statistics.brokers.values() {
+            let max = |w: &Option<rdkafka::statistics::Window>| w.as_ref().map_or(0, |w| w.max);
+            waits.queued_us = waits.queued_us.max(max(&broker.int_latency));
+            waits.unsent_us = waits.unsent_us.max(max(&broker.outbuf_latency));
+            waits.round_trip_us = waits.round_trip_us.max(max(&broker.rtt));
+        }
+    }
+}
 
 impl ProducerContext for DeliveryCounter {
-    type DeliveryOpaque = ();
+    /// The event's due time, epoch µs.
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {
+    fn delivery(&self, result: &DeliveryResult<'_>, due_us: Self::DeliveryOpaque) {
         match result {
-            Ok(_) => self.acknowledged.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
-        };
+            Ok(_) => {
+                self.acknowledged.fetch_add(1, Ordering::Relaxed);
+                let waited = epoch_us().saturating_sub(due_us as i64).max(1) as u64;
+                if let Ok(mut h) = self.acknowledged_latency.lock() {
+                    h.saturating_record(waited);
+                }
+            }
+            Err(_) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
 /// What the generator did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Generated {
     /// Events the broker acknowledged.
     pub acknowledged: u64,
@@ -115,6 +151,11 @@ pub struct Generated {
     pub elapsed: Duration,
     /// The furthest the generator fell behind its schedule.
     pub max_behind: Duration,
+    /// Each acknowledged event's due time → its acknowledgement by the broker, µs: a delay
+    /// here is in the producer or the broker's write, before any reader could see the event.
+    pub acknowledged_latency: Histogram<u64>,
+    /// Where the producer's records waited longest.
+    pub waits: ProducerWaits,
 }
 
 /// The open-loop generator of camera events, on its own thread.
@@ -134,21 +175,36 @@ impl Generator {
     ) -> Result<Self> {
         let acknowledged = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
+        let acknowledged_latency = Arc::new(Mutex::new(latency_histogram()));
+        let waits = Arc::new(Mutex::new(ProducerWaits::default()));
         let producer: ThreadedProducer<DeliveryCounter> = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("linger.ms", "1")
             .set("acks", "1")
             .set("queue.buffering.max.messages", "1000000")
+            .set("statistics.interval.ms", "1000")
             .create_with_context(DeliveryCounter {
                 acknowledged: acknowledged.clone(),
                 failed: failed.clone(),
+                acknowledged_latency: acknowledged_latency.clone(),
+                waits: waits.clone(),
             })?;
         let topic = topic.to_string();
         let events = EventTemplates::new(keys, seed);
         let ack = acknowledged.clone();
         let handle = std::thread::Builder::new()
             .name("bench-generator".into())
-            .spawn(move || generate(producer, &topic, schedule, &events, seed, &ack, &failed))
+            .spawn(move || {
+                let mut generated =
+                    generate(producer, &topic, schedule, &events, seed, &ack, &failed)?;
+                if let Ok(h) = acknowledged_latency.lock() {
+                    generated.acknowledged_latency = h.clone();
+                }
+                if let Ok(w) = waits.lock() {
+                    generated.waits = *w;
+                }
+                Ok(generated)
+            })
             .map_err(|e| Error::Config(format!("cannot start the generator thread: {e}")))?;
         Ok(Self {
             handle,
@@ -267,7 +323,8 @@ fn generate(
             payload.extend_from_slice(&events.heads[key]);
             let _ = write!(payload, "{event_ms}");
             payload.extend_from_slice(&events.tails[tail]);
-            let mut record = BaseRecord::to(topic)
+            let due_us = schedule.start_epoch_us + schedule.offset_us(i);
+            let mut record = BaseRecord::with_opaque_to(topic, due_us.max(0) as usize)
                 .key(events.keys[key].as_bytes())
                 .payload(payload.as_slice());
             loop {
@@ -296,6 +353,8 @@ fn generate(
         failed: failed.load(Ordering::Relaxed),
         elapsed,
         max_behind,
+        acknowledged_latency: latency_histogram(),
+        waits: ProducerWaits::default(),
     })
 }
 
@@ -348,7 +407,26 @@ pub struct Received {
     pub first_at: Option<Instant>,
     /// When the last row was read.
     pub last_at: Option<Instant>,
+    /// The longest round trip of the consumer's requests to a broker (fetches, mostly), µs,
+    /// from librdkafka's statistics: a delay that shows here is the broker's answer.
+    pub round_trip_max_us: i64,
 }
+
+/// The receiver's client context: keeps the longest request round trip to a broker from
+/// librdkafka's statistics (every second, each the largest over that second).
+struct RoundTrips(Arc<std::sync::atomic::AtomicI64>);
+
+impl ClientContext for RoundTrips {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for broker in statistics.brokers.values() {
+            if let Some(rtt) = &broker.rtt {
+                self.0.fetch_max(rtt.max, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for RoundTrips {}
 
 /// The downstream consumer, on its own thread.
 pub struct Receiver {
@@ -374,11 +452,14 @@ impl Receiver {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "5")
-            .set("isolation.level", "read_committed");
+            .set("isolation.level", "read_committed")
+            .set("statistics.interval.ms", "1000");
         for (k, v) in properties {
             config.set(k, v);
         }
-        let consumer: BaseConsumer = config.create()?;
+        let round_trips = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let consumer: BaseConsumer<RoundTrips> =
+            config.create_with_context(RoundTrips(round_trips.clone()))?;
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         let partitions = metadata
             .topics()
@@ -398,7 +479,11 @@ impl Receiver {
         let (r, l) = (rows.clone(), latency.clone());
         let handle = std::thread::Builder::new()
             .name("bench-receiver".into())
-            .spawn(move || receive(&consumer, recording, &stop, &r, &l))
+            .spawn(move || {
+                let mut received = receive(&consumer, recording, &stop, &r, &l)?;
+                received.round_trip_max_us = round_trips.load(Ordering::Relaxed);
+                Ok(received)
+            })
             .map_err(|e| Error::Config(format!("cannot start the receiver thread: {e}")))?;
         Ok(Self {
             handle,
@@ -434,7 +519,7 @@ impl Receiver {
 }
 
 fn receive(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<RoundTrips>,
     recording: Recording,
     stop: &AtomicBool,
     rows: &AtomicU64,
@@ -489,6 +574,7 @@ fn receive(
         rows: rows.load(Ordering::Relaxed),
         first_at,
         last_at,
+        round_trip_max_us: 0,
     })
 }
 

@@ -443,6 +443,7 @@ async fn run_step(
         &received,
         engine_stats.as_ref(),
     );
+    step.input_probe_round_trip_max_ms = probed.as_ref().map(|p| p.round_trip_max_us as f64 / 1e3);
     step.input_probe = probed.map(|p| report::Percentiles::of(&p.latency));
     Ok(step)
 }

@@ -63,6 +63,21 @@ pub struct StepReport {
     pub generator_max_behind_ms: f64,
     /// Events the broker refused.
     pub produce_failures: u64,
+    /// Each event's due time → its acknowledgement by the broker (all events of the run), µs:
+    /// a delay that shows here is in the generator's producer or the broker's write, before
+    /// any reader could see the event.
+    #[serde(default)]
+    pub acknowledged: Percentiles,
+    /// The longest a record waited in the generator's producer queue, ms (librdkafka's
+    /// `int_latency`).
+    #[serde(default)]
+    pub producer_queued_max_ms: f64,
+    /// The longest a produce request waited to be sent, ms (`outbuf_latency`).
+    #[serde(default)]
+    pub producer_unsent_max_ms: f64,
+    /// The longest produce request round trip to the broker, ms (`rtt`).
+    #[serde(default)]
+    pub produce_round_trip_max_ms: f64,
     /// Input events the reader (engine or plain consumer) took per second while recording.
     pub read_rate: f64,
     /// Rows recorded per second of recording.
@@ -76,6 +91,12 @@ pub struct StepReport {
     /// With `--probe-input`: a plain consumer of the input in the same run, each event's due
     /// time → received, µs.
     pub input_probe: Option<Percentiles>,
+    /// With `--probe-input`: the probe's longest request round trip to the broker, ms.
+    #[serde(default)]
+    pub input_probe_round_trip_max_ms: Option<f64>,
+    /// The downstream consumer's longest request round trip to the broker, ms.
+    #[serde(default)]
+    pub receiver_round_trip_max_ms: f64,
     /// Rows expected but not received (filter and plain runs, where each event gives a row).
     pub missing: Option<u64>,
     /// Output rows that could not be read.
@@ -145,6 +166,10 @@ impl StepReport {
             produced_rate,
             generator_max_behind_ms: generated.max_behind.as_secs_f64() * 1e3,
             produce_failures: generated.failed,
+            acknowledged: Percentiles::of(&generated.acknowledged_latency),
+            producer_queued_max_ms: generated.waits.queued_us as f64 / 1e3,
+            producer_unsent_max_ms: generated.waits.unsent_us as f64 / 1e3,
+            produce_round_trip_max_ms: generated.waits.round_trip_us as f64 / 1e3,
             read_rate,
             output_rate: received.recorded as f64 / recorded_s,
             end_to_end,
@@ -153,6 +178,8 @@ impl StepReport {
                 .map(|e| e.emit),
             last_hop: Percentiles::of(&received.last_hop),
             input_probe: None,
+            input_probe_round_trip_max_ms: None,
+            receiver_round_trip_max_ms: received.round_trip_max_us as f64 / 1e3,
             missing,
             unreadable: received.unreadable,
             engine_cpu_us_per_event,
@@ -344,21 +371,38 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "{:>9} last hop (producer timestamp → received): p50 {} ms, p99 {} ms, max {} ms",
+                "{:>9} last hop (producer timestamp → received): p50 {} ms, p99 {} ms, max {} ms; longest fetch round trip {:.1} ms",
                 "",
                 ms(st.last_hop.p50_us),
                 ms(st.last_hop.p99_us),
-                ms(st.last_hop.max_us)
+                ms(st.last_hop.max_us),
+                st.receiver_round_trip_max_ms
             );
+            if st.acknowledged.count > 0 {
+                let _ = writeln!(
+                    s,
+                    "{:>9} generator (due → acknowledged by the broker): p50 {} ms, p99 {} ms, max {} ms; longest waits: producer queue {:.1} ms, unsent {:.1} ms, produce round trip {:.1} ms",
+                    "",
+                    ms(st.acknowledged.p50_us),
+                    ms(st.acknowledged.p99_us),
+                    ms(st.acknowledged.max_us),
+                    st.producer_queued_max_ms,
+                    st.producer_unsent_max_ms,
+                    st.produce_round_trip_max_ms
+                );
+            }
             if let Some(p) = &st.input_probe {
                 let _ = writeln!(
                     s,
-                    "{:>9} input probe (plain consumer of the input, due → received): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+                    "{:>9} input probe (plain consumer of the input, due → received): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms; longest fetch round trip {}",
                     "",
                     ms(p.p50_us),
                     ms(p.p90_us),
                     ms(p.p99_us),
-                    ms(p.max_us)
+                    ms(p.max_us),
+                    opt(st
+                        .input_probe_round_trip_max_ms
+                        .map(|v| format!("{v:.1} ms")))
                 );
             }
             if !st.engine_cpu_us_per_event_by_thread.is_empty() {
