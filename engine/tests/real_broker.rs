@@ -229,8 +229,9 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
     let dir = tempfile::tempdir()?;
     let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
     // Micro-batches of 16 records: the query reads its next micro-batch while it processes one
-    // whenever a read brings 4 records or more, so the kills land in reads ahead too (whose
-    // records must be read again by the next run, not lost or counted twice).
+    // whenever a read brings 4 records or more, as it does catching up after each restart; a
+    // kill may land during such a read, whose records must be read again by the next run, not
+    // lost or counted twice.
     let m = member(
         dir.path(),
         &brokers,
@@ -240,6 +241,10 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
     )?;
     let config = std::fs::read_to_string(&m.config)?
         .replace("[pipeline]\n", "[pipeline]\nmax_batch_rows = 16\n");
+    anyhow::ensure!(
+        config.contains("max_batch_rows = 16"),
+        "no [pipeline] section"
+    );
     std::fs::write(&m.config, config)?;
     let api = Api::new()?;
     let mut service = serve(&m.config, &m.log)?;

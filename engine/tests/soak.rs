@@ -102,7 +102,8 @@ fn a_simulated_week_keeps_indicators_flowing_and_the_watermark_tracking() -> any
     }
     // While the clock catches up (until the watermark is within an hour of the wall clock),
     // the watermark moves forward in every 15 s: at 3 600× that is hours of simulated time,
-    // so a query that stalls, or a watermark held back by an idle stream, shows here.
+    // so a query that stalls while its input delivers, or a watermark held back by an idle
+    // stream, shows here (a query whose inputs have all gone quiet holds only its own).
     let catching_up: Vec<_> = points
         .iter()
         .take_while(|p| p.2 < started + (p.0 as i64) * 1_000 - 3_600_000)

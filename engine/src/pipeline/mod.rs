@@ -196,7 +196,9 @@ pub struct PipelineStats {
     /// The lowest watermark of the queries with an input that delivered within its idle
     /// timeout, epoch ms (`i64::MIN` before any event). A query whose inputs have all gone
     /// quiet holds its own watermark (a join of two sparse streams, waiting for either) without
-    /// holding this one back, as an idle partition does within a query; it never goes back.
+    /// holding this one back, as an idle partition does within a query; a quiet stream of a
+    /// join or union follows the others, as in the query itself. It never goes back within a
+    /// run, so a query resuming behind it does not pull it back.
     pub watermark_ms: AtomicI64,
     /// Entries held in state: (window, group) partials and detector keys.
     pub state_groups: AtomicU64,
@@ -853,6 +855,23 @@ impl Pipeline {
         result
     }
 
+    /// The watermark [`PipelineStats::watermark_ms`] shows at processing time `now`, before
+    /// it is kept from going back: the lowest of the query instances with an input that
+    /// delivered within its idle timeout, each as its operators go by; before any did in this
+    /// run (restored, all quiet), the lowest restored one.
+    fn lowest_watermark(&self, now: i64) -> Option<i64> {
+        let instances = || self.queries.iter().flat_map(|r| r.instances());
+        instances()
+            .filter(|q| !q.inputs_quiet(now))
+            .filter_map(|q| q.progress_watermark(now))
+            .min()
+            .or_else(|| {
+                (self.watermark_shown == i64::MIN)
+                    .then(|| instances().filter_map(|q| q.watermark()).min())
+                    .flatten()
+            })
+    }
+
     async fn run_until(&mut self, stop: Arc<AtomicBool>) -> Result<()> {
         let mut topics: Vec<&String> = self.decoders.keys().collect();
         topics.sort();
@@ -1385,15 +1404,7 @@ impl Pipeline {
             Ok(n)
         });
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        let now = epoch_ms();
-        if let Some(w) = self
-            .queries
-            .iter()
-            .flat_map(|r| r.instances())
-            .filter(|q| !q.inputs_quiet(now))
-            .filter_map(|q| q.watermark())
-            .min()
-        {
+        if let Some(w) = self.lowest_watermark(epoch_ms()) {
             // From this run on: a run restarted from an older checkpoint shows its own.
             self.watermark_shown = self.watermark_shown.max(w);
             self.stats

@@ -2582,10 +2582,19 @@ impl StreamQuery {
     /// The input watermarks of a join's sides at processing time `now_ms`.
     /// A stream whose partitions have all gone idle follows the other: it holds nothing back.
     fn join_watermarks(&mut self, now_ms: i64) -> [Option<i64>; 2] {
-        let left = self.watermarks.advance(now_ms);
-        match &mut self.join {
+        self.watermarks.advance(now_ms);
+        if let Some(j) = &mut self.join {
+            j.right_watermarks.advance(now_ms);
+        }
+        self.join_watermarks_now(now_ms)
+    }
+
+    /// [`StreamQuery::join_watermarks`] as of the last advance, at processing time `now_ms`.
+    fn join_watermarks_now(&self, now_ms: i64) -> [Option<i64>; 2] {
+        let left = self.watermarks.current();
+        match &self.join {
             Some(j) if j.right.is_some() => {
-                let right = j.right_watermarks.advance(now_ms);
+                let right = j.right_watermarks.current();
                 let left_idle = self.watermarks.is_idle(now_ms) == Some(true);
                 let right_idle = j.right_watermarks.is_idle(now_ms) == Some(true);
                 match (left_idle, right_idle) {
@@ -2595,6 +2604,21 @@ impl StreamQuery {
                 }
             }
             _ => [left, left],
+        }
+    }
+
+    /// The watermark its operators go by at processing time `now_ms`, as of its last
+    /// micro-batch: as [`StreamQuery::watermark`], but a joined stream or a branch of a union
+    /// that has gone quiet follows the others, as the query's own steps let it. For progress
+    /// figures.
+    pub fn progress_watermark(&self, now_ms: i64) -> Option<i64> {
+        if let Some(u) = &self.union {
+            return u.watermark;
+        }
+        let watermarks = self.join_watermarks_now(now_ms);
+        match &self.join {
+            Some(j) => j.output_watermark(watermarks),
+            None => watermarks[0],
         }
     }
 
