@@ -140,7 +140,13 @@ pub struct IntervalJoin {
     spec: JoinSpec,
     converter: RowConverter,
     buffers: [Buffer; 2],
+    /// Per side, the columns the join reads from its rows once paired: those it outputs and
+    /// those its condition tests. Only these are gathered for a pair.
+    needed: [Vec<bool>; 2],
 }
+
+/// Some of a side's columns (`None`: one the join does not read once rows are paired).
+type Columns = Vec<Option<ArrayRef>>;
 
 /// Event times of `column` in milliseconds.
 fn times_of(column: &ArrayRef) -> Result<Vec<i64>> {
@@ -165,11 +171,42 @@ impl IntervalJoin {
             .iter()
             .map(|(l, _)| Ok(SortField::new(l.data_type(&spec.sides[0])?)))
             .collect::<Result<Vec<_>>>()?;
+        let widths = [spec.sides[0].fields().len(), spec.sides[1].fields().len()];
+        let all = spec.projection.is_none();
+        let mut needed = [vec![all; widths[0]], vec![all; widths[1]]];
+        for &i in spec.projection.iter().flatten() {
+            if i < widths[0] {
+                needed[0][i] = true;
+            } else if let Some(n) = needed[1].get_mut(i - widths[0]) {
+                *n = true;
+            }
+        }
+        if let Some(filter) = spec.filter.as_ref().filter(|_| !spec.bound_only) {
+            for c in filter.column_indices() {
+                let side = match c.side {
+                    JoinSide::Left => 0,
+                    JoinSide::Right => 1,
+                    JoinSide::None => continue,
+                };
+                if let Some(n) = needed[side].get_mut(c.index) {
+                    *n = true;
+                }
+            }
+        }
         Ok(Self {
             converter: RowConverter::new(fields)?,
             spec,
             buffers: Default::default(),
+            needed,
         })
+    }
+
+    /// The hash of each key row, the same for both sides' indexes.
+    fn hashes(&self, keys: &Rows) -> Vec<u64> {
+        let hasher = self.buffers[0].index.hasher();
+        (0..keys.num_rows())
+            .map(|i| hasher.hash_one(keys.row(i).as_ref()))
+            .collect()
     }
 
     /// The join's description.
@@ -217,36 +254,33 @@ impl IntervalJoin {
         }
         let times = times_of(rows.column(self.spec.time[side]))?;
         let keys = self.keys(side, &rows)?;
+        let hashes = self.hashes(&keys.0);
         let other = 1 - side;
         // Candidate pairs: same key, and the time difference within the bound.
         let (lo, hi) = (self.spec.lo, self.spec.hi);
         let mut mine: Vec<u32> = Vec::new();
         let mut theirs: Vec<(u64, u32)> = Vec::new();
         {
-            let buffer = &mut self.buffers[other];
+            let Buffer {
+                chunks,
+                index,
+                stale,
+                ..
+            } = &mut self.buffers[other];
+            // Keys met with entries of evicted rows, whose entries are dropped below.
+            let mut stale_keys: Vec<u64> = Vec::new();
             for (i, &at) in times.iter().enumerate() {
                 if !keys.1[i] {
                     continue;
                 }
+                let Some(entries) = index.get(&hashes[i]) else {
+                    continue;
+                };
                 let key = keys.0.row(i);
-                let hash = buffer.index.hasher().hash_one(key.as_ref());
-                let Some(entries) = buffer.index.get_mut(&hash) else {
-                    continue;
-                };
-                // Entries of evicted rows are dropped as their key is met.
-                let chunks = &buffer.chunks;
-                let (dropped, left) =
-                    entries.retain(|(id, r)| chunks.get(id).is_some_and(|c| c.alive[*r as usize]));
-                buffer.stale = buffer.stale.saturating_sub(dropped);
-                if !left {
-                    buffer.index.remove(&hash);
-                    continue;
-                }
-                let Some(entries) = buffer.index.get(&hash) else {
-                    continue;
-                };
+                let mut dead = false;
                 for &(id, r) in entries.entries() {
-                    let Some(chunk) = chunks.get(&id) else {
+                    let Some(chunk) = chunks.get(&id).filter(|c| c.alive[r as usize]) else {
+                        dead = true;
                         continue;
                     };
                     if chunk.keys.row(r as usize) != key {
@@ -263,20 +297,34 @@ impl IntervalJoin {
                         theirs.push((id, r));
                     }
                 }
+                if dead {
+                    stale_keys.push(hashes[i]);
+                }
+            }
+            for hash in stale_keys {
+                let Some(entries) = index.get_mut(&hash) else {
+                    continue;
+                };
+                let (dropped, left) =
+                    entries.retain(|(id, r)| chunks.get(id).is_some_and(|c| c.alive[*r as usize]));
+                *stale = stale.saturating_sub(dropped);
+                if !left {
+                    index.remove(&hash);
+                }
             }
         }
         let mut matched = vec![false; rows.num_rows()];
         let output = if mine.is_empty() {
             None
         } else {
-            let mine_rows = take_rows(&rows, &mine)?;
+            let mine_rows = self.take(side, &rows, &mine)?;
             let theirs_rows = self.gather(other, &theirs)?;
             let (left, right) = if side == 0 {
                 (mine_rows, theirs_rows)
             } else {
                 (theirs_rows, mine_rows)
             };
-            let keep = self.condition(&left, &right)?;
+            let keep = self.condition(&left, &right, mine.len())?;
             for (p, &i) in mine.iter().enumerate() {
                 if keep.as_ref().is_none_or(|k| k.value(p)) {
                     matched[i as usize] = true;
@@ -286,35 +334,43 @@ impl IntervalJoin {
                     }
                 }
             }
-            let (left, right) = match &keep {
+            let (left, right, n) = match &keep {
                 Some(k) => (
-                    filter_record_batch(&left, k)?,
-                    filter_record_batch(&right, k)?,
+                    filter_columns(&left, k)?,
+                    filter_columns(&right, k)?,
+                    k.true_count(),
                 ),
-                None => (left, right),
+                None => (left, right, mine.len()),
             };
-            Some(self.assemble(Some(&left), Some(&right), left.num_rows())?)
+            Some(self.assemble(Some(&left), Some(&right), n)?)
         };
-        self.buffer(side, rows, times, keys, matched, offsets);
+        self.buffer(side, rows, times, keys, hashes, matched, offsets);
         Ok(output.filter(|b| b.num_rows() > 0))
     }
 
     /// Whether each pair of `left` and `right` (row i with row i) meets the filter; `None`
     /// when the join has none.
-    fn condition(&self, left: &RecordBatch, right: &RecordBatch) -> Result<Option<BooleanArray>> {
+    fn condition(&self, left: &Columns, right: &Columns, n: usize) -> Result<Option<BooleanArray>> {
         let Some(filter) = self.spec.filter.as_ref().filter(|_| !self.spec.bound_only) else {
             return Ok(None);
         };
         let columns = filter
             .column_indices()
             .iter()
-            .map(|c| match c.side {
-                JoinSide::Left => Ok(left.column(c.index).clone()),
-                JoinSide::Right => Ok(right.column(c.index).clone()),
-                JoinSide::None => plan_err!("a mark column in a stream join's filter"),
+            .map(|c| {
+                let side = match c.side {
+                    JoinSide::Left => left,
+                    JoinSide::Right => right,
+                    JoinSide::None => return plan_err!("a mark column in a stream join's filter"),
+                };
+                match side.get(c.index) {
+                    Some(Some(column)) => Ok(column.clone()),
+                    _ => plan_err!("internal: a stream join's filter column was not gathered"),
+                }
             })
             .collect::<Result<Vec<_>>>()?;
-        let batch = RecordBatch::try_new(filter.schema().clone(), columns)?;
+        let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
+        let batch = RecordBatch::try_new_with_options(filter.schema().clone(), columns, &options)?;
         let result = filter
             .expression()
             .evaluate(&batch)?
@@ -327,8 +383,8 @@ impl IntervalJoin {
         }))
     }
 
-    /// The buffered rows `at` of `side`, in one batch.
-    fn gather(&self, side: usize, at: &[(u64, u32)]) -> Result<RecordBatch> {
+    /// The buffered rows `at` of `side`: the columns the join reads.
+    fn gather(&self, side: usize, at: &[(u64, u32)]) -> Result<Columns> {
         let buffer = &self.buffers[side];
         let mut ids: Vec<u64> = at.iter().map(|(id, _)| *id).collect();
         ids.sort_unstable();
@@ -343,30 +399,63 @@ impl IntervalJoin {
             .iter()
             .map(|(id, r)| (position[id], *r as usize))
             .collect();
-        Ok(datafusion::arrow::compute::interleave_record_batch(
-            &batches, &indices,
-        )?)
+        self.needed[side]
+            .iter()
+            .enumerate()
+            .map(|(c, needed)| {
+                if !needed {
+                    return Ok(None);
+                }
+                let arrays: Vec<&dyn Array> =
+                    batches.iter().map(|b| b.column(c).as_ref()).collect();
+                Ok(Some(datafusion::arrow::compute::interleave(
+                    &arrays, &indices,
+                )?))
+            })
+            .collect()
+    }
+
+    /// Rows `at` of `batch`, of `side`: the columns the join reads.
+    fn take(&self, side: usize, batch: &RecordBatch, at: &[u32]) -> Result<Columns> {
+        let indices = UInt32Array::from(at.to_vec());
+        self.needed[side]
+            .iter()
+            .zip(batch.columns())
+            .map(|(needed, c)| {
+                Ok(match needed {
+                    true => Some(take(c.as_ref(), &indices, None)?),
+                    false => None,
+                })
+            })
+            .collect()
     }
 
     /// Rows of the output schema from `left` and `right` (`None`: nulls), `n` rows.
     fn assemble(
         &self,
-        left: Option<&RecordBatch>,
-        right: Option<&RecordBatch>,
+        left: Option<&Columns>,
+        right: Option<&Columns>,
         n: usize,
     ) -> Result<RecordBatch> {
-        let mut columns: Vec<ArrayRef> = Vec::new();
-        for (side, batch) in [left, right].into_iter().enumerate() {
-            for (c, field) in self.spec.sides[side].fields().iter().enumerate() {
-                columns.push(match batch {
-                    Some(b) => b.column(c).clone(),
-                    None => new_null_array(field.data_type(), n),
-                });
+        let width = self.spec.sides[0].fields().len();
+        let column = |i: usize| -> Result<ArrayRef> {
+            let (side, c) = if i < width { (0, i) } else { (1, i - width) };
+            match [left, right][side] {
+                Some(columns) => match columns.get(c) {
+                    Some(Some(column)) => Ok(column.clone()),
+                    _ => plan_err!("internal: a stream join's output column was not gathered"),
+                },
+                None => Ok(new_null_array(
+                    self.spec.sides[side].field(c).data_type(),
+                    n,
+                )),
             }
-        }
+        };
         let columns = match &self.spec.projection {
-            Some(p) => p.iter().map(|&i| columns[i].clone()).collect(),
-            None => columns,
+            Some(p) => p.iter().map(|&i| column(i)).collect::<Result<Vec<_>>>()?,
+            None => (0..width + self.spec.sides[1].fields().len())
+                .map(column)
+                .collect::<Result<Vec<_>>>()?,
         };
         // Columns keep the types of the join's output; nullability follows the output's.
         let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
@@ -377,12 +466,14 @@ impl IntervalJoin {
         )?)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn buffer(
         &mut self,
         side: usize,
         batch: RecordBatch,
         times: Vec<i64>,
         keys: (Rows, Vec<bool>),
+        hashes: Vec<u64>,
         matched: Vec<bool>,
         offsets: HashMap<i32, i64>,
     ) {
@@ -391,7 +482,7 @@ impl IntervalJoin {
         buffer.next += 1;
         for (r, valid) in keys.1.iter().enumerate() {
             if *valid {
-                let hash = buffer.index.hasher().hash_one(keys.0.row(r).as_ref());
+                let hash = hashes[r];
                 match buffer.index.get_mut(&hash) {
                     Some(slot) => slot.push((id, r as u32)),
                     None => {
@@ -471,7 +562,7 @@ impl IntervalJoin {
             }
             if !unmatched.is_empty() {
                 let rows = self.gather(side, &unmatched)?;
-                let n = rows.num_rows();
+                let n = unmatched.len();
                 out.push(if side == 0 {
                     self.assemble(Some(&rows), None, n)?
                 } else {
@@ -627,25 +718,22 @@ impl IntervalJoin {
             let matched: Vec<bool> = matched.iter().map(|m| m == Some(true)).collect();
             let times = times_of(rows.column(self.spec.time[side]))?;
             let keys = self.keys(side, &rows)?;
-            self.buffer(side, rows, times, keys, matched, HashMap::new());
+            let hashes = self.hashes(&keys.0);
+            self.buffer(side, rows, times, keys, hashes, matched, HashMap::new());
         }
         Ok(())
     }
 }
 
-/// Rows `at` of `batch`.
-fn take_rows(batch: &RecordBatch, at: &[u32]) -> Result<RecordBatch> {
-    let indices = UInt32Array::from(at.to_vec());
-    let columns = batch
-        .columns()
+/// The rows of `columns` that `keep` accepts.
+fn filter_columns(columns: &Columns, keep: &BooleanArray) -> Result<Columns> {
+    columns
         .iter()
-        .map(|c| take(c.as_ref(), &indices, None))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let options =
-        datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(at.len()));
-    Ok(RecordBatch::try_new_with_options(
-        batch.schema(),
-        columns,
-        &options,
-    )?)
+        .map(|c| {
+            c.as_ref()
+                .map(|c| datafusion::arrow::compute::filter(c.as_ref(), keep))
+                .transpose()
+                .map_err(Into::into)
+        })
+        .collect()
 }
