@@ -580,3 +580,83 @@ async fn an_outer_join_holds_a_partners_offsets_until_the_kept_side_is_done() ->
     );
     Ok(())
 }
+
+/// A join's progress watermark (the one the pipeline shows) follows a side that has gone
+/// quiet for its idle timeout, as the join's own eviction does, while the query's plain
+/// watermark still waits for it; once both sides are quiet the query counts as quiet. Each
+/// side delivers on 4 partitions.
+#[tokio::test]
+async fn a_joins_progress_watermark_follows_the_side_that_still_delivers() -> anyhow::Result<()> {
+    use urbanstream::plan::stream::StreamContext;
+    let ctx = StreamContext::new();
+    let mut query = None;
+    for sql in [
+        "CREATE EXTERNAL TABLE a (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'ta', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '10s')",
+        "CREATE EXTERNAL TABLE b (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'tb', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '10s')",
+        &format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND}"),
+    ] {
+        for statement in StreamContext::parse(sql)? {
+            if let Some(q) = ctx.plan(statement).await? {
+                query = Some(q);
+            }
+        }
+    }
+    let mut query = query.ok_or_else(|| anyhow::anyhow!("no query"))?;
+    // One row per partition, all at `t`.
+    let batch = |t: i64| -> anyhow::Result<RecordBatch> {
+        let n = PARTITIONS as usize;
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("id", Arc::new(Int64Array::from_iter_values(0..n as i64))),
+            (
+                "k",
+                Arc::new(datafusion::arrow::array::StringViewArray::from(vec![
+                    Some(
+                        "k0"
+                    );
+                    n
+                ])),
+            ),
+            ("t", Arc::new(TimestampMillisecondArray::from(vec![t; n]))),
+            ("v", Arc::new(Int64Array::from(vec![1; n]))),
+        ];
+        Ok(RecordBatch::try_from_iter(columns)?)
+    };
+    let partitions: Vec<i32> = (0..PARTITIONS).collect();
+    // Processing time a day on, so that no event counts as stamped in the future.
+    let now = T0 + 86_400_000;
+    query
+        .process_from("a", &batch(T0)?, &partitions, None, now)
+        .await?;
+    query
+        .process_from("b", &batch(T0)?, &partitions, None, now)
+        .await?;
+    // b.t - a.t in [-1 min, 3 min]: new pairs may still come from left rows at T0 meeting
+    // right rows up to T0 + 3 min, so the output waits 3 minutes behind both.
+    assert_eq!(query.watermark(), Some(T0 - 180_000));
+    assert_eq!(query.progress_watermark(now), query.watermark());
+    assert!(!query.inputs_quiet(now));
+
+    // 20 s on, only the left stream delivers, 2 minutes on in event time.
+    let later = now + 20_000;
+    query
+        .process_from("a", &batch(T0 + 120_000)?, &partitions, None, later)
+        .await?;
+    assert_eq!(
+        query.watermark(),
+        Some(T0 - 180_000),
+        "the plain watermark waits for the quiet right stream"
+    );
+    assert_eq!(
+        query.progress_watermark(later),
+        Some(T0 - 60_000),
+        "the quiet right stream follows the left: min(T0+2min-3min, T0+2min-1min)"
+    );
+    assert!(!query.inputs_quiet(later));
+    assert!(
+        query.inputs_quiet(later + 10_001),
+        "both streams silent past their idle timeout"
+    );
+    Ok(())
+}

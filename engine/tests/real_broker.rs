@@ -246,10 +246,7 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
         "no [pipeline] section"
     );
     std::fs::write(&m.config, config)?;
-    let api = Api::new()?;
-    let mut service = serve(&m.config, &m.log)?;
-    api.wait_live(&m.base)?;
-    api.create(&m.base, "counts", &counts_query(OUTPUT))?;
+    let (mut service, api) = start_query(&m, "counts", &counts_query(OUTPUT))?;
 
     let t0 = first_window()?;
     let kills = Kills {
@@ -588,25 +585,17 @@ fn input_deleted_before_it_was_read_is_a_gap_record_under_the_skip_policy() -> a
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let dir = tempfile::tempdir()?;
     let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
-    let m = member(
+    let (m, mut service, api) = query_service(
         dir.path(),
         &brokers,
         "skip",
-        "0",
-        &dir.path().join("checkpoints"),
-    )?;
-    let api = Api::new()?;
-    let mut service = serve(&m.config, &m.log)?;
-    let base = &m.base;
-    api.wait_live(base)?;
-    api.create(
-        base,
         "counts",
         &format!(
             "SET urbanstream.on_data_loss = 'skip'; {}",
             counts_query("skip.counts")
         ),
     )?;
+    let base = &m.base;
     let t0 = first_window()?;
     produce_now(&brokers, t0, 0..400)?;
     wait_until("the query did not read the first events", || {

@@ -318,12 +318,12 @@ fn generate(
         while i < due {
             let key = rng.random_range(0..events.keys.len());
             let tail = rng.random_range(0..events.tails.len());
-            let event_ms = (schedule.start_epoch_us + schedule.offset_us(i)) / 1000;
+            let due_us = schedule.start_epoch_us + schedule.offset_us(i);
+            let event_ms = due_us / 1000;
             payload.clear();
             payload.extend_from_slice(&events.heads[key]);
             let _ = write!(payload, "{event_ms}");
             payload.extend_from_slice(&events.tails[tail]);
-            let due_us = schedule.start_epoch_us + schedule.offset_us(i);
             let mut record = BaseRecord::with_opaque_to(topic, due_us.max(0) as usize)
                 .key(events.keys[key].as_bytes())
                 .payload(payload.as_slice());

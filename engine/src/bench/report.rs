@@ -371,21 +371,17 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "{:>9} last hop (producer timestamp → received): p50 {} ms, p99 {} ms, max {} ms; longest fetch round trip {:.1} ms",
+                "{:>9} last hop (producer timestamp → received): {}; longest fetch round trip {:.1} ms",
                 "",
-                ms(st.last_hop.p50_us),
-                ms(st.last_hop.p99_us),
-                ms(st.last_hop.max_us),
+                p50_p99_max(&st.last_hop),
                 st.receiver_round_trip_max_ms
             );
             if st.acknowledged.count > 0 {
                 let _ = writeln!(
                     s,
-                    "{:>9} generator (due → acknowledged by the broker): p50 {} ms, p99 {} ms, max {} ms; longest waits: producer queue {:.1} ms, unsent {:.1} ms, produce round trip {:.1} ms",
+                    "{:>9} generator (due → acknowledged by the broker): {}; longest waits: producer queue {:.1} ms, unsent {:.1} ms, produce round trip {:.1} ms",
                     "",
-                    ms(st.acknowledged.p50_us),
-                    ms(st.acknowledged.p99_us),
-                    ms(st.acknowledged.max_us),
+                    p50_p99_max(&st.acknowledged),
                     st.producer_queued_max_ms,
                     st.producer_unsent_max_ms,
                     st.produce_round_trip_max_ms
@@ -549,6 +545,16 @@ impl Report {
 
 fn ms(us: u64) -> String {
     format!("{:.1}", us as f64 / 1e3)
+}
+
+/// "p50 … ms, p99 … ms, max … ms".
+fn p50_p99_max(p: &Percentiles) -> String {
+    format!(
+        "p50 {} ms, p99 {} ms, max {} ms",
+        ms(p.p50_us),
+        ms(p.p99_us),
+        ms(p.max_us)
+    )
 }
 
 #[cfg(test)]

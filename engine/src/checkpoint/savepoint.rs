@@ -327,7 +327,7 @@ mod tests {
         };
         let mut state = StateSnapshot {
             meta: serde_json::json!({"value": value}),
-            tables: Default::default(),
+            ..Default::default()
         };
         let column: ArrayRef = Arc::new(Int64Array::from(vec![value]));
         state

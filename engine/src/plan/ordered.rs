@@ -160,7 +160,7 @@ impl Ordered {
     pub fn snapshot(&self) -> crate::Result<StateSnapshot> {
         let mut out = StateSnapshot {
             meta: serde_json::json!({ "rows": self.rows() }),
-            tables: Default::default(),
+            ..Default::default()
         };
         if !self.buffer.is_empty() {
             let rows = concat_batches(&self.schema, &self.buffer)?;

@@ -55,7 +55,7 @@ use super::chain::Windowed;
 use super::feed::{Feed, FeedExec};
 use super::repartition::key_plan;
 use super::rewrite::rewrite_windows;
-use super::table::{KafkaTableFactory, StreamTable};
+use super::table::{KafkaTableFactory, StreamTable, within_bounds};
 use crate::checkpoint::{StateSnapshot, meta_field};
 use crate::state::keyed::{KeyedHandle, replace_series_windows};
 use crate::state::session::SessionOperator;
@@ -1056,11 +1056,10 @@ fn parse_setting(name: &str, value: &str) -> Result<Option<Duration>> {
     if value.trim().is_empty() {
         return Ok(None);
     }
-    humantime::parse_duration(value.trim())
-        .map(Some)
-        .map_err(|e| {
-            plan_datafusion_err!("{name}: '{value}' is not a duration ({e}); write e.g. '30s'")
-        })
+    let d = humantime::parse_duration(value.trim()).map_err(|e| {
+        plan_datafusion_err!("{name}: '{value}' is not a duration ({e}); write e.g. '30s'")
+    })?;
+    within_bounds(name, value, d).map(Some)
 }
 
 /// Refuses a window function evaluated below the windowed aggregation, where rows have no
@@ -1857,7 +1856,9 @@ impl StreamQuery {
 
     /// Whether none of its inputs (its stream, the stream it joins, the streams of its union)
     /// has delivered within its idle timeout at processing time `now_ms`: its watermark holds
-    /// until one does. An input that has delivered nothing yet counts as quiet.
+    /// until one does. An input whose tracker knows no partition yet counts as quiet; one
+    /// expecting partitions that have delivered nothing is quiet only once the idle timeout
+    /// has passed.
     pub fn inputs_quiet(&self, now_ms: i64) -> bool {
         let right = self
             .join
@@ -2085,7 +2086,7 @@ impl StreamQuery {
                 "keyed": self.keyed.len(),
                 "lags": self.lags.len(),
             }),
-            tables: Default::default(),
+            ..Default::default()
         };
         if let Some(w) = &mut self.windowed {
             w.snapshot(&mut out)?;
@@ -2607,10 +2608,12 @@ impl StreamQuery {
         }
     }
 
-    /// The watermark its operators go by at processing time `now_ms`, as of its last
-    /// micro-batch: as [`StreamQuery::watermark`], but a joined stream or a branch of a union
-    /// that has gone quiet follows the others, as the query's own steps let it. For progress
-    /// figures.
+    /// The watermark its operators go by: as [`StreamQuery::watermark`], but a joined stream
+    /// or a branch of a union that has gone quiet follows the others, as the query's own
+    /// steps let it. The sides' watermarks are those of its last micro-batch; whether a side
+    /// is quiet is judged at processing time `now_ms`, so a side that went quiet since then
+    /// already counts as quiet here (its next step lets the join follow too). A union's is
+    /// the one its last step went by. For progress figures.
     pub fn progress_watermark(&self, now_ms: i64) -> Option<i64> {
         if let Some(u) = &self.union {
             return u.watermark;

@@ -158,11 +158,12 @@ impl StreamOptions {
             }
         }
         let duration = |name: &str, value: &String| {
-            humantime::parse_duration(value).map_err(|e| {
+            let d = humantime::parse_duration(value).map_err(|e| {
                 plan_datafusion_err!(
                     "option '{name}': '{value}' is not a duration ({e}); write e.g. '5s' or '1m'"
                 )
-            })
+            })?;
+            within_bounds(&format!("option '{name}'"), value, d)
         };
         if let Some(v) = get("watermark_delay") {
             out.watermark_delay = duration("watermark_delay", v)?;
@@ -188,6 +189,22 @@ impl StreamOptions {
         }
         Ok(out)
     }
+}
+
+/// The longest duration an option or setting takes: event times and processing times are
+/// milliseconds in an `i64`, and a span longer than this would overflow them.
+/// (Years of 365.25 days, as durations such as `'100y'` count them.)
+pub const LONGEST_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// `d`, parsed from `value` of `what`, when no longer than [`LONGEST_DURATION`].
+pub(super) fn within_bounds(what: &str, value: &str, d: Duration) -> Result<Duration> {
+    if d > LONGEST_DURATION {
+        return plan_err!(
+            "{what}: '{value}' is longer than 100 years, which no stream can wait for; write \
+             e.g. '5s' or '1h'"
+        );
+    }
+    Ok(d)
 }
 
 /// A Kafka topic as a table.
@@ -406,6 +423,20 @@ mod tests {
         let e = StreamOptions::parse(&opts(&[("topic", "t"), ("idle_timeout", "soon")]))
             .expect_err("bad duration");
         assert!(e.to_string().contains("option 'idle_timeout'"), "{e}");
+        // Milliseconds past an i64 would wrap to a negative timeout or delay.
+        for option in ["idle_timeout", "watermark_delay", "future_tolerance"] {
+            let e = StreamOptions::parse(&opts(&[("topic", "t"), (option, "300000000y")]))
+                .expect_err("absurd duration");
+            assert!(
+                e.to_string().contains(&format!(
+                    "option '{option}': '300000000y' is longer than 100 years"
+                )),
+                "{e}"
+            );
+        }
+        let o = StreamOptions::parse(&opts(&[("topic", "t"), ("idle_timeout", "100y")]))
+            .expect("the longest timeout");
+        assert_eq!(o.idle_timeout, LONGEST_DURATION);
         let e = StreamOptions::parse(&opts(&[("format", "json")])).expect_err("no topic");
         assert!(e.to_string().contains("'topic'"), "{e}");
         let e = StreamOptions::parse(&opts(&[("topic", "t"), ("format", "thrift")]))

@@ -24,7 +24,11 @@ use std::sync::Arc;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, RecordBatch, UInt32Array, new_null_array,
 };
-use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take};
+use datafusion::arrow::buffer::NullBuffer;
+use datafusion::arrow::compute::{
+    FilterBuilder, FilterPredicate, cast, concat_batches, filter_record_batch,
+    prep_null_mask_filter, take,
+};
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::{JoinSide, JoinType, Result, plan_err};
@@ -148,6 +152,19 @@ pub struct IntervalJoin {
 /// Some of a side's columns (`None`: one the join does not read once rows are paired).
 type Columns = Vec<Option<ArrayRef>>;
 
+/// What the join reads off a batch of one side's rows before pairing or buffering them.
+struct Arrived {
+    /// Event times (ms; `i64::MIN` for a null).
+    times: Vec<i64>,
+    /// Join keys in row format.
+    keys: Rows,
+    /// Whether each row's key can match: a key holding a null equals nothing (unless nulls
+    /// are equal).
+    valid: Vec<bool>,
+    /// The hash of each key row, the same for both sides' indexes.
+    hashes: Vec<u64>,
+}
+
 /// Event times of `column` in milliseconds.
 fn times_of(column: &ArrayRef) -> Result<Vec<i64>> {
     let ms = cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
@@ -201,12 +218,21 @@ impl IntervalJoin {
         })
     }
 
-    /// The hash of each key row, the same for both sides' indexes.
-    fn hashes(&self, keys: &Rows) -> Vec<u64> {
+    /// The times, keys and key hashes of `batch`, of `side`. Both sides' keys are hashed
+    /// with the left index's hasher (the buffers are only ever replaced together).
+    fn arrived(&self, side: usize, batch: &RecordBatch) -> Result<Arrived> {
+        let times = times_of(batch.column(self.spec.time[side]))?;
+        let (keys, valid) = self.keys(side, batch)?;
         let hasher = self.buffers[0].index.hasher();
-        (0..keys.num_rows())
+        let hashes = (0..keys.num_rows())
             .map(|i| hasher.hash_one(keys.row(i).as_ref()))
-            .collect()
+            .collect();
+        Ok(Arrived {
+            times,
+            keys,
+            valid,
+            hashes,
+        })
     }
 
     /// The join's description.
@@ -233,9 +259,16 @@ impl IntervalJoin {
             })
             .collect::<Result<Vec<_>>>()?;
         let rows = self.converter.convert_columns(&arrays)?;
-        let valid = (0..batch.num_rows())
-            .map(|i| self.spec.nulls_equal || !arrays.iter().any(|a| a.is_null(i)))
-            .collect();
+        let nulls = match self.spec.nulls_equal {
+            true => None,
+            false => arrays
+                .iter()
+                .fold(None, |all, a| NullBuffer::union(all.as_ref(), a.nulls())),
+        };
+        let valid = match nulls {
+            Some(nulls) => nulls.iter().collect(),
+            None => vec![true; batch.num_rows()],
+        };
         Ok((rows, valid))
     }
 
@@ -252,9 +285,13 @@ impl IntervalJoin {
         if rows.num_rows() == 0 {
             return Ok(None);
         }
-        let times = times_of(rows.column(self.spec.time[side]))?;
-        let keys = self.keys(side, &rows)?;
-        let hashes = self.hashes(&keys.0);
+        let arrived = self.arrived(side, &rows)?;
+        let Arrived {
+            times,
+            keys,
+            valid,
+            hashes,
+        } = &arrived;
         let other = 1 - side;
         // Candidate pairs: same key, and the time difference within the bound.
         let (lo, hi) = (self.spec.lo, self.spec.hi);
@@ -270,13 +307,13 @@ impl IntervalJoin {
             // Keys met with entries of evicted rows, whose entries are dropped below.
             let mut stale_keys: Vec<u64> = Vec::new();
             for (i, &at) in times.iter().enumerate() {
-                if !keys.1[i] {
+                if !valid[i] {
                     continue;
                 }
                 let Some(entries) = index.get(&hashes[i]) else {
                     continue;
                 };
-                let key = keys.0.row(i);
+                let key = keys.row(i);
                 let mut dead = false;
                 for &(id, r) in entries.entries() {
                     let Some(chunk) = chunks.get(&id).filter(|c| c.alive[r as usize]) else {
@@ -301,6 +338,9 @@ impl IntervalJoin {
                     stale_keys.push(hashes[i]);
                 }
             }
+            // One pass per key, however many of the batch's rows have it.
+            stale_keys.sort_unstable();
+            stale_keys.dedup();
             for hash in stale_keys {
                 let Some(entries) = index.get_mut(&hash) else {
                     continue;
@@ -335,16 +375,19 @@ impl IntervalJoin {
                 }
             }
             let (left, right, n) = match &keep {
-                Some(k) => (
-                    filter_columns(&left, k)?,
-                    filter_columns(&right, k)?,
-                    k.true_count(),
-                ),
+                Some(k) => {
+                    let keep = FilterBuilder::new(k).optimize().build();
+                    (
+                        filter_columns(&left, &keep)?,
+                        filter_columns(&right, &keep)?,
+                        k.true_count(),
+                    )
+                }
                 None => (left, right, mine.len()),
             };
             Some(self.assemble(Some(&left), Some(&right), n)?)
         };
-        self.buffer(side, rows, times, keys, hashes, matched, offsets);
+        self.buffer(side, rows, arrived, matched, offsets);
         Ok(output.filter(|b| b.num_rows() > 0))
     }
 
@@ -375,10 +418,10 @@ impl IntervalJoin {
             .expression()
             .evaluate(&batch)?
             .into_array(batch.num_rows())?;
-        let result = result.as_boolean();
         // A null condition is not a match.
+        let result = result.as_boolean();
         Ok(Some(match result.nulls() {
-            Some(_) => result.iter().map(|v| Some(v == Some(true))).collect(),
+            Some(_) => prep_null_mask_filter(result),
             None => result.clone(),
         }))
     }
@@ -445,10 +488,10 @@ impl IntervalJoin {
                     Some(Some(column)) => Ok(column.clone()),
                     _ => plan_err!("internal: a stream join's output column was not gathered"),
                 },
-                None => Ok(new_null_array(
-                    self.spec.sides[side].field(c).data_type(),
-                    n,
-                )),
+                None => match self.spec.sides[side].fields().get(c) {
+                    Some(field) => Ok(new_null_array(field.data_type(), n)),
+                    None => plan_err!("internal: a stream join's output column is out of range"),
+                },
             }
         };
         let columns = match &self.spec.projection {
@@ -466,21 +509,25 @@ impl IntervalJoin {
         )?)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Buffers `batch`, of `side`, as read by [`IntervalJoin::arrived`].
     fn buffer(
         &mut self,
         side: usize,
         batch: RecordBatch,
-        times: Vec<i64>,
-        keys: (Rows, Vec<bool>),
-        hashes: Vec<u64>,
+        arrived: Arrived,
         matched: Vec<bool>,
         offsets: HashMap<i32, i64>,
     ) {
+        let Arrived {
+            times,
+            keys,
+            valid,
+            hashes,
+        } = arrived;
         let buffer = &mut self.buffers[side];
         let id = buffer.next;
         buffer.next += 1;
-        for (r, valid) in keys.1.iter().enumerate() {
+        for (r, valid) in valid.iter().enumerate() {
             if *valid {
                 let hash = hashes[r];
                 match buffer.index.get_mut(&hash) {
@@ -493,7 +540,7 @@ impl IntervalJoin {
         }
         let n = batch.num_rows();
         buffer.live += n;
-        buffer.bytes += batch.get_array_memory_size() + n * 24 + keys.0.size();
+        buffer.bytes += batch.get_array_memory_size() + n * 24 + keys.size();
         buffer.chunks.insert(
             id,
             Chunk {
@@ -504,7 +551,7 @@ impl IntervalJoin {
                 matched,
                 live: n,
                 offsets,
-                keys: keys.0,
+                keys,
             },
         );
     }
@@ -654,7 +701,7 @@ impl IntervalJoin {
     pub fn snapshot(&self) -> crate::Result<StateSnapshot> {
         let mut out = StateSnapshot {
             meta: serde_json::json!({ "sides": 2 }),
-            tables: Default::default(),
+            ..Default::default()
         };
         for side in 0..2 {
             let buffer = &self.buffers[side];
@@ -716,24 +763,221 @@ impl IntervalJoin {
             let rows = RecordBatch::try_new(schema, columns)?;
             let matched = typed::<BooleanArray>(column(t, "__matched")?, "__matched")?;
             let matched: Vec<bool> = matched.iter().map(|m| m == Some(true)).collect();
-            let times = times_of(rows.column(self.spec.time[side]))?;
-            let keys = self.keys(side, &rows)?;
-            let hashes = self.hashes(&keys.0);
-            self.buffer(side, rows, times, keys, hashes, matched, HashMap::new());
+            let arrived = self.arrived(side, &rows)?;
+            self.buffer(side, rows, arrived, matched, HashMap::new());
         }
         Ok(())
     }
 }
 
 /// The rows of `columns` that `keep` accepts.
-fn filter_columns(columns: &Columns, keep: &BooleanArray) -> Result<Columns> {
+fn filter_columns(columns: &Columns, keep: &FilterPredicate) -> Result<Columns> {
     columns
         .iter()
         .map(|c| {
             c.as_ref()
-                .map(|c| datafusion::arrow::compute::filter(c.as_ref(), keep))
+                .map(|c| keep.filter(c.as_ref()))
                 .transpose()
                 .map_err(Into::into)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int64Array, StringArray, TimestampMillisecondArray};
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::logical_expr::Operator;
+    use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
+    use datafusion::physical_plan::joins::utils::ColumnIndex;
+    use datafusion::scalar::ScalarValue;
+
+    /// One side's rows: `(k, ts, v, name)`.
+    fn side(prefix: &str) -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+            Field::new(format!("{prefix}v"), DataType::Int64, false),
+            Field::new(format!("{prefix}name"), DataType::Utf8, false),
+        ]))
+    }
+
+    /// A full join on `k`, `b.ts` within a second of `a.ts`, `a.v + 30 >= b.v`, projected
+    /// to `projection` (of the 8 columns of both sides).
+    fn join(projection: Option<Vec<usize>>) -> IntervalJoin {
+        let sides = [side("a"), side("b")];
+        let all: Vec<Field> = sides
+            .iter()
+            .flat_map(|s| {
+                s.fields()
+                    .iter()
+                    .map(|f| f.as_ref().clone().with_nullable(true))
+            })
+            .collect();
+        let schema = Arc::new(Schema::new(match &projection {
+            Some(p) => p.iter().map(|&i| all[i].clone()).collect(),
+            None => all,
+        }));
+        let filter_schema = Arc::new(Schema::new(vec![
+            Field::new("av", DataType::Int64, false),
+            Field::new("bv", DataType::Int64, false),
+        ]));
+        let expression = Arc::new(BinaryExpr::new(
+            Arc::new(BinaryExpr::new(
+                Arc::new(Column::new("av", 0)),
+                Operator::Plus,
+                Arc::new(Literal::new(ScalarValue::Int64(Some(30)))),
+            )),
+            Operator::GtEq,
+            Arc::new(Column::new("bv", 1)),
+        ));
+        let filter = JoinFilter::new(
+            expression,
+            vec![
+                ColumnIndex {
+                    index: 2,
+                    side: JoinSide::Left,
+                },
+                ColumnIndex {
+                    index: 2,
+                    side: JoinSide::Right,
+                },
+            ],
+            filter_schema,
+        );
+        IntervalJoin::new(JoinSpec {
+            join_type: JoinType::Full,
+            on: vec![(Arc::new(Column::new("k", 0)), Arc::new(Column::new("k", 0)))],
+            filter: Some(filter),
+            projection,
+            nulls_equal: false,
+            lo: -1000,
+            hi: 1000,
+            bound_only: false,
+            time: [1, 1],
+            sides,
+            schema,
+        })
+        .unwrap()
+    }
+
+    fn rows(schema: &SchemaRef, rows: &[(Option<i64>, i64, i64, &str)]) -> RecordBatch {
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.0))),
+                Arc::new(TimestampMillisecondArray::from_iter_values(
+                    rows.iter().map(|r| r.1),
+                )),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.3))),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// Runs both sides through `join` in a few batches, then evicts everything; every output
+    /// batch, in order.
+    fn run(mut join: IntervalJoin) -> Vec<RecordBatch> {
+        let (a, b) = (join.spec.sides[0].clone(), join.spec.sides[1].clone());
+        let mut out = Vec::new();
+        let steps: Vec<(usize, RecordBatch)> = vec![
+            (
+                0,
+                rows(
+                    &a,
+                    &[
+                        (Some(1), 1_000, 10, "a1"),
+                        (Some(2), 1_000, 10, "a2"),
+                        (None, 1_000, 10, "a-null"),
+                        (Some(3), 5_000, 0, "a3"),
+                    ],
+                ),
+            ),
+            (
+                1,
+                rows(
+                    &b,
+                    &[
+                        (Some(1), 1_500, 40, "b1-meets"),
+                        (Some(1), 1_800, 41, "b1-fails-filter"),
+                        (Some(2), 3_000, 10, "b2-too-late"),
+                        (None, 1_000, 10, "b-null"),
+                    ],
+                ),
+            ),
+            (0, rows(&a, &[(Some(1), 2_000, 20, "a1-again")])),
+            (1, rows(&b, &[(Some(3), 4_500, 30, "b3-meets")])),
+        ];
+        for (s, batch) in steps {
+            out.extend(join.arrive(s, batch, HashMap::new()).unwrap());
+        }
+        out.extend(
+            join.evict([Some(i64::MAX / 2), Some(i64::MAX / 2)])
+                .unwrap(),
+        );
+        out
+    }
+
+    /// The join gathers only the columns it outputs or its condition tests: projected past
+    /// a condition column and a payload column of each side, its output is exactly those
+    /// columns of the unprojected join's, pairs and null-padded unmatched rows alike.
+    #[test]
+    fn a_projected_join_equals_the_projection_of_the_whole() {
+        let whole = run(join(None));
+        let projection = vec![0, 3, 7];
+        let projected = run(join(Some(projection.clone())));
+        assert_eq!(whole.len(), projected.len());
+        let mut pairs = 0;
+        for (w, p) in whole.iter().zip(&projected) {
+            assert_eq!(p.num_columns(), 3);
+            assert_eq!(w.num_rows(), p.num_rows());
+            for (out, &i) in projection.iter().enumerate() {
+                assert_eq!(w.column(i).as_ref(), p.column(out).as_ref(), "column {i}");
+            }
+            pairs += (0..w.num_rows())
+                .filter(|&r| w.column(0).is_valid(r) && w.column(4).is_valid(r))
+                .count();
+        }
+        // a1–b1-meets, a1-again–b1-meets, a1-again–b1-fails-filter, a3–b3-meets; the rest
+        // (a2, both null keys, b2-too-late) leave unmatched.
+        assert_eq!(pairs, 4);
+        let rows: usize = whole.iter().map(RecordBatch::num_rows).sum();
+        assert_eq!(rows, 4 + 2 + 2);
+        let names: Vec<String> = projected
+            .iter()
+            .flat_map(|b| {
+                let a = b.column(1).as_string::<i32>();
+                let n = b.column(2).as_string::<i32>();
+                let text = |c: &datafusion::arrow::array::StringArray, r: usize| match c.is_valid(r)
+                {
+                    true => c.value(r).to_string(),
+                    false => "-".to_string(),
+                };
+                (0..b.num_rows())
+                    .map(|r| format!("{}|{}", text(a, r), text(n, r)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for expected in [
+            "a1|b1-meets",
+            "a1-again|b1-meets",
+            "a1-again|b1-fails-filter",
+            "a3|b3-meets",
+            "a2|-",
+            "a-null|-",
+            "-|b-null",
+            "-|b2-too-late",
+        ] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} in {names:?}"
+            );
+        }
+    }
 }

@@ -192,7 +192,7 @@ impl KeyedHandle {
             .map_err(|_| crate::Error::Checkpoint("keyed state lock poisoned".into()))?;
         let mut out = StateSnapshot {
             meta: serde_json::json!({ "next_due": store.next_due }),
-            tables: Default::default(),
+            ..Default::default()
         };
         if store.keys.is_empty() {
             return Ok(out);

@@ -145,7 +145,7 @@ impl LagHandle {
         let keys = self.lock()?;
         let mut out = StateSnapshot {
             meta: serde_json::json!({ "calls": types.len() }),
-            tables: Default::default(),
+            ..Default::default()
         };
         if keys.is_empty() {
             return Ok(out);

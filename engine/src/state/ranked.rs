@@ -205,7 +205,7 @@ impl RankedState {
                     .map(|(e, (_, r, f))| (*e, *r, *f))
                     .collect::<Vec<_>>(),
             }),
-            tables: Default::default(),
+            ..Default::default()
         };
         out.nest("rows", self.rows.snapshot()?);
         let (mut ends, mut rows) = (vec![], vec![]);

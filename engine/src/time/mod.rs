@@ -31,8 +31,8 @@ impl WatermarkTracker {
     /// `idle_timeout` without records.
     pub fn new(delay: Duration, idle_timeout: Duration) -> Self {
         Self {
-            delay_ms: delay.as_millis() as i64,
-            idle_ms: idle_timeout.as_millis() as i64,
+            delay_ms: i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+            idle_ms: i64::try_from(idle_timeout.as_millis()).unwrap_or(i64::MAX),
             partitions: HashMap::new(),
             watermark: None,
         }

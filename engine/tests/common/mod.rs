@@ -212,11 +212,18 @@ pub fn query_service(
     sql: &str,
 ) -> anyhow::Result<(Member, Process, Api)> {
     let m = member(dir, brokers, group, "0", &dir.join("checkpoints"))?;
+    let (service, api) = start_query(&m, name, sql)?;
+    Ok((m, service, api))
+}
+
+/// Starts member `m` and, once its API answers, creates query `name` running `sql`: its
+/// process and an API client.
+pub fn start_query(m: &Member, name: &str, sql: &str) -> anyhow::Result<(Process, Api)> {
     let api = Api::new()?;
     let service = serve(&m.config, &m.log)?;
     api.wait_live(&m.base)?;
     api.create(&m.base, name, sql)?;
-    Ok((m, service, api))
+    Ok((service, api))
 }
 
 /// Kills `service` with SIGKILL and starts member `m` again, once its API answers.
