@@ -1297,3 +1297,244 @@ proptest! {
         check_lagged(&run)?;
     }
 }
+
+/// How a checkpoint taken during a run is written.
+#[derive(Debug, Clone, Copy)]
+enum Written {
+    /// On another thread at once, while the next micro-batches are processed.
+    Concurrently,
+    /// Only after the micro-batch it was taken before (which finds the state still lent).
+    AfterTheNextBatch,
+    /// Never (a failed write): the query takes its state back unread.
+    Never,
+}
+
+/// Each micro-batch's output, rendered row by row (every column, in order), and its late
+/// rows' event times.
+type Steps = Vec<(Vec<String>, Vec<i64>)>;
+
+fn rendered(step: &urbanstream::plan::stream::StepOutput) -> (Vec<String>, Vec<i64>) {
+    let rows = step
+        .rows
+        .iter()
+        .flat_map(|b| {
+            (0..b.num_rows()).map(move |r| {
+                b.columns()
+                    .iter()
+                    .map(|c| array_value_to_string(c, r).expect("value"))
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+        })
+        .collect();
+    (rows, step.diverted.iter().map(|d| d.event_time).collect())
+}
+
+/// The windowed query of `kind` with allowed lateness and, in half the runs, early fires.
+async fn windowed_query(
+    kind: Kind,
+    run: &Run,
+) -> anyhow::Result<urbanstream::plan::stream::StreamQuery> {
+    use urbanstream::plan::stream::StreamContext;
+    let ctx = StreamContext::new();
+    let mut statements = vec![
+        EV.to_string(),
+        "SET urbanstream.allowed_lateness = '2m'".to_string(),
+    ];
+    statements.extend(early_fire(run));
+    statements.push(format!(
+        "SELECT k, g, window_start, window_end, {AGGREGATES} FROM ev GROUP BY {}, k, g",
+        kind.sql()
+    ));
+    let mut query = None;
+    for sql in &statements {
+        for statement in StreamContext::parse(sql)? {
+            if let Some(q) = ctx.plan(statement).await? {
+                query = Some(q);
+            }
+        }
+    }
+    query.ok_or_else(|| anyhow::anyhow!("no query"))
+}
+
+/// Micro-batch `i` of the run as the stream's rows, with each row's partition.
+fn micro_batch(batch: &[Event]) -> anyhow::Result<(RecordBatch, Vec<i32>)> {
+    let columns: Vec<(&str, ArrayRef)> = vec![
+        (
+            "k",
+            Arc::new(datafusion::arrow::array::StringViewArray::from_iter_values(
+                batch.iter().map(|e| e.k),
+            )),
+        ),
+        (
+            "g",
+            Arc::new(datafusion::arrow::array::Int32Array::from_iter(
+                batch.iter().map(|e| e.g),
+            )),
+        ),
+        (
+            "t",
+            Arc::new(TimestampMillisecondArray::from_iter_values(
+                batch.iter().map(|e| e.t),
+            )),
+        ),
+        (
+            "v",
+            Arc::new(datafusion::arrow::array::Int64Array::from_iter_values(
+                batch.iter().map(|e| e.v),
+            )),
+        ),
+    ];
+    Ok((
+        RecordBatch::try_from_iter(columns)?,
+        batch.iter().map(|e| e.partition).collect(),
+    ))
+}
+
+/// Processing time at micro-batch `i`: 7 s a batch, so that early fires come due.
+fn now_at(i: usize) -> i64 {
+    T0 + 86_400_000 + i as i64 * 7_000
+}
+
+/// Feeds micro-batches `from..` of the run into `query`, then closes every window; each
+/// micro-batch's output (the last entry: the closing's). Before micro-batch `i`, when
+/// `checkpoints[i]` says so, a checkpoint is taken and written as it says; the checkpoints
+/// written, each with the micro-batch it was taken before.
+async fn feed_query(
+    query: &mut urbanstream::plan::stream::StreamQuery,
+    run: &Run,
+    from: usize,
+    checkpoints: &[Option<Written>],
+) -> anyhow::Result<(Steps, Vec<(usize, urbanstream::checkpoint::StateSnapshot)>)> {
+    let mut steps = Vec::new();
+    let mut written = Vec::new();
+    let mut writing: Vec<(
+        usize,
+        std::thread::JoinHandle<anyhow::Result<urbanstream::checkpoint::StateSnapshot>>,
+    )> = Vec::new();
+    let mut after_next: Option<(usize, urbanstream::checkpoint::StateSnapshot)> = None;
+    for (i, batch) in run.batches.iter().enumerate().skip(from) {
+        if let Some(how) = checkpoints.get(i).copied().flatten() {
+            let state = query.snapshot(now_at(i))?;
+            match how {
+                Written::Concurrently => writing.push((
+                    i,
+                    std::thread::spawn(move || {
+                        let mut state = state;
+                        state.resolve()?;
+                        Ok(state)
+                    }),
+                )),
+                Written::AfterTheNextBatch => after_next = Some((i, state)),
+                Written::Never => drop(state),
+            }
+        }
+        let (rows, partitions) = micro_batch(batch)?;
+        steps.push(rendered(
+            &query.process(&rows, &partitions, None, now_at(i)).await?,
+        ));
+        if let Some((at, mut state)) = after_next.take() {
+            state.resolve()?;
+            written.push((at, state));
+        }
+    }
+    for (at, w) in writing {
+        let state = w
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+        written.push((at, state));
+    }
+    let end = T0 + 86_400_000;
+    steps.push(rendered(
+        &query
+            .advance_watermark(end, now_at(run.batches.len()))
+            .await?,
+    ));
+    written.sort_by_key(|(at, _)| *at);
+    Ok((steps, written))
+}
+
+/// Checkpoints taken while the query runs, written while it goes on, later, or never, change
+/// nothing it publishes or diverts, micro-batch by micro-batch (the same rows in the same
+/// order, floating-point averages included); and each one written holds the state as it was
+/// when taken: restored into a fresh query and fed the rest of the run, it publishes what
+/// the uninterrupted query did from there.
+fn check_checkpoints_taken_while_running(kind: Kind, run: &Run) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // Checkpoints before the micro-batches the run restarts after, written in turn each way.
+    let ways = [
+        Written::Concurrently,
+        Written::AfterTheNextBatch,
+        Written::Never,
+    ];
+    let checkpoints: Vec<Option<Written>> = run
+        .restarts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| c.then_some(ways[i % 3]))
+        .collect();
+    let (plain, checkpointed, written) = rt
+        .block_on(async {
+            let mut q = windowed_query(kind, run).await?;
+            let (plain, _) = feed_query(&mut q, run, 0, &[]).await?;
+            let mut q = windowed_query(kind, run).await?;
+            let (checkpointed, written) = feed_query(&mut q, run, 0, &checkpoints).await?;
+            anyhow::Ok((plain, checkpointed, written))
+        })
+        .expect("engine");
+    prop_assert_eq!(
+        &checkpointed,
+        &plain,
+        "published while checkpoints were taken"
+    );
+    for (at, state) in &written {
+        let restored = rt
+            .block_on(async {
+                let mut q = windowed_query(kind, run).await?;
+                q.restore(state, now_at(*at))?;
+                let (steps, _) = feed_query(&mut q, run, *at, &[]).await?;
+                anyhow::Ok(steps)
+            })
+            .expect("restored");
+        // Row order within a micro-batch may differ after a restore; the rows may not.
+        let sorted = |steps: &[(Vec<String>, Vec<i64>)]| -> Steps {
+            steps
+                .iter()
+                .map(|(rows, late)| {
+                    let mut rows = rows.clone();
+                    rows.sort();
+                    (rows, late.clone())
+                })
+                .collect()
+        };
+        prop_assert_eq!(
+            sorted(&restored),
+            sorted(&plain[*at..]),
+            "restored from the checkpoint taken before micro-batch {}",
+            at
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn tumbling_windows_checkpointed_while_running_publish_the_same(run in run()) {
+        check_checkpoints_taken_while_running(Kind::Tumble, &run)?;
+    }
+
+    #[test]
+    fn hopping_windows_checkpointed_while_running_publish_the_same(run in run()) {
+        check_checkpoints_taken_while_running(Kind::Hop, &run)?;
+    }
+
+    #[test]
+    fn cumulating_windows_checkpointed_while_running_publish_the_same(run in run()) {
+        check_checkpoints_taken_while_running(Kind::Cumulate, &run)?;
+    }
+}

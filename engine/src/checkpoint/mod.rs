@@ -41,6 +41,13 @@ use crate::error::{Error, Result};
 
 pub mod savepoint;
 
+/// A table of a snapshot read out of the operator's state when the snapshot is written
+/// ([`StateSnapshot::resolve`]), on the thread that writes it, while the query goes on.
+pub trait DeferredTable: Send + Sync + std::fmt::Debug {
+    /// The table, as the state was when the snapshot was taken.
+    fn compute(&self) -> Result<RecordBatch>;
+}
+
 /// One operator's state: small scalars as JSON, bulk state as Arrow tables (one batch each).
 #[derive(Debug, Clone, Default)]
 pub struct StateSnapshot {
@@ -48,13 +55,26 @@ pub struct StateSnapshot {
     pub meta: serde_json::Value,
     /// Named tables; an absent table is empty.
     pub tables: BTreeMap<String, RecordBatch>,
+    /// Tables still to be read out of the state, named as in `tables`.
+    pub deferred: BTreeMap<String, Arc<dyn DeferredTable>>,
 }
 
 impl StateSnapshot {
+    /// Reads the deferred tables out of the state into `tables`.
+    pub fn resolve(&mut self) -> Result<()> {
+        for (name, table) in std::mem::take(&mut self.deferred) {
+            self.tables.insert(name, table.compute()?);
+        }
+        Ok(())
+    }
+
     /// Adds the tables and meta of `inner` under `prefix` (`prefix.table`, `meta[prefix]`).
     pub fn nest(&mut self, prefix: &str, inner: StateSnapshot) {
         for (name, table) in inner.tables {
             self.tables.insert(format!("{prefix}.{name}"), table);
+        }
+        for (name, table) in inner.deferred {
+            self.deferred.insert(format!("{prefix}.{name}"), table);
         }
         if !self.meta.is_object() {
             self.meta = serde_json::Value::Object(Default::default());
@@ -78,10 +98,15 @@ impl StateSnapshot {
                 .iter()
                 .filter_map(|(k, v)| k.strip_prefix(&start).map(|n| (n.to_string(), v.clone())))
                 .collect(),
+            deferred: self
+                .deferred
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(&start).map(|n| (n.to_string(), v.clone())))
+                .collect(),
         }
     }
 
-    /// Bytes of the tables' arrays.
+    /// Bytes of the tables' arrays (once resolved).
     pub fn bytes(&self) -> usize {
         self.tables
             .values()
@@ -446,11 +471,13 @@ impl CheckpointStore {
 
     /// Writes checkpoint `manifest.epoch` with the queries' tables (`states[i]` belongs to
     /// `manifest.queries[i]`; their meta goes into the manifest), atomically, then prunes.
+    /// Deferred tables are read out of their operators' state first, on this thread.
     pub fn write(&self, mut manifest: Manifest, states: Vec<StateSnapshot>) -> Result<Written> {
         manifest.version = VERSION;
         let name = checkpoint_name(manifest.epoch);
         let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-        for (i, state) in states.into_iter().enumerate() {
+        for (i, mut state) in states.into_iter().enumerate() {
+            state.resolve()?;
             if let Some(q) = manifest.queries.get_mut(i) {
                 q.meta = state.meta;
             }
@@ -640,7 +667,7 @@ fn read_checkpoint(
         .iter()
         .map(|q| StateSnapshot {
             meta: q.meta.clone(),
-            tables: BTreeMap::new(),
+            ..Default::default()
         })
         .collect();
     for (file, size) in &manifest.files {
@@ -732,7 +759,7 @@ mod tests {
     fn state(n: i64) -> StateSnapshot {
         let mut s = StateSnapshot {
             meta: serde_json::json!({ "n": n }),
-            tables: BTreeMap::new(),
+            ..Default::default()
         };
         s.tables.insert(
             "t".into(),

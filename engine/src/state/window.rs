@@ -24,9 +24,20 @@
 //! is evaluated afresh from its rows at each emission. What is published is compared with
 //! what each group last published: only groups whose values changed are re-emitted, and a
 //! group whose rows are all gone is retracted with the values it was published with.
+//!
+//! **Checkpoints off the query's thread**: reading a pane's state out drains DataFusion's
+//! interner and accumulators and merges them back, which costs in proportion to its groups.
+//! A snapshot therefore *lends* each pane to the checkpoint instead ([`Lent`]): the pane is
+//! read out into its table when the checkpoint is written, on the writing thread, while the
+//! query goes on. Updates to a lent pane wait, in order, until the pane is back, then are
+//! applied as they would have been (the same batches into the same accumulators, so the
+//! results do not depend on when checkpoints are taken). A pane is taken back at the next
+//! micro-batch after its table is read; a window that closes, or the next snapshot, takes
+//! it back at once, reading the table itself if the writer has not yet.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex, TryLockError};
 
 use datafusion::arrow::array::{
     Array, ArrayRef, BinaryArray, BooleanArray, Int64Array, RecordBatch, StructArray,
@@ -43,7 +54,7 @@ use datafusion::physical_plan::aggregates::group_values::{GroupValues, new_group
 use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use urbanstream_operators::window::{WindowSpec, window_fields};
 
-use crate::checkpoint::{StateSnapshot, column, table, typed};
+use crate::checkpoint::{DeferredTable, StateSnapshot, column, table, typed};
 
 /// The aggregation a windowed query performs, taken from DataFusion's physical plan.
 #[derive(Debug, Clone)]
@@ -254,6 +265,87 @@ struct Pane {
     last_update: u64,
 }
 
+/// A pane lent to a checkpoint (see the module documentation).
+struct Lent {
+    loan: Arc<Loan>,
+    /// Updates since it was lent, in order.
+    queued: Vec<Queued>,
+    /// Step of the last update of any group, queued ones included.
+    last_update: u64,
+    /// Groups and bytes when it was lent (queued updates are counted in `queued_bytes`).
+    groups: usize,
+    bytes: usize,
+    queued_bytes: usize,
+}
+
+/// One update of a lent pane: the rows' group keys, aggregate arguments and filters.
+struct Queued {
+    keys: Vec<ArrayRef>,
+    args: Vec<Vec<ArrayRef>>,
+    filters: Vec<Option<ArrayRef>>,
+    step: u64,
+}
+
+/// A lent pane and, once read out, its table for the checkpoint.
+struct Loan(Mutex<LoanState>);
+
+struct LoanState {
+    start: i64,
+    /// `None` once the operator has taken it back.
+    pane: Option<Pane>,
+    table: Option<RecordBatch>,
+    /// Per aggregate, the state columns the snapshot's meta announces.
+    state_columns: Vec<usize>,
+}
+
+impl std::fmt::Debug for Loan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Loan")
+    }
+}
+
+impl Loan {
+    /// The pane's table, read out of it now unless that was done already.
+    fn table(&self) -> Result<RecordBatch> {
+        let mut state = self.0.lock().map_err(|_| {
+            datafusion::common::DataFusionError::Internal("a lent pane's lock is poisoned".into())
+        })?;
+        state.read()
+    }
+}
+
+impl LoanState {
+    fn read(&mut self) -> Result<RecordBatch> {
+        if let Some(t) = &self.table {
+            return Ok(t.clone());
+        }
+        let Some(pane) = self.pane.as_mut() else {
+            return internal_err!("a lent pane was taken back before its table was read");
+        };
+        let t = pane_table(self.start, pane, &self.state_columns)?;
+        self.table = Some(t.clone());
+        Ok(t)
+    }
+}
+
+/// The `panes` table of a snapshot: the lent panes' tables, concatenated.
+#[derive(Debug)]
+struct PanesTable(Vec<Arc<Loan>>);
+
+impl DeferredTable for PanesTable {
+    fn compute(&self) -> crate::Result<RecordBatch> {
+        let tables = self
+            .0
+            .iter()
+            .map(|l| l.table())
+            .collect::<Result<Vec<_>>>()?;
+        let Some(first) = tables.first() else {
+            return Err(crate::Error::Checkpoint("no pane to write".into()));
+        };
+        Ok(concat_batches(&first.schema(), &tables)?)
+    }
+}
+
 #[derive(Debug, Default)]
 struct WindowMeta {
     /// Step of the last emission, if any.
@@ -284,6 +376,8 @@ pub struct WindowOperator {
     pane_offset: i64,
     lateness_ms: i64,
     panes: BTreeMap<i64, Pane>,
+    /// Panes lent to a checkpoint, by start: a pane is in `panes` or here.
+    lent: BTreeMap<i64, Lent>,
     /// Live windows by (end, start).
     windows: BTreeMap<(i64, i64), WindowMeta>,
     /// Windows ending at or before this are gone; events only in them are late.
@@ -339,6 +433,7 @@ impl WindowOperator {
             pane_offset,
             lateness_ms: lateness_ms.max(0),
             panes: BTreeMap::new(),
+            lent: BTreeMap::new(),
             windows: BTreeMap::new(),
             evicted_through: i64::MIN,
             watermark: i64::MIN,
@@ -525,6 +620,7 @@ impl WindowOperator {
         if batch.num_rows() == 0 {
             return Ok(());
         }
+        self.take_back(.., false)?;
         self.step += 1;
         let Inputs {
             times,
@@ -551,34 +647,86 @@ impl WindowOperator {
                 }
             };
             let keys = group_values.iter().map(pick).collect::<Result<Vec<_>>>()?;
+            let args = agg_args
+                .iter()
+                .map(|a| a.iter().map(pick).collect::<Result<Vec<_>>>())
+                .collect::<Result<Vec<_>>>()?;
+            let filters = agg_filters
+                .iter()
+                .map(|f| f.as_ref().map(pick).transpose())
+                .collect::<Result<Vec<_>>>()?;
+            let step = self.step;
+            if let Some(lent) = self.lent.get_mut(&pane_start) {
+                lent.queued_bytes += keys
+                    .iter()
+                    .chain(args.iter().flatten())
+                    .chain(filters.iter().flatten())
+                    .map(|a| a.get_array_memory_size())
+                    .sum::<usize>();
+                lent.last_update = step;
+                lent.queued.push(Queued {
+                    keys,
+                    args,
+                    filters,
+                    step,
+                });
+                continue;
+            }
             if !self.panes.contains_key(&pane_start) {
                 let pane = self.new_pane()?;
                 self.panes.insert(pane_start, pane);
                 self.register_windows(pane_start);
             }
-            let step = self.step;
             let Some(pane) = self.panes.get_mut(&pane_start) else {
                 continue;
             };
-            let mut group_ids = Vec::with_capacity(indices.len());
-            pane.groups.intern(&keys, &mut group_ids)?;
-            let total = pane.groups.len();
-            pane.updated.resize(total, 0);
-            for &g in &group_ids {
-                pane.updated[g] = step;
-            }
-            pane.last_update = step;
-            for (a, acc) in pane.accumulators.iter_mut().enumerate() {
-                let args = agg_args[a].iter().map(pick).collect::<Result<Vec<_>>>()?;
-                let filter = match &agg_filters[a] {
-                    Some(f) => Some(pick(f)?),
-                    None => None,
+            apply(pane, &keys, &args, &filters, step)?;
+        }
+        Ok(())
+    }
+
+    /// Takes back the lent panes in `range` whose tables the checkpoint has read, and
+    /// applies the updates they missed; with `wait`, every one of them, reading a table here
+    /// if the checkpoint has not yet (or waiting while it does).
+    fn take_back(&mut self, range: impl RangeBounds<i64>, wait: bool) -> Result<()> {
+        let starts: Vec<i64> = self.lent.range(range).map(|(s, _)| *s).collect();
+        for start in starts {
+            let Some(lent) = self.lent.get(&start) else {
+                continue;
+            };
+            let pane = {
+                let mut state = match lent.loan.0.try_lock() {
+                    Ok(state) => state,
+                    Err(TryLockError::WouldBlock) if !wait => continue,
+                    Err(TryLockError::WouldBlock) => lent.loan.0.lock().map_err(|_| {
+                        datafusion::common::DataFusionError::Internal(
+                            "a lent pane's lock is poisoned".into(),
+                        )
+                    })?,
+                    Err(TryLockError::Poisoned(_)) => {
+                        return internal_err!("a lent pane's lock is poisoned");
+                    }
                 };
-                let filter = filter
-                    .as_ref()
-                    .and_then(|f| f.as_any().downcast_ref::<BooleanArray>());
-                acc.update_batch(&args, &group_ids, filter, total)?;
+                // A checkpoint still holding the loan wants the table; one dropped unwritten
+                // does not.
+                if state.table.is_none() && Arc::strong_count(&lent.loan) > 1 {
+                    if !wait {
+                        continue;
+                    }
+                    state.read()?;
+                }
+                state.pane.take()
+            };
+            let Some(lent) = self.lent.remove(&start) else {
+                continue;
+            };
+            let Some(mut pane) = pane else {
+                return internal_err!("a lent pane was not given back");
+            };
+            for q in lent.queued {
+                apply(&mut pane, &q.keys, &q.args, &q.filters, q.step)?;
             }
+            self.panes.insert(start, pane);
         }
         Ok(())
     }
@@ -613,6 +761,7 @@ impl WindowOperator {
     /// last emission. Then frees windows past their allowed lateness and panes no live window
     /// needs.
     pub fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>> {
+        self.take_back(.., false)?;
         self.watermark = self.watermark.max(watermark);
         let mut out = Vec::new();
         let keys: Vec<(i64, i64)> = self.windows.keys().copied().collect();
@@ -649,6 +798,10 @@ impl WindowOperator {
         self.panes
             .range(start..end)
             .any(|(_, p)| p.last_update > since)
+            || self
+                .lent
+                .range(start..end)
+                .any(|(_, l)| l.last_update > since)
     }
 
     /// Evaluates window [start, end): merges its panes and evaluates, keeping only the
@@ -660,6 +813,7 @@ impl WindowOperator {
             Some(m) if m.final_fired || !is_final => m.emitted_at,
             _ => None,
         };
+        self.take_back(start..end, true)?;
         let mut groups = new_group_values(self.intern_schema.clone(), &GroupOrdering::None)?;
         let mut accumulators = self.spec.new_accumulators()?;
         let mut last_update: Vec<u64> = Vec::new();
@@ -905,6 +1059,10 @@ impl WindowOperator {
         let live: Vec<(i64, i64)> = self.windows.keys().map(|(e, s)| (*s, *e)).collect();
         self.panes
             .retain(|p, _| live.iter().any(|(s, e)| s <= p && p < e));
+        // A lent pane no window needs is dropped with its queued updates; the checkpoint
+        // that holds it still reads its table.
+        self.lent
+            .retain(|p, _| live.iter().any(|(s, e)| s <= p && p < e));
     }
 
     /// Live (window, group) partials held, summed over panes.
@@ -912,22 +1070,19 @@ impl WindowOperator {
         self.panes
             .values()
             .map(|p| p.groups.len() + p.rows.len())
-            .sum()
+            .sum::<usize>()
+            + self.lent.values().map(|l| l.groups).sum::<usize>()
     }
 
     /// Bytes held by pane state (group keys and accumulators) and by the live windows'
     /// emission bookkeeping (the revision count of each emitted group).
     pub fn state_bytes(&self) -> usize {
-        let panes: usize = self
-            .panes
-            .values()
-            .map(|p| {
-                p.groups.size()
-                    + p.accumulators.iter().map(|a| a.size()).sum::<usize>()
-                    + p.updated.capacity() * 8
-                    + p.rows.keys().map(|r| r.len() + 32).sum::<usize>()
-            })
-            .sum();
+        let panes: usize = self.panes.values().map(pane_bytes).sum::<usize>()
+            + self
+                .lent
+                .values()
+                .map(|l| l.bytes + l.queued_bytes)
+                .sum::<usize>();
         let windows: usize = self
             .windows
             .values()
@@ -985,6 +1140,83 @@ fn read_pane(pane: &mut Pane) -> Result<(Vec<ArrayRef>, Vec<Vec<ArrayRef>>)> {
     Ok((keys, states))
 }
 
+/// Applies one update to `pane`: interns the rows' group `keys` and updates each aggregate
+/// with its arguments and filter, at `step`.
+fn apply(
+    pane: &mut Pane,
+    keys: &[ArrayRef],
+    args: &[Vec<ArrayRef>],
+    filters: &[Option<ArrayRef>],
+    step: u64,
+) -> Result<()> {
+    let mut group_ids = Vec::with_capacity(keys.first().map_or(0, |k| k.len()));
+    pane.groups.intern(keys, &mut group_ids)?;
+    let total = pane.groups.len();
+    pane.updated.resize(total, 0);
+    for &g in &group_ids {
+        pane.updated[g] = step;
+    }
+    pane.last_update = step;
+    for ((acc, args), filter) in pane.accumulators.iter_mut().zip(args).zip(filters) {
+        let filter = filter
+            .as_ref()
+            .and_then(|f| f.as_any().downcast_ref::<BooleanArray>());
+        acc.update_batch(args, &group_ids, filter, total)?;
+    }
+    Ok(())
+}
+
+/// Bytes held by a pane's state.
+fn pane_bytes(p: &Pane) -> usize {
+    p.groups.size()
+        + p.accumulators.iter().map(|a| a.size()).sum::<usize>()
+        + p.updated.capacity() * 8
+        + p.rows.keys().map(|r| r.len() + 32).sum::<usize>()
+}
+
+/// The checkpoint table of the pane starting at `start` (per group: the pane start, update
+/// steps, group key columns and the aggregates' state columns), leaving the pane as it was.
+/// `state_columns` is what the snapshot announced per aggregate.
+fn pane_table(start: i64, pane: &mut Pane, state_columns: &[usize]) -> Result<RecordBatch> {
+    let n = pane.groups.len();
+    let (keys, states) = read_pane(pane)?;
+    if !states
+        .iter()
+        .map(Vec::len)
+        .eq(state_columns.iter().copied())
+    {
+        return internal_err!("an aggregate's state has other columns than its state fields");
+    }
+    let mut columns: Vec<(String, ArrayRef)> = vec![
+        (
+            "pane_start".into(),
+            Arc::new(Int64Array::from(vec![start; n])),
+        ),
+        (
+            "updated".into(),
+            Arc::new(UInt64Array::from(pane.updated[..n].to_vec())),
+        ),
+        (
+            "last_update".into(),
+            Arc::new(UInt64Array::from(vec![pane.last_update; n])),
+        ),
+    ];
+    columns.extend(
+        keys.into_iter()
+            .enumerate()
+            .map(|(i, k)| (format!("key{i}"), k)),
+    );
+    for (a, state) in states.into_iter().enumerate() {
+        columns.extend(
+            state
+                .into_iter()
+                .enumerate()
+                .map(|(j, c)| (format!("state{a}_{j}"), c)),
+        );
+    }
+    table(columns).map_err(|e| datafusion::common::DataFusionError::External(Box::new(e)))
+}
+
 /// Snapshot of the scalars of a [`WindowOperator`].
 #[derive(serde::Serialize, serde::Deserialize)]
 struct WindowMetaSnapshot {
@@ -1001,50 +1233,49 @@ impl WindowOperator {
     /// start, update steps, group key columns and the aggregates' state columns) and table
     /// `windows` (per live window its emission bookkeeping, and per emitted group its
     /// revision count).
+    /// The `panes` table is deferred: each pane holding groups is lent to the snapshot and
+    /// read out when the snapshot is resolved (see the module documentation).
     pub fn snapshot(&mut self) -> crate::Result<StateSnapshot> {
-        let mut panes: Vec<RecordBatch> = Vec::new();
-        let mut state_columns = Vec::new();
+        // Panes still lent to the last checkpoint come back first.
+        self.take_back(.., true)?;
         let key_columns = self.intern_schema.fields().len();
-        for (start, pane) in self.panes.iter_mut() {
-            let n = pane.groups.len();
-            if n == 0 {
+        let state_columns = self
+            .spec
+            .aggregates
+            .iter()
+            .map(|a| a.state_fields().map(|f| f.len()))
+            .collect::<Result<Vec<_>>>()?;
+        let lend: Vec<i64> = self
+            .panes
+            .iter()
+            .filter(|(_, p)| !p.groups.is_empty())
+            .map(|(s, _)| *s)
+            .collect();
+        let mut loans = Vec::with_capacity(lend.len());
+        for start in lend {
+            let Some(pane) = self.panes.remove(&start) else {
                 continue;
-            }
-            let (keys, states) = read_pane(pane)?;
-            state_columns = states.iter().map(Vec::len).collect();
-            let mut columns: Vec<(String, ArrayRef)> = vec![
-                (
-                    "pane_start".into(),
-                    Arc::new(Int64Array::from(vec![*start; n])),
-                ),
-                (
-                    "updated".into(),
-                    Arc::new(UInt64Array::from(pane.updated[..n].to_vec())),
-                ),
-                (
-                    "last_update".into(),
-                    Arc::new(UInt64Array::from(vec![pane.last_update; n])),
-                ),
-            ];
-            columns.extend(
-                keys.into_iter()
-                    .enumerate()
-                    .map(|(i, k)| (format!("key{i}"), k)),
-            );
-            for (a, state) in states.into_iter().enumerate() {
-                columns.extend(
-                    state
-                        .into_iter()
-                        .enumerate()
-                        .map(|(j, c)| (format!("state{a}_{j}"), c)),
-                );
-            }
-            panes.push(table(columns)?);
+            };
+            let lent = Lent {
+                last_update: pane.last_update,
+                groups: pane.groups.len(),
+                bytes: pane_bytes(&pane),
+                queued_bytes: 0,
+                queued: Vec::new(),
+                loan: Arc::new(Loan(Mutex::new(LoanState {
+                    start,
+                    pane: Some(pane),
+                    table: None,
+                    state_columns: state_columns.clone(),
+                }))),
+            };
+            loans.push(lent.loan.clone());
+            self.lent.insert(start, lent);
         }
         let mut out = StateSnapshot::default();
-        if let Some(first) = panes.first() {
-            let all = concat_batches(&first.schema(), &panes)?;
-            out.tables.insert("panes".into(), all);
+        if !loans.is_empty() {
+            out.deferred
+                .insert("panes".into(), Arc::new(PanesTable(loans)));
         }
         if self.recompute.is_some() {
             // Over a changelog: each pane's rows, after a row without one that carries the
@@ -1133,6 +1364,7 @@ impl WindowOperator {
             )));
         }
         self.panes.clear();
+        self.lent.clear();
         self.windows.clear();
         self.evicted_through = meta.evicted_through;
         self.watermark = meta.watermark;
