@@ -1538,3 +1538,107 @@ proptest! {
         check_checkpoints_taken_while_running(Kind::Cumulate, &run)?;
     }
 }
+
+/// A checkpoint reads window state out as it was when taken while the query goes on: updates
+/// after the snapshot wait (the lent pane counts the groups it had), reach the state once the
+/// checkpoint has read it out, and are not in its table; restored, the checkpoint holds
+/// only what came before it. A snapshot not yet read out is refused by a restore.
+#[tokio::test]
+async fn a_checkpoint_reads_window_state_out_as_taken_while_updates_wait() -> anyhow::Result<()> {
+    use urbanstream::plan::stream::StreamContext;
+    let plan = || async {
+        let ctx = StreamContext::new();
+        let mut query = None;
+        for sql in [
+            EV,
+            "SELECT k, g, window_start, count(*) AS n, sum(v) AS s FROM ev \
+             GROUP BY tumble(t, INTERVAL '1 minute'), k, g",
+        ] {
+            for statement in StreamContext::parse(sql)? {
+                if let Some(q) = ctx.plan(statement).await? {
+                    query = Some(q);
+                }
+            }
+        }
+        query.ok_or_else(|| anyhow::anyhow!("no query"))
+    };
+    let events = |keys: &[(&'static str, i64)]| -> Vec<Event> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, (k, v))| Event {
+                k,
+                g: Some(1),
+                t: T0 + 1_000 + i as i64,
+                v: *v,
+                partition: i as i32 % PARTITIONS,
+            })
+            .collect()
+    };
+    let now = now_at(0);
+    let counts = |steps: Vec<urbanstream::plan::stream::StepOutput>| -> Vec<String> {
+        let mut rows: Vec<String> = steps.iter().flat_map(|s| rendered(s).0).collect();
+        rows.sort();
+        rows
+    };
+    let mut q = plan().await?;
+    let (b, p) = micro_batch(&events(&[("a", 1), ("b", 2)]))?;
+    q.process(&b, &p, None, now).await?;
+    assert_eq!(q.state_groups(), 2);
+    let snapshot = q.snapshot(now)?;
+    assert!(!snapshot.deferred.is_empty(), "the window's panes are lent");
+    // Key c is new, a is not: both wait while the pane is lent.
+    let (b, p) = micro_batch(&events(&[("c", 4), ("a", 8)]))?;
+    q.process(&b, &p, None, now).await?;
+    assert_eq!(q.state_groups(), 2, "c waits with its pane");
+    let written = std::thread::spawn(move || {
+        let mut snapshot = snapshot;
+        snapshot.resolve().map(|()| snapshot)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+    let panes = written
+        .tables
+        .get("window.panes")
+        .ok_or_else(|| anyhow::anyhow!("no panes table: {:?}", written.tables.keys()))?;
+    assert_eq!(panes.num_rows(), 2, "the table holds the groups as taken");
+    // The next micro-batch finds the pane read out: it comes back with c and the second a.
+    let (b, p) = micro_batch(&events(&[("a", 16)]))?;
+    q.process(&b, &p, None, now).await?;
+    assert_eq!(q.state_groups(), 3);
+    let end = T0 + 86_400_000;
+    let published = counts(vec![q.advance_watermark(end, now).await?]);
+    assert_eq!(
+        published,
+        [
+            "a|1|2026-01-01T06:00:00|3|25|0|true|insert",
+            "b|1|2026-01-01T06:00:00|1|2|0|true|insert",
+            "c|1|2026-01-01T06:00:00|1|4|0|true|insert"
+        ]
+    );
+    // Restored, the checkpoint holds what came before it only.
+    let mut restored = plan().await?;
+    let mut other = plan().await?;
+    let (b, p) = micro_batch(&events(&[("a", 1)]))?;
+    other.process(&b, &p, None, now).await?;
+    let unresolved = other.snapshot(now)?;
+    let refused = restored
+        .restore(&unresolved, now)
+        .expect_err("not read out");
+    assert!(
+        refused
+            .to_string()
+            .contains("before its state was read out"),
+        "{refused}"
+    );
+    restored.restore(&written, now)?;
+    assert_eq!(restored.state_groups(), 2);
+    let published = counts(vec![restored.advance_watermark(end, now).await?]);
+    assert_eq!(
+        published,
+        [
+            "a|1|2026-01-01T06:00:00|1|1|0|true|insert",
+            "b|1|2026-01-01T06:00:00|1|2|0|true|insert"
+        ]
+    );
+    Ok(())
+}

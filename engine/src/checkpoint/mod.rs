@@ -106,7 +106,7 @@ impl StateSnapshot {
         }
     }
 
-    /// Bytes of the tables' arrays (once resolved).
+    /// Bytes of the tables' arrays; deferred tables count once resolved.
     pub fn bytes(&self) -> usize {
         self.tables
             .values()

@@ -2146,6 +2146,13 @@ impl StreamQuery {
     /// Replaces the query's state with a [`StreamQuery::snapshot`] of the same query, at
     /// processing time `now_ms`.
     pub fn restore(&mut self, snapshot: &StateSnapshot, now_ms: i64) -> crate::Result<()> {
+        if !snapshot.deferred.is_empty() {
+            return Err(crate::Error::Checkpoint(
+                "internal: a snapshot restored before its state was read out (resolve it, or \
+                 write and read it back)"
+                    .into(),
+            ));
+        }
         let meta = &snapshot.meta;
         let keyed: usize = meta_field(meta, "keyed")?;
         if keyed != self.keyed.len()

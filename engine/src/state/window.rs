@@ -294,8 +294,10 @@ struct LoanState {
     /// `None` once the operator has taken it back.
     pane: Option<Pane>,
     table: Option<RecordBatch>,
-    /// Per aggregate, the state columns the snapshot's meta announces.
+    /// Per aggregate, the state columns the snapshot announces.
     state_columns: Vec<usize>,
+    /// Why reading the pane out failed: the pane may be drained, its state lost.
+    failed: Option<String>,
 }
 
 impl std::fmt::Debug for Loan {
@@ -319,12 +321,22 @@ impl LoanState {
         if let Some(t) = &self.table {
             return Ok(t.clone());
         }
+        if let Some(e) = &self.failed {
+            return internal_err!("reading window state out for a checkpoint failed: {e}");
+        }
         let Some(pane) = self.pane.as_mut() else {
             return internal_err!("a lent pane was taken back before its table was read");
         };
-        let t = pane_table(self.start, pane, &self.state_columns)?;
-        self.table = Some(t.clone());
-        Ok(t)
+        match pane_table(self.start, pane, &self.state_columns) {
+            Ok(t) => {
+                self.table = Some(t.clone());
+                Ok(t)
+            }
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                Err(e)
+            }
+        }
     }
 }
 
@@ -657,10 +669,16 @@ impl WindowOperator {
                 .collect::<Result<Vec<_>>>()?;
             let step = self.step;
             if let Some(lent) = self.lent.get_mut(&pane_start) {
-                lent.queued_bytes += keys
+                // Aggregates often share an argument (`sum(v)`, `avg(v)`): each array once.
+                let mut arrays: Vec<&ArrayRef> = keys
                     .iter()
                     .chain(args.iter().flatten())
                     .chain(filters.iter().flatten())
+                    .collect();
+                arrays.sort_by_key(|a| Arc::as_ptr(a) as *const () as usize);
+                arrays.dedup_by_key(|a| Arc::as_ptr(a) as *const () as usize);
+                lent.queued_bytes += arrays
+                    .iter()
                     .map(|a| a.get_array_memory_size())
                     .sum::<usize>();
                 lent.last_update = step;
@@ -707,13 +725,25 @@ impl WindowOperator {
                         return internal_err!("a lent pane's lock is poisoned");
                     }
                 };
+                // A pane whose reading out failed half way may be drained: its state is
+                // lost, and the query with it.
+                if let Some(e) = &state.failed {
+                    return internal_err!(
+                        "reading window state out for a checkpoint failed, which leaves the \
+                         state incomplete: {e}"
+                    );
+                }
                 // A checkpoint still holding the loan wants the table; one dropped unwritten
-                // does not.
-                if state.table.is_none() && Arc::strong_count(&lent.loan) > 1 {
-                    if !wait {
-                        continue;
+                // does not, nor one already written.
+                if Arc::strong_count(&lent.loan) > 1 {
+                    if state.table.is_none() {
+                        if !wait {
+                            continue;
+                        }
+                        state.read()?;
                     }
-                    state.read()?;
+                } else {
+                    state.table = None;
                 }
                 state.pane.take()
             };
@@ -1065,7 +1095,9 @@ impl WindowOperator {
             .retain(|p, _| live.iter().any(|(s, e)| s <= p && p < e));
     }
 
-    /// Live (window, group) partials held, summed over panes.
+    /// Live (window, group) partials held, summed over panes. A pane lent to a checkpoint
+    /// counts the groups it had when lent: groups its waiting updates create are counted once
+    /// it is back (their bytes count meanwhile, in [`WindowOperator::state_bytes`]).
     pub fn group_count(&self) -> usize {
         self.panes
             .values()
@@ -1267,6 +1299,7 @@ impl WindowOperator {
                     pane: Some(pane),
                     table: None,
                     state_columns: state_columns.clone(),
+                    failed: None,
                 }))),
             };
             loans.push(lent.loan.clone());
