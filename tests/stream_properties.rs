@@ -1586,10 +1586,12 @@ async fn a_checkpoint_reads_window_state_out_as_taken_while_updates_wait() -> an
     assert_eq!(q.state_groups(), 2);
     let snapshot = q.snapshot(now)?;
     assert!(!snapshot.deferred.is_empty(), "the window's panes are lent");
-    // Key c is new, a is not: both wait while the pane is lent.
-    let (b, p) = micro_batch(&events(&[("c", 4), ("a", 8)]))?;
-    q.process(&b, &p, None, now).await?;
-    assert_eq!(q.state_groups(), 2, "c waits with its pane");
+    // Keys c, d and e are new, a is not: all wait while the pane is lent.
+    for update in [("c", 4), ("d", 32), ("e", 64), ("a", 8)] {
+        let (b, p) = micro_batch(&events(&[update]))?;
+        q.process(&b, &p, None, now).await?;
+    }
+    assert_eq!(q.state_groups(), 2, "c, d and e wait with their pane");
     let written = std::thread::spawn(move || {
         let mut snapshot = snapshot;
         snapshot.resolve().map(|()| snapshot)
@@ -1601,18 +1603,23 @@ async fn a_checkpoint_reads_window_state_out_as_taken_while_updates_wait() -> an
         .get("window.panes")
         .ok_or_else(|| anyhow::anyhow!("no panes table: {:?}", written.tables.keys()))?;
     assert_eq!(panes.num_rows(), 2, "the table holds the groups as taken");
-    // The next micro-batch finds the pane read out: it comes back with c and the second a.
-    let (b, p) = micro_batch(&events(&[("a", 16)]))?;
-    q.process(&b, &p, None, now).await?;
-    assert_eq!(q.state_groups(), 3);
+    // Once read out, the pane catches up two waiting updates a micro-batch, each new one
+    // waiting behind: five waiting, then four, three and two, and it is back.
+    for (v, groups) in [(16, 2), (100, 2), (200, 2), (300, 5)] {
+        let (b, p) = micro_batch(&events(&[("a", v)]))?;
+        q.process(&b, &p, None, now).await?;
+        assert_eq!(q.state_groups(), groups, "after a = {v}");
+    }
     let end = T0 + 86_400_000;
     let published = counts(vec![q.advance_watermark(end, now).await?]);
     assert_eq!(
         published,
         [
-            "a|1|2026-01-01T06:00:00|3|25|0|true|insert",
+            "a|1|2026-01-01T06:00:00|6|625|0|true|insert",
             "b|1|2026-01-01T06:00:00|1|2|0|true|insert",
-            "c|1|2026-01-01T06:00:00|1|4|0|true|insert"
+            "c|1|2026-01-01T06:00:00|1|4|0|true|insert",
+            "d|1|2026-01-01T06:00:00|1|32|0|true|insert",
+            "e|1|2026-01-01T06:00:00|1|64|0|true|insert"
         ]
     );
     // Restored, the checkpoint holds what came before it only.

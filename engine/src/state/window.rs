@@ -32,8 +32,10 @@
 //! query goes on. Updates to a lent pane wait, in order, until the pane is back, then are
 //! applied as they would have been (the same batches into the same accumulators, so the
 //! results do not depend on when checkpoints are taken). A pane is taken back at the next
-//! micro-batch after its table is read; a window that closes, or the next snapshot, takes
-//! it back at once, reading the table itself if the writer has not yet.
+//! micro-batch after its table is read and catches up two waiting updates a micro-batch
+//! ([`CATCH_UP`]), its new ones waiting behind, so that no micro-batch pays for all of them;
+//! a window that closes, or the next snapshot, takes it back and catches it up at once,
+//! reading the table itself if the writer has not yet.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::RangeBounds;
@@ -268,8 +270,10 @@ struct Pane {
 /// A pane lent to a checkpoint (see the module documentation).
 struct Lent {
     loan: Arc<Loan>,
+    /// The pane, once back from the checkpoint, while it catches up with `queued`.
+    back: Option<Pane>,
     /// Updates since it was lent, in order.
-    queued: Vec<Queued>,
+    queued: std::collections::VecDeque<Queued>,
     /// Step of the last update of any group, queued ones included.
     last_update: u64,
     /// Groups and bytes when it was lent (queued updates are counted in `queued_bytes`).
@@ -284,7 +288,13 @@ struct Queued {
     args: Vec<Vec<ArrayRef>>,
     filters: Vec<Option<ArrayRef>>,
     step: u64,
+    /// Bytes of its arrays (each shared array once).
+    bytes: usize,
 }
+
+/// Waiting updates a lent pane applies per micro-batch once it is back: each micro-batch then
+/// does at most this many more updates' work, and the pane catches up by one less a batch.
+const CATCH_UP: usize = 2;
 
 /// A lent pane and, once read out, its table for the checkpoint.
 struct Loan(Mutex<LoanState>);
@@ -632,7 +642,6 @@ impl WindowOperator {
         if batch.num_rows() == 0 {
             return Ok(());
         }
-        self.take_back(.., false)?;
         self.step += 1;
         let Inputs {
             times,
@@ -677,16 +686,15 @@ impl WindowOperator {
                     .collect();
                 arrays.sort_by_key(|a| Arc::as_ptr(a) as *const () as usize);
                 arrays.dedup_by_key(|a| Arc::as_ptr(a) as *const () as usize);
-                lent.queued_bytes += arrays
-                    .iter()
-                    .map(|a| a.get_array_memory_size())
-                    .sum::<usize>();
+                let bytes = arrays.iter().map(|a| a.get_array_memory_size()).sum();
+                lent.queued_bytes += bytes;
                 lent.last_update = step;
-                lent.queued.push(Queued {
+                lent.queued.push_back(Queued {
                     keys,
                     args,
                     filters,
                     step,
+                    bytes,
                 });
                 continue;
             }
@@ -704,61 +712,85 @@ impl WindowOperator {
     }
 
     /// Takes back the lent panes in `range` whose tables the checkpoint has read, and
-    /// applies the updates they missed; with `wait`, every one of them, reading a table here
-    /// if the checkpoint has not yet (or waiting while it does).
+    /// applies the updates they missed, [`CATCH_UP`] a call (the pane stays with the lent
+    /// ones, its new updates waiting behind, until it has caught up), so that no micro-batch
+    /// pays for all of them at once; with `wait`, every pane in `range` is back and caught up
+    /// on return, its table read here if the checkpoint has not yet (or waited for while the
+    /// checkpoint reads it).
     fn take_back(&mut self, range: impl RangeBounds<i64>, wait: bool) -> Result<()> {
         let starts: Vec<i64> = self.lent.range(range).map(|(s, _)| *s).collect();
         for start in starts {
-            let Some(lent) = self.lent.get(&start) else {
+            let Some(lent) = self.lent.get_mut(&start) else {
                 continue;
             };
-            let pane = {
-                let mut state = match lent.loan.0.try_lock() {
-                    Ok(state) => state,
-                    Err(TryLockError::WouldBlock) if !wait => continue,
-                    Err(TryLockError::WouldBlock) => lent.loan.0.lock().map_err(|_| {
-                        datafusion::common::DataFusionError::Internal(
-                            "a lent pane's lock is poisoned".into(),
-                        )
-                    })?,
-                    Err(TryLockError::Poisoned(_)) => {
-                        return internal_err!("a lent pane's lock is poisoned");
-                    }
+            if lent.back.is_none() {
+                let Some(pane) = Self::given_back(lent, wait)? else {
+                    continue;
                 };
-                // A pane whose reading out failed half way may be drained: its state is
-                // lost, and the query with it.
-                if let Some(e) = &state.failed {
-                    return internal_err!(
-                        "reading window state out for a checkpoint failed, which leaves the \
-                         state incomplete: {e}"
-                    );
-                }
-                // A checkpoint still holding the loan wants the table; one dropped unwritten
-                // does not, nor one already written.
-                if Arc::strong_count(&lent.loan) > 1 {
-                    if state.table.is_none() {
-                        if !wait {
-                            continue;
-                        }
-                        state.read()?;
-                    }
-                } else {
-                    state.table = None;
-                }
-                state.pane.take()
-            };
-            let Some(lent) = self.lent.remove(&start) else {
-                continue;
-            };
-            let Some(mut pane) = pane else {
-                return internal_err!("a lent pane was not given back");
-            };
-            for q in lent.queued {
-                apply(&mut pane, &q.keys, &q.args, &q.filters, q.step)?;
+                lent.back = Some(pane);
             }
-            self.panes.insert(start, pane);
+            let n = if wait {
+                lent.queued.len()
+            } else {
+                CATCH_UP.min(lent.queued.len())
+            };
+            if let Some(pane) = lent.back.as_mut() {
+                for q in lent.queued.drain(..n) {
+                    apply(pane, &q.keys, &q.args, &q.filters, q.step)?;
+                    lent.queued_bytes = lent.queued_bytes.saturating_sub(q.bytes);
+                }
+            }
+            if lent.queued.is_empty()
+                && let Some(pane) = self.lent.remove(&start).and_then(|l| l.back)
+            {
+                self.panes.insert(start, pane);
+            }
         }
         Ok(())
+    }
+
+    /// The pane of `lent` if its checkpoint has read it out (with `wait`, once it has, reading
+    /// it here if it has not begun), `None` if it is still wanted.
+    fn given_back(lent: &Lent, wait: bool) -> Result<Option<Pane>> {
+        let pane = {
+            let mut state = match lent.loan.0.try_lock() {
+                Ok(state) => state,
+                Err(TryLockError::WouldBlock) if !wait => return Ok(None),
+                Err(TryLockError::WouldBlock) => lent.loan.0.lock().map_err(|_| {
+                    datafusion::common::DataFusionError::Internal(
+                        "a lent pane's lock is poisoned".into(),
+                    )
+                })?,
+                Err(TryLockError::Poisoned(_)) => {
+                    return internal_err!("a lent pane's lock is poisoned");
+                }
+            };
+            // A pane whose reading out failed half way may be drained: its state is
+            // lost, and the query with it.
+            if let Some(e) = &state.failed {
+                return internal_err!(
+                    "reading window state out for a checkpoint failed, which leaves the \
+                         state incomplete: {e}"
+                );
+            }
+            // A checkpoint still holding the loan wants the table; one dropped unwritten
+            // does not, nor one already written.
+            if Arc::strong_count(&lent.loan) > 1 {
+                if state.table.is_none() {
+                    if !wait {
+                        return Ok(None);
+                    }
+                    state.read()?;
+                }
+            } else {
+                state.table = None;
+            }
+            state.pane.take()
+        };
+        match pane {
+            Some(pane) => Ok(Some(pane)),
+            None => internal_err!("a lent pane was not given back"),
+        }
     }
 
     /// Start of the pane containing `t`.
@@ -791,6 +823,7 @@ impl WindowOperator {
     /// last emission. Then frees windows past their allowed lateness and panes no live window
     /// needs.
     pub fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>> {
+        // Once a micro-batch (after its updates): lent panes read out come back, catching up.
         self.take_back(.., false)?;
         self.watermark = self.watermark.max(watermark);
         let mut out = Vec::new();
@@ -1289,11 +1322,12 @@ impl WindowOperator {
                 continue;
             };
             let lent = Lent {
+                back: None,
                 last_update: pane.last_update,
                 groups: pane.groups.len(),
                 bytes: pane_bytes(&pane),
                 queued_bytes: 0,
-                queued: Vec::new(),
+                queued: Default::default(),
                 loan: Arc::new(Loan(Mutex::new(LoanState {
                     start,
                     pane: Some(pane),
