@@ -1637,6 +1637,29 @@ async fn a_checkpoint_reads_window_state_out_as_taken_while_updates_wait() -> an
             .contains("before its state was read out"),
         "{refused}"
     );
+    // Waiting updates are bounded: the 65th makes the query read the pane out itself, and
+    // the checkpoint still gets the state as taken.
+    let mut unresolved = unresolved;
+    for i in 0..65 {
+        let key: &'static str = Box::leak(format!("k{i}").into_boxed_str());
+        let (b, p) = micro_batch(&events(&[(key, 1)]))?;
+        other.process(&b, &p, None, now).await?;
+        let want = if i < 64 { 1 } else { 66 };
+        assert_eq!(
+            other.state_groups(),
+            want,
+            "after {} waiting updates",
+            i + 1
+        );
+    }
+    unresolved.resolve()?;
+    assert_eq!(
+        unresolved
+            .tables
+            .get("window.panes")
+            .map(RecordBatch::num_rows),
+        Some(1)
+    );
     restored.restore(&written, now)?;
     assert_eq!(restored.state_groups(), 2);
     let published = counts(vec![restored.advance_watermark(end, now).await?]);

@@ -34,8 +34,8 @@
 //! results do not depend on when checkpoints are taken). A pane is taken back at the next
 //! micro-batch after its table is read and catches up two waiting updates a micro-batch
 //! ([`CATCH_UP`]), its new ones waiting behind, so that no micro-batch pays for all of them;
-//! a window that closes, or the next snapshot, takes it back and catches it up at once,
-//! reading the table itself if the writer has not yet.
+//! a window that closes, the next snapshot, or more than [`MAX_WAITING`] waiting updates
+//! take it back and catch it up at once, reading the table itself if the writer has not yet.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::RangeBounds;
@@ -291,6 +291,10 @@ struct Queued {
     /// Bytes of its arrays (each shared array once).
     bytes: usize,
 }
+
+/// Updates a lent pane holds at most while its checkpoint reads it out: one more, and the
+/// query waits for the reading (or does it).
+const MAX_WAITING: usize = 64;
 
 /// Waiting updates a lent pane applies per micro-batch once it is back: each micro-batch then
 /// does at most this many more updates' work, and the pane catches up by one less a batch.
@@ -696,6 +700,11 @@ impl WindowOperator {
                     step,
                     bytes,
                 });
+                // Memory for waiting updates is bounded: past the bound, the query waits for
+                // the checkpoint to read the pane out (as it would without lending).
+                if lent.queued.len() > MAX_WAITING {
+                    self.take_back(pane_start..=pane_start, true)?;
+                }
                 continue;
             }
             if !self.panes.contains_key(&pane_start) {
