@@ -34,8 +34,9 @@
 //! results do not depend on when checkpoints are taken). A pane is taken back at the next
 //! micro-batch after its table is read and catches up two waiting updates a micro-batch
 //! ([`CATCH_UP`]), its new ones waiting behind, so that no micro-batch pays for all of them;
-//! a window that closes, the next snapshot, or more than [`MAX_WAITING`] waiting updates
-//! take it back and catch it up at once, reading the table itself if the writer has not yet.
+//! a window that closes or the next snapshot take it back and catch it up at once, reading
+//! the table itself if the writer has not yet; more than [`MAX_WAITING`] waiting updates
+//! make the query wait for the reading (or do it) before catching up as usual.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::RangeBounds;
@@ -293,7 +294,7 @@ struct Queued {
 }
 
 /// Updates a lent pane holds at most while its checkpoint reads it out: one more, and the
-/// query waits for the reading (or does it).
+/// query waits for the reading (or does it), then catches up two a micro-batch.
 const MAX_WAITING: usize = 64;
 
 /// Waiting updates a lent pane applies per micro-batch once it is back: each micro-batch then
@@ -701,9 +702,10 @@ impl WindowOperator {
                     bytes,
                 });
                 // Memory for waiting updates is bounded: past the bound, the query waits for
-                // the checkpoint to read the pane out (as it would without lending).
-                if lent.queued.len() > MAX_WAITING {
-                    self.take_back(pane_start..=pane_start, true)?;
+                // the checkpoint to read the pane out (as it would without lending), then
+                // catches up as usual.
+                if lent.queued.len() > MAX_WAITING && lent.back.is_none() {
+                    lent.back = Self::given_back(lent, true)?;
                 }
                 continue;
             }
