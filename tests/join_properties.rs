@@ -29,6 +29,7 @@ use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
 use urbanstream::deterministic::{DeterministicEngine, Outcome};
+use urbanstream_tests::plan_query;
 
 /// 2026-01-01T06:00:00Z.
 const T0: i64 = 1_767_247_200_000;
@@ -508,23 +509,14 @@ proptest! {
 #[tokio::test]
 async fn an_outer_join_holds_a_partners_offsets_until_the_kept_side_is_done() -> anyhow::Result<()>
 {
-    use urbanstream::plan::stream::StreamContext;
-    let ctx = StreamContext::new();
-    let mut query = None;
-    for sql in [
+    let mut query = plan_query([
         "CREATE EXTERNAL TABLE a (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
          STORED AS KAFKA OPTIONS ('topic' 'ta', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '7d')",
         "CREATE EXTERNAL TABLE b (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
          STORED AS KAFKA OPTIONS ('topic' 'tb', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '7d')",
         &format!("SELECT a.id AS aid, b.id AS bid FROM a LEFT JOIN b ON {BOUND}"),
-    ] {
-        for statement in StreamContext::parse(sql)? {
-            if let Some(q) = ctx.plan(statement).await? {
-                query = Some(q);
-            }
-        }
-    }
-    let mut query = query.ok_or_else(|| anyhow::anyhow!("no query"))?;
+    ])
+    .await?;
     let now = T0 + 86_400_000;
     let batch = |id: i64, t: i64| -> anyhow::Result<RecordBatch> {
         let columns: Vec<(&str, ArrayRef)> = vec![
@@ -587,23 +579,14 @@ async fn an_outer_join_holds_a_partners_offsets_until_the_kept_side_is_done() ->
 /// side delivers on 4 partitions.
 #[tokio::test]
 async fn a_joins_progress_watermark_follows_the_side_that_still_delivers() -> anyhow::Result<()> {
-    use urbanstream::plan::stream::StreamContext;
-    let ctx = StreamContext::new();
-    let mut query = None;
-    for sql in [
+    let mut query = plan_query([
         "CREATE EXTERNAL TABLE a (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
          STORED AS KAFKA OPTIONS ('topic' 'ta', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '10s')",
         "CREATE EXTERNAL TABLE b (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
          STORED AS KAFKA OPTIONS ('topic' 'tb', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '10s')",
         &format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND}"),
-    ] {
-        for statement in StreamContext::parse(sql)? {
-            if let Some(q) = ctx.plan(statement).await? {
-                query = Some(q);
-            }
-        }
-    }
-    let mut query = query.ok_or_else(|| anyhow::anyhow!("no query"))?;
+    ])
+    .await?;
     // One row per partition, all at `t`.
     let batch = |t: i64| -> anyhow::Result<RecordBatch> {
         let n = PARTITIONS as usize;

@@ -9,6 +9,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use urbanstream::broker::EmbeddedBroker;
 use urbanstream::pipeline::Topics;
+use urbanstream::plan::stream::{StreamContext, StreamQuery};
 
 /// An embedded broker with every city topic created.
 pub struct TestCluster {
@@ -195,4 +196,21 @@ pub async fn read_more(consumer: &StreamConsumer, wait: Duration) -> Vec<serde_j
             _ => return out,
         }
     }
+}
+
+/// Plans `statements` in turn on a fresh context (tables, settings, the query); the query
+/// the last of them that plans to one.
+pub async fn plan_query(
+    statements: impl IntoIterator<Item = impl AsRef<str>>,
+) -> anyhow::Result<StreamQuery> {
+    let ctx = StreamContext::new();
+    let mut query = None;
+    for sql in statements {
+        for statement in StreamContext::parse(sql.as_ref())? {
+            if let Some(q) = ctx.plan(statement).await? {
+                query = Some(q);
+            }
+        }
+    }
+    query.ok_or_else(|| anyhow::anyhow!("no query"))
 }

@@ -36,6 +36,7 @@ use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
 use urbanstream::deterministic::{DeterministicEngine, Outcome};
+use urbanstream_tests::plan_query;
 
 /// 2026-01-01T06:00:00Z.
 const T0: i64 = 1_767_247_200_000;
@@ -1330,31 +1331,47 @@ fn rendered(step: &urbanstream::plan::stream::StepOutput) -> (Vec<String>, Vec<i
     (rows, step.diverted.iter().map(|d| d.event_time).collect())
 }
 
-/// The windowed query of `kind` with allowed lateness and, in half the runs, early fires.
-async fn windowed_query(
-    kind: Kind,
+/// What a checkpoint taken while running is tried on.
+#[derive(Debug, Clone, Copy)]
+enum Checkpointed {
+    /// The windowed query of this kind, with allowed lateness and, in half the runs, early
+    /// fires.
+    Windows(Kind),
+    /// Detectors, a health check with timers and an alert machine per (k, g) over the raw
+    /// events.
+    Detectors,
+    /// A left interval join of the stream with itself per (k, g) within a minute.
+    Join,
+}
+
+/// Detectors per key over the raw events: `anomaly_score`, `sensor_missing` (whose timers
+/// keep each key's last row) and `alert_state`.
+const DETECTORS: &str = "SELECT k, g, t, v, round(d['score'], 6) AS score, d['likelihood'] AS l,      m['fault'] AS missing, a['state'] AS state FROM (SELECT *,        anomaly_score(CAST(v AS DOUBLE), t) OVER w AS d,        sensor_missing(CAST(v AS DOUBLE), t, INTERVAL '1 minute') OVER w AS m,        alert_state(v, t, 30, 10) OVER w AS a      FROM ev WINDOW w AS (PARTITION BY k, g ORDER BY t))";
+
+/// The query `what` is tried on.
+async fn checkpointed_query(
+    what: Checkpointed,
     run: &Run,
 ) -> anyhow::Result<urbanstream::plan::stream::StreamQuery> {
-    use urbanstream::plan::stream::StreamContext;
-    let ctx = StreamContext::new();
-    let mut statements = vec![
-        EV.to_string(),
-        "SET urbanstream.allowed_lateness = '2m'".to_string(),
-    ];
-    statements.extend(early_fire(run));
-    statements.push(format!(
-        "SELECT k, g, window_start, window_end, {AGGREGATES} FROM ev GROUP BY {}, k, g",
-        kind.sql()
-    ));
-    let mut query = None;
-    for sql in &statements {
-        for statement in StreamContext::parse(sql)? {
-            if let Some(q) = ctx.plan(statement).await? {
-                query = Some(q);
-            }
+    let mut statements = vec![EV.to_string()];
+    match what {
+        Checkpointed::Windows(kind) => {
+            statements.push("SET urbanstream.allowed_lateness = '2m'".to_string());
+            statements.extend(early_fire(run));
+            statements.push(format!(
+                "SELECT k, g, window_start, window_end, {AGGREGATES} FROM ev GROUP BY {}, k, g",
+                kind.sql()
+            ));
         }
+        Checkpointed::Detectors => statements.push(DETECTORS.to_string()),
+        Checkpointed::Join => statements.push(
+            "SELECT a.k, a.g, a.t, a.v, b.t AS bt, b.v AS bv FROM ev a LEFT JOIN ev b \
+             ON a.k = b.k AND (a.g IS NOT DISTINCT FROM b.g) \
+             AND b.t BETWEEN a.t - INTERVAL '1 minute' AND a.t + INTERVAL '1 minute'"
+                .to_string(),
+        ),
     }
-    query.ok_or_else(|| anyhow::anyhow!("no query"))
+    plan_query(&statements).await
 }
 
 /// Micro-batch `i` of the run as the stream's rows, with each row's partition.
@@ -1431,7 +1448,9 @@ async fn feed_query(
         }
         let (rows, partitions) = micro_batch(batch)?;
         steps.push(rendered(
-            &query.process(&rows, &partitions, None, now_at(i)).await?,
+            &query
+                .process_topic("ev", &rows, &partitions, None, now_at(i))
+                .await?,
         ));
         if let Some((at, mut state)) = after_next.take() {
             state.resolve()?;
@@ -1459,7 +1478,10 @@ async fn feed_query(
 /// order, floating-point averages included); and each one written holds the state as it was
 /// when taken: restored into a fresh query and fed the rest of the run, it publishes what
 /// the uninterrupted query did from there.
-fn check_checkpoints_taken_while_running(kind: Kind, run: &Run) -> Result<(), TestCaseError> {
+fn check_checkpoints_taken_while_running(
+    what: Checkpointed,
+    run: &Run,
+) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1478,9 +1500,9 @@ fn check_checkpoints_taken_while_running(kind: Kind, run: &Run) -> Result<(), Te
         .collect();
     let (plain, checkpointed, written) = rt
         .block_on(async {
-            let mut q = windowed_query(kind, run).await?;
+            let mut q = checkpointed_query(what, run).await?;
             let (plain, _) = feed_query(&mut q, run, 0, &[]).await?;
-            let mut q = windowed_query(kind, run).await?;
+            let mut q = checkpointed_query(what, run).await?;
             let (checkpointed, written) = feed_query(&mut q, run, 0, &checkpoints).await?;
             anyhow::Ok((plain, checkpointed, written))
         })
@@ -1493,7 +1515,7 @@ fn check_checkpoints_taken_while_running(kind: Kind, run: &Run) -> Result<(), Te
     for (at, state) in &written {
         let restored = rt
             .block_on(async {
-                let mut q = windowed_query(kind, run).await?;
+                let mut q = checkpointed_query(what, run).await?;
                 q.restore(state, now_at(*at))?;
                 let (steps, _) = feed_query(&mut q, run, *at, &[]).await?;
                 anyhow::Ok(steps)
@@ -1525,17 +1547,27 @@ proptest! {
 
     #[test]
     fn tumbling_windows_checkpointed_while_running_publish_the_same(run in run()) {
-        check_checkpoints_taken_while_running(Kind::Tumble, &run)?;
+        check_checkpoints_taken_while_running(Checkpointed::Windows(Kind::Tumble), &run)?;
     }
 
     #[test]
     fn hopping_windows_checkpointed_while_running_publish_the_same(run in run()) {
-        check_checkpoints_taken_while_running(Kind::Hop, &run)?;
+        check_checkpoints_taken_while_running(Checkpointed::Windows(Kind::Hop), &run)?;
     }
 
     #[test]
     fn cumulating_windows_checkpointed_while_running_publish_the_same(run in run()) {
-        check_checkpoints_taken_while_running(Kind::Cumulate, &run)?;
+        check_checkpoints_taken_while_running(Checkpointed::Windows(Kind::Cumulate), &run)?;
+    }
+
+    #[test]
+    fn detectors_checkpointed_while_running_publish_the_same(run in run()) {
+        check_checkpoints_taken_while_running(Checkpointed::Detectors, &run)?;
+    }
+
+    #[test]
+    fn interval_joins_checkpointed_while_running_publish_the_same(run in run()) {
+        check_checkpoints_taken_while_running(Checkpointed::Join, &run)?;
     }
 }
 
@@ -1545,22 +1577,12 @@ proptest! {
 /// only what came before it. A snapshot not yet read out is refused by a restore.
 #[tokio::test]
 async fn a_checkpoint_reads_window_state_out_as_taken_while_updates_wait() -> anyhow::Result<()> {
-    use urbanstream::plan::stream::StreamContext;
-    let plan = || async {
-        let ctx = StreamContext::new();
-        let mut query = None;
-        for sql in [
+    let plan = || {
+        plan_query([
             EV,
             "SELECT k, g, window_start, count(*) AS n, sum(v) AS s FROM ev \
              GROUP BY tumble(t, INTERVAL '1 minute'), k, g",
-        ] {
-            for statement in StreamContext::parse(sql)? {
-                if let Some(q) = ctx.plan(statement).await? {
-                    query = Some(q);
-                }
-            }
-        }
-        query.ok_or_else(|| anyhow::anyhow!("no query"))
+        ])
     };
     let events = |keys: &[(&'static str, i64)]| -> Vec<Event> {
         keys.iter()

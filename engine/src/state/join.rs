@@ -26,7 +26,7 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::compute::{
-    FilterBuilder, FilterPredicate, cast, concat_batches, filter_record_batch,
+    FilterBuilder, FilterPredicate, cast, concat, concat_batches, filter_record_batch,
     prep_null_mask_filter, take,
 };
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
@@ -35,7 +35,7 @@ use datafusion::common::{JoinSide, JoinType, Result, plan_err};
 use datafusion::physical_expr::PhysicalExprRef;
 use datafusion::physical_plan::joins::utils::JoinFilter;
 
-use crate::checkpoint::{StateSnapshot, column, typed};
+use crate::checkpoint::{DeferredTable, StateSnapshot, column, typed};
 
 /// What the planner found in the join node.
 #[derive(Debug, Clone)]
@@ -178,6 +178,29 @@ fn times_of(column: &ArrayRef) -> Result<Vec<i64>> {
             }
         })
         .collect())
+}
+
+/// A side's buffered batches as an [`IntervalJoin::snapshot`] took them, each with its live
+/// rows and whether each live row was matched; gathered into its table when resolved.
+#[derive(Debug)]
+struct TakenSide {
+    schema: SchemaRef,
+    chunks: Vec<(RecordBatch, BooleanArray, BooleanArray)>,
+}
+
+impl DeferredTable for TakenSide {
+    fn compute(&self) -> crate::Result<RecordBatch> {
+        let mut batches = Vec::with_capacity(self.chunks.len());
+        let mut matched: Vec<&dyn Array> = Vec::with_capacity(self.chunks.len());
+        for (batch, live, m) in &self.chunks {
+            batches.push(filter_record_batch(batch, live)?);
+            matched.push(m);
+        }
+        let rows = concat_batches(&self.schema, &batches)?;
+        let mut columns = crate::checkpoint::row_columns(&rows);
+        columns.push(("__matched".into(), concat(&matched)?));
+        crate::checkpoint::table(columns)
+    }
 }
 
 impl IntervalJoin {
@@ -697,39 +720,40 @@ impl IntervalJoin {
     }
 
     /// The state for a checkpoint: per side, table `side<i>` of its live rows with a
-    /// `__matched` column.
+    /// `__matched` column. The tables are deferred: the query's thread takes the buffered
+    /// batches (shared, not copied) and which rows are live and matched, and the live rows
+    /// are gathered when the snapshot is resolved ([`StateSnapshot::resolve`]).
     pub fn snapshot(&self) -> crate::Result<StateSnapshot> {
         let mut out = StateSnapshot {
             meta: serde_json::json!({ "sides": 2 }),
             ..Default::default()
         };
         for side in 0..2 {
-            let buffer = &self.buffers[side];
-            let mut batches = Vec::new();
-            let mut matched = Vec::new();
-            for chunk in buffer.chunks.values() {
-                let live: BooleanArray = chunk.alive.iter().map(|a| Some(*a)).collect();
-                batches.push(filter_record_batch(&chunk.batch, &live)?);
-                matched.extend(
-                    chunk
+            let chunks: Vec<(RecordBatch, BooleanArray, BooleanArray)> = self.buffers[side]
+                .chunks
+                .values()
+                .map(|chunk| {
+                    let live: BooleanArray = chunk.alive.iter().map(|a| Some(*a)).collect();
+                    let matched: BooleanArray = chunk
                         .alive
                         .iter()
                         .zip(&chunk.matched)
                         .filter(|(a, _)| **a)
-                        .map(|(_, m)| *m),
-                );
-            }
-            if batches.is_empty() {
+                        .map(|(_, m)| Some(*m))
+                        .collect();
+                    (chunk.batch.clone(), live, matched)
+                })
+                .collect();
+            if chunks.is_empty() {
                 continue;
             }
-            let rows = concat_batches(&self.spec.sides[side], &batches)?;
-            let mut columns = crate::checkpoint::row_columns(&rows);
-            columns.push((
-                "__matched".into(),
-                Arc::new(BooleanArray::from(matched)) as ArrayRef,
-            ));
-            out.tables
-                .insert(format!("side{side}"), crate::checkpoint::table(columns)?);
+            out.deferred.insert(
+                format!("side{side}"),
+                Arc::new(TakenSide {
+                    schema: self.spec.sides[side].clone(),
+                    chunks,
+                }),
+            );
         }
         Ok(out)
     }

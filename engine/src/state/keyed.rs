@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Int64Array, RecordBatch,
+    Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, BooleanArray, Int64Array, RecordBatch,
 };
 use datafusion::arrow::compute::{cast, concat_batches};
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
@@ -46,10 +46,14 @@ use datafusion::physical_plan::{
 use urbanstream_operators::detect::udwf::{SeriesFunc, SeriesKind, inputs};
 use urbanstream_operators::detect::{Emitted, SeriesState};
 
-use crate::checkpoint::{StateSnapshot, column, meta_field, table, typed};
+use super::layered::Layered;
+use crate::checkpoint::{DeferredTable, StateSnapshot, column, meta_field, table, typed};
 
 /// `PARTITION BY` and `ORDER BY` of a window specification.
 type Spec = (Vec<Arc<dyn PhysicalExpr>>, Arc<dyn PhysicalExpr>);
+
+/// Keys changed while a checkpoint held the state folded back per execution, at least.
+const SETTLE: usize = 16_384;
 
 /// One function call of a [`KeyedSeriesExec`].
 #[derive(Debug, Clone)]
@@ -61,7 +65,7 @@ struct Call {
 }
 
 /// One key's state.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct KeyState {
     last_t: i64,
     series: Vec<SeriesState>,
@@ -71,9 +75,13 @@ struct KeyState {
 }
 
 /// The state of one [`KeyedSeriesExec`], shared by its executions.
+///
+/// The keys are a [`Layered`] map: a checkpoint takes all of them at once (one reference,
+/// whatever their number) and encodes them on the thread that writes it, while a key the
+/// query changes meanwhile is copied in front of them first.
 #[derive(Debug, Default)]
 pub struct KeyedStore {
-    keys: HashMap<Box<[u8]>, KeyState>,
+    keys: Layered<Box<[u8]>, KeyState>,
     /// Earliest wake-up time over all keys.
     next_due: Option<i64>,
     /// Watermark of the last sweep for silent keys.
@@ -101,7 +109,7 @@ impl KeyedStore {
         self.swept_at = Some(watermark);
         let horizon = watermark.saturating_sub(ttl);
         let before = self.keys.len();
-        self.keys.retain(|_, k| {
+        self.keys.retain(|k| {
             k.due.is_some() || k.last_t >= horizon || k.series.iter().any(SeriesState::is_open)
         });
         self.expired += (before - self.keys.len()) as u64;
@@ -117,7 +125,8 @@ impl KeyedStore {
         self.keys.is_empty()
     }
 
-    /// Approximate bytes held.
+    /// Approximate bytes held (a checkpoint being written may hold an older copy of some
+    /// keys besides).
     pub fn bytes(&self) -> usize {
         self.keys
             .iter()
@@ -184,9 +193,11 @@ impl KeyedHandle {
 
     /// The state for a checkpoint: table `keys`, per key (row-encoded) its last time, next
     /// wake-up, detector states (CBOR) and, with timers, its last input row (`row<i>`
-    /// columns, `has_row` false where it has none).
+    /// columns, `has_row` false where it has none). The table is deferred: the query's
+    /// thread only takes the keys ([`Layered::share`]), and the table is encoded from them
+    /// when the snapshot is resolved ([`StateSnapshot::resolve`]).
     pub fn snapshot(&self) -> crate::Result<StateSnapshot> {
-        let store = self
+        let mut store = self
             .store
             .lock()
             .map_err(|_| crate::Error::Checkpoint("keyed state lock poisoned".into()))?;
@@ -197,51 +208,8 @@ impl KeyedHandle {
         if store.keys.is_empty() {
             return Ok(out);
         }
-        let mut keys: Vec<&[u8]> = Vec::with_capacity(store.keys.len());
-        let (mut last_t, mut due, mut series, mut has_row) = (vec![], vec![], vec![], vec![]);
-        for (key, state) in &store.keys {
-            keys.push(key.as_ref());
-            last_t.push(state.last_t);
-            due.push(state.due);
-            // CBOR, not JSON: detector state holds non-finite floats (an empty minimum).
-            let mut bytes = Vec::new();
-            ciborium::into_writer(&state.series, &mut bytes).map_err(|e| {
-                crate::Error::Checkpoint(format!("cannot encode detector state: {e}"))
-            })?;
-            series.push(bytes);
-            has_row.push(state.last_row.is_some());
-        }
-        let mut columns: Vec<(String, ArrayRef)> = vec![
-            ("key".into(), Arc::new(BinaryArray::from(keys))),
-            ("last_t".into(), Arc::new(Int64Array::from(last_t))),
-            ("due".into(), Arc::new(Int64Array::from(due))),
-            (
-                "series".into(),
-                Arc::new(BinaryArray::from_iter_values(series)),
-            ),
-            ("has_row".into(), Arc::new(BooleanArray::from(has_row))),
-        ];
-        let width = store
-            .keys
-            .values()
-            .find_map(|s| s.last_row.as_ref().map(Vec::len))
-            .unwrap_or(0);
-        for c in 0..width {
-            let Some(like) = store
-                .keys
-                .values()
-                .find_map(|s| s.last_row.as_ref().map(|r| r[c].data_type()))
-            else {
-                continue;
-            };
-            let null = ScalarValue::try_from(&like)?;
-            let values = store
-                .keys
-                .values()
-                .map(|s| s.last_row.as_ref().map_or(null.clone(), |r| r[c].clone()));
-            columns.push((format!("row{c}"), ScalarValue::iter_to_array(values)?));
-        }
-        out.tables.insert("keys".into(), table(columns)?);
+        let taken = TakenKeys(store.keys.share());
+        out.deferred.insert("keys".into(), Arc::new(taken));
         Ok(out)
     }
 
@@ -287,6 +255,58 @@ impl KeyedHandle {
             );
         }
         Ok(())
+    }
+}
+
+/// The keys' states as a [`KeyedHandle::snapshot`] took them, encoded into its `keys` table
+/// when the snapshot is resolved.
+#[derive(Debug)]
+struct TakenKeys(Arc<HashMap<Box<[u8]>, KeyState>>);
+
+impl DeferredTable for TakenKeys {
+    fn compute(&self) -> crate::Result<RecordBatch> {
+        let n = self.0.len();
+        let (mut keys, mut series) = (BinaryBuilder::new(), BinaryBuilder::new());
+        let (mut last_t, mut due, mut has_row) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let mut bytes = Vec::new();
+        for (key, state) in self.0.iter() {
+            keys.append_value(key);
+            last_t.push(state.last_t);
+            due.push(state.due);
+            // CBOR, not JSON: detector state holds non-finite floats (an empty minimum).
+            bytes.clear();
+            ciborium::into_writer(&state.series, &mut bytes).map_err(|e| {
+                crate::Error::Checkpoint(format!("cannot encode detector state: {e}"))
+            })?;
+            series.append_value(&bytes);
+            has_row.push(state.last_row.is_some());
+        }
+        let mut columns: Vec<(String, ArrayRef)> = vec![
+            ("key".into(), Arc::new(keys.finish())),
+            ("last_t".into(), Arc::new(Int64Array::from(last_t))),
+            ("due".into(), Arc::new(Int64Array::from(due))),
+            ("series".into(), Arc::new(series.finish())),
+            ("has_row".into(), Arc::new(BooleanArray::from(has_row))),
+        ];
+        let states = || self.0.values();
+        let width = states()
+            .find_map(|s| s.last_row.as_ref().map(Vec::len))
+            .unwrap_or(0);
+        for c in 0..width {
+            let Some(like) = states().find_map(|s| s.last_row.as_ref().map(|r| r[c].data_type()))
+            else {
+                continue;
+            };
+            let null = ScalarValue::try_from(&like)?;
+            let values =
+                states().map(|s| s.last_row.as_ref().map_or(null.clone(), |r| r[c].clone()));
+            columns.push((format!("row{c}"), ScalarValue::iter_to_array(values)?));
+        }
+        table(columns)
     }
 }
 
@@ -429,6 +449,9 @@ impl KeyedSeriesExec {
             .store
             .lock()
             .map_err(|_| DataFusionError::Internal("keyed state lock poisoned".into()))?;
+        // Keys changed while a checkpoint read them out are folded back a few at a time:
+        // more than a micro-batch can change, fewer than all at once.
+        store.keys.settle(SETTLE.max(2 * batch.num_rows()));
         let watermark = self.handle.watermark.load(AtomicOrdering::Relaxed);
         let mut out = Vec::new();
         if batch.num_rows() > 0 {
@@ -532,7 +555,7 @@ impl KeyedSeriesExec {
                     }
                     s
                 }
-                None => store.keys.entry(key.as_ref().into()).or_insert_with(fresh),
+                None => store.keys.get_or_insert_with(key.as_ref().into(), fresh),
             };
             if timers && state.due.is_some_and(|d| d < t.min(watermark)) {
                 let last = last_row_of.get(key.as_ref()).copied();
@@ -615,11 +638,20 @@ impl KeyedSeriesExec {
         self.order.downcast_ref::<Column>().map(|c| c.index())
     }
 
-    /// Wakes the keys whose time has come; one row per key that has something to say.
+    /// Wakes the keys whose time has come; one row per key and due time that has something
+    /// to say.
     fn wake(&self, store: &mut KeyedStore, watermark: i64) -> Result<Option<RecordBatch>> {
         let mut fired = Fired::new(self.calls.len());
-        for state in store.keys.values_mut() {
-            if state.due.is_some_and(|d| d < watermark) {
+        // In the order of their times, then keys: the rows do not depend on how the keys
+        // are hashed or when a checkpoint last took them.
+        let mut due: Vec<(i64, Box<[u8]>)> = store
+            .keys
+            .iter()
+            .filter_map(|(k, s)| s.due.filter(|d| *d < watermark).map(|d| (d, k.clone())))
+            .collect();
+        due.sort_unstable();
+        for (_, key) in due {
+            if let Some(state) = store.keys.get_mut(&key) {
                 fired.fire(state, watermark, self.order_column(), |_| Ok(()))?;
             }
         }

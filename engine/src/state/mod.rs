@@ -14,11 +14,13 @@
 //! meet them; [`lag`] each key's last values for `LAG`.
 //!
 //! [`keyed`] holds the per-key state of detectors, health checks and alert machines
-//! (`anomaly_score(…) OVER (PARTITION BY …)` and friends) across micro-batches.
+//! (`anomaly_score(…) OVER (PARTITION BY …)` and friends) across micro-batches, in a
+//! [`layered`] map that a checkpoint takes whole at once.
 
 pub mod join;
 pub mod keyed;
 pub mod lag;
+pub mod layered;
 pub mod ranked;
 pub mod session;
 pub mod upsert;
