@@ -1342,6 +1342,8 @@ enum Checkpointed {
     Detectors,
     /// A left interval join of the stream with itself per (k, g) within a minute.
     Join,
+    /// `LAG` over the raw events per (k, g).
+    Lag,
 }
 
 /// Detectors per key over the raw events: `anomaly_score`, `sensor_missing` (whose timers
@@ -1364,6 +1366,7 @@ async fn checkpointed_query(
             ));
         }
         Checkpointed::Detectors => statements.push(DETECTORS.to_string()),
+        Checkpointed::Lag => statements.push(LAGGED.replace("{input}", "ev")),
         Checkpointed::Join => statements.push(
             "SELECT a.k, a.g, a.t, a.v, b.t AS bt, b.v AS bv FROM ev a LEFT JOIN ev b \
              ON a.k = b.k AND (a.g IS NOT DISTINCT FROM b.g) \
@@ -1568,6 +1571,11 @@ proptest! {
     #[test]
     fn interval_joins_checkpointed_while_running_publish_the_same(run in run()) {
         check_checkpoints_taken_while_running(Checkpointed::Join, &run)?;
+    }
+
+    #[test]
+    fn lag_checkpointed_while_running_publishes_the_same(run in run()) {
+        check_checkpoints_taken_while_running(Checkpointed::Lag, &run)?;
     }
 }
 

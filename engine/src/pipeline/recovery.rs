@@ -426,7 +426,7 @@ impl Pipeline {
     /// [`Pipeline::checkpoint`], writing only the given partitions' checkpoints when the
     /// state is per partition (`None`: all held). The files are written in the background
     /// unless `wait` (partitions handed on or taken up, where the next reader must find
-    /// them); the previous checkpoint's write is finished first.
+    /// them); the previous checkpoint's write is finished before the state is taken.
     pub(super) async fn checkpoint_of(
         &mut self,
         only: Option<&[(String, i32)]>,
@@ -483,6 +483,10 @@ impl Pipeline {
         };
         let mut epoch = 0;
         let mut jobs = Vec::new();
+        // One write at a time, in epoch order; and the state is taken only once the previous
+        // write has let go of what it read (detector state shared with a write still under
+        // way would be copied whole).
+        self.finish_writing().await?;
         for key in targets {
             let mut states = Vec::new();
             let mut queries = Vec::new();
@@ -546,8 +550,6 @@ impl Pipeline {
             epoch = epoch.max(manifest.epoch);
             jobs.push((store, manifest, states));
         }
-        // One write at a time, in epoch order.
-        self.finish_writing().await?;
         let task = tokio::task::spawn_blocking(move || -> Result<u64> {
             let mut bytes = 0;
             for (store, manifest, states) in jobs {

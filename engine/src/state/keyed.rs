@@ -25,7 +25,8 @@ use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, BooleanArray, Int64Array, RecordBatch,
+    Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, BooleanArray, Int64Array,
+    LargeBinaryArray, LargeBinaryBuilder, RecordBatch,
 };
 use datafusion::arrow::compute::{cast, concat_batches};
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
@@ -46,7 +47,7 @@ use datafusion::physical_plan::{
 use urbanstream_operators::detect::udwf::{SeriesFunc, SeriesKind, inputs};
 use urbanstream_operators::detect::{Emitted, SeriesState};
 
-use super::layered::Layered;
+use super::layered::{Layered, Shared};
 use crate::checkpoint::{DeferredTable, StateSnapshot, column, meta_field, table, typed};
 
 /// `PARTITION BY` and `ORDER BY` of a window specification.
@@ -227,7 +228,10 @@ impl KeyedHandle {
         let keys = typed::<BinaryArray>(column(t, "key")?, "key")?;
         let last_t = typed::<Int64Array>(column(t, "last_t")?, "last_t")?;
         let due = typed::<Int64Array>(column(t, "due")?, "due")?;
-        let series = typed::<BinaryArray>(column(t, "series")?, "series")?;
+        // `Binary` in checkpoints written before the column had large offsets.
+        let series = cast(column(t, "series")?, &DataType::LargeBinary)
+            .map_err(|e| crate::Error::Checkpoint(format!("detector state: {e}")))?;
+        let series = typed::<LargeBinaryArray>(&series, "series")?;
         let has_row = typed::<BooleanArray>(column(t, "has_row")?, "has_row")?;
         let rows: Vec<&ArrayRef> = (0..)
             .map_while(|c| t.column_by_name(&format!("row{c}")))
@@ -261,12 +265,13 @@ impl KeyedHandle {
 /// The keys' states as a [`KeyedHandle::snapshot`] took them, encoded into its `keys` table
 /// when the snapshot is resolved.
 #[derive(Debug)]
-struct TakenKeys(Arc<HashMap<Box<[u8]>, KeyState>>);
+struct TakenKeys(Shared<Box<[u8]>, KeyState>);
 
 impl DeferredTable for TakenKeys {
     fn compute(&self) -> crate::Result<RecordBatch> {
         let n = self.0.len();
-        let (mut keys, mut series) = (BinaryBuilder::new(), BinaryBuilder::new());
+        // Large offsets: 7.5 KB of state a key passes 2 GiB at under 300 000 keys.
+        let (mut keys, mut series) = (BinaryBuilder::new(), LargeBinaryBuilder::new());
         let (mut last_t, mut due, mut has_row) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -450,7 +455,7 @@ impl KeyedSeriesExec {
             .lock()
             .map_err(|_| DataFusionError::Internal("keyed state lock poisoned".into()))?;
         // Keys changed while a checkpoint read them out are folded back a few at a time:
-        // more than a micro-batch can change, fewer than all at once.
+        // at least twice the micro-batch's rows, so that they catch up, and not all at once.
         store.keys.settle(SETTLE.max(2 * batch.num_rows()));
         let watermark = self.handle.watermark.load(AtomicOrdering::Relaxed);
         let mut out = Vec::new();
@@ -926,5 +931,39 @@ mod tests {
         fresh.keys.insert(b"k".to_vec().into(), key(0, None));
         fresh.expire(i64::MIN, 500);
         assert_eq!(fresh.len(), 1);
+    }
+
+    /// A checkpoint's keys are those of the moment it was taken: keys expired, changed or
+    /// added afterwards do not reach its table, and the store goes on with them.
+    #[test]
+    fn a_taken_snapshot_holds_the_keys_as_they_were() -> crate::Result<()> {
+        let mut store = KeyedStore::default();
+        store.keys.insert(b"old".to_vec().into(), key(0, None));
+        store.keys.insert(b"recent".to_vec().into(), key(900, None));
+        let taken = TakenKeys(store.keys.share());
+        store.expire(1_000, 500);
+        if let Some(k) = store.keys.get_mut(b"recent".as_slice()) {
+            k.last_t = 950;
+        }
+        store
+            .keys
+            .insert(b"new".to_vec().into(), key(990, Some(1_200)));
+        let table = taken.compute()?;
+        let keys = typed::<BinaryArray>(column(&table, "key")?, "key")?;
+        let last_t = typed::<Int64Array>(column(&table, "last_t")?, "last_t")?;
+        let mut rows: Vec<(Vec<u8>, i64)> = (0..table.num_rows())
+            .map(|r| (keys.value(r).to_vec(), last_t.value(r)))
+            .collect();
+        rows.sort();
+        assert_eq!(rows, vec![(b"old".to_vec(), 0), (b"recent".to_vec(), 900)]);
+        assert_eq!(store.len(), 2);
+        assert_eq!(
+            store.keys.get(b"recent".as_slice()).map(|k| k.last_t),
+            Some(950)
+        );
+        drop(taken);
+        assert_eq!(store.keys.settle(usize::MAX), 0);
+        assert!(!store.keys.contains_key(b"old".as_slice()));
+        Ok(())
     }
 }

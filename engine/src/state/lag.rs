@@ -11,7 +11,7 @@
 //! window emits once: the planner allows `LAG` only above one, without allowed lateness or
 //! early results (whose revisions would come after the rows that followed them).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -32,7 +32,11 @@ use datafusion::physical_plan::{
 };
 
 use super::keyed::udwf_of;
-use crate::checkpoint::{StateSnapshot, column, table, typed};
+use super::layered::{Layered, Shared};
+use crate::checkpoint::{DeferredTable, StateSnapshot, column, table, typed};
+
+/// Keys changed while a checkpoint held the state folded back per execution, at least.
+const SETTLE: usize = 16_384;
 
 /// `PARTITION BY` and `ORDER BY` of a window specification.
 type Spec = (Vec<Arc<dyn PhysicalExpr>>, Arc<dyn PhysicalExpr>);
@@ -47,7 +51,7 @@ struct Lag {
 }
 
 /// One key's last values: per call, up to `offset` (time, value) pairs, oldest first.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct KeyLags {
     last_t: i64,
     history: Vec<VecDeque<(i64, ScalarValue)>>,
@@ -56,7 +60,9 @@ struct KeyLags {
 /// The state of one [`KeyedLagExec`], shared by its executions.
 #[derive(Debug, Clone)]
 pub struct LagHandle {
-    keys: Arc<Mutex<HashMap<Box<[u8]>, KeyLags>>>,
+    /// Shared whole with a checkpoint, which reads it out on its own thread
+    /// ([`Layered`]).
+    keys: Arc<Mutex<Layered<Box<[u8]>, KeyLags>>>,
     /// `urbanstream.key_ttl` in ms (`i64::MAX`: none): a key silent longer starts afresh.
     ttl: Arc<std::sync::atomic::AtomicI64>,
     /// Keys dropped or started afresh after staying silent longer than the TTL.
@@ -97,7 +103,7 @@ impl LagHandle {
         let horizon = watermark.saturating_sub(ttl);
         if let Ok(mut keys) = self.keys.lock() {
             let before = keys.len();
-            keys.retain(|_, k| k.last_t >= horizon);
+            keys.retain(|k| k.last_t >= horizon);
             self.expired.fetch_add(
                 (before - keys.len()) as u64,
                 std::sync::atomic::Ordering::Relaxed,
@@ -105,7 +111,7 @@ impl LagHandle {
         }
     }
 
-    fn lock(&self) -> crate::Result<std::sync::MutexGuard<'_, HashMap<Box<[u8]>, KeyLags>>> {
+    fn lock(&self) -> crate::Result<std::sync::MutexGuard<'_, Layered<Box<[u8]>, KeyLags>>> {
         self.keys
             .lock()
             .map_err(|_| crate::Error::Checkpoint("lag state lock poisoned".into()))
@@ -142,7 +148,7 @@ impl LagHandle {
     /// `j` (oldest first) the columns `t<c>_<j>` and `v<c>_<j>` (null where the key has fewer
     /// values).
     pub fn snapshot(&self, types: &[DataType]) -> crate::Result<StateSnapshot> {
-        let keys = self.lock()?;
+        let mut keys = self.lock()?;
         let mut out = StateSnapshot {
             meta: serde_json::json!({ "calls": types.len() }),
             ..Default::default()
@@ -150,47 +156,11 @@ impl LagHandle {
         if keys.is_empty() {
             return Ok(out);
         }
-        let entries: Vec<(&Box<[u8]>, &KeyLags)> = keys.iter().collect();
-        let mut columns: Vec<(String, ArrayRef)> = vec![
-            (
-                "key".into(),
-                Arc::new(BinaryArray::from_iter_values(
-                    entries.iter().map(|(k, _)| k),
-                )),
-            ),
-            (
-                "last_t".into(),
-                Arc::new(Int64Array::from_iter_values(
-                    entries.iter().map(|(_, s)| s.last_t),
-                )),
-            ),
-        ];
-        for (c, data_type) in types.iter().enumerate() {
-            let slots = entries
-                .iter()
-                .map(|(_, s)| s.history.get(c).map_or(0, VecDeque::len))
-                .max()
-                .unwrap_or(0);
-            for j in 0..slots {
-                let at = |s: &KeyLags| s.history.get(c).and_then(|h| h.get(j)).cloned();
-                columns.push((
-                    format!("t{c}_{j}"),
-                    Arc::new(Int64Array::from_iter(
-                        entries.iter().map(|(_, s)| at(s).map(|(t, _)| t)),
-                    )),
-                ));
-                let null = ScalarValue::try_from(data_type)?;
-                columns.push((
-                    format!("v{c}_{j}"),
-                    ScalarValue::iter_to_array(
-                        entries
-                            .iter()
-                            .map(|(_, s)| at(s).map_or(null.clone(), |(_, v)| v)),
-                    )?,
-                ));
-            }
-        }
-        out.tables.insert("keys".into(), table(columns)?);
+        let taken = TakenLags {
+            keys: keys.share(),
+            types: types.to_vec(),
+        };
+        out.deferred.insert("keys".into(), Arc::new(taken));
         Ok(out)
     }
 
@@ -228,6 +198,60 @@ impl LagHandle {
             );
         }
         Ok(())
+    }
+}
+
+/// The keys' last values as a [`LagHandle::snapshot`] took them, read out into its `keys`
+/// table when the snapshot is resolved.
+#[derive(Debug)]
+struct TakenLags {
+    keys: Shared<Box<[u8]>, KeyLags>,
+    types: Vec<DataType>,
+}
+
+impl DeferredTable for TakenLags {
+    fn compute(&self) -> crate::Result<RecordBatch> {
+        let entries: Vec<(&Box<[u8]>, &KeyLags)> = self.keys.iter().collect();
+        let mut columns: Vec<(String, ArrayRef)> = vec![
+            (
+                "key".into(),
+                Arc::new(BinaryArray::from_iter_values(
+                    entries.iter().map(|(k, _)| k),
+                )),
+            ),
+            (
+                "last_t".into(),
+                Arc::new(Int64Array::from_iter_values(
+                    entries.iter().map(|(_, s)| s.last_t),
+                )),
+            ),
+        ];
+        for (c, data_type) in self.types.iter().enumerate() {
+            let slots = entries
+                .iter()
+                .map(|(_, s)| s.history.get(c).map_or(0, VecDeque::len))
+                .max()
+                .unwrap_or(0);
+            for j in 0..slots {
+                let at = |s: &KeyLags| s.history.get(c).and_then(|h| h.get(j)).cloned();
+                columns.push((
+                    format!("t{c}_{j}"),
+                    Arc::new(Int64Array::from_iter(
+                        entries.iter().map(|(_, s)| at(s).map(|(t, _)| t)),
+                    )),
+                ));
+                let null = ScalarValue::try_from(data_type)?;
+                columns.push((
+                    format!("v{c}_{j}"),
+                    ScalarValue::iter_to_array(
+                        entries
+                            .iter()
+                            .map(|(_, s)| at(s).map_or(null.clone(), |(_, v)| v)),
+                    )?,
+                ));
+            }
+        }
+        table(columns)
     }
 }
 
@@ -407,6 +431,8 @@ impl KeyedLagExec {
             .keys
             .lock()
             .map_err(|_| DataFusionError::Internal("lag state lock poisoned".into()))?;
+        // Keys changed while a checkpoint read them out, folded back a few at a time.
+        keys.settle(SETTLE.max(2 * n));
         let ttl = self.handle.ttl.load(std::sync::atomic::Ordering::Relaxed);
         for r in sequence {
             if order.is_null(r) {
@@ -417,9 +443,11 @@ impl KeyedLagExec {
                 last_t: i64::MIN,
                 history: vec![VecDeque::new(); self.lags.len()],
             };
-            let state = keys
-                .entry(rows.row(r).as_ref().into())
-                .or_insert_with(fresh);
+            let key = rows.row(r);
+            let state = match keys.get_mut(key.as_ref()) {
+                Some(state) => state,
+                None => keys.get_or_insert_with(key.as_ref().into(), fresh),
+            };
             // A key silent longer than the TTL starts afresh, whether or not a sweep has
             // dropped it yet (so the result does not depend on when sweeps ran).
             if ttl != i64::MAX && state.last_t != i64::MIN && t.saturating_sub(state.last_t) > ttl {

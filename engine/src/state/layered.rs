@@ -7,15 +7,20 @@
 //! micro-batch pays for every change made while a checkpoint was read out.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Arc;
+
+use datafusion::common::HashMap;
+use datafusion::common::hash_map::Entry;
+
+/// The map as [`Layered::share`] hands it out.
+pub type Shared<K, V> = Arc<HashMap<K, V>>;
 
 /// A map that can be shared with readers in O(1); see the module doc.
 #[derive(Debug)]
 pub struct Layered<K, V> {
     /// The entries, shared with the readers of the last [`Layered::share`] while they hold it.
-    base: Arc<HashMap<K, V>>,
+    base: Shared<K, V>,
     /// Entries changed while `base` was shared, not yet folded into it: `None` where removed.
     changes: HashMap<K, Option<V>>,
     len: usize,
@@ -94,10 +99,13 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
         if self.changes.contains_key(&key) || Arc::get_mut(&mut self.base).is_none() {
             return self.changes.entry(key).or_default().insert(value);
         }
-        Arc::make_mut(&mut self.base)
-            .entry(key)
-            .insert_entry(value)
-            .into_mut()
+        match Arc::make_mut(&mut self.base).entry(key) {
+            Entry::Occupied(mut entry) => {
+                entry.insert(value);
+                entry.into_mut()
+            }
+            Entry::Vacant(entry) => entry.insert(value),
+        }
     }
 
     /// The entry of `key`, set to `make()` first when it has none.
@@ -203,7 +211,7 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
     /// The map as it is now, shared: O(1) when the changes have been folded into a map no
     /// reader holds any more. Otherwise they are folded in now, into a copy when a reader of
     /// an earlier share still holds the map.
-    pub fn share(&mut self) -> Arc<HashMap<K, V>> {
+    pub fn share(&mut self) -> Shared<K, V> {
         if !self.changes.is_empty() {
             let changes = std::mem::take(&mut self.changes);
             fold(Arc::make_mut(&mut self.base), changes);

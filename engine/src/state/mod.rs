@@ -11,7 +11,7 @@
 //! groups of each window for a ranking over them (top-N per window).
 //!
 //! [`join`] holds the rows of the two sides of a stream–stream join until no row to come can
-//! meet them; [`lag`] each key's last values for `LAG`.
+//! meet them; [`lag`] each key's last values for `LAG`, in a [`layered`] map.
 //!
 //! [`keyed`] holds the per-key state of detectors, health checks and alert machines
 //! (`anomaly_score(…) OVER (PARTITION BY …)` and friends) across micro-batches, in a
