@@ -58,10 +58,13 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        match self.changes.get(key) {
-            Some(changed) => changed.as_ref(),
-            None => self.base.get(key),
+        // Most of the time nothing waits in front: the key is not hashed for it then.
+        if !self.changes.is_empty()
+            && let Some(changed) = self.changes.get(key)
+        {
+            return changed.as_ref();
         }
+        self.base.get(key)
     }
 
     /// Whether `key` has an entry.
@@ -80,13 +83,12 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        if !self.changes.contains_key(key) {
-            if Arc::get_mut(&mut self.base).is_none() {
-                let (k, v) = self.base.get_key_value(key)?;
-                self.changes.insert(k.clone(), Some(v.clone()));
-            } else {
+        if self.changes.is_empty() || !self.changes.contains_key(key) {
+            if Arc::get_mut(&mut self.base).is_some() {
                 return Arc::get_mut(&mut self.base)?.get_mut(key);
             }
+            let (k, v) = self.base.get_key_value(key)?;
+            self.changes.insert(k.clone(), Some(v.clone()));
         }
         self.changes.get_mut(key)?.as_mut()
     }
