@@ -207,56 +207,47 @@ fn sizes(
     group.throughput(Throughput::Elements(
         updates.iter().map(|b| b.num_rows() as u64).sum(),
     ));
-    for checkpoint in [Checkpoint::None, Checkpoint::Lent, Checkpoint::ReadOnThread] {
-        let name = checkpoint.name();
-        let (mut longest, mut catch_up) = (Duration::ZERO, Duration::ZERO);
-        group.bench_function(format!("micro_batches/{name}/{keys}"), |b| {
-            b.iter_custom(|iterations| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iterations {
-                    let run = runtime.block_on(micro_batches(
-                        &mut q,
-                        updates,
-                        checkpoint,
-                        store,
-                        clock.as_mut(),
-                        None,
-                    ));
-                    total += run.elapsed;
-                    longest = longest.max(run.slowest);
-                    catch_up = catch_up.max(run.catch_up);
-                }
-                total
-            })
-        });
-        if longest > Duration::ZERO {
-            eprintln!(
-                "micro_batches/{name}/{keys}: longest micro-batch {longest:?}, longest \
-                 catching up at the end {catch_up:?}"
-            );
-        }
-    }
     // Paced: the time reported is the most any micro-batch of a run finished after it
-    // arrived.
-    for checkpoint in [Checkpoint::None, Checkpoint::Lent, Checkpoint::ReadOnThread] {
-        let name = checkpoint.name();
-        group.bench_function(format!("paced/{name}/{keys}"), |b| {
-            b.iter_custom(|iterations| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iterations {
-                    let run = runtime.block_on(micro_batches(
-                        &mut q,
-                        updates,
-                        checkpoint,
-                        store,
-                        clock.as_mut(),
-                        Some(pace),
-                    ));
-                    total += run.latest;
-                }
-                total
-            })
-        });
+    // arrived; otherwise, the time of the whole run.
+    for paced in [None, Some(pace)] {
+        for checkpoint in [Checkpoint::None, Checkpoint::Lent, Checkpoint::ReadOnThread] {
+            let name = checkpoint.name();
+            let mode = if paced.is_some() {
+                "paced"
+            } else {
+                "micro_batches"
+            };
+            let (mut longest, mut catch_up) = (Duration::ZERO, Duration::ZERO);
+            group.bench_function(format!("{mode}/{name}/{keys}"), |b| {
+                b.iter_custom(|iterations| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iterations {
+                        let run = runtime.block_on(micro_batches(
+                            &mut q,
+                            updates,
+                            checkpoint,
+                            store,
+                            clock.as_mut(),
+                            paced,
+                        ));
+                        total += if paced.is_some() {
+                            run.latest
+                        } else {
+                            run.elapsed
+                        };
+                        longest = longest.max(run.slowest);
+                        catch_up = catch_up.max(run.catch_up);
+                    }
+                    total
+                })
+            });
+            if paced.is_none() && longest > Duration::ZERO {
+                eprintln!(
+                    "micro_batches/{name}/{keys}: longest micro-batch {longest:?}, longest \
+                     catching up at the end {catch_up:?}"
+                );
+            }
+        }
     }
     group.throughput(Throughput::Elements(keys as u64));
     group.bench_function(format!("read_and_restore/{keys}"), |b| {

@@ -53,9 +53,6 @@ use crate::checkpoint::{DeferredTable, StateSnapshot, column, meta_field, table,
 /// `PARTITION BY` and `ORDER BY` of a window specification.
 type Spec = (Vec<Arc<dyn PhysicalExpr>>, Arc<dyn PhysicalExpr>);
 
-/// Keys changed while a checkpoint held the state folded back per execution, at least.
-const SETTLE: usize = 16_384;
-
 /// One function call of a [`KeyedSeriesExec`].
 #[derive(Debug, Clone)]
 struct Call {
@@ -454,9 +451,7 @@ impl KeyedSeriesExec {
             .store
             .lock()
             .map_err(|_| DataFusionError::Internal("keyed state lock poisoned".into()))?;
-        // Keys changed while a checkpoint read them out are folded back a few at a time:
-        // at least twice the micro-batch's rows, so that they catch up, and not all at once.
-        store.keys.settle(SETTLE.max(2 * batch.num_rows()));
+        store.keys.settle_before(batch.num_rows());
         let watermark = self.handle.watermark.load(AtomicOrdering::Relaxed);
         let mut out = Vec::new();
         if batch.num_rows() > 0 {

@@ -35,9 +35,6 @@ use super::keyed::udwf_of;
 use super::layered::{Layered, Shared};
 use crate::checkpoint::{DeferredTable, StateSnapshot, column, table, typed};
 
-/// Keys changed while a checkpoint held the state folded back per execution, at least.
-const SETTLE: usize = 16_384;
-
 /// `PARTITION BY` and `ORDER BY` of a window specification.
 type Spec = (Vec<Arc<dyn PhysicalExpr>>, Arc<dyn PhysicalExpr>);
 
@@ -431,8 +428,7 @@ impl KeyedLagExec {
             .keys
             .lock()
             .map_err(|_| DataFusionError::Internal("lag state lock poisoned".into()))?;
-        // Keys changed while a checkpoint read them out, folded back a few at a time.
-        keys.settle(SETTLE.max(2 * n));
+        keys.settle_before(n);
         let ttl = self.handle.ttl.load(std::sync::atomic::Ordering::Relaxed);
         for r in sequence {
             if order.is_null(r) {

@@ -210,6 +210,16 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
         self.changes.len()
     }
 
+    /// Folds back what a micro-batch of `rows` rows should before it changes the map: at
+    /// least twice its rows (so that changes waiting since a checkpoint catch up, a
+    /// micro-batch adding at most its rows) and at least [`Layered::SETTLE`], not all at once.
+    pub fn settle_before(&mut self, rows: usize) -> usize {
+        self.settle(Self::SETTLE.max(2 * rows))
+    }
+
+    /// Changes folded back before a micro-batch, at least.
+    pub const SETTLE: usize = 16_384;
+
     /// The map as it is now, shared: O(1) when the changes have been folded into a map no
     /// reader holds any more. Otherwise they are folded in now, into a copy when a reader of
     /// an earlier share still holds the map.
