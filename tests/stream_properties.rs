@@ -1344,6 +1344,12 @@ enum Checkpointed {
     Join,
     /// `LAG` over the raw events per (k, g).
     Lag,
+    /// The events read as a changelog (the latest event per (k, g)), in minute windows with
+    /// allowed lateness.
+    Changelog,
+    /// The top two groups per minute window, with allowed lateness and, in half the runs,
+    /// early fires.
+    TopN,
 }
 
 /// Detectors per key over the raw events: `anomaly_score`, `sensor_missing` (whose timers
@@ -1367,6 +1373,27 @@ async fn checkpointed_query(
         }
         Checkpointed::Detectors => statements.push(DETECTORS.to_string()),
         Checkpointed::Lag => statements.push(LAGGED.replace("{input}", "ev")),
+        Checkpointed::Changelog => {
+            statements[0] = EV.replace(
+                "'idle_timeout' '7d'",
+                "'idle_timeout' '7d', 'upsert_key' 'k, g'",
+            );
+            statements.push("SET urbanstream.allowed_lateness = '2m'".to_string());
+            statements.push(
+                "SELECT window_start, window_end, count(*) AS n, sum(v) AS s, max(v) AS hi \
+                 FROM ev GROUP BY tumble(t, INTERVAL '1 minute')"
+                    .to_string(),
+            );
+        }
+        Checkpointed::TopN => {
+            statements.push("SET urbanstream.allowed_lateness = '2m'".to_string());
+            statements.extend(early_fire(run));
+            statements.push(
+                TOP.replace("{window_end}", "window_end")
+                    .replace("{input}", "ev")
+                    .replace("{group_by}", Kind::Tumble.sql()),
+            );
+        }
         Checkpointed::Join => statements.push(
             "SELECT a.k, a.g, a.t, a.v, b.t AS bt, b.v AS bv FROM ev a LEFT JOIN ev b \
              ON a.k = b.k AND (a.g IS NOT DISTINCT FROM b.g) \
@@ -1576,6 +1603,16 @@ proptest! {
     #[test]
     fn lag_checkpointed_while_running_publishes_the_same(run in run()) {
         check_checkpoints_taken_while_running(Checkpointed::Lag, &run)?;
+    }
+
+    #[test]
+    fn changelogs_checkpointed_while_running_publish_the_same(run in run()) {
+        check_checkpoints_taken_while_running(Checkpointed::Changelog, &run)?;
+    }
+
+    #[test]
+    fn top_n_checkpointed_while_running_publishes_the_same(run in run()) {
+        check_checkpoints_taken_while_running(Checkpointed::TopN, &run)?;
     }
 }
 

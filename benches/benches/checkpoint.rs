@@ -23,6 +23,11 @@
 //! with the checkpoint (a key updated while the checkpoint holds it is copied first);
 //! `snapshot_resolved` adds encoding the states into the Arrow table. Its micro-batches
 //! move event time on past every event before them, so that every reading is learnt.
+//!
+//! `checkpoint_changelog/…` is the same for a changelog source's state (the latest row per
+//! upsert key) under the 1-hour window per key: 10 000, 100 000 or 1 000 000 keys, each
+//! micro-batch replacing the rows of the keys it carries (withdrawn from and added to their
+//! windows). `lend` shares the keys' map with the checkpoint, as for detector state.
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use std::sync::Arc;
@@ -42,6 +47,8 @@ const T0: i64 = 1_767_247_200_000;
 const SQL: &str = "SELECT k, window_start, count(*) AS n, sum(v) AS s, avg(v) AS a, \
                    min(v) AS lo, max(v) AS hi FROM ev \
                    GROUP BY tumble(event_time, INTERVAL '1 hour'), k";
+const CHANGELOG: &str = "SELECT k, window_start, count(*) AS n, sum(v) AS s FROM evu \
+                         GROUP BY tumble(event_time, INTERVAL '1 hour'), k";
 const KEYED: &str = "SELECT k, anomaly_score(v, event_time) \
                      OVER (PARTITION BY k ORDER BY event_time) AS d FROM ev";
 
@@ -110,7 +117,11 @@ fn checkpoint(c: &mut Criterion) {
         .block_on(async {
             let ddl = "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, \
                        v DOUBLE) STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 'event_time')";
-            ctx.plan(StreamContext::parse(ddl)?.remove(0)).await
+            ctx.plan(StreamContext::parse(ddl)?.remove(0)).await?;
+            let changelog = "CREATE EXTERNAL TABLE evu (k VARCHAR NOT NULL, \
+                             event_time TIMESTAMP NOT NULL, v DOUBLE) STORED AS KAFKA \
+                             OPTIONS ('topic' 'evu', 'event_time' 'event_time', 'upsert_key' 'k')";
+            ctx.plan(StreamContext::parse(changelog)?.remove(0)).await
         })
         .expect("table");
     let dir = std::env::temp_dir().join(format!("urbanstream-bench-{}", std::process::id()));
@@ -120,8 +131,18 @@ fn checkpoint(c: &mut Criterion) {
             group: "checkpoint",
             sql: SQL,
             learns: false,
+            held: 1,
             sizes: &[10_000, 100_000, 1_000_000],
             pace: Duration::from_millis(5),
+        },
+        // Each key's latest row and its window group: two entries a key.
+        Case {
+            group: "checkpoint_changelog",
+            sql: CHANGELOG,
+            learns: false,
+            held: 2,
+            sizes: &[10_000, 100_000, 1_000_000],
+            pace: Duration::from_millis(10),
         },
         // A key's `anomaly_score` state is about 7.5 KB (its daily profile, residual window
         // and likelihood histogram): a million keys would be 7.5 GB.
@@ -129,6 +150,7 @@ fn checkpoint(c: &mut Criterion) {
             group: "checkpoint_keyed",
             sql: KEYED,
             learns: true,
+            held: 1,
             sizes: &[10_000, 100_000],
             pace: Duration::from_millis(20),
         },
@@ -152,6 +174,8 @@ struct Case {
     /// Whether every reading must be later than the last (a detector's, to be learnt):
     /// each micro-batch then moves event time on past every event before it.
     learns: bool,
+    /// Entries of state held per key (when not `learns`).
+    held: usize,
     /// Groups or keys held.
     sizes: &'static [usize],
     /// Paced micro-batches arrive one per this: about a quarter of what the query takes at
@@ -170,12 +194,16 @@ fn sizes(
     keys: usize,
 ) {
     let Case {
-        sql, learns, pace, ..
+        sql,
+        learns,
+        held,
+        pace,
+        ..
     } = *case;
     let input = batches(keys);
     let mut q = runtime.block_on(loaded(ctx, sql, &input));
     if !learns {
-        assert_eq!(q.state_groups(), keys);
+        assert_eq!(q.state_groups(), held * keys);
     }
     let mut clock = learns.then_some(Clock {
         at: 0,
@@ -257,7 +285,7 @@ fn sizes(
                 let c = store.latest().expect("read").expect("a checkpoint");
                 fresh.restore(&c.queries[0], T0).expect("restore");
                 if !learns {
-                    assert_eq!(fresh.state_groups(), keys);
+                    assert_eq!(fresh.state_groups(), held * keys);
                 }
                 fresh
             },

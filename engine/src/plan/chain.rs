@@ -148,7 +148,7 @@ impl Windowed {
         while let Some(c) = next {
             stages += 1;
             out.nest(&format!("window{stages}"), c.stage.operator.snapshot()?);
-            if let Some(published) = &c.published {
+            if let Some(published) = &mut c.published {
                 out.nest(&format!("published{stages}"), published.snapshot()?);
             }
             next = c.stage.next.as_deref_mut();
@@ -156,8 +156,13 @@ impl Windowed {
         if let Some(meta) = out.meta.as_object_mut() {
             meta.insert("stages".into(), stages.into());
         }
-        if let Some(ranked) = self.stages().find_map(|w| w.ranked.as_ref()) {
-            out.nest("ranked", ranked.snapshot()?);
+        let mut stage = Some(self);
+        while let Some(w) = stage {
+            if let Some(ranked) = &mut w.ranked {
+                out.nest("ranked", ranked.snapshot()?);
+                break;
+            }
+            stage = w.next.as_deref_mut().map(|c| &mut c.stage);
         }
         Ok(())
     }

@@ -2091,7 +2091,7 @@ impl StreamQuery {
         if let Some(w) = &mut self.windowed {
             w.snapshot(&mut out)?;
         }
-        if let Some(u) = &self.upsert {
+        if let Some(u) = &mut self.upsert {
             out.nest("upsert", u.snapshot()?);
         }
         for (i, k) in self.keyed.iter().enumerate() {

@@ -110,6 +110,63 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
         }
     }
 
+    /// Sets the entry of `key`; the entry it replaces. While a reader holds the map, the
+    /// replaced entry is a copy of the reader's.
+    pub fn replace(&mut self, key: K, value: V) -> Option<V> {
+        let waiting = !self.changes.is_empty() && self.changes.contains_key(&key);
+        let previous = if waiting {
+            self.changes.insert(key, Some(value)).flatten()
+        } else if let Some(base) = Arc::get_mut(&mut self.base) {
+            base.insert(key, value)
+        } else {
+            let previous = self.base.get(&key).cloned();
+            self.changes.insert(key, Some(value));
+            previous
+        };
+        if previous.is_none() {
+            self.len += 1;
+        }
+        previous
+    }
+
+    /// Drops the entry of `key`; the entry. While a reader holds the map, the entry is a copy
+    /// of the reader's.
+    pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let waiting = if self.changes.is_empty() {
+            None
+        } else {
+            self.changes.remove(key)
+        };
+        let previous = match Arc::get_mut(&mut self.base) {
+            // Sole owner: a change waiting in front is newer than the map's entry.
+            Some(base) => {
+                let held = base.remove(key);
+                match waiting {
+                    Some(changed) => changed,
+                    None => held,
+                }
+            }
+            None => {
+                let previous = match waiting {
+                    Some(changed) => changed,
+                    None => self.base.get(key).cloned(),
+                };
+                if let Some((k, _)) = self.base.get_key_value(key) {
+                    self.changes.insert(k.clone(), None);
+                }
+                previous
+            }
+        };
+        if previous.is_some() {
+            self.len -= 1;
+        }
+        previous
+    }
+
     /// The entry of `key`, set to `make()` first when it has none.
     pub fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
         if !self.contains_key(&key) {
@@ -257,6 +314,8 @@ mod tests {
     enum Op {
         Insert(u8, u32),
         Change(u8, u32),
+        Replace(u8, u32),
+        Remove(u8),
         /// Drops the entries whose value is a multiple of this.
         Retain(u32),
         Clear,
@@ -269,6 +328,8 @@ mod tests {
         prop_oneof![
             4 => (0u8..24, any::<u32>()).prop_map(|(k, v)| Op::Insert(k, v)),
             4 => (0u8..24, any::<u32>()).prop_map(|(k, v)| Op::Change(k, v)),
+            3 => (0u8..24, any::<u32>()).prop_map(|(k, v)| Op::Replace(k, v)),
+            2 => (0u8..24).prop_map(Op::Remove),
             1 => (2u32..6).prop_map(Op::Retain),
             1 => Just(Op::Clear),
             2 => (0u8..12).prop_map(Op::Share),
@@ -301,6 +362,12 @@ mod tests {
                         prop_assert_eq!(layered.get_mut(&k).map(|x| { *x = v; }), model.get_mut(&k).map(|x| { *x = v; }));
                         let got = *layered.get_or_insert_with(k, || v ^ 1);
                         prop_assert_eq!(got, *model.entry(k).or_insert(v ^ 1));
+                    }
+                    Op::Replace(k, v) => {
+                        prop_assert_eq!(layered.replace(k, v), model.insert(k, v));
+                    }
+                    Op::Remove(k) => {
+                        prop_assert_eq!(layered.remove(&k), model.remove(&k));
                     }
                     Op::Retain(m) => {
                         layered.retain(|v| v % m != 0);

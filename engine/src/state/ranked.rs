@@ -196,7 +196,7 @@ impl RankedState {
 
     /// The state for a checkpoint: the groups' rows (`rows.*`) and table `published`
     /// (window end, revision, row).
-    pub fn snapshot(&self) -> crate::Result<StateSnapshot> {
+    pub fn snapshot(&mut self) -> crate::Result<StateSnapshot> {
         let mut out = StateSnapshot {
             meta: serde_json::json!({
                 "windows": self

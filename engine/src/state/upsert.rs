@@ -9,8 +9,12 @@
 //!
 //! A key is forgotten once every window its row belongs to is gone: a later record for it
 //! would be late anyway.
+//!
+//! The keys live in a [`Layered`] map: a checkpoint takes them in O(1) and encodes its table
+//! on the thread that writes it, while the query goes on.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use datafusion::arrow::array::{
     Array, ArrayRef, BinaryArray, Int64Array, RecordBatch, RecordBatchOptions, StringArray,
@@ -21,7 +25,8 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::{Result, plan_err};
 
-use crate::checkpoint::{StateSnapshot, column, table, typed};
+use super::layered::{Layered, Shared};
+use crate::checkpoint::{DeferredTable, StateSnapshot, column, table, typed};
 
 /// The `op` value that deletes a key's row.
 pub const RETRACT: &str = "retract";
@@ -38,7 +43,7 @@ pub struct UpsertState {
     keys: RowConverter,
     rows: RowConverter,
     /// Per key (row-encoded): its row's event time and the row (row-encoded).
-    latest: HashMap<Box<[u8]>, Latest>,
+    latest: Layered<Box<[u8]>, Latest>,
 }
 
 /// What a micro-batch does to a changelog source.
@@ -115,13 +120,14 @@ impl UpsertState {
             key_columns,
             op_column,
             time_column,
-            latest: HashMap::new(),
+            latest: Layered::default(),
         })
     }
 
     /// Applies `batch` (admitted rows, in arrival order): returns the rows that take effect
     /// and the rows they supersede.
     pub fn apply(&mut self, batch: &RecordBatch) -> Result<Changes> {
+        self.latest.settle_before(batch.num_rows());
         let keys: Vec<ArrayRef> = self
             .key_columns
             .iter()
@@ -160,7 +166,7 @@ impl UpsertState {
             } else {
                 added.push(r as u32);
                 self.latest
-                    .insert(key.into(), (times.value(r), rows.row(r).data().into()))
+                    .replace(key.into(), (times.value(r), rows.row(r).data().into()))
             };
             if let Some((_, row)) = previous {
                 withdrawn.push(row);
@@ -225,7 +231,7 @@ impl UpsertState {
 
     /// Forgets the keys whose row is at an event time for which `gone` holds.
     pub fn evict(&mut self, gone: impl Fn(i64) -> bool) {
-        self.latest.retain(|_, (t, _)| !gone(*t));
+        self.latest.retain(|(t, _)| !gone(*t));
     }
 
     /// Keys held.
@@ -246,26 +252,16 @@ impl UpsertState {
             .sum()
     }
 
-    /// The state for a checkpoint: table `latest` (key, event time, row).
-    pub fn snapshot(&self) -> crate::Result<StateSnapshot> {
+    /// The state for a checkpoint: table `latest` (key, event time, row), deferred: the
+    /// query's thread only takes the keys ([`Layered::share`]), and the table is encoded
+    /// from them when the snapshot is resolved ([`StateSnapshot::resolve`]).
+    pub fn snapshot(&mut self) -> crate::Result<StateSnapshot> {
         let mut out = StateSnapshot::default();
         if self.latest.is_empty() {
             return Ok(out);
         }
-        let (mut keys, mut times, mut rows) = (vec![], vec![], vec![]);
-        for (k, (t, r)) in &self.latest {
-            keys.push(k.as_ref());
-            times.push(*t);
-            rows.push(r.as_ref());
-        }
-        out.tables.insert(
-            "latest".into(),
-            table(vec![
-                ("key".into(), std::sync::Arc::new(BinaryArray::from(keys))),
-                ("time".into(), std::sync::Arc::new(Int64Array::from(times))),
-                ("row".into(), std::sync::Arc::new(BinaryArray::from(rows))),
-            ])?,
-        );
+        out.deferred
+            .insert("latest".into(), Arc::new(TakenLatest(self.latest.share())));
         Ok(out)
     }
 
@@ -286,10 +282,34 @@ impl UpsertState {
     }
 }
 
+/// The keys' latest rows as an [`UpsertState::snapshot`] took them, encoded into its
+/// `latest` table when the snapshot is resolved.
+#[derive(Debug)]
+struct TakenLatest(Shared<Box<[u8]>, Latest>);
+
+impl DeferredTable for TakenLatest {
+    fn compute(&self) -> crate::Result<RecordBatch> {
+        let n = self.0.len();
+        let (mut keys, mut times, mut rows) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (k, (t, r)) in self.0.iter() {
+            keys.push(k.as_ref());
+            times.push(*t);
+            rows.push(r.as_ref());
+        }
+        table(vec![
+            ("key".into(), Arc::new(BinaryArray::from(keys))),
+            ("time".into(), Arc::new(Int64Array::from(times))),
+            ("row".into(), Arc::new(BinaryArray::from(rows))),
+        ])
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use datafusion::arrow::datatypes::{Field, Schema};
 
     use super::*;
@@ -358,7 +378,13 @@ mod tests {
         assert_eq!(values(&c.withdrawn), vec![10]);
         assert_eq!(state.len(), 2);
         // A checkpoint round trip keeps the rows; eviction forgets old keys.
-        let snapshot = state.snapshot().expect("snapshot");
+        let mut snapshot = state.snapshot().expect("snapshot");
+        assert!(snapshot.tables.is_empty(), "read out when resolved");
+        // Changed after the snapshot was taken: not in it.
+        state
+            .apply(&batch(&[("b", 0, 99, "update")]))
+            .expect("apply");
+        snapshot.resolve().expect("resolve");
         let mut restored =
             UpsertState::new(first.schema(), &["k".into(), "t".into()], "t").expect("state");
         restored.restore(&snapshot).expect("restore");
