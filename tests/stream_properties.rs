@@ -1374,6 +1374,10 @@ async fn checkpointed_query(
         Checkpointed::Detectors => statements.push(DETECTORS.to_string()),
         Checkpointed::Lag => statements.push(LAGGED.replace("{input}", "ev")),
         Checkpointed::Changelog => {
+            assert!(
+                EV.contains("'idle_timeout' '7d'"),
+                "the option follows this one"
+            );
             statements[0] = EV.replace(
                 "'idle_timeout' '7d'",
                 "'idle_timeout' '7d', 'upsert_key' 'k, g'",

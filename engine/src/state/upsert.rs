@@ -380,10 +380,13 @@ mod tests {
         // A checkpoint round trip keeps the rows; eviction forgets old keys.
         let mut snapshot = state.snapshot().expect("snapshot");
         assert!(snapshot.tables.is_empty(), "read out when resolved");
-        // Changed after the snapshot was taken: not in it.
-        state
-            .apply(&batch(&[("b", 0, 99, "update")]))
+        // Replaced and deleted after the snapshot was taken: not in it, and the state sees
+        // the rows it replaces and deletes.
+        let c = state
+            .apply(&batch(&[("b", 0, 99, "update"), ("a", 60, 0, "retract")]))
             .expect("apply");
+        assert_eq!(values(&c.withdrawn), vec![21, 5]);
+        assert_eq!(state.len(), 1);
         snapshot.resolve().expect("resolve");
         let mut restored =
             UpsertState::new(first.schema(), &["k".into(), "t".into()], "t").expect("state");
