@@ -141,24 +141,15 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
         } else {
             self.changes.remove(key)
         };
+        // A change waiting in front is newer than the map's entry.
         let previous = match Arc::get_mut(&mut self.base) {
-            // Sole owner: a change waiting in front is newer than the map's entry.
-            Some(base) => {
-                let held = base.remove(key);
-                match waiting {
-                    Some(changed) => changed,
-                    None => held,
-                }
-            }
+            Some(base) => waiting.unwrap_or(base.remove(key)),
             None => {
-                let previous = match waiting {
-                    Some(changed) => changed,
-                    None => self.base.get(key).cloned(),
-                };
-                if let Some((k, _)) = self.base.get_key_value(key) {
+                let held = self.base.get_key_value(key);
+                if let Some((k, _)) = held {
                     self.changes.insert(k.clone(), None);
                 }
-                previous
+                waiting.unwrap_or_else(|| held.map(|(_, v)| v.clone()))
             }
         };
         if previous.is_some() {
