@@ -30,7 +30,7 @@ use datafusion::arrow::array::{
     TimestampMillisecondArray,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef, TimeUnit};
 use datafusion::arrow::util::display::array_value_to_string;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
@@ -1344,8 +1344,8 @@ enum Checkpointed {
     Join,
     /// `LAG` over the raw events per (k, g).
     Lag,
-    /// The events read as a changelog (the latest event per (k, g)), in minute windows with
-    /// allowed lateness.
+    /// The events read as a changelog (the latest event per (k, g); some events delete their
+    /// key's row), in minute windows with allowed lateness.
     Changelog,
     /// The top two groups per minute window, with allowed lateness and, in half the runs,
     /// early fires.
@@ -1375,13 +1375,16 @@ async fn checkpointed_query(
         Checkpointed::Lag => statements.push(LAGGED.replace("{input}", "ev")),
         Checkpointed::Changelog => {
             assert!(
-                EV.contains("'idle_timeout' '7d'"),
-                "the option follows this one"
+                EV.contains("'idle_timeout' '7d'") && EV.contains("v BIGINT NOT NULL)"),
+                "the option follows this one, the op column the last"
             );
-            statements[0] = EV.replace(
-                "'idle_timeout' '7d'",
-                "'idle_timeout' '7d', 'upsert_key' 'k, g'",
-            );
+            // With an `op` column: some records delete their key's row (see `with_op`).
+            statements[0] = EV
+                .replace(
+                    "'idle_timeout' '7d'",
+                    "'idle_timeout' '7d', 'upsert_key' 'k, g'",
+                )
+                .replace("v BIGINT NOT NULL)", "v BIGINT NOT NULL, op VARCHAR)");
             statements.push("SET urbanstream.allowed_lateness = '2m'".to_string());
             statements.push(
                 "SELECT window_start, window_end, count(*) AS n, sum(v) AS s, max(v) AS hi \
@@ -1442,6 +1445,21 @@ fn micro_batch(batch: &[Event]) -> anyhow::Result<(RecordBatch, Vec<i32>)> {
     ))
 }
 
+/// `rows` with an `op` column, as a changelog reads it: a quarter of the events delete their
+/// key's row (`retract`), a few have no op (which upserts), the rest upsert.
+fn with_op(schema: SchemaRef, rows: RecordBatch, batch: &[Event]) -> anyhow::Result<RecordBatch> {
+    let op = datafusion::arrow::array::StringViewArray::from_iter(batch.iter().map(|e| {
+        match e.v.rem_euclid(7) {
+            0 => None,
+            _ if e.v % 4 == 0 => Some("retract"),
+            _ => Some("upsert"),
+        }
+    }));
+    let mut columns = rows.columns().to_vec();
+    columns.push(Arc::new(op));
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
 /// Processing time at micro-batch `i`: 7 s a batch, so that early fires come due.
 fn now_at(i: usize) -> i64 {
     T0 + 86_400_000 + i as i64 * 7_000
@@ -1464,6 +1482,8 @@ async fn feed_query(
         std::thread::JoinHandle<anyhow::Result<urbanstream::checkpoint::StateSnapshot>>,
     )> = Vec::new();
     let mut after_next: Option<(usize, urbanstream::checkpoint::StateSnapshot)> = None;
+    let schema = query.source().topic_schema.output_schema();
+    let changelog_op = schema.column_with_name("op").is_some();
     for (i, batch) in run.batches.iter().enumerate().skip(from) {
         if let Some(how) = checkpoints.get(i).copied().flatten() {
             let state = query.snapshot(now_at(i))?;
@@ -1480,7 +1500,10 @@ async fn feed_query(
                 Written::Never => drop(state),
             }
         }
-        let (rows, partitions) = micro_batch(batch)?;
+        let (mut rows, partitions) = micro_batch(batch)?;
+        if changelog_op {
+            rows = with_op(schema.clone(), rows, batch)?;
+        }
         steps.push(rendered(
             &query
                 .process_topic("ev", &rows, &partitions, None, now_at(i))
