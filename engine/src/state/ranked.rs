@@ -10,6 +10,7 @@
 //! as inserts (the window's first emission) or updates.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use datafusion::arrow::array::{BinaryArray, Int64Array, RecordBatch, UInt32Array};
 use datafusion::arrow::compute::take_record_batch;
@@ -18,7 +19,7 @@ use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::Result;
 
 use super::upsert::UpsertState;
-use crate::checkpoint::{StateSnapshot, column, meta_field, table, typed};
+use crate::checkpoint::{DeferredTable, StateSnapshot, column, meta_field, table, typed};
 
 /// What a window's ranking changed.
 pub struct Ranked {
@@ -34,8 +35,8 @@ pub struct Ranked {
 }
 
 /// A window's rows published (row-encoded), its last revision, and whether they were
-/// published final.
-type Published = (Vec<Box<[u8]>>, u32, bool);
+/// published final. The rows are replaced whole, never changed: a checkpoint shares them.
+type Published = (Arc<[Box<[u8]>]>, u32, bool);
 
 /// Per window: the latest row of each group, and the ranked rows last published.
 pub struct RankedState {
@@ -122,7 +123,7 @@ impl RankedState {
             Some((rows, revision, was_final)) => {
                 (rows.clone(), revision + 1, false, is_final && !was_final)
             }
-            None => (Vec::new(), 0, true, false),
+            None => (Arc::from(Vec::new()), 0, true, false),
         };
         // Multiset differences, keeping each side's order.
         let mut remaining: HashMap<&[u8], usize> = HashMap::new();
@@ -130,14 +131,14 @@ impl RankedState {
             *remaining.entry(r.as_ref()).or_default() += 1;
         }
         let mut left = Vec::new();
-        for r in &before {
+        for r in before.iter() {
             match remaining.get_mut(r.as_ref()) {
                 Some(n) if *n > 0 => *n -= 1,
                 _ => left.push(r.clone()),
             }
         }
         let mut stayed: HashMap<&[u8], usize> = HashMap::new();
-        for r in &before {
+        for r in before.iter() {
             *stayed.entry(r.as_ref()).or_default() += 1;
         }
         let mut entered: Vec<u32> = Vec::new();
@@ -158,7 +159,7 @@ impl RankedState {
             &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(count)),
         )?;
         if left.num_rows() > 0 || entered.num_rows() > 0 {
-            self.published.insert(end, (now, revision, is_final));
+            self.published.insert(end, (now.into(), revision, is_final));
         }
         Ok(Ranked {
             left,
@@ -208,21 +209,14 @@ impl RankedState {
             ..Default::default()
         };
         out.nest("rows", self.rows.snapshot()?);
-        let (mut ends, mut rows) = (vec![], vec![]);
-        for (end, (published, _, _)) in &self.published {
-            for r in published {
-                ends.push(*end);
-                rows.push(r.as_ref());
-            }
-        }
-        if !rows.is_empty() {
-            out.tables.insert(
-                "published".into(),
-                table(vec![
-                    ("end".into(), std::sync::Arc::new(Int64Array::from(ends))),
-                    ("row".into(), std::sync::Arc::new(BinaryArray::from(rows))),
-                ])?,
-            );
+        if self.published.values().any(|(rows, _, _)| !rows.is_empty()) {
+            let taken = self
+                .published
+                .iter()
+                .map(|(end, (rows, _, _))| (*end, rows.clone()))
+                .collect();
+            out.deferred
+                .insert("published".into(), Arc::new(TakenPublished(taken)));
         }
         Ok(out)
     }
@@ -231,19 +225,45 @@ impl RankedState {
     pub fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()> {
         self.rows.restore(&snapshot.nested("rows"))?;
         let windows: Vec<(i64, u32, bool)> = meta_field(&snapshot.meta, "windows")?;
-        self.published = windows
-            .into_iter()
-            .map(|(end, revision, was_final)| (end, (Vec::new(), revision, was_final)))
-            .collect();
+        let mut rows_of: BTreeMap<i64, Vec<Box<[u8]>>> = BTreeMap::new();
         if let Some(published) = snapshot.tables.get("published") {
             let ends = typed::<Int64Array>(column(published, "end")?, "end")?;
             let rows = typed::<BinaryArray>(column(published, "row")?, "row")?;
             for r in 0..published.num_rows() {
-                if let Some((rows_of, _, _)) = self.published.get_mut(&ends.value(r)) {
-                    rows_of.push(rows.value(r).into());
-                }
+                rows_of
+                    .entry(ends.value(r))
+                    .or_default()
+                    .push(rows.value(r).into());
             }
         }
+        self.published = windows
+            .into_iter()
+            .map(|(end, revision, was_final)| {
+                let rows = rows_of.remove(&end).unwrap_or_default();
+                (end, (rows.into(), revision, was_final))
+            })
+            .collect();
         Ok(())
+    }
+}
+
+/// The `published` table of a [`RankedState::snapshot`]: per window end, the rows it last
+/// published, as the snapshot took them.
+#[derive(Debug)]
+struct TakenPublished(Vec<(i64, Arc<[Box<[u8]>]>)>);
+
+impl DeferredTable for TakenPublished {
+    fn compute(&self) -> crate::Result<RecordBatch> {
+        let (mut ends, mut rows) = (vec![], vec![]);
+        for (end, published) in &self.0 {
+            for r in published.iter() {
+                ends.push(*end);
+                rows.push(r.as_ref());
+            }
+        }
+        table(vec![
+            ("end".into(), Arc::new(Int64Array::from(ends))),
+            ("row".into(), Arc::new(BinaryArray::from(rows))),
+        ])
     }
 }

@@ -38,7 +38,7 @@
 //! the table itself if the writer has not yet; more than [`MAX_WAITING`] waiting updates
 //! make the query wait for the reading (or do it) before catching up as usual.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::RangeBounds;
 use std::sync::{Arc, Mutex, TryLockError};
 
@@ -58,6 +58,7 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use urbanstream_operators::window::{WindowSpec, window_fields};
 
 use crate::checkpoint::{DeferredTable, StateSnapshot, column, table, typed};
+use crate::state::layered::{Layered, Shared};
 
 /// The aggregation a windowed query performs, taken from DataFusion's physical plan.
 #[derive(Debug, Clone)]
@@ -260,8 +261,10 @@ struct Pane {
     accumulators: Vec<Box<dyn GroupsAccumulator>>,
     /// Over a changelog: the pane's input rows (row-encoded) with their multiplicity, in
     /// byte order, so that a window's rows reach the accumulators in the same order every
-    /// time (floating-point sums, unordered `first_value` give the same value again).
-    rows: BTreeMap<Box<[u8]>, u64>,
+    /// time (floating-point sums, unordered `first_value` give the same value again). A
+    /// persistent map: a checkpoint takes it in O(1) and reads it out on its own thread while
+    /// the query goes on changing it (copying only the nodes it changes meanwhile).
+    rows: imbl::OrdMap<Box<[u8]>, u64>,
     /// Step of the last update, per group.
     updated: Vec<u64>,
     /// Step of the last update of any group.
@@ -373,16 +376,105 @@ impl DeferredTable for PanesTable {
     }
 }
 
+/// The `rows` table of a snapshot over a changelog: each pane's rows as the snapshot took
+/// them, per pane a row without one that carries the pane's last update (so that an emptied
+/// pane still counts as changed), then its rows in byte order.
+#[derive(Debug)]
+struct TakenRows(Vec<(i64, u64, imbl::OrdMap<Box<[u8]>, u64>)>);
+
+impl DeferredTable for TakenRows {
+    fn compute(&self) -> crate::Result<RecordBatch> {
+        let n = self.0.iter().map(|(_, _, rows)| rows.len() + 1).sum();
+        let (mut pane_starts, mut updates, mut rows, mut counts) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (start, last_update, held) in &self.0 {
+            pane_starts.push(*start);
+            updates.push(*last_update);
+            rows.push(None);
+            counts.push(0u64);
+            for (row, n) in held {
+                pane_starts.push(*start);
+                updates.push(*last_update);
+                rows.push(Some(row.as_ref()));
+                counts.push(*n);
+            }
+        }
+        table(vec![
+            ("pane_start".into(), Arc::new(Int64Array::from(pane_starts))),
+            ("last_update".into(), Arc::new(UInt64Array::from(updates))),
+            ("row".into(), Arc::new(BinaryArray::from(rows))),
+            ("count".into(), Arc::new(UInt64Array::from(counts))),
+        ])
+    }
+}
+
+/// A live window's emission bookkeeping as a snapshot took it.
+#[derive(Debug)]
+struct TakenWindow {
+    end: i64,
+    start: i64,
+    emitted_at: Option<u64>,
+    final_fired: bool,
+    revisions: Shared<Box<[u8]>, u32>,
+    published: Shared<Box<[u8]>, Box<[u8]>>,
+}
+
+/// The `windows` table of a snapshot: per live window a row without a key (its emission
+/// bookkeeping), then per emitted group its revision count and, over a changelog, the values
+/// it last published.
+#[derive(Debug)]
+struct TakenWindows(Vec<TakenWindow>);
+
+impl DeferredTable for TakenWindows {
+    fn compute(&self) -> crate::Result<RecordBatch> {
+        let (mut ends, mut starts, mut emitted, mut fired, mut keys, mut revisions) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let mut published: Vec<Option<&[u8]>> = Vec::new();
+        for w in &self.0 {
+            ends.push(w.end);
+            starts.push(w.start);
+            emitted.push(w.emitted_at);
+            fired.push(w.final_fired);
+            keys.push(None);
+            revisions.push(None);
+            published.push(None);
+            for (key, count) in w.revisions.iter() {
+                ends.push(w.end);
+                starts.push(w.start);
+                emitted.push(None);
+                fired.push(false);
+                keys.push(Some(key.as_ref()));
+                revisions.push(Some(*count));
+                published.push(w.published.get(key).map(|v| v.as_ref()));
+            }
+        }
+        table(vec![
+            ("end".into(), Arc::new(Int64Array::from(ends))),
+            ("start".into(), Arc::new(Int64Array::from(starts))),
+            ("emitted_at".into(), Arc::new(UInt64Array::from(emitted))),
+            ("final_fired".into(), Arc::new(BooleanArray::from(fired))),
+            ("key".into(), Arc::new(BinaryArray::from(keys))),
+            ("revisions".into(), Arc::new(UInt32Array::from(revisions))),
+            ("published".into(), Arc::new(BinaryArray::from(published))),
+        ])
+    }
+}
+
 #[derive(Debug, Default)]
 struct WindowMeta {
     /// Step of the last emission, if any.
     emitted_at: Option<u64>,
     final_fired: bool,
-    /// Emissions so far per group key (row-encoded).
-    revisions: HashMap<Box<[u8]>, u32>,
+    /// Emissions so far per group key (row-encoded). Layered, as is `published`: a
+    /// checkpoint takes both in O(1) and reads them out on its own thread.
+    revisions: Layered<Box<[u8]>, u32>,
     /// Over a changelog: per group key, the values it last published (row-encoded output
     /// columns but the window), which a retraction carries.
-    published: HashMap<Box<[u8]>, Box<[u8]>>,
+    published: Layered<Box<[u8]>, Box<[u8]>>,
 }
 
 /// Over a changelog input: how rows are kept and outputs compared.
@@ -813,7 +905,7 @@ impl WindowOperator {
         Ok(Pane {
             groups: new_group_values(self.intern_schema.clone(), &GroupOrdering::None)?,
             accumulators: self.spec.new_accumulators()?,
-            rows: BTreeMap::new(),
+            rows: imbl::OrdMap::new(),
             updated: Vec::new(),
             last_update: 0,
         })
@@ -834,8 +926,13 @@ impl WindowOperator {
     /// last emission. Then frees windows past their allowed lateness and panes no live window
     /// needs.
     pub fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>> {
-        // Once a micro-batch (after its updates): lent panes read out come back, catching up.
+        // Once a micro-batch (after its updates): lent panes read out come back, catching up,
+        // and the emission bookkeeping changed while a checkpoint held it is folded back.
         self.take_back(.., false)?;
+        for meta in self.windows.values_mut() {
+            meta.revisions.settle(Layered::<Box<[u8]>, u32>::SETTLE);
+            meta.published.settle(Layered::<Box<[u8]>, u32>::SETTLE);
+        }
         self.watermark = self.watermark.max(watermark);
         let mut out = Vec::new();
         let keys: Vec<(i64, i64)> = self.windows.keys().copied().collect();
@@ -955,7 +1052,7 @@ impl WindowOperator {
         };
         let mut revisions = Vec::with_capacity(batch.num_rows());
         for row in rows.iter() {
-            let count = meta.revisions.entry(row.as_ref().into()).or_insert(0);
+            let count = meta.revisions.get_or_insert_with(row.as_ref().into(), || 0);
             revisions.push(*count);
             *count += 1;
         }
@@ -1048,24 +1145,27 @@ impl WindowOperator {
             keep.push(all || changed);
             if all || changed {
                 meta.published.insert(key.into(), value.into());
-                let count = meta.revisions.entry(key.into()).or_insert(0);
+                let count = meta.revisions.get_or_insert_with(key.into(), || 0);
                 revisions.push(*count);
                 *count += 1;
             }
         }
-        // Groups published earlier with no rows left: withdrawn, with their last values.
-        let gone: Vec<Box<[u8]>> = meta
+        // Groups published earlier with no rows left: withdrawn, with their last values, in
+        // key order (the same every run).
+        let mut gone: Vec<Box<[u8]>> = meta
             .published
-            .keys()
+            .iter()
+            .map(|(k, _)| k)
             .filter(|k| !present.contains(k.as_ref()))
             .cloned()
             .collect();
+        gone.sort_unstable();
         let mut withdrawn = Vec::with_capacity(gone.len());
         let mut retract_revisions = Vec::with_capacity(gone.len());
         for key in &gone {
             if let Some(value) = meta.published.remove(key) {
                 withdrawn.push(value);
-                let count = meta.revisions.entry(key.clone()).or_insert(0);
+                let count = meta.revisions.get_or_insert_with(key.clone(), || 0);
                 retract_revisions.push(*count);
                 *count += 1;
             }
@@ -1164,8 +1264,8 @@ impl WindowOperator {
             .values()
             .map(|w| {
                 std::mem::size_of::<WindowMeta>()
-                    + w.revisions.capacity() * (std::mem::size_of::<(Box<[u8]>, u32)>() + 8)
-                    + w.revisions.keys().map(|k| k.len()).sum::<usize>()
+                    + w.revisions.len() * (std::mem::size_of::<(Box<[u8]>, u32)>() + 8)
+                    + w.revisions.iter().map(|(k, _)| k.len()).sum::<usize>()
                     + w.published
                         .iter()
                         .map(|(k, v)| k.len() + v.len() + 32)
@@ -1355,69 +1455,31 @@ impl WindowOperator {
             out.deferred
                 .insert("panes".into(), Arc::new(PanesTable(loans)));
         }
-        if self.recompute.is_some() {
-            // Over a changelog: each pane's rows, after a row without one that carries the
-            // pane's last update (so that an emptied pane still counts as changed).
-            let (mut pane_starts, mut updates, mut rows, mut counts) =
-                (vec![], vec![], vec![], vec![]);
-            for (start, pane) in &self.panes {
-                pane_starts.push(*start);
-                updates.push(pane.last_update);
-                rows.push(None);
-                counts.push(0u64);
-                for (row, n) in &pane.rows {
-                    pane_starts.push(*start);
-                    updates.push(pane.last_update);
-                    rows.push(Some(row.as_ref()));
-                    counts.push(*n);
-                }
-            }
-            if !pane_starts.is_empty() {
-                out.tables.insert(
-                    "rows".into(),
-                    table(vec![
-                        ("pane_start".into(), Arc::new(Int64Array::from(pane_starts))),
-                        ("last_update".into(), Arc::new(UInt64Array::from(updates))),
-                        ("row".into(), Arc::new(BinaryArray::from(rows))),
-                        ("count".into(), Arc::new(UInt64Array::from(counts))),
-                    ])?,
-                );
-            }
+        if self.recompute.is_some() && !self.panes.is_empty() {
+            // Over a changelog: each pane's rows, taken as they are now (O(1) a pane).
+            let panes = self
+                .panes
+                .iter()
+                .map(|(start, pane)| (*start, pane.last_update, pane.rows.clone()))
+                .collect();
+            out.deferred
+                .insert("rows".into(), Arc::new(TakenRows(panes)));
         }
-        let (mut ends, mut starts, mut emitted, mut fired, mut keys, mut revisions) =
-            (vec![], vec![], vec![], vec![], vec![], vec![]);
-        let mut published: Vec<Option<&[u8]>> = Vec::new();
-        for ((end, start), meta) in &self.windows {
-            ends.push(*end);
-            starts.push(*start);
-            emitted.push(meta.emitted_at);
-            fired.push(meta.final_fired);
-            keys.push(None);
-            revisions.push(None);
-            published.push(None);
-            for (key, count) in &meta.revisions {
-                ends.push(*end);
-                starts.push(*start);
-                emitted.push(None);
-                fired.push(false);
-                keys.push(Some(key.as_ref()));
-                revisions.push(Some(*count));
-                published.push(meta.published.get(key).map(|v| v.as_ref()));
-            }
-        }
-        if !ends.is_empty() {
-            out.tables.insert(
-                "windows".into(),
-                table(vec![
-                    ("end".into(), Arc::new(Int64Array::from(ends))),
-                    ("start".into(), Arc::new(Int64Array::from(starts))),
-                    ("emitted_at".into(), Arc::new(UInt64Array::from(emitted))),
-                    ("final_fired".into(), Arc::new(BooleanArray::from(fired))),
-                    ("key".into(), Arc::new(BinaryArray::from(keys))),
-                    ("revisions".into(), Arc::new(UInt32Array::from(revisions))),
-                    ("published".into(), Arc::new(BinaryArray::from(published))),
-                ])?,
-            );
+        if !self.windows.is_empty() {
+            let windows = self
+                .windows
+                .iter_mut()
+                .map(|((end, start), meta)| TakenWindow {
+                    end: *end,
+                    start: *start,
+                    emitted_at: meta.emitted_at,
+                    final_fired: meta.final_fired,
+                    revisions: meta.revisions.share(),
+                    published: meta.published.share(),
+                })
+                .collect();
+            out.deferred
+                .insert("windows".into(), Arc::new(TakenWindows(windows)));
         }
         out.meta = serde_json::to_value(WindowMetaSnapshot {
             evicted_through: self.evicted_through,
