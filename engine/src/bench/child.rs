@@ -150,8 +150,6 @@ pub struct EngineStats {
 /// CPU time (user + system) of each thread of this process, seconds, summed by thread name
 /// with digits removed (Linux `/proc`; empty elsewhere).
 fn thread_cpu() -> BTreeMap<String, f64> {
-    // /proc reports in clock ticks of USER_HZ, which Linux fixes at 100 per second.
-    const TICKS_PER_SECOND: f64 = 100.0;
     let mut out = BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return out;
@@ -160,22 +158,28 @@ fn thread_cpu() -> BTreeMap<String, f64> {
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
             continue;
         };
-        // "tid (name) state ppid …": the name may hold spaces, so split at the last ')'.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name: String = stat[open + 1..close]
-            .chars()
-            .filter(|c| !c.is_ascii_digit())
-            .collect();
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        // After the name: state is field 3 of stat(5), utime 14 and stime 15.
-        let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
-        if let (Some(u), Some(s)) = (ticks(14), ticks(15)) {
-            *out.entry(name).or_insert(0.0) += (u + s) / TICKS_PER_SECOND;
+        if let Some((name, seconds)) = stat_cpu(&stat) {
+            let name: String = name.chars().filter(|c| !c.is_ascii_digit()).collect();
+            *out.entry(name).or_insert(0.0) += seconds;
         }
     }
     out
+}
+
+/// The name and CPU time (user + system, seconds) in a `/proc/…/stat` line of a process or
+/// thread.
+pub(super) fn stat_cpu(stat: &str) -> Option<(&str, f64)> {
+    // /proc reports in clock ticks of USER_HZ, which Linux fixes at 100 per second.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    // "tid (name) state ppid …": the name may hold spaces, so split at the last ')'.
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    // After the name: state is field 3 of stat(5), utime 14 and stime 15.
+    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+    Some((
+        &stat[open + 1..close],
+        (ticks(14)? + ticks(15)?) / TICKS_PER_SECOND,
+    ))
 }
 
 /// CPU time (user + system) of this process so far, seconds, and its peak RSS in bytes.

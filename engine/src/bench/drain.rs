@@ -8,7 +8,8 @@
 //! from the reader's first record to its `N`-th, so the consumer group's join is not counted;
 //! the engine's CPU time is measured over the same interval. The engine's figure against the
 //! plain consumer's in the same run is the ratio that matters: both go through the same broker
-//! on the same machine at the same time.
+//! on the same machine at the same time. With `--peer arkflow` a second stream engine takes
+//! its turn too, after the plain consumer ([`peer`]).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -18,14 +19,36 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::report::{Machine, broker_name, by_thread};
-use super::{BenchArgs, Cluster, ConsumerKind, StepTopics, Workload, child, load};
+use super::{BenchArgs, Cluster, StepTopics, Workload, child, load, peer};
 use crate::error::{Error, Result};
+
+/// Who drains the backlog in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reader {
+    /// urbanstream, in a child process, running the bench query.
+    Engine,
+    /// A plain consumer: the broker's and librdkafka's ceiling.
+    Plain,
+    /// The peer engine of `--peer` (ArkFlow), in a process of its own.
+    Peer,
+}
+
+impl Reader {
+    fn name(self) -> &'static str {
+        match self {
+            Reader::Engine => "engine",
+            Reader::Plain => "plain",
+            Reader::Peer => "arkflow",
+        }
+    }
+}
 
 /// One reader's drain of the backlog.
 #[derive(Debug, Clone, Serialize)]
 pub struct DrainRun {
-    /// `engine` or `plain`.
-    pub reader: ConsumerKind,
+    /// Who read.
+    pub reader: Reader,
     /// Records counted between the first and the last.
     pub records: u64,
     /// Seconds from the first record read to the last.
@@ -40,6 +63,9 @@ pub struct DrainRun {
     pub cpu_us_per_event_by_thread: std::collections::BTreeMap<String, f64>,
     /// Records the engine dead-lettered and events it found late (none are expected).
     pub dlq_late: Option<(u64, u64)>,
+    /// Records of the backlog the peer's output did not account for when it went quiet
+    /// (the rows its batch processor still held).
+    pub unaccounted: Option<u64>,
 }
 
 /// The drain report: the backlog, then each run in the order they ran.
@@ -53,21 +79,30 @@ pub struct DrainReport {
     pub backlog: u64,
     /// Seconds the backlog took to produce.
     pub produce_seconds: f64,
-    /// The runs, alternating engine and plain consumer.
+    /// The runs, alternating engine, plain consumer and (with `--peer`) the peer.
     pub runs: Vec<DrainRun>,
 }
 
 impl DrainReport {
     /// The median rate of one reader's runs.
-    pub fn median_rate(&self, reader: ConsumerKind) -> Option<f64> {
-        let mut rates: Vec<f64> = self
+    pub fn median_rate(&self, reader: Reader) -> Option<f64> {
+        self.median(reader, |r| Some(r.rate))
+    }
+
+    /// The median CPU time per event of one reader's runs, µs.
+    pub fn median_cpu(&self, reader: Reader) -> Option<f64> {
+        self.median(reader, |r| r.cpu_us_per_event)
+    }
+
+    fn median(&self, reader: Reader, value: impl Fn(&DrainRun) -> Option<f64>) -> Option<f64> {
+        let mut values: Vec<f64> = self
             .runs
             .iter()
             .filter(|r| r.reader == reader)
-            .map(|r| r.rate)
+            .filter_map(value)
             .collect();
-        rates.sort_by(f64::total_cmp);
-        rates.get(rates.len() / 2).copied()
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied()
     }
 
     /// The report as text.
@@ -103,10 +138,7 @@ impl DrainReport {
                 s,
                 "{:>3} {:>7} {:>10} {:>8.2} {:>11.0} {:>7} {:>7}",
                 i + 1,
-                match r.reader {
-                    ConsumerKind::Engine => "engine",
-                    ConsumerKind::Plain => "plain",
-                },
+                r.reader.name(),
                 r.records,
                 r.seconds,
                 r.rate,
@@ -116,20 +148,48 @@ impl DrainReport {
             if let Some((dlq, late)) = r.dlq_late.filter(|&(d, l)| d + l > 0) {
                 let _ = writeln!(s, "{:>11} {dlq} records dead-lettered, {late} late", "");
             }
+            if let Some(n) = r.unaccounted.filter(|&n| n > 0) {
+                let _ = writeln!(
+                    s,
+                    "{:>11} {n} records of the backlog not in its output (held in its last batch)",
+                    ""
+                );
+            }
             if !r.cpu_us_per_event_by_thread.is_empty() {
                 let by = by_thread(&r.cpu_us_per_event_by_thread);
                 let _ = writeln!(s, "{:>11} CPU µs/event by thread: {by}", "");
             }
         }
         if let (Some(e), Some(p)) = (
-            self.median_rate(ConsumerKind::Engine),
-            self.median_rate(ConsumerKind::Plain),
+            self.median_rate(Reader::Engine),
+            self.median_rate(Reader::Plain),
         ) {
             let _ = writeln!(
                 s,
                 "\nmedian drain rate: engine {e:.0}/s, plain consumer {p:.0}/s: the engine at {:.0} % \
                  of the plain consumer",
                 100.0 * e / p.max(1e-9)
+            );
+        }
+        if let (Some(e), Some(p)) = (
+            self.median_rate(Reader::Engine),
+            self.median_rate(Reader::Peer),
+        ) {
+            let _ = writeln!(
+                s,
+                "median drain rate: arkflow {p:.0}/s, the engine {:.2}× its rate",
+                e / p.max(1e-9)
+            );
+        }
+        if let (Some(e), Some(p)) = (
+            self.median_cpu(Reader::Engine),
+            self.median_cpu(Reader::Peer),
+        ) {
+            let _ = writeln!(
+                s,
+                "median CPU per event: engine {e:.2} µs, arkflow {p:.2} µs: arkflow spends {:.1}× \
+                 the engine's",
+                p / e.max(1e-9)
             );
         }
         s
@@ -181,16 +241,25 @@ pub(super) async fn run(
         runs: Vec::new(),
     };
     for i in 0..args.runs {
-        for reader in [ConsumerKind::Engine, ConsumerKind::Plain] {
+        let peer = args.peer.map(|_| Reader::Peer);
+        for reader in [Reader::Engine, Reader::Plain].into_iter().chain(peer) {
             // Each engine run writes to topics of its own (and its group is named after them).
             let mut topics = StepTopics::new(run_id, i + 1);
             topics.input = base.input.clone();
             let run = match reader {
-                ConsumerKind::Engine => {
+                Reader::Engine => {
                     cluster.create(&topics.all()[1..], args.partitions).await?;
                     drain_engine(args, &brokers, &topics, expect).await?
                 }
-                ConsumerKind::Plain => drain_plain(args, &brokers, &topics.input, expect).await?,
+                Reader::Plain => drain_plain(args, &brokers, &topics.input, expect).await?,
+                Reader::Peer => {
+                    // Not the engine's output of the same run.
+                    topics.output.push_str(".arkflow");
+                    cluster
+                        .create(std::slice::from_ref(&topics.output), args.partitions)
+                        .await?;
+                    peer::drain(args, &brokers, &topics, expect).await?
+                }
             };
             eprintln!(
                 "run {}: {:?} drained {} records in {:.2} s",
@@ -249,7 +318,7 @@ async fn drain_engine(
     }
     let per_event = |secs: f64| secs * 1e6 / records as f64;
     Ok(DrainRun {
-        reader: ConsumerKind::Engine,
+        reader: Reader::Engine,
         records,
         seconds: stats.marked_seconds,
         rate: records as f64 / stats.marked_seconds,
@@ -261,6 +330,7 @@ async fn drain_engine(
             .map(|(k, v)| (k.clone(), per_event(*v)))
             .collect(),
         dlq_late: Some((stats.dlq, stats.late)),
+        unaccounted: None,
     })
 }
 
@@ -311,7 +381,7 @@ async fn drain_plain(
     // The first record opens the interval; the rest are counted in it, as for the engine.
     let records = received.rows - 1;
     Ok(DrainRun {
-        reader: ConsumerKind::Plain,
+        reader: Reader::Plain,
         records,
         seconds,
         rate: records as f64 / seconds,
@@ -319,5 +389,6 @@ async fn drain_plain(
         cores: None,
         cpu_us_per_event_by_thread: Default::default(),
         dlq_late: None,
+        unaccounted: None,
     })
 }

@@ -28,6 +28,7 @@
 pub mod child;
 pub mod drain;
 pub mod load;
+pub mod peer;
 pub mod report;
 
 use std::path::PathBuf;
@@ -60,6 +61,14 @@ pub enum ConsumerKind {
     Engine,
     /// A plain Kafka consumer of the input topic: the broker's own ceiling.
     Plain,
+}
+
+/// A second stream engine that drains the backlog beside urbanstream (`--peer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerEngine {
+    /// ArkFlow (crates.io `arkflow` 0.1.0; `scripts/install-bench-peer.sh` installs it).
+    Arkflow,
 }
 
 /// Options of `bench`.
@@ -147,6 +156,21 @@ pub struct BenchArgs {
     /// With --backlog: how many times each reader drains it, alternating.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// With --backlog: a second stream engine drains the backlog too, in turns with the
+    /// engine and the plain consumer, through the same broker; its CPU time per event is
+    /// reported beside the engine's.
+    #[arg(long, value_enum)]
+    pub peer: Option<PeerEngine>,
+    /// The peer's binary.
+    #[arg(long, default_value = "target/tools/arkflow/bin/arkflow")]
+    pub peer_binary: PathBuf,
+    /// Rows the peer aggregates at a time (ArkFlow's batch processor; it keeps no state
+    /// between batches).
+    #[arg(long, default_value_t = 10_000)]
+    pub peer_batch: usize,
+    /// The peer's worker threads; default: one per CPU.
+    #[arg(long)]
+    pub peer_threads: Option<usize>,
     /// Beside the engine, a plain consumer of the input records each event's latency (due
     /// time → received) in the same run: where the engine's latency has stalls, this tells
     /// whether the events were late out of the broker for any reader or only for the engine.
@@ -312,6 +336,12 @@ fn validate(args: &BenchArgs) -> Result<()> {
     }
     if args.backlog.is_some() && args.runs == 0 {
         return bad("--runs must be at least 1");
+    }
+    if args.peer.is_some() && args.backlog.is_none() {
+        return bad("--peer takes turns draining a backlog: give --backlog N too");
+    }
+    if args.peer_batch == 0 || args.peer_threads == Some(0) {
+        return bad("--peer-batch and --peer-threads must be at least 1");
     }
     if args.sweep && args.sweep_factor <= 1.0 {
         return bad("--sweep-factor must be above 1");

@@ -7,6 +7,7 @@
 //! micro-batch pays for every change made while a checkpoint was read out.
 
 use std::borrow::Borrow;
+use std::collections::BTreeMap;
 use std::hash::Hash;
 use std::sync::Arc;
 
@@ -296,6 +297,245 @@ fn fold<K: Eq + Hash, V>(
     }
 }
 
+/// A multiset in key order (each key with a count) that a checkpoint takes whole at once
+/// while the query goes on changing it, as [`Layered`] does for a map: while a reader holds
+/// the shared map, a change waits in front of it as a difference of the key's count, and
+/// reading merges the two in key order. Only the keys changed meanwhile are copied, however
+/// the changes spread over the keys.
+#[derive(Debug)]
+pub struct LayeredCounts<K> {
+    /// Keys with a count of at least one, shared with the readers of the last
+    /// [`LayeredCounts::share`] while they hold it.
+    base: Arc<BTreeMap<K, u64>>,
+    /// Changes of a key's count made while `base` was shared, not yet folded into it.
+    deltas: BTreeMap<K, i64>,
+    /// Keys with a count of at least one.
+    len: usize,
+}
+
+impl<K> Default for LayeredCounts<K> {
+    fn default() -> Self {
+        Self {
+            base: Arc::default(),
+            deltas: BTreeMap::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<K: Ord + Clone> LayeredCounts<K> {
+    /// Keys with a count of at least one.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no key is counted.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Changes not yet folded into the shared map.
+    pub fn unsettled(&self) -> usize {
+        self.deltas.len()
+    }
+
+    /// The count of `key`.
+    pub fn count<Q>(&self, key: &Q) -> u64
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        let held = self.base.get(key).copied().unwrap_or(0);
+        let delta = self.deltas.get(key).copied().unwrap_or(0);
+        held.saturating_add_signed(delta)
+    }
+
+    /// Counts `key` once more.
+    pub fn add<Q>(&mut self, key: &Q)
+    where
+        K: Borrow<Q> + From<Q::Owned>,
+        Q: Ord + ToOwned + ?Sized,
+    {
+        let new = if let Some(base) = self.unshared_base(key) {
+            // One walk of the tree: a key counted once more is most often a new one.
+            let n = base.entry(K::from(key.to_owned())).or_insert(0);
+            *n += 1;
+            *n == 1
+        } else {
+            let new = self.count(key) == 0;
+            self.change(key, 1);
+            new
+        };
+        if new {
+            self.len += 1;
+        }
+    }
+
+    /// Counts `key` once less; false when it was not counted.
+    pub fn remove_one<Q>(&mut self, key: &Q) -> bool
+    where
+        K: Borrow<Q> + From<Q::Owned>,
+        Q: Ord + ToOwned + ?Sized,
+    {
+        let gone = if let Some(base) = self.unshared_base(key) {
+            // One walk of the tree when the key goes, as it most often does.
+            match base.remove_entry(key) {
+                None => return false,
+                Some((k, n)) if n > 1 => {
+                    base.insert(k, n - 1);
+                    false
+                }
+                Some(_) => true,
+            }
+        } else {
+            match self.count(key) {
+                0 => return false,
+                n => {
+                    self.change(key, -1);
+                    n == 1
+                }
+            }
+        };
+        if gone {
+            self.len -= 1;
+        }
+        true
+    }
+
+    /// The map to change `key` in directly when no reader holds it, with the change waiting
+    /// for `key` folded in first.
+    fn unshared_base<Q>(&mut self, key: &Q) -> Option<&mut BTreeMap<K, u64>>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        let base = Arc::get_mut(&mut self.base)?;
+        if !self.deltas.is_empty()
+            && let Some((k, delta)) = self.deltas.remove_entry(key)
+        {
+            fold_count(base, k, delta);
+        }
+        Some(base)
+    }
+
+    fn change<Q>(&mut self, key: &Q, by: i64)
+    where
+        K: Borrow<Q> + From<Q::Owned>,
+        Q: Ord + ToOwned + ?Sized,
+    {
+        match self.deltas.get_mut(key) {
+            Some(d) => *d += by,
+            None => {
+                self.deltas.insert(K::from(key.to_owned()), by);
+            }
+        }
+    }
+
+    /// Sets the count of `key` (at least one), as restoring a checkpoint does.
+    pub fn insert(&mut self, key: K, count: u64) {
+        if count == 0 {
+            return;
+        }
+        if self.count(&key) == 0 {
+            self.len += 1;
+        }
+        self.deltas.remove(&key);
+        Arc::make_mut(&mut self.base).insert(key, count);
+    }
+
+    /// Every key with its count, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, u64)> {
+        let mut base = self.base.iter().peekable();
+        let mut deltas = self.deltas.iter().peekable();
+        std::iter::from_fn(move || {
+            loop {
+                let next = match (base.peek(), deltas.peek()) {
+                    (None, None) => return None,
+                    (Some(_), None) => base.next().map(|(k, n)| (k, *n)),
+                    (None, Some(_)) => deltas
+                        .next()
+                        .map(|(k, d)| (k, 0u64.saturating_add_signed(*d))),
+                    (Some((bk, _)), Some((dk, _))) => match bk.cmp(dk) {
+                        std::cmp::Ordering::Less => base.next().map(|(k, n)| (k, *n)),
+                        std::cmp::Ordering::Greater => deltas
+                            .next()
+                            .map(|(k, d)| (k, 0u64.saturating_add_signed(*d))),
+                        std::cmp::Ordering::Equal => {
+                            let (k, n) = base.next()?;
+                            let (_, d) = deltas.next()?;
+                            Some((k, n.saturating_add_signed(*d)))
+                        }
+                    },
+                };
+                match next {
+                    Some((_, 0)) => continue,
+                    other => return other,
+                }
+            }
+        })
+    }
+
+    /// Drops every key.
+    pub fn clear(&mut self) {
+        self.deltas.clear();
+        match Arc::get_mut(&mut self.base) {
+            Some(base) => base.clear(),
+            None => self.base = Arc::default(),
+        }
+        self.len = 0;
+    }
+
+    /// Folds up to `n` changes into the map they were made in front of, once no reader holds
+    /// it any more; returns the changes still waiting.
+    pub fn settle(&mut self, n: usize) -> usize {
+        if self.deltas.is_empty() {
+            return 0;
+        }
+        let Some(base) = Arc::get_mut(&mut self.base) else {
+            return self.deltas.len();
+        };
+        for _ in 0..n {
+            let Some((k, delta)) = self.deltas.pop_first() else {
+                break;
+            };
+            fold_count(base, k, delta);
+        }
+        self.deltas.len()
+    }
+
+    /// The counts as they are now, shared: O(1) when the changes have been folded into a map
+    /// no reader holds any more. Otherwise they are folded in now, into a copy when a reader
+    /// of an earlier share still holds the map.
+    pub fn share(&mut self) -> Arc<BTreeMap<K, u64>> {
+        if !self.deltas.is_empty() {
+            let base = Arc::make_mut(&mut self.base);
+            for (k, delta) in std::mem::take(&mut self.deltas) {
+                fold_count(base, k, delta);
+            }
+        }
+        Arc::clone(&self.base)
+    }
+}
+
+/// Applies a change of `delta` to the count of `key` in `base`.
+fn fold_count<K: Ord>(base: &mut BTreeMap<K, u64>, key: K, delta: i64) {
+    match base.entry(key) {
+        std::collections::btree_map::Entry::Occupied(mut held) => {
+            match held.get().saturating_add_signed(delta) {
+                0 => {
+                    held.remove();
+                }
+                n => *held.get_mut() = n,
+            }
+        }
+        std::collections::btree_map::Entry::Vacant(free) => {
+            if delta > 0 {
+                free.insert(delta.unsigned_abs());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,6 +639,128 @@ mod tests {
             prop_assert_eq!(layered.unsettled(), 0);
             prop_assert_eq!(&*layered.share(), &model);
         }
+    }
+
+    #[derive(Debug, Clone)]
+    enum CountOp {
+        Add(u8),
+        RemoveOne(u8),
+        Insert(u8, u64),
+        Clear,
+        /// Shares the counts with a reader, who holds them for this many operations.
+        Share(u8),
+        Settle(u8),
+    }
+
+    fn count_op() -> impl Strategy<Value = CountOp> {
+        prop_oneof![
+            6 => (0u8..24).prop_map(CountOp::Add),
+            5 => (0u8..24).prop_map(CountOp::RemoveOne),
+            1 => (0u8..24, 1u64..4).prop_map(|(k, n)| CountOp::Insert(k, n)),
+            1 => Just(CountOp::Clear),
+            2 => (0u8..12).prop_map(CountOp::Share),
+            2 => (0u8..8).prop_map(CountOp::Settle),
+        ]
+    }
+
+    /// A share of counts still held: what they were when taken, the share, and for how many
+    /// more operations it is held.
+    type CountReader = (BTreeMap<u8, u64>, Arc<BTreeMap<u8, u64>>, u8);
+
+    proptest! {
+        /// The counts read as a plain ordered map of counts given the same operations,
+        /// whenever they are shared and settled, in key order; each share holds the counts
+        /// as they were when taken for as long as it is held.
+        #[test]
+        fn layered_counts_read_as_plain_counts_in_order_and_shares_read_as_taken(
+            ops in proptest::collection::vec(count_op(), 1..160),
+        ) {
+            let mut layered: LayeredCounts<u8> = LayeredCounts::default();
+            let mut model: BTreeMap<u8, u64> = BTreeMap::new();
+            let mut readers: Vec<CountReader> = Vec::new();
+            for op in ops {
+                match op {
+                    CountOp::Add(k) => {
+                        layered.add(&k);
+                        *model.entry(k).or_insert(0) += 1;
+                    }
+                    CountOp::RemoveOne(k) => {
+                        let held = model.get(&k).copied().unwrap_or(0);
+                        prop_assert_eq!(layered.remove_one(&k), held > 0);
+                        match held {
+                            0 => {}
+                            1 => {
+                                model.remove(&k);
+                            }
+                            _ => {
+                                model.insert(k, held - 1);
+                            }
+                        }
+                    }
+                    CountOp::Insert(k, n) => {
+                        layered.insert(k, n);
+                        model.insert(k, n);
+                    }
+                    CountOp::Clear => {
+                        layered.clear();
+                        model.clear();
+                    }
+                    CountOp::Share(hold) => {
+                        let shared = layered.share();
+                        prop_assert_eq!(&*shared, &model);
+                        readers.push((model.clone(), shared, hold));
+                    }
+                    CountOp::Settle(n) => {
+                        layered.settle(usize::from(n));
+                    }
+                }
+                for (taken, shared, _) in &readers {
+                    prop_assert_eq!(&**shared, taken);
+                }
+                readers.retain_mut(|(_, _, hold)| {
+                    *hold = hold.saturating_sub(1);
+                    *hold > 0
+                });
+                prop_assert_eq!(layered.len(), model.len());
+                let read: Vec<(u8, u64)> = layered.iter().map(|(k, n)| (*k, n)).collect();
+                let want: Vec<(u8, u64)> = model.iter().map(|(k, n)| (*k, *n)).collect();
+                prop_assert_eq!(read, want);
+                for k in 0..24u8 {
+                    prop_assert_eq!(layered.count(&k), model.get(&k).copied().unwrap_or(0));
+                }
+            }
+            drop(readers);
+            layered.settle(usize::MAX);
+            prop_assert_eq!(layered.unsettled(), 0);
+            prop_assert_eq!(&*layered.share(), &model);
+        }
+    }
+
+    /// Counts changed while shared wait in front as differences, only for the keys changed,
+    /// and are folded in once the reader lets go.
+    #[test]
+    fn counts_changed_while_shared_wait_per_key_changed() {
+        let mut counts: LayeredCounts<u32> = LayeredCounts::default();
+        for k in 0..1_000 {
+            counts.add(&k);
+        }
+        let shared = counts.share();
+        for k in (0..1_000).step_by(10) {
+            counts.add(&k);
+            assert!(counts.remove_one(&(k + 1)));
+        }
+        assert_eq!(counts.unsettled(), 200, "only the keys changed wait");
+        assert_eq!(counts.settle(50), 200, "the reader still holds the counts");
+        assert_eq!(shared.get(&0), Some(&1));
+        assert_eq!(shared.get(&1), Some(&1));
+        assert_eq!(counts.count(&0), 2);
+        assert_eq!(counts.count(&1), 0);
+        assert_eq!(counts.len(), 900);
+        drop(shared);
+        assert_eq!(counts.settle(50), 150);
+        assert_eq!(counts.settle(usize::MAX), 0);
+        assert_eq!(counts.iter().count(), 900);
+        assert_eq!(counts.count(&10), 2);
     }
 
     /// Sharing is a reference count, whatever the size; changes made while shared wait in

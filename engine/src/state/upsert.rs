@@ -44,6 +44,9 @@ pub struct UpsertState {
     rows: RowConverter,
     /// Per key (row-encoded): its row's event time and the row (row-encoded).
     latest: Layered<Box<[u8]>, Latest>,
+    /// No key's row is older than this (`i64::MAX` when none is held): eviction walks the
+    /// keys only once its frontier passes it.
+    oldest: i64,
 }
 
 /// What a micro-batch does to a changelog source.
@@ -121,6 +124,7 @@ impl UpsertState {
             op_column,
             time_column,
             latest: Layered::default(),
+            oldest: i64::MAX,
         })
     }
 
@@ -165,6 +169,7 @@ impl UpsertState {
                 self.latest.remove(key)
             } else {
                 added.push(r as u32);
+                self.oldest = self.oldest.min(times.value(r));
                 self.latest
                     .replace(key.into(), (times.value(r), rows.row(r).data().into()))
             };
@@ -229,9 +234,28 @@ impl UpsertState {
         self.schema.clone()
     }
 
-    /// Forgets the keys whose row is at an event time for which `gone` holds.
+    /// Forgets the keys whose row is at an event time for which `gone` holds. `gone` is a
+    /// frontier: it holds for every time before one it holds for. So the keys are walked only
+    /// once it passes the oldest row held, not on every micro-batch.
     pub fn evict(&mut self, gone: impl Fn(i64) -> bool) {
+        if self.latest.is_empty() {
+            self.oldest = i64::MAX;
+            return;
+        }
+        if !gone(self.oldest) {
+            return;
+        }
         self.latest.retain(|(t, _)| !gone(*t));
+        self.oldest = self.oldest_held();
+    }
+
+    /// The event time of the oldest row held (`i64::MAX` when none is).
+    fn oldest_held(&self) -> i64 {
+        self.latest
+            .values()
+            .map(|(t, _)| *t)
+            .min()
+            .unwrap_or(i64::MAX)
     }
 
     /// Keys held.
@@ -268,6 +292,7 @@ impl UpsertState {
     /// Replaces the state with a [`UpsertState::snapshot`].
     pub fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()> {
         self.latest.clear();
+        self.oldest = i64::MAX;
         let Some(latest) = snapshot.tables.get("latest") else {
             return Ok(());
         };
@@ -278,6 +303,7 @@ impl UpsertState {
             self.latest
                 .insert(keys.value(r).into(), (times.value(r), rows.value(r).into()));
         }
+        self.oldest = self.oldest_held();
         Ok(())
     }
 }
@@ -397,6 +423,36 @@ mod tests {
         assert_eq!(values(&c.withdrawn), vec![21]);
         restored.evict(|t| t < 60);
         assert_eq!(restored.len(), 1);
+    }
+
+    /// Eviction forgets exactly the keys whose row is behind the frontier, however the rows
+    /// were replaced (a key's row may move back in time), and keeps track of the oldest row
+    /// to skip the walk while the frontier is behind it.
+    #[test]
+    fn eviction_follows_the_oldest_row_held() {
+        let first = batch(&[("a", 100, 1, "insert"), ("b", 200, 2, "insert")]);
+        let mut state = UpsertState::new(first.schema(), &["k".into()], "t").expect("state");
+        state.apply(&first).expect("apply");
+        assert_eq!(state.oldest, 100);
+        state.evict(|t| t < 50);
+        assert_eq!(state.len(), 2);
+        state.evict(|t| t < 150);
+        assert_eq!(state.len(), 1, "a is behind the frontier");
+        assert_eq!(state.oldest, 200);
+        // b's row moves back in time: the frontier now passes it.
+        state
+            .apply(&batch(&[("b", 10, 3, "update"), ("c", 300, 4, "insert")]))
+            .expect("apply");
+        assert_eq!(state.oldest, 10);
+        state.evict(|t| t < 150);
+        assert_eq!(state.len(), 1);
+        assert_eq!(state.oldest, 300);
+        state
+            .apply(&batch(&[("c", 300, 4, "retract")]))
+            .expect("apply");
+        state.evict(|t| t < 1_000);
+        assert!(state.is_empty());
+        assert_eq!(state.oldest, i64::MAX);
     }
 
     #[test]

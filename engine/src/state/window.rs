@@ -58,7 +58,7 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use urbanstream_operators::window::{WindowSpec, window_fields};
 
 use crate::checkpoint::{DeferredTable, StateSnapshot, column, table, typed};
-use crate::state::layered::{Layered, Shared};
+use crate::state::layered::{Layered, LayeredCounts, Shared};
 
 /// The aggregation a windowed query performs, taken from DataFusion's physical plan.
 #[derive(Debug, Clone)]
@@ -262,9 +262,9 @@ struct Pane {
     /// Over a changelog: the pane's input rows (row-encoded) with their multiplicity, in
     /// byte order, so that a window's rows reach the accumulators in the same order every
     /// time (floating-point sums, unordered `first_value` give the same value again). A
-    /// persistent map: a checkpoint takes it in O(1) and reads it out on its own thread while
-    /// the query goes on changing it (copying only the nodes it changes meanwhile).
-    rows: imbl::OrdMap<Box<[u8]>, u64>,
+    /// checkpoint takes them in O(1) and reads them out on its own thread while the query
+    /// goes on changing them, the changes waiting in front meanwhile.
+    rows: LayeredCounts<Box<[u8]>>,
     /// Step of the last update, per group.
     updated: Vec<u64>,
     /// Step of the last update of any group.
@@ -380,7 +380,7 @@ impl DeferredTable for PanesTable {
 /// them, per pane a row without one that carries the pane's last update (so that an emptied
 /// pane still counts as changed), then its rows in byte order.
 #[derive(Debug)]
-struct TakenRows(Vec<(i64, u64, imbl::OrdMap<Box<[u8]>, u64>)>);
+struct TakenRows(Vec<(i64, u64, Arc<BTreeMap<Box<[u8]>, u64>>)>);
 
 impl DeferredTable for TakenRows {
     fn compute(&self) -> crate::Result<RecordBatch> {
@@ -396,7 +396,7 @@ impl DeferredTable for TakenRows {
             updates.push(*last_update);
             rows.push(None);
             counts.push(0u64);
-            for (row, n) in held {
+            for (row, n) in held.iter() {
                 pane_starts.push(*start);
                 updates.push(*last_update);
                 rows.push(Some(row.as_ref()));
@@ -624,6 +624,13 @@ impl WindowOperator {
         let step = self.step;
         let times = self.times(batch)?;
         let rows = recompute.rows.convert_columns(batch.columns())?;
+        // Changes made while a checkpoint held the rows are folded back a few at a time: as
+        // many as the micro-batch has rows (a walk of an ordered map each, the micro-batch's
+        // own cost again at most), however many wait.
+        let settle = batch.num_rows().max(1_024);
+        for pane in self.panes.values_mut() {
+            pane.rows.settle(settle);
+        }
         for (i, t) in times.values().iter().enumerate() {
             let pane_start = self.pane_start(*t);
             if add && !self.panes.contains_key(&pane_start) {
@@ -636,15 +643,9 @@ impl WindowOperator {
             };
             let row: &[u8] = rows.row(i).data();
             if add {
-                *pane.rows.entry(row.into()).or_insert(0) += 1;
-            } else {
-                match pane.rows.get_mut(row) {
-                    Some(n) if *n > 1 => *n -= 1,
-                    Some(_) => {
-                        pane.rows.remove(row);
-                    }
-                    None => continue,
-                }
+                pane.rows.add(row);
+            } else if !pane.rows.remove_one(row) {
+                continue;
             }
             pane.last_update = step;
         }
@@ -905,7 +906,7 @@ impl WindowOperator {
         Ok(Pane {
             groups: new_group_values(self.intern_schema.clone(), &GroupOrdering::None)?,
             accumulators: self.spec.new_accumulators()?,
-            rows: imbl::OrdMap::new(),
+            rows: LayeredCounts::default(),
             updated: Vec::new(),
             last_update: 0,
         })
@@ -1078,8 +1079,8 @@ impl WindowOperator {
         let parser = recompute.rows.parser();
         let mut held = Vec::new();
         for (_, pane) in self.panes.range(start..end) {
-            for (row, n) in &pane.rows {
-                for _ in 0..*n {
+            for (row, n) in pane.rows.iter() {
+                for _ in 0..n {
                     held.push(parser.parse(row));
                 }
             }
@@ -1347,7 +1348,7 @@ fn pane_bytes(p: &Pane) -> usize {
     p.groups.size()
         + p.accumulators.iter().map(|a| a.size()).sum::<usize>()
         + p.updated.capacity() * 8
-        + p.rows.keys().map(|r| r.len() + 32).sum::<usize>()
+        + p.rows.iter().map(|(r, _)| r.len() + 32).sum::<usize>()
 }
 
 /// The checkpoint table of the pane starting at `start` (per group: the pane start, update
@@ -1456,11 +1457,12 @@ impl WindowOperator {
                 .insert("panes".into(), Arc::new(PanesTable(loans)));
         }
         if self.recompute.is_some() && !self.panes.is_empty() {
-            // Over a changelog: each pane's rows, taken as they are now (O(1) a pane).
+            // Over a changelog: each pane's rows, taken as they are now (O(1) a pane once the
+            // last checkpoint's changes are folded back).
             let panes = self
                 .panes
-                .iter()
-                .map(|(start, pane)| (*start, pane.last_update, pane.rows.clone()))
+                .iter_mut()
+                .map(|(start, pane)| (*start, pane.last_update, pane.rows.share()))
                 .collect();
             out.deferred
                 .insert("rows".into(), Arc::new(TakenRows(panes)));
