@@ -460,20 +460,7 @@ impl Receiver {
         let round_trips = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let consumer: BaseConsumer<RoundTrips> =
             config.create_with_context(RoundTrips(round_trips.clone()))?;
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let partitions = metadata
-            .topics()
-            .first()
-            .map(|t| t.partitions().len())
-            .unwrap_or(0);
-        if partitions == 0 {
-            return Err(Error::Config(format!("topic {topic} has no partitions")));
-        }
-        let mut assignment = TopicPartitionList::new();
-        for p in 0..partitions as i32 {
-            assignment.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-        consumer.assign(&assignment)?;
+        assign_from_beginning(&consumer, topic)?;
         let rows = Arc::new(AtomicU64::new(0));
         let latency = Arc::new(Mutex::new(latency_histogram()));
         let (r, l) = (rows.clone(), latency.clone());
@@ -516,6 +503,27 @@ impl Receiver {
             .join()
             .map_err(|_| Error::Config("the receiver thread panicked".into()))?
     }
+}
+
+/// Assigns `consumer` every partition of `topic`, each from its beginning.
+pub fn assign_from_beginning<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> Result<()> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len());
+    if partitions == 0 {
+        return Err(Error::Config(format!("topic {topic} has no partitions")));
+    }
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    Ok(())
 }
 
 fn receive(

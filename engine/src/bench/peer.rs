@@ -30,12 +30,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use rdkafka::Message;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::consumer::BaseConsumer;
 
 use super::drain::{DrainRun, Reader};
-use super::{BenchArgs, StepTopics, child};
+use super::{BenchArgs, StepTopics, child, load};
 use crate::error::{Error, Result};
 
 /// How long the peer's output must stay unchanged before its drain is taken as finished.
@@ -174,17 +174,14 @@ async fn watch(
         tokio::time::sleep(Duration::from_millis(20)).await;
         let counted = output.counted();
         let now = Instant::now();
-        if last.is_none_or(|l| counted > l.counted) {
-            if counted > 0 {
-                let cpu_seconds = process_cpu(pid)?;
-                let p = Progress {
-                    at: now,
-                    counted,
-                    cpu_seconds,
-                };
-                first.get_or_insert(p);
-                last = Some(p);
-            }
+        if counted > 0 && last.is_none_or(|l| counted > l.counted) {
+            let p = Progress {
+                at: now,
+                counted,
+                cpu_seconds: process_cpu(pid)?,
+            };
+            first.get_or_insert(p);
+            last = Some(p);
         }
         if counted >= expect || last.is_some_and(|l| now.duration_since(l.at) >= QUIET) {
             break;
@@ -274,19 +271,7 @@ impl OutputCounter {
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "5")
             .create()?;
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let partitions = metadata
-            .topics()
-            .first()
-            .map_or(0, |t| t.partitions().len());
-        if partitions == 0 {
-            return Err(Error::Config(format!("topic {topic} has no partitions")));
-        }
-        let mut assignment = TopicPartitionList::new();
-        for p in 0..partitions as i32 {
-            assignment.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-        consumer.assign(&assignment)?;
+        load::assign_from_beginning(&consumer, topic)?;
         let counted = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicBool::new(false));
         let (c, f) = (counted.clone(), failed.clone());

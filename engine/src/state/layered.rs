@@ -161,6 +161,16 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
 
     /// The entry of `key`, set to `make()` first when it has none.
     pub fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
+        // Most of the time nothing is shared or waits in front: one lookup.
+        if self.changes.is_empty() && Arc::get_mut(&mut self.base).is_some() {
+            return match Arc::make_mut(&mut self.base).entry(key) {
+                Entry::Occupied(entry) => entry.into_mut(),
+                Entry::Vacant(entry) => {
+                    self.len += 1;
+                    entry.insert(make())
+                }
+            };
+        }
         if !self.contains_key(&key) {
             return self.insert(key, make());
         }
@@ -297,6 +307,9 @@ fn fold<K: Eq + Hash, V>(
     }
 }
 
+/// Counts as [`LayeredCounts::share`] hands them out.
+pub type SharedCounts<K> = Arc<BTreeMap<K, u64>>;
+
 /// A multiset in key order (each key with a count) that a checkpoint takes whole at once
 /// while the query goes on changing it, as [`Layered`] does for a map: while a reader holds
 /// the shared map, a change waits in front of it as a difference of the key's count, and
@@ -306,7 +319,7 @@ fn fold<K: Eq + Hash, V>(
 pub struct LayeredCounts<K> {
     /// Keys with a count of at least one, shared with the readers of the last
     /// [`LayeredCounts::share`] while they hold it.
-    base: Arc<BTreeMap<K, u64>>,
+    base: SharedCounts<K>,
     /// Changes of a key's count made while `base` was shared, not yet folded into it.
     deltas: BTreeMap<K, i64>,
     /// Keys with a count of at least one.
@@ -506,7 +519,7 @@ impl<K: Ord + Clone> LayeredCounts<K> {
     /// The counts as they are now, shared: O(1) when the changes have been folded into a map
     /// no reader holds any more. Otherwise they are folded in now, into a copy when a reader
     /// of an earlier share still holds the map.
-    pub fn share(&mut self) -> Arc<BTreeMap<K, u64>> {
+    pub fn share(&mut self) -> SharedCounts<K> {
         if !self.deltas.is_empty() {
             let base = Arc::make_mut(&mut self.base);
             for (k, delta) in std::mem::take(&mut self.deltas) {

@@ -34,9 +34,11 @@ pub struct Ranked {
     pub first: bool,
 }
 
-/// A window's rows published (row-encoded), its last revision, and whether they were
-/// published final. The rows are replaced whole, never changed: a checkpoint shares them.
-type Published = (Arc<[Box<[u8]>]>, u32, bool);
+/// Rows published (row-encoded), replaced whole, never changed: a checkpoint shares them.
+type PublishedRows = Arc<[Box<[u8]>]>;
+
+/// A window's rows published, its last revision, and whether they were published final.
+type Published = (PublishedRows, u32, bool);
 
 /// Per window: the latest row of each group, and the ranked rows last published.
 pub struct RankedState {
@@ -250,7 +252,7 @@ impl RankedState {
 /// The `published` table of a [`RankedState::snapshot`]: per window end, the rows it last
 /// published, as the snapshot took them.
 #[derive(Debug)]
-struct TakenPublished(Vec<(i64, Arc<[Box<[u8]>]>)>);
+struct TakenPublished(Vec<(i64, PublishedRows)>);
 
 impl DeferredTable for TakenPublished {
     fn compute(&self) -> crate::Result<RecordBatch> {

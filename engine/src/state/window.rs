@@ -58,7 +58,7 @@ use datafusion::physical_plan::aggregates::order::GroupOrdering;
 use urbanstream_operators::window::{WindowSpec, window_fields};
 
 use crate::checkpoint::{DeferredTable, StateSnapshot, column, table, typed};
-use crate::state::layered::{Layered, LayeredCounts, Shared};
+use crate::state::layered::{Layered, LayeredCounts, Shared, SharedCounts};
 
 /// The aggregation a windowed query performs, taken from DataFusion's physical plan.
 #[derive(Debug, Clone)]
@@ -380,7 +380,10 @@ impl DeferredTable for PanesTable {
 /// them, per pane a row without one that carries the pane's last update (so that an emptied
 /// pane still counts as changed), then its rows in byte order.
 #[derive(Debug)]
-struct TakenRows(Vec<(i64, u64, Arc<BTreeMap<Box<[u8]>, u64>>)>);
+struct TakenRows(Vec<TakenPane>);
+
+/// A pane's start, last update and rows, as a snapshot took them.
+type TakenPane = (i64, u64, SharedCounts<Box<[u8]>>);
 
 impl DeferredTable for TakenRows {
     fn compute(&self) -> crate::Result<RecordBatch> {
@@ -932,7 +935,8 @@ impl WindowOperator {
         self.take_back(.., false)?;
         for meta in self.windows.values_mut() {
             meta.revisions.settle(Layered::<Box<[u8]>, u32>::SETTLE);
-            meta.published.settle(Layered::<Box<[u8]>, u32>::SETTLE);
+            meta.published
+                .settle(Layered::<Box<[u8]>, Box<[u8]>>::SETTLE);
         }
         self.watermark = self.watermark.max(watermark);
         let mut out = Vec::new();
