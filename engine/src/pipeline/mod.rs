@@ -291,44 +291,46 @@ const IDLE_READ: Duration = Duration::from_millis(200);
 /// yields. Dropping it cancels the read; records it had taken are not processed, so their
 /// offsets are neither committed nor checkpointed and they are read again by the next run.
 struct ReadAhead {
-    read: tokio::task::JoinHandle<Option<Result<Vec<RawBatch>>>>,
-    /// Dropped to cancel the read.
-    _cancel: tokio::sync::oneshot::Sender<()>,
+    read: tokio::task::JoinHandle<Result<Vec<RawBatch>>>,
+    /// Set to cancel the read.
+    cancelled: Arc<AtomicBool>,
 }
 
 impl ReadAhead {
     fn start(source: &Arc<KafkaSource>) -> Self {
         let source = source.clone();
-        let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
-        let runtime = tokio::runtime::Handle::current();
-        let read = tokio::task::spawn_blocking(move || {
-            runtime.block_on(async move {
-                tokio::select! {
-                    biased;
-                    _ = cancelled => None,
-                    read = source.next_batches(IDLE_READ) => Some(read),
-                }
-            })
-        });
-        Self {
-            read,
-            _cancel: cancel,
-        }
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let flag = cancelled.clone();
+        let read = tokio::task::spawn_blocking(move || source.read_batches(IDLE_READ, Some(&flag)));
+        Self { read, cancelled }
     }
 
     /// Cancels the read and waits until it has let go of the consumer.
-    async fn cancel(self) {
-        let Self { read, _cancel } = self;
-        drop(_cancel);
-        let _ = read.await;
+    async fn cancel(mut self) {
+        self.cancelled.store(true, Ordering::Release);
+        let _ = (&mut self.read).await;
     }
 
     async fn batches(mut self) -> Result<Vec<RawBatch>> {
         (&mut self.read)
             .await
             .map_err(|e| Error::Config(format!("input read task failed: {e}")))?
-            .ok_or_else(|| Error::Config("input read cancelled".into()))?
     }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.cancelled.store(true, Ordering::Release);
+    }
+}
+
+/// Reads the next micro-batch on a thread that may wait (the runtime's blocking pool), not on
+/// the query's worker: a query waiting for records holds no worker, and no CPU.
+async fn read_next(source: &Arc<KafkaSource>) -> Result<Vec<RawBatch>> {
+    let source = source.clone();
+    tokio::task::spawn_blocking(move || source.read_batches(IDLE_READ, None))
+        .await
+        .map_err(|e| Error::Config(format!("input read task failed: {e}")))?
 }
 
 /// Acknowledged offsets are committed at most this often.
@@ -888,7 +890,7 @@ impl Pipeline {
             let waited = std::time::Instant::now();
             let read = match self.ahead.take() {
                 Some(read) => read.batches().await,
-                None => self.source.next_batches(IDLE_READ).await,
+                None => read_next(&self.source).await,
             };
             let batches = match read {
                 Err(Error::DataLoss(reason)) if self.skips_data_loss() => {

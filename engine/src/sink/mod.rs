@@ -29,13 +29,16 @@ use datafusion::arrow::json::writer::{LineDelimited, WriterBuilder};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde::Serialize;
 
 use crate::decode::Reject;
 use crate::error::{Error, Result};
 use crate::schema::TopicSchema;
 use crate::source::RawBatch;
+
+mod delivery;
+use delivery::{Deliveries, Delivery, DeliveryPoller};
 
 /// Casts and reorders `batch` to the output topic's schema, matching columns by name. A
 /// missing field takes its Avro default, or null if it is nullable; a missing required field
@@ -413,7 +416,7 @@ pub const TRANSACTION_LIFETIME: Duration = Duration::from_secs(120);
 /// Deliveries not yet acknowledged by the broker.
 #[derive(Default)]
 pub struct Pending {
-    deliveries: Vec<DeliveryFuture>,
+    deliveries: Vec<Delivery>,
 }
 
 impl Pending {
@@ -432,8 +435,8 @@ impl Pending {
         let n = self.deliveries.len();
         for delivery in self.deliveries {
             match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(e.into()),
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.into()),
                 Err(_) => return Err(KafkaError::Canceled.into()),
             }
         }
@@ -443,7 +446,9 @@ impl Pending {
 
 /// An idempotent (or transactional) producer for indicator, DLQ and late topics.
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: Arc<BaseProducer<Deliveries>>,
+    /// Serves the producer's delivery reports while the sink lives.
+    _poller: DeliveryPoller,
     /// Exactly-once mode: the query's name for the header.
     tag: Option<String>,
     /// Ids already published (read back at recovery), with their counts: not sent again.
@@ -498,7 +503,9 @@ impl KafkaSink {
         for (k, v) in &config.properties {
             client.set(k, v);
         }
-        let producer: FutureProducer = client.create()?;
+        let producer: Arc<BaseProducer<Deliveries>> =
+            Arc::new(client.create_with_context(Deliveries)?);
+        let poller = DeliveryPoller::start(&producer, &config.query)?;
         if config.transactional_id.is_some() {
             producer
                 .init_transactions(TRANSACTION_TIMEOUT)
@@ -507,6 +514,7 @@ impl KafkaSink {
         }
         Ok(Self {
             producer,
+            _poller: poller,
             tag: config
                 .transactional_id
                 .as_ref()
@@ -741,7 +749,10 @@ impl KafkaSink {
         pending: &mut Pending,
     ) -> Result<()> {
         loop {
-            let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
+            let (delivered, delivery) = tokio::sync::oneshot::channel();
+            let mut record =
+                BaseRecord::<[u8], [u8], _>::with_opaque_to(topic, Box::new(delivered))
+                    .payload(payload);
             if let Some(partition) = partition {
                 record = record.partition(partition);
             }
@@ -758,8 +769,8 @@ impl KafkaSink {
                 }
                 record = record.headers(owned);
             }
-            match self.producer.send_result(record) {
-                Ok(delivery) => {
+            match self.producer.send(record) {
+                Ok(()) => {
                     pending.deliveries.push(delivery);
                     return Ok(());
                 }

@@ -13,18 +13,22 @@
 //! letting it go ([`KafkaSource::assign`], [`KafkaSource::unassign`]). With checkpoints the
 //! pipeline's own positions are the truth: [`KafkaSource::set_positions`] says where each
 //! partition resumes, whatever offset the group has committed.
+//!
+//! Reads block ([`KafkaSource::read_batches`]): the pipeline runs them on a thread that may
+//! wait. They wait in librdkafka's own queue, which wakes them when a record arrives; rdkafka's
+//! stream consumer could miss that wake-up (its waker is set after the queue was found empty,
+//! rust-rdkafka issue 665) and was asked again every 2 ms to make up for it, which kept every
+//! idle query's thread busy.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, RebalanceProtocol,
-    StreamConsumer,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -194,8 +198,15 @@ impl KafkaSourceConfig {
     }
 }
 
-/// How long one wait for the first record of a batch lasts before asking again.
-const FIRST_RECORD_SLICE: Duration = Duration::from_millis(2);
+/// How long one wait for a record lasts before a cancellable read looks at its flag.
+const CANCEL_SLICE: Duration = Duration::from_millis(10);
+
+/// `d` rounded up to whole milliseconds: librdkafka waits in whole milliseconds, and rdkafka
+/// polls again (without waiting) for whatever a shorter wait left of the time asked for.
+fn whole_ms(d: Duration) -> Duration {
+    let ms = d.as_millis() as u64 + u64::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+    Duration::from_millis(ms)
+}
 
 /// Where each (topic, partition) resumes when the group assigns it.
 pub type Positions = HashMap<(String, i32), i64>;
@@ -279,7 +290,7 @@ impl ConsumerContext for SourceContext {
 
 /// A consumer-group member over the input topics.
 pub struct KafkaSource {
-    consumer: StreamConsumer<SourceContext>,
+    consumer: BaseConsumer<SourceContext>,
     /// Where each partition resumes, moved forward as the pipeline processes.
     positions: Mutex<Positions>,
     /// An error met after some records of a batch were gathered: the batch is returned, and
@@ -288,7 +299,8 @@ pub struct KafkaSource {
     changes: Arc<Mutex<Vec<PartitionChange>>>,
     closing: Arc<AtomicBool>,
     config: KafkaSourceConfig,
-    /// A client outside the group that asks for partitions' end offsets.
+    /// A client outside the group that asks for partitions' end offsets and metadata, shared
+    /// by the sources of the process with the same cluster settings ([`shared_probe`]).
     lag_probe: Arc<BaseConsumer>,
     lag_probe_busy: Arc<AtomicBool>,
     /// Whether [`KafkaSourceConfig::from_beginning`] still applies (until the first
@@ -303,6 +315,7 @@ impl KafkaSource {
     /// Connects and subscribes. Offsets start at the group's committed offsets, or at the
     /// earliest offset for a new group.
     pub fn new(config: KafkaSourceConfig) -> Result<Self> {
+        let lag_probe = shared_probe(&config.brokers, &config.properties)?;
         let mut client = ClientConfig::new();
         client
             .set("bootstrap.servers", &config.brokers)
@@ -314,7 +327,7 @@ impl KafkaSource {
             // nothing is committed, assignment starts at the beginning explicitly.
             .set("auto.offset.reset", "error")
             .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", "10")
+            .set("fetch.wait.max.ms", FETCH_WAIT.as_millis().to_string())
             // When a partition's prefetch queue is full, fetch it again 10 ms later, not
             // librdkafka's default 1 s: a query working through a backlog empties the queue
             // long before that, and waited idle for the rest (a third of the speed; benches/
@@ -330,25 +343,19 @@ impl KafkaSource {
         }
         let changes: Arc<Mutex<Vec<PartitionChange>>> = Arc::default();
         let closing: Arc<AtomicBool> = Arc::default();
-        let consumer: StreamConsumer<SourceContext> =
-            client.create_with_context(SourceContext {
-                changes: changes.clone(),
-                closing: closing.clone(),
-            })?;
+        let consumer: BaseConsumer<SourceContext> = client.create_with_context(SourceContext {
+            changes: changes.clone(),
+            closing: closing.clone(),
+        })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
-        let mut probe = ClientConfig::new();
-        probe.set("bootstrap.servers", &config.brokers);
-        for (k, v) in &config.properties {
-            probe.set(k, v);
-        }
         Ok(Self {
             consumer,
             positions: Mutex::default(),
             deferred: Mutex::default(),
             changes,
             closing,
-            lag_probe: Arc::new(probe.create()?),
+            lag_probe,
             lag_probe_busy: Arc::new(AtomicBool::new(false)),
             rewinding: AtomicBool::new(!config.from_beginning.is_empty()),
             config,
@@ -356,52 +363,63 @@ impl KafkaSource {
     }
 
     /// Waits for records and returns them as one batch per topic: as soon as `max_batch_rows`
-    /// are gathered, or `linger` after the first one. Returns an empty list if nothing arrived
-    /// within `idle` (so the caller can advance idle partitions and refresh its view).
-    pub async fn next_batches(&self, idle: Duration) -> Result<Vec<RawBatch>> {
+    /// are gathered, or `linger` after the first one (records already queued then are taken
+    /// too, up to `max_batch_rows`). Returns an empty list if nothing arrived within `idle` (so
+    /// the caller can advance idle partitions and refresh its view), or once `cancel` is set
+    /// while it waits for the first record (looked at every [`CANCEL_SLICE`]). Blocking: the
+    /// group's partition changes are queued from within it.
+    pub fn read_batches(
+        &self,
+        idle: Duration,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Vec<RawBatch>> {
         if let Some(e) = self.deferred.lock().ok().and_then(|mut d| d.take()) {
             return Err(e);
         }
         // One batch per topic; a query reads one to three topics, so a search beats a hash.
         let mut batches: Vec<RawBatch> = Vec::new();
         let mut rows = 0;
-        // The wait for the first record is cut into short slices: a stream consumer can miss
-        // the wake-up for a record that arrives into an empty queue (seen at low rates as
-        // stalls lasting the whole wait), and asking again after a slice finds it.
-        let give_up = tokio::time::Instant::now() + idle;
-        // One stream for the whole batch: `recv` makes one per record, and with it a waker
-        // slot taken and given back under a lock.
-        let mut stream = self.consumer.stream();
+        let give_up = Instant::now() + idle;
         let first = loop {
-            let now = tokio::time::Instant::now();
-            if now >= give_up {
+            let now = Instant::now();
+            if now >= give_up || cancel.is_some_and(|c| c.load(Ordering::Acquire)) {
                 return Ok(Vec::new());
             }
-            let slice = (give_up - now).min(FIRST_RECORD_SLICE);
-            if let Ok(message) = tokio::time::timeout(slice, stream.next()).await {
-                break message
-                    .ok_or_else(|| Error::Config("the consumer's stream ended".into()))?
-                    .map_err(|e| self.consume_error(e))?;
+            let mut wait = give_up - now;
+            if cancel.is_some() {
+                wait = wait.min(CANCEL_SLICE);
+            }
+            // None also when the wait ended on a group event (a partition change, queued).
+            if let Some(message) = self.consumer.poll(whole_ms(wait)) {
+                break message.map_err(|e| self.consume_error(e))?;
             }
         };
         let first_received = Instant::now();
         push(&mut batches, &first);
+        drop(first);
         rows += 1;
-        let deadline = tokio::time::Instant::now() + self.config.linger;
+        let deadline = first_received + self.config.linger;
         while rows < self.config.max_batch_rows {
-            // A record already queued is taken without a timer: arming and polling one per
-            // record (with a clock read each) cost a tenth of a backlog's drain.
-            let next = match stream.next().now_or_never() {
-                Some(result) => Ok(result),
-                None => tokio::time::timeout_at(deadline, stream.next()).await,
+            // A record already queued is taken without waiting (and without a clock read).
+            let next = match self.consumer.poll(Duration::ZERO) {
+                Some(next) => next,
+                None => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    match self.consumer.poll(whole_ms(deadline - now)) {
+                        Some(next) => next,
+                        None => continue,
+                    }
+                }
             };
             match next {
-                Err(_) | Ok(None) => break,
-                Ok(Some(Ok(message))) => {
+                Ok(message) => {
                     push(&mut batches, &message);
                     rows += 1;
                 }
-                Ok(Some(Err(e))) => {
+                Err(e) => {
                     // The records gathered so far are processed; the error comes next.
                     if let Ok(mut d) = self.deferred.lock() {
                         *d = Some(self.consume_error(e));
@@ -823,6 +841,40 @@ pub fn partitions_of<C: ConsumerContext>(
         }
     }
     Ok(out)
+}
+
+/// How long the broker may hold a fetch that finds no record (`fetch.wait.max.ms`;
+/// `kafka.properties` may set another). The embedded broker and tansu hold such a fetch for
+/// the whole wait even when records arrive meanwhile, so the wait adds to the latency of a
+/// record that arrives during it (through tansu at 2 000 events/s, 500 ms took the median
+/// from 119 to 417 ms). Apache Kafka answers as soon as a record arrives: there, librdkafka's
+/// 500 ms cost no latency and spare the client and the broker a fetch every 10 ms per idle
+/// consumer (README, "Idle cost").
+const FETCH_WAIT: Duration = Duration::from_millis(10);
+
+/// The process's client outside any group for offset and metadata lookups on the cluster at
+/// `brokers` with `properties`: one for every source with the same settings (each query had
+/// its own, with librdkafka's threads and connections), closed once none holds it.
+fn shared_probe(brokers: &str, properties: &[(String, String)]) -> Result<Arc<BaseConsumer>> {
+    type Probes = Mutex<HashMap<Vec<(String, String)>, std::sync::Weak<BaseConsumer>>>;
+    static PROBES: std::sync::OnceLock<Probes> = std::sync::OnceLock::new();
+    let mut settings = vec![("bootstrap.servers".to_string(), brokers.to_string())];
+    settings.extend(properties.iter().cloned());
+    let mut probes = PROBES
+        .get_or_init(Probes::default)
+        .lock()
+        .map_err(|_| Error::Config("the lookup clients' lock is poisoned".into()))?;
+    if let Some(probe) = probes.get(&settings).and_then(std::sync::Weak::upgrade) {
+        return Ok(probe);
+    }
+    probes.retain(|_, probe| probe.strong_count() > 0);
+    let mut client = ClientConfig::new();
+    for (k, v) in &settings {
+        client.set(k, v);
+    }
+    let probe = Arc::new(client.create::<BaseConsumer>()?);
+    probes.insert(settings, Arc::downgrade(&probe));
+    Ok(probe)
 }
 
 impl Drop for KafkaSource {
