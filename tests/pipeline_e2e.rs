@@ -745,8 +745,10 @@ async fn a_query_stopped_again_and_again_in_its_backlog_counts_every_event_once(
     // Each run stops once it has read another 100 records (about six micro-batches) of the
     // backlog's 720, or when it has read nothing for a second (the backlog's end). The stop
     // lands a few micro-batches later when the machine is busy, so a run may read twice as
-    // many; the backlog is long enough for three runs all the same.
-    while rows.len() < want.len() {
+    // many; the backlog is long enough for three runs all the same. The runs go on until every
+    // record has been read: the last windows a run publishes may reach the output after the
+    // short read below, and a run after them would have nothing to read.
+    while stats.records_in.load(Ordering::Relaxed) < total + 4 {
         anyhow::ensure!(runs < 60, "not every window was published in 60 runs");
         runs += 1;
         let from = stats.records_in.load(Ordering::Relaxed);
@@ -779,7 +781,11 @@ async fn a_query_stopped_again_and_again_in_its_backlog_counts_every_event_once(
         task.await??;
         rows.extend(read_more(&minutes, Duration::from_millis(300)).await);
     }
-    rows.extend(read_more(&minutes, Duration::from_secs(2)).await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while rows.len() < want.len() && std::time::Instant::now() < deadline {
+        rows.extend(read_more(&minutes, Duration::from_secs(1)).await);
+    }
+    rows.extend(read_more(&minutes, Duration::from_secs(1)).await);
     // Every stop checkpointed just what its run had processed: no record was processed twice
     // (nor, arriving again after its window closed, diverted as late), and the reads ahead
     // that were cancelled lost nothing.
