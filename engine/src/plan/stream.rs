@@ -705,6 +705,7 @@ impl StreamContext {
                 join,
                 union,
                 ordered,
+                settled: None,
             });
         };
         let (spec, window_name) = super::chain::aggregate_spec(
@@ -971,6 +972,7 @@ impl StreamContext {
             join,
             union,
             ordered: None,
+            settled: None,
         })
     }
 }
@@ -1396,6 +1398,10 @@ pub struct StreamQuery {
     /// When it takes `LAG` over the stream's events: `lower`'s rows, waiting for the
     /// watermark to be released in time order.
     ordered: Option<Box<super::ordered::Ordered>>,
+    /// The input watermark at which the last tick left it with nothing more due: until it
+    /// takes input or the watermark moves, a tick has nothing to do (its timers are in event
+    /// time, early fires aside).
+    settled: Option<Option<i64>>,
 }
 
 impl StreamQuery {
@@ -1788,6 +1794,7 @@ impl StreamQuery {
     /// Makes this instance stage 2 of a repartitioned query for partition `partition` of
     /// `partitions`: after its joins and filters it keeps only the rows of its own groups.
     pub fn set_owner(&mut self, partitions: u32, partition: u32) {
+        self.settled = None;
         self.owner = Some((partitions, partition));
     }
 
@@ -1956,6 +1963,7 @@ impl StreamQuery {
         watermark: i64,
         now_ms: i64,
     ) -> Result<StepOutput> {
+        self.settled = None;
         if table == self.source.name {
             self.watermarks.force(watermark);
         }
@@ -2146,6 +2154,7 @@ impl StreamQuery {
     /// Replaces the query's state with a [`StreamQuery::snapshot`] of the same query, at
     /// processing time `now_ms`.
     pub fn restore(&mut self, snapshot: &StateSnapshot, now_ms: i64) -> crate::Result<()> {
+        self.settled = None;
         if !snapshot.deferred.is_empty() {
             return Err(crate::Error::Checkpoint(
                 "internal: a snapshot restored before its state was read out (resolve it, or \
@@ -2328,6 +2337,7 @@ impl StreamQuery {
         offsets: Option<&[i64]>,
         now_ms: i64,
     ) -> Result<StepOutput> {
+        self.settled = None;
         if self.join.is_some() || self.union.is_some() {
             let table = self.source.name.clone();
             return Box::pin(self.process_from(&table, batch, partitions, offsets, now_ms)).await;
@@ -2463,6 +2473,7 @@ impl StreamQuery {
         offsets: Option<&[i64]>,
         now_ms: i64,
     ) -> Result<StepOutput> {
+        self.settled = None;
         if self.union.is_some() {
             return self
                 .process_union(table, batch, partitions, offsets, now_ms)
@@ -2745,8 +2756,22 @@ impl StreamQuery {
     }
 
     /// Advances processing time without input: idle partitions stop holding the watermark,
-    /// early fires come due.
+    /// early fires come due. A tick at the watermark of the last, with no input or early fire
+    /// since, does nothing: what it would emit is due only when the watermark moves.
     pub async fn tick(&mut self, now_ms: i64) -> Result<StepOutput> {
+        let early = self
+            .early_fire_ms
+            .is_some_and(|every| now_ms.saturating_sub(self.last_early_fire_ms) >= every);
+        let watermark = self.input_watermark(now_ms);
+        if !early && self.settled == Some(watermark) {
+            return Ok(StepOutput::default());
+        }
+        let out = self.tick_due(now_ms).await?;
+        self.settled = Some(watermark);
+        Ok(out)
+    }
+
+    async fn tick_due(&mut self, now_ms: i64) -> Result<StepOutput> {
         if self.join.is_some() {
             let mut out = StepOutput::default();
             self.join_step(Vec::new(), now_ms, &mut out).await?;
