@@ -699,6 +699,35 @@ async fn a_query_whose_inputs_went_quiet_does_not_hold_the_pipelines_watermark()
     Ok(())
 }
 
+/// A query counting camera events per segment and minute into `test.minutes`, checkpointed
+/// every `interval` into `dir`.
+fn minutes_config(
+    cluster: &TestCluster,
+    dir: &std::path::Path,
+    interval: Duration,
+) -> PipelineConfig {
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.default_queries = false;
+    config.name = Some("minutes".into());
+    config.queries = vec![(
+        "minutes".into(),
+        "CREATE EXTERNAL TABLE minutes (segment_id VARCHAR NOT NULL,
+           window_start TIMESTAMP NOT NULL, n BIGINT NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.minutes', 'format' 'json');
+         INSERT INTO minutes SELECT segment_id, window_start, count(*) AS n FROM camera_events
+         GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id"
+            .into(),
+    )];
+    config.checkpoint = Some(urbanstream::pipeline::CheckpointSettings {
+        location: urbanstream::checkpoint::Location::Local(dir.to_path_buf()),
+        interval,
+        retain: 2,
+        transactional_id: None,
+        read_back_from_log_start: false,
+    });
+    config
+}
+
 /// A query behind its input reads its next micro-batch while it processes one (micro-batches
 /// of 16 records here, so it does so all along its backlog). Stopped again and again in the
 /// middle of that backlog and started again from its checkpoints, over 4 partitions, it still
@@ -717,27 +746,9 @@ async fn a_query_stopped_again_and_again_in_its_backlog_counts_every_event_once(
         total += count as u64;
     }
     let dir = tempfile::tempdir()?;
-    let mut config = PipelineConfig::new(&cluster.brokers);
+    let mut config = minutes_config(&cluster, dir.path(), Duration::from_secs(3600));
     config.group_id = "stopped-in-backlog".into();
-    config.default_queries = false;
-    config.name = Some("minutes".into());
     config.max_batch_rows = 16;
-    config.queries = vec![(
-        "minutes".into(),
-        "CREATE EXTERNAL TABLE minutes (segment_id VARCHAR NOT NULL,
-           window_start TIMESTAMP NOT NULL, n BIGINT NOT NULL)
-         STORED AS KAFKA OPTIONS ('topic' 'test.minutes', 'format' 'json');
-         INSERT INTO minutes SELECT segment_id, window_start, count(*) AS n FROM camera_events
-         GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id"
-            .into(),
-    )];
-    config.checkpoint = Some(urbanstream::pipeline::CheckpointSettings {
-        location: urbanstream::checkpoint::Location::Local(dir.path().to_path_buf()),
-        interval: Duration::from_secs(3600),
-        retain: 2,
-        transactional_id: None,
-        read_back_from_log_start: false,
-    });
     let stats = Arc::new(PipelineStats::new());
     let minutes = cluster.consumer("test.minutes")?;
     let mut rows = Vec::new();
@@ -812,5 +823,76 @@ async fn a_query_stopped_again_and_again_in_its_backlog_counts_every_event_once(
         runs >= 3,
         "the backlog was read in {runs} runs, not stopped in its middle"
     );
+    Ok(())
+}
+
+/// A checkpoint is written when the state or the input positions have changed since the last,
+/// not every interval: an idle query writes none (its files and object-store writes would
+/// grow with idle time), and the next record it reads is checkpointed again, over 4 partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_query_writes_no_checkpoint_until_it_reads_again() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    let topic = Topics::default().camera;
+    for j in 0..4i32 {
+        let segment = format!("seg-{j}");
+        for k in 0..3 {
+            let record = detection(&segment, T0 + k * 1_000, "car", Some(30.0));
+            cluster.produce(&topic, j, &segment, &record).await?;
+        }
+    }
+    let dir = tempfile::tempdir()?;
+    let mut config = minutes_config(&cluster, dir.path(), Duration::from_millis(100));
+    config.group_id = "idle-checkpoints".into();
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pipeline = Pipeline::new(config.clone(), stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    let epoch = || {
+        stats
+            .last_checkpoint
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|c| c.epoch))
+            .unwrap_or(0)
+    };
+    // Once every record is read, the epochs stop: at some point within a minute (partitions
+    // going idle move the watermark, and that is a change), two seconds (twenty intervals)
+    // pass without one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (mut last, mut since) = (epoch(), std::time::Instant::now());
+    loop {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "checkpoints went on every interval while idle: epoch {} after a minute, {} records read",
+            epoch(),
+            stats.records_in.load(Ordering::Relaxed)
+        );
+        anyhow::ensure!(!task.is_finished(), "the pipeline stopped");
+        let now = epoch();
+        if now != last {
+            (last, since) = (now, std::time::Instant::now());
+        }
+        if stats.records_in.load(Ordering::Relaxed) == 12
+            && now > 0
+            && since.elapsed() >= Duration::from_secs(2)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let idle = epoch();
+    let record = detection("seg-1", T0 + 5_000, "car", Some(30.0));
+    cluster.produce(&topic, 1, "seg-1", &record).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while epoch() == idle {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint after a record was read"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stats.records_in.load(Ordering::Relaxed), 13);
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
     Ok(())
 }

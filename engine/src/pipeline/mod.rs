@@ -781,6 +781,7 @@ impl Pipeline {
                     replay: None,
                     caught_up: None,
                     writing: None,
+                    written: None,
                 })
             }
             None => None,

@@ -11,6 +11,7 @@ use tracing::{debug, info};
 use super::{CheckpointInfo, Pipeline, blocking, epoch_ms};
 use crate::checkpoint::{CheckpointStore, Manifest, Position, QueryManifest};
 use crate::error::{Error, Result};
+use crate::plan::stream::StreamQuery;
 use crate::source::{Positions, partitions_of};
 
 /// A pipeline's checkpointing state.
@@ -30,7 +31,14 @@ pub(super) struct Checkpoints {
     pub(super) caught_up: Option<std::time::Instant>,
     /// The checkpoint being written in the background, if any.
     pub(super) writing: Option<Writing>,
+    /// What the last checkpoint of every state held was taken at: its queries' change counts
+    /// and the input positions. A periodic checkpoint at the same is not written again (an
+    /// idle service would write unchanged state every interval).
+    pub(super) written: Option<TakenAt>,
 }
+
+/// The change counts of a pipeline's query instances and its input positions, sorted.
+pub(super) type TakenAt = (Vec<u64>, Vec<((String, i32), i64)>);
 
 /// A checkpoint being written on a blocking thread while the pipeline goes on: its state is
 /// taken (and, in exactly-once mode, its transaction committed) before the write starts, so
@@ -440,6 +448,25 @@ impl Pipeline {
         // The source's resume positions: the restored (or starting) ones, moved forward at
         // the end of every micro-batch processed.
         let positions = self.source.positions();
+        let taken_at: TakenAt = {
+            let changes: Vec<u64> = self
+                .queries
+                .iter()
+                .flat_map(|r| r.instances().into_iter().map(StreamQuery::changes))
+                .collect();
+            let mut at: Vec<((String, i32), i64)> =
+                positions.iter().map(|(k, o)| (k.clone(), *o)).collect();
+            at.sort();
+            (changes, at)
+        };
+        if only.is_none()
+            && let Some(c) = &mut self.checkpoints
+            && c.written.as_ref() == Some(&taken_at)
+            && c.replay.is_none()
+        {
+            c.last = std::time::Instant::now();
+            return Ok(());
+        }
         if self.sink.is_transactional() {
             let group = self.source.group_metadata().ok_or_else(|| {
                 Error::Checkpoint("the consumer has no group metadata yet".into())
@@ -559,6 +586,8 @@ impl Pipeline {
         });
         if let Some(c) = &mut self.checkpoints {
             c.last = std::time::Instant::now();
+            // A checkpoint of some partitions leaves the others' as they were.
+            c.written = only.is_none().then_some(taken_at);
             c.writing = Some(Writing {
                 task,
                 started,

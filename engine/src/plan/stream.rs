@@ -706,6 +706,7 @@ impl StreamContext {
                 union,
                 ordered,
                 settled: None,
+                changes: 0,
             });
         };
         let (spec, window_name) = super::chain::aggregate_spec(
@@ -973,6 +974,7 @@ impl StreamContext {
             union,
             ordered: None,
             settled: None,
+            changes: 0,
         })
     }
 }
@@ -1402,6 +1404,9 @@ pub struct StreamQuery {
     /// takes input or the watermark moves, a tick has nothing to do (its timers are in event
     /// time, early fires aside).
     settled: Option<Option<i64>>,
+    /// How many times its state may have changed: a checkpoint with the same count (and the
+    /// same input positions) as the last would write the same state again.
+    changes: u64,
 }
 
 impl StreamQuery {
@@ -1794,7 +1799,7 @@ impl StreamQuery {
     /// Makes this instance stage 2 of a repartitioned query for partition `partition` of
     /// `partitions`: after its joins and filters it keeps only the rows of its own groups.
     pub fn set_owner(&mut self, partitions: u32, partition: u32) {
-        self.settled = None;
+        self.touch();
         self.owner = Some((partitions, partition));
     }
 
@@ -1811,12 +1816,14 @@ impl StreamQuery {
     /// it has delivered or gone idle: a partition just assigned, whose backlog may be older
     /// than what the others have delivered, does not find its records late on arrival.
     pub fn expect_partition(&mut self, partition: i32, now_ms: i64) {
+        self.touch();
         self.watermarks.expect(partition, now_ms);
     }
 
     /// [`StreamQuery::expect_partition`] for partition `partition` of input topic `topic`
     /// (of whichever of its input streams reads it).
     pub fn expect_topic_partition(&mut self, topic: &str, partition: i32, now_ms: i64) {
+        self.touch();
         if self.source.options.topic == topic {
             self.watermarks.expect(partition, now_ms);
         }
@@ -1852,6 +1859,7 @@ impl StreamQuery {
     /// Records that input `partition` has seen events up to `max_event_ms` (a progress record
     /// of a repartition topic) at processing time `now_ms`.
     pub fn observe(&mut self, partition: i32, max_event_ms: i64, now_ms: i64) {
+        self.touch();
         self.watermarks.observe(partition, max_event_ms, now_ms);
     }
 
@@ -1963,7 +1971,7 @@ impl StreamQuery {
         watermark: i64,
         now_ms: i64,
     ) -> Result<StepOutput> {
-        self.settled = None;
+        self.touch();
         if table == self.source.name {
             self.watermarks.force(watermark);
         }
@@ -2154,7 +2162,7 @@ impl StreamQuery {
     /// Replaces the query's state with a [`StreamQuery::snapshot`] of the same query, at
     /// processing time `now_ms`.
     pub fn restore(&mut self, snapshot: &StateSnapshot, now_ms: i64) -> crate::Result<()> {
-        self.settled = None;
+        self.touch();
         if !snapshot.deferred.is_empty() {
             return Err(crate::Error::Checkpoint(
                 "internal: a snapshot restored before its state was read out (resolve it, or \
@@ -2337,7 +2345,7 @@ impl StreamQuery {
         offsets: Option<&[i64]>,
         now_ms: i64,
     ) -> Result<StepOutput> {
-        self.settled = None;
+        self.touch();
         if self.join.is_some() || self.union.is_some() {
             let table = self.source.name.clone();
             return Box::pin(self.process_from(&table, batch, partitions, offsets, now_ms)).await;
@@ -2473,7 +2481,7 @@ impl StreamQuery {
         offsets: Option<&[i64]>,
         now_ms: i64,
     ) -> Result<StepOutput> {
-        self.settled = None;
+        self.touch();
         if self.union.is_some() {
             return self
                 .process_union(table, batch, partitions, offsets, now_ms)
@@ -2766,9 +2774,23 @@ impl StreamQuery {
         if !early && self.settled == Some(watermark) {
             return Ok(StepOutput::default());
         }
+        self.touch();
         let out = self.tick_due(now_ms).await?;
         self.settled = Some(watermark);
         Ok(out)
+    }
+
+    /// Records that its state may change: the next tick runs, the next checkpoint writes.
+    fn touch(&mut self) {
+        self.settled = None;
+        self.changes = self.changes.wrapping_add(1);
+    }
+
+    /// A count that moves whenever its state may have changed (input, a tick that ran, a
+    /// restore, new partitions): equal counts between two checkpoints, with equal input
+    /// positions, mean the second would write what the first did.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     async fn tick_due(&mut self, now_ms: i64) -> Result<StepOutput> {

@@ -8,9 +8,11 @@
 //! per query while it is idle (a seventh of a core for the 20 built-in queries, measured with
 //! `perf`: a third of an idle service's samples were `clock_gettime` in those threads;
 //! benches/README.md, "An idle service"). Here one call
-//! lasts [`POLL_SLICE`], so the same tail costs a thousandth, and a delivery report still
-//! completes its record's [`Delivery`] as soon as it arrives (the call serves events as they
-//! come, it only returns at its deadline).
+//! lasts [`POLL_SLICE`], a second and a tenth of a millisecond: its first wait is then a whole
+//! second, and what is left after it (a tenth of a millisecond less the wait's overshoot) is
+//! the most the call can spin, once a second. A delivery report still completes its record's
+//! [`Delivery`] as soon as it arrives (the call serves events as they come, it only returns
+//! at its deadline).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,8 +29,10 @@ use crate::error::{Error, Result};
 pub type Delivery = tokio::sync::oneshot::Receiver<KafkaResult<()>>;
 
 /// How long one poll of the delivery thread lasts: the longest a dropped sink's thread
-/// outlives it.
-const POLL_SLICE: Duration = Duration::from_secs(1);
+/// outlives it. The tenth of a millisecond over the second keeps the call's first wait (its
+/// remaining time cut to whole milliseconds) at a full second: with a whole second, it waits
+/// 999 ms and spins through the last one.
+const POLL_SLICE: Duration = Duration::from_micros(1_000_100);
 
 /// The producer's context: completes each record's [`Delivery`].
 pub struct Deliveries;
