@@ -68,12 +68,19 @@ pub struct EngineArgs {
     /// A librdkafka property (`KEY=VALUE`, repeatable) for the engine's clients.
     #[arg(long = "property", value_parser = super::parse_property)]
     pub properties: Vec<(String, String)>,
+    /// Copies of the query, each in a pipeline of its own unless `--one-pipeline`.
+    #[arg(long, default_value_t = 1)]
+    pub queries: u32,
+    /// The copies in one pipeline.
+    #[arg(long)]
+    pub one_pipeline: bool,
 }
 
-/// The bench queries: the input table, the output table and the statement.
-pub fn bench_sql(args: &EngineArgs) -> String {
+/// The bench queries: the input table, the output table and the statement; the tables'
+/// names end with `suffix` (copies of the query in one pipeline each declare their own).
+pub fn bench_sql(args: &EngineArgs, suffix: &str) -> String {
     let source = format!(
-        "CREATE EXTERNAL TABLE bench_events (
+        "CREATE EXTERNAL TABLE bench_events{suffix} (
             camera_id VARCHAR NOT NULL, segment_id VARCHAR NOT NULL,
             event_time TIMESTAMP NOT NULL, kind VARCHAR NOT NULL, vehicle_class VARCHAR,
             speed_kmh DOUBLE, lane INT, direction VARCHAR, confidence DOUBLE NOT NULL,
@@ -90,31 +97,31 @@ pub fn bench_sql(args: &EngineArgs) -> String {
     );
     let query = match args.query {
         Workload::Window => format!(
-            "CREATE EXTERNAL TABLE bench_windows (
+            "CREATE EXTERNAL TABLE bench_windows{suffix} (
                 segment_id VARCHAR NOT NULL, window_start TIMESTAMP NOT NULL,
                 window_end TIMESTAMP NOT NULL, vehicles BIGINT NOT NULL,
                 mean_speed_kmh DOUBLE, min_speed_kmh DOUBLE, max_speed_kmh DOUBLE,
                 motorbike_share DOUBLE)
              STORED AS KAFKA OPTIONS ('topic' '{}', 'format' 'json', 'key' 'segment_id');
-             INSERT INTO bench_windows
+             INSERT INTO bench_windows{suffix}
              SELECT segment_id, window_start, window_end, count(*) AS vehicles,
                     avg(speed_kmh) AS mean_speed_kmh, min(speed_kmh) AS min_speed_kmh,
                     max(speed_kmh) AS max_speed_kmh,
                     avg(CASE WHEN vehicle_class = 'motorbike' THEN 1.0 ELSE 0.0 END)
                         AS motorbike_share
-             FROM bench_events
+             FROM bench_events{suffix}
              GROUP BY tumble(event_time, INTERVAL '{} milliseconds'), segment_id;",
             args.output,
             args.window.as_millis()
         ),
         Workload::Filter => format!(
-            "CREATE EXTERNAL TABLE bench_detections (
+            "CREATE EXTERNAL TABLE bench_detections{suffix} (
                 camera_id VARCHAR NOT NULL, segment_id VARCHAR NOT NULL,
                 event_time TIMESTAMP NOT NULL, vehicle_class VARCHAR, speed_kmh DOUBLE)
              STORED AS KAFKA OPTIONS ('topic' '{}', 'format' 'json', 'key' 'segment_id');
-             INSERT INTO bench_detections
+             INSERT INTO bench_detections{suffix}
              SELECT camera_id, segment_id, event_time, vehicle_class, speed_kmh
-             FROM bench_events
+             FROM bench_events{suffix}
              WHERE kind = 'detection' AND speed_kmh IS NOT NULL;",
             args.output
         ),
@@ -145,6 +152,9 @@ pub struct EngineStats {
     /// where the engine's time goes (`tokio-runtime-w`: decode, queries, encode; `rdk:…`:
     /// librdkafka's consumer and producer).
     pub cpu_by_thread: BTreeMap<String, f64>,
+    /// The process's threads at the end mark.
+    #[serde(default)]
+    pub threads: u64,
 }
 
 /// CPU time (user + system) of each thread of this process, seconds, summed by thread name
@@ -200,33 +210,56 @@ fn usage() -> (f64, u64) {
 
 /// Runs the child side until stdin closes.
 pub async fn run(args: EngineArgs) -> Result<()> {
-    let mut config = PipelineConfig::new(&args.brokers);
-    // Named after the output, which is new for every run: a run never resumes another's
-    // committed offsets.
-    config.group_id = format!("bench-engine-{}", args.output);
-    config.default_queries = false;
-    config.queries = vec![("bench".into(), bench_sql(&args))];
-    config.topics.dlq = args.dlq.clone();
-    config.topics.late = args.late.clone();
-    config.linger = args.linger;
-    config.producer_linger = args.producer_linger;
-    config.properties = args.properties.clone();
-    let stats = Arc::new(PipelineStats::new());
-    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let copies = args.queries.max(1);
+    let queries: Vec<(String, String)> = if copies == 1 {
+        vec![("bench".into(), bench_sql(&args, ""))]
+    } else {
+        (0..copies)
+            .map(|i| (format!("bench{i}"), bench_sql(&args, &format!("_{i}"))))
+            .collect()
+    };
+    let pipelines: Vec<Vec<(String, String)>> = if args.one_pipeline {
+        vec![queries]
+    } else {
+        queries.into_iter().map(|q| vec![q]).collect()
+    };
     let stop = Arc::new(AtomicBool::new(false));
-    let running = tokio::spawn(pipeline.run(stop.clone()));
+    let mut all = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, queries) in pipelines.into_iter().enumerate() {
+        let mut config = PipelineConfig::new(&args.brokers);
+        // Named after the output, which is new for every run: a run never resumes another's
+        // committed offsets.
+        config.group_id = match i {
+            0 => format!("bench-engine-{}", args.output),
+            i => format!("bench-engine-{}-{i}", args.output),
+        };
+        config.default_queries = false;
+        config.queries = queries;
+        config.topics.dlq = args.dlq.clone();
+        config.topics.late = args.late.clone();
+        config.linger = args.linger;
+        config.producer_linger = args.producer_linger;
+        config.properties = args.properties.clone();
+        let stats = Arc::new(PipelineStats::new());
+        let pipeline = Pipeline::new(config, stats.clone()).await?;
+        tasks.push(tokio::spawn(pipeline.run(stop.clone())));
+        all.push(stats);
+    }
+    let stats = Engines(all);
+    let finished = || tasks.iter().any(|t| t.is_finished());
     // Ready once the consumer group has given this process its partitions: a load started
     // before that would pile up a backlog during the group join.
     // A drain's first records follow the assignment closely: look often.
     let look = Duration::from_millis(if args.expect.is_some() { 2 } else { 50 });
     let mut final_stats = EngineStats::default();
     let mut start: Option<Mark> = None;
-    while stats.assigned_partitions.load(Ordering::Relaxed) == 0 {
-        if running.is_finished() {
+    while !stats.assigned() {
+        if finished() {
             break;
         }
         tokio::time::sleep(look).await;
-        if args.expect.is_some() && stats.records_in.load(Ordering::Relaxed) > 0 {
+        if args.expect.is_some() && stats.first_read() {
             start = Some(Mark::start(&stats, &mut final_stats));
             break;
         }
@@ -262,9 +295,11 @@ pub async fn run(args: EngineArgs) -> Result<()> {
                 None => break,
             },
             _ = watch.tick(), if args.expect.is_some() && !ended => {
-                let read = stats.records_in.load(Ordering::Relaxed);
+                let read = stats.records_in();
                 match &start {
-                    None if read > 0 => start = Some(Mark::start(&stats, &mut final_stats)),
+                    None if stats.first_read() => {
+                        start = Some(Mark::start(&stats, &mut final_stats));
+                    }
                     Some(mark) if read >= args.expect.unwrap_or(u64::MAX) => {
                         mark.end(&stats, &mut final_stats);
                         ended = true;
@@ -273,23 +308,50 @@ pub async fn run(args: EngineArgs) -> Result<()> {
                 }
             }
             _ = ticker.tick() => {
-                if running.is_finished() {
+                if finished() {
                     break;
                 }
-                say(&serde_json::json!({
-                    "records_in": stats.records_in.load(Ordering::Relaxed),
-                }))?;
+                say(&serde_json::json!({ "records_in": stats.records_in() }))?;
             }
         }
     }
     stop.store(true, Ordering::Relaxed);
-    running
-        .await
-        .map_err(|e| Error::Config(format!("pipeline task failed: {e}")))??;
-    final_stats.dlq = stats.dlq.load(Ordering::Relaxed);
-    final_stats.late = stats.late.load(Ordering::Relaxed);
+    for task in tasks {
+        task.await
+            .map_err(|e| Error::Config(format!("pipeline task failed: {e}")))??;
+    }
+    final_stats.dlq = stats.0.iter().map(|s| s.dlq.load(Ordering::Relaxed)).sum();
+    final_stats.late = stats.0.iter().map(|s| s.late.load(Ordering::Relaxed)).sum();
     final_stats.peak_rss_bytes = usage().1;
     say(&serde_json::json!({ "final": final_stats }))
+}
+
+/// The statistics of the child's pipelines (one per copy of the query, or one for all).
+struct Engines(Vec<Arc<PipelineStats>>);
+
+impl Engines {
+    /// Whether every pipeline has partitions assigned.
+    fn assigned(&self) -> bool {
+        self.0
+            .iter()
+            .all(|s| s.assigned_partitions.load(Ordering::Relaxed) > 0)
+    }
+
+    /// Whether any pipeline has read a record.
+    fn first_read(&self) -> bool {
+        self.0
+            .iter()
+            .any(|s| s.records_in.load(Ordering::Relaxed) > 0)
+    }
+
+    /// The input records every pipeline has read: the slowest one's count.
+    fn records_in(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|s| s.records_in.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    }
 }
 
 /// The start of a measured interval: when, the process's CPU time and each thread's.
@@ -300,11 +362,13 @@ struct Mark {
 }
 
 impl Mark {
-    /// Starts the interval: notes the input count and resets the emit-latency histogram.
-    fn start(stats: &PipelineStats, out: &mut EngineStats) -> Self {
-        out.records_at_start = stats.records_in.load(Ordering::Relaxed);
-        if let Ok(mut h) = stats.emit_latency_us.lock() {
-            *h = latency_histogram();
+    /// Starts the interval: notes the input count and resets the emit-latency histograms.
+    fn start(stats: &Engines, out: &mut EngineStats) -> Self {
+        out.records_at_start = stats.records_in();
+        for s in &stats.0 {
+            if let Ok(mut h) = s.emit_latency_us.lock() {
+                *h = latency_histogram();
+            }
         }
         Self {
             at: Instant::now(),
@@ -313,9 +377,11 @@ impl Mark {
         }
     }
 
-    /// Ends the interval: input count, time, CPU (in all and by thread), emit latency.
-    fn end(&self, stats: &PipelineStats, out: &mut EngineStats) {
-        out.records_at_end = stats.records_in.load(Ordering::Relaxed);
+    /// Ends the interval: input count, time, CPU (in all and by thread), threads, emit latency
+    /// (of every pipeline's outputs).
+    fn end(&self, stats: &Engines, out: &mut EngineStats) {
+        out.records_at_end = stats.records_in();
+        out.threads = std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count() as u64);
         out.marked_seconds = self.at.elapsed().as_secs_f64();
         out.cpu_seconds = usage().0 - self.cpu;
         // Threads that ended between the marks are not counted.
@@ -327,9 +393,14 @@ impl Mark {
             })
             .filter(|(_, secs)| *secs > 0.0)
             .collect();
-        if let Ok(h) = stats.emit_latency_us.lock() {
-            out.emit = Percentiles::of(&h);
+        let mut emit = latency_histogram();
+        for s in &stats.0 {
+            if let Ok(h) = s.emit_latency_us.lock() {
+                // Same bounds and precision: adding cannot fail.
+                let _ = emit.add(&*h);
+            }
         }
+        out.emit = Percentiles::of(&emit);
     }
 }
 
@@ -391,6 +462,8 @@ impl EngineProcess {
             .args(["--linger", &ms(args.linger)])
             .args(["--producer-linger", &ms(args.producer_linger)])
             .args(args.repartition.then_some("--repartition"))
+            .args(["--queries", &args.queries.to_string()])
+            .args(args.one_pipeline.then_some("--one-pipeline"))
             .args(
                 expect
                     .iter()

@@ -61,6 +61,8 @@ pub struct DrainRun {
     pub cores: Option<f64>,
     /// The engine's CPU time per record by kind of thread, µs.
     pub cpu_us_per_event_by_thread: std::collections::BTreeMap<String, f64>,
+    /// The engine's threads at the end of the drain.
+    pub threads: Option<u64>,
     /// Records the engine dead-lettered and events it found late (none are expected).
     pub dlq_late: Option<(u64, u64)>,
     /// Records of the backlog the peer's output did not account for when it went quiet
@@ -117,6 +119,11 @@ impl DrainReport {
             ),
             Workload::Filter => "stateless filter and projection".to_string(),
         };
+        let query = match (o.queries, o.one_pipeline) {
+            (1, false) => query,
+            (n, false) => format!("{n} copies of the {query}, a pipeline each"),
+            (n, true) => format!("{n} copies of the {query}, in one pipeline"),
+        };
         let _ = writeln!(
             s,
             "\nbacklog drain: {} events ({:.0}/s produced), {} partitions; engine query: {query}\n\
@@ -129,14 +136,14 @@ impl DrainReport {
         );
         let _ = writeln!(
             s,
-            "{:>3} {:>7} {:>10} {:>8} {:>11} {:>7} {:>7}",
-            "run", "reader", "records", "seconds", "records/s", "CPU µs", "cores"
+            "{:>3} {:>7} {:>10} {:>8} {:>11} {:>7} {:>7} {:>7}",
+            "run", "reader", "records", "seconds", "records/s", "CPU µs", "cores", "threads"
         );
         for (i, r) in self.runs.iter().enumerate() {
             let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
             let _ = writeln!(
                 s,
-                "{:>3} {:>7} {:>10} {:>8.2} {:>11.0} {:>7} {:>7}",
+                "{:>3} {:>7} {:>10} {:>8.2} {:>11.0} {:>7} {:>7} {:>7}",
                 i + 1,
                 r.reader.name(),
                 r.records,
@@ -144,6 +151,7 @@ impl DrainReport {
                 r.rate,
                 opt(r.cpu_us_per_event),
                 opt(r.cores),
+                r.threads.map_or("-".to_string(), |t| t.to_string()),
             );
             if let Some((dlq, late)) = r.dlq_late.filter(|&(d, l)| d + l > 0) {
                 let _ = writeln!(s, "{:>11} {dlq} records dead-lettered, {late} late", "");
@@ -331,6 +339,7 @@ async fn drain_engine(
             .collect(),
         dlq_late: Some((stats.dlq, stats.late)),
         unaccounted: None,
+        threads: Some(stats.threads),
     })
 }
 
@@ -390,5 +399,6 @@ async fn drain_plain(
         cpu_us_per_event_by_thread: Default::default(),
         dlq_late: None,
         unaccounted: None,
+        threads: None,
     })
 }

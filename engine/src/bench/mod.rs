@@ -156,6 +156,16 @@ pub struct BenchArgs {
     /// With --backlog: how many times each reader drains it, alternating.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// With --backlog: copies of the query the engine runs over the input (1 to 64), each as
+    /// the service runs a registered query: a pipeline of its own, with its own consumer,
+    /// decoding and producer. The engine's CPU per event is per input event, for all of them;
+    /// its threads are counted.
+    #[arg(long, default_value_t = 1)]
+    pub queries: u32,
+    /// With --queries: the copies run in one pipeline, which reads and decodes the input once
+    /// for all of them (the service runs each registered query in a pipeline of its own).
+    #[arg(long)]
+    pub one_pipeline: bool,
     /// With --backlog: a second stream engine drains the backlog too, in turns with the
     /// engine and the plain consumer, through the same broker; its CPU time per event is
     /// reported beside the engine's.
@@ -336,6 +346,12 @@ fn validate(args: &BenchArgs) -> Result<()> {
     }
     if args.backlog.is_some() && args.runs == 0 {
         return bad("--runs must be at least 1");
+    }
+    if !(1..=64).contains(&args.queries) {
+        return bad("--queries must be from 1 to 64");
+    }
+    if (args.queries > 1 || args.one_pipeline) && args.backlog.is_none() {
+        return bad("--queries and --one-pipeline measure a drain: give --backlog N too");
     }
     if args.peer.is_some() && args.backlog.is_none() {
         return bad("--peer takes turns draining a backlog: give --backlog N too");

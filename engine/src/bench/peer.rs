@@ -236,6 +236,7 @@ async fn watch(
         cpu_us_per_event_by_thread: Default::default(),
         dlq_late: None,
         unaccounted: Some(expect.saturating_sub(last.counted)),
+        threads: None,
     })
 }
 
