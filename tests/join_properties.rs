@@ -643,3 +643,87 @@ async fn a_joins_progress_watermark_follows_the_side_that_still_delivers() -> an
     );
     Ok(())
 }
+
+/// A join's side watermarks move on processing time alone (a side quiet for its idle timeout
+/// follows the other) while its output watermark may stay where it was; the rows that move
+/// releases (here the right rows no left row can match any more, published unmatched) come
+/// out whether or not the query was ticked in between, over 4 partitions a side.
+#[tokio::test]
+async fn a_join_side_going_idle_releases_rows_however_often_it_is_ticked() -> anyhow::Result<()> {
+    let plan = || {
+        plan_query([
+            "CREATE EXTERNAL TABLE a (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+             STORED AS KAFKA OPTIONS ('topic' 'ta', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '60s')",
+            "CREATE EXTERNAL TABLE b (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+             STORED AS KAFKA OPTIONS ('topic' 'tb', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '60s')",
+            "SELECT a.id AS aid, b.id AS bid, b.t AS bt FROM a RIGHT JOIN b ON a.k = b.k \
+             AND b.t BETWEEN a.t AND a.t + INTERVAL '10 seconds'",
+        ])
+    };
+    // Rows at `t + i` seconds on partition i % 4, all of key `k`.
+    let batch = |k: &str, t: i64, n: usize| -> anyhow::Result<RecordBatch> {
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("id", Arc::new(Int64Array::from_iter_values(0..n as i64))),
+            (
+                "k",
+                Arc::new(datafusion::arrow::array::StringViewArray::from(vec![
+                    Some(k);
+                    n
+                ])),
+            ),
+            (
+                "t",
+                Arc::new(TimestampMillisecondArray::from_iter_values(
+                    (0..n as i64).map(|i| t + i * SEC),
+                )),
+            ),
+            ("v", Arc::new(Int64Array::from(vec![1; n]))),
+        ];
+        Ok(RecordBatch::try_from_iter(columns)?)
+    };
+    let partitions = |n: usize| -> Vec<i32> { (0..n as i32).map(|i| i % PARTITIONS).collect() };
+    let now = T0 + 86_400_000;
+    let count = |outs: &[urbanstream::plan::stream::StepOutput]| -> usize {
+        outs.iter()
+            .flat_map(|o| &o.rows)
+            .map(RecordBatch::num_rows)
+            .sum()
+    };
+    let mut runs = Vec::new();
+    // Ticked at these processing times after the input, then at a minute and a second after
+    // the left side's last record, when it has gone idle.
+    for ticks in [vec![], vec![55 * SEC], vec![52 * SEC, 55 * SEC, 59 * SEC]] {
+        let mut query = plan().await?;
+        let mut outs = Vec::new();
+        outs.push(
+            query
+                .process_from("a", &batch("k0", T0, 8)?, &partitions(8), None, now)
+                .await?,
+        );
+        outs.push(
+            query
+                .process_from(
+                    "b",
+                    &batch("k1", T0 + 3 * SEC, 8)?,
+                    &partitions(8),
+                    None,
+                    now + 50 * SEC,
+                )
+                .await?,
+        );
+        for t in ticks {
+            outs.push(query.tick(now + t).await?);
+        }
+        outs.push(query.tick(now + 61 * SEC).await?);
+        runs.push(count(&outs));
+    }
+    assert!(
+        runs[0] > 0,
+        "the right rows were not published unmatched once the left side went idle"
+    );
+    assert!(
+        runs.iter().all(|r| *r == runs[0]),
+        "rows published with and without ticks in between: {runs:?}"
+    );
+    Ok(())
+}

@@ -228,7 +228,8 @@ pub struct PipelineStats {
 pub struct CheckpointInfo {
     /// Its number.
     pub epoch: u64,
-    /// When it was taken, epoch ms.
+    /// When it was taken, epoch ms; or when it was last found to hold the state still (a
+    /// checkpoint is not written again while nothing changes).
     pub at_ms: i64,
     /// Bytes on disk.
     pub bytes: u64,

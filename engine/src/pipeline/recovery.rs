@@ -465,6 +465,13 @@ impl Pipeline {
             && c.replay.is_none()
         {
             c.last = std::time::Instant::now();
+            // The newest checkpoint still holds the state: its age (a metric operators alert
+            // on) counts from now.
+            if let Ok(mut last) = self.stats.last_checkpoint.lock()
+                && let Some(last) = last.as_mut()
+            {
+                last.at_ms = epoch_ms();
+            }
             return Ok(());
         }
         if self.sink.is_transactional() {

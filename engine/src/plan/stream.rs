@@ -2765,13 +2765,16 @@ impl StreamQuery {
 
     /// Advances processing time without input: idle partitions stop holding the watermark,
     /// early fires come due. A tick at the watermark of the last, with no input or early fire
-    /// since, does nothing: what it would emit is due only when the watermark moves.
+    /// since, does nothing: what it would emit is due only when the watermark moves. Not so
+    /// for a join or a union, whose inputs' watermarks move on processing time (a quiet input
+    /// following the others) and release rows while the output's watermark may stay put.
     pub async fn tick(&mut self, now_ms: i64) -> Result<StepOutput> {
         let early = self
             .early_fire_ms
             .is_some_and(|every| now_ms.saturating_sub(self.last_early_fire_ms) >= every);
         let watermark = self.input_watermark(now_ms);
-        if !early && self.settled == Some(watermark) {
+        if !early && self.join.is_none() && self.union.is_none() && self.settled == Some(watermark)
+        {
             return Ok(StepOutput::default());
         }
         self.touch();
@@ -2840,6 +2843,7 @@ impl StreamQuery {
 
     /// Raises the watermark to `watermark` explicitly and emits what that closes.
     pub async fn advance_watermark(&mut self, watermark: i64, now_ms: i64) -> Result<StepOutput> {
+        self.touch();
         self.watermarks.force(watermark);
         self.tick(now_ms).await
     }
