@@ -828,7 +828,8 @@ async fn a_query_stopped_again_and_again_in_its_backlog_counts_every_event_once(
 
 /// A checkpoint is written when the state or the input positions have changed since the last,
 /// not every interval: an idle query writes none (its files and object-store writes would
-/// grow with idle time), and the next record it reads is checkpointed again, over 4 partitions.
+/// grow with idle time), the next record it reads is checkpointed again, and a restart after
+/// an idle stop resumes from the checkpoint written last, over 4 partitions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_query_writes_no_checkpoint_until_it_reads_again() -> anyhow::Result<()> {
     let cluster = TestCluster::start(4)?;
@@ -892,7 +893,50 @@ async fn an_idle_query_writes_no_checkpoint_until_it_reads_again() -> anyhow::Re
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(stats.records_in.load(Ordering::Relaxed), 13);
+    // Stopped while idle again (its last checkpoint not written again) and started anew from
+    // its checkpoints: it resumes after the 13 records, with their counts, and publishes each
+    // segment's minute once, exactly, when the next records close it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     task.await??;
+    config.group_id = "idle-checkpoints-again".into();
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    let minutes = cluster.consumer("test.minutes")?;
+    for j in 0..4i32 {
+        let segment = format!("seg-{j}");
+        let record = detection(&segment, T0 + 120_000, "car", Some(30.0));
+        cluster.produce(&topic, j, &segment, &record).await?;
+    }
+    let mut rows = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while rows.len() < 4 && std::time::Instant::now() < deadline {
+        rows.extend(read_more(&minutes, Duration::from_secs(1)).await);
+    }
+    rows.extend(read_more(&minutes, Duration::from_secs(1)).await);
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    assert_eq!(
+        stats.records_in.load(Ordering::Relaxed),
+        4,
+        "the restarted query read records again"
+    );
+    let mut got: Vec<(String, i64, i64)> = rows
+        .iter()
+        .map(|v| {
+            (
+                v["segment_id"].as_str().unwrap_or_default().to_string(),
+                v["window_start"].as_i64().unwrap_or(-1),
+                v["n"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    got.sort();
+    let want: Vec<(String, i64, i64)> = (0..4)
+        .map(|j| (format!("seg-{j}"), T0, if j == 1 { 4 } else { 3 }))
+        .collect();
+    assert_eq!(got, want);
     Ok(())
 }
