@@ -180,6 +180,12 @@ pub struct EvaluateArgs {
     /// The likelihood below which a raised alert clears.
     #[arg(long, default_value_t = 0.99)]
     pub clear: f64,
+    /// Instead of the detectors one series at a time: run the city's default incident alert
+    /// query (its loop-detector statement, as the service runs it) over `--simulated-days` of
+    /// the simulator with incidents and again without, and score its alerts against the
+    /// incidents injected.
+    #[arg(long, conflicts_with_all = ["data", "skab"])]
+    pub alerts: bool,
 }
 
 /// A UTC offset `±HH:MM` (or `0`), in milliseconds.
@@ -448,7 +454,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Evaluate(args) => evaluate(args),
+        Command::Evaluate(args) => evaluate(args).await,
         Command::Run(args) => {
             let summary = run::run_file(&args).await?;
             print!("{}", run::report(&summary)?);
@@ -472,13 +478,33 @@ fn write_json(path: Option<&std::path::Path>, reports: &impl serde::Serialize) -
     Ok(())
 }
 
-fn evaluate(args: EvaluateArgs) -> Result<()> {
+async fn evaluate(args: EvaluateArgs) -> Result<()> {
     use crate::evaluate as eval;
     if !(0.0..=1.0).contains(&args.threshold) || !(0.0..=args.threshold).contains(&args.clear) {
         return Err(crate::error::Error::Config(format!(
             "--threshold {} and --clear {} must be likelihoods with clear ≤ threshold (e.g. --threshold 0.9999 --clear 0.99)",
             args.threshold, args.clear
         )));
+    }
+    if args.alerts {
+        let days = args.simulated_days.max(1);
+        let tolerance = args.tolerance.as_millis() as i64;
+        let mut reports = Vec::new();
+        for incidents_per_hour in [2.0, 0.0] {
+            eprintln!(
+                "running alerts_incidents over {days} simulated days, {incidents_per_hour} incidents an hour…"
+            );
+            reports.push(
+                eval::alerts::evaluate(args.seed, days, incidents_per_hour, tolerance).await?,
+            );
+        }
+        println!(
+            "default alert query over the simulator's days (seed {}), tolerance {}\n",
+            args.seed,
+            humantime::format_duration(args.tolerance)
+        );
+        print!("{}", eval::alerts::table(&reports));
+        return write_json(args.json.as_deref(), &reports);
     }
     if let Some(dir) = &args.skab {
         let (experiments, free) = eval::skab::load(dir)?;

@@ -16,6 +16,7 @@
 //! or within the tolerance after its end; an alert that overlaps no (tolerance-extended) window
 //! is a false alert. Scores of a detector still warming up raise nothing.
 
+pub mod alerts;
 pub mod nab;
 pub mod skab;
 
