@@ -180,10 +180,10 @@ pub struct EvaluateArgs {
     /// The likelihood below which a raised alert clears.
     #[arg(long, default_value_t = 0.99)]
     pub clear: f64,
-    /// Instead of the detectors one series at a time: run the city's default incident alert
-    /// query (its loop-detector statement, as the service runs it) over `--simulated-days` of
-    /// the simulator with incidents and again without, and score its alerts against the
-    /// incidents injected.
+    /// Instead of the detectors one series at a time: run the city's default alert queries on
+    /// traffic (the incident query's loop-detector statement, the congestion anomalies over
+    /// cameras), as the service runs them, over `--simulated-days` of the simulator with
+    /// incidents and again without, and score their alerts against the incidents injected.
     #[arg(long, conflicts_with_all = ["data", "skab"])]
     pub alerts: bool,
 }
@@ -490,16 +490,26 @@ async fn evaluate(args: EvaluateArgs) -> Result<()> {
         let days = args.simulated_days.max(1);
         let tolerance = args.tolerance.as_millis() as i64;
         let mut reports = Vec::new();
-        for incidents_per_hour in [2.0, 0.0] {
-            eprintln!(
-                "running alerts_incidents over {days} simulated days, {incidents_per_hour} incidents an hour…"
-            );
-            reports.push(
-                eval::alerts::evaluate(args.seed, days, incidents_per_hour, tolerance).await?,
-            );
+        for statement in [eval::alerts::Statement::Congestion] {
+            for incidents_per_hour in [2.0, 0.0] {
+                eprintln!(
+                    "running {} over {days} simulated days, {incidents_per_hour} incidents an hour…",
+                    statement.name()
+                );
+                reports.push(
+                    eval::alerts::evaluate(
+                        statement,
+                        args.seed,
+                        days,
+                        incidents_per_hour,
+                        tolerance,
+                    )
+                    .await?,
+                );
+            }
         }
         println!(
-            "default alert query over the simulator's days (seed {}), tolerance {}\n",
+            "default alert queries over the simulator's days (seed {}), tolerance {}\n",
             args.seed,
             humantime::format_duration(args.tolerance)
         );
