@@ -2,8 +2,9 @@
 -- default detector (seasonal daily profile, robust residual scale, CUSUM for shifts) against
 -- the segment's own history, and alert_state turns the score into alerts: raised when the
 -- speed stays 4 robust σ below what the segment does at that time of day, and at most 70 % of
--- it, for 3 minutes; cleared when it is back within 2 σ or above 70 % of the usual, then 10
--- minutes' cooldown; an alert on a segment that stops reporting expires after 15 minutes.
+-- it, for 3 minutes; cleared when it is back within 2 σ or above 80 % of the usual (between 70
+-- and 80 % a raised alert holds, a pending one waits), then 10 minutes' cooldown; an alert on a
+-- segment that stops reporting (or whose speed is missing) expires after 15 minutes.
 -- Scores of a detector still warming up (its first 30 minutes of a segment) raise nothing.
 -- The 70 %: the daily profile is kept in 15-minute bins, and where the speed climbs fast
 -- within a bin (the end of a rush hour) the first minutes of the bin lie below its mean and
@@ -23,7 +24,7 @@ SELECT concat('congestion_anomaly:', segment_id, ':', to_char(a['started_at'], '
        d['baseline'] AS baseline,
        d['score'] AS score,
        'anomaly_score' AS detector,
-       'speed score <= -4 at most 70 % of usual for 3 min raises; >= -2 or above 70 % of usual clears; cooldown 10 min; expires after 15 min without data' AS rule,
+       'speed score <= -4 at most 70 % of usual for 3 min raises; >= -2 or above 80 % of usual clears; cooldown 10 min; expires after 15 min without data' AS rule,
        window_start,
        window_end,
        a['started_at'] AS started_at,
@@ -32,8 +33,9 @@ SELECT concat('congestion_anomaly:', segment_id, ':', to_char(a['started_at'], '
               ' km/h is usual at this time (', round(d['score'], 1), ' σ)') AS message
 FROM (
     SELECT *,
-           alert_state(CASE WHEN d['warming'] THEN NULL
-                            WHEN speed > 0.7 * d['baseline'] THEN 0.0
+           alert_state(CASE WHEN d['warming'] OR speed IS NULL THEN NULL
+                            WHEN speed > 0.8 * d['baseline'] THEN 0.0
+                            WHEN speed > 0.7 * d['baseline'] THEN least(-d['score'], 3.0)
                             ELSE -d['score'] END, window_end,
                        4, 2, INTERVAL '3 minutes', INTERVAL '10 minutes', INTERVAL '15 minutes')
                OVER (PARTITION BY segment_id ORDER BY window_end) AS a

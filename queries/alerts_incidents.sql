@@ -6,7 +6,9 @@
 -- 2. From loop/radar detectors (the California-algorithm family): per segment and minute, the
 --    speed collapses (default detector score <= -3, and at most 70 % of the usual speed) while
 --    the occupancy rises (score >= 3) against the segment's own profile, for 3 minutes; cleared
---    when either is back within 1.5 σ or the speed above 70 % of the usual. The 70 % keeps a
+--    when either is back within 1.5 σ or the speed above 80 % of the usual (between 70 and
+--    80 % a raised alert holds, a pending one waits); a segment whose speed is missing raises
+--    nothing and its alert expires after 15 minutes. The 70 % keeps a
 --    smooth series' ordinary slowdowns out: on a series with little noise a 13 % drop is many
 --    σ, and before the daily profile has seen a time of day twice (a new segment's first two
 --    days) the morning's rise in traffic looks like a collapse against the night. Measured on
@@ -58,7 +60,7 @@ SELECT concat('incident:', segment_id, ':', to_char(a['started_at'], '%Y%m%dT%H%
        s['baseline'] AS baseline,
        least(-s['score'], o['score']) AS score,
        'anomaly_score' AS detector,
-       'speed score <= -3 at most 70 % of usual and occupancy score >= 3 for 3 min raise; either within 1.5 or speed above 70 % of usual clears' AS rule,
+       'speed score <= -3 at most 70 % of usual and occupancy score >= 3 for 3 min raise; either within 1.5 or speed above 80 % of usual clears' AS rule,
        window_start,
        window_end,
        a['started_at'] AS started_at,
@@ -67,8 +69,9 @@ SELECT concat('incident:', segment_id, ':', to_char(a['started_at'], '%Y%m%dT%H%
               round(occupancy, 1), ' % (usual ', round(o['baseline'], 1), ')') AS message
 FROM (
     SELECT *,
-           alert_state(CASE WHEN s['warming'] OR o['warming'] THEN NULL
-                            WHEN speed > 0.7 * s['baseline'] THEN 0.0
+           alert_state(CASE WHEN s['warming'] OR o['warming'] OR speed IS NULL THEN NULL
+                            WHEN speed > 0.8 * s['baseline'] THEN 0.0
+                            WHEN speed > 0.7 * s['baseline'] THEN least(-s['score'], o['score'], 2.0)
                             ELSE least(-s['score'], o['score']) END,
                        window_end, 3, 1.5, INTERVAL '3 minutes', INTERVAL '10 minutes',
                        INTERVAL '15 minutes')

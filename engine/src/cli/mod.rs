@@ -490,7 +490,10 @@ async fn evaluate(args: EvaluateArgs) -> Result<()> {
         let days = args.simulated_days.max(1);
         let tolerance = args.tolerance.as_millis() as i64;
         let mut reports = Vec::new();
-        for statement in [eval::alerts::Statement::Congestion] {
+        for statement in [
+            eval::alerts::Statement::Incidents,
+            eval::alerts::Statement::Congestion,
+        ] {
             for incidents_per_hour in [2.0, 0.0] {
                 eprintln!(
                     "running {} over {days} simulated days, {incidents_per_hour} incidents an hour…",
