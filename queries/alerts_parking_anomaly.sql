@@ -6,7 +6,8 @@
 -- an hour without data. The likelihood is null while the detector learns a lot (its first 300
 -- minutes), which raises nothing. The detector takes a lasting change (a lot closed, a counter
 -- stuck) as the lot's new level within minutes, so the alert marks where it began and clears
--- while it may still last.
+-- while it may still last. The message gives the usual occupancy, the expected range (the
+-- usual ± 3 robust σ) and the likelihood.
 -- Published to city.alerts (kind parking_anomaly), keyed by entity_id.
 INSERT INTO alerts
 SELECT concat('parking_anomaly:', lot_id, ':', to_char(a['started_at'], '%Y%m%dT%H%M%S')) AS alert_id,
@@ -26,8 +27,11 @@ SELECT concat('parking_anomaly:', lot_id, ':', to_char(a['started_at'], '%Y%m%dT
        a['started_at'] AS started_at,
        a['severity'] AS severity,
        concat('Occupancy ', round(occupancy, 1), ' % where ', round(d['baseline'], 1),
-              ' % is usual at this time (', round(d['score'], 1), ' σ, likelihood ',
-              round(d['likelihood'], 5), ')') AS message
+              ' % is usual at this time (',
+              CASE WHEN d['scale'] IS NOT NULL
+                   THEN concat('expected ', round(greatest(d['baseline'] - 3 * d['scale'], 0.0), 1),
+                               ' to ', round(least(d['baseline'] + 3 * d['scale'], 100.0), 1), ' %; ') END,
+              round(d['score'], 1), ' σ; likelihood ', round(d['likelihood'], 5), ')') AS message
 FROM (
     SELECT *,
            alert_state(d['likelihood'], window_end, 0.9999, 0.99, INTERVAL '0 minutes',

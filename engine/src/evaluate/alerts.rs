@@ -20,7 +20,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use serde::Serialize;
 
-use super::{DAY, MIN, START, ratio};
+use super::{DAY, MIN, START, ratio, runs_of_minutes};
 use crate::decode::JsonDecoder;
 use crate::error::{Error, Result};
 use crate::plan::stream::StreamQuery;
@@ -296,18 +296,6 @@ fn collect(
     Ok(())
 }
 
-/// Incident windows `[first minute, last minute]` from the minutes each was active.
-fn windows(minutes: &[i64]) -> Vec<(i64, i64)> {
-    let mut out: Vec<(i64, i64)> = Vec::new();
-    for &m in minutes {
-        match out.last_mut() {
-            Some(w) if m - w.1 <= MIN => w.1 = m,
-            _ => out.push((m, m)),
-        }
-    }
-    out
-}
-
 fn score(
     statement: Statement,
     days: u32,
@@ -322,7 +310,8 @@ fn score(
     let mut delays = Vec::new();
     let no_alerts = Vec::new();
     for segment in segments {
-        let incidents = windows(incident_minutes.get(segment).map_or(&[][..], |m| m));
+        // Incident windows `[first minute, last minute]` from the minutes each was active.
+        let incidents = runs_of_minutes(incident_minutes.get(segment).map_or(&[][..], |m| m));
         let raised = alerts.get(segment).unwrap_or(&no_alerts);
         for (start, last) in &incidents {
             let day = &mut by_day[day_of(*start)];

@@ -33,6 +33,19 @@ use urbanstream_operators::detect::{AlertMachine, AlertRule, AlertTransition, Em
 use crate::error::{Error, Result};
 
 const MIN: i64 = 60_000;
+
+/// The runs of consecutive minutes in `minutes` (sorted epoch ms, one per labelled minute):
+/// `(first, last)` of each, a gap of more than a minute starting a new one.
+pub(super) fn runs_of_minutes(minutes: &[i64]) -> Vec<(i64, i64)> {
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    for &m in minutes {
+        match out.last_mut() {
+            Some(w) if m - w.1 <= MIN => w.1 = m,
+            _ => out.push((m, m)),
+        }
+    }
+    out
+}
 const DAY: i64 = 86_400_000;
 /// 2026-01-05T00:00:00+07:00, a Monday.
 const START: i64 = 1_767_546_000_000;
@@ -353,16 +366,7 @@ pub fn simulated(seed: u64, hours: u32) -> Result<Vec<Series>> {
             }
         }
     }
-    let runs = |minutes: Option<&Vec<i64>>| -> Vec<(i64, i64)> {
-        let mut out: Vec<(i64, i64)> = Vec::new();
-        for &m in minutes.map(Vec::as_slice).unwrap_or_default() {
-            match out.last_mut() {
-                Some(w) if m - w.1 <= MIN => w.1 = m,
-                _ => out.push((m, m)),
-            }
-        }
-        out
-    };
+    let runs = |minutes: Option<&Vec<i64>>| runs_of_minutes(minutes.map_or(&[][..], |m| m));
     let mut out = Vec::new();
     for (detector, readings) in speeds {
         let segment = detector_segment.get(&detector).cloned().unwrap_or_default();

@@ -105,6 +105,10 @@ impl Combined {
                 baseline,
                 warming,
                 likelihood: None,
+                scale: self
+                    .spread
+                    .zip(baseline)
+                    .map(|((_, scale), b)| scale.max(Self::RELATIVE_FLOOR * b.abs())),
             };
         };
         self.n = self.n.saturating_add(1);
@@ -115,6 +119,7 @@ impl Combined {
                 baseline: Some(x),
                 warming,
                 likelihood: None,
+                scale: None,
             };
         };
         let residual = x - baseline;
@@ -159,6 +164,7 @@ impl Combined {
             baseline: Some(baseline + centre),
             warming,
             likelihood,
+            scale: Some(scale),
         }
     }
 }

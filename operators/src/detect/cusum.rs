@@ -58,6 +58,7 @@ impl Cusum {
                 baseline,
                 warming,
                 likelihood: None,
+                scale: self.baseline.std(),
             };
         };
         let (Some(mean), Some(std)) = (baseline, self.baseline.std()) else {
@@ -67,6 +68,7 @@ impl Cusum {
                 baseline: Some(x),
                 warming,
                 likelihood: None,
+                scale: None,
             };
         };
         let z = standardise(x, mean, std).clamp(-Self::CLIP, Self::CLIP);
@@ -100,6 +102,7 @@ impl Cusum {
             baseline: Some(mean),
             warming,
             likelihood: None,
+            scale: Some(std),
         }
     }
 }

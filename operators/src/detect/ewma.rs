@@ -60,6 +60,7 @@ impl Ewma {
                 baseline: self.mean(),
                 warming,
                 likelihood: None,
+                scale: (self.n > 1).then(|| self.var.sqrt()),
             };
         };
         if self.n == 0 {
@@ -71,17 +72,20 @@ impl Ewma {
                 baseline: Some(x),
                 warming,
                 likelihood: None,
+                scale: None,
             };
         }
         let baseline = self.mean;
         // One earlier reading says nothing about the spread.
-        let z = (self.n > 1).then(|| standardise(x, baseline, self.var.sqrt()));
+        let scale = (self.n > 1).then(|| self.var.sqrt());
+        let z = scale.map(|scale| standardise(x, baseline, scale));
         self.fold(x);
         Score {
             score: z,
             baseline: Some(baseline),
             warming,
             likelihood: None,
+            scale,
         }
     }
 

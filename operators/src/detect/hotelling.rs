@@ -169,10 +169,16 @@ impl Hotelling {
         VectorOut {
             score: Score {
                 score: Some(t2.sqrt().min(super::MAX_SCORE)),
-
                 baseline: Some(self.mean[column]),
                 warming: false,
                 likelihood: Some(likelihood),
+                // The column's own spread: the T² score is not in its units, but the
+                // expected range of the column it names is.
+                scale: Some(
+                    (self.comoment[column * d + column] / self.weight)
+                        .abs()
+                        .sqrt(),
+                ),
             },
             column: Some(column as u32 + 1),
         }

@@ -93,12 +93,13 @@ impl RollingMad {
     pub fn update(&mut self, x: Option<f64>) -> Score {
         let warming = self.values.len() < self.warmup;
         let Some(x) = x.filter(|v| v.is_finite()) else {
-            let baseline = self.location_scale().map(|(m, _)| m);
+            let spread = self.location_scale();
             return Score {
                 score: None,
-                baseline,
+                baseline: spread.map(|(m, _)| m),
                 warming,
                 likelihood: None,
+                scale: spread.filter(|_| self.values.len() >= 2).map(|(_, s)| s),
             };
         };
         let out = match self.location_scale() {
@@ -108,18 +109,21 @@ impl RollingMad {
                 baseline: Some(median),
                 warming,
                 likelihood: None,
+                scale: None,
             },
             Some((median, scale)) => Score {
                 score: Some(standardise(x, median, scale)),
                 baseline: Some(median),
                 warming,
                 likelihood: None,
+                scale: Some(scale),
             },
             None => Score {
                 score: Some(0.0),
                 baseline: Some(x),
                 warming,
                 likelihood: None,
+                scale: None,
             },
         };
         self.push(x);

@@ -61,6 +61,11 @@ pub struct Score {
     /// same false-alert rate on every series. `None` for detectors that do not calibrate, and
     /// while the calibration is warming up.
     pub likelihood: Option<f64>,
+    /// What one unit of `score` stands for in the series' own units (a standard deviation or
+    /// its robust equivalent), so that `baseline ± 3 · scale` is the range of readings that
+    /// score within ±3: the expected range an alert can quote. `None` where the detector has
+    /// no spread yet, or its score is not in such units.
+    pub scale: Option<f64>,
 }
 
 /// `(x - baseline) / scale`, the scale floored so that a constant series gives a finite score.

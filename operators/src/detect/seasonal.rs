@@ -147,6 +147,7 @@ impl Seasonal {
                 baseline,
                 warming,
                 likelihood: None,
+                scale: baseline.map(|_| scale),
             };
         };
         let score = baseline.map_or(0.0, |b| standardise(x, b, scale));
@@ -161,6 +162,7 @@ impl Seasonal {
             baseline: Some(baseline.unwrap_or(x)),
             warming,
             likelihood: None,
+            scale: baseline.map(|_| scale),
         }
     }
 }

@@ -8,18 +8,23 @@
 //!
 //! | function | parameters (defaults) | returns |
 //! |---|---|---|
-//! | `anomaly_ewma` | `alpha` (0.1), `warmup` readings (20) | `{score, baseline, warming}` |
+//! | `anomaly_ewma` | `alpha` (0.1), `warmup` readings (20) | `{score, baseline, warming, likelihood, scale}` (`likelihood` NULL) |
 //! | `anomaly_mad` | `window` readings (60), `warmup` (10) | same |
 //! | `anomaly_cusum` | slack `k` in σ (0.5), baseline `alpha` (0.02), `warmup` (20) | same |
 //! | `anomaly_seasonal` | `'day'`, `'week'` or `'daytype'` (`'day'`), bin (`INTERVAL '15 minutes'`), UTC offset (`INTERVAL '0 hours'`) | same |
-//! | `anomaly_score` | UTC offset (`INTERVAL '0 hours'`) | `{score, baseline, warming, likelihood}` (the default detector) |
-//! | `anomaly_vector` | UTC offset; `value` is an array of numbers, e.g. `[flow, speed]` | `{score, baseline, warming, likelihood, column}` |
+//! | `anomaly_score` | UTC offset (`INTERVAL '0 hours'`) | `{score, baseline, warming, likelihood, scale}` (the default detector) |
+//! | `anomaly_vector` | UTC offset; `value` is an array of numbers, e.g. `[flow, speed]` | `{score, baseline, warming, likelihood, column, scale}` |
 //! | `anomaly_t2` | half-life (`INTERVAL '1 hour'`); `value` is an array of numbers | same (Hotelling's T² of the columns together) |
 //! | `sensor_stuck` | identical readings (10) | `{fault, value, detail}` |
 //! | `sensor_out_of_range` | quantity, e.g. `'pm25'` | same |
 //! | `sensor_missing` | expected interval, `k` (3) | same |
 //! | `sensor_jump` | quantity, or a largest change per minute | same |
 //! | `alert_state` | `raise`, `clear`, min duration (0), cooldown (0), expiry (none) | `{state, active, started_at, peak, severity}` |
+//!
+//! A score's `scale` is what one unit of `score` stands for in the series' own units (its
+//! standard deviation or robust equivalent; for `anomaly_t2`, that of the column it names):
+//! `baseline ± 3 * scale` is the range of readings scoring within ±3, the expected range an
+//! alert can quote.
 
 use std::sync::Arc;
 
@@ -154,6 +159,7 @@ impl SeriesKind {
                 Field::new("baseline", DataType::Float64, true),
                 Field::new("warming", DataType::Boolean, true),
                 Field::new("likelihood", DataType::Float64, true),
+                Field::new("scale", DataType::Float64, true),
             ]),
             Shape::Vector => Fields::from(vec![
                 Field::new("score", DataType::Float64, true),
@@ -161,6 +167,7 @@ impl SeriesKind {
                 Field::new("warming", DataType::Boolean, true),
                 Field::new("likelihood", DataType::Float64, true),
                 Field::new("column", DataType::Int32, true),
+                Field::new("scale", DataType::Float64, true),
             ]),
             Shape::Health => Fields::from(vec![
                 Field::new("fault", DataType::Boolean, true),
@@ -328,10 +335,11 @@ impl SeriesKind {
         let n = rows.len();
         let columns: Vec<ArrayRef> = match self.shape() {
             Shape::Score => {
-                let (mut s, mut b, mut w, mut l) = (
+                let (mut s, mut b, mut w, mut l, mut k) = (
                     Float64Builder::with_capacity(n),
                     Float64Builder::with_capacity(n),
                     BooleanBuilder::with_capacity(n),
+                    Float64Builder::with_capacity(n),
                     Float64Builder::with_capacity(n),
                 );
                 for r in rows {
@@ -342,21 +350,24 @@ impl SeriesKind {
                     b.append_option(r.baseline);
                     w.append_value(r.warming);
                     l.append_option(r.likelihood);
+                    k.append_option(r.scale);
                 }
                 vec![
                     Arc::new(s.finish()),
                     Arc::new(b.finish()),
                     Arc::new(w.finish()),
                     Arc::new(l.finish()),
+                    Arc::new(k.finish()),
                 ]
             }
             Shape::Vector => {
-                let (mut s, mut b, mut w, mut l, mut c) = (
+                let (mut s, mut b, mut w, mut l, mut c, mut k) = (
                     Float64Builder::with_capacity(n),
                     Float64Builder::with_capacity(n),
                     BooleanBuilder::with_capacity(n),
                     Float64Builder::with_capacity(n),
                     Int32Builder::with_capacity(n),
+                    Float64Builder::with_capacity(n),
                 );
                 for r in rows {
                     let Emitted::Vector(r) = r else {
@@ -367,6 +378,7 @@ impl SeriesKind {
                     w.append_value(r.score.warming);
                     l.append_option(r.score.likelihood);
                     c.append_option(r.column.map(|c| c as i32));
+                    k.append_option(r.score.scale);
                 }
                 vec![
                     Arc::new(s.finish()),
@@ -374,6 +386,7 @@ impl SeriesKind {
                     Arc::new(w.finish()),
                     Arc::new(l.finish()),
                     Arc::new(c.finish()),
+                    Arc::new(k.finish()),
                 ]
             }
             Shape::Health => {

@@ -106,6 +106,7 @@ impl VectorScore {
                 baseline: s.baseline,
                 warming,
                 likelihood: least_p.map(|p| 1.0 - (d as f64 * p).min(1.0)),
+                scale: s.scale,
             },
             column: Some(i as u32 + 1),
         }
