@@ -1,6 +1,7 @@
 //! A per-key profile by time of day (and day of week), learnt online.
 
-use serde::{Deserialize, Serialize};
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Serialize, Serializer};
 
 use super::{Score, standardise};
 
@@ -65,7 +66,12 @@ struct Bin {
 ///
 /// Warming until the reading's bin has `min_seen` completed occurrences; meanwhile it scores
 /// against what the current occurrence has shown so far.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Serialised (for checkpoints) with only the bins that hold anything, each as a tuple
+/// without field names ([`BinAt`]); the form with every bin by name, written before, is
+/// still read.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "SeasonalRepr")]
 pub struct Seasonal {
     season: Season,
     bin_ms: i64,
@@ -167,6 +173,112 @@ impl Seasonal {
     }
 }
 
+impl Serialize for Seasonal {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut out = serializer.serialize_struct("Seasonal", 7)?;
+        out.serialize_field("season", &self.season)?;
+        out.serialize_field("bin_ms", &self.bin_ms)?;
+        out.serialize_field("offset_ms", &self.offset_ms)?;
+        out.serialize_field("alpha", &self.alpha)?;
+        out.serialize_field("min_seen", &self.min_seen)?;
+        out.serialize_field("len", &self.bins.len())?;
+        out.serialize_field("profile", &Profile(&self.bins))?;
+        out.end()
+    }
+}
+
+/// The bins of a profile that hold anything, as [`BinAt`]s.
+struct Profile<'a>(&'a [Bin]);
+
+impl Serialize for Profile<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let empty = Bin::default();
+        serializer.collect_seq(
+            self.0
+                .iter()
+                .enumerate()
+                .filter(|(_, bin)| **bin != empty)
+                .map(|(i, b)| {
+                    BinAt(
+                        i as u32,
+                        b.mean,
+                        b.var,
+                        b.seen,
+                        b.occurrence,
+                        b.n,
+                        b.sum,
+                        b.sum_sq,
+                        b.residual_sq,
+                    )
+                }),
+        )
+    }
+}
+
+/// One bin in a serialised profile: its index, then the fields of [`Bin`] in order.
+#[derive(Serialize, Deserialize)]
+struct BinAt(u32, f64, f64, u32, i64, u32, f64, f64, f64);
+
+/// What a serialised [`Seasonal`] holds: the bins by index (`len`, `profile`), or, as
+/// written before, every bin by name (`bins`).
+#[derive(Deserialize)]
+struct SeasonalRepr {
+    season: Season,
+    bin_ms: i64,
+    offset_ms: i64,
+    alpha: f64,
+    min_seen: u32,
+    #[serde(default)]
+    bins: Vec<Bin>,
+    #[serde(default)]
+    len: usize,
+    #[serde(default)]
+    profile: Vec<BinAt>,
+}
+
+impl TryFrom<SeasonalRepr> for Seasonal {
+    type Error = String;
+
+    fn try_from(r: SeasonalRepr) -> Result<Self, String> {
+        let bins = if r.bins.is_empty() && r.len > 0 {
+            let expected = r.season.profiles() * (DAY_MS / r.bin_ms.max(1)) as usize;
+            if r.len != expected {
+                return Err(format!(
+                    "a seasonal profile of {} bins where its season and bin width make {expected}",
+                    r.len
+                ));
+            }
+            let mut bins = vec![Bin::default(); r.len];
+            for BinAt(i, mean, var, seen, occurrence, n, sum, sum_sq, residual_sq) in r.profile {
+                let Some(bin) = bins.get_mut(i as usize) else {
+                    return Err(format!("seasonal bin {i} of {}", r.len));
+                };
+                *bin = Bin {
+                    mean,
+                    var,
+                    seen,
+                    occurrence,
+                    n,
+                    sum,
+                    sum_sq,
+                    residual_sq,
+                };
+            }
+            bins
+        } else {
+            r.bins
+        };
+        Ok(Self {
+            season: r.season,
+            bin_ms: r.bin_ms,
+            offset_ms: r.offset_ms,
+            alpha: r.alpha,
+            min_seen: r.min_seen,
+            bins,
+        })
+    }
+}
+
 /// Folds a bin's finished occurrence into its profile.
 fn fold(bin: &mut Bin, alpha: f64) {
     if bin.n > 0 {
@@ -200,4 +312,131 @@ fn fold(bin: &mut Bin, alpha: f64) {
     bin.sum = 0.0;
     bin.sum_sq = 0.0;
     bin.residual_sq = 0.0;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::Combined;
+
+    const MIN: i64 = 60_000;
+
+    fn cbor<T: Serialize>(value: &T) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        ciborium::into_writer(value, &mut bytes).expect("encodes");
+        bytes
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> T {
+        ciborium::from_reader(bytes).expect("decodes")
+    }
+
+    /// A speed with a daily cycle and noise, one reading a minute.
+    fn speed(i: i64) -> f64 {
+        let day = (i % 1440) as f64 / 1440.0;
+        40.0 - 15.0 * (std::f64::consts::TAU * day).sin().max(0.0) + ((i * 7919) % 13) as f64 / 4.0
+    }
+
+    /// Seasonal profiles as checkpoints wrote them before the sparse form: every bin by name.
+    #[derive(Serialize)]
+    struct Named<'a> {
+        season: Season,
+        bin_ms: i64,
+        offset_ms: i64,
+        alpha: f64,
+        min_seen: u32,
+        bins: &'a [Bin],
+    }
+
+    fn named(s: &Seasonal) -> Named<'_> {
+        Named {
+            season: s.season,
+            bin_ms: s.bin_ms,
+            offset_ms: s.offset_ms,
+            alpha: s.alpha,
+            min_seen: s.min_seen,
+            bins: &s.bins,
+        }
+    }
+
+    #[test]
+    fn profiles_round_trip_sparse_and_read_the_named_form() {
+        let t0 = 1_767_225_600_000; // 2026-01-01T00:00Z
+        // Fresh, one hour in (4 of 96 bins used), and three days in (every bin used); daily
+        // and weekly profiles.
+        for (season, minutes) in [
+            (Season::Day, 0),
+            (Season::Day, 60),
+            (Season::Day, 3 * 1440),
+            (Season::Week, 3 * 1440),
+        ] {
+            let mut s = Seasonal::new(season, Seasonal::DEFAULT_BIN_MS, 7 * 3_600_000);
+            for i in 0..minutes {
+                s.update(t0 + i * MIN, Some(speed(i)));
+            }
+            let sparse = cbor(&s);
+            let mut back: Seasonal = decode(&sparse);
+            assert_eq!(back, s, "{season:?} after {minutes} minutes");
+            let old = cbor(&named(&s));
+            let mut from_old: Seasonal = decode(&old);
+            assert_eq!(
+                from_old, s,
+                "named form, {season:?} after {minutes} minutes"
+            );
+            // Both go on exactly as the original does.
+            for i in minutes..minutes + 120 {
+                let t = t0 + i * MIN;
+                let expected = s.update(t, Some(speed(i)));
+                assert_eq!(back.update(t, Some(speed(i))), expected);
+                assert_eq!(from_old.update(t, Some(speed(i))), expected);
+            }
+            // A fresh profile (no bins yet) takes a few bytes more than before.
+            assert!(
+                minutes == 0 || sparse.len() <= old.len(),
+                "{} bytes sparse against {} named",
+                sparse.len(),
+                old.len()
+            );
+            eprintln!(
+                "{season:?} profile after {minutes} minutes: {} bytes (every bin by name: {})",
+                sparse.len(),
+                old.len()
+            );
+        }
+    }
+
+    /// What the default detector's state per key takes in a checkpoint (its profile the
+    /// larger part), fresh and after days of minutes; printed for benches/README.md.
+    #[test]
+    fn default_detector_state_bytes_per_key() {
+        let t0 = 1_767_225_600_000;
+        for minutes in [60, 1440, 7 * 1440] {
+            let mut d = Combined::new(7 * 3_600_000);
+            let mut s = Seasonal::new(Season::Day, Seasonal::DEFAULT_BIN_MS, 7 * 3_600_000);
+            for i in 0..minutes {
+                let (t, x) = (t0 + i * MIN, Some(speed(i)));
+                d.update(t, x);
+                s.update(t, x);
+            }
+            let whole = cbor(&d).len();
+            let (sparse, old) = (cbor(&s).len(), cbor(&named(&s)).len());
+            let back: Combined = decode(&cbor(&d));
+            assert_eq!(back, d);
+            assert!(sparse <= old);
+            eprintln!(
+                "anomaly_score after {minutes} minutes: {whole} bytes a key ({} with every \
+                 profile bin by name)",
+                whole - sparse + old
+            );
+        }
+    }
+
+    #[test]
+    fn a_profile_of_the_wrong_size_is_refused() {
+        let mut s = Seasonal::new(Season::Day, Seasonal::DEFAULT_BIN_MS, 0);
+        s.update(0, Some(1.0));
+        s.bins.pop();
+        let error = ciborium::from_reader::<Seasonal, _>(cbor(&s).as_slice()).unwrap_err();
+        assert!(error.to_string().contains("95 bins"), "{error}");
+    }
 }
