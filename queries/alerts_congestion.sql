@@ -6,8 +6,9 @@
 -- and 80 % a raised alert holds, a pending one waits), then 10 minutes' cooldown; an alert on a
 -- segment that stops reporting (or whose speed is missing) expires after 15 minutes.
 -- Scores of a detector still warming up (its first 30 minutes of a segment) raise nothing.
--- The message gives the usual speed, the expected range (the usual ± 3 robust σ, where the
--- score stays within ±3) and the score's calibrated likelihood.
+-- The message gives the usual speed, the expected range (the usual ± 3 robust σ; a shift that
+-- has lasted scores beyond it even where the minute itself is inside) and the score's
+-- calibrated likelihood; a minute without a speed (an alert expiring) says so.
 -- The 70 %: the daily profile is kept in 15-minute bins, and where the speed climbs fast
 -- within a bin (the end of a rush hour) the first minutes of the bin lie below its mean and
 -- the shift part of the score runs up, though the speed is the usual one; on the
@@ -31,13 +32,14 @@ SELECT concat('congestion_anomaly:', segment_id, ':', to_char(a['started_at'], '
        window_end,
        a['started_at'] AS started_at,
        a['severity'] AS severity,
-       concat('Speed ', round(speed, 1), ' km/h where ', round(d['baseline'], 1),
-              ' km/h is usual at this time (',
-              CASE WHEN d['scale'] IS NOT NULL
-                   THEN concat('expected ', round(greatest(d['baseline'] - 3 * d['scale'], 0.0), 1),
-                               ' to ', round(d['baseline'] + 3 * d['scale'], 1), ' km/h; ') END,
-              round(d['score'], 1), ' σ; likelihood ',
-              coalesce(CAST(round(d['likelihood'], 5) AS VARCHAR), 'not learnt yet'), ')') AS message
+       CASE WHEN speed IS NULL THEN 'No speed measured in the minute'
+            ELSE concat('Speed ', round(speed, 1), ' km/h where ', round(d['baseline'], 1),
+                        ' km/h is usual at this time (',
+                        CASE WHEN d['scale'] IS NOT NULL
+                             THEN concat('expected ', round(greatest(d['baseline'] - 3 * d['scale'], 0.0), 1),
+                                         ' to ', round(d['baseline'] + 3 * d['scale'], 1), ' km/h; ') END,
+                        round(d['score'], 1), ' σ; likelihood ',
+                        coalesce(CAST(round(d['likelihood'], 5) AS VARCHAR), 'not learnt yet'), ')') END AS message
 FROM (
     SELECT *,
            alert_state(CASE WHEN d['warming'] OR speed IS NULL THEN NULL

@@ -9,7 +9,8 @@
 --    when either is back within 1.5 σ or the speed above 80 % of the usual (between 70 and
 --    80 % a raised alert holds, a pending one waits); a segment whose speed is missing raises
 --    nothing and its alert expires after 15 minutes. The message gives each measure's usual
---    value and expected range (the usual ± 3 robust σ) and the speed score's likelihood.
+--    value and expected range (the usual ± 3 robust σ) and the speed score's likelihood, or
+--    which measure the minute lacks.
 --    The 70 % keeps a smooth series' ordinary slowdowns out: on a series with little noise a
 --    13 % drop is many σ, and before the daily profile has seen a time of day twice (a new
 --    segment's first two days) the morning's rise in traffic looks like a collapse against
@@ -67,16 +68,19 @@ SELECT concat('incident:', segment_id, ':', to_char(a['started_at'], '%Y%m%dT%H%
        window_end,
        a['started_at'] AS started_at,
        a['severity'] AS severity,
-       concat('Speed ', round(speed, 1), ' km/h (usual ', round(s['baseline'], 1),
-              CASE WHEN s['scale'] IS NOT NULL
-                   THEN concat(', expected ', round(greatest(s['baseline'] - 3 * s['scale'], 0.0), 1),
-                               ' to ', round(s['baseline'] + 3 * s['scale'], 1)) END,
-              '), occupancy ', round(occupancy, 1), ' % (usual ', round(o['baseline'], 1),
-              CASE WHEN o['scale'] IS NOT NULL
-                   THEN concat(', expected ', round(greatest(o['baseline'] - 3 * o['scale'], 0.0), 1),
-                               ' to ', round(least(o['baseline'] + 3 * o['scale'], 100.0), 1)) END,
-              '); likelihood of the speed ',
-              coalesce(CAST(round(s['likelihood'], 5) AS VARCHAR), 'not learnt yet')) AS message
+       CASE WHEN speed IS NULL OR occupancy IS NULL
+            THEN concat('No ', CASE WHEN speed IS NULL THEN 'speed' ELSE 'occupancy' END,
+                        ' measured in the minute')
+            ELSE concat('Speed ', round(speed, 1), ' km/h (usual ', round(s['baseline'], 1),
+                        CASE WHEN s['scale'] IS NOT NULL
+                             THEN concat(', expected ', round(greatest(s['baseline'] - 3 * s['scale'], 0.0), 1),
+                                         ' to ', round(s['baseline'] + 3 * s['scale'], 1)) END,
+                        '), occupancy ', round(occupancy, 1), ' % (usual ', round(o['baseline'], 1),
+                        CASE WHEN o['scale'] IS NOT NULL
+                             THEN concat(', expected ', round(greatest(o['baseline'] - 3 * o['scale'], 0.0), 1),
+                                         ' to ', round(least(o['baseline'] + 3 * o['scale'], 100.0), 1)) END,
+                        '); likelihood of the speed ',
+                        coalesce(CAST(round(s['likelihood'], 5) AS VARCHAR), 'not learnt yet')) END AS message
 FROM (
     SELECT *,
            alert_state(CASE WHEN s['warming'] OR o['warming'] OR speed IS NULL THEN NULL

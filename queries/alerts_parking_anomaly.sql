@@ -31,7 +31,8 @@ SELECT concat('parking_anomaly:', lot_id, ':', to_char(a['started_at'], '%Y%m%dT
               CASE WHEN d['scale'] IS NOT NULL
                    THEN concat('expected ', round(greatest(d['baseline'] - 3 * d['scale'], 0.0), 1),
                                ' to ', round(least(d['baseline'] + 3 * d['scale'], 100.0), 1), ' %; ') END,
-              round(d['score'], 1), ' σ; likelihood ', round(d['likelihood'], 5), ')') AS message
+              round(d['score'], 1), ' σ; likelihood ',
+              coalesce(CAST(round(d['likelihood'], 5) AS VARCHAR), 'not learnt yet'), ')') AS message
 FROM (
     SELECT *,
            alert_state(d['likelihood'], window_end, 0.9999, 0.99, INTERVAL '0 minutes',

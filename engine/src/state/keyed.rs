@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, BooleanArray, Int64Array,
-    LargeBinaryArray, LargeBinaryBuilder, RecordBatch,
+    LargeBinaryArray, LargeBinaryBuilder, RecordBatch, StructArray, new_null_array,
 };
 use datafusion::arrow::compute::{cast, concat_batches};
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
@@ -734,13 +734,59 @@ impl Fired {
             return Ok(None);
         }
         let input_schema = exec.input.schema();
-        let mut columns: Vec<ArrayRef> = (0..input_schema.fields().len())
-            .map(|c| ScalarValue::iter_to_array(self.rows.iter().map(|r| r[c].clone())))
+        let mut columns: Vec<ArrayRef> = input_schema
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(c, field)| {
+                let values = self
+                    .rows
+                    .iter()
+                    .map(|r| fit_scalar(&r[c], field.data_type()))
+                    .collect::<Result<Vec<_>>>()?;
+                ScalarValue::iter_to_array(values)
+            })
             .collect::<Result<Vec<_>>>()?;
         for (call, out) in exec.calls.iter().zip(&self.outputs) {
             columns.push(call.kind.build(out)?);
         }
         Ok(Some(RecordBatch::try_new(exec.schema.clone(), columns)?))
+    }
+}
+
+/// `value` as a value of type `to`: a key's last row kept by a checkpoint of an earlier
+/// version may hold a struct with fewer fields than the plan's input now has (a detector's
+/// output gained `scale`); its fields are matched by name and the missing ones are NULL.
+fn fit_scalar(value: &ScalarValue, to: &DataType) -> Result<ScalarValue> {
+    if value.data_type() == *to {
+        return Ok(value.clone());
+    }
+    ScalarValue::try_from_array(&fit(&value.to_array()?, to)?, 0)
+}
+
+/// `array` as type `to`: structs field by field by name (a field it lacks is NULL), anything
+/// else cast.
+fn fit(array: &ArrayRef, to: &DataType) -> Result<ArrayRef> {
+    if array.data_type() == to {
+        return Ok(Arc::clone(array));
+    }
+    match (array.data_type(), to) {
+        (DataType::Struct(_), DataType::Struct(fields)) => {
+            let from = array.as_struct();
+            let columns = fields
+                .iter()
+                .map(|f| match from.column_by_name(f.name()) {
+                    Some(c) => fit(c, f.data_type()),
+                    None => Ok(new_null_array(f.data_type(), from.len())),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Arc::new(StructArray::try_new(
+                fields.clone(),
+                columns,
+                from.nulls().cloned(),
+            )?))
+        }
+        _ => Ok(cast(array, to)?),
     }
 }
 
@@ -890,6 +936,53 @@ pub fn replace_series_windows(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key's last row kept by a checkpoint before detectors gave their `scale` holds
+    /// `{score, baseline, warming, likelihood}`: it fits the plan's input as it is now, the
+    /// missing field NULL, so a timer firing on that row after a restore builds its batch.
+    #[test]
+    fn a_kept_row_of_an_older_struct_fits_the_input_now() {
+        use datafusion::arrow::datatypes::Fields;
+        let now = SeriesKind::Score.output_fields();
+        let then: Fields = now
+            .iter()
+            .filter(|f| f.name() != "scale")
+            .cloned()
+            .collect();
+        let old = StructArray::try_new(
+            then,
+            vec![
+                Arc::new(datafusion::arrow::array::Float64Array::from(vec![-4.5])),
+                Arc::new(datafusion::arrow::array::Float64Array::from(vec![40.0])),
+                Arc::new(BooleanArray::from(vec![false])),
+                Arc::new(datafusion::arrow::array::Float64Array::from(vec![None])),
+            ],
+            None,
+        )
+        .unwrap();
+        let kept = ScalarValue::try_from_array(&(Arc::new(old) as ArrayRef), 0).unwrap();
+        let to = DataType::Struct(now.clone());
+        let fitted = fit_scalar(&kept, &to).unwrap();
+        assert_eq!(fitted.data_type(), to);
+        let array = fitted.to_array().unwrap();
+        let fitted = array.as_struct();
+        assert_eq!(
+            fitted
+                .column_by_name("baseline")
+                .unwrap()
+                .as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+                .value(0),
+            40.0
+        );
+        assert!(fitted.column_by_name("scale").unwrap().is_null(0));
+        // A value of the type already is kept as it is; others are cast.
+        let same = ScalarValue::Int64(Some(7));
+        assert_eq!(fit_scalar(&same, &DataType::Int64).unwrap(), same);
+        assert_eq!(
+            fit_scalar(&same, &DataType::Float64).unwrap(),
+            ScalarValue::Float64(Some(7.0))
+        );
+    }
 
     fn key(last_t: i64, due: Option<i64>) -> KeyState {
         KeyState {

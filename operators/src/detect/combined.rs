@@ -102,7 +102,7 @@ impl Combined {
         let Some(x) = x.filter(|v| v.is_finite()) else {
             return Score {
                 score: None,
-                baseline,
+                baseline: baseline.map(|b| b + self.spread.map_or(0.0, |(centre, _)| centre)),
                 warming,
                 likelihood: None,
                 scale: self

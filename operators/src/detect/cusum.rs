@@ -58,7 +58,7 @@ impl Cusum {
                 baseline,
                 warming,
                 likelihood: None,
-                scale: self.baseline.std(),
+                scale: self.baseline.std().filter(|_| self.baseline.count() > 1),
             };
         };
         let (Some(mean), Some(std)) = (baseline, self.baseline.std()) else {
@@ -71,6 +71,8 @@ impl Cusum {
                 scale: None,
             };
         };
+        // One earlier reading says nothing about the spread.
+        let spread = (self.baseline.count() > 1).then_some(std);
         let z = standardise(x, mean, std).clamp(-Self::CLIP, Self::CLIP);
         if !warming {
             self.pos = (self.pos + z - self.slack).max(0.0);
@@ -102,7 +104,7 @@ impl Cusum {
             baseline: Some(mean),
             warming,
             likelihood: None,
-            scale: Some(std),
+            scale: spread,
         }
     }
 }

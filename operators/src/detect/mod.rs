@@ -61,10 +61,14 @@ pub struct Score {
     /// same false-alert rate on every series. `None` for detectors that do not calibrate, and
     /// while the calibration is warming up.
     pub likelihood: Option<f64>,
-    /// What one unit of `score` stands for in the series' own units (a standard deviation or
-    /// its robust equivalent), so that `baseline ± 3 · scale` is the range of readings that
-    /// score within ±3: the expected range an alert can quote. `None` where the detector has
-    /// no spread yet, or its score is not in such units.
+    /// The spread the detector measures a reading's deviation in, in the series' own units (a
+    /// standard deviation or its robust equivalent): a reading at `baseline ± 3 · scale`
+    /// deviates by 3 of them, so that range is the expected range an alert can quote. Where
+    /// the score is that ratio (`Ewma`, `RollingMad`, `Seasonal`, and the spike part of
+    /// `Combined`), `(x − baseline) / scale` is the score; a running sum (`Cusum`, the shift
+    /// part of `Combined`) can score far out while the reading is inside the range, and
+    /// `Hotelling` gives the spread of the column it names. `None` before the detector has a
+    /// spread.
     pub scale: Option<f64>,
 }
 

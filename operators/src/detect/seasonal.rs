@@ -240,14 +240,21 @@ impl TryFrom<SeasonalRepr> for Seasonal {
     type Error = String;
 
     fn try_from(r: SeasonalRepr) -> Result<Self, String> {
+        let expected = r.season.profiles() * (DAY_MS / r.bin_ms.max(1)) as usize;
+        let len = if r.bins.is_empty() {
+            r.len
+        } else {
+            r.bins.len()
+        };
+        if len != 0 && len != expected {
+            return Err(format!(
+                "a seasonal profile of {len} bins where its season and bin width make {expected}"
+            ));
+        }
+        if len == 0 && !r.profile.is_empty() {
+            return Err("a seasonal profile with bins but no length".into());
+        }
         let bins = if r.bins.is_empty() && r.len > 0 {
-            let expected = r.season.profiles() * (DAY_MS / r.bin_ms.max(1)) as usize;
-            if r.len != expected {
-                return Err(format!(
-                    "a seasonal profile of {} bins where its season and bin width make {expected}",
-                    r.len
-                ));
-            }
             let mut bins = vec![Bin::default(); r.len];
             for BinAt(i, mean, var, seen, occurrence, n, sum, sum_sq, residual_sq) in r.profile {
                 let Some(bin) = bins.get_mut(i as usize) else {

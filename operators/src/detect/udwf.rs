@@ -21,10 +21,12 @@
 //! | `sensor_jump` | quantity, or a largest change per minute | same |
 //! | `alert_state` | `raise`, `clear`, min duration (0), cooldown (0), expiry (none) | `{state, active, started_at, peak, severity}` |
 //!
-//! A score's `scale` is what one unit of `score` stands for in the series' own units (its
-//! standard deviation or robust equivalent; for `anomaly_t2`, that of the column it names):
-//! `baseline ± 3 * scale` is the range of readings scoring within ±3, the expected range an
-//! alert can quote.
+//! A score's `scale` is the spread a reading's deviation is measured in, in the series' own
+//! units (its standard deviation or robust equivalent; for `anomaly_t2`, that of the column
+//! it names): `baseline ± 3 * scale` is the expected range an alert can quote. For
+//! `anomaly_ewma`, `anomaly_mad` and `anomaly_seasonal` the score is `(value - baseline) /
+//! scale`; the running sums of `anomaly_cusum` and of `anomaly_score`'s shift part can be far
+//! out while a reading lies inside the range.
 
 use std::sync::Arc;
 
