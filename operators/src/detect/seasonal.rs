@@ -417,7 +417,7 @@ mod tests {
     #[test]
     fn default_detector_state_bytes_per_key() {
         let t0 = 1_767_225_600_000;
-        for minutes in [60, 1440, 7 * 1440] {
+        for minutes in [1, 60, 1440, 7 * 1440] {
             let mut d = Combined::new(7 * 3_600_000);
             let mut s = Seasonal::new(Season::Day, Seasonal::DEFAULT_BIN_MS, 7 * 3_600_000);
             for i in 0..minutes {
