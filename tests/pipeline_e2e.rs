@@ -940,3 +940,66 @@ async fn an_idle_query_writes_no_checkpoint_until_it_reads_again() -> anyhow::Re
     assert_eq!(got, want);
     Ok(())
 }
+
+/// A built-in query whose SQL changed with the binary finds its checkpoint taken under the
+/// old SQL: when the state does not fit the new SQL the query stops, and since a built-in
+/// query is neither dropped nor upgraded, the message says what can be done instead (pause
+/// it and register a copy, or start it afresh: the checkpoint directory and the consumer
+/// group to remove). A registered query is told to go back to its old SQL or drop and
+/// re-create it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_built_in_query_whose_state_does_not_fit_its_new_sql_says_what_to_do()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    produce_minutes(&cluster, 3, |_, _| 2, 5).await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = minutes_config(&cluster, dir.path(), Duration::from_secs(3600));
+    config.group_id = "built-in-upgrade".into();
+    // The old SQL runs until it has read everything, and checkpoints as it stops.
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(
+        Pipeline::new(config.clone(), stats.clone())
+            .await?
+            .run(stop.clone()),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while stats.records_in.load(Ordering::Relaxed) < 4 * 3 * 2 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the input was not read"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    // The new SQL keeps another aggregate: its state does not fit.
+    config.queries[0].1 = config.queries[0].1.replace("count(*) AS n", "max(1) AS n");
+    for builtin in [true, false] {
+        config.builtin = builtin;
+        let error = Pipeline::new(config.clone(), Arc::new(PipelineStats::new()))
+            .await?
+            .run(Arc::new(AtomicBool::new(false)))
+            .await
+            .expect_err("a state that does not fit stops the query")
+            .to_string();
+        let root = dir.path().display().to_string();
+        if builtin {
+            for said in [
+                "built-in query minutes was checkpointed under the SQL of another version",
+                "urbanstream query pause minutes",
+                &format!("move {root} away"),
+                "delete consumer group built-in-upgrade",
+            ] {
+                assert!(error.contains(said), "{said:?} not in: {error}");
+            }
+        } else {
+            assert!(
+                error.contains("checkpointed under other SQL")
+                    && error.contains("drop and re-create the query"),
+                "{error}"
+            );
+        }
+    }
+    Ok(())
+}

@@ -100,6 +100,9 @@ pub struct PipelineConfig {
     /// Read partitions without a checkpoint from their beginning, ignoring what the consumer
     /// group committed (a query created under the name of a dropped one).
     pub from_beginning: bool,
+    /// The one query is a built-in query of the service (it comes with the binary, and is
+    /// neither dropped nor upgraded): a state that does not fit it says what to do instead.
+    pub builtin: bool,
     /// Static membership in the consumer group under this id (see
     /// [`crate::source::KafkaSourceConfig::group_instance_id`]).
     pub group_instance_id: Option<String>,
@@ -153,6 +156,7 @@ impl PipelineConfig {
             max_state_groups: None,
             checkpoint: None,
             from_beginning: false,
+            builtin: false,
             group_instance_id: None,
             reference: None,
             unknown_ids: Default::default(),

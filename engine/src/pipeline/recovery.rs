@@ -158,12 +158,33 @@ impl Pipeline {
              query's state for them was kept by a process whose checkpoints this one cannot \
              read. Starting from empty state would publish wrong windows, so the query stops. \
              Give every process of the deployment the same checkpoint storage (checkpoint.url \
-             naming one object store, or checkpoint.dir on a volume they share), or drop and \
-             re-create the query to start it afresh",
+             naming one object store, or checkpoint.dir on a volume they share), or {}",
             self.config.group_id,
             shown.join(", "),
             if read.len() == 1 { "it" } else { "them" },
+            match (&self.config.name, self.config.builtin) {
+                (Some(name), true) => self.builtin_afresh(name),
+                _ => "drop and re-create the query to start it afresh".into(),
+            },
         )))
+    }
+
+    /// What to do with a built-in query whose state cannot be used: it is neither dropped
+    /// nor upgraded.
+    fn builtin_afresh(&self, name: &str) -> String {
+        let root = self
+            .config
+            .checkpoint
+            .as_ref()
+            .map(|c| c.location.to_string())
+            .unwrap_or_default();
+        format!(
+            "Built-in queries are neither dropped nor upgraded: pause it (`urbanstream query \
+             pause {name}`) and register your own copy of its SQL under another name, or, to \
+             start it afresh, stop the service, move {root} away, delete consumer group {} \
+             and start the service again",
+            self.config.group_id
+        )
     }
 
     /// Reads the newest checkpoint of `key`'s store (the one store when `None`) and restores
@@ -215,6 +236,16 @@ impl Pipeline {
             if let Some(why) =
                 crate::checkpoint::layout_difference(&taken.layout, &running.query.state_layout())
             {
+                if self.config.builtin {
+                    return Err(Error::Checkpoint(format!(
+                        "{}: built-in query {} was checkpointed under the SQL of another \
+                         version of urbanstream, and its state does not fit the SQL this \
+                         version ships: {why}. {}",
+                        checkpoint.location,
+                        running.name,
+                        self.builtin_afresh(&running.name)
+                    )));
+                }
                 return Err(Error::Checkpoint(format!(
                     "{}: query {} was checkpointed under other SQL, and its state does not fit \
                      this SQL: {why}. Go back to the SQL the state was taken for (`urbanstream \

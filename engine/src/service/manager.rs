@@ -1582,6 +1582,7 @@ impl QueryManager {
         p.default_queries = false;
         p.queries = vec![(handle.entry.name.clone(), handle.entry.sql.clone())];
         p.name = Some(handle.entry.name.clone());
+        p.builtin = handle.builtin;
         p.memory_limit = Some(usize::try_from(handle.memory_limit).unwrap_or(usize::MAX));
         p.max_state_groups = Some(c.queries.max_state_groups);
         // With exactly-once output, `checkpoint.instance` already names this process (its
