@@ -943,10 +943,9 @@ async fn an_idle_query_writes_no_checkpoint_until_it_reads_again() -> anyhow::Re
 
 /// A built-in query whose SQL changed with the binary finds its checkpoint taken under the
 /// old SQL: when the state does not fit the new SQL the query stops, and since a built-in
-/// query is neither dropped nor upgraded, the message says what can be done instead (pause
-/// it and register a copy, or start it afresh: the checkpoint directory and the consumer
-/// group to remove). A registered query is told to go back to its old SQL or drop and
-/// re-create it.
+/// query is neither dropped nor upgraded, the message says what can be done instead (reset
+/// it, or pause it and register a copy). A registered query is told to go back to its old
+/// SQL or drop and re-create it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_built_in_query_whose_state_does_not_fit_its_new_sql_says_what_to_do()
 -> anyhow::Result<()> {
@@ -987,9 +986,9 @@ async fn a_built_in_query_whose_state_does_not_fit_its_new_sql_says_what_to_do()
         if builtin {
             for said in [
                 "built-in query minutes was checkpointed under the SQL of another version",
+                "urbanstream query reset minutes",
+                &format!("its state at {root} removed"),
                 "urbanstream query pause minutes",
-                &format!("move {root} away"),
-                "delete consumer group built-in-upgrade",
             ] {
                 assert!(error.contains(said), "{said:?} not in: {error}");
             }

@@ -700,6 +700,55 @@ async fn a_query_dropped_and_created_again_starts_from_scratch() -> anyhow::Resu
     Ok(())
 }
 
+/// `reset` removes a query's state and starts it afresh: it reads every event again from the
+/// beginning of its input, whatever its consumer group committed, and its checkpoints are
+/// new ones; a paused query stays paused until resumed, then reads afresh too; an unknown
+/// query is 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_query_starts_afresh_from_the_beginning_of_its_input() -> anyhow::Result<()> {
+    let (_broker, brokers, dir, service, app) = counting_service().await?;
+    produce_events(&brokers, 1_767_222_000_000, 120, 10).await?;
+    wait_for(&app, "counts", Duration::from_secs(30), |q| {
+        q["rows_in"] == 120
+    })
+    .await?;
+    // A checkpoint (every 2 s) holds what was read.
+    let checkpoints = dir.path().join("data/checkpoints/counts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !checkpoints.exists() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint was written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, body) = call(&app, "POST", "/v1/queries/counts/reset", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The same handle counts on: every event read a second time.
+    let q = wait_for(&app, "counts", Duration::from_secs(30), |q| {
+        q["rows_in"] == 240
+    })
+    .await?;
+    assert_eq!(q["state"], "RUNNING", "{q}");
+    // Paused, reset, resumed: read afresh once more.
+    let (status, body) = call(&app, "POST", "/v1/queries/counts/pause", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = call(&app, "POST", "/v1/queries/counts/reset", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "PAUSED", "{body}");
+    let (status, body) = call(&app, "POST", "/v1/queries/counts/resume", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for(&app, "counts", Duration::from_secs(30), |q| {
+        q["rows_in"] == 360
+    })
+    .await?;
+    let (status, _) = call(&app, "POST", "/v1/queries/nothing/reset", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    service.shutdown().await;
+    Ok(())
+}
+
 /// Analysts can discover what SQL can use: the tables with their columns, event time, delay
 /// and key, and the functions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

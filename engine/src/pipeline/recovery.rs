@@ -179,11 +179,10 @@ impl Pipeline {
             .map(|c| c.location.to_string())
             .unwrap_or_default();
         format!(
-            "Built-in queries are neither dropped nor upgraded: pause it (`urbanstream query \
-             pause {name}`) and register your own copy of its SQL under another name, or, to \
-             start it afresh, stop the service, move {root} away, delete consumer group {} \
-             and start the service again",
-            self.config.group_id
+            "Built-in queries are neither dropped nor upgraded: start it afresh with \
+             `urbanstream query reset {name}` (its state at {root} removed, its inputs read \
+             from their beginning), or pause it (`urbanstream query pause {name}`) and \
+             register your own copy of its SQL under another name"
         )
     }
 

@@ -16,6 +16,7 @@
 //! | GET | `/v1/queries/{name}` | one query's status |
 //! | DELETE | `/v1/queries/{name}` | stop and forget a registered query (204) |
 //! | POST | `/v1/queries/{name}/pause`, `/resume`, `/restart` | change its state |
+//! | POST | `/v1/queries/{name}/reset` | remove its state and start it afresh from its inputs' beginning |
 //! | POST | `/v1/queries/{name}/upgrade` | `{"sql"?, "savepoint"?}`: new SQL that keeps the query's state, or the query taken back to a savepoint (with its SQL or new SQL); 409 naming what does not fit when the state cannot carry over |
 //! | POST | `/v1/queries/{name}/savepoints` | `{"savepoint"}`: keep the query's state under a name (it stops for the copy and goes on) (201) |
 //! | GET | `/v1/queries/{name}/savepoints` | the savepoints kept of a query (a dropped one's too) |
@@ -70,6 +71,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/queries/{name}/pause", post(pause))
         .route("/queries/{name}/resume", post(resume))
         .route("/queries/{name}/restart", post(restart))
+        .route("/queries/{name}/reset", post(reset))
         .route("/queries/{name}/upgrade", post(upgrade))
         .route(
             "/queries/{name}/savepoints",
@@ -470,6 +472,13 @@ async fn restart(
     Path(name): Path<String>,
 ) -> Result<Json<QueryStatus>, ApiError> {
     Ok(Json(service.manager.restart(&name).await?))
+}
+
+async fn reset(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+) -> Result<Json<QueryStatus>, ApiError> {
+    Ok(Json(service.manager.reset(&name).await?))
 }
 
 async fn upgrade(

@@ -196,6 +196,15 @@ pub enum QueryAction {
         /// Its name.
         name: String,
     },
+    /// Remove a query's state (its checkpoints) and start it afresh from the beginning of its
+    /// inputs, whatever its consumer group committed: for a built-in query whose state does
+    /// not fit the SQL a new version of urbanstream ships. Its savepoints are kept.
+    ///
+    /// Example: `urbanstream query reset alerts_congestion`
+    Reset {
+        /// Its name.
+        name: String,
+    },
     /// Give a query new SQL and keep its state, or take it back to a savepoint. The state
     /// carries over when the new SQL keeps the windows, group keys, aggregates, detectors,
     /// joins and output topic (filters, projections, HAVING and the columns published may
@@ -590,6 +599,7 @@ pub async fn run(args: QueryArgs) -> Result<()> {
         QueryAction::Pause { name } => control(name, "pause"),
         QueryAction::Resume { name } => control(name, "resume"),
         QueryAction::Restart { name } => control(name, "restart"),
+        QueryAction::Reset { name } => control(name, "reset"),
         QueryAction::Upgrade {
             name,
             file,

@@ -1492,6 +1492,39 @@ impl QueryManager {
         Ok(upgraded.status())
     }
 
+    /// Stops a query, removes its checkpoints and starts it afresh: with empty state, from
+    /// the beginning of its inputs, whatever its consumer group committed (as a query dropped
+    /// and created again, but keeping its name, catalog entry and savepoints). The way to
+    /// start a built-in query whose checkpointed state does not fit the SQL a new version
+    /// ships. A paused query stays paused, and starts afresh when resumed.
+    pub async fn reset(&self, name: &str) -> Result<QueryStatus, ServiceError> {
+        let _operation = self.operation(name).await;
+        let handle = self.handle(name)?;
+        let paused = handle.state() == QueryState::Paused;
+        stop(&handle).await;
+        let checkpoints = self.checkpoint_root.join(name);
+        if let Err(e) = checkpoints.remove_all().await {
+            handle.set(
+                QueryState::Failed,
+                Some(format!(
+                    "reset: its checkpoints at {checkpoints} were not removed: {e}"
+                )),
+            );
+            return Err(ServiceError::Internal(format!(
+                "{name}: its checkpoints at {checkpoints} were not removed: {e}"
+            )));
+        }
+        handle.fresh.store(true, Ordering::Relaxed);
+        if !paused {
+            self.start(&handle).await;
+        }
+        info!(
+            query = name,
+            "query reset: its state removed, it reads its inputs afresh"
+        );
+        Ok(handle.status())
+    }
+
     /// Stops a query if it runs and starts it again (a FAILED query included).
     pub async fn restart(&self, name: &str) -> Result<QueryStatus, ServiceError> {
         let _operation = self.operation(name).await;
