@@ -945,7 +945,7 @@ async fn an_idle_query_writes_no_checkpoint_until_it_reads_again() -> anyhow::Re
 /// old SQL: when the state does not fit the new SQL the query stops, and since a built-in
 /// query is neither dropped nor upgraded, the message says what can be done instead (reset
 /// it, or pause it and register a copy). A registered query is told to go back to its old
-/// SQL or drop and re-create it.
+/// SQL or reset it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_built_in_query_whose_state_does_not_fit_its_new_sql_says_what_to_do()
 -> anyhow::Result<()> {
@@ -995,7 +995,7 @@ async fn a_built_in_query_whose_state_does_not_fit_its_new_sql_says_what_to_do()
         } else {
             assert!(
                 error.contains("checkpointed under other SQL")
-                    && error.contains("drop and re-create the query"),
+                    && error.contains("urbanstream query reset minutes"),
                 "{error}"
             );
         }

@@ -700,10 +700,11 @@ async fn a_query_dropped_and_created_again_starts_from_scratch() -> anyhow::Resu
     Ok(())
 }
 
-/// `reset` removes a query's state and starts it afresh: it reads every event again from the
-/// beginning of its input, whatever its consumer group committed, and its checkpoints are
-/// new ones; a paused query stays paused until resumed, then reads afresh too; an unknown
-/// query is 404.
+/// `reset` removes a query's checkpoints and starts it afresh: it reads every event again
+/// from the beginning of its input, whatever its consumer group committed; a paused query
+/// stays paused until resumed, then reads afresh too, also when the service stopped in
+/// between (the reset is kept in the catalog until the query checkpoints); an unknown query
+/// is 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_query_starts_afresh_from_the_beginning_of_its_input() -> anyhow::Result<()> {
     let (_broker, brokers, dir, service, app) = counting_service().await?;
@@ -745,6 +746,23 @@ async fn a_reset_query_starts_afresh_from_the_beginning_of_its_input() -> anyhow
     .await?;
     let (status, _) = call(&app, "POST", "/v1/queries/nothing/reset", Some(TOKEN), None).await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // Reset while paused and the service stopped before it was resumed: the reset is in the
+    // catalog, so the query started by the next service reads afresh too.
+    let (status, body) = call(&app, "POST", "/v1/queries/counts/pause", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = call(&app, "POST", "/v1/queries/counts/reset", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    service.shutdown().await;
+    drop(app);
+    let service = crate::service(&brokers, dir.path()).await?;
+    let app = api::router(service.clone());
+    let (status, body) = call(&app, "POST", "/v1/queries/counts/resume", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let q = wait_for(&app, "counts", Duration::from_secs(30), |q| {
+        q["rows_in"] == 120
+    })
+    .await?;
+    assert_eq!(q["state"], "RUNNING", "{q}");
     service.shutdown().await;
     Ok(())
 }

@@ -164,6 +164,8 @@ impl Pipeline {
             if read.len() == 1 { "it" } else { "them" },
             match (&self.config.name, self.config.builtin) {
                 (Some(name), true) => self.builtin_afresh(name),
+                (Some(name), false) =>
+                    format!("reset the query to start it afresh (`urbanstream query reset {name}`)"),
                 _ => "drop and re-create the query to start it afresh".into(),
             },
         )))
@@ -248,9 +250,9 @@ impl Pipeline {
                 return Err(Error::Checkpoint(format!(
                     "{}: query {} was checkpointed under other SQL, and its state does not fit \
                      this SQL: {why}. Go back to the SQL the state was taken for (`urbanstream \
-                     query upgrade {} --file OLD.sql`), or drop and re-create the query to \
-                     start afresh",
-                    checkpoint.location, running.name, running.name
+                     query upgrade {} --file OLD.sql`), or start it afresh (`urbanstream query \
+                     reset {}`)",
+                    checkpoint.location, running.name, running.name, running.name
                 )));
             }
             info!(

@@ -478,7 +478,12 @@ async fn reset(
     State(service): State<Arc<Service>>,
     Path(name): Path<String>,
 ) -> Result<Json<QueryStatus>, ApiError> {
-    Ok(Json(service.manager.reset(&name).await?))
+    // In a task of its own, like an upgrade: a client that goes away does not leave the query
+    // stopped with its checkpoints half removed.
+    let reset = tokio::spawn(async move { service.manager.reset(&name).await })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("reset task failed: {e}")))??;
+    Ok(Json(reset))
 }
 
 async fn upgrade(

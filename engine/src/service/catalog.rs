@@ -43,6 +43,10 @@ struct CatalogFile {
     /// starts from scratch rather than resume the dropped one's committed offsets.
     #[serde(default)]
     dropped: Vec<String>,
+    /// Queries reset and not checkpointed since: they start afresh (with empty state, from
+    /// the beginning of their inputs) at their next start, also after the service restarts.
+    #[serde(default)]
+    reset: Vec<String>,
 }
 
 /// The catalog on disk and in memory.
@@ -133,6 +137,25 @@ impl Catalog {
         })
     }
 
+    /// Whether the query `name` was reset and has not been checkpointed since.
+    pub fn reset_pending(&self, name: &str) -> bool {
+        self.file.reset.iter().any(|n| n == name)
+    }
+
+    /// Records that the query `name` was reset (`pending`), or that it has checkpointed
+    /// since, and writes the catalog.
+    pub fn set_reset(&mut self, name: &str, pending: bool) -> Result<()> {
+        if self.reset_pending(name) == pending {
+            return Ok(());
+        }
+        self.update(|file| {
+            file.reset.retain(|n| n != name);
+            if pending {
+                file.reset.push(name.to_string());
+            }
+        })
+    }
+
     /// Replaces the SQL of the registered query `name` (an upgrade).
     pub fn set_sql(&mut self, name: &str, sql: &str) -> Result<()> {
         self.update(|file| {
@@ -149,6 +172,7 @@ impl Catalog {
             queries: self.file.queries.clone(),
             paused_builtins: self.file.paused_builtins.clone(),
             dropped: self.file.dropped.clone(),
+            reset: self.file.reset.clone(),
         };
         change(&mut next);
         write_atomically(

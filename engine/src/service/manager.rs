@@ -492,7 +492,7 @@ fn rfc3339(ms: i64) -> String {
 /// Runs the queries and keeps the catalog.
 pub struct QueryManager {
     config: Arc<ServiceConfig>,
-    catalog: Mutex<Catalog>,
+    catalog: Arc<Mutex<Catalog>>,
     queries: Mutex<BTreeMap<String, Arc<QueryHandle>>>,
     schemas: SchemaRegistry,
     runtime: QueryRuntime,
@@ -573,7 +573,7 @@ impl QueryManager {
             followers,
             operations: Mutex::new(BTreeMap::new()),
             config,
-            catalog: Mutex::new(catalog),
+            catalog: Arc::new(Mutex::new(catalog)),
             queries: Mutex::new(BTreeMap::new()),
             schemas: SchemaRegistry::embedded()?,
             runtime: QueryRuntime::new()?,
@@ -586,6 +586,7 @@ impl QueryManager {
         self.followers.start(&self.config, &self.reference)?;
         let now = epoch_ms();
         let mut entries: Vec<(CatalogEntry, bool)> = Vec::new();
+        let reset: Vec<String>;
         {
             let catalog = self.catalog()?;
             if self.config.queries.defaults {
@@ -601,11 +602,18 @@ impl QueryManager {
                 }
             }
             entries.extend(catalog.entries().iter().cloned().map(|e| (e, false)));
+            reset = entries
+                .iter()
+                .filter(|(e, _)| catalog.reset_pending(&e.name))
+                .map(|(e, _)| e.name.clone())
+                .collect();
         }
         for (entry, builtin) in entries {
             let paused = entry.paused;
             let name = entry.name.clone();
             let handle = self.register(entry, builtin);
+            // Reset before the service stopped, and not checkpointed since: still afresh.
+            handle.fresh.store(reset.contains(&name), Ordering::Relaxed);
             if paused {
                 handle.set(QueryState::Paused, None);
                 continue;
@@ -1500,22 +1508,35 @@ impl QueryManager {
     pub async fn reset(&self, name: &str) -> Result<QueryStatus, ServiceError> {
         let _operation = self.operation(name).await;
         let handle = self.handle(name)?;
+        if handle.stats.partitioning.lock().ok().and_then(|p| *p) == Some("repartitioned") {
+            return Err(ServiceError::Conflict(format!(
+                "{name} is repartitioned through an internal topic, whose records it would \
+                 read on from before the reset: resetting such a query is not supported yet"
+            )));
+        }
         let paused = handle.state() == QueryState::Paused;
+        // Recorded first: should the service stop half-way, the query still starts afresh.
+        self.catalog()
+            .and_then(|mut c| c.set_reset(name, true))
+            .map_err(|e| ServiceError::Internal(format!("catalog not written: {e}")))?;
         stop(&handle).await;
         let checkpoints = self.checkpoint_root.join(name);
         if let Err(e) = checkpoints.remove_all().await {
-            handle.set(
-                QueryState::Failed,
-                Some(format!(
-                    "reset: its checkpoints at {checkpoints} were not removed: {e}"
-                )),
+            // Started again as it was, it would restore a partly removed state: it waits
+            // for the reset to be made again.
+            let why = format!(
+                "its checkpoints at {checkpoints} were not all removed ({e}); reset it again"
             );
-            return Err(ServiceError::Internal(format!(
-                "{name}: its checkpoints at {checkpoints} were not removed: {e}"
-            )));
+            handle.set(QueryState::Failed, Some(format!("reset: {why}")));
+            return Err(ServiceError::Internal(format!("{name}: {why}")));
         }
         handle.fresh.store(true, Ordering::Relaxed);
-        if !paused {
+        if let Ok(mut last) = handle.stats.last_checkpoint.lock() {
+            *last = None;
+        }
+        if paused {
+            handle.set(QueryState::Paused, None);
+        } else {
             self.start(&handle).await;
         }
         info!(
@@ -1656,6 +1677,7 @@ impl QueryManager {
         control.task = Some(self.runtime.handle().spawn(supervise(
             handle.clone(),
             self.pipeline_config(handle),
+            self.catalog.clone(),
             self.config.pipeline.retry_backoff,
             stop,
         )));
@@ -1749,6 +1771,7 @@ async fn stop(handle: &QueryHandle) {
 async fn supervise(
     handle: Arc<QueryHandle>,
     config: PipelineConfig,
+    catalog: Arc<Mutex<Catalog>>,
     backoff: Duration,
     stop: Arc<AtomicBool>,
 ) {
@@ -1757,14 +1780,38 @@ async fn supervise(
         move |stop: Arc<AtomicBool>| {
             let mut config = config.clone();
             let handle = handle.clone();
+            let catalog = catalog.clone();
             async move {
-                config.from_beginning = handle.fresh.load(Ordering::Relaxed);
+                let fresh = handle.fresh.load(Ordering::Relaxed);
+                config.from_beginning = fresh;
+                let checkpointed = config.checkpoint.is_some();
+                let batches = handle.stats.batches.load(Ordering::Relaxed);
                 let pipeline = Pipeline::new(config, handle.stats.clone()).await?;
                 handle.set(QueryState::Running, None);
                 let result = pipeline.run(stop).await;
-                // Once it has processed input it has positions of its own.
-                if handle.stats.batches.load(Ordering::Relaxed) > 0 {
+                // A fresh query has positions of its own once it has written a checkpoint
+                // (which holds them), or, without checkpoints, once it has processed input
+                // (and committed); until then every start is afresh.
+                let settled = if checkpointed {
+                    handle
+                        .stats
+                        .last_checkpoint
+                        .lock()
+                        .ok()
+                        .is_some_and(|c| c.as_ref().is_some_and(|c| !c.restored))
+                } else {
+                    handle.stats.batches.load(Ordering::Relaxed) > batches
+                };
+                if fresh && settled {
                     handle.fresh.store(false, Ordering::Relaxed);
+                    let name = &handle.entry.name;
+                    if let Err(e) = catalog
+                        .lock()
+                        .map_err(|_| Error::Config("catalog lock poisoned".into()))
+                        .and_then(|mut c| c.set_reset(name, false))
+                    {
+                        warn!(query = %name, error = %e, "catalog not written after a reset");
+                    }
                 }
                 result
             }
