@@ -704,7 +704,7 @@ async fn a_query_dropped_and_created_again_starts_from_scratch() -> anyhow::Resu
 /// from the beginning of its input, whatever its consumer group committed; a paused query
 /// stays paused until resumed, then reads afresh too, also when the service stopped in
 /// between (the reset is kept in the catalog until the query checkpoints); an unknown query
-/// is 404.
+/// is 404, a query repartitioned through an internal topic 409.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_query_starts_afresh_from_the_beginning_of_its_input() -> anyhow::Result<()> {
     let (_broker, brokers, dir, service, app) = counting_service().await?;
@@ -746,6 +746,31 @@ async fn a_reset_query_starts_afresh_from_the_beginning_of_its_input() -> anyhow
     .await?;
     let (status, _) = call(&app, "POST", "/v1/queries/nothing/reset", Some(TOKEN), None).await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // Grouped by camera over a topic keyed by segment: repartitioned through an internal
+    // topic, which a reset would read on from before it: refused.
+    let by_camera = "CREATE EXTERNAL TABLE by_camera_out (camera_id VARCHAR NOT NULL, \
+            window_start TIMESTAMP NOT NULL, n BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'test.kept', 'format' 'json', 'key' 'camera_id');
+         INSERT INTO by_camera_out SELECT camera_id, window_start, count(*) AS n \
+         FROM camera_events GROUP BY tumble(event_time, INTERVAL '1 minute'), camera_id";
+    create(&app, "by_camera", by_camera).await?;
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/by_camera/reset",
+        Some(TOKEN),
+        None,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("repartitioned")),
+        "{body}"
+    );
+    let (status, body) = call(&app, "DELETE", "/v1/queries/by_camera", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     // Reset while paused and the service stopped before it was resumed: the reset is in the
     // catalog, so the query started by the next service reads afresh too.
     let (status, body) = call(&app, "POST", "/v1/queries/counts/pause", Some(TOKEN), None).await?;

@@ -143,12 +143,7 @@ impl Pipeline {
         if read.is_empty() {
             return Ok(());
         }
-        let dir = self
-            .config
-            .checkpoint
-            .as_ref()
-            .map(|c| c.location.to_string())
-            .unwrap_or_default();
+        let dir = self.checkpoint_location();
         let shown: Vec<String> = read
             .iter()
             .map(|((t, p), o)| format!("{t}[{p}] at offset {o}"))
@@ -171,15 +166,19 @@ impl Pipeline {
         )))
     }
 
-    /// What to do with a built-in query whose state cannot be used: it is neither dropped
-    /// nor upgraded.
-    fn builtin_afresh(&self, name: &str) -> String {
-        let root = self
-            .config
+    /// Where its checkpoints go, as messages name it.
+    fn checkpoint_location(&self) -> String {
+        self.config
             .checkpoint
             .as_ref()
             .map(|c| c.location.to_string())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// What to do with a built-in query whose state cannot be used: it is neither dropped
+    /// nor upgraded.
+    fn builtin_afresh(&self, name: &str) -> String {
+        let root = self.checkpoint_location();
         format!(
             "Built-in queries are neither dropped nor upgraded: start it afresh with \
              `urbanstream query reset {name}` (its state at {root} removed, its inputs read \

@@ -154,6 +154,8 @@ pub struct KeyedHandle {
     functions: Vec<String>,
     /// What its state holds: the keys and each call with its arguments.
     layout: String,
+    /// The types of its input's columns, which a key's kept last row holds.
+    row_types: Vec<DataType>,
 }
 
 impl KeyedHandle {
@@ -230,9 +232,16 @@ impl KeyedHandle {
             .map_err(|e| crate::Error::Checkpoint(format!("detector state: {e}")))?;
         let series = typed::<LargeBinaryArray>(&series, "series")?;
         let has_row = typed::<BooleanArray>(column(t, "has_row")?, "has_row")?;
-        let rows: Vec<&ArrayRef> = (0..)
+        // Kept rows as the input's columns are now: a checkpoint of an earlier version may
+        // hold a detector's struct with fewer fields (before `scale`).
+        let rows: Vec<ArrayRef> = (0..)
             .map_while(|c| t.column_by_name(&format!("row{c}")))
-            .collect();
+            .enumerate()
+            .map(|(c, column)| match self.row_types.get(c) {
+                Some(to) => fit(column, to),
+                None => Ok(Arc::clone(column)),
+            })
+            .collect::<Result<_>>()?;
         for r in 0..t.num_rows() {
             let states: Vec<SeriesState> = ciborium::from_reader(series.value(r))
                 .map_err(|e| crate::Error::Checkpoint(format!("detector state: {e}")))?;
@@ -406,6 +415,12 @@ impl KeyedSeriesExec {
             Boundedness::Bounded,
         ));
         let functions = calls.iter().map(|c| c.kind.name().to_string()).collect();
+        let row_types = input
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.data_type().clone())
+            .collect();
         let layout = format!(
             "per ({}) ordered by {}: {}",
             keys.iter()
@@ -428,6 +443,7 @@ impl KeyedSeriesExec {
                 ttl: Arc::new(AtomicI64::new(i64::MAX)),
                 functions,
                 layout,
+                row_types,
             },
             properties,
         }))
@@ -734,34 +750,14 @@ impl Fired {
             return Ok(None);
         }
         let input_schema = exec.input.schema();
-        let mut columns: Vec<ArrayRef> = input_schema
-            .fields()
-            .iter()
-            .enumerate()
-            .map(|(c, field)| {
-                let values = self
-                    .rows
-                    .iter()
-                    .map(|r| fit_scalar(&r[c], field.data_type()))
-                    .collect::<Result<Vec<_>>>()?;
-                ScalarValue::iter_to_array(values)
-            })
+        let mut columns: Vec<ArrayRef> = (0..input_schema.fields().len())
+            .map(|c| ScalarValue::iter_to_array(self.rows.iter().map(|r| r[c].clone())))
             .collect::<Result<Vec<_>>>()?;
         for (call, out) in exec.calls.iter().zip(&self.outputs) {
             columns.push(call.kind.build(out)?);
         }
         Ok(Some(RecordBatch::try_new(exec.schema.clone(), columns)?))
     }
-}
-
-/// `value` as a value of type `to`: a key's last row kept by a checkpoint of an earlier
-/// version may hold a struct with fewer fields than the plan's input now has (a detector's
-/// output gained `scale`); its fields are matched by name and the missing ones are NULL.
-fn fit_scalar(value: &ScalarValue, to: &DataType) -> Result<ScalarValue> {
-    if value.data_type() == *to {
-        return Ok(value.clone());
-    }
-    ScalarValue::try_from_array(&fit(&value.to_array()?, to)?, 0)
 }
 
 /// `array` as type `to`: structs field by field by name (a field it lacks is NULL), anything
@@ -938,50 +934,67 @@ mod tests {
     use super::*;
 
     /// A key's last row kept by a checkpoint before detectors gave their `scale` holds
-    /// `{score, baseline, warming, likelihood}`: it fits the plan's input as it is now, the
-    /// missing field NULL, so a timer firing on that row after a restore builds its batch.
+    /// `{score, baseline, warming, likelihood}`: restored, it is the struct the plan's input
+    /// has now, the missing field NULL, so a timer firing on that row builds its batch.
     #[test]
-    fn a_kept_row_of_an_older_struct_fits_the_input_now() {
-        use datafusion::arrow::datatypes::Fields;
+    fn a_kept_row_of_an_older_struct_is_restored_as_the_input_is_now() -> crate::Result<()> {
+        use datafusion::arrow::array::Float64Array;
+        use datafusion::arrow::datatypes::{Fields, Float64Type};
         let now = SeriesKind::Score.output_fields();
         let then: Fields = now
             .iter()
             .filter(|f| f.name() != "scale")
             .cloned()
             .collect();
-        let old = StructArray::try_new(
+        let old: ArrayRef = Arc::new(StructArray::try_new(
             then,
             vec![
-                Arc::new(datafusion::arrow::array::Float64Array::from(vec![-4.5])),
-                Arc::new(datafusion::arrow::array::Float64Array::from(vec![40.0])),
+                Arc::new(Float64Array::from(vec![-4.5])),
+                Arc::new(Float64Array::from(vec![40.0])),
                 Arc::new(BooleanArray::from(vec![false])),
-                Arc::new(datafusion::arrow::array::Float64Array::from(vec![None])),
+                Arc::new(Float64Array::from(vec![None])),
             ],
             None,
-        )
-        .unwrap();
-        let kept = ScalarValue::try_from_array(&(Arc::new(old) as ArrayRef), 0).unwrap();
-        let to = DataType::Struct(now.clone());
-        let fitted = fit_scalar(&kept, &to).unwrap();
-        assert_eq!(fitted.data_type(), to);
-        let array = fitted.to_array().unwrap();
-        let fitted = array.as_struct();
-        assert_eq!(
-            fitted
-                .column_by_name("baseline")
-                .unwrap()
-                .as_primitive::<datafusion::arrow::datatypes::Float64Type>()
-                .value(0),
-            40.0
-        );
-        assert!(fitted.column_by_name("scale").unwrap().is_null(0));
-        // A value of the type already is kept as it is; others are cast.
-        let same = ScalarValue::Int64(Some(7));
-        assert_eq!(fit_scalar(&same, &DataType::Int64).unwrap(), same);
-        assert_eq!(
-            fit_scalar(&same, &DataType::Float64).unwrap(),
-            ScalarValue::Float64(Some(7.0))
-        );
+        )?);
+        let mut store = KeyedStore::default();
+        let mut kept = key(10, Some(900));
+        kept.last_row = Some(vec![
+            ScalarValue::Int64(Some(7)),
+            ScalarValue::try_from_array(&old, 0)?,
+        ]);
+        store.keys.insert(b"seg".to_vec().into(), kept);
+        let table = TakenKeys(store.keys.share()).compute()?;
+        let handle = |row_types| KeyedHandle {
+            store: Arc::default(),
+            watermark: Arc::new(AtomicI64::new(i64::MIN)),
+            timers: true,
+            ttl: Arc::new(AtomicI64::new(i64::MAX)),
+            functions: Vec::new(),
+            layout: String::new(),
+            row_types,
+        };
+        let restored = handle(vec![DataType::Int64, DataType::Struct(now.clone())]);
+        restored.restore(&StateSnapshot {
+            meta: serde_json::json!({ "next_due": 900 }),
+            tables: [("keys".to_string(), table)].into(),
+            ..Default::default()
+        })?;
+        let row = restored
+            .with_store(|s| {
+                s.keys
+                    .get(b"seg".as_slice())
+                    .and_then(|k| k.last_row.clone())
+            })
+            .flatten()
+            .expect("the key's row");
+        assert_eq!(row[0], ScalarValue::Int64(Some(7)));
+        assert_eq!(row[1].data_type(), DataType::Struct(now));
+        let fitted = row[1].to_array()?;
+        let fitted = fitted.as_struct();
+        let baseline = fitted.column_by_name("baseline").expect("baseline");
+        assert_eq!(baseline.as_primitive::<Float64Type>().value(0), 40.0);
+        assert!(fitted.column_by_name("scale").expect("scale").is_null(0));
+        Ok(())
     }
 
     fn key(last_t: i64, due: Option<i64>) -> KeyState {

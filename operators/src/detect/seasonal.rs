@@ -240,7 +240,11 @@ impl TryFrom<SeasonalRepr> for Seasonal {
     type Error = String;
 
     fn try_from(r: SeasonalRepr) -> Result<Self, String> {
-        let expected = r.season.profiles() * (DAY_MS / r.bin_ms.max(1)) as usize;
+        // As `Seasonal::new` makes them: whole minutes that divide a day.
+        if r.bin_ms < 60_000 || r.bin_ms > DAY_MS || DAY_MS % r.bin_ms != 0 {
+            return Err(format!("a seasonal profile in bins of {} ms", r.bin_ms));
+        }
+        let expected = r.season.profiles() * (DAY_MS / r.bin_ms) as usize;
         let len = if r.bins.is_empty() {
             r.len
         } else {
@@ -445,5 +449,10 @@ mod tests {
         s.bins.pop();
         let error = ciborium::from_reader::<Seasonal, _>(cbor(&s).as_slice()).unwrap_err();
         assert!(error.to_string().contains("95 bins"), "{error}");
+        // Bins of a width `Seasonal::new` never makes (a profile of a million bins) too.
+        let mut s = Seasonal::new(Season::Day, Seasonal::DEFAULT_BIN_MS, 0);
+        s.bin_ms = 1;
+        let error = ciborium::from_reader::<Seasonal, _>(cbor(&s).as_slice()).unwrap_err();
+        assert!(error.to_string().contains("bins of 1 ms"), "{error}");
     }
 }
