@@ -21,7 +21,8 @@
 //! `checkpoint_keyed/…` is the same for keyed detector state: `anomaly_score` per key over
 //! raw events, 10 000 or 100 000 keys, each with a day of profile (a reading every 15
 //! minutes for a day; about 5 KB a key in the checkpoint). `lend` shares the keys' map
-//! with the checkpoint (a key updated while the checkpoint holds it is copied first);
+//! with the checkpoint (a key updated while the checkpoint holds it is copied first, into a
+//! state the previous checkpoint let go of);
 //! `snapshot_resolved` adds encoding the states into the Arrow table. Its micro-batches
 //! move event time on past every event before them, so that every reading is learnt.
 //!

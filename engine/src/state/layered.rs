@@ -4,7 +4,11 @@
 //! until every holder has let it go, changes land in a second map in front of it, each entry
 //! copied there the first time it changes. Once the shared map is back in sole hands, the
 //! changes are folded into it a few at a time ([`Layered::settle`]), so that no single
-//! micro-batch pays for every change made while a checkpoint was read out.
+//! micro-batch pays for every change made while a checkpoint was read out. A map made
+//! [`Layered::with_spares`] keeps the entries they replace (at most one an entry) for the
+//! copies of the next share: a copy is made into one with [`Clone::clone_from`], which reuses
+//! its buffers, so copying a large entry does not touch fresh memory each checkpoint (page
+//! faults, which cost several times the copy).
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
@@ -24,6 +28,12 @@ pub struct Layered<K, V> {
     base: Shared<K, V>,
     /// Entries changed while `base` was shared, not yet folded into it: `None` where removed.
     changes: HashMap<K, Option<V>>,
+    /// With [`Layered::with_spares`]: entries replaced when changes were folded in, kept to
+    /// copy the next changed entries into ([`Clone::clone_from`]), so that a copy reuses
+    /// their buffers instead of touching fresh memory. At most as many as there are entries.
+    spare: Vec<V>,
+    /// Whether replaced entries are kept in `spare`.
+    spares: bool,
     len: usize,
 }
 
@@ -32,8 +42,28 @@ impl<K, V> Default for Layered<K, V> {
         Self {
             base: Arc::default(),
             changes: HashMap::new(),
+            spare: Vec::new(),
+            spares: false,
             len: 0,
         }
+    }
+}
+
+impl<K, V> Layered<K, V> {
+    /// An empty map that keeps the entries its folds replace, at most one an entry, and
+    /// makes the copies of the next share into them: for large entries whose
+    /// [`Clone::clone_from`] reuses their buffers, changed in place ([`Layered::get_mut`]).
+    /// They take memory while no share is held: see [`Layered::spares`].
+    pub fn with_spares() -> Self {
+        Self {
+            spares: true,
+            ..Self::default()
+        }
+    }
+
+    /// The entries kept for copies ([`Layered::with_spares`]), to count their memory.
+    pub fn spares(&self) -> impl Iterator<Item = &V> {
+        self.spare.iter()
     }
 }
 
@@ -89,7 +119,8 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
                 return Arc::get_mut(&mut self.base)?.get_mut(key);
             }
             let (k, v) = self.base.get_key_value(key)?;
-            self.changes.insert(k.clone(), Some(v.clone()));
+            let copy = copy(&mut self.spare, v);
+            self.changes.insert(k.clone(), Some(copy));
         }
         self.changes.get_mut(key)?.as_mut()
     }
@@ -155,6 +186,7 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
         };
         if previous.is_some() {
             self.len -= 1;
+            self.spare.truncate(self.len);
         }
         previous
     }
@@ -175,7 +207,7 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
             return self.insert(key, make());
         }
         if !self.changes.contains_key(&key) && Arc::get_mut(&mut self.base).is_none() {
-            let copy = self.base.get(&key).cloned();
+            let copy = self.base.get(&key).map(|v| copy(&mut self.spare, v));
             self.changes.insert(key.clone(), copy);
         }
         if self.changes.contains_key(&key) {
@@ -216,6 +248,7 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
         {
             base.retain(|_, v| keep(v));
             self.len = base.len();
+            self.spare.truncate(self.len);
             return;
         }
         let dropped: Vec<K> = self
@@ -224,6 +257,7 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
             .map(|(k, _)| k.clone())
             .collect();
         self.len -= dropped.len();
+        self.spare.truncate(self.len);
         for k in dropped {
             match Arc::get_mut(&mut self.base) {
                 Some(base) => {
@@ -240,6 +274,7 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
     /// Drops every entry.
     pub fn clear(&mut self) {
         self.changes.clear();
+        self.spare = Vec::new();
         match Arc::get_mut(&mut self.base) {
             Some(base) => base.clear(),
             None => self.base = Arc::default(),
@@ -256,15 +291,16 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
         let Some(base) = Arc::get_mut(&mut self.base) else {
             return self.changes.len();
         };
+        let keep = if self.spares { self.len } else { 0 };
         if n >= self.changes.len() {
-            fold(base, self.changes.drain());
+            fold(base, self.changes.drain(), &mut self.spare, keep);
         } else {
             let keys: Vec<K> = self.changes.keys().take(n).cloned().collect();
             let taken: Vec<(K, Option<V>)> = keys
                 .into_iter()
                 .filter_map(|k| self.changes.remove_entry(&k))
                 .collect();
-            fold(base, taken);
+            fold(base, taken, &mut self.spare, keep);
         }
         self.changes.len()
     }
@@ -285,24 +321,46 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
     pub fn share(&mut self) -> Shared<K, V> {
         if !self.changes.is_empty() {
             let changes = std::mem::take(&mut self.changes);
-            fold(Arc::make_mut(&mut self.base), changes);
+            let keep = if self.spares { self.len } else { 0 };
+            fold(
+                Arc::make_mut(&mut self.base),
+                changes,
+                &mut self.spare,
+                keep,
+            );
         }
         Arc::clone(&self.base)
     }
 }
 
+/// A copy of `v`, made into a spare entry when there is one.
+fn copy<V: Clone>(spare: &mut Vec<V>, v: &V) -> V {
+    match spare.pop() {
+        Some(mut into) => {
+            into.clone_from(v);
+            into
+        }
+        None => v.clone(),
+    }
+}
+
+/// Folds `changes` into `base`; the entries they replace are kept in `spare` while it holds
+/// fewer than `keep`.
 fn fold<K: Eq + Hash, V>(
     base: &mut HashMap<K, V>,
     changes: impl IntoIterator<Item = (K, Option<V>)>,
+    spare: &mut Vec<V>,
+    keep: usize,
 ) {
     for (k, v) in changes {
-        match v {
-            Some(v) => {
-                base.insert(k, v);
-            }
-            None => {
-                base.remove(&k);
-            }
+        let replaced = match v {
+            Some(v) => base.insert(k, v),
+            None => base.remove(&k),
+        };
+        if let Some(old) = replaced
+            && spare.len() < keep
+        {
+            spare.push(old);
         }
     }
 }
@@ -774,6 +832,65 @@ mod tests {
         assert_eq!(counts.settle(usize::MAX), 0);
         assert_eq!(counts.iter().count(), 900);
         assert_eq!(counts.count(&10), 2);
+    }
+
+    /// With spares, an entry copied while the map is shared goes into an entry that an
+    /// earlier fold replaced (its buffer reused, not fresh memory) and holds exactly what it
+    /// copied, whether the spare was longer or shorter; no more spares are kept than there
+    /// are entries; a map without spares keeps none.
+    #[test]
+    fn a_copy_reuses_an_entry_a_fold_replaced() {
+        let mut map: Layered<u32, Vec<u64>> = Layered::with_spares();
+        let mut plain: Layered<u32, Vec<u64>> = Layered::default();
+        // Entries of 40 to 89 values, changed to 64 to 72 while shared: the spares (the
+        // entries as they were) are longer than some copies and shorter than others.
+        for k in 0..100u32 {
+            map.insert(k, vec![u64::from(k); 40 + k as usize % 50]);
+            plain.insert(k, vec![u64::from(k); 40 + k as usize % 50]);
+        }
+        let (shared, plain_shared) = (map.share(), plain.share());
+        for k in 0..100u32 {
+            map.get_mut(&k)
+                .expect("entry")
+                .resize(64 + k as usize % 9, 7);
+            plain
+                .get_mut(&k)
+                .expect("entry")
+                .resize(64 + k as usize % 9, 7);
+        }
+        drop((shared, plain_shared));
+        map.settle(usize::MAX);
+        plain.settle(usize::MAX);
+        assert_eq!(map.spare.len(), 100, "the replaced entries are kept");
+        assert!(plain.spare.is_empty(), "a map without spares keeps none");
+        let buffers: std::collections::HashSet<usize> =
+            map.spare.iter().map(|v| v.as_ptr() as usize).collect();
+        let shared = map.share();
+        let mut reused = 0;
+        for k in 0..100u32 {
+            let copy = map.get_mut(&k).expect("entry");
+            assert_eq!(Some(&*copy), shared.get(&k), "the copy of {k}");
+            reused += usize::from(buffers.contains(&(copy.as_ptr() as usize)));
+            copy.push(1);
+        }
+        assert!(reused > 0, "copies went into spares' buffers");
+        assert_eq!(
+            shared.get(&3).map(Vec::len),
+            Some(67),
+            "the reader's is untouched"
+        );
+        drop(shared);
+        map.settle(usize::MAX);
+        for k in 0..10 {
+            map.remove(&k);
+        }
+        assert_eq!(map.len(), 90);
+        assert!(map.spare.len() <= map.len());
+        map.retain(|v| v[0] % 2 == 0);
+        assert_eq!(map.len(), 45);
+        assert!(map.spare.len() <= map.len());
+        map.clear();
+        assert!(map.spare.is_empty());
     }
 
     /// Sharing is a reference count, whatever the size; changes made while shared wait in

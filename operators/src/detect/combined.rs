@@ -35,7 +35,7 @@ use super::{Calibrator, Ewma, RollingMad, Score, Season, Seasonal, standardise};
 ///
 /// O(120) time every 8 readings (the MAD of the residual window), O(bins) for the
 /// likelihood, O(1) otherwise; warming for the first 30 readings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub struct Combined {
     seasonal: Seasonal,
     level: Ewma,
@@ -49,6 +49,40 @@ pub struct Combined {
     /// The calibration of `|score|` into a likelihood.
     #[serde(default)]
     calibration: Calibrator,
+}
+
+impl Clone for Combined {
+    fn clone(&self) -> Self {
+        // Every field is set by `clone_from`, into buffers of the sizes it needs.
+        let mut copy = Self::new(0);
+        copy.clone_from(self);
+        copy
+    }
+
+    /// Reuses the buffers of the profile, the residual window and the histogram: a key's
+    /// state copied while a checkpoint holds it then touches no fresh memory.
+    fn clone_from(&mut self, source: &Self) {
+        let Self {
+            seasonal,
+            level,
+            residuals,
+            pos,
+            neg,
+            n,
+            spread,
+            since_refresh,
+            calibration,
+        } = source;
+        self.seasonal.clone_from(seasonal);
+        self.level.clone_from(level);
+        self.residuals.clone_from(residuals);
+        self.pos = *pos;
+        self.neg = *neg;
+        self.n = *n;
+        self.spread = *spread;
+        self.since_refresh = *since_refresh;
+        self.calibration.clone_from(calibration);
+    }
 }
 
 impl Combined {

@@ -30,7 +30,7 @@ use super::{Score, VectorOut};
 ///
 /// The columns are fixed by the key's first reading (at most [`Hotelling::MAX_COLUMNS`]). No
 /// daily profile: for seasonal series (traffic, air) `anomaly_vector` fits better.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hotelling {
     half_life_ms: i64,
     /// Columns, fixed by the first reading.
@@ -46,6 +46,40 @@ pub struct Hotelling {
     last_ms: Option<i64>,
     /// Start of the current anomalous stretch.
     anomalous_since: Option<i64>,
+}
+
+impl Clone for Hotelling {
+    fn clone(&self) -> Self {
+        let mut copy = Self {
+            mean: Vec::new(),
+            comoment: Vec::new(),
+            ..*self
+        };
+        copy.clone_from(self);
+        copy
+    }
+
+    /// Reuses the buffers of the means and co-moments.
+    fn clone_from(&mut self, source: &Self) {
+        let Self {
+            half_life_ms,
+            d,
+            weight,
+            learnt,
+            mean,
+            comoment,
+            last_ms,
+            anomalous_since,
+        } = source;
+        self.half_life_ms = *half_life_ms;
+        self.d = *d;
+        self.weight = *weight;
+        self.learnt = *learnt;
+        self.mean.clone_from(mean);
+        self.comoment.clone_from(comoment);
+        self.last_ms = *last_ms;
+        self.anomalous_since = *anomalous_since;
+    }
 }
 
 impl Hotelling {

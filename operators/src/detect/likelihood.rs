@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 ///   span. Decay costs O(1) per reading (weights grow instead, renormalised rarely).
 ///
 /// O(bins) per reading (a few hundred additions), about 1.6 KB per key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub struct Calibrator {
     /// Weights per bin: `[0]` at or below [`Calibrator::LOW`], `[1..=BINS]` log bins, then one
     /// bin for everything above the top edge.
@@ -35,6 +35,35 @@ pub struct Calibrator {
     forget_ms: i64,
     /// The highest bin holding weight (the bins above it are empty).
     top: usize,
+}
+
+impl Clone for Calibrator {
+    fn clone(&self) -> Self {
+        let mut copy = Self {
+            counts: Vec::new(),
+            ..*self
+        };
+        copy.counts.clone_from(&self.counts);
+        copy
+    }
+
+    /// Reuses the histogram's buffer (a key's state copied while a checkpoint holds it).
+    fn clone_from(&mut self, source: &Self) {
+        let Self {
+            counts,
+            total,
+            seen,
+            origin,
+            forget_ms,
+            top,
+        } = source;
+        self.counts.clone_from(counts);
+        self.total = *total;
+        self.seen = *seen;
+        self.origin = *origin;
+        self.forget_ms = *forget_ms;
+        self.top = *top;
+    }
 }
 
 impl Default for Calibrator {

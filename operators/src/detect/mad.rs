@@ -13,20 +13,38 @@ use super::{Score, standardise};
 /// O(window) time per reading (a selection, not a sort) and O(window) memory. When more than
 /// half the window is one value the MAD is zero; the scale then falls back to the mean absolute
 /// deviation (× 1.2533, the normal-consistent factor).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub struct RollingMad {
     window: usize,
     warmup: usize,
     values: VecDeque<f64>,
-    #[serde(skip)]
-    scratch: Vec<f64>,
 }
 
-impl PartialEq for RollingMad {
-    fn eq(&self, other: &Self) -> bool {
-        // The scratch space is not state.
-        (self.window, self.warmup, &self.values) == (other.window, other.warmup, &other.values)
+impl Clone for RollingMad {
+    fn clone(&self) -> Self {
+        // Every field is set by `clone_from`.
+        let mut copy = Self::new(self.window, self.warmup);
+        copy.clone_from(self);
+        copy
     }
+
+    /// Reuses the window's buffer (a key's state copied while a checkpoint holds it).
+    fn clone_from(&mut self, source: &Self) {
+        let Self {
+            window,
+            warmup,
+            values,
+        } = source;
+        self.window = *window;
+        self.warmup = *warmup;
+        self.values.clone_from(values);
+    }
+}
+
+thread_local! {
+    /// Scratch space for the selections of [`RollingMad::location_scale`]: a thread's, not
+    /// each key's.
+    static SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl RollingMad {
@@ -42,33 +60,34 @@ impl RollingMad {
             window,
             warmup: warmup.min(window),
             values: VecDeque::with_capacity(window),
-            scratch: Vec::with_capacity(window),
         }
     }
 
     pub(crate) fn heap_size(&self) -> usize {
-        (self.values.capacity() + self.scratch.capacity()) * std::mem::size_of::<f64>()
+        self.values.capacity() * std::mem::size_of::<f64>()
     }
 
     /// Median and robust scale of the window, if it holds anything.
-    pub fn location_scale(&mut self) -> Option<(f64, f64)> {
+    pub fn location_scale(&self) -> Option<(f64, f64)> {
         if self.values.is_empty() {
             return None;
         }
-        self.scratch.clear();
-        self.scratch.extend(self.values.iter().copied());
-        let median = median_in_place(&mut self.scratch);
-        for v in self.scratch.iter_mut() {
-            *v = (*v - median).abs();
-        }
-        let mad = median_in_place(&mut self.scratch);
-        let scale = if mad > 0.0 {
-            1.4826 * mad
-        } else {
-            let n = self.scratch.len() as f64;
-            1.2533 * self.scratch.iter().sum::<f64>() / n
-        };
-        Some((median, scale))
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            scratch.extend(self.values.iter().copied());
+            let median = median_in_place(scratch);
+            for v in scratch.iter_mut() {
+                *v = (*v - median).abs();
+            }
+            let mad = median_in_place(scratch);
+            let scale = if mad > 0.0 {
+                1.4826 * mad
+            } else {
+                let n = scratch.len() as f64;
+                1.2533 * scratch.iter().sum::<f64>() / n
+            };
+            Some((median, scale))
+        })
     }
 
     /// Pushes `x` into the window, dropping the oldest reading when full.

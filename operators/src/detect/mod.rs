@@ -95,7 +95,7 @@ pub enum Emitted {
 /// The state of one keyed function for one key: every detector, health check and alert
 /// machine of this module behind one type, so that an engine can hold, step and checkpoint
 /// them without knowing which is which.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub enum SeriesState {
     /// [`Ewma`].
     Ewma(Ewma),
@@ -115,6 +115,35 @@ pub enum SeriesState {
     Vector(Box<VectorScore>),
     /// [`Hotelling`].
     Hotelling(Box<Hotelling>),
+}
+
+impl Clone for SeriesState {
+    fn clone(&self) -> Self {
+        match self {
+            SeriesState::Ewma(d) => SeriesState::Ewma(d.clone()),
+            SeriesState::Mad(d) => SeriesState::Mad(d.clone()),
+            SeriesState::Cusum(d) => SeriesState::Cusum(d.clone()),
+            SeriesState::Seasonal(d) => SeriesState::Seasonal(d.clone()),
+            SeriesState::Combined(d) => SeriesState::Combined(d.clone()),
+            SeriesState::Health(h) => SeriesState::Health(h.clone()),
+            SeriesState::Alert(a) => SeriesState::Alert(a.clone()),
+            SeriesState::Vector(d) => SeriesState::Vector(d.clone()),
+            SeriesState::Hotelling(d) => SeriesState::Hotelling(d.clone()),
+        }
+    }
+
+    /// Reuses the buffers of a state of the same kind (a key's state copied while a
+    /// checkpoint holds it then touches no fresh memory).
+    fn clone_from(&mut self, source: &Self) {
+        match (self, source) {
+            (SeriesState::Mad(d), SeriesState::Mad(s)) => d.clone_from(s),
+            (SeriesState::Seasonal(d), SeriesState::Seasonal(s)) => d.clone_from(s),
+            (SeriesState::Combined(d), SeriesState::Combined(s)) => d.clone_from(s),
+            (SeriesState::Vector(d), SeriesState::Vector(s)) => d.clone_from(s),
+            (SeriesState::Hotelling(d), SeriesState::Hotelling(s)) => d.clone_from(s),
+            (this, source) => *this = source.clone(),
+        }
+    }
 }
 
 impl SeriesState {

@@ -70,7 +70,7 @@ struct Bin {
 /// Serialised (for checkpoints) with only the bins that hold anything, each as a tuple
 /// without field names ([`BinAt`]); the form with every bin by name, written before, is
 /// still read.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(try_from = "SeasonalRepr")]
 pub struct Seasonal {
     season: Season,
@@ -79,6 +79,32 @@ pub struct Seasonal {
     alpha: f64,
     min_seen: u32,
     bins: Vec<Bin>,
+}
+
+impl Clone for Seasonal {
+    fn clone(&self) -> Self {
+        let mut copy = Self::new(self.season, self.bin_ms, self.offset_ms);
+        copy.clone_from(self);
+        copy
+    }
+
+    /// Reuses the profile's buffer (a key's state copied while a checkpoint holds it).
+    fn clone_from(&mut self, source: &Self) {
+        let Self {
+            season,
+            bin_ms,
+            offset_ms,
+            alpha,
+            min_seen,
+            bins,
+        } = source;
+        self.season = *season;
+        self.bin_ms = *bin_ms;
+        self.offset_ms = *offset_ms;
+        self.alpha = *alpha;
+        self.min_seen = *min_seen;
+        self.bins.clone_from(bins);
+    }
 }
 
 impl Seasonal {

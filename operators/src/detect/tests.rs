@@ -266,6 +266,58 @@ fn state_round_trips_through_serde() {
     }
 }
 
+/// A state copied into another (reusing its buffers, as a key copied while a checkpoint holds
+/// it is) is the state copied, whatever the other held: a longer or shorter history, none, or
+/// another kind of state; both go on alike.
+#[test]
+fn a_state_copied_into_another_is_the_state_copied() {
+    let kinds = || {
+        let mut all = detectors();
+        all.extend([
+            ("vector", SeriesState::Vector(Box::new(VectorScore::new(0)))),
+            (
+                "t2",
+                SeriesState::Hotelling(Box::new(Hotelling::new(60 * MIN))),
+            ),
+            (
+                "stuck",
+                SeriesState::Health(Health::new(FaultKind::Stuck { readings: 5 })),
+            ),
+            ("alert", SeriesState::Alert(AlertMachine::new(RULE))),
+        ]);
+        all
+    };
+    let feed = |state: &mut SeriesState, series: &[f64], every_ms: i64| {
+        for (i, x) in series.iter().enumerate() {
+            state.step(i as i64 * every_ms, Some(*x));
+        }
+    };
+    // Two days of history, a day at another level and spacing, or nothing at all.
+    let two_days = daily_cycle(2);
+    let other_day: Vec<f64> = daily_cycle(1).iter().map(|x| x * 2.0 + 7.0).collect();
+    let histories: [(&[f64], i64); 3] = [(&two_days, 5 * MIN), (&other_day, 7 * MIN), (&[], MIN)];
+    for (name, prototype) in kinds() {
+        for (from, every) in histories {
+            let mut source = prototype.clone();
+            feed(&mut source, from, every);
+            for (other, into_prototype) in kinds() {
+                for (history, into_every) in histories {
+                    let mut into = into_prototype.clone();
+                    feed(&mut into, history, into_every);
+                    into.clone_from(&source);
+                    assert_eq!(into, source, "{name} copied into {other}");
+                    let (mut a, mut b) = (source.clone(), into);
+                    for i in 0..50 {
+                        let t = 2 * 86_400_000 + i * 5 * MIN;
+                        let x = Some(30.0 + noise(i as usize) * 3.0);
+                        assert_eq!(a.step(t, x), b.step(t, x), "{name} copied into {other}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn health(kind: FaultKind, readings: &[(i64, Option<f64>)]) -> Vec<HealthOut> {
     let mut h = Health::new(kind);
     readings.iter().map(|(t, x)| h.update(*t, *x)).collect()

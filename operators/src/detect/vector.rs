@@ -16,10 +16,27 @@ use super::{Combined, Score};
 /// [`VectorScore::MAX_COLUMNS`] (the values of a row are data: an array column of a record must
 /// not make a key's state unbounded); a later reading with fewer values counts the absent ones
 /// as missing, and values beyond that number are ignored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
 pub struct VectorScore {
     offset_ms: i64,
     columns: Vec<Combined>,
+}
+
+impl Clone for VectorScore {
+    fn clone(&self) -> Self {
+        let Self { offset_ms, columns } = self;
+        Self {
+            offset_ms: *offset_ms,
+            columns: columns.clone(),
+        }
+    }
+
+    /// Reuses each column's buffers ([`Combined`]'s `clone_from`).
+    fn clone_from(&mut self, source: &Self) {
+        let Self { offset_ms, columns } = source;
+        self.offset_ms = *offset_ms;
+        self.columns.clone_from(columns);
+    }
 }
 
 /// What [`VectorScore`] says about one reading.
