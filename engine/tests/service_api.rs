@@ -193,6 +193,18 @@ fn is(state: &'static str) -> impl Fn(&Value) -> bool {
 /// Produces `n` camera detections from `cameras` distinct cameras on 4 segments, one second
 /// apart in event time from `t0`.
 async fn produce_events(brokers: &str, t0: i64, n: usize, cameras: usize) -> anyhow::Result<()> {
+    produce_events_to(brokers, t0, n, cameras, None).await
+}
+
+/// [`produce_events`], event `i` to partition `i % spread` when `spread` is given (else by
+/// the segment key).
+async fn produce_events_to(
+    brokers: &str,
+    t0: i64,
+    n: usize,
+    cameras: usize,
+    spread: Option<i32>,
+) -> anyhow::Result<()> {
     // Idempotent, so that the fault tests' retried produce requests never write an event twice.
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -208,9 +220,12 @@ async fn produce_events(brokers: &str, t0: i64, n: usize, cameras: usize) -> any
             "vehicle_class": "motorbike", "speed_kmh": 30.0, "confidence": 0.9
         })
         .to_string();
-        let record = FutureRecord::to("city.camera.events")
+        let mut record = FutureRecord::to("city.camera.events")
             .key(&segment)
             .payload(&value);
+        if let Some(spread) = spread {
+            record = record.partition(i as i32 % spread);
+        }
         sends.push(producer.send_result(record).map_err(|(e, _)| e)?);
     }
     for send in sends {
@@ -704,7 +719,7 @@ async fn a_query_dropped_and_created_again_starts_from_scratch() -> anyhow::Resu
 /// from the beginning of its input, whatever its consumer group committed; a paused query
 /// stays paused until resumed, then reads afresh too, also when the service stopped in
 /// between (the reset is kept in the catalog until the query checkpoints); an unknown query
-/// is 404, a query repartitioned through an internal topic 409.
+/// is 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_query_starts_afresh_from_the_beginning_of_its_input() -> anyhow::Result<()> {
     let (_broker, brokers, dir, service, app) = counting_service().await?;
@@ -746,31 +761,6 @@ async fn a_reset_query_starts_afresh_from_the_beginning_of_its_input() -> anyhow
     .await?;
     let (status, _) = call(&app, "POST", "/v1/queries/nothing/reset", Some(TOKEN), None).await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    // Grouped by camera over a topic keyed by segment: repartitioned through an internal
-    // topic, which a reset would read on from before it: refused.
-    let by_camera = "CREATE EXTERNAL TABLE by_camera_out (camera_id VARCHAR NOT NULL, \
-            window_start TIMESTAMP NOT NULL, n BIGINT NOT NULL) \
-         STORED AS KAFKA OPTIONS ('topic' 'test.kept', 'format' 'json', 'key' 'camera_id');
-         INSERT INTO by_camera_out SELECT camera_id, window_start, count(*) AS n \
-         FROM camera_events GROUP BY tumble(event_time, INTERVAL '1 minute'), camera_id";
-    create(&app, "by_camera", by_camera).await?;
-    let (status, body) = call(
-        &app,
-        "POST",
-        "/v1/queries/by_camera/reset",
-        Some(TOKEN),
-        None,
-    )
-    .await?;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert!(
-        body["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("repartitioned")),
-        "{body}"
-    );
-    let (status, body) = call(&app, "DELETE", "/v1/queries/by_camera", Some(TOKEN), None).await?;
-    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     // Reset while paused and the service stopped before it was resumed: the reset is in the
     // catalog, so the query started by the next service reads afresh too.
     let (status, body) = call(&app, "POST", "/v1/queries/counts/pause", Some(TOKEN), None).await?;
@@ -788,6 +778,185 @@ async fn a_reset_query_starts_afresh_from_the_beginning_of_its_input() -> anyhow
     })
     .await?;
     assert_eq!(q["state"], "RUNNING", "{q}");
+    service.shutdown().await;
+    Ok(())
+}
+
+/// Vehicles per camera and minute: grouped by camera over a topic keyed by segment, so
+/// repartitioned through an internal topic (`<group>.q0.repartition`).
+const BY_CAMERA: &str = "CREATE EXTERNAL TABLE by_camera_out (camera_id VARCHAR NOT NULL, \
+        window_start TIMESTAMP NOT NULL, n BIGINT NOT NULL) \
+     STORED AS KAFKA OPTIONS ('topic' 'test.kept', 'format' 'json', 'key' 'camera_id');
+     INSERT INTO by_camera_out SELECT camera_id, window_start, count(*) AS n \
+     FROM camera_events GROUP BY tumble(event_time, INTERVAL '1 minute'), camera_id";
+
+/// The next records of `out` are the 10 cameras' counts of the minutes from `starts`, in any
+/// order, each `n`.
+async fn expect_minutes(
+    out: &rdkafka::consumer::StreamConsumer,
+    starts: &[i64],
+    n: u64,
+) -> anyhow::Result<()> {
+    let records = next_records(out, 10 * starts.len()).await?;
+    let mut windows: Vec<(&str, i64)> = Vec::new();
+    for r in &records {
+        let start = r["window_start"].as_i64().unwrap_or_default();
+        assert!(starts.contains(&start), "{records:?}");
+        assert_eq!(r["n"].as_u64(), Some(n), "{records:?}");
+        windows.push((r["camera_id"].as_str().unwrap_or_default(), start));
+    }
+    windows.sort();
+    windows.dedup();
+    assert_eq!(windows.len(), records.len(), "{records:?}");
+    Ok(())
+}
+
+/// Writes to `topic` again, as they are (partition, key, value, headers), its records whose
+/// event time is at or after `from`: what a repartitioned query's first stage had passed on
+/// and its second stage had not read yet when it stopped.
+async fn leave_unread(brokers: &str, topic: &str, from: i64) -> anyhow::Result<usize> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "reader-internal")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut ends = Vec::new();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+        ends.push((p.id(), high));
+        assignment.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let mut copies = Vec::new();
+    let mut done: std::collections::HashSet<i32> = ends
+        .iter()
+        .filter(|(_, high)| *high == 0)
+        .map(|(p, _)| *p)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.len() < ends.len() {
+        anyhow::ensure!(Instant::now() < deadline, "{topic} not read to its end");
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message?;
+        let end = ends.iter().find(|(p, _)| *p == message.partition());
+        if end.is_some_and(|(_, high)| message.offset() + 1 >= *high) {
+            done.insert(message.partition());
+        }
+        let Some(payload) = message.payload().filter(|p| !p.is_empty()) else {
+            continue;
+        };
+        let value: Value = serde_json::from_slice(payload)?;
+        if value["event_time"].as_i64().is_some_and(|t| t >= from) {
+            copies.push((
+                message.partition(),
+                message.key().map(<[u8]>::to_vec),
+                payload.to_vec(),
+                message.headers().map(|h| h.detach()),
+            ));
+        }
+    }
+    for (partition, key, payload, headers) in &copies {
+        let mut record = FutureRecord::<Vec<u8>, Vec<u8>>::to(topic)
+            .partition(*partition)
+            .payload(payload);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(headers) = headers {
+            record = record.headers(headers.clone());
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    Ok(copies.len())
+}
+
+/// A query repartitioned through an internal topic, dropped and created again, and later
+/// reset, counts every event once: the records its predecessor's first stage passed on
+/// through the internal topic and its second stage had not read when it stopped are not
+/// read by the new one, whose first stage passes every input record on again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repartitioned_query_dropped_or_reset_counts_every_event_once() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let service = service(&brokers, dir.path()).await?;
+    let app = api::router(service.clone());
+    let internal = "svc-test.by_camera.q0.repartition";
+    create(&app, "by_camera", BY_CAMERA).await?;
+    let out = reader(&brokers, "reader-by-camera", "test.kept")?;
+    let t0 = 1_767_222_000_000;
+    // Minute 0 closes: 6 events of each of 10 cameras; 30 of minute 1 are held. Events go to
+    // both input partitions, so that neither holds the watermark back for its idle timeout.
+    produce_events_to(&brokers, t0, 90, 10, Some(2)).await?;
+    expect_minutes(&out, &[t0], 6).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Stopped with minute 1's records not read from the internal topic yet; dropped and
+    // created again: minute 0 is computed again from the input, once.
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/by_camera/pause",
+        Some(TOKEN),
+        None,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(leave_unread(&brokers, internal, t0 + 60_000).await?, 30);
+    let (status, body) = call(&app, "DELETE", "/v1/queries/by_camera", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    create(&app, "by_camera", BY_CAMERA).await?;
+    expect_minutes(&out, &[t0], 6).await?;
+    // Minute 1 closes with its events from before the drop and after it, each once.
+    produce_events_to(&brokers, t0 + 90_000, 60, 10, Some(2)).await?;
+    expect_minutes(&out, &[t0 + 60_000], 6).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The same through a reset of the paused query.
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/by_camera/pause",
+        Some(TOKEN),
+        None,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(leave_unread(&brokers, internal, t0 + 120_000).await?, 30);
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/by_camera/reset",
+        Some(TOKEN),
+        None,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "PAUSED", "{body}");
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/by_camera/resume",
+        Some(TOKEN),
+        None,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    expect_minutes(&out, &[t0, t0 + 60_000], 6).await?;
+    produce_events_to(&brokers, t0 + 150_000, 60, 10, Some(2)).await?;
+    expect_minutes(&out, &[t0 + 120_000], 6).await?;
     service.shutdown().await;
     Ok(())
 }

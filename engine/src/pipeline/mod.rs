@@ -697,13 +697,20 @@ impl Pipeline {
         source_config.properties = config.properties.clone();
         source_config.group_instance_id = config.group_instance_id.clone();
         if config.from_beginning {
-            // The queries' inputs, not their internal topics: stage 2 of a repartitioned query
-            // reads on from where the dropped one's stage 1 left its records.
+            // The queries' inputs from their beginning; the internal topics of repartitioned
+            // ones from their ends now, before this pipeline's first stage passes anything on:
+            // what the dropped (or reset) query's first stage passed on and its second stage
+            // had not read is passed on again, and read once.
             source_config.from_beginning = queries
                 .iter()
                 .flat_map(|r| r.query.inputs())
                 .map(|t| t.options.topic.clone())
                 .collect();
+            for r in queries.iter().filter_map(|r| r.repartition.as_ref()) {
+                let (topic, partitions) = (r.topic.clone(), r.partitions);
+                let ends = blocking(|| repartition::end_offsets(&config, &topic, partitions))?;
+                source_config.start_at.extend(ends);
+            }
         }
         let mut sink_config = KafkaSinkConfig::new(&config.brokers);
         sink_config.linger = config.producer_linger;

@@ -91,6 +91,22 @@ pub(super) fn partition_count(config: &PipelineConfig, topic: &str) -> Result<u3
     Ok(partitions_of(&probe, &[topic.to_string()], Duration::from_secs(10))?.len() as u32)
 }
 
+/// The end offsets of `topic`'s partitions `0..partitions`. Blocking.
+pub(super) fn end_offsets(
+    config: &PipelineConfig,
+    topic: &str,
+    partitions: u32,
+) -> Result<Vec<((String, i32), i64)>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let probe: BaseConsumer = client_config(config, false).create()?;
+    (0..partitions as i32)
+        .map(|p| {
+            let (_, high) = probe.fetch_watermarks(topic, p, Duration::from_secs(30))?;
+            Ok(((topic.to_string(), p), high))
+        })
+        .collect()
+}
+
 /// Makes sure `topic` exists, creating it with `partitions` partitions when it does not:
 /// through the admin API, then (a broker without it, like the embedded one) the way a broker
 /// with `auto.create.topics.enable` creates topics, on a metadata request. Returns its

@@ -1508,22 +1508,6 @@ impl QueryManager {
     pub async fn reset(&self, name: &str) -> Result<QueryStatus, ServiceError> {
         let _operation = self.operation(name).await;
         let handle = self.handle(name)?;
-        // As its pipeline planned it, or, for one not run by this process yet, as its plan
-        // may be: groups spanning input partitions go through an internal topic.
-        let repartitioned = match handle.stats.partitioning.lock().ok().and_then(|p| *p) {
-            Some(partitioning) => partitioning == "repartitioned",
-            None => self
-                .plan_request(&handle.entry.sql)
-                .await?
-                .iter()
-                .any(|q| !q.is_partition_local() && q.is_repartitionable()),
-        };
-        if repartitioned {
-            return Err(ServiceError::Conflict(format!(
-                "{name} is repartitioned through an internal topic, whose records it would \
-                 read on from before the reset: resetting such a query is not supported yet"
-            )));
-        }
         let paused = handle.state() == QueryState::Paused;
         // Recorded first: should the service stop half-way, the query still starts afresh.
         self.catalog()

@@ -176,6 +176,13 @@ pub struct KafkaSourceConfig {
     /// position, not at the group's committed offset (a query created under the name of a
     /// dropped one). Later assignments use the committed offsets as usual.
     pub from_beginning: Vec<String>,
+    /// Partitions that start at the given offset when first assigned without a resume
+    /// position, not at the group's committed offset: the internal topic of a repartitioned
+    /// query started afresh is read from where it ended when the query started, so that the
+    /// records its predecessor's first stage left there unread are not read with the ones
+    /// its own first stage passes on again from the beginning of the input. Later
+    /// assignments use the committed offsets as usual.
+    pub start_at: HashMap<(String, i32), i64>,
     /// Static group membership (`group.instance.id`): a restarted process with the same id
     /// gets its partitions back at once, without waiting for its old session to time out,
     /// and a second live process with the same id is fenced.
@@ -193,6 +200,7 @@ impl KafkaSourceConfig {
             linger: Duration::from_millis(20),
             properties: Vec::new(),
             from_beginning: Vec::new(),
+            start_at: HashMap::new(),
             group_instance_id: None,
         }
     }
@@ -303,8 +311,8 @@ pub struct KafkaSource {
     /// by the sources of the process with the same cluster settings ([`shared_probe`]).
     lag_probe: Arc<BaseConsumer>,
     lag_probe_busy: Arc<AtomicBool>,
-    /// Whether [`KafkaSourceConfig::from_beginning`] still applies (until the first
-    /// assignment has been answered).
+    /// Whether [`KafkaSourceConfig::from_beginning`] and [`KafkaSourceConfig::start_at`]
+    /// still apply (until the first assignment has been answered).
     rewinding: AtomicBool,
 }
 
@@ -357,7 +365,9 @@ impl KafkaSource {
             closing,
             lag_probe,
             lag_probe_busy: Arc::new(AtomicBool::new(false)),
-            rewinding: AtomicBool::new(!config.from_beginning.is_empty()),
+            rewinding: AtomicBool::new(
+                !config.from_beginning.is_empty() || !config.start_at.is_empty(),
+            ),
             config,
         })
     }
@@ -624,8 +634,8 @@ impl KafkaSource {
 
     /// Starts fetching `partitions` (answering [`PartitionChange::Assigned`]), each at its
     /// resume position when it has one, else at the group's committed offset (the earliest
-    /// without one), or at the beginning for the topics of
-    /// [`KafkaSourceConfig::from_beginning`] the first time.
+    /// without one), or the first time at the beginning for the topics of
+    /// [`KafkaSourceConfig::from_beginning`] and at [`KafkaSourceConfig::start_at`].
     pub fn assign(&self, partitions: &[(String, i32)]) -> Result<()> {
         let positions = self.positions();
         // Partitions without a resume position start at the group's committed offset, or at
@@ -638,9 +648,9 @@ impl KafkaSource {
         let committed = self.committed(&unplaced, Duration::from_secs(30))?;
         let mut list = TopicPartitionList::new();
         for key in partitions {
-            let offset = match (positions.get(key), committed.get(key)) {
-                (Some(&o), _) | (None, Some(&o)) => Offset::Offset(o),
-                (None, None) => Offset::Beginning,
+            let offset = match (positions.get(key), self.start_at(key), committed.get(key)) {
+                (Some(&o), _, _) | (None, Some(o), _) | (None, None, Some(&o)) => Offset::Offset(o),
+                (None, None, None) => Offset::Beginning,
             };
             debug!(topic = %key.0, partition = key.1, ?offset, "partition assigned");
             list.add_partition_offset(&key.0, key.1, offset)?;
@@ -702,13 +712,22 @@ impl KafkaSource {
         Ok(out)
     }
 
-    /// Those of `partitions` whose topic does not start at its beginning anew.
+    /// Those of `partitions` that do not start anew: at their topic's beginning, or at
+    /// [`KafkaSourceConfig::start_at`].
     fn not_rewinding(&self, partitions: &[(String, i32)]) -> Vec<(String, i32)> {
         partitions
             .iter()
-            .filter(|(t, _)| !self.rewinds(t))
+            .filter(|k| !self.rewinds(&k.0) && self.start_at(k).is_none())
             .cloned()
             .collect()
+    }
+
+    /// Where `partition` starts anew ([`KafkaSourceConfig::start_at`]), while that applies.
+    fn start_at(&self, partition: &(String, i32)) -> Option<i64> {
+        if !self.rewinding.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.config.start_at.get(partition).copied()
     }
 
     /// Whether partitions of `topic` start at their beginning (see
@@ -758,7 +777,7 @@ impl KafkaSource {
 
     /// Where each of `partitions` would start for this group now: its committed offset, or
     /// its earliest offset when nothing is committed (or with
-    /// [`KafkaSourceConfig::from_beginning`]). Blocking.
+    /// [`KafkaSourceConfig::from_beginning`]), or [`KafkaSourceConfig::start_at`]. Blocking.
     pub fn starting_positions(
         &self,
         partitions: &[(String, i32)],
@@ -767,9 +786,9 @@ impl KafkaSource {
         let committed = self.committed(&self.not_rewinding(partitions), timeout)?;
         let mut out = Positions::new();
         for key in partitions {
-            let offset = match committed.get(key) {
-                Some(&o) => o,
-                None => self.lag_probe.fetch_watermarks(&key.0, key.1, timeout)?.0,
+            let offset = match (self.start_at(key), committed.get(key)) {
+                (Some(o), _) | (None, Some(&o)) => o,
+                (None, None) => self.lag_probe.fetch_watermarks(&key.0, key.1, timeout)?.0,
             };
             out.insert(key.clone(), offset);
         }
