@@ -790,6 +790,34 @@ const BY_CAMERA: &str = "CREATE EXTERNAL TABLE by_camera_out (camera_id VARCHAR 
      INSERT INTO by_camera_out SELECT camera_id, window_start, count(*) AS n \
      FROM camera_events GROUP BY tumble(event_time, INTERVAL '1 minute'), camera_id";
 
+/// A broker, a service on it with [`BY_CAMERA`] registered as `by_camera`, its router, a
+/// reader of its output, and `t0`: 90 events from `t0` were read, minute 0 closed (6 events of
+/// each of 10 cameras) and 30 of minute 1 are held. Events go to both input partitions, so
+/// that neither holds the watermark back for its idle timeout.
+async fn by_camera_service() -> anyhow::Result<(
+    EmbeddedBroker,
+    String,
+    tempfile::TempDir,
+    Arc<Service>,
+    axum::Router,
+    rdkafka::consumer::StreamConsumer,
+    i64,
+)> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let service = service(&brokers, dir.path()).await?;
+    let app = api::router(service.clone());
+    create(&app, "by_camera", BY_CAMERA).await?;
+    let out = reader(&brokers, "reader-by-camera", "test.kept")?;
+    let t0 = 1_767_222_000_000;
+    produce_events_to(&brokers, t0, 90, 10, Some(2)).await?;
+    expect_minutes(&out, &[t0], 6).await?;
+    // A checkpoint (every 2 s) holds them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    Ok((broker, brokers, dir, service, app, out, t0))
+}
+
 /// The next records of `out` are the 10 cameras' counts of the minutes from `starts`, in any
 /// order, each `n`.
 async fn expect_minutes(
@@ -888,20 +916,8 @@ async fn leave_unread(brokers: &str, topic: &str, from: i64) -> anyhow::Result<u
 /// read by the new one, whose first stage passes every input record on again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repartitioned_query_dropped_or_reset_counts_every_event_once() -> anyhow::Result<()> {
-    let broker = broker()?;
-    let brokers = broker.bootstrap_servers();
-    let dir = tempfile::tempdir()?;
-    let service = service(&brokers, dir.path()).await?;
-    let app = api::router(service.clone());
+    let (_broker, brokers, _dir, service, app, out, t0) = by_camera_service().await?;
     let internal = "svc-test.by_camera.q0.repartition";
-    create(&app, "by_camera", BY_CAMERA).await?;
-    let out = reader(&brokers, "reader-by-camera", "test.kept")?;
-    let t0 = 1_767_222_000_000;
-    // Minute 0 closes: 6 events of each of 10 cameras; 30 of minute 1 are held. Events go to
-    // both input partitions, so that neither holds the watermark back for its idle timeout.
-    produce_events_to(&brokers, t0, 90, 10, Some(2)).await?;
-    expect_minutes(&out, &[t0], 6).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
 
     // Stopped with minute 1's records not read from the internal topic yet; dropped and
     // created again: minute 0 is computed again from the input, once.
@@ -955,6 +971,67 @@ async fn a_repartitioned_query_dropped_or_reset_counts_every_event_once() -> any
     .await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     expect_minutes(&out, &[t0, t0 + 60_000], 6).await?;
+    produce_events_to(&brokers, t0 + 150_000, 60, 10, Some(2)).await?;
+    expect_minutes(&out, &[t0 + 120_000], 6).await?;
+    service.shutdown().await;
+    Ok(())
+}
+
+/// A query repartitioned through an internal topic goes back to a savepoint: both stages go
+/// back (the input to the savepoint's positions, the internal topic to its second stage's),
+/// and the window open at the savepoint is computed again, counting each event once (the
+/// records passed on again are told from the ones read again by their input offsets). New SQL
+/// that would select other records than those passed on since the savepoint is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repartitioned_query_goes_back_to_a_savepoint() -> anyhow::Result<()> {
+    let (_broker, brokers, _dir, service, app, out, t0) = by_camera_service().await?;
+    let (status, saved) = call(
+        &app,
+        "POST",
+        "/v1/queries/by_camera/savepoints",
+        Some(TOKEN),
+        Some(json!({"savepoint": "before"})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{saved}");
+    wait_for(&app, "by_camera", Duration::from_secs(30), is("RUNNING")).await?;
+    produce_events_to(&brokers, t0 + 90_000, 60, 10, Some(2)).await?;
+    expect_minutes(&out, &[t0 + 60_000], 6).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Not with a filter the records passed on since were not selected by: refused, and the
+    // query goes on as it was.
+    let filtered = BY_CAMERA.replace(
+        "FROM camera_events GROUP BY",
+        "FROM camera_events WHERE vehicle_class <> 'bus' GROUP BY",
+    );
+    let (status, refused) = call(
+        &app,
+        "POST",
+        "/v1/queries/by_camera/upgrade",
+        Some(TOKEN),
+        Some(json!({"savepoint": "before", "sql": filtered})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("repartitioned") && m.contains("WHERE")),
+        "{refused}"
+    );
+    wait_for(&app, "by_camera", Duration::from_secs(5), is("RUNNING")).await?;
+    let (status, back) = call(
+        &app,
+        "POST",
+        "/v1/queries/by_camera/upgrade",
+        Some(TOKEN),
+        Some(json!({"savepoint": "before"})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{back}");
+    // Minute 1 again, from the savepoint's state and the events after it, each once.
+    expect_minutes(&out, &[t0 + 60_000], 6).await?;
     produce_events_to(&brokers, t0 + 150_000, 60, 10, Some(2)).await?;
     expect_minutes(&out, &[t0 + 120_000], 6).await?;
     service.shutdown().await;

@@ -125,17 +125,10 @@ impl KeyPlan {
     }
 }
 
-/// Plans stage 1 of the query planned from `sql`, reading `source`: its innermost `SELECT … GROUP BY <window>, keys` with the keys as
-/// the select list and the stream replaced by a row-numbered copy. `None` when the query has
-/// no such select over its stream table directly (a view, say): it then keeps one state for
-/// all partitions.
-pub async fn key_plan(
-    ctx: &StreamContext,
-    sql: String,
-    source: Arc<StreamTable>,
-) -> Result<Option<KeyPlan>> {
-    static PLANS: AtomicU64 = AtomicU64::new(0);
-    let mut statements = StreamContext::parse(&sql)?;
+/// The select list of stage 1 of the query planned from `sql` (see [`key_plan`]), reading
+/// stream `source` through table `table`; `None` without one.
+fn key_select(sql: &str, source: &str, table: &str) -> Result<Option<Select>> {
+    let mut statements = StreamContext::parse(sql)?;
     let Some(DFStatement::Statement(statement)) = statements.pop() else {
         return Ok(None);
     };
@@ -158,10 +151,6 @@ pub async fn key_plan(
     if keys.is_empty() {
         return Ok(None);
     }
-    let table = format!(
-        "__urbanstream_rows_{}",
-        PLANS.fetch_add(1, Ordering::Relaxed)
-    );
     let mut select = select.clone();
     let mut qualifier = None;
     for from in select.from.iter_mut() {
@@ -173,12 +162,12 @@ pub async fn key_plan(
                     .0
                     .last()
                     .and_then(ObjectNamePart::as_ident)
-                    .is_some_and(|i| i.value.eq_ignore_ascii_case(&source.name))
+                    .is_some_and(|i| i.value.eq_ignore_ascii_case(source))
             {
                 let shown = alias
                     .as_ref()
-                    .map_or_else(|| source.name.clone(), |a| a.name.value.clone());
-                *name = ObjectName::from(vec![Ident::new(&table)]);
+                    .map_or_else(|| source.to_string(), |a| a.name.value.clone());
+                *name = ObjectName::from(vec![Ident::new(table)]);
                 if alias.is_none() {
                     *alias = Some(TableAlias {
                         explicit: true,
@@ -209,6 +198,33 @@ pub async fn key_plan(
     .collect();
     select.group_by = GroupByExpr::Expressions(Vec::new(), Vec::new());
     select.having = None;
+    Ok(Some(select))
+}
+
+/// What decides which records stage 1 of the query planned from `sql` passes on, and where
+/// (its joins, filters and group keys), as text; `None` when it has no stage 1. Queries with
+/// the same text pass the same records on to the same partitions.
+pub fn key_statement(sql: &str, source: &str) -> Result<Option<String>> {
+    Ok(key_select(sql, source, "__urbanstream_rows")?.map(|s| s.to_string()))
+}
+
+/// Plans stage 1 of the query planned from `sql`, reading `source`: its innermost `SELECT …
+/// GROUP BY <window>, keys` with the keys as the select list and the stream replaced by a
+/// row-numbered copy. `None` when the query has no such select over its stream table
+/// directly (a view, say): it then keeps one state for all partitions.
+pub async fn key_plan(
+    ctx: &StreamContext,
+    sql: String,
+    source: Arc<StreamTable>,
+) -> Result<Option<KeyPlan>> {
+    static PLANS: AtomicU64 = AtomicU64::new(0);
+    let table = format!(
+        "__urbanstream_rows_{}",
+        PLANS.fetch_add(1, Ordering::Relaxed)
+    );
+    let Some(select) = key_select(&sql, &source.name, &table)? else {
+        return Ok(None);
+    };
     let mut fields: Vec<Field> = source
         .topic_schema
         .output_schema()
@@ -281,6 +297,46 @@ fn window_select(query: &Query) -> Option<&Select> {
 mod tests {
     use super::*;
     use datafusion::arrow::array::StringArray;
+
+    /// Stage 1 is decided by the FROM, joins, WHERE and group keys of the windowed select:
+    /// what is computed from the groups (aggregates, HAVING, the outer query) does not
+    /// change it, a filter or another key does.
+    #[test]
+    fn the_key_statement_follows_what_selects_and_routes_records() {
+        let sql = |body: &str| format!("INSERT INTO out {body}");
+        let base = sql("SELECT camera_id, count(*) AS n FROM camera_events \
+             GROUP BY tumble(event_time, INTERVAL '1 minute'), camera_id");
+        let key = |q: &str| key_statement(q, "camera_events").expect("parsed");
+        let of_base = key(&base);
+        assert!(
+            of_base.as_deref().is_some_and(|k| k.contains("camera_id")),
+            "{of_base:?}"
+        );
+        for same in [
+            sql("SELECT camera_id, sum(speed_kmh) AS s FROM camera_events \
+                 GROUP BY tumble(event_time, INTERVAL '1 minute'), camera_id HAVING count(*) > 2"),
+            sql("SELECT camera_id, count(*) AS n FROM camera_events \
+                 GROUP BY tumble(event_time, INTERVAL '1 minute'), camera_id"),
+        ] {
+            assert_eq!(key(&same), of_base, "{same}");
+        }
+        for other in [
+            sql(
+                "SELECT camera_id, count(*) AS n FROM camera_events WHERE speed_kmh > 5 \
+                 GROUP BY tumble(event_time, INTERVAL '1 minute'), camera_id",
+            ),
+            sql("SELECT segment_id, count(*) AS n FROM camera_events \
+                 GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id"),
+        ] {
+            assert_ne!(key(&other), of_base, "{other}");
+        }
+        // No group key besides the window: no stage 1.
+        assert_eq!(
+            key(&sql("SELECT count(*) AS n FROM camera_events \
+                      GROUP BY tumble(event_time, INTERVAL '1 minute')")),
+            None
+        );
+    }
 
     #[test]
     fn group_partitions_are_stable_and_spread() {

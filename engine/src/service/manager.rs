@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::pipeline::{
     CheckpointInfo, CheckpointSettings, Pipeline, PipelineConfig, PipelineStats, epoch_ms,
 };
+use crate::plan::repartition::key_statement;
 use crate::plan::{DEFAULT_QUERIES, city_context_in, plan_all};
 use crate::reference::ReferenceTables;
 use crate::schema::SchemaRegistry;
@@ -1274,21 +1275,6 @@ impl QueryManager {
                     .into(),
             ));
         }
-        if self
-            .plan_request(&handle.entry.sql)
-            .await
-            .is_ok_and(|planned| {
-                planned
-                    .iter()
-                    .any(|q| q.is_repartitionable() && !q.is_partition_local())
-            })
-        {
-            return Err(ServiceError::Conflict(format!(
-                "{name} is repartitioned through an internal topic: its first stage would \
-                 resume from the consumer group's offsets while its second went back, so \
-                 savepoints of such queries are not supported yet"
-            )));
-        }
         let target = self.savepoints_of(name).join(savepoint);
         let at = target.clone();
         if blocking(move || savepoint::read(&at)).await?.is_some() {
@@ -1401,16 +1387,6 @@ impl QueryManager {
                             .into(),
                     ));
                 }
-                if planned
-                    .iter()
-                    .any(|q| q.is_repartitionable() && !q.is_partition_local())
-                {
-                    return Err(ServiceError::Conflict(format!(
-                        "{name} would be repartitioned through an internal topic: its first \
-                         stage would resume from the consumer group's offsets while its second \
-                         went back, so it cannot go back to a savepoint yet"
-                    )));
-                }
                 let at = self.savepoints_of(name).join(name_of);
                 let found = blocking({
                     let at = at.clone();
@@ -1445,6 +1421,31 @@ impl QueryManager {
                      keeps rows: see README); to start afresh, drop the query and create it \
                      again, or register the new SQL under another name"
                 )));
+            }
+            // Going back, a repartitioned query reads again from its internal topic what its
+            // first stage passed on since the savepoint, selected and routed by the SQL it
+            // ran then: new SQL must select and route as that did.
+            if request.savepoint.is_some() {
+                for q in planned
+                    .iter()
+                    .filter(|q| q.is_repartitionable() && !q.is_partition_local())
+                {
+                    let source = &q.source().name;
+                    let wanted = key_statement(q.sql(), source).ok().flatten();
+                    let kept = wanted.is_some()
+                        && held
+                            .iter()
+                            .any(|h| key_statement(&h.sql, source).ok().flatten() == wanted);
+                    if !kept {
+                        return Err(ServiceError::Conflict(format!(
+                            "{name} is repartitioned through an internal topic, from which it \
+                             reads again what its first stage passed on since {what}, as \
+                             selected by the SQL it ran then; the new SQL changes its FROM, \
+                             joins, WHERE or group keys. Go back to {what} with its own SQL, or \
+                             keep those clauses as they were"
+                        )));
+                    }
+                }
             }
         }
         let paused = handle.state() == QueryState::Paused;
