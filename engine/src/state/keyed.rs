@@ -1053,6 +1053,33 @@ mod tests {
         }
     }
 
+    /// The detector store keeps the key states a fold replaces, for the next checkpoint's
+    /// copies to go into, and counts them in its bytes (the state-bytes metric and the
+    /// memory limit see them).
+    #[test]
+    fn the_store_keeps_replaced_states_as_spares_and_counts_them() {
+        let mut store = KeyedStore::default();
+        for i in 0..10u8 {
+            store.keys.insert(vec![i].into(), key(10, None));
+        }
+        let alone = store.bytes();
+        let checkpoint = store.keys.share();
+        for i in 0..10u8 {
+            if let Some(k) = store.keys.get_mut([i].as_slice()) {
+                k.last_t = 20;
+            }
+        }
+        drop(checkpoint);
+        store.keys.settle(usize::MAX);
+        assert_eq!(store.keys.spares().count(), 10);
+        assert_eq!(
+            store.bytes(),
+            alone + 10 * std::mem::size_of::<KeyState>(),
+            "the spares are counted"
+        );
+        assert!(store.keys.values().all(|k| k.last_t == 20));
+    }
+
     /// Keys silent longer than the TTL are dropped and counted; a key waiting on a timer (an
     /// alert to expire, a silence to report) is kept; sweeps are spaced by a tenth of the TTL.
     #[test]

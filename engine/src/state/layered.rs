@@ -65,6 +65,11 @@ impl<K, V> Layered<K, V> {
     pub fn spares(&self) -> impl Iterator<Item = &V> {
         self.spare.iter()
     }
+
+    /// How many replaced entries a fold may keep: one an entry, with spares.
+    fn spares_kept(&self) -> usize {
+        if self.spares { self.len } else { 0 }
+    }
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
@@ -288,10 +293,10 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
         if self.changes.is_empty() {
             return 0;
         }
+        let keep = self.spares_kept();
         let Some(base) = Arc::get_mut(&mut self.base) else {
             return self.changes.len();
         };
-        let keep = if self.spares { self.len } else { 0 };
         if n >= self.changes.len() {
             fold(base, self.changes.drain(), &mut self.spare, keep);
         } else {
@@ -321,7 +326,7 @@ impl<K: Eq + Hash + Clone, V: Clone> Layered<K, V> {
     pub fn share(&mut self) -> Shared<K, V> {
         if !self.changes.is_empty() {
             let changes = std::mem::take(&mut self.changes);
-            let keep = if self.spares { self.len } else { 0 };
+            let keep = self.spares_kept();
             fold(
                 Arc::make_mut(&mut self.base),
                 changes,
