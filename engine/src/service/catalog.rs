@@ -101,12 +101,18 @@ impl Catalog {
     }
 
     /// Adds `entry` (its name must be new) and writes the catalog. Returns whether a query of
-    /// that name was dropped before (see [`Catalog::remove`]).
+    /// that name was dropped before (see [`Catalog::remove`]): it then starts afresh, as a
+    /// reset one does, until it has checkpointed ([`Catalog::set_reset`]), also after a
+    /// restart.
     pub fn insert(&mut self, entry: CatalogEntry) -> Result<bool> {
         let was_dropped = self.file.dropped.contains(&entry.name);
         self.update(|file| {
             file.dropped.retain(|n| *n != entry.name);
             file.queries.retain(|e| e.name != entry.name);
+            file.reset.retain(|n| *n != entry.name);
+            if was_dropped {
+                file.reset.push(entry.name.clone());
+            }
             file.queries.push(entry);
         })?;
         Ok(was_dropped)
@@ -224,9 +230,15 @@ mod tests {
             reopened.insert(entry("a")).expect("insert"),
             "a was dropped"
         );
+        // Created again after a drop, it starts afresh until it checkpoints, also when the
+        // service restarts before that.
+        assert!(reopened.reset_pending("a"));
+        reopened.set_reset("a", false).expect("checkpointed");
         reopened.remove("a").expect("remove");
         assert!(reopened.insert(entry("a")).expect("insert"));
         assert!(!reopened.insert(entry("c")).expect("insert"), "c never was");
+        assert!(!reopened.reset_pending("c"));
+        assert!(Catalog::open(&path).expect("reopen").reset_pending("a"));
         reopened.remove("a").expect("remove");
         reopened.remove("c").expect("remove");
         // Nothing but the catalog is left in its directory.

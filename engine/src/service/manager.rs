@@ -1275,6 +1275,17 @@ impl QueryManager {
                     .into(),
             ));
         }
+        if let Ok(planned) = self.plan_request(&handle.entry.sql).await
+            && first_stages(&planned).iter().any(Option::is_some)
+            && !runs_partitioned(&planned)
+        {
+            return Err(ServiceError::Conflict(format!(
+                "{name} runs its repartitioned statement in one state with statements that \
+                 cannot be split, which cannot tell the records its first stage would pass on \
+                 again from those it would read again: it could not go back to a savepoint; \
+                 register the repartitioned statement as a query of its own"
+            )));
+        }
         let target = self.savepoints_of(name).join(savepoint);
         let at = target.clone();
         if blocking(move || savepoint::read(&at)).await?.is_some() {
@@ -1422,30 +1433,46 @@ impl QueryManager {
                      again, or register the new SQL under another name"
                 )));
             }
-            // Going back, a repartitioned query reads again from its internal topic what its
-            // first stage passed on since the savepoint, selected and routed by the SQL it
-            // ran then: new SQL must select and route as that did.
-            if request.savepoint.is_some() {
-                for q in planned
-                    .iter()
-                    .filter(|q| q.is_repartitionable() && !q.is_partition_local())
-                {
-                    let source = &q.source().name;
-                    let wanted = key_statement(q.sql(), source).ok().flatten();
-                    let kept = wanted.is_some()
-                        && held
-                            .iter()
-                            .any(|h| key_statement(&h.sql, source).ok().flatten() == wanted);
-                    if !kept {
-                        return Err(ServiceError::Conflict(format!(
-                            "{name} is repartitioned through an internal topic, from which it \
-                             reads again what its first stage passed on since {what}, as \
-                             selected by the SQL it ran then; the new SQL changes its FROM, \
-                             joins, WHERE or group keys. Go back to {what} with its own SQL, or \
-                             keep those clauses as they were"
-                        )));
-                    }
-                }
+        }
+        // A repartitioned query's first stage selects and routes records by the SQL it runs:
+        // what it has passed on (and, going back to a savepoint, passes on again) must be
+        // what the new SQL's would.
+        let stages = first_stages(&planned);
+        if let Ok(current) = self.plan_request(&handle.entry.sql).await
+            && first_stages(&current) != stages
+        {
+            return Err(ServiceError::Conflict(format!(
+                "{name} is repartitioned through an internal topic, whose first stage selects \
+                 and routes records by the windowed select's FROM, joins, WHERE and group \
+                 keys; the new SQL changes them, and what it has passed on was selected by \
+                 them. Keep those clauses as they are, or drop the query and create it again \
+                 (or register the new SQL under another name)"
+            )));
+        }
+        if let Some(name_of) = &request.savepoint
+            && stages.iter().any(Option::is_some)
+        {
+            if !runs_partitioned(&planned) {
+                return Err(ServiceError::Conflict(format!(
+                    "{name} runs its repartitioned statement in one state with statements \
+                     that cannot be split, which cannot tell the records its first stage \
+                     passes on again from those it reads again: it cannot go back to a \
+                     savepoint; register the repartitioned statement as a query of its own"
+                )));
+            }
+            let at = self.savepoints_of(name).join(name_of);
+            let saved = blocking(move || savepoint::read(&at)).await?;
+            let then = match saved {
+                Some(saved) => Some(first_stages(&self.plan_request(&saved.sql).await?)),
+                None => None,
+            };
+            if then.is_some_and(|then| then != stages) {
+                return Err(ServiceError::Conflict(format!(
+                    "{name} is repartitioned through an internal topic, and savepoint \
+                     {name_of} was taken when its first stage selected or routed records by \
+                     another FROM, joins, WHERE or group keys than it does now: going back, \
+                     the records passed on since would be read as another SQL selected them"
+                )));
             }
         }
         let paused = handle.state() == QueryState::Paused;
@@ -1515,6 +1542,10 @@ impl QueryManager {
             .and_then(|mut c| c.set_reset(name, true))
             .map_err(|e| ServiceError::Internal(format!("catalog not written: {e}")))?;
         stop(&handle).await;
+        // A run that started afresh and had settled clears the record as it stops: again.
+        self.catalog()
+            .and_then(|mut c| c.set_reset(name, true))
+            .map_err(|e| ServiceError::Internal(format!("catalog not written: {e}")))?;
         let checkpoints = self.checkpoint_root.join(name);
         if let Err(e) = checkpoints.remove_all().await {
             // Started again as it was, it would restore a partly removed state: it waits
@@ -1677,6 +1708,31 @@ impl QueryManager {
             stop,
         )));
     }
+}
+
+/// Per statement of `planned`, what decides which records its first stage passes on through
+/// an internal topic, and where ([`key_statement`]); `None` for a statement without one.
+fn first_stages(planned: &[crate::plan::stream::StreamQuery]) -> Vec<Option<String>> {
+    planned
+        .iter()
+        .map(|q| {
+            if q.is_partition_local() || !q.is_repartitionable() {
+                return None;
+            }
+            key_statement(q.sql(), &q.source().name).ok().flatten()
+        })
+        .collect()
+}
+
+/// Whether the pipeline of `planned` keeps its state per partition (of its input, or of an
+/// internal topic): every statement is partition-local or has a first stage. Otherwise one
+/// state holds every statement's, and a repartitioned statement's second stage does not
+/// track the input offsets its records came from.
+fn runs_partitioned(planned: &[crate::plan::stream::StreamQuery]) -> bool {
+    planned
+        .iter()
+        .zip(first_stages(planned))
+        .all(|(q, stage)| q.is_partition_local() || stage.is_some())
 }
 
 /// The consumer group of a query: `<group_id>.<name>`. Every process of a deployment that

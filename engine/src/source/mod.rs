@@ -180,8 +180,8 @@ pub struct KafkaSourceConfig {
     /// position, not at the group's committed offset: the internal topic of a repartitioned
     /// query started afresh is read from where it ended when the query started, so that the
     /// records its predecessor's first stage left there unread are not read with the ones
-    /// its own first stage passes on again from the beginning of the input. Later
-    /// assignments use the committed offsets as usual.
+    /// its own first stage passes on again from the beginning of the input. Each applies to
+    /// the partition's first assignment; later ones use the committed offsets as usual.
     pub start_at: HashMap<(String, i32), i64>,
     /// Static group membership (`group.instance.id`): a restarted process with the same id
     /// gets its partitions back at once, without waiting for its old session to time out,
@@ -311,9 +311,11 @@ pub struct KafkaSource {
     /// by the sources of the process with the same cluster settings ([`shared_probe`]).
     lag_probe: Arc<BaseConsumer>,
     lag_probe_busy: Arc<AtomicBool>,
-    /// Whether [`KafkaSourceConfig::from_beginning`] and [`KafkaSourceConfig::start_at`]
-    /// still apply (until the first assignment has been answered).
+    /// Whether [`KafkaSourceConfig::from_beginning`] still applies (until the first
+    /// assignment has been answered).
     rewinding: AtomicBool,
+    /// The partitions of [`KafkaSourceConfig::start_at`] not assigned yet.
+    start_at: Mutex<HashMap<(String, i32), i64>>,
 }
 
 /// How long one end-offset request of the lag probe may take.
@@ -365,9 +367,8 @@ impl KafkaSource {
             closing,
             lag_probe,
             lag_probe_busy: Arc::new(AtomicBool::new(false)),
-            rewinding: AtomicBool::new(
-                !config.from_beginning.is_empty() || !config.start_at.is_empty(),
-            ),
+            rewinding: AtomicBool::new(!config.from_beginning.is_empty()),
+            start_at: Mutex::new(config.start_at.clone()),
             config,
         })
     }
@@ -660,6 +661,11 @@ impl KafkaSource {
             _ => self.consumer.assign(&list)?,
         }
         self.rewinding.store(false, Ordering::Relaxed);
+        if let Ok(mut start_at) = self.start_at.lock() {
+            for key in partitions {
+                start_at.remove(key);
+            }
+        }
         Ok(())
     }
 
@@ -722,12 +728,13 @@ impl KafkaSource {
             .collect()
     }
 
-    /// Where `partition` starts anew ([`KafkaSourceConfig::start_at`]), while that applies.
+    /// Where `partition` starts anew ([`KafkaSourceConfig::start_at`]), until it is first
+    /// assigned.
     fn start_at(&self, partition: &(String, i32)) -> Option<i64> {
-        if !self.rewinding.load(Ordering::Relaxed) {
-            return None;
-        }
-        self.config.start_at.get(partition).copied()
+        self.start_at
+            .lock()
+            .ok()
+            .and_then(|s| s.get(partition).copied())
     }
 
     /// Whether partitions of `topic` start at their beginning (see
