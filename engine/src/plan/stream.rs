@@ -900,6 +900,24 @@ impl StreamContext {
         };
         super::topn::refuse_per_batch(&lower)?;
         refuse_lag_per_batch(&lower)?;
+        // Windows come out in the order of their ends: LAG over them follows that order only.
+        for l in &lags {
+            let by_window = l
+                .order
+                .downcast_ref::<datafusion::physical_expr::expressions::Column>()
+                .is_some_and(|c| {
+                    c.name().eq_ignore_ascii_case("window_end")
+                        || c.name().eq_ignore_ascii_case("window_start")
+                });
+            if !by_window {
+                return plan_err!(
+                    "LAG over windows must be ordered by their window_end (ORDER BY \
+                     window_end), the order the windows close in; ORDER BY {} would compare \
+                     each window with the ones before it in another order",
+                    crate::state::expr_layout(&l.order)
+                );
+            }
+        }
         if !lags.is_empty() && (lateness > Duration::ZERO || early_fire.is_some()) {
             return plan_err!(
                 "LAG over windows that emit more than once (urbanstream.allowed_lateness or \
@@ -3166,9 +3184,6 @@ impl StreamQuery {
                 until: watermark,
             });
         }
-        for l in &self.lags {
-            l.handle.expire(watermark);
-        }
         let evicted = w.operator.evicted_through();
         self.held = self.held.split_off(&evicted.saturating_add(1));
         if let Some(j) = &mut self.join {
@@ -3221,6 +3236,7 @@ impl StreamQuery {
                 )?);
             }
             ranked.evict_through(evicted);
+            expire_lags(&self.lags, watermark);
             return Ok(());
         }
         for emission in emissions {
@@ -3294,7 +3310,18 @@ impl StreamQuery {
                 }
             }
         }
+        // Keys silent for the TTL go once the step's windows have all been through LAG: the
+        // first of several windows closed in one step may follow a key's row the step's
+        // watermark is already a TTL past.
+        expire_lags(&self.lags, watermark);
         Ok(())
+    }
+}
+
+/// Drops the keys of `lags` silent for their TTL at `watermark`.
+fn expire_lags(lags: &[crate::state::lag::LagState], watermark: i64) {
+    for l in lags {
+        l.handle.expire(watermark);
     }
 }
 

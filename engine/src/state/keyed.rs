@@ -452,6 +452,7 @@ impl KeyedSeriesExec {
         let Some((keys, order)) = spec else {
             return Ok(None);
         };
+        let keys = super::series_keys(keys);
         let timers = calls
             .iter()
             .any(|c| matches!(c.kind, SeriesKind::Missing | SeriesKind::Alert));

@@ -352,6 +352,7 @@ impl KeyedLagExec {
         let Some((keys, order)) = spec else {
             return Ok(None);
         };
+        let keys = super::series_keys(keys);
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(schema.clone()),
             Partitioning::UnknownPartitioning(1),
@@ -410,14 +411,31 @@ impl KeyedLagExec {
             .iter()
             .map(|l| l.value.evaluate(&batch)?.into_array(n))
             .collect::<Result<Vec<_>>>()?;
-        let mut sequence: Vec<usize> = (0..n).collect();
-        sequence.sort_by_key(|&r| {
+        let time = |r: usize| {
             if order.is_null(r) {
                 i64::MIN
             } else {
                 order.value(r)
             }
-        });
+        };
+        let mut sequence: Vec<usize> = (0..n).collect();
+        sequence.sort_by_key(|&r| time(r));
+        // Rows at one time are taken in the order of their values, not of their arrival: the
+        // last of a key's rows at a time is the one later rows see.
+        if sequence.windows(2).any(|w| time(w[0]) == time(w[1])) {
+            let fields = batch
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect();
+            let whole = RowConverter::new(fields)?.convert_columns(batch.columns())?;
+            sequence.sort_by(|&a, &b| {
+                time(a)
+                    .cmp(&time(b))
+                    .then_with(|| whole.row(a).cmp(&whole.row(b)))
+            });
+        }
         let mut outputs: Vec<Vec<ScalarValue>> = self
             .lags
             .iter()
@@ -455,20 +473,22 @@ impl KeyedLagExec {
             let in_order = t >= state.last_t;
             for (c, lag) in self.lags.iter().enumerate() {
                 let history = &mut state.history[c];
-                // The value `offset` rows before `t`.
-                if let Some((_, v)) = history
-                    .iter()
-                    .rev()
-                    .filter(|(at, _)| *at < t)
-                    .nth(lag.offset - 1)
-                {
+                // The value `offset` rows before this one: of the key's rows so far (rows at
+                // one time in the order of their values), or, for a row older than the key's
+                // last (which is not kept), of those before its time.
+                let before = if in_order {
+                    history.iter().rev().nth(lag.offset - 1)
+                } else {
+                    history
+                        .iter()
+                        .rev()
+                        .filter(|(at, _)| *at < t)
+                        .nth(lag.offset - 1)
+                };
+                if let Some((_, v)) = before {
                     outputs[c][r] = v.clone();
                 }
                 if in_order {
-                    // A row at the time of the key's last one replaces it.
-                    if history.back().is_some_and(|(at, _)| *at == t) {
-                        history.pop_back();
-                    }
                     history.push_back((t, ScalarValue::try_from_array(&values[c], r)?));
                     while history.len() > lag.offset {
                         history.pop_front();
@@ -599,6 +619,8 @@ pub struct LagState {
     pub types: Vec<DataType>,
     /// Its `PARTITION BY`.
     pub keys: Vec<Arc<dyn PhysicalExpr>>,
+    /// Its `ORDER BY`.
+    pub order: Arc<dyn PhysicalExpr>,
 }
 
 /// Replaces every window aggregation made of `LAG` calls with a [`KeyedLagExec`], returning
@@ -622,6 +644,7 @@ pub fn replace_lag_windows(
                         handle: exec.handle.clone(),
                         types: exec.types(),
                         keys: exec.keys.clone(),
+                        order: exec.order.clone(),
                     });
                     Ok(Transformed::yes(Arc::new(exec) as Arc<dyn ExecutionPlan>))
                 }

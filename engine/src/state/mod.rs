@@ -94,6 +94,22 @@ pub trait WindowedAggregation: Send {
     }
 }
 
+/// The `PARTITION BY` keys a keyed operator (detectors, `LAG`) runs with: `partition_by`, or,
+/// without any, one constant key, so that the whole stream is one series (a row converter
+/// over no columns would give no rows).
+pub fn series_keys(
+    partition_by: Vec<std::sync::Arc<dyn datafusion::physical_expr::PhysicalExpr>>,
+) -> Vec<std::sync::Arc<dyn datafusion::physical_expr::PhysicalExpr>> {
+    if !partition_by.is_empty() {
+        return partition_by;
+    }
+    vec![std::sync::Arc::new(
+        datafusion::physical_expr::expressions::Literal::new(
+            datafusion::common::ScalarValue::Boolean(Some(true)),
+        ),
+    )]
+}
+
 /// `expr` as SQL-like text without the column positions DataFusion prints (`speed@3` is
 /// `speed`): a state's layout names what it holds, not where the plan below found it.
 pub fn expr_layout(expr: &dyn std::fmt::Display) -> String {
