@@ -1942,6 +1942,11 @@ impl StreamQuery {
     pub fn watermark(&self) -> Option<i64> {
         let left = self.watermarks.current();
         if let Some(u) = &self.union {
+            // The union's own once it has one: the lowest of its streams that are not idle,
+            // never moving back (what lateness is decided by).
+            if u.watermark.is_some() {
+                return u.watermark;
+            }
             return std::iter::once(left)
                 .chain(u.others.iter().map(|o| o.watermarks.current()))
                 .flatten()
@@ -2172,6 +2177,7 @@ impl StreamQuery {
                 .collect();
             if let Some(meta) = out.meta.as_object_mut() {
                 meta.insert("union".into(), serde_json::json!(inputs));
+                meta.insert("union_watermark".into(), serde_json::json!(u.watermark));
             }
         }
         Ok(out)
@@ -2257,6 +2263,10 @@ impl StreamQuery {
         }
         if let Some(u) = &mut self.union {
             let inputs: Vec<serde_json::Value> = meta_field(meta, "union")?;
+            // Checkpoints taken before it was kept: none, taken up again at the next step.
+            u.watermark = meta
+                .get("union_watermark")
+                .and_then(serde_json::Value::as_i64);
             for o in &mut u.others {
                 let Some(state) = inputs
                     .iter()
