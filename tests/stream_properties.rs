@@ -249,7 +249,7 @@ fn session_model(run: &Run) -> (Vec<Pair>, Vec<Late>) {
     let mut late = Vec::new();
     let mut max_by_partition: BTreeMap<i32, i64> = BTreeMap::new();
     let mut watermark = i64::MIN;
-    let reaches = |s: &ModelSession, t: i64| s.start - GAP <= t && t <= s.last + GAP;
+    let reaches = |s: &ModelSession, t: i64| s.start - GAP < t && t < s.last + GAP;
     for batch in &run.batches {
         let frontier = watermark.saturating_sub(LATENESS);
         let mut admitted = Vec::new();

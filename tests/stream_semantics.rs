@@ -287,12 +287,12 @@ proptest! {
 }
 
 /// Sessions as one batch query (gaps and islands): a new session starts where an event is
-/// more than the gap after the previous one of its key.
+/// the gap or more after the previous one of its key.
 async fn batch_sessions(events: &[Event]) -> anyhow::Result<Results> {
     let ctx = events_context(events)?;
     let sql = "SELECT k, min(t) AS ws, count(*) AS n, sum(v) AS s, min(v) AS lo, max(v) AS hi FROM (
         SELECT k, t, v, sum(fresh) OVER (PARTITION BY k ORDER BY t, v ROWS UNBOUNDED PRECEDING) AS sid FROM (
-          SELECT k, t, v, CASE WHEN t - lag(t) OVER (PARTITION BY k ORDER BY t, v) <= INTERVAL '5 minutes'
+          SELECT k, t, v, CASE WHEN t - lag(t) OVER (PARTITION BY k ORDER BY t, v) < INTERVAL '5 minutes'
                                THEN 0 ELSE 1 END AS fresh FROM ev))
         GROUP BY k, sid";
     batch_results(&ctx.sql(sql).await?.collect().await?)

@@ -2649,7 +2649,10 @@ impl StreamQuery {
         let left = self.watermarks.current();
         match &self.join {
             Some(j) if j.right.is_some() => {
-                let right = j.right_watermarks.current();
+                // A side that followed the other while idle does not go back behind what the
+                // other side's rows were evicted by.
+                let left = left.max(j.state.evicted_by(0));
+                let right = j.right_watermarks.current().max(j.state.evicted_by(1));
                 let left_idle = self.watermarks.is_idle(now_ms) == Some(true);
                 let right_idle = j.right_watermarks.is_idle(now_ms) == Some(true);
                 match (left_idle, right_idle) {
@@ -2731,13 +2734,16 @@ impl StreamQuery {
             return plan_err!("event-time column {time} is not a timestamp");
         };
         let reach = join.reach();
+        // Late against the side's own watermark, or the one the other side's rows were
+        // evicted by when this side had gone idle and followed the other.
+        let evicted_by = join.state.evicted_by(usize::from(!left));
         let (tracker, held) = if left {
             (&mut self.watermarks, &mut self.held)
         } else {
             (&mut join.right_watermarks, &mut join.held_right)
         };
         let future_limit = now_ms.saturating_add(input.options.future_tolerance.as_millis() as i64);
-        let watermark = tracker.current();
+        let watermark = tracker.current().max(evicted_by);
         let mut keep = Vec::with_capacity(batch.num_rows());
         let mut max_by_partition = NewestByPartition::default();
         let mut holds: HashMap<i32, i64> = HashMap::new();

@@ -147,6 +147,10 @@ pub struct IntervalJoin {
     /// Per side, the columns the join reads from its rows once paired: those it outputs and
     /// those its condition tests. Only these are gathered for a pair.
     needed: [Vec<bool>; 2],
+    /// Per side, the highest of its watermarks the other side's rows were evicted by (a side
+    /// gone idle follows the other's): a row of that side older than it may have lost its
+    /// partners, so it is late, whatever the side's own watermark says.
+    evicted_by: [Option<i64>; 2],
 }
 
 /// Some of a side's columns (`None`: one the join does not read once rows are paired).
@@ -238,6 +242,7 @@ impl IntervalJoin {
             spec,
             buffers: Default::default(),
             needed,
+            evicted_by: [None, None],
         })
     }
 
@@ -583,6 +588,9 @@ impl IntervalJoin {
     /// older than its watermark never reach a side); returns the unmatched rows of a side the
     /// join keeps whole, padded with nulls.
     pub fn evict(&mut self, watermarks: [Option<i64>; 2]) -> Result<Vec<RecordBatch>> {
+        for (by, w) in self.evicted_by.iter_mut().zip(watermarks) {
+            *by = (*by).max(w);
+        }
         let mut out = Vec::new();
         for side in 0..2 {
             // A left row at t meets right rows up to t + hi; a right row at t meets left
@@ -719,13 +727,19 @@ impl IntervalJoin {
         }
     }
 
+    /// The highest watermark of `side` the other side's rows were evicted by: rows of `side`
+    /// older than it are late for the join.
+    pub fn evicted_by(&self, side: usize) -> Option<i64> {
+        self.evicted_by.get(side).copied().flatten()
+    }
+
     /// The state for a checkpoint: per side, table `side<i>` of its live rows with a
     /// `__matched` column. The tables are deferred: the query's thread takes the buffered
     /// batches (shared, not copied) and which rows are live and matched, and the live rows
     /// are gathered when the snapshot is resolved ([`StateSnapshot::resolve`]).
     pub fn snapshot(&self) -> crate::Result<StateSnapshot> {
         let mut out = StateSnapshot {
-            meta: serde_json::json!({ "sides": 2 }),
+            meta: serde_json::json!({ "sides": 2, "evicted_by": self.evicted_by }),
             ..Default::default()
         };
         for side in 0..2 {
@@ -761,6 +775,12 @@ impl IntervalJoin {
     /// Replaces the state with an [`IntervalJoin::snapshot`] of the same join.
     pub fn restore(&mut self, snapshot: &StateSnapshot) -> crate::Result<()> {
         self.buffers = Default::default();
+        // Checkpoints taken before it was kept: none (the sides' own watermarks decide).
+        self.evicted_by = snapshot
+            .meta
+            .get("evicted_by")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or([None, None]);
         for side in 0..2 {
             let Some(t) = snapshot.tables.get(&format!("side{side}")) else {
                 continue;

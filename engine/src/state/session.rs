@@ -549,7 +549,7 @@ impl WindowedAggregation for SessionOperator {
                     && !self.keys.get(rows.row(r).as_ref()).is_some_and(|sessions| {
                         sessions
                             .iter()
-                            .any(|s| s.start - gap <= t && t <= s.last + gap)
+                            .any(|s| s.start - gap < t && t < s.last + gap)
                     })
             })
             .collect())
@@ -909,7 +909,9 @@ impl Placement<'_> {
     /// goes off at the old end, and the step then looks at the key.
     fn event(&mut self, sessions: &mut Vec<Session>, key: &Arc<[u8]>, t: i64) -> (usize, bool) {
         let gap = self.gap;
-        let touches = |s: &Session| s.start - gap <= t && t <= s.last + gap;
+        // Less than `gap` apart: a session is `[first, last + gap)`, closed when the
+        // watermark reaches its end, so an event at its end starts another.
+        let touches = |s: &Session| s.start - gap < t && t < s.last + gap;
         // Sessions are more than `gap` apart, so an event touches at most two, neighbours;
         // nearly always it is the key's latest.
         let first = match sessions.last() {
@@ -1414,13 +1416,14 @@ mod tests {
             115,
         );
         assert_eq!((op.base, op.slots), (2, 6));
-        // a's session at 80 opens out of order (slot 6); 90 bridges it with the one at 100,
-        // which merges into it: a's session holds slot 6 and the moved slot 4.
+        // a's session at 82 opens out of order (slot 6); 91 bridges it with the one at 100
+        // (less than the gap, 10, from both), which merges into it: a's session holds slot 6
+        // and the moved slot 4.
         step(
             &mut op,
             &[
-                ("a", 80, 8),
-                ("a", 90, 16),
+                ("a", 82, 8),
+                ("a", 91, 16),
                 ("g0", 120, 100),
                 ("g1", 120, 100),
             ],
@@ -1463,7 +1466,7 @@ mod tests {
         assert_eq!(
             sums,
             vec![
-                ("a".into(), 80, 95),
+                ("a".into(), 82, 95),
                 ("g0".into(), 100, 500),
                 ("g1".into(), 100, 500),
                 ("h0".into(), 121, 1000),
