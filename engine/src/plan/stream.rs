@@ -1333,11 +1333,12 @@ pub(super) fn having_of(
             None => false,
         }
     }
+    // The filter may carry the projection above it (DataFusion embeds one that drops a
+    // column the condition reads, as HAVING on an aggregate the SELECT leaves out does).
     let mut found = None;
     upper.apply(|n| {
         if let Some(f) = n.downcast_ref::<FilterExec>()
             && over_leaf(f.input(), leaf)
-            && f.projection().is_none()
         {
             found = Some((f.input().clone(), f.predicate().clone()));
             return Ok(TreeNodeRecursion::Stop);
@@ -1353,7 +1354,28 @@ pub(super) fn having_of(
             if let Some(f) = n.downcast_ref::<FilterExec>()
                 && Arc::ptr_eq(f.input(), &input)
             {
-                Ok(Transformed::yes(f.input().clone()))
+                let Some(columns) = f.projection() else {
+                    return Ok(Transformed::yes(f.input().clone()));
+                };
+                let schema = input.schema();
+                let exprs: Vec<(Arc<dyn datafusion::physical_expr::PhysicalExpr>, String)> =
+                    columns
+                        .iter()
+                        .map(|&i| {
+                            let name = schema.field(i).name().clone();
+                            (
+                                Arc::new(datafusion::physical_expr::expressions::Column::new(
+                                    &name, i,
+                                ))
+                                    as Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+                                name,
+                            )
+                        })
+                        .collect();
+                Ok(Transformed::yes(
+                    Arc::new(ProjectionExec::try_new(exprs, input.clone())?)
+                        as Arc<dyn ExecutionPlan>,
+                ))
             } else {
                 Ok(Transformed::no(n))
             }
