@@ -2352,6 +2352,53 @@ impl StreamQuery {
         Ok(())
     }
 
+    /// Why the query publishes rows that withdraw rows it published (`op = 'retract'`), if
+    /// it does.
+    fn withdraws_rows(&self) -> Result<Option<&'static str>> {
+        let Some(w) = &self.windowed else {
+            return Ok(None);
+        };
+        let revises = parse_setting(
+            "urbanstream.allowed_lateness",
+            &self.settings.allowed_lateness,
+        )?
+        .is_some_and(|d| !d.is_zero())
+            || parse_setting("urbanstream.early_fire", &self.settings.early_fire)?.is_some();
+        let mut stage = Some(w);
+        let mut below = false;
+        while let Some(w) = stage {
+            if w.sessions {
+                return Ok(Some(
+                    "a session window's rows are withdrawn when sessions merge or start earlier",
+                ));
+            }
+            if w.operator.holds_rows() {
+                return Ok(Some(
+                    "a window over a changelog withdraws a row when the rows it was computed \
+                     from are replaced",
+                ));
+            }
+            if w.ranked.is_some() {
+                return Ok(Some("a top-N result withdraws the rows that leave it"));
+            }
+            if revises && w.having.is_some() {
+                return Ok(Some(
+                    "with revisions (urbanstream.allowed_lateness or urbanstream.early_fire), a \
+                     window's row that no longer passes HAVING is withdrawn",
+                ));
+            }
+            below |= revises;
+            stage = w.next.as_deref().map(|c| &c.stage);
+            if below && stage.is_some() {
+                return Ok(Some(
+                    "with revisions, a window's revision withdraws its earlier row from the \
+                     window above",
+                ));
+            }
+        }
+        Ok(None)
+    }
+
     fn check_sink(&mut self, sink: Arc<StreamTable>) -> Result<()> {
         if sink.options.topic.ends_with(".repartition") {
             return plan_err!(
@@ -2360,18 +2407,16 @@ impl StreamQuery {
                 sink.options.topic
             );
         }
-        if self.windowed.as_ref().is_some_and(|w| w.sessions)
-            && sink
-                .topic_schema
-                .output_schema()
-                .field_with_name("op")
-                .is_err()
-        {
+        let has_op = sink
+            .topic_schema
+            .output_schema()
+            .field_with_name("op")
+            .is_ok_and(|f| matches!(f.data_type(), DataType::Utf8 | DataType::Utf8View));
+        if !has_op && let Some(why) = self.withdraws_rows()? {
             return plan_err!(
-                "sink {} has no op column: a session window's rows are withdrawn when sessions \
-                 merge or start earlier (op = 'retract'), so its sink needs op VARCHAR beside \
-                 window_start; consumers upsert by the group keys and window_start and delete \
-                 on 'retract'",
+                "sink {} has no op column: {why} (op = 'retract'), so its sink needs op VARCHAR \
+                 beside window_start; consumers upsert by the group keys and window_start and \
+                 delete on 'retract'",
                 sink.name
             );
         }
