@@ -2447,10 +2447,11 @@ impl StreamQuery {
         }
         let mut out = StepOutput::default();
         check_schema(&self.source, batch)?;
+        let arrived = batch;
         let batch = match self.time_column.clone() {
             Some(time) => {
                 self.admit(
-                    batch,
+                    arrived,
                     partitions,
                     offsets,
                     (&time, None),
@@ -2459,11 +2460,37 @@ impl StreamQuery {
                 )
                 .await?
             }
-            None => batch.clone(),
+            None => arrived.clone(),
         };
         // A changelog source: each key's latest record takes effect, and the rows it
-        // supersedes are withdrawn from the windows.
+        // supersedes are withdrawn from the windows. A record too late for its windows is
+        // still its key's latest: the row it supersedes is withdrawn all the same (one
+        // stamped in the future is not taken at all).
         let (batch, withdrawn) = match &mut self.upsert {
+            Some(u)
+                if out
+                    .diverted
+                    .iter()
+                    .any(|d| d.reason == DivertReason::BeyondAllowedLateness) =>
+            {
+                let n = arrived.num_rows();
+                let (mut late, mut taken) = (vec![false; n], vec![true; n]);
+                for d in &out.diverted {
+                    match d.reason {
+                        DivertReason::BeyondAllowedLateness => late[d.row as usize] = true,
+                        DivertReason::FutureTimestamp => taken[d.row as usize] = false,
+                        DivertReason::WindowClosed => {}
+                    }
+                }
+                let considered = filter_record_batch(arrived, &BooleanArray::from(taken.clone()))?;
+                let late: Vec<bool> = late
+                    .into_iter()
+                    .zip(taken)
+                    .filter_map(|(l, t)| t.then_some(l))
+                    .collect();
+                let changes = u.apply_with_late(&considered, &late)?;
+                (changes.added, Some(changes.withdrawn))
+            }
             Some(u) if batch.num_rows() > 0 => {
                 let changes = u.apply(&batch)?;
                 (changes.added, Some(changes.withdrawn))

@@ -131,6 +131,13 @@ impl UpsertState {
     /// Applies `batch` (admitted rows, in arrival order): returns the rows that take effect
     /// and the rows they supersede.
     pub fn apply(&mut self, batch: &RecordBatch) -> Result<Changes> {
+        self.apply_with_late(batch, &[])
+    }
+
+    /// [`UpsertState::apply`], where `late[i]` says row `i` came too late for its windows: as
+    /// its key's latest record it still supersedes the key's row (withdrawn), and adds
+    /// nothing.
+    pub fn apply_with_late(&mut self, batch: &RecordBatch, late: &[bool]) -> Result<Changes> {
         self.latest.settle_before(batch.num_rows());
         let keys: Vec<ArrayRef> = self
             .key_columns
@@ -163,8 +170,9 @@ impl UpsertState {
         let mut decided: Vec<(&[u8], usize)> = last.into_iter().collect();
         decided.sort_unstable_by_key(|(_, r)| *r);
         for (key, r) in decided {
-            let delete =
-                deletes.is_some_and(|d| !d.is_null(r) && d.value(r).eq_ignore_ascii_case(RETRACT));
+            let delete = late.get(r).copied().unwrap_or(false)
+                || deletes
+                    .is_some_and(|d| !d.is_null(r) && d.value(r).eq_ignore_ascii_case(RETRACT));
             let previous = if delete {
                 self.latest.remove(key)
             } else {
