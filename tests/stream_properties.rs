@@ -240,7 +240,7 @@ struct ModelSession {
 /// Sessions as the engine promises them: per key, events less than the gap apart form one
 /// session. An event arriving when the watermark is past allowed lateness for a session of
 /// its own, `[t, t + gap)`, is late unless a live session of its key reaches it (lateness is
-/// tested against the merged session, with the state at the start of its micro-batch). A
+/// tested against the merged session, with the events before it in arrival order). A
 /// session is freed once the watermark passes its end plus allowed lateness; an event after
 /// that starts a new session.
 fn session_model(run: &Run) -> (Vec<Pair>, Vec<Late>) {
@@ -252,7 +252,6 @@ fn session_model(run: &Run) -> (Vec<Pair>, Vec<Late>) {
     let reaches = |s: &ModelSession, t: i64| s.start - GAP < t && t < s.last + GAP;
     for batch in &run.batches {
         let frontier = watermark.saturating_sub(LATENESS);
-        let mut admitted = Vec::new();
         for e in batch {
             let absorbed = live
                 .get(&(e.k, e.g))
@@ -261,11 +260,8 @@ fn session_model(run: &Run) -> (Vec<Pair>, Vec<Late>) {
                 late.push((e.t, "beyond_allowed_lateness".to_string()));
                 continue;
             }
-            admitted.push(e.clone());
             let m = max_by_partition.entry(e.partition).or_insert(e.t);
             *m = (*m).max(e.t);
-        }
-        for e in admitted {
             let sessions = live.entry((e.k, e.g)).or_default();
             let (touching, rest): (Vec<ModelSession>, Vec<ModelSession>) =
                 sessions.drain(..).partition(|s| reaches(s, e.t));

@@ -2976,9 +2976,11 @@ impl StreamQuery {
         self.tick(now_ms).await
     }
 
-    /// The rows of `batch` at `times` that a session of their own would find late but a live
-    /// session of their key absorbs (session windows only). (`&mut`: a shared borrow of the
-    /// state held across the key plan's await would make the step's future not `Send`.)
+    /// The rows of `batch` at `times` that a session of their own would find late but a
+    /// session of their key absorbs (session windows only): a live one, or one a row before
+    /// it in the micro-batch opens or extends (rows are taken in arrival order, as they would
+    /// be in micro-batches of their own). (`&mut`: a shared borrow of the state held across
+    /// the key plan's await would make the step's future not `Send`.)
     async fn absorbed(
         &mut self,
         batch: &RecordBatch,
@@ -2994,32 +2996,45 @@ impl StreamQuery {
             return Ok(absorbed);
         };
         let timely_from = w.operator.timely_from();
-        let candidates: Vec<u32> = times
+        let late_alone: Vec<bool> = times
             .iter()
-            .enumerate()
-            .filter_map(|(r, t)| {
-                let t = t?;
-                (t < timely_from && t <= future_limit && w.operator.is_late(t)).then_some(r as u32)
+            .map(|t| {
+                t.is_some_and(|t| t < timely_from && t <= future_limit && w.operator.is_late(t))
             })
             .collect();
-        if candidates.is_empty() {
+        if !late_alone.contains(&true) {
             return Ok(absorbed);
         }
+        // A session is [first, last + gap): an event at t reaches one holding an event less
+        // than the gap from t.
+        let gap = w.operator.last_window_end(0);
+        let reaches = |points: Option<&Vec<i64>>, t: i64| {
+            points.is_some_and(|p| p.iter().any(|&q| t.abs_diff(q) < gap.unsigned_abs()))
+        };
+        // The rows that take part: placed in time, not stamped in the future.
+        let considered: Vec<u32> = times
+            .iter()
+            .enumerate()
+            .filter_map(|(r, t)| (t? <= future_limit).then_some(r as u32))
+            .collect();
         if w.groups.is_empty() {
-            let ts: Vec<i64> = candidates
-                .iter()
-                .map(|&r| times.value(r as usize))
-                .collect();
-            for (r, late) in candidates.iter().zip(w.operator.late_for_keys(&[], &ts)?) {
-                if !late {
-                    absorbed.insert(*r as usize);
+            let mut points: Vec<i64> = Vec::new();
+            for &r in &considered {
+                let t = times.value(r as usize);
+                if late_alone[r as usize] {
+                    let live = !w.operator.late_for_keys(&[], &[t])?[0];
+                    if !live && !reaches(Some(&points), t) {
+                        continue;
+                    }
+                    absorbed.insert(r as usize);
                 }
+                points.push(t);
             }
             return Ok(absorbed);
         }
         let subset = datafusion::arrow::compute::take_record_batch(
             batch,
-            &datafusion::arrow::array::UInt32Array::from(candidates.clone()),
+            &datafusion::arrow::array::UInt32Array::from(considered.clone()),
         )?;
         let pieces = match self
             .windowed
@@ -3032,9 +3047,9 @@ impl StreamQuery {
         let Some(w) = &self.windowed else {
             return Ok(absorbed);
         };
-        // A record is absorbed when each of its groups (a lookup join may give several) has a
-        // live session reaching it; one the query's filters drop stays late.
-        let mut verdict: HashMap<usize, bool> = HashMap::new();
+        // Per row taken part, its groups (a lookup join may give several; the query's
+        // filters none), each with whether a live session of it reaches the row.
+        let mut groups: Vec<Vec<(Vec<u8>, bool)>> = vec![Vec::new(); considered.len()];
         let owner = self.owner;
         for (rows, keys) in pieces {
             // In stage 2 of a repartitioned query, only the groups this partition holds.
@@ -3063,20 +3078,36 @@ impl StreamQuery {
             let ts: Vec<i64> = rows
                 .values()
                 .iter()
-                .map(|&i| times.value(candidates[i as usize] as usize))
+                .map(|&i| times.value(considered[i as usize] as usize))
                 .collect();
-            for (i, late) in rows
-                .values()
-                .iter()
-                .zip(w.operator.late_for_keys(&keys, &ts)?)
-            {
-                let v = verdict
-                    .entry(candidates[*i as usize] as usize)
-                    .or_insert(true);
-                *v = *v && !late;
+            let live_late = w.operator.late_for_keys(&keys, &ts)?;
+            let encoded = datafusion::arrow::row::RowConverter::new(
+                keys.iter()
+                    .map(|k| datafusion::arrow::row::SortField::new(k.data_type().clone()))
+                    .collect(),
+            )?
+            .convert_columns(&keys)?;
+            for (j, &i) in rows.values().iter().enumerate() {
+                groups[i as usize].push((encoded.row(j).as_ref().to_vec(), !live_late[j]));
             }
         }
-        absorbed.extend(verdict.into_iter().filter(|(_, a)| *a).map(|(r, _)| r));
+        let mut points: HashMap<Vec<u8>, Vec<i64>> = HashMap::new();
+        for (i, &r) in considered.iter().enumerate() {
+            let t = times.value(r as usize);
+            if late_alone[r as usize] {
+                let reached = !groups[i].is_empty()
+                    && groups[i]
+                        .iter()
+                        .all(|(g, live)| *live || reaches(points.get(g), t));
+                if !reached {
+                    continue;
+                }
+                absorbed.insert(r as usize);
+            }
+            for (g, _) in &groups[i] {
+                points.entry(g.clone()).or_default().push(t);
+            }
+        }
         Ok(absorbed)
     }
 
