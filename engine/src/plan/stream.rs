@@ -837,6 +837,37 @@ impl StreamContext {
                  hopping window below the detector"
             );
         }
+        let mut above: Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>> = Vec::new();
+        upper.apply(|n| {
+            if let Some(k) = n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>() {
+                above.push(k.order().clone());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        if !above.is_empty() && (lateness_ms > 0 || early_fire.is_some()) {
+            return plan_err!(
+                "detectors and alerts over windows that emit more than once \
+                 (urbanstream.allowed_lateness or urbanstream.early_fire set) are not supported \
+                 yet: a revision or an early result would be learnt as another reading, and an \
+                 alert would turn on partial windows; SET urbanstream.allowed_lateness = '0s' \
+                 and urbanstream.early_fire = '' before this query"
+            );
+        }
+        // Windows close in the order of their ends, and timers (alert expiries, silences)
+        // fire as each window's end passes: detectors over them follow that order only.
+        for order in &above {
+            let by_end = order
+                .downcast_ref::<datafusion::physical_expr::expressions::Column>()
+                .is_some_and(|c| c.name().eq_ignore_ascii_case("window_end"));
+            if !by_end {
+                return plan_err!(
+                    "detectors and alerts over windows must be ordered by the window's end \
+                     (OVER (PARTITION BY … ORDER BY window_end)), the order windows close and \
+                     timers fire in; ORDER BY {} is not",
+                    crate::state::expr_layout(order)
+                );
+            }
+        }
         let mut fields: Vec<Field> = upper
             .schema()
             .fields()

@@ -502,6 +502,11 @@ impl KeyedSeriesExec {
         &self.keys
     }
 
+    /// Its `ORDER BY`, over the input's rows.
+    pub fn order(&self) -> &Arc<dyn PhysicalExpr> {
+        &self.order
+    }
+
     /// The state handle.
     pub fn handle(&self) -> &KeyedHandle {
         &self.handle
@@ -642,6 +647,10 @@ impl KeyedSeriesExec {
                 let at = if ts.is_null(r) { t } else { ts.value(r) };
                 outputs[i][r] = if in_order {
                     state.series[i].step_values(at, &values)
+                } else if matches!(self.calls[i].kind, SeriesKind::Alert) {
+                    // An alert machine does not step back: a transition computed on a copy
+                    // would be published and never take effect.
+                    blank[i]
                 } else {
                     state.series[i].clone().step_values(at, &values)
                 };
