@@ -910,6 +910,21 @@ async fn leave_unread(brokers: &str, topic: &str, from: i64) -> anyhow::Result<u
     Ok(copies.len())
 }
 
+/// `POST /v1/queries/{name}/{action}` (pause, resume, reset, …), which must answer 200; its
+/// body.
+async fn act(app: &axum::Router, name: &str, action: &str) -> anyhow::Result<Value> {
+    let (status, body) = call(
+        app,
+        "POST",
+        &format!("/v1/queries/{name}/{action}"),
+        Some(TOKEN),
+        None,
+    )
+    .await?;
+    anyhow::ensure!(status == StatusCode::OK, "{action} {name}: {status} {body}");
+    Ok(body)
+}
+
 /// A query repartitioned through an internal topic, dropped and created again, and later
 /// reset, counts every event once: the records its predecessor's first stage passed on
 /// through the internal topic and its second stage had not read when it stopped are not
@@ -921,15 +936,7 @@ async fn a_repartitioned_query_dropped_or_reset_counts_every_event_once() -> any
 
     // Stopped with minute 1's records not read from the internal topic yet; dropped and
     // created again: minute 0 is computed again from the input, once.
-    let (status, body) = call(
-        &app,
-        "POST",
-        "/v1/queries/by_camera/pause",
-        Some(TOKEN),
-        None,
-    )
-    .await?;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    act(&app, "by_camera", "pause").await?;
     assert_eq!(leave_unread(&brokers, internal, t0 + 60_000).await?, 30);
     let (status, body) = call(&app, "DELETE", "/v1/queries/by_camera", Some(TOKEN), None).await?;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
@@ -941,35 +948,11 @@ async fn a_repartitioned_query_dropped_or_reset_counts_every_event_once() -> any
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // The same through a reset of the paused query.
-    let (status, body) = call(
-        &app,
-        "POST",
-        "/v1/queries/by_camera/pause",
-        Some(TOKEN),
-        None,
-    )
-    .await?;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    act(&app, "by_camera", "pause").await?;
     assert_eq!(leave_unread(&brokers, internal, t0 + 120_000).await?, 30);
-    let (status, body) = call(
-        &app,
-        "POST",
-        "/v1/queries/by_camera/reset",
-        Some(TOKEN),
-        None,
-    )
-    .await?;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let body = act(&app, "by_camera", "reset").await?;
     assert_eq!(body["state"], "PAUSED", "{body}");
-    let (status, body) = call(
-        &app,
-        "POST",
-        "/v1/queries/by_camera/resume",
-        Some(TOKEN),
-        None,
-    )
-    .await?;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    act(&app, "by_camera", "resume").await?;
     expect_minutes(&out, &[t0, t0 + 60_000], 6).await?;
     produce_events_to(&brokers, t0 + 150_000, 60, 10, Some(2)).await?;
     expect_minutes(&out, &[t0 + 120_000], 6).await?;

@@ -856,10 +856,7 @@ impl StreamContext {
         // Windows close in the order of their ends, and timers (alert expiries, silences)
         // fire as each window's end passes: detectors over them follow that order only.
         for order in &above {
-            let by_end = order
-                .downcast_ref::<datafusion::physical_expr::expressions::Column>()
-                .is_some_and(|c| c.name().eq_ignore_ascii_case("window_end"));
-            if !by_end {
+            if !is_column(order, &["window_end"]) {
                 return plan_err!(
                     "detectors and alerts over windows must be ordered by the window's end \
                      (OVER (PARTITION BY … ORDER BY window_end)), the order windows close and \
@@ -933,14 +930,7 @@ impl StreamContext {
         refuse_lag_per_batch(&lower)?;
         // Windows come out in the order of their ends: LAG over them follows that order only.
         for l in &lags {
-            let by_window = l
-                .order
-                .downcast_ref::<datafusion::physical_expr::expressions::Column>()
-                .is_some_and(|c| {
-                    c.name().eq_ignore_ascii_case("window_end")
-                        || c.name().eq_ignore_ascii_case("window_start")
-                });
-            if !by_window {
+            if !is_column(&l.order, &["window_end", "window_start"]) {
                 return plan_err!(
                     "LAG over windows must be ordered by their window_end (ORDER BY \
                      window_end), the order the windows close in; ORDER BY {} would compare \
@@ -3039,8 +3029,12 @@ impl StreamQuery {
         // A session is [first, last + gap): an event at t reaches one holding an event less
         // than the gap from t.
         let gap = w.operator.last_window_end(0);
-        let reaches = |points: Option<&Vec<i64>>, t: i64| {
-            points.is_some_and(|p| p.iter().any(|&q| t.abs_diff(q) < gap.unsigned_abs()))
+        let reaches = |points: Option<&std::collections::BTreeSet<i64>>, t: i64| {
+            points.is_some_and(|p| {
+                p.range(t.saturating_sub(gap).saturating_add(1)..t.saturating_add(gap))
+                    .next()
+                    .is_some()
+            })
         };
         // The rows that take part: placed in time, not stamped in the future.
         let considered: Vec<u32> = times
@@ -3049,17 +3043,20 @@ impl StreamQuery {
             .filter_map(|(r, t)| (t? <= future_limit).then_some(r as u32))
             .collect();
         if w.groups.is_empty() {
-            let mut points: Vec<i64> = Vec::new();
-            for &r in &considered {
-                let t = times.value(r as usize);
+            let ts: Vec<i64> = considered
+                .iter()
+                .map(|&r| times.value(r as usize))
+                .collect();
+            let live_late = w.operator.late_for_keys(&[], &ts)?;
+            let mut points = std::collections::BTreeSet::new();
+            for ((&r, &t), late) in considered.iter().zip(&ts).zip(live_late) {
                 if late_alone[r as usize] {
-                    let live = !w.operator.late_for_keys(&[], &[t])?[0];
-                    if !live && !reaches(Some(&points), t) {
+                    if late && !reaches(Some(&points), t) {
                         continue;
                     }
                     absorbed.insert(r as usize);
                 }
-                points.push(t);
+                points.insert(t);
             }
             return Ok(absorbed);
         }
@@ -3122,7 +3119,7 @@ impl StreamQuery {
                 groups[i as usize].push((encoded.row(j).as_ref().to_vec(), !live_late[j]));
             }
         }
-        let mut points: HashMap<Vec<u8>, Vec<i64>> = HashMap::new();
+        let mut points: HashMap<Vec<u8>, std::collections::BTreeSet<i64>> = HashMap::new();
         for (i, &r) in considered.iter().enumerate() {
             let t = times.value(r as usize);
             if late_alone[r as usize] {
@@ -3136,7 +3133,7 @@ impl StreamQuery {
                 absorbed.insert(r as usize);
             }
             for (g, _) in &groups[i] {
-                points.entry(g.clone()).or_default().push(t);
+                points.entry(g.clone()).or_default().insert(t);
             }
         }
         Ok(absorbed)
@@ -3488,6 +3485,12 @@ impl StreamQuery {
         expire_lags(&self.lags, watermark);
         Ok(())
     }
+}
+
+/// Whether `expr` is a column named one of `names`.
+fn is_column(expr: &Arc<dyn datafusion::physical_expr::PhysicalExpr>, names: &[&str]) -> bool {
+    expr.downcast_ref::<datafusion::physical_expr::expressions::Column>()
+        .is_some_and(|c| names.iter().any(|n| c.name().eq_ignore_ascii_case(n)))
 }
 
 /// Drops the keys of `lags` silent for their TTL at `watermark`.

@@ -1279,12 +1279,7 @@ impl QueryManager {
             && first_stages(&planned).iter().any(Option::is_some)
             && !runs_partitioned(&planned)
         {
-            return Err(ServiceError::Conflict(format!(
-                "{name} runs its repartitioned statement in one state with statements that \
-                 cannot be split, which cannot tell the records its first stage would pass on \
-                 again from those it would read again: it could not go back to a savepoint; \
-                 register the repartitioned statement as a query of its own"
-            )));
+            return Err(no_savepoints(name));
         }
         let target = self.savepoints_of(name).join(savepoint);
         let at = target.clone();
@@ -1388,7 +1383,7 @@ impl QueryManager {
             .map(|q| (q.sql().to_string(), q.state_layout()))
             .collect();
         let enabled = self.config.checkpoint.enabled;
-        let (held_at, what) = match &request.savepoint {
+        let (held_at, what, saved_sql) = match &request.savepoint {
             Some(name_of) => {
                 check_name("savepoint", name_of)?;
                 if !enabled {
@@ -1404,20 +1399,21 @@ impl QueryManager {
                     move || savepoint::read(&at)
                 })
                 .await?;
-                if found.is_none() {
+                let Some(found) = found else {
                     return Err(ServiceError::NotFound(format!(
                         "query {name} has no savepoint named {name_of:?} (`urbanstream query \
                          savepoints {name}` lists them)"
                     )));
-                }
-                (Some(at), format!("savepoint {name_of}"))
+                };
+                (Some(at), format!("savepoint {name_of}"), Some(found.sql))
             }
             None if enabled => (
                 Some(self.checkpoint_root.join(name)),
                 "the query's state".to_string(),
+                None,
             ),
             // Without checkpoints a query keeps no state across a restart.
-            None => (None, String::new()),
+            None => (None, String::new(), None),
         };
         if let Some(at) = held_at {
             let manifests = blocking(move || savepoint::newest_manifests(&at)).await?;
@@ -1449,24 +1445,13 @@ impl QueryManager {
                  (or register the new SQL under another name)"
             )));
         }
-        if let Some(name_of) = &request.savepoint
+        if let (Some(name_of), Some(saved_sql)) = (&request.savepoint, saved_sql)
             && stages.iter().any(Option::is_some)
         {
             if !runs_partitioned(&planned) {
-                return Err(ServiceError::Conflict(format!(
-                    "{name} runs its repartitioned statement in one state with statements \
-                     that cannot be split, which cannot tell the records its first stage \
-                     passes on again from those it reads again: it cannot go back to a \
-                     savepoint; register the repartitioned statement as a query of its own"
-                )));
+                return Err(no_savepoints(name));
             }
-            let at = self.savepoints_of(name).join(name_of);
-            let saved = blocking(move || savepoint::read(&at)).await?;
-            let then = match saved {
-                Some(saved) => Some(first_stages(&self.plan_request(&saved.sql).await?)),
-                None => None,
-            };
-            if then.is_some_and(|then| then != stages) {
+            if first_stages(&self.plan_request(&saved_sql).await?) != stages {
                 return Err(ServiceError::Conflict(format!(
                     "{name} is repartitioned through an internal topic, and savepoint \
                      {name_of} was taken when its first stage selected or routed records by \
@@ -1733,6 +1718,17 @@ fn runs_partitioned(planned: &[crate::plan::stream::StreamQuery]) -> bool {
         .iter()
         .zip(first_stages(planned))
         .all(|(q, stage)| q.is_partition_local() || stage.is_some())
+}
+
+/// Why query `name`, whose repartitioned statement shares one state with statements that
+/// cannot be split, neither takes nor goes back to savepoints.
+fn no_savepoints(name: &str) -> ServiceError {
+    ServiceError::Conflict(format!(
+        "{name} runs its repartitioned statement in one state with statements that cannot be \
+         split, which cannot tell the records its first stage passes on again from those it \
+         reads again: it takes no savepoints; register the repartitioned statement as a query \
+         of its own"
+    ))
 }
 
 /// The consumer group of a query: `<group_id>.<name>`. Every process of a deployment that
