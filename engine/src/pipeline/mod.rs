@@ -1480,7 +1480,8 @@ impl Pipeline {
             && groups > max
         {
             return Err(Error::ResourceLimit(format!(
-                "state holds {groups} entries ((window, group) partials and detector keys), \
+                "state holds {groups} entries ((window, group) partials, detector keys and rows \
+                 held), \
                  over the cap of {max} (queries.max_state_groups)"
             )));
         }

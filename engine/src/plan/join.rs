@@ -229,8 +229,8 @@ fn refuse_state_below(side: &Arc<dyn ExecutionPlan>, name: &str) -> Result<()> {
     if keeps_state(side)? {
         return plan_err!(
             "the {name} side of the join of two streams aggregates or keeps state per key, \
-             which is not supported below a join yet: join the streams' events, and aggregate \
-             or detect over the joined rows"
+             which is not supported below a join yet: join the streams' events, aggregate the \
+             joined rows in windows, and detect over the windows' rows"
         );
     }
     Ok(())

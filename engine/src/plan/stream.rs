@@ -17,9 +17,9 @@
 //!
 //! A query without aggregation is just the lower part. Below `lower`, a query may read more
 //! than one stream: a join of two streams bounded in event time (`plan/join.rs`) or a
-//! `UNION ALL` of streams (`plan/union.rs`) feeds `lower` in place of the stream; and `LAG`
-//! over the stream's events splits the plan once more, holding rows until the watermark
-//! (`plan/ordered.rs`). Windows over windows chain above the aggregation
+//! `UNION ALL` of streams (`plan/union.rs`) feeds `lower` in place of the stream; and `LAG`,
+//! detectors and alert machines over the stream's events split the plan once more, holding
+//! rows until the watermark (`plan/ordered.rs`). Windows over windows chain above the aggregation
 //! (`plan/chain.rs`). Queries that cannot run on an unbounded stream are refused at planning
 //! with a message that says what to write instead.
 
@@ -653,6 +653,14 @@ impl StreamContext {
             let source_feed = feed.clone();
             let event_time = time_column.clone();
             let split = if join.is_none() && union.is_none() {
+                if time_column.is_none() && super::ordered::holds_keyed(&physical)? {
+                    return plan_err!(
+                        "LAG, detectors and alerts over a stream's events take them in \
+                         event-time order, but stream table {} declares no event time: declare \
+                         it (OPTIONS ('event_time' '<column>'))",
+                        source.name
+                    );
+                }
                 super::ordered::split(&physical, &|below, i| {
                     super::join::trace(below, i).is_some_and(|(leaf, c)| {
                         leaf.downcast_ref::<FeedExec>().is_some_and(|f| {
@@ -1151,19 +1159,34 @@ pub fn settings_sql(settings: &StreamSettings) -> Vec<String> {
     .collect()
 }
 
-/// Refuses `LAG` in `plan`, a plan run per micro-batch of raw events (whose arrival order is
-/// not event-time order).
+/// Refuses `LAG`, detectors and alert machines in `plan`, a plan run per micro-batch of raw
+/// events (whose arrival order is not event-time order): below a window, or over a join or
+/// union of streams.
 fn refuse_lag_per_batch(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
-    if plan.exists(|n| {
-        Ok(n.downcast_ref::<crate::state::lag::KeyedLagExec>()
-            .is_some())
-    })? {
+    let mut found = None;
+    plan.apply(|n| {
+        if n.downcast_ref::<crate::state::lag::KeyedLagExec>()
+            .is_some()
+        {
+            found = Some("LAG".to_string());
+        } else if let Some(k) = n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>() {
+            found = Some(k.handle().functions().join(", "));
+        }
+        Ok(if found.is_some() {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    })?;
+    if let Some(what) = found {
         return plan_err!(
-            "LAG over raw events would depend on the order they arrive in: aggregate them in \
-             windows first and take LAG over the windows' rows, e.g. SELECT station, \
-             window_end, aqi, lag(aqi, 1) OVER (PARTITION BY station ORDER BY window_end) FROM \
-             (SELECT station, window_end, avg(pm25) AS aqi FROM air GROUP BY \
-             tumble(event_time, INTERVAL '1 hour'), station)"
+            "{what} over the raw events below a window, or of a join or union of streams, \
+             would depend on the order they arrive in: aggregate them in windows first and take \
+             it over the windows' rows (OVER (PARTITION BY … ORDER BY window_end)), e.g. SELECT \
+             station, window_end, aqi, lag(aqi, 1) OVER (PARTITION BY station ORDER BY \
+             window_end) FROM (SELECT station, window_end, avg(pm25) AS aqi FROM air GROUP BY \
+             tumble(event_time, INTERVAL '1 hour'), station); over one stream's events, it may \
+             be taken on its own (OVER (PARTITION BY … ORDER BY event_time))"
         );
     }
     Ok(())
@@ -1458,8 +1481,8 @@ pub struct StreamQuery {
     join: Option<Box<super::join::JoinInput>>,
     /// When it reads a union of streams: the branches, which feed `lower` with their rows.
     union: Option<Box<super::union::UnionInput>>,
-    /// When it takes `LAG` over the stream's events: `lower`'s rows, waiting for the
-    /// watermark to be released in time order.
+    /// When it takes `LAG`, detectors or alert machines over the stream's events: `lower`'s
+    /// rows, waiting for the watermark to be released in time order.
     ordered: Option<Box<super::ordered::Ordered>>,
     /// The input watermark at which the last tick left it with nothing more due: until it
     /// takes input or the watermark moves, a tick has nothing to do (its timers are in event
@@ -1530,6 +1553,15 @@ impl StreamQuery {
             },
             "plan": plan(&self.lower),
         }));
+        if let Some(o) = &self.ordered {
+            stages.push(serde_json::json!({
+                "stage": "in event-time order",
+                "does": "holds the rows until the watermark passes their event time, then \
+                         takes them sorted by it through LAG, detectors and alert machines \
+                         (late rows to the late topic)",
+                "plan": plan(&o.upper),
+            }));
+        }
         let lateness = parse_setting("", &self.settings.allowed_lateness)
             .ok()
             .flatten()
@@ -2100,7 +2132,8 @@ impl StreamQuery {
             + self.lags.iter().map(|l| l.handle.expired()).sum::<u64>()
     }
 
-    /// Per partition, the oldest input offset a window not yet evicted still needs. Offsets
+    /// Per partition, the oldest input offset a window not yet evicted (or a row held for the
+    /// watermark) still needs. Offsets
     /// before it are safe to commit once this step's outputs are acknowledged.
     pub fn held_offsets(&self) -> HashMap<i32, i64> {
         let mut out: HashMap<i32, i64> = HashMap::new();
@@ -2113,7 +2146,7 @@ impl StreamQuery {
     }
 
     /// Per partition of input topic `topic`, the oldest offset the query's state still needs
-    /// (open windows, rows a join holds).
+    /// (open windows, rows a join holds, rows held for the watermark).
     pub fn held_offsets_of(&self, topic: &str) -> HashMap<i32, i64> {
         let mut out = HashMap::new();
         let merge =
@@ -2545,7 +2578,8 @@ impl StreamQuery {
         wake: bool,
         out: &mut StepOutput,
     ) -> Result<()> {
-        if batch.num_rows() > 0 || wake {
+        // With rows held for the watermark, the keyed states are above them: they wake there.
+        if batch.num_rows() > 0 || (wake && self.ordered.is_none()) {
             self.feed.set(vec![batch]);
             let lowered = collect(self.lower.clone(), self.task_ctx.clone()).await?;
             match &mut self.windowed {
@@ -2572,7 +2606,7 @@ impl StreamQuery {
                 None => match &mut self.ordered {
                     Some(o) => {
                         for b in lowered {
-                            o.hold(b);
+                            o.hold(b)?;
                         }
                     }
                     None => out
@@ -3284,8 +3318,14 @@ impl StreamQuery {
     async fn emit(&mut self, now_ms: i64, out: &mut StepOutput) -> Result<()> {
         if self.ordered.is_some() {
             let watermark = self.input_watermark(now_ms).unwrap_or(i64::MIN);
+            // Detectors' timers (a sensor gone silent) fire on the watermark, with or
+            // without rows released.
+            let timers = self.keyed.iter().any(KeyedHandle::has_timers);
             if let Some(o) = &mut self.ordered
-                && let Some(rows) = o.release(watermark)?
+                && let Some(rows) = match o.release(watermark)? {
+                    None if timers => Some(RecordBatch::new_empty(o.schema.clone())),
+                    released => released,
+                }
             {
                 o.feed.set(vec![rows]);
                 let upper = o.upper.clone();

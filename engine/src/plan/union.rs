@@ -41,8 +41,8 @@ pub(super) fn plan_union(node: &Arc<dyn ExecutionPlan>) -> Result<PlannedUnion> 
         if stateful {
             return plan_err!(
                 "a branch of a UNION ALL of streams aggregates, joins streams or keeps state per \
-                 key, which is not supported yet: union the streams' events, and aggregate or \
-                 detect over the union"
+                 key, which is not supported yet: union the streams' events, aggregate the union \
+                 in windows, and detect over the windows' rows"
             );
         }
         let mut leaves: Vec<(String, Feed)> = Vec::new();

@@ -15,9 +15,11 @@
 //!   execution then appends a row for the key that repeats its last row, with the `ORDER BY`
 //!   column set to that time, so the query above sees it like any other row.
 //!
-//! Rows of one key must reach the query in time order for the result to be independent of
-//! how the input is cut into micro-batches; a stream keyed by the entity (one Kafka partition
-//! per key) gives that.
+//! Rows of one key reach it in time order, so that results do not depend on how the input is
+//! cut into micro-batches: over a stream's events, the planner holds the rows until the
+//! watermark passes them and releases them sorted (`plan/ordered.rs`); over windows, rows
+//! come as windows close. Elsewhere (below a window, over a join or a union of streams) it is
+//! refused.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -595,6 +597,7 @@ impl KeyedSeriesExec {
         let mut fired = Fired::new(self.calls.len());
         let ttl = self.handle.ttl.load(AtomicOrdering::Relaxed);
         let mut values = Vec::new();
+        let mut expired = 0;
         for &r in &sequence {
             let key = rows.row(r);
             if order.is_null(r) {
@@ -610,20 +613,7 @@ impl KeyedSeriesExec {
                 due: None,
             };
             let state = match store.keys.get_mut(key.as_ref()) {
-                Some(s) => {
-                    // A key silent longer than the TTL starts afresh, whether or not a sweep
-                    // has dropped it yet (so the result does not depend on when sweeps ran).
-                    if ttl != i64::MAX
-                        && s.last_t != i64::MIN
-                        && t.saturating_sub(s.last_t) > ttl
-                        && s.due.is_none()
-                        && !s.series.iter().any(SeriesState::is_open)
-                    {
-                        *s = fresh();
-                        store.expired += 1;
-                    }
-                    s
-                }
+                Some(s) => s,
                 None => store.keys.get_or_insert_with(key.as_ref().into(), fresh),
             };
             if timers && state.due.is_some_and(|d| d < t.min(watermark)) {
@@ -637,6 +627,18 @@ impl KeyedSeriesExec {
                         None => Ok(()),
                     },
                 )?;
+            }
+            // A key silent longer than the TTL starts afresh, whether or not a sweep has
+            // dropped it yet (so the result does not depend on when sweeps ran); a timer
+            // that fired before this row counts as its last activity, as it does for a sweep.
+            if ttl != i64::MAX
+                && state.last_t != i64::MIN
+                && t.saturating_sub(state.last_t) > ttl
+                && state.due.is_none()
+                && !state.series.iter().any(SeriesState::is_open)
+            {
+                *state = fresh();
+                expired += 1;
             }
             let in_order = t >= state.last_t;
             if in_order {
@@ -665,6 +667,7 @@ impl KeyedSeriesExec {
                 }
             }
         }
+        store.expired += expired;
         if timers {
             for (key, &r) in &last_row_of {
                 let mut row = Vec::new();

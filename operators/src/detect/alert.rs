@@ -170,9 +170,11 @@ impl AlertMachine {
         }
     }
 
-    /// Whether an alert is raised (or about to be): state a consumer waits to see cleared.
+    /// Whether an alert is raised: state a consumer waits to see cleared. One still pending
+    /// (waiting out its minimum duration) is not: nothing was published for it, and a key
+    /// silent long enough to be dropped starts it again on its next score.
     pub fn is_open(&self) -> bool {
-        self.active || self.pending_since.is_some()
+        self.active
     }
 
     /// Clears an active alert once the watermark has passed [`AlertMachine::due`].
