@@ -268,6 +268,27 @@ impl StreamTable {
                     );
                 }
             }
+            // Without it, a retraction of the upstream query would be read as a row.
+            let op = arrow
+                .fields()
+                .iter()
+                .find(|f| f.name().eq_ignore_ascii_case("op"));
+            let fits = op.is_some_and(|f| {
+                matches!(
+                    f.data_type(),
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                )
+            });
+            if !fits {
+                return plan_err!(
+                    "table {name}: a table read as a changelog (OPTIONS 'upsert_key') needs an op \
+                     VARCHAR column{}: a record with op = 'retract' deletes its key's row (the \
+                     sinks of urbanstream's queries write it); a producer that never deletes \
+                     leaves it null",
+                    op.map(|f| format!(" (op is {})", f.data_type()))
+                        .unwrap_or_default()
+                );
+            }
         }
         Ok(Self {
             name,
