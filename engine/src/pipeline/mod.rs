@@ -1481,8 +1481,7 @@ impl Pipeline {
         {
             return Err(Error::ResourceLimit(format!(
                 "state holds {groups} entries ((window, group) partials, detector keys and rows \
-                 held), \
-                 over the cap of {max} (queries.max_state_groups)"
+                 held), over the cap of {max} (queries.max_state_groups)"
             )));
         }
         let due = self.measured.is_none_or(|(at, then)| {

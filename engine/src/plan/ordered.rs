@@ -58,8 +58,8 @@ fn keyed_order(node: &Arc<dyn ExecutionPlan>) -> Option<&Arc<dyn PhysicalExpr>> 
 }
 
 /// Splits `plan` at its lowest `LAG`, detector or alert machine over the stream: (the plan
-/// below it, the ordered stage); `None` when it has none. `is_event_time` tells whether a column of the rows below
-/// (followed down to the stream) is the stream's event time.
+/// below it, the ordered stage); `None` when it has none. `is_event_time` tells whether a
+/// column of the rows below (followed down to the stream) is the stream's event time.
 pub(super) fn split(
     plan: &Arc<dyn ExecutionPlan>,
     is_event_time: &dyn Fn(&Arc<dyn ExecutionPlan>, usize) -> bool,

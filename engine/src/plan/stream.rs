@@ -19,8 +19,8 @@
 //! than one stream: a join of two streams bounded in event time (`plan/join.rs`) or a
 //! `UNION ALL` of streams (`plan/union.rs`) feeds `lower` in place of the stream; and `LAG`,
 //! detectors and alert machines over the stream's events split the plan once more, holding
-//! rows until the watermark (`plan/ordered.rs`). Windows over windows chain above the aggregation
-//! (`plan/chain.rs`). Queries that cannot run on an unbounded stream are refused at planning
+//! rows until the watermark (`plan/ordered.rs`). Windows over windows chain above the
+//! aggregation (`plan/chain.rs`). Queries that cannot run on an unbounded stream are refused at planning
 //! with a message that says what to write instead.
 
 use std::collections::HashMap;
@@ -670,7 +670,7 @@ impl StreamContext {
                     })
                 })?
             } else {
-                refuse_lag_per_batch(&physical)?;
+                refuse_keyed_per_batch(&physical)?;
                 None
             };
             let output_schema = physical.schema();
@@ -935,7 +935,7 @@ impl StreamContext {
             None
         };
         super::topn::refuse_per_batch(&lower)?;
-        refuse_lag_per_batch(&lower)?;
+        refuse_keyed_per_batch(&lower)?;
         // Windows come out in the order of their ends: LAG over them follows that order only.
         for l in &lags {
             if !is_column(&l.order, &["window_end", "window_start"]) {
@@ -1162,7 +1162,7 @@ pub fn settings_sql(settings: &StreamSettings) -> Vec<String> {
 /// Refuses `LAG`, detectors and alert machines in `plan`, a plan run per micro-batch of raw
 /// events (whose arrival order is not event-time order): below a window, or over a join or
 /// union of streams.
-fn refuse_lag_per_batch(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
+fn refuse_keyed_per_batch(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
     let mut found = None;
     plan.apply(|n| {
         if n.downcast_ref::<crate::state::lag::KeyedLagExec>()
@@ -2133,8 +2133,8 @@ impl StreamQuery {
     }
 
     /// Per partition, the oldest input offset a window not yet evicted (or a row held for the
-    /// watermark) still needs. Offsets
-    /// before it are safe to commit once this step's outputs are acknowledged.
+    /// watermark) still needs. Offsets before it are safe to commit once this step's outputs
+    /// are acknowledged.
     pub fn held_offsets(&self) -> HashMap<i32, i64> {
         let mut out: HashMap<i32, i64> = HashMap::new();
         for partitions in self.held.values() {
