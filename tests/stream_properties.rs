@@ -1234,19 +1234,18 @@ fn lag_rows(batches: &[RecordBatch]) -> anyhow::Result<Vec<LagRow>> {
 /// so an event that arrives behind the watermark (the lowest of the partitions' newest event
 /// times) is late; every other one is published once, with its key's previous values, however
 /// the events arrive, are cut into micro-batches and restarted.
-fn check_lagged(run: &Run) -> Result<(), TestCaseError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+/// The events a query over the raw events keeps, in arrival order, and those it diverts as
+/// late (sorted): an event older than the watermark (the lowest of the partitions' latest
+/// event times, no delay) when it arrives is late.
+fn kept_and_late(run: &Run) -> (Vec<Event>, Vec<Late>) {
     let mut kept: Vec<Event> = Vec::new();
-    let mut want_late: Vec<Late> = Vec::new();
+    let mut late: Vec<Late> = Vec::new();
     let mut max_by_partition: BTreeMap<i32, i64> = BTreeMap::new();
     let mut watermark = i64::MIN;
     for batch in &run.batches {
         for e in batch {
             if e.t < watermark {
-                want_late.push((e.t, "beyond_allowed_lateness".to_string()));
+                late.push((e.t, "beyond_allowed_lateness".to_string()));
                 continue;
             }
             kept.push(e.clone());
@@ -1257,7 +1256,16 @@ fn check_lagged(run: &Run) -> Result<(), TestCaseError> {
             watermark = watermark.max(*lowest);
         }
     }
-    want_late.sort();
+    late.sort();
+    (kept, late)
+}
+
+fn check_lagged(run: &Run) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (kept, want_late) = kept_and_late(run);
     let (got, got_late) = rt
         .block_on(async {
             let statements = [
@@ -1292,6 +1300,94 @@ proptest! {
     #[test]
     fn lag_over_events_matches_a_batch_query(run in run()) {
         check_lagged(&run)?;
+    }
+}
+
+/// Detectors per key over the raw events whose rows are one per event (no timers): the
+/// default anomaly score, a stuck-sensor check and an alert machine.
+const DETECTED_EVENTS: &str = "SELECT k, g, t, v, round(d['score'], 6) AS score, d['likelihood'] AS l, \
+     d['warming'] AS warming, s['fault'] AS stuck, a['state'] AS state, a['started_at'] AS started \
+     FROM (SELECT *, anomaly_score(CAST(v AS DOUBLE), t) OVER w AS d, \
+     sensor_stuck(CAST(v / 10 AS DOUBLE), t, 2) OVER w AS s, alert_state(v, t, 10, 0, INTERVAL '30 seconds') OVER w AS a \
+     FROM {input} WINDOW w AS (PARTITION BY k, g ORDER BY t))";
+
+/// Rows rendered column by column (`columns`, in order), sorted.
+fn rendered_rows(batches: &[RecordBatch], columns: &[&str]) -> anyhow::Result<Vec<String>> {
+    let mut rows = Vec::new();
+    for b in batches {
+        let cols = columns
+            .iter()
+            .map(|name| {
+                b.column_by_name(name)
+                    .ok_or_else(|| anyhow::anyhow!("column {name}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for r in 0..b.num_rows() {
+            rows.push(
+                cols.iter()
+                    .map(|c| array_value_to_string(c, r))
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join("|"),
+            );
+        }
+    }
+    rows.sort();
+    Ok(rows)
+}
+
+/// Detectors over the raw events, fed in any cut, partitions, disorder and restarts, give
+/// what the same functions give over a table of the events that were not late: each key's
+/// readings are stepped in event-time order, once each, whatever the micro-batches.
+fn check_detected_events(run: &Run) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (kept, want_late) = kept_and_late(run);
+    let columns = [
+        "k", "g", "t", "v", "score", "l", "warming", "stuck", "state", "started",
+    ];
+    let (got, got_late) = rt
+        .block_on(async {
+            let statements = [
+                EV.to_string(),
+                "CREATE EXTERNAL TABLE out (k VARCHAR NOT NULL, g INT, t TIMESTAMP NOT NULL, \
+                 v BIGINT NOT NULL, score DOUBLE, l DOUBLE, warming BOOLEAN, stuck BOOLEAN, \
+                 state VARCHAR, started TIMESTAMP) STORED AS KAFKA OPTIONS ('topic' 'out')"
+                    .to_string(),
+                format!(
+                    "INSERT INTO out {}",
+                    DETECTED_EVENTS.replace("{input}", "ev")
+                ),
+            ];
+            let (out, late) = run_query(&statements, "out", run, false).await?;
+            anyhow::Ok((rendered_rows(&out, &columns)?, late))
+        })
+        .expect("engine");
+    let want = rt
+        .block_on(async {
+            let events: Vec<Pair> = kept.iter().map(|e| (e.clone(), (0, 0))).collect();
+            let ctx = pairs_context(&events)?;
+            urbanstream_operators::register_all(&ctx);
+            let query = DETECTED_EVENTS.replace("{input}", "pairs");
+            anyhow::Ok(rendered_rows(
+                &ctx.sql(&query).await?.collect().await?,
+                &columns,
+            )?)
+        })
+        .expect("batch");
+    prop_assert_eq!(got_late, want_late, "late records");
+    prop_assert_eq!(want.len(), kept.len());
+    prop_assert_eq!(got, want, "detected rows");
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn detectors_over_events_match_a_batch_query(run in run()) {
+        check_detected_events(&run)?;
     }
 }
 
