@@ -10,12 +10,8 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch};
-use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, TimeUnit, TimestampMillisecondType};
 use datafusion::common::ScalarValue;
 use urbanstream::pipeline::Topics;
 use urbanstream::plan::city_context;
@@ -154,47 +150,13 @@ fn state_machines(c: &mut Criterion) {
     group.finish();
 }
 
-/// `batches` (copies of one simulated batch) moved on in event time, each copy after the one
-/// before: the readings go on in time, as a stream's do, rather than repeat (repeats would
-/// be late: older than the watermark).
-fn advancing(batches: Vec<RecordBatch>) -> Vec<RecordBatch> {
-    let mut next_from = i64::MIN;
-    batches
-        .into_iter()
-        .map(|b| {
-            let i = b.schema().index_of("event_time").expect("event_time");
-            let t = cast(
-                b.column(i),
-                &DataType::Timestamp(TimeUnit::Millisecond, None),
-            )
-            .expect("time");
-            let t = t.as_primitive::<TimestampMillisecondType>();
-            let (lo, hi) = (
-                t.iter().flatten().min().unwrap_or(0),
-                t.iter().flatten().max().unwrap_or(0),
-            );
-            let shift = if next_from == i64::MIN {
-                0
-            } else {
-                next_from - lo
-            };
-            next_from = hi + shift + 60_000;
-            let moved: ArrayRef = Arc::new(t.unary::<_, TimestampMillisecondType>(|v| v + shift));
-            let moved = cast(&moved, b.schema().field(i).data_type()).expect("time");
-            let mut columns = b.columns().to_vec();
-            columns[i] = moved;
-            RecordBatch::try_new(b.schema(), columns).expect("batch")
-        })
-        .collect()
-}
-
 fn through_the_engine(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let schemas = SchemaRegistry::embedded().expect("schemas");
-    let batches = advancing(decoded_batches(SimTopic::Air, "air_reading", READINGS));
+    let batches = decoded_batches(SimTopic::Air, "air_reading", READINGS);
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     let mut group = c.benchmark_group("detectors/stream");
     group.sample_size(10);

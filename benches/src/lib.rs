@@ -3,7 +3,11 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{
+    DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
+};
 use urbanstream::reference::ReferenceData;
 use urbanstream::simulate::{CitySimulator, SimConfig, SimTopic};
 use urbanstream::source::RawBatch;
@@ -38,12 +42,10 @@ pub fn simulated_batch(topic: SimTopic, n: usize) -> RawBatch {
 }
 
 /// `n` decoded records of `topic` (Avro schema `schema`) as Arrow batches of up to 8 192 rows:
-/// 8 192 simulated records (seed 42) decoded once and repeated, as a stream query sees them.
-pub fn decoded_batches(
-    topic: SimTopic,
-    schema: &str,
-    n: usize,
-) -> Vec<datafusion::arrow::record_batch::RecordBatch> {
+/// 8 192 simulated records (seed 42) decoded once and repeated, each copy moved on in event
+/// time to a minute after the one before, so that the records go on in time as a stream's do
+/// (plain repeats would be older than the watermark: late).
+pub fn decoded_batches(topic: SimTopic, schema: &str, n: usize) -> Vec<RecordBatch> {
     let registry = urbanstream::schema::SchemaRegistry::embedded().expect("schemas");
     let decoder = urbanstream::decode::JsonDecoder::new(registry.get(schema).expect(schema));
     let raw = simulated_batch(topic, 8192);
@@ -55,7 +57,40 @@ pub fn decoded_batches(
         out.push(batch.slice(0, take));
         rows += take;
     }
-    out
+    advancing(out)
+}
+
+/// `batches` (copies of one batch) moved on in event time, each copy starting a minute after
+/// the one before ends.
+fn advancing(batches: Vec<RecordBatch>) -> Vec<RecordBatch> {
+    let mut next_from = i64::MIN;
+    batches
+        .into_iter()
+        .map(|b| {
+            let i = b.schema().index_of("event_time").expect("event_time");
+            let t = cast(
+                b.column(i),
+                &DataType::Timestamp(TimeUnit::Millisecond, None),
+            )
+            .expect("time");
+            let t = t.as_primitive::<TimestampMillisecondType>();
+            let (lo, hi) = (
+                t.iter().flatten().min().unwrap_or(0),
+                t.iter().flatten().max().unwrap_or(0),
+            );
+            let shift = if next_from == i64::MIN {
+                0
+            } else {
+                next_from - lo
+            };
+            next_from = hi + shift + 60_000;
+            let moved: ArrayRef = Arc::new(t.unary::<_, TimestampMillisecondType>(|v| v + shift));
+            let moved = cast(&moved, b.schema().field(i).data_type()).expect("time");
+            let mut columns = b.columns().to_vec();
+            columns[i] = moved;
+            RecordBatch::try_new(b.schema(), columns).expect("batch")
+        })
+        .collect()
 }
 
 /// The stream query of `select` over the stream `ev` ([`key_time_value_schema`]; event time
