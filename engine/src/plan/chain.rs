@@ -738,6 +738,18 @@ pub(super) fn plan_chain(
         None => super::stream::having_of(&stage_upper, &stage_leaf)?,
         Some(_) => None,
     };
+    if !append_only
+        && next.is_none()
+        && super::topn::rankings(&stage_upper)?.is_empty()
+        && let Some(what) = super::stream::unretractable_condition(
+            &stage_upper,
+            &stage_leaf,
+            having.as_ref(),
+            spec.groups.len() + 1,
+        )?
+    {
+        return super::stream::unretractable(what);
+    }
     let time = spec.time.clone();
     let window_position = spec.window_position;
     let groups = spec.groups.clone();

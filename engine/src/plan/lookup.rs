@@ -254,6 +254,18 @@ pub fn refresh_lookup_joins(
     .map(|t| t.data)
 }
 
+/// `join` in place of `node` (a join, or a [`RefreshingExec`] around one), wrapped as `node`
+/// was, so that it too starts afresh when a reference table changes.
+pub fn replace_join(
+    node: &Arc<dyn ExecutionPlan>,
+    join: Arc<dyn ExecutionPlan>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    match (node.as_ref() as &dyn Any).downcast_ref::<RefreshingExec>() {
+        Some(r) => Ok(Arc::new(RefreshingExec::new(join, r.generation.clone())?)),
+        None => Ok(join),
+    }
+}
+
 fn reads_stream(plan: &Arc<dyn ExecutionPlan>) -> bool {
     plan.exists(|n| Ok(n.downcast_ref::<FeedExec>().is_some()))
         .unwrap_or(true)

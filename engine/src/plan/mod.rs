@@ -194,6 +194,100 @@ mod tests {
         );
     }
 
+    /// A revision that no longer passes a condition above a lookup join is withdrawn with
+    /// the reference table's current version: the plan that tells the withdrawn rows reads a
+    /// replaced table from its next run, as the query's own plan does.
+    #[tokio::test]
+    async fn a_withdrawal_above_a_lookup_join_reads_the_current_reference_table() {
+        use datafusion::arrow::array::TimestampMillisecondArray;
+        use datafusion::arrow::array::{Float64Array, RecordBatch, StringViewArray};
+        use datafusion::arrow::util::display::array_value_to_string;
+        use std::sync::Arc;
+        let reference = ReferenceTables::embedded().expect("reference");
+        let mut ctx = StreamContext::new();
+        ctx.register_reference_tables(&reference)
+            .expect("reference");
+        let mut query = None;
+        for sql in [
+            "CREATE EXTERNAL TABLE ev (segment_id VARCHAR NOT NULL, t TIMESTAMP NOT NULL, v DOUBLE) \
+             STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')",
+            "SET urbanstream.allowed_lateness = '10m'",
+            "SELECT m.segment_id, m.window_start, s.name, m.speed FROM (SELECT segment_id, \
+             window_start, avg(v) AS speed FROM ev GROUP BY tumble(t, INTERVAL '1 minute'), \
+             segment_id) m JOIN segments s ON m.segment_id = s.segment_id \
+             WHERE m.speed < 0.6 * s.free_flow_kmh",
+        ] {
+            if let Some(q) = plan_all(&ctx, sql).await.expect("plan").pop() {
+                query = Some(q);
+            }
+        }
+        let mut query = query.expect("query");
+        let schema = query.source().topic_schema.output_schema();
+        let feed = |rows: &[(i64, f64)]| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringViewArray::from_iter_values(
+                        rows.iter().map(|_| "truong_chinh_ntso"),
+                    )),
+                    Arc::new(TimestampMillisecondArray::from_iter_values(
+                        rows.iter().map(|r| r.0),
+                    )),
+                    Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                ],
+            )
+            .expect("batch")
+        };
+        let rendered = |out: &stream::StepOutput| -> Vec<String> {
+            out.rows
+                .iter()
+                .flat_map(|b| {
+                    (0..b.num_rows()).map(move |r| {
+                        ["name", "speed", "op"]
+                            .iter()
+                            .map(|c| {
+                                array_value_to_string(b.column_by_name(c).expect(c), r)
+                                    .expect("value")
+                            })
+                            .collect::<Vec<_>>()
+                            .join("|")
+                    })
+                })
+                .collect()
+        };
+        // 2026-01-01T06:00:10 and 06:01:30: the first minute closes at 20 km/h (free flow 50).
+        let t0 = 1_767_247_210_000;
+        let b = feed(&[(t0, 20.0), (t0 + 80_000, 20.0)]);
+        let out = query
+            .process(&b, &[0, 0], None, t0 + 86_400_000)
+            .await
+            .expect("step");
+        assert_eq!(
+            rendered(&out)[0],
+            "Trường Chinh (Ngã Tư Sở – Tôn Thất Tùng)|20.0|insert"
+        );
+        // A late reading that keeps it below: an update (the plans collect the table).
+        let b = feed(&[(t0 + 3_000, 20.0)]);
+        let out = query
+            .process(&b, &[0], None, t0 + 86_400_000)
+            .await
+            .expect("step");
+        assert_eq!(
+            rendered(&out),
+            ["Trường Chinh (Ngã Tư Sở – Tôn Thất Tùng)|20.0|update"]
+        );
+        // The segment renamed, and a late reading lifts the minute above 30 km/h.
+        let csv = reference.get("segments").expect("segments").csv.clone();
+        let renamed = csv.replace("Trường Chinh (Ngã Tư Sở – Tôn Thất Tùng)", "Renamed");
+        reference.replace("segments", &renamed).expect("replace");
+        let b = feed(&[(t0 + 5_000, 65.0)]);
+        let out = query
+            .process(&b, &[0], None, t0 + 86_400_000)
+            .await
+            .expect("step");
+        assert_eq!(rendered(&out), ["Renamed|35.0|retract"]);
+    }
+
     #[tokio::test]
     async fn declared_options_reach_the_stream_and_bad_ones_are_refused() {
         let dir = tempfile::tempdir().expect("dir");

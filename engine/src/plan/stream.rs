@@ -947,6 +947,14 @@ impl StreamContext {
                 );
             }
         }
+        if (lateness > Duration::ZERO || early_fire.is_some())
+            && next.is_none()
+            && super::topn::rankings(&upper)?.is_empty()
+            && let Some(what) =
+                unretractable_condition(&upper, &upper_leaf, having.as_ref(), groups.len() + 1)?
+        {
+            return unretractable(what);
+        }
         if !lags.is_empty() && (lateness > Duration::ZERO || early_fire.is_some()) {
             return plan_err!(
                 "LAG over windows that emit more than once (urbanstream.allowed_lateness or \
@@ -1341,30 +1349,125 @@ fn logical_reads_stream(plan: &LogicalPlan) -> bool {
     .unwrap_or(true)
 }
 
-/// How a `HAVING` condition over the window's rows is tested apart from the rest of the
-/// upper plan.
-pub(super) struct Having {
-    /// The plan under the condition (projections over the window's rows, row for row).
-    input: Arc<dyn ExecutionPlan>,
-    /// The condition, over `input`'s rows.
-    predicate: Arc<dyn datafusion::physical_expr::PhysicalExpr>,
-    /// The upper plan without the condition.
-    unfiltered: Arc<dyn ExecutionPlan>,
+/// How a window's revision that no longer passes the conditions over its rows (`HAVING`, or
+/// a `WHERE` above a lookup join of the window's rows) is told, so that the row published
+/// before for its key and window is withdrawn.
+pub(super) enum Having {
+    /// A `HAVING` over the window's rows (through projections only), tested on its own.
+    Direct {
+        /// The plan under the condition (projections over the window's rows, row for row).
+        input: Arc<dyn ExecutionPlan>,
+        /// The condition, over `input`'s rows.
+        predicate: Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+        /// The upper plan without the condition.
+        unfiltered: Arc<dyn ExecutionPlan>,
+    },
+    /// Conditions elsewhere on the way to the window's rows (above a join): the upper plan
+    /// run without them gives the rows a revision would publish if they all passed; the
+    /// ones the upper plan drops are withdrawn.
+    Rerun {
+        /// The upper plan without the filters and join conditions on its way to the rows.
+        unfiltered: Arc<dyn ExecutionPlan>,
+        /// Encodes output rows, to tell the ones the conditions drop.
+        rows: datafusion::arrow::row::RowConverter,
+    },
 }
 
-/// The `HAVING` filter over the window's rows in `upper` (read from `leaf`, with only
-/// projections between), with the plan without it; none when the upper plan holds keyed
-/// operators (their state cannot take a row back).
+/// The rows of `all` (the unfiltered plan's output) that are not in `kept` (the upper plan's),
+/// as many times as they are missing.
+fn dropped(
+    converter: &datafusion::arrow::row::RowConverter,
+    all: &[RecordBatch],
+    kept: &[RecordBatch],
+) -> Result<Vec<RecordBatch>> {
+    let mut counts: HashMap<Vec<u8>, usize> = HashMap::new();
+    for b in kept {
+        let rows = converter.convert_columns(b.columns())?;
+        for r in rows.iter() {
+            *counts.entry(r.as_ref().to_vec()).or_default() += 1;
+        }
+    }
+    let mut out = Vec::new();
+    for b in all {
+        let rows = converter.convert_columns(b.columns())?;
+        let missing: BooleanArray = rows
+            .iter()
+            .map(|r| match counts.get_mut(r.as_ref()) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    Some(false)
+                }
+                _ => Some(true),
+            })
+            .collect();
+        if missing.true_count() > 0 {
+            out.push(filter_record_batch(b, &missing)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The input of `node` when it runs scalar subqueries (wrapped or not), without them. The
+/// plans that run without their conditions always run right after the upper plan, which
+/// computed the subqueries' values into the store both share (a second run would find its
+/// values there and fail).
+fn without_subqueries(node: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
+    node.downcast_ref::<datafusion::physical_plan::scalar_subquery::ScalarSubqueryExec>()?;
+    node.children().first().map(|c| Arc::clone(c))
+}
+
+/// Whether `plan` reads `leaf`.
+fn reads(plan: &Arc<dyn ExecutionPlan>, leaf: &Arc<dyn ExecutionPlan>) -> Result<bool> {
+    plan.exists(|n| Ok(Arc::ptr_eq(n, leaf)))
+}
+
+/// The conditions on the way from the upper plan's root to the window's rows (`leaf`):
+/// filters, and joins' conditions beyond their keys (DataFusion moves a `WHERE` that reads
+/// both sides of a join into it).
+fn conditions_on_path(
+    upper: &Arc<dyn ExecutionPlan>,
+    leaf: &Arc<dyn ExecutionPlan>,
+) -> Result<Vec<Arc<dyn ExecutionPlan>>> {
+    use datafusion::physical_plan::filter::FilterExec;
+    use datafusion::physical_plan::joins::HashJoinExec;
+    let mut found = Vec::new();
+    upper.apply(|n| {
+        if !reads(n, leaf)? {
+            return Ok(TreeNodeRecursion::Jump);
+        }
+        if n.downcast_ref::<FilterExec>().is_some()
+            || n.downcast_ref::<HashJoinExec>()
+                .is_some_and(|j| j.filter().is_some())
+        {
+            found.push(n.clone());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(found)
+}
+
+/// How the upper plan's conditions over the window's rows are told apart ([`Having`]); none
+/// when there are none, when the upper plan holds keyed operators (their state cannot take a
+/// row back, nor step a row twice) or when its rows cannot be compared (the refusal while
+/// windows revise says so: [`unretractable_condition`]).
 pub(super) fn having_of(
     upper: &Arc<dyn ExecutionPlan>,
     leaf: &Arc<dyn ExecutionPlan>,
 ) -> Result<Option<Having>> {
+    use datafusion::common::JoinType;
     use datafusion::physical_plan::filter::FilterExec;
+    use datafusion::physical_plan::joins::HashJoinExec;
     use datafusion::physical_plan::projection::ProjectionExec;
     if upper.exists(|n| {
         Ok(n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
-            .is_some())
+            .is_some()
+            || n.downcast_ref::<crate::state::lag::KeyedLagExec>()
+                .is_some())
     })? {
+        return Ok(None);
+    }
+    let conditions = conditions_on_path(upper, leaf)?;
+    if conditions.is_empty() {
         return Ok(None);
     }
     // Whether `plan` is `leaf` under projections only (row for row, in order).
@@ -1377,59 +1480,213 @@ pub(super) fn having_of(
             None => false,
         }
     }
-    // The filter may carry the projection above it (DataFusion embeds one that drops a
-    // column the condition reads, as HAVING on an aggregate the SELECT leaves out does).
-    let mut found = None;
-    upper.apply(|n| {
-        if let Some(f) = n.downcast_ref::<FilterExec>()
-            && over_leaf(f.input(), leaf)
-        {
-            found = Some((f.input().clone(), f.predicate().clone()));
-            return Ok(TreeNodeRecursion::Stop);
-        }
-        Ok(TreeNodeRecursion::Continue)
-    })?;
-    let Some((input, predicate)) = found else {
-        return Ok(None);
+    // A filter without its condition: its input, or the projection it carries (DataFusion
+    // embeds one that drops a column the condition reads, as HAVING on an aggregate the
+    // SELECT leaves out does).
+    let without = |f: &FilterExec| -> Result<Arc<dyn ExecutionPlan>> {
+        let input = f.input().clone();
+        let Some(columns) = f.projection() else {
+            return Ok(input);
+        };
+        let schema = input.schema();
+        let exprs: Vec<(Arc<dyn datafusion::physical_expr::PhysicalExpr>, String)> = columns
+            .iter()
+            .map(|&i| {
+                let name = schema.field(i).name().clone();
+                (
+                    Arc::new(datafusion::physical_expr::expressions::Column::new(
+                        &name, i,
+                    )) as Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+                    name,
+                )
+            })
+            .collect();
+        Ok(Arc::new(ProjectionExec::try_new(exprs, input)?) as Arc<dyn ExecutionPlan>)
     };
+    // One HAVING right over the window's rows: tested on its own, the cheaper way.
+    if let [only] = conditions.as_slice()
+        && let Some(f) = only.downcast_ref::<FilterExec>()
+        && over_leaf(f.input(), leaf)
+    {
+        let (input, predicate) = (f.input().clone(), f.predicate().clone());
+        let unfiltered = upper
+            .clone()
+            .transform_up(|n| {
+                if let Some(inner) = without_subqueries(&n) {
+                    return Ok(Transformed::yes(inner));
+                }
+                match n.downcast_ref::<FilterExec>() {
+                    Some(f) if Arc::ptr_eq(f.input(), &input) => Ok(Transformed::yes(without(f)?)),
+                    _ => Ok(Transformed::no(n)),
+                }
+            })?
+            .data;
+        return Ok(Some(Having::Direct {
+            input,
+            predicate,
+            unfiltered,
+        }));
+    }
+    // Bottom up, so that a filter right above a join with a condition loses both.
     let unfiltered = upper
         .clone()
-        .transform_down(|n| {
-            if let Some(f) = n.downcast_ref::<FilterExec>()
-                && Arc::ptr_eq(f.input(), &input)
+        .transform_up(|n| {
+            if let Some(inner) = without_subqueries(&n) {
+                return Ok(Transformed::yes(inner));
+            }
+            if !reads(&n, leaf)? {
+                return Ok(Transformed::no(n));
+            }
+            if let Some(j) = n.downcast_ref::<HashJoinExec>()
+                && j.filter().is_some()
+                && matches!(
+                    j.join_type(),
+                    JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full
+                )
             {
-                let Some(columns) = f.projection() else {
-                    return Ok(Transformed::yes(f.input().clone()));
-                };
-                let schema = input.schema();
-                let exprs: Vec<(Arc<dyn datafusion::physical_expr::PhysicalExpr>, String)> =
-                    columns
-                        .iter()
-                        .map(|&i| {
-                            let name = schema.field(i).name().clone();
-                            (
-                                Arc::new(datafusion::physical_expr::expressions::Column::new(
-                                    &name, i,
-                                ))
-                                    as Arc<dyn datafusion::physical_expr::PhysicalExpr>,
-                                name,
-                            )
-                        })
-                        .collect();
-                Ok(Transformed::yes(
-                    Arc::new(ProjectionExec::try_new(exprs, input.clone())?)
-                        as Arc<dyn ExecutionPlan>,
-                ))
-            } else {
-                Ok(Transformed::no(n))
+                let join = j.builder().with_filter(None).reset_state().build_exec()?;
+                return Ok(Transformed::yes(super::lookup::replace_join(&n, join)?));
+            }
+            match n.downcast_ref::<FilterExec>() {
+                Some(f) => Ok(Transformed::yes(without(f)?)),
+                None => Ok(Transformed::no(n)),
             }
         })?
         .data;
-    Ok(Some(Having {
-        input,
-        predicate,
-        unfiltered,
-    }))
+    if unfiltered.schema().fields().len() != upper.schema().fields().len() {
+        return plan_err!("internal: the plan without its conditions has other columns");
+    }
+    let fields = upper
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| datafusion::arrow::row::SortField::new(f.data_type().clone()))
+        .collect();
+    let Ok(rows) = datafusion::arrow::row::RowConverter::new(fields) else {
+        return Ok(None);
+    };
+    Ok(Some(Having::Rerun { unfiltered, rows }))
+}
+
+/// A condition on the way from the upper plan's root to the window's rows (`leaf`) whose
+/// failing revisions `having` cannot tell (the upper plan's [`having_of`]): one in an
+/// `EXISTS` or `IN` subquery, in a join without an equality key, a join on a column
+/// computed from the window's aggregates (a revision may stop matching), or conditions over
+/// output columns whose rows cannot be compared. `keys` is the number of the
+/// window's leading columns that are its window and group keys. (Detectors and alert
+/// functions over revising windows are refused on their own.)
+pub(super) fn unretractable_condition(
+    upper: &Arc<dyn ExecutionPlan>,
+    leaf: &Arc<dyn ExecutionPlan>,
+    having: Option<&Having>,
+    keys: usize,
+) -> Result<Option<&'static str>> {
+    use datafusion::common::JoinType;
+    use datafusion::physical_plan::joins::{HashJoinExec, NestedLoopJoinExec};
+    let mut found = None;
+    upper.apply(|n| {
+        if !reads(n, leaf)? {
+            return Ok(TreeNodeRecursion::Jump);
+        }
+        found = if let Some(j) = n.downcast_ref::<HashJoinExec>() {
+            let stream_left = reads(j.left(), leaf)?;
+            let on_keys = j.on().iter().all(|(l, r)| {
+                let (expr, side) = if stream_left {
+                    (l, j.left())
+                } else {
+                    (r, j.right())
+                };
+                expr.downcast_ref::<datafusion::physical_expr::expressions::Column>()
+                    .and_then(|c| leaf_column(side, c.index(), leaf))
+                    .is_some_and(|i| i < keys)
+            });
+            if !matches!(
+                j.join_type(),
+                JoinType::Inner | JoinType::Left | JoinType::Right | JoinType::Full
+            ) {
+                Some("a condition in an EXISTS or IN subquery")
+            } else if !on_keys {
+                Some("a join on a column computed from the window's aggregates")
+            } else {
+                None
+            }
+        } else if n
+            .downcast_ref::<NestedLoopJoinExec>()
+            .is_some_and(|j| j.filter().is_some())
+        {
+            Some("a join condition without an equality on a key")
+        } else {
+            None
+        };
+        Ok(if found.is_some() {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    })?;
+    if found.is_some() {
+        return Ok(found);
+    }
+    let conditions = !conditions_on_path(upper, leaf)?.is_empty();
+    let keyed = upper.exists(|n| {
+        Ok(n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
+            .is_some()
+            || n.downcast_ref::<crate::state::lag::KeyedLagExec>()
+                .is_some())
+    })?;
+    Ok(match having {
+        None if conditions && !keyed => {
+            Some("a condition over output columns of a type rows cannot be compared in")
+        }
+        _ => None,
+    })
+}
+
+/// The refusal of [`unretractable_condition`]'s `what`.
+pub(super) fn unretractable<T>(what: &str) -> Result<T> {
+    plan_err!(
+        "{what} over a window that emits revisions (urbanstream.allowed_lateness or \
+         urbanstream.early_fire set) is not supported: a revision that no longer passes it \
+         could not withdraw the row published before. Write the condition on the window's own \
+         columns in HAVING or in a WHERE above a join on the group keys, or SET \
+         urbanstream.allowed_lateness = '0s' and urbanstream.early_fire = '' before this query"
+    )
+}
+
+/// The column of `leaf` that column `index` of `plan` is, through projections and filters
+/// (a column itself, or a field of it: a window's bounds); none when it is computed.
+fn leaf_column(
+    plan: &Arc<dyn ExecutionPlan>,
+    index: usize,
+    leaf: &Arc<dyn ExecutionPlan>,
+) -> Option<usize> {
+    use datafusion::physical_expr::ScalarFunctionExpr;
+    use datafusion::physical_expr::expressions::Column;
+    use datafusion::physical_plan::filter::FilterExec;
+    use datafusion::physical_plan::projection::ProjectionExec;
+    if Arc::ptr_eq(plan, leaf) {
+        return Some(index);
+    }
+    if let Some(p) = plan.downcast_ref::<ProjectionExec>() {
+        let e = &p.expr().get(index)?.expr;
+        let c = match e.downcast_ref::<Column>() {
+            Some(c) => c,
+            None => e
+                .downcast_ref::<ScalarFunctionExpr>()
+                .filter(|f| f.name() == "get_field")
+                .and_then(|f| f.args().first())
+                .and_then(|a| a.downcast_ref::<Column>())?,
+        };
+        return leaf_column(p.input(), c.index(), leaf);
+    }
+    if let Some(f) = plan.downcast_ref::<FilterExec>() {
+        let i = match f.projection() {
+            Some(p) => *p.get(index)?,
+            None => index,
+        };
+        return leaf_column(f.input(), i, leaf);
+    }
+    None
 }
 
 /// Whether one of `exprs` is the column `key` itself.
@@ -2438,7 +2695,8 @@ impl StreamQuery {
             if revises && w.having.is_some() {
                 return Ok(Some(
                     "with revisions (urbanstream.allowed_lateness or urbanstream.early_fire), a \
-                     window's row that no longer passes HAVING is withdrawn",
+                     window's row that no longer passes HAVING (or a condition above a join of \
+                     the window's rows) is withdrawn",
                 ));
             }
             below |= revises;
@@ -3464,51 +3722,65 @@ impl StreamQuery {
             }
             for (revision, mask) in by_revision {
                 let rows = filter_record_batch(&emission.batch, &BooleanArray::from(mask))?;
-                // A revision that no longer passes HAVING: the row published for its key and
-                // window (by an earlier revision) is withdrawn.
-                if let (Some(having), true, false) = (&w.having, revision > 0, emission.retract)
-                    && rows.num_rows() > 0
-                {
-                    w.upper_feed.set(vec![rows.clone()]);
-                    let tested = collect(having.input.clone(), self.task_ctx.clone()).await?;
-                    let tested = datafusion::arrow::compute::concat_batches(
-                        &having.input.schema(),
-                        &tested,
-                    )?;
-                    if tested.num_rows() != rows.num_rows() {
-                        return plan_err!("internal: the rows under HAVING are not the window's");
-                    }
-                    let pass = having
-                        .predicate
-                        .evaluate(&tested)?
-                        .into_array(tested.num_rows())?;
-                    let pass = cast(&pass, &DataType::Boolean)?;
-                    let Some(pass) = pass.as_any().downcast_ref::<BooleanArray>() else {
-                        return plan_err!("internal: HAVING is not a condition");
-                    };
-                    let failing: BooleanArray =
-                        pass.iter().map(|p| Some(p != Some(true))).collect();
-                    if failing.true_count() > 0 {
-                        w.upper_feed
-                            .set(vec![filter_record_batch(&rows, &failing)?]);
-                        for b in collect(having.unfiltered.clone(), self.task_ctx.clone()).await? {
-                            out.rows.extend(changelog_rows(
-                                &self.output_schema,
-                                &b,
-                                revision,
-                                emission.is_final,
-                                "retract",
-                            )?);
-                        }
-                    }
-                }
-                w.upper_feed.set(vec![rows]);
                 let op = match (emission.retract, revision) {
                     (true, _) => "retract",
                     (false, 0) => "insert",
                     (false, _) => "update",
                 };
-                for b in collect(w.upper.clone(), self.task_ctx.clone()).await? {
+                w.upper_feed.set(vec![rows.clone()]);
+                let published = collect(w.upper.clone(), self.task_ctx.clone()).await?;
+                // A revision that no longer passes the conditions over the window's rows:
+                // the row published for its key and window (by an earlier revision) is
+                // withdrawn.
+                let mut withdrawn = Vec::new();
+                match (&w.having, revision > 0, emission.retract) {
+                    (
+                        Some(Having::Direct {
+                            input,
+                            predicate,
+                            unfiltered,
+                        }),
+                        true,
+                        false,
+                    ) if rows.num_rows() > 0 => {
+                        w.upper_feed.set(vec![rows.clone()]);
+                        let tested = collect(input.clone(), self.task_ctx.clone()).await?;
+                        let tested =
+                            datafusion::arrow::compute::concat_batches(&input.schema(), &tested)?;
+                        if tested.num_rows() != rows.num_rows() {
+                            return plan_err!(
+                                "internal: the rows under HAVING are not the window's"
+                            );
+                        }
+                        let pass = predicate.evaluate(&tested)?.into_array(tested.num_rows())?;
+                        let pass = cast(&pass, &DataType::Boolean)?;
+                        let Some(pass) = pass.as_any().downcast_ref::<BooleanArray>() else {
+                            return plan_err!("internal: HAVING is not a condition");
+                        };
+                        let failing: BooleanArray =
+                            pass.iter().map(|p| Some(p != Some(true))).collect();
+                        if failing.true_count() > 0 {
+                            w.upper_feed
+                                .set(vec![filter_record_batch(&rows, &failing)?]);
+                            withdrawn = collect(unfiltered.clone(), self.task_ctx.clone()).await?;
+                        }
+                    }
+                    (
+                        Some(Having::Rerun {
+                            unfiltered,
+                            rows: converter,
+                        }),
+                        true,
+                        false,
+                    ) if rows.num_rows() > 0 => {
+                        w.upper_feed.set(vec![rows.clone()]);
+                        let all = collect(unfiltered.clone(), self.task_ctx.clone()).await?;
+                        withdrawn = dropped(converter, &all, &published)?;
+                    }
+                    _ => {}
+                }
+                let withdrawn = withdrawn.into_iter().map(|b| (b, "retract"));
+                for (b, op) in withdrawn.chain(published.into_iter().map(|b| (b, op))) {
                     out.rows.extend(changelog_rows(
                         &self.output_schema,
                         &b,

@@ -28,7 +28,7 @@ const EXAMPLE: &str = "SELECT * FROM (SELECT segment_id, window_start, n, ROW_NU
 type WindowNode = (Arc<dyn ExecutionPlan>, Vec<Arc<dyn WindowExpr>>);
 
 /// The window expressions of the rankings in `plan`, with the node's input.
-fn rankings(plan: &Arc<dyn ExecutionPlan>) -> Result<Vec<WindowNode>> {
+pub(super) fn rankings(plan: &Arc<dyn ExecutionPlan>) -> Result<Vec<WindowNode>> {
     let mut found = Vec::new();
     plan.apply(|node| {
         let (exprs, input) = if let Some(w) = node.downcast_ref::<WindowAggExec>() {
