@@ -12,6 +12,7 @@
 //! [`city_context`] registers the city's topics (from `schemas/`) and reference tables (from
 //! `schemas/reference/`); [`DEFAULT_QUERIES`] are the queries of `queries/`.
 
+pub mod bounded;
 mod chain;
 pub mod feed;
 mod join;

@@ -24,6 +24,8 @@
 //! tree a statement of the size limit can hold, and drops a refused tree there, so that no
 //! statement can overflow the caller's stack; what it returns is shallow enough for the
 //! planner on any thread. [`on_planning_thread`] runs planning with a time limit.
+//!
+//! What a function call may make while a query runs is bounded in [`super::bounded`].
 
 use std::ops::ControlFlow;
 use std::time::Duration;

@@ -192,6 +192,7 @@ impl StreamContext {
         // values and merge their states.
         ctx.remove_optimizer_rule("single_distinct_aggregation_to_group_by");
         urbanstream_operators::register_all(&ctx);
+        super::bounded::bound_functions(&ctx);
         Self {
             ctx,
             reference_generation: Default::default(),

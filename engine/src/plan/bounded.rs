@@ -1,0 +1,425 @@
+//! Functions whose output an analyst's SQL cannot blow up.
+//!
+//! Some of DataFusion's functions make values as large as an argument says, not as their
+//! input is: `repeat(s, 1e10)`, `lpad(s, 1e10)`, `array_repeat(x, 1e10)`,
+//! `range(0, 1e12)`, `replace(s, 'a', <a long text>)`. Others grow their input by a factor,
+//! which nesting (or views over views) multiplies. Run per event, one such call would take the
+//! process's memory, so every function of the string, binary string, regular expression,
+//! array and map families is registered wrapped in [`Bounded`]:
+//!
+//! - before a call that makes values as large as an argument says, the size of what it
+//!   would make is computed from its arguments (cheaply: lengths and counts), and a call over
+//!   [`MAX_CALL_BYTES`] is an error naming the function and the size;
+//! - after any call, the size of what it made is checked against the same limit, so that no
+//!   chain of calls grows past it one step at a time.
+//!
+//! The error fails the micro-batch like any other error in a query (the query fails with
+//! it, and its status says why); nothing is allocated beyond the limit and the limit's
+//! factor of one call.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, FieldRef, Int64Type, TimeUnit};
+use datafusion::common::config::ConfigOptions;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Result, ScalarValue, exec_err};
+use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::interval_arithmetic::Interval;
+use datafusion::logical_expr::preimage::PreimageResult;
+use datafusion::logical_expr::simplify::{ExprSimplifyResult, SimplifyContext};
+use datafusion::logical_expr::sort_properties::{ExprProperties, SortProperties};
+use datafusion::logical_expr::{
+    ColumnarValue, Documentation, Expr, ExpressionPlacement, ReturnFieldArgs, ScalarFunctionArgs,
+    ScalarUDF, ScalarUDFImpl, Signature, StructFieldMapping,
+};
+use datafusion::prelude::SessionContext;
+
+/// The most bytes one call of a function may make (over a whole micro-batch's rows).
+pub const MAX_CALL_BYTES: u128 = 256 << 20;
+
+/// The documentation sections of the functions that are wrapped: those that make strings,
+/// binary strings, arrays or maps.
+const SECTIONS: [&str; 5] = [
+    "String Functions",
+    "Binary String Functions",
+    "Regular Expression Functions",
+    "Array Functions",
+    "Map Functions",
+];
+
+/// Registers every string, binary, regular expression, array and map function of `ctx`
+/// again, wrapped in [`Bounded`].
+pub fn bound_functions(ctx: &SessionContext) {
+    let state = ctx.state();
+    let wrapped: Vec<ScalarUDF> = state
+        .scalar_functions()
+        .values()
+        .filter(|f| {
+            f.documentation()
+                .is_some_and(|d| SECTIONS.contains(&d.doc_section.label))
+        })
+        .map(|f| Bounded::udf(Arc::clone(f)))
+        .collect();
+    for f in wrapped {
+        ctx.register_udf(f);
+    }
+}
+
+/// A function whose calls may not make more than [`MAX_CALL_BYTES`]; everything else is the
+/// function's own.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Bounded {
+    inner: Arc<ScalarUDF>,
+}
+
+impl Bounded {
+    /// `f`, wrapped (a function already wrapped is kept as it is).
+    pub fn udf(f: Arc<ScalarUDF>) -> ScalarUDF {
+        if f.inner().as_ref().is::<Bounded>() {
+            return f.as_ref().clone();
+        }
+        ScalarUDF::new_from_impl(Bounded { inner: f })
+    }
+
+    /// `expr` with every call of a wrapped family's function that is not wrapped wrapped
+    /// (a simplification may rewrite a call into calls of the plain functions).
+    fn wrap_calls(expr: Expr) -> Result<Expr> {
+        Ok(expr
+            .transform_up(|e| match e {
+                Expr::ScalarFunction(ScalarFunction { func, args })
+                    if !func.inner().as_ref().is::<Bounded>()
+                        && func
+                            .documentation()
+                            .is_some_and(|d| SECTIONS.contains(&d.doc_section.label)) =>
+                {
+                    Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction {
+                        func: Arc::new(Bounded::udf(func)),
+                        args,
+                    })))
+                }
+                e => Ok(Transformed::no(e)),
+            })?
+            .data)
+    }
+}
+
+impl ScalarUDFImpl for Bounded {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn aliases(&self) -> &[String] {
+        self.inner.aliases()
+    }
+
+    fn schema_name(&self, args: &[Expr]) -> Result<String> {
+        self.inner.inner().schema_name(args)
+    }
+
+    fn signature(&self) -> &Signature {
+        self.inner.signature()
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        self.inner.inner().return_type(arg_types)
+    }
+
+    fn with_updated_config(&self, config: &ConfigOptions) -> Option<ScalarUDF> {
+        self.inner
+            .inner()
+            .with_updated_config(config)
+            .map(|f| Bounded::udf(Arc::new(f)))
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+        self.inner.inner().return_field_from_args(args)
+    }
+
+    fn is_strict(&self) -> bool {
+        self.inner.inner().is_strict()
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let name = self.inner.name();
+        if let Some(bytes) = made_by(name, &args.args, args.number_rows)?
+            && bytes > MAX_CALL_BYTES
+        {
+            return too_large(name, bytes);
+        }
+        let out = self.inner.inner().invoke_with_args(args)?;
+        let bytes = match &out {
+            ColumnarValue::Array(a) => a.get_array_memory_size() as u128,
+            ColumnarValue::Scalar(s) => s.size() as u128,
+        };
+        if bytes > MAX_CALL_BYTES {
+            return too_large(name, bytes);
+        }
+        Ok(out)
+    }
+
+    fn simplify(&self, args: Vec<Expr>, info: &SimplifyContext) -> Result<ExprSimplifyResult> {
+        Ok(match self.inner.inner().simplify(args, info)? {
+            ExprSimplifyResult::Simplified(e) => {
+                ExprSimplifyResult::Simplified(Bounded::wrap_calls(e)?)
+            }
+            original => original,
+        })
+    }
+
+    fn preimage(
+        &self,
+        args: &[Expr],
+        lit_expr: &Expr,
+        info: &SimplifyContext,
+    ) -> Result<PreimageResult> {
+        self.inner.inner().preimage(args, lit_expr, info)
+    }
+
+    fn short_circuits(&self) -> bool {
+        self.inner.inner().short_circuits()
+    }
+
+    fn conditional_arguments<'a>(
+        &self,
+        args: &'a [Expr],
+    ) -> Option<(Vec<&'a Expr>, Vec<&'a Expr>)> {
+        self.inner.inner().conditional_arguments(args)
+    }
+
+    fn evaluate_bounds(&self, input: &[&Interval]) -> Result<Interval> {
+        self.inner.inner().evaluate_bounds(input)
+    }
+
+    fn propagate_constraints(
+        &self,
+        interval: &Interval,
+        inputs: &[&Interval],
+    ) -> Result<Option<Vec<Interval>>> {
+        self.inner.inner().propagate_constraints(interval, inputs)
+    }
+
+    fn output_ordering(&self, inputs: &[ExprProperties]) -> Result<SortProperties> {
+        self.inner.inner().output_ordering(inputs)
+    }
+
+    fn preserves_lex_ordering(&self, inputs: &[ExprProperties]) -> Result<bool> {
+        self.inner.inner().preserves_lex_ordering(inputs)
+    }
+
+    fn strictly_order_preserving(&self, inputs: &[ExprProperties]) -> Result<bool> {
+        self.inner.inner().strictly_order_preserving(inputs)
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        self.inner.inner().coerce_types(arg_types)
+    }
+
+    fn struct_field_mapping(
+        &self,
+        literal_args: &[Option<ScalarValue>],
+    ) -> Option<StructFieldMapping> {
+        self.inner.inner().struct_field_mapping(literal_args)
+    }
+
+    fn documentation(&self) -> Option<&Documentation> {
+        self.inner.documentation()
+    }
+
+    fn placement(&self, args: &[ExpressionPlacement]) -> ExpressionPlacement {
+        self.inner.inner().placement(args)
+    }
+}
+
+fn too_large<T>(name: &str, bytes: u128) -> Result<T> {
+    exec_err!(
+        "{name}() would make {} over a micro-batch, more than the {} one function call may \
+         make: ask for shorter values (a smaller count, length or range)",
+        human(bytes),
+        human(MAX_CALL_BYTES)
+    )
+}
+
+fn human(bytes: u128) -> String {
+    const MIB: f64 = (1u64 << 20) as f64;
+    let mib = bytes as f64 / MIB;
+    if mib >= 1024.0 {
+        format!("{:.1} GiB", mib / 1024.0)
+    } else {
+        format!("{mib:.0} MiB")
+    }
+}
+
+/// What a call of `name` over `args` would make, in bytes, for the functions that make values
+/// as large as an argument says; none for the others.
+fn made_by(name: &str, args: &[ColumnarValue], rows: usize) -> Result<Option<u128>> {
+    let rows = rows.max(1);
+    let total = |per_row: &dyn Fn(usize) -> u128| -> u128 { (0..rows).map(per_row).sum() };
+    Ok(Some(match (name, args) {
+        ("repeat", [s, n]) => {
+            let (s, n) = (byte_lengths(s, rows)?, counts(n, rows)?);
+            total(&|i| s[i] * n[i])
+        }
+        ("lpad" | "rpad", [_, n, ..]) => {
+            // Up to four bytes a character.
+            let n = counts(n, rows)?;
+            total(&|i| 4 * n[i])
+        }
+        ("array_repeat", [x, n]) => {
+            let (x, n) = (value_sizes(x, rows)?, counts(n, rows)?);
+            total(&|i| (x[i] + 8) * n[i])
+        }
+        ("array_resize", [_, n, ..]) => {
+            let n = counts(n, rows)?;
+            total(&|i| 16 * n[i])
+        }
+        ("replace", [s, from, to]) => {
+            let (s, from, to) = (
+                byte_lengths(s, rows)?,
+                byte_lengths(from, rows)?,
+                byte_lengths(to, rows)?,
+            );
+            total(&|i| s[i] + s[i] / from[i].max(1) * to[i])
+        }
+        ("regexp_replace", [s, _, to, ..]) => {
+            // A match per position at most (an empty pattern matches between characters),
+            // each replaced by the replacement with its group references filled in (each at
+            // most the whole value).
+            let (s, to) = (byte_lengths(s, rows)?, byte_lengths(to, rows)?);
+            let refs = group_references(&args[2], rows)?;
+            total(&|i| s[i] + (s[i] + 1) * (to[i] + refs[i] * s[i]))
+        }
+        ("range" | "generate_series", [_, ..]) => {
+            let n = range_lengths(args, rows)?;
+            total(&|i| 8 * n[i])
+        }
+        _ => return Ok(None),
+    }))
+}
+
+fn as_array(value: &ColumnarValue, rows: usize) -> Result<ArrayRef> {
+    value.to_array(rows)
+}
+
+/// Each row's length in bytes (0 for null).
+fn byte_lengths(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
+    let a = as_array(value, rows)?;
+    let a = match a.data_type() {
+        DataType::Utf8View | DataType::Utf8 | DataType::LargeUtf8 => {
+            cast(&a, &DataType::LargeUtf8)?
+        }
+        DataType::BinaryView | DataType::Binary | DataType::LargeBinary => {
+            cast(&a, &DataType::LargeBinary)?
+        }
+        _ => return Ok(vec![0; rows]),
+    };
+    Ok(match a.data_type() {
+        DataType::LargeUtf8 => a
+            .as_string::<i64>()
+            .iter()
+            .map(|s| s.map_or(0, |s| s.len() as u128))
+            .collect(),
+        _ => a
+            .as_binary::<i64>()
+            .iter()
+            .map(|s| s.map_or(0, |s| s.len() as u128))
+            .collect(),
+    })
+}
+
+/// Each row's count (0 for null or negative).
+fn counts(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
+    let a = cast(&as_array(value, rows)?, &DataType::Int64)?;
+    Ok(a.as_primitive::<Int64Type>()
+        .iter()
+        .map(|n| n.map_or(0, |n| n.max(0) as u128))
+        .collect())
+}
+
+/// Each row's value size in bytes: its width, or its length for strings.
+fn value_sizes(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
+    let a = as_array(value, rows)?;
+    if let Some(width) = a.data_type().primitive_width() {
+        return Ok(vec![width as u128; rows]);
+    }
+    match a.data_type() {
+        DataType::Utf8View
+        | DataType::Utf8
+        | DataType::LargeUtf8
+        | DataType::BinaryView
+        | DataType::Binary
+        | DataType::LargeBinary => byte_lengths(value, rows),
+        _ => {
+            // Nested values: the rows' share of the array.
+            let each = a.get_array_memory_size() as u128 / a.len().max(1) as u128;
+            Ok(vec![each.max(1); rows])
+        }
+    }
+}
+
+/// Each row's number of group references (`$1`, `\1`, `${name}`) in a replacement.
+fn group_references(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
+    let a = cast(&as_array(value, rows)?, &DataType::LargeUtf8)?;
+    Ok(a.as_string::<i64>()
+        .iter()
+        .map(|s| s.map_or(0, |s| s.matches(['$', '\\']).count() as u128))
+        .collect())
+}
+
+/// Each row's number of elements of `range(start, stop[, step])` (or `range(stop)`): for
+/// integers, dates and timestamps; a month counted as 28 days (the most elements).
+fn range_lengths(args: &[ColumnarValue], rows: usize) -> Result<Vec<u128>> {
+    let ns = DataType::Timestamp(TimeUnit::Nanosecond, None);
+    let arrays = args
+        .iter()
+        .map(|a| as_array(a, rows))
+        .collect::<Result<Vec<_>>>()?;
+    let temporal = arrays.first().is_some_and(|a| {
+        matches!(
+            a.data_type(),
+            DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, _)
+        )
+    });
+    let bounds = |a: &ArrayRef| -> Result<Vec<Option<i128>>> {
+        let a = if temporal {
+            cast(&cast(a, &ns)?, &DataType::Int64)?
+        } else {
+            cast(a, &DataType::Int64)?
+        };
+        Ok(a.as_primitive::<Int64Type>()
+            .iter()
+            .map(|v| v.map(i128::from))
+            .collect())
+    };
+    let steps: Vec<Option<i128>> = match arrays.get(2) {
+        None => vec![Some(if temporal { 86_400_000_000_000 } else { 1 }); rows],
+        Some(step) if temporal => {
+            let step = cast(
+                step,
+                &DataType::Interval(datafusion::arrow::datatypes::IntervalUnit::MonthDayNano),
+            )?;
+            step.as_primitive::<datafusion::arrow::datatypes::IntervalMonthDayNanoType>()
+                .iter()
+                .map(|s| {
+                    s.map(|s| {
+                        (i128::from(s.months) * 28 + i128::from(s.days)) * 86_400_000_000_000
+                            + i128::from(s.nanoseconds)
+                    })
+                })
+                .collect()
+        }
+        Some(step) => bounds(step)?,
+    };
+    let (start, stop) = match arrays.as_slice() {
+        [stop] => (vec![Some(0); rows], bounds(stop)?),
+        [start, stop, ..] => (bounds(start)?, bounds(stop)?),
+        [] => return Ok(vec![0; rows]),
+    };
+    Ok((0..rows)
+        .map(|i| match (start[i], stop[i], steps[i]) {
+            (Some(a), Some(b), Some(step)) if step != 0 => ((b - a) / step).max(0) as u128 + 1,
+            _ => 0,
+        })
+        .collect())
+}
