@@ -109,7 +109,10 @@ fn slt_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("slt");
+    // `SLT_DIR` runs the `.slt` files of another directory (files of one's own).
+    let root = std::env::var_os("SLT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("slt"));
     let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
     let mut files = Vec::new();
     slt_files(&root, &mut files);
