@@ -120,7 +120,7 @@ fn run() -> impl Strategy<Value = Run> {
 
 /// The model of the union: an event is late when its five-minute window has ended by the
 /// union's watermark (the lowest of the watermarks of the streams that have delivered, each
-/// over the events the union kept); returns the kept events per stream and the late ids.
+/// over its events, late ones included); returns the kept events per stream and the late ids.
 fn union_model(run: &Run) -> ([Vec<Event>; 2], Vec<i64>) {
     const WINDOW: i64 = 5 * 60 * SEC;
     let mut kept: [Vec<Event>; 2] = [Vec::new(), Vec::new()];
@@ -132,12 +132,13 @@ fn union_model(run: &Run) -> ([Vec<Event>; 2], Vec<i64>) {
         let union = watermark.iter().flatten().min().copied();
         for e in events {
             let end = e.t.div_euclid(WINDOW) * WINDOW + WINDOW;
+            // Late or not, an event shows how far its partition has come.
+            let m = maxima[s].entry(e.partition).or_insert(e.t);
+            *m = (*m).max(e.t);
             if union.is_some_and(|w| end <= w) {
                 late.push(e.id);
             } else {
                 kept[s].push(e.clone());
-                let m = maxima[s].entry(e.partition).or_insert(e.t);
-                *m = (*m).max(e.t);
             }
         }
         if let Some(low) = maxima[s].values().min() {
@@ -158,12 +159,12 @@ fn model(run: &Run) -> ([Vec<Event>; 2], Vec<i64>) {
     for (stream, events) in &run.batches {
         let s = *stream;
         for e in events {
+            let m = maxima[s].entry(e.partition).or_insert(e.t);
+            *m = (*m).max(e.t);
             if watermark[s].is_some_and(|w| e.t < w) {
                 late.push(e.id);
             } else {
                 kept[s].push(e.clone());
-                let m = maxima[s].entry(e.partition).or_insert(e.t);
-                *m = (*m).max(e.t);
             }
         }
         if let Some(low) = maxima[s].values().min() {

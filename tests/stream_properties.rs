@@ -204,6 +204,9 @@ fn model_with(kind: Kind, run: &Run, lateness: i64) -> (Vec<Pair>, Vec<Late>) {
     for batch in &run.batches {
         let frontier = watermark.saturating_sub(lateness);
         for e in batch {
+            // Late or not, an event shows how far its partition has come.
+            let m = max_by_partition.entry(e.partition).or_insert(e.t);
+            *m = (*m).max(e.t);
             let windows = kind.windows(e.t);
             if windows.iter().all(|(_, end)| *end <= frontier) {
                 late.push((e.t, "beyond_allowed_lateness".to_string()));
@@ -219,8 +222,6 @@ fn model_with(kind: Kind, run: &Run, lateness: i64) -> (Vec<Pair>, Vec<Late>) {
                     pairs.push((e.clone(), w));
                 }
             }
-            let m = max_by_partition.entry(e.partition).or_insert(e.t);
-            *m = (*m).max(e.t);
         }
         if let Some(lowest) = max_by_partition.values().min() {
             watermark = watermark.max(*lowest);
@@ -256,12 +257,12 @@ fn session_model(run: &Run) -> (Vec<Pair>, Vec<Late>) {
             let absorbed = live
                 .get(&(e.k, e.g))
                 .is_some_and(|sessions| sessions.iter().any(|s| reaches(s, e.t)));
+            let m = max_by_partition.entry(e.partition).or_insert(e.t);
+            *m = (*m).max(e.t);
             if e.t + GAP <= frontier && !absorbed {
                 late.push((e.t, "beyond_allowed_lateness".to_string()));
                 continue;
             }
-            let m = max_by_partition.entry(e.partition).or_insert(e.t);
-            *m = (*m).max(e.t);
             let sessions = live.entry((e.k, e.g)).or_default();
             let (touching, rest): (Vec<ModelSession>, Vec<ModelSession>) =
                 sessions.drain(..).partition(|s| reaches(s, e.t));
@@ -639,16 +640,16 @@ const TYPED_KEYS: [(&str, &str); 8] = [
     ),
 ];
 
-/// Aggregates of every kind, rendered as text (floating-point ones rounded: partial states
-/// merge in another order than a batch query's).
+/// Aggregates of every kind, rendered as text (floating-point ones rounded, and -0.0 made
+/// 0.0: partial states merge in another order than a batch query's).
 const EVERY_AGGREGATE: &str = "count(*) AS n, count(g) AS ng, sum(v) AS s, \
-     round(avg(v), 6) AS a, min(v) AS lo, max(v) AS hi, min(k) AS klo, max(t) AS last_t, \
-     round(stddev(v), 6) AS sd, round(var_pop(v), 6) AS vp, median(v) AS med, \
+     round(avg(v), 6) + 0.0 AS a, min(v) AS lo, max(v) AS hi, min(k) AS klo, max(t) AS last_t, \
+     round(stddev(v), 6) + 0.0 AS sd, round(var_pop(v), 6) + 0.0 AS vp, median(v) AS med, \
      count(DISTINCT g) AS dg, sum(DISTINCT v) AS sdv, approx_distinct(v) AS ad, \
      bool_and(v > 0) AS ba, bool_or(v > 15) AS bo, bit_xor(v) AS bx, \
      first_value(v ORDER BY t) AS f, last_value(v ORDER BY t) AS l, \
      array_to_string(array_agg(v ORDER BY t), ',') AS vs, string_agg(k, '' ORDER BY t) AS ks, \
-     round(covar_samp(v, v % 4), 6) AS cr";
+     round(covar_samp(v, v % 4), 6) + 0.0 AS cr";
 
 /// The columns of [`EVERY_AGGREGATE`].
 const EVERY_AGGREGATE_COLUMNS: [&str; 22] = [
@@ -1477,7 +1478,7 @@ fn lag_rows(batches: &[RecordBatch]) -> anyhow::Result<Vec<LagRow>> {
 /// the events arrive, are cut into micro-batches and restarted.
 /// The events a query over the raw events keeps, in arrival order, and those it diverts as
 /// late (sorted): an event older than the watermark (the lowest of the partitions' latest
-/// event times, no delay) when it arrives is late.
+/// event times, late events' included, no delay) when it arrives is late.
 fn kept_and_late(run: &Run) -> (Vec<Event>, Vec<Late>) {
     let mut kept: Vec<Event> = Vec::new();
     let mut late: Vec<Late> = Vec::new();
@@ -1485,13 +1486,13 @@ fn kept_and_late(run: &Run) -> (Vec<Event>, Vec<Late>) {
     let mut watermark = i64::MIN;
     for batch in &run.batches {
         for e in batch {
+            let m = max_by_partition.entry(e.partition).or_insert(e.t);
+            *m = (*m).max(e.t);
             if e.t < watermark {
                 late.push((e.t, "beyond_allowed_lateness".to_string()));
                 continue;
             }
             kept.push(e.clone());
-            let m = max_by_partition.entry(e.partition).or_insert(e.t);
-            *m = (*m).max(e.t);
         }
         if let Some(lowest) = max_by_partition.values().min() {
             watermark = watermark.max(*lowest);

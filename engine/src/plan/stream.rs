@@ -3165,6 +3165,12 @@ impl StreamQuery {
                 Some(_) => None,
             };
             if let Some(reason) = reason {
+                // A late row still shows how far its partition has come (see the windows'
+                // input).
+                if let (Some(t), DivertReason::BeyondAllowedLateness) = (t, &reason) {
+                    let p = partitions.get(r).copied().unwrap_or(0);
+                    max_by_partition.observe(p, t.min(now_ms));
+                }
                 diverted.push(Diverted {
                     row: r as u32,
                     event_time: t.unwrap_or(i64::MIN),
@@ -3496,6 +3502,13 @@ impl StreamQuery {
             };
             match reason {
                 Some(reason) => {
+                    // A late row still shows how far its partition has come: a partition
+                    // whose first rows are late holds the watermark from then on, so that its
+                    // next rows, on time, are not found late against the others alone.
+                    if matches!(reason, DivertReason::BeyondAllowedLateness) {
+                        let p = partitions.get(r).copied().unwrap_or(0);
+                        max_by_partition.observe(p, t.min(now_ms));
+                    }
                     diverted.push(Diverted {
                         row: r as u32,
                         event_time: t,
