@@ -314,8 +314,14 @@ impl Chained {
     /// it may still receive, which is the start or end of the earliest window below still
     /// open. (Revisions of closed windows below come later, within the allowed lateness.)
     pub(super) fn watermark(&self, watermark: i64) -> i64 {
-        if self.lag_ms == 0 || watermark == i64::MIN {
+        if watermark == i64::MIN {
             return watermark;
+        }
+        if self.lag_ms == 0 {
+            // By `window_end`: the windows below ending up to `watermark` are closed, and the
+            // next ends on their grid after it, so this stage's windows ending by then have
+            // all their rows.
+            return watermark.saturating_add(lead_ms(self.below, watermark));
         }
         match self.below {
             WindowSpec::Tumble { width, offset } => {
@@ -349,6 +355,33 @@ impl Chained {
             return;
         };
         published.evict(|end| operator.is_late(end.saturating_sub(lag)));
+    }
+}
+
+/// How far past `watermark` the next window of `below` ends (0 for windows not on a grid):
+/// a stage windowing by `window_end` receives no earlier event time once the stage below
+/// has `watermark`.
+fn lead_ms(below: WindowSpec, watermark: i64) -> i64 {
+    let next_end = |step: i64, offset: i64| {
+        ((watermark - offset).div_euclid(step) + 1)
+            .saturating_mul(step)
+            .saturating_add(offset)
+    };
+    match below {
+        WindowSpec::Tumble { width, offset } => next_end(width, offset) - watermark,
+        WindowSpec::Hop { slide, .. } => next_end(slide, 0) - watermark,
+        WindowSpec::Cumulate { step, .. } => next_end(step, 0) - watermark,
+        WindowSpec::Session { .. } => 0,
+    }
+}
+
+/// The most [`lead_ms`] can be for `below`.
+fn max_lead_ms(below: WindowSpec) -> i64 {
+    match below {
+        WindowSpec::Tumble { width, .. } => width,
+        WindowSpec::Hop { slide, .. } => slide,
+        WindowSpec::Cumulate { step, .. } => step,
+        WindowSpec::Session { .. } => 0,
     }
 }
 
@@ -720,11 +753,17 @@ pub(super) fn plan_chain(
         )?)
     };
     // A revision of a window below lands at its start, up to a window size before this
-    // stage's watermark: this stage keeps its windows that much longer.
+    // stage's watermark (or, by `window_end`, up to a step of the grid below before it, as
+    // this stage's watermark leads): this stage keeps its windows that much longer.
+    let lead = if lag_ms == 0 {
+        max_lead_ms(below.window)
+    } else {
+        0
+    };
     let stage_lateness = if append_only {
         0
     } else {
-        lateness_ms.saturating_add(lag_ms)
+        lateness_ms.saturating_add(lag_ms).saturating_add(lead)
     };
     let next = plan_chain(
         &stage_upper,
