@@ -369,7 +369,8 @@ fn lead_ms(below: WindowSpec, watermark: i64) -> i64 {
     };
     match below {
         WindowSpec::Tumble { width, offset } => next_end(width, offset) - watermark,
-        WindowSpec::Hop { slide, .. } => next_end(slide, 0) - watermark,
+        // Hopping windows end a size after starts on the slide's grid.
+        WindowSpec::Hop { slide, size } => next_end(slide, size.rem_euclid(slide)) - watermark,
         WindowSpec::Cumulate { step, .. } => next_end(step, 0) - watermark,
         WindowSpec::Session { .. } => 0,
     }
