@@ -16,8 +16,9 @@
 //!   ([`WindowOperator::over_changelog`]), and [`UpsertState`] keeps what the stage below has
 //!   published until the stage above can no longer change;
 //! - it inherits the query's allowed lateness (plus the window size below when it windows by
-//!   `window_start`): a revision of the stage below always lands in a window of this stage
-//!   that is still open or revisable.
+//!   `window_start`, or the step of the grid the windows below end on when by `window_end`,
+//!   as its watermark leads to the next end below): a revision of the stage below always
+//!   lands in a window of this stage that is still open or revisable.
 
 use std::sync::Arc;
 
@@ -323,11 +324,15 @@ impl Chained {
             // all their rows.
             return watermark.saturating_add(lead_ms(self.below, watermark));
         }
+        // The start of the earliest window below still open (saturating at the extremes).
+        let on_grid = |t: i64, step: i64, offset: i64| {
+            t.saturating_sub((t.rem_euclid(step) - offset.rem_euclid(step)).rem_euclid(step))
+        };
         match self.below {
-            WindowSpec::Tumble { width, offset } => {
-                (watermark - offset).div_euclid(width) * width + offset
+            WindowSpec::Tumble { width, offset } => on_grid(watermark, width, offset),
+            WindowSpec::Hop { slide, size } => {
+                on_grid(watermark.saturating_sub(size), slide, 0).saturating_add(slide)
             }
-            WindowSpec::Hop { slide, size } => ((watermark - size).div_euclid(slide) + 1) * slide,
             _ => watermark.saturating_sub(self.lag_ms),
         }
     }
@@ -362,16 +367,16 @@ impl Chained {
 /// a stage windowing by `window_end` receives no earlier event time once the stage below
 /// has `watermark`.
 fn lead_ms(below: WindowSpec, watermark: i64) -> i64 {
-    let next_end = |step: i64, offset: i64| {
-        ((watermark - offset).div_euclid(step) + 1)
-            .saturating_mul(step)
-            .saturating_add(offset)
+    // The distance to the next point of the grid `offset + k * step` after `watermark`
+    // (a whole step when it is on the grid), without overflow at any watermark.
+    let to_next = |step: i64, offset: i64| {
+        step - (watermark.rem_euclid(step) - offset.rem_euclid(step)).rem_euclid(step)
     };
     match below {
-        WindowSpec::Tumble { width, offset } => next_end(width, offset) - watermark,
+        WindowSpec::Tumble { width, offset } => to_next(width, offset),
         // Hopping windows end a size after starts on the slide's grid.
-        WindowSpec::Hop { slide, size } => next_end(slide, size.rem_euclid(slide)) - watermark,
-        WindowSpec::Cumulate { step, .. } => next_end(step, 0) - watermark,
+        WindowSpec::Hop { slide, size } => to_next(slide, size),
+        WindowSpec::Cumulate { step, .. } => to_next(step, 0),
         WindowSpec::Session { .. } => 0,
     }
 }
