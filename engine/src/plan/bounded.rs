@@ -302,69 +302,84 @@ fn as_array(value: &ColumnarValue, rows: usize) -> Result<ArrayRef> {
     value.to_array(rows)
 }
 
-/// Each row's length in bytes (0 for null).
+/// `measure` of each row of `value`: a scalar (a literal, say) is measured once, not
+/// expanded to the batch's rows first.
+fn each_row(
+    value: &ColumnarValue,
+    rows: usize,
+    measure: impl Fn(&ArrayRef) -> Result<Vec<u128>>,
+) -> Result<Vec<u128>> {
+    match value {
+        ColumnarValue::Array(a) => measure(a),
+        ColumnarValue::Scalar(s) => {
+            let one = measure(&s.to_array()?)?.first().copied().unwrap_or(0);
+            Ok(vec![one; rows])
+        }
+    }
+}
+
+/// Each row's length in bytes (0 for null; 0 for what is not a string or binary string),
+/// read from the array's offsets or views without copying its values.
 fn byte_lengths(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
-    let a = as_array(value, rows)?;
-    let a = match a.data_type() {
-        DataType::Utf8View | DataType::Utf8 | DataType::LargeUtf8 => {
-            cast(&a, &DataType::LargeUtf8)?
-        }
-        DataType::BinaryView | DataType::Binary | DataType::LargeBinary => {
-            cast(&a, &DataType::LargeBinary)?
-        }
-        _ => return Ok(vec![0; rows]),
-    };
-    Ok(match a.data_type() {
-        DataType::LargeUtf8 => a
-            .as_string::<i64>()
-            .iter()
-            .map(|s| s.map_or(0, |s| s.len() as u128))
-            .collect(),
-        _ => a
-            .as_binary::<i64>()
-            .iter()
-            .map(|s| s.map_or(0, |s| s.len() as u128))
-            .collect(),
+    fn lengths<'a>(values: impl Iterator<Item = Option<usize>> + 'a) -> Vec<u128> {
+        values.map(|n| n.unwrap_or(0) as u128).collect()
+    }
+    each_row(value, rows, |a| {
+        Ok(match a.data_type() {
+            DataType::Utf8 => lengths(a.as_string::<i32>().iter().map(|s| s.map(str::len))),
+            DataType::LargeUtf8 => lengths(a.as_string::<i64>().iter().map(|s| s.map(str::len))),
+            DataType::Utf8View => lengths(a.as_string_view().iter().map(|s| s.map(str::len))),
+            DataType::Binary => lengths(a.as_binary::<i32>().iter().map(|s| s.map(<[u8]>::len))),
+            DataType::LargeBinary => {
+                lengths(a.as_binary::<i64>().iter().map(|s| s.map(<[u8]>::len)))
+            }
+            DataType::BinaryView => lengths(a.as_binary_view().iter().map(|s| s.map(<[u8]>::len))),
+            _ => vec![0; a.len()],
+        })
     })
 }
 
 /// Each row's count (0 for null or negative).
 fn counts(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
-    let a = cast(&as_array(value, rows)?, &DataType::Int64)?;
-    Ok(a.as_primitive::<Int64Type>()
-        .iter()
-        .map(|n| n.map_or(0, |n| n.max(0) as u128))
-        .collect())
+    each_row(value, rows, |a| {
+        let a = cast(a, &DataType::Int64)?;
+        Ok(a.as_primitive::<Int64Type>()
+            .iter()
+            .map(|n| n.map_or(0, |n| n.max(0) as u128))
+            .collect())
+    })
 }
 
 /// Each row's value size in bytes: its width, or its length for strings.
 fn value_sizes(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
-    let a = as_array(value, rows)?;
-    if let Some(width) = a.data_type().primitive_width() {
+    let data_type = value.data_type();
+    if let Some(width) = data_type.primitive_width() {
         return Ok(vec![width as u128; rows]);
     }
-    match a.data_type() {
+    match data_type {
         DataType::Utf8View
         | DataType::Utf8
         | DataType::LargeUtf8
         | DataType::BinaryView
         | DataType::Binary
         | DataType::LargeBinary => byte_lengths(value, rows),
-        _ => {
+        _ => each_row(value, rows, |a| {
             // Nested values: the rows' share of the array.
             let each = a.get_array_memory_size() as u128 / a.len().max(1) as u128;
-            Ok(vec![each.max(1); rows])
-        }
+            Ok(vec![each.max(1); a.len()])
+        }),
     }
 }
 
 /// Each row's number of group references (`$1`, `\1`, `${name}`) in a replacement.
 fn group_references(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
-    let a = cast(&as_array(value, rows)?, &DataType::LargeUtf8)?;
-    Ok(a.as_string::<i64>()
-        .iter()
-        .map(|s| s.map_or(0, |s| s.matches(['$', '\\']).count() as u128))
-        .collect())
+    each_row(value, rows, |a| {
+        let a = cast(a, &DataType::LargeUtf8)?;
+        Ok(a.as_string::<i64>()
+            .iter()
+            .map(|s| s.map_or(0, |s| s.matches(['$', '\\']).count() as u128))
+            .collect())
+    })
 }
 
 /// Each row's number of elements of `range(start, stop[, step])` (or `range(stop)`): for

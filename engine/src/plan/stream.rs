@@ -1459,12 +1459,7 @@ pub(super) fn having_of(
     use datafusion::physical_plan::filter::FilterExec;
     use datafusion::physical_plan::joins::HashJoinExec;
     use datafusion::physical_plan::projection::ProjectionExec;
-    if upper.exists(|n| {
-        Ok(n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
-            .is_some()
-            || n.downcast_ref::<crate::state::lag::KeyedLagExec>()
-                .is_some())
-    })? {
+    if super::ordered::holds_keyed(upper)? {
         return Ok(None);
     }
     let conditions = conditions_on_path(upper, leaf)?;
@@ -1629,12 +1624,7 @@ pub(super) fn unretractable_condition(
         return Ok(found);
     }
     let conditions = !conditions_on_path(upper, leaf)?.is_empty();
-    let keyed = upper.exists(|n| {
-        Ok(n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
-            .is_some()
-            || n.downcast_ref::<crate::state::lag::KeyedLagExec>()
-                .is_some())
-    })?;
+    let keyed = super::ordered::holds_keyed(upper)?;
     Ok(match having {
         None if conditions && !keyed => {
             Some("a condition over output columns of a type rows cannot be compared in")
