@@ -406,12 +406,18 @@ impl Follower {
             self.update(|s| s.error = None);
             return None;
         }
+        // The status is held while the version is installed: `/v1/tables` reads the table
+        // first and its status second, and must never show a new version beside the error of
+        // the version refused before it.
+        let mut statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
         match self.tables.replace(&self.table, &csv) {
             Ok(installed) => {
                 info!(table = %installed.name, version = installed.version,
                     rows = installed.rows, topic = %self.topic,
                     "reference table updated from its topic");
-                self.update(|s| s.error = None);
+                if let Some(status) = statuses.get_mut(&self.table) {
+                    status.error = None;
+                }
                 None
             }
             Err(e) => {
@@ -421,12 +427,12 @@ impl Follower {
                 };
                 warn!(table = %self.table, topic = %self.topic, error = %reason,
                     "the rows of a reference table's topic were refused; the table keeps its version");
-                self.update(|s| {
-                    s.error = Some(format!(
+                if let Some(status) = statuses.get_mut(&self.table) {
+                    status.error = Some(format!(
                         "the rows read were refused, the table keeps its version (tried again \
                          when a reference table changes): {reason}"
                     ));
-                });
+                }
                 Some(at)
             }
         }
