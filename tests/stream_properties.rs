@@ -1662,7 +1662,10 @@ fn rendered(step: &urbanstream::plan::stream::StepOutput) -> (Vec<String>, Vec<i
             })
         })
         .collect();
-    (rows, step.diverted.iter().map(|d| d.event_time).collect())
+    (
+        rows,
+        step.diverted.iter().filter_map(|d| d.event_time).collect(),
+    )
 }
 
 /// What a checkpoint taken while running is tried on.

@@ -48,7 +48,7 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 struct LateRow {
     query: usize,
-    event_time: i64,
+    event_time: Option<i64>,
     watermark: i64,
     /// The reason, with the missed window for `window_closed`.
     reason: String,
@@ -366,7 +366,7 @@ impl DeterministicEngine {
                 self.late.iter().map(|l| format!("q{}", l.query + 1)),
             )),
             Arc::new(TimestampMillisecondArray::from_iter(
-                self.late.iter().map(|l| opt(l.event_time)),
+                self.late.iter().map(|l| l.event_time),
             )),
             Arc::new(TimestampMillisecondArray::from_iter(
                 self.late.iter().map(|l| opt(l.watermark)),

@@ -1653,6 +1653,136 @@ mod tests {
 
     use super::*;
 
+    /// Reads `records` (JSON, as published) back with the engine's own decoder for schema
+    /// `name`: each must be a valid record of it, and every field of the schema must be
+    /// written by some record.
+    fn read_back(
+        name: &str,
+        records: &[serde_json::Value],
+    ) -> datafusion::arrow::array::RecordBatch {
+        let registry = crate::schema::SchemaRegistry::embedded().expect("schemas");
+        let schema = registry.get(name).expect(name);
+        let fields: Vec<String> = schema
+            .arrow
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let mut raw = crate::source::RawBatch::new("out");
+        for (i, record) in records.iter().enumerate() {
+            for key in record.as_object().expect("object").keys() {
+                assert!(fields.contains(key), "{name} has no field {key}: {record}");
+            }
+            let json = serde_json::to_vec(record).expect("json");
+            raw.push(0, i as i64, None, Some(&json));
+        }
+        let decoded = crate::decode::JsonDecoder::new(schema.clone())
+            .decode(&raw)
+            .expect("decode");
+        assert!(
+            decoded.rejects.is_empty(),
+            "{name}: {:?}",
+            decoded
+                .rejects
+                .iter()
+                .map(|r| (&records[r.index as usize], &r.error))
+                .collect::<Vec<_>>()
+        );
+        for field in &fields {
+            assert!(
+                records.iter().any(|r| r.get(field).is_some()),
+                "no record wrote {name}.{field}"
+            );
+        }
+        decoded.batch
+    }
+
+    /// Every kind of DLQ and late record the engine writes is a valid record of the topic's
+    /// published schema: every stage, every reason, a gap and a record without an event time.
+    #[test]
+    fn dlq_and_late_records_follow_their_schemas() {
+        use crate::decode::{Reject, RejectStage};
+        use crate::plan::stream::DivertReason;
+        use crate::sink::{DlqRecord, LateRecord};
+        use crate::source::RawBatch;
+        let mut raw = RawBatch::new("city.camera.events");
+        raw.push(2, 41, Some(b"seg"), Some(&[0xff, 0xfe]));
+        let mut dlq: Vec<serde_json::Value> = [
+            RejectStage::Decode,
+            RejectStage::Validate,
+            RejectStage::Reference,
+        ]
+        .into_iter()
+        .map(|stage| {
+            let reject = Reject {
+                index: 0,
+                stage,
+                error: "bad".into(),
+            };
+            serde_json::to_value(DlqRecord::new(&raw, &reject, 7)).expect("json")
+        })
+        .collect();
+        assert_eq!(dlq[0]["payload"], "//4=");
+        assert_eq!(dlq[0]["key"], "c2Vn");
+        dlq.push(
+            serde_json::to_value(DlqRecord {
+                topic: "t".into(),
+                partition: 1,
+                offset: 10,
+                key: None,
+                error: "deleted".into(),
+                stage: "gap".into(),
+                payload: String::new(),
+                received_at: 7,
+                query: Some("q".into()),
+                gap_end: Some(20),
+            })
+            .expect("json"),
+        );
+        let read = read_back("dlq_record", &dlq);
+        assert_eq!(read.num_rows(), 4);
+
+        let reasons = [
+            DivertReason::BeyondAllowedLateness,
+            DivertReason::FutureTimestamp,
+            DivertReason::WindowClosed,
+            DivertReason::MissingEventTime,
+        ];
+        // A reason added later must be added above.
+        for (i, reason) in reasons.into_iter().enumerate() {
+            let listed = match reason {
+                DivertReason::BeyondAllowedLateness => 0,
+                DivertReason::FutureTimestamp => 1,
+                DivertReason::WindowClosed => 2,
+                DivertReason::MissingEventTime => 3,
+            };
+            assert_eq!(listed, i);
+        }
+        let late: Vec<serde_json::Value> = reasons
+            .into_iter()
+            .map(|reason| {
+                let window = (reason == DivertReason::WindowClosed).then_some((60_000, 120_000));
+                serde_json::to_value(LateRecord {
+                    query: "q".into(),
+                    topic: "t".into(),
+                    partition: 0,
+                    offset: 1,
+                    event_time: (reason != DivertReason::MissingEventTime).then_some(2),
+                    watermark: 3,
+                    reason: reason.as_str().into(),
+                    window_start: window.map(|w| w.0),
+                    window_end: window.map(|w| w.1),
+                    payload: String::new(),
+                })
+                .expect("json")
+            })
+            .collect();
+        let read = read_back("late_record", &late);
+        assert_eq!(read.num_rows(), reasons.len());
+        let event_time = read.column_by_name("event_time").expect("event_time");
+        assert_eq!(event_time.null_count(), 1);
+    }
+
     /// A pipeline waiting on the broker in [`blocking`] leaves its worker thread's other tasks
     /// (the other queries) running, even on a runtime of one worker.
     #[test]

@@ -98,15 +98,27 @@ pub enum DivertReason {
     /// Too late for one of its windows (hop, cumulate), which was already gone, but not for
     /// the others, which it updated.
     WindowClosed,
+    /// Its event time is NULL: it cannot be placed in time.
+    MissingEventTime,
 }
 
 impl DivertReason {
+    /// Whether the row was not taken for being too late, or for having no time at all; not
+    /// for a time in the future (or one closed window of several).
+    fn is_late(self) -> bool {
+        matches!(
+            self,
+            DivertReason::BeyondAllowedLateness | DivertReason::MissingEventTime
+        )
+    }
+
     /// The name used in late records.
     pub fn as_str(self) -> &'static str {
         match self {
             DivertReason::BeyondAllowedLateness => "beyond_allowed_lateness",
             DivertReason::FutureTimestamp => "future_timestamp",
             DivertReason::WindowClosed => "window_closed",
+            DivertReason::MissingEventTime => "missing_event_time",
         }
     }
 }
@@ -116,8 +128,8 @@ impl DivertReason {
 pub struct Diverted {
     /// Row index in the batch given to [`StreamQuery::process`].
     pub row: u32,
-    /// Its event time, epoch ms.
-    pub event_time: i64,
+    /// Its event time, epoch ms; `None` when it is NULL.
+    pub event_time: Option<i64>,
     /// The query watermark when it arrived (`i64::MIN` before any).
     pub watermark: i64,
     /// Why.
@@ -2770,17 +2782,15 @@ impl StreamQuery {
         // still its key's latest: the row it supersedes is withdrawn all the same (one
         // stamped in the future is not taken at all).
         let (batch, withdrawn) = match &mut self.upsert {
-            Some(u)
-                if out
-                    .diverted
-                    .iter()
-                    .any(|d| d.reason == DivertReason::BeyondAllowedLateness) =>
-            {
+            Some(u) if out.diverted.iter().any(|d| d.reason.is_late()) => {
                 let n = arrived.num_rows();
                 let (mut late, mut taken) = (vec![false; n], vec![true; n]);
                 for d in &out.diverted {
                     match d.reason {
-                        DivertReason::BeyondAllowedLateness => late[d.row as usize] = true,
+                        // A record without a time is still its key's latest, as a late one.
+                        DivertReason::BeyondAllowedLateness | DivertReason::MissingEventTime => {
+                            late[d.row as usize] = true
+                        }
                         DivertReason::FutureTimestamp => taken[d.row as usize] = false,
                         DivertReason::WindowClosed => {}
                     }
@@ -3147,7 +3157,7 @@ impl StreamQuery {
         let mut holds: HashMap<i32, i64> = HashMap::new();
         for (r, t) in times.iter().enumerate() {
             let reason = match t {
-                None => Some(DivertReason::BeyondAllowedLateness),
+                None => Some(DivertReason::MissingEventTime),
                 Some(t) if t > future_limit => Some(DivertReason::FutureTimestamp),
                 Some(t) if watermark.is_some_and(|w| t < w) => {
                     Some(DivertReason::BeyondAllowedLateness)
@@ -3163,7 +3173,7 @@ impl StreamQuery {
                 }
                 diverted.push(Diverted {
                     row: r as u32,
-                    event_time: t.unwrap_or(i64::MIN),
+                    event_time: t,
                     watermark: watermark.unwrap_or(i64::MIN),
                     reason,
                     window: None,
@@ -3463,12 +3473,12 @@ impl StreamQuery {
         let mut run: Option<((i64, i32), i64)> = None;
         for (r, t) in times.iter().enumerate() {
             let Some(t) = t else {
-                // A null event time cannot be placed in time: it goes out as late.
+                // A null event time cannot be placed in time: it goes to the late output.
                 diverted.push(Diverted {
                     row: r as u32,
-                    event_time: i64::MIN,
+                    event_time: None,
                     watermark,
-                    reason: DivertReason::BeyondAllowedLateness,
+                    reason: DivertReason::MissingEventTime,
                     window: None,
                 });
                 keep.push(false);
@@ -3501,7 +3511,7 @@ impl StreamQuery {
                     }
                     diverted.push(Diverted {
                         row: r as u32,
-                        event_time: t,
+                        event_time: Some(t),
                         watermark,
                         reason,
                         window: None,
@@ -3515,7 +3525,7 @@ impl StreamQuery {
                         for window in w.operator.closed_windows_of(t) {
                             diverted.push(Diverted {
                                 row: r as u32,
-                                event_time: t,
+                                event_time: Some(t),
                                 watermark,
                                 reason: DivertReason::WindowClosed,
                                 window: Some(window),
