@@ -6,8 +6,10 @@
 //!
 //! The model follows the engine's promises: the query watermark is the lowest of the
 //! partitions' largest event times (monotonic); an event is late when every window it
-//! belongs to ended at least the allowed lateness before the watermark at its arrival, and
-//! late for one window (recorded with that window) when only some of them did. Then:
+//! belongs to ended at least the allowed lateness before the watermark at its arrival (the
+//! one the events before it made, whatever the micro-batches; for sessions, the one at the
+//! start of its micro-batch), and late for one window (recorded with that window) when only
+//! some of them did. Then:
 //! - the changelog applied (the last revision of each key and window; for sessions, upsert
 //!   by key and window start and delete on retract) equals a batch DataFusion query over the
 //!   (event, window) pairs the model keeps;
@@ -201,30 +203,29 @@ fn model_with(kind: Kind, run: &Run, lateness: i64) -> (Vec<Pair>, Vec<Late>) {
     let mut late = Vec::new();
     let mut max_by_partition: BTreeMap<i32, i64> = BTreeMap::new();
     let mut watermark = i64::MIN;
-    for batch in &run.batches {
+    for e in run.batches.iter().flatten() {
+        // Judged by the watermark the events before it made, however they were cut.
         let frontier = watermark.saturating_sub(lateness);
-        for e in batch {
-            // Late or not, an event shows how far its partition has come.
-            let m = max_by_partition.entry(e.partition).or_insert(e.t);
-            *m = (*m).max(e.t);
-            let windows = kind.windows(e.t);
-            if windows.iter().all(|(_, end)| *end <= frontier) {
-                late.push((e.t, "beyond_allowed_lateness".to_string()));
-                continue;
-            }
-            for w in windows {
-                if w.1 <= frontier {
-                    late.push((
-                        e.t,
-                        format!("window_closed [{}, {})", time_text(w.0), time_text(w.1)),
-                    ));
-                } else {
-                    pairs.push((e.clone(), w));
-                }
-            }
-        }
+        // Late or not, an event shows how far its partition has come.
+        let m = max_by_partition.entry(e.partition).or_insert(e.t);
+        *m = (*m).max(e.t);
         if let Some(lowest) = max_by_partition.values().min() {
             watermark = watermark.max(*lowest);
+        }
+        let windows = kind.windows(e.t);
+        if windows.iter().all(|(_, end)| *end <= frontier) {
+            late.push((e.t, "beyond_allowed_lateness".to_string()));
+            continue;
+        }
+        for w in windows {
+            if w.1 <= frontier {
+                late.push((
+                    e.t,
+                    format!("window_closed [{}, {})", time_text(w.0), time_text(w.1)),
+                ));
+            } else {
+                pairs.push((e.clone(), w));
+            }
         }
     }
     late.sort();
@@ -1484,19 +1485,19 @@ fn kept_and_late(run: &Run) -> (Vec<Event>, Vec<Late>) {
     let mut late: Vec<Late> = Vec::new();
     let mut max_by_partition: BTreeMap<i32, i64> = BTreeMap::new();
     let mut watermark = i64::MIN;
-    for batch in &run.batches {
-        for e in batch {
-            let m = max_by_partition.entry(e.partition).or_insert(e.t);
-            *m = (*m).max(e.t);
-            if e.t < watermark {
-                late.push((e.t, "beyond_allowed_lateness".to_string()));
-                continue;
-            }
-            kept.push(e.clone());
-        }
+    for e in run.batches.iter().flatten() {
+        // Judged by the watermark the events before it made, however they were cut.
+        let late_here = e.t < watermark;
+        let m = max_by_partition.entry(e.partition).or_insert(e.t);
+        *m = (*m).max(e.t);
         if let Some(lowest) = max_by_partition.values().min() {
             watermark = watermark.max(*lowest);
         }
+        if late_here {
+            late.push((e.t, "beyond_allowed_lateness".to_string()));
+            continue;
+        }
+        kept.push(e.clone());
     }
     late.sort();
     (kept, late)

@@ -2760,6 +2760,110 @@ impl StreamQuery {
             let table = self.source.name.clone();
             return Box::pin(self.process_from(&table, batch, partitions, offsets, now_ms)).await;
         }
+        let cuts = self.cuts(batch, partitions, now_ms)?;
+        if cuts.is_empty() {
+            return self.process_run(batch, partitions, offsets, now_ms).await;
+        }
+        // Each run is a step of its own: its rows are judged against the windows the rows
+        // before them closed, as had they arrived in micro-batches of their own.
+        let n = batch.num_rows();
+        let mut out = StepOutput::default();
+        let starts = std::iter::once(0).chain(cuts.iter().copied());
+        for (start, end) in starts.zip(cuts.iter().copied().chain(std::iter::once(n))) {
+            let partitions = if partitions.len() == n {
+                &partitions[start..end]
+            } else {
+                partitions
+            };
+            let step = self
+                .process_run(
+                    &batch.slice(start, end - start),
+                    partitions,
+                    offsets.map(|o| if o.len() == n { &o[start..end] } else { o }),
+                    now_ms,
+                )
+                .await?;
+            out.rows.extend(step.rows);
+            out.diverted
+                .extend(step.diverted.into_iter().map(|d| Diverted {
+                    row: d.row + start as u32,
+                    ..d
+                }));
+        }
+        Ok(out)
+    }
+
+    /// Where a micro-batch of a windowed query over one stream is cut so that no row is
+    /// judged against windows that the rows before it in the same micro-batch would have
+    /// closed: before each row one of whose windows the watermark those rows made has
+    /// passed (by the allowed lateness), when the windows were still open at the start of
+    /// the run it would fall in. Whether a row is late then does not depend on how the
+    /// input was cut into micro-batches. Empty in the common case, told cheaply: no row is
+    /// behind the highest watermark the micro-batch could make. Sessions are not cut (a
+    /// session event's lateness depends on the live sessions of its key).
+    fn cuts(&self, batch: &RecordBatch, partitions: &[i32], now_ms: i64) -> Result<Vec<usize>> {
+        let (Some(time), Some(w)) = (&self.time_column, &self.windowed) else {
+            return Ok(Vec::new());
+        };
+        if batch.num_rows() < 2 || w.operator.keyed_lateness() {
+            return Ok(Vec::new());
+        }
+        let times = event_times(batch, time)?;
+        let (Some(lo), Some(hi)) = (
+            datafusion::arrow::compute::min(&times),
+            datafusion::arrow::compute::max(&times),
+        ) else {
+            return Ok(Vec::new());
+        };
+        let after = w.operator.evicted_through();
+        let Some(highest) = w
+            .operator
+            .frontier(self.watermarks.reachable(hi.min(now_ms)))
+        else {
+            return Ok(Vec::new());
+        };
+        // A window of a row ends after it: none of a row at or after `highest` can close.
+        if highest <= after || lo >= highest {
+            return Ok(Vec::new());
+        }
+        let future_limit =
+            now_ms.saturating_add(self.source.options.future_tolerance.as_millis() as i64);
+        let mut running = self.watermarks.clone();
+        let mut after = after;
+        let mut cuts = Vec::new();
+        for (r, t) in times.iter().enumerate() {
+            let Some(t) = t else {
+                continue;
+            };
+            if t > future_limit {
+                // Diverted without moving the watermark.
+                continue;
+            }
+            if r > 0 && t < highest {
+                let through = running
+                    .advance(now_ms)
+                    .and_then(|wm| w.operator.frontier(wm))
+                    .unwrap_or(i64::MIN);
+                if w.operator.closes_between(t, after, through) {
+                    cuts.push(r);
+                    after = through;
+                }
+            }
+            // Late or not, a row shows how far its partition has come (as in `admit`).
+            let p = partitions.get(r).copied().unwrap_or(0);
+            running.observe(p, t.min(now_ms), now_ms);
+        }
+        Ok(cuts)
+    }
+
+    /// [`StreamQuery::process`] of one run of rows, judged against the windows as they are.
+    async fn process_run(
+        &mut self,
+        batch: &RecordBatch,
+        partitions: &[i32],
+        offsets: Option<&[i64]>,
+        now_ms: i64,
+    ) -> Result<StepOutput> {
         let mut out = StepOutput::default();
         check_schema(&self.source, batch)?;
         let arrived = batch;
@@ -3450,13 +3554,7 @@ impl StreamQuery {
         now_ms: i64,
         diverted: &mut Vec<Diverted>,
     ) -> Result<RecordBatch> {
-        let column = batch
-            .column_by_name(time)
-            .ok_or_else(|| plan_datafusion_err!("event-time column {time} missing"))?;
-        let column = cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
-        let Some(times) = column.as_any().downcast_ref::<TimestampMillisecondArray>() else {
-            return plan_err!("event-time column {time} is not a timestamp");
-        };
+        let times = &event_times(batch, time)?;
         let tolerance = match (input, &self.union) {
             (Some(i), Some(u)) => u.others[i].table.options.future_tolerance,
             _ => self.source.options.future_tolerance,
@@ -3468,6 +3566,21 @@ impl StreamQuery {
             .windowed
             .as_ref()
             .map_or(i64::MIN, |w| w.operator.timely_from());
+        // Rows put in order (LAG, detectors over the events) of one stream: a row behind the
+        // watermark the rows before it in the micro-batch made would come after rows already
+        // released, had they arrived in micro-batches of their own; it is judged row by row,
+        // so that whether it is late does not depend on how the input was cut. Told cheaply
+        // when no row is behind the highest watermark the micro-batch could make.
+        let mut running = match (&self.ordered, input, &self.union) {
+            (Some(_), None, None) => {
+                let reach = datafusion::arrow::compute::max(times)
+                    .map_or(i64::MIN, |hi| self.watermarks.reachable(hi.min(now_ms)));
+                datafusion::arrow::compute::min(times)
+                    .is_some_and(|lo| lo < reach && watermark < reach)
+                    .then(|| (self.watermarks.clone(), reach))
+            }
+            _ => None,
+        };
         let mut keep = Vec::with_capacity(batch.num_rows());
         let mut max_by_partition = NewestByPartition::default();
         let mut run: Option<((i64, i32), i64)> = None;
@@ -3484,6 +3597,8 @@ impl StreamQuery {
                 keep.push(false);
                 continue;
             };
+            // The watermark this row is judged by, when the rows before it moved it.
+            let mut moved = None;
             let reason = if t > future_limit {
                 Some(DivertReason::FutureTimestamp)
             } else if t < timely_from
@@ -3497,6 +3612,11 @@ impl StreamQuery {
             } else if self.ordered.is_some() && t < watermark {
                 // Rows before the watermark have been put in order: it would come after.
                 Some(DivertReason::BeyondAllowedLateness)
+            } else if let Some((tracker, _)) = running.as_mut().filter(|(_, reach)| t < *reach)
+                && let Some(w) = tracker.advance(now_ms).filter(|w| t < *w)
+            {
+                moved = Some(w);
+                Some(DivertReason::BeyondAllowedLateness)
             } else {
                 None
             };
@@ -3508,11 +3628,14 @@ impl StreamQuery {
                     if matches!(reason, DivertReason::BeyondAllowedLateness) {
                         let p = partitions.get(r).copied().unwrap_or(0);
                         max_by_partition.observe(p, t.min(now_ms));
+                        if let Some((tracker, _)) = &mut running {
+                            tracker.observe(p, t.min(now_ms), now_ms);
+                        }
                     }
                     diverted.push(Diverted {
                         row: r as u32,
                         event_time: Some(t),
-                        watermark,
+                        watermark: moved.unwrap_or(watermark),
                         reason,
                         window: None,
                     });
@@ -3538,6 +3661,9 @@ impl StreamQuery {
                     let p = partitions.get(r).copied().unwrap_or(0);
                     let t_mark = t.min(now_ms);
                     max_by_partition.observe(p, t_mark);
+                    if let Some((tracker, _)) = &mut running {
+                        tracker.observe(p, t_mark, now_ms);
+                    }
                     if let (true, Some(&offset)) =
                         (self.ordered.is_some(), offsets.and_then(|o| o.get(r)))
                     {
@@ -3873,6 +3999,18 @@ fn pass_watermark(keyed: &[KeyedHandle], watermark: i64) -> bool {
 
 /// Records that the window ending at `key.0` holds partition `key.1` from offset `min` on.
 /// Refuses a batch that does not have stream `table`'s schema (column count and types).
+/// The event times of `batch`, in milliseconds, from column `time`.
+fn event_times(batch: &RecordBatch, time: &str) -> Result<TimestampMillisecondArray> {
+    let column = batch
+        .column_by_name(time)
+        .ok_or_else(|| plan_datafusion_err!("event-time column {time} missing"))?;
+    let column = cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+    match column.as_any().downcast_ref::<TimestampMillisecondArray>() {
+        Some(times) => Ok(times.clone()),
+        None => plan_err!("event-time column {time} is not a timestamp"),
+    }
+}
+
 fn check_schema(table: &StreamTable, batch: &RecordBatch) -> Result<()> {
     let expected = table.topic_schema.output_schema();
     if batch.num_columns() != expected.fields().len()

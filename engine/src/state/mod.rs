@@ -76,6 +76,21 @@ pub trait WindowedAggregation: Send {
     /// Events whose [`WindowedAggregation::last_window_end`] is at or before this no longer
     /// matter to any live window.
     fn evicted_through(&self) -> i64;
+    /// The end through which windows are gone once the watermark reaches `watermark` (as
+    /// [`WindowedAggregation::evicted_through`] would be after advancing to it), when
+    /// whether an event is late depends on its time alone; `None` otherwise (sessions, where
+    /// a live session of the event's key may still take it).
+    fn frontier(&self, watermark: i64) -> Option<i64> {
+        let _ = watermark;
+        None
+    }
+    /// Whether a window of an event at `t` ends after `after` and at or before `through`:
+    /// it would be gone for the event had the windows been evicted through `through`
+    /// rather than `after`.
+    fn closes_between(&self, t: i64, after: i64, through: i64) -> bool {
+        let _ = (t, after, through);
+        false
+    }
     /// (window, group) partials held.
     fn group_count(&self) -> usize;
     /// Bytes of state held.
@@ -155,6 +170,12 @@ impl WindowedAggregation for window::WindowOperator {
     }
     fn closed_windows_of(&self, t: i64) -> Vec<(i64, i64)> {
         window::WindowOperator::closed_windows_of(self, t)
+    }
+    fn frontier(&self, watermark: i64) -> Option<i64> {
+        Some(window::WindowOperator::frontier(self, watermark))
+    }
+    fn closes_between(&self, t: i64, after: i64, through: i64) -> bool {
+        window::WindowOperator::closes_between(self, t, after, through)
     }
     fn evicted_through(&self) -> i64 {
         window::WindowOperator::evicted_through(self)

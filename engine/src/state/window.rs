@@ -730,6 +730,30 @@ impl WindowOperator {
             .collect()
     }
 
+    /// Windows ending at or before this are evicted once the watermark reaches `watermark`
+    /// (every window end lies on the pane grid, so ending at or before it is ending at or
+    /// before the pane start [`WindowOperator::advance`] evicts through).
+    pub fn frontier(&self, watermark: i64) -> i64 {
+        watermark.saturating_sub(self.lateness_ms)
+    }
+
+    /// Whether a window of an event at `t` ends after `after` and at or before `through`.
+    pub fn closes_between(&self, t: i64, after: i64, through: i64) -> bool {
+        if through <= after || matches!(self.spec.window, WindowSpec::Session { .. }) {
+            return false;
+        }
+        // Window ends lie on the pane grid: none lies between without a pane start there.
+        let grid = through
+            .checked_sub(self.pane_offset)
+            .map(|x| x.div_euclid(self.pane_ms) * self.pane_ms + self.pane_offset);
+        if grid.is_some_and(|g| g <= after) {
+            return false;
+        }
+        self.windows_of(t)
+            .iter()
+            .any(|(_, end)| after < *end && *end <= through)
+    }
+
     /// Windows ending at or before this have been evicted.
     pub fn evicted_through(&self) -> i64 {
         self.evicted_through

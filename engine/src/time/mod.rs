@@ -93,6 +93,20 @@ impl WatermarkTracker {
         )
     }
 
+    /// The highest watermark events up to `newest` could make, whatever their partitions
+    /// and whichever partitions go idle: an upper bound, to tell cheaply that a batch moves
+    /// it past nothing.
+    pub fn reachable(&self, newest: i64) -> i64 {
+        let newest = self
+            .partitions
+            .values()
+            .map(|p| p.max_event_ms)
+            .fold(newest, i64::max);
+        self.watermark
+            .unwrap_or(i64::MIN)
+            .max(newest.saturating_sub(self.delay_ms))
+    }
+
     /// The current watermark, as of the last [`WatermarkTracker::advance`].
     pub fn current(&self) -> Option<i64> {
         self.watermark
