@@ -59,11 +59,28 @@ pub enum WindowSpec {
     },
 }
 
+/// The longest window interval (size, slide, step, gap or offset): ten years. An event's
+/// time plus or minus it stays far inside the range of a timestamp.
+pub const MAX_INTERVAL_MS: i64 = 3_650 * 86_400_000;
+
+/// The most windows one event may belong to (a hop's size over its slide, a cumulate's
+/// maximum over its step): each is state of its own.
+pub const MAX_WINDOWS_PER_EVENT: i64 = 10_000;
+
 impl WindowSpec {
     /// Validates and builds a spec from a window function's name and interval arguments.
     pub fn new(name: &str, intervals: &[i64]) -> Result<Self> {
         if intervals.iter().any(|&i| i <= 0) {
-            return plan_err!("{name}(): window intervals must be positive");
+            return plan_err!(
+                "{name}(): window intervals must be at least one millisecond (a shorter one \
+                 counts as zero)"
+            );
+        }
+        if let Some(i) = intervals.iter().find(|&&i| i > MAX_INTERVAL_MS) {
+            return plan_err!(
+                "{name}(): a window interval of {i} ms is longer than the ten years \
+                 ({MAX_INTERVAL_MS} ms) a window may span"
+            );
         }
         Ok(match (name, intervals) {
             ("tumble", [width]) => WindowSpec::Tumble {
@@ -80,6 +97,15 @@ impl WindowSpec {
                         "hop(): the size ({size} ms) must be at least the slide ({slide} ms)"
                     );
                 }
+                // Both at most ten years: no overflow.
+                let windows = (size + slide - 1) / slide;
+                if windows > MAX_WINDOWS_PER_EVENT {
+                    return plan_err!(
+                        "hop(): windows of {size} ms every {slide} ms put each event in \
+                         {windows} windows, more than the {MAX_WINDOWS_PER_EVENT} one event \
+                         may belong to: use a longer slide"
+                    );
+                }
                 WindowSpec::Hop {
                     slide: *slide,
                     size: *size,
@@ -90,6 +116,14 @@ impl WindowSpec {
                 if max % step != 0 {
                     return plan_err!(
                         "cumulate(): the maximum size ({max} ms) must be a multiple of the step ({step} ms)"
+                    );
+                }
+                if max / step > MAX_WINDOWS_PER_EVENT {
+                    return plan_err!(
+                        "cumulate(): windows growing by {step} ms up to {max} ms put an event \
+                         in up to {} windows, more than the {MAX_WINDOWS_PER_EVENT} one event \
+                         may belong to: use a longer step",
+                        max / step
                     );
                 }
                 WindowSpec::Cumulate {
