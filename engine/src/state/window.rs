@@ -82,6 +82,86 @@ pub struct AggregateSpec {
     pub group_schema: SchemaRef,
 }
 
+/// A row `Accumulator` behind DataFusion's adapter, which fails when asked for no groups
+/// (`count(DISTINCT)`, `approx_percentile_cont`… over a window a changelog or a retraction
+/// emptied): no groups give empty columns of the aggregate's types.
+struct Adapted {
+    inner: GroupsAccumulatorAdapter,
+    /// Groups held.
+    groups: usize,
+    /// The aggregate's type.
+    values: DataType,
+    /// Its state's types.
+    states: Vec<DataType>,
+}
+
+impl Adapted {
+    /// How many groups `emit_to` takes; they are no longer held.
+    fn take(&mut self, emit_to: EmitTo) -> usize {
+        let taken = match emit_to {
+            EmitTo::All => self.groups,
+            EmitTo::First(n) => n.min(self.groups),
+        };
+        self.groups -= taken;
+        taken
+    }
+}
+
+impl GroupsAccumulator for Adapted {
+    fn update_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> Result<()> {
+        self.groups = self.groups.max(total_num_groups);
+        self.inner
+            .update_batch(values, group_indices, opt_filter, total_num_groups)
+    }
+
+    fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
+        if self.take(emit_to) == 0 {
+            return Ok(datafusion::arrow::array::new_empty_array(&self.values));
+        }
+        self.inner.evaluate(emit_to)
+    }
+
+    fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
+        if self.take(emit_to) == 0 {
+            return Ok(self
+                .states
+                .iter()
+                .map(datafusion::arrow::array::new_empty_array)
+                .collect());
+        }
+        self.inner.state(emit_to)
+    }
+
+    fn merge_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        total_num_groups: usize,
+    ) -> Result<()> {
+        self.groups = self.groups.max(total_num_groups);
+        self.inner
+            .merge_batch(values, group_indices, total_num_groups)
+    }
+
+    fn convert_to_state(
+        &self,
+        values: &[ArrayRef],
+        opt_filter: Option<&BooleanArray>,
+    ) -> Result<Vec<ArrayRef>> {
+        self.inner.convert_to_state(values, opt_filter)
+    }
+
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+}
+
 impl AggregateSpec {
     /// What its state holds, as one line: the window, the group keys with their types, each
     /// aggregate with the types of its state, the filters and the event time. Two queries
@@ -128,10 +208,19 @@ impl AggregateSpec {
                 if a.groups_accumulator_supported() {
                     a.create_groups_accumulator()
                 } else {
+                    let values = a.field().data_type().clone();
+                    let states = a
+                        .state_fields()?
+                        .iter()
+                        .map(|f| f.data_type().clone())
+                        .collect();
                     let a = a.clone();
-                    Ok(Box::new(GroupsAccumulatorAdapter::new(move || {
-                        a.create_accumulator()
-                    })) as Box<dyn GroupsAccumulator>)
+                    Ok(Box::new(Adapted {
+                        inner: GroupsAccumulatorAdapter::new(move || a.create_accumulator()),
+                        groups: 0,
+                        values,
+                        states,
+                    }) as Box<dyn GroupsAccumulator>)
                 }
             })
             .collect()
