@@ -13,9 +13,17 @@
 //! - after any call, the size of what it made is checked against the same limit, so that no
 //!   chain of calls grows past it one step at a time.
 //!
+//! `to_char` (whose format string says how long its output is) is wrapped too, and
+//! `concat` counts what it would make (a long literal joined to every row) before it
+//! allocates.
+//!
 //! The error fails the micro-batch like any other error in a query (the query fails with
 //! it, and its status says why); nothing is allocated beyond the limit and the limit's
 //! factor of one call.
+//!
+//! A cast to a type one value of which is large whatever its content (a fixed-size list of
+//! two billion entries) is refused when the query or view is planned
+//! ([`refuse_wide_types`]), before the optimizer folds the cast of a literal.
 
 use std::sync::Arc;
 
@@ -49,6 +57,16 @@ const SECTIONS: [&str; 5] = [
     "Map Functions",
 ];
 
+/// Functions outside those sections that make values as long as an argument says.
+const NAMED: [&str; 2] = ["to_char", "date_format"];
+
+/// Whether `f` is wrapped: a function of [`SECTIONS`] or one [`NAMED`].
+fn bounded(f: &ScalarUDF) -> bool {
+    f.documentation()
+        .is_some_and(|d| SECTIONS.contains(&d.doc_section.label))
+        || NAMED.contains(&f.name())
+}
+
 /// Registers every string, binary, regular expression, array and map function of `ctx`
 /// again, wrapped in [`Bounded`].
 pub fn bound_functions(ctx: &SessionContext) {
@@ -56,10 +74,7 @@ pub fn bound_functions(ctx: &SessionContext) {
     let wrapped: Vec<ScalarUDF> = state
         .scalar_functions()
         .values()
-        .filter(|f| {
-            f.documentation()
-                .is_some_and(|d| SECTIONS.contains(&d.doc_section.label))
-        })
+        .filter(|f| bounded(f))
         .map(|f| Bounded::udf(Arc::clone(f)))
         .collect();
     for f in wrapped {
@@ -89,10 +104,7 @@ impl Bounded {
         Ok(expr
             .transform_up(|e| match e {
                 Expr::ScalarFunction(ScalarFunction { func, args })
-                    if !func.inner().as_ref().is::<Bounded>()
-                        && func
-                            .documentation()
-                            .is_some_and(|d| SECTIONS.contains(&d.doc_section.label)) =>
+                    if !func.inner().as_ref().is::<Bounded>() && bounded(&func) =>
                 {
                     Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction {
                         func: Arc::new(Bounded::udf(func)),
@@ -246,8 +258,10 @@ fn human(bytes: u128) -> String {
     let mib = bytes as f64 / MIB;
     if mib >= 1024.0 {
         format!("{:.1} GiB", mib / 1024.0)
-    } else {
+    } else if mib >= 1.0 {
         format!("{mib:.0} MiB")
+    } else {
+        format!("{:.0} KiB", bytes as f64 / 1024.0)
     }
 }
 
@@ -289,6 +303,27 @@ fn made_by(name: &str, args: &[ColumnarValue], rows: usize) -> Result<Option<u12
             let (s, to) = (byte_lengths(s, rows)?, byte_lengths(to, rows)?);
             let refs = group_references(&args[2], rows)?;
             total(&|i| s[i] + (s[i] + 1) * (to[i] + refs[i] * s[i]))
+        }
+        ("concat", _) => {
+            let lengths = args
+                .iter()
+                .map(|a| byte_lengths(a, rows))
+                .collect::<Result<Vec<_>>>()?;
+            total(&|i| lengths.iter().map(|l| l[i]).sum())
+        }
+        ("concat_ws", [sep, rest @ ..]) => {
+            let sep = byte_lengths(sep, rows)?;
+            let lengths = rest
+                .iter()
+                .map(|a| byte_lengths(a, rows))
+                .collect::<Result<Vec<_>>>()?;
+            let n = rest.len() as u128;
+            total(&|i| sep[i] * n + lengths.iter().map(|l| l[i]).sum::<u128>())
+        }
+        ("to_char" | "date_format", [_, format, ..]) => {
+            // A directive of two characters writes at most about thirty (`%c`).
+            let format = byte_lengths(format, rows)?;
+            total(&|i| 16 * format[i])
         }
         ("range" | "generate_series", [_, ..]) => {
             let n = range_lengths(args, rows)?;
@@ -437,4 +472,73 @@ fn range_lengths(args: &[ColumnarValue], rows: usize) -> Result<Vec<u128>> {
             _ => 0,
         })
         .collect())
+}
+
+/// The most bytes one value of a type named in a query (`CAST`, `arrow_cast`) may take
+/// whatever its content: fixed-size lists and binary strings are allocated whole, even for a
+/// null, and a batch holds thousands of rows.
+pub const MAX_VALUE_BYTES: u128 = 64 << 10;
+
+/// Refuses a plan that casts to a type one value of which takes more than
+/// [`MAX_VALUE_BYTES`] (`arrow_cast(NULL, 'FixedSizeList(2147483647, Int64)')`), before the
+/// optimizer folds the cast of a literal and allocates it.
+pub fn refuse_wide_types(plan: &datafusion::logical_expr::LogicalPlan) -> Result<()> {
+    use datafusion::common::tree_node::TreeNodeRecursion;
+    let mut problem: Option<(String, DataType, u128)> = None;
+    plan.apply(|node| {
+        node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                let named = match e {
+                    Expr::Cast(c) => Some(("CAST".to_string(), c.field.data_type().clone())),
+                    Expr::TryCast(c) => Some(("TRY_CAST".to_string(), c.field.data_type().clone())),
+                    Expr::ScalarFunction(ScalarFunction { func, args })
+                        if func.name() == "arrow_cast" =>
+                    {
+                        match args.get(1) {
+                            Some(Expr::Literal(ScalarValue::Utf8(Some(t)), _))
+                            | Some(Expr::Literal(ScalarValue::Utf8View(Some(t)), _))
+                            | Some(Expr::Literal(ScalarValue::LargeUtf8(Some(t)), _)) => t
+                                .parse::<DataType>()
+                                .ok()
+                                .map(|dt| ("arrow_cast".to_string(), dt)),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                if let Some((what, dt)) = named {
+                    let bytes = least_bytes(&dt);
+                    if bytes > MAX_VALUE_BYTES {
+                        problem = Some((what, dt, bytes));
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })?;
+        Ok(if problem.is_some() {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    })?;
+    match problem {
+        Some((what, dt, bytes)) => datafusion::common::plan_err!(
+            "{what} to {dt}: one value of that type takes at least {}, more than the {} a \
+             value may take in a stream query",
+            human(bytes),
+            human(MAX_VALUE_BYTES)
+        ),
+        None => Ok(()),
+    }
+}
+
+/// The least bytes one value of `dt` takes whatever its content.
+fn least_bytes(dt: &DataType) -> u128 {
+    match dt {
+        DataType::FixedSizeList(f, n) => (*n).max(0) as u128 * least_bytes(f.data_type()).max(1),
+        DataType::FixedSizeBinary(n) => (*n).max(0) as u128,
+        DataType::Struct(fields) => fields.iter().map(|f| least_bytes(f.data_type())).sum(),
+        other => other.primitive_width().unwrap_or(4) as u128,
+    }
 }

@@ -409,6 +409,9 @@ impl StreamContext {
             }
             LogicalPlan::Ddl(ddl) => {
                 use datafusion::logical_expr::DdlStatement;
+                if let DdlStatement::CreateView(view) = &ddl {
+                    super::bounded::refuse_wide_types(&view.input)?;
+                }
                 match &ddl {
                     DdlStatement::CreateExternalTable(_)
                     | DdlStatement::CreateView(_)
@@ -452,6 +455,7 @@ impl StreamContext {
     }
 
     async fn plan_query(&self, plan: LogicalPlan, sql: String) -> Result<StreamQuery> {
+        super::bounded::refuse_wide_types(&plan)?;
         refuse_unbounded(&plan)?;
         let settings = self
             .ctx
