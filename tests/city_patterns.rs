@@ -199,10 +199,10 @@ async fn the_most_congested_segments_of_each_ward_are_ranked_each_minute() -> an
         ("nguyen_trai_ntso", "06:10:40", 10.0),
         ("khuat_duy_tien", "06:10:20", 25.0),
         ("rr3_elev_thanh_xuan", "06:10:30", 40.0),
+        ("lang_ntso", "06:10:50", 30.0),
         ("nguyen_trai_ntso", "06:11:10", 50.0),
         ("khuat_duy_tien", "06:11:20", 25.0),
         ("rr3_elev_thanh_xuan", "06:11:30", 20.0),
-        ("lang_ntso", "06:10:50", 30.0),
     ];
     let rows: Vec<String> = detections
         .iter()

@@ -160,7 +160,18 @@ impl ScalarUDFImpl for Bounded {
         {
             return too_large(name, bytes);
         }
-        let out = self.inner.inner().invoke_with_args(args)?;
+        let out = self.inner.inner().invoke_with_args(args).map_err(|e| {
+            let text = e.to_string();
+            if text.contains("CompiledTooBig") || text.contains("Compiled regex exceeds size limit")
+            {
+                datafusion::common::DataFusionError::Execution(format!(
+                    "{name}(): the regular expression is too large once compiled (more than \
+                     10 MiB): write a shorter pattern, with fewer nested repetitions"
+                ))
+            } else {
+                e
+            }
+        })?;
         let bytes = match &out {
             ColumnarValue::Array(a) => a.get_array_memory_size() as u128,
             ColumnarValue::Scalar(s) => s.size() as u128,
@@ -304,7 +315,7 @@ fn made_by(name: &str, args: &[ColumnarValue], rows: usize) -> Result<Option<u12
             let refs = group_references(&args[2], rows)?;
             total(&|i| s[i] + (s[i] + 1) * (to[i] + refs[i] * s[i]))
         }
-        ("concat", _) => {
+        ("concat" | "string_concat", _) => {
             let lengths = args
                 .iter()
                 .map(|a| byte_lengths(a, rows))
@@ -484,7 +495,7 @@ pub const MAX_VALUE_BYTES: u128 = 64 << 10;
 /// optimizer folds the cast of a literal and allocates it.
 pub fn refuse_wide_types(plan: &datafusion::logical_expr::LogicalPlan) -> Result<()> {
     use datafusion::common::tree_node::TreeNodeRecursion;
-    let mut problem: Option<(String, DataType, u128)> = None;
+    let mut problem: Option<String> = None;
     plan.apply(|node| {
         node.apply_expressions(|expr| {
             expr.apply(|e| {
@@ -509,9 +520,27 @@ pub fn refuse_wide_types(plan: &datafusion::logical_expr::LogicalPlan) -> Result
                 if let Some((what, dt)) = named {
                     let bytes = least_bytes(&dt);
                     if bytes > MAX_VALUE_BYTES {
-                        problem = Some((what, dt, bytes));
+                        problem = Some(format!(
+                            "{what} to {dt}: one value of that type takes at least {}, more \
+                             than the {} a value may take in a stream query",
+                            human(bytes),
+                            human(MAX_VALUE_BYTES)
+                        ));
                         return Ok(TreeNodeRecursion::Stop);
                     }
+                }
+                if let Some((what, pattern)) = regex_literal(e)
+                    && let Err(err) = regex::RegexBuilder::new(pattern).build()
+                {
+                    problem = Some(match err {
+                        regex::Error::CompiledTooBig(limit) => format!(
+                            "{what}: the regular expression is too large once compiled (more \
+                             than {}): write a shorter pattern, with fewer nested repetitions",
+                            human(limit as u128)
+                        ),
+                        other => format!("{what}: the regular expression is not valid: {other}"),
+                    });
+                    return Ok(TreeNodeRecursion::Stop);
                 }
                 Ok(TreeNodeRecursion::Continue)
             })
@@ -523,13 +552,43 @@ pub fn refuse_wide_types(plan: &datafusion::logical_expr::LogicalPlan) -> Result
         })
     })?;
     match problem {
-        Some((what, dt, bytes)) => datafusion::common::plan_err!(
-            "{what} to {dt}: one value of that type takes at least {}, more than the {} a \
-             value may take in a stream query",
-            human(bytes),
-            human(MAX_VALUE_BYTES)
-        ),
+        Some(p) => datafusion::common::plan_err!("{p}"),
         None => Ok(()),
+    }
+}
+
+/// A regular expression given as a literal to an operator (`~`, `~*`, `!~`, `!~*`) or a
+/// `regexp_*` function, with what it was given to.
+fn regex_literal(e: &Expr) -> Option<(String, &str)> {
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    fn literal(e: &Expr) -> Option<&str> {
+        match e {
+            Expr::Literal(ScalarValue::Utf8(Some(t)), _)
+            | Expr::Literal(ScalarValue::Utf8View(Some(t)), _)
+            | Expr::Literal(ScalarValue::LargeUtf8(Some(t)), _) => Some(t.as_str()),
+            _ => None,
+        }
+    }
+    match e {
+        Expr::BinaryExpr(BinaryExpr { op, right, .. })
+            if matches!(
+                op,
+                Operator::RegexMatch
+                    | Operator::RegexIMatch
+                    | Operator::RegexNotMatch
+                    | Operator::RegexNotIMatch
+            ) =>
+        {
+            literal(right).map(|p| (format!("the {op} operator"), p))
+        }
+        Expr::ScalarFunction(ScalarFunction { func, args })
+            if func.name().starts_with("regexp_") =>
+        {
+            args.get(1)
+                .and_then(literal)
+                .map(|p| (format!("{}()", func.name()), p))
+        }
+        _ => None,
     }
 }
 
@@ -540,5 +599,126 @@ fn least_bytes(dt: &DataType) -> u128 {
         DataType::FixedSizeBinary(n) => (*n).max(0) as u128,
         DataType::Struct(fields) => fields.iter().map(|f| least_bytes(f.data_type())).sum(),
         other => other.primitive_width().unwrap_or(4) as u128,
+    }
+}
+
+/// `plan` with every string `||` made a call of [`StringConcat`], wrapped in [`Bounded`]:
+/// the operator joins its operands row by row as `concat` does, and a long value joined to
+/// every row would take the process's memory before any check after it.
+pub fn bound_operators(
+    plan: datafusion::logical_expr::LogicalPlan,
+) -> Result<datafusion::logical_expr::LogicalPlan> {
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    let concat = Arc::new(Bounded::udf(Arc::new(ScalarUDF::new_from_impl(
+        StringConcat::new(),
+    ))));
+    Ok(plan
+        .transform_up_with_subqueries(|node| {
+            node.map_expressions(|expr| {
+                expr.transform_up(|e| match e {
+                    Expr::BinaryExpr(BinaryExpr {
+                        left,
+                        op: Operator::StringConcat,
+                        right,
+                    }) => Ok(Transformed::yes(Expr::ScalarFunction(ScalarFunction {
+                        func: concat.clone(),
+                        args: vec![*left, *right],
+                    }))),
+                    e => Ok(Transformed::no(e)),
+                })
+            })
+        })?
+        .data)
+}
+
+/// The `||` operator over strings, as a function (so that [`Bounded`] can wrap it): the same
+/// coercion, result type and values as DataFusion's operator, and its name in plans.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct StringConcat {
+    signature: Signature,
+}
+
+impl StringConcat {
+    fn new() -> Self {
+        Self {
+            signature: Signature::user_defined(datafusion::logical_expr::Volatility::Immutable),
+        }
+    }
+
+    fn coercer<'a>(
+        types: &'a [DataType],
+    ) -> Result<datafusion::logical_expr::type_coercion::binary::BinaryTypeCoercer<'a>> {
+        match types {
+            [l, r] => Ok(
+                datafusion::logical_expr::type_coercion::binary::BinaryTypeCoercer::new(
+                    l,
+                    &datafusion::logical_expr::Operator::StringConcat,
+                    r,
+                ),
+            ),
+            _ => datafusion::common::plan_err!("|| takes two operands"),
+        }
+    }
+}
+
+impl ScalarUDFImpl for StringConcat {
+    fn name(&self) -> &str {
+        "string_concat"
+    }
+
+    fn schema_name(&self, args: &[Expr]) -> Result<String> {
+        match args {
+            [l, r] => Ok(format!("{} || {}", l.schema_name(), r.schema_name())),
+            _ => datafusion::common::plan_err!("|| takes two operands"),
+        }
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        let (l, r) = Self::coercer(arg_types)?.get_input_types()?;
+        Ok(vec![l, r])
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        Self::coercer(arg_types)?.get_result_type()
+    }
+
+    fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+        let types: Vec<DataType> = args
+            .arg_fields
+            .iter()
+            .map(|f| f.data_type().clone())
+            .collect();
+        let nullable = args.arg_fields.iter().any(|f| f.is_nullable());
+        Ok(Arc::new(datafusion::arrow::datatypes::Field::new(
+            self.name(),
+            self.return_type(&types)?,
+            nullable,
+        )))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        use datafusion::arrow::datatypes::{Field, Schema};
+        use datafusion::physical_expr::PhysicalExpr;
+        use datafusion::physical_expr::expressions::{BinaryExpr, Column};
+        let [l, r] = args.args.as_slice() else {
+            return exec_err!("|| takes two operands");
+        };
+        let rows = args.number_rows;
+        let (l, r) = (l.to_array(rows)?, r.to_array(rows)?);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("l", l.data_type().clone(), true),
+            Field::new("r", r.data_type().clone(), true),
+        ]));
+        let batch = datafusion::arrow::array::RecordBatch::try_new(schema, vec![l, r])?;
+        BinaryExpr::new(
+            Arc::new(Column::new("l", 0)),
+            datafusion::logical_expr::Operator::StringConcat,
+            Arc::new(Column::new("r", 1)),
+        )
+        .evaluate(&batch)
     }
 }

@@ -507,3 +507,78 @@ mod tests {
         assert_eq!(other.to_string(), "Error during planning: x");
     }
 }
+
+/// Most plan nodes a query or view may expand to, its views' plans included: a view that
+/// reads the view before it twice doubles the plan, and a chain of them grows it past what
+/// planning can hold in time or memory.
+pub const MAX_PLAN_NODES: usize = 10_000;
+
+/// Deepest expressions a query may stack through its views and subqueries: the planner
+/// merges the projections of a chain of views into one expression, as deep as theirs
+/// together.
+pub const MAX_STACKED_NESTING: usize = 10 * MAX_NESTING;
+
+/// Refuses a logical plan (a query's, or a view's being created) that expands, with the
+/// plans of the views it reads, to more than [`MAX_PLAN_NODES`] nodes or stacks expressions
+/// deeper than [`MAX_STACKED_NESTING`]. Walks at most that many nodes.
+pub fn refuse_large_plans(plan: &datafusion::logical_expr::LogicalPlan, what: &str) -> Result<()> {
+    let mut nodes = 0;
+    let depth = stacked(plan, &mut nodes)?;
+    if nodes > MAX_PLAN_NODES {
+        return plan_err!(
+            "the {what} expands to more than {MAX_PLAN_NODES} plan nodes with the views it \
+             reads (a view that reads another view twice doubles its plan): read fewer views, \
+             or define a view once and join it fewer times"
+        );
+    }
+    if depth > MAX_STACKED_NESTING {
+        return plan_err!(
+            "the expressions of the {what} and the views it reads nest {depth} deep together, \
+             more than {MAX_STACKED_NESTING}: compute the value in fewer stacked views, or in \
+             several columns"
+        );
+    }
+    Ok(())
+}
+
+/// The deepest expressions stacked along a path of `plan` (each node's deepest expression
+/// plus the deepest of its inputs, a view's plan an input of its scan); counts the nodes
+/// walked into `nodes` and stops past [`MAX_PLAN_NODES`].
+fn stacked(plan: &datafusion::logical_expr::LogicalPlan, nodes: &mut usize) -> Result<usize> {
+    use datafusion::logical_expr::LogicalPlan;
+    *nodes += 1;
+    if *nodes > MAX_PLAN_NODES {
+        return Ok(0);
+    }
+    let mut own = 0;
+    plan.apply_expressions(|e| {
+        own = own.max(expr_depth(e));
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    })?;
+    let mut below = 0;
+    for input in plan.inputs() {
+        below = below.max(stacked(input, nodes)?);
+    }
+    plan.apply_subqueries(|sub| {
+        below = below.max(stacked(sub, nodes)?);
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    })?;
+    if let LogicalPlan::TableScan(scan) = plan
+        && let Ok(provider) = datafusion::datasource::source_as_provider(&scan.source)
+        && let Some(view) = provider.downcast_ref::<datafusion::catalog::view::ViewTable>()
+    {
+        below = below.max(stacked(view.logical_plan(), nodes)?);
+    }
+    Ok(own + below)
+}
+
+/// How deep `expr` nests (a column or literal is 1).
+fn expr_depth(expr: &datafusion::logical_expr::Expr) -> usize {
+    use datafusion::common::tree_node::TreeNode;
+    let mut deepest = 0;
+    let _ = expr.apply_children(|child| {
+        deepest = deepest.max(expr_depth(child));
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    deepest + 1
+}

@@ -390,6 +390,18 @@ impl StreamContext {
                     .starts_with("urbanstream.") =>
             {
                 // Checked now, not when the next query is planned.
+                let name = set.variable.to_ascii_lowercase();
+                if !SETTINGS.iter().any(|s| name == format!("urbanstream.{s}")) {
+                    return plan_err!(
+                        "there is no setting {}: the settings are {}",
+                        set.variable,
+                        SETTINGS
+                            .iter()
+                            .map(|s| format!("urbanstream.{s}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
                 if set
                     .variable
                     .eq_ignore_ascii_case("urbanstream.on_data_loss")
@@ -409,9 +421,17 @@ impl StreamContext {
             }
             LogicalPlan::Ddl(ddl) => {
                 use datafusion::logical_expr::DdlStatement;
-                if let DdlStatement::CreateView(view) = &ddl {
-                    super::bounded::refuse_wide_types(&view.input)?;
-                }
+                let ddl = match ddl {
+                    DdlStatement::CreateView(mut view) => {
+                        super::sandbox::refuse_large_plans(&view.input, "view")?;
+                        super::bounded::refuse_wide_types(&view.input)?;
+                        view.input = Arc::new(super::bounded::bound_operators(
+                            Arc::unwrap_or_clone(view.input),
+                        )?);
+                        DdlStatement::CreateView(view)
+                    }
+                    other => other,
+                };
                 match &ddl {
                     DdlStatement::CreateExternalTable(_)
                     | DdlStatement::CreateView(_)
@@ -455,7 +475,9 @@ impl StreamContext {
     }
 
     async fn plan_query(&self, plan: LogicalPlan, sql: String) -> Result<StreamQuery> {
+        super::sandbox::refuse_large_plans(&plan, "query")?;
         super::bounded::refuse_wide_types(&plan)?;
+        let plan = super::bounded::bound_operators(plan)?;
         refuse_unbounded(&plan)?;
         let settings = self
             .ctx
@@ -470,7 +492,22 @@ impl StreamContext {
             .unwrap_or_default();
         let early_fire = parse_setting("urbanstream.early_fire", &settings.early_fire)?;
         data_loss_policy(&settings.on_data_loss)?;
-        let physical = self.ctx.state().create_physical_plan(&plan).await?;
+        let physical = self
+            .ctx
+            .state()
+            .create_physical_plan(&plan)
+            .await
+            .map_err(|e| {
+                if e.to_string().contains("OuterReferenceColumn") {
+                    plan_datafusion_err!(
+                        "a subquery that reads a column of the query around it (a correlated \
+                         subquery or LATERAL) is not supported here: join the table on that \
+                         column instead (FROM stream s JOIN table t ON t.k = s.k)"
+                    )
+                } else {
+                    e
+                }
+            })?;
         let physical = super::lookup::refresh_lookup_joins(physical, &self.reference_generation)?;
         let key_ttl = parse_setting("urbanstream.key_ttl", &settings.key_ttl)?
             .filter(|d| !d.is_zero())
@@ -1170,6 +1207,9 @@ pub(super) fn refuse_window_calls_below(lower: &Arc<dyn ExecutionPlan>) -> Resul
     }
     Ok(())
 }
+
+/// The names of the [`StreamSettings`].
+const SETTINGS: [&str; 4] = ["allowed_lateness", "early_fire", "key_ttl", "on_data_loss"];
 
 /// The `SET urbanstream.…` statements that give a session `settings`.
 pub fn settings_sql(settings: &StreamSettings) -> Vec<String> {
