@@ -2895,7 +2895,7 @@ impl StreamQuery {
             }
             // Late or not, a row shows how far its partition has come (as in `admit`).
             let p = partitions.get(r).copied().unwrap_or(0);
-            running.observe(p, t.min(now_ms), now_ms);
+            running.observe(p, t, now_ms);
         }
         Ok(cuts)
     }
@@ -3317,7 +3317,7 @@ impl StreamQuery {
                 // input).
                 if let (Some(t), DivertReason::BeyondAllowedLateness) = (t, &reason) {
                     let p = partitions.get(r).copied().unwrap_or(0);
-                    max_by_partition.observe(p, t.min(now_ms));
+                    max_by_partition.observe(p, t);
                 }
                 diverted.push(Diverted {
                     row: r as u32,
@@ -3331,7 +3331,7 @@ impl StreamQuery {
             }
             let t = t.unwrap_or_default();
             let p = partitions.get(r).copied().unwrap_or(0);
-            max_by_partition.observe(p, t.min(now_ms));
+            max_by_partition.observe(p, t);
             if let Some(&offset) = offsets.and_then(|o| o.get(r)) {
                 holds
                     .entry(p)
@@ -3671,9 +3671,9 @@ impl StreamQuery {
                     // next rows, on time, are not found late against the others alone.
                     if matches!(reason, DivertReason::BeyondAllowedLateness) {
                         let p = partitions.get(r).copied().unwrap_or(0);
-                        max_by_partition.observe(p, t.min(now_ms));
+                        max_by_partition.observe(p, t);
                         if let Some((tracker, _)) = &mut running {
-                            tracker.observe(p, t.min(now_ms), now_ms);
+                            tracker.observe(p, t, now_ms);
                         }
                     }
                     diverted.push(Diverted {
@@ -3699,14 +3699,15 @@ impl StreamQuery {
                             });
                         }
                     }
-                    // A device clock ahead of processing time (within the tolerance) does
-                    // not move the watermark past processing time: the events stamped
-                    // correctly after it are not made late.
+                    // A device clock ahead of processing time (within the tolerance) moves
+                    // the watermark no further than processing time as it passes
+                    // (`WatermarkTracker::advance`): the events stamped correctly after it
+                    // are not made late, and its own window still closes once the clock
+                    // reaches its time.
                     let p = partitions.get(r).copied().unwrap_or(0);
-                    let t_mark = t.min(now_ms);
-                    max_by_partition.observe(p, t_mark);
+                    max_by_partition.observe(p, t);
                     if let Some((tracker, _)) = &mut running {
-                        tracker.observe(p, t_mark, now_ms);
+                        tracker.observe(p, t, now_ms);
                     }
                     if let (true, Some(&offset)) =
                         (self.ordered.is_some(), offsets.and_then(|o| o.get(r)))

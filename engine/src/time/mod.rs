@@ -66,14 +66,22 @@ impl WatermarkTracker {
     }
 
     /// Recomputes the watermark at processing time `now_ms` and returns it (`None` until some
-    /// partition has data). Idle partitions are left out; if all are idle the watermark holds.
+    /// partition has data). Idle partitions are left out; if all are idle the watermark holds
+    /// (it only follows events stamped ahead of the clock, up to processing time). A
+    /// partition's newest event time counts up to `now_ms`.
     pub fn advance(&mut self, now_ms: i64) -> Option<i64> {
+        // A partition's newest event time counts up to processing time only: an event stamped
+        // ahead of the clock moves the watermark as the clock reaches its time.
+        let mark = |p: &PartitionTime| p.max_event_ms.min(now_ms).saturating_sub(self.delay_ms);
         let active = self
             .partitions
             .values()
             .filter(|p| now_ms.saturating_sub(p.last_seen_ms) < self.idle_ms)
-            .map(|p| p.max_event_ms.saturating_sub(self.delay_ms))
+            .map(mark)
             .min();
+        // With every partition idle, the lowest of them all: it holds the watermark where it
+        // is, but lets it follow events ahead of the clock that processing time has reached.
+        let active = active.or_else(|| self.partitions.values().map(mark).min());
         if let Some(candidate) = active {
             self.watermark = Some(self.watermark.map_or(candidate, |w| w.max(candidate)));
         }
@@ -179,6 +187,17 @@ mod tests {
         // A new partition far behind does not pull the watermark back.
         w.observe(1, 10_000, now);
         assert_eq!(w.advance(now), Some(100_000));
+    }
+
+    #[test]
+    fn an_event_ahead_of_the_clock_moves_the_watermark_as_the_clock_reaches_it() {
+        let now = 1_000_000;
+        let mut w = WatermarkTracker::new(Duration::ZERO, Duration::from_secs(10));
+        w.observe(0, now + 5_000, now);
+        assert_eq!(w.advance(now), Some(now));
+        assert_eq!(w.advance(now + 2_000), Some(now + 2_000));
+        // Idle, and the clock past the event: the watermark reaches it, no further.
+        assert_eq!(w.advance(now + 60_000), Some(now + 5_000));
     }
 
     #[test]
