@@ -486,28 +486,6 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_unsupported_construct_is_named_without_its_syntax_tree() {
-        let e = DataFusionError::NotImplemented(
-            "Unsupported ast node Pivot { table: Table { name: ObjectName([…]) } } in \
-             create_relation"
-                .into(),
-        );
-        let shown = shorten_unsupported(e).to_string();
-        assert!(
-            shown.starts_with("Error during planning: Pivot is not supported in stream queries"),
-            "{shown}"
-        );
-        assert!(!shown.contains("ObjectName"), "{shown}");
-        let other = shorten_unsupported(DataFusionError::Plan("x".into()));
-        assert_eq!(other.to_string(), "Error during planning: x");
-    }
-}
-
 /// Most plan nodes a query or view may expand to, its views' plans included: a view that
 /// reads the view before it twice doubles the plan, and a chain of them grows it past what
 /// planning can hold in time or memory.
@@ -581,4 +559,26 @@ fn expr_depth(expr: &datafusion::logical_expr::Expr) -> usize {
         Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
     });
     deepest + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unsupported_construct_is_named_without_its_syntax_tree() {
+        let e = DataFusionError::NotImplemented(
+            "Unsupported ast node Pivot { table: Table { name: ObjectName([…]) } } in \
+             create_relation"
+                .into(),
+        );
+        let shown = shorten_unsupported(e).to_string();
+        assert!(
+            shown.starts_with("Error during planning: Pivot is not supported in stream queries"),
+            "{shown}"
+        );
+        assert!(!shown.contains("ObjectName"), "{shown}");
+        let other = shorten_unsupported(DataFusionError::Plan("x".into()));
+        assert_eq!(other.to_string(), "Error during planning: x");
+    }
 }
