@@ -1161,7 +1161,7 @@ impl Pipeline {
                 let options = &running.query.source().options;
                 let limit = now.saturating_add(options.future_tolerance.as_millis() as i64);
                 let maxima = match &options.event_time {
-                    Some(time) => event_time_maxima(&decoded.batch, time, &partitions, limit, now)?,
+                    Some(time) => event_time_maxima(&decoded.batch, time, &partitions, limit)?,
                     None => HashMap::new(),
                 };
                 for (p, max) in maxima {

@@ -27,14 +27,13 @@ pub(super) struct Repartition {
 }
 
 /// Per partition, the largest event time of the rows of `batch` (`partitions[i]` is row i's)
-/// not later than `limit` (rows later are diverted), and at most `now` (a clock ahead within
-/// the tolerance does not move the watermark past processing time).
+/// not later than `limit` (rows later are diverted). A time ahead of the clock is passed on as
+/// it is: the watermark caps it by processing time as the clock goes on.
 pub(super) fn event_time_maxima(
     batch: &RecordBatch,
     time: &str,
     partitions: &[i32],
     limit: i64,
-    now: i64,
 ) -> Result<HashMap<i32, i64>> {
     use datafusion::arrow::array::{Array, TimestampMillisecondArray};
     use datafusion::arrow::datatypes::{DataType, TimeUnit};
@@ -53,7 +52,6 @@ pub(super) fn event_time_maxima(
         if let (Some(t), Some(p)) = (t, partitions.get(r))
             && t <= limit
         {
-            let t = t.min(now);
             let m = out.entry(*p).or_insert(t);
             *m = (*m).max(t);
         }

@@ -758,6 +758,7 @@ impl StreamContext {
                 watermarks,
                 time_column,
                 early_fire_ms: None,
+                forced_late: Vec::new(),
                 last_early_fire_ms: i64::MIN,
                 output_schema,
                 held: Default::default(),
@@ -1073,6 +1074,7 @@ impl StreamContext {
             watermarks,
             time_column,
             early_fire_ms: early_fire.map(|d| d.as_millis() as i64),
+            forced_late: Vec::new(),
             last_early_fire_ms: i64::MIN,
             output_schema: Arc::new(Schema::new(fields)),
             held: Default::default(),
@@ -1769,6 +1771,10 @@ pub struct StreamQuery {
     watermarks: WatermarkTracker,
     time_column: Option<String>,
     early_fire_ms: Option<i64>,
+    /// Rows of the run [`StreamQuery::process_run`] is given that the rows before them in
+    /// their micro-batch made late (row, the watermark they made), found by
+    /// [`StreamQuery::cuts`]; taken by the run's `admit`.
+    forced_late: Vec<(u32, i64)>,
     last_early_fire_ms: i64,
     output_schema: SchemaRef,
     /// In stage 2 of a repartitioned query, (partitions, this one): only rows of the groups
@@ -2804,8 +2810,9 @@ impl StreamQuery {
             let table = self.source.name.clone();
             return Box::pin(self.process_from(&table, batch, partitions, offsets, now_ms)).await;
         }
-        let cuts = self.cuts(batch, partitions, now_ms)?;
+        let (cuts, late) = self.cuts(batch, partitions, now_ms)?;
         if cuts.is_empty() {
+            self.forced_late = late;
             return self.process_run(batch, partitions, offsets, now_ms).await;
         }
         // Each run is a step of its own: its rows are judged against the windows the rows
@@ -2819,6 +2826,11 @@ impl StreamQuery {
             } else {
                 partitions
             };
+            self.forced_late = late
+                .iter()
+                .filter(|(r, _)| (start..end).contains(&(*r as usize)))
+                .map(|(r, w)| (r - start as u32, *w))
+                .collect();
             let step = self
                 .process_run(
                     &batch.slice(start, end - start),
@@ -2837,44 +2849,50 @@ impl StreamQuery {
         Ok(out)
     }
 
-    /// Where a micro-batch of a windowed query over one stream is cut so that no row is
+    /// How a micro-batch of a windowed query over one stream is judged so that no row is
     /// judged against windows that the rows before it in the same micro-batch would have
-    /// closed: before each row one of whose windows the watermark those rows made has
-    /// passed (by the allowed lateness), when the windows were still open at the start of
-    /// the run it would fall in. Whether a row is late then does not depend on how the
-    /// input was cut into micro-batches. Empty in the common case, told cheaply: no row is
-    /// behind the highest watermark the micro-batch could make. Sessions are not cut (a
+    /// closed (by the watermark they made, and the allowed lateness): a row all of whose
+    /// windows they closed is late (returned with that watermark); the micro-batch is cut
+    /// before a row only some of whose windows they closed (hop, cumulate), so that it is
+    /// judged against the windows as those rows left them. The cuts are at most the window
+    /// ends the micro-batch passes. Whether a row is late then does not depend on how the
+    /// input was cut into micro-batches. Nothing in the common case, told cheaply: no row is
+    /// behind the highest watermark the micro-batch could make. Sessions are not judged so (a
     /// session event's lateness depends on the live sessions of its key).
-    fn cuts(&self, batch: &RecordBatch, partitions: &[i32], now_ms: i64) -> Result<Vec<usize>> {
+    #[allow(clippy::type_complexity)]
+    fn cuts(
+        &self,
+        batch: &RecordBatch,
+        partitions: &[i32],
+        now_ms: i64,
+    ) -> Result<(Vec<usize>, Vec<(u32, i64)>)> {
         let (Some(time), Some(w)) = (&self.time_column, &self.windowed) else {
-            return Ok(Vec::new());
+            return Ok(Default::default());
         };
         if batch.num_rows() < 2 || w.operator.keyed_lateness() {
-            return Ok(Vec::new());
+            return Ok(Default::default());
         }
         let times = event_times(batch, time)?;
         let (Some(lo), Some(hi)) = (
             datafusion::arrow::compute::min(&times),
             datafusion::arrow::compute::max(&times),
         ) else {
-            return Ok(Vec::new());
+            return Ok(Default::default());
         };
         let after = w.operator.evicted_through();
-        let Some(highest) = w
-            .operator
-            .frontier(self.watermarks.reachable(hi.min(now_ms)))
-        else {
-            return Ok(Vec::new());
+        let Some(highest) = w.operator.frontier(self.watermarks.reachable(hi, now_ms)) else {
+            return Ok(Default::default());
         };
         // A window of a row ends after it: none of a row at or after `highest` can close.
         if highest <= after || lo >= highest {
-            return Ok(Vec::new());
+            return Ok(Default::default());
         }
         let future_limit =
             now_ms.saturating_add(self.source.options.future_tolerance.as_millis() as i64);
         let mut running = self.watermarks.clone();
         let mut after = after;
-        let mut cuts = Vec::new();
+        let mut observed = false;
+        let (mut cuts, mut late) = (Vec::new(), Vec::new());
         for (r, t) in times.iter().enumerate() {
             let Some(t) = t else {
                 continue;
@@ -2883,21 +2901,26 @@ impl StreamQuery {
                 // Diverted without moving the watermark.
                 continue;
             }
-            if r > 0 && t < highest {
-                let through = running
-                    .advance(now_ms)
-                    .and_then(|wm| w.operator.frontier(wm))
-                    .unwrap_or(i64::MIN);
+            // Until a row of the micro-batch is seen, the watermark is the one its run
+            // starts with.
+            if observed && t < highest {
+                let watermark = running.advance(now_ms).unwrap_or(i64::MIN);
+                let through = w.operator.frontier(watermark).unwrap_or(i64::MIN);
                 if w.operator.closes_between(t, after, through) {
-                    cuts.push(r);
-                    after = through;
+                    if w.operator.last_window_end(t) <= through {
+                        late.push((r as u32, watermark));
+                    } else {
+                        cuts.push(r);
+                        after = through;
+                    }
                 }
             }
             // Late or not, a row shows how far its partition has come (as in `admit`).
             let p = partitions.get(r).copied().unwrap_or(0);
             running.observe(p, t, now_ms);
+            observed = true;
         }
-        Ok(cuts)
+        Ok((cuts, late))
     }
 
     /// [`StreamQuery::process`] of one run of rows, judged against the windows as they are.
@@ -3618,13 +3641,18 @@ impl StreamQuery {
         let mut running = match (&self.ordered, input, &self.union) {
             (Some(_), None, None) => {
                 let reach = datafusion::arrow::compute::max(times)
-                    .map_or(i64::MIN, |hi| self.watermarks.reachable(hi.min(now_ms)));
+                    .map_or(i64::MIN, |hi| self.watermarks.reachable(hi, now_ms));
                 datafusion::arrow::compute::min(times)
                     .is_some_and(|lo| lo < reach && watermark < reach)
-                    .then(|| (self.watermarks.clone(), reach))
+                    .then(|| (self.watermarks.clone(), reach, false))
             }
             _ => None,
         };
+        let forced = match input {
+            None => std::mem::take(&mut self.forced_late),
+            Some(_) => Vec::new(),
+        };
+        let mut next_forced = 0;
         let mut keep = Vec::with_capacity(batch.num_rows());
         let mut max_by_partition = NewestByPartition::default();
         let mut run: Option<((i64, i32), i64)> = None;
@@ -3645,6 +3673,11 @@ impl StreamQuery {
             let mut moved = None;
             let reason = if t > future_limit {
                 Some(DivertReason::FutureTimestamp)
+            } else if let Some(&(_, w)) = forced.get(next_forced).filter(|(f, _)| *f == r as u32) {
+                // Its windows closed by the rows before it in the micro-batch.
+                next_forced += 1;
+                moved = Some(w);
+                Some(DivertReason::BeyondAllowedLateness)
             } else if t < timely_from
                 && self
                     .windowed
@@ -3656,7 +3689,8 @@ impl StreamQuery {
             } else if self.ordered.is_some() && t < watermark {
                 // Rows before the watermark have been put in order: it would come after.
                 Some(DivertReason::BeyondAllowedLateness)
-            } else if let Some((tracker, _)) = running.as_mut().filter(|(_, reach)| t < *reach)
+            } else if let Some((tracker, _, true)) =
+                running.as_mut().filter(|(_, reach, _)| t < *reach)
                 && let Some(w) = tracker.advance(now_ms).filter(|w| t < *w)
             {
                 moved = Some(w);
@@ -3672,8 +3706,9 @@ impl StreamQuery {
                     if matches!(reason, DivertReason::BeyondAllowedLateness) {
                         let p = partitions.get(r).copied().unwrap_or(0);
                         max_by_partition.observe(p, t);
-                        if let Some((tracker, _)) = &mut running {
+                        if let Some((tracker, _, seen)) = &mut running {
                             tracker.observe(p, t, now_ms);
+                            *seen = true;
                         }
                     }
                     diverted.push(Diverted {
@@ -3706,8 +3741,9 @@ impl StreamQuery {
                     // reaches its time.
                     let p = partitions.get(r).copied().unwrap_or(0);
                     max_by_partition.observe(p, t);
-                    if let Some((tracker, _)) = &mut running {
+                    if let Some((tracker, _, seen)) = &mut running {
                         tracker.observe(p, t, now_ms);
+                        *seen = true;
                     }
                     if let (true, Some(&offset)) =
                         (self.ordered.is_some(), offsets.and_then(|o| o.get(r)))

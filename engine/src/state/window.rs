@@ -827,20 +827,39 @@ impl WindowOperator {
     }
 
     /// Whether a window of an event at `t` ends after `after` and at or before `through`.
+    /// Constant time: the ends of an event's windows lie a slide (a step) apart, from the
+    /// first window's to the last's.
     pub fn closes_between(&self, t: i64, after: i64, through: i64) -> bool {
-        if through <= after || matches!(self.spec.window, WindowSpec::Session { .. }) {
+        // Every window of an event ends after it.
+        if through <= after || t >= through {
             return false;
         }
-        // Window ends lie on the pane grid: none lies between without a pane start there.
-        let grid = through
-            .checked_sub(self.pane_offset)
-            .map(|x| x.div_euclid(self.pane_ms) * self.pane_ms + self.pane_offset);
-        if grid.is_some_and(|g| g <= after) {
-            return false;
-        }
-        self.windows_of(t)
-            .iter()
-            .any(|(_, end)| after < *end && *end <= through)
+        let (first, last, step) = match self.spec.window {
+            WindowSpec::Tumble { .. } => {
+                let end = self.last_window_end(t);
+                (end, end, 1)
+            }
+            WindowSpec::Hop { slide, size } => (
+                (t - size).div_euclid(slide) * slide + slide + size,
+                self.last_window_end(t),
+                slide,
+            ),
+            WindowSpec::Cumulate { step, max } => {
+                let period = t.div_euclid(max) * max;
+                (
+                    period + (t - period).div_euclid(step) * step + step,
+                    period + max,
+                    step,
+                )
+            }
+            WindowSpec::Session { .. } => return false,
+        };
+        let next = if first > after {
+            first
+        } else {
+            first + ((after - first) / step + 1) * step
+        };
+        next <= through && next <= last
     }
 
     /// Windows ending at or before this have been evicted.
@@ -1802,5 +1821,47 @@ mod tests {
         let c = op(WindowSpec::Cumulate { step: 10, max: 30 });
         assert_eq!(c.windows_of(15), vec![(0, 20), (0, 30)]);
         assert_eq!(c.windows_of(31), vec![(30, 40), (30, 50), (30, 60)]);
+    }
+
+    /// `closes_between` (constant time) says what the windows an event belongs to say.
+    #[test]
+    fn closes_between_agrees_with_the_windows_of_an_event() {
+        let ops = [
+            op(WindowSpec::Tumble {
+                width: 60,
+                offset: 0,
+            }),
+            op(WindowSpec::Tumble {
+                width: 100,
+                offset: 70,
+            }),
+            op(WindowSpec::Hop {
+                slide: 10,
+                size: 30,
+            }),
+            op(WindowSpec::Hop {
+                slide: 20,
+                size: 30,
+            }),
+            op(WindowSpec::Cumulate { step: 10, max: 30 }),
+        ];
+        for o in &ops {
+            for t in -130..130 {
+                for after in (-150..150).step_by(7) {
+                    for through in (after..after + 90).step_by(3) {
+                        let want = o
+                            .windows_of(t)
+                            .iter()
+                            .any(|(_, end)| after < *end && *end <= through);
+                        assert_eq!(
+                            o.closes_between(t, after, through),
+                            want,
+                            "{:?} t {t} after {after} through {through}",
+                            o.spec.window
+                        );
+                    }
+                }
+            }
+        }
     }
 }

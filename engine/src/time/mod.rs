@@ -101,18 +101,22 @@ impl WatermarkTracker {
         )
     }
 
-    /// The highest watermark events up to `newest` could make, whatever their partitions
-    /// and whichever partitions go idle: an upper bound, to tell cheaply that a batch moves
-    /// it past nothing.
-    pub fn reachable(&self, newest: i64) -> i64 {
-        let newest = self
+    /// The highest watermark events up to `newest` could make at processing time `now_ms`,
+    /// whatever their partitions: an upper bound, to tell cheaply that a batch moves it past
+    /// nothing. The partitions active now hold it at the lowest of their newest times (each
+    /// raised to `newest` at most); one idle now only lowers it if it delivers.
+    pub fn reachable(&self, newest: i64, now_ms: i64) -> i64 {
+        let newest = newest.min(now_ms);
+        let lowest = self
             .partitions
             .values()
-            .map(|p| p.max_event_ms)
-            .fold(newest, i64::max);
+            .filter(|p| now_ms.saturating_sub(p.last_seen_ms) < self.idle_ms)
+            .map(|p| p.max_event_ms.min(now_ms).max(newest))
+            .min()
+            .unwrap_or(newest);
         self.watermark
             .unwrap_or(i64::MIN)
-            .max(newest.saturating_sub(self.delay_ms))
+            .max(lowest.saturating_sub(self.delay_ms))
     }
 
     /// The current watermark, as of the last [`WatermarkTracker::advance`].
