@@ -24,7 +24,7 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBat
 use datafusion::arrow::compute::kernels::zip::zip;
 use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, is_not_null};
 use datafusion::arrow::datatypes::{
-    DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
+    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
 };
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::json::ReaderBuilder;
@@ -33,6 +33,7 @@ use datafusion::arrow::json::reader::Decoder;
 use crate::error::{Error, Result};
 use crate::schema::TopicSchema;
 use crate::source::RawBatch;
+use crate::time::LATEST_EVENT_MS;
 use crate::topics::Format;
 
 pub mod avro;
@@ -421,8 +422,21 @@ impl Shape {
             )?;
             let ms = ms.as_primitive::<TimestampMillisecondType>();
             let field = self.schema.arrow.field(c).name();
+            let raw = batch.column(c);
+            let numbers = cast(raw, &DataType::Int64)?;
+            let numbers = numbers.as_primitive::<Int64Type>();
             for (r, slot) in reason.iter_mut().enumerate() {
-                if slot.is_none() && !ms.is_null(r) && ms.value(r) < EARLIEST_EVENT_MS {
+                if slot.is_some() || raw.is_null(r) {
+                    continue;
+                }
+                // A time in seconds too large for milliseconds converts to null.
+                if ms.is_null(r) || ms.value(r) > LATEST_EVENT_MS {
+                    *slot = Some(format!(
+                        "field {field}: event time {} is outside the years 1990 to 9999",
+                        numbers.value(r)
+                    ));
+                    any_bad = true;
+                } else if ms.value(r) < EARLIEST_EVENT_MS {
                     *slot = Some(format!(
                         "field {field}: event time {} is before 1990; if the topic carries \
                          epoch seconds (or microseconds), declare OPTIONS ('event_time_unit' \

@@ -276,6 +276,60 @@ fn event_time_units_are_declared_and_mistakes_are_named() {
     );
 }
 
+/// An event time after the year 9999, or one of epoch seconds too large for milliseconds,
+/// is dead-lettered with its number, and the records around it are kept (the seconds once
+/// converted to a null in a NOT NULL column and failed the whole batch).
+#[test]
+fn event_times_beyond_the_year_9999_are_dead_lettered_alone() {
+    use datafusion::arrow::datatypes::TimeUnit;
+    let schema = Arc::new(TopicSchema::from_arrow(
+        "readings",
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, false),
+            Field::new(
+                "ts",
+                DataType::Timestamp(TimeUnit::Millisecond, None),
+                false,
+            ),
+        ])),
+    ));
+    let good: &[u8] = br#"{"id":"a","ts":1767222000}"#;
+    let year_10000: &[u8] = br#"{"id":"b","ts":253402300800}"#;
+    let too_large: &[u8] = br#"{"id":"c","ts":9000000000000000000}"#;
+    let decoded = JsonDecoder::new(schema.clone())
+        .with_event_time("ts", TimeUnit::Second)
+        .decode(&raw(&[good, year_10000, too_large, good]))
+        .expect("decode");
+    assert_eq!(decoded.batch.num_rows(), 2);
+    assert_eq!(decoded.rows, vec![0, 3]);
+    let rejected: Vec<(u32, &str)> = decoded
+        .rejects
+        .iter()
+        .map(|r| (r.index, r.error.as_str()))
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![
+            (
+                1,
+                "field ts: event time 253402300800 is outside the years 1990 to 9999"
+            ),
+            (
+                2,
+                "field ts: event time 9000000000000000000 is outside the years 1990 to 9999"
+            ),
+        ]
+    );
+
+    let max: &[u8] = br#"{"id":"d","ts":9223372036854775807}"#;
+    let decoded = JsonDecoder::new(schema)
+        .with_event_time("ts", TimeUnit::Millisecond)
+        .decode(&raw(&[max]))
+        .expect("decode");
+    assert_eq!(decoded.batch.num_rows(), 0);
+    assert_eq!(decoded.rejects.len(), 1);
+}
+
 #[test]
 fn unknown_ids_are_counted_and_dead_lettered_by_policy() {
     let bad: &[u8] = b"{not json";

@@ -1747,6 +1747,7 @@ mod tests {
             DivertReason::FutureTimestamp,
             DivertReason::WindowClosed,
             DivertReason::MissingEventTime,
+            DivertReason::EventTimeOutOfRange,
         ];
         // A reason added later must be added above.
         for (i, reason) in reasons.into_iter().enumerate() {
@@ -1755,6 +1756,7 @@ mod tests {
                 DivertReason::FutureTimestamp => 1,
                 DivertReason::WindowClosed => 2,
                 DivertReason::MissingEventTime => 3,
+                DivertReason::EventTimeOutOfRange => 4,
             };
             assert_eq!(listed, i);
         }

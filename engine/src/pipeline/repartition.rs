@@ -51,6 +51,7 @@ pub(super) fn event_time_maxima(
     for (r, t) in times.iter().enumerate() {
         if let (Some(t), Some(p)) = (t, partitions.get(r))
             && t <= limit
+            && crate::time::in_time_range(t)
         {
             let m = out.entry(*p).or_insert(t);
             *m = (*m).max(t);

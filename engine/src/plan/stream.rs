@@ -100,7 +100,12 @@ pub enum DivertReason {
     WindowClosed,
     /// Its event time is NULL: it cannot be placed in time.
     MissingEventTime,
+    /// Its event time is outside the years 0001 to 9999 (see [`in_time_range`]): it cannot
+    /// be placed in time either.
+    EventTimeOutOfRange,
 }
+
+use crate::time::in_time_range;
 
 impl DivertReason {
     /// Whether the row was not taken for being too late, or for having no time at all; not
@@ -108,7 +113,9 @@ impl DivertReason {
     fn is_late(self) -> bool {
         matches!(
             self,
-            DivertReason::BeyondAllowedLateness | DivertReason::MissingEventTime
+            DivertReason::BeyondAllowedLateness
+                | DivertReason::MissingEventTime
+                | DivertReason::EventTimeOutOfRange
         )
     }
 
@@ -119,6 +126,7 @@ impl DivertReason {
             DivertReason::FutureTimestamp => "future_timestamp",
             DivertReason::WindowClosed => "window_closed",
             DivertReason::MissingEventTime => "missing_event_time",
+            DivertReason::EventTimeOutOfRange => "event_time_out_of_range",
         }
     }
 }
@@ -2897,7 +2905,7 @@ impl StreamQuery {
             let Some(t) = t else {
                 continue;
             };
-            if t > future_limit {
+            if t > future_limit || !in_time_range(t) {
                 // Diverted without moving the watermark.
                 continue;
             }
@@ -2959,9 +2967,9 @@ impl StreamQuery {
                 for d in &out.diverted {
                     match d.reason {
                         // A record without a time is still its key's latest, as a late one.
-                        DivertReason::BeyondAllowedLateness | DivertReason::MissingEventTime => {
-                            late[d.row as usize] = true
-                        }
+                        DivertReason::BeyondAllowedLateness
+                        | DivertReason::MissingEventTime
+                        | DivertReason::EventTimeOutOfRange => late[d.row as usize] = true,
                         DivertReason::FutureTimestamp => taken[d.row as usize] = false,
                         DivertReason::WindowClosed => {}
                     }
@@ -3329,6 +3337,7 @@ impl StreamQuery {
         for (r, t) in times.iter().enumerate() {
             let reason = match t {
                 None => Some(DivertReason::MissingEventTime),
+                Some(t) if !in_time_range(t) => Some(DivertReason::EventTimeOutOfRange),
                 Some(t) if t > future_limit => Some(DivertReason::FutureTimestamp),
                 Some(t) if watermark.is_some_and(|w| t < w) => {
                     Some(DivertReason::BeyondAllowedLateness)
@@ -3490,7 +3499,12 @@ impl StreamQuery {
         let late_alone: Vec<bool> = times
             .iter()
             .map(|t| {
-                t.is_some_and(|t| t < timely_from && t <= future_limit && w.operator.is_late(t))
+                t.is_some_and(|t| {
+                    in_time_range(t)
+                        && t < timely_from
+                        && t <= future_limit
+                        && w.operator.is_late(t)
+                })
             })
             .collect();
         if !late_alone.contains(&true) {
@@ -3510,7 +3524,10 @@ impl StreamQuery {
         let considered: Vec<u32> = times
             .iter()
             .enumerate()
-            .filter_map(|(r, t)| (t? <= future_limit).then_some(r as u32))
+            .filter_map(|(r, t)| {
+                t.filter(|&t| t <= future_limit && in_time_range(t))
+                    .map(|_| r as u32)
+            })
             .collect();
         if w.groups.is_empty() {
             let ts: Vec<i64> = considered
@@ -3671,7 +3688,9 @@ impl StreamQuery {
             };
             // The watermark this row is judged by, when the rows before it moved it.
             let mut moved = None;
-            let reason = if t > future_limit {
+            let reason = if !in_time_range(t) {
+                Some(DivertReason::EventTimeOutOfRange)
+            } else if t > future_limit {
                 Some(DivertReason::FutureTimestamp)
             } else if let Some(&(_, w)) = forced.get(next_forced).filter(|(f, _)| *f == r as u32) {
                 // Its windows closed by the rows before it in the micro-batch.

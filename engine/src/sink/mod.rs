@@ -370,7 +370,7 @@ pub struct LateRecord {
     pub watermark: i64,
     /// `beyond_allowed_lateness`, `future_timestamp`, `window_closed` (too late for the
     /// window named by `window_start`/`window_end`; the event updated its other windows), or
-    /// `missing_event_time`.
+    /// `missing_event_time`, or `event_time_out_of_range` (outside the years 0001 to 9999).
     pub reason: String,
     /// The window it missed, epoch ms (`window_closed` only).
     pub window_start: Option<i64>,

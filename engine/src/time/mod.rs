@@ -11,6 +11,19 @@ pub mod display;
 use std::collections::HashMap;
 use std::time::Duration;
 
+/// The earliest event time a query places in time: 0001-01-01T00:00:00Z, in epoch ms. Window
+/// arithmetic on times near `i64::MIN` would overflow. (The decoders refuse a record stamped
+/// before 1990 already; this bounds every other way in.)
+pub const EARLIEST_EVENT_MS: i64 = -62_135_596_800_000;
+
+/// The latest event time a query places in time: 9999-12-31T23:59:59.999Z, in epoch ms.
+pub const LATEST_EVENT_MS: i64 = 253_402_300_799_999;
+
+/// Whether a query places an event at `t` (epoch ms) in time: the years 0001 to 9999.
+pub fn in_time_range(t: i64) -> bool {
+    (EARLIEST_EVENT_MS..=LATEST_EVENT_MS).contains(&t)
+}
+
 /// Event-time watermark over the partitions of a query's input.
 #[derive(Debug, Clone)]
 pub struct WatermarkTracker {
