@@ -193,8 +193,9 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
     let mut stream = open_file(
         &args.file,
         &args.rename,
-        args.time.as_deref(),
+        (args.time.as_deref(), unit_ms, &args.time_zone),
         args.key.as_deref(),
+        false,
     )
     .await?;
 

@@ -128,8 +128,23 @@ pub fn report(summary: &RunSummary) -> Result<String> {
     }
     if summary.unreadable_time > 0 {
         out.push_str(&format!(
-            "{} rows without a readable event time (see --time-unit, --time-zone)\n",
-            summary.unreadable_time
+            "{} rows without a readable event time (the first: {:?}; see --time-unit, \
+             --time-zone)\n",
+            summary.unreadable_time,
+            summary.first_unreadable.as_deref().unwrap_or("")
+        ));
+    }
+    if !summary.ignored_columns.is_empty() {
+        out.push_str(&format!(
+            "columns of the file that the stream does not have, not read: {} (--rename \
+             old=new names a column as the stream's field)\n",
+            summary.ignored_columns.join(", ")
+        ));
+    }
+    if !summary.missing_fields.is_empty() {
+        out.push_str(&format!(
+            "fields of the stream that the file does not have, NULL in every row: {}\n",
+            summary.missing_fields.join(", ")
         ));
     }
     for (reason, n) in &summary.diverted {
@@ -141,6 +156,90 @@ pub fn report(summary: &RunSummary) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::DataType;
+
+    /// Regressions: a CSV was read by types guessed from its first 1000 rows, so a later row
+    /// of another type (`2.5` in a column of whole numbers so far, `xx`, a time that is not
+    /// one) failed the whole file; a time with an offset was read as local time and shifted
+    /// by `--time-zone` again; rows were sorted by the text of their times, not the instant
+    /// (a row written `+07:00` sorted after a row of `Z` that it precedes, and was late); a
+    /// column the stream lacks, and a field the file lacks, went unmentioned. Now the CSV's
+    /// columns are text read by the stream's schema, row by row.
+    #[tokio::test]
+    async fn a_csv_is_read_by_the_streams_schema_row_by_row() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let query = dir.path().join("q.sql");
+        std::fs::write(
+            &query,
+            "CREATE EXTERNAL TABLE s (id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, \
+             n INT, v DOUBLE, ok BOOLEAN, note VARCHAR) STORED AS KAFKA OPTIONS ('topic' 's', \
+             'event_time' 'event_time', 'watermark_delay' '0s'); \
+             SELECT id, event_time, n, v, ok FROM s",
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let input = dir.path().join("rows.csv");
+        let mut csv = String::from("id,event_time,n,v,ok,remark\n");
+        // 1100 rows from 2026-01-01T00:00:00Z, a second apart, whole numbers in `v`.
+        for i in 0..1100 {
+            csv.push_str(&format!(
+                "r{i},2026-01-01T00:{:02}:{:02}Z,{i},{i},true,\n",
+                i / 60,
+                i % 60
+            ));
+        }
+        csv.push_str("frac,2026-01-01T00:18:21Z,1,2.5,false,\n");
+        csv.push_str("bad_n,2026-01-01T00:18:22Z,xx,1,true,\n");
+        csv.push_str("bad_ok,2026-01-01T00:18:23Z,1,1,maybe,\n");
+        csv.push_str("bad_time,not-a-time,1,1,true,\n");
+        // 07:18:24 at +07:00 is 00:18:24Z: after the rows above, before the next.
+        csv.push_str("offset,2026-01-01T07:18:24+07:00,1,1,true,\n");
+        csv.push_str("last,2026-01-01T00:18:25Z,1,1,true,\n");
+        std::fs::write(&input, csv).map_err(|e| Error::Config(e.to_string()))?;
+        let args = RunArgs {
+            query,
+            input,
+            rename: Vec::new(),
+            time_unit: "ms".into(),
+            time_zone: "+07:00".into(),
+            limit: 2000,
+            output: None,
+            reference: Vec::new(),
+        };
+        let summary = run_file(&args).await?;
+        assert_eq!(summary.input_rows, 1106);
+        assert_eq!(summary.rejected, 2, "{summary:?}");
+        assert!(
+            summary
+                .first_rejection
+                .as_deref()
+                .is_some_and(|e| e.contains("\"xx\"") || e.contains("\"maybe\" is not a boolean")),
+            "{summary:?}"
+        );
+        assert_eq!(summary.unreadable_time, 1);
+        assert_eq!(summary.first_unreadable.as_deref(), Some("not-a-time"));
+        assert!(summary.diverted.is_empty(), "{summary:?}");
+        assert_eq!(summary.ignored_columns, vec!["remark".to_string()]);
+        assert_eq!(summary.missing_fields, vec!["note".to_string()]);
+        let shown =
+            datafusion::arrow::compute::concat_batches(&summary.shown[0].schema(), &summary.shown)?;
+        assert_eq!(shown.num_rows(), 1103);
+        let ids = datafusion::arrow::compute::cast(shown.column(0), &DataType::Utf8)?;
+        let ids = ids.as_string::<i32>();
+        let tail: Vec<&str> = (1100..1103).map(|r| ids.value(r)).collect();
+        assert_eq!(tail, vec!["frac", "offset", "last"]);
+        let times = datafusion::arrow::compute::cast(shown.column(1), &DataType::Int64)?;
+        let times = times.as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+        // 2026-01-01T00:18:24Z.
+        assert_eq!(times.value(1101), 1_767_226_704_000);
+        let v = datafusion::arrow::compute::cast(shown.column(3), &DataType::Float64)?;
+        let v = v.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+        assert_eq!(v.value(1100), 2.5);
+        let text = report(&summary)?;
+        assert!(text.contains("not read: remark"), "{text}");
+        assert!(text.contains("NULL in every row: note"), "{text}");
+        Ok(())
+    }
 
     #[tokio::test]
     async fn a_query_runs_over_a_csv_as_over_its_topic() -> Result<()> {

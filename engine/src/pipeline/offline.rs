@@ -2,9 +2,11 @@
 //! pipeline: `urbanstream run` (offline) and the service's previews.
 //!
 //! A file's rows become the records of the query's stream through the code the service uses:
-//! read through DataFusion (sorted by event time, in a memory pool), columns renamed, the
-//! event-time column turned into epoch milliseconds (numbers in the given unit; text as RFC
-//! 3339, or as `YYYY-MM-DD HH:MM[:SS]` in the given time zone), encoded as JSON, decoded and
+//! read through DataFusion (a CSV's columns as text, for the stream's schema to read rather
+//! than types guessed from the file's first rows; sorted by the instant of each event time,
+//! in a memory pool), columns renamed, the event-time column turned into epoch milliseconds
+//! (numbers in the given unit; text as RFC 3339, or as `YYYY-MM-DD HH:MM[:SS]` in the given
+//! time zone), encoded as JSON, decoded and
 //! validated by the stream's schema (a row the schema rejects is counted with its reason, as
 //! the DLQ would get it), fed in event-time order micro-batch by micro-batch, with processing
 //! time following the data. At the end of the input every window closes.
@@ -15,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch};
-use datafusion::arrow::compute::{cast, kernels::numeric::mul};
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, SessionContext};
 use futures::StreamExt;
@@ -48,10 +50,16 @@ pub struct RunSummary {
     pub first_rejection: Option<String>,
     /// Rows without a readable event time (not fed).
     pub unreadable_time: u64,
+    /// The first of them's time, as written.
+    pub first_unreadable: Option<String>,
     /// Rows diverted as late or future-stamped, by reason.
     pub diverted: BTreeMap<String, u64>,
     /// Output rows.
     pub output_rows: u64,
+    /// Columns of the file the stream does not have (after renaming): not read.
+    pub ignored_columns: Vec<String>,
+    /// Fields of the stream the file does not have: NULL (or their default) in every record.
+    pub missing_fields: Vec<String>,
     /// The first `limit` output rows.
     pub shown: Vec<RecordBatch>,
 }
@@ -106,8 +114,29 @@ pub async fn run_query<W: Write + ?Sized>(
             None => d,
         }
     };
-    let mut stream = open_file(&input.path, &input.rename, time.as_deref(), None).await?;
+    let mut stream = open_file(
+        &input.path,
+        &input.rename,
+        (time.as_deref(), unit_ms, &input.time_zone),
+        None,
+        true,
+    )
+    .await?;
     let mut summary = RunSummary::default();
+    let fields = source.topic_schema.arrow.clone();
+    let columns = stream.schema();
+    summary.ignored_columns = columns
+        .fields()
+        .iter()
+        .filter(|c| fields.field_with_name(c.name()).is_err())
+        .map(|c| c.name().clone())
+        .collect();
+    summary.missing_fields = fields
+        .fields()
+        .iter()
+        .filter(|f| columns.field_with_name(f.name()).is_err())
+        .map(|f| f.name().clone())
+        .collect();
     let mut unreadable = Unreadable::default();
     let mut now_ms = i64::MIN;
     let mut offset = 0i64;
@@ -126,6 +155,7 @@ pub async fn run_query<W: Write + ?Sized>(
             }
             None => batch,
         };
+        let batch = read_booleans(&batch, &fields, &mut summary)?;
         let (bytes, ends) = crate::sink::encode_json_rows(&batch)?;
         let mut raw = RawBatch::new(source.options.topic.clone());
         let mut start = 0;
@@ -151,6 +181,7 @@ pub async fn run_query<W: Write + ?Sized>(
         take(&query, out, limit, &mut summary, output.as_deref_mut())?;
     }
     summary.unreadable_time = unreadable.skipped;
+    summary.first_unreadable = unreadable.first;
     // The end of the file closes every window.
     let out = query.advance_watermark(i64::MAX / 4, now_ms.max(0)).await?;
     take(&query, out, limit, &mut summary, output)?;
@@ -249,6 +280,57 @@ fn take<W: Write + ?Sized>(
     Ok(())
 }
 
+/// `batch` with its text columns that are boolean fields of the stream (`fields`) read as
+/// booleans (JSON carries no text for them), rows whose text is not one left out and
+/// counted as rejected with the reason.
+fn read_booleans(
+    batch: &RecordBatch,
+    fields: &Schema,
+    summary: &mut RunSummary,
+) -> Result<RecordBatch> {
+    let mut columns = batch.columns().to_vec();
+    let mut schema: Vec<Field> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let mut keep = vec![true; batch.num_rows()];
+    for (c, field) in batch.schema().fields().iter().enumerate() {
+        let is_boolean = fields
+            .field_with_name(field.name())
+            .is_ok_and(|f| f.data_type() == &DataType::Boolean);
+        if !is_boolean || field.data_type() != &DataType::Utf8 {
+            continue;
+        }
+        let read = cast(&columns[c], &DataType::Boolean)?;
+        let text = columns[c].as_string::<i32>();
+        for (r, kept) in keep.iter_mut().enumerate() {
+            if *kept && text.is_valid(r) && read.is_null(r) {
+                *kept = false;
+                summary.rejected += 1;
+                if summary.first_rejection.is_none() {
+                    summary.first_rejection = Some(format!(
+                        "field {}: {:?} is not a boolean (write true or false)",
+                        field.name(),
+                        text.value(r)
+                    ));
+                }
+            }
+        }
+        columns[c] = read;
+        schema[c] = Field::new(field.name(), DataType::Boolean, true);
+    }
+    let out = RecordBatch::try_new(Arc::new(Schema::new(schema)), columns)?;
+    if keep.iter().all(|k| *k) {
+        return Ok(out);
+    }
+    Ok(datafusion::arrow::compute::filter_record_batch(
+        &out,
+        &keep.into_iter().map(Some).collect(),
+    )?)
+}
+
 /// Milliseconds per unit of a numeric event-time column (`s`, `ms`); `None` for `us`.
 pub fn unit_ms(unit: &str) -> Result<Option<i64>> {
     match unit {
@@ -262,13 +344,17 @@ pub fn unit_ms(unit: &str) -> Result<Option<i64>> {
 }
 
 /// Opens `file` (CSV, JSON lines or Parquet) as a stream of batches, columns renamed by `rename`
-/// (`old=new`), ordered by the `time` column when given; `time` and `key` must name columns
-/// after renaming.
+/// (`old=new`), ordered by the instant of the `time` column when given (read as by
+/// [`with_epoch_ms`] with its unit and zone); `time` and `key` must name columns after
+/// renaming. A CSV's event-time column is read as text (a time with an offset keeps it);
+/// with `text`, every column of a CSV is (for a schema to read, rather than types guessed
+/// from its first rows, which fail the whole file when a later row differs).
 pub async fn open_file(
     file: &std::path::Path,
     rename: &[String],
-    time: Option<&str>,
+    (time, unit_ms, zone): (Option<&str>, Option<i64>, &str),
     key: Option<&str>,
+    text: bool,
 ) -> Result<datafusion::physical_plan::SendableRecordBatchStream> {
     let renames: Vec<(String, String)> = rename
         .iter()
@@ -296,7 +382,41 @@ pub async fn open_file(
         .to_ascii_lowercase();
     match extension.as_str() {
         "csv" => {
-            ctx.register_csv("input", &path, CsvReadOptions::new())
+            let guessed = ctx
+                .read_csv(&path, CsvReadOptions::new())
+                .await?
+                .schema()
+                .as_arrow()
+                .clone();
+            let time_column = |name: &str| {
+                time.is_some_and(|t| {
+                    renames
+                        .iter()
+                        .find(|(old, _)| old == name)
+                        .map_or(name, |(_, new)| new.as_str())
+                        == t
+                })
+            };
+            let schema = Schema::new(
+                guessed
+                    .fields()
+                    .iter()
+                    .map(|f| {
+                        let as_text = text
+                            || (time_column(f.name())
+                                && matches!(
+                                    f.data_type(),
+                                    DataType::Timestamp(..) | DataType::Date32 | DataType::Date64
+                                ));
+                        if as_text {
+                            Field::new(f.name(), DataType::Utf8, true)
+                        } else {
+                            f.as_ref().clone()
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            ctx.register_csv("input", &path, CsvReadOptions::new().schema(&schema))
                 .await?
         }
         "jsonl" | "ndjson" | "json" => {
@@ -372,7 +492,30 @@ pub async fn open_file(
             .zip(&names)
             .find(|(_, n)| n.as_str() == time)
             .map_or(time.to_string(), |(c, _)| c.clone());
-        sql.push_str(&format!(" ORDER BY \"{}\"", original.replace('"', "\"\"")));
+        // By the instant, not by the text: `06:10+07:00` is before `00:00Z` of that day.
+        let data_type = table
+            .schema()
+            .as_arrow()
+            .field_with_name(&original)?
+            .data_type()
+            .clone();
+        let zone = zone.to_string();
+        ctx.register_udf(datafusion::logical_expr::create_udf(
+            "event_ms",
+            vec![data_type],
+            DataType::Int64,
+            datafusion::logical_expr::Volatility::Immutable,
+            Arc::new(move |args: &[datafusion::logical_expr::ColumnarValue]| {
+                let arrays = datafusion::logical_expr::ColumnarValue::values_to_arrays(args)?;
+                let ms = epoch_ms(&arrays[0], unit_ms, &zone)
+                    .map_err(|e| datafusion::error::DataFusionError::Execution(e.to_string()))?;
+                Ok(datafusion::logical_expr::ColumnarValue::Array(Arc::new(ms)))
+            }),
+        ));
+        sql.push_str(&format!(
+            " ORDER BY event_ms(\"{}\")",
+            original.replace('"', "\"\"")
+        ));
     }
     Ok(ctx.sql(&sql).await?.execute_stream().await?)
 }
@@ -412,6 +555,79 @@ fn local_ms(text: &ArrayRef, zone: &str) -> Result<ArrayRef> {
     )?)
 }
 
+/// Epoch milliseconds of event times `column`: numbers (or number texts) in the unit of
+/// `unit_ms` (milliseconds per unit; `None` for microseconds), fractions rounded to the
+/// millisecond; texts as [`local_ms`] reads them; timestamps without a zone as local time in
+/// `zone`. A time that cannot be read, or whose milliseconds do not fit, is null.
+fn epoch_ms(column: &ArrayRef, unit_ms: Option<i64>, zone: &str) -> Result<Int64Array> {
+    let from_integer = |n: i64| match unit_ms {
+        Some(f) => n.checked_mul(f),
+        None => Some(n.div_euclid(1_000)),
+    };
+    let from_float = |v: f64| {
+        let ms = match unit_ms {
+            Some(f) => (v * f as f64).round(),
+            None => (v / 1_000.0).floor(),
+        };
+        // `i64::MAX as f64` rounds up to 2^63, which does not fit.
+        (ms.is_finite() && ms >= i64::MIN as f64 && ms < i64::MAX as f64).then_some(ms as i64)
+    };
+    let ms: ArrayRef = match column.data_type() {
+        // A time the file's reader took for a timestamp without a zone (CSV inference reads
+        // `2026-01-01 06:00` so) is local time in `zone`, as its text would be.
+        DataType::Timestamp(_, None) | DataType::Date64 => {
+            local_ms(&cast(column, &DataType::Utf8)?, zone)?
+        }
+        DataType::Timestamp(..) | DataType::Date32 => cast(
+            &cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?,
+            &DataType::Int64,
+        )?,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+            let text = cast(column, &DataType::Utf8)?;
+            let times = local_ms(&text, zone)?;
+            let times = times.as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+            let text = text.as_string::<i32>();
+            // A text that is a number is one in the unit (a CSV's columns are read as text).
+            Arc::new(
+                (0..text.len())
+                    .map(|r| {
+                        if times.is_valid(r) || text.is_null(r) {
+                            return times.is_valid(r).then(|| times.value(r));
+                        }
+                        let t = text.value(r).trim();
+                        match t.parse::<i64>() {
+                            Ok(n) => from_integer(n),
+                            Err(_) => t.parse::<f64>().ok().and_then(from_float),
+                        }
+                    })
+                    .collect::<Int64Array>(),
+            )
+        }
+        DataType::Float16 | DataType::Float32 | DataType::Float64 => {
+            let v = cast(column, &DataType::Float64)?;
+            let v = v.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+            Arc::new(
+                v.iter()
+                    .map(|v| v.and_then(from_float))
+                    .collect::<Int64Array>(),
+            )
+        }
+        _ => {
+            let n = cast(column, &DataType::Int64)?;
+            let n = n.as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+            Arc::new(
+                n.iter()
+                    .map(|n| n.and_then(from_integer))
+                    .collect::<Int64Array>(),
+            )
+        }
+    };
+    ms.as_any()
+        .downcast_ref::<Int64Array>()
+        .cloned()
+        .ok_or_else(|| Error::Config("event times did not convert to milliseconds".into()))
+}
+
 /// `batch` with column `time` as epoch milliseconds (a timestamp column in the output, so
 /// that JSON carries numbers), rows without a readable time left out (counted in `summary`);
 /// and those milliseconds.
@@ -428,35 +644,7 @@ pub fn with_epoch_ms(
         )));
     };
     let column = batch.column(index);
-    let ms: ArrayRef = match column.data_type() {
-        // A time the file's reader took for a timestamp without a zone (CSV inference reads
-        // `2026-01-01 06:00` so) is local time in `zone`, as its text would be.
-        DataType::Timestamp(_, None) | DataType::Date64 => {
-            local_ms(&cast(column, &DataType::Utf8)?, zone)?
-        }
-        DataType::Timestamp(..) | DataType::Date32 => cast(
-            &cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?,
-            &DataType::Int64,
-        )?,
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
-            local_ms(&cast(column, &DataType::Utf8)?, zone)?
-        }
-        _ => {
-            let n = cast(column, &DataType::Int64)?;
-            match unit_ms {
-                Some(f) => mul(&n, &Int64Array::new_scalar(f))?,
-                None => datafusion::arrow::compute::kernels::numeric::div(
-                    &n,
-                    &Int64Array::new_scalar(1_000),
-                )?,
-            }
-        }
-    };
-    let ms = ms
-        .as_any()
-        .downcast_ref::<Int64Array>()
-        .cloned()
-        .ok_or_else(|| Error::Config("event times did not convert to milliseconds".into()))?;
+    let ms = epoch_ms(column, unit_ms, zone)?;
     let readable = datafusion::arrow::compute::is_not_null(&ms)?;
     let unread = ms.len() - readable.true_count();
     if unread > 0 {

@@ -491,9 +491,31 @@ pub(super) fn preview_text(answer: &Value) -> String {
     }
     if answer["unreadable_time"].as_u64().unwrap_or(0) > 0 {
         out.push_str(&format!(
-            "{} rows without a readable event time (see --time-unit, --time-zone)\n",
-            text(&answer["unreadable_time"])
+            "{} rows without a readable event time (the first: {}; see --time-unit, \
+             --time-zone)\n",
+            text(&answer["unreadable_time"]),
+            answer["first_unreadable"]
         ));
+    }
+    for (key, what) in [
+        (
+            "ignored_columns",
+            "columns of the file that the stream does not have, not read",
+        ),
+        (
+            "missing_fields",
+            "fields of the stream that the file does not have, NULL in every row",
+        ),
+    ] {
+        let names: Vec<String> = answer[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect();
+        if !names.is_empty() {
+            out.push_str(&format!("{what}: {}\n", names.join(", ")));
+        }
     }
     for (reason, n) in answer["diverted"].as_object().into_iter().flatten() {
         out.push_str(&format!("{} rows diverted: {reason}\n", text(n)));

@@ -231,6 +231,12 @@ pub struct PreviewAnswer {
     pub first_rejection: Option<String>,
     /// Input rows without a readable event time.
     pub unreadable_time: u64,
+    /// The first of them's time, as written.
+    pub first_unreadable: Option<String>,
+    /// Columns of a file that the stream does not have (not read).
+    pub ignored_columns: Vec<String>,
+    /// Fields of the stream that a file does not have (NULL in every row).
+    pub missing_fields: Vec<String>,
     /// Input rows diverted as late or future-stamped, by reason.
     pub diverted: std::collections::BTreeMap<String, u64>,
     /// Whether a topic range held more than a preview reads (200 000 records, or
@@ -917,6 +923,9 @@ impl QueryManager {
             rejected: summary.rejected,
             first_rejection: summary.first_rejection,
             unreadable_time: summary.unreadable_time,
+            first_unreadable: summary.first_unreadable,
+            ignored_columns: summary.ignored_columns,
+            missing_fields: summary.missing_fields,
             diverted: summary.diverted,
             input_truncated,
         })
