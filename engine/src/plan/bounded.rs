@@ -47,6 +47,11 @@ use datafusion::prelude::SessionContext;
 /// The most bytes one call of a function may make (over a whole micro-batch's rows).
 pub const MAX_CALL_BYTES: u128 = 256 << 20;
 
+/// The most steps one call of a function whose work grows faster than its input may take
+/// (over a whole micro-batch's rows): `levenshtein` compares every character of one text
+/// with every character of the other. About a second.
+pub const MAX_CALL_STEPS: u128 = 1 << 28;
+
 /// The documentation sections of the functions that are wrapped: those that make strings,
 /// binary strings, arrays or maps.
 const SECTIONS: [&str; 5] = [
@@ -159,6 +164,20 @@ impl ScalarUDFImpl for Bounded {
             && bytes > MAX_CALL_BYTES
         {
             return too_large(name, bytes);
+        }
+        if name == "levenshtein"
+            && let [a, b] = args.args.as_slice()
+        {
+            let rows = args.number_rows.max(1);
+            let (a, b) = (byte_lengths(a, rows)?, byte_lengths(b, rows)?);
+            let steps: u128 = (0..rows).map(|i| a[i] * b[i]).sum();
+            if steps > MAX_CALL_STEPS {
+                return exec_err!(
+                    "levenshtein(): comparing these texts takes {steps} steps in one \
+                     micro-batch, more than the {MAX_CALL_STEPS} a call may take (its work is \
+                     the product of the two lengths): compare shorter texts, e.g. left(s, 200)"
+                );
+            }
         }
         let out = self.inner.inner().invoke_with_args(args).map_err(|e| {
             let text = e.to_string();
@@ -453,8 +472,11 @@ fn range_lengths(args: &[ColumnarValue], rows: usize) -> Result<Vec<u128>> {
             .map(|v| v.map(i128::from))
             .collect())
     };
-    let steps: Vec<Option<i128>> = match arrays.get(2) {
-        None => vec![Some(if temporal { 86_400_000_000_000 } else { 1 }); rows],
+    // The least and the most a step advances (nanoseconds for times): a month is 28 to 31
+    // days, so `-1 month 31 days` advances 0 to 3 days, and from a 31st it does not.
+    const DAY: i128 = 86_400_000_000_000;
+    let steps: Vec<Option<(i128, i128)>> = match arrays.get(2) {
+        None => vec![Some(if temporal { (DAY, DAY) } else { (1, 1) }); rows],
         Some(step) if temporal => {
             let step = cast(
                 step,
@@ -464,25 +486,49 @@ fn range_lengths(args: &[ColumnarValue], rows: usize) -> Result<Vec<u128>> {
                 .iter()
                 .map(|s| {
                     s.map(|s| {
-                        (i128::from(s.months) * 28 + i128::from(s.days)) * 86_400_000_000_000
-                            + i128::from(s.nanoseconds)
+                        let months = i128::from(s.months);
+                        let rest = i128::from(s.days) * DAY + i128::from(s.nanoseconds);
+                        let (short, long) = (months * 28 * DAY + rest, months * 31 * DAY + rest);
+                        (short.min(long), short.max(long))
                     })
                 })
                 .collect()
         }
-        Some(step) => bounds(step)?,
+        Some(step) => bounds(step)?
+            .into_iter()
+            .map(|s| s.map(|s| (s, s)))
+            .collect(),
     };
     let (start, stop) = match arrays.as_slice() {
         [stop] => (vec![Some(0); rows], bounds(stop)?),
         [start, stop, ..] => (bounds(start)?, bounds(stop)?),
         [] => return Ok(vec![0; rows]),
     };
-    Ok((0..rows)
+    (0..rows)
         .map(|i| match (start[i], stop[i], steps[i]) {
-            (Some(a), Some(b), Some(step)) if step != 0 => ((b - a) / step).max(0) as u128 + 1,
-            _ => 0,
+            (Some(a), Some(b), Some((least, most))) if least != 0 || most != 0 => {
+                // The step that advances least towards the stop.
+                let step = if b >= a { least } else { most };
+                if (b > a && step <= 0) || (b < a && step >= 0) {
+                    if least.signum() == most.signum() {
+                        // A step away from the stop: nothing.
+                        return Ok(1);
+                    }
+                    return exec_err!(
+                        "range(): the step may not advance from every start (a month is 28 \
+                         to 31 days, so a step of months and days of opposite signs can stay \
+                         in place): write a step whose parts have one sign"
+                    );
+                }
+                Ok(if step == 0 {
+                    1
+                } else {
+                    ((b - a) / step).max(0) as u128 + 1
+                })
+            }
+            _ => Ok(0),
         })
-        .collect())
+        .collect()
 }
 
 /// The most bytes one value of a type named in a query (`CAST`, `arrow_cast`) may take
@@ -530,7 +576,7 @@ pub fn refuse_wide_types(plan: &datafusion::logical_expr::LogicalPlan) -> Result
                     }
                 }
                 if let Some((what, pattern)) = regex_literal(e)
-                    && let Err(err) = regex::RegexBuilder::new(pattern).build()
+                    && let Err(err) = regex::RegexBuilder::new(&pattern).build()
                 {
                     problem = Some(match err {
                         regex::Error::CompiledTooBig(limit) => format!(
@@ -557,9 +603,10 @@ pub fn refuse_wide_types(plan: &datafusion::logical_expr::LogicalPlan) -> Result
     }
 }
 
-/// A regular expression given as a literal to an operator (`~`, `~*`, `!~`, `!~*`) or a
-/// `regexp_*` function, with what it was given to.
-fn regex_literal(e: &Expr) -> Option<(String, &str)> {
+/// A regular expression given as a literal to an operator (`~`, `~*`, `!~`, `!~*`,
+/// `SIMILAR TO`) or a `regexp_*` function, or the one a literal `LIKE` pattern is matched
+/// with (`%` any text, `_` any character, the rest as written), with what it was given to.
+fn regex_literal(e: &Expr) -> Option<(String, String)> {
     use datafusion::logical_expr::{BinaryExpr, Operator};
     fn literal(e: &Expr) -> Option<&str> {
         match e {
@@ -579,15 +626,44 @@ fn regex_literal(e: &Expr) -> Option<(String, &str)> {
                     | Operator::RegexNotIMatch
             ) =>
         {
-            literal(right).map(|p| (format!("the {op} operator"), p))
+            literal(right).map(|p| (format!("the {op} operator"), p.to_string()))
         }
         Expr::ScalarFunction(ScalarFunction { func, args })
             if func.name().starts_with("regexp_") =>
         {
             args.get(1)
                 .and_then(literal)
-                .map(|p| (format!("{}()", func.name()), p))
+                .map(|p| (format!("{}()", func.name()), p.to_string()))
         }
+        Expr::SimilarTo(like) => {
+            literal(&like.pattern).map(|p| ("SIMILAR TO".to_string(), p.to_string()))
+        }
+        Expr::Like(like) => literal(&like.pattern).map(|p| {
+            let escape = like.escape_char.unwrap_or('\\');
+            let mut regex = String::with_capacity(p.len() + 8);
+            if like.case_insensitive {
+                regex.push_str("(?i)");
+            }
+            let mut escaped = false;
+            for c in p.chars() {
+                match c {
+                    _ if escaped => {
+                        regex.push_str(&regex::escape(c.encode_utf8(&mut [0; 4])));
+                        escaped = false;
+                    }
+                    _ if c == escape => escaped = true,
+                    '%' => regex.push_str(".*"),
+                    '_' => regex.push('.'),
+                    _ => regex.push_str(&regex::escape(c.encode_utf8(&mut [0; 4]))),
+                }
+            }
+            let what = if like.case_insensitive {
+                "ILIKE"
+            } else {
+                "LIKE"
+            };
+            (format!("the {what} pattern"), regex)
+        }),
         _ => None,
     }
 }

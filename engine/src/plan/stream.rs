@@ -500,10 +500,14 @@ impl StreamContext {
             .unwrap_or_default();
         let early_fire = parse_setting("urbanstream.early_fire", &settings.early_fire)?;
         data_loss_policy(&settings.on_data_loss)?;
-        let physical = self
-            .ctx
-            .state()
-            .create_physical_plan(&plan)
+        let state = self.ctx.state();
+        // The optimizer folds constants: a pattern made by a function (`repeat('%a', 1e5)`)
+        // is a literal after it.
+        let optimized = state.optimize(&plan)?;
+        super::bounded::refuse_wide_types(&optimized)?;
+        let physical = state
+            .query_planner()
+            .create_physical_plan(&optimized, &state)
             .await
             .map_err(|e| {
                 if e.to_string().contains("OuterReferenceColumn") {
@@ -2778,6 +2782,19 @@ impl StreamQuery {
                 "topic {} is internal to the engine (a repartition topic): write to a topic of \
                  your own",
                 sink.options.topic
+            );
+        }
+        if let Some(input) = self
+            .inputs()
+            .iter()
+            .find(|t| t.options.topic == sink.options.topic)
+        {
+            return plan_err!(
+                "sink {} writes topic {}, which the query reads (stream {}): each output row \
+                 would come back as input, without end; write to a topic of its own",
+                sink.name,
+                sink.options.topic,
+                input.name
             );
         }
         let has_op = sink
