@@ -29,11 +29,14 @@ use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::joins::{CrossJoinExec, HashJoinExec, NestedLoopJoinExec};
 use datafusion::physical_plan::scalar_subquery::ScalarSubqueryExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
     ReplaceChildrenOptions,
 };
+use futures::StreamExt;
 
+use super::fan_out::MAX_JOIN_ROWS;
 use super::feed::FeedExec;
 use crate::reference::ReferenceTables;
 
@@ -374,6 +377,25 @@ impl ExecutionPlan for RefreshingExec {
             }
             running.1.clone()
         };
-        running.execute(partition, context)
+        let stream = running.execute(partition, context)?;
+        let schema = stream.schema();
+        // A condition that many rows of the table meet repeats each event as many times.
+        let mut made = 0u64;
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            stream.map(move |batch| {
+                let batch = batch?;
+                made += batch.num_rows() as u64;
+                if made > MAX_JOIN_ROWS {
+                    return Err(DataFusionError::Execution(format!(
+                        "a join with a reference table made more than {MAX_JOIN_ROWS} rows in \
+                         one micro-batch: its ON condition matches too many of the table's \
+                         rows for each event; join on the table's key \
+                         (ON t.segment_id = s.segment_id)"
+                    )));
+                }
+                Ok(batch)
+            }),
+        )))
     }
 }

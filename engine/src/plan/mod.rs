@@ -14,6 +14,7 @@
 
 pub mod bounded;
 mod chain;
+pub mod fan_out;
 pub mod feed;
 mod join;
 pub mod lookup;

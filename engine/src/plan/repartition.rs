@@ -251,6 +251,7 @@ pub async fn key_plan(
             .await?;
         let physical = session.state().create_physical_plan(&logical).await?;
         super::lookup::refresh_lookup_joins(physical, ctx.reference_generation())
+            .and_then(super::fan_out::guard_unnest)
     }
     .await;
     session.deregister_table(table.as_str())?;

@@ -23,7 +23,7 @@
 //! aggregation (`plan/chain.rs`). Queries that cannot run on an unbounded stream are refused at planning
 //! with a message that says what to write instead.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -521,6 +521,7 @@ impl StreamContext {
                 }
             })?;
         let physical = super::lookup::refresh_lookup_joins(physical, &self.reference_generation)?;
+        let physical = super::fan_out::guard_unnest(physical)?;
         let key_ttl = parse_setting("urbanstream.key_ttl", &settings.key_ttl)?
             .filter(|d| !d.is_zero())
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
@@ -2784,19 +2785,6 @@ impl StreamQuery {
                 sink.options.topic
             );
         }
-        if let Some(input) = self
-            .inputs()
-            .iter()
-            .find(|t| t.options.topic == sink.options.topic)
-        {
-            return plan_err!(
-                "sink {} writes topic {}, which the query reads (stream {}): each output row \
-                 would come back as input, without end; write to a topic of its own",
-                sink.name,
-                sink.options.topic,
-                input.name
-            );
-        }
         let has_op = sink
             .topic_schema
             .output_schema()
@@ -2918,7 +2906,29 @@ impl StreamQuery {
         let mut after = after;
         let mut observed = false;
         let (mut cuts, mut late) = (Vec::new(), Vec::new());
+        // A changelog's records of one key in a run are taken together, the last deciding:
+        // one whose key had a record earlier in the run, once windows have closed since the
+        // run began, starts a run of its own, so that the earlier record counted in the
+        // windows that closed (as had they come in micro-batches of their own).
+        let keys = match &self.upsert {
+            Some(u) => Some(u.key_rows(batch)?),
+            None => None,
+        };
+        let mut keys_in_run: HashSet<&[u8]> = HashSet::new();
         for (r, t) in times.iter().enumerate() {
+            if let Some(keys) = &keys {
+                let key = keys.row(r).data();
+                if !keys_in_run.insert(key) && observed {
+                    let watermark = running.advance(now_ms).unwrap_or(i64::MIN);
+                    let through = w.operator.frontier(watermark).unwrap_or(i64::MIN);
+                    if through > after {
+                        cuts.push(r);
+                        after = through;
+                        keys_in_run.clear();
+                        keys_in_run.insert(key);
+                    }
+                }
+            }
             let Some(t) = t else {
                 continue;
             };
@@ -2937,6 +2947,10 @@ impl StreamQuery {
                     } else {
                         cuts.push(r);
                         after = through;
+                        if let Some(keys) = &keys {
+                            keys_in_run.clear();
+                            keys_in_run.insert(keys.row(r).data());
+                        }
                     }
                 }
             }

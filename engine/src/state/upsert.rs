@@ -128,6 +128,16 @@ impl UpsertState {
         })
     }
 
+    /// The keys of `batch`'s rows, row-encoded (equal keys, equal bytes).
+    pub fn key_rows(&self, batch: &RecordBatch) -> Result<datafusion::arrow::row::Rows> {
+        let keys: Vec<ArrayRef> = self
+            .key_columns
+            .iter()
+            .map(|i| batch.column(*i).clone())
+            .collect();
+        Ok(self.keys.convert_columns(&keys)?)
+    }
+
     /// Applies `batch` (admitted rows, in arrival order): returns the rows that take effect
     /// and the rows they supersede.
     pub fn apply(&mut self, batch: &RecordBatch) -> Result<Changes> {
