@@ -12,7 +12,16 @@ async fn main() -> std::process::ExitCode {
     match urbanstream_main().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Each cause once: an error that quotes its cause is not followed by it again.
+            let mut text = e.to_string();
+            for cause in e.chain().skip(1) {
+                let cause = cause.to_string();
+                if !text.contains(&cause) {
+                    text.push_str(": ");
+                    text.push_str(&cause);
+                }
+            }
+            eprintln!("error: {text}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -124,6 +124,10 @@ pub async fn run_query<W: Write + ?Sized>(
     .await?;
     let mut summary = RunSummary::default();
     let fields = source.topic_schema.arrow.clone();
+    let csv = input
+        .path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
     let columns = stream.schema();
     summary.ignored_columns = columns
         .fields()
@@ -155,7 +159,12 @@ pub async fn run_query<W: Write + ?Sized>(
             }
             None => batch,
         };
-        let batch = read_booleans(&batch, &fields, &mut summary)?;
+        // A CSV's columns are text: its booleans are read here (JSON carries its own).
+        let batch = if csv {
+            read_booleans(&batch, &fields, &mut summary)?
+        } else {
+            batch
+        };
         let (bytes, ends) = crate::sink::encode_json_rows(&batch)?;
         let mut raw = RawBatch::new(source.options.topic.clone());
         let mut start = 0;

@@ -168,9 +168,9 @@ impl ScalarUDFImpl for Bounded {
         if name == "levenshtein"
             && let [a, b] = args.args.as_slice()
         {
-            let rows = args.number_rows.max(1);
+            let rows = args.number_rows;
             let (a, b) = (byte_lengths(a, rows)?, byte_lengths(b, rows)?);
-            let steps: u128 = (0..rows).map(|i| a[i] * b[i]).sum();
+            let steps: u128 = a.iter().zip(&b).map(|(a, b)| a * b).sum();
             if steps > MAX_CALL_STEPS {
                 return exec_err!(
                     "levenshtein(): comparing these texts takes {steps} steps in one \
@@ -298,7 +298,10 @@ fn human(bytes: u128) -> String {
 /// What a call of `name` over `args` would make, in bytes, for the functions that make values
 /// as large as an argument says; none for the others.
 fn made_by(name: &str, args: &[ColumnarValue], rows: usize) -> Result<Option<u128>> {
-    let rows = rows.max(1);
+    // A micro-batch of no rows makes nothing (and its arrays have no row to measure).
+    if rows == 0 {
+        return Ok(Some(0));
+    }
     let total = |per_row: &dyn Fn(usize) -> u128| -> u128 { (0..rows).map(per_row).sum() };
     Ok(Some(match (name, args) {
         ("repeat", [s, n]) => {
@@ -485,14 +488,33 @@ fn range_lengths(args: &[ColumnarValue], rows: usize) -> Result<Vec<u128>> {
             step.as_primitive::<datafusion::arrow::datatypes::IntervalMonthDayNanoType>()
                 .iter()
                 .map(|s| {
-                    s.map(|s| {
+                    if let Some(s) = s {
+                        let signs = [
+                            i128::from(s.months).signum(),
+                            i128::from(s.days).signum(),
+                            s.nanoseconds.signum().into(),
+                        ];
+                        if signs.contains(&1) && signs.contains(&-1) {
+                            return exec_err!(
+                                "range(): a step whose parts have opposite signs ({} months, \
+                                 {} days, {} ns) may not advance from every start (a month is \
+                                 28 to 31 days, a day 23 to 25 hours where clocks change), and \
+                                 a range that does not advance never ends: write a step whose \
+                                 parts have one sign",
+                                s.months,
+                                s.days,
+                                s.nanoseconds
+                            );
+                        }
+                    }
+                    Ok(s.map(|s| {
                         let months = i128::from(s.months);
                         let rest = i128::from(s.days) * DAY + i128::from(s.nanoseconds);
                         let (short, long) = (months * 28 * DAY + rest, months * 31 * DAY + rest);
                         (short.min(long), short.max(long))
-                    })
+                    }))
                 })
-                .collect()
+                .collect::<Result<_>>()?
         }
         Some(step) => bounds(step)?
             .into_iter()

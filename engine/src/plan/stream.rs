@@ -23,7 +23,7 @@
 //! aggregation (`plan/chain.rs`). Queries that cannot run on an unbounded stream are refused at planning
 //! with a message that says what to write instead.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -500,26 +500,27 @@ impl StreamContext {
             .unwrap_or_default();
         let early_fire = parse_setting("urbanstream.early_fire", &settings.early_fire)?;
         data_loss_policy(&settings.on_data_loss)?;
+        let reword = |e: datafusion::error::DataFusionError| {
+            if e.to_string().contains("OuterReferenceColumn") {
+                plan_datafusion_err!(
+                    "a subquery that reads a column of the query around it (a correlated \
+                     subquery or LATERAL) is not supported here: join the table on that column \
+                     instead (FROM stream s JOIN table t ON t.k = s.k)"
+                )
+            } else {
+                e
+            }
+        };
         let state = self.ctx.state();
         // The optimizer folds constants: a pattern made by a function (`repeat('%a', 1e5)`)
         // is a literal after it.
-        let optimized = state.optimize(&plan)?;
+        let optimized = state.optimize(&plan).map_err(reword)?;
         super::bounded::refuse_wide_types(&optimized)?;
         let physical = state
             .query_planner()
             .create_physical_plan(&optimized, &state)
             .await
-            .map_err(|e| {
-                if e.to_string().contains("OuterReferenceColumn") {
-                    plan_datafusion_err!(
-                        "a subquery that reads a column of the query around it (a correlated \
-                         subquery or LATERAL) is not supported here: join the table on that \
-                         column instead (FROM stream s JOIN table t ON t.k = s.k)"
-                    )
-                } else {
-                    e
-                }
-            })?;
+            .map_err(reword)?;
         let physical = super::lookup::refresh_lookup_joins(physical, &self.reference_generation)?;
         let physical = super::fan_out::guard_unnest(physical)?;
         let key_ttl = parse_setting("urbanstream.key_ttl", &settings.key_ttl)?
@@ -2907,32 +2908,42 @@ impl StreamQuery {
         let mut observed = false;
         let (mut cuts, mut late) = (Vec::new(), Vec::new());
         // A changelog's records of one key in a run are taken together, the last deciding:
-        // one whose key had a record earlier in the run, once windows have closed since the
-        // run began, starts a run of its own, so that the earlier record counted in the
-        // windows that closed (as had they come in micro-batches of their own).
+        // one whose key had a record earlier in the run, a window of which the records
+        // between them closed, starts a run of its own, so that the earlier record counted
+        // in that window (as had they come in micro-batches of their own). Per key, the
+        // distinct times of its records in the run.
         let keys = match &self.upsert {
             Some(u) => Some(u.key_rows(batch)?),
             None => None,
         };
-        let mut keys_in_run: HashSet<&[u8]> = HashSet::new();
+        let mut keys_in_run: HashMap<&[u8], Vec<i64>> = HashMap::new();
         for (r, t) in times.iter().enumerate() {
+            let placed = t.filter(|t| *t <= future_limit && in_time_range(*t));
             if let Some(keys) = &keys {
                 let key = keys.row(r).data();
-                if !keys_in_run.insert(key) && observed {
+                if observed && let Some(earlier) = keys_in_run.get(key) {
                     let watermark = running.advance(now_ms).unwrap_or(i64::MIN);
                     let through = w.operator.frontier(watermark).unwrap_or(i64::MIN);
-                    if through > after {
+                    if earlier
+                        .iter()
+                        .any(|e| w.operator.closes_between(*e, after, through))
+                    {
                         cuts.push(r);
                         after = through;
                         keys_in_run.clear();
-                        keys_in_run.insert(key);
                     }
+                }
+                let times = keys_in_run.entry(key).or_default();
+                if let Some(t) = placed
+                    && !times.contains(&t)
+                {
+                    times.push(t);
                 }
             }
             let Some(t) = t else {
                 continue;
             };
-            if t > future_limit || !in_time_range(t) {
+            if placed.is_none() {
                 // Diverted without moving the watermark.
                 continue;
             }
@@ -2947,9 +2958,10 @@ impl StreamQuery {
                     } else {
                         cuts.push(r);
                         after = through;
+                        // The run starts with this row.
                         if let Some(keys) = &keys {
                             keys_in_run.clear();
-                            keys_in_run.insert(keys.row(r).data());
+                            keys_in_run.insert(keys.row(r).data(), vec![t]);
                         }
                     }
                 }

@@ -70,13 +70,22 @@ pub const MAX_WINDOWS_PER_EVENT: i64 = 10_000;
 impl WindowSpec {
     /// Validates and builds a spec from a window function's name and interval arguments.
     pub fn new(name: &str, intervals: &[i64]) -> Result<Self> {
-        if intervals.iter().any(|&i| i <= 0) {
+        // A tumble's offset moves its windows, earlier or later: it may be zero or negative
+        // (`-50 s` is `+70 s` of two-minute windows).
+        let sizes = match (name, intervals) {
+            ("tumble", [width, _]) => std::slice::from_ref(width),
+            _ => intervals,
+        };
+        if sizes.iter().any(|&i| i <= 0) {
             return plan_err!(
-                "{name}(): window intervals must be at least one millisecond (a shorter one \
-                 counts as zero)"
+                "{name}(): window sizes, slides, steps and gaps must be at least one \
+                 millisecond (a shorter one counts as zero)"
             );
         }
-        if let Some(i) = intervals.iter().find(|&&i| i > MAX_INTERVAL_MS) {
+        if let Some(i) = intervals
+            .iter()
+            .find(|&&i| i.unsigned_abs() > MAX_INTERVAL_MS as u64)
+        {
             return plan_err!(
                 "{name}(): a window interval of {i} ms is longer than the ten years \
                  ({MAX_INTERVAL_MS} ms) a window may span"
