@@ -110,7 +110,15 @@ impl DeterministicEngine {
             let Some(to) = rest.to_ascii_uppercase().find(" TO ") else {
                 return plan_err!("expected ADVANCE WATERMARK <stream> TO '<timestamp>'");
             };
-            let stream = rest[..to].trim().to_string();
+            // Named as in SQL: unquoted, in any case; quoted, as written.
+            let name = rest[..to].trim();
+            let stream = match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+                Some(quoted) => quoted.to_string(),
+                None => name.to_ascii_lowercase(),
+            };
+            if !self.ctx.session().table_exist(stream.as_str())? {
+                return plan_err!("ADVANCE WATERMARK: there is no stream {name}");
+            }
             let watermark = parse_timestamp(&rest[to + 4..])?;
             for i in 0..self.queries.len() {
                 if self.queries[i].reads(&stream) {
