@@ -269,9 +269,14 @@ fn value_bytes(column: &ArrayRef) -> Vec<u128> {
         DataType::Utf8View | DataType::BinaryView => vec![16; rows],
         dt => match dt.primitive_width() {
             Some(w) => vec![w as u128; rows],
-            // Nested and other values: their share of the column.
+            // Nested and other values: their share of the column's rows (of a slice, not of
+            // the buffers it shares with the whole batch).
             None => {
-                let share = column.get_array_memory_size() as u128 / rows.max(1) as u128;
+                let bytes = column
+                    .to_data()
+                    .get_slice_memory_size()
+                    .unwrap_or_else(|_| column.get_array_memory_size());
+                let share = bytes as u128 / rows.max(1) as u128;
                 vec![share.max(1); rows]
             }
         },
