@@ -5,6 +5,7 @@
 //! stream_properties::`. The SQL logic tests (`slt.rs`) have their own runner and binary.
 
 mod alert_splits;
+mod changelog_properties;
 mod city_patterns;
 mod city_services;
 mod hostile_input;

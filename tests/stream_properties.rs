@@ -522,7 +522,7 @@ async fn feed(engine: &mut DeterministicEngine, run: &Run, early: bool) -> anyho
 }
 
 /// The late records: (event time, reason), sorted.
-async fn late_records(engine: &mut DeterministicEngine) -> anyhow::Result<Vec<Late>> {
+pub(crate) async fn late_records(engine: &mut DeterministicEngine) -> anyhow::Result<Vec<Late>> {
     let Outcome::Rows(late_rows) = engine.execute("SHOW LATE").await? else {
         anyhow::bail!("no rows")
     };

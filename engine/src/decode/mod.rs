@@ -13,7 +13,9 @@
 //! - **Slow path.** Errors only a flush can see (a wrong type, bad UTF-8) fail their chunk;
 //!   that chunk is decoded again record by record to find the culprits.
 //! - **Validation** runs vectorised on the decoded batch: required fields present, enum
-//!   symbols known; Avro defaults are filled in.
+//!   symbols known; Avro defaults are filled in. JSON numbers are read exactly: `2.5` in an
+//!   integer field, a decimal place a DECIMAL does not keep or a REAL beyond its range
+//!   rejects its record instead of being truncated or made infinite.
 //!
 //! Rejected records are returned with the reason; the pipeline sends them to the DLQ with
 //! their provenance and original bytes.
@@ -37,6 +39,7 @@ use crate::time::LATEST_EVENT_MS;
 use crate::topics::Format;
 
 pub mod avro;
+mod numbers;
 pub mod protobuf;
 pub mod registry;
 
@@ -196,6 +199,9 @@ pub(crate) struct Shape {
     max_key_bytes: usize,
     /// The event-time column (its index), checked for plausible values.
     event_time: Option<usize>,
+    /// For JSON: the wire schema without the carriers of exact numbers (see [`numbers`]),
+    /// which names the field of a value arrow-json cannot read.
+    json_plain: Option<SchemaRef>,
 }
 
 /// A topic's decoder, for the format its records are in.
@@ -308,7 +314,17 @@ impl Shape {
             max_value_bytes: MAX_VALUE_BYTES,
             max_key_bytes: MAX_KEY_BYTES,
             event_time: None,
+            json_plain: None,
         }
+    }
+
+    /// Reads JSON numbers exactly: integer and decimal fields are carried as wide decimals
+    /// and settled in [`Shape::validate`].
+    fn carrying_json_numbers(mut self) -> Self {
+        let plain = self.wire_schema.clone();
+        self.wire_schema = retype(&plain, |_, f| numbers::carrier(f.data_type()));
+        self.json_plain = Some(plain);
+        self
     }
 
     fn with_event_time(mut self, column: &str, unit: TimeUnit) -> Self {
@@ -316,16 +332,10 @@ impl Shape {
             return self;
         };
         if let DataType::Timestamp(_, tz) = self.wire_schema.field(index).data_type().clone() {
-            let mut fields: Vec<Field> = self
-                .wire_schema
-                .fields()
-                .iter()
-                .map(|f| f.as_ref().clone())
-                .collect();
-            fields[index] = fields[index]
-                .clone()
-                .with_data_type(DataType::Timestamp(unit, tz));
-            self.wire_schema = Arc::new(Schema::new(fields));
+            let unit = DataType::Timestamp(unit, tz);
+            let at = |i: usize, _: &Field| (i == index).then(|| unit.clone());
+            self.wire_schema = retype(&self.wire_schema, at);
+            self.json_plain = self.json_plain.map(|plain| retype(&plain, at));
             self.event_time = Some(index);
         }
         self
@@ -385,6 +395,19 @@ impl Shape {
         let n = batch.num_rows();
         let mut reason: Vec<Option<String>> = vec![None; n];
         let mut any_bad = false;
+        let batch = match &self.json_plain {
+            Some(plain) => {
+                let mut columns = Vec::with_capacity(batch.num_columns());
+                for (column, field) in batch.columns().iter().zip(plain.fields()) {
+                    let (column, bad) =
+                        numbers::settle(column, field.name(), field.data_type(), &mut reason)?;
+                    columns.push(column);
+                    any_bad |= bad;
+                }
+                RecordBatch::try_new(plain.clone(), columns)?
+            }
+            None => batch,
+        };
         for (c, field) in self.schema.arrow.fields().iter().enumerate() {
             let column = batch.column(c);
             if self.schema.required[c] && column.null_count() > 0 {
@@ -492,7 +515,7 @@ impl JsonDecoder {
     /// A decoder for the records of `schema`.
     pub fn new(schema: Arc<TopicSchema>) -> Self {
         Self {
-            shape: Shape::new(schema),
+            shape: Shape::new(schema).carrying_json_numbers(),
         }
     }
 
@@ -607,7 +630,7 @@ impl JsonDecoder {
                         Err(error) => rejects.push(Reject {
                             index: g,
                             stage: RejectStage::Decode,
-                            error,
+                            error: self.plain_error(raw.value(g as usize)).unwrap_or(error),
                         }),
                     }
                 }
@@ -615,6 +638,33 @@ impl JsonDecoder {
         }
         Ok(())
     }
+
+    /// Why arrow-json cannot read `value` by the fields' own types, if it cannot: that
+    /// message names the field, where a carrier's (a decimal's) does not.
+    fn plain_error(&self, value: &[u8]) -> Option<String> {
+        let plain = self.shape.json_plain.clone()?;
+        let mut decoder = ReaderBuilder::new(plain)
+            .with_batch_size(1)
+            .build_decoder()
+            .ok()?;
+        feed_one(&mut decoder, value, 0)
+            .and_then(|()| decoder.flush().map_err(|e| json_message(&e)))
+            .err()
+    }
+}
+
+/// `schema` with the fields `to` gives a type for (by index) of that type.
+fn retype(schema: &SchemaRef, to: impl Fn(usize, &Field) -> Option<DataType>) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| match to(i, f) {
+            Some(t) => f.as_ref().clone().with_data_type(t),
+            None => f.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
 }
 
 /// Feeds one record; it must add exactly one complete row to the decoder.

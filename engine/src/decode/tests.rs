@@ -369,3 +369,119 @@ fn unknown_ids_are_counted_and_dead_lettered_by_policy() {
         }
     }
 }
+
+/// A JSON number is read exactly or the record is dead-lettered: arrow-json truncated `2.5`
+/// in an integer field to 2 and extra decimal places of a DECIMAL, and read a REAL beyond
+/// its range as infinity, all without a word.
+#[test]
+fn json_numbers_are_read_exactly_or_dead_lettered() {
+    let schema = Arc::new(TopicSchema::from_arrow(
+        "readings",
+        Arc::new(Schema::new(vec![
+            Field::new("n", DataType::Int32, true),
+            Field::new("big", DataType::Int64, true),
+            Field::new("u", DataType::UInt64, true),
+            Field::new("price", DataType::Decimal128(6, 2), true),
+            Field::new("r", DataType::Float32, true),
+            Field::new("d", DataType::Float64, true),
+        ])),
+    ));
+    let records: &[&[u8]] = &[
+        // Kept: whole numbers in any spelling, exact decimals, finite reals.
+        br#"{"n":2,"big":9223372036854775807,"u":18446744073709551615,"price":1234.5,"r":1.5,"d":-2}"#,
+        br#"{"n":2.0,"big":"-9223372036854775808","u":1e3,"price":"-9999.99","r":3.4e38,"d":1e300}"#,
+        br#"{"n":-7E1,"big":null,"price":0.10,"r":null}"#,
+        // Dead-lettered, one reason each.
+        br#"{"n":2.5}"#,
+        br#"{"big":9223372036854775808}"#,
+        br#"{"n":3000000000}"#,
+        br#"{"u":-1}"#,
+        br#"{"price":1.234}"#,
+        br#"{"price":10000}"#,
+        br#"{"r":1e40}"#,
+        br#"{"d":"NaN"}"#,
+        br#"{"big":1.0000000000000001}"#,
+    ];
+    let decoded = JsonDecoder::new(schema.clone())
+        .decode(&raw(records))
+        .expect("decode");
+    assert_eq!(decoded.rows, vec![0, 1, 2], "{:?}", decoded.rejects);
+    let b = &decoded.batch;
+    let n = b
+        .column(0)
+        .as_primitive::<datafusion::arrow::datatypes::Int32Type>();
+    assert_eq!((n.value(0), n.value(1), n.value(2)), (2, 2, -70));
+    let big = b
+        .column(1)
+        .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+    assert_eq!((big.value(0), big.value(1)), (i64::MAX, i64::MIN));
+    assert!(big.is_null(2));
+    let u = b
+        .column(2)
+        .as_primitive::<datafusion::arrow::datatypes::UInt64Type>();
+    assert_eq!((u.value(0), u.value(1)), (u64::MAX, 1000));
+    assert_eq!(b.schema().field(3).data_type(), &DataType::Decimal128(6, 2));
+    let price = b
+        .column(3)
+        .as_primitive::<datafusion::arrow::datatypes::Decimal128Type>();
+    assert_eq!(
+        (price.value(0), price.value(1), price.value(2)),
+        (123_450, -999_999, 10)
+    );
+    let r = b
+        .column(4)
+        .as_primitive::<datafusion::arrow::datatypes::Float32Type>();
+    assert_eq!((r.value(0), r.value(1)), (1.5, 3.4e38));
+    let rejected: Vec<(u32, &str)> = decoded
+        .rejects
+        .iter()
+        .map(|r| (r.index, r.error.as_str()))
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![
+            (3, "field n: 2.5 is not a whole number, as Int32 needs"),
+            (
+                4,
+                "field big: 9223372036854775808 is outside the range of Int64"
+            ),
+            (5, "field n: 3000000000 is outside the range of Int32"),
+            (6, "field u: -1 is outside the range of UInt64"),
+            (
+                7,
+                "field price: 1.234 has more decimal places than Decimal128(6, 2) keeps"
+            ),
+            (
+                8,
+                "field price: 10000 has more digits than Decimal128(6, 2) holds"
+            ),
+            (
+                9,
+                "field r: the number is not finite or beyond the range of Float32"
+            ),
+            (
+                10,
+                "field d: the number is not finite or beyond the range of Float64"
+            ),
+            (
+                11,
+                "field big: 1.0000000000000001 is not a whole number, as Int64 needs"
+            ),
+        ]
+    );
+
+    // What no carrier reads is named by the field's own type.
+    let unreadable: &[&[u8]] = &[br#"{"n":"abc"}"#, br#"{"big":1e30}"#, br#"{"price":1e50}"#];
+    let decoded = JsonDecoder::new(schema)
+        .decode(&raw(unreadable))
+        .expect("decode");
+    let rejected: Vec<&str> = decoded.rejects.iter().map(|r| r.error.as_str()).collect();
+    assert_eq!(
+        rejected,
+        vec![
+            "whilst decoding field 'n': failed to parse \"abc\" as Int32",
+            "whilst decoding field 'big': failed to parse 1e30 as Int64",
+            "Parser error: parse decimal overflow (1e50)",
+        ]
+    );
+}

@@ -2907,21 +2907,33 @@ impl StreamQuery {
         let mut after = after;
         let mut observed = false;
         let (mut cuts, mut late) = (Vec::new(), Vec::new());
-        // A changelog's records of one key in a run are taken together, the last deciding:
-        // one whose key had a record earlier in the run, a window of which the records
-        // between them closed, starts a run of its own, so that the earlier record counted
-        // in that window (as had they come in micro-batches of their own). Per key, the
-        // distinct times of its records in the run.
+        // A changelog's records of one key in a run are taken together, the last deciding,
+        // and the first supersedes the row the key held before the run: a record whose key
+        // had a row (held, or a record earlier in the run) a window of which the records
+        // before it in the run closed starts a run of its own, so that the earlier row
+        // counted in that window (as had they come in micro-batches of their own). Per key,
+        // the distinct times of its records in the run, and the time of its last record in
+        // the micro-batch (the row it holds when a later run starts).
         let keys = match &self.upsert {
-            Some(u) => Some(u.key_rows(batch)?),
+            Some(u) => Some((u, u.key_rows(batch)?)),
             None => None,
         };
         let mut keys_in_run: HashMap<&[u8], Vec<i64>> = HashMap::new();
+        let mut last_in_batch: HashMap<&[u8], i64> = HashMap::new();
         for (r, t) in times.iter().enumerate() {
             let placed = t.filter(|t| *t <= future_limit && in_time_range(*t));
-            if let Some(keys) = &keys {
+            if let Some((upsert, keys)) = &keys {
                 let key = keys.row(r).data();
-                if observed && let Some(earlier) = keys_in_run.get(key) {
+                let earlier = match keys_in_run.get(key) {
+                    Some(times) => times.clone(),
+                    None => last_in_batch
+                        .get(key)
+                        .copied()
+                        .or_else(|| upsert.held_time(key))
+                        .into_iter()
+                        .collect(),
+                };
+                if observed && !earlier.is_empty() {
                     let watermark = running.advance(now_ms).unwrap_or(i64::MIN);
                     let through = w.operator.frontier(watermark).unwrap_or(i64::MIN);
                     if earlier
@@ -2934,10 +2946,11 @@ impl StreamQuery {
                     }
                 }
                 let times = keys_in_run.entry(key).or_default();
-                if let Some(t) = placed
-                    && !times.contains(&t)
-                {
-                    times.push(t);
+                if let Some(t) = placed {
+                    if !times.contains(&t) {
+                        times.push(t);
+                    }
+                    last_in_batch.insert(key, t);
                 }
             }
             let Some(t) = t else {
@@ -2959,7 +2972,7 @@ impl StreamQuery {
                         cuts.push(r);
                         after = through;
                         // The run starts with this row.
-                        if let Some(keys) = &keys {
+                        if let Some((_, keys)) = &keys {
                             keys_in_run.clear();
                             keys_in_run.insert(keys.row(r).data(), vec![t]);
                         }

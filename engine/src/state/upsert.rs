@@ -138,6 +138,11 @@ impl UpsertState {
         Ok(self.keys.convert_columns(&keys)?)
     }
 
+    /// The event time of the row `key` (row-encoded, see [`UpsertState::key_rows`]) holds.
+    pub fn held_time(&self, key: &[u8]) -> Option<i64> {
+        self.latest.get(key).map(|(t, _)| *t)
+    }
+
     /// Applies `batch` (admitted rows, in arrival order): returns the rows that take effect
     /// and the rows they supersede.
     pub fn apply(&mut self, batch: &RecordBatch) -> Result<Changes> {
