@@ -469,10 +469,11 @@ async fn serve_console(listen: SocketAddr, city: Arc<CityView>) -> Result<Socket
     let app = axum::Router::new()
         .merge(crate::dashboard::console_routes())
         .nest("/v1", crate::dashboard::city_routes(city));
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!(error = %e, "web console stopped");
-        }
-    });
+    tokio::spawn(crate::service::http::serve(
+        listener,
+        app,
+        crate::service::http::Limits::default(),
+        std::future::pending(),
+    ));
     Ok(address)
 }

@@ -241,6 +241,52 @@ mod tests {
         Ok(())
     }
 
+    /// A file that only looks like Parquet is refused with the reason: `PAR1PAR1` (8 bytes)
+    /// panicked the Parquet reader, and a preview (the same path, with a client's bytes)
+    /// answered 500.
+    #[tokio::test]
+    async fn a_file_that_is_not_parquet_is_refused_with_the_reason() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let query = dir.path().join("q.sql");
+        std::fs::write(
+            &query,
+            "SELECT camera_id, count(*) AS n FROM camera_events \
+             GROUP BY tumble(event_time, INTERVAL '1 minute'), camera_id",
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let mut huge_footer = b"PAR1".to_vec();
+        huge_footer.extend_from_slice(&[0; 8]);
+        huge_footer.extend_from_slice(&u32::MAX.to_le_bytes());
+        huge_footer.extend_from_slice(b"PAR1");
+        for (bytes, why) in [
+            (b"PAR1PAR1".to_vec(), "8 bytes, fewer than the 12"),
+            (
+                b"PAR1 not a parquet file".to_vec(),
+                "does not start and end with PAR1",
+            ),
+            (huge_footer, "4294967295 bytes of metadata"),
+        ] {
+            let input = dir.path().join("rows.parquet");
+            std::fs::write(&input, bytes).map_err(|e| Error::Config(e.to_string()))?;
+            let args = RunArgs {
+                query: query.clone(),
+                input,
+                rename: Vec::new(),
+                time_unit: "ms".into(),
+                time_zone: "+00:00".into(),
+                limit: 10,
+                output: None,
+                reference: Vec::new(),
+            };
+            let error = run_file(&args).await.expect_err("not parquet").to_string();
+            assert!(
+                error.contains("is not a Parquet file") && error.contains(why),
+                "{error}"
+            );
+        }
+        Ok(())
+    }
+
     #[tokio::test]
     async fn a_query_runs_over_a_csv_as_over_its_topic() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;

@@ -352,6 +352,36 @@ pub fn unit_ms(unit: &str) -> Result<Option<i64>> {
     }
 }
 
+/// Checks that `path` ends as a Parquet file does (its footer: the metadata's length, then
+/// `PAR1`) and that the metadata's length fits in the file, which the Parquet reader takes on
+/// trust (a file of 8 bytes panicked it).
+fn parquet_footer(path: &str) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let not_parquet = |why: String| Error::Config(format!("{path} is not a Parquet file: {why}"));
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    if len < 12 {
+        return Err(not_parquet(format!(
+            "{len} bytes, fewer than the 12 of the smallest one"
+        )));
+    }
+    let mut head = [0u8; 4];
+    file.read_exact(&mut head)?;
+    let mut tail = [0u8; 8];
+    file.seek(SeekFrom::End(-8))?;
+    file.read_exact(&mut tail)?;
+    if &head != b"PAR1" || !matches!(&tail[4..], b"PAR1" | b"PARE") {
+        return Err(not_parquet("it does not start and end with PAR1".into()));
+    }
+    let metadata = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
+    if metadata > len - 12 {
+        return Err(not_parquet(format!(
+            "its footer gives {metadata} bytes of metadata, more than the file's {len} bytes hold"
+        )));
+    }
+    Ok(())
+}
+
 /// Opens `file` (CSV, JSON lines or Parquet) as a stream of batches, columns renamed by `rename`
 /// (`old=new`), ordered by the instant of the `time` column when given (read as by
 /// [`with_epoch_ms`] with its unit and zone); `time` and `key` must name columns after
@@ -437,6 +467,7 @@ pub async fn open_file(
             .await?
         }
         "parquet" => {
+            parquet_footer(&path)?;
             ctx.register_parquet(
                 "input",
                 &path,

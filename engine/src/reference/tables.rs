@@ -32,6 +32,8 @@ const DERIVED: (&str, &str) = ("ward_sensors", "sensors");
 const KEPT_VERSIONS: u64 = 10;
 /// The largest CSV accepted as one table's version.
 pub const MAX_CSV_BYTES: usize = 64 << 20;
+/// The most reference tables held (the city's and new ones).
+pub const MAX_TABLES: usize = 64;
 
 /// One version of a reference table.
 #[derive(Debug)]
@@ -223,7 +225,17 @@ impl ReferenceTables {
                 current.schema.clone(),
                 read(&name, csv, current.schema.clone())?,
             ),
-            None => infer(&name, csv)?,
+            None => {
+                if self.list().len() >= MAX_TABLES {
+                    return Err(bad(format!(
+                        "{MAX_TABLES} reference tables are held, the most: replace one of them \
+                         instead"
+                    )));
+                }
+                let (schema, batches) = infer(&name, csv)?;
+                new_columns(&schema, &batches).map_err(bad)?;
+                (schema, batches)
+            }
         };
         if batches.iter().all(|b| b.num_rows() == 0) && current.is_some() {
             return Err(bad(
@@ -491,6 +503,35 @@ fn infer_schema(name: &str, csv: &str) -> Result<SchemaRef> {
     Ok(Arc::new(schema))
 }
 
+/// Why the columns a new table's first version gives cannot be its columns, if they cannot:
+/// they are kept for every later version, so each must have a name of its own and a type
+/// read from a value (a header alone, or a column empty in every row, gave a column of type
+/// Null that no later version could fill).
+fn new_columns(schema: &SchemaRef, batches: &[RecordBatch]) -> std::result::Result<(), String> {
+    if batches.iter().all(|b| b.num_rows() == 0) {
+        return Err(
+            "the CSV has no rows: a new table's column types are read from its rows".into(),
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    for field in schema.fields() {
+        let name = field.name();
+        if name.trim().is_empty() {
+            return Err("a column of the header has no name".into());
+        }
+        if !seen.insert(name.to_lowercase()) {
+            return Err(format!("column {name} appears twice in the header"));
+        }
+        if field.data_type() == &datafusion::arrow::datatypes::DataType::Null {
+            return Err(format!(
+                "column {name} is empty in every row, so its type cannot be read: give it a \
+                 value in at least one row"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn derive_ward_sensors(city: &ReferenceData, version: u64) -> Result<TableVersion> {
     let mut wards: BTreeMap<&str, (u32, f64)> = BTreeMap::new();
     for s in &city.sensors {
@@ -567,6 +608,39 @@ mod tests {
             }
         }
         None
+    }
+
+    /// A new table's first version fixes its columns for good: a header alone (a column of
+    /// type Null that later rows were read into as nulls), a column empty in every row, a
+    /// nameless or repeated column (a join over the table then failed) are refused; and the
+    /// tables held are bounded.
+    #[test]
+    fn a_new_tables_columns_are_named_and_typed_by_its_first_version() -> Result<()> {
+        let tables = ReferenceTables::embedded()?;
+        for (csv, reason) in [
+            ("a\n", "no rows"),
+            ("a,b\n1,\n2,\n", "column b is empty in every row"),
+            (",b\n1,2\n", "has no name"),
+            ("a,A\n1,2\n", "column A appears twice"),
+        ] {
+            let e = tables.replace("lots", csv).expect_err(reason).to_string();
+            assert!(e.contains(reason), "{reason}: {e}");
+            assert!(tables.get("lots").is_none());
+        }
+        let v1 = tables.replace("lots", "a,b\n1,x\n")?;
+        assert_eq!((v1.version, v1.rows), (1, 1));
+        let held = tables.list().len();
+        for i in held..MAX_TABLES {
+            tables.replace(&format!("extra_{i}"), "a\n1\n")?;
+        }
+        let e = tables
+            .replace("one_too_many", "a\n1\n")
+            .expect_err("cap")
+            .to_string();
+        assert!(e.contains("64 reference tables are held"), "{e}");
+        // Replacing one of them is still fine.
+        assert_eq!(tables.replace("lots", "a,b\n2,y\n")?.version, 2);
+        Ok(())
     }
 
     #[test]

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -363,10 +363,13 @@ async fn explain(
 
 async fn preview(
     State(service): State<Arc<Service>>,
-    body: Result<Json<PreviewRequest>, JsonRejection>,
+    request: Request,
 ) -> Result<Json<PreviewAnswer>, ApiError> {
-    let Json(body) = body?;
-    Ok(Json(service.manager.preview(body).await?))
+    // A turn first, then the body (up to `api.max_preview_body`): requests refused for want
+    // of a turn never read theirs.
+    let slot = service.manager.preview_slot()?;
+    let Json(body) = Json::<PreviewRequest>::from_request(request, &service).await?;
+    Ok(Json(service.manager.preview(body, slot).await?))
 }
 
 async fn tables(State(service): State<Arc<Service>>) -> Result<Json<Vec<TableInfo>>, ApiError> {
@@ -401,10 +404,16 @@ async fn table_rows(
 async fn replace_table_rows(
     State(service): State<Arc<Service>>,
     Path(name): Path<String>,
-    body: Result<String, axum::extract::rejection::StringRejection>,
+    request: Request,
 ) -> Result<Json<TableInfo>, ApiError> {
-    let csv = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    Ok(Json(service.manager.replace_reference(&name, csv).await?))
+    // A turn first, then the body, as for previews.
+    let slot = service.manager.replacement_slot()?;
+    let csv = String::from_request(request, &service)
+        .await
+        .map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    Ok(Json(
+        service.manager.replace_reference(&name, csv, slot).await?,
+    ))
 }
 
 async fn functions(

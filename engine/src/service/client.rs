@@ -299,15 +299,19 @@ pub async fn run_table(args: TableArgs) -> Result<()> {
     let answer = match &args.action {
         TableAction::Rows { name } => {
             let csv = client
-                .send(Method::GET, &format!("/v1/tables/{name}/rows"), None)
+                .send(
+                    Method::GET,
+                    &format!("/v1/tables/{}/rows", segment(name)?),
+                    None,
+                )
                 .await?;
-            print!("{csv}");
+            print!("{}", printable(&csv));
             return Ok(());
         }
         TableAction::List => client.call(Method::GET, "/v1/tables", None).await?,
         TableAction::Show { name } => {
             client
-                .call(Method::GET, &format!("/v1/tables/{name}"), None)
+                .call(Method::GET, &format!("/v1/tables/{}", segment(name)?), None)
                 .await?
         }
         TableAction::Replace { name, file } => {
@@ -316,7 +320,7 @@ pub async fn run_table(args: TableArgs) -> Result<()> {
             let text = client
                 .send(
                     Method::PUT,
-                    &format!("/v1/tables/{name}/rows"),
+                    &format!("/v1/tables/{}/rows", segment(name)?),
                     Some(("text/csv", csv)),
                 )
                 .await?;
@@ -331,8 +335,8 @@ pub async fn run_table(args: TableArgs) -> Result<()> {
         return Ok(());
     }
     match &args.action {
-        TableAction::List => print!("{}", tables_text(&answer)),
-        _ => print!("{}", table_details(&answer, client.zone)),
+        TableAction::List => print!("{}", printable(&tables_text(&answer))),
+        _ => print!("{}", printable(&table_details(&answer, client.zone))),
     }
     Ok(())
 }
@@ -609,19 +613,22 @@ pub async fn run(args: QueryArgs) -> Result<()> {
             )
         }
         QueryAction::List => (Method::GET, "/v1/queries".to_string(), None, Shown::List),
-        QueryAction::Show { name } => {
-            (Method::GET, format!("/v1/queries/{name}"), None, Shown::One)
-        }
+        QueryAction::Show { name } => (
+            Method::GET,
+            format!("/v1/queries/{}", segment(name)?),
+            None,
+            Shown::One,
+        ),
         QueryAction::Drop { name } => (
             Method::DELETE,
-            format!("/v1/queries/{name}"),
+            format!("/v1/queries/{}", segment(name)?),
             None,
             Shown::Dropped(name.clone()),
         ),
-        QueryAction::Pause { name } => control(name, "pause"),
-        QueryAction::Resume { name } => control(name, "resume"),
-        QueryAction::Restart { name } => control(name, "restart"),
-        QueryAction::Reset { name } => control(name, "reset"),
+        QueryAction::Pause { name } => control(name, "pause")?,
+        QueryAction::Resume { name } => control(name, "resume")?,
+        QueryAction::Restart { name } => control(name, "restart")?,
+        QueryAction::Reset { name } => control(name, "reset")?,
         QueryAction::Upgrade {
             name,
             file,
@@ -636,20 +643,20 @@ pub async fn run(args: QueryArgs) -> Result<()> {
                 .transpose()?;
             (
                 Method::POST,
-                format!("/v1/queries/{name}/upgrade"),
+                format!("/v1/queries/{}/upgrade", segment(name)?),
                 Some(json!({ "sql": sql, "savepoint": savepoint })),
                 Shown::One,
             )
         }
         QueryAction::Savepoint { name, savepoint } => (
             Method::POST,
-            format!("/v1/queries/{name}/savepoints"),
+            format!("/v1/queries/{}/savepoints", segment(name)?),
             Some(json!({ "savepoint": savepoint })),
             Shown::Savepoints,
         ),
         QueryAction::Savepoints { name } => (
             Method::GET,
-            format!("/v1/queries/{name}/savepoints"),
+            format!("/v1/queries/{}/savepoints", segment(name)?),
             None,
             Shown::Savepoints,
         ),
@@ -661,19 +668,57 @@ pub async fn run(args: QueryArgs) -> Result<()> {
             serde_json::to_string_pretty(&answer).unwrap_or_default()
         );
     } else {
-        print!("{}", render(&answer, &kind, client.zone));
+        print!("{}", printable(&render(&answer, &kind, client.zone)));
     }
     Ok(())
 }
 
 /// `POST /v1/queries/{name}/{action}`, answered with the query's status.
-fn control(name: &str, action: &str) -> (Method, String, Option<Value>, Shown) {
-    (
+fn control(name: &str, action: &str) -> Result<(Method, String, Option<Value>, Shown)> {
+    Ok((
         Method::POST,
-        format!("/v1/queries/{name}/{action}"),
+        format!("/v1/queries/{}/{action}", segment(name)?),
         None,
         Shown::One,
-    )
+    ))
+}
+
+/// `text` safe for a terminal: control characters other than newlines and tabs (an escape
+/// sequence in a query's SQL or a row's value, which the terminal would obey) written as
+/// escapes (`\u{1b}`).
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.contains(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// `name` as one segment of a URL's path: every byte but ASCII letters, digits, '-' and '_'
+/// percent-encoded, so that a name holding '/', '?' or '#' names itself, not another path (a
+/// drop of `scratch/../victim` dropped `victim`). `.` and `..` are no name.
+pub(crate) fn segment(name: &str) -> Result<String> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(Error::Api(format!("{name:?} is not a name")));
+    }
+    Ok(name
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect())
 }
 
 /// How an answer is printed.
@@ -934,6 +979,24 @@ fn details(q: &Value, zone: DisplayZone) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name is one path segment whatever it holds (`query drop scratch/../victim` dropped
+    /// `victim`), and what is printed holds no control character a terminal would obey.
+    #[test]
+    fn names_stay_in_their_segment_and_output_is_printable() {
+        assert_eq!(segment("counts").ok().as_deref(), Some("counts"));
+        assert_eq!(
+            segment("scratch/../victim").ok().as_deref(),
+            Some("scratch%2F%2E%2E%2Fvictim")
+        );
+        assert_eq!(segment("a?b").ok().as_deref(), Some("a%3Fb"));
+        assert!(segment("..").is_err() && segment(".").is_err() && segment("").is_err());
+        assert_eq!(
+            printable("a\x1b]0;pwned\x07\x1b[2J\tb\n"),
+            "a\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\tb\n"
+        );
+        assert!(matches!(printable("plain"), std::borrow::Cow::Borrowed(_)));
+    }
 
     #[test]
     fn the_table_aligns_columns_and_shortens_errors() {

@@ -382,20 +382,35 @@ impl ServiceConfig {
         if !shown.api.read_token.is_empty() {
             shown.api.read_token = REDACTED.into();
         }
-        for (key, value) in shown.kafka.properties.iter_mut() {
+        // Passwords, keys and tokens of the broker, its topics and the checkpoint store.
+        for (key, value) in shown
+            .kafka
+            .properties
+            .iter_mut()
+            .chain(shown.kafka.topic_properties.iter_mut())
+            .chain(shown.checkpoint.store.iter_mut())
+        {
             if is_secret(key) {
                 *value = REDACTED.into();
             }
         }
-        // Credentials in the registry's URL.
-        if let Ok(mut url) = url::Url::parse(&shown.schema_registry.url)
-            && (!url.username().is_empty() || url.password().is_some())
-        {
-            let _ = url.set_username(REDACTED);
-            let _ = url.set_password(None);
-            shown.schema_registry.url = url.to_string();
+        // Credentials in URLs.
+        redact_url(&mut shown.schema_registry.url);
+        if let Some(url) = shown.checkpoint.url.as_mut() {
+            redact_url(url);
         }
         serde_json::to_value(&shown).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// `url` without the user name and password it carries, if any.
+fn redact_url(url: &mut String) {
+    if let Ok(mut parsed) = url::Url::parse(url)
+        && (!parsed.username().is_empty() || parsed.password().is_some())
+    {
+        let _ = parsed.set_username(REDACTED);
+        let _ = parsed.set_password(None);
+        *url = parsed.to_string();
     }
 }
 
@@ -609,18 +624,29 @@ mod tests {
                  \"sasl.username\" = \"city\"\n\"sasl.password\" = \"hunter2\"\n\
                  \"ssl.key.location\" = \"/k.pem\"\n\"ssl.key.password\" = \"pw2\"\n\
                  [api]\ntoken = \"t0ps3cret\"\n\
-                 [schema_registry]\nurl = \"https://city:r3g1stry@registry:8081\"\n",
+                 [schema_registry]\nurl = \"https://city:r3g1stry@registry:8081\"\n\
+                 [checkpoint]\nurl = \"s3://minio:m1n10pw@city/checkpoints\"\n\
+                 [checkpoint.store]\naws_region = \"hn-1\"\naws_access_key_id = \"AKIACITY\"\n\
+                 aws_secret_access_key = \"S3CR3T\"\naws_session_token = \"s3ss10n\"\n",
             )?;
             let c = load(Some("c.toml"))?;
             let props = c.kafka_properties();
             assert!(props.contains(&("sasl.password".into(), "hunter2".into())));
             assert!(props.contains(&("security.protocol".into(), "SASL_SSL".into())));
             let shown = format!("{c:?} {}", c.redacted());
-            for secret in ["hunter2", "pw2", "t0ps3cret", "r3g1stry"] {
+            for secret in [
+                "hunter2",
+                "pw2",
+                "t0ps3cret",
+                "r3g1stry",
+                "m1n10pw",
+                "S3CR3T",
+                "s3ss10n",
+            ] {
                 assert!(!shown.contains(secret), "{secret} shown in {shown}");
             }
             assert!(
-                shown.contains("SASL_SSL") && shown.contains("/k.pem"),
+                shown.contains("SASL_SSL") && shown.contains("/k.pem") && shown.contains("hn-1"),
                 "{shown}"
             );
             jail.create_file("d.toml", "[kafka.properties]\n\"group.id\" = \"x\"\n")?;

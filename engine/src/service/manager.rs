@@ -512,11 +512,111 @@ pub struct QueryManager {
     codecs: crate::decode::Codecs,
     /// Previews running at once (each reads its input and keeps a query's state).
     previews: tokio::sync::Semaphore,
+    /// Table replacements running at once (each holds a CSV of up to 64 MiB).
+    replacements: tokio::sync::Semaphore,
     /// The reference tables kept current from Kafka topics.
     followers: Arc<super::follow::Followers>,
     /// One lock per query name, held by whatever changes a query's life (create, drop,
     /// pause, resume, restart, upgrade, savepoint), so that those run one at a time.
-    operations: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    operations: NamedLocks,
+}
+
+/// The name of the table or view `statement` declares, as SQL resolves it (unquoted in
+/// lower case, quoted as written).
+fn declared_table(statement: &datafusion::sql::parser::Statement) -> Option<String> {
+    use datafusion::sql::parser::Statement;
+    use datafusion::sql::sqlparser::ast::Statement as Sql;
+    let name = match statement {
+        Statement::CreateExternalTable(c) => &c.name,
+        Statement::Statement(s) => match s.as_ref() {
+            Sql::CreateView(v) => &v.name,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let ident = name.0.last()?.as_ident()?;
+    Some(match ident.quote_style {
+        Some(_) => ident.value.clone(),
+        None => ident.value.to_lowercase(),
+    })
+}
+
+/// One of the previews or table replacements that may run at once (see
+/// [`QueryManager::preview_slot`], [`QueryManager::replacement_slot`]).
+pub struct Turn<'a>(#[allow(dead_code)] tokio::sync::SemaphorePermit<'a>);
+
+/// An error of `urbanstream run`'s code path as a preview's client knows it: the file it
+/// wrote the request's data to is `input.data`, and the options are the request's fields, not
+/// the command's flags.
+fn in_request_terms(e: Error, path: &str) -> Error {
+    let text = e.to_string();
+    let flags = [
+        "--rename",
+        "--time-unit",
+        "--time-zone",
+        "--time ",
+        "--key ",
+    ];
+    if !text.contains(path) && !flags.iter().any(|f| text.contains(f)) {
+        return e;
+    }
+    Error::Config(
+        text.replace(path, "input.data")
+            .replace("--rename", "input.rename")
+            .replace("--time-unit", "input.time_unit")
+            .replace("--time-zone", "input.time_zone")
+            .replace("--time ", "event-time column ")
+            .replace("--key ", "key column "),
+    )
+}
+
+/// One lock per name, forgotten when no one holds or waits for it: requests about names that
+/// do not exist leave nothing behind.
+#[derive(Default)]
+struct NamedLocks(Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl NamedLocks {
+    /// Waits for the holder of `name`'s lock; holds it while the guard lives.
+    async fn lock(&self, name: &str) -> NamedGuard<'_> {
+        let lock = self
+            .0
+            .lock()
+            .map(|mut locks| locks.entry(name.to_string()).or_default().clone())
+            .unwrap_or_default();
+        NamedGuard {
+            guard: Some(lock.clone().lock_owned().await),
+            lock,
+            name: name.to_string(),
+            locks: self,
+        }
+    }
+
+    /// Names with a holder or a waiter.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().map(|l| l.len()).unwrap_or_default()
+    }
+}
+
+/// A name's lock held (see [`NamedLocks::lock`]).
+struct NamedGuard<'a> {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    name: String,
+    locks: &'a NamedLocks,
+}
+
+impl Drop for NamedGuard<'_> {
+    fn drop(&mut self) {
+        self.guard = None;
+        if let Ok(mut locks) = self.locks.0.lock()
+            // Held by the map and this guard only: no one waits for it (a waiter takes its
+            // clone from the map, under the map's lock).
+            && Arc::strong_count(&self.lock) == 2
+        {
+            locks.remove(&self.name);
+        }
+    }
 }
 
 /// The runtime the queries' pipelines run on, apart from the one serving the API: a query
@@ -577,8 +677,9 @@ impl QueryManager {
             reference,
             codecs,
             previews: tokio::sync::Semaphore::new(2),
+            replacements: tokio::sync::Semaphore::new(2),
             followers,
-            operations: Mutex::new(BTreeMap::new()),
+            operations: NamedLocks::default(),
             config,
             catalog: Arc::new(Mutex::new(catalog)),
             queries: Mutex::new(BTreeMap::new()),
@@ -608,6 +709,20 @@ impl QueryManager {
                     entries.push((entry, true));
                 }
             }
+            // A query registered under a built-in's name while the built-in queries were off
+            // keeps it; the built-in does not start (two pipelines under one name, one of
+            // them out of reach of the API).
+            entries.retain(|(builtin, _)| {
+                let taken = catalog.entries().iter().any(|e| e.name == builtin.name);
+                if taken {
+                    warn!(
+                        query = %builtin.name,
+                        "built-in query not started: a registered query has its name (drop it \
+                         and register it under another name to run both)"
+                    );
+                }
+                !taken
+            });
             entries.extend(catalog.entries().iter().cloned().map(|e| (e, false)));
             reset = entries
                 .iter()
@@ -658,13 +773,8 @@ impl QueryManager {
 
     /// Waits for the other changes to query `name`'s life to finish; the change in hand runs
     /// while the guard lives.
-    async fn operation(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = self
-            .operations
-            .lock()
-            .map(|mut locks| locks.entry(name.to_string()).or_default().clone())
-            .unwrap_or_default();
-        lock.lock_owned().await
+    async fn operation(&self, name: &str) -> NamedGuard<'_> {
+        self.operations.lock(name).await
     }
 
     fn handle(&self, name: &str) -> Result<Arc<QueryHandle>, ServiceError> {
@@ -731,10 +841,37 @@ impl QueryManager {
         .map_err(|e| ServiceError::Internal(e.to_string()))
     }
 
+    /// A place among the previews running at once, or a conflict when both are taken.
+    pub fn preview_slot(&self) -> Result<Turn<'_>, ServiceError> {
+        self.previews.try_acquire().map(Turn).map_err(|_| {
+            ServiceError::Conflict(
+                "two previews are running, the most at once: try again when one is done".into(),
+            )
+        })
+    }
+
+    /// A place among the table replacements running at once, or a conflict when both are
+    /// taken.
+    pub fn replacement_slot(&self) -> Result<Turn<'_>, ServiceError> {
+        self.replacements.try_acquire().map(Turn).map_err(|_| {
+            ServiceError::Conflict(
+                "two table replacements are running, the most at once: try again when one is \
+                 done"
+                    .into(),
+            )
+        })
+    }
+
     /// Runs `sql`'s stream query over `input`'s rows without registering it, as `urbanstream
     /// run` does offline: in the query's memory pool, within `api.preview_timeout`, on the
     /// queries' runtime. Keeps the first `limit` rows.
-    pub async fn preview(&self, request: PreviewRequest) -> Result<PreviewAnswer, ServiceError> {
+    /// `slot` ([`QueryManager::preview_slot`]) is taken before the request's body is read, so
+    /// that clients waiting their turn hold no body in memory.
+    pub async fn preview(
+        &self,
+        request: PreviewRequest,
+        _slot: Turn<'_>,
+    ) -> Result<PreviewAnswer, ServiceError> {
         const MAX_ROWS: usize = 10_000;
         let limit = request.limit.unwrap_or(100);
         if limit == 0 || limit > MAX_ROWS {
@@ -762,11 +899,11 @@ impl QueryManager {
         if request.sql.trim().is_empty() {
             return Err(ServiceError::invalid("sql is empty"));
         }
-        let _running = self.previews.try_acquire().map_err(|_| {
-            ServiceError::Conflict(
-                "two previews are running, the most at once: try again when one is done".into(),
-            )
-        })?;
+        if let Some(range) = &request.topic {
+            range
+                .check()
+                .map_err(|e| ServiceError::invalid(e.to_string()))?;
+        }
         let pool = usize::try_from(self.config.queries.memory_limit.as_u64()).unwrap_or(usize::MAX);
         let ctx = city_context_in(
             crate::plan::stream::StreamContext::with_memory_limit(pool)
@@ -845,7 +982,8 @@ impl QueryManager {
                         limit,
                         None::<&mut std::io::Sink>,
                     )
-                    .await;
+                    .await
+                    .map_err(|e| in_request_terms(e, &file.path().to_string_lossy()));
                     drop(file);
                     summary.map(|s| (s, false))
                 })
@@ -945,10 +1083,12 @@ impl QueryManager {
     /// query reads it from its next micro-batch on. Refused with the reason when the CSV does
     /// not fit the table (header, types, the city's cross-references), or when `name` is a
     /// stream.
+    /// `slot` ([`QueryManager::replacement_slot`]) is taken before the CSV is read.
     pub async fn replace_reference(
         &self,
         name: &str,
         csv: String,
+        _slot: Turn<'_>,
     ) -> Result<TableInfo, ServiceError> {
         if let Some(follows) = self.followers.status(name) {
             return Err(ServiceError::Conflict(format!(
@@ -972,19 +1112,17 @@ impl QueryManager {
                 .map_err(|e| ServiceError::Internal(e.to_string()))?;
             catalog.entries().iter().find_map(|entry| {
                 let statements = crate::plan::stream::StreamContext::parse(&entry.sql).ok()?;
-                statements.iter().find_map(|s| match s {
-                    datafusion::sql::parser::Statement::CreateExternalTable(c)
-                        if c.name.to_string().eq_ignore_ascii_case(name) =>
-                    {
-                        Some(entry.name.clone())
-                    }
-                    _ => None,
-                })
+                statements
+                    .iter()
+                    .filter_map(declared_table)
+                    .any(|declared| declared.eq_ignore_ascii_case(name))
+                    .then(|| entry.name.clone())
             })
         };
         if let Some(query) = declared {
             return Err(ServiceError::Conflict(format!(
-                "{name} is a table query {query} declares: give the reference table another name"
+                "{name} is a table or view query {query} declares: give the reference table \
+                 another name"
             )));
         }
         // Parsing, checking and two fsyncs: off the API's threads.
@@ -1138,6 +1276,12 @@ impl QueryManager {
         memory_limit: Option<u64>,
     ) -> Result<QueryStatus, ServiceError> {
         check_name("query", name)?;
+        if DEFAULT_QUERIES.iter().any(|(builtin, _)| *builtin == name) {
+            return Err(ServiceError::Conflict(format!(
+                "{name} is the name of a built-in query (taken even while the built-in queries \
+                 are off): give your query another name"
+            )));
+        }
         let _operation = self.operation(name).await;
         if self.handle(name).is_ok() {
             return Err(duplicate(name));
@@ -1971,6 +2115,33 @@ mod tests {
             created_at: 0,
         };
         Arc::new(QueryHandle::new(entry, false, 1 << 20))
+    }
+
+    /// The lock of a query name serialises the changes to it and is forgotten once they end:
+    /// requests about names that do not exist once kept one entry each, forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn name_locks_serialise_and_are_forgotten() {
+        let locks = Arc::new(NamedLocks::default());
+        for i in 0..100 {
+            let _held = locks.lock(&format!("missing-{i}")).await;
+        }
+        assert_eq!(locks.len(), 0);
+        let inside = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (locks, inside) = (locks.clone(), inside.clone());
+                tokio::spawn(async move {
+                    let _held = locks.lock("q").await;
+                    assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "one at a time");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+        assert_eq!(locks.len(), 0);
     }
 
     /// A panic inside one query's run makes that query FAILED with the panic's text; a query

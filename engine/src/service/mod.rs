@@ -14,6 +14,7 @@ pub mod catalog;
 pub mod client;
 pub mod config;
 pub mod follow;
+pub mod http;
 pub mod manager;
 pub mod metrics;
 pub mod shell;
@@ -215,9 +216,7 @@ pub async fn serve(config: ServiceConfig) -> Result<()> {
             service.city.close();
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    http::serve(listener, app, http::Limits::default(), shutdown).await;
     service.shutdown().await;
     info!("stopped");
     Ok(())

@@ -26,8 +26,8 @@ use reqwest::Method;
 use serde_json::json;
 
 use super::client::{
-    Client, ServerArgs, aligned, preview_input, preview_text, table, table_details, tables_text,
-    text,
+    Client, ServerArgs, aligned, preview_input, preview_text, printable, segment, table,
+    table_details, tables_text, text,
 };
 use crate::error::{Error, Result};
 
@@ -152,8 +152,8 @@ pub async fn run(args: ShellArgs) -> Result<()> {
 /// Prints what a statement gave, or its error.
 fn report(outcome: Result<String>) {
     match outcome {
-        Ok(text) => print!("{text}"),
-        Err(e) => println!("error: {e}"),
+        Ok(text) => print!("{}", printable(&text)),
+        Err(e) => println!("error: {}", printable(&e.to_string())),
     }
 }
 
@@ -188,7 +188,6 @@ fn meta(session: &mut Session, line: &str) -> Result<String> {
 /// Runs one statement (ending with `;`).
 async fn execute(client: &Client, session: &mut Session, statement: &str) -> Result<String> {
     let body = statement.trim_end_matches(';').trim();
-    let upper = body.to_ascii_uppercase();
     let words: Vec<&str> = body.split_whitespace().collect();
     let upper_words: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
     let first_two = upper_words
@@ -219,7 +218,11 @@ async fn execute(client: &Client, session: &mut Session, statement: &str) -> Res
             let name = name.to_ascii_lowercase();
             Ok(table_details(
                 &client
-                    .call(Method::GET, &format!("/v1/tables/{name}"), None)
+                    .call(
+                        Method::GET,
+                        &format!("/v1/tables/{}", segment(&name)?),
+                        None,
+                    )
                     .await?,
                 client.zone,
             ))
@@ -246,16 +249,16 @@ async fn execute(client: &Client, session: &mut Session, statement: &str) -> Res
             if as_word != "AS" {
                 return Err(Error::Api("write CREATE QUERY <name> AS <query>;".into()));
             }
-            let start = upper
-                .find(" AS ")
-                .map(|i| i + 4)
+            // The query follows the fourth word, however the words are spaced (a newline
+            // after AS once sent the SQL from the next " AS " on).
+            let query = after_words(body, 4)
                 .ok_or_else(|| Error::Api("write CREATE QUERY <name> AS <query>;".into()))?;
-            let sql = session.with_settings(body[start..].trim());
+            let sql = session.with_settings(query.trim());
             let status = client
                 .call(
                     Method::POST,
                     "/v1/queries",
-                    Some(json!({ "name": name, "sql": sql })),
+                    Some(json!({ "name": unquoted(name), "sql": sql })),
                 )
                 .await?;
             Ok(format!(
@@ -267,14 +270,41 @@ async fn execute(client: &Client, session: &mut Session, statement: &str) -> Res
         ["DROP", "QUERY"] => {
             let name = words
                 .get(2)
+                .map(|w| unquoted(w))
                 .ok_or_else(|| Error::Api("write DROP QUERY <name>;".into()))?;
             client
-                .call(Method::DELETE, &format!("/v1/queries/{name}"), None)
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/queries/{}", segment(name)?),
+                    None,
+                )
                 .await?;
             Ok(format!("dropped {name}\n"))
         }
         _ => preview(client, session, body).await,
     }
+}
+
+/// `text` after its first `n` words (separated by any whitespace), if it has more.
+fn after_words(text: &str, n: usize) -> Option<&str> {
+    let mut rest = text;
+    for _ in 0..n {
+        let start = rest.find(|c: char| !c.is_whitespace())?;
+        rest = &rest[start..];
+        let end = rest.find(char::is_whitespace)?;
+        rest = &rest[end..];
+    }
+    Some(rest)
+}
+
+/// A name as written, without the quotes around it (`'q'`, `"q"`).
+fn unquoted(word: &str) -> &str {
+    for quote in ['\'', '"'] {
+        if let Some(inner) = word.strip_prefix(quote).and_then(|w| w.strip_suffix(quote)) {
+            return inner;
+        }
+    }
+    word
 }
 
 /// `SET key = value`: the shell's own settings, or a setting sent with every query.
@@ -332,4 +362,24 @@ async fn preview(client: &Client, session: &Session, sql: &str) -> Result<String
         .call(Method::POST, "/v1/queries/preview", Some(body))
         .await?;
     Ok(preview_text(&answer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `CREATE QUERY q AS` at the end of a line sent the SQL from the next " AS " on, and a
+    /// quoted name kept its quotes.
+    #[test]
+    fn a_query_follows_its_fourth_word_however_spaced() {
+        let body = "CREATE QUERY shq AS\nINSERT INTO t SELECT count(*) AS n FROM s";
+        assert_eq!(
+            after_words(body, 4).map(str::trim),
+            Some("INSERT INTO t SELECT count(*) AS n FROM s")
+        );
+        assert_eq!(after_words("CREATE QUERY q AS", 4), None);
+        assert_eq!(unquoted("'shq'"), "shq");
+        assert_eq!(unquoted("\"shq\""), "shq");
+        assert_eq!(unquoted("shq"), "shq");
+    }
 }

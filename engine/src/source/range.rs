@@ -32,6 +32,28 @@ pub struct TopicRange {
     pub to_ms: Option<i64>,
 }
 
+impl TopicRange {
+    /// Why the range cannot be read, if it cannot: offsets and times are 0 or more (Kafka
+    /// takes a negative one for a special position, or fails on it).
+    pub fn check(&self) -> Result<()> {
+        for (field, value, what) in [
+            ("from_offset", self.from_offset, "an offset"),
+            ("to_offset", self.to_offset, "an offset"),
+            ("from_ms", self.from_ms, "a time in epoch milliseconds"),
+            ("to_ms", self.to_ms, "a time in epoch milliseconds"),
+        ] {
+            if let Some(v) = value
+                && v < 0
+            {
+                return Err(Error::Config(format!(
+                    "topic.{field} {v}: {what}, 0 or more"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a read gave: the records in batches of at most `batch_rows`, and whether it stopped
 /// at `max_records` before the range's end.
 pub struct RangeRead {
@@ -52,6 +74,7 @@ pub fn read_range(
     (max_records, max_bytes): (usize, usize),
     timeout: Duration,
 ) -> Result<RangeRead> {
+    range.check()?;
     let mut config = ClientConfig::new();
     for (k, v) in properties {
         config.set(k, v);
