@@ -730,8 +730,35 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| io_error("sync", dir, e))
 }
 
+/// A file operation of a checkpoint that failed. Out of file descriptors or space, or
+/// interrupted, it may pass: an I/O error, after which the query is started again (it once
+/// failed for good when a flood of connections had used up the descriptors for a moment).
+/// Anything else (no permission, not a directory) is for the operator to fix.
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::Checkpoint(format!("cannot {what} {}: {e}", path.display()))
+    use nix::errno::Errno;
+    use std::io::ErrorKind;
+    let message = format!("cannot {what} {}: {e}", path.display());
+    let passing = [
+        Errno::EMFILE,
+        Errno::ENFILE,
+        Errno::ENOSPC,
+        Errno::EDQUOT,
+        Errno::EINTR,
+    ]
+    .iter()
+    .any(|errno| e.raw_os_error() == Some(*errno as i32))
+        || matches!(
+            e.kind(),
+            ErrorKind::StorageFull
+                | ErrorKind::QuotaExceeded
+                | ErrorKind::Interrupted
+                | ErrorKind::TimedOut
+        );
+    if passing {
+        Error::Io(std::io::Error::new(e.kind(), message))
+    } else {
+        Error::Checkpoint(message)
+    }
 }
 
 /// Rows `[offset, offset + len)` of a table's column `name`.
@@ -755,6 +782,27 @@ pub fn typed<'a, T: Array + 'static>(array: &'a ArrayRef, name: &str) -> Result<
 mod tests {
     use super::*;
     use datafusion::arrow::array::Int64Array;
+
+    /// A checkpoint that fails for want of file descriptors or space is retried; one that
+    /// fails for want of permission is not.
+    #[test]
+    fn passing_file_errors_are_transient_and_the_others_not() {
+        let path = Path::new("/checkpoints/q");
+        for errno in [nix::errno::Errno::EMFILE, nix::errno::Errno::ENOSPC] {
+            let e = io_error(
+                "create",
+                path,
+                std::io::Error::from_raw_os_error(errno as i32),
+            );
+            assert!(e.is_transient(), "{e}");
+            assert!(
+                e.to_string().contains("cannot create /checkpoints/q"),
+                "{e}"
+            );
+        }
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(!io_error("create", path, denied).is_transient());
+    }
 
     fn state(n: i64) -> StateSnapshot {
         let mut s = StateSnapshot {
