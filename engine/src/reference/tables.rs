@@ -34,6 +34,8 @@ const KEPT_VERSIONS: u64 = 10;
 pub const MAX_CSV_BYTES: usize = 64 << 20;
 /// The most reference tables held (the city's and new ones).
 pub const MAX_TABLES: usize = 64;
+/// The most columns of a new reference table.
+pub const MAX_COLUMNS: usize = 1024;
 
 /// One version of a reference table.
 #[derive(Debug)]
@@ -230,6 +232,16 @@ impl ReferenceTables {
                     return Err(bad(format!(
                         "{MAX_TABLES} reference tables are held, the most: replace one of them \
                          instead"
+                    )));
+                }
+                // Counted before the types are read: reading 300 000 columns took seconds.
+                let columns = csv::Reader::from_reader(csv.as_bytes())
+                    .headers()
+                    .map(|h| h.len())
+                    .unwrap_or(0);
+                if columns > MAX_COLUMNS {
+                    return Err(bad(format!(
+                        "{columns} columns, more than the {MAX_COLUMNS} a reference table may have"
                     )));
                 }
                 let (schema, batches) = infer(&name, csv)?;
@@ -617,11 +629,17 @@ mod tests {
     #[test]
     fn a_new_tables_columns_are_named_and_typed_by_its_first_version() -> Result<()> {
         let tables = ReferenceTables::embedded()?;
+        let wide = format!(
+            "{}\n{}\n",
+            (0..1025).map(|i| format!("c{i}")).collect::<Vec<_>>().join(","),
+            vec!["1"; 1025].join(",")
+        );
         for (csv, reason) in [
             ("a\n", "no rows"),
             ("a,b\n1,\n2,\n", "column b is empty in every row"),
             (",b\n1,2\n", "has no name"),
             ("a,A\n1,2\n", "column A appears twice"),
+            (&wide, "1025 columns, more than the 1024"),
         ] {
             let e = tables.replace("lots", csv).expect_err(reason).to_string();
             assert!(e.contains(reason), "{reason}: {e}");
