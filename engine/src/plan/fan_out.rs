@@ -219,52 +219,25 @@ fn flattened(list: &ArrayRef, depth: usize) -> Vec<u128> {
         .collect()
 }
 
+/// The bytes of each value of a variable-width column: its span of the data and its offset.
+fn spans<O: datafusion::arrow::array::OffsetSizeTrait>(
+    offsets: &datafusion::arrow::buffer::OffsetBuffer<O>,
+) -> Vec<u128> {
+    let width = std::mem::size_of::<O>() as u128;
+    offsets
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_usize() as u128 + width)
+        .collect()
+}
+
 /// Per row of `column`, about the bytes a copy of its value takes.
 fn value_bytes(column: &ArrayRef) -> Vec<u128> {
     let rows = column.len();
-    let spans = |offsets: Vec<usize>, extra: u128| -> Vec<u128> {
-        offsets
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as u128 + extra)
-            .collect()
-    };
     match column.data_type() {
-        DataType::Utf8 => spans(
-            column
-                .as_string::<i32>()
-                .offsets()
-                .iter()
-                .map(|o| *o as usize)
-                .collect(),
-            4,
-        ),
-        DataType::LargeUtf8 => spans(
-            column
-                .as_string::<i64>()
-                .offsets()
-                .iter()
-                .map(|o| *o as usize)
-                .collect(),
-            8,
-        ),
-        DataType::Binary => spans(
-            column
-                .as_binary::<i32>()
-                .offsets()
-                .iter()
-                .map(|o| *o as usize)
-                .collect(),
-            4,
-        ),
-        DataType::LargeBinary => spans(
-            column
-                .as_binary::<i64>()
-                .offsets()
-                .iter()
-                .map(|o| *o as usize)
-                .collect(),
-            8,
-        ),
+        DataType::Utf8 => spans(column.as_string::<i32>().offsets()),
+        DataType::LargeUtf8 => spans(column.as_string::<i64>().offsets()),
+        DataType::Binary => spans(column.as_binary::<i32>().offsets()),
+        DataType::LargeBinary => spans(column.as_binary::<i64>().offsets()),
         // A view is copied, not its bytes.
         DataType::Utf8View | DataType::BinaryView => vec![16; rows],
         dt => match dt.primitive_width() {

@@ -61,7 +61,7 @@ use crate::state::keyed::{KeyedHandle, replace_series_windows};
 use crate::state::session::SessionOperator;
 use crate::state::upsert::UpsertState;
 use crate::state::window::{Emission, WindowOperator};
-use crate::time::WatermarkTracker;
+use crate::time::{WatermarkTracker, in_time_range};
 
 extensions_options! {
     /// Settings of the next stream queries, set in SQL with `SET urbanstream.<name> = '<value>'`.
@@ -104,8 +104,6 @@ pub enum DivertReason {
     /// be placed in time either.
     EventTimeOutOfRange,
 }
-
-use crate::time::in_time_range;
 
 impl DivertReason {
     /// Whether the row was not taken for being too late, or for having no time at all; not

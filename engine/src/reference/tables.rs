@@ -631,7 +631,10 @@ mod tests {
         let tables = ReferenceTables::embedded()?;
         let wide = format!(
             "{}\n{}\n",
-            (0..1025).map(|i| format!("c{i}")).collect::<Vec<_>>().join(","),
+            (0..1025)
+                .map(|i| format!("c{i}"))
+                .collect::<Vec<_>>()
+                .join(","),
             vec!["1"; 1025].join(",")
         );
         for (csv, reason) in [
