@@ -443,6 +443,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                     summary.first_unfit.unwrap_or_default()
                 );
             }
+            if summary.malformed.lines > 0 {
+                println!(
+                    "  {} lines of the file cannot be a row and were not produced (the first: \
+                     {})",
+                    summary.malformed.lines,
+                    summary.malformed.first.unwrap_or_default()
+                );
+            }
             if summary.produced > crate::broker::RETAINED_RECORDS as u64 {
                 println!("  note: {}", crate::broker::LIMITS);
             }

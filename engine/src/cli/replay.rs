@@ -178,6 +178,8 @@ pub struct ReplaySummary {
     pub unfit: u64,
     /// The first of those, with the reason.
     pub first_unfit: Option<String>,
+    /// Lines of the file that cannot be a row, not produced.
+    pub malformed: crate::pipeline::offline::Malformed,
     /// Event times of the first and last records produced.
     pub span_ms: Option<(i64, i64)>,
 }
@@ -190,7 +192,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
     }
     let unit_ms = unit_ms(&args.time_unit)?;
     let encoder = encoder(args).await?;
-    let mut stream = open_file(
+    let opened = open_file(
         &args.file,
         &args.rename,
         (args.time.as_deref(), unit_ms, &args.time_zone),
@@ -198,13 +200,17 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
         false,
     )
     .await?;
+    let mut stream = opened.stream;
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("linger.ms", "20")
         .set("enable.idempotence", "true")
         .create()?;
-    let mut summary = ReplaySummary::default();
+    let mut summary = ReplaySummary {
+        malformed: opened.malformed,
+        ..ReplaySummary::default()
+    };
     let mut unreadable = Unreadable::default();
     let started = Instant::now();
     let mut last_report = Instant::now();

@@ -241,6 +241,81 @@ mod tests {
         Ok(())
     }
 
+    /// A line that cannot be a row (a CSV row with a field more or less than the header, a
+    /// row that is not UTF-8, a JSON line that is not one object) is rejected alone, with its
+    /// line number; the rows around it are read (one such line failed the whole file).
+    #[tokio::test]
+    async fn malformed_lines_are_rejected_alone() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let query = dir.path().join("q.sql");
+        std::fs::write(
+            &query,
+            "CREATE EXTERNAL TABLE s (id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, \
+             n INT) STORED AS KAFKA OPTIONS ('topic' 's', 'event_time' 'event_time', \
+             'watermark_delay' '0s'); \
+             SELECT id, n FROM s",
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let csv: &[u8] = b"id,event_time,n\n\
+            a,2026-01-01T00:00:00Z,1\n\
+            long,2026-01-01T00:00:01Z,2,extra\n\
+            short,2026-01-01T00:00:02Z\n\
+            \"quoted, with a comma\",2026-01-01T00:00:03Z,3\n\
+            bad\xff\xfe,2026-01-01T00:00:04Z,4\n\
+            z,2026-01-01T00:00:05Z,5\n";
+        let jsonl: &[u8] = b"{\"id\":\"a\",\"event_time\":\"2026-01-01T00:00:00Z\",\"n\":1}\n\
+            not json at all\n\
+            [1, 2]\n\
+            \n\
+            {\"id\":\"z\",\"event_time\":\"2026-01-01T00:00:05Z\",\"n\":5}\n";
+        for (name, bytes, rejected, first, ids) in [
+            (
+                "rows.csv",
+                csv,
+                3,
+                "line 3: 4 fields where the header has 3",
+                vec!["a", "quoted, with a comma", "z"],
+            ),
+            (
+                "rows.jsonl",
+                jsonl,
+                2,
+                "line 2: not one JSON object",
+                vec!["a", "z"],
+            ),
+        ] {
+            let input = dir.path().join(name);
+            std::fs::write(&input, bytes).map_err(|e| Error::Config(e.to_string()))?;
+            let args = RunArgs {
+                query: query.clone(),
+                input,
+                rename: Vec::new(),
+                time_unit: "ms".into(),
+                time_zone: "+00:00".into(),
+                limit: 10,
+                output: None,
+                reference: Vec::new(),
+            };
+            let summary = run_file(&args).await?;
+            assert_eq!(summary.rejected, rejected, "{name}: {summary:?}");
+            assert!(
+                summary
+                    .first_rejection
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with(first)),
+                "{name}: {summary:?}"
+            );
+            let shown = datafusion::arrow::compute::concat_batches(
+                &summary.shown[0].schema(),
+                &summary.shown,
+            )?;
+            let got = datafusion::arrow::compute::cast(shown.column(0), &DataType::Utf8)?;
+            let got: Vec<&str> = got.as_string::<i32>().iter().flatten().collect();
+            assert_eq!(got, ids, "{name}");
+        }
+        Ok(())
+    }
+
     /// A file that only looks like Parquet is refused with the reason: `PAR1PAR1` (8 bytes)
     /// panicked the Parquet reader, and a preview (the same path, with a client's bytes)
     /// answered 500.

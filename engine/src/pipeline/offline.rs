@@ -114,7 +114,7 @@ pub async fn run_query<W: Write + ?Sized>(
             None => d,
         }
     };
-    let mut stream = open_file(
+    let opened = open_file(
         &input.path,
         &input.rename,
         (time.as_deref(), unit_ms, &input.time_zone),
@@ -122,7 +122,14 @@ pub async fn run_query<W: Write + ?Sized>(
         true,
     )
     .await?;
-    let mut summary = RunSummary::default();
+    let mut stream = opened.stream;
+    // Lines that cannot be a row are rejected like records the schema refuses.
+    let mut summary = RunSummary {
+        input_rows: opened.malformed.lines,
+        rejected: opened.malformed.lines,
+        first_rejection: opened.malformed.first.clone(),
+        ..RunSummary::default()
+    };
     let fields = source.topic_schema.arrow.clone();
     let csv = input
         .path
@@ -388,13 +395,18 @@ fn parquet_footer(path: &str) -> Result<()> {
 /// renaming. A CSV's event-time column is read as text (a time with an offset keeps it);
 /// with `text`, every column of a CSV is (for a schema to read, rather than types guessed
 /// from its first rows, which fail the whole file when a later row differs).
+///
+/// Lines that cannot be a row (a CSV row with more or fewer fields than the header, a line
+/// that is not UTF-8, a JSON line that is not one object) are left out, counted and the first
+/// named with its line number ([`OpenedFile::malformed`]): one such line once failed the whole
+/// file.
 pub async fn open_file(
     file: &std::path::Path,
     rename: &[String],
     (time, unit_ms, zone): (Option<&str>, Option<i64>, &str),
     key: Option<&str>,
     text: bool,
-) -> Result<datafusion::physical_plan::SendableRecordBatchStream> {
+) -> Result<OpenedFile> {
     let renames: Vec<(String, String)> = rename
         .iter()
         .map(|r| {
@@ -413,12 +425,28 @@ pub async fn open_file(
         .build_arc()?;
     let ctx =
         SessionContext::new_with_config_rt(datafusion::prelude::SessionConfig::new(), runtime);
-    let path = file.display().to_string();
+    let shown = file.display().to_string();
     let extension = file
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or_default()
         .to_ascii_lowercase();
+    let (cleaned, malformed) = match extension.as_str() {
+        "csv" | "jsonl" | "ndjson" | "json" => {
+            let file = file.to_path_buf();
+            let csv = extension == "csv";
+            tokio::task::spawn_blocking(move || without_malformed_lines(&file, csv))
+                .await
+                .map_err(|e| Error::Config(format!("{shown}: {e}")))??
+        }
+        _ => (None, Malformed::default()),
+    };
+    // The rows are read from the copy without the malformed lines, if one was made; errors
+    // name the file given.
+    let path = match &cleaned {
+        Some(copy) => copy.display().to_string(),
+        None => shown.clone(),
+    };
     match extension.as_str() {
         "csv" => {
             let guessed = ctx
@@ -477,7 +505,7 @@ pub async fn open_file(
         }
         _ => {
             return Err(Error::Config(format!(
-                "{path}: the file's extension says neither .csv, .jsonl (.ndjson, .json) nor \
+                "{shown}: the file's extension says neither .csv, .jsonl (.ndjson, .json) nor \
                  .parquet"
             )));
         }
@@ -492,7 +520,7 @@ pub async fn open_file(
     for (old, _) in &renames {
         if !columns.contains(old) {
             return Err(Error::Config(format!(
-                "--rename {old}=…: {path} has no column {old} (columns: {})",
+                "--rename {old}=…: {shown} has no column {old} (columns: {})",
                 columns.join(", ")
             )));
         }
@@ -509,7 +537,7 @@ pub async fn open_file(
             && !names.iter().any(|n| n == c)
         {
             return Err(Error::Config(format!(
-                "{what} {c}: {path} has no column {c} (columns after renaming: {})",
+                "{what} {c}: {shown} has no column {c} (columns after renaming: {})",
                 names.join(", ")
             )));
         }
@@ -557,7 +585,156 @@ pub async fn open_file(
             original.replace('"', "\"\"")
         ));
     }
-    Ok(ctx.sql(&sql).await?.execute_stream().await?)
+    Ok(OpenedFile {
+        stream: ctx.sql(&sql).await?.execute_stream().await?,
+        malformed,
+        _copy: cleaned,
+    })
+}
+
+/// A file opened by [`open_file`].
+pub struct OpenedFile {
+    /// Its rows, in order.
+    pub stream: datafusion::physical_plan::SendableRecordBatchStream,
+    /// The lines left out.
+    pub malformed: Malformed,
+    /// The copy without them the rows are read from, if one was made: kept while they are.
+    _copy: Option<tempfile::TempPath>,
+}
+
+/// Lines of a file that cannot be a row: left out, counted, the first named.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Malformed {
+    /// Lines left out.
+    pub lines: u64,
+    /// The first of them: its line number and why.
+    pub first: Option<String>,
+}
+
+/// `file` (a CSV with its header, or JSON lines) without the lines that cannot be a row: a CSV
+/// row with more or fewer fields than the header, a row or line that is not UTF-8, a JSON line
+/// that is not one object. When there are none, no copy; else a copy without them, in a
+/// temporary file of the same extension. Blocking.
+fn without_malformed_lines(
+    file: &std::path::Path,
+    csv: bool,
+) -> Result<(Option<tempfile::TempPath>, Malformed)> {
+    let shown = file.display().to_string();
+    let failed = |e: std::io::Error| Error::Config(format!("{shown}: {e}"));
+    let mut malformed = Malformed::default();
+    let mut note = |line: u64, why: String| {
+        malformed.lines += 1;
+        if malformed.first.is_none() {
+            malformed.first = Some(format!("line {line}: {why}"));
+        }
+    };
+    let copy = || -> Result<tempfile::NamedTempFile> {
+        let extension = file
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default();
+        tempfile::Builder::new()
+            .prefix("urbanstream-rows-")
+            .suffix(&format!(".{extension}"))
+            .tempfile()
+            .map_err(failed)
+    };
+    if csv {
+        let open = || {
+            csv::ReaderBuilder::new()
+                .flexible(true)
+                .from_path(file)
+                .map_err(|e| Error::Config(format!("{shown}: {e}")))
+        };
+        let why = |record: &csv::ByteRecord, width: usize| {
+            if record.len() != width {
+                Some(format!(
+                    "{} fields where the header has {width}",
+                    record.len()
+                ))
+            } else if std::str::from_utf8(record.as_slice()).is_err() {
+                Some("not UTF-8".to_string())
+            } else {
+                None
+            }
+        };
+        let mut reader = open()?;
+        let width = reader
+            .byte_headers()
+            .map_err(|e| Error::Config(format!("{shown}: {e}")))?
+            .len();
+        let mut record = csv::ByteRecord::new();
+        while reader
+            .read_byte_record(&mut record)
+            .map_err(|e| Error::Config(format!("{shown}: {e}")))?
+        {
+            if let Some(why) = why(&record, width) {
+                let line = record.position().map_or(0, |p| p.line());
+                note(line, why);
+            }
+        }
+        if malformed.lines == 0 {
+            return Ok((None, malformed));
+        }
+        let out = copy()?;
+        let mut reader = open()?;
+        let mut writer = csv::Writer::from_writer(std::io::BufWriter::new(out.as_file()));
+        let header = reader
+            .byte_headers()
+            .map_err(|e| Error::Config(format!("{shown}: {e}")))?
+            .clone();
+        let write_failed = |e: csv::Error| Error::Config(format!("a copy of {shown}: {e}"));
+        writer.write_byte_record(&header).map_err(write_failed)?;
+        while reader
+            .read_byte_record(&mut record)
+            .map_err(|e| Error::Config(format!("{shown}: {e}")))?
+        {
+            if why(&record, width).is_none() {
+                writer.write_byte_record(&record).map_err(write_failed)?;
+            }
+        }
+        writer.flush().map_err(failed)?;
+        drop(writer);
+        return Ok((Some(out.into_temp_path()), malformed));
+    }
+    use std::io::{BufRead, Write};
+    let why = |line: &[u8]| -> Option<String> {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return None;
+        }
+        match serde_json::from_slice::<serde_json::Value>(line) {
+            Ok(serde_json::Value::Object(_)) => None,
+            Ok(_) => Some("not a JSON object".to_string()),
+            Err(e) if e.is_data() || e.is_syntax() || e.is_eof() => {
+                Some(format!("not one JSON object ({e})"))
+            }
+            Err(e) => Some(e.to_string()),
+        }
+    };
+    let lines = |f: &std::path::Path| -> Result<std::io::Split<std::io::BufReader<std::fs::File>>> {
+        Ok(std::io::BufReader::new(std::fs::File::open(f).map_err(failed)?).split(b'\n'))
+    };
+    for (i, line) in lines(file)?.enumerate() {
+        let line = line.map_err(failed)?;
+        if let Some(why) = why(&line) {
+            note(i as u64 + 1, why);
+        }
+    }
+    if malformed.lines == 0 {
+        return Ok((None, malformed));
+    }
+    let out = copy()?;
+    let mut writer = std::io::BufWriter::new(out.as_file());
+    for line in lines(file)? {
+        let line = line.map_err(failed)?;
+        if why(&line).is_none() {
+            writer.write_all(&line).map_err(failed)?;
+            writer.write_all(b"\n").map_err(failed)?;
+        }
+    }
+    writer.flush().map_err(failed)?;
+    drop(writer);
+    Ok((Some(out.into_temp_path()), malformed))
 }
 
 /// Epoch milliseconds of time texts (RFC 3339, or without a zone: local time in `zone`);
