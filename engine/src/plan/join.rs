@@ -173,9 +173,12 @@ pub(super) fn plan_join(
         );
     };
     if lo > hi {
+        // Named by table: the optimizer may have swapped the sides the query wrote.
         return plan_err!(
-            "the join's time bound admits no pair (the right event time must be at least \
-             {lo} ms and at most {hi} ms after the left's)"
+            "the join's time bound admits no pair ({}'s event time would have to be at least \
+             {lo} ms and at most {hi} ms after {}'s)",
+            tables[1],
+            tables[0]
         );
     }
     // Without equi keys every row has the same key: one constant.
