@@ -549,6 +549,55 @@ async fn a_registered_query_runs_again_after_a_restart() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Two partitions' checkpoint stores swapped by hand: each holds the other partition's state,
+/// which was restored as the partition's own and published windows as two partial rows. The
+/// query is refused instead, naming the moved directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_store_holding_another_partitions_state_is_refused() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let dir = tempfile::tempdir()?;
+    let first = service(&broker.bootstrap_servers(), dir.path()).await?;
+    let app = api::router(first.clone());
+    create(&app, "counts", &per_minute("counts")).await?;
+    wait_for(&app, "counts", Duration::from_secs(20), is("RUNNING")).await?;
+    produce_events(&broker.bootstrap_servers(), 1_767_222_000_000, 400, 10).await?;
+    wait_for(&app, "counts", Duration::from_secs(30), |q| {
+        q["rows_in"] == 400
+    })
+    .await?;
+    let stores = dir.path().join("data/checkpoints/counts");
+    let store = |p: i32| stores.join(format!("city.camera.events.{p}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(0..2).all(|p| {
+        std::fs::read_dir(store(p)).is_ok_and(|mut d| {
+            d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("chk-")))
+        })
+    }) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no checkpoint of both partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    first.shutdown().await;
+    drop(app);
+    drop(first);
+    std::fs::rename(store(0), stores.join("moving"))?;
+    std::fs::rename(store(1), store(0))?;
+    std::fs::rename(stores.join("moving"), store(1))?;
+
+    let second = service(&broker.bootstrap_servers(), dir.path()).await?;
+    let app = api::router(second.clone());
+    let failed = wait_for(&app, "counts", Duration::from_secs(30), is("FAILED")).await?;
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("a checkpoint directory was moved"),
+        "{failed}"
+    );
+    second.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_over_its_memory_limit_fails_and_another_keeps_producing() -> anyhow::Result<()> {
     let broker = broker()?;

@@ -333,6 +333,18 @@ fn the_demo_serves_the_city_map_where_it_says() -> anyhow::Result<()> {
     assert_eq!(status, 200);
     assert!(page.contains("/ui/app.js"));
     assert_eq!(get("/v1/queries")?.0, 404, "the demo has no query console");
+    // A page reaching the loopback through a name of its own (DNS rebinding) is refused, as
+    // by the service: the demo answered any Host header.
+    let rebound = api.rt.block_on(async {
+        let r = api
+            .client
+            .get(format!("{address}/v1/city"))
+            .header("host", "attacker.example")
+            .send()
+            .await?;
+        anyhow::Ok(r.status().as_u16())
+    })?;
+    assert_eq!(rebound, 403);
     wait_until("the demo's view showed no segment", || {
         get("/v1/city").is_ok_and(|(_, body)| {
             serde_json::from_str::<Value>(&body).is_ok_and(|v| {

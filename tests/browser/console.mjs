@@ -35,6 +35,18 @@ page.on('console', (m) => {
 });
 const shot = (name) => page.screenshot({ path: path.join(shots, name), fullPage: true });
 try {
+  // 0. A stored token a header cannot carry (a pasted en dash) asks for the token again,
+  // without a script error (it once left the page "connecting…" with no form).
+  step = 'token';
+  const other = await browser.newPage();
+  const otherErrors = [];
+  other.on('pageerror', (e) => otherErrors.push(e.message));
+  await other.addInitScript(() => localStorage.setItem('urbanstream.token', 's3cret\u2013token'));
+  await other.goto(url);
+  await other.waitForFunction(() => !document.getElementById('token-form').hidden, null, { timeout: TIMEOUT });
+  if (otherErrors.length) throw new Error('script errors with a bad token: ' + otherErrors.join('; '));
+  await other.close();
+
   // 1. The map draws every segment of the reference, coloured by the LOS in Kafka.
   step = 'map';
   await page.addInitScript((t) => localStorage.setItem('urbanstream.token', t), token);

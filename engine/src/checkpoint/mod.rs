@@ -424,9 +424,12 @@ impl CheckpointStore {
     /// The complete checkpoints' epochs and the epochs of objects left without a manifest
     /// (an object store's incomplete checkpoints; none for a local directory).
     fn listed(&self) -> Result<(Vec<u64>, Vec<u64>)> {
+        // Only the names this code writes: `chk-0` once parsed as epoch 0, and its removal
+        // (as `chk-000000000000`) failed the query for good.
         let epoch_of = |name: &str| {
             name.strip_prefix("chk-")
                 .and_then(|n| n.parse::<u64>().ok())
+                .filter(|epoch| checkpoint_name(*epoch) == name)
         };
         match &self.location {
             Location::Local(dir) => Ok((
@@ -611,6 +614,18 @@ impl CheckpointStore {
                     let path = dir.join(&name);
                     read_checkpoint(&path.display().to_string(), |file| {
                         let p = path.join(file);
+                        // Read only what lies in the checkpoint's directory: not through a
+                        // symbolic link (of the file or of the directory) to elsewhere.
+                        for link in [&path, &p] {
+                            if fs::symlink_metadata(link).is_ok_and(|m| m.file_type().is_symlink())
+                            {
+                                return Err(Error::Checkpoint(format!(
+                                    "{} is a symbolic link: a checkpoint is read only from its \
+                                     own directory",
+                                    link.display()
+                                )));
+                            }
+                        }
                         fs::read(&p).map_err(|e| io_error("read", &p, e))
                     })
                 }
@@ -625,6 +640,18 @@ impl CheckpointStore {
                     })
                 }
             };
+            // The manifest's epoch is its directory's (a hand-edited one overflowed the next
+            // epoch and panicked the query).
+            let found = found.and_then(|c| {
+                if c.manifest.epoch == epoch {
+                    Ok(c)
+                } else {
+                    Err(Error::Checkpoint(format!(
+                        "{name}/manifest.json says epoch {}, its directory {epoch}",
+                        c.manifest.epoch
+                    )))
+                }
+            });
             match found {
                 Ok(c) => return Ok(Some(c)),
                 Err(e) => {
@@ -671,6 +698,20 @@ fn read_checkpoint(
         })
         .collect();
     for (file, size) in &manifest.files {
+        // The name is checked before anything is opened: `q<i>.<table>.arrow` in the
+        // checkpoint's own directory (a manifest naming /etc/hostname had it opened).
+        let (query, table) = file
+            .strip_suffix(".arrow")
+            .and_then(|f| f.strip_prefix('q'))
+            .and_then(|f| f.split_once('.'))
+            .filter(|(_, t)| {
+                !t.is_empty()
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-')
+                    && !t.contains("..")
+            })
+            .and_then(|(i, t)| i.parse::<usize>().ok().map(|i| (i, t.to_string())))
+            .ok_or_else(|| Error::Checkpoint(format!("{name}: unexpected file {file:?}")))?;
         let data = read(file)?;
         if data.len() as u64 != *size {
             return Err(Error::Checkpoint(format!(
@@ -678,12 +719,6 @@ fn read_checkpoint(
                 data.len()
             )));
         }
-        let (query, table) = file
-            .strip_suffix(".arrow")
-            .and_then(|f| f.strip_prefix('q'))
-            .and_then(|f| f.split_once('.'))
-            .and_then(|(i, t)| i.parse::<usize>().ok().map(|i| (i, t.to_string())))
-            .ok_or_else(|| Error::Checkpoint(format!("unexpected file {file}")))?;
         let batch = read_ipc(&format!("{name}/{file}"), data)?;
         let Some(state) = queries.get_mut(query) else {
             return Err(Error::Checkpoint(format!("{file} names no query")));
@@ -865,6 +900,66 @@ mod tests {
             .downcast_ref::<Int64Array>()
             .expect("i64");
         assert_eq!(x.values(), &[4, 5]);
+    }
+
+    #[test]
+    fn hand_edited_checkpoints_are_refused_and_nothing_outside_is_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = CheckpointStore::open(dir.path(), 10).expect("store");
+        store.write(manifest(1), vec![state(1)]).expect("write");
+        let edit = |epoch: u64, change: &dyn Fn(&mut serde_json::Value)| {
+            let written = store
+                .write(manifest(epoch), vec![state(epoch as i64)])
+                .expect("write");
+            let path = PathBuf::from(&written.location).join("manifest.json");
+            let mut m: serde_json::Value =
+                serde_json::from_slice(&fs::read(&path).expect("read")).expect("json");
+            change(&mut m);
+            fs::write(&path, m.to_string()).expect("write");
+            PathBuf::from(&written.location)
+        };
+        // An epoch other than its directory's (u64::MAX overflowed the next one: a panic).
+        let at = edit(2, &|m| m["epoch"] = serde_json::json!(u64::MAX));
+        let e = read_checkpoint("c", |f| Ok(fs::read(at.join(f))?))
+            .map(|c| c.manifest.epoch)
+            .expect("reads");
+        assert_eq!(e, u64::MAX);
+        assert_eq!(
+            store.latest().expect("latest").map(|c| c.manifest.epoch),
+            Some(1)
+        );
+        // A file outside the directory is not opened: the name is refused first.
+        let outside = dir.path().join("secret");
+        fs::write(&outside, "x").expect("write");
+        let at = edit(3, &|m| {
+            m["files"]
+                .as_array_mut()
+                .expect("files")
+                .push(serde_json::json!([outside.display().to_string(), 1]))
+        });
+        let opened = std::cell::RefCell::new(Vec::new());
+        let e = read_checkpoint("c", |f| {
+            opened.borrow_mut().push(f.to_string());
+            Ok(fs::read(at.join(f))?)
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("unexpected file"), "{e}");
+        assert!(!opened.borrow().iter().any(|f| f.contains("secret")));
+        // A state file that is a link to a file elsewhere is not read.
+        let written = store.write(manifest(4), vec![state(4)]).expect("write");
+        let file = PathBuf::from(&written.location).join("q0.t.arrow");
+        let elsewhere = dir.path().join("elsewhere.arrow");
+        fs::rename(&file, &elsewhere).expect("move");
+        std::os::unix::fs::symlink(&elsewhere, &file).expect("link");
+        assert_eq!(
+            store.latest().expect("latest").map(|c| c.manifest.epoch),
+            Some(1)
+        );
+        // A directory named as no checkpoint this code writes is not one.
+        fs::create_dir_all(dir.path().join("chk-0")).expect("dir");
+        assert!(!store.epochs().expect("epochs").contains(&0));
     }
 
     #[test]

@@ -78,7 +78,9 @@ pub fn stores_below(location: &Location) -> Result<Vec<String>> {
                 if is_checkpoint(&name) {
                     out.insert(String::new());
                 } else if !name.starts_with('.')
-                    && entry.path().is_dir()
+                    // A directory of its own, not a symbolic link to one elsewhere (a savepoint
+                    // once read a linked directory's checkpoints, and a go-back wrote there).
+                    && entry.file_type().is_ok_and(|t| t.is_dir())
                     && std::fs::read_dir(entry.path())
                         .map_err(|e| io_error("list", &entry.path(), e))?
                         .filter_map(|e| e.ok())
@@ -166,7 +168,7 @@ fn copy_stores(from: &Location, to: &Location, after: bool) -> Result<(Vec<Saved
         let (epoch, positions) = (manifest.epoch, manifest.positions.clone());
         let target = CheckpointStore::at(target, usize::MAX)?;
         if after && let Some(newest) = target.epochs()?.first() {
-            manifest.epoch = manifest.epoch.max(newest + 1);
+            manifest.epoch = manifest.epoch.max(newest.saturating_add(1));
         }
         let written = target.write(manifest, checkpoint.queries)?;
         bytes += written.bytes;

@@ -297,7 +297,6 @@ fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Insta
     let mut out = String::new();
     let w = stats.watermark_ms.load(Ordering::Relaxed);
     let sim_now = sim.sim_time_ms.load(Ordering::Relaxed);
-    out.push_str("\x1b[2J\x1b[H");
     out.push_str(&format!(
         "urbanstream demo · {} broker {brokers} · simulated Hanoi at {}× · {:.0} s · times in {zone} · Ctrl-C to stop\n{}\n",
         if embedded { "embedded" } else { "external" },
@@ -446,8 +445,11 @@ fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Insta
             truncate(a.message.as_deref().unwrap_or(""), 60),
         ));
     }
+    // The screen is cleared, then the view written with the control characters of its data
+    // (alert kinds and messages are written by analysts' queries) escaped, not obeyed.
     let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(out.as_bytes());
+    let _ = stdout.write_all(b"\x1b[2J\x1b[H");
+    let _ = stdout.write_all(crate::service::client::printable(&out).as_bytes());
     let _ = stdout.flush();
 }
 
@@ -466,9 +468,22 @@ async fn serve_console(listen: SocketAddr, city: Arc<CityView>) -> Result<Socket
         .await
         .map_err(|e| Error::Config(format!("--listen {listen}: {e}")))?;
     let address = listener.local_addr()?;
+    // As the service's API does: a page of another origin, or one reaching the loopback
+    // through a name of its own (DNS rebinding), is refused.
     let app = axum::Router::new()
         .merge(crate::dashboard::console_routes())
-        .nest("/v1", crate::dashboard::city_routes(city));
+        .nest("/v1", crate::dashboard::city_routes(city))
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+                match crate::service::api::foreign(request.headers(), request.method(), address) {
+                    Some(why) => axum::response::IntoResponse::into_response((
+                        axum::http::StatusCode::FORBIDDEN,
+                        why,
+                    )),
+                    None => next.run(request).await,
+                }
+            },
+        ));
     tokio::spawn(crate::service::http::serve(
         listener,
         app,

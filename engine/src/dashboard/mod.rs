@@ -36,13 +36,18 @@ use tracing::{debug, warn};
 
 use crate::decode::avro::{MAGIC, avro_to_json};
 use crate::decode::registry::Registry;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::reference::ReferenceData;
 use crate::time::display::DisplayZone;
+use crate::time::in_time_range;
 use crate::topics::Topics;
 
 /// Records read back from the end of each output partition when the reader starts.
 const TAIL: i64 = 20_000;
+/// Longest id, kind or state of an alert the view keeps (longer: not a city alert).
+const MAX_ALERT_ID: usize = 256;
+/// Longest alert message the view keeps (longer: cut, with an ellipsis).
+const MAX_ALERT_MESSAGE: usize = 1024;
 /// Active alerts a snapshot lists (the most severe, then the newest).
 const MAX_ALERTS: usize = 100;
 /// Active alerts the view keeps: past it, the one that began first is dropped.
@@ -123,6 +128,34 @@ pub struct AlertRow {
     /// Explanation.
     #[serde(default)]
     pub message: Option<String>,
+}
+
+impl AlertRow {
+    /// The alert as the view keeps it: its message cut to [`MAX_ALERT_MESSAGE`] bytes;
+    /// none when an id, its kind or its state is longer than [`MAX_ALERT_ID`] or its start
+    /// is not a time (analysts' queries write this topic: 10 000 active alerts of a megabyte
+    /// each were once held, and sent in every snapshot). Times outside the years 0001–9999
+    /// (microseconds taken for milliseconds) are no alert's either.
+    fn bounded(mut self) -> Option<Self> {
+        if [&self.alert_id, &self.kind, &self.entity_id, &self.state]
+            .iter()
+            .any(|s| s.len() > MAX_ALERT_ID)
+            || !in_time_range(self.started_at)
+        {
+            return None;
+        }
+        if let Some(message) = self.message.as_mut()
+            && message.len() > MAX_ALERT_MESSAGE
+        {
+            let mut end = MAX_ALERT_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push('…');
+        }
+        Some(self)
+    }
 }
 
 /// A parking availability row (a lot's or a ward's) as read back from its topic.
@@ -219,7 +252,7 @@ impl View {
             let Ok(row) = serde_json::from_slice::<IndicatorRow>(payload) else {
                 return false;
             };
-            if !self.is_known(&row.segment_id) {
+            if !self.is_known(&row.segment_id) || !in_time_range(row.window_start) {
                 return false;
             }
             self.last_window = self.last_window.max(row.window_start);
@@ -231,6 +264,9 @@ impl View {
             }
         } else if topic == topics.alerts.as_str() {
             let Ok(row) = serde_json::from_slice::<AlertRow>(payload) else {
+                return false;
+            };
+            let Some(row) = row.bounded() else {
                 return false;
             };
             if row.state == "CLEARED" {
@@ -254,7 +290,7 @@ impl View {
             let Ok(row) = serde_json::from_slice::<ParkingRow>(payload) else {
                 return false;
             };
-            if !self.is_known(&row.entity_id) {
+            if !self.is_known(&row.entity_id) || !in_time_range(row.window_start) {
                 return false;
             }
             self.last_parking = self.last_parking.max(row.window_start);
@@ -268,7 +304,7 @@ impl View {
             let Ok(row) = serde_json::from_slice::<WaterRow>(payload) else {
                 return false;
             };
-            if !self.is_known(&row.gauge_id) {
+            if !self.is_known(&row.gauge_id) || !in_time_range(row.window_start) {
                 return false;
             }
             self.last_water = self.last_water.max(row.window_start);
@@ -282,6 +318,7 @@ impl View {
             if row.scope == "ward"
                 && row.period.as_deref() != Some("day")
                 && self.is_known(&row.entity_id)
+                && in_time_range(row.window_end)
             {
                 self.last_hour = self.last_hour.max(row.window_end);
                 match self.wards.get(&row.entity_id) {
@@ -682,24 +719,47 @@ async fn read_with_one_client(
             };
             match metadata {
                 Ok(Ok(partitions)) => {
-                    let mut list = TopicPartitionList::new();
+                    let mut added: Vec<(String, i32)> = Vec::new();
                     for topic in &wanted {
                         let now = partitions.get(topic).copied().unwrap_or(0);
                         let had = assigned.get(topic).copied().unwrap_or(0);
                         for p in had..now {
-                            // A partition seen at the start is read from its recent tail;
-                            // one that appeared later holds only new records.
-                            let from = if first {
-                                Offset::OffsetTail(TAIL)
-                            } else {
-                                Offset::Beginning
-                            };
-                            let p = i32::try_from(p).unwrap_or(i32::MAX);
-                            list.add_partition_offset(topic, p, from)?;
+                            added.push((topic.clone(), i32::try_from(p).unwrap_or(i32::MAX)));
                         }
                         if now > had {
                             assigned.insert(topic.clone(), now);
                         }
+                    }
+                    // A partition seen at the start is read from its recent tail, one that
+                    // appeared later from its beginning (it holds only new records). The
+                    // tail's first offset is looked up: librdkafka takes a tail offset again
+                    // from each reset, so a tail past a trimmed log start reset forever and the
+                    // view stopped reading without a word.
+                    let starts = {
+                        let consumer = consumer.clone();
+                        tokio::task::spawn_blocking(move || {
+                            added
+                                .into_iter()
+                                .map(|(topic, p)| {
+                                    let from = if first {
+                                        consumer
+                                            .fetch_watermarks(&topic, p, Duration::from_secs(5))
+                                            .map_or(Offset::Beginning, |(low, high)| {
+                                                Offset::Offset(low.max(high - TAIL))
+                                            })
+                                    } else {
+                                        Offset::Beginning
+                                    };
+                                    (topic, p, from)
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .await
+                        .map_err(|e| Error::Config(format!("dashboard offsets: {e}")))?
+                    };
+                    let mut list = TopicPartitionList::new();
+                    for (topic, p, from) in starts {
+                        list.add_partition_offset(&topic, p, from)?;
                     }
                     if list.count() > 0 {
                         debug!(partitions = list.count(), "dashboard reads more partitions");

@@ -232,3 +232,134 @@ fn ids_outside_the_reference_and_alerts_past_the_cap_do_not_grow_the_view() {
             .contains_key(&format!("a{}", MAX_ACTIVE_ALERTS + 4))
     );
 }
+
+/// Analysts' queries write the alerts topic: an alert with an id, kind or state longer than a
+/// city alert's is not kept, and a long message is cut (10 000 alerts of a megabyte each were
+/// once held, and sent in every snapshot). A row whose time is not one (microseconds taken
+/// for milliseconds: the year 58 000) is not taken either: it once pinned the newest window
+/// for good, so every fresh segment showed as stale and other gauges' warnings were hidden.
+#[test]
+fn alerts_are_bounded_and_rows_out_of_time_are_not_taken() {
+    let topics = Topics::default();
+    let mut view = View::default();
+    let long_id = format!(
+        r#"{{"alert_id":"{}","state":"RAISED","kind":"k","entity_id":"e","started_at":60000}}"#,
+        "x".repeat(300)
+    );
+    assert!(!view.take(&topics.alerts, &topics, long_id.as_bytes()));
+    let long_message = format!(
+        r#"{{"alert_id":"a","state":"RAISED","kind":"k","entity_id":"e","started_at":60000,
+        "message":"{}"}}"#,
+        "é".repeat(600_000)
+    );
+    assert!(view.take(&topics.alerts, &topics, long_message.as_bytes()));
+    let kept = view.alerts["a"].message.clone().unwrap_or_default();
+    assert!(
+        kept.len() <= 1024 + '…'.len_utf8() && kept.ends_with('…'),
+        "{}",
+        kept.len()
+    );
+    let far = r#"{"alert_id":"b","state":"RAISED","kind":"k","entity_id":"e",
+        "started_at":1767225600000000}"#;
+    assert!(!view.take(&topics.alerts, &topics, far.as_bytes()));
+    assert_eq!(view.alerts.len(), 1);
+
+    let row = |start: i64| {
+        format!(
+            r#"{{"segment_id":"kim_ma_w","window_start":{start},"window_end":{},
+            "vehicles":1,"mean_speed_kmh":null,"motorbike_share":null,"los":"F"}}"#,
+            start + 60_000
+        )
+    };
+    assert!(view.take(
+        &topics.congestion,
+        &topics,
+        row(1_767_225_600_000).as_bytes()
+    ));
+    assert!(!view.take(
+        &topics.congestion,
+        &topics,
+        row(1_767_225_600_000_000).as_bytes()
+    ));
+    assert_eq!(view.last_window, 1_767_225_600_000);
+    assert_eq!(view.latest["kim_ma_w"].window_start, 1_767_225_600_000);
+}
+
+/// The view reads a partition whose log start the broker has moved past 0 and that holds
+/// fewer records than the tail it reads back: it once reset to the log start and took the
+/// tail off again, forever, and showed nothing new while the page said "live".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_follows_a_topic_whose_log_start_moved() {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    let broker = crate::broker::EmbeddedBroker::start().expect("broker");
+    let topics = Topics::default();
+    broker.create_topic(&topics.alerts, 1).expect("topic");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()
+        .expect("producer");
+    let alert = |id: &str, message_bytes: usize| {
+        format!(
+            r#"{{"alert_id":"{id}","state":"RAISED","kind":"k","entity_id":"e",
+            "started_at":60000,"message":"{}"}}"#,
+            "m".repeat(message_bytes)
+        )
+    };
+    // 8 MiB in 80 records: the broker keeps 5 MiB, so the log starts past 0.
+    for i in 0..80 {
+        producer
+            .send(
+                FutureRecord::to(&topics.alerts)
+                    .key("k")
+                    .payload(&alert(&format!("old-{i}"), 100 * 1024)),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("send");
+    }
+    let reference = ReferenceData::embedded().unwrap();
+    let city = CityView::new(&reference, DisplayZone::CITY);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", broker.bootstrap_servers());
+    let reader = tokio::spawn(read_outputs(
+        city.clone(),
+        client,
+        topics.clone(),
+        None,
+        stop.clone(),
+    ));
+    producer
+        .send(
+            FutureRecord::to(&topics.alerts)
+                .key("k")
+                .payload(&alert("new", 10)),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("send");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = false;
+    while std::time::Instant::now() < deadline {
+        seen = city.with(|v| v.alerts.contains_key("new")).unwrap_or(false);
+        if seen {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = reader.await;
+    assert!(seen, "the alert produced after the start was never read");
+    assert!(
+        city.with(|v| v.alerts.contains_key("old-79"))
+            .unwrap_or(false),
+        "the retained tail is read back"
+    );
+}

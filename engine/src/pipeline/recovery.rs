@@ -205,6 +205,25 @@ impl Pipeline {
             return Ok(None);
         };
         let manifest = &checkpoint.manifest;
+        // A partition's store holds that partition's state: one holding only another
+        // partition's of the same topic was moved (two stores swapped restored each other's
+        // state, and windows were published in two partial rows).
+        if let Some((topic, partition)) = &key {
+            let of_topic: Vec<i32> = manifest
+                .positions
+                .iter()
+                .filter(|p| &p.topic == topic)
+                .map(|p| p.partition)
+                .collect();
+            if !of_topic.is_empty() && !of_topic.contains(partition) {
+                return Err(Error::Checkpoint(format!(
+                    "{} holds the state of partition {of_topic:?} of {topic}, not of partition \
+                     {partition}: a checkpoint directory was moved; move it back, or away to \
+                     start that partition from scratch",
+                    checkpoint.location
+                )));
+            }
+        }
         let names: Vec<&str> = manifest.queries.iter().map(|q| q.name.as_str()).collect();
         let ours: Vec<&super::Running> = self
             .queries
@@ -601,7 +620,7 @@ impl Pipeline {
             let last_epoch = c.stores.get(&key).map_or(0, |s| s.1);
             let manifest = Manifest {
                 version: 0,
-                epoch: last_epoch + 1,
+                epoch: last_epoch.saturating_add(1),
                 created_at_ms: now,
                 positions: sorted,
                 outputs: outputs.clone(),

@@ -114,7 +114,7 @@ pub fn router(service: Arc<Service>) -> Router {
 /// `Sec-Fetch-Site` other than same-origin or none), or any request naming a host other than
 /// the loopback when the API listens there (a DNS-rebinding page). Programs such as the CLI
 /// and curl send neither header and are not refused.
-fn foreign(
+pub(crate) fn foreign(
     headers: &HeaderMap,
     method: &axum::http::Method,
     listen: std::net::SocketAddr,
@@ -135,7 +135,7 @@ fn foreign(
                 .is_ok_and(|ip| ip.is_loopback());
         if !loopback {
             return Some(
-                "this API listens on the loopback and answers only requests for localhost or                  127.0.0.1 (the Host header names another host)",
+                "this API listens on the loopback and answers only requests for localhost or 127.0.0.1 (the Host header names another host)",
             );
         }
     }
@@ -152,7 +152,7 @@ fn foreign(
         host.is_none_or(|h| !h.eq_ignore_ascii_case(authority))
     });
     (cross_site || other_origin).then_some(
-        "a change requested by a page of another origin is refused (use the console served by          this API, the CLI, or a client that sends no Origin header)",
+        "a change requested by a page of another origin is refused (use the console served by this API, the CLI, or a client that sends no Origin header)",
     )
 }
 

@@ -45,6 +45,12 @@ function token() { return localStorage.getItem('urbanstream.token') || ''; }
 
 async function api(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
+  // A header carries printable ASCII only: a token with another character (a pasted dash)
+  // threw out of every request and left the page "connecting…" with no form to fix it.
+  if (token() && !/^[\x21-\x7e]+$/.test(token())) {
+    $('token-form').hidden = false;
+    return new Response(JSON.stringify({ message: 'the stored API token has a character a token cannot have: enter it again' }), { status: 401 });
+  }
   if (token()) headers.Authorization = 'Bearer ' + token();
   if (options.body !== undefined) headers['Content-Type'] = 'application/json';
   const response = await fetch(path, Object.assign({}, options, { headers }));
