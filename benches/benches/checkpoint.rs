@@ -111,6 +111,7 @@ fn manifest(q: &StreamQuery) -> Manifest {
         }],
         files: Vec::new(),
         partition_counts: Default::default(),
+        digests: Default::default(),
     }
 }
 

@@ -251,6 +251,7 @@ impl DeterministicEngine {
             outputs: Vec::new(),
             queries,
             files: Vec::new(),
+            digests: Default::default(),
             partition_counts: Default::default(),
         };
         store.write(manifest, states).map_err(external)?;

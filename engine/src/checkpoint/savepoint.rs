@@ -325,6 +325,7 @@ mod tests {
                 meta: serde_json::Value::Null,
             }],
             files: vec![],
+            digests: Default::default(),
             partition_counts: Default::default(),
         };
         let mut state = StateSnapshot {

@@ -626,6 +626,7 @@ impl Pipeline {
                 outputs: outputs.clone(),
                 queries,
                 files: Vec::new(),
+                digests: Default::default(),
                 partition_counts,
             };
             if let Some(entry) = c.stores.get_mut(&key) {
