@@ -2922,20 +2922,24 @@ impl StreamQuery {
             let placed = t.filter(|t| *t <= future_limit && in_time_range(*t));
             if let Some((upsert, keys)) = &keys {
                 let key = keys.row(r).data();
-                let earlier = match keys_in_run.get(key) {
-                    Some(times) => times.clone(),
-                    None => last_in_batch
-                        .get(key)
-                        .copied()
-                        .or_else(|| upsert.held_time(key))
-                        .into_iter()
-                        .collect(),
+                // The key's earlier times: its records in the run, or else the row it held
+                // before the run (no copy per record).
+                let (in_run, held) = match keys_in_run.get(key) {
+                    Some(times) => (times.as_slice(), None),
+                    None => (
+                        &[][..],
+                        last_in_batch
+                            .get(key)
+                            .copied()
+                            .or_else(|| upsert.held_time(key)),
+                    ),
                 };
-                if observed && !earlier.is_empty() {
+                if observed && (!in_run.is_empty() || held.is_some()) {
                     let watermark = running.advance(now_ms).unwrap_or(i64::MIN);
                     let through = w.operator.frontier(watermark).unwrap_or(i64::MIN);
-                    if earlier
+                    if in_run
                         .iter()
+                        .chain(held.as_ref())
                         .any(|e| w.operator.closes_between(*e, after, through))
                     {
                         cuts.push(r);
