@@ -2449,3 +2449,98 @@ async fn a_query_is_upgraded_with_its_state_and_taken_back_to_a_savepoint() -> a
     service.shutdown().await;
     Ok(())
 }
+
+/// An upgrade of a query of several statements keeps its statements in their order: state is
+/// restored statement by statement, so SQL that swaps, adds or removes statements is refused
+/// with the reason (swapped statements were accepted and the query then failed to restore),
+/// and SQL that keeps them in order carries their state over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_keeps_the_statements_of_a_query_in_their_order() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let service = service(&brokers, dir.path()).await?;
+    let app = api::router(service.clone());
+    let tables = "CREATE EXTERNAL TABLE pair_counts (segment_id VARCHAR NOT NULL, \
+            window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'test.pair.counts', 'format' 'json', 'key' 'segment_id');
+         CREATE EXTERNAL TABLE pair_speeds (segment_id VARCHAR NOT NULL, \
+            window_start TIMESTAMP NOT NULL, window_end TIMESTAMP NOT NULL, v DOUBLE) \
+         STORED AS KAFKA OPTIONS ('topic' 'test.pair.speeds', 'format' 'json', 'key' 'segment_id');";
+    let counts = |filter: &str| {
+        format!(
+            "INSERT INTO pair_counts SELECT segment_id, window_start, window_end, count(*) AS n \
+             FROM camera_events {filter} GROUP BY tumble(event_time, INTERVAL '1 minute'), \
+             segment_id;"
+        )
+    };
+    let speeds = |filter: &str| {
+        format!(
+            "INSERT INTO pair_speeds SELECT segment_id, window_start, window_end, \
+             max(speed_kmh) AS v FROM camera_events {filter} GROUP BY \
+             tumble(event_time, INTERVAL '1 minute'), segment_id;"
+        )
+    };
+    let sql = format!("{tables}\n{}\n{}", counts(""), speeds(""));
+    create(&app, "pair", &sql).await?;
+    let t0 = 1_767_222_000_000;
+    produce_events(&brokers, t0, 90, 10).await?;
+    wait_for(&app, "pair", Duration::from_secs(30), |q| {
+        q["rows_in"] == 90 && !q["last_checkpoint"].is_null()
+    })
+    .await?;
+
+    let upgrade = |sql: String| {
+        let app = app.clone();
+        async move {
+            call(
+                &app,
+                "POST",
+                "/v1/queries/pair/upgrade",
+                Some(TOKEN),
+                Some(json!({"sql": sql})),
+            )
+            .await
+        }
+    };
+    let refusals = [
+        (
+            format!("{tables}\n{}\n{}", speeds(""), counts("")),
+            "statement 1",
+        ),
+        (
+            format!(
+                "{tables}\n{}\n{}\n{}",
+                counts(""),
+                speeds(""),
+                counts("WHERE speed_kmh > 1")
+            ),
+            "3 stream statements",
+        ),
+        (format!("{tables}\n{}", counts("")), "1 stream statement"),
+    ];
+    for (new, reason) in refusals {
+        let (status, refused) = upgrade(new.clone()).await?;
+        assert_eq!(status, StatusCode::CONFLICT, "{new}: {refused}");
+        let message = refused["message"].as_str().unwrap_or_default();
+        assert!(message.contains(reason), "{reason}: {message}");
+        assert!(!message.contains("repartitioned"), "{message}");
+        let q = wait_for(&app, "pair", Duration::from_secs(30), is("RUNNING")).await?;
+        assert_eq!(q["sql"], sql.as_str(), "{q}");
+    }
+    // In their order, each with a filter added: both states carry over and the query runs.
+    let filtered = format!(
+        "{tables}\n{}\n{}",
+        counts("WHERE vehicle_class <> 'bus'"),
+        speeds("WHERE vehicle_class <> 'bus'")
+    );
+    let (status, upgraded) = upgrade(filtered.clone()).await?;
+    assert_eq!(status, StatusCode::OK, "{upgraded}");
+    let q = wait_for(&app, "pair", Duration::from_secs(30), |q| {
+        q["state"] == "RUNNING" && q["sql"] == filtered.as_str()
+    })
+    .await?;
+    assert!(q["error"].is_null(), "{q}");
+    service.shutdown().await;
+    Ok(())
+}

@@ -234,6 +234,21 @@ pub fn layout_difference(held: &[String], wanted: &[String]) -> Option<String> {
     })
 }
 
+/// Why the state `taken` cannot be restored into a stream statement planned from `sql` with
+/// `settings`, whose state has `layout`; `None` when it can: the SQL it was taken for with
+/// the same settings (or a checkpoint that recorded neither), or SQL with the same layout.
+pub fn misfit(
+    taken: &QueryManifest,
+    sql: &str,
+    settings: &[String],
+    layout: &[String],
+) -> Option<String> {
+    if taken.sql == sql && (taken.layout.is_empty() || taken.settings == settings) {
+        return None;
+    }
+    layout_difference(&taken.layout, layout)
+}
+
 /// Manifest format version.
 const VERSION: u32 = 1;
 

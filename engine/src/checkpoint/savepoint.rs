@@ -22,9 +22,7 @@
 use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    CheckpointStore, Location, Manifest, Position, QueryManifest, block_on, io_error, object_error,
-};
+use super::{CheckpointStore, Location, Manifest, Position, block_on, io_error, object_error};
 use crate::error::{Error, Result};
 
 /// The file that describes a savepoint.
@@ -198,28 +196,56 @@ pub fn newest_manifests(location: &Location) -> Result<Vec<(String, Manifest)>> 
     Ok(out)
 }
 
-/// Why state checkpointed for `held` cannot be restored into the stream statements
-/// `wanted` (each its SQL and state layout); `None` when each fits one of them: the same
-/// SQL (as recovery restores it), or the same layout.
-pub fn misfit(held: &[&QueryManifest], wanted: &[(String, Vec<String>)]) -> Option<String> {
-    for q in held {
-        let fits = wanted.iter().any(|(sql, layout)| {
-            (sql == &q.sql && (q.layout.is_empty() || layout == &q.layout))
-                || (!q.layout.is_empty() && layout == &q.layout)
-        });
-        if fits {
-            continue;
-        }
-        let closest = wanted
+/// A stream statement that state is to be restored into.
+#[derive(Debug, Clone)]
+pub struct Wanted {
+    /// Its SQL.
+    pub sql: String,
+    /// Its `SET urbanstream.…` statements.
+    pub settings: Vec<String>,
+    /// What its state holds (`StreamQuery::state_layout`).
+    pub layout: Vec<String>,
+    /// The topic by whose partitions its state is kept, when it is kept per partition: its
+    /// input, or its repartition topic.
+    pub topic: String,
+}
+
+/// Why the newest checkpoints `held` (each with its store's name, as
+/// [`newest_manifests`] gives them) cannot be restored into the stream statements `wanted`,
+/// in their order; `None` when each fits. Recovery restores a store's states into the
+/// statements that read the store's topic (every statement, for the query's one store)
+/// one by one in order, so statements swapped, added or removed do not fit.
+pub fn misfit(held: &[(String, Manifest)], wanted: &[Wanted]) -> Option<String> {
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    for (store, manifest) in held {
+        let topic = store.rsplit_once('.').map(|(topic, _)| topic);
+        let ours: Vec<(usize, &Wanted)> = wanted
             .iter()
-            .find(|(_, layout)| layout.first() == q.layout.first())
-            .or(wanted.first())
-            .map(|(_, layout)| layout.as_slice())
-            .unwrap_or_default();
-        return Some(
-            super::layout_difference(&q.layout, closest)
-                .unwrap_or_else(|| "the layouts differ".into()),
-        );
+            .enumerate()
+            .filter(|(_, w)| topic.is_none_or(|t| w.topic == t))
+            .collect();
+        let taken = &manifest.queries;
+        if taken.len() != ours.len() {
+            let reading = topic.map_or(String::new(), |t| format!(" reading {t}"));
+            return Some(format!(
+                "the state holds {} stream statement{}{reading} where the new SQL has {} \
+                 stream statement{}{reading}: an upgrade keeps the statements of a query in \
+                 their order (register another statement as a query of its own)",
+                taken.len(),
+                plural(taken.len()),
+                ours.len(),
+                plural(ours.len()),
+            ));
+        }
+        for (taken, (i, w)) in taken.iter().zip(ours) {
+            if let Some(why) = super::misfit(taken, &w.sql, &w.settings, &w.layout) {
+                return Some(format!(
+                    "stream statement {} of the new SQL: {why} (an upgrade keeps the \
+                     statements of a query in their order)",
+                    i + 1
+                ));
+            }
+        }
     }
     None
 }
@@ -421,14 +447,48 @@ mod tests {
         );
         let manifests = newest_manifests(&query).unwrap();
         assert_eq!(manifests.len(), 2);
-        let held: Vec<&QueryManifest> = manifests.iter().flat_map(|(_, m)| &m.queries).collect();
+        let wanted = |sql: &str, layout: &str, topic: &str| Wanted {
+            sql: sql.into(),
+            settings: Vec::new(),
+            layout: vec![layout.into()],
+            topic: topic.into(),
+        };
         assert_eq!(
-            misfit(&held, &[("SELECT 2".into(), vec!["window".into()])]),
+            misfit(&manifests, &[wanted("SELECT 2", "window", "in")]),
             None
         );
         assert_eq!(
-            misfit(&held, &[("SELECT 1".into(), vec!["other".into()])]),
-            Some("the state holds \"window\" where the new SQL needs \"other\"".into())
+            misfit(&manifests, &[wanted("SELECT 2", "other", "in")]).as_deref(),
+            Some(
+                "stream statement 1 of the new SQL: the state holds \"window\" where the new \
+                 SQL needs \"other\" (an upgrade keeps the statements of a query in their order)"
+            )
+        );
+        // A statement of another input takes none of this state; one more of this input
+        // would have none to take.
+        assert_eq!(
+            misfit(
+                &manifests,
+                &[
+                    wanted("SELECT 2", "window", "in"),
+                    wanted("SELECT 3", "x", "other")
+                ]
+            ),
+            None
+        );
+        let more = misfit(
+            &manifests,
+            &[
+                wanted("SELECT 2", "window", "in"),
+                wanted("SELECT 3", "window", "in"),
+            ],
+        )
+        .unwrap();
+        assert!(
+            more.starts_with(
+                "the state holds 1 stream statement reading in where the new SQL has 2"
+            ),
+            "{more}"
         );
         // An empty savepoint store is an error, not a savepoint without it.
         assert!(copy_newest(&Location::Local(dir.path().join("nothing")), &saved).is_ok());

@@ -276,6 +276,12 @@ impl PipelineStats {
     }
 }
 
+/// The internal topic through which statement `statement` (counted from 0) of the pipeline
+/// of consumer group `group_id` is repartitioned, when its groups span input partitions.
+pub fn repartition_topic_of(group_id: &str, statement: usize) -> String {
+    format!("{group_id}.q{statement}.repartition")
+}
+
 /// A histogram of latencies in µs from 1 µs to 1 h at 3 significant digits.
 pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
@@ -545,7 +551,7 @@ impl Pipeline {
                 continue;
             };
             let input = running.query.source().options.topic.clone();
-            let topic = format!("{}.q{i}.repartition", config.group_id);
+            let topic = repartition_topic_of(&config.group_id, i);
             let (partitions, inputs) = repartition_topic(&config, &input, &topic).await?;
             info!(
                 query = %running.name,

@@ -245,16 +245,20 @@ impl Pipeline {
         // State taken under other SQL is restored when it means the same to this SQL (an
         // upgrade); otherwise the query stops rather than misread it.
         for (taken, running) in manifest.queries.iter().zip(&ours) {
+            let query = &running.query;
             // (Checkpoints written before layouts were recorded did not record settings
             // either: their SQL alone is compared, as it was then.)
-            if taken.sql == running.query.sql()
-                && (taken.layout.is_empty() || taken.settings == running.query.settings_sql())
+            if taken.sql == query.sql()
+                && (taken.layout.is_empty() || taken.settings == query.settings_sql())
             {
                 continue;
             }
-            if let Some(why) =
-                crate::checkpoint::layout_difference(&taken.layout, &running.query.state_layout())
-            {
+            if let Some(why) = crate::checkpoint::misfit(
+                taken,
+                query.sql(),
+                &query.settings_sql(),
+                &query.state_layout(),
+            ) {
                 if self.config.builtin {
                     return Err(Error::Checkpoint(format!(
                         "{}: built-in query {} was checkpointed under the SQL of another \

@@ -1531,9 +1531,20 @@ impl QueryManager {
         let sql = request.sql.unwrap_or_else(|| handle.entry.sql.clone());
         let planned = self.plan_request(&sql).await?;
         statements(&planned)?;
-        let wanted: Vec<(String, Vec<String>)> = planned
+        let group = group_of(&self.config.kafka.group_id, &handle.entry);
+        let wanted: Vec<savepoint::Wanted> = planned
             .iter()
-            .map(|q| (q.sql().to_string(), q.state_layout()))
+            .zip(first_stages(&planned))
+            .enumerate()
+            .map(|(i, (q, stage))| savepoint::Wanted {
+                sql: q.sql().to_string(),
+                settings: q.settings_sql(),
+                layout: q.state_layout(),
+                topic: match stage {
+                    Some(_) => crate::pipeline::repartition_topic_of(&group, i),
+                    None => q.source().options.topic.clone(),
+                },
+            })
             .collect();
         let enabled = self.config.checkpoint.enabled;
         let (held_at, what, saved_sql) = match &request.savepoint {
@@ -1570,9 +1581,7 @@ impl QueryManager {
         };
         if let Some(at) = held_at {
             let manifests = blocking(move || savepoint::newest_manifests(&at)).await?;
-            let held: Vec<&crate::checkpoint::QueryManifest> =
-                manifests.iter().flat_map(|(_, m)| &m.queries).collect();
-            if let Some(why) = savepoint::misfit(&held, &wanted) {
+            if let Some(why) = savepoint::misfit(&manifests, &wanted) {
                 return Err(ServiceError::Conflict(format!(
                     "the new SQL cannot take over {what}: {why}. An upgrade keeps the windows, \
                      group keys, aggregates (in their order), detectors, joins, output topic \
@@ -1588,7 +1597,7 @@ impl QueryManager {
         // what the new SQL's would.
         let stages = first_stages(&planned);
         if let Ok(current) = self.plan_request(&handle.entry.sql).await
-            && first_stages(&current) != stages
+            && stages_differ(&first_stages(&current), &stages)
         {
             return Err(ServiceError::Conflict(format!(
                 "{name} is repartitioned through an internal topic, whose first stage selects \
@@ -1604,7 +1613,10 @@ impl QueryManager {
             if !runs_partitioned(&planned) {
                 return Err(no_savepoints(name));
             }
-            if first_stages(&self.plan_request(&saved_sql).await?) != stages {
+            if stages_differ(
+                &first_stages(&self.plan_request(&saved_sql).await?),
+                &stages,
+            ) {
                 return Err(ServiceError::Conflict(format!(
                     "{name} is repartitioned through an internal topic, and savepoint \
                      {name_of} was taken when its first stage selected or routed records by \
@@ -1860,6 +1872,15 @@ fn first_stages(planned: &[crate::plan::stream::StreamQuery]) -> Vec<Option<Stri
             key_statement(q.sql(), &q.source().name).ok().flatten()
         })
         .collect()
+}
+
+/// Whether a statement repartitioned under one SQL (first stages `a`) is not repartitioned
+/// alike under another (`b`): statements without a first stage may come and go.
+fn stages_differ(a: &[Option<String>], b: &[Option<String>]) -> bool {
+    (0..a.len().max(b.len())).any(|i| {
+        let (a, b) = (a.get(i).cloned().flatten(), b.get(i).cloned().flatten());
+        a != b && (a.is_some() || b.is_some())
+    })
 }
 
 /// Whether the pipeline of `planned` keeps its state per partition (of its input, or of an
