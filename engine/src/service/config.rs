@@ -88,6 +88,9 @@ pub struct ApiConfig {
     /// Longest a preview may run.
     #[serde(with = "humantime_serde")]
     pub preview_timeout: std::time::Duration,
+    /// Longest a request's body may take to arrive, from the server's first read of it.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: std::time::Duration,
     /// The time zone the web console shows times in (a fixed UTC offset).
     pub time_zone: crate::time::display::DisplayZone,
 }

@@ -5,13 +5,19 @@
 //! are open at once (more wait in the listen backlog until one closes). Without them, a
 //! client opening connections that never finish a request held a file descriptor with each,
 //! until the process could open no file: the API stopped answering, checkpoints failed and
-//! the queries with them.
+//! the queries with them. Once the server starts reading a request's body, the whole body must
+//! arrive within [`Limits::body_read_timeout`]: a client trickling a body a byte at a time held
+//! its connection (and a request's turn) for as long as it liked.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -25,6 +31,8 @@ use tracing::{debug, warn};
 pub struct Limits {
     /// Time to send a request's head (and the longest a keep-alive connection idles).
     pub header_read_timeout: Duration,
+    /// Time to receive a request's whole body, from the server's first read of it.
+    pub body_read_timeout: Duration,
     /// Connections open at once.
     pub max_connections: usize,
     /// How long open requests may finish once the server is told to stop.
@@ -35,6 +43,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
             max_connections: 256,
             drain: Duration::from_secs(10),
         }
@@ -77,8 +86,14 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let timeout = limits.body_read_timeout;
+        let app = tower::ServiceBuilder::new()
+            .map_request(move |request: axum::http::Request<Incoming>| {
+                request.map(|body| axum::body::Body::new(BodyDeadline::new(body, timeout)))
+            })
+            .service(app.clone());
         let connection =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -96,6 +111,61 @@ pub async fn serve(
             "requests still open {:?} after the stop: closing them",
             limits.drain
         );
+    }
+}
+
+/// A request body that fails once [`Limits::body_read_timeout`] has passed since it was
+/// first read and it has not ended: the handler then answers with the error, and the
+/// connection closes.
+struct BodyDeadline {
+    inner: Incoming,
+    timeout: Duration,
+    /// Started at the first read: a request waiting for its turn before it reads its body is
+    /// not the client's delay.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl BodyDeadline {
+    fn new(inner: Incoming, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            deadline: None,
+        }
+    }
+}
+
+impl Body for BodyDeadline {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let timeout = this.timeout;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                "the request body did not arrive within {timeout:?}"
+            )
+            .into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -119,9 +189,15 @@ mod tests {
     async fn unfinished_requests_are_closed_and_cannot_starve_the_server() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
-        let app = Router::new().route("/livez", axum::routing::get(|| async { "ok" }));
+        let app = Router::new()
+            .route("/livez", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/echo",
+                axum::routing::post(|body: Bytes| async move { format!("{} bytes", body.len()) }),
+            );
         let limits = Limits {
             header_read_timeout: Duration::from_millis(300),
+            body_read_timeout: Duration::from_millis(500),
             max_connections: 4,
             drain: Duration::from_secs(1),
         };
@@ -151,6 +227,38 @@ mod tests {
             answered.starts_with("HTTP/1.1 200") && answered.ends_with("ok"),
             "{answered}"
         );
+        // Bodies trickled: each request is answered with the reason once the body's time is
+        // up, and its connection closed; a whole body is read as before.
+        let mut trickled = Vec::new();
+        for _ in 0..8 {
+            let mut s = TcpStream::connect(address).await.expect("connect");
+            s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123")
+                .await
+                .expect("write");
+            trickled.push(s);
+        }
+        for mut s in trickled {
+            let answer = tokio::time::timeout(Duration::from_secs(30), async {
+                for _ in 0..100 {
+                    if s.write_all(b"5").await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                until_closed(&mut s).await
+            })
+            .await
+            .expect("a trickled body is cut off");
+            assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        }
+        let mut s = TcpStream::connect(address).await.expect("connect");
+        s.write_all(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 4\r\n\r\nabcd",
+        )
+        .await
+        .expect("write");
+        let answered = until_closed(&mut s).await;
+        assert!(answered.ends_with("4 bytes"), "{answered}");
         for mut s in slow {
             let closed = tokio::time::timeout(Duration::from_secs(30), until_closed(&mut s))
                 .await

@@ -216,7 +216,11 @@ pub async fn serve(config: ServiceConfig) -> Result<()> {
             service.city.close();
         }
     };
-    http::serve(listener, app, http::Limits::default(), shutdown).await;
+    let limits = http::Limits {
+        body_read_timeout: service.config.api.body_timeout,
+        ..http::Limits::default()
+    };
+    http::serve(listener, app, limits, shutdown).await;
     service.shutdown().await;
     info!("stopped");
     Ok(())
