@@ -1661,7 +1661,44 @@ async fn reference_tables_are_replaced_at_run_time_and_kept() -> anyhow::Result<
         "read without a restart: {after:?}"
     );
 
-    // Another process over the same directory reads the kept version.
+    // A segment added: the city map shows it without a restart (it showed the segments
+    // compiled into the binary, whatever the tables held).
+    let (_, segments) =
+        call_text(&app, "GET", "/v1/tables/segments/rows", Some(TOKEN), None).await?;
+    let added = "added_segment,Added Street,Added Street,khuong_dinh,2,40,3000,urban_street,500,\
+                 \"LINESTRING(105.8000 21.0000, 105.8100 21.0100)\"\n";
+    let (status, answer) = call_text(
+        &app,
+        "PUT",
+        "/v1/tables/segments/rows",
+        Some(TOKEN),
+        Some(("text/csv", format!("{segments}{added}"))),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let shows_added = |map: &Value| {
+        map["segments"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["id"] == "added_segment"))
+    };
+    let start = Instant::now();
+    loop {
+        let (status, map) = call(&app, "GET", "/v1/city/map", Some(TOKEN), None).await?;
+        assert_eq!(status, StatusCode::OK, "{map}");
+        if shows_added(&map) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the map never showed the added segment"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, snapshot) = call(&app, "GET", "/v1/city", Some(TOKEN), None).await?;
+    assert_eq!(snapshot["map_version"], 1, "{snapshot}");
+
+    // Another process over the same directory reads the kept versions, and its map shows
+    // them.
     service.shutdown().await;
     drop(service);
     let service = service_with_cap(&brokers, dir.path(), 2_000_000).await?;
@@ -1672,6 +1709,8 @@ async fn reference_tables_are_replaced_at_run_time_and_kept() -> anyhow::Result<
     let (_, ward_sensors) = call(&app, "GET", "/v1/tables/ward_sensors", Some(TOKEN), None).await?;
     assert_eq!(ward_sensors["derived_from"], "sensors", "{ward_sensors}");
     assert_eq!(ward_sensors["version"], 2, "{ward_sensors}");
+    let (_, map) = call(&app, "GET", "/v1/city/map", Some(TOKEN), None).await?;
+    assert!(shows_added(&map), "the kept segments are not on the map");
     service.shutdown().await;
     Ok(())
 }

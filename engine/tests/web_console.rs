@@ -258,6 +258,38 @@ fn the_console_shows_the_city_and_registers_a_query_in_a_real_browser() -> anyho
     }))?;
     expect("alert")?;
 
+    // A segment added to the reference table: the open console draws it, and its LOS,
+    // without a reload.
+    api.rt.block_on(async {
+        let rows = api
+            .client
+            .get(format!("{base}/v1/tables/segments/rows"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let added = "added_segment,Added Street,Added Street,khuong_dinh,2,40,3000,\
+                     urban_street,500,\"LINESTRING(105.8200 21.0100, 105.8300 21.0150)\"\n";
+        api.client
+            .put(format!("{base}/v1/tables/segments/rows"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "text/csv")
+            .body(format!("{rows}{added}"))
+            .send()
+            .await?
+            .error_for_status()?;
+        anyhow::Ok(())
+    })?;
+    produce(
+        &brokers,
+        "city.indicators.congestion",
+        &[congestion("added_segment", minute + 60_000, "F")],
+    )?;
+    tell(json!({ "step": "segment", "id": "added_segment" }))?;
+    expect("segment")?;
+
     tell(json!({
         "step": "register", "name": "web_counts", "sql": counts_query("test.web.counts"),
     }))?;
@@ -293,6 +325,7 @@ fn the_console_shows_the_city_and_registers_a_query_in_a_real_browser() -> anyho
         "1-map.png",
         "2-los-changed.png",
         "3-alert.png",
+        "3b-segment.png",
         "4-registered.png",
         "5-paused.png",
     ] {

@@ -101,6 +101,16 @@ try {
   await shot('3-alert.png');
   console.log('ok ' + step);
 
+  // 3b. A segment added to the reference table is drawn, with its LOS, without a reload.
+  input = await next();
+  step = input.step;
+  await page.waitForFunction((id) => {
+    const line = document.querySelector(`#map .segment[data-segment="${id}"]`);
+    return line && line.dataset.los === 'F';
+  }, input.id, { timeout: TIMEOUT });
+  await shot('3b-segment.png');
+  console.log('ok ' + step);
+
   // 4. The SQL editor refuses bad SQL with the service's message, then validates and
   // registers a query, which the query table lists.
   input = await next();

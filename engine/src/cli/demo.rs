@@ -348,7 +348,7 @@ fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Insta
         let name = city.name(&row.segment_id);
         out.push_str(&format!(
             "  {:<48} {:>8} {:>9} {:>6} {:>4} {:>9}%\n",
-            truncate(name, 48),
+            truncate(&name, 48),
             row.vehicles,
             row.space_mean_speed_kmh
                 .or(row.mean_speed_kmh)
@@ -387,7 +387,7 @@ fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Insta
         };
         out.push_str(&format!(
             "  {:<28} {:>4}  {:<24} {:>10} {:>13}\n",
-            truncate(name, 28),
+            truncate(&name, 28),
             row.aqi.map_or_else(dash, |v| v.to_string()),
             truncate(&category, 24),
             row.dominant_pollutant.clone().unwrap_or_else(dash),
@@ -407,7 +407,7 @@ fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Insta
     for g in gauges.iter().take(4) {
         out.push_str(&format!(
             "{} {} cm ({})   ",
-            truncate(city.name(&g.gauge_id), 22),
+            truncate(&city.name(&g.gauge_id), 22),
             g.level_cm.map_or_else(dash, |v| format!("{v:.0}")),
             ["-", "I", "II", "III"][g.warning_level.clamp(0, 3) as usize],
         ));
@@ -422,7 +422,7 @@ fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Insta
     for p in parking.iter().take(4) {
         out.push_str(&format!(
             "{} {} % ({} free)   ",
-            truncate(city.name(&p.entity_id), 16),
+            truncate(&city.name(&p.entity_id), 16),
             p.occupancy_pct.map_or_else(dash, |v| format!("{v:.0}")),
             p.free_spaces.map_or_else(dash, |v| format!("{v:.0}")),
         ));
@@ -440,7 +440,7 @@ fn draw(screen: &Screen, view: &View, city: &CityView, rate: f64, started: Insta
             "  {:>2} {:<19} {:<26} since {}  {}\n",
             a.severity.map_or_else(dash, |v| v.to_string()),
             a.kind,
-            truncate(city.name(&a.entity_id), 26),
+            truncate(&city.name(&a.entity_id), 26),
             zone.clock(a.started_at),
             truncate(a.message.as_deref().unwrap_or(""), 60),
         ));

@@ -379,16 +379,25 @@ pub struct CityView {
     text: Mutex<Option<(u64, Arc<str>)>>,
     /// Permits of the open event streams.
     streams: Arc<tokio::sync::Semaphore>,
-    map: Value,
-    names: HashMap<String, String>,
+    /// The map and names of the reference tables, replaced when they get new versions.
+    reference: std::sync::RwLock<Arc<Geometry>>,
     zone: DisplayZone,
 }
 
-impl CityView {
-    /// An empty view over the reference geometry of `reference`, its times shown in `zone`.
-    pub fn new(reference: &ReferenceData, zone: DisplayZone) -> Arc<Self> {
+/// What a [`CityView`] shows of the reference tables.
+struct Geometry {
+    /// `/v1/city/map`.
+    map: Value,
+    /// Names of segments, wards, parking lots and gauges by id.
+    names: HashMap<String, String>,
+    /// Changes with every new set of reference tables: the console draws the map again.
+    version: u64,
+}
+
+impl Geometry {
+    fn of(reference: &ReferenceData, version: u64) -> (Self, std::collections::HashSet<String>) {
         let (lots, gauges) = (&reference.parking_lots, &reference.gauges);
-        let names = reference
+        let names: HashMap<String, String> = reference
             .segments
             .iter()
             .map(|s| (s.segment_id.clone(), s.name.clone()))
@@ -401,28 +410,65 @@ impl CityView {
             .chain(lots.iter().map(|l| (l.lot_id.clone(), l.name.clone())))
             .chain(gauges.iter().map(|g| (g.gauge_id.clone(), g.name.clone())))
             .collect();
+        let known = names.keys().cloned().collect();
+        let map = map_of(reference, lots, gauges);
+        (
+            Self {
+                map,
+                names,
+                version,
+            },
+            known,
+        )
+    }
+}
+
+impl CityView {
+    /// An empty view over the reference geometry of `reference`, its times shown in `zone`.
+    pub fn new(reference: &ReferenceData, zone: DisplayZone) -> Arc<Self> {
+        let (geometry, known) = Geometry::of(reference, 0);
         Arc::new(Self {
             view: Mutex::new(View {
-                known: Some(Arc::new(
-                    reference
-                        .segments
-                        .iter()
-                        .map(|s| s.segment_id.clone())
-                        .chain(reference.wards.iter().map(|w| w.ward_id.clone()))
-                        .chain(lots.iter().map(|l| l.lot_id.clone()))
-                        .chain(gauges.iter().map(|g| g.gauge_id.clone()))
-                        .collect(),
-                )),
+                known: Some(Arc::new(known)),
                 ..View::default()
             }),
             version: watch::Sender::new(0),
             closing: watch::Sender::new(false),
             text: Mutex::new(None),
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
-            map: map_of(reference, lots, gauges),
-            names,
+            reference: std::sync::RwLock::new(Arc::new(geometry)),
             zone,
         })
+    }
+
+    /// Shows `reference` from now on: its map, names, and the rows of its ids (rows of ids
+    /// it no longer has are let go). Open consoles draw the new map.
+    pub fn set_reference(&self, reference: &ReferenceData) {
+        let Ok(mut current) = self.reference.write() else {
+            return;
+        };
+        let (geometry, known) = Geometry::of(reference, current.version + 1);
+        if geometry.map == current.map && geometry.names == current.names {
+            return;
+        }
+        *current = Arc::new(geometry);
+        drop(current);
+        if let Ok(mut v) = self.view.lock() {
+            v.latest.retain(|id, _| known.contains(id));
+            v.wards.retain(|id, _| known.contains(id));
+            v.parking_lots.retain(|id, _| known.contains(id));
+            v.parking_wards.retain(|id, _| known.contains(id));
+            v.water.retain(|id, _| known.contains(id));
+            v.known = Some(Arc::new(known));
+        }
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    fn geometry(&self) -> Arc<Geometry> {
+        match self.reference.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// Takes one record (see [`View::take`]).
@@ -443,13 +489,20 @@ impl CityView {
     }
 
     /// The reference name of a segment or ward, or its id when it has none.
-    pub fn name<'a>(&'a self, id: &'a str) -> &'a str {
-        self.names.get(id).map_or(id, String::as_str)
+    pub fn name(&self, id: &str) -> String {
+        self.geometry()
+            .names
+            .get(id)
+            .map_or_else(|| id.to_string(), String::clone)
     }
 
-    /// The reference geometry (`/v1/city/map`).
-    pub fn map(&self) -> &Value {
-        &self.map
+    /// The reference geometry (`/v1/city/map`), with its `version` (the snapshots'
+    /// `map_version`).
+    pub fn map(&self) -> Value {
+        let geometry = self.geometry();
+        let mut map = geometry.map.clone();
+        map["version"] = json!(geometry.version);
+        map
     }
 
     /// The view as JSON: `congestion.segments` (latest row per segment, with `stale` when its
@@ -460,6 +513,7 @@ impl CityView {
     /// (active, at most 100), the counts, and the display time zone.
     pub fn snapshot(&self) -> Value {
         let version = *self.version.borrow();
+        let geometry = self.geometry();
         self.with(|v| {
             let segments: serde_json::Map<String, Value> = v
                 .latest
@@ -485,13 +539,15 @@ impl CityView {
                 .take(MAX_ALERTS)
                 .map(|a| {
                     let mut row = json!(a);
-                    row["entity_name"] = json!(self.name(&a.entity_id));
+                    row["entity_name"] =
+                        json!(geometry.names.get(&a.entity_id).unwrap_or(&a.entity_id));
                     row["started"] = json!(self.zone.format(a.started_at));
                     row
                 })
                 .collect();
             json!({
                 "version": version,
+                "map_version": geometry.version,
                 "time_zone": self.zone.label(),
                 "offset_minutes": self.zone.offset_minutes(),
                 "received": v.received,
@@ -844,7 +900,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 async fn map(State(view): State<Arc<CityView>>) -> Json<Value> {
-    Json(view.map().clone())
+    Json(view.map())
 }
 
 async fn snapshot(State(view): State<Arc<CityView>>) -> Json<Value> {

@@ -178,6 +178,18 @@ impl ReferenceTables {
         }
     }
 
+    /// The city's reference data (wards, segments, cameras, …) as the tables hold it now.
+    pub fn city(&self) -> Result<ReferenceData> {
+        ReferenceData::from_csv(&|file| {
+            self.get(table_name(file))
+                .map(|t| t.csv.clone())
+                .ok_or_else(|| Error::Reference {
+                    file: file.into(),
+                    message: "missing".into(),
+                })
+        })
+    }
+
     /// A counter that changes whenever a table gets a new version.
     pub fn generation(&self) -> Arc<AtomicU64> {
         self.inner.generation.clone()

@@ -1750,6 +1750,11 @@ impl QueryManager {
         let _ = tokio::task::spawn_blocking(move || followers.stop()).await;
     }
 
+    /// The process's reference tables, as its queries read them.
+    pub fn reference_tables(&self) -> &ReferenceTables {
+        &self.reference
+    }
+
     /// The reference tables whose topic has not been read to its end yet.
     pub fn reference_tables_loading(&self) -> Vec<String> {
         self.followers.loading()

@@ -68,11 +68,15 @@ impl Service {
             client.set(k, v);
         }
         let probe = Arc::new(client.create::<BaseProducer>()?);
-        let reference = crate::reference::ReferenceData::embedded()?;
-        let city = crate::dashboard::CityView::new(&reference, config.api.time_zone);
+        let manager = QueryManager::new(config.clone())?;
+        // The city view shows the reference tables the queries read (kept versions included),
+        // and follows their new versions.
+        let tables = manager.reference_tables().clone();
+        let city = crate::dashboard::CityView::new(&tables.city()?, config.api.time_zone);
+        tokio::spawn(follow_reference(tables, Arc::downgrade(&city)));
         let service = Arc::new(Self {
             probe,
-            manager: QueryManager::new(config.clone())?,
+            manager,
             config: config.clone(),
             kafka_reachable: AtomicBool::new(false),
             kafka_checked: AtomicBool::new(false),
@@ -185,6 +189,34 @@ async fn watch_kafka(service: std::sync::Weak<Service>) {
         s.check_kafka().await;
         drop(s);
         tokio::time::sleep(KAFKA_CHECK_INTERVAL).await;
+    }
+}
+
+/// Shows every new version of the city's reference tables in `city` (checked once a second)
+/// while the view lives.
+async fn follow_reference(
+    tables: crate::reference::ReferenceTables,
+    city: std::sync::Weak<crate::dashboard::CityView>,
+) {
+    let generation = tables.generation();
+    let mut seen = generation.load(Ordering::Acquire);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(city) = city.upgrade() else {
+            return;
+        };
+        let now = generation.load(Ordering::Acquire);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        // A replacement of the city's tables is checked against the others before it is
+        // installed, so they read back whole; a table of an analyst's own changes nothing
+        // here.
+        match tables.city() {
+            Ok(reference) => city.set_reference(&reference),
+            Err(e) => warn!(error = %e, "the city view keeps the reference tables it had"),
+        }
     }
 }
 

@@ -351,6 +351,15 @@ async function streamCity() {
             // One bad snapshot is skipped, not allowed to end the stream.
             try {
               state.snapshot = JSON.parse(data);
+              // The reference tables changed: draw their map first.
+              const version = state.snapshot.map_version;
+              if (version !== undefined && version !== state.map.version) {
+                const r = await apiJson('/v1/city/map');
+                if (r.ok) {
+                  state.map = r.body;
+                  drawMap(state.map);
+                }
+              }
               paint(state.snapshot);
             } catch (e) {
               console.warn('snapshot not shown: ' + e.message);
