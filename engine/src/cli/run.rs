@@ -268,6 +268,14 @@ mod tests {
             [1, 2]\n\
             \n\
             {\"id\":\"z\",\"event_time\":\"2026-01-01T00:00:05Z\",\"n\":5}\n";
+        // A field holding another kind of value than the other lines' (one such line failed
+        // the whole file: the columns are read with one type each).
+        let kinds: &[u8] = b"{\"id\":\"a\",\"event_time\":\"2026-01-01T00:00:00Z\",\"n\":1}\n\
+            {\"id\":\"b\",\"event_time\":\"2026-01-01T00:00:01Z\",\"n\":\"two\"}\n\
+            {\"id\":\"c\",\"event_time\":\"2026-01-01T00:00:02Z\",\"n\":[3]}\n\
+            {\"id\":4,\"event_time\":\"2026-01-01T00:00:03Z\",\"n\":4}\n\
+            {\"id\":\"e\",\"event_time\":\"2026-01-01T00:00:04Z\",\"n\":null}\n\
+            {\"id\":\"z\",\"event_time\":\"2026-01-01T00:00:05Z\",\"n\":5.0}\n";
         for (name, bytes, rejected, first, ids) in [
             (
                 "rows.csv",
@@ -282,6 +290,13 @@ mod tests {
                 2,
                 "line 2: not one JSON object",
                 vec!["a", "z"],
+            ),
+            (
+                "kinds.jsonl",
+                kinds,
+                3,
+                "line 2: field n holds a text where most lines hold a number",
+                vec!["a", "e", "z"],
             ),
         ] {
             let input = dir.path().join(name);

@@ -11,7 +11,7 @@
 //! the DLQ would get it), fed in event-time order micro-batch by micro-batch, with processing
 //! time following the data. At the end of the input every window closes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, SessionContext};
 use futures::StreamExt;
+use serde_json::Value;
 
 use crate::decode::{Codecs, JsonDecoder};
 use crate::error::{Error, Result};
@@ -613,7 +614,8 @@ pub struct Malformed {
 
 /// `file` (a CSV with its header, or JSON lines) without the lines that cannot be a row: a CSV
 /// row with more or fewer fields than the header, a row or line that is not UTF-8, a JSON line
-/// that is not one object. When there are none, no copy; else a copy without them, in a
+/// that is not one object or whose field holds another kind of value (number, text, true or
+/// false, list, object) than most lines' do. When there are none, no copy; else a copy without them, in a
 /// temporary file of the same extension. Blocking.
 fn without_malformed_lines(
     file: &std::path::Path,
@@ -698,43 +700,106 @@ fn without_malformed_lines(
         return Ok((Some(out.into_temp_path()), malformed));
     }
     use std::io::{BufRead, Write};
-    let why = |line: &[u8]| -> Option<String> {
+    let parse = |line: &[u8]| -> Option<Result<serde_json::Map<String, Value>, String>> {
         if line.iter().all(u8::is_ascii_whitespace) {
             return None;
         }
-        match serde_json::from_slice::<serde_json::Value>(line) {
-            Ok(serde_json::Value::Object(_)) => None,
-            Ok(_) => Some("not a JSON object".to_string()),
+        Some(match serde_json::from_slice::<Value>(line) {
+            Ok(Value::Object(fields)) => Ok(fields),
+            Ok(_) => Err("not a JSON object".to_string()),
             Err(e) if e.is_data() || e.is_syntax() || e.is_eof() => {
-                Some(format!("not one JSON object ({e})"))
+                Err(format!("not one JSON object ({e})"))
             }
-            Err(e) => Some(e.to_string()),
-        }
+            Err(e) => Err(e.to_string()),
+        })
     };
     let lines = |f: &std::path::Path| -> Result<std::io::Split<std::io::BufReader<std::fs::File>>> {
         Ok(std::io::BufReader::new(std::fs::File::open(f).map_err(failed)?).split(b'\n'))
     };
-    for (i, line) in lines(file)?.enumerate() {
-        let line = line.map_err(failed)?;
-        if let Some(why) = why(&line) {
-            note(i as u64 + 1, why);
+    // The kinds of value each field holds over the file: the rows are read with one type per
+    // column, so a line whose field holds another kind than most lines' (a text where the
+    // others have numbers) failed the whole file; it is left out instead.
+    let mut kinds: HashMap<String, [u64; 5]> = HashMap::new();
+    let mut bad_lines = false;
+    for line in lines(file)? {
+        match parse(&line.map_err(failed)?) {
+            Some(Ok(fields)) => {
+                for (name, value) in &fields {
+                    let Some(kind) = json_kind(value) else {
+                        continue;
+                    };
+                    // (Bounded: a file of ever new field names is not a stream's rows.)
+                    if let Some(counts) = kinds.get_mut(name) {
+                        counts[kind] += 1;
+                    } else if kinds.len() < MAX_FIELDS_CHECKED {
+                        kinds.entry(name.clone()).or_default()[kind] += 1;
+                    }
+                }
+            }
+            Some(Err(_)) => bad_lines = true,
+            None => {}
         }
     }
-    if malformed.lines == 0 {
+    let usual: HashMap<String, usize> = kinds
+        .iter()
+        .filter(|(_, counts)| counts.iter().filter(|n| **n > 0).count() > 1)
+        .map(|(name, counts)| {
+            let most = (0..counts.len()).max_by_key(|k| counts[*k]).unwrap_or(0);
+            (name.clone(), most)
+        })
+        .collect();
+    if !bad_lines && usual.is_empty() {
         return Ok((None, malformed));
     }
+    let why = |line: &[u8]| -> Option<String> {
+        let fields = match parse(line)? {
+            Ok(fields) => fields,
+            Err(why) => return Some(why),
+        };
+        fields.iter().find_map(|(name, value)| {
+            let kind = json_kind(value)?;
+            let most = *usual.get(name)?;
+            (kind != most).then(|| {
+                format!(
+                    "field {name} holds {} where most lines hold {}",
+                    JSON_KINDS[kind], JSON_KINDS[most]
+                )
+            })
+        })
+    };
     let out = copy()?;
     let mut writer = std::io::BufWriter::new(out.as_file());
-    for line in lines(file)? {
+    for (i, line) in lines(file)?.enumerate() {
         let line = line.map_err(failed)?;
-        if why(&line).is_none() {
-            writer.write_all(&line).map_err(failed)?;
-            writer.write_all(b"\n").map_err(failed)?;
+        match why(&line) {
+            Some(why) => note(i as u64 + 1, why),
+            None => {
+                writer.write_all(&line).map_err(failed)?;
+                writer.write_all(b"\n").map_err(failed)?;
+            }
         }
     }
     writer.flush().map_err(failed)?;
     drop(writer);
     Ok((Some(out.into_temp_path()), malformed))
+}
+
+/// The most fields of a JSON-lines file whose kinds of value are checked line by line.
+const MAX_FIELDS_CHECKED: usize = 4096;
+
+/// The kinds of JSON value a column of one type holds, as [`json_kind`] numbers them.
+const JSON_KINDS: [&str; 5] = ["a number", "a text", "true or false", "a list", "an object"];
+
+/// Which of [`JSON_KINDS`] `value` is; `None` for null, which any column holds.
+fn json_kind(value: &Value) -> Option<usize> {
+    match value {
+        Value::Null => None,
+        Value::Number(_) => Some(0),
+        Value::String(_) => Some(1),
+        Value::Bool(_) => Some(2),
+        Value::Array(_) => Some(3),
+        Value::Object(_) => Some(4),
+    }
 }
 
 /// Epoch milliseconds of time texts (RFC 3339, or without a zone: local time in `zone`);
