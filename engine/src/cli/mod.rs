@@ -161,8 +161,9 @@ pub struct EvaluateArgs {
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
     /// Also write every reading as each detector scored it, as CSV
-    /// (`series,timestamp,value,label,detector,score,alert`).
-    #[arg(long)]
+    /// (`series,timestamp,value,label,detector,score,alert`): for the built-in set or
+    /// `--data`.
+    #[arg(long, conflicts_with_all = ["skab", "alerts"])]
     pub scores: Option<std::path::PathBuf>,
     /// UTC offset of the series' local days, for the detectors' daily profiles, as the SQL
     /// functions take it (e.g. `+07:00`, `-05:00`). Default: `+07:00` for the built-in
@@ -174,12 +175,13 @@ pub struct EvaluateArgs {
     /// leaderboard (NAB changepoint scores, outlier F1).
     #[arg(long, conflicts_with = "data")]
     pub skab: Option<std::path::PathBuf>,
-    /// The likelihood an alert is raised at.
-    #[arg(long, default_value_t = urbanstream_operators::detect::Calibrator::DEFAULT_THRESHOLD)]
-    pub threshold: f64,
-    /// The likelihood below which a raised alert clears.
-    #[arg(long, default_value_t = 0.99)]
-    pub clear: f64,
+    /// With `--skab`: the likelihood an alert is raised at (default 0.9999; the built-in set
+    /// and `--data` use each detector's own levels).
+    #[arg(long, requires = "skab")]
+    pub threshold: Option<f64>,
+    /// With `--skab`: the likelihood at or below which a raised alert clears (default 0.99).
+    #[arg(long, requires = "skab")]
+    pub clear: Option<f64>,
     /// Instead of the detectors one series at a time: run the city's default alert queries on
     /// traffic (the incident query's loop-detector statement, the congestion anomalies over
     /// cameras), as the service runs them, over `--simulated-days` of the simulator with
@@ -488,10 +490,20 @@ fn write_json(path: Option<&std::path::Path>, reports: &impl serde::Serialize) -
 
 async fn evaluate(args: EvaluateArgs) -> Result<()> {
     use crate::evaluate as eval;
-    if !(0.0..=1.0).contains(&args.threshold) || !(0.0..=args.threshold).contains(&args.clear) {
+    if args.skab.is_none() && (args.threshold.is_some() || args.clear.is_some()) {
+        return Err(crate::error::Error::Config(
+            "--threshold and --clear apply to --skab: the built-in set and --data use each \
+             detector's own levels"
+                .into(),
+        ));
+    }
+    let threshold = args
+        .threshold
+        .unwrap_or(urbanstream_operators::detect::Calibrator::DEFAULT_THRESHOLD);
+    let clear = args.clear.unwrap_or(0.99);
+    if !(0.0..=1.0).contains(&threshold) || !(0.0..=threshold).contains(&clear) {
         return Err(crate::error::Error::Config(format!(
-            "--threshold {} and --clear {} must be likelihoods with clear ≤ threshold (e.g. --threshold 0.9999 --clear 0.99)",
-            args.threshold, args.clear
+            "--threshold {threshold} and --clear {clear} must be likelihoods with clear ≤ threshold (e.g. --threshold 0.9999 --clear 0.99)"
         )));
     }
     if args.alerts {
@@ -539,12 +551,8 @@ async fn evaluate(args: EvaluateArgs) -> Result<()> {
                 f.times.len()
             ))
         );
-        let reports =
-            eval::skab::evaluate(&experiments, free.as_ref(), args.threshold, args.clear)?;
-        print!(
-            "{}",
-            eval::skab::table(&reports, args.threshold, args.clear)
-        );
+        let reports = eval::skab::evaluate(&experiments, free.as_ref(), threshold, clear)?;
+        print!("{}", eval::skab::table(&reports, threshold, clear));
         return write_json(args.json.as_deref(), &reports);
     }
     let (set, source) = match &args.data {

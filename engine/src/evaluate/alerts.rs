@@ -343,7 +343,6 @@ fn score(
         sum(|d| d.alerts),
         sum(|d| d.false_alerts),
     );
-    delays.sort_by(f64::total_cmp);
     AlertReport {
         query: statement.name().to_string(),
         days,
@@ -355,7 +354,7 @@ fn score(
         false_alerts,
         precision: ratio(raised - false_alerts, raised),
         recall: ratio(found, incidents),
-        median_delay_min: delays.get(delays.len() / 2).copied(),
+        median_delay_min: super::median(delays),
         false_per_segment_day: if segments.is_empty() || days == 0 {
             0.0
         } else {

@@ -433,7 +433,11 @@ pub fn from_csv(path: &Path) -> Result<Vec<Series>> {
             "" => None,
             v => Some(v.parse::<f64>().map_err(|_| bad("value"))?),
         };
-        let label = matches!(field(3), "1" | "true" | "TRUE");
+        let label = match field(3) {
+            "0" | "0.0" | "false" | "FALSE" | "False" => false,
+            "1" | "1.0" | "true" | "TRUE" | "True" => true,
+            _ => return Err(bad("label (0 or 1)")),
+        };
         by_series
             .entry(name.to_string())
             .or_default()
@@ -684,11 +688,11 @@ pub fn evaluate(
         let alerts = run_series(kind, on, raise, clear, s, utc_offset_ms, |p| {
             points.add(p.alert, labelled(p.t));
         })?;
-        let detection: Vec<(i64, i64)> = s
-            .windows
-            .iter()
-            .map(|(a, b)| (*a, b + tolerance_ms))
-            .collect();
+        // Each labelled window extended by the tolerance up to the next one: one alert
+        // finds one window.
+        let mut labelled_windows = s.windows.clone();
+        labelled_windows.sort_unstable();
+        let detection = nab::extended(&labelled_windows, tolerance_ms);
         let starts: Vec<i64> = alerts.iter().map(|(a, _)| *a).collect();
         changepoints.add(&detection, &starts);
         report.alerts += alerts.len();
@@ -703,13 +707,10 @@ pub fn evaluate(
         let fam = family
             .entry(s.name.split('/').next().unwrap_or("").to_string())
             .or_default();
-        for (ws, we) in &s.windows {
+        for ((ws, _), (ds, de)) in labelled_windows.iter().zip(&detection) {
             report.windows += 1;
             fam.0 += 1;
-            if let Some((a, _)) = alerts
-                .iter()
-                .find(|(a, _)| a >= ws && *a <= we + tolerance_ms)
-            {
+            if let Some((a, _)) = alerts.iter().find(|(a, _)| a >= ds && a <= de) {
                 report.found += 1;
                 fam.1 += 1;
                 delays.push((a - ws) as f64 / MIN as f64);
@@ -720,8 +721,7 @@ pub fn evaluate(
     report.nab = changepoints.scores();
     report.recall = ratio(report.found, report.windows);
     report.precision = ratio(report.alerts - report.false_alerts, report.alerts);
-    delays.sort_by(f64::total_cmp);
-    report.median_delay_min = delays.get(delays.len() / 2).copied();
+    report.median_delay_min = median(delays);
     report.recall_by_family = family
         .into_iter()
         .map(|(k, (n, f))| (k, ratio(f, n)))
@@ -736,6 +736,17 @@ pub fn evaluate(
 
 fn ratio(a: usize, b: usize) -> f64 {
     if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+/// The median of `values` (the mean of the middle two of an even number); `None` for none.
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
 }
 
 /// Every detector and health check over `set`.
@@ -920,6 +931,78 @@ mod tests {
         assert_eq!(set[0].name, "pump7");
         assert_eq!(set[0].windows, vec![(60_000, 60_000)]);
         assert_eq!(set[0].values, vec![Some(1.0), Some(9.0), Some(1.0)]);
+        // Labels written as numbers of another notation are read; other labels are refused
+        // (`1.0` was read as 0, and every alert in its window counted false).
+        std::fs::write(
+            &single,
+            "time,value,label\n0,1,0.0\n60000,9,1.0\n120000,1,0\n",
+        )
+        .expect("write");
+        assert_eq!(
+            from_csv(&single).expect("csv")[0].windows,
+            vec![(60_000, 60_000)]
+        );
+        std::fs::write(&single, "time,value,label\n0,1,0\n60000,9,2\n").expect("write");
+        let refused = from_csv(&single).expect_err("label 2").to_string();
+        assert!(refused.contains("line 3: bad label (0 or 1)"), "{refused}");
+    }
+
+    /// Two labelled windows that overlap once the tolerance extends the first: the first's
+    /// tolerance ends where the second begins, and one alert finds one of them, not both (it
+    /// found both, and scored twice in the NAB totals).
+    #[test]
+    fn one_alert_finds_one_of_two_overlapping_windows() {
+        assert_eq!(
+            nab::cut(vec![(50, 60), (0, 100), (10, 20), (90, 130)]),
+            vec![(0, 100), (20, 20), (60, 60), (100, 130)]
+        );
+        assert_eq!(
+            nab::extended(&[(50, 60), (0, 5), (100, 130)], 30),
+            vec![(0, 35), (50, 90), (100, 160)]
+        );
+        assert_eq!(
+            nab::extended(&[(0, 100), (10, 20)], 30),
+            vec![(0, 9), (10, 50)]
+        );
+        let times: Vec<i64> = (0..600).map(|i| START + i * MIN).collect();
+        let values: Vec<Option<f64>> = (0..600)
+            .map(|i| {
+                Some(if i == 500 {
+                    100.0
+                } else {
+                    10.0 + (i % 7) as f64 * 0.3
+                })
+            })
+            .collect();
+        let set = vec![Series {
+            name: "steady/two".into(),
+            windows: vec![(times[480], times[482]), (times[500], times[502])],
+            times,
+            values,
+            target: Target::Anomaly,
+            quantity: "",
+        }];
+        let reports = evaluate_all(&set, 30 * MIN, 0).expect("evaluate");
+        let mut alerted = 0;
+        for r in &reports {
+            assert_eq!(r.windows, 2, "{r:?}");
+            assert!(r.found <= r.alerts, "{r:?}");
+            if r.alerts == 1 {
+                alerted += 1;
+                assert_eq!(r.found, 1, "{r:?}");
+            }
+        }
+        assert!(
+            alerted > 0,
+            "no detector raised exactly one alert: {reports:?}"
+        );
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![20.0, 0.0]), Some(10.0));
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(Vec::new()), None);
     }
 
     #[test]

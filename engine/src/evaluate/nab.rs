@@ -55,13 +55,44 @@ pub const PROFILES: [Profile; 3] = [
 
 /// Detection windows of `width_ms` to the right of each changepoint (times in ms, sorted).
 pub fn windows(changepoints: &[i64], width_ms: i64) -> Vec<(i64, i64)> {
-    let mut out: Vec<(i64, i64)> = changepoints.iter().map(|c| (*c, c + width_ms)).collect();
-    for i in 1..out.len() {
-        if out[i - 1].1 >= out[i].0 {
-            out[i].0 = out[i - 1].1;
+    cut(changepoints.iter().map(|c| (*c, c + width_ms)).collect())
+}
+
+/// Detection windows `[start, end]` sorted by start, each that overlaps an earlier one
+/// starting where the earlier ones end (one inside an earlier window keeps only its end), so
+/// that one detection does not find two windows (except on their shared edge).
+pub fn cut(mut windows: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
+    windows.sort_unstable();
+    let mut end = i64::MIN;
+    for w in &mut windows {
+        if end >= w.0 {
+            w.0 = end.min(w.1);
         }
+        end = end.max(w.1);
     }
-    out
+    windows
+}
+
+/// Detection windows for labelled windows `[start, end]`: each extended by `tolerance_ms`,
+/// the extension ending before the next labelled window begins (a window overlapping the
+/// next keeps only what comes before it), sorted by start. One detection finds at most one
+/// window (two only when they start at the same time), and a detection inside a labelled
+/// window finds that one, not the one before it.
+pub fn extended(labelled: &[(i64, i64)], tolerance_ms: i64) -> Vec<(i64, i64)> {
+    let mut sorted = labelled.to_vec();
+    sorted.sort_unstable();
+    let starts: Vec<i64> = sorted.iter().map(|w| w.0).collect();
+    sorted
+        .iter()
+        .enumerate()
+        .map(|(i, &(a, b))| {
+            let end = b.saturating_add(tolerance_ms);
+            match starts.get(i + 1) {
+                Some(&next) => (a, end.min(next - 1).max(a)),
+                None => (a, end),
+            }
+        })
+        .collect()
 }
 
 /// The weight of a detection at `t` in the window `[a, b]`.
