@@ -102,8 +102,11 @@ pub struct DetectorReport {
     /// Per-point F1: a reading is flagged while an alert is active, labelled inside a window.
     pub point_f1: f64,
     /// NAB scores (standard, low FP, low FN) with each labelled window, extended by the
-    /// tolerance, as a detection window and each alert's start as a prediction.
+    /// tolerance, as a detection window and each alert's start as a prediction, by SKAB's
+    /// rules ([`nab::NabTotals`]).
     pub nab: [f64; 3],
+    /// The same by NAB's own rules ([`nab::NabPaperTotals`]).
+    pub nab_paper: [f64; 3],
 }
 
 fn noise(rng: &mut ChaCha8Rng, sd: f64) -> f64 {
@@ -669,9 +672,11 @@ pub fn evaluate(
         false_alerts_per_day: 0.0,
         point_f1: 0.0,
         nab: [0.0; 3],
+        nab_paper: [0.0; 3],
     };
     let mut points = nab::PointCounts::default();
     let mut changepoints = nab::NabTotals::default();
+    let mut paper = nab::NabPaperTotals::default();
     let mut delays = Vec::new();
     let mut family: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut days = 0.0;
@@ -695,6 +700,11 @@ pub fn evaluate(
         let detection = nab::extended(&labelled_windows, tolerance_ms);
         let starts: Vec<i64> = alerts.iter().map(|(a, _)| *a).collect();
         changepoints.add(&detection, &starts);
+        let tolerated: Vec<(i64, i64)> = labelled_windows
+            .iter()
+            .map(|(a, b)| (*a, b + tolerance_ms))
+            .collect();
+        paper.add(&s.times, &tolerated, &starts);
         report.alerts += alerts.len();
         report.false_alerts += alerts
             .iter()
@@ -719,6 +729,7 @@ pub fn evaluate(
     }
     report.point_f1 = points.f1();
     report.nab = changepoints.scores();
+    report.nab_paper = paper.scores();
     report.recall = ratio(report.found, report.windows);
     report.precision = ratio(report.alerts - report.false_alerts, report.alerts);
     report.median_delay_min = median(delays);
@@ -798,7 +809,7 @@ pub fn table(reports: &[DetectorReport]) -> String {
         .filter(|f| !matches!(f.as_str(), "quiet" | "fault" | "sim_fault"))
         .collect();
     let mut out = format!(
-        "| detector | windows | found | alerts | false | precision | recall | median delay (min) | false/day | point F1 | NAB standard / low FP / low FN |{}\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{}\n",
+        "| detector | windows | found | alerts | false | precision | recall | median delay (min) | false/day | point F1 | NAB standard / low FP / low FN | NAB paper standard / low FP / low FN |{}\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{}\n",
         families
             .iter()
             .map(|f| format!(" recall {f} |"))
@@ -807,7 +818,7 @@ pub fn table(reports: &[DetectorReport]) -> String {
     );
     for r in reports {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.1} / {:.1} / {:.1} |{}\n",
+            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} |{}\n",
             r.detector,
             r.windows,
             r.found,
@@ -821,6 +832,9 @@ pub fn table(reports: &[DetectorReport]) -> String {
             r.nab[0],
             r.nab[1],
             r.nab[2],
+            r.nab_paper[0],
+            r.nab_paper[1],
+            r.nab_paper[2],
             families
                 .iter()
                 .map(|f| r

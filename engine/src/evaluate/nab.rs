@@ -173,6 +173,102 @@ impl NabTotals {
     }
 }
 
+/// NAB's own scoring (Numenta's scorer, `nab/sweeper.py`, after the NAB paper): each
+/// detection is scored by its row's position relative to a window's right edge along
+/// `S(y) = 2·sigmoid(−5y) − 1`.
+///
+/// - Inside a window of `w` rows ending at row `r`, a detection at row `i` is at
+///   `y = −(r − i + 1) / w` and scores `A_tp · S(y) / S(−1)`; the window takes its best
+///   (earliest) detection, and a window without one costs `A_fn`.
+/// - Outside every window, a detection scores `A_fp · S(y)` (negative), `y` its distance in
+///   rows past the previous window's right edge over that window's width less one (a
+///   detection before any window: `y = 3`, the full `A_fp`); every detection outside counts.
+/// - Detections in the first 15 % of a series' rows (at most 750) are not scored, nor are
+///   windows that lie wholly inside them.
+/// - Overlapping windows are merged, as NAB's labeller combines them. The total over all
+///   series is normalised as [`NabTotals::scores`] does: 0 for no detection, 100 for each
+///   window detected at its first row and nothing else.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NabPaperTotals {
+    /// Per profile: (score, null score, perfect score).
+    sums: [(f64, f64, f64); 3],
+}
+
+/// `S(y)` of [`NabPaperTotals`].
+fn scaled_sigmoid(y: f64) -> f64 {
+    if y >= 3.0 {
+        -1.0
+    } else {
+        2.0 / (1.0 + (5.0 * y).exp()) - 1.0
+    }
+}
+
+impl NabPaperTotals {
+    /// Adds one series: its reading times (sorted), its windows `[start, end]` in time and
+    /// its detections' times.
+    pub fn add(&mut self, times: &[i64], windows: &[(i64, i64)], detections: &[i64]) {
+        let probation = ((times.len() as f64 * 0.15).floor() as usize).min(750);
+        // Windows in rows, merged where they overlap.
+        let mut rows: Vec<(usize, usize)> = Vec::new();
+        let mut sorted = windows.to_vec();
+        sorted.sort_unstable();
+        for (a, b) in sorted {
+            let first = times.partition_point(|t| *t < a);
+            let last = times.partition_point(|t| *t <= b);
+            if first >= last {
+                continue;
+            }
+            let (first, last) = (first, last - 1);
+            match rows.last_mut() {
+                Some(prev) if prev.1 >= first => prev.1 = prev.1.max(last),
+                _ => rows.push((first, last)),
+            }
+        }
+        rows.retain(|(_, last)| *last >= probation);
+        let max_tp = scaled_sigmoid(-1.0);
+        for (sum, p) in self.sums.iter_mut().zip(PROFILES.iter()) {
+            let (tp, fp, fn_) = (p.a_tp, -p.a_fp, -p.a_fn);
+            let mut best: Vec<f64> = vec![-fn_; rows.len()];
+            let mut outside = 0.0;
+            for t in detections {
+                let i = times.partition_point(|x| x < t);
+                if i >= times.len() || i < probation {
+                    continue;
+                }
+                match rows.iter().position(|(a, b)| *a <= i && i <= *b) {
+                    Some(k) => {
+                        let (a, b) = rows[k];
+                        let width = (b - a + 1) as f64;
+                        let y = -((b - i + 1) as f64) / width;
+                        best[k] = best[k].max(scaled_sigmoid(y) * tp / max_tp);
+                    }
+                    None => {
+                        let y = match rows.iter().rev().find(|(_, b)| *b < i) {
+                            Some((a, b)) => (i - b) as f64 / ((b - a) as f64).max(1.0),
+                            None => 3.0,
+                        };
+                        outside += scaled_sigmoid(y) * fp;
+                    }
+                }
+            }
+            sum.0 += best.iter().sum::<f64>() + outside;
+            sum.1 -= rows.len() as f64 * fn_;
+            sum.2 += rows.len() as f64 * tp;
+        }
+    }
+
+    /// The normalised scores, one per profile of [`PROFILES`].
+    pub fn scores(&self) -> [f64; 3] {
+        self.sums.map(|(s, null, perfect)| {
+            if perfect > null {
+                100.0 * (s - null) / (perfect - null)
+            } else {
+                0.0
+            }
+        })
+    }
+}
+
 /// Per-point outlier counts.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct PointCounts {
@@ -216,6 +312,67 @@ impl PointCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NAB's own rules on one series of 100 one-minute rows with a window of rows 50–59,
+    /// checked against values worked out by hand from `sweeper.py`'s formulas.
+    #[test]
+    fn the_nab_paper_scores_detections_by_their_rows() {
+        let times: Vec<i64> = (0..100).map(|i| i * 60_000).collect();
+        let window = [(times[50], times[59])];
+        let score = |detections: &[i64]| {
+            let mut totals = NabPaperTotals::default();
+            totals.add(&times, &window, detections);
+            totals.scores()
+        };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-3;
+        // At the window's first row: the perfect score; none: the null score.
+        assert!(score(&[times[50]]).iter().all(|s| close(*s, 100.0)));
+        assert!(score(&[]).iter().all(|s| close(*s, 0.0)));
+        // At its last row: y = −0.1, S = 0.24492, weighted 0.24492 / 0.98661 = 0.24824.
+        let last = score(&[times[59]]);
+        assert!(close(last[0], 100.0 * (0.248_24 + 1.0) / 2.0), "{last:?}");
+        // Only the best detection in the window counts.
+        assert!(
+            score(&[times[59], times[50], times[55]])
+                .iter()
+                .all(|s| close(*s, 100.0))
+        );
+        // Eleven rows past the window's end: y = 11 / 9, S = −0.99557, times A_fp.
+        let late = score(&[times[50], times[70]]);
+        assert!(
+            close(late[0], 100.0 * (1.0 - 0.11 * 0.995_57 + 1.0) / 2.0),
+            "{late:?}"
+        );
+        assert!(
+            close(late[1], 100.0 * (1.0 - 0.22 * 0.995_57 + 1.0) / 2.0),
+            "{late:?}"
+        );
+        // Low FN: a miss costs 2; the null score is −2.
+        let missed_late = score(&[times[70]]);
+        assert!(close(
+            missed_late[2],
+            100.0 * (-2.0 - 0.11 * 0.995_57 + 2.0) / 3.0
+        ));
+        // Before any window: the full A_fp. In the probation (the first 15 rows): nothing.
+        let early = score(&[times[20], times[50]]);
+        assert!(
+            close(early[0], 100.0 * (1.0 - 0.11 + 1.0) / 2.0),
+            "{early:?}"
+        );
+        assert!(
+            score(&[times[5], times[50]])
+                .iter()
+                .all(|s| close(*s, 100.0))
+        );
+        // Overlapping windows are merged into one.
+        let mut totals = NabPaperTotals::default();
+        totals.add(
+            &times,
+            &[(times[50], times[55]), (times[53], times[59])],
+            &[times[50]],
+        );
+        assert!(totals.scores().iter().all(|s| close(*s, 100.0)));
+    }
 
     #[test]
     fn null_perfect_and_late_detectors_score_as_nab_defines() {
