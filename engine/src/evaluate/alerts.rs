@@ -364,6 +364,15 @@ fn score(
     }
 }
 
+/// A precision or recall to two places, or `-` when it is of nothing (`of` is 0).
+fn share(value: f64, of: usize) -> String {
+    if of == 0 {
+        "-".to_string()
+    } else {
+        format!("{value:.2}")
+    }
+}
+
 /// The reports as a Markdown table, one row per run and one per day of each.
 pub fn table(reports: &[AlertReport]) -> String {
     let mut out = String::from(
@@ -375,26 +384,26 @@ pub fn table(reports: &[AlertReport]) -> String {
             .median_delay_min
             .map_or("-".to_string(), |d| format!("{d:.0}"));
         out.push_str(&format!(
-            "| {run} | all {} | {} | {} | {} | {} | {:.2} | {:.2} | {delay} | {:.3} |\n",
+            "| {run} | all {} | {} | {} | {} | {} | {} | {} | {delay} | {:.3} |\n",
             r.days,
             r.incidents,
             r.found,
             r.alerts,
             r.false_alerts,
-            r.precision,
-            r.recall,
+            share(r.precision, r.alerts),
+            share(r.recall, r.incidents),
             r.false_per_segment_day
         ));
         for (i, d) in r.by_day.iter().enumerate() {
             out.push_str(&format!(
-                "| {run} | {} | {} | {} | {} | {} | {:.2} | {:.2} | | {:.3} |\n",
+                "| {run} | {} | {} | {} | {} | {} | {} | {} | | {:.3} |\n",
                 i + 1,
                 d.incidents,
                 d.found,
                 d.alerts,
                 d.false_alerts,
-                ratio(d.alerts - d.false_alerts, d.alerts),
-                ratio(d.found, d.incidents),
+                share(ratio(d.alerts - d.false_alerts, d.alerts), d.alerts),
+                share(ratio(d.found, d.incidents), d.incidents),
                 d.false_alerts as f64 / r.segments.max(1) as f64
             ));
         }

@@ -749,6 +749,15 @@ fn ratio(a: usize, b: usize) -> f64 {
     if b == 0 { 0.0 } else { a as f64 / b as f64 }
 }
 
+/// NAB scores as a table cell, `-` without labelled windows.
+fn nab_cell(scores: &[f64; 3], windows: usize) -> String {
+    if windows == 0 {
+        "-".to_string()
+    } else {
+        format!("{:.1} / {:.1} / {:.1}", scores[0], scores[1], scores[2])
+    }
+}
+
 /// The median of `values` (the mean of the middle two of an even number); `None` for none.
 pub fn median(mut values: Vec<f64>) -> Option<f64> {
     values.sort_by(f64::total_cmp);
@@ -818,23 +827,28 @@ pub fn table(reports: &[DetectorReport]) -> String {
     );
     for r in reports {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} / {:.1} |{}\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {} | {} |{}\n",
             r.detector,
             r.windows,
             r.found,
             r.alerts,
             r.false_alerts,
-            r.precision,
-            r.recall,
+            if r.alerts == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.2}", r.precision)
+            },
+            if r.windows == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.2}", r.recall)
+            },
             r.median_delay_min.map_or("-".into(), |d| format!("{d:.0}")),
             r.false_alerts_per_day,
             r.point_f1,
-            r.nab[0],
-            r.nab[1],
-            r.nab[2],
-            r.nab_paper[0],
-            r.nab_paper[1],
-            r.nab_paper[2],
+            // Without labelled windows there is nothing to normalise against.
+            nab_cell(&r.nab, r.windows),
+            nab_cell(&r.nab_paper, r.windows),
             families
                 .iter()
                 .map(|f| r
