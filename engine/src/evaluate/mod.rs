@@ -735,6 +735,7 @@ pub fn evaluate(
     report.median_delay_min = median(delays);
     report.recall_by_family = family
         .into_iter()
+        .filter(|(_, (n, _))| *n > 0)
         .map(|(k, (n, f))| (k, ratio(f, n)))
         .collect();
     report.false_alerts_per_day = if days > 0.0 {
