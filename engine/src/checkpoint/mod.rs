@@ -628,7 +628,9 @@ impl CheckpointStore {
 
     /// The newest checkpoint that reads back whole; a damaged one is reported and skipped.
     pub fn latest(&self) -> Result<Option<Checkpoint>> {
-        for epoch in self.epochs()? {
+        let epochs = self.epochs()?;
+        let mut newest_error = None;
+        for &epoch in &epochs {
             let name = checkpoint_name(epoch);
             let found = match &self.location {
                 Location::Local(dir) => {
@@ -676,11 +678,25 @@ impl CheckpointStore {
             match found {
                 Ok(c) => return Ok(Some(c)),
                 Err(e) => {
-                    warn!(location = %self.location, epoch, error = %e, "checkpoint unreadable, trying an older one")
+                    warn!(location = %self.location, epoch, error = %e, "checkpoint unreadable, trying an older one");
+                    newest_error.get_or_insert_with(|| format!("{name}: {e}"));
                 }
             }
         }
-        Ok(None)
+        // Checkpoints there, none whole: the state is lost to this process, which must not
+        // go on as if there had been none (it told of another process's storage).
+        match newest_error {
+            Some(newest) => Err(Error::Checkpoint(format!(
+                "{} holds {} checkpoint{} and none reads back whole (the newest, {newest}): the \
+                 state is not restored from a damaged checkpoint, and starting from empty \
+                 state would publish wrong windows. Put back an intact copy of the \
+                 checkpoint's files, or reset the query to start it afresh",
+                self.location,
+                epochs.len(),
+                if epochs.len() == 1 { "" } else { "s" },
+            ))),
+            None => Ok(None),
+        }
     }
 }
 
@@ -1010,6 +1026,22 @@ mod tests {
         assert_eq!(
             store.latest().expect("latest").map(|c| c.manifest.epoch),
             Some(1)
+        );
+        // Every checkpoint damaged: an error that says so, not "no checkpoint".
+        let damaged = CheckpointStore::open(dir.path().join("damaged"), 2).expect("store");
+        let written = damaged.write(manifest(1), vec![state(1)]).expect("write");
+        let file = PathBuf::from(&written.location).join("q0.t.arrow");
+        let mut bytes = fs::read(&file).expect("read");
+        bytes[0] ^= 0x01;
+        fs::write(&file, &bytes).expect("write");
+        let e = damaged
+            .latest()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("holds 1 checkpoint and none reads back whole (the newest, chk-"),
+            "{e}"
         );
         // A directory named as no checkpoint this code writes is not one.
         fs::create_dir_all(dir.path().join("chk-0")).expect("dir");
