@@ -205,6 +205,18 @@ async fn produce_events_to(
     cameras: usize,
     spread: Option<i32>,
 ) -> anyhow::Result<()> {
+    produce_events_into(brokers, "city.camera.events", t0, n, cameras, spread).await
+}
+
+/// [`produce_events_to`] into `topic`.
+async fn produce_events_into(
+    brokers: &str,
+    topic: &str,
+    t0: i64,
+    n: usize,
+    cameras: usize,
+    spread: Option<i32>,
+) -> anyhow::Result<()> {
     // Idempotent, so that the fault tests' retried produce requests never write an event twice.
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -220,9 +232,7 @@ async fn produce_events_to(
             "vehicle_class": "motorbike", "speed_kmh": 30.0, "confidence": 0.9
         })
         .to_string();
-        let mut record = FutureRecord::to("city.camera.events")
-            .key(&segment)
-            .payload(&value);
+        let mut record = FutureRecord::to(topic).key(&segment).payload(&value);
         if let Some(spread) = spread {
             record = record.partition(i as i32 % spread);
         }
@@ -2580,6 +2590,100 @@ async fn an_upgrade_keeps_the_statements_of_a_query_in_their_order() -> anyhow::
     })
     .await?;
     assert!(q["error"].is_null(), "{q}");
+    service.shutdown().await;
+    Ok(())
+}
+
+/// A query with a statement kept per partition and a repartitioned one, registered before its
+/// input topic exists: once the topic is there (four partitions), with one partition's events
+/// read before the others', the repartitioned statement counts every event, none late (a
+/// report of late events in such a query, case by case).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repartitioned_query_registered_before_its_input_exists_counts_every_event()
+-> anyhow::Result<()> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    broker.create_topic("test.fresh.camera", 1)?;
+    let dir = tempfile::tempdir()?;
+    let service = service(&brokers, dir.path()).await?;
+    let app = api::router(service.clone());
+    let sql = "CREATE EXTERNAL TABLE fresh_cam (camera_id VARCHAR NOT NULL, \
+            segment_id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, kind VARCHAR, \
+            vehicle_class VARCHAR, speed_kmh DOUBLE, confidence DOUBLE) \
+         STORED AS KAFKA OPTIONS ('topic' 'test.fresh.cam', 'format' 'json', \
+            'event_time' 'event_time', 'key' 'segment_id', 'watermark_delay' '1s');
+         CREATE EXTERNAL TABLE fresh_seg (segment_id VARCHAR NOT NULL, \
+            window_start TIMESTAMP NOT NULL, n BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'test.fresh.seg', 'format' 'json', 'key' 'segment_id');
+         CREATE EXTERNAL TABLE fresh_by_camera (camera_id VARCHAR NOT NULL, \
+            window_start TIMESTAMP NOT NULL, n BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'test.fresh.camera', 'format' 'json', \
+            'key' 'camera_id');
+         INSERT INTO fresh_seg SELECT segment_id, window_start, count(*) AS n FROM fresh_cam \
+         GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id;
+         INSERT INTO fresh_by_camera SELECT camera_id, window_start, count(*) AS n \
+         FROM fresh_cam GROUP BY tumble(event_time, INTERVAL '1 minute'), camera_id";
+    create(&app, "fresh", sql).await?;
+    let out = reader(&brokers, "reader-fresh", "test.fresh.camera")?;
+    wait_for(&app, "fresh", Duration::from_secs(30), is("RUNNING")).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.create_topic("test.fresh.cam", 4)?;
+    // Once the query holds the new topic's partitions: four minutes, one event a second,
+    // event i to partition i % 4, partition 0's first (its progress reaches the second stage
+    // before the others' events do); then one event a little later on each partition closes
+    // the fourth minute.
+    wait_for(&app, "fresh", Duration::from_secs(120), |q| {
+        q["assigned_partitions"].as_u64() >= Some(5)
+    })
+    .await?;
+    let t0 = 1_767_222_000_000;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "5")
+        .create()?;
+    let event = |i: i64| {
+        json!({
+            "camera_id": format!("cam-{}", i % 10), "segment_id": format!("seg-{}", i % 4),
+            "event_time": t0 + i * 1000, "kind": "detection", "vehicle_class": "motorbike",
+            "speed_kmh": 30.0, "confidence": 0.9
+        })
+        .to_string()
+    };
+    for first in [true, false] {
+        for i in (0..240).chain(250..254) {
+            if (i % 4 == 0) != first {
+                continue;
+            }
+            producer
+                .send(
+                    FutureRecord::<(), String>::to("test.fresh.cam")
+                        .partition((i % 4) as i32)
+                        .payload(&event(i)),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)?;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let records = next_records(&out, 40).await?;
+    let mut counts: std::collections::BTreeMap<(String, i64), u64> = Default::default();
+    for r in &records {
+        let key = (
+            r["camera_id"].as_str().unwrap_or_default().to_string(),
+            r["window_start"].as_i64().unwrap_or_default(),
+        );
+        *counts.entry(key).or_default() += r["n"].as_u64().unwrap_or_default();
+    }
+    let expected: std::collections::BTreeMap<(String, i64), u64> = (0..10)
+        .flat_map(|c| (0..4).map(move |m| ((format!("cam-{c}"), t0 + m * 60_000), 6)))
+        .collect();
+    assert_eq!(counts, expected, "{records:?}");
+    let q = wait_for(&app, "fresh", Duration::from_secs(10), |q| {
+        q["rows_in"] == 244
+    })
+    .await?;
+    assert_eq!(q["late"], 0, "{q}");
     service.shutdown().await;
     Ok(())
 }

@@ -88,6 +88,17 @@ impl Pipeline {
             }
             match self.restore(Some(key.clone()), now).await? {
                 Some(manifest) => {
+                    // A second stage's restored watermark knows the input partitions as
+                    // they were at the checkpoint (one silent then is idle at once): each
+                    // holds it again until it delivers, as for an instance just planned.
+                    for running in &mut self.queries {
+                        if let Some(r) = &running.repartition
+                            && running.topic() == key.0
+                            && let Some(part) = running.parts.get_mut(&key.1)
+                        {
+                            part.query.expect_inputs(r.inputs, now);
+                        }
+                    }
                     if let Some(then) = manifest.partition_counts.get(&key.0) {
                         self.check_partition_count(&key.0, *then, &counts)?;
                     }

@@ -65,11 +65,14 @@ impl WatermarkTracker {
     /// Makes `partition` hold the watermark back from processing time `now_ms` on until it
     /// delivers (or goes idle), though nothing of it has been seen yet: an input whose
     /// partitions are all known in advance does not let the first ones to deliver run ahead.
+    /// A partition known already (restored from a checkpoint, taken up again) holds it at its
+    /// newest event time from `now_ms` on, idle or not before.
     pub fn expect(&mut self, partition: i32, now_ms: i64) {
-        self.partitions.entry(partition).or_insert(PartitionTime {
+        let entry = self.partitions.entry(partition).or_insert(PartitionTime {
             max_event_ms: i64::MIN,
             last_seen_ms: now_ms,
         });
+        entry.last_seen_ms = entry.last_seen_ms.max(now_ms);
     }
 
     /// Raises the watermark to at least `watermark` (an explicit advance, e.g. from a test or
@@ -193,6 +196,32 @@ mod tests {
         assert_eq!(w.advance(now), Some(45_000));
         w.observe(1, 200_000, now);
         assert_eq!(w.advance(now), Some(95_000));
+    }
+
+    /// A partition known already, silent for longer than the idle timeout (restored from a
+    /// checkpoint taken while it was), holds the watermark again once it is expected: it was
+    /// left idle, and its backlog read after the others' was late.
+    #[test]
+    fn an_expected_partition_holds_the_watermark_though_it_was_idle() {
+        let now = 1_000_000;
+        let mut w = WatermarkTracker::new(Duration::from_secs(1), Duration::from_secs(10));
+        w.observe(0, 100_000, now);
+        w.expect(1, now);
+        let later = now + 60_000;
+        w.observe(0, 400_000, later);
+        assert_eq!(w.advance(later), Some(399_000), "partition 1 is idle");
+        let mut restored = WatermarkTracker::new(Duration::from_secs(1), Duration::from_secs(10));
+        restored.restore(&w.snapshot(later), later + 5_000);
+        restored.expect(0, later + 5_000);
+        restored.expect(1, later + 5_000);
+        restored.observe(0, 500_000, later + 6_000);
+        assert_eq!(
+            restored.advance(later + 6_000),
+            Some(399_000),
+            "held by partition 1"
+        );
+        restored.observe(1, 450_000, later + 7_000);
+        assert_eq!(restored.advance(later + 7_000), Some(449_000));
     }
 
     #[test]
