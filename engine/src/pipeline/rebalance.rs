@@ -77,6 +77,29 @@ impl Pipeline {
         }
         let now = epoch_ms();
         let counts = blocking(|| self.partition_counts_now(&list))?;
+        // A repartitioned query's input may have had fewer partitions (none: it did not exist
+        // yet) when the pipeline started: its second stage waits for every partition it has
+        // now (it waited for the first only, and the others' records, passed on after the
+        // first's progress, were late).
+        for running in &mut self.queries {
+            if let Some(r) = &mut running.repartition
+                && let Some(n) = counts.get(&r.input).and_then(|n| u32::try_from(*n).ok())
+                && n > r.inputs
+            {
+                for part in running.parts.values_mut() {
+                    for p in r.inputs..n {
+                        part.query.expect_partition(p as i32, now);
+                    }
+                }
+                info!(
+                    input = %r.input,
+                    from = r.inputs,
+                    to = n,
+                    "the repartitioned query's input has more partitions than at start"
+                );
+                r.inputs = n;
+            }
+        }
         let mut positions = Positions::new();
         let mut marks: Option<Vec<Position>> = None;
         let mut restored = Vec::new();
