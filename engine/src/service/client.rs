@@ -305,7 +305,7 @@ pub async fn run_table(args: TableArgs) -> Result<()> {
                     None,
                 )
                 .await?;
-            print!("{}", printable(&csv));
+            print!("{}", csv_for_stdout(&csv));
             return Ok(());
         }
         TableAction::List => client.call(Method::GET, "/v1/tables", None).await?,
@@ -686,6 +686,18 @@ fn control(name: &str, action: &str) -> Result<(Method, String, Option<Value>, S
 /// `text` safe for a terminal: control characters other than newlines and tabs (an escape
 /// sequence in a query's SQL or a row's value, which the terminal would obey) written as
 /// escapes (`\u{1b}`).
+/// A table's CSV as `table rows` prints it: as it is into a file or a pipe (a copy to edit
+/// and replace the table with: its CRLF line ends were written out as `\u{d}`, and the
+/// header no longer matched), and on a terminal with its line ends as the terminal's and
+/// its other control characters escaped ([`printable`]).
+fn csv_for_stdout(csv: &str) -> std::borrow::Cow<'_, str> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return std::borrow::Cow::Borrowed(csv);
+    }
+    std::borrow::Cow::Owned(printable(&csv.replace("\r\n", "\n")).into_owned())
+}
+
 pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
     if !text.contains(unsafe_char) {
@@ -979,6 +991,15 @@ fn details(q: &Value, zone: DisplayZone) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `table rows` into a file writes the CSV as the service gives it, CRLF line ends
+    /// included, so that the file replaces the table again (the line ends were escaped to
+    /// `\u{d}` and the header no longer matched). Tests run with stdout not a terminal.
+    #[test]
+    fn table_rows_into_a_file_are_the_csv_as_given() {
+        let csv = "sensor_id,ward_id\r\nhn-01,ba_dinh\r\n";
+        assert_eq!(csv_for_stdout(csv), csv);
+    }
 
     /// A name is one path segment whatever it holds (`query drop scratch/../victim` dropped
     /// `victim`), and what is printed holds no control character a terminal would obey.
