@@ -280,6 +280,30 @@ fn the_console_shows_the_city_and_registers_a_query_in_a_real_browser() -> anyho
             .send()
             .await?
             .error_for_status()?;
+        // The view takes rows of the ids it knows: the segment's row goes out once the view
+        // follows the new version (within a second).
+        let start = std::time::Instant::now();
+        loop {
+            let map: Value = api
+                .client
+                .get(format!("{base}/v1/city/map"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let shown = map["segments"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["id"] == "added_segment"));
+            if shown {
+                break;
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "the view never followed the new segments"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         anyhow::Ok(())
     })?;
     produce(
