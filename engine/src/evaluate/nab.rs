@@ -55,40 +55,27 @@ pub const PROFILES: [Profile; 3] = [
 
 /// Detection windows of `width_ms` to the right of each changepoint (times in ms, sorted).
 pub fn windows(changepoints: &[i64], width_ms: i64) -> Vec<(i64, i64)> {
-    cut(changepoints.iter().map(|c| (*c, c + width_ms)).collect())
-}
-
-/// Detection windows `[start, end]` sorted by start, each that overlaps an earlier one
-/// starting where the earlier ones end (one inside an earlier window keeps only its end), so
-/// that one detection does not find two windows (except on their shared edge).
-pub fn cut(mut windows: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
-    windows.sort_unstable();
-    let mut end = i64::MIN;
-    for w in &mut windows {
-        if end >= w.0 {
-            w.0 = end.min(w.1);
+    let mut out: Vec<(i64, i64)> = changepoints.iter().map(|c| (*c, c + width_ms)).collect();
+    for i in 1..out.len() {
+        if out[i - 1].1 >= out[i].0 {
+            out[i].0 = out[i - 1].1;
         }
-        end = end.max(w.1);
     }
-    windows
+    out
 }
 
-/// Detection windows for labelled windows `[start, end]`: each extended by `tolerance_ms`,
-/// the extension ending before the next labelled window begins (a window overlapping the
-/// next keeps only what comes before it), sorted by start. One detection finds at most one
+/// Detection windows for labelled windows `[start, end]` (sorted by start): each extended by
+/// `tolerance_ms`, the extension ending before the next labelled window begins (a window
+/// overlapping the next keeps only what comes before it). One detection finds at most one
 /// window (two only when they start at the same time), and a detection inside a labelled
 /// window finds that one, not the one before it.
 pub fn extended(labelled: &[(i64, i64)], tolerance_ms: i64) -> Vec<(i64, i64)> {
-    let mut sorted = labelled.to_vec();
-    sorted.sort_unstable();
-    let starts: Vec<i64> = sorted.iter().map(|w| w.0).collect();
-    sorted
-        .iter()
-        .enumerate()
-        .map(|(i, &(a, b))| {
+    (0..labelled.len())
+        .map(|i| {
+            let (a, b) = labelled[i];
             let end = b.saturating_add(tolerance_ms);
-            match starts.get(i + 1) {
-                Some(&next) => (a, end.min(next - 1).max(a)),
+            match labelled.get(i + 1) {
+                Some(&(next, _)) => (a, end.min(next - 1).max(a)),
                 None => (a, end),
             }
         })
@@ -108,6 +95,18 @@ fn scaled(a: i64, t: i64, b: i64, p: &Profile) -> f64 {
     let x = -half + step as f64 * (2.0 * half / (STEPS - 1) as f64);
     let span = (p.a_tp - p.a_fp) / 2.0;
     -span * x.tanh() / half.tanh() + span + p.a_fp
+}
+
+/// Per profile, `100 · (S − S_null) / (S_perfect − S_null)` of its (score, null score, perfect
+/// score); 0 without windows to score.
+fn normalised(sums: &[(f64, f64, f64); 3]) -> [f64; 3] {
+    sums.map(|(s, null, perfect)| {
+        if perfect > null {
+            100.0 * (s - null) / (perfect - null)
+        } else {
+            0.0
+        }
+    })
 }
 
 /// Changepoint scores accumulated over series.
@@ -163,13 +162,7 @@ impl NabTotals {
     /// The normalised scores, one per profile of [`PROFILES`] (0 for the null detector, 100
     /// for the perfect one).
     pub fn scores(&self) -> [f64; 3] {
-        self.sums.map(|(s, null, perfect)| {
-            if perfect > null {
-                100.0 * (s - null) / (perfect - null)
-            } else {
-                0.0
-            }
-        })
+        normalised(&self.sums)
     }
 }
 
@@ -225,33 +218,37 @@ impl NabPaperTotals {
             }
         }
         rows.retain(|(_, last)| *last >= probation);
+        // Each scored detection, once for every profile: its window's unweighted score
+        // (relative to the earliest), or its unweighted score outside every window.
         let max_tp = scaled_sigmoid(-1.0);
-        for (sum, p) in self.sums.iter_mut().zip(PROFILES.iter()) {
-            let (tp, fp, fn_) = (p.a_tp, -p.a_fp, -p.a_fn);
-            let mut best: Vec<f64> = vec![-fn_; rows.len()];
-            let mut outside = 0.0;
-            for t in detections {
-                let i = times.partition_point(|x| x < t);
-                if i >= times.len() || i < probation {
-                    continue;
+        let mut inside: Vec<Option<f64>> = vec![None; rows.len()];
+        let mut outside = 0.0;
+        for t in detections {
+            let i = times.partition_point(|x| x < t);
+            if i >= times.len() || i < probation {
+                continue;
+            }
+            // The first window ending at or after row i, and whether it holds i.
+            let k = rows.partition_point(|(_, b)| *b < i);
+            match rows.get(k) {
+                Some(&(a, b)) if a <= i => {
+                    let y = -((b - i + 1) as f64) / (b - a + 1) as f64;
+                    let score = scaled_sigmoid(y) / max_tp;
+                    inside[k] = Some(inside[k].map_or(score, |s: f64| s.max(score)));
                 }
-                match rows.iter().position(|(a, b)| *a <= i && i <= *b) {
-                    Some(k) => {
-                        let (a, b) = rows[k];
-                        let width = (b - a + 1) as f64;
-                        let y = -((b - i + 1) as f64) / width;
-                        best[k] = best[k].max(scaled_sigmoid(y) * tp / max_tp);
-                    }
-                    None => {
-                        let y = match rows.iter().rev().find(|(_, b)| *b < i) {
-                            Some((a, b)) => (i - b) as f64 / ((b - a) as f64).max(1.0),
-                            None => 3.0,
-                        };
-                        outside += scaled_sigmoid(y) * fp;
-                    }
+                _ => {
+                    let y = match k.checked_sub(1).map(|k| rows[k]) {
+                        Some((a, b)) => (i - b) as f64 / ((b - a) as f64).max(1.0),
+                        None => 3.0,
+                    };
+                    outside += scaled_sigmoid(y);
                 }
             }
-            sum.0 += best.iter().sum::<f64>() + outside;
+        }
+        for (sum, p) in self.sums.iter_mut().zip(PROFILES.iter()) {
+            let (tp, fp, fn_) = (p.a_tp, -p.a_fp, -p.a_fn);
+            let found: f64 = inside.iter().map(|s| s.map_or(-fn_, |s| s * tp)).sum();
+            sum.0 += found + outside * fp;
             sum.1 -= rows.len() as f64 * fn_;
             sum.2 += rows.len() as f64 * tp;
         }
@@ -259,13 +256,7 @@ impl NabPaperTotals {
 
     /// The normalised scores, one per profile of [`PROFILES`].
     pub fn scores(&self) -> [f64; 3] {
-        self.sums.map(|(s, null, perfect)| {
-            if perfect > null {
-                100.0 * (s - null) / (perfect - null)
-            } else {
-                0.0
-            }
-        })
+        normalised(&self.sums)
     }
 }
 
