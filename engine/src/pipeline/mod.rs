@@ -538,18 +538,37 @@ impl Pipeline {
             }
         }
         // Queries whose groups span input partitions go through a repartition topic, when
-        // their plan allows (a windowed aggregation without detectors).
-        for (i, running) in queries.iter_mut().enumerate() {
-            if running.query.is_partition_local() || !running.query.is_repartitionable() {
-                continue;
-            }
-            let (sql, source) = (
-                running.query.sql().to_string(),
-                running.query.source().clone(),
-            );
-            let Some(keys) = key_plan(&ctx, sql, source).await? else {
+        // their plan allows (a windowed aggregation without detectors) and every other
+        // query's state can be split too. With one state for all partitions, a query reads
+        // its input itself: one instance reading every internal partition, each at its own
+        // pace, would find an input partition's records passed on to one of them late against
+        // those passed on to another.
+        let candidates: Vec<(usize, Option<_>)> = queries
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.query.is_partition_local())
+            .map(|(i, r)| {
+                let q = &r.query;
+                let statement = q
+                    .is_repartitionable()
+                    .then(|| (q.sql().to_string(), q.source().clone()));
+                (i, statement)
+            })
+            .collect();
+        let mut key_plans = Vec::new();
+        for (i, statement) in candidates {
+            let plan = match statement {
+                Some((sql, source)) => key_plan(&ctx, sql, source).await?,
+                None => None,
+            };
+            key_plans.push((i, plan));
+        }
+        let splittable = key_plans.iter().all(|(_, plan)| plan.is_some());
+        for (i, keys) in key_plans {
+            let (Some(keys), true) = (keys, splittable) else {
                 continue;
             };
+            let running = &mut queries[i];
             let input = running.query.source().options.topic.clone();
             let topic = repartition_topic_of(&config.group_id, i);
             let (partitions, inputs) = repartition_topic(&config, &input, &topic).await?;

@@ -1428,12 +1428,6 @@ impl QueryManager {
                     .into(),
             ));
         }
-        if let Ok(planned) = self.plan_request(&handle.entry.sql).await
-            && first_stages(&planned).iter().any(Option::is_some)
-            && !runs_partitioned(&planned)
-        {
-            return Err(no_savepoints(name));
-        }
         let target = self.savepoints_of(name).join(savepoint);
         let at = target.clone();
         if blocking(move || savepoint::read(&at)).await?.is_some() {
@@ -1609,21 +1603,17 @@ impl QueryManager {
         }
         if let (Some(name_of), Some(saved_sql)) = (&request.savepoint, saved_sql)
             && stages.iter().any(Option::is_some)
-        {
-            if !runs_partitioned(&planned) {
-                return Err(no_savepoints(name));
-            }
-            if stages_differ(
+            && stages_differ(
                 &first_stages(&self.plan_request(&saved_sql).await?),
                 &stages,
-            ) {
-                return Err(ServiceError::Conflict(format!(
-                    "{name} is repartitioned through an internal topic, and savepoint \
-                     {name_of} was taken when its first stage selected or routed records by \
-                     another FROM, joins, WHERE or group keys than it does now: going back, \
-                     the records passed on since would be read as another SQL selected them"
-                )));
-            }
+            )
+        {
+            return Err(ServiceError::Conflict(format!(
+                "{name} is repartitioned through an internal topic, and savepoint {name_of} was \
+                 taken when its first stage selected or routed records by another FROM, joins, \
+                 WHERE or group keys than it does now: going back, the records passed on since \
+                 would be read as another SQL selected them"
+            )));
         }
         let paused = handle.state() == QueryState::Paused;
         let was_running = !paused && handle.state() != QueryState::Failed;
@@ -1866,9 +1856,12 @@ impl QueryManager {
 }
 
 /// Per statement of `planned`, what decides which records its first stage passes on through
-/// an internal topic, and where ([`key_statement`]); `None` for a statement without one.
+/// an internal topic, and where ([`key_statement`]); `None` for a statement without one. As
+/// the pipeline plans it, no statement has one unless every statement's state can be split
+/// (per input partition, or through a first stage): with one state for all partitions, each
+/// reads its input itself.
 fn first_stages(planned: &[crate::plan::stream::StreamQuery]) -> Vec<Option<String>> {
-    planned
+    let stages: Vec<Option<String>> = planned
         .iter()
         .map(|q| {
             if q.is_partition_local() || !q.is_repartitionable() {
@@ -1876,7 +1869,16 @@ fn first_stages(planned: &[crate::plan::stream::StreamQuery]) -> Vec<Option<Stri
             }
             key_statement(q.sql(), &q.source().name).ok().flatten()
         })
-        .collect()
+        .collect();
+    let splittable = planned
+        .iter()
+        .zip(&stages)
+        .all(|(q, stage)| q.is_partition_local() || stage.is_some());
+    if splittable {
+        stages
+    } else {
+        vec![None; stages.len()]
+    }
 }
 
 /// Whether a statement repartitioned under one SQL (first stages `a`) is not repartitioned
@@ -1886,28 +1888,6 @@ fn stages_differ(a: &[Option<String>], b: &[Option<String>]) -> bool {
         let (a, b) = (a.get(i).cloned().flatten(), b.get(i).cloned().flatten());
         a != b && (a.is_some() || b.is_some())
     })
-}
-
-/// Whether the pipeline of `planned` keeps its state per partition (of its input, or of an
-/// internal topic): every statement is partition-local or has a first stage. Otherwise one
-/// state holds every statement's, and a repartitioned statement's second stage does not
-/// track the input offsets its records came from.
-fn runs_partitioned(planned: &[crate::plan::stream::StreamQuery]) -> bool {
-    planned
-        .iter()
-        .zip(first_stages(planned))
-        .all(|(q, stage)| q.is_partition_local() || stage.is_some())
-}
-
-/// Why query `name`, whose repartitioned statement shares one state with statements that
-/// cannot be split, neither takes nor goes back to savepoints.
-fn no_savepoints(name: &str) -> ServiceError {
-    ServiceError::Conflict(format!(
-        "{name} runs its repartitioned statement in one state with statements that cannot be \
-         split, which cannot tell the records its first stage passes on again from those it \
-         reads again: it takes no savepoints; register the repartitioned statement as a query \
-         of its own"
-    ))
 }
 
 /// The consumer group of a query: `<group_id>.<name>`. Every process of a deployment that
