@@ -73,7 +73,13 @@ fn the_sql_shell_lists_describes_previews_and_registers() -> anyhow::Result<()> 
         "SELECT segment_id, window_start, count(*) AS n FROM camera_events \
          GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id;",
     )?;
+    // Columns in the query's order; window times in the display time zone (the city's),
+    // as the data file wrote them.
+    shell.exp_string("segment_id")?;
+    shell.exp_string("window_start")?;
     shell.exp_string("kim_ma_w")?;
+    shell.exp_string("2026-01-01 06:00:00")?;
+    shell.exp_string("times in UTC+07:00")?;
     shell.exp_string("4 input rows, 2 output rows")?;
     shell.exp_string("1 rows rejected")?;
     shell.exp_string("hovercraft")?;

@@ -10,7 +10,7 @@ use tracing::debug;
 use super::PipelineConfig;
 use crate::error::{Error, Result};
 use crate::plan::repartition::KeyPlan;
-use crate::source::partitions_of;
+use crate::source::{is_mock_cluster, partitions_of};
 
 /// Stage 1 of a repartitioned query (see [`crate::plan::repartition`]).
 pub(super) struct Repartition {
@@ -115,7 +115,7 @@ pub(super) async fn ensure_topic(
     topic: &str,
     partitions: u32,
 ) -> Result<u32> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::consumer::BaseConsumer;
     let count = |probe: &BaseConsumer| -> Result<u32> {
         Ok(partitions_of(probe, &[topic.to_string()], Duration::from_secs(10))?.len() as u32)
     };
@@ -126,11 +126,7 @@ pub(super) async fn ensure_topic(
     }
     // librdkafka's mock cluster (the embedded broker) has no CreateTopics: the admin call
     // would only time out. It creates topics on first use.
-    let mock = probe
-        .client()
-        .fetch_cluster_id(Duration::from_secs(5))
-        .is_some_and(|id| id.starts_with("mockCluster"));
-    if !mock {
+    if !is_mock_cluster(&probe, Duration::from_secs(5)) {
         create_topic(config, topic, partitions).await?;
     }
     let creator: BaseConsumer = client_config(config, true).create()?;

@@ -28,7 +28,7 @@
 //! Errors are JSON `{"message": …}` (with `"position": {"line", "column"}` for SQL the parser
 //! refused): 400 bad request, 401 missing or wrong token, 404 unknown query or path, 405, 409
 //! duplicate name / query limit / dropping a built-in query, 413 body over `api.max_body`, 415
-//! not JSON, 500. With `api.token` set, every path but `/livez` and the console's page and
+//! not sent as JSON, 422 a JSON body with a field missing or of the wrong type, 500. With `api.token` set, every path but `/livez` and the console's page and
 //! assets (`/`, `/ui/*`) needs `Authorization: Bearer <token>`. A change (any method but GET)
 //! sent by a page of another origin is refused (403), token or not, and an API listening on
 //! the loopback answers only requests for a loopback host (no DNS rebinding).

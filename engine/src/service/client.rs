@@ -461,17 +461,47 @@ fn epoch_ms(text: &str) -> Result<i64> {
     Ok(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
-/// A preview's rows as a table (columns in the order of the first row), then its counts.
-pub(super) fn preview_text(answer: &Value) -> String {
+/// A preview's rows as a table (columns in the query's order; times, published as epoch
+/// milliseconds, in `zone`), then its counts.
+pub(super) fn preview_text(answer: &Value, zone: DisplayZone) -> String {
     let rows = answer["rows"].as_array().cloned().unwrap_or_default();
     let mut out = String::new();
-    if let Some(first) = rows.first().and_then(Value::as_object) {
-        let columns: Vec<String> = first.keys().cloned().collect();
-        let mut cells = vec![columns.clone()];
+    // (name, whether a time) of each column: as the answer lists them, or (an answer
+    // without the list) the first row's keys.
+    let mut columns: Vec<(String, bool)> = answer["columns"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            let name = c["name"].as_str()?.to_string();
+            let time = c["type"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("Timestamp"));
+            Some((name, time))
+        })
+        .collect();
+    if columns.is_empty()
+        && let Some(first) = rows.first().and_then(Value::as_object)
+    {
+        columns = first.keys().map(|k| (k.clone(), false)).collect();
+    }
+    if !rows.is_empty() && !columns.is_empty() {
+        let mut cells = vec![columns.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>()];
         for r in &rows {
-            cells.push(columns.iter().map(|c| text(&r[c])).collect());
+            cells.push(
+                columns
+                    .iter()
+                    .map(|(c, time)| match (time, r[c].as_i64()) {
+                        (true, Some(ms)) => zone.format_data(ms),
+                        _ => text(&r[c]),
+                    })
+                    .collect(),
+            );
         }
         out.push_str(&aligned(&cells));
+        if columns.iter().any(|(_, time)| *time) {
+            out.push_str(&format!("times in {zone}\n"));
+        }
     }
     out.push_str(&format!(
         "{} input rows, {} output rows{}\n",
@@ -861,7 +891,7 @@ fn render(answer: &Value, kind: &Shown, zone: DisplayZone) -> String {
             }
             out
         }
-        Shown::Preview => preview_text(answer),
+        Shown::Preview => preview_text(answer, zone),
         Shown::Validated => {
             let mut out = String::from("valid\n");
             for q in answer["queries"].as_array().into_iter().flatten() {
@@ -1017,6 +1047,38 @@ mod tests {
             "a\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\tb\n"
         );
         assert!(matches!(printable("plain"), std::borrow::Cow::Borrowed(_)));
+    }
+
+    /// A preview's columns come in the query's order and its times (epoch ms, as published)
+    /// in the display zone; a null shows as `-`.
+    #[test]
+    fn a_preview_shows_its_columns_in_order_and_times_in_the_zone() {
+        let answer = json!({
+            "rows": [{"segment_id": "kim_ma_w", "window_start": 1_767_222_000_000_i64, "n": 2},
+                     {"segment_id": "xuan_thuy", "window_start": null, "n": 1}],
+            "columns": [{"name": "segment_id", "type": "Utf8", "nullable": false},
+                        {"name": "window_start", "type": "Timestamp(ms)", "nullable": true},
+                        {"name": "n", "type": "Int64", "nullable": false}],
+            "input_rows": 3, "output_rows": 2, "truncated": false,
+        });
+        let out = preview_text(&answer, DisplayZone::CITY);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            ["segment_id", "window_start", "n"]
+        );
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            ["kim_ma_w", "2026-01-01", "06:00:00", "2"]
+        );
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["xuan_thuy", "-", "1"]
+        );
+        assert_eq!(lines[3], "times in UTC+07:00");
+        assert_eq!(lines[4], "3 input rows, 2 output rows");
+        let utc = preview_text(&answer, DisplayZone::UTC);
+        assert!(utc.contains("2025-12-31 23:00:00"), "{utc}");
     }
 
     #[test]

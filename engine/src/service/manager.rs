@@ -219,6 +219,8 @@ pub struct PreviewInput {
 pub struct PreviewAnswer {
     /// The first output rows, as the sink would publish them.
     pub rows: Vec<serde_json::Value>,
+    /// The output's columns in their order, with their types (none without output rows).
+    pub columns: Vec<ColumnInfo>,
     /// Whether there were more output rows than returned.
     pub truncated: bool,
     /// Rows of the input.
@@ -1053,9 +1055,22 @@ impl QueryManager {
                 );
             }
         }
+        let columns = summary.shown.first().map_or_else(Vec::new, |batch| {
+            batch
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| ColumnInfo {
+                    name: f.name().clone(),
+                    data_type: f.data_type().to_string(),
+                    nullable: f.is_nullable(),
+                })
+                .collect()
+        });
         Ok(PreviewAnswer {
             truncated: summary.output_rows > rows.len() as u64,
             rows,
+            columns,
             input_rows: summary.input_rows,
             output_rows: summary.output_rows,
             rejected: summary.rejected,

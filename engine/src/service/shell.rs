@@ -361,7 +361,7 @@ async fn preview(client: &Client, session: &Session, sql: &str) -> Result<String
     let answer = client
         .call(Method::POST, "/v1/queries/preview", Some(body))
         .await?;
-    Ok(preview_text(&answer))
+    Ok(preview_text(&answer, client.zone))
 }
 
 #[cfg(test)]

@@ -846,6 +846,15 @@ impl KafkaSource {
     }
 }
 
+/// Whether `probe` talks to librdkafka's mock cluster (the embedded broker), which lacks
+/// some of Kafka's requests: CreateTopics, and ListOffsets by time. Blocking.
+pub fn is_mock_cluster<C: ConsumerContext>(probe: &BaseConsumer<C>, timeout: Duration) -> bool {
+    probe
+        .client()
+        .fetch_cluster_id(timeout)
+        .is_some_and(|id| id.starts_with("mockCluster"))
+}
+
 /// The partitions of `topics` (a topic not yet created has none), asked of `probe`. Blocking.
 pub fn partitions_of<C: ConsumerContext>(
     probe: &BaseConsumer<C>,

@@ -1,6 +1,8 @@
 //! A bounded range of a topic's records, read once (for previews): every partition from a
 //! start (an offset, the first record at or after a time, or the log's start) to an end (an
 //! offset, the first record at or after a time, or the partition's end when the read began).
+//! The embedded broker cannot look offsets up by time: there, every record of the partitions
+//! is read and those written outside the times are left out.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +11,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{RawBatch, partitions_of};
+use super::{RawBatch, is_mock_cluster, partitions_of};
 use crate::error::{Error, Result};
 
 /// Which records of each partition.
@@ -114,8 +116,24 @@ pub fn read_range(
             })
             .collect())
     };
-    let from_times = range.from_ms.map(&at_times).transpose()?;
-    let to_times = range.to_ms.map(&at_times).transpose()?;
+    // The embedded broker finds no offset for a time (it answers "none at or after it" for
+    // every time): its records' timestamps are compared as they are read instead.
+    let by_time = range.from_ms.is_some() || range.to_ms.is_some();
+    let scan = by_time && is_mock_cluster(&consumer, left());
+    let (from_times, to_times) = if scan {
+        (None, None)
+    } else {
+        (
+            range.from_ms.map(&at_times).transpose()?,
+            range.to_ms.map(&at_times).transpose()?,
+        )
+    };
+    let in_time = |t: Option<i64>| {
+        !scan
+            || t.is_some_and(|t| {
+                range.from_ms.is_none_or(|from| t >= from) && range.to_ms.is_none_or(|to| t < to)
+            })
+    };
     // (partition, first offset, end offset excluded), the empty ones left out.
     let mut spans = Vec::new();
     for (i, (_, p)) in partitions.iter().enumerate() {
@@ -172,7 +190,7 @@ pub fn read_range(
         let Some(end) = open.get(&p).copied() else {
             continue;
         };
-        if offset < end {
+        if offset < end && in_time(message.timestamp().to_millis()) {
             batch.push(p, offset, message.key(), message.payload());
             read += 1;
             bytes +=
@@ -189,4 +207,93 @@ pub fn read_range(
         batches.push(batch);
     }
     Ok(RangeRead { batches, truncated })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    /// Regression: on the embedded broker, which finds no offset for a time, a range from a
+    /// time read nothing and a range to a time read every record. Records of two partitions
+    /// written a second apart are read by their timestamps, and by offsets as before.
+    #[test]
+    fn a_time_range_reads_the_records_written_in_it_on_the_embedded_broker() {
+        let broker = crate::broker::EmbeddedBroker::start().expect("broker");
+        broker.create_topic("ranged", 2).expect("topic");
+        let brokers = broker.bootstrap_servers();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .expect("producer");
+        const T: i64 = 1_767_222_000_000;
+        for p in 0..2 {
+            for i in 0..10i64 {
+                let value = format!("{p}:{i}");
+                producer
+                    .send(
+                        BaseRecord::<(), _>::to("ranged")
+                            .partition(p)
+                            .payload(&value)
+                            .timestamp(T + i * 1_000),
+                    )
+                    .expect("send");
+            }
+        }
+        producer.flush(Duration::from_secs(10)).expect("flush");
+        let read = |range: TopicRange| -> Vec<String> {
+            let read = read_range(
+                &brokers,
+                &[],
+                "ranged",
+                &range,
+                (1_000, 1 << 20),
+                Duration::from_secs(30),
+            )
+            .expect("read");
+            let mut values: Vec<String> = read
+                .batches
+                .iter()
+                .flat_map(|b| {
+                    (0..b.len()).map(|i| String::from_utf8_lossy(b.value(i)).into_owned())
+                })
+                .collect();
+            values.sort();
+            values
+        };
+        let expect = |from: i64, to: i64| -> Vec<String> {
+            let mut v: Vec<String> = (0..2)
+                .flat_map(|p| (from..to).map(move |i| format!("{p}:{i}")))
+                .collect();
+            v.sort();
+            v
+        };
+        let between = read(TopicRange {
+            from_ms: Some(T + 3_000),
+            to_ms: Some(T + 7_000),
+            ..TopicRange::default()
+        });
+        assert_eq!(between, expect(3, 7));
+        let from = read(TopicRange {
+            from_ms: Some(T + 8_500),
+            ..TopicRange::default()
+        });
+        assert_eq!(from, expect(9, 10));
+        let to = read(TopicRange {
+            to_ms: Some(T + 2_000),
+            ..TopicRange::default()
+        });
+        assert_eq!(to, expect(0, 2));
+        let offsets = read(TopicRange {
+            from_offset: Some(4),
+            to_offset: Some(6),
+            ..TopicRange::default()
+        });
+        assert_eq!(offsets, expect(4, 6));
+        let later = read(TopicRange {
+            from_ms: Some(T + 60_000),
+            ..TopicRange::default()
+        });
+        assert!(later.is_empty(), "{later:?}");
+    }
 }

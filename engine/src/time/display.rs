@@ -47,16 +47,26 @@ impl DisplayZone {
         if epoch_ms == i64::MIN || epoch_ms == 0 {
             return "-".into();
         }
+        self.format_data(epoch_ms.saturating_sub(epoch_ms.rem_euclid(1000)))
+    }
+
+    /// A time of data (any epoch ms, 0 included) in this zone: `YYYY-MM-DD HH:MM:SS`, with
+    /// `.mmm` when it has milliseconds.
+    pub fn format_data(self, epoch_ms: i64) -> String {
         let local = epoch_ms.saturating_add(self.offset_ms());
         let days = local.div_euclid(86_400_000);
         let ms = local.rem_euclid(86_400_000);
         let (y, m, d) = civil_from_days(days);
-        format!(
+        let mut out = format!(
             "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
             ms / 3_600_000,
             ms / 60_000 % 60,
             ms / 1000 % 60
-        )
+        );
+        if ms % 1000 != 0 {
+            out.push_str(&format!(".{:03}", ms % 1000));
+        }
+        out
     }
 
     /// [`DisplayZone::format`] followed by the zone: `2026-01-01 06:00:00 UTC+07:00`.
@@ -177,6 +187,17 @@ mod tests {
             "no overflow on extreme times"
         );
         assert!(!DisplayZone::CITY.format(i64::MAX).is_empty());
+        assert!(!DisplayZone::CITY.format(i64::MIN + 1).is_empty());
+        // Times of data: milliseconds when there are some, and 0 is a time.
+        assert_eq!(DisplayZone::CITY.format(t + 250), "2026-01-01 06:00:00");
+        assert_eq!(
+            DisplayZone::CITY.format_data(t + 250),
+            "2026-01-01 06:00:00.250"
+        );
+        assert_eq!(DisplayZone::CITY.format_data(t), "2026-01-01 06:00:00");
+        assert_eq!(DisplayZone::UTC.format_data(0), "1970-01-01 00:00:00");
+        assert_eq!(DisplayZone::UTC.format_data(-1), "1969-12-31 23:59:59.999");
+        assert!(!DisplayZone::CITY.format_data(i64::MIN).is_empty());
     }
 
     #[test]
