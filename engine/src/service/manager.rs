@@ -302,6 +302,21 @@ pub struct ColumnInfo {
     pub nullable: bool,
 }
 
+impl ColumnInfo {
+    /// The columns of `schema`, in its order.
+    fn of(schema: &datafusion::arrow::datatypes::Schema) -> Vec<Self> {
+        schema
+            .fields()
+            .iter()
+            .map(|f| Self {
+                name: f.name().clone(),
+                data_type: f.data_type().to_string(),
+                nullable: f.is_nullable(),
+            })
+            .collect()
+    }
+}
+
 /// A function analysts' SQL can call, as `/v1/functions` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct FunctionInfo {
@@ -1055,18 +1070,10 @@ impl QueryManager {
                 );
             }
         }
-        let columns = summary.shown.first().map_or_else(Vec::new, |batch| {
-            batch
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| ColumnInfo {
-                    name: f.name().clone(),
-                    data_type: f.data_type().to_string(),
-                    nullable: f.is_nullable(),
-                })
-                .collect()
-        });
+        let columns = summary
+            .shown
+            .first()
+            .map_or_else(Vec::new, |batch| ColumnInfo::of(&batch.schema()));
         Ok(PreviewAnswer {
             truncated: summary.output_rows > rows.len() as u64,
             rows,
@@ -1176,16 +1183,7 @@ impl QueryManager {
             let Ok(Some(provider)) = schema.table(&name).await else {
                 continue;
             };
-            let columns = provider
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| ColumnInfo {
-                    name: f.name().clone(),
-                    data_type: f.data_type().to_string(),
-                    nullable: f.is_nullable(),
-                })
-                .collect();
+            let columns = ColumnInfo::of(&provider.schema());
             out.push(match provider.downcast_ref::<StreamTable>() {
                 Some(stream) => TableInfo {
                     name,
