@@ -1101,9 +1101,9 @@ async fn a_repartitioned_query_goes_back_to_a_savepoint() -> anyhow::Result<()> 
     produce_events_to(&brokers, t0 + 150_000, 60, 10, Some(2)).await?;
     expect_minutes(&out, &[t0 + 120_000], 6).await?;
 
-    // With a statement that cannot be split beside it, the repartitioned statement runs in
-    // one state with it, which does not tell the records passed on again from those read
-    // again: no savepoint.
+    // With a statement that cannot be split beside it, the statement is not repartitioned:
+    // both run in one state, which reads its input itself, and takes savepoints like any
+    // query of one state.
     let (status, body) = call(&app, "DELETE", "/v1/queries/by_camera", Some(TOKEN), None).await?;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     let mixed = format!(
@@ -1116,7 +1116,7 @@ async fn a_repartitioned_query_goes_back_to_a_savepoint() -> anyhow::Result<()> 
     );
     create(&app, "mixed", &mixed).await?;
     wait_for(&app, "mixed", Duration::from_secs(30), is("RUNNING")).await?;
-    let (status, refused) = call(
+    let (status, saved) = call(
         &app,
         "POST",
         "/v1/queries/mixed/savepoints",
@@ -1124,13 +1124,13 @@ async fn a_repartitioned_query_goes_back_to_a_savepoint() -> anyhow::Result<()> 
         Some(json!({"savepoint": "before"})),
     )
     .await?;
-    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(status, StatusCode::CREATED, "{saved}");
+    let positions = saved["stores"][0]["positions"].to_string();
     assert!(
-        refused["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("one state")),
-        "{refused}"
+        positions.contains("city.camera.events") && !positions.contains(".repartition"),
+        "{saved}"
     );
+    wait_for(&app, "mixed", Duration::from_secs(30), is("RUNNING")).await?;
     service.shutdown().await;
     Ok(())
 }
@@ -2686,6 +2686,158 @@ async fn a_repartitioned_query_registered_before_its_input_exists_counts_every_e
     })
     .await?;
     assert_eq!(q["late"], 0, "{q}");
+    service.shutdown().await;
+    Ok(())
+}
+
+/// A query writes neither where its records come back to it (itself, or through another
+/// query: one record made a million in seconds with `unnest`), nor into the city's inputs,
+/// the DLQ or the late topic; a topic's name is one Kafka takes and not the broker's own (a
+/// topic named `../../x` put its checkpoints outside the checkpoint directory). Each refusal
+/// says why and what to write; validate, create and upgrade refuse alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_writes_nowhere_its_records_come_back_from_or_the_city_trusts() -> anyhow::Result<()>
+{
+    let broker = broker()?;
+    let dir = tempfile::tempdir()?;
+    let service = service(&broker.bootstrap_servers(), dir.path()).await?;
+    let app = api::router(service.clone());
+    let table = |name: &str, topic: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE {name} (id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, \
+             n BIGINT) STORED AS KAFKA OPTIONS ('topic' '{topic}', 'format' 'json', \
+             'event_time' 'event_time', 'key' 'id');"
+        )
+    };
+    let copy =
+        |from: &str, to: &str| format!("INSERT INTO {to} SELECT id, event_time, n FROM {from}");
+    let refused = |sql: String, words: Vec<String>| {
+        let app = app.clone();
+        async move {
+            for (path, request) in [
+                ("/v1/queries/validate", json!({"sql": sql})),
+                ("/v1/queries", json!({"name": "loop", "sql": sql})),
+            ] {
+                let (status, body) = call(&app, "POST", path, Some(TOKEN), Some(request)).await?;
+                anyhow::ensure!(status == StatusCode::BAD_REQUEST, "{path}: {status} {body}");
+                let message = body["message"].as_str().unwrap_or_default();
+                anyhow::ensure!(
+                    words.iter().all(|w| message.contains(w.as_str())),
+                    "{path}: {message} lacks {words:?}"
+                );
+            }
+            anyhow::Ok(())
+        }
+    };
+    // Into itself, doubled by unnest.
+    refused(
+        format!(
+            "{} INSERT INTO l SELECT id, event_time, unnest(make_array(n + 1, n + 1)) AS n FROM l",
+            table("l", "test.loop")
+        ),
+        vec!["test.loop".into(), "reads itself".into()],
+    )
+    .await?;
+    // Into the city's inputs, the DLQ, the late topic.
+    for topic in [
+        "city.camera.events",
+        "city.air.readings",
+        "city.parking.readings",
+    ] {
+        refused(
+            format!(
+                "{} {} {}",
+                table("l", "test.in"),
+                table("forged", topic),
+                copy("l", "forged")
+            ),
+            vec![topic.into(), "input of the city".into()],
+        )
+        .await?;
+    }
+    for topic in ["city.dlq", "city.late"] {
+        refused(
+            format!(
+                "{} {} {}",
+                table("l", "test.in"),
+                table("d", topic),
+                copy("l", "d")
+            ),
+            vec![topic.into(), "only the engine writes".into()],
+        )
+        .await?;
+    }
+    // Names Kafka does not take, and the broker's own topics.
+    for (topic, word) in [
+        ("../../escaped", "not a Kafka topic name"),
+        ("/tmp/absolute", "not a Kafka topic name"),
+        ("..", "not a Kafka topic name"),
+        ("__consumer_offsets", "internal to the broker"),
+    ] {
+        let words = vec![word.to_string()];
+        refused(
+            format!(
+                "{} {} {}",
+                table("s", topic),
+                table("o", "test.out"),
+                copy("s", "o")
+            ),
+            words,
+        )
+        .await?;
+    }
+    // Through another query: a → (first) → b, then b → a.
+    let first = format!(
+        "{} {} {}",
+        table("a", "test.a"),
+        table("b", "test.b"),
+        copy("a", "b")
+    );
+    create(&app, "first", &first).await?;
+    let back = format!(
+        "{} {} {}",
+        table("b", "test.b"),
+        table("a", "test.a"),
+        copy("b", "a")
+    );
+    refused(
+        back,
+        vec!["test.a".into(), "test.a → (first) → test.b".into()],
+    )
+    .await?;
+    // A chain that does not come back is taken; so is the first query's upgrade that keeps
+    // its own way, and refused one that would write into the chain's start.
+    let on = format!(
+        "{} {} {}",
+        table("b", "test.b"),
+        table("c", "test.c"),
+        copy("b", "c")
+    );
+    create(&app, "second", &on).await?;
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/first/upgrade",
+        Some(TOKEN),
+        Some(json!({"sql": first})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/second/upgrade",
+        Some(TOKEN),
+        Some(json!({"sql": format!("{} {} {}", table("b", "test.b"), table("a", "test.a"), copy("b", "a"))})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("test.a → (first) → test.b")),
+        "{body}"
+    );
     service.shutdown().await;
     Ok(())
 }

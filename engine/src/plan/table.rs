@@ -65,6 +65,32 @@ pub struct StreamOptions {
     pub upsert_key: Vec<String>,
 }
 
+/// Refuses what is not a topic name Kafka takes (1 to 249 of `A-Z a-z 0-9 . _ -`, not `.` or
+/// `..`), or is a broker's internal topic (`__consumer_offsets`, `__transaction_state`): a
+/// topic's name also names its state's directory, and an internal topic is the broker's own.
+pub fn check_topic_name(topic: &str) -> Result<()> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if topic.is_empty() || topic.len() > 249 || !topic.chars().all(legal) {
+        return plan_err!(
+            "topic '{}' is not a Kafka topic name: write 1 to 249 letters, digits, '.', '_' or \
+             '-' (e.g. 'city.indicators.busy')",
+            topic.escape_default()
+        );
+    }
+    if topic == "." || topic == ".." {
+        return plan_err!(
+            "topic '{topic}' is not a Kafka topic name: '.' and '..' are not allowed"
+        );
+    }
+    if topic.starts_with("__") {
+        return plan_err!(
+            "topic '{topic}' is internal to the broker (a name beginning with '__'): a query \
+             neither reads nor writes it"
+        );
+    }
+    Ok(())
+}
+
 impl StreamOptions {
     /// Defaults for `topic`: JSON, 5 s watermark delay, 1 min idle timeout, 10 s future
     /// tolerance, no event time, no key.
@@ -116,6 +142,7 @@ impl StreamOptions {
         let Some(topic) = get("topic") else {
             return plan_err!("a KAFKA table needs OPTIONS ('topic' '<name>')");
         };
+        check_topic_name(topic)?;
         let mut out = Self::new(topic.clone());
         if let Some(format) = get("format") {
             let Some(format) = Format::parse(format) else {

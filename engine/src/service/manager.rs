@@ -6,7 +6,7 @@
 //! backoff that doubles up to 30 s; any other error (a resource limit, a bad record batch the
 //! plan refuses) leaves it FAILED with the error until it is restarted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -155,6 +155,51 @@ pub struct PlannedStatement {
     pub sink_topic: String,
     /// Whether it aggregates over windows (and so keeps state).
     pub windowed: bool,
+}
+
+impl PlannedStatement {
+    /// Every topic it reads.
+    fn read_topics(&self) -> Vec<String> {
+        std::iter::once(self.source_topic.clone())
+            .chain(self.also_reads.iter().map(|(_, topic)| topic.clone()))
+            .collect()
+    }
+}
+
+/// What a statement reads and writes: (topics read, topic written).
+type Flow = (Vec<String>, String);
+
+/// The way from topic `from` along `edges` (topic → (query, topic written)) to one of
+/// `targets`, as `a → (q1) → b → (q2) → c`; `None` when there is none.
+fn path_back(
+    edges: &BTreeMap<String, Vec<(String, String)>>,
+    from: &str,
+    targets: &[String],
+) -> Option<String> {
+    // Breadth first, each topic once: the shortest way back.
+    let mut came_from: HashMap<String, Option<(String, String)>> = HashMap::new();
+    came_from.insert(from.to_string(), None);
+    let mut queue = std::collections::VecDeque::from([from.to_string()]);
+    while let Some(topic) = queue.pop_front() {
+        if targets.contains(&topic) {
+            let mut steps = vec![topic.clone()];
+            let mut at = topic;
+            while let Some(Some((query, before))) = came_from.get(&at) {
+                steps.push(format!("({query})"));
+                steps.push(before.clone());
+                at = before.clone();
+            }
+            steps.reverse();
+            return Some(steps.join(" → "));
+        }
+        for (query, next) in edges.get(&topic).into_iter().flatten() {
+            if !came_from.contains_key(next) {
+                came_from.insert(next.clone(), Some((query.clone(), topic.clone())));
+                queue.push_back(next.clone());
+            }
+        }
+    }
+    None
 }
 
 /// Body of `POST /v1/queries/{name}/upgrade`.
@@ -518,6 +563,9 @@ pub struct QueryManager {
     config: Arc<ServiceConfig>,
     catalog: Arc<Mutex<Catalog>>,
     queries: Mutex<BTreeMap<String, Arc<QueryHandle>>>,
+    /// Per registered query, its SQL and what each of its statements reads and writes (see
+    /// [`QueryManager::check_outputs`]).
+    flows: Mutex<HashMap<String, (String, Vec<Flow>)>>,
     schemas: SchemaRegistry,
     runtime: QueryRuntime,
     /// Where the queries' checkpoints go (one location per query below it).
@@ -700,6 +748,7 @@ impl QueryManager {
             config,
             catalog: Arc::new(Mutex::new(catalog)),
             queries: Mutex::new(BTreeMap::new()),
+            flows: Mutex::new(HashMap::new()),
             schemas: SchemaRegistry::embedded()?,
             runtime: QueryRuntime::new()?,
         })
@@ -812,7 +861,128 @@ impl QueryManager {
     /// Plans `sql` against the city's tables without running it: the stream queries it holds,
     /// or why it cannot run (with the position in the SQL when known).
     pub async fn validate(&self, sql: &str) -> Result<Vec<PlannedStatement>, ServiceError> {
-        statements(&self.plan_request(sql).await?)
+        let planned = statements(&self.plan_request(sql).await?)?;
+        self.check_outputs(&planned, None).await?;
+        Ok(planned)
+    }
+
+    /// Refuses statements that would write where a query must not: the city's input topics
+    /// (its sensors' readings, which every query trusts), the DLQ and late topics, a
+    /// repartition topic, or a topic whose records come back to the statement, read by the
+    /// query itself or through other registered queries (each record would be processed
+    /// again, without end; `unnest` made one record a million in seconds). `replacing`: the
+    /// query being upgraded, whose current statements do not count.
+    async fn check_outputs(
+        &self,
+        planned: &[PlannedStatement],
+        replacing: Option<&str>,
+    ) -> Result<(), ServiceError> {
+        let topics = &self.config.topics;
+        let inputs = topics.inputs();
+        for s in planned {
+            let sink = s.sink_topic.as_str();
+            if inputs.iter().any(|t| t == sink) {
+                return Err(ServiceError::invalid(format!(
+                    "{} writes to {sink}, an input of the city (its sensors' records, read by \
+                     every query that trusts them): write to a topic of your own, declared \
+                     with CREATE EXTERNAL TABLE … STORED AS KAFKA OPTIONS ('topic' '…')",
+                    s.sink
+                )));
+            }
+            if sink == topics.dlq || sink == topics.late {
+                return Err(ServiceError::invalid(format!(
+                    "{} writes to {sink}, which only the engine writes (dead letters and late \
+                     records, with their provenance): write to a topic of your own",
+                    s.sink
+                )));
+            }
+            if sink.ends_with(".repartition") {
+                return Err(ServiceError::invalid(format!(
+                    "{} writes to {sink}, a name of the engine's internal repartition topics: \
+                     write to a topic of your own",
+                    s.sink
+                )));
+            }
+        }
+        // Topic → topics written from it, by every other registered query and this one.
+        let mut edges: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for (name, flows) in self.registered_flows(replacing).await {
+            for (reads, sink) in flows {
+                for topic in reads {
+                    edges
+                        .entry(topic)
+                        .or_default()
+                        .push((name.clone(), sink.clone()));
+                }
+            }
+        }
+        for s in planned {
+            for topic in s.read_topics() {
+                edges
+                    .entry(topic)
+                    .or_default()
+                    .push(("this query".into(), s.sink_topic.clone()));
+            }
+        }
+        for s in planned {
+            let reads = s.read_topics();
+            if reads.contains(&s.sink_topic) {
+                return Err(ServiceError::invalid(format!(
+                    "{} writes to {}, which it reads itself: every record would be read again \
+                     without end; write to a topic of your own",
+                    s.sink, s.sink_topic
+                )));
+            }
+            if let Some(path) = path_back(&edges, &s.sink_topic, &reads) {
+                return Err(ServiceError::invalid(format!(
+                    "{} writes to {}, whose records come back to it: {}. Every record would \
+                     be read again without end: write to a topic that no query it reads from \
+                     reads",
+                    s.sink, s.sink_topic, path
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Per registered query (but `except`), the (topics read, topic written) of each of its
+    /// statements; planned once per query and SQL, then remembered.
+    async fn registered_flows(&self, except: Option<&str>) -> Vec<(String, Vec<Flow>)> {
+        let mut out = Vec::new();
+        for handle in self.handles() {
+            let name = &handle.entry.name;
+            if except == Some(name.as_str()) {
+                continue;
+            }
+            let known = self.flows.lock().ok().and_then(|f| {
+                f.get(name)
+                    .filter(|(sql, _)| *sql == handle.entry.sql)
+                    .map(|(_, flows)| flows.clone())
+            });
+            let flows = match known {
+                Some(flows) => flows,
+                None => {
+                    // A query whose SQL no longer plans reads and writes nothing now.
+                    let flows: Vec<Flow> = match self.plan_request(&handle.entry.sql).await {
+                        Ok(planned) => planned
+                            .iter()
+                            .filter_map(|q| {
+                                let reads: Vec<String> =
+                                    q.inputs().iter().map(|t| t.options.topic.clone()).collect();
+                                Some((reads, q.sink()?.options.topic.clone()))
+                            })
+                            .collect(),
+                        Err(_) => Vec::new(),
+                    };
+                    if let Ok(mut f) = self.flows.lock() {
+                        f.insert(name.clone(), (handle.entry.sql.clone(), flows.clone()));
+                    }
+                    flows
+                }
+            };
+            out.push((name.clone(), flows));
+        }
+        out
     }
 
     /// How the stream queries in `sql` would run (see [`crate::plan::stream::StreamQuery::explain`]),
@@ -1537,7 +1707,8 @@ impl QueryManager {
         }
         let sql = request.sql.unwrap_or_else(|| handle.entry.sql.clone());
         let planned = self.plan_request(&sql).await?;
-        statements(&planned)?;
+        self.check_outputs(&statements(&planned)?, Some(name))
+            .await?;
         let group = group_of(&self.config.kafka.group_id, &handle.entry);
         let wanted: Vec<savepoint::Wanted> = planned
             .iter()
