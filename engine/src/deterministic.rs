@@ -173,7 +173,15 @@ impl DeterministicEngine {
                 _ => {}
             }
         }
-        if let Some(query) = self.ctx.plan(statement).await? {
+        // Planned as the service plans a client's SQL: on a planning thread of its own, with
+        // its time limit and its budget for what constant expressions make.
+        let ctx = self.ctx.clone();
+        let planned =
+            crate::plan::sandbox::on_planning_thread(
+                move || async move { ctx.plan(statement).await },
+            )
+            .await?;
+        if let Some(query) = planned {
             if query.sink().is_none() {
                 return plan_err!(
                     "in deterministic mode a stream query is INSERT INTO <sink> SELECT …"

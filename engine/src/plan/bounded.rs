@@ -160,6 +160,22 @@ impl ScalarUDFImpl for Bounded {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let name = self.inner.name();
+        // A call of constants makes one value; while a query is planned, the optimizer makes
+        // it (folding constants), outside the query's memory pool: what such calls make is
+        // counted against the planning's budget (see `while_planning`), so that many calls,
+        // each within the limit, do not add up past it.
+        let constant = args
+            .args
+            .iter()
+            .all(|a| matches!(a, ColumnarValue::Scalar(_)));
+        let estimated = if constant {
+            made_by(name, &args.args, 1)?
+        } else {
+            None
+        };
+        if let Some(bytes) = estimated {
+            charge_planning(name, bytes)?;
+        }
         if let Some(bytes) = made_by(name, &args.args, args.number_rows)?
             && bytes > MAX_CALL_BYTES
         {
@@ -195,6 +211,9 @@ impl ScalarUDFImpl for Bounded {
             ColumnarValue::Array(a) => a.get_array_memory_size() as u128,
             ColumnarValue::Scalar(s) => s.size() as u128,
         };
+        if constant && estimated.is_none() {
+            charge_planning(name, bytes)?;
+        }
         if bytes > MAX_CALL_BYTES {
             return too_large(name, bytes);
         }
@@ -281,6 +300,75 @@ fn too_large<T>(name: &str, bytes: u128) -> Result<T> {
         human(bytes),
         human(MAX_CALL_BYTES)
     )
+}
+
+/// The most bytes the calls of constants may make while one SQL text is planned, in all.
+pub const MAX_PLANNING_BYTES: u128 = 64 << 20;
+
+/// What the planning on this thread may still make, and why it was refused.
+struct PlanningBudget {
+    left: u128,
+    deadline: std::time::Instant,
+    refused: Option<String>,
+}
+
+thread_local! {
+    static PLANNING: std::cell::RefCell<Option<PlanningBudget>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `plan` (planning one SQL text, on this thread) with a budget for what calls of
+/// constants make ([`MAX_PLANNING_BYTES`]) and a deadline after which such calls fail at
+/// once. The optimizer leaves a call it could not fold for the query to make when it runs;
+/// a call refused for the budget or the deadline refuses the whole planning instead.
+pub fn while_planning<T>(
+    deadline: std::time::Instant,
+    plan: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    PLANNING.with(|p| {
+        *p.borrow_mut() = Some(PlanningBudget {
+            left: MAX_PLANNING_BYTES,
+            deadline,
+            refused: None,
+        });
+    });
+    let out = plan();
+    let refused = PLANNING
+        .with(|p| p.borrow_mut().take())
+        .and_then(|b| b.refused);
+    match (out, refused) {
+        (Ok(_), Some(why)) => datafusion::common::plan_err!("{why}"),
+        (out, _) => out,
+    }
+}
+
+/// Counts `bytes` made by a call of constants of `name` against the planning's budget, if
+/// this thread is planning.
+fn charge_planning(name: &str, bytes: u128) -> Result<()> {
+    PLANNING.with(|p| {
+        let mut p = p.borrow_mut();
+        let Some(budget) = p.as_mut() else {
+            return Ok(());
+        };
+        let why = if std::time::Instant::now() > budget.deadline {
+            "planning ran out of time while it made the values of constant expressions: \
+             simplify them"
+                .to_string()
+        } else if bytes > budget.left {
+            format!(
+                "the constant expressions of this SQL would make more than {} while it is \
+                 planned ({name}() of constants would make {}): ask for shorter values (a \
+                 smaller count, length or range)",
+                human(MAX_PLANNING_BYTES),
+                human(bytes)
+            )
+        } else {
+            budget.left -= bytes;
+            return Ok(());
+        };
+        budget.refused.get_or_insert(why.clone());
+        exec_err!("{why}")
+    })
 }
 
 fn human(bytes: u128) -> String {

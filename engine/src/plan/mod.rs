@@ -157,6 +157,35 @@ pub async fn default_queries(ctx: &StreamContext) -> Result<Vec<(String, stream:
 mod tests {
     use super::*;
 
+    /// Regression: groups by a topic's key column that may be null were kept per partition,
+    /// but a record whose key is null is produced without a Kafka key, to any partition, and
+    /// one group was published twice with part of its count each time. Such a column places
+    /// nothing: the query is repartitioned (or keeps one state).
+    #[tokio::test]
+    async fn only_a_key_column_that_cannot_be_null_keeps_state_per_partition() {
+        for (column, local) in [("k VARCHAR NOT NULL", true), ("k VARCHAR", false)] {
+            let ctx = StreamContext::new();
+            let mut query = None;
+            for sql in [
+                format!(
+                    "CREATE EXTERNAL TABLE ev ({column}, t TIMESTAMP NOT NULL) \
+                     STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'key' 'k')"
+                ),
+                "CREATE EXTERNAL TABLE o (k VARCHAR, n BIGINT NOT NULL) \
+                 STORED AS KAFKA OPTIONS ('topic' 'o')"
+                    .to_string(),
+                "INSERT INTO o SELECT k, count(*) AS n FROM ev \
+                 GROUP BY tumble(t, INTERVAL '1 minute'), k"
+                    .to_string(),
+            ] {
+                query = plan_all(&ctx, &sql).await.expect("plan").pop().or(query);
+            }
+            let query = query.expect("query");
+            assert_eq!(query.is_partition_local(), local, "{column}");
+            assert!(query.is_repartitionable(), "{column}");
+        }
+    }
+
     #[tokio::test]
     async fn a_batch_of_another_schema_is_an_error_not_a_panic() {
         use datafusion::arrow::array::{RecordBatch, StringArray, TimestampMillisecondArray};

@@ -444,6 +444,7 @@ where
         );
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let until = std::time::Instant::now() + PLANNING_TIMEOUT;
     std::thread::Builder::new()
         .name("sql-plan".into())
         .stack_size(PLANNING_STACK_BYTES)
@@ -454,7 +455,7 @@ where
                     .enable_time()
                     .build()
                     .map_err(|e| DataFusionError::External(Box::new(e)))?;
-                runtime.block_on(plan())
+                super::bounded::while_planning(until, || runtime.block_on(plan()))
             }))
             .unwrap_or_else(|panic| {
                 plan_err!(

@@ -688,7 +688,16 @@ impl StreamContext {
         let time_column = source.options.event_time.clone();
         let watermarks =
             WatermarkTracker::new(source.options.watermark_delay, source.options.idle_timeout);
-        let source_key = source.options.key.clone();
+        // The column the topic is keyed by places its groups in one partition only when it
+        // cannot be null: a record whose key is null is produced without a Kafka key, to any
+        // partition, so its groups would be split between partitions' states.
+        let source_key = source.options.key.clone().filter(|k| {
+            source
+                .topic_schema
+                .output_schema()
+                .field_with_name(k)
+                .is_ok_and(|f| !f.is_nullable())
+        });
         let keyed_local = series_keys
             .iter()
             .all(|keys| names_column(keys, source_key.as_deref()));
