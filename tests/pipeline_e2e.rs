@@ -1086,3 +1086,87 @@ async fn a_backlog_read_in_one_state_for_all_partitions_is_not_late() -> anyhow:
     assert_eq!(stats.late.load(Ordering::Relaxed), 0);
     Ok(())
 }
+
+/// Pacing: a query working slowly through a backlog (micro-batches of one record) with an
+/// idle timeout far shorter than the backlog takes (200 ms; one state for all partitions: a
+/// detector keyed by another column than the topic's beside the windows) reads 4
+/// partitions' backlog with nothing late and every window exact: the partitions it is
+/// behind on keep delivering in turn, and none goes idle meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_read_one_record_at_a_time_is_not_late() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    let topic = Topics::default().air;
+    let mut records = Vec::new();
+    let mut want: std::collections::BTreeMap<(String, i64), i64> = Default::default();
+    for p in 0..4 {
+        for i in 0..300i64 {
+            let (g, t) = (format!("g{}", i % 3), T0 + i * 1_000);
+            *want.entry((g.clone(), T0 + i / 60 * 60_000)).or_default() += 1;
+            records.push((p, json!({"k": format!("k{p}"), "g": g, "t": t})));
+        }
+        records.push((
+            p,
+            json!({"k": format!("k{p}"), "g": "end", "t": T0 + 3_600_000}),
+        ));
+    }
+    for (p, record) in &records {
+        cluster
+            .produce(&topic, *p, &format!("k{p}"), &serde_json::to_vec(record)?)
+            .await?;
+    }
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "slow-backlog".into();
+    config.default_queries = false;
+    config.max_batch_rows = 1;
+    config.queries = vec![(
+        "per_g".into(),
+        format!(
+            "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, g VARCHAR NOT NULL,
+               t TIMESTAMP NOT NULL)
+             STORED AS KAFKA OPTIONS ('topic' '{topic}', 'format' 'json', 'event_time' 't',
+               'key' 'k', 'watermark_delay' '0s', 'idle_timeout' '200ms');
+             CREATE EXTERNAL TABLE per_g (g VARCHAR NOT NULL, window_start TIMESTAMP NOT NULL,
+               n BIGINT NOT NULL)
+             STORED AS KAFKA OPTIONS ('topic' 'test.per_g', 'format' 'json');
+             INSERT INTO per_g SELECT g, window_start, count(*) AS n FROM ev
+             GROUP BY tumble(t, INTERVAL '1 minute'), g;
+             CREATE EXTERNAL TABLE scores (g VARCHAR NOT NULL, score DOUBLE)
+             STORED AS KAFKA OPTIONS ('topic' 'test.scores', 'format' 'json');
+             INSERT INTO scores SELECT g, d['score'] AS score FROM (SELECT g,
+               anomaly_score(1.0, t) OVER (PARTITION BY g ORDER BY t) AS d FROM ev)"
+        ),
+    )];
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    let out = cluster.consumer("test.per_g")?;
+    let mut got: std::collections::BTreeMap<(String, i64), i64> = Default::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while got.len() < want.len() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{} of {} windows; {} records late",
+            got.len(),
+            want.len(),
+            stats.late.load(Ordering::Relaxed)
+        );
+        anyhow::ensure!(
+            !task.is_finished(),
+            "the pipeline stopped: {:?}",
+            task.await
+        );
+        for row in read_more(&out, Duration::from_millis(500)).await {
+            let g = row["g"].as_str().unwrap_or_default().to_string();
+            let start = row["window_start"].as_i64().unwrap_or_default();
+            if g != "end" {
+                got.insert((g, start), row["n"].as_i64().unwrap_or(-1));
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    assert_eq!(stats.late.load(Ordering::Relaxed), 0);
+    assert_eq!(got, want);
+    Ok(())
+}
