@@ -174,13 +174,12 @@ impl DeterministicEngine {
             }
         }
         // Planned as the service plans a client's SQL: on a planning thread of its own, with
-        // its time limit and its budget for what constant expressions make.
+        // its budget for what constant expressions make (waited for by blocking: the caller's
+        // runtime may have no timer).
         let ctx = self.ctx.clone();
-        let planned =
-            crate::plan::sandbox::on_planning_thread(
-                move || async move { ctx.plan(statement).await },
-            )
-            .await?;
+        let planned = crate::plan::sandbox::on_planning_thread_blocking(move || async move {
+            ctx.plan(statement).await
+        })?;
         if let Some(query) = planned {
             if query.sink().is_none() {
                 return plan_err!(

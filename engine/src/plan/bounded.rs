@@ -303,7 +303,7 @@ fn too_large<T>(name: &str, bytes: u128) -> Result<T> {
 }
 
 /// The most bytes the calls of constants may make while one SQL text is planned, in all.
-pub const MAX_PLANNING_BYTES: u128 = 64 << 20;
+pub const MAX_PLANNING_BYTES: u128 = 16 << 20;
 
 /// What the planning on this thread may still make, and why it was refused.
 struct PlanningBudget {
@@ -350,6 +350,10 @@ fn charge_planning(name: &str, bytes: u128) -> Result<()> {
         let Some(budget) = p.as_mut() else {
             return Ok(());
         };
+        // Once refused, the planning fails: every later call of constants fails at once.
+        if let Some(why) = &budget.refused {
+            return exec_err!("{why}");
+        }
         let why = if std::time::Instant::now() > budget.deadline {
             "planning ran out of time while it made the values of constant expressions: \
              simplify them"

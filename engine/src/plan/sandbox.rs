@@ -476,6 +476,41 @@ where
     }
 }
 
+/// [`on_planning_thread`] for a caller that waits by blocking and whose runtime may have no
+/// timer (the deterministic engine of the `.slt` tests and offline runs): the same thread,
+/// stack, deadline and budget for constants ([`super::bounded::while_planning`]), but the
+/// caller waits until the planning ends.
+pub fn on_planning_thread_blocking<T, F, Fut>(plan: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T>>,
+{
+    let until = std::time::Instant::now() + PLANNING_TIMEOUT;
+    let thread = std::thread::Builder::new()
+        .name("sql-plan".into())
+        .stack_size(PLANNING_STACK_BYTES)
+        .spawn(move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+                super::bounded::while_planning(until, || runtime.block_on(plan()))
+            }))
+            .unwrap_or_else(|panic| {
+                plan_err!(
+                    "planning failed inside the engine: {}",
+                    panic_message(&*panic)
+                )
+            })
+        })
+        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    thread
+        .join()
+        .unwrap_or_else(|_| plan_err!("planning stopped without an answer"))
+}
+
 /// The message of a caught panic.
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
