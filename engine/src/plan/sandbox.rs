@@ -444,28 +444,10 @@ where
         );
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let until = std::time::Instant::now() + PLANNING_TIMEOUT;
-    std::thread::Builder::new()
-        .name("sql-plan".into())
-        .stack_size(PLANNING_STACK_BYTES)
-        .spawn(move || {
-            let _permit = permit;
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
-                super::bounded::while_planning(until, || runtime.block_on(plan()))
-            }))
-            .unwrap_or_else(|panic| {
-                plan_err!(
-                    "planning failed inside the engine: {}",
-                    panic_message(&*panic)
-                )
-            });
-            let _ = tx.send(result);
-        })
-        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    planning_thread(move || {
+        let _permit = permit;
+        let _ = tx.send(plan_here(plan));
+    })?;
     match tokio::time::timeout_at(deadline, rx).await {
         Ok(Ok(result)) => result,
         Ok(Err(_)) => plan_err!("planning stopped without an answer"),
@@ -486,29 +468,45 @@ where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = Result<T>>,
 {
-    let until = std::time::Instant::now() + PLANNING_TIMEOUT;
-    let thread = std::thread::Builder::new()
-        .name("sql-plan".into())
-        .stack_size(PLANNING_STACK_BYTES)
-        .spawn(move || {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-                    .map_err(|e| DataFusionError::External(Box::new(e)))?;
-                super::bounded::while_planning(until, || runtime.block_on(plan()))
-            }))
-            .unwrap_or_else(|panic| {
-                plan_err!(
-                    "planning failed inside the engine: {}",
-                    panic_message(&*panic)
-                )
-            })
-        })
-        .map_err(|e| DataFusionError::External(Box::new(e)))?;
-    thread
+    planning_thread(move || plan_here(plan))?
         .join()
         .unwrap_or_else(|_| plan_err!("planning stopped without an answer"))
+}
+
+/// Starts `work` on a planning thread: named `sql-plan`, with a stack sized for
+/// [`MAX_NESTING`].
+fn planning_thread<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name("sql-plan".into())
+        .stack_size(PLANNING_STACK_BYTES)
+        .spawn(work)
+        .map_err(|e| DataFusionError::External(Box::new(e)))
+}
+
+/// Runs `plan` to its end on this (planning) thread, in a runtime of its own, within
+/// [`PLANNING_TIMEOUT`] and the budget for constants ([`super::bounded::while_planning`]); a
+/// panic is an error naming it.
+fn plan_here<T, F, Fut>(plan: F) -> Result<T>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let until = std::time::Instant::now() + PLANNING_TIMEOUT;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        super::bounded::while_planning(until, || runtime.block_on(plan()))
+    }))
+    .unwrap_or_else(|panic| {
+        plan_err!(
+            "planning failed inside the engine: {}",
+            panic_message(&*panic)
+        )
+    })
 }
 
 /// The message of a caught panic.
