@@ -20,6 +20,7 @@
 //!   as its watermark leads to the next end below): a revision of the stage below always
 //!   lands in a window of this stage that is still open or revisable.
 
+use crate::plan::reused::ReusedPlan;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch, StringArray};
@@ -29,8 +30,8 @@ use datafusion::common::{Result, ScalarValue, plan_err};
 use datafusion::execution::TaskContext;
 use datafusion::physical_expr::expressions::{CastExpr, Column, Literal, TryCastExpr};
 use datafusion::physical_expr::{PhysicalExpr, ScalarFunctionExpr};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
-use datafusion::physical_plan::{ExecutionPlan, collect};
 use urbanstream_operators::window::{WINDOW_FUNCTIONS, WindowSpec, interval_ms};
 
 use super::feed::{Feed, FeedExec};
@@ -45,7 +46,7 @@ use crate::state::window::{AggregateSpec, Emission, WindowOperator};
 /// results, and the stage above it, if any.
 pub(super) struct Windowed {
     pub(super) operator: Box<dyn WindowedAggregation>,
-    pub(super) upper: Arc<dyn ExecutionPlan>,
+    pub(super) upper: ReusedPlan,
     pub(super) upper_feed: Feed,
     /// Schema of the aggregation's output, which the upper plan reads.
     pub(super) upper_schema: SchemaRef,
@@ -243,7 +244,7 @@ pub(super) struct Chained {
     feed: Feed,
     /// The plan from the stage below's rows to this aggregation's input (projections,
     /// filters, lookup joins): a replaced row goes through it again to be withdrawn.
-    lower: Arc<dyn ExecutionPlan>,
+    lower: ReusedPlan,
     /// This stage's event time, over `lower`'s rows.
     time: Arc<dyn PhysicalExpr>,
     /// How far this stage's event times trail the ends of the windows below (0 when it
@@ -289,7 +290,7 @@ impl Chained {
                     continue;
                 }
                 self.feed.set(vec![rows]);
-                for b in collect(self.lower.clone(), task_ctx.clone()).await? {
+                for b in self.lower.collect(task_ctx.clone()).await? {
                     if b.num_rows() == 0 {
                         continue;
                     }
@@ -817,7 +818,7 @@ pub(super) fn plan_chain(
                     lower.schema(),
                 )?)
             },
-            upper: stage_upper,
+            upper: ReusedPlan::new(stage_upper),
             upper_feed: stage_feed,
             upper_schema: output_schema,
             groups,
@@ -829,7 +830,7 @@ pub(super) fn plan_chain(
             window_position,
             ranked: None,
         },
-        lower,
+        lower: ReusedPlan::new(lower),
     }))
 }
 

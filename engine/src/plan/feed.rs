@@ -2,7 +2,7 @@
 //!
 //! A stream query is planned once. Its physical plan reads the stream through a `FeedExec`;
 //! for each micro-batch the engine pushes the batch into the feed and executes the same plan
-//! again, so there is no re-planning per batch.
+//! again (a copy of it, [`super::reused::ReusedPlan`]), so there is no re-planning per batch.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};

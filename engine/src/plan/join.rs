@@ -9,6 +9,7 @@
 //! stream's rows. The time bound is read from the filter: comparisons between the two sides'
 //! event-time columns, each plus or minus a constant interval.
 
+use crate::plan::reused::ReusedPlan;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -553,7 +554,7 @@ fn constant_ms(expr: &Arc<dyn PhysicalExpr>) -> Option<i64> {
 /// stream's own watermark (when the two sides read different streams).
 pub(super) struct JoinInput {
     pub state: IntervalJoin,
-    pub sides: [(Arc<dyn ExecutionPlan>, Feed); 2],
+    pub sides: [(ReusedPlan, Feed); 2],
     pub tables: [String; 2],
     /// The right side's stream, when it is not the left's.
     pub right: Option<Arc<StreamTable>>,
@@ -578,7 +579,9 @@ impl JoinInput {
         };
         Ok(Self {
             state: IntervalJoin::new(planned.spec)?,
-            sides: planned.sides,
+            sides: planned
+                .sides
+                .map(|(plan, feed)| (ReusedPlan::new(plan), feed)),
             tables: planned.tables,
             right,
             right_watermarks,

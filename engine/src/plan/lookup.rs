@@ -4,7 +4,8 @@
 //! reference table's scan is [`ReferenceExec`], which reads the table's current version of
 //! [`ReferenceTables`] each time it runs. A join collects its build side once per plan and
 //! keeps it (DataFusion's hash, nested-loop and cross joins all do), and an uncorrelated
-//! scalar subquery is run once per plan and its value kept. So every join whose build side
+//! scalar subquery is run once per plan and its value kept (the plan run is a copy, renewed
+//! every [`super::reused::RUNS_PER_COPY`] runs: each copy collects them once). So every join whose build side
 //! reads only reference tables, and every scalar subquery over reference tables only, is
 //! wrapped in a [`RefreshingExec`]: when a table gets a new version, the next run starts from
 //! a fresh copy of the node ([`ExecutionPlan::reset_state`]) that collects the new rows.

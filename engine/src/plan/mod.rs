@@ -6,7 +6,8 @@
 //!   operator of [`crate::state::window`].
 //! - [`table`]: Kafka topics as tables (`CREATE EXTERNAL TABLE … STORED AS KAFKA`).
 //! - [`rewrite`]: makes `window_start`/`window_end` selectable.
-//! - [`feed`]: the leaf that feeds micro-batches into a planned query.
+//! - [`feed`]: the leaf that feeds micro-batches into a planned query; [`reused`]: the plans
+//!   run for every micro-batch, in copies that bound what their runs leave behind.
 //! - [`sandbox`]: what analysts' SQL may reach, and the limits on parsing and planning it.
 //!
 //! [`city_context`] registers the city's topics (from `schemas/`) and reference tables (from
@@ -20,6 +21,7 @@ mod join;
 pub mod lookup;
 mod ordered;
 pub mod repartition;
+pub mod reused;
 pub mod rewrite;
 pub mod sandbox;
 pub mod stream;
@@ -317,6 +319,72 @@ mod tests {
             .await
             .expect("step");
         assert_eq!(rendered(&out), ["Renamed|35.0|retract"]);
+    }
+
+    /// A lookup join's build side, collected again when the reference table gets a new
+    /// version, lets through the stream rows that join its new keys: no filter made from an
+    /// earlier version's keys is left on the stream's side of the join.
+    #[tokio::test]
+    async fn a_row_joining_a_key_new_in_the_reference_table_is_joined() {
+        use datafusion::arrow::array::TimestampMillisecondArray;
+        use datafusion::arrow::array::{Float64Array, RecordBatch, StringViewArray};
+        use std::sync::Arc;
+        let reference = ReferenceTables::embedded().expect("reference");
+        let mut ctx = StreamContext::new();
+        ctx.register_reference_tables(&reference)
+            .expect("reference");
+        let mut query = None;
+        for sql in [
+            "CREATE EXTERNAL TABLE ev (segment_id VARCHAR NOT NULL, t TIMESTAMP NOT NULL, v DOUBLE) \
+             STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')",
+            "SELECT e.segment_id, s.name, e.v FROM ev e JOIN segments s \
+             ON e.segment_id = s.segment_id WHERE e.v > 1",
+        ] {
+            if let Some(q) = plan_all(&ctx, sql).await.expect("plan").pop() {
+                query = Some(q);
+            }
+        }
+        let mut query = query.expect("query");
+        let schema = query.source().topic_schema.output_schema();
+        let feed = |segment: &str, t: i64| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringViewArray::from_iter_values([segment])),
+                    Arc::new(TimestampMillisecondArray::from_iter_values([t])),
+                    Arc::new(Float64Array::from_iter_values([20.0])),
+                ],
+            )
+            .expect("batch")
+        };
+        let t0 = 1_767_247_210_000;
+        let rows = |out: &stream::StepOutput| out.rows.iter().map(|b| b.num_rows()).sum::<usize>();
+        let out = query
+            .process(&feed("truong_chinh_ntso", t0), &[0], None, t0)
+            .await
+            .expect("step");
+        assert_eq!(rows(&out), 1);
+        let mut csv = reference.get("segments").expect("segments").csv.clone();
+        let row = csv
+            .lines()
+            .find(|l| l.starts_with("truong_chinh_ntso,"))
+            .expect("row")
+            .replacen("truong_chinh_ntso", "zzz_new_segment", 1)
+            .replacen("Trường Chinh", "New road", 1);
+        csv.push_str(&row);
+        csv.push('\n');
+        reference.replace("segments", &csv).expect("replace");
+        for (i, segment) in ["zzz_new_segment", "truong_chinh_ntso", "zzz_new_segment"]
+            .iter()
+            .enumerate()
+        {
+            let t = t0 + 1_000 * (i as i64 + 1);
+            let out = query
+                .process(&feed(segment, t), &[0], None, t)
+                .await
+                .expect("step");
+            assert_eq!(rows(&out), 1, "{segment} after the new version");
+        }
     }
 
     #[tokio::test]

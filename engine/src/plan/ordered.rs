@@ -10,6 +10,7 @@
 //! from it up runs over them. So results come one watermark delay after their events, and do
 //! not depend on arrival order or batch cuts.
 
+use crate::plan::reused::ReusedPlan;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch, UInt32Array};
@@ -29,7 +30,7 @@ use crate::state::lag::KeyedLagExec;
 /// waiting for the watermark.
 pub(super) struct Ordered {
     /// The plan from there up, over released rows.
-    pub upper: Arc<dyn ExecutionPlan>,
+    pub upper: ReusedPlan,
     /// The feed `upper` reads.
     pub feed: Feed,
     /// The rows' schema (that node's input).
@@ -109,7 +110,7 @@ pub(super) fn split(
     Ok(Some((
         below.clone(),
         Ordered {
-            upper,
+            upper: ReusedPlan::new(upper),
             feed,
             schema: below.schema(),
             time,

@@ -17,6 +17,7 @@
 //! hash on the same expressions). So each group's state lives in exactly one partition of the
 //! repartition topic, which moves between processes like any input partition.
 
+use crate::plan::reused::ReusedPlan;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,7 +27,6 @@ use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::Result;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::execution::TaskContext;
-use datafusion::physical_plan::{ExecutionPlan, collect};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{
     Expr, GroupByExpr, Ident, ObjectName, ObjectNamePart, Query, Select, SelectItem, SetExpr,
@@ -73,7 +73,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// Stage 1 of a repartitioned query: per input record, the partitions of its groups.
 pub struct KeyPlan {
     feed: Feed,
-    plan: Arc<dyn ExecutionPlan>,
+    plan: ReusedPlan,
     task_ctx: Arc<TaskContext>,
     schema: SchemaRef,
 }
@@ -111,7 +111,7 @@ impl KeyPlan {
         self.feed
             .set(vec![RecordBatch::try_new(self.schema.clone(), columns)?]);
         let mut out = Vec::new();
-        for keyed in collect(self.plan.clone(), self.task_ctx.clone()).await? {
+        for keyed in self.plan.collect(self.task_ctx.clone()).await? {
             if keyed.num_rows() == 0 {
                 continue;
             }
@@ -268,7 +268,7 @@ pub async fn key_plan(
     };
     Ok(Some(KeyPlan {
         feed: feed.clone(),
-        plan,
+        plan: ReusedPlan::new(plan),
         task_ctx: Arc::new(TaskContext::from(&session.state())),
         schema,
     }))

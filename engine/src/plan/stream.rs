@@ -23,6 +23,7 @@
 //! aggregation (`plan/chain.rs`). Queries that cannot run on an unbounded stream are refused at planning
 //! with a message that says what to write instead.
 
+use crate::plan::reused::ReusedPlan;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,8 +44,8 @@ use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_expr::ScalarFunctionExpr;
 use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::AggregateExec;
-use datafusion::physical_plan::{ExecutionPlan, collect};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::{Statement, TableObject};
@@ -760,7 +761,7 @@ impl StreamContext {
             let union = union.map(|u| {
                 Box::new(super::union::UnionInput {
                     schema: u.node.schema(),
-                    branches: u.branches,
+                    branches: super::union::reused_branches(u.branches),
                     others,
                     watermark: None,
                 })
@@ -772,7 +773,7 @@ impl StreamContext {
                 source,
                 sink: None,
                 feed,
-                lower: physical,
+                lower: ReusedPlan::new(physical),
                 windowed: None,
                 upsert: None,
                 task_ctx,
@@ -1051,7 +1052,7 @@ impl StreamContext {
                 )?),
                 _ => Box::new(WindowOperator::new(spec, lateness.as_millis() as i64)?),
             },
-            upper,
+            upper: ReusedPlan::new(upper),
             upper_feed,
             upper_schema: output_schema,
             groups,
@@ -1076,7 +1077,7 @@ impl StreamContext {
         let union = union.map(|u| {
             Box::new(super::union::UnionInput {
                 schema: u.node.schema(),
-                branches: u.branches,
+                branches: super::union::reused_branches(u.branches),
                 others,
                 watermark: None,
             })
@@ -1088,7 +1089,7 @@ impl StreamContext {
             source,
             sink: None,
             feed,
-            lower,
+            lower: ReusedPlan::new(lower),
             windowed: Some(windowed),
             upsert,
             task_ctx,
@@ -1436,18 +1437,18 @@ pub(super) enum Having {
     /// A `HAVING` over the window's rows (through projections only), tested on its own.
     Direct {
         /// The plan under the condition (projections over the window's rows, row for row).
-        input: Arc<dyn ExecutionPlan>,
+        input: ReusedPlan,
         /// The condition, over `input`'s rows.
         predicate: Arc<dyn datafusion::physical_expr::PhysicalExpr>,
         /// The upper plan without the condition.
-        unfiltered: Arc<dyn ExecutionPlan>,
+        unfiltered: ReusedPlan,
     },
     /// Conditions elsewhere on the way to the window's rows (above a join): the upper plan
     /// run without them gives the rows a revision would publish if they all passed; the
     /// ones the upper plan drops are withdrawn.
     Rerun {
         /// The upper plan without the filters and join conditions on its way to the rows.
-        unfiltered: Arc<dyn ExecutionPlan>,
+        unfiltered: ReusedPlan,
         /// Encodes output rows, to tell the ones the conditions drop.
         rows: datafusion::arrow::row::RowConverter,
     },
@@ -1597,9 +1598,9 @@ pub(super) fn having_of(
             })?
             .data;
         return Ok(Some(Having::Direct {
-            input,
+            input: ReusedPlan::new(input),
             predicate,
-            unfiltered,
+            unfiltered: ReusedPlan::new(unfiltered),
         }));
     }
     // Bottom up, so that a filter right above a join with a condition loses both.
@@ -1640,7 +1641,10 @@ pub(super) fn having_of(
     let Ok(rows) = datafusion::arrow::row::RowConverter::new(fields) else {
         return Ok(None);
     };
-    Ok(Some(Having::Rerun { unfiltered, rows }))
+    Ok(Some(Having::Rerun {
+        unfiltered: ReusedPlan::new(unfiltered),
+        rows,
+    }))
 }
 
 /// A condition on the way from the upper plan's root to the window's rows (`leaf`) whose
@@ -1784,7 +1788,7 @@ pub struct StreamQuery {
     source: Arc<StreamTable>,
     sink: Option<Arc<StreamTable>>,
     feed: Feed,
-    lower: Arc<dyn ExecutionPlan>,
+    lower: ReusedPlan,
     windowed: Option<Windowed>,
     /// When the source is read as a changelog: the latest row of each key.
     upsert: Option<UpsertState>,
@@ -3061,7 +3065,7 @@ impl StreamQuery {
             && self.windowed.is_some()
         {
             self.feed.set(vec![withdrawn]);
-            let lowered = collect(self.lower.clone(), self.task_ctx.clone()).await?;
+            let lowered = self.lower.collect(self.task_ctx.clone()).await?;
             if let Some(w) = &mut self.windowed {
                 for b in &lowered {
                     w.operator.retract(b)?;
@@ -3086,7 +3090,7 @@ impl StreamQuery {
         // With rows held for the watermark, the keyed states are above them: they wake there.
         if batch.num_rows() > 0 || (wake && self.ordered.is_none()) {
             self.feed.set(vec![batch]);
-            let lowered = collect(self.lower.clone(), self.task_ctx.clone()).await?;
+            let lowered = self.lower.collect(self.task_ctx.clone()).await?;
             match &mut self.windowed {
                 Some(w) => {
                     for b in &lowered {
@@ -3203,7 +3207,7 @@ impl StreamQuery {
                 }
                 let (plan, feed) = &join.sides[side];
                 feed.set(vec![kept.clone()]);
-                let rows = collect(plan.clone(), self.task_ctx.clone()).await?;
+                let rows = plan.collect(self.task_ctx.clone()).await?;
                 let rows = datafusion::arrow::compute::concat_batches(&plan.schema(), &rows)?;
                 pairs.extend(join.state.arrive(side, rows, holds.clone())?);
             }
@@ -3893,9 +3897,9 @@ impl StreamQuery {
                 }
             {
                 o.feed.set(vec![rows]);
-                let upper = o.upper.clone();
                 out.rows.extend(
-                    collect(upper, self.task_ctx.clone())
+                    o.upper
+                        .collect(self.task_ctx.clone())
                         .await?
                         .into_iter()
                         .filter(|b| b.num_rows() > 0),
@@ -3992,7 +3996,7 @@ impl StreamQuery {
             for (end, current) in ranked.windows(&ends)? {
                 let is_final = touched.get(&end).copied().unwrap_or(false);
                 w.upper_feed.set(vec![current]);
-                let result = collect(w.upper.clone(), self.task_ctx.clone()).await?;
+                let result = w.upper.collect(self.task_ctx.clone()).await?;
                 let change = ranked.publish(end, &result, is_final)?;
                 out.rows.extend(changelog_rows(
                     &self.output_schema,
@@ -4035,7 +4039,7 @@ impl StreamQuery {
                     (false, _) => "update",
                 };
                 w.upper_feed.set(vec![rows.clone()]);
-                let published = collect(w.upper.clone(), self.task_ctx.clone()).await?;
+                let published = w.upper.collect(self.task_ctx.clone()).await?;
                 // A revision that no longer passes the conditions over the window's rows:
                 // the row published for its key and window (by an earlier revision) is
                 // withdrawn.
@@ -4051,7 +4055,7 @@ impl StreamQuery {
                         false,
                     ) if rows.num_rows() > 0 => {
                         w.upper_feed.set(vec![rows.clone()]);
-                        let tested = collect(input.clone(), self.task_ctx.clone()).await?;
+                        let tested = input.collect(self.task_ctx.clone()).await?;
                         let tested =
                             datafusion::arrow::compute::concat_batches(&input.schema(), &tested)?;
                         if tested.num_rows() != rows.num_rows() {
@@ -4069,7 +4073,7 @@ impl StreamQuery {
                         if failing.true_count() > 0 {
                             w.upper_feed
                                 .set(vec![filter_record_batch(&rows, &failing)?]);
-                            withdrawn = collect(unfiltered.clone(), self.task_ctx.clone()).await?;
+                            withdrawn = unfiltered.collect(self.task_ctx.clone()).await?;
                         }
                     }
                     (
@@ -4081,7 +4085,7 @@ impl StreamQuery {
                         false,
                     ) if rows.num_rows() > 0 => {
                         w.upper_feed.set(vec![rows.clone()]);
-                        let all = collect(unfiltered.clone(), self.task_ctx.clone()).await?;
+                        let all = unfiltered.collect(self.task_ctx.clone()).await?;
                         withdrawn = dropped(converter, &all, &published)?;
                     }
                     _ => {}

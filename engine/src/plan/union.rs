@@ -6,6 +6,7 @@
 //! plan above it (windows, detectors) runs over the merged rows as it runs over one stream's.
 //! Each stream keeps its own watermark; the union's is the lowest of them.
 
+use crate::plan::reused::ReusedPlan;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -113,9 +114,19 @@ impl OtherInput {
     }
 }
 
+/// A union's branches as a query runs them.
+pub(super) fn reused_branches(
+    branches: Vec<(Arc<dyn ExecutionPlan>, Feed, String)>,
+) -> Vec<(ReusedPlan, Feed, String)> {
+    branches
+        .into_iter()
+        .map(|(plan, feed, table)| (ReusedPlan::new(plan), feed, table))
+        .collect()
+}
+
 /// A union of streams as a query runs it.
 pub(super) struct UnionInput {
-    pub branches: Vec<(Arc<dyn ExecutionPlan>, Feed, String)>,
+    pub branches: Vec<(ReusedPlan, Feed, String)>,
     /// The streams besides the query's source.
     pub others: Vec<OtherInput>,
     /// The union's rows.
@@ -139,7 +150,7 @@ impl UnionInput {
                 continue;
             }
             feed.set(vec![rows.clone()]);
-            for b in datafusion::physical_plan::collect(plan.clone(), ctx.clone()).await? {
+            for b in plan.collect(ctx.clone()).await? {
                 // Branches give the union's types; its names and nullability are the union's.
                 let options = datafusion::arrow::array::RecordBatchOptions::new()
                     .with_row_count(Some(b.num_rows()));

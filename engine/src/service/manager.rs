@@ -576,9 +576,9 @@ pub struct QueryManager {
     /// Protobuf descriptors.
     codecs: crate::decode::Codecs,
     /// Previews running at once (each reads its input and keeps a query's state).
-    previews: tokio::sync::Semaphore,
+    previews: Arc<tokio::sync::Semaphore>,
     /// Table replacements running at once (each holds a CSV of up to 64 MiB).
-    replacements: tokio::sync::Semaphore,
+    replacements: Arc<tokio::sync::Semaphore>,
     /// The reference tables kept current from Kafka topics.
     followers: Arc<super::follow::Followers>,
     /// One lock per query name, held by whatever changes a query's life (create, drop,
@@ -607,8 +607,11 @@ fn declared_table(statement: &datafusion::sql::parser::Statement) -> Option<Stri
 }
 
 /// One of the previews or table replacements that may run at once (see
-/// [`QueryManager::preview_slot`], [`QueryManager::replacement_slot`]).
-pub struct Turn<'a>(#[allow(dead_code)] tokio::sync::SemaphorePermit<'a>);
+/// [`QueryManager::preview_slot`], [`QueryManager::replacement_slot`]): held by the work
+/// itself until it ends, whether or not its client still waits for it. (A preview whose
+/// client has gone is stopped at once, but for the one pass over its file that drops
+/// malformed lines, if it has begun: that pass ends on its own, without the turn.)
+pub struct Turn(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 
 /// An error of `urbanstream run`'s code path as a preview's client knows it: the file it
 /// wrote the request's data to is `input.data`, and the options are the request's fields, not
@@ -741,8 +744,8 @@ impl QueryManager {
             checkpoint_root,
             reference,
             codecs,
-            previews: tokio::sync::Semaphore::new(2),
-            replacements: tokio::sync::Semaphore::new(2),
+            previews: Arc::new(tokio::sync::Semaphore::new(2)),
+            replacements: Arc::new(tokio::sync::Semaphore::new(2)),
             followers,
             operations: NamedLocks::default(),
             config,
@@ -982,6 +985,15 @@ impl QueryManager {
             };
             out.push((name.clone(), flows));
         }
+        // Queries dropped since are forgotten.
+        let registered: std::collections::HashSet<String> = self
+            .handles()
+            .iter()
+            .map(|h| h.entry.name.clone())
+            .collect();
+        if let Ok(mut f) = self.flows.lock() {
+            f.retain(|name, _| registered.contains(name));
+        }
         out
     }
 
@@ -1029,24 +1041,32 @@ impl QueryManager {
     }
 
     /// A place among the previews running at once, or a conflict when both are taken.
-    pub fn preview_slot(&self) -> Result<Turn<'_>, ServiceError> {
-        self.previews.try_acquire().map(Turn).map_err(|_| {
-            ServiceError::Conflict(
-                "two previews are running, the most at once: try again when one is done".into(),
-            )
-        })
+    pub fn preview_slot(&self) -> Result<Turn, ServiceError> {
+        self.previews
+            .clone()
+            .try_acquire_owned()
+            .map(Turn)
+            .map_err(|_| {
+                ServiceError::Conflict(
+                    "two previews are running, the most at once: try again when one is done".into(),
+                )
+            })
     }
 
     /// A place among the table replacements running at once, or a conflict when both are
     /// taken.
-    pub fn replacement_slot(&self) -> Result<Turn<'_>, ServiceError> {
-        self.replacements.try_acquire().map(Turn).map_err(|_| {
-            ServiceError::Conflict(
-                "two table replacements are running, the most at once: try again when one is \
+    pub fn replacement_slot(&self) -> Result<Turn, ServiceError> {
+        self.replacements
+            .clone()
+            .try_acquire_owned()
+            .map(Turn)
+            .map_err(|_| {
+                ServiceError::Conflict(
+                    "two table replacements are running, the most at once: try again when one is \
                  done"
-                    .into(),
-            )
-        })
+                        .into(),
+                )
+            })
     }
 
     /// Runs `sql`'s stream query over `input`'s rows without registering it, as `urbanstream
@@ -1057,7 +1077,7 @@ impl QueryManager {
     pub async fn preview(
         &self,
         request: PreviewRequest,
-        _slot: Turn<'_>,
+        slot: Turn,
     ) -> Result<PreviewAnswer, ServiceError> {
         const MAX_ROWS: usize = 10_000;
         let limit = request.limit.unwrap_or(100);
@@ -1145,6 +1165,7 @@ impl QueryManager {
                     data.into_bytes()
                 };
                 self.runtime.handle().spawn(async move {
+                    let _turn = slot;
                     // Written off the runtime's threads: the body may be large.
                     let file = tokio::task::spawn_blocking(move || {
                         let file = tempfile::Builder::new()
@@ -1184,6 +1205,7 @@ impl QueryManager {
                 let topic = query.source().options.topic.clone();
                 let codecs = self.codecs.clone();
                 self.runtime.handle().spawn(async move {
+                    let _turn = slot;
                     let read = tokio::task::spawn_blocking(move || {
                         crate::source::range::read_range(
                             &brokers,
@@ -1208,6 +1230,9 @@ impl QueryManager {
             }
             (None, None) => return Err(ServiceError::invalid("no input")),
         };
+        // A client gone (the request dropped) stops its preview; the turn is free once the
+        // preview's task has ended.
+        let run = tokio_util::task::AbortOnDropHandle::new(run);
         let abort = run.abort_handle();
         let (summary, input_truncated) = match tokio::time::timeout(timeout, run).await {
             Ok(Ok(Ok(summary))) => summary,
@@ -1280,7 +1305,7 @@ impl QueryManager {
         &self,
         name: &str,
         csv: String,
-        _slot: Turn<'_>,
+        slot: Turn,
     ) -> Result<TableInfo, ServiceError> {
         if let Some(follows) = self.followers.status(name) {
             return Err(ServiceError::Conflict(format!(
@@ -1319,13 +1344,17 @@ impl QueryManager {
         }
         // Parsing, checking and two fsyncs: off the API's threads.
         let (tables, table, csv) = (self.reference.clone(), name.to_string(), csv.to_string());
-        let installed = tokio::task::spawn_blocking(move || tables.replace(&table, &csv))
-            .await
-            .map_err(|e| ServiceError::Internal(format!("replacing {name}: {e}")))?
-            .map_err(|e| match e {
-                crate::Error::Reference { .. } => ServiceError::invalid(e.to_string()),
-                other => ServiceError::Internal(other.to_string()),
-            })?;
+        // The turn is held until the replacement ends, even if its client has gone.
+        let installed = tokio::task::spawn_blocking(move || {
+            let _turn = slot;
+            tables.replace(&table, &csv)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("replacing {name}: {e}")))?
+        .map_err(|e| match e {
+            crate::Error::Reference { .. } => ServiceError::invalid(e.to_string()),
+            other => ServiceError::Internal(other.to_string()),
+        })?;
         tracing::info!(
             table = %installed.name,
             version = installed.version,
@@ -2332,6 +2361,140 @@ mod tests {
             task.await.expect("task");
         }
         assert_eq!(locks.len(), 0);
+    }
+
+    /// A manager of its own directories (kept while the returned one lives), with `extra`
+    /// configuration; its queries are not started.
+    fn manager(extra: &str) -> (tempfile::TempDir, QueryManager) {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("svc.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[catalog]\npath = \"{0}/catalog\"\n[checkpoint]\ndir = \"{0}/ckpt\"\n{extra}",
+                dir.path().display()
+            ),
+        )
+        .expect("config");
+        let config = Arc::new(ServiceConfig::load(Some(&file)).expect("config"));
+        (dir, QueryManager::new(config).expect("manager"))
+    }
+
+    /// A preview whose client has gone (its request dropped) stops: abandoned previews once
+    /// ran on to the end, with no timeout, while their turns went to new ones (7 at once
+    /// where 2 may run, 1 GB resident).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_preview_whose_client_has_gone_stops() {
+        const ROWS: u64 = 800_000;
+        let (_dir, manager) = manager("[api]\npreview_timeout = \"1h\"\n");
+        let manager = Arc::new(manager);
+        let mut csv = String::from("gauge_id,kind,level_cm,rainfall_mm_h,event_time\n");
+        for i in 0..ROWS {
+            csv.push_str(&format!(
+                "g{},street,{}.5,1.0,{}\n",
+                i % 997,
+                i % 300,
+                1_767_247_200_000 + i * 100
+            ));
+        }
+        let request = PreviewRequest {
+            sql: "SELECT gauge_id, window_start, count(*) AS n, max(level_cm) AS mx \
+                  FROM water_levels GROUP BY tumble(event_time, INTERVAL '1 minute'), gauge_id"
+                .into(),
+            input: Some(PreviewInput {
+                format: "csv".into(),
+                data: csv,
+                rename: Vec::new(),
+                time_zone: None,
+                time_unit: None,
+            }),
+            topic: None,
+            limit: None,
+        };
+        let running = || manager.runtime.handle().metrics().num_alive_tasks();
+        let free = || manager.previews.available_permits();
+        // The whole preview, waited for: how long it takes here.
+        let whole = std::time::Instant::now();
+        let slot = manager.preview_slot().expect("a turn");
+        let answer = manager
+            .preview(request.clone(), slot)
+            .await
+            .expect("preview");
+        let whole = whole.elapsed();
+        assert_eq!(answer.input_rows, ROWS);
+        assert_eq!(free(), 2);
+        // The same, its client gone 100 ms after it started.
+        let client = tokio::spawn({
+            let manager = manager.clone();
+            async move {
+                let slot = manager.preview_slot().expect("a turn");
+                manager.preview(request, slot).await
+            }
+        });
+        while running() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let started = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(running() > 0, "the preview runs on");
+        client.abort();
+        let _ = client.await;
+        while running() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let stopped = started.elapsed();
+        assert!(
+            stopped < whole / 2,
+            "the preview ran on after its client had gone: it stopped {stopped:?} after it \
+             started, the whole preview takes {whole:?}"
+        );
+        assert_eq!(free(), 2);
+    }
+
+    /// The flows remembered to refuse a query writing where its records come back are those
+    /// of the queries registered now: with queries created and dropped again and again they
+    /// once kept one entry per name ever used.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flows_of_dropped_queries_are_forgotten() {
+        let (_dir, manager) = manager("");
+        let register = |name: &str| {
+            let entry = CatalogEntry {
+                name: name.into(),
+                sql: format!("INSERT INTO alerts SELECT * FROM alerts_{name}"),
+                paused: false,
+                memory_limit: None,
+                created_at: 0,
+            };
+            let handle = Arc::new(QueryHandle::new(entry, false, 1 << 20));
+            manager
+                .queries
+                .lock()
+                .expect("queries")
+                .insert(name.to_string(), handle);
+        };
+        let remembered = || {
+            let mut names: Vec<String> = manager
+                .flows
+                .lock()
+                .expect("flows")
+                .keys()
+                .cloned()
+                .collect();
+            names.sort();
+            names
+        };
+        for i in 0..20 {
+            register(&format!("q{i}"));
+            manager.registered_flows(None).await;
+            manager
+                .queries
+                .lock()
+                .expect("queries")
+                .remove(&format!("q{i}"));
+        }
+        register("kept");
+        manager.registered_flows(None).await;
+        assert_eq!(remembered(), ["kept"]);
     }
 
     /// A panic inside one query's run makes that query FAILED with the panic's text; a query

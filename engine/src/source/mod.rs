@@ -318,6 +318,9 @@ pub struct KafkaSource {
     start_at: Mutex<HashMap<(String, i32), i64>>,
 }
 
+/// The consumer group's session timeout (`session.timeout.ms`), ms.
+const SESSION_TIMEOUT_MS: &str = "10000";
+
 /// How long one end-offset request of the lag probe may take.
 const LAG_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -344,6 +347,14 @@ impl KafkaSource {
             // README, "Draining a backlog"). The queue stays bounded as before
             // (queued.min.messages, queued.max.messages.kbytes).
             .set("fetch.queue.backoff.ms", "10")
+            // How long the group waits for a member it no longer hears from: Kafka's default
+            // before 3.0 rather than librdkafka's 45 s. A process that died leaves its
+            // partitions unread that long (at-least-once queries join as dynamic members);
+            // and on librdkafka's mock cluster (the embedded broker) a query paused and
+            // resumed, or dropped and created again, waited that long for its partitions
+            // even though its consumer had left the group (the mock delays the rebalance
+            // after a leave by the session timeout). `kafka.properties` may set another.
+            .set("session.timeout.ms", SESSION_TIMEOUT_MS)
             .set("partition.assignment.strategy", "cooperative-sticky");
         if let Some(id) = &config.group_instance_id {
             client.set("group.instance.id", id);
