@@ -227,6 +227,25 @@ mod tests {
         );
     }
 
+    /// The last query of `statements`, planned over the stream `ev (segment_id, t, v)` with
+    /// the embedded reference tables, which are returned to be replaced.
+    async fn over_segments(statements: &[&str]) -> (ReferenceTables, stream::StreamQuery) {
+        let reference = ReferenceTables::embedded().expect("reference");
+        let mut ctx = StreamContext::new();
+        ctx.register_reference_tables(&reference)
+            .expect("reference");
+        let mut query = None;
+        let stream = "CREATE EXTERNAL TABLE ev (segment_id VARCHAR NOT NULL, \
+             t TIMESTAMP NOT NULL, v DOUBLE) STORED AS KAFKA \
+             OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')";
+        for sql in std::iter::once(&stream).chain(statements) {
+            if let Some(q) = plan_all(&ctx, sql).await.expect("plan").pop() {
+                query = Some(q);
+            }
+        }
+        (reference, query.expect("query"))
+    }
+
     /// A revision that no longer passes a condition above a lookup join is withdrawn with
     /// the reference table's current version: the plan that tells the withdrawn rows reads a
     /// replaced table from its next run, as the query's own plan does.
@@ -236,25 +255,14 @@ mod tests {
         use datafusion::arrow::array::{Float64Array, RecordBatch, StringViewArray};
         use datafusion::arrow::util::display::array_value_to_string;
         use std::sync::Arc;
-        let reference = ReferenceTables::embedded().expect("reference");
-        let mut ctx = StreamContext::new();
-        ctx.register_reference_tables(&reference)
-            .expect("reference");
-        let mut query = None;
-        for sql in [
-            "CREATE EXTERNAL TABLE ev (segment_id VARCHAR NOT NULL, t TIMESTAMP NOT NULL, v DOUBLE) \
-             STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')",
+        let (reference, mut query) = over_segments(&[
             "SET urbanstream.allowed_lateness = '10m'",
             "SELECT m.segment_id, m.window_start, s.name, m.speed FROM (SELECT segment_id, \
              window_start, avg(v) AS speed FROM ev GROUP BY tumble(t, INTERVAL '1 minute'), \
              segment_id) m JOIN segments s ON m.segment_id = s.segment_id \
              WHERE m.speed < 0.6 * s.free_flow_kmh",
-        ] {
-            if let Some(q) = plan_all(&ctx, sql).await.expect("plan").pop() {
-                query = Some(q);
-            }
-        }
-        let mut query = query.expect("query");
+        ])
+        .await;
         let schema = query.source().topic_schema.output_schema();
         let feed = |rows: &[(i64, f64)]| {
             RecordBatch::try_new(
@@ -329,22 +337,9 @@ mod tests {
         use datafusion::arrow::array::TimestampMillisecondArray;
         use datafusion::arrow::array::{Float64Array, RecordBatch, StringViewArray};
         use std::sync::Arc;
-        let reference = ReferenceTables::embedded().expect("reference");
-        let mut ctx = StreamContext::new();
-        ctx.register_reference_tables(&reference)
-            .expect("reference");
-        let mut query = None;
-        for sql in [
-            "CREATE EXTERNAL TABLE ev (segment_id VARCHAR NOT NULL, t TIMESTAMP NOT NULL, v DOUBLE) \
-             STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')",
-            "SELECT e.segment_id, s.name, e.v FROM ev e JOIN segments s \
-             ON e.segment_id = s.segment_id WHERE e.v > 1",
-        ] {
-            if let Some(q) = plan_all(&ctx, sql).await.expect("plan").pop() {
-                query = Some(q);
-            }
-        }
-        let mut query = query.expect("query");
+        let (reference, mut query) = over_segments(&["SELECT e.segment_id, s.name, e.v \
+             FROM ev e JOIN segments s ON e.segment_id = s.segment_id WHERE e.v > 1"])
+        .await;
         let schema = query.source().topic_schema.output_schema();
         let feed = |segment: &str, t: i64| {
             RecordBatch::try_new(
