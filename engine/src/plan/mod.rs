@@ -382,6 +382,28 @@ mod tests {
         }
     }
 
+    /// Plans are run again for every micro-batch (through copies DataFusion's
+    /// `reset_plan_states` makes), which its contract allows only for plans without dynamic
+    /// filters: the session plans none (the engine's own leaves accept no pushed filter
+    /// either), whatever the query.
+    #[tokio::test]
+    async fn plans_run_again_hold_no_dynamic_filter() {
+        for sql in [
+            "SELECT e.segment_id, s.name, e.v FROM ev e JOIN segments s \
+             ON e.segment_id = s.segment_id WHERE e.v > 1",
+            "SELECT m.segment_id, s.name, m.top FROM (SELECT segment_id, max(v) AS top \
+             FROM ev GROUP BY tumble(t, INTERVAL '1 minute'), segment_id) m \
+             JOIN segments s ON m.segment_id = s.segment_id",
+            "SELECT a.segment_id, a.v, b.v FROM ev a JOIN ev b ON a.segment_id = b.segment_id \
+             AND b.t BETWEEN a.t AND a.t + INTERVAL '1 minute'",
+        ] {
+            let (_, query) = over_segments(&[sql]).await;
+            let explained = query.explain().to_string();
+            assert!(explained.contains("segment_id"), "{explained}");
+            assert!(!explained.contains("DynamicFilter"), "{sql}\n{explained}");
+        }
+    }
+
     #[tokio::test]
     async fn declared_options_reach_the_stream_and_bad_ones_are_refused() {
         let dir = tempfile::tempdir().expect("dir");

@@ -192,6 +192,15 @@ impl StreamContext {
             .with_repartition_aggregations(false)
             .with_repartition_joins(false)
             .with_option_extension(StreamSettings::default());
+        // Plans are run again for every micro-batch, through copies made by
+        // `reset_plan_states`, whose contract excludes plans with dynamic filters: a filter
+        // made from one run's join build side or aggregate would be left in the copy.
+        let mut config = config;
+        let optimizer = &mut config.options_mut().optimizer;
+        optimizer.enable_dynamic_filter_pushdown = false;
+        optimizer.enable_join_dynamic_filter_pushdown = false;
+        optimizer.enable_topk_dynamic_filter_pushdown = false;
+        optimizer.enable_aggregate_dynamic_filter_pushdown = false;
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)
