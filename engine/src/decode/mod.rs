@@ -227,6 +227,9 @@ impl TopicDecoder {
         message: Option<&str>,
     ) -> Result<Self> {
         let mut shape = Shape::new(schema);
+        if format == Format::Json {
+            shape = shape.carrying_json_numbers();
+        }
         if let Some((column, unit)) = event_time {
             shape = shape.with_event_time(column, unit);
         }

@@ -370,6 +370,62 @@ fn unknown_ids_are_counted_and_dead_lettered_by_policy() {
     }
 }
 
+/// The decoder a stream is read with (`TopicDecoder::new`, as the pipeline and every
+/// registered query make it) reads JSON numbers exactly too: it used to leave them to
+/// arrow-json, which read a lane of 2.7 as 2 and "NaN" or 1e400 in a DOUBLE as non-finite
+/// numbers, all without a word.
+#[test]
+fn a_streams_json_decoder_reads_numbers_exactly_or_dead_letters() {
+    let registry = SchemaRegistry::embedded().expect("schemas");
+    let decoder = TopicDecoder::new(
+        crate::topics::Format::Json,
+        registry.get("camera_event").expect("camera schema"),
+        Some(("event_time", TimeUnit::Millisecond)),
+        &Codecs::default(),
+        None,
+    )
+    .expect("decoder");
+    let good = std::str::from_utf8(GOOD).expect("utf-8");
+    let with = |from: &str, to: &str| good.replace(from, to).into_bytes();
+    let lane = with(r#""lane":1"#, r#""lane":2.7"#);
+    let speed = with(r#""speed_kmh":31.5"#, r#""speed_kmh":"NaN""#);
+    let huge = with(r#""speed_kmh":31.5"#, r#""speed_kmh":1e400"#);
+    let severity = with(r#""lane":1"#, r#""lane":1,"severity":4.9"#);
+    let records: Vec<&[u8]> = vec![GOOD, &lane, &speed, &huge, &severity, GOOD2];
+    let decoded = decoder.decode(&raw(&records)).expect("decode");
+    assert_eq!(decoded.rows, vec![0, 5], "{:?}", decoded.rejects);
+    let rejected: Vec<(u32, &str)> = decoded
+        .rejects
+        .iter()
+        .map(|r| (r.index, r.error.as_str()))
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![
+            (1, "field lane: 2.7 is not a whole number, as Int32 needs"),
+            (
+                2,
+                "field speed_kmh: the number is not finite or beyond the range of Float64"
+            ),
+            (
+                3,
+                "field speed_kmh: the number is not finite or beyond the range of Float64"
+            ),
+            (
+                4,
+                "field severity: 4.9 is not a whole number, as Int32 needs"
+            ),
+        ]
+    );
+    let lanes = decoded.batch.column_by_name("lane").expect("lane");
+    assert_eq!(
+        lanes
+            .as_primitive::<datafusion::arrow::datatypes::Int32Type>()
+            .value(0),
+        1
+    );
+}
+
 /// A JSON number is read exactly or the record is dead-lettered: arrow-json truncated `2.5`
 /// in an integer field to 2 and extra decimal places of a DECIMAL, and read a REAL beyond
 /// its range as infinity, all without a word.
