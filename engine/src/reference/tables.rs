@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use datafusion::arrow::csv::ReaderBuilder;
 use datafusion::arrow::csv::reader::Format;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 
 use super::{EMBEDDED, ReferenceData};
@@ -524,7 +524,40 @@ fn infer_schema(name: &str, csv: &str) -> Result<SchemaRef> {
             message: "the CSV has no header row".into(),
         });
     }
-    Ok(Arc::new(schema))
+    Ok(codes_as_text(csv, schema))
+}
+
+/// `schema` with every column read as a number that holds a code written with leading
+/// zeros or a sign (`007`, `0101`, `+84`) read as text instead: as a number, `007` and `7`
+/// would be one key, and a stream's codes would be cast to numbers to meet them (a code
+/// that is no number failing the query).
+fn codes_as_text(csv: &str, schema: Schema) -> SchemaRef {
+    let numeric: Vec<usize> = (0..schema.fields().len())
+        .filter(|&i| schema.field(i).data_type().is_numeric())
+        .collect();
+    let mut coded = vec![false; schema.fields().len()];
+    let mut reader = csv::Reader::from_reader(csv.as_bytes());
+    for record in reader.records().flatten() {
+        for &i in &numeric {
+            let value = record.get(i).unwrap_or("").trim();
+            let digits = value.strip_prefix('-').unwrap_or(value).as_bytes();
+            if value.starts_with('+')
+                || (digits.len() > 1 && digits[0] == b'0' && digits[1].is_ascii_digit())
+            {
+                coded[i] = true;
+            }
+        }
+    }
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .zip(coded)
+        .map(|(f, coded)| match coded {
+            true => f.as_ref().clone().with_data_type(DataType::Utf8),
+            false => f.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
 }
 
 /// Why the columns a new table's first version gives cannot be its columns, if they cannot:
@@ -660,6 +693,20 @@ mod tests {
             assert!(e.contains(reason), "{reason}: {e}");
             assert!(tables.get("lots").is_none());
         }
+        // Codes written with leading zeros or a sign are text: 007 is not 7.
+        let codes = tables.replace("codes", "code,n,phone\n007,1,+84\n7,2,+1\n0101,-03,12\n")?;
+        let types: Vec<String> = codes
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.data_type().to_string())
+            .collect();
+        assert_eq!(types, ["Utf8", "Utf8", "Utf8"]);
+        let values = codes.batches[0].column(0).as_string::<i32>();
+        assert_eq!((values.value(0), values.value(1)), ("007", "7"));
+        let plain = tables.replace("plain", "code,x\n7,0.5\n10,-0.25\n0,3\n")?;
+        assert_eq!(plain.schema.field(0).data_type(), &DataType::Int64);
+        assert_eq!(plain.schema.field(1).data_type(), &DataType::Float64);
         let v1 = tables.replace("lots", "a,b\n1,x\n")?;
         assert_eq!((v1.version, v1.rows), (1, 1));
         let held = tables.list().len();
