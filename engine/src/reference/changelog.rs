@@ -9,8 +9,8 @@
 //! done to it.
 //!
 //! Each record is checked on its own as it is applied (a JSON object, only the table's
-//! columns, each cell of its column's type, the key equal to the id); a record that fails is
-//! refused with the reason and changes nothing. Checks across rows (ids unique, a sensor's
+//! columns, each cell of its column's type, a city table's required cells present, the key
+//! equal to the id); a record that fails is refused with the reason and changes nothing. Checks across rows (ids unique, a sensor's
 //! ward exists) are the table's own, made when the folded rows are installed.
 
 use std::collections::BTreeMap;
@@ -158,6 +158,9 @@ impl Changelog {
             crate::Error::Reference { message, .. } => message,
             other => other.to_string(),
         })?;
+        // A city table's row as its row type (its required cells), so that no row the table
+        // would refuse whole is held: the rows after it would wait for it.
+        super::ReferenceData::check_rows(&format!("{}.csv", self.name), &one)?;
         self.bytes = bytes;
         Ok(match self.rows.insert(id, cells.clone()) {
             Some(previous) if previous == cells => Change::None,
@@ -259,6 +262,11 @@ mod tests {
             "{reason}"
         );
         assert!(refused(&mut log, Some(b"st9"), STATION).contains("not the row's sensor_id"));
+        // A cell the city's sensors need, missing: refused on its own, naming the column
+        // (it used to be held, and the table then refused every version with it).
+        let no_interval = STATION.replace(",\"interval_s\":3600", "");
+        let reason = refused(&mut log, Some(b"st1"), &no_interval);
+        assert!(reason.contains("column interval_s"), "{reason}");
         let nested = STATION.replace("\"station\"", "{\"a\":1}");
         assert!(refused(&mut log, Some(b"st1"), &nested).contains("column kind"));
         let no_id = STATION.replace("\"st1\"", "null");
