@@ -1170,3 +1170,138 @@ async fn a_backlog_read_one_record_at_a_time_is_not_late() -> anyhow::Result<()>
     assert_eq!(got, want);
     Ok(())
 }
+
+/// A record the query's plan fails on by its values alone (here a segment code cast to a
+/// number that it is not) goes to the DLQ with stage `query`, the error and where it was
+/// read, and the query goes on over 4 partitions: every other record is counted. The query
+/// used to fail for good, and again on the same record at every restart. Grouped by the
+/// code, the query is repartitioned and the record fails in the plan that keys it; without
+/// a window, in the query's own plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_query_fails_on_goes_to_the_dlq_and_the_rest_goes_on() -> anyhow::Result<()> {
+    records_the_query_fails_on(
+        "INSERT INTO coded SELECT CAST(segment_id AS BIGINT) AS code, window_start,
+           count(*) AS n
+         FROM camera_events GROUP BY tumble(event_time, INTERVAL '1 minute'),
+           CAST(segment_id AS BIGINT)",
+        true,
+    )
+    .await?;
+    records_the_query_fails_on(
+        "INSERT INTO coded SELECT CAST(segment_id AS BIGINT) AS code,
+           date_trunc('minute', event_time) AS window_start, CAST(1 AS BIGINT) AS n
+         FROM camera_events WHERE speed_kmh IS NOT NULL",
+        false,
+    )
+    .await
+}
+
+/// Runs `insert` (into `coded`: code, window_start, n) over 4 partitions of detections, one
+/// in five of them of a segment whose code is no number, and checks what it publishes
+/// (`windowed`: counts per code and minute; otherwise one row per record) and the DLQ.
+async fn records_the_query_fails_on(insert: &str, windowed: bool) -> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    let topics = Topics::default();
+    let mut bad = Vec::new();
+    let mut want = std::collections::BTreeMap::new();
+    for j in 0..4i32 {
+        let mut offset = 0;
+        for m in 0..3i64 {
+            for k in 0..5i64 {
+                let t = T0 + m * 60_000 + k * 1_000;
+                // One record in five names its segment by a code that is no number.
+                let segment = if (k + i64::from(j)) % 5 == 2 {
+                    bad.push((j, offset));
+                    format!("s{j}")
+                } else {
+                    format!("{}", 10 + j)
+                };
+                let record = detection(&segment, t, "car", Some(30.0));
+                cluster
+                    .produce(&topics.camera, j, &segment, &record)
+                    .await?;
+                offset += 1;
+                if !segment.starts_with('s') {
+                    *want
+                        .entry((10 + i64::from(j), T0 + m * 60_000))
+                        .or_insert(0) += 1;
+                }
+            }
+        }
+        // Closes the three minutes (its own stays open; without a speed, it is filtered
+        // out without a window).
+        let segment = format!("{}", 10 + j);
+        let record = detection(&segment, T0 + 5 * 60_000, "car", None);
+        cluster
+            .produce(&topics.camera, j, &segment, &record)
+            .await?;
+    }
+    let expected: usize = if windowed {
+        want.len()
+    } else {
+        want.values().sum::<i64>() as usize
+    };
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "coded".into();
+    config.default_queries = false;
+    config.name = Some("coded".into());
+    config.queries = vec![(
+        "coded".into(),
+        format!(
+            "CREATE EXTERNAL TABLE coded (code BIGINT NOT NULL, window_start TIMESTAMP NOT NULL,
+               n BIGINT NOT NULL)
+             STORED AS KAFKA OPTIONS ('topic' 'test.coded', 'format' 'json');
+             {insert}"
+        ),
+    )];
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    let coded = cluster.consumer("test.coded")?;
+    let rows = read_json(&coded, expected, Duration::from_secs(60)).await;
+    let dlq = cluster.consumer(&topics.dlq)?;
+    let dead = read_json(&dlq, bad.len(), Duration::from_secs(30)).await;
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    let mut got = std::collections::BTreeMap::new();
+    for (_, v) in rows? {
+        let key = (
+            v["code"].as_i64().unwrap_or(-1),
+            v["window_start"].as_i64().unwrap_or(-1),
+        );
+        let n = v["n"].as_i64().unwrap_or(-1);
+        match windowed {
+            true => anyhow::ensure!(got.insert(key, n).is_none(), "{key:?} published twice"),
+            false => *got.entry(key).or_insert(0) += n,
+        }
+    }
+    assert_eq!(got, want);
+    let mut dead: Vec<(i64, i64)> = dead?
+        .into_iter()
+        .map(|(_, v)| {
+            assert_eq!(v["stage"], "query", "{v}");
+            assert_eq!(v["query"], "coded", "{v}");
+            assert_eq!(v["topic"], topics.camera.as_str(), "{v}");
+            let error = v["error"].as_str().unwrap_or_default();
+            assert!(
+                error.starts_with("the query failed on this record: ")
+                    && error.contains("Cannot cast string 's"),
+                "{error}"
+            );
+            (
+                v["partition"].as_i64().unwrap_or(-1),
+                v["offset"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    dead.sort();
+    let mut bad: Vec<(i64, i64)> = bad.into_iter().map(|(p, o)| (i64::from(p), o)).collect();
+    bad.sort();
+    assert_eq!(dead, bad);
+    assert!(
+        stats.dlq.load(Ordering::Relaxed) >= bad.len() as u64,
+        "the DLQ records are counted"
+    );
+    Ok(())
+}

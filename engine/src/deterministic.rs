@@ -15,7 +15,7 @@
 //! | `ADVANCE TIME <duration>` | moves processing time forward (idle partitions, early fire) |
 //! | `SET CLOCK '<timestamp>'` | sets processing time |
 //! | `SELECT … FROM sink …` | reads what the queries published to `sink` so far |
-//! | `SHOW LATE` | the diverted input rows: query, event time, watermark, reason |
+//! | `SHOW LATE` | the diverted input rows: query, event time, watermark, reason (`query_error: …` for a row the query's plan failed on, which the service sends to the DLQ) |
 //! | `RESTART` | checkpoints every query to disk, plans each again from its SQL and restores it from the checkpoint read back, as a restarted service does |
 
 use std::collections::HashMap;
@@ -320,6 +320,14 @@ impl DeterministicEngine {
 
     fn collect(&mut self, query: usize, out: StepOutput) -> Result<()> {
         let q = &self.queries[query];
+        for f in out.failed {
+            self.late.push(LateRow {
+                query,
+                event_time: f.event_time,
+                watermark: q.watermark().unwrap_or(i64::MIN),
+                reason: format!("query_error: {}", f.error),
+            });
+        }
         for d in out.diverted {
             self.late.push(LateRow {
                 query,

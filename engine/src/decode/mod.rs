@@ -90,6 +90,9 @@ pub enum RejectStage {
     /// Valid, but its id is not in its reference table (with `reference.unknown_ids =
     /// "dead_letter"`).
     Reference,
+    /// Valid, but the query's plan fails on its values (a text cast to a number that is
+    /// none, a division by zero): left out of the query's results.
+    Query,
 }
 
 /// What happens to a record whose id (camera, detector, sensor) is not in its reference
@@ -111,6 +114,7 @@ impl RejectStage {
             RejectStage::Decode => "decode",
             RejectStage::Validate => "validate",
             RejectStage::Reference => "reference",
+            RejectStage::Query => "query",
         }
     }
 }

@@ -1166,7 +1166,27 @@ impl Pipeline {
                 if r.input != *raw.topic {
                     continue;
                 }
-                let targets = r.keys.targets(&decoded.batch, r.partitions).await?;
+                let (targets, failed) = r.keys.targets(&decoded.batch, r.partitions).await?;
+                if !failed.is_empty() {
+                    let records: Vec<_> = failed
+                        .into_iter()
+                        .map(|(row, error)| {
+                            let i = decoded.rows[row as usize];
+                            let reject = crate::decode::Reject {
+                                index: i,
+                                stage: crate::decode::RejectStage::Query,
+                                error: format!("the query failed on this record: {error}"),
+                            };
+                            let mut record = DlqRecord::new(raw, &reject, received_at);
+                            record.query.clone_from(&self.config.name);
+                            (raw.key(i as usize).map(<[u8]>::to_vec), record)
+                        })
+                        .collect();
+                    dlq_count += records.len();
+                    self.sink
+                        .send_json(&topics.dlq, &records, &mut pending)
+                        .await?;
+                }
                 for (row, qs) in targets.iter().enumerate() {
                     let i = decoded.rows[row] as usize;
                     let origin = encode_pair(raw.partitions[i], raw.offsets[i]);
@@ -1291,6 +1311,35 @@ impl Pipeline {
                     let out = instance
                         .process_topic(&raw.topic, &batch, &sub_partitions, Some(&sub_offsets), now)
                         .await?;
+                    if !out.failed.is_empty() {
+                        let records: Vec<_> = out
+                            .failed
+                            .iter()
+                            .map(|f| {
+                                let i = decoded.rows[rows[f.row as usize] as usize];
+                                let reject = crate::decode::Reject {
+                                    index: i,
+                                    stage: crate::decode::RejectStage::Query,
+                                    error: format!("the query failed on this record: {}", f.error),
+                                };
+                                let mut record = DlqRecord::new(raw, &reject, received_at);
+                                record.query.clone_from(&self.config.name);
+                                // A repartitioned record is reported where it came from.
+                                if let (Some(r), Some((p, o))) = (
+                                    &running.repartition,
+                                    origins.get(f.row as usize).copied().flatten(),
+                                ) {
+                                    (record.topic, record.partition, record.offset) =
+                                        (r.input.clone(), p, o);
+                                }
+                                (raw.key(i as usize).map(<[u8]>::to_vec), record)
+                            })
+                            .collect();
+                        dlq_count += records.len();
+                        self.sink
+                            .send_json(&topics.dlq, &records, &mut pending)
+                            .await?;
+                    }
                     if !out.diverted.is_empty() {
                         let records: Vec<_> = out
                             .diverted
@@ -1736,6 +1785,7 @@ mod tests {
             RejectStage::Decode,
             RejectStage::Validate,
             RejectStage::Reference,
+            RejectStage::Query,
         ]
         .into_iter()
         .map(|stage| {
@@ -1765,7 +1815,7 @@ mod tests {
             .expect("json"),
         );
         let read = read_back("dlq_record", &dlq);
-        assert_eq!(read.num_rows(), 4);
+        assert_eq!(read.num_rows(), 5);
 
         let reasons = [
             DivertReason::BeyondAllowedLateness,

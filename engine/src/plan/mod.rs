@@ -404,6 +404,62 @@ mod tests {
         }
     }
 
+    /// A key's state is counted by what it holds: an alert over a detector keeps each key's
+    /// last row, whose detector struct used to be counted (and kept) with the buffers of the
+    /// whole micro-batch it came in, so the state's bytes grew with keys × batch size and a
+    /// city of 10 000 sensors failed its memory limit.
+    #[tokio::test]
+    async fn stacked_detectors_state_grows_with_keys_not_keys_times_rows() {
+        use datafusion::arrow::array::TimestampMillisecondArray;
+        use datafusion::arrow::array::{Float64Array, RecordBatch, StringViewArray};
+        use std::sync::Arc;
+        let mut per_key = Vec::new();
+        for keys in [1_000usize, 8_000] {
+            let ctx = StreamContext::new();
+            let mut query = None;
+            for sql in [
+                "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, t TIMESTAMP NOT NULL, v DOUBLE) \
+                 STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')",
+                "SELECT k, t, alert_state(d['score'], t, 4, 2) OVER (PARTITION BY k ORDER BY t) AS a \
+                 FROM (SELECT *, anomaly_ewma(v, t) OVER (PARTITION BY k ORDER BY t) AS d FROM ev)",
+            ] {
+                if let Some(q) = plan_all(&ctx, sql).await.expect("plan").pop() {
+                    query = Some(q);
+                }
+            }
+            let mut query = query.expect("query");
+            let schema = query.source().topic_schema.output_schema();
+            let t0 = 1_767_247_200_000i64;
+            for step in 0..3i64 {
+                let batch = RecordBatch::try_new(
+                    schema.clone(),
+                    vec![
+                        Arc::new(StringViewArray::from_iter_values(
+                            (0..keys).map(|i| format!("sensor-{i}")),
+                        )),
+                        Arc::new(TimestampMillisecondArray::from_iter_values(
+                            (0..keys).map(|_| t0 + step * 60_000),
+                        )),
+                        Arc::new(Float64Array::from_iter_values(
+                            (0..keys).map(|i| (i % 7) as f64),
+                        )),
+                    ],
+                )
+                .expect("batch");
+                let t = t0 + step * 60_000;
+                query
+                    .process(&batch, &vec![0; keys], None, t)
+                    .await
+                    .expect("step");
+            }
+            per_key.push(query.state_bytes() / keys);
+        }
+        assert!(
+            per_key[1] < per_key[0] * 3 / 2,
+            "bytes per key at 1 000 and 8 000 keys: {per_key:?}"
+        );
+    }
+
     #[tokio::test]
     async fn declared_options_reach_the_stream_and_bad_ones_are_refused() {
         let dir = tempfile::tempdir().expect("dir");

@@ -86,10 +86,50 @@ impl std::fmt::Debug for KeyPlan {
 
 impl KeyPlan {
     /// For each row of `batch` (the source's decoded records), the partitions of `n` its
-    /// groups belong to; none when the query's filters drop it.
-    pub async fn targets(&self, batch: &RecordBatch, n: u32) -> Result<Vec<Vec<u32>>> {
+    /// groups belong to; none when the query's filters drop it, or when the plan fails on
+    /// its values alone (a cast, a division by zero: [`is_data_error`]): such rows are
+    /// returned with the error, found by halving the batch, and the others go on.
+    ///
+    /// [`is_data_error`]: super::stream::is_data_error
+    pub async fn targets(
+        &self,
+        batch: &RecordBatch,
+        n: u32,
+    ) -> Result<(Vec<Vec<u32>>, Vec<(u32, String)>)> {
         let mut out = vec![Vec::new(); batch.num_rows()];
-        for (rows, keys) in self.keys(batch).await? {
+        let mut failed = Vec::new();
+        let mut pieces = Vec::new();
+        // Ranges still to key, the next on top; a failed range is halved in place.
+        let mut ranges = vec![(0, batch.num_rows())];
+        while let Some((start, len)) = ranges.pop() {
+            if len == 0 {
+                continue;
+            }
+            let slice = if len == batch.num_rows() {
+                batch.clone()
+            } else {
+                batch.slice(start, len)
+            };
+            match self.keys(&slice).await {
+                Ok(keyed) => {
+                    for (rows, keys) in keyed {
+                        let rows: UInt32Array =
+                            rows.values().iter().map(|r| r + start as u32).collect();
+                        pieces.push((rows, keys));
+                    }
+                }
+                Err(e) if super::stream::is_data_error(&e) => {
+                    if len == 1 {
+                        failed.push((start as u32, e.to_string()));
+                    } else {
+                        ranges.push((start + len / 2, len - len / 2));
+                        ranges.push((start, len / 2));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for (rows, keys) in pieces {
             let partitions = group_partitions(&keys, n)?;
             for (r, q) in rows.values().iter().zip(partitions) {
                 let targets = &mut out[*r as usize];
@@ -98,7 +138,7 @@ impl KeyPlan {
                 }
             }
         }
-        Ok(out)
+        Ok((out, failed))
     }
 
     /// The group keys of the rows of `batch` (the source's decoded records), after the
@@ -407,7 +447,8 @@ mod tests {
             .decode(&raw)
             .expect("decode");
         assert_eq!(decoded.batch.num_rows(), 5);
-        let targets = keys.targets(&decoded.batch, 4).await.expect("targets");
+        let (targets, failed) = keys.targets(&decoded.batch, 4).await.expect("targets");
+        assert!(failed.is_empty(), "{failed:?}");
         let wards = crate::reference::ReferenceData::embedded().expect("reference");
         let ward_of = |segment: &str| {
             wards

@@ -153,6 +153,38 @@ pub struct StepOutput {
     pub rows: Vec<RecordBatch>,
     /// Input rows diverted (late or future-stamped).
     pub diverted: Vec<Diverted>,
+    /// Input rows the query's plan failed on (see [`Failed`]), left out of its results.
+    pub failed: Vec<Failed>,
+}
+
+/// An input row the plan below a query's state failed on by its values alone (a text cast
+/// to a number that is none, a division by zero, an overflow): the rest of its micro-batch
+/// is processed, and the row goes to the DLQ with the error, instead of failing the query
+/// for good (it would fail again on the same row at every restart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failed {
+    /// Row index in the batch given to [`StreamQuery::process`].
+    pub row: u32,
+    /// Its event time, epoch ms.
+    pub event_time: Option<i64>,
+    /// The plan's error on the row alone.
+    pub error: String,
+}
+
+/// Whether a plan's error comes from the values of the rows it ran over: run over other
+/// rows, the plan may well succeed.
+pub(crate) fn is_data_error(e: &datafusion::common::DataFusionError) -> bool {
+    use datafusion::arrow::error::ArrowError;
+    match e.find_root() {
+        datafusion::common::DataFusionError::ArrowError(a, _) => matches!(
+            a.as_ref(),
+            ArrowError::CastError(_)
+                | ArrowError::ParseError(_)
+                | ArrowError::DivideByZero
+                | ArrowError::ArithmeticOverflow(_)
+        ),
+        _ => false,
+    }
 }
 
 /// A DataFusion session for stream queries. Clones share the session (its tables, views and
@@ -2879,6 +2911,10 @@ impl StreamQuery {
                     row: d.row + start as u32,
                     ..d
                 }));
+            out.failed.extend(step.failed.into_iter().map(|f| Failed {
+                row: f.row + start as u32,
+                ..f
+            }));
         }
         Ok(out)
     }
@@ -3082,7 +3118,38 @@ impl StreamQuery {
             }
         }
         let wake = self.keyed_watermark(now_ms);
-        self.run_lower(batch, wake, &mut out).await?;
+        // Rows of a changelog have taken effect above (a failed one could not be withdrawn
+        // again): their failures fail the query.
+        let failed = self
+            .run_lower(batch, wake, self.upsert.is_none(), &mut out)
+            .await?;
+        if !failed.is_empty() {
+            // Rows the admission left out are diverted once each (those too late for only
+            // some of their windows stay in): the kept rows, in order, are the others.
+            let left_out: std::collections::HashSet<u32> = out
+                .diverted
+                .iter()
+                .filter(|d| !matches!(d.reason, DivertReason::WindowClosed))
+                .map(|d| d.row)
+                .collect();
+            let kept: Vec<u32> = (0..arrived.num_rows() as u32)
+                .filter(|r| !left_out.contains(r))
+                .collect();
+            let times = match &self.time_column {
+                Some(time) => Some(event_times(arrived, time)?),
+                None => None,
+            };
+            out.failed.extend(failed.into_iter().map(|(row, error)| {
+                let row = kept[row as usize];
+                Failed {
+                    row,
+                    event_time: times
+                        .as_ref()
+                        .and_then(|t| t.is_valid(row as usize).then(|| t.value(row as usize))),
+                    error,
+                }
+            }));
+        }
         self.emit(now_ms, &mut out).await?;
         Ok(out)
     }
@@ -3090,50 +3157,125 @@ impl StreamQuery {
     /// Runs the plan below the aggregation over `batch` (the stream's admitted rows, or a
     /// join's pairs), into the windows or, without them, into the output; `wake`: even
     /// without rows, for the keyed timers.
+    ///
+    /// With `isolate`, rows the plan (or the window's evaluation of its keys and arguments)
+    /// fails on by their values alone are left out and returned with the error (their index
+    /// in `batch`), and the others go on.
     async fn run_lower(
         &mut self,
         batch: RecordBatch,
         wake: bool,
+        isolate: bool,
         out: &mut StepOutput,
-    ) -> Result<()> {
+    ) -> Result<Vec<(u32, String)>> {
+        let mut failed = Vec::new();
         // With rows held for the watermark, the keyed states are above them: they wake there.
         if batch.num_rows() > 0 || (wake && self.ordered.is_none()) {
-            self.feed.set(vec![batch]);
-            let lowered = self.lower.collect(self.task_ctx.clone()).await?;
+            let lowered = if isolate {
+                self.lower_isolating(batch, &mut failed).await?
+            } else {
+                self.lower_once(batch).await?
+            };
             match &mut self.windowed {
                 Some(w) => {
-                    for b in &lowered {
-                        match self.owner {
-                            Some((n, q)) if b.num_rows() > 0 => {
-                                let keys = w
-                                    .groups
-                                    .iter()
-                                    .map(|g| g.evaluate(b)?.into_array(b.num_rows()))
-                                    .collect::<Result<Vec<_>>>()?;
-                                let mine: BooleanArray =
-                                    super::repartition::group_partitions(&keys, n)?
-                                        .into_iter()
-                                        .map(|p| Some(p == q))
-                                        .collect();
-                                w.operator.update(&filter_record_batch(b, &mine)?)?;
-                            }
-                            _ => w.operator.update(b)?,
-                        }
+                    for (b, inputs) in lowered {
+                        w.operator.update_prepared(&b, inputs)?;
                     }
                 }
                 None => match &mut self.ordered {
                     Some(o) => {
-                        for b in lowered {
+                        for (b, _) in lowered {
                             o.hold(b)?;
                         }
                     }
-                    None => out
-                        .rows
-                        .extend(lowered.into_iter().filter(|b| b.num_rows() > 0)),
+                    None => out.rows.extend(
+                        lowered
+                            .into_iter()
+                            .map(|(b, _)| b)
+                            .filter(|b| b.num_rows() > 0),
+                    ),
                 },
             }
         }
-        Ok(())
+        Ok(failed)
+    }
+
+    /// The plan below the aggregation over `batch`, and for a window, each output batch's
+    /// rows of this instance with the window's inputs evaluated over them (nothing changed
+    /// yet: where this fails, no state has).
+    async fn lower_once(
+        &mut self,
+        batch: RecordBatch,
+    ) -> Result<Vec<(RecordBatch, Option<crate::state::window::Inputs>)>> {
+        self.feed.set(vec![batch]);
+        let lowered = self.lower.collect(self.task_ctx.clone()).await?;
+        let Some(w) = &self.windowed else {
+            return Ok(lowered.into_iter().map(|b| (b, None)).collect());
+        };
+        lowered
+            .into_iter()
+            .map(|b| {
+                let b = match self.owner {
+                    Some((n, q)) if b.num_rows() > 0 => {
+                        let keys = w
+                            .groups
+                            .iter()
+                            .map(|g| g.evaluate(&b)?.into_array(b.num_rows()))
+                            .collect::<Result<Vec<_>>>()?;
+                        let mine: BooleanArray = super::repartition::group_partitions(&keys, n)?
+                            .into_iter()
+                            .map(|p| Some(p == q))
+                            .collect();
+                        filter_record_batch(&b, &mine)?
+                    }
+                    _ => b,
+                };
+                let inputs = w.operator.prepare(&b)?;
+                Ok((b, inputs))
+            })
+            .collect()
+    }
+
+    /// [`StreamQuery::lower_once`], leaving out the rows it fails on by their values
+    /// ([`is_data_error`]): they are found by halving the batch (a run per half, down to
+    /// single rows: about 2·k·log₂ n runs for k such rows of n) and pushed to `failed` with
+    /// the error; the output over the other rows is returned in their order.
+    async fn lower_isolating(
+        &mut self,
+        batch: RecordBatch,
+        failed: &mut Vec<(u32, String)>,
+    ) -> Result<Vec<(RecordBatch, Option<crate::state::window::Inputs>)>> {
+        let n = batch.num_rows();
+        let error = match self.lower_once(batch.clone()).await {
+            Ok(lowered) => return Ok(lowered),
+            Err(e) if is_data_error(&e) && n > 0 => e,
+            Err(e) => return Err(e),
+        };
+        let mut lowered = Vec::new();
+        if n == 1 {
+            failed.push((0, error.to_string()));
+            return Ok(lowered);
+        }
+        // Ranges still to run, the next on top; a failed range is halved in place.
+        let mut ranges = vec![(n / 2, n - n / 2), (0, n / 2)];
+        while let Some((start, len)) = ranges.pop() {
+            if len == 0 {
+                continue;
+            }
+            match self.lower_once(batch.slice(start, len)).await {
+                Ok(out) => lowered.extend(out),
+                Err(e) if is_data_error(&e) => {
+                    if len == 1 {
+                        failed.push((start as u32, e.to_string()));
+                    } else {
+                        ranges.push((start + len / 2, len - len / 2));
+                        ranges.push((start, len / 2));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(lowered)
     }
 
     /// Processes a decoded batch of Kafka topic `topic`: for each of its input streams that
@@ -3162,6 +3304,7 @@ impl StreamQuery {
                 .await?;
             out.rows.extend(step.rows);
             out.diverted.extend(step.diverted);
+            out.failed.extend(step.failed);
         }
         Ok(out)
     }
@@ -3276,7 +3419,7 @@ impl StreamQuery {
             None => return plan_err!("internal: not a union"),
         };
         let wake = self.keyed_watermark(now_ms);
-        self.run_lower(rows, wake, &mut out).await?;
+        self.run_lower(rows, wake, false, &mut out).await?;
         self.emit(now_ms, &mut out).await?;
         Ok(out)
     }
@@ -3297,7 +3440,7 @@ impl StreamQuery {
         let schema = join.state.spec().schema.clone();
         let batch = datafusion::arrow::compute::concat_batches(&schema, &pairs)?;
         let wake = self.keyed_watermark(now_ms);
-        self.run_lower(batch, wake, out).await?;
+        self.run_lower(batch, wake, false, out).await?;
         self.emit(now_ms, out).await
     }
 
@@ -3516,7 +3659,7 @@ impl StreamQuery {
             if let Some(u) = &self.union {
                 let empty = RecordBatch::new_empty(u.schema.clone());
                 let mut out = StepOutput::default();
-                self.run_lower(empty, true, &mut out).await?;
+                self.run_lower(empty, true, false, &mut out).await?;
                 return Ok(out);
             }
             let empty = RecordBatch::new_empty(self.source.topic_schema.output_schema());

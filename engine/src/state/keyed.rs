@@ -297,7 +297,7 @@ impl KeyedHandle {
             let last_row = if has_row.value(r) {
                 Some(
                     rows.iter()
-                        .map(|c| ScalarValue::try_from_array(c, r))
+                        .map(|c| ScalarValue::try_from_array(c, r).map(ScalarValue::compacted))
                         .collect::<Result<Vec<_>>>()?,
                 )
             } else {
@@ -736,10 +736,12 @@ impl KeyedSeriesExec {
     }
 }
 
-/// Appends row `r` of `batch` as scalars to `row`.
+/// Appends row `r` of `batch` as scalars to `row`, copied out of the batch: a struct or list
+/// value taken as it is would keep (and be counted with) the whole batch's buffers, for each
+/// key holding a row of it.
 fn batch_row(batch: &RecordBatch, r: usize, row: &mut Vec<ScalarValue>) -> Result<()> {
     for c in batch.columns() {
-        row.push(ScalarValue::try_from_array(c, r)?);
+        row.push(ScalarValue::try_from_array(c, r)?.compacted());
     }
     Ok(())
 }

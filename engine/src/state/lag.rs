@@ -182,7 +182,7 @@ impl LagHandle {
                     };
                     let ts = typed::<Int64Array>(ts, "t")?;
                     if ts.is_valid(r) {
-                        h.push_back((ts.value(r), ScalarValue::try_from_array(vs, r)?));
+                        h.push_back((ts.value(r), ScalarValue::try_from_array(vs, r)?.compacted()));
                     }
                 }
             }
@@ -489,7 +489,7 @@ impl KeyedLagExec {
                     outputs[c][r] = v.clone();
                 }
                 if in_order {
-                    history.push_back((t, ScalarValue::try_from_array(&values[c], r)?));
+                    history.push_back((t, ScalarValue::try_from_array(&values[c], r)?.compacted()));
                     while history.len() > lag.offset {
                         history.pop_front();
                     }

@@ -35,7 +35,22 @@ use window::Emission;
 /// Incremental windowed aggregation, as the query runtime drives it.
 pub trait WindowedAggregation: Send {
     /// Adds the rows of `batch` (the aggregation's input). Rows must not be late.
-    fn update(&mut self, batch: &RecordBatch) -> Result<()>;
+    fn update(&mut self, batch: &RecordBatch) -> Result<()> {
+        let inputs = self.prepare(batch)?;
+        self.update_prepared(batch, inputs)
+    }
+    /// Evaluates what [`WindowedAggregation::update`] takes from `batch` (event times, group
+    /// keys, aggregate arguments and filters) without changing any state: where an update
+    /// fails on the rows' values (a cast, a division by zero), it fails here. `None`: nothing
+    /// to evaluate first (no rows, or rows a changelog window takes as they are).
+    fn prepare(&self, batch: &RecordBatch) -> Result<Option<window::Inputs>>;
+    /// [`WindowedAggregation::update`] with what [`WindowedAggregation::prepare`] gave for
+    /// `batch`.
+    fn update_prepared(
+        &mut self,
+        batch: &RecordBatch,
+        inputs: Option<window::Inputs>,
+    ) -> Result<()>;
     /// Withdraws rows added earlier (over a changelog input, rows superseded upstream).
     fn retract(&mut self, batch: &RecordBatch) -> Result<()> {
         let _ = batch;
@@ -148,8 +163,15 @@ pub fn expr_layout(expr: &dyn std::fmt::Display) -> String {
 }
 
 impl WindowedAggregation for window::WindowOperator {
-    fn update(&mut self, batch: &RecordBatch) -> Result<()> {
-        window::WindowOperator::update(self, batch)
+    fn prepare(&self, batch: &RecordBatch) -> Result<Option<window::Inputs>> {
+        window::WindowOperator::prepare(self, batch)
+    }
+    fn update_prepared(
+        &mut self,
+        batch: &RecordBatch,
+        inputs: Option<window::Inputs>,
+    ) -> Result<()> {
+        window::WindowOperator::update_prepared(self, batch, inputs)
     }
     fn retract(&mut self, batch: &RecordBatch) -> Result<()> {
         window::WindowOperator::retract(self, batch)

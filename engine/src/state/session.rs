@@ -285,18 +285,27 @@ impl SessionOperator {
 }
 
 impl WindowedAggregation for SessionOperator {
-    fn update(&mut self, batch: &RecordBatch) -> Result<()> {
-        let n = batch.num_rows();
-        if n == 0 {
-            return Ok(());
+    fn prepare(&self, batch: &RecordBatch) -> Result<Option<Inputs>> {
+        if batch.num_rows() == 0 {
+            return Ok(None);
         }
+        Ok(Some(self.spec.inputs(batch)?))
+    }
+
+    fn update_prepared(&mut self, batch: &RecordBatch, inputs: Option<Inputs>) -> Result<()> {
+        let n = batch.num_rows();
+        let inputs = match inputs {
+            Some(inputs) => inputs,
+            None if n == 0 => return Ok(()),
+            None => self.spec.inputs(batch)?,
+        };
         self.step += 1;
         let Inputs {
             times,
             keys,
             args,
             filters,
-        } = self.spec.inputs(batch)?;
+        } = inputs;
         let rows = self.row_converter.convert_columns(&keys)?;
         let mut groups = Vec::with_capacity(n);
         let step = self.step;

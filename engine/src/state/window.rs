@@ -869,19 +869,34 @@ impl WindowOperator {
 
     /// Adds the rows of `batch` (the aggregation's input). Rows must not be late.
     pub fn update(&mut self, batch: &RecordBatch) -> Result<()> {
-        if self.recompute.is_some() {
-            return self.change_rows(batch, true);
+        let inputs = self.prepare(batch)?;
+        self.update_prepared(batch, inputs)
+    }
+
+    /// What [`WindowOperator::update`] evaluates over `batch` before it changes any state
+    /// (`None` without rows, or over a changelog, whose rows are taken as they are).
+    pub fn prepare(&self, batch: &RecordBatch) -> Result<Option<Inputs>> {
+        if self.recompute.is_some() || batch.num_rows() == 0 {
+            return Ok(None);
         }
-        if batch.num_rows() == 0 {
-            return Ok(());
-        }
+        Ok(Some(self.spec.inputs(batch)?))
+    }
+
+    /// [`WindowOperator::update`] with what [`WindowOperator::prepare`] gave for `batch`.
+    pub fn update_prepared(&mut self, batch: &RecordBatch, inputs: Option<Inputs>) -> Result<()> {
+        let inputs = match inputs {
+            Some(inputs) => inputs,
+            None if self.recompute.is_some() => return self.change_rows(batch, true),
+            None if batch.num_rows() == 0 => return Ok(()),
+            None => self.spec.inputs(batch)?,
+        };
         self.step += 1;
         let Inputs {
             times,
             keys: group_values,
             args: agg_args,
             filters: agg_filters,
-        } = self.spec.inputs(batch)?;
+        } = inputs;
         // Rows by pane; batches are mostly in time order, so this is a handful of panes.
         let mut by_pane: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
         for (i, t) in times.values().iter().enumerate() {
