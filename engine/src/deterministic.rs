@@ -247,6 +247,7 @@ impl DeterministicEngine {
                 sql: q.sql().to_string(),
                 layout: q.state_layout(),
                 settings: q.settings_sql(),
+                tables: q.tables_identity(),
                 meta: serde_json::Value::Null,
             });
         }

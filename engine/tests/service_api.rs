@@ -2438,6 +2438,25 @@ async fn a_query_is_upgraded_with_its_state_and_taken_back_to_a_savepoint() -> a
     );
     let q = wait_for(&app, "counts", Duration::from_secs(5), is("RUNNING")).await?;
     assert_eq!(q["sql"], per_minute("counts"));
+    // Another output topic, declared beside the same INSERT: refused too (it was taken as
+    // the same SQL, and the state went on into the other topic).
+    let moved = per_minute("counts").replace("'topic' 'test.counts'", "'topic' 'test.counts2'");
+    let (status, refused) = call(
+        &app,
+        "POST",
+        "/v1/queries/counts/upgrade",
+        Some(TOKEN),
+        Some(json!({"sql": moved})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("\"writes test.counts\" where the new SQL needs \"writes test.counts2\""),
+        "{message}"
+    );
+    let q = wait_for(&app, "counts", Duration::from_secs(5), is("RUNNING")).await?;
+    assert_eq!(q["sql"], per_minute("counts"));
     let (status, missing) = call(
         &app,
         "POST",

@@ -204,6 +204,11 @@ pub struct QueryManifest {
     /// Its `SET urbanstream.…` statements: a change of them is a change of SQL.
     #[serde(default)]
     pub settings: Vec<String>,
+    /// The topics it reads and writes and how they are keyed
+    /// (`StreamQuery::tables_identity`): declared beside the statement, so a change of them
+    /// leaves its SQL as it was. Empty in checkpoints written before they were recorded.
+    #[serde(default)]
+    pub tables: Vec<String>,
     /// Its scalars.
     pub meta: serde_json::Value,
 }
@@ -235,18 +240,47 @@ pub fn layout_difference(held: &[String], wanted: &[String]) -> Option<String> {
 }
 
 /// Why the state `taken` cannot be restored into a stream statement planned from `sql` with
-/// `settings`, whose state has `layout`; `None` when it can: the SQL it was taken for with
-/// the same settings (or a checkpoint that recorded neither), or SQL with the same layout.
+/// `settings` over the topics `tables`, whose state has `layout`; `None` when it can: the SQL
+/// it was taken for with the same settings and topics (or a checkpoint that recorded
+/// neither), or SQL with the same layout over the same topics.
 pub fn misfit(
     taken: &QueryManifest,
     sql: &str,
     settings: &[String],
+    tables: &[String],
     layout: &[String],
 ) -> Option<String> {
-    if taken.sql == sql && (taken.layout.is_empty() || taken.settings == settings) {
+    let same_tables = taken.tables.is_empty() || taken.tables == tables;
+    if taken.sql == sql && same_tables && (taken.layout.is_empty() || taken.settings == settings) {
         return None;
     }
-    layout_difference(&taken.layout, layout)
+    if let Some(why) = layout_difference(&taken.layout, layout) {
+        return Some(why);
+    }
+    if same_tables {
+        return None;
+    }
+    let changed: Vec<String> = taken
+        .tables
+        .iter()
+        .filter(|t| !tables.contains(t))
+        .map(|t| format!("{t} (now {})", counterpart(t, tables)))
+        .collect();
+    Some(format!(
+        "the state was taken over other topics: {}; positions and state belong to the topics \
+         they were read from and written to",
+        changed.join("; ")
+    ))
+}
+
+/// The line of `tables` for the same table as `line` (`source NAME: …`), or "gone".
+fn counterpart(line: &str, tables: &[String]) -> String {
+    let head = line.split_once(':').map_or(line, |(h, _)| h);
+    tables
+        .iter()
+        .find(|t| t.split_once(':').is_some_and(|(h, _)| h == head))
+        .and_then(|t| t.split_once(':').map(|(_, rest)| rest.trim().to_string()))
+        .unwrap_or_else(|| "gone".into())
 }
 
 /// Manifest format version.
@@ -871,6 +905,34 @@ mod tests {
 
     /// A checkpoint that fails for want of file descriptors or space is retried; one that
     /// fails for want of permission is not.
+    /// A statement's topics are declared beside it: taken over one topic, its state is not
+    /// restored into the same SQL over another (its SQL and layout being the same), while a
+    /// checkpoint that recorded no topics is still restored as before.
+    #[test]
+    fn state_is_restored_over_the_topics_it_was_taken_over() {
+        let over = |topic: &str| vec![format!("reads ev: topic {topic}, keyed by k, event time t")];
+        let taken = QueryManifest {
+            name: "q".into(),
+            sql: "INSERT INTO o SELECT …".into(),
+            layout: vec!["window".into()],
+            settings: Vec::new(),
+            tables: over("a"),
+            meta: serde_json::Value::Null,
+        };
+        let layout = vec!["window".to_string()];
+        assert_eq!(misfit(&taken, &taken.sql, &[], &over("a"), &layout), None);
+        let why = misfit(&taken, &taken.sql, &[], &over("b"), &layout).expect("refused");
+        assert!(
+            why.contains("reads ev: topic a, keyed by k, event time t (now topic b, keyed by k"),
+            "{why}"
+        );
+        let old = QueryManifest {
+            tables: Vec::new(),
+            ..taken
+        };
+        assert_eq!(misfit(&old, &old.sql, &[], &over("b"), &layout), None);
+    }
+
     #[test]
     fn passing_file_errors_are_transient_and_the_others_not() {
         let path = Path::new("/checkpoints/q");
@@ -922,6 +984,7 @@ mod tests {
                 sql: "SELECT 1".into(),
                 layout: Vec::new(),
                 settings: Vec::new(),
+                tables: Vec::new(),
                 meta: serde_json::Value::Null,
             }],
             files: vec![],

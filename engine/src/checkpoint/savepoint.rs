@@ -205,6 +205,8 @@ pub struct Wanted {
     pub settings: Vec<String>,
     /// What its state holds (`StreamQuery::state_layout`).
     pub layout: Vec<String>,
+    /// The topics it reads and writes (`StreamQuery::tables_identity`).
+    pub tables: Vec<String>,
     /// The topic by whose partitions its state is kept, when it is kept per partition: its
     /// input, or its repartition topic.
     pub topic: String,
@@ -238,7 +240,7 @@ pub fn misfit(held: &[(String, Manifest)], wanted: &[Wanted]) -> Option<String> 
             ));
         }
         for (taken, (i, w)) in taken.iter().zip(ours) {
-            if let Some(why) = super::misfit(taken, &w.sql, &w.settings, &w.layout) {
+            if let Some(why) = super::misfit(taken, &w.sql, &w.settings, &w.tables, &w.layout) {
                 return Some(format!(
                     "stream statement {} of the new SQL: {why} (an upgrade keeps the \
                      statements of a query in their order)",
@@ -348,6 +350,7 @@ mod tests {
                 sql: "SELECT 1".into(),
                 layout: vec!["window".into()],
                 settings: Vec::new(),
+                tables: Vec::new(),
                 meta: serde_json::Value::Null,
             }],
             files: vec![],
@@ -451,6 +454,7 @@ mod tests {
             sql: sql.into(),
             settings: Vec::new(),
             layout: vec![layout.into()],
+            tables: Vec::new(),
             topic: topic.into(),
         };
         assert_eq!(

@@ -248,7 +248,9 @@ impl Pipeline {
             let query = &running.query;
             // (Checkpoints written before layouts were recorded did not record settings
             // either: their SQL alone is compared, as it was then.)
+            let tables = query.tables_identity();
             if taken.sql == query.sql()
+                && (taken.tables.is_empty() || taken.tables == tables)
                 && (taken.layout.is_empty() || taken.settings == query.settings_sql())
             {
                 continue;
@@ -257,6 +259,7 @@ impl Pipeline {
                 taken,
                 query.sql(),
                 &query.settings_sql(),
+                &tables,
                 &query.state_layout(),
             ) {
                 if self.config.builtin {
@@ -596,6 +599,7 @@ impl Pipeline {
                     sql: running.query.sql().to_string(),
                     layout: running.query.state_layout(),
                     settings: running.query.settings_sql(),
+                    tables: running.query.tables_identity(),
                     meta: serde_json::Value::Null,
                 });
             }

@@ -2223,6 +2223,33 @@ impl StreamQuery {
         out
     }
 
+    /// The topics it reads and writes, with what keys their records and which column is
+    /// their event time: what its state's positions and partitions belong to, declared
+    /// beside the statement (`CREATE EXTERNAL TABLE`), so that a change of them is not a
+    /// change of its SQL. A table's other options (delays, format, fields) may change.
+    pub fn tables_identity(&self) -> Vec<String> {
+        let line = |role: &str, t: &StreamTable| {
+            let o = &t.options;
+            format!(
+                "{role} {}: topic {}, keyed by {}, event time {}{}",
+                t.name,
+                o.topic,
+                o.key.as_deref().unwrap_or("-"),
+                o.event_time.as_deref().unwrap_or("-"),
+                if o.upsert_key.is_empty() {
+                    String::new()
+                } else {
+                    format!(", a changelog by {}", o.upsert_key.join(", "))
+                }
+            )
+        };
+        let mut out: Vec<String> = self.inputs().iter().map(|t| line("reads", t)).collect();
+        if let Some(sink) = &self.sink {
+            out.push(line("writes", sink));
+        }
+        out
+    }
+
     /// Whether it can keep one state per input partition: every window group (and every key
     /// of its detectors) includes the column its input topic is keyed by (the source's `key`
     /// option), or it holds no state at all. A query grouping by anything else needs all of

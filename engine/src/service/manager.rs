@@ -1747,6 +1747,7 @@ impl QueryManager {
                 sql: q.sql().to_string(),
                 settings: q.settings_sql(),
                 layout: q.state_layout(),
+                tables: q.tables_identity(),
                 topic: match stage {
                     Some(_) => crate::pipeline::repartition_topic_of(&group, i),
                     None => q.source().options.topic.clone(),
