@@ -53,7 +53,18 @@ impl WatermarkTracker {
 
     /// Records that `partition` has seen events up to `max_event_ms` at processing time
     /// `now_ms`.
+    ///
+    /// A partition is idle when it has delivered nothing for the idle timeout while others
+    /// went on: when every partition has been silent that long and one delivers again, the
+    /// others hold the watermark again for an idle timeout from then, as had they just
+    /// delivered. Their records of the same burst, read a moment later, are then not late
+    /// against the first one's (most of a burst after a quiet minute went to the late topic).
     pub fn observe(&mut self, partition: i32, max_event_ms: i64, now_ms: i64) {
+        if self.idle_ms < i64::MAX && self.is_idle(now_ms) == Some(true) {
+            for p in self.partitions.values_mut() {
+                p.last_seen_ms = p.last_seen_ms.max(now_ms);
+            }
+        }
         let entry = self.partitions.entry(partition).or_insert(PartitionTime {
             max_event_ms,
             last_seen_ms: now_ms,
@@ -207,7 +218,9 @@ mod tests {
         let mut w = WatermarkTracker::new(Duration::from_secs(1), Duration::from_secs(10));
         w.observe(0, 100_000, now);
         w.expect(1, now);
-        let later = now + 60_000;
+        // Partition 0 goes on, partition 1 stays silent past the idle timeout.
+        w.observe(0, 200_000, now + 6_000);
+        let later = now + 12_000;
         w.observe(0, 400_000, later);
         assert_eq!(w.advance(later), Some(399_000), "partition 1 is idle");
         let mut restored = WatermarkTracker::new(Duration::from_secs(1), Duration::from_secs(10));
@@ -253,10 +266,39 @@ mod tests {
         w.observe(0, 100_000, t0);
         w.observe(1, 20_000, t0);
         assert_eq!(w.advance(t0), Some(20_000));
+        w.observe(0, 120_000, t0 + 6_000);
         let later = t0 + 11_000;
         w.observe(0, 150_000, later);
         assert_eq!(w.advance(later), Some(150_000));
         // Everything idle: the watermark holds.
         assert_eq!(w.advance(later + 60_000), Some(150_000));
+    }
+
+    /// After every partition has been quiet for the idle timeout, the first to deliver again
+    /// does not run ahead of the others: they hold the watermark again for an idle timeout,
+    /// and only one still silent then stops holding it back.
+    #[test]
+    fn partitions_quiet_together_hold_the_watermark_again_when_one_delivers() {
+        let t0 = 1_000_000;
+        let mut w = WatermarkTracker::new(Duration::ZERO, Duration::from_secs(10));
+        w.observe(0, 100_000, t0);
+        w.observe(1, 100_000, t0);
+        w.observe(2, 100_000, t0);
+        assert_eq!(w.advance(t0), Some(100_000));
+        // A minute of quiet, then partition 0's burst arrives first.
+        let back = t0 + 60_000;
+        w.observe(0, 400_000, back);
+        assert_eq!(w.advance(back), Some(100_000), "held by 1 and 2");
+        w.observe(1, 390_000, back + 100);
+        assert_eq!(w.advance(back + 100), Some(100_000), "held by 2");
+        w.observe(2, 380_000, back + 200);
+        assert_eq!(w.advance(back + 200), Some(380_000));
+        // Partition 2 falls silent while the others go on: idle after the timeout.
+        w.observe(0, 500_000, back + 5_000);
+        w.observe(1, 500_000, back + 5_000);
+        assert_eq!(w.advance(back + 5_000), Some(380_000));
+        w.observe(0, 600_000, back + 10_500);
+        w.observe(1, 600_000, back + 10_500);
+        assert_eq!(w.advance(back + 10_500), Some(600_000), "2 is idle");
     }
 }
