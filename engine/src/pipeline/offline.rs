@@ -461,12 +461,32 @@ pub async fn open_file(
     };
     match extension.as_str() {
         "csv" => {
+            // Types are guessed from every row (a value of another type after the first
+            // thousand failed the whole file), and a column of codes written with leading
+            // zeros or a sign (`0101`, `+84`) is text (as a number, `0101` became 101).
             let guessed = ctx
-                .read_csv(&path, CsvReadOptions::new())
+                .read_csv(
+                    &path,
+                    CsvReadOptions::new().schema_infer_max_records(usize::MAX),
+                )
                 .await?
                 .schema()
                 .as_arrow()
                 .clone();
+            let coded = {
+                let (path, guessed) = (path.clone(), guessed.clone());
+                tokio::task::spawn_blocking(move || {
+                    std::fs::File::open(&path).map(|f| {
+                        crate::reference::tables::coded_columns(
+                            std::io::BufReader::new(f),
+                            &guessed,
+                        )
+                    })
+                })
+                .await
+                .map_err(|e| Error::Config(format!("{shown}: {e}")))?
+                .map_err(|e| Error::Config(format!("{shown}: {e}")))?
+            };
             let time_column = |name: &str| {
                 time.is_some_and(|t| {
                     renames
@@ -480,8 +500,10 @@ pub async fn open_file(
                 guessed
                     .fields()
                     .iter()
-                    .map(|f| {
+                    .zip(&coded)
+                    .map(|(f, coded)| {
                         let as_text = text
+                            || *coded
                             || (time_column(f.name())
                                 && matches!(
                                     f.data_type(),
@@ -977,6 +999,40 @@ mod tests {
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes::Int64Type;
     use futures::StreamExt;
+
+    /// A CSV's column types are guessed from every row, and codes written with leading zeros
+    /// stay text: a station `0101` was replayed as the number 101, and a `2.5` after a
+    /// thousand whole numbers failed the whole file.
+    #[tokio::test]
+    async fn a_csvs_codes_stay_text_and_its_types_fit_every_row() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("stations.csv");
+        let mut text = String::from("station,n,v\n");
+        for i in 0..1_300 {
+            text.push_str(&format!("0{},{i},{i}\n", 101 + i % 3));
+        }
+        text.push_str("0101,7,2.5\n");
+        std::fs::write(&path, text)?;
+        let mut opened = open_file(&path, &[], (None, None, "+00:00"), None, false).await?;
+        let (mut rows, mut last) = (0, None);
+        while let Some(batch) = opened.stream.next().await {
+            let batch = batch?;
+            let schema = batch.schema();
+            let types: Vec<&DataType> = schema.fields().iter().map(|f| f.data_type()).collect();
+            assert_eq!(
+                types,
+                [&DataType::Utf8, &DataType::Int64, &DataType::Float64]
+            );
+            rows += batch.num_rows();
+            if batch.num_rows() > 0 {
+                let stations = batch.column(0).as_string::<i32>();
+                last = Some(stations.value(batch.num_rows() - 1).to_string());
+            }
+        }
+        assert_eq!(rows, 1_301);
+        assert_eq!(last.as_deref(), Some("0101"));
+        Ok(())
+    }
 
     /// Without an event time a file's rows come in the file's order, for JSON lines and CSV
     /// alike: a file of a few MB was read in pieces merged as they came (a replay sent later

@@ -527,16 +527,18 @@ fn infer_schema(name: &str, csv: &str) -> Result<SchemaRef> {
     Ok(codes_as_text(csv, schema))
 }
 
-/// `schema` with every column read as a number that holds a code written with leading
-/// zeros or a sign (`007`, `0101`, `+84`) read as text instead: as a number, `007` and `7`
-/// would be one key, and a stream's codes would be cast to numbers to meet them (a code
-/// that is no number failing the query).
-fn codes_as_text(csv: &str, schema: Schema) -> SchemaRef {
+/// Which columns of `schema` (the columns of the CSV `reader` reads, types guessed) were
+/// guessed numbers but hold a code written with leading zeros or a sign (`007`, `0101`,
+/// `+84`): read as numbers, `007` and `7` would be one value, and `0101` would lose its zero.
+pub(crate) fn coded_columns(reader: impl std::io::Read, schema: &Schema) -> Vec<bool> {
     let numeric: Vec<usize> = (0..schema.fields().len())
         .filter(|&i| schema.field(i).data_type().is_numeric())
         .collect();
     let mut coded = vec![false; schema.fields().len()];
-    let mut reader = csv::Reader::from_reader(csv.as_bytes());
+    if numeric.is_empty() {
+        return coded;
+    }
+    let mut reader = csv::Reader::from_reader(reader);
     for record in reader.records().flatten() {
         for &i in &numeric {
             let value = record.get(i).unwrap_or("").trim();
@@ -548,6 +550,15 @@ fn codes_as_text(csv: &str, schema: Schema) -> SchemaRef {
             }
         }
     }
+    coded
+}
+
+/// `schema` with every column read as a number that holds a code written with leading
+/// zeros or a sign (`007`, `0101`, `+84`) read as text instead: as a number, `007` and `7`
+/// would be one key, and a stream's codes would be cast to numbers to meet them (a code
+/// that is no number failing the query).
+fn codes_as_text(csv: &str, schema: Schema) -> SchemaRef {
+    let coded = coded_columns(csv.as_bytes(), &schema);
     let fields: Vec<Field> = schema
         .fields()
         .iter()
