@@ -460,6 +460,52 @@ mod tests {
         );
     }
 
+    /// A state's layout says what the columns a window aggregates and a detector reads are
+    /// computed from: a column of a subquery that keeps its name but not its meaning no
+    /// longer passes for the same state (an upgrade mixed sums of speeds and of speeds times
+    /// 1000), while a changed filter still does.
+    #[tokio::test]
+    async fn a_layout_tells_what_a_subquerys_columns_mean() {
+        let layout =
+            |sql: &'static str| async move { over_segments(&[sql]).await.1.state_layout() };
+        let sums = |inner: &str| {
+            format!(
+                "SELECT segment_id, window_start, sum(x) AS s FROM ({inner}) \
+                 GROUP BY tumble(t, INTERVAL '1 minute'), segment_id"
+            )
+        };
+        let plain = layout(sums("SELECT segment_id, t, v AS x FROM ev").leak()).await;
+        let scaled = layout(sums("SELECT segment_id, t, v * 1000 AS x FROM ev").leak()).await;
+        assert_ne!(plain, scaled);
+        assert!(
+            scaled.iter().any(|l| l.contains("x = (v) * 1000")),
+            "{scaled:?}"
+        );
+        for filtered in [
+            "SELECT segment_id, t, v AS x FROM ev WHERE v > 3",
+            "SELECT segment_id, t, v AS x FROM ev WHERE segment_id <> 'a' AND t IS NOT NULL",
+        ] {
+            assert_eq!(layout(sums(filtered).leak()).await, plain, "{filtered}");
+        }
+        let detected = |x: &str| {
+            format!(
+                "SELECT *, anomaly_ewma(x, window_end) OVER (PARTITION BY segment_id \
+                 ORDER BY window_end) AS d FROM (SELECT segment_id, window_end, {x} AS x \
+                 FROM (SELECT segment_id, window_end, count(*) AS n FROM ev \
+                 GROUP BY tumble(t, INTERVAL '1 minute'), segment_id))"
+            )
+        };
+        let counts = layout(detected("n * 1.0").leak()).await;
+        let thousands = layout(detected("n * 1000.0").leak()).await;
+        assert_ne!(counts, thousands);
+        assert!(
+            thousands
+                .iter()
+                .any(|l| l.starts_with("detectors read ") && l.contains("1000")),
+            "{thousands:?}"
+        );
+    }
+
     #[tokio::test]
     async fn declared_options_reach_the_stream_and_bad_ones_are_refused() {
         let dir = tempfile::tempdir().expect("dir");

@@ -171,6 +171,70 @@ pub struct Failed {
     pub error: String,
 }
 
+/// The output columns of `plan`, each with what it is computed from: its expression through
+/// the projections and filters of `plan` (`v = speed_kmh * 1000`), down to the columns of the
+/// first other node (a stream's feed, a join, a window's rows).
+fn lineage_of(plan: &Arc<dyn ExecutionPlan>) -> String {
+    plan.schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| format!("{} = {}", f.name(), lineage(plan, i, 0)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// How output column `i` of `plan` is computed (see [`lineage_of`]); `depth` bounds the walk.
+fn lineage(plan: &Arc<dyn ExecutionPlan>, i: usize, depth: usize) -> String {
+    use datafusion::physical_plan::filter::FilterExec;
+    use datafusion::physical_plan::projection::ProjectionExec;
+    let schema = plan.schema();
+    let name = || {
+        schema
+            .fields()
+            .get(i)
+            .map_or_else(|| format!("#{i}"), |f| f.name().clone())
+    };
+    if depth > 64 {
+        return name();
+    }
+    if let Some(p) = plan.downcast_ref::<ProjectionExec>() {
+        let Some(e) = p.expr().get(i) else {
+            return name();
+        };
+        let input = p.input();
+        let resolved = Arc::clone(&e.expr).transform(|node| {
+            Ok(match node.downcast_ref::<Column>() {
+                Some(c) => Transformed::yes(Arc::new(Column::new(
+                    &format!("({})", lineage(input, c.index(), depth + 1)),
+                    0,
+                ))
+                    as Arc<dyn datafusion::physical_expr::PhysicalExpr>),
+                None => Transformed::no(node),
+            })
+        });
+        return match resolved {
+            Ok(t) => crate::state::expr_layout(&t.data),
+            Err(_) => name(),
+        };
+    }
+    if let Some(f) = plan.downcast_ref::<FilterExec>() {
+        let below = match f.projection() {
+            Some(projection) => projection.get(i).copied(),
+            None => Some(i),
+        };
+        return below.map_or_else(name, |j| lineage(f.input(), j, depth + 1));
+    }
+    // Nodes that pass their child's columns through as they are.
+    let children = plan.children();
+    if let [child] = children.as_slice()
+        && child.schema().fields() == schema.fields()
+    {
+        return lineage(child, i, depth + 1);
+    }
+    name()
+}
+
 /// Whether a plan's error comes from the values of the rows it ran over: run over other
 /// rows, the plan may well succeed.
 pub(crate) fn is_data_error(e: &datafusion::common::DataFusionError) -> bool {
@@ -2189,6 +2253,31 @@ impl StreamQuery {
         }
         for k in &self.keyed {
             out.push(format!("detectors {}", k.layout()));
+        }
+        // What the columns a window aggregates and a detector reads mean: a column computed
+        // in a subquery (`SELECT speed_kmh * 1000 AS v`) keeps its name when its meaning
+        // changes.
+        if self.windowed.is_some() {
+            out.push(format!("windows read {}", lineage_of(&self.lower)));
+        }
+        let mut plans: Vec<&Arc<dyn ExecutionPlan>> = vec![&self.lower];
+        if let Some(w) = &self.windowed {
+            plans.extend(w.stages().map(|s| s.emission_plan()));
+        }
+        if let Some(o) = &self.ordered {
+            plans.push(&o.upper);
+        }
+        for plan in plans {
+            let _ = plan.apply(|node| {
+                if node
+                    .downcast_ref::<crate::state::keyed::KeyedSeriesExec>()
+                    .is_some()
+                    && let Some(input) = node.children().first()
+                {
+                    out.push(format!("detectors read {}", lineage_of(input)));
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
         }
         // State kept as rows of a plan's schema (rows of a changelog to withdraw through the
         // plan above them, ranked rows, the rows of a stage below, a detector's last row for
