@@ -107,6 +107,7 @@ fn manifest(q: &StreamQuery) -> Manifest {
             sql: q.sql().to_string(),
             layout: q.state_layout(),
             settings: q.settings_sql(),
+            tables: q.tables_identity(),
             meta: serde_json::Value::Null,
         }],
         files: Vec::new(),

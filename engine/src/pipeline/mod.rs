@@ -1171,15 +1171,13 @@ impl Pipeline {
                     let records: Vec<_> = failed
                         .into_iter()
                         .map(|(row, error)| {
-                            let i = decoded.rows[row as usize];
-                            let reject = crate::decode::Reject {
-                                index: i,
-                                stage: crate::decode::RejectStage::Query,
-                                error: format!("the query failed on this record: {error}"),
-                            };
-                            let mut record = DlqRecord::new(raw, &reject, received_at);
-                            record.query.clone_from(&self.config.name);
-                            (raw.key(i as usize).map(<[u8]>::to_vec), record)
+                            DlqRecord::query_failure(
+                                raw,
+                                decoded.rows[row as usize],
+                                &error,
+                                received_at,
+                                self.config.name.as_ref(),
+                            )
                         })
                         .collect();
                     dlq_count += records.len();
@@ -1316,14 +1314,13 @@ impl Pipeline {
                             .failed
                             .iter()
                             .map(|f| {
-                                let i = decoded.rows[rows[f.row as usize] as usize];
-                                let reject = crate::decode::Reject {
-                                    index: i,
-                                    stage: crate::decode::RejectStage::Query,
-                                    error: format!("the query failed on this record: {}", f.error),
-                                };
-                                let mut record = DlqRecord::new(raw, &reject, received_at);
-                                record.query.clone_from(&self.config.name);
+                                let (key, mut record) = DlqRecord::query_failure(
+                                    raw,
+                                    decoded.rows[rows[f.row as usize] as usize],
+                                    &f.error,
+                                    received_at,
+                                    self.config.name.as_ref(),
+                                );
                                 // A repartitioned record is reported where it came from.
                                 if let (Some(r), Some((p, o))) = (
                                     &running.repartition,
@@ -1332,7 +1329,7 @@ impl Pipeline {
                                     (record.topic, record.partition, record.offset) =
                                         (r.input.clone(), p, o);
                                 }
-                                (raw.key(i as usize).map(<[u8]>::to_vec), record)
+                                (key, record)
                             })
                             .collect();
                         dlq_count += records.len();

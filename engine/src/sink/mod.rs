@@ -317,6 +317,25 @@ pub const QUERY_HEADER: &str = "urbanstream-query";
 pub const ID_HEADER: &str = "urbanstream-id";
 
 impl DlqRecord {
+    /// The DLQ record of record `index` of `raw`, which query `query`'s plan failed on with
+    /// `error` (stage `query`), with the record's Kafka key.
+    pub fn query_failure(
+        raw: &RawBatch,
+        index: u32,
+        error: &str,
+        received_at: i64,
+        query: Option<&String>,
+    ) -> (Option<Vec<u8>>, Self) {
+        let reject = Reject {
+            index,
+            stage: crate::decode::RejectStage::Query,
+            error: format!("the query failed on this record: {error}"),
+        };
+        let mut record = Self::new(raw, &reject, received_at);
+        record.query = query.cloned();
+        (raw.key(index as usize).map(<[u8]>::to_vec), record)
+    }
+
     /// The DLQ record of a rejected record of `raw`. A key or value over
     /// [`DLQ_COPY_BYTES`] is copied in part (so that the DLQ record itself stays publishable);
     /// the error says so, and the whole record stays at its topic, partition and offset.

@@ -580,33 +580,9 @@ impl KeyedSeriesExec {
                 inputs(c.kind.name(), &[v, t])
             })
             .collect::<Result<Vec<_>>>()?;
-        let time = |r: usize| {
-            if order.is_null(r) {
-                i64::MIN
-            } else {
-                order.value(r)
-            }
-        };
-        let mut sequence: Vec<usize> = (0..n).collect();
-        // Rows without a time cannot be ordered; they come first and get blank results.
-        sequence.sort_by_key(|&r| time(r));
-        // Rows at one time are stepped in the order of their values, not of their arrival (as
-        // LAG takes them), so that a key's state does not depend on how the input was cut or
-        // which partition delivered first.
-        if sequence.windows(2).any(|w| time(w[0]) == time(w[1])) {
-            let fields = batch
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect();
-            let whole = RowConverter::new(fields)?.convert_columns(batch.columns())?;
-            sequence.sort_by(|&a, &b| {
-                time(a)
-                    .cmp(&time(b))
-                    .then_with(|| whole.row(a).cmp(&whole.row(b)))
-            });
-        }
+        // Rows without a time cannot be ordered; they come first and get blank results. Rows
+        // at one time are stepped in the order of their values (as LAG takes them).
+        let sequence = super::time_then_value_order(batch, order)?;
         let blank: Vec<Emitted> = self.calls.iter().map(|c| c.prototype.blank()).collect();
         let mut outputs: Vec<Vec<Emitted>> = blank.iter().map(|b| vec![*b; n]).collect();
         let timers = self.handle.timers;

@@ -411,31 +411,9 @@ impl KeyedLagExec {
             .iter()
             .map(|l| l.value.evaluate(&batch)?.into_array(n))
             .collect::<Result<Vec<_>>>()?;
-        let time = |r: usize| {
-            if order.is_null(r) {
-                i64::MIN
-            } else {
-                order.value(r)
-            }
-        };
-        let mut sequence: Vec<usize> = (0..n).collect();
-        sequence.sort_by_key(|&r| time(r));
         // Rows at one time are taken in the order of their values, not of their arrival: the
         // last of a key's rows at a time is the one later rows see.
-        if sequence.windows(2).any(|w| time(w[0]) == time(w[1])) {
-            let fields = batch
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| SortField::new(f.data_type().clone()))
-                .collect();
-            let whole = RowConverter::new(fields)?.convert_columns(batch.columns())?;
-            sequence.sort_by(|&a, &b| {
-                time(a)
-                    .cmp(&time(b))
-                    .then_with(|| whole.row(a).cmp(&whole.row(b)))
-            });
-        }
+        let sequence = super::time_then_value_order(&batch, order)?;
         let mut outputs: Vec<Vec<ScalarValue>> = self
             .lags
             .iter()

@@ -140,6 +140,41 @@ pub fn series_keys(
     )]
 }
 
+/// The rows of `batch` in the order of `order` (epoch ms; NULL first), rows of one time in
+/// the order of their values, not of their arrival: a key's state stepped over them does not
+/// depend on how the input was cut or which partition delivered first.
+pub(crate) fn time_then_value_order(
+    batch: &RecordBatch,
+    order: &datafusion::arrow::array::TimestampMillisecondArray,
+) -> Result<Vec<usize>> {
+    use datafusion::arrow::array::Array;
+    use datafusion::arrow::row::{RowConverter, SortField};
+    let time = |r: usize| {
+        if order.is_null(r) {
+            i64::MIN
+        } else {
+            order.value(r)
+        }
+    };
+    let mut sequence: Vec<usize> = (0..batch.num_rows()).collect();
+    sequence.sort_by_key(|&r| time(r));
+    if sequence.windows(2).any(|w| time(w[0]) == time(w[1])) {
+        let fields = batch
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        let whole = RowConverter::new(fields)?.convert_columns(batch.columns())?;
+        sequence.sort_by(|&a, &b| {
+            time(a)
+                .cmp(&time(b))
+                .then_with(|| whole.row(a).cmp(&whole.row(b)))
+        });
+    }
+    Ok(sequence)
+}
+
 /// `expr` as SQL-like text without the column positions DataFusion prints (`speed@3` is
 /// `speed`): a state's layout names what it holds, not where the plan below found it.
 pub fn expr_layout(expr: &dyn std::fmt::Display) -> String {
