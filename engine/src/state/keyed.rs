@@ -36,7 +36,7 @@ use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DataFusionError, Result, ScalarValue, plan_err};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_expr::expressions::{CastExpr, Column, TryCastExpr};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::windows::{
@@ -416,7 +416,7 @@ impl KeyedSeriesExec {
             if w.order_by()[0].options.descending {
                 return plan_err!("{name}(…) OVER (…): ORDER BY must be ascending on a stream");
             }
-            let this = (w.partition_by().to_vec(), order);
+            let this = (w.partition_by().to_vec(), Arc::clone(&order));
             match &spec {
                 None => spec = Some(this),
                 Some((k, o)) if *k == this.0 && *o == this.1 => {}
@@ -427,6 +427,36 @@ impl KeyedSeriesExec {
                 }
             }
             let args = udwf.args();
+            // The function measures durations on its time argument while the rows are stepped
+            // in ORDER BY order: another time (`now()`, another column) made an alert that never
+            // raised.
+            let bare = |e: &Arc<dyn PhysicalExpr>| {
+                let mut e = Arc::clone(e);
+                loop {
+                    let inner = if let Some(c) = e.downcast_ref::<CastExpr>() {
+                        Arc::clone(c.expr())
+                    } else if let Some(c) = e.downcast_ref::<TryCastExpr>() {
+                        Arc::clone(c.expr())
+                    } else {
+                        return e;
+                    };
+                    e = inner;
+                }
+            };
+            // (An ORDER BY that is no time is refused below, saying what to order by.)
+            if let Some(ts) = args.get(1)
+                && bare(ts) != bare(&order)
+                && matches!(
+                    order.data_type(&input.schema()),
+                    Ok(DataType::Timestamp(..) | DataType::Date32 | DataType::Date64)
+                )
+            {
+                let (ts, order) = (super::expr_layout(ts), super::expr_layout(&order));
+                return plan_err!(
+                    "{name}(…)'s time argument ({ts}) must be the column it is ordered by \
+                     ({order}): write {name}(value, {order}, …) OVER (… ORDER BY {order})"
+                );
+            }
             layouts.push(format!(
                 "{}({})",
                 func.kind().name(),
