@@ -506,6 +506,24 @@ mod tests {
         );
     }
 
+    /// A column used twice in each of many nested subqueries is spelled out in the layout
+    /// within a bound: resolved through every level, it would be 2^depth long (SQL is the
+    /// client's; the layout is made at every checkpoint).
+    #[tokio::test]
+    async fn a_layout_stays_small_over_nested_subqueries() {
+        let mut inner = "SELECT segment_id, t, v AS x FROM ev".to_string();
+        for _ in 0..20 {
+            inner = format!("SELECT segment_id, t, x * x + x AS x FROM ({inner})");
+        }
+        let sql = format!(
+            "SELECT segment_id, window_start, sum(x) AS s FROM ({inner}) \
+             GROUP BY tumble(t, INTERVAL '1 minute'), segment_id"
+        );
+        let (_, query) = over_segments(&[sql.as_str()]).await;
+        let bytes: usize = query.state_layout().iter().map(String::len).sum();
+        assert!(bytes < 1 << 20, "{bytes} bytes of layout");
+    }
+
     #[tokio::test]
     async fn declared_options_reach_the_stream_and_bad_ones_are_refused() {
         let dir = tempfile::tempdir().expect("dir");

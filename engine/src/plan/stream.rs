@@ -174,18 +174,26 @@ pub struct Failed {
 /// The output columns of `plan`, each with what it is computed from: its expression through
 /// the projections and filters of `plan` (`v = speed_kmh * 1000`), down to the columns of the
 /// first other node (a stream's feed, a join, a window's rows).
+/// The walk visits at most [`LINEAGE_STEPS`] columns in all: a column used twice in each of
+/// many nested subqueries would otherwise be spelled out 2^depth times. Past the budget a
+/// column is known by its name.
 fn lineage_of(plan: &Arc<dyn ExecutionPlan>) -> String {
+    let mut budget = LINEAGE_STEPS;
     plan.schema()
         .fields()
         .iter()
         .enumerate()
-        .map(|(i, f)| format!("{} = {}", f.name(), lineage(plan, i, 0)))
+        .map(|(i, f)| format!("{} = {}", f.name(), lineage(plan, i, 0, &mut budget)))
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-/// How output column `i` of `plan` is computed (see [`lineage_of`]); `depth` bounds the walk.
-fn lineage(plan: &Arc<dyn ExecutionPlan>, i: usize, depth: usize) -> String {
+/// Columns [`lineage_of`] resolves at most, over all of a plan's columns.
+const LINEAGE_STEPS: usize = 4_096;
+
+/// How output column `i` of `plan` is computed (see [`lineage_of`]); `depth` bounds the walk
+/// down, `budget` the columns resolved.
+fn lineage(plan: &Arc<dyn ExecutionPlan>, i: usize, depth: usize, budget: &mut usize) -> String {
     use datafusion::physical_plan::filter::FilterExec;
     use datafusion::physical_plan::projection::ProjectionExec;
     let schema = plan.schema();
@@ -195,9 +203,10 @@ fn lineage(plan: &Arc<dyn ExecutionPlan>, i: usize, depth: usize) -> String {
             .get(i)
             .map_or_else(|| format!("#{i}"), |f| f.name().clone())
     };
-    if depth > 64 {
+    if depth > 64 || *budget == 0 {
         return name();
     }
+    *budget -= 1;
     if let Some(p) = plan.downcast_ref::<ProjectionExec>() {
         let Some(e) = p.expr().get(i) else {
             return name();
@@ -206,7 +215,7 @@ fn lineage(plan: &Arc<dyn ExecutionPlan>, i: usize, depth: usize) -> String {
         let resolved = Arc::clone(&e.expr).transform(|node| {
             Ok(match node.downcast_ref::<Column>() {
                 Some(c) => Transformed::yes(Arc::new(Column::new(
-                    &format!("({})", lineage(input, c.index(), depth + 1)),
+                    &format!("({})", lineage(input, c.index(), depth + 1, budget)),
                     0,
                 ))
                     as Arc<dyn datafusion::physical_expr::PhysicalExpr>),
@@ -223,14 +232,14 @@ fn lineage(plan: &Arc<dyn ExecutionPlan>, i: usize, depth: usize) -> String {
             Some(projection) => projection.get(i).copied(),
             None => Some(i),
         };
-        return below.map_or_else(name, |j| lineage(f.input(), j, depth + 1));
+        return below.map_or_else(name, |j| lineage(f.input(), j, depth + 1, budget));
     }
     // Nodes that pass their child's columns through as they are.
     let children = plan.children();
     if let [child] = children.as_slice()
         && child.schema().fields() == schema.fields()
     {
-        return lineage(child, i, depth + 1);
+        return lineage(child, i, depth + 1, budget);
     }
     name()
 }
