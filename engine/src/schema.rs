@@ -100,6 +100,9 @@ pub struct TopicSchema {
     /// Per Arrow field: whether the record must carry a non-null value (non-union type without
     /// a default).
     pub required: Vec<bool>,
+    /// Per Arrow field: the values a number may take (`"urbanstream": {"min": 0, "max": 1}` on
+    /// the Avro field); a record outside is rejected like one missing a required field.
+    pub ranges: Vec<Option<ValueRange>>,
     /// The Avro schema it was parsed from; `None` for a schema declared in SQL.
     pub avsc: Option<Arc<str>>,
     /// The city stream the schema file declares over its topic, if any.
@@ -140,6 +143,68 @@ pub struct StreamDeclaration {
     pub options: std::collections::BTreeMap<String, String>,
 }
 
+/// The values a numeric field may take, both ends included.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ValueRange {
+    /// The least, if bounded below.
+    pub min: Option<f64>,
+    /// The greatest, if bounded above.
+    pub max: Option<f64>,
+}
+
+impl ValueRange {
+    /// The range a field declares under its `"urbanstream"` attribute, if any.
+    fn of_field(schema: &str, field: &RecordField, data_type: &DataType) -> Result<Option<Self>> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Declared {
+            min: Option<f64>,
+            max: Option<f64>,
+        }
+        let Some(value) = field.custom_attributes.get("urbanstream") else {
+            return Ok(None);
+        };
+        let wrong = |why: String| {
+            Error::schema(
+                schema,
+                format!(
+                    "field {}: \"urbanstream\": {why}; write {{\"min\": <number>, \"max\": <number>}} \
+                     (either may be left out)",
+                    field.name
+                ),
+            )
+        };
+        let declared: Declared =
+            serde_json::from_value(value.clone()).map_err(|e| wrong(e.to_string()))?;
+        if !data_type.is_numeric() {
+            return Err(wrong(format!("a range needs a number field, not {data_type}")));
+        }
+        match (declared.min, declared.max) {
+            (None, None) => Err(wrong("give min, max or both".into())),
+            (Some(min), Some(max)) if min > max => {
+                Err(wrong(format!("min ({min}) is above max ({max})")))
+            }
+            (min, max) => Ok(Some(Self { min, max })),
+        }
+    }
+
+    /// Whether `x` is within it.
+    pub fn contains(&self, x: f64) -> bool {
+        self.min.is_none_or(|m| x >= m) && self.max.is_none_or(|m| x <= m)
+    }
+}
+
+impl std::fmt::Display for ValueRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.min, self.max) {
+            (Some(min), Some(max)) => write!(f, "{min} to {max}"),
+            (Some(min), None) => write!(f, "at least {min}"),
+            (None, Some(max)) => write!(f, "at most {max}"),
+            (None, None) => write!(f, "any number"),
+        }
+    }
+}
+
 /// Which side of the engine a declared stream is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -161,8 +226,10 @@ impl TopicSchema {
         let mut enum_symbols = Vec::with_capacity(fields.len());
         let mut defaults = Vec::with_capacity(fields.len());
         let mut required = Vec::with_capacity(fields.len());
+        let mut ranges = Vec::with_capacity(fields.len());
         for field in fields {
             let (data_type, nullable, symbols) = arrow_type(name, field, &field.schema)?;
+            ranges.push(ValueRange::of_field(name, field, &data_type)?);
             let default = field_default(name, field, &data_type)?;
             required.push(!nullable && default.is_none());
             // Fields with a default are nullable on the wire and filled after decoding.
@@ -180,6 +247,7 @@ impl TopicSchema {
             enum_symbols,
             defaults,
             required,
+            ranges,
             avsc: Some(avsc.into()),
             stream: declaration(name, avsc)?,
         })
@@ -194,6 +262,7 @@ impl TopicSchema {
             enum_symbols: vec![None; n],
             defaults: vec![None; n],
             required: arrow.fields().iter().map(|f| !f.is_nullable()).collect(),
+            ranges: vec![None; n],
             arrow,
             avsc: None,
             stream: None,

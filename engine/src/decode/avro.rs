@@ -657,6 +657,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn numbers_outside_the_schemas_ranges_are_rejected_as_in_json() {
+        use crate::decode::tests::{OUT_OF_RANGE, OUT_OF_RANGE_REASONS};
+        let f = fixture().await;
+        let values: Vec<Vec<u8>> = OUT_OF_RANGE
+            .iter()
+            .map(|j| f.encoder.encode_json(j).expect("encode"))
+            .collect();
+        let d = decode(&f, &values).await;
+        assert_eq!(d.rows, vec![0, 2]);
+        let reasons: Vec<(u32, &str)> = d
+            .rejects
+            .iter()
+            .map(|r| (r.index, r.error.as_str()))
+            .collect();
+        assert_eq!(reasons, OUT_OF_RANGE_REASONS);
+    }
+
+    #[tokio::test]
     async fn bad_records_go_with_their_reason_and_spoil_nothing() {
         let f = fixture().await;
         let good = f.encoder.encode_json(GOOD).expect("encode");

@@ -26,7 +26,7 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBat
 use datafusion::arrow::compute::kernels::zip::zip;
 use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, is_not_null};
 use datafusion::arrow::datatypes::{
-    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
+    DataType, Field, Float64Type, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
 };
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::json::ReaderBuilder;
@@ -442,6 +442,25 @@ impl Shape {
                         ));
                         any_bad = true;
                     }
+                }
+            }
+        }
+        for (c, range) in self.schema.ranges.iter().enumerate() {
+            let Some(range) = range else { continue };
+            let column = batch.column(c);
+            let numbers = cast(column, &DataType::Float64)?;
+            let numbers = numbers.as_primitive::<Float64Type>();
+            for (r, slot) in reason.iter_mut().enumerate() {
+                if slot.is_some() || numbers.is_null(r) {
+                    continue;
+                }
+                let x = numbers.value(r);
+                if !range.contains(x) {
+                    *slot = Some(format!(
+                        "field {}: {x} is outside its range, {range}",
+                        self.schema.arrow.field(c).name()
+                    ));
+                    any_bad = true;
                 }
             }
         }

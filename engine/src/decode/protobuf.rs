@@ -591,7 +591,7 @@ mod tests {
     use crate::topics::Format;
 
     const GOOD: &[u8] = br#"{"camera_id":"cam-0001","segment_id":"kim_ma_w","event_time":1767222000000,"kind":"collision","vehicle_class":"motorbike","speed_kmh":31.5,"lane":1,"direction":"inbound","confidence":0.93,"severity":3}"#;
-    const GOOD2: &[u8] = br#"{"camera_id":"cam-0002","segment_id":"kim_ma_w","event_time":1767222001000,"vehicle_class":"car","speed_kmh":40,"lane":0,"confidence":0.9}"#;
+    const GOOD2: &[u8] = br#"{"camera_id":"cam-0002","segment_id":"kim_ma_w","event_time":1767222001000,"vehicle_class":"car","speed_kmh":0,"lane":2,"confidence":0.9}"#;
 
     fn camera() -> Arc<TopicSchema> {
         SchemaRegistry::embedded()
@@ -761,6 +761,26 @@ mod tests {
             assert_eq!((*i, *stage), (j, s));
             assert!(why.contains(part), "{i}: {why}");
         }
+    }
+
+    #[test]
+    fn numbers_outside_the_schemas_ranges_are_rejected_as_in_json() {
+        use crate::decode::tests::{OUT_OF_RANGE, OUT_OF_RANGE_REASONS};
+        let plain = encoder(None);
+        let values: Vec<Vec<u8>> = OUT_OF_RANGE
+            .iter()
+            .map(|j| plain.encode_json(j).expect("encode"))
+            .collect();
+        let d = decoder(camera(), "urbanstream.city.CameraEvent", &Codecs::default())
+            .decode(&raw(&values))
+            .expect("decode");
+        assert_eq!(d.rows, vec![0, 2]);
+        let reasons: Vec<(u32, &str)> = d
+            .rejects
+            .iter()
+            .map(|r| (r.index, r.error.as_str()))
+            .collect();
+        assert_eq!(reasons, OUT_OF_RANGE_REASONS);
     }
 
     #[test]

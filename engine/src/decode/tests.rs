@@ -541,3 +541,68 @@ fn json_numbers_are_read_exactly_or_dead_lettered() {
         ]
     );
 }
+
+/// Camera records whose numbers break the schema's ranges (confidence 0 to 1, severity 1 to 5,
+/// lane at least 1), between records at the ends of those ranges.
+pub(crate) const OUT_OF_RANGE: [&[u8]; 6] = [
+    br#"{"camera_id":"c","segment_id":"s","event_time":1767222000000,"confidence":1}"#,
+    br#"{"camera_id":"c","segment_id":"s","event_time":1767222000000,"confidence":1.7}"#,
+    br#"{"camera_id":"c","segment_id":"s","event_time":1767222000000,"confidence":0,"kind":"collision","severity":5,"lane":1}"#,
+    br#"{"camera_id":"c","segment_id":"s","event_time":1767222000000,"confidence":0.5,"kind":"collision","severity":9}"#,
+    br#"{"camera_id":"c","segment_id":"s","event_time":1767222000000,"confidence":0.5,"lane":0}"#,
+    br#"{"camera_id":"c","segment_id":"s","event_time":1767222000000,"confidence":-0.01}"#,
+];
+
+/// The rejections [`OUT_OF_RANGE`] must give, by index.
+pub(crate) const OUT_OF_RANGE_REASONS: [(u32, &str); 4] = [
+    (1, "field confidence: 1.7 is outside its range, 0 to 1"),
+    (3, "field severity: 9 is outside its range, 1 to 5"),
+    (4, "field lane: 0 is outside its range, at least 1"),
+    (5, "field confidence: -0.01 is outside its range, 0 to 1"),
+];
+
+#[test]
+fn numbers_outside_the_schemas_ranges_are_rejected_alone() {
+    let d = camera_decoder().decode(&raw(&OUT_OF_RANGE)).expect("decode");
+    assert_eq!(d.rows, vec![0, 2]);
+    let reasons: Vec<(u32, RejectStage, &str)> = d
+        .rejects
+        .iter()
+        .map(|r| (r.index, r.stage, r.error.as_str()))
+        .collect();
+    let expected: Vec<(u32, RejectStage, &str)> = OUT_OF_RANGE_REASONS
+        .iter()
+        .map(|(i, why)| (*i, RejectStage::Validate, *why))
+        .collect();
+    assert_eq!(reasons, expected);
+}
+
+#[test]
+fn a_schemas_range_is_declared_on_a_number_field_or_refused() {
+    let with = |attribute: &str, field_type: &str| {
+        crate::schema::TopicSchema::from_avsc(
+            "probe",
+            &format!(
+                r#"{{"type":"record","name":"P","fields":[{{"name":"x","type":{field_type},"urbanstream":{attribute}}}]}}"#
+            ),
+        )
+    };
+    let ok = with(r#"{"min": 0, "max": 1}"#, r#""double""#).expect("range");
+    assert_eq!(
+        ok.ranges,
+        vec![Some(crate::schema::ValueRange {
+            min: Some(0.0),
+            max: Some(1.0)
+        })]
+    );
+    for (attribute, field_type, says) in [
+        (r#"{"min": 2, "max": 1}"#, r#""int""#, "min (2) is above max (1)"),
+        (r#"{}"#, r#""int""#, "give min, max or both"),
+        (r#"{"low": 0}"#, r#""int""#, "unknown field `low`"),
+        (r#"{"min": 0}"#, r#""string""#, "a range needs a number field"),
+    ] {
+        let error = with(attribute, field_type).expect_err(attribute).to_string();
+        assert!(error.contains("field x: \"urbanstream\": "), "{error}");
+        assert!(error.contains(says), "{attribute}: {error}");
+    }
+}

@@ -210,17 +210,23 @@ impl SeriesKind {
         };
         Ok(match self {
             SeriesKind::Ewma => SeriesState::Ewma(Ewma::new(
-                p.float(0, Ewma::DEFAULT_ALPHA, 0.0, 1.0)?,
-                p.count(1, Ewma::DEFAULT_WARMUP as usize)? as u32,
+                p.rate(0, Ewma::DEFAULT_ALPHA)?,
+                p.count(1, Ewma::DEFAULT_WARMUP as usize, 0)? as u32,
             )),
-            SeriesKind::Mad => SeriesState::Mad(RollingMad::new(
-                p.count(0, RollingMad::DEFAULT_WINDOW)?,
-                p.count(1, RollingMad::DEFAULT_WARMUP)?,
-            )),
+            SeriesKind::Mad => {
+                let window = p.count(0, RollingMad::DEFAULT_WINDOW, 3)?;
+                let warmup = p.count(1, RollingMad::DEFAULT_WARMUP.min(window), 0)?;
+                if warmup > window {
+                    return plan_err!(
+                        "{name}(): warmup ({warmup}) must not exceed the window ({window} readings)"
+                    );
+                }
+                SeriesState::Mad(RollingMad::new(window, warmup))
+            }
             SeriesKind::Cusum => SeriesState::Cusum(Cusum::new(
                 p.float(0, Cusum::DEFAULT_SLACK, 0.0, 100.0)?,
-                p.float(1, Cusum::DEFAULT_ALPHA, 0.0, 1.0)?,
-                p.count(2, Cusum::DEFAULT_WARMUP as usize)? as u32,
+                p.rate(1, Cusum::DEFAULT_ALPHA)?,
+                p.count(2, Cusum::DEFAULT_WARMUP as usize, 0)? as u32,
             )),
             SeriesKind::Seasonal => {
                 let season = match p.text(0)? {
@@ -231,16 +237,18 @@ impl SeriesKind {
                         )
                     })?,
                 };
-                SeriesState::Seasonal(Seasonal::new(
-                    season,
-                    p.interval(1, Seasonal::DEFAULT_BIN_MS)?,
-                    p.interval(2, 0)?,
-                ))
+                let bin_ms = p.interval(1, Seasonal::DEFAULT_BIN_MS)?;
+                if bin_ms < 60_000 || bin_ms % 60_000 != 0 || 86_400_000 % bin_ms != 0 {
+                    return plan_err!(
+                        "{name}(): bin must be a whole number of minutes that divides a day, \
+                         e.g. INTERVAL '15 minutes' or INTERVAL '1 hour', got {}",
+                        spell_ms(bin_ms)
+                    );
+                }
+                SeriesState::Seasonal(Seasonal::new(season, bin_ms, p.utc_offset(2)?))
             }
-            SeriesKind::Score => SeriesState::Combined(Box::new(Combined::new(p.interval(0, 0)?))),
-            SeriesKind::Vector => {
-                SeriesState::Vector(Box::new(VectorScore::new(p.interval(0, 0)?)))
-            }
+            SeriesKind::Score => SeriesState::Combined(Box::new(Combined::new(p.utc_offset(0)?))),
+            SeriesKind::Vector => SeriesState::Vector(Box::new(VectorScore::new(p.utc_offset(0)?))),
             SeriesKind::T2 => {
                 let half_life = p.interval(0, Hotelling::DEFAULT_HALF_LIFE_MS)?;
                 if half_life <= 0 {
@@ -249,7 +257,7 @@ impl SeriesKind {
                 SeriesState::Hotelling(Box::new(Hotelling::new(half_life)))
             }
             SeriesKind::Stuck => SeriesState::Health(Health::new(FaultKind::Stuck {
-                readings: p.count(0, 10)?.max(2) as u32,
+                readings: p.count(0, 10, 2)? as u32,
             })),
             SeriesKind::OutOfRange => {
                 let quantity = p.text(0)?.unwrap_or_default();
@@ -288,6 +296,11 @@ impl SeriesKind {
                         })?,
                     _ => p.float(0, f64::NAN, 0.0, f64::MAX)?,
                 };
+                if per_minute <= 0.0 {
+                    return plan_err!(
+                        "{name}(): the largest change per minute must be positive, got {per_minute}"
+                    );
+                }
                 SeriesState::Health(Health::new(FaultKind::Jump { per_minute }))
             }
             SeriesKind::Alert => {
@@ -298,12 +311,12 @@ impl SeriesKind {
                         "{name}(): clear ({clear}) must not be above raise ({raise})"
                     );
                 }
-                let expire = p.interval(4, 0)?;
+                let expire = p.duration(4)?;
                 SeriesState::Alert(AlertMachine::new(AlertRule {
                     raise,
                     clear,
-                    min_duration_ms: p.interval(2, 0)?,
-                    cooldown_ms: p.interval(3, 0)?,
+                    min_duration_ms: p.duration(2)?,
+                    cooldown_ms: p.duration(3)?,
                     expire_ms: (expire > 0).then_some(expire),
                 }))
             }
@@ -488,6 +501,17 @@ pub fn inputs(name: &str, args: &[ArrayRef]) -> Result<(Values, TimestampMillise
     Ok((values, times.as_primitive().clone()))
 }
 
+/// A length of time as SQL would write it (`-5 minutes`).
+fn spell_ms(ms: i64) -> String {
+    match ms {
+        0 => "0".into(),
+        ms if ms % 3_600_000 == 0 => format!("{} hours", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{} minutes", ms / 60_000),
+        ms if ms % 1_000 == 0 => format!("{} seconds", ms / 1_000),
+        ms => format!("{ms} milliseconds"),
+    }
+}
+
 struct Params<'a> {
     name: &'static str,
     names: &'static [&'static str],
@@ -530,8 +554,60 @@ impl Params<'_> {
         Ok(x)
     }
 
-    fn count(&self, i: usize, default: usize) -> Result<usize> {
-        Ok(self.float(i, default as f64, 0.0, 1.0e6)? as usize)
+    /// A smoothing rate: within (0, 1] (0 would never learn).
+    fn rate(&self, i: usize, default: f64) -> Result<f64> {
+        let x = self.float(i, default, 0.0, 1.0)?;
+        if x == 0.0 {
+            return plan_err!(
+                "{}(): {} must be above 0 (0 would never learn), at most 1",
+                self.name,
+                self.names[i]
+            );
+        }
+        Ok(x)
+    }
+
+    /// A number of readings: a whole number from `low` to a million.
+    fn count(&self, i: usize, default: usize, low: usize) -> Result<usize> {
+        let x = self.float(i, default as f64, f64::MIN, f64::MAX)?;
+        if x.fract() != 0.0 || x < low as f64 || x > 1.0e6 {
+            return plan_err!(
+                "{}(): {} is a number of readings, a whole number from {low} to 1000000, got {x}",
+                self.name,
+                self.names[i]
+            );
+        }
+        Ok(x as usize)
+    }
+
+    /// A length of time, 0 by default, never negative.
+    fn duration(&self, i: usize) -> Result<i64> {
+        let ms = self.interval(i, 0)?;
+        if ms < 0 {
+            return plan_err!(
+                "{}(): {} must not be negative, got {}",
+                self.name,
+                self.names[i],
+                spell_ms(ms)
+            );
+        }
+        Ok(ms)
+    }
+
+    /// A UTC offset: from −14 to +14 hours.
+    fn utc_offset(&self, i: usize) -> Result<i64> {
+        const MAX_MS: i64 = 14 * 3_600_000;
+        let ms = self.interval(i, 0)?;
+        if !(-MAX_MS..=MAX_MS).contains(&ms) {
+            return plan_err!(
+                "{}(): {} is a UTC offset, from INTERVAL '-14 hours' to INTERVAL '14 hours' \
+                 (Hanoi: INTERVAL '7 hours'), got {}",
+                self.name,
+                self.names[i],
+                spell_ms(ms)
+            );
+        }
+        Ok(ms)
     }
 
     fn interval(&self, i: usize, default: i64) -> Result<i64> {
