@@ -101,18 +101,35 @@ fn garbage(n: u64) -> (String, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_percent_garbage_loses_no_good_record() -> anyhow::Result<()> {
-    garbage_through_the_broker(2_000, |i| i % 10 == 3).await
+    garbage_through_the_broker(2_000, |i| i % 10 == 3, garbage).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_garbage_does_not_stall_good_records() -> anyhow::Result<()> {
-    garbage_through_the_broker(1_000, |i| i % 10 != 3).await
+    garbage_through_the_broker(1_000, |i| i % 10 != 3, garbage).await
+}
+
+/// A key of nearly a megabyte (the broker's default record limit): its DLQ record, which
+/// copies the key in part into its value, must not carry it whole as its own Kafka key too,
+/// or the DLQ record is over the limit and cannot be published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_too_big_to_copy_whole_is_cut_in_its_dlq_record() -> anyhow::Result<()> {
+    garbage_through_the_broker(
+        30,
+        |i| i % 10 == 3,
+        |n| ("k".repeat(960_000), camera_event(n)),
+    )
+    .await
 }
 
 /// `total` camera records through a query, those for which `bad` holds replaced by garbage:
 /// every good one reaches the output, every bad one the DLQ with its provenance, a big one
 /// with its size named and its bytes copied in part.
-async fn garbage_through_the_broker(total: u64, bad: impl Fn(u64) -> bool) -> anyhow::Result<()> {
+async fn garbage_through_the_broker(
+    total: u64,
+    bad: impl Fn(u64) -> bool,
+    garbage: impl Fn(u64) -> (String, Vec<u8>),
+) -> anyhow::Result<()> {
     let cluster = TestCluster::start(2)?;
     cluster.broker.create_topic("test.passed", 1)?;
     let topics = Topics::default();
@@ -168,7 +185,12 @@ async fn garbage_through_the_broker(total: u64, bad: impl Fn(u64) -> bool) -> an
     assert_eq!(stats.dlq.load(Ordering::Relaxed), bad_offsets.len() as u64);
     let dead_offsets: BTreeSet<(i32, i64)> = dead
         .iter()
-        .map(|(_, v)| {
+        .map(|(key, v)| {
+            assert!(
+                key.as_ref().is_none_or(|k| k.len() <= 64 * 1024),
+                "a DLQ record's key of {} bytes",
+                key.as_ref().map_or(0, String::len)
+            );
             assert_eq!(v["topic"], topics.camera.as_str());
             assert_eq!(v["query"], "passthrough");
             assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");

@@ -177,7 +177,9 @@ impl ValueRange {
         let declared: Declared =
             serde_json::from_value(value.clone()).map_err(|e| wrong(e.to_string()))?;
         if !data_type.is_numeric() {
-            return Err(wrong(format!("a range needs a number field, not {data_type}")));
+            return Err(wrong(format!(
+                "a range needs a number field, not {data_type}"
+            )));
         }
         match (declared.min, declared.max) {
             (None, None) => Err(wrong("give min, max or both".into())),

@@ -563,7 +563,9 @@ pub(crate) const OUT_OF_RANGE_REASONS: [(u32, &str); 4] = [
 
 #[test]
 fn numbers_outside_the_schemas_ranges_are_rejected_alone() {
-    let d = camera_decoder().decode(&raw(&OUT_OF_RANGE)).expect("decode");
+    let d = camera_decoder()
+        .decode(&raw(&OUT_OF_RANGE))
+        .expect("decode");
     assert_eq!(d.rows, vec![0, 2]);
     let reasons: Vec<(u32, RejectStage, &str)> = d
         .rejects
@@ -596,12 +598,22 @@ fn a_schemas_range_is_declared_on_a_number_field_or_refused() {
         })]
     );
     for (attribute, field_type, says) in [
-        (r#"{"min": 2, "max": 1}"#, r#""int""#, "min (2) is above max (1)"),
+        (
+            r#"{"min": 2, "max": 1}"#,
+            r#""int""#,
+            "min (2) is above max (1)",
+        ),
         (r#"{}"#, r#""int""#, "give min, max or both"),
         (r#"{"low": 0}"#, r#""int""#, "unknown field `low`"),
-        (r#"{"min": 0}"#, r#""string""#, "a range needs a number field"),
+        (
+            r#"{"min": 0}"#,
+            r#""string""#,
+            "a range needs a number field",
+        ),
     ] {
-        let error = with(attribute, field_type).expect_err(attribute).to_string();
+        let error = with(attribute, field_type)
+            .expect_err(attribute)
+            .to_string();
         assert!(error.contains("field x: \"urbanstream\": "), "{error}");
         assert!(error.contains(says), "{attribute}: {error}");
     }

@@ -1124,7 +1124,7 @@ impl Pipeline {
                     .rejects
                     .iter()
                     .map(|r| {
-                        let key = raw.key(r.index as usize).map(<[u8]>::to_vec);
+                        let key = crate::sink::dlq_key(raw.key(r.index as usize));
                         let mut record = DlqRecord::new(raw, r, received_at);
                         record.query.clone_from(&self.config.name);
                         (key, record)

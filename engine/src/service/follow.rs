@@ -471,8 +471,9 @@ impl Follower {
         let Ok(payload) = serde_json::to_vec(&record) else {
             return;
         };
+        let key = crate::sink::dlq_key(message.key());
         let mut out = BaseRecord::<[u8], [u8]>::to(&self.dlq).payload(&payload);
-        if let Some(key) = message.key() {
+        if let Some(key) = &key {
             out = out.key(key);
         }
         if let Err((e, _)) = producer.send(out) {

@@ -316,6 +316,13 @@ pub const QUERY_HEADER: &str = "urbanstream-query";
 /// Header with a record's identity (exactly-once mode).
 pub const ID_HEADER: &str = "urbanstream-id";
 
+/// The Kafka key of the DLQ record of a record keyed `key`: its first [`DLQ_COPY_BYTES`] (a
+/// key near the broker's record limit, copied whole beside its copy in the value, would put
+/// the DLQ record over the limit, and it could never be published).
+pub fn dlq_key(key: Option<&[u8]>) -> Option<Vec<u8>> {
+    key.map(|k| k[..k.len().min(DLQ_COPY_BYTES)].to_vec())
+}
+
 impl DlqRecord {
     /// The DLQ record of record `index` of `raw`, which query `query`'s plan failed on with
     /// `error` (stage `query`), with the record's Kafka key.
@@ -333,7 +340,7 @@ impl DlqRecord {
         };
         let mut record = Self::new(raw, &reject, received_at);
         record.query = query.cloned();
-        (raw.key(index as usize).map(<[u8]>::to_vec), record)
+        (dlq_key(raw.key(index as usize)), record)
     }
 
     /// The DLQ record of a rejected record of `raw`. A key or value over
