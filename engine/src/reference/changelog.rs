@@ -267,6 +267,17 @@ mod tests {
         let no_interval = STATION.replace(",\"interval_s\":3600", "");
         let reason = refused(&mut log, Some(b"st1"), &no_interval);
         assert!(reason.contains("column interval_s"), "{reason}");
+        // A row no query could use (a place off the globe, no readings between intervals) is
+        // refused alone, before the table would refuse it whole and hold the rows after it.
+        let off_the_globe = STATION.replace("21.03", "999");
+        let reason = refused(&mut log, Some(b"st1"), &off_the_globe);
+        assert!(
+            reason.contains("st1: lat 999, lon 105.85 is not a place"),
+            "{reason}"
+        );
+        let never = STATION.replace("3600", "0");
+        let reason = refused(&mut log, Some(b"st1"), &never);
+        assert!(reason.contains("st1: interval_s is 0"), "{reason}");
         let nested = STATION.replace("\"station\"", "{\"a\":1}");
         assert!(refused(&mut log, Some(b"st1"), &nested).contains("column kind"));
         let no_id = STATION.replace("\"st1\"", "null");

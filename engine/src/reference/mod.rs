@@ -226,6 +226,34 @@ impl ReferenceData {
             file: file.into(),
             message,
         };
+        let problems = self
+            .wards
+            .iter()
+            .map(|r| ("wards.csv", r.problem()))
+            .chain(self.segments.iter().map(|r| ("segments.csv", r.problem())))
+            .chain(self.cameras.iter().map(|r| ("cameras.csv", r.problem())))
+            .chain(
+                self.detectors
+                    .iter()
+                    .map(|r| ("detectors.csv", r.problem())),
+            )
+            .chain(self.sensors.iter().map(|r| ("sensors.csv", r.problem())))
+            .chain(
+                self.pcu_factors
+                    .iter()
+                    .map(|r| ("pcu_factors.csv", r.problem())),
+            )
+            .chain(
+                self.parking_lots
+                    .iter()
+                    .map(|r| ("parking_lots.csv", r.problem())),
+            )
+            .chain(self.gauges.iter().map(|r| ("gauges.csv", r.problem())));
+        for (file, problem) in problems {
+            if let Some(message) = problem {
+                return Err(bad(file, message));
+            }
+        }
         unique("wards.csv", self.wards.iter().map(|w| w.ward_id.as_str()))?;
         unique(
             "segments.csv",
@@ -243,23 +271,6 @@ impl ReferenceData {
             "sensors.csv",
             self.sensors.iter().map(|s| s.sensor_id.as_str()),
         )?;
-        for (file, id, interval) in self
-            .detectors
-            .iter()
-            .map(|d| ("detectors.csv", &d.detector_id, d.interval_s))
-            .chain(
-                self.sensors
-                    .iter()
-                    .map(|s| ("sensors.csv", &s.sensor_id, s.interval_s)),
-            )
-        {
-            if interval == 0 {
-                return Err(bad(
-                    file,
-                    format!("{id}: interval_s is 0 (seconds between readings, at least 1)"),
-                ));
-            }
-        }
         let wards: std::collections::HashSet<&str> =
             self.wards.iter().map(|w| w.ward_id.as_str()).collect();
         let segments: std::collections::HashSet<&str> = self
@@ -310,12 +321,6 @@ impl ReferenceData {
                 return Err(bad(
                     "parking_lots.csv",
                     format!("{}: unknown ward {}", l.lot_id, l.ward_id),
-                ));
-            }
-            if l.capacity == 0 {
-                return Err(bad(
-                    "parking_lots.csv",
-                    format!("{}: capacity is 0 (spaces, at least 1)", l.lot_id),
                 ));
             }
         }
@@ -379,27 +384,164 @@ pub(crate) fn parse<T: DeserializeOwned>(file: &str, text: &str) -> Result<Vec<T
 }
 
 /// Why a row of `text` cannot be read as a `T`, naming its column.
-fn rows_of<T: DeserializeOwned>(text: &str) -> std::result::Result<(), String> {
+fn rows_of<T: DeserializeOwned + Row>(text: &str) -> std::result::Result<(), String> {
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::Headers)
         .from_reader(text.as_bytes());
     let headers = reader.headers().map_err(|e| e.to_string())?.clone();
     for row in reader.deserialize::<T>() {
-        if let Err(e) = row {
-            return Err(match e.kind() {
-                csv::ErrorKind::Deserialize { err, .. } => match err.field() {
-                    Some(i) => format!(
-                        "column {}: {}",
-                        headers.get(i as usize).unwrap_or("?"),
-                        err.kind()
-                    ),
-                    None => err.to_string(),
-                },
-                _ => e.to_string(),
-            });
+        match row {
+            Ok(row) => {
+                if let Some(problem) = row.problem() {
+                    return Err(problem);
+                }
+            }
+            Err(e) => {
+                return Err(match e.kind() {
+                    csv::ErrorKind::Deserialize { err, .. } => match err.field() {
+                        Some(i) => format!(
+                            "column {}: {}",
+                            headers.get(i as usize).unwrap_or("?"),
+                            err.kind()
+                        ),
+                        None => err.to_string(),
+                    },
+                    _ => e.to_string(),
+                });
+            }
         }
     }
     Ok(())
+}
+
+/// A row of one of the city's reference files, checked on its own: what no query could use
+/// (an empty id, one with spaces around it that no record would match, a place off the
+/// globe, a size that is not positive).
+pub(crate) trait Row {
+    /// Its id.
+    fn id(&self) -> &str;
+
+    /// Its latitude and longitude, if it has a place.
+    fn place(&self) -> Option<(f64, f64)> {
+        None
+    }
+
+    /// Its sizes that must be positive numbers: (column, value).
+    fn sizes(&self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
+
+    /// Why it cannot be used, if it cannot.
+    fn problem(&self) -> Option<String> {
+        let id = self.id();
+        if id.is_empty() {
+            return Some("a row has an empty id".into());
+        }
+        if id.trim() != id {
+            return Some(format!(
+                "id {id:?} starts or ends with a space (records carry ids without, so none \
+                 would match it)"
+            ));
+        }
+        if let Some((lat, lon)) = self.place()
+            && (!(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon))
+        {
+            return Some(format!(
+                "{id}: lat {lat}, lon {lon} is not a place (latitude −90 to 90, longitude −180 \
+                 to 180, in degrees)"
+            ));
+        }
+        self.sizes()
+            .into_iter()
+            .find(|(_, v)| !(v.is_finite() && *v > 0.0))
+            .map(|(column, value)| format!("{id}: {column} is {value} (a positive number)"))
+    }
+}
+
+impl Row for Ward {
+    fn id(&self) -> &str {
+        &self.ward_id
+    }
+    fn place(&self) -> Option<(f64, f64)> {
+        Some((self.lat, self.lon))
+    }
+}
+
+impl Row for Segment {
+    fn id(&self) -> &str {
+        &self.segment_id
+    }
+    fn sizes(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("lanes", f64::from(self.lanes)),
+            ("free_flow_kmh", self.free_flow_kmh),
+            ("capacity_pcu_h", self.capacity_pcu_h),
+            ("length_m", self.length_m),
+        ]
+    }
+}
+
+impl Row for Camera {
+    fn id(&self) -> &str {
+        &self.camera_id
+    }
+    fn place(&self) -> Option<(f64, f64)> {
+        Some((self.lat, self.lon))
+    }
+}
+
+impl Row for Detector {
+    fn id(&self) -> &str {
+        &self.detector_id
+    }
+    fn place(&self) -> Option<(f64, f64)> {
+        Some((self.lat, self.lon))
+    }
+    fn sizes(&self) -> Vec<(&'static str, f64)> {
+        vec![("interval_s", f64::from(self.interval_s))]
+    }
+}
+
+impl Row for Sensor {
+    fn id(&self) -> &str {
+        &self.sensor_id
+    }
+    fn place(&self) -> Option<(f64, f64)> {
+        Some((self.lat, self.lon))
+    }
+    fn sizes(&self) -> Vec<(&'static str, f64)> {
+        vec![("interval_s", f64::from(self.interval_s))]
+    }
+}
+
+impl Row for PcuFactor {
+    fn id(&self) -> &str {
+        &self.vehicle_class
+    }
+    fn sizes(&self) -> Vec<(&'static str, f64)> {
+        vec![("pcu", self.pcu)]
+    }
+}
+
+impl Row for services::ParkingLot {
+    fn id(&self) -> &str {
+        &self.lot_id
+    }
+    fn place(&self) -> Option<(f64, f64)> {
+        Some((self.lat, self.lon))
+    }
+    fn sizes(&self) -> Vec<(&'static str, f64)> {
+        vec![("capacity", f64::from(self.capacity))]
+    }
+}
+
+impl Row for services::Gauge {
+    fn id(&self) -> &str {
+        &self.gauge_id
+    }
+    fn place(&self) -> Option<(f64, f64)> {
+        Some((self.lat, self.lon))
+    }
 }
 
 #[cfg(test)]
@@ -432,5 +574,77 @@ mod tests {
             .iter()
             .find(|p| p.vehicle_class == "motorbike");
         assert_eq!(motorbike.map(|p| p.pcu), Some(0.3));
+    }
+
+    /// The embedded data with `from` replaced by `to` in the first data line of `file`: the
+    /// error.
+    fn refusal_of(file: &str, from: &str, to: &str) -> String {
+        let result = ReferenceData::from_csv(&|name| {
+            let text = ReferenceData::embedded_csv(name).expect("embedded");
+            if name != file {
+                return Ok(text.to_string());
+            }
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            lines[1] = lines[1].replacen(from, to, 1);
+            Ok(lines.join("\n"))
+        });
+        match result {
+            Ok(_) => panic!("{file}: the edited row was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn ids_places_and_sizes_that_nothing_could_use_are_refused() {
+        let cases = [
+            ("cameras.csv", "cam-0001", "", "a row has an empty id"),
+            (
+                "sensors.csv",
+                "aq-001",
+                "aq-001 ",
+                "id \"aq-001 \" starts or ends with a space",
+            ),
+            (
+                "wards.csv",
+                "21.0287",
+                "999",
+                "hoan_kiem: lat 999, lon 105.8525 is not a place",
+            ),
+            (
+                "parking_lots.csv",
+                "105.84540",
+                "-200",
+                "pk-hk-01: lat 21.0305, lon -200 is not a place",
+            ),
+            (
+                "segments.csv",
+                ",4,50,",
+                ",0,50,",
+                "truong_chinh_ntso: lanes is 0 (a positive number)",
+            ),
+            (
+                "segments.csv",
+                ",4,50,",
+                ",4,NaN,",
+                "truong_chinh_ntso: free_flow_kmh is NaN (a positive number)",
+            ),
+            (
+                "segments.csv",
+                ",1064,",
+                ",-5,",
+                "truong_chinh_ntso: length_m is -5 (a positive number)",
+            ),
+            (
+                "pcu_factors.csv",
+                "0.2",
+                "0",
+                "bicycle: pcu is 0 (a positive number)",
+            ),
+        ];
+        for (file, from, to, says) in cases {
+            let error = refusal_of(file, from, to);
+            assert!(error.contains(file), "{error}");
+            assert!(error.contains(says), "{file}: {error}");
+        }
     }
 }
