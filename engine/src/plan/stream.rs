@@ -2976,6 +2976,8 @@ impl StreamQuery {
                 sink.name
             );
         }
+        crate::sink::check_fit(&self.output_schema, &sink.topic_schema)
+            .map_err(|e| plan_datafusion_err!("the SELECT does not fit sink {}: {e}", sink.name))?;
         let empty = RecordBatch::new_empty(self.output_schema.clone());
         crate::sink::conform_stream(&empty, &sink.topic_schema)
             .map_err(|e| plan_datafusion_err!("the SELECT does not fit sink {}: {e}", sink.name))?;

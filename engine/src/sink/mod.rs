@@ -23,7 +23,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray, new_null_array};
-use datafusion::arrow::compute::cast;
+use datafusion::arrow::compute::{CastOptions, cast, cast_with_options};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::arrow::json::writer::{LineDelimited, WriterBuilder};
 use rdkafka::config::ClientConfig;
@@ -57,7 +57,28 @@ pub fn conform(batch: &RecordBatch, schema: &TopicSchema) -> Result<RecordBatch>
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
     for (f, field) in target.fields().iter().enumerate() {
         match input.index_of(field.name()) {
-            Ok(i) => columns.push(cast(batch.column(i), field.data_type())?),
+            // Not `cast`'s safe mode: a value the field cannot hold (a BIGINT beyond an INT)
+            // is an error naming it, not a null.
+            Ok(i) => columns.push(
+                cast_with_options(
+                    batch.column(i),
+                    field.data_type(),
+                    &CastOptions {
+                        safe: false,
+                        ..CastOptions::default()
+                    },
+                )
+                .map_err(|e| {
+                    Error::schema(
+                        &schema.name,
+                        format!(
+                            "column {} does not fit the field's type {}: {e}",
+                            field.name(),
+                            crate::schema::sql_type_name(field.data_type())
+                        ),
+                    )
+                })?,
+            ),
             Err(_) if schema.defaults[f].is_some() => {
                 let default = schema.defaults[f]
                     .as_ref()
@@ -77,7 +98,69 @@ pub fn conform(batch: &RecordBatch, schema: &TopicSchema) -> Result<RecordBatch>
             }
         }
     }
+    for (field, column) in target.fields().iter().zip(&columns) {
+        if !field.is_nullable() && column.null_count() > 0 {
+            return Err(Error::schema(
+                &schema.name,
+                format!(
+                    "field {name} may not be NULL, but the query gave NULL for it in {} of {} \
+                     rows: write COALESCE({name}, <a value>) AS {name} in the SELECT, or filter \
+                     those rows out, or declare the field without NOT NULL",
+                    column.null_count(),
+                    column.len(),
+                    name = field.name()
+                ),
+            ));
+        }
+    }
     Ok(RecordBatch::try_new(target, columns)?)
+}
+
+/// Why a query whose results have the columns of `output` cannot write them to `schema`'s
+/// fields, if it cannot; checked when the query is planned, so that no value is written as a
+/// null it was not.
+pub fn check_fit(output: &Schema, schema: &TopicSchema) -> std::result::Result<(), String> {
+    let target = schema.output_schema();
+    let is_text = |t: &DataType| {
+        matches!(
+            t,
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Dictionary(_, _)
+        )
+    };
+    for field in output.fields() {
+        let name = field.name();
+        let Ok(to) = target.field_with_name(name) else {
+            if ENGINE_COLUMNS.contains(&name.as_str()) {
+                continue;
+            }
+            return Err(format!(
+                "column {name} is not a field of the output topic (fields: {})",
+                target
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        let (from, into) = (field.data_type(), to.data_type());
+        let sql = crate::schema::sql_type_name(into);
+        if from != into && is_text(from) && !is_text(into) {
+            return Err(format!(
+                "column {name} is text but the sink's field {name} is {sql}: a text that is not \
+                 one would be written as null. Convert it in the SELECT (CAST({name} AS {sql}), \
+                 or a CASE), or declare the field VARCHAR"
+            ));
+        }
+        if from != into && !datafusion::arrow::compute::can_cast_types(from, into) {
+            return Err(format!(
+                "column {name} is {} but the sink's field {name} is {sql}, which it cannot be \
+                 converted to",
+                crate::schema::sql_type_name(from)
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Columns the engine adds to windowed results; a sink without such a field drops them.
@@ -899,5 +982,50 @@ mod tests {
         .expect("batch");
         let err = conform(&extra, &schema).unwrap_err().to_string();
         assert!(err.contains("column speed"), "{err}");
+        // A NULL in a field that may not be NULL is named with the way out (it was Arrow's
+        // "declared as non-nullable but contains null values").
+        let no_segment = RecordBatch::try_from_iter(vec![
+            (
+                "segment_id",
+                Arc::new(StringArray::from(vec![Some("kim_ma_w"), None])) as ArrayRef,
+            ),
+            (
+                "window_start",
+                Arc::new(TimestampMillisecondArray::from(vec![60_000, 60_000])) as ArrayRef,
+            ),
+            (
+                "window_end",
+                Arc::new(TimestampMillisecondArray::from(vec![120_000, 120_000])) as ArrayRef,
+            ),
+            ("vehicles", Arc::new(Int64Array::from(vec![3, 4])) as ArrayRef),
+        ])
+        .expect("batch");
+        let err = conform(&no_segment, &schema).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "field segment_id may not be NULL, but the query gave NULL for it in 1 of 2 rows: \
+                 write COALESCE(segment_id, <a value>) AS segment_id"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_text_is_not_written_into_a_number_field() {
+        let registry = SchemaRegistry::embedded().expect("schemas");
+        let schema = registry.get("congestion_indicator").expect("schema");
+        let fits = |column: &str, data_type: DataType| {
+            check_fit(
+                &Schema::new(vec![Field::new(column, data_type, true)]),
+                &schema,
+            )
+        };
+        let err = fits("tti", DataType::Utf8).unwrap_err();
+        assert!(err.starts_with("column tti is text but the sink's field tti is DOUBLE"), "{err}");
+        assert!(fits("tti", DataType::Int64).is_ok());
+        assert!(fits("los", DataType::Float64).is_ok());
+        assert!(fits("revision", DataType::Int32).is_ok());
+        let err = fits("speed", DataType::Int64).unwrap_err();
+        assert!(err.starts_with("column speed is not a field"), "{err}");
     }
 }
