@@ -205,19 +205,24 @@ pub async fn run_query<W: Write + ?Sized>(
     Ok(summary)
 }
 
-/// Runs `query` over records read from its stream's topic (`batches`, from
-/// [`crate::source::range::read_range`]), with processing time following their event times;
-/// at the end every window closes, as at the end of a file.
+/// [`run_query`] over records read from a topic (a preview of its recent minutes or an
+/// offset range). The records of each partition keep their order, and the partitions are fed
+/// side by side in event time (the next record is always the partition's whose next record is
+/// oldest), as a running query reads them: a range is read partition after partition, and fed
+/// in that order the first partition's times made every other partition's records late.
 pub async fn run_query_over_records(
     mut query: StreamQuery,
     batches: &[RawBatch],
     limit: usize,
     codecs: &Codecs,
 ) -> Result<RunSummary> {
+    const CHUNK: usize = 4096;
     let source = query.source().clone();
     let decoder = source.decoder(source.options.format, codecs)?;
     let mut summary = RunSummary::default();
-    let mut now_ms = 0i64;
+    // Every record decoded first: (batch, its times, partitions and offsets per row).
+    let mut decoded_batches = Vec::with_capacity(batches.len());
+    let mut queues: BTreeMap<i32, std::collections::VecDeque<(usize, usize)>> = BTreeMap::new();
     for raw in batches {
         summary.input_rows += raw.len() as u64;
         decoder.prepare(raw).await?;
@@ -226,18 +231,13 @@ pub async fn run_query_over_records(
         if summary.first_rejection.is_none() {
             summary.first_rejection = decoded.rejects.first().map(|r| r.error.clone());
         }
-        if let Some(time) = &source.options.event_time
-            && let Some(column) = decoded.batch.column_by_name(time)
-        {
-            let ms = datafusion::arrow::compute::cast(
-                column,
-                &datafusion::arrow::datatypes::DataType::Int64,
-            )?;
-            let ms = ms.as_primitive::<datafusion::arrow::datatypes::Int64Type>();
-            if let Some(max) = datafusion::arrow::compute::max(ms) {
-                now_ms = now_ms.max(max);
-            }
-        }
+        let times: Option<Int64Array> = match &source.options.event_time {
+            Some(time) => match decoded.batch.column_by_name(time) {
+                Some(column) => Some(cast(column, &DataType::Int64)?.as_primitive().clone()),
+                None => None,
+            },
+            None => None,
+        };
         let partitions: Vec<i32> = decoded
             .rows
             .iter()
@@ -248,10 +248,57 @@ pub async fn run_query_over_records(
             .iter()
             .map(|&r| raw.offsets[r as usize])
             .collect();
+        let b = decoded_batches.len();
+        for (row, partition) in partitions.iter().enumerate() {
+            queues.entry(*partition).or_default().push_back((b, row));
+        }
+        decoded_batches.push((decoded.batch, times, partitions, offsets));
+    }
+    let time_of = |(b, row): (usize, usize)| -> i64 {
+        decoded_batches[b]
+            .1
+            .as_ref()
+            .filter(|t| t.is_valid(row))
+            .map_or(i64::MIN, |t| t.value(row))
+    };
+    let mut now_ms = 0i64;
+    let mut chunk: Vec<(usize, usize)> = Vec::with_capacity(CHUNK);
+    loop {
+        // The partition whose next record is oldest (by partition on ties).
+        let next = queues
+            .iter()
+            .filter_map(|(p, q)| q.front().map(|&at| (time_of(at), *p)))
+            .min();
+        if let Some((_, p)) = next
+            && let Some(at) = queues.get_mut(&p).and_then(|q| q.pop_front())
+        {
+            chunk.push(at);
+            if chunk.len() < CHUNK {
+                continue;
+            }
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        let columns: Vec<&RecordBatch> = decoded_batches.iter().map(|d| &d.0).collect();
+        let batch = datafusion::arrow::compute::interleave_record_batch(&columns, &chunk)?;
+        let partitions: Vec<i32> = chunk
+            .iter()
+            .map(|&(b, r)| decoded_batches[b].2[r])
+            .collect();
+        let offsets: Vec<i64> = chunk
+            .iter()
+            .map(|&(b, r)| decoded_batches[b].3[r])
+            .collect();
+        // Processing time follows the data.
+        if let Some(max) = chunk.iter().map(|&at| time_of(at)).max() {
+            now_ms = now_ms.max(max);
+        }
         let out = query
-            .process(&decoded.batch, &partitions, Some(&offsets), now_ms)
+            .process(&batch, &partitions, Some(&offsets), now_ms)
             .await?;
         take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
+        chunk.clear();
     }
     let out = query.advance_watermark(i64::MAX / 4, now_ms).await?;
     take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
@@ -1076,6 +1123,59 @@ mod tests {
                 seq.windows(2).position(|w| w[0] >= w[1])
             );
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod topic_tests {
+    use super::*;
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::Int64Type;
+
+    /// A topic's range is read partition after partition; fed in that order, the first
+    /// partition's times made every record of the others late (a preview showed 13 of 36
+    /// windows and 1 620 rows diverted where the registered query showed every window).
+    #[tokio::test]
+    async fn a_topics_partitions_are_fed_side_by_side_in_event_time() -> Result<()> {
+        let ctx = StreamContext::new();
+        let query = one_query(
+            &ctx,
+            "CREATE EXTERNAL TABLE pin (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL) \
+             STORED AS KAFKA OPTIONS ('topic' 'pin', 'format' 'json', 'event_time' 'event_time', \
+             'key' 'k'); \
+             SELECT k, window_start, count(*) AS n FROM pin \
+             GROUP BY tumble(event_time, INTERVAL '1 minute'), k",
+            "the SQL",
+        )
+        .await?;
+        // Four partitions of ten minutes each, a record a second, read one after another in
+        // batches of 500 (as the range reader hands them over).
+        let t0 = 1_772_409_600_000i64;
+        let mut batches = Vec::new();
+        for p in 0..4 {
+            let mut raw = RawBatch::new("pin");
+            for i in 0..600 {
+                let value = format!(r#"{{"k":"k{p}","event_time":{}}}"#, t0 + i * 1000);
+                raw.push(p, i, Some(b"k"), Some(value.as_bytes()));
+                if raw.len() == 500 {
+                    batches.push(std::mem::replace(&mut raw, RawBatch::new("pin")));
+                }
+            }
+            batches.push(raw);
+        }
+        let summary = run_query_over_records(query, &batches, 1_000, &Codecs::default()).await?;
+        assert_eq!(summary.diverted, BTreeMap::new(), "nothing is late");
+        assert_eq!(summary.output_rows, 40);
+        let mut counts = Vec::new();
+        for batch in &summary.shown {
+            let n = batch
+                .column_by_name("n")
+                .expect("n")
+                .as_primitive::<Int64Type>();
+            counts.extend(n.values().iter().copied());
+        }
+        assert_eq!(counts, vec![60; 40]);
         Ok(())
     }
 }

@@ -997,7 +997,10 @@ mod tests {
                 "window_end",
                 Arc::new(TimestampMillisecondArray::from(vec![120_000, 120_000])) as ArrayRef,
             ),
-            ("vehicles", Arc::new(Int64Array::from(vec![3, 4])) as ArrayRef),
+            (
+                "vehicles",
+                Arc::new(Int64Array::from(vec![3, 4])) as ArrayRef,
+            ),
         ])
         .expect("batch");
         let err = conform(&no_segment, &schema).unwrap_err().to_string();
@@ -1021,7 +1024,10 @@ mod tests {
             )
         };
         let err = fits("tti", DataType::Utf8).unwrap_err();
-        assert!(err.starts_with("column tti is text but the sink's field tti is DOUBLE"), "{err}");
+        assert!(
+            err.starts_with("column tti is text but the sink's field tti is DOUBLE"),
+            "{err}"
+        );
         assert!(fits("tti", DataType::Int64).is_ok());
         assert!(fits("los", DataType::Float64).is_ok());
         assert!(fits("revision", DataType::Int32).is_ok());
