@@ -222,3 +222,50 @@ async fn garbage_through_the_broker(
     assert!(oversize > 0, "no record was refused for its size");
     Ok(())
 }
+
+/// A result row larger than the producer's largest record fails the query with the reason,
+/// once: taken for a broker's passing trouble, it was retried without end, and every retry
+/// published the rows before it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_row_over_the_record_limit_fails_the_query_with_the_reason() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::start(1)?;
+    cluster.broker.create_topic("test.padded", 1)?;
+    let topics = Topics::default();
+    for i in 0..20 {
+        cluster
+            .produce(&topics.camera, 0, "k", &camera_event(i))
+            .await?;
+    }
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "padded".into();
+    config.default_queries = false;
+    config.name = Some("padded".into());
+    config.queries = vec![(
+        "padded".into(),
+        "CREATE EXTERNAL TABLE padded (camera_id VARCHAR NOT NULL, pad VARCHAR NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.padded', 'format' 'json');
+         INSERT INTO padded SELECT camera_id,
+           CASE WHEN camera_id = 'cam-0012' THEN repeat('x', 1100000) ELSE 'ok' END AS pad
+         FROM camera_events"
+            .into(),
+    )];
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let run = tokio::time::timeout(Duration::from_secs(60), pipeline.run(stop.clone())).await;
+    stop.store(true, Ordering::Relaxed);
+    let error = match run {
+        Ok(Err(e)) => e,
+        Ok(Ok(())) => anyhow::bail!("the query ran on"),
+        Err(_) => anyhow::bail!("the query neither failed nor finished in 60 s"),
+    };
+    assert!(!error.is_transient(), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("a result row for topic test.padded is 1100")
+            && message.contains("more than the largest record the producer sends"),
+        "{message}"
+    );
+    Ok(())
+}

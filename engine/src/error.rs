@@ -84,6 +84,8 @@ impl Error {
                     rdkafka::types::RDKafkaErrorCode::InvalidConfig
                         | rdkafka::types::RDKafkaErrorCode::Fatal
                         | rdkafka::types::RDKafkaErrorCode::FencedInstanceId
+                        // The same record is too large again on every try.
+                        | rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge
                 )
             ),
             Error::Io(_) | Error::Rebalanced(_) | Error::Registry(_) => true,

@@ -571,7 +571,15 @@ pub struct KafkaSink {
     suppressed_count: std::sync::atomic::AtomicU64,
     /// Topics written as Avro or Protobuf, with their encoders; the others get JSON.
     encoders: std::collections::HashMap<String, crate::decode::RecordEncoder>,
+    /// The largest record the producer sends (`message.max.bytes`).
+    max_record_bytes: usize,
 }
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MAX_RECORD_BYTES: usize = 1_000_000;
+
+/// What a record's framing takes beside its key and value (headers included), kept free.
+const RECORD_OVERHEAD: usize = 1024;
 
 /// A transactional call's error; a broker without Kafka transactions is named as such (a
 /// configuration problem: retrying cannot help).
@@ -635,6 +643,13 @@ impl KafkaSink {
             suppressing: Default::default(),
             suppressed_count: Default::default(),
             encoders: Default::default(),
+            max_record_bytes: config
+                .properties
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "message.max.bytes")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(DEFAULT_MAX_RECORD_BYTES),
         })
     }
 
@@ -750,6 +765,17 @@ impl KafkaSink {
                 }
                 None => json,
             };
+            let size = key.map_or(0, <[u8]>::len) + value.len();
+            if size + RECORD_OVERHEAD > self.max_record_bytes {
+                // Not a broker's passing trouble: retried, the query published the rows
+                // before it again and again and never got past it.
+                return Err(Error::ResourceLimit(format!(
+                    "a result row for topic {topic} is {size} bytes, more than the largest \
+                     record the producer sends (message.max.bytes = {}): make the row smaller \
+                     (aggregate less text into one row, cut long texts with left(x, n))",
+                    self.max_record_bytes
+                )));
+            }
             let id = self
                 .tag
                 .as_ref()
