@@ -565,6 +565,7 @@ fn stacked(plan: &datafusion::logical_expr::LogicalPlan, nodes: &mut usize) -> R
     let mut own = 0;
     plan.apply_expressions(|e| {
         own = own.max(expr_depth(e));
+        refuse_large_digests(e)?;
         Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
     })?;
     let mut below = 0;
@@ -582,6 +583,46 @@ fn stacked(plan: &datafusion::logical_expr::LogicalPlan, nodes: &mut usize) -> R
         below = below.max(stacked(view.logical_plan(), nodes)?);
     }
     Ok(own + below)
+}
+
+/// The most centroids an `approx_percentile_cont` digest may keep (DataFusion's default is
+/// 100): each group's digest allocates for them on every update.
+pub const MAX_DIGEST_CENTROIDS: i64 = 10_000;
+
+/// Refuses an `approx_percentile_cont` whose digest size is beyond [`MAX_DIGEST_CENTROIDS`]
+/// (2 000 000 000 made one update allocate 32 GB, and the process was aborted).
+fn refuse_large_digests(expr: &datafusion::logical_expr::Expr) -> Result<()> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::Expr;
+    expr.apply(|e| {
+        if let Expr::AggregateFunction(agg) = e {
+            let name = agg.func.name();
+            // (value[, weight], percentile, size): the size comes after the percentile.
+            let size_at = match name {
+                "approx_percentile_cont" => 2,
+                "approx_percentile_cont_with_weight" => 3,
+                _ => return Ok(TreeNodeRecursion::Continue),
+            };
+            if let Some(Expr::Literal(size, _)) = agg.params.args.get(size_at) {
+                let too_many = match size.cast_to(&datafusion::arrow::datatypes::DataType::Float64)
+                {
+                    Ok(datafusion::scalar::ScalarValue::Float64(Some(n))) => {
+                        !(n <= MAX_DIGEST_CENTROIDS as f64)
+                    }
+                    _ => false,
+                };
+                if too_many {
+                    return plan_err!(
+                        "{name}(): a digest of {size} centroids would take memory without \
+                         bound; give at most {MAX_DIGEST_CENTROIDS} (100, the default, is \
+                         accurate to about 1 %)"
+                    );
+                }
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(())
 }
 
 /// How deep `expr` nests (a column or literal is 1).
