@@ -202,6 +202,14 @@ pub fn encode_json_rows(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<usize>)> {
                 DataType::Int64,
                 field.is_nullable(),
             ));
+        } else if let DataType::Decimal128(p, s) | DataType::Decimal256(p, s) = field.data_type()
+            && *s < 0
+        {
+            // Arrow's JSON writer writes a negative scale's digits without their zeros
+            // (`000` for 1 200, not JSON): the same number at scale 0, exactly.
+            let whole = DataType::Decimal256((i16::from(*p) - i16::from(*s)).min(76) as u8, 0);
+            columns.push(cast(column, &whole)?);
+            fields.push(Field::new(field.name(), whole, field.is_nullable()));
         } else {
             columns.push(column.clone());
             fields.push(field.as_ref().clone());
@@ -1036,6 +1044,31 @@ mod tests {
                  write COALESCE(segment_id, <a value>) AS segment_id"
             ),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn decimals_of_a_negative_scale_are_written_as_json_numbers() {
+        use datafusion::arrow::array::Decimal128Array;
+        let hundreds = Decimal128Array::from(vec![Some(12), None, Some(-3)])
+            .with_precision_and_scale(10, -2)
+            .expect("decimal");
+        let batch = RecordBatch::try_from_iter(vec![("x", Arc::new(hundreds) as ArrayRef)])
+            .expect("batch");
+        let (bytes, ends) = encode_json_rows(&batch).expect("encode");
+        assert_eq!(ends.len(), 3);
+        let text = std::str::from_utf8(&bytes).expect("utf8");
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect(l))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                serde_json::json!({"x": 1200}),
+                serde_json::json!({"x": null}),
+                serde_json::json!({"x": -300})
+            ]
         );
     }
 
