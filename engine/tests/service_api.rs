@@ -2301,6 +2301,28 @@ async fn a_refused_reference_version_is_installed_when_the_table_it_needs_change
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let before = table("sensors").await?;
+    // A query may not write the table's topic: its rows would become every query's sensors.
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/validate",
+        Some(TOKEN),
+        Some(
+            json!({"sql": "CREATE EXTERNAL TABLE poison (sensor_id VARCHAR NOT NULL, \
+            ward_id VARCHAR NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'test.reference.sensors', \
+            'format' 'json', 'key' 'sensor_id'); \
+            INSERT INTO poison SELECT sensor_id, ward_id FROM air_readings"}),
+        ),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body.to_string().contains(
+            "poison writes to test.reference.sensors, the topic reference table sensors is kept \
+             current from"
+        ),
+        "{body}"
+    );
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()?;

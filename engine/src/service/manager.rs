@@ -903,6 +903,20 @@ impl QueryManager {
                     s.sink
                 )));
             }
+            if let Some((table, _)) = self
+                .config
+                .reference
+                .topics
+                .iter()
+                .find(|(_, topic)| *topic == sink)
+            {
+                return Err(ServiceError::invalid(format!(
+                    "{} writes to {sink}, the topic reference table {table} is kept current from \
+                     ([reference.topics]): its rows are the table every query reads; write to a \
+                     topic of your own",
+                    s.sink
+                )));
+            }
             if sink == topics.dlq || sink == topics.late {
                 return Err(ServiceError::invalid(format!(
                     "{} writes to {sink}, which only the engine writes (dead letters and late \

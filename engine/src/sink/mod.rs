@@ -1053,8 +1053,8 @@ mod tests {
         let hundreds = Decimal128Array::from(vec![Some(12), None, Some(-3)])
             .with_precision_and_scale(10, -2)
             .expect("decimal");
-        let batch = RecordBatch::try_from_iter(vec![("x", Arc::new(hundreds) as ArrayRef)])
-            .expect("batch");
+        let batch =
+            RecordBatch::try_from_iter(vec![("x", Arc::new(hundreds) as ArrayRef)]).expect("batch");
         let (bytes, ends) = encode_json_rows(&batch).expect("encode");
         assert_eq!(ends.len(), 3);
         let text = std::str::from_utf8(&bytes).expect("utf8");
