@@ -607,7 +607,7 @@ fn refuse_large_digests(expr: &datafusion::logical_expr::Expr) -> Result<()> {
                 let too_many = match size.cast_to(&datafusion::arrow::datatypes::DataType::Float64)
                 {
                     Ok(datafusion::scalar::ScalarValue::Float64(Some(n))) => {
-                        !(n <= MAX_DIGEST_CENTROIDS as f64)
+                        n.is_nan() || n > MAX_DIGEST_CENTROIDS as f64
                     }
                     _ => false,
                 };
