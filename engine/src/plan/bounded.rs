@@ -342,6 +342,15 @@ pub fn while_planning<T>(
     }
 }
 
+/// Whether this thread is planning and past the planning's deadline.
+pub fn planning_time_over() -> bool {
+    PLANNING.with(|p| {
+        p.borrow()
+            .as_ref()
+            .is_some_and(|b| std::time::Instant::now() > b.deadline)
+    })
+}
+
 /// Counts `bytes` made by a call of constants of `name` against the planning's budget, if
 /// this thread is planning.
 fn charge_planning(name: &str, bytes: u128) -> Result<()> {

@@ -133,7 +133,24 @@ pub async fn plan_all(ctx: &StreamContext, sql: &str) -> Result<Vec<stream::Stre
     let sql = sql.to_string();
     let queries = sandbox::on_planning_thread(move || async move {
         let mut queries = Vec::new();
-        for statement in StreamContext::parse(&sql)? {
+        let statements = StreamContext::parse(&sql)?;
+        if statements.len() > sandbox::MAX_STATEMENTS {
+            return datafusion::common::plan_err!(
+                "the SQL holds {} statements, more than the {} one request may: register \
+                 fewer views and queries at once (views that each read the one before cost \
+                 more with every one)",
+                statements.len(),
+                sandbox::MAX_STATEMENTS
+            );
+        }
+        for statement in statements {
+            // A caller that stopped waiting at the deadline is not kept planning after it.
+            if bounded::planning_time_over() {
+                return datafusion::common::plan_err!(
+                    "planning took longer than {} s: simplify the statement",
+                    sandbox::PLANNING_TIMEOUT.as_secs()
+                );
+            }
             if let Some(q) = ctx.plan(statement).await? {
                 queries.push(q);
             }
@@ -158,6 +175,33 @@ pub async fn default_queries(ctx: &StreamContext) -> Result<Vec<(String, stream:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A chain of views, each reading the one before, costs more with every view: 990 of them
+    /// in 38 KB took 10 GB and went on planning after the request had been refused for time.
+    #[tokio::test]
+    async fn a_request_holds_at_most_so_many_statements() {
+        let ctx = StreamContext::new();
+        let chain = |n: usize| {
+            let mut sql = String::from(
+                "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, t TIMESTAMP NOT NULL) \
+                 STORED AS KAFKA OPTIONS ('topic' 'ev', 'event_time' 't');\n\
+                 CREATE VIEW v0 AS SELECT * FROM ev;\n",
+            );
+            for i in 1..n {
+                sql.push_str(&format!("CREATE VIEW v{i} AS SELECT * FROM v{};\n", i - 1));
+            }
+            sql
+        };
+        let Err(error) = plan_all(&ctx, &chain(64)).await else {
+            panic!("65 statements were planned");
+        };
+        let error = error.to_string();
+        assert!(
+            error.contains("the SQL holds 65 statements, more than the 64 one request may"),
+            "{error}"
+        );
+        assert!(plan_all(&ctx, &chain(63)).await.is_ok());
+    }
 
     /// Regression: groups by a topic's key column that may be null were kept per partition,
     /// but a record whose key is null is produced without a Kafka key, to any partition, and

@@ -58,6 +58,9 @@ const PLANNING_THREADS: usize = 4;
 /// memory is reserved, not committed: only the pages a walk touches are used.
 const PARSE_STACK_BYTES: usize = 256 * 1024 * 1024;
 
+/// The most statements one SQL text of a client may hold.
+pub const MAX_STATEMENTS: usize = 64;
+
 /// Stack of the thread that plans a request (trees are at most [`MAX_NESTING`] deep by then).
 const PLANNING_STACK_BYTES: usize = 64 * 1024 * 1024;
 
