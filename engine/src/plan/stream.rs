@@ -462,7 +462,11 @@ impl StreamContext {
     /// Plans one statement: DDL and `SET` run now (`Ok(None)`); a stream query is returned.
     /// Statements the sandbox does not allow are refused
     /// ([`super::sandbox::check_statement`]).
-    pub async fn plan(&self, mut statement: DFStatement) -> Result<Option<StreamQuery>> {
+    pub async fn plan(&self, statement: DFStatement) -> Result<Option<StreamQuery>> {
+        self.plan_statement(statement).await.map_err(with_window_hint)
+    }
+
+    async fn plan_statement(&self, mut statement: DFStatement) -> Result<Option<StreamQuery>> {
         super::sandbox::check_statement(&statement)?;
         let sql = statement.to_string();
         let shadowed = self.window_columns_read(&statement).await;
@@ -1223,6 +1227,23 @@ impl StreamContext {
             settled: None,
             changes: 0,
         })
+    }
+}
+
+/// A window column asked for where no window makes it (`SELECT segment_id, window_start, …
+/// GROUP BY segment_id`): the planner's "no field named window_start" with the way to get one.
+fn with_window_hint(e: datafusion::error::DataFusionError) -> datafusion::error::DataFusionError {
+    let message = e.to_string();
+    let missing = ["window_start", "window_end", "window_time"]
+        .into_iter()
+        .find(|c| message.contains(&format!("No field named {c}")));
+    match missing {
+        Some(column) => datafusion::error::DataFusionError::Plan(format!(
+            "{column} comes from a window in GROUP BY, and this query has none there: group by \
+             a window (GROUP BY tumble(event_time, INTERVAL '1 minute'), …; or hop, cumulate, \
+             session) to get window_start and window_end, or leave {column} out"
+        )),
+        None => e,
     }
 }
 
