@@ -102,6 +102,20 @@ pub async fn run_query<W: Write + ?Sized>(
     limit: usize,
     mut output: Option<&mut W>,
 ) -> Result<RunSummary> {
+    // One file is one stream's rows: a query of two streams would see the other as empty.
+    if query.inputs().len() > 1 {
+        return Err(Error::Config(format!(
+            "this query reads {} streams ({}), and a file gives the rows of one: run it over \
+             the streams' topics (replay each file to its topic, then register the query)",
+            query.inputs().len(),
+            query
+                .inputs()
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     let source = query.source().clone();
     let time = source.options.event_time.clone();
     let unit_ms = unit_ms(&input.time_unit)?;
@@ -1132,6 +1146,42 @@ mod topic_tests {
     use super::*;
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes::Int64Type;
+
+    /// A file is one stream's rows: a union or join of two streams run over it saw the other
+    /// stream as empty and said nothing.
+    #[tokio::test]
+    async fn a_query_of_two_streams_is_not_run_over_one_file() -> Result<()> {
+        let ctx = StreamContext::new();
+        let query = one_query(
+            &ctx,
+            "CREATE EXTERNAL TABLE a (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL) \
+             STORED AS KAFKA OPTIONS ('topic' 'a', 'event_time' 'event_time'); \
+             CREATE EXTERNAL TABLE b (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL) \
+             STORED AS KAFKA OPTIONS ('topic' 'b', 'event_time' 'event_time'); \
+             SELECT k, event_time FROM a UNION ALL SELECT k, event_time FROM b",
+            "the SQL",
+        )
+        .await?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("a.csv");
+        std::fs::write(&path, "k,event_time\nx,2026-01-01T00:00:00Z\n")?;
+        let input = RunInput {
+            path,
+            rename: Vec::new(),
+            time_unit: "ms".into(),
+            time_zone: "+00:00".into(),
+        };
+        let Err(error) = run_query(query, &input, 10, None::<&mut std::io::Sink>).await else {
+            panic!("run over one file");
+        };
+        assert!(
+            error
+                .to_string()
+                .contains("this query reads 2 streams (a, b), and a file gives the rows of one"),
+            "{error}"
+        );
+        Ok(())
+    }
 
     /// A topic's range is read partition after partition; fed in that order, the first
     /// partition's times made every record of the others late (a preview showed 13 of 36
