@@ -121,7 +121,7 @@ pub fn report(summary: &RunSummary) -> Result<String> {
     out.push('\n');
     if summary.rejected > 0 {
         out.push_str(&format!(
-            "{} rows rejected by the stream's schema (the first: {})\n",
+            "{} rows rejected, by the stream's schema or by the query (the first: {})\n",
             summary.rejected,
             summary.first_rejection.as_deref().unwrap_or("")
         ));

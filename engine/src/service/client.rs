@@ -518,7 +518,7 @@ pub(super) fn preview_text(answer: &Value, zone: DisplayZone) -> String {
     }
     if answer["rejected"].as_u64().unwrap_or(0) > 0 {
         out.push_str(&format!(
-            "{} rows rejected by the stream's schema (the first: {})\n",
+            "{} rows rejected, by the stream's schema or by the query (the first: {})\n",
             text(&answer["rejected"]),
             text(&answer["first_rejection"])
         ));
