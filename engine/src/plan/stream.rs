@@ -463,7 +463,9 @@ impl StreamContext {
     /// Statements the sandbox does not allow are refused
     /// ([`super::sandbox::check_statement`]).
     pub async fn plan(&self, statement: DFStatement) -> Result<Option<StreamQuery>> {
-        self.plan_statement(statement).await.map_err(with_window_hint)
+        self.plan_statement(statement)
+            .await
+            .map_err(with_window_hint)
     }
 
     async fn plan_statement(&self, mut statement: DFStatement) -> Result<Option<StreamQuery>> {

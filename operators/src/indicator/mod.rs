@@ -31,6 +31,31 @@ use datafusion::common::{Result, exec_err};
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs};
 
 /// The arguments of a call as `Float64` arrays of the call's length.
+/// Refuses, when the query is planned, a constant text argument `at` of function `name` that
+/// `known` does not take (`vn_aqi_sub('xyz', pm25)` was accepted, and failed the query on its
+/// first row); a column's texts are still checked row by row when it runs.
+pub(crate) fn check_constant_text(
+    name: &str,
+    args: &datafusion::logical_expr::ReturnFieldArgs,
+    at: usize,
+    known: impl Fn(&str) -> bool,
+    (what, expected): (&str, &str),
+) -> Result<()> {
+    use datafusion::scalar::ScalarValue;
+    if let Some(Some(
+        ScalarValue::Utf8(Some(text))
+        | ScalarValue::LargeUtf8(Some(text))
+        | ScalarValue::Utf8View(Some(text)),
+    )) = args.scalar_arguments.get(at)
+        && !known(text)
+    {
+        return datafusion::common::plan_err!(
+            "{name}(): unknown {what} '{text}' (expected {expected})"
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn float_args(name: &str, args: &ScalarFunctionArgs) -> Result<Vec<Float64Array>> {
     float_args_from(name, &ColumnarValue::values_to_arrays(&args.args)?)
 }

@@ -121,6 +121,25 @@ impl ScalarUDFImpl for QualityFunc {
         Ok(DataType::Boolean)
     }
 
+    fn return_field_from_args(
+        &self,
+        args: datafusion::logical_expr::ReturnFieldArgs,
+    ) -> Result<datafusion::arrow::datatypes::FieldRef> {
+        if self.kind == QualityKind::RangeValid {
+            let known: Vec<&str> = PHYSICAL_RANGES.iter().map(|r| r.0).collect();
+            super::check_constant_text(
+                "reading_valid",
+                &args,
+                0,
+                |q| physical_range(q).is_some(),
+                ("quantity", &format!("one of {}", known.join(", "))),
+            )?;
+        }
+        Ok(std::sync::Arc::new(
+            datafusion::arrow::datatypes::Field::new(self.name(), DataType::Boolean, true),
+        ))
+    }
+
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let n = args.number_rows;
         let mut out = Vec::with_capacity(n);

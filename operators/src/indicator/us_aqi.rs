@@ -91,6 +91,32 @@ impl ScalarUDFImpl for UsAqiFunc {
         }
     }
 
+    fn return_field_from_args(
+        &self,
+        args: datafusion::logical_expr::ReturnFieldArgs,
+    ) -> Result<datafusion::arrow::datatypes::FieldRef> {
+        match self.kind {
+            UsAqiKind::Sub => super::check_constant_text(
+                "us_aqi_sub",
+                &args,
+                0,
+                |p| UsPollutant::parse(p).is_some(),
+                ("parameter", "one of pm25, pm10, o3_8h, o3_1h, co, so2, no2"),
+            )?,
+            UsAqiKind::Category => super::check_constant_text(
+                "us_aqi_category",
+                &args,
+                1,
+                |w| matches!(w, "name" | "rgb"),
+                ("output", "'name' or 'rgb'"),
+            )?,
+            UsAqiKind::Overall => {}
+        }
+        Ok(std::sync::Arc::new(
+            datafusion::arrow::datatypes::Field::new(self.name(), self.return_type(&[])?, true),
+        ))
+    }
+
     fn return_type(&self, _args: &[DataType]) -> Result<DataType> {
         Ok(match self.kind {
             UsAqiKind::Category => DataType::Utf8,

@@ -55,6 +55,24 @@ impl ScalarUDFImpl for VnAqiCategoryFunc {
         Ok(DataType::Utf8)
     }
 
+    fn return_field_from_args(
+        &self,
+        args: datafusion::logical_expr::ReturnFieldArgs,
+    ) -> Result<datafusion::arrow::datatypes::FieldRef> {
+        super::check_constant_text(
+            "vn_aqi_category",
+            &args,
+            1,
+            |l| matches!(l, "vi" | "en" | "rgb"),
+            ("language", "'vi', 'en' or 'rgb'"),
+        )?;
+        Ok(Arc::new(datafusion::arrow::datatypes::Field::new(
+            self.name(),
+            DataType::Utf8,
+            true,
+        )))
+    }
+
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
         let aqi = cast(&arrays[0], &DataType::Int64)?;

@@ -58,6 +58,24 @@ impl ScalarUDFImpl for VnAqiSubFunc {
         Ok(DataType::Int64)
     }
 
+    fn return_field_from_args(
+        &self,
+        args: datafusion::logical_expr::ReturnFieldArgs,
+    ) -> Result<datafusion::arrow::datatypes::FieldRef> {
+        super::check_constant_text(
+            "vn_aqi_sub",
+            &args,
+            0,
+            |p| Pollutant::parse(p).is_some(),
+            ("parameter", "pm25, pm10, o3_1h, o3_8h, no2, so2 or co"),
+        )?;
+        Ok(Arc::new(datafusion::arrow::datatypes::Field::new(
+            self.name(),
+            DataType::Int64,
+            true,
+        )))
+    }
+
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
         let names = cast(&arrays[0], &DataType::Utf8)?;
