@@ -566,9 +566,18 @@ fn stacked(plan: &datafusion::logical_expr::LogicalPlan, nodes: &mut usize) -> R
         return Ok(0);
     }
     let mut own = 0;
+    let inputs = plan.inputs();
+    let mut schema = match inputs.first() {
+        Some(first) => first.schema().as_ref().clone(),
+        None => datafusion::common::DFSchema::empty(),
+    };
+    for input in inputs.iter().skip(1) {
+        schema.merge(input.schema());
+    }
     plan.apply_expressions(|e| {
         own = own.max(expr_depth(e));
         refuse_large_digests(e)?;
+        refuse_utc_read_as_local(e, &schema)?;
         Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
     })?;
     let mut below = 0;
@@ -622,6 +631,59 @@ fn refuse_large_digests(expr: &datafusion::logical_expr::Expr) -> Result<()> {
                     );
                 }
             }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(())
+}
+
+/// Refuses `t AT TIME ZONE 'Asia/Ho_Chi_Minh'` of a column's timestamp without a zone: the
+/// engine's timestamps hold UTC instants, and the cast reads them as wall-clock times of the
+/// zone (7 hours off in Hanoi). A constant (`TIMESTAMP '…'`) is the analyst's own
+/// wall-clock time, and passes.
+fn refuse_utc_read_as_local(
+    expr: &datafusion::logical_expr::Expr,
+    schema: &datafusion::common::DFSchema,
+) -> Result<()> {
+    use datafusion::arrow::datatypes::DataType;
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::{Cast, Expr, ExprSchemable, TryCast};
+    expr.apply(|e| {
+        let (inner, to) = match e {
+            Expr::Cast(Cast { expr, field }) | Expr::TryCast(TryCast { expr, field }) => {
+                (expr, field.data_type())
+            }
+            _ => return Ok(TreeNodeRecursion::Continue),
+        };
+        let DataType::Timestamp(_, Some(zone)) = to else {
+            return Ok(TreeNodeRecursion::Continue);
+        };
+        let utc = matches!(
+            zone.to_ascii_uppercase().as_str(),
+            "UTC" | "Z" | "+00:00" | "+0000" | "+00" | "ETC/UTC" | "GMT"
+        );
+        let from_column = !inner.column_refs().is_empty()
+            && inner
+                .get_type(schema)
+                .is_ok_and(|t| matches!(t, DataType::Timestamp(_, None)));
+        if !utc && from_column {
+            // As the analyst wrote it: a column, or a window's bound (a field of the window).
+            let inner = match inner.as_ref() {
+                Expr::Column(c) => c.name.clone(),
+                Expr::ScalarFunction(f) if f.name() == "get_field" => match f.args.get(1) {
+                    Some(Expr::Literal(datafusion::scalar::ScalarValue::Utf8(Some(n)), _)) => {
+                        n.clone()
+                    }
+                    _ => "the time".into(),
+                },
+                _ => "the time".into(),
+            };
+            return plan_err!(
+                "{inner} AT TIME ZONE '{zone}' would read its UTC time as a wall-clock time in \
+                 {zone} (the engine's timestamps hold UTC instants): write ({inner} AT TIME \
+                 ZONE 'UTC') AT TIME ZONE '{zone}' for the time in {zone}, or add the offset \
+                 ({inner} + INTERVAL '7 hours' for Hanoi)"
+            );
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
