@@ -108,7 +108,15 @@ impl WatermarkTracker {
             .min();
         // With every partition idle, the lowest of them all: it holds the watermark where it
         // is, but lets it follow events ahead of the clock that processing time has reached.
-        let active = active.or_else(|| self.partitions.values().map(mark).min());
+        // A partition that never delivered has no time to hold it at (an empty partition of a
+        // topic read to its end held a single-state query's watermark at nothing for good).
+        let active = active.or_else(|| {
+            self.partitions
+                .values()
+                .filter(|p| p.max_event_ms != i64::MIN)
+                .map(mark)
+                .min()
+        });
         if let Some(candidate) = active {
             self.watermark = Some(self.watermark.map_or(candidate, |w| w.max(candidate)));
         }
@@ -235,6 +243,26 @@ mod tests {
         );
         restored.observe(1, 450_000, later + 7_000);
         assert_eq!(restored.advance(later + 7_000), Some(449_000));
+    }
+
+    /// A topic read to its end, one of whose partitions is empty: once every partition is
+    /// idle, the empty one (expected, never delivered) does not hold the watermark at
+    /// nothing, and the windows the others have passed close.
+    #[test]
+    fn an_empty_partition_does_not_hold_the_watermark_once_all_are_idle() {
+        let now = 1_000_000;
+        let mut w = WatermarkTracker::new(Duration::from_secs(1), Duration::from_secs(10));
+        for p in 0..4 {
+            w.expect(p, now);
+        }
+        for p in [0, 1, 3] {
+            w.observe(p, 600_000 + i64::from(p), now);
+        }
+        assert!(
+            w.advance(now).is_none_or(|m| m < 0),
+            "held by the partition expected"
+        );
+        assert_eq!(w.advance(now + 60_000), Some(599_000));
     }
 
     #[test]
