@@ -1976,7 +1976,7 @@ impl QueryManager {
     /// them for the next start.
     pub async fn shutdown(&self) {
         let handles = self.handles();
-        futures::future::join_all(handles.iter().map(|h| stop(h))).await;
+        futures::future::join_all(handles.iter().map(|h| stop_within(h, SHUTDOWN_WAIT))).await;
         info!(queries = handles.len(), "queries stopped");
         let followers = self.followers.clone();
         let _ = tokio::task::spawn_blocking(move || followers.stop()).await;
@@ -2203,6 +2203,43 @@ fn check_name(kind: &str, name: &str) -> Result<(), ServiceError> {
     }
 }
 
+/// How long a service stopping waits for each query to flush and commit.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
+
+/// [`stop`], waiting at most `limit`: a query that has not stopped by then (its broker
+/// unreachable, say) is ended where it is, as a crash would end it, and resumes from its last
+/// checkpoint and committed offsets at the next start. A service asked to stop with its broker
+/// gone waited for its queries without end.
+async fn stop_within(handle: &QueryHandle, limit: Duration) {
+    let mut control = handle.control.lock().await;
+    control.stop.store(true, Ordering::Relaxed);
+    if let Some(task) = control.task.take()
+        && !finish_or_abort(task, limit).await
+    {
+        warn!(
+            query = %handle.entry.name,
+            waited_s = limit.as_secs(),
+            "query did not stop in time: ended without its last flush and commit; it resumes \
+             from its last checkpoint"
+        );
+    }
+}
+
+/// Waits up to `limit` for `task`; aborts it then. Whether it finished.
+async fn finish_or_abort(mut task: tokio::task::JoinHandle<()>, limit: Duration) -> bool {
+    match tokio::time::timeout(limit, &mut task).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            error!(error = %e, "query task ended abnormally");
+            true
+        }
+        Err(_) => {
+            task.abort();
+            false
+        }
+    }
+}
+
 /// Stops `handle`'s pipeline, if it runs, and waits until it has flushed and committed.
 async fn stop(handle: &QueryHandle) {
     let mut control = handle.control.lock().await;
@@ -2353,6 +2390,18 @@ async fn supervise_with<F, Fut>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A query task that does not stop (a pipeline waiting on a broker that is gone) is ended
+    /// after the wait; one that stops is awaited.
+    #[tokio::test]
+    async fn a_query_that_does_not_stop_in_time_is_ended() {
+        let stuck = tokio::spawn(std::future::pending::<()>());
+        let started = std::time::Instant::now();
+        assert!(!finish_or_abort(stuck, Duration::from_millis(200)).await);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let quick = tokio::spawn(async {});
+        assert!(finish_or_abort(quick, Duration::from_secs(5)).await);
+    }
 
     fn handle(name: &str) -> Arc<QueryHandle> {
         let entry = CatalogEntry {
