@@ -4186,7 +4186,26 @@ impl StreamQuery {
         Ok(filter_record_batch(batch, &BooleanArray::from(keep))?)
     }
 
+    /// [`StreamQuery::emit_due`], a failure on values named as one above the window: records
+    /// a query fails on go to the DLQ one by one only below its windows, and a value of a
+    /// window's result (a count of 0 as a divisor) fails the query, which says where and how
+    /// to guard it.
     async fn emit(&mut self, now_ms: i64, out: &mut StepOutput) -> Result<()> {
+        self.emit_due(now_ms, out).await.map_err(|e| {
+            if is_data_error(&e) {
+                datafusion::error::DataFusionError::Execution(format!(
+                    "the query failed on a result of its window, above the GROUP BY ({}); \
+                     unlike a record, a window's result cannot go to the DLQ: guard the \
+                     expression, e.g. x / NULLIF(count(y), 0), or TRY_CAST(x AS …)",
+                    e.find_root()
+                ))
+            } else {
+                e
+            }
+        })
+    }
+
+    async fn emit_due(&mut self, now_ms: i64, out: &mut StepOutput) -> Result<()> {
         if self.ordered.is_some() {
             let watermark = self.input_watermark(now_ms).unwrap_or(i64::MIN);
             // Detectors' timers (a sensor gone silent) fire on the watermark, with or
