@@ -108,12 +108,7 @@ pub async fn run_query<W: Write + ?Sized>(
             "this query reads {} streams ({}), and a file gives the rows of one: run it over \
              the streams' topics (replay each file to its topic, then register the query)",
             query.inputs().len(),
-            query
-                .inputs()
-                .iter()
-                .map(|t| t.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            query.input_names()
         )));
     }
     let source = query.source().clone();

@@ -2563,6 +2563,15 @@ impl StreamQuery {
         }
     }
 
+    /// The names of its input streams, for messages (`camera_events, detector_readings`).
+    pub fn input_names(&self) -> String {
+        self.inputs()
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The stream tables it reads: its source, and the other stream it joins.
     pub fn inputs(&self) -> Vec<&Arc<StreamTable>> {
         let mut out = vec![&self.source];

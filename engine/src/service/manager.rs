@@ -1156,12 +1156,7 @@ impl QueryManager {
                 "a preview over a topic reads one stream, and this query reads {} ({}): \
                  preview it over a file (\"input\"), or register it",
                 query.inputs().len(),
-                query
-                    .inputs()
-                    .iter()
-                    .map(|t| t.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                query.input_names()
             )));
         }
         let timeout = self.config.api.preview_timeout;
