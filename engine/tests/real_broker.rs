@@ -300,8 +300,8 @@ fn pairs_query(topic: &str) -> String {
          total BIGINT, first BIGINT, last BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL) \
          STORED AS KAFKA OPTIONS ('topic' '{topic}', 'key' 'segment_id'); \
          INSERT INTO pairs_out SELECT a.segment_id, window_start, window_end, count(*) AS events, \
-         sum(CAST(b.lane AS BIGINT)) AS total, min(CAST(a.lane AS BIGINT)) AS first, \
-         max(CAST(b.lane AS BIGINT)) AS last \
+         sum(CAST(b.lane AS BIGINT) - 1) AS total, min(CAST(a.lane AS BIGINT) - 1) AS first, \
+         max(CAST(b.lane AS BIGINT) - 1) AS last \
          FROM camera_events a JOIN camera_events b ON a.segment_id = b.segment_id \
            AND b.event_time BETWEEN a.event_time + INTERVAL '1 second' \
                                 AND a.event_time + INTERVAL '2 seconds' \

@@ -615,7 +615,23 @@ fn refuse_large_digests(expr: &datafusion::logical_expr::Expr) -> Result<()> {
                 "approx_percentile_cont_with_weight" => 3,
                 _ => return Ok(TreeNodeRecursion::Continue),
             };
-            if let Some(Expr::Literal(size, _)) = agg.params.args.get(size_at) {
+            let Some(mut size) = agg.params.args.get(size_at) else {
+                return Ok(TreeNodeRecursion::Continue);
+            };
+            // DataFusion evaluates any constant expression here: only a number, cast or not,
+            // can be checked before it does (`2000000 * 1000` went past a check of literals).
+            while let Expr::Cast(datafusion::logical_expr::Cast { expr, .. })
+            | Expr::TryCast(datafusion::logical_expr::TryCast { expr, .. }) = size
+            {
+                size = expr;
+            }
+            let Expr::Literal(size, _) = size else {
+                return plan_err!(
+                    "{name}(): give the digest's size as a number (at most \
+                     {MAX_DIGEST_CENTROIDS}), not an expression"
+                );
+            };
+            {
                 let too_many = match size.cast_to(&datafusion::arrow::datatypes::DataType::Float64)
                 {
                     Ok(datafusion::scalar::ScalarValue::Float64(Some(n))) => {
@@ -660,29 +676,46 @@ fn refuse_utc_read_as_local(
         };
         let utc = matches!(
             zone.to_ascii_uppercase().as_str(),
-            "UTC" | "Z" | "+00:00" | "+0000" | "+00" | "ETC/UTC" | "GMT"
+            "UTC"
+                | "UCT"
+                | "Z"
+                | "+00:00"
+                | "-00:00"
+                | "+0000"
+                | "+00"
+                | "ETC/UTC"
+                | "ETC/UCT"
+                | "ETC/GMT"
+                | "GMT"
+                | "UNIVERSAL"
+                | "ZULU"
         );
-        let from_column = !inner.column_refs().is_empty()
+        // A stream's time as it is: a column, or a window's bound. A timestamp made from
+        // something else (a text of wall-clock time cast to TIMESTAMP) may be a local time.
+        let bound = |e: &Expr| match e {
+            Expr::ScalarFunction(f) if f.name() == "get_field" => match f.args.get(1) {
+                Some(Expr::Literal(datafusion::scalar::ScalarValue::Utf8(Some(n)), _)) => {
+                    Some(n.clone())
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        let as_written = match inner.as_ref() {
+            Expr::Column(c) => Some(c.name.clone()),
+            other => bound(other),
+        };
+        let from_column = as_written.is_some()
             && inner
                 .get_type(schema)
                 .is_ok_and(|t| matches!(t, DataType::Timestamp(_, None)));
         if !utc && from_column {
-            // As the analyst wrote it: a column, or a window's bound (a field of the window).
-            let inner = match inner.as_ref() {
-                Expr::Column(c) => c.name.clone(),
-                Expr::ScalarFunction(f) if f.name() == "get_field" => match f.args.get(1) {
-                    Some(Expr::Literal(datafusion::scalar::ScalarValue::Utf8(Some(n)), _)) => {
-                        n.clone()
-                    }
-                    _ => "the time".into(),
-                },
-                _ => "the time".into(),
-            };
+            let inner = as_written.unwrap_or_default();
             return plan_err!(
                 "{inner} AT TIME ZONE '{zone}' would read its UTC time as a wall-clock time in \
                  {zone} (the engine's timestamps hold UTC instants): write ({inner} AT TIME \
-                 ZONE 'UTC') AT TIME ZONE '{zone}' for the time in {zone}, or add the offset \
-                 ({inner} + INTERVAL '7 hours' for Hanoi)"
+                 ZONE 'UTC') AT TIME ZONE '{zone}' for the time in {zone}, or add the zone's \
+                 offset (in Hanoi: {inner} + INTERVAL '7 hours')"
             );
         }
         Ok(TreeNodeRecursion::Continue)

@@ -1236,14 +1236,22 @@ impl StreamContext {
 /// GROUP BY segment_id`): the planner's "no field named window_start" with the way to get one.
 fn with_window_hint(e: datafusion::error::DataFusionError) -> datafusion::error::DataFusionError {
     let message = e.to_string();
+    // The column itself, not one whose name begins with it (window_start_utc).
+    let named = |c: &str| {
+        let pattern = format!("No field named {c}");
+        message.match_indices(&pattern).any(|(at, _)| {
+            !message[at + pattern.len()..].starts_with(|ch: char| ch.is_alphanumeric() || ch == '_')
+        })
+    };
     let missing = ["window_start", "window_end", "window_time"]
         .into_iter()
-        .find(|c| message.contains(&format!("No field named {c}")));
+        .find(|c| named(c));
     match missing {
         Some(column) => datafusion::error::DataFusionError::Plan(format!(
-            "{column} comes from a window in GROUP BY, and this query has none there: group by \
-             a window (GROUP BY tumble(event_time, INTERVAL '1 minute'), …; or hop, cumulate, \
-             session) to get window_start and window_end, or leave {column} out"
+            "{column} is a column of a window's result: it exists above a GROUP BY with a \
+             window (GROUP BY tumble(event_time, INTERVAL '1 minute'), …; or hop, cumulate, \
+             session), in its SELECT, HAVING or an outer query, not in the WHERE below it nor \
+             without a window; or leave {column} out"
         )),
         None => e,
     }

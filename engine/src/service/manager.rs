@@ -809,15 +809,7 @@ impl QueryManager {
                 handle.set(QueryState::Paused, None);
                 continue;
             }
-            let planned = match self.plan_request(&handle.entry.sql).await {
-                Ok(plans) => statements(&plans),
-                Err(e) => Err(e),
-            };
-            let checked = match planned {
-                Ok(planned) => self.check_outputs(&planned, None, builtin).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = checked {
+            if let Err(e) = self.validate_handle(&handle).await {
                 warn!(query = %name, error = %e, "registered query no longer plans");
                 handle.set(QueryState::Failed, Some(format!("does not plan: {e}")));
                 continue;
@@ -875,6 +867,13 @@ impl QueryManager {
         let planned = statements(&self.plan_request(sql).await?)?;
         self.check_outputs(&planned, None, false).await?;
         Ok(planned)
+    }
+
+    /// [`QueryManager::validate`] for a query known already: a built-in one is checked for its
+    /// targets only (see [`QueryManager::check_outputs`]).
+    async fn validate_handle(&self, handle: &QueryHandle) -> Result<(), ServiceError> {
+        let planned = statements(&self.plan_request(&handle.entry.sql).await?)?;
+        self.check_outputs(&planned, None, handle.builtin).await
     }
 
     /// Refuses statements that would write where a query must not: the city's input topics
@@ -1953,7 +1952,7 @@ impl QueryManager {
     pub async fn restart(&self, name: &str) -> Result<QueryStatus, ServiceError> {
         let _operation = self.operation(name).await;
         let handle = self.handle(name)?;
-        self.validate(&handle.entry.sql).await?;
+        self.validate_handle(&handle).await?;
         self.persist_paused(&handle, false)?;
         stop(&handle).await;
         self.start(&handle).await;

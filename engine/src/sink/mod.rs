@@ -57,28 +57,33 @@ pub fn conform(batch: &RecordBatch, schema: &TopicSchema) -> Result<RecordBatch>
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
     for (f, field) in target.fields().iter().enumerate() {
         match input.index_of(field.name()) {
-            // Not `cast`'s safe mode: a value the field cannot hold (a BIGINT beyond an INT)
-            // is an error naming it, not a null.
-            Ok(i) => columns.push(
-                cast_with_options(
-                    batch.column(i),
-                    field.data_type(),
-                    &CastOptions {
-                        safe: false,
-                        ..CastOptions::default()
-                    },
-                )
-                .map_err(|e| {
-                    Error::schema(
+            Ok(i) => {
+                let from = batch.column(i);
+                let to = cast(from, field.data_type())?;
+                // A value the field cannot hold (a BIGINT beyond an INT) is an error naming
+                // it, not a null; a float that is no number (NaN, ±∞) is null in any number
+                // field, as it is in JSON.
+                if to.null_count() > from.null_count() && !from.data_type().is_floating() {
+                    let strict = cast_with_options(
+                        from,
+                        field.data_type(),
+                        &CastOptions {
+                            safe: false,
+                            ..CastOptions::default()
+                        },
+                    );
+                    let why = strict.err().map_or_else(String::new, |e| format!(": {e}"));
+                    return Err(Error::schema(
                         &schema.name,
                         format!(
-                            "column {} does not fit the field's type {}: {e}",
+                            "column {} holds a value its field's type {} cannot hold{why}",
                             field.name(),
                             crate::schema::sql_type_name(field.data_type())
                         ),
-                    )
-                })?,
-            ),
+                    ));
+                }
+                columns.push(to);
+            }
             Err(_) if schema.defaults[f].is_some() => {
                 let default = schema.defaults[f]
                     .as_ref()
@@ -121,11 +126,19 @@ pub fn conform(batch: &RecordBatch, schema: &TopicSchema) -> Result<RecordBatch>
 /// null it was not.
 pub fn check_fit(output: &Schema, schema: &TopicSchema) -> std::result::Result<(), String> {
     let target = schema.output_schema();
-    let is_text = |t: &DataType| {
-        matches!(
-            t,
-            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Dictionary(_, _)
-        )
+    fn is_text(t: &DataType) -> bool {
+        match t {
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => true,
+            DataType::Dictionary(_, values) => is_text(values),
+            _ => false,
+        }
+    }
+    let takes_text = |t: &DataType| {
+        is_text(t)
+            || matches!(
+                t,
+                DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+            )
     };
     for field in output.fields() {
         let name = field.name();
@@ -145,11 +158,11 @@ pub fn check_fit(output: &Schema, schema: &TopicSchema) -> std::result::Result<(
         };
         let (from, into) = (field.data_type(), to.data_type());
         let sql = crate::schema::sql_type_name(into);
-        if from != into && is_text(from) && !is_text(into) {
+        if from != into && is_text(from) && !takes_text(into) {
             return Err(format!(
-                "column {name} is text but the sink's field {name} is {sql}: a text that is not \
-                 one would be written as null. Convert it in the SELECT (CAST({name} AS {sql}), \
-                 or a CASE), or declare the field VARCHAR"
+                "column {name} is text but the sink's field {name} is {sql}: a text is not \
+                 written as a {sql}. Convert it in the SELECT (CAST({name} AS {sql}), or a \
+                 CASE), or declare the field VARCHAR"
             ));
         }
         if from != into && !datafusion::arrow::compute::can_cast_types(from, into) {
@@ -1070,6 +1083,61 @@ mod tests {
                 serde_json::json!({"x": -300})
             ]
         );
+    }
+
+    /// A number its field cannot hold fails with the field named (a safe cast wrote it as
+    /// null); a float that is no number is null in any number field, as before.
+    #[test]
+    fn a_number_too_large_for_its_field_is_an_error_and_nan_is_null() {
+        use datafusion::arrow::array::{Float64Array, Int64Array, TimestampMillisecondArray};
+        let registry = SchemaRegistry::embedded().expect("schemas");
+        let schema = registry.get("water_indicator").expect("schema");
+        let field = schema
+            .output_schema()
+            .fields()
+            .iter()
+            .find(|f| f.data_type() == &DataType::Int32)
+            .map(|f| f.name().clone())
+            .expect("an INT field");
+        let batch_of = |values: ArrayRef| {
+            let mut columns: Vec<(String, ArrayRef)> = Vec::new();
+            for f in schema.output_schema().fields() {
+                if !f.is_nullable() && f.name() != &field {
+                    let column: ArrayRef = match f.data_type() {
+                        DataType::Utf8 => Arc::new(StringArray::from(vec!["x"])),
+                        DataType::Timestamp(..) => {
+                            Arc::new(TimestampMillisecondArray::from(vec![60_000]))
+                        }
+                        other => datafusion::scalar::ScalarValue::new_zero(other)
+                            .and_then(|z| z.to_array_of_size(1))
+                            .expect("a zero"),
+                    };
+                    columns.push((f.name().clone(), column));
+                }
+            }
+            columns.push((field.clone(), values));
+            RecordBatch::try_from_iter(columns).expect("batch")
+        };
+        let err = conform(
+            &batch_of(Arc::new(Int64Array::from(vec![5_000_000_000]))),
+            &schema,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(&format!(
+                "column {field} holds a value its field's type INT cannot hold"
+            )),
+            "{err}"
+        );
+        let fits = conform(&batch_of(Arc::new(Int64Array::from(vec![3]))), &schema);
+        assert!(fits.is_ok(), "{fits:?}");
+        let nan = batch_of(Arc::new(Float64Array::from(vec![f64::NAN])));
+        match conform(&nan, &schema) {
+            Ok(out) => assert!(out.column_by_name(&field).expect("field").is_null(0)),
+            // A field that may not be null says so, not that NaN does not fit.
+            Err(e) => assert!(e.to_string().contains("may not be NULL"), "{e}"),
+        }
     }
 
     #[test]

@@ -397,7 +397,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 /// The numbered event `seq`: its segment, its event time and the record (`lane` carries the
-/// sequence number).
+/// sequence number plus one).
 pub fn event(t0: i64, seq: usize) -> (String, i64, Value) {
     let segment = SEGMENTS[seq % SEGMENTS.len()].to_string();
     let t = t0 + seq as i64 * STEP_MS;
@@ -408,7 +408,8 @@ pub fn event(t0: i64, seq: usize) -> (String, i64, Value) {
         "kind": "detection",
         "vehicle_class": "motorbike",
         "speed_kmh": 30.0,
-        "lane": seq as i64,
+        // Lanes start at 1 (the schema's range); the queries take 1 off again.
+        "lane": seq as i64 + 1,
         "confidence": 0.9,
     });
     (segment, t, record)
@@ -456,7 +457,7 @@ pub fn produce(brokers: &str, t0: i64, events: usize) -> anyhow::Result<()> {
     for p in 0..PARTITIONS {
         let record = json!({
             "camera_id": "flush", "segment_id": "flush", "event_time": flush,
-            "kind": "detection", "lane": 0, "confidence": 0.9,
+            "kind": "detection", "lane": 1, "confidence": 0.9,
         });
         let payload = serde_json::to_vec(&record)?;
         producer
@@ -519,8 +520,8 @@ pub fn counts_query(topic: &str) -> String {
          total BIGINT, first BIGINT, last BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL) \
          STORED AS KAFKA OPTIONS ('topic' '{topic}', 'key' 'segment_id'); \
          INSERT INTO counts_out SELECT segment_id, window_start, window_end, count(*) AS events, \
-         sum(CAST(lane AS BIGINT)) AS total, min(CAST(lane AS BIGINT)) AS first, \
-         max(CAST(lane AS BIGINT)) AS last \
+         sum(CAST(lane AS BIGINT) - 1) AS total, min(CAST(lane AS BIGINT) - 1) AS first, \
+         max(CAST(lane AS BIGINT) - 1) AS last \
          FROM camera_events GROUP BY tumble(event_time, INTERVAL '10 seconds'), segment_id"
     )
 }
@@ -534,8 +535,8 @@ pub fn ward_query(topic: &str) -> String {
          total BIGINT, first BIGINT, last BIGINT, revision INT NOT NULL, is_final BOOLEAN NOT NULL) \
          STORED AS KAFKA OPTIONS ('topic' '{topic}', 'key' 'ward_id'); \
          INSERT INTO ward_out SELECT s.ward_id, window_start, window_end, count(*) AS events, \
-         sum(CAST(c.lane AS BIGINT)) AS total, min(CAST(c.lane AS BIGINT)) AS first, \
-         max(CAST(c.lane AS BIGINT)) AS last \
+         sum(CAST(c.lane AS BIGINT) - 1) AS total, min(CAST(c.lane AS BIGINT) - 1) AS first, \
+         max(CAST(c.lane AS BIGINT) - 1) AS last \
          FROM camera_events c LEFT JOIN segments s ON c.segment_id = s.segment_id \
          GROUP BY tumble(c.event_time, INTERVAL '10 seconds'), s.ward_id"
     )

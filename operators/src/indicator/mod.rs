@@ -30,7 +30,6 @@ use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{Result, exec_err};
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs};
 
-/// The arguments of a call as `Float64` arrays of the call's length.
 /// Refuses, when the query is planned, a constant text argument `at` of function `name` that
 /// `known` does not take (`vn_aqi_sub('xyz', pm25)` was accepted, and failed the query on its
 /// first row); a column's texts are still checked row by row when it runs.
@@ -56,6 +55,7 @@ pub(crate) fn check_constant_text(
     Ok(())
 }
 
+/// The arguments of a call as `Float64` arrays of the call's length.
 pub(crate) fn float_args(name: &str, args: &ScalarFunctionArgs) -> Result<Vec<Float64Array>> {
     float_args_from(name, &ColumnarValue::values_to_arrays(&args.args)?)
 }
