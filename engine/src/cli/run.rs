@@ -86,6 +86,7 @@ pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
         rename: args.rename.clone(),
         time_unit: args.time_unit.clone(),
         time_zone: args.time_zone.clone(),
+        state_limit: None,
     };
     let mut output = match &args.output {
         Some(path) => Some(std::io::BufWriter::new(

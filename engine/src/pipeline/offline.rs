@@ -76,6 +76,52 @@ pub struct RunInput {
     pub time_unit: String,
     /// Time zone of event-time texts written without one.
     pub time_zone: String,
+    /// Bytes the query's state may hold (a preview runs in its query's memory limit); none
+    /// for `urbanstream run`, on the operator's own machine.
+    pub state_limit: Option<usize>,
+}
+
+/// Holds a run's state within its limit, measured as the service measures a running query's:
+/// when its entries grew by an eighth (or 4 096), and every few steps besides (one group's
+/// `string_agg` grows without new entries).
+struct StateMeter {
+    limit: Option<usize>,
+    measured: Option<usize>,
+    steps: u32,
+}
+
+impl StateMeter {
+    fn new(limit: Option<usize>) -> Self {
+        Self {
+            limit,
+            measured: None,
+            steps: 0,
+        }
+    }
+
+    fn check(&mut self, query: &StreamQuery) -> Result<()> {
+        let Some(limit) = self.limit else {
+            return Ok(());
+        };
+        self.steps += 1;
+        let groups = query.state_groups();
+        let due = self.steps.is_multiple_of(8)
+            || self
+                .measured
+                .is_none_or(|then| groups > then + (then / 8).max(4_096));
+        if !due {
+            return Ok(());
+        }
+        self.measured = Some(groups);
+        let bytes = query.state_bytes();
+        if bytes > limit {
+            return Err(Error::ResourceLimit(format!(
+                "state of {bytes} bytes in {groups} entries (windows, sessions, detector keys) \
+                 does not fit the query's memory limit of {limit} bytes"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The one stream query of `sql` (its `CREATE EXTERNAL TABLE` and `SET` statements
@@ -159,6 +205,7 @@ pub async fn run_query<W: Write + ?Sized>(
         .map(|f| f.name().clone())
         .collect();
     let mut unreadable = Unreadable::default();
+    let mut meter = StateMeter::new(input.state_limit);
     let mut now_ms = i64::MIN;
     let mut offset = 0i64;
     while let Some(batch) = stream.next().await {
@@ -205,6 +252,7 @@ pub async fn run_query<W: Write + ?Sized>(
             .process(&decoded.batch, &partitions, Some(&offsets), now_ms.max(0))
             .await?;
         take(&query, out, limit, &mut summary, output.as_deref_mut())?;
+        meter.check(&query)?;
     }
     summary.unreadable_time = unreadable.skipped;
     summary.first_unreadable = unreadable.first;
@@ -224,6 +272,7 @@ pub async fn run_query_over_records(
     batches: &[RawBatch],
     limit: usize,
     codecs: &Codecs,
+    state_limit: Option<usize>,
 ) -> Result<RunSummary> {
     const CHUNK: usize = 4096;
     let source = query.source().clone();
@@ -271,6 +320,7 @@ pub async fn run_query_over_records(
             .map_or(i64::MIN, |t| t.value(row))
     };
     let mut now_ms = 0i64;
+    let mut meter = StateMeter::new(state_limit);
     let mut chunk: Vec<(usize, usize)> = Vec::with_capacity(CHUNK);
     loop {
         // The partition whose next record is oldest (by partition on ties).
@@ -307,6 +357,7 @@ pub async fn run_query_over_records(
             .process(&batch, &partitions, Some(&offsets), now_ms)
             .await?;
         take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
+        meter.check(&query)?;
         chunk.clear();
     }
     let out = query.advance_watermark(i64::MAX / 4, now_ms).await?;
@@ -1165,6 +1216,7 @@ mod topic_tests {
             rename: Vec::new(),
             time_unit: "ms".into(),
             time_zone: "+00:00".into(),
+            state_limit: None,
         };
         let Err(error) = run_query(query, &input, 10, None::<&mut std::io::Sink>).await else {
             panic!("run over one file");
@@ -1175,6 +1227,49 @@ mod topic_tests {
                 .contains("this query reads 2 streams (a, b), and a file gives the rows of one"),
             "{error}"
         );
+        Ok(())
+    }
+
+    /// A preview runs in its query's memory limit: one window's `string_agg` grew to 1.18 GB
+    /// (a 3.6 GB process) against a limit of 512 MiB, where the registered query failed.
+    #[tokio::test]
+    async fn a_previews_state_is_held_to_its_limit() -> Result<()> {
+        let sql = "CREATE EXTERNAL TABLE pin (k VARCHAR NOT NULL, t VARCHAR NOT NULL, \
+                   event_time TIMESTAMP NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'pin', \
+                   'format' 'json', 'event_time' 'event_time'); \
+                   SELECT window_start, length(string_agg(t, ',')) AS n FROM pin \
+                   GROUP BY tumble(event_time, INTERVAL '1 day')";
+        let t0 = 1_772_409_600_000i64;
+        let text = "x".repeat(10_000);
+        let mut batches = Vec::new();
+        for b in 0..20 {
+            let mut raw = RawBatch::new("pin");
+            for i in 0..50 {
+                let value = format!(
+                    r#"{{"k":"a","t":"{text}","event_time":{}}}"#,
+                    t0 + (b * 50 + i) * 1000
+                );
+                raw.push(0, b * 50 + i, Some(b"k"), Some(value.as_bytes()));
+            }
+            batches.push(raw);
+        }
+        let ctx = StreamContext::new();
+        let query = one_query(&ctx, sql, "the SQL").await?;
+        let Err(error) =
+            run_query_over_records(query, &batches, 10, &Codecs::default(), Some(1 << 20)).await
+        else {
+            panic!("10 MB of text in a 1 MiB limit");
+        };
+        assert!(
+            error
+                .to_string()
+                .contains("does not fit the query's memory limit of 1048576 bytes"),
+            "{error}"
+        );
+        let query = one_query(&StreamContext::new(), sql, "the SQL").await?;
+        let summary =
+            run_query_over_records(query, &batches, 10, &Codecs::default(), Some(64 << 20)).await?;
+        assert_eq!(summary.output_rows, 1);
         Ok(())
     }
 
@@ -1209,7 +1304,8 @@ mod topic_tests {
             }
             batches.push(raw);
         }
-        let summary = run_query_over_records(query, &batches, 1_000, &Codecs::default()).await?;
+        let summary =
+            run_query_over_records(query, &batches, 1_000, &Codecs::default(), None).await?;
         assert_eq!(summary.diverted, BTreeMap::new(), "nothing is late");
         assert_eq!(summary.output_rows, 40);
         let mut counts = Vec::new();

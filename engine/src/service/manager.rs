@@ -1205,6 +1205,7 @@ impl QueryManager {
                         rename,
                         time_unit: time_unit.unwrap_or_else(|| "ms".into()),
                         time_zone: time_zone.unwrap_or_else(|| "+00:00".into()),
+                        state_limit: Some(pool),
                     };
                     let summary = crate::pipeline::offline::run_query(
                         query,
@@ -1245,6 +1246,7 @@ impl QueryManager {
                         &read.batches,
                         limit,
                         &codecs,
+                        Some(pool),
                     )
                     .await?;
                     Ok((summary, read.truncated))
