@@ -107,9 +107,12 @@ pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
 pub fn report(summary: &RunSummary) -> Result<String> {
     let mut out = String::new();
     if !summary.shown.is_empty() {
-        out.push_str(
-            &datafusion::arrow::util::pretty::pretty_format_batches(&summary.shown)?.to_string(),
-        );
+        let shown = summary
+            .shown
+            .iter()
+            .map(cells_for_a_terminal)
+            .collect::<Result<Vec<_>>>()?;
+        out.push_str(&datafusion::arrow::util::pretty::pretty_format_batches(&shown)?.to_string());
         out.push('\n');
     }
     out.push_str(&format!(
@@ -536,5 +539,82 @@ mod reference_tests {
         args.reference = vec!["sensors".into()];
         assert!(run_file(&args).await.is_err(), "TABLE=FILE");
         Ok(())
+    }
+}
+
+/// `batch` with every control character of its texts written as an escape (`\u{1b}`, `\u{a}`):
+/// an escape sequence in a row's value was obeyed by the terminal, and a newline in one drew
+/// rows of its own in the table.
+fn cells_for_a_terminal(
+    batch: &datafusion::arrow::array::RecordBatch,
+) -> Result<datafusion::arrow::array::RecordBatch> {
+    use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        if matches!(
+            field.data_type(),
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+        ) {
+            let text = datafusion::arrow::compute::cast(column, &DataType::Utf8)?;
+            let text = text.as_string::<i32>();
+            let escaped: StringArray = (0..text.len())
+                .map(|i| {
+                    text.is_valid(i).then(|| {
+                        let mut out = String::with_capacity(text.value(i).len());
+                        for c in text.value(i).chars() {
+                            if c.is_control() {
+                                out.extend(c.escape_unicode());
+                            } else {
+                                out.push(c);
+                            }
+                        }
+                        out
+                    })
+                })
+                .collect();
+            fields.push(Field::new(
+                field.name(),
+                DataType::Utf8,
+                field.is_nullable(),
+            ));
+            columns.push(std::sync::Arc::new(escaped));
+        } else {
+            fields.push(field.as_ref().clone());
+            columns.push(column.clone());
+        }
+    }
+    Ok(datafusion::arrow::array::RecordBatch::try_new(
+        std::sync::Arc::new(Schema::new(fields)),
+        columns,
+    )?)
+}
+
+#[cfg(test)]
+mod terminal_tests {
+    use super::*;
+
+    /// A value's escape sequence and newline are shown as escapes, not obeyed.
+    #[test]
+    fn a_runs_table_shows_control_characters_as_escapes() {
+        use datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
+        let batch = RecordBatch::try_from_iter(vec![(
+            "t",
+            std::sync::Arc::new(StringArray::from(vec![
+                Some("red\u{1b}[31m"),
+                Some("a\nb"),
+                None,
+            ])) as ArrayRef,
+        )])
+        .expect("batch");
+        let summary = RunSummary {
+            shown: vec![batch],
+            ..RunSummary::default()
+        };
+        let text = report(&summary).expect("report");
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(text.contains("red\\u{1b}[31m"), "{text}");
+        assert!(text.contains("a\\u{a}b"), "{text}");
     }
 }

@@ -713,9 +713,6 @@ fn control(name: &str, action: &str) -> Result<(Method, String, Option<Value>, S
     ))
 }
 
-/// `text` safe for a terminal: control characters other than newlines and tabs (an escape
-/// sequence in a query's SQL or a row's value, which the terminal would obey) written as
-/// escapes (`\u{1b}`).
 /// A table's CSV as `table rows` prints it: as it is into a file or a pipe (a copy to edit
 /// and replace the table with: its CRLF line ends were written out as `\u{d}`, and the
 /// header no longer matched), and on a terminal with its line ends as the terminal's and
@@ -728,6 +725,9 @@ fn csv_for_stdout(csv: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(printable(&csv.replace("\r\n", "\n")).into_owned())
 }
 
+/// `text` safe for a terminal: control characters other than newlines and tabs (an escape
+/// sequence in a query's SQL or a row's value, which the terminal would obey) written as
+/// escapes (`\u{1b}`).
 pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
     if !text.contains(unsafe_char) {
