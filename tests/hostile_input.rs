@@ -13,7 +13,7 @@ use urbanstream::decode::JsonDecoder;
 use urbanstream::pipeline::{Pipeline, PipelineConfig, PipelineStats, Topics};
 use urbanstream::schema::SchemaRegistry;
 use urbanstream::source::RawBatch;
-use urbanstream_tests::{TestCluster, read_json};
+use urbanstream_tests::{TestCluster, read_json, read_until_quiet};
 
 /// A valid camera detection.
 fn camera_event(i: u64) -> Vec<u8> {
@@ -267,5 +267,106 @@ async fn a_result_row_over_the_record_limit_fails_the_query_with_the_reason() ->
             && message.contains("more than the largest record the producer sends"),
         "{message}"
     );
+    Ok(())
+}
+
+/// A new query begins reading a partition at its log's start while the log is full and
+/// records keep arriving: the broker deletes the log's old end before the query reaches it
+/// (the embedded broker keeps 5 MiB a partition). Those records were never the query's to
+/// read, as it starts at whatever the log holds: their gap is recorded in the DLQ and the
+/// query reads on, rather than fail at once ("data loss") and again when re-created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_query_reads_on_when_the_log_start_passes_it_in_its_backlog() -> anyhow::Result<()> {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = TestCluster::start(1)?;
+    cluster.broker.create_topic("test.backlog", 1)?;
+    let topics = Topics::default();
+    let pad = "x".repeat(100_000);
+    let padded = |i: u64| -> Vec<u8> {
+        let mut v: serde_json::Value = serde_json::from_slice(&camera_event(i)).expect("json");
+        v["pad"] = json!(pad);
+        serde_json::to_vec(&v).expect("json")
+    };
+    // A full log: more than 5 MiB.
+    for i in 0..80 {
+        cluster.produce(&topics.camera, 0, "k", &padded(i)).await?;
+    }
+    // The query's first fetches fail (the broker answers "not the leader"), so that its log
+    // start is deleted before it reads it, however long the group takes to assign it.
+    cluster.broker.fail_requests(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 6],
+    );
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "backlog".into();
+    config.default_queries = false;
+    config.name = Some("backlog".into());
+    config.queries = vec![(
+        "backlog".into(),
+        "CREATE EXTERNAL TABLE backlog (camera_id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.backlog', 'format' 'json');
+         INSERT INTO backlog SELECT camera_id, event_time FROM camera_events"
+            .into(),
+    )];
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let mut task = tokio::spawn(pipeline.run(stop.clone()));
+    // Records keep arriving, turning the log over many times.
+    for i in 80..400 {
+        cluster.produce(&topics.camera, 0, "k", &padded(i)).await?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut marker = json!({
+        "camera_id": "cam-last", "segment_id": "seg-1", "event_time": 1_767_222_100_000_i64,
+        "kind": "detection", "vehicle_class": "car", "speed_kmh": 20.0, "confidence": 0.9
+    });
+    cluster
+        .produce(&topics.camera, 0, "k", &serde_json::to_vec(&marker)?)
+        .await?;
+    marker["camera_id"] = json!("cam-done");
+    cluster
+        .produce(&topics.camera, 0, "k", &serde_json::to_vec(&marker)?)
+        .await?;
+
+    let output = cluster.consumer("test.backlog")?;
+    let read = tokio::select! {
+        read = async {
+            let mut seen = Vec::new();
+            loop {
+                let batch = read_json(&output, 1, Duration::from_secs(60)).await?;
+                seen.extend(batch.into_iter().map(|(_, v)| v));
+                if seen.iter().any(|v| v["camera_id"] == "cam-done") {
+                    return anyhow::Ok(seen);
+                }
+            }
+        } => read?,
+        ended = &mut task => anyhow::bail!("the query ended before reading on: {:?}", ended?),
+    };
+    assert!(read.iter().any(|v| v["camera_id"] == "cam-last"));
+    let dead = read_until_quiet(
+        &cluster.consumer(&topics.dlq)?,
+        Duration::from_secs(3),
+        Duration::from_secs(30),
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    let gaps: Vec<&serde_json::Value> = dead.iter().filter(|v| v["stage"] == "gap").collect();
+    assert!(!gaps.is_empty(), "no gap record: {dead:?}");
+    for gap in gaps {
+        assert_eq!(gap["topic"], topics.camera.as_str());
+        let (from, end) = (
+            gap["offset"].as_i64().unwrap_or(-1),
+            gap["gap_end"].as_i64().unwrap_or(-1),
+        );
+        assert!(0 <= from && from < end, "{gap}");
+        assert!(
+            gap["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("backlog the query began with")),
+            "{gap}"
+        );
+    }
     Ok(())
 }

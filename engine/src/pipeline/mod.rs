@@ -931,7 +931,7 @@ impl Pipeline {
                 None => read_next(&self.source).await,
             };
             let batches = match read {
-                Err(Error::DataLoss(reason)) if self.skips_data_loss() => {
+                Err(Error::DataLoss(reason)) => {
                     self.record_gaps(&reason).await?;
                     continue;
                 }
@@ -1004,11 +1004,22 @@ impl Pipeline {
         !self.queries.is_empty() && self.queries.iter().all(|r| r.query.skips_data_loss())
     }
 
-    /// Input records deleted before they were read (`reason`, from the consumer): each gap
-    /// goes to the DLQ as a gap record (topic, partition, first and end offset, stage `gap`),
-    /// is counted and logged, and its partition goes on from its log's start.
+    /// Input records deleted before they were read (`reason`, from the consumer). Where the
+    /// queries skip such input (`urbanstream.on_data_loss = 'skip'`), or the records were in
+    /// the backlog a partition held when the query began reading it at its log's start (the
+    /// log's old end, deleted before the query got there), each gap goes to the DLQ as a gap
+    /// record (topic, partition, first and end offset, stage `gap`), is counted and logged,
+    /// and its partition goes on from its log's start. Otherwise the query fails with the
+    /// reason.
     async fn record_gaps(&mut self, reason: &str) -> Result<()> {
         let gaps = blocking(|| self.source.gaps(Duration::from_secs(30)))?;
+        if !self.skips_data_loss()
+            && !gaps.iter().all(|(topic, partition, from, _)| {
+                self.source.reading_backlog(topic, *partition, *from)
+            })
+        {
+            return Err(Error::DataLoss(reason.to_string()));
+        }
         if gaps.is_empty() {
             // The consumer reports each partition's reset: those after the first arrive once
             // every gap is recorded already.
@@ -1036,9 +1047,15 @@ impl Pipeline {
                         key: None,
                         error: format!(
                             "{} records (offsets {from} to {}) were deleted from the log before \
-                             the query read them; skipped under urbanstream.on_data_loss = 'skip'",
+                             the query read them; skipped {}",
                             to - from,
-                            to - 1
+                            to - 1,
+                            if self.skips_data_loss() {
+                                "under urbanstream.on_data_loss = 'skip'"
+                            } else {
+                                "as the old end of the backlog the query began with at the \
+                                 log's start"
+                            }
                         ),
                         stage: "gap".into(),
                         payload: String::new(),

@@ -316,6 +316,17 @@ pub struct KafkaSource {
     rewinding: AtomicBool,
     /// The partitions of [`KafkaSourceConfig::start_at`] not assigned yet.
     start_at: Mutex<HashMap<(String, i32), i64>>,
+    /// Partitions started at their log's start in this run (nothing committed, or read anew),
+    /// with the end of their log when they were assigned: their backlog, which retention may
+    /// shorten at its old end while the query reads it ([`Self::reading_backlog`]).
+    backlogs: Mutex<HashMap<(String, i32), Backlog>>,
+}
+
+/// Where a partition's log started and ended when a query began reading it at its start.
+#[derive(Clone, Copy, Debug)]
+struct Backlog {
+    start: i64,
+    end: i64,
 }
 
 /// The consumer group's session timeout (`session.timeout.ms`), ms.
@@ -380,6 +391,7 @@ impl KafkaSource {
             lag_probe_busy: Arc::new(AtomicBool::new(false)),
             rewinding: AtomicBool::new(!config.from_beginning.is_empty()),
             start_at: Mutex::new(config.start_at.clone()),
+            backlogs: Mutex::new(HashMap::new()),
             config,
         })
     }
@@ -507,7 +519,17 @@ impl KafkaSource {
         let mut out = Vec::new();
         for e in self.consumer.assignment()?.elements() {
             let key = (e.topic().to_string(), e.partition());
-            let Some(position) = positions.get(&key).or(fetching.get(&key)).copied() else {
+            let backlog_start = self
+                .backlogs
+                .lock()
+                .ok()
+                .and_then(|b| b.get(&key).map(|b| b.start));
+            let Some(position) = positions
+                .get(&key)
+                .or(fetching.get(&key))
+                .copied()
+                .or(backlog_start)
+            else {
                 continue;
             };
             let (low, _) = self.consumer.fetch_watermarks(&key.0, key.1, timeout)?;
@@ -662,7 +684,7 @@ impl KafkaSource {
         for key in partitions {
             let offset = match (positions.get(key), self.start_at(key), committed.get(key)) {
                 (Some(&o), _, _) | (None, Some(o), _) | (None, None, Some(&o)) => Offset::Offset(o),
-                (None, None, None) => Offset::Beginning,
+                (None, None, None) => self.log_start(key),
             };
             debug!(topic = %key.0, partition = key.1, ?offset, "partition assigned");
             list.add_partition_offset(&key.0, key.1, offset)?;
@@ -678,6 +700,38 @@ impl KafkaSource {
             }
         }
         Ok(())
+    }
+
+    /// Where a partition without a position starts: its log's start, asked for explicitly
+    /// and noted with its end as the backlog the query reads first. Blocking.
+    fn log_start(&self, key: &(String, i32)) -> Offset {
+        match self
+            .consumer
+            .fetch_watermarks(&key.0, key.1, Duration::from_secs(30))
+        {
+            Ok((start, end)) => {
+                if let Ok(mut backlogs) = self.backlogs.lock() {
+                    backlogs.insert(key.clone(), Backlog { start, end });
+                }
+                Offset::Offset(start)
+            }
+            Err(e) => {
+                debug!(topic = %key.0, partition = key.1, error = %e, "log start not known");
+                Offset::Beginning
+            }
+        }
+    }
+
+    /// Whether `position` of a partition is still in the backlog the query found there when
+    /// it began reading the partition at its log's start in this run. Records deleted from
+    /// that backlog's old end before the query reached them were never the query's to read
+    /// (it starts at whatever the log holds), so their gap is recorded, not a failure; past
+    /// the backlog, a gap is input the query fell behind on.
+    pub fn reading_backlog(&self, topic: &str, partition: i32, position: i64) -> bool {
+        self.backlogs.lock().is_ok_and(|b| {
+            b.get(&(topic.to_string(), partition))
+                .is_some_and(|b| position < b.end)
+        })
     }
 
     /// The group's committed offsets of those of `partitions` that have one. Blocking.
