@@ -152,17 +152,7 @@ async fn garbage_through_the_broker(
     }
     let stats = Arc::new(PipelineStats::new());
     let stop = Arc::new(AtomicBool::new(false));
-    let mut config = PipelineConfig::new(&cluster.brokers);
-    config.group_id = "garbage".into();
-    config.default_queries = false;
-    config.name = Some("passthrough".into());
-    config.queries = vec![(
-        "passthrough".into(),
-        "CREATE EXTERNAL TABLE passed (camera_id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL)
-         STORED AS KAFKA OPTIONS ('topic' 'test.passed', 'format' 'json');
-         INSERT INTO passed SELECT camera_id, event_time FROM camera_events"
-            .into(),
-    )];
+    let config = passthrough(&cluster.brokers, "garbage", "passthrough", "passed");
     let pipeline = Pipeline::new(config, stats.clone()).await?;
     let task = tokio::spawn(pipeline.run(stop.clone()));
 
@@ -239,19 +229,16 @@ async fn a_result_row_over_the_record_limit_fails_the_query_with_the_reason() ->
     }
     let stats = Arc::new(PipelineStats::new());
     let stop = Arc::new(AtomicBool::new(false));
-    let mut config = PipelineConfig::new(&cluster.brokers);
-    config.group_id = "padded".into();
-    config.default_queries = false;
-    config.name = Some("padded".into());
-    config.queries = vec![(
-        "padded".into(),
+    let config = one_query(
+        &cluster.brokers,
+        "padded",
+        "padded",
         "CREATE EXTERNAL TABLE padded (camera_id VARCHAR NOT NULL, pad VARCHAR NOT NULL)
          STORED AS KAFKA OPTIONS ('topic' 'test.padded', 'format' 'json');
          INSERT INTO padded SELECT camera_id,
            CASE WHEN camera_id = 'cam-0012' THEN repeat('x', 1100000) ELSE 'ok' END AS pad
-         FROM camera_events"
-            .into(),
-    )];
+         FROM camera_events",
+    );
     let pipeline = Pipeline::new(config, stats.clone()).await?;
     let run = tokio::time::timeout(Duration::from_secs(60), pipeline.run(stop.clone())).await;
     stop.store(true, Ordering::Relaxed);
@@ -299,17 +286,7 @@ async fn a_new_query_reads_on_when_the_log_start_passes_it_in_its_backlog() -> a
     );
     let stats = Arc::new(PipelineStats::new());
     let stop = Arc::new(AtomicBool::new(false));
-    let mut config = PipelineConfig::new(&cluster.brokers);
-    config.group_id = "backlog".into();
-    config.default_queries = false;
-    config.name = Some("backlog".into());
-    config.queries = vec![(
-        "backlog".into(),
-        "CREATE EXTERNAL TABLE backlog (camera_id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL)
-         STORED AS KAFKA OPTIONS ('topic' 'test.backlog', 'format' 'json');
-         INSERT INTO backlog SELECT camera_id, event_time FROM camera_events"
-            .into(),
-    )];
+    let config = passthrough(&cluster.brokers, "backlog", "backlog", "backlog");
     let pipeline = Pipeline::new(config, stats.clone()).await?;
     let mut task = tokio::spawn(pipeline.run(stop.clone()));
     // Records keep arriving, turning the log over many times.
@@ -369,4 +346,30 @@ async fn a_new_query_reads_on_when_the_log_start_passes_it_in_its_backlog() -> a
         );
     }
     Ok(())
+}
+
+/// A pipeline of one query, `sql` named `name`, in consumer group `group`.
+fn one_query(brokers: &str, group: &str, name: &str, sql: &str) -> PipelineConfig {
+    let mut config = PipelineConfig::new(brokers);
+    config.group_id = group.into();
+    config.default_queries = false;
+    config.name = Some(name.into());
+    config.queries = vec![(name.into(), sql.into())];
+    config
+}
+
+/// A pipeline of one query, `name`, that writes each camera event's id and time to topic
+/// `test.{table}`.
+fn passthrough(brokers: &str, group: &str, name: &str, table: &str) -> PipelineConfig {
+    one_query(
+        brokers,
+        group,
+        name,
+        &format!(
+            "CREATE EXTERNAL TABLE {table} (camera_id VARCHAR NOT NULL, \
+               event_time TIMESTAMP NOT NULL)
+             STORED AS KAFKA OPTIONS ('topic' 'test.{table}', 'format' 'json');
+             INSERT INTO {table} SELECT camera_id, event_time FROM camera_events"
+        ),
+    )
 }
