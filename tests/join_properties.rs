@@ -728,3 +728,93 @@ async fn a_join_side_going_idle_releases_rows_however_often_it_is_ticked() -> an
     );
     Ok(())
 }
+
+/// A backlog's micro-batch of one key meeting many buffered rows: 2 100 rows on each side
+/// make 4 410 000 pairs from one batch, more than a join's results may be from one
+/// micro-batch. Aggregated above the join, the pairs go through in parts and every one is
+/// counted (a cap on pairs per micro-batch failed this query at every retry); with nothing
+/// aggregating them, the query fails naming the way out rather than hold them all.
+#[tokio::test]
+async fn a_micro_batch_of_millions_of_pairs_is_aggregated_in_parts() -> anyhow::Result<()> {
+    const ROWS: usize = 2_100;
+    let tables = [
+        "CREATE EXTERNAL TABLE a (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'ta', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '7d')",
+        "CREATE EXTERNAL TABLE b (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'tb', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '7d')",
+    ];
+    let now = T0 + 86_400_000;
+    let batch = |rows: usize, t: i64| -> anyhow::Result<RecordBatch> {
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("id", Arc::new(Int64Array::from_iter_values(0..rows as i64))),
+            (
+                "k",
+                Arc::new(datafusion::arrow::array::StringViewArray::from(vec![
+                    Some(
+                        "k0"
+                    );
+                    rows
+                ])),
+            ),
+            (
+                "t",
+                Arc::new(TimestampMillisecondArray::from(vec![t; rows])),
+            ),
+            ("v", Arc::new(Int64Array::from_iter_values(0..rows as i64))),
+        ];
+        Ok(RecordBatch::try_from_iter(columns)?)
+    };
+    let mut counted = plan_query(tables.iter().copied().chain([format!(
+        "SELECT window_start, count(*) AS pairs, sum(a.v + b.v) AS total FROM a JOIN b ON {BOUND} \
+         GROUP BY tumble(a.t, INTERVAL '5 minutes')"
+    )
+    .as_str()]))
+    .await?;
+    let mut rows = Vec::new();
+    for (table, t) in [
+        ("b", T0),
+        ("a", T0),
+        ("a", T0 + 3_600_000),
+        ("b", T0 + 3_600_000),
+    ] {
+        let n = if t == T0 { ROWS } else { 1 };
+        let out = counted
+            .process_from(table, &batch(n, t)?, &[0], Some(&[0]), now)
+            .await?;
+        rows.extend(out.rows);
+    }
+    let first = rows
+        .iter()
+        .find(|b| b.num_rows() > 0)
+        .ok_or_else(|| anyhow::anyhow!("no window closed"))?;
+    let column = |name: &str| -> anyhow::Result<i64> {
+        Ok(array_value_to_string(first.column_by_name(name).expect(name), 0)?.parse()?)
+    };
+    let n = ROWS as i64;
+    assert_eq!(column("pairs")?, n * n);
+    // Each of the n values of a side meets every one of the other's: 2 · n · Σv.
+    assert_eq!(column("total")?, 2 * n * (n * (n - 1) / 2));
+
+    let mut listed = plan_query(
+        tables
+            .iter()
+            .copied()
+            .chain([format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND}").as_str()]),
+    )
+    .await?;
+    listed
+        .process_from("b", &batch(ROWS, T0)?, &[0], Some(&[0]), now)
+        .await?;
+    let error = listed
+        .process_from("a", &batch(ROWS, T0)?, &[0], Some(&[0]), now)
+        .await
+        .expect_err("4 410 000 result rows from one micro-batch")
+        .to_string();
+    assert!(
+        error.contains(
+            "a join of two streams gave more than 4194304 result rows from one micro-batch"
+        ) && error.contains("aggregate the pairs"),
+        "{error}"
+    );
+    Ok(())
+}

@@ -3519,20 +3519,59 @@ impl StreamQuery {
             &mut out.diverted,
         )?;
         let mut pairs = Vec::new();
-        if let Some(join) = &mut self.join {
-            for side in 0..2 {
-                if join.tables[side] != table || kept.num_rows() == 0 {
-                    continue;
+        for side in 0..2 {
+            let Some(join) = &mut self.join else {
+                break;
+            };
+            if join.tables[side] != table || kept.num_rows() == 0 {
+                continue;
+            }
+            let (plan, feed) = &join.sides[side];
+            feed.set(vec![kept.clone()]);
+            let rows = plan.collect(self.task_ctx.clone()).await?;
+            let mut rest = Some(datafusion::arrow::compute::concat_batches(
+                &plan.schema(),
+                &rows,
+            )?);
+            while let Some(rows) = rest.take() {
+                let Some(join) = &mut self.join else {
+                    break;
+                };
+                let (part, more) = join.state.arrive(side, rows, holds.clone())?;
+                pairs.extend(part);
+                rest = more;
+                if rest.is_some() {
+                    // A large batch's pairs go on above the join part by part.
+                    self.join_part(std::mem::take(&mut pairs), &mut out).await?;
                 }
-                let (plan, feed) = &join.sides[side];
-                feed.set(vec![kept.clone()]);
-                let rows = plan.collect(self.task_ctx.clone()).await?;
-                let rows = datafusion::arrow::compute::concat_batches(&plan.schema(), &rows)?;
-                pairs.extend(join.state.arrive(side, rows, holds.clone())?);
             }
         }
         self.join_step(pairs, now_ms, &mut out).await?;
         Ok(out)
+    }
+
+    /// Runs the plan above a join over a part of one batch's pairs. With no aggregation above
+    /// the join, its results of one micro-batch are held to [`crate::state::join::MAX_PAIRS`]
+    /// rows.
+    async fn join_part(&mut self, pairs: Vec<RecordBatch>, out: &mut StepOutput) -> Result<()> {
+        let Some(join) = &self.join else {
+            return Ok(());
+        };
+        let schema = join.state.spec().schema.clone();
+        let batch = datafusion::arrow::compute::concat_batches(&schema, &pairs)?;
+        drop(pairs);
+        self.run_lower(batch, false, false, out).await?;
+        let rows: usize = out.rows.iter().map(RecordBatch::num_rows).sum();
+        if rows as u64 > crate::state::join::MAX_PAIRS {
+            return Err(datafusion::error::DataFusionError::Execution(format!(
+                "a join of two streams gave more than {} result rows from one micro-batch: too \
+                 many rows of one key meet within its time bound; narrow the bound (BETWEEN \
+                 a.event_time - INTERVAL '1 minute' AND …), join on a more selective key, or \
+                 aggregate the pairs (GROUP BY a window)",
+                crate::state::join::MAX_PAIRS
+            )));
+        }
+        Ok(())
     }
 
     /// Processes a batch of `table`, one of the streams of a union: admits its rows against

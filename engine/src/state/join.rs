@@ -33,9 +33,15 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::{JoinSide, JoinType, Result, plan_err};
 
-/// The most pairs a join of two streams may make from one micro-batch (as many as a lookup
-/// join's rows, `plan::fan_out::MAX_JOIN_ROWS`).
+/// The most pairs one row of a join of two streams may make (as many as a lookup join's
+/// rows, `plan::fan_out::MAX_JOIN_ROWS`), and the most result rows a join with no
+/// aggregation above it may give from one micro-batch.
 pub const MAX_PAIRS: u64 = 1 << 22;
+
+/// About how many pairs [`StreamJoin::arrive`] makes in one part: the rows that arrive are
+/// joined in parts of about this many pairs, each run through the plan above the join before
+/// the next, so that a backlog's large micro-batch is not held as pairs all at once.
+pub const PART_PAIRS: usize = 1 << 20;
 use datafusion::physical_expr::PhysicalExprRef;
 use datafusion::physical_plan::joins::utils::JoinFilter;
 
@@ -308,16 +314,20 @@ impl IntervalJoin {
     /// side's buffered rows, then buffers them; returns the pairs in the join's output
     /// schema. `offsets` are the rows' smallest input offset per partition, held until the
     /// rows leave the state.
+    ///
+    /// It takes the rows in order until they have made about [`PART_PAIRS`] pairs: the rows
+    /// it did not take come back second, to arrive next (rows of one side never pair with
+    /// each other, so a batch that arrives in parts pairs as it would whole).
     pub fn arrive(
         &mut self,
         side: usize,
         rows: RecordBatch,
         offsets: HashMap<i32, i64>,
-    ) -> Result<Option<RecordBatch>> {
+    ) -> Result<(Option<RecordBatch>, Option<RecordBatch>)> {
         if rows.num_rows() == 0 {
-            return Ok(None);
+            return Ok((None, None));
         }
-        let arrived = self.arrived(side, &rows)?;
+        let mut arrived = self.arrived(side, &rows)?;
         let Arrived {
             times,
             keys,
@@ -329,6 +339,7 @@ impl IntervalJoin {
         let (lo, hi) = (self.spec.lo, self.spec.hi);
         let mut mine: Vec<u32> = Vec::new();
         let mut theirs: Vec<(u64, u32)> = Vec::new();
+        let mut taken = rows.num_rows();
         {
             let Buffer {
                 chunks,
@@ -339,12 +350,17 @@ impl IntervalJoin {
             // Keys met with entries of evicted rows, whose entries are dropped below.
             let mut stale_keys: Vec<u64> = Vec::new();
             for (i, &at) in times.iter().enumerate() {
+                if mine.len() >= PART_PAIRS {
+                    taken = i;
+                    break;
+                }
                 if !valid[i] {
                     continue;
                 }
                 let Some(entries) = index.get(&hashes[i]) else {
                     continue;
                 };
+                let row_pairs = mine.len();
                 let key = keys.row(i);
                 let mut dead = false;
                 for &(id, r) in entries.entries() {
@@ -364,13 +380,12 @@ impl IntervalJoin {
                     if d >= lo && d <= hi {
                         mine.push(i as u32);
                         theirs.push((id, r));
-                        if mine.len() as u64 > MAX_PAIRS {
+                        if (mine.len() - row_pairs) as u64 > MAX_PAIRS {
                             return Err(datafusion::error::DataFusionError::Execution(format!(
-                                "a join of two streams made more than {} pairs from one \
-                                     micro-batch: too many rows of one key meet within its time \
-                                     bound; narrow the bound (BETWEEN a.event_time - INTERVAL \
-                                     '1 minute' AND …) or join on a more selective key",
-                                MAX_PAIRS
+                                "a row of a join of two streams met more than {MAX_PAIRS} rows \
+                                 of the other stream: too many rows of one key meet within its \
+                                 time bound; narrow the bound (BETWEEN a.event_time - INTERVAL \
+                                 '1 minute' AND …) or join on a more selective key"
                             )));
                         }
                     }
@@ -394,6 +409,14 @@ impl IntervalJoin {
                 }
             }
         }
+        let (rows, rest) = if taken < rows.num_rows() {
+            let rest = rows.slice(taken, rows.num_rows() - taken);
+            let rows = rows.slice(0, taken);
+            arrived = self.arrived(side, &rows)?;
+            (rows, Some(rest))
+        } else {
+            (rows, None)
+        };
         let mut matched = vec![false; rows.num_rows()];
         let output = if mine.is_empty() {
             None
@@ -429,7 +452,7 @@ impl IntervalJoin {
             Some(self.assemble(Some(&left), Some(&right), n)?)
         };
         self.buffer(side, rows, arrived, matched, offsets);
-        Ok(output.filter(|b| b.num_rows() > 0))
+        Ok((output.filter(|b| b.num_rows() > 0), rest))
     }
 
     /// Whether each pair of `left` and `right` (row i with row i) meets the filter; `None`
@@ -972,7 +995,9 @@ mod tests {
             (1, rows(&b, &[(Some(3), 4_500, 30, "b3-meets")])),
         ];
         for (s, batch) in steps {
-            out.extend(join.arrive(s, batch, HashMap::new()).unwrap());
+            let (pairs, rest) = join.arrive(s, batch, HashMap::new()).unwrap();
+            assert!(rest.is_none());
+            out.extend(pairs);
         }
         out.extend(
             join.evict([Some(i64::MAX / 2), Some(i64::MAX / 2)])
@@ -981,36 +1006,38 @@ mod tests {
         out
     }
 
-    /// One key's rows on both sides within the bound make pairs without end: past
-    /// [`MAX_PAIRS`] from one micro-batch the join fails naming the way out (25 million
-    /// pairs of 5 000 rows took 1.6 GB, and a service 6 GB, outside any memory pool).
+    /// One key's rows on both sides within the bound make many pairs from one micro-batch
+    /// (a backlog's): the rows arrive in parts of about [`PART_PAIRS`] pairs, every pair made
+    /// once, and the rows of every part buffered for the other side (25 million pairs of
+    /// 5 000 rows at once took 1.6 GB, and a service 6 GB, outside any memory pool).
     #[test]
-    fn pairs_past_the_cap_from_one_micro_batch_fail_the_join_with_the_reason() {
+    fn a_batch_that_makes_many_pairs_arrives_in_parts() {
         let mut join = join(None);
         let (a, b) = (join.spec.sides[0].clone(), join.spec.sides[1].clone());
         let many: Vec<(Option<i64>, i64, i64, &str)> =
             (0..2_100).map(|_| (Some(1), 1_000, 10, "x")).collect();
-        assert!(join.arrive(1, rows(&b, &many), HashMap::new()).is_ok());
-        let error = join
-            .arrive(0, rows(&a, &many), HashMap::new())
-            .expect_err("2 100 × 2 100 pairs")
-            .to_string();
-        assert!(
-            error.contains(
-                "a join of two streams made more than 4194304 pairs from one micro-batch"
-            ),
-            "{error}"
-        );
-        // Fewer pass.
-        let mut join = super::tests::join(None);
-        let some: Vec<(Option<i64>, i64, i64, &str)> =
-            (0..1_000).map(|_| (Some(1), 1_000, 10, "x")).collect();
-        assert!(join.arrive(1, rows(&b, &some), HashMap::new()).is_ok());
-        let out = join
-            .arrive(0, rows(&a, &some), HashMap::new())
-            .expect("a million pairs")
-            .expect("pairs");
-        assert_eq!(out.num_rows(), 1_000_000);
+        let (pairs, rest) = join
+            .arrive(1, rows(&b, &many), HashMap::new())
+            .expect("buffered");
+        assert!(pairs.is_none() && rest.is_none());
+        let mut rest = Some(rows(&a, &many));
+        let (mut parts, mut pairs) = (0, 0);
+        while let Some(rows) = rest.take() {
+            let (part, more) = join.arrive(0, rows, HashMap::new()).expect("a part");
+            let n = part.map_or(0, |p| p.num_rows());
+            assert!(n <= PART_PAIRS + 2_100, "{n} pairs in one part");
+            pairs += n;
+            parts += 1;
+            rest = more;
+        }
+        assert_eq!(pairs, 2_100 * 2_100);
+        assert_eq!(parts, 5);
+        // Every row of every part is buffered: a row arriving on the other side meets all.
+        let (part, rest) = join
+            .arrive(1, rows(&b, &many[..1]), HashMap::new())
+            .expect("one more");
+        assert!(rest.is_none());
+        assert_eq!(part.map_or(0, |p| p.num_rows()), 2_100);
     }
 
     /// The join gathers only the columns it outputs or its condition tests: projected past
