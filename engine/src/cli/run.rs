@@ -562,15 +562,7 @@ fn cells_for_a_terminal(
             let escaped: StringArray = (0..text.len())
                 .map(|i| {
                     text.is_valid(i).then(|| {
-                        let mut out = String::with_capacity(text.value(i).len());
-                        for c in text.value(i).chars() {
-                            if c.is_control() {
-                                out.extend(c.escape_unicode());
-                            } else {
-                                out.push(c);
-                            }
-                        }
-                        out
+                        crate::service::client::escape_controls(text.value(i), &[]).into_owned()
                     })
                 })
                 .collect();

@@ -658,20 +658,14 @@ mod tests {
 
     #[tokio::test]
     async fn numbers_outside_the_schemas_ranges_are_rejected_as_in_json() {
-        use crate::decode::tests::{OUT_OF_RANGE, OUT_OF_RANGE_REASONS};
+        use crate::decode::tests::{OUT_OF_RANGE, assert_out_of_range_rejected};
         let f = fixture().await;
         let values: Vec<Vec<u8>> = OUT_OF_RANGE
             .iter()
             .map(|j| f.encoder.encode_json(j).expect("encode"))
             .collect();
         let d = decode(&f, &values).await;
-        assert_eq!(d.rows, vec![0, 2]);
-        let reasons: Vec<(u32, &str)> = d
-            .rejects
-            .iter()
-            .map(|r| (r.index, r.error.as_str()))
-            .collect();
-        assert_eq!(reasons, OUT_OF_RANGE_REASONS);
+        assert_out_of_range_rejected(&d);
     }
 
     #[tokio::test]

@@ -561,13 +561,11 @@ pub(crate) const OUT_OF_RANGE_REASONS: [(u32, &str); 4] = [
     (5, "field confidence: -0.01 is outside its range, 0 to 1"),
 ];
 
-#[test]
-fn numbers_outside_the_schemas_ranges_are_rejected_alone() {
-    let d = camera_decoder()
-        .decode(&raw(&OUT_OF_RANGE))
-        .expect("decode");
-    assert_eq!(d.rows, vec![0, 2]);
-    let reasons: Vec<(u32, RejectStage, &str)> = d
+/// Checks that `decoded`, [`OUT_OF_RANGE`] decoded in any format, kept the records in range
+/// and rejected the others alone, each at validation with its reason.
+pub(crate) fn assert_out_of_range_rejected(decoded: &super::Decoded) {
+    assert_eq!(decoded.rows, vec![0, 2]);
+    let reasons: Vec<(u32, RejectStage, &str)> = decoded
         .rejects
         .iter()
         .map(|r| (r.index, r.stage, r.error.as_str()))
@@ -577,6 +575,14 @@ fn numbers_outside_the_schemas_ranges_are_rejected_alone() {
         .map(|(i, why)| (*i, RejectStage::Validate, *why))
         .collect();
     assert_eq!(reasons, expected);
+}
+
+#[test]
+fn numbers_outside_the_schemas_ranges_are_rejected_alone() {
+    let d = camera_decoder()
+        .decode(&raw(&OUT_OF_RANGE))
+        .expect("decode");
+    assert_out_of_range_rejected(&d);
 }
 
 #[test]

@@ -729,7 +729,12 @@ fn csv_for_stdout(csv: &str) -> std::borrow::Cow<'_, str> {
 /// sequence in a query's SQL or a row's value, which the terminal would obey) written as
 /// escapes (`\u{1b}`).
 pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    escape_controls(text, &['\n', '\t'])
+}
+
+/// `text` with its control characters but those of `keep` written as escapes (`\u{1b}`).
+pub(crate) fn escape_controls<'a>(text: &'a str, keep: &[char]) -> std::borrow::Cow<'a, str> {
+    let unsafe_char = |c: char| c.is_control() && !keep.contains(&c);
     if !text.contains(unsafe_char) {
         return std::borrow::Cow::Borrowed(text);
     }
