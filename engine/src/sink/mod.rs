@@ -140,6 +140,19 @@ pub fn check_fit(output: &Schema, schema: &TopicSchema) -> std::result::Result<(
                 DataType::Binary | DataType::LargeBinary | DataType::BinaryView
             )
     };
+    for field in target.fields() {
+        if let DataType::Decimal128(p, s) | DataType::Decimal256(p, s) = field.data_type()
+            && i16::from(*p) - i16::from(*s) > 76
+        {
+            return Err(format!(
+                "the sink's field {} is DECIMAL({p}, {s}), whose numbers have up to {} digits: \
+                 results are written with at most 76; declare it with a scale of at least {}",
+                field.name(),
+                i16::from(*p) - i16::from(*s),
+                i16::from(*p) - 76
+            ));
+        }
+    }
     for field in output.fields() {
         let name = field.name();
         let Ok(to) = target.field_with_name(name) else {
