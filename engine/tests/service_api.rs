@@ -424,6 +424,10 @@ async fn the_api_contract() -> anyhow::Result<()> {
         (StatusCode::OK, &json!("PAUSED")),
         "{body}"
     );
+    // Paused, it holds no partition (it showed those it held when it stopped).
+    assert!(q["assigned_partitions"].as_u64() > Some(0), "{q}");
+    let (_, paused) = call(&app, "GET", "/v1/queries/counts", Some(TOKEN), None).await?;
+    assert_eq!(paused["assigned_partitions"], 0, "{paused}");
     let (status, body) = call(&app, "POST", "/v1/queries/counts/resume", Some(TOKEN), None).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     wait_for(&app, "counts", Duration::from_secs(20), is("RUNNING")).await?;

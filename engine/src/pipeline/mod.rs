@@ -892,6 +892,8 @@ impl Pipeline {
         if result.is_err() {
             let _ = self.finish_writing().await;
         }
+        // Stopped (paused, failed, finished), it holds no partition.
+        self.stats.assigned_partitions.store(0, Ordering::Relaxed);
         result
     }
 
