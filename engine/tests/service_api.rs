@@ -418,6 +418,10 @@ async fn the_api_contract() -> anyhow::Result<()> {
     assert_eq!(q["dlq"], 0);
 
     // Pause, resume (only from PAUSED), restart.
+    wait_for(&app, "counts", Duration::from_secs(10), |q| {
+        q["assigned_partitions"].as_u64() > Some(0)
+    })
+    .await?;
     let (status, body) = call(&app, "POST", "/v1/queries/counts/pause", Some(TOKEN), None).await?;
     assert_eq!(
         (status, &body["state"]),
@@ -425,7 +429,6 @@ async fn the_api_contract() -> anyhow::Result<()> {
         "{body}"
     );
     // Paused, it holds no partition (it showed those it held when it stopped).
-    assert!(q["assigned_partitions"].as_u64() > Some(0), "{q}");
     let (_, paused) = call(&app, "GET", "/v1/queries/counts", Some(TOKEN), None).await?;
     assert_eq!(paused["assigned_partitions"], 0, "{paused}");
     let (status, body) = call(&app, "POST", "/v1/queries/counts/resume", Some(TOKEN), None).await?;
