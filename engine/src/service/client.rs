@@ -850,6 +850,16 @@ impl Client {
             return Ok(text);
         }
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if value.get("message").is_none() && status == reqwest::StatusCode::NOT_FOUND {
+            // The API answers every error with a message: this is another server (the demo
+            // serves its console only).
+            return Err(Error::Api(format!(
+                "{status}: {} has no urbanstream API at {path} (the demo serves only its web \
+                 console; the API is `urbanstream serve`'s): give the service's address with \
+                 --server or URBANSTREAM_SERVER",
+                self.base
+            )));
+        }
         let mut message = value
             .get("message")
             .and_then(Value::as_str)
@@ -1169,5 +1179,32 @@ mod tests {
     fn a_server_without_a_scheme_is_refused() {
         assert!(Client::new("localhost:8080", None).is_err());
         assert!(Client::new("http://localhost:8080/", None).is_ok());
+    }
+
+    /// A server that is not the API (the demo's console, another program) answers 404
+    /// without the API's message: the client says so and how to reach the API, not `404 Not
+    /// Found: ""`.
+    #[tokio::test]
+    async fn a_server_without_the_api_is_named_as_such() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let server = tokio::spawn(async move {
+            axum::serve(listener, axum::Router::new()).await.ok();
+        });
+        let client = Client::new(&format!("http://{address}"), None).expect("client");
+        let error = client
+            .call(reqwest::Method::GET, "/v1/queries", None)
+            .await
+            .expect_err("no API there")
+            .to_string();
+        assert!(
+            error.contains(&format!(
+                "http://{address} has no urbanstream API at /v1/queries"
+            )) && error.contains("--server"),
+            "{error}"
+        );
+        server.abort();
     }
 }
