@@ -875,9 +875,13 @@ async fn a_reset_query_starts_afresh_from_the_beginning_of_its_input() -> anyhow
     // Paused, reset, resumed: read afresh once more.
     let (status, body) = call(&app, "POST", "/v1/queries/counts/pause", Some(TOKEN), None).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["watermark_ms"].is_i64(), "{body}");
     let (status, body) = call(&app, "POST", "/v1/queries/counts/reset", Some(TOKEN), None).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["state"], "PAUSED", "{body}");
+    // Its state gone, it shows no watermark or state of the run before.
+    assert!(body["watermark_ms"].is_null(), "{body}");
+    assert_eq!(body["state_groups"], 0, "{body}");
     let (status, body) = call(&app, "POST", "/v1/queries/counts/resume", Some(TOKEN), None).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     wait_for(&app, "counts", Duration::from_secs(30), |q| {

@@ -1938,6 +1938,10 @@ impl QueryManager {
         if let Ok(mut last) = handle.stats.last_checkpoint.lock() {
             *last = None;
         }
+        // Its state is gone: no watermark or state to show until the new run has its own.
+        handle.stats.watermark_ms.store(i64::MIN, Ordering::Relaxed);
+        handle.stats.state_groups.store(0, Ordering::Relaxed);
+        handle.stats.state_bytes.store(0, Ordering::Relaxed);
         if paused {
             handle.set(QueryState::Paused, None);
         } else {
