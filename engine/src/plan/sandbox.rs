@@ -243,6 +243,15 @@ pub fn check_statement(statement: &DFStatement) -> Result<()> {
                      in OPTIONS ('topic' '…')"
                 );
             }
+            if create.name.0.len() > 1 {
+                let name = create.name.to_string();
+                return plan_err!(
+                    "{name}: a table's name is one name, not qualified by a schema or catalog; \
+                     write {} (or quote it, \"{name}\"); the topic is named in OPTIONS \
+                     ('topic' '…') and may have dots",
+                    name.replace('.', "_")
+                );
+            }
             Ok(())
         }
         DFStatement::CopyTo(_) => refuse("COPY"),
