@@ -151,6 +151,15 @@ impl ScalarUDFImpl for Bounded {
     }
 
     fn return_field_from_args(&self, args: ReturnFieldArgs) -> Result<FieldRef> {
+        // A range's step written as a constant is checked when the query is planned: one
+        // that may not advance would fail every row.
+        if matches!(self.inner.name(), "range" | "generate_series")
+            && let Some(Some(ScalarValue::IntervalMonthDayNano(Some(step)))) =
+                args.scalar_arguments.get(2)
+            && let Some(why) = stalling_step(step)
+        {
+            return datafusion::common::plan_err!("{why}");
+        }
         self.inner.inner().return_field_from_args(args)
     }
 
@@ -589,24 +598,8 @@ fn range_lengths(args: &[ColumnarValue], rows: usize) -> Result<Vec<u128>> {
             step.as_primitive::<datafusion::arrow::datatypes::IntervalMonthDayNanoType>()
                 .iter()
                 .map(|s| {
-                    if let Some(s) = s {
-                        let signs = [
-                            i128::from(s.months).signum(),
-                            i128::from(s.days).signum(),
-                            s.nanoseconds.signum().into(),
-                        ];
-                        if signs.contains(&1) && signs.contains(&-1) {
-                            return exec_err!(
-                                "range(): a step whose parts have opposite signs ({} months, \
-                                 {} days, {} ns) may not advance from every start (a month is \
-                                 28 to 31 days, a day 23 to 25 hours where clocks change), and \
-                                 a range that does not advance never ends: write a step whose \
-                                 parts have one sign",
-                                s.months,
-                                s.days,
-                                s.nanoseconds
-                            );
-                        }
+                    if let Some(why) = s.as_ref().and_then(stalling_step) {
+                        return exec_err!("{why}");
                     }
                     Ok(s.map(|s| {
                         let months = i128::from(s.months);
@@ -652,6 +645,25 @@ fn range_lengths(args: &[ColumnarValue], rows: usize) -> Result<Vec<u128>> {
             _ => Ok(0),
         })
         .collect()
+}
+
+/// Why a range's `step` may not advance from every start, if it may not: its parts have
+/// opposite signs.
+fn stalling_step(s: &datafusion::arrow::datatypes::IntervalMonthDayNano) -> Option<String> {
+    let signs = [
+        i128::from(s.months).signum(),
+        i128::from(s.days).signum(),
+        s.nanoseconds.signum().into(),
+    ];
+    (signs.contains(&1) && signs.contains(&-1)).then(|| {
+        format!(
+            "range(): a step whose parts have opposite signs ({} months, {} days, {} ns) may \
+             not advance from every start (a month is 28 to 31 days, a day 23 to 25 hours \
+             where clocks change), and a range that does not advance never ends: write a step \
+             whose parts have one sign",
+            s.months, s.days, s.nanoseconds
+        )
+    })
 }
 
 /// The most bytes one value of a type named in a query (`CAST`, `arrow_cast`) may take

@@ -15,6 +15,7 @@
 
 pub mod bounded;
 mod chain;
+mod checked;
 pub mod fan_out;
 pub mod feed;
 mod join;

@@ -245,7 +245,12 @@ fn lineage(plan: &Arc<dyn ExecutionPlan>, i: usize, depth: usize, budget: &mut u
 }
 
 /// Whether a plan's error comes from the values of the rows it ran over: run over other
-/// rows, the plan may well succeed.
+/// rows, the plan may well succeed. Arrow's kernels fail on values (a cast, a parse, a
+/// division by zero, an overflow, a value a kernel does not take), and so do functions,
+/// with an execution error (`to_timestamp(s, '%Y-%m-%d')` of a text that is no date,
+/// `sqrt` of a negative number, `factorial(40)`); but not the engine's own limits on what a
+/// micro-batch may make (they say "micro-batch"), which running the plan over smaller parts
+/// would get around.
 pub(crate) fn is_data_error(e: &datafusion::common::DataFusionError) -> bool {
     use datafusion::arrow::error::ArrowError;
     match e.find_root() {
@@ -255,7 +260,10 @@ pub(crate) fn is_data_error(e: &datafusion::common::DataFusionError) -> bool {
                 | ArrowError::ParseError(_)
                 | ArrowError::DivideByZero
                 | ArrowError::ArithmeticOverflow(_)
+                | ArrowError::ComputeError(_)
+                | ArrowError::InvalidArgumentError(_)
         ),
+        datafusion::common::DataFusionError::Execution(message) => !message.contains("micro-batch"),
         _ => false,
     }
 }
@@ -326,6 +334,7 @@ impl StreamContext {
         ctx.remove_optimizer_rule("single_distinct_aggregation_to_group_by");
         urbanstream_operators::register_all(&ctx);
         super::bounded::bound_functions(&ctx);
+        super::checked::check_sums(&ctx);
         Self {
             ctx,
             reference_generation: Default::default(),

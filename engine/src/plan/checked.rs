@@ -1,0 +1,364 @@
+//! `sum` that fails on overflow instead of wrapping. DataFusion's `sum` of integers and
+//! decimals adds with wrapping arithmetic: a BIGINT total past 2^63 − 1 came out negative,
+//! a result the input never had. Here the same function, under the same name, adds with
+//! checked arithmetic for BIGINT, unsigned BIGINT and DECIMAL(38) sums (and checks a
+//! decimal total against its precision); an overflow fails the query with the way out (sum a
+//! DECIMAL). Everything else (signature, types, state, `DISTINCT`, sliding frames, floats,
+//! intervals) is DataFusion's own.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, PrimitiveArray};
+use datafusion::arrow::buffer::NullBuffer;
+use datafusion::arrow::datatypes::{
+    ArrowNativeTypeOp, ArrowPrimitiveType, DataType, Decimal128Type, FieldRef, Int64Type,
+    UInt64Type,
+};
+use datafusion::common::{Result, ScalarValue, exec_err};
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::utils::AggregateOrderSensitivity;
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDF, AggregateUDFImpl, Documentation, EmitTo, Expr, GroupsAccumulator,
+    Operator, ReversedUDAF, SetMonotonicity, Signature, StatisticsArgs,
+};
+use datafusion::prelude::SessionContext;
+
+/// Registers [`CheckedSum`] over `ctx`'s `sum`.
+pub fn check_sums(ctx: &SessionContext) {
+    let Some(sum) = ctx.state().aggregate_functions().get("sum").cloned() else {
+        return;
+    };
+    ctx.register_udaf(AggregateUDF::from(CheckedSum { inner: sum }));
+}
+
+/// DataFusion's `sum` with checked additions (see the module docs).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct CheckedSum {
+    inner: Arc<AggregateUDF>,
+}
+
+/// Whether sums of `data_type` are checked here.
+fn checked(data_type: &DataType) -> bool {
+    matches!(
+        data_type,
+        DataType::Int64 | DataType::UInt64 | DataType::Decimal128(..)
+    )
+}
+
+fn overflow(name: &str, data_type: &DataType) -> datafusion::error::DataFusionError {
+    datafusion::error::DataFusionError::Execution(format!(
+        "{name} overflowed its type {}: the total is larger than it can hold. Sum a wider \
+         type: sum(CAST(x AS DECIMAL(38, 0))) for integers (or DOUBLE, which rounds)",
+        crate::schema::sql_type_name(data_type)
+    ))
+}
+
+impl AggregateUDFImpl for CheckedSum {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn aliases(&self) -> &[String] {
+        self.inner.aliases()
+    }
+
+    fn signature(&self) -> &Signature {
+        self.inner.signature()
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        self.inner.return_type(arg_types)
+    }
+
+    fn return_field(&self, arg_fields: &[FieldRef]) -> Result<FieldRef> {
+        self.inner.return_field(arg_fields)
+    }
+
+    fn is_nullable(&self) -> bool {
+        self.inner.is_nullable()
+    }
+
+    fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        let data_type = args.return_field.data_type().clone();
+        if args.is_distinct || !checked(&data_type) {
+            return self.inner.accumulator(args);
+        }
+        let name = match args.expr_fields.first() {
+            Some(field) if args.name == self.name() => format!("sum({})", field.name()),
+            _ => args.name.to_string(),
+        };
+        Ok(match data_type {
+            DataType::Int64 => Box::new(Total::<Int64Type>::new(name, data_type)),
+            DataType::UInt64 => Box::new(Total::<UInt64Type>::new(name, data_type)),
+            _ => Box::new(Total::<Decimal128Type>::new(name, data_type)),
+        })
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        self.inner.state_fields(args)
+    }
+
+    fn groups_accumulator_supported(&self, args: AccumulatorArgs) -> bool {
+        self.inner.groups_accumulator_supported(args)
+    }
+
+    fn create_groups_accumulator(
+        &self,
+        args: AccumulatorArgs,
+    ) -> Result<Box<dyn GroupsAccumulator>> {
+        let data_type = args.return_field.data_type().clone();
+        if args.is_distinct || !checked(&data_type) {
+            return self.inner.create_groups_accumulator(args);
+        }
+        let name = match args.expr_fields.first() {
+            Some(field) if args.name == self.name() => format!("sum({})", field.name()),
+            _ => args.name.to_string(),
+        };
+        Ok(match data_type {
+            DataType::Int64 => Box::new(Totals::<Int64Type>::new(name, data_type)),
+            DataType::UInt64 => Box::new(Totals::<UInt64Type>::new(name, data_type)),
+            _ => Box::new(Totals::<Decimal128Type>::new(name, data_type)),
+        })
+    }
+
+    fn create_sliding_accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        self.inner.create_sliding_accumulator(args)
+    }
+
+    fn order_sensitivity(&self) -> AggregateOrderSensitivity {
+        self.inner.inner().order_sensitivity()
+    }
+
+    fn simplify_expr_op_literal(
+        &self,
+        agg_function: &AggregateFunction,
+        arg: &Expr,
+        op: Operator,
+        lit: &Expr,
+        arg_is_left: bool,
+    ) -> Result<Option<Expr>> {
+        self.inner
+            .simplify_expr_op_literal(agg_function, arg, op, lit, arg_is_left)
+    }
+
+    fn reverse_expr(&self) -> ReversedUDAF {
+        self.inner.reverse_udf()
+    }
+
+    fn value_from_stats(&self, statistics_args: &StatisticsArgs) -> Option<ScalarValue> {
+        self.inner.value_from_stats(statistics_args)
+    }
+
+    fn default_value(&self, data_type: &DataType) -> Result<ScalarValue> {
+        self.inner.default_value(data_type)
+    }
+
+    fn documentation(&self) -> Option<&Documentation> {
+        self.inner.documentation()
+    }
+
+    fn set_monotonicity(&self, data_type: &DataType) -> SetMonotonicity {
+        self.inner.inner().set_monotonicity(data_type)
+    }
+}
+
+/// `total + value`, or the overflow error.
+fn add<T: ArrowPrimitiveType>(
+    total: T::Native,
+    value: T::Native,
+    (name, data_type): (&str, &DataType),
+) -> Result<T::Native> {
+    total
+        .add_checked(value)
+        .map_err(|_| overflow(name, data_type))
+}
+
+/// `totals` as an array of `data_type`, or the overflow error where a decimal total is
+/// longer than its precision.
+fn finish<T: ArrowPrimitiveType>(
+    totals: Vec<T::Native>,
+    nulls: Option<NullBuffer>,
+    (name, data_type): (&str, &DataType),
+) -> Result<ArrayRef> {
+    let array = PrimitiveArray::<T>::new(totals.into(), nulls).with_data_type(data_type.clone());
+    if let DataType::Decimal128(precision, _) = data_type
+        && array
+            .as_any()
+            .downcast_ref::<PrimitiveArray<Decimal128Type>>()
+            .is_some_and(|d| d.validate_decimal_precision(*precision).is_err())
+    {
+        return Err(overflow(name, data_type));
+    }
+    Ok(Arc::new(array))
+}
+
+/// One group's checked sum (aggregates without groups).
+struct Total<T: ArrowPrimitiveType> {
+    total: Option<T::Native>,
+    name: String,
+    data_type: DataType,
+}
+
+impl<T: ArrowPrimitiveType> std::fmt::Debug for Total<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Total")
+            .field("total", &self.total)
+            .field("data_type", &self.data_type)
+            .finish()
+    }
+}
+
+impl<T: ArrowPrimitiveType> Total<T> {
+    fn new(name: String, data_type: DataType) -> Self {
+        Self {
+            total: None,
+            name,
+            data_type,
+        }
+    }
+}
+
+impl<T: ArrowPrimitiveType> Accumulator for Total<T> {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let Some(values) = values.first() else {
+            return exec_err!("sum takes one argument");
+        };
+        let values = values.as_primitive::<T>();
+        for value in values.iter().flatten() {
+            self.total = Some(match self.total {
+                Some(total) => add::<T>(total, value, (&self.name, &self.data_type))?,
+                None => value,
+            });
+        }
+        Ok(())
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.update_batch(states)
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        Ok(vec![self.evaluate()?])
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        let nulls = self.total.is_none().then(|| NullBuffer::new_null(1));
+        let array = finish::<T>(
+            vec![self.total.unwrap_or_default()],
+            nulls,
+            (&self.name, &self.data_type),
+        )?;
+        ScalarValue::try_from_array(&array, 0)
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self)
+    }
+}
+
+/// Checked sums of many groups, one total and one "seen a value" flag per group.
+struct Totals<T: ArrowPrimitiveType> {
+    totals: Vec<T::Native>,
+    seen: Vec<bool>,
+    name: String,
+    data_type: DataType,
+}
+
+impl<T: ArrowPrimitiveType> Totals<T> {
+    fn new(name: String, data_type: DataType) -> Self {
+        Self {
+            totals: Vec::new(),
+            seen: Vec::new(),
+            name,
+            data_type,
+        }
+    }
+
+    fn take(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
+        let totals = emit_to.take_needed(&mut self.totals);
+        let seen = emit_to.take_needed(&mut self.seen);
+        let nulls = seen.iter().any(|s| !s).then(|| NullBuffer::from(seen));
+        finish::<T>(totals, nulls, (&self.name, &self.data_type))
+    }
+}
+
+impl<T: ArrowPrimitiveType> GroupsAccumulator for Totals<T> {
+    fn update_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> Result<()> {
+        let Some(values) = values.first() else {
+            return exec_err!("sum takes one argument");
+        };
+        let values = values.as_primitive::<T>();
+        self.totals.resize(total_num_groups, T::Native::default());
+        self.seen.resize(total_num_groups, false);
+        let taken = |row: usize| {
+            values.is_valid(row) && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row))
+        };
+        let checked = (self.name.as_str(), &self.data_type);
+        if values.null_count() == 0 && opt_filter.is_none() {
+            for (&group, &value) in group_indices.iter().zip(values.values()) {
+                self.totals[group] = add::<T>(self.totals[group], value, checked)?;
+                self.seen[group] = true;
+            }
+        } else {
+            for (row, &group) in group_indices.iter().enumerate() {
+                if taken(row) {
+                    self.totals[group] = add::<T>(self.totals[group], values.value(row), checked)?;
+                    self.seen[group] = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
+        self.take(emit_to)
+    }
+
+    fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
+        Ok(vec![self.take(emit_to)?])
+    }
+
+    fn merge_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        total_num_groups: usize,
+    ) -> Result<()> {
+        self.update_batch(values, group_indices, None, total_num_groups)
+    }
+
+    fn convert_to_state(
+        &self,
+        values: &[ArrayRef],
+        opt_filter: Option<&BooleanArray>,
+    ) -> Result<Vec<ArrayRef>> {
+        let Some(values) = values.first() else {
+            return exec_err!("sum takes one argument");
+        };
+        let values = values.as_primitive::<T>();
+        let nulls = match opt_filter {
+            None => values.nulls().cloned(),
+            Some(f) => {
+                let keep: NullBuffer = (0..values.len())
+                    .map(|row| f.is_valid(row) && f.value(row))
+                    .collect::<Vec<bool>>()
+                    .into();
+                NullBuffer::union(values.nulls(), Some(&keep))
+            }
+        };
+        let state = PrimitiveArray::<T>::new(values.values().clone(), nulls)
+            .with_data_type(self.data_type.clone());
+        Ok(vec![Arc::new(state)])
+    }
+
+    fn size(&self) -> usize {
+        self.totals.capacity() * std::mem::size_of::<T::Native>() + self.seen.capacity()
+    }
+}
