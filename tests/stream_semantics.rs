@@ -15,6 +15,7 @@ use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 use proptest::prelude::*;
 use urbanstream::deterministic::{DeterministicEngine, Outcome};
+use urbanstream_tests::plan_query;
 
 /// 2026-01-01T06:00:00Z.
 const T0: i64 = 1_767_247_200_000;
@@ -428,5 +429,65 @@ async fn sessions_closing_in_turn_beside_a_long_one_equal_batch_query() -> anyho
         let got = incremental("session(t, INTERVAL '5 minutes')", &events, &cuts).await?;
         assert_eq!(got, want, "micro-batches of {size}");
     }
+    Ok(())
+}
+
+/// A window's row published more than once (revised by late rows, fired early, withdrawn)
+/// must reach an upserting consumer in order; rows without a Kafka key go to any partition,
+/// and a revision read before the row it revises left the consumer with the older one. A sink
+/// declared without 'key' is keyed by the window's bound; one that publishes no bound to key
+/// by is refused, saying to declare a key.
+#[tokio::test]
+async fn a_sink_of_revised_rows_without_a_key_is_keyed_by_the_window() -> anyhow::Result<()> {
+    let source = "CREATE EXTERNAL TABLE cam (k VARCHAR, event_time TIMESTAMP NOT NULL, v BIGINT) \
+         STORED AS KAFKA OPTIONS ('topic' 'cam', 'event_time' 'event_time', 'watermark_delay' '0s')";
+    let sink = |columns: &str, key: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE out ({columns}) STORED AS KAFKA OPTIONS ('topic' 'out'{key})"
+        )
+    };
+    let select = "INSERT INTO out SELECT k, window_start, count(*) AS n \
+         FROM cam GROUP BY tumble(event_time, INTERVAL '1 minute'), k";
+    let keyed = |query: &urbanstream::plan::stream::StreamQuery| {
+        query.sink().and_then(|s| s.options.key.clone())
+    };
+    let with_bound = sink("k VARCHAR, window_start TIMESTAMP, n BIGINT", "");
+    for setting in [
+        "SET urbanstream.allowed_lateness = '2m'",
+        "SET urbanstream.early_fire = '10s'",
+    ] {
+        let query = plan_query([source, &with_bound, setting, select]).await?;
+        assert_eq!(keyed(&query).as_deref(), Some("window_start"), "{setting}");
+    }
+    // Declared keys are kept, and rows published once are not keyed.
+    let declared = sink("k VARCHAR, window_start TIMESTAMP, n BIGINT", ", 'key' 'k'");
+    let query = plan_query([
+        source,
+        &declared,
+        "SET urbanstream.allowed_lateness = '2m'",
+        select,
+    ])
+    .await?;
+    assert_eq!(keyed(&query).as_deref(), Some("k"));
+    let query = plan_query([source, &with_bound, select]).await?;
+    assert_eq!(keyed(&query), None);
+    // Nothing to key by.
+    let unbounded = sink("k VARCHAR, n BIGINT", "");
+    let error = plan_query([
+        source,
+        &unbounded,
+        "SET urbanstream.allowed_lateness = '2m'",
+        "INSERT INTO out SELECT k, count(*) AS n FROM cam \
+         GROUP BY tumble(event_time, INTERVAL '1 minute'), k",
+    ])
+    .await
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(
+        error.contains("sink out has no 'key': with urbanstream.allowed_lateness")
+            && error.contains("'key' '<column>'"),
+        "{error}"
+    );
     Ok(())
 }

@@ -2958,6 +2958,35 @@ impl StreamQuery {
 
     /// Why the query publishes rows that withdraw rows it published (`op = 'retract'`), if
     /// it does.
+    /// Why a group's row of a window may be published more than once (revised or withdrawn),
+    /// if it may.
+    fn rows_change(&self) -> Result<Option<&'static str>> {
+        if self.windowed.is_none() {
+            return Ok(None);
+        }
+        if let Some(why) = self.withdraws_rows()? {
+            return Ok(Some(why));
+        }
+        let lateness = parse_setting(
+            "urbanstream.allowed_lateness",
+            &self.settings.allowed_lateness,
+        )?
+        .is_some_and(|d| !d.is_zero());
+        if lateness {
+            return Ok(Some(
+                "with urbanstream.allowed_lateness a window's row is published again, revised, \
+                 as late rows come",
+            ));
+        }
+        if parse_setting("urbanstream.early_fire", &self.settings.early_fire)?.is_some() {
+            return Ok(Some(
+                "with urbanstream.early_fire a window's row is published early and again when \
+                 the window closes",
+            ));
+        }
+        Ok(None)
+    }
+
     fn withdraws_rows(&self) -> Result<Option<&'static str>> {
         let Some(w) = &self.windowed else {
             return Ok(None);
@@ -3025,6 +3054,37 @@ impl StreamQuery {
                 sink.name
             );
         }
+        // A window's row published more than once must reach its consumers in order: rows
+        // without a key would go to any partition. A sink without one is keyed by the
+        // window's bound, so every row of a window goes to one partition.
+        let sink = match self.rows_change()? {
+            Some(why) if sink.options.key.is_none() => {
+                let sink_fields = sink.topic_schema.output_schema();
+                let Some(bound) = ["window_start", "window_end"].into_iter().find(|c| {
+                    self.output_schema.field_with_name(c).is_ok()
+                        && sink_fields.field_with_name(c).is_ok()
+                }) else {
+                    return plan_err!(
+                        "sink {} has no 'key': {why}, and without a key its rows go to any \
+                         partition of topic {}, where a consumer may read a window's earlier \
+                         row after its later one and keep the wrong one. Declare the key in the \
+                         sink's OPTIONS, a group column (OPTIONS ('topic' '{}', 'key' \
+                         '<column>')), or publish window_start, which then keys the rows",
+                        sink.name,
+                        sink.options.topic,
+                        sink.options.topic
+                    );
+                };
+                let mut options = sink.options.clone();
+                options.key = Some(bound.to_string());
+                Arc::new(StreamTable {
+                    name: sink.name.clone(),
+                    topic_schema: sink.topic_schema.clone(),
+                    options,
+                })
+            }
+            _ => sink,
+        };
         crate::sink::check_fit(&self.output_schema, &sink.topic_schema)
             .map_err(|e| plan_datafusion_err!("the SELECT does not fit sink {}: {e}", sink.name))?;
         let empty = RecordBatch::new_empty(self.output_schema.clone());
