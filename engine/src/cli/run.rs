@@ -37,9 +37,10 @@ pub struct RunArgs {
     /// (repeatable).
     #[arg(long)]
     pub rename: Vec<String>,
-    /// Unit of a numeric event-time column: `s`, `ms` or `us`.
-    #[arg(long, default_value = "ms")]
-    pub time_unit: String,
+    /// Unit of a numeric event-time column: `s`, `ms` or `us` (default: the stream's own
+    /// `'event_time_unit'`, milliseconds unless declared).
+    #[arg(long)]
+    pub time_unit: Option<String>,
     /// Time zone of event-time texts written without one (`+07:00`, `Asia/Ho_Chi_Minh`).
     #[arg(long, default_value = "+00:00")]
     pub time_zone: String,
@@ -170,6 +171,61 @@ mod tests {
     /// (a row written `+07:00` sorted after a row of `Z` that it precedes, and was late); a
     /// column the stream lacks, and a field the file lacks, went unmentioned. Now the CSV's
     /// columns are text read by the stream's schema, row by row.
+    /// A file's numeric event times are in the stream's own unit unless `--time-unit` says
+    /// otherwise: a stream declaring epoch seconds had every row of its file rejected as
+    /// before 1990, with a hint to declare the unit it had declared.
+    #[tokio::test]
+    async fn a_files_times_are_in_the_streams_declared_unit() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let query = dir.path().join("q.sql");
+        std::fs::write(
+            &query,
+            "CREATE EXTERNAL TABLE s (k VARCHAR, event_time TIMESTAMP NOT NULL) STORED AS KAFKA \
+             OPTIONS ('topic' 's', 'event_time' 'event_time', 'watermark_delay' '0s', \
+             'event_time_unit' 's'); \
+             SELECT k, window_start, count(*) AS n FROM s \
+             GROUP BY tumble(event_time, INTERVAL '1 minute'), k",
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let input = dir.path().join("rows.jsonl");
+        std::fs::write(
+            &input,
+            "{\"k\":\"a\",\"event_time\":1767225600}\n\
+             {\"k\":\"a\",\"event_time\":1767225601.5}\n\
+             {\"k\":\"a\",\"event_time\":1767225660}\n",
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let mut args = RunArgs {
+            query,
+            input,
+            rename: Vec::new(),
+            time_unit: None,
+            time_zone: "+00:00".into(),
+            limit: 20,
+            output: None,
+            reference: Vec::new(),
+        };
+        let summary = run_file(&args).await?;
+        assert_eq!(
+            (summary.rejected, summary.output_rows),
+            (0, 2),
+            "{summary:?}"
+        );
+        // Told otherwise, the file is read in milliseconds: before 1990, the hint names the
+        // option.
+        args.time_unit = Some("ms".into());
+        let summary = run_file(&args).await?;
+        assert_eq!(summary.rejected, 3, "{summary:?}");
+        assert!(
+            summary
+                .first_rejection
+                .as_deref()
+                .is_some_and(|e| e.contains("is before 1990") && e.contains("--time-unit")),
+            "{summary:?}"
+        );
+        Ok(())
+    }
+
     #[tokio::test]
     async fn a_csv_is_read_by_the_streams_schema_row_by_row() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
@@ -204,7 +260,7 @@ mod tests {
             query,
             input,
             rename: Vec::new(),
-            time_unit: "ms".into(),
+            time_unit: Some("ms".into()),
             time_zone: "+07:00".into(),
             limit: 2000,
             output: None,
@@ -309,7 +365,7 @@ mod tests {
                 query: query.clone(),
                 input,
                 rename: Vec::new(),
-                time_unit: "ms".into(),
+                time_unit: Some("ms".into()),
                 time_zone: "+00:00".into(),
                 limit: 10,
                 output: None,
@@ -366,7 +422,7 @@ mod tests {
                 query: query.clone(),
                 input,
                 rename: Vec::new(),
-                time_unit: "ms".into(),
+                time_unit: Some("ms".into()),
                 time_zone: "+00:00".into(),
                 limit: 10,
                 output: None,
@@ -416,7 +472,7 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect(),
-            time_unit: "ms".into(),
+            time_unit: Some("ms".into()),
             time_zone: "+07:00".into(),
             limit: 10,
             output: Some(dir.path().join("out.jsonl")),
@@ -500,7 +556,7 @@ mod reference_tests {
             query,
             input: write("hourly.csv", &readings)?,
             rename: vec!["station=sensor_id".into(), "time=event_time".into()],
-            time_unit: "ms".into(),
+            time_unit: Some("ms".into()),
             time_zone: "+07:00".into(),
             limit: 100,
             output: None,

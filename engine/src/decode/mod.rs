@@ -489,7 +489,8 @@ impl Shape {
                     *slot = Some(format!(
                         "field {field}: event time {} is before 1990; if the topic carries \
                          epoch seconds (or microseconds), declare OPTIONS ('event_time_unit' \
-                         's') (or 'us')",
+                         's') (or 'us'); a file run or previewed in another unit than its \
+                         stream's is read with --time-unit",
                         ms.value(r)
                     ));
                     any_bad = true;

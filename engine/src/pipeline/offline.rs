@@ -72,8 +72,9 @@ pub struct RunInput {
     pub path: PathBuf,
     /// `old=new` column renames.
     pub rename: Vec<String>,
-    /// Unit of a numeric event-time column: `s`, `ms` or `us`.
-    pub time_unit: String,
+    /// Unit of a numeric event-time column: `s`, `ms` or `us`; by default the stream's own
+    /// (its `'event_time_unit'`, milliseconds unless declared).
+    pub time_unit: Option<String>,
     /// Time zone of event-time texts written without one.
     pub time_zone: String,
     /// Bytes the query's state may hold (a preview runs in its query's memory limit); none
@@ -159,7 +160,12 @@ pub async fn run_query<W: Write + ?Sized>(
     }
     let source = query.source().clone();
     let time = source.options.event_time.clone();
-    let unit_ms = unit_ms(&input.time_unit)?;
+    let declared = match source.options.event_time_unit {
+        datafusion::arrow::datatypes::TimeUnit::Second => "s",
+        datafusion::arrow::datatypes::TimeUnit::Microsecond => "us",
+        _ => "ms",
+    };
+    let unit_ms = unit_ms(input.time_unit.as_deref().unwrap_or(declared))?;
     let decoder = {
         let d = JsonDecoder::new(source.topic_schema.clone());
         match &time {
@@ -1214,7 +1220,7 @@ mod topic_tests {
         let input = RunInput {
             path,
             rename: Vec::new(),
-            time_unit: "ms".into(),
+            time_unit: Some("ms".into()),
             time_zone: "+00:00".into(),
             state_limit: None,
         };

@@ -1203,7 +1203,7 @@ impl QueryManager {
                     let input = crate::pipeline::offline::RunInput {
                         path: file.path().to_path_buf(),
                         rename,
-                        time_unit: time_unit.unwrap_or_else(|| "ms".into()),
+                        time_unit,
                         time_zone: time_zone.unwrap_or_else(|| "+00:00".into()),
                         state_limit: Some(pool),
                     };
