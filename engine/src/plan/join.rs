@@ -18,7 +18,7 @@ use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{JoinSide, JoinType, NullEquality, Result, ScalarValue, plan_err};
 use datafusion::logical_expr::Operator;
 use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, Column, Literal, TryCastExpr};
-use datafusion::physical_expr::{PhysicalExpr, split_conjunction};
+use datafusion::physical_expr::{PhysicalExpr, PhysicalExprRef, split_conjunction};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::aggregates::AggregateExec;
 use datafusion::physical_plan::filter::FilterExec;
@@ -121,6 +121,7 @@ pub(super) fn plan_join(
     let mut tables = Vec::new();
     let mut time_columns = Vec::new();
     let mut shifted = Vec::new();
+    let mut timed: Vec<(usize, i64)> = Vec::new();
     for (name, side) in [("left", &left), ("right", &right)] {
         refuse_state_below(side, name)?;
         let mut leaves: Vec<(String, Feed, Arc<dyn ExecutionPlan>)> = Vec::new();
@@ -153,21 +154,42 @@ pub(super) fn plan_join(
             .filter(|(_, k)| *k == 0)
             .map(|(i, _)| *i)
             .collect();
-        shifted.push(offsets);
-        if columns.is_empty() {
+        // The side is timed by its event time, or by the event time plus a constant where
+        // the join keeps only that (`b.t BETWEEN a.t + INTERVAL '10 seconds' AND …`).
+        let Some(timed_by) = columns
+            .first()
+            .map(|c| (*c, 0))
+            .or(offsets.first().copied())
+        else {
             return plan_err!(
                 "a join of two streams needs an event-time bound on both sides, or it would keep \
                  every event forever: add one to the ON clause comparing {table}.{time} with the \
                  other stream's event time, {BOUNDED_FORM}"
             );
-        }
+        };
+        shifted.push(offsets);
+        timed.push(timed_by);
         sides.push((side.clone(), feed.clone()));
         tables.push(table.clone());
         time_columns.push(columns);
     }
     let time_columns: [Vec<usize>; 2] = [time_columns[0].clone(), time_columns[1].clone()];
     let shifted: [Vec<(usize, i64)>; 2] = [shifted[0].clone(), shifted[1].clone()];
-    let Some((lo, hi, bound_only)) = filter.as_ref().and_then(|f| time_bound(f, &shifted)) else {
+    let Some((lo, hi, bound_only)) = filter
+        .as_ref()
+        .and_then(|f| time_bound(f, &shifted))
+        .or_else(|| equal_times(&on, &shifted, filter.is_none()))
+    else {
+        if filter
+            .as_ref()
+            .is_some_and(|f| names_months(f.expression()))
+        {
+            return plan_err!(
+                "a join's time bound in months has no fixed length (a month is 28 to 31 \
+                 days), and the join must know how long to keep each event: write it in days \
+                 or hours (INTERVAL '31 days')"
+            );
+        }
         return plan_err!(
             "a join of two streams needs an event-time bound on both sides, or it would keep \
              every event forever: add one to the ON clause, {BOUNDED_FORM}"
@@ -198,7 +220,8 @@ pub(super) fn plan_join(
         lo,
         hi,
         bound_only,
-        time: [time_columns[0][0], time_columns[1][0]],
+        time: [timed[0].0, timed[1].0],
+        time_shift: [timed[0].1, timed[1].1],
         sides: [left.schema(), right.schema()],
         schema: node.schema(),
     };
@@ -456,6 +479,43 @@ fn time_bound(
     }
     let exact = inclusive == conjuncts.len() && milliseconds && !(zoned && days);
     Some((lo, hi, exact))
+}
+
+/// The bound of a join whose events meet at an exact offset, written as an equality the
+/// planner made a join key (`b.t = a.t + INTERVAL '10 seconds'`): `right.t - left.t` is that
+/// offset. `only` when the keys are the whole condition.
+fn equal_times(
+    on: &[(PhysicalExprRef, PhysicalExprRef)],
+    time_columns: &[Vec<(usize, i64)>; 2],
+    only: bool,
+) -> Option<(i64, i64, bool)> {
+    let offset = |expr: &Arc<dyn PhysicalExpr>, side: usize| {
+        let c = expr.downcast_ref::<Column>()?;
+        time_columns[side]
+            .iter()
+            .find(|(i, _)| *i == c.index())
+            .map(|(_, k)| *k)
+    };
+    on.iter().find_map(|(l, r)| {
+        let d = offset(l, 0)?.checked_sub(offset(r, 1)?)?;
+        Some((d, d, only))
+    })
+}
+
+/// Whether `expr` holds an interval of months.
+fn names_months(expr: &Arc<dyn PhysicalExpr>) -> bool {
+    let mut months = false;
+    let _ = expr.apply(|e| {
+        if let Some(l) = e.downcast_ref::<Literal>() {
+            months |= match l.value() {
+                ScalarValue::IntervalMonthDayNano(Some(v)) => v.months != 0,
+                ScalarValue::IntervalYearMonth(Some(v)) => *v != 0,
+                _ => false,
+            };
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    months
 }
 
 /// `expr` as (side, ms) meaning that side's event time plus ms; `None` when it is not one.

@@ -68,6 +68,9 @@ pub struct JoinSpec {
     pub bound_only: bool,
     /// Per side, the event-time column in the side's rows.
     pub time: [usize; 2],
+    /// Per side, what that column adds to the event time (ms): a side whose rows carry only
+    /// `t + INTERVAL …` (the join compares nothing else of it) is timed by it, less this.
+    pub time_shift: [i64; 2],
     /// Per side, the schema of its rows.
     pub sides: [SchemaRef; 2],
     /// The join's output.
@@ -259,7 +262,13 @@ impl IntervalJoin {
     /// The times, keys and key hashes of `batch`, of `side`. Both sides' keys are hashed
     /// with the left index's hasher (the buffers are only ever replaced together).
     fn arrived(&self, side: usize, batch: &RecordBatch) -> Result<Arrived> {
-        let times = times_of(batch.column(self.spec.time[side]))?;
+        let mut times = times_of(batch.column(self.spec.time[side]))?;
+        let shift = self.spec.time_shift[side];
+        if shift != 0 {
+            for t in times.iter_mut().filter(|t| **t != i64::MIN) {
+                *t = t.saturating_sub(shift);
+            }
+        }
         let (keys, valid) = self.keys(side, batch)?;
         let hasher = self.buffers[0].index.hasher();
         let hashes = (0..keys.num_rows())
@@ -940,6 +949,7 @@ mod tests {
             hi: 1000,
             bound_only: false,
             time: [1, 1],
+            time_shift: [0, 0],
             sides,
             schema,
         })
