@@ -431,11 +431,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                 );
             }
             if summary.skipped > 0 {
+                let first = summary.first_skipped.unwrap_or_default();
+                let why = crate::pipeline::offline::why_unreadable(&first, &args.time_zone)
+                    .unwrap_or_else(|| "see --time-unit and --time-zone".into());
                 println!(
-                    "  {} rows without a readable event time were not produced (the first: {:?}; \
-                     see --time-unit and --time-zone)",
+                    "  {} rows without a readable event time were not produced (the first: \
+                     {first:?}; {why})",
                     summary.skipped,
-                    summary.first_skipped.unwrap_or_default()
                 );
             }
             if summary.unfit > 0 {
@@ -467,7 +469,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Evaluate(args) => evaluate(args).await,
         Command::Run(args) => {
             let summary = run::run_file(&args).await?;
-            print!("{}", run::report(&summary)?);
+            print!("{}", run::report(&summary, &args.time_zone)?);
             Ok(())
         }
         Command::Bench(args) => crate::bench::run(args).await,

@@ -104,8 +104,9 @@ pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
     Ok(summary)
 }
 
-/// The summary and rows of a run, for the terminal.
-pub fn report(summary: &RunSummary) -> Result<String> {
+/// The summary and rows of a run, for the terminal; `zone` is the one its file's times
+/// without an offset were read in.
+pub fn report(summary: &RunSummary, zone: &str) -> Result<String> {
     let mut out = String::new();
     if !summary.shown.is_empty() {
         let shown = summary
@@ -132,11 +133,12 @@ pub fn report(summary: &RunSummary) -> Result<String> {
         ));
     }
     if summary.unreadable_time > 0 {
+        let first = summary.first_unreadable.as_deref().unwrap_or("");
+        let why = crate::pipeline::offline::why_unreadable(first, zone)
+            .unwrap_or_else(|| "see --time-unit, --time-zone".into());
         out.push_str(&format!(
-            "{} rows without a readable event time (the first: {:?}; see --time-unit, \
-             --time-zone)\n",
+            "{} rows without a readable event time (the first: {first:?}; {why})\n",
             summary.unreadable_time,
-            summary.first_unreadable.as_deref().unwrap_or("")
         ));
     }
     if !summary.ignored_columns.is_empty() {
@@ -295,7 +297,7 @@ mod tests {
         let v = datafusion::arrow::compute::cast(shown.column(3), &DataType::Float64)?;
         let v = v.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
         assert_eq!(v.value(1100), 2.5);
-        let text = report(&summary)?;
+        let text = report(&summary, "+00:00")?;
         assert!(text.contains("not read: remark"), "{text}");
         assert!(text.contains("NULL in every row: note"), "{text}");
         Ok(())
@@ -516,7 +518,7 @@ mod tests {
                 ("kim_ma_w".into(), six + 60_000, 1),
             ]
         );
-        let text = report(&summary)?;
+        let text = report(&summary, "+00:00")?;
         assert!(text.contains("5 input rows, 3 output rows"), "{text}");
         assert!(text.contains("1 rows rejected"), "{text}");
         Ok(())
@@ -660,7 +662,7 @@ mod terminal_tests {
             shown: vec![batch],
             ..RunSummary::default()
         };
-        let text = report(&summary).expect("report");
+        let text = report(&summary, "+00:00").expect("report");
         assert!(!text.contains('\u{1b}'), "{text}");
         assert!(text.contains("red\\u{1b}[31m"), "{text}");
         assert!(text.contains("a\\u{a}b"), "{text}");

@@ -950,6 +950,22 @@ fn json_kind(value: &Value) -> Option<usize> {
 
 /// Epoch milliseconds of time texts (RFC 3339, or without a zone: local time in `zone`);
 /// an unreadable text becomes null.
+/// Why the event time `text`, unreadable in `zone`, is so, where it reads as a time without
+/// a zone: a local time that daylight saving skips (the hour clocks jump over) or repeats
+/// (the hour they go back over), which is no one instant.
+pub fn why_unreadable(text: &str, zone: &str) -> Option<String> {
+    let one: ArrayRef = Arc::new(datafusion::arrow::array::StringArray::from(vec![text]));
+    let naive = local_ms(&one, "+00:00").ok()?;
+    let zoned = local_ms(&one, zone).ok()?;
+    (naive.is_valid(0) && zoned.is_null(0)).then(|| {
+        format!(
+            "{text} is skipped or repeated in {zone} where clocks change for daylight saving \
+             time, so it is no one instant: write such times with their UTC offset \
+             (2026-11-01 01:30-04:00 or -05:00)"
+        )
+    })
+}
+
 fn local_ms(text: &ArrayRef, zone: &str) -> Result<ArrayRef> {
     let options = datafusion::arrow::compute::CastOptions {
         safe: true,
@@ -1324,5 +1340,25 @@ mod topic_tests {
         }
         assert_eq!(counts, vec![60; 40]);
         Ok(())
+    }
+
+    /// A local time daylight saving skips or repeats is unreadable in a zone that changes
+    /// clocks, and the reason says so (it was "see --time-unit, --time-zone").
+    #[test]
+    fn a_local_time_daylight_saving_skips_or_repeats_is_named() {
+        let zone = "America/New_York";
+        for (text, why) in [
+            ("2026-03-08 02:30", true),
+            ("2026-11-01 01:30:00", true),
+            ("2026-03-08 03:30", false),
+            ("not a time", false),
+        ] {
+            let found = super::why_unreadable(text, zone);
+            assert_eq!(found.is_some(), why, "{text}: {found:?}");
+            if let Some(found) = found {
+                assert!(found.contains("daylight saving"), "{found}");
+            }
+        }
+        assert!(super::why_unreadable("2026-03-08 02:30", "+07:00").is_none());
     }
 }
