@@ -1,3 +1,6 @@
+//! Arithmetic that fails on overflow instead of wrapping: `sum`, and the operators of
+//! projections and filters ([`check_arithmetic`]).
+//!
 //! `sum` that fails on overflow instead of wrapping. DataFusion's `sum` of integers and
 //! decimals adds with wrapping arithmetic: a BIGINT total past 2^63 − 1 came out negative,
 //! a result the input never had. Here the same function, under the same name, adds with
@@ -10,10 +13,12 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, PrimitiveArray};
 use datafusion::arrow::buffer::NullBuffer;
+use datafusion::arrow::datatypes::Schema;
 use datafusion::arrow::datatypes::{
     ArrowNativeTypeOp, ArrowPrimitiveType, DataType, Decimal128Type, FieldRef, Int64Type,
     UInt64Type,
 };
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Result, ScalarValue, exec_err};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
@@ -22,6 +27,12 @@ use datafusion::logical_expr::{
     Accumulator, AggregateUDF, AggregateUDFImpl, Documentation, EmitTo, Expr, GroupsAccumulator,
     Operator, ReversedUDAF, SetMonotonicity, Signature, StatisticsArgs,
 };
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::expressions::{BinaryExpr, Literal, NegativeExpr};
+use datafusion::physical_expr::projection::ProjectionExpr;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::filter::{FilterExec, FilterExecBuilder};
+use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::prelude::SessionContext;
 
 /// Registers [`CheckedSum`] over `ctx`'s `sum`.
@@ -361,4 +372,87 @@ impl<T: ArrowPrimitiveType> GroupsAccumulator for Totals<T> {
     fn size(&self) -> usize {
         self.totals.capacity() * std::mem::size_of::<T::Native>() + self.seen.capacity()
     }
+}
+
+/// `plan` with the arithmetic of its projections and filters checked: `+`, `-` and `*` of
+/// integers (and decimals) fail on overflow, as does `-` of the smallest integer, where
+/// DataFusion's wrap (a BIGINT's `v * 2` came out negative). The failure is the row's: it
+/// goes to the DLQ as a division by zero does. Arithmetic inside an aggregate's arguments
+/// (`sum(v * 2)`) is not reached here.
+pub fn check_arithmetic(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|node| {
+        if let Some(p) = node.downcast_ref::<ProjectionExec>() {
+            let schema = p.input().schema();
+            let mut changed = false;
+            let exprs = p
+                .expr()
+                .iter()
+                .map(|e| {
+                    let checked = checked_expr(&e.expr, &schema)?;
+                    changed |= checked.transformed;
+                    Ok(ProjectionExpr {
+                        expr: checked.data,
+                        alias: e.alias.clone(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if !changed {
+                return Ok(Transformed::no(node));
+            }
+            let rebuilt: Arc<dyn ExecutionPlan> =
+                Arc::new(ProjectionExec::try_new(exprs, p.input().clone())?);
+            return Ok(Transformed::yes(rebuilt));
+        }
+        if let Some(f) = node.downcast_ref::<FilterExec>() {
+            let predicate = checked_expr(f.predicate(), &f.input().schema())?;
+            if !predicate.transformed {
+                return Ok(Transformed::no(node));
+            }
+            let rebuilt: Arc<dyn ExecutionPlan> = Arc::new(
+                FilterExecBuilder::from(f)
+                    .with_predicate(predicate.data)
+                    .build()?,
+            );
+            return Ok(Transformed::yes(rebuilt));
+        }
+        Ok(Transformed::no(node))
+    })
+    .map(|t| t.data)
+}
+
+/// `expr` (over rows of `schema`) with checked arithmetic.
+fn checked_expr(
+    expr: &Arc<dyn PhysicalExpr>,
+    schema: &Schema,
+) -> Result<Transformed<Arc<dyn PhysicalExpr>>> {
+    expr.clone().transform_up(|e| {
+        if let Some(b) = e.downcast_ref::<BinaryExpr>()
+            && matches!(
+                b.op(),
+                Operator::Plus | Operator::Minus | Operator::Multiply
+            )
+        {
+            let rebuilt: Arc<dyn PhysicalExpr> = Arc::new(
+                BinaryExpr::new(b.left().clone(), *b.op(), b.right().clone())
+                    .with_fail_on_overflow(true),
+            );
+            return Ok(Transformed::yes(rebuilt));
+        }
+        if let Some(n) = e.downcast_ref::<NegativeExpr>() {
+            let data_type = n.arg().data_type(schema)?;
+            if data_type.is_signed_integer() {
+                let zero = ScalarValue::new_zero(&data_type)?;
+                let rebuilt: Arc<dyn PhysicalExpr> = Arc::new(
+                    BinaryExpr::new(
+                        Arc::new(Literal::new(zero)),
+                        Operator::Minus,
+                        n.arg().clone(),
+                    )
+                    .with_fail_on_overflow(true),
+                );
+                return Ok(Transformed::yes(rebuilt));
+            }
+        }
+        Ok(Transformed::no(e))
+    })
 }
