@@ -261,9 +261,52 @@ async fn a_result_row_over_the_record_limit_fails_the_query_with_the_reason() ->
 /// records keep arriving: the broker deletes the log's old end before the query reaches it
 /// (the embedded broker keeps 5 MiB a partition). Those records were never the query's to
 /// read, as it starts at whatever the log holds: their gap is recorded in the DLQ and the
-/// query reads on, rather than fail at once ("data loss") and again when re-created.
+/// query reads on, rather than fail at once ("data loss") and again when re-created; with
+/// checkpoints (the service's default) as without.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_query_reads_on_when_the_log_start_passes_it_in_its_backlog() -> anyhow::Result<()> {
+    for checkpointed in [false, true] {
+        let dir = tempfile::tempdir()?;
+        let (result, dead) = backlog_cut(checkpointed.then_some(dir.path()), 20).await?;
+        result.map_err(|e| anyhow::anyhow!("checkpointed {checkpointed}: {e}"))?;
+        let gaps: Vec<&serde_json::Value> = dead.iter().filter(|v| v["stage"] == "gap").collect();
+        assert!(!gaps.is_empty(), "no gap record: {dead:?}");
+        for gap in gaps {
+            let (from, end) = (
+                gap["offset"].as_i64().unwrap_or(-1),
+                gap["gap_end"].as_i64().unwrap_or(-1),
+            );
+            // The backlog was offsets up to 80.
+            assert!(0 <= from && from < end && end <= 80, "{gap}");
+            assert!(
+                gap["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("backlog the query began with")),
+                "{gap}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The same, but the deletion reaches past the backlog, into records that arrived after the
+/// query began: those were the query's to read, and it fails with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_deleted_past_the_backlog_fail_the_query() -> anyhow::Result<()> {
+    let (result, dead) = backlog_cut(None, 120).await?;
+    let error = result.err().unwrap_or_default();
+    assert!(error.contains("data loss"), "{error}");
+    assert!(dead.iter().all(|v| v["stage"] != "gap"), "{dead:?}");
+    Ok(())
+}
+
+/// A log of 80 records of 100 KB (more than the 5 MiB a partition keeps), a new query over it
+/// whose first fetches fail, and `more` records produced once it holds the partition: how
+/// the query ended (an error's text), and the DLQ's records.
+async fn backlog_cut(
+    checkpoints: Option<&std::path::Path>,
+    more: u64,
+) -> anyhow::Result<(Result<(), String>, Vec<serde_json::Value>)> {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let cluster = TestCluster::start(1)?;
     cluster.broker.create_topic("test.backlog", 1)?;
@@ -274,78 +317,73 @@ async fn a_new_query_reads_on_when_the_log_start_passes_it_in_its_backlog() -> a
         v["pad"] = json!(pad);
         serde_json::to_vec(&v).expect("json")
     };
-    // A full log: more than 5 MiB.
     for i in 0..80 {
         cluster.produce(&topics.camera, 0, "k", &padded(i)).await?;
     }
-    // The query's first fetches fail (the broker answers "not the leader"), so that its log
-    // start is deleted before it reads it, however long the group takes to assign it.
+    // The query's first fetches fail (the broker answers "not the leader"): the records
+    // produced once it holds the partition delete its log start before it reads it.
     cluster.broker.fail_requests(
         RDKafkaApiKey::Fetch,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 6],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 10],
     );
     let stats = Arc::new(PipelineStats::new());
     let stop = Arc::new(AtomicBool::new(false));
-    let config = passthrough(&cluster.brokers, "backlog", "backlog", "backlog");
+    let mut config = passthrough(&cluster.brokers, "backlog", "backlog", "backlog");
+    if let Some(dir) = checkpoints {
+        config.checkpoint = Some(urbanstream::pipeline::CheckpointSettings {
+            location: urbanstream::checkpoint::Location::Local(dir.to_path_buf()),
+            interval: Duration::from_secs(1),
+            retain: 2,
+            transactional_id: None,
+            read_back_from_log_start: false,
+        });
+    }
     let pipeline = Pipeline::new(config, stats.clone()).await?;
     let mut task = tokio::spawn(pipeline.run(stop.clone()));
-    // Records keep arriving, turning the log over many times.
-    for i in 80..400 {
-        cluster.produce(&topics.camera, 0, "k", &padded(i)).await?;
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stats.assigned_partitions.load(Ordering::Relaxed) == 0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the partition was not assigned"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut marker = json!({
-        "camera_id": "cam-last", "segment_id": "seg-1", "event_time": 1_767_222_100_000_i64,
+    for i in 80..80 + more {
+        cluster.produce(&topics.camera, 0, "k", &padded(i)).await?;
+    }
+    let marker = json!({
+        "camera_id": "cam-done", "segment_id": "seg-1", "event_time": 1_767_222_100_000_i64,
         "kind": "detection", "vehicle_class": "car", "speed_kmh": 20.0, "confidence": 0.9
     });
     cluster
         .produce(&topics.camera, 0, "k", &serde_json::to_vec(&marker)?)
         .await?;
-    marker["camera_id"] = json!("cam-done");
-    cluster
-        .produce(&topics.camera, 0, "k", &serde_json::to_vec(&marker)?)
-        .await?;
-
     let output = cluster.consumer("test.backlog")?;
-    let read = tokio::select! {
+    let result = tokio::select! {
         read = async {
-            let mut seen = Vec::new();
             loop {
                 let batch = read_json(&output, 1, Duration::from_secs(60)).await?;
-                seen.extend(batch.into_iter().map(|(_, v)| v));
-                if seen.iter().any(|v| v["camera_id"] == "cam-done") {
-                    return anyhow::Ok(seen);
+                if batch.iter().any(|(_, v)| v["camera_id"] == "cam-done") {
+                    return anyhow::Ok(());
                 }
             }
-        } => read?,
-        ended = &mut task => anyhow::bail!("the query ended before reading on: {:?}", ended?),
+        } => {
+            read?;
+            stop.store(true, Ordering::Relaxed);
+            (&mut task).await?.map_err(|e| e.to_string())
+        }
+        ended = &mut task => Err(match ended? {
+            Ok(()) => "the query ended".to_string(),
+            Err(e) => e.to_string(),
+        }),
     };
-    assert!(read.iter().any(|v| v["camera_id"] == "cam-last"));
     let dead = read_until_quiet(
         &cluster.consumer(&topics.dlq)?,
         Duration::from_secs(3),
-        Duration::from_secs(30),
+        Duration::from_secs(10),
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    task.await??;
-    let gaps: Vec<&serde_json::Value> = dead.iter().filter(|v| v["stage"] == "gap").collect();
-    assert!(!gaps.is_empty(), "no gap record: {dead:?}");
-    for gap in gaps {
-        assert_eq!(gap["topic"], topics.camera.as_str());
-        let (from, end) = (
-            gap["offset"].as_i64().unwrap_or(-1),
-            gap["gap_end"].as_i64().unwrap_or(-1),
-        );
-        assert!(0 <= from && from < end, "{gap}");
-        assert!(
-            gap["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("backlog the query began with")),
-            "{gap}"
-        );
-    }
-    Ok(())
+    Ok((result, dead))
 }
 
 /// A pipeline of one query, `sql` named `name`, in consumer group `group`.

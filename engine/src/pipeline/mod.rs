@@ -1016,8 +1016,8 @@ impl Pipeline {
     async fn record_gaps(&mut self, reason: &str) -> Result<()> {
         let gaps = blocking(|| self.source.gaps(Duration::from_secs(30)))?;
         if !self.skips_data_loss()
-            && !gaps.iter().all(|(topic, partition, from, _)| {
-                self.source.reading_backlog(topic, *partition, *from)
+            && !gaps.iter().all(|(topic, partition, from, to)| {
+                self.source.reading_backlog(topic, *partition, *from, *to)
             })
         {
             return Err(Error::DataLoss(reason.to_string()));

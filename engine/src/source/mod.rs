@@ -650,6 +650,12 @@ impl KafkaSource {
                 p.remove(key);
             }
         }
+        // Assigned again, a partition starts where the group left it, not in a backlog.
+        if let Ok(mut b) = self.backlogs.lock() {
+            for key in partitions {
+                b.remove(key);
+            }
+        }
     }
 
     /// Whether the group has partition changes not yet taken with [`Self::rebalances`].
@@ -710,9 +716,7 @@ impl KafkaSource {
             .fetch_watermarks(&key.0, key.1, Duration::from_secs(30))
         {
             Ok((start, end)) => {
-                if let Ok(mut backlogs) = self.backlogs.lock() {
-                    backlogs.insert(key.clone(), Backlog { start, end });
-                }
+                self.note_backlog(key, Backlog { start, end });
                 Offset::Offset(start)
             }
             Err(e) => {
@@ -722,15 +726,22 @@ impl KafkaSource {
         }
     }
 
-    /// Whether `position` of a partition is still in the backlog the query found there when
-    /// it began reading the partition at its log's start in this run. Records deleted from
-    /// that backlog's old end before the query reached them were never the query's to read
-    /// (it starts at whatever the log holds), so their gap is recorded, not a failure; past
-    /// the backlog, a gap is input the query fell behind on.
-    pub fn reading_backlog(&self, topic: &str, partition: i32, position: i64) -> bool {
+    fn note_backlog(&self, key: &(String, i32), backlog: Backlog) {
+        if let Ok(mut backlogs) = self.backlogs.lock() {
+            backlogs.insert(key.clone(), backlog);
+        }
+    }
+
+    /// Whether the gap `[from, to)` of a partition lies in the backlog the query found there
+    /// when it began reading the partition at its log's start in this run. Records deleted
+    /// from that backlog's old end before the query reached them were never the query's to
+    /// read (it starts at whatever the log holds), so their gap is recorded, not a failure; a
+    /// gap reaching past the backlog holds input that arrived after the query began, which it
+    /// fell behind on.
+    pub fn reading_backlog(&self, topic: &str, partition: i32, from: i64, to: i64) -> bool {
         self.backlogs.lock().is_ok_and(|b| {
             b.get(&(topic.to_string(), partition))
-                .is_some_and(|b| position < b.end)
+                .is_some_and(|b| from < to && to <= b.end)
         })
     }
 
@@ -860,7 +871,11 @@ impl KafkaSource {
         for key in partitions {
             let offset = match (self.start_at(key), committed.get(key)) {
                 (Some(o), _) | (None, Some(&o)) => o,
-                (None, None) => self.lag_probe.fetch_watermarks(&key.0, key.1, timeout)?.0,
+                (None, None) => {
+                    let (start, end) = self.lag_probe.fetch_watermarks(&key.0, key.1, timeout)?;
+                    self.note_backlog(key, Backlog { start, end });
+                    start
+                }
             };
             out.insert(key.clone(), offset);
         }
