@@ -795,25 +795,40 @@ async fn a_micro_batch_of_millions_of_pairs_is_aggregated_in_parts() -> anyhow::
     // Each of the n values of a side meets every one of the other's: 2 · n · Σv.
     assert_eq!(column("total")?, 2 * n * (n * (n - 1) / 2));
 
-    let mut listed = plan_query(
-        tables
-            .iter()
-            .copied()
-            .chain([format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND}").as_str()]),
-    )
-    .await?;
-    listed
-        .process_from("b", &batch(ROWS, T0)?, &[0], Some(&[0]), now)
-        .await?;
-    let error = listed
-        .process_from("a", &batch(ROWS, T0)?, &[0], Some(&[0]), now)
-        .await
-        .expect_err("4 410 000 result rows from one micro-batch")
-        .to_string();
+    // With nothing aggregating the pairs: `buffered` rows of one side met by `arriving` of
+    // the other in one micro-batch.
+    let listed = |buffered: usize, arriving: usize| {
+        let tables = tables;
+        let batch = &batch;
+        async move {
+            let mut listed = plan_query(tables.iter().copied().chain([
+                format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND}").as_str(),
+            ]))
+            .await?;
+            listed
+                .process_from("b", &batch(buffered, T0)?, &[0], Some(&[0]), now)
+                .await?;
+            let error = listed
+                .process_from("a", &batch(arriving, T0)?, &[0], Some(&[0]), now)
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            anyhow::Ok(error)
+        }
+    };
+    let error = listed(ROWS, ROWS).await?;
     assert!(
         error.contains(
             "a join of two streams gave more than 4194304 result rows from one micro-batch"
         ) && error.contains("aggregate the pairs"),
+        "{error}"
+    );
+    // Held whichever part crosses the cap, the last one too: 1 400 000 buffered rows met by 3
+    // arriving ones make parts of 1 400 000 pairs each, the third past the cap.
+    let error = listed(1_400_000, 3).await?;
+    assert!(
+        error.contains("a join of two streams gave more than 4194304 result rows"),
         "{error}"
     );
     Ok(())

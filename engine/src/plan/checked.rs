@@ -15,8 +15,7 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Primitive
 use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::datatypes::Schema;
 use datafusion::arrow::datatypes::{
-    ArrowNativeTypeOp, ArrowPrimitiveType, DataType, Decimal128Type, FieldRef, Int64Type,
-    UInt64Type,
+    ArrowPrimitiveType, DataType, Decimal128Type, FieldRef, Int64Type, UInt64Type,
 };
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Result, ScalarValue, exec_err};
@@ -58,9 +57,18 @@ fn checked(data_type: &DataType) -> bool {
 }
 
 fn overflow(name: &str, data_type: &DataType) -> datafusion::error::DataFusionError {
+    let instead = match data_type {
+        DataType::Decimal128(..) => {
+            "Sum smaller units (x / 1000, a smaller scale) or DOUBLE, \
+             which rounds"
+        }
+        _ => {
+            "Sum a wider type: sum(CAST(x AS DECIMAL(38, 0))) for integers (or DOUBLE, which \
+             rounds)"
+        }
+    };
     datafusion::error::DataFusionError::Execution(format!(
-        "{name} overflowed its type {}: the total is larger than it can hold. Sum a wider \
-         type: sum(CAST(x AS DECIMAL(38, 0))) for integers (or DOUBLE, which rounds)",
+        "{name} overflowed its type {}: the total is larger than it can hold. {instead}",
         crate::schema::sql_type_name(data_type)
     ))
 }
@@ -141,16 +149,17 @@ impl AggregateUDFImpl for CheckedSum {
         self.inner.inner().order_sensitivity()
     }
 
+    /// Not simplified: DataFusion rewrites `sum(v + 5)` beside `sum(v + 1)` as
+    /// `sum(v) + 5 * count(v)`, whose `+` would wrap outside the checked sum.
     fn simplify_expr_op_literal(
         &self,
-        agg_function: &AggregateFunction,
-        arg: &Expr,
-        op: Operator,
-        lit: &Expr,
-        arg_is_left: bool,
+        _agg_function: &AggregateFunction,
+        _arg: &Expr,
+        _op: Operator,
+        _lit: &Expr,
+        _arg_is_left: bool,
     ) -> Result<Option<Expr>> {
-        self.inner
-            .simplify_expr_op_literal(agg_function, arg, op, lit, arg_is_left)
+        Ok(None)
     }
 
     fn reverse_expr(&self) -> ReversedUDAF {
@@ -174,24 +183,30 @@ impl AggregateUDFImpl for CheckedSum {
     }
 }
 
-/// `total + value`, or the overflow error.
-fn add<T: ArrowPrimitiveType>(
-    total: T::Native,
-    value: T::Native,
-    (name, data_type): (&str, &DataType),
-) -> Result<T::Native> {
+/// The native values a checked sum adds, which it adds as 128-bit integers: the total is
+/// checked against its type when it is read (a state or a result), so a total that passes
+/// the type's limit on the way and comes back, as rows arrive in another order, is right.
+trait Wide: ArrowPrimitiveType<Native: Into<i128> + TryFrom<i128>> {}
+impl<T: ArrowPrimitiveType<Native: Into<i128> + TryFrom<i128>>> Wide for T {}
+
+/// `total + value`, or the overflow error (a DECIMAL(38)'s, past 128 bits).
+fn add(total: i128, value: i128, (name, data_type): (&str, &DataType)) -> Result<i128> {
     total
-        .add_checked(value)
-        .map_err(|_| overflow(name, data_type))
+        .checked_add(value)
+        .ok_or_else(|| overflow(name, data_type))
 }
 
 /// `totals` as an array of `data_type`, or the overflow error where a decimal total is
 /// longer than its precision.
-fn finish<T: ArrowPrimitiveType>(
-    totals: Vec<T::Native>,
+fn finish<T: Wide>(
+    totals: Vec<i128>,
     nulls: Option<NullBuffer>,
     (name, data_type): (&str, &DataType),
 ) -> Result<ArrayRef> {
+    let totals = totals
+        .into_iter()
+        .map(|t| T::Native::try_from(t).map_err(|_| overflow(name, data_type)))
+        .collect::<Result<Vec<T::Native>>>()?;
     let array = PrimitiveArray::<T>::new(totals.into(), nulls).with_data_type(data_type.clone());
     if let DataType::Decimal128(precision, _) = data_type
         && array
@@ -206,7 +221,8 @@ fn finish<T: ArrowPrimitiveType>(
 
 /// One group's checked sum (aggregates without groups).
 struct Total<T: ArrowPrimitiveType> {
-    total: Option<T::Native>,
+    total: Option<i128>,
+    _type: std::marker::PhantomData<fn() -> T>,
     name: String,
     data_type: DataType,
 }
@@ -224,23 +240,25 @@ impl<T: ArrowPrimitiveType> Total<T> {
     fn new(name: String, data_type: DataType) -> Self {
         Self {
             total: None,
+            _type: std::marker::PhantomData,
             name,
             data_type,
         }
     }
 }
 
-impl<T: ArrowPrimitiveType> Accumulator for Total<T> {
+impl<T: Wide> Accumulator for Total<T> {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
         let Some(values) = values.first() else {
             return exec_err!("sum takes one argument");
         };
         let values = values.as_primitive::<T>();
         for value in values.iter().flatten() {
-            self.total = Some(match self.total {
-                Some(total) => add::<T>(total, value, (&self.name, &self.data_type))?,
-                None => value,
-            });
+            self.total = Some(add(
+                self.total.unwrap_or_default(),
+                value.into(),
+                (&self.name, &self.data_type),
+            )?);
         }
         Ok(())
     }
@@ -270,16 +288,18 @@ impl<T: ArrowPrimitiveType> Accumulator for Total<T> {
 
 /// Checked sums of many groups, one total and one "seen a value" flag per group.
 struct Totals<T: ArrowPrimitiveType> {
-    totals: Vec<T::Native>,
+    totals: Vec<i128>,
+    _type: std::marker::PhantomData<fn() -> T>,
     seen: Vec<bool>,
     name: String,
     data_type: DataType,
 }
 
-impl<T: ArrowPrimitiveType> Totals<T> {
+impl<T: Wide> Totals<T> {
     fn new(name: String, data_type: DataType) -> Self {
         Self {
             totals: Vec::new(),
+            _type: std::marker::PhantomData,
             seen: Vec::new(),
             name,
             data_type,
@@ -287,6 +307,18 @@ impl<T: ArrowPrimitiveType> Totals<T> {
     }
 
     fn take(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
+        // Checked before anything is taken: a total its type cannot hold leaves the groups
+        // as they were.
+        let n = match emit_to {
+            EmitTo::All => self.totals.len(),
+            EmitTo::First(n) => n.min(self.totals.len()),
+        };
+        if self.totals[..n]
+            .iter()
+            .any(|t| T::Native::try_from(*t).is_err())
+        {
+            return Err(overflow(&self.name, &self.data_type));
+        }
         let totals = emit_to.take_needed(&mut self.totals);
         let seen = emit_to.take_needed(&mut self.seen);
         let nulls = seen.iter().any(|s| !s).then(|| NullBuffer::from(seen));
@@ -294,7 +326,7 @@ impl<T: ArrowPrimitiveType> Totals<T> {
     }
 }
 
-impl<T: ArrowPrimitiveType> GroupsAccumulator for Totals<T> {
+impl<T: Wide> GroupsAccumulator for Totals<T> {
     fn update_batch(
         &mut self,
         values: &[ArrayRef],
@@ -306,7 +338,7 @@ impl<T: ArrowPrimitiveType> GroupsAccumulator for Totals<T> {
             return exec_err!("sum takes one argument");
         };
         let values = values.as_primitive::<T>();
-        self.totals.resize(total_num_groups, T::Native::default());
+        self.totals.resize(total_num_groups, 0);
         self.seen.resize(total_num_groups, false);
         let taken = |row: usize| {
             values.is_valid(row) && opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row))
@@ -314,13 +346,14 @@ impl<T: ArrowPrimitiveType> GroupsAccumulator for Totals<T> {
         let checked = (self.name.as_str(), &self.data_type);
         if values.null_count() == 0 && opt_filter.is_none() {
             for (&group, &value) in group_indices.iter().zip(values.values()) {
-                self.totals[group] = add::<T>(self.totals[group], value, checked)?;
+                self.totals[group] = add(self.totals[group], value.into(), checked)?;
                 self.seen[group] = true;
             }
         } else {
             for (row, &group) in group_indices.iter().enumerate() {
                 if taken(row) {
-                    self.totals[group] = add::<T>(self.totals[group], values.value(row), checked)?;
+                    self.totals[group] =
+                        add(self.totals[group], values.value(row).into(), checked)?;
                     self.seen[group] = true;
                 }
             }
@@ -370,7 +403,7 @@ impl<T: ArrowPrimitiveType> GroupsAccumulator for Totals<T> {
     }
 
     fn size(&self) -> usize {
-        self.totals.capacity() * std::mem::size_of::<T::Native>() + self.seen.capacity()
+        self.totals.capacity() * std::mem::size_of::<i128>() + self.seen.capacity()
     }
 }
 

@@ -178,7 +178,14 @@ pub(super) fn plan_join(
     let Some((lo, hi, bound_only)) = filter
         .as_ref()
         .and_then(|f| time_bound(f, &shifted))
-        .or_else(|| equal_times(&on, &shifted, filter.is_none()))
+        .or_else(|| {
+            equal_times(
+                &on,
+                &shifted,
+                [&left.schema(), &right.schema()],
+                filter.is_none(),
+            )
+        })
     else {
         if filter
             .as_ref()
@@ -487,18 +494,34 @@ fn time_bound(
 fn equal_times(
     on: &[(PhysicalExprRef, PhysicalExprRef)],
     time_columns: &[Vec<(usize, i64)>; 2],
+    schemas: [&datafusion::arrow::datatypes::SchemaRef; 2],
     only: bool,
 ) -> Option<(i64, i64, bool)> {
+    // (offset, and how far the offset may be from the times' difference): a day in a time
+    // zone with daylight saving is not always 24 hours, and arithmetic on second timestamps
+    // rounds to the second; the key's equality still decides each pair exactly.
     let offset = |expr: &Arc<dyn PhysicalExpr>, side: usize| {
         let c = expr.downcast_ref::<Column>()?;
-        time_columns[side]
+        let k = time_columns[side]
             .iter()
             .find(|(i, _)| *i == c.index())
-            .map(|(_, k)| *k)
+            .map(|(_, k)| *k)?;
+        let slack = match schemas[side].field(c.index()).data_type() {
+            DataType::Timestamp(_, Some(_)) => 3_600_000,
+            DataType::Timestamp(TimeUnit::Second, None) => 1_000,
+            _ => 0,
+        };
+        Some((k, slack))
     };
     on.iter().find_map(|(l, r)| {
-        let d = offset(l, 0)?.checked_sub(offset(r, 1)?)?;
-        Some((d, d, only))
+        let ((kl, sl), (kr, sr)) = (offset(l, 0)?, offset(r, 1)?);
+        let d = kl.checked_sub(kr)?;
+        let slack = sl.max(sr);
+        Some((
+            d.saturating_sub(slack),
+            d.saturating_add(slack),
+            only && slack == 0,
+        ))
     })
 }
 

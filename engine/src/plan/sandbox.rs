@@ -243,7 +243,12 @@ pub fn check_statement(statement: &DFStatement) -> Result<()> {
                      in OPTIONS ('topic' '…')"
                 );
             }
-            if create.name.0.len() > 1 {
+            // `public.cams` is DataFusion's default schema's table `cams`.
+            let default_schema = create.name.0.len() == 2
+                && create.name.0[0]
+                    .as_ident()
+                    .is_some_and(|i| i.value.eq_ignore_ascii_case("public"));
+            if create.name.0.len() > 1 && !default_schema {
                 let name = create.name.to_string();
                 return plan_err!(
                     "{name}: a table's name is one name, not qualified by a schema or catalog; \

@@ -252,6 +252,12 @@ fn lineage(plan: &Arc<dyn ExecutionPlan>, i: usize, depth: usize, budget: &mut u
 /// micro-batch may make (they say "micro-batch"), which running the plan over smaller parts
 /// would get around.
 pub(crate) fn is_data_error(e: &datafusion::common::DataFusionError) -> bool {
+    is_value_error(e) || is_function_error(e)
+}
+
+/// Whether an Arrow kernel failed on a value: a cast, a parse, a division by zero, an
+/// overflow.
+fn is_value_error(e: &datafusion::common::DataFusionError) -> bool {
     use datafusion::arrow::error::ArrowError;
     match e.find_root() {
         datafusion::common::DataFusionError::ArrowError(a, _) => matches!(
@@ -260,8 +266,19 @@ pub(crate) fn is_data_error(e: &datafusion::common::DataFusionError) -> bool {
                 | ArrowError::ParseError(_)
                 | ArrowError::DivideByZero
                 | ArrowError::ArithmeticOverflow(_)
-                | ArrowError::ComputeError(_)
-                | ArrowError::InvalidArgumentError(_)
+        ),
+        _ => false,
+    }
+}
+
+/// Whether a function or kernel failed, perhaps on a value (`sqrt(-1)`), perhaps on all
+/// values alike (a constant argument it refuses): `lower_isolating` tells them apart.
+fn is_function_error(e: &datafusion::common::DataFusionError) -> bool {
+    use datafusion::arrow::error::ArrowError;
+    match e.find_root() {
+        datafusion::common::DataFusionError::ArrowError(a, _) => matches!(
+            a.as_ref(),
+            ArrowError::ComputeError(_) | ArrowError::InvalidArgumentError(_)
         ),
         datafusion::common::DataFusionError::Execution(message) => !message.contains("micro-batch"),
         _ => false,
@@ -2957,8 +2974,6 @@ impl StreamQuery {
         Ok(())
     }
 
-    /// Why the query publishes rows that withdraw rows it published (`op = 'retract'`), if
-    /// it does.
     /// Why a group's row of a window may be published more than once (revised or withdrawn),
     /// if it may.
     fn rows_change(&self) -> Result<Option<&'static str>> {
@@ -2988,6 +3003,8 @@ impl StreamQuery {
         Ok(None)
     }
 
+    /// Why the query publishes rows that withdraw rows it published (`op = 'retract'`), if
+    /// it does.
     fn withdraws_rows(&self) -> Result<Option<&'static str>> {
         let Some(w) = &self.windowed else {
             return Ok(None);
@@ -3488,6 +3505,10 @@ impl StreamQuery {
             Err(e) if is_data_error(&e) && n > 0 => e,
             Err(e) => return Err(e),
         };
+        // An error the plan also makes of no rows is not the rows' doing.
+        if self.lower_once(batch.slice(0, 0)).await.is_err() {
+            return Err(error);
+        }
         let mut lowered = Vec::new();
         if n == 1 {
             failed.push((0, error.to_string()));
@@ -3511,6 +3532,11 @@ impl StreamQuery {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        // A function that failed on every row, each alone, fails on its arguments as
+        // written (a constant it refuses), not on the rows' values.
+        if failed.len() == n && !is_value_error(&error) {
+            return Err(error);
         }
         Ok(lowered)
     }
@@ -3631,6 +3657,12 @@ impl StreamQuery {
         let batch = datafusion::arrow::compute::concat_batches(&schema, &pairs)?;
         drop(pairs);
         self.run_lower(batch, false, false, out).await?;
+        Self::check_join_rows(out)
+    }
+
+    /// Holds a join's results of one micro-batch, with no aggregation above the join, to
+    /// [`crate::state::join::MAX_PAIRS`] rows.
+    fn check_join_rows(out: &StepOutput) -> Result<()> {
         let rows: usize = out.rows.iter().map(RecordBatch::num_rows).sum();
         if rows as u64 > crate::state::join::MAX_PAIRS {
             return Err(datafusion::error::DataFusionError::Execution(format!(
@@ -3717,6 +3749,9 @@ impl StreamQuery {
         let batch = datafusion::arrow::compute::concat_batches(&schema, &pairs)?;
         let wake = self.keyed_watermark(now_ms);
         self.run_lower(batch, wake, false, out).await?;
+        if self.windowed.is_none() && self.ordered.is_none() {
+            Self::check_join_rows(out)?;
+        }
         self.emit(now_ms, out).await
     }
 
@@ -4318,7 +4353,7 @@ impl StreamQuery {
     /// to guard it.
     async fn emit(&mut self, now_ms: i64, out: &mut StepOutput) -> Result<()> {
         self.emit_due(now_ms, out).await.map_err(|e| {
-            if is_data_error(&e) {
+            if is_value_error(&e) {
                 datafusion::error::DataFusionError::Execution(format!(
                     "the query failed on a result of its window, above the GROUP BY ({}); \
                      unlike a record, a window's result cannot go to the DLQ: guard the \

@@ -49,7 +49,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::row::{RowConverter, SortField};
-use datafusion::common::{Result, internal_err};
+use datafusion::common::{Result, exec_err, internal_err};
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::{GroupsAccumulatorAdapter, PhysicalExpr};
@@ -429,7 +429,7 @@ impl LoanState {
             return Ok(t.clone());
         }
         if let Some(e) = &self.failed {
-            return internal_err!("reading window state out for a checkpoint failed: {e}");
+            return exec_err!("reading window state out for a checkpoint failed: {e}");
         }
         let Some(pane) = self.pane.as_mut() else {
             return internal_err!("a lent pane was taken back before its table was read");
@@ -1022,7 +1022,7 @@ impl WindowOperator {
             // A pane whose reading out failed half way may be drained: its state is
             // lost, and the query with it.
             if let Some(e) = &state.failed {
-                return internal_err!(
+                return exec_err!(
                     "reading window state out for a checkpoint failed, which leaves the \
                          state incomplete: {e}"
                 );
