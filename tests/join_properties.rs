@@ -798,7 +798,6 @@ async fn a_micro_batch_of_millions_of_pairs_is_aggregated_in_parts() -> anyhow::
     // With nothing aggregating the pairs: `buffered` rows of one side met by `arriving` of
     // the other in one micro-batch.
     let listed = |buffered: usize, arriving: usize| {
-        let tables = tables;
         let batch = &batch;
         async move {
             let mut listed = plan_query(tables.iter().copied().chain([
