@@ -173,6 +173,48 @@ mod tests {
     /// (a row written `+07:00` sorted after a row of `Z` that it precedes, and was late); a
     /// column the stream lacks, and a field the file lacks, went unmentioned. Now the CSV's
     /// columns are text read by the stream's schema, row by row.
+    /// A CSV number written with spaces around it (`a, 7`, as after a comma) is the number:
+    /// it was rejected as "can't parse the string value  7 to decimal".
+    #[tokio::test]
+    async fn a_csv_number_with_spaces_around_it_is_read() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let query = dir.path().join("q.sql");
+        std::fs::write(
+            &query,
+            "CREATE EXTERNAL TABLE s (k VARCHAR, event_time TIMESTAMP NOT NULL, n BIGINT, \
+             v DOUBLE) STORED AS KAFKA OPTIONS ('topic' 's', 'event_time' 'event_time', \
+             'watermark_delay' '0s'); SELECT k, n, v FROM s",
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let input = dir.path().join("rows.csv");
+        std::fs::write(
+            &input,
+            "k,event_time,n,v\n a ,2026-01-01T00:00:01Z, 7,2.5 \nb,2026-01-01T00:00:02Z,8 , 1\n",
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
+        let args = RunArgs {
+            query,
+            input,
+            rename: Vec::new(),
+            time_unit: None,
+            time_zone: "+00:00".into(),
+            limit: 20,
+            output: None,
+            reference: Vec::new(),
+        };
+        let summary = run_file(&args).await?;
+        assert_eq!(
+            (summary.rejected, summary.output_rows),
+            (0, 2),
+            "{summary:?}"
+        );
+        let text = report(&summary, "+00:00")?;
+        // Texts keep their spaces; numbers are read without them.
+        assert!(text.contains("|  a  | 7 | 2.5 |"), "{text}");
+        assert!(text.contains("| b   | 8 | 1.0 |"), "{text}");
+        Ok(())
+    }
+
     /// A file's numeric event times are in the stream's own unit unless `--time-unit` says
     /// otherwise: a stream declaring epoch seconds had every row of its file rejected as
     /// before 1990, with a hint to declare the unit it had declared.

@@ -229,7 +229,8 @@ pub async fn run_query<W: Write + ?Sized>(
             }
             None => batch,
         };
-        // A CSV's columns are text: its booleans are read here (JSON carries its own).
+        // A CSV's columns are text: its booleans are read here (JSON carries its own), and
+        // the spaces around its numbers left out.
         let batch = if csv {
             read_booleans(&batch, &fields, &mut summary)?
         } else {
@@ -434,6 +435,19 @@ fn read_booleans(
         .collect();
     let mut keep = vec![true; batch.num_rows()];
     for (c, field) in batch.schema().fields().iter().enumerate() {
+        // A number written with spaces around it (`a, 7` after a comma) is the number.
+        let is_number = fields
+            .field_with_name(field.name())
+            .is_ok_and(|f| f.data_type().is_numeric());
+        if is_number && field.data_type() == &DataType::Utf8 {
+            let text = columns[c].as_string::<i32>();
+            columns[c] = Arc::new(
+                text.iter()
+                    .map(|t| t.map(str::trim))
+                    .collect::<datafusion::arrow::array::StringArray>(),
+            );
+            continue;
+        }
         let is_boolean = fields
             .field_with_name(field.name())
             .is_ok_and(|f| f.data_type() == &DataType::Boolean);
