@@ -166,33 +166,14 @@ mod tests {
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes::DataType;
 
-    /// Regressions: a CSV was read by types guessed from its first 1000 rows, so a later row
-    /// of another type (`2.5` in a column of whole numbers so far, `xx`, a time that is not
-    /// one) failed the whole file; a time with an offset was read as local time and shifted
-    /// by `--time-zone` again; rows were sorted by the text of their times, not the instant
-    /// (a row written `+07:00` sorted after a row of `Z` that it precedes, and was late); a
-    /// column the stream lacks, and a field the file lacks, went unmentioned. Now the CSV's
-    /// columns are text read by the stream's schema, row by row.
-    /// A CSV number written with spaces around it (`a, 7`, as after a comma) is the number:
-    /// it was rejected as "can't parse the string value  7 to decimal".
-    #[tokio::test]
-    async fn a_csv_number_with_spaces_around_it_is_read() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
-        let query = dir.path().join("q.sql");
-        std::fs::write(
-            &query,
-            "CREATE EXTERNAL TABLE s (k VARCHAR, event_time TIMESTAMP NOT NULL, n BIGINT, \
-             v DOUBLE) STORED AS KAFKA OPTIONS ('topic' 's', 'event_time' 'event_time', \
-             'watermark_delay' '0s'); SELECT k, n, v FROM s",
-        )
-        .map_err(|e| Error::Config(e.to_string()))?;
-        let input = dir.path().join("rows.csv");
-        std::fs::write(
-            &input,
-            "k,event_time,n,v\n a ,2026-01-01T00:00:01Z, 7,2.5 \nb,2026-01-01T00:00:02Z,8 , 1\n",
-        )
-        .map_err(|e| Error::Config(e.to_string()))?;
-        let args = RunArgs {
+    /// A query `sql` run over the file `name` holding `rows`, in `dir`, with the defaults of
+    /// `urbanstream run` (times without an offset in UTC, the stream's own time unit).
+    fn run_over(dir: &std::path::Path, sql: &str, name: &str, rows: &str) -> Result<RunArgs> {
+        let query = dir.join("q.sql");
+        std::fs::write(&query, sql).map_err(|e| Error::Config(e.to_string()))?;
+        let input = dir.join(name);
+        std::fs::write(&input, rows).map_err(|e| Error::Config(e.to_string()))?;
+        Ok(RunArgs {
             query,
             input,
             rename: Vec::new(),
@@ -201,7 +182,22 @@ mod tests {
             limit: 20,
             output: None,
             reference: Vec::new(),
-        };
+        })
+    }
+
+    /// A CSV number written with spaces around it (`a, 7`, as after a comma) is the number:
+    /// it was rejected as "can't parse the string value  7 to decimal".
+    #[tokio::test]
+    async fn a_csv_number_with_spaces_around_it_is_read() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let args = run_over(
+            dir.path(),
+            "CREATE EXTERNAL TABLE s (k VARCHAR, event_time TIMESTAMP NOT NULL, n BIGINT, \
+             v DOUBLE) STORED AS KAFKA OPTIONS ('topic' 's', 'event_time' 'event_time', \
+             'watermark_delay' '0s'); SELECT k, n, v FROM s",
+            "rows.csv",
+            "k,event_time,n,v\n a ,2026-01-01T00:00:01Z, 7,2.5 \nb,2026-01-01T00:00:02Z,8 , 1\n",
+        )?;
         let summary = run_file(&args).await?;
         assert_eq!(
             (summary.rejected, summary.output_rows),
@@ -221,34 +217,18 @@ mod tests {
     #[tokio::test]
     async fn a_files_times_are_in_the_streams_declared_unit() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
-        let query = dir.path().join("q.sql");
-        std::fs::write(
-            &query,
+        let mut args = run_over(
+            dir.path(),
             "CREATE EXTERNAL TABLE s (k VARCHAR, event_time TIMESTAMP NOT NULL) STORED AS KAFKA \
              OPTIONS ('topic' 's', 'event_time' 'event_time', 'watermark_delay' '0s', \
              'event_time_unit' 's'); \
              SELECT k, window_start, count(*) AS n FROM s \
              GROUP BY tumble(event_time, INTERVAL '1 minute'), k",
-        )
-        .map_err(|e| Error::Config(e.to_string()))?;
-        let input = dir.path().join("rows.jsonl");
-        std::fs::write(
-            &input,
+            "rows.jsonl",
             "{\"k\":\"a\",\"event_time\":1767225600}\n\
              {\"k\":\"a\",\"event_time\":1767225601.5}\n\
              {\"k\":\"a\",\"event_time\":1767225660}\n",
-        )
-        .map_err(|e| Error::Config(e.to_string()))?;
-        let mut args = RunArgs {
-            query,
-            input,
-            rename: Vec::new(),
-            time_unit: None,
-            time_zone: "+00:00".into(),
-            limit: 20,
-            output: None,
-            reference: Vec::new(),
-        };
+        )?;
         let summary = run_file(&args).await?;
         assert_eq!(
             (summary.rejected, summary.output_rows),
@@ -270,6 +250,13 @@ mod tests {
         Ok(())
     }
 
+    /// Regressions: a CSV was read by types guessed from its first 1000 rows, so a later row
+    /// of another type (`2.5` in a column of whole numbers so far, `xx`, a time that is not
+    /// one) failed the whole file; a time with an offset was read as local time and shifted
+    /// by `--time-zone` again; rows were sorted by the text of their times, not the instant
+    /// (a row written `+07:00` sorted after a row of `Z` that it precedes, and was late); a
+    /// column the stream lacks, and a field the file lacks, went unmentioned. Now the CSV's
+    /// columns are text read by the stream's schema, row by row.
     #[tokio::test]
     async fn a_csv_is_read_by_the_streams_schema_row_by_row() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;

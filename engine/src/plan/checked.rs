@@ -199,13 +199,13 @@ fn add(total: i128, value: i128, (name, data_type): (&str, &DataType)) -> Result
 /// `totals` as an array of `data_type`, or the overflow error where a decimal total is
 /// longer than its precision.
 fn finish<T: Wide>(
-    totals: Vec<i128>,
+    totals: &[i128],
     nulls: Option<NullBuffer>,
     (name, data_type): (&str, &DataType),
 ) -> Result<ArrayRef> {
     let totals = totals
-        .into_iter()
-        .map(|t| T::Native::try_from(t).map_err(|_| overflow(name, data_type)))
+        .iter()
+        .map(|t| T::Native::try_from(*t).map_err(|_| overflow(name, data_type)))
         .collect::<Result<Vec<T::Native>>>()?;
     let array = PrimitiveArray::<T>::new(totals.into(), nulls).with_data_type(data_type.clone());
     if let DataType::Decimal128(precision, _) = data_type
@@ -274,7 +274,7 @@ impl<T: Wide> Accumulator for Total<T> {
     fn evaluate(&mut self) -> Result<ScalarValue> {
         let nulls = self.total.is_none().then(|| NullBuffer::new_null(1));
         let array = finish::<T>(
-            vec![self.total.unwrap_or_default()],
+            &[self.total.unwrap_or_default()],
             nulls,
             (&self.name, &self.data_type),
         )?;
@@ -307,22 +307,20 @@ impl<T: Wide> Totals<T> {
     }
 
     fn take(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
-        // Checked before anything is taken: a total its type cannot hold leaves the groups
-        // as they were.
+        // Read before anything is taken: a total its type cannot hold leaves the groups as
+        // they were.
         let n = match emit_to {
             EmitTo::All => self.totals.len(),
             EmitTo::First(n) => n.min(self.totals.len()),
         };
-        if self.totals[..n]
-            .iter()
-            .any(|t| T::Native::try_from(*t).is_err())
-        {
-            return Err(overflow(&self.name, &self.data_type));
-        }
-        let totals = emit_to.take_needed(&mut self.totals);
-        let seen = emit_to.take_needed(&mut self.seen);
-        let nulls = seen.iter().any(|s| !s).then(|| NullBuffer::from(seen));
-        finish::<T>(totals, nulls, (&self.name, &self.data_type))
+        let seen = &self.seen[..n];
+        let nulls = seen
+            .contains(&false)
+            .then(|| NullBuffer::from(seen.to_vec()));
+        let array = finish::<T>(&self.totals[..n], nulls, (&self.name, &self.data_type))?;
+        emit_to.take_needed(&mut self.totals);
+        emit_to.take_needed(&mut self.seen);
+        Ok(array)
     }
 }
 
