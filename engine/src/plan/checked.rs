@@ -1,5 +1,5 @@
-//! Arithmetic that fails on overflow instead of wrapping: `sum`, and the operators of
-//! projections and filters ([`check_arithmetic`]).
+//! Arithmetic that fails on overflow instead of wrapping: `sum`, and the operators of a
+//! plan's expressions ([`check_arithmetic`]).
 //!
 //! `sum` that fails on overflow instead of wrapping. DataFusion's `sum` of integers and
 //! decimals adds with wrapping arithmetic: a BIGINT total past 2^63 − 1 came out negative,
@@ -30,7 +30,12 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::{BinaryExpr, Literal, NegativeExpr};
 use datafusion::physical_expr::projection::ProjectionExpr;
 use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy};
 use datafusion::physical_plan::filter::{FilterExec, FilterExecBuilder};
+use datafusion::physical_plan::joins::utils::JoinFilter;
+use datafusion::physical_plan::joins::{
+    HashJoinExec, NestedLoopJoinExec, NestedLoopJoinExecBuilder,
+};
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::prelude::SessionContext;
 
@@ -100,13 +105,20 @@ impl AggregateUDFImpl for CheckedSum {
 
     fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
         let data_type = args.return_field.data_type().clone();
-        if args.is_distinct || !checked(&data_type) {
+        if !checked(&data_type) {
             return self.inner.accumulator(args);
         }
         let name = match args.expr_fields.first() {
             Some(field) if args.name == self.name() => format!("sum({})", field.name()),
             _ => args.name.to_string(),
         };
+        if args.is_distinct {
+            return Ok(Box::new(DistinctTotal {
+                inner: self.inner.accumulator(args)?,
+                name,
+                data_type,
+            }));
+        }
         Ok(match data_type {
             DataType::Int64 => Box::new(Total::<Int64Type>::new(name, data_type)),
             DataType::UInt64 => Box::new(Total::<UInt64Type>::new(name, data_type)),
@@ -286,6 +298,58 @@ impl<T: Wide> Accumulator for Total<T> {
     }
 }
 
+/// A checked `sum(DISTINCT …)`: DataFusion's own accumulator keeps the distinct values (its
+/// state, unchanged), and their total is added here in 128 bits, where DataFusion's wraps.
+#[derive(Debug)]
+struct DistinctTotal {
+    inner: Box<dyn Accumulator>,
+    name: String,
+    data_type: DataType,
+}
+
+impl DistinctTotal {
+    fn total<T: Wide>(&self, values: &ArrayRef) -> Result<ScalarValue> {
+        let id = (self.name.as_str(), &self.data_type);
+        let mut total = None;
+        for value in values.as_primitive::<T>().iter().flatten() {
+            total = Some(add(total.unwrap_or_default(), value.into(), id)?);
+        }
+        let nulls = total.is_none().then(|| NullBuffer::new_null(1));
+        ScalarValue::try_from_array(&finish::<T>(&[total.unwrap_or_default()], nulls, id)?, 0)
+    }
+}
+
+impl Accumulator for DistinctTotal {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        self.inner.update_batch(values)
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        self.inner.merge_batch(states)
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        self.inner.state()
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        let state = self.inner.state()?;
+        let Some(ScalarValue::List(list)) = state.first() else {
+            return exec_err!("internal: the state of {} is not a list", self.name);
+        };
+        let values = list.value(0);
+        match self.data_type {
+            DataType::Int64 => self.total::<Int64Type>(&values),
+            DataType::UInt64 => self.total::<UInt64Type>(&values),
+            _ => self.total::<Decimal128Type>(&values),
+        }
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + self.inner.size()
+    }
+}
+
 /// Checked sums of many groups, one total and one "seen a value" flag per group.
 struct Totals<T: ArrowPrimitiveType> {
     totals: Vec<i128>,
@@ -405,13 +469,58 @@ impl<T: Wide> GroupsAccumulator for Totals<T> {
     }
 }
 
-/// `plan` with the arithmetic of its projections and filters checked: `+`, `-` and `*` of
-/// integers (and decimals) fail on overflow, as does `-` of the smallest integer, where
-/// DataFusion's wrap (a BIGINT's `v * 2` came out negative). The failure is the row's: it
-/// goes to the DLQ as a division by zero does. Arithmetic inside an aggregate's arguments
-/// (`sum(v * 2)`) is not reached here.
+/// `plan` with its arithmetic checked: `+`, `-` and `*` of integers (and decimals) fail on
+/// overflow, as does `-` of the smallest integer, where DataFusion's wrap (a BIGINT's
+/// `v * 2` came out negative). This covers projections, filters, an aggregation's
+/// arguments, groups and `FILTER` clauses (`sum(v * 2)`), and join conditions (keys and the
+/// rest). A failure in a projection, a filter, an aggregation's inputs or a join with a
+/// reference table is the row's: it goes to the DLQ as a division by zero does. One in the
+/// condition of a join of two streams fails the query: a pair of rows has no one record to
+/// dead-letter, and a wrapped key would pair rows the condition does not.
 pub fn check_arithmetic(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
     plan.transform_up(|node| {
+        if let Some(a) = node.downcast_ref::<AggregateExec>() {
+            return check_aggregation(a).map(|rebuilt| match rebuilt {
+                Some(rebuilt) => Transformed::yes(rebuilt),
+                None => Transformed::no(node.clone()),
+            });
+        }
+        if let Some(j) = node.downcast_ref::<HashJoinExec>() {
+            let schema = j.left().schema();
+            let other = j.right().schema();
+            let mut changed = false;
+            let on = j
+                .on()
+                .iter()
+                .map(|(l, r)| {
+                    let l = checked_expr(l, &schema)?;
+                    let r = checked_expr(r, &other)?;
+                    changed |= l.transformed || r.transformed;
+                    Ok((l.data, r.data))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let filter = checked_filter(j.filter())?;
+            if !changed && filter.is_none() {
+                return Ok(Transformed::no(node));
+            }
+            let rebuilt = j
+                .builder()
+                .with_on(on)
+                .with_filter(filter.or_else(|| j.filter().cloned()))
+                .build_exec()?;
+            return Ok(Transformed::yes(rebuilt));
+        }
+        if let Some(j) = node.downcast_ref::<NestedLoopJoinExec>() {
+            let Some(filter) = checked_filter(j.filter())? else {
+                return Ok(Transformed::no(node));
+            };
+            let rebuilt: Arc<dyn ExecutionPlan> = Arc::new(
+                NestedLoopJoinExecBuilder::from(j)
+                    .with_filter(Some(filter))
+                    .build()?,
+            );
+            return Ok(Transformed::yes(rebuilt));
+        }
         if let Some(p) = node.downcast_ref::<ProjectionExec>() {
             let schema = p.input().schema();
             let mut changed = false;
@@ -449,6 +558,85 @@ pub fn check_arithmetic(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Executio
         Ok(Transformed::no(node))
     })
     .map(|t| t.data)
+}
+
+/// `aggregation` with checked arithmetic in what it evaluates over its input rows (its
+/// arguments, ORDER BY expressions, groups and filters), or `None` when it has none to check
+/// or only merges partial states.
+fn check_aggregation(aggregation: &AggregateExec) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    if !matches!(
+        aggregation.mode(),
+        AggregateMode::Partial | AggregateMode::Single | AggregateMode::SinglePartitioned
+    ) {
+        return Ok(None);
+    }
+    let schema = aggregation.input().schema();
+    let mut changed = false;
+    let mut check = |e: &Arc<dyn PhysicalExpr>| -> Result<Arc<dyn PhysicalExpr>> {
+        let checked = checked_expr(e, &schema)?;
+        changed |= checked.transformed;
+        Ok(checked.data)
+    };
+    let group_by = aggregation.group_expr();
+    let groups = group_by
+        .expr()
+        .iter()
+        .map(|(e, name)| Ok((check(e)?, name.clone())))
+        .collect::<Result<Vec<_>>>()?;
+    let mut aggregates = Vec::with_capacity(aggregation.aggr_expr().len());
+    for a in aggregation.aggr_expr() {
+        let args = a
+            .expressions()
+            .iter()
+            .map(&mut check)
+            .collect::<Result<_>>()?;
+        let order = a
+            .order_bys()
+            .iter()
+            .map(|o| check(&o.expr))
+            .collect::<Result<_>>()?;
+        aggregates.push(match a.with_new_expressions(args, order) {
+            Some(rebuilt) => Arc::new(rebuilt),
+            None => a.clone(),
+        });
+    }
+    let filters = aggregation
+        .filter_expr()
+        .iter()
+        .map(|f| f.as_ref().map(&mut check).transpose())
+        .collect::<Result<Vec<_>>>()?;
+    if !changed {
+        return Ok(None);
+    }
+    let group_by = PhysicalGroupBy::new(
+        groups,
+        group_by.null_expr().to_vec(),
+        group_by.groups().to_vec(),
+        group_by.has_grouping_set(),
+    );
+    Ok(Some(Arc::new(AggregateExec::try_new(
+        *aggregation.mode(),
+        group_by,
+        aggregates,
+        filters,
+        aggregation.input().clone(),
+        aggregation.input_schema(),
+    )?)))
+}
+
+/// A join's filter with checked arithmetic, or `None` when it has none to check.
+fn checked_filter(filter: Option<&JoinFilter>) -> Result<Option<JoinFilter>> {
+    let Some(filter) = filter else {
+        return Ok(None);
+    };
+    let checked = checked_expr(filter.expression(), filter.schema())?;
+    Ok(checked.transformed.then(|| {
+        JoinFilter::new(
+            checked.data,
+            filter.column_indices().to_vec(),
+            filter.schema().clone(),
+        )
+    }))
 }
 
 /// `expr` (over rows of `schema`) with checked arithmetic.

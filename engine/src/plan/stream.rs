@@ -666,9 +666,9 @@ impl StreamContext {
             .create_physical_plan(&optimized, &state)
             .await
             .map_err(reword)?;
+        let physical = super::checked::check_arithmetic(physical)?;
         let physical = super::lookup::refresh_lookup_joins(physical, &self.reference_generation)?;
         let physical = super::fan_out::guard_unnest(physical)?;
-        let physical = super::checked::check_arithmetic(physical)?;
         let key_ttl = parse_setting("urbanstream.key_ttl", &settings.key_ttl)?
             .filter(|d| !d.is_zero())
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
