@@ -939,6 +939,7 @@ impl StreamContext {
                 ordered,
                 settled: None,
                 changes: 0,
+                unproven: Unproven::Failed(0),
             });
         };
         let (spec, window_name) = super::chain::aggregate_spec(
@@ -1255,6 +1256,7 @@ impl StreamContext {
             ordered: None,
             settled: None,
             changes: 0,
+            unproven: Unproven::Failed(0),
         })
     }
 }
@@ -1998,7 +2000,26 @@ pub struct StreamQuery {
     /// How many times its state may have changed: a checkpoint with the same count (and the
     /// same input positions) as the last would write the same state again.
     changes: u64,
+    /// What its rows have shown of a function's errors: see [`Unproven`].
+    unproven: Unproven,
 }
+
+/// Rows a function failed on before the plan first ran through a row, in row order.
+/// A function that refuses its arguments as written (a constant) fails every row; one that
+/// fails on a row's value fails that row. The plan is taken to refuse its constants when
+/// the first [`UNPROVEN_ROWS`] rows it meets all fail (the query fails with the error);
+/// before that, and once one row has passed, a failed row goes to the DLQ. It is counted in
+/// row order, so how the rows are cut into micro-batches does not change the outcome.
+#[derive(Debug, Clone, Copy)]
+enum Unproven {
+    /// This many rows failed, none passed.
+    Failed(u64),
+    /// A row passed: function errors are the rows' own from now on.
+    Passed,
+}
+
+/// See [`Unproven`].
+const UNPROVEN_ROWS: u64 = 32;
 
 impl StreamQuery {
     /// The SQL it was planned from.
@@ -2765,6 +2786,10 @@ impl StreamQuery {
             meta: serde_json::json!({
                 "watermarks": self.watermarks.snapshot(now_ms),
                 "last_early_fire_ms": self.last_early_fire_ms,
+                "failed_before_a_row_passed": match self.unproven {
+                    Unproven::Failed(n) => Some(n),
+                    Unproven::Passed => None,
+                },
                 "held": held,
                 "keyed": self.keyed.len(),
                 "lags": self.lags.len(),
@@ -2855,6 +2880,11 @@ impl StreamQuery {
             .restore(watermarks, now_ms)
             .ok_or_else(|| crate::Error::Checkpoint("unreadable watermark state".into()))?;
         self.last_early_fire_ms = meta_field(meta, "last_early_fire_ms")?;
+        // A state written before this was kept: its query had run.
+        self.unproven = match meta.get("failed_before_a_row_passed") {
+            Some(serde_json::Value::Number(n)) => Unproven::Failed(n.as_u64().unwrap_or(0)),
+            _ => Unproven::Passed,
+        };
         let held: Vec<(i64, Vec<(i32, i64)>)> = meta_field(meta, "held")?;
         self.held = held
             .into_iter()
@@ -3501,7 +3531,12 @@ impl StreamQuery {
     ) -> Result<Vec<(RecordBatch, Option<crate::state::window::Inputs>)>> {
         let n = batch.num_rows();
         let error = match self.lower_once(batch.clone()).await {
-            Ok(lowered) => return Ok(lowered),
+            Ok(lowered) => {
+                if n > 0 {
+                    self.unproven = Unproven::Passed;
+                }
+                return Ok(lowered);
+            }
             Err(e) if is_data_error(&e) && n > 0 => e,
             Err(e) => return Err(e),
         };
@@ -3510,12 +3545,14 @@ impl StreamQuery {
             return Err(error);
         }
         let mut lowered = Vec::new();
+        // Ranges still to run, the next on top; a failed range is halved in place.
+        let mut ranges = match n {
+            1 => Vec::new(),
+            _ => vec![(n / 2, n - n / 2), (0, n / 2)],
+        };
         if n == 1 {
             failed.push((0, error.to_string()));
-            return Ok(lowered);
         }
-        // Ranges still to run, the next on top; a failed range is halved in place.
-        let mut ranges = vec![(n / 2, n - n / 2), (0, n / 2)];
         while let Some((start, len)) = ranges.pop() {
             if len == 0 {
                 continue;
@@ -3533,10 +3570,24 @@ impl StreamQuery {
                 Err(e) => return Err(e),
             }
         }
-        // A function that failed on every row, each alone, fails on its arguments as
-        // written (a constant it refuses), not on the rows' values.
-        if failed.len() == n && !is_value_error(&error) {
-            return Err(error);
+        if let Unproven::Failed(before) = self.unproven {
+            // `failed` is in row order: the first row that passed is the first index missing.
+            let failed_first = failed
+                .iter()
+                .enumerate()
+                .position(|(i, (row, _))| *row as usize != i)
+                .unwrap_or(failed.len());
+            if !is_value_error(&error) && before + failed_first as u64 >= UNPROVEN_ROWS {
+                return Err(error.context(format!(
+                    "the first {UNPROVEN_ROWS} rows the query met all failed: the call refuses \
+                     its arguments as written (a constant it cannot take?), or the input is \
+                     not what it expects"
+                )));
+            }
+            self.unproven = match failed_first < n {
+                true => Unproven::Passed,
+                false => Unproven::Failed(before + n as u64),
+            };
         }
         Ok(lowered)
     }
