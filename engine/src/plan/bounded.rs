@@ -206,7 +206,14 @@ impl ScalarUDFImpl for Bounded {
         }
         let out = self.inner.inner().invoke_with_args(args).map_err(|e| {
             let text = e.to_string();
-            if text.contains("CompiledTooBig") || text.contains("Compiled regex exceeds size limit")
+            if let datafusion::common::DataFusionError::Internal(message) = e.find_root() {
+                // DataFusion's own words for an argument it cannot take (array_resize to
+                // a negative size): the call's failure, on that row, not a fault of the engine.
+                datafusion::common::DataFusionError::Execution(format!(
+                    "{name}(): {message} (an argument it cannot take)"
+                ))
+            } else if text.contains("CompiledTooBig")
+                || text.contains("Compiled regex exceeds size limit")
             {
                 datafusion::common::DataFusionError::Execution(format!(
                     "{name}(): the regular expression is too large once compiled (more than \
