@@ -474,9 +474,9 @@ impl<T: Wide> GroupsAccumulator for Totals<T> {
 /// `v * 2` came out negative). This covers projections, filters, an aggregation's
 /// arguments, groups and `FILTER` clauses (`sum(v * 2)`), and join conditions (keys and the
 /// rest). A failure in a projection, a filter, an aggregation's inputs or a join with a
-/// reference table is the row's: it goes to the DLQ as a division by zero does. One in the
-/// condition of a join of two streams fails the query: a pair of rows has no one record to
-/// dead-letter, and a wrapped key would pair rows the condition does not.
+/// reference table, or in a join key of two streams is the row's: it goes to the DLQ as a
+/// division by zero does. One in the rest of the condition of a join of two streams, over
+/// pairs of rows, fails the query: a pair has no one record to dead-letter.
 pub fn check_arithmetic(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
     plan.transform_up(|node| {
         if let Some(a) = node.downcast_ref::<AggregateExec>() {

@@ -3408,31 +3408,9 @@ impl StreamQuery {
             .run_lower(batch, wake, self.upsert.is_none(), &mut out)
             .await?;
         if !failed.is_empty() {
-            // Rows the admission left out are diverted once each (those too late for only
-            // some of their windows stay in): the kept rows, in order, are the others.
-            let left_out: std::collections::HashSet<u32> = out
-                .diverted
-                .iter()
-                .filter(|d| !matches!(d.reason, DivertReason::WindowClosed))
-                .map(|d| d.row)
-                .collect();
-            let kept: Vec<u32> = (0..arrived.num_rows() as u32)
-                .filter(|r| !left_out.contains(r))
-                .collect();
-            let times = match &self.time_column {
-                Some(time) => Some(event_times(arrived, time)?),
-                None => None,
-            };
-            out.failed.extend(failed.into_iter().map(|(row, error)| {
-                let row = kept[row as usize];
-                Failed {
-                    row,
-                    event_time: times
-                        .as_ref()
-                        .and_then(|t| t.is_valid(row as usize).then(|| t.value(row as usize))),
-                    error,
-                }
-            }));
+            let time = self.time_column.as_deref();
+            let failed = failed_inputs(arrived, &out.diverted, time, failed)?;
+            out.failed.extend(failed);
         }
         self.emit(now_ms, &mut out).await?;
         Ok(out)
@@ -3460,28 +3438,53 @@ impl StreamQuery {
             } else {
                 self.lower_once(batch).await?
             };
-            match &mut self.windowed {
-                Some(w) => {
-                    for (b, inputs) in lowered {
-                        w.operator.update_prepared(&b, inputs)?;
-                    }
-                }
-                None => match &mut self.ordered {
-                    Some(o) => {
-                        for (b, _) in lowered {
-                            o.hold(b)?;
-                        }
-                    }
-                    None => out.rows.extend(
-                        lowered
-                            .into_iter()
-                            .map(|(b, _)| b)
-                            .filter(|b| b.num_rows() > 0),
-                    ),
-                },
-            }
+            self.take_lowered(lowered, out)?;
         }
         Ok(failed)
+    }
+
+    /// Takes the output of the plan below the aggregation into the windows, the rows held
+    /// for the watermark or, without either, the output.
+    fn take_lowered(
+        &mut self,
+        lowered: Vec<(RecordBatch, Option<crate::state::window::Inputs>)>,
+        out: &mut StepOutput,
+    ) -> Result<()> {
+        match &mut self.windowed {
+            Some(w) => {
+                for (b, inputs) in lowered {
+                    w.operator.update_prepared(&b, inputs)?;
+                }
+            }
+            None => match &mut self.ordered {
+                Some(o) => {
+                    for (b, _) in lowered {
+                        o.hold(b)?;
+                    }
+                }
+                None => out.rows.extend(
+                    lowered
+                        .into_iter()
+                        .map(|(b, _)| b)
+                        .filter(|b| b.num_rows() > 0),
+                ),
+            },
+        }
+        Ok(())
+    }
+
+    /// The union's branches that read `table` over `rows` (admitted rows of it), then the
+    /// plan below the aggregation over their output (see [`StreamQuery::lower_once`]).
+    async fn union_once(
+        &mut self,
+        table: &str,
+        rows: RecordBatch,
+    ) -> Result<Vec<(RecordBatch, Option<crate::state::window::Inputs>)>> {
+        let rows = match &self.union {
+            Some(u) => u.merge(table, &rows, self.task_ctx.clone()).await?,
+            None => return plan_err!("internal: not a union"),
+        };
+        self.lower_once(rows).await
     }
 
     /// The plan below the aggregation over `batch`, and for a window, each output batch's
@@ -3521,75 +3524,75 @@ impl StreamQuery {
     }
 
     /// [`StreamQuery::lower_once`], leaving out the rows it fails on by their values
-    /// ([`is_data_error`]): they are found by halving the batch (a run per half, down to
-    /// single rows: about 2·k·log₂ n runs for k such rows of n) and pushed to `failed` with
-    /// the error; the output over the other rows is returned in their order.
+    /// ([`isolating`]): they are pushed to `failed` with the error; the output over the other
+    /// rows is returned in their order.
     async fn lower_isolating(
         &mut self,
         batch: RecordBatch,
         failed: &mut Vec<(u32, String)>,
     ) -> Result<Vec<(RecordBatch, Option<crate::state::window::Inputs>)>> {
         let n = batch.num_rows();
-        let error = match self.lower_once(batch.clone()).await {
-            Ok(lowered) => {
-                if n > 0 {
-                    self.unproven = Unproven::Passed;
-                }
-                return Ok(lowered);
-            }
-            Err(e) if is_data_error(&e) && n > 0 => e,
-            Err(e) => return Err(e),
-        };
-        // An error the plan also makes of no rows is not the rows' doing.
-        if self.lower_once(batch.slice(0, 0)).await.is_err() {
-            return Err(error);
-        }
         let mut lowered = Vec::new();
-        // Ranges still to run, the next on top; a failed range is halved in place.
-        let mut ranges = match n {
-            1 => Vec::new(),
-            _ => vec![(n / 2, n - n / 2), (0, n / 2)],
-        };
-        if n == 1 {
-            failed.push((0, error.to_string()));
+        let mut runs = Isolating::new(n);
+        while let Some((start, len)) = runs.next() {
+            let run = self.lower_once(batch.slice(start, len)).await;
+            lowered.extend(runs.took(run, failed)?.into_iter().flatten());
         }
-        while let Some((start, len)) = ranges.pop() {
-            if len == 0 {
-                continue;
-            }
-            match self.lower_once(batch.slice(start, len)).await {
-                Ok(out) => lowered.extend(out),
-                Err(e) if is_data_error(&e) => {
-                    if len == 1 {
-                        failed.push((start as u32, e.to_string()));
-                    } else {
-                        ranges.push((start + len / 2, len - len / 2));
-                        ranges.push((start, len / 2));
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if let Unproven::Failed(before) = self.unproven {
-            // `failed` is in row order: the first row that passed is the first index missing.
-            let failed_first = failed
-                .iter()
-                .enumerate()
-                .position(|(i, (row, _))| *row as usize != i)
-                .unwrap_or(failed.len());
-            if !is_value_error(&error) && before + failed_first as u64 >= UNPROVEN_ROWS {
-                return Err(error.context(format!(
-                    "the first {UNPROVEN_ROWS} rows the query met all failed: the call refuses \
-                     its arguments as written (a constant it cannot take?), or the input is \
-                     not what it expects"
-                )));
-            }
-            self.unproven = match failed_first < n {
-                true => Unproven::Passed,
-                false => Unproven::Failed(before + n as u64),
-            };
-        }
+        self.judge_failures(n, runs.finish(), failed)?;
         Ok(lowered)
+    }
+
+    /// Notes what a run over `n` rows showed of the plan's errors (`error`, the whole run's,
+    /// if it failed; `failed`, the rows it failed on, in row order), and fails the query when
+    /// the first [`UNPROVEN_ROWS`] rows it met have all failed on a function (see
+    /// [`Unproven`]).
+    fn judge_failures(
+        &mut self,
+        n: usize,
+        error: Option<datafusion::common::DataFusionError>,
+        failed: &[(u32, String)],
+    ) -> Result<()> {
+        let Unproven::Failed(before) = self.unproven else {
+            return Ok(());
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        // The first row that passed is the first index missing from `failed`.
+        let failed_first = failed
+            .iter()
+            .enumerate()
+            .position(|(i, (row, _))| *row as usize != i)
+            .unwrap_or(failed.len());
+        if let Some(error) = error
+            && !is_value_error(&error)
+            && before + failed_first as u64 >= UNPROVEN_ROWS
+        {
+            return Err(error.context(format!(
+                "the first {UNPROVEN_ROWS} rows the query met all failed: the call refuses \
+                 its arguments as written (a constant it cannot take?), or the input is not \
+                 what it expects"
+            )));
+        }
+        self.unproven = match failed_first < n {
+            true => Unproven::Passed,
+            false => Unproven::Failed(before + n as u64),
+        };
+        Ok(())
+    }
+
+    /// The rows of a join's `side` from `kept` (that side's admitted rows): its plan's
+    /// output, whose join keys are checked to evaluate.
+    async fn join_side_once(&mut self, side: usize, kept: RecordBatch) -> Result<RecordBatch> {
+        let Some(join) = &self.join else {
+            return plan_err!("internal: not a join");
+        };
+        let (plan, feed) = &join.sides[side];
+        feed.set(vec![kept]);
+        let rows = plan.collect(self.task_ctx.clone()).await?;
+        let rows = datafusion::arrow::compute::concat_batches(&plan.schema(), &rows)?;
+        join.state.check_keys(side, &rows)?;
+        Ok(rows)
     }
 
     /// Processes a decoded batch of Kafka topic `topic`: for each of its input streams that
@@ -3673,13 +3676,22 @@ impl StreamQuery {
             if join.tables[side] != table || kept.num_rows() == 0 {
                 continue;
             }
-            let (plan, feed) = &join.sides[side];
-            feed.set(vec![kept.clone()]);
-            let rows = plan.collect(self.task_ctx.clone()).await?;
-            let mut rest = Some(datafusion::arrow::compute::concat_batches(
-                &plan.schema(),
-                &rows,
-            )?);
+            let schema = join.sides[side].0.schema();
+            let mut failed = Vec::new();
+            let n = kept.num_rows();
+            let mut rows = Vec::new();
+            let mut runs = Isolating::new(n);
+            while let Some((start, len)) = runs.next() {
+                let run = self.join_side_once(side, kept.slice(start, len)).await;
+                rows.extend(runs.took(run, &mut failed)?);
+            }
+            self.judge_failures(n, runs.finish(), &failed)?;
+            if !failed.is_empty() {
+                let time = input.options.event_time.as_deref();
+                out.failed
+                    .extend(failed_inputs(batch, &out.diverted, time, failed)?);
+            }
+            let mut rest = Some(datafusion::arrow::compute::concat_batches(&schema, &rows)?);
             while let Some(rows) = rest.take() {
                 let Some(join) = &mut self.join else {
                     break;
@@ -3693,6 +3705,9 @@ impl StreamQuery {
                 }
             }
         }
+        // A row that both sides of a self-join fail on is one record for the DLQ.
+        out.failed.sort_by_key(|f| f.row);
+        out.failed.dedup_by_key(|f| f.row);
         self.join_step(pairs, now_ms, &mut out).await?;
         Ok(out)
     }
@@ -3773,12 +3788,26 @@ impl StreamQuery {
             }
             None => batch.clone(),
         };
-        let rows = match &self.union {
-            Some(u) => u.merge(table, &kept, self.task_ctx.clone()).await?,
-            None => return plan_err!("internal: not a union"),
-        };
+        // Rows the branches or the plan above them fail on by their values go to the DLQ,
+        // as in a query over one stream.
         let wake = self.keyed_watermark(now_ms);
-        self.run_lower(rows, wake, false, &mut out).await?;
+        let n = kept.num_rows();
+        let mut failed = Vec::new();
+        if n > 0 || (wake && self.ordered.is_none()) {
+            let mut lowered = Vec::new();
+            let mut runs = Isolating::new(n);
+            while let Some((start, len)) = runs.next() {
+                let run = self.union_once(table, kept.slice(start, len)).await;
+                lowered.extend(runs.took(run, &mut failed)?.into_iter().flatten());
+            }
+            self.judge_failures(n, runs.finish(), &failed)?;
+            self.take_lowered(lowered, &mut out)?;
+        }
+        if !failed.is_empty() {
+            let time = stream.options.event_time.as_deref();
+            out.failed
+                .extend(failed_inputs(batch, &out.diverted, time, failed)?);
+        }
         self.emit(now_ms, &mut out).await?;
         Ok(out)
     }
@@ -4704,6 +4733,132 @@ fn pass_watermark(keyed: &[KeyedHandle], watermark: i64) -> bool {
 /// Records that the window ending at `key.0` holds partition `key.1` from offset `min` on.
 /// Refuses a batch that does not have stream `table`'s schema (column count and types).
 /// The event times of `batch`, in milliseconds, from column `time`.
+/// The rows of `arrived` that `failed` names by their index among the rows its admission
+/// kept (the others are `diverted`, once each; those too late for only some of their
+/// windows stay in), with their event time (column `time`).
+fn failed_inputs(
+    arrived: &RecordBatch,
+    diverted: &[Diverted],
+    time: Option<&str>,
+    failed: Vec<(u32, String)>,
+) -> Result<Vec<Failed>> {
+    let left_out: std::collections::HashSet<u32> = diverted
+        .iter()
+        .filter(|d| !matches!(d.reason, DivertReason::WindowClosed))
+        .map(|d| d.row)
+        .collect();
+    let kept: Vec<u32> = (0..arrived.num_rows() as u32)
+        .filter(|r| !left_out.contains(r))
+        .collect();
+    let times = time.map(|t| event_times(arrived, t)).transpose()?;
+    Ok(failed
+        .into_iter()
+        .map(|(row, error)| {
+            let row = kept[row as usize];
+            Failed {
+                row,
+                event_time: times
+                    .as_ref()
+                    .and_then(|t| t.is_valid(row as usize).then(|| t.value(row as usize))),
+                error,
+            }
+        })
+        .collect())
+}
+
+/// Runs of a plan over a batch that leave out the rows it fails on by their values alone
+/// ([`is_data_error`]): the whole batch first; where that fails, the rows that fail are found
+/// by halving it (a run per half, down to single rows: about 2·k·log₂ n runs for k such rows
+/// of n). An error the plan also makes of no rows is not the rows' doing: it is the result.
+///
+/// ```text
+/// let mut runs = Isolating::new(n);
+/// while let Some((start, len)) = runs.next() {
+///     let run = plan(batch.slice(start, len));
+///     if let Some(out) = runs.took(run, &mut failed)? { outputs.push(out) }
+/// }
+/// ```
+struct Isolating {
+    n: usize,
+    /// Ranges still to run, the next on top.
+    ranges: Vec<(usize, usize)>,
+    /// The range last handed out.
+    current: Option<(usize, usize)>,
+    /// The run over the whole batch's error, once it failed.
+    error: Option<datafusion::common::DataFusionError>,
+    /// Whether the run of no rows (after the whole batch failed) is out.
+    probing: bool,
+}
+
+impl Isolating {
+    fn new(n: usize) -> Self {
+        Self {
+            n,
+            ranges: vec![(0, n)],
+            current: None,
+            error: None,
+            probing: false,
+        }
+    }
+
+    /// The next range of rows to run, (start, length).
+    fn next(&mut self) -> Option<(usize, usize)> {
+        self.current = self.ranges.pop();
+        self.current
+    }
+
+    /// Takes the run over the range last handed out: its output when it passed; rows it
+    /// failed on, alone, are pushed to `failed` (in row order) with the error.
+    fn took<T>(&mut self, run: Result<T>, failed: &mut Vec<(u32, String)>) -> Result<Option<T>> {
+        let Some((start, len)) = self.current.take() else {
+            return Ok(None);
+        };
+        if self.probing {
+            self.probing = false;
+            return match (run, self.error.take()) {
+                (Ok(_), Some(error)) => {
+                    if self.n == 1 {
+                        failed.push((0, error.to_string()));
+                    } else {
+                        let n = self.n;
+                        self.ranges = vec![(n / 2, n - n / 2), (0, n / 2)];
+                    }
+                    self.error = Some(error);
+                    Ok(None)
+                }
+                (_, error) => Err(error.unwrap_or_else(|| {
+                    datafusion::common::DataFusionError::Internal("no error to isolate".into())
+                })),
+            };
+        }
+        match run {
+            Ok(out) => Ok(Some(out)),
+            Err(e) if self.error.is_none() && is_data_error(&e) && self.n > 0 => {
+                // The whole batch failed: does the plan fail on no rows too?
+                self.error = Some(e);
+                self.probing = true;
+                self.ranges = vec![(0, 0)];
+                Ok(None)
+            }
+            Err(e) if self.error.is_some() && is_data_error(&e) => {
+                if len == 1 {
+                    failed.push((start as u32, e.to_string()));
+                } else {
+                    self.ranges.push((start + len / 2, len - len / 2));
+                    self.ranges.push((start, len / 2));
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The error of the run over the whole batch, if it failed.
+    fn finish(self) -> Option<datafusion::common::DataFusionError> {
+        self.error
+    }
+}
+
 fn event_times(batch: &RecordBatch, time: &str) -> Result<TimestampMillisecondArray> {
     let column = batch
         .column_by_name(time)
