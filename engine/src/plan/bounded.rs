@@ -190,6 +190,24 @@ impl ScalarUDFImpl for Bounded {
         {
             return too_large(name, bytes);
         }
+        if name.starts_with("regexp_")
+            && let Some(pattern) = args.args.get(1)
+        {
+            let bytes: u128 = distinct_texts(pattern)?
+                .iter()
+                .map(|p| regex_bytes(p))
+                .sum();
+            if bytes > MAX_REGEX_BYTES {
+                return exec_err!(
+                    "{name}(): matching with these regular expressions takes {}, more than the \
+                     {} a call may take (a slot for each capture group at each step of a \
+                     pattern): capture fewer groups ((?:…) groups without capturing) or write \
+                     shorter patterns",
+                    human(bytes),
+                    human(MAX_REGEX_BYTES)
+                );
+            }
+        }
         if name == "levenshtein"
             && let [a, b] = args.args.as_slice()
         {
@@ -237,6 +255,14 @@ impl ScalarUDFImpl for Bounded {
     }
 
     fn simplify(&self, args: Vec<Expr>, info: &SimplifyContext) -> Result<ExprSimplifyResult> {
+        // DataFusion writes regexp_like(s, p) as s ~ p, whose patterns computed per row are
+        // not checked here (see `regex_bytes`): such a call stays a call. A literal pattern
+        // is checked with the plan (`refuse_wide_types`).
+        if self.name().starts_with("regexp_")
+            && args.get(1).is_some_and(|p| !matches!(p, Expr::Literal(..)))
+        {
+            return Ok(ExprSimplifyResult::Original(args));
+        }
         Ok(match self.inner.inner().simplify(args, info)? {
             ExprSimplifyResult::Simplified(e) => {
                 ExprSimplifyResult::Simplified(Bounded::wrap_calls(e)?)
@@ -717,17 +743,38 @@ pub fn refuse_wide_types(plan: &datafusion::logical_expr::LogicalPlan) -> Result
                         return Ok(TreeNodeRecursion::Stop);
                     }
                 }
-                if let Some((what, pattern)) = regex_literal(e)
-                    && let Err(err) = regex::RegexBuilder::new(&pattern).build()
-                {
-                    problem = Some(match err {
-                        regex::Error::CompiledTooBig(limit) => format!(
-                            "{what}: the regular expression is too large once compiled (more \
-                             than {}): write a shorter pattern, with fewer nested repetitions",
-                            human(limit as u128)
-                        ),
-                        other => format!("{what}: the regular expression is not valid: {other}"),
-                    });
+                if let Some((what, pattern)) = regex_literal(e) {
+                    if let Err(err) = regex::RegexBuilder::new(&pattern).build() {
+                        problem = Some(match err {
+                            regex::Error::CompiledTooBig(limit) => format!(
+                                "{what}: the regular expression is too large once compiled \
+                                 (more than {}): write a shorter pattern, with fewer nested \
+                                 repetitions",
+                                human(limit as u128)
+                            ),
+                            other => {
+                                format!("{what}: the regular expression is not valid: {other}")
+                            }
+                        });
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                    let bytes = regex_bytes(&pattern);
+                    if bytes > MAX_REGEX_BYTES {
+                        problem = Some(format!(
+                            "{what}: matching with the regular expression takes {}, more than \
+                             the {} a call may take (a slot for each capture group at each \
+                             step of the pattern): capture fewer groups ((?:…) groups without \
+                             capturing) or write a shorter pattern",
+                            human(bytes),
+                            human(MAX_REGEX_BYTES)
+                        ));
+                        return Ok(TreeNodeRecursion::Stop);
+                    }
+                } else if let Some((what, instead)) = computed_pattern(e) {
+                    problem = Some(format!(
+                        "{what} with a pattern that is not a constant is not supported (each \
+                         row's pattern would be compiled unchecked): write {instead}"
+                    ));
                     return Ok(TreeNodeRecursion::Stop);
                 }
                 Ok(TreeNodeRecursion::Continue)
@@ -742,6 +789,70 @@ pub fn refuse_wide_types(plan: &datafusion::logical_expr::LogicalPlan) -> Result
     match problem {
         Some(p) => datafusion::common::plan_err!("{p}"),
         None => Ok(()),
+    }
+}
+
+/// At most this much memory is taken by matching with the regular expressions of one call
+/// (see [`regex_bytes`]).
+const MAX_REGEX_BYTES: u128 = 64 << 20;
+
+/// The memory matching with `pattern` takes besides its text: its NFA, and the two tables of
+/// the regex crate's PikeVM, which keep a slot per capture group (two) for each NFA state.
+/// A pattern with 20 000 capture groups asked for 51 GB at its first match. A pattern that
+/// does not compile takes nothing here (its compilation gives the error).
+fn regex_bytes(pattern: &str) -> u128 {
+    use regex_automata::nfa::thompson::{Config, NFA};
+    let nfa = NFA::compiler()
+        .configure(Config::new().nfa_size_limit(Some(10 << 20)))
+        .build(pattern);
+    match nfa {
+        Ok(nfa) => {
+            let slots = nfa.states().len() as u128 * nfa.group_info().slot_len() as u128;
+            2 * slots * std::mem::size_of::<usize>() as u128 + nfa.memory_usage() as u128
+        }
+        Err(_) => 0,
+    }
+}
+
+/// The distinct texts of `value` (a text scalar or array), without nulls.
+fn distinct_texts(value: &ColumnarValue) -> Result<Vec<String>> {
+    let array = match value {
+        ColumnarValue::Scalar(s) => s.to_array_of_size(1)?,
+        ColumnarValue::Array(a) => a.clone(),
+    };
+    let texts = cast(&array, &DataType::Utf8)?;
+    let texts: std::collections::HashSet<&str> =
+        texts.as_string::<i32>().iter().flatten().collect();
+    Ok(texts.into_iter().map(str::to_string).collect())
+}
+
+/// An operator that matches a regular expression computed per row from columns
+/// (`s ~ pattern_column`, `SIMILAR TO` a column), which the regex functions check and the
+/// operators do not, with what to write instead. (A constant pattern is folded into a
+/// literal, checked as such.)
+fn computed_pattern(e: &Expr) -> Option<(String, &'static str)> {
+    use datafusion::logical_expr::{BinaryExpr, Operator};
+    match e {
+        Expr::BinaryExpr(BinaryExpr { op, right, .. })
+            if matches!(
+                op,
+                Operator::RegexMatch
+                    | Operator::RegexIMatch
+                    | Operator::RegexNotMatch
+                    | Operator::RegexNotIMatch
+            ) && !right.column_refs().is_empty() =>
+        {
+            Some((
+                format!("the {op} operator"),
+                "regexp_like(s, pattern) (regexp_like(s, pattern, 'i') for a match ignoring \
+                 case; NOT regexp_like(…) for !~)",
+            ))
+        }
+        Expr::SimilarTo(like) if !like.pattern.column_refs().is_empty() => Some((
+            "SIMILAR TO".to_string(),
+            "regexp_like(s, '^(' || pattern || ')$')",
+        )),
+        _ => None,
     }
 }
 
@@ -768,7 +879,8 @@ fn regex_literal(e: &Expr) -> Option<(String, String)> {
                     | Operator::RegexNotIMatch
             ) =>
         {
-            literal(right).map(|p| (format!("the {op} operator"), p.to_string()))
+            // DataFusion writes regexp_like(s, 'literal') as s ~ 'literal'.
+            literal(right).map(|p| (format!("the {op} operator or regexp_like()"), p.to_string()))
         }
         Expr::ScalarFunction(ScalarFunction { func, args })
             if func.name().starts_with("regexp_") =>
