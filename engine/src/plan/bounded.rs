@@ -831,24 +831,13 @@ fn distinct_texts(value: &ColumnarValue) -> Result<Vec<String>> {
 /// operators do not, with what to write instead. (A constant pattern is folded into a
 /// literal, checked as such.)
 fn computed_pattern(e: &Expr) -> Option<(String, &'static str)> {
-    use datafusion::logical_expr::{BinaryExpr, Operator};
-    match e {
-        Expr::BinaryExpr(BinaryExpr { op, right, .. })
-            if matches!(
-                op,
-                Operator::RegexMatch
-                    | Operator::RegexIMatch
-                    | Operator::RegexNotMatch
-                    | Operator::RegexNotIMatch
-            ) && !right.column_refs().is_empty() =>
-        {
-            Some((
-                format!("the {op} operator"),
-                "regexp_like(s, pattern) (regexp_like(s, pattern, 'i') for a match ignoring \
-                 case; NOT regexp_like(…) for !~)",
-            ))
-        }
-        Expr::SimilarTo(like) if !like.pattern.column_refs().is_empty() => Some((
+    match (regex_operator(e), e) {
+        (Some((op, pattern)), _) if !pattern.column_refs().is_empty() => Some((
+            format!("the {op} operator"),
+            "regexp_like(s, pattern) (regexp_like(s, pattern, 'i') for a match ignoring case; \
+             NOT regexp_like(…) for !~)",
+        )),
+        (_, Expr::SimilarTo(like)) if !like.pattern.column_refs().is_empty() => Some((
             "SIMILAR TO".to_string(),
             "regexp_like(s, '^(' || pattern || ')$')",
         )),
@@ -856,19 +845,9 @@ fn computed_pattern(e: &Expr) -> Option<(String, &'static str)> {
     }
 }
 
-/// A regular expression given as a literal to an operator (`~`, `~*`, `!~`, `!~*`,
-/// `SIMILAR TO`) or a `regexp_*` function, or the one a literal `LIKE` pattern is matched
-/// with (`%` any text, `_` any character, the rest as written), with what it was given to.
-fn regex_literal(e: &Expr) -> Option<(String, String)> {
+/// A regular expression operator (`~`, `~*`, `!~`, `!~*`) and its pattern.
+fn regex_operator(e: &Expr) -> Option<(datafusion::logical_expr::Operator, &Expr)> {
     use datafusion::logical_expr::{BinaryExpr, Operator};
-    fn literal(e: &Expr) -> Option<&str> {
-        match e {
-            Expr::Literal(ScalarValue::Utf8(Some(t)), _)
-            | Expr::Literal(ScalarValue::Utf8View(Some(t)), _)
-            | Expr::Literal(ScalarValue::LargeUtf8(Some(t)), _) => Some(t.as_str()),
-            _ => None,
-        }
-    }
     match e {
         Expr::BinaryExpr(BinaryExpr { op, right, .. })
             if matches!(
@@ -879,9 +858,30 @@ fn regex_literal(e: &Expr) -> Option<(String, String)> {
                     | Operator::RegexNotIMatch
             ) =>
         {
-            // DataFusion writes regexp_like(s, 'literal') as s ~ 'literal'.
-            literal(right).map(|p| (format!("the {op} operator or regexp_like()"), p.to_string()))
+            Some((*op, right))
         }
+        _ => None,
+    }
+}
+
+/// A regular expression given as a literal to an operator (`~`, `~*`, `!~`, `!~*`,
+/// `SIMILAR TO`) or a `regexp_*` function, or the one a literal `LIKE` pattern is matched
+/// with (`%` any text, `_` any character, the rest as written), with what it was given to.
+fn regex_literal(e: &Expr) -> Option<(String, String)> {
+    fn literal(e: &Expr) -> Option<&str> {
+        match e {
+            Expr::Literal(ScalarValue::Utf8(Some(t)), _)
+            | Expr::Literal(ScalarValue::Utf8View(Some(t)), _)
+            | Expr::Literal(ScalarValue::LargeUtf8(Some(t)), _) => Some(t.as_str()),
+            _ => None,
+        }
+    }
+    if let Some((op, pattern)) = regex_operator(e) {
+        // DataFusion writes regexp_like(s, 'literal') as s ~ 'literal'.
+        return literal(pattern)
+            .map(|p| (format!("the {op} operator or regexp_like()"), p.to_string()));
+    }
+    match e {
         Expr::ScalarFunction(ScalarFunction { func, args })
             if func.name().starts_with("regexp_") =>
         {
