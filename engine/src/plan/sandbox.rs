@@ -289,6 +289,21 @@ fn check_sql_statement(statement: &Statement) -> Result<()> {
              WINDOW w AS (PARTITION BY sensor_id ORDER BY window_end)"
         );
     }
+    if has_table_sample(statement) {
+        return plan_err!(
+            "TABLESAMPLE is not supported in stream queries (it would be ignored, and every \
+             row counted): sample by a condition on the rows instead, e.g. WHERE \
+             right(md5(camera_id), 1) = '0' for the rows of one key in 16"
+        );
+    }
+    if let Some(function) = window_call_ignoring_nulls(statement) {
+        return plan_err!(
+            "{function}(…) IGNORE NULLS OVER (…) is not supported in stream queries (it would be \
+             taken as RESPECT NULLS): leave the nulls out below it, e.g. lag(v) OVER (…) FROM \
+             (SELECT … FROM t WHERE v IS NOT NULL), or use last_value(v) IGNORE NULLS as an \
+             aggregate in a window"
+        );
+    }
     if has_recursive_cte(statement) {
         return plan_err!(
             "WITH RECURSIVE is not available in stream queries: a recursive query may never \
@@ -370,6 +385,61 @@ fn has_match_recognize(statement: &Statement) -> bool {
         }
     }
     statement.visit(&mut Pattern).is_break()
+}
+
+/// Whether `statement` samples a table (`TABLESAMPLE`) anywhere.
+fn has_table_sample(statement: &Statement) -> bool {
+    struct Sample;
+    impl Visitor for Sample {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+            match factor {
+                TableFactor::Table {
+                    sample: Some(_), ..
+                }
+                | TableFactor::Derived {
+                    sample: Some(_), ..
+                } => ControlFlow::Break(()),
+                _ => ControlFlow::Continue(()),
+            }
+        }
+    }
+    statement.visit(&mut Sample).is_break()
+}
+
+/// The name of a window function called with `IGNORE NULLS` in `statement`, if one is.
+fn window_call_ignoring_nulls(statement: &Statement) -> Option<String> {
+    use datafusion::sql::sqlparser::ast::{
+        Function, FunctionArgumentClause, FunctionArguments, NullTreatment,
+    };
+    struct Ignoring;
+    impl Visitor for Ignoring {
+        type Break = String;
+        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<String> {
+            let Expr::Function(Function {
+                name,
+                args,
+                null_treatment,
+                over: Some(_),
+                ..
+            }) = expr
+            else {
+                return ControlFlow::Continue(());
+            };
+            let in_args = matches!(args, FunctionArguments::List(list) if list.clauses.iter().any(|c| {
+                matches!(c, FunctionArgumentClause::IgnoreOrRespectNulls(NullTreatment::IgnoreNulls))
+            }));
+            if in_args || matches!(null_treatment, Some(NullTreatment::IgnoreNulls)) {
+                ControlFlow::Break(name.to_string())
+            } else {
+                ControlFlow::Continue(())
+            }
+        }
+    }
+    match statement.visit(&mut Ignoring) {
+        ControlFlow::Break(name) => Some(name),
+        ControlFlow::Continue(()) => None,
+    }
 }
 
 /// Whether `statement` holds a `WITH RECURSIVE` anywhere.
