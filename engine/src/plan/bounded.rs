@@ -208,6 +208,23 @@ impl ScalarUDFImpl for Bounded {
                 );
             }
         }
+        // array_has_any and array_has_all compare every element of one list with every
+        // element of the other when neither is a constant (1 000 000 by 1 000 000 elements
+        // took hours); with a constant list they look elements up in a set.
+        if matches!(name, "array_has_any" | "array_has_all")
+            && let [a @ ColumnarValue::Array(_), b @ ColumnarValue::Array(_)] = args.args.as_slice()
+        {
+            let rows = args.number_rows;
+            let (a, b) = (list_lengths(a, rows)?, list_lengths(b, rows)?);
+            let steps: u128 = a.iter().zip(&b).map(|(a, b)| a * b).sum();
+            if steps > MAX_CALL_STEPS {
+                return exec_err!(
+                    "{name}(): comparing these lists takes {steps} steps in one micro-batch, \
+                     more than the {MAX_CALL_STEPS} a call may take (each element of one with \
+                     each of the other): compare shorter lists, or against a constant list"
+                );
+            }
+        }
         if name == "levenshtein"
             && let [a, b] = args.args.as_slice()
         {
@@ -547,6 +564,23 @@ fn byte_lengths(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
             DataType::BinaryView => lengths(a.as_binary_view().iter().map(|s| s.map(<[u8]>::len))),
             _ => vec![0; a.len()],
         })
+    })
+}
+
+/// Each row's number of elements (0 for null; 0 for what is not a list).
+fn list_lengths(value: &ColumnarValue, rows: usize) -> Result<Vec<u128>> {
+    each_row(value, rows, |a| {
+        let lengths: Vec<usize> = match a.data_type() {
+            DataType::List(_) => a.as_list::<i32>().offsets().lengths().collect(),
+            DataType::LargeList(_) => a.as_list::<i64>().offsets().lengths().collect(),
+            DataType::FixedSizeList(_, n) => vec![(*n).max(0) as usize; a.len()],
+            _ => vec![0; a.len()],
+        };
+        Ok(lengths
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| if a.is_valid(i) { n as u128 } else { 0 })
+            .collect())
     })
 }
 

@@ -568,6 +568,8 @@ pub struct QueryManager {
     flows: Mutex<HashMap<String, (String, Vec<Flow>)>>,
     schemas: SchemaRegistry,
     runtime: QueryRuntime,
+    /// Where previews run (see [`QueryRuntime::previews`]).
+    preview_runtime: QueryRuntime,
     /// Where the queries' checkpoints go (one location per query below it).
     checkpoint_root: crate::checkpoint::Location,
     /// The reference tables every query reads, replaced through the API.
@@ -695,10 +697,21 @@ struct QueryRuntime(Option<tokio::runtime::Runtime>);
 impl QueryRuntime {
     fn new() -> crate::Result<Self> {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        Self::with_threads(threads, "urbanstream-query")
+    }
+
+    /// The runtime previews run on, one thread of their own: a preview's plan runs between
+    /// its awaits without yielding (a function over large arrays may take hours), so one
+    /// that outlives its timeout holds that thread, never a query's.
+    fn previews() -> crate::Result<Self> {
+        Self::with_threads(1, "urbanstream-preview")
+    }
+
+    fn with_threads(threads: usize, name: &str) -> crate::Result<Self> {
         Ok(Self(Some(
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads)
-                .thread_name("urbanstream-query")
+                .thread_name(name)
                 .enable_all()
                 .build()?,
         )))
@@ -754,6 +767,7 @@ impl QueryManager {
             flows: Mutex::new(HashMap::new()),
             schemas: SchemaRegistry::embedded()?,
             runtime: QueryRuntime::new()?,
+            preview_runtime: QueryRuntime::previews()?,
         })
     }
 
@@ -1098,7 +1112,8 @@ impl QueryManager {
 
     /// Runs `sql`'s stream query over `input`'s rows without registering it, as `urbanstream
     /// run` does offline: in the query's memory pool, within `api.preview_timeout`, on the
-    /// queries' runtime. Keeps the first `limit` rows.
+    /// previews' own thread (a preview that outlives its timeout holds no query's thread).
+    /// Keeps the first `limit` rows.
     /// `slot` ([`QueryManager::preview_slot`]) is taken before the request's body is read, so
     /// that clients waiting their turn hold no body in memory.
     pub async fn preview(
@@ -1186,7 +1201,7 @@ impl QueryManager {
                 } else {
                     data.into_bytes()
                 };
-                self.runtime.handle().spawn(async move {
+                self.preview_runtime.handle().spawn(async move {
                     let _turn = slot;
                     // Written off the runtime's threads: the body may be large.
                     let file = tokio::task::spawn_blocking(move || {
@@ -1227,7 +1242,7 @@ impl QueryManager {
                 let properties = self.config.kafka_properties();
                 let topic = query.source().options.topic.clone();
                 let codecs = self.codecs.clone();
-                self.runtime.handle().spawn(async move {
+                self.preview_runtime.handle().spawn(async move {
                     let _turn = slot;
                     let read = tokio::task::spawn_blocking(move || {
                         crate::source::range::read_range(
