@@ -2504,7 +2504,7 @@ mod tests {
             topic: None,
             limit: None,
         };
-        let running = || manager.runtime.handle().metrics().num_alive_tasks();
+        let running = || manager.preview_runtime.handle().metrics().num_alive_tasks();
         let free = || manager.previews.available_permits();
         // The whole preview, waited for: how long it takes here.
         let whole = std::time::Instant::now();
