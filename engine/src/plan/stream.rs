@@ -661,6 +661,7 @@ impl StreamContext {
         // is a literal after it.
         let optimized = state.optimize(&plan).map_err(reword)?;
         super::bounded::refuse_wide_types(&optimized)?;
+        refuse_subqueries_in_windows(&optimized)?;
         let physical = state
             .query_planner()
             .create_physical_plan(&optimized, &state)
@@ -1588,6 +1589,44 @@ fn refuse_unbounded(plan: &LogicalPlan) -> Result<()> {
         Some(p) => plan_err!("{p}"),
         None => Ok(()),
     }
+}
+
+/// Refuses a scalar subquery (`(SELECT max(x) FROM t)`) in a stream's aggregation or below
+/// it: the window evaluates those rows itself, where the subquery's value is not computed
+/// (DataFusion's "ScalarSubqueryExpr evaluated before the subquery was executed"). Above
+/// the aggregation (`HAVING`) and in a query without one it runs.
+fn refuse_subqueries_in_windows(plan: &LogicalPlan) -> Result<()> {
+    let has_subquery = |p: &LogicalPlan| -> Result<bool> {
+        let mut found = false;
+        p.apply_expressions(|e| {
+            found = e.exists(|x| {
+                Ok(matches!(
+                    x,
+                    datafusion::logical_expr::Expr::ScalarSubquery(_)
+                ))
+            })?;
+            Ok(if found {
+                TreeNodeRecursion::Stop
+            } else {
+                TreeNodeRecursion::Continue
+            })
+        })?;
+        Ok(found)
+    };
+    let below = plan.exists(|p| {
+        Ok(matches!(p, LogicalPlan::Aggregate(_))
+            && logical_reads_stream(p)
+            && p.exists(|n| has_subquery(n))?)
+    })?;
+    if below {
+        return plan_err!(
+            "a scalar subquery ((SELECT … FROM <table>)) in a window's aggregation or below \
+             it is not supported: join its value instead, e.g. FROM camera_events c CROSS \
+             JOIN (SELECT max(free_flow_kmh) AS top FROM segments) m WHERE c.speed_kmh < \
+             m.top, or test it above the window, in HAVING"
+        );
+    }
+    Ok(())
 }
 
 /// Whether a logical plan scans a stream table.
