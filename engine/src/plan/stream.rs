@@ -1591,6 +1591,39 @@ fn refuse_unbounded(plan: &LogicalPlan) -> Result<()> {
     }
 }
 
+/// `batch`, rows of a query without a window, under the names of its output (`schema`):
+/// those an `INSERT INTO sink (a, b)` lists, in place of the SELECT's own.
+fn named(schema: &SchemaRef, batch: RecordBatch) -> Result<RecordBatch> {
+    let same = batch
+        .schema()
+        .fields()
+        .iter()
+        .zip(schema.fields())
+        .all(|(a, b)| a.name() == b.name());
+    if same || batch.num_columns() != schema.fields().len() {
+        return Ok(batch);
+    }
+    let options =
+        datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .map(|(f, c)| {
+            Field::new(
+                f.name(),
+                c.data_type().clone(),
+                f.is_nullable() || c.null_count() > 0,
+            )
+        })
+        .collect();
+    Ok(RecordBatch::try_new_with_options(
+        Arc::new(Schema::new(fields)),
+        batch.columns().to_vec(),
+        &options,
+    )?)
+}
+
 /// Refuses a scalar subquery (`(SELECT max(x) FROM t)`) in a stream's aggregation or below
 /// it: the window evaluates those rows itself, where the subquery's value is not computed
 /// (DataFusion's "ScalarSubqueryExpr evaluated before the subquery was executed"). Above
@@ -3501,12 +3534,11 @@ impl StreamQuery {
                         o.hold(b)?;
                     }
                 }
-                None => out.rows.extend(
-                    lowered
-                        .into_iter()
-                        .map(|(b, _)| b)
-                        .filter(|b| b.num_rows() > 0),
-                ),
+                None => {
+                    for (b, _) in lowered.into_iter().filter(|(b, _)| b.num_rows() > 0) {
+                        out.rows.push(named(&self.output_schema, b)?);
+                    }
+                }
             },
         }
         Ok(())
@@ -4498,13 +4530,11 @@ impl StreamQuery {
                 }
             {
                 o.feed.set(vec![rows]);
-                out.rows.extend(
-                    o.upper
-                        .collect(self.task_ctx.clone())
-                        .await?
-                        .into_iter()
-                        .filter(|b| b.num_rows() > 0),
-                );
+                for b in o.upper.collect(self.task_ctx.clone()).await? {
+                    if b.num_rows() > 0 {
+                        out.rows.push(named(&self.output_schema, b)?);
+                    }
+                }
             }
             // Rows before the watermark are released: their offsets may be committed.
             self.held = self.held.split_off(&watermark.saturating_add(1));
