@@ -2495,6 +2495,23 @@ async fn a_query_is_upgraded_with_its_state_and_taken_back_to_a_savepoint() -> a
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     wait_for(&app, "counts", Duration::from_secs(30), is("RUNNING")).await?;
 
+    // An upgrade of nothing (no SQL, no savepoint) is refused: it answered 200.
+    let (status, refused) = call(
+        &app,
+        "POST",
+        "/v1/queries/counts/upgrade",
+        Some(TOKEN),
+        Some(json!({})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("an upgrade needs \"sql\"")),
+        "{refused}"
+    );
+
     // Another aggregate: the state does not fit, the query goes on unchanged.
     let distinct = per_minute("counts").replace("count(*)", "count(DISTINCT camera_id)");
     let (status, refused) = call(

@@ -1765,6 +1765,13 @@ impl QueryManager {
         request: UpgradeRequest,
     ) -> Result<QueryStatus, ServiceError> {
         use crate::checkpoint::savepoint;
+        if request.sql.is_none() && request.savepoint.is_none() {
+            return Err(ServiceError::invalid(format!(
+                "an upgrade needs \"sql\" (the query's new SQL), \"savepoint\" (the state to \
+                 go back to), or both; to start the query again as it is, POST \
+                 /v1/queries/{name}/restart"
+            )));
+        }
         let _operation = self.operation(name).await;
         let handle = self.handle(name)?;
         if handle.builtin {
