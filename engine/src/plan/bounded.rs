@@ -193,7 +193,8 @@ impl ScalarUDFImpl for Bounded {
         if name.starts_with("regexp_")
             && let Some(pattern) = args.args.get(1)
         {
-            let bytes: u128 = distinct_texts(pattern)?
+            let flags = regex_flags_at(name).and_then(|i| args.args.get(i));
+            let bytes: u128 = distinct_patterns(pattern, flags, args.number_rows)?
                 .iter()
                 .map(|p| regex_bytes(p))
                 .sum();
@@ -218,10 +219,12 @@ impl ScalarUDFImpl for Bounded {
             let (a, b) = (list_lengths(a, rows)?, list_lengths(b, rows)?);
             let steps: u128 = a.iter().zip(&b).map(|(a, b)| a * b).sum();
             if steps > MAX_CALL_STEPS {
+                // Not a limit of the micro-batch: its rows are run in parts until the call
+                // fits, and a row over it alone goes to the DLQ.
                 return exec_err!(
-                    "{name}(): comparing these lists takes {steps} steps in one micro-batch, \
-                     more than the {MAX_CALL_STEPS} a call may take (each element of one with \
-                     each of the other): compare shorter lists, or against a constant list"
+                    "{name}(): comparing these lists takes {steps} steps, more than the \
+                     {MAX_CALL_STEPS} a call may take (each element of one with each of the \
+                     other): compare shorter lists, or against a constant list"
                 );
             }
         }
@@ -233,9 +236,9 @@ impl ScalarUDFImpl for Bounded {
             let steps: u128 = a.iter().zip(&b).map(|(a, b)| a * b).sum();
             if steps > MAX_CALL_STEPS {
                 return exec_err!(
-                    "levenshtein(): comparing these texts takes {steps} steps in one \
-                     micro-batch, more than the {MAX_CALL_STEPS} a call may take (its work is \
-                     the product of the two lengths): compare shorter texts, e.g. left(s, 200)"
+                    "levenshtein(): comparing these texts takes {steps} steps, more than the \
+                     {MAX_CALL_STEPS} a call may take (its work is the product of the two \
+                     lengths): compare shorter texts, e.g. left(s, 200)"
                 );
             }
         }
@@ -848,16 +851,50 @@ fn regex_bytes(pattern: &str) -> u128 {
     }
 }
 
-/// The distinct texts of `value` (a text scalar or array), without nulls.
-fn distinct_texts(value: &ColumnarValue) -> Result<Vec<String>> {
-    let array = match value {
-        ColumnarValue::Scalar(s) => s.to_array_of_size(1)?,
-        ColumnarValue::Array(a) => a.clone(),
-    };
-    let texts = cast(&array, &DataType::Utf8)?;
-    let texts: std::collections::HashSet<&str> =
-        texts.as_string::<i32>().iter().flatten().collect();
-    Ok(texts.into_iter().map(str::to_string).collect())
+/// Where a `regexp_*` function takes its flags (`'i'`, `'x'`, …), which DataFusion compiles
+/// into the pattern as `(?flags)`.
+fn regex_flags_at(name: &str) -> Option<usize> {
+    match name {
+        "regexp_like" | "regexp_match" => Some(2),
+        "regexp_replace" | "regexp_count" => Some(3),
+        "regexp_instr" => Some(4),
+        _ => None,
+    }
+}
+
+/// `pattern` as DataFusion compiles it with `flags` (`g`, for every match of a replace, is
+/// not a flag of the expression).
+fn with_flags(pattern: &str, flags: Option<&str>) -> String {
+    let flags: String = flags
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| *c != 'g')
+        .collect();
+    if flags.is_empty() {
+        pattern.to_string()
+    } else {
+        format!("(?{flags}){pattern}")
+    }
+}
+
+/// The distinct patterns of a call's rows (`pattern` with its row's `flags`), as compiled.
+fn distinct_patterns(
+    pattern: &ColumnarValue,
+    flags: Option<&ColumnarValue>,
+    rows: usize,
+) -> Result<Vec<String>> {
+    let texts =
+        |v: &ColumnarValue| -> Result<ArrayRef> { Ok(cast(&as_array(v, rows)?, &DataType::Utf8)?) };
+    let patterns = texts(pattern)?;
+    let flags = flags.map(texts).transpose()?;
+    let flags = flags.as_ref().map(|f| f.as_string::<i32>());
+    let mut distinct = std::collections::HashSet::new();
+    for (i, p) in patterns.as_string::<i32>().iter().enumerate() {
+        let Some(p) = p else { continue };
+        let f = flags.and_then(|f| f.is_valid(i).then(|| f.value(i)));
+        distinct.insert(with_flags(p, f));
+    }
+    Ok(distinct.into_iter().collect())
 }
 
 /// An operator that matches a regular expression computed per row from columns
@@ -866,17 +903,26 @@ fn distinct_texts(value: &ColumnarValue) -> Result<Vec<String>> {
 /// literal, checked as such.)
 fn computed_pattern(e: &Expr) -> Option<(String, &'static str)> {
     match (regex_operator(e), e) {
-        (Some((op, pattern)), _) if !pattern.column_refs().is_empty() => Some((
+        (Some((op, pattern)), _) if computed(pattern) => Some((
             format!("the {op} operator"),
             "regexp_like(s, pattern) (regexp_like(s, pattern, 'i') for a match ignoring case; \
              NOT regexp_like(…) for !~)",
         )),
-        (_, Expr::SimilarTo(like)) if !like.pattern.column_refs().is_empty() => Some((
+        (_, Expr::SimilarTo(like)) if computed(&like.pattern) => Some((
             "SIMILAR TO".to_string(),
             "regexp_like(s, '^(' || pattern || ')$')",
         )),
         _ => None,
     }
+}
+
+/// Whether a pattern is computed as the query runs (from columns, or by a subquery), not
+/// folded into a literal while it is planned.
+fn computed(pattern: &Expr) -> bool {
+    !pattern.column_refs().is_empty()
+        || pattern
+            .exists(|e| Ok(matches!(e, Expr::ScalarSubquery(_))))
+            .unwrap_or(true)
 }
 
 /// A regular expression operator (`~`, `~*`, `!~`, `!~*`) and its pattern.
@@ -919,9 +965,13 @@ fn regex_literal(e: &Expr) -> Option<(String, String)> {
         Expr::ScalarFunction(ScalarFunction { func, args })
             if func.name().starts_with("regexp_") =>
         {
+            let flags = match regex_flags_at(func.name()).and_then(|i| args.get(i)) {
+                None => None,
+                Some(f) => Some(literal(f)?),
+            };
             args.get(1)
                 .and_then(literal)
-                .map(|p| (format!("{}()", func.name()), p.to_string()))
+                .map(|p| (format!("{}()", func.name()), with_flags(p, flags)))
         }
         Expr::SimilarTo(like) => {
             literal(&like.pattern).map(|p| ("SIMILAR TO".to_string(), p.to_string()))

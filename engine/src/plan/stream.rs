@@ -3609,35 +3609,23 @@ impl StreamQuery {
             let run = self.lower_once(batch.slice(start, len)).await;
             lowered.extend(runs.took(run, failed)?.into_iter().flatten());
         }
-        self.judge_failures(n, runs.finish(), failed)?;
+        self.judge_failures(runs)?;
         Ok(lowered)
     }
 
-    /// Notes what a run over `n` rows showed of the plan's errors (`error`, the whole run's,
-    /// if it failed; `failed`, the rows it failed on, in row order), and fails the query when
-    /// the first [`UNPROVEN_ROWS`] rows it met have all failed on a function (see
-    /// [`Unproven`]).
-    fn judge_failures(
-        &mut self,
-        n: usize,
-        error: Option<datafusion::common::DataFusionError>,
-        failed: &[(u32, String)],
-    ) -> Result<()> {
+    /// Notes what `runs` over a batch showed of the plan's errors, and fails the query when
+    /// the first [`UNPROVEN_ROWS`] rows it met have all failed in a function (see
+    /// [`Unproven`]; rows failed on a value, as a cast, count neither way).
+    fn judge_failures(&mut self, runs: Isolating) -> Result<()> {
         let Unproven::Failed(before) = self.unproven else {
             return Ok(());
         };
-        if n == 0 {
+        if runs.n == 0 {
             return Ok(());
         }
-        // The first row that passed is the first index missing from `failed`.
-        let failed_first = failed
-            .iter()
-            .enumerate()
-            .position(|(i, (row, _))| *row as usize != i)
-            .unwrap_or(failed.len());
-        if let Some(error) = error
-            && !is_value_error(&error)
-            && before + failed_first as u64 >= UNPROVEN_ROWS
+        let (in_functions, passed) = runs.before_a_pass();
+        if before + in_functions >= UNPROVEN_ROWS
+            && let Some(error) = runs.error
         {
             return Err(error.context(format!(
                 "the first {UNPROVEN_ROWS} rows the query met all failed: the call refuses \
@@ -3645,9 +3633,9 @@ impl StreamQuery {
                  what it expects"
             )));
         }
-        self.unproven = match failed_first < n {
+        self.unproven = match passed {
             true => Unproven::Passed,
-            false => Unproven::Failed(before + n as u64),
+            false => Unproven::Failed(before + in_functions),
         };
         Ok(())
     }
@@ -3739,29 +3727,55 @@ impl StreamQuery {
             now_ms,
             &mut out.diverted,
         )?;
-        let mut pairs = Vec::new();
-        for side in 0..2 {
-            let Some(join) = &mut self.join else {
-                break;
-            };
-            if join.tables[side] != table || kept.num_rows() == 0 {
-                continue;
+        // Each side's rows, with the rows its plan or keys fail on left out.
+        let sides: Vec<usize> = match &self.join {
+            Some(join) if kept.num_rows() > 0 => {
+                (0..2).filter(|s| join.tables[*s] == table).collect()
             }
-            let schema = join.sides[side].0.schema();
-            let mut failed = Vec::new();
-            let n = kept.num_rows();
+            _ => Vec::new(),
+        };
+        let n = kept.num_rows();
+        let mut failed: Vec<(u32, String)> = Vec::new();
+        let mut rows_of = Vec::new();
+        for &side in &sides {
             let mut rows = Vec::new();
+            let mut side_failed = Vec::new();
             let mut runs = Isolating::new(n);
             while let Some((start, len)) = runs.next() {
                 let run = self.join_side_once(side, kept.slice(start, len)).await;
-                rows.extend(runs.took(run, &mut failed)?);
+                rows.extend(runs.took(run, &mut side_failed)?);
             }
-            self.judge_failures(n, runs.finish(), &failed)?;
-            if !failed.is_empty() {
-                let time = input.options.event_time.as_deref();
-                out.failed
-                    .extend(failed_inputs(batch, &out.diverted, time, failed)?);
+            self.judge_failures(runs)?;
+            failed.extend(side_failed);
+            rows_of.push((side, rows));
+        }
+        failed.sort_by_key(|(row, _)| *row);
+        failed.dedup_by_key(|(row, _)| *row);
+        // A self-join's row that one side failed on goes to the DLQ and to neither side: the
+        // other side's rows are made again without it.
+        if sides.len() == 2 && !failed.is_empty() {
+            let keep: BooleanArray = {
+                let gone: std::collections::HashSet<u32> = failed.iter().map(|(r, _)| *r).collect();
+                (0..n as u32).map(|r| Some(!gone.contains(&r))).collect()
+            };
+            let rest = filter_record_batch(&kept, &keep)?;
+            rows_of.clear();
+            for &side in &sides {
+                let rows = self.join_side_once(side, rest.clone()).await?;
+                rows_of.push((side, vec![rows]));
             }
+        }
+        if !failed.is_empty() {
+            let time = input.options.event_time.as_deref();
+            out.failed
+                .extend(failed_inputs(batch, &out.diverted, time, failed)?);
+        }
+        let mut pairs = Vec::new();
+        for (side, rows) in rows_of {
+            let Some(join) = &mut self.join else {
+                break;
+            };
+            let schema = join.sides[side].0.schema();
             let mut rest = Some(datafusion::arrow::compute::concat_batches(&schema, &rows)?);
             while let Some(rows) = rest.take() {
                 let Some(join) = &mut self.join else {
@@ -3776,9 +3790,6 @@ impl StreamQuery {
                 }
             }
         }
-        // A row that both sides of a self-join fail on is one record for the DLQ.
-        out.failed.sort_by_key(|f| f.row);
-        out.failed.dedup_by_key(|f| f.row);
         self.join_step(pairs, now_ms, &mut out).await?;
         Ok(out)
     }
@@ -3871,7 +3882,7 @@ impl StreamQuery {
                 let run = self.union_once(table, kept.slice(start, len)).await;
                 lowered.extend(runs.took(run, &mut failed)?.into_iter().flatten());
             }
-            self.judge_failures(n, runs.finish(), &failed)?;
+            self.judge_failures(runs)?;
             self.take_lowered(lowered, &mut out)?;
         }
         if !failed.is_empty() {
@@ -4857,6 +4868,9 @@ struct Isolating {
     error: Option<datafusion::common::DataFusionError>,
     /// Whether the run of no rows (after the whole batch failed) is out.
     probing: bool,
+    /// The rows failed alone, in row order, and whether on a value ([`is_value_error`]) rather
+    /// than in a function.
+    failures: Vec<(u32, bool)>,
 }
 
 impl Isolating {
@@ -4867,6 +4881,7 @@ impl Isolating {
             current: None,
             error: None,
             probing: false,
+            failures: Vec::new(),
         }
     }
 
@@ -4888,6 +4903,7 @@ impl Isolating {
                 (Ok(_), Some(error)) => {
                     if self.n == 1 {
                         failed.push((0, error.to_string()));
+                        self.failures.push((0, is_value_error(&error)));
                     } else {
                         let n = self.n;
                         self.ranges = vec![(n / 2, n - n / 2), (0, n / 2)];
@@ -4912,6 +4928,7 @@ impl Isolating {
             Err(e) if self.error.is_some() && is_data_error(&e) => {
                 if len == 1 {
                     failed.push((start as u32, e.to_string()));
+                    self.failures.push((start as u32, is_value_error(&e)));
                 } else {
                     self.ranges.push((start + len / 2, len - len / 2));
                     self.ranges.push((start, len / 2));
@@ -4922,9 +4939,19 @@ impl Isolating {
         }
     }
 
-    /// The error of the run over the whole batch, if it failed.
-    fn finish(self) -> Option<datafusion::common::DataFusionError> {
-        self.error
+    /// How many rows failed in a function, in row order, before the first that passed, and
+    /// whether one passed (rows failed on a value count neither way).
+    fn before_a_pass(&self) -> (u64, bool) {
+        let mut failures = self.failures.iter().peekable();
+        let mut in_functions = 0;
+        for row in 0..self.n as u32 {
+            match failures.next_if(|(r, _)| *r == row) {
+                Some((_, true)) => {}
+                Some((_, false)) => in_functions += 1,
+                None => return (in_functions, true),
+            }
+        }
+        (in_functions, false)
     }
 }
 

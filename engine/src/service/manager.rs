@@ -700,11 +700,12 @@ impl QueryRuntime {
         Self::with_threads(threads, "urbanstream-query")
     }
 
-    /// The runtime previews run on, one thread of their own: a preview's plan runs between
-    /// its awaits without yielding (a function over large arrays may take hours), so one
-    /// that outlives its timeout holds that thread, never a query's.
+    /// The runtime previews run on, a thread of their own for each of the two that may run at
+    /// once: a preview's plan runs between its awaits without yielding (a function over large
+    /// arrays may take hours), so one that outlives its timeout holds that thread, never a
+    /// query's.
     fn previews() -> crate::Result<Self> {
-        Self::with_threads(1, "urbanstream-preview")
+        Self::with_threads(2, "urbanstream-preview")
     }
 
     fn with_threads(threads: usize, name: &str) -> crate::Result<Self> {
@@ -1765,19 +1766,19 @@ impl QueryManager {
         request: UpgradeRequest,
     ) -> Result<QueryStatus, ServiceError> {
         use crate::checkpoint::savepoint;
-        if request.sql.is_none() && request.savepoint.is_none() {
-            return Err(ServiceError::invalid(format!(
-                "an upgrade needs \"sql\" (the query's new SQL), \"savepoint\" (the state to \
-                 go back to), or both; to start the query again as it is, POST \
-                 /v1/queries/{name}/restart"
-            )));
-        }
         let _operation = self.operation(name).await;
         let handle = self.handle(name)?;
         if handle.builtin {
             return Err(ServiceError::Conflict(format!(
                 "{name} is a built-in query: its SQL comes with urbanstream; register your \
                  version under another name (and pause {name})"
+            )));
+        }
+        if request.sql.is_none() && request.savepoint.is_none() {
+            return Err(ServiceError::invalid(format!(
+                "an upgrade needs \"sql\" (the query's new SQL), \"savepoint\" (the state to \
+                 go back to), or both; to start the query again as it is, POST \
+                 /v1/queries/{name}/restart"
             )));
         }
         let sql = request.sql.unwrap_or_else(|| handle.entry.sql.clone());
