@@ -891,10 +891,12 @@ fn distinct_patterns(
     let mut distinct = std::collections::HashSet::new();
     for (i, p) in patterns.as_string::<i32>().iter().enumerate() {
         let Some(p) = p else { continue };
-        let f = flags.and_then(|f| f.is_valid(i).then(|| f.value(i)));
-        distinct.insert(with_flags(p, f));
+        distinct.insert((p, flags.and_then(|f| f.is_valid(i).then(|| f.value(i)))));
     }
-    Ok(distinct.into_iter().collect())
+    Ok(distinct
+        .into_iter()
+        .map(|(p, f)| with_flags(p, f))
+        .collect())
 }
 
 /// An operator that matches a regular expression computed per row from columns

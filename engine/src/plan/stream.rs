@@ -1629,21 +1629,12 @@ fn named(schema: &SchemaRef, batch: RecordBatch) -> Result<RecordBatch> {
 /// (DataFusion's "ScalarSubqueryExpr evaluated before the subquery was executed"). Above
 /// the aggregation (`HAVING`) and in a query without one it runs.
 fn refuse_subqueries_in_windows(plan: &LogicalPlan) -> Result<()> {
+    use datafusion::logical_expr::Expr;
     let has_subquery = |p: &LogicalPlan| -> Result<bool> {
         let mut found = false;
-        p.apply_expressions(|e| {
-            found = e.exists(|x| {
-                Ok(matches!(
-                    x,
-                    datafusion::logical_expr::Expr::ScalarSubquery(_)
-                ))
-            })?;
-            Ok(if found {
-                TreeNodeRecursion::Stop
-            } else {
-                TreeNodeRecursion::Continue
-            })
-        })?;
+        for e in p.expressions() {
+            found |= e.exists(|x| Ok(matches!(x, Expr::ScalarSubquery(_))))?;
+        }
         Ok(found)
     };
     let below = plan.exists(|p| {
@@ -2079,12 +2070,14 @@ pub struct StreamQuery {
 /// Rows a function failed on before the plan first ran through a row, in row order.
 /// A function that refuses its arguments as written (a constant) fails every row; one that
 /// fails on a row's value fails that row. The plan is taken to refuse its constants when
-/// the first [`UNPROVEN_ROWS`] rows it meets all fail (the query fails with the error);
-/// before that, and once one row has passed, a failed row goes to the DLQ. It is counted in
-/// row order, so how the rows are cut into micro-batches does not change the outcome.
+/// the first [`UNPROVEN_ROWS`] rows it meets all fail in a function (the query fails with
+/// the error; rows failed on a value, as a cast, count neither way); before that, and once
+/// one row has passed, a failed row goes to the DLQ. It is counted in row order and kept in
+/// the checkpoint, so neither how the rows are cut into micro-batches nor a restart changes
+/// the outcome.
 #[derive(Debug, Clone, Copy)]
 enum Unproven {
-    /// This many rows failed, none passed.
+    /// This many rows failed in a function, none passed.
     Failed(u64),
     /// A row passed: function errors are the rows' own from now on.
     Passed,
@@ -3595,7 +3588,7 @@ impl StreamQuery {
     }
 
     /// [`StreamQuery::lower_once`], leaving out the rows it fails on by their values
-    /// ([`isolating`]): they are pushed to `failed` with the error; the output over the other
+    /// ([`Isolating`]): they are pushed to `failed` with the error; the output over the other
     /// rows is returned in their order.
     async fn lower_isolating(
         &mut self,
@@ -4810,9 +4803,6 @@ fn pass_watermark(keyed: &[KeyedHandle], watermark: i64) -> bool {
     timers
 }
 
-/// Records that the window ending at `key.0` holds partition `key.1` from offset `min` on.
-/// Refuses a batch that does not have stream `table`'s schema (column count and types).
-/// The event times of `batch`, in milliseconds, from column `time`.
 /// The rows of `arrived` that `failed` names by their index among the rows its admission
 /// kept (the others are `diverted`, once each; those too late for only some of their
 /// windows stay in), with their event time (column `time`).
@@ -4955,6 +4945,7 @@ impl Isolating {
     }
 }
 
+/// The event times of `batch`, in milliseconds, from column `time`.
 fn event_times(batch: &RecordBatch, time: &str) -> Result<TimestampMillisecondArray> {
     let column = batch
         .column_by_name(time)
@@ -4966,6 +4957,7 @@ fn event_times(batch: &RecordBatch, time: &str) -> Result<TimestampMillisecondAr
     }
 }
 
+/// Refuses a batch that does not have stream `table`'s schema (column count and types).
 fn check_schema(table: &StreamTable, batch: &RecordBatch) -> Result<()> {
     let expected = table.topic_schema.output_schema();
     if batch.num_columns() != expected.fields().len()
@@ -5025,6 +5017,7 @@ impl NewestByPartition {
     }
 }
 
+/// Records that the window ending at `key.0` holds partition `key.1` from offset `min` on.
 fn hold(held: &mut std::collections::BTreeMap<i64, HashMap<i32, i64>>, key: (i64, i32), min: i64) {
     let o = held.entry(key.0).or_default().entry(key.1).or_insert(min);
     *o = (*o).min(min);

@@ -283,9 +283,37 @@ impl IntervalJoin {
     }
 
     /// Whether the keys of `batch`, rows of `side`, evaluate (an overflow in `a.v * 2`
-    /// fails them), so that rows they fail on can be left out before any arrives.
+    /// fails them), so that rows they fail on can be left out before any arrives. A key that
+    /// is a column cannot fail and is not evaluated here (the join evaluates its keys as
+    /// rows arrive).
     pub fn check_keys(&self, side: usize, batch: &RecordBatch) -> Result<()> {
-        self.keys(side, batch).map(|_| ())
+        for (l, r) in &self.spec.on {
+            let e = if side == 0 { l } else { r };
+            let column = e.downcast_ref::<datafusion::physical_expr::expressions::Column>();
+            if column.is_none()
+                || e.data_type(batch.schema_ref())? != l.data_type(&self.spec.sides[0])?
+            {
+                self.key(l, e, batch)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The join key `e` (one side's expression of the pair whose left one is `l`) over
+    /// `batch`, in the left key's type.
+    fn key(
+        &self,
+        l: &PhysicalExprRef,
+        e: &PhysicalExprRef,
+        batch: &RecordBatch,
+    ) -> Result<ArrayRef> {
+        let a = e.evaluate(batch)?.into_array(batch.num_rows())?;
+        let want = l.data_type(&self.spec.sides[0])?;
+        Ok(if a.data_type() == &want {
+            a
+        } else {
+            cast(&a, &want)?
+        })
     }
 
     /// The join's description.
@@ -300,16 +328,7 @@ impl IntervalJoin {
             .spec
             .on
             .iter()
-            .map(|(l, r)| {
-                let e = if side == 0 { l } else { r };
-                let a = e.evaluate(batch)?.into_array(batch.num_rows())?;
-                let want = l.data_type(&self.spec.sides[0])?;
-                Ok(if a.data_type() == &want {
-                    a
-                } else {
-                    cast(&a, &want)?
-                })
-            })
+            .map(|(l, r)| self.key(l, if side == 0 { l } else { r }, batch))
             .collect::<Result<Vec<_>>>()?;
         let rows = self.converter.convert_columns(&arrays)?;
         let nulls = match self.spec.nulls_equal {
