@@ -1892,6 +1892,29 @@ async fn a_preview_gives_the_rows_the_registered_query_publishes() -> anyhow::Re
         previewed
     );
 
+    // Numbers come back with every digit: the answer's rows went through floats, and
+    // `1234567890123456.1234` came back `1234567890123456.0`.
+    let exact = "CREATE EXTERNAL TABLE exact (id VARCHAR, v DECIMAL(20,4), n BIGINT, \
+                 event_time TIMESTAMP) STORED AS KAFKA OPTIONS ('topic' 'exact', \
+                 'event_time' 'event_time'); SELECT id, v, n FROM exact";
+    let rows = format!(
+        "{{\"id\":\"a\",\"v\":1234567890123456.1234,\"n\":9007199254740993,\"event_time\":{t0}}}\n"
+    );
+    let body = json!({"sql": exact, "input": {"format": "jsonl", "data": rows}});
+    let (status, answer) = call_text(
+        &app,
+        "POST",
+        "/v1/queries/preview",
+        Some(TOKEN),
+        Some(("application/json", body.to_string())),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(
+        answer.contains(r#"{"id":"a","v":1234567890123456.1234,"n":9007199254740993}"#),
+        "{answer}"
+    );
+
     // Refused, with the reason.
     for (body, reason) in [
         (

@@ -424,10 +424,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             let summary = replay::replay(&args).await?;
             println!("produced {} records into {}", summary.produced, args.topic);
             if let Some((first, last)) = summary.span_ms {
+                let utc = crate::time::display::DisplayZone::UTC;
                 println!(
-                    "  event time {} to {}",
-                    demo::hanoi_time(first),
-                    demo::hanoi_time(last)
+                    "  event time {} to {} UTC",
+                    utc.format(first),
+                    utc.format(last)
                 );
             }
             if summary.skipped > 0 {
@@ -445,6 +446,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                     "  {} rows do not fit the schema and were not produced (the first: {})",
                     summary.unfit,
                     summary.first_unfit.unwrap_or_default()
+                );
+            }
+            if summary.too_large > 0 {
+                println!(
+                    "  {} rows are larger than the broker takes (message.max.bytes) and were \
+                     not produced (the first: {})",
+                    summary.too_large,
+                    summary.first_too_large.unwrap_or_default()
                 );
             }
             if summary.malformed.lines > 0 {
@@ -744,26 +753,20 @@ async fn tail(args: TailArgs) -> Result<()> {
         let json = if payload.first() == Some(&crate::decode::avro::MAGIC) {
             let registry = registry.get_or_insert(replay::registry_at(&args.registry)?);
             match crate::decode::avro::avro_to_json(registry, payload).await {
-                Ok(json) => Some(json),
+                Ok(json) => Some(json.to_string().into_bytes()),
                 Err(e) => {
                     println!("(Avro record at offset {}: {e})", message.offset());
                     None
                 }
             }
-        } else if args.details {
-            serde_json::from_slice::<serde_json::Value>(payload).ok()
         } else {
-            None
+            Some(payload.to_vec())
         };
-        match json {
-            Some(mut json) => {
-                if args.details {
-                    show_times(&mut json, zone);
-                }
-                println!("{json}");
+        if let Some(json) = json {
+            match args.details.then(|| show_times(&json, zone)).flatten() {
+                Some(shown) => println!("{shown}"),
+                None => println!("{}", String::from_utf8_lossy(&json)),
             }
-            None if payload.first() == Some(&crate::decode::avro::MAGIC) => {}
-            None => println!("{}", String::from_utf8_lossy(payload)),
         }
         seen += 1;
         last = std::time::Instant::now();
@@ -772,22 +775,53 @@ async fn tail(args: TailArgs) -> Result<()> {
     Ok(())
 }
 
-/// Replaces the epoch-millisecond times of a record (fields named `*_time`, `*_at`,
-/// `window_start`, `window_end`, `*_ms`) with `YYYY-MM-DD HH:MM:SS UTC±hh:mm` in `zone`.
-fn show_times(record: &mut serde_json::Value, zone: crate::time::display::DisplayZone) {
-    let Some(fields) = record.as_object_mut() else {
-        return;
-    };
-    for (name, value) in fields.iter_mut() {
+/// The JSON object `record` with its epoch-millisecond times (fields named `*_time`,
+/// `*_at`, `window_start`, `window_end`, `*_ms`) as `YYYY-MM-DD HH:MM:SS UTC±hh:mm` in
+/// `zone`; its fields in their order and every other value as written (read into a map of
+/// floats, `1234567890123456.1234` showed as `…456.0` and the fields came sorted). `None`
+/// when it is no JSON object.
+fn show_times(record: &[u8], zone: crate::time::display::DisplayZone) -> Option<String> {
+    use serde::Deserializer as _;
+    use serde_json::value::RawValue;
+    struct Fields;
+    impl<'de> serde::de::Visitor<'de> for Fields {
+        type Value = Vec<(String, Box<RawValue>)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut fields = Vec::new();
+            while let Some(field) = map.next_entry()? {
+                fields.push(field);
+            }
+            Ok(fields)
+        }
+    }
+    let mut reader = serde_json::Deserializer::from_slice(record);
+    let fields = reader.deserialize_map(Fields).ok()?;
+    reader.end().ok()?;
+    let mut shown = String::from("{");
+    for (i, (name, value)) in fields.iter().enumerate() {
+        if i > 0 {
+            shown.push(',');
+        }
+        shown.push_str(&serde_json::to_string(name).ok()?);
+        shown.push(':');
         let is_time = name.ends_with("_time")
             || name.ends_with("_at")
             || name.ends_with("_ms")
             || name == "window_start"
             || name == "window_end";
-        if let Some(ms) = value.as_i64().filter(|_| is_time) {
-            *value = serde_json::Value::String(zone.format_labelled(ms));
+        match value.get().parse::<i64>().ok().filter(|_| is_time) {
+            Some(ms) => shown.push_str(&serde_json::to_string(&zone.format_labelled(ms)).ok()?),
+            None => shown.push_str(value.get()),
         }
     }
+    shown.push('}');
+    Some(shown)
 }
 
 async fn broker(args: BrokerArgs) -> Result<()> {
@@ -819,12 +853,18 @@ async fn broker(args: BrokerArgs) -> Result<()> {
 mod tests {
     #[test]
     fn details_show_a_records_times_in_the_display_zone() {
-        let mut record = serde_json::json!({
-            "segment_id": "kim_ma_w", "window_start": 1_767_222_000_000_i64,
-            "event_time": 1_767_222_000_000_i64, "started_at": 1_767_222_060_000_i64,
-            "vehicles": 1_767_222_000_000_i64, "name_time": "already text",
-        });
-        super::show_times(&mut record, crate::time::display::DisplayZone::CITY);
+        let written = r#"{"segment_id":"kim_ma_w","window_start":1767222000000,
+            "event_time":1767222000000,"started_at":1767222060000,"vehicles":1767222000000,
+            "name_time":"already text","dec":1234567890123456.1234}"#;
+        let shown = super::show_times(written.as_bytes(), crate::time::display::DisplayZone::CITY)
+            .expect("an object");
+        // In the record's order, every other value as written.
+        assert!(
+            shown.starts_with(r#"{"segment_id":"kim_ma_w","window_start":"#)
+                && shown.ends_with(r#","dec":1234567890123456.1234}"#),
+            "{shown}"
+        );
+        let record: serde_json::Value = serde_json::from_str(&shown).expect("JSON");
         assert_eq!(record["window_start"], "2026-01-01 06:00:00 UTC+07:00");
         assert_eq!(record["event_time"], "2026-01-01 06:00:00 UTC+07:00");
         assert_eq!(record["started_at"], "2026-01-01 06:01:00 UTC+07:00");

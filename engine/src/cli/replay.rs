@@ -178,6 +178,11 @@ pub struct ReplaySummary {
     pub unfit: u64,
     /// The first of those, with the reason.
     pub first_unfit: Option<String>,
+    /// Rows whose record is larger than the producer or broker takes (`message.max.bytes`),
+    /// not produced.
+    pub too_large: u64,
+    /// The first of those: its size and how it begins.
+    pub first_too_large: Option<String>,
     /// Lines of the file that cannot be a row, not produced.
     pub malformed: crate::pipeline::offline::Malformed,
     /// Event times of the first and last records produced.
@@ -287,10 +292,23 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
             }
             match producer.send_result(record) {
                 Ok(delivery) => inflight.push(delivery),
+                // One row too large for the producer is left out, counted and named; the
+                // rows after it go on (it once stopped the replay part-way, unsummed).
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge,
+                    ),
+                    _,
+                )) => {
+                    summary.too_large += 1;
+                    if summary.first_too_large.is_none() {
+                        summary.first_too_large = Some(too_large(value, json));
+                    }
+                }
                 Err((e, _)) => return Err(Error::Kafka(e)),
             }
             if inflight.len() >= 10_000 {
-                summary.produced += acknowledged(std::mem::take(&mut inflight)).await?;
+                acknowledged(std::mem::take(&mut inflight), &mut summary).await?;
             }
         }
         if last_report.elapsed() >= Duration::from_secs(5) {
@@ -303,18 +321,33 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
             );
         }
     }
-    summary.produced += acknowledged(inflight).await?;
+    acknowledged(inflight, &mut summary).await?;
     summary.skipped = unreadable.skipped;
     summary.first_skipped = unreadable.first;
     Ok(summary)
 }
 
 /// Waits for deliveries; how many were acknowledged (the first failure is returned).
-async fn acknowledged(deliveries: Vec<rdkafka::producer::DeliveryFuture>) -> Result<u64> {
-    let mut n = 0;
+async fn acknowledged(
+    deliveries: Vec<rdkafka::producer::DeliveryFuture>,
+    summary: &mut ReplaySummary,
+) -> Result<()> {
     for d in deliveries {
         match d.await {
-            Ok(Ok(_)) => n += 1,
+            Ok(Ok(_)) => summary.produced += 1,
+            // The broker takes smaller records than the producer sends.
+            Ok(Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge,
+                ),
+                message,
+            ))) => {
+                summary.too_large += 1;
+                if summary.first_too_large.is_none() {
+                    let value = rdkafka::Message::payload(&message).unwrap_or_default();
+                    summary.first_too_large = Some(too_large(value, value));
+                }
+            }
             Ok(Err((e, _))) => return Err(Error::Kafka(e)),
             Err(_) => {
                 return Err(Error::Config(
@@ -323,5 +356,11 @@ async fn acknowledged(deliveries: Vec<rdkafka::producer::DeliveryFuture>) -> Res
             }
         }
     }
-    Ok(n)
+    Ok(())
+}
+
+/// A record too large to produce, named: its size and how it begins.
+fn too_large(value: &[u8], row: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&row[..row.len().min(120)]);
+    format!("{} bytes, beginning {text}…", value.len())
 }

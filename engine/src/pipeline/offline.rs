@@ -19,13 +19,14 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-use datafusion::prelude::{CsvReadOptions, JsonReadOptions, SessionContext};
+use datafusion::prelude::{CsvReadOptions, SessionContext};
 use futures::StreamExt;
 use serde_json::Value;
 
 use crate::decode::{Codecs, JsonDecoder};
 use crate::error::{Error, Result};
 use crate::plan::stream::{StreamContext, StreamQuery};
+use crate::sink::JSON_NUMBER_TEXT;
 use crate::source::RawBatch;
 
 /// Memory a file's reading and sorting may hold; beyond it the sort spills to disk.
@@ -638,6 +639,8 @@ pub async fn open_file(
                                 ));
                         if as_text {
                             Field::new(f.name(), DataType::Utf8, true)
+                        } else if matches!(f.data_type(), DataType::Int64 | DataType::Float64) {
+                            number_text(f.name())
                         } else {
                             f.as_ref().clone()
                         }
@@ -648,12 +651,21 @@ pub async fn open_file(
                 .await?
         }
         "jsonl" | "ndjson" | "json" => {
-            ctx.register_json(
+            let lines = {
+                let path = PathBuf::from(&path);
+                tokio::task::spawn_blocking(move || JsonLines::open(path))
+                    .await
+                    .map_err(|e| Error::Config(format!("{shown}: {e}")))?
+                    .map_err(|e| Error::Config(format!("{shown}: {e}")))?
+            };
+            let schema = lines.schema.clone();
+            ctx.register_table(
                 "input",
-                &path,
-                JsonReadOptions::default().file_extension(&format!(".{extension}")),
-            )
-            .await?
+                Arc::new(datafusion::catalog::streaming::StreamingTable::try_new(
+                    schema,
+                    vec![Arc::new(lines)],
+                )?),
+            )?;
         }
         "parquet" => {
             parquet_footer(&path)?;
@@ -746,11 +758,123 @@ pub async fn open_file(
             original.replace('"', "\"\"")
         ));
     }
+    let stream = ctx.sql(&sql).await?.execute_stream().await?;
     Ok(OpenedFile {
-        stream: ctx.sql(&sql).await?.execute_stream().await?,
+        // A Parquet file's floats go on as their texts: as JSON, NaN and the infinities were
+        // nulls, accepted where the stream's schema refuses them.
+        stream: match extension.as_str() {
+            "parquet" => floats_as_text(stream)?,
+            _ => stream,
+        },
         malformed,
         _copy: cleaned,
     })
+}
+
+/// A column of numbers read as the texts they are written as, for the stream's schema to read
+/// (through a guessed float, `0.1000000000000000055` lost its digits).
+fn number_text(name: &str) -> Field {
+    Field::new(name, DataType::Utf8, true)
+        .with_metadata(HashMap::from([(JSON_NUMBER_TEXT.into(), "true".into())]))
+}
+
+/// `stream` with its float columns as the texts of their values ([`number_text`]).
+fn floats_as_text(
+    stream: datafusion::physical_plan::SendableRecordBatchStream,
+) -> Result<datafusion::physical_plan::SendableRecordBatchStream> {
+    let input = stream.schema();
+    let fields: Vec<Field> = input
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Float16 | DataType::Float32 | DataType::Float64 => number_text(f.name()),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    let out = schema.clone();
+    Ok(Box::pin(
+        datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+            schema,
+            stream.map(move |batch| {
+                let batch = batch?;
+                let columns = batch
+                    .columns()
+                    .iter()
+                    .zip(out.fields())
+                    .map(|(c, f)| match c.data_type() == f.data_type() {
+                        true => Ok(c.clone()),
+                        false => cast(c, f.data_type()),
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                Ok(RecordBatch::try_new(out.clone(), columns)?)
+            }),
+        ),
+    ))
+}
+
+/// The rows of a JSON-lines file, its numbers read as the texts they are written as (marked
+/// [`JSON_NUMBER_TEXT`], written back as numbers) for the stream's schema to read: a type
+/// guessed from the file read `12345678901234567890`, or any integer in a column that also
+/// holds fractions, through a float, and changed it.
+#[derive(Debug)]
+struct JsonLines {
+    path: PathBuf,
+    schema: datafusion::arrow::datatypes::SchemaRef,
+}
+
+impl JsonLines {
+    /// The file at `path`, its columns and their types found from every line. Blocking.
+    fn open(path: PathBuf) -> std::result::Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let file = std::io::BufReader::new(std::fs::File::open(&path)?);
+        let (guessed, _) = datafusion::arrow::json::reader::infer_json_schema(file, None)?;
+        let fields: Vec<Field> = guessed
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                DataType::Int64 | DataType::Float64 => number_text(f.name()),
+                _ => f.as_ref().clone(),
+            })
+            .collect();
+        Ok(Self {
+            path,
+            schema: Arc::new(Schema::new(fields)),
+        })
+    }
+}
+
+impl datafusion::physical_plan::streaming::PartitionStream for JsonLines {
+    fn schema(&self) -> &datafusion::arrow::datatypes::SchemaRef {
+        &self.schema
+    }
+
+    fn execute(
+        &self,
+        ctx: Arc<datafusion::execution::TaskContext>,
+    ) -> datafusion::physical_plan::SendableRecordBatchStream {
+        let mut builder = datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder::new(
+            self.schema.clone(),
+            2,
+        );
+        let tx = builder.tx();
+        let (path, schema) = (self.path.clone(), self.schema.clone());
+        let batch_size = ctx.session_config().batch_size();
+        builder.spawn_blocking(move || {
+            let file = std::io::BufReader::new(std::fs::File::open(&path)?);
+            let reader = datafusion::arrow::json::ReaderBuilder::new(schema)
+                .with_coerce_primitive(true)
+                .with_batch_size(batch_size)
+                .build(file)?;
+            for batch in reader {
+                // The stream was dropped: stop reading.
+                if tx.blocking_send(batch.map_err(Into::into)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        builder.build()
+    }
 }
 
 /// A file opened by [`open_file`].
@@ -1218,6 +1342,90 @@ mod tests {
                 "{name}: out of order at {:?}",
                 seq.windows(2).position(|w| w[0] >= w[1])
             );
+        }
+        Ok(())
+    }
+
+    /// A JSON-lines file's numbers go on as written, sorted by event time: its types were
+    /// guessed from the file, so an integer in a column that also holds fractions, or one
+    /// beyond 2^63, went through a float (`9007199254740993` became `…992`,
+    /// `12345678901234567890` became `12345678901234567000`); and a field first seen after
+    /// the thousandth line was not read.
+    #[tokio::test]
+    async fn a_json_files_numbers_go_on_as_written() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let numbers = [
+            "9007199254740993",
+            "12345678901234567890",
+            "-9223372036854775808",
+            "0.1000000000000000055511151231257827",
+            "1.5",
+            "-0.0",
+            "1e300",
+            "2E-7",
+            "0",
+        ];
+        let late_field = 1_200;
+        let mut json = String::new();
+        // A CSV column arrow takes for numbers.
+        let fractions = |i: usize| format!("{i}.1000000000000000055511151231257827");
+        let mut csv = String::from("t,v,k,w\n");
+        // Written newest first: the rows come out by event time.
+        for (i, n) in numbers.iter().enumerate().rev() {
+            json.push_str(&format!("{{\"t\":{i},\"v\":{n},\"k\":\"s\"}}\n"));
+            csv.push_str(&format!("{i},{n},s,{}\n", fractions(i)));
+        }
+        for i in numbers.len()..late_field {
+            json.push_str(&format!("{{\"t\":{i},\"v\":{i},\"k\":\"s\"}}\n"));
+            csv.push_str(&format!("{i},{i},s,{}\n", fractions(i)));
+        }
+        json.push_str(&format!(
+            "{{\"t\":{late_field},\"v\":1,\"k\":\"s\",\"w\":7.25}}\n"
+        ));
+        csv.push_str(&format!("{late_field},1,s,{}\n", fractions(late_field)));
+        for (name, text) in [("rows.jsonl", json), ("rows.csv", csv)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text)?;
+            let mut opened =
+                open_file(&path, &[], (Some("t"), Some(1), "+00:00"), None, false).await?;
+            let mut lines = Vec::new();
+            while let Some(batch) = opened.stream.next().await {
+                let (bytes, _) = crate::sink::encode_json_rows(&batch?)?;
+                lines.extend(
+                    String::from_utf8(bytes)
+                        .expect("JSON")
+                        .lines()
+                        .map(String::from),
+                );
+            }
+            assert_eq!(lines.len(), late_field + 1, "{name}");
+            for (i, n) in numbers.iter().enumerate() {
+                let line: Value = serde_json::from_str(&lines[i]).expect("a JSON line");
+                assert_eq!(
+                    line["t"],
+                    serde_json::json!(i),
+                    "{name} row {i}: {}",
+                    lines[i]
+                );
+                // A CSV column of numbers arrow takes for text (`1e300` is none to it) goes
+                // on as the same digits in a string, which the stream's schema reads.
+                let quoted = name.ends_with("csv") && lines[i].contains(&format!("\"v\":\"{n}\","));
+                assert!(
+                    lines[i].contains(&format!("\"v\":{n},")) || quoted,
+                    "{name} row {i}: {}",
+                    lines[i]
+                );
+                assert!(
+                    name.ends_with("jsonl")
+                        || lines[i].ends_with(&format!("\"w\":{}}}", fractions(i))),
+                    "{name} row {i}: {}",
+                    lines[i]
+                );
+            }
+            if name.ends_with("jsonl") {
+                let last: Value = serde_json::from_str(&lines[late_field]).expect("a JSON line");
+                assert_eq!(last["w"], serde_json::json!(7.25));
+            }
         }
         Ok(())
     }

@@ -262,8 +262,9 @@ pub struct PreviewInput {
 /// What a preview gave.
 #[derive(Debug, Clone, Serialize)]
 pub struct PreviewAnswer {
-    /// The first output rows, as the sink would publish them.
-    pub rows: Vec<serde_json::Value>,
+    /// The first output rows, as the sink would publish them (their numbers' digits as
+    /// written: through a float, `1234567890123456.1234` lost its last ones).
+    pub rows: Vec<Box<serde_json::value::RawValue>>,
     /// The output's columns in their order, with their types (none without output rows).
     pub columns: Vec<ColumnInfo>,
     /// Whether there were more output rows than returned.
@@ -1299,8 +1300,10 @@ impl QueryManager {
             let (bytes, _) = crate::sink::encode_json_rows(batch)
                 .map_err(|e| ServiceError::Internal(e.to_string()))?;
             for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let line = String::from_utf8(line.to_vec())
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?;
                 rows.push(
-                    serde_json::from_slice(line)
+                    serde_json::value::RawValue::from_string(line)
                         .map_err(|e| ServiceError::Internal(e.to_string()))?,
                 );
             }

@@ -22,10 +22,15 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use datafusion::arrow::array::AsArray;
 use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringArray, new_null_array};
 use datafusion::arrow::compute::{CastOptions, cast, cast_with_options};
+use datafusion::arrow::datatypes::FieldRef;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use datafusion::arrow::json::writer::{LineDelimited, WriterBuilder};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::json::writer::{
+    Encoder, EncoderFactory, EncoderOptions, LineDelimited, NullableEncoder, WriterBuilder,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -210,6 +215,92 @@ pub fn conform_stream(batch: &RecordBatch, schema: &TopicSchema) -> Result<Recor
     conform(&batch.project(&keep)?, schema)
 }
 
+/// Field metadata of a text column whose values are numbers as a file wrote them (a file's
+/// numbers are read as their text, so that none is changed by a type guessed from the file):
+/// [`encode_json_rows`] writes them back as those numbers.
+pub const JSON_NUMBER_TEXT: &str = "urbanstream.json_number_text";
+
+/// Encodes the columns marked [`JSON_NUMBER_TEXT`] as the numbers their texts are.
+#[derive(Debug)]
+struct NumberTexts;
+
+impl EncoderFactory for NumberTexts {
+    fn make_default_encoder<'a>(
+        &self,
+        field: &'a FieldRef,
+        array: &'a dyn Array,
+        _options: &'a EncoderOptions,
+    ) -> std::result::Result<Option<NullableEncoder<'a>>, ArrowError> {
+        if !field.metadata().contains_key(JSON_NUMBER_TEXT) {
+            return Ok(None);
+        }
+        let Some(texts) = array.as_string_opt::<i32>() else {
+            return Ok(None);
+        };
+        Ok(Some(NullableEncoder::new(
+            Box::new(NumberText(texts)),
+            texts.nulls().cloned(),
+        )))
+    }
+}
+
+/// Whether `text` is one JSON number (RFC 8259: `-? int frac? exp?`).
+fn is_json_number(text: &str) -> bool {
+    let b = text.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i - start
+    };
+    match b.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut i);
+        }
+        _ => return false,
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    i == b.len()
+}
+
+struct NumberText<'a>(&'a datafusion::arrow::array::StringArray);
+
+impl Encoder for NumberText<'_> {
+    fn encode(&mut self, idx: usize, out: &mut Vec<u8>) {
+        let text = self.0.value(idx);
+        if is_json_number(text) {
+            out.extend_from_slice(text.as_bytes());
+            return;
+        }
+        // A CSV's `.5` or `5.` is no JSON number: written as the number it reads as, or, if
+        // it reads as none, as the text it is (never a line that is no JSON).
+        let number = text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64);
+        let value = number.map_or_else(|| serde_json::Value::from(text), serde_json::Value::Number);
+        out.extend_from_slice(value.to_string().as_bytes());
+    }
+}
+
 /// Encodes each row as a JSON object (nulls written out, timestamps as epoch ms). Returns the
 /// bytes and the end offset of each row in them.
 pub fn encode_json_rows(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<usize>)> {
@@ -244,6 +335,7 @@ pub fn encode_json_rows(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<usize>)> {
     let plain = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
     let mut writer = WriterBuilder::new()
         .with_explicit_nulls(true)
+        .with_encoder_factory(Arc::new(NumberTexts))
         .build::<_, LineDelimited>(Vec::new());
     writer.write(&plain)?;
     writer.finish()?;
