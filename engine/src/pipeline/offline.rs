@@ -501,18 +501,19 @@ pub fn unit_ms(unit: &str) -> Result<Option<i64>> {
 fn parquet_footer(path: &str) -> Result<()> {
     use std::io::{Read, Seek, SeekFrom};
     let not_parquet = |why: String| Error::Config(format!("{path} is not a Parquet file: {why}"));
-    let mut file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
+    let unread = |e: std::io::Error| Error::Config(format!("{path}: {e}"));
+    let mut file = std::fs::File::open(path).map_err(unread)?;
+    let len = file.metadata().map_err(unread)?.len();
     if len < 12 {
         return Err(not_parquet(format!(
             "{len} bytes, fewer than the 12 of the smallest one"
         )));
     }
     let mut head = [0u8; 4];
-    file.read_exact(&mut head)?;
+    file.read_exact(&mut head).map_err(unread)?;
     let mut tail = [0u8; 8];
-    file.seek(SeekFrom::End(-8))?;
-    file.read_exact(&mut tail)?;
+    file.seek(SeekFrom::End(-8)).map_err(unread)?;
+    file.read_exact(&mut tail).map_err(unread)?;
     if &head != b"PAR1" || !matches!(&tail[4..], b"PAR1" | b"PARE") {
         return Err(not_parquet("it does not start and end with PAR1".into()));
     }
@@ -1179,7 +1180,8 @@ fn epoch_ms(column: &ArrayRef, unit_ms: Option<i64>, zone: &str) -> Result<Int64
                         let t = text.value(r).trim();
                         match t.parse::<i64>() {
                             Ok(n) => from_integer(n),
-                            Err(_) => t.parse::<f64>().ok().and_then(from_float),
+                            Err(_) => decimal_ms(t, unit_ms)
+                                .or_else(|| t.parse::<f64>().ok().and_then(from_float)),
                         }
                     })
                     .collect::<Int64Array>(),
@@ -1210,6 +1212,43 @@ fn epoch_ms(column: &ArrayRef, unit_ms: Option<i64>, zone: &str) -> Result<Int64
         .ok_or_else(|| Error::Config("event times did not convert to milliseconds".into()))
 }
 
+/// The epoch milliseconds of the decimal number `text` in the unit of `unit_ms` (as
+/// [`epoch_ms`] takes it), exactly, the millisecond it falls in (as a time text's fraction is
+/// cut): through a float, `1767225606.9999` seconds rounded to the next second. `None` for a
+/// text that is no decimal number (`1e9`) or whose milliseconds do not fit.
+fn decimal_ms(text: &str, unit_ms: Option<i64>) -> Option<i64> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(digits) => (true, digits),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    let is_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !is_digits(whole) || !is_digits(fraction) {
+        return None;
+    }
+    // The fraction digits milliseconds keep: 3 for seconds ([`unit_ms`]: s, ms or us), none
+    // for milliseconds and microseconds.
+    let kept = if unit_ms == Some(1_000) { 3 } else { 0 };
+    let mut scaled: i128 = whole.parse().ok()?;
+    for k in 0..kept {
+        let digit = fraction.as_bytes().get(k).map_or(0, |d| d - b'0');
+        scaled = scaled.checked_mul(10)?.checked_add(i128::from(digit))?;
+    }
+    let cut = fraction.bytes().skip(kept).any(|d| d != b'0');
+    // The floor: a negative time's cut fraction takes it one unit earlier.
+    let floor = if negative {
+        -scaled - i128::from(cut)
+    } else {
+        scaled
+    };
+    // Seconds are milliseconds now, as milliseconds are; microseconds are not yet.
+    let ms = match unit_ms {
+        None => floor.div_euclid(1_000),
+        Some(_) => floor,
+    };
+    i64::try_from(ms).ok()
+}
+
 /// `batch` with column `time` as epoch milliseconds (a timestamp column in the output, so
 /// that JSON carries numbers), rows without a readable time left out (counted in `summary`);
 /// and those milliseconds.
@@ -1234,10 +1273,11 @@ pub fn with_epoch_ms(
         if unreadable.first.is_none()
             && let Some(r) = (0..ms.len()).find(|r| ms.is_null(*r))
         {
-            unreadable.first = Some(
-                datafusion::arrow::util::display::array_value_to_string(column, r)
+            unreadable.first = Some(match column.is_null(r) {
+                true => "null (no time)".into(),
+                false => datafusion::arrow::util::display::array_value_to_string(column, r)
                     .unwrap_or_default(),
-            );
+            });
         }
     }
     let mut fields: Vec<Field> = batch
@@ -1344,6 +1384,33 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    /// A number of seconds, milliseconds or microseconds becomes the millisecond it falls in,
+    /// as a time text's fraction is cut: through a float, `1767225606.9999` s rounded up into
+    /// the next second (and possibly the next window).
+    #[test]
+    fn a_numbers_time_is_the_millisecond_it_falls_in() {
+        let s = Some(1_000);
+        let ms = Some(1);
+        for (text, unit, expected) in [
+            ("1767225606.9999", s, Some(1_767_225_606_999)),
+            ("1767225606.123", s, Some(1_767_225_606_123)),
+            ("1767225606.5", s, Some(1_767_225_606_500)),
+            ("1767225606", s, Some(1_767_225_606_000)),
+            ("-1.0005", s, Some(-1_001)),
+            ("-1.000", s, Some(-1_000)),
+            ("1767225606999.9", ms, Some(1_767_225_606_999)),
+            ("-0.5", ms, Some(-1)),
+            ("1767225606999999.9", None, Some(1_767_225_606_999)),
+            ("-1500", None, Some(-2)),
+            ("+12.25", s, Some(12_250)),
+            ("1e9", s, None),
+            (".5", s, None),
+            ("99999999999999999999", s, None),
+        ] {
+            assert_eq!(decimal_ms(text, unit), expected, "{text} in {unit:?}");
+        }
     }
 
     /// A JSON-lines file's numbers go on as written, sorted by event time: its types were
