@@ -781,28 +781,7 @@ async fn tail(args: TailArgs) -> Result<()> {
 /// floats, `1234567890123456.1234` showed as `…456.0` and the fields came sorted). `None`
 /// when it is no JSON object.
 fn show_times(record: &[u8], zone: crate::time::display::DisplayZone) -> Option<String> {
-    use serde::Deserializer as _;
-    use serde_json::value::RawValue;
-    struct Fields;
-    impl<'de> serde::de::Visitor<'de> for Fields {
-        type Value = Vec<(String, Box<RawValue>)>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> std::result::Result<Self::Value, A::Error> {
-            let mut fields = Vec::new();
-            while let Some(field) = map.next_entry()? {
-                fields.push(field);
-            }
-            Ok(fields)
-        }
-    }
-    let mut reader = serde_json::Deserializer::from_slice(record);
-    let fields = reader.deserialize_map(Fields).ok()?;
-    reader.end().ok()?;
+    let fields = crate::decode::json_fields(record)?;
     let mut shown = String::from("{");
     for (i, (name, value)) in fields.iter().enumerate() {
         if i > 0 {

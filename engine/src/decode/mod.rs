@@ -641,9 +641,15 @@ impl JsonDecoder {
             // A flush error (wrong type, bad UTF-8) does not say which record: find out.
             _ => {
                 for g in good {
-                    let mut one = self.new_decoder(1)?;
-                    let outcome = feed_one(&mut one, raw.value(g as usize), 0)
-                        .and_then(|()| one.flush().map_err(|e| json_message(&e)));
+                    let value = raw.value(g as usize);
+                    let mut outcome = self.decode_one(value)?;
+                    // A boolean written as text (a CSV replayed) is the boolean.
+                    if outcome.is_err()
+                        && let Some(literal) = self.booleans_as_literals(value)
+                        && let read @ Ok(_) = self.decode_one(&literal)?
+                    {
+                        outcome = read;
+                    }
                     match outcome {
                         Ok(Some(batch)) if batch.num_rows() == 1 => {
                             parts.push(batch);
@@ -666,6 +672,58 @@ impl JsonDecoder {
         Ok(())
     }
 
+    /// `value` decoded alone: its row, or why it is none.
+    fn decode_one(&self, value: &[u8]) -> Result<Result<Option<RecordBatch>, String>> {
+        let mut one = self.new_decoder(1)?;
+        Ok(feed_one(&mut one, value, 0).and_then(|()| one.flush().map_err(|e| json_message(&e))))
+    }
+
+    /// `value` with the texts `true` and `false` (any case, spaces around) of its BOOLEAN
+    /// fields written as JSON's `true` and `false`, if it has any; every other value as
+    /// written. A CSV's column of booleans with one other value in it is replayed as texts.
+    fn booleans_as_literals(&self, value: &[u8]) -> Option<Vec<u8>> {
+        let booleans: Vec<&str> = self
+            .shape
+            .wire_schema
+            .fields()
+            .iter()
+            .filter(|f| f.data_type() == &DataType::Boolean)
+            .map(|f| f.name().as_str())
+            .collect();
+        if booleans.is_empty() {
+            return None;
+        }
+        let fields = json_fields(value)?;
+        let mut changed = false;
+        let mut out = Vec::with_capacity(value.len());
+        out.push(b'{');
+        for (i, (name, value)) in fields.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(serde_json::to_string(name).ok()?.as_bytes());
+            out.push(b':');
+            let literal = booleans
+                .contains(&name.as_str())
+                .then(|| serde_json::from_str::<String>(value.get()).ok())
+                .flatten()
+                .and_then(|text| match text.trim().to_ascii_lowercase().as_str() {
+                    "true" => Some("true"),
+                    "false" => Some("false"),
+                    _ => None,
+                });
+            match literal {
+                Some(literal) => {
+                    changed = true;
+                    out.extend_from_slice(literal.as_bytes());
+                }
+                None => out.extend_from_slice(value.get().as_bytes()),
+            }
+        }
+        out.push(b'}');
+        changed.then_some(out)
+    }
+
     /// Why arrow-json cannot read `value` by the fields' own types, if it cannot: that
     /// message names the field, where a carrier's (a decimal's) does not.
     fn plain_error(&self, value: &[u8]) -> Option<String> {
@@ -678,6 +736,33 @@ impl JsonDecoder {
             .and_then(|()| decoder.flush().map_err(|e| json_message(&e)))
             .err()
     }
+}
+
+/// The fields of the JSON object `value` in their order, each value as written (its
+/// numbers' digits kept); `None` when `value` is not one JSON object.
+pub fn json_fields(value: &[u8]) -> Option<Vec<(String, Box<serde_json::value::RawValue>)>> {
+    use serde::Deserializer as _;
+    struct Fields;
+    impl<'de> serde::de::Visitor<'de> for Fields {
+        type Value = Vec<(String, Box<serde_json::value::RawValue>)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut fields = Vec::new();
+            while let Some(field) = map.next_entry()? {
+                fields.push(field);
+            }
+            Ok(fields)
+        }
+    }
+    let mut reader = serde_json::Deserializer::from_slice(value);
+    let fields = reader.deserialize_map(Fields).ok()?;
+    reader.end().ok()?;
+    Some(fields)
 }
 
 /// `schema` with the fields `to` gives a type for (by index) of that type.

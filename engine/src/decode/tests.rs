@@ -624,3 +624,51 @@ fn a_schemas_range_is_declared_on_a_number_field_or_refused() {
         assert!(error.contains(says), "{attribute}: {error}");
     }
 }
+
+/// A boolean written as text is the boolean, as a number written as text is the number: a
+/// CSV's column of booleans with one other value in it is replayed as texts, and every row
+/// of it was dead-lettered. Any other text is not a boolean; the record's other values are
+/// read as written.
+#[test]
+fn a_boolean_written_as_text_is_the_boolean() {
+    let schema = Arc::new(TopicSchema::from_arrow(
+        "flags",
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("b", DataType::Boolean, true),
+            Field::new("big", DataType::Int64, true),
+            Field::new("note", DataType::Utf8, true),
+        ])),
+    ));
+    let records: &[&[u8]] = &[
+        br#"{"id":"a","b":true,"big":9007199254740993}"#,
+        br#"{"id":"b","b":"true","big":9007199254740993,"note":"true"}"#,
+        br#"{"id":"c","big":-9223372036854775808,"b":" FALSE "}"#,
+        br#"{"id":"d","b":"yes"}"#,
+        br#"{"id":"e","b":"1"}"#,
+        br#"{"id":"f","b":false,"note":true}"#,
+        br#"{"id":7,"b":false}"#,
+    ];
+    let decoded = JsonDecoder::new(schema)
+        .decode(&raw(records))
+        .expect("decode");
+    assert_eq!(decoded.rows, vec![0, 1, 2], "{:?}", decoded.rejects);
+    let rejected: Vec<u32> = decoded.rejects.iter().map(|r| r.index).collect();
+    assert_eq!(rejected, vec![3, 4, 5, 6], "{:?}", decoded.rejects);
+    assert!(
+        decoded.rejects[0].error.contains("yes"),
+        "{}",
+        decoded.rejects[0].error
+    );
+    let b = decoded.batch.column(1).as_boolean();
+    assert_eq!((b.value(0), b.value(1), b.value(2)), (true, true, false));
+    let big = decoded
+        .batch
+        .column(2)
+        .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+    assert_eq!(
+        (big.value(0), big.value(1), big.value(2)),
+        (9_007_199_254_740_993, 9_007_199_254_740_993, i64::MIN)
+    );
+    assert_eq!(decoded.batch.column(3).as_string::<i32>().value(1), "true");
+}

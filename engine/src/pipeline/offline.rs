@@ -455,8 +455,18 @@ fn read_booleans(
         if !is_boolean || field.data_type() != &DataType::Utf8 {
             continue;
         }
-        let read = cast(&columns[c], &DataType::Boolean)?;
+        // As the service's decoder reads a boolean written as text: `true` or `false` (any
+        // case, spaces around), not arrow's `yes`, `on` or `1`.
         let text = columns[c].as_string::<i32>();
+        let read: ArrayRef = Arc::new(
+            text.iter()
+                .map(|t| match t?.trim().to_ascii_lowercase().as_str() {
+                    "true" => Some(true),
+                    "false" => Some(false),
+                    _ => None,
+                })
+                .collect::<datafusion::arrow::array::BooleanArray>(),
+        );
         for (r, kept) in keep.iter_mut().enumerate() {
             if *kept && text.is_valid(r) && read.is_null(r) {
                 *kept = false;
