@@ -2901,6 +2901,51 @@ async fn a_query_writes_nowhere_its_records_come_back_from_or_the_city_trusts() 
         )
         .await?;
     }
+    // The platform's topics beside the broker, and a city output topic declared with other
+    // columns than the city's schema of it (its consumers read it by that schema).
+    for (topic, words) in [
+        ("_schemas", vec!["_schemas", "begins with '_'"]),
+        ("_confluent-metrics", vec!["begins with '_'"]),
+        (
+            "city.indicators.congestion",
+            vec![
+                "the city's congestion_indicators topic",
+                "id is not a column of it",
+                "its column segment_id is required",
+                "INSERT INTO congestion_indicators",
+            ],
+        ),
+        (
+            "city.alerts",
+            vec!["the city's alerts topic", "n is not a column of it"],
+        ),
+    ] {
+        refused(
+            format!(
+                "{} {} {}",
+                table("l", "test.in"),
+                table("o", topic),
+                copy("l", "o")
+            ),
+            words.into_iter().map(String::from).collect(),
+        )
+        .await?;
+    }
+    // The city's own declaration of an output topic writes there.
+    let city = format!(
+        "{} INSERT INTO alerts SELECT id AS alert_id, 'RAISED' AS state, 'test' AS kind, \
+         'sensor' AS entity_type, id AS entity_id, event_time AS started_at FROM l",
+        table("l", "test.in")
+    );
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/validate",
+        Some(TOKEN),
+        Some(json!({"sql": city})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
     // Names Kafka does not take, and the broker's own topics.
     for (topic, word) in [
         ("../../escaped", "not a Kafka topic name"),

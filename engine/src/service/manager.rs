@@ -155,6 +155,9 @@ pub struct PlannedStatement {
     pub sink_topic: String,
     /// Whether it aggregates over windows (and so keeps state).
     pub windowed: bool,
+    /// The columns the sink's declaration gives its topic.
+    #[serde(skip)]
+    pub sink_schema: datafusion::arrow::datatypes::SchemaRef,
 }
 
 impl PlannedStatement {
@@ -946,6 +949,17 @@ impl QueryManager {
                     s.sink
                 )));
             }
+            // `__` is the broker's own (refused where the table is declared).
+            if sink.starts_with('_') {
+                return Err(ServiceError::invalid(format!(
+                    "{} writes to {sink}: a topic whose name begins with '_' belongs to the \
+                     platform beside the broker (a schema registry's _schemas, Confluent's \
+                     _confluent-…), whose records are not a query's to write: write to a topic \
+                     of your own",
+                    s.sink
+                )));
+            }
+            self.check_city_output(s)?;
         }
         if builtin {
             return Ok(());
@@ -989,6 +1003,56 @@ impl QueryManager {
             }
         }
         Ok(())
+    }
+
+    /// Refuses a statement writing to one of the city's output topics (read by the
+    /// operations centre and by other queries, by the city's schema of it) rows of another
+    /// shape: a column the city's schema lacks or has of another type, or a required column
+    /// of it missing. The city's own table of the topic, or a declaration of the same
+    /// columns, writes there.
+    fn check_city_output(&self, s: &PlannedStatement) -> Result<(), ServiceError> {
+        let streams = self
+            .schemas
+            .streams()
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let Some((city, declared)) = streams.iter().find(|(_, d)| {
+            d.role == crate::schema::StreamRole::Output
+                && self.config.topics.topic_of(d) == s.sink_topic
+        }) else {
+            return Ok(());
+        };
+        let city = city.output_schema();
+        let mut differences = Vec::new();
+        for f in s.sink_schema.fields() {
+            match city.field_with_name(f.name()) {
+                Err(_) => differences.push(format!("{} is not a column of it", f.name())),
+                Ok(c) if c.data_type() != f.data_type() => differences.push(format!(
+                    "{} is {} in it, not {}",
+                    f.name(),
+                    c.data_type(),
+                    f.data_type()
+                )),
+                Ok(_) => {}
+            }
+        }
+        for c in city.fields() {
+            if !c.is_nullable() && s.sink_schema.field_with_name(c.name()).is_err() {
+                differences.push(format!("its column {} is required", c.name()));
+            }
+        }
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(ServiceError::invalid(format!(
+            "{} writes to {}, the city's {} topic, whose consumers read it by the city's schema, \
+             and declares other columns: {}. Write INSERT INTO {} (the city's declaration of \
+             it), or to a topic of your own",
+            s.sink,
+            s.sink_topic,
+            declared.table,
+            differences.join("; "),
+            declared.table
+        )))
     }
 
     /// Per registered query (but `except`), the (topics read, topic written) of each of its
@@ -2195,6 +2259,7 @@ fn statements(
                 sink: sink.name.clone(),
                 sink_topic: sink.options.topic.clone(),
                 windowed: q.is_windowed(),
+                sink_schema: sink.topic_schema.output_schema(),
             })
         })
         .collect()
