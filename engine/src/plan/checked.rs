@@ -17,8 +17,8 @@ use datafusion::arrow::datatypes::Schema;
 use datafusion::arrow::datatypes::{
     ArrowPrimitiveType, DataType, Decimal128Type, FieldRef, Int64Type, UInt64Type,
 };
-use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Result, ScalarValue, exec_err};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Result, ScalarValue, exec_err, plan_err};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::utils::AggregateOrderSensitivity;
@@ -37,6 +37,7 @@ use datafusion::physical_plan::joins::{
     HashJoinExec, NestedLoopJoinExec, NestedLoopJoinExecBuilder,
 };
 use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowAggExec, WindowExpr};
 use datafusion::prelude::SessionContext;
 
 /// Registers [`CheckedSum`] over `ctx`'s `sum`.
@@ -543,6 +544,12 @@ pub fn check_arithmetic(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Executio
                 Arc::new(ProjectionExec::try_new(exprs, p.input().clone())?);
             return Ok(Transformed::yes(rebuilt));
         }
+        if let Some(w) = node.downcast_ref::<WindowAggExec>() {
+            refuse_window_arithmetic(w.window_expr(), &w.input().schema())?;
+        }
+        if let Some(w) = node.downcast_ref::<BoundedWindowAggExec>() {
+            refuse_window_arithmetic(w.window_expr(), &w.input().schema())?;
+        }
         if let Some(f) = node.downcast_ref::<FilterExec>() {
             let predicate = checked_expr(f.predicate(), &f.input().schema())?;
             if !predicate.transformed {
@@ -637,6 +644,54 @@ fn checked_filter(filter: Option<&JoinFilter>) -> Result<Option<JoinFilter>> {
             filter.schema().clone(),
         )
     }))
+}
+
+/// Refuses integer arithmetic in the arguments, PARTITION BY or ORDER BY of window functions
+/// (`lag(v * 2) OVER (…)`, a detector's argument, a ranking's order), over rows of `schema`:
+/// DataFusion's window expressions cannot be rebuilt with checked operators, and wrapped,
+/// such a value is silently wrong. Computed in a subquery below the window, it is checked.
+fn refuse_window_arithmetic(exprs: &[Arc<dyn WindowExpr>], schema: &Schema) -> Result<()> {
+    for w in exprs {
+        let all = w.all_expressions();
+        for e in all
+            .args
+            .iter()
+            .chain(&all.partition_by_exprs)
+            .chain(&all.order_by_exprs)
+        {
+            let mut found = None;
+            e.apply(|x| {
+                let wraps = if let Some(b) = x.downcast_ref::<BinaryExpr>() {
+                    matches!(
+                        b.op(),
+                        Operator::Plus | Operator::Minus | Operator::Multiply
+                    ) && b.data_type(schema)?.is_integer()
+                } else if let Some(n) = x.downcast_ref::<NegativeExpr>() {
+                    n.arg().data_type(schema)?.is_signed_integer()
+                } else {
+                    false
+                };
+                if wraps {
+                    found = Some(x.clone());
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })?;
+            if let Some(x) = found {
+                let shown = datafusion::physical_expr_common::physical_expr::fmt_sql(x.as_ref())
+                    .to_string();
+                return plan_err!(
+                    "{shown} in {}: integer arithmetic in a window function's arguments, \
+                     PARTITION BY or ORDER BY is not checked for overflow there (a value past \
+                     the type's range would wrap around): compute it in a subquery below, e.g. \
+                     SELECT …, lag(v2) OVER (PARTITION BY k ORDER BY t) FROM (SELECT *, v * 2 \
+                     AS v2 FROM s)",
+                    w.name()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `expr` (over rows of `schema`) with checked arithmetic.

@@ -652,6 +652,18 @@ impl StreamContext {
                      subquery or LATERAL) is not supported here: join the table on that column \
                      instead (FROM stream s JOIN table t ON t.k = s.k)"
                 )
+            } else if e
+                .to_string()
+                .contains("does not support logical expression WindowFunction")
+            {
+                // DataFusion names the plan's expression tree, 2 KB of it.
+                plan_datafusion_err!(
+                    "a window function (… OVER (…)) is taken only among the SELECT's columns, \
+                     not in WHERE, GROUP BY, HAVING or an aggregate's argument: compute it in a \
+                     subquery and filter or group its result, e.g. SELECT * FROM (SELECT …, \
+                     lag(v) OVER (PARTITION BY k ORDER BY window_end) AS before FROM …) WHERE \
+                     before > 150"
+                )
             } else {
                 e
             }
