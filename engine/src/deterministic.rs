@@ -145,7 +145,8 @@ impl DeterministicEngine {
         Ok(outcome)
     }
 
-    async fn statement(&mut self, statement: DFStatement, partition: i32) -> Result<Outcome> {
+    async fn statement(&mut self, mut statement: DFStatement, partition: i32) -> Result<Outcome> {
+        crate::plan::stream::with_into_insert(&mut statement);
         if let DFStatement::Statement(s) = &statement {
             match s.as_ref() {
                 Statement::Insert(insert)

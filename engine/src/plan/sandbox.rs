@@ -356,6 +356,22 @@ fn check_sql_statement(statement: &Statement) -> Result<()> {
 /// construct in the message (kilobytes of it): the message names the construct instead.
 pub fn shorten_unsupported(e: DataFusionError) -> DataFusionError {
     let text = e.to_string();
+    // A function's own refusal of its arguments, inside DataFusion's list of its signatures.
+    if let Some(at) = text.find("user-defined coercion failed with: ") {
+        let inner = &text[at + "user-defined coercion failed with: ".len()..];
+        let inner = inner.split(" No function matches").next().unwrap_or(inner);
+        let inner = inner.trim_start_matches("Error during planning: ");
+        return DataFusionError::Plan(inner.trim_end_matches('.').to_string());
+    }
+    if text.contains("Cannot coerce arithmetic expression Timestamp")
+        || text.contains("Cannot coerce arithmetic expression Date")
+    {
+        let shown = text.trim_start_matches("Error during planning: ");
+        return DataFusionError::Plan(format!(
+            "{shown}: a number has no unit of time; add or subtract an interval, e.g. \
+             event_time + INTERVAL '5 seconds', or the difference of two times"
+        ));
+    }
     let Some(at) = text.find("Unsupported ast node ") else {
         return e;
     };

@@ -489,12 +489,29 @@ impl StreamContext {
     /// Statements the sandbox does not allow are refused
     /// ([`super::sandbox::check_statement`]).
     pub async fn plan(&self, statement: DFStatement) -> Result<Option<StreamQuery>> {
+        let unions_windows = unions_windows(&statement);
         self.plan_statement(statement)
             .await
             .map_err(with_window_hint)
+            .map_err(|e| match e {
+                // A union's second windowed branch loses its window columns.
+                datafusion::error::DataFusionError::Plan(m)
+                    if unions_windows && m.contains("is a column of a window's result") =>
+                {
+                    plan_datafusion_err!(
+                        "a UNION ALL of windowed aggregations is not supported: union the \
+                         streams, then aggregate once (SELECT … FROM (SELECT k, v, event_time \
+                         FROM a UNION ALL SELECT k, v, event_time FROM b) GROUP BY \
+                         tumble(event_time, INTERVAL '1 minute'), k), or write one INSERT per \
+                         aggregation into the same sink"
+                    )
+                }
+                e => e,
+            })
     }
 
     async fn plan_statement(&self, mut statement: DFStatement) -> Result<Option<StreamQuery>> {
+        with_into_insert(&mut statement);
         super::sandbox::check_statement(&statement)?;
         let sql = statement.to_string();
         let shadowed = self.window_columns_read(&statement).await;
@@ -1274,6 +1291,81 @@ impl StreamContext {
     }
 }
 
+/// Whether `statement` holds a UNION (or another set operation) with a branch that groups by a
+/// window function (`tumble`, `hop`, `session`, `cumulate`).
+fn unions_windows(statement: &DFStatement) -> bool {
+    use datafusion::sql::sqlparser::ast::{Expr, Query, SetExpr, Visit, Visitor};
+    struct Windows;
+    impl Visitor for Windows {
+        type Break = ();
+        fn pre_visit_expr(&mut self, expr: &Expr) -> std::ops::ControlFlow<()> {
+            match expr {
+                Expr::Function(f)
+                    if ["tumble", "hop", "session", "cumulate"]
+                        .iter()
+                        .any(|w| f.name.to_string().eq_ignore_ascii_case(w)) =>
+                {
+                    std::ops::ControlFlow::Break(())
+                }
+                _ => std::ops::ControlFlow::Continue(()),
+            }
+        }
+    }
+    struct Unions;
+    impl Visitor for Unions {
+        type Break = ();
+        fn pre_visit_query(&mut self, query: &Query) -> std::ops::ControlFlow<()> {
+            match query.body.as_ref() {
+                SetExpr::SetOperation { left, right, .. }
+                    if left.visit(&mut Windows).is_break()
+                        || right.visit(&mut Windows).is_break() =>
+                {
+                    std::ops::ControlFlow::Break(())
+                }
+                _ => std::ops::ControlFlow::Continue(()),
+            }
+        }
+    }
+    let DFStatement::Statement(s) = statement else {
+        return false;
+    };
+    s.visit(&mut Unions).is_break()
+}
+
+/// `WITH w AS (…) INSERT INTO t SELECT … FROM w` as `INSERT INTO t WITH w AS (…) SELECT …`:
+/// the parser hangs the WITH over the INSERT, where DataFusion plans the SELECT without the
+/// stream tables and said the stream it reads was not found.
+pub(crate) fn with_into_insert(statement: &mut DFStatement) {
+    use datafusion::sql::sqlparser::ast::SetExpr;
+    let DFStatement::Statement(s) = statement else {
+        return;
+    };
+    let Statement::Query(query) = s.as_mut() else {
+        return;
+    };
+    let SetExpr::Insert(Statement::Insert(insert)) = query.body.as_mut() else {
+        return;
+    };
+    let Some(source) = insert.source.as_mut() else {
+        return;
+    };
+    let Some(with) = query.with.take() else {
+        return;
+    };
+    match &mut source.with {
+        // The SELECT's own WITH may read the outer one's tables: the outer ones first.
+        Some(inner) => {
+            let mut tables = with.cte_tables;
+            tables.append(&mut inner.cte_tables);
+            inner.cte_tables = tables;
+            inner.recursive |= with.recursive;
+        }
+        None => source.with = Some(with),
+    }
+    let insert = Statement::Insert(insert.clone());
+    **s = insert;
+}
+
 /// A window column asked for where no window makes it (`SELECT segment_id, window_start, …
 /// GROUP BY segment_id`): the planner's "no field named window_start" with the way to get one.
 fn with_window_hint(e: datafusion::error::DataFusionError) -> datafusion::error::DataFusionError {
@@ -1589,6 +1681,16 @@ fn refuse_unbounded(plan: &LogicalPlan) -> Result<()> {
             ),
             LogicalPlan::Limit(_) => {
                 Some("LIMIT over a stream is not supported: a stream query runs continuously")
+            }
+            // UNION without ALL is a DISTINCT over the union.
+            LogicalPlan::Distinct(d)
+                if !has_aggregate && matches!(d.input().as_ref(), LogicalPlan::Union(_)) =>
+            {
+                Some(
+                    "UNION (without ALL) removes duplicate rows, which over streams never \
+                     finishes: write UNION ALL to merge the streams (every row of each), or \
+                     group the union by a window to count each row once per window",
+                )
             }
             LogicalPlan::Distinct(_) if !has_aggregate => Some(
                 "SELECT DISTINCT over a stream never finishes: group by a window instead, e.g. GROUP BY tumble(event_time, INTERVAL '1 minute'), …",

@@ -224,7 +224,12 @@ pub(crate) fn coerce_range(
             DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
                 out.push(DataType::Interval(IntervalUnit::MonthDayNano))
             }
-            other => return plan_err!("{name}(): window sizes must be intervals, got {other}"),
+            other => {
+                return plan_err!(
+                    "{name}(): window sizes must be intervals, got {other}: write the size with \
+                     its unit, e.g. {name}(event_time, INTERVAL '1 minute')"
+                );
+            }
         }
     }
     Ok(out)
