@@ -2,10 +2,13 @@
 //!
 //! A connection must send a request's head within [`Limits::header_read_timeout`] (an idle
 //! keep-alive connection is closed after as long), and at most [`Limits::max_connections`]
-//! are open at once (more wait in the listen backlog until one closes). Without them, a
-//! client opening connections that never finish a request held a file descriptor with each,
-//! until the process could open no file: the API stopped answering, checkpoints failed and
-//! the queries with them. Once the server starts reading a request's body, the whole body must
+//! are open at once. Without them, a client opening connections that never finish a request
+//! held a file descriptor with each, until the process could open no file: the API stopped
+//! answering, checkpoints failed and the queries with them. When every connection is taken, a
+//! new one takes the place of the one that has waited longest without a request in progress
+//! (one that never sent a whole request head, or idles between requests): 300 connections
+//! that sent nothing held every place for the header timeout, and `/livez` waited 10 s behind
+//! them, long enough for an orchestrator to restart a healthy process. Once the server starts reading a request's body, the whole body must
 //! arrive within [`Limits::body_read_timeout`]: a client trickling a body a byte at a time held
 //! its connection (and a request's turn) for as long as it liked.
 
@@ -59,6 +62,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let open = Arc::new(std::sync::Mutex::new(OpenConnections::default()));
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
     builder
@@ -66,13 +70,6 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
-        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -85,22 +82,62 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::Closed) => break,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                // Until a place frees, the connection waiting longest gives its own.
+                let waited = loop {
+                    if let Ok(mut open) = open.lock() {
+                        open.close_longest_waiting();
+                    }
+                    tokio::select! {
+                        permit = permits.clone().acquire_owned() => break permit.ok(),
+                        () = tokio::time::sleep(MIN_WAIT_BEFORE_CLOSING / 2) => {}
+                        () = &mut shutdown => break None,
+                    }
+                };
+                match waited {
+                    Some(permit) => permit,
+                    None => break,
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
         let timeout = limits.body_read_timeout;
+        let activity = Arc::new(Activity::new());
+        let (started, ended) = (activity.clone(), activity.clone());
         let app = tower::ServiceBuilder::new()
+            .map_response(move |response: axum::response::Response| {
+                ended.request_ended();
+                response
+            })
             .map_request(move |request: axum::http::Request<Incoming>| {
+                started.request_started();
                 request.map(|body| axum::body::Body::new(BodyDeadline::new(body, timeout)))
             })
             .service(app.clone());
         let connection =
             builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        let id = activity.id;
+        let registry = open.clone();
+        // Registered under the lock its end takes to leave: it cannot leave before it is in.
+        let Ok(mut connections) = open.lock() else {
+            break;
+        };
+        let task = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(error = %e, "connection closed");
             }
+            if let Ok(mut open) = registry.lock() {
+                open.connections.remove(&id);
+            }
             drop(permit);
         });
+        connections
+            .connections
+            .insert(id, (activity, task.abort_handle()));
     }
     drop(listener);
     if tokio::time::timeout(limits.drain, graceful.shutdown())
@@ -111,6 +148,75 @@ pub async fn serve(
             "requests still open {:?} after the stop: closing them",
             limits.drain
         );
+    }
+}
+
+/// The open connections, by id, with what they are doing and how to close them.
+#[derive(Default)]
+struct OpenConnections {
+    connections: std::collections::HashMap<u64, (Arc<Activity>, tokio::task::AbortHandle)>,
+}
+
+impl OpenConnections {
+    /// Closes the connection that has waited longest without a request in progress, if one
+    /// has waited at least [`MIN_WAIT_BEFORE_CLOSING`] (a client that has just connected is
+    /// sending its request).
+    fn close_longest_waiting(&mut self) {
+        let longest = self
+            .connections
+            .iter()
+            .filter_map(|(id, (activity, _))| activity.waiting_since().map(|t| (t, *id)))
+            .filter(|(since, _)| since.elapsed() >= MIN_WAIT_BEFORE_CLOSING)
+            .min();
+        if let Some((since, id)) = longest
+            && let Some((_, abort)) = self.connections.remove(&id)
+        {
+            debug!(waited = ?since.elapsed(), "every connection taken: closing the one waiting longest");
+            abort.abort();
+        }
+    }
+}
+
+/// How long a connection without a request in progress keeps its place however many others
+/// wait for one.
+const MIN_WAIT_BEFORE_CLOSING: Duration = Duration::from_millis(250);
+
+/// What one connection is doing: requests in progress, and since when it has had none.
+struct Activity {
+    id: u64,
+    in_progress: std::sync::atomic::AtomicUsize,
+    waiting_since: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Self {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            in_progress: std::sync::atomic::AtomicUsize::new(0),
+            waiting_since: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    fn request_started(&self) {
+        self.in_progress
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn request_ended(&self) {
+        if let Ok(mut since) = self.waiting_since.lock() {
+            *since = std::time::Instant::now();
+        }
+        self.in_progress
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Since when it has had no request in progress; `None` while it has one.
+    fn waiting_since(&self) -> Option<std::time::Instant> {
+        if self.in_progress.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return None;
+        }
+        self.waiting_since.lock().ok().map(|t| *t)
     }
 }
 
@@ -265,6 +371,77 @@ mod tests {
                 .expect("an unfinished request is closed");
             assert!(!closed.contains("200"), "{closed}");
         }
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops")
+            .expect("server task");
+    }
+
+    /// Connections that send nothing cannot keep a request out for the header timeout:
+    /// when every place is taken, the one that has waited longest without a request in
+    /// progress is closed for the newcomer (300 such connections held `/livez` for 10 s). A
+    /// request in progress keeps its place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_connections_give_their_place_to_a_request() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (release, released) = tokio::sync::watch::channel(false);
+        let app = Router::new()
+            .route("/livez", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/slow",
+                axum::routing::get(move || {
+                    let mut released = released.clone();
+                    async move {
+                        let _ = released.wait_for(|r| *r).await;
+                        "done"
+                    }
+                }),
+            );
+        // The header timeout far beyond the test's: only the closing of a silent connection
+        // can make room.
+        let limits = Limits {
+            header_read_timeout: Duration::from_secs(600),
+            body_read_timeout: Duration::from_secs(600),
+            max_connections: 4,
+            drain: Duration::from_secs(1),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, limits, async {
+            let _ = stopped.await;
+        }));
+        // A request in progress, then silent connections filling the other places and more.
+        let mut slow = TcpStream::connect(address).await.expect("connect");
+        slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut silent = Vec::new();
+        for _ in 0..30 {
+            silent.push(TcpStream::connect(address).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let answered = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut s = TcpStream::connect(address).await.expect("connect");
+            s.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            until_closed(&mut s).await
+        })
+        .await
+        .expect("a request behind 30 silent connections is answered");
+        assert!(
+            answered.starts_with("HTTP/1.1 200") && answered.ends_with("ok"),
+            "{answered}"
+        );
+        // The request in progress kept its place and is answered when it is done.
+        let _ = release.send(true);
+        let done = tokio::time::timeout(Duration::from_secs(60), until_closed(&mut slow))
+            .await
+            .expect("the slow request ends");
+        assert!(done.ends_with("done"), "{done}");
+        drop(silent);
         let _ = stop.send(());
         tokio::time::timeout(Duration::from_secs(10), server)
             .await
