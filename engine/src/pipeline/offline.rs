@@ -956,10 +956,31 @@ fn without_malformed_lines(
             }
         };
         let mut reader = open()?;
-        let width = reader
+        let header = reader
             .byte_headers()
             .map_err(|e| Error::Config(format!("{shown}: {e}")))?
-            .len();
+            .clone();
+        // A header names each column once: with a name twice or none, which column a field
+        // of the stream is read from is anyone's guess.
+        let mut seen = std::collections::HashSet::new();
+        for (i, name) in header.iter().enumerate() {
+            let name = String::from_utf8_lossy(name);
+            let name = name.trim_start_matches('\u{feff}').trim();
+            if name.is_empty() {
+                return Err(Error::Config(format!(
+                    "{shown}: column {} of the header has no name: name every column (or \
+                     remove the empty one)",
+                    i + 1
+                )));
+            }
+            if !seen.insert(name.to_string()) {
+                return Err(Error::Config(format!(
+                    "{shown}: the header names column {name} twice: name each column once \
+                     (--rename maps a name to the stream's field)"
+                )));
+            }
+        }
+        let width = header.len();
         let mut record = csv::ByteRecord::new();
         while reader
             .read_byte_record(&mut record)
@@ -1392,6 +1413,28 @@ mod tests {
                 "{name}: out of order at {:?}",
                 seq.windows(2).position(|w| w[0] >= w[1])
             );
+        }
+        Ok(())
+    }
+
+    /// A CSV header naming a column twice or leaving one unnamed is refused, naming it: the
+    /// first said "expected 4 fields, got more than 4", the second listed a blank name among
+    /// the columns not read.
+    #[tokio::test]
+    async fn a_csv_header_names_each_column_once() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        for (text, expected) in [
+            ("id,t,i,i\na,1,2,3\n", "the header names column i twice"),
+            ("id,t,,x\na,1,2,3\n", "column 3 of the header has no name"),
+        ] {
+            let path = dir.path().join("h.csv");
+            std::fs::write(&path, text)?;
+            let error = open_file(&path, &[], (None, None, "+00:00"), None, true)
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(error.contains(expected), "{text:?}: {error}");
         }
         Ok(())
     }
