@@ -3020,3 +3020,35 @@ async fn a_query_writes_nowhere_its_records_come_back_from_or_the_city_trusts() 
     service.shutdown().await;
     Ok(())
 }
+
+/// A query's consumer lag is known when some of its input partitions are empty: nothing read
+/// from them left their position unset, and the lag was null for good (so was its metric).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_is_known_with_empty_partitions() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let dir = tempfile::tempdir()?;
+    let service = service(&broker.bootstrap_servers(), dir.path()).await?;
+    let app = api::router(service.clone());
+    create(&app, "lagged", &per_minute("lagged")).await?;
+    wait_for(&app, "lagged", Duration::from_secs(20), is("RUNNING")).await?;
+    // Every event to partition 0 of four.
+    produce_events_to(
+        &broker.bootstrap_servers(),
+        1_767_222_000_000,
+        50,
+        3,
+        Some(1),
+    )
+    .await?;
+    wait_for(&app, "lagged", Duration::from_secs(30), |q| {
+        q["rows_in"] == 50
+    })
+    .await?;
+    // Measured every second: once everything is read, none.
+    wait_for(&app, "lagged", Duration::from_secs(30), |q| {
+        q["consumer_lag"] == 0
+    })
+    .await?;
+    service.shutdown().await;
+    Ok(())
+}

@@ -598,21 +598,30 @@ impl KafkaSource {
             .unwrap_or_default();
         let probe = self.lag_probe.clone();
         let busy = self.lag_probe_busy.clone();
+        let resume = self.positions();
         tokio::task::spawn_blocking(move || {
             let mut total = 0;
             let mut known = !positions.is_empty();
             for (topic, partition, position) in positions {
-                let Offset::Offset(position) = position else {
-                    known = false;
-                    break;
-                };
-                match probe.fetch_watermarks(&topic, partition, LAG_PROBE_TIMEOUT) {
-                    Ok((_, high)) => total += (high - position).max(0),
+                let (low, high) = match probe.fetch_watermarks(&topic, partition, LAG_PROBE_TIMEOUT)
+                {
+                    Ok(marks) => marks,
                     Err(_) => {
                         known = false;
                         break;
                     }
-                }
+                };
+                // A partition nothing has been read from yet (an empty one, or one assigned a
+                // moment ago) has no position: it is read from where it resumes, or from its
+                // beginning. It made the whole lag unknown, for good on an empty partition.
+                let position = match position {
+                    Offset::Offset(position) => position,
+                    _ => resume
+                        .get(&(topic.clone(), partition))
+                        .copied()
+                        .unwrap_or(low),
+                };
+                total += (high - position.max(low)).max(0);
             }
             lag.store(if known { total } else { -1 }, Ordering::Relaxed);
             busy.store(false, Ordering::Release);

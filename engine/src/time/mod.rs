@@ -36,7 +36,11 @@ pub struct WatermarkTracker {
 #[derive(Debug, Clone, Copy)]
 struct PartitionTime {
     max_event_ms: i64,
+    /// From when it holds the watermark for an idle timeout: its last delivery, or later
+    /// when it is expected or another delivers after a spell of silence.
     last_seen_ms: i64,
+    /// When it last delivered (`i64::MIN` before it has).
+    delivered_ms: i64,
 }
 
 impl WatermarkTracker {
@@ -68,9 +72,11 @@ impl WatermarkTracker {
         let entry = self.partitions.entry(partition).or_insert(PartitionTime {
             max_event_ms,
             last_seen_ms: now_ms,
+            delivered_ms: now_ms,
         });
         entry.max_event_ms = entry.max_event_ms.max(max_event_ms);
         entry.last_seen_ms = now_ms;
+        entry.delivered_ms = now_ms;
     }
 
     /// Makes `partition` hold the watermark back from processing time `now_ms` on until it
@@ -82,6 +88,7 @@ impl WatermarkTracker {
         let entry = self.partitions.entry(partition).or_insert(PartitionTime {
             max_event_ms: i64::MIN,
             last_seen_ms: now_ms,
+            delivered_ms: i64::MIN,
         });
         entry.last_seen_ms = entry.last_seen_ms.max(now_ms);
     }
@@ -106,14 +113,21 @@ impl WatermarkTracker {
             .filter(|p| now_ms.saturating_sub(p.last_seen_ms) < self.idle_ms)
             .map(mark)
             .min();
-        // With every partition idle, the lowest of them all: it holds the watermark where it
-        // is, but lets it follow events ahead of the clock that processing time has reached.
-        // A partition that never delivered has no time to hold it at (an empty partition of a
-        // topic read to its end held a single-state query's watermark at nothing for good).
+        // With every partition idle, the lowest of those that delivered last (within an idle
+        // timeout of the last delivery): it holds the watermark where it is, but lets it
+        // follow events ahead of the clock that processing time has reached. A partition
+        // silent an idle timeout before the last delivery was idle then and stays so (one that
+        // went quiet before a closing marker on another held its windows open for good); one
+        // that never delivered has no time to hold it at (an empty partition of a topic read
+        // to its end held a single-state query's watermark at nothing for good).
         let active = active.or_else(|| {
-            self.partitions
+            let delivered = self
+                .partitions
                 .values()
-                .filter(|p| p.max_event_ms != i64::MIN)
+                .filter(|p| p.max_event_ms != i64::MIN);
+            let last = delivered.clone().map(|p| p.delivered_ms).max()?;
+            delivered
+                .filter(|p| last.saturating_sub(p.delivered_ms) < self.idle_ms)
                 .map(mark)
                 .min()
         });
@@ -162,10 +176,10 @@ impl WatermarkTracker {
     /// The watermark and, per partition, the largest event time and when it was last seen,
     /// at processing time `now_ms`, for a checkpoint.
     pub fn snapshot(&self, now_ms: i64) -> serde_json::Value {
-        let mut partitions: Vec<(i32, i64, i64)> = self
+        let mut partitions: Vec<(i32, i64, i64, i64)> = self
             .partitions
             .iter()
-            .map(|(p, t)| (*p, t.max_event_ms, t.last_seen_ms))
+            .map(|(p, t)| (*p, t.max_event_ms, t.last_seen_ms, t.delivered_ms))
             .collect();
         partitions.sort_unstable();
         serde_json::json!({
@@ -181,22 +195,33 @@ impl WatermarkTracker {
     /// to deliver again before the watermark passes it.
     pub fn restore(&mut self, snapshot: &serde_json::Value, now_ms: i64) -> Option<()> {
         self.watermark = serde_json::from_value(snapshot.get("watermark")?.clone()).ok()?;
-        let partitions: Vec<(i32, i64, i64)> =
+        // (partition, newest event time, held from, delivered); a checkpoint taken before
+        // deliveries were kept apart has the first three, and delivered is held from.
+        let partitions: Vec<Vec<i64>> =
             serde_json::from_value(snapshot.get("partitions")?.clone()).ok()?;
         let taken_at: i64 = serde_json::from_value(snapshot.get("taken_at_ms")?.clone()).ok()?;
         let downtime = now_ms.saturating_sub(taken_at).max(0);
-        self.partitions = partitions
-            .into_iter()
-            .map(|(p, max_event_ms, last_seen_ms)| {
-                (
-                    p,
-                    PartitionTime {
-                        max_event_ms,
-                        last_seen_ms: last_seen_ms.saturating_add(downtime),
-                    },
-                )
-            })
-            .collect();
+        let mut restored = HashMap::new();
+        for p in partitions {
+            let (partition, max_event_ms, last_seen_ms) = match p[..] {
+                [partition, max, seen, ..] => (i32::try_from(partition).ok()?, max, seen),
+                _ => return None,
+            };
+            let delivered_ms = p.get(3).copied().unwrap_or(last_seen_ms);
+            let shifted = |t: i64| match t {
+                i64::MIN => i64::MIN,
+                t => t.saturating_add(downtime),
+            };
+            restored.insert(
+                partition,
+                PartitionTime {
+                    max_event_ms,
+                    last_seen_ms: last_seen_ms.saturating_add(downtime),
+                    delivered_ms: shifted(delivered_ms),
+                },
+            );
+        }
+        self.partitions = restored;
         Some(())
     }
 }
@@ -215,6 +240,48 @@ mod tests {
         assert_eq!(w.advance(now), Some(45_000));
         w.observe(1, 200_000, now);
         assert_eq!(w.advance(now), Some(95_000));
+    }
+
+    /// Every partition silent past the idle timeout, then one delivers a record stamped past
+    /// the open windows (a closing marker): the others hold the watermark for an idle
+    /// timeout from then (their burst may follow), and once they stay silent that long, the
+    /// watermark follows the one that delivered. It stayed at the silent ones' times for good:
+    /// held again, they went idle together with the marker's partition, and with every
+    /// partition idle the lowest of them all held it.
+    #[test]
+    fn a_closing_marker_after_a_quiet_spell_moves_the_watermark_once_the_others_stay_quiet() {
+        let now = 1_000_000;
+        let mut w = WatermarkTracker::new(Duration::from_secs(5), Duration::from_secs(5));
+        for p in 0..4 {
+            w.observe(p, 59_000 + i64::from(p), now);
+        }
+        assert_eq!(w.advance(now), Some(54_000));
+        let marker = now + 12_000;
+        w.observe(0, 200_000, marker);
+        assert_eq!(
+            w.advance(marker),
+            Some(54_001),
+            "the others' burst may follow"
+        );
+        assert_eq!(w.advance(marker + 4_000), Some(54_001));
+        assert_eq!(
+            w.advance(marker + 5_000),
+            Some(195_000),
+            "the others stayed silent an idle timeout after the marker"
+        );
+        // Ticked long after, the same.
+        assert_eq!(w.advance(marker + 60_000), Some(195_000));
+        // A second marker on the same partition moves it on at once: the others are idle.
+        let second = marker + 70_000;
+        w.observe(0, 300_000, second);
+        assert_eq!(w.advance(second + 5_000), Some(295_000));
+
+        // A burst ending on every partition at once still holds at the lowest of them.
+        let mut burst = WatermarkTracker::new(Duration::from_secs(5), Duration::from_secs(5));
+        for p in 0..4 {
+            burst.observe(p, 100_000 * i64::from(p + 1), now + i64::from(p) * 100);
+        }
+        assert_eq!(burst.advance(now + 60_000), Some(95_000));
     }
 
     /// A partition known already, silent for longer than the idle timeout (restored from a
