@@ -899,19 +899,17 @@ impl Pipeline {
 
     /// The watermark [`PipelineStats::watermark_ms`] shows at processing time `now`, before
     /// it is kept from going back: the lowest of the query instances with an input that
-    /// delivered within its idle timeout, each as its operators go by; before any did in this
-    /// run (restored, all quiet), the lowest restored one.
+    /// delivered within its idle timeout, each as its operators go by; with every input quiet
+    /// (restored, or the stream paused), the lowest of them all. It once stayed where it was
+    /// when the inputs went quiet: a repartitioned query whose closing marker moved its
+    /// watermark once the others were idle showed the one before the marker.
     fn lowest_watermark(&self, now: i64) -> Option<i64> {
         let instances = || self.queries.iter().flat_map(|r| r.instances());
         instances()
             .filter(|q| !q.inputs_quiet(now))
             .filter_map(|q| q.progress_watermark(now))
             .min()
-            .or_else(|| {
-                (self.watermark_shown == i64::MIN)
-                    .then(|| instances().filter_map(|q| q.watermark()).min())
-                    .flatten()
-            })
+            .or_else(|| instances().filter_map(|q| q.progress_watermark(now)).min())
     }
 
     async fn run_until(&mut self, stop: Arc<AtomicBool>) -> Result<()> {

@@ -4076,12 +4076,9 @@ impl StreamQuery {
     /// a join's output watermark.
     fn input_watermark(&mut self, now_ms: i64) -> Option<i64> {
         if let Some(u) = &mut self.union {
-            let mut marks = vec![(
-                self.watermarks.advance(now_ms),
-                self.watermarks.is_idle(now_ms),
-            )];
+            let mut marks = vec![UnionMark::of(&mut self.watermarks, now_ms)];
             for o in &mut u.others {
-                marks.push((o.watermarks.advance(now_ms), o.watermarks.is_idle(now_ms)));
+                marks.push(UnionMark::of(&mut o.watermarks, now_ms));
             }
             // It never moves back (a stream resuming behind the others, all going idle).
             let w = union_watermark(marks).max(u.watermark);
@@ -4892,22 +4889,57 @@ fn changelog_rows(
     Ok(Some(RecordBatch::try_new(schema.clone(), columns)?))
 }
 
-/// Passes `watermark` to keyed states; whether some of them have timers.
-/// The watermark of a union from its streams' (watermark, idle) at one processing time: the
-/// lowest of them; a stream gone idle, or with no partition seen or expected, holds nothing
-/// back; one expecting partitions that have not delivered holds everything.
-fn union_watermark(marks: Vec<(Option<i64>, Option<bool>)>) -> Option<i64> {
+/// One stream of a union at one processing time, for [`union_watermark`].
+#[derive(Debug, Clone, Copy)]
+struct UnionMark {
+    watermark: Option<i64>,
+    idle: Option<bool>,
+    last_delivered: Option<i64>,
+    idle_ms: i64,
+}
+
+impl UnionMark {
+    /// `tracker`'s, advanced to `now_ms`.
+    fn of(tracker: &mut crate::time::WatermarkTracker, now_ms: i64) -> Self {
+        Self {
+            watermark: tracker.advance(now_ms),
+            idle: tracker.is_idle(now_ms),
+            last_delivered: tracker.last_delivered(),
+            idle_ms: tracker.idle_ms(),
+        }
+    }
+}
+
+/// The watermark of a union from its streams' at one processing time: the lowest of them; a
+/// stream gone idle, or with no partition seen or expected, holds nothing back; one
+/// expecting partitions that have not delivered holds everything. With every stream idle,
+/// the lowest of those that delivered last (within their idle timeout of the last delivery),
+/// as a stream's watermark follows its partitions: a burst on every stream shorter than the
+/// idle timeout (the backlog read after a restart) moved each stream's watermark only once
+/// all were idle, which the union left out, and its windows stayed open for good.
+fn union_watermark(marks: Vec<UnionMark>) -> Option<i64> {
     let mut low: Option<i64> = None;
-    for (watermark, idle) in marks {
-        match (watermark, idle) {
+    for m in &marks {
+        match (m.watermark, m.idle) {
             (_, Some(true)) | (None, None) => {}
             (None, Some(false)) => return None,
             (Some(w), _) => low = Some(low.map_or(w, |l| l.min(w))),
         }
     }
-    low
+    low.or_else(|| {
+        let last = marks.iter().filter_map(|m| m.last_delivered).max()?;
+        marks
+            .iter()
+            .filter(|m| {
+                m.last_delivered
+                    .is_some_and(|d| last.saturating_sub(d) < m.idle_ms)
+            })
+            .filter_map(|m| m.watermark)
+            .min()
+    })
 }
 
+/// Passes `watermark` to keyed states; whether some of them have timers.
 fn pass_watermark(keyed: &[KeyedHandle], watermark: i64) -> bool {
     let mut timers = false;
     for h in keyed {
@@ -5135,4 +5167,51 @@ impl NewestByPartition {
 fn hold(held: &mut std::collections::BTreeMap<i64, HashMap<i32, i64>>, key: (i64, i32), min: i64) {
     let o = held.entry(key.0).or_default().entry(key.1).or_insert(min);
     *o = (*o).min(min);
+}
+
+#[cfg(test)]
+mod union_watermark_tests {
+    use super::*;
+    use crate::time::WatermarkTracker;
+    use std::time::Duration;
+
+    /// Two streams restored with an empty partition each, expected again on assignment, then a
+    /// burst on their other partitions shorter than the idle timeout: each stream's watermark
+    /// moves only once all its partitions are idle, and the union's follows them then. It
+    /// stayed behind for good (a union's windows never closed after a restart).
+    #[test]
+    fn a_union_follows_its_streams_once_every_one_is_idle() {
+        let now = 1_000_000;
+        let stream = || {
+            let mut t = WatermarkTracker::new(Duration::from_secs(5), Duration::from_secs(5));
+            for p in 0..4 {
+                t.expect(p, now);
+            }
+            for p in 1..4 {
+                t.observe(p, 700_000 + i64::from(p), now + 20);
+            }
+            t
+        };
+        let (mut a, mut b) = (stream(), stream());
+        let marks = |a: &mut WatermarkTracker, b: &mut WatermarkTracker, at: i64| {
+            vec![UnionMark::of(a, at), UnionMark::of(b, at)]
+        };
+        // The empty partitions hold both streams while they are expected.
+        assert_eq!(
+            union_watermark(marks(&mut a, &mut b, now + 1_000)),
+            Some(i64::MIN)
+        );
+        let later = now + 20 + 5_000;
+        assert_eq!(
+            union_watermark(marks(&mut a, &mut b, later)),
+            Some(695_001),
+            "every stream idle: the lowest of those that delivered last"
+        );
+        // A stream silent long before the other's last delivery holds nothing back.
+        let mut c = WatermarkTracker::new(Duration::from_secs(5), Duration::from_secs(5));
+        c.observe(0, 100_000, now - 60_000);
+        let at = later + 1;
+        let with_silent = vec![UnionMark::of(&mut a, at), UnionMark::of(&mut c, at)];
+        assert_eq!(union_watermark(with_silent), Some(695_001));
+    }
 }

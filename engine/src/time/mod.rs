@@ -137,6 +137,20 @@ impl WatermarkTracker {
         self.watermark
     }
 
+    /// When a partition last delivered (`None` before one has).
+    pub fn last_delivered(&self) -> Option<i64> {
+        self.partitions
+            .values()
+            .map(|p| p.delivered_ms)
+            .filter(|t| *t != i64::MIN)
+            .max()
+    }
+
+    /// How long a partition may be silent before it no longer holds the watermark, in ms.
+    pub fn idle_ms(&self) -> i64 {
+        self.idle_ms
+    }
+
     /// Whether every partition seen has been silent for the idle timeout at `now_ms` (`None`
     /// before any record).
     pub fn is_idle(&self, now_ms: i64) -> Option<bool> {
