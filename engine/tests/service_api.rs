@@ -2931,7 +2931,38 @@ async fn a_query_writes_nowhere_its_records_come_back_from_or_the_city_trusts() 
         )
         .await?;
     }
-    // The city's own declaration of an output topic writes there.
+    // The city's columns, one of them declared nullable where the city's never is: its
+    // consumers would dead-letter the rows with a null there.
+    refused(
+        format!(
+            "{} CREATE EXTERNAL TABLE own_alerts (alert_id VARCHAR, state VARCHAR NOT NULL, \
+             kind VARCHAR NOT NULL, entity_type VARCHAR NOT NULL, entity_id VARCHAR NOT NULL, \
+             started_at TIMESTAMP NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'city.alerts'); \
+             INSERT INTO own_alerts SELECT id AS alert_id, 'RAISED' AS state, 'test' AS kind, \
+             'sensor' AS entity_type, id AS entity_id, event_time AS started_at FROM l",
+            table("l", "test.in")
+        ),
+        vec!["alert_id is never null in it: declare it alert_id NOT NULL".into()],
+    )
+    .await?;
+    // The same declared NOT NULL writes there, as does the city's own declaration.
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/queries/validate",
+        Some(TOKEN),
+        Some(json!({"sql": format!(
+            "{} CREATE EXTERNAL TABLE own_alerts (alert_id VARCHAR NOT NULL, state VARCHAR NOT \
+             NULL, kind VARCHAR NOT NULL, entity_type VARCHAR NOT NULL, entity_id VARCHAR NOT \
+             NULL, started_at TIMESTAMP NOT NULL, message VARCHAR) STORED AS KAFKA OPTIONS \
+             ('topic' 'city.alerts'); INSERT INTO own_alerts SELECT id AS alert_id, 'RAISED' AS \
+             state, 'test' AS kind, 'sensor' AS entity_type, id AS entity_id, event_time AS \
+             started_at, 'a test' AS message FROM l",
+            table("l", "test.in")
+        )})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
     let city = format!(
         "{} INSERT INTO alerts SELECT id AS alert_id, 'RAISED' AS state, 'test' AS kind, \
          'sensor' AS entity_type, id AS entity_id, event_time AS started_at FROM l",

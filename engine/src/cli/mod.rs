@@ -450,7 +450,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             if summary.too_large > 0 {
                 println!(
-                    "  {} rows are larger than the broker takes (message.max.bytes) and were \
+                    "  {} rows are larger than a record may be (message.max.bytes, 1 MB) and were \
                      not produced (the first: {})",
                     summary.too_large,
                     summary.first_too_large.unwrap_or_default()
@@ -777,9 +777,9 @@ async fn tail(args: TailArgs) -> Result<()> {
 
 /// The JSON object `record` with its epoch-millisecond times (fields named `*_time`,
 /// `*_at`, `window_start`, `window_end`, `*_ms`) as `YYYY-MM-DD HH:MM:SS UTC±hh:mm` in
-/// `zone`; its fields in their order and every other value as written (read into a map of
-/// floats, `1234567890123456.1234` showed as `…456.0` and the fields came sorted). `None`
-/// when it is no JSON object.
+/// `zone`; a JSON record's fields in their order and every other value as written (read into
+/// a map of floats, `1234567890123456.1234` showed as `…456.0` and the fields came sorted; an
+/// Avro record's come in its decoded JSON's order). `None` when it is no JSON object.
 fn show_times(record: &[u8], zone: crate::time::display::DisplayZone) -> Option<String> {
     let fields = crate::decode::json_fields(record)?;
     let mut shown = String::from("{");

@@ -178,8 +178,8 @@ pub struct ReplaySummary {
     pub unfit: u64,
     /// The first of those, with the reason.
     pub first_unfit: Option<String>,
-    /// Rows whose record is larger than the producer or broker takes (`message.max.bytes`),
-    /// not produced.
+    /// Rows whose record is larger than the producer sends (`message.max.bytes`), not
+    /// produced.
     pub too_large: u64,
     /// The first of those: its size and how it begins.
     pub first_too_large: Option<String>,
@@ -258,13 +258,6 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
                     tokio::time::sleep(wait).await;
                 }
             }
-            if let Some(times) = &times {
-                let t = times.value(r);
-                summary.span_ms = Some(match summary.span_ms {
-                    Some((a, b)) => (a.min(t), b.max(t)),
-                    None => (t, t),
-                });
-            }
             let key = keys.filter(|k| !k.is_null(r)).map(|k| k.value(r));
             let json = &bytes[start..end];
             start = end + 1;
@@ -291,7 +284,16 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
                 record = record.key(key);
             }
             match producer.send_result(record) {
-                Ok(delivery) => inflight.push(delivery),
+                Ok(delivery) => {
+                    inflight.push(delivery);
+                    if let Some(times) = &times {
+                        let t = times.value(r);
+                        summary.span_ms = Some(match summary.span_ms {
+                            Some((a, b)) => (a.min(t), b.max(t)),
+                            None => (t, t),
+                        });
+                    }
+                }
                 // One row too large for the producer is left out, counted and named; the
                 // rows after it go on (it once stopped the replay part-way, unsummed).
                 Err((
@@ -335,18 +337,21 @@ async fn acknowledged(
     for d in deliveries {
         match d.await {
             Ok(Ok(_)) => summary.produced += 1,
-            // The broker takes smaller records than the producer sends.
+            // The broker refused a batch of records as too large, which says nothing of one
+            // record's size (librdkafka does not split a batch): stop, saying what to change.
             Ok(Err((
                 rdkafka::error::KafkaError::MessageProduction(
                     rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge,
                 ),
-                message,
+                _,
             ))) => {
-                summary.too_large += 1;
-                if summary.first_too_large.is_none() {
-                    let value = rdkafka::Message::payload(&message).unwrap_or_default();
-                    summary.first_too_large = Some(too_large(value, value));
-                }
+                return Err(Error::Config(format!(
+                    "the broker refused a batch of records as too large after {} records were \
+                     produced: the topic's max.message.bytes is below what the producer sends \
+                     at once (its batch.size, 1 MB): raise the topic's max.message.bytes, or \
+                     replay again with a smaller batch.size in the producer's settings",
+                    summary.produced
+                )));
             }
             Ok(Err((e, _))) => return Err(Error::Kafka(e)),
             Err(_) => {

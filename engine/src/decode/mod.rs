@@ -638,8 +638,15 @@ impl JsonDecoder {
                 rows.extend_from_slice(&good);
             }
             Ok(None) if good.is_empty() => {}
-            // A flush error (wrong type, bad UTF-8) does not say which record: find out.
+            // A flush error (wrong type, bad UTF-8) does not say which record: find out,
+            // unless it is booleans written as text (a topic fed by a replayed CSV has them
+            // in every record): then the chunk again with them as booleans, at once.
             _ => {
+                if let Some(batch) = self.with_boolean_literals(raw, &good)? {
+                    parts.push(batch);
+                    rows.extend_from_slice(&good);
+                    return Ok(());
+                }
                 for g in good {
                     let value = raw.value(g as usize);
                     let mut outcome = self.decode_one(value)?;
@@ -670,6 +677,34 @@ impl JsonDecoder {
             }
         }
         Ok(())
+    }
+
+    /// Records `good` of `raw` decoded together with their booleans written as text read as
+    /// booleans ([`JsonDecoder::booleans_as_literals`]), if that decodes all of them; `None`
+    /// otherwise (or when none has such a boolean).
+    fn with_boolean_literals(&self, raw: &RawBatch, good: &[u32]) -> Result<Option<RecordBatch>> {
+        let mut decoder = self.new_decoder(good.len())?;
+        let mut changed = false;
+        for (k, &g) in good.iter().enumerate() {
+            let value = raw.value(g as usize);
+            let fed = match self.booleans_as_literals(value) {
+                Some(literal) => {
+                    changed = true;
+                    feed_one(&mut decoder, &literal, k)
+                }
+                None => feed_one(&mut decoder, value, k),
+            };
+            if fed.is_err() {
+                return Ok(None);
+            }
+        }
+        if !changed {
+            return Ok(None);
+        }
+        Ok(match decoder.flush() {
+            Ok(Some(batch)) if batch.num_rows() == good.len() => Some(batch),
+            _ => None,
+        })
     }
 
     /// `value` decoded alone: its row, or why it is none.

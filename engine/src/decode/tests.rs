@@ -649,7 +649,7 @@ fn a_boolean_written_as_text_is_the_boolean() {
         br#"{"id":"f","b":false,"note":true}"#,
         br#"{"id":7,"b":false}"#,
     ];
-    let decoded = JsonDecoder::new(schema)
+    let decoded = JsonDecoder::new(schema.clone())
         .decode(&raw(records))
         .expect("decode");
     assert_eq!(decoded.rows, vec![0, 1, 2], "{:?}", decoded.rejects);
@@ -671,4 +671,15 @@ fn a_boolean_written_as_text_is_the_boolean() {
         (9_007_199_254_740_993, 9_007_199_254_740_993, i64::MIN)
     );
     assert_eq!(decoded.batch.column(3).as_string::<i32>().value(1), "true");
+    // A topic whose every record writes its booleans as text decodes in one piece.
+    let texts: Vec<Vec<u8>> = (0..100)
+        .map(|i| format!(r#"{{"id":"r{i}","b":"{}","big":{i}}}"#, i % 2 == 0).into_bytes())
+        .collect();
+    let texts: Vec<&[u8]> = texts.iter().map(Vec::as_slice).collect();
+    let all = JsonDecoder::new(schema)
+        .decode(&raw(&texts))
+        .expect("decode");
+    assert!(all.rejects.is_empty(), "{:?}", all.rejects);
+    let b = all.batch.column(1).as_boolean();
+    assert!((0..100).all(|i| b.value(i) == (i % 2 == 0)));
 }

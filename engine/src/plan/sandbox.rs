@@ -363,9 +363,19 @@ pub fn shorten_unsupported(e: DataFusionError) -> DataFusionError {
         let inner = inner.trim_start_matches("Error during planning: ");
         return DataFusionError::Plan(inner.trim_end_matches('.').to_string());
     }
-    if text.contains("Cannot coerce arithmetic expression Timestamp")
-        || text.contains("Cannot coerce arithmetic expression Date")
-    {
+    // A time and a number, either way round (`event_time + 5`, `5 + event_time`).
+    let coerced = text
+        .split_once("Cannot coerce arithmetic expression ")
+        .map(|(_, rest)| rest.split(" to valid types").next().unwrap_or(rest));
+    let is_time = |t: &str| t.starts_with("Timestamp") || t.starts_with("Date");
+    let is_number = |t: &str| {
+        ["Int", "UInt", "Float", "Decimal"]
+            .iter()
+            .any(|n| t.starts_with(n))
+    };
+    let time_and_number =
+        coerced.is_some_and(|e| e.split(' ').any(is_time) && e.split(' ').any(is_number));
+    if time_and_number {
         let shown = text.trim_start_matches("Error during planning: ");
         return DataFusionError::Plan(format!(
             "{shown}: a number has no unit of time; add or subtract an interval, e.g. \

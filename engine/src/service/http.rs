@@ -108,9 +108,16 @@ pub async fn serve(
         let activity = Arc::new(Activity::new());
         let (started, ended) = (activity.clone(), activity.clone());
         let app = tower::ServiceBuilder::new()
+            // A request is in progress until its response's body has been sent (or dropped):
+            // a stream of events answered at once and sent for hours is one.
             .map_response(move |response: axum::response::Response| {
-                ended.request_ended();
-                response
+                let ended = InProgress(ended.clone());
+                response.map(|body| {
+                    axum::body::Body::new(UntilSent {
+                        body,
+                        _ended: ended,
+                    })
+                })
             })
             .map_request(move |request: axum::http::Request<Incoming>| {
                 started.request_started();
@@ -127,11 +134,10 @@ pub async fn serve(
             break;
         };
         let task = tokio::spawn(async move {
+            // Leaves the registry however the connection ends (a handler's panic too).
+            let _leave = Leave { registry, id };
             if let Err(e) = connection.await {
                 debug!(error = %e, "connection closed");
-            }
-            if let Ok(mut open) = registry.lock() {
-                open.connections.remove(&id);
             }
             drop(permit);
         });
@@ -169,10 +175,13 @@ impl OpenConnections {
             .filter(|(since, _)| since.elapsed() >= MIN_WAIT_BEFORE_CLOSING)
             .min();
         if let Some((since, id)) = longest
-            && let Some((_, abort)) = self.connections.remove(&id)
+            && let Some((activity, abort)) = self.connections.get(&id)
+            // A request may have begun since it was chosen.
+            && activity.waiting_since().is_some()
         {
             debug!(waited = ?since.elapsed(), "every connection taken: closing the one waiting longest");
             abort.abort();
+            self.connections.remove(&id);
         }
     }
 }
@@ -217,6 +226,55 @@ impl Activity {
             return None;
         }
         self.waiting_since.lock().ok().map(|t| *t)
+    }
+}
+
+/// Removes a connection from the registry when its task ends, however it ends.
+struct Leave {
+    registry: Arc<std::sync::Mutex<OpenConnections>>,
+    id: u64,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.registry.lock() {
+            open.connections.remove(&self.id);
+        }
+    }
+}
+
+/// A request in progress on a connection, ended when dropped.
+struct InProgress(Arc<Activity>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+/// A response body that keeps its request in progress until it is sent or dropped.
+struct UntilSent {
+    body: axum::body::Body,
+    _ended: InProgress,
+}
+
+impl Body for UntilSent {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -288,6 +346,19 @@ mod tests {
         String::from_utf8_lossy(&out).into_owned()
     }
 
+    /// Asks `/livez` on a connection of its own; it must answer `ok`.
+    async fn live(address: std::net::SocketAddr) {
+        let mut s = TcpStream::connect(address).await.expect("connect");
+        s.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let answered = until_closed(&mut s).await;
+        assert!(
+            answered.starts_with("HTTP/1.1 200") && answered.ends_with("ok"),
+            "{answered}"
+        );
+    }
+
     /// Connections that never finish a request's head are closed, and however many a client
     /// opens, the server goes on answering others (it once kept every one open, until it
     /// ran out of file descriptors).
@@ -320,19 +391,9 @@ mod tests {
                 .expect("write");
             slow.push(s);
         }
-        let answered = tokio::time::timeout(Duration::from_secs(30), async {
-            let mut s = TcpStream::connect(address).await.expect("connect");
-            s.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await
-                .expect("write");
-            until_closed(&mut s).await
-        })
-        .await
-        .expect("a request behind 40 unfinished ones is answered");
-        assert!(
-            answered.starts_with("HTTP/1.1 200") && answered.ends_with("ok"),
-            "{answered}"
-        );
+        tokio::time::timeout(Duration::from_secs(30), live(address))
+            .await
+            .expect("a request behind 40 unfinished ones is answered");
         // Bodies trickled: each request is answered with the reason once the body's time is
         // up, and its connection closed; a whole body is read as before.
         let mut trickled = Vec::new();
@@ -387,6 +448,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let (release, released) = tokio::sync::watch::channel(false);
+        let streamed = released.clone();
         let app = Router::new()
             .route("/livez", axum::routing::get(|| async { "ok" }))
             .route(
@@ -397,6 +459,21 @@ mod tests {
                         let _ = released.wait_for(|r| *r).await;
                         "done"
                     }
+                }),
+            )
+            // Answered at once, its body sent until released (as the dashboard's events).
+            .route(
+                "/stream",
+                axum::routing::get(move || {
+                    let mut released = streamed.clone();
+                    let body = futures::StreamExt::chain(
+                        futures::stream::once(async { Ok::<_, std::io::Error>("first ") }),
+                        futures::stream::once(async move {
+                            let _ = released.wait_for(|r| *r).await;
+                            Ok("last")
+                        }),
+                    );
+                    async move { axum::body::Body::from_stream(body) }
                 }),
             );
         // The header timeout far beyond the test's: only the closing of a silent connection
@@ -416,31 +493,33 @@ mod tests {
         slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .await
             .expect("write");
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        stream
+            .write_all(b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut silent = Vec::new();
         for _ in 0..30 {
             silent.push(TcpStream::connect(address).await.expect("connect"));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let answered = tokio::time::timeout(Duration::from_secs(60), async {
-            let mut s = TcpStream::connect(address).await.expect("connect");
-            s.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await
-                .expect("write");
-            until_closed(&mut s).await
-        })
-        .await
-        .expect("a request behind 30 silent connections is answered");
-        assert!(
-            answered.starts_with("HTTP/1.1 200") && answered.ends_with("ok"),
-            "{answered}"
-        );
-        // The request in progress kept its place and is answered when it is done.
+        tokio::time::timeout(Duration::from_secs(60), live(address))
+            .await
+            .expect("a request behind 30 silent connections is answered");
+        // The requests in progress kept their places: answered, and streamed, to the end.
         let _ = release.send(true);
         let done = tokio::time::timeout(Duration::from_secs(60), until_closed(&mut slow))
             .await
             .expect("the slow request ends");
         assert!(done.ends_with("done"), "{done}");
+        let streamed = tokio::time::timeout(Duration::from_secs(60), until_closed(&mut stream))
+            .await
+            .expect("the stream ends");
+        assert!(
+            streamed.contains("first") && streamed.contains("last"),
+            "{streamed}"
+        );
         drop(silent);
         let _ = stop.send(());
         tokio::time::timeout(Duration::from_secs(10), server)

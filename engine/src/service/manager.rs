@@ -1021,22 +1021,31 @@ impl QueryManager {
         }) else {
             return Ok(());
         };
-        let city = city.output_schema();
+        let schema = city.output_schema();
         let mut differences = Vec::new();
         for f in s.sink_schema.fields() {
-            match city.field_with_name(f.name()) {
+            match schema.field_with_name(f.name()) {
                 Err(_) => differences.push(format!("{} is not a column of it", f.name())),
-                Ok(c) if c.data_type() != f.data_type() => differences.push(format!(
+                Ok(c) if !same_type(c.data_type(), f.data_type()) => differences.push(format!(
                     "{} is {} in it, not {}",
                     f.name(),
                     c.data_type(),
                     f.data_type()
                 )),
+                // A null there is a record its consumers dead-letter.
+                Ok(c) if !c.is_nullable() && f.is_nullable() => differences.push(format!(
+                    "{} is never null in it: declare it {} NOT NULL",
+                    f.name(),
+                    f.name()
+                )),
                 Ok(_) => {}
             }
         }
-        for c in city.fields() {
-            if !c.is_nullable() && s.sink_schema.field_with_name(c.name()).is_err() {
+        // Left out, a column with a default gets it; one without is missing from every row.
+        for (i, c) in schema.fields().iter().enumerate() {
+            let required = city.required.get(i).copied().unwrap_or(false)
+                && city.defaults.get(i).is_none_or(Option::is_none);
+            if required && s.sink_schema.field_with_name(c.name()).is_err() {
                 differences.push(format!("its column {} is required", c.name()));
             }
         }
@@ -2263,6 +2272,23 @@ fn statements(
             })
         })
         .collect()
+}
+
+/// Whether a column of type `a` and one of type `b` hold the same values as a topic's
+/// records carry them: text is text however Arrow lays it out (SQL's VARCHAR is a view).
+fn same_type(
+    a: &datafusion::arrow::datatypes::DataType,
+    b: &datafusion::arrow::datatypes::DataType,
+) -> bool {
+    use datafusion::arrow::datatypes::DataType::{
+        Binary, BinaryView, LargeBinary, LargeUtf8, Utf8, Utf8View,
+    };
+    let plain = |t: &datafusion::arrow::datatypes::DataType| match t {
+        Utf8View | LargeUtf8 => Utf8,
+        BinaryView | LargeBinary => Binary,
+        t => t.clone(),
+    };
+    plain(a) == plain(b)
 }
 
 /// Runs `work` (checkpoint or object-store I/O) on a blocking thread.

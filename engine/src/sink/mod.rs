@@ -244,6 +244,28 @@ impl EncoderFactory for NumberTexts {
     }
 }
 
+/// `text` (a number as a CSV may write it: spaces around, a `+`, no digit before or after
+/// its point) in JSON's form with the same digits, if it is one.
+fn as_json_number(text: &str) -> Option<String> {
+    let text = text.trim();
+    let (sign, digits) = match text.as_bytes().first() {
+        Some(b'-') => ("-", &text[1..]),
+        Some(b'+') => ("", &text[1..]),
+        _ => ("", text),
+    };
+    let (mantissa, exponent) = match digits.find(['e', 'E']) {
+        Some(at) => digits.split_at(at),
+        None => (digits, ""),
+    };
+    let mantissa = match mantissa.split_once('.') {
+        Some(("", fraction)) => format!("0.{fraction}"),
+        Some((whole, "")) => whole.to_string(),
+        _ => mantissa.to_string(),
+    };
+    let number = format!("{sign}{mantissa}{exponent}");
+    is_json_number(&number).then_some(number)
+}
+
 /// Whether `text` is one JSON number (RFC 8259: `-? int frac? exp?`).
 fn is_json_number(text: &str) -> bool {
     let b = text.as_bytes();
@@ -289,15 +311,13 @@ impl Encoder for NumberText<'_> {
             out.extend_from_slice(text.as_bytes());
             return;
         }
-        // A CSV's `.5` or `5.` is no JSON number: written as the number it reads as, or, if
-        // it reads as none, as the text it is (never a line that is no JSON).
-        let number = text
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .and_then(serde_json::Number::from_f64);
-        let value = number.map_or_else(|| serde_json::Value::from(text), serde_json::Value::Number);
-        out.extend_from_slice(value.to_string().as_bytes());
+        // A CSV's ` 5`, `+5`, `.5` or `5.` is no JSON number: written as the same digits in
+        // JSON's form, or, if they make none (`NaN`), as the text it is (never a line that is
+        // no JSON, nor a number through a float).
+        match as_json_number(text) {
+            Some(number) => out.extend_from_slice(number.as_bytes()),
+            None => out.extend_from_slice(serde_json::Value::from(text).to_string().as_bytes()),
+        }
     }
 }
 
@@ -1265,5 +1285,36 @@ mod tests {
         assert!(fits("revision", DataType::Int32).is_ok());
         let err = fits("speed", DataType::Int64).unwrap_err();
         assert!(err.starts_with("column speed is not a field"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod number_text_tests {
+    use super::*;
+
+    /// A file's number goes on with its digits, in JSON's form: through a float,
+    /// `.1000000000000000055511151231257827` became `0.1`.
+    #[test]
+    fn a_number_as_a_csv_writes_it_keeps_its_digits() {
+        for (text, expected) in [
+            ("12345678901234567890", Some("12345678901234567890")),
+            (
+                ".1000000000000000055511151231257827",
+                Some("0.1000000000000000055511151231257827"),
+            ),
+            ("-.5", Some("-0.5")),
+            ("+5", Some("5")),
+            (" 5 ", Some("5")),
+            ("12345678901234567890.", Some("12345678901234567890")),
+            ("5.e3", Some("5e3")),
+            ("1E-7", Some("1E-7")),
+            ("NaN", None),
+            ("inf", None),
+            ("007", None),
+            ("", None),
+            ("-", None),
+        ] {
+            assert_eq!(as_json_number(text).as_deref(), expected, "{text:?}");
+        }
     }
 }

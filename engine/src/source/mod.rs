@@ -611,15 +611,20 @@ impl KafkaSource {
                         break;
                     }
                 };
-                // A partition nothing has been read from yet (an empty one, or one assigned a
-                // moment ago) has no position: it is read from where it resumes, or from its
-                // beginning. It made the whole lag unknown, for good on an empty partition.
+                // A partition nothing has been read from yet has no position: an empty one
+                // has no lag (it made the whole lag unknown, for good); another is read from
+                // where it resumes, if that is known (at the group's committed offset it is
+                // not known here: the lag is unknown, not its whole log).
                 let position = match position {
                     Offset::Offset(position) => position,
-                    _ => resume
-                        .get(&(topic.clone(), partition))
-                        .copied()
-                        .unwrap_or(low),
+                    _ if low == high => high,
+                    _ => match resume.get(&(topic.clone(), partition)) {
+                        Some(resume) => *resume,
+                        None => {
+                            known = false;
+                            break;
+                        }
+                    },
                 };
                 total += (high - position.max(low)).max(0);
             }

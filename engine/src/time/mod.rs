@@ -141,6 +141,7 @@ impl WatermarkTracker {
     pub fn last_delivered(&self) -> Option<i64> {
         self.partitions
             .values()
+            .filter(|p| p.max_event_ms != i64::MIN)
             .map(|p| p.delivered_ms)
             .filter(|t| *t != i64::MIN)
             .max()
@@ -190,15 +191,23 @@ impl WatermarkTracker {
     /// The watermark and, per partition, the largest event time and when it was last seen,
     /// at processing time `now_ms`, for a checkpoint.
     pub fn snapshot(&self, now_ms: i64) -> serde_json::Value {
-        let mut partitions: Vec<(i32, i64, i64, i64)> = self
+        let mut partitions: Vec<(i32, i64, i64)> = self
             .partitions
             .iter()
-            .map(|(p, t)| (*p, t.max_event_ms, t.last_seen_ms, t.delivered_ms))
+            .map(|(p, t)| (*p, t.max_event_ms, t.last_seen_ms))
             .collect();
         partitions.sort_unstable();
+        // Apart, so that a checkpoint stays readable by a version without them.
+        let mut delivered: Vec<(i32, i64)> = self
+            .partitions
+            .iter()
+            .map(|(p, t)| (*p, t.delivered_ms))
+            .collect();
+        delivered.sort_unstable();
         serde_json::json!({
             "watermark": self.watermark,
             "partitions": partitions,
+            "delivered": delivered,
             "taken_at_ms": now_ms,
         })
     }
@@ -209,19 +218,26 @@ impl WatermarkTracker {
     /// to deliver again before the watermark passes it.
     pub fn restore(&mut self, snapshot: &serde_json::Value, now_ms: i64) -> Option<()> {
         self.watermark = serde_json::from_value(snapshot.get("watermark")?.clone()).ok()?;
-        // (partition, newest event time, held from, delivered); a checkpoint taken before
-        // deliveries were kept apart has the first three, and delivered is held from.
-        let partitions: Vec<Vec<i64>> =
+        let partitions: Vec<(i32, i64, i64)> =
             serde_json::from_value(snapshot.get("partitions")?.clone()).ok()?;
+        // A checkpoint taken before deliveries were kept has none: delivered when held from.
+        let delivered: HashMap<i32, i64> = snapshot
+            .get("delivered")
+            .and_then(|d| serde_json::from_value::<Vec<(i32, i64)>>(d.clone()).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let taken_at: i64 = serde_json::from_value(snapshot.get("taken_at_ms")?.clone()).ok()?;
         let downtime = now_ms.saturating_sub(taken_at).max(0);
         let mut restored = HashMap::new();
-        for p in partitions {
-            let (partition, max_event_ms, last_seen_ms) = match p[..] {
-                [partition, max, seen, ..] => (i32::try_from(partition).ok()?, max, seen),
-                _ => return None,
-            };
-            let delivered_ms = p.get(3).copied().unwrap_or(last_seen_ms);
+        for (partition, max_event_ms, last_seen_ms) in partitions {
+            let delivered_ms = delivered
+                .get(&partition)
+                .copied()
+                .unwrap_or(match max_event_ms {
+                    i64::MIN => i64::MIN,
+                    _ => last_seen_ms,
+                });
             let shifted = |t: i64| match t {
                 i64::MIN => i64::MIN,
                 t => t.saturating_add(downtime),
