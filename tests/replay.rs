@@ -160,6 +160,22 @@ async fn speedup_paces_records_by_event_time_and_bad_options_are_named() -> anyh
     bad.rename = Vec::new();
     let e = replay(&bad).await.expect_err("a spreadsheet");
     assert!(e.to_string().contains("nor .parquet"), "{e}");
+    // --partitions for a new topic on the embedded broker, which creates topics only on
+    // their first record: refused, saying so (it waited a minute for a timeout).
+    let mut partitioned = args(&cluster, &file, "not_yet_a_topic");
+    partitioned.time_unit = "s".into();
+    partitioned.partitions = Some(1);
+    let e = replay(&partitioned).await.expect_err("no CreateTopics");
+    assert!(
+        e.to_string()
+            .contains("the embedded broker cannot create topics on request"),
+        "{e}"
+    );
+    // A topic that exists is replayed into as it is.
+    let mut existing = args(&cluster, &file, "paced");
+    existing.time_unit = "s".into();
+    existing.partitions = Some(4);
+    assert_eq!(replay(&existing).await?.produced, 3);
     Ok(())
 }
 

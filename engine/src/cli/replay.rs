@@ -189,11 +189,51 @@ pub struct ReplaySummary {
     pub span_ms: Option<(i64, i64)>,
 }
 
+/// Creates `args.topic` with `partitions` partitions unless it exists. The embedded broker
+/// (librdkafka's mock cluster) takes no CreateTopics: asked to, the replay waited a minute and
+/// failed with a timeout; it is refused at once, saying what to do instead.
+async fn create_topic(args: &ReplayArgs, partitions: i32) -> Result<()> {
+    use rdkafka::consumer::BaseConsumer;
+    let (brokers, topic) = (args.brokers.clone(), args.topic.clone());
+    let (existing, mock) = tokio::task::spawn_blocking(move || -> Result<(usize, bool)> {
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()?;
+        let existing =
+            crate::source::partitions_of(&probe, &[topic], Duration::from_secs(10))?.len();
+        Ok((
+            existing,
+            crate::source::is_mock_cluster(&probe, Duration::from_secs(5)),
+        ))
+    })
+    .await
+    .map_err(|e| Error::Config(format!("asking the broker about {}: {e}", args.topic)))??;
+    if existing > 0 {
+        if existing != partitions as usize {
+            eprintln!(
+                "note: topic {} exists with {existing} partitions, not {partitions}: replaying \
+                 into it as it is",
+                args.topic
+            );
+        }
+        return Ok(());
+    }
+    if mock {
+        return Err(Error::Config(format!(
+            "--partitions {partitions}: the embedded broker cannot create topics on request; it \
+             creates {} on its first record, with its own partition count. Replay without \
+             --partitions, or into a Kafka that has the admin API",
+            args.topic
+        )));
+    }
+    crate::broker::create_topics(&args.brokers, &[(args.topic.clone(), partitions)]).await
+}
+
 /// Produces `args.file` into `args.topic`.
 pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
     crate::broker::check_reachable(&args.brokers).await?;
     if let Some(partitions) = args.partitions {
-        crate::broker::create_topics(&args.brokers, &[(args.topic.clone(), partitions)]).await?;
+        create_topic(args, partitions).await?;
     }
     let unit_ms = unit_ms(&args.time_unit)?;
     let encoder = encoder(args).await?;
