@@ -206,6 +206,9 @@ pub(crate) struct Shape {
     /// For JSON: the wire schema without the carriers of exact numbers (see [`numbers`]),
     /// which names the field of a value arrow-json cannot read.
     json_plain: Option<SchemaRef>,
+    /// Its BOOLEAN fields' names, for booleans written as text
+    /// ([`JsonDecoder::booleans_as_literals`]).
+    booleans: Vec<String>,
 }
 
 /// A topic's decoder, for the format its records are in.
@@ -314,6 +317,13 @@ impl Shape {
             .iter()
             .map(|f| f.as_ref().clone().with_nullable(true))
             .collect();
+        let booleans = schema
+            .arrow
+            .fields()
+            .iter()
+            .filter(|f| f.data_type() == &DataType::Boolean)
+            .map(|f| f.name().clone())
+            .collect();
         Self {
             wire_schema: Arc::new(Schema::new(wire_fields)),
             output_schema: schema.output_schema(),
@@ -322,6 +332,7 @@ impl Shape {
             max_key_bytes: MAX_KEY_BYTES,
             event_time: None,
             json_plain: None,
+            booleans,
         }
     }
 
@@ -717,14 +728,7 @@ impl JsonDecoder {
     /// fields written as JSON's `true` and `false`, if it has any; every other value as
     /// written. A CSV's column of booleans with one other value in it is replayed as texts.
     fn booleans_as_literals(&self, value: &[u8]) -> Option<Vec<u8>> {
-        let booleans: Vec<&str> = self
-            .shape
-            .wire_schema
-            .fields()
-            .iter()
-            .filter(|f| f.data_type() == &DataType::Boolean)
-            .map(|f| f.name().as_str())
-            .collect();
+        let booleans = &self.shape.booleans;
         if booleans.is_empty() {
             return None;
         }
@@ -739,14 +743,11 @@ impl JsonDecoder {
             out.extend_from_slice(serde_json::to_string(name).ok()?.as_bytes());
             out.push(b':');
             let literal = booleans
-                .contains(&name.as_str())
+                .contains(name)
                 .then(|| serde_json::from_str::<String>(value.get()).ok())
                 .flatten()
-                .and_then(|text| match text.trim().to_ascii_lowercase().as_str() {
-                    "true" => Some("true"),
-                    "false" => Some("false"),
-                    _ => None,
-                });
+                .and_then(|text| boolean_text(&text))
+                .map(|b| if b { "true" } else { "false" });
             match literal {
                 Some(literal) => {
                     changed = true;
@@ -770,6 +771,19 @@ impl JsonDecoder {
         feed_one(&mut decoder, value, 0)
             .and_then(|()| decoder.flush().map_err(|e| json_message(&e)))
             .err()
+    }
+}
+
+/// The boolean a text writes: `true` or `false`, any case, spaces around (not arrow's `yes`,
+/// `on` or `1`), as the decoder and `urbanstream run` read a boolean written as text.
+pub fn boolean_text(text: &str) -> Option<bool> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("true") {
+        Some(true)
+    } else if text.eq_ignore_ascii_case("false") {
+        Some(false)
+    } else {
+        None
     }
 }
 

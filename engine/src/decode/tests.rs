@@ -671,6 +671,11 @@ fn a_boolean_written_as_text_is_the_boolean() {
         (9_007_199_254_740_993, 9_007_199_254_740_993, i64::MIN)
     );
     assert_eq!(decoded.batch.column(3).as_string::<i32>().value(1), "true");
+    // `urbanstream run` reads a CSV's booleans by the same rule.
+    assert_eq!(
+        ["true", " FALSE ", "True", "yes", "1", "on", ""].map(boolean_text),
+        [Some(true), Some(false), Some(true), None, None, None, None]
+    );
     // A topic whose every record writes its booleans as text decodes in one piece.
     let texts: Vec<Vec<u8>> = (0..100)
         .map(|i| format!(r#"{{"id":"r{i}","b":"{}","big":{i}}}"#, i % 2 == 0).into_bytes())

@@ -455,16 +455,11 @@ fn read_booleans(
         if !is_boolean || field.data_type() != &DataType::Utf8 {
             continue;
         }
-        // As the service's decoder reads a boolean written as text: `true` or `false` (any
-        // case, spaces around), not arrow's `yes`, `on` or `1`.
+        // As the service's decoder reads a boolean written as text.
         let text = columns[c].as_string::<i32>();
         let read: ArrayRef = Arc::new(
             text.iter()
-                .map(|t| match t?.trim().to_ascii_lowercase().as_str() {
-                    "true" => Some(true),
-                    "false" => Some(false),
-                    _ => None,
-                })
+                .map(|t| crate::decode::boolean_text(t?))
                 .collect::<datafusion::arrow::array::BooleanArray>(),
         );
         for (r, kept) in keep.iter_mut().enumerate() {
