@@ -97,11 +97,31 @@ pub fn parse_within(sql: &str, max_bytes: usize) -> Result<Vec<DFStatement>> {
     })
 }
 
+/// The parser's recursion limit, well above [`MAX_NESTING`]: sqlparser counts a level per
+/// call of some of its functions (a parenthesised `CASE` takes several), and past its limit
+/// it may backtrack and report a token it did not expect instead. So the parser refuses no
+/// statement [`nesting`] would accept, and the refusal past the limit names the limit.
+const PARSER_RECURSION_LIMIT: usize = 8 * MAX_NESTING;
+
 fn parse_and_measure(sql: &str) -> Result<Vec<DFStatement>> {
+    use datafusion::sql::sqlparser::parser::ParserError;
     let statements = DFParserBuilder::new(sql)
         .with_dialect(&GenericDialect {})
+        .with_recursion_limit(PARSER_RECURSION_LIMIT)
         .build()?
-        .parse_statements()?;
+        .parse_statements()
+        .map_err(|e| match e {
+            DataFusionError::SQL(p, _) if matches!(*p, ParserError::RecursionLimitExceeded) => {
+                too_deep(&format!("over {MAX_NESTING} levels"))
+            }
+            // Past its recursion limit the parser may backtrack to another reading and
+            // report a token that reading did not expect: a statement whose brackets alone
+            // nest past the limit is refused for the limit instead.
+            DataFusionError::SQL(_, _) if bracket_depth(sql) > MAX_NESTING + 1 => {
+                too_deep(&format!("{} deep in brackets alone", bracket_depth(sql)))
+            }
+            e => e,
+        })?;
     for statement in &statements {
         let tables = tables_named(statement);
         if tables > MAX_TABLES {
@@ -112,14 +132,42 @@ fn parse_and_measure(sql: &str) -> Result<Vec<DFStatement>> {
         }
         let depth = nesting(statement);
         if depth > MAX_NESTING {
-            return plan_err!(
-                "the statement nests expressions or subqueries {depth} deep, over the limit of \
-                 {MAX_NESTING}: write long sums or conditions as several columns, a CASE or an \
-                 IN list"
-            );
+            return Err(too_deep(&format!("{depth} deep")));
         }
     }
     Ok(statements.into_iter().collect())
+}
+
+/// How deep the brackets and `CASE … END`s of `sql` nest: each opens at least one level of
+/// the syntax tree, but for the column list of a table's declaration (hence the one level
+/// of slack where this is compared with [`MAX_NESTING`]). 0 when `sql` does not tokenize.
+fn bracket_depth(sql: &str) -> usize {
+    use datafusion::sql::sqlparser::keywords::Keyword;
+    use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, sql).tokenize() else {
+        return 0;
+    };
+    let (mut now, mut deepest) = (0usize, 0usize);
+    for token in tokens {
+        match token {
+            Token::LParen | Token::LBracket => now += 1,
+            Token::Word(w) if w.keyword == Keyword::CASE => now += 1,
+            Token::RParen | Token::RBracket => now = now.saturating_sub(1),
+            Token::Word(w) if w.keyword == Keyword::END => now = now.saturating_sub(1),
+            Token::SemiColon => now = 0,
+            _ => {}
+        }
+        deepest = deepest.max(now);
+    }
+    deepest
+}
+
+/// The refusal of a statement nested past [`MAX_NESTING`], `how` deep.
+fn too_deep(how: &str) -> DataFusionError {
+    DataFusionError::Plan(format!(
+        "the statement nests expressions or subqueries {how}, over the limit of \
+         {MAX_NESTING}: write long sums or conditions as several columns, a CASE or an IN list"
+    ))
 }
 
 /// Deepest nesting of expressions and queries in `statement` (stops counting past the limit).
@@ -863,5 +911,51 @@ mod tests {
         assert!(!shown.contains("ObjectName"), "{shown}");
         let other = shorten_unsupported(DataFusionError::Plan("x".into()));
         assert_eq!(other.to_string(), "Error during planning: x");
+    }
+}
+
+#[cfg(test)]
+mod nesting_tests {
+    use super::*;
+
+    fn nested(levels: usize, open: &str, close: &str) -> String {
+        format!(
+            "SELECT {}lane{} AS x FROM camera_events",
+            open.repeat(levels),
+            close.repeat(levels)
+        )
+    }
+
+    /// The parser's own recursion limit sits below the nesting limit for some constructs; a
+    /// statement within the nesting limit must parse, and one past it must be refused
+    /// naming the limit, never with a syntax error about a token it did not expect.
+    #[test]
+    fn nesting_within_the_limit_parses_and_past_it_is_refused_for_it() {
+        let shapes = [
+            ("(CASE WHEN lane > 1 THEN ", " ELSE 0 END)"),
+            ("NOT (", ")"),
+            ("abs(", ")"),
+            ("(SELECT ", ")"),
+            ("-(", ")"),
+            ("(", " + 1)"),
+        ];
+        for (open, close) in shapes {
+            for levels in [10, 30, 45, 60, 90, 120, 400] {
+                let sql = nested(levels, open, close);
+                match parse_checked(&sql) {
+                    Ok(statements) => {
+                        let depth = nesting(&statements[0]);
+                        assert!(depth <= MAX_NESTING, "{open}…{close} × {levels}: {depth}");
+                    }
+                    Err(e) => {
+                        let e = e.to_string();
+                        assert!(
+                            e.contains(&format!("limit of {MAX_NESTING}")),
+                            "{open}…{close} × {levels}: {e}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -671,6 +671,18 @@ impl StreamContext {
                 )
             } else if e
                 .to_string()
+                .contains("does not support logical expression ScalarSubquery")
+            {
+                // A scalar subquery DataFusion could neither run nor turn into a join: one
+                // that reads the query's own columns.
+                plan_datafusion_err!(
+                    "a subquery in an expression that reads the query's own columns \
+                     ((SELECT v + 1) over a column v of the FROM) is not supported: write the \
+                     expression without the subquery (v + 1), or join the table it reads on \
+                     that column (FROM stream s JOIN table t ON t.k = s.k)"
+                )
+            } else if e
+                .to_string()
                 .contains("does not support logical expression WindowFunction")
             {
                 // DataFusion names the plan's expression tree, 2 KB of it.
@@ -735,6 +747,14 @@ impl StreamContext {
         let mut union: Option<super::union::PlannedUnion> = None;
         let (source_name, feed) = match feeds.as_slice() {
             [one] => one.clone(),
+            [] if logical_reads_stream(&plan) => {
+                // The optimizer found a condition that is never true and dropped the scan.
+                return plan_err!(
+                    "the query never emits a row: a condition of its WHERE, ON or HAVING is \
+                     never true (a comparison with NULL is NULL, never true: test for NULL with \
+                     IS NULL or IS NOT NULL, or write the value the column should have)"
+                );
+            }
             [] => {
                 return plan_err!(
                     "the query reads no stream table: a stream query reads one of the stream \

@@ -115,8 +115,10 @@ fn sql_error_message(e: &Error) -> String {
         DataFusionError::SQL(p, _) => match p.as_ref() {
             ParserError::ParserError(m) => format!("syntax error: {m}"),
             ParserError::TokenizerError(m) => format!("syntax error: {m}"),
-            ParserError::RecursionLimitExceeded => "the statement nests parentheses, function \
-                calls or unary operators deeper than the parser's limit of 50 levels"
+            // Not reached from analysts' SQL: the sandbox parses with a higher limit and
+            // refuses past its own nesting limit first.
+            ParserError::RecursionLimitExceeded => "the statement nests expressions too deep \
+                for the parser"
                 .to_string(),
         },
         DataFusionError::SchemaError(e, _) => e.to_string(),
