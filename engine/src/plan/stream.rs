@@ -675,12 +675,7 @@ impl StreamContext {
             {
                 // A scalar subquery DataFusion could neither run nor turn into a join: one
                 // that reads the query's own columns.
-                plan_datafusion_err!(
-                    "a subquery in an expression that reads the query's own columns \
-                     ((SELECT v + 1) over a column v of the FROM) is not supported: write the \
-                     expression without the subquery (v + 1), or join the table it reads on \
-                     that column (FROM stream s JOIN table t ON t.k = s.k)"
-                )
+                plan_datafusion_err!("{OWN_COLUMN_SUBQUERY}")
             } else if e
                 .to_string()
                 .contains("does not support logical expression WindowFunction")
@@ -868,7 +863,15 @@ impl StreamContext {
                 }
             }
         }
-        refuse_stream_build_sides(&physical)?;
+        refuse_stream_build_sides(&physical).map_err(|e| {
+            // A join the query does not write came from a subquery over its own columns
+            // (one DataFusion could fold, `(SELECT NULL * v)`, but still joins).
+            if written_joins(&plan) {
+                e
+            } else {
+                plan_datafusion_err!("{OWN_COLUMN_SUBQUERY}")
+            }
+        })?;
         refuse_streamless_union(&physical)?;
 
         // The aggregation over the stream, if any (aggregates within reference-table
@@ -1756,6 +1759,26 @@ fn named(schema: &SchemaRef, batch: RecordBatch) -> Result<RecordBatch> {
         batch.columns().to_vec(),
         &options,
     )?)
+}
+
+/// The refusal of a subquery in an expression that reads the query's own columns.
+const OWN_COLUMN_SUBQUERY: &str = "a subquery in an expression that reads the query's own \
+    columns ((SELECT v + 1) over a column v of the FROM) is not supported: write the expression \
+    without the subquery (v + 1), or join the table it reads on that column (FROM stream s JOIN \
+    table t ON t.k = s.k)";
+
+/// Whether the query (as planned from its SQL, before the optimizer turns subqueries into
+/// joins) joins tables itself, or tests rows against a subquery (`IN`, `EXISTS`).
+fn written_joins(plan: &LogicalPlan) -> bool {
+    use datafusion::logical_expr::Expr;
+    plan.exists(|p| {
+        Ok(matches!(p, LogicalPlan::Join(_))
+            || p.expressions().iter().any(|e| {
+                e.exists(|x| Ok(matches!(x, Expr::Exists(_) | Expr::InSubquery(_))))
+                    .unwrap_or(false)
+            }))
+    })
+    .unwrap_or(true)
 }
 
 /// Refuses a scalar subquery (`(SELECT max(x) FROM t)`) in a stream's aggregation or below
