@@ -360,13 +360,21 @@ mod tests {
             \n\
             {\"id\":\"z\",\"event_time\":\"2026-01-01T00:00:05Z\",\"n\":5}\n";
         // A field holding another kind of value than the other lines' (one such line failed
-        // the whole file: the columns are read with one type each).
+        // the whole file: the columns are read with one type each; then such a line was
+        // left out whole, where the service reads "6" in an INT as 6). Each value goes to the
+        // stream's schema as written, which reads or rejects it as the service does.
         let kinds: &[u8] = b"{\"id\":\"a\",\"event_time\":\"2026-01-01T00:00:00Z\",\"n\":1}\n\
             {\"id\":\"b\",\"event_time\":\"2026-01-01T00:00:01Z\",\"n\":\"two\"}\n\
             {\"id\":\"c\",\"event_time\":\"2026-01-01T00:00:02Z\",\"n\":[3]}\n\
             {\"id\":4,\"event_time\":\"2026-01-01T00:00:03Z\",\"n\":4}\n\
             {\"id\":\"e\",\"event_time\":\"2026-01-01T00:00:04Z\",\"n\":null}\n\
-            {\"id\":\"z\",\"event_time\":\"2026-01-01T00:00:05Z\",\"n\":5.0}\n";
+            {\"id\":\"f\",\"event_time\":\"2026-01-01T00:00:05Z\",\"n\":\"6\"}\n\
+            {\"event_time\":\"2026-01-01T00:00:06Z\",\"n\":7,\"id\":\"z\"}\n";
+        // The event time is read by the file's rows, not by the stream's schema: one of
+        // another kind than most lines' is left out with its line.
+        let times: &[u8] = b"{\"id\":\"a\",\"event_time\":\"2026-01-01T00:00:00Z\",\"n\":1}\n\
+            {\"id\":\"b\",\"event_time\":1767225601000,\"n\":2}\n\
+            {\"id\":\"z\",\"event_time\":\"2026-01-01T00:00:05Z\",\"n\":5}\n";
         for (name, bytes, rejected, first, ids) in [
             (
                 "rows.csv",
@@ -386,8 +394,15 @@ mod tests {
                 "kinds.jsonl",
                 kinds,
                 3,
-                "line 2: field n holds a text where most lines hold a number",
-                vec!["a", "e", "z"],
+                "whilst decoding field 'n': failed to parse \"two\" as Int32",
+                vec!["a", "e", "f", "z"],
+            ),
+            (
+                "times.jsonl",
+                times,
+                1,
+                "line 2: field event_time holds a number where most lines hold a text",
+                vec!["a", "z"],
             ),
         ] {
             let input = dir.path().join(name);
@@ -418,6 +433,14 @@ mod tests {
             let got = datafusion::arrow::compute::cast(shown.column(0), &DataType::Utf8)?;
             let got: Vec<&str> = got.as_string::<i32>().iter().flatten().collect();
             assert_eq!(got, ids, "{name}");
+            if name == "kinds.jsonl" {
+                let n = datafusion::arrow::compute::cast(shown.column(1), &DataType::Int64)?;
+                let n: Vec<Option<i64>> = n
+                    .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                    .iter()
+                    .collect();
+                assert_eq!(n, [Some(1), None, Some(6), Some(7)], "{name}");
+            }
         }
         Ok(())
     }

@@ -11,7 +11,7 @@
 //! the DLQ would get it), fed in event-time order micro-batch by micro-batch, with processing
 //! time following the data. At the end of the input every window closes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,12 +21,11 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::prelude::{CsvReadOptions, SessionContext};
 use futures::StreamExt;
-use serde_json::Value;
 
 use crate::decode::{Codecs, JsonDecoder};
 use crate::error::{Error, Result};
 use crate::plan::stream::{StreamContext, StreamQuery};
-use crate::sink::JSON_NUMBER_TEXT;
+use crate::sink::{JSON_NUMBER_TEXT, JSON_VALUE_TEXT};
 use crate::source::RawBatch;
 
 /// Memory a file's reading and sorting may hold; beyond it the sort spills to disk.
@@ -577,15 +576,24 @@ pub async fn open_file(
         .and_then(|e| e.to_str())
         .unwrap_or_default()
         .to_ascii_lowercase();
-    let (cleaned, malformed) = match extension.as_str() {
+    // The event time's column as the file names it.
+    let time_in_file = time.map(|t| {
+        renames
+            .iter()
+            .find(|(_, new)| new == t)
+            .map_or(t.to_string(), |(old, _)| old.clone())
+    });
+    let (cleaned, malformed, mixed) = match extension.as_str() {
         "csv" | "jsonl" | "ndjson" | "json" => {
             let file = file.to_path_buf();
             let csv = extension == "csv";
-            tokio::task::spawn_blocking(move || without_malformed_lines(&file, csv))
-                .await
-                .map_err(|e| Error::Config(format!("{shown}: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                without_malformed_lines(&file, csv, time_in_file.as_deref())
+            })
+            .await
+            .map_err(|e| Error::Config(format!("{shown}: {e}")))??
         }
-        _ => (None, Malformed::default()),
+        _ => (None, Malformed::default(), HashSet::new()),
     };
     // The rows are read from the copy without the malformed lines, if one was made; errors
     // name the file given.
@@ -659,7 +667,7 @@ pub async fn open_file(
         "jsonl" | "ndjson" | "json" => {
             let lines = {
                 let path = PathBuf::from(&path);
-                tokio::task::spawn_blocking(move || JsonLines::open(path))
+                tokio::task::spawn_blocking(move || JsonLines::open(path, &mixed))
                     .await
                     .map_err(|e| Error::Config(format!("{shown}: {e}")))?
                     .map_err(|e| Error::Config(format!("{shown}: {e}")))?
@@ -830,14 +838,20 @@ struct JsonLines {
 }
 
 impl JsonLines {
-    /// The file at `path`, its columns and their types found from every line. Blocking.
-    fn open(path: PathBuf) -> std::result::Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+    /// The file at `path`, its columns and their types found from every line; the fields
+    /// `mixed` hold their values' JSON texts ([`without_malformed_lines`]). Blocking.
+    fn open(
+        path: PathBuf,
+        mixed: &HashSet<String>,
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let file = std::io::BufReader::new(std::fs::File::open(&path)?);
         let (guessed, _) = datafusion::arrow::json::reader::infer_json_schema(file, None)?;
         let fields: Vec<Field> = guessed
             .fields()
             .iter()
             .map(|f| match f.data_type() {
+                _ if mixed.contains(f.name()) => Field::new(f.name(), DataType::Utf8, true)
+                    .with_metadata(HashMap::from([(JSON_VALUE_TEXT.into(), "true".into())])),
                 DataType::Int64 | DataType::Float64 => number_text(f.name()),
                 _ => f.as_ref().clone(),
             })
@@ -904,13 +918,22 @@ pub struct Malformed {
 
 /// `file` (a CSV with its header, or JSON lines) without the lines that cannot be a row: a CSV
 /// row with more or fewer fields than the header, a row or line that is not UTF-8, a JSON line
-/// that is not one object or whose field holds another kind of value (number, text, true or
-/// false, list, object) than most lines' do. When there are none, no copy; else a copy without them, in a
-/// temporary file of the same extension. Blocking.
+/// that is not one object, or whose event time (field `time`) holds another kind of value
+/// (number, text, true or false, list, object) than most lines' do.
+///
+/// A JSON field whose values are of several kinds (`12.5` on most lines, `"12.5"` or `"n/a"`
+/// on some) cannot be read as one column of one type: it is carried as its values' JSON texts
+/// (the third of the result; the copy has them as strings), written back as the values they
+/// are ([`JSON_VALUE_TEXT`]), for the stream's schema to read or reject each as the service's
+/// decoder does. Such a line was once left out whole.
+///
+/// When nothing changes, no copy; else a copy, in a temporary file of the same extension.
+/// Blocking.
 fn without_malformed_lines(
     file: &std::path::Path,
     csv: bool,
-) -> Result<(Option<tempfile::TempPath>, Malformed)> {
+    time: Option<&str>,
+) -> Result<(Option<tempfile::TempPath>, Malformed, HashSet<String>)> {
     let shown = file.display().to_string();
     let failed = |e: std::io::Error| Error::Config(format!("{shown}: {e}"));
     let mut malformed = Malformed::default();
@@ -987,7 +1010,7 @@ fn without_malformed_lines(
             }
         }
         if malformed.lines == 0 {
-            return Ok((None, malformed));
+            return Ok((None, malformed, HashSet::new()));
         }
         let out = copy()?;
         let mut reader = open()?;
@@ -1008,28 +1031,29 @@ fn without_malformed_lines(
         }
         writer.flush().map_err(failed)?;
         drop(writer);
-        return Ok((Some(out.into_temp_path()), malformed));
+        return Ok((Some(out.into_temp_path()), malformed, HashSet::new()));
     }
     use std::io::{BufRead, Write};
-    let parse = |line: &[u8]| -> Option<Result<serde_json::Map<String, Value>, String>> {
+    /// A line's fields, each as the JSON text it is written as; `None` for a blank line.
+    fn parse(line: &[u8]) -> Option<std::result::Result<Fields<'_>, String>> {
         if line.iter().all(u8::is_ascii_whitespace) {
             return None;
         }
-        Some(match serde_json::from_slice::<Value>(line) {
-            Ok(Value::Object(fields)) => Ok(fields),
-            Ok(_) => Err("not a JSON object".to_string()),
+        Some(match serde_json::from_slice::<Fields<'_>>(line) {
+            Ok(fields) => Ok(fields),
+            Err(_) if serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok() => {
+                Err("not a JSON object".to_string())
+            }
             Err(e) if e.is_data() || e.is_syntax() || e.is_eof() => {
                 Err(format!("not one JSON object ({e})"))
             }
             Err(e) => Err(e.to_string()),
         })
-    };
+    }
     let lines = |f: &std::path::Path| -> Result<std::io::Split<std::io::BufReader<std::fs::File>>> {
         Ok(std::io::BufReader::new(std::fs::File::open(f).map_err(failed)?).split(b'\n'))
     };
-    // The kinds of value each field holds over the file: the rows are read with one type per
-    // column, so a line whose field holds another kind than most lines' (a text where the
-    // others have numbers) failed the whole file; it is left out instead.
+    // The kinds of value each field holds over the file.
     let mut kinds: HashMap<String, [u64; 5]> = HashMap::new();
     let mut bad_lines = false;
     for line in lines(file)? {
@@ -1051,49 +1075,87 @@ fn without_malformed_lines(
             None => {}
         }
     }
-    let usual: HashMap<String, usize> = kinds
+    let mixed: HashSet<String> = kinds
         .iter()
         .filter(|(_, counts)| counts.iter().filter(|n| **n > 0).count() > 1)
-        .map(|(name, counts)| {
-            let most = (0..counts.len()).max_by_key(|k| counts[*k]).unwrap_or(0);
-            (name.clone(), most)
-        })
+        .map(|(name, _)| name.clone())
         .collect();
-    if !bad_lines && usual.is_empty() {
-        return Ok((None, malformed));
+    // The event time is read by the file's rows, not by the stream's schema: a line whose time
+    // is of another kind than most lines' is left out.
+    let usual_time: Option<(&str, usize)> = time.filter(|t| mixed.contains(*t)).and_then(|t| {
+        let counts = kinds.get(t)?;
+        Some((t, (0..counts.len()).max_by_key(|k| counts[*k])?))
+    });
+    let carried: HashSet<String> = mixed
+        .iter()
+        .filter(|name| Some(name.as_str()) != time)
+        .cloned()
+        .collect();
+    if !bad_lines && mixed.is_empty() {
+        return Ok((None, malformed, carried));
     }
-    let why = |line: &[u8]| -> Option<String> {
-        let fields = match parse(line)? {
-            Ok(fields) => fields,
-            Err(why) => return Some(why),
-        };
-        fields.iter().find_map(|(name, value)| {
-            let kind = json_kind(value)?;
-            let most = *usual.get(name)?;
-            (kind != most).then(|| {
-                format!(
-                    "field {name} holds {} where most lines hold {}",
-                    JSON_KINDS[kind], JSON_KINDS[most]
-                )
-            })
+    let why = |fields: &Fields<'_>| -> Option<String> {
+        let (name, most) = usual_time?;
+        let kind = json_kind(fields.get(name)?)?;
+        (kind != most).then(|| {
+            format!(
+                "field {name} holds {} where most lines hold {}",
+                JSON_KINDS[kind], JSON_KINDS[most]
+            )
         })
     };
     let out = copy()?;
     let mut writer = std::io::BufWriter::new(out.as_file());
+    let mut rewritten = Vec::new();
     for (i, line) in lines(file)?.enumerate() {
         let line = line.map_err(failed)?;
-        match why(&line) {
-            Some(why) => note(i as u64 + 1, why),
-            None => {
-                writer.write_all(&line).map_err(failed)?;
-                writer.write_all(b"\n").map_err(failed)?;
+        let fields = match parse(&line) {
+            None => continue,
+            Some(Err(why)) => {
+                note(i as u64 + 1, why);
+                continue;
             }
+            Some(Ok(fields)) => fields,
+        };
+        if let Some(why) = why(&fields) {
+            note(i as u64 + 1, why);
+            continue;
         }
+        if fields
+            .iter()
+            .any(|(name, value)| carried.contains(name) && json_kind(value).is_some())
+        {
+            // The line again, with the carried fields' values as the strings of their texts.
+            rewritten.clear();
+            rewritten.push(b'{');
+            for (n, (name, value)) in fields.iter().enumerate() {
+                if n > 0 {
+                    rewritten.push(b',');
+                }
+                serde_json::to_writer(&mut rewritten, name)
+                    .map_err(|e| Error::Config(format!("{shown}: {e}")))?;
+                rewritten.push(b':');
+                if carried.contains(name) && json_kind(value).is_some() {
+                    serde_json::to_writer(&mut rewritten, value.get())
+                        .map_err(|e| Error::Config(format!("{shown}: {e}")))?;
+                } else {
+                    rewritten.extend_from_slice(value.get().as_bytes());
+                }
+            }
+            rewritten.push(b'}');
+            writer.write_all(&rewritten).map_err(failed)?;
+        } else {
+            writer.write_all(&line).map_err(failed)?;
+        }
+        writer.write_all(b"\n").map_err(failed)?;
     }
     writer.flush().map_err(failed)?;
     drop(writer);
-    Ok((Some(out.into_temp_path()), malformed))
+    Ok((Some(out.into_temp_path()), malformed, carried))
 }
+
+/// A JSON line's fields, each as the JSON text it is written as.
+type Fields<'a> = BTreeMap<String, &'a serde_json::value::RawValue>;
 
 /// The most fields of a JSON-lines file whose kinds of value are checked line by line.
 const MAX_FIELDS_CHECKED: usize = 4096;
@@ -1102,14 +1164,14 @@ const MAX_FIELDS_CHECKED: usize = 4096;
 const JSON_KINDS: [&str; 5] = ["a number", "a text", "true or false", "a list", "an object"];
 
 /// Which of [`JSON_KINDS`] `value` is; `None` for null, which any column holds.
-fn json_kind(value: &Value) -> Option<usize> {
-    match value {
-        Value::Null => None,
-        Value::Number(_) => Some(0),
-        Value::String(_) => Some(1),
-        Value::Bool(_) => Some(2),
-        Value::Array(_) => Some(3),
-        Value::Object(_) => Some(4),
+fn json_kind(value: &serde_json::value::RawValue) -> Option<usize> {
+    match value.get().trim_start().as_bytes().first()? {
+        b'n' => None,
+        b'"' => Some(1),
+        b't' | b'f' => Some(2),
+        b'[' => Some(3),
+        b'{' => Some(4),
+        _ => Some(0),
     }
 }
 
@@ -1531,7 +1593,7 @@ mod tests {
             }
             assert_eq!(lines.len(), late_field + 1, "{name}");
             for (i, n) in numbers.iter().enumerate() {
-                let line: Value = serde_json::from_str(&lines[i]).expect("a JSON line");
+                let line: serde_json::Value = serde_json::from_str(&lines[i]).expect("a JSON line");
                 assert_eq!(
                     line["t"],
                     serde_json::json!(i),
@@ -1549,7 +1611,8 @@ mod tests {
                 );
             }
             if name.ends_with("jsonl") {
-                let last: Value = serde_json::from_str(&lines[late_field]).expect("a JSON line");
+                let last: serde_json::Value =
+                    serde_json::from_str(&lines[late_field]).expect("a JSON line");
                 assert_eq!(last["w"], serde_json::json!(7.25));
             }
         }

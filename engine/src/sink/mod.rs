@@ -220,7 +220,12 @@ pub fn conform_stream(batch: &RecordBatch, schema: &TopicSchema) -> Result<Recor
 /// [`encode_json_rows`] writes them back as those numbers.
 pub const JSON_NUMBER_TEXT: &str = "urbanstream.json_number_text";
 
-/// Encodes the columns marked [`JSON_NUMBER_TEXT`] as the numbers their texts are.
+/// Marks a text column whose values are each one JSON value's text (a JSON-lines field whose
+/// values are of several kinds, `12.5` and `"12.5"`): encoded as JSON, each is that value again.
+pub const JSON_VALUE_TEXT: &str = "urbanstream.json_value_text";
+
+/// Encodes the columns marked [`JSON_NUMBER_TEXT`] as the numbers their texts are, and those
+/// marked [`JSON_VALUE_TEXT`] as the values their texts are.
 #[derive(Debug)]
 struct NumberTexts;
 
@@ -231,16 +236,19 @@ impl EncoderFactory for NumberTexts {
         array: &'a dyn Array,
         _options: &'a EncoderOptions,
     ) -> std::result::Result<Option<NullableEncoder<'a>>, ArrowError> {
-        if !field.metadata().contains_key(JSON_NUMBER_TEXT) {
+        let values = field.metadata().contains_key(JSON_VALUE_TEXT);
+        if !values && !field.metadata().contains_key(JSON_NUMBER_TEXT) {
             return Ok(None);
         }
         let Some(texts) = array.as_string_opt::<i32>() else {
             return Ok(None);
         };
-        Ok(Some(NullableEncoder::new(
-            Box::new(NumberText(texts)),
-            texts.nulls().cloned(),
-        )))
+        let encoder: Box<dyn Encoder + 'a> = if values {
+            Box::new(ValueText(texts))
+        } else {
+            Box::new(NumberText(texts))
+        };
+        Ok(Some(NullableEncoder::new(encoder, texts.nulls().cloned())))
     }
 }
 
@@ -317,6 +325,21 @@ impl Encoder for NumberText<'_> {
         match as_json_number(text) {
             Some(number) => out.extend_from_slice(number.as_bytes()),
             None => out.extend_from_slice(serde_json::Value::from(text).to_string().as_bytes()),
+        }
+    }
+}
+
+struct ValueText<'a>(&'a datafusion::arrow::array::StringArray);
+
+impl Encoder for ValueText<'_> {
+    fn encode(&mut self, idx: usize, out: &mut Vec<u8>) {
+        let text = self.0.value(idx);
+        // The reader made each one JSON value; anything else goes as the text it is (never a
+        // line that is no JSON).
+        if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+            out.extend_from_slice(text.as_bytes());
+        } else {
+            out.extend_from_slice(serde_json::Value::from(text).to_string().as_bytes());
         }
     }
 }
@@ -1077,6 +1100,58 @@ impl KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A column of JSON values' texts (a JSON-lines field of several kinds) is written as
+    /// those values, digits and all; one that is no JSON value is written as a string, never
+    /// as a line that is no JSON. A column of number texts is written as numbers.
+    #[test]
+    fn value_and_number_texts_are_written_as_the_values_they_are() {
+        let marked = |name: &str, marker: &str| {
+            Field::new(name, DataType::Utf8, true).with_metadata(std::collections::HashMap::from([
+                (marker.into(), "true".into()),
+            ]))
+        };
+        let schema = Arc::new(Schema::new(vec![
+            marked("v", JSON_VALUE_TEXT),
+            marked("n", JSON_NUMBER_TEXT),
+        ]));
+        let values = datafusion::arrow::array::StringArray::from(vec![
+            Some("0.1000000000000000055"),
+            Some("\"12.5\""),
+            Some("[1, \"a\"]"),
+            None,
+            Some("not json"),
+        ]);
+        let numbers = datafusion::arrow::array::StringArray::from(vec![
+            Some("12345678901234567890"),
+            Some(" +.5"),
+            Some("1e300"),
+            Some("NaN"),
+            None,
+        ]);
+        let batch =
+            RecordBatch::try_new(schema, vec![Arc::new(values), Arc::new(numbers)]).expect("batch");
+        let (bytes, ends) = encode_json_rows(&batch).expect("encoded");
+        let mut start = 0;
+        let rows: Vec<&str> = ends
+            .iter()
+            .map(|&end| {
+                let row = std::str::from_utf8(&bytes[start..end]).expect("utf-8");
+                start = end;
+                row.trim_start_matches('\n')
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                r#"{"v":0.1000000000000000055,"n":12345678901234567890}"#,
+                r#"{"v":"12.5","n":0.5}"#,
+                r#"{"v":[1, "a"],"n":1e300}"#,
+                r#"{"v":null,"n":"NaN"}"#,
+                r#"{"v":"not json","n":null}"#,
+            ]
+        );
+    }
 
     /// A broker without transactions (tansu 0.6 answers EndTxn as unsupported) fails an
     /// exactly-once query as a configuration problem naming the remedy; other transactional
