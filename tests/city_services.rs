@@ -13,7 +13,7 @@ use urbanstream::pipeline::{Pipeline, PipelineConfig, PipelineStats, Topics};
 use urbanstream::plan::DEFAULT_QUERIES;
 use urbanstream::reference::ReferenceData;
 use urbanstream::simulate::{CitySimulator, SimConfig, SimRecord, SimTopic, SimTopics};
-use urbanstream_tests::{TestCluster, read_until_quiet};
+use urbanstream_tests::{TestCluster, read_at_least, read_until_quiet};
 
 const PARTITIONS: i32 = 4;
 const MINUTE: i64 = 60_000;
@@ -169,7 +169,13 @@ async fn parking_availability_and_full_alerts_through_the_broker() {
                 .expect("declared"),
         )
         .expect("consumer");
-    let rows = read_until_quiet(&consumer, Duration::from_secs(15), Duration::from_secs(180)).await;
+    let rows = read_at_least(
+        &consumer,
+        lot_windows,
+        Duration::from_secs(15),
+        Duration::from_secs(180),
+    )
+    .await;
     let mut checked_lots = 0;
     let mut ward_free: BTreeMap<(String, i64), (i64, f64, f64)> = BTreeMap::new();
     for row in &rows {
@@ -345,7 +351,13 @@ async fn a_storm_through_the_broker_floods_roads_and_confirms_reports() {
                 .expect("declared"),
         )
         .expect("consumer");
-    let rows = read_until_quiet(&water, Duration::from_secs(15), Duration::from_secs(180)).await;
+    let rows = read_at_least(
+        &water,
+        expected_windows,
+        Duration::from_secs(15),
+        Duration::from_secs(180),
+    )
+    .await;
     let mut flooded_segments = BTreeSet::new();
     let mut checked = 0;
     for row in &rows {

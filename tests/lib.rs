@@ -127,6 +127,18 @@ pub async fn read_until_quiet(
     quiet: Duration,
     timeout: Duration,
 ) -> Vec<serde_json::Value> {
+    read_at_least(consumer, 1, quiet, timeout).await
+}
+
+/// [`read_until_quiet`], where the reading stops at a quiet spell only once `at_least`
+/// values have arrived: a pipeline still working through its backlog may be quiet for a
+/// while on a loaded machine.
+pub async fn read_at_least(
+    consumer: &StreamConsumer,
+    at_least: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
     loop {
@@ -134,7 +146,7 @@ pub async fn read_until_quiet(
         if left.is_zero() {
             return out;
         }
-        let wait = if out.is_empty() {
+        let wait = if out.len() < at_least {
             left
         } else {
             quiet.min(left)
@@ -146,7 +158,7 @@ pub async fn read_until_quiet(
                 }
             }
             Ok(Err(_)) => {}
-            Err(_) if out.is_empty() => {}
+            Err(_) if out.len() < at_least => {}
             Err(_) => return out,
         }
     }

@@ -602,7 +602,18 @@ fn input_deleted_before_it_was_read_is_a_gap_record_under_the_skip_policy() -> a
         api.status(base, "counts")
             .is_some_and(|s| s["rows_in"].as_i64() == Some(400))
     })?;
-    std::thread::sleep(Duration::from_secs(3));
+    // A checkpoint taken after them (written, or found to hold them still): the restart
+    // resumes after the 400, where the gap begins.
+    let read_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    wait_until("no checkpoint after the first events", || {
+        api.status(base, "counts").is_some_and(|s| {
+            s["last_checkpoint"]["at_ms"]
+                .as_i64()
+                .is_some_and(|at| at >= read_at)
+        })
+    })?;
     service.0.kill()?;
     service.0.wait()?;
 

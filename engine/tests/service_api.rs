@@ -1514,8 +1514,10 @@ async fn the_api_answers_while_queries_wait_on_the_broker() -> anyhow::Result<()
                 tokio::spawn(async move { call(&app, "GET", path, Some(TOKEN), None).await })
                     .await??;
             let waited = asked_at.elapsed();
+            // (Well below the broker calls' own timeouts, 10 s and more, well above what a
+            // loaded machine takes to answer.)
             assert!(
-                waited < Duration::from_secs(3),
+                waited < Duration::from_secs(8),
                 "{path} answered only after {waited:?} while the queries wait on the broker"
             );
             assert!(

@@ -101,7 +101,8 @@ fn a_simulated_week_keeps_indicators_flowing_and_the_watermark_tracking() -> any
         );
     }
     // While the clock catches up (until the watermark is within an hour of the wall clock),
-    // the watermark moves forward in every 15 s: at 3 600× that is hours of simulated time,
+    // the watermark moves forward in every minute (15 s was within a slow micro-batch's reach
+    // on a loaded machine): at 3 600× that is hours of simulated time,
     // so a query that stalls while its input delivers, or a watermark held back by an idle
     // stream, shows here (a query whose inputs have all gone quiet holds only its own).
     let catching_up: Vec<_> = points
@@ -112,9 +113,9 @@ fn a_simulated_week_keeps_indicators_flowing_and_the_watermark_tracking() -> any
         catching_up.len() >= 5,
         "the watermark was near the wall clock from the start:\n{stdout}"
     );
-    for span in catching_up.windows(4) {
+    for span in catching_up.windows(catching_up.len().min(13)) {
         let (t0, _, w0) = *span[0];
-        let (t3, _, w3) = *span[3];
+        let (t3, _, w3) = *span[span.len() - 1];
         assert!(
             w3 > w0,
             "the watermark stalled from t={t0}s to t={t3}s while catching up:\n{stdout}"
