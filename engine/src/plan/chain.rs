@@ -713,6 +713,24 @@ pub(super) fn plan_chain(
                  (cumulating windows share their start)"
             );
         }
+        (None, _)
+            if lower.exists(|n| {
+                Ok(
+                    n.downcast_ref::<datafusion::physical_plan::windows::BoundedWindowAggExec>()
+                        .is_some()
+                        || n.downcast_ref::<datafusion::physical_plan::windows::WindowAggExec>()
+                            .is_some(),
+                )
+            })? =>
+        {
+            // A ranking of the rows below carries no window of theirs up.
+            return plan_err!(
+                "a ranking (ROW_NUMBER, RANK or DENSE_RANK … OVER) between two windowed \
+                 aggregations is not supported yet: rank the last aggregation's rows instead \
+                 (… OVER (PARTITION BY window_start …) over the {window_name}() aggregation), \
+                 or publish the ranked rows to a topic and aggregate it in a second query"
+            );
+        }
         (None, _) => {
             return plan_err!(
                 "{window_name}() over a windowed result must be over the window_start or \

@@ -490,6 +490,7 @@ impl StreamContext {
     /// ([`super::sandbox::check_statement`]).
     pub async fn plan(&self, statement: DFStatement) -> Result<Option<StreamQuery>> {
         let unions_windows = unions_windows(&statement);
+        let leaves_out = leaves_columns_out(&statement);
         self.plan_statement(statement)
             .await
             .map_err(with_window_hint)
@@ -504,6 +505,29 @@ impl StreamContext {
                          FROM a UNION ALL SELECT k, v, event_time FROM b) GROUP BY \
                          tumble(event_time, INTERVAL '1 minute'), k), or write one INSERT per \
                          aggregation into the same sink"
+                    )
+                }
+                // DataFusion names neither the clause nor the columns there are.
+                datafusion::error::DataFusionError::SchemaError(e, _)
+                    if matches!(
+                        e.as_ref(),
+                        datafusion::common::SchemaError::FieldNotFound { field, .. }
+                            if leaves_out.iter().any(|c| c.eq_ignore_ascii_case(&field.name))
+                    ) =>
+                {
+                    let datafusion::common::SchemaError::FieldNotFound {
+                        field,
+                        valid_fields,
+                    } = e.as_ref()
+                    else {
+                        return plan_datafusion_err!("{e}");
+                    };
+                    let columns: Vec<&str> = valid_fields.iter().map(|c| c.name.as_str()).collect();
+                    plan_datafusion_err!(
+                        "SELECT * EXCEPT (…) or EXCLUDE (…) names {}, which is not a column of \
+                         the FROM: leave out only columns it has ({})",
+                        field.name,
+                        columns.join(", ")
                     )
                 }
                 e => e,
@@ -1391,6 +1415,46 @@ pub(crate) fn with_into_insert(statement: &mut DFStatement) {
 
 /// A window column asked for where no window makes it (`SELECT segment_id, window_start, …
 /// GROUP BY segment_id`): the planner's "no field named window_start" with the way to get one.
+/// The columns `statement` leaves out of a `*` (`* EXCEPT (…)`, `* EXCLUDE (…)`), anywhere.
+fn leaves_columns_out(statement: &DFStatement) -> Vec<String> {
+    use datafusion::sql::sqlparser::ast::{ExcludeSelectItem, SelectItem, SetExpr, Visit, Visitor};
+    struct Finds(Vec<String>);
+    impl Visitor for Finds {
+        type Break = ();
+        fn pre_visit_query(
+            &mut self,
+            query: &datafusion::sql::sqlparser::ast::Query,
+        ) -> std::ops::ControlFlow<()> {
+            if let SetExpr::Select(select) = query.body.as_ref() {
+                for item in &select.projection {
+                    let (SelectItem::Wildcard(o) | SelectItem::QualifiedWildcard(_, o)) = item
+                    else {
+                        continue;
+                    };
+                    if let Some(except) = &o.opt_except {
+                        self.0.push(except.first_element.value.clone());
+                        self.0
+                            .extend(except.additional_elements.iter().map(|i| i.value.clone()));
+                    }
+                    match &o.opt_exclude {
+                        Some(ExcludeSelectItem::Single(name)) => self.0.push(name.to_string()),
+                        Some(ExcludeSelectItem::Multiple(names)) => {
+                            self.0.extend(names.iter().map(|n| n.to_string()));
+                        }
+                        None => {}
+                    }
+                }
+            }
+            std::ops::ControlFlow::Continue(())
+        }
+    }
+    let mut finds = Finds(Vec::new());
+    if let DFStatement::Statement(s) = statement {
+        let _ = s.visit(&mut finds);
+    }
+    finds.0
+}
+
 fn with_window_hint(e: datafusion::error::DataFusionError) -> datafusion::error::DataFusionError {
     let message = e.to_string();
     // The column itself, not one whose name begins with it (window_start_utc).
