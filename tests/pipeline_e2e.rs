@@ -700,6 +700,102 @@ async fn a_query_whose_inputs_went_quiet_does_not_hold_the_pipelines_watermark()
     Ok(())
 }
 
+/// Every revision of a window's row goes to one partition, in order, where the sink's key
+/// column holds NULL or an empty text: such records have no key to place them by, and the
+/// producer spread them over the partitions at random, so that an upserting consumer could
+/// keep an older revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revisions_of_a_row_without_a_key_value_stay_in_one_partition() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    for topic in ["test.keyless.in", "test.keyless.out"] {
+        cluster.broker.create_topic(topic, 4)?;
+    }
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "keyless".into();
+    config.default_queries = false;
+    config.from_beginning = true;
+    config.queries = vec![(
+        "keyless".into(),
+        "CREATE EXTERNAL TABLE ev (k VARCHAR, ts TIMESTAMP NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.keyless.in', 'format' 'json',
+           'event_time' 'ts', 'watermark_delay' '0s');
+         CREATE EXTERNAL TABLE o (k VARCHAR, window_start TIMESTAMP NOT NULL, c BIGINT NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.keyless.out', 'format' 'json', 'key' 'k');
+         SET urbanstream.allowed_lateness = '10m';
+         INSERT INTO o SELECT k, window_start, count(*) AS c FROM ev
+         GROUP BY tumble(ts, INTERVAL '1 minute'), k"
+            .into(),
+    )];
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    let keys = [json!(null), json!(""), json!("a")];
+    // Minute 0 on every partition, then minute 2 everywhere (minute 0 closes), then six
+    // rounds of late events into minute 0, each round a revision.
+    let mut expected = 0;
+    for (round, t) in [(0, T0), (1, T0 + 120_000)] {
+        for p in 0..4 {
+            for k in &keys {
+                let record = json!({"k": k, "ts": t + round});
+                cluster
+                    .produce("test.keyless.in", p, "x", &serde_json::to_vec(&record)?)
+                    .await?;
+            }
+        }
+    }
+    let out = cluster.consumer("test.keyless.out")?;
+    let wait_for = |n: usize| read_with_partitions(&out, n);
+    let mut seen = wait_for(3).await?;
+    for round in 0..6 {
+        for k in &keys {
+            let record = json!({"k": k, "ts": T0 + 1_000 + round});
+            let p = i32::try_from(round % 4)?;
+            cluster
+                .produce("test.keyless.in", p, "x", &serde_json::to_vec(&record)?)
+                .await?;
+        }
+        expected += 3;
+        seen.extend(wait_for(3).await?);
+    }
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    assert_eq!(seen.len(), 3 + expected, "{seen:?}");
+    for k in &keys {
+        let mine: Vec<&(i32, serde_json::Value)> =
+            seen.iter().filter(|(_, r)| r["k"] == *k).collect();
+        let partitions: std::collections::BTreeSet<i32> = mine.iter().map(|(p, _)| *p).collect();
+        assert_eq!(partitions.len(), 1, "{k}: {mine:?}");
+        // In order: each revision counts one more.
+        let counts: Vec<i64> = mine
+            .iter()
+            .map(|(_, r)| r["c"].as_i64().unwrap_or(-1))
+            .collect();
+        assert_eq!(counts, (4..=10).collect::<Vec<i64>>(), "{k}: {mine:?}");
+    }
+    drop(out);
+    Ok(())
+}
+
+/// The next `n` records of `consumer`, with their partitions.
+async fn read_with_partitions(
+    consumer: &rdkafka::consumer::StreamConsumer,
+    n: usize,
+) -> anyhow::Result<Vec<(i32, serde_json::Value)>> {
+    use rdkafka::message::Message;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+            .await
+            .map_err(|_| anyhow::anyhow!("only {} of {n} records: {out:?}", out.len()))??;
+        out.push((
+            m.partition(),
+            serde_json::from_slice(m.payload().unwrap_or_default())?,
+        ));
+    }
+    Ok(out)
+}
+
 /// A query counting camera events per segment and minute into `test.minutes`, checkpointed
 /// every `interval` into `dir`.
 fn minutes_config(

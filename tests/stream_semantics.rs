@@ -489,5 +489,46 @@ async fn a_sink_of_revised_rows_without_a_key_is_keyed_by_the_window() -> anyhow
             && error.contains("'key' '<column>'"),
         "{error}"
     );
+    // Keyed by an aggregate's result, each revision carries another key to another partition:
+    // refused where rows are revised (renamed or not), taken where each is published once.
+    let by_count = sink("k VARCHAR, window_start TIMESTAMP, n BIGINT", ", 'key' 'n'");
+    for select in [
+        select.to_string(),
+        "INSERT INTO out SELECT k, window_start, c AS n FROM (SELECT k, window_start, \
+         count(*) AS c FROM cam GROUP BY tumble(event_time, INTERVAL '1 minute'), k)"
+            .to_string(),
+    ] {
+        let error = plan_query([
+            source,
+            &by_count,
+            "SET urbanstream.allowed_lateness = '2m'",
+            &select,
+        ])
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            error.contains(
+                "sink out is keyed by n, an aggregate's result: with \
+                 urbanstream.allowed_lateness"
+            ) && error.contains("Key the sink by a GROUP BY column"),
+            "{select}: {error}"
+        );
+    }
+    let query = plan_query([source, &by_count, select]).await?;
+    assert_eq!(keyed(&query).as_deref(), Some("n"));
+    let by_start = sink(
+        "k VARCHAR, window_start TIMESTAMP, n BIGINT",
+        ", 'key' 'window_start'",
+    );
+    let query = plan_query([
+        source,
+        &by_start,
+        "SET urbanstream.allowed_lateness = '2m'",
+        select,
+    ])
+    .await?;
+    assert_eq!(keyed(&query).as_deref(), Some("window_start"));
     Ok(())
 }

@@ -70,6 +70,9 @@ pub(super) struct Windowed {
     /// On the last stage of a query ranking each window's groups (top-N per window): the
     /// groups of each window, ranked afresh whenever the window emits.
     pub(super) ranked: Option<RankedState>,
+    /// Per output column of the upper plan: whether it is one of the aggregates' results
+    /// passed on as it is (a revision of the window changes it).
+    pub(super) aggregate_outputs: Vec<bool>,
 }
 
 impl Windowed {
@@ -836,6 +839,11 @@ pub(super) fn plan_chain(
                     lower.schema(),
                 )?)
             },
+            aggregate_outputs: super::stream::aggregate_outputs(
+                &stage_upper,
+                &stage_leaf,
+                groups.len() + 1,
+            ),
             upper: ReusedPlan::new(stage_upper),
             upper_feed: stage_feed,
             upper_schema: output_schema,

@@ -1265,7 +1265,9 @@ impl StreamContext {
                  urbanstream.early_fire = '' before this query"
             );
         }
+        let aggregate_outputs = aggregate_outputs(&upper, &upper_leaf, groups.len() + 1);
         let mut windowed = Windowed {
+            aggregate_outputs,
             operator: match spec.window {
                 WindowSpec::Session { .. } => {
                     Box::new(SessionOperator::new(spec, lateness.as_millis() as i64)?)
@@ -2187,6 +2189,18 @@ pub(super) fn unretractable<T>(what: &str) -> Result<T> {
 
 /// The column of `leaf` that column `index` of `plan` is, through projections and filters
 /// (a column itself, or a field of it: a window's bounds); none when it is computed.
+/// Per output column of `upper` (over the aggregation's rows at `leaf`, whose first `keys`
+/// columns are its group keys and window): whether it is an aggregate's result as it is.
+pub(super) fn aggregate_outputs(
+    upper: &Arc<dyn ExecutionPlan>,
+    leaf: &Arc<dyn ExecutionPlan>,
+    keys: usize,
+) -> Vec<bool> {
+    (0..upper.schema().fields().len())
+        .map(|i| leaf_column(upper, i, leaf).is_some_and(|c| c >= keys))
+        .collect()
+}
+
 fn leaf_column(
     plan: &Arc<dyn ExecutionPlan>,
     index: usize,
@@ -3419,6 +3433,23 @@ impl StreamQuery {
             }
             _ => sink,
         };
+        if let Some(why) = self.rows_change()?
+            && let Some(key) = &sink.options.key
+            && let Some(w) = &self.windowed
+            && let Ok(i) = self.output_schema.index_of(key)
+            && w.stages()
+                .last()
+                .is_some_and(|s| s.aggregate_outputs.get(i) == Some(&true))
+        {
+            return plan_err!(
+                "sink {} is keyed by {key}, an aggregate's result: {why}, and each revision \
+                 would carry another key to another partition of topic {}, where a consumer \
+                 may read a window's earlier row after its later one. Key the sink by a GROUP \
+                 BY column (OPTIONS ('key' '<group column>')), or by window_start",
+                sink.name,
+                sink.options.topic
+            );
+        }
         crate::sink::check_fit(&self.output_schema, &sink.topic_schema)
             .map_err(|e| plan_datafusion_err!("the SELECT does not fit sink {}: {e}", sink.name))?;
         let empty = RecordBatch::new_empty(self.output_schema.clone());

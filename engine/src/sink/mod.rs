@@ -67,8 +67,11 @@ pub fn conform(batch: &RecordBatch, schema: &TopicSchema) -> Result<RecordBatch>
                 let to = cast(from, field.data_type())?;
                 // A value the field cannot hold (a BIGINT beyond an INT) is an error naming
                 // it, not a null; a float that is no number (NaN, ±∞) is null in any number
-                // field, as it is in JSON.
-                if to.null_count() > from.null_count() && !from.data_type().is_floating() {
+                // field, as it is in JSON. (Logical nulls: a column of NULLs, `NULL AS b`, has
+                // no null buffer and once failed every nullable field.)
+                if to.logical_null_count() > from.logical_null_count()
+                    && !from.data_type().is_floating()
+                {
                     let strict = cast_with_options(
                         from,
                         field.data_type(),
@@ -176,6 +179,13 @@ pub fn check_fit(output: &Schema, schema: &TopicSchema) -> std::result::Result<(
         };
         let (from, into) = (field.data_type(), to.data_type());
         let sql = crate::schema::sql_type_name(into);
+        if *from == DataType::Null && !to.is_nullable() {
+            return Err(format!(
+                "column {name} is NULL in every row (NULL AS {name}), but the sink's field \
+                 {name} is NOT NULL: write a value of type {sql} there, or declare the field \
+                 without NOT NULL"
+            ));
+        }
         if from != into && is_text(from) && !takes_text(into) {
             return Err(format!(
                 "column {name} is text but the sink's field {name} is {sql}: a text is not \
@@ -924,6 +934,10 @@ impl KafkaSink {
             let key = keys
                 .filter(|k| !k.is_null(r))
                 .map(|k| k.value(r).as_bytes());
+            // A row keyed by a column whose value is NULL or empty has no key to place it
+            // by (the producer spreads such records over the partitions at random): it goes
+            // to the first partition, so that a window's revisions of it stay in order.
+            let partition = (key_column.is_some() && key.is_none_or(<[u8]>::is_empty)).then_some(0);
             let json = &bytes[start..end];
             start = end + 1;
             let encoded;
@@ -949,7 +963,7 @@ impl KafkaSink {
                 .tag
                 .as_ref()
                 .map(|_| record_id(&[topic.as_bytes(), key.unwrap_or_default(), value]));
-            self.send(topic, key, value, id, pending).await?;
+            self.send(topic, partition, key, value, id, pending).await?;
         }
         Ok(())
     }
@@ -974,7 +988,7 @@ impl KafkaSink {
                     q.unwrap_or_default().as_bytes(),
                 ])
             });
-            self.send(topic, key.as_deref(), &payload, id, pending)
+            self.send(topic, None, key.as_deref(), &payload, id, pending)
                 .await?;
         }
         Ok(())
@@ -1010,6 +1024,7 @@ impl KafkaSink {
     async fn send(
         &self,
         topic: &str,
+        partition: Option<i32>,
         key: Option<&[u8]>,
         payload: &[u8],
         id: Option<u64>,
@@ -1026,7 +1041,7 @@ impl KafkaSink {
             headers.push((QUERY_HEADER, tag.as_bytes()));
             headers.push((ID_HEADER, &id[..]));
         }
-        self.produce(topic, None, key, payload, &headers, pending)
+        self.produce(topic, partition, key, payload, &headers, pending)
             .await
     }
 
