@@ -491,9 +491,20 @@ impl StreamContext {
     pub async fn plan(&self, statement: DFStatement) -> Result<Option<StreamQuery>> {
         let unions_windows = unions_windows(&statement);
         let leaves_out = leaves_columns_out(&statement);
+        let shadowed = self.window_columns_read(&statement).await;
         self.plan_statement(statement)
             .await
-            .map_err(with_window_hint)
+            .map_err(|e| match shadowed_bound(&e, &shadowed) {
+                Some(column) => plan_datafusion_err!(
+                    "the query reads a table with a {column} column of its own (an upstream \
+                     window's bound, as declared), so a bare {column} names that column, not a \
+                     bound of this GROUP BY's window: this window's bounds are \
+                     window.window_start and window.window_end, e.g. SELECT k, \
+                     window.window_start AS window_start, sum(n) AS n FROM upstream GROUP BY \
+                     tumble(window_start, INTERVAL '10 minutes'), k"
+                ),
+                None => with_window_hint(e),
+            })
             .map_err(|e| match e {
                 // A union's second windowed branch loses its window columns.
                 datafusion::error::DataFusionError::Plan(m)
@@ -1417,6 +1428,23 @@ pub(crate) fn with_into_insert(statement: &mut DFStatement) {
 
 /// A window column asked for where no window makes it (`SELECT segment_id, window_start, …
 /// GROUP BY segment_id`): the planner's "no field named window_start" with the way to get one.
+/// The window column (`window_start`, `window_end`) that error `e` is about, when the query
+/// reads a table with such a column of its own (`shadowed`): a bare name is that column
+/// there, and a query taking it for its window's bound is told so.
+fn shadowed_bound(e: &datafusion::error::DataFusionError, shadowed: &[String]) -> Option<String> {
+    let message = e.to_string();
+    shadowed
+        .iter()
+        .find(|c| {
+            (message.contains("must appear in the GROUP BY")
+                && message.contains(&format!(".{c}\" must appear")))
+                || message.contains(&format!("No field named {c}."))
+                || message.contains(&format!("No field named {c}\n"))
+                || message.ends_with(&format!("No field named {c}"))
+        })
+        .cloned()
+}
+
 /// The columns `statement` leaves out of a `*` (`* EXCEPT (…)`, `* EXCLUDE (…)`), anywhere.
 fn leaves_columns_out(statement: &DFStatement) -> Vec<String> {
     use datafusion::sql::sqlparser::ast::{ExcludeSelectItem, SelectItem, SetExpr, Visit, Visitor};
