@@ -171,7 +171,7 @@ async fn parking_availability_and_full_alerts_through_the_broker() {
         .expect("consumer");
     let rows = read_at_least(
         &consumer,
-        lot_windows,
+        lot_windows + ward_windows,
         Duration::from_secs(15),
         Duration::from_secs(180),
     )

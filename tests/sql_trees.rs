@@ -13,8 +13,8 @@ use urbanstream::schema::SchemaRegistry;
 #[derive(Debug, Clone)]
 struct Tree(String, usize);
 
-/// Numbers and columns, with now and then a string that does not type-check in arithmetic
-/// (so that some trees fail planning for their types, deep in the tree).
+/// Numbers, columns and NULL (which makes some conditions never true, for the planner to
+/// find).
 fn leaf() -> impl Strategy<Value = Tree> {
     prop_oneof![
         8 => (0i64..1000).prop_map(|i| Tree(i.to_string(), 1)),

@@ -1104,8 +1104,18 @@ async fn a_restarted_query_shows_its_watermark_and_lag_before_new_records() -> a
         .await?;
         before.insert(name, q["watermark_ms"].as_i64().unwrap_or_default());
     }
-    // A checkpoint (every 2 s) holds both.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A checkpoint taken after the 90 were read holds each (every 2 s).
+    let read_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    for name in ["by_camera", "per_segment"] {
+        wait_for(&app, name, Duration::from_secs(30), |q| {
+            q["last_checkpoint"]["at_ms"]
+                .as_i64()
+                .is_some_and(|at| at >= read_at)
+        })
+        .await?;
+    }
     first.shutdown().await;
     drop(app);
     drop(first);
@@ -1116,6 +1126,8 @@ async fn a_restarted_query_shows_its_watermark_and_lag_before_new_records() -> a
         let q = wait_for(&app, name, Duration::from_secs(30), settled).await?;
         let w = q["watermark_ms"].as_i64().unwrap_or_default();
         assert!(w >= before[name] && w < t0 + 120_000, "{name}: {q}");
+        // From the checkpoint: nothing read again.
+        assert_eq!(q["rows_in"], 0, "{name}: {q}");
     }
     again.shutdown().await;
     drop(broker);

@@ -279,7 +279,14 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
                 let column = batch
                     .column_by_name(k)
                     .ok_or_else(|| Error::Config(format!("key column {k} is missing")))?;
-                Some(cast(column, &DataType::Utf8)?)
+                let texts = cast(column, &DataType::Utf8)?;
+                // A field of several kinds holds its values' JSON texts: a text's key is the
+                // text, not its quoted JSON (`A7`, not `"A7"`).
+                let values = batch
+                    .schema()
+                    .field_with_name(k)
+                    .is_ok_and(|f| f.metadata().contains_key(crate::sink::JSON_VALUE_TEXT));
+                Some(if values { unquoted(&texts) } else { texts })
             }
             None => None,
         };
@@ -408,4 +415,45 @@ async fn acknowledged(
 fn too_large(value: &[u8], row: &[u8]) -> String {
     let text = String::from_utf8_lossy(&row[..row.len().min(120)]);
     format!("{} bytes, beginning {text}…", value.len())
+}
+
+/// Texts of JSON values as the keys they stand for: a JSON string's own text, any other
+/// value's JSON text as it is.
+fn unquoted(texts: &datafusion::arrow::array::ArrayRef) -> datafusion::arrow::array::ArrayRef {
+    use datafusion::arrow::array::AsArray;
+    let keys: StringArray = texts
+        .as_string::<i32>()
+        .iter()
+        .map(|t| {
+            t.map(|t| match serde_json::from_str::<String>(t) {
+                Ok(inner) => inner,
+                Err(_) => t.to_string(),
+            })
+        })
+        .collect();
+    std::sync::Arc::new(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{ArrayRef, AsArray, StringArray};
+
+    /// A key column of a JSON field of several kinds holds its values' JSON texts: a text
+    /// keys its records by itself, as it did before the field held other kinds too.
+    #[test]
+    fn a_key_of_several_kinds_is_the_text_not_its_json() {
+        let texts: ArrayRef = std::sync::Arc::new(StringArray::from(vec![
+            Some("\"A7\""),
+            Some("101"),
+            None,
+            Some("\"a\\\"b\""),
+            Some("[1]"),
+        ]));
+        let keys = super::unquoted(&texts);
+        let keys: Vec<Option<&str>> = keys.as_string::<i32>().iter().collect();
+        assert_eq!(
+            keys,
+            [Some("A7"), Some("101"), None, Some("a\"b"), Some("[1]")]
+        );
+    }
 }

@@ -1707,6 +1707,7 @@ async fn publish(
             &table.options.topic,
             &batch,
             table.options.key.as_deref(),
+            table.options.keyless_in_order,
             pending,
         )
         .await?;

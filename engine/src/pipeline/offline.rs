@@ -1059,7 +1059,7 @@ fn without_malformed_lines(
     for line in lines(file)? {
         match parse(&line.map_err(failed)?) {
             Some(Ok(fields)) => {
-                for (name, value) in &fields {
+                for (name, value) in fields.iter() {
                     let Some(kind) = json_kind(value) else {
                         continue;
                     };
@@ -1154,8 +1154,64 @@ fn without_malformed_lines(
     Ok((Some(out.into_temp_path()), malformed, carried))
 }
 
-/// A JSON line's fields, each as the JSON text it is written as.
-type Fields<'a> = BTreeMap<String, &'a serde_json::value::RawValue>;
+/// A JSON line's fields in the line's order, each as the JSON text it is written as; a name
+/// given twice holds its last value, at its first place (a line rewritten keeps the order the
+/// columns are found in).
+#[derive(Debug)]
+struct Fields<'a>(Vec<(String, &'a serde_json::value::RawValue)>);
+
+impl<'a> Fields<'a> {
+    fn iter(&self) -> impl Iterator<Item = &(String, &'a serde_json::value::RawValue)> {
+        self.0.iter()
+    }
+
+    fn get(&self, name: &str) -> Option<&'a serde_json::value::RawValue> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Object<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Object<'a> {
+            type Value = Fields<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> std::result::Result<Fields<'a>, M::Error> {
+                let mut fields: Vec<(String, &'a serde_json::value::RawValue)> = Vec::new();
+                // Where each name is, once a line has many (a linear search before).
+                let mut places: HashMap<String, usize> = HashMap::new();
+                while let Some((name, value)) =
+                    map.next_entry::<String, &'de serde_json::value::RawValue>()?
+                {
+                    if fields.len() == 16 && places.is_empty() {
+                        places.extend(fields.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)));
+                    }
+                    let place = if fields.len() < 16 {
+                        fields.iter().position(|(n, _)| *n == name)
+                    } else {
+                        places.get(&name).copied()
+                    };
+                    match place {
+                        Some(i) => fields[i].1 = value,
+                        None => {
+                            if fields.len() >= 16 {
+                                places.insert(name.clone(), fields.len());
+                            }
+                            fields.push((name, value));
+                        }
+                    }
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(Object(std::marker::PhantomData))
+    }
+}
 
 /// The most fields of a JSON-lines file whose kinds of value are checked line by line.
 const MAX_FIELDS_CHECKED: usize = 4096;

@@ -517,13 +517,17 @@ impl Pipeline {
             (changes, at)
         };
         if only.is_none()
-            && let Some(c) = &mut self.checkpoints
+            && let Some(c) = &self.checkpoints
             && c.written.as_ref() == Some(&taken_at)
             && c.replay.is_none()
         {
-            c.last = std::time::Instant::now();
             // The newest checkpoint still holds the state: its age (a metric operators alert
-            // on) counts from now.
+            // on) counts from now, once it is written (the one recorded before may be older
+            // than the state it holds).
+            self.finish_writing().await?;
+            if let Some(c) = &mut self.checkpoints {
+                c.last = std::time::Instant::now();
+            }
             if let Ok(mut last) = self.stats.last_checkpoint.lock()
                 && let Some(last) = last.as_mut()
             {

@@ -726,12 +726,14 @@ pub(super) fn plan_chain(
                 )
             })? =>
         {
-            // A ranking of the rows below carries no window of theirs up.
+            // A window function over the rows below (a ranking) carries no window of theirs
+            // up.
             return plan_err!(
-                "a ranking (ROW_NUMBER, RANK or DENSE_RANK … OVER) between two windowed \
-                 aggregations is not supported yet: rank the last aggregation's rows instead \
-                 (… OVER (PARTITION BY window_start …) over the {window_name}() aggregation), \
-                 or publish the ranked rows to a topic and aggregate it in a second query"
+                "a window function (… OVER (…), such as a ranking with ROW_NUMBER, RANK or \
+                 DENSE_RANK) between two windowed aggregations is not supported yet: apply it \
+                 to the last aggregation's rows instead (… OVER (PARTITION BY window_start …) \
+                 over the {window_name}() aggregation), or publish its rows to a topic and \
+                 aggregate that in a second query"
             );
         }
         (None, _) => {

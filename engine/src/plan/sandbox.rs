@@ -214,6 +214,19 @@ fn nesting(statement: &DFStatement) -> usize {
             self.now -= 1;
             ControlFlow::Continue(())
         }
+        // A join in brackets (`FROM ((a JOIN b ON …))`) is a level the planner recurses into.
+        fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+            if matches!(factor, TableFactor::NestedJoin { .. }) {
+                return self.enter();
+            }
+            ControlFlow::Continue(())
+        }
+        fn post_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+            if matches!(factor, TableFactor::NestedJoin { .. }) {
+                self.now -= 1;
+            }
+            ControlFlow::Continue(())
+        }
     }
     let mut depth = Depth { now: 0, max: 0 };
     let _ = match statement {
@@ -926,36 +939,54 @@ mod nesting_tests {
         )
     }
 
-    /// The parser's own recursion limit sits below the nesting limit for some constructs; a
-    /// statement within the nesting limit must parse, and one past it must be refused
-    /// naming the limit, never with a syntax error about a token it did not expect.
+    /// The parser's own recursion limit sat below the nesting limit for some constructs (a
+    /// parenthesised CASE 30 deep was a syntax error): a statement within the nesting limit
+    /// parses, and one past it is refused naming the limit, never with a syntax error about
+    /// a token the parser did not expect.
     #[test]
     fn nesting_within_the_limit_parses_and_past_it_is_refused_for_it() {
+        // (opening, closing, levels of the tree per step, levels besides the steps: the
+        // query, the innermost column, and for CASE its condition's comparison.)
         let shapes = [
-            ("(CASE WHEN lane > 1 THEN ", " ELSE 0 END)"),
-            ("NOT (", ")"),
-            ("abs(", ")"),
-            ("(SELECT ", ")"),
-            ("-(", ")"),
-            ("(", " + 1)"),
+            ("(CASE WHEN lane > 1 THEN ", " ELSE 0 END)", 2, 3),
+            ("NOT (", ")", 2, 2),
+            ("abs(", ")", 1, 2),
+            ("(SELECT ", ")", 2, 2),
+            ("-(", ")", 2, 2),
+            ("(", " + 1)", 2, 2),
         ];
-        for (open, close) in shapes {
-            for levels in [10, 30, 45, 60, 90, 120, 400] {
-                let sql = nested(levels, open, close);
+        for (open, close, per_step, besides) in shapes {
+            for steps in [10, 30, 45, 48, 49, 60, 90, 97, 98, 99, 120, 400] {
+                let depth = per_step * steps + besides;
+                let sql = nested(steps, open, close);
                 match parse_checked(&sql) {
                     Ok(statements) => {
-                        let depth = nesting(&statements[0]);
-                        assert!(depth <= MAX_NESTING, "{open}…{close} × {levels}: {depth}");
+                        assert!(depth <= MAX_NESTING, "{open}…{close} × {steps}: planned");
+                        assert_eq!(nesting(&statements[0]), depth, "{open}…{close} × {steps}");
                     }
                     Err(e) => {
                         let e = e.to_string();
                         assert!(
-                            e.contains(&format!("limit of {MAX_NESTING}")),
-                            "{open}…{close} × {levels}: {e}"
+                            depth > MAX_NESTING && e.contains(&format!("limit of {MAX_NESTING}")),
+                            "{open}…{close} × {steps} ({depth} deep): {e}"
                         );
                     }
                 }
             }
         }
+        // Joins in brackets are levels too.
+        let joins = |steps: usize| {
+            format!(
+                "SELECT 1 AS x FROM {}camera_events a JOIN camera_events b ON a.lane = b.lane{}",
+                "(".repeat(steps),
+                ")".repeat(steps)
+            )
+        };
+        assert!(parse_checked(&joins(50)).is_ok());
+        let e = parse_checked(&joins(300))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("limit of {MAX_NESTING}")), "{e}");
     }
 }

@@ -496,9 +496,9 @@ impl StreamContext {
             .await
             .map_err(|e| match shadowed_bound(&e, &shadowed) {
                 Some(column) => plan_datafusion_err!(
-                    "the query reads a table with a {column} column of its own (an upstream \
-                     window's bound, as declared), so a bare {column} names that column, not a \
-                     bound of this GROUP BY's window: this window's bounds are \
+                    "the statement reads a table with a {column} column of its own (an \
+                     upstream window's bound, as declared), so a bare {column} in it names a \
+                     column, not a bound of a GROUP BY's window: a window's bounds are \
                      window.window_start and window.window_end, e.g. SELECT k, \
                      window.window_start AS window_start, sum(n) AS n FROM upstream GROUP BY \
                      tumble(window_start, INTERVAL '10 minutes'), k"
@@ -522,8 +522,10 @@ impl StreamContext {
                 datafusion::error::DataFusionError::SchemaError(e, _)
                     if matches!(
                         e.as_ref(),
-                        datafusion::common::SchemaError::FieldNotFound { field, .. }
-                            if leaves_out.iter().any(|c| c.eq_ignore_ascii_case(&field.name))
+                        datafusion::common::SchemaError::FieldNotFound { field, valid_fields }
+                            if field.relation.is_none()
+                                && leaves_out.iter().any(|c| c.eq_ignore_ascii_case(&field.name))
+                                && !valid_fields.iter().any(|v| v.name == field.name)
                     ) =>
                 {
                     let datafusion::common::SchemaError::FieldNotFound {
@@ -1426,8 +1428,6 @@ pub(crate) fn with_into_insert(statement: &mut DFStatement) {
     **s = insert;
 }
 
-/// A window column asked for where no window makes it (`SELECT segment_id, window_start, …
-/// GROUP BY segment_id`): the planner's "no field named window_start" with the way to get one.
 /// The window column (`window_start`, `window_end`) that error `e` is about, when the query
 /// reads a table with such a column of its own (`shadowed`): a bare name is that column
 /// there, and a query taking it for its window's bound is told so.
@@ -1485,6 +1485,8 @@ fn leaves_columns_out(statement: &DFStatement) -> Vec<String> {
     finds.0
 }
 
+/// A window column asked for where no window makes it (`SELECT segment_id, window_start, …
+/// GROUP BY segment_id`): the planner's "no field named window_start" with the way to get one.
 fn with_window_hint(e: datafusion::error::DataFusionError) -> datafusion::error::DataFusionError {
     let message = e.to_string();
     // The column itself, not one whose name begins with it (window_start_utc).
@@ -2215,8 +2217,6 @@ pub(super) fn unretractable<T>(what: &str) -> Result<T> {
     )
 }
 
-/// The column of `leaf` that column `index` of `plan` is, through projections and filters
-/// (a column itself, or a field of it: a window's bounds); none when it is computed.
 /// Per output column of `upper` (over the aggregation's rows at `leaf`, whose first `keys`
 /// columns are its group keys and window): whether it is an aggregate's result as it is.
 pub(super) fn aggregate_outputs(
@@ -2229,6 +2229,8 @@ pub(super) fn aggregate_outputs(
         .collect()
 }
 
+/// The column of `leaf` that column `index` of `plan` is, through projections and filters
+/// (a column itself, or a field of it: a window's bounds); none when it is computed.
 fn leaf_column(
     plan: &Arc<dyn ExecutionPlan>,
     index: usize,
@@ -3434,7 +3436,16 @@ impl StreamQuery {
         // without a key would go to any partition. A sink without one is keyed by the
         // window's bound, so every row of a window goes to one partition.
         let sink = match self.rows_change()? {
-            Some(why) if sink.options.key.is_none() => {
+            Some(_) if sink.options.key.is_some() => {
+                let mut options = sink.options.clone();
+                options.keyless_in_order = true;
+                Arc::new(StreamTable {
+                    name: sink.name.clone(),
+                    topic_schema: sink.topic_schema.clone(),
+                    options,
+                })
+            }
+            Some(why) => {
                 let sink_fields = sink.topic_schema.output_schema();
                 let Some(bound) = ["window_start", "window_end"].into_iter().find(|c| {
                     self.output_schema.field_with_name(c).is_ok()

@@ -63,6 +63,10 @@ pub struct StreamOptions {
     /// e.g. `segment_id, window_start`): a record replaces the earlier one with the same
     /// values, and one whose `op` is `retract` deletes it. Empty: every record is an event.
     pub upsert_key: Vec<String>,
+    /// For a sink whose rows are published more than once (revised, fired early,
+    /// withdrawn): a row whose key column is NULL or empty, which has no key to place it by,
+    /// goes to partition 0, so that its revisions stay in order. Set by the planner.
+    pub keyless_in_order: bool,
 }
 
 /// Refuses what is not a topic name Kafka takes (1 to 249 of `A-Z a-z 0-9 . _ -`, not `.` or
@@ -106,6 +110,7 @@ impl StreamOptions {
             key: None,
             upsert_key: Vec::new(),
             protobuf_message: None,
+            keyless_in_order: false,
         }
     }
 

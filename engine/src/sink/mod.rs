@@ -907,13 +907,15 @@ impl KafkaSink {
 
     /// Publishes each row of `batch` (already conformed to the topic's schema) as JSON (or as
     /// Avro or Protobuf, for a topic given to [`KafkaSink::write_as`]), keyed by the column
-    /// `key_column`
-    /// (its text form), or without key.
+    /// `key_column` (its text form), or without key. With `keyless_in_order`, a row whose key
+    /// is NULL or empty goes to partition 0 (see
+    /// [`crate::plan::table::StreamOptions::keyless_in_order`]).
     pub async fn send_rows(
         &self,
         topic: &str,
         batch: &RecordBatch,
         key_column: Option<&str>,
+        keyless_in_order: bool,
         pending: &mut Pending,
     ) -> Result<()> {
         let keys = match key_column {
@@ -934,10 +936,13 @@ impl KafkaSink {
             let key = keys
                 .filter(|k| !k.is_null(r))
                 .map(|k| k.value(r).as_bytes());
-            // A row keyed by a column whose value is NULL or empty has no key to place it
-            // by (the producer spreads such records over the partitions at random): it goes
-            // to the first partition, so that a window's revisions of it stay in order.
-            let partition = (key_column.is_some() && key.is_none_or(<[u8]>::is_empty)).then_some(0);
+            // A revised row keyed by a column whose value is NULL or empty has no key to
+            // place it by (the producer spreads such records over the partitions at random):
+            // it goes to the first partition, so that a window's revisions of it stay in
+            // order.
+            let partition =
+                (keyless_in_order && key_column.is_some() && key.is_none_or(<[u8]>::is_empty))
+                    .then_some(0);
             let json = &bytes[start..end];
             start = end + 1;
             let encoded;
