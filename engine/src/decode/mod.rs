@@ -612,7 +612,12 @@ impl JsonDecoder {
         let mut decoder = self.new_decoder(range.len())?;
         let mut good: Vec<u32> = Vec::with_capacity(range.len());
         for i in range.clone() {
-            if let Some(error) = self.shape.oversize(raw, i) {
+            let value = raw.value(i);
+            if let Some(error) = self
+                .shape
+                .oversize(raw, i)
+                .or_else(|| nested_too_deep(value))
+            {
                 rejects.push(Reject {
                     index: i as u32,
                     stage: RejectStage::Decode,
@@ -620,7 +625,6 @@ impl JsonDecoder {
                 });
                 continue;
             }
-            let value = raw.value(i);
             match feed_one(&mut decoder, value, good.len()) {
                 Ok(()) => good.push(i as u32),
                 Err(error) => {
@@ -772,6 +776,44 @@ impl JsonDecoder {
             .and_then(|()| decoder.flush().map_err(|e| json_message(&e)))
             .err()
     }
+}
+
+/// Deepest nesting of arrays and objects a JSON record may have: far more than any schema's
+/// types, far less than what overflows a thread's stack.
+pub const MAX_JSON_DEPTH: usize = 128;
+
+/// Why JSON `value` is refused for its nesting, if it nests arrays and objects deeper than
+/// [`MAX_JSON_DEPTH`]: the JSON reader describes a value it cannot take by walking it
+/// recursively, and `[[[…]]]` 60 000 deep (120 KB, within the record size limit) overflowed
+/// the stack of the query's thread and aborted the process, at every restart again. A scan of
+/// the bytes, strings skipped; the reader judges everything else.
+pub fn nested_too_deep(value: &[u8]) -> Option<String> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in value {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Some(format!(
+                        "the record nests arrays or objects more than {MAX_JSON_DEPTH} deep"
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The boolean a text writes: `true` or `false`, any case, spaces around (not arrow's `yes`,

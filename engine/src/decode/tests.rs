@@ -688,3 +688,41 @@ fn a_boolean_written_as_text_is_the_boolean() {
     let b = all.batch.column(1).as_boolean();
     assert!((0..100).all(|i| b.value(i) == (i % 2 == 0)));
 }
+
+/// A record nested far deeper than any schema (`[[[…]]]` 40 000 deep, 80 KB: within the
+/// record size limit) is rejected like any malformed record: it overflowed the stack of the
+/// query's thread, and the process aborted again on every restart.
+#[test]
+fn a_record_nested_deeper_than_any_schema_is_rejected() {
+    let handle = std::thread::Builder::new()
+        .stack_size(2 * 1024 * 1024)
+        .spawn(|| {
+            for depth in [1_000, 40_000, 120_000] {
+                let arrays = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+                let objects = format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth));
+                let inside = format!(
+                    "{{\"camera_id\":\"c1\",\"segment_id\":\"s1\",\"event_time\":1767222000000,\
+                     \"kind\":\"detection\",\"x\":{arrays}}}"
+                );
+                for record in [arrays.as_str(), objects.as_str(), inside.as_str()] {
+                    let d = camera_decoder()
+                        .decode(&raw(&[GOOD, record.as_bytes(), GOOD2]))
+                        .expect("decoded");
+                    assert_eq!(d.batch.num_rows(), 2, "{depth}");
+                    assert_eq!(d.rejects.len(), 1, "{depth}");
+                    // (Or, when larger than a record may be, for its size.)
+                    if depth > MAX_JSON_DEPTH {
+                        let error = &d.rejects[0].error;
+                        assert!(
+                            error.contains("more than 128 deep")
+                                || (record.len() > 262_144 && error.contains("over the limit")),
+                            "{depth}: {}",
+                            d.rejects[0].error
+                        );
+                    }
+                }
+            }
+        })
+        .expect("thread");
+    handle.join().expect("no overflow");
+}
