@@ -33,7 +33,7 @@ pub enum Error {
     Config(String),
     /// Kafka client error (broker unreachable, request failed, ...). Often transient.
     #[error("kafka: {0}")]
-    Kafka(#[from] KafkaError),
+    Kafka(KafkaError),
     /// DataFusion planning or execution error.
     #[error("datafusion: {0}")]
     DataFusion(#[from] DataFusionError),
@@ -116,3 +116,37 @@ impl Error {
 
 /// Result with the engine's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<KafkaError> for Error {
+    /// A client configuration error without a secret's value: librdkafka's message quotes
+    /// the value it refuses (`Invalid value "…" for configuration property "ssl.key.pem"`, a
+    /// private key), and the error is logged and shown.
+    fn from(e: KafkaError) -> Self {
+        match e {
+            KafkaError::ClientConfig(res, desc, key, value)
+                if is_secret_property(&key) && !value.is_empty() =>
+            {
+                let desc = desc.replace(value.as_str(), "<redacted>");
+                Error::Kafka(KafkaError::ClientConfig(
+                    res,
+                    desc,
+                    key,
+                    "<redacted>".into(),
+                ))
+            }
+            e => Error::Kafka(e),
+        }
+    }
+}
+
+/// Whether a librdkafka property holds a secret (passwords, keys, tokens, JAAS config,
+/// OAUTHBEARER's settings, which carry client secrets).
+pub fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    (["password", "secret", "token", "jaas", "key", "credential"]
+        .iter()
+        .any(|word| key.contains(word))
+        || key.starts_with("sasl.oauthbearer."))
+        && !key.ends_with(".location")
+        && key != "sasl.oauthbearer.method"
+}

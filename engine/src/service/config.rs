@@ -427,11 +427,7 @@ const REDACTED: &str = "<redacted>";
 
 /// Whether a librdkafka property holds a secret (passwords, keys, tokens, JAAS config).
 pub fn is_secret(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    ["password", "secret", "token", "jaas", "key"]
-        .iter()
-        .any(|word| key.contains(word))
-        && !key.ends_with(".location")
+    crate::error::is_secret_property(key)
 }
 
 /// A figment error as one line naming the key and where its value came from.
@@ -618,6 +614,30 @@ mod tests {
         });
     }
 
+    /// librdkafka's refusal of a property quotes the value it refuses: not a secret's (a
+    /// private key in `ssl.key.pem`, a client secret in `sasl.oauthbearer.config`).
+    #[test]
+    fn a_client_refused_for_a_secret_does_not_show_it() {
+        for (key, value) in [
+            ("ssl.key.pem", "HUNTER2-pem"),
+            (
+                "sasl.oauthbearer.config",
+                "principal=city client_secret=0auth",
+            ),
+            ("ssl.key.password", "pw2"),
+        ] {
+            assert!(is_secret(key), "{key}");
+            let mut client = rdkafka::ClientConfig::new();
+            client.set(key, value);
+            if let Err(e) = client.create::<rdkafka::producer::BaseProducer>() {
+                let shown = crate::Error::from(e).to_string();
+                assert!(!shown.contains(value), "{key}: {shown}");
+                assert!(shown.contains(key), "{key}: {shown}");
+            }
+        }
+        assert!(!is_secret("sasl.oauthbearer.method") && !is_secret("ssl.key.location"));
+    }
+
     #[test]
     fn librdkafka_properties_pass_through_and_secrets_are_hidden() {
         Jail::expect_with(|jail| {
@@ -626,6 +646,7 @@ mod tests {
                 "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\
                  \"sasl.username\" = \"city\"\n\"sasl.password\" = \"hunter2\"\n\
                  \"ssl.key.location\" = \"/k.pem\"\n\"ssl.key.password\" = \"pw2\"\n\
+                 \"sasl.oauthbearer.config\" = \"principal=city client_secret=0auth\"\n\
                  [api]\ntoken = \"t0ps3cret\"\n\
                  [schema_registry]\nurl = \"https://city:r3g1stry@registry:8081\"\n\
                  [checkpoint]\nurl = \"s3://minio:m1n10pw@city/checkpoints\"\n\
@@ -645,6 +666,7 @@ mod tests {
                 "m1n10pw",
                 "S3CR3T",
                 "s3ss10n",
+                "0auth",
             ] {
                 assert!(!shown.contains(secret), "{secret} shown in {shown}");
             }
