@@ -1134,6 +1134,75 @@ async fn a_restarted_query_shows_its_watermark_and_lag_before_new_records() -> a
     Ok(())
 }
 
+/// Two queries registered at once, each reading what the other writes, make a loop that
+/// would pass a record round without end: one of them is refused, as it is when they come one
+/// after the other (each was checked before the other was registered, and both were taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_queries_feeding_each_other_registered_at_once_are_refused() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let dir = tempfile::tempdir()?;
+    let service = service(&broker.bootstrap_servers(), dir.path()).await?;
+    let app = api::router(service.clone());
+    let relay = |from: &str, to: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE src (k VARCHAR) STORED AS KAFKA OPTIONS ('topic' '{from}');
+             CREATE EXTERNAL TABLE dst (k VARCHAR) STORED AS KAFKA OPTIONS ('topic' '{to}');
+             INSERT INTO dst SELECT k FROM src"
+        )
+    };
+    for round in 0..8 {
+        let (a, b) = (format!("loop.{round}.a"), format!("loop.{round}.b"));
+        let (there, back) = (relay(&a, &b), relay(&b, &a));
+        let post = |name: String, sql: String| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                call(
+                    &app,
+                    "POST",
+                    "/v1/queries",
+                    Some(TOKEN),
+                    Some(json!({"name": name, "sql": sql})),
+                )
+                .await
+            })
+        };
+        let (first, second) = tokio::join!(
+            post(format!("there{round}"), there),
+            post(format!("back{round}"), back)
+        );
+        let (first, second) = (first??, second??);
+        let created = [&first, &second]
+            .iter()
+            .filter(|(status, _)| *status == StatusCode::CREATED)
+            .count();
+        assert_eq!(created, 1, "round {round}: {first:?} {second:?}");
+        let (refused, taken) = if first.0 == StatusCode::CREATED {
+            (&second, format!("there{round}"))
+        } else {
+            (&first, format!("back{round}"))
+        };
+        assert!(
+            refused
+                .1
+                .to_string()
+                .contains("whose records come back to it"),
+            "{refused:?}"
+        );
+        // (The service's test limit is three queries.)
+        let (status, body) = call(
+            &app,
+            "DELETE",
+            &format!("/v1/queries/{taken}"),
+            Some(TOKEN),
+            None,
+        )
+        .await?;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    }
+    service.shutdown().await;
+    Ok(())
+}
+
 /// A query repartitioned through an internal topic goes back to a savepoint: both stages go
 /// back (the input to the savepoint's positions, the internal topic to its second stage's),
 /// and the window open at the savepoint is computed again, counting each event once (the

@@ -592,6 +592,10 @@ pub struct QueryManager {
     /// One lock per query name, held by whatever changes a query's life (create, drop,
     /// pause, resume, restart, upgrade, savepoint), so that those run one at a time.
     operations: NamedLocks,
+    /// Held while a query's SQL is checked against the other queries' and registered (create,
+    /// upgrade): two queries registered at once, each feeding the other, were each checked
+    /// before the other was there, and a record went round between them without end.
+    registering: tokio::sync::Mutex<()>,
 }
 
 /// The name of the table or view `statement` declares, as SQL resolves it (unquoted in
@@ -768,6 +772,7 @@ impl QueryManager {
             replacements: Arc::new(tokio::sync::Semaphore::new(2)),
             followers,
             operations: NamedLocks::default(),
+            registering: tokio::sync::Mutex::new(()),
             config,
             catalog: Arc::new(Mutex::new(catalog)),
             queries: Mutex::new(BTreeMap::new()),
@@ -1627,6 +1632,7 @@ impl QueryManager {
                 max.as_u64()
             )));
         }
+        let registering = self.registering.lock().await;
         self.validate(sql).await?;
         let entry = CatalogEntry {
             name: name.to_string(),
@@ -1661,6 +1667,7 @@ impl QueryManager {
             queries.insert(name.to_string(), handle.clone());
             handle
         };
+        drop(registering);
         info!(query = name, "query registered");
         self.start(&handle).await;
         Ok(handle.status())
@@ -1860,6 +1867,8 @@ impl QueryManager {
             )));
         }
         let sql = request.sql.unwrap_or_else(|| handle.entry.sql.clone());
+        // Until the new SQL is the query's (see `registering`).
+        let _registering = self.registering.lock().await;
         let planned = self.plan_request(&sql).await?;
         self.check_outputs(&statements(&planned)?, Some(name), false)
             .await?;
