@@ -50,6 +50,9 @@ pub const MAX_TABLES: usize = 64;
 /// Longest a request's planning may take, waiting for a planning thread included.
 pub const PLANNING_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How a statement refused because every planning thread is busy begins.
+pub const BUSY_PLANNING: &str = "the service is busy planning other statements";
+
 /// Statements planned at once, at most.
 const PLANNING_THREADS: usize = 4;
 
@@ -303,6 +306,20 @@ pub fn check_statement(statement: &DFStatement) -> Result<()> {
                     "LOCATION is not available in stream queries: a KAFKA table names its topic \
                      in OPTIONS ('topic' '…')"
                 );
+            }
+            // An option given twice took its last value, silently ('format' 'json', …,
+            // 'format' 'avro').
+            let mut seen = std::collections::HashSet::new();
+            for (key, _) in &create.options {
+                let key = key.to_ascii_lowercase();
+                let bare = key.strip_prefix("format.").unwrap_or(&key).to_string();
+                if !seen.insert(bare.clone()) {
+                    return plan_err!(
+                        "option '{bare}' is given twice in the OPTIONS of {}: give each option \
+                         once",
+                        create.name
+                    );
+                }
             }
             // `public.cams` is DataFusion's default schema's table `cams`.
             let default_schema = create.name.0.len() == 2
@@ -613,9 +630,7 @@ where
         .clone();
     let deadline = tokio::time::Instant::now() + PLANNING_TIMEOUT;
     let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, permits.acquire_owned()).await else {
-        return plan_err!(
-            "the service is busy planning other statements: try again in a few seconds"
-        );
+        return plan_err!("{BUSY_PLANNING}: try again in a few seconds");
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     planning_thread(move || {

@@ -201,6 +201,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotFound(m) => Self::new(StatusCode::NOT_FOUND, m),
             ServiceError::Conflict(m) => Self::new(StatusCode::CONFLICT, m),
             ServiceError::Internal(m) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, m),
+            ServiceError::Busy(m) => Self::new(StatusCode::SERVICE_UNAVAILABLE, m),
         }
     }
 }

@@ -77,6 +77,8 @@ pub enum ServiceError {
     Conflict(String),
     /// The service could not do it (the catalog could not be written).
     Internal(String),
+    /// The service cannot take it now (every planning thread busy): ask again shortly.
+    Busy(String),
 }
 
 impl std::fmt::Display for ServiceError {
@@ -85,7 +87,8 @@ impl std::fmt::Display for ServiceError {
             ServiceError::Invalid { message, .. }
             | ServiceError::NotFound(message)
             | ServiceError::Conflict(message)
-            | ServiceError::Internal(message) => f.write_str(message),
+            | ServiceError::Internal(message)
+            | ServiceError::Busy(message) => f.write_str(message),
         }
     }
 }
@@ -1140,9 +1143,14 @@ impl QueryManager {
             return Err(ServiceError::invalid("sql is empty"));
         }
         let ctx = self.context()?;
-        let planned = plan_all(&ctx, sql)
-            .await
-            .map_err(|e| ServiceError::invalid(sql_error_message(&e)))?;
+        let planned = plan_all(&ctx, sql).await.map_err(|e| {
+            let message = sql_error_message(&e);
+            if message.starts_with(crate::plan::sandbox::BUSY_PLANNING) {
+                ServiceError::Busy(message)
+            } else {
+                ServiceError::invalid(message)
+            }
+        })?;
         if planned.is_empty() {
             return Err(ServiceError::invalid(
                 "no stream query: the SQL must hold an INSERT INTO <stream table> SELECT … \
