@@ -367,11 +367,7 @@ pub fn encode_json_rows(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<usize>)> {
                 &DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Millisecond, None),
             )?;
             columns.push(cast(&ms, &DataType::Int64)?);
-            fields.push(Field::new(
-                field.name(),
-                DataType::Int64,
-                field.is_nullable(),
-            ));
+            fields.push(Field::new(field.name(), DataType::Int64, true));
         } else if let DataType::Decimal128(p, s) | DataType::Decimal256(p, s) = field.data_type()
             && *s < 0
         {
@@ -379,12 +375,15 @@ pub fn encode_json_rows(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<usize>)> {
             // (`000` for 1 200, not JSON): the same number at scale 0, exactly.
             let whole = DataType::Decimal256((i16::from(*p) - i16::from(*s)).min(76) as u8, 0);
             columns.push(cast(column, &whole)?);
-            fields.push(Field::new(field.name(), whole, field.is_nullable()));
+            fields.push(Field::new(field.name(), whole, true));
         } else {
             columns.push(column.clone());
-            fields.push(field.as_ref().clone());
+            fields.push(field.as_ref().clone().with_nullable(true));
         }
     }
+    // Every field nullable: a function may give NULL where its result is declared NOT NULL
+    // (`to_timestamp_seconds` past the timestamps' range), and the rows were refused whole
+    // (a preview answered 500); JSON writes the null.
     let plain = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
     let mut writer = WriterBuilder::new()
         .with_explicit_nulls(true)
