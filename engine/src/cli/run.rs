@@ -445,6 +445,37 @@ mod tests {
         Ok(())
     }
 
+    /// A file of more columns than a stream's rows have is refused at once, naming the limit:
+    /// 300 000 columns in one CSV row took minutes (a preview went on past its time limit).
+    #[tokio::test]
+    async fn a_file_of_too_many_columns_is_refused_naming_the_limit() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let query = dir.path().join("q.sql");
+        std::fs::write(&query, "SELECT camera_id FROM camera_events")
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let names: Vec<String> = (0..5_000).map(|i| format!("c{i}")).collect();
+        let csv = format!("{}\n{}\n", names.join(","), vec!["1"; 5_000].join(","));
+        let fields: Vec<String> = names.iter().map(|n| format!("\"{n}\":null")).collect();
+        let jsonl = format!("{{{}}}\n", fields.join(","));
+        for (name, text) in [("wide.csv", csv), ("wide.jsonl", jsonl)] {
+            let input = dir.path().join(name);
+            std::fs::write(&input, text).map_err(|e| Error::Config(e.to_string()))?;
+            let args = RunArgs {
+                query: query.clone(),
+                input,
+                rename: Vec::new(),
+                time_unit: None,
+                time_zone: "+00:00".into(),
+                limit: 10,
+                output: None,
+                reference: Vec::new(),
+            };
+            let error = run_file(&args).await.map(|_| ()).unwrap_err().to_string();
+            assert!(error.contains("over the limit of 4096"), "{name}: {error}");
+        }
+        Ok(())
+    }
+
     /// A file that only looks like Parquet is refused with the reason: `PAR1PAR1` (8 bytes)
     /// panicked the Parquet reader, and a preview (the same path, with a client's bytes)
     /// answered 500.

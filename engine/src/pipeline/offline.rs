@@ -994,6 +994,9 @@ fn without_malformed_lines(
             }
         }
         let width = header.len();
+        if width > MAX_FIELDS_CHECKED {
+            return Err(too_many_columns(&shown, width));
+        }
         let mut record = csv::ByteRecord::new();
         while reader
             .read_byte_record(&mut record)
@@ -1055,14 +1058,16 @@ fn without_malformed_lines(
         match parse(&line.map_err(failed)?) {
             Some(Ok(fields)) => {
                 for (name, value) in fields.iter() {
-                    let Some(kind) = json_kind(value) else {
-                        continue;
-                    };
-                    // (Bounded: a file of ever new field names is not a stream's rows.)
-                    if let Some(counts) = kinds.get_mut(name) {
+                    // A field only ever null is a column too.
+                    if !kinds.contains_key(name) {
+                        // A file of ever new field names is not a stream's rows.
+                        if kinds.len() >= MAX_FIELDS_CHECKED {
+                            return Err(too_many_columns(&shown, kinds.len() + 1));
+                        }
+                        kinds.insert(name.clone(), [0; 5]);
+                    }
+                    if let (Some(kind), Some(counts)) = (json_kind(value), kinds.get_mut(name)) {
                         counts[kind] += 1;
-                    } else if kinds.len() < MAX_FIELDS_CHECKED {
-                        kinds.entry(name.clone()).or_default()[kind] += 1;
                     }
                 }
             }
@@ -1208,7 +1213,18 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
     }
 }
 
-/// The most fields of a JSON-lines file whose kinds of value are checked line by line.
+/// The refusal of file `shown` for its `columns` columns (more than [`MAX_FIELDS_CHECKED`]):
+/// the rows are read through a query naming each column, whose planning grows faster than
+/// the columns (300 000 columns took minutes, past a preview's time limit).
+fn too_many_columns(shown: &str, columns: usize) -> Error {
+    Error::Config(format!(
+        "{shown}: {columns} columns or more, over the limit of {MAX_FIELDS_CHECKED}: a stream's \
+         rows have fewer; leave out the columns the query does not read"
+    ))
+}
+
+/// The most columns of a file read as a stream's rows (a CSV's, or the distinct fields of
+/// JSON lines, whose kinds of value are checked line by line).
 const MAX_FIELDS_CHECKED: usize = 4096;
 
 /// The kinds of JSON value a column of one type holds, as [`json_kind`] numbers them.
