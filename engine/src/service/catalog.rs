@@ -13,6 +13,9 @@ pub use crate::files::write_atomically;
 /// Version of the catalog file's layout.
 const VERSION: u32 = 1;
 
+/// Names of dropped queries the catalog remembers, at most.
+pub const MAX_DROPPED: usize = 10_000;
+
 /// A registered query.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CatalogEntry {
@@ -118,12 +121,20 @@ impl Catalog {
         Ok(was_dropped)
     }
 
-    /// Removes the query `name`, remembers that it was dropped, and writes the catalog.
+    /// Removes the query `name`, remembers that it was dropped (the last [`MAX_DROPPED`]
+    /// names), and writes the catalog.
     pub fn remove(&mut self, name: &str) -> Result<()> {
         self.update(|file| {
             file.queries.retain(|e| e.name != name);
             if !file.dropped.iter().any(|n| n == name) {
                 file.dropped.push(name.to_string());
+            }
+            // Bounded: a client creating and dropping ever new names grew the catalog without
+            // end. A name dropped before the last MAX_DROPPED others, registered again,
+            // resumes the offsets its consumer group committed.
+            if file.dropped.len() > MAX_DROPPED {
+                let over = file.dropped.len() - MAX_DROPPED;
+                file.dropped.drain(..over);
             }
         })
     }
@@ -203,6 +214,33 @@ mod tests {
             memory_limit: None,
             created_at: 1,
         }
+    }
+
+    /// The names of dropped queries are bounded: a client creating and dropping ever new
+    /// names grew the catalog without end. The oldest go first.
+    #[test]
+    fn the_dropped_names_remembered_are_bounded() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("catalog.json");
+        let file = CatalogFile {
+            version: 1,
+            dropped: (0..MAX_DROPPED).map(|i| format!("q{i}")).collect(),
+            ..CatalogFile::default()
+        };
+        std::fs::write(&path, serde_json::to_vec(&file).expect("json")).expect("write");
+        let mut catalog = Catalog::open(&path).expect("open");
+        catalog.insert(entry("new")).expect("insert");
+        catalog.remove("new").expect("remove");
+        let reopened = Catalog::open(&path).expect("reopen");
+        assert_eq!(reopened.file.dropped.len(), MAX_DROPPED);
+        assert_eq!(
+            reopened.file.dropped.first().map(String::as_str),
+            Some("q1")
+        );
+        assert_eq!(
+            reopened.file.dropped.last().map(String::as_str),
+            Some("new")
+        );
     }
 
     #[test]
