@@ -1154,9 +1154,9 @@ fn without_malformed_lines(
     Ok((Some(out.into_temp_path()), malformed, carried))
 }
 
-/// A JSON line's fields in the line's order, each as the JSON text it is written as; a name
-/// given twice holds its last value, at its first place (a line rewritten keeps the order the
-/// columns are found in).
+/// A JSON line's fields in the line's order, each as the JSON text it is written as (a name
+/// given twice is there twice, as in the line; its value is the last, as a JSON reader takes
+/// it).
 #[derive(Debug)]
 struct Fields<'a>(Vec<(String, &'a serde_json::value::RawValue)>);
 
@@ -1166,7 +1166,11 @@ impl<'a> Fields<'a> {
     }
 
     fn get(&self, name: &str) -> Option<&'a serde_json::value::RawValue> {
-        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+        self.0
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
     }
 }
 
@@ -1182,29 +1186,9 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
                 self,
                 mut map: M,
             ) -> std::result::Result<Fields<'a>, M::Error> {
-                let mut fields: Vec<(String, &'a serde_json::value::RawValue)> = Vec::new();
-                // Where each name is, once a line has many (a linear search before).
-                let mut places: HashMap<String, usize> = HashMap::new();
-                while let Some((name, value)) =
-                    map.next_entry::<String, &'de serde_json::value::RawValue>()?
-                {
-                    if fields.len() == 16 && places.is_empty() {
-                        places.extend(fields.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)));
-                    }
-                    let place = if fields.len() < 16 {
-                        fields.iter().position(|(n, _)| *n == name)
-                    } else {
-                        places.get(&name).copied()
-                    };
-                    match place {
-                        Some(i) => fields[i].1 = value,
-                        None => {
-                            if fields.len() >= 16 {
-                                places.insert(name.clone(), fields.len());
-                            }
-                            fields.push((name, value));
-                        }
-                    }
+                let mut fields = Vec::new();
+                while let Some(field) = map.next_entry()? {
+                    fields.push(field);
                 }
                 Ok(Fields(fields))
             }

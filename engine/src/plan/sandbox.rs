@@ -120,9 +120,12 @@ fn parse_and_measure(sql: &str) -> Result<Vec<DFStatement>> {
             // Past its recursion limit the parser may backtrack to another reading and
             // report a token that reading did not expect: a statement whose brackets alone
             // nest past the limit is refused for the limit instead.
-            DataFusionError::SQL(_, _) if bracket_depth(sql) > MAX_NESTING + 1 => {
-                too_deep(&format!("{} deep in brackets alone", bracket_depth(sql)))
-            }
+            DataFusionError::SQL(p, d) => match bracket_depth(sql) {
+                depth if depth > MAX_NESTING + 1 => {
+                    too_deep(&format!("{depth} deep in brackets alone"))
+                }
+                _ => DataFusionError::SQL(p, d),
+            },
             e => e,
         })?;
     for statement in &statements {

@@ -3434,61 +3434,61 @@ impl StreamQuery {
         }
         // A window's row published more than once must reach its consumers in order: rows
         // without a key would go to any partition. A sink without one is keyed by the
-        // window's bound, so every row of a window goes to one partition.
-        let sink = match self.rows_change()? {
-            Some(_) if sink.options.key.is_some() => {
-                let mut options = sink.options.clone();
-                options.keyless_in_order = true;
-                Arc::new(StreamTable {
-                    name: sink.name.clone(),
-                    topic_schema: sink.topic_schema.clone(),
-                    options,
-                })
+        // window's bound, so every row of a window goes to one partition; one keyed by an
+        // aggregate's result would give each revision another key, and is refused.
+        let mut options = sink.options.clone();
+        if let Some(why) = self.rows_change()? {
+            match &options.key {
+                Some(key) => {
+                    if let Some(w) = &self.windowed
+                        && let Ok(i) = self.output_schema.index_of(key)
+                        && w.stages()
+                            .last()
+                            .is_some_and(|s| s.aggregate_outputs.get(i) == Some(&true))
+                    {
+                        return plan_err!(
+                            "sink {} is keyed by {key}, an aggregate's result: {why}, and each \
+                             revision would carry another key to another partition of topic {}, \
+                             where a consumer may read a window's earlier row after its later \
+                             one. Key the sink by a GROUP BY column (OPTIONS ('key' '<group \
+                             column>')), or by window_start",
+                            sink.name,
+                            sink.options.topic
+                        );
+                    }
+                    options.keyless_in_order = true;
+                }
+                None => {
+                    let sink_fields = sink.topic_schema.output_schema();
+                    let Some(bound) = ["window_start", "window_end"].into_iter().find(|c| {
+                        self.output_schema.field_with_name(c).is_ok()
+                            && sink_fields.field_with_name(c).is_ok()
+                    }) else {
+                        return plan_err!(
+                            "sink {} has no 'key': {why}, and without a key its rows go to any \
+                             partition of topic {}, where a consumer may read a window's \
+                             earlier row after its later one and keep the wrong one. Declare the \
+                             key in the sink's OPTIONS, a group column (OPTIONS ('topic' '{}', \
+                             'key' '<column>')), or publish window_start, which then keys the \
+                             rows",
+                            sink.name,
+                            sink.options.topic,
+                            sink.options.topic
+                        );
+                    };
+                    options.key = Some(bound.to_string());
+                }
             }
-            Some(why) => {
-                let sink_fields = sink.topic_schema.output_schema();
-                let Some(bound) = ["window_start", "window_end"].into_iter().find(|c| {
-                    self.output_schema.field_with_name(c).is_ok()
-                        && sink_fields.field_with_name(c).is_ok()
-                }) else {
-                    return plan_err!(
-                        "sink {} has no 'key': {why}, and without a key its rows go to any \
-                         partition of topic {}, where a consumer may read a window's earlier \
-                         row after its later one and keep the wrong one. Declare the key in the \
-                         sink's OPTIONS, a group column (OPTIONS ('topic' '{}', 'key' \
-                         '<column>')), or publish window_start, which then keys the rows",
-                        sink.name,
-                        sink.options.topic,
-                        sink.options.topic
-                    );
-                };
-                let mut options = sink.options.clone();
-                options.key = Some(bound.to_string());
-                Arc::new(StreamTable {
-                    name: sink.name.clone(),
-                    topic_schema: sink.topic_schema.clone(),
-                    options,
-                })
-            }
-            _ => sink,
-        };
-        if let Some(why) = self.rows_change()?
-            && let Some(key) = &sink.options.key
-            && let Some(w) = &self.windowed
-            && let Ok(i) = self.output_schema.index_of(key)
-            && w.stages()
-                .last()
-                .is_some_and(|s| s.aggregate_outputs.get(i) == Some(&true))
-        {
-            return plan_err!(
-                "sink {} is keyed by {key}, an aggregate's result: {why}, and each revision \
-                 would carry another key to another partition of topic {}, where a consumer \
-                 may read a window's earlier row after its later one. Key the sink by a GROUP \
-                 BY column (OPTIONS ('key' '<group column>')), or by window_start",
-                sink.name,
-                sink.options.topic
-            );
         }
+        let sink = if options == sink.options {
+            sink
+        } else {
+            Arc::new(StreamTable {
+                name: sink.name.clone(),
+                topic_schema: sink.topic_schema.clone(),
+                options,
+            })
+        };
         crate::sink::check_fit(&self.output_schema, &sink.topic_schema)
             .map_err(|e| plan_datafusion_err!("the SELECT does not fit sink {}: {e}", sink.name))?;
         let empty = RecordBatch::new_empty(self.output_schema.clone());
