@@ -532,3 +532,174 @@ async fn a_sink_of_revised_rows_without_a_key_is_keyed_by_the_window() -> anyhow
     assert_eq!(keyed(&query).as_deref(), Some("window_start"));
     Ok(())
 }
+
+/// Regression: a hop with many windows an event, over readings far apart, emitted every
+/// window a step closed at once, however little state they came from: 1 500 readings made
+/// 15 M rows and 9 GB. A step now gives a bounded part of them and the next ticks the rest,
+/// each (key, window) once; a stage above holds its watermark back to the windows emitted
+/// below, so that none of them reaches it late.
+#[tokio::test]
+async fn a_step_closing_many_windows_gives_them_a_part_at_a_time() -> anyhow::Result<()> {
+    const SLIDE: i64 = 1_000;
+    const SIZE: i64 = 2_000_000;
+    const HOUR: i64 = 3_600_000;
+    // Each reading alone in its 2 000 windows.
+    let events: Vec<(String, i64, i64)> = (0..40)
+        .map(|i| (format!("k{}", i % 4), T0 + i * (SIZE + SLIDE), i))
+        .collect();
+    let ddl = "CREATE EXTERNAL TABLE ev (k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT) STORED AS \
+               KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '0s')";
+    let hop = "hop(t, INTERVAL '1 second', INTERVAL '2000 seconds')";
+    let batch = RecordBatch::try_from_iter_with_nullable(vec![
+        (
+            "k",
+            Arc::new(datafusion::arrow::array::StringViewArray::from_iter_values(
+                events.iter().map(|e| &e.0),
+            )) as ArrayRef,
+            true,
+        ),
+        (
+            "t",
+            Arc::new(TimestampMillisecondArray::from_iter_values(
+                events.iter().map(|e| e.1),
+            )),
+            false,
+        ),
+        (
+            "v",
+            Arc::new(Int64Array::from_iter_values(events.iter().map(|e| e.2))),
+            true,
+        ),
+    ])?;
+    let partitions = vec![0; events.len()];
+    let now = T0 + 1000 * HOUR;
+    // Steps until the query has nothing more due; the rows of each step.
+    async fn steps(
+        query: &mut urbanstream::plan::stream::StreamQuery,
+        batch: &RecordBatch,
+        partitions: &[i32],
+        now: i64,
+    ) -> anyhow::Result<Vec<Vec<RecordBatch>>> {
+        // The readings' own watermark closes the windows of all but the last reading.
+        let mut parts = vec![query.process(batch, partitions, None, now).await?.rows];
+        while query.is_due() {
+            parts.push(query.tick(now).await?.rows);
+            assert!(parts.len() < 10_000, "the steps never end");
+        }
+        parts.push(query.advance_watermark(i64::MAX / 4, now).await?.rows);
+        while query.is_due() {
+            parts.push(query.tick(now).await?.rows);
+            assert!(parts.len() < 10_000, "the steps never end");
+        }
+        Ok(parts)
+    }
+    let text = |b: &RecordBatch, c: &str| -> anyhow::Result<Vec<String>> {
+        let a = cast(column_named(b, c)?, &DataType::Utf8)?;
+        Ok((0..a.len())
+            .map(|i| datafusion::arrow::util::display::array_value_to_string(&a, i))
+            .collect::<Result<_, _>>()?)
+    };
+
+    // One stage: every (key, window) once, with its one reading.
+    let mut query = plan_query([
+        ddl.to_string(),
+        format!("SELECT k, window_start, count(*) AS n, sum(v) AS s FROM ev GROUP BY {hop}, k"),
+    ])
+    .await?;
+    let parts = steps(&mut query, &batch, &partitions, now).await?;
+    let closing: Vec<usize> = parts
+        .iter()
+        .map(|p| p.iter().map(RecordBatch::num_rows).sum())
+        .collect();
+    assert!(
+        closing.len() > 3,
+        "80 000 windows closed in one step come in parts: {closing:?}"
+    );
+    let mut seen: BTreeMap<(String, i64), (String, String)> = BTreeMap::new();
+    for b in parts.iter().flatten() {
+        let starts = window_starts(b)?;
+        for (i, (k, (n, s))) in text(b, "k")?
+            .into_iter()
+            .zip(text(b, "n")?.into_iter().zip(text(b, "s")?))
+            .enumerate()
+        {
+            let previous = seen.insert((k.clone(), starts[i]), (n, s));
+            assert!(previous.is_none(), "({k}, {}) emitted twice", starts[i]);
+        }
+    }
+    let mut expected: BTreeMap<(String, i64), (String, String)> = BTreeMap::new();
+    for (k, t, v) in &events {
+        let last = t.div_euclid(SLIDE) * SLIDE;
+        for start in (last - SIZE + SLIDE..=last).step_by(SLIDE as usize) {
+            expected.insert((k.clone(), start), ("1".into(), v.to_string()));
+        }
+    }
+    assert_eq!(seen.len(), expected.len());
+    assert!(
+        seen == expected,
+        "the windows' results differ from each reading's"
+    );
+    assert_eq!(
+        query.open_windows(),
+        0,
+        "every window is evicted once emitted"
+    );
+
+    // Two stages: per key and hour, the hop windows ending in it, counted above them.
+    let mut query = plan_query([
+        ddl.to_string(),
+        format!(
+            "SELECT k, window_start, sum(n) AS windows FROM (SELECT k, window_end AS e, \
+             count(*) AS n FROM ev GROUP BY {hop}, k) GROUP BY tumble(e, INTERVAL '1 hour'), k"
+        ),
+    ])
+    .await?;
+    let parts = steps(&mut query, &batch, &partitions, now).await?;
+    let mut hours: BTreeMap<(String, i64), String> = BTreeMap::new();
+    for b in parts.iter().flatten() {
+        let starts = window_starts(b)?;
+        for (i, (k, n)) in text(b, "k")?
+            .into_iter()
+            .zip(text(b, "windows")?)
+            .enumerate()
+        {
+            let previous = hours.insert((k.clone(), starts[i]), n);
+            assert!(
+                previous.is_none(),
+                "hour ({k}, {}) emitted twice",
+                starts[i]
+            );
+        }
+    }
+    let mut expected: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    for (k, t, _) in &events {
+        let last = t.div_euclid(SLIDE) * SLIDE;
+        for start in (last - SIZE + SLIDE..=last).step_by(SLIDE as usize) {
+            let end = start + SIZE;
+            *expected
+                .entry((k.clone(), end.div_euclid(HOUR) * HOUR))
+                .or_default() += 1;
+        }
+    }
+    let expected: BTreeMap<(String, i64), String> = expected
+        .into_iter()
+        .map(|(k, n)| (k, n.to_string()))
+        .collect();
+    assert_eq!(hours, expected);
+    Ok(())
+}
+
+fn window_starts(batch: &RecordBatch) -> anyhow::Result<Vec<i64>> {
+    let starts = cast(column_named(batch, "window_start")?, &DataType::Int64)?;
+    let starts = starts
+        .as_any()
+        .downcast_ref::<Int64Array>()
+        .ok_or_else(|| anyhow::anyhow!("window_start"))?;
+    Ok(starts.values().to_vec())
+}
+
+fn column_named<'a>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<&'a ArrayRef> {
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| anyhow::anyhow!("no column {name}"))
+}

@@ -191,8 +191,12 @@ fn through_the_engine(c: &mut Criterion) {
                         }
                         // Readings wait until the watermark passes them: the end of the
                         // input releases the last ones.
-                        let end = query
+                        let mut end = query
                             .advance_watermark(i64::MAX / 4, i64::MAX / 2)
+                            .await
+                            .expect("advance");
+                        query
+                            .finish_step(i64::MAX / 2, &mut end)
                             .await
                             .expect("advance");
                         out += end.rows.iter().map(|b| b.num_rows()).sum::<usize>();

@@ -123,17 +123,19 @@ fn windows(c: &mut Criterion) {
                             let mut rows = 0;
                             for batch in &input {
                                 // Processing time after the last event: none is in the future.
-                                let out = q
+                                let mut out = q
                                     .process(batch, &partitions[..batch.num_rows()], None, NOW)
                                     .await
                                     .expect("process");
+                                q.finish_step(NOW, &mut out).await.expect("process");
                                 assert!(out.diverted.is_empty(), "events diverted");
                                 rows += out.rows.iter().map(|b| b.num_rows()).sum::<usize>();
                             }
-                            let out = q
+                            let mut out = q
                                 .advance_watermark(T0 + 2 * SPAN_MS, NOW)
                                 .await
                                 .expect("close");
+                            q.finish_step(NOW, &mut out).await.expect("close");
                             rows += out.rows.iter().map(|b| b.num_rows()).sum::<usize>();
                             assert!(rows > 0);
                             (q, rows)

@@ -122,9 +122,10 @@ impl DeterministicEngine {
             let watermark = parse_timestamp(&rest[to + 4..])?;
             for i in 0..self.queries.len() {
                 if self.queries[i].reads(&stream) {
-                    let out = self.queries[i]
+                    let mut out = self.queries[i]
                         .advance_watermark_of(&stream, watermark, self.now_ms)
                         .await?;
+                    self.queries[i].finish_step(self.now_ms, &mut out).await?;
                     self.collect(i, out)?;
                 }
             }
@@ -219,9 +220,10 @@ impl DeterministicEngine {
             let partitions = vec![partition; batch.num_rows()];
             for i in 0..self.queries.len() {
                 if self.queries[i].reads(&stream) {
-                    let out = self.queries[i]
+                    let mut out = self.queries[i]
                         .process_from(&stream, &batch, &partitions, None, self.now_ms)
                         .await?;
+                    self.queries[i].finish_step(self.now_ms, &mut out).await?;
                     self.collect(i, out)?;
                 }
             }
@@ -314,7 +316,8 @@ impl DeterministicEngine {
 
     async fn tick_all(&mut self) -> Result<Outcome> {
         for i in 0..self.queries.len() {
-            let out = self.queries[i].tick(self.now_ms).await?;
+            let mut out = self.queries[i].tick(self.now_ms).await?;
+            self.queries[i].finish_step(self.now_ms, &mut out).await?;
             self.collect(i, out)?;
         }
         Ok(Outcome::Done)

@@ -206,7 +206,8 @@ pub async fn evaluate(
     if !raw.is_empty() {
         feed(&mut query, &decoder, &raw, now, &mut alerts).await?;
     }
-    let out = query.advance_watermark(end + DAY, now).await?;
+    let mut out = query.advance_watermark(end + DAY, now).await?;
+    query.finish_step(now, &mut out).await?;
     refuse_diverted(&out.diverted)?;
     collect(&out.rows, &mut alerts)?;
     Ok(score(
@@ -235,9 +236,10 @@ async fn feed(
         )));
     }
     let partitions = vec![0; decoded.batch.num_rows()];
-    let out = query
+    let mut out = query
         .process(&decoded.batch, &partitions, None, now)
         .await?;
+    query.finish_step(now, &mut out).await?;
     refuse_diverted(&out.diverted)?;
     collect(&out.rows, alerts)
 }

@@ -387,6 +387,14 @@ struct Part {
 }
 
 impl Running {
+    /// Its instance for input partition `part` (the query itself without one per partition).
+    fn instance(&mut self, part: i32) -> &mut StreamQuery {
+        match self.parts.get_mut(&part) {
+            Some(p) => &mut p.query,
+            None => &mut self.query,
+        }
+    }
+
     /// The topic its instances read: its input, or its repartition topic.
     fn topic(&self) -> &str {
         match &self.repartition {
@@ -1391,16 +1399,20 @@ impl Pipeline {
                             .send_json(&topics.late, &records, &mut pending)
                             .await?;
                     }
-                    let published = publish(
-                        &self.sink,
-                        running.query.sink().cloned(),
+                    let sink = running.query.sink().cloned();
+                    let windowed = running.query.is_windowed();
+                    let published = publish_all(
+                        running.instance(part),
                         out.rows,
+                        now,
+                        &self.sink,
+                        sink,
                         &mut pending,
                         self.gauges.as_ref(),
                     )
                     .await?;
                     rows_out += published;
-                    if running.query.is_windowed() {
+                    if windowed {
                         windowed_out += published;
                     }
                 }
@@ -1440,7 +1452,7 @@ impl Pipeline {
             let mut outputs = Vec::new();
             if running.parts.is_empty() {
                 if !fed.contains(&(qi, -1)) {
-                    outputs.push(running.query.tick(now).await?);
+                    outputs.push((-1, running.query.tick(now).await?));
                 }
             } else {
                 let idle_ms = running.query.source().options.idle_timeout.as_millis() as i64;
@@ -1457,20 +1469,22 @@ impl Pipeline {
                     };
                     match active {
                         Some(w) if follows && part.query.watermark().is_none_or(|own| own < w) => {
-                            outputs.push(part.query.advance_watermark(w, now).await?);
+                            outputs.push((*partition, part.query.advance_watermark(w, now).await?));
                         }
                         _ if !fed.contains(&(qi, *partition)) => {
-                            outputs.push(part.query.tick(now).await?);
+                            outputs.push((*partition, part.query.tick(now).await?));
                         }
                         _ => {}
                     }
                 }
             }
-            for out in outputs {
-                let published = publish(
+            for (part, out) in outputs {
+                let published = publish_all(
+                    running.instance(part),
+                    out.rows,
+                    now,
                     &self.sink,
                     sink.clone(),
-                    out.rows,
                     &mut pending,
                     self.gauges.as_ref(),
                 )
@@ -1688,6 +1702,26 @@ impl Pipeline {
 }
 
 /// Publishes a query's result rows to its sink topic, keyed by the sink's key column.
+/// [`publish`] of a step's `rows`, then of the rest of the step's results while `query` has
+/// more of them due ([`StreamQuery::is_due`]): a step that closes many windows is published
+/// a part at a time, never holding all of its results at once.
+async fn publish_all(
+    query: &mut StreamQuery,
+    rows: Vec<RecordBatch>,
+    now: i64,
+    sink: &KafkaSink,
+    table: Option<Arc<StreamTable>>,
+    pending: &mut Pending,
+    gauges: Option<&CityGauges>,
+) -> Result<usize> {
+    let mut n = publish(sink, table.clone(), rows, pending, gauges).await?;
+    while query.is_due() {
+        let more = query.tick(now).await?;
+        n += publish(sink, table.clone(), more.rows, pending, gauges).await?;
+    }
+    Ok(n)
+}
+
 async fn publish(
     sink: &KafkaSink,
     table: Option<Arc<StreamTable>>,

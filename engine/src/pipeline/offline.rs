@@ -250,17 +250,29 @@ pub async fn run_query<W: Write + ?Sized>(
             .iter()
             .map(|&r| raw.offsets[r as usize])
             .collect();
-        let out = query
+        let mut out = query
             .process(&decoded.batch, &partitions, Some(&offsets), now_ms.max(0))
             .await?;
-        take(&query, out, limit, &mut summary, output.as_deref_mut())?;
-        meter.check(&query)?;
+        loop {
+            take(&query, out, limit, &mut summary, output.as_deref_mut())?;
+            meter.check(&query)?;
+            if !query.is_due() {
+                break;
+            }
+            out = query.tick(now_ms.max(0)).await?;
+        }
     }
     summary.unreadable_time = unreadable.skipped;
     summary.first_unreadable = unreadable.first;
     // The end of the file closes every window.
-    let out = query.advance_watermark(i64::MAX / 4, now_ms.max(0)).await?;
-    take(&query, out, limit, &mut summary, output)?;
+    let mut out = query.advance_watermark(i64::MAX / 4, now_ms.max(0)).await?;
+    loop {
+        take(&query, out, limit, &mut summary, output.as_deref_mut())?;
+        if !query.is_due() {
+            break;
+        }
+        out = query.tick(now_ms.max(0)).await?;
+    }
     Ok(summary)
 }
 
@@ -355,15 +367,27 @@ pub async fn run_query_over_records(
         if let Some(max) = chunk.iter().map(|&at| time_of(at)).max() {
             now_ms = now_ms.max(max);
         }
-        let out = query
+        let mut out = query
             .process(&batch, &partitions, Some(&offsets), now_ms)
             .await?;
-        take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
-        meter.check(&query)?;
+        loop {
+            take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
+            meter.check(&query)?;
+            if !query.is_due() {
+                break;
+            }
+            out = query.tick(now_ms).await?;
+        }
         chunk.clear();
     }
-    let out = query.advance_watermark(i64::MAX / 4, now_ms).await?;
-    take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
+    let mut out = query.advance_watermark(i64::MAX / 4, now_ms).await?;
+    loop {
+        take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
+        if !query.is_due() {
+            break;
+        }
+        out = query.tick(now_ms).await?;
+    }
     Ok(summary)
 }
 

@@ -2923,6 +2923,35 @@ impl StreamQuery {
         self.windowed.is_some()
     }
 
+    /// The rest of a step's results while [`StreamQuery::is_due`], added to `out`: for
+    /// callers that keep every result anyway (tests, evaluations). A service publishes each
+    /// part before asking for the next.
+    pub async fn finish_step(&mut self, now_ms: i64, out: &mut StepOutput) -> Result<()> {
+        while self.is_due() {
+            let more = self.tick(now_ms).await?;
+            out.rows.extend(more.rows);
+            out.diverted.extend(more.diverted);
+            out.failed.extend(more.failed);
+        }
+        Ok(())
+    }
+
+    /// Whether the last step left closed windows' results to emit: a step returns a
+    /// bounded amount of them ([`crate::state::window::EMIT_BUDGET`] a stage), however many
+    /// windows the watermark closed. Until it is false, call [`StreamQuery::tick`] (each
+    /// call gives the next part) and give the query no new input, which the windows not yet
+    /// emitted would otherwise take as if still open.
+    pub fn is_due(&self) -> bool {
+        let mut stage = self.windowed.as_ref();
+        while let Some(w) = stage {
+            if w.operator.due() {
+                return true;
+            }
+            stage = w.next.as_deref().map(|n| &n.stage);
+        }
+        false
+    }
+
     /// The query watermark, once any event has been seen.
     pub fn watermark(&self) -> Option<i64> {
         let left = self.watermarks.current();
@@ -4378,7 +4407,11 @@ impl StreamQuery {
             .early_fire_ms
             .is_some_and(|every| now_ms.saturating_sub(self.last_early_fire_ms) >= every);
         let watermark = self.input_watermark(now_ms);
-        if !early && self.join.is_none() && self.union.is_none() && self.settled == Some(watermark)
+        if !early
+            && self.join.is_none()
+            && self.union.is_none()
+            && self.settled == Some(watermark)
+            && !self.is_due()
         {
             return Ok(StepOutput::default());
         }
@@ -4853,8 +4886,10 @@ impl StreamQuery {
             u.evict(|t| w.operator.is_late(t));
         }
         // The stages above take what the ones below emit in the same step, and close their
-        // windows on watermarks that trail by at most their lag: no topic round trip.
-        let mut watermark = watermark;
+        // windows on watermarks that trail by at most their lag: no topic round trip. A stage
+        // that stopped at its emission budget holds the watermark above it back to the
+        // windows it has emitted.
+        let mut watermark = w.operator.emitted_through(watermark);
         let mut w = w;
         loop {
             if w.next.is_none() {
@@ -4866,6 +4901,7 @@ impl StreamQuery {
             next.take(&emissions, &self.task_ctx).await?;
             watermark = next.watermark(watermark);
             emissions = next.stage.operator.advance(watermark, early)?;
+            watermark = next.stage.operator.emitted_through(watermark);
             next.evict();
             w = &mut next.stage;
         }

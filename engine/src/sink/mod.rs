@@ -707,22 +707,55 @@ pub const TRANSACTION_LIFETIME: Duration = Duration::from_secs(120);
 #[derive(Default)]
 pub struct Pending {
     deliveries: Vec<Delivery>,
+    /// Deliveries acknowledged and let go (see [`Pending::push`]).
+    acknowledged: usize,
+    /// The first delivery the broker refused among those let go.
+    refused: Option<KafkaError>,
 }
 
+/// Deliveries [`Pending`] holds before it lets go of those already acknowledged: a step that
+/// sends millions of records (a catch-up closing many windows) keeps a handle for the ones
+/// still in flight only, which the producer's queue bounds.
+const SETTLE_EVERY: usize = 1 << 16;
+
 impl Pending {
-    /// Number of outstanding deliveries.
+    /// Number of deliveries, acknowledged or outstanding.
     pub fn len(&self) -> usize {
-        self.deliveries.len()
+        self.deliveries.len() + self.acknowledged
     }
 
-    /// Whether nothing is outstanding.
+    /// Whether it holds no delivery.
     pub fn is_empty(&self) -> bool {
-        self.deliveries.is_empty()
+        self.len() == 0
+    }
+
+    fn push(&mut self, delivery: Delivery) {
+        if self.deliveries.len() >= SETTLE_EVERY && self.deliveries.len().is_power_of_two() {
+            let before = self.deliveries.len();
+            let refused = &mut self.refused;
+            self.deliveries.retain_mut(|d| match d.try_recv() {
+                Ok(Ok(())) => false,
+                Ok(Err(e)) => {
+                    refused.get_or_insert(e);
+                    false
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    refused.get_or_insert(KafkaError::Canceled);
+                    false
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
+            });
+            self.acknowledged += before - self.deliveries.len();
+        }
+        self.deliveries.push(delivery);
     }
 
     /// Waits for every delivery; fails on the first that the broker refused.
     pub async fn acknowledged(self) -> Result<usize> {
-        let n = self.deliveries.len();
+        let n = self.len();
+        if let Some(e) = self.refused {
+            return Err(e.into());
+        }
         for delivery in self.deliveries {
             match delivery.await {
                 Ok(Ok(())) => {}
@@ -1097,7 +1130,7 @@ impl KafkaSink {
             }
             match self.producer.send(record) {
                 Ok(()) => {
-                    pending.deliveries.push(delivery);
+                    pending.push(delivery);
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {

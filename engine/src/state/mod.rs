@@ -59,6 +59,16 @@ pub trait WindowedAggregation: Send {
     /// Advances the watermark and returns the emissions due (final results, revisions from
     /// late events, and early partial results when `early_fire`); frees expired state.
     fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>>;
+    /// Whether the last [`WindowedAggregation::advance`] left windows to emit (it returns a
+    /// bounded amount of results a call): advance again before new rows.
+    fn due(&self) -> bool {
+        false
+    }
+    /// The watermark through which every window has been emitted at `watermark` (less than
+    /// it while [`WindowedAggregation::due`]): what a stage above may take as closed.
+    fn emitted_through(&self, watermark: i64) -> i64 {
+        watermark
+    }
     /// Whether an event at `t` can no longer change any output.
     fn is_late(&self, t: i64) -> bool;
     /// Events at or after this time are late for none of their windows: neither
@@ -213,6 +223,12 @@ impl WindowedAggregation for window::WindowOperator {
     }
     fn advance(&mut self, watermark: i64, early_fire: bool) -> Result<Vec<Emission>> {
         window::WindowOperator::advance(self, watermark, early_fire)
+    }
+    fn due(&self) -> bool {
+        window::WindowOperator::due(self)
+    }
+    fn emitted_through(&self, watermark: i64) -> i64 {
+        window::WindowOperator::emitted_through(self, watermark)
     }
     fn is_late(&self, t: i64) -> bool {
         window::WindowOperator::is_late(self, t)

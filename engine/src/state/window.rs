@@ -39,7 +39,7 @@
 //! make the query wait for the reading (or do it) before catching up as usual.
 
 use std::collections::BTreeMap;
-use std::ops::RangeBounds;
+use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, Mutex, TryLockError};
 
 use datafusion::arrow::array::{
@@ -393,6 +393,13 @@ const MAX_WAITING: usize = 64;
 /// does at most this many more updates' work, and the pane catches up by one less a batch.
 const CATCH_UP: usize = 2;
 
+/// Bytes of results one [`WindowOperator::advance`] returns at most (past them, the window
+/// that crossed them is the last): a hop with many windows an event, or a catch-up closing
+/// a day of windows at once, would otherwise hold all of their results together however
+/// little state they come from. The windows left are emitted by the next calls, before any
+/// new input (see [`WindowOperator::due`]).
+pub const EMIT_BUDGET: usize = 8 << 20;
+
 /// A lent pane and, once read out, its table for the checkpoint.
 struct Loan(Mutex<LoanState>);
 
@@ -601,6 +608,9 @@ pub struct WindowOperator {
     intern_schema: SchemaRef,
     /// Set when the input is a changelog: windows are evaluated from their rows.
     recompute: Option<Recompute>,
+    /// Where the last [`WindowOperator::advance`] stopped at [`EMIT_BUDGET`]: the next one
+    /// goes on from this window (end, start).
+    resume: Option<(i64, i64)>,
 }
 
 fn gcd(a: i64, b: i64) -> i64 {
@@ -650,6 +660,7 @@ impl WindowOperator {
             watermark: i64::MIN,
             step: 0,
             recompute: None,
+            resume: None,
         })
     }
 
@@ -1080,15 +1091,26 @@ impl WindowOperator {
         // Once a micro-batch (after its updates): lent panes read out come back, catching up,
         // and the emission bookkeeping changed while a checkpoint held it is folded back.
         self.take_back(.., false)?;
-        for meta in self.windows.values_mut() {
-            meta.revisions.settle(Layered::<Box<[u8]>, u32>::SETTLE);
-            meta.published
-                .settle(Layered::<Box<[u8]>, Box<[u8]>>::SETTLE);
+        // After a call that stopped at the budget, the windows from where it stopped (the
+        // call that began the walk folded the bookkeeping back).
+        let from = self.resume.take();
+        if from.is_none() {
+            for meta in self.windows.values_mut() {
+                meta.revisions.settle(Layered::<Box<[u8]>, u32>::SETTLE);
+                meta.published
+                    .settle(Layered::<Box<[u8]>, Box<[u8]>>::SETTLE);
+            }
         }
         self.watermark = self.watermark.max(watermark);
         let mut out = Vec::new();
-        let keys: Vec<(i64, i64)> = self.windows.keys().copied().collect();
-        for (end, start) in keys {
+        let mut bytes = 0;
+        let mut next = from.map_or(Bound::Unbounded, Bound::Included);
+        while let Some((&(end, start), _)) = self.windows.range((next, Bound::Unbounded)).next() {
+            next = Bound::Excluded((end, start));
+            if bytes >= EMIT_BUDGET {
+                self.resume = Some((end, start));
+                break;
+            }
             let changed = self.changed_since(start, end);
             let Some(meta) = self.windows.get(&(end, start)) else {
                 continue;
@@ -1103,14 +1125,36 @@ impl WindowOperator {
             if !emit {
                 continue;
             }
-            if self.recompute.is_some() {
-                out.extend(self.emit_recomputed(start, end, is_final)?);
-            } else if let Some(e) = self.emit(start, end, is_final)? {
-                out.push(e);
-            }
+            let emitted = if self.recompute.is_some() {
+                self.emit_recomputed(start, end, is_final)?
+            } else {
+                self.emit(start, end, is_final)?.into_iter().collect()
+            };
+            bytes += emitted
+                .iter()
+                .map(|e| e.batch.get_array_memory_size())
+                .sum::<usize>();
+            out.extend(emitted);
         }
         self.evict();
         Ok(out)
+    }
+
+    /// Whether the last [`WindowOperator::advance`] stopped at [`EMIT_BUDGET`] with windows
+    /// left to look at: advance again (with the same watermark) before giving it new rows,
+    /// which the windows it has not emitted yet would otherwise take as if still open.
+    pub fn due(&self) -> bool {
+        self.resume.is_some()
+    }
+
+    /// The watermark through which every window has been emitted at `watermark`: `watermark`
+    /// itself unless [`WindowOperator::advance`] stopped at the budget, then just before the
+    /// end of the first window it has not looked at (what a stage above may take as closed).
+    pub fn emitted_through(&self, watermark: i64) -> i64 {
+        match self.resume {
+            Some((end, _)) => watermark.min(end.saturating_sub(1)),
+            None => watermark,
+        }
     }
 
     fn changed_since(&self, start: i64, end: i64) -> bool {
@@ -1368,10 +1412,14 @@ impl WindowOperator {
 
     fn evict(&mut self) {
         let frontier = self.watermark.saturating_sub(self.lateness_ms);
+        // Windows from where an advance stopped may still have a revision to emit; those
+        // before are done.
+        let before = self.resume.map_or(Bound::Unbounded, Bound::Excluded);
         let expired: Vec<(i64, i64)> = self
             .windows
-            .iter()
-            .filter(|((end, _), meta)| *end <= frontier && meta.final_fired)
+            .range((Bound::Unbounded, before))
+            .take_while(|((end, _), _)| *end <= frontier)
+            .filter(|(_, meta)| meta.final_fired)
             .map(|(k, _)| *k)
             .collect();
         for key in expired {
@@ -1382,13 +1430,28 @@ impl WindowOperator {
             // Windows that never had data end here too.
             self.evicted_through = self.evicted_through.max(self.pane_start(frontier));
         }
-        let live: Vec<(i64, i64)> = self.windows.keys().map(|(e, s)| (*s, *e)).collect();
-        self.panes
-            .retain(|p, _| live.iter().any(|(s, e)| s <= p && p < e));
+        if self.resume.is_some() {
+            // Panes go once the walk over the windows is done.
+            return;
+        }
+        // The spans the live windows cover, merged: a pane is kept when one holds it.
+        let mut spans: Vec<(i64, i64)> = self.windows.keys().map(|(e, s)| (*s, *e)).collect();
+        spans.sort_unstable();
+        let mut covered: Vec<(i64, i64)> = Vec::with_capacity(spans.len());
+        for (s, e) in spans {
+            match covered.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => covered.push((s, e)),
+            }
+        }
+        let needed = |p: &i64| {
+            let i = covered.partition_point(|(s, _)| s <= p);
+            i > 0 && *p < covered[i - 1].1
+        };
+        self.panes.retain(|p, _| needed(p));
         // A lent pane no window needs is dropped with its queued updates; the checkpoint
         // that holds it still reads its table.
-        self.lent
-            .retain(|p, _| live.iter().any(|(s, e)| s <= p && p < e));
+        self.lent.retain(|p, _| needed(p));
     }
 
     /// Live (window, group) partials held, summed over panes. A pane lent to a checkpoint
