@@ -4078,12 +4078,8 @@ impl StreamQuery {
                 rows_of.push((side, vec![rows]));
             }
         }
-        if !failed.is_empty() {
-            let time = input.options.event_time.as_deref();
-            out.failed
-                .extend(failed_inputs(batch, &out.diverted, time, failed)?);
-        }
         let mut pairs = Vec::new();
+        let mut refused = Vec::new();
         for (side, rows) in rows_of {
             let Some(join) = &mut self.join else {
                 break;
@@ -4094,17 +4090,120 @@ impl StreamQuery {
                 let Some(join) = &mut self.join else {
                     break;
                 };
-                let (part, more) = join.state.arrive(side, rows, holds.clone())?;
-                pairs.extend(part);
-                rest = more;
+                let arrival = join.state.arrive(side, rows, holds.clone())?;
+                pairs.extend(arrival.pairs);
+                rest = arrival.rest;
+                for (row, error) in arrival.refused {
+                    if !is_data_error(&error) {
+                        return Err(error);
+                    }
+                    refused.push((side, row, error.to_string()));
+                }
                 if rest.is_some() {
                     // A large batch's pairs go on above the join part by part.
                     self.join_part(std::mem::take(&mut pairs), &mut out).await?;
                 }
             }
         }
+        // Records whose rows the join's condition failed on with a row of the other stream
+        // joined nothing and are not held: they go to the DLQ with the error, as a record the
+        // query's plan fails on does, rather than failing the query at every restart. (In a
+        // self-join, the record's row on the other side has joined as usual.)
+        for side in 0..2 {
+            let of_side: Vec<(RecordBatch, String)> = refused
+                .iter()
+                .filter(|(s, _, _)| *s == side)
+                .map(|(_, row, e)| (row.clone(), e.clone()))
+                .collect();
+            if of_side.is_empty() {
+                continue;
+            }
+            let skip: std::collections::HashSet<u32> = failed.iter().map(|(r, _)| *r).collect();
+            for (row, error) in self.sources_of(side, &kept, &skip, &of_side).await? {
+                failed.push((
+                    row,
+                    format!("the join's condition failed on the record and a row of the other stream: {error}"),
+                ));
+            }
+        }
+        failed.sort_by_key(|(row, _)| *row);
+        failed.dedup_by_key(|(row, _)| *row);
+        if !failed.is_empty() {
+            let time = input.options.event_time.as_deref();
+            out.failed
+                .extend(failed_inputs(batch, &out.diverted, time, failed)?);
+        }
         self.join_step(pairs, now_ms, &mut out).await?;
         Ok(out)
+    }
+
+    /// The rows of `kept` (but those in `skip`) whose row on join side `side` is one of
+    /// `rows`, each with the error of its row: found by halving, running the side's plan over
+    /// each half that still makes one of them, so a few rows cost a few runs.
+    async fn sources_of(
+        &mut self,
+        side: usize,
+        kept: &RecordBatch,
+        skip: &std::collections::HashSet<u32>,
+        rows: &[(RecordBatch, String)],
+    ) -> Result<Vec<(u32, String)>> {
+        use datafusion::arrow::row::{RowConverter, SortField};
+        let Some((first, _)) = rows.first() else {
+            return Ok(Vec::new());
+        };
+        let converter = RowConverter::new(
+            first
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| SortField::new(f.data_type().clone()))
+                .collect(),
+        )?;
+        let mut wanted: HashMap<Vec<u8>, String> = HashMap::new();
+        for (row, error) in rows {
+            let encoded = converter.convert_columns(row.columns())?;
+            for r in encoded.iter() {
+                wanted
+                    .entry(r.as_ref().to_vec())
+                    .or_insert_with(|| error.clone());
+            }
+        }
+        let mut found = Vec::new();
+        let mut traced: std::collections::HashSet<Vec<u8>> = Default::default();
+        let mut ranges: Vec<Vec<u32>> = vec![
+            (0..kept.num_rows() as u32)
+                .filter(|r| !skip.contains(r))
+                .collect(),
+        ];
+        while let Some(range) = ranges.pop() {
+            if range.is_empty() {
+                continue;
+            }
+            let subset = datafusion::arrow::compute::take_record_batch(
+                kept,
+                &datafusion::arrow::array::UInt32Array::from(range.clone()),
+            )?;
+            let made = self.join_side_once(side, subset).await?;
+            let encoded = converter.convert_columns(made.columns())?;
+            let Some((key, error)) = encoded
+                .iter()
+                .find_map(|r| wanted.get_key_value(r.as_ref()))
+            else {
+                continue;
+            };
+            if let [row] = range[..] {
+                traced.insert(key.clone());
+                found.push((row, error.clone()));
+            } else {
+                let (a, b) = range.split_at(range.len() / 2);
+                ranges.push(b.to_vec());
+                ranges.push(a.to_vec());
+            }
+        }
+        if traced.len() < wanted.len() {
+            return plan_err!("internal: a row the join's condition failed on has no record");
+        }
+        Ok(found)
     }
 
     /// Runs the plan above a join over a part of one batch's pairs. With no aggregation above

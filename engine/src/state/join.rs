@@ -169,6 +169,18 @@ pub struct IntervalJoin {
 /// Some of a side's columns (`None`: one the join does not read once rows are paired).
 type Columns = Vec<Option<ArrayRef>>;
 
+/// What [`IntervalJoin::arrive`] did with a batch of one side's rows.
+#[derive(Debug, Default)]
+pub struct Arrival {
+    /// The pairs the rows made, in the join's output schema.
+    pub pairs: Option<RecordBatch>,
+    /// The rows not taken yet (past [`PART_PAIRS`] pairs), to arrive next.
+    pub rest: Option<RecordBatch>,
+    /// Rows the join's condition failed on with a pair, each alone with the error: they
+    /// joined nothing and are not held.
+    pub refused: Vec<(RecordBatch, datafusion::error::DataFusionError)>,
+}
+
 /// What the join reads off a batch of one side's rows before pairing or buffering them.
 struct Arrived {
     /// Event times (ms; `i64::MIN` for a null).
@@ -350,16 +362,20 @@ impl IntervalJoin {
     /// rows leave the state.
     ///
     /// It takes the rows in order until they have made about [`PART_PAIRS`] pairs: the rows
-    /// it did not take come back second, to arrive next (rows of one side never pair with
-    /// each other, so a batch that arrives in parts pairs as it would whole).
+    /// it did not take come back in [`Arrival::rest`], to arrive next (rows of one side never
+    /// pair with each other, so a batch that arrives in parts pairs as it would whole).
+    ///
+    /// A row the join's condition fails on, with one of its pairs (`length(a.code) / b.d`
+    /// with `b.d = 0`), is refused: it joins nothing, is not buffered, and comes back in
+    /// [`Arrival::refused`] with the error; the other rows join as if it had not come.
     pub fn arrive(
         &mut self,
         side: usize,
         rows: RecordBatch,
         offsets: HashMap<i32, i64>,
-    ) -> Result<(Option<RecordBatch>, Option<RecordBatch>)> {
+    ) -> Result<Arrival> {
         if rows.num_rows() == 0 {
-            return Ok((None, None));
+            return Ok(Arrival::default());
         }
         let mut arrived = self.arrived(side, &rows)?;
         let Arrived {
@@ -452,6 +468,7 @@ impl IntervalJoin {
             (rows, None)
         };
         let mut matched = vec![false; rows.num_rows()];
+        let mut refused = Vec::new();
         let output = if mine.is_empty() {
             None
         } else {
@@ -462,7 +479,14 @@ impl IntervalJoin {
             } else {
                 (theirs_rows, mine_rows)
             };
-            let keep = self.condition(&left, &right, mine.len())?;
+            let keep = match self.condition(&left, &right, mine.len()) {
+                Ok(keep) => keep,
+                Err(e) => {
+                    let (keep, failed) = self.condition_by_row(&left, &right, &mine, e)?;
+                    refused = failed;
+                    Some(keep)
+                }
+            };
             for (p, &i) in mine.iter().enumerate() {
                 if keep.as_ref().is_none_or(|k| k.value(p)) {
                     matched[i as usize] = true;
@@ -485,8 +509,73 @@ impl IntervalJoin {
             };
             Some(self.assemble(Some(&left), Some(&right), n)?)
         };
-        self.buffer(side, rows, arrived, matched, offsets);
-        Ok((output.filter(|b| b.num_rows() > 0), rest))
+        let refused = if refused.is_empty() {
+            self.buffer(side, rows, arrived, matched, offsets);
+            Vec::new()
+        } else {
+            // The refused rows stay out of the state.
+            let gone: std::collections::HashSet<u32> = refused.iter().map(|(i, _)| *i).collect();
+            let keep: BooleanArray = (0..rows.num_rows() as u32)
+                .map(|i| Some(!gone.contains(&i)))
+                .collect();
+            let kept = filter_record_batch(&rows, &keep)?;
+            let matched = matched
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| !gone.contains(&(*i as u32)))
+                .map(|(_, m)| m)
+                .collect();
+            let arrived = self.arrived(side, &kept)?;
+            self.buffer(side, kept, arrived, matched, offsets);
+            refused
+                .into_iter()
+                .map(|(i, e)| (rows.slice(i as usize, 1), e))
+                .collect()
+        };
+        Ok(Arrival {
+            pairs: output.filter(|b| b.num_rows() > 0),
+            rest,
+            refused,
+        })
+    }
+
+    /// The join's condition over the pairs of each arriving row on its own (`mine`: the
+    /// arriving row of each pair, in row order), once over all of them has failed with
+    /// `error`: the pairs that meet it, and the arriving rows it fails on with their error
+    /// (their pairs meet nothing). `error` again when no row fails alone.
+    fn condition_by_row(
+        &self,
+        left: &Columns,
+        right: &Columns,
+        mine: &[u32],
+        error: datafusion::error::DataFusionError,
+    ) -> Result<(BooleanArray, Vec<(u32, datafusion::error::DataFusionError)>)> {
+        let slice = |columns: &Columns, at: usize, n: usize| -> Columns {
+            columns
+                .iter()
+                .map(|c| c.as_ref().map(|a| a.slice(at, n)))
+                .collect()
+        };
+        let mut keep = Vec::with_capacity(mine.len());
+        let mut failed = Vec::new();
+        let mut at = 0;
+        while at < mine.len() {
+            let row = mine[at];
+            let n = mine[at..].iter().take_while(|&&r| r == row).count();
+            match self.condition(&slice(left, at, n), &slice(right, at, n), n) {
+                Ok(Some(pass)) => keep.extend(pass.iter().map(|p| p == Some(true))),
+                Ok(None) => keep.extend(std::iter::repeat_n(true, n)),
+                Err(e) => {
+                    keep.extend(std::iter::repeat_n(false, n));
+                    failed.push((row, e));
+                }
+            }
+            at += n;
+        }
+        if failed.is_empty() {
+            return Err(error);
+        }
+        Ok((BooleanArray::from(keep), failed))
     }
 
     /// Whether each pair of `left` and `right` (row i with row i) meets the filter; `None`
@@ -1030,9 +1119,9 @@ mod tests {
             (1, rows(&b, &[(Some(3), 4_500, 30, "b3-meets")])),
         ];
         for (s, batch) in steps {
-            let (pairs, rest) = join.arrive(s, batch, HashMap::new()).unwrap();
-            assert!(rest.is_none());
-            out.extend(pairs);
+            let arrival = join.arrive(s, batch, HashMap::new()).unwrap();
+            assert!(arrival.rest.is_none() && arrival.refused.is_empty());
+            out.extend(arrival.pairs);
         }
         out.extend(
             join.evict([Some(i64::MAX / 2), Some(i64::MAX / 2)])
@@ -1051,14 +1140,15 @@ mod tests {
         let (a, b) = (join.spec.sides[0].clone(), join.spec.sides[1].clone());
         let many: Vec<(Option<i64>, i64, i64, &str)> =
             (0..2_100).map(|_| (Some(1), 1_000, 10, "x")).collect();
-        let (pairs, rest) = join
+        let arrival = join
             .arrive(1, rows(&b, &many), HashMap::new())
             .expect("buffered");
-        assert!(pairs.is_none() && rest.is_none());
+        assert!(arrival.pairs.is_none() && arrival.rest.is_none());
         let mut rest = Some(rows(&a, &many));
         let (mut parts, mut pairs) = (0, 0);
         while let Some(rows) = rest.take() {
-            let (part, more) = join.arrive(0, rows, HashMap::new()).expect("a part");
+            let arrival = join.arrive(0, rows, HashMap::new()).expect("a part");
+            let (part, more) = (arrival.pairs, arrival.rest);
             let n = part.map_or(0, |p| p.num_rows());
             assert!(n <= PART_PAIRS + 2_100, "{n} pairs in one part");
             pairs += n;
@@ -1068,11 +1158,11 @@ mod tests {
         assert_eq!(pairs, 2_100 * 2_100);
         assert_eq!(parts, 5);
         // Every row of every part is buffered: a row arriving on the other side meets all.
-        let (part, rest) = join
+        let arrival = join
             .arrive(1, rows(&b, &many[..1]), HashMap::new())
             .expect("one more");
-        assert!(rest.is_none());
-        assert_eq!(part.map_or(0, |p| p.num_rows()), 2_100);
+        assert!(arrival.rest.is_none());
+        assert_eq!(arrival.pairs.map_or(0, |p| p.num_rows()), 2_100);
     }
 
     /// The join gathers only the columns it outputs or its condition tests: projected past
