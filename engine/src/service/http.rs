@@ -10,7 +10,11 @@
 //! that sent nothing held every place for the header timeout, and `/livez` waited 10 s behind
 //! them, long enough for an orchestrator to restart a healthy process. Once the server starts reading a request's body, the whole body must
 //! arrive within [`Limits::body_read_timeout`]: a client trickling a body a byte at a time held
-//! its connection (and a request's turn) for as long as it liked.
+//! its connection (and a request's turn) for as long as it liked. A request still receiving
+//! its body is the client's to finish, not the server's: when every place is taken, such a
+//! connection gives its place as one without a request does (the one whose body began
+//! longest ago first), so that clients trickling bodies on every connection cannot keep
+//! `/livez` waiting for the body timeout.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -121,7 +125,9 @@ pub async fn serve(
             })
             .map_request(move |request: axum::http::Request<Incoming>| {
                 started.request_started();
-                request.map(|body| axum::body::Body::new(BodyDeadline::new(body, timeout)))
+                let activity = started.clone();
+                request
+                    .map(|body| axum::body::Body::new(BodyDeadline::new(body, timeout, activity)))
             })
             .service(app.clone());
         let connection =
@@ -164,9 +170,9 @@ struct OpenConnections {
 }
 
 impl OpenConnections {
-    /// Closes the connection that has waited longest without a request in progress, if one
-    /// has waited at least [`MIN_WAIT_BEFORE_CLOSING`] (a client that has just connected is
-    /// sending its request).
+    /// Closes the connection that has waited longest without a request in progress (or with
+    /// a request still receiving its body), if one has waited at least
+    /// [`MIN_WAIT_BEFORE_CLOSING`] (a client that has just connected is sending its request).
     fn close_longest_waiting(&mut self) {
         let longest = self
             .connections
@@ -190,11 +196,14 @@ impl OpenConnections {
 /// wait for one.
 const MIN_WAIT_BEFORE_CLOSING: Duration = Duration::from_millis(250);
 
-/// What one connection is doing: requests in progress, and since when it has had none.
+/// What one connection is doing: requests in progress, and since when it has had none;
+/// request bodies being received, and since when.
 struct Activity {
     id: u64,
     in_progress: std::sync::atomic::AtomicUsize,
     waiting_since: std::sync::Mutex<std::time::Instant>,
+    receiving: std::sync::atomic::AtomicUsize,
+    receiving_since: std::sync::Mutex<std::time::Instant>,
 }
 
 impl Activity {
@@ -204,7 +213,22 @@ impl Activity {
             id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             in_progress: std::sync::atomic::AtomicUsize::new(0),
             waiting_since: std::sync::Mutex::new(std::time::Instant::now()),
+            receiving: std::sync::atomic::AtomicUsize::new(0),
+            receiving_since: std::sync::Mutex::new(std::time::Instant::now()),
         }
+    }
+
+    fn body_started(&self) {
+        if let Ok(mut since) = self.receiving_since.lock() {
+            *since = std::time::Instant::now();
+        }
+        self.receiving
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn body_ended(&self) {
+        self.receiving
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn request_started(&self) {
@@ -220,12 +244,17 @@ impl Activity {
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Since when it has had no request in progress; `None` while it has one.
+    /// Since when it has waited on its client: had no request in progress, or had every
+    /// request in progress still receiving its body; `None` while the server works on one.
     fn waiting_since(&self) -> Option<std::time::Instant> {
-        if self.in_progress.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-            return None;
+        let in_progress = self.in_progress.load(std::sync::atomic::Ordering::SeqCst);
+        if in_progress == 0 {
+            return self.waiting_since.lock().ok().map(|t| *t);
         }
-        self.waiting_since.lock().ok().map(|t| *t)
+        if self.receiving.load(std::sync::atomic::Ordering::SeqCst) >= in_progress {
+            return self.receiving_since.lock().ok().map(|t| *t);
+        }
+        None
     }
 }
 
@@ -287,15 +316,33 @@ struct BodyDeadline {
     /// Started at the first read: a request waiting for its turn before it reads its body is
     /// not the client's delay.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Its connection's activity: the body is being received from its first read that does
+    /// not end it until it ends, fails or is dropped.
+    activity: Arc<Activity>,
+    receiving: bool,
 }
 
 impl BodyDeadline {
-    fn new(inner: Incoming, timeout: Duration) -> Self {
+    fn new(inner: Incoming, timeout: Duration, activity: Arc<Activity>) -> Self {
         Self {
             inner,
             timeout,
             deadline: None,
+            activity,
+            receiving: false,
         }
+    }
+
+    fn received(&mut self) {
+        if std::mem::take(&mut self.receiving) {
+            self.activity.body_ended();
+        }
+    }
+}
+
+impl Drop for BodyDeadline {
+    fn drop(&mut self) {
+        self.received();
     }
 }
 
@@ -309,17 +356,31 @@ impl Body for BodyDeadline {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            if !matches!(frame, Some(Ok(_))) || this.inner.is_end_stream() {
+                this.received();
+            } else if this.deadline.is_none() && !this.receiving {
+                // A body in several frames: the client's from the first on.
+                this.receiving = true;
+                this.activity.body_started();
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if !this.receiving && this.deadline.is_none() {
+            this.receiving = true;
+            this.activity.body_started();
         }
         let timeout = this.timeout;
         let deadline = this
             .deadline
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         match deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(format!(
-                "the request body did not arrive within {timeout:?}"
-            )
-            .into()))),
+            Poll::Ready(()) => {
+                this.received();
+                Poll::Ready(Some(Err(format!(
+                    "the request body did not arrive within {timeout:?}"
+                )
+                .into())))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -395,9 +456,11 @@ mod tests {
             .await
             .expect("a request behind 40 unfinished ones is answered");
         // Bodies trickled: each request is answered with the reason once the body's time is
-        // up, and its connection closed; a whole body is read as before.
+        // up, and its connection closed; a whole body is read as before. (Fewer than the
+        // places: with every place taken, the one whose body began first would give its
+        // place to a newcomer, `trickled_bodies_give_their_place_to_a_request`.)
         let mut trickled = Vec::new();
-        for _ in 0..8 {
+        for _ in 0..3 {
             let mut s = TcpStream::connect(address).await.expect("connect");
             s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123")
                 .await
@@ -432,6 +495,80 @@ mod tests {
                 .expect("an unfinished request is closed");
             assert!(!closed.contains("200"), "{closed}");
         }
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops")
+            .expect("server task");
+    }
+
+    /// Requests whose bodies trickle in a byte at a time on every connection cannot keep a
+    /// request out for the body timeout: a request still receiving its body is the
+    /// client's to finish, and its connection gives its place as a silent one does (the
+    /// place was held until the body timeout, `/livez` waiting behind).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn trickled_bodies_give_their_place_to_a_request() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let app = Router::new()
+            .route("/livez", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/echo",
+                axum::routing::post(|body: String| async move { body }),
+            );
+        // Both timeouts far beyond the test's: only giving a trickling body's place can make
+        // room.
+        let limits = Limits {
+            header_read_timeout: Duration::from_secs(600),
+            body_read_timeout: Duration::from_secs(600),
+            max_connections: 4,
+            drain: Duration::from_secs(1),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, app, limits, async {
+            let _ = stopped.await;
+        }));
+        // A whole body is answered.
+        let mut whole = TcpStream::connect(address).await.expect("connect");
+        whole
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello")
+            .await
+            .expect("write");
+        let answered = until_closed(&mut whole).await;
+        assert!(answered.ends_with("hello"), "{answered}");
+        // Every place taken by a body of 100 bytes sent one at a time.
+        let mut trickling = Vec::new();
+        for _ in 0..4 {
+            let mut s = TcpStream::connect(address).await.expect("connect");
+            s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nx")
+                .await
+                .expect("write");
+            trickling.push(s);
+        }
+        let (done, mut stop_trickling) = tokio::sync::watch::channel(false);
+        let trickler = tokio::spawn(async move {
+            loop {
+                for s in &mut trickling {
+                    let _ = s.write_all(b"x").await;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = stop_trickling.wait_for(|d| *d) => return trickling,
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::timeout(Duration::from_secs(60), live(address))
+            .await
+            .expect("a request behind 4 trickling bodies is answered");
+        let _ = done.send(true);
+        let mut trickling = trickler.await.expect("trickler");
+        // The one whose body began first gave its place: closed without an answer.
+        let closed = tokio::time::timeout(Duration::from_secs(60), until_closed(&mut trickling[0]))
+            .await
+            .expect("the oldest trickling connection is closed");
+        assert!(closed.is_empty(), "{closed}");
+        drop(trickling);
         let _ = stop.send(());
         tokio::time::timeout(Duration::from_secs(10), server)
             .await
