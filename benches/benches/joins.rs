@@ -123,15 +123,18 @@ fn joins(c: &mut Criterion) {
                                     )
                                     .await
                                     .expect("process");
+                                let mut out = out;
+                                q.finish_step(NOW, &mut out).await.expect("process");
                                 assert!(out.diverted.is_empty(), "events diverted");
                                 rows += out.rows.iter().map(|b| b.num_rows()).sum::<usize>();
                             }
                         }
                         for stream in ["l", "r"] {
-                            let out = q
+                            let mut out = q
                                 .advance_watermark_of(stream, T0 + 2 * SPAN_MS, NOW)
                                 .await
                                 .expect("close");
+                            q.finish_step(NOW, &mut out).await.expect("close");
                             rows += out.rows.iter().map(|b| b.num_rows()).sum::<usize>();
                         }
                         assert!(rows > 0);

@@ -2936,6 +2936,17 @@ impl StreamQuery {
         Ok(())
     }
 
+    /// Emits what the steps before left due ([`StreamQuery::is_due`]) into `out`, before a
+    /// step takes new rows: none may reach windows closed but not yet emitted. (A caller
+    /// that publishes part by part has nothing left here; a micro-batch cut into runs, each
+    /// a step of its own, holds the results of the runs before its last together.)
+    async fn emit_rest(&mut self, now_ms: i64, out: &mut StepOutput) -> Result<()> {
+        while self.is_due() {
+            self.emit(now_ms, out).await?;
+        }
+        Ok(())
+    }
+
     /// Whether the last step left closed windows' results to emit: a step returns a
     /// bounded amount of them ([`crate::state::window::EMIT_BUDGET`] a stage), however many
     /// windows the watermark closed. Until it is false, call [`StreamQuery::tick`] (each
@@ -3725,6 +3736,7 @@ impl StreamQuery {
         now_ms: i64,
     ) -> Result<StepOutput> {
         let mut out = StepOutput::default();
+        self.emit_rest(now_ms, &mut out).await?;
         check_schema(&self.source, batch)?;
         let arrived = batch;
         let batch = match self.time_column.clone() {
@@ -4021,6 +4033,7 @@ impl StreamQuery {
             return self.process(batch, partitions, offsets, now_ms).await;
         }
         let mut out = StepOutput::default();
+        self.emit_rest(now_ms, &mut out).await?;
         let left = table == self.source.name;
         let input = match &self.join {
             _ if left => self.source.clone(),
@@ -4248,6 +4261,7 @@ impl StreamQuery {
         now_ms: i64,
     ) -> Result<StepOutput> {
         let mut out = StepOutput::default();
+        self.emit_rest(now_ms, &mut out).await?;
         let input = if table == self.source.name {
             None
         } else {

@@ -711,6 +711,8 @@ pub struct Pending {
     acknowledged: usize,
     /// The first delivery the broker refused among those let go.
     refused: Option<KafkaError>,
+    /// Outstanding deliveries at which those acknowledged are let go next.
+    settle_at: usize,
 }
 
 /// Deliveries [`Pending`] holds before it lets go of those already acknowledged: a step that
@@ -730,7 +732,7 @@ impl Pending {
     }
 
     fn push(&mut self, delivery: Delivery) {
-        if self.deliveries.len() >= SETTLE_EVERY && self.deliveries.len().is_power_of_two() {
+        if self.deliveries.len() >= self.settle_at.max(SETTLE_EVERY) {
             let before = self.deliveries.len();
             let refused = &mut self.refused;
             self.deliveries.retain_mut(|d| match d.try_recv() {
@@ -746,6 +748,8 @@ impl Pending {
                 Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
             });
             self.acknowledged += before - self.deliveries.len();
+            // Twice those still in flight: each pass lets go of as many as it keeps, or more.
+            self.settle_at = 2 * self.deliveries.len();
         }
         self.deliveries.push(delivery);
     }

@@ -609,8 +609,9 @@ pub struct WindowOperator {
     /// Set when the input is a changelog: windows are evaluated from their rows.
     recompute: Option<Recompute>,
     /// Where the last [`WindowOperator::advance`] stopped at [`EMIT_BUDGET`]: the next one
-    /// goes on from this window (end, start).
-    resume: Option<(i64, i64)>,
+    /// goes on from this window (end, start), if its watermark is still the one the walk
+    /// began with (second).
+    resume: Option<((i64, i64), i64)>,
 }
 
 fn gcd(a: i64, b: i64) -> i64 {
@@ -1092,8 +1093,14 @@ impl WindowOperator {
         // and the emission bookkeeping changed while a checkpoint held it is folded back.
         self.take_back(.., false)?;
         // After a call that stopped at the budget, the windows from where it stopped (the
-        // call that began the walk folded the bookkeeping back).
-        let from = self.resume.take();
+        // call that began the walk folded the bookkeeping back); from the first again when
+        // the watermark has moved since (windows before it may have come due) or early
+        // results are due.
+        let from = self
+            .resume
+            .take()
+            .filter(|(_, began)| *began >= watermark.max(self.watermark) && !early_fire)
+            .map(|(from, _)| from);
         if from.is_none() {
             for meta in self.windows.values_mut() {
                 meta.revisions.settle(Layered::<Box<[u8]>, u32>::SETTLE);
@@ -1108,7 +1115,7 @@ impl WindowOperator {
         while let Some((&(end, start), _)) = self.windows.range((next, Bound::Unbounded)).next() {
             next = Bound::Excluded((end, start));
             if bytes >= EMIT_BUDGET {
-                self.resume = Some((end, start));
+                self.resume = Some(((end, start), self.watermark));
                 break;
             }
             let changed = self.changed_since(start, end);
@@ -1152,7 +1159,7 @@ impl WindowOperator {
     /// end of the first window it has not looked at (what a stage above may take as closed).
     pub fn emitted_through(&self, watermark: i64) -> i64 {
         match self.resume {
-            Some((end, _)) => watermark.min(end.saturating_sub(1)),
+            Some(((end, _), _)) => watermark.min(end.saturating_sub(1)),
             None => watermark,
         }
     }
@@ -1414,7 +1421,9 @@ impl WindowOperator {
         let frontier = self.watermark.saturating_sub(self.lateness_ms);
         // Windows from where an advance stopped may still have a revision to emit; those
         // before are done.
-        let before = self.resume.map_or(Bound::Unbounded, Bound::Excluded);
+        let before = self
+            .resume
+            .map_or(Bound::Unbounded, |(from, _)| Bound::Excluded(from));
         let expired: Vec<(i64, i64)> = self
             .windows
             .range((Bound::Unbounded, before))
@@ -1426,9 +1435,13 @@ impl WindowOperator {
             self.windows.remove(&key);
             self.evicted_through = self.evicted_through.max(key.0);
         }
-        if frontier > self.evicted_through {
-            // Windows that never had data end here too.
-            self.evicted_through = self.evicted_through.max(self.pane_start(frontier));
+        // Windows that never had data end here too; not past those the walk has yet to
+        // look at, which are live until they are emitted.
+        let limit = self.resume.map_or(frontier, |((end, _), _)| {
+            frontier.min(end.saturating_sub(1))
+        });
+        if limit > self.evicted_through {
+            self.evicted_through = self.evicted_through.max(self.pane_start(limit));
         }
         if self.resume.is_some() {
             // Panes go once the walk over the windows is done.
@@ -1722,6 +1735,7 @@ impl WindowOperator {
         self.panes.clear();
         self.lent.clear();
         self.windows.clear();
+        self.resume = None;
         self.evicted_through = meta.evicted_through;
         self.watermark = meta.watermark;
         self.step = meta.step;
