@@ -2,7 +2,9 @@
 //! ten aggregates per segment and minute, a lookup join) with 1 000 000 distinct segments in
 //! one open minute. Reports the engine's own account of its state (DataFusion's group
 //! interner and accumulators, per pane) and the process's resident memory before and after,
-//! per group. Not a timing bench: it prints one table.
+//! per group. Then the same per live window: a hop of 10 000 windows a reading over 30
+//! readings far apart (300 000 windows, one group each). Not a timing bench: it prints two
+//! tables.
 //!
 //! `cargo bench -p urbanstream-benches --bench memory`
 
@@ -36,6 +38,10 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    if std::env::args().any(|a| a == HOP_WINDOWS) {
+        hop_windows(&runtime);
+        return;
+    }
     let schemas = SchemaRegistry::embedded().expect("schemas");
     // Simulated camera detections, each given its own segment, all in the same minute.
     let template = decoded_batches(SimTopic::Camera, "camera_event", 8_192).remove(0);
@@ -109,5 +115,74 @@ fn main() {
         "| process RSS / peak RSS | {:.1} / {:.1} MiB | |",
         rss_after as f64 / 1048576.0,
         peak as f64 / 1048576.0
+    );
+    println!();
+    // In a process of its own: memory the first table freed would be taken again unseen.
+    let status = std::process::Command::new(std::env::current_exe().expect("this bench"))
+        .arg(HOP_WINDOWS)
+        .status()
+        .expect("the hop windows' table");
+    assert!(status.success(), "the hop windows' table: {status}");
+}
+
+/// The argument that makes the bench print the hop windows' table alone.
+const HOP_WINDOWS: &str = "--hop-windows";
+
+/// The engine's account of live hop windows against the resident memory they take.
+fn hop_windows(runtime: &tokio::runtime::Runtime) {
+    use datafusion::arrow::array::{Int64Array, StringViewArray, TimestampMillisecondArray};
+    const T0: i64 = 1_767_247_200_000;
+    const READINGS: i64 = 30;
+    let sql = "CREATE EXTERNAL TABLE ev (k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT) STORED AS \
+               KAFKA OPTIONS ('topic' 'ev', 'event_time' 't', 'watermark_delay' '1000000s'); \
+               SELECT k, window_start, count(*) AS n, sum(v) AS s FROM ev \
+               GROUP BY hop(t, INTERVAL '1 second', INTERVAL '10000 seconds'), k";
+    let times: Vec<i64> = (0..READINGS).map(|i| T0 + i * 10_001_000).collect();
+    let batch = RecordBatch::try_from_iter_with_nullable(vec![
+        (
+            "k",
+            Arc::new(StringViewArray::from_iter_values(times.iter().map(|_| "k"))) as ArrayRef,
+            true,
+        ),
+        (
+            "t",
+            Arc::new(TimestampMillisecondArray::from_iter_values(times.clone())),
+            false,
+        ),
+        (
+            "v",
+            Arc::new(Int64Array::from_iter_values(times.clone())),
+            true,
+        ),
+    ])
+    .expect("batch");
+    let (windows, state_bytes, growth) = runtime.block_on(async {
+        let ctx = urbanstream::plan::stream::StreamContext::new();
+        let mut query = plan_all(&ctx, sql).await.expect("plan").remove(0);
+        let (before, _) = rss();
+        query
+            .process(&batch, &vec![0; batch.num_rows()], None, T0 + 1_000_000_000)
+            .await
+            .expect("process");
+        let (after, _) = rss();
+        (
+            query.open_windows(),
+            query.state_bytes(),
+            after.saturating_sub(before),
+        )
+    });
+    println!("hop of 10 000 windows a reading, {READINGS} readings far apart");
+    println!("| measure | total | per window |");
+    println!("|---|---|---|");
+    println!("| live windows | {windows} | |");
+    println!(
+        "| engine state | {:.1} MiB | {} B |",
+        state_bytes as f64 / 1048576.0,
+        state_bytes / windows.max(1)
+    );
+    println!(
+        "| RSS growth while holding it | {:.1} MiB | {} B |",
+        growth as f64 / 1048576.0,
+        growth / windows.max(1)
     );
 }
