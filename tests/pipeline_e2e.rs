@@ -707,29 +707,15 @@ async fn a_query_whose_inputs_went_quiet_does_not_hold_the_pipelines_watermark()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revisions_of_a_row_without_a_key_value_stay_in_one_partition() -> anyhow::Result<()> {
     let cluster = TestCluster::start(4)?;
-    for topic in ["test.keyless.in", "test.keyless.out"] {
-        cluster.broker.create_topic(topic, 4)?;
-    }
-    let stats = Arc::new(PipelineStats::new());
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut config = PipelineConfig::new(&cluster.brokers);
-    config.group_id = "keyless".into();
-    config.default_queries = false;
-    config.from_beginning = true;
-    config.queries = vec![(
-        "keyless".into(),
-        "CREATE EXTERNAL TABLE ev (k VARCHAR, ts TIMESTAMP NOT NULL)
-         STORED AS KAFKA OPTIONS ('topic' 'test.keyless.in', 'format' 'json',
-           'event_time' 'ts', 'watermark_delay' '0s');
-         CREATE EXTERNAL TABLE o (k VARCHAR, window_start TIMESTAMP NOT NULL, c BIGINT NOT NULL)
-         STORED AS KAFKA OPTIONS ('topic' 'test.keyless.out', 'format' 'json', 'key' 'k');
-         SET urbanstream.allowed_lateness = '10m';
+    topics_of(&cluster, "keyless")?;
+    let (stop, task) = start_one_query(
+        &cluster,
+        "keyless",
+        "SET urbanstream.allowed_lateness = '10m';
          INSERT INTO o SELECT k, window_start, count(*) AS c FROM ev
-         GROUP BY tumble(ts, INTERVAL '1 minute'), k"
-            .into(),
-    )];
-    let pipeline = Pipeline::new(config, stats.clone()).await?;
-    let task = tokio::spawn(pipeline.run(stop.clone()));
+         GROUP BY tumble(ts, INTERVAL '1 minute'), k",
+    )
+    .await?;
     let keys = [json!(null), json!(""), json!("a")];
     // Minute 0 on every partition, then minute 2 everywhere (minute 0 closes), then six
     // rounds of late events into minute 0, each round a revision.
@@ -775,6 +761,96 @@ async fn revisions_of_a_row_without_a_key_value_stay_in_one_partition() -> anyho
     }
     drop(out);
     Ok(())
+}
+
+/// A micro-batch that closes more windows than one part of results (a hop of 2 000 windows
+/// a reading, readings far apart on 4 partitions: 48 000 windows closed at once) publishes
+/// every window once, part after part, before it takes the next records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_closing_many_windows_publishes_every_one_once() -> anyhow::Result<()> {
+    const SIZE: i64 = 2_000_000;
+    let cluster = TestCluster::start(4)?;
+    topics_of(&cluster, "parts")?;
+    // Six readings a partition, each alone in its windows, then one far ahead that closes
+    // them all; produced before the query starts, so that they come in few micro-batches.
+    for p in 0..4 {
+        for i in 0..7 {
+            let t = T0 + i * (SIZE + 1_000) + if i == 6 { 100 * SIZE } else { 0 };
+            let record = json!({"k": format!("k{p}"), "ts": t});
+            cluster
+                .produce("test.parts.in", p, "x", &serde_json::to_vec(&record)?)
+                .await?;
+        }
+    }
+    let (stop, task) = start_one_query(
+        &cluster,
+        "parts",
+        "INSERT INTO o SELECT k, window_start, count(*) AS c FROM ev
+         GROUP BY hop(ts, INTERVAL '1 second', INTERVAL '2000 seconds'), k",
+    )
+    .await?;
+    let out = cluster.consumer("test.parts.out")?;
+    let expected = 4 * 6 * 2_000;
+    let seen = read_with_partitions(&out, expected).await?;
+    // Nothing more comes: each window once.
+    let more = tokio::time::timeout(Duration::from_secs(3), out.recv()).await;
+    assert!(more.is_err(), "a window published twice: {more:?}");
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    let windows: std::collections::BTreeSet<(String, String)> = seen
+        .iter()
+        .map(|(_, r)| (r["k"].to_string(), r["window_start"].to_string()))
+        .collect();
+    assert_eq!(windows.len(), expected);
+    assert!(
+        seen.iter().all(|(_, r)| r["c"] == json!(1)),
+        "a window of one reading"
+    );
+    drop(out);
+    Ok(())
+}
+
+/// Starts a pipeline of one query, `name`, over `test.{name}.in` (`ev (k VARCHAR, ts
+/// TIMESTAMP NOT NULL)`, no watermark delay) into `test.{name}.out` (`o (k VARCHAR,
+/// window_start TIMESTAMP NOT NULL, c BIGINT NOT NULL)`, keyed by k), read from the
+/// beginning: `sql` is the query's statements after the tables. The topics are made with
+/// [`topics_of`] first.
+/// Makes the topics of [`start_one_query`]'s query `name`, of 4 partitions.
+fn topics_of(cluster: &TestCluster, name: &str) -> anyhow::Result<()> {
+    for topic in [format!("test.{name}.in"), format!("test.{name}.out")] {
+        cluster.broker.create_topic(&topic, 4)?;
+    }
+    Ok(())
+}
+
+async fn start_one_query(
+    cluster: &TestCluster,
+    name: &str,
+    sql: &str,
+) -> anyhow::Result<(
+    Arc<AtomicBool>,
+    tokio::task::JoinHandle<urbanstream::Result<()>>,
+)> {
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = name.into();
+    config.default_queries = false;
+    config.from_beginning = true;
+    config.queries = vec![(
+        name.into(),
+        format!(
+            "CREATE EXTERNAL TABLE ev (k VARCHAR, ts TIMESTAMP NOT NULL)
+             STORED AS KAFKA OPTIONS ('topic' 'test.{name}.in', 'format' 'json',
+               'event_time' 'ts', 'watermark_delay' '0s');
+             CREATE EXTERNAL TABLE o (k VARCHAR, window_start TIMESTAMP NOT NULL, c BIGINT NOT NULL)
+             STORED AS KAFKA OPTIONS ('topic' 'test.{name}.out', 'format' 'json', 'key' 'k');
+             {sql}"
+        ),
+    )];
+    let pipeline = Pipeline::new(config, stats).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    Ok((stop, task))
 }
 
 /// The next `n` records of `consumer`, with their partitions.

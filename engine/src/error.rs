@@ -143,9 +143,17 @@ impl From<KafkaError> for Error {
 /// OAUTHBEARER's settings, which carry client secrets).
 pub fn is_secret_property(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    (["password", "secret", "token", "jaas", "key", "credential"]
-        .iter()
-        .any(|word| key.contains(word))
+    ([
+        "password",
+        "secret",
+        "token",
+        "jaas",
+        "key",
+        "credential",
+        "kinit",
+    ]
+    .iter()
+    .any(|word| key.contains(word))
         || key.starts_with("sasl.oauthbearer."))
         && !key.ends_with(".location")
         && key != "sasl.oauthbearer.method"

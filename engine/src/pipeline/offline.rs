@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch};
@@ -30,6 +30,29 @@ use crate::source::RawBatch;
 
 /// Memory a file's reading and sorting may hold; beyond it the sort spills to disk.
 const FILE_MEMORY: usize = 256 << 20;
+
+/// Bytes of a file's rows read in one batch, about: the sort holds a batch and its sorted copy
+/// within [`FILE_MEMORY`].
+const FILE_BATCH_BYTES: usize = 16 << 20;
+
+/// Rows a batch of the text file at `path` takes so that it holds about [`FILE_BATCH_BYTES`]
+/// (its lines' mean length), between 1 and 8 192.
+fn rows_per_batch(path: &Path) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let (mut bytes, mut lines) = (0usize, 0usize);
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        bytes += n;
+        lines += buffer[..n].iter().filter(|b| **b == b'\n').count();
+    }
+    let mean = bytes / lines.max(1);
+    Ok((FILE_BATCH_BYTES / mean.max(1)).clamp(1, 8_192))
+}
 
 /// Rows whose event time could not be read (not fed, not produced).
 #[derive(Debug, Default, Clone)]
@@ -139,6 +162,41 @@ pub async fn one_query(ctx: &StreamContext, sql: &str, label: &str) -> Result<St
 /// following the data; at the end every window closes. Keeps the first `limit` output rows
 /// and writes every row to `output` as JSON lines.
 pub async fn run_query<W: Write + ?Sized>(
+    query: StreamQuery,
+    input: &RunInput,
+    limit: usize,
+    output: Option<&mut W>,
+) -> Result<RunSummary> {
+    let state_limit = input.state_limit;
+    run_file_query(query, input, limit, output)
+        .await
+        .map_err(|e| out_of_memory(e, state_limit))
+}
+
+/// DataFusion's refusal to allocate (an operator of the query over its memory limit, or the
+/// file's sort over [`FILE_MEMORY`]) as the resource limit it is, saying which; other errors
+/// as they are.
+fn out_of_memory(e: Error, state_limit: Option<usize>) -> Error {
+    let Error::DataFusion(df) = &e else {
+        return e;
+    };
+    let datafusion::error::DataFusionError::ResourcesExhausted(message) = df.find_root() else {
+        return e;
+    };
+    match state_limit {
+        Some(limit) => Error::ResourceLimit(format!(
+            "an operator does not fit the query's memory limit of {limit} bytes ({message})"
+        )),
+        None => Error::ResourceLimit(format!(
+            "reading the file and sorting it by event time does not fit the {} MiB it may \
+             hold ({message}): a row of tens of megabytes cannot be sorted; leave such rows \
+             out of the file",
+            FILE_MEMORY >> 20
+        )),
+    }
+}
+
+async fn run_file_query<W: Write + ?Sized>(
     mut query: StreamQuery,
     input: &RunInput,
     limit: usize,
@@ -210,7 +268,8 @@ pub async fn run_query<W: Write + ?Sized>(
     let mut now_ms = i64::MIN;
     let mut offset = 0i64;
     while let Some(batch) = stream.next().await {
-        let batch = batch?;
+        // The file's own reading and sorting: its memory, not the query's.
+        let batch = batch.map_err(|e| out_of_memory(e.into(), None))?;
         summary.input_rows += batch.num_rows() as u64;
         let batch = match &time {
             Some(column) => {
@@ -282,6 +341,18 @@ pub async fn run_query<W: Write + ?Sized>(
 /// oldest), as a running query reads them: a range is read partition after partition, and fed
 /// in that order the first partition's times made every other partition's records late.
 pub async fn run_query_over_records(
+    query: StreamQuery,
+    batches: &[RawBatch],
+    limit: usize,
+    codecs: &Codecs,
+    state_limit: Option<usize>,
+) -> Result<RunSummary> {
+    run_records_query(query, batches, limit, codecs, state_limit)
+        .await
+        .map_err(|e| out_of_memory(e, state_limit))
+}
+
+async fn run_records_query(
     mut query: StreamQuery,
     batches: &[RawBatch],
     limit: usize,
@@ -620,6 +691,21 @@ pub async fn open_file(
         Some(copy) => copy.display().to_string(),
         None => shown.clone(),
     };
+    if matches!(extension.as_str(), "csv" | "jsonl" | "ndjson" | "json") {
+        // Batches of about FILE_BATCH_BYTES whatever the rows' length: 550 rows of 200 KB
+        // made one batch of 110 MB, which the sort could not hold twice in FILE_MEMORY.
+        let rows = {
+            let path = PathBuf::from(&path);
+            tokio::task::spawn_blocking(move || rows_per_batch(&path))
+                .await
+                .map_err(|e| Error::Config(format!("{shown}: {e}")))?
+                .map_err(|e| Error::Config(format!("{shown}: {e}")))?
+        };
+        let state = ctx.state_ref();
+        let mut state = state.write();
+        state.config_mut().options_mut().execution.batch_size =
+            datafusion::common::config::ConfigNonZeroUsize::try_new(rows)?;
+    }
     match extension.as_str() {
         "csv" => {
             // Types are guessed from every row (a value of another type after the first
@@ -1612,6 +1698,65 @@ mod tests {
     /// beyond 2^63, went through a float (`9007199254740993` became `…992`,
     /// `12345678901234567890` became `12345678901234567000`); and a field first seen after
     /// the thousandth line was not read.
+    /// DataFusion's refusal to allocate reads as the limit it met: the query's, or the file
+    /// sort's (it told a user of `run` or a preview to change a `datafusion.*` setting, which
+    /// the SQL sandbox refuses).
+    #[test]
+    fn running_out_of_memory_names_the_limit() {
+        let refusal = || {
+            Error::DataFusion(datafusion::error::DataFusionError::Context(
+                "Not enough memory to continue external sort".into(),
+                Box::new(datafusion::error::DataFusionError::ResourcesExhausted(
+                    "Failed to allocate additional 300.2 MB".into(),
+                )),
+            ))
+        };
+        let query = out_of_memory(refusal(), Some(67_108_864)).to_string();
+        assert!(
+            query.starts_with("resource limit: an operator does not fit the query's memory limit of 67108864 bytes")
+                && query.contains("300.2 MB"),
+            "{query}"
+        );
+        let file = out_of_memory(refusal(), None).to_string();
+        assert!(
+            file.contains("sorting it by event time does not fit the 256 MiB")
+                && file.contains("leave such rows out of the file"),
+            "{file}"
+        );
+        let other = out_of_memory(Error::Config("x".into()), None).to_string();
+        assert_eq!(other, Error::Config("x".into()).to_string());
+    }
+
+    /// Regression: 550 rows of 200 KB (110 MB) were read as one batch, which the sort by
+    /// event time could not hold twice within its 256 MiB, and the whole run failed; batches
+    /// now hold about 16 MiB whatever the rows' length.
+    #[tokio::test]
+    async fn a_file_of_long_rows_is_sorted_within_its_memory() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("long.csv");
+        let mut csv = String::from("t,s\n");
+        let text = "x".repeat(200_000);
+        // Newest first: the sort has work to do.
+        for i in (0..550).rev() {
+            csv.push_str(&format!("{i},{text}\n"));
+        }
+        std::fs::write(&path, csv)?;
+        let mut opened = open_file(&path, &[], (Some("t"), Some(1), "+00:00"), None, false).await?;
+        let mut times = Vec::new();
+        while let Some(batch) = opened.stream.next().await {
+            let batch = batch?;
+            let t = cast(batch.column_by_name("t").expect("t"), &DataType::Int64)?;
+            times.extend(
+                t.as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                    .values()
+                    .iter()
+                    .copied(),
+            );
+        }
+        assert_eq!(times, (0..550).collect::<Vec<i64>>());
+        Ok(())
+    }
+
     #[tokio::test]
     async fn a_json_files_numbers_go_on_as_written() -> Result<()> {
         let dir = tempfile::tempdir()?;

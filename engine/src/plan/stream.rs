@@ -3556,6 +3556,15 @@ impl StreamQuery {
             let table = self.source.name.clone();
             return Box::pin(self.process_from(&table, batch, partitions, offsets, now_ms)).await;
         }
+        // A changelog's record whose op is none the engine reads goes to the DLQ.
+        let unknown = match &self.upsert {
+            Some(u) => u.unknown_ops(batch)?,
+            None => Vec::new(),
+        };
+        if !unknown.is_empty() {
+            return Box::pin(self.process_without(batch, partitions, offsets, now_ms, unknown))
+                .await;
+        }
         let (cuts, late) = self.cuts(batch, partitions, now_ms)?;
         if cuts.is_empty() {
             self.forced_late = late;
@@ -3596,6 +3605,65 @@ impl StreamQuery {
                 ..f
             }));
         }
+        Ok(out)
+    }
+
+    /// [`StreamQuery::process`] of `batch` without the changelog records whose `op` is
+    /// unknown (`unknown`: their rows and ops), which are failed rows of the step.
+    async fn process_without(
+        &mut self,
+        batch: &RecordBatch,
+        partitions: &[i32],
+        offsets: Option<&[i64]>,
+        now_ms: i64,
+        unknown: Vec<(u32, String)>,
+    ) -> Result<StepOutput> {
+        let n = batch.num_rows();
+        let gone: std::collections::HashSet<u32> = unknown.iter().map(|(r, _)| *r).collect();
+        let kept: Vec<u32> = (0..n as u32).filter(|r| !gone.contains(r)).collect();
+        let rows = datafusion::arrow::array::UInt32Array::from(kept.clone());
+        let rest = datafusion::arrow::compute::take_record_batch(batch, &rows)?;
+        let pick = |all: &[i32]| -> Vec<i32> {
+            if all.len() == n {
+                kept.iter().map(|&r| all[r as usize]).collect()
+            } else {
+                all.to_vec()
+            }
+        };
+        let rest_partitions = pick(partitions);
+        let rest_offsets: Option<Vec<i64>> = offsets.map(|o| {
+            if o.len() == n {
+                kept.iter().map(|&r| o[r as usize]).collect()
+            } else {
+                o.to_vec()
+            }
+        });
+        let mut out = self
+            .process(&rest, &rest_partitions, rest_offsets.as_deref(), now_ms)
+            .await?;
+        for d in &mut out.diverted {
+            d.row = kept[d.row as usize];
+        }
+        for f in &mut out.failed {
+            f.row = kept[f.row as usize];
+        }
+        let times = match &self.source.options.event_time {
+            Some(t) => Some(event_times(batch, t)?),
+            None => None,
+        };
+        out.failed.extend(unknown.into_iter().map(|(row, op)| {
+            Failed {
+                row,
+                event_time: times
+                    .as_ref()
+                    .and_then(|t| t.is_valid(row as usize).then(|| t.value(row as usize))),
+                error: format!(
+                    "op '{op}' is none of insert, update, retract and delete (in any case; a \
+                 null op is an upsert): the record is neither taken as a row nor as a deletion"
+                ),
+            }
+        }));
+        out.failed.sort_by_key(|f| f.row);
         Ok(out)
     }
 

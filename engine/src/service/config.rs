@@ -406,15 +406,29 @@ impl ServiceConfig {
     }
 }
 
-/// `url` without the user name and password it carries, if any.
+/// `url` without the user name and password it carries, if any, nor the values of its query
+/// (`?token=…`, a signed URL's signature) and fragment.
 fn redact_url(url: &mut String) {
-    if let Ok(mut parsed) = url::Url::parse(url)
-        && (!parsed.username().is_empty() || parsed.password().is_some())
-    {
-        let _ = parsed.set_username(REDACTED);
+    const HIDDEN: &str = "redacted";
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return;
+    };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        let _ = parsed.set_username(HIDDEN);
         let _ = parsed.set_password(None);
-        *url = parsed.to_string();
     }
+    if parsed.query().is_some() {
+        let names: Vec<String> = parsed.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        let mut query = parsed.query_pairs_mut();
+        query.clear();
+        for name in names {
+            query.append_pair(&name, HIDDEN);
+        }
+    }
+    if parsed.fragment().is_some() {
+        parsed.set_fragment(Some(HIDDEN));
+    }
+    *url = parsed.to_string();
 }
 
 impl std::fmt::Debug for ServiceConfig {
@@ -647,8 +661,9 @@ mod tests {
                  \"sasl.username\" = \"city\"\n\"sasl.password\" = \"hunter2\"\n\
                  \"ssl.key.location\" = \"/k.pem\"\n\"ssl.key.password\" = \"pw2\"\n\
                  \"sasl.oauthbearer.config\" = \"principal=city client_secret=0auth\"\n\
+                 \"sasl.kerberos.kinit.cmd\" = \"kinit -S k1n1t x\"\n\
                  [api]\ntoken = \"t0ps3cret\"\n\
-                 [schema_registry]\nurl = \"https://city:r3g1stry@registry:8081\"\n\
+                 [schema_registry]\nurl = \"https://city:r3g1stry@registry:8081/?token=qt0k3n&a=b#fr4g\"\n\
                  [checkpoint]\nurl = \"s3://minio:m1n10pw@city/checkpoints\"\n\
                  [checkpoint.store]\naws_region = \"hn-1\"\naws_access_key_id = \"AKIACITY\"\n\
                  aws_secret_access_key = \"S3CR3T\"\naws_session_token = \"s3ss10n\"\n",
@@ -667,6 +682,9 @@ mod tests {
                 "S3CR3T",
                 "s3ss10n",
                 "0auth",
+                "k1n1t",
+                "qt0k3n",
+                "fr4g",
             ] {
                 assert!(!shown.contains(secret), "{secret} shown in {shown}");
             }

@@ -31,6 +31,10 @@ use crate::checkpoint::{DeferredTable, StateSnapshot, column, table, typed};
 /// The `op` value that deletes a key's row.
 pub const RETRACT: &str = "retract";
 
+/// The `op` values a changelog's record may carry (in any case): `delete` deletes as
+/// `retract` does; a null `op` is an upsert, as `insert` and `update` are.
+pub const OPS: [&str; 4] = ["insert", "update", RETRACT, "delete"];
+
 /// A key's latest row: its event time and the row, row-encoded.
 type Latest = (i64, Box<[u8]>);
 
@@ -149,6 +153,27 @@ impl UpsertState {
         self.apply_with_late(batch, &[])
     }
 
+    /// The rows of `batch` whose `op` is none of [`OPS`] (nor null), with the value: read as
+    /// an upsert, a record meant to delete in another spelling would add a row.
+    pub fn unknown_ops(&self, batch: &RecordBatch) -> Result<Vec<(u32, String)>> {
+        let Some(i) = self.op_column else {
+            return Ok(Vec::new());
+        };
+        let ops = cast(batch.column(i), &DataType::Utf8)?;
+        let Some(ops) = ops.as_any().downcast_ref::<StringArray>() else {
+            return plan_err!("the op column is not text");
+        };
+        Ok(ops
+            .iter()
+            .enumerate()
+            .filter_map(|(r, op)| {
+                let op = op?;
+                (!OPS.iter().any(|known| op.eq_ignore_ascii_case(known)))
+                    .then(|| (r as u32, op.to_string()))
+            })
+            .collect())
+    }
+
     /// [`UpsertState::apply`], where `late[i]` says row `i` came too late for its windows: as
     /// its key's latest record it still supersedes the key's row (withdrawn), and adds
     /// nothing.
@@ -186,8 +211,11 @@ impl UpsertState {
         decided.sort_unstable_by_key(|(_, r)| *r);
         for (key, r) in decided {
             let delete = late.get(r).copied().unwrap_or(false)
-                || deletes
-                    .is_some_and(|d| !d.is_null(r) && d.value(r).eq_ignore_ascii_case(RETRACT));
+                || deletes.is_some_and(|d| {
+                    !d.is_null(r)
+                        && (d.value(r).eq_ignore_ascii_case(RETRACT)
+                            || d.value(r).eq_ignore_ascii_case("delete"))
+                });
             let previous = if delete {
                 self.latest.remove(key)
             } else {

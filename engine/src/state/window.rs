@@ -162,6 +162,80 @@ impl GroupsAccumulator for Adapted {
     }
 }
 
+/// Aggregates whose vectorised accumulator keeps the arrays it is given and counts them by
+/// their views alone (`array_agg`: 16 bytes a text of any length), so that 1 200 texts of
+/// 200 KB were 40 KB of state against a 64 MiB limit while they took 226 MB.
+const RETAINING: &[&str] = &["array_agg"];
+
+/// A [`RETAINING`] aggregate's accumulator, counted at its own size plus the arrays it was
+/// given since it was last emitted whole (each array's buffers, shared ones too: a bound
+/// from above).
+struct Retaining {
+    inner: Box<dyn GroupsAccumulator>,
+    retained: usize,
+}
+
+impl Retaining {
+    fn took(&mut self, values: &[ArrayRef]) {
+        self.retained = self
+            .retained
+            .saturating_add(values.iter().map(|v| v.get_array_memory_size()).sum());
+    }
+
+    fn gave(&mut self, emit_to: EmitTo) {
+        if matches!(emit_to, EmitTo::All) {
+            self.retained = 0;
+        }
+    }
+}
+
+impl GroupsAccumulator for Retaining {
+    fn update_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> Result<()> {
+        self.took(values);
+        self.inner
+            .update_batch(values, group_indices, opt_filter, total_num_groups)
+    }
+
+    fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
+        self.gave(emit_to);
+        self.inner.evaluate(emit_to)
+    }
+
+    fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
+        self.gave(emit_to);
+        self.inner.state(emit_to)
+    }
+
+    fn merge_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        total_num_groups: usize,
+    ) -> Result<()> {
+        self.took(values);
+        self.inner
+            .merge_batch(values, group_indices, total_num_groups)
+    }
+
+    fn convert_to_state(
+        &self,
+        values: &[ArrayRef],
+        opt_filter: Option<&BooleanArray>,
+    ) -> Result<Vec<ArrayRef>> {
+        self.inner.convert_to_state(values, opt_filter)
+    }
+
+    fn size(&self) -> usize {
+        self.inner.size().saturating_add(self.retained)
+    }
+}
+
 impl AggregateSpec {
     /// What its state holds, as one line: the window, the group keys with their types, each
     /// aggregate with the types of its state, the filters and the event time. Two queries
@@ -206,7 +280,12 @@ impl AggregateSpec {
             .iter()
             .map(|a| {
                 if a.groups_accumulator_supported() {
-                    a.create_groups_accumulator()
+                    let inner = a.create_groups_accumulator()?;
+                    if RETAINING.contains(&a.fun().name()) {
+                        return Ok(Box::new(Retaining { inner, retained: 0 })
+                            as Box<dyn GroupsAccumulator>);
+                    }
+                    Ok(inner)
                 } else {
                     let values = a.field().data_type().clone();
                     let states = a
