@@ -543,6 +543,22 @@ impl StreamContext {
                         columns.join(", ")
                     )
                 }
+                // A constant the plan converts while planning (a LAG's default of another
+                // type than its value): Arrow names the value, not where it is written.
+                e if matches!(
+                    e.find_root(),
+                    datafusion::error::DataFusionError::ArrowError(a, _)
+                        if matches!(a.as_ref(), datafusion::arrow::error::ArrowError::CastError(_))
+                ) =>
+                {
+                    plan_datafusion_err!(
+                        "a constant of the statement cannot take the type it is used as ({}): \
+                         write it in that type, e.g. a number as the default of LAG or LEAD over \
+                         a number column (lag(v, 1, 0.0), not lag(v, 1, 'x')), or cast it \
+                         where you mean the conversion (CAST('12' AS DOUBLE))",
+                        e.find_root()
+                    )
+                }
                 e => e,
             })
     }
