@@ -832,3 +832,65 @@ async fn a_micro_batch_of_millions_of_pairs_is_aggregated_in_parts() -> anyhow::
     );
     Ok(())
 }
+
+/// A micro-batch every row of which the join's condition refuses holds nothing: it held its
+/// offsets for good (an empty chunk that eviction never reached), so that the partition's
+/// commit stood still. The refused record goes to the DLQ, the others' offsets are released
+/// as usual.
+#[tokio::test]
+async fn a_batch_the_join_condition_refuses_whole_holds_no_offsets() -> anyhow::Result<()> {
+    let mut query = plan_query([
+        "CREATE EXTERNAL TABLE a (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'ta', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '7d')",
+        "CREATE EXTERNAL TABLE b (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
+         STORED AS KAFKA OPTIONS ('topic' 'tb', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '7d')",
+        &format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND} AND a.v / b.v > 0"),
+    ])
+    .await?;
+    let now = T0 + 86_400_000;
+    let batch = |id: i64, t: i64, v: i64| -> anyhow::Result<RecordBatch> {
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("id", Arc::new(Int64Array::from(vec![id]))),
+            (
+                "k",
+                Arc::new(datafusion::arrow::array::StringViewArray::from(vec![Some(
+                    "k0",
+                )])),
+            ),
+            ("t", Arc::new(TimestampMillisecondArray::from(vec![t]))),
+            ("v", Arc::new(Int64Array::from(vec![v]))),
+        ];
+        Ok(RecordBatch::try_from_iter(columns)?)
+    };
+    // Right row 2 (v = 0) is held; left row 1 meets it and is refused: alone in its batch.
+    query
+        .process_from("b", &batch(2, T0, 0)?, &[0], Some(&[20]), now)
+        .await?;
+    let out = query
+        .process_from("a", &batch(1, T0, 5)?, &[0], Some(&[10]), now)
+        .await?;
+    assert_eq!(out.failed.len(), 1, "{out:?}");
+    assert!(
+        out.failed[0].error.contains("Divide by zero"),
+        "{:?}",
+        out.failed
+    );
+    assert_eq!(
+        query.held_offsets_of("ta").get(&0),
+        None,
+        "nothing of a held"
+    );
+    // Both streams move far on: nothing of either is held.
+    query
+        .process_from("a", &batch(3, T0 + 3_600_000, 1)?, &[0], Some(&[11]), now)
+        .await?;
+    query
+        .process_from("b", &batch(4, T0 + 3_600_000, 1)?, &[0], Some(&[21]), now)
+        .await?;
+    let held = query.held_offsets_of("ta").get(&0).copied();
+    assert!(
+        held.is_none_or(|o| o >= 11),
+        "left offset 10 still held: {held:?}"
+    );
+    Ok(())
+}

@@ -170,24 +170,25 @@ pub async fn run_query<W: Write + ?Sized>(
     let state_limit = input.state_limit;
     run_file_query(query, input, limit, output)
         .await
-        .map_err(|e| out_of_memory(e, state_limit))
+        .map_err(|e| out_of_memory(e, state_limit, false))
 }
 
-/// DataFusion's refusal to allocate (an operator of the query over its memory limit, or the
-/// file's sort over [`FILE_MEMORY`]) as the resource limit it is, saying which; other errors
-/// as they are.
-fn out_of_memory(e: Error, state_limit: Option<usize>) -> Error {
+/// DataFusion's refusal to allocate (the file's sort over [`FILE_MEMORY`] when `file`, an
+/// operator of the query over its memory limit otherwise) as the resource limit it is,
+/// saying which; other errors as they are.
+fn out_of_memory(e: Error, state_limit: Option<usize>, file: bool) -> Error {
     let Error::DataFusion(df) = &e else {
         return e;
     };
     let datafusion::error::DataFusionError::ResourcesExhausted(message) = df.find_root() else {
         return e;
     };
-    match state_limit {
-        Some(limit) => Error::ResourceLimit(format!(
+    match (file, state_limit) {
+        (false, Some(limit)) => Error::ResourceLimit(format!(
             "an operator does not fit the query's memory limit of {limit} bytes ({message})"
         )),
-        None => Error::ResourceLimit(format!(
+        (false, None) => Error::ResourceLimit(format!("an operator ran out of memory ({message})")),
+        (true, _) => Error::ResourceLimit(format!(
             "reading the file and sorting it by event time does not fit the {} MiB it may \
              hold ({message}): a row of tens of megabytes cannot be sorted; leave such rows \
              out of the file",
@@ -269,7 +270,7 @@ async fn run_file_query<W: Write + ?Sized>(
     let mut offset = 0i64;
     while let Some(batch) = stream.next().await {
         // The file's own reading and sorting: its memory, not the query's.
-        let batch = batch.map_err(|e| out_of_memory(e.into(), None))?;
+        let batch = batch.map_err(|e| out_of_memory(e.into(), None, true))?;
         summary.input_rows += batch.num_rows() as u64;
         let batch = match &time {
             Some(column) => {
@@ -349,7 +350,7 @@ pub async fn run_query_over_records(
 ) -> Result<RunSummary> {
     run_records_query(query, batches, limit, codecs, state_limit)
         .await
-        .map_err(|e| out_of_memory(e, state_limit))
+        .map_err(|e| out_of_memory(e, state_limit, false))
 }
 
 async fn run_records_query(
@@ -1711,19 +1712,19 @@ mod tests {
                 )),
             ))
         };
-        let query = out_of_memory(refusal(), Some(67_108_864)).to_string();
+        let query = out_of_memory(refusal(), Some(67_108_864), false).to_string();
         assert!(
             query.starts_with("resource limit: an operator does not fit the query's memory limit of 67108864 bytes")
                 && query.contains("300.2 MB"),
             "{query}"
         );
-        let file = out_of_memory(refusal(), None).to_string();
+        let file = out_of_memory(refusal(), None, true).to_string();
         assert!(
             file.contains("sorting it by event time does not fit the 256 MiB")
                 && file.contains("leave such rows out of the file"),
             "{file}"
         );
-        let other = out_of_memory(Error::Config("x".into()), None).to_string();
+        let other = out_of_memory(Error::Config("x".into()), None, true).to_string();
         assert_eq!(other, Error::Config("x".into()).to_string());
     }
 

@@ -491,6 +491,10 @@ impl StreamContext {
     pub async fn plan(&self, statement: DFStatement) -> Result<Option<StreamQuery>> {
         let unions_windows = unions_windows(&statement);
         let leaves_out = leaves_columns_out(&statement);
+        let defaults_lag = {
+            let sql = statement.to_string().to_ascii_lowercase();
+            sql.contains("lag(") || sql.contains("lead(")
+        };
         let shadowed = self.window_columns_read(&statement).await;
         self.plan_statement(statement)
             .await
@@ -545,11 +549,12 @@ impl StreamContext {
                 }
                 // A constant the plan converts while planning (a LAG's default of another
                 // type than its value): Arrow names the value, not where it is written.
-                e if matches!(
-                    e.find_root(),
-                    datafusion::error::DataFusionError::ArrowError(a, _)
-                        if matches!(a.as_ref(), datafusion::arrow::error::ArrowError::CastError(_))
-                ) =>
+                e if defaults_lag
+                    && matches!(
+                        e.find_root(),
+                        datafusion::error::DataFusionError::ArrowError(a, _)
+                            if matches!(a.as_ref(), datafusion::arrow::error::ArrowError::CastError(_))
+                    ) =>
                 {
                     plan_datafusion_err!(
                         "a constant of the statement cannot take the type it is used as ({}): \
@@ -4176,26 +4181,37 @@ impl StreamQuery {
             }
         }
         let mut pairs = Vec::new();
-        let mut refused = Vec::new();
+        // Rows the join's condition refused: (side, the kept row it is when the side's rows
+        // are the kept rows one for one, the row, the error).
+        let mut refused: Vec<(usize, Option<u32>, RecordBatch, String)> = Vec::new();
+        let skip: std::collections::HashSet<u32> = failed.iter().map(|(r, _)| *r).collect();
         for (side, rows) in rows_of {
             let Some(join) = &mut self.join else {
                 break;
             };
             let schema = join.sides[side].0.schema();
-            let mut rest = Some(datafusion::arrow::compute::concat_batches(&schema, &rows)?);
+            let all = datafusion::arrow::compute::concat_batches(&schema, &rows)?;
+            let one_for_one = skip.is_empty() && all.num_rows() == n;
+            let mut taken = 0;
+            let mut rest = Some(all);
             while let Some(rows) = rest.take() {
                 let Some(join) = &mut self.join else {
                     break;
                 };
+                let count = rows.num_rows();
                 let arrival = join.state.arrive(side, rows, holds.clone())?;
                 pairs.extend(arrival.pairs);
                 rest = arrival.rest;
-                for (row, error) in arrival.refused {
-                    if !is_data_error(&error) {
+                for (i, row, error) in arrival.refused {
+                    // A function refusing its arguments (a constant one refuses every row)
+                    // fails the query, as it does in the side's plan before any row passed.
+                    if !is_value_error(&error) {
                         return Err(error);
                     }
-                    refused.push((side, row, error.to_string()));
+                    let at = one_for_one.then(|| (taken + i) as u32);
+                    refused.push((side, at, row, error.to_string()));
                 }
+                taken += count - rest.as_ref().map_or(0, RecordBatch::num_rows);
                 if rest.is_some() {
                     // A large batch's pairs go on above the join part by part.
                     self.join_part(std::mem::take(&mut pairs), &mut out).await?;
@@ -4206,21 +4222,26 @@ impl StreamQuery {
         // joined nothing and are not held: they go to the DLQ with the error, as a record the
         // query's plan fails on does, rather than failing the query at every restart. (In a
         // self-join, the record's row on the other side has joined as usual.)
+        let say = |error: &str| {
+            format!(
+                "the join's condition failed on the record and a row of the other stream: {error}"
+            )
+        };
         for side in 0..2 {
-            let of_side: Vec<(RecordBatch, String)> = refused
-                .iter()
-                .filter(|(s, _, _)| *s == side)
-                .map(|(_, row, e)| (row.clone(), e.clone()))
-                .collect();
-            if of_side.is_empty() {
+            let mut untraced: Vec<(RecordBatch, String)> = Vec::new();
+            for (_, at, row, error) in refused.iter().filter(|(s, ..)| *s == side) {
+                match at {
+                    Some(at) => failed.push((*at, say(error))),
+                    None => untraced.push((row.clone(), error.clone())),
+                }
+            }
+            if untraced.is_empty() {
                 continue;
             }
-            let skip: std::collections::HashSet<u32> = failed.iter().map(|(r, _)| *r).collect();
-            for (row, error) in self.sources_of(side, &kept, &skip, &of_side).await? {
-                failed.push((
-                    row,
-                    format!("the join's condition failed on the record and a row of the other stream: {error}"),
-                ));
+            // The side's plan left rows out or failed on some: the records are traced by
+            // their rows.
+            for (row, error) in self.sources_of(side, &kept, &skip, &untraced).await? {
+                failed.push((row, say(&error)));
             }
         }
         failed.sort_by_key(|(row, _)| *row);

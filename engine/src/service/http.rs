@@ -174,13 +174,19 @@ impl OpenConnections {
     /// a request still receiving its body), if one has waited at least
     /// [`MIN_WAIT_BEFORE_CLOSING`] (a client that has just connected is sending its request).
     fn close_longest_waiting(&mut self) {
+        // Connections without a request first, then those still receiving a body (an
+        // upload begun long ago gives its place only when no idle connection can).
         let longest = self
             .connections
             .iter()
-            .filter_map(|(id, (activity, _))| activity.waiting_since().map(|t| (t, *id)))
-            .filter(|(since, _)| since.elapsed() >= MIN_WAIT_BEFORE_CLOSING)
+            .filter_map(|(id, (activity, _))| {
+                activity
+                    .waiting_since()
+                    .map(|(receiving, t)| (receiving, t, *id))
+            })
+            .filter(|(_, since, _)| since.elapsed() >= MIN_WAIT_BEFORE_CLOSING)
             .min();
-        if let Some((since, id)) = longest
+        if let Some((_, since, id)) = longest
             && let Some((activity, abort)) = self.connections.get(&id)
             // A request may have begun since it was chosen.
             && activity.waiting_since().is_some()
@@ -244,15 +250,16 @@ impl Activity {
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Since when it has waited on its client: had no request in progress, or had every
-    /// request in progress still receiving its body; `None` while the server works on one.
-    fn waiting_since(&self) -> Option<std::time::Instant> {
+    /// Since when it has waited on its client: had no request in progress (`false`), or had
+    /// every request in progress still receiving its body (`true`); `None` while the server
+    /// works on one.
+    fn waiting_since(&self) -> Option<(bool, std::time::Instant)> {
         let in_progress = self.in_progress.load(std::sync::atomic::Ordering::SeqCst);
         if in_progress == 0 {
-            return self.waiting_since.lock().ok().map(|t| *t);
+            return self.waiting_since.lock().ok().map(|t| (false, *t));
         }
         if self.receiving.load(std::sync::atomic::Ordering::SeqCst) >= in_progress {
-            return self.receiving_since.lock().ok().map(|t| *t);
+            return self.receiving_since.lock().ok().map(|t| (true, *t));
         }
         None
     }

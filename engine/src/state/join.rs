@@ -176,9 +176,9 @@ pub struct Arrival {
     pub pairs: Option<RecordBatch>,
     /// The rows not taken yet (past [`PART_PAIRS`] pairs), to arrive next.
     pub rest: Option<RecordBatch>,
-    /// Rows the join's condition failed on with a pair, each alone with the error: they
-    /// joined nothing and are not held.
-    pub refused: Vec<(RecordBatch, datafusion::error::DataFusionError)>,
+    /// Rows the join's condition failed on with a pair (their index among the rows taken,
+    /// each alone, with the error): they joined nothing and are not held.
+    pub refused: Vec<(usize, RecordBatch, datafusion::error::DataFusionError)>,
 }
 
 /// What the join reads off a batch of one side's rows before pairing or buffering them.
@@ -525,11 +525,14 @@ impl IntervalJoin {
                 .filter(|(i, _)| !gone.contains(&(*i as u32)))
                 .map(|(_, m)| m)
                 .collect();
-            let arrived = self.arrived(side, &kept)?;
-            self.buffer(side, kept, arrived, matched, offsets);
+            // None left: nothing to hold (an empty chunk would hold its offsets for good).
+            if kept.num_rows() > 0 {
+                let arrived = self.arrived(side, &kept)?;
+                self.buffer(side, kept, arrived, matched, offsets);
+            }
             refused
                 .into_iter()
-                .map(|(i, e)| (rows.slice(i as usize, 1), e))
+                .map(|(i, e)| (i as usize, rows.slice(i as usize, 1), e))
                 .collect()
         };
         Ok(Arrival {

@@ -43,8 +43,8 @@ use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, Mutex, TryLockError};
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BinaryArray, BooleanArray, Int64Array, RecordBatch, StructArray,
-    TimestampMillisecondArray, UInt32Array, UInt64Array,
+    Array, ArrayRef, BinaryArray, BinaryViewArray, BooleanArray, Int64Array, RecordBatch,
+    StringViewArray, StructArray, TimestampMillisecondArray, UInt32Array, UInt64Array,
 };
 use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch, take};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -167,24 +167,54 @@ impl GroupsAccumulator for Adapted {
 /// 200 KB were 40 KB of state against a 64 MiB limit while they took 226 MB.
 const RETAINING: &[&str] = &["array_agg"];
 
-/// A [`RETAINING`] aggregate's accumulator, counted at its own size plus the arrays it was
-/// given since it was last emitted whole (each array's buffers, shared ones too: a bound
-/// from above).
+/// A [`RETAINING`] aggregate's accumulator, counted at the larger of its own size and the
+/// arrays it was given since it was last emitted whole. Texts and bytes kept by view are
+/// compacted first (`gc`): a view array taken from a micro-batch pins all of the batch's
+/// text buffers, which each pane's accumulator would keep (and be counted for) whole.
 struct Retaining {
     inner: Box<dyn GroupsAccumulator>,
     retained: usize,
+    /// Groups held.
+    groups: usize,
 }
 
 impl Retaining {
-    fn took(&mut self, values: &[ArrayRef]) {
+    /// `values` with view arrays compacted, counted.
+    fn took(&mut self, values: &[ArrayRef]) -> Vec<ArrayRef> {
+        let values: Vec<ArrayRef> = values
+            .iter()
+            .map(|v| {
+                if let Some(texts) = v.as_any().downcast_ref::<StringViewArray>() {
+                    Arc::new(texts.gc()) as ArrayRef
+                } else if let Some(bytes) = v.as_any().downcast_ref::<BinaryViewArray>() {
+                    Arc::new(bytes.gc()) as ArrayRef
+                } else {
+                    v.clone()
+                }
+            })
+            .collect();
         self.retained = self
             .retained
             .saturating_add(values.iter().map(|v| v.get_array_memory_size()).sum());
+        values
     }
 
+    /// After emitting `emit_to`: nothing kept after all groups, the share of the groups left
+    /// after the first n.
     fn gave(&mut self, emit_to: EmitTo) {
-        if matches!(emit_to, EmitTo::All) {
-            self.retained = 0;
+        match emit_to {
+            EmitTo::All => {
+                self.retained = 0;
+                self.groups = 0;
+            }
+            EmitTo::First(n) => {
+                let left = self.groups.saturating_sub(n);
+                self.retained = match self.groups {
+                    0 => 0,
+                    groups => (self.retained as u128 * left as u128 / groups as u128) as usize,
+                };
+                self.groups = left;
+            }
         }
     }
 }
@@ -197,9 +227,10 @@ impl GroupsAccumulator for Retaining {
         opt_filter: Option<&BooleanArray>,
         total_num_groups: usize,
     ) -> Result<()> {
-        self.took(values);
+        let values = self.took(values);
+        self.groups = self.groups.max(total_num_groups);
         self.inner
-            .update_batch(values, group_indices, opt_filter, total_num_groups)
+            .update_batch(&values, group_indices, opt_filter, total_num_groups)
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
@@ -218,9 +249,10 @@ impl GroupsAccumulator for Retaining {
         group_indices: &[usize],
         total_num_groups: usize,
     ) -> Result<()> {
-        self.took(values);
+        let values = self.took(values);
+        self.groups = self.groups.max(total_num_groups);
         self.inner
-            .merge_batch(values, group_indices, total_num_groups)
+            .merge_batch(&values, group_indices, total_num_groups)
     }
 
     fn convert_to_state(
@@ -232,7 +264,7 @@ impl GroupsAccumulator for Retaining {
     }
 
     fn size(&self) -> usize {
-        self.inner.size().saturating_add(self.retained)
+        self.inner.size().max(self.retained)
     }
 }
 
@@ -282,8 +314,11 @@ impl AggregateSpec {
                 if a.groups_accumulator_supported() {
                     let inner = a.create_groups_accumulator()?;
                     if RETAINING.contains(&a.fun().name()) {
-                        return Ok(Box::new(Retaining { inner, retained: 0 })
-                            as Box<dyn GroupsAccumulator>);
+                        return Ok(Box::new(Retaining {
+                            inner,
+                            retained: 0,
+                            groups: 0,
+                        }) as Box<dyn GroupsAccumulator>);
                     }
                     Ok(inner)
                 } else {
