@@ -510,29 +510,13 @@ proptest! {
 #[tokio::test]
 async fn an_outer_join_holds_a_partners_offsets_until_the_kept_side_is_done() -> anyhow::Result<()>
 {
-    let mut query = plan_query([
-        "CREATE EXTERNAL TABLE a (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
-         STORED AS KAFKA OPTIONS ('topic' 'ta', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '7d')",
-        "CREATE EXTERNAL TABLE b (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
-         STORED AS KAFKA OPTIONS ('topic' 'tb', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '7d')",
-        &format!("SELECT a.id AS aid, b.id AS bid FROM a LEFT JOIN b ON {BOUND}"),
-    ])
+    let mut query = join_of_two(
+        "7d",
+        format!("SELECT a.id AS aid, b.id AS bid FROM a LEFT JOIN b ON {BOUND}"),
+    )
     .await?;
     let now = T0 + 86_400_000;
-    let batch = |id: i64, t: i64| -> anyhow::Result<RecordBatch> {
-        let columns: Vec<(&str, ArrayRef)> = vec![
-            ("id", Arc::new(Int64Array::from(vec![id]))),
-            (
-                "k",
-                Arc::new(datafusion::arrow::array::StringViewArray::from(vec![Some(
-                    "k0",
-                )])),
-            ),
-            ("t", Arc::new(TimestampMillisecondArray::from(vec![t]))),
-            ("v", Arc::new(Int64Array::from(vec![1]))),
-        ];
-        Ok(RecordBatch::try_from_iter(columns)?)
-    };
+    let batch = |id: i64, t: i64| one_row(id, t, 1);
     // Left row 1 at T0 and right row 2 at T0 pair. The bound is b.t - a.t in [-1 min, 3 min].
     query
         .process_from("a", &batch(1, T0)?, &[0], Some(&[10]), now)
@@ -580,13 +564,10 @@ async fn an_outer_join_holds_a_partners_offsets_until_the_kept_side_is_done() ->
 /// side delivers on 4 partitions.
 #[tokio::test]
 async fn a_joins_progress_watermark_follows_the_side_that_still_delivers() -> anyhow::Result<()> {
-    let mut query = plan_query([
-        "CREATE EXTERNAL TABLE a (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
-         STORED AS KAFKA OPTIONS ('topic' 'ta', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '10s')",
-        "CREATE EXTERNAL TABLE b (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
-         STORED AS KAFKA OPTIONS ('topic' 'tb', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '10s')",
-        &format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND}"),
-    ])
+    let mut query = join_of_two(
+        "10s",
+        format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND}"),
+    )
     .await?;
     // One row per partition, all at `t`.
     let batch = |t: i64| -> anyhow::Result<RecordBatch> {
@@ -839,29 +820,13 @@ async fn a_micro_batch_of_millions_of_pairs_is_aggregated_in_parts() -> anyhow::
 /// as usual.
 #[tokio::test]
 async fn a_batch_the_join_condition_refuses_whole_holds_no_offsets() -> anyhow::Result<()> {
-    let mut query = plan_query([
-        "CREATE EXTERNAL TABLE a (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
-         STORED AS KAFKA OPTIONS ('topic' 'ta', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '7d')",
-        "CREATE EXTERNAL TABLE b (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, v BIGINT NOT NULL) \
-         STORED AS KAFKA OPTIONS ('topic' 'tb', 'event_time' 't', 'watermark_delay' '0s', 'idle_timeout' '7d')",
-        &format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND} AND a.v / b.v > 0"),
-    ])
+    let mut query = join_of_two(
+        "7d",
+        format!("SELECT a.id AS aid, b.id AS bid FROM a JOIN b ON {BOUND} AND a.v / b.v > 0"),
+    )
     .await?;
     let now = T0 + 86_400_000;
-    let batch = |id: i64, t: i64, v: i64| -> anyhow::Result<RecordBatch> {
-        let columns: Vec<(&str, ArrayRef)> = vec![
-            ("id", Arc::new(Int64Array::from(vec![id]))),
-            (
-                "k",
-                Arc::new(datafusion::arrow::array::StringViewArray::from(vec![Some(
-                    "k0",
-                )])),
-            ),
-            ("t", Arc::new(TimestampMillisecondArray::from(vec![t]))),
-            ("v", Arc::new(Int64Array::from(vec![v]))),
-        ];
-        Ok(RecordBatch::try_from_iter(columns)?)
-    };
+    let batch = one_row;
     // Right row 2 (v = 0) is held; left row 1 meets it and is refused: alone in its batch.
     query
         .process_from("b", &batch(2, T0, 0)?, &[0], Some(&[20]), now)
@@ -893,4 +858,41 @@ async fn a_batch_the_join_condition_refuses_whole_holds_no_offsets() -> anyhow::
         "left offset 10 still held: {held:?}"
     );
     Ok(())
+}
+
+/// The query `select` over streams `a` and `b` of [`two_streams`].
+async fn join_of_two(
+    idle: &str,
+    select: String,
+) -> anyhow::Result<urbanstream::plan::stream::StreamQuery> {
+    let [a, b] = two_streams(idle);
+    plan_query([a, b, select]).await
+}
+
+/// Streams `a` and `b` (id, k, t, v) on topics `ta` and `tb`, without watermark delay, idle
+/// after `idle`.
+fn two_streams(idle: &str) -> [String; 2] {
+    ["a", "b"].map(|name| {
+        format!(
+            "CREATE EXTERNAL TABLE {name} (id BIGINT NOT NULL, k VARCHAR, t TIMESTAMP NOT NULL, \
+             v BIGINT NOT NULL) STORED AS KAFKA OPTIONS ('topic' 't{name}', 'event_time' 't', \
+             'watermark_delay' '0s', 'idle_timeout' '{idle}')"
+        )
+    })
+}
+
+/// One row (id, key k0, t, v) of [`two_streams`].
+fn one_row(id: i64, t: i64, v: i64) -> anyhow::Result<RecordBatch> {
+    let columns: Vec<(&str, ArrayRef)> = vec![
+        ("id", Arc::new(Int64Array::from(vec![id]))),
+        (
+            "k",
+            Arc::new(datafusion::arrow::array::StringViewArray::from(vec![Some(
+                "k0",
+            )])),
+        ),
+        ("t", Arc::new(TimestampMillisecondArray::from(vec![t]))),
+        ("v", Arc::new(Int64Array::from(vec![v]))),
+    ];
+    Ok(RecordBatch::try_from_iter(columns)?)
 }
