@@ -810,11 +810,6 @@ async fn a_step_closing_many_windows_publishes_every_one_once() -> anyhow::Resul
     Ok(())
 }
 
-/// Starts a pipeline of one query, `name`, over `test.{name}.in` (`ev (k VARCHAR, ts
-/// TIMESTAMP NOT NULL)`, no watermark delay) into `test.{name}.out` (`o (k VARCHAR,
-/// window_start TIMESTAMP NOT NULL, c BIGINT NOT NULL)`, keyed by k), read from the
-/// beginning: `sql` is the query's statements after the tables. The topics are made with
-/// [`topics_of`] first.
 /// Makes the topics of [`start_one_query`]'s query `name`, of 4 partitions.
 fn topics_of(cluster: &TestCluster, name: &str) -> anyhow::Result<()> {
     for topic in [format!("test.{name}.in"), format!("test.{name}.out")] {
@@ -823,6 +818,11 @@ fn topics_of(cluster: &TestCluster, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts a pipeline of one query, `name`, over `test.{name}.in` (`ev (k VARCHAR, ts
+/// TIMESTAMP NOT NULL)`, no watermark delay, idle after an hour) into `test.{name}.out` (`o (k VARCHAR,
+/// window_start TIMESTAMP NOT NULL, c BIGINT NOT NULL)`, keyed by k), read from the
+/// beginning: `sql` is the query's statements after the tables. The topics are made with
+/// [`topics_of`] first.
 async fn start_one_query(
     cluster: &TestCluster,
     name: &str,
@@ -842,7 +842,7 @@ async fn start_one_query(
         format!(
             "CREATE EXTERNAL TABLE ev (k VARCHAR, ts TIMESTAMP NOT NULL)
              STORED AS KAFKA OPTIONS ('topic' 'test.{name}.in', 'format' 'json',
-               'event_time' 'ts', 'watermark_delay' '0s');
+               'event_time' 'ts', 'watermark_delay' '0s', 'idle_timeout' '1h');
              CREATE EXTERNAL TABLE o (k VARCHAR, window_start TIMESTAMP NOT NULL, c BIGINT NOT NULL)
              STORED AS KAFKA OPTIONS ('topic' 'test.{name}.out', 'format' 'json', 'key' 'k');
              {sql}"

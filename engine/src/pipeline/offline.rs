@@ -1694,11 +1694,6 @@ mod tests {
         }
     }
 
-    /// A JSON-lines file's numbers go on as written, sorted by event time: its types were
-    /// guessed from the file, so an integer in a column that also holds fractions, or one
-    /// beyond 2^63, went through a float (`9007199254740993` became `…992`,
-    /// `12345678901234567890` became `12345678901234567000`); and a field first seen after
-    /// the thousandth line was not read.
     /// DataFusion's refusal to allocate reads as the limit it met: the query's, or the file
     /// sort's (it told a user of `run` or a preview to change a `datafusion.*` setting, which
     /// the SQL sandbox refuses).
@@ -1758,6 +1753,11 @@ mod tests {
         Ok(())
     }
 
+    /// A JSON-lines file's numbers go on as written, sorted by event time: its types were
+    /// guessed from the file, so an integer in a column that also holds fractions, or one
+    /// beyond 2^63, went through a float (`9007199254740993` became `…992`,
+    /// `12345678901234567890` became `12345678901234567000`); and a field first seen after
+    /// the thousandth line was not read.
     #[tokio::test]
     async fn a_json_files_numbers_go_on_as_written() -> Result<()> {
         let dir = tempfile::tempdir()?;
