@@ -407,6 +407,31 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
+    /// [`serve`] on a task of its own, until [`Serving::stop`].
+    struct Serving {
+        stop: tokio::sync::oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Serving {
+        fn start(listener: TcpListener, app: Router, limits: Limits) -> Self {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(serve(listener, app, limits, async {
+                let _ = stopped.await;
+            }));
+            Self { stop, task }
+        }
+
+        /// Stops it; it must end within 10 s.
+        async fn stop(self) {
+            let _ = self.stop.send(());
+            tokio::time::timeout(Duration::from_secs(10), self.task)
+                .await
+                .expect("the server stops")
+                .expect("server task");
+        }
+    }
+
     /// Reads what the server sends until it closes the connection.
     async fn until_closed(stream: &mut TcpStream) -> String {
         let mut out = Vec::new();
@@ -446,10 +471,7 @@ mod tests {
             max_connections: 4,
             drain: Duration::from_secs(1),
         };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, app, limits, async {
-            let _ = stopped.await;
-        }));
+        let server = Serving::start(listener, app, limits);
 
         let mut slow = Vec::new();
         for _ in 0..40 {
@@ -502,11 +524,7 @@ mod tests {
                 .expect("an unfinished request is closed");
             assert!(!closed.contains("200"), "{closed}");
         }
-        let _ = stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .expect("the server stops")
-            .expect("server task");
+        server.stop().await;
     }
 
     /// Requests whose bodies trickle in a byte at a time on every connection cannot keep a
@@ -531,10 +549,7 @@ mod tests {
             max_connections: 4,
             drain: Duration::from_secs(1),
         };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, app, limits, async {
-            let _ = stopped.await;
-        }));
+        let server = Serving::start(listener, app, limits);
         // A whole body is answered.
         let mut whole = TcpStream::connect(address).await.expect("connect");
         whole
@@ -579,11 +594,7 @@ mod tests {
         .expect("a trickling connection is closed");
         assert!(closed.is_empty(), "{closed}");
         drop(trickling);
-        let _ = stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .expect("the server stops")
-            .expect("server task");
+        server.stop().await;
     }
 
     /// Connections that send nothing cannot keep a request out for the header timeout:
@@ -631,10 +642,7 @@ mod tests {
             max_connections: 4,
             drain: Duration::from_secs(1),
         };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, app, limits, async {
-            let _ = stopped.await;
-        }));
+        let server = Serving::start(listener, app, limits);
         // A request in progress, then silent connections filling the other places and more.
         let mut slow = TcpStream::connect(address).await.expect("connect");
         slow.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -668,10 +676,6 @@ mod tests {
             "{streamed}"
         );
         drop(silent);
-        let _ = stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .expect("the server stops")
-            .expect("server task");
+        server.stop().await;
     }
 }
