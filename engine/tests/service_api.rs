@@ -2943,8 +2943,9 @@ async fn a_repartitioned_query_registered_before_its_input_exists_counts_every_e
 /// A query writes neither where its records come back to it (itself, or through another
 /// query: one record made a million in seconds with `unnest`), nor into the city's inputs,
 /// the DLQ or the late topic; a topic's name is one Kafka takes and not the broker's own (a
-/// topic named `../../x` put its checkpoints outside the checkpoint directory). Each refusal
-/// says why and what to write; validate, create and upgrade refuse alike.
+/// topic named `../../x` put its checkpoints outside the checkpoint directory), nor records
+/// another query reading or writing their topic declares otherwise. Each refusal says why and
+/// what to write; validate, create and upgrade refuse alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_writes_nowhere_its_records_come_back_from_or_the_city_trusts() -> anyhow::Result<()>
 {
@@ -3164,6 +3165,101 @@ async fn a_query_writes_nowhere_its_records_come_back_from_or_the_city_trusts() 
             .is_some_and(|m| m.contains("test.a → (first) → test.b")),
         "{body}"
     );
+    // A topic another query writes or reads: what is written must read as its readers declare
+    // it (each record would go to their DLQ otherwise), and as the query already writing it
+    // declares it. `first` writes test.b, `second` reads it and writes test.c.
+    let typed = |name: &str, topic: &str, columns: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE {name} ({columns}) STORED AS KAFKA OPTIONS ('topic' \
+             '{topic}', 'format' 'json', 'event_time' 'event_time', 'key' 'id');"
+        )
+    };
+    refused(
+        format!(
+            "{} {} INSERT INTO b SELECT id, event_time, CAST(n AS VARCHAR) AS n FROM l",
+            table("l", "test.in"),
+            typed(
+                "b",
+                "test.b",
+                "id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, n VARCHAR"
+            ),
+        ),
+        vec![
+            "b writes to test.b, which".into(),
+            "n is written as Utf8".into(),
+            "read as Int64".into(),
+        ],
+    )
+    .await?;
+    refused(
+        format!(
+            "{} {} {}",
+            typed(
+                "c",
+                "test.c",
+                "id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, speed DOUBLE NOT NULL"
+            ),
+            table("o", "test.out"),
+            "INSERT INTO o SELECT id, event_time, CAST(speed AS BIGINT) AS n FROM c"
+        ),
+        vec![
+            "c reads test.c, which second writes as table c".into(),
+            "speed is required there and not written".into(),
+        ],
+    )
+    .await?;
+    refused(
+        format!(
+            "{} {} {} {}",
+            table("l", "test.in"),
+            table("x", "test.x"),
+            typed(
+                "y",
+                "test.x",
+                "id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, n BIGINT NOT NULL"
+            ),
+            "INSERT INTO x SELECT id, event_time, n FROM l; \
+             INSERT INTO o2 SELECT id, event_time, n FROM y"
+                .replace(
+                    "INSERT INTO o2",
+                    &format!("{} INSERT INTO o2", table("o2", "test.out")),
+                ),
+        ),
+        vec![
+            "test.x".into(),
+            "this query".into(),
+            "n is never null there and may be null as written".into(),
+        ],
+    )
+    .await?;
+    // Fewer columns read, and the same declaration written: taken.
+    for sql in [
+        format!(
+            "{} {} INSERT INTO o SELECT id, event_time, 1 AS n FROM c",
+            typed(
+                "c",
+                "test.c",
+                "id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL"
+            ),
+            table("o", "test.out")
+        ),
+        format!(
+            "{} {} {}",
+            table("l", "test.in"),
+            table("b", "test.b"),
+            copy("l", "b")
+        ),
+    ] {
+        let (status, body) = call(
+            &app,
+            "POST",
+            "/v1/queries/validate",
+            Some(TOKEN),
+            Some(json!({ "sql": sql })),
+        )
+        .await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
     service.shutdown().await;
     Ok(())
 }

@@ -163,6 +163,9 @@ pub struct PlannedStatement {
     /// The columns the sink's declaration gives its topic.
     #[serde(skip)]
     pub sink_schema: datafusion::arrow::datatypes::SchemaRef,
+    /// The tables it reads and writes, as declared.
+    #[serde(skip)]
+    flow: Flow,
 }
 
 impl PlannedStatement {
@@ -174,8 +177,62 @@ impl PlannedStatement {
     }
 }
 
-/// What a statement reads and writes: (topics read, topic written).
-type Flow = (Vec<String>, String);
+/// What a statement reads and writes: the tables over the topics, as it declares them.
+#[derive(Debug, Clone)]
+struct Flow {
+    reads: Vec<Arc<crate::plan::table::StreamTable>>,
+    writes: Arc<crate::plan::table::StreamTable>,
+}
+
+/// How the records `writer` writes would not read as `reader` declares their topic: another
+/// format, a column of another type, a required column `writer` does not write (every record
+/// dead-lettered), a null where it takes none. Columns `writer` adds or leaves out are left
+/// alone (a reader takes the fields it declares, and an optional column is null where
+/// absent).
+fn misfits(
+    reader: &crate::plan::table::StreamTable,
+    writer: &crate::plan::table::StreamTable,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if reader.options.format != writer.options.format {
+        out.push(format!(
+            "its records are {}, read as {}",
+            writer.options.format.as_str(),
+            reader.options.format.as_str()
+        ));
+    }
+    let read = reader.topic_schema.output_schema();
+    let written = writer.topic_schema.output_schema();
+    for (i, c) in read.fields().iter().enumerate() {
+        let required = reader.topic_schema.required.get(i).copied().unwrap_or(false)
+            && reader
+                .topic_schema
+                .defaults
+                .get(i)
+                .is_none_or(Option::is_none);
+        match written.field_with_name(c.name()) {
+            Err(_) if required => out.push(format!(
+                "{} is required there and not written: every record would go to the DLQ",
+                c.name()
+            )),
+            // An optional column: null where it is not written.
+            Err(_) => {}
+            Ok(w) if !same_type(c.data_type(), w.data_type()) => out.push(format!(
+                "{} is written as {} and read as {}",
+                c.name(),
+                w.data_type(),
+                c.data_type()
+            )),
+            Ok(w) if required && w.is_nullable() => out.push(format!(
+                "{} is never null there and may be null as written: declare it {} NOT NULL",
+                c.name(),
+                c.name()
+            )),
+            Ok(_) => {}
+        }
+    }
+    out
+}
 
 /// The way from topic `from` along `edges` (topic → (query, topic written)) to one of
 /// `targets`, as `a → (q1) → b → (q2) → c`; `None` when there is none.
@@ -974,15 +1031,17 @@ impl QueryManager {
         if builtin {
             return Ok(());
         }
+        let registered = self.registered_flows(replacing).await;
+        check_shared_topics(planned, &registered)?;
         // Topic → topics written from it, by every other registered query and this one.
         let mut edges: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
-        for (name, flows) in self.registered_flows(replacing).await {
-            for (reads, sink) in flows {
-                for topic in reads {
+        for (name, flows) in &registered {
+            for flow in flows {
+                for table in &flow.reads {
                     edges
-                        .entry(topic)
+                        .entry(table.options.topic.clone())
                         .or_default()
-                        .push((name.clone(), sink.clone()));
+                        .push((name.clone(), flow.writes.options.topic.clone()));
                 }
             }
         }
@@ -1093,14 +1152,7 @@ impl QueryManager {
                 None => {
                     // A query whose SQL no longer plans reads and writes nothing now.
                     let flows: Vec<Flow> = match self.plan_request(&handle.entry.sql).await {
-                        Ok(planned) => planned
-                            .iter()
-                            .filter_map(|q| {
-                                let reads: Vec<String> =
-                                    q.inputs().iter().map(|t| t.options.topic.clone()).collect();
-                                Some((reads, q.sink()?.options.topic.clone()))
-                            })
-                            .collect(),
+                        Ok(planned) => planned.iter().filter_map(flow_of).collect(),
                         Err(_) => Vec::new(),
                     };
                     if let Ok(mut f) = self.flows.lock() {
@@ -2288,9 +2340,93 @@ fn statements(
                 sink_topic: sink.options.topic.clone(),
                 windowed: q.is_windowed(),
                 sink_schema: sink.topic_schema.output_schema(),
+                flow: Flow {
+                    reads: q.inputs().into_iter().cloned().collect(),
+                    writes: sink.clone(),
+                },
             })
         })
         .collect()
+}
+
+/// What a stream query reads and writes; `None` for one that publishes nothing.
+fn flow_of(q: &crate::plan::stream::StreamQuery) -> Option<Flow> {
+    Some(Flow {
+        reads: q.inputs().into_iter().cloned().collect(),
+        writes: q.sink()?.clone(),
+    })
+}
+
+/// Refuses a statement of `planned` whose records would not read as a query that reads their
+/// topic declares it (each would go to the DLQ there, or lose columns), whose declaration of a
+/// topic it reads does not fit what a query writes there, or that writes a topic of another
+/// shape than a query already writing it (whose declaration is what readers of the topic go
+/// by). `registered`: every other query's flows; the statements of `planned` are checked
+/// against each other too.
+fn check_shared_topics(
+    planned: &[PlannedStatement],
+    registered: &[(String, Vec<Flow>)],
+) -> Result<(), ServiceError> {
+    let this = String::from("this query");
+    let others = registered
+        .iter()
+        .flat_map(|(name, flows)| flows.iter().map(move |f| (name, f)))
+        .chain(planned.iter().map(|s| (&this, &s.flow)));
+    let others: Vec<(&String, &Flow)> = others.collect();
+    for s in planned {
+        let writes = &s.flow.writes;
+        let topic = &writes.options.topic;
+        for (name, other) in &others {
+            if std::ptr::eq(*other, &s.flow) {
+                continue;
+            }
+            let mut found = Vec::new();
+            for reader in other.reads.iter().filter(|t| t.options.topic == *topic) {
+                let misfit = misfits(reader, writes);
+                if !misfit.is_empty() {
+                    found.push((format!("{name} reads as table {}", reader.name), misfit));
+                }
+            }
+            if other.writes.options.topic == *topic {
+                let misfit = misfits(&other.writes, writes);
+                if !misfit.is_empty() {
+                    found.push((
+                        format!("{name} writes as table {}", other.writes.name),
+                        misfit,
+                    ));
+                }
+            }
+            if let Some((whom, misfit)) = found.into_iter().next() {
+                return Err(ServiceError::invalid(format!(
+                    "{} writes to {topic}, which {whom}: {}. Declare {} with the columns it \
+                     has there, or write to a topic of your own",
+                    s.sink,
+                    misfit.join("; "),
+                    s.sink
+                )));
+            }
+            for reader in s
+                .flow
+                .reads
+                .iter()
+                .filter(|t| t.options.topic == other.writes.options.topic)
+            {
+                let misfit = misfits(reader, &other.writes);
+                if !misfit.is_empty() {
+                    return Err(ServiceError::invalid(format!(
+                        "{} reads {}, which {name} writes as table {}: {}. Declare {} with the \
+                         columns written there",
+                        reader.name,
+                        reader.options.topic,
+                        other.writes.name,
+                        misfit.join("; "),
+                        reader.name
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether a column of type `a` and one of type `b` hold the same values as a topic's
