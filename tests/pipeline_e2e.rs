@@ -1369,6 +1369,125 @@ async fn a_record_the_query_fails_on_goes_to_the_dlq_and_the_rest_goes_on() -> a
     .await
 }
 
+/// A window's result the plan above the windows fails on by its values (a count of speeds of
+/// 0 as a divisor) goes to the DLQ with stage `result`, the window's row as its payload and
+/// the input partition it was computed from, and the window's other results and the next
+/// windows are published, over 4 partitions. The query used to fail for good, and again on
+/// the same window at every restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_result_the_query_fails_on_goes_to_the_dlq_and_the_rest_goes_on()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    let topics = Topics::default();
+    let mut want = std::collections::BTreeMap::new();
+    let mut refused = std::collections::BTreeSet::new();
+    for j in 0..4i32 {
+        let segment = format!("seg{j}");
+        for m in 0..4i64 {
+            // In one minute of each partition (another each), no detection has a speed.
+            let speedless = m == i64::from(j);
+            for k in 0..3i64 {
+                let speed = (!speedless).then_some(30.0);
+                let record = detection(&segment, T0 + m * 60_000 + k * 1_000, "car", speed);
+                cluster
+                    .produce(&topics.camera, j, &segment, &record)
+                    .await?;
+            }
+            if speedless {
+                refused.insert((j, segment.clone(), T0 + m * 60_000));
+            } else {
+                want.insert((segment.clone(), T0 + m * 60_000), 1);
+            }
+        }
+        // Closes the four minutes; its own stays open.
+        let record = detection(&segment, T0 + 6 * 60_000, "car", Some(1.0));
+        cluster
+            .produce(&topics.camera, j, &segment, &record)
+            .await?;
+    }
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "ratios".into();
+    config.default_queries = false;
+    config.name = Some("ratios".into());
+    config.queries = vec![(
+        "ratios".into(),
+        "CREATE EXTERNAL TABLE ratios (segment_id VARCHAR NOT NULL,
+           window_start TIMESTAMP NOT NULL, r BIGINT NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.ratios', 'format' 'json');
+         INSERT INTO ratios SELECT segment_id, window_start, count(*) / count(speed_kmh) AS r
+         FROM camera_events GROUP BY tumble(event_time, INTERVAL '1 minute'), segment_id"
+            .into(),
+    )];
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    let rows = read_json(
+        &cluster.consumer("test.ratios")?,
+        want.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let dead = read_json(
+        &cluster.consumer(&topics.dlq)?,
+        refused.len(),
+        Duration::from_secs(30),
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    let mut got = std::collections::BTreeMap::new();
+    for (_, v) in rows? {
+        let key = (
+            v["segment_id"].as_str().unwrap_or_default().to_string(),
+            v["window_start"].as_i64().unwrap_or(-1),
+        );
+        let r = v["r"].as_i64().unwrap_or(-1);
+        anyhow::ensure!(
+            got.insert(key.clone(), r).is_none(),
+            "{key:?} published twice"
+        );
+    }
+    assert_eq!(got, want);
+    let mut dead_windows = std::collections::BTreeSet::new();
+    for (_, v) in dead? {
+        assert_eq!(v["stage"], "result", "{v}");
+        assert_eq!(v["query"], "ratios", "{v}");
+        assert_eq!(v["topic"], topics.camera.as_str(), "{v}");
+        assert_eq!(v["offset"], -1, "{v}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with("the query failed on a result of its window")
+                && error.contains("Divide by zero"),
+            "{error}"
+        );
+        use base64::Engine as _;
+        use datafusion::arrow::array::{AsArray, StringArray};
+        use datafusion::arrow::datatypes::{DataType, TimeUnit, TimestampMillisecondType};
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(v["payload"].as_str().unwrap_or_default())?;
+        let row: serde_json::Value = serde_json::from_slice(&payload)?;
+        assert_eq!(row["count(*)"], 3, "{row}");
+        assert_eq!(row["count(camera_events.speed_kmh)"], 0, "{row}");
+        let start = datafusion::arrow::compute::cast(
+            &StringArray::from(vec![row["window_start"].as_str().unwrap_or_default()]),
+            &DataType::Timestamp(TimeUnit::Millisecond, None),
+        )?;
+        let start = start.as_primitive::<TimestampMillisecondType>().value(0);
+        dead_windows.insert((
+            v["partition"].as_i64().unwrap_or(-2) as i32,
+            row["segment_id"].as_str().unwrap_or_default().to_string(),
+            start,
+        ));
+    }
+    assert_eq!(dead_windows, refused);
+    assert!(
+        stats.dlq.load(Ordering::Relaxed) >= refused.len() as u64,
+        "the DLQ records are counted"
+    );
+    Ok(())
+}
+
 /// Runs `insert` (into `coded`: code, window_start, n) over 4 partitions of detections, one
 /// in five of them of a segment whose code is no number, and checks what it publishes
 /// (`windowed`: counts per code and minute; otherwise one row per record) and the DLQ.

@@ -333,6 +333,14 @@ impl DeterministicEngine {
                 reason: format!("query_error: {}", f.error),
             });
         }
+        for r in out.refused {
+            self.late.push(LateRow {
+                query,
+                event_time: None,
+                watermark: q.watermark().unwrap_or(i64::MIN),
+                reason: format!("result_error: {}: {}", r.row, r.error),
+            });
+        }
         for d in out.diverted {
             self.late.push(LateRow {
                 query,

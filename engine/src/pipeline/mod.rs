@@ -1401,16 +1401,26 @@ impl Pipeline {
                     }
                     let sink = running.query.sink().cloned();
                     let windowed = running.query.is_windowed();
-                    let published = publish_all(
+                    let source = running.query.source().options.topic.clone();
+                    let refused = Refused {
+                        dlq: &topics.dlq,
+                        query: self.config.name.as_ref(),
+                        topic: &source,
+                        partition: part,
+                        received_at,
+                    };
+                    let (published, dead) = publish_all(
                         running.instance(part),
-                        out.rows,
+                        out,
                         now,
                         &self.sink,
                         sink,
+                        &refused,
                         &mut pending,
                         self.gauges.as_ref(),
                     )
                     .await?;
+                    dlq_count += dead;
                     rows_out += published;
                     if windowed {
                         windowed_out += published;
@@ -1479,16 +1489,26 @@ impl Pipeline {
                 }
             }
             for (part, out) in outputs {
-                let published = publish_all(
+                let source = running.query.source().options.topic.clone();
+                let refused = Refused {
+                    dlq: &topics.dlq,
+                    query: self.config.name.as_ref(),
+                    topic: &source,
+                    partition: part,
+                    received_at: now,
+                };
+                let (published, dead) = publish_all(
                     running.instance(part),
-                    out.rows,
+                    out,
                     now,
                     &self.sink,
                     sink.clone(),
+                    &refused,
                     &mut pending,
                     self.gauges.as_ref(),
                 )
                 .await?;
+                dlq_count += dead;
                 rows_out += published;
                 if running.query.is_windowed() {
                     windowed_out += published;
@@ -1701,25 +1721,75 @@ impl Pipeline {
     }
 }
 
+/// Where the windows' results a query's plan refused go: the DLQ, as records of the
+/// query's input topic and partition (-1: every partition) without an offset, stage
+/// `result`, the window's row as their payload.
+struct Refused<'a> {
+    dlq: &'a str,
+    query: Option<&'a String>,
+    topic: &'a str,
+    partition: i32,
+    received_at: i64,
+}
+
+impl Refused<'_> {
+    /// Sends `results` to the DLQ; how many.
+    async fn send(
+        &self,
+        sink: &KafkaSink,
+        results: Vec<crate::plan::stream::RefusedResult>,
+        pending: &mut Pending,
+    ) -> Result<usize> {
+        let records: Vec<_> = results
+            .into_iter()
+            .map(|r| {
+                let record = DlqRecord {
+                    topic: self.topic.to_string(),
+                    partition: self.partition,
+                    offset: -1,
+                    key: None,
+                    error: format!(
+                        "the query failed on a result of its window, above the GROUP BY: {}",
+                        r.error
+                    ),
+                    stage: "result".into(),
+                    payload: BASE64.encode(r.row.as_bytes()),
+                    received_at: self.received_at,
+                    query: self.query.cloned(),
+                    gap_end: None,
+                };
+                (None, record)
+            })
+            .collect();
+        sink.send_json(self.dlq, &records, pending).await?;
+        Ok(records.len())
+    }
+}
+
 /// Publishes a query's result rows to its sink topic, keyed by the sink's key column.
-/// [`publish`] of a step's `rows`, then of the rest of the step's results while `query` has
+/// [`publish`] of a step's rows, then of the rest of the step's results while `query` has
 /// more of them due ([`StreamQuery::is_due`]): a step that closes many windows is published
-/// a part at a time, never holding all of its results at once.
+/// a part at a time, never holding all of its results at once. Windows' results the query
+/// refused go to the DLQ (`refused`). The rows published and the results refused.
+#[allow(clippy::too_many_arguments)]
 async fn publish_all(
     query: &mut StreamQuery,
-    rows: Vec<RecordBatch>,
+    out: crate::plan::stream::StepOutput,
     now: i64,
     sink: &KafkaSink,
     table: Option<Arc<StreamTable>>,
+    refused: &Refused<'_>,
     pending: &mut Pending,
     gauges: Option<&CityGauges>,
-) -> Result<usize> {
-    let mut n = publish(sink, table.clone(), rows, pending, gauges).await?;
+) -> Result<(usize, usize)> {
+    let mut n = publish(sink, table.clone(), out.rows, pending, gauges).await?;
+    let mut dead = refused.send(sink, out.refused, pending).await?;
     while query.is_due() {
         let more = query.tick(now).await?;
         n += publish(sink, table.clone(), more.rows, pending, gauges).await?;
+        dead += refused.send(sink, more.refused, pending).await?;
     }
-    Ok(n)
+    Ok((n, dead))
 }
 
 async fn publish(

@@ -484,6 +484,16 @@ fn take<W: Write + ?Sized>(
             .first_rejection
             .get_or_insert_with(|| format!("the query failed on a row: {}", f.error));
     }
+    // So do windows' results the plan above the windows failed on.
+    for r in &out.refused {
+        summary.rejected += 1;
+        summary.first_rejection.get_or_insert_with(|| {
+            format!(
+                "the query failed on a result of its window, {}: {}",
+                r.row, r.error
+            )
+        });
+    }
     let mut output = output;
     for rows in out.rows {
         let rows = match query.sink() {

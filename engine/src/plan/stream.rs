@@ -155,6 +155,32 @@ pub struct StepOutput {
     pub diverted: Vec<Diverted>,
     /// Input rows the query's plan failed on (see [`Failed`]), left out of its results.
     pub failed: Vec<Failed>,
+    /// Windows' results the plan above the windows failed on (see [`RefusedResult`]), left
+    /// out of `rows`.
+    pub refused: Vec<RefusedResult>,
+}
+
+impl StepOutput {
+    /// Takes what `more` holds after what this one holds.
+    pub fn append(&mut self, more: StepOutput) {
+        self.rows.extend(more.rows);
+        self.diverted.extend(more.diverted);
+        self.failed.extend(more.failed);
+        self.refused.extend(more.refused);
+    }
+}
+
+/// A window's result the plan above the windows failed on by its values alone (a count of 0
+/// as a divisor, a cast of a sum that does not fit): the window's other results are
+/// published, and this one goes to the DLQ with the error, instead of failing the query for
+/// good (it would fail again on the same window at every restart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedResult {
+    /// The window's row as its aggregation gave it (group keys, aggregates, the window's
+    /// bounds), as one JSON object.
+    pub row: String,
+    /// The plan's error on it alone.
+    pub error: String,
 }
 
 /// An input row the plan below a query's state failed on by its values alone (a text cast
@@ -2950,9 +2976,7 @@ impl StreamQuery {
     pub async fn finish_step(&mut self, now_ms: i64, out: &mut StepOutput) -> Result<()> {
         while self.is_due() {
             let more = self.tick(now_ms).await?;
-            out.rows.extend(more.rows);
-            out.diverted.extend(more.diverted);
-            out.failed.extend(more.failed);
+            out.append(more);
         }
         Ok(())
     }
@@ -3625,6 +3649,7 @@ impl StreamQuery {
                 row: f.row + start as u32,
                 ..f
             }));
+            out.refused.extend(step.refused);
         }
         Ok(out)
     }
@@ -4092,9 +4117,7 @@ impl StreamQuery {
             let step = self
                 .process_from(&table, batch, partitions, offsets, now_ms)
                 .await?;
-            out.rows.extend(step.rows);
-            out.diverted.extend(step.diverted);
-            out.failed.extend(step.failed);
+            out.append(step);
         }
         Ok(out)
     }
@@ -5041,16 +5064,18 @@ impl StreamQuery {
         Ok(filter_record_batch(batch, &BooleanArray::from(keep))?)
     }
 
-    /// [`StreamQuery::emit_due`], a failure on values named as one above the window: records
-    /// a query fails on go to the DLQ one by one only below its windows, and a value of a
-    /// window's result (a count of 0 as a divisor) fails the query, which says where and how
-    /// to guard it.
+    /// [`StreamQuery::emit_due`], a failure on values named as one above the window. A
+    /// window's result the plan above the windows fails on (a count of 0 as a divisor) goes
+    /// to the DLQ ([`RefusedResult`]), but where that plan keeps state of its own (detectors,
+    /// `LAG`), ranks (top-N) or is a stage of windows over windows: there it fails the query,
+    /// which says where and how to guard it.
     async fn emit(&mut self, now_ms: i64, out: &mut StepOutput) -> Result<()> {
         self.emit_due(now_ms, out).await.map_err(|e| {
             if is_value_error(&e) {
                 datafusion::error::DataFusionError::Execution(format!(
                     "the query failed on a result of its window, above the GROUP BY ({}); \
-                     unlike a record, a window's result cannot go to the DLQ: guard the \
+                     with detectors, LAG or a ranking above the windows, or windows over \
+                     them, a window's result cannot be left out to the DLQ: guard the \
                      expression, e.g. x / NULLIF(count(y), 0), or TRY_CAST(x AS …)",
                     e.find_root()
                 ))
@@ -5215,8 +5240,22 @@ impl StreamQuery {
                     (false, 0) => "insert",
                     (false, _) => "update",
                 };
-                w.upper_feed.set(vec![rows.clone()]);
-                let published = w.upper.collect(self.task_ctx.clone()).await?;
+                // Keyed state above the windows (detectors, LAG) would learn a row again at
+                // each run over it: only a plan without any is run again to find the rows
+                // it fails on.
+                let (published, rows) = if self.keyed.is_empty() && self.lags.is_empty() {
+                    above_windows(
+                        &w.upper_feed,
+                        &w.upper,
+                        rows,
+                        &self.task_ctx,
+                        &mut out.refused,
+                    )
+                    .await?
+                } else {
+                    w.upper_feed.set(vec![rows.clone()]);
+                    (w.upper.collect(self.task_ctx.clone()).await?, rows)
+                };
                 // A revision that no longer passes the conditions over the window's rows:
                 // the row published for its key and window (by an earlier revision) is
                 // withdrawn.
@@ -5285,6 +5324,86 @@ impl StreamQuery {
         expire_lags(&self.lags, watermark);
         Ok(())
     }
+}
+
+/// Runs the plan above the windows over `rows`, leaving out the rows it fails on by their
+/// values alone ([`is_value_error`]; found as [`Isolating`] finds them), which are pushed to
+/// `refused`: the output and the rows kept. A function failing on every row of `rows` (a
+/// constant argument it refuses) fails, as does any other error.
+async fn above_windows(
+    feed: &Feed,
+    plan: &ReusedPlan,
+    rows: RecordBatch,
+    ctx: &Arc<TaskContext>,
+    refused: &mut Vec<RefusedResult>,
+) -> Result<(Vec<RecordBatch>, RecordBatch)> {
+    feed.set(vec![rows.clone()]);
+    match plan.collect(ctx.clone()).await {
+        Ok(out) => return Ok((out, rows)),
+        Err(e) if !is_data_error(&e) => return Err(e),
+        Err(_) => {}
+    }
+    let mut runs = Isolating::new(rows.num_rows());
+    let mut out = Vec::new();
+    let mut failed = Vec::new();
+    while let Some((start, len)) = runs.next() {
+        feed.set(vec![rows.slice(start, len)]);
+        let run = plan.collect(ctx.clone()).await;
+        out.extend(runs.took(run, &mut failed)?.into_iter().flatten());
+    }
+    let (in_functions, passed) = runs.before_a_pass();
+    if in_functions > 0
+        && !passed
+        && let Some(error) = runs.error.take()
+    {
+        return Err(error);
+    }
+    let mut keep = vec![true; rows.num_rows()];
+    for (row, error) in failed {
+        keep[row as usize] = false;
+        let row = row_json(&rows.slice(row as usize, 1))?;
+        refused.push(RefusedResult { row, error });
+    }
+    let kept = filter_record_batch(&rows, &BooleanArray::from(keep))?;
+    Ok((out, kept))
+}
+
+/// A window's row as one JSON object, as an analyst reads it: its window (a struct of
+/// `window_start` and `window_end` named after the window function's call) as two fields, and
+/// `count(*)` so named.
+fn row_json(row: &RecordBatch) -> Result<String> {
+    let schema = row.schema();
+    let mut fields: Vec<Field> = Vec::new();
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for (f, c) in schema.fields().iter().zip(row.columns()) {
+        match (
+            f.data_type(),
+            datafusion::arrow::array::AsArray::as_struct_opt(c),
+        ) {
+            (DataType::Struct(inner), Some(s))
+                if inner.iter().any(|i| i.name() == "window_start") =>
+            {
+                for (i, field) in inner.iter().enumerate() {
+                    if schema.field_with_name(field.name()).is_err() {
+                        fields.push(field.as_ref().clone());
+                        columns.push(s.column(i).clone());
+                    }
+                }
+            }
+            _ => {
+                let name = f.name().replace("count(Int64(1))", "count(*)");
+                fields.push(f.as_ref().clone().with_name(name));
+                columns.push(c.clone());
+            }
+        }
+    }
+    let row = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+    let mut writer = datafusion::arrow::json::LineDelimitedWriter::new(Vec::new());
+    writer.write(&row)?;
+    writer.finish()?;
+    Ok(String::from_utf8_lossy(&writer.into_inner())
+        .trim_end()
+        .to_string())
 }
 
 /// Whether `expr` is a column named one of `names`.

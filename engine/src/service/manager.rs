@@ -204,7 +204,12 @@ fn misfits(
     let read = reader.topic_schema.output_schema();
     let written = writer.topic_schema.output_schema();
     for (i, c) in read.fields().iter().enumerate() {
-        let required = reader.topic_schema.required.get(i).copied().unwrap_or(false)
+        let required = reader
+            .topic_schema
+            .required
+            .get(i)
+            .copied()
+            .unwrap_or(false)
             && reader
                 .topic_schema
                 .defaults

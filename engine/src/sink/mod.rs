@@ -416,8 +416,10 @@ pub struct DlqRecord {
     /// Why it was rejected.
     pub error: String,
     /// `decode`, `validate`, `reference` (an id a reference table does not hold, or a row of
-    /// a followed reference table's topic that does not fit it) or `gap` (records deleted
-    /// before the query read them).
+    /// a followed reference table's topic that does not fit it), `gap` (records deleted
+    /// before the query read them), `query` (a record the query's plan failed on) or `result`
+    /// (a window's result the plan above the windows failed on; offset -1, the window's row
+    /// as JSON for payload).
     pub stage: String,
     /// Original value bytes, base64.
     pub payload: String,
