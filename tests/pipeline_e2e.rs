@@ -1488,6 +1488,83 @@ async fn a_window_result_the_query_fails_on_goes_to_the_dlq_and_the_rest_goes_on
     Ok(())
 }
 
+/// A result row with a float JSON cannot carry (here 1 / 0.0) goes to the DLQ with stage
+/// `result`, naming the column and its value, instead of being published with a null there;
+/// the other rows are published, over 4 partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_json_cannot_carry_goes_to_the_dlq() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    let topics = Topics::default();
+    let (mut finite, mut infinite) = (0, 0);
+    for j in 0..4i32 {
+        let segment = format!("seg{j}");
+        for k in 0..6i64 {
+            // One detection in three at 30 km/h: 1 / (speed - 30) is infinite.
+            let speed = if (k + i64::from(j)) % 3 == 0 {
+                30.0
+            } else {
+                40.0
+            };
+            let record = detection(&segment, T0 + k * 1_000, "car", Some(speed));
+            cluster
+                .produce(&topics.camera, j, &segment, &record)
+                .await?;
+            match speed == 30.0 {
+                true => infinite += 1,
+                false => finite += 1,
+            }
+        }
+    }
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "inverse".into();
+    config.default_queries = false;
+    config.name = Some("inverse".into());
+    config.queries = vec![(
+        "inverse".into(),
+        "CREATE EXTERNAL TABLE inverse (segment_id VARCHAR NOT NULL, r DOUBLE)
+         STORED AS KAFKA OPTIONS ('topic' 'test.inverse', 'format' 'json');
+         INSERT INTO inverse SELECT segment_id, 1.0 / (speed_kmh - 30.0) AS r
+         FROM camera_events"
+            .into(),
+    )];
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    let rows = read_json(
+        &cluster.consumer("test.inverse")?,
+        finite,
+        Duration::from_secs(60),
+    )
+    .await;
+    let dead = read_json(
+        &cluster.consumer(&topics.dlq)?,
+        infinite,
+        Duration::from_secs(30),
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    for (_, v) in rows? {
+        assert!(
+            v["r"].as_f64().is_some_and(|r| (r - 0.1).abs() < 1e-9),
+            "{v}"
+        );
+    }
+    let dead = dead?;
+    assert_eq!(dead.len(), infinite);
+    for (_, v) in dead {
+        assert_eq!(v["stage"], "result", "{v}");
+        assert_eq!(v["query"], "inverse", "{v}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with("r is inf, which a JSON record cannot carry"),
+            "{error}"
+        );
+    }
+    Ok(())
+}
+
 /// Runs `insert` (into `coded`: code, window_start, n) over 4 partitions of detections, one
 /// in five of them of a segment whose code is no number, and checks what it publishes
 /// (`windowed`: counts per code and minute; otherwise one row per record) and the DLQ.

@@ -362,6 +362,23 @@ impl DeterministicEngine {
         for rows in out.rows {
             let rows = conform_stream(&rows, &sink.topic_schema)
                 .map_err(|e| DataFusionError::Execution(e.to_string()))?;
+            // A JSON topic's row with a float JSON cannot carry goes to the DLQ.
+            let rows = match sink.options.format {
+                crate::topics::Format::Json => {
+                    let (kept, unwritable) = crate::sink::without_non_finite(&rows)
+                        .map_err(|e| DataFusionError::Execution(e.to_string()))?;
+                    for (row, why) in unwritable {
+                        self.late.push(LateRow {
+                            query,
+                            event_time: None,
+                            watermark: q.watermark().unwrap_or(i64::MIN),
+                            reason: format!("result_error: {row}: {why}"),
+                        });
+                    }
+                    kept
+                }
+                _ => rows,
+            };
             self.outputs
                 .entry(sink.name.clone())
                 .or_default()

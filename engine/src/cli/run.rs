@@ -211,6 +211,53 @@ mod tests {
         Ok(())
     }
 
+    /// A file's column the stream does not have is not part of its records: a 300 KB one put
+    /// its row over the record size limit, and the row was rejected. A file without a row
+    /// (empty, or blank lines) has no records: a JSON-lines one failed naming a missing
+    /// event-time column. Event times all null are named as such (they were shown as "").
+    #[tokio::test]
+    async fn columns_not_read_and_files_without_rows_reject_nothing() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let sql = "CREATE EXTERNAL TABLE s (k VARCHAR, event_time TIMESTAMP NOT NULL, n BIGINT) \
+                   STORED AS KAFKA OPTIONS ('topic' 's', 'event_time' 'event_time', \
+                   'watermark_delay' '0s'); SELECT k, n FROM s";
+        let long = "x".repeat(300_000);
+        let args = run_over(
+            dir.path(),
+            sql,
+            "rows.csv",
+            &format!(
+                "k,event_time,n,notes\na,2026-01-01T00:00:01Z,1,short\nb,2026-01-01T00:00:02Z,2,{long}\n"
+            ),
+        )?;
+        let summary = run_file(&args).await?;
+        assert_eq!(
+            (summary.rejected, summary.output_rows),
+            (0, 2),
+            "{summary:?}"
+        );
+        assert_eq!(summary.ignored_columns, vec!["notes".to_string()]);
+        for (name, rows) in [("empty.jsonl", ""), ("blank.jsonl", "\n\n  \n")] {
+            let summary = run_file(&run_over(dir.path(), sql, name, rows)?).await?;
+            assert_eq!(
+                (summary.input_rows, summary.rejected, summary.output_rows),
+                (0, 0, 0),
+                "{name}: {summary:?}"
+            );
+            assert!(summary.missing_fields.is_empty(), "{name}: {summary:?}");
+        }
+        let summary = run_file(&run_over(
+            dir.path(),
+            sql,
+            "nulls.jsonl",
+            "{\"k\":\"a\",\"event_time\":null,\"n\":1}\n{\"k\":\"b\",\"event_time\":null,\"n\":2}\n",
+        )?)
+        .await?;
+        assert_eq!(summary.unreadable_time, 2, "{summary:?}");
+        assert_eq!(summary.first_unreadable.as_deref(), Some("null (no time)"));
+        Ok(())
+    }
+
     /// A file's numeric event times are in the stream's own unit unless `--time-unit` says
     /// otherwise: a stream declaring epoch seconds had every row of its file rejected as
     /// before 1990, with a hint to declare the unit it had declared.

@@ -1721,9 +1721,10 @@ impl Pipeline {
     }
 }
 
-/// Where the windows' results a query's plan refused go: the DLQ, as records of the
+/// Where the results a query does not publish go (a window's result its plan above the
+/// windows failed on, a row with a float JSON cannot carry): the DLQ, as records of the
 /// query's input topic and partition (-1: every partition) without an offset, stage
-/// `result`, the window's row as their payload.
+/// `result`, the row as their payload.
 struct Refused<'a> {
     dlq: &'a str,
     query: Option<&'a String>,
@@ -1733,27 +1734,49 @@ struct Refused<'a> {
 }
 
 impl Refused<'_> {
-    /// Sends `results` to the DLQ; how many.
+    /// Sends the windows' `results` the plan refused to the DLQ; how many.
     async fn send(
         &self,
         sink: &KafkaSink,
         results: Vec<crate::plan::stream::RefusedResult>,
         pending: &mut Pending,
     ) -> Result<usize> {
-        let records: Vec<_> = results
+        let rows = results
             .into_iter()
             .map(|r| {
+                (
+                    r.row,
+                    format!(
+                        "the query failed on a result of its window, above the GROUP BY: {}",
+                        r.error
+                    ),
+                )
+            })
+            .collect();
+        self.send_rows(sink, rows, pending).await
+    }
+
+    /// Sends result rows not published, (the row as JSON, why), to the DLQ; how many.
+    async fn send_rows(
+        &self,
+        sink: &KafkaSink,
+        rows: Vec<(String, String)>,
+        pending: &mut Pending,
+    ) -> Result<usize> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let records: Vec<_> = rows
+            .into_iter()
+            .map(|(row, error)| {
                 let record = DlqRecord {
                     topic: self.topic.to_string(),
                     partition: self.partition,
                     offset: -1,
                     key: None,
-                    error: format!(
-                        "the query failed on a result of its window, above the GROUP BY: {}",
-                        r.error
-                    ),
+                    error,
                     stage: "result".into(),
-                    payload: BASE64.encode(r.row.as_bytes()),
+                    payload: BASE64.encode(row.as_bytes()),
                     received_at: self.received_at,
                     query: self.query.cloned(),
                     gap_end: None,
@@ -1782,27 +1805,44 @@ async fn publish_all(
     pending: &mut Pending,
     gauges: Option<&CityGauges>,
 ) -> Result<(usize, usize)> {
-    let mut n = publish(sink, table.clone(), out.rows, pending, gauges).await?;
-    let mut dead = refused.send(sink, out.refused, pending).await?;
+    let (mut n, mut dead) =
+        publish(sink, table.clone(), out.rows, refused, pending, gauges).await?;
+    dead += refused.send(sink, out.refused, pending).await?;
     while query.is_due() {
         let more = query.tick(now).await?;
-        n += publish(sink, table.clone(), more.rows, pending, gauges).await?;
-        dead += refused.send(sink, more.refused, pending).await?;
+        let (more_n, more_dead) =
+            publish(sink, table.clone(), more.rows, refused, pending, gauges).await?;
+        n += more_n;
+        dead += more_dead + refused.send(sink, more.refused, pending).await?;
     }
     Ok((n, dead))
 }
 
+/// Publishes `rows` to `table`'s topic; a row of a JSON topic with a float JSON cannot carry
+/// goes to the DLQ instead (`refused`). The rows published and those sent to the DLQ.
 async fn publish(
     sink: &KafkaSink,
     table: Option<Arc<StreamTable>>,
     rows: Vec<RecordBatch>,
+    refused: &Refused<'_>,
     pending: &mut Pending,
     gauges: Option<&CityGauges>,
-) -> Result<usize> {
-    let Some(table) = table else { return Ok(0) };
+) -> Result<(usize, usize)> {
+    let Some(table) = table else {
+        return Ok((0, 0));
+    };
     let mut n = 0;
+    let mut dead = 0;
     for batch in rows {
         let batch = conform_stream(&batch, &table.topic_schema)?;
+        let batch = match table.options.format {
+            crate::topics::Format::Json => {
+                let (kept, unwritable) = crate::sink::without_non_finite(&batch)?;
+                dead += refused.send_rows(sink, unwritable, pending).await?;
+                kept
+            }
+            _ => batch,
+        };
         n += batch.num_rows();
         if let Some(gauges) = gauges {
             gauges.observe(&table.options.topic, &batch);
@@ -1816,7 +1856,7 @@ async fn publish(
         )
         .await?;
     }
-    Ok(n)
+    Ok((n, dead))
 }
 
 /// Runs a blocking Kafka call (an offset or metadata lookup, which waits on the broker: up to

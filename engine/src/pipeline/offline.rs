@@ -258,10 +258,11 @@ async fn run_file_query<W: Write + ?Sized>(
         .filter(|c| fields.field_with_name(c.name()).is_err())
         .map(|c| c.name().clone())
         .collect();
+    // An empty file has no columns to miss.
     summary.missing_fields = fields
         .fields()
         .iter()
-        .filter(|f| columns.field_with_name(f.name()).is_err())
+        .filter(|f| !columns.fields().is_empty() && columns.field_with_name(f.name()).is_err())
         .map(|f| f.name().clone())
         .collect();
     let mut unreadable = Unreadable::default();
@@ -290,6 +291,20 @@ async fn run_file_query<W: Write + ?Sized>(
             read_booleans(&batch, &fields, &mut summary)?
         } else {
             batch
+        };
+        // Columns the stream does not have are not read: they make no part of its records
+        // (a 300 KB column it does not read put a row over the record size limit).
+        let batch = if summary.ignored_columns.is_empty() {
+            batch
+        } else {
+            let read: Vec<usize> = (0..batch.num_columns())
+                .filter(|&i| {
+                    fields
+                        .field_with_name(batch.schema().field(i).name())
+                        .is_ok()
+                })
+                .collect();
+            batch.project(&read)?
         };
         let (bytes, ends) = crate::sink::encode_json_rows(&batch)?;
         let mut raw = RawBatch::new(source.options.topic.clone());
@@ -499,6 +514,21 @@ fn take<W: Write + ?Sized>(
         let rows = match query.sink() {
             Some(sink) => crate::sink::conform_stream(&rows, &sink.topic_schema)?,
             None => rows,
+        };
+        // A row with a float JSON cannot carry goes to the DLQ in the service (a JSON topic),
+        // and would be written with a null in --output.
+        let rows = match query.sink().map(|s| s.options.format) {
+            Some(crate::topics::Format::Json) | None => {
+                let (kept, unwritable) = crate::sink::without_non_finite(&rows)?;
+                for (row, why) in unwritable {
+                    summary.rejected += 1;
+                    summary
+                        .first_rejection
+                        .get_or_insert_with(|| format!("a result not published, {row}: {why}"));
+                }
+                kept
+            }
+            Some(_) => rows,
         };
         if rows.num_rows() == 0 {
             continue;
@@ -834,13 +864,24 @@ pub async fn open_file(
             .find(|(old, _)| old == c)
             .map_or(c.clone(), |(_, new)| new.clone())
     };
+    // A file without a row or a column (empty, or blank lines only) has no records.
+    if columns.is_empty() {
+        return Ok(OpenedFile {
+            stream: Box::pin(datafusion::physical_plan::EmptyRecordBatchStream::new(
+                Arc::new(Schema::empty()),
+            )),
+            malformed,
+            _copy: cleaned,
+        });
+    }
     let names: Vec<String> = columns.iter().map(renamed).collect();
-    for (what, column) in [("--time", time), ("--key", key)] {
+    for (what, column) in [("the event time's", time), ("the key's", key)] {
         if let Some(c) = column
             && !names.iter().any(|n| n == c)
         {
             return Err(Error::Config(format!(
-                "{what} {c}: {shown} has no column {c} (columns after renaming: {})",
+                "{shown} has no column {c}, {what} column (columns after renaming: {}); \
+                 rename the file's column to it, e.g. --rename time={c}",
                 names.join(", ")
             )));
         }
@@ -1534,7 +1575,10 @@ pub fn with_epoch_ms(
         if unreadable.first.is_none()
             && let Some(r) = (0..ms.len()).find(|r| ms.is_null(*r))
         {
-            unreadable.first = Some(match column.is_null(r) {
+            // A JSON file's column of nulls only is of the null type, whose rows have no
+            // validity of their own.
+            let null = column.is_null(r) || *column.data_type() == DataType::Null;
+            unreadable.first = Some(match null {
                 true => "null (no time)".into(),
                 false => datafusion::arrow::util::display::array_value_to_string(column, r)
                     .unwrap_or_default(),

@@ -590,6 +590,24 @@ impl StreamContext {
                         e.find_root()
                     )
                 }
+                // An interval literal past what its fields hold: Arrow names the number only.
+                e if matches!(
+                    e.find_root(),
+                    datafusion::error::DataFusionError::ArrowError(a, _)
+                        if matches!(
+                            a.as_ref(),
+                            datafusion::arrow::error::ArrowError::InvalidArgumentError(m)
+                                if m.starts_with("Unable to represent")
+                        )
+                ) =>
+                {
+                    plan_datafusion_err!(
+                        "an interval of the statement is too large to be one ({}): an \
+                         interval holds up to 2^31 − 1 days, and a window's sizes, slides, \
+                         gaps and offsets up to ten years (INTERVAL '3650 days')",
+                        e.find_root()
+                    )
+                }
                 e => e,
             })
     }

@@ -354,6 +354,81 @@ impl Encoder for ValueText<'_> {
     }
 }
 
+/// Rows of `batch` with a float that is not a number JSON can carry (NaN, an infinity: a
+/// division by 0.0, a sum past the largest double), which a JSON record would carry as null,
+/// silently another value: `batch` without them, and each of them as (its row as JSON, the
+/// float written as text, and why it is not published). Nested floats are not looked into.
+pub fn without_non_finite(batch: &RecordBatch) -> Result<(RecordBatch, Vec<(String, String)>)> {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{Float16Type, Float32Type, Float64Type};
+    let n = batch.num_rows();
+    let mut bad: Vec<Option<String>> = vec![None; n];
+    let schema = batch.schema();
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        let finite: Vec<bool> = match field.data_type() {
+            DataType::Float64 => column
+                .as_primitive::<Float64Type>()
+                .iter()
+                .map(|v| v.is_none_or(f64::is_finite))
+                .collect(),
+            DataType::Float32 => column
+                .as_primitive::<Float32Type>()
+                .iter()
+                .map(|v| v.is_none_or(f32::is_finite))
+                .collect(),
+            DataType::Float16 => column
+                .as_primitive::<Float16Type>()
+                .iter()
+                .map(|v| v.is_none_or(|v| v.is_finite()))
+                .collect(),
+            _ => continue,
+        };
+        for (row, finite) in finite.into_iter().enumerate() {
+            if !finite && bad[row].is_none() {
+                let value = datafusion::arrow::util::display::array_value_to_string(column, row)
+                    .unwrap_or_default();
+                bad[row] = Some(format!(
+                    "{} is {value}, which a JSON record cannot carry (it would be null): the \
+                     row is not published; a division by 0.0 or a total past the largest \
+                     double makes one, NULLIF(x, 0.0) or a guard in CASE keeps it out",
+                    field.name()
+                ));
+            }
+        }
+    }
+    if bad.iter().all(Option::is_none) {
+        return Ok((batch.clone(), Vec::new()));
+    }
+    // The refused rows with their floats as text ("inf", "NaN").
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        if matches!(
+            field.data_type(),
+            DataType::Float16 | DataType::Float32 | DataType::Float64
+        ) {
+            columns.push(cast(column, &DataType::Utf8)?);
+            fields.push(Field::new(field.name(), DataType::Utf8, true));
+        } else {
+            columns.push(column.clone());
+            fields.push(field.as_ref().clone());
+        }
+    }
+    let texts = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+    let mut refused = Vec::new();
+    for (row, why) in bad.iter().enumerate() {
+        if let Some(why) = why {
+            let (bytes, _) = encode_json_rows(&texts.slice(row, 1))?;
+            let json = String::from_utf8_lossy(&bytes).trim_end().to_string();
+            refused.push((json, why.clone()));
+        }
+    }
+    let keep: datafusion::arrow::array::BooleanArray =
+        bad.iter().map(|b| Some(b.is_none())).collect();
+    let kept = datafusion::arrow::compute::filter_record_batch(batch, &keep)?;
+    Ok((kept, refused))
+}
+
 /// Encodes each row as a JSON object (nulls written out, timestamps as epoch ms). Returns the
 /// bytes and the end offset of each row in them.
 pub fn encode_json_rows(batch: &RecordBatch) -> Result<(Vec<u8>, Vec<usize>)> {

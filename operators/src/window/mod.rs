@@ -82,10 +82,19 @@ impl WindowSpec {
                  millisecond (a shorter one counts as zero)"
             );
         }
-        if let Some(i) = intervals
+        if let Some((at, i)) = intervals
             .iter()
-            .find(|&&i| i.unsigned_abs() > MAX_INTERVAL_MS as u64)
+            .enumerate()
+            .find(|(_, i)| i.unsigned_abs() > MAX_INTERVAL_MS as u64)
         {
+            if name == "tumble" && at == 1 {
+                return plan_err!(
+                    "{name}(): an offset of {i} ms moves the windows by more than the ten \
+                     years ({MAX_INTERVAL_MS} ms) a window interval may span: an offset \
+                     counts within one window's size (of {} ms), so write one at most that",
+                    intervals[0]
+                );
+            }
             return plan_err!(
                 "{name}(): a window interval of {i} ms is longer than the ten years \
                  ({MAX_INTERVAL_MS} ms) a window may span"
