@@ -5084,17 +5084,17 @@ impl StreamQuery {
 
     /// [`StreamQuery::emit_due`], a failure on values named as one above the window. A
     /// window's result the plan above the windows fails on (a count of 0 as a divisor) goes
-    /// to the DLQ ([`RefusedResult`]), but where that plan keeps state of its own (detectors,
-    /// `LAG`), ranks (top-N) or is a stage of windows over windows: there it fails the query,
-    /// which says where and how to guard it.
+    /// to the DLQ ([`RefusedResult`]), as does a row between stages of windows, but where
+    /// the query keeps state above its windows (detectors, `LAG`) or ranks (top-N): there it
+    /// fails the query, which says where and how to guard it.
     async fn emit(&mut self, now_ms: i64, out: &mut StepOutput) -> Result<()> {
         self.emit_due(now_ms, out).await.map_err(|e| {
             if is_value_error(&e) {
                 datafusion::error::DataFusionError::Execution(format!(
                     "the query failed on a result of its window, above the GROUP BY ({}); \
-                     with detectors, LAG or a ranking above the windows, or windows over \
-                     them, a window's result cannot be left out to the DLQ: guard the \
-                     expression, e.g. x / NULLIF(count(y), 0), or TRY_CAST(x AS …)",
+                     with detectors, LAG or a ranking above the windows, a window's result \
+                     cannot be left out to the DLQ: guard the expression, e.g. \
+                     x / NULLIF(count(y), 0), or TRY_CAST(x AS …)",
                     e.find_root()
                 ))
             } else {
@@ -5159,7 +5159,9 @@ impl StreamQuery {
             let Some(next) = w.next.as_deref_mut() else {
                 break;
             };
-            next.take(&emissions, &self.task_ctx).await?;
+            let refused =
+                (self.keyed.is_empty() && self.lags.is_empty()).then_some(&mut out.refused);
+            next.take(&emissions, &self.task_ctx, refused).await?;
             watermark = next.watermark(watermark);
             emissions = next.stage.operator.advance(watermark, early)?;
             watermark = next.stage.operator.emitted_through(watermark);
@@ -5262,7 +5264,7 @@ impl StreamQuery {
                 // each run over it: only a plan without any is run again to find the rows
                 // it fails on.
                 let (published, rows) = if self.keyed.is_empty() && self.lags.is_empty() {
-                    above_windows(
+                    isolated(
                         &w.upper_feed,
                         &w.upper,
                         rows,
@@ -5344,11 +5346,12 @@ impl StreamQuery {
     }
 }
 
-/// Runs the plan above the windows over `rows`, leaving out the rows it fails on by their
-/// values alone ([`is_value_error`]; found as [`Isolating`] finds them), which are pushed to
-/// `refused`: the output and the rows kept. A function failing on every row of `rows` (a
-/// constant argument it refuses) fails, as does any other error.
-async fn above_windows(
+/// Runs a plan above the windows (over a window's results, or between stages of windows)
+/// over `rows`, leaving out the rows it fails on by their values alone ([`is_value_error`];
+/// found as [`Isolating`] finds them), which are pushed to `refused`: the output and the rows
+/// kept. A function failing on every row of `rows` (a constant argument it refuses) fails,
+/// as does any other error.
+pub(super) async fn isolated(
     feed: &Feed,
     plan: &ReusedPlan,
     rows: RecordBatch,
