@@ -2697,6 +2697,73 @@ async fn a_query_is_upgraded_with_its_state_and_taken_back_to_a_savepoint() -> a
     )
     .await?;
     assert_eq!(status, StatusCode::NOT_FOUND, "{missing}");
+    // A damaged savepoint (a file of its state cut short) is refused before anything of the
+    // query's changes: it keeps running on its own state (it was stopped, its state replaced
+    // in part, and left FAILED). A description that does not read is listed as damaged.
+    let (status, saved) = call(
+        &app,
+        "POST",
+        "/v1/queries/counts/savepoints",
+        Some(TOKEN),
+        Some(json!({"savepoint": "cut"})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{saved}");
+    let cut = _dir.path().join("data/checkpoints/_savepoints/counts/cut");
+    let mut cut_files = 0;
+    let mut dirs = vec![cut.clone()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "arrow") {
+                let bytes = std::fs::read(&path)?;
+                std::fs::write(&path, &bytes[..bytes.len() / 2])?;
+                cut_files += 1;
+            }
+        }
+    }
+    assert!(cut_files > 0, "the savepoint holds state");
+    let (status, refused) = call(
+        &app,
+        "POST",
+        "/v1/queries/counts/upgrade",
+        Some(TOKEN),
+        Some(json!({"savepoint": "cut"})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("savepoint cut of query counts is damaged")
+                && m.contains("does not read back whole")),
+        "{refused}"
+    );
+    let q = wait_for(&app, "counts", Duration::from_secs(60), |q| {
+        q["state"] != "STARTING"
+    })
+    .await?;
+    assert_eq!(q["state"], "RUNNING", "{q}");
+    std::fs::write(cut.join("savepoint.json"), "{")?;
+    let (status, listed) = call(
+        &app,
+        "GET",
+        "/v1/queries/counts/savepoints",
+        Some(TOKEN),
+        None,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    let damaged: Vec<&str> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["damaged"].is_string())
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(damaged, ["cut"], "{listed}");
 
     // A filter added: the state carries over.
     let filtered = per_minute("counts").replace(

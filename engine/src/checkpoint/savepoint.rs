@@ -46,6 +46,10 @@ pub struct Savepoint {
     pub stores: Vec<SavedStore>,
     /// Bytes copied.
     pub bytes: u64,
+    /// In a listing, why a savepoint's `savepoint.json` does not read (its other fields are
+    /// then empty); never written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
 }
 
 /// One store of a [`Savepoint`].
@@ -252,6 +256,62 @@ pub fn misfit(held: &[(String, Manifest)], wanted: &[Wanted]) -> Option<String> 
     None
 }
 
+/// Checks that the savepoint at `location` holds what `savepoint` lists, before anything of
+/// the query's is changed: each store's checkpoint, reading back whole at the epoch it was
+/// taken at, and no store it does not list. Blocking.
+pub fn verify(location: &Location, savepoint: &Savepoint) -> Result<()> {
+    let named = |store: &str| match store {
+        "" => "its one store".to_string(),
+        s => format!("its store {s}"),
+    };
+    let found = stores_below(location)?;
+    for saved in &savepoint.stores {
+        if !found.contains(&saved.store) {
+            return Err(Error::Checkpoint(format!(
+                "{} is missing",
+                named(&saved.store)
+            )));
+        }
+        let at = match saved.store.as_str() {
+            "" => location.clone(),
+            s => location.join(s),
+        };
+        let latest = CheckpointStore::at(at, usize::MAX)?.latest().map_err(|e| {
+            Error::Checkpoint(format!(
+                "{} does not read back whole ({e})",
+                named(&saved.store)
+            ))
+        })?;
+        match latest {
+            Some(c) if c.manifest.epoch == saved.epoch => {}
+            Some(c) => {
+                return Err(Error::Checkpoint(format!(
+                    "{} reads back whole at epoch {} only, not at epoch {} it was taken at",
+                    named(&saved.store),
+                    c.manifest.epoch,
+                    saved.epoch
+                )));
+            }
+            None => {
+                return Err(Error::Checkpoint(format!(
+                    "{} does not read back whole",
+                    named(&saved.store)
+                )));
+            }
+        }
+    }
+    if let Some(other) = found
+        .iter()
+        .find(|f| !savepoint.stores.iter().any(|s| &s.store == *f))
+    {
+        return Err(Error::Checkpoint(format!(
+            "it holds {}, which it does not list",
+            named(other)
+        )));
+    }
+    Ok(())
+}
+
 /// Writes `savepoint`'s description into `location` (last, once its stores are there).
 pub fn describe(location: &Location, savepoint: &Savepoint) -> Result<()> {
     let json = serde_json::to_vec_pretty(savepoint)
@@ -317,8 +377,20 @@ pub fn list(location: &Location) -> Result<Vec<Savepoint>> {
     };
     let mut out = Vec::new();
     for name in names {
-        if let Some(savepoint) = read(&location.join(&name))? {
-            out.push(savepoint);
+        // One damaged description does not hide the others.
+        match read(&location.join(&name)) {
+            Ok(Some(savepoint)) => out.push(savepoint),
+            Ok(None) => {}
+            Err(e) => out.push(Savepoint {
+                name,
+                query: String::new(),
+                sql: String::new(),
+                created_at_ms: 0,
+                layouts: Vec::new(),
+                stores: Vec::new(),
+                bytes: 0,
+                damaged: Some(e.to_string()),
+            }),
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -389,6 +461,92 @@ mod tests {
             .collect()
     }
 
+    /// A savepoint is checked whole before a query goes back to it: a store it lists gone, one
+    /// whose checkpoint does not read back, or one it does not list is named (the query's own
+    /// state was replaced, and it failed, before this was found); a description that does not
+    /// read is listed as damaged beside the others, which stay listed.
+    #[test]
+    fn a_damaged_savepoint_is_named_before_anything_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let query = Location::Local(dir.path().join("q"));
+        for partition in 0..3 {
+            let store = CheckpointStore::at(query.join(&format!("in.{partition}")), 3).unwrap();
+            let (m, s) = checkpoint(2, partition, 7);
+            store.write(m, s).unwrap();
+        }
+        let root = dir.path().join("_savepoints/q");
+        let take = |name: &str| {
+            let saved = Location::Local(root.join(name));
+            let (stores, bytes) = copy_newest(&query, &saved).unwrap();
+            let described = Savepoint {
+                name: name.into(),
+                query: "q".into(),
+                sql: "SELECT 1".into(),
+                created_at_ms: 7,
+                layouts: vec![],
+                stores,
+                bytes,
+                damaged: None,
+            };
+            describe(&saved, &described).unwrap();
+            (saved, described)
+        };
+        let (good, described) = take("good");
+        verify(&good, &described).unwrap();
+        let (gone, described) = take("gone");
+        std::fs::remove_dir_all(root.join("gone/in.1")).unwrap();
+        let e = verify(&gone, &described).unwrap_err().to_string();
+        assert!(e.contains("its store in.1 is missing"), "{e}");
+        let (cut, described) = take("cut");
+        let files: Vec<_> = walk(&root.join("cut/in.2"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "arrow"))
+            .collect();
+        assert!(!files.is_empty());
+        for f in files {
+            let bytes = std::fs::read(&f).unwrap();
+            std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+        }
+        let e = verify(&cut, &described).unwrap_err().to_string();
+        assert!(e.contains("its store in.2 does not read back whole"), "{e}");
+        let (more, mut described) = take("more");
+        described.stores.pop();
+        let e = verify(&more, &described).unwrap_err().to_string();
+        assert!(
+            e.contains("it holds its store in.2, which it does not list"),
+            "{e}"
+        );
+        std::fs::write(root.join("more/savepoint.json"), "{").unwrap();
+        let listed = list(&Location::Local(root.clone())).unwrap();
+        let shown: Vec<(&str, bool)> = listed
+            .iter()
+            .map(|s| (s.name.as_str(), s.damaged.is_some()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("cut", false),
+                ("gone", false),
+                ("good", false),
+                ("more", true)
+            ]
+        );
+    }
+
+    /// Every file below `dir`.
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
+    }
+
     #[tokio::test]
     async fn the_newest_checkpoint_of_every_partition_store_is_saved_and_restored() {
         let dir = tempfile::tempdir().unwrap();
@@ -426,6 +584,7 @@ mod tests {
                 layouts: vec![vec!["window".into()]],
                 stores: copied,
                 bytes,
+                damaged: None,
             },
         )
         .unwrap();
@@ -544,6 +703,7 @@ mod tests {
                     layouts: vec![],
                     stores: copied,
                     bytes,
+                    damaged: None,
                 },
             )
             .unwrap();

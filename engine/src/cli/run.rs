@@ -58,12 +58,8 @@ pub struct RunArgs {
 
 /// Runs `args.query` over `args.input`.
 pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
-    let sql = std::fs::read_to_string(&args.query).map_err(|e| {
-        Error::Config(format!(
-            "--query {}: {e} (--query takes a file of SQL statements)",
-            args.query.display()
-        ))
-    })?;
+    let sql = crate::files::read_text(&args.query, crate::files::SQL_FILE_BYTES, "--query")
+        .map_err(|e| Error::Config(format!("{e} (--query takes a file of SQL statements)")))?;
     let reference = ReferenceTables::embedded()?;
     for spec in &args.reference {
         let (name, file) = spec.split_once('=').ok_or_else(|| {
@@ -71,8 +67,11 @@ pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
                 "--reference {spec}: expected TABLE=FILE, e.g. sensors=stations.csv"
             ))
         })?;
-        let csv = std::fs::read_to_string(file)
-            .map_err(|e| Error::Config(format!("--reference {spec}: {e}")))?;
+        let csv = crate::files::read_text(
+            std::path::Path::new(file),
+            crate::reference::tables::MAX_CSV_BYTES as u64,
+            &format!("--reference {}:", name.trim()),
+        )?;
         reference.replace(name.trim(), &csv)?;
     }
     let ctx = city_context_in(

@@ -403,6 +403,7 @@ pub fn simulated(seed: u64, hours: u32) -> Result<Vec<Series>> {
 /// Reads a labelled CSV: `series,timestamp,value,label` (timestamp RFC 3339 or epoch ms;
 /// label 0/1; an empty value is a missing reading).
 pub fn from_csv(path: &Path) -> Result<Vec<Series>> {
+    crate::files::check_line_lengths(path)?;
     let mut reader = csv::Reader::from_path(path)
         .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
     let mut by_series: BTreeMap<String, Vec<(i64, Option<f64>, bool)>> = BTreeMap::new();

@@ -46,6 +46,7 @@ pub struct Experiment {
 
 fn load_file(path: &Path, name: String) -> Result<Experiment> {
     let bad = |what: String| Error::Config(format!("{}: {what}", path.display()));
+    crate::files::check_line_lengths(path)?;
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(b';')
         .from_path(path)

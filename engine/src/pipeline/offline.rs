@@ -719,6 +719,7 @@ pub async fn open_file(
             let file = file.to_path_buf();
             let csv = extension == "csv";
             tokio::task::spawn_blocking(move || {
+                crate::files::check_line_lengths(&file)?;
                 without_malformed_lines(&file, csv, time_in_file.as_deref())
             })
             .await

@@ -74,8 +74,10 @@ pub struct SqlInput {
 impl SqlInput {
     fn read(&self) -> Result<String> {
         match (&self.sql, &self.file) {
-            (_, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| Error::Api(format!("{}: {e}", path.display()))),
+            (_, Some(path)) => {
+                crate::files::read_text(path, crate::files::SQL_FILE_BYTES, "--file")
+                    .map_err(|e| Error::Api(e.to_string()))
+            }
             (Some(sql), None) if sql == "-" => {
                 let mut sql = String::new();
                 std::io::stdin().read_to_string(&mut sql)?;
@@ -315,8 +317,12 @@ pub async fn run_table(args: TableArgs) -> Result<()> {
                 .await?
         }
         TableAction::Replace { name, file } => {
-            let csv = std::fs::read_to_string(file)
-                .map_err(|e| Error::Api(format!("{}: {e}", file.display())))?;
+            let csv = crate::files::read_text(
+                file,
+                crate::reference::tables::MAX_CSV_BYTES as u64,
+                "--file",
+            )
+            .map_err(|e| Error::Api(e.to_string()))?;
             let text = client
                 .send(
                     Method::PUT,
@@ -667,8 +673,8 @@ pub async fn run(args: QueryArgs) -> Result<()> {
             let sql = file
                 .as_ref()
                 .map(|path| {
-                    std::fs::read_to_string(path)
-                        .map_err(|e| Error::Api(format!("{}: {e}", path.display())))
+                    crate::files::read_text(path, crate::files::SQL_FILE_BYTES, "--file")
+                        .map_err(|e| Error::Api(e.to_string()))
                 })
                 .transpose()?;
             (
@@ -891,6 +897,10 @@ fn render(answer: &Value, kind: &Shown, zone: DisplayZone) -> String {
             }
             let mut out = String::new();
             for s in list {
+                if let Some(why) = s["damaged"].as_str() {
+                    out.push_str(&format!("{}  damaged: {why}\n", text(&s["name"])));
+                    continue;
+                }
                 let stores = s["stores"].as_array().map_or(0, Vec::len);
                 out.push_str(&format!(
                     "{}  of {}  taken {}  {} store{}, {} bytes\n",

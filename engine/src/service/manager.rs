@@ -1850,6 +1850,7 @@ impl QueryManager {
             layouts: Vec::new(),
             stores: Vec::new(),
             bytes: 0,
+            damaged: None,
         };
         let result = blocking(move || {
             // What a failed attempt left (no description): gone first.
@@ -1965,16 +1966,35 @@ impl QueryManager {
                     ));
                 }
                 let at = self.savepoints_of(name).join(name_of);
+                let damaged = |e: Error| {
+                    ServiceError::Conflict(format!(
+                        "savepoint {name_of} of query {name} is damaged: {e}; the query goes on \
+                         as it is: go back to another savepoint (`urbanstream query savepoints \
+                         {name}` lists them)"
+                    ))
+                };
+                // The savepoint is read and checked whole before anything of the query's
+                // changes: a store missing or not reading back would otherwise be found
+                // with the query stopped and its own state half replaced.
                 let found = blocking({
                     let at = at.clone();
-                    move || savepoint::read(&at)
+                    move || {
+                        Ok(match savepoint::read(&at) {
+                            Ok(Some(found)) => Some(savepoint::verify(&at, &found).map(|()| found)),
+                            Ok(None) => None,
+                            Err(e) => Some(Err(e)),
+                        })
+                    }
                 })
                 .await?;
-                let Some(found) = found else {
-                    return Err(ServiceError::NotFound(format!(
-                        "query {name} has no savepoint named {name_of:?} (`urbanstream query \
-                         savepoints {name}` lists them)"
-                    )));
+                let found = match found {
+                    Some(found) => found.map_err(damaged)?,
+                    None => {
+                        return Err(ServiceError::NotFound(format!(
+                            "query {name} has no savepoint named {name_of:?} (`urbanstream \
+                             query savepoints {name}` lists them)"
+                        )));
+                    }
                 };
                 (Some(at), format!("savepoint {name_of}"), Some(found.sql))
             }

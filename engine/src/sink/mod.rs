@@ -517,13 +517,14 @@ pub trait Provenance {
 }
 
 impl Provenance for DlqRecord {
+    /// A result not published (stage `result`) has no input position: it is known by its
+    /// row, which a replay of the same input gives again.
     fn provenance(&self) -> (&str, i32, i64, Option<&str>) {
-        (
-            &self.topic,
-            self.partition,
-            self.offset,
-            self.query.as_deref(),
-        )
+        let offset = match self.stage.as_str() {
+            "result" => record_id(&[self.payload.as_bytes()]) as i64,
+            _ => self.offset,
+        };
+        (&self.topic, self.partition, offset, self.query.as_deref())
     }
 }
 
