@@ -264,20 +264,57 @@ pub enum LogFormatConfig {
     Json,
 }
 
+/// For an environment variable's name after `URBANSTREAM__` that sets a librdkafka property,
+/// the table it goes to and the property's name as written.
+fn property_table(key: &str) -> Option<(&'static str, &str)> {
+    let upper = key.to_ascii_uppercase();
+    [
+        ("KAFKA__PROPERTIES__", "kafka.properties"),
+        ("KAFKA__TOPIC_PROPERTIES__", "kafka.topic_properties"),
+    ]
+    .into_iter()
+    .find(|(prefix, _)| upper.starts_with(prefix))
+    .map(|(prefix, table)| (table, &key[prefix.len()..]))
+}
+
 impl ServiceConfig {
     /// The defaults, then `file` if given, then the process's `URBANSTREAM__*` variables.
     pub fn load(file: Option<&Path>) -> Result<Self> {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(path) = file {
-            if !path.is_file() {
+            if !path.exists() {
                 return Err(Error::Config(format!(
                     "config file {} does not exist",
                     path.display()
                 )));
             }
+            if !path.is_file() {
+                return Err(Error::Config(format!(
+                    "config file {} is not a file (a directory or a device): give the path of \
+                     a TOML file",
+                    path.display()
+                )));
+            }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        // A librdkafka property's name has dots, which figment would take for nesting:
+        // `URBANSTREAM__KAFKA__PROPERTIES__SASL_PASSWORD` (or `…__SASL.PASSWORD`) sets
+        // `sasl.password`, as does `…__KAFKA__TOPIC_PROPERTIES__…` for topics.
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|key| property_table(key.as_str()).is_none())
+                .split("__"),
+        );
+        for (key, value) in std::env::vars() {
+            let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if let Some((table, name)) = property_table(rest) {
+                let name = name.to_ascii_lowercase().replace('_', ".");
+                let entry = BTreeMap::from([(name, value)]);
+                figment = figment.merge(figment::providers::Serialized::default(table, entry));
+            }
+        }
         let config: Self = figment.extract().map_err(|e| {
             let messages: Vec<String> = e.into_iter().map(|e| describe(&e)).collect();
             Error::Config(messages.join("; "))
@@ -300,6 +337,38 @@ impl ServiceConfig {
     fn check(&self) -> Result<()> {
         if self.kafka.brokers.trim().is_empty() {
             return Err(Error::Config("kafka.brokers is empty".into()));
+        }
+        // The prefix of every consumer group and transactional id (`<group_id>.<query>`).
+        if self.kafka.group_id.trim().is_empty() {
+            return Err(Error::Config(
+                "kafka.group_id is empty: it is the prefix of every query's consumer group \
+                 (<group_id>.<query>); the default is \"urbanstream\""
+                    .into(),
+            ));
+        }
+        if self.catalog.path.as_os_str().is_empty() {
+            return Err(Error::Config(
+                "catalog.path is empty: the registered queries are kept in that file (the \
+                 default is data/catalog.json)"
+                    .into(),
+            ));
+        }
+        // librdkafka's queue.buffering.max.ms takes 0 to 900 000 ms: past it every query
+        // stayed STARTING, retrying a producer it could never make.
+        if self.pipeline.producer_linger > Duration::from_secs(900) {
+            return Err(Error::Config(format!(
+                "pipeline.producer_linger is {}, above the 15 minutes a producer may wait to \
+                 fill a batch (librdkafka's queue.buffering.max.ms); a few milliseconds is \
+                 usual",
+                humantime::format_duration(self.pipeline.producer_linger)
+            )));
+        }
+        if self.pipeline.retry_backoff < Duration::from_millis(100) {
+            return Err(Error::Config(format!(
+                "pipeline.retry_backoff is {}: a query stopped by a transient error would be \
+                 started again in a tight loop; give at least 100ms (the default is 1s)",
+                humantime::format_duration(self.pipeline.retry_backoff)
+            )));
         }
         if self.queries.max_queries == 0 {
             return Err(Error::Config(
@@ -485,6 +554,60 @@ mod tests {
             assert_eq!(c.pipeline.linger, Duration::from_millis(20));
             assert_eq!(c.topics, Topics::default());
             assert_eq!(c.log.format, LogFormatConfig::Plain);
+            Ok(())
+        });
+    }
+
+    /// A librdkafka property (whose name has dots) is set from the environment, its dots
+    /// written as such or as underscores: it was read as a nested table and refused. Settings
+    /// no process could run with are refused at start: every query stayed STARTING (a
+    /// producer linger past librdkafka's range), restarted in a tight loop (no retry
+    /// backoff), or the catalog could not be written.
+    #[test]
+    fn properties_come_from_the_environment_and_unworkable_settings_are_refused() {
+        Jail::expect_with(|jail| {
+            jail.set_env("URBANSTREAM__KAFKA__PROPERTIES__SASL_PASSWORD", "secret");
+            jail.set_env(
+                "URBANSTREAM__KAFKA__PROPERTIES__SECURITY.PROTOCOL",
+                "SASL_SSL",
+            );
+            jail.set_env(
+                "URBANSTREAM__KAFKA__TOPIC_PROPERTIES__COMPRESSION_TYPE",
+                "lz4",
+            );
+            let c = load(None)?;
+            assert_eq!(c.kafka.properties["sasl.password"], "secret");
+            assert_eq!(c.kafka.properties["security.protocol"], "SASL_SSL");
+            assert_eq!(c.kafka.topic_properties["compression.type"], "lz4");
+            for (key, value, words) in [
+                (
+                    "URBANSTREAM__PIPELINE__PRODUCER_LINGER",
+                    "16m",
+                    "pipeline.producer_linger is 16m",
+                ),
+                (
+                    "URBANSTREAM__PIPELINE__RETRY_BACKOFF",
+                    "0s",
+                    "pipeline.retry_backoff is 0s",
+                ),
+                (
+                    "URBANSTREAM__KAFKA__GROUP_ID",
+                    "",
+                    "kafka.group_id is empty",
+                ),
+                ("URBANSTREAM__CATALOG__PATH", "", "catalog.path is empty"),
+            ] {
+                jail.set_env(key, value);
+                let e = load(None).expect_err(key);
+                assert!(e.contains(words), "{e}");
+                jail.clear_env();
+                jail.set_env("URBANSTREAM__KAFKA__PROPERTIES__SASL_PASSWORD", "secret");
+            }
+            let dir = jail.directory().to_path_buf();
+            let e = ServiceConfig::load(Some(&dir))
+                .map_err(|e| e.to_string())
+                .expect_err("a directory");
+            assert!(e.contains("is not a file"), "{e}");
             Ok(())
         });
     }
