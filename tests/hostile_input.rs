@@ -336,6 +336,7 @@ async fn backlog_cut(
             retain: 2,
             transactional_id: None,
             read_back_from_log_start: false,
+            claim: false,
         });
     }
     let pipeline = Pipeline::new(config, stats.clone()).await?;

@@ -897,6 +897,7 @@ fn minutes_config(
         retain: 2,
         transactional_id: None,
         read_back_from_log_start: false,
+        claim: false,
     });
     config
 }

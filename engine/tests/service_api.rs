@@ -657,6 +657,77 @@ async fn a_partition_store_holding_another_partitions_state_is_refused() -> anyh
     Ok(())
 }
 
+/// Two services given one checkpoint storage, each with its own `kafka.group_id`: the
+/// second's query of the same name is refused the first's checkpoints (it restored them and
+/// wrote its epochs into the same stores), and dropping it there leaves them in place (it
+/// removed them). The first goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_services_on_one_checkpoint_storage_keep_to_their_own() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let first = service(&brokers, dir.path()).await?;
+    let app = api::router(first.clone());
+    create(&app, "counts", &per_minute("counts")).await?;
+    wait_for(&app, "counts", Duration::from_secs(20), is("RUNNING")).await?;
+    let owner = dir.path().join("data/checkpoints/counts/owner.json");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !owner.exists() {
+        anyhow::ensure!(Instant::now() < deadline, "no owner of the checkpoints");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let other = tempfile::tempdir()?;
+    let file = other.path().join("urbanstream.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"another\"\n\
+             [api]\ntoken = \"{TOKEN}\"\n\
+             [catalog]\npath = \"{}\"\n[queries]\ndefaults = false\n\
+             [checkpoint]\ndir = \"{}\"\ninterval = \"2s\"\n",
+            other.path().join("catalog.json").display(),
+            dir.path().join("data/checkpoints").display()
+        ),
+    )?;
+    let second = Service::start(ServiceConfig::load(Some(&file))?).await?;
+    let second_app = api::router(second.clone());
+    create(&second_app, "counts", &per_minute("counts")).await?;
+    let failed = wait_for(&second_app, "counts", Duration::from_secs(30), is("FAILED")).await?;
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("holds the checkpoints of consumer group svc-test.counts")
+            && error.contains("this query reads in group another.counts"),
+        "{failed}"
+    );
+    let (status, body) = call(
+        &second_app,
+        "POST",
+        "/v1/queries/counts/reset",
+        Some(TOKEN),
+        None,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = call(
+        &second_app,
+        "DELETE",
+        "/v1/queries/counts",
+        Some(TOKEN),
+        None,
+    )
+    .await?;
+    assert!(status.is_success(), "{status} {body}");
+    assert!(
+        owner.exists(),
+        "the first service's checkpoints were removed"
+    );
+    second.shutdown().await;
+    let q = wait_for(&app, "counts", Duration::from_secs(10), is("RUNNING")).await?;
+    assert!(q["error"].is_null(), "{q}");
+    first.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_over_its_memory_limit_fails_and_another_keeps_producing() -> anyhow::Result<()> {
     let broker = broker()?;

@@ -367,6 +367,75 @@ impl Location {
         }
     }
 
+    /// The consumer group whose query's state this location holds (its `owner.json`), if
+    /// one has claimed it ([`Location::claim`]).
+    pub async fn owner(&self) -> Result<Option<String>> {
+        let bytes = match self {
+            Location::Local(dir) => match tokio::fs::read(dir.join(OWNER)).await {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io_error("read", &dir.join(OWNER), e)),
+            },
+            Location::Object { store, prefix, .. } => {
+                let path = prefix.clone().join(OWNER);
+                match store.get(&path).await {
+                    Ok(got) => got
+                        .bytes()
+                        .await
+                        .map_err(|e| object_error("read", self, e))?
+                        .to_vec(),
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(object_error("read", self, e)),
+                }
+            }
+        };
+        let owner: Owner = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Checkpoint(format!("{self}/{OWNER}: {e}")))?;
+        Ok(Some(owner.group))
+    }
+
+    /// Claims this location (a query's checkpoints) for consumer group `group`, or refuses
+    /// it when another group has: two services given one checkpoint storage (each with its
+    /// own `kafka.group_id`) would restore each other's state, write their epochs into the
+    /// same stores, and drop each other's checkpoints. Processes of one deployment share a
+    /// query's group, and so its location.
+    pub async fn claim(&self, group: &str) -> Result<()> {
+        match self.owner().await? {
+            Some(owner) if owner == group => Ok(()),
+            Some(owner) => Err(Error::Checkpoint(format!(
+                "{self} holds the checkpoints of consumer group {owner}, and this query reads \
+                 in group {group}: two services (each with its own kafka.group_id) share one \
+                 checkpoint storage. Give each service a checkpoint.dir (or checkpoint.url) of \
+                 its own; processes that share a query's partitions share its kafka.group_id. \
+                 (If this service's kafka.group_id was changed, remove {self}/{OWNER} for its \
+                 queries to take their checkpoints over.)"
+            ))),
+            None => {
+                let json = serde_json::to_vec(&Owner {
+                    group: group.to_string(),
+                })
+                .map_err(|e| Error::Checkpoint(format!("cannot encode the owner: {e}")))?;
+                match self {
+                    Location::Local(dir) => {
+                        let (dir, json) = (dir.clone(), json);
+                        tokio::task::spawn_blocking(move || {
+                            crate::files::write_atomically(&dir.join(OWNER), &json)
+                        })
+                        .await
+                        .map_err(|e| Error::Checkpoint(format!("claiming {self}: {e}")))??;
+                    }
+                    Location::Object { store, prefix, .. } => {
+                        store
+                            .put(&prefix.clone().join(OWNER), json.into())
+                            .await
+                            .map_err(|e| object_error("write", self, e))?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Removes everything below this location (a dropped query's checkpoints).
     pub async fn remove_all(&self) -> Result<()> {
         match self {
@@ -395,6 +464,15 @@ impl Location {
             }
         }
     }
+}
+
+/// The file naming the consumer group whose query's checkpoints a location holds.
+const OWNER: &str = "owner.json";
+
+/// What `owner.json` says.
+#[derive(Debug, Serialize, Deserialize)]
+struct Owner {
+    group: String,
 }
 
 /// A checkpoint read back.

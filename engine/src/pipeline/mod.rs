@@ -135,6 +135,10 @@ pub struct CheckpointSettings {
     /// Exactly-once recovery reads back from the output partitions' log start, not from the
     /// checkpoint's marks (see `checkpoint.read_back_from_log_start`).
     pub read_back_from_log_start: bool,
+    /// Whether the pipeline claims `location` for its consumer group, refusing one another
+    /// group claimed ([`crate::checkpoint::Location::claim`]): the service's queries, whose
+    /// groups name their deployment (`<kafka.group_id>.<query>`).
+    pub claim: bool,
 }
 
 impl PipelineConfig {
@@ -807,6 +811,11 @@ impl Pipeline {
             .all(|r| r.query.is_partition_local() || r.repartition.is_some());
         let checkpoints = match &config.checkpoint {
             Some(settings) => {
+                // Another service's checkpoints (another group's) are neither restored nor
+                // written over.
+                if settings.claim {
+                    settings.location.claim(&config.group_id).await?;
+                }
                 let mut stores = HashMap::new();
                 if !partitioned {
                     stores.insert(

@@ -1766,8 +1766,17 @@ impl QueryManager {
         // recorded the drop (see `fresh`), and its checkpoints go now, before the name is free
         // again, so a create racing this one cannot find them.
         let checkpoints = self.checkpoint_root.join(name);
-        if let Err(e) = checkpoints.remove_all().await {
-            tracing::warn!(query = name, location = %checkpoints, error = %e, "checkpoints not removed");
+        let group = group_of(&self.config.kafka.group_id, &handle.entry);
+        match checkpoints.owner().await {
+            // Another service's, given the same checkpoint storage: not this query's to remove.
+            Ok(Some(owner)) if owner != group => {
+                warn!(query = name, location = %checkpoints, owner = %owner, "checkpoints of another consumer group left in place");
+            }
+            _ => {
+                if let Err(e) = checkpoints.remove_all().await {
+                    tracing::warn!(query = name, location = %checkpoints, error = %e, "checkpoints not removed");
+                }
+            }
         }
         if let Ok(mut queries) = self.queries.lock() {
             queries.remove(name);
@@ -2109,6 +2118,17 @@ impl QueryManager {
     pub async fn reset(&self, name: &str) -> Result<QueryStatus, ServiceError> {
         let _operation = self.operation(name).await;
         let handle = self.handle(name)?;
+        let group = group_of(&self.config.kafka.group_id, &handle.entry);
+        let at = self.checkpoint_root.join(name);
+        if let Ok(Some(owner)) = at.owner().await
+            && owner != group
+        {
+            return Err(ServiceError::Conflict(format!(
+                "{name}'s checkpoints at {at} are those of consumer group {owner}, another \
+                 service's given the same checkpoint storage: a reset here would remove them. \
+                 Give each service a checkpoint.dir (or checkpoint.url) of its own"
+            )));
+        }
         let paused = handle.state() == QueryState::Paused;
         // Recorded first: should the service stop half-way, the query still starts afresh.
         self.catalog()
@@ -2269,6 +2289,7 @@ impl QueryManager {
                 )
             }),
             read_back_from_log_start: c.checkpoint.read_back_from_log_start,
+            claim: true,
         });
         p
     }
