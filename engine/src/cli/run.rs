@@ -257,6 +257,52 @@ mod tests {
         Ok(())
     }
 
+    /// A JSON line with a number past a double's range is rejected alone (it failed the
+    /// whole file); a CSV whose header is not UTF-8 (UTF-16) is refused naming the file given
+    /// (the error named a temporary copy).
+    #[tokio::test]
+    async fn a_number_past_a_double_and_a_header_not_utf8_are_named() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let sql = "CREATE EXTERNAL TABLE s (k VARCHAR, event_time TIMESTAMP NOT NULL, v DOUBLE) \
+                   STORED AS KAFKA OPTIONS ('topic' 's', 'event_time' 'event_time', \
+                   'watermark_delay' '0s'); SELECT k, v FROM s";
+        let args = run_over(
+            dir.path(),
+            sql,
+            "rows.jsonl",
+            "{\"k\":\"a\",\"event_time\":\"2026-01-01T00:00:01Z\",\"v\":1e400}\n\
+             {\"k\":\"b\",\"event_time\":\"2026-01-01T00:00:02Z\",\"v\":2.5}\n",
+        )?;
+        let summary = run_file(&args).await?;
+        assert_eq!(
+            (summary.rejected, summary.output_rows),
+            (1, 1),
+            "{summary:?}"
+        );
+        assert!(
+            summary
+                .first_rejection
+                .as_deref()
+                .is_some_and(|e| e.contains("field v holds 1e400, a number past the range")),
+            "{summary:?}"
+        );
+        let mut args = run_over(dir.path(), sql, "wide.csv", "")?;
+        let utf16: Vec<u8> = "k,event_time,v\na,2026-01-01T00:00:01Z,1\n"
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        std::fs::write(&args.input, [&[0xff, 0xfe][..], &utf16].concat())
+            .map_err(|e| Error::Config(e.to_string()))?;
+        args.input = dir.path().join("wide.csv");
+        let e = run_file(&args).await.expect_err("not UTF-8");
+        assert!(
+            e.to_string()
+                .contains("wide.csv: its header (line 1) is not UTF-8 text"),
+            "{e}"
+        );
+        Ok(())
+    }
+
     /// A file's numeric event times are in the stream's own unit unless `--time-unit` says
     /// otherwise: a stream declaring epoch seconds had every row of its file rejected as
     /// before 1990, with a hint to declare the unit it had declared.

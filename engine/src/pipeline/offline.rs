@@ -931,13 +931,36 @@ pub async fn open_file(
         ));
     }
     let stream = ctx.sql(&sql).await?.execute_stream().await?;
+    // A Parquet file's floats go on as their texts: as JSON, NaN and the infinities were
+    // nulls, accepted where the stream's schema refuses them.
+    let stream = match extension.as_str() {
+        "parquet" => floats_as_text(stream)?,
+        _ => stream,
+    };
+    // Errors reading the copy name the file given, not the copy.
+    let stream = match &cleaned {
+        Some(copy) => {
+            let copy = copy.display().to_string();
+            let schema = stream.schema();
+            let named = stream.map(move |batch| {
+                batch.map_err(|e| match e {
+                    e @ datafusion::error::DataFusionError::ResourcesExhausted(_) => e,
+                    // DataFusion names a local file by its path without the leading '/'.
+                    e => datafusion::error::DataFusionError::Execution(
+                        e.to_string()
+                            .replace(&copy, &shown)
+                            .replace(copy.trim_start_matches('/'), &shown),
+                    ),
+                })
+            });
+            Box::pin(
+                datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(schema, named),
+            )
+        }
+        None => stream,
+    };
     Ok(OpenedFile {
-        // A Parquet file's floats go on as their texts: as JSON, NaN and the infinities were
-        // nulls, accepted where the stream's schema refuses them.
-        stream: match extension.as_str() {
-            "parquet" => floats_as_text(stream)?,
-            _ => stream,
-        },
+        stream,
         malformed,
         _copy: cleaned,
     })
@@ -1136,6 +1159,12 @@ fn without_malformed_lines(
             .byte_headers()
             .map_err(|e| Error::Config(format!("{shown}: {e}")))?
             .clone();
+        if std::str::from_utf8(header.as_slice()).is_err() {
+            return Err(Error::Config(format!(
+                "{shown}: its header (line 1) is not UTF-8 text: a file of rows is UTF-8 (a \
+                 UTF-16 file converts with `iconv -f UTF-16 -t UTF-8`)"
+            )));
+        }
         // A header names each column once: with a name twice or none, which column a field
         // of the stream is read from is anyone's guess.
         let mut seen = std::collections::HashSet::new();
@@ -1201,7 +1230,26 @@ fn without_malformed_lines(
             return None;
         }
         Some(match serde_json::from_slice::<Fields<'_>>(line) {
-            Ok(fields) => Ok(fields),
+            // A number past a double's range (`1e400`) is no value a reader of the file
+            // takes: its line goes, as a line that is no object does (it failed the file).
+            Ok(fields) => {
+                let past = fields
+                    .iter()
+                    .find(|(_, v)| {
+                        json_kind(v) == Some(0)
+                            && v.get().parse::<f64>().is_ok_and(f64::is_infinite)
+                    })
+                    .map(|(name, v)| {
+                        format!(
+                            "field {name} holds {}, a number past the range of a double",
+                            v.get()
+                        )
+                    });
+                match past {
+                    Some(why) => Err(why),
+                    None => Ok(fields),
+                }
+            }
             Err(_) if serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok() => {
                 Err("not a JSON object".to_string())
             }
