@@ -160,6 +160,15 @@ async fn speedup_paces_records_by_event_time_and_bad_options_are_named() -> anyh
     bad.rename = Vec::new();
     let e = replay(&bad).await.expect_err("a spreadsheet");
     assert!(e.to_string().contains("nor .parquet"), "{e}");
+    // Topic names the service refuses for a query's topics (a path, the broker's own).
+    for (topic, words) in [
+        ("../../etc", "is not a Kafka topic name"),
+        ("__consumer_offsets", "is internal to the broker"),
+    ] {
+        let bad = args(&cluster, &file, topic);
+        let e = replay(&bad).await.expect_err(topic);
+        assert!(e.to_string().contains(words), "{e}");
+    }
     // --partitions for a new topic on the embedded broker, which creates topics only on
     // their first record: refused, saying so (it waited a minute for a timeout).
     let mut partitioned = args(&cluster, &file, "not_yet_a_topic");

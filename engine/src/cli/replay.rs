@@ -231,6 +231,13 @@ async fn create_topic(args: &ReplayArgs, partitions: i32) -> Result<()> {
 
 /// Produces `args.file` into `args.topic`.
 pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
+    // The service refuses these names for a query's topics; a replay does as well.
+    crate::plan::table::check_topic_name(&args.topic).map_err(|e| {
+        Error::Config(match e {
+            datafusion::error::DataFusionError::Plan(m) => format!("--topic: {m}"),
+            e => format!("--topic: {e}"),
+        })
+    })?;
     crate::broker::check_reachable(&args.brokers).await?;
     if let Some(partitions) = args.partitions {
         create_topic(args, partitions).await?;
