@@ -554,7 +554,8 @@ impl CheckpointStore {
     }
 
     /// The complete checkpoints' epochs and the epochs of objects left without a manifest
-    /// (an object store's incomplete checkpoints; none for a local directory).
+    /// (an object store's incomplete checkpoints; none for a local directory, whose
+    /// checkpoints all count: one without its manifest is damaged, and said so on restore).
     fn listed(&self) -> Result<(Vec<u64>, Vec<u64>)> {
         // Only the names this code writes: `chk-0` once parsed as epoch 0, and its removal
         // (as `chk-000000000000`) failed the query for good.
@@ -680,15 +681,28 @@ impl CheckpointStore {
     }
 
     /// Removes all but the newest `retain` checkpoints, and incomplete ones older than the
-    /// newest complete one.
+    /// newest complete one. In a local directory, where a checkpoint appears whole by a
+    /// rename, a directory without a manifest (put there, or emptied, by another hand) is
+    /// removed whatever its epoch, and does not count among the `retain` kept: once a
+    /// checkpoint is written, it is not one to fall back to.
     fn prune(&self) -> Result<()> {
-        let (mut complete, incomplete) = self.listed()?;
+        let (complete, mut incomplete) = self.listed()?;
+        let (mut complete, junk): (Vec<u64>, Vec<u64>) = match &self.location {
+            Location::Local(dir) => complete.into_iter().partition(|epoch| {
+                dir.join(checkpoint_name(*epoch))
+                    .join("manifest.json")
+                    .exists()
+            }),
+            Location::Object { .. } => (complete, Vec::new()),
+        };
         complete.sort_unstable_by(|a, b| b.cmp(a));
         let newest = complete.first().copied().unwrap_or(0);
+        incomplete.retain(|e| *e < newest);
         let doomed: Vec<u64> = complete
             .into_iter()
             .skip(self.retain)
-            .chain(incomplete.into_iter().filter(|e| *e < newest))
+            .chain(incomplete)
+            .chain(junk)
             .collect();
         for epoch in doomed {
             let name = checkpoint_name(epoch);
@@ -1093,6 +1107,24 @@ mod tests {
             .downcast_ref::<Int64Array>()
             .expect("i64");
         assert_eq!(x.values(), &[4, 5]);
+    }
+
+    /// A local directory named as a checkpoint but without a manifest (put there, or emptied,
+    /// by another hand), whatever its epoch, goes at the next write and takes no place among
+    /// the checkpoints kept: an empty `chk-000000009999` stayed for good and left one
+    /// checkpoint fewer to fall back to.
+    #[test]
+    fn a_local_checkpoint_without_a_manifest_is_pruned_whatever_its_epoch() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = CheckpointStore::open(dir.path(), 2).expect("store");
+        for epoch in 1..=2 {
+            store
+                .write(manifest(epoch), vec![state(epoch as i64)])
+                .expect("write");
+        }
+        std::fs::create_dir_all(dir.path().join(checkpoint_name(9999))).expect("junk");
+        store.write(manifest(3), vec![state(3)]).expect("write");
+        assert_eq!(store.epochs().expect("epochs"), vec![3, 2]);
     }
 
     #[test]
