@@ -3370,8 +3370,18 @@ async fn a_query_writes_nowhere_its_records_come_back_from_or_the_city_trusts() 
         ],
     )
     .await?;
-    // Fewer columns read, and the same declaration written: taken.
+    // Fewer columns read, a number read as a wider one (BIGINT as DOUBLE, as the decoders
+    // take it), and the same declaration written: taken.
     for sql in [
+        format!(
+            "{} {} INSERT INTO o SELECT id, event_time, CAST(n AS BIGINT) AS n FROM b",
+            typed(
+                "b",
+                "test.b",
+                "id VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, n DOUBLE"
+            ),
+            table("o", "test.out")
+        ),
         format!(
             "{} {} INSERT INTO o SELECT id, event_time, 1 AS n FROM c",
             typed(

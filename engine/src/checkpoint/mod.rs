@@ -400,39 +400,64 @@ impl Location {
     /// same stores, and drop each other's checkpoints. Processes of one deployment share a
     /// query's group, and so its location.
     pub async fn claim(&self, group: &str) -> Result<()> {
-        match self.owner().await? {
-            Some(owner) if owner == group => Ok(()),
-            Some(owner) => Err(Error::Checkpoint(format!(
+        let refused = |owner: &str| {
+            Error::Checkpoint(format!(
                 "{self} holds the checkpoints of consumer group {owner}, and this query reads \
                  in group {group}: two services (each with its own kafka.group_id) share one \
                  checkpoint storage. Give each service a checkpoint.dir (or checkpoint.url) of \
                  its own; processes that share a query's partitions share its kafka.group_id. \
                  (If this service's kafka.group_id was changed, remove {self}/{OWNER} for its \
                  queries to take their checkpoints over.)"
-            ))),
-            None => {
-                let json = serde_json::to_vec(&Owner {
-                    group: group.to_string(),
-                })
-                .map_err(|e| Error::Checkpoint(format!("cannot encode the owner: {e}")))?;
-                match self {
-                    Location::Local(dir) => {
-                        let (dir, json) = (dir.clone(), json);
-                        tokio::task::spawn_blocking(move || {
-                            crate::files::write_atomically(&dir.join(OWNER), &json)
-                        })
-                        .await
-                        .map_err(|e| Error::Checkpoint(format!("claiming {self}: {e}")))??;
-                    }
-                    Location::Object { store, prefix, .. } => {
+            ))
+        };
+        match self.owner().await? {
+            Some(owner) if owner == group => return Ok(()),
+            Some(owner) => return Err(refused(&owner)),
+            None => {}
+        }
+        let json = serde_json::to_vec(&Owner {
+            group: group.to_string(),
+        })
+        .map_err(|e| Error::Checkpoint(format!("cannot encode the owner: {e}")))?;
+        // Created only where none is: of two services claiming at once, one writes it and
+        // the other reads it back.
+        let created = match self {
+            Location::Local(dir) => {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || create_new(&dir, OWNER, &json))
+                    .await
+                    .map_err(|e| Error::Checkpoint(format!("claiming {self}: {e}")))??
+            }
+            Location::Object { store, prefix, .. } => {
+                let path = prefix.clone().join(OWNER);
+                let create = object_store::PutOptions {
+                    mode: object_store::PutMode::Create,
+                    ..Default::default()
+                };
+                match store.put_opts(&path, json.clone().into(), create).await {
+                    Ok(_) => true,
+                    Err(object_store::Error::AlreadyExists { .. }) => false,
+                    // A store without conditional writes: the claim is written as it is.
+                    Err(object_store::Error::NotImplemented { .. }) => {
                         store
-                            .put(&prefix.clone().join(OWNER), json.into())
+                            .put(&path, json.into())
                             .await
                             .map_err(|e| object_error("write", self, e))?;
+                        true
                     }
+                    Err(e) => return Err(object_error("write", self, e)),
                 }
-                Ok(())
             }
+        };
+        if created {
+            return Ok(());
+        }
+        match self.owner().await? {
+            Some(owner) if owner == group => Ok(()),
+            Some(owner) => Err(refused(&owner)),
+            None => Err(Error::Checkpoint(format!(
+                "{self}/{OWNER} was there when claimed and is gone: claim it again"
+            ))),
         }
     }
 
@@ -462,6 +487,45 @@ impl Location {
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+/// Writes `bytes` as `dir/name` unless that exists (then `false`): whole, synced, under a
+/// name of its own first, then linked to `name`, which fails where `name` is.
+fn create_new(dir: &Path, name: &str, bytes: &[u8]) -> Result<bool> {
+    fs::create_dir_all(dir).map_err(|e| io_error("create", dir, e))?;
+    let unique = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let tmp = dir.join(format!(".{name}.tmp-{}-{unique}", std::process::id()));
+    write_synced(&tmp, bytes)?;
+    let target = dir.join(name);
+    let linked = fs::hard_link(&tmp, &target);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            sync_dir(dir)?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        // A file system without hard links: created in place, exclusively.
+        Err(_) => {
+            use std::io::Write;
+            let mut file = match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&target)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+                Err(e) => return Err(io_error("create", &target, e)),
+            };
+            file.write_all(bytes)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| io_error("write", &target, e))?;
+            sync_dir(dir)?;
+            Ok(true)
         }
     }
 }
@@ -1107,6 +1171,35 @@ mod tests {
             .downcast_ref::<Int64Array>()
             .expect("i64");
         assert_eq!(x.values(), &[4, 5]);
+    }
+
+    /// Of services claiming one location at once for their groups, one gets it and every
+    /// other is refused naming it; its own group claims it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_group_claims_a_location_of_many_at_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let at = Location::Local(dir.path().join("q"));
+        let claims: Vec<_> = (0..8)
+            .map(|i| {
+                let at = at.clone();
+                tokio::spawn(async move { at.claim(&format!("group-{i}.q")).await })
+            })
+            .collect();
+        let mut won = Vec::new();
+        for (i, claim) in claims.into_iter().enumerate() {
+            match claim.await.expect("task") {
+                Ok(()) => won.push(i),
+                Err(e) => assert!(
+                    e.to_string()
+                        .contains("holds the checkpoints of consumer group group-"),
+                    "{e}"
+                ),
+            }
+        }
+        assert_eq!(won.len(), 1, "{won:?}");
+        let owner = at.owner().await.expect("owner").expect("claimed");
+        assert_eq!(owner, format!("group-{}.q", won[0]));
+        at.claim(&owner).await.expect("its own group again");
     }
 
     /// A local directory named as a checkpoint but without a manifest (put there, or emptied,

@@ -1411,11 +1411,17 @@ impl Pipeline {
                     let sink = running.query.sink().cloned();
                     let windowed = running.query.is_windowed();
                     let source = running.query.source().options.topic.clone();
+                    let name = running.name.clone();
                     let refused = Refused {
                         dlq: &topics.dlq,
-                        query: self.config.name.as_ref(),
+                        query: Some(&name),
                         topic: &source,
-                        partition: part,
+                        // A repartitioned query's part is a partition of its internal topic.
+                        partition: if running.repartition.is_some() {
+                            -1
+                        } else {
+                            part
+                        },
                         received_at,
                     };
                     let (published, dead) = publish_all(
@@ -1499,11 +1505,16 @@ impl Pipeline {
             }
             for (part, out) in outputs {
                 let source = running.query.source().options.topic.clone();
+                let name = running.name.clone();
                 let refused = Refused {
                     dlq: &topics.dlq,
-                    query: self.config.name.as_ref(),
+                    query: Some(&name),
                     topic: &source,
-                    partition: part,
+                    partition: if running.repartition.is_some() {
+                        -1
+                    } else {
+                        part
+                    },
                     received_at: now,
                 };
                 let (published, dead) = publish_all(
@@ -1777,7 +1788,20 @@ impl Refused<'_> {
         }
         let records: Vec<_> = rows
             .into_iter()
-            .map(|(row, error)| {
+            .map(|(row, mut error)| {
+                // A row of long texts or lists is copied in part, as a long record is, so
+                // that the DLQ record stays publishable.
+                let copied = crate::sink::DLQ_COPY_BYTES;
+                let row = row.as_bytes();
+                let payload = if row.len() > copied {
+                    error.push_str(&format!(
+                        " (the row copied in part: its first {copied} of {} bytes)",
+                        row.len()
+                    ));
+                    &row[..copied]
+                } else {
+                    row
+                };
                 let record = DlqRecord {
                     topic: self.topic.to_string(),
                     partition: self.partition,
@@ -1785,7 +1809,7 @@ impl Refused<'_> {
                     key: None,
                     error,
                     stage: "result".into(),
-                    payload: BASE64.encode(row.as_bytes()),
+                    payload: BASE64.encode(payload),
                     received_at: self.received_at,
                     query: self.query.cloned(),
                     gap_end: None,

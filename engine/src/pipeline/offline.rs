@@ -679,6 +679,7 @@ pub async fn open_file(
     key: Option<&str>,
     text: bool,
 ) -> Result<OpenedFile> {
+    check_time_zone(zone)?;
     let renames: Vec<(String, String)> = rename
         .iter()
         .map(|r| {
@@ -1435,6 +1436,19 @@ fn json_kind(value: &serde_json::value::RawValue) -> Option<usize> {
         b'{' => Some(4),
         _ => Some(0),
     }
+}
+
+/// Refuses a `--time-zone` that names no zone (it failed on the first time without one,
+/// with Arrow's words).
+pub fn check_time_zone(zone: &str) -> Result<()> {
+    zone.parse::<datafusion::arrow::array::timezone::Tz>()
+        .map(|_| ())
+        .map_err(|_| {
+            Error::Config(format!(
+                "--time-zone {zone}: not a time zone: write an offset such as +07:00, or a \
+                 zone's name such as Asia/Ho_Chi_Minh"
+            ))
+        })
 }
 
 /// Epoch milliseconds of time texts (RFC 3339, or without a zone: local time in `zone`);

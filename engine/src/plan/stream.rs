@@ -5088,13 +5088,29 @@ impl StreamQuery {
     /// the query keeps state above its windows (detectors, `LAG`) or ranks (top-N): there it
     /// fails the query, which says where and how to guard it.
     async fn emit(&mut self, now_ms: i64, out: &mut StepOutput) -> Result<()> {
+        // What keeps a window's result from going to the DLQ alone, as the query has it.
+        let mut kept_in = Vec::new();
+        if !self.keyed.is_empty() {
+            kept_in.push("detectors or alerts");
+        }
+        if !self.lags.is_empty() {
+            kept_in.push("LAG");
+        }
+        if self.windowed.as_ref().is_some_and(|w| w.ranked.is_some()) {
+            kept_in.push("a ranking");
+        }
+        let why = match kept_in.is_empty() {
+            true => String::new(),
+            false => format!(
+                "; with {} above the windows, a window's result cannot be left out to the DLQ",
+                kept_in.join(", ")
+            ),
+        };
         self.emit_due(now_ms, out).await.map_err(|e| {
             if is_value_error(&e) {
                 datafusion::error::DataFusionError::Execution(format!(
-                    "the query failed on a result of its window, above the GROUP BY ({}); \
-                     with detectors, LAG or a ranking above the windows, a window's result \
-                     cannot be left out to the DLQ: guard the expression, e.g. \
-                     x / NULLIF(count(y), 0), or TRY_CAST(x AS …)",
+                    "the query failed on a result of its window, above the GROUP BY ({}){why}: \
+                     guard the expression, e.g. x / NULLIF(count(y), 0), or TRY_CAST(x AS …)",
                     e.find_root()
                 ))
             } else {
@@ -5159,9 +5175,10 @@ impl StreamQuery {
             let Some(next) = w.next.as_deref_mut() else {
                 break;
             };
-            let refused =
-                (self.keyed.is_empty() && self.lags.is_empty()).then_some(&mut out.refused);
-            next.take(&emissions, &self.task_ctx, refused).await?;
+            // Keyed state and LAG sit above the last stage: a run between stages learns
+            // nothing, and is run again over the rows it fails on.
+            next.take(&emissions, &self.task_ctx, Some(&mut out.refused))
+                .await?;
             watermark = next.watermark(watermark);
             emissions = next.stage.operator.advance(watermark, early)?;
             watermark = next.stage.operator.emitted_through(watermark);
@@ -5264,14 +5281,24 @@ impl StreamQuery {
                 // each run over it: only a plan without any is run again to find the rows
                 // it fails on.
                 let (published, rows) = if self.keyed.is_empty() && self.lags.is_empty() {
-                    isolated(
+                    let before = out.refused.len();
+                    let isolated = isolated(
                         &w.upper_feed,
                         &w.upper,
                         rows,
                         &self.task_ctx,
                         &mut out.refused,
                     )
-                    .await?
+                    .await?;
+                    if revision > 0 {
+                        for r in &mut out.refused[before..] {
+                            r.error.push_str(&format!(
+                                " (revision {revision} of the window's result, whose earlier \
+                                 revision stays published)"
+                            ));
+                        }
+                    }
+                    isolated
                 } else {
                     w.upper_feed.set(vec![rows.clone()]);
                     (w.upper.collect(self.task_ctx.clone()).await?, rows)
@@ -5382,7 +5409,13 @@ pub(super) async fn isolated(
     let mut keep = vec![true; rows.num_rows()];
     for (row, error) in failed {
         keep[row as usize] = false;
-        let row = row_json(&rows.slice(row as usize, 1))?;
+        let one = rows.slice(row as usize, 1);
+        // A row JSON cannot write is given as Arrow shows it, rather than fail the query.
+        let row = row_json(&one).unwrap_or_else(|_| {
+            datafusion::arrow::util::pretty::pretty_format_batches(&[one])
+                .map(|t| t.to_string())
+                .unwrap_or_default()
+        });
         refused.push(RefusedResult { row, error });
     }
     let kept = filter_record_batch(&rows, &BooleanArray::from(keep))?;

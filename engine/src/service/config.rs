@@ -305,8 +305,17 @@ impl ServiceConfig {
                 .filter(|key| property_table(key.as_str()).is_none())
                 .split("__"),
         );
-        for (key, value) in std::env::vars() {
-            let Some(rest) = key.strip_prefix(ENV_PREFIX) else {
+        // Variables that are not Unicode are no one's settings (as figment skips them).
+        for (key, value) in std::env::vars_os() {
+            let (Some(key), Some(value)) = (key.to_str(), value.into_string().ok()) else {
+                continue;
+            };
+            // The prefix in any case, as figment matches it.
+            let Some(rest) = key
+                .get(..ENV_PREFIX.len())
+                .filter(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+                .map(|_| &key[ENV_PREFIX.len()..])
+            else {
                 continue;
             };
             if let Some((table, name)) = property_table(rest) {

@@ -222,7 +222,7 @@ fn misfits(
             )),
             // An optional column: null where it is not written.
             Err(_) => {}
-            Ok(w) if !same_type(c.data_type(), w.data_type()) => out.push(format!(
+            Ok(w) if !readable_as(w.data_type(), c.data_type()) => out.push(format!(
                 "{} is written as {} and read as {}",
                 c.name(),
                 w.data_type(),
@@ -957,6 +957,8 @@ impl QueryManager {
     pub async fn validate(&self, sql: &str) -> Result<Vec<PlannedStatement>, ServiceError> {
         let planned = statements(&self.plan_request(sql).await?)?;
         self.check_outputs(&planned, None, false).await?;
+        // New SQL only: queries registered before this check keep running as they are.
+        check_shared_topics(&planned, &self.registered_flows(None).await)?;
         Ok(planned)
     }
 
@@ -1037,7 +1039,6 @@ impl QueryManager {
             return Ok(());
         }
         let registered = self.registered_flows(replacing).await;
-        check_shared_topics(planned, &registered)?;
         // Topic → topics written from it, by every other registered query and this one.
         let mut edges: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
         for (name, flows) in &registered {
@@ -1772,7 +1773,10 @@ impl QueryManager {
             Ok(Some(owner)) if owner != group => {
                 warn!(query = name, location = %checkpoints, owner = %owner, "checkpoints of another consumer group left in place");
             }
-            _ => {
+            Err(e) => {
+                warn!(query = name, location = %checkpoints, error = %e, "checkpoints left in place: whose they are does not read");
+            }
+            Ok(_) => {
                 if let Err(e) = checkpoints.remove_all().await {
                     tracing::warn!(query = name, location = %checkpoints, error = %e, "checkpoints not removed");
                 }
@@ -1813,6 +1817,29 @@ impl QueryManager {
         Ok(handle.status())
     }
 
+    /// Refuses to change the checkpoints of query `name` (reset, upgrade, savepoint) when
+    /// another consumer group than `group` claimed them (another service given the same
+    /// checkpoint storage), or when whose they are does not read.
+    async fn check_owner(&self, name: &str, group: &str) -> Result<(), ServiceError> {
+        if !self.config.checkpoint.enabled {
+            return Ok(());
+        }
+        let at = self.checkpoint_root.join(name);
+        match at.owner().await {
+            Ok(Some(owner)) if owner != group => Err(ServiceError::Conflict(format!(
+                "{name}'s checkpoints at {at} are those of consumer group {owner}, another \
+                 service's given the same checkpoint storage, not this one's ({group}): they \
+                 are not this service's to change. Give each service a checkpoint.dir (or \
+                 checkpoint.url) of its own"
+            ))),
+            Ok(_) => Ok(()),
+            Err(e) => Err(ServiceError::Internal(format!(
+                "{name}'s checkpoints at {at}: whose they are does not read ({e}); they are \
+                 left as they are"
+            ))),
+        }
+    }
+
     /// Where the savepoints of query `name` are kept: beside the queries' checkpoints, under
     /// `_savepoints/` (query names start with a letter, so no query's checkpoints are
     /// there), which a dropped query's removal leaves alone.
@@ -1839,6 +1866,8 @@ impl QueryManager {
                     .into(),
             ));
         }
+        self.check_owner(name, &group_of(&self.config.kafka.group_id, &handle.entry))
+            .await?;
         let target = self.savepoints_of(name).join(savepoint);
         let at = target.clone();
         if blocking(move || savepoint::read(&at)).await?.is_some() {
@@ -1941,13 +1970,23 @@ impl QueryManager {
                  /v1/queries/{name}/restart"
             )));
         }
+        let new_sql = request.sql.is_some();
         let sql = request.sql.unwrap_or_else(|| handle.entry.sql.clone());
         // Until the new SQL is the query's (see `registering`).
         let _registering = self.registering.lock().await;
         let planned = self.plan_request(&sql).await?;
         self.check_outputs(&statements(&planned)?, Some(name), false)
             .await?;
+        if new_sql {
+            check_shared_topics(
+                &statements(&planned)?,
+                &self.registered_flows(Some(name)).await,
+            )?;
+        }
         let group = group_of(&self.config.kafka.group_id, &handle.entry);
+        // Another service's checkpoints (another group's, given the same storage): neither
+        // replaced by a savepoint nor taken over by new SQL.
+        self.check_owner(name, &group).await?;
         let wanted: Vec<savepoint::Wanted> = planned
             .iter()
             .zip(first_stages(&planned))
@@ -2119,16 +2158,7 @@ impl QueryManager {
         let _operation = self.operation(name).await;
         let handle = self.handle(name)?;
         let group = group_of(&self.config.kafka.group_id, &handle.entry);
-        let at = self.checkpoint_root.join(name);
-        if let Ok(Some(owner)) = at.owner().await
-            && owner != group
-        {
-            return Err(ServiceError::Conflict(format!(
-                "{name}'s checkpoints at {at} are those of consumer group {owner}, another \
-                 service's given the same checkpoint storage: a reset here would remove them. \
-                 Give each service a checkpoint.dir (or checkpoint.url) of its own"
-            )));
-        }
+        self.check_owner(name, &group).await?;
         let paused = handle.state() == QueryState::Paused;
         // Recorded first: should the service stop half-way, the query still starts afresh.
         self.catalog()
@@ -2473,6 +2503,36 @@ fn check_shared_topics(
         }
     }
     Ok(())
+}
+
+/// Whether a value written as type `written` reads as type `read` from a topic's JSON or
+/// Avro record, as the decoders take it: the same type ([`same_type`]), an integer into a
+/// wider integer or a float, a float into a wider float, a timestamp of any unit or zone
+/// (records carry epoch milliseconds).
+fn readable_as(
+    written: &datafusion::arrow::datatypes::DataType,
+    read: &datafusion::arrow::datatypes::DataType,
+) -> bool {
+    use datafusion::arrow::datatypes::DataType::{
+        Float16, Float32, Float64, Int8, Int16, Int32, Int64, Timestamp, UInt8, UInt16, UInt32,
+    };
+    // The bits a value of an integer type needs as a signed integer.
+    let bits = |t: &datafusion::arrow::datatypes::DataType| match t {
+        Int8 => Some(8),
+        Int16 | UInt8 => Some(16),
+        Int32 | UInt16 => Some(32),
+        Int64 | UInt32 => Some(64),
+        _ => None,
+    };
+    if same_type(written, read) {
+        return true;
+    }
+    match (written, read) {
+        (Timestamp(..), Timestamp(..)) => true,
+        (Float16 | Float32, Float64) | (Float16, Float32) => true,
+        (w, Float32 | Float64) => bits(w).is_some(),
+        (w, r) => matches!((bits(w), bits(r)), (Some(a), Some(b)) if a <= b),
+    }
 }
 
 /// Whether a column of type `a` and one of type `b` hold the same values as a topic's

@@ -324,7 +324,11 @@ fn set(session: &mut Session, body: &str) -> Result<String> {
                 .map_err(|_| Error::Api(format!("limit {value}: a number of rows")))?;
             session.limit = Some(n);
         }
-        "time_zone" => session.time_zone = Some(unquoted),
+        "time_zone" => {
+            crate::pipeline::offline::check_time_zone(&unquoted)
+                .map_err(|e| Error::Api(e.to_string().replace("--time-zone", "time_zone")))?;
+            session.time_zone = Some(unquoted);
+        }
         k if k.starts_with("urbanstream.") => {
             session.settings.retain(|(existing, _)| *existing != key);
             session.settings.push((key.clone(), value.clone()));
