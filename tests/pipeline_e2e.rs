@@ -1423,20 +1423,21 @@ async fn a_window_result_the_query_fails_on_goes_to_the_dlq_and_the_rest_goes_on
     )];
     let pipeline = Pipeline::new(config, stats.clone()).await?;
     let task = tokio::spawn(pipeline.run(stop.clone()));
-    let rows = read_json(
-        &cluster.consumer("test.ratios")?,
-        want.len(),
-        Duration::from_secs(60),
-    )
-    .await;
-    let dead = read_json(
-        &cluster.consumer(&topics.dlq)?,
-        refused.len(),
-        Duration::from_secs(30),
-    )
-    .await;
+    let (ratios, dlq) = (
+        cluster.consumer("test.ratios")?,
+        cluster.consumer(&topics.dlq)?,
+    );
+    let rows = read_json(&ratios, want.len(), Duration::from_secs(60)).await;
+    let dead = read_json(&dlq, refused.len(), Duration::from_secs(30)).await;
+    // Nothing more: no window published twice, none refused twice.
+    let more = read_more(&ratios, Duration::from_secs(2)).await;
+    let more_dead = read_more(&dlq, Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     task.await??;
+    assert!(
+        more.is_empty() && more_dead.is_empty(),
+        "{more:?} {more_dead:?}"
+    );
     let mut got = std::collections::BTreeMap::new();
     for (_, v) in rows? {
         let key = (
@@ -1532,29 +1533,28 @@ async fn a_result_json_cannot_carry_goes_to_the_dlq() -> anyhow::Result<()> {
     )];
     let pipeline = Pipeline::new(config, stats.clone()).await?;
     let task = tokio::spawn(pipeline.run(stop.clone()));
-    let rows = read_json(
-        &cluster.consumer("test.inverse")?,
-        finite,
-        Duration::from_secs(60),
-    )
-    .await;
-    let dead = read_json(
-        &cluster.consumer(&topics.dlq)?,
-        infinite,
-        Duration::from_secs(30),
-    )
-    .await;
+    let (inverse, dlq) = (
+        cluster.consumer("test.inverse")?,
+        cluster.consumer(&topics.dlq)?,
+    );
+    let rows = read_json(&inverse, finite, Duration::from_secs(60)).await;
+    let dead = read_json(&dlq, infinite, Duration::from_secs(30)).await;
+    // Nothing more: an infinite row is not published (as a null) beside its DLQ record.
+    let more = read_more(&inverse, Duration::from_secs(2)).await;
+    let more_dead = read_more(&dlq, Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
     task.await??;
+    assert!(
+        more.is_empty() && more_dead.is_empty(),
+        "{more:?} {more_dead:?}"
+    );
     for (_, v) in rows? {
         assert!(
             v["r"].as_f64().is_some_and(|r| (r - 0.1).abs() < 1e-9),
             "{v}"
         );
     }
-    let dead = dead?;
-    assert_eq!(dead.len(), infinite);
-    for (_, v) in dead {
+    for (_, v) in dead? {
         assert_eq!(v["stage"], "result", "{v}");
         assert_eq!(v["query"], "inverse", "{v}");
         let error = v["error"].as_str().unwrap_or_default();

@@ -42,11 +42,16 @@ pub const MAX_LINE_BYTES: u64 = 64 << 20;
 /// Refuses `path` if a line of it is longer than [`MAX_LINE_BYTES`], naming the line; reads
 /// it through once, holding a buffer's worth at a time.
 pub fn check_line_lengths(path: &Path) -> Result<()> {
+    check_lines_within(path, MAX_LINE_BYTES, 1 << 20)
+}
+
+/// [`check_line_lengths`] with a limit of `max` bytes, reading `buffer` bytes at a time.
+fn check_lines_within(path: &Path, max: u64, buffer: usize) -> Result<()> {
     use std::io::BufRead;
     let shown = path.display();
     let file =
         File::open(path).map_err(|e| crate::error::Error::Config(format!("{shown}: {e}")))?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut reader = std::io::BufReader::with_capacity(buffer, file);
     let (mut line, mut length) = (1u64, 0u64);
     loop {
         let buffer = reader
@@ -58,7 +63,7 @@ pub fn check_line_lengths(path: &Path) -> Result<()> {
         let n = buffer.len();
         let mut start = 0;
         while let Some(at) = buffer[start..].iter().position(|b| *b == b'\n') {
-            if length + at as u64 > MAX_LINE_BYTES {
+            if length + at as u64 > max {
                 break;
             }
             line += 1;
@@ -66,12 +71,15 @@ pub fn check_line_lengths(path: &Path) -> Result<()> {
             start += at + 1;
         }
         length += (n - start) as u64;
-        if length > MAX_LINE_BYTES {
+        if length > max {
+            let limit = match max >> 20 {
+                0 => format!("{max} bytes"),
+                mib => format!("{mib} MiB"),
+            };
             return Err(crate::error::Error::Config(format!(
-                "{shown}: line {line} is longer than {} MiB (a record may be at most 256 KiB): \
-                 a file of rows has one row a line (a JSON array on one line, or a file \
-                 without line ends, is not one)",
-                MAX_LINE_BYTES >> 20
+                "{shown}: line {line} is longer than {limit} (a record may be at most 256 \
+                 KiB): a file of rows has one row a line (a JSON array on one line, or a file \
+                 without line ends, is not one)"
             )));
         }
         reader.consume(n);
@@ -103,25 +111,30 @@ pub fn read_text(path: &Path, max: u64, what: &str) -> Result<String> {
 mod tests {
     use super::*;
 
-    /// A line over the limit is named, wherever it falls among buffers; lines up to it pass.
+    /// A line over the limit is named, wherever it falls among buffers (a limit of 4 096
+    /// bytes, read 1 000 bytes at a time, the long lines shifted across buffer edges); lines
+    /// up to it pass.
     #[test]
     fn a_line_over_the_limit_is_named() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("rows.jsonl");
-        let limit = MAX_LINE_BYTES as usize;
-        let mut text = Vec::new();
-        text.extend_from_slice(b"{\"a\":1}\n");
-        text.extend(std::iter::repeat_n(b'x', limit));
-        text.extend_from_slice(b"\n{\"a\":2}\n");
-        std::fs::write(&path, &text)?;
-        check_line_lengths(&path)?;
-        text.extend(std::iter::repeat_n(b'y', limit + 1));
-        std::fs::write(&path, &text)?;
-        let e = check_line_lengths(&path).expect_err("a line too long");
-        assert!(
-            e.to_string().contains("line 4 is longer than 64 MiB"),
-            "{e}"
-        );
+        let limit = 4096;
+        for shift in [0, 1, 333, 999] {
+            let mut text = b"{\"a\":1}\n".to_vec();
+            text.extend(std::iter::repeat_n(b' ', shift));
+            text.push(b'\n');
+            text.extend(std::iter::repeat_n(b'x', limit));
+            text.extend_from_slice(b"\n{\"a\":2}\n");
+            std::fs::write(&path, &text)?;
+            check_lines_within(&path, limit as u64, 1000)?;
+            text.extend(std::iter::repeat_n(b'y', limit + 1));
+            std::fs::write(&path, &text)?;
+            let e = check_lines_within(&path, limit as u64, 1000).expect_err("too long");
+            assert!(
+                e.to_string().contains("line 5 is longer than 4096 bytes"),
+                "{e}"
+            );
+        }
         Ok(())
     }
 }

@@ -495,10 +495,17 @@ impl Location {
 /// name of its own first, then linked to `name`, which fails where `name` is.
 fn create_new(dir: &Path, name: &str, bytes: &[u8]) -> Result<bool> {
     fs::create_dir_all(dir).map_err(|e| io_error("create", dir, e))?;
+    // Unique to this call: other processes by their id and the time, other threads by a
+    // count (two may read the same nanosecond).
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let unique = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let tmp = dir.join(format!(".{name}.tmp-{}-{unique}", std::process::id()));
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{unique}-{call}",
+        std::process::id()
+    ));
     write_synced(&tmp, bytes)?;
     let target = dir.join(name);
     let linked = fs::hard_link(&tmp, &target);

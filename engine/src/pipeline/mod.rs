@@ -1410,20 +1410,7 @@ impl Pipeline {
                     }
                     let sink = running.query.sink().cloned();
                     let windowed = running.query.is_windowed();
-                    let source = running.query.source().options.topic.clone();
-                    let name = running.name.clone();
-                    let refused = Refused {
-                        dlq: &topics.dlq,
-                        query: Some(&name),
-                        topic: &source,
-                        // A repartitioned query's part is a partition of its internal topic.
-                        partition: if running.repartition.is_some() {
-                            -1
-                        } else {
-                            part
-                        },
-                        received_at,
-                    };
+                    let refused = Refused::of(running, &topics.dlq, part, received_at);
                     let (published, dead) = publish_all(
                         running.instance(part),
                         out,
@@ -1504,19 +1491,7 @@ impl Pipeline {
                 }
             }
             for (part, out) in outputs {
-                let source = running.query.source().options.topic.clone();
-                let name = running.name.clone();
-                let refused = Refused {
-                    dlq: &topics.dlq,
-                    query: Some(&name),
-                    topic: &source,
-                    partition: if running.repartition.is_some() {
-                        -1
-                    } else {
-                        part
-                    },
-                    received_at: now,
-                };
+                let refused = Refused::of(running, &topics.dlq, part, now);
                 let (published, dead) = publish_all(
                     running.instance(part),
                     out,
@@ -1747,13 +1722,29 @@ impl Pipeline {
 /// `result`, the row as their payload.
 struct Refused<'a> {
     dlq: &'a str,
-    query: Option<&'a String>,
-    topic: &'a str,
+    query: String,
+    topic: String,
     partition: i32,
     received_at: i64,
 }
 
-impl Refused<'_> {
+impl<'a> Refused<'a> {
+    /// For `running`'s state of partition `part` (-1: all), at `received_at`.
+    fn of(running: &Running, dlq: &'a str, part: i32, received_at: i64) -> Self {
+        Self {
+            dlq,
+            query: running.name.clone(),
+            topic: running.query.source().options.topic.clone(),
+            // A repartitioned query's part is a partition of its internal topic.
+            partition: if running.repartition.is_some() {
+                -1
+            } else {
+                part
+            },
+            received_at,
+        }
+    }
+
     /// Sends the windows' `results` the plan refused to the DLQ; how many.
     async fn send(
         &self,
@@ -1803,7 +1794,7 @@ impl Refused<'_> {
                     row
                 };
                 let record = DlqRecord {
-                    topic: self.topic.to_string(),
+                    topic: self.topic.clone(),
                     partition: self.partition,
                     offset: -1,
                     key: None,
@@ -1811,7 +1802,7 @@ impl Refused<'_> {
                     stage: "result".into(),
                     payload: BASE64.encode(payload),
                     received_at: self.received_at,
-                    query: self.query.cloned(),
+                    query: Some(self.query.clone()),
                     gap_end: None,
                 };
                 (None, record)

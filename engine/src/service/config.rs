@@ -588,29 +588,38 @@ mod tests {
             assert_eq!(c.kafka.properties["sasl.password"], "secret");
             assert_eq!(c.kafka.properties["security.protocol"], "SASL_SSL");
             assert_eq!(c.kafka.topic_properties["compression.type"], "lz4");
-            for (key, value, words) in [
+            // Each set back to a working value after its case (the environment is the
+            // process's: it is not cleared under other tests).
+            for (key, value, words, working) in [
                 (
                     "URBANSTREAM__PIPELINE__PRODUCER_LINGER",
                     "16m",
                     "pipeline.producer_linger is 16m",
+                    "5ms",
                 ),
                 (
                     "URBANSTREAM__PIPELINE__RETRY_BACKOFF",
                     "0s",
                     "pipeline.retry_backoff is 0s",
+                    "1s",
                 ),
                 (
                     "URBANSTREAM__KAFKA__GROUP_ID",
                     "",
                     "kafka.group_id is empty",
+                    "urbanstream",
                 ),
-                ("URBANSTREAM__CATALOG__PATH", "", "catalog.path is empty"),
+                (
+                    "URBANSTREAM__CATALOG__PATH",
+                    "",
+                    "catalog.path is empty",
+                    "data/catalog.json",
+                ),
             ] {
                 jail.set_env(key, value);
                 let e = load(None).expect_err(key);
                 assert!(e.contains(words), "{e}");
-                jail.clear_env();
-                jail.set_env("URBANSTREAM__KAFKA__PROPERTIES__SASL_PASSWORD", "secret");
+                jail.set_env(key, working);
             }
             let dir = jail.directory().to_path_buf();
             let e = ServiceConfig::load(Some(&dir))
