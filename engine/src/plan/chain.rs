@@ -259,14 +259,14 @@ pub(super) struct Chained {
 }
 
 impl Chained {
-    /// Passes the stage below's emissions on as changes to this stage's windows. With
-    /// `refused` (where no keyed state would learn a row again), a row of the stage below
-    /// that this stage's plan fails on by its value is left out and pushed there.
+    /// Passes the stage below's emissions on as changes to this stage's windows. A row of
+    /// the stage below that this stage's plan fails on by its value is left out and pushed
+    /// to `refused` (the plan keeps no state: it is run again to find such rows).
     pub(super) async fn take(
         &mut self,
         emissions: &[Emission],
         task_ctx: &Arc<TaskContext>,
-        mut refused: Option<&mut Vec<super::stream::RefusedResult>>,
+        refused: &mut Vec<super::stream::RefusedResult>,
     ) -> Result<()> {
         for e in emissions {
             if e.batch.num_rows() == 0 {
@@ -295,17 +295,9 @@ impl Chained {
                 if rows.num_rows() == 0 {
                     continue;
                 }
-                let lowered = match refused.as_deref_mut() {
-                    Some(refused) => {
-                        super::stream::isolated(&self.feed, &self.lower, rows, task_ctx, refused)
-                            .await?
-                            .0
-                    }
-                    None => {
-                        self.feed.set(vec![rows]);
-                        self.lower.collect(task_ctx.clone()).await?
-                    }
-                };
+                let (lowered, _) =
+                    super::stream::isolated(&self.feed, &self.lower, rows, task_ctx, refused)
+                        .await?;
                 for b in lowered {
                     if b.num_rows() == 0 {
                         continue;

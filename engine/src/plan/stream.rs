@@ -5177,7 +5177,7 @@ impl StreamQuery {
             };
             // Keyed state and LAG sit above the last stage: a run between stages learns
             // nothing, and is run again over the rows it fails on.
-            next.take(&emissions, &self.task_ctx, Some(&mut out.refused))
+            next.take(&emissions, &self.task_ctx, &mut out.refused)
                 .await?;
             watermark = next.watermark(watermark);
             emissions = next.stage.operator.advance(watermark, early)?;
