@@ -26,7 +26,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     std::fs::rename(&tmp, path)?;
     // The rename itself is durable once the directory is synced.
-    File::open(&dir)?.sync_all()?;
+    sync_dir(&dir)
+}
+
+/// Makes the entries of directory `dir` (a file renamed into it or out of it) durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)?.sync_all()?;
     Ok(())
 }
 

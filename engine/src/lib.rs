@@ -49,6 +49,7 @@ pub mod pipeline;
 pub mod reference;
 pub mod schema;
 pub mod service;
+pub mod signals;
 pub mod simulate;
 pub mod telemetry;
 pub mod topics;

@@ -1965,6 +1965,184 @@ async fn reference_tables_are_replaced_at_run_time_and_kept() -> anyhow::Result<
     Ok(())
 }
 
+/// A table of an analyst's own is added, read by queries, and removed once no query reads
+/// it; the city's tables and streams are not removed; a removal survives a restart, and the
+/// name can then be taken by a table of other columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_at_run_time_is_removed_once_no_query_reads_it() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let service = service(&brokers, dir.path()).await?;
+    let app = api::router(service.clone());
+    let put = |name: &'static str, csv: &'static str| {
+        let app = app.clone();
+        async move {
+            call_text(
+                &app,
+                "PUT",
+                &format!("/v1/tables/{name}/rows"),
+                Some(TOKEN),
+                Some(("text/csv", csv.to_string())),
+            )
+            .await
+        }
+    };
+    let (status, answer) =
+        put("speed_limits", "segment_id,limit_kmh\nseg-1,40\nseg-2,60\n").await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let sink = |name: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE {name}_out (camera_id VARCHAR NOT NULL, speed_kmh DOUBLE, \
+               limit_kmh BIGINT) STORED AS KAFKA OPTIONS ('topic' 'test.{name}', 'format' 'json'); "
+        )
+    };
+    // One reads it in a join, one through a view, one has a CTE of its name over another
+    // table (which shadows it: that query does not read the table).
+    create(
+        &app,
+        "joins",
+        &format!(
+            "{}INSERT INTO joins_out SELECT c.camera_id, c.speed_kmh, l.limit_kmh \
+             FROM camera_events c JOIN speed_limits l ON c.segment_id = l.segment_id \
+             WHERE c.speed_kmh > l.limit_kmh",
+            sink("joins")
+        ),
+    )
+    .await?;
+    create(
+        &app,
+        "viewed",
+        &format!(
+            "CREATE VIEW limits AS SELECT segment_id, limit_kmh FROM speed_limits; {}\
+             INSERT INTO viewed_out SELECT c.camera_id, c.speed_kmh, l.limit_kmh \
+             FROM camera_events c JOIN limits l ON c.segment_id = l.segment_id",
+            sink("viewed")
+        ),
+    )
+    .await?;
+    create(
+        &app,
+        "shadows",
+        &format!(
+            "{}INSERT INTO shadows_out WITH speed_limits AS \
+               (SELECT segment_id, CAST(lanes AS BIGINT) AS limit_kmh FROM segments) \
+             SELECT c.camera_id, c.speed_kmh, l.limit_kmh \
+             FROM camera_events c JOIN speed_limits l ON c.segment_id = l.segment_id",
+            sink("shadows")
+        ),
+    )
+    .await?;
+    let delete = |path: &'static str, token: Option<&'static str>| {
+        let app = app.clone();
+        async move { call_text(&app, "DELETE", path, token, None).await }
+    };
+    for (path, token, expected, reason) in [
+        (
+            "/v1/tables/speed_limits",
+            Some(TOKEN),
+            StatusCode::CONFLICT,
+            "read by queries joins, viewed: drop them first",
+        ),
+        (
+            "/v1/tables/sensors",
+            Some(TOKEN),
+            StatusCode::CONFLICT,
+            "one of the city's tables",
+        ),
+        (
+            "/v1/tables/ward_sensors",
+            Some(TOKEN),
+            StatusCode::CONFLICT,
+            "one of the city's tables",
+        ),
+        (
+            "/v1/tables/camera_events",
+            Some(TOKEN),
+            StatusCode::CONFLICT,
+            "is a stream",
+        ),
+        (
+            "/v1/tables/nowhere",
+            Some(TOKEN),
+            StatusCode::NOT_FOUND,
+            "no table named",
+        ),
+        (
+            "/v1/tables/speed_limits",
+            None,
+            StatusCode::UNAUTHORIZED,
+            "bearer token",
+        ),
+    ] {
+        let (status, answer) = delete(path, token).await?;
+        assert_eq!(status, expected, "{path}: {answer}");
+        assert!(answer.contains(reason), "{path}: {answer}");
+    }
+    for query in ["joins", "viewed"] {
+        let (status, answer) = delete(
+            if query == "joins" {
+                "/v1/queries/joins"
+            } else {
+                "/v1/queries/viewed"
+            },
+            Some(TOKEN),
+        )
+        .await?;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{query}: {answer}");
+    }
+    let (status, answer) = delete("/v1/tables/speed_limits", Some(TOKEN)).await?;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    let (status, answer) =
+        call_text(&app, "GET", "/v1/tables/speed_limits", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    // SQL no longer finds it.
+    let (status, answer) = call(
+        &app,
+        "POST",
+        "/v1/queries/validate",
+        Some(TOKEN),
+        Some(json!({"sql": format!(
+            "{}INSERT INTO again_out SELECT c.camera_id, c.speed_kmh, l.limit_kmh \
+             FROM camera_events c JOIN speed_limits l ON c.segment_id = l.segment_id",
+            sink("again")
+        )})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(answer.to_string().contains("speed_limits"), "{answer}");
+    // The shadowing query runs on.
+    let (_, shadows) = call(&app, "GET", "/v1/queries/shadows", Some(TOKEN), None).await?;
+    assert_ne!(shadows["state"], "FAILED", "{shadows}");
+
+    // Gone after a restart too, and the name is free for a table of other columns.
+    service.shutdown().await;
+    drop(service);
+    let service = service_with_cap(&brokers, dir.path(), 2_000_000).await?;
+    let app = api::router(service.clone());
+    let (status, answer) =
+        call_text(&app, "GET", "/v1/tables/speed_limits", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    let (status, answer) = call_text(
+        &app,
+        "PUT",
+        "/v1/tables/speed_limits/rows",
+        Some(TOKEN),
+        Some(("text/csv", "road,kmh,note\nA,50,x\n".to_string())),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (_, table) = call(&app, "GET", "/v1/tables/speed_limits", Some(TOKEN), None).await?;
+    assert_eq!(table["version"], 1, "{table}");
+    assert_eq!(
+        table["columns"].as_array().map(Vec::len),
+        Some(3),
+        "{table}"
+    );
+    service.shutdown().await;
+    Ok(())
+}
+
 /// A preview runs a query over rows given in the request, unregistered: its rows are the
 /// registered query's over the same records through Kafka (the windows both closed), with the
 /// rejected rows counted; bad requests are refused with the reason.

@@ -14,13 +14,14 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 
-use super::{DemoArgs, sim_producer, stop_on_signal};
+use super::{DemoArgs, sim_producer};
 use crate::broker::{EmbeddedBroker, create_topics};
 use crate::dashboard::{AirRow, AlertRow, CityView, IndicatorRow, View, read_outputs};
 use crate::error::{Error, Result};
 use crate::pipeline::{Pipeline, PipelineConfig, PipelineStats, Topics};
 use crate::reference::ReferenceData;
 use crate::schema::SchemaRegistry;
+use crate::signals::stop_on_signal;
 use crate::simulate::{CitySimulator, ProducerStats, SimTopics, run_producer};
 use crate::time::display::DisplayZone;
 

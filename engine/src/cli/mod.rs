@@ -19,6 +19,7 @@ use rdkafka::producer::FutureProducer;
 use crate::broker::{EmbeddedBroker, create_topics};
 use crate::error::{Error, Result};
 use crate::reference::ReferenceData;
+use crate::signals::stop_on_signal;
 use crate::simulate::{CitySimulator, ProducerStats, SimConfig, SimTopic, SimTopics, run_producer};
 use crate::topics::Topics;
 
@@ -617,27 +618,6 @@ pub fn sim_producer(brokers: &str) -> Result<FutureProducer> {
         .set("linger.ms", "5")
         .set("enable.idempotence", "true")
         .create()?)
-}
-
-/// Sets `stop` on Ctrl-C or SIGTERM.
-pub fn stop_on_signal(stop: Arc<AtomicBool>) {
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            if let Ok(mut term) = signal(SignalKind::terminate()) {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            } else {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        stop.store(true, Ordering::Relaxed);
-    });
 }
 
 async fn simulate(args: SimulateArgs) -> Result<()> {

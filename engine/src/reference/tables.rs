@@ -325,6 +325,51 @@ impl ReferenceTables {
         self.inner.generation.fetch_add(1, Ordering::AcqRel);
         Ok(installed)
     }
+
+    /// Removes table `name`, added at run time, with the versions kept of it; queries that
+    /// still read it must be stopped first (the caller's to check). The city's tables are
+    /// replaced, never removed.
+    pub fn remove(&self, name: &str) -> Result<Arc<TableVersion>> {
+        let name = name.to_ascii_lowercase();
+        let bad = |message: String| Error::Reference {
+            file: name.clone(),
+            message,
+        };
+        if name == DERIVED.0 || embedded_text(&name).is_some() {
+            return Err(bad(format!(
+                "{name} is one of the city's tables, which are replaced, never removed \
+                 (`urbanstream table replace {name} --file …`)"
+            )));
+        }
+        let _writer = self
+            .inner
+            .writer
+            .lock()
+            .map_err(|_| bad("a replacement failed midway; restart the process".into()))?;
+        let Some(current) = self.get(&name) else {
+            return Err(bad("no such reference table".into()));
+        };
+        if let Some(dir) = &self.inner.dir {
+            // Moved aside in one step, so that a removal cut short leaves the table whole or
+            // gone (a name starting with '.' is no table's, and is cleared at the next start).
+            let aside = dir.join(format!(".{name}.removed-{}", std::process::id()));
+            match std::fs::rename(dir.join(&name), &aside) {
+                Ok(()) => {
+                    crate::files::sync_dir(dir)?;
+                    let _ = std::fs::remove_dir_all(&aside);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.inner
+            .tables
+            .write()
+            .map_err(|_| bad("the tables' lock is poisoned".into()))?
+            .remove(&name);
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(current)
+    }
 }
 
 impl TableVersion {
@@ -417,6 +462,10 @@ fn newest_versions(dir: &Path) -> Result<BTreeMap<String, (u64, String, i64)>> {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if !entry.file_type()?.is_dir() || !valid_name(&name) {
+            // A table's versions moved aside by a removal cut short (see `remove`).
+            if name.starts_with('.') && name.contains(".removed-") {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
             continue;
         }
         let mut newest: Option<(u64, PathBuf)> = None;

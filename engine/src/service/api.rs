@@ -78,7 +78,7 @@ pub fn router(service: Arc<Service>) -> Router {
             get(savepoints).post(take_savepoint),
         )
         .route("/tables", get(tables))
-        .route("/tables/{name}", get(table))
+        .route("/tables/{name}", get(table).delete(remove_table))
         .route(
             "/tables/{name}/rows",
             get(table_rows)
@@ -382,6 +382,14 @@ async fn table(
     Path(name): Path<String>,
 ) -> Result<Json<TableInfo>, ApiError> {
     Ok(Json(service.manager.table(&name).await?))
+}
+
+async fn remove_table(
+    State(service): State<Arc<Service>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    service.manager.remove_reference(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn table_rows(

@@ -293,6 +293,15 @@ pub enum TableAction {
         #[arg(long, short)]
         file: PathBuf,
     },
+    /// Remove a reference table added at run time, with its kept versions. The city's tables
+    /// are replaced, never removed; a table a query reads is removed once those queries are
+    /// dropped.
+    ///
+    /// Example: `urbanstream table remove camera_pairs`
+    Remove {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// Runs one `urbanstream table` command and prints its answer.
@@ -308,6 +317,17 @@ pub async fn run_table(args: TableArgs) -> Result<()> {
                 )
                 .await?;
             print!("{}", csv_for_stdout(&csv));
+            return Ok(());
+        }
+        TableAction::Remove { name } => {
+            client
+                .send(
+                    Method::DELETE,
+                    &format!("/v1/tables/{}", segment(name)?),
+                    None,
+                )
+                .await?;
+            println!("table {name} removed");
             return Ok(());
         }
         TableAction::List => client.call(Method::GET, "/v1/tables", None).await?,

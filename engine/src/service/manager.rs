@@ -665,6 +665,18 @@ pub struct QueryManager {
 
 /// The name of the table or view `statement` declares, as SQL resolves it (unquoted in
 /// lower case, quoted as written).
+/// Whether `sql` reads table `name` (in a statement, a view or a subquery; a CTE of that name
+/// shadows it). SQL that does not parse reads nothing.
+fn reads_table(sql: &str, name: &str) -> bool {
+    let Ok(statements) = crate::plan::stream::StreamContext::parse(sql) else {
+        return false;
+    };
+    statements.iter().any(|statement| {
+        datafusion::sql::resolve::resolve_table_references(statement, true)
+            .is_ok_and(|(tables, _)| tables.iter().any(|t| t.table().eq_ignore_ascii_case(name)))
+    })
+}
+
 fn declared_table(statement: &datafusion::sql::parser::Statement) -> Option<String> {
     use datafusion::sql::parser::Statement;
     use datafusion::sql::sqlparser::ast::Statement as Sql;
@@ -1551,6 +1563,61 @@ impl QueryManager {
             "reference table replaced"
         );
         self.table(&installed.name).await
+    }
+
+    /// Removes a reference table added at run time, with its kept versions. Refused for the
+    /// city's tables, a table kept current from a topic, and a table a query reads (named).
+    pub async fn remove_reference(&self, name: &str) -> Result<(), ServiceError> {
+        if let Some(follows) = self.followers.status(name) {
+            return Err(ServiceError::Conflict(format!(
+                "{name} is kept current from topic {}: remove it from [reference.topics] first",
+                follows.topic
+            )));
+        }
+        match self.table(name).await {
+            Ok(t) if t.kind == "stream" => {
+                return Err(ServiceError::Conflict(format!(
+                    "{name} is a stream (topic {}), not a reference table",
+                    t.topic.unwrap_or_default()
+                )));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(e),
+        }
+        // Under the registry's lock: no query that reads it can be registered meanwhile.
+        let _registering = self.registering.lock().await;
+        let readers: Vec<String> = self
+            .handles()
+            .iter()
+            .filter(|h| reads_table(&h.entry.sql, name))
+            .map(|h| h.entry.name.clone())
+            .collect();
+        if !readers.is_empty() {
+            return Err(ServiceError::Conflict(format!(
+                "{name} is read by {} {}: drop {} first",
+                if readers.len() == 1 {
+                    "query"
+                } else {
+                    "queries"
+                },
+                readers.join(", "),
+                if readers.len() == 1 { "it" } else { "them" },
+            )));
+        }
+        let (tables, table) = (self.reference.clone(), name.to_string());
+        let removed = tokio::task::spawn_blocking(move || tables.remove(&table))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("removing {name}: {e}")))?
+            .map_err(|e| match e {
+                crate::Error::Reference { .. } => ServiceError::Conflict(e.to_string()),
+                other => ServiceError::Internal(other.to_string()),
+            })?;
+        tracing::info!(
+            table = %removed.name,
+            version = removed.version,
+            "reference table removed"
+        );
+        Ok(())
     }
 
     /// The tables of the city's SQL context: streams and reference tables, by name.

@@ -235,7 +235,7 @@ pub async fn serve(config: ServiceConfig) -> Result<()> {
         "API listening"
     );
     let stop = Arc::new(AtomicBool::new(false));
-    crate::cli::stop_on_signal(stop.clone());
+    crate::signals::stop_on_signal(stop.clone());
     let shutdown = {
         let service = service.clone();
         async move {
