@@ -518,6 +518,61 @@ fn input_deleted_before_it_was_read_fails_the_query_with_the_reason() -> anyhow:
     Ok(())
 }
 
+/// The broker comes back without the records a stopped query had read (a broker restarted
+/// on empty storage, a topic deleted and created again): started again, the query fails
+/// saying that its position is past the log's end and how to read the topic afresh, not that
+/// retention removed records it had not read.
+#[test]
+fn a_broker_back_without_records_the_query_read_fails_it_naming_that() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let (broker, brokers) =
+        real_broker_at(dir.path(), "broker-data", port, &["city.camera.events"])?;
+    let (m, mut service, api) = counting_service(dir.path(), &brokers, "empty", "empty.counts")?;
+    let base = &m.base;
+    let t0 = first_window()?;
+    produce_now(&brokers, t0, 0..400)?;
+    wait_until("the query did not read the events", || {
+        api.status(base, "counts")
+            .is_some_and(|s| s["rows_in"].as_i64() == Some(400))
+    })?;
+    // A checkpoint after the last of them.
+    std::thread::sleep(Duration::from_secs(3));
+    service.0.kill()?;
+    service.0.wait()?;
+
+    // The broker again on its address, on empty storage, with the query's topics.
+    drop(broker);
+    let (_broker, again) = real_broker_at(
+        dir.path(),
+        "broker-data-again",
+        port,
+        &["city.camera.events", "empty.counts"],
+    )?;
+    assert_eq!(again, brokers);
+    service = serve(&m.config, &m.log)?;
+    api.wait_live(base)?;
+    wait_until("the query did not fail", || {
+        api.status(base, "counts")
+            .is_some_and(|s| s["state"] == "FAILED")
+    })?;
+    let status = api.status(base, "counts").unwrap_or_default();
+    let error = status["error"].as_str().unwrap_or_default().to_string();
+    eprintln!("status with the broker back empty: {error}");
+    assert!(
+        error.contains("city.camera.events [")
+            && error.contains("ends at offset 0, before the query's position")
+            && error.contains("urbanstream query reset"),
+        "the query's error does not say that the log ends before its position: {status}"
+    );
+    assert!(
+        !error.contains("retention"),
+        "the error blames retention: {status}"
+    );
+    drop(service);
+    Ok(())
+}
+
 /// The query's input topic gains partitions while it is down. The query keeps one state per
 /// input partition (it groups by the topic's key), so records of a key may now reach another
 /// partition than the one holding its state, and the windows would be split in two: on

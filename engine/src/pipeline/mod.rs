@@ -1029,7 +1029,11 @@ impl Pipeline {
     /// and its partition goes on from its log's start. Otherwise the query fails with the
     /// reason.
     async fn record_gaps(&mut self, reason: &str) -> Result<()> {
-        let gaps = blocking(|| self.source.gaps(Duration::from_secs(30)))?;
+        let out = blocking(|| self.source.out_of_log(Duration::from_secs(30)))?;
+        if let Some(reason) = out.past_end_reason() {
+            return Err(Error::DataLoss(reason));
+        }
+        let gaps = out.gaps;
         if !self.skips_data_loss()
             && !gaps.iter().all(|(topic, partition, from, to)| {
                 self.source.reading_backlog(topic, *partition, *from, *to)

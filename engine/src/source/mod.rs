@@ -329,6 +329,39 @@ struct Backlog {
     end: i64,
 }
 
+/// Assigned partitions whose position is not in their log (see [`KafkaSource::out_of_log`]).
+#[derive(Debug, Default)]
+pub struct OutOfLog {
+    /// Before the log's start: (topic, partition, position, log start).
+    pub gaps: Vec<(String, i32, i64, i64)>,
+    /// Past the log's end: (topic, partition, position, log end).
+    pub past_end: Vec<(String, i32, i64, i64)>,
+}
+
+impl OutOfLog {
+    /// Why the query cannot go on where a position is past its log's end, if one is.
+    pub fn past_end_reason(&self) -> Option<String> {
+        if self.past_end.is_empty() {
+            return None;
+        }
+        let partitions: Vec<String> = self
+            .past_end
+            .iter()
+            .map(|(topic, partition, position, end)| {
+                format!("{topic} [{partition}] ends at offset {end}, before the query's position {position}")
+            })
+            .collect();
+        Some(format!(
+            "{}: the broker no longer holds records this query has read (the topic deleted and \
+             created again, or a broker that came back without its data, as the embedded \
+             broker does when restarted); the query stops rather than guess where to resume. \
+             Reset it (`urbanstream query reset NAME`) to read its input again from the \
+             beginning, with its state started afresh",
+            partitions.join("; ")
+        ))
+    }
+}
+
 /// The consumer group's session timeout (`session.timeout.ms`), ms.
 const SESSION_TIMEOUT_MS: &str = "10000";
 
@@ -490,8 +523,9 @@ impl KafkaSource {
             return Error::DataLoss(format!(
                 "a partition's position is no longer in the log of {} (retention or a \
                  truncation removed records this query had not read yet: {e}); the query stops \
-                 rather than skip them. Read what is left by re-creating the query (it starts at \
-                 the log's beginning), or keep records longer (retention.ms; {})",
+                 rather than skip them. Read what is left by resetting the query (`urbanstream \
+                 query reset NAME`: it starts at the log's beginning, with its state afresh), \
+                 or keep records longer (retention.ms; {})",
                 self.config.topics.join(", "),
                 crate::broker::LIMITS
             ));
@@ -499,9 +533,11 @@ impl KafkaSource {
         Error::Kafka(e)
     }
 
-    /// The assigned partitions whose position is before their log's start (records deleted
-    /// before they were read): (topic, partition, position, log start). Blocking.
-    pub fn gaps(&self, timeout: Duration) -> Result<Vec<(String, i32, i64, i64)>> {
+    /// The assigned partitions whose position is outside their log: before its start
+    /// (records deleted before they were read), or past its end (records the broker no
+    /// longer holds though they were read: a topic deleted and created again, a broker that
+    /// came back without its data). Blocking.
+    pub fn out_of_log(&self, timeout: Duration) -> Result<OutOfLog> {
         let positions = self.positions();
         let fetching: HashMap<(String, i32), i64> = self
             .consumer
@@ -516,7 +552,7 @@ impl KafkaSource {
                     .collect()
             })
             .unwrap_or_default();
-        let mut out = Vec::new();
+        let mut out = OutOfLog::default();
         for e in self.consumer.assignment()?.elements() {
             let key = (e.topic().to_string(), e.partition());
             let backlog_start = self
@@ -532,9 +568,11 @@ impl KafkaSource {
             else {
                 continue;
             };
-            let (low, _) = self.consumer.fetch_watermarks(&key.0, key.1, timeout)?;
+            let (low, high) = self.consumer.fetch_watermarks(&key.0, key.1, timeout)?;
             if position < low {
-                out.push((key.0, key.1, position, low));
+                out.gaps.push((key.0, key.1, position, low));
+            } else if position > high {
+                out.past_end.push((key.0, key.1, position, high));
             }
         }
         Ok(out)

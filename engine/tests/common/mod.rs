@@ -42,6 +42,16 @@ pub const WINDOW_MS: i64 = 10_000;
 /// with its data under `dir`, and its address. `topics` are created with [`PARTITIONS`]
 /// partitions (it creates no topic on first use; the service creates its outputs).
 pub fn real_broker(dir: &Path, topics: &[&str]) -> anyhow::Result<(Process, String)> {
+    real_broker_at(dir, "broker-data", free_port()?, topics)
+}
+
+/// [`real_broker`] on `port`, its data in `dir`/`data`.
+pub fn real_broker_at(
+    dir: &Path,
+    data: &str,
+    port: u16,
+    topics: &[&str],
+) -> anyhow::Result<(Process, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin = root.join("target/tools/noida-db/noida_db/noida-db");
     if !bin.exists() {
@@ -53,8 +63,7 @@ pub fn real_broker(dir: &Path, topics: &[&str]) -> anyhow::Result<(Process, Stri
             "the test broker could not be installed: run scripts/install-test-broker.sh"
         );
     }
-    let port = free_port()?;
-    let log = std::fs::File::create(dir.join("broker.log"))?;
+    let log = std::fs::File::create(dir.join(format!("{data}.log")))?;
     let child = Command::new(&bin)
         .args([
             "start",
@@ -64,7 +73,7 @@ pub fn real_broker(dir: &Path, topics: &[&str]) -> anyhow::Result<(Process, Stri
             &port.to_string(),
             "--data-dir",
         ])
-        .arg(dir.join("broker-data"))
+        .arg(dir.join(data))
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;
