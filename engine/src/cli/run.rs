@@ -131,6 +131,14 @@ pub fn report(summary: &RunSummary, zone: &str) -> Result<String> {
             summary.first_rejection.as_deref().unwrap_or("")
         ));
     }
+    if summary.refused_results > 0 {
+        out.push_str(&format!(
+            "{} result rows not published, left out of the output (DLQ records of stage \
+             `result` in the service; the first: {})\n",
+            summary.refused_results,
+            summary.first_refused_result.as_deref().unwrap_or("")
+        ));
+    }
     if summary.unreadable_time > 0 {
         let first = summary.first_unreadable.as_deref().unwrap_or("");
         let why = crate::pipeline::offline::why_unreadable(first, zone)
@@ -696,6 +704,46 @@ mod tests {
         let text = report(&summary, "+00:00")?;
         assert!(text.contains("5 input rows, 3 output rows"), "{text}");
         assert!(text.contains("1 rows rejected"), "{text}");
+        Ok(())
+    }
+
+    /// Results not published (a window's result the plan above the windows fails on, a float
+    /// JSON cannot carry) are counted apart from the input rows rejected: they were counted
+    /// as rejected input rows, so a run could report more rows rejected than it read.
+    #[tokio::test]
+    async fn results_not_published_are_counted_apart_from_rejected_rows() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let sql = "CREATE EXTERNAL TABLE s (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL, \
+                   v DOUBLE) STORED AS KAFKA OPTIONS ('topic' 's', 'event_time' 'event_time', \
+                   'watermark_delay' '0s'); \
+                   SELECT k, window_start, count(*) / count(v) AS per, sum(v) AS total \
+                   FROM s GROUP BY tumble(event_time, INTERVAL '1 minute'), k";
+        // a: fine; b: no v, so count(v) is 0 (the division fails); c: a sum past the largest
+        // double (infinity); d: not a number in v (an input row rejected).
+        let rows = "k,event_time,v\n\
+                    a,2026-01-01T00:00:01Z,1.5\n\
+                    b,2026-01-01T00:00:02Z,\n\
+                    c,2026-01-01T00:00:03Z,1e308\n\
+                    c,2026-01-01T00:00:04Z,1e308\n\
+                    d,2026-01-01T00:00:05Z,lots\n";
+        let summary = run_file(&run_over(dir.path(), sql, "rows.csv", rows)?).await?;
+        assert_eq!(
+            (
+                summary.input_rows,
+                summary.rejected,
+                summary.refused_results,
+                summary.output_rows
+            ),
+            (5, 1, 2, 1),
+            "{summary:?}"
+        );
+        let text = report(&summary, "+00:00")?;
+        assert!(text.contains("1 rows rejected"), "{text}");
+        assert!(
+            text.contains("2 result rows not published")
+                && text.contains("the query failed on a result of its window"),
+            "{text}"
+        );
         Ok(())
     }
 }

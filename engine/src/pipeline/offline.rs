@@ -68,10 +68,16 @@ pub struct Unreadable {
 pub struct RunSummary {
     /// Rows read from the file.
     pub input_rows: u64,
-    /// Rows the stream's schema rejected (the DLQ's records in the service).
+    /// Input rows the stream's schema or the query rejected (the DLQ's records in the
+    /// service).
     pub rejected: u64,
     /// The first rejection's reason.
     pub first_rejection: Option<String>,
+    /// Result rows not published: a window's result the plan above the windows failed on,
+    /// or a row with a float JSON cannot carry (the DLQ's `result` records in the service).
+    pub refused_results: u64,
+    /// The first of them, with the reason.
+    pub first_refused_result: Option<String>,
     /// Rows without a readable event time (not fed).
     pub unreadable_time: u64,
     /// The first of them's time, as written.
@@ -501,8 +507,8 @@ fn take<W: Write + ?Sized>(
     }
     // So do windows' results the plan above the windows failed on.
     for r in &out.refused {
-        summary.rejected += 1;
-        summary.first_rejection.get_or_insert_with(|| {
+        summary.refused_results += 1;
+        summary.first_refused_result.get_or_insert_with(|| {
             format!(
                 "the query failed on a result of its window, {}: {}",
                 r.row, r.error
@@ -521,10 +527,10 @@ fn take<W: Write + ?Sized>(
             Some(crate::topics::Format::Json) | None => {
                 let (kept, unwritable) = crate::sink::without_non_finite(&rows)?;
                 for (row, why) in unwritable {
-                    summary.rejected += 1;
+                    summary.refused_results += 1;
                     summary
-                        .first_rejection
-                        .get_or_insert_with(|| format!("a result not published, {row}: {why}"));
+                        .first_refused_result
+                        .get_or_insert_with(|| format!("{row}: {why}"));
                 }
                 kept
             }

@@ -549,6 +549,14 @@ pub(super) fn preview_text(answer: &Value, zone: DisplayZone) -> String {
             text(&answer["first_rejection"])
         ));
     }
+    if answer["refused_results"].as_u64().unwrap_or(0) > 0 {
+        out.push_str(&format!(
+            "{} result rows not published (DLQ records of stage `result` in a running query; \
+             the first: {})\n",
+            text(&answer["refused_results"]),
+            text(&answer["first_refused_result"])
+        ));
+    }
     if answer["unreadable_time"].as_u64().unwrap_or(0) > 0 {
         out.push_str(&format!(
             "{} rows without a readable event time (the first: {}; see --time-unit, \

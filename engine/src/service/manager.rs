@@ -347,6 +347,12 @@ pub struct PreviewAnswer {
     pub rejected: u64,
     /// The first rejection's reason.
     pub first_rejection: Option<String>,
+    /// Result rows not published: a window's result the plan above the windows failed on,
+    /// or a row with a float JSON cannot carry (the DLQ's `result` records in a running
+    /// query).
+    pub refused_results: u64,
+    /// The first of them, with the reason.
+    pub first_refused_result: Option<String>,
     /// Input rows without a readable event time.
     pub unreadable_time: u64,
     /// The first of them's time, as written.
@@ -1478,6 +1484,8 @@ impl QueryManager {
             output_rows: summary.output_rows,
             rejected: summary.rejected,
             first_rejection: summary.first_rejection,
+            refused_results: summary.refused_results,
+            first_refused_result: summary.first_refused_result,
             unreadable_time: summary.unreadable_time,
             first_unreadable: summary.first_unreadable,
             ignored_columns: summary.ignored_columns,
