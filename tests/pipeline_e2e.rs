@@ -1675,3 +1675,164 @@ async fn records_the_query_fails_on(insert: &str, windowed: bool) -> anyhow::Res
     );
     Ok(())
 }
+
+/// Detectors and `LAG` over windows grouped by another key than the input's (wards, of
+/// segment-keyed camera events) are repartitioned when keyed by every group key: each
+/// ward-and-class key's state lives in the internal partition of its groups. Segments of one
+/// ward lie in different input partitions. Every window's count and change from the minute
+/// before equal the model's; the detector's scores equal those of the same query run over
+/// the same records in one state, offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detectors_over_windows_of_another_key_run_repartitioned() -> anyhow::Result<()> {
+    use std::collections::BTreeMap;
+    use urbanstream::source::RawBatch;
+    let cluster = TestCluster::start(4)?;
+    cluster.broker.create_topic("test.ward_changes", 4)?;
+    let camera = Topics::default().camera;
+    // (segment, ward, partition): each ward's segments spread over the partitions.
+    let segments = [
+        ("tay_son", "dong_da", 0),
+        ("thai_ha_flyover", "dong_da", 1),
+        ("lang_ntso", "lang", 2),
+        ("lang_cau_giay", "lang", 3),
+        ("nguyen_chi_thanh", "lang", 0),
+        ("xuan_thuy", "cau_giay", 1),
+        ("cau_giay_st", "cau_giay", 2),
+        ("kim_ma_w", "giang_vo", 3),
+    ];
+    let classes = ["car", "motorbike"];
+    let minutes = 11i64;
+    let count = |i: usize, c: usize, m: i64| 1 + ((i * 5 + c * 3) as i64 + m * m) % 4;
+    let mut records = RawBatch::new(camera.as_str());
+    let mut n: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
+    for m in 0..minutes {
+        for (i, (segment, ward, partition)) in segments.iter().enumerate() {
+            for (c, class) in classes.iter().enumerate() {
+                for k in 0..count(i, c, m) {
+                    let t = T0 + m * 60_000 + (c as i64 * 10 + k) * 1_000;
+                    let value = detection(segment, t, class, Some(30.0));
+                    let (p, offset) = cluster
+                        .produce(&camera, *partition, segment, &value)
+                        .await?;
+                    records.push(p, offset, Some(segment.as_bytes()), Some(&value));
+                }
+                *n.entry((ward.to_string(), class.to_string(), T0 + (m + 1) * 60_000))
+                    .or_default() += count(i, c, m);
+            }
+        }
+    }
+    // A detection two minutes on in every partition closes the minutes before.
+    for (segment, _, partition) in &segments[..4] {
+        let value = detection(segment, T0 + (minutes + 1) * 60_000, "bus", Some(30.0));
+        let (p, offset) = cluster
+            .produce(&camera, *partition, segment, &value)
+            .await?;
+        records.push(p, offset, Some(segment.as_bytes()), Some(&value));
+    }
+    // The model: each key's count and its change from the minute before.
+    let mut expected: Vec<(String, String, i64, i64, Option<i64>)> = Vec::new();
+    let mut before: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for ((ward, class, end), count) in &n {
+        let key = (ward.clone(), class.clone());
+        let change = before.insert(key, *count).map(|b| count - b);
+        expected.push((ward.clone(), class.clone(), *end, *count, change));
+    }
+    expected.sort();
+
+    let sql = "CREATE EXTERNAL TABLE ward_changes (ward_id VARCHAR, vehicle_class VARCHAR, \
+                 window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL, change BIGINT, score DOUBLE) \
+               STORED AS KAFKA OPTIONS ('topic' 'test.ward_changes', 'format' 'json'); \
+               INSERT INTO ward_changes \
+               SELECT ward_id, vehicle_class, window_end, n, \
+                 n - lag(n) OVER (PARTITION BY ward_id, vehicle_class ORDER BY window_end) \
+                   AS change, \
+                 anomaly_score(CAST(n AS DOUBLE), window_end) \
+                   OVER (PARTITION BY vehicle_class, ward_id ORDER BY window_end)['score'] AS score \
+               FROM (SELECT s.ward_id, c.vehicle_class, window_end, count(*) AS n \
+                 FROM camera_events c JOIN segments s ON c.segment_id = s.segment_id \
+                 GROUP BY tumble(c.event_time, INTERVAL '1 minute'), s.ward_id, c.vehicle_class)";
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "ward-detectors".into();
+    config.default_queries = false;
+    config.from_beginning = true;
+    config.queries = vec![("wards".into(), sql.into())];
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    let output = cluster.consumer("test.ward_changes")?;
+    let rows = read_json(&output, expected.len(), Duration::from_secs(120)).await?;
+    // Nothing more: the last minute is still open.
+    let more = read_more(&output, Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    assert!(more.is_empty(), "more rows than windows: {more:?}");
+    assert_eq!(
+        stats.partitioning.lock().ok().and_then(|p| *p),
+        Some("repartitioned")
+    );
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let mut got: Vec<(String, String, i64, i64, Option<i64>)> = rows
+        .iter()
+        .map(|(_, v)| {
+            (
+                text(&v["ward_id"]),
+                text(&v["vehicle_class"]),
+                v["window_end"].as_i64().unwrap_or_default(),
+                v["n"].as_i64().unwrap_or_default(),
+                v["change"].as_i64(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, expected);
+
+    // The scores of one state over the same records, offline.
+    let schemas = urbanstream::schema::SchemaRegistry::embedded()?;
+    let ctx = urbanstream::plan::city_context(&Topics::default(), &schemas)?;
+    let query = urbanstream::pipeline::offline::one_query(&ctx, sql, "the SQL").await?;
+    let summary = urbanstream::pipeline::offline::run_query_over_records(
+        query,
+        &[records],
+        usize::MAX,
+        &Default::default(),
+        None,
+    )
+    .await?;
+    let mut one_state: BTreeMap<(String, String, i64), Option<f64>> = BTreeMap::new();
+    for batch in &summary.shown {
+        let (bytes, ends) = urbanstream::sink::encode_json_rows(batch)?;
+        let mut start = 0;
+        for end in ends {
+            let v: serde_json::Value = serde_json::from_slice(&bytes[start..end])?;
+            start = end;
+            let end = v["window_end"].as_i64().unwrap_or_default();
+            if end <= T0 + minutes * 60_000 {
+                one_state.insert(
+                    (text(&v["ward_id"]), text(&v["vehicle_class"]), end),
+                    v["score"].as_f64(),
+                );
+            }
+        }
+    }
+    let repartitioned: BTreeMap<(String, String, i64), Option<f64>> = rows
+        .iter()
+        .map(|(_, v)| {
+            (
+                (
+                    text(&v["ward_id"]),
+                    text(&v["vehicle_class"]),
+                    v["window_end"].as_i64().unwrap_or_default(),
+                ),
+                v["score"].as_f64(),
+            )
+        })
+        .collect();
+    assert_eq!(one_state.len(), expected.len());
+    assert!(
+        one_state.values().any(Option::is_some),
+        "the detector scored nothing"
+    );
+    assert_eq!(repartitioned, one_state);
+    Ok(())
+}

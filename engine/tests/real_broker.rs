@@ -459,6 +459,28 @@ fn produce_now(brokers: &str, t0: i64, seqs: std::ops::Range<usize>) -> anyhow::
     Ok(())
 }
 
+/// A service counting events per window into `output` (query `counts`, group `group`) that
+/// read 400 events, checkpointed them and was killed; with its first window's start.
+fn counted_then_killed(
+    dir: &std::path::Path,
+    brokers: &str,
+    group: &str,
+    output: &str,
+) -> anyhow::Result<(Member, Api, i64)> {
+    let (m, mut service, api) = counting_service(dir, brokers, group, output)?;
+    let t0 = first_window()?;
+    produce_now(brokers, t0, 0..400)?;
+    wait_until("the query did not read the events", || {
+        api.status(&m.base, "counts")
+            .is_some_and(|s| s["rows_in"].as_i64() == Some(400))
+    })?;
+    // A checkpoint after the last of them.
+    std::thread::sleep(Duration::from_secs(3));
+    service.0.kill()?;
+    service.0.wait()?;
+    Ok((m, api, t0))
+}
+
 /// Records a stopped query had not read are deleted from its input (retention or a
 /// truncation): started again, the query does not skip them silently, it fails and says why.
 #[test]
@@ -467,18 +489,8 @@ fn input_deleted_before_it_was_read_fails_the_query_with_the_reason() -> anyhow:
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let dir = tempfile::tempdir()?;
     let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
-    let (m, mut service, api) = counting_service(dir.path(), &brokers, "gap", "gap.counts")?;
+    let (m, api, t0) = counted_then_killed(dir.path(), &brokers, "gap", "gap.counts")?;
     let base = &m.base;
-    let t0 = first_window()?;
-    produce_now(&brokers, t0, 0..400)?;
-    wait_until("the query did not read the first events", || {
-        api.status(base, "counts")
-            .is_some_and(|s| s["rows_in"].as_i64() == Some(400))
-    })?;
-    // A checkpoint after the last of them.
-    std::thread::sleep(Duration::from_secs(3));
-    service.0.kill()?;
-    service.0.wait()?;
 
     // While it is down, more events arrive and the input is truncated past all of them.
     produce_now(&brokers, t0, 400..800)?;
@@ -501,7 +513,7 @@ fn input_deleted_before_it_was_read_fails_the_query_with_the_reason() -> anyhow:
         anyhow::ensure!(e.error().is_ok(), "DeleteRecords failed: {:?}", e.error());
     }
 
-    service = serve(&m.config, &m.log)?;
+    let service = serve(&m.config, &m.log)?;
     api.wait_live(base)?;
     wait_until("the query did not fail", || {
         api.status(base, "counts")
@@ -528,18 +540,8 @@ fn a_broker_back_without_records_the_query_read_fails_it_naming_that() -> anyhow
     let port = free_port()?;
     let (broker, brokers) =
         real_broker_at(dir.path(), "broker-data", port, &["city.camera.events"])?;
-    let (m, mut service, api) = counting_service(dir.path(), &brokers, "empty", "empty.counts")?;
+    let (m, api, _) = counted_then_killed(dir.path(), &brokers, "empty", "empty.counts")?;
     let base = &m.base;
-    let t0 = first_window()?;
-    produce_now(&brokers, t0, 0..400)?;
-    wait_until("the query did not read the events", || {
-        api.status(base, "counts")
-            .is_some_and(|s| s["rows_in"].as_i64() == Some(400))
-    })?;
-    // A checkpoint after the last of them.
-    std::thread::sleep(Duration::from_secs(3));
-    service.0.kill()?;
-    service.0.wait()?;
 
     // The broker again on its address, on empty storage, with the query's topics.
     drop(broker);
@@ -550,7 +552,7 @@ fn a_broker_back_without_records_the_query_read_fails_it_naming_that() -> anyhow
         &["city.camera.events", "empty.counts"],
     )?;
     assert_eq!(again, brokers);
-    service = serve(&m.config, &m.log)?;
+    let service = serve(&m.config, &m.log)?;
     api.wait_live(base)?;
     wait_until("the query did not fail", || {
         api.status(base, "counts")
@@ -582,18 +584,8 @@ fn an_input_topic_that_gained_partitions_fails_a_query_split_by_partition() -> a
     use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
     let dir = tempfile::tempdir()?;
     let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
-    let (m, mut service, api) = counting_service(dir.path(), &brokers, "grow", "grow.counts")?;
+    let (m, api, _) = counted_then_killed(dir.path(), &brokers, "grow", "grow.counts")?;
     let base = &m.base;
-    let t0 = first_window()?;
-    produce_now(&brokers, t0, 0..400)?;
-    wait_until("the query did not read the events", || {
-        api.status(base, "counts")
-            .is_some_and(|s| s["rows_in"].as_i64() == Some(400))
-    })?;
-    // A checkpoint after the last of them.
-    std::thread::sleep(Duration::from_secs(3));
-    service.0.kill()?;
-    service.0.wait()?;
 
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
@@ -612,7 +604,7 @@ fn an_input_topic_that_gained_partitions_fails_a_query_split_by_partition() -> a
         anyhow::ensure!(result.is_ok(), "CreatePartitions failed: {result:?}");
     }
 
-    service = serve(&m.config, &m.log)?;
+    let service = serve(&m.config, &m.log)?;
     api.wait_live(base)?;
     wait_until("the query did not fail", || {
         api.status(base, "counts")
@@ -706,7 +698,7 @@ fn input_deleted_before_it_was_read_is_a_gap_record_under_the_skip_policy() -> a
         anyhow::ensure!(e.error().is_ok(), "DeleteRecords failed: {:?}", e.error());
     }
 
-    service = serve(&m.config, &m.log)?;
+    let service = serve(&m.config, &m.log)?;
     api.wait_live(base)?;
     // It goes on with what arrives after the gap.
     produce_now(&brokers, t0, 800..1_000)?;

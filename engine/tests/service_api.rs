@@ -1160,6 +1160,79 @@ async fn a_repartitioned_query_dropped_or_reset_counts_every_event_once() -> any
     Ok(())
 }
 
+/// `LAG` over windows grouped by another key than the input's (cameras, of segment-keyed
+/// events), keyed by the windows' group: the query is repartitioned, and its keys' previous
+/// values, held in its internal partitions' state, survive a restart from the checkpoint
+/// (lost, the first window after it would have no change: null where 0 is due).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_over_repartitioned_windows_keeps_its_values_across_a_restart() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let brokers = broker.bootstrap_servers();
+    let dir = tempfile::tempdir()?;
+    let service = service(&brokers, dir.path()).await?;
+    let app = api::router(service.clone());
+    create(
+        &app,
+        "changes",
+        "CREATE EXTERNAL TABLE changes_out (camera_id VARCHAR NOT NULL, \
+           window_end TIMESTAMP NOT NULL, n BIGINT NOT NULL, change BIGINT) \
+         STORED AS KAFKA OPTIONS ('topic' 'test.kept', 'format' 'json', 'key' 'camera_id'); \
+         INSERT INTO changes_out SELECT camera_id, window_end, n, \
+           n - lag(n) OVER (PARTITION BY camera_id ORDER BY window_end) AS change \
+         FROM (SELECT camera_id, window_end, count(*) AS n FROM camera_events \
+           GROUP BY tumble(event_time, INTERVAL '1 minute'), camera_id)",
+    )
+    .await?;
+    let out = reader(&brokers, "reader-changes", "test.kept")?;
+    let t0 = 1_767_222_000_000;
+    // Minute 0 (6 events of each of 10 cameras) closes; 30 events of minute 1 are held.
+    produce_events_to(&brokers, t0, 90, 10, Some(2)).await?;
+    let first = next_records(&out, 10).await?;
+    for r in &first {
+        assert_eq!(r["window_end"], t0 + 60_000, "{first:?}");
+        assert_eq!(
+            (r["n"].as_i64(), r["change"].as_i64()),
+            (Some(6), None),
+            "{first:?}"
+        );
+    }
+    let status = wait_for(&app, "changes", Duration::from_secs(10), |q| {
+        q["partitioning"] == "repartitioned"
+    })
+    .await?;
+    assert_eq!(status["state"], "RUNNING", "{status}");
+    // A checkpoint (every 2 s) holds them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    service.shutdown().await;
+    drop(app);
+    drop(service);
+
+    let again = service_with_cap(&brokers, dir.path(), 2_000_000).await?;
+    let app = api::router(again.clone());
+    produce_events_to(&brokers, t0 + 90_000, 60, 10, Some(2)).await?;
+    let second = next_records(&out, 10).await?;
+    let mut cameras = Vec::new();
+    for r in &second {
+        assert_eq!(r["window_end"], t0 + 120_000, "{second:?}");
+        assert_eq!(
+            (r["n"].as_i64(), r["change"].as_i64()),
+            (Some(6), Some(0)),
+            "{second:?}"
+        );
+        cameras.push(r["camera_id"].as_str().unwrap_or_default().to_string());
+    }
+    cameras.sort();
+    cameras.dedup();
+    assert_eq!(cameras.len(), 10, "{second:?}");
+    let status = wait_for(&app, "changes", Duration::from_secs(10), |q| {
+        q["partitioning"] == "repartitioned"
+    })
+    .await?;
+    assert_eq!(status["state"], "RUNNING", "{status}");
+    again.shutdown().await;
+    Ok(())
+}
+
 /// Restarted with nothing new to read, a query shows the watermark it restored and no lag,
 /// repartitioned or not: a repartitioned one showed neither (null) until new records came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -550,8 +550,8 @@ impl Pipeline {
             }
         }
         // Queries whose groups span input partitions go through a repartition topic, when
-        // their plan allows (a windowed aggregation without detectors) and every other
-        // query's state can be split too. With one state for all partitions, a query reads
+        // their plan allows (one windowed aggregation; detectors and `LAG` above it keyed by
+        // all of its groups) and every other query's state can be split too. With one state for all partitions, a query reads
         // its input itself: one instance reading every internal partition, each at its own
         // pace, would find an input partition's records passed on to one of them late against
         // those passed on to another.

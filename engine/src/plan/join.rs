@@ -305,7 +305,7 @@ pub(super) fn trace(
 
 /// The child and its column that column `index` of `plan`'s rows is, unchanged: through
 /// filters, lookup joins and nodes that pass rows on as they are.
-fn pass_through(
+pub(super) fn pass_through(
     plan: &Arc<dyn ExecutionPlan>,
     index: usize,
 ) -> Option<(Arc<dyn ExecutionPlan>, usize)> {

@@ -395,6 +395,76 @@ mod tests {
         assert_eq!(group_partitions(&one, 4).expect("hash")[0], a[5]);
     }
 
+    /// Detectors and `LAG` over the windows keyed by every group key (and more) keep their
+    /// keys' state with the groups: the query is repartitioned. Keyed by fewer (a key's rows
+    /// would come from groups of several partitions), it keeps one state. (Below the windows
+    /// they are refused.)
+    #[tokio::test]
+    async fn detectors_keyed_by_the_groups_go_with_them_through_the_repartition_topic() {
+        use crate::schema::SchemaRegistry;
+        use crate::topics::Topics;
+        let schemas = SchemaRegistry::embedded().expect("schemas");
+        let windows = |keys: &str| {
+            format!(
+                "SELECT s.ward_id, c.kind, window_end, count(*) AS n \
+                 FROM camera_events c JOIN segments s ON c.segment_id = s.segment_id \
+                 GROUP BY tumble(c.event_time, INTERVAL '1 minute'), {keys}"
+            )
+        };
+        for (sql, repartitioned) in [
+            (
+                format!(
+                    "SELECT ward_id, kind, window_end, anomaly_score(CAST(n AS DOUBLE), window_end) \
+                     OVER (PARTITION BY ward_id, kind ORDER BY window_end) AS d FROM ({})",
+                    windows("s.ward_id, c.kind")
+                ),
+                true,
+            ),
+            (
+                format!(
+                    "SELECT ward_id, kind, window_end, n - lag(n) \
+                     OVER (PARTITION BY kind, ward_id ORDER BY window_end) AS change FROM ({})",
+                    windows("s.ward_id, c.kind")
+                ),
+                true,
+            ),
+            (
+                format!(
+                    "SELECT ward_id, kind, window_end, anomaly_score(CAST(n AS DOUBLE), window_end) \
+                     OVER (PARTITION BY ward_id ORDER BY window_end) AS d FROM ({})",
+                    windows("s.ward_id, c.kind")
+                ),
+                false,
+            ),
+            (
+                format!(
+                    "SELECT ward_id, kind, window_end, n, n - lag(n) \
+                     OVER (PARTITION BY kind ORDER BY window_end) AS change FROM ({})",
+                    windows("s.ward_id, c.kind")
+                ),
+                false,
+            ),
+        ] {
+            let ctx = crate::plan::city_context(&Topics::default(), &schemas).expect("city");
+            let query = crate::plan::plan_all(&ctx, &sql)
+                .await
+                .expect("plan")
+                .pop()
+                .expect("query");
+            assert!(!query.is_partition_local(), "{sql}");
+            assert_eq!(query.is_repartitionable(), repartitioned, "{sql}");
+            if repartitioned {
+                assert!(
+                    key_plan(&ctx, query.sql().to_string(), query.source().clone())
+                        .await
+                        .expect("key plan")
+                        .is_some(),
+                    "{sql}"
+                );
+            }
+        }
+    }
+
     /// Stage 1 of ward totals over camera events: each record goes where its ward's group
     /// lives, records the query filters out go nowhere, and a query grouping by the input's
     /// key is not repartitioned.

@@ -1072,6 +1072,8 @@ impl StreamContext {
                 sql,
                 settings,
                 partition_local: keyed_local && join.is_none() && union.is_none(),
+                // Not windowed: never repartitioned.
+                series_follow_groups: false,
                 source,
                 sink: None,
                 feed,
@@ -1193,6 +1195,7 @@ impl StreamContext {
             None,
         )?);
         let upper = physical
+            .clone()
             .transform_down(|node| {
                 if Arc::ptr_eq(&node, &top) {
                     Ok(Transformed::yes(upper_leaf.clone()))
@@ -1253,6 +1256,13 @@ impl StreamContext {
                 );
             }
         }
+        let series_follow_groups = series_follow_groups(
+            &physical,
+            &upper,
+            &upper_leaf,
+            spec.groups.len(),
+            window_position,
+        )?;
         let mut fields: Vec<Field> = upper
             .schema()
             .fields()
@@ -1391,6 +1401,7 @@ impl StreamContext {
             sql,
             settings,
             partition_local: partition_local && !ranked && join.is_none() && union.is_none(),
+            series_follow_groups,
             source,
             sink: None,
             feed,
@@ -2343,6 +2354,79 @@ fn names_column(
         .any(|e| e.downcast_ref::<Column>().is_some_and(|c| c.name() == key))
 }
 
+/// Whether every detector and `LAG` of `physical` (none at all included) is in `upper`, the
+/// plan over the windows' rows read from `upper_leaf`, and keyed by columns that include each
+/// of the windows' `groups` group keys (the window's own column at `window_position` of the
+/// windows' rows, the keys around it): a key's rows then all belong to one group's key, so
+/// its state can live wherever that group's state does.
+fn series_follow_groups(
+    physical: &Arc<dyn ExecutionPlan>,
+    upper: &Arc<dyn ExecutionPlan>,
+    upper_leaf: &Arc<dyn ExecutionPlan>,
+    groups: usize,
+    window_position: usize,
+) -> Result<bool> {
+    let is_series = |n: &Arc<dyn ExecutionPlan>| -> Option<Vec<Arc<dyn datafusion::physical_expr::PhysicalExpr>>> {
+        if let Some(k) = n.downcast_ref::<crate::state::keyed::KeyedSeriesExec>() {
+            return Some(k.keys().to_vec());
+        }
+        n.downcast_ref::<crate::state::lag::KeyedLagExec>()
+            .map(|l| l.keys().to_vec())
+    };
+    let mut all = 0;
+    physical.apply(|n| {
+        all += usize::from(is_series(n).is_some());
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    let group_columns: Vec<usize> = (0..=groups).filter(|&i| i != window_position).collect();
+    let mut following = 0;
+    upper.apply(|n| {
+        let children = n.children();
+        let (Some(keys), [input]) = (is_series(n), children.as_slice()) else {
+            return Ok(TreeNodeRecursion::Continue);
+        };
+        let keyed_by: std::collections::HashSet<usize> = keys
+            .iter()
+            .filter_map(|k| k.downcast_ref::<Column>())
+            .filter_map(|c| column_of(input, c.index(), upper_leaf))
+            .collect();
+        following += usize::from(group_columns.iter().all(|g| keyed_by.contains(g)));
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    Ok(following == all)
+}
+
+/// The column of `leaf`'s rows that column `index` of `plan`'s rows is: followed through
+/// projections, filters, lookup joins, nodes that pass rows on unchanged and nodes that add
+/// columns after their input's (detectors, `LAG`, window functions).
+fn column_of(
+    plan: &Arc<dyn ExecutionPlan>,
+    index: usize,
+    leaf: &Arc<dyn ExecutionPlan>,
+) -> Option<usize> {
+    if Arc::ptr_eq(plan, leaf) {
+        return Some(index);
+    }
+    if let Some(p) = plan.downcast_ref::<datafusion::physical_plan::projection::ProjectionExec>() {
+        let c = p.expr().get(index)?.expr.downcast_ref::<Column>()?;
+        return column_of(p.input(), c.index(), leaf);
+    }
+    if let [child] = plan.children().as_slice() {
+        let (fields, below) = (
+            plan.schema().fields().clone(),
+            child.schema().fields().clone(),
+        );
+        if index < below.len()
+            && fields.len() > below.len()
+            && fields.iter().zip(below.iter()).all(|(a, b)| a == b)
+        {
+            return column_of(child, index, leaf);
+        }
+    }
+    let (child, index) = super::join::pass_through(plan, index)?;
+    column_of(&child, index, leaf)
+}
+
 /// A running stream query: its plan pieces, its window state and its watermark.
 pub struct StreamQuery {
     sql: String,
@@ -2352,6 +2436,10 @@ pub struct StreamQuery {
     /// by the column its input topic is keyed by, or holds no state. Such a query can keep one
     /// state per input partition.
     partition_local: bool,
+    /// Whether each of its detectors and `LAG`s, if any, is above its windows and keyed by
+    /// every group key of them (and more): its keys' state then lives where the groups do,
+    /// in stage 2 of a repartitioned query as in one state for all partitions.
+    series_follow_groups: bool,
     source: Arc<StreamTable>,
     sink: Option<Arc<StreamTable>>,
     feed: Feed,
@@ -2909,16 +2997,16 @@ impl StreamQuery {
         }
     }
 
-    /// Whether it can be repartitioned: it aggregates over windows in one stage and keeps no
-    /// detector state (whose keys would need their own partitioning). A window over a window
+    /// Whether it can be repartitioned: it aggregates over windows in one stage, and its
+    /// detectors and `LAG`s, if any, are over the windows' rows and keyed by every group key
+    /// (keys of their own would need their own partitioning). A window over a window
     /// groups by other keys than the one below, so it runs in one state unless every stage
     /// groups by the input topic's key.
     pub fn is_repartitionable(&self) -> bool {
         self.windowed
             .as_ref()
             .is_some_and(|w| w.next.is_none() && w.ranked.is_none())
-            && self.keyed.is_empty()
-            && self.lags.is_empty()
+            && self.series_follow_groups
             && self.upsert.is_none()
             && self.join.is_none()
             && self.union.is_none()
