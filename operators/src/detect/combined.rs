@@ -133,7 +133,7 @@ impl Combined {
             } => Some(b),
             _ => self.level.mean(),
         };
-        let Some(x) = x.filter(|v| v.is_finite()) else {
+        let Some(x) = super::usable(x) else {
             return Score {
                 score: None,
                 baseline: baseline.map(|b| b + self.spread.map_or(0.0, |(centre, _)| centre)),

@@ -52,7 +52,7 @@ impl Cusum {
     pub fn update(&mut self, x: Option<f64>) -> Score {
         let warming = self.baseline.count() < self.warmup;
         let baseline = self.baseline.mean();
-        let Some(x) = x.filter(|v| v.is_finite()) else {
+        let Some(x) = super::usable(x) else {
             return Score {
                 score: None,
                 baseline,

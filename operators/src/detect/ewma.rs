@@ -54,7 +54,7 @@ impl Ewma {
     /// Scores `x` against the state, then folds it in.
     pub fn update(&mut self, x: Option<f64>) -> Score {
         let warming = self.n < self.warmup;
-        let Some(x) = x.filter(|v| v.is_finite()) else {
+        let Some(x) = super::usable(x) else {
             return Score {
                 score: None,
                 baseline: self.mean(),

@@ -111,7 +111,7 @@ impl RollingMad {
     /// Scores `x` against the window, then pushes it.
     pub fn update(&mut self, x: Option<f64>) -> Score {
         let warming = self.values.len() < self.warmup;
-        let Some(x) = x.filter(|v| v.is_finite()) else {
+        let Some(x) = super::usable(x) else {
             let spread = self.location_scale();
             return Score {
                 score: None,

@@ -50,8 +50,9 @@ pub const MAX_SCORE: f64 = 1.0e6;
 /// What a detector says about one reading.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Score {
-    /// Signed deviation (positive above the baseline); `None` for a missing or non-finite
-    /// reading, or before the detector has anything to compare with.
+    /// Signed deviation (positive above the baseline); `None` for a missing, non-finite or
+    /// out-of-range ([`MAX_READING`]) reading, or before the detector has anything to
+    /// compare with.
     pub score: Option<f64>,
     /// The value the detector expected.
     pub baseline: Option<f64>,
@@ -70,6 +71,18 @@ pub struct Score {
     /// `Hotelling` gives the spread of the column it names. `None` before the detector has a
     /// spread.
     pub scale: Option<f64>,
+}
+
+/// The largest magnitude a detector takes a reading of: no sensor's, and far enough from the
+/// largest double that the squares and sums of a detector's statistics stay finite (readings
+/// near ±1.8e308 made them infinite, then NaN, and a comparison with NaN bounds panicked).
+/// A reading beyond it is treated as a non-finite one: not scored, not learnt; the sensor
+/// checks (`sensor_out_of_range`) see it as it is.
+pub const MAX_READING: f64 = 1.0e100;
+
+/// `x` if a detector can take it: present, finite and within [`MAX_READING`].
+pub(crate) fn usable(x: Option<f64>) -> Option<f64> {
+    x.filter(|v| v.is_finite() && v.abs() <= MAX_READING)
 }
 
 /// `(x - baseline) / scale`, the scale floored so that a constant series gives a finite score.

@@ -173,7 +173,7 @@ impl Seasonal {
         } else {
             (None, 0.0)
         };
-        let Some(x) = x.filter(|v| v.is_finite()) else {
+        let Some(x) = super::usable(x) else {
             return Score {
                 score: None,
                 baseline,

@@ -601,3 +601,97 @@ fn vector_detector_state_is_bounded_and_names_the_moving_column() {
     assert_eq!(last.column, Some(2));
     assert!(last.score.score.is_some_and(|s| s < -10.0), "{last:?}");
 }
+
+/// Readings near the largest double (finite, so they passed as readings) overflowed the
+/// detectors' statistics to infinities and NaN: `anomaly_score`, `anomaly_vector` and
+/// `anomaly_cusum` panicked comparing against NaN bounds, and `anomaly_ewma` scored NaN for
+/// good. A reading beyond `MAX_READING` is neither scored nor learnt: every detector gives the
+/// same outputs for the series with such readings as without them, at every other reading.
+#[test]
+fn readings_near_the_largest_double_are_neither_scored_nor_learnt() {
+    let extremes = [
+        f64::MAX,
+        f64::MIN,
+        1e308,
+        -1.7e308,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        1.0000001e100,
+        -1e101,
+    ];
+    // A series with a level shift and spikes, and where the extremes go in it.
+    let clean: Vec<f64> = (0..400)
+        .map(
+            |i| if i < 250 { 10.0 } else { 30.0 } + noise(i) + if i % 97 == 0 { 25.0 } else { 0.0 },
+        )
+        .collect();
+    let at = [0usize, 1, 5, 6, 50, 51, 52, 200, 251, 399];
+    let mut kinds = detectors();
+    kinds.push(("vector", SeriesState::Vector(Box::new(VectorScore::new(0)))));
+    kinds.push((
+        "hotelling",
+        SeriesState::Hotelling(Box::new(Hotelling::new(60 * MIN))),
+    ));
+    for (name, mut with) in kinds {
+        let mut without = with.clone();
+        let mut got = Vec::new();
+        let mut want = Vec::new();
+        let mut t = 0i64;
+        for (i, x) in clean.iter().enumerate() {
+            if let Some(k) = at.iter().position(|&a| a == i) {
+                let extreme = extremes[k % extremes.len()];
+                let out = with.step(t, Some(extreme));
+                let score = match out {
+                    Emitted::Score(s) => s.score,
+                    Emitted::Vector(v) => v.score.score,
+                    other => panic!("{name}: not a score: {other:?}"),
+                };
+                assert_eq!(score, None, "{name}: {extreme} was scored");
+                t += MIN;
+            }
+            got.push(with.step(t, Some(*x)));
+            want.push(without.step(t, Some(*x)));
+            t += MIN;
+        }
+        assert_eq!(got, want, "{name}");
+        let finite = got.iter().all(|e| match e {
+            Emitted::Score(s) => s.score.is_none_or(f64::is_finite),
+            Emitted::Vector(v) => v.score.score.is_none_or(f64::is_finite),
+            _ => false,
+        });
+        assert!(finite, "{name}: a score that is not a number");
+    }
+}
+
+use proptest::strategy::Strategy as _;
+
+proptest::proptest! {
+    /// No reading a double can hold, in any order, makes a detector panic or score NaN.
+    #[test]
+    fn any_doubles_leave_every_detector_scoring_numbers(
+        readings in proptest::collection::vec(
+            proptest::prop_oneof![
+                -1e3f64..1e3,
+                proptest::num::f64::ANY,
+                proptest::sample::select(vec![f64::MAX, f64::MIN, 1e308, -1e308, 0.0, 1.0]),
+                (-308i32..308, proptest::bool::ANY)
+                    .prop_map(|(e, negative)| if negative { -1.0 } else { 1.0 } * 10f64.powi(e)),
+            ],
+            1..300,
+        )
+    ) {
+        let mut kinds = detectors();
+        kinds.push(("vector", SeriesState::Vector(Box::new(VectorScore::new(0)))));
+        kinds.push(("hotelling", SeriesState::Hotelling(Box::new(Hotelling::new(60 * MIN)))));
+        for (name, mut state) in kinds {
+            for (i, x) in readings.iter().enumerate() {
+                let score = match state.step(i as i64 * MIN, Some(*x)) {
+                    Emitted::Score(s) => s.score,
+                    Emitted::Vector(v) => v.score.score,
+                    other => panic!("{name}: not a score: {other:?}"),
+                };
+                proptest::prop_assert!(score.is_none_or(f64::is_finite), "{}: {:?}", name, score);
+            }
+        }
+    }
+}
