@@ -209,6 +209,9 @@ pub(crate) struct Shape {
     /// Its BOOLEAN fields' names, for booleans written as text
     /// ([`JsonDecoder::booleans_as_literals`]).
     booleans: Vec<String>,
+    /// Its number fields' names (integers, decimals, floats), for numbers written as text
+    /// with spaces around them ([`JsonDecoder::booleans_as_literals`]).
+    numbers: Vec<String>,
 }
 
 /// A topic's decoder, for the format its records are in.
@@ -324,6 +327,13 @@ impl Shape {
             .filter(|f| f.data_type() == &DataType::Boolean)
             .map(|f| f.name().clone())
             .collect();
+        let numbers = schema
+            .arrow
+            .fields()
+            .iter()
+            .filter(|f| f.data_type().is_numeric())
+            .map(|f| f.name().clone())
+            .collect();
         Self {
             wire_schema: Arc::new(Schema::new(wire_fields)),
             output_schema: schema.output_schema(),
@@ -333,6 +343,7 @@ impl Shape {
             event_time: None,
             json_plain: None,
             booleans,
+            numbers,
         }
     }
 
@@ -729,11 +740,15 @@ impl JsonDecoder {
     }
 
     /// `value` with the texts `true` and `false` (any case, spaces around) of its BOOLEAN
-    /// fields written as JSON's `true` and `false`, if it has any; every other value as
-    /// written. A CSV's column of booleans with one other value in it is replayed as texts.
+    /// fields written as JSON's `true` and `false`, and the texts of its number fields
+    /// without the spaces around them (`" 42 "`, as a CSV's `a, 42 ,b` is replayed), if it
+    /// has any; every other value as written. A CSV's column of booleans with one other value
+    /// in it is replayed as texts. (A DOUBLE's text was read with its spaces, an integer's
+    /// not: `urbanstream run` and previews, which read a CSV's numbers without them, kept
+    /// rows the service dead-lettered.)
     fn booleans_as_literals(&self, value: &[u8]) -> Option<Vec<u8>> {
-        let booleans = &self.shape.booleans;
-        if booleans.is_empty() {
+        let (booleans, numbers) = (&self.shape.booleans, &self.shape.numbers);
+        if booleans.is_empty() && numbers.is_empty() {
             return None;
         }
         let fields = json_fields(value)?;
@@ -746,12 +761,18 @@ impl JsonDecoder {
             }
             out.extend_from_slice(serde_json::to_string(name).ok()?.as_bytes());
             out.push(b':');
-            let literal = booleans
-                .contains(name)
-                .then(|| serde_json::from_str::<String>(value.get()).ok())
-                .flatten()
-                .and_then(|text| boolean_text(&text))
-                .map(|b| if b { "true" } else { "false" });
+            let text = || serde_json::from_str::<String>(value.get()).ok();
+            let literal = if booleans.contains(name) {
+                text()
+                    .and_then(|text| boolean_text(&text))
+                    .map(|b| if b { "true" } else { "false" }.to_string())
+            } else if numbers.contains(name) {
+                text()
+                    .filter(|t| t.trim().len() < t.len() && !t.trim().is_empty())
+                    .and_then(|t| serde_json::to_string(t.trim()).ok())
+            } else {
+                None
+            };
             match literal {
                 Some(literal) => {
                     changed = true;

@@ -689,6 +689,58 @@ fn a_boolean_written_as_text_is_the_boolean() {
     assert!((0..100).all(|i| b.value(i) == (i % 2 == 0)));
 }
 
+/// A number written as text with spaces around it (`" 42 "`, as `replay` writes a CSV's
+/// `a, 42 ,b`) is the number in every number field: a DOUBLE's was read, an integer's or a
+/// DECIMAL's dead-lettered ("can't parse the string value  42  to decimal"), where
+/// `urbanstream run` and previews read the CSV's numbers without the spaces. Text that is no
+/// number, spaces or not, is still refused.
+#[test]
+fn a_number_written_as_text_with_spaces_around_it_is_the_number() {
+    let schema = Arc::new(TopicSchema::from_arrow(
+        "spaced",
+        Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("i", DataType::Int64, true),
+            Field::new("n", DataType::Int32, true),
+            Field::new("d", DataType::Decimal128(10, 2), true),
+            Field::new("v", DataType::Float64, true),
+            Field::new("note", DataType::Utf8, true),
+        ])),
+    ));
+    let records: &[&[u8]] = &[
+        br#"{"id":"a","i":" 42 ","n":"7","d":" 1.50","v":"  3.5  ","note":" 9 "}"#,
+        br#"{"id":"b","i":43,"n":" -8","d":2.25,"v":4}"#,
+        br#"{"id":"c","i":" 4 2 "}"#,
+        br#"{"id":"d","i":"   "}"#,
+        br#"{"id":"e","n":" 1.5 "}"#,
+    ];
+    let decoded = JsonDecoder::new(schema)
+        .decode(&raw(records))
+        .expect("decode");
+    assert_eq!(decoded.rows, vec![0, 1], "{:?}", decoded.rejects);
+    let rejected: Vec<u32> = decoded.rejects.iter().map(|r| r.index).collect();
+    assert_eq!(rejected, vec![2, 3, 4], "{:?}", decoded.rejects);
+    let i = decoded
+        .batch
+        .column(1)
+        .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+    let n = decoded
+        .batch
+        .column(2)
+        .as_primitive::<datafusion::arrow::datatypes::Int32Type>();
+    let d = decoded
+        .batch
+        .column(3)
+        .as_primitive::<datafusion::arrow::datatypes::Decimal128Type>();
+    let v = decoded.batch.column(4).as_primitive::<Float64Type>();
+    assert_eq!((i.value(0), i.value(1)), (42, 43));
+    assert_eq!((n.value(0), n.value(1)), (7, -8));
+    assert_eq!((d.value(0), d.value(1)), (150, 225));
+    assert_eq!((v.value(0), v.value(1)), (3.5, 4.0));
+    // A text field keeps its spaces.
+    assert_eq!(decoded.batch.column(5).as_string::<i32>().value(0), " 9 ");
+}
+
 /// A record nested far deeper than any schema (`[[[…]]]` 40 000 deep, 80 KB: within the
 /// record size limit) is rejected like any malformed record: it overflowed the stack of the
 /// query's thread, and the process aborted again on every restart.
