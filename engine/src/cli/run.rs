@@ -475,7 +475,29 @@ mod tests {
         let times: &[u8] = b"{\"id\":\"a\",\"event_time\":\"2026-01-01T00:00:00Z\",\"n\":1}\n\
             {\"id\":\"b\",\"event_time\":1767225601000,\"n\":2}\n\
             {\"id\":\"z\",\"event_time\":\"2026-01-01T00:00:05Z\",\"n\":5}\n";
+        // A line nested deeper than the readers take (it failed the whole file, naming line
+        // 1); one as deep as they take is read (its extra field not).
+        let deep = |depth: usize, id: &str| {
+            format!(
+                "{{\"id\":\"{id}\",\"event_time\":\"2026-01-01T00:00:01Z\",\"x\":{}{}}}\n",
+                "[".repeat(depth),
+                "]".repeat(depth)
+            )
+        };
+        let nested = format!(
+            "{{\"id\":\"a\",\"event_time\":\"2026-01-01T00:00:00Z\",\"n\":1}}\n{}{}",
+            deep(crate::decode::MAX_JSON_DEPTH, "too_deep"),
+            deep(crate::decode::MAX_JSON_DEPTH - 1, "z")
+        );
+        let nested = nested.as_bytes();
         for (name, bytes, rejected, first, ids) in [
+            (
+                "nested.jsonl",
+                nested,
+                1,
+                "line 2: the record nests arrays or objects more than 127 deep",
+                vec!["a", "z"],
+            ),
             (
                 "rows.csv",
                 csv,

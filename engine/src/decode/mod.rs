@@ -800,8 +800,10 @@ impl JsonDecoder {
 }
 
 /// Deepest nesting of arrays and objects a JSON record may have: far more than any schema's
-/// types, far less than what overflows a thread's stack.
-pub const MAX_JSON_DEPTH: usize = 128;
+/// types, far less than what overflows a thread's stack, and what serde_json reads (its
+/// recursion limit: a deeper line failed the whole file in `urbanstream run`, whose reading
+/// of JSON lines goes through it).
+pub const MAX_JSON_DEPTH: usize = 127;
 
 /// Why JSON `value` is refused for its nesting, if it nests arrays and objects deeper than
 /// [`MAX_JSON_DEPTH`]: the JSON reader describes a value it cannot take by walking it

@@ -1236,6 +1236,10 @@ fn without_malformed_lines(
         if line.iter().all(u8::is_ascii_whitespace) {
             return None;
         }
+        // Deeper than the readers take, the line failed the whole file.
+        if let Some(why) = crate::decode::nested_too_deep(line) {
+            return Some(Err(why));
+        }
         Some(match serde_json::from_slice::<Fields<'_>>(line) {
             // A number past a double's range (`1e400`) is no value a reader of the file
             // takes: its line goes, as a line that is no object does (it failed the file).
