@@ -66,6 +66,50 @@ impl RecordEncoder {
     }
 }
 
+/// The kind of scalar a field of another format is, for [`written_as`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scalar {
+    /// A string.
+    Text,
+    /// An integer of any width.
+    Whole,
+    /// A float or a double.
+    Real,
+    /// A boolean.
+    Boolean,
+}
+
+/// JSON value `v` of a field of kind `kind` as that kind where it is written as another: a
+/// number or a boolean of a text field as its text, a text of a number or boolean field as
+/// the number or boolean it writes (spaces around it, as JSON topics read such texts). A CSV
+/// has no types: `replay` guesses its columns' from their values, and ids written as digits
+/// (a number) or a column of numbers with one other value in it (texts) failed every record
+/// of an Avro or Protobuf topic. Any other value stays as it is (and the encoder refuses it).
+pub(crate) fn written_as(kind: Scalar, v: &mut serde_json::Value) {
+    use serde_json::Value as J;
+    let read = match (kind, &*v) {
+        (Scalar::Text, J::Number(n)) => Some(J::String(n.to_string())),
+        (Scalar::Text, J::Bool(b)) => Some(J::String(b.to_string())),
+        (Scalar::Whole, J::String(s)) => s
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .map(J::from)
+            .or_else(|| s.trim().parse::<u64>().ok().map(J::from)),
+        (Scalar::Real, J::String(s)) => s
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map(J::Number),
+        (Scalar::Boolean, J::String(s)) => boolean_text(s).map(J::Bool),
+        _ => None,
+    };
+    if let Some(read) = read {
+        *v = read;
+    }
+}
+
 /// What decoders of formats other than JSON need: the schema registry of Avro records and the
 /// descriptors of Protobuf messages.
 #[derive(Debug, Clone, Default)]

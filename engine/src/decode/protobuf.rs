@@ -535,7 +535,7 @@ impl ProtobufEncoder {
         let object: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(json).map_err(|e| bad(format!("not a JSON object: {e}")))?;
         let mut message = DynamicMessage::new(self.message.clone());
-        for (name, value) in object {
+        for (name, mut value) in object {
             if value.is_null() {
                 continue;
             }
@@ -543,6 +543,27 @@ impl ProtobufEncoder {
                 .message
                 .get_field_by_name(&name)
                 .ok_or_else(|| bad(format!("no field {name}")))?;
+            let scalar = match field.kind() {
+                Kind::String => Some(super::Scalar::Text),
+                Kind::Int32
+                | Kind::Sint32
+                | Kind::Sfixed32
+                | Kind::Int64
+                | Kind::Sint64
+                | Kind::Sfixed64
+                | Kind::Uint32
+                | Kind::Fixed32
+                | Kind::Uint64
+                | Kind::Fixed64 => Some(super::Scalar::Whole),
+                Kind::Double | Kind::Float => Some(super::Scalar::Real),
+                Kind::Bool => Some(super::Scalar::Boolean),
+                _ => None,
+            };
+            if let Some(scalar) = scalar
+                && !field.is_list()
+            {
+                super::written_as(scalar, &mut value);
+            }
             let v = match (field.kind(), &value) {
                 (Kind::String, serde_json::Value::String(s)) => Value::String(s.clone()),
                 (Kind::Enum(e), serde_json::Value::String(s)) => Value::EnumNumber(
@@ -647,6 +668,28 @@ mod tests {
             .expect("json");
         // GOOD2's lane 0 is set (an optional field), its absent kind gets the default.
         assert_eq!(d.batch, expected.batch);
+    }
+
+    /// Values written as another kind than their fields' (a CSV replayed) encode as the
+    /// values they write, as in Avro; one that is none of its field's kind is refused.
+    #[test]
+    fn values_written_as_another_kind_encode_as_their_fields_kind() {
+        const WRITTEN: &[u8] = br#"{"camera_id":1,"segment_id":"kim_ma_w","event_time":1767222000000,"kind":"collision","vehicle_class":"motorbike","speed_kmh":" 31.5 ","lane":"1","direction":"inbound","confidence":"0.93","severity":" 3"}"#;
+        const DIGITS: &[u8] = br#"{"camera_id":"1","segment_id":"kim_ma_w","event_time":1767222000000,"kind":"collision","vehicle_class":"motorbike","speed_kmh":31.5,"lane":1,"direction":"inbound","confidence":0.93,"severity":3}"#;
+        let plain = encoder(None);
+        let values = vec![plain.encode_json(WRITTEN).expect("encode")];
+        let d = decoder(camera(), "urbanstream.city.CameraEvent", &Codecs::default())
+            .decode(&raw(&values))
+            .expect("decode");
+        assert!(d.rejects.is_empty(), "{:?}", d.rejects);
+        let json: Vec<Vec<u8>> = vec![DIGITS.to_vec()];
+        let expected = JsonDecoder::new(camera())
+            .with_event_time("event_time", TimeUnit::Millisecond)
+            .decode(&raw(&json))
+            .expect("json");
+        assert_eq!(d.batch, expected.batch);
+        let bad = br#"{"camera_id":"c","segment_id":"s","event_time":1767222000000,"lane":"x"}"#;
+        assert!(plain.encode_json(bad).is_err());
     }
 
     #[test]
