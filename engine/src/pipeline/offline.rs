@@ -939,9 +939,10 @@ pub async fn open_file(
     }
     let stream = ctx.sql(&sql).await?.execute_stream().await?;
     // A Parquet file's floats go on as their texts: as JSON, NaN and the infinities were
-    // nulls, accepted where the stream's schema refuses them.
+    // nulls, accepted where the stream's schema refuses them; and its timestamps without a
+    // zone as the instants they are in `zone`, as its event time is.
     let stream = match extension.as_str() {
-        "parquet" => floats_as_text(stream)?,
+        "parquet" => parquet_values(stream, zone)?,
         _ => stream,
     };
     // Errors reading the copy name the file given, not the copy.
@@ -980,9 +981,12 @@ fn number_text(name: &str) -> Field {
         .with_metadata(HashMap::from([(JSON_NUMBER_TEXT.into(), "true".into())]))
 }
 
-/// `stream` with its float columns as the texts of their values ([`number_text`]).
-fn floats_as_text(
+/// `stream` (a Parquet file's rows) with its float columns as the texts of their values
+/// ([`number_text`]) and its timestamps without a zone as the instants they are in `zone`
+/// (read as UTC, a column beside the event time was hours off from it).
+fn parquet_values(
     stream: datafusion::physical_plan::SendableRecordBatchStream,
+    zone: &str,
 ) -> Result<datafusion::physical_plan::SendableRecordBatchStream> {
     let input = stream.schema();
     let fields: Vec<Field> = input
@@ -990,11 +994,17 @@ fn floats_as_text(
         .iter()
         .map(|f| match f.data_type() {
             DataType::Float16 | DataType::Float32 | DataType::Float64 => number_text(f.name()),
+            DataType::Timestamp(_, None) => Field::new(
+                f.name(),
+                DataType::Timestamp(TimeUnit::Millisecond, Some("+00:00".into())),
+                true,
+            ),
             _ => f.as_ref().clone(),
         })
         .collect();
     let schema = Arc::new(Schema::new(fields));
     let out = schema.clone();
+    let zone = zone.to_string();
     Ok(Box::pin(
         datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
             schema,
@@ -1004,9 +1014,16 @@ fn floats_as_text(
                     .columns()
                     .iter()
                     .zip(out.fields())
-                    .map(|(c, f)| match c.data_type() == f.data_type() {
-                        true => Ok(c.clone()),
-                        false => cast(c, f.data_type()),
+                    .map(|(c, f)| match (c.data_type(), f.data_type()) {
+                        (from, to) if from == to => Ok(c.clone()),
+                        (DataType::Timestamp(_, None), to) => {
+                            let local =
+                                local_ms(&cast(c, &DataType::Utf8)?, &zone).map_err(|e| {
+                                    datafusion::arrow::error::ArrowError::ExternalError(Box::new(e))
+                                })?;
+                            cast(&local, to)
+                        }
+                        (_, to) => cast(c, to),
                     })
                     .collect::<std::result::Result<Vec<_>, _>>()?;
                 Ok(RecordBatch::try_new(out.clone(), columns)?)
@@ -1684,6 +1701,92 @@ mod tests {
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes::Int64Type;
     use futures::StreamExt;
+
+    /// A Parquet file's timestamps without a zone are local times in `--time-zone`, every
+    /// column's as the event time's: a column beside the event time, written as the same
+    /// local time, was read as UTC, hours off from it. A timestamp with a zone keeps its
+    /// instant.
+    #[tokio::test]
+    async fn a_parquet_files_timestamps_without_a_zone_are_local_times() -> Result<()> {
+        use datafusion::arrow::array::TimestampMicrosecondArray;
+        use datafusion::parquet::arrow::ArrowWriter;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("local.parquet");
+        // 2026-01-01 07:00 and 07:30:00.250 as written, local.
+        let local = [1_767_250_800_000_000i64, 1_767_252_600_250_000];
+        let naive = || Arc::new(TimestampMicrosecondArray::from(local.to_vec())) as ArrayRef;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "event_time",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                false,
+            ),
+            Field::new(
+                "seen",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                true,
+            ),
+            Field::new(
+                "stamped",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                naive(),
+                naive(),
+                Arc::new(TimestampMicrosecondArray::from(local.to_vec()).with_timezone("UTC")),
+            ],
+        )?;
+        let parquet = |e: datafusion::parquet::errors::ParquetError| Error::Config(e.to_string());
+        let mut writer =
+            ArrowWriter::try_new(std::fs::File::create(&path)?, schema, None).map_err(parquet)?;
+        writer.write(&batch).map_err(parquet)?;
+        writer.close().map_err(parquet)?;
+        let mut opened = open_file(
+            &path,
+            &[],
+            (Some("event_time"), None, "+07:00"),
+            None,
+            false,
+        )
+        .await?;
+        let mut rows = Vec::new();
+        while let Some(batch) = opened.stream.next().await {
+            let batch = batch?;
+            let (batch, times) = with_epoch_ms(
+                &batch,
+                "event_time",
+                None,
+                "+07:00",
+                &mut Unreadable::default(),
+            )?;
+            let ms = |name: &str| -> Result<Vec<i64>> {
+                let column = batch
+                    .column_by_name(name)
+                    .ok_or_else(|| Error::Config(format!("no {name}")))?;
+                let column = cast(
+                    &cast(column, &DataType::Timestamp(TimeUnit::Millisecond, None))?,
+                    &DataType::Int64,
+                )?;
+                Ok(column.as_primitive::<Int64Type>().values().to_vec())
+            };
+            for ((t, seen), stamped) in times.values().iter().zip(ms("seen")?).zip(ms("stamped")?) {
+                rows.push((*t, seen, stamped));
+            }
+        }
+        // 07:00+07:00 is 00:00Z.
+        assert_eq!(
+            rows,
+            vec![
+                (1_767_225_600_000, 1_767_225_600_000, 1_767_250_800_000),
+                (1_767_227_400_250, 1_767_227_400_250, 1_767_252_600_250),
+            ]
+        );
+        Ok(())
+    }
 
     /// A CSV's column types are guessed from every row, and codes written with leading zeros
     /// stay text: a station `0101` was replayed as the number 101, and a `2.5` after a
