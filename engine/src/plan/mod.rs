@@ -16,6 +16,7 @@
 pub mod bounded;
 mod chain;
 mod checked;
+mod corr;
 pub mod fan_out;
 pub mod feed;
 mod join;

@@ -378,6 +378,7 @@ impl StreamContext {
         urbanstream_operators::register_all(&ctx);
         super::bounded::bound_functions(&ctx);
         super::checked::check_sums(&ctx);
+        super::corr::stable_corr(&ctx);
         Self {
             ctx,
             reference_generation: Default::default(),
