@@ -285,3 +285,60 @@ async fn parquet_files_are_replayed_like_the_others() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// More bytes into one partition than the embedded broker keeps (5 MiB of its log; 24 000
+/// records of about 210 bytes): the summary names the partition, its records and bytes, where
+/// a replay of fewer than 100 000 records said nothing and the consumer then found about
+/// 21 000. A replay within the limits is not flagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_past_what_the_embedded_broker_keeps_says_so() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(2)?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("same_key.jsonl");
+    let pad = "x".repeat(150);
+    let mut text = String::new();
+    for j in 0..24_000 {
+        text.push_str(&format!(
+            "{{\"k\":\"same\",\"event_time\":{},\"pad\":\"{pad}\",\"j\":{j}}}\n",
+            1_767_225_600_000i64 + j
+        ));
+    }
+    std::fs::write(&file, &text)?;
+    let args = ReplayArgs {
+        key: Some("k".into()),
+        time: Some("event_time".into()),
+        registry: String::new(),
+        ..ReplayArgs::new(&file, "replay.big", &cluster.brokers)
+    };
+    let summary = replay(&args).await?;
+    assert_eq!(summary.produced, 24_000);
+    assert!(summary.embedded_broker);
+    let beyond = summary.beyond_embedded_limits();
+    assert_eq!(beyond.len(), 1, "{:?}", summary.per_partition);
+    let (partition, records, bytes) = beyond[0];
+    assert_eq!(records, 24_000);
+    assert!(bytes > urbanstream::broker::RETAINED_BYTES_NOTED, "{bytes}");
+    // The broker kept only the newest of them, as the note says.
+    let probe: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cluster.brokers)
+        .create()?;
+    let (low, high) = probe.fetch_watermarks("replay.big", partition, Duration::from_secs(10))?;
+    assert_eq!(high, 24_000);
+    assert!(low > 0, "the broker kept all {high}");
+
+    let small = dir.path().join("small.jsonl");
+    std::fs::write(
+        &small,
+        text.lines().take(100).collect::<Vec<_>>().join("\n"),
+    )?;
+    let summary = replay(&ReplayArgs {
+        key: Some("k".into()),
+        time: Some("event_time".into()),
+        registry: String::new(),
+        ..ReplayArgs::new(&small, "replay.small", &cluster.brokers)
+    })
+    .await?;
+    assert_eq!(summary.produced, 100);
+    assert!(summary.beyond_embedded_limits().is_empty());
+    Ok(())
+}

@@ -423,6 +423,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Tail(args) => tail(args).await,
         Command::Replay(args) => {
             let summary = replay::replay(&args).await?;
+            let beyond = summary.beyond_embedded_limits();
             println!("produced {} records into {}", summary.produced, args.topic);
             if let Some((first, last)) = summary.span_ms {
                 let utc = crate::time::display::DisplayZone::UTC;
@@ -465,8 +466,23 @@ pub async fn run(cli: Cli) -> Result<()> {
                     summary.malformed.first.unwrap_or_default()
                 );
             }
-            if summary.produced > crate::broker::RETAINED_RECORDS as u64 {
-                println!("  note: {}", crate::broker::LIMITS);
+            if !beyond.is_empty() {
+                let partitions: Vec<String> = beyond
+                    .iter()
+                    .map(|(p, records, bytes)| {
+                        format!(
+                            "partition {p}: {records} records, {:.1} MiB",
+                            *bytes as f64 / (1 << 20) as f64
+                        )
+                    })
+                    .collect();
+                println!(
+                    "  note: more than the embedded broker keeps went into {} ({}), so its oldest \
+                     records are gone: {}",
+                    args.topic,
+                    partitions.join("; "),
+                    crate::broker::LIMITS
+                );
             }
             if summary.produced == 0 {
                 return Err(Error::Config(format!(

@@ -187,6 +187,29 @@ pub struct ReplaySummary {
     pub malformed: crate::pipeline::offline::Malformed,
     /// Event times of the first and last records produced.
     pub span_ms: Option<(i64, i64)>,
+    /// Records and bytes (keys and values) acknowledged, by partition.
+    pub per_partition: std::collections::BTreeMap<i32, (u64, u64)>,
+    /// Whether the broker is the embedded one (librdkafka's mock cluster), which keeps only
+    /// the newest records of a partition ([`crate::broker::LIMITS`]).
+    pub embedded_broker: bool,
+}
+
+impl ReplaySummary {
+    /// The partitions given more than the embedded broker keeps, with their records and
+    /// bytes: the oldest of them are gone from it (none on another broker).
+    pub fn beyond_embedded_limits(&self) -> Vec<(i32, u64, u64)> {
+        if !self.embedded_broker {
+            return Vec::new();
+        }
+        self.per_partition
+            .iter()
+            .filter(|(_, (records, bytes))| {
+                *records > crate::broker::RETAINED_RECORDS as u64
+                    || *bytes > crate::broker::RETAINED_BYTES_NOTED
+            })
+            .map(|(p, (records, bytes))| (*p, *records, *bytes))
+            .collect()
+    }
 }
 
 /// Creates `args.topic` with `partitions` partitions unless it exists. The embedded broker
@@ -337,9 +360,10 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
             if let Some(key) = key {
                 record = record.key(key);
             }
+            let bytes = (value.len() + key.map_or(0, str::len)) as u64;
             match producer.send_result(record) {
                 Ok(delivery) => {
-                    inflight.push(delivery);
+                    inflight.push((delivery, bytes));
                     if let Some(times) = &times {
                         let t = times.value(r);
                         summary.span_ms = Some(match summary.span_ms {
@@ -378,6 +402,15 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
         }
     }
     acknowledged(inflight, &mut summary).await?;
+    let brokers = args.brokers.clone();
+    summary.embedded_broker = tokio::task::spawn_blocking(move || {
+        ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create::<rdkafka::consumer::BaseConsumer>()
+            .is_ok_and(|probe| crate::source::is_mock_cluster(&probe, Duration::from_secs(5)))
+    })
+    .await
+    .unwrap_or(false);
     summary.skipped = unreadable.skipped;
     summary.first_skipped = unreadable.first;
     Ok(summary)
@@ -385,12 +418,16 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
 
 /// Waits for deliveries; how many were acknowledged (the first failure is returned).
 async fn acknowledged(
-    deliveries: Vec<rdkafka::producer::DeliveryFuture>,
+    deliveries: Vec<(rdkafka::producer::DeliveryFuture, u64)>,
     summary: &mut ReplaySummary,
 ) -> Result<()> {
-    for d in deliveries {
+    for (d, bytes) in deliveries {
         match d.await {
-            Ok(Ok(_)) => summary.produced += 1,
+            Ok(Ok(delivery)) => {
+                summary.produced += 1;
+                let partition = summary.per_partition.entry(delivery.partition).or_default();
+                *partition = (partition.0 + 1, partition.1 + bytes);
+            }
             // The broker refused a batch of records as too large, which says nothing of one
             // record's size (librdkafka does not split a batch): stop, saying what to change.
             Ok(Err((
