@@ -1,6 +1,7 @@
 //! Commands that cannot work say so quickly: a broker that does not answer fails `demo`,
 //! `simulate` and `tail` within seconds with a non-zero exit and a message naming the
-//! address; flags out of range are refused by the parser before anything starts.
+//! address; flags out of range are refused by the parser before anything starts. And `tail`
+//! with a short `--idle` reads a topic to its end.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -92,4 +93,46 @@ fn a_user_error_prints_its_message_and_no_backtrace() {
         );
         assert!(start.elapsed() < Duration::from_secs(15));
     }
+}
+
+/// `tail --idle` counts from when its consumer holds the topic's partitions: joining the
+/// group takes seconds on the embedded broker, and `--idle 2s` ended before the first record
+/// with "0 records" on a topic of 300. `--details` shows times with their milliseconds.
+#[test]
+fn tail_reads_a_topic_to_its_end_however_short_the_idle_time() -> anyhow::Result<()> {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let broker = urbanstream::broker::EmbeddedBroker::start()?;
+    let brokers = broker.bootstrap_servers();
+    broker.create_topic("tail.me", 2)?;
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    for i in 0..300i64 {
+        let value = format!("{{\"n\":{i},\"event_time\":{}}}", 1_767_225_600_123i64 + i);
+        producer
+            .send(BaseRecord::to("tail.me").key("k").payload(&value))
+            .map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(10))?;
+    let (ok, text, _) = run(&[
+        "tail",
+        "--brokers",
+        &brokers,
+        "--topic",
+        "tail.me",
+        "--idle",
+        "2s",
+        "--details",
+        "--display-time-zone",
+        "+07:00",
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("300 records from tail.me"), "{text}");
+    assert!(
+        text.contains("\"2026-01-01 07:00:00.123 UTC+07:00\""),
+        "the first record's time with its milliseconds:\n{}",
+        &text[..text.len().min(2_000)]
+    );
+    Ok(())
 }

@@ -355,7 +355,8 @@ pub struct TailArgs {
     /// Start at the end instead of the beginning.
     #[arg(long)]
     pub from_end: bool,
-    /// Stop when nothing arrives for this long; default: wait until Ctrl-C.
+    /// Stop when nothing arrives for this long, counted from when the topic's partitions are
+    /// held (joining takes seconds); default: wait until Ctrl-C.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub idle: Option<Duration>,
     /// Where the writer schemas of Avro records are (a schema registry's URL or the
@@ -719,9 +720,23 @@ async fn tail(args: TailArgs) -> Result<()> {
     stop_on_signal(stop.clone());
     let mut seen = 0;
     let mut last = std::time::Instant::now();
+    // `--idle` counts from when the consumer holds the topic's partitions: joining its group
+    // takes seconds, and a short idle time ended before the first record could come.
+    let mut assigned = false;
+    let started = std::time::Instant::now();
     let mut registry = None;
     while !stop.load(Ordering::Relaxed) && args.max.is_none_or(|m| seen < m) {
-        if args.idle.is_some_and(|idle| last.elapsed() >= idle) {
+        if !assigned {
+            assigned = consumer
+                .assignment()
+                .is_ok_and(|a| a.count() > 0)
+                // A topic that does not exist gets none: the idle time counts from then on.
+                || started.elapsed() >= Duration::from_secs(30);
+            if assigned {
+                last = std::time::Instant::now();
+            }
+        }
+        if assigned && args.idle.is_some_and(|idle| last.elapsed() >= idle) {
             break;
         }
         let Ok(message) = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
@@ -739,10 +754,10 @@ async fn tail(args: TailArgs) -> Result<()> {
                 message
                     .key()
                     .map_or_else(|| "-".into(), String::from_utf8_lossy),
-                message
-                    .timestamp()
-                    .to_millis()
-                    .map_or_else(|| "-".to_string(), |ms| zone.format_labelled(ms)),
+                message.timestamp().to_millis().map_or_else(
+                    || "-".to_string(),
+                    |ms| format!("{} {zone}", zone.format_data(ms))
+                ),
             );
         }
         // JSON never starts with a zero byte; Confluent-framed Avro always does.
@@ -790,8 +805,11 @@ fn show_times(record: &[u8], zone: crate::time::display::DisplayZone) -> Option<
             || name.ends_with("_ms")
             || name == "window_start"
             || name == "window_end";
+        // A time of data keeps its milliseconds (`07:00:00.123`; they were cut off).
         match value.get().parse::<i64>().ok().filter(|_| is_time) {
-            Some(ms) => shown.push_str(&serde_json::to_string(&zone.format_labelled(ms)).ok()?),
+            Some(ms) => shown.push_str(
+                &serde_json::to_string(&format!("{} {zone}", zone.format_data(ms))).ok()?,
+            ),
             None => shown.push_str(value.get()),
         }
     }
