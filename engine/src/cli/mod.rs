@@ -146,8 +146,13 @@ pub struct ServeArgs {
 pub struct EvaluateArgs {
     /// A labelled CSV (`series,timestamp,value,label`, or `timestamp,value,label` for one
     /// series named after the file; label 1 inside an anomaly) instead of the built-in set.
+    /// Columns are found by the header's names where it names them, by position otherwise;
+    /// timestamps are RFC 3339 (with an offset, or UTC) or numbers in `--time-unit`.
     #[arg(long)]
     pub data: Option<std::path::PathBuf>,
+    /// With `--data`: the unit of numeric timestamps, `ms` (epoch milliseconds) or `s`.
+    #[arg(long, default_value = "ms", value_parser = ["ms", "s"])]
+    pub time_unit: String,
     /// Seed of the built-in set.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -585,7 +590,10 @@ async fn evaluate(args: EvaluateArgs) -> Result<()> {
         return write_json(args.json.as_deref(), &reports);
     }
     let (set, source) = match &args.data {
-        Some(path) => (eval::from_csv(path)?, path.display().to_string()),
+        Some(path) => (
+            eval::from_csv_in(path, if args.time_unit == "s" { 1_000 } else { 1 })?,
+            path.display().to_string(),
+        ),
         None => {
             let mut set = eval::builtin(args.seed);
             if args.simulated_days > 0 {

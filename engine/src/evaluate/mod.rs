@@ -89,10 +89,10 @@ pub struct DetectorReport {
     pub alerts: usize,
     /// Alerts that match no window.
     pub false_alerts: usize,
-    /// found / windows.
-    pub recall: f64,
-    /// (alerts − false alerts) / alerts.
-    pub precision: f64,
+    /// found / windows; none without labelled windows.
+    pub recall: Option<f64>,
+    /// (alerts − false alerts) / alerts; none without alerts.
+    pub precision: Option<f64>,
     /// Median minutes from a window's start to its first alert.
     pub median_delay_min: Option<f64>,
     /// Recall per family of cases.
@@ -103,10 +103,11 @@ pub struct DetectorReport {
     pub point_f1: f64,
     /// NAB scores (standard, low FP, low FN) with each labelled window, extended by the
     /// tolerance, as a detection window and each alert's start as a prediction, by SKAB's
-    /// rules ([`nab::NabTotals`]).
-    pub nab: [f64; 3],
+    /// rules ([`nab::NabTotals`]); none without labelled windows, which the scores are
+    /// normalised against.
+    pub nab: Option<[f64; 3]>,
     /// The same by NAB's own rules ([`nab::NabPaperTotals`]).
-    pub nab_paper: [f64; 3],
+    pub nab_paper: Option<[f64; 3]>,
 }
 
 fn noise(rng: &mut ChaCha8Rng, sd: f64) -> f64 {
@@ -400,9 +401,18 @@ pub fn simulated(seed: u64, hours: u32) -> Result<Vec<Series>> {
     Ok(out)
 }
 
-/// Reads a labelled CSV: `series,timestamp,value,label` (timestamp RFC 3339 or epoch ms;
-/// label 0/1; an empty value is a missing reading).
+/// Reads a labelled CSV: `series,timestamp,value,label` (timestamp RFC 3339, with or
+/// without an offset (UTC), or a number in `unit_ms` milliseconds, epoch milliseconds for 1;
+/// label 0/1; an empty value is a missing reading). Columns are found by the header's names
+/// where it names them (`series`/`key`/`id`, `timestamp`/`time`/`event_time`, `value`,
+/// `label`/`anomaly`, any case), by position otherwise; without a series column the file is
+/// one series named after it.
 pub fn from_csv(path: &Path) -> Result<Vec<Series>> {
+    from_csv_in(path, 1)
+}
+
+/// [`from_csv`], numeric timestamps counted in units of `unit_ms` milliseconds.
+pub fn from_csv_in(path: &Path, unit_ms: i64) -> Result<Vec<Series>> {
     crate::files::check_line_lengths(path)?;
     let mut reader = csv::Reader::from_path(path)
         .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
@@ -412,40 +422,96 @@ pub fn from_csv(path: &Path) -> Result<Vec<Series>> {
         .and_then(|s| s.to_str())
         .unwrap_or("series")
         .to_string();
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+        .iter()
+        .map(|h| h.trim().trim_start_matches('\u{feff}').to_ascii_lowercase())
+        .collect();
+    let named = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
+    // (series, timestamp, value, label) columns: by name, or by position.
+    let by_name = (
+        named(&["series", "key", "id"]),
+        named(&["timestamp", "time", "event_time"]),
+        named(&["value"]),
+        named(&["label", "anomaly"]),
+    );
+    let columns = match by_name {
+        (series, Some(t), Some(v), Some(l)) => (series, t, v, l),
+        _ if header.len() == 3 => (None, 0, 1, 2),
+        _ if header.len() >= 4 => (Some(0), 1, 2, 3),
+        _ => {
+            return Err(Error::Config(format!(
+                "{}: the header names {} columns: write series,timestamp,value,label (or \
+                 timestamp,value,label for one series)",
+                path.display(),
+                header.len()
+            )));
+        }
+    };
+    let column_name = |i: usize| header.get(i).cloned().unwrap_or_default();
+    let mut seconds_like = 0usize;
+    let mut numeric = 0usize;
     for (line, record) in reader.records().enumerate() {
         let record = record.map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        // `time,value,label` is one series named after the file; otherwise the first column
-        // names the series.
-        let (name, first) = if record.len() == 3 {
-            (stem.as_str(), 0)
-        } else {
-            (record.get(0).unwrap_or("").trim(), 1)
+        let field = |i: usize| record.get(i).unwrap_or("").trim();
+        let name = match columns.0 {
+            Some(c) => field(c),
+            None => stem.as_str(),
         };
-        let field = |i: usize| record.get(first + i - 1).unwrap_or("").trim();
-        let bad = |what: &str| {
-            Error::Config(format!("{}: line {}: bad {what}", path.display(), line + 2))
+        let bad = |column: usize, what: &str| {
+            Error::Config(format!(
+                "{}: line {}: column {} ({}) holds {:?}, which is not {what}",
+                path.display(),
+                line + 2,
+                column + 1,
+                column_name(column),
+                field(column)
+            ))
         };
-        let t = match field(1).parse::<i64>() {
-            Ok(ms) => ms,
-            Err(_) => humantime::parse_rfc3339_weak(field(1))
-                .map_err(|_| bad("timestamp"))?
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_err(|_| bad("timestamp"))?
-                .as_millis() as i64,
+        let written = field(columns.1);
+        let t = match written.parse::<i64>() {
+            Ok(n) => {
+                numeric += 1;
+                // Epoch seconds of these decades read as milliseconds fall in January 1970.
+                if unit_ms == 1 && (1_000_000_000..10_000_000_000).contains(&n) {
+                    seconds_like += 1;
+                }
+                n.checked_mul(unit_ms)
+                    .ok_or_else(|| bad(columns.1, "a time (past the range of one)"))?
+            }
+            Err(_) => {
+                datafusion::arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(written)
+                    .map(|ns| ns.div_euclid(1_000_000))
+                    .map_err(|_| {
+                        bad(
+                            columns.1,
+                            "a time (RFC 3339, 2026-01-01T06:00:00+07:00, or epoch milliseconds)",
+                        )
+                    })?
+            }
         };
-        let value = match field(2) {
+        let value = match field(columns.2) {
             "" => None,
-            v => Some(v.parse::<f64>().map_err(|_| bad("value"))?),
+            v => Some(v.parse::<f64>().map_err(|_| bad(columns.2, "a number"))?),
         };
-        let label = match field(3) {
+        let label = match field(columns.3) {
             "0" | "0.0" | "false" | "FALSE" | "False" => false,
             "1" | "1.0" | "true" | "TRUE" | "True" => true,
-            _ => return Err(bad("label (0 or 1)")),
+            _ => return Err(bad(columns.3, "a label (0 or 1)")),
         };
         by_series
             .entry(name.to_string())
             .or_default()
             .push((t, value, label));
+    }
+    if numeric > 0 && seconds_like == numeric {
+        return Err(Error::Config(format!(
+            "{}: every timestamp is a number between 10⁹ and 10¹⁰, which as epoch milliseconds \
+             is January 1970: these look like epoch seconds; say so with --time-unit s (or \
+             write milliseconds or RFC 3339 times)",
+            path.display()
+        )));
     }
     Ok(by_series
         .into_iter()
@@ -666,14 +732,14 @@ pub fn evaluate(
         found: 0,
         alerts: 0,
         false_alerts: 0,
-        recall: 0.0,
-        precision: 0.0,
+        recall: None,
+        precision: None,
         median_delay_min: None,
         recall_by_family: BTreeMap::new(),
         false_alerts_per_day: 0.0,
         point_f1: 0.0,
-        nab: [0.0; 3],
-        nab_paper: [0.0; 3],
+        nab: None,
+        nab_paper: None,
     };
     let mut points = nab::PointCounts::default();
     let mut changepoints = nab::NabTotals::default();
@@ -729,10 +795,14 @@ pub fn evaluate(
         }
     }
     report.point_f1 = points.f1();
-    report.nab = changepoints.scores();
-    report.nab_paper = paper.scores();
-    report.recall = ratio(report.found, report.windows);
-    report.precision = ratio(report.alerts - report.false_alerts, report.alerts);
+    // Undefined without labelled windows (recall, NAB) or alerts (precision): none, as the
+    // table shows `-` (the JSON said 0.0).
+    let labelled = report.windows > 0;
+    report.nab = labelled.then(|| changepoints.scores());
+    report.nab_paper = labelled.then(|| paper.scores());
+    report.recall = labelled.then(|| ratio(report.found, report.windows));
+    report.precision =
+        (report.alerts > 0).then(|| ratio(report.alerts - report.false_alerts, report.alerts));
     report.median_delay_min = median(delays);
     report.recall_by_family = family
         .into_iter()
@@ -752,12 +822,10 @@ fn ratio(a: usize, b: usize) -> f64 {
 }
 
 /// NAB scores as a table cell, `-` without labelled windows.
-fn nab_cell(scores: &[f64; 3], windows: usize) -> String {
-    if windows == 0 {
-        "-".to_string()
-    } else {
-        format!("{:.1} / {:.1} / {:.1}", scores[0], scores[1], scores[2])
-    }
+fn nab_cell(scores: Option<&[f64; 3]>) -> String {
+    scores.map_or("-".into(), |s| {
+        format!("{:.1} / {:.1} / {:.1}", s[0], s[1], s[2])
+    })
 }
 
 /// The median of `values` (the mean of the middle two of an even number); `None` for none.
@@ -835,22 +903,14 @@ pub fn table(reports: &[DetectorReport]) -> String {
             r.found,
             r.alerts,
             r.false_alerts,
-            if r.alerts == 0 {
-                "-".to_string()
-            } else {
-                format!("{:.2}", r.precision)
-            },
-            if r.windows == 0 {
-                "-".to_string()
-            } else {
-                format!("{:.2}", r.recall)
-            },
+            r.precision.map_or("-".into(), |p| format!("{p:.2}")),
+            r.recall.map_or("-".into(), |p| format!("{p:.2}")),
             r.median_delay_min.map_or("-".into(), |d| format!("{d:.0}")),
             r.false_alerts_per_day,
             r.point_f1,
             // Without labelled windows there is nothing to normalise against.
-            nab_cell(&r.nab, r.windows),
-            nab_cell(&r.nab_paper, r.windows),
+            nab_cell(r.nab.as_ref()),
+            nab_cell(r.nab_paper.as_ref()),
             families
                 .iter()
                 .map(|f| r
@@ -897,12 +957,12 @@ mod tests {
             "sensor_jump",
         ] {
             let r = get(check);
-            assert!(r.recall >= 0.75, "{check}: {r:?}");
-            assert!(r.precision >= 0.75, "{check}: {r:?}");
+            assert!(r.recall.is_some_and(|v| v >= 0.75), "{check}: {r:?}");
+            assert!(r.precision.is_some_and(|v| v >= 0.75), "{check}: {r:?}");
         }
         let combined = get("anomaly_score");
         assert!(combined.recall_by_family["incident"] >= 0.9, "{combined:?}");
-        assert!(combined.precision > 0.5, "{combined:?}");
+        assert!(combined.precision.is_some_and(|v| v > 0.5), "{combined:?}");
     }
 
     #[test]
@@ -936,7 +996,7 @@ mod tests {
             .iter()
             .find(|r| r.detector == "sensor_missing")
             .expect("missing");
-        assert!(missing.recall > 0.9, "{missing:?}");
+        assert!(missing.recall.is_some_and(|v| v > 0.9), "{missing:?}");
     }
 
     #[test]
@@ -974,7 +1034,38 @@ mod tests {
         );
         std::fs::write(&single, "time,value,label\n0,1,0\n60000,9,2\n").expect("write");
         let refused = from_csv(&single).expect_err("label 2").to_string();
-        assert!(refused.contains("line 3: bad label (0 or 1)"), "{refused}");
+        assert!(
+            refused.contains("line 3: column 3 (label) holds \"2\", which is not a label (0 or 1)"),
+            "{refused}"
+        );
+        // Columns by the header's names, in any order; times with an offset; epoch seconds
+        // said to be seconds, and refused as milliseconds (they fell in January 1970).
+        let named = dir.path().join("named.csv");
+        std::fs::write(
+            &named,
+            "Label,value,timestamp,series\n0,1,2026-01-01T07:00:00+07:00,a\n\
+             1,9,2026-01-01T00:01:00Z,a\n0,1,1767225720000,a\n",
+        )
+        .expect("write");
+        let set = from_csv(&named).expect("csv");
+        assert_eq!(set.len(), 1);
+        assert_eq!(
+            set[0].times,
+            vec![1_767_225_600_000, 1_767_225_660_000, 1_767_225_720_000]
+        );
+        assert_eq!(set[0].windows, vec![(1_767_225_660_000, 1_767_225_660_000)]);
+        let seconds = dir.path().join("seconds.csv");
+        std::fs::write(
+            &seconds,
+            "series,timestamp,value,label\ns,1767225600,1,0\ns,1767225660,2,0\n",
+        )
+        .expect("write");
+        let refused = from_csv(&seconds).expect_err("seconds").to_string();
+        assert!(refused.contains("--time-unit s"), "{refused}");
+        assert_eq!(
+            from_csv_in(&seconds, 1_000).expect("seconds")[0].times,
+            vec![1_767_225_600_000, 1_767_225_660_000]
+        );
     }
 
     /// Two labelled windows that overlap once the tolerance extends the first: the first's
