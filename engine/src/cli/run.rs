@@ -729,6 +729,25 @@ mod tests {
         Ok(())
     }
 
+    /// A JSON-lines file that begins with a byte-order mark (some Windows tools write one) has
+    /// its first line read: it was rejected as no JSON object.
+    #[tokio::test]
+    async fn a_byte_order_mark_does_not_cost_the_first_line() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let sql = "CREATE EXTERNAL TABLE s (k VARCHAR, event_time TIMESTAMP NOT NULL, n BIGINT) \
+                   STORED AS KAFKA OPTIONS ('topic' 's', 'event_time' 'event_time', \
+                   'watermark_delay' '0s'); SELECT k, n FROM s";
+        let rows = "\u{feff}{\"k\":\"a\",\"event_time\":\"2026-01-01T00:00:01Z\",\"n\":1}\n\
+                    {\"k\":\"b\",\"event_time\":\"2026-01-01T00:00:02Z\",\"n\":2}\n";
+        let summary = run_file(&run_over(dir.path(), sql, "bom.jsonl", rows)?).await?;
+        assert_eq!(
+            (summary.input_rows, summary.rejected, summary.output_rows),
+            (2, 0, 2),
+            "{summary:?}"
+        );
+        Ok(())
+    }
+
     /// Results not published (a window's result the plan above the windows fails on, a float
     /// JSON cannot carry) are counted apart from the input rows rejected: they were counted
     /// as rejected input rows, so a run could report more rows rejected than it read.

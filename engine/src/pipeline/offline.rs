@@ -1250,6 +1250,7 @@ fn without_malformed_lines(
     use std::io::{BufRead, Write};
     /// A line's fields, each as the JSON text it is written as; `None` for a blank line.
     fn parse(line: &[u8]) -> Option<std::result::Result<Fields<'_>, String>> {
+        let line = without_bom(line);
         if line.iter().all(u8::is_ascii_whitespace) {
             return None;
         }
@@ -1330,7 +1331,15 @@ fn without_malformed_lines(
         .filter(|name| Some(name.as_str()) != time)
         .cloned()
         .collect();
-    if !bad_lines && mixed.is_empty() {
+    // A file that begins with a byte-order mark (as some Windows tools write UTF-8) is read
+    // from a copy without it: the first line was rejected as no JSON object.
+    let bom = {
+        let mut first = [0u8; 3];
+        std::io::Read::read_exact(&mut std::fs::File::open(file).map_err(failed)?, &mut first)
+            .is_ok()
+            && first == UTF8_BOM
+    };
+    if !bad_lines && mixed.is_empty() && !bom {
         return Ok((None, malformed, carried));
     }
     let why = |fields: &Fields<'_>| -> Option<String> {
@@ -1384,13 +1393,21 @@ fn without_malformed_lines(
             rewritten.push(b'}');
             writer.write_all(&rewritten).map_err(failed)?;
         } else {
-            writer.write_all(&line).map_err(failed)?;
+            writer.write_all(without_bom(&line)).map_err(failed)?;
         }
         writer.write_all(b"\n").map_err(failed)?;
     }
     writer.flush().map_err(failed)?;
     drop(writer);
     Ok((Some(out.into_temp_path()), malformed, carried))
+}
+
+/// UTF-8's byte-order mark.
+const UTF8_BOM: [u8; 3] = [0xEF, 0xBB, 0xBF];
+
+/// `line` without a byte-order mark it begins with.
+fn without_bom(line: &[u8]) -> &[u8] {
+    line.strip_prefix(&UTF8_BOM[..]).unwrap_or(line)
 }
 
 /// A JSON line's fields in the line's order, each as the JSON text it is written as (a name
