@@ -156,6 +156,38 @@ async fn speedup_paces_records_by_event_time_and_bad_options_are_named() -> anyh
     bad.rename = vec!["stationid=sensor_id".into()];
     let e = replay(&bad).await.expect_err("unknown column");
     assert!(e.to_string().contains("has no column stationid"), "{e}");
+    // One name per column: a rename onto another column's name failed deep in the reader,
+    // and a second rename of one column was ignored.
+    for (renames, says) in [
+        (
+            vec!["station=sensor_id", "time=event_time", "time=k"],
+            "--rename time=… is given twice",
+        ),
+        (
+            vec!["station=sensor_id", "time=sensor_id"],
+            "station is renamed sensor_id already",
+        ),
+        (
+            vec!["pm25=time", "station=sensor_id"],
+            "has a column time already: rename that one too",
+        ),
+    ] {
+        let mut bad = args(&cluster, &file, "paced");
+        bad.rename = renames.iter().map(|r| r.to_string()).collect();
+        let e = replay(&bad).await.expect_err(says);
+        assert!(e.to_string().contains(says), "{renames:?}: {e}");
+    }
+    let mut unpaced = args(&cluster, &file, "paced");
+    unpaced.time = None;
+    unpaced.speedup = Some(600.0);
+    let e = replay(&unpaced)
+        .await
+        .expect_err("--speedup without --time");
+    assert!(
+        e.to_string()
+            .contains("name the event-time column with --time"),
+        "{e}"
+    );
     let mut bad = args(&cluster, &file.with_extension("xlsx"), "paced");
     bad.rename = Vec::new();
     let e = replay(&bad).await.expect_err("a spreadsheet");

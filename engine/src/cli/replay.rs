@@ -261,6 +261,13 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
             e => format!("--topic: {e}"),
         })
     })?;
+    if args.speedup.is_some() && args.time.is_none() {
+        return Err(Error::Config(
+            "--speedup paces records by their event times: name the event-time column with \
+             --time (without it the records went as fast as the broker took them)"
+                .into(),
+        ));
+    }
     crate::broker::check_reachable(&args.brokers).await?;
     if let Some(partitions) = args.partitions {
         create_topic(args, partitions).await?;

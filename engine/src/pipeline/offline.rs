@@ -858,11 +858,30 @@ pub async fn open_file(
         .iter()
         .map(|f| f.name().clone())
         .collect();
-    for (old, _) in &renames {
+    for (i, (old, new)) in renames.iter().enumerate() {
         if !columns.contains(old) {
             return Err(Error::Config(format!(
                 "--rename {old}=…: {shown} has no column {old} (columns: {})",
                 columns.join(", ")
+            )));
+        }
+        // One name per column: a second rename of a column was ignored, and a rename onto
+        // another column's name failed deep in the reader (or made two columns of one name).
+        if renames[..i].iter().any(|(o, _)| o == old) {
+            return Err(Error::Config(format!(
+                "--rename {old}=… is given twice: rename a column once"
+            )));
+        }
+        if let Some((first, _)) = renames[..i].iter().find(|(_, n)| n == new) {
+            return Err(Error::Config(format!(
+                "--rename {old}={new}: {first} is renamed {new} already: give each column \
+                 its own name"
+            )));
+        }
+        if new != old && columns.contains(new) && !renames.iter().any(|(o, _)| o == new) {
+            return Err(Error::Config(format!(
+                "--rename {old}={new}: {shown} has a column {new} already: rename that one \
+                 too (--rename {new}=…), or choose another name"
             )));
         }
     }
