@@ -61,6 +61,7 @@ pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
     let sql = crate::files::read_text(&args.query, crate::files::SQL_FILE_BYTES, "--query")
         .map_err(|e| Error::Config(format!("{e} (--query takes a file of SQL statements)")))?;
     let reference = ReferenceTables::embedded()?;
+    let mut pending = Vec::new();
     for spec in &args.reference {
         let (name, file) = spec.split_once('=').ok_or_else(|| {
             Error::Config(format!(
@@ -72,7 +73,27 @@ pub async fn run_file(args: &RunArgs) -> Result<RunSummary> {
             crate::reference::tables::MAX_CSV_BYTES as u64,
             &format!("--reference {}:", name.trim()),
         )?;
-        reference.replace(name.trim(), &csv)?;
+        pending.push((spec, name.trim(), csv));
+    }
+    // Each table is checked against the others as they are when it goes in: one that names
+    // rows of a table given after it (a segment of a ward added by a later --reference) is
+    // tried again once the others are in, so the order they are given in does not matter.
+    while !pending.is_empty() {
+        let mut refused = Vec::new();
+        let before = pending.len();
+        for (spec, name, csv) in pending {
+            if let Err(e) = reference.replace(name, &csv) {
+                refused.push((spec, name, csv, e));
+            }
+        }
+        if refused.len() == before {
+            let (spec, _, _, e) = refused.swap_remove(0);
+            return Err(Error::Config(format!("--reference {spec}: {e}")));
+        }
+        pending = refused
+            .into_iter()
+            .map(|(spec, name, csv, _)| (spec, name, csv))
+            .collect();
     }
     let ctx = city_context_in(
         StreamContext::new(),
@@ -860,6 +881,34 @@ mod reference_tests {
         assert_eq!(yes, 6, "every hour of the station, declared hourly");
         args.reference = vec!["sensors".into()];
         assert!(run_file(&args).await.is_err(), "TABLE=FILE");
+        // A station of a ward added by a later --reference: the order the tables are given in
+        // does not matter (the sensors were checked before the ward was in, and refused).
+        let mut wards = ReferenceData::embedded_csv("wards.csv")
+            .unwrap_or_default()
+            .to_string();
+        wards.push_str("w_x,Phường X,21.03,105.81\n");
+        let in_new_ward = sensors.replace("hn-01,ba_dinh,station", "hn-01,w_x,station");
+        let sensors_file = write("sensors_w_x.csv", &in_new_ward)?;
+        let wards_file = write("wards_w_x.csv", &wards)?;
+        args.reference = vec![
+            format!("sensors={}", sensors_file.display()),
+            format!("wards={}", wards_file.display()),
+        ];
+        let declared = run_file(&args).await?;
+        assert_eq!(
+            complete(&declared)?.0,
+            6,
+            "declared with its ward given after it"
+        );
+        // Without the ward, refused, naming the file given.
+        args.reference = vec![format!("sensors={}", sensors_file.display())];
+        let refused = run_file(&args).await.expect_err("unknown ward").to_string();
+        assert!(
+            refused.contains("--reference sensors=")
+                && refused.contains("sensors_w_x.csv")
+                && refused.contains("w_x"),
+            "{refused}"
+        );
         Ok(())
     }
 }
