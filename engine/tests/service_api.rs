@@ -852,6 +852,41 @@ async fn a_broker_outage_is_ridden_out_without_losing_a_window() -> anyhow::Resu
     Ok(())
 }
 
+/// A broker that stops answering (its process stopped, connections open) for longer than the
+/// group's session timeout: the query's member loses its partitions, and the query goes on
+/// once the broker answers again. Its pipeline, started again, waited for good on closing
+/// the old consumer (a lost assignment answered with an eager unassign, which a cooperative
+/// consumer's close does not take), so the query read nothing more, still said RUNNING, and
+/// a restart did not return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_answering_longer_than_a_session_is_ridden_out() -> anyhow::Result<()> {
+    let (broker, brokers, _dir, service, app) = counting_service().await?;
+    let t0 = 1_767_222_000_000;
+    produce_events(&brokers, t0, 300, 10).await?;
+    wait_for(&app, "counts", Duration::from_secs(30), |q| {
+        q["rows_in"] == 300
+    })
+    .await?;
+    // Every answer takes 25 s, for 25 s: past the 10 s session timeout.
+    broker.set_round_trip_time(Duration::from_secs(25))?;
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    broker.set_round_trip_time(Duration::ZERO)?;
+    produce_events(&brokers, t0 + 300_000, 300, 10).await?;
+    // Every window of the 600 events is published with its full count (the watermark
+    // reaches t0 + 594 s: minutes 0 to 8 close).
+    let q = wait_for(&app, "counts", Duration::from_secs(120), |q| {
+        q["state"] == "RUNNING"
+            && q["watermark_ms"].as_i64() == Some(t0 + 594_000)
+            && q["assigned_partitions"] == 2
+    })
+    .await?;
+    // It stopped on the lost partitions and its supervisor started it again.
+    assert!(q["restarts"].as_u64().unwrap_or(0) >= 1, "{q}");
+    assert_whole_windows(&brokers, "test.counts", t0, 9).await?;
+    service.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_explosion_hits_the_state_cap_with_a_clear_failure() -> anyhow::Result<()> {
     let broker = broker()?;

@@ -37,18 +37,29 @@ impl Pipeline {
     /// ([`Error::Rebalanced`]), to start again from its checkpoints or committed offsets: the
     /// group may have given them to another member already.
     pub(super) async fn rebalance(&mut self) -> Result<()> {
-        for change in self.source.rebalances() {
-            match change {
-                PartitionChange::Assigned(list) => self.take(list).await?,
-                PartitionChange::Revoked(list) => self.release(list).await?,
-                PartitionChange::Lost(list) => {
-                    return Err(Error::Rebalanced(format!(
-                        "the session in consumer group {} expired and its partitions were lost \
-                         ({})",
-                        self.config.group_id,
-                        describe(&list)
-                    )));
-                }
+        let mut changes = self.source.rebalances().into_iter();
+        while let Some(change) = changes.next() {
+            let done = match &change {
+                PartitionChange::Assigned(list) => self.take(list.clone()).await,
+                PartitionChange::Revoked(list) => self.release(list.clone()).await,
+                PartitionChange::Lost(list) => Err(Error::Rebalanced(format!(
+                    "the session in consumer group {} expired and its partitions were lost ({})",
+                    self.config.group_id,
+                    describe(list)
+                ))),
+            };
+            if let Err(e) = done {
+                // The group waits for each change to be answered, and the consumer's close
+                // waited for good on one left unanswered: this one and those after it are
+                // answered before the pipeline stops.
+                let unanswered: Vec<PartitionChange> =
+                    std::iter::once(change).chain(changes).collect();
+                blocking(|| {
+                    for change in &unanswered {
+                        self.source.answer(change);
+                    }
+                });
+                return Err(e);
             }
         }
         Ok(())

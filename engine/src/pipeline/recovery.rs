@@ -148,6 +148,33 @@ impl Pipeline {
             .iter()
             .map(|((t, p), o)| format!("{t}[{p}] at offset {o}"))
             .collect();
+        let afresh = match (&self.config.name, self.config.builtin) {
+            (Some(name), true) => self.builtin_afresh(name),
+            (Some(name), false) => {
+                format!("reset the query to start it afresh (`urbanstream query reset {name}`)")
+            }
+            _ => "drop and re-create the query to start it afresh".into(),
+        };
+        // Kept whole by an earlier run, now split per partition: an earlier version kept a
+        // query of this kind (detectors over windows grouped by another key) in one state.
+        let whole = self.checkpoints.as_ref().is_some_and(|c| {
+            !c.stores.contains_key(&None)
+                && CheckpointStore::at(c.location.clone(), c.retain)
+                    .and_then(|store| store.epochs())
+                    .is_ok_and(|epochs| !epochs.is_empty())
+        });
+        if whole {
+            return Err(Error::Checkpoint(format!(
+                "consumer group {} has read {} before, and {dir} holds the query's state as \
+                 one state for all partitions, but the query now keeps one state per \
+                 partition (this version repartitions queries an earlier one kept whole, such \
+                 as detectors over windows keyed by their groups): one state cannot be split \
+                 into them, so the query stops rather than start from empty state. To go on, \
+                 {afresh}",
+                self.config.group_id,
+                shown.join(", "),
+            )));
+        }
         Err(Error::Checkpoint(format!(
             "consumer group {} has read {} before, but {dir} holds no checkpoint of {}: the \
              query's state for them was kept by a process whose checkpoints this one cannot \
@@ -157,12 +184,7 @@ impl Pipeline {
             self.config.group_id,
             shown.join(", "),
             if read.len() == 1 { "it" } else { "them" },
-            match (&self.config.name, self.config.builtin) {
-                (Some(name), true) => self.builtin_afresh(name),
-                (Some(name), false) =>
-                    format!("reset the query to start it afresh (`urbanstream query reset {name}`)"),
-                _ => "drop and re-create the query to start it afresh".into(),
-            },
+            afresh,
         )))
     }
 

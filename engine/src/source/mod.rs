@@ -724,6 +724,38 @@ impl KafkaSource {
             .unwrap_or_default()
     }
 
+    /// Answers `change` without taking anything up (the pipeline is stopping): an
+    /// assignment is accepted, to be revoked by the consumer's close, and a revocation or a
+    /// loss carried out. The group waits for every change to be answered: a consumer closed
+    /// with one unanswered (partitions lost while the broker did not answer) waited for good,
+    /// and its query never started again. Best effort: a change answered already fails here.
+    pub fn answer(&self, change: &PartitionChange) {
+        let list_of = |partitions: &[(String, i32)]| {
+            let mut list = TopicPartitionList::new();
+            for (topic, partition) in partitions {
+                list.add_partition(topic, *partition);
+            }
+            list
+        };
+        let cooperative = matches!(
+            self.consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let done = match (change, cooperative) {
+            (PartitionChange::Assigned(list), true) => {
+                self.consumer.incremental_assign(&list_of(list))
+            }
+            (PartitionChange::Assigned(list), false) => self.consumer.assign(&list_of(list)),
+            (PartitionChange::Revoked(list) | PartitionChange::Lost(list), true) => {
+                self.consumer.incremental_unassign(&list_of(list))
+            }
+            (_, false) => self.consumer.unassign(),
+        };
+        if let Err(e) = done {
+            debug!(error = %e, ?change, "partition change answered already");
+        }
+    }
+
     /// Starts fetching `partitions` (answering [`PartitionChange::Assigned`]), each at its
     /// resume position when it has one, else at the group's committed offset (the earliest
     /// without one), or the first time at the beginning for the topics of
@@ -1046,14 +1078,12 @@ fn shared_probe(brokers: &str, properties: &[(String, String)]) -> Result<Arc<Ba
 
 impl Drop for KafkaSource {
     fn drop(&mut self) {
-        // The consumer closes after this: partition changes are carried out in the callback.
+        // The consumer closes after this: partition changes are carried out in the callback,
+        // and those queued before are answered now (an eager unassign did not answer a
+        // cooperative consumer's revocation, and its close waited for good).
         self.closing.store(true, Ordering::Release);
-        let pending = self.rebalances();
-        if pending
-            .iter()
-            .any(|c| !matches!(c, PartitionChange::Assigned(_)))
-        {
-            let _ = self.consumer.unassign();
+        for change in self.rebalances() {
+            self.answer(&change);
         }
     }
 }
