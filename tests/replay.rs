@@ -177,6 +177,19 @@ async fn speedup_paces_records_by_event_time_and_bad_options_are_named() -> anyh
         let e = replay(&bad).await.expect_err(says);
         assert!(e.to_string().contains(says), "{renames:?}: {e}");
     }
+    // Into the city's air readings, keyed by ward as the topic is: keyed by sensor, one
+    // ward's readings would be split between partitions, and its hours never complete.
+    for key in [Some("sensor_id"), None] {
+        let mut air = args(&cluster, &file, "city.air.readings");
+        air.key = key.map(String::from);
+        let e = replay(&air).await.expect_err("another key");
+        assert!(
+            e.to_string()
+                .contains("city.air.readings is keyed by ward_id")
+                && e.to_string().contains("--key ward_id"),
+            "{e}"
+        );
+    }
     let mut unpaced = args(&cluster, &file, "paced");
     unpaced.time = None;
     unpaced.speedup = Some(600.0);

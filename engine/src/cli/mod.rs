@@ -93,7 +93,7 @@ pub enum Command {
     ///
     /// Example: `urbanstream replay --brokers localhost:9092 --file hanoi_pm25.csv \
     /// --topic city.air.readings --rename station=sensor_id --time event_time \
-    /// --time-zone +07:00 --key sensor_id`
+    /// --time-zone +07:00 --key ward_id`
     Replay(replay::ReplayArgs),
     /// Run a stream query over a CSV, JSON-lines or Parquet file, offline, without Kafka: the file's
     /// rows are the stream's records (validated by its schema), every window closes at the

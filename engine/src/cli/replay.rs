@@ -261,6 +261,25 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
             e => format!("--topic: {e}"),
         })
     })?;
+    // A city input topic's records are placed by its declared key: queries keep one state
+    // per partition on that (the built-in ward air indicators among them), and records keyed
+    // by another column split one ward's readings between partitions' states, each hour
+    // incomplete and without an AQI.
+    if let Some(declared) = crate::schema::SchemaRegistry::embedded()?
+        .streams()?
+        .into_iter()
+        .map(|(_, d)| d)
+        .find(|d| d.topic == args.topic && d.role == crate::schema::StreamRole::Input)
+        && let Some(key) = &declared.key
+        && args.key.as_deref() != Some(key.as_str())
+    {
+        return Err(Error::Config(format!(
+            "{} is keyed by {key}: queries keep their state per partition on it, and records \
+             keyed otherwise would split a {key}'s records between partitions; replay with \
+             --key {key}",
+            args.topic
+        )));
+    }
     if args.speedup.is_some() && args.time.is_none() {
         return Err(Error::Config(
             "--speedup paces records by their event times: name the event-time column with \
