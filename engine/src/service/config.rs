@@ -358,7 +358,7 @@ impl ServiceConfig {
         if self.catalog.path.as_os_str().is_empty() {
             return Err(Error::Config(
                 "catalog.path is empty: the registered queries are kept in that file (the \
-                 default is data/catalog.json)"
+                 default is urbanstream-data/catalog.json)"
                     .into(),
             ));
         }
@@ -415,6 +415,16 @@ impl ServiceConfig {
                  caller without one",
                 self.api.listen
             )));
+        }
+        // With a read token only, every change would be refused (they take api.token), and the
+        // service could not be administered at all.
+        if !self.api.read_token.is_empty() && self.api.token.is_empty() {
+            return Err(Error::Config(
+                "api.read_token is set and api.token is not: reading would need the read token \
+                 and every change api.token, which is empty, so no one could register or \
+                 control a query; set api.token too"
+                    .into(),
+            ));
         }
         if !self.api.read_token.is_empty() && self.api.read_token == self.api.token {
             return Err(Error::Config(
@@ -714,6 +724,10 @@ mod tests {
             jail.set_env("URBANSTREAM__API__TOKEN", "");
             jail.set_env("URBANSTREAM__API__READ_TOKEN", "");
             assert!(load(None).is_ok(), "loopback needs no token");
+            // A read token without an admin token: no one could change anything.
+            jail.set_env("URBANSTREAM__API__READ_TOKEN", "reader");
+            let e = load(None).expect_err("read token only");
+            assert!(e.contains("set api.token too"), "{e}");
             Ok(())
         });
     }
