@@ -431,6 +431,8 @@ async fn the_api_contract() -> anyhow::Result<()> {
     // Paused, it holds no partition (it showed those it held when it stopped).
     let (_, paused) = call(&app, "GET", "/v1/queries/counts", Some(TOKEN), None).await?;
     assert_eq!(paused["assigned_partitions"], 0, "{paused}");
+    // Its lag is not measured while paused (its last figure stayed while input piled up).
+    assert_eq!(paused["consumer_lag"], Value::Null, "{paused}");
     let (status, body) = call(&app, "POST", "/v1/queries/counts/resume", Some(TOKEN), None).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     wait_for(&app, "counts", Duration::from_secs(20), is("RUNNING")).await?;

@@ -612,7 +612,10 @@ impl QueryHandle {
             unknown_ids: stats.unknown_ids.load(Ordering::Relaxed),
             batches: stats.batches.load(Ordering::Relaxed),
             batches_read_ahead: stats.reads_ahead.load(Ordering::Relaxed),
-            consumer_lag: (lag >= 0).then_some(lag),
+            // Measured by a running query's consumer only: a paused or failed query's last
+            // figure (0, say) stayed while its input piled up.
+            consumer_lag: (lag >= 0 && !matches!(state, QueryState::Paused | QueryState::Failed))
+                .then_some(lag),
             assigned_partitions: stats.assigned_partitions.load(Ordering::Relaxed),
             partitioning: stats.partitioning.lock().ok().and_then(|p| *p),
             watermark_ms,

@@ -145,9 +145,9 @@ pub fn render(
         metrics::counter!("urbanstream_decode_errors_total", &label).absolute(q.dlq);
         metrics::counter!("urbanstream_unknown_ids_total", &label).absolute(q.unknown_ids);
         metrics::counter!("urbanstream_late_events_total", &label).absolute(q.late);
-        if let Some(lag) = q.consumer_lag {
-            metrics::gauge!("urbanstream_consumer_lag_records", &label).set(lag as f64);
-        }
+        // Not measured (a paused or failed query): NaN, not the last figure.
+        metrics::gauge!("urbanstream_consumer_lag_records", &label)
+            .set(q.consumer_lag.map_or(f64::NAN, |lag| lag as f64));
         if let Some(lag) = q.watermark_lag_ms {
             metrics::gauge!("urbanstream_watermark_lag_seconds", &label).set(lag as f64 / 1e3);
         }
