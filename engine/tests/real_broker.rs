@@ -459,6 +459,23 @@ fn produce_now(brokers: &str, t0: i64, seqs: std::ops::Range<usize>) -> anyhow::
     Ok(())
 }
 
+/// `m`'s service started again until its query `counts` is FAILED: the service, the query's
+/// status and its error.
+fn started_until_failed(
+    m: &Member,
+    api: &Api,
+) -> anyhow::Result<(Process, serde_json::Value, String)> {
+    let service = serve(&m.config, &m.log)?;
+    api.wait_live(&m.base)?;
+    wait_until("the query did not fail", || {
+        api.status(&m.base, "counts")
+            .is_some_and(|s| s["state"] == "FAILED")
+    })?;
+    let status = api.status(&m.base, "counts").unwrap_or_default();
+    let error = status["error"].as_str().unwrap_or_default().to_string();
+    Ok((service, status, error))
+}
+
 /// A service counting events per window into `output` (query `counts`, group `group`) that
 /// read 400 events, checkpointed them and was killed; with its first window's start.
 fn counted_then_killed(
@@ -490,7 +507,6 @@ fn input_deleted_before_it_was_read_fails_the_query_with_the_reason() -> anyhow:
     let dir = tempfile::tempdir()?;
     let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
     let (m, api, t0) = counted_then_killed(dir.path(), &brokers, "gap", "gap.counts")?;
-    let base = &m.base;
 
     // While it is down, more events arrive and the input is truncated past all of them.
     produce_now(&brokers, t0, 400..800)?;
@@ -513,14 +529,7 @@ fn input_deleted_before_it_was_read_fails_the_query_with_the_reason() -> anyhow:
         anyhow::ensure!(e.error().is_ok(), "DeleteRecords failed: {:?}", e.error());
     }
 
-    let service = serve(&m.config, &m.log)?;
-    api.wait_live(base)?;
-    wait_until("the query did not fail", || {
-        api.status(base, "counts")
-            .is_some_and(|s| s["state"] == "FAILED")
-    })?;
-    let status = api.status(base, "counts").unwrap_or_default();
-    let error = status["error"].as_str().unwrap_or_default().to_string();
+    let (service, status, error) = started_until_failed(&m, &api)?;
     eprintln!("status after the truncation: {error}");
     assert!(
         error.contains("no longer in the log") && error.contains("city.camera.events"),
@@ -541,7 +550,6 @@ fn a_broker_back_without_records_the_query_read_fails_it_naming_that() -> anyhow
     let (broker, brokers) =
         real_broker_at(dir.path(), "broker-data", port, &["city.camera.events"])?;
     let (m, api, _) = counted_then_killed(dir.path(), &brokers, "empty", "empty.counts")?;
-    let base = &m.base;
 
     // The broker again on its address, on empty storage, with the query's topics.
     drop(broker);
@@ -552,14 +560,7 @@ fn a_broker_back_without_records_the_query_read_fails_it_naming_that() -> anyhow
         &["city.camera.events", "empty.counts"],
     )?;
     assert_eq!(again, brokers);
-    let service = serve(&m.config, &m.log)?;
-    api.wait_live(base)?;
-    wait_until("the query did not fail", || {
-        api.status(base, "counts")
-            .is_some_and(|s| s["state"] == "FAILED")
-    })?;
-    let status = api.status(base, "counts").unwrap_or_default();
-    let error = status["error"].as_str().unwrap_or_default().to_string();
+    let (service, status, error) = started_until_failed(&m, &api)?;
     eprintln!("status with the broker back empty: {error}");
     assert!(
         error.contains("city.camera.events [")
@@ -585,7 +586,6 @@ fn an_input_topic_that_gained_partitions_fails_a_query_split_by_partition() -> a
     let dir = tempfile::tempdir()?;
     let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
     let (m, api, _) = counted_then_killed(dir.path(), &brokers, "grow", "grow.counts")?;
-    let base = &m.base;
 
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
@@ -604,14 +604,7 @@ fn an_input_topic_that_gained_partitions_fails_a_query_split_by_partition() -> a
         anyhow::ensure!(result.is_ok(), "CreatePartitions failed: {result:?}");
     }
 
-    let service = serve(&m.config, &m.log)?;
-    api.wait_live(base)?;
-    wait_until("the query did not fail", || {
-        api.status(base, "counts")
-            .is_some_and(|s| s["state"] == "FAILED")
-    })?;
-    let status = api.status(base, "counts").unwrap_or_default();
-    let error = status["error"].as_str().unwrap_or_default().to_string();
+    let (service, status, error) = started_until_failed(&m, &api)?;
     eprintln!("status after the topic grew: {error}");
     assert!(
         error.contains(&format!("has {} partitions", PARTITIONS + 2))

@@ -186,6 +186,25 @@ async fn counting_service() -> anyhow::Result<(
     Ok((broker, brokers, dir, service, app))
 }
 
+/// [`counting_service`] once its query has read 300 events from `t0` (returned last).
+async fn counting_service_read_300() -> anyhow::Result<(
+    EmbeddedBroker,
+    String,
+    tempfile::TempDir,
+    Arc<Service>,
+    axum::Router,
+    i64,
+)> {
+    let (broker, brokers, dir, service, app) = counting_service().await?;
+    let t0 = 1_767_222_000_000;
+    produce_events(&brokers, t0, 300, 10).await?;
+    wait_for(&app, "counts", Duration::from_secs(30), |q| {
+        q["rows_in"] == 300
+    })
+    .await?;
+    Ok((broker, brokers, dir, service, app, t0))
+}
+
 fn is(state: &'static str) -> impl Fn(&Value) -> bool {
     move |q| q["state"] == state
 }
@@ -801,13 +820,7 @@ async fn a_query_over_its_memory_limit_fails_and_another_keeps_producing() -> an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_is_ridden_out_without_losing_a_window() -> anyhow::Result<()> {
-    let (broker, brokers, _dir, service, app) = counting_service().await?;
-    let t0 = 1_767_222_000_000;
-    produce_events(&brokers, t0, 300, 10).await?;
-    wait_for(&app, "counts", Duration::from_secs(30), |q| {
-        q["rows_in"] == 300
-    })
-    .await?;
+    let (broker, brokers, _dir, service, app, t0) = counting_service_read_300().await?;
     let ready = |app: axum::Router| async move {
         call(&app, "GET", "/readyz", Some(TOKEN), None)
             .await
@@ -856,19 +869,13 @@ async fn a_broker_outage_is_ridden_out_without_losing_a_window() -> anyhow::Resu
 
 /// A broker that stops answering (its process stopped, connections open) for longer than the
 /// group's session timeout: the query's member loses its partitions, and the query goes on
-/// once the broker answers again. Its pipeline, started again, waited for good on closing
-/// the old consumer (a lost assignment answered with an eager unassign, which a cooperative
-/// consumer's close does not take), so the query read nothing more, still said RUNNING, and
-/// a restart did not return.
+/// once the broker answers again. Its pipeline stopped on the loss, and closing its consumer
+/// waited for good (the group waited for the lost partitions to be given up, and the pipeline
+/// had taken that change from the queue without answering it), so the query read nothing
+/// more, still said RUNNING, and a restart did not return.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_stops_answering_longer_than_a_session_is_ridden_out() -> anyhow::Result<()> {
-    let (broker, brokers, _dir, service, app) = counting_service().await?;
-    let t0 = 1_767_222_000_000;
-    produce_events(&brokers, t0, 300, 10).await?;
-    wait_for(&app, "counts", Duration::from_secs(30), |q| {
-        q["rows_in"] == 300
-    })
-    .await?;
+    let (broker, brokers, _dir, service, app, t0) = counting_service_read_300().await?;
     // Every answer takes 25 s, for 25 s: past the 10 s session timeout.
     broker.set_round_trip_time(Duration::from_secs(25))?;
     tokio::time::sleep(Duration::from_secs(25)).await;
