@@ -21,11 +21,6 @@ use crate::error::{Error, Result};
 /// (a query then fails with `data loss`, rather than skip them).
 pub const RETAINED_RECORDS: usize = 100_000;
 
-/// Bytes of keys and values in one partition past which a replay says the embedded broker
-/// dropped records: it keeps 5 MiB of its log, with each record's own overhead (records of
-/// 215 bytes: about 21 000 kept).
-pub const RETAINED_BYTES_NOTED: u64 = 4 << 20;
-
 /// What `urbanstream broker` and the demo say about the embedded broker's limits.
 pub const LIMITS: &str = "the embedded broker keeps at most 100 000 records or 5 MiB per \
      partition, dropping the oldest, and does not enforce transactions: for replays of more \

@@ -475,16 +475,16 @@ pub async fn run(cli: Cli) -> Result<()> {
             if !beyond.is_empty() {
                 let partitions: Vec<String> = beyond
                     .iter()
-                    .map(|(p, records, bytes)| {
+                    .map(|(p, records, bytes, start)| {
                         format!(
-                            "partition {p}: {records} records, {:.1} MiB",
+                            "partition {p}: {records} records, {:.1} MiB; it now begins at \
+                             offset {start}",
                             *bytes as f64 / (1 << 20) as f64
                         )
                     })
                     .collect();
                 println!(
-                    "  note: more than the embedded broker keeps went into {} ({}), so its oldest \
-                     records are gone: {}",
+                    "  note: the embedded broker dropped the oldest records of {} ({}): {}",
                     args.topic,
                     partitions.join("; "),
                     crate::broker::LIMITS

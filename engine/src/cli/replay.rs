@@ -192,22 +192,26 @@ pub struct ReplaySummary {
     /// Whether the broker is the embedded one (librdkafka's mock cluster), which keeps only
     /// the newest records of a partition ([`crate::broker::LIMITS`]).
     pub embedded_broker: bool,
+    /// On the embedded broker, where each partition written to begins after the replay: past
+    /// 0, it dropped the oldest records.
+    pub log_starts: std::collections::BTreeMap<i32, i64>,
 }
 
 impl ReplaySummary {
-    /// The partitions given more than the embedded broker keeps, with their records and
-    /// bytes: the oldest of them are gone from it (none on another broker).
-    pub fn beyond_embedded_limits(&self) -> Vec<(i32, u64, u64)> {
+    /// The partitions whose oldest records the embedded broker dropped (its log now begins
+    /// past 0), with the records and bytes the replay gave each and where it now begins; none
+    /// on another broker. Measured, not estimated from the broker's limits (records of the
+    /// topic from before count too: they are gone as well).
+    pub fn beyond_embedded_limits(&self) -> Vec<(i32, u64, u64, i64)> {
         if !self.embedded_broker {
             return Vec::new();
         }
         self.per_partition
             .iter()
-            .filter(|(_, (records, bytes))| {
-                *records > crate::broker::RETAINED_RECORDS as u64
-                    || *bytes > crate::broker::RETAINED_BYTES_NOTED
+            .filter_map(|(p, (records, bytes))| {
+                let start = *self.log_starts.get(p)?;
+                (start > 0).then_some((*p, *records, *bytes, start))
             })
-            .map(|(p, (records, bytes))| (*p, *records, *bytes))
             .collect()
     }
 }
@@ -428,15 +432,32 @@ pub async fn replay(args: &ReplayArgs) -> Result<ReplaySummary> {
         }
     }
     acknowledged(inflight, &mut summary).await?;
-    let brokers = args.brokers.clone();
-    summary.embedded_broker = tokio::task::spawn_blocking(move || {
-        ClientConfig::new()
+    let (brokers, topic) = (args.brokers.clone(), args.topic.clone());
+    let partitions: Vec<i32> = summary.per_partition.keys().copied().collect();
+    (summary.embedded_broker, summary.log_starts) = tokio::task::spawn_blocking(move || {
+        let Ok(probe) = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             .create::<rdkafka::consumer::BaseConsumer>()
-            .is_ok_and(|probe| crate::source::is_mock_cluster(&probe, Duration::from_secs(5)))
+        else {
+            return (false, Default::default());
+        };
+        if !crate::source::is_mock_cluster(&probe, Duration::from_secs(5)) {
+            return (false, Default::default());
+        }
+        let starts = partitions
+            .into_iter()
+            .filter_map(|p| {
+                use rdkafka::consumer::Consumer;
+                let (low, _) = probe
+                    .fetch_watermarks(&topic, p, Duration::from_secs(5))
+                    .ok()?;
+                Some((p, low))
+            })
+            .collect();
+        (true, starts)
     })
     .await
-    .unwrap_or(false);
+    .unwrap_or_default();
     summary.skipped = unreadable.skipped;
     summary.first_skipped = unreadable.first;
     Ok(summary)

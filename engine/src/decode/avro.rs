@@ -704,6 +704,9 @@ mod tests {
             br#"{"camera_id":"c","segment_id":"s","event_time":1767222000000,"lane":"x"}"#
                 .as_slice(),
             br#"{"camera_id":"c","segment_id":"s","event_time":1767222000000,"speed_kmh":"fast"}"#,
+            // Digits past 64 bits come back from JSON through a double: refused, not written
+            // as `1.2345678901234568e22`.
+            br#"{"camera_id":12345678901234567890123,"segment_id":"s","event_time":1767222000000}"#,
         ] {
             assert!(
                 f.encoder.encode_json(bad).is_err(),

@@ -88,7 +88,13 @@ pub(crate) enum Scalar {
 pub(crate) fn written_as(kind: Scalar, v: &mut serde_json::Value) {
     use serde_json::Value as J;
     let read = match (kind, &*v) {
-        (Scalar::Text, J::Number(n)) => Some(J::String(n.to_string())),
+        // Digits read back as written: a whole number past 64 bits went through a double
+        // (`1.2345678901234568e22`), and is left for the encoder to refuse.
+        (Scalar::Text, J::Number(n))
+            if n.is_i64() || n.is_u64() || !n.to_string().contains('e') =>
+        {
+            Some(J::String(n.to_string()))
+        }
         (Scalar::Text, J::Bool(b)) => Some(J::String(b.to_string())),
         (Scalar::Whole, J::String(s)) => s
             .trim()

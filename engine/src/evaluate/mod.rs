@@ -404,9 +404,10 @@ pub fn simulated(seed: u64, hours: u32) -> Result<Vec<Series>> {
 /// Reads a labelled CSV: `series,timestamp,value,label` (timestamp RFC 3339, with or
 /// without an offset (UTC), or a number in `unit_ms` milliseconds, epoch milliseconds for 1;
 /// label 0/1; an empty value is a missing reading). Columns are found by the header's names
-/// where it names them (`series`/`key`/`id`, `timestamp`/`time`/`event_time`, `value`,
-/// `label`/`anomaly`, any case), by position otherwise; without a series column the file is
-/// one series named after it.
+/// where it names the time, value and label (`timestamp`/`time`/`event_time`, `value`,
+/// `label`/`anomaly`, any case; the series `series`/`key`, or else in four columns or more the
+/// first of the others), by position otherwise; three columns are one series named after the
+/// file.
 pub fn from_csv(path: &Path) -> Result<Vec<Series>> {
     from_csv_in(path, 1)
 }
@@ -431,13 +432,24 @@ pub fn from_csv_in(path: &Path, unit_ms: i64) -> Result<Vec<Series>> {
     let named = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
     // (series, timestamp, value, label) columns: by name, or by position.
     let by_name = (
-        named(&["series", "key", "id"]),
+        named(&["series", "key"]),
         named(&["timestamp", "time", "event_time"]),
         named(&["value"]),
         named(&["label", "anomaly"]),
     );
     let columns = match by_name {
-        (series, Some(t), Some(v), Some(l)) => (series, t, v, l),
+        // The series: its named column, or in a file of four columns or more the first
+        // column that is none of the others (`sensor,timestamp,value,label`).
+        (series, Some(t), Some(v), Some(l)) => (
+            series.or_else(|| {
+                (header.len() >= 4)
+                    .then(|| (0..header.len()).find(|c| ![t, v, l].contains(c)))
+                    .flatten()
+            }),
+            t,
+            v,
+            l,
+        ),
         _ if header.len() == 3 => (None, 0, 1, 2),
         _ if header.len() >= 4 => (Some(0), 1, 2, 3),
         _ => {
@@ -1049,11 +1061,30 @@ mod tests {
         .expect("write");
         let set = from_csv(&named).expect("csv");
         assert_eq!(set.len(), 1);
+        assert_eq!(set[0].name, "a");
         assert_eq!(
             set[0].times,
             vec![1_767_225_600_000, 1_767_225_660_000, 1_767_225_720_000]
         );
         assert_eq!(set[0].windows, vec![(1_767_225_660_000, 1_767_225_660_000)]);
+        // A series column of another name, first or not, names the series (a file of two
+        // sensors was read as one series).
+        for (name, csv) in [
+            (
+                "sensor_first.csv",
+                "sensor,timestamp,value,label\np1,0,1,0\np2,0,2,0\np1,60000,1,0\n",
+            ),
+            (
+                "sensor_last.csv",
+                "timestamp,value,label,sensor\n0,1,0,p1\n0,2,0,p2\n60000,1,0,p1\n",
+            ),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, csv).expect("write");
+            let set = from_csv(&path).expect("csv");
+            let names: Vec<&str> = set.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names, vec!["p1", "p2"], "{name}");
+        }
         let seconds = dir.path().join("seconds.csv");
         std::fs::write(
             &seconds,

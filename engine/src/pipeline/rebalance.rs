@@ -37,8 +37,10 @@ impl Pipeline {
     /// ([`Error::Rebalanced`]), to start again from its checkpoints or committed offsets: the
     /// group may have given them to another member already.
     pub(super) async fn rebalance(&mut self) -> Result<()> {
-        let mut changes = self.source.rebalances().into_iter();
-        while let Some(change) = changes.next() {
+        // Each change stays queued until carried out: a pipeline whose task is aborted while
+        // it carries one out (a stop that waited too long) leaves it for the consumer's drop
+        // to answer, as it does the ones after it.
+        while let Some(change) = self.source.next_change() {
             let done = match &change {
                 PartitionChange::Assigned(list) => self.take(list.clone()).await,
                 PartitionChange::Revoked(list) => self.release(list.clone()).await,
@@ -52,8 +54,7 @@ impl Pipeline {
                 // The group waits for each change to be answered, and the consumer's close
                 // waited for good on one left unanswered: this one and those after it are
                 // answered before the pipeline stops.
-                let unanswered: Vec<PartitionChange> =
-                    std::iter::once(change).chain(changes).collect();
+                let unanswered = self.source.rebalances();
                 blocking(|| {
                     for change in &unanswered {
                         self.source.answer(change);
@@ -61,6 +62,7 @@ impl Pipeline {
                 });
                 return Err(e);
             }
+            self.source.carried_out();
         }
         Ok(())
     }

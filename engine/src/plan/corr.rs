@@ -7,7 +7,8 @@
 //! updated one value at a time (Welford) and merged by Chan's formulas, which lose nothing
 //! to the values' distance from zero. Signature, argument coercion, NULL and NaN results
 //! are DataFusion's: NULL for fewer than two pairs or a constant side, NaN when both sides
-//! hold a NaN, NULL when one does; a pair with a NULL is left out. Pairs are not taken out
+//! hold a NaN or either an infinity, NULL when one side holds a NaN; a pair with a NULL is
+//! left out. Pairs are not taken out
 //! of a sliding frame (`corr(…) OVER (ROWS …)` is computed afresh per row): downdating the
 //! moments lost five digits at 10¹⁰.
 
@@ -71,13 +72,16 @@ impl AggregateUDFImpl for Corr {
                 true,
             ))
         };
+        // The count last: DataFusion's state (count, then five sums) has the same types in
+        // another order, so a checkpoint of it is refused at restore by its layout rather
+        // than read as means and co-moments.
         Ok(vec![
-            field("count", DataType::UInt64),
             field("mean_x", DataType::Float64),
             field("mean_y", DataType::Float64),
             field("m2_x", DataType::Float64),
             field("m2_y", DataType::Float64),
             field("c_xy", DataType::Float64),
+            field("count", DataType::UInt64),
         ])
     }
 
@@ -107,6 +111,14 @@ struct Moments {
 impl Moments {
     /// Folds in the pair (x, y).
     fn add(&mut self, x: f64, y: f64) {
+        // An infinite value makes the correlation NaN whatever comes before or after it, as
+        // DataFusion's sums make it (here ∞ − ∞ would give NULL or NaN by the pairs' order).
+        if x.is_infinite() || y.is_infinite() {
+            self.n += 1;
+            self.mean_x = f64::NAN;
+            self.mean_y = f64::NAN;
+            return;
+        }
         self.n += 1;
         let n = self.n as f64;
         let dx = x - self.mean_x;
@@ -176,29 +188,29 @@ fn state_of(moments: &[Moments]) -> Vec<ArrayRef> {
         Arc::new(moments.iter().map(f).collect::<Float64Array>())
     };
     vec![
-        Arc::new(moments.iter().map(|m| m.n).collect::<UInt64Array>()),
         column(|m| m.mean_x),
         column(|m| m.mean_y),
         column(|m| m.m2_x),
         column(|m| m.m2_y),
         column(|m| m.c_xy),
+        Arc::new(moments.iter().map(|m| m.n).collect::<UInt64Array>()),
     ]
 }
 
 /// Row `i` of the six state columns.
 fn moments_at(states: &[ArrayRef], i: usize) -> Option<Moments> {
-    let count = states[0].as_primitive::<UInt64Type>();
+    let count = states[5].as_primitive::<UInt64Type>();
     if count.is_null(i) {
         return None;
     }
     let f = |c: usize| states[c].as_primitive::<Float64Type>().value(i);
     Some(Moments {
         n: count.value(i),
-        mean_x: f(1),
-        mean_y: f(2),
-        m2_x: f(3),
-        m2_y: f(4),
-        c_xy: f(5),
+        mean_x: f(0),
+        mean_y: f(1),
+        m2_x: f(2),
+        m2_y: f(3),
+        c_xy: f(4),
     })
 }
 
@@ -227,17 +239,17 @@ impl Accumulator for CorrAccumulator {
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
         let m = self.moments;
         Ok(vec![
-            ScalarValue::UInt64(Some(m.n)),
             ScalarValue::Float64(Some(m.mean_x)),
             ScalarValue::Float64(Some(m.mean_y)),
             ScalarValue::Float64(Some(m.m2_x)),
             ScalarValue::Float64(Some(m.m2_y)),
             ScalarValue::Float64(Some(m.c_xy)),
+            ScalarValue::UInt64(Some(m.n)),
         ])
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        for i in 0..states[0].len() {
+        for i in 0..states[5].len() {
             if let Some(other) = moments_at(states, i) {
                 self.moments.merge(&other);
             }
@@ -386,6 +398,13 @@ mod tests {
         assert_eq!(of(&[(1.0, 2.0)]), None);
         assert_eq!(of(&[(1.0, 2.0), (1.0, 3.0)]), None);
         assert_eq!(of(&[(1.0, 2.0), (f64::NAN, 3.0)]), None);
+        for pairs in [
+            [(f64::INFINITY, 2.0), (1.0, 3.0), (2.0, 5.0)],
+            [(1.0, 3.0), (2.0, 5.0), (f64::INFINITY, 2.0)],
+            [(1.0, 3.0), (2.0, f64::NEG_INFINITY), (2.0, 5.0)],
+        ] {
+            assert!(of(&pairs).is_some_and(f64::is_nan), "{pairs:?}");
+        }
         assert!(of(&[(f64::NAN, 2.0), (1.0, f64::NAN)]).is_some_and(f64::is_nan));
         assert!(of(&[(1.0, 2.0), (2.0, 4.0)]).is_some_and(|r| (r - 1.0).abs() < 1e-12));
         assert!(of(&[(1.0, 2.0), (2.0, 1.0)]).is_some_and(|r| (r + 1.0).abs() < 1e-12));

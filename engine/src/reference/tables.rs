@@ -355,7 +355,11 @@ impl ReferenceTables {
             let aside = dir.join(format!(".{name}.removed-{}", std::process::id()));
             match std::fs::rename(dir.join(&name), &aside) {
                 Ok(()) => {
-                    crate::files::sync_dir(dir)?;
+                    // Moved aside, the table is gone at the next start whatever follows: it
+                    // goes from memory too, even if the directory cannot be synced.
+                    if let Err(e) = crate::files::sync_dir(dir) {
+                        tracing::warn!(table = %name, error = %e, "removal not synced to disk");
+                    }
                     let _ = std::fs::remove_dir_all(&aside);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -355,8 +355,8 @@ impl OutOfLog {
             "{}: the broker no longer holds records this query has read (the topic deleted and \
              created again, or a broker that came back without its data, as the embedded \
              broker does when restarted); the query stops rather than guess where to resume. \
-             Reset it (`urbanstream query reset NAME`) to read its input again from the \
-             beginning, with its state started afresh",
+             To read its input again from the beginning, with its state started afresh, reset \
+             it (in a service: `urbanstream query reset NAME`)",
             partitions.join("; ")
         ))
     }
@@ -713,6 +713,22 @@ impl KafkaSource {
     /// Whether the group has partition changes not yet taken with [`Self::rebalances`].
     pub fn changes_pending(&self) -> bool {
         self.changes.lock().is_ok_and(|c| !c.is_empty())
+    }
+
+    /// The oldest partition change not carried out yet, left in the queue until
+    /// [`KafkaSource::carried_out`]: a pipeline stopped while carrying it out (its task
+    /// aborted midway) leaves it for the consumer's drop to answer.
+    pub fn next_change(&self) -> Option<PartitionChange> {
+        self.changes.lock().ok().and_then(|c| c.first().cloned())
+    }
+
+    /// Takes the oldest partition change off the queue, once carried out.
+    pub fn carried_out(&self) {
+        if let Ok(mut c) = self.changes.lock()
+            && !c.is_empty()
+        {
+            c.remove(0);
+        }
     }
 
     /// The partition changes the group decided since the last call, oldest first. Each must
