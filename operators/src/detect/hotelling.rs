@@ -137,7 +137,7 @@ impl Hotelling {
         }
         let d = self.d;
         let x: Vec<Option<f64>> = (0..d)
-            .map(|i| super::usable(xs.get(i).copied().flatten()))
+            .map(|i| xs.get(i).copied().flatten().filter(|v| v.is_finite()))
             .collect();
         let present: Vec<usize> = (0..d).filter(|i| x[*i].is_some()).collect();
         if present.is_empty() {

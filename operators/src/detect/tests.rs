@@ -605,8 +605,9 @@ fn vector_detector_state_is_bounded_and_names_the_moving_column() {
 /// Readings near the largest double (finite, so they passed as readings) overflowed the
 /// detectors' statistics to infinities and NaN: `anomaly_score`, `anomaly_vector` and
 /// `anomaly_cusum` panicked comparing against NaN bounds, and `anomaly_ewma` scored NaN for
-/// good. A reading beyond `MAX_READING` is neither scored nor learnt: every detector gives the
-/// same outputs for the series with such readings as without them, at every other reading.
+/// good. A reading beyond `MAX_READING` is neither scored nor learnt: every detector gives
+/// the same outputs for the series with such readings as without them, at every other
+/// reading (Hotelling's T², which handled huge readings already, keeps its own rule).
 #[test]
 fn readings_near_the_largest_double_are_neither_scored_nor_learnt() {
     let extremes = [
@@ -626,12 +627,11 @@ fn readings_near_the_largest_double_are_neither_scored_nor_learnt() {
         )
         .collect();
     let at = [0usize, 1, 5, 6, 50, 51, 52, 200, 251, 399];
+    // (Hotelling's T² scores a huge finite reading as far off as can be and then holds its
+    // learning through an anomalous stretch, by design: its own test covers that, and
+    // `any_doubles_leave_every_detector_scoring_numbers` that it scores numbers.)
     let mut kinds = detectors();
     kinds.push(("vector", SeriesState::Vector(Box::new(VectorScore::new(0)))));
-    kinds.push((
-        "hotelling",
-        SeriesState::Hotelling(Box::new(Hotelling::new(60 * MIN))),
-    ));
     for (name, mut with) in kinds {
         let mut without = with.clone();
         let mut got = Vec::new();
