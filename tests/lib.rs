@@ -47,10 +47,33 @@ impl TestCluster {
         key: &str,
         value: &[u8],
     ) -> anyhow::Result<(i32, i64)> {
-        let record = FutureRecord::to(topic)
+        self.produce_to(topic, partition, Some(key), value).await
+    }
+
+    /// Produces one record without a key to an explicit partition and waits for its
+    /// acknowledgement.
+    pub async fn produce_without_key(
+        &self,
+        topic: &str,
+        partition: i32,
+        value: &[u8],
+    ) -> anyhow::Result<(i32, i64)> {
+        self.produce_to(topic, partition, None, value).await
+    }
+
+    async fn produce_to(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: Option<&str>,
+        value: &[u8],
+    ) -> anyhow::Result<(i32, i64)> {
+        let mut record = FutureRecord::<str, [u8]>::to(topic)
             .partition(partition)
-            .key(key)
             .payload(value);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
         let delivery = self
             .producer
             .send(record, Duration::from_secs(10))

@@ -1000,6 +1000,148 @@ async fn a_query_stopped_again_and_again_in_its_backlog_counts_every_event_once(
     Ok(())
 }
 
+/// A query keeping its state per input partition (counts per segment, the camera topic's key)
+/// needs each record keyed by its segment: a record without a key, or keyed by another value,
+/// may sit in another partition than its segment's other records, whose state would publish a
+/// second, partial count of the same window. Such records go to the DLQ, naming the key they
+/// have and the one they need; a key holding the segment in an encoding (quoted) passes; each
+/// window is published once, over 4 partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_not_keyed_by_the_topics_key_go_to_the_dlq_not_into_a_second_state()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::start(4)?;
+    cluster.broker.create_topic("test.minutes", 4)?;
+    let topics = Topics::default();
+    let cam = topics.camera.as_str();
+    let seg = |j: i32| format!("seg-{j}");
+    let event = |j: i32, t: i64| detection(&seg(j), t, "car", Some(30.0));
+    // Each segment in its own partition, keyed by itself; segment 1's record keyed by its
+    // JSON text.
+    cluster
+        .produce(cam, 0, &seg(0), &event(0, T0 + 1_000))
+        .await?;
+    cluster
+        .produce(cam, 0, &seg(0), &event(0, T0 + 2_000))
+        .await?;
+    cluster
+        .produce(cam, 1, "\"seg-1\"", &event(1, T0 + 1_000))
+        .await?;
+    // Segment 0's records in partitions 2 and 3: without a key, and keyed by the camera.
+    let unkeyed = event(0, T0 + 3_000);
+    let by_camera = event(0, T0 + 4_000);
+    cluster.produce_without_key(cam, 2, &unkeyed).await?;
+    cluster.produce(cam, 3, "cam-0001", &by_camera).await?;
+    cluster
+        .produce(cam, 2, &seg(2), &event(2, T0 + 5_000))
+        .await?;
+    cluster
+        .produce(cam, 3, &seg(3), &event(3, T0 + 6_000))
+        .await?;
+    // Two minutes on in every partition: minute 0 closes.
+    for j in 0..4 {
+        cluster
+            .produce(cam, j, &seg(j), &event(j, T0 + 125_000))
+            .await?;
+    }
+    let dir = tempfile::tempdir()?;
+    let mut config = minutes_config(&cluster, dir.path(), Duration::from_secs(60));
+    config.checkpoint = None;
+    config.group_id = "misplaced".into();
+    config.from_beginning = true;
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+
+    let minutes = cluster.consumer("test.minutes")?;
+    let mut rows: Vec<_> = read_json(&minutes, 4, Duration::from_secs(60))
+        .await?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    rows.extend(read_more(&minutes, Duration::from_secs(2)).await);
+    let mut counts: Vec<(String, i64, i64)> = rows
+        .iter()
+        .map(|v| {
+            (
+                v["segment_id"].as_str().unwrap_or_default().to_string(),
+                v["window_start"].as_i64().unwrap_or(-1),
+                v["n"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    counts.sort();
+    let want: Vec<(String, i64, i64)> = (0..4)
+        .map(|j| (seg(j), T0, if j == 0 { 2 } else { 1 }))
+        .collect();
+    assert_eq!(counts, want);
+
+    let dlq = cluster.consumer(&topics.dlq)?;
+    let mut dead = read_json(&dlq, 2, Duration::from_secs(30)).await?;
+    dead.extend(
+        read_more(&dlq, Duration::from_secs(1))
+            .await
+            .into_iter()
+            .map(|v| (None, v)),
+    );
+    dead.sort_by_key(|(_, v)| v["partition"].as_i64());
+    let seen: Vec<_> = dead
+        .iter()
+        .map(|(key, v)| {
+            (
+                key.clone(),
+                v["partition"].as_i64(),
+                v["offset"].as_i64(),
+                v["stage"].as_str().map(String::from),
+                v["payload"].as_str().map(String::from),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                None,
+                Some(2),
+                Some(0),
+                Some("validate".into()),
+                Some(b64(&unkeyed))
+            ),
+            (
+                Some("cam-0001".into()),
+                Some(3),
+                Some(0),
+                Some("validate".into()),
+                Some(b64(&by_camera))
+            ),
+        ]
+    );
+    let errors: Vec<&str> = dead
+        .iter()
+        .map(|(_, v)| v["error"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        errors[0].starts_with("record without a key, where city.camera.events is declared keyed by segment_id (\"seg-0\")"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].starts_with("record keyed \"cam-0001\", where"),
+        "{}",
+        errors[1]
+    );
+    assert!(
+        errors[1].contains("declare the table without 'key'"),
+        "{}",
+        errors[1]
+    );
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    assert_eq!(stats.dlq.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.late.load(Ordering::Relaxed), 0);
+    Ok(())
+}
+
 /// A checkpoint is written when the state or the input positions have changed since the last,
 /// not every interval: an idle query writes none (its files and object-store writes would
 /// grow with idle time), the next record it reads is checkpointed again, and a restart after

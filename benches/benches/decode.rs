@@ -1,7 +1,8 @@
 //! Decode stage: records into Arrow batches, per topic, in records per second: JSON
 //! (`decode/<schema>`), the same records as Confluent-framed Avro (`decode/avro_<schema>`)
 //! and as Protobuf messages of the city's `.proto` (`decode/protobuf_<schema>`); JSON and
-//! Avro also with 1 % malformed records spread through a camera batch.
+//! Avro also with 1 % malformed records spread through a camera batch; and the same rows
+//! encoded from JSON to Avro (`decode/avro_encode_<schema>`), as an Avro sink does.
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -151,6 +152,15 @@ fn avro(
         .expect("decoder");
         runtime.block_on(decoder.prepare(&raw)).expect("schemas");
         group.throughput(Throughput::Elements(raw.len() as u64));
+        // The other way: rows as the sink writes them (JSON) to framed Avro, as an Avro sink
+        // and `replay --format avro` do.
+        group.bench_function(format!("avro_encode_{schema}"), |b| {
+            b.iter(|| {
+                (0..json.len())
+                    .map(|i| encoder.encode_json(json.value(i)).expect("encode").len())
+                    .sum::<usize>()
+            })
+        });
         group.bench_function(format!("avro_{schema}"), |b| {
             b.iter(|| {
                 let decoded = decoder.decode(&raw).expect("decode");

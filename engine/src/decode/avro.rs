@@ -465,6 +465,9 @@ pub struct AvroEncoder {
     /// Fields of type `double` (true) or `float` (false), not nullable: a JSON null there is
     /// a NaN or an infinity (which JSON cannot carry), written as NaN.
     not_a_number: Vec<(String, bool)>,
+    /// The record's fields of a scalar kind (their union's non-null branch for a nullable
+    /// one), each read as its kind where a JSON row writes it as another ([`super::written_as`]).
+    scalars: Vec<(String, super::Scalar)>,
 }
 
 impl AvroEncoder {
@@ -486,10 +489,19 @@ impl AvroEncoder {
                 .collect(),
             _ => Vec::new(),
         };
+        let scalars = match &schema {
+            apache_avro::Schema::Record(r) => r
+                .fields
+                .iter()
+                .filter_map(|f| Some((f.name.clone(), scalar_kind(&f.schema)?)))
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(Self {
             schema,
             header,
             not_a_number,
+            scalars,
         })
     }
 
@@ -505,34 +517,10 @@ impl AvroEncoder {
     pub fn encode_json(&self, json: &[u8]) -> Result<Vec<u8>> {
         let mut value: serde_json::Value = serde_json::from_slice(json)
             .map_err(|e| Error::schema("(encoder)", format!("not JSON: {e}")))?;
-        if let (apache_avro::Schema::Record(r), serde_json::Value::Object(fields)) =
-            (&self.schema, &mut value)
-        {
-            for field in &r.fields {
-                if let Some(v) = fields.get_mut(&field.name) {
-                    let target = match &field.schema {
-                        apache_avro::Schema::Union(u) => u
-                            .variants()
-                            .iter()
-                            .find(|s| !matches!(s, apache_avro::Schema::Null)),
-                        s => Some(s),
-                    };
-                    let kind = match target {
-                        Some(apache_avro::Schema::String | apache_avro::Schema::Uuid) => {
-                            Some(super::Scalar::Text)
-                        }
-                        Some(apache_avro::Schema::Int | apache_avro::Schema::Long) => {
-                            Some(super::Scalar::Whole)
-                        }
-                        Some(apache_avro::Schema::Float | apache_avro::Schema::Double) => {
-                            Some(super::Scalar::Real)
-                        }
-                        Some(apache_avro::Schema::Boolean) => Some(super::Scalar::Boolean),
-                        _ => None,
-                    };
-                    if let Some(kind) = kind {
-                        super::written_as(kind, v);
-                    }
+        if let serde_json::Value::Object(fields) = &mut value {
+            for (name, kind) in &self.scalars {
+                if let Some(v) = fields.get_mut(name) {
+                    super::written_as(*kind, v);
                 }
             }
         }
@@ -557,6 +545,23 @@ impl AvroEncoder {
         out.extend_from_slice(&self.header);
         out.extend_from_slice(&body);
         Ok(out)
+    }
+}
+
+/// The scalar kind of a field of Avro schema `schema` (of its union's non-null branch), if it
+/// is one.
+fn scalar_kind(schema: &apache_avro::Schema) -> Option<super::Scalar> {
+    use apache_avro::Schema as S;
+    let target = match schema {
+        S::Union(u) => u.variants().iter().find(|s| !matches!(s, S::Null))?,
+        s => s,
+    };
+    match target {
+        S::String | S::Uuid => Some(super::Scalar::Text),
+        S::Int | S::Long => Some(super::Scalar::Whole),
+        S::Float | S::Double => Some(super::Scalar::Real),
+        S::Boolean => Some(super::Scalar::Boolean),
+        _ => None,
     }
 }
 

@@ -135,7 +135,8 @@ const CHUNK: usize = 1024;
 pub enum RejectStage {
     /// Not a JSON object of the topic's schema (syntax, types, encoding).
     Decode,
-    /// Well-formed, but breaks a rule of the schema (missing required field, unknown symbol).
+    /// Well-formed, but breaks a rule of the schema (missing required field, unknown symbol),
+    /// or is not keyed by the topic's key column where a query keeps state per partition.
     Validate,
     /// Valid, but its id is not in its reference table (with `reference.unknown_ids =
     /// "dead_letter"`).
@@ -228,13 +229,75 @@ impl Decoded {
                 ),
             });
         }
+        self.keep(&known)?;
+        Ok(unknown)
+    }
+}
+
+impl Decoded {
+    /// Checks that each good record of `raw` is keyed by its column `column` (the topic's
+    /// declared key, read by a query keeping state per input partition); returns how many are
+    /// not. Such a record may sit in another partition than the other records of its group,
+    /// which would split the group between partitions' states and publish each part as a
+    /// whole: it becomes a reject (stage `validate`, naming the key it has and the one it
+    /// needs). A key holding the column's text passes (the text itself, as `replay` and the
+    /// engine's sinks write it, or the text in an encoding: quoted, or in an Avro or Protobuf
+    /// key); a record without a key, or keyed by another value, does not.
+    pub fn check_keys(&mut self, raw: &RawBatch, column: &str, topic: &str) -> Result<usize> {
+        let Ok(index) = self.batch.schema().index_of(column) else {
+            return Ok(0);
+        };
+        let values = cast(self.batch.column(index), &DataType::Utf8)?;
+        let values = values.as_string::<i32>();
+        let placed = |r: usize| {
+            if values.is_null(r) {
+                return true;
+            }
+            let text = values.value(r).as_bytes();
+            raw.key(self.rows[r] as usize).is_some_and(|key| {
+                key == text || text.is_empty() || key.windows(text.len()).any(|w| w == text)
+            })
+        };
+        let keyed: BooleanArray = (0..values.len()).map(|r| Some(placed(r))).collect();
+        let misplaced = keyed.false_count();
+        if misplaced == 0 {
+            return Ok(0);
+        }
+        for r in (0..keyed.len()).filter(|&r| !keyed.value(r)) {
+            let i = self.rows[r];
+            let has = match raw.key(i as usize) {
+                None => "without a key".to_string(),
+                Some(key) => format!(
+                    "keyed {:?}",
+                    String::from_utf8_lossy(&key[..key.len().min(64)])
+                ),
+            };
+            self.rejects.push(Reject {
+                index: i,
+                stage: RejectStage::Validate,
+                error: format!(
+                    "record {has}, where {topic} is declared keyed by {column} ({:?}): the \
+                     query keeps its groups' state per partition of {topic}, and a record not \
+                     keyed by {column} may be in another partition than its group; produce \
+                     the topic's records keyed by {column}, or declare the table without \
+                     'key' (its queries are then repartitioned by their group keys)",
+                    values.value(r)
+                ),
+            });
+        }
+        self.keep(&keyed)?;
+        Ok(misplaced)
+    }
+
+    /// Keeps the good records marked in `keep` (the others just became rejects).
+    fn keep(&mut self, keep: &BooleanArray) -> Result<()> {
         self.rejects.sort_by_key(|r| r.index);
-        self.batch = filter_record_batch(&self.batch, &known)?;
-        self.rows = (0..known.len())
-            .filter(|&r| known.value(r))
+        self.batch = filter_record_batch(&self.batch, keep)?;
+        self.rows = (0..keep.len())
+            .filter(|&r| keep.value(r))
             .map(|r| self.rows[r])
             .collect();
-        Ok(unknown)
+        Ok(())
     }
 }
 

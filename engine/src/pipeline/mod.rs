@@ -457,6 +457,9 @@ pub struct Pipeline {
     reference: crate::reference::ReferenceTables,
     /// Per input topic, the column checked against a reference table's ids, and the table.
     id_checks: HashMap<String, (&'static str, &'static str)>,
+    /// Per input topic read by a query keeping state per partition, the column its records
+    /// must be keyed by, and whether a record keyed otherwise has been reported.
+    key_checks: HashMap<String, (String, bool)>,
     queries: Vec<Running>,
     /// The context the queries were planned in; partitions' instances are planned in it.
     ctx: StreamContext,
@@ -862,6 +865,17 @@ impl Pipeline {
         .filter(|(topic, _)| decoders.contains_key(topic.as_str()))
         .map(|(topic, check)| (topic.clone(), check))
         .collect();
+        let key_checks = queries
+            .iter()
+            .filter(|_| partitioned)
+            .filter_map(|r| {
+                let column = r.query.placed_by()?;
+                Some((
+                    r.query.source().options.topic.clone(),
+                    (column.to_string(), false),
+                ))
+            })
+            .collect();
         let mut pipeline = Self {
             source,
             ahead: None,
@@ -870,6 +884,7 @@ impl Pipeline {
             decoders,
             reference,
             id_checks,
+            key_checks,
             queries,
             ctx,
             partitioned,
@@ -1156,6 +1171,20 @@ impl Pipeline {
                 self.stats
                     .unknown_ids
                     .fetch_add(unknown as u64, Ordering::Relaxed);
+            }
+            if let Some((column, reported)) = self.key_checks.get_mut(raw.topic.as_ref()) {
+                let misplaced = decoded.check_keys(raw, column, &raw.topic)?;
+                if misplaced > 0 && !*reported {
+                    *reported = true;
+                    warn!(
+                        topic = %raw.topic,
+                        column = %column,
+                        misplaced,
+                        "records not keyed by the topic's key column: sent to the DLQ, since \
+                         the query keeps its state per partition (further such records are \
+                         counted in the DLQ only)"
+                    );
+                }
             }
             if !decoded.rejects.is_empty() {
                 let records: Vec<_> = decoded

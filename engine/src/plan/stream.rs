@@ -2919,6 +2919,18 @@ impl StreamQuery {
         self.partition_local
     }
 
+    /// The column its input's records must be keyed by for its state to be kept per input
+    /// partition: the source's `key`, when it keeps state per partition. A record keyed
+    /// otherwise may sit in another partition than its group's other records.
+    pub fn placed_by(&self) -> Option<&str> {
+        let stateful = self.windowed.is_some() || !self.keyed.is_empty() || !self.lags.is_empty();
+        if self.partition_local && stateful {
+            self.source.options.key.as_deref()
+        } else {
+            None
+        }
+    }
+
     /// The `SET urbanstream.…` statements that give a session the settings this query was
     /// planned with.
     pub fn settings_sql(&self) -> Vec<String> {
