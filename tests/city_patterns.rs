@@ -473,13 +473,13 @@ async fn hourly_stations_declared_at_run_time_get_hourly_and_daily_vn_aqi() -> a
     // The ward and its two hourly stations, declared as CSV beside the built-in rows.
     let mut wards = tables
         .get("wards")
-        .map(|t| t.csv.clone())
+        .map(|t| t.csv.to_string())
         .unwrap_or_default();
     wards.push_str("quan_trac,Trạm quan trắc,21.05,105.80\n");
     tables.replace("wards", &wards)?;
     let mut sensors = tables
         .get("sensors")
-        .map(|t| t.csv.clone())
+        .map(|t| t.csv.to_string())
         .unwrap_or_default();
     for (i, s) in stations.iter().enumerate() {
         sensors.push_str(&format!("{s},quan_trac,station,21.0{i},105.80,3600\n"));

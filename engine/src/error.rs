@@ -35,7 +35,7 @@ pub enum Error {
     #[error("kafka: {0}")]
     Kafka(KafkaError),
     /// DataFusion planning or execution error.
-    #[error("datafusion: {0}")]
+    #[error("datafusion: {}", explained(.0))]
     DataFusion(#[from] DataFusionError),
     /// Arrow error while building, casting or encoding batches.
     #[error("arrow: {0}")]
@@ -116,6 +116,23 @@ impl Error {
 
 /// Result with the engine's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// DataFusion's message of `e`, with what to write instead where its own message names
+/// neither the function nor a way out.
+fn explained(e: &DataFusionError) -> String {
+    let message = e.to_string();
+    if message.contains("Arithmetic Overflow in AvgAccumulator") {
+        // DataFusion's avg of a DECIMAL(p, s) is a DECIMAL(min(38, p + 4), s + 4): at
+        // precision 38, four digits fewer before the point than its input holds.
+        return format!(
+            "{message}: an avg of DECIMALs overflowed its result type, a DECIMAL(p + 4, s + 4) \
+             of at most 38 digits, which holds four digits fewer before the point than a \
+             DECIMAL(38, s) argument; average a smaller scale (avg(CAST(x AS DECIMAL(38, 2)))) \
+             or DOUBLE (avg(CAST(x AS DOUBLE)), which rounds)"
+        );
+    }
+    message
+}
 
 impl From<KafkaError> for Error {
     /// A client configuration error without a secret's value: librdkafka's message quotes

@@ -280,6 +280,72 @@ fn broker() -> anyhow::Result<EmbeddedBroker> {
     Ok(broker)
 }
 
+/// A query whose output its format cannot carry (an Avro field name Avro refuses, a type Avro
+/// output does not carry, a Protobuf message there is no descriptor of) is refused by
+/// validation and creation with the reason, and not registered: each was said valid, created,
+/// and failed once started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_their_format_cannot_carry_are_refused_before_registration() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let dir = tempfile::tempdir()?;
+    let service = service(&broker.bootstrap_servers(), dir.path()).await?;
+    let app = api::router(service.clone());
+    let sink = |columns: &str, options: &str, select: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE o ({columns}) STORED AS KAFKA OPTIONS ('topic' 'test.o', \
+             {options}); INSERT INTO o SELECT {select} FROM camera_events"
+        )
+    };
+    for (sql, why) in [
+        (
+            sink(
+                "\"a b\" VARCHAR",
+                "'format' 'avro'",
+                "segment_id AS \"a b\"",
+            ),
+            "stream o cannot be written as Avro",
+        ),
+        (
+            sink("d DATE", "'format' 'avro'", "CAST(event_time AS DATE) AS d"),
+            "which Avro output does not carry yet",
+        ),
+        (
+            sink(
+                "segment_id VARCHAR",
+                "'format' 'protobuf', 'protobuf_message' 'no.such.Message'",
+                "segment_id",
+            ),
+            "no such Protobuf message",
+        ),
+    ] {
+        for (path, body) in [
+            ("/v1/queries/validate", json!({"sql": sql})),
+            ("/v1/queries", json!({"name": "unwritable", "sql": sql})),
+        ] {
+            let (status, answer) = call(&app, "POST", path, Some(TOKEN), Some(body)).await?;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {sql}: {answer}");
+            assert!(
+                answer["message"].as_str().is_some_and(|m| m.contains(why)),
+                "{path} {sql}: {answer}"
+            );
+        }
+    }
+    let (status, _) = call(&app, "GET", "/v1/queries/unwritable", Some(TOKEN), None).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // A sink its format carries is still valid.
+    let (status, answer) = call(
+        &app,
+        "POST",
+        "/v1/queries/validate",
+        Some(TOKEN),
+        Some(json!({"sql": sink("segment_id VARCHAR", "'format' 'avro'", "segment_id")})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    service.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_contract() -> anyhow::Result<()> {
     let broker = broker()?;
@@ -2626,7 +2692,7 @@ async fn reference_tables_follow_their_compacted_topics() -> anyhow::Result<()> 
     // The topic as an operator seeds it (README): the table's rows as CSV, a station of their
     // own added, replayed keyed by id.
     let built_in = urbanstream::reference::ReferenceTables::embedded()?;
-    let mut csv = built_in.get("sensors").expect("sensors").csv.clone();
+    let mut csv = built_in.get("sensors").expect("sensors").csv.to_string();
     let seeded = csv.lines().skip(1).filter(|l| !l.trim().is_empty()).count();
     if !csv.ends_with('\n') {
         csv.push('\n');
@@ -2793,7 +2859,7 @@ async fn a_refused_reference_version_is_installed_when_the_table_it_needs_change
         ("sensors", "test.reference.sensors", "sensor_id"),
     ] {
         let file = dir.path().join(format!("{table}.csv"));
-        std::fs::write(&file, &built_in.get(table).expect("table").csv)?;
+        std::fs::write(&file, built_in.get(table).expect("table").csv.as_bytes())?;
         urbanstream::cli::replay::replay(&urbanstream::cli::replay::ReplayArgs {
             key: Some(key.into()),
             ..urbanstream::cli::replay::ReplayArgs::new(file, topic, &brokers)

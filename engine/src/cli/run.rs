@@ -332,6 +332,36 @@ mod tests {
         Ok(())
     }
 
+    /// An avg of DECIMALs past what its result type holds (DataFusion's DECIMAL(38, s + 4),
+    /// four digits fewer before the point than the column's DECIMAL(38, s)) fails naming the
+    /// function and the casts to write instead, not only "Arithmetic Overflow in
+    /// AvgAccumulator".
+    #[tokio::test]
+    async fn an_avg_of_decimals_past_its_type_says_what_to_write_instead() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Config(e.to_string()))?;
+        let sql = "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, d DECIMAL(38, 10), \
+                   event_time TIMESTAMP NOT NULL) STORED AS KAFKA OPTIONS ('topic' 'ev', \
+                   'format' 'json', 'event_time' 'event_time');
+                   SELECT k, avg(d) AS ad FROM ev \
+                   GROUP BY tumble(event_time, INTERVAL '1 minute'), k";
+        let args = run_over(
+            dir.path(),
+            sql,
+            "rows.jsonl",
+            "{\"k\":\"a\",\"event_time\":\"2026-01-01T00:00:01Z\",\"d\":1.5}\n\
+             {\"k\":\"b\",\"event_time\":\"2026-01-01T00:00:02Z\",\"d\":10000000000000000000000000}\n",
+        )?;
+        let e = run_file(&args).await.expect_err("overflow");
+        assert!(
+            e.to_string().contains(
+                "an avg of DECIMALs overflowed its result type, a DECIMAL(p + 4, s + 4) of at \
+                 most 38 digits"
+            ) && e.to_string().contains("avg(CAST(x AS DOUBLE))"),
+            "{e}"
+        );
+        Ok(())
+    }
+
     /// A file's numeric event times are in the stream's own unit unless `--time-unit` says
     /// otherwise: a stream declaring epoch seconds had every row of its file rejected as
     /// before 1990, with a hint to declare the unit it had declared.

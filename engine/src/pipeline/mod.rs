@@ -659,19 +659,9 @@ impl Pipeline {
             if table.options.format != Format::Protobuf {
                 continue;
             }
-            let Some(message) = &table.options.protobuf_message else {
-                return Err(Error::Config(format!(
-                    "stream {} is written as Protobuf but names no message; the city's \
-                     outputs have none: [topics] output_format is json or avro",
-                    table.name
-                )));
+            let Some(message) = table.check_writable(codecs.descriptors.as_ref())? else {
+                continue;
             };
-            let descriptors = match &codecs.descriptors {
-                Some(d) => d.clone(),
-                None => Arc::new(crate::decode::Descriptors::embedded()?),
-            };
-            let message = descriptors.message(message)?;
-            crate::decode::protobuf::check_writable(&message, &table.topic_schema.arrow)?;
             protobuf_sinks.push((
                 table.options.topic.clone(),
                 crate::decode::ProtobufEncoder::new(message, None),

@@ -858,6 +858,11 @@ pub async fn open_file(
         .iter()
         .map(|f| f.name().clone())
         .collect();
+    // A Parquet file's columns come from its metadata: the same limit as a CSV's header (a
+    // preview of 40 000 columns ran for minutes, past its time limit).
+    if columns.len() > MAX_FIELDS_CHECKED {
+        return Err(too_many_columns(&shown, columns.len()));
+    }
     for (i, (old, new)) in renames.iter().enumerate() {
         if !columns.contains(old) {
             return Err(Error::Config(format!(
@@ -1737,6 +1742,42 @@ mod tests {
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes::Int64Type;
     use futures::StreamExt;
+
+    /// A Parquet file of more columns than a stream's rows may have is refused, as a CSV of
+    /// them is, before its rows are read (a preview of a file of 40 000 columns ran for
+    /// minutes, past its time limit, holding a preview's place); one at the limit opens.
+    #[tokio::test]
+    async fn a_parquet_file_of_too_many_columns_is_refused_as_a_csv_is() -> Result<()> {
+        use datafusion::arrow::array::Int64Array;
+        use datafusion::parquet::arrow::ArrowWriter;
+        let dir = tempfile::tempdir()?;
+        let parquet = |e: datafusion::parquet::errors::ParquetError| Error::Config(e.to_string());
+        for columns in [MAX_FIELDS_CHECKED, MAX_FIELDS_CHECKED + 1] {
+            let path = dir.path().join(format!("wide{columns}.parquet"));
+            let schema = Arc::new(Schema::new(
+                (0..columns)
+                    .map(|i| Field::new(format!("x{i}"), DataType::Int64, true))
+                    .collect::<Vec<_>>(),
+            ));
+            let one = Arc::new(Int64Array::from(vec![1])) as ArrayRef;
+            let batch = RecordBatch::try_new(schema.clone(), vec![one; columns])?;
+            let mut writer = ArrowWriter::try_new(std::fs::File::create(&path)?, schema, None)
+                .map_err(parquet)?;
+            writer.write(&batch).map_err(parquet)?;
+            writer.close().map_err(parquet)?;
+            let opened = open_file(&path, &[], (None, None, "+00:00"), None, false).await;
+            if columns > MAX_FIELDS_CHECKED {
+                let error = opened.err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(
+                    error.contains("4097 columns or more, over the limit of 4096"),
+                    "{error}"
+                );
+            } else {
+                opened?;
+            }
+        }
+        Ok(())
+    }
 
     /// A Parquet file's timestamps without a zone are local times in `--time-zone`, every
     /// column's as the event time's: a column beside the event time, written as the same

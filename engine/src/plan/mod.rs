@@ -405,7 +405,7 @@ mod tests {
             .await
             .expect("step");
         assert_eq!(rows(&out), 1);
-        let mut csv = reference.get("segments").expect("segments").csv.clone();
+        let mut csv = reference.get("segments").expect("segments").csv.to_string();
         let row = csv
             .lines()
             .find(|l| l.starts_with("truong_chinh_ntso,"))

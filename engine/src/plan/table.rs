@@ -368,6 +368,47 @@ impl StreamTable {
             self.options.protobuf_message.as_deref(),
         )
     }
+
+    /// Checks that rows can be written to the stream in its format, as a sink: an Avro
+    /// schema of its columns that Avro takes (field names, types), a Protobuf message of
+    /// `descriptors` (the embedded ones when none) with a field for every column. Returns the
+    /// Protobuf message of a Protobuf sink. Run before a query is registered, so that a query
+    /// whose output cannot be written is refused rather than failing once started.
+    pub fn check_writable(
+        &self,
+        descriptors: Option<&Arc<crate::decode::Descriptors>>,
+    ) -> crate::error::Result<Option<prost_reflect::MessageDescriptor>> {
+        use crate::error::Error;
+        use crate::topics::Format;
+        match self.options.format {
+            Format::Avro => {
+                let avsc = self.topic_schema.avro_schema()?;
+                crate::decode::AvroEncoder::new(&avsc, 0).map_err(|e| {
+                    Error::Config(format!(
+                        "stream {} cannot be written as Avro: {e}",
+                        self.name
+                    ))
+                })?;
+                Ok(None)
+            }
+            Format::Protobuf => {
+                let Some(message) = &self.options.protobuf_message else {
+                    return Err(Error::Config(format!(
+                        "stream {} is written as Protobuf but names no message; the city's \
+                         outputs have none: [topics] output_format is json or avro",
+                        self.name
+                    )));
+                };
+                let message = match descriptors {
+                    Some(d) => d.message(message)?,
+                    None => crate::decode::Descriptors::embedded()?.message(message)?,
+                };
+                crate::decode::protobuf::check_writable(&message, &self.topic_schema.arrow)?;
+                Ok(Some(message))
+            }
+            _ => Ok(None),
+        }
+    }
 }
 
 #[async_trait]

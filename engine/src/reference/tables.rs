@@ -51,8 +51,8 @@ pub struct TableVersion {
     pub batches: Vec<RecordBatch>,
     /// Number of rows.
     pub rows: usize,
-    /// The CSV it was read from.
-    pub csv: String,
+    /// The CSV it was read from (shared: every reader of the table's rows answers with it).
+    pub csv: Arc<str>,
     /// The table it is computed from, for a derived table (which cannot be replaced).
     pub derived_from: Option<&'static str>,
     /// When it was installed, epoch ms (0: compiled into the binary).
@@ -182,7 +182,7 @@ impl ReferenceTables {
     pub fn city(&self) -> Result<ReferenceData> {
         ReferenceData::from_csv(&|file| {
             self.get(table_name(file))
-                .map(|t| t.csv.clone())
+                .map(|t| t.csv.to_string())
                 .ok_or_else(|| Error::Reference {
                     file: file.into(),
                     message: "missing".into(),
@@ -273,7 +273,7 @@ impl ReferenceTables {
                     return Ok(csv.to_string());
                 }
                 self.get(table)
-                    .map(|t| t.csv.clone())
+                    .map(|t| t.csv.to_string())
                     .ok_or_else(|| bad(format!("{table} is missing")))
             })?)
         } else {
@@ -393,7 +393,7 @@ impl TableVersion {
             schema,
             batches,
             rows,
-            csv,
+            csv: csv.into(),
             derived_from,
             installed_ms,
             ids: Default::default(),

@@ -405,9 +405,20 @@ async fn table_rows(
                 version.to_string(),
             ),
         ],
-        csv,
+        // The table's own copy, shared: a copy per answer let slow readers hold a table's
+        // size each for as long as they kept their connections open.
+        axum::body::Body::from(axum::body::Bytes::from_owner(SharedText(csv))),
     )
         .into_response())
+}
+
+/// A shared text as the bytes of an answer's body.
+struct SharedText(Arc<str>);
+
+impl AsRef<[u8]> for SharedText {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
 }
 
 async fn replace_table_rows(

@@ -402,7 +402,7 @@ impl Follower {
             return None;
         }
         let csv = log.csv();
-        if self.tables.get(&self.table).is_some_and(|t| t.csv == csv) {
+        if self.tables.get(&self.table).is_some_and(|t| *t.csv == *csv) {
             self.update(|s| s.error = None);
             return None;
         }

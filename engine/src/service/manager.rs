@@ -1055,6 +1055,12 @@ impl QueryManager {
                 )));
             }
             self.check_city_output(s)?;
+            // An output its format cannot carry failed the query once started, after
+            // validation had said it was valid.
+            s.flow
+                .writes
+                .check_writable(self.codecs.descriptors.as_ref())
+                .map_err(|e| ServiceError::invalid(e.to_string()))?;
         }
         if builtin {
             return Ok(());
@@ -1499,7 +1505,7 @@ impl QueryManager {
     }
 
     /// The CSV of reference table `name`'s current version, and its version.
-    pub fn reference_rows(&self, name: &str) -> Result<(u64, String), ServiceError> {
+    pub fn reference_rows(&self, name: &str) -> Result<(u64, Arc<str>), ServiceError> {
         let table = self.reference.get(name).ok_or_else(|| {
             ServiceError::NotFound(format!(
                 "no reference table named {name:?} (GET /v1/tables lists them)"
