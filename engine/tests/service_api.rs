@@ -17,6 +17,8 @@ use urbanstream::service::config::ServiceConfig;
 use urbanstream::service::{Service, api};
 
 const TOKEN: &str = "test-token-1234";
+/// The token that may only read.
+const READ_TOKEN: &str = "test-read-token-5678";
 
 /// A window query of vehicles per segment and minute into its own topic.
 fn per_minute(name: &str) -> String {
@@ -59,7 +61,7 @@ async fn service_with(
         format!(
             "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"svc-test\"\n\
              [kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\
-             [api]\ntoken = \"{TOKEN}\"\nmax_body = \"4KiB\"\n\
+             [api]\ntoken = \"{TOKEN}\"\nread_token = \"{READ_TOKEN}\"\nmax_body = \"4KiB\"\n\
              [catalog]\npath = \"{}\"\n[queries]\ndefaults = false\nmax_queries = 3\n\
              max_state_groups = {cap}\n\
              [pipeline]\nlinger = \"5ms\"\n\
@@ -342,6 +344,66 @@ async fn outputs_their_format_cannot_carry_are_refused_before_registration() -> 
     )
     .await?;
     assert_eq!(status, StatusCode::OK, "{answer}");
+    service.shutdown().await;
+    Ok(())
+}
+
+/// The read token reads (GET, and HEAD as GET without the body), validates and explains;
+/// every change is refused with the reason, and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_token_reads_and_changes_nothing() -> anyhow::Result<()> {
+    let broker = broker()?;
+    let dir = tempfile::tempdir()?;
+    let service = service(&broker.bootstrap_servers(), dir.path()).await?;
+    let app = api::router(service.clone());
+    create(&app, "counts", &per_minute("counts")).await?;
+    for (method, path, body) in [
+        ("GET", "/v1/queries", None),
+        ("HEAD", "/v1/queries", None),
+        ("GET", "/v1/queries/counts", None),
+        ("HEAD", "/v1/queries/counts", None),
+        ("GET", "/v1/tables", None),
+        ("GET", "/v1/info", None),
+        (
+            "POST",
+            "/v1/queries/validate",
+            Some(json!({"sql": per_minute("other")})),
+        ),
+    ] {
+        let (status, answer) = call(&app, method, path, Some(READ_TOKEN), body).await?;
+        assert_eq!(status, StatusCode::OK, "{method} {path}: {answer}");
+        if method == "HEAD" {
+            assert_eq!(answer, Value::Null, "{method} {path}");
+        }
+    }
+    for (method, path, body) in [
+        (
+            "POST",
+            "/v1/queries",
+            Some(json!({"name": "mine", "sql": per_minute("mine")})),
+        ),
+        ("POST", "/v1/queries/counts/pause", None),
+        ("DELETE", "/v1/queries/counts", None),
+    ] {
+        let (status, answer) = call(&app, method, path, Some(READ_TOKEN), body).await?;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("changes need api.token")),
+            "{answer}"
+        );
+    }
+    let (_, list) = call(&app, "GET", "/v1/queries", Some(TOKEN), None).await?;
+    let names: Vec<&str> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|q| q["name"].as_str())
+        .collect();
+    assert_eq!(names, ["counts"], "{list}");
+    let (_, counts) = call(&app, "GET", "/v1/queries/counts", Some(TOKEN), None).await?;
+    assert_ne!(counts["state"], "PAUSED", "{counts}");
     service.shutdown().await;
     Ok(())
 }

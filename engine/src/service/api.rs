@@ -245,11 +245,13 @@ async fn authorize(
         )
         .into_response();
     };
-    let reads = request.method() == axum::http::Method::GET
-        || matches!(
-            request.uri().path(),
-            "/v1/queries/validate" | "/v1/queries/explain"
-        );
+    let reads = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    ) || matches!(
+        request.uri().path(),
+        "/v1/queries/validate" | "/v1/queries/explain"
+    );
     if !api.token.is_empty() && same_token(given, &api.token) {
         next.run(request).await
     } else if !api.read_token.is_empty() && same_token(given, &api.read_token) {
