@@ -136,7 +136,7 @@ pub enum RejectStage {
     /// Not a JSON object of the topic's schema (syntax, types, encoding).
     Decode,
     /// Well-formed, but breaks a rule of the schema (missing required field, unknown symbol),
-    /// or is not keyed by the topic's key column where a query keeps state per partition.
+    /// or has no Kafka key where a query keeps state per partition of a keyed topic.
     Validate,
     /// Valid, but its id is not in its reference table (with `reference.unknown_ids =
     /// "dead_letter"`).
@@ -235,58 +235,46 @@ impl Decoded {
 }
 
 impl Decoded {
-    /// Checks that each good record of `raw` is keyed by its column `column` (the topic's
-    /// declared key, read by a query keeping state per input partition); returns how many are
-    /// not. Such a record may sit in another partition than the other records of its group,
-    /// which would split the group between partitions' states and publish each part as a
-    /// whole: it becomes a reject (stage `validate`, naming the key it has and the one it
-    /// needs). A key holding the column's text passes (the text itself, as `replay` and the
-    /// engine's sinks write it, or the text in an encoding: quoted, or in an Avro or Protobuf
-    /// key); a record without a key, or keyed by another value, does not.
+    /// Checks that each good record of `raw` has a Kafka key, where its topic is declared
+    /// keyed by column `column` and read by a query keeping state per input partition;
+    /// returns how many have none. A record without a key is placed in any partition (the
+    /// producer's partitioner spreads such records), away from its group's other records:
+    /// its partition's state would publish a second, partial result of the group's window.
+    /// It becomes a reject (stage `validate`, naming the column and its value). A record
+    /// with a key passes, whatever its bytes: producers write a key column's value in many
+    /// encodings (its text, quoted, an Avro or Protobuf key, a big-endian integer), and any
+    /// of them keeps a group's records together.
     pub fn check_keys(&mut self, raw: &RawBatch, column: &str, topic: &str) -> Result<usize> {
         let Ok(index) = self.batch.schema().index_of(column) else {
             return Ok(0);
         };
-        let values = cast(self.batch.column(index), &DataType::Utf8)?;
-        let values = values.as_string::<i32>();
-        let placed = |r: usize| {
-            if values.is_null(r) {
-                return true;
-            }
-            let text = values.value(r).as_bytes();
-            raw.key(self.rows[r] as usize).is_some_and(|key| {
-                key == text || text.is_empty() || key.windows(text.len()).any(|w| w == text)
-            })
-        };
-        let keyed: BooleanArray = (0..values.len()).map(|r| Some(placed(r))).collect();
-        let misplaced = keyed.false_count();
-        if misplaced == 0 {
+        let values = self.batch.column(index).clone();
+        let keyed: BooleanArray = (0..values.len())
+            .map(|r| Some(values.is_null(r) || raw.key(self.rows[r] as usize).is_some()))
+            .collect();
+        let unkeyed = keyed.false_count();
+        if unkeyed == 0 {
             return Ok(0);
         }
+        let values = cast(&values, &DataType::Utf8)?;
+        let values = values.as_string::<i32>();
         for r in (0..keyed.len()).filter(|&r| !keyed.value(r)) {
-            let i = self.rows[r];
-            let has = match raw.key(i as usize) {
-                None => "without a key".to_string(),
-                Some(key) => format!(
-                    "keyed {:?}",
-                    String::from_utf8_lossy(&key[..key.len().min(64)])
-                ),
-            };
+            let value: String = values.value(r).chars().take(64).collect();
             self.rejects.push(Reject {
-                index: i,
+                index: self.rows[r],
                 stage: RejectStage::Validate,
                 error: format!(
-                    "record {has}, where {topic} is declared keyed by {column} ({:?}): the \
-                     query keeps its groups' state per partition of {topic}, and a record not \
-                     keyed by {column} may be in another partition than its group; produce \
-                     the topic's records keyed by {column}, or declare the table without \
-                     'key' (its queries are then repartitioned by their group keys)",
-                    values.value(r)
+                    "record without a key, where {topic} is declared keyed by {column} \
+                     ({value:?}): the query keeps its groups' state per partition of {topic}, \
+                     and a record without a key may be in another partition than its group's \
+                     other records; produce the topic's records keyed by {column} (its text, as \
+                     `urbanstream replay` does), or declare the table without 'key' (its \
+                     queries are then repartitioned by their group keys)"
                 ),
             });
         }
         self.keep(&keyed)?;
-        Ok(misplaced)
+        Ok(unkeyed)
     }
 
     /// Keeps the good records marked in `keep` (the others just became rejects).

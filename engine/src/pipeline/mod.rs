@@ -855,17 +855,32 @@ impl Pipeline {
         .filter(|(topic, _)| decoders.contains_key(topic.as_str()))
         .map(|(topic, check)| (topic.clone(), check))
         .collect();
-        let key_checks = queries
-            .iter()
-            .filter(|_| partitioned)
-            .filter_map(|r| {
-                let column = r.query.placed_by()?;
-                Some((
-                    r.query.source().options.topic.clone(),
-                    (column.to_string(), false),
-                ))
-            })
-            .collect();
+        // Records without a key are dead-lettered only from a topic every statement reading
+        // it keeps state per partition of, by one key column: another statement (one without
+        // state, stage 1 of a repartitioned one) reads such records correctly.
+        let mut key_checks: HashMap<String, (String, bool)> = HashMap::new();
+        if partitioned {
+            let mut unchecked = std::collections::HashSet::new();
+            for r in &queries {
+                let source = &r.query.source().options.topic;
+                for input in r.query.inputs() {
+                    let topic = &input.options.topic;
+                    match r.query.placed_by().filter(|_| topic == source) {
+                        Some(column)
+                            if key_checks
+                                .get(topic)
+                                .is_none_or(|(c, _)| c.as_str() == column) =>
+                        {
+                            key_checks.insert(topic.clone(), (column.to_string(), false));
+                        }
+                        _ => {
+                            unchecked.insert(topic.clone());
+                        }
+                    }
+                }
+            }
+            key_checks.retain(|topic, _| !unchecked.contains(topic));
+        }
         let mut pipeline = Self {
             source,
             ahead: None,
@@ -1162,17 +1177,26 @@ impl Pipeline {
                     .unknown_ids
                     .fetch_add(unknown as u64, Ordering::Relaxed);
             }
-            if let Some((column, reported)) = self.key_checks.get_mut(raw.topic.as_ref()) {
-                let misplaced = decoded.check_keys(raw, column, &raw.topic)?;
-                if misplaced > 0 && !*reported {
+            // A topic of one partition keeps every group together, keyed or not.
+            let split = self
+                .partition_counts
+                .get(raw.topic.as_ref())
+                .is_some_and(|n| *n > 1);
+            if let Some((column, reported)) = self
+                .key_checks
+                .get_mut(raw.topic.as_ref())
+                .filter(|_| split)
+            {
+                let unkeyed = decoded.check_keys(raw, column, &raw.topic)?;
+                if unkeyed > 0 && !*reported {
                     *reported = true;
                     warn!(
                         topic = %raw.topic,
                         column = %column,
-                        misplaced,
-                        "records not keyed by the topic's key column: sent to the DLQ, since \
-                         the query keeps its state per partition (further such records are \
-                         counted in the DLQ only)"
+                        unkeyed,
+                        "records without a key: sent to the DLQ, since the query keeps its \
+                         state per partition of the topic and such records may be in another \
+                         partition than their groups (further ones are counted in the DLQ only)"
                     );
                 }
             }

@@ -260,7 +260,7 @@ async fn authorize(
         } else {
             ApiError::new(
                 StatusCode::FORBIDDEN,
-                "the read token may only read (GET) and validate; changes need api.token",
+                "the read token may only read (GET, HEAD) and validate; changes need api.token",
             )
             .into_response()
         }
