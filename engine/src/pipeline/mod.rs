@@ -457,8 +457,8 @@ pub struct Pipeline {
     reference: crate::reference::ReferenceTables,
     /// Per input topic, the column checked against a reference table's ids, and the table.
     id_checks: HashMap<String, (&'static str, &'static str)>,
-    /// Per input topic read by a query keeping state per partition, the column its records
-    /// must be keyed by, and whether a record keyed otherwise has been reported.
+    /// Per input topic read only by statements keeping state per partition of it, the column
+    /// it is declared keyed by, and whether a record without a key has been reported.
     key_checks: HashMap<String, (String, bool)>,
     queries: Vec<Running>,
     /// The context the queries were planned in; partitions' instances are planned in it.
