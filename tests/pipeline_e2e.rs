@@ -1124,6 +1124,60 @@ async fn records_without_a_key_go_to_the_dlq_not_into_a_second_state() -> anyhow
     Ok(())
 }
 
+/// On a topic of one partition every group's records are together, keyed or not: a query
+/// keeping state per partition of it counts records without a key, and sends none to the DLQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_without_a_key_in_a_topic_of_one_partition_are_counted() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1)?;
+    cluster.broker.create_topic("test.single.in", 1)?;
+    cluster.broker.create_topic("test.single.out", 1)?;
+    let record = |k: &str, t: i64| serde_json::to_vec(&json!({"k": k, "ts": t}));
+    for (k, t) in [("a", 1_000), ("a", 2_000), ("b", 3_000), ("a", 125_000)] {
+        cluster
+            .produce_without_key("test.single.in", 0, &record(k, T0 + t)?)
+            .await?;
+    }
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "single".into();
+    config.name = Some("single".into());
+    config.default_queries = false;
+    config.from_beginning = true;
+    config.queries = vec![(
+        "single".into(),
+        "CREATE EXTERNAL TABLE ev (k VARCHAR NOT NULL, ts TIMESTAMP NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.single.in', 'format' 'json', 'key' 'k',
+           'event_time' 'ts', 'watermark_delay' '0s');
+         CREATE EXTERNAL TABLE o (k VARCHAR NOT NULL, window_start TIMESTAMP NOT NULL,
+           c BIGINT NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.single.out', 'format' 'json', 'key' 'k');
+         INSERT INTO o SELECT k, window_start, count(*) AS c FROM ev
+         GROUP BY tumble(ts, INTERVAL '1 minute'), k"
+            .into(),
+    )];
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    let out = cluster.consumer("test.single.out")?;
+    let mut rows: Vec<(String, i64, i64)> = read_json(&out, 2, Duration::from_secs(60))
+        .await?
+        .into_iter()
+        .map(|(_, v)| {
+            (
+                v["k"].as_str().unwrap_or_default().to_string(),
+                v["window_start"].as_i64().unwrap_or(-1),
+                v["c"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(rows, [("a".to_string(), T0, 2), ("b".to_string(), T0, 1)]);
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    assert_eq!(stats.dlq.load(Ordering::Relaxed), 0);
+    Ok(())
+}
+
 /// A checkpoint is written when the state or the input positions have changed since the last,
 /// not every interval: an idle query writes none (its files and object-store writes would
 /// grow with idle time), the next record it reads is checkpointed again, and a restart after
