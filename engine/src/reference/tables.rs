@@ -36,6 +36,10 @@ pub const MAX_CSV_BYTES: usize = 64 << 20;
 pub const MAX_TABLES: usize = 64;
 /// The most columns of a new reference table.
 pub const MAX_COLUMNS: usize = 1024;
+/// The most CSV all the tables' current versions hold together, unless configured
+/// otherwise (`reference.max_total_bytes`): their rows are held in memory, about five
+/// times the CSV's size.
+pub const MAX_TOTAL_CSV_BYTES: usize = 256 << 20;
 
 /// One version of a reference table.
 #[derive(Debug)]
@@ -72,6 +76,8 @@ struct Inner {
     tables: RwLock<BTreeMap<String, Arc<TableVersion>>>,
     generation: Arc<AtomicU64>,
     dir: Option<PathBuf>,
+    /// The most CSV the current versions may hold together.
+    max_total_bytes: usize,
     /// Serialises replacements (check, write, install).
     writer: Mutex<()>,
 }
@@ -85,7 +91,29 @@ impl ReferenceTables {
     /// The tables compiled into the binary, each replaced by its newest version in `dir`
     /// (tables added at run time included); new versions are written there.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
-        Self::load(Some(dir.into()))
+        Self::open_limited(dir, MAX_TOTAL_CSV_BYTES)
+    }
+
+    /// [`ReferenceTables::open`], holding at most `max_total_bytes` of CSV in all the
+    /// tables' current versions: a version that would take them over is refused. Versions
+    /// kept from before (the limit lowered since) are all loaded, with a warning.
+    pub fn open_limited(dir: impl Into<PathBuf>, max_total_bytes: usize) -> Result<Self> {
+        let tables = Self::load(Some(dir.into()))?;
+        let held = tables.total_bytes(None);
+        if held > max_total_bytes {
+            tracing::warn!(
+                held,
+                limit = max_total_bytes,
+                "the reference tables kept hold more CSV than reference.max_total_bytes: \
+                 no table can grow until some are removed or replaced by smaller versions"
+            );
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                max_total_bytes,
+                ..Arc::into_inner(tables.inner).expect("not shared yet")
+            }),
+        })
     }
 
     fn load(dir: Option<PathBuf>) -> Result<Self> {
@@ -159,9 +187,19 @@ impl ReferenceTables {
                 tables: RwLock::new(tables),
                 generation: Arc::new(AtomicU64::new(0)),
                 dir,
+                max_total_bytes: MAX_TOTAL_CSV_BYTES,
                 writer: Mutex::new(()),
             }),
         })
+    }
+
+    /// The CSV the current versions hold together, but for table `except`'s.
+    fn total_bytes(&self, except: Option<&str>) -> usize {
+        self.list()
+            .iter()
+            .filter(|t| Some(t.name.as_str()) != except && t.derived_from.is_none())
+            .map(|t| t.csv.len())
+            .sum()
     }
 
     /// The current version of table `name` (names are case-insensitive).
@@ -233,6 +271,17 @@ impl ReferenceTables {
             .writer
             .lock()
             .map_err(|_| bad("a replacement failed midway; restart the process".into()))?;
+        let others = self.total_bytes(Some(&name));
+        if others + csv.len() > self.inner.max_total_bytes {
+            return Err(bad(format!(
+                "{} bytes of CSV, while the other reference tables hold {others} of the \
+                 {} all of them may hold together (reference.max_total_bytes; their rows are \
+                 held in memory): remove a table added at run time, or replace one by a \
+                 smaller version, first",
+                csv.len(),
+                self.inner.max_total_bytes
+            )));
+        }
         let current = self.get(&name);
         let (schema, batches) = match &current {
             Some(current) => (
@@ -784,6 +833,55 @@ mod tests {
         assert!(e.contains("64 reference tables are held"), "{e}");
         // Replacing one of them is still fine.
         assert_eq!(tables.replace("lots", "a,b\n2,y\n")?.version, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn the_tables_together_hold_at_most_the_configured_csv() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let built_in = ReferenceTables::open(dir.path())?.total_bytes(None);
+        let limit = built_in + 1_000;
+        let tables = ReferenceTables::open_limited(dir.path(), limit)?;
+        let rows = |n: usize| {
+            let mut csv = String::from("id,v\n");
+            for i in 0..n {
+                csv.push_str(&format!("{i:04},{i}\n"));
+            }
+            csv
+        };
+        // 587 + 291 bytes fit beside the city's tables, and 155 more do not.
+        assert_eq!(tables.replace("a", &rows(74))?.csv.len(), 587);
+        assert_eq!(tables.replace("b", &rows(37))?.csv.len(), 291);
+        let e = tables
+            .replace("c", &rows(20))
+            .expect_err("over")
+            .to_string();
+        assert!(
+            e.contains("reference.max_total_bytes") && e.contains(&limit.to_string()),
+            "{e}"
+        );
+        assert!(tables.get("c").is_none());
+        // A table's own current version does not count against its replacement: a grows into
+        // the room it left, then no further.
+        assert_eq!(tables.replace("a", &rows(80))?.version, 2);
+        let e = tables
+            .replace("a", &rows(150))
+            .expect_err("over")
+            .to_string();
+        assert!(
+            e.contains("bytes of CSV, while the other reference tables hold"),
+            "{e}"
+        );
+        assert_eq!(tables.get("a").map(|t| t.rows), Some(80));
+        // Removing a table makes room again.
+        tables.remove("b")?;
+        assert_eq!(tables.replace("c", &rows(20))?.csv.len(), 155);
+        // Lowered below what is kept, the tables still load (with a warning), and only a
+        // smaller version is taken.
+        let lowered = ReferenceTables::open_limited(dir.path(), built_in + 500)?;
+        assert_eq!(lowered.get("a").map(|t| t.rows), Some(80));
+        lowered.replace("a", &rows(80)).expect_err("still over");
+        lowered.replace("a", &rows(40))?;
         Ok(())
     }
 

@@ -115,6 +115,10 @@ pub struct ReferenceConfig {
     /// with the defaults the queries give, e.g. a 60 s reporting interval) or `dead_letter`
     /// (counted, and sent to the DLQ with the reason).
     pub unknown_ids: crate::decode::UnknownIds,
+    /// The most CSV, in bytes, the current versions of all reference tables hold together
+    /// (their rows are held in memory, about five times as much); a version that would take
+    /// them over is refused.
+    pub max_total_bytes: usize,
     /// Tables kept current from a compacted Kafka topic: table name → topic. The topic holds
     /// the whole table, one JSON object per row keyed by its id, a tombstone deleting one.
     #[serde(default)]

@@ -842,7 +842,10 @@ impl QueryManager {
     pub fn new(config: Arc<ServiceConfig>) -> crate::Result<Self> {
         let catalog = Catalog::open(&config.catalog.path)?;
         let checkpoint_root = config.checkpoint_root()?;
-        let reference = ReferenceTables::open(config.reference_dir())?;
+        let reference = ReferenceTables::open_limited(
+            config.reference_dir(),
+            config.reference.max_total_bytes,
+        )?;
         let followers = Arc::new(super::follow::Followers::new(&config, &reference)?);
         let codecs = crate::decode::Codecs {
             registry: Some(Arc::new(config.schema_registry()?)),
