@@ -606,6 +606,18 @@ pub(super) fn bound_of(
     is_window(plan, inner, leaf, window_position).then_some(bound)
 }
 
+/// Whether `plan` is a join (of any kind DataFusion plans).
+fn is_join(plan: &Arc<dyn ExecutionPlan>) -> bool {
+    use datafusion::physical_plan::joins::{
+        CrossJoinExec, HashJoinExec, NestedLoopJoinExec, SortMergeJoinExec, SymmetricHashJoinExec,
+    };
+    plan.downcast_ref::<HashJoinExec>().is_some()
+        || plan.downcast_ref::<NestedLoopJoinExec>().is_some()
+        || plan.downcast_ref::<CrossJoinExec>().is_some()
+        || plan.downcast_ref::<SortMergeJoinExec>().is_some()
+        || plan.downcast_ref::<SymmetricHashJoinExec>().is_some()
+}
+
 /// The input of `plan` when `plan` passes its one input's columns on as they are (a sort, a
 /// repartition, a merge), so that a column of it is the same column of the input.
 fn same_columns(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
@@ -739,6 +751,15 @@ pub(super) fn plan_chain(
                  to the last aggregation's rows instead (… OVER (PARTITION BY window_start …) \
                  over the {window_name}() aggregation), or publish its rows to a topic and \
                  aggregate that in a second query"
+            );
+        }
+        (None, _) if lower.exists(|n| Ok(is_join(n)))? => {
+            // The time column is not followed through a join.
+            return plan_err!(
+                "a join between two windowed aggregations is not supported yet: join the \
+                 table below the first aggregation (and group by its columns there, e.g. \
+                 GROUP BY tumble(…), s.ward_id over camera_events JOIN segments s), or above \
+                 the last one"
             );
         }
         (None, _) => {

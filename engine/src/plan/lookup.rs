@@ -87,7 +87,117 @@ impl TableProvider for ReferenceTable {
     }
 }
 
-/// A leaf that yields the current rows of a reference table, projected.
+/// Versions of reference tables that a run of a plan reads in place of the current ones,
+/// when its task context carries them (a [`SessionConfig`] extension, [`Pinned::context`]):
+/// a plan that computes again, to withdraw them, rows it computed earlier gives the same rows
+/// only with the versions it read then.
+///
+/// [`SessionConfig`]: datafusion::execution::config::SessionConfig
+#[derive(Debug)]
+pub struct Pinned {
+    /// Tells apart the sets of versions a plan's nodes have collected (never 0).
+    id: u64,
+    /// The reference tables' generation when the versions were taken.
+    generation: u64,
+    versions: std::collections::BTreeMap<String, Arc<crate::reference::TableVersion>>,
+}
+
+impl Pinned {
+    /// The current version of every table of `tables`.
+    pub fn current(tables: &ReferenceTables) -> Arc<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        // Read before the versions: a replacement meanwhile shows as a newer generation,
+        // never as an older one.
+        let generation = tables.generation().load(Ordering::Acquire);
+        Arc::new(Self {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            generation,
+            versions: tables
+                .list()
+                .into_iter()
+                .map(|t| (t.name.clone(), t))
+                .collect(),
+        })
+    }
+
+    /// The reference tables' generation when the versions were taken.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// `ctx`, its plans reading these versions.
+    pub fn context(self: &Arc<Self>, ctx: &TaskContext) -> Arc<TaskContext> {
+        Arc::new(TaskContext::new(
+            ctx.task_id(),
+            ctx.session_id(),
+            ctx.session_config().clone().with_extension(self.clone()),
+            ctx.scalar_functions().clone(),
+            ctx.higher_order_functions().clone(),
+            ctx.aggregate_functions().clone(),
+            ctx.window_functions().clone(),
+            ctx.runtime_env(),
+        ))
+    }
+}
+
+/// The reference tables' versions a plan that computes again the rows it withdraws runs
+/// with ([`Pinned`]): the versions current when it was made, renewed by the caller when a
+/// table gets a new version (after withdrawing the rows made with the versions before).
+#[derive(Debug)]
+pub struct Pinning {
+    tables: ReferenceTables,
+    pinned: Arc<Pinned>,
+    /// The task context with the pinned versions, and the context it was made from.
+    context: Option<(usize, Arc<TaskContext>)>,
+}
+
+impl Pinning {
+    /// Pinning for `plan`, if it reads a reference table.
+    pub fn of(plan: &Arc<dyn ExecutionPlan>) -> Result<Option<Self>> {
+        let mut tables = None;
+        plan.apply(|node| {
+            if let Some(r) = node.downcast_ref::<ReferenceExec>() {
+                tables = Some(r.tables.clone());
+                return Ok(TreeNodeRecursion::Stop);
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        Ok(tables.map(|tables| Self {
+            pinned: Pinned::current(&tables),
+            tables,
+            context: None,
+        }))
+    }
+
+    /// When a table has got a new version since the versions were pinned: the versions
+    /// pinned until now, the current ones being pinned in their place.
+    pub fn renew(&mut self) -> Option<Arc<Pinned>> {
+        if self.tables.generation().load(Ordering::Acquire) == self.pinned.generation {
+            return None;
+        }
+        self.context = None;
+        Some(std::mem::replace(
+            &mut self.pinned,
+            Pinned::current(&self.tables),
+        ))
+    }
+
+    /// `ctx` with the pinned versions (made once per versions and context).
+    pub fn context(&mut self, ctx: &Arc<TaskContext>) -> Arc<TaskContext> {
+        let from = Arc::as_ptr(ctx) as usize;
+        match &self.context {
+            Some((made_from, pinned)) if *made_from == from => pinned.clone(),
+            _ => {
+                let pinned = self.pinned.context(ctx);
+                self.context = Some((from, pinned.clone()));
+                pinned
+            }
+        }
+    }
+}
+
+/// A leaf that yields the current rows of a reference table (or the version its run's task
+/// context pins, [`Pinned`]), projected.
 #[derive(Debug)]
 pub struct ReferenceExec {
     name: String,
@@ -189,11 +299,17 @@ impl ExecutionPlan for ReferenceExec {
     fn execute(
         &self,
         _partition: usize,
-        _context: Arc<TaskContext>,
+        context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let table = self.tables.get(&self.name).ok_or_else(|| {
-            DataFusionError::Execution(format!("reference table {} is gone", self.name))
-        })?;
+        let pinned = context
+            .session_config()
+            .get_extension::<Pinned>()
+            .and_then(|p| p.versions.get(&self.name).cloned());
+        let table = pinned
+            .or_else(|| self.tables.get(&self.name))
+            .ok_or_else(|| {
+                DataFusionError::Execution(format!("reference table {} is gone", self.name))
+            })?;
         super::feed::projected_stream(
             table.batches.clone(),
             self.projection.as_deref(),
@@ -203,7 +319,8 @@ impl ExecutionPlan for ReferenceExec {
 }
 
 /// A join whose build side reads reference tables only (or a scalar subquery over them),
-/// run from a fresh copy after any table gets a new version. It is the wrapped node for
+/// run from a fresh copy after any table gets a new version, or when a run's task context
+/// pins other versions ([`Pinned`]) than the copy collected. It is the wrapped node for
 /// every other purpose: same children, properties and display, and `downcast_ref` finds the
 /// node it wraps. The wrapped node itself never runs (what it would collect would be held for
 /// the life of the plan): copies of it do.
@@ -211,15 +328,15 @@ impl ExecutionPlan for ReferenceExec {
 pub struct RefreshingExec {
     join: Arc<dyn ExecutionPlan>,
     generation: Arc<AtomicU64>,
-    /// The copy that runs, and the generation it collected its build side in.
-    running: Mutex<(u64, Arc<dyn ExecutionPlan>)>,
+    /// The copy that runs, and what it collected its build side from: (the generation, 0) for
+    /// the current versions, (0, the pin's id) for pinned ones; `None` until it first runs.
+    running: Mutex<(Option<(u64, u64)>, Arc<dyn ExecutionPlan>)>,
 }
 
 impl RefreshingExec {
     fn new(join: Arc<dyn ExecutionPlan>, generation: Arc<AtomicU64>) -> Result<Self> {
-        let seen = generation.load(Ordering::Acquire);
         Ok(Self {
-            running: Mutex::new((seen, join.clone().reset_state()?)),
+            running: Mutex::new((None, join.clone().reset_state()?)),
             join,
             generation,
         })
@@ -367,14 +484,20 @@ impl ExecutionPlan for RefreshingExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let now = self.generation.load(Ordering::Acquire);
+        let now = match context.session_config().get_extension::<Pinned>() {
+            Some(pinned) => (0, pinned.id),
+            None => (self.generation.load(Ordering::Acquire), 0),
+        };
         let running = {
             let mut running = self
                 .running
                 .lock()
                 .map_err(|_| DataFusionError::Internal("join lock poisoned".into()))?;
-            if running.0 != now {
-                *running = (now, self.join.clone().reset_state()?);
+            match running.0 {
+                Some(collected) if collected == now => {}
+                // A fresh copy has collected nothing yet.
+                None => running.0 = Some(now),
+                Some(_) => *running = (Some(now), self.join.clone().reset_state()?),
             }
             running.1.clone()
         };

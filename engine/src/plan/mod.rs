@@ -375,6 +375,102 @@ mod tests {
         assert_eq!(rendered(&out), ["Renamed|35.0|retract"]);
     }
 
+    /// A window over a changelog joined with a reference table whose new version moves a
+    /// key's row elsewhere: the row the key's next record supersedes is withdrawn as it was
+    /// added, not as the new version gives it, so the segment's minute is counted once. The
+    /// rows held are moved to the new version when it comes: the minute leaves its old
+    /// ward's window for its new ward's.
+    #[tokio::test]
+    async fn a_superseded_row_is_withdrawn_as_it_was_added_after_a_new_table_version() {
+        use datafusion::arrow::array::TimestampMillisecondArray;
+        use datafusion::arrow::array::{Int64Array, RecordBatch, StringViewArray};
+        use datafusion::arrow::util::display::array_value_to_string;
+        use std::collections::BTreeMap;
+        use std::sync::Arc;
+        let reference = ReferenceTables::embedded().expect("reference");
+        let mut ctx = StreamContext::new();
+        ctx.register_reference_tables(&reference)
+            .expect("reference");
+        let mut query = None;
+        for sql in [
+            "CREATE EXTERNAL TABLE counts (segment_id VARCHAR NOT NULL, minute TIMESTAMP NOT \
+             NULL, n BIGINT, op VARCHAR) STORED AS KAFKA OPTIONS ('topic' 'counts', \
+             'event_time' 'minute', 'watermark_delay' '0s', 'upsert_key' 'segment_id, minute')",
+            "SELECT s.ward_id, window_start, sum(c.n) AS vehicles FROM counts c \
+             JOIN segments s ON c.segment_id = s.segment_id \
+             GROUP BY tumble(c.minute, INTERVAL '5 minutes'), s.ward_id",
+        ] {
+            if let Some(q) = plan_all(&ctx, sql).await.expect("plan").pop() {
+                query = Some(q);
+            }
+        }
+        let mut query = query.expect("query");
+        let schema = query.source().topic_schema.output_schema();
+        let feed = |minute: i64, n: i64| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringViewArray::from_iter_values(["truong_chinh_ntso"])),
+                    Arc::new(TimestampMillisecondArray::from_iter_values([minute])),
+                    Arc::new(Int64Array::from_iter_values([n])),
+                    Arc::new(StringViewArray::from(vec![None::<&str>])),
+                ],
+            )
+            .expect("batch")
+        };
+        // The changelog of (ward, window) → vehicles, applied as a consumer applies it.
+        let mut table: BTreeMap<String, String> = BTreeMap::new();
+        let mut apply = |out: &stream::StepOutput| {
+            for b in &out.rows {
+                for r in 0..b.num_rows() {
+                    let value = |c: &str| {
+                        b.column_by_name(c)
+                            .map(|a| array_value_to_string(a, r).expect("value"))
+                    };
+                    let ward = value("ward_id").expect("ward_id");
+                    match value("op").as_deref() {
+                        Some("retract") => table.remove(&ward),
+                        _ => table.insert(ward, value("vehicles").expect("vehicles")),
+                    };
+                }
+            }
+        };
+        // 2026-01-01T06:01: three vehicles counted on the segment, in ward khuong_dinh.
+        let minute = 1_767_247_260_000;
+        let now = minute + 86_400_000;
+        apply(
+            &query
+                .process(&feed(minute, 3), &[0], None, now)
+                .await
+                .expect("step"),
+        );
+        // The segment moves to phuong_liet; then the minute's count is revised to four, and
+        // the time runs past the window.
+        let csv = reference.get("segments").expect("segments").csv.clone();
+        let moved = csv.replacen(
+            ",Trường Chinh,khuong_dinh,",
+            ",Trường Chinh,phuong_liet,",
+            1,
+        );
+        assert_ne!(moved, *csv);
+        reference.replace("segments", &moved).expect("replace");
+        apply(
+            &query
+                .process(&feed(minute, 4), &[0], None, now)
+                .await
+                .expect("step"),
+        );
+        apply(
+            &query
+                .advance_watermark(minute + 3_600_000, now)
+                .await
+                .expect("step"),
+        );
+        let expected: BTreeMap<String, String> =
+            [("phuong_liet".to_string(), "4".to_string())].into();
+        assert_eq!(table, expected);
+    }
+
     /// A lookup join's build side, collected again when the reference table gets a new
     /// version, lets through the stream rows that join its new keys: no filter made from an
     /// earlier version's keys is left on the stream's side of the join.

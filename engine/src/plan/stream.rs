@@ -1079,6 +1079,7 @@ impl StreamContext {
                 sink: None,
                 feed,
                 lower: ReusedPlan::new(physical),
+                pinning: None,
                 windowed: None,
                 upsert: None,
                 task_ctx,
@@ -1406,6 +1407,10 @@ impl StreamContext {
             source,
             sink: None,
             feed,
+            pinning: match &upsert {
+                Some(_) => super::lookup::Pinning::of(&lower)?,
+                None => None,
+            },
             lower: ReusedPlan::new(lower),
             windowed: Some(windowed),
             upsert,
@@ -2448,6 +2453,10 @@ pub struct StreamQuery {
     windowed: Option<Windowed>,
     /// When the source is read as a changelog: the latest row of each key.
     upsert: Option<UpsertState>,
+    /// Over a changelog whose plan below the windows reads reference tables: the versions
+    /// it runs with, so that a superseded row is withdrawn from the windows as it was added
+    /// (see [`StreamQuery::repin`]).
+    pinning: Option<super::lookup::Pinning>,
     task_ctx: Arc<TaskContext>,
     watermarks: WatermarkTracker,
     time_column: Option<String>,
@@ -3986,6 +3995,7 @@ impl StreamQuery {
             }
             None => arrived.clone(),
         };
+        self.repin().await?;
         // A changelog source: each key's latest record takes effect, and the rows it
         // supersedes are withdrawn from the windows. A record too late for its windows is
         // still its key's latest: the row it supersedes is withdrawn all the same (one
@@ -4024,7 +4034,8 @@ impl StreamQuery {
             && self.windowed.is_some()
         {
             self.feed.set(vec![withdrawn]);
-            let lowered = self.lower.collect(self.task_ctx.clone()).await?;
+            let ctx = self.lower_context();
+            let lowered = self.lower.collect(ctx).await?;
             if let Some(w) = &mut self.windowed {
                 for b in &lowered {
                     w.operator.retract(b)?;
@@ -4044,6 +4055,46 @@ impl StreamQuery {
         }
         self.emit(now_ms, &mut out).await?;
         Ok(out)
+    }
+
+    /// The task context the plan below the aggregation runs in: with the pinned versions of
+    /// the reference tables, when it keeps them.
+    fn lower_context(&mut self) -> Arc<TaskContext> {
+        match &mut self.pinning {
+            Some(p) => p.context(&self.task_ctx),
+            None => self.task_ctx.clone(),
+        }
+    }
+
+    /// Over a changelog, when a reference table that the plan below the windows reads has
+    /// got a new version: every key's latest row is taken out of the windows as the plan
+    /// made it with the versions before, and put in again as it makes it with the current
+    /// ones (now pinned), so that a later withdrawal takes out what is there. A row the plan
+    /// fails on with the new versions fails the step, as a changelog row's failure does.
+    async fn repin(&mut self) -> Result<()> {
+        let Some(before) = self.pinning.as_mut().and_then(|p| p.renew()) else {
+            return Ok(());
+        };
+        let held = match (&self.upsert, &self.windowed) {
+            (Some(u), Some(_)) => u.held()?,
+            _ => return Ok(()),
+        };
+        if held.num_rows() == 0 {
+            return Ok(());
+        }
+        self.feed.set(vec![held.clone()]);
+        let old = self.lower.collect(before.context(&self.task_ctx)).await?;
+        let ctx = self.lower_context();
+        self.feed.set(vec![held]);
+        let new = self.lower.collect(ctx).await?;
+        // Only the rows the new versions change move: a table the rows do not depend on
+        // revises nothing.
+        let (gone, came) = multiset_difference(&self.lower.schema(), &old, &new)?;
+        if let Some(w) = &mut self.windowed {
+            w.operator.retract(&gone)?;
+            w.operator.update(&came)?;
+        }
+        Ok(())
     }
 
     /// Runs the plan below the aggregation over `batch` (the stream's admitted rows, or a
@@ -4124,7 +4175,8 @@ impl StreamQuery {
         batch: RecordBatch,
     ) -> Result<Vec<(RecordBatch, Option<crate::state::window::Inputs>)>> {
         self.feed.set(vec![batch]);
-        let lowered = self.lower.collect(self.task_ctx.clone()).await?;
+        let ctx = self.lower_context();
+        let lowered = self.lower.collect(ctx).await?;
         let Some(w) = &self.windowed else {
             return Ok(lowered.into_iter().map(|b| (b, None)).collect());
         };
@@ -5479,6 +5531,52 @@ impl StreamQuery {
 /// found as [`Isolating`] finds them), which are pushed to `refused`: the output and the rows
 /// kept. A function failing on every row of `rows` (a constant argument it refuses) fails,
 /// as does any other error.
+/// The rows of `old` that `new` does not have, and those of `new` that `old` does not have,
+/// counting repeats (rows of `schema`).
+fn multiset_difference(
+    schema: &SchemaRef,
+    old: &[RecordBatch],
+    new: &[RecordBatch],
+) -> Result<(RecordBatch, RecordBatch)> {
+    use datafusion::arrow::row::{RowConverter, SortField};
+    let converter = RowConverter::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect(),
+    )?;
+    let old = datafusion::arrow::compute::concat_batches(schema, old)?;
+    let new = datafusion::arrow::compute::concat_batches(schema, new)?;
+    let old_rows = converter.convert_columns(old.columns())?;
+    let new_rows = converter.convert_columns(new.columns())?;
+    let mut count: HashMap<&[u8], i64> = HashMap::new();
+    for r in old_rows.iter() {
+        *count.entry(r.data()).or_default() += 1;
+    }
+    for r in new_rows.iter() {
+        *count.entry(r.data()).or_default() -= 1;
+    }
+    let mut pick = |rows: &datafusion::arrow::row::Rows, sign: i64| {
+        let mut taken = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            if let Some(c) = count.get_mut(r.data())
+                && *c * sign > 0
+            {
+                *c -= sign;
+                taken.push(i as u32);
+            }
+        }
+        datafusion::arrow::array::UInt32Array::from(taken)
+    };
+    let gone = pick(&old_rows, 1);
+    let came = pick(&new_rows, -1);
+    Ok((
+        datafusion::arrow::compute::take_record_batch(&old, &gone)?,
+        datafusion::arrow::compute::take_record_batch(&new, &came)?,
+    ))
+}
+
 pub(super) async fn isolated(
     feed: &Feed,
     plan: &ReusedPlan,

@@ -249,6 +249,21 @@ impl UpsertState {
         Ok(Changes { added, withdrawn })
     }
 
+    /// Every key's latest row, in the order of their row encoding (so the same state gives
+    /// the same batch however it was built).
+    pub fn held(&self) -> Result<RecordBatch> {
+        let mut rows: Vec<&[u8]> = self.latest.values().map(|(_, row)| &row[..]).collect();
+        rows.sort_unstable();
+        let parser = self.rows.parser();
+        let count = rows.len();
+        Ok(RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            self.rows
+                .convert_rows(rows.into_iter().map(|r| parser.parse(r)))?,
+            &RecordBatchOptions::new().with_row_count(Some(count)),
+        )?)
+    }
+
     /// The latest rows whose event time is one of `times`, per time.
     pub fn rows_at(
         &self,

@@ -708,6 +708,8 @@ struct Recompute {
     rows: RowConverter,
     /// Encodes output rows without the window column.
     outputs: RowConverter,
+    /// Rows withdrawn from a pane that holds no such row (see [`WindowOperator::retract`]).
+    unmatched: u64,
 }
 
 /// Incremental state of one windowed query.
@@ -818,6 +820,7 @@ impl WindowOperator {
             input_schema,
             rows,
             outputs,
+            unmatched: 0,
         });
         Ok(op)
     }
@@ -859,6 +862,7 @@ impl WindowOperator {
         for pane in self.panes.values_mut() {
             pane.rows.settle(settle);
         }
+        let mut unmatched = 0u64;
         for (i, t) in times.values().iter().enumerate() {
             let pane_start = self.pane_start(*t);
             if add && !self.panes.contains_key(&pane_start) {
@@ -873,14 +877,36 @@ impl WindowOperator {
             if add {
                 pane.rows.add(row);
             } else if !pane.rows.remove_one(row) {
+                unmatched += 1;
                 continue;
             }
             pane.last_update = step;
+        }
+        if unmatched > 0
+            && let Some(recompute) = &mut self.recompute
+        {
+            let before = recompute.unmatched;
+            recompute.unmatched += unmatched;
+            // Logged at the first, then as the count passes each power of two.
+            if before.checked_ilog2() != recompute.unmatched.checked_ilog2() {
+                tracing::warn!(
+                    withdrawals = recompute.unmatched,
+                    "a withdrawn row was not among its window's rows, whose results keep the \
+                     row added before: the plan below the window gave another row for it than \
+                     when it was added (a reference table replaced since, read by a lookup \
+                     join below the window)"
+                );
+            }
         }
         Ok(())
     }
 
     /// Over a changelog: withdraws rows of `batch` added earlier (rows superseded upstream).
+    /// A row its pane does not hold is left out, with a warning in the log (doubled counts
+    /// apart): the rows are computed again from the changelog's rows to be withdrawn, and a
+    /// lookup join reads its reference table's current version, so a table replaced between
+    /// the row's addition and its withdrawal gives another row, and the window's results
+    /// keep the one added.
     pub fn retract(&mut self, batch: &RecordBatch) -> Result<()> {
         self.change_rows(batch, false)
     }
