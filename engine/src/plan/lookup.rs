@@ -330,8 +330,12 @@ pub struct RefreshingExec {
     generation: Arc<AtomicU64>,
     /// The copy that runs, and what it collected its build side from: (the generation, 0) for
     /// the current versions, (0, the pin's id) for pinned ones; `None` until it first runs.
-    running: Mutex<(Option<(u64, u64)>, Arc<dyn ExecutionPlan>)>,
+    running: Mutex<(Option<Collected>, Arc<dyn ExecutionPlan>)>,
 }
+
+/// What a join's build side was collected from: (the generation, 0) for the current
+/// versions, (0, a pin's id) for pinned ones.
+type Collected = (u64, u64);
 
 impl RefreshingExec {
     fn new(join: Arc<dyn ExecutionPlan>, generation: Arc<AtomicU64>) -> Result<Self> {
