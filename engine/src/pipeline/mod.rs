@@ -1148,6 +1148,23 @@ impl Pipeline {
         } else {
             batches
         };
+        // A partition with records not read yet holds the watermark, however long it has
+        // been silent: catching up a backlog (after a restart or a broker's stall), the
+        // partition read first ran ahead, and the others' records, judged against it, were
+        // late. Held from now, it has its idle timeout once it has caught up.
+        for (topic, partition) in self.source.behind() {
+            for running in self
+                .queries
+                .iter_mut()
+                .filter(|r| r.repartition.is_none() && *r.topic() == *topic)
+            {
+                if running.parts.is_empty() {
+                    running.query.expect_topic_partition(&topic, partition, now);
+                } else if let Some(part) = running.parts.get_mut(&partition) {
+                    part.query.expect_topic_partition(&topic, partition, now);
+                }
+            }
+        }
         // The instances fed in this step, by (query, partition; -1 for all).
         let mut fed: std::collections::HashSet<(usize, i32)> = Default::default();
         for raw in &batches {

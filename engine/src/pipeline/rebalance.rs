@@ -85,6 +85,9 @@ impl Pipeline {
                 }
             }
             blocking(|| self.source.assign(&list))?;
+            // Which of them have a backlog, at once: those hold the watermark while others
+            // are read first.
+            self.source.measure_lag(self.stats.consumer_lag.clone());
             self.held.extend(list);
             return Ok(());
         }
@@ -168,6 +171,7 @@ impl Pipeline {
             self.replay_from(marks, &restored).await?;
         }
         blocking(|| self.source.assign(&list))?;
+        self.source.measure_lag(self.stats.consumer_lag.clone());
         info!(
             name = self.config.name.as_deref().unwrap_or("all"),
             partitions = %describe(&list),

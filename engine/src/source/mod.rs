@@ -311,6 +311,10 @@ pub struct KafkaSource {
     /// by the sources of the process with the same cluster settings ([`shared_probe`]).
     lag_probe: Arc<BaseConsumer>,
     lag_probe_busy: Arc<AtomicBool>,
+    /// The partitions with records not read yet, as last measured with the lag.
+    behind: Arc<Mutex<Vec<(String, i32)>>>,
+    /// Where each partition started being read when it was last assigned.
+    started: Mutex<Positions>,
     /// Whether [`KafkaSourceConfig::from_beginning`] still applies (until the first
     /// assignment has been answered).
     rewinding: AtomicBool,
@@ -422,6 +426,8 @@ impl KafkaSource {
             closing,
             lag_probe,
             lag_probe_busy: Arc::new(AtomicBool::new(false)),
+            behind: Arc::default(),
+            started: Mutex::default(),
             rewinding: AtomicBool::new(!config.from_beginning.is_empty()),
             start_at: Mutex::new(config.start_at.clone()),
             backlogs: Mutex::new(HashMap::new()),
@@ -611,6 +617,14 @@ impl KafkaSource {
         Ok(())
     }
 
+    /// The assigned partitions with records the consumer has not read yet, as the last
+    /// complete measurement of the lag found them ([`KafkaSource::measure_lag`]): the end of
+    /// the partition's log at least two past where it reads next (one past may be a
+    /// transaction's marker alone).
+    pub fn behind(&self) -> Vec<(String, i32)> {
+        self.behind.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
     /// How many partitions the consumer group has assigned to this consumer.
     pub fn assigned_partitions(&self) -> usize {
         self.consumer.assignment().map_or(0, |a| a.count())
@@ -637,15 +651,19 @@ impl KafkaSource {
         let probe = self.lag_probe.clone();
         let busy = self.lag_probe_busy.clone();
         let resume = self.positions();
+        let started = self.started.lock().map(|s| s.clone()).unwrap_or_default();
+        let behind_now = self.behind.clone();
         tokio::task::spawn_blocking(move || {
             let mut total = 0;
+            let mut behind = Vec::new();
             let mut known = !positions.is_empty();
+            let mut answered = true;
             for (topic, partition, position) in positions {
                 let (low, high) = match probe.fetch_watermarks(&topic, partition, LAG_PROBE_TIMEOUT)
                 {
                     Ok(marks) => marks,
                     Err(_) => {
-                        known = false;
+                        (known, answered) = (false, false);
                         break;
                     }
                 };
@@ -653,20 +671,37 @@ impl KafkaSource {
                 // has no lag (it made the whole lag unknown, for good); another is read from
                 // where it resumes, if that is known (at the group's committed offset it is
                 // not known here: the lag is unknown, not its whole log).
+                let key = (topic.clone(), partition);
                 let position = match position {
                     Offset::Offset(position) => position,
                     _ if low == high => high,
-                    _ => match resume.get(&(topic.clone(), partition)) {
+                    _ => match resume.get(&key) {
                         Some(resume) => *resume,
+                        // Nothing read yet of a partition without a resume position: the
+                        // total is not known, but the partition's backlog is, from where it
+                        // started.
                         None => {
                             known = false;
-                            break;
+                            if let Some(at) = started.get(&key)
+                                && high - (*at).max(low) >= 2
+                            {
+                                behind.push(key);
+                            }
+                            continue;
                         }
                     },
                 };
-                total += (high - position.max(low)).max(0);
+                let unread = (high - position.max(low)).max(0);
+                total += unread;
+                if unread >= 2 {
+                    behind.push((topic, partition));
+                }
             }
             lag.store(if known { total } else { -1 }, Ordering::Relaxed);
+            // Without the broker's answer, the partitions behind stay as last measured.
+            if answered && let Ok(mut b) = behind_now.lock() {
+                *b = behind;
+            }
             busy.store(false, Ordering::Release);
         });
     }
@@ -793,6 +828,15 @@ impl KafkaSource {
                 (None, None, None) => self.log_start(key),
             };
             debug!(topic = %key.0, partition = key.1, ?offset, "partition assigned");
+            if let Ok(mut started) = self.started.lock() {
+                // From the log's start when its offset is not known (read as 0: the low
+                // watermark is taken where it is higher).
+                let at = match offset {
+                    Offset::Offset(o) => o,
+                    _ => 0,
+                };
+                started.insert(key.clone(), at);
+            }
             list.add_partition_offset(&key.0, key.1, offset)?;
         }
         match self.consumer.rebalance_protocol() {
