@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, RebalanceProtocol,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -242,6 +242,8 @@ pub struct SourceContext {
     /// Set when the consumer closes: nobody answers queued changes any more, so the
     /// callback carries them out itself (closing waits for the revocation to complete).
     closing: Arc<AtomicBool>,
+    /// Whether the group's assignment is cooperative (incremental) rather than eager.
+    cooperative: bool,
 }
 
 impl ClientContext for SourceContext {}
@@ -275,11 +277,7 @@ impl ConsumerContext for SourceContext {
         };
         debug!(?change, "consumer group rebalance");
         if self.closing.load(Ordering::Acquire) {
-            let cooperative = matches!(
-                consumer.rebalance_protocol(),
-                RebalanceProtocol::Cooperative
-            );
-            let done = match (&change, cooperative) {
+            let done = match (&change, self.cooperative) {
                 (PartitionChange::Assigned(_), true) => consumer.incremental_assign(tpl),
                 (PartitionChange::Assigned(_), false) => consumer.assign(tpl),
                 (_, true) => consumer.incremental_unassign(tpl),
@@ -410,11 +408,18 @@ impl KafkaSource {
         for (k, v) in &config.properties {
             client.set(k, v);
         }
+        // The protocol of the assignor configured (librdkafka refuses a mix): asking the
+        // consumer (`rebalance_protocol`) waits on its group thread, which a consumer being
+        // closed no longer answers, and the process hung there for good.
+        let cooperative = client
+            .get("partition.assignment.strategy")
+            .is_some_and(|s| s.contains("cooperative"));
         let changes: Arc<Mutex<Vec<PartitionChange>>> = Arc::default();
         let closing: Arc<AtomicBool> = Arc::default();
         let consumer: BaseConsumer<SourceContext> = client.create_with_context(SourceContext {
             changes: changes.clone(),
             closing: closing.clone(),
+            cooperative,
         })?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -595,8 +600,8 @@ impl KafkaSource {
         one.add_partition(topic, partition);
         let mut placed = TopicPartitionList::new();
         placed.add_partition_offset(topic, partition, Offset::Offset(offset))?;
-        match self.consumer.rebalance_protocol() {
-            RebalanceProtocol::Cooperative => {
+        match self.consumer.context().cooperative {
+            true => {
                 self.consumer.incremental_unassign(&one)?;
                 self.consumer.incremental_assign(&placed)?;
             }
@@ -788,11 +793,7 @@ impl KafkaSource {
             }
             list
         };
-        let cooperative = matches!(
-            self.consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
-        let done = match (change, cooperative) {
+        let done = match (change, self.consumer.context().cooperative) {
             (PartitionChange::Assigned(list), true) => {
                 self.consumer.incremental_assign(&list_of(list))
             }
@@ -839,9 +840,10 @@ impl KafkaSource {
             }
             list.add_partition_offset(&key.0, key.1, offset)?;
         }
-        match self.consumer.rebalance_protocol() {
-            RebalanceProtocol::Cooperative => self.consumer.incremental_assign(&list)?,
-            _ => self.consumer.assign(&list)?,
+        if self.consumer.context().cooperative {
+            self.consumer.incremental_assign(&list)?;
+        } else {
+            self.consumer.assign(&list)?;
         }
         self.rewinding.store(false, Ordering::Relaxed);
         if let Ok(mut start_at) = self.start_at.lock() {
@@ -971,9 +973,10 @@ impl KafkaSource {
         for (topic, partition) in partitions {
             list.add_partition(topic, *partition);
         }
-        match self.consumer.rebalance_protocol() {
-            RebalanceProtocol::Cooperative => self.consumer.incremental_unassign(&list)?,
-            _ => self.consumer.unassign()?,
+        if self.consumer.context().cooperative {
+            self.consumer.incremental_unassign(&list)?;
+        } else {
+            self.consumer.unassign()?;
         }
         debug!(?partitions, "partitions released");
         Ok(())
