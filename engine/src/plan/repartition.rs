@@ -54,7 +54,7 @@ pub fn group_partitions(keys: &[ArrayRef], n: u32) -> Result<Vec<u32>> {
         .map(|k| SortField::new(k.data_type().clone()))
         .collect();
     let converter = RowConverter::new(fields)?;
-    let encoded = converter.convert_columns(keys)?;
+    let encoded = converter.convert_columns(&crate::state::comparable_keys(keys))?;
     let n = u64::from(n.max(1));
     Ok((0..rows)
         .map(|r| (fnv1a(encoded.row(r).as_ref()) % n) as u32)

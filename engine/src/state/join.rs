@@ -342,7 +342,9 @@ impl IntervalJoin {
             .iter()
             .map(|(l, r)| self.key(l, if side == 0 { l } else { r }, batch))
             .collect::<Result<Vec<_>>>()?;
-        let rows = self.converter.convert_columns(&arrays)?;
+        let rows = self
+            .converter
+            .convert_columns(&super::comparable_keys(&arrays))?;
         let nulls = match self.spec.nulls_equal {
             true => None,
             false => arrays

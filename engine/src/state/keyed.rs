@@ -597,7 +597,7 @@ impl KeyedSeriesExec {
             .map(|k| k.evaluate(batch)?.into_array(n))
             .collect::<Result<Vec<_>>>()?;
         let converter = self.converter()?;
-        let rows = converter.convert_columns(&key_columns)?;
+        let rows = converter.convert_columns(&super::comparable_keys(&key_columns))?;
         let order = self.order.evaluate(batch)?.into_array(n)?;
         let order = cast(&order, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
         let order = order.as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>();

@@ -402,7 +402,8 @@ impl KeyedLagExec {
             .iter()
             .map(|c| SortField::new(c.data_type().clone()))
             .collect();
-        let rows = RowConverter::new(fields)?.convert_columns(&key_columns)?;
+        let rows =
+            RowConverter::new(fields)?.convert_columns(&super::comparable_keys(&key_columns))?;
         let order = self.order.evaluate(&batch)?.into_array(n)?;
         let order = cast(&order, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
         let order = order.as_primitive::<datafusion::arrow::datatypes::TimestampMillisecondType>();

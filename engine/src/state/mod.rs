@@ -32,6 +32,48 @@ use datafusion::common::Result;
 use crate::checkpoint::StateSnapshot;
 use window::Emission;
 
+/// Key columns as they are compared in the row format: a float's negative zero made zero,
+/// and every NaN one NaN (half floats as they are). SQL's `=` (and DataFusion's grouping)
+/// takes `-0.0 = 0.0`, while the row format tells their bits apart: a join on a DOUBLE key
+/// paired no `0.0` with a `-0.0`, and sessions, `LAG` and detectors kept them as two keys.
+pub fn comparable_keys(
+    columns: &[datafusion::arrow::array::ArrayRef],
+) -> Vec<datafusion::arrow::array::ArrayRef> {
+    use datafusion::arrow::array::{AsArray, PrimitiveArray};
+    use datafusion::arrow::datatypes::{DataType, Float32Type, Float64Type};
+    use std::sync::Arc;
+    columns
+        .iter()
+        .map(|c| match c.data_type() {
+            DataType::Float64 => {
+                let a: PrimitiveArray<Float64Type> = c.as_primitive::<Float64Type>().unary(|v| {
+                    if v == 0.0 {
+                        0.0
+                    } else if v.is_nan() {
+                        f64::NAN
+                    } else {
+                        v
+                    }
+                });
+                Arc::new(a) as _
+            }
+            DataType::Float32 => {
+                let a: PrimitiveArray<Float32Type> = c.as_primitive::<Float32Type>().unary(|v| {
+                    if v == 0.0 {
+                        0.0
+                    } else if v.is_nan() {
+                        f32::NAN
+                    } else {
+                        v
+                    }
+                });
+                Arc::new(a) as _
+            }
+            _ => c.clone(),
+        })
+        .collect()
+}
+
 /// Incremental windowed aggregation, as the query runtime drives it.
 pub trait WindowedAggregation: Send {
     /// Adds the rows of `batch` (the aggregation's input). Rows must not be late.

@@ -306,7 +306,9 @@ impl WindowedAggregation for SessionOperator {
             args,
             filters,
         } = inputs;
-        let rows = self.row_converter.convert_columns(&keys)?;
+        let rows = self
+            .row_converter
+            .convert_columns(&super::comparable_keys(&keys))?;
         let mut groups = Vec::with_capacity(n);
         let step = self.step;
         let mut place = Placement {
@@ -545,7 +547,9 @@ impl WindowedAggregation for SessionOperator {
                 .map(|(k, f)| cast(k, f.data_type()))
                 .collect::<std::result::Result<_, _>>()?
         };
-        let rows = self.row_converter.convert_columns(&keys)?;
+        let rows = self
+            .row_converter
+            .convert_columns(&super::comparable_keys(&keys))?;
         let gap = self.gap;
         Ok(times
             .iter()

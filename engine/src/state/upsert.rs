@@ -139,7 +139,7 @@ impl UpsertState {
             .iter()
             .map(|i| batch.column(*i).clone())
             .collect();
-        Ok(self.keys.convert_columns(&keys)?)
+        Ok(self.keys.convert_columns(&super::comparable_keys(&keys))?)
     }
 
     /// The event time of the row `key` (row-encoded, see [`UpsertState::key_rows`]) holds.
@@ -184,7 +184,7 @@ impl UpsertState {
             .iter()
             .map(|i| batch.column(*i).clone())
             .collect();
-        let keys = self.keys.convert_columns(&keys)?;
+        let keys = self.keys.convert_columns(&super::comparable_keys(&keys))?;
         let rows = self.rows.convert_columns(batch.columns())?;
         let times = cast(
             batch.column(self.time_column),
