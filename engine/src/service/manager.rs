@@ -832,6 +832,10 @@ impl Drop for QueryRuntime {
     }
 }
 
+/// How many more times a registered query is planned at start while the planner is busy
+/// (each time after a second, and up to the planner's time limit waiting for it).
+const STARTUP_PLANNING_RETRIES: usize = 10;
+
 impl QueryManager {
     /// The schema registry that Avro inputs and outputs use.
     pub fn registry(&self) -> Option<Arc<crate::decode::Registry>> {
@@ -924,7 +928,18 @@ impl QueryManager {
                 handle.set(QueryState::Paused, None);
                 continue;
             }
-            if let Err(e) = self.validate_handle(&handle).await {
+            // The planner busy with the queries started before (each plans its statements
+            // as it starts) is no fault of the SQL: asked again, for a while, before the
+            // query is taken for one that no longer plans.
+            let mut checked = self.validate_handle(&handle).await;
+            for _ in 0..STARTUP_PLANNING_RETRIES {
+                if !matches!(checked, Err(ServiceError::Busy(_))) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                checked = self.validate_handle(&handle).await;
+            }
+            if let Err(e) = checked {
                 warn!(query = %name, error = %e, "registered query no longer plans");
                 handle.set(QueryState::Failed, Some(format!("does not plan: {e}")));
                 continue;
