@@ -332,6 +332,94 @@ async fn a_future_stamped_reading_of_a_repartitioned_query_goes_to_the_late_topi
     Ok(())
 }
 
+/// A record late for every statement of a query is one late record of the query (and one in
+/// its count): a query of four statements over one stream sent four for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_late_for_several_statements_is_one_late_record() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(1)?;
+    let topics = Topics::default();
+    let stats = Arc::new(PipelineStats::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut config = PipelineConfig::new(&cluster.brokers);
+    config.group_id = "late-once".into();
+    config.default_queries = false;
+    config.from_beginning = true;
+    config.name = Some("twice".into());
+    config.queries = vec![(
+        "twice".into(),
+        "CREATE EXTERNAL TABLE ev (k VARCHAR, ts TIMESTAMP NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.twice.in', 'format' 'json',
+           'event_time' 'ts', 'watermark_delay' '0s');
+         CREATE EXTERNAL TABLE per_k (k VARCHAR, window_start TIMESTAMP NOT NULL, c BIGINT NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.twice.per_k', 'format' 'json');
+         CREATE EXTERNAL TABLE all_k (window_start TIMESTAMP NOT NULL, c BIGINT NOT NULL)
+         STORED AS KAFKA OPTIONS ('topic' 'test.twice.all', 'format' 'json');
+         INSERT INTO per_k SELECT k, window_start, count(*) AS c FROM ev
+           GROUP BY tumble(ts, INTERVAL '1 minute'), k;
+         INSERT INTO all_k SELECT window_start, count(*) AS c FROM ev
+           GROUP BY tumble(ts, INTERVAL '1 minute')"
+            .into(),
+    )];
+    for topic in ["test.twice.in", "test.twice.per_k", "test.twice.all"] {
+        cluster.broker.create_topic(topic, 1)?;
+    }
+    let record = |t: i64| serde_json::to_vec(&json!({"k": "a", "ts": t}));
+    cluster
+        .produce("test.twice.in", 0, "a", &record(T0)?)
+        .await?;
+    cluster
+        .produce("test.twice.in", 0, "a", &record(T0 + 300_000)?)
+        .await?;
+    let pipeline = Pipeline::new(config, stats.clone()).await?;
+    let task = tokio::spawn(pipeline.run(stop.clone()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // The first minute closed (by both statements) before the late record comes.
+    let per_k = cluster.consumer("test.twice.per_k")?;
+    let all = cluster.consumer("test.twice.all")?;
+    let (mut closed_k, mut closed_all) = (false, false);
+    while !(closed_k && closed_all) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the first minute did not close"
+        );
+        closed_k |= !read_more(&per_k, Duration::from_millis(200))
+            .await
+            .is_empty();
+        closed_all |= !read_more(&all, Duration::from_millis(200)).await.is_empty();
+    }
+    let (_, offset) = cluster
+        .produce("test.twice.in", 0, "a", &record(T0 + 10_000)?)
+        .await?;
+    let late = cluster.consumer(&topics.late)?;
+    let mut records = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while records.is_empty() || stats.late.load(Ordering::Relaxed) == 0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no late record: {records:?}, {} counted late, {} records in, {} dead letters, watermark {}",
+            stats.late.load(Ordering::Relaxed),
+            stats.records_in.load(Ordering::Relaxed),
+            stats.dlq.load(Ordering::Relaxed),
+            stats.watermark_ms.load(Ordering::Relaxed)
+        );
+        anyhow::ensure!(
+            !task.is_finished(),
+            "the pipeline stopped: {:?}",
+            task.await
+        );
+        records.extend(read_more(&late, Duration::from_secs(1)).await);
+    }
+    // Anything sent twice would be there by now.
+    records.extend(read_more(&late, Duration::from_secs(2)).await);
+    stop.store(true, Ordering::Relaxed);
+    task.await??;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["query"], "twice");
+    assert_eq!(records[0]["offset"], offset);
+    assert_eq!(stats.late.load(Ordering::Relaxed), 1);
+    Ok(())
+}
+
 /// Regression: the watermark was the minimum over the partitions seen *so far*, so a
 /// partition whose first records arrived after the others had moved the watermark had its
 /// older records diverted as late: how many depended on how the fetches happened to be

@@ -1138,6 +1138,11 @@ impl Pipeline {
         let mut pending = Pending::default();
         let mut dlq_count = 0;
         let mut late_count = 0;
+        // The late records sent in this step, by query and where the record was read: a
+        // query's statements that each find a record late report it once (a query of four
+        // statements over one stream sent four late records for each).
+        let mut reported_late: std::collections::HashSet<(String, String, i32, i64)> =
+            Default::default();
         let mut rows_out = 0;
         let mut windowed_out = 0;
         let first_received = batches.iter().filter_map(|b| b.first_received).min();
@@ -1465,6 +1470,14 @@ impl Pipeline {
                                     payload: BASE64.encode(raw.value(i)),
                                 };
                                 (raw.key(i).map(<[u8]>::to_vec), record)
+                            })
+                            .filter(|(_, r)| {
+                                reported_late.insert((
+                                    r.query.clone(),
+                                    r.topic.clone(),
+                                    r.partition,
+                                    r.offset,
+                                ))
                             })
                             .collect();
                         late_count += records.len();
