@@ -385,6 +385,13 @@ fn check_sql_statement(statement: &Statement) -> Result<()> {
              aggregate in a window"
         );
     }
+    if let Some(written) = distinct_from_over_a_condition(statement) {
+        return plan_err!(
+            "{written} reads as IS [NOT] DISTINCT FROM (… AND/OR …): the parser binds AND and \
+             OR tighter than IS DISTINCT FROM. Put the comparison in parentheses, e.g. \
+             (a.k IS NOT DISTINCT FROM b.k) AND b.ts BETWEEN …"
+        );
+    }
     if has_recursive_cte(statement) {
         return plan_err!(
             "WITH RECURSIVE is not available in stream queries: a recursive query may never \
@@ -545,6 +552,34 @@ fn window_call_ignoring_nulls(statement: &Statement) -> Option<String> {
     }
     match statement.visit(&mut Ignoring) {
         ControlFlow::Break(name) => Some(name),
+        ControlFlow::Continue(()) => None,
+    }
+}
+
+/// An `x IS [NOT] DISTINCT FROM y AND …` (or `OR …`) of `statement`, written without
+/// parentheses, which the parser reads as `x IS [NOT] DISTINCT FROM (y AND …)`: DataFusion
+/// then refused it naming only the types of an AND ("Cannot infer common argument type for
+/// logical boolean operation Utf8View AND Boolean").
+fn distinct_from_over_a_condition(statement: &Statement) -> Option<String> {
+    use datafusion::sql::sqlparser::ast::BinaryOperator;
+    struct Misread;
+    impl Visitor for Misread {
+        type Break = String;
+        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<String> {
+            let (Expr::IsDistinctFrom(_, right) | Expr::IsNotDistinctFrom(_, right)) = expr else {
+                return ControlFlow::Continue(());
+            };
+            match right.as_ref() {
+                Expr::BinaryOp {
+                    op: BinaryOperator::And | BinaryOperator::Or,
+                    ..
+                } => ControlFlow::Break(expr.to_string()),
+                _ => ControlFlow::Continue(()),
+            }
+        }
+    }
+    match statement.visit(&mut Misread) {
+        ControlFlow::Break(written) => Some(written.chars().take(200).collect()),
         ControlFlow::Continue(()) => None,
     }
 }

@@ -215,11 +215,14 @@ pub enum QueryAction {
     ///
     /// Example: `urbanstream query upgrade busy_segments --file busy-v2.sql` or
     /// `urbanstream query upgrade busy_segments --savepoint before-v2`
+    #[command(group(
+        clap::ArgGroup::new("upgrade_from").required(true).multiple(true).args(["file", "savepoint"])
+    ))]
     Upgrade {
         /// Its name.
         name: String,
         /// The new SQL (the query's own without it: going back to a savepoint).
-        #[arg(long, short, required_unless_present = "savepoint")]
+        #[arg(long, short)]
         file: Option<PathBuf>,
         /// Start from this savepoint instead of the query's newest state.
         #[arg(long)]

@@ -403,9 +403,18 @@ impl ServiceConfig {
         if self.checkpoint.enabled {
             self.checkpoint_root()?;
         }
-        if self.checkpoint.interval.is_zero() || self.checkpoint.retain == 0 {
+        if self.checkpoint.interval.is_zero() {
             return Err(Error::Config(
-                "checkpoint.interval and checkpoint.retain must be above zero".into(),
+                "checkpoint.interval is 0: give how often a checkpoint is taken, e.g. \
+                 interval = \"10s\" in [checkpoint] (or URBANSTREAM__CHECKPOINT__INTERVAL)"
+                    .into(),
+            ));
+        }
+        if self.checkpoint.retain == 0 {
+            return Err(Error::Config(
+                "checkpoint.retain is 0: give how many checkpoints are kept per query, at \
+                 least 1, e.g. retain = 3 in [checkpoint] (or URBANSTREAM__CHECKPOINT__RETAIN)"
+                    .into(),
             ));
         }
         if self.api.token.is_empty()
