@@ -1138,11 +1138,12 @@ impl Pipeline {
         let mut pending = Pending::default();
         let mut dlq_count = 0;
         let mut late_count = 0;
-        // The late records sent in this step, by query and where the record was read: a
-        // query's statements that each find a record late report it once (a query of four
-        // statements over one stream sent four late records for each).
-        let mut reported_late: std::collections::HashSet<(String, String, i32, i64)> =
-            Default::default();
+        // The late records sent in this step, by query, where the record was read, why and
+        // the window it missed: a query's statements that each find a record late for the
+        // same reason report it once (a query of four statements over one stream sent four
+        // late records for each); each window a record missed is still reported.
+        type LateKey = (String, String, i32, i64, &'static str, Option<(i64, i64)>);
+        let mut reported_late: std::collections::HashSet<LateKey> = Default::default();
         let mut rows_out = 0;
         let mut windowed_out = 0;
         let first_received = batches.iter().filter_map(|b| b.first_received).min();
@@ -1161,7 +1162,7 @@ impl Pipeline {
             for running in self
                 .queries
                 .iter_mut()
-                .filter(|r| r.repartition.is_none() && *r.topic() == *topic)
+                .filter(|r| r.repartition.is_none() && r.reads(&topic))
             {
                 if running.parts.is_empty() {
                     running.query.expect_topic_partition(&topic, partition, now);
@@ -1471,14 +1472,18 @@ impl Pipeline {
                                 };
                                 (raw.key(i).map(<[u8]>::to_vec), record)
                             })
-                            .filter(|(_, r)| {
+                            .zip(&out.diverted)
+                            .filter(|((_, r), d)| {
                                 reported_late.insert((
                                     r.query.clone(),
                                     r.topic.clone(),
                                     r.partition,
                                     r.offset,
+                                    d.reason.as_str(),
+                                    d.window,
                                 ))
                             })
+                            .map(|(record, _)| record)
                             .collect();
                         late_count += records.len();
                         self.sink

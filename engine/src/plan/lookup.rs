@@ -97,32 +97,27 @@ impl TableProvider for ReferenceTable {
 pub struct Pinned {
     /// Tells apart the sets of versions a plan's nodes have collected (never 0).
     id: u64,
-    /// The reference tables' generation when the versions were taken.
-    generation: u64,
     versions: std::collections::BTreeMap<String, Arc<crate::reference::TableVersion>>,
 }
 
 impl Pinned {
-    /// The current version of every table of `tables`.
-    pub fn current(tables: &ReferenceTables) -> Arc<Self> {
+    /// The current versions of tables `names` of `tables`.
+    fn current(tables: &ReferenceTables, names: &[String]) -> Arc<Self> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
-        // Read before the versions: a replacement meanwhile shows as a newer generation,
-        // never as an older one.
-        let generation = tables.generation().load(Ordering::Acquire);
         Arc::new(Self {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
-            generation,
-            versions: tables
-                .list()
-                .into_iter()
-                .map(|t| (t.name.clone(), t))
+            versions: names
+                .iter()
+                .filter_map(|n| tables.get(n).map(|t| (n.clone(), t)))
                 .collect(),
         })
     }
 
-    /// The reference tables' generation when the versions were taken.
-    pub fn generation(&self) -> u64 {
-        self.generation
+    /// Whether every table of `names` is at the version pinned (or still missing).
+    fn is_current(&self, tables: &ReferenceTables, names: &[String]) -> bool {
+        names
+            .iter()
+            .all(|n| tables.get(n).map(|t| t.version) == self.versions.get(n).map(|t| t.version))
     }
 
     /// `ctx`, its plans reading these versions.
@@ -146,40 +141,110 @@ impl Pinned {
 #[derive(Debug)]
 pub struct Pinning {
     tables: ReferenceTables,
+    /// The tables the plan reads.
+    names: Vec<String>,
+    /// The tables' generation when the pinned versions were last found current.
+    seen: u64,
     pinned: Arc<Pinned>,
     /// The task context with the pinned versions, and the context it was made from.
     context: Option<(usize, Arc<TaskContext>)>,
 }
 
 impl Pinning {
-    /// Pinning for `plan`, if it reads a reference table.
+    /// Pinning for `plan`, if it reads a reference table: the versions of the tables it
+    /// reads.
     pub fn of(plan: &Arc<dyn ExecutionPlan>) -> Result<Option<Self>> {
         let mut tables = None;
+        let mut names: Vec<String> = Vec::new();
         plan.apply(|node| {
             if let Some(r) = node.downcast_ref::<ReferenceExec>() {
                 tables = Some(r.tables.clone());
-                return Ok(TreeNodeRecursion::Stop);
+                if !names.contains(&r.name) {
+                    names.push(r.name.clone());
+                }
             }
             Ok(TreeNodeRecursion::Continue)
         })?;
-        Ok(tables.map(|tables| Self {
-            pinned: Pinned::current(&tables),
-            tables,
-            context: None,
+        Ok(tables.map(|tables| {
+            // Read before the versions: a replacement meanwhile shows as a newer
+            // generation, never as an older one.
+            let seen = tables.generation().load(Ordering::Acquire);
+            Self {
+                pinned: Pinned::current(&tables, &names),
+                tables,
+                names,
+                seen,
+                context: None,
+            }
         }))
     }
 
-    /// When a table has got a new version since the versions were pinned: the versions
-    /// pinned until now, the current ones being pinned in their place.
+    /// When a table the plan reads has got a new version since the versions were pinned:
+    /// the versions pinned until now, the current ones being pinned in their place (another
+    /// table's replacement changes nothing).
     pub fn renew(&mut self) -> Option<Arc<Pinned>> {
-        if self.tables.generation().load(Ordering::Acquire) == self.pinned.generation {
+        let now = self.tables.generation().load(Ordering::Acquire);
+        if now == self.seen {
+            return None;
+        }
+        self.seen = now;
+        if self.pinned.is_current(&self.tables, &self.names) {
             return None;
         }
         self.context = None;
         Some(std::mem::replace(
             &mut self.pinned,
-            Pinned::current(&self.tables),
+            Pinned::current(&self.tables, &self.names),
         ))
+    }
+
+    /// The version of each table pinned, for a checkpoint.
+    pub fn versions(&self) -> std::collections::BTreeMap<String, u64> {
+        self.pinned
+            .versions
+            .iter()
+            .map(|(n, t)| (n.clone(), t.version))
+            .collect()
+    }
+
+    /// Pins the versions a checkpoint recorded ([`Pinning::versions`]), those still kept,
+    /// so that the next [`Pinning::renew`] moves the rows restored with them to the current
+    /// ones. A version no longer kept is pinned as the current one, with a warning.
+    pub fn restore(&mut self, versions: &std::collections::BTreeMap<String, u64>) {
+        let mut pinned = std::collections::BTreeMap::new();
+        for name in &self.names {
+            let Some(current) = self.tables.get(name) else {
+                continue;
+            };
+            let version = versions.get(name).copied().unwrap_or(current.version);
+            match self.tables.kept_version(name, version) {
+                Some(kept) => {
+                    pinned.insert(name.clone(), kept);
+                }
+                None => {
+                    tracing::warn!(
+                        table = %name,
+                        version,
+                        current = current.version,
+                        "the reference table's version the restored state was computed with \
+                         is no longer kept: rows it gave may not be withdrawn"
+                    );
+                    pinned.insert(name.clone(), current);
+                }
+            }
+        }
+        static NEXT: AtomicU64 = AtomicU64::new(u64::MAX / 2);
+        self.pinned = Arc::new(Pinned {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            versions: pinned,
+        });
+        self.context = None;
+        // Compared again at the next renewal.
+        self.seen = self
+            .tables
+            .generation()
+            .load(Ordering::Acquire)
+            .wrapping_sub(1);
     }
 
     /// `ctx` with the pinned versions (made once per versions and context).

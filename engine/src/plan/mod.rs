@@ -382,29 +382,48 @@ mod tests {
     /// ward's window for its new ward's.
     #[tokio::test]
     async fn a_superseded_row_is_withdrawn_as_it_was_added_after_a_new_table_version() {
+        superseded_after_a_new_table_version(false).await;
+    }
+
+    /// The same with the query stopped after the first count, the table replaced while it
+    /// was down, and the query restored from its checkpoint: the versions its rows were
+    /// computed with are in the checkpoint, read back from the reference directory, and the
+    /// rows move to the new version as if it had been running.
+    #[tokio::test]
+    async fn a_superseded_row_is_withdrawn_as_it_was_added_after_a_restart_and_a_new_version() {
+        superseded_after_a_new_table_version(true).await;
+    }
+
+    async fn superseded_after_a_new_table_version(restart: bool) {
         use datafusion::arrow::array::TimestampMillisecondArray;
         use datafusion::arrow::array::{Int64Array, RecordBatch, StringViewArray};
         use datafusion::arrow::util::display::array_value_to_string;
         use std::collections::BTreeMap;
         use std::sync::Arc;
-        let reference = ReferenceTables::embedded().expect("reference");
+        let dir = tempfile::tempdir().expect("dir");
+        let reference = ReferenceTables::open(dir.path()).expect("reference");
         let mut ctx = StreamContext::new();
         ctx.register_reference_tables(&reference)
             .expect("reference");
-        let mut query = None;
-        for sql in [
+        let statements = [
             "CREATE EXTERNAL TABLE counts (segment_id VARCHAR NOT NULL, minute TIMESTAMP NOT \
              NULL, n BIGINT, op VARCHAR) STORED AS KAFKA OPTIONS ('topic' 'counts', \
              'event_time' 'minute', 'watermark_delay' '0s', 'upsert_key' 'segment_id, minute')",
             "SELECT s.ward_id, window_start, sum(c.n) AS vehicles FROM counts c \
              JOIN segments s ON c.segment_id = s.segment_id \
              GROUP BY tumble(c.minute, INTERVAL '5 minutes'), s.ward_id",
-        ] {
-            if let Some(q) = plan_all(&ctx, sql).await.expect("plan").pop() {
-                query = Some(q);
+        ];
+        // The table once, the query as often as it is started.
+        let plan = async |from: usize| {
+            let mut query = None;
+            for sql in &statements[from..] {
+                if let Some(q) = plan_all(&ctx, sql).await.expect("plan").pop() {
+                    query = Some(q);
+                }
             }
-        }
-        let mut query = query.expect("query");
+            query.expect("query")
+        };
+        let mut query = plan(0).await;
         let schema = query.source().topic_schema.output_schema();
         let feed = |minute: i64, n: i64| {
             RecordBatch::try_new(
@@ -453,7 +472,15 @@ mod tests {
             1,
         );
         assert_ne!(moved, *csv);
-        reference.replace("segments", &moved).expect("replace");
+        if restart {
+            let mut snapshot = query.snapshot(now).expect("snapshot");
+            snapshot.resolve().expect("resolve");
+            reference.replace("segments", &moved).expect("replace");
+            query = plan(1).await;
+            query.restore(&snapshot, now).expect("restore");
+        } else {
+            reference.replace("segments", &moved).expect("replace");
+        }
         apply(
             &query
                 .process(&feed(minute, 4), &[0], None, now)

@@ -3345,6 +3345,10 @@ impl StreamQuery {
         if let Some(u) = &mut self.upsert {
             out.nest("upsert", u.snapshot()?);
         }
+        // The reference tables' versions the rows in the windows were computed with.
+        if let (Some(p), Some(meta)) = (&self.pinning, out.meta.as_object_mut()) {
+            meta.insert("pinned".into(), serde_json::json!(p.versions()));
+        }
         for (i, k) in self.keyed.iter().enumerate() {
             out.nest(&format!("keyed{i}"), k.snapshot()?);
         }
@@ -3438,6 +3442,13 @@ impl StreamQuery {
         }
         if let Some(u) = &mut self.upsert {
             u.restore(&snapshot.nested("upsert"))?;
+        }
+        if let Some(p) = &mut self.pinning
+            && let Some(versions) = meta
+                .get("pinned")
+                .and_then(|v| serde_json::from_value(v.clone()).ok())
+        {
+            p.restore(&versions);
         }
         for (i, k) in self.keyed.iter().enumerate() {
             k.restore(&snapshot.nested(&format!("keyed{i}")))?;
@@ -5526,11 +5537,6 @@ impl StreamQuery {
     }
 }
 
-/// Runs a plan above the windows (over a window's results, or between stages of windows)
-/// over `rows`, leaving out the rows it fails on by their values alone ([`is_value_error`];
-/// found as [`Isolating`] finds them), which are pushed to `refused`: the output and the rows
-/// kept. A function failing on every row of `rows` (a constant argument it refuses) fails,
-/// as does any other error.
 /// The rows of `old` that `new` does not have, and those of `new` that `old` does not have,
 /// counting repeats (rows of `schema`).
 fn multiset_difference(
@@ -5577,6 +5583,11 @@ fn multiset_difference(
     ))
 }
 
+/// Runs a plan above the windows (over a window's results, or between stages of windows)
+/// over `rows`, leaving out the rows it fails on by their values alone ([`is_value_error`];
+/// found as [`Isolating`] finds them), which are pushed to `refused`: the output and the rows
+/// kept. A function failing on every row of `rows` (a constant argument it refuses) fails,
+/// as does any other error.
 pub(super) async fn isolated(
     feed: &Feed,
     plan: &ReusedPlan,

@@ -216,6 +216,38 @@ impl ReferenceTables {
         }
     }
 
+    /// Version `version` of table `name`, as the current one or as kept in the reference
+    /// directory (the built-in text for version 1 of a city table), read with the table's
+    /// columns; `None` when it is no longer kept (or the table is derived or gone).
+    pub fn kept_version(&self, name: &str, version: u64) -> Option<Arc<TableVersion>> {
+        let current = self.get(name)?;
+        if current.version == version {
+            return Some(current);
+        }
+        if current.derived_from.is_some() {
+            return None;
+        }
+        let kept = self.inner.dir.as_ref().and_then(|dir| {
+            std::fs::read_to_string(dir.join(name).join(format!("v{version}.csv"))).ok()
+        });
+        let text = match (kept, version, embedded_text(name)) {
+            (Some(text), _, _) => text,
+            (None, 1, Some(built_in)) => built_in.to_string(),
+            _ => return None,
+        };
+        let text = without_bom(&text).to_string();
+        let batches = read(name, &text, current.schema.clone()).ok()?;
+        Some(Arc::new(TableVersion::new(
+            current.name.clone(),
+            version,
+            current.schema.clone(),
+            batches,
+            text,
+            None,
+            0,
+        )))
+    }
+
     /// The city's reference data (wards, segments, cameras, …) as the tables hold it now.
     pub fn city(&self) -> Result<ReferenceData> {
         ReferenceData::from_csv(&|file| {

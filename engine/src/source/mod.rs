@@ -309,8 +309,9 @@ pub struct KafkaSource {
     /// by the sources of the process with the same cluster settings ([`shared_probe`]).
     lag_probe: Arc<BaseConsumer>,
     lag_probe_busy: Arc<AtomicBool>,
-    /// The partitions with records not read yet, as last measured with the lag.
-    behind: Arc<Mutex<Vec<(String, i32)>>>,
+    /// The partitions with records not read yet, as measured with the lag, and when each
+    /// was last found so.
+    behind: Arc<Mutex<HashMap<(String, i32), std::time::Instant>>>,
     /// Where each partition started being read when it was last assigned.
     started: Mutex<Positions>,
     /// Whether [`KafkaSourceConfig::from_beginning`] still applies (until the first
@@ -622,12 +623,16 @@ impl KafkaSource {
         Ok(())
     }
 
-    /// The assigned partitions with records the consumer has not read yet, as the last
-    /// complete measurement of the lag found them ([`KafkaSource::measure_lag`]): the end of
-    /// the partition's log at least two past where it reads next (one past may be a
-    /// transaction's marker alone).
+    /// The assigned partitions with records the consumer has not read yet, as the lag's
+    /// measurements found them ([`KafkaSource::measure_lag`]): the end of the partition's log
+    /// at least two past where it reads next (one past may be a transaction's marker alone).
+    /// A partition the last measurement could not reach stays as found before, for
+    /// [`BEHIND_KEPT`] at most.
     pub fn behind(&self) -> Vec<(String, i32)> {
-        self.behind.lock().map(|b| b.clone()).unwrap_or_default()
+        self.behind
+            .lock()
+            .map(|b| b.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// How many partitions the consumer group has assigned to this consumer.
@@ -661,14 +666,14 @@ impl KafkaSource {
         tokio::task::spawn_blocking(move || {
             let mut total = 0;
             let mut behind = Vec::new();
+            let mut measured = Vec::new();
             let mut known = !positions.is_empty();
-            let mut answered = true;
             for (topic, partition, position) in positions {
                 let (low, high) = match probe.fetch_watermarks(&topic, partition, LAG_PROBE_TIMEOUT)
                 {
                     Ok(marks) => marks,
                     Err(_) => {
-                        (known, answered) = (false, false);
+                        known = false;
                         break;
                     }
                 };
@@ -677,6 +682,7 @@ impl KafkaSource {
                 // where it resumes, if that is known (at the group's committed offset it is
                 // not known here: the lag is unknown, not its whole log).
                 let key = (topic.clone(), partition);
+                measured.push(key.clone());
                 let position = match position {
                     Offset::Offset(position) => position,
                     _ if low == high => high,
@@ -703,9 +709,17 @@ impl KafkaSource {
                 }
             }
             lag.store(if known { total } else { -1 }, Ordering::Relaxed);
-            // Without the broker's answer, the partitions behind stay as last measured.
-            if answered && let Ok(mut b) = behind_now.lock() {
-                *b = behind;
+            if let Ok(mut b) = behind_now.lock() {
+                let now = std::time::Instant::now();
+                for key in &measured {
+                    b.remove(key);
+                }
+                for key in behind {
+                    b.insert(key, now);
+                }
+                // Not reached again for a while (the broker not answering for it): no longer
+                // held.
+                b.retain(|_, at| now.duration_since(*at) < BEHIND_KEPT);
             }
             busy.store(false, Ordering::Release);
         });
@@ -1104,6 +1118,9 @@ pub fn partitions_of<C: ConsumerContext>(
     }
     Ok(out)
 }
+
+/// How long a partition found behind stays so when the measurements after cannot reach it.
+const BEHIND_KEPT: Duration = Duration::from_secs(10);
 
 /// How long the broker may hold a fetch that finds no record (`fetch.wait.max.ms`;
 /// `kafka.properties` may set another). The embedded broker and tansu hold such a fetch for
