@@ -232,20 +232,7 @@ fn a_sigkilled_service_publishes_every_window_exactly_once_on_a_transactional_br
     // whenever a read brings 4 records or more, as it does catching up after each restart; a
     // kill may land during such a read, whose records must be read again by the next run, not
     // lost or counted twice.
-    let m = member(
-        dir.path(),
-        &brokers,
-        "eos",
-        "0",
-        &dir.path().join("checkpoints"),
-    )?;
-    let config = std::fs::read_to_string(&m.config)?
-        .replace("[pipeline]\n", "[pipeline]\nmax_batch_rows = 16\n");
-    anyhow::ensure!(
-        config.contains("max_batch_rows = 16"),
-        "no [pipeline] section"
-    );
-    std::fs::write(&m.config, config)?;
+    let m = small_batches(dir.path(), &brokers, "eos")?;
     let (mut service, api) = start_query(&m, "counts", &counts_query(OUTPUT))?;
 
     let t0 = first_window()?;
@@ -371,6 +358,19 @@ fn a_sigkilled_join_publishes_every_window_of_pairs_exactly_once() -> anyhow::Re
         "the service restored {restored} checkpoints:\n{log_text}"
     );
     Ok(())
+}
+
+/// Member `0` of consumer group `group` in `dir`, reading micro-batches of 16 records at most.
+fn small_batches(dir: &std::path::Path, brokers: &str, group: &str) -> anyhow::Result<Member> {
+    let m = member(dir, brokers, group, "0", &dir.join("checkpoints"))?;
+    let config = std::fs::read_to_string(&m.config)?
+        .replace("[pipeline]\n", "[pipeline]\nmax_batch_rows = 16\n");
+    anyhow::ensure!(
+        config.contains("max_batch_rows = 16"),
+        "no [pipeline] section"
+    );
+    std::fs::write(&m.config, config)?;
+    Ok(m)
 }
 
 /// How a service is killed while the numbered events stream in.
@@ -935,20 +935,7 @@ fn a_backlog_read_one_partition_at_a_time_is_not_late() -> anyhow::Result<()> {
     const BACKLOG: usize = 40_000;
     let dir = tempfile::tempdir()?;
     let (_broker, brokers) = real_broker(dir.path(), &["city.camera.events"])?;
-    let m = member(
-        dir.path(),
-        &brokers,
-        "backlog",
-        "0",
-        &dir.path().join("checkpoints"),
-    )?;
-    let config = std::fs::read_to_string(&m.config)?
-        .replace("[pipeline]\n", "[pipeline]\nmax_batch_rows = 16\n");
-    anyhow::ensure!(
-        config.contains("max_batch_rows = 16"),
-        "no [pipeline] section"
-    );
-    std::fs::write(&m.config, config)?;
+    let m = small_batches(dir.path(), &brokers, "backlog")?;
     let sql = "CREATE EXTERNAL TABLE ev (segment_id VARCHAR NOT NULL, \
          event_time TIMESTAMP NOT NULL, lane INT) STORED AS KAFKA OPTIONS \
          ('topic' 'city.camera.events', 'key' 'segment_id', 'event_time' 'event_time', \
@@ -972,24 +959,7 @@ fn a_backlog_read_one_partition_at_a_time_is_not_late() -> anyhow::Result<()> {
     let t0 = first_window()? - 3_600_000;
     produce_now(&brokers, t0, 0..BACKLOG)?;
     let flush = t0 + BACKLOG as i64 * STEP_MS + 60_000;
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()?;
-    for p in 0..PARTITIONS {
-        let record = serde_json::json!({
-            "camera_id": "flush", "segment_id": "flush", "event_time": flush,
-            "kind": "detection", "lane": 1, "confidence": 0.9,
-        });
-        producer
-            .send(
-                BaseRecord::to("city.camera.events")
-                    .key("flush")
-                    .partition(p)
-                    .payload(&serde_json::to_vec(&record)?),
-            )
-            .map_err(|(e, _)| e)?;
-    }
-    producer.flush(Duration::from_secs(30))?;
+    produce_flush(&brokers, flush)?;
     service = serve(&m.config, &m.log)?;
     api.wait_live(&m.base)?;
     let (checked, _dir) = kept_on_failure(

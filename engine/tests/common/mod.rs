@@ -462,10 +462,18 @@ pub fn produce(brokers: &str, t0: i64, events: usize) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(1_000));
         }
     }
-    let flush = t0 + events as i64 * STEP_MS + 60_000;
+    producer.flush(Duration::from_secs(30))?;
+    produce_flush(brokers, t0 + events as i64 * STEP_MS + 60_000)
+}
+
+/// One event at `t` on every partition (keyed `flush`): it closes every window before it.
+pub fn produce_flush(brokers: &str, t: i64) -> anyhow::Result<()> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
     for p in 0..PARTITIONS {
         let record = json!({
-            "camera_id": "flush", "segment_id": "flush", "event_time": flush,
+            "camera_id": "flush", "segment_id": "flush", "event_time": t,
             "kind": "detection", "lane": 1, "confidence": 0.9,
         });
         let payload = serde_json::to_vec(&record)?;
