@@ -552,7 +552,31 @@ fn describe(e: &figment::Error) -> String {
         line.push_str(&e.path.join("."));
         line.push_str(": ");
     }
-    line.push_str(&e.kind.to_string());
+    // figment's own words quote its list of choices twice (``plain` or `json``).
+    let one_of = |choices: &[&str]| {
+        choices
+            .iter()
+            .map(|c| format!("`{c}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match &e.kind {
+        figment::error::Kind::UnknownVariant(found, choices) => line.push_str(&format!(
+            "`{found}` is not one of its values: write one of {}",
+            one_of(choices)
+        )),
+        figment::error::Kind::UnknownField(found, choices) => {
+            let section = match e.path.split_last() {
+                Some((_, section)) if !section.is_empty() => format!("[{}]", section.join(".")),
+                _ => "the top level".to_string(),
+            };
+            line.push_str(&format!(
+                "no key `{found}` in {section}: its keys are {}",
+                one_of(choices)
+            ))
+        }
+        kind => line.push_str(&kind.to_string()),
+    }
     if let Some(meta) = &e.metadata {
         let source = meta
             .source
@@ -751,6 +775,17 @@ mod tests {
             jail.create_file("c.toml", "[kafka]\nbrokerz = \"x\"\n")?;
             let err = load(Some("c.toml")).expect_err("unknown key");
             assert!(err.contains("brokerz") && err.contains("c.toml"), "{err}");
+            // The section's keys, each quoted once.
+            assert!(
+                err.contains("no key `brokerz` in [kafka]: its keys are `brokers`, "),
+                "{err}"
+            );
+            jail.create_file("f.toml", "[log]\nformat = \"xml\"\n")?;
+            let err = load(Some("f.toml")).expect_err("unknown value");
+            assert!(
+                err.contains("log.format: `xml` is not one of its values: write one of `plain`, `json`"),
+                "{err}"
+            );
             let err = load(Some("/no/such.toml")).expect_err("missing file");
             assert!(err.contains("/no/such.toml"), "{err}");
             jail.set_env("URBANSTREAM__API__LISTEN", "nowhere");
