@@ -53,7 +53,8 @@ use crate::plan::{city_context_in, default_queries, plan_all};
 use crate::schema::SchemaRegistry;
 use crate::sink::{DlqRecord, KafkaSink, KafkaSinkConfig, LateRecord, Pending, conform_stream};
 use crate::source::{
-    KafkaSource, KafkaSourceConfig, ORIGIN_HEADER, PROGRESS_HEADER, RawBatch, encode_pair,
+    BEHIND_HEADER, KafkaSource, KafkaSourceConfig, ORIGIN_HEADER, PROGRESS_HEADER, RawBatch,
+    encode_pair,
 };
 use crate::telemetry::CityGauges;
 pub use crate::topics::{Format, Topics};
@@ -388,6 +389,9 @@ struct Part {
     /// input record processed. A record passed on again (stage 1 replaying after a
     /// failover) is dropped.
     upstream: BTreeMap<i32, i64>,
+    /// Stage 2 of a repartitioned query: the input partitions stage 1 last said are behind
+    /// the end of their logs.
+    behind_inputs: BTreeSet<i32>,
 }
 
 impl Running {
@@ -600,6 +604,8 @@ impl Pipeline {
                 inputs,
                 keys,
                 progress: HashMap::new(),
+                announced: HashMap::new(),
+                announce_from: 0,
             });
         }
         // Output topics exist before the first publish: a broker that does not create topics
@@ -1171,6 +1177,52 @@ impl Pipeline {
                 }
             }
         }
+        // A repartitioned query's stage 2 learns its input partitions' progress from stage
+        // 1's progress records: stage 1 tells it, through them, which input partitions are
+        // behind (repeated while they are) and when they have caught up, and stage 2, in
+        // whichever process, holds those meanwhile rather than let them go idle.
+        let measured = self.source.lag_measurements();
+        let behind: BTreeSet<(String, i32)> = self.source.behind().into_iter().collect();
+        for running in self.queries.iter_mut() {
+            let Some(r) = &mut running.repartition else {
+                continue;
+            };
+            if measured < r.announce_from {
+                continue;
+            }
+            let every = (running.query.source().options.idle_timeout.as_millis() as i64 / 2)
+                .clamp(100, 1_000);
+            for (&p, (said, at)) in r.announced.iter_mut() {
+                let now_behind = behind.contains(&(r.input.clone(), p));
+                if now_behind == *said && (!now_behind || now.saturating_sub(*at) < every) {
+                    continue;
+                }
+                if now_behind != *said || *at == i64::MIN {
+                    debug!(
+                        query = %running.name,
+                        input = %r.input,
+                        partition = p,
+                        behind = now_behind,
+                        "stage 2 told whether an input partition is behind"
+                    );
+                }
+                (*said, *at) = (now_behind, now);
+                let max = r.progress.get(&p).copied().unwrap_or(i64::MIN);
+                let (progress, state) = (encode_pair(p, max), encode_pair(p, now_behind.into()));
+                for q in 0..r.partitions {
+                    self.sink
+                        .send_to_partition(
+                            &r.topic,
+                            q as i32,
+                            None,
+                            &[],
+                            &[(PROGRESS_HEADER, &progress), (BEHIND_HEADER, &state)],
+                            &mut pending,
+                        )
+                        .await?;
+                }
+            }
+        }
         // The instances fed in this step, by (query, partition; -1 for all).
         let mut fed: std::collections::HashSet<(usize, i32)> = Default::default();
         for raw in &batches {
@@ -1527,8 +1579,18 @@ impl Pipeline {
                     if running.topic() == &*raw.topic
                         && let Some(part) = running.parts.get_mut(&progress.partition)
                     {
-                        part.query
-                            .observe(progress.input_partition, progress.max_event_ms, now);
+                        if progress.max_event_ms != i64::MIN {
+                            part.query.observe(
+                                progress.input_partition,
+                                progress.max_event_ms,
+                                now,
+                            );
+                        }
+                        match progress.behind {
+                            Some(true) => part.behind_inputs.insert(progress.input_partition),
+                            Some(false) => part.behind_inputs.remove(&progress.input_partition),
+                            None => false,
+                        };
                     }
                 }
                 let next = self
@@ -1536,6 +1598,15 @@ impl Pipeline {
                     .entry((raw.topic.clone(), progress.partition))
                     .or_insert(progress.offset + 1);
                 *next = (*next).max(progress.offset + 1);
+            }
+        }
+        // Input partitions stage 1 says are behind hold their stage 2 instances however long
+        // they are silent.
+        for running in self.queries.iter_mut() {
+            for part in running.parts.values_mut() {
+                for p in &part.behind_inputs {
+                    part.query.expect_partition(*p, now);
+                }
             }
         }
         // Instances without input: idle partitions and early fires may still make results

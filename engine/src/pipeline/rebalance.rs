@@ -1,7 +1,7 @@
 //! The consumer group's partition changes: taking up assigned partitions (their state
 //! restored first) and letting revoked ones go (their state checkpointed first).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -171,6 +171,20 @@ impl Pipeline {
             self.replay_from(marks, &restored).await?;
         }
         blocking(|| self.source.assign(&list))?;
+        // Stage 2 is told whether the input partitions taken up are behind once a lag
+        // measurement has found out: each counts as behind until then (so one that is not
+        // is said to have caught up, whatever an earlier holder said).
+        let next = self.source.lag_measurements() + 1;
+        for running in &mut self.queries {
+            if let Some(r) = &mut running.repartition {
+                for (topic, p) in &list {
+                    if *topic == r.input {
+                        r.announced.insert(*p, (true, i64::MIN));
+                        r.announce_from = next;
+                    }
+                }
+            }
+        }
         self.source.measure_lag(self.stats.consumer_lag.clone());
         info!(
             name = self.config.name.as_deref().unwrap_or("all"),
@@ -292,6 +306,13 @@ impl Pipeline {
         }
         for key in &list {
             self.held.remove(key);
+            for running in &mut self.queries {
+                if let Some(r) = &mut running.repartition
+                    && r.input == key.0
+                {
+                    r.announced.remove(&key.1);
+                }
+            }
         }
         self.source.forget_positions(&list);
         self.source.unassign(&list)?;
@@ -321,6 +342,7 @@ impl Pipeline {
                     query,
                     since_ms: now,
                     upstream: BTreeMap::new(),
+                    behind_inputs: BTreeSet::new(),
                 },
             );
         }

@@ -24,6 +24,12 @@ pub(super) struct Repartition {
     pub(super) keys: KeyPlan,
     /// Per input partition, the largest event time passed on in progress records.
     pub(super) progress: HashMap<i32, i64>,
+    /// Per input partition this process holds, what stage 2 was last told of it (behind
+    /// its log's end or not) and when (`i64::MIN`: not told yet).
+    pub(super) announced: HashMap<i32, (bool, i64)>,
+    /// The lag measurement whose end tells the partitions taken up last whether they are
+    /// behind: stage 2 is told nothing of them before it.
+    pub(super) announce_from: u64,
 }
 
 /// Per partition, the largest event time of the rows of `batch` (`partitions[i]` is row i's)

@@ -783,7 +783,9 @@ mod tests {
             jail.create_file("f.toml", "[log]\nformat = \"xml\"\n")?;
             let err = load(Some("f.toml")).expect_err("unknown value");
             assert!(
-                err.contains("log.format: `xml` is not one of its values: write one of `plain`, `json`"),
+                err.contains(
+                    "log.format: `xml` is not one of its values: write one of `plain`, `json`"
+                ),
                 "{err}"
             );
             let err = load(Some("/no/such.toml")).expect_err("missing file");

@@ -132,8 +132,11 @@ pub struct Progress {
     pub offset: i64,
     /// The input partition.
     pub input_partition: i32,
-    /// Its largest event time so far, epoch ms.
+    /// Its largest event time so far, epoch ms (`i64::MIN`: none known yet).
     pub max_event_ms: i64,
+    /// Whether the input partition has records stage 1 has not read yet (`Some(true)`), has
+    /// caught up (`Some(false)`), or the record does not say.
+    pub behind: Option<bool>,
 }
 
 /// Header of a repartitioned record: its input partition (i32) and offset (i64), big-endian.
@@ -142,6 +145,10 @@ pub const ORIGIN_HEADER: &str = "urbanstream-origin";
 /// Header of a progress record: an input partition (i32) and its largest event time (i64,
 /// epoch ms), big-endian.
 pub const PROGRESS_HEADER: &str = "urbanstream-progress";
+
+/// Header of a progress record that also says whether its input partition is behind the end
+/// of its log: the input partition (i32) and 1 or 0 (i64), big-endian.
+pub const BEHIND_HEADER: &str = "urbanstream-behind";
 
 /// A partition (i32) and a number (i64), big-endian, as in the repartition headers.
 pub fn encode_pair(partition: i32, n: i64) -> [u8; 12] {
@@ -309,6 +316,8 @@ pub struct KafkaSource {
     /// by the sources of the process with the same cluster settings ([`shared_probe`]).
     lag_probe: Arc<BaseConsumer>,
     lag_probe_busy: Arc<AtomicBool>,
+    /// Lag measurements completed.
+    lag_measured: Arc<std::sync::atomic::AtomicU64>,
     /// The partitions with records not read yet, as measured with the lag, and when each
     /// was last found so.
     behind: Arc<Mutex<HashMap<(String, i32), std::time::Instant>>>,
@@ -432,6 +441,7 @@ impl KafkaSource {
             closing,
             lag_probe,
             lag_probe_busy: Arc::new(AtomicBool::new(false)),
+            lag_measured: Default::default(),
             behind: Arc::default(),
             started: Mutex::default(),
             rewinding: AtomicBool::new(!config.from_beginning.is_empty()),
@@ -635,6 +645,12 @@ impl KafkaSource {
             .unwrap_or_default()
     }
 
+    /// How many lag measurements have completed ([`KafkaSource::behind`] is as the last
+    /// found it).
+    pub fn lag_measurements(&self) -> u64 {
+        self.lag_measured.load(Ordering::Acquire)
+    }
+
     /// How many partitions the consumer group has assigned to this consumer.
     pub fn assigned_partitions(&self) -> usize {
         self.consumer.assignment().map_or(0, |a| a.count())
@@ -660,6 +676,7 @@ impl KafkaSource {
             .unwrap_or_default();
         let probe = self.lag_probe.clone();
         let busy = self.lag_probe_busy.clone();
+        let measured_count = self.lag_measured.clone();
         let resume = self.positions();
         let started = self.started.lock().map(|s| s.clone()).unwrap_or_default();
         let behind_now = self.behind.clone();
@@ -721,6 +738,7 @@ impl KafkaSource {
                 // held.
                 b.retain(|_, at| now.duration_since(*at) < BEHIND_KEPT);
             }
+            measured_count.fetch_add(1, Ordering::Release);
             busy.store(false, Ordering::Release);
         });
     }
@@ -1178,13 +1196,14 @@ fn push<M: Message>(batches: &mut Vec<RawBatch>, message: &M) {
         }
     };
     let batch = &mut batches[i];
-    let (mut origin, mut progress) = (None, None);
+    let (mut origin, mut progress, mut behind) = (None, None, None);
     if let Some(headers) = message.headers() {
         use rdkafka::message::Headers;
         for h in headers.iter() {
             match h.key {
                 ORIGIN_HEADER => origin = h.value.and_then(decode_pair),
                 PROGRESS_HEADER => progress = h.value.and_then(decode_pair),
+                BEHIND_HEADER => behind = h.value.and_then(decode_pair).map(|(_, b)| b != 0),
                 _ => {}
             }
         }
@@ -1195,6 +1214,7 @@ fn push<M: Message>(batches: &mut Vec<RawBatch>, message: &M) {
             offset: message.offset(),
             input_partition,
             max_event_ms,
+            behind,
         });
         return;
     }
