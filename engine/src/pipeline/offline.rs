@@ -130,15 +130,21 @@ impl StateMeter {
     }
 
     fn check(&mut self, query: &StreamQuery) -> Result<()> {
+        self.check_all(std::iter::once(query))
+    }
+
+    /// [`StateMeter::check`] of the instances of one query together.
+    fn check_all<'a>(&mut self, queries: impl Iterator<Item = &'a StreamQuery>) -> Result<()> {
         let Some(limit) = self.limit else {
             return Ok(());
         };
         // Every step: a step may grow the state by far more than its groups tell (one group's
         // string_agg of long texts took 1.5 GB over a 512 MiB limit between two looks).
         self.steps += 1;
-        let groups = query.state_groups();
+        let (groups, bytes) = queries.fold((0, 0), |(g, b), q| {
+            (g + q.state_groups(), b + q.state_bytes())
+        });
         self.measured = Some(groups);
-        let bytes = query.state_bytes();
         if bytes > limit {
             return Err(Error::ResourceLimit(format!(
                 "state of {bytes} bytes in {groups} entries (windows, sessions, detector keys) \
@@ -364,18 +370,20 @@ async fn run_file_query<W: Write + ?Sized>(
 /// in that order the first partition's times made every other partition's records late.
 pub async fn run_query_over_records(
     query: StreamQuery,
+    ctx: &StreamContext,
     batches: &[RawBatch],
     limit: usize,
     codecs: &Codecs,
     state_limit: Option<usize>,
 ) -> Result<RunSummary> {
-    run_records_query(query, batches, limit, codecs, state_limit)
+    run_records_query(query, ctx, batches, limit, codecs, state_limit)
         .await
         .map_err(|e| out_of_memory(e, state_limit, false))
 }
 
 async fn run_records_query(
-    mut query: StreamQuery,
+    query: StreamQuery,
+    ctx: &StreamContext,
     batches: &[RawBatch],
     limit: usize,
     codecs: &Codecs,
@@ -426,6 +434,22 @@ async fn run_records_query(
             .filter(|t| t.is_valid(row))
             .map_or(i64::MIN, |t| t.value(row))
     };
+    // A query the service runs with one state per partition (each with its own watermark,
+    // so lateness is judged per partition) runs so here too: one instance per partition;
+    // another, one instance for all (-1).
+    let mut instances: BTreeMap<i32, StreamQuery> = BTreeMap::new();
+    if query.is_partition_local() && queues.len() > 1 {
+        for p in queues.keys() {
+            instances.insert(*p, query.replan(ctx).await?);
+        }
+    } else {
+        instances.insert(-1, query);
+    }
+    let one = instances.contains_key(&-1);
+    let instance_of: Vec<(i32, i32)> = queues
+        .keys()
+        .map(|p| (*p, if one { -1 } else { *p }))
+        .collect();
     let mut now_ms = 0i64;
     let mut meter = StateMeter::new(state_limit);
     let mut chunk: Vec<(usize, usize)> = Vec::with_capacity(CHUNK);
@@ -446,40 +470,54 @@ async fn run_records_query(
         if chunk.is_empty() {
             break;
         }
-        let columns: Vec<&RecordBatch> = decoded_batches.iter().map(|d| &d.0).collect();
-        let batch = datafusion::arrow::compute::interleave_record_batch(&columns, &chunk)?;
-        let partitions: Vec<i32> = chunk
-            .iter()
-            .map(|&(b, r)| decoded_batches[b].2[r])
-            .collect();
-        let offsets: Vec<i64> = chunk
-            .iter()
-            .map(|&(b, r)| decoded_batches[b].3[r])
-            .collect();
         // Processing time follows the data.
         if let Some(max) = chunk.iter().map(|&at| time_of(at)).max() {
             now_ms = now_ms.max(max);
         }
-        let mut out = query
-            .process(&batch, &partitions, Some(&offsets), now_ms)
-            .await?;
+        let columns: Vec<&RecordBatch> = decoded_batches.iter().map(|d| &d.0).collect();
+        let mut split: BTreeMap<i32, Vec<(usize, usize)>> = BTreeMap::new();
+        for &(b, r) in &chunk {
+            let p = decoded_batches[b].2[r];
+            let i = instance_of
+                .iter()
+                .find(|(q, _)| *q == p)
+                .map_or(-1, |(_, i)| *i);
+            split.entry(i).or_default().push((b, r));
+        }
+        for (i, rows) in split {
+            let batch = datafusion::arrow::compute::interleave_record_batch(&columns, &rows)?;
+            let partitions: Vec<i32> = rows.iter().map(|&(b, r)| decoded_batches[b].2[r]).collect();
+            let offsets: Vec<i64> = rows.iter().map(|&(b, r)| decoded_batches[b].3[r]).collect();
+            let mut out = match instances.get_mut(&i) {
+                Some(query) => {
+                    query
+                        .process(&batch, &partitions, Some(&offsets), now_ms)
+                        .await?
+                }
+                None => continue,
+            };
+            loop {
+                if let Some(query) = instances.get(&i) {
+                    take(query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
+                }
+                meter.check_all(instances.values())?;
+                match instances.get_mut(&i) {
+                    Some(query) if query.is_due() => out = query.tick(now_ms).await?,
+                    _ => break,
+                }
+            }
+        }
+        chunk.clear();
+    }
+    for query in instances.values_mut() {
+        let mut out = query.advance_watermark(i64::MAX / 4, now_ms).await?;
         loop {
-            take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
-            meter.check(&query)?;
+            take(query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
             if !query.is_due() {
                 break;
             }
             out = query.tick(now_ms).await?;
         }
-        chunk.clear();
-    }
-    let mut out = query.advance_watermark(i64::MAX / 4, now_ms).await?;
-    loop {
-        take(&query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
-        if !query.is_due() {
-            break;
-        }
-        out = query.tick(now_ms).await?;
     }
     Ok(summary)
 }
@@ -2217,7 +2255,8 @@ mod topic_tests {
         let ctx = StreamContext::new();
         let query = one_query(&ctx, sql, "the SQL").await?;
         let Err(error) =
-            run_query_over_records(query, &batches, 10, &Codecs::default(), Some(1 << 20)).await
+            run_query_over_records(query, &ctx, &batches, 10, &Codecs::default(), Some(1 << 20))
+                .await
         else {
             panic!("10 MB of text in a 1 MiB limit");
         };
@@ -2227,9 +2266,17 @@ mod topic_tests {
                 .contains("does not fit the query's memory limit of 1048576 bytes"),
             "{error}"
         );
-        let query = one_query(&StreamContext::new(), sql, "the SQL").await?;
-        let summary =
-            run_query_over_records(query, &batches, 10, &Codecs::default(), Some(64 << 20)).await?;
+        let ctx = StreamContext::new();
+        let query = one_query(&ctx, sql, "the SQL").await?;
+        let summary = run_query_over_records(
+            query,
+            &ctx,
+            &batches,
+            10,
+            &Codecs::default(),
+            Some(64 << 20),
+        )
+        .await?;
         assert_eq!(summary.output_rows, 1);
         Ok(())
     }
@@ -2266,7 +2313,7 @@ mod topic_tests {
             batches.push(raw);
         }
         let summary =
-            run_query_over_records(query, &batches, 1_000, &Codecs::default(), None).await?;
+            run_query_over_records(query, &ctx, &batches, 1_000, &Codecs::default(), None).await?;
         assert_eq!(summary.diverted, BTreeMap::new(), "nothing is late");
         assert_eq!(summary.output_rows, 40);
         let mut counts = Vec::new();
@@ -2278,6 +2325,84 @@ mod topic_tests {
             counts.extend(n.values().iter().copied());
         }
         assert_eq!(counts, vec![60; 40]);
+        Ok(())
+    }
+
+    /// A query the service runs with one state per partition judges lateness per partition,
+    /// and so does its preview over the topic: fed side by side into one state, a record
+    /// late in its own partition (behind that partition's watermark) was counted, as the other
+    /// partition held the one watermark back (the preview showed n = 2 where the registered
+    /// query published n = 1 and one late record).
+    #[tokio::test]
+    async fn a_preview_judges_lateness_per_partition_as_the_service_does() -> Result<()> {
+        let ctx = StreamContext::new();
+        let sql = "CREATE EXTERNAL TABLE pin (k VARCHAR NOT NULL, event_time TIMESTAMP NOT NULL) \
+             STORED AS KAFKA OPTIONS ('topic' 'pin', 'format' 'json', 'event_time' 'event_time', \
+             'key' 'k', 'watermark_delay' '5s'); \
+             SET urbanstream.allowed_lateness = '10s'; \
+             SELECT k, window_start, count(*) AS n FROM pin \
+             GROUP BY tumble(event_time, INTERVAL '10 seconds'), k";
+        let query = one_query(&ctx, sql, "the SQL").await?;
+        assert!(query.is_partition_local());
+        let t0 = 1_772_409_600_000i64;
+        // Partition 1: k1 at 2 s, then a closing record. Partition 3: k0 at 1 s, 25.5 s (its
+        // watermark 20.5 s, past the first window's end and lateness, 20 s), then 5 s: late.
+        let records = [
+            (1, "k1", 2_000),
+            (3, "k0", 1_000),
+            (3, "k0", 25_500),
+            (3, "k0", 5_000),
+            (1, "k1", 200_000),
+            (3, "k0", 200_000),
+        ];
+        let mut raw = RawBatch::new("pin");
+        for (i, (p, k, t)) in records.iter().enumerate() {
+            let value = format!(r#"{{"k":"{k}","event_time":{}}}"#, t0 + t);
+            raw.push(*p, i as i64, Some(k.as_bytes()), Some(value.as_bytes()));
+        }
+        let summary =
+            run_query_over_records(query, &ctx, &[raw], 100, &Codecs::default(), None).await?;
+        assert_eq!(
+            summary.diverted.values().sum::<u64>(),
+            1,
+            "{:?}",
+            summary.diverted
+        );
+        let mut rows = Vec::new();
+        for batch in &summary.shown {
+            let column = |name: &str, to: &DataType| {
+                cast(
+                    batch.column_by_name(name).expect("a column of the query"),
+                    to,
+                )
+            };
+            let k = column("k", &DataType::Utf8)?;
+            let start = column(
+                "window_start",
+                &DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Millisecond, None),
+            )?;
+            let start = cast(&start, &DataType::Int64)?;
+            let n = column("n", &DataType::Int64)?;
+            let (k, start, n) = (
+                k.as_string::<i32>(),
+                start.as_primitive::<Int64Type>(),
+                n.as_primitive::<Int64Type>(),
+            );
+            for r in 0..batch.num_rows() {
+                rows.push((k.value(r).to_string(), start.value(r) - t0, n.value(r)));
+            }
+        }
+        rows.sort();
+        assert_eq!(
+            rows,
+            vec![
+                ("k0".to_string(), 0, 1),
+                ("k0".to_string(), 20_000, 1),
+                ("k0".to_string(), 200_000, 1),
+                ("k1".to_string(), 0, 1),
+                ("k1".to_string(), 200_000, 1),
+            ]
+        );
         Ok(())
     }
 

@@ -1435,6 +1435,7 @@ impl QueryManager {
                 let properties = self.config.kafka_properties();
                 let topic = query.source().options.topic.clone();
                 let codecs = self.codecs.clone();
+                let ctx = ctx.clone();
                 self.preview_runtime.handle().spawn(async move {
                     let _turn = slot;
                     let read = tokio::task::spawn_blocking(move || {
@@ -1451,6 +1452,7 @@ impl QueryManager {
                     .map_err(|e| crate::Error::Config(format!("reading the topic: {e}")))??;
                     let summary = crate::pipeline::offline::run_query_over_records(
                         query,
+                        &ctx,
                         &read.batches,
                         limit,
                         &codecs,
