@@ -218,6 +218,8 @@ pub struct PipelineStats {
     /// Records behind the end of the assigned partitions (checked about once a second; -1
     /// until known).
     pub consumer_lag: Arc<AtomicI64>,
+    /// When `consumer_lag` was last measured, epoch ms (`i64::MIN` before).
+    pub consumer_lag_at: Arc<AtomicI64>,
     /// Partitions assigned to this process by the consumer group (checked about once a
     /// second): the input's, and those of a repartition topic.
     pub assigned_partitions: AtomicU64,
@@ -266,6 +268,7 @@ impl Default for PipelineStats {
             keys_expired: AtomicU64::default(),
             state_bytes: AtomicU64::default(),
             consumer_lag: Arc::new(AtomicI64::new(-1)),
+            consumer_lag_at: Arc::new(AtomicI64::new(i64::MIN)),
             assigned_partitions: AtomicU64::default(),
             emit_latency_us: Mutex::new(latency_histogram()),
             last_checkpoint: Mutex::new(None),
@@ -1022,7 +1025,10 @@ impl Pipeline {
                 self.stats
                     .assigned_partitions
                     .store(self.source.assigned_partitions() as u64, Ordering::Relaxed);
-                self.source.measure_lag(self.stats.consumer_lag.clone());
+                self.source.measure_lag(
+                    self.stats.consumer_lag.clone(),
+                    self.stats.consumer_lag_at.clone(),
+                );
             }
         }
         // A read still running is cancelled first (`ReadAhead::cancel`), so that nothing

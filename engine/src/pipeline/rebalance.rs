@@ -87,7 +87,10 @@ impl Pipeline {
             blocking(|| self.source.assign(&list))?;
             // Which of them have a backlog, at once: those hold the watermark while others
             // are read first.
-            self.source.measure_lag(self.stats.consumer_lag.clone());
+            self.source.measure_lag(
+                self.stats.consumer_lag.clone(),
+                self.stats.consumer_lag_at.clone(),
+            );
             self.held.extend(list);
             return Ok(());
         }
@@ -185,7 +188,10 @@ impl Pipeline {
                 }
             }
         }
-        self.source.measure_lag(self.stats.consumer_lag.clone());
+        self.source.measure_lag(
+            self.stats.consumer_lag.clone(),
+            self.stats.consumer_lag_at.clone(),
+        );
         info!(
             name = self.config.name.as_deref().unwrap_or("all"),
             partitions = %describe(&list),

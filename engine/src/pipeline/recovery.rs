@@ -476,13 +476,22 @@ impl Pipeline {
 
     /// Waits for the checkpoint being written, if any, and records it.
     pub(super) async fn finish_writing(&mut self) -> Result<()> {
-        let Some(w) = self.checkpoints.as_mut().and_then(|c| c.writing.take()) else {
+        let Some(mut w) = self.checkpoints.as_mut().and_then(|c| c.writing.take()) else {
             return Ok(());
         };
-        let bytes = w
-            .task
-            .await
-            .map_err(|e| Error::Checkpoint(format!("writing task failed: {e}")))??;
+        // A store that does not answer holds the query up here (the next checkpoint waits for
+        // this one): said every 10 s, rather than stay silent.
+        let done = loop {
+            match tokio::time::timeout(Duration::from_secs(10), &mut w.task).await {
+                Ok(done) => break done,
+                Err(_) => tracing::warn!(
+                    epoch = w.epoch,
+                    waited_s = w.started.elapsed().as_secs(),
+                    "a checkpoint is still being written: the query waits for its store"
+                ),
+            }
+        };
+        let bytes = done.map_err(|e| Error::Checkpoint(format!("writing task failed: {e}")))??;
         let duration_ms = w.started.elapsed().as_millis() as u64;
         debug!(epoch = w.epoch, bytes, duration_ms, "checkpoint written");
         if let Ok(mut last) = self.stats.last_checkpoint.lock() {

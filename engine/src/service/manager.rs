@@ -30,6 +30,10 @@ use std::panic::AssertUnwindSafe;
 /// Longest wait between two attempts to start a query stopped by a transient error.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// How old a consumer lag measurement may be and still be shown (they are taken about once
+/// a second while a query runs).
+const LAG_FRESH_MS: i64 = 10_000;
+
 /// Longest query name.
 const MAX_NAME: usize = 64;
 
@@ -612,9 +616,13 @@ impl QueryHandle {
             unknown_ids: stats.unknown_ids.load(Ordering::Relaxed),
             batches: stats.batches.load(Ordering::Relaxed),
             batches_read_ahead: stats.reads_ahead.load(Ordering::Relaxed),
-            // Measured by a running query's consumer only: a paused or failed query's last
-            // figure (0, say) stayed while its input piled up.
-            consumer_lag: (lag >= 0 && !matches!(state, QueryState::Paused | QueryState::Failed))
+            // Measured by a running query's consumer only, recently: a paused, failed or
+            // restarting query's last figure (0, say), or that of a query held up (a
+            // checkpoint store not answering), stayed while its input piled up.
+            consumer_lag: (lag >= 0
+                && state == QueryState::Running
+                && epoch_ms().saturating_sub(stats.consumer_lag_at.load(Ordering::Relaxed))
+                    <= LAG_FRESH_MS)
                 .then_some(lag),
             assigned_partitions: stats.assigned_partitions.load(Ordering::Relaxed),
             partitioning: stats.partitioning.lock().ok().and_then(|p| *p),
@@ -2894,6 +2902,25 @@ mod tests {
             created_at: 0,
         };
         Arc::new(QueryHandle::new(entry, false, 1 << 20))
+    }
+
+    /// The consumer lag is shown only while the query runs and has measured it lately: a
+    /// restarting query (the broker gone) and one held up (a checkpoint store not answering)
+    /// showed their last figure while their input piled up.
+    #[test]
+    fn a_stale_or_unmeasured_lag_is_not_shown() {
+        let q = handle("lagging");
+        q.stats.consumer_lag.store(41, Ordering::Relaxed);
+        q.stats.consumer_lag_at.store(epoch_ms(), Ordering::Relaxed);
+        q.set(QueryState::Running, None);
+        assert_eq!(q.status().consumer_lag, Some(41));
+        q.set(QueryState::Starting, Some("Kafka is not reachable".into()));
+        assert_eq!(q.status().consumer_lag, None, "restarting");
+        q.set(QueryState::Running, None);
+        q.stats
+            .consumer_lag_at
+            .store(epoch_ms() - LAG_FRESH_MS - 1_000, Ordering::Relaxed);
+        assert_eq!(q.status().consumer_lag, None, "measured 11 s ago");
     }
 
     /// The lock of a query name serialises the changes to it and is forgotten once they end:

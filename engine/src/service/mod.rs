@@ -137,7 +137,8 @@ impl Service {
         }
         if !unassigned.is_empty() {
             problems.push(format!(
-                "queries holding no input partition yet: {}",
+                "queries holding no input partition (not assigned yet, or the group has more \
+                 processes than they have partitions): {}",
                 unassigned.join(", ")
             ));
         }

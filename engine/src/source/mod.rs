@@ -658,9 +658,9 @@ impl KafkaSource {
 
     /// Starts measuring, in the background, the records between this consumer's positions
     /// and the ends of its assigned partitions, summed, and stores the sum in `lag` (-1 when
-    /// it cannot be known: no positions yet, the broker not answering). A measurement still
-    /// under way is not doubled.
-    pub fn measure_lag(&self, lag: Arc<AtomicI64>) {
+    /// it cannot be known: no positions yet, the broker not answering), and when, epoch ms,
+    /// in `at`. A measurement still under way is not doubled.
+    pub fn measure_lag(&self, lag: Arc<AtomicI64>, at: Arc<AtomicI64>) {
         if self.lag_probe_busy.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -726,6 +726,10 @@ impl KafkaSource {
                 }
             }
             lag.store(if known { total } else { -1 }, Ordering::Relaxed);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            at.store(now, Ordering::Relaxed);
             if let Ok(mut b) = behind_now.lock() {
                 let now = std::time::Instant::now();
                 for key in &measured {
