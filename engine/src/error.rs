@@ -175,3 +175,89 @@ pub fn is_secret_property(key: &str) -> bool {
         && !key.ends_with(".location")
         && key != "sasl.oauthbearer.method"
 }
+
+/// How often one kind of librdkafka client error is logged.
+const CLIENT_ERROR_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Which repeated messages are due to be logged: each kind at once the first time, then at
+/// most once per [`CLIENT_ERROR_EVERY`].
+#[derive(Default)]
+struct Throttle {
+    /// Per kind, when it was last logged and how many were left out since.
+    seen: std::collections::HashMap<String, (std::time::Instant, u64)>,
+}
+
+impl Throttle {
+    /// Whether a message of `kind` at `now` is logged, and if so how many of its kind were
+    /// left out before it.
+    fn due(&mut self, kind: &str, now: std::time::Instant) -> Option<u64> {
+        match self.seen.get_mut(kind) {
+            Some((at, skipped)) if now.duration_since(*at) < CLIENT_ERROR_EVERY => {
+                *skipped += 1;
+                None
+            }
+            Some((at, skipped)) => {
+                *at = now;
+                Some(std::mem::take(skipped))
+            }
+            None => {
+                self.seen.insert(kind.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// Logs an error librdkafka reports about a client (a broker down, every broker down, a
+/// failed connection): the first of each kind at once, then at most one every 10 s with
+/// how many were left out, rather than hundreds a minute while a broker is away.
+pub fn log_kafka_client_error(error: &KafkaError, reason: &str) {
+    use std::sync::{Mutex, OnceLock};
+    static SEEN: OnceLock<Mutex<Throttle>> = OnceLock::new();
+    let kind = format!("{:?}", error.rdkafka_error_code());
+    let due = match SEEN.get_or_init(Default::default).lock() {
+        Ok(mut seen) => seen.due(&kind, std::time::Instant::now()),
+        Err(_) => Some(0),
+    };
+    match due {
+        None => {}
+        Some(0) => tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}"),
+        Some(left_out) => tracing::error!(
+            target: "librdkafka",
+            similar_left_out = left_out,
+            "librdkafka: {error}: {reason}"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// While every broker is down librdkafka reports it hundreds of times a minute (20 lines
+    /// within one millisecond): each kind is logged once per 10 s, saying how many it stood
+    /// for.
+    #[test]
+    fn a_repeated_client_error_is_logged_once_per_interval() {
+        let mut t = Throttle::default();
+        let t0 = Instant::now();
+        assert_eq!(t.due("AllBrokersDown", t0), Some(0));
+        for ms in [0, 1, 500, 9_999] {
+            assert_eq!(
+                t.due("AllBrokersDown", t0 + Duration::from_millis(ms)),
+                None
+            );
+        }
+        assert_eq!(t.due("Transport", t0), Some(0), "another kind");
+        assert_eq!(
+            t.due("AllBrokersDown", t0 + Duration::from_secs(10)),
+            Some(4)
+        );
+        assert_eq!(t.due("AllBrokersDown", t0 + Duration::from_secs(11)), None);
+        assert_eq!(
+            t.due("AllBrokersDown", t0 + Duration::from_secs(21)),
+            Some(1)
+        );
+    }
+}

@@ -37,7 +37,11 @@ const POLL_SLICE: Duration = Duration::from_micros(1_000_100);
 /// The producer's context: completes each record's [`Delivery`].
 pub struct Deliveries;
 
-impl ClientContext for Deliveries {}
+impl ClientContext for Deliveries {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        crate::error::log_kafka_client_error(&error, reason);
+    }
+}
 
 impl ProducerContext for Deliveries {
     type DeliveryOpaque = Box<tokio::sync::oneshot::Sender<KafkaResult<()>>>;

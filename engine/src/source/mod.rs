@@ -253,7 +253,11 @@ pub struct SourceContext {
     cooperative: bool,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        crate::error::log_kafka_client_error(&error, reason);
+    }
+}
 
 impl ConsumerContext for SourceContext {
     /// Replaces rdkafka's handling, which assigns and revokes within the callback: the change
