@@ -799,6 +799,7 @@ impl StreamContext {
         // The optimizer folds constants: a pattern made by a function (`repeat('%a', 1e5)`)
         // is a literal after it.
         let optimized = state.optimize(&plan).map_err(reword)?;
+        let optimized = distinct_floats_as_sql_compares(optimized)?;
         super::bounded::refuse_wide_types(&optimized)?;
         refuse_subqueries_in_windows(&optimized)?;
         let physical = state
@@ -1797,6 +1798,81 @@ fn refuse_streamless_union(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A DISTINCT aggregate's float arguments with -0.0 read as 0.0: DataFusion tells distinct
+/// floats apart by their bits, so `count(DISTINCT f)` counted 0.0 and -0.0 as two values
+/// (and `array_agg(DISTINCT f)` kept both), where SQL's `=`, `GROUP BY f` and the engine's
+/// keys take them as one. `f + 0.0` is `f` with -0.0 made 0.0; the aggregate keeps its
+/// name.
+fn distinct_floats_as_sql_compares(plan: LogicalPlan) -> Result<LogicalPlan> {
+    use datafusion::common::ScalarValue;
+    use datafusion::common::tree_node::Transformed;
+    use datafusion::logical_expr::expr::{AggregateFunction, Alias};
+    use datafusion::logical_expr::{Aggregate, Expr, ExprSchemable, lit};
+    let float =
+        |t: &DataType| matches!(t, DataType::Float16 | DataType::Float32 | DataType::Float64);
+    plan.transform_up(|node| {
+        let LogicalPlan::Aggregate(aggregate) = &node else {
+            return Ok(Transformed::no(node));
+        };
+        let schema = aggregate.input.schema().clone();
+        let mut changed = false;
+        let mut exprs = Vec::with_capacity(aggregate.aggr_expr.len());
+        for e in &aggregate.aggr_expr {
+            let (inner, alias) = match e {
+                Expr::Alias(a) => (a.expr.as_ref(), Some(a)),
+                other => (other, None),
+            };
+            let Expr::AggregateFunction(f) = inner else {
+                exprs.push(e.clone());
+                continue;
+            };
+            if !f.params.distinct {
+                exprs.push(e.clone());
+                continue;
+            }
+            let mut args = Vec::with_capacity(f.params.args.len());
+            let mut any = false;
+            for a in &f.params.args {
+                let t = a.get_type(&schema)?;
+                if float(&t) {
+                    args.push(a.clone() + lit(ScalarValue::new_zero(&t)?));
+                    any = true;
+                } else {
+                    args.push(a.clone());
+                }
+            }
+            if !any {
+                exprs.push(e.clone());
+                continue;
+            }
+            changed = true;
+            let mut params = f.params.clone();
+            params.args = args;
+            let rewritten = Expr::AggregateFunction(AggregateFunction {
+                func: f.func.clone(),
+                params,
+            });
+            exprs.push(match alias {
+                Some(a) => Expr::Alias(Alias {
+                    expr: Box::new(rewritten),
+                    ..a.clone()
+                }),
+                None => rewritten.alias(e.schema_name().to_string()),
+            });
+        }
+        if !changed {
+            return Ok(Transformed::no(node));
+        }
+        let LogicalPlan::Aggregate(aggregate) = node else {
+            return Ok(Transformed::no(node));
+        };
+        Ok(Transformed::yes(LogicalPlan::Aggregate(
+            Aggregate::try_new(aggregate.input, aggregate.group_expr, exprs)?,
+        )))
+    })
+    .map(|t| t.data)
 }
 
 /// The aggregates as they must run over micro-batches: DataFusion plans an ordered aggregate
