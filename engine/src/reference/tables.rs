@@ -658,7 +658,26 @@ fn infer_schema(name: &str, csv: &str) -> Result<SchemaRef> {
             message: "the CSV has no header row".into(),
         });
     }
-    Ok(codes_as_text(csv, schema))
+    Ok(codes_as_text(csv, at_least_milliseconds(schema)))
+}
+
+/// `schema` with timestamps read to the second (a first version's times all whole seconds)
+/// read to the millisecond, the engine's resolution: the type is kept for every later
+/// version, whose `…00.750Z` lost its 750 ms.
+fn at_least_milliseconds(schema: Schema) -> Schema {
+    use datafusion::arrow::datatypes::TimeUnit;
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Timestamp(TimeUnit::Second, zone) => f
+                .as_ref()
+                .clone()
+                .with_data_type(DataType::Timestamp(TimeUnit::Millisecond, zone.clone())),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Schema::new(fields)
 }
 
 /// Which columns of `schema` (the columns of the CSV `reader` reads, types guessed) were
@@ -914,6 +933,28 @@ mod tests {
         assert_eq!(lowered.get("a").map(|t| t.rows), Some(80));
         lowered.replace("a", &rows(80)).expect_err("still over");
         lowered.replace("a", &rows(40))?;
+        Ok(())
+    }
+
+    /// A table whose first version's times were whole seconds was typed to the second, and
+    /// a later version's `00:00:00.750Z` lost its 750 ms, silently.
+    #[test]
+    fn times_keep_their_milliseconds_whatever_the_first_version_held() -> Result<()> {
+        use datafusion::arrow::array::AsArray;
+        use datafusion::arrow::datatypes::{TimeUnit, TimestampMillisecondType};
+        let dir = tempfile::tempdir()?;
+        let tables = ReferenceTables::open(dir.path())?;
+        tables.replace("closures", "id,until\nx,2026-01-01T00:00:00Z\n")?;
+        let v2 = tables.replace("closures", "id,until\nx,2026-01-01T00:00:00.750Z\n")?;
+        assert!(matches!(
+            v2.schema.field(1).data_type(),
+            DataType::Timestamp(TimeUnit::Millisecond, _)
+        ));
+        let until = v2.batches[0]
+            .column(1)
+            .as_primitive::<TimestampMillisecondType>()
+            .value(0);
+        assert_eq!(until, 1_767_225_600_750);
         Ok(())
     }
 
