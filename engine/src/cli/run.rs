@@ -315,6 +315,29 @@ mod tests {
                 .is_some_and(|e| e.contains("field v holds 1e400, a number past the range")),
             "{summary:?}"
         );
+        // A lone half of a surrogate pair: the line alone, named by its number.
+        let args = run_over(
+            dir.path(),
+            sql,
+            "surrogate.jsonl",
+            "{\"k\":\"a\",\"event_time\":\"2026-01-01T00:00:01Z\",\"v\":1}\n\
+             {\"k\":\"b\",\"event_time\":\"2026-01-01T00:00:02Z\",\"v\":2}\n\
+             {\"k\":\"\\ud800\",\"event_time\":\"2026-01-01T00:00:03Z\",\"v\":3}\n\
+             {\"k\":\"\\u00e9\\ud83d\\ude97\",\"event_time\":\"2026-01-01T00:00:04Z\",\"v\":4}\n",
+        )?;
+        let summary = run_file(&args).await?;
+        assert_eq!(
+            (summary.rejected, summary.output_rows),
+            (1, 3),
+            "{summary:?}"
+        );
+        assert!(
+            summary
+                .first_rejection
+                .as_deref()
+                .is_some_and(|e| e.contains("line 3: field k holds no text")),
+            "{summary:?}"
+        );
         let mut args = run_over(dir.path(), sql, "wide.csv", "")?;
         let utf16: Vec<u8> = "k,event_time,v\na,2026-01-01T00:00:01Z,1\n"
             .encode_utf16()

@@ -1335,6 +1335,18 @@ fn without_malformed_lines(
                             "field {name} holds {}, a number past the range of a double",
                             v.get()
                         )
+                    })
+                    // An escape that is no character (`\ud800`, half of a pair) is no text a
+                    // reader of the file takes: it failed the whole file.
+                    .or_else(|| {
+                        fields.iter().find_map(|(name, v)| {
+                            if !v.get().contains("\\u") {
+                                return None;
+                            }
+                            serde_json::from_str::<serde_json::Value>(v.get())
+                                .err()
+                                .map(|e| format!("field {name} holds no text: {e}"))
+                        })
                     });
                 match past {
                     Some(why) => Err(why),
