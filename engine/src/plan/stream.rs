@@ -663,26 +663,7 @@ impl StreamContext {
                     .starts_with("urbanstream.") =>
             {
                 // Checked now, not when the next query is planned.
-                let name = set.variable.to_ascii_lowercase();
-                if !SETTINGS.iter().any(|s| name == format!("urbanstream.{s}")) {
-                    return plan_err!(
-                        "there is no setting {}: the settings are {}",
-                        set.variable,
-                        SETTINGS
-                            .iter()
-                            .map(|s| format!("urbanstream.{s}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    );
-                }
-                if set
-                    .variable
-                    .eq_ignore_ascii_case("urbanstream.on_data_loss")
-                {
-                    data_loss_policy(&set.value)?;
-                } else {
-                    parse_setting(&set.variable, &set.value)?;
-                }
+                check_setting(&set.variable, &set.value)?;
                 self.ctx
                     .execute_logical_plan(LogicalPlan::Statement(
                         datafusion::logical_expr::Statement::SetVariable(set),
@@ -1796,6 +1777,28 @@ fn refuse_streamless_union(plan: &Arc<dyn ExecutionPlan>) -> Result<()> {
              VALUES) would publish those rows again with every micro-batch: keep the union to \
              the stream, and join a reference table instead"
         );
+    }
+    Ok(())
+}
+
+/// Refuses `SET <name> = <value>` of an `urbanstream.` setting there is not, or with a
+/// value the setting does not take, saying which settings there are or what it takes.
+pub fn check_setting(name: &str, value: &str) -> Result<()> {
+    let lower = name.to_ascii_lowercase();
+    if !SETTINGS.iter().any(|s| lower == format!("urbanstream.{s}")) {
+        return plan_err!(
+            "there is no setting {name}: the settings are {}",
+            SETTINGS
+                .iter()
+                .map(|s| format!("urbanstream.{s}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if lower == "urbanstream.on_data_loss" {
+        data_loss_policy(value)?;
+    } else {
+        parse_setting(name, value)?;
     }
     Ok(())
 }

@@ -14,7 +14,8 @@
 //! | `SELECT …;`, `INSERT INTO … SELECT …;` | a preview: the query run unregistered over the file set with `\data`, or else over the last five minutes of its stream's topic |
 //! | `CREATE QUERY <name> AS <query>;` | registers and starts the query |
 //! | `DROP QUERY <name>;` | stops and removes it |
-//! | `SET urbanstream.<setting> = '<value>';` | sent before every query of the session |
+//! | `SET urbanstream.<setting> = '<value>';` | checked, then sent before every query of the session |
+//! | `RESET urbanstream.<setting>;`, `RESET ALL;` | no longer sent |
 //! | `SET limit = <n>;`, `SET time_zone = '<zone>';` | rows a preview shows; zone of the data file's times |
 //! | `\data <file> [old=new …]` | the CSV or JSON-lines file previews read, with column renames |
 //! | `help`, `quit` | |
@@ -49,6 +50,7 @@ SELECT …;  INSERT INTO … SELECT …; a preview: the query over the \\data fi
 CREATE QUERY <name> AS <query>;   register and start it
 DROP QUERY <name>;
 SET urbanstream.<setting> = '…';  sent before every query of this session
+RESET urbanstream.<setting>;  RESET ALL;
 SET limit = <n>;  SET time_zone = '+07:00';
 \\data <file.csv|file.jsonl> [old=new …]   the rows previews read (\\data alone: the topic)
 quit
@@ -242,6 +244,7 @@ async fn execute(client: &Client, session: &mut Session, statement: &str) -> Res
             ))
         }
         ["SET", ..] => set(session, body),
+        ["RESET", ..] => reset(session, body),
         ["CREATE", "QUERY"] => {
             let (Some(name), Some(as_word)) = (words.get(2), upper_words.get(3)) else {
                 return Err(Error::Api("write CREATE QUERY <name> AS <query>;".into()));
@@ -330,6 +333,10 @@ fn set(session: &mut Session, body: &str) -> Result<String> {
             session.time_zone = Some(unquoted);
         }
         k if k.starts_with("urbanstream.") => {
+            // Checked here: a setting the service refuses, kept, made every later statement
+            // of the session fail.
+            crate::plan::stream::check_setting(&key, &unquoted)
+                .map_err(|e| Error::Api(e.to_string().replace("Error during planning: ", "")))?;
             session.settings.retain(|(existing, _)| *existing != key);
             session.settings.push((key.clone(), value.clone()));
         }
@@ -340,6 +347,29 @@ fn set(session: &mut Session, body: &str) -> Result<String> {
         }
     }
     Ok(format!("{key} = {value}\n"))
+}
+
+/// `RESET urbanstream.<setting>` (or `RESET ALL`): a setting no longer sent with the queries.
+fn reset(session: &mut Session, body: &str) -> Result<String> {
+    let key = body["RESET".len()..].trim().to_ascii_lowercase();
+    if key == "all" {
+        session.settings.clear();
+        return Ok("every urbanstream.* setting of the session reset\n".into());
+    }
+    let before = session.settings.len();
+    session.settings.retain(|(existing, _)| *existing != key);
+    if session.settings.len() == before {
+        let set: Vec<&str> = session.settings.iter().map(|(k, _)| k.as_str()).collect();
+        return Err(Error::Api(format!(
+            "{key} is not set in this session (set: {}): write RESET <setting>; or RESET ALL;",
+            if set.is_empty() {
+                "none".to_string()
+            } else {
+                set.join(", ")
+            }
+        )));
+    }
+    Ok(format!("{key} reset\n"))
 }
 
 /// Runs a query unregistered over the session's data file, or the last five minutes of its
@@ -385,5 +415,32 @@ mod tests {
         assert_eq!(unquoted("'shq'"), "shq");
         assert_eq!(unquoted("\"shq\""), "shq");
         assert_eq!(unquoted("shq"), "shq");
+    }
+
+    /// A setting the service refuses was kept by the shell, and every later statement of the
+    /// session failed with it; nothing took it back.
+    #[test]
+    fn settings_are_checked_when_set_and_can_be_reset() {
+        let mut session = Session::default();
+        let e = set(&mut session, "SET urbanstream.evil = 'x'").expect_err("no such setting");
+        assert!(
+            e.to_string()
+                .contains("there is no setting urbanstream.evil"),
+            "{e}"
+        );
+        let e = set(&mut session, "SET urbanstream.allowed_lateness = '-5m'").expect_err("-5m");
+        assert!(e.to_string().contains("allowed_lateness"), "{e}");
+        assert!(session.settings.is_empty());
+        set(&mut session, "SET urbanstream.allowed_lateness = '5m'").expect("a setting");
+        set(&mut session, "SET urbanstream.key_ttl = '1h'").expect("a setting");
+        assert_eq!(session.settings.len(), 2);
+        reset(&mut session, "RESET urbanstream.allowed_lateness").expect("reset");
+        assert_eq!(
+            session.with_settings("SELECT 1"),
+            "SET urbanstream.key_ttl = '1h';\nSELECT 1"
+        );
+        assert!(reset(&mut session, "RESET urbanstream.allowed_lateness").is_err());
+        reset(&mut session, "RESET ALL").expect("reset all");
+        assert_eq!(session.with_settings("SELECT 1"), "SELECT 1");
     }
 }
