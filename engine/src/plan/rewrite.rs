@@ -82,6 +82,46 @@ fn rewrite_query(query: &mut Query, shadowed: &[String]) -> Result<()> {
         return Ok(());
     };
     let windows: Vec<&Expr> = exprs.iter().filter(|e| is_window_call(e)).collect();
+    if windows.is_empty() {
+        // A window function's name mistyped (`tumbel`) was told that window_start needs a
+        // window, or that the aggregation needs one.
+        for e in exprs {
+            if let Expr::Function(f) = e {
+                let name = f.name.to_string().to_ascii_lowercase();
+                // Names of five letters or more only: `cos` is two letters from `hop`.
+                if let Some(meant) = WINDOW_FUNCTIONS
+                    .iter()
+                    .filter(|w| w.len() >= 5 && name.len() >= 5)
+                    .find(|w| **w != name && edits(w, &name) <= 2)
+                {
+                    return plan_err!(
+                        "GROUP BY calls {name}(…), which is no function: did you mean \
+                         {meant}(…)? The windows are {}",
+                        WINDOW_FUNCTIONS.join(", ")
+                    );
+                }
+            }
+        }
+    }
+    // The window's bounds come with it: grouped by as well, they were taken for columns of
+    // the input, and the query was told it had no window.
+    if !windows.is_empty()
+        && let Some(bound) = exprs.iter().find_map(|e| match e {
+            Expr::Identifier(id)
+                if !shadowed.contains(&id.value.to_ascii_lowercase())
+                    && (id.value.eq_ignore_ascii_case("window_start")
+                        || id.value.eq_ignore_ascii_case("window_end")) =>
+            {
+                Some(id.value.to_ascii_lowercase())
+            }
+            _ => None,
+        })
+    {
+        return plan_err!(
+            "GROUP BY {bound}: the window gives window_start and window_end with each of its \
+             groups; group by the window and the keys only, and select {bound}"
+        );
+    }
     let window = match windows.as_slice() {
         [] => return Ok(()),
         [w] => w.to_string(),
@@ -168,6 +208,24 @@ fn rewrite_query(query: &mut Query, shadowed: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The edit distance of `a` and `b` (letters inserted, removed or replaced).
+fn edits(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 fn parse_expr(sql: &str) -> Result<Expr> {

@@ -470,6 +470,21 @@ pub fn shorten_unsupported(e: DataFusionError) -> DataFusionError {
              event_time + INTERVAL '5 seconds', or the difference of two times"
         ));
     }
+    // A column neither grouped nor aggregated: DataFusion lists the grouping's expressions
+    // in its own debug form (`IntervalMonthDayNano { months: 0, … }`) and speaks of a
+    // wildcard the query may not have.
+    if text.contains("must appear in the GROUP BY clause or must be part of an aggregate")
+        && let Some(column) = text
+            .split("column \"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+    {
+        let name = column.rsplit('.').next().unwrap_or(column);
+        return DataFusionError::Plan(format!(
+            "column {name} is selected but neither grouped nor aggregated: add it to GROUP BY, \
+             or aggregate it (max({name}), last_value({name} ORDER BY event_time), …)"
+        ));
+    }
     let Some(at) = text.find("Unsupported ast node ") else {
         return e;
     };

@@ -1161,10 +1161,19 @@ impl StreamContext {
             _ if join.is_some() || union.is_some() => {}
             Some(c) if c.name() == time_name => {}
             _ => {
+                // The physical expression's own form names intervals in nanoseconds
+                // (`IntervalMonthDayNano { months: 0, … }`): said in words.
                 return plan_err!(
-                    "{window_name}() must be over the event-time column {time_name} of {}, got {}",
+                    "{window_name}() must be over the event-time column {time_name} of {} \
+                     itself, not {}: to see windows in another time zone, shift window_start \
+                     and window_end in the SELECT (window_start + INTERVAL '7 hours'); another \
+                     column is made the event time by the stream's 'event_time' option",
                     source.name,
-                    spec.time
+                    if super::chain::time_column_of(&spec.time).is_some() {
+                        "another column"
+                    } else {
+                        "an expression over it"
+                    }
                 );
             }
         }
