@@ -2106,6 +2106,7 @@ async fn detectors_over_windows_of_another_key_run_repartitioned() -> anyhow::Re
     let query = urbanstream::pipeline::offline::one_query(&ctx, sql, "the SQL").await?;
     let summary = urbanstream::pipeline::offline::run_query_over_records(
         query,
+        &ctx,
         &[records],
         usize::MAX,
         &Default::default(),

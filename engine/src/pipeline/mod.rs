@@ -1215,18 +1215,14 @@ impl Pipeline {
                 (*said, *at) = (now_behind, now);
                 let max = r.progress.get(&p).copied().unwrap_or(i64::MIN);
                 let (progress, state) = (encode_pair(p, max), encode_pair(p, now_behind.into()));
-                for q in 0..r.partitions {
-                    self.sink
-                        .send_to_partition(
-                            &r.topic,
-                            q as i32,
-                            None,
-                            &[],
-                            &[(PROGRESS_HEADER, &progress), (BEHIND_HEADER, &state)],
-                            &mut pending,
-                        )
-                        .await?;
-                }
+                self.sink
+                    .send_to_partitions(
+                        &r.topic,
+                        r.partitions,
+                        &[(PROGRESS_HEADER, &progress), (BEHIND_HEADER, &state)],
+                        &mut pending,
+                    )
+                    .await?;
             }
         }
         // The instances fed in this step, by (query, partition; -1 for all).
@@ -1375,18 +1371,14 @@ impl Pipeline {
                     }
                     r.progress.insert(p, max);
                     let progress = encode_pair(p, max);
-                    for q in 0..r.partitions {
-                        self.sink
-                            .send_to_partition(
-                                &r.topic,
-                                q as i32,
-                                None,
-                                &[],
-                                &[(PROGRESS_HEADER, &progress)],
-                                &mut pending,
-                            )
-                            .await?;
-                    }
+                    self.sink
+                        .send_to_partitions(
+                            &r.topic,
+                            r.partitions,
+                            &[(PROGRESS_HEADER, &progress)],
+                            &mut pending,
+                        )
+                        .await?;
                 }
             }
             // Row indices of the decoded batch per instance: per partition, or all together.

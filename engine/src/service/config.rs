@@ -309,6 +309,28 @@ impl ServiceConfig {
                 .filter(|key| property_table(key.as_str()).is_none())
                 .split("__"),
         );
+        // A setting's variable with one underscore after the prefix
+        // (`URBANSTREAM_KAFKA__BROKERS`) is read by no one: the service started on the
+        // default instead, silently.
+        for (key, _) in std::env::vars_os() {
+            let Some(key) = key.to_str() else {
+                continue;
+            };
+            let single = "URBANSTREAM_";
+            if let Some(rest) = key
+                .get(..single.len())
+                .filter(|p| p.eq_ignore_ascii_case(single))
+                .map(|_| &key[single.len()..])
+                && !rest.starts_with('_')
+                && rest.contains("__")
+            {
+                return Err(Error::Config(format!(
+                    "environment variable {key} is not read: a setting's variable has two \
+                     underscores after URBANSTREAM, as between its section and key: write \
+                     {ENV_PREFIX}{rest}"
+                )));
+            }
+        }
         // Variables that are not Unicode are no one's settings (as figment skips them).
         for (key, value) in std::env::vars_os() {
             let (Some(key), Some(value)) = (key.to_str(), value.into_string().ok()) else {
@@ -797,6 +819,15 @@ mod tests {
             jail.set_env("URBANSTREAM__APII__LISTEN", "x");
             let err = load(None).expect_err("unknown section");
             assert!(err.contains("apii"), "{err}");
+            // One underscore after the prefix: read by no one, the default used silently.
+            jail.set_env("URBANSTREAM__APII__LISTEN", "");
+            jail.set_env("URBANSTREAM_KAFKA__BROKERS", "elsewhere:9092");
+            let err = load(None).expect_err("one underscore");
+            assert!(
+                err.contains("URBANSTREAM_KAFKA__BROKERS is not read")
+                    && err.contains("write URBANSTREAM__KAFKA__BROKERS"),
+                "{err}"
+            );
             Ok(())
         });
     }

@@ -120,6 +120,10 @@ fn sql_error_message(e: &Error) -> String {
     match e.find_root() {
         DataFusionError::Plan(m) => m.clone(),
         DataFusionError::SQL(p, _) => match p.as_ref() {
+            // At the end there is no line and column to name: say so.
+            ParserError::ParserError(m) if m.ends_with("found: EOF") => {
+                format!("syntax error: {m} (the statement ends before it is complete)")
+            }
             ParserError::ParserError(m) => format!("syntax error: {m}"),
             ParserError::TokenizerError(m) => format!("syntax error: {m}"),
             // Not reached from analysts' SQL: the sandbox parses with a higher limit and
@@ -130,6 +134,7 @@ fn sql_error_message(e: &Error) -> String {
         },
         DataFusionError::SchemaError(e, _) => e.to_string(),
         DataFusionError::NotImplemented(m) => format!("not supported: {m}"),
+
         other => other.to_string(),
     }
 }
@@ -2902,6 +2907,21 @@ mod tests {
             created_at: 0,
         };
         Arc::new(QueryHandle::new(entry, false, 1 << 20))
+    }
+
+    /// A statement cut short had no position to show and named nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unfinished_statement_says_so() {
+        let (_dir, m) = manager("");
+        let e = m
+            .validate("SELECT segment_id FROM camera_events WHERE")
+            .await
+            .expect_err("unfinished");
+        assert!(
+            e.to_string()
+                .contains("the statement ends before it is complete"),
+            "{e}"
+        );
     }
 
     /// The consumer lag is shown only while the query runs and has measured it lately: a

@@ -1203,6 +1203,23 @@ impl KafkaSink {
             .await
     }
 
+    /// Publishes a record of `headers` alone (a progress record) to each of the first
+    /// `partitions` partitions of `topic`, as [`KafkaSink::send_to_partition`] does.
+    pub async fn send_to_partitions(
+        &self,
+        topic: &str,
+        partitions: u32,
+        headers: &[(&str, &[u8])],
+        pending: &mut Pending,
+    ) -> Result<()> {
+        for q in 0..partitions {
+            let q = i32::try_from(q).unwrap_or(i32::MAX);
+            self.send_to_partition(topic, q, None, &[], headers, pending)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn produce(
         &self,
         topic: &str,
