@@ -393,8 +393,8 @@ struct Part {
     /// failover) is dropped.
     upstream: BTreeMap<i32, i64>,
     /// Stage 2 of a repartitioned query: the input partitions stage 1 last said are behind
-    /// the end of their logs.
-    behind_inputs: BTreeSet<i32>,
+    /// the end of their logs, and when that was read (epoch ms).
+    behind_inputs: BTreeMap<i32, i64>,
 }
 
 impl Running {
@@ -608,7 +608,6 @@ impl Pipeline {
                 keys,
                 progress: HashMap::new(),
                 announced: HashMap::new(),
-                announce_from: 0,
             });
         }
         // Output topics exist before the first publish: a broker that does not create topics
@@ -1187,23 +1186,25 @@ impl Pipeline {
         // 1's progress records: stage 1 tells it, through them, which input partitions are
         // behind (repeated while they are) and when they have caught up, and stage 2, in
         // whichever process, holds those meanwhile rather than let them go idle.
-        let measured = self.source.lag_measurements();
         let behind: BTreeSet<(String, i32)> = self.source.behind().into_iter().collect();
         for running in self.queries.iter_mut() {
             let Some(r) = &mut running.repartition else {
                 continue;
             };
-            if measured < r.announce_from {
-                continue;
-            }
             let every = (running.query.source().options.idle_timeout.as_millis() as i64 / 2)
                 .clamp(100, 1_000);
-            for (&p, (said, at)) in r.announced.iter_mut() {
-                let now_behind = behind.contains(&(r.input.clone(), p));
-                if now_behind == *said && (!now_behind || now.saturating_sub(*at) < every) {
+            for (&p, told) in r.announced.iter_mut() {
+                if self.source.measured_in(&r.input, p) < told.from {
                     continue;
                 }
-                if now_behind != *said || *at == i64::MIN {
+                let now_behind = behind.contains(&(r.input.clone(), p));
+                if now_behind == told.behind
+                    && told.at != i64::MIN
+                    && (!now_behind || now.saturating_sub(told.at) < every)
+                {
+                    continue;
+                }
+                if now_behind != told.behind || told.at == i64::MIN {
                     debug!(
                         query = %running.name,
                         input = %r.input,
@@ -1212,7 +1213,7 @@ impl Pipeline {
                         "stage 2 told whether an input partition is behind"
                     );
                 }
-                (*said, *at) = (now_behind, now);
+                (told.behind, told.at) = (now_behind, now);
                 let max = r.progress.get(&p).copied().unwrap_or(i64::MIN);
                 let (progress, state) = (encode_pair(p, max), encode_pair(p, now_behind.into()));
                 self.sink
@@ -1585,10 +1586,14 @@ impl Pipeline {
                             );
                         }
                         match progress.behind {
-                            Some(true) => part.behind_inputs.insert(progress.input_partition),
-                            Some(false) => part.behind_inputs.remove(&progress.input_partition),
-                            None => false,
-                        };
+                            Some(true) => {
+                                part.behind_inputs.insert(progress.input_partition, now);
+                            }
+                            Some(false) => {
+                                part.behind_inputs.remove(&progress.input_partition);
+                            }
+                            None => {}
+                        }
                     }
                 }
                 let next = self
@@ -1599,10 +1604,17 @@ impl Pipeline {
             }
         }
         // Input partitions stage 1 says are behind hold their stage 2 instances however long
-        // they are silent.
+        // they are silent: for the lease after the last notice read, and for as long as the
+        // instance's own partition has records not read yet (the next notice may be among
+        // them).
         for running in self.queries.iter_mut() {
-            for part in running.parts.values_mut() {
-                for p in &part.behind_inputs {
+            let topic = running.topic().to_string();
+            for (q, part) in running.parts.iter_mut() {
+                let unread = behind.contains(&(topic.clone(), *q));
+                part.behind_inputs.retain(|_, at| {
+                    unread || now.saturating_sub(*at) < repartition::BEHIND_LEASE_MS
+                });
+                for p in part.behind_inputs.keys() {
                     part.query.expect_partition(*p, now);
                 }
             }

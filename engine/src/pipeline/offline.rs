@@ -446,7 +446,7 @@ async fn run_records_query(
         instances.insert(-1, query);
     }
     let one = instances.contains_key(&-1);
-    let instance_of: Vec<(i32, i32)> = queues
+    let instance_of: HashMap<i32, i32> = queues
         .keys()
         .map(|p| (*p, if one { -1 } else { *p }))
         .collect();
@@ -477,11 +477,10 @@ async fn run_records_query(
         let columns: Vec<&RecordBatch> = decoded_batches.iter().map(|d| &d.0).collect();
         let mut split: BTreeMap<i32, Vec<(usize, usize)>> = BTreeMap::new();
         for &(b, r) in &chunk {
-            let p = decoded_batches[b].2[r];
             let i = instance_of
-                .iter()
-                .find(|(q, _)| *q == p)
-                .map_or(-1, |(_, i)| *i);
+                .get(&decoded_batches[b].2[r])
+                .copied()
+                .unwrap_or(-1);
             split.entry(i).or_default().push((b, r));
         }
         for (i, rows) in split {
@@ -500,13 +499,21 @@ async fn run_records_query(
                 if let Some(query) = instances.get(&i) {
                     take(query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
                 }
-                meter.check_all(instances.values())?;
                 match instances.get_mut(&i) {
                     Some(query) if query.is_due() => out = query.tick(now_ms).await?,
                     _ => break,
                 }
             }
         }
+        // The instances the chunk gave no rows: the clock goes on for them too (early
+        // results).
+        for query in instances.values_mut() {
+            while query.is_due() {
+                let out = query.tick(now_ms).await?;
+                take(query, out, limit, &mut summary, None::<&mut std::io::Sink>)?;
+            }
+        }
+        meter.check_all(instances.values())?;
         chunk.clear();
     }
     for query in instances.values_mut() {

@@ -1,7 +1,7 @@
 //! The consumer group's partition changes: taking up assigned partitions (their state
 //! restored first) and letting revoked ones go (their state checkpointed first).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -175,15 +175,22 @@ impl Pipeline {
         }
         blocking(|| self.source.assign(&list))?;
         // Stage 2 is told whether the input partitions taken up are behind once a lag
-        // measurement has found out: each counts as behind until then (so one that is not
-        // is said to have caught up, whatever an earlier holder said).
-        let next = self.source.lag_measurements() + 1;
+        // measurement begun after this has reached them; either way it is told at once then
+        // (one that is not behind is said to have caught up, whatever an earlier holder
+        // said).
+        let from = self.source.lag_measurements() + 1;
         for running in &mut self.queries {
             if let Some(r) = &mut running.repartition {
                 for (topic, p) in &list {
                     if *topic == r.input {
-                        r.announced.insert(*p, (true, i64::MIN));
-                        r.announce_from = next;
+                        r.announced.insert(
+                            *p,
+                            super::repartition::Announced {
+                                behind: true,
+                                at: i64::MIN,
+                                from,
+                            },
+                        );
                     }
                 }
             }
@@ -348,7 +355,7 @@ impl Pipeline {
                     query,
                     since_ms: now,
                     upstream: BTreeMap::new(),
-                    behind_inputs: BTreeSet::new(),
+                    behind_inputs: BTreeMap::new(),
                 },
             );
         }

@@ -24,13 +24,28 @@ pub(super) struct Repartition {
     pub(super) keys: KeyPlan,
     /// Per input partition, the largest event time passed on in progress records.
     pub(super) progress: HashMap<i32, i64>,
-    /// Per input partition this process holds, what stage 2 was last told of it (behind
-    /// its log's end or not) and when (`i64::MIN`: not told yet).
-    pub(super) announced: HashMap<i32, (bool, i64)>,
-    /// The lag measurement whose end tells the partitions taken up last whether they are
-    /// behind: stage 2 is told nothing of them before it.
-    pub(super) announce_from: u64,
+    /// Per input partition this process holds, what stage 2 was last told of it.
+    pub(super) announced: HashMap<i32, Announced>,
 }
+
+/// What stage 2 was last told of an input partition stage 1 holds.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Announced {
+    /// Whether it is behind the end of its log.
+    pub(super) behind: bool,
+    /// When, epoch ms (`i64::MIN`: not told yet).
+    pub(super) at: i64,
+    /// The count of lag measurements when it was taken up: stage 2 is told nothing of it
+    /// until a measurement after that has reached it
+    /// ([`crate::source::KafkaSource::measured_in`]).
+    pub(super) from: u64,
+}
+
+/// How long stage 2 holds an input partition after stage 1 last said it is behind (stage 1
+/// says so again every second at most while it is), unless stage 2's own partition has
+/// records it has not read (which may hold the next notice): a notice that it caught up
+/// may be lost with the process that would have sent it.
+pub(super) const BEHIND_LEASE_MS: i64 = 3_000;
 
 /// Per partition, the largest event time of the rows of `batch` (`partitions[i]` is row i's)
 /// not later than `limit` (rows later are diverted). A time ahead of the clock is passed on as

@@ -26,15 +26,28 @@ use urbanstream_operators::window::WINDOW_FUNCTIONS;
 /// another windowed query, say): there the bare name means the input's column, and the new
 /// window's bound is `window.window_start` / `window.window_end`.
 pub fn rewrite_windows(statement: &mut DFStatement, shadowed: &[String]) -> Result<()> {
+    rewrite_windows_knowing(statement, shadowed, &|_| false)
+}
+
+/// [`rewrite_windows`], with `is_function` telling the functions there are: a GROUP BY call
+/// of an unknown function whose name is near a window function's is refused as mistyped.
+pub fn rewrite_windows_knowing(
+    statement: &mut DFStatement,
+    shadowed: &[String],
+    is_function: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     let mut rewriter = Rewriter {
         error: None,
         shadowed: shadowed.iter().map(|s| s.to_ascii_lowercase()).collect(),
+        is_function,
     };
     match statement {
         DFStatement::Statement(s) => {
             let _ = s.visit(&mut rewriter);
         }
-        DFStatement::Explain(e) => return rewrite_windows(&mut e.statement, shadowed),
+        DFStatement::Explain(e) => {
+            return rewrite_windows_knowing(&mut e.statement, shadowed, is_function);
+        }
         _ => {}
     }
     match rewriter.error {
@@ -43,16 +56,17 @@ pub fn rewrite_windows(statement: &mut DFStatement, shadowed: &[String]) -> Resu
     }
 }
 
-struct Rewriter {
+struct Rewriter<'a> {
     error: Option<DataFusionError>,
     shadowed: Vec<String>,
+    is_function: &'a dyn Fn(&str) -> bool,
 }
 
-impl VisitorMut for Rewriter {
+impl VisitorMut for Rewriter<'_> {
     type Break = ();
 
     fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<()> {
-        match rewrite_query(query, &self.shadowed) {
+        match rewrite_query(query, &self.shadowed, self.is_function) {
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => {
                 self.error = Some(e);
@@ -74,7 +88,11 @@ pub fn is_window_call(expr: &Expr) -> bool {
     }
 }
 
-fn rewrite_query(query: &mut Query, shadowed: &[String]) -> Result<()> {
+fn rewrite_query(
+    query: &mut Query,
+    shadowed: &[String],
+    is_function: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     let SetExpr::Select(select) = query.body.as_mut() else {
         return Ok(());
     };
@@ -88,6 +106,9 @@ fn rewrite_query(query: &mut Query, shadowed: &[String]) -> Result<()> {
         for e in exprs {
             if let Expr::Function(f) = e {
                 let name = f.name.to_string().to_ascii_lowercase();
+                if is_function(&name) {
+                    continue;
+                }
                 // Names of five letters or more only: `cos` is two letters from `hop`.
                 if let Some(meant) = WINDOW_FUNCTIONS
                     .iter()

@@ -480,8 +480,20 @@ pub fn shorten_unsupported(e: DataFusionError) -> DataFusionError {
             .and_then(|rest| rest.split('"').next())
     {
         let name = column.rsplit('.').next().unwrap_or(column);
+        // DataFusion says where: `Column in SELECT|HAVING|ORDER BY must be …`.
+        let clause = text
+            .split("Column in ")
+            .nth(1)
+            .and_then(|rest| rest.split(" must").next())
+            .filter(|c| c.len() <= 16)
+            .unwrap_or("SELECT");
+        let used = if clause == "SELECT" {
+            "selected".to_string()
+        } else {
+            format!("used in {clause}")
+        };
         return DataFusionError::Plan(format!(
-            "column {name} is selected but neither grouped nor aggregated: add it to GROUP BY, \
+            "column {name} is {used} but neither grouped nor aggregated: add it to GROUP BY, \
              or aggregate it (max({name}), last_value({name} ORDER BY event_time), …)"
         ));
     }

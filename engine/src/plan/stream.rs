@@ -55,7 +55,7 @@ use urbanstream_operators::window::{WINDOW_FUNCTIONS, WindowSpec};
 use super::chain::Windowed;
 use super::feed::{Feed, FeedExec};
 use super::repartition::key_plan;
-use super::rewrite::rewrite_windows;
+use super::rewrite::rewrite_windows_knowing;
 use super::table::{KafkaTableFactory, StreamTable, within_bounds};
 use crate::checkpoint::{StateSnapshot, meta_field};
 use crate::state::keyed::{KeyedHandle, replace_series_windows};
@@ -618,7 +618,15 @@ impl StreamContext {
         super::sandbox::check_statement(&statement)?;
         let sql = statement.to_string();
         let shadowed = self.window_columns_read(&statement).await;
-        rewrite_windows(&mut statement, &shadowed)?;
+        {
+            let state = self.ctx.state();
+            let is_function = |name: &str| {
+                state.scalar_functions().contains_key(name)
+                    || state.aggregate_functions().contains_key(name)
+                    || state.window_functions().contains_key(name)
+            };
+            rewrite_windows_knowing(&mut statement, &shadowed, &is_function)?;
+        }
         // INSERT INTO a stream table: plan the SELECT; its columns meet the sink's by name.
         if let DFStatement::Statement(s) = &statement
             && let Statement::Insert(insert) = s.as_ref()
@@ -1511,6 +1519,8 @@ fn shadowed_bound(e: &datafusion::error::DataFusionError, shadowed: &[String]) -
         .find(|c| {
             (message.contains("must appear in the GROUP BY")
                 && message.contains(&format!(".{c}\" must appear")))
+                || (message.contains("neither grouped nor aggregated")
+                    && message.contains(&format!("column {c} is ")))
                 || message.contains(&format!("No field named {c}."))
                 || message.contains(&format!("No field named {c}\n"))
                 || message.ends_with(&format!("No field named {c}"))
@@ -1861,6 +1871,13 @@ fn distinct_floats_as_sql_compares(plan: LogicalPlan) -> Result<LogicalPlan> {
             }
             changed = true;
             let mut params = f.params.clone();
+            // A DISTINCT aggregate orders by its arguments only (`array_agg(DISTINCT f ORDER
+            // BY f)`): the order follows them.
+            for sort in params.order_by.iter_mut() {
+                if let Some(i) = f.params.args.iter().position(|a| *a == sort.expr) {
+                    sort.expr = args[i].clone();
+                }
+            }
             params.args = args;
             let rewritten = Expr::AggregateFunction(AggregateFunction {
                 func: f.func.clone(),

@@ -592,8 +592,14 @@ fn describe(e: &figment::Error) -> String {
                 Some((_, section)) if !section.is_empty() => format!("[{}]", section.join(".")),
                 _ => "the top level".to_string(),
             };
+            // The path names the key already, when there is one.
+            let what = if e.path.is_empty() {
+                format!("no key `{found}`")
+            } else {
+                "no such key".to_string()
+            };
             line.push_str(&format!(
-                "no key `{found}` in {section}: its keys are {}",
+                "{what} in {section}: its keys are {}",
                 one_of(choices)
             ))
         }
@@ -799,7 +805,7 @@ mod tests {
             assert!(err.contains("brokerz") && err.contains("c.toml"), "{err}");
             // The section's keys, each quoted once.
             assert!(
-                err.contains("no key `brokerz` in [kafka]: its keys are `brokers`, "),
+                err.contains("kafka.brokerz: no such key in [kafka]: its keys are `brokers`, "),
                 "{err}"
             );
             jail.create_file("f.toml", "[log]\nformat = \"xml\"\n")?;

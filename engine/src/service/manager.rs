@@ -134,7 +134,6 @@ fn sql_error_message(e: &Error) -> String {
         },
         DataFusionError::SchemaError(e, _) => e.to_string(),
         DataFusionError::NotImplemented(m) => format!("not supported: {m}"),
-
         other => other.to_string(),
     }
 }

@@ -349,12 +349,27 @@ fn set(session: &mut Session, body: &str) -> Result<String> {
     Ok(format!("{key} = {value}\n"))
 }
 
-/// `RESET urbanstream.<setting>` (or `RESET ALL`): a setting no longer sent with the queries.
+/// `RESET urbanstream.<setting>` (or `RESET ALL`): a setting no longer sent with the queries;
+/// `RESET limit` and `RESET time_zone`: the shell's own, back to their defaults.
 fn reset(session: &mut Session, body: &str) -> Result<String> {
     let key = body["RESET".len()..].trim().to_ascii_lowercase();
-    if key == "all" {
-        session.settings.clear();
-        return Ok("every urbanstream.* setting of the session reset\n".into());
+    match key.as_str() {
+        "" => return Err(Error::Api("write RESET <setting>; or RESET ALL;".into())),
+        "all" => {
+            session.settings.clear();
+            session.limit = None;
+            session.time_zone = None;
+            return Ok("every setting of the session reset\n".into());
+        }
+        "limit" => {
+            session.limit = None;
+            return Ok("limit reset\n".into());
+        }
+        "time_zone" => {
+            session.time_zone = None;
+            return Ok("time_zone reset\n".into());
+        }
+        _ => {}
     }
     let before = session.settings.len();
     session.settings.retain(|(existing, _)| *existing != key);
@@ -440,6 +455,10 @@ mod tests {
             "SET urbanstream.key_ttl = '1h';\nSELECT 1"
         );
         assert!(reset(&mut session, "RESET urbanstream.allowed_lateness").is_err());
+        set(&mut session, "SET limit = 5").expect("limit");
+        reset(&mut session, "RESET limit").expect("the shell's own");
+        assert_eq!(session.limit, None);
+        assert!(reset(&mut session, "RESET").is_err());
         reset(&mut session, "RESET ALL").expect("reset all");
         assert_eq!(session.with_settings("SELECT 1"), "SELECT 1");
     }

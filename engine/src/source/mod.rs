@@ -322,6 +322,8 @@ pub struct KafkaSource {
     lag_probe_busy: Arc<AtomicBool>,
     /// Lag measurements completed.
     lag_measured: Arc<std::sync::atomic::AtomicU64>,
+    /// Per partition, the count of completed measurements when one last reached it.
+    measured_in: Arc<Mutex<HashMap<(String, i32), u64>>>,
     /// The partitions with records not read yet, as measured with the lag, and when each
     /// was last found so.
     behind: Arc<Mutex<HashMap<(String, i32), std::time::Instant>>>,
@@ -446,6 +448,7 @@ impl KafkaSource {
             lag_probe,
             lag_probe_busy: Arc::new(AtomicBool::new(false)),
             lag_measured: Default::default(),
+            measured_in: Default::default(),
             behind: Arc::default(),
             started: Mutex::default(),
             rewinding: AtomicBool::new(!config.from_beginning.is_empty()),
@@ -655,6 +658,17 @@ impl KafkaSource {
         self.lag_measured.load(Ordering::Acquire)
     }
 
+    /// The count of completed lag measurements when one last reached `topic`/`partition`
+    /// (0: none has): once it is past the count when the partition was assigned, whether it
+    /// is behind is known.
+    pub fn measured_in(&self, topic: &str, partition: i32) -> u64 {
+        self.measured_in
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(topic.to_string(), partition)).copied())
+            .unwrap_or(0)
+    }
+
     /// How many partitions the consumer group has assigned to this consumer.
     pub fn assigned_partitions(&self) -> usize {
         self.consumer.assignment().map_or(0, |a| a.count())
@@ -681,6 +695,7 @@ impl KafkaSource {
         let probe = self.lag_probe.clone();
         let busy = self.lag_probe_busy.clone();
         let measured_count = self.lag_measured.clone();
+        let measured_in = self.measured_in.clone();
         let resume = self.positions();
         let started = self.started.lock().map(|s| s.clone()).unwrap_or_default();
         let behind_now = self.behind.clone();
@@ -746,7 +761,12 @@ impl KafkaSource {
                 // held.
                 b.retain(|_, at| now.duration_since(*at) < BEHIND_KEPT);
             }
-            measured_count.fetch_add(1, Ordering::Release);
+            let count = measured_count.fetch_add(1, Ordering::AcqRel) + 1;
+            if let Ok(mut m) = measured_in.lock() {
+                for key in measured {
+                    m.insert(key, count);
+                }
+            }
             busy.store(false, Ordering::Release);
         });
     }
